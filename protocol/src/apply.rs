@@ -1,0 +1,394 @@
+//! Secondary side of a replication session, sans-IO.
+//!
+//! For each record received (already validated by
+//! [`Record::from_pb`](crate::record::Record::from_pb)) the daemon calls
+//! [`Applier::on_record`], which checks the record's place in the stream and
+//! returns an [`ApplyId`] plus the earlier, not yet applied records that
+//! overlap it on the same volume. The daemon writes the record to its volume
+//! once those are applied, then calls [`Applier::on_applied`]. Records that do
+//! not overlap are applied concurrently; `applied_seq` only counts the
+//! contiguous prefix of applied write seqs.
+//!
+//! Durability: when [`Applier::needs_flush`] says so (a FUA record or a flush
+//! request is applied but not durable), or periodically, the daemon takes
+//! [`Applier::durable_barrier`], fsyncs the volumes, and reports the barrier
+//! back with [`Applier::on_durable`]. When it has persisted a durable seq as
+//! its restart point it reports it with [`Applier::on_checkpoint`] (the
+//! primary keeps journal records above the checkpoint).
+//! [`Applier::ack`] builds the ack to send.
+//!
+//! # Stream rules
+//!
+//! - Write records (Write, WriteZeroes, Trim) arrive in seq order without
+//!   gaps, starting at `durable_seq + 1`.
+//! - An OP_COPY record's seq (the last write it reflects) must be `<=` the
+//!   last write seq received, and its `copy_index` must be the next one
+//!   (starting at 1 on each stream).
+//! - Copy data is stale for any write newer than its seq: the primary must put
+//!   an OP_COPY record into the stream before any write record with a higher
+//!   seq that overlaps its range (for example: keep the read barrier of
+//!   [`RangeSequencer`](crate::sequencer::RangeSequencer) until the copy
+//!   record is queued ahead of later overlapping writes). The applier cannot
+//!   detect a violation of this rule.
+//!
+//! # Crash consistency
+//!
+//! Between a durable barrier and the next, non-overlapping records may be
+//! applied out of seq order, so a crash can leave the volumes holding some
+//! writes above `durable_seq`. Replaying from `durable_seq + 1` (which is what
+//! a new session does) repairs that: once the replay has passed the highest
+//! seq applied before the crash, the image is again the primary's image after
+//! a prefix of the writes.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::pb;
+use crate::ranges::RangeIndex;
+use crate::record::{Record, RecordError, RecordOp};
+use crate::seqtrack::SeqTracker;
+
+/// Identifies a received record until it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ApplyId(pub u64);
+
+/// A record that does not fit the stream; the session should be closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// A write record out of sequence (gap, duplicate or reordering).
+    #[error("record {got} out of order: expected seq {expected}")]
+    OutOfOrder {
+        /// Seq expected next.
+        expected: u64,
+        /// Seq received.
+        got: u64,
+    },
+    /// A copy record reflects writes that have not been received yet.
+    #[error("copy record reflects writes through seq {seq} but only {received} were received")]
+    CopyAhead {
+        /// The copy record's seq.
+        seq: u64,
+        /// Last write seq received.
+        received: u64,
+    },
+    /// A copy record with the wrong chunk number.
+    #[error("copy record with copy_index {got}: expected {expected}")]
+    CopyIndex {
+        /// Index expected next.
+        expected: u64,
+        /// Index received.
+        got: u64,
+    },
+    /// The record itself is malformed.
+    #[error(transparent)]
+    Invalid(#[from] RecordError),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Write(u64),
+    Copy(u64),
+}
+
+/// Secondary-side applying state of one group session.
+#[derive(Debug)]
+pub struct Applier {
+    received: u64,
+    next_copy_index: u64,
+    applied: SeqTracker,
+    copy_applied: SeqTracker,
+    durable: u64,
+    checkpoint: u64,
+    copy_durable: u64,
+    in_flight: RangeIndex<ApplyId>,
+    kinds: HashMap<ApplyId, Kind>,
+    next_id: u64,
+    /// Write seqs that must become durable promptly (FUA records, flush
+    /// requests), all above `durable`.
+    flush_targets: BTreeSet<u64>,
+    /// Copy indices that must become durable promptly.
+    copy_flush_targets: BTreeSet<u64>,
+}
+
+impl Applier {
+    /// Everything through `durable_seq` is durable here (after a restart:
+    /// the persisted checkpoint); write seq `durable_seq + 1` is expected
+    /// next, and copy index 1.
+    ///
+    /// The checkpoint reported in acks starts at 0 (nothing may be freed on
+    /// the primary) until [`on_checkpoint`](Self::on_checkpoint) reports the
+    /// persisted resume point; see also [`Applier::with_checkpoint`].
+    pub fn new(durable_seq: u64) -> Self {
+        Applier {
+            received: durable_seq,
+            next_copy_index: 1,
+            applied: SeqTracker::new(durable_seq),
+            copy_applied: SeqTracker::new(0),
+            durable: durable_seq,
+            checkpoint: 0,
+            copy_durable: 0,
+            in_flight: RangeIndex::default(),
+            kinds: HashMap::new(),
+            next_id: 0,
+            flush_targets: BTreeSet::new(),
+            copy_flush_targets: BTreeSet::new(),
+        }
+    }
+
+    /// [`Applier::new`] followed by [`on_checkpoint`](Self::on_checkpoint):
+    /// for a new session of a secondary whose persisted resume point is
+    /// `checkpoint` (`<= durable_seq`).
+    pub fn with_checkpoint(durable_seq: u64, checkpoint: u64) -> Self {
+        let mut a = Applier::new(durable_seq);
+        a.on_checkpoint(checkpoint);
+        a
+    }
+
+    /// Accepts `rec` into the stream: checks its order (see the module docs)
+    /// and returns its id and the ids of earlier unapplied records
+    /// overlapping it on the same volume, which must be applied first.
+    pub fn on_record(&mut self, rec: &Record) -> Result<(ApplyId, Vec<ApplyId>), ApplyError> {
+        rec.check_shape()?;
+        let kind = if rec.op == RecordOp::Copy {
+            if rec.seq > self.received {
+                return Err(ApplyError::CopyAhead {
+                    seq: rec.seq,
+                    received: self.received,
+                });
+            }
+            if rec.copy_index != self.next_copy_index {
+                return Err(ApplyError::CopyIndex {
+                    expected: self.next_copy_index,
+                    got: rec.copy_index,
+                });
+            }
+            Kind::Copy(rec.copy_index)
+        } else {
+            let expected = self.received.saturating_add(1);
+            if rec.seq != expected || self.received == u64::MAX {
+                return Err(ApplyError::OutOfOrder {
+                    expected,
+                    got: rec.seq,
+                });
+            }
+            Kind::Write(rec.seq)
+        };
+        match kind {
+            Kind::Copy(i) => {
+                self.next_copy_index += 1;
+                if rec.fua {
+                    self.copy_flush_targets.insert(i);
+                }
+            }
+            Kind::Write(seq) => {
+                self.received = seq;
+                if rec.fua {
+                    self.flush_targets.insert(seq);
+                }
+            }
+        }
+        let id = ApplyId(self.next_id);
+        self.next_id += 1;
+        let deps = self.in_flight.overlapping(rec.volume, rec.offset, rec.end());
+        self.in_flight.insert(id, rec.volume, rec.offset, rec.end());
+        self.kinds.insert(id, kind);
+        Ok((id, deps))
+    }
+
+    /// Record `id` is written to the volume. Unknown ids are ignored.
+    pub fn on_applied(&mut self, id: ApplyId) {
+        let Some(kind) = self.kinds.remove(&id) else {
+            return;
+        };
+        self.in_flight.remove(id);
+        match kind {
+            Kind::Write(seq) => self.applied.complete(seq),
+            Kind::Copy(i) => self.copy_applied.complete(i),
+        }
+    }
+
+    /// What an fsync started now covers: (applied write seq, applied copy
+    /// index). Report it back with [`on_durable`](Self::on_durable) once the
+    /// fsync completed.
+    pub fn durable_barrier(&self) -> (u64, u64) {
+        (
+            self.applied.completed_through(),
+            self.copy_applied.completed_through(),
+        )
+    }
+
+    /// Everything covered by a [`durable_barrier`](Self::durable_barrier) is
+    /// now durable. Values never move backwards and are clamped to what was
+    /// applied.
+    pub fn on_durable(&mut self, seq: u64, copy_index: u64) {
+        let seq = seq.min(self.applied.completed_through());
+        let copy_index = copy_index.min(self.copy_applied.completed_through());
+        self.durable = self.durable.max(seq);
+        self.copy_durable = self.copy_durable.max(copy_index);
+        let keep = self.flush_targets.split_off(&(self.durable + 1));
+        self.flush_targets = keep;
+        let keep = self.copy_flush_targets.split_off(&(self.copy_durable + 1));
+        self.copy_flush_targets = keep;
+    }
+
+    /// The ack describing the current state.
+    pub fn ack(&self) -> pb::Ack {
+        pb::Ack {
+            received_seq: self.received,
+            applied_seq: self.applied.completed_through(),
+            durable_seq: self.durable,
+            copy_durable: self.copy_durable,
+            checkpoint_seq: self.checkpoint,
+        }
+    }
+
+    /// The daemon persisted `seq` as its resume point (after a restart it
+    /// resumes after at least this). Clamped to the durable seq; never moves
+    /// backwards. The primary frees journal space only through it.
+    pub fn on_checkpoint(&mut self, seq: u64) {
+        self.checkpoint = self.checkpoint.max(seq.min(self.durable));
+    }
+
+    /// Last persisted resume point.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
+    /// Whether a FUA record or a flush request is applied but not yet
+    /// durable, so the daemon should flush now.
+    pub fn needs_flush(&self) -> bool {
+        let writes = self
+            .flush_targets
+            .first()
+            .is_some_and(|&t| t <= self.applied.completed_through());
+        let copies = self
+            .copy_flush_targets
+            .first()
+            .is_some_and(|&t| t <= self.copy_applied.completed_through());
+        writes || copies
+    }
+
+    /// The primary asks for everything through write `seq` (and every copy
+    /// chunk received so far) to be made durable and acked.
+    pub fn on_flush_request(&mut self, seq: u64) {
+        if seq > self.durable {
+            self.flush_targets.insert(seq);
+        }
+        let copies = self.next_copy_index - 1;
+        if copies > self.copy_durable {
+            self.copy_flush_targets.insert(copies);
+        }
+    }
+
+    /// Last write seq received.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Highest write seq applied with all below it.
+    pub fn applied(&self) -> u64 {
+        self.applied.completed_through()
+    }
+
+    /// Highest durable write seq.
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// Highest durable copy index.
+    pub fn copy_durable(&self) -> u64 {
+        self.copy_durable
+    }
+
+    /// Copy index expected next.
+    pub fn next_copy_index(&self) -> u64 {
+        self.next_copy_index
+    }
+
+    /// Records received but not yet applied.
+    pub fn in_flight(&self) -> usize {
+        self.kinds.len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn w(seq: u64, vol: u32, off: u64, len: usize, fua: bool) -> Record {
+        Record::with_payload(RecordOp::Write, seq, vol, off, 1, Bytes::from(vec![seq as u8; len]), fua)
+    }
+
+    #[test]
+    fn order_and_deps() {
+        let mut a = Applier::new(10);
+        assert_eq!(a.on_record(&w(12, 0, 0, 10, false)), Err(ApplyError::OutOfOrder { expected: 11, got: 12 }));
+        let (i11, d) = a.on_record(&w(11, 0, 0, 10, false)).unwrap();
+        assert!(d.is_empty());
+        let (i12, d) = a.on_record(&w(12, 1, 0, 10, false)).unwrap();
+        assert!(d.is_empty());
+        let (i13, d) = a.on_record(&w(13, 0, 5, 10, true)).unwrap();
+        assert_eq!(d, vec![i11]);
+        assert_eq!(a.on_record(&w(13, 0, 5, 10, false)), Err(ApplyError::OutOfOrder { expected: 14, got: 13 }));
+        a.on_applied(i12);
+        assert_eq!(a.ack(), pb::Ack { received_seq: 13, applied_seq: 10, durable_seq: 10, copy_durable: 0, checkpoint_seq: 0 });
+        a.on_applied(i11);
+        assert_eq!(a.applied(), 12);
+        assert!(!a.needs_flush());
+        a.on_applied(i13);
+        assert!(a.needs_flush());
+        let (s, c) = a.durable_barrier();
+        assert_eq!((s, c), (13, 0));
+        a.on_durable(s, c);
+        assert!(!a.needs_flush());
+        assert_eq!(a.ack(), pb::Ack { received_seq: 13, applied_seq: 13, durable_seq: 13, copy_durable: 0, checkpoint_seq: 0 });
+        a.on_checkpoint(20);
+        assert_eq!(a.checkpoint(), 13);
+        a.on_checkpoint(11);
+        assert_eq!(a.ack().checkpoint_seq, 13);
+        // Stale or too-high durable reports do not move things wrongly.
+        a.on_durable(5, 0);
+        a.on_durable(99, 99);
+        assert_eq!(a.durable(), 13);
+        assert_eq!(a.in_flight(), 0);
+    }
+
+    #[test]
+    fn copy_records() {
+        let mut a = Applier::new(3);
+        let c = |seq, idx, off| Record::copy_chunk(seq, idx, 0, off, 1, Bytes::from_static(b"abcd"));
+        assert!(matches!(a.on_record(&c(4, 1, 0)), Err(ApplyError::CopyAhead { .. })));
+        assert!(matches!(a.on_record(&c(3, 2, 0)), Err(ApplyError::CopyIndex { expected: 1, got: 2 })));
+        let (c1, _) = a.on_record(&c(3, 1, 0)).unwrap();
+        let (w4, d) = a.on_record(&w(4, 0, 2, 4, false)).unwrap();
+        assert_eq!(d, vec![c1]);
+        let (c2, d) = a.on_record(&c(4, 2, 4)).unwrap();
+        assert_eq!(d, vec![w4]);
+        a.on_flush_request(4);
+        a.on_applied(c1);
+        a.on_applied(w4);
+        assert!(a.needs_flush());
+        assert_eq!(a.durable_barrier(), (4, 1));
+        a.on_durable(4, 1);
+        // Copy chunk 2 still owed to the flush request.
+        assert!(!a.needs_flush());
+        a.on_applied(c2);
+        assert!(a.needs_flush());
+        let (s, ci) = a.durable_barrier();
+        a.on_durable(s, ci);
+        assert_eq!(a.ack().copy_durable, 2);
+        assert!(!a.needs_flush());
+    }
+
+    #[test]
+    fn malformed_record_rejected() {
+        let mut a = Applier::new(0);
+        let mut r = w(1, 0, 0, 4, false);
+        r.length = 5;
+        assert!(matches!(a.on_record(&r), Err(ApplyError::Invalid(RecordError::LengthMismatch { .. }))));
+        assert_eq!(a.received(), 0);
+        let mut a = Applier::new(u64::MAX);
+        assert!(a.on_record(&w(0, 0, 0, 1, false)).is_err());
+    }
+}

@@ -1,0 +1,759 @@
+//! On-disk journal layout: pure encoding/decoding and the accounting of the
+//! journal ring. The daemon does the I/O.
+//!
+//! The journal is a preallocated file:
+//!
+//! ```text
+//! 0                 4096                                         capacity
+//! | superblock      | ring of records ...                              |
+//! ```
+//!
+//! A record is a [`JOURNAL_HEADER_LEN`]-byte header followed by its payload,
+//! the whole span padded with zeroes up to a multiple of
+//! [`JOURNAL_RECORD_ALIGN`] ([`record_span`]). A record never straddles the
+//! end of the ring: if it does not fit in the space left before the end, it is
+//! written at the ring start and the tail space is skipped
+//! ([`ring_placement`]).
+//!
+//! Recovery scans forward from a known `(position, seq)`: read the header at
+//! the position; if it is not a valid header for the expected seq, look at the
+//! ring start instead (the record may have wrapped; the one found there is
+//! only genuine if its span did not fit before the end, see
+//! [`ring_placement`]); if neither is valid, the scan ends. Stale records from
+//! earlier laps carry lower seqs, and a torn write fails the header or payload
+//! CRC, so the scan stops exactly after the last intact record.
+//!
+//! All integers are little-endian.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::record::{crc32, Record, RecordOp};
+use crate::wire::MAX_RECORD_PAYLOAD;
+
+/// Size of the superblock at offset 0; the ring starts right after it.
+pub const JOURNAL_SUPERBLOCK_LEN: u64 = 4096;
+/// Size of a record header.
+pub const JOURNAL_HEADER_LEN: usize = 64;
+/// Records start and end on multiples of this.
+pub const JOURNAL_RECORD_ALIGN: u64 = 512;
+/// Longest group name a superblock can hold, in bytes.
+pub const JOURNAL_MAX_GROUP_LEN: usize = 200;
+
+const SUPERBLOCK_MAGIC: &[u8; 8] = b"RPLJRNL1";
+const SUPERBLOCK_VERSION: u32 = 1;
+const HEADER_MAGIC: &[u8; 4] = b"RPJR";
+const FLAG_FUA: u8 = 1;
+
+/// Errors decoding journal structures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalFormatError {
+    /// The magic number is wrong: not a journal (or not a record header).
+    #[error("bad magic number (not a replicator journal structure)")]
+    BadMagic,
+    /// The checksum of a superblock or record header does not match (torn or
+    /// corrupted write).
+    #[error("checksum mismatch (torn or corrupted write)")]
+    BadCrc,
+    /// The buffer is shorter than the structure.
+    #[error("buffer too short for the structure")]
+    Truncated,
+    /// The record header names an unknown operation.
+    #[error("unknown record operation {0}")]
+    UnknownOp(u8),
+    /// A structure passed its checksum but its contents are inconsistent, or a
+    /// payload does not match its header.
+    #[error("corrupt journal: {0}")]
+    Corrupt(String),
+}
+
+/// Bytes a record with `payload_len` bytes of payload occupies in the ring:
+/// header plus payload, rounded up to [`JOURNAL_RECORD_ALIGN`] (saturating at
+/// the largest multiple of it).
+pub fn record_span(payload_len: u64) -> u64 {
+    let raw = payload_len.saturating_add(JOURNAL_HEADER_LEN as u64);
+    raw.div_ceil(JOURNAL_RECORD_ALIGN)
+        .checked_mul(JOURNAL_RECORD_ALIGN)
+        .unwrap_or(u64::MAX - u64::MAX % JOURNAL_RECORD_ALIGN)
+}
+
+/// Where a record of `span` bytes goes when the write head is at `head` in a
+/// journal file of `capacity` bytes: at `head` if it fits before the end,
+/// otherwise at the ring start. `None` if the span is zero or larger than the
+/// whole ring. (This ignores retained records; see [`JournalRing::reserve`].)
+pub fn ring_placement(head: u64, span: u64, capacity: u64) -> Option<u64> {
+    let start = JOURNAL_SUPERBLOCK_LEN;
+    let end = capacity.max(start);
+    if span == 0 || span > end - start {
+        return None;
+    }
+    if head >= start && head.checked_add(span).is_some_and(|e| e <= end) {
+        Some(head)
+    } else {
+        Some(start)
+    }
+}
+
+fn get_u32(buf: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn get_u64(buf: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// The journal file's superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalSuperblock {
+    /// Group the journal belongs to (at most [`JOURNAL_MAX_GROUP_LEN`] bytes).
+    pub group: String,
+    /// Journal file size in bytes.
+    pub capacity: u64,
+    /// Pair id chosen at pair create.
+    pub pair_id: u64,
+}
+
+// Superblock layout: magic[0..8] version[8..12] group_len[12..16]
+// capacity[16..24] pair_id[24..32] group[32..232] zero... crc32[4092..4096]
+// over bytes [0..4092).
+const SB_GROUP_AT: usize = 32;
+const SB_CRC_AT: usize = JOURNAL_SUPERBLOCK_LEN as usize - 4;
+
+impl JournalSuperblock {
+    /// Encodes into exactly [`JOURNAL_SUPERBLOCK_LEN`] bytes. A group name
+    /// longer than [`JOURNAL_MAX_GROUP_LEN`] bytes is truncated at a
+    /// character boundary (the daemon's configuration should forbid such
+    /// names).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; JOURNAL_SUPERBLOCK_LEN as usize];
+        let mut glen = self.group.len().min(JOURNAL_MAX_GROUP_LEN);
+        while !self.group.is_char_boundary(glen) {
+            glen -= 1;
+        }
+        buf[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
+        buf[8..12].copy_from_slice(&SUPERBLOCK_VERSION.to_le_bytes());
+        buf[12..16].copy_from_slice(&(glen as u32).to_le_bytes());
+        buf[16..24].copy_from_slice(&self.capacity.to_le_bytes());
+        buf[24..32].copy_from_slice(&self.pair_id.to_le_bytes());
+        buf[SB_GROUP_AT..SB_GROUP_AT + glen].copy_from_slice(&self.group.as_bytes()[..glen]);
+        let crc = crc32(&buf[..SB_CRC_AT]);
+        buf[SB_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        buf
+    }
+
+    /// Decodes and validates a superblock (the first
+    /// [`JOURNAL_SUPERBLOCK_LEN`] bytes of `buf`).
+    pub fn decode(buf: &[u8]) -> Result<Self, JournalFormatError> {
+        let buf = buf
+            .get(..JOURNAL_SUPERBLOCK_LEN as usize)
+            .ok_or(JournalFormatError::Truncated)?;
+        if &buf[0..8] != SUPERBLOCK_MAGIC {
+            return Err(JournalFormatError::BadMagic);
+        }
+        if crc32(&buf[..SB_CRC_AT]) != get_u32(buf, SB_CRC_AT) {
+            return Err(JournalFormatError::BadCrc);
+        }
+        let version = get_u32(buf, 8);
+        if version != SUPERBLOCK_VERSION {
+            return Err(JournalFormatError::Corrupt(format!(
+                "unsupported journal format version {version} (this build reads version {SUPERBLOCK_VERSION})"
+            )));
+        }
+        let glen = get_u32(buf, 12) as usize;
+        if glen > JOURNAL_MAX_GROUP_LEN {
+            return Err(JournalFormatError::Corrupt(format!(
+                "group name length {glen} exceeds {JOURNAL_MAX_GROUP_LEN} bytes"
+            )));
+        }
+        let group = std::str::from_utf8(&buf[SB_GROUP_AT..SB_GROUP_AT + glen])
+            .map_err(|_| JournalFormatError::Corrupt("group name is not UTF-8".into()))?
+            .to_owned();
+        let capacity = get_u64(buf, 16);
+        if capacity <= JOURNAL_SUPERBLOCK_LEN {
+            return Err(JournalFormatError::Corrupt(format!(
+                "capacity {capacity} leaves no room for records after the {JOURNAL_SUPERBLOCK_LEN}-byte superblock"
+            )));
+        }
+        Ok(JournalSuperblock {
+            group,
+            capacity,
+            pair_id: get_u64(buf, 24),
+        })
+    }
+}
+
+/// The header in front of every journaled record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalHeader {
+    /// Group sequence.
+    pub seq: u64,
+    /// Generation of the primary that wrote it.
+    pub generation: u64,
+    /// Volume index.
+    pub volume: u32,
+    /// Operation.
+    pub op: RecordOp,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Length of the affected range.
+    pub length: u32,
+    /// CRC32 of the payload.
+    pub payload_crc: u32,
+    /// Force unit access.
+    pub fua: bool,
+}
+
+// Header layout: magic[0..4] seq[4..12] generation[12..20] offset[20..28]
+// volume[28..32] length[32..36] payload_crc[36..40] op[40] flags[41]
+// reserved zero[42..60] crc32[60..64] over bytes [0..60).
+const H_CRC_AT: usize = JOURNAL_HEADER_LEN - 4;
+
+fn op_code(op: RecordOp) -> u8 {
+    match op {
+        RecordOp::Write => 1,
+        RecordOp::WriteZeroes => 2,
+        RecordOp::Trim => 3,
+        RecordOp::Copy => 4,
+    }
+}
+
+fn op_from_code(code: u8) -> Option<RecordOp> {
+    match code {
+        1 => Some(RecordOp::Write),
+        2 => Some(RecordOp::WriteZeroes),
+        3 => Some(RecordOp::Trim),
+        4 => Some(RecordOp::Copy),
+        _ => None,
+    }
+}
+
+impl JournalHeader {
+    /// The header describing `r`.
+    pub fn from_record(r: &Record) -> Self {
+        JournalHeader {
+            seq: r.seq,
+            generation: r.generation,
+            volume: r.volume,
+            op: r.op,
+            offset: r.offset,
+            length: r.length,
+            payload_crc: r.crc32,
+            fua: r.fua,
+        }
+    }
+
+    /// Encodes the header (magic, fields, CRC32 of the preceding bytes).
+    pub fn encode(&self) -> [u8; JOURNAL_HEADER_LEN] {
+        let mut b = [0u8; JOURNAL_HEADER_LEN];
+        b[0..4].copy_from_slice(HEADER_MAGIC);
+        b[4..12].copy_from_slice(&self.seq.to_le_bytes());
+        b[12..20].copy_from_slice(&self.generation.to_le_bytes());
+        b[20..28].copy_from_slice(&self.offset.to_le_bytes());
+        b[28..32].copy_from_slice(&self.volume.to_le_bytes());
+        b[32..36].copy_from_slice(&self.length.to_le_bytes());
+        b[36..40].copy_from_slice(&self.payload_crc.to_le_bytes());
+        b[40] = op_code(self.op);
+        b[41] = if self.fua { FLAG_FUA } else { 0 };
+        let crc = crc32(&b[..H_CRC_AT]);
+        b[H_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes a header from the first [`JOURNAL_HEADER_LEN`] bytes of
+    /// `buf`, checking magic, header CRC, op, flags and the range.
+    pub fn decode(buf: &[u8]) -> Result<Self, JournalFormatError> {
+        let b = buf
+            .get(..JOURNAL_HEADER_LEN)
+            .ok_or(JournalFormatError::Truncated)?;
+        if &b[0..4] != HEADER_MAGIC {
+            return Err(JournalFormatError::BadMagic);
+        }
+        if crc32(&b[..H_CRC_AT]) != get_u32(b, H_CRC_AT) {
+            return Err(JournalFormatError::BadCrc);
+        }
+        let op = op_from_code(b[40]).ok_or(JournalFormatError::UnknownOp(b[40]))?;
+        let flags = b[41];
+        if flags & !FLAG_FUA != 0 {
+            return Err(JournalFormatError::Corrupt(format!(
+                "unknown record flags {flags:#04x}"
+            )));
+        }
+        let h = JournalHeader {
+            seq: get_u64(b, 4),
+            generation: get_u64(b, 12),
+            offset: get_u64(b, 20),
+            volume: get_u32(b, 28),
+            length: get_u32(b, 32),
+            payload_crc: get_u32(b, 36),
+            op,
+            fua: flags & FLAG_FUA != 0,
+        };
+        if h.length == 0 || h.length > MAX_RECORD_PAYLOAD {
+            return Err(JournalFormatError::Corrupt(format!(
+                "record {}: invalid length {}",
+                h.seq, h.length
+            )));
+        }
+        if h.offset.checked_add(u64::from(h.length)).is_none() {
+            return Err(JournalFormatError::Corrupt(format!(
+                "record {}: offset + length overflows",
+                h.seq
+            )));
+        }
+        Ok(h)
+    }
+
+    /// Payload bytes following the header: `length` for Write and Copy, 0
+    /// otherwise.
+    pub fn payload_len(&self) -> u64 {
+        if self.op.has_payload() {
+            u64::from(self.length)
+        } else {
+            0
+        }
+    }
+
+    /// Bytes the whole record occupies in the ring.
+    pub fn span(&self) -> u64 {
+        record_span(self.payload_len())
+    }
+
+    /// Rebuilds the record from this header and its payload, verifying the
+    /// payload's size and CRC.
+    pub fn into_record(self, payload: Bytes) -> Result<Record, JournalFormatError> {
+        if payload.len() as u64 != self.payload_len() {
+            return Err(JournalFormatError::Corrupt(format!(
+                "record {}: payload of {} bytes, header says {}",
+                self.seq,
+                payload.len(),
+                self.payload_len()
+            )));
+        }
+        let actual = crc32(&payload);
+        if actual != self.payload_crc {
+            return Err(JournalFormatError::Corrupt(format!(
+                "record {}: payload CRC32 {actual:#010x} does not match the header's {:#010x} (torn write?)",
+                self.seq, self.payload_crc
+            )));
+        }
+        Ok(Record {
+            seq: self.seq,
+            volume: self.volume,
+            op: self.op,
+            offset: self.offset,
+            length: self.length,
+            generation: self.generation,
+            crc32: self.payload_crc,
+            fua: self.fua,
+            copy_index: 0,
+            payload,
+        })
+    }
+}
+
+/// Encodes `r` as it is laid out in the ring: header, payload, zero padding;
+/// exactly `record_span(payload length)` bytes.
+pub fn encode_journal_record(r: &Record) -> Vec<u8> {
+    let span = record_span(r.payload.len() as u64) as usize;
+    let mut out = Vec::with_capacity(span);
+    out.extend_from_slice(&JournalHeader::from_record(r).encode());
+    out.extend_from_slice(&r.payload);
+    out.resize(span, 0);
+    out
+}
+
+/// Decodes a record laid out as by [`encode_journal_record`] from the start
+/// of `buf` (which may be longer).
+pub fn decode_journal_record(buf: &[u8]) -> Result<Record, JournalFormatError> {
+    let h = JournalHeader::decode(buf)?;
+    let len = h.payload_len() as usize;
+    let payload = buf
+        .get(JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + len)
+        .ok_or(JournalFormatError::Truncated)?;
+    h.into_record(Bytes::copy_from_slice(payload))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RingEntry {
+    seq: u64,
+    pos: u64,
+    span: u64,
+}
+
+/// Space accounting of the journal ring. Positions are absolute file offsets;
+/// the ring is `[JOURNAL_SUPERBLOCK_LEN, capacity)`.
+///
+/// Records are retained from the oldest (the tail) to the newest; the next
+/// one goes at the head (or at the ring start when it does not fit before the
+/// end, see [`ring_placement`]). Space is freed only from the tail, by
+/// [`release_through`](Self::release_through).
+#[derive(Debug, Clone)]
+pub struct JournalRing {
+    end: u64,
+    head: u64,
+    entries: VecDeque<RingEntry>,
+    last_seq: Option<u64>,
+}
+
+impl JournalRing {
+    /// An empty ring over a journal file of `capacity` bytes, head at the
+    /// ring start.
+    pub fn new(capacity: u64) -> Self {
+        JournalRing {
+            end: capacity.max(JOURNAL_SUPERBLOCK_LEN),
+            head: JOURNAL_SUPERBLOCK_LEN,
+            entries: VecDeque::new(),
+            last_seq: None,
+        }
+    }
+
+    /// Reserves `span` bytes for record `seq` and returns its position, or
+    /// `None` when it does not fit without overwriting retained records (the
+    /// journal is full), when `span` is zero or larger than the ring, or when
+    /// `seq` is not above the last reserved seq.
+    pub fn reserve(&mut self, seq: u64, span: u64) -> Option<u64> {
+        if self.last_seq.is_some_and(|last| seq <= last) {
+            return None;
+        }
+        let pos = ring_placement(self.head, span, self.end)?;
+        if let Some(tail) = self.entries.front().map(|e| e.pos) {
+            let fits = if self.head > tail {
+                // Retained: [tail, head). Free: [head, end) and [start, tail).
+                pos == self.head || pos + span <= tail
+            } else {
+                // Retained: [tail, end) and [start, head). Free: [head, tail).
+                pos == self.head && pos + span <= tail
+            };
+            if !fits {
+                return None;
+            }
+        }
+        self.entries.push_back(RingEntry { seq, pos, span });
+        self.head = pos + span;
+        self.last_seq = Some(seq);
+        Some(pos)
+    }
+
+    /// Whether a record of `span` bytes would fit right now.
+    pub fn would_fit(&self, span: u64) -> bool {
+        let mut probe = JournalRing {
+            end: self.end,
+            head: self.head,
+            entries: self.entries.iter().take(1).copied().collect(),
+            last_seq: None,
+        };
+        probe.reserve(0, span).is_some()
+    }
+
+    /// Frees every record with seq <= `seq`.
+    pub fn release_through(&mut self, seq: u64) {
+        while self.entries.front().is_some_and(|e| e.seq <= seq) {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Position and span of retained record `seq`.
+    pub fn lookup(&self, seq: u64) -> Option<(u64, u64)> {
+        let i = self.entries.binary_search_by_key(&seq, |e| e.seq).ok()?;
+        self.entries.get(i).map(|e| (e.pos, e.span))
+    }
+
+    /// Oldest retained seq.
+    pub fn oldest_seq(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.seq)
+    }
+
+    /// Newest retained seq.
+    pub fn newest_seq(&self) -> Option<u64> {
+        self.entries.back().map(|e| e.seq)
+    }
+
+    /// Position of the oldest retained record (where recovery would start).
+    pub fn oldest_position(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.pos)
+    }
+
+    /// Bytes held by retained records, including padding and space skipped
+    /// at the ring end by a wrap.
+    pub fn used_bytes(&self) -> u64 {
+        let Some(tail) = self.entries.front().map(|e| e.pos) else {
+            return 0;
+        };
+        if self.head > tail {
+            self.head - tail
+        } else {
+            (self.end - tail) + (self.head - JOURNAL_SUPERBLOCK_LEN)
+        }
+    }
+
+    /// Size of the ring (file capacity minus the superblock).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.end - JOURNAL_SUPERBLOCK_LEN
+    }
+
+    /// Number of retained records.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no record is retained.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Empties the ring and puts the write head at `head` (after recovery:
+    /// the end of the last valid record). A head outside the ring is moved to
+    /// the ring start.
+    pub fn reset_at(&mut self, head: u64) {
+        self.entries.clear();
+        self.last_seq = None;
+        self.head = if (JOURNAL_SUPERBLOCK_LEN..=self.end).contains(&head) {
+            head
+        } else {
+            JOURNAL_SUPERBLOCK_LEN
+        };
+    }
+
+    /// Next write position, before the wrap decision.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn spans() {
+        assert_eq!(record_span(0), 512);
+        assert_eq!(record_span(448), 512);
+        assert_eq!(record_span(449), 1024);
+        assert_eq!(record_span(4096), 4608);
+        assert_eq!(record_span(u64::MAX) % 512, 0);
+    }
+
+    #[test]
+    fn superblock_round_trip_and_corruption() {
+        let sb = JournalSuperblock { group: "db-é".into(), capacity: 1 << 30, pair_id: 0xfeed };
+        let buf = sb.encode();
+        assert_eq!(buf.len(), 4096);
+        assert_eq!(JournalSuperblock::decode(&buf).unwrap(), sb);
+        assert_eq!(JournalSuperblock::decode(&buf[..4095]), Err(JournalFormatError::Truncated));
+        for i in [0usize, 9, 13, 20, 30, 33, 2000, 4095] {
+            let mut b = buf.clone();
+            b[i] ^= 0x40;
+            assert!(JournalSuperblock::decode(&b).is_err(), "flip at {i} undetected");
+        }
+        let mut b = buf.clone();
+        b[0] = b'X';
+        assert_eq!(JournalSuperblock::decode(&b), Err(JournalFormatError::BadMagic));
+        // Long names are truncated on a char boundary.
+        let long = JournalSuperblock { group: "é".repeat(150), capacity: 8192, pair_id: 1 };
+        let back = JournalSuperblock::decode(&long.encode()).unwrap();
+        assert_eq!(back.group, "é".repeat(100));
+        // Too small a capacity is corrupt.
+        let small = JournalSuperblock { group: "g".into(), capacity: 4096, pair_id: 1 };
+        assert!(matches!(JournalSuperblock::decode(&small.encode()), Err(JournalFormatError::Corrupt(_))));
+    }
+
+    fn arb_record() -> impl Strategy<Value = Record> {
+        (any::<u64>(), any::<u32>(), 0..4usize, 0..u64::MAX / 2, 1u32..3000, any::<u64>(), any::<bool>())
+            .prop_map(|(seq, vol, op, off, len, gen, fua)| {
+                let op = [RecordOp::Write, RecordOp::WriteZeroes, RecordOp::Trim, RecordOp::Copy][op];
+                if op.has_payload() {
+                    let p: Vec<u8> = (0..len).map(|i| (i as u8) ^ (seq as u8)).collect();
+                    Record::with_payload(op, seq, vol, off, gen, Bytes::from(p), fua)
+                } else {
+                    Record::without_payload(op, seq, vol, off, len, gen, fua)
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn header_round_trip(r in arb_record()) {
+            let h = JournalHeader::from_record(&r);
+            let enc = h.encode();
+            let back = JournalHeader::decode(&enc).unwrap();
+            prop_assert_eq!(&back, &h);
+            prop_assert_eq!(back.payload_len(), r.payload.len() as u64);
+            prop_assert_eq!(back.into_record(r.payload.clone()).unwrap(), r.clone());
+            let span = encode_journal_record(&r);
+            prop_assert_eq!(span.len() as u64, record_span(r.payload.len() as u64));
+            prop_assert_eq!(decode_journal_record(&span).unwrap(), r);
+        }
+
+        #[test]
+        fn header_flip_detected(r in arb_record(), i in 0..JOURNAL_HEADER_LEN, x in 1u8..=255) {
+            let mut enc = JournalHeader::from_record(&r).encode();
+            enc[i] ^= x;
+            prop_assert!(JournalHeader::decode(&enc).is_err());
+        }
+
+        #[test]
+        fn payload_flip_detected(r in arb_record(), i in any::<prop::sample::Index>(), x in 1u8..=255) {
+            prop_assume!(r.op.has_payload());
+            let mut span = encode_journal_record(&r);
+            let i = JOURNAL_HEADER_LEN + i.index(r.payload.len());
+            span[i] ^= x;
+            prop_assert!(matches!(decode_journal_record(&span), Err(JournalFormatError::Corrupt(_))));
+        }
+
+        #[test]
+        fn header_decode_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = JournalHeader::decode(&buf);
+            let _ = JournalSuperblock::decode(&buf);
+        }
+    }
+
+    #[test]
+    fn header_rejects_bad_fields() {
+        let r = Record::without_payload(RecordOp::Trim, 1, 0, 0, 512, 1, false);
+        let mut h = JournalHeader::from_record(&r);
+        h.length = 0;
+        assert!(matches!(JournalHeader::decode(&h.encode()), Err(JournalFormatError::Corrupt(_))));
+        let mut h = JournalHeader::from_record(&r);
+        h.offset = u64::MAX;
+        assert!(matches!(JournalHeader::decode(&h.encode()), Err(JournalFormatError::Corrupt(_))));
+        // An unknown op with a valid CRC.
+        let mut enc = JournalHeader::from_record(&r).encode();
+        enc[40] = 9;
+        let crc = crc32(&enc[..60]);
+        enc[60..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(JournalHeader::decode(&enc), Err(JournalFormatError::UnknownOp(9)));
+        assert_eq!(JournalHeader::decode(&enc[..63]), Err(JournalFormatError::Truncated));
+        // Trim with a payload handed in.
+        let h = JournalHeader::from_record(&r);
+        assert!(h.into_record(Bytes::from_static(b"x")).is_err());
+    }
+
+    /// A byte-level model of the ring: which bytes each retained record
+    /// occupies; a reservation must succeed iff the placement rule puts it on
+    /// free bytes.
+    #[derive(Debug, Clone)]
+    enum RingOp {
+        Reserve(u64),
+        Release(u8),
+        Reset(u64),
+    }
+
+    fn arb_ring_op() -> impl Strategy<Value = RingOp> {
+        prop_oneof![
+            6 => (1u64..12).prop_map(|blocks| RingOp::Reserve(blocks * JOURNAL_RECORD_ALIGN)),
+            3 => (0u8..4).prop_map(RingOp::Release),
+            1 => (0u64..40).prop_map(|b| RingOp::Reset(JOURNAL_SUPERBLOCK_LEN + b * JOURNAL_RECORD_ALIGN)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn ring_matches_model(
+            blocks in 4u64..32,
+            odd_tail in prop_oneof![Just(0u64), 1u64..512],
+            ops in proptest::collection::vec(arb_ring_op(), 1..120),
+        ) {
+            let capacity = JOURNAL_SUPERBLOCK_LEN + blocks * JOURNAL_RECORD_ALIGN + odd_tail;
+            let mut ring = JournalRing::new(capacity);
+            prop_assert_eq!(ring.capacity_bytes(), capacity - JOURNAL_SUPERBLOCK_LEN);
+            // Model: retained (seq, pos, span) and the head.
+            let mut model: VecDeque<(u64, u64, u64)> = VecDeque::new();
+            let mut head = JOURNAL_SUPERBLOCK_LEN;
+            let mut next_seq = 1u64;
+            for op in ops {
+                match op {
+                    RingOp::Reserve(span) => {
+                        let pos = if head + span <= capacity { head } else { JOURNAL_SUPERBLOCK_LEN };
+                        let in_ring = pos + span <= capacity;
+                        let overlaps = model.iter().any(|&(_, p, s)| pos < p + s && p < pos + span);
+                        // Wrapping skips [head, end): it must not jump over
+                        // retained records lying there (they would be
+                        // overwritten on the next lap and break the scan).
+                        let jumps = pos != head && model.iter().any(|&(_, p, _)| p >= head);
+                        let expect = in_ring && !overlaps && !jumps;
+                        prop_assert_eq!(ring.would_fit(span), expect);
+                        let got = ring.reserve(next_seq, span);
+                        if expect {
+                            prop_assert_eq!(got, Some(pos));
+                            model.push_back((next_seq, pos, span));
+                            head = pos + span;
+                            next_seq += 1;
+                        } else {
+                            prop_assert_eq!(got, None);
+                        }
+                    }
+                    RingOp::Release(n) => {
+                        let upto = model.get(n as usize).map(|e| e.0).unwrap_or(next_seq);
+                        ring.release_through(upto);
+                        while model.front().is_some_and(|e| e.0 <= upto) {
+                            model.pop_front();
+                        }
+                    }
+                    RingOp::Reset(h) => {
+                        ring.reset_at(h);
+                        model.clear();
+                        head = if h <= capacity { h } else { JOURNAL_SUPERBLOCK_LEN };
+                    }
+                }
+                prop_assert_eq!(ring.len(), model.len());
+                prop_assert_eq!(ring.is_empty(), model.is_empty());
+                prop_assert_eq!(ring.head(), head);
+                prop_assert_eq!(ring.oldest_seq(), model.front().map(|e| e.0));
+                prop_assert_eq!(ring.newest_seq(), model.back().map(|e| e.0));
+                for &(seq, pos, span) in &model {
+                    prop_assert_eq!(ring.lookup(seq), Some((pos, span)));
+                }
+                // Used bytes: from the oldest record to the head, going round.
+                let used = match model.front() {
+                    None => 0,
+                    Some(&(_, tail, _)) if head > tail => head - tail,
+                    Some(&(_, tail, _)) => (capacity - tail) + (head - JOURNAL_SUPERBLOCK_LEN),
+                };
+                prop_assert_eq!(ring.used_bytes(), used);
+                let live: u64 = model.iter().map(|e| e.2).sum();
+                prop_assert!(used >= live && used <= ring.capacity_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn ring_wraps_and_fills() {
+        // Ring of 8 blocks.
+        let cap = JOURNAL_SUPERBLOCK_LEN + 8 * 512;
+        let mut r = JournalRing::new(cap);
+        assert_eq!(r.reserve(1, 1536), Some(4096));
+        assert_eq!(r.reserve(2, 1536), Some(4096 + 1536));
+        // 2 blocks left at the end; 3 blocks do not fit and the start is taken.
+        assert_eq!(r.reserve(3, 1536), None);
+        r.release_through(1);
+        // Now it wraps to the start; the skipped 2 blocks count as used.
+        assert_eq!(r.reserve(3, 1536), Some(4096));
+        assert_eq!(r.used_bytes(), 8 * 512);
+        assert_eq!(r.reserve(4, 512), None);
+        r.release_through(2);
+        assert_eq!(r.used_bytes(), 1536);
+        assert_eq!(r.reserve(4, 512 * 5), Some(4096 + 1536));
+        assert_eq!(r.used_bytes(), 8 * 512);
+        assert_eq!(r.reserve(5, 512), None);
+        // Too big for the ring at all.
+        let mut e = JournalRing::new(cap);
+        assert_eq!(e.reserve(1, 9 * 512), None);
+        assert_eq!(e.reserve(1, 0), None);
+        assert_eq!(e.reserve(1, 8 * 512), Some(4096));
+        // Seqs must increase.
+        e.release_through(1);
+        assert_eq!(e.reserve(1, 512), None);
+        assert_eq!(e.reserve(2, 512), Some(4096));
+    }
+}

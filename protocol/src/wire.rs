@@ -1,0 +1,501 @@
+//! Framing of wire messages and wire version negotiation.
+//!
+//! Every QUIC stream carries a sequence of frames; a frame is the protobuf
+//! varint length of an encoded [`pb::Envelope`] followed by that many bytes
+//! (prost's "length-delimited" encoding). [`encode_frame`] produces frames and
+//! [`FrameDecoder`] reassembles them from arbitrarily split socket reads.
+//!
+//! A length prefix above [`MAX_FRAME_LEN`] is rejected as soon as the prefix
+//! itself has been read, before any of the body is buffered, so a broken or
+//! hostile peer cannot make the daemon allocate more than one maximal frame.
+
+use bytes::{Buf, BytesMut};
+use prost::Message;
+
+use crate::pb;
+
+/// QUIC ALPN protocol identifier.
+pub const ALPN: &[u8] = b"replicator/1";
+/// The wire version this build speaks natively.
+pub const WIRE_VERSION: u32 = 1;
+/// Every wire version this build can speak, in increasing order.
+pub const SUPPORTED_VERSIONS: &[u32] = &[WIRE_VERSION];
+/// Largest payload of a single record (32 MiB).
+pub const MAX_RECORD_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// Largest encoded [`pb::Envelope`] accepted: one maximal record payload plus
+/// room for the record's other fields.
+pub const MAX_FRAME_LEN: usize = MAX_RECORD_PAYLOAD as usize + 64 * 1024;
+
+/// Longest valid varint (a `u64` needs at most 10 bytes of 7 bits).
+const MAX_VARINT_LEN: usize = 10;
+
+/// Errors from decoding frames. After any of them the stream is unusable and
+/// should be closed; the decoder keeps returning the same error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The length prefix announces a frame above [`MAX_FRAME_LEN`].
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge {
+        /// Announced frame length.
+        len: u64,
+        /// The limit ([`MAX_FRAME_LEN`]).
+        max: usize,
+    },
+    /// The length prefix is not a valid varint (longer than 10 bytes or
+    /// overflowing 64 bits).
+    #[error("malformed frame length prefix (not a valid protobuf varint)")]
+    BadLengthPrefix,
+    /// The frame body is not a valid protobuf `Envelope`.
+    #[error("cannot decode frame as a replication message: {0}")]
+    Decode(String),
+    /// The envelope carries no message this build knows (empty, or a message
+    /// type from a newer wire version).
+    #[error("frame carries no known message (empty envelope, or a message type from a newer wire version)")]
+    EmptyEnvelope,
+}
+
+/// Appends the varint length prefix and the encoded `msg` to `dst`.
+///
+/// The caller is responsible for keeping messages below [`MAX_FRAME_LEN`]
+/// (records are limited to [`MAX_RECORD_PAYLOAD`]); the peer rejects bigger
+/// frames.
+pub fn encode_frame(msg: &pb::Envelope, dst: &mut BytesMut) {
+    let len = msg.encoded_len();
+    dst.reserve(len + MAX_VARINT_LEN);
+    // A BytesMut grows on demand, so prost's "buffer too small" error cannot
+    // happen here.
+    let res = msg.encode_length_delimited(dst);
+    debug_assert!(res.is_ok(), "encoding into a BytesMut cannot fail");
+}
+
+/// Encodes `msg` as a single frame into a fresh buffer.
+pub fn frame_bytes(msg: &pb::Envelope) -> bytes::Bytes {
+    let mut buf = BytesMut::new();
+    encode_frame(msg, &mut buf);
+    buf.freeze()
+}
+
+/// Wraps a message body in an [`pb::Envelope`].
+pub fn envelope(body: pb::envelope::Body) -> pb::Envelope {
+    pb::Envelope { body: Some(body) }
+}
+
+/// Incremental frame decoder.
+///
+/// Read socket bytes into [`buffer_mut`](Self::buffer_mut) (for example with
+/// tokio's `read_buf`) or push them with
+/// [`extend_from_slice`](Self::extend_from_slice), then call
+/// [`decode`](Self::decode) until it returns `Ok(None)`.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buffer: BytesMut,
+    /// Body length of the frame whose prefix has already been consumed.
+    pending_len: Option<usize>,
+    /// Sticky error: once the stream is broken it stays broken.
+    failed: Option<WireError>,
+}
+
+impl FrameDecoder {
+    /// Creates an empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The receive buffer; append socket bytes to it.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buffer
+    }
+
+    /// Appends received bytes.
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        self.buffer.extend_from_slice(data);
+    }
+
+    /// Bytes received but not yet returned as frames (excluding an already
+    /// consumed length prefix).
+    pub fn buffered_len(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// Decodes the next complete frame. `Ok(None)` means more bytes are
+    /// needed.
+    pub fn decode(&mut self) -> Result<Option<pb::Envelope>, WireError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        match self.decode_inner() {
+            Ok(v) => Ok(v),
+            Err(err) => {
+                self.failed = Some(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    fn decode_inner(&mut self) -> Result<Option<pb::Envelope>, WireError> {
+        let len = match self.pending_len {
+            Some(len) => len,
+            None => {
+                let Some((len, prefix_len)) = parse_varint(&self.buffer)? else {
+                    return Ok(None);
+                };
+                if len > MAX_FRAME_LEN as u64 {
+                    return Err(WireError::FrameTooLarge {
+                        len,
+                        max: MAX_FRAME_LEN,
+                    });
+                }
+                self.buffer.advance(prefix_len);
+                // Bounded by MAX_FRAME_LEN just above.
+                let len = usize::try_from(len).map_err(|_| WireError::FrameTooLarge {
+                    len,
+                    max: MAX_FRAME_LEN,
+                })?;
+                self.pending_len = Some(len);
+                if self.buffer.len() < len {
+                    // Make room for the whole body at once so that large
+                    // records are not reallocated repeatedly while arriving.
+                    self.buffer.reserve(len - self.buffer.len());
+                }
+                len
+            }
+        };
+        if self.buffer.len() < len {
+            return Ok(None);
+        }
+        self.pending_len = None;
+        let body = self.buffer.split_to(len).freeze();
+        let env = pb::Envelope::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
+        if env.body.is_none() {
+            return Err(WireError::EmptyEnvelope);
+        }
+        Ok(Some(env))
+    }
+}
+
+/// Parses a varint at the start of `buf`: `Ok(None)` if incomplete, else the
+/// value and the number of bytes it occupies.
+fn parse_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, WireError> {
+    let mut value: u64 = 0;
+    for (i, &b) in buf.iter().take(MAX_VARINT_LEN).enumerate() {
+        if i == MAX_VARINT_LEN - 1 && b > 1 {
+            return Err(WireError::BadLengthPrefix);
+        }
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    if buf.len() >= MAX_VARINT_LEN {
+        return Err(WireError::BadLengthPrefix);
+    }
+    Ok(None)
+}
+
+/// No wire version is spoken by both sides.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no common wire version: we speak {ours:?}, the peer speaks {theirs:?}")]
+pub struct VersionMismatch {
+    /// Versions we speak.
+    pub ours: Vec<u32>,
+    /// Versions the peer speaks.
+    pub theirs: Vec<u32>,
+}
+
+/// Picks the highest version both sides speak.
+pub fn negotiate_version(ours: &[u32], theirs: &[u32]) -> Result<u32, VersionMismatch> {
+    ours.iter()
+        .copied()
+        .filter(|v| theirs.contains(v))
+        .max()
+        .ok_or_else(|| VersionMismatch {
+            ours: ours.to_vec(),
+            theirs: theirs.to_vec(),
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::pb::envelope::Body;
+    use proptest::prelude::*;
+
+    fn varint(mut v: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return out;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn arb_bytes(max: usize) -> impl Strategy<Value = bytes::Bytes> {
+        proptest::collection::vec(any::<u8>(), 0..max).prop_map(bytes::Bytes::from)
+    }
+
+    fn arb_body() -> impl Strategy<Value = Body> {
+        prop_oneof![
+            (proptest::collection::vec(any::<u32>(), 0..4), ".{0,12}", ".{0,12}").prop_map(
+                |(versions, node, software)| Body::Hello(pb::Hello {
+                    versions,
+                    node,
+                    software
+                })
+            ),
+            (any::<u32>(), ".{0,12}", ".{0,12}").prop_map(|(version, node, error)| {
+                Body::HelloReply(pb::HelloReply {
+                    version,
+                    node,
+                    error,
+                })
+            }),
+            (
+                ".{0,12}",
+                any::<u64>(),
+                0i32..3,
+                proptest::collection::vec((".{0,8}", any::<u64>()), 0..4),
+                0i32..6,
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+            )
+                .prop_map(|(group, generation, mode, vols, intent, pair_id, rebase_seq, copy_bytes)| {
+                    Body::OpenGroup(pb::OpenGroup {
+                        group,
+                        generation,
+                        mode,
+                        volumes: vols
+                            .into_iter()
+                            .map(|(name, size)| pb::VolumeInfo { name, size })
+                            .collect(),
+                        intent,
+                        pair_id,
+                        rebase_seq,
+                        copy_bytes,
+                    })
+                }),
+            (".{0,12}", any::<u64>(), any::<u64>()).prop_map(|(error, durable_seq, generation)| {
+                Body::OpenGroupReply(pb::OpenGroupReply {
+                    error,
+                    durable_seq,
+                    generation,
+                })
+            }),
+            (
+                ".{0,12}",
+                any::<u64>(),
+                any::<u32>(),
+                0i32..5,
+                any::<u64>(),
+                any::<u32>(),
+                any::<u64>(),
+                any::<u32>(),
+                arb_bytes(300),
+                any::<bool>(),
+                any::<u64>()
+            )
+                .prop_map(
+                    |(group, seq, volume, op, offset, length, generation, crc32, payload, fua, copy_index)| {
+                        Body::Record(pb::Record {
+                            group,
+                            seq,
+                            volume,
+                            op,
+                            offset,
+                            length,
+                            generation,
+                            crc32,
+                            payload,
+                            fua,
+                            copy_index,
+                        })
+                    }
+                ),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c, d, e)| {
+                Body::Ack(pb::Ack {
+                    received_seq: a,
+                    applied_seq: b,
+                    durable_seq: c,
+                    copy_durable: d,
+                    checkpoint_seq: e,
+                })
+            }),
+            any::<u64>().prop_map(|seq| Body::Flush(pb::FlushRequest { seq })),
+            (0i32..3, any::<u64>())
+                .prop_map(|(command, seq)| Body::Command(pb::GroupCommand { command, seq })),
+            (0i32..3, ".{0,12}")
+                .prop_map(|(command, error)| Body::CommandReply(pb::CommandReply { command, error })),
+            ".{0,20}".prop_map(|message| Body::Error(pb::Error { message })),
+        ]
+    }
+
+    /// Feeds `data` to a fresh decoder in chunks of the given sizes and
+    /// returns every decoded envelope.
+    fn decode_chunked(data: &[u8], chunks: &[usize]) -> Result<Vec<pb::Envelope>, WireError> {
+        let mut dec = FrameDecoder::new();
+        let mut out = Vec::new();
+        let mut rest = data;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = if chunks.is_empty() {
+                rest.len()
+            } else {
+                chunks[i % chunks.len()].clamp(1, rest.len())
+            };
+            i += 1;
+            dec.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            while let Some(env) = dec.decode()? {
+                out.push(env);
+            }
+        }
+        assert_eq!(dec.buffered_len(), 0);
+        Ok(out)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn round_trip_any_split(
+            bodies in proptest::collection::vec(arb_body(), 1..6),
+            chunks in proptest::collection::vec(1usize..64, 0..8),
+        ) {
+            let envs: Vec<pb::Envelope> = bodies.into_iter().map(envelope).collect();
+            let mut buf = BytesMut::new();
+            for e in &envs {
+                encode_frame(e, &mut buf);
+            }
+            let got = decode_chunked(&buf, &chunks).expect("valid frames decode");
+            prop_assert_eq!(got, envs);
+        }
+
+        #[test]
+        fn byte_flips_never_panic(
+            body in arb_body(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
+            chunks in proptest::collection::vec(1usize..16, 0..4),
+        ) {
+            let mut buf = BytesMut::new();
+            encode_frame(&envelope(body), &mut buf);
+            let mut data = buf.to_vec();
+            for (idx, x) in flips {
+                let i = idx.index(data.len());
+                data[i] ^= x;
+            }
+            let mut dec = FrameDecoder::new();
+            let mut rest = &data[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = if chunks.is_empty() { rest.len() } else { chunks[i % chunks.len()].clamp(1, rest.len()) };
+                i += 1;
+                dec.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                loop {
+                    match dec.decode() {
+                        Ok(Some(env)) => {
+                            if let Some(Body::Record(r)) = env.body {
+                                let _ = crate::record::Record::from_pb(r);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            // Sticky: the next call fails too.
+                            prop_assert!(dec.decode().is_err());
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn truncated_frames_wait_for_more(body in arb_body(), cut in any::<prop::sample::Index>()) {
+            let mut buf = BytesMut::new();
+            encode_frame(&envelope(body), &mut buf);
+            let cut = cut.index(buf.len());
+            let mut dec = FrameDecoder::new();
+            dec.extend_from_slice(&buf[..cut]);
+            prop_assert_eq!(dec.decode(), Ok(None));
+        }
+
+        #[test]
+        fn oversized_prefix_rejected_immediately(len in (MAX_FRAME_LEN as u64 + 1)..=u64::MAX) {
+            let mut dec = FrameDecoder::new();
+            dec.extend_from_slice(&varint(len));
+            prop_assert_eq!(dec.decode(), Err(WireError::FrameTooLarge { len, max: MAX_FRAME_LEN }));
+        }
+
+        #[test]
+        fn negotiation_picks_highest_common(
+            ours in proptest::collection::vec(0u32..8, 0..5),
+            theirs in proptest::collection::vec(0u32..8, 0..5),
+        ) {
+            let common: Vec<u32> = ours.iter().copied().filter(|v| theirs.contains(v)).collect();
+            match negotiate_version(&ours, &theirs) {
+                Ok(v) => prop_assert_eq!(Some(v), common.iter().copied().max()),
+                Err(e) => {
+                    prop_assert!(common.is_empty());
+                    prop_assert_eq!(e.ours, ours);
+                    prop_assert_eq!(e.theirs, theirs);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn max_frame_is_accepted_prefix() {
+        let mut dec = FrameDecoder::new();
+        dec.extend_from_slice(&varint(MAX_FRAME_LEN as u64));
+        assert_eq!(dec.decode(), Ok(None));
+        assert_eq!(dec.buffered_len(), 0);
+    }
+
+    #[test]
+    fn overlong_varint_is_bad_prefix() {
+        let mut dec = FrameDecoder::new();
+        dec.extend_from_slice(&[0x80; 10]);
+        assert_eq!(dec.decode(), Err(WireError::BadLengthPrefix));
+        let mut dec = FrameDecoder::new();
+        dec.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]);
+        assert_eq!(dec.decode(), Err(WireError::BadLengthPrefix));
+        // Nine continuation bytes are still a possible prefix.
+        let mut dec = FrameDecoder::new();
+        dec.extend_from_slice(&[0x80; 9]);
+        assert_eq!(dec.decode(), Ok(None));
+    }
+
+    #[test]
+    fn empty_envelope_rejected() {
+        let mut buf = BytesMut::new();
+        encode_frame(&pb::Envelope { body: None }, &mut buf);
+        let mut dec = FrameDecoder::new();
+        dec.extend_from_slice(&buf);
+        assert_eq!(dec.decode(), Err(WireError::EmptyEnvelope));
+        // Unknown field from a future version: also no known body.
+        let mut dec = FrameDecoder::new();
+        dec.extend_from_slice(&[3, 0xf8, 0x01, 0x05]); // field 31, varint 5
+        assert_eq!(dec.decode(), Err(WireError::EmptyEnvelope));
+    }
+
+    #[test]
+    fn garbage_body_is_decode_error() {
+        let mut dec = FrameDecoder::new();
+        dec.extend_from_slice(&[2, 0x2a, 0x05]); // record field, length 5, missing bytes
+        assert!(matches!(dec.decode(), Err(WireError::Decode(_))));
+    }
+
+    #[test]
+    fn error_texts_are_readable() {
+        let e = WireError::FrameTooLarge { len: 99_999_999, max: MAX_FRAME_LEN };
+        assert_eq!(e.to_string(), "frame of 99999999 bytes exceeds the 33619968-byte limit");
+        let v = negotiate_version(&[1], &[2, 3]).expect_err("no common version");
+        assert_eq!(v.to_string(), "no common wire version: we speak [1], the peer speaks [2, 3]");
+        assert_eq!(negotiate_version(SUPPORTED_VERSIONS, &[1, 7]), Ok(1));
+    }
+}

@@ -1,0 +1,393 @@
+//! The command line (clap). Every admin command talks to the daemon through
+//! the control socket; `cert`, `config check` and `demo` work without one.
+//!
+//! Exit codes: 0 done, 1 failed, 2 usage or config error, 3 refused as unsafe.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::control::{self, exit, Request, Response};
+use crate::group::GroupStatus;
+
+/// Block-level storage replication over QUIC with mutual TLS.
+#[derive(Debug, Parser)]
+#[command(name = "replicator", version, about)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "REPLICATOR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (systemd: Type=notify).
+    Run,
+    /// Show pair state, lag and journal use.
+    Status {
+        /// Only this group.
+        group: Option<String>,
+        /// Machine-readable output (schema in the README).
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Create or delete a pair.
+    #[command(subcommand)]
+    Pair(PairCommand),
+    /// Certificates for mutual TLS.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Two nodes on loopback: the whole tour, then exit 0.
+    Demo {
+        /// Keep running after the tour so you can attach your own NBD client.
+        #[arg(long)]
+        serve: bool,
+    },
+}
+
+/// `pair ...`
+#[derive(Debug, Subcommand)]
+pub enum PairCommand {
+    /// Pair GROUP with its peer, this node becoming primary.
+    Create {
+        /// Group name.
+        group: String,
+        /// Skip the initial copy (both sides are known to be identical).
+        #[arg(long)]
+        nocopy: bool,
+        /// Wait until the pair reaches PAIR, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Dissolve the pair; both sides become standalone (SIMPLEX).
+    Delete {
+        /// Group name.
+        group: String,
+    },
+}
+
+/// `cert ...`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Create a CA: DIR/ca.pem and DIR/ca.key.
+    Init {
+        /// Directory for the CA files.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate: OUT/NAME.pem and OUT/NAME.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Node name (must equal node.name in that node's config).
+        #[arg(long)]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+}
+
+/// `config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration without starting anything.
+    Check,
+}
+
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("replicator: {e}");
+        ExitCode::from(exit::USAGE)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("replicator: cannot start the async runtime: {e}");
+        ExitCode::from(exit::FAILED)
+    })
+}
+
+/// Initialises logging: plain lines without colour or timestamps under
+/// systemd (journald adds them), `RUST_LOG` to filter.
+pub fn init_logging() {
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!under_systemd && std::io::stderr().is_terminal());
+    if under_systemd {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs the parsed command line.
+pub fn main(cli: Cli) -> ExitCode {
+    match run(cli) {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
+    match cli.command {
+        Command::Run => {
+            let config = load_config(&cli.config)?;
+            init_logging();
+            let rt = runtime()?;
+            match rt.block_on(crate::daemon::run(config)) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("replicator: {e}");
+                    Err(ExitCode::from(exit::FAILED))
+                }
+            }
+        }
+        Command::Status { group, json, watch } => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                loop {
+                    let resp = ask(&config, Request::Status { group: group.clone() }).await?;
+                    if resp.exit != exit::OK {
+                        eprintln!("replicator: {}", resp.message);
+                        return Err(ExitCode::from(resp.exit));
+                    }
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&resp.groups).unwrap_or_default());
+                    } else {
+                        if watch && std::io::stdout().is_terminal() {
+                            print!("\x1b[2J\x1b[H");
+                        }
+                        print!("{}", render_status(&resp.groups));
+                    }
+                    if !watch {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        }
+        Command::Pair(PairCommand::Create { group, nocopy, wait }) => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let resp = ask(&config, Request::PairCreate { group: group.clone(), nocopy }).await?;
+                let code = report(&resp)?;
+                if wait {
+                    wait_for_pair(&config, &group).await
+                } else {
+                    Ok(code)
+                }
+            })
+        }
+        Command::Pair(PairCommand::Delete { group }) => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async { report(&ask(&config, Request::PairDelete { group }).await?) })
+        }
+        Command::Cert(CertCommand::Init { dir }) => match crate::certs::init_ca(&dir) {
+            Ok((cert, key)) => {
+                println!("created CA certificate {} and key {}", cert.display(), key.display());
+                println!("keep {} secret; copy ca.pem to every node", key.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("replicator: {e}");
+                Err(ExitCode::from(exit::FAILED))
+            }
+        },
+        Command::Cert(CertCommand::Issue { ca_dir, name, out, days }) => {
+            match crate::certs::issue(&ca_dir, &name, &out, crate::certs::Validity::days(days)) {
+                Ok((cert, key)) => {
+                    println!("issued {} and {} for node {name:?} (valid {days} days)", cert.display(), key.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("replicator: {e}");
+                    Err(ExitCode::from(exit::FAILED))
+                }
+            }
+        }
+        Command::Config(ConfigCommand::Check) => {
+            let config = load_config(&cli.config)?;
+            match crate::tls::TlsIdentity::load(&config.tls, &config.node.name) {
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("replicator: {}: [tls]: {e}", config.path.display());
+                    return Err(ExitCode::from(exit::USAGE));
+                }
+            }
+            println!(
+                "{}: OK (node {}, {} peer(s), {} group(s), {} volume(s))",
+                config.path.display(),
+                config.node.name,
+                config.peers.len(),
+                config.groups.len(),
+                config.groups.iter().map(|g| g.volumes.len()).sum::<usize>()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { serve } => Ok(crate::demo::run(serve)),
+    }
+}
+
+async fn ask(config: &Config, req: Request) -> Result<Response, ExitCode> {
+    control::call(&config.control_socket(), &req).await.map_err(|e| {
+        eprintln!("replicator: {e}");
+        ExitCode::from(exit::FAILED)
+    })
+}
+
+fn report(resp: &Response) -> Result<ExitCode, ExitCode> {
+    if resp.exit == exit::OK {
+        println!("{}", resp.message);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("replicator: {}", resp.message);
+        Err(ExitCode::from(resp.exit))
+    }
+}
+
+/// `--wait`: polls status until PAIR, printing progress (a bar on a TTY,
+/// plain lines otherwise).
+async fn wait_for_pair(config: &Config, group: &str) -> Result<ExitCode, ExitCode> {
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+    loop {
+        let resp = ask(config, Request::Status { group: Some(group.to_string()) }).await?;
+        let Some(s) = resp.groups.first() else {
+            eprintln!("replicator: {}", resp.message);
+            return Err(ExitCode::from(exit::FAILED));
+        };
+        if s.state == "PAIR" {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            println!("group {group}: PAIR ({} mode, secondary consistent)", s.mode);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if s.state == "SIMPLEX" || (s.state == "SUSPENDED" && s.reason.as_deref() == Some("error")) {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            eprintln!(
+                "replicator: group {group} is {}{}: {}",
+                s.state,
+                s.reason.as_ref().map(|r| format!("({r})")).unwrap_or_default(),
+                s.last_error.clone().unwrap_or_else(|| "see the daemon log".into())
+            );
+            return Err(ExitCode::from(exit::FAILED));
+        }
+        let what = if s.connected { "copying" } else { "waiting for the peer" };
+        match &bar {
+            Some(b) => {
+                b.set_length(s.copy_total_bytes.max(1));
+                b.set_position(s.copy_done_bytes);
+                b.set_message(format!("{group}: {} {what}", s.state));
+            }
+            None => {
+                if last_line.elapsed() >= Duration::from_secs(2) {
+                    println!(
+                        "group {group}: {} {what}: {} of {} bytes copied",
+                        s.state, s.copy_done_bytes, s.copy_total_bytes
+                    );
+                    last_line = std::time::Instant::now();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// The human status view.
+pub fn render_status(groups: &[GroupStatus]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for s in groups {
+        let state = match &s.reason {
+            Some(r) => format!("{}({r})", s.state),
+            None => s.state.clone(),
+        };
+        let _ = writeln!(out, "group {}  role {}  state {}  mode {}  peer {} ({})", s.group, s.role, state, s.mode, s.peer,
+            if s.connected { "connected" } else { "not connected" });
+        let _ = writeln!(
+            out,
+            "  seq {} applied {} durable {}  lag {} records / {} / {:.3}s",
+            s.last_seq,
+            s.applied_seq,
+            s.durable_seq,
+            s.lag_records,
+            human_bytes(s.lag_bytes),
+            s.lag_seconds
+        );
+        let _ = writeln!(
+            out,
+            "  journal {} of {}  dirty {}  consistent {}  io {}{}",
+            human_bytes(s.journal_used_bytes),
+            human_bytes(s.journal_capacity_bytes),
+            human_bytes(s.dirty_bytes),
+            if s.consistent { "yes" } else { "no" },
+            s.io_backend,
+            if s.direct_io { " (O_DIRECT)" } else { " (buffered)" }
+        );
+        if s.state == "COPY" && s.copy_total_bytes > 0 {
+            let _ = writeln!(out, "  copy {} of {}", human_bytes(s.copy_done_bytes), human_bytes(s.copy_total_bytes));
+        }
+        for v in &s.volumes {
+            let _ = writeln!(out, "  volume {}  {}  {}", v.name, v.path.display(), human_bytes(v.size));
+        }
+        if let Some(e) = &s.last_error {
+            let _ = writeln!(out, "  last error: {e}");
+        }
+    }
+    out
+}

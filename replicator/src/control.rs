@@ -1,0 +1,170 @@
+//! The control socket (`run_dir/control.sock`, mode 0660): the only admin
+//! interface. One JSON request per connection, one JSON response.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::group::GroupStatus;
+use crate::node::Node;
+
+/// Exit codes of the CLI (DESIGN: 0 done, 1 failed, 2 usage/config, 3 refused).
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// Failed.
+    pub const FAILED: u8 = 1;
+    /// Usage or configuration error.
+    pub const USAGE: u8 = 2;
+    /// Refused as unsafe.
+    pub const REFUSED: u8 = 3;
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Status of one group or all.
+    Status {
+        /// Group, or all.
+        group: Option<String>,
+    },
+    /// `pair create`.
+    PairCreate {
+        /// Group.
+        group: String,
+        /// Skip the initial copy.
+        nocopy: bool,
+    },
+    /// `pair delete`.
+    PairDelete {
+        /// Group.
+        group: String,
+    },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// CLI exit code.
+    pub exit: u8,
+    /// Human-readable outcome.
+    pub message: String,
+    /// Status of the groups asked about.
+    #[serde(default)]
+    pub groups: Vec<GroupStatus>,
+}
+
+impl Response {
+    fn ok(message: impl Into<String>) -> Self {
+        Self { exit: exit::OK, message: message.into(), groups: Vec::new() }
+    }
+    fn err(code: u8, message: impl Into<String>) -> Self {
+        Self { exit: code, message: message.into(), groups: Vec::new() }
+    }
+}
+
+/// Control socket errors on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Cannot reach the daemon.
+    #[error("cannot reach the replicator daemon at {path}: {source} (is `replicator run` running with this config?)")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// Broken exchange.
+    #[error("control socket: {0}")]
+    Protocol(String),
+}
+
+/// Sends one request and waits for the response.
+pub async fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ControlError::Connect { path: socket.display().to_string(), source })?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    w.write_all(&line).await.map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let mut reader = BufReader::new(r);
+    let mut resp = String::new();
+    reader.read_line(&mut resp).await.map_err(|e| ControlError::Protocol(e.to_string()))?;
+    serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(format!("bad response: {e}")))
+}
+
+/// Accept loop of the control socket.
+pub async fn serve(listener: UnixListener, node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let node = node.clone();
+                tokio::spawn(async move { handle(stream, node).await });
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, node: Arc<Node>) {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut line = String::new();
+    let resp = match reader.read_line(&mut line).await {
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => execute(&node, req).await,
+            Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
+        },
+        Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    let _ = w.write_all(&out).await;
+}
+
+fn unknown_group(node: &Node, name: &str) -> Response {
+    let known: Vec<&str> = node.groups.iter().map(|g| g.cfg.name.as_str()).collect();
+    Response::err(exit::USAGE, format!("no group named {name:?} in the configuration (groups: {})", known.join(", ")))
+}
+
+async fn execute(node: &Node, req: Request) -> Response {
+    match req {
+        Request::Status { group } => {
+            let groups: Vec<GroupStatus> = match &group {
+                Some(name) => match node.group(name) {
+                    Some(g) => vec![g.status()],
+                    None => return unknown_group(node, name),
+                },
+                None => node.groups.iter().map(|g| g.status()).collect(),
+            };
+            Response { exit: exit::OK, message: String::new(), groups }
+        }
+        Request::PairCreate { group, nocopy } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            match g.pair_create(nocopy) {
+                Ok(msg) => {
+                    if let Err(e) = g.prepare_journal().await {
+                        return Response::err(exit::FAILED, format!("pair create: cannot create the journal: {e}"));
+                    }
+                    g.start_shipping();
+                    Response::ok(msg)
+                }
+                Err(e) => Response::err(exit::REFUSED, e.to_string()),
+            }
+        }
+        Request::PairDelete { group } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            match g.pair_delete() {
+                Ok(msg) => Response::ok(msg),
+                Err(e) => Response::err(exit::REFUSED, e.to_string()),
+            }
+        }
+    }
+}

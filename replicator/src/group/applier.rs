@@ -1,0 +1,424 @@
+//! The secondary's side of a replication session: validates `OpenGroup`,
+//! then receives records, checks each one's CRC, applies non-overlapping
+//! records concurrently and overlapping ones in sequence order, makes them
+//! durable (on FUA, on a flush request, and at least every 100 ms), persists
+//! the checkpoint it will resume from, and acks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use replicator_protocol::apply::{ApplyId, Applier};
+use replicator_protocol::pair::{PairState, Role};
+use replicator_protocol::pb::{self, envelope::Body};
+use replicator_protocol::record::{Record, RecordOp};
+use tokio::sync::{mpsc, watch};
+
+use super::{lock, Group};
+use crate::io::AlignedBuf;
+use crate::transport::{FramedRecv, FramedSend, TransportError};
+
+/// How often applied records are made durable when nobody asks.
+const DURABLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the resume checkpoint is persisted.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
+enum Event {
+    Applied(ApplyId, Result<(), String>),
+    Durable(u64, u64, Result<(), String>),
+}
+
+/// Checks an `OpenGroup` against this node's configuration and state, and
+/// takes the secondary role if it asks to create the pair. Returns the
+/// sequence to resume after, or the refusal to send back.
+fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, String> {
+    if group.cfg.peer != peer {
+        return Err(format!("group {} is configured here with peer {:?}, not {peer:?}", group.cfg.name, group.cfg.peer));
+    }
+    let ours: Vec<(String, u64)> = group.volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
+    let theirs: Vec<(String, u64)> = open.volumes.iter().map(|v| (v.name.clone(), v.size)).collect();
+    if ours != theirs {
+        return Err(format!(
+            "volumes differ: the primary has {theirs:?}, this node has {ours:?} (names, order and sizes must match)"
+        ));
+    }
+    let mode = if open.mode == pb::Mode::Sync as i32 { "sync" } else { "async" };
+    if mode != group.cfg.mode.as_str() {
+        return Err(format!("mode differs: the primary replicates {mode}, this node's config says {}", group.cfg.mode));
+    }
+    let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
+    let mut g = lock(&group.inner);
+    if g.role == Role::Primary {
+        return Err(format!(
+            "group {} is primary on this node too: refusing (both sites wrote as primary; resolve with pair delete on the site whose data is to be discarded)",
+            group.cfg.name
+        ));
+    }
+    if g.secondary_attached {
+        return Err("another replication session for this group is already attached".into());
+    }
+    match intent {
+        pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy => {
+            let copy = intent == pb::OpenIntent::CreateFullCopy;
+            g.role = Role::Secondary;
+            g.persisted.role = Role::Secondary.as_str().into();
+            g.persisted.pair_id = open.pair_id;
+            g.persisted.generation = open.generation;
+            g.persisted.durable_seq = open.rebase_seq;
+            g.persisted.consistent = !copy;
+            g.state = if copy { PairState::Copy } else { PairState::Pair };
+            g.persisted.state = g.state.to_string();
+            g.copy_total = open.copy_bytes;
+            g.copy_done = 0;
+            tracing::info!(group = %group.cfg.name, primary = %peer, copy, "pair create: this node is now secondary");
+        }
+        pb::OpenIntent::Resume | pb::OpenIntent::Resync => {
+            if g.role != Role::Secondary || g.persisted.pair_id != open.pair_id {
+                return Err(format!(
+                    "group {} is not paired with {peer} here (it is {}); run `replicator pair create {}` on the primary",
+                    group.cfg.name,
+                    g.state,
+                    group.cfg.name
+                ));
+            }
+            if intent == pb::OpenIntent::Resync {
+                g.persisted.durable_seq = open.rebase_seq;
+            }
+            g.state = if g.persisted.consistent { PairState::Pair } else { PairState::Copy };
+            g.persisted.state = g.state.to_string();
+        }
+        pb::OpenIntent::Unspecified => return Err("OpenGroup without an intent".into()),
+    }
+    g.secondary_attached = true;
+    g.secondary_durable = g.persisted.durable_seq;
+    g.secondary_applied = g.persisted.durable_seq;
+    group.save_locked(&mut g);
+    group.publish(&mut g);
+    Ok(g.persisted.durable_seq)
+}
+
+/// Serves one group stream opened by the primary `peer`. Returns when the
+/// stream ends, the pair is deleted, or `shutdown` fires (then it finishes
+/// applying what it received and makes it durable first).
+pub async fn serve_secondary(
+    group: Arc<Group>,
+    open: pb::OpenGroup,
+    mut send: FramedSend,
+    mut recv: FramedRecv,
+    peer: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let base = match accept_open(&group, &open, &peer) {
+        Ok(d) => d,
+        Err(msg) => {
+            tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {msg}");
+            let _ = send.send(Body::OpenGroupReply(pb::OpenGroupReply { error: msg, durable_seq: 0, generation: 0 })).await;
+            send.finish();
+            return;
+        }
+    };
+    let generation = lock(&group.inner).persisted.generation;
+    if let Err(e) = send
+        .send(Body::OpenGroupReply(pb::OpenGroupReply { error: String::new(), durable_seq: base, generation }))
+        .await
+    {
+        tracing::warn!(group = %group.cfg.name, "replication session ended at once: {e}");
+        detach(&group);
+        return;
+    }
+    tracing::info!(group = %group.cfg.name, %peer, resume_after = base, "replication session up (secondary)");
+    let mut session = Session::new(group.clone(), base);
+    let result = session.run(&mut send, &mut recv, &mut shutdown).await;
+    session.drain(&mut send).await;
+    match result {
+        Ok(()) => tracing::info!(group = %group.cfg.name, "replication session closed"),
+        Err(e) => tracing::warn!(group = %group.cfg.name, "replication session ended: {e}"),
+    }
+    detach(&group);
+}
+
+fn detach(group: &Group) {
+    let mut g = lock(&group.inner);
+    g.secondary_attached = false;
+    group.publish(&mut g);
+}
+
+struct Session {
+    group: Arc<Group>,
+    applier: Applier,
+    done: HashMap<ApplyId, watch::Sender<bool>>,
+    waits: HashMap<ApplyId, watch::Receiver<bool>>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    applying: usize,
+    flushing: bool,
+    last_durable_at: Instant,
+    last_checkpoint_at: Instant,
+    checkpoint: u64,
+    copy_done_pending: Option<u64>,
+    ack_dirty: bool,
+    delete_requested: bool,
+}
+
+impl Session {
+    fn new(group: Arc<Group>, base: u64) -> Self {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Self {
+            group,
+            applier: Applier::new(base),
+            done: HashMap::new(),
+            waits: HashMap::new(),
+            events_tx,
+            events,
+            applying: 0,
+            flushing: false,
+            last_durable_at: Instant::now(),
+            last_checkpoint_at: Instant::now(),
+            checkpoint: base,
+            copy_done_pending: None,
+            ack_dirty: false,
+            delete_requested: false,
+        }
+    }
+
+    async fn run(
+        &mut self,
+        send: &mut FramedSend,
+        recv: &mut FramedRecv,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), TransportError> {
+        let mut tick = tokio::time::interval(DURABLE_INTERVAL);
+        loop {
+            tokio::select! {
+                frame = recv.recv() => {
+                    match frame? {
+                        None => return Ok(()),
+                        Some(env) => self.on_frame(env, send).await?,
+                    }
+                    if self.delete_requested {
+                        return Ok(());
+                    }
+                }
+                Some(ev) = self.events.recv() => self.on_event(ev)?,
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+            self.maybe_flush();
+            self.maybe_checkpoint().await;
+            self.maybe_finish_copy(send).await?;
+            if self.ack_dirty {
+                self.ack_dirty = false;
+                let mut ack = self.applier.ack();
+                ack.checkpoint_seq = self.checkpoint;
+                send.send(Body::Ack(ack)).await?;
+            }
+        }
+    }
+
+    /// Finishes in-flight applies, makes them durable and persists the
+    /// checkpoint (clean stop or end of session).
+    async fn drain(&mut self, send: &mut FramedSend) {
+        while self.applying > 0 || self.flushing {
+            match self.events.recv().await {
+                Some(ev) => {
+                    if let Err(e) = self.on_event(ev) {
+                        tracing::error!(group = %self.group.cfg.name, "{e}");
+                    }
+                }
+                None => break,
+            }
+        }
+        let (seq, ci) = self.applier.durable_barrier();
+        if let Err(e) = self.group.sync_all().await {
+            tracing::error!(group = %self.group.cfg.name, "final flush failed: {e}");
+            return;
+        }
+        self.applier.on_durable(seq, ci);
+        self.persist_checkpoint(seq).await;
+        let mut ack = self.applier.ack();
+        ack.checkpoint_seq = self.checkpoint;
+        let _ = send.send(Body::Ack(ack)).await;
+        send.finish();
+    }
+
+    async fn on_frame(&mut self, env: pb::Envelope, send: &mut FramedSend) -> Result<(), TransportError> {
+        match env.body {
+            Some(Body::Record(msg)) => {
+                let (group_name, rec) =
+                    Record::from_pb(msg).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
+                if group_name != self.group.cfg.name {
+                    return Err(TransportError::Protocol(format!("record for group {group_name:?} on the stream of {}", self.group.cfg.name)));
+                }
+                self.on_record(rec).await
+            }
+            Some(Body::Flush(f)) => {
+                self.applier.on_flush_request(f.seq);
+                Ok(())
+            }
+            Some(Body::Command(c)) if c.command == pb::Command::CopyDone as i32 => {
+                self.copy_done_pending = Some(c.seq);
+                Ok(())
+            }
+            Some(Body::Command(c)) if c.command == pb::Command::Delete as i32 => {
+                let _ = self.group.pair_delete();
+                send.send(Body::CommandReply(pb::CommandReply { command: c.command, error: String::new() })).await?;
+                self.delete_requested = true;
+                Ok(())
+            }
+            other => Err(TransportError::Protocol(format!("unexpected message on a group stream: {other:?}"))),
+        }
+    }
+
+    async fn on_record(&mut self, rec: Record) -> Result<(), TransportError> {
+        let vol = self
+            .group
+            .volumes
+            .get(rec.volume as usize)
+            .cloned()
+            .ok_or_else(|| TransportError::Protocol(format!("record {} names volume #{} which does not exist", rec.seq, rec.volume)))?;
+        if rec.end() > vol.size() {
+            return Err(TransportError::Protocol(format!("record {} ends beyond volume {}", rec.seq, vol.name)));
+        }
+        if rec.op == RecordOp::Copy {
+            self.mark_inconsistent().await;
+        }
+        let (id, deps) = self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
+        let waits: Vec<watch::Receiver<bool>> = deps.iter().filter_map(|d| self.waits.get(d).cloned()).collect();
+        let (tx, rx) = watch::channel(false);
+        self.done.insert(id, tx);
+        self.waits.insert(id, rx);
+        self.applying += 1;
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            for mut w in waits {
+                let _ = w.wait_for(|d| *d).await;
+            }
+            let result = match rec.op {
+                RecordOp::Write | RecordOp::Copy => {
+                    vol.write_aligned(rec.offset, AlignedBuf::copy_from(&rec.payload)).await.map(|_| ())
+                }
+                RecordOp::WriteZeroes => vol.file().write_zeroes(rec.offset, u64::from(rec.length)).await,
+                RecordOp::Trim => vol.file().discard(rec.offset, u64::from(rec.length)).await,
+            };
+            let _ = events.send(Event::Applied(id, result.map_err(|e| format!("volume {}: {e}", vol.name))));
+        });
+        Ok(())
+    }
+
+    async fn mark_inconsistent(&mut self) {
+        let group = self.group.clone();
+        let mut g = lock(&group.inner);
+        if g.persisted.consistent {
+            g.persisted.consistent = false;
+            g.state = PairState::Copy;
+            g.persisted.state = g.state.to_string();
+            group.save_locked(&mut g);
+            group.publish(&mut g);
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) -> Result<(), TransportError> {
+        match ev {
+            Event::Applied(id, result) => {
+                self.applying -= 1;
+                if let Some(tx) = self.done.remove(&id) {
+                    let _ = tx.send(true);
+                }
+                self.waits.remove(&id);
+                if let Err(e) = result {
+                    lock(&self.group.inner).last_error = Some(e.clone());
+                    return Err(TransportError::Protocol(format!("apply failed: {e}")));
+                }
+                self.applier.on_applied(id);
+                let applied = self.applier.ack().applied_seq;
+                lock(&self.group.inner).secondary_applied = applied;
+                self.ack_dirty = true;
+            }
+            Event::Durable(seq, ci, result) => {
+                self.flushing = false;
+                if let Err(e) = result {
+                    return Err(TransportError::Protocol(format!("flush failed: {e}")));
+                }
+                self.applier.on_durable(seq, ci);
+                lock(&self.group.inner).secondary_durable = seq;
+                self.last_durable_at = Instant::now();
+                self.ack_dirty = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_flush(&mut self) {
+        if self.flushing {
+            return;
+        }
+        let (seq, ci) = self.applier.durable_barrier();
+        let ack = self.applier.ack();
+        let behind = seq > ack.durable_seq || ci > ack.copy_durable;
+        if !(self.applier.needs_flush() || (behind && self.last_durable_at.elapsed() >= DURABLE_INTERVAL)) {
+            return;
+        }
+        self.flushing = true;
+        let group = self.group.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let r = group.sync_all().await.map_err(|e| e.to_string());
+            let _ = events.send(Event::Durable(seq, ci, r));
+        });
+    }
+
+    async fn maybe_checkpoint(&mut self) {
+        let durable = self.applier.ack().durable_seq;
+        if durable > self.checkpoint && self.last_checkpoint_at.elapsed() >= CHECKPOINT_INTERVAL {
+            self.persist_checkpoint(durable).await;
+        }
+    }
+
+    async fn persist_checkpoint(&mut self, durable: u64) {
+        let group = self.group.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            let mut g = lock(&group.inner);
+            if durable > g.persisted.durable_seq {
+                g.persisted.durable_seq = durable;
+                let r = group.store.save(&g.persisted);
+                return r.map_err(|e| e.to_string());
+            }
+            Ok(())
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => {
+                self.checkpoint = self.checkpoint.max(durable);
+                self.last_checkpoint_at = Instant::now();
+                self.ack_dirty = true;
+            }
+            Ok(Err(e)) => tracing::error!(group = %self.group.cfg.name, "cannot persist the checkpoint: {e}"),
+            Err(e) => tracing::error!(group = %self.group.cfg.name, "cannot persist the checkpoint: {e}"),
+        }
+    }
+
+    /// COPY_DONE: once everything up to it is applied and durable, the image
+    /// is consistent again.
+    async fn maybe_finish_copy(&mut self, send: &mut FramedSend) -> Result<(), TransportError> {
+        let Some(seq) = self.copy_done_pending else { return Ok(()) };
+        let ack = self.applier.ack();
+        let (bar_seq, bar_ci) = self.applier.durable_barrier();
+        if self.applying > 0 || ack.durable_seq < seq || ack.durable_seq < bar_seq || ack.copy_durable < bar_ci {
+            self.applier.on_flush_request(seq);
+            return Ok(());
+        }
+        self.persist_checkpoint(ack.durable_seq).await;
+        {
+            let group = self.group.clone();
+            let mut g = lock(&group.inner);
+            g.persisted.consistent = true;
+            g.state = PairState::Pair;
+            g.persisted.state = g.state.to_string();
+            group.save_locked(&mut g);
+            group.publish(&mut g);
+        }
+        tracing::info!(group = %self.group.cfg.name, "copy complete: this replica is consistent");
+        self.copy_done_pending = None;
+        send.send(Body::CommandReply(pb::CommandReply { command: pb::Command::CopyDone as i32, error: String::new() })).await
+    }
+}

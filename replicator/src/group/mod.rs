@@ -1,0 +1,717 @@
+//! A consistency group: one sequence, one journal, one pair state, for all
+//! of its volumes. This is where the write path lives.
+//!
+//! Reading order for a newcomer:
+//! 1. [`Group::write`] (in `write_path.rs`): the primary write path — range
+//!    sequencing, journal reservation, record, local write, replication, ack.
+//! 2. `shipper.rs`: the primary's replication session (records, copy, acks).
+//! 3. `applier.rs`: the secondary's side of that session.
+//!
+//! Concurrency: one `std::sync::Mutex` guards the group's bookkeeping
+//! ([`Inner`]); it is held only for short, non-blocking sections and never
+//! across an `.await`. Progress that waiters care about (peer acks, state
+//! changes) is published through a `watch` channel.
+
+mod applier;
+mod shipper;
+mod write_path;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use replicator_protocol::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
+use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
+use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
+use replicator_protocol::record::Record;
+use replicator_protocol::sequencer::{Dep, RangeSequencer};
+use replicator_protocol::seqtrack::SeqTracker;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{GroupConfig, LinkLossPolicy, Mode};
+use crate::io::IoEngine;
+use crate::journal::{Journal, JournalError};
+use crate::state::{GroupState, StateError, StateFile};
+use crate::transport::Transport;
+use crate::volume::Volume;
+
+pub use applier::serve_secondary;
+pub use write_path::{WriteError, WriteKind};
+
+/// Group-level errors surfaced to the control socket and logs.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// Persisted state problem.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Journal problem.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The command is not possible in the current state.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What sync-mode waiters and the status view watch.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Secondary has received every record up to here.
+    pub received: u64,
+    /// ... and written it to its volumes.
+    pub applied: u64,
+    /// ... and made it durable.
+    pub durable: u64,
+    /// ... and persisted that it resumes after here.
+    pub checkpoint: u64,
+    /// A replication session is up.
+    pub connected: bool,
+    /// Sync-mode writes must wait for the secondary (replication active, or
+    /// suspended with `on_link_loss = "block"`).
+    pub sync_wait: bool,
+    /// Bumped on every state change.
+    pub epoch: u64,
+}
+
+/// Metadata of a journaled record, kept until its space is freed.
+#[derive(Debug)]
+struct Entry {
+    pos: u64,
+    span: u64,
+    /// Bytes journaled up to and including this record (for lag in bytes).
+    cumulative: u64,
+    written_at: Instant,
+    /// The record, while it is held in memory (None once evicted; then it is
+    /// read back from the journal file).
+    record: Option<Record>,
+    journaled: bool,
+}
+
+/// Bookkeeping under the group lock.
+#[derive(Debug)]
+struct Inner {
+    persisted: GroupState,
+    role: Role,
+    state: PairState,
+    seq: RangeSequencer,
+    /// Completion signals of in-flight writes and copy reads.
+    inflight: HashMap<Dep, watch::Receiver<bool>>,
+    /// Journal ring (primary only).
+    ring: Option<JournalRing>,
+    journal: Option<Arc<Journal>>,
+    /// Last journal sequence assigned.
+    last_jseq: u64,
+    /// Records whose content is final (shippable), contiguous prefix.
+    ready: SeqTracker,
+    entries: BTreeMap<u64, Entry>,
+    cached_bytes: u64,
+    cumulative_bytes: u64,
+    /// Dirty regions per volume (primary).
+    bitmaps: Vec<DirtyBitmap>,
+    bitmap_dirty_since_save: bool,
+    /// Highest sequence a FLUSH asked the secondary to make durable.
+    flush_wanted: u64,
+    /// When the journal was first found full (block policy).
+    journal_full_since: Option<Instant>,
+    /// Replication session bookkeeping (primary), while a session is up.
+    shipper: Option<replicator_protocol::ship::Shipper>,
+    /// Highest sequence sent in the current session.
+    sent_through: u64,
+    /// Copy chunks sent but not yet durable on the secondary:
+    /// copy index -> (volume, offset, length).
+    copy_inflight: BTreeMap<u64, (u32, u64, u64)>,
+    link_down_since: Option<Instant>,
+    last_error: Option<String>,
+    /// Copy progress for status.
+    copy_total: u64,
+    copy_done: u64,
+    /// Secondary: an apply session is attached.
+    secondary_attached: bool,
+    /// Secondary: durable sequence (for status).
+    secondary_durable: u64,
+    secondary_applied: u64,
+}
+
+/// Memory budget for records kept for shipping; beyond it the shipper reads
+/// them back from the journal.
+const CACHE_BUDGET: u64 = 128 << 20;
+
+/// A consistency group on this node.
+#[derive(Debug)]
+pub struct Group {
+    /// Its configuration.
+    pub cfg: GroupConfig,
+    /// Its volumes, in configuration order.
+    pub volumes: Vec<Arc<Volume>>,
+    engine: IoEngine,
+    store: StateFile,
+    transport: Arc<Transport>,
+    inner: Mutex<Inner>,
+    progress: watch::Sender<Progress>,
+    /// Wakes the shipper: a record became ready, a flush was requested, the
+    /// state changed.
+    ship_wake: Notify,
+    /// Wakes writes blocked on journal space.
+    space_freed: Notify,
+    /// Bumped to make the current replication session end (and reconnect).
+    session_kick: watch::Sender<u64>,
+    started: Instant,
+    latency: crate::latency::LatencyHistogram,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // A panic while holding the lock is a bug; the data is still the best we
+    // have, so keep serving rather than poisoning every later request.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Group {
+    /// Opens a group from its configuration and persisted state.
+    pub async fn open(
+        cfg: GroupConfig,
+        volumes: Vec<Arc<Volume>>,
+        engine: IoEngine,
+        state_dir: &std::path::Path,
+        transport: Arc<Transport>,
+    ) -> Result<Arc<Group>, GroupError> {
+        let store = StateFile::new(state_dir, &cfg.name);
+        let persisted = store.load()?.unwrap_or_else(GroupState::simplex);
+        let role: Role = persisted.role.parse().unwrap_or(Role::None);
+        let mut state: PairState = persisted.state.parse().unwrap_or(PairState::Simplex);
+        let was_clean = persisted.clean_shutdown;
+        let bitmaps = load_bitmaps(&store, &volumes, was_clean)?;
+
+        let mut ring = None;
+        let mut journal = None;
+        let mut last_jseq = 0;
+        if role == Role::Primary {
+            let j = Journal::open(&engine, &journal_path(&store), cfg.journal_size, &cfg.name, persisted.pair_id, false)
+                .await?;
+            let (r, last) = j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos).await?;
+            tracing::info!(
+                group = %cfg.name,
+                records = r.len(),
+                last_seq = last,
+                "journal recovered"
+            );
+            last_jseq = last;
+            ring = Some(r);
+            journal = Some(Arc::new(j));
+            // A link counts as down until a session is up.
+            if matches!(state, PairState::Pair | PairState::Copy) && !was_clean {
+                tracing::warn!(group = %cfg.name, "daemon did not stop cleanly; resuming from the journal");
+            }
+        }
+        if role == Role::None {
+            state = PairState::Simplex;
+        }
+        let mut entries = BTreeMap::new();
+        let mut cumulative = 0;
+        if let Some(r) = &ring {
+            if let Some(oldest) = r.oldest_seq() {
+                for seq in oldest..=last_jseq {
+                    if let Some((pos, span)) = r.lookup(seq) {
+                        cumulative += span;
+                        entries.insert(
+                            seq,
+                            Entry { pos, span, cumulative, written_at: Instant::now(), record: None, journaled: true },
+                        );
+                    }
+                }
+            }
+        }
+        let mut persisted = persisted;
+        persisted.clean_shutdown = false;
+        let inner = Inner {
+            role,
+            state,
+            seq: RangeSequencer::new(1),
+            inflight: HashMap::new(),
+            ring,
+            journal,
+            last_jseq,
+            ready: SeqTracker::new(last_jseq),
+            entries,
+            cached_bytes: 0,
+            cumulative_bytes: cumulative,
+            bitmaps,
+            bitmap_dirty_since_save: !was_clean,
+            flush_wanted: 0,
+            journal_full_since: None,
+            shipper: None,
+            sent_through: 0,
+            copy_inflight: BTreeMap::new(),
+            link_down_since: Some(Instant::now()),
+            last_error: None,
+            copy_total: 0,
+            copy_done: 0,
+            secondary_attached: false,
+            secondary_durable: persisted.durable_seq,
+            secondary_applied: persisted.durable_seq,
+            persisted,
+        };
+        store.save(&inner.persisted)?;
+        let (progress, _) = watch::channel(Progress::default());
+        let (session_kick, _) = watch::channel(0);
+        let group = Arc::new(Group {
+            cfg,
+            volumes,
+            engine,
+            store,
+            transport,
+            inner: Mutex::new(inner),
+            progress,
+            ship_wake: Notify::new(),
+            space_freed: Notify::new(),
+            session_kick,
+            started: Instant::now(),
+            latency: crate::latency::LatencyHistogram::default(),
+        });
+        {
+            let mut g = lock(&group.inner);
+            if !was_clean && g.role == Role::Primary && (g.persisted.copy_pending || g.persisted.bitmap_mode) {
+                // Bitmap updates since the last save may be lost: copy everything.
+                for b in &mut g.bitmaps {
+                    b.set_all();
+                }
+                tracing::warn!(group = %group.cfg.name, "unclean stop while tracking dirty regions: the resync will copy whole volumes");
+            }
+            group.publish(&mut g);
+        }
+        Ok(group)
+    }
+
+    /// Starts the background tasks this group's role needs.
+    pub fn start(self: &Arc<Self>) {
+        if self.role() == Role::Primary {
+            self.start_shipping();
+        }
+        let g = self.clone();
+        tokio::spawn(async move { g.housekeeping().await });
+    }
+
+    /// Starts the replication session task (primary).
+    pub fn start_shipping(self: &Arc<Self>) {
+        shipper::spawn(self.clone());
+    }
+
+    /// Current role.
+    pub fn role(&self) -> Role {
+        lock(&self.inner).role
+    }
+
+    /// Current pair state.
+    pub fn state(&self) -> PairState {
+        lock(&self.inner).state
+    }
+
+    /// Client write latency histogram.
+    pub fn latency(&self) -> &crate::latency::LatencyHistogram {
+        &self.latency
+    }
+
+    /// A secondary replication session is attached.
+    pub fn session_attached(&self) -> bool {
+        lock(&self.inner).secondary_attached
+    }
+
+    /// Subscribes to progress updates.
+    pub fn watch_progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    fn journal_handle(&self) -> Option<Arc<Journal>> {
+        lock(&self.inner).journal.clone()
+    }
+
+    /// Recomputes `Progress.sync_wait` and wakes everyone who watches.
+    fn publish(&self, g: &mut Inner) {
+        let sync_wait = self.cfg.mode == Mode::Sync
+            && g.role == Role::Primary
+            && match g.state {
+                PairState::Pair | PairState::Copy => true,
+                PairState::Suspended(SuspendReason::Link) => self.cfg.on_link_loss == LinkLossPolicy::Block,
+                _ => false,
+            };
+        self.progress.send_modify(|p| {
+            p.sync_wait = sync_wait;
+            p.epoch += 1;
+        });
+        self.ship_wake.notify_one();
+    }
+
+    /// Applies a pair-state event, logs the change, persists it.
+    fn transition(&self, g: &mut Inner, event: PairEvent, why: &str) {
+        match g.state.apply(event) {
+            Ok(next) if next != g.state => {
+                tracing::info!(group = %self.cfg.name, from = %g.state, to = %next, reason = why, "pair state change");
+                g.state = next;
+                g.persisted.state = next.to_string();
+                self.save_locked(g);
+                self.publish(g);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(group = %self.cfg.name, "{e} ({why})"),
+        }
+    }
+
+    fn save_locked(&self, g: &mut Inner) {
+        if let Err(e) = self.store.save(&g.persisted) {
+            tracing::error!(group = %self.cfg.name, "cannot persist pair state: {e}");
+            g.last_error = Some(e.to_string());
+        }
+    }
+
+    fn save_bitmaps(&self, g: &mut Inner) {
+        for (v, b) in self.volumes.iter().zip(&g.bitmaps) {
+            if let Err(e) = self.store.save_blob(&bitmap_name(&v.name), &b.encode()) {
+                tracing::error!(group = %self.cfg.name, "cannot persist the dirty bitmap: {e}");
+            }
+        }
+        g.bitmap_dirty_since_save = false;
+    }
+
+    /// Periodic work: link-loss timer, bitmap persistence.
+    async fn housekeeping(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let mut g = lock(&self.inner);
+            if g.role == Role::Primary {
+                if let Some(since) = g.link_down_since {
+                    if since.elapsed() >= self.cfg.link_timeout && matches!(g.state, PairState::Pair | PairState::Copy) {
+                        self.transition(&mut g, PairEvent::LinkDown, "peer unreachable for link_timeout");
+                    }
+                }
+                if g.bitmap_dirty_since_save {
+                    self.save_bitmaps(&mut g);
+                }
+                drop(g);
+                self.release_journal();
+            }
+        }
+    }
+
+    /// The session ended or could not start.
+    fn link_lost(&self, why: &str) {
+        let mut g = lock(&self.inner);
+        if g.link_down_since.is_none() {
+            g.link_down_since = Some(Instant::now());
+            tracing::warn!(group = %self.cfg.name, reason = why, "replication link down");
+        }
+        self.progress.send_modify(|p| p.connected = false);
+        if g.role == Role::Primary
+            && self.cfg.mode == Mode::Sync
+            && self.cfg.on_link_loss == LinkLossPolicy::Suspend
+            && matches!(g.state, PairState::Pair | PairState::Copy)
+        {
+            // Sync writes in flight stop waiting once link_timeout has
+            // passed (housekeeping); nothing to do here.
+        }
+        self.publish(&mut g);
+    }
+
+    /// A sync write waited `link_timeout` for the secondary: treat the link
+    /// as lost (suspend, per `on_link_loss`) and end the session.
+    fn ack_timeout(&self) {
+        let mut g = lock(&self.inner);
+        if self.cfg.on_link_loss == LinkLossPolicy::Suspend && matches!(g.state, PairState::Pair | PairState::Copy) {
+            self.transition(&mut g, PairEvent::LinkDown, "secondary did not acknowledge within link_timeout");
+            drop(g);
+            self.session_kick.send_modify(|k| *k += 1);
+        }
+    }
+
+    /// `pair create` on the future primary.
+    pub fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
+        let mut g = lock(&self.inner);
+        if g.role != Role::None {
+            return Err(GroupError::Refused(format!(
+                "group {} is already paired here as {} ({}); run `replicator pair delete {}` first",
+                self.cfg.name,
+                g.role.as_str(),
+                g.state,
+                self.cfg.name
+            )));
+        }
+        let pair_id = random_u64();
+        g.role = Role::Primary;
+        g.persisted.role = Role::Primary.as_str().into();
+        g.persisted.pair_id = pair_id;
+        g.persisted.generation = 1;
+        g.persisted.journal_tail_seq = g.last_jseq + 1;
+        g.persisted.journal_tail_pos = JOURNAL_SUPERBLOCK_LEN;
+        g.persisted.copy_pending = !nocopy;
+        g.persisted.announce = if nocopy { "create-nocopy" } else { "create-copy" }.into();
+        g.persisted.bitmap_mode = false;
+        g.persisted.consistent = true;
+        for b in &mut g.bitmaps {
+            *b = DirtyBitmap::new(b.volume_size(), b.granularity());
+            if !nocopy {
+                b.set_all();
+            }
+        }
+        self.save_bitmaps(&mut g);
+        g.ring = Some(JournalRing::new(self.cfg.journal_size));
+        if let Some(r) = &mut g.ring {
+            r.reset_at(JOURNAL_SUPERBLOCK_LEN);
+        }
+        g.entries.clear();
+        g.cached_bytes = 0;
+        g.link_down_since = Some(Instant::now());
+        let event = PairEvent::Create { copy: !nocopy };
+        match g.state.apply(event) {
+            Ok(s) => {
+                g.state = s;
+                g.persisted.state = s.to_string();
+            }
+            Err(e) => return Err(GroupError::Refused(e.to_string())),
+        }
+        self.save_locked(&mut g);
+        self.publish(&mut g);
+        tracing::info!(group = %self.cfg.name, copy = !nocopy, "pair create: this node is now primary");
+        Ok(if nocopy {
+            format!("group {}: paired as primary without initial copy (--nocopy: you vouch that both sites hold identical data)", self.cfg.name)
+        } else {
+            format!("group {}: paired as primary; the initial copy starts as soon as {} is reachable", self.cfg.name, self.cfg.peer)
+        })
+    }
+
+    /// Opens the journal file for a freshly created pair (outside the lock).
+    pub async fn prepare_journal(&self) -> Result<(), GroupError> {
+        let pair_id = lock(&self.inner).persisted.pair_id;
+        let j = Journal::open(&self.engine, &journal_path(&self.store), self.cfg.journal_size, &self.cfg.name, pair_id, true)
+            .await?;
+        let mut g = lock(&self.inner);
+        let cap = j.capacity();
+        g.journal = Some(Arc::new(j));
+        let mut ring = JournalRing::new(cap);
+        ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
+        g.ring = Some(ring);
+        Ok(())
+    }
+
+    /// `pair delete`: dissolve the pair on this side (and tell the peer if
+    /// a session is up).
+    pub fn pair_delete(&self) -> Result<String, GroupError> {
+        let mut g = lock(&self.inner);
+        if g.role == Role::None {
+            return Err(GroupError::Refused(format!("group {} is not paired (SIMPLEX)", self.cfg.name)));
+        }
+        let was = g.role;
+        let connected = self.progress.borrow().connected || g.secondary_attached;
+        g.role = Role::None;
+        g.state = PairState::Simplex;
+        g.persisted = GroupState { clean_shutdown: false, ..GroupState::simplex() };
+        g.ring = None;
+        g.journal = None;
+        g.entries.clear();
+        g.cached_bytes = 0;
+        self.save_locked(&mut g);
+        self.publish(&mut g);
+        drop(g);
+        self.session_kick.send_modify(|k| *k += 1);
+        tracing::info!(group = %self.cfg.name, "pair delete: group is SIMPLEX");
+        Ok(if connected || was == Role::Secondary {
+            format!("group {}: pair deleted; this node's volumes are now standalone (SIMPLEX)", self.cfg.name)
+        } else {
+            format!(
+                "group {}: pair deleted here; {} was not reachable and still considers itself paired: run `replicator pair delete {}` there too",
+                self.cfg.name, self.cfg.peer, self.cfg.name
+            )
+        })
+    }
+
+    /// Marks the group cleanly stopped (after every write finished).
+    pub async fn shutdown(&self) {
+        for v in &self.volumes {
+            if let Err(e) = v.sync().await {
+                tracing::error!(group = %self.cfg.name, volume = %v.name, "final flush failed: {e}");
+            }
+        }
+        if let Some(j) = self.journal_handle() {
+            if let Err(e) = j.sync().await {
+                tracing::error!(group = %self.cfg.name, "final journal flush failed: {e}");
+            }
+        }
+        let mut g = lock(&self.inner);
+        if g.role == Role::Primary {
+            self.save_bitmaps(&mut g);
+        }
+        g.persisted.clean_shutdown = true;
+        self.save_locked(&mut g);
+    }
+
+    /// The status view of this group.
+    pub fn status(&self) -> GroupStatus {
+        let g = lock(&self.inner);
+        let p = self.progress.borrow().clone();
+        let (applied, durable, connected) = match g.role {
+            Role::Secondary => (g.secondary_applied, g.secondary_durable, g.secondary_attached),
+            _ => (p.applied, p.durable, p.connected),
+        };
+        let last = g.last_jseq;
+        let lag_records = if g.role == Role::Primary { last.saturating_sub(applied) } else { 0 };
+        let lag_bytes = match (g.role, g.entries.values().next(), g.entries.values().next_back()) {
+            (Role::Primary, Some(first), Some(newest)) => {
+                let base = g
+                    .entries
+                    .range(..=applied)
+                    .next_back()
+                    .map(|(_, e)| e.cumulative)
+                    .unwrap_or(first.cumulative - first.span);
+                newest.cumulative.saturating_sub(base)
+            }
+            _ => 0,
+        };
+        let lag_seconds = if g.role == Role::Primary {
+            g.entries.get(&(applied + 1)).map(|e| e.written_at.elapsed().as_secs_f64()).unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let (journal_used, journal_capacity) = g
+            .ring
+            .as_ref()
+            .map(|r| (r.used_bytes(), r.capacity_bytes()))
+            .unwrap_or((0, self.cfg.journal_size));
+        GroupStatus {
+            group: self.cfg.name.clone(),
+            role: g.role.as_str().to_string(),
+            state: g.state.name().to_string(),
+            reason: g.state.reason().map(|r| r.as_str().to_string()),
+            mode: self.cfg.mode.as_str().to_string(),
+            peer: self.cfg.peer.clone(),
+            connected,
+            generation: g.persisted.generation,
+            last_seq: if g.role == Role::Secondary { g.secondary_applied } else { last },
+            applied_seq: applied,
+            durable_seq: durable,
+            lag_records,
+            lag_bytes,
+            lag_seconds,
+            journal_used_bytes: journal_used,
+            journal_capacity_bytes: journal_capacity,
+            dirty_bytes: g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum(),
+            copy_total_bytes: g.copy_total,
+            copy_done_bytes: g.copy_done,
+            consistent: g.persisted.consistent,
+            io_backend: self.engine.backend().to_string(),
+            direct_io: self.volumes.iter().all(|v| v.file().is_direct()),
+            last_error: g.last_error.clone(),
+            volumes: self
+                .volumes
+                .iter()
+                .map(|v| VolumeStatus { name: v.name.clone(), path: v.file().path().to_path_buf(), size: v.size() })
+                .collect(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+}
+
+/// `status --json` schema for one group (stable; documented in the README).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct GroupStatus {
+    /// Group name.
+    pub group: String,
+    /// "none", "primary" or "secondary".
+    pub role: String,
+    /// SIMPLEX, COPY, PAIR, SUSPENDED or SPLIT-BRAIN.
+    pub state: String,
+    /// With SUSPENDED: split, link, journal-full or error.
+    pub reason: Option<String>,
+    /// sync or async.
+    pub mode: String,
+    /// Peer node name.
+    pub peer: String,
+    /// A replication session with the peer is up.
+    pub connected: bool,
+    /// Promotion generation.
+    pub generation: u64,
+    /// Newest sequence (primary: journaled; secondary: applied).
+    pub last_seq: u64,
+    /// Secondary has applied through here.
+    pub applied_seq: u64,
+    /// Secondary has made durable through here.
+    pub durable_seq: u64,
+    /// Records not yet applied on the secondary.
+    pub lag_records: u64,
+    /// Journal bytes not yet applied on the secondary.
+    pub lag_bytes: u64,
+    /// Age of the oldest record not yet applied on the secondary.
+    pub lag_seconds: f64,
+    /// Journal bytes in use.
+    pub journal_used_bytes: u64,
+    /// Journal ring size.
+    pub journal_capacity_bytes: u64,
+    /// Bytes marked dirty in the bitmaps (to be copied by a resync).
+    pub dirty_bytes: u64,
+    /// Bytes the running copy has to send in all.
+    pub copy_total_bytes: u64,
+    /// Bytes the running copy has sent and had acknowledged durable.
+    pub copy_done_bytes: u64,
+    /// This node's volumes hold a write-order-consistent image.
+    pub consistent: bool,
+    /// "io_uring" or "threads".
+    pub io_backend: String,
+    /// Every volume is opened with O_DIRECT.
+    pub direct_io: bool,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+    /// Volumes.
+    pub volumes: Vec<VolumeStatus>,
+    /// Seconds since the daemon opened the group.
+    pub uptime_seconds: u64,
+}
+
+/// One volume in `GroupStatus`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct VolumeStatus {
+    /// Volume (export) name.
+    pub name: String,
+    /// Backing device or file.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+fn journal_path(store: &StateFile) -> PathBuf {
+    store.dir().join("journal")
+}
+
+fn bitmap_name(volume: &str) -> String {
+    format!("bitmap-{volume}")
+}
+
+fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>], was_clean: bool) -> Result<Vec<DirtyBitmap>, GroupError> {
+    let mut out = Vec::new();
+    for v in volumes {
+        let fresh = DirtyBitmap::new(v.size(), DEFAULT_GRANULARITY);
+        let b = match store.load_blob(&bitmap_name(&v.name))? {
+            Some(bytes) => match DirtyBitmap::decode(&bytes) {
+                Ok(b) if b.volume_size() == v.size() => b,
+                _ => {
+                    tracing::warn!(volume = %v.name, "dirty bitmap unreadable or for another size: marking the whole volume dirty");
+                    let mut b = fresh;
+                    b.set_all();
+                    b
+                }
+            },
+            None => fresh,
+        };
+        let _ = was_clean;
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// A random 64-bit id (pair ids), from the kernel's CSPRNG.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return t.as_nanos() as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(b)
+}
+

@@ -1,0 +1,434 @@
+//! The primary's replication session: one task per group that (re)connects
+//! to the peer with backoff, opens the group stream, and sends records in
+//! sequence order, flush requests, and copy chunks; a companion task reads
+//! the secondary's acks.
+//!
+//! Copy chunks (initial copy and resync) are read under a sequencer read
+//! barrier and tagged with the last journal sequence they reflect; they are
+//! sent only after every record up to that sequence, so the secondary, which
+//! applies in stream order, never lets a chunk overwrite a newer write.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use replicator_protocol::pair::{PairEvent, PairState, Role};
+use replicator_protocol::pb::{self, envelope::Body};
+use replicator_protocol::record::{Record, RecordOp};
+use replicator_protocol::ship::Shipper;
+use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
+
+use super::{lock, Group};
+use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
+
+/// Largest copy chunk.
+const COPY_CHUNK: u64 = 1 << 20;
+/// Copy bytes sent but not yet durable on the secondary.
+const COPY_WINDOW: u64 = 16 << 20;
+/// Records are sent in batches of about this many bytes.
+const BATCH: usize = 1 << 20;
+
+pub(super) fn spawn(group: Arc<Group>) {
+    tokio::spawn(async move { run(group).await });
+}
+
+async fn run(group: Arc<Group>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut kick = group.session_kick.subscribe();
+    loop {
+        if group.role() != Role::Primary {
+            return;
+        }
+        let result = session(&group).await;
+        cleanup_session(&group);
+        match result {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                group.link_lost(&e.to_string());
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        if group.role() != Role::Primary {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = kick.changed() => {}
+        }
+    }
+}
+
+/// Copy chunks that were sent but not made durable go back into the bitmap.
+fn cleanup_session(group: &Group) {
+    let mut g = lock(&group.inner);
+    let inflight = std::mem::take(&mut g.copy_inflight);
+    for (_, (vol, off, len)) in inflight {
+        if let Some(b) = g.bitmaps.get_mut(vol as usize) {
+            b.set_range(off, len);
+        }
+    }
+    g.shipper = None;
+    g.bitmap_dirty_since_save = true;
+    group.progress.send_modify(|p| p.connected = false);
+}
+
+fn intent_and_base(group: &Group) -> (pb::OpenIntent, u64) {
+    let g = lock(&group.inner);
+    match g.persisted.announce.as_str() {
+        "create-copy" => (pb::OpenIntent::CreateFullCopy, g.persisted.journal_tail_seq.saturating_sub(1)),
+        "create-nocopy" => (pb::OpenIntent::CreateNocopy, g.persisted.journal_tail_seq.saturating_sub(1)),
+        _ => (pb::OpenIntent::Resume, 0),
+    }
+}
+
+async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
+    let conn = group.transport.connect(&group.cfg.peer).await?;
+    let (mut send, mut recv) = Transport::open_stream(&conn).await?;
+    let (intent, rebase) = intent_and_base(group);
+    let (generation, pair_id, copy_bytes) = {
+        let g = lock(&group.inner);
+        let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
+        (g.persisted.generation, g.persisted.pair_id, dirty)
+    };
+    send.send(Body::OpenGroup(pb::OpenGroup {
+        group: group.cfg.name.clone(),
+        generation,
+        mode: match group.cfg.mode {
+            crate::config::Mode::Sync => pb::Mode::Sync as i32,
+            crate::config::Mode::Async => pb::Mode::Async as i32,
+        },
+        volumes: group.volumes.iter().map(|v| pb::VolumeInfo { name: v.name.clone(), size: v.size() }).collect(),
+        intent: intent as i32,
+        pair_id,
+        rebase_seq: rebase,
+        copy_bytes,
+    }))
+    .await?;
+    let reply = match tokio::time::timeout(Duration::from_secs(15), recv.expect("OpenGroupReply")).await {
+        Ok(Ok(Body::OpenGroupReply(r))) => r,
+        Ok(Ok(_)) => return Err(TransportError::Protocol("peer answered OpenGroup with something else".into())),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(TransportError::Timeout("waiting for OpenGroupReply")),
+    };
+    if !reply.error.is_empty() {
+        let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, reply.error);
+        lock(&group.inner).last_error = Some(msg.clone());
+        return Err(TransportError::Protocol(msg));
+    }
+    let peer_durable = reply.durable_seq;
+
+    // Check the journal can resume from the peer's checkpoint.
+    {
+        let mut g = lock(&group.inner);
+        let last = g.ready.completed_through();
+        let oldest = g.ring.as_ref().and_then(|r| r.oldest_seq()).unwrap_or(g.last_jseq + 1);
+        if peer_durable > g.last_jseq || peer_durable + 1 < oldest {
+            let msg = format!(
+                "{} resumes after record {peer_durable}, but this journal holds records {oldest}..={}: the sites diverged; run a resync",
+                group.cfg.peer, g.last_jseq
+            );
+            g.last_error = Some(msg.clone());
+            group.transition(&mut g, PairEvent::Failure, &msg);
+            return Err(TransportError::Protocol(msg));
+        }
+        g.persisted.announce.clear();
+        g.link_down_since = None;
+        g.last_error = None;
+        g.sent_through = peer_durable;
+        g.shipper = Some(Shipper::new(peer_durable, last));
+        g.copy_total = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
+        g.copy_done = 0;
+        group.save_locked(&mut g);
+        group.progress.send_modify(|p| {
+            p.connected = true;
+            p.received = peer_durable.max(p.received.min(peer_durable));
+        });
+        let needs_resync = g.persisted.copy_pending;
+        if matches!(g.state, PairState::Suspended(_)) {
+            group.transition(&mut g, PairEvent::LinkUp { needs_resync }, "link restored");
+        }
+        group.publish(&mut g);
+    }
+    tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, resume_after = peer_durable, "replication session up");
+
+    let acks = tokio::spawn(read_acks(group.clone(), recv));
+    let result = send_loop(group, &mut send, &acks).await;
+    acks.abort();
+    result
+}
+
+async fn send_loop(
+    group: &Arc<Group>,
+    send: &mut FramedSend,
+    acks: &tokio::task::JoinHandle<Result<(), TransportError>>,
+) -> Result<(), TransportError> {
+    let mut kick = group.session_kick.subscribe();
+    let mut flush_sent = 0u64;
+    let mut copy_index = 0u64;
+    let mut copy_cursor = (0usize, 0u64); // (volume, chunk)
+    let mut pending_copy: Option<(Record, u64)> = None; // chunk waiting for its barrier seq to be sent
+    let mut copy_done_sent = false;
+    loop {
+        if acks.is_finished() {
+            return Err(TransportError::Connection("the secondary closed the stream".into()));
+        }
+        if group.role() != Role::Primary {
+            // pair delete: tell the secondary, then end the session.
+            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0 }));
+            send.flush().await?;
+            send.finish();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(());
+        }
+        let wake = group.ship_wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+
+        // 1. Records, in order.
+        while send.queued() < BATCH {
+            let next = {
+                let mut g = lock(&group.inner);
+                let ready = g.ready.completed_through();
+                let Some(s) = g.shipper.as_mut() else { break };
+                while s.last_seq() < ready {
+                    let n = s.last_seq() + 1;
+                    s.on_appended(n);
+                }
+                let Some(seq) = s.next_to_send() else { break };
+                g.sent_through = seq;
+                let cached = g.entries.get(&seq).and_then(|e| e.record.clone());
+                let pos = g.entries.get(&seq).map(|e| e.pos);
+                (seq, cached, pos, g.journal.clone())
+            };
+            let record = match next {
+                (_, Some(r), _, _) => r,
+                (seq, None, Some(pos), Some(j)) => j
+                    .read_record(pos, seq)
+                    .await
+                    .map_err(|e| TransportError::Protocol(format!("cannot read record {seq} back from the journal: {e}")))?,
+                (seq, ..) => return Err(TransportError::Protocol(format!("record {seq} is missing from the journal"))),
+            };
+            send.queue(Body::Record(record.to_pb(&group.cfg.name)));
+        }
+
+        // 2. A flush the clients are waiting for.
+        let (flush_wanted, sent_through) = {
+            let g = lock(&group.inner);
+            (g.flush_wanted, g.sent_through)
+        };
+        if flush_wanted > flush_sent && sent_through >= flush_wanted {
+            send.queue(Body::Flush(pb::FlushRequest { seq: flush_wanted }));
+            flush_sent = flush_wanted;
+        }
+
+        // 3. Copy chunks.
+        if let Some((rec, bytes)) = pending_copy.take() {
+            if sent_through >= rec.seq {
+                send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
+                let _ = bytes;
+            } else {
+                pending_copy = Some((rec, bytes));
+            }
+        }
+        if pending_copy.is_none() && send.queued() < BATCH {
+            match next_copy_chunk(group, &mut copy_cursor, &mut copy_index).await? {
+                CopyStep::Chunk(rec) => {
+                    let bytes = u64::from(rec.length);
+                    if sent_through >= rec.seq {
+                        send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
+                    } else {
+                        pending_copy = Some((rec, bytes));
+                    }
+                    group.ship_wake.notify_one();
+                }
+                CopyStep::Finished if !copy_done_sent => {
+                    send.queue(Body::Command(pb::GroupCommand { command: pb::Command::CopyDone as i32, seq: sent_through }));
+                    copy_done_sent = true;
+                }
+                CopyStep::Finished | CopyStep::Idle | CopyStep::WindowFull => {}
+            }
+        }
+
+        if send.queued() > 0 {
+            send.flush().await?;
+            continue;
+        }
+        tokio::select! {
+            _ = wake => {}
+            _ = kick.changed() => {
+                if group.role() == Role::Primary {
+                    return Err(TransportError::Protocol("session restarted".into()));
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+enum CopyStep {
+    Chunk(Record),
+    WindowFull,
+    Idle,
+    Finished,
+}
+
+/// Reads the next dirty chunk run under a read barrier and clears it from
+/// the bitmap (it returns there if the session ends before it is durable).
+async fn next_copy_chunk(group: &Arc<Group>, cursor: &mut (usize, u64), index: &mut u64) -> Result<CopyStep, TransportError> {
+    let (vol, off, len, generation) = {
+        let g = lock(&group.inner);
+        if !g.persisted.copy_pending || g.persisted.bitmap_mode {
+            return Ok(CopyStep::Idle);
+        }
+        let inflight: u64 = g.copy_inflight.values().map(|(_, _, l)| *l).sum();
+        if inflight >= COPY_WINDOW {
+            return Ok(CopyStep::WindowFull);
+        }
+        let mut found = None;
+        while cursor.0 < g.bitmaps.len() {
+            let b = &g.bitmaps[cursor.0];
+            if let Some(first) = b.next_dirty(cursor.1) {
+                let per = (COPY_CHUNK / b.granularity()).max(1);
+                let mut last = first;
+                while last + 1 < first + per && b.is_chunk_dirty(last + 1) {
+                    last += 1;
+                }
+                let (off, _) = b.chunk_range(first);
+                let (lo, ll) = b.chunk_range(last);
+                found = Some((cursor.0 as u32, off, lo + ll - off));
+                cursor.1 = last + 1;
+                break;
+            }
+            *cursor = (cursor.0 + 1, 0);
+        }
+        match found {
+            Some((v, o, l)) => (v, o, l, g.persisted.generation),
+            None => {
+                // Wrap around once: regions may have been re-dirtied behind the cursor.
+                if g.bitmaps.iter().any(|b| !b.is_clean()) {
+                    *cursor = (0, 0);
+                    return Ok(CopyStep::Idle);
+                }
+                return Ok(if g.copy_inflight.is_empty() { CopyStep::Finished } else { CopyStep::WindowFull });
+            }
+        }
+    };
+    debug_assert!(len <= u64::from(MAX_RECORD_PAYLOAD));
+    let volume = group.volumes[vol as usize].clone();
+    let (barrier, reflects) = group.read_barrier(vol, off, len).await;
+    // Clear before reading: a write admitted after the barrier drops will be
+    // journaled and shipped after this chunk.
+    {
+        let mut g = lock(&group.inner);
+        let b = &mut g.bitmaps[vol as usize];
+        let gran = b.granularity();
+        for c in off / gran..(off + len).div_ceil(gran) {
+            b.clear_chunk(c);
+        }
+        *index += 1;
+        g.copy_inflight.insert(*index, (vol, off, len));
+    }
+    let data = volume
+        .read(off, len)
+        .await
+        .map_err(|e| TransportError::Protocol(format!("copy read of volume {} failed: {e}", volume.name)))?;
+    drop(barrier);
+    let payload = bytes::Bytes::copy_from_slice(&data);
+    let mut rec = Record::with_payload(RecordOp::Copy, reflects, vol, off, generation, payload, false);
+    rec.copy_index = *index;
+    Ok(CopyStep::Chunk(rec))
+}
+
+async fn read_acks(group: Arc<Group>, mut recv: FramedRecv) -> Result<(), TransportError> {
+    loop {
+        match recv.recv().await? {
+            None => return Err(TransportError::Connection("the secondary ended the stream".into())),
+            Some(pb::Envelope { body: Some(Body::Ack(ack)) }) => group.on_ack(&ack)?,
+            Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) => {
+                if !r.error.is_empty() {
+                    return Err(TransportError::Protocol(format!("secondary: {}", r.error)));
+                }
+                if r.command == pb::Command::CopyDone as i32 {
+                    group.copy_finished();
+                }
+            }
+            Some(pb::Envelope { body: Some(Body::Error(e)) }) => {
+                return Err(TransportError::Protocol(format!("secondary reported: {}", e.message)))
+            }
+            Some(other) => {
+                return Err(TransportError::Protocol(format!("unexpected message from the secondary: {other:?}")))
+            }
+        }
+    }
+}
+
+impl Group {
+    /// Applies an ack from the secondary.
+    fn on_ack(&self, ack: &pb::Ack) -> Result<(), TransportError> {
+        let mut g = lock(&self.inner);
+        let Some(s) = g.shipper.as_mut() else { return Ok(()) };
+        s.on_ack(ack).map_err(|e| TransportError::Protocol(format!("bad ack: {e}")))?;
+        let (received, applied, durable) = (s.received(), s.applied(), s.durable());
+        let checkpoint = ack.checkpoint_seq.min(durable);
+        let done: Vec<u64> = g.copy_inflight.range(..=ack.copy_durable).map(|(k, _)| *k).collect();
+        for k in done {
+            if let Some((_, _, len)) = g.copy_inflight.remove(&k) {
+                g.copy_done += len;
+            }
+        }
+        // Caught up after a link suspension: back to PAIR.
+        drop(g);
+        self.progress.send_modify(|p| {
+            p.received = p.received.max(received);
+            p.applied = p.applied.max(applied);
+            p.durable = p.durable.max(durable);
+            p.checkpoint = p.checkpoint.max(checkpoint);
+        });
+        Ok(())
+    }
+
+    /// The secondary confirmed the copy is complete and it is consistent.
+    fn copy_finished(&self) {
+        let mut g = lock(&self.inner);
+        if g.bitmaps.iter().all(|b| b.is_clean()) && g.copy_inflight.is_empty() {
+            g.persisted.copy_pending = false;
+            self.save_bitmaps(&mut g);
+            self.transition(&mut g, PairEvent::CopyDone, "copy complete");
+            tracing::info!(group = %self.cfg.name, bytes = g.copy_done, "copy complete; secondary is consistent");
+        }
+    }
+
+    /// Frees journal space below the secondary's persisted checkpoint, after
+    /// persisting the new tail (called from housekeeping).
+    pub(super) fn release_journal(&self) {
+        let checkpoint = self.progress.borrow().checkpoint;
+        let mut g = lock(&self.inner);
+        let Some(ring) = g.ring.as_ref() else { return };
+        let Some(oldest) = ring.oldest_seq() else { return };
+        if checkpoint < oldest {
+            return;
+        }
+        let new_tail_seq = checkpoint + 1;
+        let new_tail_pos = ring.lookup(new_tail_seq).map(|(p, _)| p).unwrap_or_else(|| ring.head());
+        g.persisted.journal_tail_seq = new_tail_seq;
+        g.persisted.journal_tail_pos = new_tail_pos;
+        self.save_locked(&mut g);
+        if let Some(r) = g.ring.as_mut() {
+            r.release_through(checkpoint);
+        }
+        let keep = g.entries.split_off(&new_tail_seq);
+        let freed: u64 = g.entries.values().filter_map(|e| e.record.as_ref()).map(|r| r.payload.len() as u64).sum();
+        g.entries = keep;
+        g.cached_bytes = g.cached_bytes.saturating_sub(freed);
+        // Journal space is back: leave bitmap mode and start the resync.
+        let half = g.ring.as_ref().map(|r| r.used_bytes() < r.capacity_bytes() / 2).unwrap_or(false);
+        if g.persisted.bitmap_mode && half && self.progress.borrow().connected {
+            g.persisted.bitmap_mode = false;
+            tracing::info!(group = %self.cfg.name, "journal has room again: resyncing the regions tracked in the bitmap");
+            self.transition(&mut g, PairEvent::LinkUp { needs_resync: true }, "journal space freed");
+            self.save_locked(&mut g);
+        }
+        // Sync/async caught up after a suspension: PAIR again.
+        drop(g);
+        self.space_freed.notify_waiters();
+    }
+}

@@ -1,0 +1,468 @@
+//! The write path of a group (every role; journaling and replication only on
+//! the primary).
+//!
+//! 1. Widen the request to whole blocks (`volume::align_range`).
+//! 2. Under the group lock: reserve journal space (primary), take a journal
+//!    sequence number, and register the range with the `RangeSequencer`,
+//!    which names the earlier in-flight writes that overlap it.
+//! 3. Wait for those writes, so overlapping writes reach the volume in
+//!    sequence order (and a read-modify-write reads settled blocks).
+//! 4. Build the record (read-modify-write for partial blocks) and make it
+//!    shippable; write the journal record and the volume concurrently.
+//! 5. FUA: fdatasync volume and journal.
+//! 6. Sync mode: wait until the secondary has applied (FUA: made durable)
+//!    the record, within `link_timeout` (then suspend or keep waiting, per
+//!    `on_link_loss`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use replicator_protocol::journal_format::record_span;
+use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
+use replicator_protocol::record::{Record, RecordOp};
+use replicator_protocol::sequencer::Dep;
+use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
+use tokio::sync::watch;
+
+use super::{lock, Entry, Group, Inner, CACHE_BUDGET};
+use crate::config::{JournalFullPolicy, Mode};
+use crate::io::{AlignedBuf, IoError, IO_ALIGN};
+use crate::volume::{align_range, is_aligned};
+
+/// What a client asked to write.
+#[derive(Debug)]
+pub enum WriteKind {
+    /// Data.
+    Data(AlignedBuf),
+    /// Zeroes over `len` bytes.
+    Zeroes(u64),
+    /// Discard `len` bytes (the range then reads as zeroes on both sites).
+    Trim(u64),
+}
+
+impl WriteKind {
+    fn len(&self) -> u64 {
+        match self {
+            WriteKind::Data(b) => b.len() as u64,
+            WriteKind::Zeroes(l) | WriteKind::Trim(l) => *l,
+        }
+    }
+}
+
+/// Why a write (or flush) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// This node holds the secondary copy.
+    #[error("group {0} is secondary here: its volumes are a read-only replica")]
+    ReadOnly(String),
+    /// Outside the volume.
+    #[error("range {offset}+{len} is beyond the end of the volume ({size} bytes)")]
+    OutOfRange {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// Request shape not supported.
+    #[error("{0}")]
+    Invalid(String),
+    /// Local I/O failed.
+    #[error("local I/O: {0}")]
+    Io(#[from] IoError),
+    /// Journal I/O failed.
+    #[error("journal: {0}")]
+    Journal(#[from] crate::journal::JournalError),
+    /// Replication could not be confirmed (sync mode, on_link_loss=block,
+    /// shutting down).
+    #[error("{0}")]
+    Replication(String),
+}
+
+/// Releases the write's range in the sequencer when the write ends, however
+/// it ends.
+struct RangeGuard<'a> {
+    group: &'a Group,
+    dep: Dep,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut g = lock(&self.group.inner);
+        match self.dep {
+            Dep::Seq(id) => g.seq.finish(id),
+            Dep::Ticket(t) => g.seq.finish_ticket(t),
+        }
+        g.inflight.remove(&self.dep);
+        drop(g);
+        let _ = self.done.send(true);
+    }
+}
+
+/// Outcome of admission under the lock.
+struct Admitted<'a> {
+    guard: RangeGuard<'a>,
+    deps: Vec<watch::Receiver<bool>>,
+    /// Journal sequence and position, when journaled.
+    journal: Option<(u64, u64)>,
+    generation: u64,
+}
+
+impl Group {
+    fn volume_checked(&self, vol: u32) -> Result<&Arc<crate::volume::Volume>, WriteError> {
+        self.volumes.get(vol as usize).ok_or_else(|| WriteError::Invalid(format!("no volume #{vol}")))
+    }
+
+    /// Registers a range with the sequencer (caller holds the lock).
+    fn register<'a>(&'a self, g: &mut Inner, vol: u32, off: u64, len: u64, barrier: bool) -> (RangeGuard<'a>, Vec<watch::Receiver<bool>>) {
+        let (dep, deps) = if barrier {
+            let (t, deps) = g.seq.begin_read_barrier(vol, off, len);
+            (Dep::Ticket(t), deps)
+        } else {
+            let (id, deps) = g.seq.begin(vol, off, len);
+            (Dep::Seq(id), deps)
+        };
+        let waits = deps.iter().filter_map(|d| g.inflight.get(d).cloned()).collect();
+        let (tx, rx) = watch::channel(false);
+        g.inflight.insert(dep, rx);
+        (RangeGuard { group: self, dep, done: tx }, waits)
+    }
+
+    /// Takes a read barrier over a range: waits until earlier overlapping
+    /// writes are done and holds later ones off until the guard drops. Used
+    /// by the copy to read a consistent chunk. Returns the guard and the last
+    /// journal sequence the chunk reflects.
+    pub(super) async fn read_barrier(&self, vol: u32, off: u64, len: u64) -> (impl Drop + '_, u64) {
+        let (guard, waits, last) = {
+            let mut g = lock(&self.inner);
+            let (guard, waits) = self.register(&mut g, vol, off, len, true);
+            (guard, waits, g.last_jseq)
+        };
+        wait_all(waits).await;
+        (guard, last)
+    }
+
+    fn admit(&self, vol: u32, off: u64, len: u64, payload_len: u64) -> Result<Result<Admitted<'_>, ()>, WriteError> {
+        let mut g = lock(&self.inner);
+        if g.role == Role::Secondary {
+            return Err(WriteError::ReadOnly(self.cfg.name.clone()));
+        }
+        let mut journal = None;
+        if g.role == Role::Primary && !g.persisted.bitmap_mode {
+            let next = g.last_jseq + 1;
+            let span = record_span(payload_len);
+            let reserved = g.ring.as_mut().and_then(|r| r.reserve(next, span));
+            match reserved {
+                Some(pos) => {
+                    g.journal_full_since = None;
+                    g.last_jseq = next;
+                    journal = Some((next, pos));
+                }
+                None if self.cfg.on_journal_full == JournalFullPolicy::Block
+                    && g.journal_full_since.get_or_insert_with(Instant::now).elapsed() < self.cfg.journal_full_timeout =>
+                {
+                    return Ok(Err(()));
+                }
+                None => self.enter_bitmap_mode(&mut g),
+            }
+        }
+        if g.role == Role::Primary && journal.is_none() {
+            g.bitmaps[vol as usize].set_range(off, len);
+            g.bitmap_dirty_since_save = true;
+        }
+        let (guard, deps) = self.register(&mut g, vol, off, len, false);
+        let generation = g.persisted.generation;
+        if let Some((seq, pos)) = journal {
+            let span = record_span(payload_len);
+            let cumulative = g.cumulative_bytes + span;
+            g.cumulative_bytes = cumulative;
+            g.entries.insert(seq, Entry { pos, span, cumulative, written_at: Instant::now(), record: None, journaled: false });
+        }
+        Ok(Ok(Admitted { guard, deps, journal, generation }))
+    }
+
+    /// The journal is full: track writes in the dirty bitmap from now on.
+    fn enter_bitmap_mode(&self, g: &mut Inner) {
+        g.persisted.bitmap_mode = true;
+        g.persisted.copy_pending = true;
+        g.journal_full_since = None;
+        tracing::warn!(group = %self.cfg.name, "journal full: tracking writes in the dirty bitmap; a resync will copy them");
+        if g.state == PairState::Pair {
+            self.transition(g, PairEvent::JournalFull, "journal full");
+        } else {
+            self.save_locked(g);
+        }
+    }
+
+    /// Performs a client write. See the module documentation for the steps.
+    pub async fn write(&self, vol: u32, offset: u64, kind: WriteKind, fua: bool) -> Result<(), WriteError> {
+        let started = Instant::now();
+        let result = self.write_inner(vol, offset, kind, fua).await;
+        self.latency.record(started.elapsed());
+        result
+    }
+
+    async fn write_inner(&self, vol: u32, offset: u64, kind: WriteKind, fua: bool) -> Result<(), WriteError> {
+        let volume = self.volume_checked(vol)?.clone();
+        let len = kind.len();
+        let size = volume.size();
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(WriteError::OutOfRange { offset, len, size });
+        }
+        // Trim is advisory: discard only whole blocks inside the range.
+        let (a_off, a_len) = match &kind {
+            WriteKind::Trim(_) => {
+                let a = IO_ALIGN as u64;
+                let start = offset.div_ceil(a) * a;
+                let end = (offset + len) / a * a;
+                if end <= start {
+                    return Ok(());
+                }
+                (start, end - start)
+            }
+            _ => align_range(offset, len),
+        };
+        let rmw = !matches!(kind, WriteKind::Trim(_)) && !is_aligned(offset, len);
+        let op = match (&kind, rmw) {
+            (WriteKind::Data(_), _) | (WriteKind::Zeroes(_), true) => RecordOp::Write,
+            (WriteKind::Zeroes(_), false) => RecordOp::WriteZeroes,
+            (WriteKind::Trim(_), _) => RecordOp::Trim,
+        };
+        if op == RecordOp::Write && a_len > u64::from(MAX_RECORD_PAYLOAD) {
+            return Err(WriteError::Invalid(format!(
+                "unaligned write of {len} bytes is larger than the {MAX_RECORD_PAYLOAD}-byte maximum"
+            )));
+        }
+        if op != RecordOp::Write && a_len > u64::from(u32::MAX) {
+            return Err(WriteError::Invalid("request too large".into()));
+        }
+        let payload_len = if op == RecordOp::Write { a_len } else { 0 };
+
+        // Admission: journal space (or the block policy's wait), sequencing.
+        let admitted = loop {
+            match self.admit(vol, a_off, a_len, payload_len)? {
+                Ok(a) => break a,
+                Err(()) => {
+                    let _ = tokio::time::timeout(self.cfg.journal_full_timeout, self.space_freed.notified()).await;
+                }
+            }
+        };
+        let Admitted { guard, deps, journal, generation } = admitted;
+        wait_all(deps).await;
+
+        // Build the block-aligned buffer that goes to disk and on the wire.
+        let buf = match kind {
+            WriteKind::Data(data) if !rmw => Some(data),
+            WriteKind::Data(data) => {
+                let mut blocks = volume.read(a_off, a_len).await?;
+                let at = (offset - a_off) as usize;
+                blocks[at..at + data.len()].copy_from_slice(&data);
+                Some(blocks)
+            }
+            WriteKind::Zeroes(_) if rmw => {
+                let mut blocks = volume.read(a_off, a_len).await?;
+                let at = (offset - a_off) as usize;
+                blocks[at..at + len as usize].fill(0);
+                Some(blocks)
+            }
+            WriteKind::Zeroes(_) | WriteKind::Trim(_) => None,
+        };
+
+        let journal_write = if let Some((seq, pos)) = journal {
+            let record = match &buf {
+                Some(b) => Record::with_payload(op, seq, vol, a_off, generation, Bytes::copy_from_slice(b), fua),
+                None => Record::without_payload(op, seq, vol, a_off, a_len as u32, generation, fua),
+            };
+            self.make_ready(seq, record.clone());
+            let j = self.journal_handle();
+            Some((seq, pos, record, j))
+        } else {
+            None
+        };
+
+        let local = async {
+            match buf {
+                Some(b) => volume.write_aligned(a_off, b).await.map(|_| ()),
+                None if op == RecordOp::Trim => volume.file().discard(a_off, a_len).await,
+                None => volume.file().write_zeroes(a_off, a_len).await,
+            }
+        };
+        let journaled = async {
+            if let Some((seq, pos, record, Some(j))) = &journal_write {
+                j.append_at(*pos, record).await?;
+                self.mark_journaled(*seq);
+            }
+            Ok::<(), WriteError>(())
+        };
+        let (local_res, journal_res) = tokio::join!(local, journaled);
+        drop(guard);
+        if let Err(e) = &local_res {
+            self.record_error(&format!("local write failed: {e}"));
+        }
+        local_res?;
+        if let Err(e) = &journal_res {
+            self.record_error(&format!("journal write failed: {e}"));
+        }
+        journal_res?;
+
+        if fua {
+            self.sync_local(vol).await?;
+        }
+        if let Some((seq, ..)) = journal_write {
+            if self.cfg.mode == Mode::Sync {
+                self.wait_secondary(seq, fua).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record_error(&self, msg: &str) {
+        tracing::error!(group = %self.cfg.name, "{msg}");
+        lock(&self.inner).last_error = Some(msg.to_string());
+    }
+
+    /// The record's content is final: hand it to the shipper.
+    fn make_ready(&self, seq: u64, record: Record) {
+        let mut g = lock(&self.inner);
+        let bytes = record.payload.len() as u64;
+        if let Some(e) = g.entries.get_mut(&seq) {
+            e.record = Some(record);
+            g.cached_bytes += bytes;
+        }
+        g.ready.complete(seq);
+        drop(g);
+        self.ship_wake.notify_one();
+    }
+
+    fn mark_journaled(&self, seq: u64) {
+        let mut g = lock(&self.inner);
+        if let Some(e) = g.entries.get_mut(&seq) {
+            e.journaled = true;
+        }
+        // Keep memory bounded: drop payloads of old, already-journaled
+        // records that were sent; the shipper re-reads them if it must
+        // resend after a reconnect.
+        if g.cached_bytes > CACHE_BUDGET {
+            let sent = g.sent_through;
+            let mut excess = g.cached_bytes - CACHE_BUDGET / 2;
+            let mut freed = 0;
+            for (_, e) in g.entries.range_mut(..=sent) {
+                if excess == 0 {
+                    break;
+                }
+                if e.journaled {
+                    if let Some(r) = e.record.take() {
+                        let n = r.payload.len() as u64;
+                        freed += n;
+                        excess = excess.saturating_sub(n);
+                    }
+                }
+            }
+            g.cached_bytes = g.cached_bytes.saturating_sub(freed);
+        }
+    }
+
+    /// fdatasync of one volume and the journal.
+    async fn sync_local(&self, vol: u32) -> Result<(), WriteError> {
+        let journal = self.journal_handle();
+        let volume = self.volume_checked(vol)?.clone();
+        let (a, b) = tokio::join!(volume.sync(), async {
+            match journal {
+                Some(j) => j.sync().await,
+                None => Ok(()),
+            }
+        });
+        a?;
+        b?;
+        Ok(())
+    }
+
+    /// Sync mode: waits until the secondary has applied (`durable`: made
+    /// durable) `seq`, or until replication no longer requires waiting.
+    async fn wait_secondary(&self, seq: u64, durable: bool) -> Result<(), WriteError> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            let waited = tokio::time::timeout(
+                self.cfg.link_timeout,
+                rx.wait_for(|p| !p.sync_wait || if durable { p.durable >= seq } else { p.applied >= seq }),
+            )
+            .await;
+            match waited {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(_)) => return Err(WriteError::Replication("group is shutting down".into())),
+                Err(_) => self.ack_timeout(),
+            }
+        }
+    }
+
+    /// FLUSH: every earlier acknowledged write durable locally (volumes and
+    /// journal) and, in sync mode while replicating, on the secondary.
+    pub async fn flush(&self) -> Result<(), WriteError> {
+        let target = {
+            let mut g = lock(&self.inner);
+            if g.role == Role::Primary && self.cfg.mode == Mode::Sync {
+                let t = g.last_jseq;
+                g.flush_wanted = g.flush_wanted.max(t);
+                Some(t)
+            } else {
+                None
+            }
+        };
+        self.ship_wake.notify_one();
+        self.sync_all().await?;
+        if let Some(t) = target {
+            if t > 0 {
+                self.wait_secondary(t, true).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// fdatasync of every volume and the journal, concurrently.
+    pub async fn sync_all(&self) -> Result<(), WriteError> {
+        let mut set = tokio::task::JoinSet::new();
+        for v in &self.volumes {
+            let v = v.clone();
+            set.spawn(async move { v.sync().await.map_err(WriteError::from) });
+        }
+        if let Some(j) = self.journal_handle() {
+            set.spawn(async move { j.sync().await.map_err(WriteError::from) });
+        }
+        let mut result = Ok(());
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(e) => result = Err(WriteError::Replication(format!("flush task failed: {e}"))),
+            }
+        }
+        result
+    }
+
+    /// Reads for NBD (any role).
+    pub async fn read(&self, vol: u32, offset: u64, len: u64) -> Result<AlignedBuf, WriteError> {
+        let volume = self.volume_checked(vol)?;
+        let size = volume.size();
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(WriteError::OutOfRange { offset, len, size });
+        }
+        Ok(volume.read(offset, len).await?)
+    }
+
+    /// Is the group in a state where its volumes may be written by clients?
+    pub fn writable(&self) -> bool {
+        let g = lock(&self.inner);
+        g.role != Role::Secondary && g.state != PairState::SplitBrain
+            && g.state != PairState::Suspended(SuspendReason::Error)
+    }
+}
+
+async fn wait_all(deps: Vec<watch::Receiver<bool>>) {
+    for mut d in deps {
+        // An error means the sender was dropped, i.e. the write finished.
+        let _ = d.wait_for(|done| *done).await;
+    }
+}

@@ -1,0 +1,275 @@
+//! Opening volumes and journals: regular file or block device, `O_DIRECT`
+//! with a buffered fallback, sparse creation, size.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::{IoError, OpenOptions};
+
+/// Permissions of a volume or journal file the daemon creates: volume data
+/// is as sensitive as the application's, so only the daemon's user.
+const CREATE_MODE: u32 = 0o600;
+
+/// Linux ioctl request encoding (`_IOC` in `asm-generic/ioctl.h`, with the
+/// variants of MIPS, PowerPC and SPARC). The block ioctls below are not in
+/// the `libc` crate.
+#[cfg(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+))]
+mod ioc {
+    pub const NONE: u64 = 1;
+    pub const READ: u64 = 2;
+    pub const SIZE_BITS: u64 = 13;
+}
+#[cfg(not(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)))]
+mod ioc {
+    pub const NONE: u64 = 0;
+    pub const READ: u64 = 2;
+    pub const SIZE_BITS: u64 = 14;
+}
+
+const fn ioc(dir: u64, ty: u64, nr: u64, size: u64) -> u64 {
+    (dir << (16 + ioc::SIZE_BITS)) | (size << 16) | (ty << 8) | nr
+}
+
+/// `_IOR(0x12, 114, size_t)`: size of a block device in bytes.
+pub(crate) const BLKGETSIZE64: u64 = ioc(ioc::READ, 0x12, 114, size_of::<usize>() as u64);
+/// `_IO(0x12, 119)`: discard a byte range (`u64[2]` = start, length).
+#[cfg(test)]
+pub(crate) const BLKDISCARD: u64 = ioc(ioc::NONE, 0x12, 119, 0);
+/// `_IO(0x12, 127)`: zero a byte range (`u64[2]` = start, length).
+pub(crate) const BLKZEROOUT: u64 = ioc(ioc::NONE, 0x12, 127, 0);
+/// `_IO(0x12, 104)`: logical block size (only used to check the encoding
+/// against the `libc` crate's constant in tests).
+#[cfg(test)]
+pub(crate) const BLKSSZGET: u64 = ioc(ioc::NONE, 0x12, 104, 0);
+
+/// A freshly opened file with what was learned while opening it.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub file: File,
+    pub size: u64,
+    pub direct: bool,
+    pub block_device: bool,
+}
+
+fn open_err(path: &Path, source: io::Error) -> IoError {
+    IoError::Open {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn not_a_volume(kind: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("it is {kind}; a volume or journal must be a regular file or a block device"),
+    )
+}
+
+fn check_file_type(ft: fs::FileType) -> Result<bool, io::Error> {
+    if ft.is_file() {
+        Ok(false)
+    } else if ft.is_block_device() {
+        Ok(true)
+    } else if ft.is_dir() {
+        Err(not_a_volume("a directory"))
+    } else if ft.is_char_device() {
+        Err(not_a_volume("a character device"))
+    } else if ft.is_fifo() {
+        Err(not_a_volume("a FIFO"))
+    } else if ft.is_socket() {
+        Err(not_a_volume("a socket"))
+    } else {
+        Err(not_a_volume("neither a regular file nor a block device"))
+    }
+}
+
+/// Opens `path` as described in [`OpenOptions`].
+pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
+    // Look before opening, so that opening a FIFO or a character device can
+    // have no side effect; the type is checked again on the open descriptor.
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !opts.read_only => {
+            match opts.create_size {
+                Some(_) if path.starts_with("/dev") => {
+                    // A missing /dev/vg0/db is an inactive or mistyped device;
+                    // a sparse file there would live in RAM (devtmpfs).
+                    return Err(open_err(
+                        path,
+                        io::Error::new(
+                            e.kind(),
+                            "no such device; refusing to create a regular file under /dev \
+                             (is the logical volume active and the path correct?)",
+                        ),
+                    ));
+                }
+                Some(size) => {
+                    create_sparse(path, size)?;
+                    fs::metadata(path).map_err(|e| open_err(path, e))?
+                }
+                None => return Err(open_err(path, e)),
+            }
+        }
+        Err(e) => return Err(open_err(path, e)),
+    };
+    check_file_type(meta.file_type()).map_err(|e| open_err(path, e))?;
+
+    let (file, direct) = open_with_fallback(path, opts)?;
+    let meta = file.metadata().map_err(|e| open_err(path, e))?;
+    let block_device = check_file_type(meta.file_type()).map_err(|e| open_err(path, e))?;
+    let size = if block_device {
+        block_device_size(&file).map_err(|e| {
+            open_err(
+                path,
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot read the block device size (BLKGETSIZE64): {e}"),
+                ),
+            )
+        })?
+    } else {
+        meta.len()
+    };
+    if let Some(expected) = opts.create_size {
+        if expected != size {
+            return Err(IoError::SizeMismatch {
+                path: path.to_path_buf(),
+                expected,
+                actual: size,
+            });
+        }
+    }
+    tracing::debug!(
+        path = %path.display(),
+        size,
+        direct,
+        block_device,
+        read_only = opts.read_only,
+        "opened"
+    );
+    Ok(Opened {
+        file,
+        size,
+        direct,
+        block_device,
+    })
+}
+
+fn open_with_fallback(path: &Path, opts: &OpenOptions) -> Result<(File, bool), IoError> {
+    let open = |direct: bool| {
+        let mut o = fs::OpenOptions::new();
+        o.read(true).write(!opts.read_only);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(path)
+    };
+    if opts.direct {
+        match open(true) {
+            Ok(file) => return Ok((file, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(
+                    path = %path.display(),
+                    "the filesystem refuses O_DIRECT; using buffered I/O (the page cache) for this file"
+                );
+            }
+            Err(e) => return Err(open_err(path, e)),
+        }
+    }
+    open(false)
+        .map(|file| (file, false))
+        .map_err(|e| open_err(path, e))
+}
+
+/// Creates a sparse regular file of `size` bytes, durably (file and parent
+/// directory fsynced). Losing a creation race to another process is not an
+/// error: the caller then checks the size of what exists.
+fn create_sparse(path: &Path, size: u64) -> Result<(), IoError> {
+    let file = match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(CREATE_MODE)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(open_err(path, e)),
+    };
+    let filled = file.set_len(size).and_then(|()| file.sync_all());
+    if let Err(e) = filled {
+        drop(file);
+        // Leave nothing behind: an empty file would later be reported as a
+        // size mismatch instead of this error.
+        let _ = fs::remove_file(path);
+        return Err(open_err(
+            path,
+            io::Error::new(
+                e.kind(),
+                format!("cannot create a sparse file of {size} bytes: {e}"),
+            ),
+        ));
+    }
+    drop(file);
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| {
+            open_err(
+                path,
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "created, but cannot fsync the parent directory {}: {e}",
+                        parent.display()
+                    ),
+                ),
+            )
+        })?;
+    tracing::info!(path = %path.display(), size, "created sparse volume file");
+    Ok(())
+}
+
+/// Size of an open block device in bytes.
+pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
+    // to `size`, alive and exclusively borrowed for the call; the descriptor
+    // belongs to `file`, open for the duration of the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// A range ioctl on a block device (`BLKZEROOUT`, `BLKDISCARD`): blocking.
+pub(crate) fn blk_range_ioctl(file: &File, request: u64, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: the range ioctls read two u64 through the pointer, which points
+    // to `range`, alive for the call; the descriptor belongs to `file`.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, range.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

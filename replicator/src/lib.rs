@@ -1,0 +1,35 @@
+//! replicator: block-level storage replication.
+//!
+//! Reading order, top-down along the write path:
+//! - [`cli`] and [`daemon`]: the binary's entry points;
+//! - [`nbd`]: how applications reach a volume (our own NBD server);
+//! - [`node`]: exports and peer streams dispatched to groups;
+//! - [`group`]: a consistency group — the write path, the replication
+//!   session (primary `shipper`, secondary `applier`);
+//! - [`journal`], [`volume`], [`io`]: what reaches the disks (io_uring);
+//! - [`transport`] and [`tls`]: QUIC with mutual TLS between the sites;
+//! - [`state`]: what is persisted about each pair;
+//! - [`control`]: the admin socket the CLI talks to; [`metrics`];
+//! - [`config`], [`certs`], [`demo`].
+//!
+//! The pure protocol logic (wire codec, record format, pair states,
+//! sequencing) lives in the `replicator-protocol` crate.
+
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod demo;
+pub mod group;
+pub mod io;
+pub mod journal;
+pub mod latency;
+pub mod metrics;
+pub mod nbd;
+pub mod nbd_client;
+pub mod node;
+pub mod state;
+pub mod tls;
+pub mod transport;
+pub mod volume;

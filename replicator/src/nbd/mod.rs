@@ -1,0 +1,208 @@
+//! NBD server: how applications reach a volume.
+//!
+//! Each volume is an NBD export, served on the daemon's Unix socket (and
+//! optionally on TCP). Written from the protocol document
+//! (NetworkBlockDevice/nbd `doc/proto.md`); no NBD crate is used.
+//!
+//! Reading order:
+//! - `proto`: magic numbers, flags, and the encoding of every message;
+//! - `server`: accept loops, one task per connection, shutdown, close logging;
+//! - `handshake`: fixed-newstyle option haggling up to the chosen export;
+//! - `request`: decoding and validating one transmission request (pure);
+//! - `transmission`: the request loop, concurrent dispatch, the reply writer.
+//!
+//! What clients get, and the decisions behind it:
+//! - Fixed newstyle only. Options: `EXPORT_NAME`, `GO`, `INFO` (replies
+//!   `INFO_EXPORT`, `INFO_BLOCK_SIZE` always, `INFO_NAME` when asked),
+//!   `LIST`, `ABORT`. `STARTTLS` gets `ERR_POLICY` (the sockets are local;
+//!   there is no TLS), `STRUCTURED_REPLY` and every other option get
+//!   `ERR_UNSUP`: simple replies only. An empty name is the default export
+//!   only when exactly one export exists. Option data above
+//!   [`MAX_OPTION_LEN`] closes the connection, and so does a handshake not
+//!   finished within [`ServeOptions::handshake_timeout`].
+//! - Transmission flags: `HAS_FLAGS`, `SEND_FLUSH`, `SEND_FUA`, `SEND_TRIM`,
+//!   `SEND_WRITE_ZEROES`, `CAN_MULTI_CONN` (the daemon's flush covers writes
+//!   acknowledged on every connection), and `READ_ONLY` when the export is.
+//! - Block sizes are those of [`Export::block_sizes`], made legal (powers of
+//!   two, minimum at most 64 KiB) and with the maximum payload capped at
+//!   [`MAX_PAYLOAD`]. They are enforced for every client, including those
+//!   that never asked for them: an unaligned request gets `EINVAL` and never
+//!   reaches the export. The one exception is a request that ends exactly at
+//!   the end of an export whose size is not a multiple of the minimum.
+//! - Errors: beyond the end of the export, `EINVAL` for `READ` and `TRIM`,
+//!   `ENOSPC` for `WRITE` and `WRITE_ZEROES` (the spec's "Error values");
+//!   length 0, unknown commands, unknown or inapplicable command flags:
+//!   `EINVAL`; `WRITE_ZEROES` with `FAST_ZERO`: `ENOTSUP` (not advertised, so
+//!   a client should not send it; `ENOTSUP` tells it to write zeroes the slow
+//!   way); writes to a read-only export: `EPERM`. A `READ` longer than the
+//!   maximum payload gets `EINVAL`; a `WRITE` longer than it closes the
+//!   connection, since its payload cannot be trusted. A rejected `WRITE`
+//!   whose length is acceptable has its payload read and discarded, so the
+//!   connection stays usable.
+//! - `TRIM` and `WRITE_ZEROES` may be longer than the maximum payload; the
+//!   export receives them whole.
+//! - Requests run concurrently, each as its own task; replies go out in
+//!   completion order through one writer task, never interleaved. Per
+//!   connection at most [`ServeOptions::max_in_flight_requests`] requests and
+//!   [`ServeOptions::max_in_flight_bytes`] of read/write data are in flight;
+//!   beyond that the server stops reading from the socket.
+//! - The server never drops an export future before it completes: a client
+//!   that disconnects, a protocol violation or a shutdown only stops new
+//!   requests from being read. A request whose future panics is answered
+//!   with `EIO`.
+//! - `NBD_CMD_DISC` and shutdown: stop reading, let in-flight requests finish
+//!   and reply, then close.
+
+mod handshake;
+mod proto;
+mod request;
+mod server;
+mod transmission;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::io::AlignedBuf;
+
+pub use server::{serve_tcp, serve_tcp_with, serve_unix, serve_unix_with, ServeOptions};
+
+/// Largest option data accepted during the handshake; a client sending more
+/// is disconnected.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+
+/// Cap on the advertised maximum payload (32 MiB, the size the spec says a
+/// server should never treat as a denial of service).
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Advertised via NBD_INFO_BLOCK_SIZE.
+///
+/// `minimum`: smallest length and alignment a client may use (a power of two,
+/// at most 64 KiB). `preferred`: the size at which I/O is efficient (a power
+/// of two, at least `minimum` and 512). `maximum`: the largest read or write
+/// payload (at least `preferred`; capped at [`MAX_PAYLOAD`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Minimum block size.
+    pub minimum: u32,
+    /// Preferred block size.
+    pub preferred: u32,
+    /// Maximum payload size.
+    pub maximum: u32,
+}
+
+/// NBD error codes a backend can return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdErrno {
+    /// `NBD_EPERM`: operation not permitted (e.g. the export is read-only).
+    Perm,
+    /// `NBD_EIO`: input/output error.
+    Io,
+    /// `NBD_ENOMEM`: cannot allocate memory.
+    NoMem,
+    /// `NBD_EINVAL`: invalid argument.
+    Inval,
+    /// `NBD_ENOSPC`: no space left on device.
+    NoSpc,
+    /// `NBD_EOVERFLOW`: value too large.
+    Overflow,
+    /// `NBD_ENOTSUP`: operation not supported.
+    NotSup,
+    /// `NBD_ESHUTDOWN`: the server is shutting down.
+    Shutdown,
+}
+
+/// An error from an export operation; `errno` goes to the client, `message`
+/// to the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExportError {
+    /// The error code sent to the client.
+    pub errno: NbdErrno,
+    /// What went wrong, for the log.
+    pub message: String,
+}
+
+impl ExportError {
+    /// An error with the given code and message.
+    pub fn new(errno: NbdErrno, message: impl Into<String>) -> Self {
+        Self {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+/// One open export (a volume). Methods are called concurrently from several
+/// connections/requests.
+///
+/// The server validates every request before calling a method: the range
+/// lies within `size()` as negotiated, is non-empty, and is aligned to
+/// `block_sizes().minimum` (the last block of an unaligned export excepted);
+/// `read` and `write` lengths are at most the negotiated maximum payload
+/// (`trim`/`write_zeroes` may be longer); write-type methods are not called
+/// while `read_only()` is true. Every returned future is polled to
+/// completion.
+pub trait Export: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// True if writes must be refused (advertised as `NBD_FLAG_READ_ONLY`).
+    fn read_only(&self) -> bool;
+    /// Block size constraints, advertised to clients and enforced.
+    fn block_sizes(&self) -> BlockSizes;
+    /// Reads `len` bytes at `offset`; the buffer must be exactly `len` long.
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<AlignedBuf, ExportError>> + Send;
+    /// Writes `data` at `offset`; durable before returning if `fua`.
+    fn write(
+        &self,
+        offset: u64,
+        data: AlignedBuf,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send;
+    /// Makes `len` bytes at `offset` read as zeroes (allocated: the server
+    /// maps `NBD_CMD_FLAG_NO_HOLE` and its absence to this one call).
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send;
+    /// Discards `len` bytes at `offset` (a hint; contents are then undefined).
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send;
+    /// Makes every write completed before this call durable, whichever
+    /// connection it came from.
+    fn flush(&self) -> impl Future<Output = Result<(), ExportError>> + Send;
+}
+
+/// Why an export could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No export has this name (`NBD_REP_ERR_UNKNOWN`).
+    #[error("no export named {0:?}")]
+    Unknown(String),
+    /// The export exists but may not be opened now; the text is sent to the
+    /// client (`NBD_REP_ERR_POLICY`).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The set of exports (can change at runtime).
+pub trait ExportCatalog: Send + Sync + 'static {
+    /// The export type this catalog opens.
+    type Export: Export;
+    /// Names of the exports, in the order `NBD_OPT_LIST` reports them.
+    fn list(&self) -> Vec<String>;
+    /// Opens an export by name.
+    fn open(&self, name: &str) -> Result<Arc<Self::Export>, OpenError>;
+}

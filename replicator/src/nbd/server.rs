@@ -1,0 +1,336 @@
+//! Accept loops (Unix and TCP), one task per connection, shutdown, and the
+//! single log line written when a connection closes.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{tcp, unix, TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinSet};
+
+use super::handshake::{self, Negotiated};
+use super::transmission::{self, Limits};
+use super::ExportCatalog;
+
+/// Buffer in front of the socket for requests (large write payloads bypass
+/// it and land directly in their `AlignedBuf`).
+const REQUEST_BUFFER: usize = 16 * 1024;
+
+/// Extra time the accept loop gives connections beyond the grace period
+/// (which each connection enforces itself) before aborting them.
+const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(5);
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Tunables of [`serve_unix_with`] and [`serve_tcp_with`]; the defaults are
+/// what [`serve_unix`] and [`serve_tcp`] use.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// A client must reach the transmission phase within this time, or it
+    /// is disconnected (default 30 s).
+    pub handshake_timeout: Duration,
+    /// Requests in flight per connection (default 256); beyond this the
+    /// server stops reading from the socket until replies are sent.
+    pub max_in_flight_requests: usize,
+    /// Read and write data bytes in flight per connection (default 256 MiB).
+    pub max_in_flight_bytes: usize,
+    /// After shutdown, how long a connection may take to send the replies of
+    /// its in-flight requests (to a client that has stopped reading them)
+    /// before its socket is closed regardless (default 30 s). Export futures
+    /// already started are never cancelled.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(30),
+            max_in_flight_requests: 256,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Accept loop; one task per connection; returns when `shutdown` becomes true (connections then finish their in-flight requests, reply, and close).
+///
+/// Uses [`ServeOptions::default`]; see [`serve_unix_with`].
+pub async fn serve_unix<C: ExportCatalog>(
+    listener: UnixListener,
+    catalog: Arc<C>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_unix_with(listener, catalog, shutdown, ServeOptions::default()).await;
+}
+
+/// Accept loop over TCP (`TCP_NODELAY` is set on every connection);
+/// otherwise as [`serve_unix`].
+pub async fn serve_tcp<C: ExportCatalog>(
+    listener: TcpListener,
+    catalog: Arc<C>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_tcp_with(listener, catalog, shutdown, ServeOptions::default()).await;
+}
+
+/// Serves NBD on a Unix socket until `shutdown` becomes true (or its sender
+/// is dropped). Then it stops accepting (the listener is dropped), lets each
+/// connection finish its in-flight requests and send their replies, and
+/// returns once every connection is closed. A connection whose client does
+/// not read its replies is closed [`ServeOptions::shutdown_grace`] after
+/// shutdown.
+pub async fn serve_unix_with<C: ExportCatalog>(
+    listener: UnixListener,
+    catalog: Arc<C>,
+    shutdown: watch::Receiver<bool>,
+    options: ServeOptions,
+) {
+    accept_loop(listener, catalog, shutdown, options).await;
+}
+
+/// As [`serve_unix_with`], over TCP.
+pub async fn serve_tcp_with<C: ExportCatalog>(
+    listener: TcpListener,
+    catalog: Arc<C>,
+    shutdown: watch::Receiver<bool>,
+    options: ServeOptions,
+) {
+    accept_loop(listener, catalog, shutdown, options).await;
+}
+
+/// Resolves once shutdown is requested. A dropped sender counts as a
+/// request: nobody could ask for shutdown any more.
+pub(super) async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&stop| stop).await;
+}
+
+/// A listening socket whose connections are split into independent read
+/// and write halves.
+trait Listener: Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// The next connection's halves and a description of the peer for logs.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Read, Self::Write, String)>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Read = unix::OwnedReadHalf;
+    type Write = unix::OwnedWriteHalf;
+
+    async fn accept(&self) -> io::Result<(Self::Read, Self::Write, String)> {
+        let (stream, _) = UnixListener::accept(self).await?;
+        let peer = match stream.peer_cred() {
+            Ok(cred) => match cred.pid() {
+                Some(pid) => format!("unix pid={pid} uid={}", cred.uid()),
+                None => format!("unix uid={}", cred.uid()),
+            },
+            Err(_) => "unix".to_owned(),
+        };
+        let (read, write) = stream.into_split();
+        Ok((read, write, peer))
+    }
+}
+
+impl Listener for TcpListener {
+    type Read = tcp::OwnedReadHalf;
+    type Write = tcp::OwnedWriteHalf;
+
+    async fn accept(&self) -> io::Result<(Self::Read, Self::Write, String)> {
+        let (stream, addr) = TcpListener::accept(self).await?;
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(peer = %addr, error = %err, "NBD: cannot set TCP_NODELAY");
+        }
+        let (read, write) = stream.into_split();
+        Ok((read, write, addr.to_string()))
+    }
+}
+
+async fn accept_loop<L: Listener, C: ExportCatalog>(
+    listener: L,
+    catalog: Arc<C>,
+    mut shutdown: watch::Receiver<bool>,
+    options: ServeOptions,
+) {
+    let mut connections = JoinSet::new();
+    let mut next_id: u64 = 0;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown_requested(&mut shutdown) => break,
+            Some(done) = connections.join_next(), if !connections.is_empty() => reap(done),
+            accepted = listener.accept() => match accepted {
+                Ok((read, write, peer)) => {
+                    next_id += 1;
+                    connections.spawn(connection(
+                        next_id,
+                        peer,
+                        read,
+                        write,
+                        Arc::clone(&catalog),
+                        shutdown.clone(),
+                        options,
+                    ));
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "NBD accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+
+    if !connections.is_empty() {
+        tracing::info!(
+            connections = connections.len(),
+            "NBD server stopping: letting connections finish their in-flight requests"
+        );
+    }
+    let drained = tokio::time::timeout(options.shutdown_grace + SHUTDOWN_BACKSTOP, async {
+        while let Some(done) = connections.join_next().await {
+            reap(done);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            grace = ?options.shutdown_grace,
+            "NBD connections still busy after the shutdown grace period; closing them"
+        );
+        connections.shutdown().await;
+    }
+}
+
+fn reap(done: Result<(), JoinError>) {
+    if let Err(err) = done {
+        if err.is_panic() {
+            tracing::error!(error = %err, "NBD connection task panicked");
+        }
+    }
+}
+
+/// One connection: handshake (bounded in time), transmission, one log line.
+async fn connection<C, R, W>(
+    id: u64,
+    peer: String,
+    read: R,
+    mut write: W,
+    catalog: Arc<C>,
+    mut shutdown: watch::Receiver<bool>,
+    options: ServeOptions,
+) where
+    C: ExportCatalog,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    // Kept across both phases: bytes a client pipelines right after its
+    // NBD_OPT_GO stay buffered for the transmission phase.
+    let mut reader = BufReader::with_capacity(REQUEST_BUFFER, read);
+    let negotiated = tokio::select! {
+        biased;
+        () = shutdown_requested(&mut shutdown) => Err(CloseReason::Shutdown),
+        result = tokio::time::timeout(
+            options.handshake_timeout,
+            handshake::negotiate(&mut reader, &mut write, &*catalog),
+        ) => result.unwrap_or_else(|_| Err(CloseReason::HandshakeTimeout(options.handshake_timeout))),
+    };
+    let (export_name, reason) = match negotiated {
+        Err(reason) => (None, reason),
+        Ok(Negotiated {
+            name,
+            export,
+            params,
+        }) => {
+            tracing::debug!(
+                conn = id,
+                %peer,
+                export = %name,
+                size = params.size,
+                read_only = params.read_only,
+                "NBD transmission started"
+            );
+            let limits = Limits {
+                max_requests: options.max_in_flight_requests,
+                max_bytes: options.max_in_flight_bytes,
+                shutdown_grace: options.shutdown_grace,
+            };
+            let reason =
+                transmission::serve(&mut reader, write, export, params, limits, &mut shutdown).await;
+            (Some(name), reason)
+        }
+    };
+    reason.log(id, &peer, export_name.as_deref());
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CloseReason {
+    /// `NBD_CMD_DISC`, after in-flight requests finished.
+    #[error("client sent NBD_CMD_DISC")]
+    Disconnect,
+    /// `NBD_OPT_ABORT` during the handshake.
+    #[error("client sent NBD_OPT_ABORT")]
+    Abort,
+    /// EOF between messages.
+    #[error("client closed the connection")]
+    ClientClosed,
+    /// EOF inside a message; a partial write is never passed on.
+    #[error("client closed the connection in the middle of a {0}")]
+    Truncated(&'static str),
+    #[error("server shutting down")]
+    Shutdown,
+    /// The client did not read its replies within the shutdown grace period.
+    #[error("server shutting down; replies still unsent after the {0:?} grace period")]
+    ShutdownGraceExpired(Duration),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// `NBD_OPT_EXPORT_NAME` for an export that cannot be opened; that
+    /// option has no error reply, so the log is the only place saying why.
+    #[error("NBD_OPT_EXPORT_NAME refused: {0}")]
+    ExportRefused(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("socket error: {0}")]
+    Io(io::Error),
+    #[error("sending replies failed: {0}")]
+    ReplyWrite(io::Error),
+}
+
+impl From<io::Error> for CloseReason {
+    fn from(err: io::Error) -> Self {
+        if err.kind() == io::ErrorKind::UnexpectedEof {
+            Self::ClientClosed
+        } else {
+            Self::Io(err)
+        }
+    }
+}
+
+impl CloseReason {
+    /// Misbehaving or failing clients are logged as warnings, ordinary
+    /// closes at debug level.
+    fn is_warning(&self) -> bool {
+        matches!(
+            self,
+            Self::Protocol(_)
+                | Self::HandshakeTimeout(_)
+                | Self::ExportRefused(_)
+                | Self::ShutdownGraceExpired(_)
+        )
+    }
+
+    fn log(&self, conn: u64, peer: &str, export: Option<&str>) {
+        let export = export.unwrap_or("-");
+        if self.is_warning() {
+            tracing::warn!(conn, peer, export, reason = %self, "NBD connection closed");
+        } else {
+            tracing::debug!(conn, peer, export, reason = %self, "NBD connection closed");
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! Transmission phase, driven by hand: every command, every validation
+//! rule with its exact error, concurrency, limits, and clean ends.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::super::proto::{
+    CMD_DISC, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM,
+    CMD_WRITE_ZEROES,
+};
+use super::super::ServeOptions;
+use super::*;
+
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const ENOTSUP: u32 = 95;
+
+/// Sends a command without payload and returns its reply's error.
+async fn command(client: &mut RawClient, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> u32 {
+    client.send_request(kind, flags, cookie, offset, len, &[]).await;
+    let reply = client.reply().await;
+    assert_eq!(reply.cookie, cookie);
+    reply.error
+}
+
+#[tokio::test]
+async fn every_command_reaches_the_export() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    let (mut client, info) = server.open("vol").await;
+    assert_eq!(info.size, SIZE);
+    assert_eq!(info.sizes, Some(SIZES));
+
+    let data = pattern(1, 64 * 1024);
+    assert_eq!(client.write(1, 8192, &data, 0).await, 0);
+    assert_eq!(client.write(2, SIZE - 4096, &data[..4096], CMD_FLAG_FUA).await, 0);
+    export.assert_bytes(8192, &data);
+    export.assert_bytes(SIZE - 4096, &data[..4096]);
+
+    let (error, read) = client.read(3, 8192, 64 * 1024).await;
+    assert_eq!(error, 0);
+    assert_eq!(read, data);
+
+    assert_eq!(command(&mut client, CMD_FLUSH, 0, 4, 0, 0).await, 0);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 5, 8192, 4096).await, 0);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 6, 12288, 4096).await, 0);
+    assert_eq!(command(&mut client, CMD_TRIM, 0, 7, 0, 4096).await, 0);
+    export.assert_bytes(8192, &[0; 8192]);
+    export.assert_bytes(16384, &data[8192..12288]);
+    // Largest read allowed, and zeroes longer than the maximum payload.
+    let (error, read) = client.read(8, 0, SIZES.maximum).await;
+    assert_eq!((error, read.len()), (0, SIZES.maximum as usize));
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 9, 0, 2 << 20).await, 0);
+    export.assert_bytes(0, &[0; 2 << 20]);
+
+    assert_eq!(export.writes.load(Ordering::SeqCst), 2);
+    assert_eq!(export.flushes.load(Ordering::SeqCst), 1);
+    assert_eq!(export.zeroes.load(Ordering::SeqCst), 3);
+    assert_eq!(export.trims.load(Ordering::SeqCst), 1);
+
+    client.send_request(CMD_DISC, 0, 10, 0, 0, &[]).await;
+    client.assert_closed().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn out_of_range_requests_get_the_spec_errors() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    export.fill(0, SIZE as usize, 0xee);
+    let before = export.snapshot();
+    let (mut client, _) = server.open("vol").await;
+
+    let tail = SIZE - 512;
+    assert_eq!(client.read(1, tail, 1024).await.0, EINVAL);
+    assert_eq!(client.read(2, SIZE, 512).await.0, EINVAL);
+    assert_eq!(client.read(3, u64::MAX - 511, 1024).await.0, EINVAL);
+    // The write's payload is read and dropped: the next request parses.
+    assert_eq!(client.write(4, tail, &[1; 1024], 0).await, ENOSPC);
+    assert_eq!(client.write(5, u64::MAX - 511, &[1; 1024], 0).await, ENOSPC);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 6, tail, 1024).await, ENOSPC);
+    assert_eq!(command(&mut client, CMD_TRIM, 0, 7, tail, 1024).await, EINVAL);
+
+    assert_eq!(export.snapshot(), before, "export modified by rejected requests");
+    assert_eq!(export.writes.load(Ordering::SeqCst), 0);
+    let (error, data) = client.read(8, tail, 512).await;
+    assert_eq!((error, data), (0, vec![0xee; 512]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn empty_unaligned_and_oversized_requests_are_invalid() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    let (mut client, _) = server.open("vol").await;
+
+    assert_eq!(client.read(1, 0, 0).await.0, EINVAL);
+    assert_eq!(client.write(2, 0, &[], 0).await, EINVAL);
+    assert_eq!(command(&mut client, CMD_TRIM, 0, 3, 0, 0).await, EINVAL);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 4, 0, 0).await, EINVAL);
+
+    assert_eq!(client.read(5, 100, 512).await.0, EINVAL);
+    assert_eq!(client.read(6, 0, 100).await.0, EINVAL);
+    assert_eq!(client.write(7, 0, &[9; 100], 0).await, EINVAL);
+    assert_eq!(client.write(8, 256, &[9; 512], 0).await, EINVAL);
+
+    // Longer than the maximum payload: a read is refused...
+    assert_eq!(client.read(9, 0, SIZES.maximum + 512).await.0, EINVAL);
+    assert_eq!(export.writes.load(Ordering::SeqCst), 0);
+    assert_eq!(client.read(10, 0, 512).await.0, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_write_closes_without_touching_the_export() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    let before = export.snapshot();
+    let (mut client, _) = server.open("vol").await;
+    // ...a write's payload cannot be trusted: hard disconnect. Only the
+    // header is sent; the server must not wait for 2 MiB.
+    client.send_request(CMD_WRITE, 0, 1, 0, 2 << 20, &[]).await;
+    client.assert_closed().await;
+    assert_eq!(export.snapshot(), before);
+    assert_eq!(export.writes.load(Ordering::SeqCst), 0);
+
+    let (mut other, _) = server.open("vol").await;
+    assert_eq!(other.write(1, 0, &[4; 512], 0).await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_commands_and_flags() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    let (mut client, _) = server.open("vol").await;
+
+    // CACHE (5), BLOCK_STATUS (7), RESIZE (8), and made-up commands.
+    for (cookie, kind) in [(1, 5u16), (2, 7), (3, 8), (4, 99), (5, u16::MAX)] {
+        assert_eq!(command(&mut client, kind, 0, cookie, 0, 512).await, EINVAL, "command {kind}");
+    }
+    // Flags that do not apply, or that were not negotiated.
+    assert_eq!(command(&mut client, CMD_READ, CMD_FLAG_NO_HOLE, 6, 0, 512).await, EINVAL);
+    assert_eq!(command(&mut client, CMD_READ, 1 << 2, 7, 0, 512).await, EINVAL); // DF
+    assert_eq!(command(&mut client, CMD_FLUSH, 1 << 15, 8, 0, 0).await, EINVAL);
+    assert_eq!(client.write(9, 0, &[1; 512], CMD_FLAG_NO_HOLE).await, EINVAL);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 10, 0, 512).await, ENOTSUP);
+    // FUA is accepted on any command.
+    client.send_request(CMD_READ, CMD_FLAG_FUA, 11, 0, 512, &[]).await;
+    assert_eq!(client.reply_with(|_| 512).await.error, 0);
+
+    assert_eq!(export.writes.load(Ordering::SeqCst), 0);
+    assert_eq!(export.zeroes.load(Ordering::SeqCst), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn read_only_export_refuses_writes() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("ro");
+    export.fill(0, 4096, 0x33);
+    let (mut client, info) = server.open("ro").await;
+    assert_ne!(info.flags & super::super::proto::FLAG_READ_ONLY, 0);
+
+    assert_eq!(client.write(1, 0, &[1; 4096], 0).await, EPERM);
+    assert_eq!(command(&mut client, CMD_TRIM, 0, 2, 0, 4096).await, EPERM);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 3, 0, 4096).await, EPERM);
+    assert_eq!(command(&mut client, CMD_FLUSH, 0, 4, 0, 0).await, 0);
+    let (error, data) = client.read(5, 0, 4096).await;
+    assert_eq!((error, data), (0, vec![0x33; 4096]));
+
+    // An export demoted after the handshake refuses writes too.
+    let vol = server.export("vol");
+    let (mut client, _) = server.open("vol").await;
+    vol.read_only.store(true, Ordering::SeqCst);
+    assert_eq!(client.write(6, 0, &[1; 512], 0).await, EPERM);
+    assert_eq!(vol.writes.load(Ordering::SeqCst), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_magic_closes_and_others_are_unaffected() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    let (mut other, _) = server.open("vol").await;
+    let (mut client, _) = server.open("vol").await;
+    let mut request = Vec::new();
+    request.extend(0x1256_0953u32.to_be_bytes());
+    request.extend([0u8; 24]);
+    client.send(&request).await;
+    client.assert_closed().await;
+
+    assert_eq!(other.write(1, 0, &[8; 512], 0).await, 0);
+    export.assert_bytes(0, &[8; 512]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn client_vanishing_mid_payload_writes_nothing() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    let before = export.snapshot();
+
+    let (mut client, _) = server.open("vol").await;
+    client.send_request(CMD_WRITE, 0, 1, 0, 64 * 1024, &[0xaa; 1000]).await;
+    drop(client);
+    // Mid-header, too.
+    let (mut client, _) = server.open("vol").await;
+    client.send(&REQUEST_MAGIC.to_be_bytes()).await;
+    drop(client);
+
+    // Another connection works, and by the time it has, the first two are
+    // long gone.
+    let (mut other, _) = server.open("vol").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(other.read(1, 0, 512).await.0, 0);
+    assert_eq!(export.writes.load(Ordering::SeqCst), 0);
+    assert_eq!(export.snapshot(), before);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn requests_run_concurrently_and_reply_out_of_order() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    export.fill(4096, 4096, 0x44);
+    lock(&export.delay_at).insert(0, Duration::from_millis(400));
+    let (mut client, _) = server.open("vol").await;
+
+    client.send_request(CMD_READ, 0, 1, 0, 4096, &[]).await;
+    client.send_request(CMD_READ, 0, 2, 4096, 4096, &[]).await;
+    let first = client.reply_with(|_| 4096).await;
+    let second = client.reply_with(|_| 4096).await;
+    assert_eq!((first.cookie, first.error), (2, 0));
+    assert_eq!(first.data, vec![0x44; 4096]);
+    assert_eq!((second.cookie, second.error), (1, 0));
+    assert_eq!(export.max_in_flight.load(Ordering::SeqCst), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn many_pipelined_writes_all_complete() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    let (client, _) = server.open("vol").await;
+
+    // More than the in-flight limit (256), sent before reading any reply.
+    let count = 600u64;
+    let mut batch = Vec::new();
+    for i in 0..count {
+        let data = pattern(i as u8, 4096);
+        let mut request = Vec::new();
+        request.extend(REQUEST_MAGIC.to_be_bytes());
+        request.extend(0u16.to_be_bytes());
+        request.extend(CMD_WRITE.to_be_bytes());
+        request.extend(i.to_be_bytes());
+        request.extend((i * 4096).to_be_bytes());
+        request.extend(4096u32.to_be_bytes());
+        request.extend(data);
+        batch.extend(request);
+    }
+    let (mut read_half, mut write_half) = client.stream.into_split();
+    let sender = tokio::spawn(async move {
+        write_half.write_all(&batch).await.expect("send batch");
+        write_half
+    });
+    let mut seen = HashSet::new();
+    for _ in 0..count {
+        let mut header = [0u8; 16];
+        step("reply", read_half.read_exact(&mut header)).await.expect("reply");
+        assert_eq!(&header[4..8], &[0, 0, 0, 0]);
+        let cookie = u64::from_be_bytes(header[8..].try_into().expect("8 bytes"));
+        assert!(seen.insert(cookie), "duplicate reply for {cookie}");
+    }
+    assert_eq!(seen.len() as u64, count);
+    let _ = step("sender", sender).await;
+    for i in 0..count {
+        export.assert_bytes(i * 4096, &pattern(i as u8, 4096));
+    }
+    assert_eq!(export.writes.load(Ordering::SeqCst), count as usize);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn in_flight_requests_are_bounded() {
+    let options = ServeOptions {
+        max_in_flight_requests: 4,
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let export = server.export("vol");
+    *lock(&export.delay_all) = Some(Duration::from_millis(50));
+    let (mut client, _) = server.open("vol").await;
+    for cookie in 0..16 {
+        client.send_request(CMD_READ, 0, cookie, cookie * 4096, 4096, &[]).await;
+    }
+    for _ in 0..16 {
+        assert_eq!(client.reply_with(|_| 4096).await.error, 0);
+    }
+    assert_eq!(export.max_in_flight.load(Ordering::SeqCst), 4);
+
+    // Byte budget: 64 KiB lets two 32 KiB reads run at once, never three.
+    let options = ServeOptions {
+        max_in_flight_bytes: 64 * 1024,
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let export = server.export("vol");
+    *lock(&export.delay_all) = Some(Duration::from_millis(50));
+    let (mut client, _) = server.open("vol").await;
+    for cookie in 0..8 {
+        client.send_request(CMD_READ, 0, cookie, cookie * 32768, 32768, &[]).await;
+    }
+    for _ in 0..8 {
+        assert_eq!(client.reply_with(|_| 32768).await.error, 0);
+    }
+    assert_eq!(export.max_in_flight.load(Ordering::SeqCst), 2);
+    // A single request larger than the whole budget still runs.
+    let (error, data) = client.read(99, 0, 1 << 20).await;
+    assert_eq!((error, data.len()), (0, 1 << 20));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn disc_finishes_in_flight_requests_first() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    lock(&export.delay_at).insert(0, Duration::from_millis(300));
+    let (mut client, _) = server.open("vol").await;
+    let data = pattern(9, 4096);
+    client.send_request(CMD_WRITE, 0, 41, 0, 4096, &data).await;
+    client.send_request(CMD_DISC, 0, 42, 0, 0, &[]).await;
+    let reply = client.reply().await;
+    assert_eq!((reply.cookie, reply.error), (41, 0));
+    client.assert_closed().await;
+    export.assert_bytes(0, &data);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests_then_closes() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    lock(&export.delay_at).insert(0, Duration::from_millis(300));
+    let (mut client, _) = server.open("vol").await;
+    let data = pattern(5, 4096);
+    client.send_request(CMD_WRITE, 0, 1, 0, 4096, &data).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.request_shutdown();
+    let reply = client.reply().await;
+    assert_eq!((reply.cookie, reply.error), (1, 0));
+    client.assert_closed().await;
+    export.assert_bytes(0, &data);
+    // No new connections.
+    assert!(UnixStream::connect(&server.sock).await.is_err());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_a_client_that_stops_reading() {
+    let options = ServeOptions {
+        shutdown_grace: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let (mut client, _) = server.open("vol").await;
+    // Queue far more reply data than the socket buffers hold, read none.
+    for cookie in 0..64 {
+        client.send_request(CMD_READ, 0, cookie, 0, 1 << 20, &[]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.request_shutdown();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(server.is_finished(), "serve did not return after the grace period");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn export_errors_and_panics_become_error_replies() {
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    lock(&export.fail_at).insert(8192, NbdErrno::Io);
+    lock(&export.fail_at).insert(16384, NbdErrno::NoSpc);
+    *lock(&export.panic_at) = Some(32768);
+    let (mut client, _) = server.open("vol").await;
+
+    assert_eq!(client.read(1, 8192, 4096).await.0, EIO);
+    assert_eq!(client.write(2, 16384, &[1; 4096], 0).await, ENOSPC);
+    assert_eq!(client.read(3, 32768, 4096).await.0, EIO);
+    assert_eq!(client.write(4, 32768, &[1; 4096], 0).await, EIO);
+    // Still in step.
+    assert_eq!(client.write(5, 0, &[2; 4096], 0).await, 0);
+    export.assert_bytes(0, &[2; 4096]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn flush_covers_writes_from_every_connection() {
+    // CAN_MULTI_CONN is advertised; the server passes FLUSH through to the
+    // export (whose flush is connection-independent) and does not reorder a
+    // flush ahead of writes already acknowledged.
+    let server = Server::start(MemCatalog::standard());
+    let export = server.export("vol");
+    let (mut a, info) = server.open("vol").await;
+    assert_ne!(info.flags & super::super::proto::FLAG_CAN_MULTI_CONN, 0);
+    let (mut b, _) = server.open("vol").await;
+    assert_eq!(a.write(1, 0, &[1; 4096], 0).await, 0);
+    assert_eq!(b.write(1, 4096, &[2; 4096], 0).await, 0);
+    assert_eq!(command(&mut a, CMD_FLUSH, 0, 2, 0, 0).await, 0);
+    assert_eq!(export.flushes.load(Ordering::SeqCst), 1);
+    assert_eq!(b.read(3, 0, 8192).await.1, [vec![1; 4096], vec![2; 4096]].concat());
+    server.stop().await;
+}

@@ -1,0 +1,379 @@
+//! Transmission phase: the connection task reads requests in a loop and
+//! runs each one as its own task; replies go out, whole and in completion
+//! order, through a single writer task fed by a channel.
+//!
+//! Memory is bounded per connection: every request holds a permit from a
+//! request budget and, for reads and writes, permits for its data bytes from
+//! a byte budget, from before its payload is read until its reply has been
+//! handed to the socket. When a budget is exhausted the loop stops reading
+//! the socket until replies drain.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use super::proto::{self, RequestHeader, REQUEST_HEADER_LEN};
+use super::request::{self, Command, Decision, ExportParams};
+use super::server::{shutdown_requested, CloseReason};
+use super::{Export, ExportError, NbdErrno};
+use crate::io::AlignedBuf;
+
+/// Buffer in front of the socket for replies (large read data bypasses it).
+const REPLY_BUFFER: usize = 64 * 1024;
+
+/// Per-connection limits on work in flight.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// Requests read but not yet replied to.
+    pub max_requests: usize,
+    /// Read and write data bytes held by those requests.
+    pub max_bytes: usize,
+    /// Once shutdown is requested, how long replies may take to drain.
+    pub shutdown_grace: Duration,
+}
+
+/// Runs the transmission phase until the client disconnects, breaks the
+/// protocol, or the server shuts down; then waits for every request already
+/// started to finish and reply. Returns why the connection ends.
+pub(super) async fn serve<E, R, W>(
+    reader: &mut R,
+    writer: W,
+    export: Arc<E>,
+    params: ExportParams,
+    limits: Limits,
+    shutdown: &mut watch::Receiver<bool>,
+) -> CloseReason
+where
+    E: Export,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (replies, reply_queue) = mpsc::unbounded_channel();
+    let mut writer_task = tokio::spawn(write_replies(writer, reply_queue));
+    let budget = Budget::new(limits);
+
+    // `None`: the reply writer stopped (its error says why).
+    let ended: Option<CloseReason> = loop {
+        let step = tokio::select! {
+            biased;
+            () = shutdown_requested(shutdown) => break Some(CloseReason::Shutdown),
+            () = replies.closed() => break None,
+            step = next_request(reader, &export, &params, &budget, &replies) => step,
+        };
+        if let Err(reason) = step {
+            break Some(reason);
+        }
+    };
+
+    // Each running request holds a sender; the writer finishes once the last
+    // of them has replied. A client that stops reading its replies could
+    // hold it forever: after shutdown, it gets the grace period.
+    drop(replies);
+    let written = tokio::select! {
+        joined = &mut writer_task => match joined {
+            Ok(result) => result,
+            Err(join) => Err(io::Error::other(format!("reply writer task failed: {join}"))),
+        },
+        () = async {
+            shutdown_requested(shutdown).await;
+            tokio::time::sleep(limits.shutdown_grace).await;
+        } => {
+            writer_task.abort();
+            return CloseReason::ShutdownGraceExpired(limits.shutdown_grace);
+        }
+    };
+    match (ended, written) {
+        (Some(reason), _) => reason,
+        (None, Err(err)) => CloseReason::ReplyWrite(err),
+        (None, Ok(())) => CloseReason::ReplyWrite(io::Error::other("reply writer stopped")),
+    }
+}
+
+/// Reads one request and starts it (or answers/ends it at once).
+async fn next_request<E, R>(
+    reader: &mut R,
+    export: &Arc<E>,
+    params: &ExportParams,
+    budget: &Budget,
+    replies: &UnboundedSender<Reply>,
+) -> Result<(), CloseReason>
+where
+    E: Export,
+    R: AsyncRead + Unpin,
+{
+    let mut raw = [0u8; REQUEST_HEADER_LEN];
+    read_header(reader, &mut raw).await?;
+    let header = RequestHeader::decode(&raw);
+    let cookie = header.cookie;
+
+    let command = match request::decide(&header, params, export.read_only()) {
+        Decision::Close(why) => return Err(CloseReason::Protocol(why)),
+        Decision::Reject { errno, discard } => {
+            if discard > 0 {
+                discard_payload(reader, discard).await?;
+            }
+            let permits = budget.acquire(0).await?;
+            let _ = replies.send(Reply {
+                cookie,
+                error: errno.code(),
+                data: None,
+                _permits: permits,
+            });
+            return Ok(());
+        }
+        Decision::Run(Command::Disconnect) => return Err(CloseReason::Disconnect),
+        Decision::Run(command) => command,
+    };
+
+    let data_len = match command {
+        Command::Read { len, .. } | Command::Write { len, .. } => len,
+        _ => 0,
+    };
+    let permits = budget.acquire(data_len).await?;
+    let job = match command {
+        Command::Read { offset, len } => Job::Read { offset, len },
+        Command::Write { offset, len, fua } => {
+            // Straight from the socket into the buffer the export will use
+            // for direct I/O. A client vanishing here leaves no trace.
+            let mut data = AlignedBuf::zeroed(len as usize);
+            reader
+                .read_exact(&mut data)
+                .await
+                .map_err(|err| truncated(err, "write payload"))?;
+            Job::Write { offset, data, fua }
+        }
+        Command::WriteZeroes { offset, len, fua } => Job::WriteZeroes { offset, len, fua },
+        Command::Trim { offset, len, fua } => Job::Trim { offset, len, fua },
+        Command::Flush => Job::Flush,
+        Command::Disconnect => return Err(CloseReason::Disconnect),
+    };
+    let guard = ReplyGuard {
+        cookie,
+        replies: replies.clone(),
+        permits: Some(permits),
+    };
+    tokio::spawn(run(Arc::clone(export), job, guard));
+    Ok(())
+}
+
+/// Fills `raw` with a request header. EOF before its first byte is a clean
+/// close; EOF inside it is a truncated request.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    raw: &mut [u8; REQUEST_HEADER_LEN],
+) -> Result<(), CloseReason> {
+    let mut filled = 0;
+    while filled < raw.len() {
+        let n = reader.read(&mut raw[filled..]).await?;
+        if n == 0 {
+            return Err(if filled == 0 {
+                CloseReason::ClientClosed
+            } else {
+                CloseReason::Truncated("request header")
+            });
+        }
+        filled += n;
+    }
+    Ok(())
+}
+
+/// Reads and drops the payload of a rejected write, keeping the stream in
+/// step.
+async fn discard_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> Result<(), CloseReason> {
+    let want = u64::from(len);
+    let got = tokio::io::copy(&mut (&mut *reader).take(want), &mut tokio::io::sink()).await?;
+    if got < want {
+        return Err(CloseReason::Truncated("write payload"));
+    }
+    Ok(())
+}
+
+fn truncated(err: io::Error, what: &'static str) -> CloseReason {
+    if err.kind() == io::ErrorKind::UnexpectedEof {
+        CloseReason::Truncated(what)
+    } else {
+        CloseReason::Io(err)
+    }
+}
+
+/// A validated request with its payload, ready for the export.
+#[derive(Debug)]
+enum Job {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: AlignedBuf, fua: bool },
+    WriteZeroes { offset: u64, len: u32, fua: bool },
+    Trim { offset: u64, len: u32, fua: bool },
+    Flush,
+}
+
+impl Job {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Read { .. } => "read",
+            Self::Write { .. } => "write",
+            Self::WriteZeroes { .. } => "write-zeroes",
+            Self::Trim { .. } => "trim",
+            Self::Flush => "flush",
+        }
+    }
+
+    fn offset(&self) -> u64 {
+        match self {
+            Self::Read { offset, .. }
+            | Self::Write { offset, .. }
+            | Self::WriteZeroes { offset, .. }
+            | Self::Trim { offset, .. } => *offset,
+            Self::Flush => 0,
+        }
+    }
+}
+
+/// One request's task: runs the job on the export and queues the reply.
+async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard) {
+    let (name, offset) = (job.name(), job.offset());
+    let result = match job {
+        Job::Read { offset, len } => match export.read(offset, len).await {
+            Ok(data) if data.len() == len as usize => Ok(Some(data)),
+            Ok(data) => Err(ExportError::new(
+                NbdErrno::Io,
+                format!("export returned {} bytes for a read of {len}", data.len()),
+            )),
+            Err(err) => Err(err),
+        },
+        Job::Write { offset, data, fua } => export.write(offset, data, fua).await.map(|()| None),
+        Job::WriteZeroes { offset, len, fua } => export.write_zeroes(offset, len, fua).await.map(|()| None),
+        Job::Trim { offset, len, fua } => export.trim(offset, len, fua).await.map(|()| None),
+        Job::Flush => export.flush().await.map(|()| None),
+    };
+    match result {
+        Ok(data) => guard.reply(0, data),
+        Err(err) => {
+            tracing::debug!(
+                cookie = guard.cookie,
+                request = name,
+                offset,
+                errno = ?err.errno,
+                error = %err,
+                "NBD request failed"
+            );
+            guard.reply(err.errno.code(), None);
+        }
+    }
+}
+
+/// A reply waiting for the writer, holding its request's budget.
+#[derive(Debug)]
+struct Reply {
+    cookie: u64,
+    error: u32,
+    /// A successful read's data.
+    data: Option<AlignedBuf>,
+    _permits: Permits,
+}
+
+/// Guarantees a reply: if a request's task ends without replying (its
+/// export future panicked), the client still gets `EIO` for that cookie.
+#[derive(Debug)]
+struct ReplyGuard {
+    cookie: u64,
+    replies: UnboundedSender<Reply>,
+    /// `None` once the reply has been queued.
+    permits: Option<Permits>,
+}
+
+impl ReplyGuard {
+    fn reply(mut self, error: u32, data: Option<AlignedBuf>) {
+        self.queue(error, data);
+    }
+
+    fn queue(&mut self, error: u32, data: Option<AlignedBuf>) {
+        if let Some(permits) = self.permits.take() {
+            // A closed channel means the connection is gone; nobody to tell.
+            let _ = self.replies.send(Reply {
+                cookie: self.cookie,
+                error,
+                data,
+                _permits: permits,
+            });
+        }
+    }
+}
+
+impl Drop for ReplyGuard {
+    fn drop(&mut self) {
+        if self.permits.is_some() {
+            tracing::error!(
+                cookie = self.cookie,
+                "NBD request ended without a result (export future panicked?); replying EIO"
+            );
+            self.queue(NbdErrno::Io.code(), None);
+        }
+    }
+}
+
+/// Writes replies until every sender is gone, then shuts down the write
+/// side. Replies ready together are written together and flushed once.
+async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut queue: UnboundedReceiver<Reply>) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(REPLY_BUFFER, writer);
+    while let Some(mut reply) = queue.recv().await {
+        loop {
+            out.write_all(&proto::simple_reply_header(reply.error, reply.cookie)).await?;
+            if let Some(data) = &reply.data {
+                out.write_all(data).await?;
+            }
+            // Dropping the reply returns its budget.
+            match queue.try_recv() {
+                Ok(next) => reply = next,
+                Err(_) => break,
+            }
+        }
+        out.flush().await?;
+    }
+    out.shutdown().await
+}
+
+/// The per-connection request and byte budgets.
+#[derive(Debug)]
+struct Budget {
+    requests: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    /// Capacity of `bytes`; a single larger request takes all of it.
+    max_bytes: u32,
+}
+
+/// One request's share of the budgets.
+#[derive(Debug)]
+struct Permits {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Budget {
+    fn new(limits: Limits) -> Self {
+        let max_requests = limits.max_requests.clamp(1, Semaphore::MAX_PERMITS);
+        let max_bytes = u32::try_from(limits.max_bytes).unwrap_or(u32::MAX).max(1);
+        Self {
+            requests: Arc::new(Semaphore::new(max_requests)),
+            bytes: Arc::new(Semaphore::new(max_bytes as usize)),
+            max_bytes,
+        }
+    }
+
+    /// Waits for one request slot and `bytes` bytes of data.
+    async fn acquire(&self, bytes: u32) -> Result<Permits, CloseReason> {
+        let closed = |_| CloseReason::Io(io::Error::other("request budget closed"));
+        let request = Arc::clone(&self.requests).acquire_owned().await.map_err(closed)?;
+        let bytes = match bytes.min(self.max_bytes) {
+            0 => None,
+            n => Some(Arc::clone(&self.bytes).acquire_many_owned(n).await.map_err(closed)?),
+        };
+        Ok(Permits {
+            _request: request,
+            _bytes: bytes,
+        })
+    }
+}

@@ -1,0 +1,166 @@
+//! The node: every group of this daemon, the NBD export catalog over their
+//! volumes, and the dispatch of incoming replication streams to groups.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use replicator_protocol::pair::Role;
+use replicator_protocol::pb::envelope::Body;
+use tokio::sync::watch;
+
+use crate::group::{serve_secondary, Group, WriteError, WriteKind};
+use crate::io::AlignedBuf;
+use crate::nbd::{BlockSizes, Export, ExportCatalog, ExportError, NbdErrno, OpenError};
+use crate::transport::{FramedRecv, FramedSend, PeerConnection, Transport};
+
+/// All groups of this daemon.
+#[derive(Debug)]
+pub struct Node {
+    /// Groups by name, in configuration order.
+    pub groups: Vec<Arc<Group>>,
+    /// Volume (export) name -> (group index, volume index).
+    exports: HashMap<String, (usize, u32)>,
+    /// The QUIC transport.
+    pub transport: Arc<Transport>,
+}
+
+impl Node {
+    /// Builds the node from opened groups.
+    pub fn new(groups: Vec<Arc<Group>>, transport: Arc<Transport>) -> Self {
+        let mut exports = HashMap::new();
+        for (gi, g) in groups.iter().enumerate() {
+            for v in &g.volumes {
+                exports.insert(v.name.clone(), (gi, v.index));
+            }
+        }
+        Self { groups, exports, transport }
+    }
+
+    /// The group named `name`.
+    pub fn group(&self, name: &str) -> Option<&Arc<Group>> {
+        self.groups.iter().find(|g| g.cfg.name == name)
+    }
+
+    /// Serves the group streams of one authenticated peer connection.
+    pub async fn serve_peer(self: Arc<Self>, pc: PeerConnection, shutdown: watch::Receiver<bool>) {
+        loop {
+            let (send, recv) = match pc.conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(peer = %pc.peer, "peer connection closed: {e}");
+                    return;
+                }
+            };
+            let node = self.clone();
+            let peer = pc.peer.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+                let open = match recv.expect("OpenGroup").await {
+                    Ok(Body::OpenGroup(o)) => o,
+                    Ok(other) => {
+                        tracing::warn!(%peer, "stream did not start with OpenGroup: {other:?}");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, "bad stream: {e}");
+                        return;
+                    }
+                };
+                let Some(group) = node.group(&open.group).cloned() else {
+                    let msg = format!("no group named {:?} is configured on this node", open.group);
+                    tracing::warn!(%peer, "refused replication session: {msg}");
+                    let _ = send
+                        .send(Body::OpenGroupReply(replicator_protocol::pb::OpenGroupReply {
+                            error: msg,
+                            durable_seq: 0,
+                            generation: 0,
+                        }))
+                        .await;
+                    send.finish();
+                    return;
+                };
+                serve_secondary(group, open, send, recv, peer, shutdown).await;
+            });
+        }
+    }
+}
+
+/// NBD view of one volume.
+#[derive(Debug)]
+pub struct VolumeExport {
+    group: Arc<Group>,
+    volume: u32,
+    size: u64,
+}
+
+fn to_export_error(e: WriteError) -> ExportError {
+    let errno = match &e {
+        WriteError::ReadOnly(_) => NbdErrno::Perm,
+        WriteError::OutOfRange { .. } => NbdErrno::NoSpc,
+        WriteError::Invalid(_) => NbdErrno::Inval,
+        WriteError::Io(_) | WriteError::Journal(_) | WriteError::Replication(_) => NbdErrno::Io,
+    };
+    ExportError::new(errno, e.to_string())
+}
+
+impl Export for VolumeExport {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        !self.group.writable()
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        // Any alignment is accepted: partial blocks are read-modify-written
+        // under the range sequencer (see volume.rs), so minimum 1 is honest.
+        BlockSizes { minimum: 1, preferred: 4096, maximum: crate::nbd::MAX_PAYLOAD }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
+        self.group.read(self.volume, offset, u64::from(len)).await.map_err(to_export_error)
+    }
+
+    async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), ExportError> {
+        self.group.write(self.volume, offset, WriteKind::Data(data), fua).await.map_err(to_export_error)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        self.group.write(self.volume, offset, WriteKind::Zeroes(u64::from(len)), fua).await.map_err(to_export_error)
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        self.group.write(self.volume, offset, WriteKind::Trim(u64::from(len)), fua).await.map_err(to_export_error)
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        self.group.flush().await.map_err(to_export_error)
+    }
+}
+
+impl ExportCatalog for Node {
+    type Export = VolumeExport;
+
+    fn list(&self) -> Vec<String> {
+        let mut names: Vec<(usize, u32, String)> =
+            self.exports.iter().map(|(n, (g, v))| (*g, *v, n.clone())).collect();
+        names.sort();
+        names.into_iter().map(|(_, _, n)| n).collect()
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<VolumeExport>, OpenError> {
+        let (gi, vi) = *self.exports.get(name).ok_or_else(|| OpenError::Unknown(name.to_string()))?;
+        let group = self.groups[gi].clone();
+        if group.role() == Role::Secondary {
+            return Err(OpenError::Refused(format!(
+                "volume {name} is the secondary replica of group {} ({}): it cannot be attached while replication runs into it",
+                group.cfg.name,
+                group.state()
+            )));
+        }
+        let size = group.volumes[vi as usize].size();
+        Ok(Arc::new(VolumeExport { group, volume: vi, size }))
+    }
+}

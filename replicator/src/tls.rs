@@ -1,0 +1,175 @@
+//! Mutual TLS for the QUIC transport (rustls + ring).
+//!
+//! Both sides present certificates from the configured CA. The listener
+//! requires a client certificate that chains to the CA; after the handshake
+//! each side checks that the other's certificate names the configured peer
+//! ([`peer_name`]). There is no plaintext mode.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+use crate::config::TlsPaths;
+use replicator_protocol::wire::ALPN;
+
+/// TLS set-up and peer identity errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("{path}: {message}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// This node's own certificate does not carry its node name.
+    #[error("{path}: this certificate is not issued for node {name:?} (node.name); issue one with `replicator cert issue --name {name}`")]
+    WrongOwnName {
+        /// The certificate file.
+        path: PathBuf,
+        /// node.name.
+        name: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("TLS client verifier: {0}")]
+    Verifier(String),
+    /// The peer presented no certificate.
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
+    /// The peer's certificate is valid but names none of the expected peers.
+    #[error("the peer's certificate names {presented:?}, which is not a configured peer (expected {expected:?})")]
+    UnexpectedPeer {
+        /// Names in the certificate.
+        presented: Vec<String>,
+        /// Configured peer names.
+        expected: Vec<String>,
+    },
+}
+
+/// Loaded CA, certificate chain and key.
+#[derive(Debug)]
+pub struct TlsIdentity {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn pem_err(path: &Path, message: impl std::fmt::Display) -> TlsError {
+    TlsError::Pem { path: path.to_path_buf(), message: message.to_string() }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, e))?;
+    if certs.is_empty() {
+        return Err(pem_err(path, "contains no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsIdentity {
+    /// Loads the files named in `[tls]` and checks that the certificate is
+    /// issued for `node_name`.
+    pub fn load(paths: &TlsPaths, node_name: &str) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in load_certs(&paths.ca)? {
+            roots.add(ca).map_err(|e| pem_err(&paths.ca, format!("not a usable CA certificate: {e}")))?;
+        }
+        let chain = load_certs(&paths.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| pem_err(&paths.key, e))?;
+        if certificate_names(&chain[0], &[node_name.to_string()]).is_err() {
+            return Err(TlsError::WrongOwnName { path: paths.cert.clone(), name: node_name.to_string() });
+        }
+        Ok(Self { roots: Arc::new(roots), chain, key })
+    }
+
+    /// QUIC server configuration: client certificates required.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        crypto.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicServerConfig::try_from(crypto).map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(transport_config());
+        Ok(config)
+    }
+
+    /// QUIC client configuration: server verified against the CA, our
+    /// certificate presented.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        crypto.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicClientConfig::try_from(crypto).map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(transport_config());
+        Ok(config)
+    }
+}
+
+/// Keep-alives detect a dead peer within a few seconds; records are large, so
+/// stream and connection windows allow a few hundred MiB in flight on long
+/// fat links.
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(5)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.stream_receive_window(quinn::VarInt::from_u32(256 << 20));
+    t.receive_window(quinn::VarInt::from_u32(512 << 20));
+    t.send_window(512 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    Arc::new(t)
+}
+
+/// Returns the first of `expected` that `cert` is valid for, or every DNS
+/// name it carries when none matches.
+fn certificate_names(cert: &CertificateDer<'_>, expected: &[String]) -> Result<String, Vec<String>> {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return Err(Vec::new());
+    };
+    for name in expected {
+        if let Ok(server_name) = ServerName::try_from(name.as_str()) {
+            if ee.verify_is_valid_for_subject_name(&server_name).is_ok() {
+                return Ok(name.clone());
+            }
+        }
+    }
+    Err(ee.valid_dns_names().map(str::to_string).collect())
+}
+
+/// The configured peer that the connection's certificate names. The chain
+/// was already verified against the CA during the handshake.
+pub fn peer_name(conn: &quinn::Connection, expected: &[String]) -> Result<String, TlsError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(TlsError::NoPeerCertificate)?;
+    let first = certs.first().ok_or(TlsError::NoPeerCertificate)?;
+    certificate_names(first, expected)
+        .map_err(|presented| TlsError::UnexpectedPeer { presented, expected: expected.to_vec() })
+}

@@ -1,0 +1,324 @@
+//! QUIC transport between the two daemons (quinn, mutual TLS, ALPN
+//! `replicator/1`).
+//!
+//! A dialer opens one connection per peer. Its first bidirectional stream is
+//! the session stream: `Hello` -> `HelloReply`, which negotiates the wire
+//! version (a mismatch is a clear error on both sides). Each replicated group
+//! then runs on its own bidirectional stream, opened by the group's primary
+//! with `OpenGroup`. Frames are length-delimited protobuf `Envelope`s
+//! (`replicator_protocol::wire`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use replicator_protocol::pb::{self, envelope::Body};
+use replicator_protocol::wire::{encode_frame, negotiate_version, FrameDecoder, WireError, SUPPORTED_VERSIONS};
+use tokio::sync::Mutex;
+
+use crate::config::Config;
+use crate::tls::{peer_name, TlsError, TlsIdentity};
+
+/// Transport errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// TLS set-up or peer identity.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Could not bind the UDP socket.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// Dialing failed.
+    #[error("cannot connect to {peer} at {addr}: {message}")]
+    Connect {
+        /// Peer name.
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        message: String,
+    },
+    /// The connection or stream failed.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// A malformed or hostile frame.
+    #[error("bad frame from peer: {0}")]
+    Wire(#[from] WireError),
+    /// The peer broke the protocol or refused.
+    #[error("{0}")]
+    Protocol(String),
+    /// No such peer in the configuration.
+    #[error("peer {0:?} is not configured")]
+    UnknownPeer(String),
+    /// Timed out.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+}
+
+/// Receiving half of a framed stream.
+#[derive(Debug)]
+pub struct FramedRecv {
+    inner: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FramedRecv {
+    /// Wraps a QUIC receive stream.
+    pub fn new(inner: quinn::RecvStream) -> Self {
+        Self { inner, decoder: FrameDecoder::new() }
+    }
+
+    /// Next envelope; `Ok(None)` when the peer finished the stream cleanly.
+    pub async fn recv(&mut self) -> Result<Option<pb::Envelope>, TransportError> {
+        loop {
+            if let Some(env) = self.decoder.decode()? {
+                return Ok(Some(env));
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.inner.read(&mut chunk).await {
+                Ok(Some(n)) => self.decoder.extend_from_slice(&chunk[..n]),
+                Ok(None) => {
+                    if self.decoder.buffered_len() > 0 {
+                        return Err(TransportError::Protocol("stream ended inside a frame".into()));
+                    }
+                    return Ok(None);
+                }
+                Err(e) => return Err(TransportError::Connection(e.to_string())),
+            }
+        }
+    }
+
+    /// Next envelope, or an error if the stream ends.
+    pub async fn expect(&mut self, what: &'static str) -> Result<Body, TransportError> {
+        match self.recv().await? {
+            Some(pb::Envelope { body: Some(Body::Error(e)) }) => Err(TransportError::Protocol(format!("peer: {}", e.message))),
+            Some(pb::Envelope { body: Some(b) }) => Ok(b),
+            Some(pb::Envelope { body: None }) => Err(TransportError::Protocol("empty envelope".into())),
+            None => Err(TransportError::Protocol(format!("stream closed while waiting for {what}"))),
+        }
+    }
+}
+
+/// Sending half of a framed stream, with a batch buffer.
+#[derive(Debug)]
+pub struct FramedSend {
+    inner: quinn::SendStream,
+    buf: BytesMut,
+}
+
+impl FramedSend {
+    /// Wraps a QUIC send stream.
+    pub fn new(inner: quinn::SendStream) -> Self {
+        Self { inner, buf: BytesMut::new() }
+    }
+
+    /// Adds an envelope to the batch.
+    pub fn queue(&mut self, body: Body) {
+        encode_frame(&pb::Envelope { body: Some(body) }, &mut self.buf);
+    }
+
+    /// Bytes queued and not yet sent.
+    pub fn queued(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Sends the batch.
+    pub async fn flush(&mut self) -> Result<(), TransportError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.buf.split().freeze();
+        self.inner.write_chunk(bytes).await.map_err(|e| TransportError::Connection(e.to_string()))
+    }
+
+    /// Queues and sends one envelope.
+    pub async fn send(&mut self, body: Body) -> Result<(), TransportError> {
+        self.queue(body);
+        self.flush().await
+    }
+
+    /// Finishes the stream (the peer sees a clean end).
+    pub fn finish(&mut self) {
+        let _ = self.inner.finish();
+    }
+}
+
+/// The QUIC endpoint and the peer connections it dialed.
+#[derive(Debug)]
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    node: String,
+    peers: HashMap<String, SocketAddr>,
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+}
+
+/// An accepted, authenticated connection from a peer.
+#[derive(Debug)]
+pub struct PeerConnection {
+    /// The peer's node name, from its certificate.
+    pub peer: String,
+    /// The connection.
+    pub conn: quinn::Connection,
+}
+
+impl Transport {
+    /// Binds the QUIC endpoint on `node.listen`.
+    pub fn bind(config: &Config) -> Result<Transport, TransportError> {
+        let identity = TlsIdentity::load(&config.tls, &config.node.name)?;
+        let server = identity.server_config()?;
+        let client = identity.client_config()?;
+        let socket = std::net::UdpSocket::bind(config.node.listen)
+            .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Connection("no async runtime for QUIC".into()))?;
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+            .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
+        Ok(Transport {
+            endpoint,
+            client,
+            node: config.node.name.clone(),
+            peers: config.peers.iter().map(|p| (p.name.clone(), p.address)).collect(),
+            conns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    fn peer_names(&self) -> Vec<String> {
+        self.peers.keys().cloned().collect()
+    }
+
+    /// Accepts the next authenticated peer connection. Failed handshakes are
+    /// logged with the reason and skipped. `None` when the endpoint closes.
+    pub async fn accept(&self) -> Option<PeerConnection> {
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, "refused incoming connection: TLS/QUIC handshake failed: {e}");
+                    continue;
+                }
+            };
+            match peer_name(&conn, &self.peer_names()) {
+                Ok(peer) => match self.answer_hello(&conn, &peer).await {
+                    Ok(()) => return Some(PeerConnection { peer, conn }),
+                    Err(e) => {
+                        tracing::warn!(%remote, %peer, "refused connection: {e}");
+                        conn.close(quinn::VarInt::from_u32(2), e.to_string().as_bytes());
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(%remote, "refused connection: {e}");
+                    conn.close(quinn::VarInt::from_u32(1), b"certificate does not name a configured peer");
+                }
+            }
+        }
+    }
+
+    async fn answer_hello(&self, conn: &quinn::Connection, peer: &str) -> Result<(), TransportError> {
+        let (send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+            .await
+            .map_err(|_| TransportError::Timeout("waiting for Hello"))?
+            .map_err(|e| TransportError::Connection(e.to_string()))?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        let hello = match tokio::time::timeout(Duration::from_secs(10), recv.expect("Hello")).await {
+            Ok(Ok(Body::Hello(h))) => h,
+            Ok(Ok(_)) => return Err(TransportError::Protocol("first message was not Hello".into())),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(TransportError::Timeout("waiting for Hello")),
+        };
+        if hello.node != peer {
+            let msg = format!("Hello names node {:?} but the certificate names {peer:?}", hello.node);
+            let _ = send.send(Body::HelloReply(pb::HelloReply { version: 0, node: self.node.clone(), error: msg.clone() })).await;
+            return Err(TransportError::Protocol(msg));
+        }
+        match negotiate_version(SUPPORTED_VERSIONS, &hello.versions) {
+            Ok(version) => {
+                send.send(Body::HelloReply(pb::HelloReply { version, node: self.node.clone(), error: String::new() })).await?;
+                send.finish();
+                tracing::info!(%peer, version, software = %hello.software, "peer connected");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = send
+                    .send(Body::HelloReply(pb::HelloReply { version: 0, node: self.node.clone(), error: e.to_string() }))
+                    .await;
+                send.finish();
+                // Give the reply a moment to leave before the caller closes.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(TransportError::Protocol(e.to_string()))
+            }
+        }
+    }
+
+    /// The connection to `peer`, dialing (and saying Hello) if needed.
+    pub async fn connect(&self, peer: &str) -> Result<quinn::Connection, TransportError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(peer) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+            conns.remove(peer);
+        }
+        let addr = *self.peers.get(peer).ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
+        let err = |message: String| TransportError::Connect { peer: peer.to_string(), addr, message };
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, peer)
+            .map_err(|e| err(e.to_string()))?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| err("handshake timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(Body::Hello(pb::Hello {
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            node: self.node.clone(),
+            software: format!("replicator {}", env!("CARGO_PKG_VERSION")),
+        }))
+        .await?;
+        let reply = match tokio::time::timeout(Duration::from_secs(10), recv.expect("HelloReply")).await {
+            Ok(Ok(Body::HelloReply(r))) => r,
+            Ok(Ok(_)) => return Err(err("peer answered Hello with something else".into())),
+            Ok(Err(e)) => return Err(err(e.to_string())),
+            Err(_) => return Err(err("no HelloReply within 10s".into())),
+        };
+        if !reply.error.is_empty() || reply.version == 0 {
+            return Err(err(format!("peer refused: {}", reply.error)));
+        }
+        tracing::info!(%peer, %addr, version = reply.version, "connected to peer");
+        conns.insert(peer.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens a framed bidirectional stream on a connection.
+    pub async fn open_stream(conn: &quinn::Connection) -> Result<(FramedSend, FramedRecv), TransportError> {
+        let (send, recv) = conn.open_bi().await.map_err(|e| TransportError::Connection(e.to_string()))?;
+        Ok((FramedSend::new(send), FramedRecv::new(recv)))
+    }
+
+    /// Closes every connection and the endpoint.
+    pub async fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    /// Shares the endpoint Arc-style for the accept loop.
+    pub fn into_arc(self) -> Arc<Transport> {
+        Arc::new(self)
+    }
+}
