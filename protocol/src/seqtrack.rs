@@ -28,7 +28,7 @@ impl SeqTracker {
         }
         if seq == self.through + 1 {
             self.through = seq;
-            while self.pending.first().is_some() {
+            while self.pending.first() == Some(&(self.through + 1)) {
                 self.pending.pop_first();
                 self.through += 1;
             }

@@ -195,6 +195,35 @@ struct Secondary {
     /// is still re-applying writes the image already had.
     replay_until: u64,
     last_ack_sent: Option<pb::Ack>,
+    /// Seqs of FUA records and flush requests received in this session.
+    flush_targets: BTreeSet<u64>,
+}
+
+/// What a run exercised, so the long runs can assert they reach the hard
+/// paths.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    primary_out_of_order: usize,
+    primary_waits: usize,
+    secondary_out_of_order: usize,
+    secondary_waits: usize,
+    crashes: usize,
+    replays_finished: usize,
+    flushes_due: usize,
+    frames_split: usize,
+}
+
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        self.primary_out_of_order += o.primary_out_of_order;
+        self.primary_waits += o.primary_waits;
+        self.secondary_out_of_order += o.secondary_out_of_order;
+        self.secondary_waits += o.secondary_waits;
+        self.crashes += o.crashes;
+        self.replays_finished += o.replays_finished;
+        self.flushes_due += o.flushes_due;
+        self.frames_split += o.frames_split;
+    }
 }
 
 #[derive(Debug)]
@@ -207,6 +236,8 @@ struct Sim {
     primary_model: ModelCache,
     secondary_model: ModelCache,
     steps: usize,
+    stats: Stats,
+    in_replay: bool,
 }
 
 fn payload_for(seq: u64, len: usize) -> Bytes {
@@ -254,12 +285,15 @@ impl Sim {
                 checkpoint: 0,
                 replay_until: 0,
                 last_ack_sent: None,
+                flush_targets: BTreeSet::new(),
             },
             p2s: VecDeque::new(),
             s2p: VecDeque::new(),
             primary_model: ModelCache::new(),
             secondary_model: ModelCache::new(),
             steps: 0,
+            stats: Stats::default(),
+            in_replay: false,
         }
     }
 
@@ -297,6 +331,9 @@ impl Sim {
         self.history.push(rec.clone());
         self.p.journal.insert(seq, rec);
         self.p.shipper.on_appended(seq);
+        if !deps.is_empty() {
+            self.stats.primary_waits += 1;
+        }
         self.p.in_flight.push((seq, deps));
     }
 
@@ -322,6 +359,9 @@ impl Sim {
         apply_to(&mut self.p.image, &self.history[(seq - 1) as usize]);
         self.p.seqr.finish(seq);
         self.p.done.insert(seq);
+        if !self.p.done.extras.is_empty() {
+            self.stats.primary_out_of_order += 1;
+        }
     }
 
     fn ship(&mut self, n: u8) {
@@ -406,12 +446,25 @@ impl Sim {
                     for d in &deps {
                         assert!(self.s.pending_ids.contains(d), "dependency on an unknown or applied record");
                     }
+                    if rec.fua {
+                        self.s.flush_targets.insert(rec.seq);
+                    }
+                    if !deps.is_empty() {
+                        self.stats.secondary_waits += 1;
+                    }
                     self.s.pending_ids.insert(id);
                     self.s.pending.push((id, rec, deps));
                 }
-                Some(Body::Flush(f)) => self.s.applier.on_flush_request(f.seq),
+                Some(Body::Flush(f)) => {
+                    self.s.flush_targets.insert(f.seq);
+                    self.s.applier.on_flush_request(f.seq);
+                }
                 other => panic!("unexpected message to secondary: {other:?}"),
             }
+        }
+        if self.s.frames_in.buffered_len() > 0 {
+            // A frame is only partly here.
+            self.stats.frames_split += 1;
         }
         self.send_ack();
     }
@@ -438,12 +491,17 @@ impl Sim {
         self.s.pending_ids.remove(&id);
         apply_to(&mut self.s.image, &rec);
         self.s.applied.insert(rec.seq);
+        if !self.s.applied.extras.is_empty() {
+            self.stats.secondary_out_of_order += 1;
+        }
         self.s.applier.on_applied(id);
         self.send_ack();
     }
 
     fn secondary_flush(&mut self, only_if_needed: bool) {
-        if only_if_needed && !self.s.applier.needs_flush() {
+        if self.s.applier.needs_flush() {
+            self.stats.flushes_due += 1;
+        } else if only_if_needed {
             return;
         }
         let (seq, copy) = self.s.applier.durable_barrier();
@@ -463,6 +521,7 @@ impl Sim {
     fn drop_pending(&mut self) {
         self.s.pending.clear();
         self.s.pending_ids.clear();
+        self.s.flush_targets.clear();
     }
 
     fn link_drop(&mut self, drain: bool) {
@@ -486,6 +545,7 @@ impl Sim {
         self.s.image = self.s.snapshot.image.clone();
         self.s.applied = self.s.snapshot.applied.clone();
         self.s.replay_until = self.s.applied.max();
+        self.stats.crashes += 1;
         // Restart from the persisted checkpoint.
         self.s.applier = Applier::with_checkpoint(self.s.checkpoint, self.s.checkpoint);
         self.reconnect();
@@ -525,8 +585,18 @@ impl Sim {
         );
         assert!(a.checkpoint_seq == self.s.checkpoint);
 
+        // FUA records and flush requests: a flush is due exactly when one of
+        // them is applied but not durable.
+        let due = self.s.flush_targets.iter().any(|&t| a.durable_seq < t && t <= a.applied_seq);
+        assert_eq!(self.s.applier.needs_flush(), due, "step {step}: needs_flush wrong, targets {:?}, ack {a:?}", self.s.flush_targets);
+
         // Write-order fidelity.
-        if self.s.applier.applied() >= self.s.replay_until {
+        let replaying = self.s.applier.applied() < self.s.replay_until;
+        if self.in_replay && !replaying {
+            self.stats.replays_finished += 1;
+        }
+        self.in_replay = replaying;
+        if !replaying {
             assert!(
                 self.s.applied.prefix >= self.s.applier.applied(),
                 "step {step}: applied_seq {} but the image misses a write at or below it (has through {})",
@@ -589,12 +659,13 @@ impl Sim {
     }
 }
 
-fn run(ops: &[Op]) {
+fn run(ops: &[Op]) -> Stats {
     let mut sim = Sim::new();
     for op in ops {
         sim.step(op);
     }
     sim.drain();
+    sim.stats
 }
 
 proptest! {
@@ -602,7 +673,7 @@ proptest! {
 
     #[test]
     fn random_interaction(ops in proptest::collection::vec(arb_op(), 1..250)) {
-        run(&ops);
+        let _ = run(&ops);
     }
 }
 
@@ -644,12 +715,20 @@ fn seeded_op(rng: &mut Rng) -> Op {
     }
 }
 
-/// Long deterministic scenarios (VOPR-style): same seed, same run.
+/// Long deterministic scenarios (VOPR-style): same seed, same run. Also
+/// asserts that the runs reach the interesting paths, so that a change that
+/// makes the simulation trivial does not go unnoticed.
 #[test]
 fn seeded_long_runs() {
+    let mut total = Stats::default();
     for seed in 1..=6u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let ops: Vec<Op> = (0..2500).map(|_| seeded_op(&mut rng)).collect();
-        run(&ops);
+        total += run(&ops);
     }
+    println!("{total:?}");
+    assert!(total.primary_out_of_order > 0 && total.primary_waits > 0, "{total:?}");
+    assert!(total.secondary_out_of_order > 0 && total.secondary_waits > 0, "{total:?}");
+    assert!(total.crashes > 0 && total.replays_finished > 0, "{total:?}");
+    assert!(total.flushes_due > 0 && total.frames_split > 0, "{total:?}");
 }

@@ -179,8 +179,13 @@ impl Transport {
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Connection("no async runtime for QUIC".into()))?;
-        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        let inner = runtime
+            .wrap_udp_socket(socket)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
+        let socket = Arc::new(InspectingSocket { inner, last_log: std::sync::Mutex::new(None) });
+        let endpoint =
+            quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+                .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         Ok(Transport {
             endpoint,
             client,
@@ -320,5 +325,114 @@ impl Transport {
     /// Shares the endpoint Arc-style for the accept loop.
     pub fn into_arc(self) -> Arc<Transport> {
         Arc::new(self)
+    }
+}
+
+/// Wraps the endpoint's UDP socket to log datagrams that cannot be QUIC
+/// (plaintext clients, port scanners, a misconfigured peer): quinn drops them
+/// silently, and an admin deserves a line saying why nothing connects.
+/// Behaviour is unchanged; logging is limited to one line per second.
+#[derive(Debug)]
+struct InspectingSocket {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    last_log: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Why a datagram cannot be a QUIC v1 packet for this endpoint, if so.
+fn not_quic(datagram: &[u8]) -> Option<&'static str> {
+    let first = *datagram.first()?;
+    if first & 0x80 != 0 {
+        if datagram.len() < 5 {
+            return Some("truncated long header");
+        }
+        let version = u32::from_be_bytes([datagram[1], datagram[2], datagram[3], datagram[4]]);
+        if version == 0 {
+            return None; // version negotiation
+        }
+        if first & 0x40 == 0 {
+            return Some("fixed bit clear");
+        }
+        if version != 1 {
+            return Some("unsupported QUIC version");
+        }
+        if (first & 0x30) >> 4 == 0 && datagram.len() < 1200 {
+            return Some("Initial packet shorter than 1200 bytes");
+        }
+        None
+    } else if first & 0x40 == 0 {
+        Some("fixed bit clear")
+    } else if datagram.len() < 26 {
+        Some("too short for a short-header packet")
+    } else {
+        None
+    }
+}
+
+impl quinn::AsyncUdpSocket for InspectingSocket {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = self.inner.poll_recv(cx, bufs, meta);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
+                let len = m.len.min(m.stride.max(1)).min(buf.len());
+                if let Some(why) = not_quic(&buf[..len]) {
+                    let mut last = self.last_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        *last = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            remote = %m.addr,
+                            bytes = m.len,
+                            "dropped a datagram that is not a QUIC packet ({why}): replicator speaks only QUIC with mutual TLS, there is no plaintext mode"
+                        );
+                    }
+                }
+            }
+        }
+        polled
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_quic;
+
+    #[test]
+    fn recognises_non_quic_datagrams() {
+        assert!(not_quic(b"hello, plaintext").is_some());
+        assert!(not_quic(&[0x00; 40]).is_some());
+        let mut initial = vec![0xc0, 0, 0, 0, 1];
+        initial.resize(1200, 0);
+        assert_eq!(not_quic(&initial), None);
+        initial.truncate(300);
+        assert!(not_quic(&initial).is_some());
+        assert_eq!(not_quic(&[0x40; 40]), None);
     }
 }

@@ -38,6 +38,7 @@ where
     W: AsyncWrite + Unpin,
 {
     writer.write_all(&proto::greeting()).await?;
+    writer.flush().await?;
     let client_flags = reader.read_u32().await?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(CloseReason::Protocol(format!(
@@ -47,6 +48,7 @@ where
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
     loop {
+        writer.flush().await?;
         let mut raw = [0u8; OPTION_HEADER_LEN];
         reader.read_exact(&mut raw).await?;
         let header = OptionHeader::decode(&raw);
@@ -70,7 +72,10 @@ where
             OPT_EXPORT_NAME => return export_name(writer, catalog, &data, no_zeroes).await,
             OPT_ABORT => {
                 // The client may already have gone; the reply is a courtesy.
-                let _ = writer.write_all(&proto::option_reply(option, REP_ACK, &[])).await;
+                let _ = writer
+                    .write_all(&proto::option_reply(option, REP_ACK, &[]))
+                    .await;
+                let _ = writer.flush().await;
                 return Err(CloseReason::Abort);
             }
             OPT_LIST => list(writer, catalog, &data).await?,
@@ -80,16 +85,24 @@ where
                 }
             }
             OPT_STARTTLS => {
-                let message = "TLS is not supported: connect over the local Unix socket or loopback TCP";
-                writer.write_all(&proto::option_error(option, REP_ERR_POLICY, message)).await?;
+                let message =
+                    "TLS is not supported: connect over the local Unix socket or loopback TCP";
+                writer
+                    .write_all(&proto::option_error(option, REP_ERR_POLICY, message))
+                    .await?;
             }
             OPT_STRUCTURED_REPLY => {
-                let message = "structured replies are not supported; this server sends simple replies";
-                writer.write_all(&proto::option_error(option, REP_ERR_UNSUP, message)).await?;
+                let message =
+                    "structured replies are not supported; this server sends simple replies";
+                writer
+                    .write_all(&proto::option_error(option, REP_ERR_UNSUP, message))
+                    .await?;
             }
             _ => {
                 let message = format!("option {option} is not supported");
-                writer.write_all(&proto::option_error(option, REP_ERR_UNSUP, &message)).await?;
+                writer
+                    .write_all(&proto::option_error(option, REP_ERR_UNSUP, &message))
+                    .await?;
             }
         }
     }
@@ -111,14 +124,21 @@ where
         return Err(CloseReason::Protocol("export name is not UTF-8".into()));
     };
     if requested.len() > MAX_STRING_LEN {
-        return Err(CloseReason::Protocol("export name longer than 4096 bytes".into()));
+        return Err(CloseReason::Protocol(
+            "export name longer than 4096 bytes".into(),
+        ));
     }
     match open(catalog, requested) {
         Ok((name, export)) => {
             let params = ExportParams::of(&*export);
             writer
-                .write_all(&proto::export_name_reply(params.size, params.flags, no_zeroes))
+                .write_all(&proto::export_name_reply(
+                    params.size,
+                    params.flags,
+                    no_zeroes,
+                ))
                 .await?;
+            writer.flush().await?;
             Ok(Negotiated {
                 name,
                 export,
@@ -138,7 +158,11 @@ where
     let out = if data.is_empty() {
         let mut out = Vec::new();
         for name in catalog.list() {
-            out.extend(proto::option_reply(OPT_LIST, REP_SERVER, &proto::rep_server(&name)));
+            out.extend(proto::option_reply(
+                OPT_LIST,
+                REP_SERVER,
+                &proto::rep_server(&name),
+            ));
         }
         out.extend(proto::option_reply(OPT_LIST, REP_ACK, &[]));
         out
@@ -164,7 +188,9 @@ where
     let request = match proto::decode_info_request(data) {
         Ok(request) => request,
         Err(message) => {
-            writer.write_all(&proto::option_error(option, REP_ERR_INVALID, message)).await?;
+            writer
+                .write_all(&proto::option_error(option, REP_ERR_INVALID, message))
+                .await?;
             return Ok(None);
         }
     };
@@ -174,19 +200,34 @@ where
             reply_type,
             message,
         }) => {
-            writer.write_all(&proto::option_error(option, reply_type, &message)).await?;
+            writer
+                .write_all(&proto::option_error(option, reply_type, &message))
+                .await?;
             return Ok(None);
         }
     };
     let params = ExportParams::of(&*export);
-    let mut out = proto::option_reply(option, REP_INFO, &proto::info_export(params.size, params.flags));
+    let mut out = proto::option_reply(
+        option,
+        REP_INFO,
+        &proto::info_export(params.size, params.flags),
+    );
     if request.requests.contains(&INFO_NAME) {
-        out.extend(proto::option_reply(option, REP_INFO, &proto::info_name(&name)));
+        out.extend(proto::option_reply(
+            option,
+            REP_INFO,
+            &proto::info_name(&name),
+        ));
     }
     // Always sent: the constraints are enforced whether or not asked for.
-    out.extend(proto::option_reply(option, REP_INFO, &proto::info_block_size(params.sizes)));
+    out.extend(proto::option_reply(
+        option,
+        REP_INFO,
+        &proto::info_block_size(params.sizes),
+    ));
     out.extend(proto::option_reply(option, REP_ACK, &[]));
     writer.write_all(&out).await?;
+    writer.flush().await?;
     Ok((option == OPT_GO).then_some(Negotiated {
         name,
         export,
@@ -204,7 +245,10 @@ struct Refusal {
 
 /// Opens `requested` (empty: the default export, which exists only when the
 /// catalog holds exactly one). Returns the canonical name and the export.
-fn open<C: ExportCatalog>(catalog: &C, requested: &str) -> Result<(String, Arc<C::Export>), Refusal> {
+fn open<C: ExportCatalog>(
+    catalog: &C,
+    requested: &str,
+) -> Result<(String, Arc<C::Export>), Refusal> {
     let name = if requested.is_empty() {
         match <[String; 1]>::try_from(catalog.list()) {
             Ok([only]) => only,

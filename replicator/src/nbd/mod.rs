@@ -144,7 +144,9 @@ impl ExportError {
 /// `read` and `write` lengths are at most the negotiated maximum payload
 /// (`trim`/`write_zeroes` may be longer); write-type methods are not called
 /// while `read_only()` is true. Every returned future is polled to
-/// completion.
+/// completion. Requests in flight together may reach these methods in any
+/// order (NBD gives them no order); keeping overlapping writes in a
+/// consistent order is the export's job.
 pub trait Export: Send + Sync + 'static {
     /// Size in bytes.
     fn size(&self) -> u64;

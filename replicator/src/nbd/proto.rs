@@ -208,7 +208,11 @@ pub(super) fn option_reply(option: u32, reply_type: u32, payload: &[u8]) -> Vec<
 
 /// An error reply carrying a human-readable message.
 pub(super) fn option_error(option: u32, reply_type: u32, message: &str) -> Vec<u8> {
-    option_reply(option, reply_type, truncate_str(message, MAX_STRING_LEN).as_bytes())
+    option_reply(
+        option,
+        reply_type,
+        truncate_str(message, MAX_STRING_LEN).as_bytes(),
+    )
 }
 
 /// Payload of `NBD_REP_SERVER`: the export name.
@@ -438,6 +442,9 @@ mod tests {
         assert_eq!(truncate_str("héllo", 3), "hé");
         assert_eq!(truncate_str("hi", 10), "hi");
         let long = "x".repeat(5000);
-        assert_eq!(option_error(1, REP_ERR_POLICY, &long).len(), 20 + MAX_STRING_LEN);
+        assert_eq!(
+            option_error(1, REP_ERR_POLICY, &long).len(),
+            20 + MAX_STRING_LEN
+        );
     }
 }

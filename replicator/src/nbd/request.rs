@@ -58,11 +58,26 @@ pub(super) fn legal_block_sizes(sizes: BlockSizes) -> BlockSizes {
 /// A validated request, ready to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Command {
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     /// The `len` payload bytes follow the header.
-    Write { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, fua: bool },
-    Trim { offset: u64, len: u32, fua: bool },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
     Disconnect,
 }
@@ -72,14 +87,21 @@ pub(super) enum Command {
 pub(super) enum Decision {
     Run(Command),
     /// Reply with `errno`; first read and discard `discard` payload bytes.
-    Reject { errno: NbdErrno, discard: u32 },
+    Reject {
+        errno: NbdErrno,
+        discard: u32,
+    },
     /// The stream cannot be trusted any more: close the connection.
     Close(String),
 }
 
 /// Validates `request` against the negotiated `params`. `read_only_now` is
 /// the export's current state (it may have been demoted since the handshake).
-pub(super) fn decide(request: &RequestHeader, params: &ExportParams, read_only_now: bool) -> Decision {
+pub(super) fn decide(
+    request: &RequestHeader,
+    params: &ExportParams,
+    read_only_now: bool,
+) -> Decision {
     if request.magic != REQUEST_MAGIC {
         return Decision::Close(format!("bad request magic {:#010x}", request.magic));
     }
@@ -103,7 +125,11 @@ pub(super) fn decide(request: &RequestHeader, params: &ExportParams, read_only_n
 }
 
 /// The command `request` asks for, or the error to reply with.
-fn validate(request: &RequestHeader, params: &ExportParams, read_only: bool) -> Result<Command, NbdErrno> {
+fn validate(
+    request: &RequestHeader,
+    params: &ExportParams,
+    read_only: bool,
+) -> Result<Command, NbdErrno> {
     let RequestHeader {
         flags,
         kind,
@@ -171,7 +197,12 @@ fn writable(read_only: bool) -> Result<(), NbdErrno> {
 /// Non-empty, within the export (`beyond_end` otherwise), and aligned to the
 /// minimum block size (a range ending exactly at the end of the export may
 /// have an unaligned length).
-fn check_range(offset: u64, len: u32, params: &ExportParams, beyond_end: NbdErrno) -> Result<(), NbdErrno> {
+fn check_range(
+    offset: u64,
+    len: u32,
+    params: &ExportParams,
+    beyond_end: NbdErrno,
+) -> Result<(), NbdErrno> {
     if len == 0 {
         return Err(NbdErrno::Inval);
     }
@@ -228,7 +259,10 @@ mod tests {
     fn valid_requests_run() {
         assert_eq!(
             decide_rw(req(CMD_READ, 0, 0, 4096)),
-            Decision::Run(Command::Read { offset: 0, len: 4096 })
+            Decision::Run(Command::Read {
+                offset: 0,
+                len: 4096
+            })
         );
         assert_eq!(
             decide_rw(req(CMD_WRITE, CMD_FLAG_FUA, SIZE - 512, 512)),
@@ -254,21 +288,42 @@ mod tests {
                 fua: false
             })
         );
-        assert_eq!(decide_rw(req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0)), Decision::Run(Command::Flush));
-        assert_eq!(decide_rw(req(CMD_DISC, 0, 0, 0)), Decision::Run(Command::Disconnect));
+        assert_eq!(
+            decide_rw(req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0)),
+            Decision::Run(Command::Flush)
+        );
+        assert_eq!(
+            decide_rw(req(CMD_DISC, 0, 0, 0)),
+            Decision::Run(Command::Disconnect)
+        );
     }
 
     #[test]
     fn beyond_the_end() {
-        assert_eq!(decide_rw(req(CMD_READ, 0, SIZE - 512, 1024)), reject(NbdErrno::Inval, 0));
-        assert_eq!(decide_rw(req(CMD_WRITE, 0, SIZE, 512)), reject(NbdErrno::NoSpc, 512));
+        assert_eq!(
+            decide_rw(req(CMD_READ, 0, SIZE - 512, 1024)),
+            reject(NbdErrno::Inval, 0)
+        );
+        assert_eq!(
+            decide_rw(req(CMD_WRITE, 0, SIZE, 512)),
+            reject(NbdErrno::NoSpc, 512)
+        );
         assert_eq!(
             decide_rw(req(CMD_WRITE_ZEROES, 0, SIZE - 512, 1024)),
             reject(NbdErrno::NoSpc, 0)
         );
-        assert_eq!(decide_rw(req(CMD_TRIM, 0, SIZE - 512, 1024)), reject(NbdErrno::Inval, 0));
-        assert_eq!(decide_rw(req(CMD_READ, 0, u64::MAX - 511, 1024)), reject(NbdErrno::Inval, 0));
-        assert_eq!(decide_rw(req(CMD_WRITE, 0, u64::MAX - 511, 1024)), reject(NbdErrno::NoSpc, 1024));
+        assert_eq!(
+            decide_rw(req(CMD_TRIM, 0, SIZE - 512, 1024)),
+            reject(NbdErrno::Inval, 0)
+        );
+        assert_eq!(
+            decide_rw(req(CMD_READ, 0, u64::MAX - 511, 1024)),
+            reject(NbdErrno::Inval, 0)
+        );
+        assert_eq!(
+            decide_rw(req(CMD_WRITE, 0, u64::MAX - 511, 1024)),
+            reject(NbdErrno::NoSpc, 1024)
+        );
     }
 
     #[test]
@@ -276,10 +331,22 @@ mod tests {
         for kind in [CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
             assert_eq!(decide_rw(req(kind, 0, 0, 0)), reject(NbdErrno::Inval, 0));
         }
-        assert_eq!(decide_rw(req(CMD_READ, 0, 100, 512)), reject(NbdErrno::Inval, 0));
-        assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, 100)), reject(NbdErrno::Inval, 100));
-        assert_eq!(decide_rw(req(CMD_READ, 0, 0, 65536 + 512)), reject(NbdErrno::Inval, 0));
-        assert!(matches!(decide_rw(req(CMD_WRITE, 0, 0, 65536 + 512)), Decision::Close(_)));
+        assert_eq!(
+            decide_rw(req(CMD_READ, 0, 100, 512)),
+            reject(NbdErrno::Inval, 0)
+        );
+        assert_eq!(
+            decide_rw(req(CMD_WRITE, 0, 0, 100)),
+            reject(NbdErrno::Inval, 100)
+        );
+        assert_eq!(
+            decide_rw(req(CMD_READ, 0, 0, 65536 + 512)),
+            reject(NbdErrno::Inval, 0)
+        );
+        assert!(matches!(
+            decide_rw(req(CMD_WRITE, 0, 0, 65536 + 512)),
+            Decision::Close(_)
+        ));
         // Read-only and out-of-range do not save an oversized write.
         assert!(matches!(
             decide(&req(CMD_WRITE, 0, SIZE, 1 << 30), &params(true), true),
@@ -293,16 +360,31 @@ mod tests {
         p.size = SIZE + 100;
         assert_eq!(
             decide(&req(CMD_READ, 0, SIZE, 100), &p, false),
-            Decision::Run(Command::Read { offset: SIZE, len: 100 })
+            Decision::Run(Command::Read {
+                offset: SIZE,
+                len: 100
+            })
         );
-        assert_eq!(decide(&req(CMD_READ, 0, SIZE, 50), &p, false), reject(NbdErrno::Inval, 0));
+        assert_eq!(
+            decide(&req(CMD_READ, 0, SIZE, 50), &p, false),
+            reject(NbdErrno::Inval, 0)
+        );
     }
 
     #[test]
     fn flags() {
-        assert_eq!(decide_rw(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)), reject(NbdErrno::Inval, 0));
-        assert_eq!(decide_rw(req(CMD_WRITE, 1 << 2, 0, 512)), reject(NbdErrno::Inval, 512));
-        assert_eq!(decide_rw(req(CMD_FLUSH, 1 << 15, 0, 0)), reject(NbdErrno::Inval, 0));
+        assert_eq!(
+            decide_rw(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)),
+            reject(NbdErrno::Inval, 0)
+        );
+        assert_eq!(
+            decide_rw(req(CMD_WRITE, 1 << 2, 0, 512)),
+            reject(NbdErrno::Inval, 512)
+        );
+        assert_eq!(
+            decide_rw(req(CMD_FLUSH, 1 << 15, 0, 0)),
+            reject(NbdErrno::Inval, 0)
+        );
         assert_eq!(
             decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)),
             reject(NbdErrno::NotSup, 0)
@@ -326,15 +408,24 @@ mod tests {
     #[test]
     fn read_only() {
         let ro = params(true);
-        assert_eq!(decide(&req(CMD_WRITE, 0, 0, 512), &ro, true), reject(NbdErrno::Perm, 512));
-        assert_eq!(decide(&req(CMD_TRIM, 0, 0, 512), &ro, true), reject(NbdErrno::Perm, 0));
+        assert_eq!(
+            decide(&req(CMD_WRITE, 0, 0, 512), &ro, true),
+            reject(NbdErrno::Perm, 512)
+        );
+        assert_eq!(
+            decide(&req(CMD_TRIM, 0, 0, 512), &ro, true),
+            reject(NbdErrno::Perm, 0)
+        );
         assert_eq!(
             decide(&req(CMD_WRITE_ZEROES, 0, 0, 512), &ro, true),
             reject(NbdErrno::Perm, 0)
         );
         assert_eq!(
             decide(&req(CMD_READ, 0, 0, 512), &ro, true),
-            Decision::Run(Command::Read { offset: 0, len: 512 })
+            Decision::Run(Command::Read {
+                offset: 0,
+                len: 512
+            })
         );
         // Demoted after the handshake.
         assert_eq!(

@@ -261,7 +261,8 @@ async fn connection<C, R, W>(
                 shutdown_grace: options.shutdown_grace,
             };
             let reason =
-                transmission::serve(&mut reader, write, export, params, limits, &mut shutdown).await;
+                transmission::serve(&mut reader, write, export, params, limits, &mut shutdown)
+                    .await;
             (Some(name), reason)
         }
     };

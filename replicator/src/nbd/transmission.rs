@@ -183,7 +183,10 @@ async fn read_header<R: AsyncRead + Unpin>(
 
 /// Reads and drops the payload of a rejected write, keeping the stream in
 /// step.
-async fn discard_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> Result<(), CloseReason> {
+async fn discard_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: u32,
+) -> Result<(), CloseReason> {
     let want = u64::from(len);
     let got = tokio::io::copy(&mut (&mut *reader).take(want), &mut tokio::io::sink()).await?;
     if got < want {
@@ -203,10 +206,25 @@ fn truncated(err: io::Error, what: &'static str) -> CloseReason {
 /// A validated request with its payload, ready for the export.
 #[derive(Debug)]
 enum Job {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: AlignedBuf, fua: bool },
-    WriteZeroes { offset: u64, len: u32, fua: bool },
-    Trim { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: AlignedBuf,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
 }
 
@@ -245,7 +263,9 @@ async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard) {
             Err(err) => Err(err),
         },
         Job::Write { offset, data, fua } => export.write(offset, data, fua).await.map(|()| None),
-        Job::WriteZeroes { offset, len, fua } => export.write_zeroes(offset, len, fua).await.map(|()| None),
+        Job::WriteZeroes { offset, len, fua } => {
+            export.write_zeroes(offset, len, fua).await.map(|()| None)
+        }
         Job::Trim { offset, len, fua } => export.trim(offset, len, fua).await.map(|()| None),
         Job::Flush => export.flush().await.map(|()| None),
     };
@@ -317,11 +337,15 @@ impl Drop for ReplyGuard {
 
 /// Writes replies until every sender is gone, then shuts down the write
 /// side. Replies ready together are written together and flushed once.
-async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut queue: UnboundedReceiver<Reply>) -> io::Result<()> {
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut queue: UnboundedReceiver<Reply>,
+) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(REPLY_BUFFER, writer);
     while let Some(mut reply) = queue.recv().await {
         loop {
-            out.write_all(&proto::simple_reply_header(reply.error, reply.cookie)).await?;
+            out.write_all(&proto::simple_reply_header(reply.error, reply.cookie))
+                .await?;
             if let Some(data) = &reply.data {
                 out.write_all(data).await?;
             }
@@ -366,10 +390,18 @@ impl Budget {
     /// Waits for one request slot and `bytes` bytes of data.
     async fn acquire(&self, bytes: u32) -> Result<Permits, CloseReason> {
         let closed = |_| CloseReason::Io(io::Error::other("request budget closed"));
-        let request = Arc::clone(&self.requests).acquire_owned().await.map_err(closed)?;
+        let request = Arc::clone(&self.requests)
+            .acquire_owned()
+            .await
+            .map_err(closed)?;
         let bytes = match bytes.min(self.max_bytes) {
             0 => None,
-            n => Some(Arc::clone(&self.bytes).acquire_many_owned(n).await.map_err(closed)?),
+            n => Some(
+                Arc::clone(&self.bytes)
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(closed)?,
+            ),
         };
         Ok(Permits {
             _request: request,

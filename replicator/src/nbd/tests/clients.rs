@@ -12,7 +12,11 @@ use super::*;
 /// The tool's path, or `None` (with a note) if it is not installed.
 fn tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).collect::<Vec<_>>())
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default()
         .into_iter()
         .find(|path| path.is_file());
@@ -65,14 +69,19 @@ async fn qemu_io(qemu_io: &Path, server: &Server, name: &str, commands: &[&str])
     let (ok, output) = run(qemu_io, args).await;
     assert!(ok, "qemu-io failed:\n{output}");
     for bad in ["failed", "error", "Error", "Pattern verification"] {
-        assert!(!output.contains(bad), "qemu-io reported a problem:\n{output}");
+        assert!(
+            !output.contains(bad),
+            "qemu-io reported a problem:\n{output}"
+        );
     }
     output
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qemu_io_reads_and_writes() {
-    let Some(qemu_io_path) = tool("qemu-io") else { return };
+    let Some(qemu_io_path) = tool("qemu-io") else {
+        return;
+    };
     let server = Server::start(MemCatalog::standard());
     let export = server.export("vol");
     export.fill(0, SIZE as usize, 0xee);
@@ -109,7 +118,9 @@ async fn qemu_io_reads_and_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qemu_io_keeps_many_requests_in_flight() {
-    let Some(qemu_io_path) = tool("qemu-io") else { return };
+    let Some(qemu_io_path) = tool("qemu-io") else {
+        return;
+    };
     let server = Server::start(MemCatalog::standard());
     let export = server.export("vol");
     // Slow enough that qemu's requests pile up in the server.
@@ -137,14 +148,19 @@ async fn qemu_io_keeps_many_requests_in_flight() {
         export.assert_bytes(i as u64 * 65536, &[*p; 65536]);
     }
     let overlap = export.max_in_flight.load(Ordering::SeqCst);
-    assert!(overlap >= 4, "requests were not processed concurrently (max {overlap} in flight)");
+    assert!(
+        overlap >= 4,
+        "requests were not processed concurrently (max {overlap} in flight)"
+    );
     assert!(export.flushes.load(Ordering::SeqCst) >= 1);
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qemu_io_sees_read_only_exports_and_refusals() {
-    let Some(qemu_io_path) = tool("qemu-io") else { return };
+    let Some(qemu_io_path) = tool("qemu-io") else {
+        return;
+    };
     let server = Server::start(MemCatalog::standard());
     server.export("ro").fill(0, 4096, 0x42);
 
@@ -164,15 +180,23 @@ async fn qemu_io_sees_read_only_exports_and_refusals() {
     assert!(ok && !output.contains("failed"), "{output}");
 
     let (_, output) = run(&qemu_io_path, args("locked", "read 0 4k")).await;
-    assert!(output.contains(LOCKED_MESSAGE), "refusal message not shown:\n{output}");
+    assert!(
+        output.contains(LOCKED_MESSAGE),
+        "refusal message not shown:\n{output}"
+    );
     let (_, output) = run(&qemu_io_path, args("nope", "read 0 4k")).await;
-    assert!(output.contains("nope"), "unknown export not reported:\n{output}");
+    assert!(
+        output.contains("nope"),
+        "unknown export not reported:\n{output}"
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nbdinfo_reports_what_clients_depend_on() {
-    let Some(nbdinfo) = tool("nbdinfo") else { return };
+    let Some(nbdinfo) = tool("nbdinfo") else {
+        return;
+    };
     let server = Server::start(MemCatalog::standard());
     let uri = format!("nbd+unix:///vol?socket={}", server.sock.display());
 
@@ -191,7 +215,10 @@ async fn nbdinfo_reports_what_clients_depend_on() {
         format!("\"block_size_preferred\":{}", SIZES.preferred),
         format!("\"block_size_maximum\":{}", SIZES.maximum),
     ] {
-        assert!(compact.contains(&expected), "missing {expected} in:\n{output}");
+        assert!(
+            compact.contains(&expected),
+            "missing {expected} in:\n{output}"
+        );
     }
 
     let ro_uri = format!("nbd+unix:///ro?socket={}", server.sock.display());

@@ -78,7 +78,9 @@ async fn info_reports_size_flags_name_and_block_sizes() {
     let mut client = RawClient::connect(&server.sock).await;
     client.greet(3).await;
 
-    let (infos, last) = client.info(OPT_INFO, "vol", &[INFO_BLOCK_SIZE, INFO_NAME]).await;
+    let (infos, last) = client
+        .info(OPT_INFO, "vol", &[INFO_BLOCK_SIZE, INFO_NAME])
+        .await;
     assert_eq!(last.kind, REP_ACK);
     let info = parse_infos(&infos);
     assert_eq!(info.size, SIZE);
@@ -105,7 +107,10 @@ async fn export_name_with_and_without_zero_padding() {
         client.greet(client_flags).await;
         client.send_option(OPT_EXPORT_NAME, b"vol").await;
         let reply = client.read_exact(10 + padding).await;
-        assert_eq!(u64::from_be_bytes(reply[..8].try_into().expect("8 bytes")), SIZE);
+        assert_eq!(
+            u64::from_be_bytes(reply[..8].try_into().expect("8 bytes")),
+            SIZE
+        );
         assert_eq!(u16::from_be_bytes([reply[8], reply[9]]), RW_FLAGS);
         assert!(reply[10..].iter().all(|&b| b == 0));
         // The next bytes are the read's reply: nothing extra was sent.
@@ -126,12 +131,16 @@ async fn unknown_options_get_err_unsup_and_the_session_continues() {
         (OPT_STRUCTURED_REPLY, &[][..], REP_ERR_UNSUP),
         (9, &[0, 0, 0, 0, 0, 0, 0, 0][..], REP_ERR_UNSUP), // LIST_META_CONTEXT
         (10, &[0, 0, 0, 0, 0, 0, 0, 0][..], REP_ERR_UNSUP), // SET_META_CONTEXT
-        (11, &[][..], REP_ERR_UNSUP),                       // EXTENDED_HEADERS
+        (11, &[][..], REP_ERR_UNSUP),                      // EXTENDED_HEADERS
         (OPT_STARTTLS, &[][..], REP_ERR_POLICY),
     ] {
         client.send_option(option, data).await;
         let reply = client.option_reply().await;
-        assert_eq!((reply.option, reply.kind), (option, expected), "option {option}");
+        assert_eq!(
+            (reply.option, reply.kind),
+            (option, expected),
+            "option {option}"
+        );
         assert!(!message(&reply).is_empty());
     }
     assert_usable(&mut client).await;
@@ -185,7 +194,10 @@ async fn default_export_only_when_there_is_exactly_one() {
     client.greet(3).await;
     client.send_option(OPT_EXPORT_NAME, b"").await;
     let reply = client.read_exact(10).await;
-    assert_eq!(u64::from_be_bytes(reply[..8].try_into().expect("8 bytes")), SIZE);
+    assert_eq!(
+        u64::from_be_bytes(reply[..8].try_into().expect("8 bytes")),
+        SIZE
+    );
     server.stop().await;
 
     let server = Server::start(MemCatalog::standard());
@@ -210,7 +222,11 @@ async fn malformed_info_requests_are_invalid() {
     for data in [vec![0, 0], bad_count, long_name] {
         client.send_option(OPT_GO, &data).await;
         let reply = client.option_reply().await;
-        assert_eq!((reply.option, reply.kind), (OPT_GO, REP_ERR_INVALID), "{data:?}");
+        assert_eq!(
+            (reply.option, reply.kind),
+            (OPT_GO, REP_ERR_INVALID),
+            "{data:?}"
+        );
     }
     assert_usable(&mut client).await;
     server.stop().await;
@@ -223,7 +239,10 @@ async fn abort_is_acknowledged_then_closed() {
     client.greet(3).await;
     client.send_option(OPT_ABORT, &[]).await;
     let reply = client.option_reply().await;
-    assert_eq!((reply.option, reply.kind, reply.data.len()), (OPT_ABORT, REP_ACK, 0));
+    assert_eq!(
+        (reply.option, reply.kind, reply.data.len()),
+        (OPT_ABORT, REP_ACK, 0)
+    );
     client.assert_closed().await;
     server.stop().await;
 }
@@ -345,7 +364,10 @@ async fn tcp_listener_serves_the_same_protocol() {
     // INFO_EXPORT, INFO_BLOCK_SIZE, ACK.
     let mut replies = vec![0u8; (20 + 12) + (20 + 14) + 20];
     stream.read_exact(&mut replies).await.expect("GO replies");
-    assert_eq!(&replies[replies.len() - 8..replies.len() - 4], &REP_ACK.to_be_bytes());
+    assert_eq!(
+        &replies[replies.len() - 8..replies.len() - 4],
+        &REP_ACK.to_be_bytes()
+    );
 
     let payload = pattern(3, 4096);
     let mut write = Vec::new();
@@ -364,5 +386,7 @@ async fn tcp_listener_serves_the_same_protocol() {
     assert_eq!(catalog.get("vol").bytes(8192, 4096), payload);
 
     let _ = shutdown.send(true);
-    step("tcp server shutdown", task).await.expect("server task");
+    step("tcp server shutdown", task)
+        .await
+        .expect("server task");
 }

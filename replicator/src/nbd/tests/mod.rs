@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::proto::{
-    CMD_READ, CMD_WRITE, INFO_BLOCK_SIZE, INFO_EXPORT, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC,
+    CMD_READ, CMD_WRITE, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC,
     OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
 };
 use super::{
@@ -138,7 +138,10 @@ impl MemExport {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let guard = InFlight(&self.in_flight);
-        let delay = lock(&self.delay_at).get(&offset).copied().or(*lock(&self.delay_all));
+        let delay = lock(&self.delay_at)
+            .get(&offset)
+            .copied()
+            .or(*lock(&self.delay_all));
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
@@ -146,7 +149,10 @@ impl MemExport {
             panic!("MemExport: injected panic at offset {offset}");
         }
         if let Some(errno) = lock(&self.fail_at).get(&offset).copied() {
-            return Err(ExportError::new(errno, format!("injected failure at {offset}")));
+            return Err(ExportError::new(
+                errno,
+                format!("injected failure at {offset}"),
+            ));
         }
         Ok(guard)
     }
@@ -176,12 +182,18 @@ impl Export for MemExport {
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
         let _in_flight = self.enter(offset).await?;
         let data = lock(&self.data);
-        Ok(AlignedBuf::copy_from(&data[offset as usize..offset as usize + len as usize]))
+        Ok(AlignedBuf::copy_from(
+            &data[offset as usize..offset as usize + len as usize],
+        ))
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, _fua: bool) -> Result<(), ExportError> {
         let _in_flight = self.enter(offset).await?;
-        assert_eq!(buf.as_ptr() as usize % crate::io::IO_ALIGN, 0, "payload buffer not aligned");
+        assert_eq!(
+            buf.as_ptr() as usize % crate::io::IO_ALIGN,
+            0,
+            "payload buffer not aligned"
+        );
         lock(&self.data)[offset as usize..offset as usize + buf.len()].copy_from_slice(&buf);
         self.writes.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -319,7 +331,9 @@ impl Server {
     /// Shuts down and waits for the accept loop to return.
     pub(super) async fn stop(self) {
         self.request_shutdown();
-        step("server shutdown", self.task).await.expect("server task");
+        step("server shutdown", self.task)
+            .await
+            .expect("server task");
     }
 
     pub(super) fn is_finished(&self) -> bool {
@@ -371,7 +385,9 @@ pub(super) struct RawClient {
 
 impl RawClient {
     pub(super) async fn connect(sock: &Path) -> Self {
-        let stream = step("connect", UnixStream::connect(sock)).await.expect("connect");
+        let stream = step("connect", UnixStream::connect(sock))
+            .await
+            .expect("connect");
         Self { stream }
     }
 
@@ -458,7 +474,15 @@ impl RawClient {
         parse_infos(&infos)
     }
 
-    pub(super) async fn send_request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub(super) async fn send_request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut out = Vec::with_capacity(28 + payload.len());
         out.extend(REQUEST_MAGIC.to_be_bytes());
         out.extend(flags.to_be_bytes());
@@ -495,7 +519,8 @@ impl RawClient {
 
     /// A read; returns the error code and the data.
     pub(super) async fn read(&mut self, cookie: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
-        self.send_request(CMD_READ, 0, cookie, offset, len, &[]).await;
+        self.send_request(CMD_READ, 0, cookie, offset, len, &[])
+            .await;
         let reply = self.reply_with(|_| len as usize).await;
         assert_eq!(reply.cookie, cookie);
         (reply.error, reply.data)
@@ -503,7 +528,8 @@ impl RawClient {
 
     /// A write of `data`; returns the error code.
     pub(super) async fn write(&mut self, cookie: u64, offset: u64, data: &[u8], flags: u16) -> u32 {
-        self.send_request(CMD_WRITE, flags, cookie, offset, data.len() as u32, data).await;
+        self.send_request(CMD_WRITE, flags, cookie, offset, data.len() as u32, data)
+            .await;
         let reply = self.reply().await;
         assert_eq!(reply.cookie, cookie);
         reply.error
@@ -515,7 +541,10 @@ impl RawClient {
         let mut buf = [0u8; 64];
         match step("server closing the connection", self.stream.read(&mut buf)).await {
             Ok(0) => {}
-            Ok(n) => panic!("expected the server to close; got {n} more bytes: {:?}", &buf[..n]),
+            Ok(n) => panic!(
+                "expected the server to close; got {n} more bytes: {:?}",
+                &buf[..n]
+            ),
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {}
             Err(err) => panic!("expected the server to close; got {err}"),
         }
@@ -552,5 +581,7 @@ pub(super) fn parse_infos(infos: &[(u16, Vec<u8>)]) -> ExportInfo {
 
 /// The test pattern: byte `i` of a buffer is `(seed + i * 7) % 251`.
 pub(super) fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| ((usize::from(seed) + i * 7) % 251) as u8).collect()
+    (0..len)
+        .map(|i| ((usize::from(seed) + i * 7) % 251) as u8)
+        .collect()
 }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh machine: installs the system
+# packages the end-to-end tests drive (real NBD clients, filesystem tools),
+# builds in release mode and runs unit, simulation and end-to-end tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pair in qemu-io:qemu-utils fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit \
+            nbdfuse:nbdfuse fusermount3:fuse3 mkfs.ext4:e2fsprogs losetup:mount ip:iproute2; do
+    cmd=${pair%%:*}; pkg=${pair##*:}
+    command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing test dependencies: ${need[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo build --release --workspace --bins
+cargo test --release --workspace -- --test-threads=2
