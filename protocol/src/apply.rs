@@ -28,8 +28,10 @@
 //!   an OP_COPY record into the stream before any write record with a higher
 //!   seq that overlaps its range (for example: keep the read barrier of
 //!   [`RangeSequencer`](crate::sequencer::RangeSequencer) until the copy
-//!   record is queued ahead of later overlapping writes). The applier cannot
-//!   detect a violation of this rule.
+//!   record is queued ahead of later overlapping writes). The applier rejects
+//!   a violation it can see (the newer write is not applied yet:
+//!   [`ApplyError::CopyBehindWrite`]) but cannot see one whose newer write
+//!   was already applied.
 //!
 //! # Crash consistency
 //!
@@ -69,6 +71,17 @@ pub enum ApplyError {
         seq: u64,
         /// Last write seq received.
         received: u64,
+    },
+    /// A copy record arrived after a newer write to the same range: its
+    /// data is stale and would overwrite that write.
+    #[error("copy record {copy_index} (reflecting writes through seq {copy_seq}) arrived after the newer overlapping write {write_seq}: the primary must send a copy chunk before any later write to its range")]
+    CopyBehindWrite {
+        /// The copy record's index.
+        copy_index: u64,
+        /// The copy record's seq.
+        copy_seq: u64,
+        /// The newer overlapping write.
+        write_seq: u64,
     },
     /// A copy record with the wrong chunk number.
     #[error("copy record with copy_index {got}: expected {expected}")]
@@ -172,9 +185,23 @@ impl Applier {
             }
             Kind::Write(rec.seq)
         };
+        let deps = self.in_flight.overlapping(rec.volume, rec.offset, rec.end());
+        if let Kind::Copy(copy_index) = kind {
+            let newer = deps.iter().find_map(|d| match self.kinds.get(d) {
+                Some(Kind::Write(w)) if *w > rec.seq => Some(*w),
+                _ => None,
+            });
+            if let Some(write_seq) = newer {
+                return Err(ApplyError::CopyBehindWrite {
+                    copy_index,
+                    copy_seq: rec.seq,
+                    write_seq,
+                });
+            }
+        }
         match kind {
             Kind::Copy(i) => {
-                self.next_copy_index += 1;
+                self.next_copy_index = self.next_copy_index.saturating_add(1);
                 if rec.fua {
                     self.copy_flush_targets.insert(i);
                 }
@@ -188,7 +215,6 @@ impl Applier {
         }
         let id = ApplyId(self.next_id);
         self.next_id += 1;
-        let deps = self.in_flight.overlapping(rec.volume, rec.offset, rec.end());
         self.in_flight.insert(id, rec.volume, rec.offset, rec.end());
         self.kinds.insert(id, kind);
         Ok((id, deps))
@@ -224,10 +250,10 @@ impl Applier {
         let copy_index = copy_index.min(self.copy_applied.completed_through());
         self.durable = self.durable.max(seq);
         self.copy_durable = self.copy_durable.max(copy_index);
-        let keep = self.flush_targets.split_off(&(self.durable + 1));
-        self.flush_targets = keep;
-        let keep = self.copy_flush_targets.split_off(&(self.copy_durable + 1));
-        self.copy_flush_targets = keep;
+        let durable = self.durable;
+        self.flush_targets.retain(|&t| t > durable);
+        let copy_durable = self.copy_durable;
+        self.copy_flush_targets.retain(|&t| t > copy_durable);
     }
 
     /// The ack describing the current state.
@@ -273,7 +299,7 @@ impl Applier {
         if seq > self.durable {
             self.flush_targets.insert(seq);
         }
-        let copies = self.next_copy_index - 1;
+        let copies = self.next_copy_index.saturating_sub(1);
         if copies > self.copy_durable {
             self.copy_flush_targets.insert(copies);
         }
@@ -365,6 +391,13 @@ mod tests {
         assert_eq!(d, vec![c1]);
         let (c2, d) = a.on_record(&c(4, 2, 4)).unwrap();
         assert_eq!(d, vec![w4]);
+        // A chunk reflecting writes through 3 after the unapplied write 4 to
+        // the same range is stale.
+        assert_eq!(
+            a.on_record(&c(3, 3, 0)),
+            Err(ApplyError::CopyBehindWrite { copy_index: 3, copy_seq: 3, write_seq: 4 })
+        );
+        assert_eq!(a.next_copy_index(), 3);
         a.on_flush_request(4);
         a.on_applied(c1);
         a.on_applied(w4);
@@ -390,5 +423,15 @@ mod tests {
         assert_eq!(a.received(), 0);
         let mut a = Applier::new(u64::MAX);
         assert!(a.on_record(&w(0, 0, 0, 1, false)).is_err());
+        // The very last seq applies, becomes durable, and nothing overflows.
+        let mut a = Applier::new(u64::MAX - 1);
+        let (id, _) = a.on_record(&w(u64::MAX, 0, 0, 1, true)).unwrap();
+        a.on_applied(id);
+        assert!(a.needs_flush());
+        let (s, c) = a.durable_barrier();
+        a.on_durable(s, c);
+        a.on_flush_request(u64::MAX);
+        assert_eq!(a.ack().durable_seq, u64::MAX);
+        assert!(!a.needs_flush());
     }
 }

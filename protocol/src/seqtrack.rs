@@ -26,9 +26,9 @@ impl SeqTracker {
         if seq <= self.through {
             return;
         }
-        if seq == self.through + 1 {
+        if Some(seq) == self.through.checked_add(1) {
             self.through = seq;
-            while self.pending.first() == Some(&(self.through + 1)) {
+            while self.through.checked_add(1).is_some_and(|n| self.pending.first() == Some(&n)) {
                 self.pending.pop_first();
                 self.through += 1;
             }
@@ -78,5 +78,15 @@ mod tests {
                 prop_assert!(t.is_complete(seq));
             }
         }
+    }
+
+    #[test]
+    fn top_of_range() {
+        let mut t = SeqTracker::new(u64::MAX - 2);
+        t.complete(u64::MAX);
+        t.complete(u64::MAX - 1);
+        assert_eq!(t.completed_through(), u64::MAX);
+        t.complete(u64::MAX);
+        assert_eq!(t.pending(), 0);
     }
 }

@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::group::GroupStatus;
+use crate::group::{GroupError, GroupStatus};
 use crate::node::Node;
 
 /// Exit codes of the CLI (DESIGN: 0 done, 1 failed, 2 usage/config, 3 refused).
@@ -148,15 +148,13 @@ async fn execute(node: &Node, req: Request) -> Response {
         }
         Request::PairCreate { group, nocopy } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
-            match g.pair_create(nocopy) {
+            match g.pair_create(nocopy).await {
                 Ok(msg) => {
-                    if let Err(e) = g.prepare_journal().await {
-                        return Response::err(exit::FAILED, format!("pair create: cannot create the journal: {e}"));
-                    }
                     g.start_shipping();
                     Response::ok(msg)
                 }
-                Err(e) => Response::err(exit::REFUSED, e.to_string()),
+                Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
+                Err(e) => Response::err(exit::FAILED, format!("pair create: {e}")),
             }
         }
         Request::PairDelete { group } => {

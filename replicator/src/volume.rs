@@ -9,6 +9,8 @@
 
 use std::path::PathBuf;
 
+use replicator_protocol::record::{Record, RecordOp};
+
 use crate::config::VolumeConfig;
 use crate::io::{AlignedBuf, BlockFile, IoEngine, IoError, OpenOptions, IO_ALIGN};
 
@@ -100,6 +102,17 @@ impl Volume {
     pub async fn write_aligned(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, IoError> {
         let (res, buf) = self.file.write_at(buf, offset).await;
         res.map(|()| buf)
+    }
+
+    /// Applies a replicated or journaled record (always block-aligned).
+    pub async fn apply(&self, rec: &Record) -> Result<(), IoError> {
+        match rec.op {
+            RecordOp::Write | RecordOp::Copy => {
+                self.write_aligned(rec.offset, AlignedBuf::copy_from(&rec.payload)).await.map(|_| ())
+            }
+            RecordOp::WriteZeroes => self.file.write_zeroes(rec.offset, u64::from(rec.length)).await,
+            RecordOp::Trim => self.file.discard(rec.offset, u64::from(rec.length)).await,
+        }
     }
 
     /// fdatasync.

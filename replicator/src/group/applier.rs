@@ -15,7 +15,6 @@ use replicator_protocol::record::{Record, RecordOp};
 use tokio::sync::{mpsc, watch};
 
 use super::{lock, Group};
-use crate::io::AlignedBuf;
 use crate::transport::{FramedRecv, FramedSend, TransportError};
 
 /// How often applied records are made durable when nobody asks.
@@ -293,13 +292,7 @@ impl Session {
             for mut w in waits {
                 let _ = w.wait_for(|d| *d).await;
             }
-            let result = match rec.op {
-                RecordOp::Write | RecordOp::Copy => {
-                    vol.write_aligned(rec.offset, AlignedBuf::copy_from(&rec.payload)).await.map(|_| ())
-                }
-                RecordOp::WriteZeroes => vol.file().write_zeroes(rec.offset, u64::from(rec.length)).await,
-                RecordOp::Trim => vol.file().discard(rec.offset, u64::from(rec.length)).await,
-            };
+            let result = vol.apply(&rec).await;
             let _ = events.send(Event::Applied(id, result.map_err(|e| format!("volume {}: {e}", vol.name))));
         });
         Ok(())

@@ -102,8 +102,11 @@ struct Inner {
     journal: Option<Arc<Journal>>,
     /// Last journal sequence assigned.
     last_jseq: u64,
-    /// Records whose content is final (shippable), contiguous prefix.
+    /// Records in the journal (shippable), contiguous prefix.
     ready: SeqTracker,
+    /// Records whose volume write finished, contiguous prefix: journal space
+    /// is never freed above it.
+    volume_written: SeqTracker,
     entries: BTreeMap<u64, Entry>,
     cached_bytes: u64,
     cumulative_bytes: u64,
@@ -154,6 +157,8 @@ pub struct Group {
     ship_wake: Notify,
     /// Wakes writes blocked on journal space.
     space_freed: Notify,
+    /// Contiguous prefix of journaled records (volume writes wait on it).
+    journaled_through: watch::Sender<u64>,
     /// Bumped to make the current replication session end (and reconnect).
     session_kick: watch::Sender<u64>,
     started: Instant,
@@ -196,6 +201,9 @@ impl Group {
                 "journal recovered"
             );
             last_jseq = last;
+            if !was_clean {
+                redo_journal(&j, &r, last, &volumes).await?;
+            }
             ring = Some(r);
             journal = Some(Arc::new(j));
             // A link counts as down until a session is up.
@@ -232,6 +240,7 @@ impl Group {
             journal,
             last_jseq,
             ready: SeqTracker::new(last_jseq),
+            volume_written: SeqTracker::new(last_jseq),
             entries,
             cached_bytes: 0,
             cumulative_bytes: cumulative,
@@ -254,6 +263,7 @@ impl Group {
         store.save(&inner.persisted)?;
         let (progress, _) = watch::channel(Progress::default());
         let (session_kick, _) = watch::channel(0);
+        let (journaled_through, _) = watch::channel(last_jseq);
         let group = Arc::new(Group {
             cfg,
             volumes,
@@ -264,6 +274,7 @@ impl Group {
             progress,
             ship_wake: Notify::new(),
             space_freed: Notify::new(),
+            journaled_through,
             session_kick,
             started: Instant::now(),
             latency: crate::latency::LatencyHistogram::default(),
@@ -424,19 +435,17 @@ impl Group {
     }
 
     /// `pair create` on the future primary.
-    pub fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
-        let mut g = lock(&self.inner);
-        if g.role != Role::None {
-            return Err(GroupError::Refused(format!(
-                "group {} is already paired here as {} ({}); run `replicator pair delete {}` first",
-                self.cfg.name,
-                g.role.as_str(),
-                g.state,
-                self.cfg.name
-            )));
-        }
+    pub async fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
+        self.refuse_unless_simplex(&lock(&self.inner))?;
         let pair_id = random_u64();
+        let journal =
+            Journal::open(&self.engine, &journal_path(&self.store), self.cfg.journal_size, &self.cfg.name, pair_id, true)
+                .await?;
+        let mut g = lock(&self.inner);
+        self.refuse_unless_simplex(&g)?;
+        let capacity = journal.capacity();
         g.role = Role::Primary;
+        g.journal = Some(Arc::new(journal));
         g.persisted.role = Role::Primary.as_str().into();
         g.persisted.pair_id = pair_id;
         g.persisted.generation = 1;
@@ -453,10 +462,9 @@ impl Group {
             }
         }
         self.save_bitmaps(&mut g);
-        g.ring = Some(JournalRing::new(self.cfg.journal_size));
-        if let Some(r) = &mut g.ring {
-            r.reset_at(JOURNAL_SUPERBLOCK_LEN);
-        }
+        let mut ring = JournalRing::new(capacity);
+        ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
+        g.ring = Some(ring);
         g.entries.clear();
         g.cached_bytes = 0;
         g.link_down_since = Some(Instant::now());
@@ -478,18 +486,17 @@ impl Group {
         })
     }
 
-    /// Opens the journal file for a freshly created pair (outside the lock).
-    pub async fn prepare_journal(&self) -> Result<(), GroupError> {
-        let pair_id = lock(&self.inner).persisted.pair_id;
-        let j = Journal::open(&self.engine, &journal_path(&self.store), self.cfg.journal_size, &self.cfg.name, pair_id, true)
-            .await?;
-        let mut g = lock(&self.inner);
-        let cap = j.capacity();
-        g.journal = Some(Arc::new(j));
-        let mut ring = JournalRing::new(cap);
-        ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
-        g.ring = Some(ring);
-        Ok(())
+    fn refuse_unless_simplex(&self, g: &Inner) -> Result<(), GroupError> {
+        if g.role == Role::None {
+            return Ok(());
+        }
+        Err(GroupError::Refused(format!(
+            "group {} is already paired here as {} ({}); run `replicator pair delete {}` first",
+            self.cfg.name,
+            g.role.as_str(),
+            g.state,
+            self.cfg.name
+        )))
     }
 
     /// `pair delete`: dissolve the pair on this side (and tell the peer if
@@ -673,6 +680,26 @@ pub struct VolumeStatus {
     pub path: PathBuf,
     /// Size in bytes.
     pub size: u64,
+}
+
+/// After an unclean stop, replays every retained journal record onto the
+/// primary's own volumes, in sequence order: a record may be journaled while
+/// its volume write never happened, and the secondary will receive it.
+async fn redo_journal(j: &Journal, ring: &JournalRing, last: u64, volumes: &[Arc<Volume>]) -> Result<(), GroupError> {
+    let Some(oldest) = ring.oldest_seq() else { return Ok(()) };
+    for seq in oldest..=last {
+        let Some((pos, _)) = ring.lookup(seq) else { continue };
+        let rec = j.read_record(pos, seq).await?;
+        let vol = volumes.get(rec.volume as usize).ok_or_else(|| {
+            GroupError::Refused(format!("journal record {seq} names volume #{} which is not configured", rec.volume))
+        })?;
+        vol.apply(&rec).await.map_err(|e| GroupError::Refused(format!("journal replay of record {seq}: {e}")))?;
+    }
+    for v in volumes {
+        v.sync().await.map_err(|e| GroupError::Refused(format!("journal replay: {e}")))?;
+    }
+    tracing::info!(records = last + 1 - oldest, "replayed the journal onto the local volumes after an unclean stop");
+    Ok(())
 }
 
 fn journal_path(store: &StateFile) -> PathBuf {

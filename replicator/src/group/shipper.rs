@@ -140,7 +140,10 @@ async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
         group.save_locked(&mut g);
         group.progress.send_modify(|p| {
             p.connected = true;
-            p.received = peer_durable.max(p.received.min(peer_durable));
+            p.received = peer_durable;
+            p.applied = peer_durable;
+            p.durable = peer_durable;
+            p.checkpoint = p.checkpoint.min(peer_durable);
         });
         let needs_resync = g.persisted.copy_pending;
         if matches!(g.state, PairState::Suspended(_)) {
@@ -165,7 +168,7 @@ async fn send_loop(
     let mut flush_sent = 0u64;
     let mut copy_index = 0u64;
     let mut copy_cursor = (0usize, 0u64); // (volume, chunk)
-    let mut pending_copy: Option<(Record, u64)> = None; // chunk waiting for its barrier seq to be sent
+    let mut pending_copy: Option<Record> = None; // chunk waiting for its barrier seq to be sent
     let mut copy_done_sent = false;
     loop {
         if acks.is_finished() {
@@ -195,6 +198,11 @@ async fn send_loop(
                 }
                 let Some(seq) = s.next_to_send() else { break };
                 g.sent_through = seq;
+                // A copy chunk reflecting the writes up to seq - 1 goes out
+                // right before seq: later writes may overlap it.
+                if let Some(rec) = pending_copy.take_if(|rec| rec.seq < seq) {
+                    send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
+                }
                 let cached = g.entries.get(&seq).and_then(|e| e.record.clone());
                 let pos = g.entries.get(&seq).map(|e| e.pos);
                 (seq, cached, pos, g.journal.clone())
@@ -221,22 +229,16 @@ async fn send_loop(
         }
 
         // 3. Copy chunks.
-        if let Some((rec, bytes)) = pending_copy.take() {
-            if sent_through >= rec.seq {
-                send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
-                let _ = bytes;
-            } else {
-                pending_copy = Some((rec, bytes));
-            }
+        if let Some(rec) = pending_copy.take_if(|rec| sent_through >= rec.seq) {
+            send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
         }
         if pending_copy.is_none() && send.queued() < BATCH {
             match next_copy_chunk(group, &mut copy_cursor, &mut copy_index).await? {
                 CopyStep::Chunk(rec) => {
-                    let bytes = u64::from(rec.length);
                     if sent_through >= rec.seq {
                         send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
                     } else {
-                        pending_copy = Some((rec, bytes));
+                        pending_copy = Some(rec);
                     }
                     group.ship_wake.notify_one();
                 }
@@ -378,10 +380,10 @@ impl Group {
         // Caught up after a link suspension: back to PAIR.
         drop(g);
         self.progress.send_modify(|p| {
-            p.received = p.received.max(received);
-            p.applied = p.applied.max(applied);
-            p.durable = p.durable.max(durable);
-            p.checkpoint = p.checkpoint.max(checkpoint);
+            p.received = received;
+            p.applied = applied;
+            p.durable = durable;
+            p.checkpoint = checkpoint;
         });
         Ok(())
     }
@@ -400,8 +402,8 @@ impl Group {
     /// Frees journal space below the secondary's persisted checkpoint, after
     /// persisting the new tail (called from housekeeping).
     pub(super) fn release_journal(&self) {
-        let checkpoint = self.progress.borrow().checkpoint;
         let mut g = lock(&self.inner);
+        let checkpoint = self.progress.borrow().checkpoint.min(g.volume_written.completed_through());
         let Some(ring) = g.ring.as_ref() else { return };
         let Some(oldest) = ring.oldest_seq() else { return };
         if checkpoint < oldest {

@@ -271,47 +271,49 @@ impl Group {
             WriteKind::Zeroes(_) | WriteKind::Trim(_) => None,
         };
 
-        let journal_write = if let Some((seq, pos)) = journal {
+        // Write-ahead: the record reaches the journal before the volume, and
+        // the volume write waits until every earlier record is journaled too.
+        // After a crash the journal therefore covers every volume write that
+        // may have happened, and replaying it (see `Group::open`) makes the
+        // primary's volumes equal to what the secondary will receive.
+        let mut shipped_seq = None;
+        if let Some((seq, pos)) = journal {
             let record = match &buf {
                 Some(b) => Record::with_payload(op, seq, vol, a_off, generation, Bytes::copy_from_slice(b), fua),
                 None => Record::without_payload(op, seq, vol, a_off, a_len as u32, generation, fua),
             };
-            self.make_ready(seq, record.clone());
-            let j = self.journal_handle();
-            Some((seq, pos, record, j))
-        } else {
-            None
-        };
-
-        let local = async {
-            match buf {
-                Some(b) => volume.write_aligned(a_off, b).await.map(|_| ()),
-                None if op == RecordOp::Trim => volume.file().discard(a_off, a_len).await,
-                None => volume.file().write_zeroes(a_off, a_len).await,
+            let appended = match self.journal_handle() {
+                Some(j) => j.append_at(pos, &record).await.map_err(WriteError::from),
+                None => Err(WriteError::Replication("the journal is not open".into())),
+            };
+            let ok = appended.is_ok();
+            self.journaled(seq, record, ok);
+            if let Err(e) = appended {
+                self.record_error(&format!("journal write failed: {e}"));
+                self.volume_written(seq);
+                return Err(e);
             }
+            self.wait_journaled_through(seq).await;
+            shipped_seq = Some(seq);
+        }
+        let local_res = match buf {
+            Some(b) => volume.write_aligned(a_off, b).await.map(|_| ()),
+            None if op == RecordOp::Trim => volume.file().discard(a_off, a_len).await,
+            None => volume.file().write_zeroes(a_off, a_len).await,
         };
-        let journaled = async {
-            if let Some((seq, pos, record, Some(j))) = &journal_write {
-                j.append_at(*pos, record).await?;
-                self.mark_journaled(*seq);
-            }
-            Ok::<(), WriteError>(())
-        };
-        let (local_res, journal_res) = tokio::join!(local, journaled);
         drop(guard);
+        if let Some(seq) = shipped_seq {
+            self.volume_written(seq);
+        }
         if let Err(e) = &local_res {
             self.record_error(&format!("local write failed: {e}"));
         }
         local_res?;
-        if let Err(e) = &journal_res {
-            self.record_error(&format!("journal write failed: {e}"));
-        }
-        journal_res?;
 
         if fua {
             self.sync_local(vol).await?;
         }
-        if let Some((seq, ..)) = journal_write {
+        if let Some(seq) = shipped_seq {
             if self.cfg.mode == Mode::Sync {
                 self.wait_secondary(seq, fua).await?;
             }
@@ -324,24 +326,18 @@ impl Group {
         lock(&self.inner).last_error = Some(msg.to_string());
     }
 
-    /// The record's content is final: hand it to the shipper.
-    fn make_ready(&self, seq: u64, record: Record) {
+    /// Record `seq` is in the journal (or failed to get there but is kept in
+    /// memory): hand it to the shipper and let later volume writes proceed.
+    fn journaled(&self, seq: u64, record: Record, on_disk: bool) {
         let mut g = lock(&self.inner);
         let bytes = record.payload.len() as u64;
         if let Some(e) = g.entries.get_mut(&seq) {
             e.record = Some(record);
+            e.journaled = on_disk;
             g.cached_bytes += bytes;
         }
         g.ready.complete(seq);
-        drop(g);
-        self.ship_wake.notify_one();
-    }
-
-    fn mark_journaled(&self, seq: u64) {
-        let mut g = lock(&self.inner);
-        if let Some(e) = g.entries.get_mut(&seq) {
-            e.journaled = true;
-        }
+        let through = g.ready.completed_through();
         // Keep memory bounded: drop payloads of old, already-journaled
         // records that were sent; the shipper re-reads them if it must
         // resend after a reconnect.
@@ -363,6 +359,23 @@ impl Group {
             }
             g.cached_bytes = g.cached_bytes.saturating_sub(freed);
         }
+        drop(g);
+        self.journaled_through.send_if_modified(|t| {
+            let advanced = through > *t;
+            *t = (*t).max(through);
+            advanced
+        });
+        self.ship_wake.notify_one();
+    }
+
+    async fn wait_journaled_through(&self, seq: u64) {
+        let mut rx = self.journaled_through.subscribe();
+        let _ = rx.wait_for(|t| *t >= seq).await;
+    }
+
+    /// The volume write of record `seq` finished (or will never happen).
+    fn volume_written(&self, seq: u64) {
+        lock(&self.inner).volume_written.complete(seq);
     }
 
     /// fdatasync of one volume and the journal.
