@@ -54,9 +54,16 @@ pub enum JournalError {
 }
 
 /// An open journal file.
+///
+/// Appends are plain `pwrite`s into the page cache from the calling task: a
+/// memory copy of a few microseconds, cheaper than a round trip through an
+/// io_uring worker (buffered writes are not truly asynchronous there). FUA
+/// and FLUSH make the journal durable with `sync` (fdatasync through the I/O
+/// engine); reads for shipping and recovery also go through the engine.
 #[derive(Debug)]
 pub struct Journal {
     file: BlockFile,
+    appender: std::fs::File,
     path: PathBuf,
 }
 
@@ -79,7 +86,11 @@ impl Journal {
         let file = engine
             .open(path, &opts)
             .map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
-        let journal = Journal { file, path: path.to_path_buf() };
+        let appender = std::fs::OpenOptions::new().write(true).open(path).map_err(|source| JournalError::Io {
+            path: path.to_path_buf(),
+            source: IoError::Open { path: path.to_path_buf(), source },
+        })?;
+        let journal = Journal { file, appender, path: path.to_path_buf() };
         if existed {
             let buf = journal.read(0, JOURNAL_SUPERBLOCK_LEN).await?;
             let sb = JournalSuperblock::decode(&buf).map_err(|source| journal.format(source))?;
@@ -130,12 +141,15 @@ impl Journal {
     }
 
     /// Writes `rec` at `pos` (reserved with `JournalRing::reserve`).
-    pub async fn append_at(&self, pos: u64, rec: &Record) -> Result<(), JournalError> {
+    pub fn append_at(&self, pos: u64, rec: &Record) -> Result<(), JournalError> {
+        use std::os::unix::fs::FileExt;
         let span = record_span(rec.payload.len() as u64);
-        let mut buf = AlignedBuf::zeroed(span as usize);
+        let mut buf = vec![0u8; span as usize];
         buf[..JOURNAL_HEADER_LEN].copy_from_slice(&JournalHeader::from_record(rec).encode());
         buf[JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + rec.payload.len()].copy_from_slice(&rec.payload);
-        self.write(pos, buf).await
+        self.appender.write_all_at(&buf, pos).map_err(|source| {
+            self.io(IoError::Io { op: "journal append", offset: pos, source })
+        })
     }
 
     /// Reads back the record at `pos` and checks that it is `seq`.

@@ -602,7 +602,7 @@ address = "127.0.0.1:{peer_port}"
     pub fn diagnostics(&self) -> String {
         let mut out = format!("cluster directory: {}\n", self.root.display());
         for s in &self.sites {
-            let _ = std::fmt::Write::write_fmt(
+            let _ = fmt::Write::write_fmt(
                 &mut out,
                 format_args!(
                     "--- last lines of {} ({}) ---\n{}\n",

@@ -283,7 +283,7 @@ impl Group {
                 None => Record::without_payload(op, seq, vol, a_off, a_len as u32, generation, fua),
             };
             let appended = match self.journal_handle() {
-                Some(j) => j.append_at(pos, &record).await.map_err(WriteError::from),
+                Some(j) => j.append_at(pos, &record).map_err(WriteError::from),
                 None => Err(WriteError::Replication("the journal is not open".into())),
             };
             let ok = appended.is_ok();
