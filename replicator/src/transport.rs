@@ -183,8 +183,11 @@ impl Transport {
             .wrap_udp_socket(socket)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         let socket = Arc::new(InspectingSocket { inner, last_log: std::sync::Mutex::new(None) });
-        let endpoint =
-            quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        // Peers then keep the fixed bit of every packet set, which lets the
+        // socket wrapper tell a stray plaintext datagram from a peer's packet.
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config.grease_quic_bit(false);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, Some(server), socket, runtime)
                 .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         Ok(Transport {
             endpoint,

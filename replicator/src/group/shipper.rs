@@ -235,6 +235,8 @@ async fn send_loop(
         if pending_copy.is_none() && send.queued() < BATCH {
             match next_copy_chunk(group, &mut copy_cursor, &mut copy_index).await? {
                 CopyStep::Chunk(rec) => {
+                    // A copy is running (again): it needs its own COPY_DONE.
+                    copy_done_sent = false;
                     if sent_through >= rec.seq {
                         send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
                     } else {

@@ -1,0 +1,146 @@
+//! Link faults: the secondary daemon is frozen with SIGSTOP (its socket stays
+//! bound, nothing answers: a partition as the primary sees it) while the
+//! primary keeps writing, then thawed with SIGCONT.
+//!
+//! - async: the group suspends for `link` after `link_timeout`, resumes by
+//!   itself from the secondary's checkpoint, and both sites end identical;
+//! - async with a journal too small for what is written meanwhile: writes go
+//!   to the dirty bitmap, and the resync copies only dirty regions;
+//! - sync with `on_link_loss = "suspend"`: writes stall at most about
+//!   `link_timeout`, are then acknowledged locally, and replicate after.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use replicator::nbd_client::NbdClient;
+use replicator_tests::pattern::Rng;
+use replicator_tests::{Cluster, ClusterOpts, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+
+fn signal(cluster: &Cluster, site: Site, sig: Signal) {
+    let pid = cluster.pid(site).expect("daemon running");
+    kill(Pid::from_raw(pid), sig).expect("signal");
+}
+
+/// Writes `count` blocks of `block` bytes at pseudo-random aligned offsets.
+async fn write_random(client: &NbdClient, seed: u64, count: usize, block: usize) {
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; block];
+    let slots = client.size() / block as u64;
+    for _ in 0..count {
+        rng.fill(&mut buf);
+        let off = rng.below(slots) * block as u64;
+        client.write(off, &buf, false).await.expect("write");
+    }
+    client.flush().await.expect("flush");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+#[test]
+fn async_link_loss_suspends_and_resumes_from_the_checkpoint() {
+    let group = GroupSpec::new("ln", Mode::Async).volume("ln-vol", 32 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("ln");
+    cluster.wait_pair("ln", Duration::from_secs(60));
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "ln-vol")).expect("connect");
+    rt.block_on(write_random(&client, 1, 200, 4096));
+    cluster.wait_drained("ln");
+
+    signal(&cluster, Site::B, Signal::SIGSTOP);
+    rt.block_on(write_random(&client, 2, 500, 4096));
+    let s = cluster.wait_until(Site::A, "ln", "suspended for link", Duration::from_secs(30), |s| {
+        s.state == "SUSPENDED" && s.reason.as_deref() == Some("link")
+    });
+    assert!(s.lag_records > 0, "records written while the secondary is frozen must be lagging: {s:?}");
+    let log = cluster.log(Site::A);
+    assert!(log.contains("pair state change") && log.contains("link"), "no state-change log line:\n{log}");
+    // Writes keep being acknowledged while suspended.
+    rt.block_on(write_random(&client, 3, 300, 4096));
+
+    signal(&cluster, Site::B, Signal::SIGCONT);
+    cluster.wait_drained_within("ln", Duration::from_secs(90));
+    rt.block_on(write_random(&client, 4, 100, 4096));
+    cluster.wait_drained("ln");
+    drop(client);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("ln");
+}
+
+#[test]
+fn journal_full_tracks_dirty_regions_and_resyncs_only_them() {
+    let group = GroupSpec::new("jf", Mode::Async)
+        .volume("jf-vol", 128 * MIB)
+        .journal_size(16 * MIB)
+        .link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("jf");
+    cluster.wait_pair("jf", Duration::from_secs(60));
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "jf-vol")).expect("connect");
+
+    signal(&cluster, Site::B, Signal::SIGSTOP);
+    // 48 MiB of 1 MiB writes into the first 64 MiB: three times the journal.
+    rt.block_on(async {
+        let mut rng = Rng::new(7);
+        let mut buf = vec![0u8; MIB as usize];
+        for i in 0..48u64 {
+            rng.fill(&mut buf);
+            client.write((i % 64) * MIB, &buf, false).await.expect("write while the journal is full");
+        }
+        client.flush().await.expect("flush");
+    });
+    let s = cluster.status(Site::A, "jf");
+    assert_eq!(s.state, "SUSPENDED", "{s:?}");
+    assert!(s.dirty_bytes > 0, "writes beyond the journal must be tracked in the bitmap: {s:?}");
+    assert!(s.dirty_bytes <= 64 * MIB, "only written regions may be dirty: {s:?}");
+
+    signal(&cluster, Site::B, Signal::SIGCONT);
+    let started = Instant::now();
+    cluster.wait_until(Site::A, "jf", "PAIR with a clean bitmap", Duration::from_secs(120), |s| {
+        s.state == "PAIR" && s.dirty_bytes == 0 && s.connected
+    });
+    cluster.wait_drained("jf");
+    println!("resync after journal-full took {:?}", started.elapsed());
+    drop(client);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("jf");
+}
+
+#[test]
+fn sync_link_loss_stalls_writes_at_most_link_timeout_then_suspends() {
+    let group = GroupSpec::new("sl", Mode::Sync)
+        .volume("sl-vol", 32 * MIB)
+        .link_timeout(Duration::from_secs(1))
+        .extra("on_link_loss = \"suspend\"");
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sl");
+    cluster.wait_pair("sl", Duration::from_secs(60));
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sl-vol")).expect("connect");
+    rt.block_on(write_random(&client, 11, 100, 4096));
+
+    signal(&cluster, Site::B, Signal::SIGSTOP);
+    let t = Instant::now();
+    rt.block_on(write_random(&client, 12, 50, 4096));
+    let stalled = t.elapsed();
+    assert!(stalled < Duration::from_secs(20), "sync writes stalled {stalled:?} with on_link_loss=suspend");
+    let s = cluster.status(Site::A, "sl");
+    assert_eq!((s.state.as_str(), s.reason.as_deref()), ("SUSPENDED", Some("link")), "{s:?}");
+
+    signal(&cluster, Site::B, Signal::SIGCONT);
+    cluster.wait_drained_within("sl", Duration::from_secs(90));
+    rt.block_on(write_random(&client, 13, 100, 4096));
+    cluster.wait_drained("sl");
+    drop(client);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sl");
+}
