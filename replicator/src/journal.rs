@@ -104,6 +104,21 @@ impl Journal {
                 });
             }
         } else {
+            // Preallocate: a journal that hits ENOSPC halfway would turn a
+            // full filesystem into failed client writes much later.
+            match nix::fcntl::fallocate(&journal.appender, nix::fcntl::FallocateFlags::empty(), 0, journal.file.size() as i64) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EOPNOTSUPP) => {
+                    tracing::warn!(path = %path.display(), "the filesystem cannot preallocate; the journal stays sparse")
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(path);
+                    return Err(JournalError::Io {
+                        path: path.to_path_buf(),
+                        source: IoError::Io { op: "preallocate journal", offset: 0, source: e.into() },
+                    });
+                }
+            }
             let sb = JournalSuperblock { group: group.to_string(), capacity: journal.file.size(), pair_id };
             journal.write(0, AlignedBuf::copy_from(&sb.encode())).await?;
             journal.sync().await?;

@@ -153,6 +153,8 @@ fn ext4_on_primary_is_clean_and_readable_on_secondary() {
         cleanup.push(&format!("losetup -d {loopdev}"), move || quiet(&l, &["-d", &d]));
     }
 
+    // mkfs.ext4 first discards the whole device (one 128 MiB TRIM) and zeroes
+    // its journal: replicating those is part of the test.
     run_ok(Command::new(&mkfs).args(["-q", "-F"]).arg(&loopdev), T);
     run_ok(Command::new(&mount).arg(&loopdev).arg(&mnt), T);
     {

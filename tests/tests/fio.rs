@@ -24,7 +24,9 @@ fn fio_verify(c: &Cluster, export: &str, rw: &str, size: &str, seed: u64) {
             .arg("--do_verify=1")
             .arg("--verify_fatal=1")
             .arg(format!("--randseed={seed}"))
-            .arg("--output-format=normal"),
+            .arg("--output-format=normal")
+            // fio leaves its verify state file in the working directory.
+            .current_dir(c.root()),
         Duration::from_secs(300),
     );
     let text = describe_output(&out);

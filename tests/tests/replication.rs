@@ -203,3 +203,34 @@ fn async_multi_volume_group() {
     expect_file(&c.volume_path(Site::B, vols[1]), &e1);
     c.assert_volumes_identical(group);
 }
+
+/// TRIM and WRITE_ZEROES larger than the largest data record (mkfs.ext4
+/// discards the whole device in one request): they must replicate, and the
+/// pair must stay up.
+#[test]
+fn sync_group_whole_device_discard_and_large_write_zeroes() {
+    let (group, vol) = ("big-trim", "big-trim-vol");
+    let mut c = Cluster::new(ClusterOpts::group(GroupSpec::new(group, Mode::Sync).volume(vol, VOLUME_SIZE)));
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let cmds: Vec<String> = vec![
+        format!("write -P 0x5a 0 {}", 8 * MIB),
+        format!("write -P 0x5a {} {}", 40 * MIB, 8 * MIB),
+        format!("discard 0 {VOLUME_SIZE}"),
+        format!("write -P 0x5b {} {}", 2 * MIB, 64 * KIB),
+        format!("write -z {} {}", MIB, 48 * MIB),
+        format!("write -P 0x5c {} 4096", 3 * MIB),
+        "flush".into(),
+    ];
+    qemu_io(&c, Site::A, vol, &cmds);
+    let expect = [(0, MIB, 0u8), (MIB, 2 * MIB, 0), (3 * MIB, 4096, 0x5c), (3 * MIB + 4096, 46 * MIB - 4096, 0)];
+    let reads: Vec<String> = expect.iter().map(|(o, l, p)| format!("read -P 0x{p:x} {o} {l}")).collect();
+    qemu_io(&c, Site::A, vol, &reads);
+    c.wait_drained_within(group, Duration::from_secs(30));
+    let s = c.status(Site::A, group);
+    assert!(s.last_error.is_none(), "last error on the primary: {:?}", s.last_error);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    expect_file(&c.volume_path(Site::B, vol), &expect);
+    c.assert_volumes_identical(group);
+}
