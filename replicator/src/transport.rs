@@ -62,6 +62,19 @@ pub enum TransportError {
     Timeout(&'static str),
 }
 
+/// Test-only switch (crucible-style fault injection): a comma-separated
+/// list of wire versions this daemon claims to speak instead of
+/// [`SUPPORTED_VERSIONS`], to exercise version-mismatch handling end to end.
+pub const TEST_WIRE_VERSIONS_ENV: &str = "REPLICATOR_TEST_WIRE_VERSIONS";
+
+fn local_versions() -> Vec<u32> {
+    std::env::var(TEST_WIRE_VERSIONS_ENV)
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect::<Vec<u32>>())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| SUPPORTED_VERSIONS.to_vec())
+}
+
 /// Receiving half of a framed stream.
 #[derive(Debug)]
 pub struct FramedRecv {
@@ -253,7 +266,7 @@ impl Transport {
             let _ = send.send(Body::HelloReply(pb::HelloReply { version: 0, node: self.node.clone(), error: msg.clone() })).await;
             return Err(TransportError::Protocol(msg));
         }
-        match negotiate_version(SUPPORTED_VERSIONS, &hello.versions) {
+        match negotiate_version(&local_versions(), &hello.versions) {
             Ok(version) => {
                 send.send(Body::HelloReply(pb::HelloReply { version, node: self.node.clone(), error: String::new() })).await?;
                 send.finish();
@@ -294,7 +307,7 @@ impl Transport {
         let (send, recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(Body::Hello(pb::Hello {
-            versions: SUPPORTED_VERSIONS.to_vec(),
+            versions: local_versions(),
             node: self.node.clone(),
             software: format!("replicator {}", env!("CARGO_PKG_VERSION")),
         }))

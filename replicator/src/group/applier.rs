@@ -292,8 +292,13 @@ impl Session {
             for mut w in waits {
                 let _ = w.wait_for(|d| *d).await;
             }
-            let result = vol.apply(&rec).await;
-            let _ = events.send(Event::Applied(id, result.map_err(|e| format!("volume {}: {e}", vol.name))));
+            // The CRC was checked on arrival; check it again right before the
+            // bytes go to disk, so memory corruption in between is caught too.
+            let result = match rec.verify_crc() {
+                Ok(()) => vol.apply(&rec).await.map_err(|e| format!("volume {}: {e}", vol.name)),
+                Err(e) => Err(format!("record {} failed its CRC check before apply: {e}", rec.seq)),
+            };
+            let _ = events.send(Event::Applied(id, result));
         });
         Ok(())
     }
