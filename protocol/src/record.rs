@@ -244,7 +244,9 @@ impl Record {
         if self.length == 0 {
             return Err(RecordError::Empty { seq });
         }
-        if self.length > MAX_RECORD_PAYLOAD {
+        // Only payload-carrying records are bounded: a TRIM or WRITE_ZEROES
+        // of a whole device is one small record.
+        if self.op.has_payload() && self.length > MAX_RECORD_PAYLOAD {
             return Err(RecordError::TooLarge {
                 seq,
                 length: self.length,

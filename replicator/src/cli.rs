@@ -312,7 +312,14 @@ async fn wait_for_pair(config: &Config, group: &str) -> Result<ExitCode, ExitCod
             );
             return Err(ExitCode::from(exit::FAILED));
         }
-        let what = if s.connected { "copying" } else { "waiting for the peer" };
+        let what = if s.connected {
+            "copying".to_string()
+        } else {
+            match &s.last_error {
+                Some(e) => format!("waiting for the peer ({e})"),
+                None => "waiting for the peer".to_string(),
+            }
+        };
         match &bar {
             Some(b) => {
                 b.set_length(s.copy_total_bytes.max(1));

@@ -289,6 +289,13 @@ pub fn require(cmd: &str) -> PathBuf {
 /// Runs a command with a time limit, capturing its output. Panics if it
 /// cannot be started or overruns (after killing it).
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    run_with_abort(cmd, timeout, || None)
+}
+
+/// [`run_with_timeout`], also polling `abort` while the command runs: when it
+/// returns a reason, the command is killed and the test panics with it (so a
+/// broken replication session fails a test at once instead of at a timeout).
+pub fn run_with_abort(cmd: &mut Command, timeout: Duration, abort: impl Fn() -> Option<String>) -> Output {
     let desc = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
@@ -323,7 +330,14 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
                     String::from_utf8_lossy(&stderr)
                 );
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                if let Some(why) = abort() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("aborted {desc}: {why}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             Err(e) => panic!("waiting for {desc}: {e}"),
         }
     };
@@ -745,6 +759,54 @@ address = "127.0.0.1:{peer_port}"
         )
     }
 
+    /// Log lines of both sites saying that a replication session broke
+    /// (the secondary ended it with an error, or the primary saw the link
+    /// go down). A test without injected faults expects none.
+    pub fn session_breaks(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for site in [Site::A, Site::B] {
+            for line in self.log(site).lines() {
+                if line.contains("replication session ended") || line.contains("replication link down") {
+                    out.push(format!("{site}: {line}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Panics if a replication session broke (see [`Cluster::session_breaks`]).
+    pub fn assert_no_session_breaks(&self, when: &str) {
+        let breaks = self.session_breaks();
+        if !breaks.is_empty() {
+            panic!(
+                "{when}: the replication session broke without any injected fault ({} line(s)), first:\n{}\n{}",
+                breaks.len(),
+                breaks.iter().take(5).cloned().collect::<Vec<_>>().join("\n"),
+                self.diagnostics()
+            );
+        }
+    }
+
+    /// Runs an external command (with a time limit) while watching the
+    /// replication session: a session break kills it and fails the test.
+    pub fn run_while_healthy(&self, cmd: &mut Command, timeout: Duration) -> Output {
+        let desc = format!("{cmd:?}");
+        let out = run_with_abort(cmd, timeout, || {
+            let b = self.session_breaks();
+            (!b.is_empty()).then(|| {
+                format!(
+                    "the replication session broke while it ran, first:\n{}\n{}",
+                    b.iter().take(5).cloned().collect::<Vec<_>>().join("\n"),
+                    self.diagnostics()
+                )
+            })
+        });
+        if !out.status.success() {
+            panic!("{desc} failed: {}\n{}", out.status, describe_output(&out));
+        }
+        out
+    }
+
     /// Polls until `pred` holds for the group's status on `site`; panics with
     /// the last status after `timeout`.
     pub fn wait_until(
@@ -852,5 +914,26 @@ impl Drop for Cluster {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_files_finds_the_first_difference() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let mut data = pattern::random_bytes(1, 3 << 20);
+        std::fs::write(&a, &data).expect("write");
+        std::fs::write(&b, &data).expect("write");
+        assert_eq!(compare_files(&a, &b), FileDiff::Identical);
+        data[(1 << 20) + 4097] ^= 1;
+        data[(2 << 20) + 5] ^= 0x80;
+        std::fs::write(&b, &data).expect("write");
+        assert_eq!(compare_files(&a, &b), FileDiff::Bytes { first: (1 << 20) + 4097, blocks: 2 });
+        std::fs::write(&b, &data[..4096]).expect("write");
+        assert_eq!(compare_files(&a, &b), FileDiff::Length(3 << 20, 4096));
     }
 }

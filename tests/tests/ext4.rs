@@ -106,14 +106,13 @@ fn spawn_nbdfuse(c: &Cluster, export: &str, mountpoint: &Path, pidfile: &Path) -
 
 #[test]
 fn ext4_on_primary_is_clean_and_readable_on_secondary() {
-    let nbdfuse_needed = require("nbdfuse");
+    require("nbdfuse");
     let losetup = require("losetup");
     let mkfs = require("mkfs.ext4");
     let e2fsck = require("e2fsck");
     let mount = require("mount");
     let umount = require("umount");
     let fusermount = require("fusermount3");
-    let _ = nbdfuse_needed;
     if !require_root("ext4_on_primary_is_clean_and_readable_on_secondary") {
         return;
     }
@@ -155,14 +154,14 @@ fn ext4_on_primary_is_clean_and_readable_on_secondary() {
 
     // mkfs.ext4 first discards the whole device (one 128 MiB TRIM) and zeroes
     // its journal: replicating those is part of the test.
-    run_ok(Command::new(&mkfs).args(["-q", "-F"]).arg(&loopdev), T);
-    run_ok(Command::new(&mount).arg(&loopdev).arg(&mnt), T);
+    c.run_while_healthy(Command::new(&mkfs).args(["-q", "-F"]).arg(&loopdev), T);
+    c.run_while_healthy(Command::new(&mount).arg(&loopdev).arg(&mnt), T);
     {
         let (u, m) = (umount.clone(), mnt.clone());
         cleanup.push("umount primary mount", move || quiet(&u, &["-l", &m.display().to_string()]));
     }
     write_files(&mnt);
-    run_ok(&mut Command::new("sync"), T);
+    c.run_while_healthy(&mut Command::new("sync"), T);
     check_files(&mnt);
 
     // Orderly teardown on the happy path (each step checked).
@@ -186,6 +185,7 @@ fn ext4_on_primary_is_clean_and_readable_on_secondary() {
     cleanup.pop();
 
     c.wait_drained(group);
+    c.assert_no_session_breaks("after the file system work");
     c.stop(Site::A);
     c.stop(Site::B);
 

@@ -48,6 +48,7 @@ fn fio_randwrite_verify_sync_pair() {
     // A second pass overwrites the same region in another order.
     fio_verify(&c, vol, "randwrite", "32M", 2);
 
+    c.assert_no_session_breaks("after fio");
     let s = c.wait_drained(group);
     assert!(s.last_seq >= 16384, "fio wrote 2 x 8192 blocks; status: {s:?}");
     c.stop(Site::A);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use replicator_tests::{require, run_with_timeout, describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+use replicator_tests::{describe_output, require, run_with_abort, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
@@ -22,7 +22,10 @@ fn qemu_io(cluster: &Cluster, site: Site, export: &str, cmds: &[String]) {
     for c in cmds {
         cmd.arg("-c").arg(c);
     }
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(180));
+    let out = run_with_abort(&mut cmd, Duration::from_secs(180), || {
+        let b = cluster.session_breaks();
+        (!b.is_empty()).then(|| format!("replication session broke during qemu-io:\n{}\n{}", b[..b.len().min(5)].join("\n"), cluster.diagnostics()))
+    });
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // qemu-io reports results on stdout; anything on stderr is a failure.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -149,6 +152,7 @@ fn single_volume(mode: Mode) {
     qemu_io(&c, Site::A, &vol, &writes);
     qemu_io(&c, Site::A, &vol, &reads);
 
+    c.assert_no_session_breaks("after the qemu-io workload");
     let s = c.wait_drained(&group);
     assert_eq!(s.role, "primary");
     assert!(s.last_seq > 100, "expected the writes to be journaled as records, status: {s:?}");
@@ -196,6 +200,7 @@ fn async_multi_volume_group() {
     });
     qemu_io(&c, Site::A, vols[0], &r0);
     qemu_io(&c, Site::A, vols[1], &r1);
+    c.assert_no_session_breaks("after the qemu-io workloads");
     c.wait_drained(group);
     c.stop(Site::A);
     c.stop(Site::B);
@@ -226,6 +231,7 @@ fn sync_group_whole_device_discard_and_large_write_zeroes() {
     let expect = [(0, MIB, 0u8), (MIB, 2 * MIB, 0), (3 * MIB, 4096, 0x5c), (3 * MIB + 4096, 46 * MIB - 4096, 0)];
     let reads: Vec<String> = expect.iter().map(|(o, l, p)| format!("read -P 0x{p:x} {o} {l}")).collect();
     qemu_io(&c, Site::A, vol, &reads);
+    c.assert_no_session_breaks("after a whole-device discard and a 48 MiB write-zeroes");
     c.wait_drained_within(group, Duration::from_secs(30));
     let s = c.status(Site::A, group);
     assert!(s.last_error.is_none(), "last error on the primary: {:?}", s.last_error);

@@ -178,3 +178,36 @@ fn peer_quic_traffic_is_not_reported_as_non_quic() {
     );
     c.assert_volumes_identical("tls");
 }
+
+/// The admin ran `pair create` on site-a and watches site-a: its status or
+/// its log must say why the peer is not connected (here: site-b presents a
+/// certificate site-a cannot verify — the failure is site-a's own
+/// verification, not only an alert site-b received).
+#[test]
+fn primary_reports_why_it_cannot_connect() {
+    let c = Cluster::new(opts(CertKind::ForeignCa, "site-b"));
+    c.pair_create("tls");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.status(Site::A, "tls");
+        let in_status = s.last_error.as_deref().is_some_and(|e| e.contains("certificate") || e.contains("site-b"));
+        let in_log = c
+            .log(Site::A)
+            .lines()
+            .any(|l| (l.contains("cannot connect") || l.contains("link down")) && l.contains("certificate"));
+        if in_status || in_log {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "after 20 s site-a shows {} (connected {}, last_error {:?}) and its log has no line saying why \
+                 the connection to site-b fails (the certificate site-b presents is not from our CA)\n{}",
+                s.state,
+                s.connected,
+                s.last_error,
+                c.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

@@ -128,10 +128,17 @@ pub async fn serve_secondary(
     tracing::info!(group = %group.cfg.name, %peer, resume_after = base, "replication session up (secondary)");
     let mut session = Session::new(group.clone(), base);
     let result = session.run(&mut send, &mut recv, &mut shutdown).await;
+    if let Err(e) = &result {
+        // Tell the primary why, so its status and log say it too.
+        send.queue(Body::Error(pb::Error { message: e.to_string() }));
+    }
     session.drain(&mut send).await;
     match result {
         Ok(()) => tracing::info!(group = %group.cfg.name, "replication session closed"),
-        Err(e) => tracing::warn!(group = %group.cfg.name, "replication session ended: {e}"),
+        Err(e) => {
+            tracing::warn!(group = %group.cfg.name, "replication session ended: {e}");
+            lock(&group.inner).last_error = Some(e.to_string());
+        }
     }
     detach(&group);
 }
@@ -230,6 +237,8 @@ impl Session {
         let (seq, ci) = self.applier.durable_barrier();
         if let Err(e) = self.group.sync_all().await {
             tracing::error!(group = %self.group.cfg.name, "final flush failed: {e}");
+            let _ = send.flush().await;
+            send.finish();
             return;
         }
         self.applier.on_durable(seq, ci);

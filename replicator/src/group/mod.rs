@@ -125,6 +125,8 @@ struct Inner {
     /// copy index -> (volume, offset, length).
     copy_inflight: BTreeMap<u64, (u32, u64, u64)>,
     link_down_since: Option<Instant>,
+    /// Last link-down reason logged, and when.
+    last_link_log: Option<(String, Instant)>,
     last_error: Option<String>,
     /// Copy progress for status.
     copy_total: u64,
@@ -252,6 +254,7 @@ impl Group {
             sent_through: 0,
             copy_inflight: BTreeMap::new(),
             link_down_since: Some(Instant::now()),
+            last_link_log: None,
             last_error: None,
             copy_total: 0,
             copy_done: 0,
@@ -409,17 +412,16 @@ impl Group {
         let mut g = lock(&self.inner);
         if g.link_down_since.is_none() {
             g.link_down_since = Some(Instant::now());
-            tracing::warn!(group = %self.cfg.name, reason = why, "replication link down");
         }
+        // One line per distinct reason (and a reminder every minute), so a
+        // peer that never comes up says why, without flooding the journal.
+        let repeat = g.last_link_log.as_ref().is_some_and(|(w, at)| w == why && at.elapsed() < Duration::from_secs(60));
+        if !repeat {
+            tracing::warn!(group = %self.cfg.name, peer = %self.cfg.peer, reason = why, "replication link down");
+            g.last_link_log = Some((why.to_string(), Instant::now()));
+        }
+        g.last_error = Some(format!("replication link to {}: {why}", self.cfg.peer));
         self.progress.send_modify(|p| p.connected = false);
-        if g.role == Role::Primary
-            && self.cfg.mode == Mode::Sync
-            && self.cfg.on_link_loss == LinkLossPolicy::Suspend
-            && matches!(g.state, PairState::Pair | PairState::Copy)
-        {
-            // Sync writes in flight stop waiting once link_timeout has
-            // passed (housekeeping); nothing to do here.
-        }
         self.publish(&mut g);
     }
 

@@ -132,6 +132,7 @@ async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
         }
         g.persisted.announce.clear();
         g.link_down_since = None;
+        g.last_link_log = None;
         g.last_error = None;
         g.sent_through = peer_durable;
         g.shipper = Some(Shipper::new(peer_durable, last));

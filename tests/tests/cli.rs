@@ -1,0 +1,232 @@
+//! The command line as an admin (or a script) uses it: exit codes (0 done,
+//! 1 failed, 2 usage/config, 3 refused), messages that name the file and the
+//! key, the `status --json` schema, pair create/delete, cert init.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use replicator_tests::{describe_output, run_with_timeout, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cluster(start: bool) -> Cluster {
+    let mut o = ClusterOpts::group(GroupSpec::new("cli", Mode::Sync).volume("cli-vol", 16 * MIB));
+    o.start = start;
+    Cluster::new(o)
+}
+
+fn config_check(c: &Cluster, path: &Path) -> Output {
+    run_with_timeout(
+        Command::new(c.bin()).arg("--config").arg(path).args(["config", "check"]).env_remove("REPLICATOR_CONFIG"),
+        Duration::from_secs(30),
+    )
+}
+
+#[test]
+fn config_check_good_and_broken() {
+    let c = cluster(false);
+    let good_path = c.config_path(Site::A).to_path_buf();
+    let out = config_check(&c, &good_path);
+    assert_eq!(code(&out), 0, "config check on a good config\n{}", describe_output(&out));
+    assert!(stdout(&out).contains("OK"), "config check should say OK\n{}", describe_output(&out));
+
+    let good = std::fs::read_to_string(&good_path).expect("read config");
+    // (what to break, replacement, what stderr must name besides the file)
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        ("bad mode", good.replace("mode = \"sync\"", "mode = \"fast\""), vec!["group[cli].mode", "\"fast\""]),
+        ("unknown key", good.replace("[node]\n", "[node]\nbogus_key = 1\n"), vec!["bogus_key"]),
+        ("bad size", good.replace(&format!("size = \"{}\"", 16 * MIB), "size = \"20 parsecs\""), vec!["volume[cli-vol].size"]),
+        ("journal too small", good.replace(&format!("journal_size = \"{}\"", 64 * MIB), "journal_size = \"1MiB\""), vec!["group[cli].journal_size"]),
+        ("bad duration", good.replace("link_timeout = \"5000ms\"", "link_timeout = \"5 fortnights\""), vec!["group[cli].link_timeout"]),
+        ("bad address", good.replace("listen = \"127.0.0.1:", "listen = \"localhost-ish:"), vec!["node.listen"]),
+        ("unknown peer", good.replace("peer = \"site-b\"", "peer = \"site-z\""), vec!["group[cli].peer", "site-z"]),
+    ];
+    for (what, text, needles) in cases {
+        assert_ne!(text, good, "{what}: the replacement did not apply to\n{good}");
+        let path = c.root().join(format!("broken-{}.toml", what.replace(' ', "-")));
+        std::fs::write(&path, &text).expect("write broken config");
+        let out = config_check(&c, &path);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "config check with {what} must exit 2\n{}", describe_output(&out));
+        assert!(err.contains(&path.display().to_string()), "{what}: stderr must name the file {}\n{err}", path.display());
+        for n in needles {
+            assert!(err.contains(n), "{what}: stderr must name {n:?}\n{err}");
+        }
+    }
+
+    let missing = c.root().join("no-such-config.toml");
+    let out = config_check(&c, &missing);
+    assert_eq!(code(&out), 2, "missing config\n{}", describe_output(&out));
+    assert!(stderr(&out).contains("no-such-config.toml"), "{}", describe_output(&out));
+
+    // A certificate that is not issued for node.name.
+    let wrong_cert = good.replace("site-a.pem", "site-b.pem").replace("site-a.key", "site-b.key");
+    let path = c.root().join("broken-cert.toml");
+    std::fs::write(&path, wrong_cert).expect("write");
+    let out = config_check(&c, &path);
+    assert_eq!(code(&out), 2, "certificate for another node\n{}", describe_output(&out));
+    assert!(stderr(&out).contains("site-b.pem"), "{}", describe_output(&out));
+}
+
+#[test]
+fn status_json_schema_and_pair_lifecycle() {
+    let c = cluster(true);
+
+    // status --json before pairing: documented fields, SIMPLEX.
+    let out = c.cli(Site::A, &["status", "--json"]);
+    assert_eq!(code(&out), 0, "{}", describe_output(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON: {e}\n{}", describe_output(&out)));
+    let groups = v.as_array().unwrap_or_else(|| panic!("status --json must be an array: {v}"));
+    assert_eq!(groups.len(), 1, "{v}");
+    let g = &groups[0];
+    let fields: [(&str, fn(&serde_json::Value) -> bool); 25] = [
+        ("group", serde_json::Value::is_string),
+        ("role", serde_json::Value::is_string),
+        ("state", serde_json::Value::is_string),
+        ("reason", |x| x.is_null() || x.is_string()),
+        ("mode", serde_json::Value::is_string),
+        ("peer", serde_json::Value::is_string),
+        ("connected", serde_json::Value::is_boolean),
+        ("generation", serde_json::Value::is_u64),
+        ("last_seq", serde_json::Value::is_u64),
+        ("applied_seq", serde_json::Value::is_u64),
+        ("durable_seq", serde_json::Value::is_u64),
+        ("lag_records", serde_json::Value::is_u64),
+        ("lag_bytes", serde_json::Value::is_u64),
+        ("lag_seconds", serde_json::Value::is_number),
+        ("journal_used_bytes", serde_json::Value::is_u64),
+        ("journal_capacity_bytes", serde_json::Value::is_u64),
+        ("dirty_bytes", serde_json::Value::is_u64),
+        ("copy_total_bytes", serde_json::Value::is_u64),
+        ("copy_done_bytes", serde_json::Value::is_u64),
+        ("consistent", serde_json::Value::is_boolean),
+        ("io_backend", serde_json::Value::is_string),
+        ("direct_io", serde_json::Value::is_boolean),
+        ("last_error", |x| x.is_null() || x.is_string()),
+        ("volumes", serde_json::Value::is_array),
+        ("uptime_seconds", serde_json::Value::is_u64),
+    ];
+    for (name, ok) in fields {
+        let f = g.get(name).unwrap_or_else(|| panic!("status --json lacks the documented field {name:?}: {g}"));
+        assert!(ok(f), "status --json field {name:?} has the wrong type: {f}");
+    }
+    assert_eq!(g["group"], "cli");
+    assert_eq!(g["role"], "none");
+    assert_eq!(g["state"], "SIMPLEX");
+    assert_eq!(g["mode"], "sync");
+    assert_eq!(g["peer"], "site-b");
+    let io = g["io_backend"].as_str().unwrap_or_default();
+    assert!(io == "io_uring" || io == "threads", "io_backend {io:?}");
+    let vol = &g["volumes"][0];
+    assert_eq!(vol["name"], "cli-vol");
+    assert_eq!(vol["size"], 16 * MIB);
+    assert_eq!(vol["path"], c.volume_path(Site::A, "cli-vol").display().to_string());
+
+    // Human status and an unknown group.
+    let out = c.cli(Site::A, &["status"]);
+    assert_eq!(code(&out), 0, "{}", describe_output(&out));
+    assert!(stdout(&out).contains("group cli") && stdout(&out).contains("SIMPLEX"), "{}", describe_output(&out));
+    let out = c.cli(Site::A, &["status", "nosuchgroup", "--json"]);
+    assert_eq!(code(&out), 2, "status of an unknown group\n{}", describe_output(&out));
+    assert!(stderr(&out).contains("nosuchgroup"), "{}", describe_output(&out));
+
+    // pair create --wait: exit 0 once PAIR.
+    let out = c.cli(Site::A, &["pair", "create", "cli", "--wait"]);
+    assert_eq!(code(&out), 0, "pair create --wait\n{}\n{}", describe_output(&out), c.diagnostics());
+    assert!(stdout(&out).contains("PAIR"), "pair create --wait should end saying PAIR\n{}", describe_output(&out));
+    let a = c.status(Site::A, "cli");
+    assert_eq!((a.role.as_str(), a.state.as_str()), ("primary", "PAIR"), "{a:?}");
+    c.wait_state(Site::B, "cli", "PAIR", Duration::from_secs(30));
+    let out = c.cli(Site::B, &["status", "cli", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[0]["role"], "secondary", "{v}");
+    assert_eq!(v[0]["consistent"], true, "{v}");
+
+    // A second pair create is refused (exit 3) and says why.
+    let out = c.cli(Site::A, &["pair", "create", "cli"]);
+    assert_eq!(code(&out), 3, "second pair create must be refused with exit 3\n{}", describe_output(&out));
+    let err = stderr(&out);
+    assert!(err.contains("already paired") && err.contains("pair delete"), "refusal must say why and what to do:\n{err}");
+    // ... also on the secondary.
+    let out = c.cli(Site::B, &["pair", "create", "cli"]);
+    assert_eq!(code(&out), 3, "pair create on the secondary must be refused\n{}", describe_output(&out));
+    let a = c.status(Site::A, "cli");
+    assert_eq!(a.state, "PAIR", "a refused pair create must not disturb the pair: {a:?}");
+
+    // pair delete: both sides SIMPLEX.
+    let out = c.cli(Site::A, &["pair", "delete", "cli"]);
+    assert_eq!(code(&out), 0, "pair delete\n{}", describe_output(&out));
+    assert!(stdout(&out).contains("SIMPLEX"), "{}", describe_output(&out));
+    let a = c.status(Site::A, "cli");
+    assert_eq!((a.role.as_str(), a.state.as_str()), ("none", "SIMPLEX"), "{a:?}");
+    let b = c.wait_state(Site::B, "cli", "SIMPLEX", Duration::from_secs(30));
+    assert_eq!(b.role, "none", "{b:?}");
+    // Nothing left to delete: refused.
+    let out = c.cli(Site::A, &["pair", "delete", "cli"]);
+    assert_eq!(code(&out), 3, "pair delete of a SIMPLEX group\n{}", describe_output(&out));
+    assert!(stderr(&out).contains("not paired"), "{}", describe_output(&out));
+    // After a delete, a new pair can be created.
+    let out = c.cli(Site::A, &["pair", "create", "cli", "--nocopy", "--wait"]);
+    assert_eq!(code(&out), 0, "pair create after delete\n{}\n{}", describe_output(&out), c.diagnostics());
+    c.wait_pair("cli", Duration::from_secs(30));
+
+    // The daemon is needed for status: without it, exit 1 and a clear message.
+    let mut c = c;
+    c.stop(Site::A);
+    let out = c.cli(Site::A, &["status"]);
+    assert_eq!(code(&out), 1, "status without a daemon\n{}", describe_output(&out));
+    assert!(stderr(&out).contains("control.sock"), "{}", describe_output(&out));
+}
+
+#[test]
+fn cert_init_and_issue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let bin = replicator_tests::replicator_bin();
+    let run = |args: &[&str]| run_with_timeout(Command::new(&bin).args(args), Duration::from_secs(30));
+    let ca_s = ca.display().to_string();
+    let out = run(&["cert", "init", "--dir", &ca_s]);
+    assert_eq!(code(&out), 0, "{}", describe_output(&out));
+    let ca_pem = std::fs::read(ca.join("ca.pem")).expect("ca.pem");
+    let ca_key = std::fs::read(ca.join("ca.key")).expect("ca.key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(ca.join("ca.key")).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "ca.key must be private");
+    }
+
+    // A second init refuses to overwrite (exit 1) and leaves the CA alone.
+    let out = run(&["cert", "init", "--dir", &ca_s]);
+    assert_eq!(code(&out), 1, "cert init over an existing CA must fail\n{}", describe_output(&out));
+    assert!(stderr(&out).contains("already exists"), "{}", describe_output(&out));
+    assert_eq!(std::fs::read(ca.join("ca.pem")).expect("ca.pem"), ca_pem, "ca.pem was overwritten");
+    assert_eq!(std::fs::read(ca.join("ca.key")).expect("ca.key"), ca_key, "ca.key was overwritten");
+
+    let out_dir = dir.path().join("nodes").display().to_string();
+    let out = run(&["cert", "issue", "--ca-dir", &ca_s, "--name", "site-x", "--out", &out_dir, "--days", "30"]);
+    assert_eq!(code(&out), 0, "{}", describe_output(&out));
+    assert!(Path::new(&out_dir).join("site-x.pem").is_file() && Path::new(&out_dir).join("site-x.key").is_file());
+    let out = run(&["cert", "issue", "--ca-dir", &ca_s, "--name", "site-x", "--out", &out_dir]);
+    assert_eq!(code(&out), 1, "re-issuing over an existing certificate must fail\n{}", describe_output(&out));
+    let out = run(&["cert", "issue", "--ca-dir", &ca_s, "--name", "bad/name", "--out", &out_dir]);
+    assert_ne!(code(&out), 0, "a name that is not a valid node name must be refused\n{}", describe_output(&out));
+    // Usage errors exit 2.
+    let out = run(&["cert", "issue", "--ca-dir", &ca_s]);
+    assert_eq!(code(&out), 2, "missing arguments\n{}", describe_output(&out));
+    let out = run(&["no-such-command"]);
+    assert_eq!(code(&out), 2, "unknown command\n{}", describe_output(&out));
+}
