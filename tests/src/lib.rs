@@ -188,12 +188,21 @@ pub struct ClusterOpts {
     pub site_b_cert: CertKind,
     /// Start both daemons in [`Cluster::new`].
     pub start: bool,
+    /// Extra environment for site-b's daemon (test-only switches such as
+    /// `REPLICATOR_TEST_WIRE_VERSIONS`).
+    pub site_b_env: Vec<(String, String)>,
 }
 
 impl ClusterOpts {
     /// Both sites valid and started, with these groups.
     pub fn new(groups: Vec<GroupSpec>) -> Self {
-        Self { groups, site_b_node_name: "site-b".into(), site_b_cert: CertKind::Valid, start: true }
+        Self {
+            groups,
+            site_b_node_name: "site-b".into(),
+            site_b_cert: CertKind::Valid,
+            start: true,
+            site_b_env: Vec::new(),
+        }
     }
 
     /// One group.
@@ -638,7 +647,10 @@ address = "127.0.0.1:{peer_port}"
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).expect("open log");
         let _ = writeln!(log, "===== e2e harness: starting {site} (run #{}) =====", s.starts);
         let log2 = log.try_clone().expect("clone log fd");
+        let env: Vec<(String, String)> = if site == Site::B { self.opts.site_b_env.clone() } else { Vec::new() };
+        let s = &mut self.sites[site.index()];
         let child = Command::new(&bin)
+            .envs(env)
             .arg("--config")
             .arg(&s.config_path)
             .arg("run")

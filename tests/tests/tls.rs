@@ -211,3 +211,30 @@ fn primary_reports_why_it_cannot_connect() {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// A peer that speaks no common wire version is refused, and both sides say
+/// so in their logs (site-b claims to speak only version 99 through the
+/// daemon's test-only switch).
+#[test]
+fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
+    let mut opts = ClusterOpts::group(GroupSpec::new("wv", Mode::Sync).volume("wv-vol", 8 << 20));
+    opts.site_b_env.push(("REPLICATOR_TEST_WIRE_VERSIONS".into(), "99".into()));
+    let cluster = Cluster::new(opts);
+    cluster.pair_create("wv");
+    let s = cluster.wait_until(Site::A, "wv", "reporting the version mismatch", Duration::from_secs(30), |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("no common wire version"))
+    });
+    assert!(!s.connected, "{s:?}");
+    let wait = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (a, b) = (cluster.log(Site::A), cluster.log(Site::B));
+        let a_ok = a.contains("no common wire version");
+        let b_ok = b.contains("no common wire version") && b.contains("we speak [99]");
+        if a_ok && b_ok {
+            break;
+        }
+        assert!(Instant::now() < wait, "version mismatch not logged on both sides:\n--- site-a\n{a}\n--- site-b\n{b}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cluster.status(Site::B, "wv").role, "none", "site-b must not have become secondary");
+}
