@@ -52,6 +52,9 @@ pub enum GroupError {
     /// The command is not possible in the current state.
     #[error("{0}")]
     Refused(String),
+    /// Replaying the journal onto the local volumes failed.
+    #[error("journal replay: {0}")]
+    Replay(String),
 }
 
 /// What sync-mode waiters and the status view watch.
@@ -187,7 +190,7 @@ impl Group {
         let role: Role = persisted.role.parse().unwrap_or(Role::None);
         let mut state: PairState = persisted.state.parse().unwrap_or(PairState::Simplex);
         let was_clean = persisted.clean_shutdown;
-        let bitmaps = load_bitmaps(&store, &volumes, was_clean)?;
+        let bitmaps = load_bitmaps(&store, &volumes)?;
 
         let mut ring = None;
         let mut journal = None;
@@ -204,14 +207,11 @@ impl Group {
             );
             last_jseq = last;
             if !was_clean {
+                tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
                 redo_journal(&j, &r, last, &volumes).await?;
             }
             ring = Some(r);
             journal = Some(Arc::new(j));
-            // A link counts as down until a session is up.
-            if matches!(state, PairState::Pair | PairState::Copy) && !was_clean {
-                tracing::warn!(group = %cfg.name, "daemon did not stop cleanly; resuming from the journal");
-            }
         }
         if role == Role::None {
             state = PairState::Simplex;
@@ -693,12 +693,12 @@ async fn redo_journal(j: &Journal, ring: &JournalRing, last: u64, volumes: &[Arc
         let Some((pos, _)) = ring.lookup(seq) else { continue };
         let rec = j.read_record(pos, seq).await?;
         let vol = volumes.get(rec.volume as usize).ok_or_else(|| {
-            GroupError::Refused(format!("journal record {seq} names volume #{} which is not configured", rec.volume))
+            GroupError::Replay(format!("record {seq} names volume #{} which is not configured", rec.volume))
         })?;
-        vol.apply(&rec).await.map_err(|e| GroupError::Refused(format!("journal replay of record {seq}: {e}")))?;
+        vol.apply(&rec).await.map_err(|e| GroupError::Replay(format!("record {seq}: {e}")))?;
     }
     for v in volumes {
-        v.sync().await.map_err(|e| GroupError::Refused(format!("journal replay: {e}")))?;
+        v.sync().await.map_err(|e| GroupError::Replay(e.to_string()))?;
     }
     tracing::info!(records = last + 1 - oldest, "replayed the journal onto the local volumes after an unclean stop");
     Ok(())
@@ -712,7 +712,7 @@ fn bitmap_name(volume: &str) -> String {
     format!("bitmap-{volume}")
 }
 
-fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>], was_clean: bool) -> Result<Vec<DirtyBitmap>, GroupError> {
+fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>]) -> Result<Vec<DirtyBitmap>, GroupError> {
     let mut out = Vec::new();
     for v in volumes {
         let fresh = DirtyBitmap::new(v.size(), DEFAULT_GRANULARITY);
@@ -728,7 +728,6 @@ fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>], was_clean: bool) -> 
             },
             None => fresh,
         };
-        let _ = was_clean;
         out.push(b);
     }
     Ok(out)

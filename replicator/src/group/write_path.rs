@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use replicator_protocol::journal_format::record_span;
-use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
+use replicator_protocol::pair::{PairEvent, PairState, Role};
 use replicator_protocol::record::{Record, RecordOp};
 use replicator_protocol::sequencer::Dep;
 use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
@@ -465,11 +465,11 @@ impl Group {
         Ok(volume.read(offset, len).await?)
     }
 
-    /// Is the group in a state where its volumes may be written by clients?
+    /// May clients write the volumes? Not on the secondary. A replication
+    /// error never takes writes away from the primary's applications: the
+    /// journal (or the dirty bitmap) keeps tracking them.
     pub fn writable(&self) -> bool {
-        let g = lock(&self.inner);
-        g.role != Role::Secondary && g.state != PairState::SplitBrain
-            && g.state != PairState::Suspended(SuspendReason::Error)
+        lock(&self.inner).role != Role::Secondary
     }
 }
 
