@@ -145,7 +145,7 @@ impl Journal {
     }
 
     async fn read(&self, pos: u64, len: u64) -> Result<AlignedBuf, JournalError> {
-        let (res, buf) = self.file.read_at(AlignedBuf::zeroed(len as usize), pos).await;
+        let (res, buf) = self.file.read_at(AlignedBuf::for_overwrite(len as usize), pos).await;
         res.map_err(|e| self.io(e))?;
         Ok(buf)
     }

@@ -88,11 +88,11 @@ impl Volume {
     /// file is opened with O_DIRECT).
     pub async fn read(&self, offset: u64, len: u64) -> Result<AlignedBuf, IoError> {
         if is_aligned(offset, len) || !self.file.is_direct() {
-            let (res, buf) = self.file.read_at(AlignedBuf::zeroed(len as usize), offset).await;
+            let (res, buf) = self.file.read_at(AlignedBuf::for_overwrite(len as usize), offset).await;
             return res.map(|()| buf);
         }
         let (start, alen) = align_range(offset, len);
-        let (res, buf) = self.file.read_at(AlignedBuf::zeroed(alen as usize), start).await;
+        let (res, buf) = self.file.read_at(AlignedBuf::for_overwrite(alen as usize), start).await;
         res?;
         let skip = (offset - start) as usize;
         Ok(AlignedBuf::copy_from(&buf[skip..skip + len as usize]))

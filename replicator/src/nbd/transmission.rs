@@ -139,7 +139,7 @@ where
         Command::Write { offset, len, fua } => {
             // Straight from the socket into the buffer the export will use
             // for direct I/O. A client vanishing here leaves no trace.
-            let mut data = AlignedBuf::zeroed(len as usize);
+            let mut data = AlignedBuf::for_overwrite(len as usize);
             reader
                 .read_exact(&mut data)
                 .await
