@@ -397,7 +397,7 @@ impl Validator<'_> {
             if journal_size < 16 << 20 {
                 return Err(self.err(
                     format!("{key}.journal_size"),
-                    "the journal must be at least 16MiB (it has to hold the largest write, 32MiB is a sensible minimum)",
+                    "must be at least 16MiB (size it for the writes of a link outage: beyond it, writes are tracked in the dirty bitmap and resynced)",
                 ));
             }
             let on_link_loss = match g.on_link_loss.as_deref().unwrap_or("suspend") {

@@ -108,6 +108,11 @@ impl FramedRecv {
         }
     }
 
+    /// An envelope already buffered, without waiting for the network.
+    pub fn try_next(&mut self) -> Result<Option<pb::Envelope>, TransportError> {
+        Ok(self.decoder.decode()?)
+    }
+
     /// Next envelope, or an error if the stream ends.
     pub async fn expect(&mut self, what: &'static str) -> Result<Body, TransportError> {
         match self.recv().await? {

@@ -201,6 +201,11 @@ impl Session {
                         None => return Ok(()),
                         Some(env) => self.on_frame(env, send).await?,
                     }
+                    // Take every frame that arrived in the same read.
+                    while !self.delete_requested {
+                        let Some(env) = recv.try_next()? else { break };
+                        self.on_frame(env, send).await?;
+                    }
                     if self.delete_requested {
                         return Ok(());
                     }
@@ -208,6 +213,10 @@ impl Session {
                 Some(ev) = self.events.recv() => self.on_event(ev)?,
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return Ok(()),
+            }
+            // Coalesce: one ack covers every apply that has finished by now.
+            while let Ok(ev) = self.events.try_recv() {
+                self.on_event(ev)?;
             }
             self.maybe_flush();
             self.maybe_checkpoint().await;

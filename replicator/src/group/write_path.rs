@@ -103,6 +103,14 @@ impl Drop for RangeGuard<'_> {
 }
 
 /// Outcome of admission under the lock.
+enum Admission<'a> {
+    /// Sequenced (and journal space reserved if journaled).
+    Admitted(Admitted<'a>),
+    /// `on_journal_full = "block"`: wait for space, then try again.
+    WaitForSpace,
+}
+
+/// A sequenced write.
 struct Admitted<'a> {
     guard: RangeGuard<'a>,
     deps: Vec<watch::Receiver<bool>>,
@@ -145,7 +153,7 @@ impl Group {
         (guard, last)
     }
 
-    fn admit(&self, vol: u32, off: u64, len: u64, payload_len: u64) -> Result<Result<Admitted<'_>, ()>, WriteError> {
+    fn admit(&self, vol: u32, off: u64, len: u64, payload_len: u64) -> Result<Admission<'_>, WriteError> {
         let mut g = lock(&self.inner);
         if g.role == Role::Secondary {
             return Err(WriteError::ReadOnly(self.cfg.name.clone()));
@@ -164,7 +172,7 @@ impl Group {
                 None if self.cfg.on_journal_full == JournalFullPolicy::Block
                     && g.journal_full_since.get_or_insert_with(Instant::now).elapsed() < self.cfg.journal_full_timeout =>
                 {
-                    return Ok(Err(()));
+                    return Ok(Admission::WaitForSpace);
                 }
                 None => self.enter_bitmap_mode(&mut g),
             }
@@ -181,7 +189,7 @@ impl Group {
             g.cumulative_bytes = cumulative;
             g.entries.insert(seq, Entry { pos, span, cumulative, written_at: Instant::now(), record: None, journaled: false });
         }
-        Ok(Ok(Admitted { guard, deps, journal, generation }))
+        Ok(Admission::Admitted(Admitted { guard, deps, journal, generation }))
     }
 
     /// The journal is full: track writes in the dirty bitmap from now on.
@@ -244,8 +252,8 @@ impl Group {
         // Admission: journal space (or the block policy's wait), sequencing.
         let admitted = loop {
             match self.admit(vol, a_off, a_len, payload_len)? {
-                Ok(a) => break a,
-                Err(()) => {
+                Admission::Admitted(a) => break a,
+                Admission::WaitForSpace => {
                     let _ = tokio::time::timeout(self.cfg.journal_full_timeout, self.space_freed.notified()).await;
                 }
             }
@@ -369,6 +377,11 @@ impl Group {
     }
 
     async fn wait_journaled_through(&self, seq: u64) {
+        // Usually every earlier record is already in the journal: no need to
+        // subscribe (and be woken by every later journal append).
+        if *self.journaled_through.borrow() >= seq {
+            return;
+        }
         let mut rx = self.journaled_through.subscribe();
         let _ = rx.wait_for(|t| *t >= seq).await;
     }
