@@ -164,6 +164,9 @@ pub struct Group {
     space_freed: Notify,
     /// Contiguous prefix of journaled records (volume writes wait on it).
     journaled_through: watch::Sender<u64>,
+    /// Bitmap group commit: epoch writes wait for, and epoch on disk.
+    bitmap_wanted: watch::Sender<u64>,
+    bitmap_persisted: watch::Sender<u64>,
     /// Bumped to make the current replication session end (and reconnect).
     session_kick: watch::Sender<u64>,
     started: Instant,
@@ -267,6 +270,8 @@ impl Group {
         let (progress, _) = watch::channel(Progress::default());
         let (session_kick, _) = watch::channel(0);
         let (journaled_through, _) = watch::channel(last_jseq);
+        let (bitmap_wanted, _) = watch::channel(0);
+        let (bitmap_persisted, _) = watch::channel(0);
         let group = Arc::new(Group {
             cfg,
             volumes,
@@ -278,19 +283,14 @@ impl Group {
             ship_wake: Notify::new(),
             space_freed: Notify::new(),
             journaled_through,
+            bitmap_wanted,
+            bitmap_persisted,
             session_kick,
             started: Instant::now(),
             latency: crate::latency::LatencyHistogram::default(),
         });
         {
             let mut g = lock(&group.inner);
-            if !was_clean && g.role == Role::Primary && (g.persisted.copy_pending || g.persisted.bitmap_mode) {
-                // Bitmap updates since the last save may be lost: copy everything.
-                for b in &mut g.bitmaps {
-                    b.set_all();
-                }
-                tracing::warn!(group = %group.cfg.name, "unclean stop while tracking dirty regions: the resync will copy whole volumes");
-            }
             group.publish(&mut g);
         }
         Ok(group)
@@ -303,6 +303,7 @@ impl Group {
         }
         let g = self.clone();
         tokio::spawn(async move { g.housekeeping().await });
+        tokio::spawn(self.clone().bitmap_flusher());
     }
 
     /// Starts the replication session task (primary).
@@ -370,6 +371,12 @@ impl Group {
         }
     }
 
+    /// Logs an error and shows it in `status`.
+    fn record_error(&self, msg: &str) {
+        tracing::error!(group = %self.cfg.name, "{msg}");
+        lock(&self.inner).last_error = Some(msg.to_string());
+    }
+
     fn save_locked(&self, g: &mut Inner) {
         if let Err(e) = self.store.save(&g.persisted) {
             tracing::error!(group = %self.cfg.name, "cannot persist pair state: {e}");
@@ -377,13 +384,74 @@ impl Group {
         }
     }
 
-    fn save_bitmaps(&self, g: &mut Inner) {
-        for (v, b) in self.volumes.iter().zip(&g.bitmaps) {
-            if let Err(e) = self.store.save_blob(&bitmap_name(&v.name), &b.encode()) {
-                tracing::error!(group = %self.cfg.name, "cannot persist the dirty bitmap: {e}");
+    /// The bitmaps as they must be persisted: dirty regions plus copy chunks
+    /// sent but not yet durable on the secondary (cleared in memory when
+    /// read, they are not safe until acknowledged).
+    fn bitmap_snapshot(&self, g: &Inner) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::with_capacity(self.volumes.len());
+        for (i, (v, b)) in self.volumes.iter().zip(&g.bitmaps).enumerate() {
+            let mut b = b.clone();
+            for (vol, off, len) in g.copy_inflight.values() {
+                if *vol as usize == i {
+                    b.set_range(*off, *len);
+                }
             }
+            out.push((bitmap_name(&v.name), b.encode()));
+        }
+        out
+    }
+
+    fn write_bitmaps(&self, snapshot: &[(String, Vec<u8>)]) -> Result<(), StateError> {
+        for (name, bytes) in snapshot {
+            self.store.save_blob(name, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn save_bitmaps(&self, g: &mut Inner) {
+        if let Err(e) = self.write_bitmaps(&self.bitmap_snapshot(g)) {
+            tracing::error!(group = %self.cfg.name, "cannot persist the dirty bitmap: {e}");
+            g.last_error = Some(format!("cannot persist the dirty bitmap: {e}"));
         }
         g.bitmap_dirty_since_save = false;
+    }
+
+    /// Group commit of the dirty bitmap: a write that marks a clean region
+    /// dirty waits (before touching the volume) until a save covering it is
+    /// on disk, so after any crash the persisted bitmap still names every
+    /// region that may differ from the secondary. One save serves every
+    /// write that arrived while the previous one was being written.
+    async fn bitmap_flusher(self: Arc<Self>) {
+        loop {
+            let mut rx = self.bitmap_wanted.subscribe();
+            let persisted = *self.bitmap_persisted.borrow();
+            let wanted = match rx.wait_for(|w| *w > persisted).await {
+                Ok(w) => *w,
+                Err(_) => return,
+            };
+            let snapshot = {
+                let mut g = lock(&self.inner);
+                g.bitmap_dirty_since_save = false;
+                self.bitmap_snapshot(&g)
+            };
+            let me = self.clone();
+            let saved = tokio::task::spawn_blocking(move || me.write_bitmaps(&snapshot)).await;
+            match saved {
+                Ok(Ok(())) => {
+                    self.bitmap_persisted.send_modify(|p| *p = (*p).max(wanted));
+                }
+                Ok(Err(e)) => {
+                    // Writes keep waiting: acknowledging them without a
+                    // persisted bitmap could lose them from a resync.
+                    self.record_error(&format!("cannot persist the dirty bitmap: {e}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    self.record_error(&format!("dirty bitmap task failed: {e}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// Periodic work: link-loss timer, bitmap persistence.

@@ -117,6 +117,9 @@ struct Admitted<'a> {
     /// Journal sequence and position, when journaled.
     journal: Option<(u64, u64)>,
     generation: u64,
+    /// Not journaled, and it dirtied a clean region: the bitmap save that
+    /// must reach the disk before the volume write.
+    bitmap_epoch: Option<u64>,
 }
 
 impl Group {
@@ -177,9 +180,20 @@ impl Group {
                 None => self.enter_bitmap_mode(&mut g),
             }
         }
+        let mut bitmap_epoch = None;
         if g.role == Role::Primary && journal.is_none() {
-            g.bitmaps[vol as usize].set_range(off, len);
-            g.bitmap_dirty_since_save = true;
+            let b = &mut g.bitmaps[vol as usize];
+            let gran = b.granularity();
+            let newly_dirty = (off / gran..(off + len).div_ceil(gran)).any(|c| !b.is_chunk_dirty(c));
+            b.set_range(off, len);
+            if newly_dirty {
+                let mut epoch = 0;
+                self.bitmap_wanted.send_modify(|w| {
+                    *w += 1;
+                    epoch = *w;
+                });
+                bitmap_epoch = Some(epoch);
+            }
         }
         let (guard, deps) = self.register(&mut g, vol, off, len, false);
         let generation = g.persisted.generation;
@@ -189,7 +203,7 @@ impl Group {
             g.cumulative_bytes = cumulative;
             g.entries.insert(seq, Entry { pos, span, cumulative, written_at: Instant::now(), record: None, journaled: false });
         }
-        Ok(Admission::Admitted(Admitted { guard, deps, journal, generation }))
+        Ok(Admission::Admitted(Admitted { guard, deps, journal, generation, bitmap_epoch }))
     }
 
     /// The journal is full: track writes in the dirty bitmap from now on.
@@ -258,8 +272,14 @@ impl Group {
                 }
             }
         };
-        let Admitted { guard, deps, journal, generation } = admitted;
+        let Admitted { guard, deps, journal, generation, bitmap_epoch } = admitted;
         wait_all(deps).await;
+        if let Some(epoch) = bitmap_epoch {
+            let mut rx = self.bitmap_persisted.subscribe();
+            if rx.wait_for(|p| *p >= epoch).await.is_err() {
+                return Err(WriteError::Replication("the dirty bitmap could not be persisted".into()));
+            }
+        }
 
         // Build the block-aligned buffer that goes to disk and on the wire.
         let buf = match kind {
@@ -327,11 +347,6 @@ impl Group {
             }
         }
         Ok(())
-    }
-
-    fn record_error(&self, msg: &str) {
-        tracing::error!(group = %self.cfg.name, "{msg}");
-        lock(&self.inner).last_error = Some(msg.to_string());
     }
 
     /// Record `seq` is in the journal (or failed to get there but is kept in
