@@ -33,7 +33,7 @@ const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_FLAG_FUA: u16 = 1;
 /// Transmission flag: the server supports FLUSH.
-pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+const FLAG_SEND_FLUSH: u16 = 1 << 2;
 
 /// A reply must arrive within this time, or the cell fails (a hung server
 /// must not hang the benchmark).
@@ -140,10 +140,6 @@ impl NbdConn {
         self.size
     }
 
-    /// Transmission flags.
-    pub fn flags(&self) -> u16 {
-        self.flags
-    }
 
     fn send(&mut self, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: Option<&[u8]>) -> io::Result<()> {
         let h = request_header(cmd, flags, cookie, offset, len);
@@ -208,12 +204,6 @@ impl NbdConn {
         self.wait_one(2, 0)
     }
 
-    /// One read, waiting for its reply; the data is returned.
-    pub fn read_at(&mut self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        self.send(CMD_READ, 0, 3, offset, len, None)?;
-        self.wait_one(3, len as usize)?;
-        Ok(self.scratch[..len as usize].to_vec())
-    }
 
     /// Runs `workload` for `warmup` (not counted) then `duration`, bounded
     /// also by the workload's operation cap. Latency and throughput count
@@ -226,6 +216,9 @@ impl NbdConn {
             start: Instant,
             flushing: bool,
             busy: bool,
+        }
+        if workload == Workload::Wal && self.flags & FLAG_SEND_FLUSH == 0 {
+            return Err(proto("the export does not advertise FLUSH (NBD_FLAG_SEND_FLUSH)"));
         }
         let qd = workload.queue_depth();
         let mut gen = OpGen::new(workload, self.size, seed);

@@ -161,10 +161,13 @@ fn precise_timers() {
     }
 }
 
+/// Packets with their departure times, and the bytes they hold.
+type Queued = (VecDeque<(Instant, Vec<u8>)>, u64);
+
 /// A queue of packets with departure times, between a receiver and a sender.
 #[derive(Debug, Default)]
 struct DelayQueue {
-    q: Mutex<(VecDeque<(Instant, Vec<u8>)>, u64)>,
+    q: Mutex<Queued>,
     cv: Condvar,
 }
 
@@ -223,9 +226,8 @@ pub struct ProxyCounters {
 #[derive(Debug)]
 pub struct UdpProxy {
     addr: SocketAddr,
+    back_port: u16,
     stop: Arc<AtomicBool>,
-    /// Blackhole switch: while set, every datagram is dropped.
-    pub blackhole: Arc<AtomicBool>,
     /// Counters.
     pub counters: Arc<ProxyCounters>,
     threads: Vec<JoinHandle<()>>,
@@ -260,8 +262,8 @@ impl UdpProxy {
             bigger_buffers(s);
         }
         let addr = front.local_addr()?;
+        let back_port = back.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
-        let blackhole = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(ProxyCounters::default());
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let mut threads = Vec::new();
@@ -271,7 +273,7 @@ impl UdpProxy {
             let (stop1, stop2) = (stop.clone(), stop.clone());
             let (q1, q2) = (q.clone(), q);
             let (client1, client2) = (client.clone(), client.clone());
-            let (hole, c1, c2) = (blackhole.clone(), counters.clone(), counters.clone());
+            let (c1, c2) = (counters.clone(), counters.clone());
             threads.push(std::thread::Builder::new().name(format!("udp-proxy-rx{dir}")).spawn(move || {
                 let mut sched = LinkScheduler::new(&spec, true, 0x1234 + dir);
                 let mut buf = vec![0u8; 65536];
@@ -282,10 +284,6 @@ impl UdpProxy {
                     };
                     if dir == 0 {
                         *client1.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(from);
-                    }
-                    if hole.load(Ordering::Relaxed) {
-                        c1.dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
                     }
                     match sched.schedule(Instant::now(), n) {
                         Some(at) => q1.push(at, buf[..n].to_vec()),
@@ -311,12 +309,17 @@ impl UdpProxy {
                 }
             })?);
         }
-        Ok(UdpProxy { addr, stop, blackhole, counters, threads })
+        Ok(UdpProxy { addr, back_port, stop, counters, threads })
     }
 
     /// The address the primary must send to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Local UDP ports of the proxy's two sockets.
+    pub fn ports(&self) -> [u16; 2] {
+        [self.addr.port(), self.back_port]
     }
 }
 

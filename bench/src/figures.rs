@@ -1,0 +1,545 @@
+//! Replication-specific figures: async lag over time near and above the
+//! link's bandwidth, initial copy throughput, resync bytes against changed
+//! bytes, daemon RSS against groups and journal size — and the figures whose
+//! feature does not exist yet, named as such.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::daemon::{in_sync, Env, GroupSpec, SitePair};
+use crate::local::prefill;
+use crate::nbd::NbdConn;
+use crate::proxy::LinkSpec;
+use crate::stats::{percentile, percentile_f64};
+use crate::workload::Rng;
+
+const MIB: u64 = 1 << 20;
+/// The daemon's dirty-bitmap granularity (DESIGN: 64 KiB by default).
+pub const BITMAP_GRANULARITY: u64 = 64 << 10;
+
+/// How big the figures are.
+#[derive(Debug, Clone)]
+pub struct FigureOpts {
+    /// Small and short (`--quick`).
+    pub quick: bool,
+    /// RTT of the lag and limited-link copy runs.
+    pub rtt: Duration,
+    /// Link bandwidth of those runs, bytes/s.
+    pub bandwidth: u64,
+    /// The local disk's 1 MiB sequential write MB/s, when measured.
+    pub disk_mbps: Option<f64>,
+}
+
+/// One sample of the lag time series.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LagSample {
+    /// Seconds since the start of the run.
+    pub t: f64,
+    /// Load phase: 0 below the link, 1 above it, 2 draining.
+    pub phase: u8,
+    /// Records not applied on the secondary.
+    pub records: u64,
+    /// Bytes not applied.
+    pub bytes: u64,
+    /// Age of the oldest unapplied record.
+    pub seconds: f64,
+}
+
+/// Statistics of one load phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct LagPhase {
+    /// Label.
+    pub label: String,
+    /// Offered load, MB/s.
+    pub offered_mbps: f64,
+    /// Load the writer achieved, MB/s.
+    pub achieved_mbps: f64,
+    /// Lag in seconds: p50, p99, max.
+    pub lag_p50_ms: f64,
+    /// p99 lag, ms.
+    pub lag_p99_ms: f64,
+    /// Max lag, ms.
+    pub lag_max_ms: f64,
+    /// Max lag in bytes.
+    pub lag_max_bytes: u64,
+    /// Max lag in records.
+    pub lag_max_records: u64,
+    /// Client write latency p50 / p99, µs (async: not the link's business).
+    pub write_p50_us: f64,
+    /// p99.
+    pub write_p99_us: f64,
+}
+
+/// The async lag figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct LagFigure {
+    /// The link.
+    pub link: String,
+    /// Link bandwidth, MB/s.
+    pub link_mbps: f64,
+    /// Phases: below, above.
+    pub phases: Vec<LagPhase>,
+    /// Seconds to drain after the load stopped (None: not within the limit).
+    pub drain_secs: Option<f64>,
+    /// Time series.
+    pub samples: Vec<LagSample>,
+    /// UDP receive-buffer drops seen during the run.
+    pub drops: Option<String>,
+}
+
+/// One initial-copy measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyRun {
+    /// Link description.
+    pub link: String,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Seconds from `pair create` to PAIR.
+    pub secs: f64,
+    /// MB/s.
+    pub mbps: f64,
+    /// min(disk, link) MB/s, when known.
+    pub bound_mbps: Option<f64>,
+    /// What the bound is.
+    pub bound: String,
+    /// UDP receive-buffer drops seen during the copy.
+    pub drops: Option<String>,
+}
+
+/// One resync measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResyncRun {
+    /// What happened.
+    pub scenario: String,
+    /// Bytes the client changed (exact).
+    pub changed_bytes: u64,
+    /// Changed bytes rounded up to the bitmap granularity.
+    pub changed_rounded: u64,
+    /// Bytes shipped from the journal (records pending when the link returned).
+    pub journal_bytes: u64,
+    /// Bytes the resync copied (bitmap regions).
+    pub copy_bytes: u64,
+    /// (journal + copy) / changed_rounded.
+    pub ratio: f64,
+    /// Extra facts (journal replay, states).
+    pub note: String,
+}
+
+/// One RSS measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct RssRow {
+    /// What was measured.
+    pub label: String,
+    /// Groups.
+    pub groups: usize,
+    /// Journal size per group.
+    pub journal_bytes: u64,
+    /// Bytes written while the secondary was away.
+    pub backlog_bytes: u64,
+    /// Primary VmRSS, KiB.
+    pub primary_kib: u64,
+    /// Secondary VmRSS, KiB (0 when it was stopped).
+    pub secondary_kib: u64,
+}
+
+/// Every replication figure.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Figures {
+    /// Async lag.
+    pub lag: Option<LagFigure>,
+    /// Initial copy.
+    pub copy: Vec<CopyRun>,
+    /// Resync.
+    pub resync: Vec<ResyncRun>,
+    /// RSS.
+    pub rss: Vec<RssRow>,
+    /// Figures that could not be measured: (figure, why).
+    pub not_measurable: Vec<(String, String)>,
+}
+
+fn mk_pair(env: &Env, name: &str, groups: &[GroupSpec], link: LinkSpec) -> Result<SitePair, String> {
+    let dir = env.root.join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    SitePair::configure(env, &dir, groups, link)
+}
+
+/// Runs every figure; a failing figure is recorded, the others still run.
+pub fn run_all(env: &Env, o: &FigureOpts, log: &dyn Fn(&str)) -> Figures {
+    let mut f = Figures::default();
+    log("figure: async lag near and above the link bandwidth");
+    match lag(env, o) {
+        Ok(l) => f.lag = Some(l),
+        Err(e) => f.not_measurable.push(("async lag".into(), format!("failed: {e}"))),
+    }
+    log("figure: initial copy throughput");
+    match copy(env, o) {
+        Ok(c) => f.copy = c,
+        Err(e) => f.not_measurable.push(("initial copy".into(), format!("failed: {e}"))),
+    }
+    log("figure: resync bytes vs changed bytes");
+    match resync(env, o) {
+        Ok(r) => f.resync = r,
+        Err(e) => f.not_measurable.push(("resync".into(), format!("failed: {e}"))),
+    }
+    log("figure: daemon RSS vs groups and journal size");
+    match rss(env, o) {
+        Ok(r) => f.rss = r,
+        Err(e) => f.not_measurable.push(("daemon RSS".into(), format!("failed: {e}"))),
+    }
+    for (fig, why) in [
+        ("checksum-skip speed on an identical volume", "not yet measurable: verify (`replicator verify`) not implemented"),
+        ("resync bytes after a failover", "not yet measurable: failover/failback not implemented"),
+        ("drill start time vs volume size (1, 16, 64 GiB)", "not yet measurable: drills not implemented"),
+    ] {
+        f.not_measurable.push((fig.into(), why.into()));
+    }
+    f
+}
+
+/// Paced writer: `rate` bytes/s in 64 KiB random writes until `stop`.
+/// Returns (bytes written, latencies ns).
+fn paced_writer(conn: &mut NbdConn, rate: f64, until: Instant, seed: u64) -> Result<(u64, Vec<u64>), String> {
+    let bs = 64 << 10;
+    let mut data = vec![0u8; bs];
+    let mut rng = Rng::new(seed);
+    rng.fill(&mut data);
+    let interval = Duration::from_secs_f64(bs as f64 / rate);
+    let blocks = conn.size() / bs as u64;
+    let mut next = Instant::now();
+    let mut written = 0u64;
+    let mut lat = Vec::new();
+    while Instant::now() < until && lat.len() < 1_000_000 {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else if now - next > Duration::from_millis(100) {
+            next = now; // fell behind: do not burst to catch up
+        }
+        let t = Instant::now();
+        conn.write_at(rng.below(blocks) * bs as u64, &data, false).map_err(|e| e.to_string())?;
+        lat.push(t.elapsed().as_nanos() as u64);
+        written += bs as u64;
+        next += interval;
+    }
+    Ok((written, lat))
+}
+
+/// Async lag over time: 70 % of the link's bandwidth, then 130 %, then drain.
+pub fn lag(env: &Env, o: &FigureOpts) -> Result<LagFigure, String> {
+    let link = LinkSpec { rtt: o.rtt, jitter: Duration::ZERO, bandwidth: Some(o.bandwidth), loss: 0.0 };
+    let size = 256 * MIB;
+    let g = GroupSpec::single("lag", "async", 1 << 30, size);
+    let mut p = mk_pair(env, "fig-lag", &[g], link)?;
+    prefill(&p.a.file("lag.img"), size, None)?;
+    prefill(&p.b.file("lag.img"), size, None)?;
+    p.start(env)?;
+    p.pair(env, "lag", true, Duration::from_secs(60))?;
+    let phase_len = if o.quick { Duration::from_secs(3) } else { Duration::from_secs(8) };
+    let loads = [("below the link (70 %)", 0.7), ("above the link (130 %)", 1.3)];
+    let start = Instant::now();
+    let phase = Arc::new(Mutex::new(0u8));
+    let done = Arc::new(AtomicBool::new(false));
+    let sock = p.a.nbd();
+    let bw = o.bandwidth as f64;
+    let (phase_w, done_w) = (phase.clone(), done.clone());
+    let writer = std::thread::spawn(move || -> Result<Vec<(f64, u64, Vec<u64>)>, String> {
+        let mut conn = NbdConn::connect(&sock, "lag-vol").map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for (i, (_, frac)) in loads.iter().enumerate() {
+            *phase_w.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = i as u8;
+            let t = Instant::now();
+            let r = paced_writer(&mut conn, bw * frac, t + phase_len, 77 + i as u64);
+            let secs = t.elapsed().as_secs_f64();
+            match r {
+                Ok((bytes, lat)) => out.push((secs, bytes, lat)),
+                Err(e) => {
+                    done_w.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        *phase_w.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = 2;
+        done_w.store(true, Ordering::Relaxed);
+        conn.disconnect();
+        Ok(out)
+    });
+    let mut samples = Vec::new();
+    let mut drained_at = None;
+    let limit = start + phase_len * 2 + Duration::from_secs(if o.quick { 20 } else { 60 });
+    let mut load_end = None;
+    while Instant::now() < limit {
+        let s = p.a.status(env, "lag")?;
+        let ph = *phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        samples.push(LagSample { t: start.elapsed().as_secs_f64(), phase: ph, records: s.lag_records, bytes: s.lag_bytes, seconds: s.lag_seconds });
+        if done.load(Ordering::Relaxed) {
+            let end = *load_end.get_or_insert_with(Instant::now);
+            if s.lag_records == 0 {
+                drained_at = Some(end.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let phases_out = writer.join().map_err(|_| "lag writer panicked".to_string())??;
+    let mut phases = Vec::new();
+    for (i, ((label, frac), (secs, bytes, mut lat))) in loads.iter().zip(phases_out).enumerate() {
+        lat.sort_unstable();
+        let ss: Vec<&LagSample> = samples.iter().filter(|s| s.phase == i as u8).collect();
+        let secs_v: Vec<f64> = ss.iter().map(|s| s.seconds).collect();
+        phases.push(LagPhase {
+            label: (*label).into(),
+            offered_mbps: bw * frac / 1e6,
+            achieved_mbps: bytes as f64 / secs.max(1e-9) / 1e6,
+            lag_p50_ms: percentile_f64(&secs_v, 0.5) * 1e3,
+            lag_p99_ms: percentile_f64(&secs_v, 0.99) * 1e3,
+            lag_max_ms: secs_v.iter().copied().fold(0.0, f64::max) * 1e3,
+            lag_max_bytes: ss.iter().map(|s| s.bytes).max().unwrap_or(0),
+            lag_max_records: ss.iter().map(|s| s.records).max().unwrap_or(0),
+            write_p50_us: percentile(&lat, 0.5) as f64 / 1e3,
+            write_p99_us: percentile(&lat, 0.99) as f64 / 1e3,
+        });
+    }
+    let drops = p.udp_drops();
+    p.stop()?;
+    Ok(LagFigure { link: link.describe(), link_mbps: bw / 1e6, phases, drain_secs: drained_at, samples, drops })
+}
+
+/// Initial copy: `pair create` with copy, timed until PAIR.
+pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
+    let mut runs = Vec::new();
+    let mut cases = vec![(LinkSpec::rtt(Duration::ZERO), if o.quick { 128 * MIB } else { 512 * MIB })];
+    if !o.quick {
+        cases.push((LinkSpec { rtt: o.rtt, jitter: Duration::ZERO, bandwidth: Some(o.bandwidth), loss: 0.0 }, 128 * MIB));
+    }
+    for (i, (link, size)) in cases.into_iter().enumerate() {
+        let g = GroupSpec::single("copy", "async", 256 * MIB, size);
+        let mut p = mk_pair(env, &format!("fig-copy-{i}"), &[g], link)?;
+        prefill(&p.a.file("copy.img"), size, Some(99))?;
+        prefill(&p.b.file("copy.img"), size, None)?;
+        p.start(env)?;
+        let t = Instant::now();
+        p.pair(env, "copy", false, Duration::from_secs(300))?;
+        let secs = t.elapsed().as_secs_f64();
+        let s = p.a.status(env, "copy")?;
+        let drops = p.udp_drops();
+        p.stop()?;
+        let bytes = s.copy_done_bytes.max(s.copy_total_bytes);
+        let link_mbps = link.bandwidth.map(|b| b as f64 / 1e6);
+        let (bound_mbps, bound) = match (o.disk_mbps, link_mbps) {
+            (Some(d), Some(l)) if l < d => (Some(l), format!("link {l:.0} MB/s")),
+            (Some(d), _) => (Some(d), format!("disk {d:.0} MB/s (1 MiB seq write, local)")),
+            (None, Some(l)) => (Some(l), format!("link {l:.0} MB/s")),
+            (None, None) => (None, "disk not measured in this run".into()),
+        };
+        runs.push(CopyRun { link: link.describe(), bytes, secs, mbps: bytes as f64 / secs / 1e6, bound_mbps, bound, drops });
+    }
+    Ok(runs)
+}
+
+/// Writes a pattern whose changed bytes are known: `n64` 64 KiB writes and
+/// `n4` 4 KiB writes, each in a different 64 KiB region. Returns the changed
+/// bytes (exact, rounded up to the bitmap granularity).
+fn write_pattern(conn: &mut NbdConn, n64: usize, n4: usize, seed: u64) -> Result<(u64, u64), String> {
+    let mut rng = Rng::new(seed);
+    let regions = conn.size() / BITMAP_GRANULARITY;
+    let mut used = BTreeSet::new();
+    let mut ops = Vec::new();
+    while ops.len() < n64 + n4 && (used.len() as u64) < regions {
+        let r = rng.below(regions);
+        if used.insert(r) {
+            let len = if ops.len() < n64 { BITMAP_GRANULARITY } else { 4096 };
+            // A 4 KiB write anywhere inside its region.
+            let off = r * BITMAP_GRANULARITY + if len == 4096 { rng.below(16) * 4096 } else { 0 };
+            ops.push((off, len));
+        }
+    }
+    // Interleave the two sizes.
+    for i in (1..ops.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        ops.swap(i, j);
+    }
+    let mut data = vec![0u8; BITMAP_GRANULARITY as usize];
+    let (mut exact, mut rounded) = (0, 0);
+    for (off, len) in ops {
+        rng.fill(&mut data[..len as usize]);
+        conn.write_at(off, &data[..len as usize], false).map_err(|e| e.to_string())?;
+        exact += len;
+        rounded += BITMAP_GRANULARITY;
+    }
+    conn.flush().map_err(|e| e.to_string())?;
+    Ok((exact, rounded))
+}
+
+/// Resync after the journal filled while the secondary was away, after a
+/// `kill -9` of the primary in that state, and after a `kill -9` in PAIR.
+pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
+    let size = if o.quick { 128 * MIB } else { 512 * MIB };
+    let mut g = GroupSpec::single("rs", "async", 16 * MIB, size);
+    g.on_journal_full = "suspend";
+    let mut p = mk_pair(env, "fig-resync", &[g], LinkSpec::rtt(Duration::ZERO))?;
+    p.start(env)?;
+    p.pair(env, "rs", true, Duration::from_secs(60))?;
+    // Enough 64 KiB writes to fill the 16 MiB journal, the rest goes to the bitmap.
+    let (n64, n4) = if o.quick { (256, 256) } else { (384, 1024) };
+    let mut runs = Vec::new();
+    let timeout = Duration::from_secs(if o.quick { 60 } else { 180 });
+
+    // 1. Journal full while the secondary is away, then it comes back.
+    p.b.stop()?;
+    let mut conn = NbdConn::connect(&p.a.nbd(), "rs-vol").map_err(|e| e.to_string())?;
+    let (exact, rounded) = write_pattern(&mut conn, n64, n4, 11)?;
+    std::thread::sleep(Duration::from_millis(500)); // housekeeping persists the bitmap
+    let before = p.a.status(env, "rs")?;
+    let journal_bytes = before.journal_used_bytes;
+    p.b.start(env)?;
+    let after = p.a.wait_for(env, "rs", timeout, "resynced", in_sync)?;
+    runs.push(ResyncRun {
+        scenario: "journal full while the secondary was down, then it returns".into(),
+        changed_bytes: exact,
+        changed_rounded: rounded,
+        journal_bytes,
+        copy_bytes: after.copy_done_bytes,
+        ratio: (journal_bytes + after.copy_done_bytes) as f64 / rounded as f64,
+        note: format!(
+            "state before return {}{}, bitmap {} MiB, journal {} MiB",
+            before.state,
+            before.reason.map(|r| format!("({r})")).unwrap_or_default(),
+            before.dirty_bytes / MIB,
+            journal_bytes / MIB
+        ),
+    });
+
+    // 2. The same, but the primary is killed (-9) while tracking the bitmap.
+    p.b.stop()?;
+    let (exact, rounded) = write_pattern(&mut conn, n64, n4, 12)?;
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = p.a.status(env, "rs")?;
+    p.a.kill9();
+    p.a.start(env)?;
+    let restarted = p.a.status(env, "rs")?;
+    p.b.start(env)?;
+    let after = p.a.wait_for(env, "rs", timeout, "resynced", in_sync)?;
+    runs.push(ResyncRun {
+        scenario: "kill -9 of the primary while the journal was full (bitmap mode)".into(),
+        changed_bytes: exact,
+        changed_rounded: rounded,
+        journal_bytes: before.journal_used_bytes,
+        copy_bytes: after.copy_done_bytes,
+        ratio: (before.journal_used_bytes + after.copy_done_bytes) as f64 / rounded as f64,
+        note: format!("bitmap before the crash {} MiB, after restart {} MiB", before.dirty_bytes / MIB, restarted.dirty_bytes / MIB),
+    });
+
+    // 3. kill -9 of the primary with a replication backlog that fits in the
+    // journal (the secondary is away): no bitmap involved.
+    p.b.stop()?;
+    let mut conn = NbdConn::connect(&p.a.nbd(), "rs-vol").map_err(|e| e.to_string())?;
+    let n = if o.quick { 800 } else { 1500 };
+    let mut rng = Rng::new(13);
+    let mut data = vec![0u8; 4096];
+    let mut blocks = BTreeSet::new();
+    for _ in 0..n {
+        rng.fill(&mut data);
+        let b = rng.below(size / 4096);
+        blocks.insert(b);
+        conn.write_at(b * 4096, &data, false).map_err(|e| e.to_string())?;
+    }
+    let before = p.a.status(env, "rs")?;
+    p.a.kill9();
+    drop(conn);
+    let log_before = std::fs::read_to_string(&p.a.log).unwrap_or_default().len();
+    p.a.start(env)?;
+    p.b.start(env)?;
+    let after = p.a.wait_for(env, "rs", timeout, "in sync", in_sync)?;
+    let log = std::fs::read_to_string(&p.a.log).unwrap_or_default();
+    let replayed = log
+        .get(log_before..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.contains("replayed the journal"))
+        .find_map(|l| l.split("records=").nth(1).and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok()));
+    let exact = blocks.len() as u64 * 4096;
+    let rounded = blocks.iter().map(|b| b * 4096 / BITMAP_GRANULARITY).collect::<BTreeSet<_>>().len() as u64 * BITMAP_GRANULARITY;
+    runs.push(ResyncRun {
+        scenario: "kill -9 of the primary with a backlog in the journal (secondary away)".into(),
+        changed_bytes: exact,
+        changed_rounded: rounded,
+        journal_bytes: before.lag_bytes,
+        copy_bytes: after.copy_done_bytes,
+        ratio: (before.lag_bytes + after.copy_done_bytes) as f64 / rounded as f64,
+        note: format!(
+            "state at the kill {}; the restart replayed {} journal records locally, then shipping resumed ({} records pending)",
+            before.state,
+            replayed.map_or("?".into(), |r| r.to_string()),
+            before.lag_records
+        ),
+    });
+    p.stop()?;
+    Ok(runs)
+}
+
+/// Daemon RSS against the number of groups and against the journal size.
+pub fn rss(env: &Env, o: &FigureOpts) -> Result<Vec<RssRow>, String> {
+    let mut rows = Vec::new();
+    let counts: &[usize] = if o.quick { &[1, 8] } else { &[1, 8, 32] };
+    for &n in counts {
+        let groups: Vec<GroupSpec> = (0..n).map(|i| GroupSpec::single(&format!("g{i}"), "async", 64 * MIB, 64 * MIB)).collect();
+        let mut p = mk_pair(env, &format!("fig-rss-{n}"), &groups, LinkSpec::rtt(Duration::ZERO))?;
+        p.start(env)?;
+        for g in &groups {
+            env.call(&p.a.control(), replicator::control::Request::PairCreate { group: g.name.clone(), nocopy: true })?;
+        }
+        for g in &groups {
+            p.a.wait_for(env, &g.name, Duration::from_secs(60), "in PAIR", in_sync)?;
+        }
+        // One MiB into every group, so each has a session and some journal.
+        let mut data = vec![0u8; MIB as usize];
+        Rng::new(5).fill(&mut data);
+        for g in &groups {
+            let mut c = NbdConn::connect(&p.a.nbd(), &format!("{}-vol", g.name)).map_err(|e| e.to_string())?;
+            c.write_at(0, &data, false).map_err(|e| e.to_string())?;
+            c.disconnect();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        rows.push(RssRow {
+            label: format!("{n} async group{}, paired, idle", if n == 1 { "" } else { "s" }),
+            groups: n,
+            journal_bytes: 64 * MIB,
+            backlog_bytes: 0,
+            primary_kib: p.a.rss_kib().unwrap_or(0),
+            secondary_kib: p.b.rss_kib().unwrap_or(0),
+        });
+        p.stop()?;
+    }
+    let journals: &[u64] = if o.quick { &[64 * MIB, 256 * MIB] } else { &[64 * MIB, 256 * MIB, 1024 * MIB] };
+    for &j in journals {
+        let g = GroupSpec::single("j", "async", j, 512 * MIB);
+        let mut p = mk_pair(env, &format!("fig-rss-j{}", j / MIB), &[g], LinkSpec::rtt(Duration::ZERO))?;
+        p.start(env)?;
+        p.pair(env, "j", true, Duration::from_secs(60))?;
+        p.b.stop()?;
+        let backlog = (j * 3 / 4).min(384 * MIB);
+        let mut c = NbdConn::connect(&p.a.nbd(), "j-vol").map_err(|e| e.to_string())?;
+        let mut data = vec![0u8; MIB as usize];
+        Rng::new(6).fill(&mut data);
+        for i in 0..backlog / MIB {
+            c.write_at((i * MIB) % (512 * MIB), &data, false).map_err(|e| e.to_string())?;
+        }
+        c.disconnect();
+        std::thread::sleep(Duration::from_millis(300));
+        rows.push(RssRow {
+            label: format!("1 async group, journal {} MiB, {} MiB written with the secondary down", j / MIB, backlog / MIB),
+            groups: 1,
+            journal_bytes: j,
+            backlog_bytes: backlog,
+            primary_kib: p.a.rss_kib().unwrap_or(0),
+            secondary_kib: 0,
+        });
+        p.stop()?;
+    }
+    Ok(rows)
+}

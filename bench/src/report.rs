@@ -1,0 +1,492 @@
+//! The results: cells of the matrix, the targets of issue 4 evaluated on
+//! them, and their rendering as a text table, Markdown and JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::figures::Figures;
+use crate::stats::Summary;
+use crate::workload::Workload;
+
+/// The configurations compared, in table order.
+pub const CONFIGS: [&str; 7] = ["local", "nbd-null", "nbd", "qemu-nbd", "async", "sync", "qemu-mirror"];
+
+/// Whether a configuration depends on the link (and is measured per RTT).
+pub fn is_replicated(config: &str) -> bool {
+    matches!(config, "async" | "sync" | "qemu-mirror")
+}
+
+/// One measured (or skipped) cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// Configuration.
+    pub config: String,
+    /// RTT in ms (0 for configurations without a link).
+    pub rtt_ms: f64,
+    /// Workload name.
+    pub workload: String,
+    /// The numbers, if measured.
+    pub summary: Option<Summary>,
+    /// Why not, or a remark.
+    pub note: Option<String>,
+    /// CPU cores used on average by processes outside the benchmark while
+    /// this cell ran (a shared machine's noise).
+    pub others_cpu: Option<f64>,
+}
+
+/// Pass, miss, or not measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Verdict {
+    /// Target met.
+    Pass,
+    /// Target missed.
+    Miss,
+    /// Could not be evaluated (with the reason).
+    NotMeasured(String),
+}
+
+impl Verdict {
+    fn label(&self) -> &str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Miss => "MISS",
+            Verdict::NotMeasured(_) => "n/a",
+        }
+    }
+}
+
+/// A target of the issue and where this run stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// The target as stated.
+    pub goal: String,
+    /// What was measured.
+    pub measured: String,
+    /// Verdict.
+    pub verdict: Verdict,
+}
+
+/// Round-trip calibration of the UDP proxy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibration {
+    /// Asked-for RTT, ms.
+    pub rtt_ms: f64,
+    /// Measured p50, µs.
+    pub p50_us: f64,
+    /// Measured p99, µs.
+    pub p99_us: f64,
+}
+
+/// Our client against fio on the same export.
+#[derive(Debug, Clone, Serialize)]
+pub struct FioCheck {
+    /// Server (configuration).
+    pub config: String,
+    /// Workload.
+    pub workload: String,
+    /// Our IOPS, before and after fio's run.
+    pub ours_iops: [f64; 2],
+    /// Our p50 µs, before and after.
+    pub ours_p50_us: [f64; 2],
+    /// fio's IOPS.
+    pub fio_iops: f64,
+    /// fio's completion-latency p50.
+    pub fio_p50_us: f64,
+}
+
+/// Everything one run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    /// The command line.
+    pub command: String,
+    /// Machine description.
+    pub machine: Vec<(String, String)>,
+    /// Seconds measured per cell.
+    pub cell_secs: f64,
+    /// RTTs measured, ms.
+    pub rtts_ms: Vec<f64>,
+    /// The link description (jitter, bandwidth, loss) of the matrix.
+    pub link_extra: String,
+    /// Cells.
+    pub cells: Vec<Cell>,
+    /// Proxy calibration.
+    pub calibration: Vec<Calibration>,
+    /// fio cross-check.
+    pub fio_check: Vec<FioCheck>,
+    /// Replication figures.
+    pub figures: Figures,
+    /// Targets.
+    pub targets: Vec<Target>,
+    /// Remarks (skipped peers etc.).
+    pub notes: Vec<String>,
+    /// Wall time of the whole run, seconds.
+    pub wall_secs: f64,
+}
+
+impl Results {
+    /// The summary of a cell, if measured.
+    pub fn get(&self, config: &str, rtt_ms: f64, w: Workload) -> Option<&Summary> {
+        let rtt = if is_replicated(config) { rtt_ms } else { 0.0 };
+        self.cells
+            .iter()
+            .find(|c| c.config == config && (c.rtt_ms - rtt).abs() < 1e-9 && c.workload == w.name())
+            .and_then(|c| c.summary.as_ref())
+    }
+
+    /// Why a cell is missing.
+    fn why_missing(&self, config: &str, rtt_ms: f64, w: Workload) -> String {
+        let rtt = if is_replicated(config) { rtt_ms } else { 0.0 };
+        self.cells
+            .iter()
+            .find(|c| c.config == config && (c.rtt_ms - rtt).abs() < 1e-9 && c.workload == w.name())
+            .and_then(|c| c.note.clone())
+            .unwrap_or_else(|| format!("{config} {} not in this run", w.name()))
+    }
+
+    /// Evaluates the targets of the issue on this run's cells and figures.
+    pub fn evaluate(&mut self) {
+        use Workload::{RandWrite4kQd1 as Qd1, RandWrite4kQd32 as Qd32, SeqWrite1m as Seq};
+        let mut t = Vec::new();
+        let rtts = self.rtts_ms.clone();
+        let ratio = |goal: String, num: Option<f64>, den: Option<f64>, what: &str, ok: &dyn Fn(f64) -> bool, missing: String| {
+            match (num, den) {
+                (Some(n), Some(d)) if d > 0.0 => {
+                    let r = n / d;
+                    Target { goal, measured: format!("{r:.2}× ({what})"), verdict: if ok(r) { Verdict::Pass } else { Verdict::Miss } }
+                }
+                _ => Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured(missing) },
+            }
+        };
+        for &r in &rtts {
+            let a = self.get("async", r, Qd1).map(|s| s.p50_us);
+            let n = self.get("nbd", 0.0, Qd1).map(|s| s.p50_us);
+            t.push(ratio(
+                format!("async 4 KiB QD1 p50 ≤ 1.25× nbd (RTT {r} ms)"),
+                a,
+                n,
+                &format!("{:.0} vs {:.0} µs", a.unwrap_or(0.0), n.unwrap_or(0.0)),
+                &|x| x <= 1.25,
+                self.why_missing("async", r, Qd1),
+            ));
+            let a = self.get("async", r, Qd32).map(|s| s.iops);
+            let n = self.get("nbd", 0.0, Qd32).map(|s| s.iops);
+            t.push(ratio(
+                format!("async QD32 IOPS ≥ 0.8× nbd (RTT {r} ms)"),
+                a,
+                n,
+                &format!("{:.0} vs {:.0} IOPS", a.unwrap_or(0.0), n.unwrap_or(0.0)),
+                &|x| x >= 0.8,
+                self.why_missing("async", r, Qd32),
+            ));
+        }
+        for (w, label) in [(Qd1, "QD1"), (Qd32, "QD32")] {
+            let s = self.get("sync", 0.0, w).map(|s| s.iops);
+            let q = self.get("qemu-mirror", 0.0, w).map(|s| s.iops);
+            t.push(ratio(
+                format!("sync {label} IOPS ≥ 1.5× QEMU write-blocking mirror (RTT 0)"),
+                s,
+                q,
+                &format!("{:.0} vs {:.0} IOPS", s.unwrap_or(0.0), q.unwrap_or(0.0)),
+                &|x| x >= 1.5,
+                if q.is_none() { self.why_missing("qemu-mirror", 0.0, w) } else { self.why_missing("sync", 0.0, w) },
+            ));
+        }
+        for &r in &rtts {
+            let goal = format!("sync QD1 p50 ≤ RTT + 1.2× nbd p50 + 100 µs (RTT {r} ms)");
+            // The RTT the packets really had: the emulator's measured round
+            // trip (its wake-ups add a little to the asked-for delay).
+            let (rtt_us, how) = match self.calibration.iter().find(|c| (c.rtt_ms - r).abs() < 1e-9) {
+                Some(c) => (c.p50_us, format!("; RTT {:.2} ms as measured through the emulator", c.p50_us / 1e3)),
+                None => (r * 1e3, String::new()),
+            };
+            match (self.get("sync", r, Qd1), self.get("nbd", 0.0, Qd1)) {
+                (Some(s), Some(n)) => {
+                    let bound = rtt_us + 1.2 * n.p50_us + 100.0;
+                    t.push(Target {
+                        goal,
+                        measured: format!("{:.0} µs vs bound {bound:.0} µs{how}", s.p50_us),
+                        verdict: if s.p50_us <= bound { Verdict::Pass } else { Verdict::Miss },
+                    });
+                }
+                _ => t.push(Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured(self.why_missing("sync", r, Qd1)) }),
+            }
+            let goal = format!("sync QD32 pipelines: IOPS ≥ 0.5 × min(32 × QD1 IOPS, nbd QD32 IOPS) (RTT {r} ms)");
+            match (self.get("sync", r, Qd1), self.get("sync", r, Qd32), self.get("nbd", 0.0, Qd32)) {
+                (Some(q1), Some(q32), Some(n)) => {
+                    let ideal = (32.0 * q1.iops).min(n.iops);
+                    t.push(Target {
+                        goal,
+                        measured: format!(
+                            "QD32 {:.0} IOPS = {:.1}× QD1; {:.0}% of the ideal {ideal:.0}",
+                            q32.iops,
+                            q32.iops / q1.iops.max(1e-9),
+                            100.0 * q32.iops / ideal.max(1e-9)
+                        ),
+                        verdict: if q32.iops >= 0.5 * ideal { Verdict::Pass } else { Verdict::Miss },
+                    });
+                }
+                _ => t.push(Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured(self.why_missing("sync", r, Qd32)) }),
+            }
+        }
+        let n = self.get("nbd", 0.0, Qd1).map(|s| s.p50_us);
+        let q = self.get("qemu-nbd", 0.0, Qd1).map(|s| s.p50_us);
+        t.push(ratio(
+            "nbd QD1 p50 ≤ 1.3× qemu-nbd plain".into(),
+            n,
+            q,
+            &format!("{:.0} vs {:.0} µs", n.unwrap_or(0.0), q.unwrap_or(0.0)),
+            &|x| x <= 1.3,
+            if q.is_none() { self.why_missing("qemu-nbd", 0.0, Qd1) } else { self.why_missing("nbd", 0.0, Qd1) },
+        ));
+        let n = self.get("nbd", 0.0, Seq).map(|s| s.mbps);
+        let l = self.get("local", 0.0, Seq).map(|s| s.mbps);
+        t.push(ratio(
+            "nbd 1 MiB sequential write ≥ 0.9× local".into(),
+            n,
+            l,
+            &format!("{:.0} vs {:.0} MB/s", n.unwrap_or(0.0), l.unwrap_or(0.0)),
+            &|x| x >= 0.9,
+            self.why_missing("nbd", 0.0, Seq),
+        ));
+        let goal = "async lag p99 ≤ 100 ms while the load stays below the link's bandwidth".to_string();
+        match self.figures.lag.as_ref().and_then(|l| l.phases.first().map(|p| (l, p))) {
+            Some((l, p)) => t.push(Target {
+                goal,
+                measured: format!("p99 {:.1} ms at {:.1} MB/s on a {:.1} MB/s link ({})", p.lag_p99_ms, p.achieved_mbps, l.link_mbps, l.link),
+                verdict: if p.lag_p99_ms <= 100.0 { Verdict::Pass } else { Verdict::Miss },
+            }),
+            None => t.push(Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured("lag figure not run".into()) }),
+        }
+        for r in &self.figures.resync {
+            t.push(Target {
+                goal: format!("resync bytes ≤ 1.1× changed bytes rounded to 64 KiB — {}", r.scenario),
+                measured: format!(
+                    "{:.2}× ({:.1} MiB journal + {:.1} MiB copy vs {:.1} MiB changed)",
+                    r.ratio,
+                    r.journal_bytes as f64 / 1048576.0,
+                    r.copy_bytes as f64 / 1048576.0,
+                    r.changed_rounded as f64 / 1048576.0
+                ),
+                verdict: if r.ratio <= 1.1 { Verdict::Pass } else { Verdict::Miss },
+            });
+        }
+        t.push(Target {
+            goal: "resync bytes ≤ 1.1× changed bytes — after a failover".into(),
+            measured: "—".into(),
+            verdict: Verdict::NotMeasured("not yet measurable: failover not implemented".into()),
+        });
+        self.targets = t;
+    }
+
+    /// Rows of the main table: header first.
+    pub fn table_rows(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![["config", "RTT", "workload", "IOPS", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "IOPS ×local", "IOPS ×nbd", "p50 ×nbd", "others' CPU"]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect::<Vec<_>>()];
+        for c in &self.cells {
+            let Some(w) = Workload::ALL.into_iter().find(|w| w.name() == c.workload) else { continue };
+            let rtt = if is_replicated(&c.config) { format!("{} ms", c.rtt_ms) } else { "—".into() };
+            let mut row = vec![c.config.clone(), rtt, c.workload.clone()];
+            match &c.summary {
+                Some(s) => {
+                    let local = self.get("local", 0.0, w);
+                    let nbd = self.get("nbd", 0.0, w);
+                    let ratio = |a: f64, b: Option<f64>| b.filter(|b| *b > 0.0).map_or("—".to_string(), |b| format!("{:.2}", a / b));
+                    row.extend([
+                        format!("{:.0}", s.iops),
+                        format!("{:.1}", s.mbps),
+                        format!("{:.0}", s.p50_us),
+                        format!("{:.0}", s.p99_us),
+                        format!("{:.0}", s.p999_us),
+                        ratio(s.iops, local.map(|l| l.iops)),
+                        ratio(s.iops, nbd.map(|n| n.iops)),
+                        ratio(s.p50_us, nbd.map(|n| n.p50_us)),
+                        c.others_cpu.map_or(String::new(), |x| format!("{x:.2}")),
+                    ]);
+                }
+                None => {
+                    row.push(c.note.clone().unwrap_or_else(|| "not measured".into()));
+                    row.extend(std::iter::repeat_n(String::new(), 8));
+                }
+            }
+            rows.push(row);
+        }
+        rows
+    }
+
+    /// Target rows: header first.
+    pub fn target_rows(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![vec!["target".to_string(), "measured".into(), "verdict".into()]];
+        for t in &self.targets {
+            let measured = match &t.verdict {
+                Verdict::NotMeasured(why) => why.clone(),
+                _ => t.measured.clone(),
+            };
+            rows.push(vec![t.goal.clone(), measured, t.verdict.label().into()]);
+        }
+        rows
+    }
+}
+
+/// Renders rows as an aligned text table (numbers right-aligned). A row
+/// with a single long message after the first cells is left as it is.
+pub fn text_table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut width = vec![0usize; cols];
+    for r in rows {
+        let filled = r.iter().filter(|c| !c.is_empty()).count();
+        for (i, c) in r.iter().enumerate() {
+            // A note spanning the numeric columns does not widen them.
+            if filled < r.len() && i + 1 == filled {
+                continue;
+            }
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for (n, r) in rows.iter().enumerate() {
+        let filled = r.iter().filter(|c| !c.is_empty()).count();
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i >= filled {
+                break;
+            }
+            let pad = width[i].saturating_sub(c.chars().count());
+            let numeric = c.chars().next().is_some_and(|ch| ch.is_ascii_digit() || ch == '—') && n > 0 && i >= 3;
+            if i > 0 {
+                line.push_str("  ");
+            }
+            if numeric {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(c);
+            } else if i + 1 == filled {
+                line.push_str(c);
+            } else {
+                line.push_str(c);
+                line.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+        if n == 0 {
+            let total: usize = width.iter().sum::<usize>() + 2 * cols.saturating_sub(1);
+            out.push_str(&"-".repeat(total.min(160)));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Renders rows as a Markdown table (first row is the header).
+pub fn markdown_table(rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    let Some(head) = rows.first() else { return out };
+    let esc = |s: &str| s.replace('|', "\\|");
+    let _ = writeln!(out, "| {} |", head.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(out, "|{}|", head.iter().enumerate().map(|(i, _)| if i >= 3 { "---:" } else { "---" }).collect::<Vec<_>>().join("|"));
+    for r in &rows[1..] {
+        let mut cells: Vec<String> = r.iter().map(|c| esc(c)).collect();
+        cells.resize(head.len(), String::new());
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{RunOutcome, Summary};
+
+    fn summary(iops: f64, p50_us: u64) -> Summary {
+        let n = iops as u64;
+        Summary::from_outcome(RunOutcome { ops: n, bytes: n * 4096, secs: 1.0, lat_ns: vec![p50_us * 1000; 10], errors: 0 })
+    }
+
+    fn cell(config: &str, rtt: f64, w: Workload, s: Option<Summary>) -> Cell {
+        Cell {
+            config: config.into(),
+            rtt_ms: rtt,
+            workload: w.name().into(),
+            note: s.is_none().then(|| "skipped: qemu-storage-daemon not found".into()),
+            summary: s,
+            others_cpu: None,
+        }
+    }
+
+    fn results(cells: Vec<Cell>) -> Results {
+        Results {
+            command: "replicator-bench".into(),
+            machine: vec![],
+            cell_secs: 1.0,
+            rtts_ms: vec![0.0, 5.0],
+            link_extra: String::new(),
+            cells,
+            calibration: vec![],
+            fio_check: vec![],
+            figures: Figures::default(),
+            targets: vec![],
+            notes: vec![],
+            wall_secs: 0.0,
+        }
+    }
+
+    #[test]
+    fn targets_pass_miss_and_not_measured() {
+        use Workload::*;
+        let mut r = results(vec![
+            cell("local", 0.0, RandWrite4kQd1, Some(summary(20000.0, 40))),
+            cell("nbd", 0.0, RandWrite4kQd1, Some(summary(10000.0, 100))),
+            cell("nbd", 0.0, RandWrite4kQd32, Some(summary(50000.0, 600))),
+            cell("async", 0.0, RandWrite4kQd1, Some(summary(8000.0, 120))),
+            cell("async", 0.0, RandWrite4kQd32, Some(summary(30000.0, 900))),
+            cell("sync", 5.0, RandWrite4kQd1, Some(summary(190.0, 5200))),
+            cell("sync", 5.0, RandWrite4kQd32, Some(summary(5000.0, 6000))),
+            cell("qemu-mirror", 0.0, RandWrite4kQd1, None),
+        ]);
+        r.evaluate();
+        let find = |prefix: &str| r.targets.iter().find(|t| t.goal.starts_with(prefix)).map(|t| t.verdict.clone());
+        // 120 / 100 = 1.2 ≤ 1.25.
+        assert_eq!(find("async 4 KiB QD1 p50 ≤ 1.25× nbd (RTT 0 ms)"), Some(Verdict::Pass));
+        // 30000 / 50000 = 0.6 < 0.8.
+        assert_eq!(find("async QD32 IOPS ≥ 0.8× nbd (RTT 0 ms)"), Some(Verdict::Miss));
+        // Not measured at RTT 5 ms.
+        assert!(matches!(find("async QD32 IOPS ≥ 0.8× nbd (RTT 5 ms)"), Some(Verdict::NotMeasured(_))));
+        // The skipped peer's note is carried into the target.
+        match find("sync QD1 IOPS ≥ 1.5×") {
+            Some(Verdict::NotMeasured(why)) => assert!(why.contains("qemu-storage-daemon"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // 5200 ≤ 5000 + 120 + 100.
+        assert_eq!(find("sync QD1 p50 ≤ RTT + 1.2× nbd p50 + 100 µs (RTT 5 ms)"), Some(Verdict::Pass));
+        // ideal = min(32 × 190, 50000) = 6080; 5000 ≥ 3040.
+        assert_eq!(find("sync QD32 pipelines: IOPS ≥ 0.5 × min(32 × QD1 IOPS, nbd QD32 IOPS) (RTT 5 ms)"), Some(Verdict::Pass));
+        assert!(matches!(find("resync bytes ≤ 1.1× changed bytes — after a failover"), Some(Verdict::NotMeasured(_))));
+    }
+
+    #[test]
+    fn tables_render_ratios_and_notes() {
+        use Workload::*;
+        let r = results(vec![
+            cell("local", 0.0, RandWrite4kQd1, Some(summary(20000.0, 40))),
+            cell("nbd", 0.0, RandWrite4kQd1, Some(summary(10000.0, 100))),
+            cell("qemu-mirror", 5.0, RandWrite4kQd1, None),
+        ]);
+        let rows = r.table_rows();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[2][0], "nbd");
+        assert_eq!(rows[2][1], "—");
+        assert_eq!(rows[2][8], "0.50"); // IOPS × local
+        assert_eq!(rows[2][9], "1.00"); // IOPS × nbd
+        assert_eq!(rows[3][1], "5 ms");
+        assert!(rows[3][3].starts_with("skipped"));
+        let text = text_table(&rows);
+        assert!(text.lines().nth(1).is_some_and(|l| l.starts_with("----")));
+        assert!(text.contains("skipped: qemu-storage-daemon not found"));
+        let md = markdown_table(&rows);
+        assert!(md.starts_with("| config | RTT | workload | IOPS |"));
+        assert_eq!(md.lines().count(), 5);
+        assert!(md.lines().all(|l| l.starts_with('|') && l.ends_with('|')));
+    }
+}
