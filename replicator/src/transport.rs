@@ -195,6 +195,7 @@ impl Transport {
         let client = identity.client_config()?;
         let socket = std::net::UdpSocket::bind(config.node.listen)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
+        size_socket_buffers(&socket);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Connection("no async runtime for QUIC".into()))?;
         let inner = runtime
@@ -346,6 +347,22 @@ impl Transport {
     /// Shares the endpoint Arc-style for the accept loop.
     pub fn into_arc(self) -> Arc<Transport> {
         Arc::new(self)
+    }
+}
+
+/// Socket buffers for replication traffic. The kernel default (about 208
+/// KiB) overflows under bursts of records even on loopback, and QUIC reads
+/// every drop as congestion. As root the limit `net.core.rmem_max` is
+/// bypassed (SO_RCVBUFFORCE); otherwise the kernel caps the request.
+const SOCKET_BUFFER: usize = 16 << 20;
+
+fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
     }
 }
 

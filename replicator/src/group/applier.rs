@@ -19,6 +19,9 @@ use crate::transport::{FramedRecv, FramedSend, TransportError};
 
 /// How often applied records are made durable when nobody asks.
 const DURABLE_INTERVAL: Duration = Duration::from_millis(100);
+/// Copy data applied beyond this is made durable at once (the primary
+/// keeps at most a 16 MiB copy window in flight).
+const COPY_FLUSH_BYTES: u64 = 4 << 20;
 /// How often the resume checkpoint is persisted.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -164,6 +167,9 @@ struct Session {
     copy_done_pending: Option<u64>,
     ack_dirty: bool,
     delete_requested: bool,
+    /// Copy bytes applied since the last flush started: the primary's copy
+    /// window only moves when they are durable.
+    copy_bytes_since_flush: u64,
 }
 
 impl Session {
@@ -184,6 +190,7 @@ impl Session {
             copy_done_pending: None,
             ack_dirty: false,
             delete_requested: false,
+            copy_bytes_since_flush: 0,
         }
     }
 
@@ -298,6 +305,7 @@ impl Session {
         }
         if rec.op == RecordOp::Copy {
             self.mark_inconsistent().await;
+            self.copy_bytes_since_flush += u64::from(rec.length);
         }
         let (id, deps) = self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
         let waits: Vec<watch::Receiver<bool>> = deps.iter().filter_map(|d| self.waits.get(d).cloned()).collect();
@@ -371,10 +379,12 @@ impl Session {
         let (seq, ci) = self.applier.durable_barrier();
         let ack = self.applier.ack();
         let behind = seq > ack.durable_seq || ci > ack.copy_durable;
-        if !(self.applier.needs_flush() || (behind && self.last_durable_at.elapsed() >= DURABLE_INTERVAL)) {
+        let copy_due = behind && self.copy_bytes_since_flush >= COPY_FLUSH_BYTES;
+        if !(self.applier.needs_flush() || copy_due || (behind && self.last_durable_at.elapsed() >= DURABLE_INTERVAL)) {
             return;
         }
         self.flushing = true;
+        self.copy_bytes_since_flush = 0;
         let group = self.group.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {

@@ -144,7 +144,9 @@ async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
             p.received = peer_durable;
             p.applied = peer_durable;
             p.durable = peer_durable;
-            p.checkpoint = p.checkpoint.min(peer_durable);
+            // The secondary resumes after its persisted checkpoint, which is
+            // what it just reported: the journal up to it may be freed.
+            p.checkpoint = peer_durable;
         });
         let needs_resync = g.persisted.copy_pending;
         if matches!(g.state, PairState::Suspended(_)) {

@@ -361,14 +361,13 @@ impl Group {
         }
         g.ready.complete(seq);
         let through = g.ready.completed_through();
-        // Keep memory bounded: drop payloads of old, already-journaled
-        // records that were sent; the shipper re-reads them if it must
-        // resend after a reconnect.
+        // Keep memory bounded: drop payloads of the oldest journaled records
+        // (a backlog while the secondary is away can be the whole journal);
+        // the shipper reads them back from the journal when it gets there.
         if g.cached_bytes > CACHE_BUDGET {
-            let sent = g.sent_through;
             let mut excess = g.cached_bytes - CACHE_BUDGET / 2;
             let mut freed = 0;
-            for (_, e) in g.entries.range_mut(..=sent) {
+            for e in g.entries.values_mut() {
                 if excess == 0 {
                     break;
                 }
