@@ -19,21 +19,11 @@ use std::time::{Duration, Instant};
 use crate::stats::RunOutcome;
 use crate::workload::{OpGen, OpKind, Rng, Workload};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_FLAG_FUA: u16 = 1;
-/// Transmission flag: the server supports FLUSH.
-const FLAG_SEND_FLUSH: u16 = 1 << 2;
+use replicator::nbd::proto::{
+    CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC as OPT_REPLY_MAGIC,
+    OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+};
+use replicator::nbd::proto::FLAG_SEND_FLUSH;
 
 /// A reply must arrive within this time, or the cell fails (a hung server
 /// must not hang the benchmark).

@@ -11,22 +11,11 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const INFO_EXPORT: u16 = 0;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMD_FLAG_FUA: u16 = 1;
+use crate::nbd::proto::{
+    CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+};
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +68,7 @@ impl NbdClient {
             return Err(NbdClientError::Protocol("not a newstyle NBD server".into()));
         }
         let _server_flags = s.read_u16().await?;
-        s.write_u32(1 | 2).await?; // FIXED_NEWSTYLE | NO_ZEROES
+        s.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await?;
         let name = export.as_bytes();
         s.write_u64(IHAVEOPT).await?;
         s.write_u32(OPT_GO).await?;
@@ -90,7 +79,7 @@ impl NbdClient {
         s.flush().await?;
         let (mut size, mut flags) = (None, 0);
         loop {
-            if s.read_u64().await? != OPT_REPLY_MAGIC {
+            if s.read_u64().await? != OPTION_REPLY_MAGIC {
                 return Err(NbdClientError::Protocol("bad option reply magic".into()));
             }
             let _opt = s.read_u32().await?;

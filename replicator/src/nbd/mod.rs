@@ -54,7 +54,7 @@
 //!   and reply, then close.
 
 mod handshake;
-mod proto;
+pub mod proto;
 mod request;
 mod server;
 mod transmission;

@@ -13,128 +13,128 @@ use super::{BlockSizes, NbdErrno};
 // ---- magic numbers ----
 
 /// `NBDMAGIC`, first 8 bytes the server sends.
-pub(super) const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle greeting and the magic starting every option.
-pub(super) const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Magic starting every fixed-newstyle option reply.
-pub(super) const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// `NBD_REQUEST_MAGIC`, starts every transmission request.
-pub(super) const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// `NBD_SIMPLE_REPLY_MAGIC`, starts every simple reply.
-pub(super) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 // ---- handshake flags (server, 16 bits) ----
 
 /// `NBD_FLAG_FIXED_NEWSTYLE`.
-pub(super) const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 /// `NBD_FLAG_NO_ZEROES`.
-pub(super) const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 
 // ---- client flags (32 bits) ----
 
 /// `NBD_FLAG_C_FIXED_NEWSTYLE`.
-pub(super) const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 /// `NBD_FLAG_C_NO_ZEROES`.
-pub(super) const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 // ---- transmission flags (16 bits) ----
 
 /// `NBD_FLAG_HAS_FLAGS` (always set).
-pub(super) const FLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
 /// `NBD_FLAG_READ_ONLY`.
-pub(super) const FLAG_READ_ONLY: u16 = 1 << 1;
+pub const FLAG_READ_ONLY: u16 = 1 << 1;
 /// `NBD_FLAG_SEND_FLUSH`.
-pub(super) const FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 /// `NBD_FLAG_SEND_FUA`.
-pub(super) const FLAG_SEND_FUA: u16 = 1 << 3;
+pub const FLAG_SEND_FUA: u16 = 1 << 3;
 /// `NBD_FLAG_SEND_TRIM`.
-pub(super) const FLAG_SEND_TRIM: u16 = 1 << 5;
+pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 /// `NBD_FLAG_SEND_WRITE_ZEROES`.
-pub(super) const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// `NBD_FLAG_CAN_MULTI_CONN`.
-pub(super) const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // ---- options ----
 
 /// `NBD_OPT_EXPORT_NAME`.
-pub(super) const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_EXPORT_NAME: u32 = 1;
 /// `NBD_OPT_ABORT`.
-pub(super) const OPT_ABORT: u32 = 2;
+pub const OPT_ABORT: u32 = 2;
 /// `NBD_OPT_LIST`.
-pub(super) const OPT_LIST: u32 = 3;
+pub const OPT_LIST: u32 = 3;
 /// `NBD_OPT_STARTTLS`.
-pub(super) const OPT_STARTTLS: u32 = 5;
+pub const OPT_STARTTLS: u32 = 5;
 /// `NBD_OPT_INFO`.
-pub(super) const OPT_INFO: u32 = 6;
+pub const OPT_INFO: u32 = 6;
 /// `NBD_OPT_GO`.
-pub(super) const OPT_GO: u32 = 7;
+pub const OPT_GO: u32 = 7;
 /// `NBD_OPT_STRUCTURED_REPLY`.
-pub(super) const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
 // ---- option reply types ----
 
 /// `NBD_REP_ACK`.
-pub(super) const REP_ACK: u32 = 1;
+pub const REP_ACK: u32 = 1;
 /// `NBD_REP_SERVER`.
-pub(super) const REP_SERVER: u32 = 2;
+pub const REP_SERVER: u32 = 2;
 /// `NBD_REP_INFO`.
-pub(super) const REP_INFO: u32 = 3;
+pub const REP_INFO: u32 = 3;
 /// `NBD_REP_ERR_UNSUP`.
-pub(super) const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 /// `NBD_REP_ERR_POLICY`.
-pub(super) const REP_ERR_POLICY: u32 = 0x8000_0002;
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 /// `NBD_REP_ERR_INVALID`.
-pub(super) const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 /// `NBD_REP_ERR_UNKNOWN`.
-pub(super) const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 
 // ---- NBD_REP_INFO types ----
 
 /// `NBD_INFO_EXPORT`.
-pub(super) const INFO_EXPORT: u16 = 0;
+pub const INFO_EXPORT: u16 = 0;
 /// `NBD_INFO_NAME`.
-pub(super) const INFO_NAME: u16 = 1;
+pub const INFO_NAME: u16 = 1;
 /// `NBD_INFO_BLOCK_SIZE`.
-pub(super) const INFO_BLOCK_SIZE: u16 = 3;
+pub const INFO_BLOCK_SIZE: u16 = 3;
 
 // ---- commands ----
 
 /// `NBD_CMD_READ`.
-pub(super) const CMD_READ: u16 = 0;
+pub const CMD_READ: u16 = 0;
 /// `NBD_CMD_WRITE`.
-pub(super) const CMD_WRITE: u16 = 1;
+pub const CMD_WRITE: u16 = 1;
 /// `NBD_CMD_DISC`.
-pub(super) const CMD_DISC: u16 = 2;
+pub const CMD_DISC: u16 = 2;
 /// `NBD_CMD_FLUSH`.
-pub(super) const CMD_FLUSH: u16 = 3;
+pub const CMD_FLUSH: u16 = 3;
 /// `NBD_CMD_TRIM`.
-pub(super) const CMD_TRIM: u16 = 4;
+pub const CMD_TRIM: u16 = 4;
 /// `NBD_CMD_WRITE_ZEROES`.
-pub(super) const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 
 // ---- command flags ----
 
 /// `NBD_CMD_FLAG_FUA`.
-pub(super) const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
 /// `NBD_CMD_FLAG_NO_HOLE`.
-pub(super) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// `NBD_CMD_FLAG_FAST_ZERO`.
-pub(super) const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // ---- sizes ----
 
 /// Bytes in the server's initial greeting.
-pub(super) const GREETING_LEN: usize = 18;
+pub const GREETING_LEN: usize = 18;
 /// Bytes in an option header (magic, option, length).
-pub(super) const OPTION_HEADER_LEN: usize = 16;
+pub const OPTION_HEADER_LEN: usize = 16;
 /// Bytes in a transmission request header.
-pub(super) const REQUEST_HEADER_LEN: usize = 28;
+pub const REQUEST_HEADER_LEN: usize = 28;
 /// Bytes in a simple reply header.
-pub(super) const SIMPLE_REPLY_HEADER_LEN: usize = 16;
+pub const SIMPLE_REPLY_HEADER_LEN: usize = 16;
 /// Longest string (export name, error message) the protocol allows.
-pub(super) const MAX_STRING_LEN: usize = 4096;
+pub const MAX_STRING_LEN: usize = 4096;
 /// Zero padding after the `NBD_OPT_EXPORT_NAME` reply without `NO_ZEROES`.
-pub(super) const EXPORT_NAME_PADDING: usize = 124;
+pub const EXPORT_NAME_PADDING: usize = 124;
 
 impl NbdErrno {
     /// The error value sent in a reply.
