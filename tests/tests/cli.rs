@@ -93,7 +93,8 @@ fn status_json_schema_and_pair_lifecycle() {
     let groups = v.as_array().unwrap_or_else(|| panic!("status --json must be an array: {v}"));
     assert_eq!(groups.len(), 1, "{v}");
     let g = &groups[0];
-    let fields: [(&str, fn(&serde_json::Value) -> bool); 25] = [
+    type FieldCheck = (&'static str, fn(&serde_json::Value) -> bool);
+    let fields: [FieldCheck; 25] = [
         ("group", serde_json::Value::is_string),
         ("role", serde_json::Value::is_string),
         ("state", serde_json::Value::is_string),

@@ -48,7 +48,11 @@ fn qemu_io(cluster: &Cluster, site: Site, export: &str, cmds: &[String]) {
 
 /// The writes: returns (write commands, read-back commands, expected
 /// deterministic ranges (offset, len, byte)).
-fn workload(base: u64) -> (Vec<String>, Vec<String>, Vec<(u64, u64, u8)>) {
+/// qemu-io write commands, read-back commands, and ranges expected to hold
+/// one byte value: (offset, len, byte).
+type Workload = (Vec<String>, Vec<String>, Vec<(u64, u64, u8)>);
+
+fn workload(base: u64) -> Workload {
     let mut w = Vec::new();
     let mut r = Vec::new();
     let mut expect = Vec::new();
