@@ -122,6 +122,8 @@ struct Inner {
     journal_full_since: Option<Instant>,
     /// Replication session bookkeeping (primary), while a session is up.
     shipper: Option<replicator_protocol::ship::Shipper>,
+    /// Identifies the current session task (see `shipper::spawn`).
+    shipper_epoch: u64,
     /// Highest sequence sent in the current session.
     sent_through: u64,
     /// Copy chunks sent but not yet durable on the secondary:
@@ -254,6 +256,7 @@ impl Group {
             flush_wanted: 0,
             journal_full_since: None,
             shipper: None,
+            shipper_epoch: 0,
             sent_through: 0,
             copy_inflight: BTreeMap::new(),
             link_down_since: Some(Instant::now()),

@@ -28,14 +28,26 @@ const COPY_WINDOW: u64 = 16 << 20;
 const BATCH: usize = 1 << 20;
 
 pub(super) fn spawn(group: Arc<Group>) {
-    tokio::spawn(async move { run(group).await });
+    // One session task per group: a task from before a pair delete +
+    // create sees a newer epoch and ends.
+    let epoch = {
+        let mut g = lock(&group.inner);
+        g.shipper_epoch += 1;
+        g.shipper_epoch
+    };
+    tokio::spawn(async move { run(group, epoch).await });
 }
 
-async fn run(group: Arc<Group>) {
+fn current(group: &Group, epoch: u64) -> bool {
+    let g = lock(&group.inner);
+    g.role == Role::Primary && g.shipper_epoch == epoch
+}
+
+async fn run(group: Arc<Group>, epoch: u64) {
     let mut backoff = Duration::from_millis(100);
     let mut kick = group.session_kick.subscribe();
     loop {
-        if group.role() != Role::Primary {
+        if !current(&group, epoch) {
             return;
         }
         let result = session(&group).await;
@@ -47,7 +59,7 @@ async fn run(group: Arc<Group>) {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-        if group.role() != Role::Primary {
+        if !current(&group, epoch) {
             return;
         }
         tokio::select! {
