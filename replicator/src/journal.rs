@@ -7,12 +7,13 @@
 //! recovery only trusts the contiguous prefix it can read back with valid
 //! CRCs. Space is freed only below the secondary's persisted checkpoint.
 
+use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use replicator_protocol::journal_format::{
     record_span, JournalFormatError, JournalHeader, JournalRing, JournalSuperblock, JOURNAL_HEADER_LEN,
-    JOURNAL_SUPERBLOCK_LEN,
+    JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN,
 };
 use replicator_protocol::record::Record;
 
@@ -156,15 +157,29 @@ impl Journal {
     }
 
     /// Writes `rec` at `pos` (reserved with `JournalRing::reserve`).
+    /// Header, payload and padding go out in one `pwritev`, straight from
+    /// the record's buffers.
     pub fn append_at(&self, pos: u64, rec: &Record) -> Result<(), JournalError> {
-        use std::os::unix::fs::FileExt;
-        let span = record_span(rec.payload.len() as u64);
-        let mut buf = vec![0u8; span as usize];
-        buf[..JOURNAL_HEADER_LEN].copy_from_slice(&JournalHeader::from_record(rec).encode());
-        buf[JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + rec.payload.len()].copy_from_slice(&rec.payload);
-        self.appender.write_all_at(&buf, pos).map_err(|source| {
-            self.io(IoError::Io { op: "journal append", offset: pos, source })
-        })
+        static PADDING: [u8; JOURNAL_RECORD_ALIGN as usize] = [0; JOURNAL_RECORD_ALIGN as usize];
+        let header = JournalHeader::from_record(rec).encode();
+        let span = record_span(rec.payload.len() as u64) as usize;
+        let pad = span - JOURNAL_HEADER_LEN - rec.payload.len();
+        let mut parts = [IoSlice::new(&header), IoSlice::new(&rec.payload), IoSlice::new(&PADDING[..pad])];
+        let mut rest: &mut [IoSlice<'_>] = &mut parts;
+        let mut at = pos;
+        let err = |source: std::io::Error| self.io(IoError::Io { op: "journal append", offset: pos, source });
+        while !rest.is_empty() {
+            match nix::sys::uio::pwritev(&self.appender, rest, at as i64) {
+                Ok(0) => return Err(err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    at += n as u64;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(err(e.into())),
+            }
+        }
+        Ok(())
     }
 
     /// Reads back the record at `pos` and checks that it is `seq`.

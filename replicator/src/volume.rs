@@ -104,6 +104,12 @@ impl Volume {
         res.map(|()| buf)
     }
 
+    /// Like `write_aligned`, durable when it returns (RWF_DSYNC: FUA).
+    pub async fn write_aligned_durable(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, IoError> {
+        let (res, buf) = self.file.write_at_durable(buf, offset).await;
+        res.map(|()| buf)
+    }
+
     /// Applies a replicated or journaled record (always block-aligned).
     pub async fn apply(&self, rec: &Record) -> Result<(), IoError> {
         match rec.op {

@@ -81,24 +81,8 @@ impl fmt::Display for Site {
     }
 }
 
-/// Replication mode of a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Ack after the secondary has the write.
-    Sync,
-    /// Ack after the local journal append.
-    Async,
-}
-
-impl Mode {
-    /// Config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Sync => "sync",
-            Mode::Async => "async",
-        }
-    }
-}
+/// Replication mode of a group (the daemon's own type).
+pub use replicator::config::Mode;
 
 /// A volume of a group.
 #[derive(Debug, Clone)]

@@ -402,16 +402,21 @@ impl Session {
 
     async fn persist_checkpoint(&mut self, durable: u64) {
         let group = self.group.clone();
-        let saved = tokio::task::spawn_blocking(move || {
+        let snapshot = {
             let mut g = lock(&group.inner);
-            if durable > g.persisted.durable_seq {
+            if durable <= g.persisted.durable_seq {
+                None
+            } else {
                 g.persisted.durable_seq = durable;
-                let r = group.store.save(&g.persisted);
-                return r.map_err(|e| e.to_string());
+                Some(Group::snapshot_state(&mut g))
             }
-            Ok(())
-        })
-        .await;
+        };
+        let saved = match snapshot {
+            None => Ok(Ok(())),
+            Some(snapshot) => {
+                tokio::task::spawn_blocking(move || group.write_state(snapshot).map_err(|e| e.to_string())).await
+            }
+        };
         match saved {
             Ok(Ok(())) => {
                 self.checkpoint = self.checkpoint.max(durable);

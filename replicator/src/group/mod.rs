@@ -18,7 +18,7 @@ mod write_path;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use replicator_protocol::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
@@ -60,8 +60,6 @@ pub enum GroupError {
 /// What sync-mode waiters and the status view watch.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
-    /// Secondary has received every record up to here.
-    pub received: u64,
     /// ... and written it to its volumes.
     pub applied: u64,
     /// ... and made it durable.
@@ -116,6 +114,8 @@ struct Inner {
     /// Dirty regions per volume (primary).
     bitmaps: Vec<DirtyBitmap>,
     bitmap_dirty_since_save: bool,
+    /// Bumped for every snapshot of `persisted` taken for writing.
+    state_version: u64,
     /// Highest sequence a FLUSH asked the secondary to make durable.
     flush_wanted: u64,
     /// When the journal was first found full (block policy).
@@ -173,12 +173,14 @@ pub struct Group {
     session_kick: watch::Sender<u64>,
     started: Instant,
     latency: crate::latency::LatencyHistogram,
+    /// Version of the state snapshot last written to disk (see `write_state`).
+    state_written: Mutex<u64>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     // A panic while holding the lock is a bug; the data is still the best we
     // have, so keep serving rather than poisoning every later request.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Group {
@@ -253,6 +255,7 @@ impl Group {
             cumulative_bytes: cumulative,
             bitmaps,
             bitmap_dirty_since_save: !was_clean,
+            state_version: 0,
             flush_wanted: 0,
             journal_full_since: None,
             shipper: None,
@@ -291,6 +294,7 @@ impl Group {
             session_kick,
             started: Instant::now(),
             latency: crate::latency::LatencyHistogram::default(),
+            state_written: Mutex::new(0),
         });
         {
             let mut g = lock(&group.inner);
@@ -380,8 +384,29 @@ impl Group {
         lock(&self.inner).last_error = Some(msg.to_string());
     }
 
+    /// A snapshot of the persisted state to write (taken under the group
+    /// lock, so a later version always includes every earlier change).
+    fn snapshot_state(g: &mut Inner) -> (u64, GroupState) {
+        g.state_version += 1;
+        (g.state_version, g.persisted.clone())
+    }
+
+    /// Writes a snapshot unless a newer one is already on disk. Callable
+    /// without the group lock, so frequent updates (journal tail, secondary
+    /// checkpoint) never hold up the write path while they fsync.
+    fn write_state(&self, (version, state): (u64, GroupState)) -> Result<(), StateError> {
+        let mut written = self.state_written.lock().unwrap_or_else(PoisonError::into_inner);
+        if *written >= version {
+            return Ok(());
+        }
+        self.store.save(&state)?;
+        *written = version;
+        Ok(())
+    }
+
+    /// Persists the state now (rare changes: role and pair-state changes).
     fn save_locked(&self, g: &mut Inner) {
-        if let Err(e) = self.store.save(&g.persisted) {
+        if let Err(e) = self.write_state(Self::snapshot_state(g)) {
             tracing::error!(group = %self.cfg.name, "cannot persist pair state: {e}");
             g.last_error = Some(e.to_string());
         }
@@ -462,18 +487,22 @@ impl Group {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
-            let mut g = lock(&self.inner);
-            if g.role == Role::Primary {
-                if let Some(since) = g.link_down_since {
-                    if since.elapsed() >= self.cfg.link_timeout && matches!(g.state, PairState::Pair | PairState::Copy) {
-                        self.transition(&mut g, PairEvent::LinkDown, "peer unreachable for link_timeout");
+            let primary = {
+                let mut g = lock(&self.inner);
+                if g.role == Role::Primary {
+                    if let Some(since) = g.link_down_since {
+                        if since.elapsed() >= self.cfg.link_timeout && matches!(g.state, PairState::Pair | PairState::Copy) {
+                            self.transition(&mut g, PairEvent::LinkDown, "peer unreachable for link_timeout");
+                        }
+                    }
+                    if g.bitmap_dirty_since_save {
+                        self.save_bitmaps(&mut g);
                     }
                 }
-                if g.bitmap_dirty_since_save {
-                    self.save_bitmaps(&mut g);
-                }
-                drop(g);
-                self.release_journal();
+                g.role == Role::Primary
+            };
+            if primary {
+                self.release_journal().await;
             }
         }
     }

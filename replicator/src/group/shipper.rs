@@ -153,7 +153,6 @@ async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
         group.save_locked(&mut g);
         group.progress.send_modify(|p| {
             p.connected = true;
-            p.received = peer_durable;
             p.applied = peer_durable;
             p.durable = peer_durable;
             // The secondary resumes after its persisted checkpoint, which is
@@ -386,7 +385,7 @@ impl Group {
         let mut g = lock(&self.inner);
         let Some(s) = g.shipper.as_mut() else { return Ok(()) };
         s.on_ack(ack).map_err(|e| TransportError::Protocol(format!("bad ack: {e}")))?;
-        let (received, applied, durable) = (s.received(), s.applied(), s.durable());
+        let (applied, durable) = (s.applied(), s.durable());
         let checkpoint = ack.checkpoint_seq.min(durable);
         let done: Vec<u64> = g.copy_inflight.range(..=ack.copy_durable).map(|(k, _)| *k).collect();
         for k in done {
@@ -397,7 +396,6 @@ impl Group {
         // Caught up after a link suspension: back to PAIR.
         drop(g);
         self.progress.send_modify(|p| {
-            p.received = received;
             p.applied = applied;
             p.durable = durable;
             p.checkpoint = checkpoint;
@@ -417,24 +415,34 @@ impl Group {
     }
 
     /// Frees journal space below the secondary's persisted checkpoint, after
-    /// persisting the new tail (called from housekeeping).
-    pub(super) fn release_journal(&self) {
-        let mut g = lock(&self.inner);
-        let checkpoint = self.progress.borrow().checkpoint.min(g.volume_written.completed_through());
-        let Some(ring) = g.ring.as_ref() else { return };
-        let Some(oldest) = ring.oldest_seq() else { return };
-        if checkpoint < oldest {
-            return;
+    /// persisting the new tail (called from housekeeping). The state file is
+    /// written outside the group lock.
+    pub(super) async fn release_journal(self: &Arc<Self>) {
+        let (snapshot, checkpoint) = {
+            let mut g = lock(&self.inner);
+            let checkpoint = self.progress.borrow().checkpoint.min(g.volume_written.completed_through());
+            let Some(ring) = g.ring.as_ref() else { return };
+            let Some(oldest) = ring.oldest_seq() else { return };
+            if checkpoint < oldest {
+                return;
+            }
+            let new_tail_seq = checkpoint + 1;
+            let new_tail_pos = ring.lookup(new_tail_seq).map(|(p, _)| p).unwrap_or_else(|| ring.head());
+            g.persisted.journal_tail_seq = new_tail_seq;
+            g.persisted.journal_tail_pos = new_tail_pos;
+            (Self::snapshot_state(&mut g), checkpoint)
+        };
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.write_state(snapshot)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return self.record_error(&format!("cannot persist the journal tail: {e}")),
+            Err(e) => return self.record_error(&format!("journal tail task failed: {e}")),
         }
-        let new_tail_seq = checkpoint + 1;
-        let new_tail_pos = ring.lookup(new_tail_seq).map(|(p, _)| p).unwrap_or_else(|| ring.head());
-        g.persisted.journal_tail_seq = new_tail_seq;
-        g.persisted.journal_tail_pos = new_tail_pos;
-        self.save_locked(&mut g);
+        let mut g = lock(&self.inner);
         if let Some(r) = g.ring.as_mut() {
             r.release_through(checkpoint);
         }
-        let keep = g.entries.split_off(&new_tail_seq);
+        let keep = g.entries.split_off(&(checkpoint + 1));
         let freed: u64 = g.entries.values().filter_map(|e| e.record.as_ref()).map(|r| r.payload.len() as u64).sum();
         g.entries = keep;
         g.cached_bytes = g.cached_bytes.saturating_sub(freed);
@@ -446,7 +454,6 @@ impl Group {
             self.transition(&mut g, PairEvent::LinkUp { needs_resync: true }, "journal space freed");
             self.save_locked(&mut g);
         }
-        // Sync/async caught up after a suspension: PAIR again.
         drop(g);
         self.space_freed.notify_waiters();
     }

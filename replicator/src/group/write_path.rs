@@ -324,7 +324,11 @@ impl Group {
             self.wait_journaled_through(seq).await;
             shipped_seq = Some(seq);
         }
+        // FUA data goes to the volume with RWF_DSYNC: durable when it
+        // completes, no separate fdatasync of the volume.
+        let volume_durable = fua && buf.is_some();
         let local_res = match buf {
+            Some(b) if fua => volume.write_aligned_durable(a_off, b).await.map(|_| ()),
             Some(b) => volume.write_aligned(a_off, b).await.map(|_| ()),
             None if op == RecordOp::Trim => volume.file().discard(a_off, a_len).await,
             None => volume.file().write_zeroes(a_off, a_len).await,
@@ -339,7 +343,7 @@ impl Group {
         local_res?;
 
         if fua {
-            self.sync_local(vol).await?;
+            self.sync_local(vol, !volume_durable, shipped_seq.is_some()).await?;
         }
         if let Some(seq) = shipped_seq {
             if self.cfg.mode == Mode::Sync {
@@ -405,16 +409,24 @@ impl Group {
         lock(&self.inner).volume_written.complete(seq);
     }
 
-    /// fdatasync of one volume and the journal.
-    async fn sync_local(&self, vol: u32) -> Result<(), WriteError> {
-        let journal = self.journal_handle();
+    /// FUA: fdatasync of the volume and/or the journal, concurrently.
+    async fn sync_local(&self, vol: u32, sync_volume: bool, sync_journal: bool) -> Result<(), WriteError> {
+        let journal = if sync_journal { self.journal_handle() } else { None };
         let volume = self.volume_checked(vol)?.clone();
-        let (a, b) = tokio::join!(volume.sync(), async {
-            match journal {
-                Some(j) => j.sync().await,
-                None => Ok(()),
+        let (a, b) = tokio::join!(
+            async {
+                match sync_volume {
+                    true => volume.sync().await,
+                    false => Ok(()),
+                }
+            },
+            async {
+                match journal {
+                    Some(j) => j.sync().await,
+                    None => Ok(()),
+                }
             }
-        });
+        );
         a?;
         b?;
         Ok(())
