@@ -131,7 +131,7 @@ impl Daemon {
         for g in groups {
             let _ = write!(
                 t,
-                "\n[[group]]\nname = \"{}\"\npeer = \"{peer}\"\nmode = \"{}\"\njournal_size = \"{}\"\non_journal_full = \"{}\"\nlink_timeout = \"5s\"\n",
+                "\n[[group]]\nname = \"{}\"\npeer = \"{peer}\"\nmode = \"{}\"\njournal_size = \"{}\"\non_journal_full = \"{}\"\nlink_timeout = \"5s\"\naccept_pair_create = true\n",
                 g.name, g.mode, g.journal, g.on_journal_full
             );
             for (v, file, size) in &g.volumes {

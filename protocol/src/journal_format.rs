@@ -29,8 +29,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::record::{crc32, Record, RecordOp};
-use crate::wire::MAX_RECORD_PAYLOAD;
+use crate::record::{check_range, crc32, Record, RecordError, RecordOp};
 
 /// Size of the superblock at offset 0; the ring starts right after it.
 pub const JOURNAL_SUPERBLOCK_LEN: u64 = 4096;
@@ -38,6 +37,13 @@ pub const JOURNAL_SUPERBLOCK_LEN: u64 = 4096;
 pub const JOURNAL_HEADER_LEN: usize = 64;
 /// Records start and end on multiples of this.
 pub const JOURNAL_RECORD_ALIGN: u64 = 512;
+/// At most this many records may be reserved beyond the contiguous run of
+/// records already in the journal (the write path waits otherwise). Appends
+/// run concurrently, so a crash can leave records after a missing one; this
+/// bound is what lets recovery tell those (never acknowledged: a volume
+/// write waits until every earlier record is journaled) from a real gap in
+/// the log, which it refuses to truncate.
+pub const MAX_APPEND_WINDOW: u64 = 1024;
 /// Longest group name a superblock can hold, in bytes.
 pub const JOURNAL_MAX_GROUP_LEN: usize = 200;
 
@@ -66,6 +72,11 @@ pub enum JournalFormatError {
     /// payload does not match its header.
     #[error("corrupt journal: {0}")]
     Corrupt(String),
+    /// A record header passed its checksum, so it is what was written, but
+    /// describes a record this build does not accept (see
+    /// [`check_range`]). Recovery must never read this as "end of the log".
+    #[error("journal record this build cannot accept: {0}")]
+    Unacceptable(RecordError),
 }
 
 /// Bytes a record with `payload_len` bytes of payload occupies in the ring:
@@ -206,11 +217,14 @@ pub struct JournalHeader {
     pub payload_crc: u32,
     /// Force unit access.
     pub fua: bool,
+    /// The primary's time of the write (see [`Record::written_at_us`]).
+    pub written_at_us: u64,
 }
 
 // Header layout: magic[0..4] seq[4..12] generation[12..20] offset[20..28]
 // volume[28..32] length[32..36] payload_crc[36..40] op[40] flags[41]
-// reserved zero[42..60] crc32[60..64] over bytes [0..60).
+// reserved zero[42..44] written_at_us[44..52] reserved zero[52..60]
+// crc32[60..64] over bytes [0..60).
 const H_CRC_AT: usize = JOURNAL_HEADER_LEN - 4;
 
 fn op_code(op: RecordOp) -> u8 {
@@ -244,6 +258,7 @@ impl JournalHeader {
             length: r.length,
             payload_crc: r.crc32,
             fua: r.fua,
+            written_at_us: r.written_at_us,
         }
     }
 
@@ -259,6 +274,7 @@ impl JournalHeader {
         b[36..40].copy_from_slice(&self.payload_crc.to_le_bytes());
         b[40] = op_code(self.op);
         b[41] = if self.fua { FLAG_FUA } else { 0 };
+        b[44..52].copy_from_slice(&self.written_at_us.to_le_bytes());
         let crc = crc32(&b[..H_CRC_AT]);
         b[H_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -292,20 +308,18 @@ impl JournalHeader {
             payload_crc: get_u32(b, 36),
             op,
             fua: flags & FLAG_FUA != 0,
+            written_at_us: get_u64(b, 44),
         };
-        if h.length == 0 || h.length > MAX_RECORD_PAYLOAD {
-            return Err(JournalFormatError::Corrupt(format!(
-                "record {}: invalid length {}",
-                h.seq, h.length
-            )));
-        }
-        if h.offset.checked_add(u64::from(h.length)).is_none() {
-            return Err(JournalFormatError::Corrupt(format!(
-                "record {}: offset + length overflows",
-                h.seq
-            )));
-        }
+        check_range(h.seq, h.op, h.offset, h.length).map_err(JournalFormatError::Unacceptable)?;
         Ok(h)
+    }
+
+    /// The sequence number of a header whose magic and checksum are valid,
+    /// even if its contents are not acceptable (so it was written by a
+    /// replicator, and its seq is genuine); `None` if it is not a header.
+    pub fn peek_seq(buf: &[u8]) -> Option<u64> {
+        let b = buf.get(..JOURNAL_HEADER_LEN)?;
+        (&b[0..4] == HEADER_MAGIC && crc32(&b[..H_CRC_AT]) == get_u32(b, H_CRC_AT)).then(|| get_u64(b, 4))
     }
 
     /// Payload bytes following the header: `length` for Write and Copy, 0
@@ -351,6 +365,7 @@ impl JournalHeader {
             crc32: self.payload_crc,
             fua: self.fua,
             copy_index: 0,
+            written_at_us: self.written_at_us,
             payload,
         })
     }

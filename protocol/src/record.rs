@@ -4,7 +4,29 @@
 use bytes::Bytes;
 
 use crate::pb;
-use crate::wire::MAX_RECORD_PAYLOAD;
+
+/// Largest payload of one record (Write and Copy), 32 MiB. This is the one
+/// limit on record sizes: the write path, the wire decoder and the journal
+/// decoder all check records with [`check_range`]. Records without payload
+/// (Trim, WriteZeroes) may cover any `u32` length.
+pub const MAX_RECORD_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Checks the range of a record: non-zero length, at most
+/// [`MAX_RECORD_PAYLOAD`] for payload-carrying ops, and `offset + length`
+/// within 64 bits. Shared by [`Record::check_shape`] (wire) and the journal
+/// header decoder, so the two can never disagree about what is valid.
+pub fn check_range(seq: u64, op: RecordOp, offset: u64, length: u32) -> Result<(), RecordError> {
+    if length == 0 {
+        return Err(RecordError::Empty { seq });
+    }
+    if op.has_payload() && length > MAX_RECORD_PAYLOAD {
+        return Err(RecordError::TooLarge { seq, length });
+    }
+    if offset.checked_add(u64::from(length)).is_none() {
+        return Err(RecordError::Overflow { seq });
+    }
+    Ok(())
+}
 
 /// What a record does to its byte range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,6 +101,10 @@ pub struct Record {
     pub fua: bool,
     /// [`RecordOp::Copy`]: running chunk number within the stream (from 1).
     pub copy_index: u64,
+    /// The primary's wall-clock time of the write, in microseconds since
+    /// the Unix epoch (0: unknown). Lets the secondary say how old its data
+    /// is ("data as of") and a failover name its recovery point in time.
+    pub written_at_us: u64,
     /// The data (`length` bytes for Write/Copy, empty otherwise).
     pub payload: Bytes,
 }
@@ -166,6 +192,7 @@ impl Record {
             crc32: crc32(&payload),
             fua,
             copy_index: 0,
+            written_at_us: 0,
             payload,
         }
     }
@@ -190,6 +217,7 @@ impl Record {
             crc32: crc32(&[]),
             fua,
             copy_index: 0,
+            written_at_us: 0,
             payload: Bytes::new(),
         }
     }
@@ -240,18 +268,7 @@ impl Record {
     /// [`Record::validate`] without the CRC (cheap: no pass over the
     /// payload).
     pub fn check_shape(&self) -> Result<(), RecordError> {
-        let seq = self.seq;
-        if self.length == 0 {
-            return Err(RecordError::Empty { seq });
-        }
-        // Only payload-carrying records are bounded: a TRIM or WRITE_ZEROES
-        // of a whole device is one small record.
-        if self.op.has_payload() && self.length > MAX_RECORD_PAYLOAD {
-            return Err(RecordError::TooLarge {
-                seq,
-                length: self.length,
-            });
-        }
+        check_range(self.seq, self.op, self.offset, self.length)?;
         let want = if self.op.has_payload() {
             self.length as usize
         } else {
@@ -259,13 +276,10 @@ impl Record {
         };
         if self.payload.len() != want {
             return Err(RecordError::LengthMismatch {
-                seq,
+                seq: self.seq,
                 length: self.length,
                 payload: self.payload.len(),
             });
-        }
-        if self.offset.checked_add(u64::from(self.length)).is_none() {
-            return Err(RecordError::Overflow { seq });
         }
         Ok(())
     }
@@ -284,6 +298,7 @@ impl Record {
             payload: self.payload.clone(),
             fua: self.fua,
             copy_index: self.copy_index,
+            written_at_us: self.written_at_us,
         }
     }
 
@@ -304,6 +319,7 @@ impl Record {
             crc32: msg.crc32,
             fua: msg.fua,
             copy_index: msg.copy_index,
+            written_at_us: msg.written_at_us,
             payload: msg.payload,
         };
         rec.validate()?;

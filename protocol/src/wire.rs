@@ -20,8 +20,7 @@ pub const ALPN: &[u8] = b"replicator/1";
 pub const WIRE_VERSION: u32 = 1;
 /// Every wire version this build can speak, in increasing order.
 pub const SUPPORTED_VERSIONS: &[u32] = &[WIRE_VERSION];
-/// Largest payload of a single record (32 MiB).
-pub const MAX_RECORD_PAYLOAD: u32 = 32 * 1024 * 1024;
+pub use crate::record::MAX_RECORD_PAYLOAD;
 /// Largest encoded [`pb::Envelope`] accepted: one maximal record payload plus
 /// room for the record's other fields.
 pub const MAX_FRAME_LEN: usize = MAX_RECORD_PAYLOAD as usize + 64 * 1024;

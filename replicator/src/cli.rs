@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::control::{self, exit, Request, Response};
-use crate::group::GroupStatus;
+use crate::group::{GroupStatus, Health};
 
 /// Block-level storage replication over QUIC with mutual TLS.
 #[derive(Debug, Parser)]
@@ -72,6 +72,10 @@ pub enum PairCommand {
         /// Wait until the pair reaches PAIR, showing progress.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (e.g. 30s, 2h; default: no
+        /// limit). A permanent refusal by the peer fails at once anyway.
+        #[arg(long, requires = "wait", value_parser = parse_duration_arg)]
+        timeout: Option<Duration>,
     },
     /// Dissolve the pair; both sides become standalone (SIMPLEX).
     Delete {
@@ -185,20 +189,20 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         print!("{}", render_status(&resp.groups));
                     }
                     if !watch {
-                        return Ok(ExitCode::SUCCESS);
+                        return Ok(ExitCode::from(health_exit(&resp.groups)));
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             })
         }
-        Command::Pair(PairCommand::Create { group, nocopy, wait }) => {
+        Command::Pair(PairCommand::Create { group, nocopy, wait, timeout }) => {
             let config = load_config(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
                 let resp = ask(&config, Request::PairCreate { group: group.clone(), nocopy }).await?;
                 let code = report(&resp)?;
                 if wait {
-                    wait_for_pair(&config, &group).await
+                    wait_for_pair(&config, &group, timeout).await
                 } else {
                     Ok(code)
                 }
@@ -272,9 +276,25 @@ fn report(resp: &Response) -> Result<ExitCode, ExitCode> {
     }
 }
 
+/// `status`'s exit code: 0 when every group shown is healthy, 4 when the
+/// worst is degraded, 5 when one is critical (see [`Health`]).
+fn health_exit(groups: &[GroupStatus]) -> u8 {
+    match groups.iter().map(|g| Health::parse(&g.health)).max() {
+        Some(Health::Critical) => exit::CRITICAL,
+        Some(Health::Degraded) => exit::DEGRADED,
+        _ => exit::OK,
+    }
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(s)
+}
+
 /// `--wait`: polls status until PAIR, printing progress (a bar on a TTY,
-/// plain lines otherwise).
-async fn wait_for_pair(config: &Config, group: &str) -> Result<ExitCode, ExitCode> {
+/// plain lines otherwise). Fails at once when the peer refused for good
+/// or the pair failed, and after `timeout` if given.
+async fn wait_for_pair(config: &Config, group: &str, timeout: Option<Duration>) -> Result<ExitCode, ExitCode> {
+    let started = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
         let b = indicatif::ProgressBar::new(0);
@@ -300,9 +320,27 @@ async fn wait_for_pair(config: &Config, group: &str) -> Result<ExitCode, ExitCod
             println!("group {group}: PAIR ({} mode, secondary consistent)", s.mode);
             return Ok(ExitCode::SUCCESS);
         }
-        if s.state == "SIMPLEX" || (s.state == "SUSPENDED" && s.reason.as_deref() == Some("error")) {
+        let timed_out = timeout.is_some_and(|t| started.elapsed() >= t);
+        if s.state == "SIMPLEX"
+            || s.state == "SPLIT-BRAIN"
+            || (s.state == "SUSPENDED" && s.reason.as_deref() == Some("error"))
+            || s.refusal.is_some()
+            || timed_out
+        {
             if let Some(b) = &bar {
                 b.finish_and_clear();
+            }
+            if timed_out && s.refusal.is_none() {
+                eprintln!(
+                    "replicator: group {group}: not PAIR after {:?} (now {}{}, {} of {} bytes copied){}",
+                    started.elapsed(),
+                    s.state,
+                    s.reason.as_ref().map(|r| format!("({r})")).unwrap_or_default(),
+                    s.copy_done_bytes,
+                    s.copy_total_bytes,
+                    s.last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+                );
+                return Err(ExitCode::from(exit::FAILED));
             }
             eprintln!(
                 "replicator: group {group} is {}{}: {}",
@@ -355,6 +393,27 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
+/// "2026-12-01 10:00:00 UTC (3m 20s ago)" for seconds since the Unix epoch.
+fn describe_time(unix: f64) -> String {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp(unix as i64) else { return format!("{unix:.0} (Unix time)") };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(unix);
+    let ago = (now - unix).max(0.0) as u64;
+    let ago = match ago {
+        0..=119 => format!("{ago}s ago"),
+        120..=7199 => format!("{}m {}s ago", ago / 60, ago % 60),
+        _ => format!("{}h {}m ago", ago / 3600, ago % 3600 / 60),
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC ({ago})",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
 /// The human status view.
 pub fn render_status(groups: &[GroupStatus]) -> String {
     use std::fmt::Write as _;
@@ -364,8 +423,22 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
             Some(r) => format!("{}({r})", s.state),
             None => s.state.clone(),
         };
-        let _ = writeln!(out, "group {}  role {}  state {}  mode {}  peer {} ({})", s.group, s.role, state, s.mode, s.peer,
-            if s.connected { "connected" } else { "not connected" });
+        let link = match (s.connected, s.disconnected_since_unix) {
+            (true, _) => "connected".to_string(),
+            (false, Some(t)) => format!("NOT CONNECTED since {}", describe_time(t as f64)),
+            (false, None) => "not connected".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "group {}  role {}  state {}  mode {}  peer {} ({link})  health {}",
+            s.group, s.role, state, s.mode, s.peer, s.health
+        );
+        if let Some(t) = s.data_as_of_unix {
+            let _ = writeln!(out, "  data as of {} (the primary's time of the newest write held here)", describe_time(t));
+        }
+        if let Some(r) = &s.refusal {
+            let _ = writeln!(out, "  refused by the peer: {r}");
+        }
         let _ = writeln!(
             out,
             "  seq {} applied {} durable {}  lag {} records / {} / {:.3}s",

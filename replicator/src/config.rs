@@ -157,6 +157,11 @@ pub struct GroupConfig {
     pub on_journal_full: JournalFullPolicy,
     /// With `on_journal_full = "block"`: how long a write waits for space.
     pub journal_full_timeout: Duration,
+    /// `accept_pair_create`: this node consents to become the group's
+    /// secondary when the peer runs `pair create` (its volumes are then
+    /// overwritten by the initial copy). Off by default: a SIMPLEX group
+    /// never turns into a replica without local consent.
+    pub accept_pair_create: bool,
     /// Volumes, in order (their index is the volume number on the wire).
     pub volumes: Vec<VolumeConfig>,
 }
@@ -265,6 +270,8 @@ struct RawGroup {
     on_journal_full: Option<String>,
     journal_full_timeout: Option<String>,
     compression: Option<String>,
+    #[serde(default)]
+    accept_pair_create: bool,
     #[serde(default)]
     volume: Vec<RawVolume>,
 }
@@ -487,6 +494,7 @@ impl Validator<'_> {
                 link_timeout,
                 on_journal_full,
                 journal_full_timeout,
+                accept_pair_create: g.accept_pair_create,
                 volumes,
             });
         }

@@ -22,6 +22,11 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// Refused as unsafe.
     pub const REFUSED: u8 = 3;
+    /// `status`: some group is paired but not protected right now (COPY,
+    /// SUSPENDED for link, journal-full or split, or no live session).
+    pub const DEGRADED: u8 = 4;
+    /// `status`: some group needs an admin (SUSPENDED(error), SPLIT-BRAIN).
+    pub const CRITICAL: u8 = 5;
 }
 
 /// A request to the daemon.
@@ -159,7 +164,7 @@ async fn execute(node: &Node, req: Request) -> Response {
         }
         Request::PairDelete { group } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
-            match g.pair_delete() {
+            match g.pair_delete().await {
                 Ok(msg) => Response::ok(msg),
                 Err(e) => Response::err(exit::REFUSED, e.to_string()),
             }

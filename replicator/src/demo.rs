@@ -87,6 +87,7 @@ peer = "{peer}"
 mode = "sync"
 journal_size = "64MiB"
 link_timeout = "5s"
+accept_pair_create = true
 
 [[group.volume]]
 name = "bank-ledger"
@@ -98,6 +99,7 @@ name = "archive"
 peer = "{peer}"
 mode = "async"
 journal_size = "64MiB"
+accept_pair_create = true
 
 [[group.volume]]
 name = "archive-data"

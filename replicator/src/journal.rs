@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use replicator_protocol::journal_format::{
     record_span, JournalFormatError, JournalHeader, JournalRing, JournalSuperblock, JOURNAL_HEADER_LEN,
-    JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN,
+    JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN, MAX_APPEND_WINDOW,
 };
 use replicator_protocol::record::Record;
 
@@ -37,6 +37,31 @@ pub enum JournalError {
         path: PathBuf,
         /// What is wrong.
         source: JournalFormatError,
+    },
+    /// Recovery found an intact record header it cannot accept where the
+    /// log continues: truncating there would drop every later record.
+    #[error("journal {path}: record {seq} at offset {pos} is intact but not acceptable ({reason}); refusing to truncate the log there. Keep the file for analysis; `replicator pair delete` and a new `pair create` (full copy) start over")]
+    Unacceptable {
+        /// The journal file.
+        path: PathBuf,
+        /// Its sequence number.
+        seq: u64,
+        /// Its position.
+        pos: u64,
+        /// What is wrong with it.
+        reason: JournalFormatError,
+    },
+    /// Records are missing from the middle of the log.
+    #[error("journal {path}: record {expected} is missing or torn, but record {seq} (at offset {pos}) is intact: records the log needs are gone; refusing to truncate it. Keep the file for analysis; `replicator pair delete` and a new `pair create` (full copy) start over")]
+    Gap {
+        /// The journal file.
+        path: PathBuf,
+        /// The first missing sequence.
+        expected: u64,
+        /// A later record found intact.
+        seq: u64,
+        /// Its position.
+        pos: u64,
     },
     /// The journal belongs to another group or pair.
     #[error("journal {path}: belongs to group {group:?} pair {pair_id:#x}, expected group {expected_group:?} pair {expected_pair:#x}")]
@@ -184,7 +209,13 @@ impl Journal {
 
     /// Reads back the record at `pos` and checks that it is `seq`.
     pub async fn read_record(&self, pos: u64, seq: u64) -> Result<Record, JournalError> {
-        let header = self.read_header(pos).await?.ok_or_else(|| self.format(JournalFormatError::Corrupt(format!("no valid record header at {pos}"))))?;
+        let header = match self.header_at(pos).await? {
+            HeaderAt::Valid(h) => h,
+            HeaderAt::Unacceptable { reason, .. } => return Err(self.format(reason)),
+            HeaderAt::None => {
+                return Err(self.format(JournalFormatError::Corrupt(format!("no valid record header at {pos}"))))
+            }
+        };
         if header.seq != seq {
             return Err(self.format(JournalFormatError::Corrupt(format!(
                 "record at {pos} has seq {}, expected {seq}",
@@ -193,14 +224,6 @@ impl Journal {
         }
         let payload = self.read_payload(pos, &header).await?;
         header.into_record(payload).map_err(|e| self.format(e))
-    }
-
-    async fn read_header(&self, pos: u64) -> Result<Option<JournalHeader>, JournalError> {
-        if pos + JOURNAL_HEADER_LEN as u64 > self.capacity() {
-            return Ok(None);
-        }
-        let buf = self.read(pos, JOURNAL_HEADER_LEN as u64).await?;
-        Ok(JournalHeader::decode(&buf).ok())
     }
 
     async fn read_payload(&self, pos: u64, header: &JournalHeader) -> Result<Bytes, JournalError> {
@@ -222,9 +245,21 @@ impl Journal {
 
     /// Rebuilds the ring after a restart: starting from the persisted tail
     /// (`tail_seq` at `tail_pos`), accepts records while each one is the
-    /// expected sequence with valid header and payload CRCs. Returns the ring
-    /// and the last sequence found (`tail_seq - 1` if none).
-    pub async fn recover(&self, tail_seq: u64, tail_pos: u64) -> Result<(JournalRing, u64), JournalError> {
+    /// expected sequence with valid header and payload CRCs.
+    ///
+    /// Where that run ends, recovery tells the end of the log from the two
+    /// cases it must never truncate silently:
+    /// - the next record's header is intact but describes a record this
+    ///   build cannot accept: [`JournalError::Unacceptable`];
+    /// - with `unclean` (the daemon did not stop cleanly), the whole ring is
+    ///   searched for records beyond the run. Concurrent appends can leave up
+    ///   to [`MAX_APPEND_WINDOW`] records after a missing or torn one; none of
+    ///   them was acknowledged (a volume write waits until every earlier
+    ///   record is journaled), so they are discarded and overwritten on disk
+    ///   (their sequence numbers are reused from here on). A valid record
+    ///   further ahead means records the log needs are gone:
+    ///   [`JournalError::Gap`].
+    pub async fn recover(&self, tail_seq: u64, tail_pos: u64, unclean: bool) -> Result<Recovered, JournalError> {
         let mut ring = JournalRing::new(self.capacity());
         let start = tail_pos.clamp(JOURNAL_SUPERBLOCK_LEN, self.capacity());
         ring.reset_at(start);
@@ -232,11 +267,15 @@ impl Journal {
         loop {
             let mut found = None;
             for candidate in [ring.head(), JOURNAL_SUPERBLOCK_LEN] {
-                if let Some(h) = self.read_header(candidate).await? {
-                    if h.seq == expected {
+                match self.header_at(candidate).await? {
+                    HeaderAt::Valid(h) if h.seq == expected => {
                         found = Some((candidate, h));
                         break;
                     }
+                    HeaderAt::Unacceptable { seq, reason } if seq == expected => {
+                        return Err(JournalError::Unacceptable { path: self.path.clone(), seq, pos: candidate, reason })
+                    }
+                    _ => {}
                 }
             }
             let Some((pos, header)) = found else { break };
@@ -262,6 +301,95 @@ impl Journal {
                 }
             }
         }
-        Ok((ring, expected - 1))
+        let mut discarded = Vec::new();
+        if unclean {
+            for (seq, pos) in self.records_from(expected).await? {
+                if seq >= expected + MAX_APPEND_WINDOW {
+                    return Err(JournalError::Gap { path: self.path.clone(), expected, seq, pos });
+                }
+                self.invalidate(pos)?;
+                discarded.push(seq);
+            }
+            if !discarded.is_empty() {
+                self.sync().await?;
+                discarded.sort_unstable();
+            }
+        }
+        Ok(Recovered { ring, last_seq: expected - 1, discarded })
+    }
+
+    /// Classifies the bytes at `pos` as a record header.
+    async fn header_at(&self, pos: u64) -> Result<HeaderAt, JournalError> {
+        if pos + JOURNAL_HEADER_LEN as u64 > self.capacity() {
+            return Ok(HeaderAt::None);
+        }
+        let buf = self.read(pos, JOURNAL_HEADER_LEN as u64).await?;
+        Ok(classify_header(&buf))
+    }
+
+    /// Every record header in the ring with a sequence number of at least
+    /// `from`, as (seq, position). Reads the whole ring in large chunks.
+    async fn records_from(&self, from: u64) -> Result<Vec<(u64, u64)>, JournalError> {
+        const CHUNK: u64 = 4 << 20;
+        let mut out = Vec::new();
+        let mut at = JOURNAL_SUPERBLOCK_LEN;
+        while at < self.capacity() {
+            let len = CHUNK.min(self.capacity() - at);
+            let buf = self.read(at, len).await?;
+            let mut off = 0usize;
+            while off + JOURNAL_HEADER_LEN <= buf.len() {
+                if let Some(seq) = JournalHeader::peek_seq(&buf[off..]) {
+                    if seq >= from {
+                        out.push((seq, at + off as u64));
+                    }
+                }
+                off += JOURNAL_RECORD_ALIGN as usize;
+            }
+            at += len;
+        }
+        Ok(out)
+    }
+
+    /// Overwrites the header at `pos` with zeroes, so the record there is
+    /// never read again (its sequence number is about to be reused).
+    fn invalidate(&self, pos: u64) -> Result<(), JournalError> {
+        let zero = [0u8; JOURNAL_HEADER_LEN];
+        nix::sys::uio::pwrite(&self.appender, &zero, pos as i64)
+            .map_err(|e| self.io(IoError::Io { op: "journal invalidate", offset: pos, source: e.into() }))?;
+        Ok(())
+    }
+}
+
+/// What [`Journal::recover`] found.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The retained records, in sequence order.
+    pub ring: JournalRing,
+    /// Last sequence of the contiguous run (`tail_seq - 1` if none).
+    pub last_seq: u64,
+    /// Sequence numbers of records found beyond the run that were still
+    /// being appended when the daemon stopped (never acknowledged); their
+    /// headers are overwritten.
+    pub discarded: Vec<u64>,
+}
+
+/// The bytes at a journal position, as a record header.
+enum HeaderAt {
+    /// A valid header.
+    Valid(JournalHeader),
+    /// Magic and checksum are valid, so the header is what a replicator
+    /// wrote, but the record is not one this build accepts.
+    Unacceptable { seq: u64, reason: JournalFormatError },
+    /// Not a header (never written, torn, or padding).
+    None,
+}
+
+fn classify_header(buf: &[u8]) -> HeaderAt {
+    match JournalHeader::decode(buf) {
+        Ok(h) => HeaderAt::Valid(h),
+        Err(reason) => match JournalHeader::peek_seq(buf) {
+            Some(seq) => HeaderAt::Unacceptable { seq, reason },
+            None => HeaderAt::None,
+        },
     }
 }

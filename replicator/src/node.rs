@@ -8,7 +8,7 @@ use replicator_protocol::pair::Role;
 use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
-use crate::group::{serve_secondary, Group, WriteError, WriteKind};
+use crate::group::{serve_secondary, ClientGuard, Group, WriteError, WriteKind};
 use crate::io::AlignedBuf;
 use crate::nbd::{BlockSizes, Export, ExportCatalog, ExportError, NbdErrno, OpenError};
 use crate::transport::{FramedRecv, FramedSend, PeerConnection, Transport};
@@ -75,6 +75,7 @@ impl Node {
                             error: msg,
                             durable_seq: 0,
                             generation: 0,
+                            refusal: replicator_protocol::pb::Refusal::Config as i32,
                         }))
                         .await;
                     send.finish();
@@ -92,6 +93,8 @@ pub struct VolumeExport {
     group: Arc<Group>,
     volume: u32,
     size: u64,
+    /// Counts this client as attached to the group while it lives.
+    _attached: ClientGuard,
 }
 
 fn to_export_error(e: WriteError) -> ExportError {
@@ -116,7 +119,8 @@ impl Export for VolumeExport {
     fn block_sizes(&self) -> BlockSizes {
         // Any alignment is accepted: partial blocks are read-modify-written
         // under the range sequencer (see volume.rs), so minimum 1 is honest.
-        BlockSizes { minimum: 1, preferred: 4096, maximum: crate::nbd::MAX_PAYLOAD }
+        // The maximum is what the group's journal can always hold.
+        BlockSizes { minimum: 1, preferred: 4096, maximum: self.group.max_request().min(crate::nbd::MAX_PAYLOAD) }
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
@@ -161,6 +165,15 @@ impl ExportCatalog for Node {
             )));
         }
         let size = group.volumes[vi as usize].size();
-        Ok(Arc::new(VolumeExport { group, volume: vi, size }))
+        let attached = group.attach_client();
+        // Checked again with the client counted: a `pair create` from the
+        // peer that made this group secondary meanwhile is not missed.
+        if group.role() == Role::Secondary {
+            return Err(OpenError::Refused(format!(
+                "volume {name} became the secondary replica of group {}: it cannot be attached while replication runs into it",
+                group.cfg.name
+            )));
+        }
+        Ok(Arc::new(VolumeExport { group, volume: vi, size, _attached: attached }))
     }
 }

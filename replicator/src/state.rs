@@ -10,6 +10,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use replicator_protocol::pair::{PairState, Role};
 use serde::{Deserialize, Serialize};
 
 /// State file errors.
@@ -33,14 +34,17 @@ pub enum StateError {
     },
 }
 
-/// What `state.json` holds for one group.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
+/// What `state.json` holds for one group. Role and pair state are typed:
+/// a file whose role or state does not parse is refused (the daemon will
+/// not guess whether a volume is a writable primary or a replica).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GroupState {
-    /// "none", "primary" or "secondary".
-    pub role: String,
-    /// Pair state as displayed, e.g. "PAIR", "COPY", "SUSPENDED(split)".
-    pub state: String,
+    /// This node's role.
+    #[serde(with = "as_text")]
+    pub role: Role,
+    /// Pair state, e.g. "PAIR", "COPY", "SUSPENDED(split)".
+    #[serde(with = "as_text")]
+    pub state: PairState,
     /// Incremented on each promotion.
     pub generation: u64,
     /// Random id chosen at `pair create`, shared by both sides.
@@ -61,16 +65,80 @@ pub struct GroupState {
     pub consistent: bool,
     /// Set when the daemon stopped cleanly; cleared while it runs.
     pub clean_shutdown: bool,
-    /// Primary: what the next session must tell the secondary
-    /// ("create-copy", "create-nocopy", or empty for a plain resume).
+    /// Primary: what the next session must tell the secondary.
     #[serde(default)]
-    pub announce: String,
+    pub announce: Announce,
+    /// Secondary: the primary's time of the newest durable write here
+    /// (µs since the Unix epoch; 0 unknown).
+    #[serde(default)]
+    pub data_as_of_us: u64,
+    /// SIMPLEX: the pair this node left with `pair delete` (0: none), so a
+    /// primary that still ships for it learns it is alone.
+    #[serde(default)]
+    pub former_pair_id: u64,
+    /// SIMPLEX after leaving a pair: clients wrote to the volumes since, so
+    /// the former primary's data and this node's have diverged.
+    #[serde(default)]
+    pub written_standalone: bool,
+}
+
+/// What the primary's next session announces to the secondary.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Announce {
+    /// A plain resume of an existing pair.
+    #[default]
+    #[serde(rename = "")]
+    Resume,
+    /// `pair create`: a full initial copy follows.
+    CreateCopy,
+    /// `pair create --nocopy`.
+    CreateNocopy,
 }
 
 impl GroupState {
     /// A group that is not paired.
     pub fn simplex() -> Self {
-        Self { role: "none".into(), state: "SIMPLEX".into(), consistent: true, clean_shutdown: true, ..Self::default() }
+        Self {
+            role: Role::None,
+            state: PairState::Simplex,
+            generation: 0,
+            pair_id: 0,
+            journal_tail_seq: 0,
+            journal_tail_pos: 0,
+            copy_pending: false,
+            bitmap_mode: false,
+            durable_seq: 0,
+            consistent: true,
+            clean_shutdown: true,
+            announce: Announce::Resume,
+            data_as_of_us: 0,
+            former_pair_id: 0,
+            written_standalone: false,
+        }
+    }
+}
+
+/// Serde through `Display` / `FromStr` (roles and pair states are stored as
+/// the text `status` shows).
+mod as_text {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(de::Error::custom)
     }
 }
 
@@ -162,11 +230,22 @@ mod tests {
         let f = StateFile::new(dir.path(), "db");
         assert_eq!(f.load().expect("load"), None);
         let mut s = GroupState::simplex();
-        s.role = "primary".into();
+        s.role = Role::Primary;
+        s.state = PairState::Suspended(replicator_protocol::pair::SuspendReason::Link);
         s.generation = 3;
         f.save(&s).expect("save");
-        assert_eq!(f.load().expect("load"), Some(s));
+        assert_eq!(f.load().expect("load"), Some(s.clone()));
         fs::write(f.dir().join("state.json"), b"{not json").expect("write");
+        assert!(matches!(f.load(), Err(StateError::Corrupt { .. })));
+        // A role or state that does not parse is refused, never guessed.
+        let text = serde_json::to_string(&s).expect("json");
+        for (from, to) in [("\"primary\"", "\"primray\""), ("\"SUSPENDED(link)\"", "\"SUSPENDED(lnk)\"")] {
+            fs::write(f.dir().join("state.json"), text.replace(from, to)).expect("write");
+            let err = f.load().expect_err("a mangled role or state must not load");
+            assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+        }
+        // A missing role is refused too (no silent default to SIMPLEX).
+        fs::write(f.dir().join("state.json"), text.replace("\"role\"", "\"rol\"")).expect("write");
         assert!(matches!(f.load(), Err(StateError::Corrupt { .. })));
     }
 }

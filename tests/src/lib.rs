@@ -108,6 +108,9 @@ pub struct GroupSpec {
     pub link_timeout: Duration,
     /// Extra TOML lines for the `[[group]]` table (e.g. `on_link_loss`).
     pub extra: String,
+    /// `accept_pair_create` on site-b (on by default, so `pair create` on
+    /// site-a can make it secondary).
+    pub consent: bool,
 }
 
 impl GroupSpec {
@@ -120,6 +123,7 @@ impl GroupSpec {
             journal_size: 64 << 20,
             link_timeout: Duration::from_secs(5),
             extra: String::new(),
+            consent: true,
         }
     }
 
@@ -138,6 +142,13 @@ impl GroupSpec {
     /// Sets link_timeout.
     pub fn link_timeout(mut self, d: Duration) -> Self {
         self.link_timeout = d;
+        self
+    }
+
+    /// Site-b does not consent to become secondary (`accept_pair_create`
+    /// left at its default, false).
+    pub fn without_consent(mut self) -> Self {
+        self.consent = false;
         self
     }
 
@@ -512,11 +523,12 @@ address = "127.0.0.1:{peer_port}"
         for g in &self.opts.groups {
             let _ = write!(
                 text,
-                "\n[[group]]\nname = \"{}\"\npeer = \"{peer}\"\nmode = \"{}\"\njournal_size = \"{}\"\nlink_timeout = \"{}ms\"\n{}",
+                "\n[[group]]\nname = \"{}\"\npeer = \"{peer}\"\nmode = \"{}\"\njournal_size = \"{}\"\nlink_timeout = \"{}ms\"\naccept_pair_create = {}\n{}",
                 g.name,
                 g.mode.as_str(),
                 g.journal_size,
                 g.link_timeout.as_millis(),
+                g.consent || site == Site::A,
                 g.extra
             );
             for v in &g.volumes {

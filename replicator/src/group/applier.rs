@@ -4,17 +4,18 @@
 //! durable (on FUA, on a flush request, and at least every 100 ms), persists
 //! the checkpoint it will resume from, and acks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replicator_protocol::apply::{ApplyId, Applier};
-use replicator_protocol::pair::{PairState, Role};
+use replicator_protocol::pair::{PairEvent, PairState, Role};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::record::{Record, RecordOp};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{lock, Group};
+use super::{lock, Group, SessionCommand};
+use crate::state::GroupState;
 use crate::transport::{FramedRecv, FramedSend, TransportError};
 
 /// How often applied records are made durable when nobody asks.
@@ -30,68 +31,123 @@ enum Event {
     Durable(u64, u64, Result<(), String>),
 }
 
+/// A refused `OpenGroup`: the kind (sent to the primary, which acts on
+/// it) and the reason in words.
+type Refused = (pb::Refusal, String);
+
 /// Checks an `OpenGroup` against this node's configuration and state, and
-/// takes the secondary role if it asks to create the pair. Returns the
-/// sequence to resume after, or the refusal to send back.
-fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, String> {
+/// takes the secondary role if it asks to create the pair (with local
+/// consent). Returns the sequence to resume after, or the refusal to send
+/// back.
+fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, Refused> {
+    let name = &group.cfg.name;
+    let config = |msg: String| (pb::Refusal::Config, msg);
     if group.cfg.peer != peer {
-        return Err(format!("group {} is configured here with peer {:?}, not {peer:?}", group.cfg.name, group.cfg.peer));
+        return Err(config(format!("group {name} is configured here with peer {:?}, not {peer:?}", group.cfg.peer)));
     }
     let ours: Vec<(String, u64)> = group.volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
     let theirs: Vec<(String, u64)> = open.volumes.iter().map(|v| (v.name.clone(), v.size)).collect();
     if ours != theirs {
-        return Err(format!(
+        return Err(config(format!(
             "volumes differ: the primary has {theirs:?}, this node has {ours:?} (names, order and sizes must match)"
-        ));
+        )));
     }
     let mode = if open.mode == pb::Mode::Sync as i32 { "sync" } else { "async" };
     if mode != group.cfg.mode.as_str() {
-        return Err(format!("mode differs: the primary replicates {mode}, this node's config says {}", group.cfg.mode));
+        return Err(config(format!("mode differs: the primary replicates {mode}, this node's config says {}", group.cfg.mode)));
     }
     let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
     let mut g = lock(&group.inner);
     if g.role == Role::Primary {
-        return Err(format!(
-            "group {} is primary on this node too: refusing (both sites wrote as primary; resolve with pair delete on the site whose data is to be discarded)",
-            group.cfg.name
+        return Err((
+            pb::Refusal::AlsoPrimary,
+            format!(
+                "group {name} is primary on this node too: both sites wrote as primary (split brain); \
+                 resolve with `replicator pair delete {name}` on the site whose data is to be discarded"
+            ),
         ));
     }
     if g.secondary_attached {
-        return Err("another replication session for this group is already attached".into());
+        return Err((pb::Refusal::Unspecified, "another replication session for this group is already attached".into()));
     }
     match intent {
         pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy => {
+            if g.role == Role::Secondary && g.persisted.pair_id != open.pair_id {
+                return Err((
+                    pb::Refusal::Config,
+                    format!("group {name} is already the secondary of another pair here; run `replicator pair delete {name}` here first"),
+                ));
+            }
+            if g.role == Role::None {
+                if !group.cfg.accept_pair_create {
+                    return Err((
+                        pb::Refusal::NoConsent,
+                        format!(
+                            "group {name} on this node does not accept becoming a secondary (its volumes would be overwritten): \
+                             set accept_pair_create = true in its [[group]] section here and restart, then run pair create again"
+                        ),
+                    ));
+                }
+                let clients = group.nbd_clients.load(std::sync::atomic::Ordering::SeqCst);
+                if clients > 0 {
+                    return Err((
+                        pb::Refusal::InUse,
+                        format!("group {name}: {clients} NBD client(s) have its volumes attached here; detach them before pairing"),
+                    ));
+                }
+            }
             let copy = intent == pb::OpenIntent::CreateFullCopy;
             g.role = Role::Secondary;
-            g.persisted.role = Role::Secondary.as_str().into();
-            g.persisted.pair_id = open.pair_id;
-            g.persisted.generation = open.generation;
-            g.persisted.durable_seq = open.rebase_seq;
-            g.persisted.consistent = !copy;
+            g.persisted = GroupState {
+                role: Role::Secondary,
+                pair_id: open.pair_id,
+                generation: open.generation,
+                durable_seq: open.rebase_seq,
+                consistent: !copy,
+                clean_shutdown: false,
+                ..GroupState::simplex()
+            };
             g.state = if copy { PairState::Copy } else { PairState::Pair };
-            g.persisted.state = g.state.to_string();
             g.copy_total = open.copy_bytes;
             g.copy_done = 0;
-            tracing::info!(group = %group.cfg.name, primary = %peer, copy, "pair create: this node is now secondary");
+            tracing::info!(group = %name, primary = %peer, copy, "pair create: this node is now secondary");
         }
         pb::OpenIntent::Resume | pb::OpenIntent::Resync => {
+            if g.role == Role::None && g.persisted.former_pair_id == open.pair_id && open.pair_id != 0 {
+                return Err(if g.persisted.written_standalone {
+                    (
+                        pb::Refusal::WrittenStandalone,
+                        format!(
+                            "group {name} left this pair here (pair delete) and its volumes were written since: \
+                             both sites hold writes the other lacks (split brain); keep one site's data: \
+                             `replicator pair delete {name}` on the other, then `pair create` from the keeper"
+                        ),
+                    )
+                } else {
+                    (
+                        pb::Refusal::NotPaired,
+                        format!("group {name} left this pair here (pair delete); run `replicator pair delete {name}` on {peer} too"),
+                    )
+                });
+            }
             if g.role != Role::Secondary || g.persisted.pair_id != open.pair_id {
-                return Err(format!(
-                    "group {} is not paired with {peer} here (it is {}); run `replicator pair create {}` on the primary",
-                    group.cfg.name,
-                    g.state,
-                    group.cfg.name
+                return Err((
+                    pb::Refusal::NotPaired,
+                    format!(
+                        "group {name} is not paired with {peer} here (it is {}); run `replicator pair delete {name}` and then `pair create {name}` on {peer}",
+                        g.state
+                    ),
                 ));
             }
             if intent == pb::OpenIntent::Resync {
                 g.persisted.durable_seq = open.rebase_seq;
             }
             g.state = if g.persisted.consistent { PairState::Pair } else { PairState::Copy };
-            g.persisted.state = g.state.to_string();
         }
-        pb::OpenIntent::Unspecified => return Err("OpenGroup without an intent".into()),
+        pb::OpenIntent::Unspecified => return Err((pb::Refusal::Config, "OpenGroup without an intent".into())),
     }
     g.secondary_attached = true;
+    g.link_changed_at = std::time::SystemTime::now();
     g.secondary_durable = g.persisted.durable_seq;
     g.secondary_applied = g.persisted.durable_seq;
     group.save_locked(&mut g);
@@ -112,16 +168,27 @@ pub async fn serve_secondary(
 ) {
     let base = match accept_open(&group, &open, &peer) {
         Ok(d) => d,
-        Err(msg) => {
+        Err((refusal, msg)) => {
             tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {msg}");
-            let _ = send.send(Body::OpenGroupReply(pb::OpenGroupReply { error: msg, durable_seq: 0, generation: 0 })).await;
+            let reply = pb::OpenGroupReply { error: msg, durable_seq: 0, generation: 0, refusal: refusal as i32 };
+            let _ = send.send(Body::OpenGroupReply(reply)).await;
             send.finish();
             return;
         }
     };
-    let generation = lock(&group.inner).persisted.generation;
+    let (commands_tx, commands) = mpsc::unbounded_channel();
+    let generation = {
+        let mut g = lock(&group.inner);
+        g.session_cmd = Some(commands_tx);
+        g.persisted.generation
+    };
     if let Err(e) = send
-        .send(Body::OpenGroupReply(pb::OpenGroupReply { error: String::new(), durable_seq: base, generation }))
+        .send(Body::OpenGroupReply(pb::OpenGroupReply {
+            error: String::new(),
+            durable_seq: base,
+            generation,
+            refusal: pb::Refusal::Unspecified as i32,
+        }))
         .await
     {
         tracing::warn!(group = %group.cfg.name, "replication session ended at once: {e}");
@@ -129,13 +196,40 @@ pub async fn serve_secondary(
         return;
     }
     tracing::info!(group = %group.cfg.name, %peer, resume_after = base, "replication session up (secondary)");
-    let mut session = Session::new(group.clone(), base);
+    let mut session = Session::new(group.clone(), base, commands);
     let result = session.run(&mut send, &mut recv, &mut shutdown).await;
     if let Err(e) = &result {
         // Tell the primary why, so its status and log say it too.
         send.queue(Body::Error(pb::Error { message: e.to_string() }));
     }
     session.drain(&mut send).await;
+    // Every apply is finished and durable: only now may the volumes become
+    // writable here.
+    let deleted = match session.ending {
+        Ending::Stream => None,
+        Ending::DeletedByPrimary => Some("the primary ran pair delete"),
+        Ending::DeletedHere { .. } => Some("pair delete on the secondary"),
+    };
+    if let Some(why) = deleted {
+        let mut g = lock(&group.inner);
+        group.dissolve(&mut g, why);
+    }
+    if session.ending == Ending::DeletedByPrimary {
+        let reply = pb::CommandReply { command: pb::Command::Delete as i32, error: String::new() };
+        let _ = send.send(Body::CommandReply(reply)).await;
+    }
+    send.finish();
+    if let (Ending::DeletedHere { confirmed }, Some(reply)) = (&session.ending, session.delete_reply.take()) {
+        let name = &group.cfg.name;
+        let _ = reply.send(if *confirmed {
+            format!("group {name}: pair deleted on both sites; {peer} stopped replicating and the volumes here are standalone (SIMPLEX)")
+        } else {
+            format!(
+                "group {name}: pair deleted here (no applies run any more; the volumes are standalone); {peer} did not confirm \
+                 within 10 s: it will find the pair gone when it reconnects; run `replicator pair delete {name}` there too"
+            )
+        });
+    }
     match result {
         Ok(()) => tracing::info!(group = %group.cfg.name, "replication session closed"),
         Err(e) => {
@@ -146,10 +240,30 @@ pub async fn serve_secondary(
     detach(&group);
 }
 
+/// The session is over: no replica claims PAIR without a live session.
 fn detach(group: &Group) {
     let mut g = lock(&group.inner);
     g.secondary_attached = false;
+    g.session_cmd = None;
+    g.link_changed_at = std::time::SystemTime::now();
+    if g.role == Role::Secondary && matches!(g.state, PairState::Pair | PairState::Copy) {
+        group.transition(&mut g, PairEvent::LinkDown, "the replication session ended");
+    }
     group.publish(&mut g);
+}
+
+/// Why the session loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// The stream ended, failed, or the daemon is stopping.
+    Stream,
+    /// The primary sent `pair delete`.
+    DeletedByPrimary,
+    /// `pair delete` ran here; `confirmed` when the primary dissolved too.
+    DeletedHere {
+        /// The primary answered with its own delete.
+        confirmed: bool,
+    },
 }
 
 struct Session {
@@ -166,14 +280,23 @@ struct Session {
     checkpoint: u64,
     copy_done_pending: Option<u64>,
     ack_dirty: bool,
-    delete_requested: bool,
+    /// Commands from the control socket (`pair delete` here).
+    commands: mpsc::UnboundedReceiver<SessionCommand>,
+    /// Why the loop ends (set before it returns).
+    ending: Ending,
+    /// `pair delete` here: the admin's answer, and until when the primary
+    /// may take to confirm.
+    delete_reply: Option<oneshot::Sender<String>>,
+    leave_by: Option<Instant>,
+    /// The primary's write time of records not yet in the applied prefix.
+    written_at: BTreeMap<u64, u64>,
     /// Copy bytes applied since the last flush started: the primary's copy
     /// window only moves when they are durable.
     copy_bytes_since_flush: u64,
 }
 
 impl Session {
-    fn new(group: Arc<Group>, base: u64) -> Self {
+    fn new(group: Arc<Group>, base: u64, commands: mpsc::UnboundedReceiver<SessionCommand>) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
         Self {
             group,
@@ -189,7 +312,11 @@ impl Session {
             checkpoint: base,
             copy_done_pending: None,
             ack_dirty: false,
-            delete_requested: false,
+            commands,
+            ending: Ending::Stream,
+            delete_reply: None,
+            leave_by: None,
+            written_at: BTreeMap::new(),
             copy_bytes_since_flush: 0,
         }
     }
@@ -206,19 +333,34 @@ impl Session {
                 frame = recv.recv() => {
                     match frame? {
                         None => return Ok(()),
-                        Some(env) => self.on_frame(env, send).await?,
+                        Some(env) => self.on_frame(env).await?,
                     }
                     // Take every frame that arrived in the same read.
-                    while !self.delete_requested {
+                    while !self.finished() {
                         let Some(env) = recv.try_next()? else { break };
-                        self.on_frame(env, send).await?;
+                        self.on_frame(env).await?;
                     }
-                    if self.delete_requested {
+                    if self.finished() {
                         return Ok(());
                     }
                 }
                 Some(ev) = self.events.recv() => self.on_event(ev)?,
-                _ = tick.tick() => {}
+                Some(cmd) = self.commands.recv() => match cmd {
+                    SessionCommand::Delete(reply) => {
+                        // Stop applying, ask the primary to dissolve too; the
+                        // volumes become writable here only after the drain.
+                        tracing::info!(group = %self.group.cfg.name, "pair delete on the secondary: asking the primary to end the pair");
+                        self.delete_reply = Some(reply);
+                        self.ending = Ending::DeletedHere { confirmed: false };
+                        self.leave_by = Some(Instant::now() + Duration::from_secs(10));
+                        send.send(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0 })).await?;
+                    }
+                },
+                _ = tick.tick() => {
+                    if self.leave_by.is_some_and(|t| Instant::now() >= t) {
+                        return Ok(());
+                    }
+                }
                 _ = shutdown.changed() => return Ok(()),
             }
             // Coalesce: one ack covers every apply that has finished by now.
@@ -265,7 +407,23 @@ impl Session {
         send.finish();
     }
 
-    async fn on_frame(&mut self, env: pb::Envelope, send: &mut FramedSend) -> Result<(), TransportError> {
+    /// The loop must end: the pair is being deleted and the primary has
+    /// confirmed (or asked for it).
+    fn finished(&self) -> bool {
+        matches!(self.ending, Ending::DeletedByPrimary | Ending::DeletedHere { confirmed: true })
+    }
+
+    async fn on_frame(&mut self, env: pb::Envelope) -> Result<(), TransportError> {
+        if matches!(self.ending, Ending::DeletedHere { .. }) {
+            // Leaving the pair: nothing is applied any more; wait for the
+            // primary's own delete.
+            if let Some(Body::Command(c)) = &env.body {
+                if c.command == pb::Command::Delete as i32 {
+                    self.ending = Ending::DeletedHere { confirmed: true };
+                }
+            }
+            return Ok(());
+        }
         match env.body {
             Some(Body::Record(msg)) => {
                 let (group_name, rec) =
@@ -284,9 +442,9 @@ impl Session {
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::Delete as i32 => {
-                let _ = self.group.pair_delete();
-                send.send(Body::CommandReply(pb::CommandReply { command: c.command, error: String::new() })).await?;
-                self.delete_requested = true;
+                // Dissolved (and confirmed) after the drain, see
+                // `serve_secondary`.
+                self.ending = Ending::DeletedByPrimary;
                 Ok(())
             }
             other => Err(TransportError::Protocol(format!("unexpected message on a group stream: {other:?}"))),
@@ -308,6 +466,9 @@ impl Session {
             self.copy_bytes_since_flush += u64::from(rec.length);
         }
         let (id, deps) = self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
+        if rec.op != RecordOp::Copy && rec.written_at_us != 0 {
+            self.written_at.insert(rec.seq, rec.written_at_us);
+        }
         let waits: Vec<watch::Receiver<bool>> = deps.iter().filter_map(|d| self.waits.get(d).cloned()).collect();
         let (tx, rx) = watch::channel(false);
         self.done.insert(id, tx);
@@ -335,7 +496,6 @@ impl Session {
         if g.persisted.consistent {
             g.persisted.consistent = false;
             g.state = PairState::Copy;
-            g.persisted.state = g.state.to_string();
             group.save_locked(&mut g);
             group.publish(&mut g);
         }
@@ -355,7 +515,13 @@ impl Session {
                 }
                 self.applier.on_applied(id);
                 let applied = self.applier.ack().applied_seq;
-                lock(&self.group.inner).secondary_applied = applied;
+                let rest = self.written_at.split_off(&(applied + 1));
+                let newest = std::mem::replace(&mut self.written_at, rest).into_values().max();
+                let mut g = lock(&self.group.inner);
+                g.secondary_applied = applied;
+                if let Some(t) = newest {
+                    g.persisted.data_as_of_us = g.persisted.data_as_of_us.max(t);
+                }
                 self.ack_dirty = true;
             }
             Event::Durable(seq, ci, result) => {
@@ -444,7 +610,6 @@ impl Session {
             let mut g = lock(&group.inner);
             g.persisted.consistent = true;
             g.state = PairState::Pair;
-            g.persisted.state = g.state.to_string();
             group.save_locked(&mut g);
             group.publish(&mut g);
         }

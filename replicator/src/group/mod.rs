@@ -18,22 +18,24 @@ mod write_path;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use replicator_protocol::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
+use replicator_protocol::pb;
 use replicator_protocol::record::Record;
 use replicator_protocol::sequencer::{Dep, RangeSequencer};
 use replicator_protocol::seqtrack::SeqTracker;
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::{GroupConfig, LinkLossPolicy, Mode};
 use crate::io::IoEngine;
 use crate::journal::{Journal, JournalError};
-use crate::state::{GroupState, StateError, StateFile};
+use crate::state::{Announce, GroupState, StateError, StateFile};
 use crate::transport::Transport;
 use crate::volume::Volume;
 
@@ -136,11 +138,28 @@ struct Inner {
     /// Copy progress for status.
     copy_total: u64,
     copy_done: u64,
+    /// The peer's last refusal of a session that retrying cannot fix by
+    /// itself (kind, for status), cleared by the next session that starts.
+    refusal: Option<&'static str>,
+    /// Primary, during `pair delete`: told when the secondary confirms.
+    delete_ack: Option<oneshot::Sender<()>>,
+    /// When the replication link last went up or down (wall clock).
+    link_changed_at: SystemTime,
+    /// Secondary: commands for the attached session.
+    session_cmd: Option<mpsc::UnboundedSender<SessionCommand>>,
     /// Secondary: an apply session is attached.
     secondary_attached: bool,
     /// Secondary: durable sequence (for status).
     secondary_durable: u64,
     secondary_applied: u64,
+}
+
+/// A command from the control socket to the secondary's session task.
+#[derive(Debug)]
+enum SessionCommand {
+    /// `pair delete` on the secondary: end the pair on both sites; the
+    /// answer is the message for the admin.
+    Delete(oneshot::Sender<String>),
 }
 
 /// Memory budget for records kept for shipping; beyond it the shipper reads
@@ -175,6 +194,8 @@ pub struct Group {
     latency: crate::latency::LatencyHistogram,
     /// Version of the state snapshot last written to disk (see `write_state`).
     state_written: Mutex<u64>,
+    /// NBD connections attached to this group's volumes.
+    nbd_clients: AtomicUsize,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -194,8 +215,8 @@ impl Group {
     ) -> Result<Arc<Group>, GroupError> {
         let store = StateFile::new(state_dir, &cfg.name);
         let persisted = store.load()?.unwrap_or_else(GroupState::simplex);
-        let role: Role = persisted.role.parse().unwrap_or(Role::None);
-        let mut state: PairState = persisted.state.parse().unwrap_or(PairState::Simplex);
+        let role = persisted.role;
+        let mut state = persisted.state;
         let was_clean = persisted.clean_shutdown;
         let bitmaps = load_bitmaps(&store, &volumes)?;
 
@@ -205,13 +226,23 @@ impl Group {
         if role == Role::Primary {
             let j = Journal::open(&engine, &journal_path(&store), cfg.journal_size, &cfg.name, persisted.pair_id, false)
                 .await?;
-            let (r, last) = j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos).await?;
+            let recovered = j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos, !was_clean).await?;
+            let (r, last) = (recovered.ring, recovered.last_seq);
             tracing::info!(
                 group = %cfg.name,
                 records = r.len(),
                 last_seq = last,
                 "journal recovered"
             );
+            if let (Some(first), Some(newest)) = (recovered.discarded.first(), recovered.discarded.last()) {
+                tracing::warn!(
+                    group = %cfg.name,
+                    count = recovered.discarded.len(),
+                    "journal: discarded records {first}..={newest}, which were still being appended when the daemon stopped \
+                     (after the torn or missing record {}; none of them was acknowledged)",
+                    last + 1
+                );
+            }
             last_jseq = last;
             if !was_clean {
                 tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
@@ -222,6 +253,11 @@ impl Group {
         }
         if role == Role::None {
             state = PairState::Simplex;
+        }
+        // No replication session is up yet: a replica never claims PAIR
+        // (or COPY progress) without one.
+        if role == Role::Secondary && matches!(state, PairState::Pair | PairState::Copy) {
+            state = PairState::Suspended(SuspendReason::Link);
         }
         let mut entries = BTreeMap::new();
         let mut cumulative = 0;
@@ -267,6 +303,10 @@ impl Group {
             last_error: None,
             copy_total: 0,
             copy_done: 0,
+            refusal: None,
+            delete_ack: None,
+            link_changed_at: SystemTime::now(),
+            session_cmd: None,
             secondary_attached: false,
             secondary_durable: persisted.durable_seq,
             secondary_applied: persisted.durable_seq,
@@ -295,6 +335,7 @@ impl Group {
             started: Instant::now(),
             latency: crate::latency::LatencyHistogram::default(),
             state_written: Mutex::new(0),
+            nbd_clients: AtomicUsize::new(0),
         });
         {
             let mut g = lock(&group.inner);
@@ -361,6 +402,8 @@ impl Group {
             p.epoch += 1;
         });
         self.ship_wake.notify_one();
+        // Writes waiting for journal space re-decide on every state change.
+        self.space_freed.notify_waiters();
     }
 
     /// Applies a pair-state event, logs the change, persists it.
@@ -369,7 +412,6 @@ impl Group {
             Ok(next) if next != g.state => {
                 tracing::info!(group = %self.cfg.name, from = %g.state, to = %next, reason = why, "pair state change");
                 g.state = next;
-                g.persisted.state = next.to_string();
                 self.save_locked(g);
                 self.publish(g);
             }
@@ -387,6 +429,8 @@ impl Group {
     /// A snapshot of the persisted state to write (taken under the group
     /// lock, so a later version always includes every earlier change).
     fn snapshot_state(g: &mut Inner) -> (u64, GroupState) {
+        g.persisted.role = g.role;
+        g.persisted.state = g.state;
         g.state_version += 1;
         (g.state_version, g.persisted.clone())
     }
@@ -548,15 +592,17 @@ impl Group {
         let capacity = journal.capacity();
         g.role = Role::Primary;
         g.journal = Some(Arc::new(journal));
-        g.persisted.role = Role::Primary.as_str().into();
-        g.persisted.pair_id = pair_id;
-        g.persisted.generation = 1;
-        g.persisted.journal_tail_seq = g.last_jseq + 1;
-        g.persisted.journal_tail_pos = JOURNAL_SUPERBLOCK_LEN;
-        g.persisted.copy_pending = !nocopy;
-        g.persisted.announce = if nocopy { "create-nocopy" } else { "create-copy" }.into();
-        g.persisted.bitmap_mode = false;
-        g.persisted.consistent = true;
+        g.persisted = GroupState {
+            role: Role::Primary,
+            pair_id,
+            generation: 1,
+            journal_tail_seq: g.last_jseq + 1,
+            journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
+            copy_pending: !nocopy,
+            announce: if nocopy { Announce::CreateNocopy } else { Announce::CreateCopy },
+            clean_shutdown: false,
+            ..GroupState::simplex()
+        };
         for b in &mut g.bitmaps {
             *b = DirtyBitmap::new(b.volume_size(), b.granularity());
             if !nocopy {
@@ -569,13 +615,10 @@ impl Group {
         g.ring = Some(ring);
         g.entries.clear();
         g.cached_bytes = 0;
+        g.refusal = None;
         g.link_down_since = Some(Instant::now());
-        let event = PairEvent::Create { copy: !nocopy };
-        match g.state.apply(event) {
-            Ok(s) => {
-                g.state = s;
-                g.persisted.state = s.to_string();
-            }
+        match g.state.apply(PairEvent::Create { copy: !nocopy }) {
+            Ok(s) => g.state = s,
             Err(e) => return Err(GroupError::Refused(e.to_string())),
         }
         self.save_locked(&mut g);
@@ -601,54 +644,157 @@ impl Group {
         )))
     }
 
-    /// `pair delete`: dissolve the pair on this side (and tell the peer if
-    /// a session is up).
-    pub fn pair_delete(&self) -> Result<String, GroupError> {
-        let mut g = lock(&self.inner);
-        if g.role == Role::None {
-            return Err(GroupError::Refused(format!("group {} is not paired (SIMPLEX)", self.cfg.name)));
+    /// `pair delete`: ends the pair on both sites when the peer is
+    /// reachable. On the primary the secondary is told in stream order
+    /// (after every record already sent) and confirms once its last applies
+    /// are durable; on the secondary the session stops applying, asks the
+    /// primary to dissolve, and only then makes the volumes writable here.
+    pub async fn pair_delete(&self) -> Result<String, GroupError> {
+        let name = &self.cfg.name;
+        let peer = &self.cfg.peer;
+        enum Next {
+            AskSession(mpsc::UnboundedSender<SessionCommand>),
+            AwaitConfirmation(Option<oneshot::Receiver<()>>),
+            Done(String),
         }
-        let was = g.role;
-        let connected = self.progress.borrow().connected || g.secondary_attached;
+        let next = {
+            let mut g = lock(&self.inner);
+            match g.role {
+                Role::None => return Err(GroupError::Refused(format!("group {name} is not paired (SIMPLEX)"))),
+                Role::Secondary => match g.session_cmd.clone() {
+                    Some(session) => Next::AskSession(session),
+                    None => {
+                        self.dissolve(&mut g, "pair delete on the secondary while the primary is unreachable");
+                        Next::Done(format!(
+                            "group {name}: pair deleted here; {peer} (the primary) was not connected and still considers itself paired: \
+                             it will report that this node left the pair when it reconnects; run `replicator pair delete {name}` there too"
+                        ))
+                    }
+                },
+                Role::Primary => {
+                    let confirmation = self.progress.borrow().connected.then(|| {
+                        let (tx, rx) = oneshot::channel();
+                        g.delete_ack = Some(tx);
+                        rx
+                    });
+                    self.dissolve(&mut g, "pair delete on the primary");
+                    Next::AwaitConfirmation(confirmation)
+                }
+            }
+        };
+        match next {
+            Next::Done(msg) => Ok(msg),
+            Next::AskSession(session) => {
+                let (tx, rx) = oneshot::channel();
+                if session.send(SessionCommand::Delete(tx)).is_err() {
+                    return Err(GroupError::Refused(format!(
+                        "group {name}: the replication session is ending; run the command again"
+                    )));
+                }
+                match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                    Ok(Ok(msg)) => Ok(msg),
+                    _ => Err(GroupError::Refused(format!(
+                        "group {name}: the replication session did not finish the delete within 30 s; check `replicator status {name}`"
+                    ))),
+                }
+            }
+            Next::AwaitConfirmation(confirmation) => {
+                let confirmed = match confirmation {
+                    Some(rx) => matches!(tokio::time::timeout(Duration::from_secs(15), rx).await, Ok(Ok(()))),
+                    None => false,
+                };
+                Ok(if confirmed {
+                    format!("group {name}: pair deleted on both sites; the volumes here and on {peer} are now standalone (SIMPLEX)")
+                } else {
+                    format!(
+                        "group {name}: pair deleted here; {peer} did not confirm (not reachable) and still considers itself paired: \
+                         run `replicator pair delete {name}` there too"
+                    )
+                })
+            }
+        }
+    }
+
+    /// Ends the pair on this node: SIMPLEX, volumes standalone, the journal
+    /// closed, the replication session told to end.
+    fn dissolve(&self, g: &mut Inner, why: &str) {
+        let former = g.persisted.pair_id;
         g.role = Role::None;
         g.state = PairState::Simplex;
-        g.persisted = GroupState { clean_shutdown: false, ..GroupState::simplex() };
+        g.persisted = GroupState { clean_shutdown: false, former_pair_id: former, ..GroupState::simplex() };
         g.ring = None;
         g.journal = None;
         g.entries.clear();
         g.cached_bytes = 0;
-        self.save_locked(&mut g);
-        self.publish(&mut g);
-        drop(g);
+        g.refusal = None;
+        self.save_locked(g);
+        self.publish(g);
+        tracing::info!(group = %self.cfg.name, reason = why, "pair deleted: group is SIMPLEX, volumes standalone");
         self.session_kick.send_modify(|k| *k += 1);
-        tracing::info!(group = %self.cfg.name, "pair delete: group is SIMPLEX");
-        Ok(if connected || was == Role::Secondary {
-            format!("group {}: pair deleted; this node's volumes are now standalone (SIMPLEX)", self.cfg.name)
-        } else {
-            format!(
-                "group {}: pair deleted here; {} was not reachable and still considers itself paired: run `replicator pair delete {}` there too",
-                self.cfg.name, self.cfg.peer, self.cfg.name
-            )
-        })
+    }
+
+    /// The peer refused the session: record why; a refusal that means the
+    /// pair no longer exists on the peer changes this node's state.
+    fn peer_refused(&self, kind: pb::Refusal, msg: &str) {
+        let mut g = lock(&self.inner);
+        g.last_error = Some(msg.to_string());
+        let label = match kind {
+            pb::Refusal::Unspecified => None,
+            pb::Refusal::Config => Some("config"),
+            pb::Refusal::NoConsent => Some("no-consent"),
+            pb::Refusal::InUse => Some("in-use"),
+            pb::Refusal::NotPaired => {
+                self.transition(&mut g, PairEvent::Failure, "the peer is not in this pair: it left it");
+                Some("not-paired")
+            }
+            pb::Refusal::WrittenStandalone | pb::Refusal::AlsoPrimary => {
+                self.transition(&mut g, PairEvent::SplitBrainDetected, msg);
+                Some("split-brain")
+            }
+        };
+        if label.is_some() && g.refusal != label {
+            tracing::error!(group = %self.cfg.name, peer = %self.cfg.peer, "{msg}");
+        }
+        g.refusal = label;
+    }
+
+    /// The peer ran `pair delete` while connected (secondary -> primary).
+    fn peer_deleted(&self) {
+        let mut g = lock(&self.inner);
+        if g.role != Role::None {
+            self.dissolve(&mut g, "the peer ran pair delete");
+        }
+    }
+
+    /// An NBD client attached one of this group's volumes; the guard
+    /// detaches it.
+    pub fn attach_client(self: &Arc<Self>) -> ClientGuard {
+        self.nbd_clients.fetch_add(1, Ordering::SeqCst);
+        ClientGuard(self.clone())
     }
 
     /// Marks the group cleanly stopped (after every write finished).
     pub async fn shutdown(&self) {
+        let mut flushed = true;
         for v in &self.volumes {
             if let Err(e) = v.sync().await {
                 tracing::error!(group = %self.cfg.name, volume = %v.name, "final flush failed: {e}");
+                flushed = false;
             }
         }
         if let Some(j) = self.journal_handle() {
             if let Err(e) = j.sync().await {
                 tracing::error!(group = %self.cfg.name, "final journal flush failed: {e}");
+                flushed = false;
             }
         }
         let mut g = lock(&self.inner);
         if g.role == Role::Primary {
             self.save_bitmaps(&mut g);
         }
-        g.persisted.clean_shutdown = true;
+        // Only a stop whose final flush worked is clean; otherwise the next
+        // start replays the journal.
+        g.persisted.clean_shutdown = flushed;
         self.save_locked(&mut g);
     }
 
@@ -684,8 +830,18 @@ impl Group {
             .as_ref()
             .map(|r| (r.used_bytes(), r.capacity_bytes()))
             .unwrap_or((0, self.cfg.journal_size));
+        let health = Health::of(g.state, connected);
+        let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let data_as_of_us = match g.role {
+            Role::Secondary => g.persisted.data_as_of_us,
+            _ => 0,
+        };
         GroupStatus {
             group: self.cfg.name.clone(),
+            health: health.as_str().to_string(),
+            disconnected_since_unix: (g.role != Role::None && !connected).then(|| unix(g.link_changed_at)),
+            data_as_of_unix: (data_as_of_us > 0).then(|| data_as_of_us as f64 / 1e6),
+            refusal: g.refusal.map(str::to_string),
             role: g.role.as_str().to_string(),
             state: g.state.name().to_string(),
             reason: g.state.reason().map(|r| r.as_str().to_string()),
@@ -718,11 +874,36 @@ impl Group {
     }
 }
 
+/// Counts an attached NBD client while it lives.
+#[derive(Debug)]
+pub struct ClientGuard(Arc<Group>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.nbd_clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// `status --json` schema for one group (stable; documented in the README).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct GroupStatus {
     /// Group name.
     pub group: String,
+    /// "ok" (SIMPLEX, or PAIR with a live session), "degraded" (COPY,
+    /// SUSPENDED for link, journal-full or split, or no live session) or
+    /// "critical" (SUSPENDED(error), SPLIT-BRAIN). `replicator status`
+    /// exits 0, 4 or 5 accordingly (the worst group counts).
+    pub health: String,
+    /// When no replication session is up (paired groups): since when,
+    /// in seconds since the Unix epoch (null while connected or SIMPLEX).
+    pub disconnected_since_unix: Option<u64>,
+    /// Secondary: the primary's time of the newest write this replica
+    /// holds durably ("data as of"), seconds since the Unix epoch.
+    pub data_as_of_unix: Option<f64>,
+    /// The peer's last refusal that retrying alone cannot fix: "config",
+    /// "no-consent", "in-use", "not-paired" or "split-brain"
+    /// (`last_error` has the peer's words).
+    pub refusal: Option<String>,
     /// "none", "primary" or "secondary".
     pub role: String,
     /// SIMPLEX, COPY, PAIR, SUSPENDED or SPLIT-BRAIN.
@@ -771,6 +952,48 @@ pub struct GroupStatus {
     pub volumes: Vec<VolumeStatus>,
     /// Seconds since the daemon opened the group.
     pub uptime_seconds: u64,
+}
+
+/// How a group is doing, worst last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Health {
+    /// Not paired, or replicating with a live session.
+    Ok,
+    /// Paired but not protected right now (copy running, suspended, no
+    /// live session).
+    Degraded,
+    /// Needs an admin: an error suspended the pair, or split brain.
+    Critical,
+}
+
+impl Health {
+    /// The health of a group in `state`, with or without a live session.
+    pub fn of(state: PairState, connected: bool) -> Health {
+        match state {
+            PairState::Simplex => Health::Ok,
+            PairState::Pair if connected => Health::Ok,
+            PairState::SplitBrain | PairState::Suspended(SuspendReason::Error) => Health::Critical,
+            _ => Health::Degraded,
+        }
+    }
+
+    /// "ok", "degraded" or "critical".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Degraded => "degraded",
+            Health::Critical => "critical",
+        }
+    }
+
+    /// Parses [`Health::as_str`] (an unknown string counts as critical).
+    pub fn parse(s: &str) -> Health {
+        match s {
+            "ok" => Health::Ok,
+            "degraded" => Health::Degraded,
+            _ => Health::Critical,
+        }
+    }
 }
 
 /// One volume in `GroupStatus`.
@@ -837,7 +1060,7 @@ fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>]) -> Result<Vec<DirtyB
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         return t.as_nanos() as u64 ^ u64::from(std::process::id());
     }
     u64::from_le_bytes(b)

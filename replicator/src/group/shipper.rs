@@ -18,6 +18,7 @@ use replicator_protocol::ship::Shipper;
 use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
 
 use super::{lock, Group};
+use crate::state::Announce;
 use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
 
 /// Largest copy chunk.
@@ -38,9 +39,17 @@ pub(super) fn spawn(group: Arc<Group>) {
     tokio::spawn(async move { run(group, epoch).await });
 }
 
+/// Is this session task still the group's one, for the same pair?
 fn current(group: &Group, epoch: u64) -> bool {
     let g = lock(&group.inner);
     g.role == Role::Primary && g.shipper_epoch == epoch
+}
+
+/// Whether a refusal or state means retrying cannot help until an admin
+/// acts (`pair delete`, or a restart after fixing things).
+fn must_stop(group: &Group) -> bool {
+    let g = lock(&group.inner);
+    g.state == PairState::SplitBrain || g.refusal == Some("not-paired")
 }
 
 async fn run(group: Arc<Group>, epoch: u64) {
@@ -50,16 +59,28 @@ async fn run(group: Arc<Group>, epoch: u64) {
         if !current(&group, epoch) {
             return;
         }
-        let result = session(&group).await;
-        cleanup_session(&group);
+        let result = session(&group, epoch).await;
+        cleanup_session(&group, epoch);
         match result {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
-                group.link_lost(&e.to_string());
+                if current(&group, epoch) {
+                    group.link_lost(&e.to_string());
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
         if !current(&group, epoch) {
+            return;
+        }
+        if must_stop(&group) {
+            tracing::error!(
+                group = %group.cfg.name,
+                peer = %group.cfg.peer,
+                "replication stopped: the peer is no longer in this pair; see `replicator status {}`; `replicator pair delete {}` here ends the pair",
+                group.cfg.name,
+                group.cfg.name
+            );
             return;
         }
         tokio::select! {
@@ -70,29 +91,37 @@ async fn run(group: Arc<Group>, epoch: u64) {
 }
 
 /// Copy chunks that were sent but not made durable go back into the bitmap.
-fn cleanup_session(group: &Group) {
+/// Only the group's current session task may touch the shared session
+/// state: a task from before a `pair delete` + `pair create` must not
+/// clear the new session's.
+fn cleanup_session(group: &Group, epoch: u64) {
     let mut g = lock(&group.inner);
+    if g.shipper_epoch != epoch {
+        return;
+    }
     let inflight = std::mem::take(&mut g.copy_inflight);
     for (_, (vol, off, len)) in inflight {
         if let Some(b) = g.bitmaps.get_mut(vol as usize) {
             b.set_range(off, len);
         }
     }
-    g.shipper = None;
+    if g.shipper.take().is_some() {
+        g.link_changed_at = std::time::SystemTime::now();
+    }
     g.bitmap_dirty_since_save = true;
     group.progress.send_modify(|p| p.connected = false);
 }
 
 fn intent_and_base(group: &Group) -> (pb::OpenIntent, u64) {
     let g = lock(&group.inner);
-    match g.persisted.announce.as_str() {
-        "create-copy" => (pb::OpenIntent::CreateFullCopy, g.persisted.journal_tail_seq.saturating_sub(1)),
-        "create-nocopy" => (pb::OpenIntent::CreateNocopy, g.persisted.journal_tail_seq.saturating_sub(1)),
-        _ => (pb::OpenIntent::Resume, 0),
+    match g.persisted.announce {
+        Announce::CreateCopy => (pb::OpenIntent::CreateFullCopy, g.persisted.journal_tail_seq.saturating_sub(1)),
+        Announce::CreateNocopy => (pb::OpenIntent::CreateNocopy, g.persisted.journal_tail_seq.saturating_sub(1)),
+        Announce::Resume => (pb::OpenIntent::Resume, 0),
     }
 }
 
-async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
+async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     let conn = group.transport.connect(&group.cfg.peer).await?;
     let (mut send, mut recv) = Transport::open_stream(&conn).await?;
     let (intent, rebase) = intent_and_base(group);
@@ -123,14 +152,17 @@ async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
     };
     if !reply.error.is_empty() {
         let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, reply.error);
-        lock(&group.inner).last_error = Some(msg.clone());
+        group.peer_refused(pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified), &msg);
         return Err(TransportError::Protocol(msg));
     }
     let peer_durable = reply.durable_seq;
 
     // Check the journal can resume from the peer's checkpoint.
-    {
+    let pair_id = {
         let mut g = lock(&group.inner);
+        if g.shipper_epoch != epoch || g.role != Role::Primary || g.persisted.pair_id != pair_id {
+            return Err(TransportError::Protocol("the pair changed while the session started".into()));
+        }
         let last = g.ready.completed_through();
         let oldest = g.ring.as_ref().and_then(|r| r.oldest_seq()).unwrap_or(g.last_jseq + 1);
         if peer_durable > g.last_jseq || peer_durable + 1 < oldest {
@@ -142,7 +174,9 @@ async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
             group.transition(&mut g, PairEvent::Failure, &msg);
             return Err(TransportError::Protocol(msg));
         }
-        g.persisted.announce.clear();
+        g.persisted.announce = Announce::Resume;
+        g.refusal = None;
+        g.link_changed_at = std::time::SystemTime::now();
         g.link_down_since = None;
         g.last_link_log = None;
         g.last_error = None;
@@ -164,17 +198,20 @@ async fn session(group: &Arc<Group>) -> Result<(), TransportError> {
             group.transition(&mut g, PairEvent::LinkUp { needs_resync }, "link restored");
         }
         group.publish(&mut g);
-    }
+        g.persisted.pair_id
+    };
     tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, resume_after = peer_durable, "replication session up");
 
     let acks = tokio::spawn(read_acks(group.clone(), recv));
-    let result = send_loop(group, &mut send, &acks).await;
+    let result = send_loop(group, epoch, pair_id, &mut send, &acks).await;
     acks.abort();
     result
 }
 
 async fn send_loop(
     group: &Arc<Group>,
+    epoch: u64,
+    pair_id: u64,
     send: &mut FramedSend,
     acks: &tokio::task::JoinHandle<Result<(), TransportError>>,
 ) -> Result<(), TransportError> {
@@ -188,12 +225,24 @@ async fn send_loop(
         if acks.is_finished() {
             return Err(TransportError::Connection("the secondary closed the stream".into()));
         }
-        if group.role() != Role::Primary {
-            // pair delete: tell the secondary, then end the session.
+        let (pair_gone, superseded) = {
+            let g = lock(&group.inner);
+            (g.role != Role::Primary || g.persisted.pair_id != pair_id, g.shipper_epoch != epoch)
+        };
+        if pair_gone {
+            // pair delete (here or by the peer): tell the secondary after
+            // every record already sent; it confirms once its last applies
+            // are durable and then ends the stream.
             send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0 }));
             send.flush().await?;
             send.finish();
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while !acks.is_finished() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return Ok(());
+        }
+        if superseded {
             return Ok(());
         }
         let wake = group.ship_wake.notified();
@@ -273,7 +322,8 @@ async fn send_loop(
         tokio::select! {
             _ = wake => {}
             _ = kick.changed() => {
-                if group.role() == Role::Primary {
+                let g = lock(&group.inner);
+                if g.role == Role::Primary && g.persisted.pair_id == pair_id && g.shipper_epoch == epoch {
                     return Err(TransportError::Protocol("session restarted".into()));
                 }
             }
@@ -368,6 +418,18 @@ async fn read_acks(group: Arc<Group>, mut recv: FramedRecv) -> Result<(), Transp
                 if r.command == pb::Command::CopyDone as i32 {
                     group.copy_finished();
                 }
+                if r.command == pb::Command::Delete as i32 {
+                    // The secondary dissolved the pair after its last apply.
+                    if let Some(tx) = lock(&group.inner).delete_ack.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+            Some(pb::Envelope { body: Some(Body::Command(c)) }) if c.command == pb::Command::Delete as i32 => {
+                // `pair delete` on the secondary: it stopped applying and
+                // waits for us to dissolve too (the send loop then confirms).
+                tracing::warn!(group = %group.cfg.name, peer = %group.cfg.peer, "the secondary ran pair delete: ending the pair here too");
+                group.peer_deleted();
             }
             Some(pb::Envelope { body: Some(Body::Error(e)) }) => {
                 return Err(TransportError::Protocol(format!("secondary reported: {}", e.message)))
@@ -415,46 +477,52 @@ impl Group {
     }
 
     /// Frees journal space below the secondary's persisted checkpoint, after
-    /// persisting the new tail (called from housekeeping). The state file is
+    /// persisting the new tail (called from housekeeping), then leaves
+    /// bitmap mode once the journal has room again. The state file is
     /// written outside the group lock.
     pub(super) async fn release_journal(self: &Arc<Self>) {
-        let (snapshot, checkpoint) = {
+        let release = {
             let mut g = lock(&self.inner);
             let checkpoint = self.progress.borrow().checkpoint.min(g.volume_written.completed_through());
-            let Some(ring) = g.ring.as_ref() else { return };
-            let Some(oldest) = ring.oldest_seq() else { return };
-            if checkpoint < oldest {
-                return;
+            match g.ring.as_ref().and_then(|r| Some((r.oldest_seq()?, r))) {
+                Some((oldest, ring)) if checkpoint >= oldest => {
+                    let new_tail_seq = checkpoint + 1;
+                    let new_tail_pos = ring.lookup(new_tail_seq).map(|(p, _)| p).unwrap_or_else(|| ring.head());
+                    g.persisted.journal_tail_seq = new_tail_seq;
+                    g.persisted.journal_tail_pos = new_tail_pos;
+                    Some((Self::snapshot_state(&mut g), checkpoint))
+                }
+                _ => None,
             }
-            let new_tail_seq = checkpoint + 1;
-            let new_tail_pos = ring.lookup(new_tail_seq).map(|(p, _)| p).unwrap_or_else(|| ring.head());
-            g.persisted.journal_tail_seq = new_tail_seq;
-            g.persisted.journal_tail_pos = new_tail_pos;
-            (Self::snapshot_state(&mut g), checkpoint)
         };
-        let me = self.clone();
-        match tokio::task::spawn_blocking(move || me.write_state(snapshot)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return self.record_error(&format!("cannot persist the journal tail: {e}")),
-            Err(e) => return self.record_error(&format!("journal tail task failed: {e}")),
+        if let Some((snapshot, checkpoint)) = release {
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.write_state(snapshot)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return self.record_error(&format!("cannot persist the journal tail: {e}")),
+                Err(e) => return self.record_error(&format!("journal tail task failed: {e}")),
+            }
+            let mut g = lock(&self.inner);
+            if let Some(r) = g.ring.as_mut() {
+                r.release_through(checkpoint);
+            }
+            let keep = g.entries.split_off(&(checkpoint + 1));
+            let freed: u64 = g.entries.values().filter_map(|e| e.record.as_ref()).map(|r| r.payload.len() as u64).sum();
+            g.entries = keep;
+            g.cached_bytes = g.cached_bytes.saturating_sub(freed);
         }
-        let mut g = lock(&self.inner);
-        if let Some(r) = g.ring.as_mut() {
-            r.release_through(checkpoint);
+        {
+            // Journal space is back (an empty ring counts): leave bitmap
+            // mode and start the resync.
+            let mut g = lock(&self.inner);
+            let half = g.ring.as_ref().is_some_and(|r| r.used_bytes() < r.capacity_bytes() / 2);
+            if g.persisted.bitmap_mode && half && self.progress.borrow().connected {
+                g.persisted.bitmap_mode = false;
+                tracing::info!(group = %self.cfg.name, "journal has room again: resyncing the regions tracked in the bitmap");
+                self.transition(&mut g, PairEvent::LinkUp { needs_resync: true }, "journal space freed");
+                self.save_locked(&mut g);
+            }
         }
-        let keep = g.entries.split_off(&(checkpoint + 1));
-        let freed: u64 = g.entries.values().filter_map(|e| e.record.as_ref()).map(|r| r.payload.len() as u64).sum();
-        g.entries = keep;
-        g.cached_bytes = g.cached_bytes.saturating_sub(freed);
-        // Journal space is back: leave bitmap mode and start the resync.
-        let half = g.ring.as_ref().map(|r| r.used_bytes() < r.capacity_bytes() / 2).unwrap_or(false);
-        if g.persisted.bitmap_mode && half && self.progress.borrow().connected {
-            g.persisted.bitmap_mode = false;
-            tracing::info!(group = %self.cfg.name, "journal has room again: resyncing the regions tracked in the bitmap");
-            self.transition(&mut g, PairEvent::LinkUp { needs_resync: true }, "journal space freed");
-            self.save_locked(&mut g);
-        }
-        drop(g);
         self.space_freed.notify_waiters();
     }
 }

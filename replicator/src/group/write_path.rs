@@ -15,18 +15,20 @@
 //!    `on_link_loss`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use replicator_protocol::journal_format::record_span;
+use replicator_protocol::journal_format::{
+    record_span, JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN, MAX_APPEND_WINDOW,
+};
 use replicator_protocol::pair::{PairEvent, PairState, Role};
-use replicator_protocol::record::{Record, RecordOp};
+use replicator_protocol::record::{Record, RecordOp, MAX_RECORD_PAYLOAD};
 use replicator_protocol::sequencer::Dep;
-use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
 use tokio::sync::watch;
 
 use super::{lock, Entry, Group, Inner, CACHE_BUDGET};
 use crate::config::{JournalFullPolicy, Mode};
+use crate::journal::Journal;
 use crate::io::{AlignedBuf, IoError, IO_ALIGN};
 use crate::volume::{align_range, is_aligned};
 
@@ -106,16 +108,20 @@ impl Drop for RangeGuard<'_> {
 enum Admission<'a> {
     /// Sequenced (and journal space reserved if journaled).
     Admitted(Admitted<'a>),
-    /// `on_journal_full = "block"`: wait for space, then try again.
+    /// The journal is full and the write must wait for space (sync mode
+    /// while replicating, or `on_journal_full = "block"`), then try again.
     WaitForSpace,
+    /// Too many records are being appended ahead of the journaled run
+    /// ([`MAX_APPEND_WINDOW`]): wait until records up to this one are in.
+    WaitForAppends(u64),
 }
 
 /// A sequenced write.
 struct Admitted<'a> {
     guard: RangeGuard<'a>,
     deps: Vec<watch::Receiver<bool>>,
-    /// Journal sequence and position, when journaled.
-    journal: Option<(u64, u64)>,
+    /// Journal sequence and position, and the journal, when journaled.
+    journal: Option<(u64, u64, Arc<Journal>)>,
     generation: u64,
     /// Not journaled, and it dirtied a clean region: the bitmap save that
     /// must reach the disk before the volume write.
@@ -156,28 +162,59 @@ impl Group {
         (guard, last)
     }
 
+    /// The largest request this group accepts (and advertises to NBD
+    /// clients as its maximum block size): even widened to whole blocks by
+    /// a read-modify-write, its record fits the record limit and half of
+    /// the journal ring, so the journal can always take it once the
+    /// secondary has caught up.
+    pub fn max_request(&self) -> u32 {
+        let ring = self.cfg.journal_size.saturating_sub(JOURNAL_SUPERBLOCK_LEN);
+        let by_journal = (ring / 2).saturating_sub(JOURNAL_RECORD_ALIGN);
+        let widened = u64::from(MAX_RECORD_PAYLOAD).min(by_journal).saturating_sub(2 * IO_ALIGN as u64);
+        let aligned = widened / IO_ALIGN as u64 * IO_ALIGN as u64;
+        u32::try_from(aligned).unwrap_or(MAX_RECORD_PAYLOAD).max(IO_ALIGN as u32)
+    }
+
+    /// Replicating right now: a session is up and the pair is PAIR or COPY.
+    fn replicating(&self, g: &Inner) -> bool {
+        self.progress.borrow().connected && matches!(g.state, PairState::Pair | PairState::Copy)
+    }
+
     fn admit(&self, vol: u32, off: u64, len: u64, payload_len: u64) -> Result<Admission<'_>, WriteError> {
         let mut g = lock(&self.inner);
         if g.role == Role::Secondary {
             return Err(WriteError::ReadOnly(self.cfg.name.clone()));
         }
+        if g.role == Role::None && g.persisted.former_pair_id != 0 && !g.persisted.written_standalone {
+            // The first write after leaving a pair: remember it durably, so
+            // a former primary that comes back learns the sites diverged.
+            g.persisted.written_standalone = true;
+            self.save_locked(&mut g);
+        }
         let mut journal = None;
         if g.role == Role::Primary && !g.persisted.bitmap_mode {
             let next = g.last_jseq + 1;
+            let appended = g.ready.completed_through();
+            if next > appended + MAX_APPEND_WINDOW {
+                return Ok(Admission::WaitForAppends(next - MAX_APPEND_WINDOW));
+            }
             let span = record_span(payload_len);
             let reserved = g.ring.as_mut().and_then(|r| r.reserve(next, span));
-            match reserved {
-                Some(pos) => {
+            match (reserved, g.journal.clone()) {
+                (Some(pos), Some(j)) => {
                     g.journal_full_since = None;
                     g.last_jseq = next;
-                    journal = Some((next, pos));
+                    journal = Some((next, pos, j));
                 }
-                None if self.cfg.on_journal_full == JournalFullPolicy::Block
+                // Sync mode with the secondary connected: a full journal is
+                // back-pressure, never a reason to stop replicating.
+                _ if self.cfg.mode == Mode::Sync && self.replicating(&g) => return Ok(Admission::WaitForSpace),
+                _ if self.cfg.on_journal_full == JournalFullPolicy::Block
                     && g.journal_full_since.get_or_insert_with(Instant::now).elapsed() < self.cfg.journal_full_timeout =>
                 {
                     return Ok(Admission::WaitForSpace);
                 }
-                None => self.enter_bitmap_mode(&mut g),
+                _ => self.enter_bitmap_mode(&mut g),
             }
         }
         let mut bitmap_epoch = None;
@@ -197,7 +234,8 @@ impl Group {
         }
         let (guard, deps) = self.register(&mut g, vol, off, len, false);
         let generation = g.persisted.generation;
-        if let Some((seq, pos)) = journal {
+        if let Some((seq, pos, _)) = &journal {
+            let (seq, pos) = (*seq, *pos);
             let span = record_span(payload_len);
             let cumulative = g.cumulative_bytes + span;
             g.cumulative_bytes = cumulative;
@@ -253,9 +291,12 @@ impl Group {
             (WriteKind::Zeroes(_), false) => RecordOp::WriteZeroes,
             (WriteKind::Trim(_), _) => RecordOp::Trim,
         };
-        if op == RecordOp::Write && a_len > u64::from(MAX_RECORD_PAYLOAD) {
+        // Payload-carrying records are bounded by what the journal can
+        // always hold (advertised to NBD clients as the maximum block size).
+        let max = u64::from(self.max_request());
+        if op == RecordOp::Write && len > max {
             return Err(WriteError::Invalid(format!(
-                "unaligned write of {len} bytes is larger than the {MAX_RECORD_PAYLOAD}-byte maximum"
+                "a write of {len} bytes is larger than this group's {max}-byte maximum (advertised as the NBD maximum block size)"
             )));
         }
         if op != RecordOp::Write && a_len > u64::from(u32::MAX) {
@@ -268,8 +309,11 @@ impl Group {
             match self.admit(vol, a_off, a_len, payload_len)? {
                 Admission::Admitted(a) => break a,
                 Admission::WaitForSpace => {
-                    let _ = tokio::time::timeout(self.cfg.journal_full_timeout, self.space_freed.notified()).await;
+                    // Woken when space is freed or the pair state changes; the
+                    // timeout covers a wake-up that came before we listened.
+                    let _ = tokio::time::timeout(Duration::from_millis(100), self.space_freed.notified()).await;
                 }
+                Admission::WaitForAppends(seq) => self.wait_journaled_through(seq).await,
             }
         };
         let Admitted { guard, deps, journal, generation, bitmap_epoch } = admitted;
@@ -305,15 +349,15 @@ impl Group {
         // may have happened, and replaying it (see `Group::open`) makes the
         // primary's volumes equal to what the secondary will receive.
         let mut shipped_seq = None;
-        if let Some((seq, pos)) = journal {
-            let record = match &buf {
+        let mut journal_file = None;
+        if let Some((seq, pos, j)) = journal {
+            let mut record = match &buf {
                 Some(b) => Record::with_payload(op, seq, vol, a_off, generation, Bytes::copy_from_slice(b), fua),
                 None => Record::without_payload(op, seq, vol, a_off, a_len as u32, generation, fua),
             };
-            let appended = match self.journal_handle() {
-                Some(j) => j.append_at(pos, &record).map_err(WriteError::from),
-                None => Err(WriteError::Replication("the journal is not open".into())),
-            };
+            record.written_at_us = unix_micros();
+            let appended = j.append_at(pos, &record).map_err(WriteError::from);
+            journal_file = Some(j);
             let ok = appended.is_ok();
             self.journaled(seq, record, ok);
             if let Err(e) = appended {
@@ -343,7 +387,7 @@ impl Group {
         local_res?;
 
         if fua {
-            self.sync_local(vol, !volume_durable, shipped_seq.is_some()).await?;
+            self.sync_local(vol, !volume_durable, journal_file).await?;
         }
         if let Some(seq) = shipped_seq {
             if self.cfg.mode == Mode::Sync {
@@ -410,8 +454,7 @@ impl Group {
     }
 
     /// FUA: fdatasync of the volume and/or the journal, concurrently.
-    async fn sync_local(&self, vol: u32, sync_volume: bool, sync_journal: bool) -> Result<(), WriteError> {
-        let journal = if sync_journal { self.journal_handle() } else { None };
+    async fn sync_local(&self, vol: u32, sync_volume: bool, journal: Option<Arc<Journal>>) -> Result<(), WriteError> {
         let volume = self.volume_checked(vol)?.clone();
         let (a, b) = tokio::join!(
             async {
@@ -510,6 +553,15 @@ impl Group {
     pub fn writable(&self) -> bool {
         lock(&self.inner).role != Role::Secondary
     }
+}
+
+/// Wall-clock time in microseconds since the Unix epoch (0 if the clock is
+/// before it).
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 async fn wait_all(deps: Vec<watch::Receiver<bool>>) {
