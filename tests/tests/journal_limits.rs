@@ -1,0 +1,123 @@
+//! Record limits and the journal (review findings, issue 7 items 1 and 2).
+//!
+//! - A TRIM larger than the record payload limit is one journal record; it
+//!   and every record after it survive a restart of the primary (the journal
+//!   decoder once rejected it, silently dropping the acknowledged writes
+//!   behind it while both sites reported PAIR, lag 0).
+//! - A sync group with the smallest journal advertises a maximum request
+//!   the journal can always hold, treats a full journal as back-pressure
+//!   while the secondary is connected (never SUSPENDED(journal-full), RPO 0
+//!   kept), and refuses a request larger than it advertised.
+
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use replicator::nbd_client::NbdClient;
+use replicator_tests::{require, run_ok, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+
+fn signal(cluster: &Cluster, site: Site, sig: Signal) {
+    let pid = cluster.pid(site).expect("daemon running");
+    kill(Pid::from_raw(pid), sig).expect("signal");
+}
+
+fn qemu_io(cluster: &Cluster, site: Site, export: &str, cmds: &[&str]) -> String {
+    let mut cmd = Command::new(require("qemu-io"));
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(cluster.nbd_uri(site, export));
+    let out = run_ok(&mut cmd, Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !stdout.contains("Pattern verification failed") && !stdout.contains("failed"),
+        "qemu-io {cmds:?} on {site}: {stdout}\n{}",
+        cluster.diagnostics()
+    );
+    stdout
+}
+
+#[test]
+fn trim_beyond_the_payload_limit_and_later_writes_survive_a_primary_restart() {
+    let group = GroupSpec::new("tr", Mode::Async).volume("tr-vol", 192 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("tr");
+    cluster.wait_pair("tr", Duration::from_secs(60));
+    // Something for the TRIM to discard on both sites.
+    qemu_io(&cluster, Site::A, "tr-vol", &["write -P 0x33 0 8M", "write -P 0x44 120M 8M", "flush"]);
+    cluster.wait_drained("tr");
+
+    // Secondary paused: W1, a 128 MiB TRIM (one record), W2 and W3 with
+    // FUA, and a FLUSH; all acknowledged by the primary (async mode).
+    signal(&cluster, Site::B, Signal::SIGSTOP);
+    qemu_io(
+        &cluster,
+        Site::A,
+        "tr-vol",
+        &["write -P 0x01 130M 64k", "discard 0 128M", "write -f -P 0x02 64M 64k", "write -f -P 0x03 140M 64k", "flush"],
+    );
+    cluster.stop(Site::A);
+    cluster.start(Site::A);
+    signal(&cluster, Site::B, Signal::SIGCONT);
+    let s = cluster.wait_drained_within("tr", Duration::from_secs(90));
+    assert!(s.last_seq >= 6, "the TRIM and the writes after it must still be in the journal after the restart: {s:?}");
+    qemu_io(
+        &cluster,
+        Site::A,
+        "tr-vol",
+        &["read -P 0x01 130M 64k", "read -P 0 0 64M", "read -P 0x02 64M 64k", "read -P 0x03 140M 64k"],
+    );
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("tr");
+}
+
+/// `block_size_maximum` of an export, from `nbdinfo --json`.
+fn advertised_maximum(cluster: &Cluster, site: Site, export: &str) -> u64 {
+    let out = run_ok(Command::new(require("nbdinfo")).arg("--json").arg(cluster.nbd_uri(site, export)), Duration::from_secs(30));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nbdinfo --json");
+    v["exports"][0]["block_size_maximum"].as_u64().unwrap_or_else(|| panic!("no block_size_maximum in {v}"))
+}
+
+#[test]
+fn sync_mode_with_the_smallest_journal_keeps_rpo_zero() {
+    let group = GroupSpec::new("sj", Mode::Sync).volume("sj-vol", 128 * MIB).journal_size(16 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sj");
+    cluster.wait_pair("sj", Duration::from_secs(60));
+
+    let max = advertised_maximum(&cluster, Site::A, "sj-vol");
+    assert!(max <= 8 * MIB, "a 16 MiB journal must not advertise requests it cannot hold (maximum {max})");
+    assert!(max >= MIB, "the advertised maximum should stay useful (maximum {max})");
+
+    // 32 MiB at once (qemu splits by the advertised maximum) and then 64 MiB
+    // more: four times the journal, all acknowledged only with the
+    // secondary, which never stops replicating.
+    qemu_io(&cluster, Site::A, "sj-vol", &["write -P 0x5a 0 32M", "write -P 0x6b 32M 64M", "flush"]);
+    let s = cluster.status(Site::A, "sj");
+    assert_eq!((s.state.as_str(), s.connected, s.dirty_bytes), ("PAIR", true, 0), "{s:?}\n{}", cluster.diagnostics());
+    assert!(s.applied_seq >= s.last_seq, "sync mode: every acknowledged write is applied on the secondary: {s:?}");
+    let log = cluster.log(Site::A);
+    assert!(!log.contains("journal full"), "a sync pair with a connected secondary must not suspend for journal-full:\n{log}");
+
+    // A client that ignores the advertised maximum is refused (the NBD
+    // server drops a connection whose write payload exceeds the export's
+    // maximum) and nothing changes state.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sj-vol").await.expect("connect");
+        let big = vec![0x7cu8; 32 * MIB as usize];
+        assert!(client.write(0, &big, false).await.is_err(), "a write above the advertised maximum must be refused");
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sj-vol").await.expect("connect");
+        client.write(0, &big[..MIB as usize], true).await.expect("a write within the maximum still works");
+    });
+    let s = cluster.status(Site::A, "sj");
+    assert_eq!((s.state.as_str(), s.connected), ("PAIR", true), "{s:?}");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sj");
+}

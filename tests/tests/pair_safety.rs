@@ -1,0 +1,282 @@
+//! Unsafe admin paths found in review (issue 7 items 3, 4, 6, 7, 8, 9), each
+//! through the real CLI and real daemons:
+//!
+//! - `pair delete` on a connected secondary ends the pair on both sites, and
+//!   no applier writes into the volume once it is standalone;
+//! - `pair delete` then at once `pair create --wait` completes (it stalled);
+//!   `pair create --wait` fails at once on a permanent refusal, and gives up
+//!   after `--timeout`;
+//! - a cut-off secondary never claims PAIR: it says since when no session is
+//!   up and how old its data is, and `status` exits non-zero;
+//! - a former primary that comes back after its secondary left the pair
+//!   (and was written) stops presenting itself as a replicated primary;
+//! - a standalone group never becomes secondary without local consent, nor
+//!   while NBD clients have its volumes attached;
+//! - a state file whose role does not parse stops the daemon from starting.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use replicator::nbd_client::NbdClient;
+use replicator_tests::pattern::random_bytes;
+use replicator_tests::{describe_output, run_with_timeout, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// Runs the CLI and returns (exit code, stdout + stderr).
+fn cli(cluster: &Cluster, site: Site, args: &[&str]) -> (i32, String) {
+    let out = cluster.cli(site, args);
+    (out.status.code().unwrap_or(-1), describe_output(&out))
+}
+
+async fn write_blocks(client: &NbdClient, seed: u64, count: u64, at: u64) {
+    for i in 0..count {
+        client.write(at + i * 65536, &random_bytes(seed + i, 65536), false).await.expect("write");
+    }
+    client.flush().await.expect("flush");
+}
+
+fn sha(path: &std::path::Path) -> Vec<u8> {
+    std::fs::read(path).expect("read volume")
+}
+
+#[test]
+fn pair_delete_on_a_connected_secondary_ends_the_pair_on_both_sites() {
+    let group = GroupSpec::new("pd", Mode::Async).volume("pd-vol", 16 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("pd");
+    cluster.wait_pair("pd", Duration::from_secs(60));
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "pd-vol")).expect("connect");
+    rt.block_on(write_blocks(&client, 1, 64, 0));
+    cluster.wait_drained("pd");
+
+    let (code, out) = cli(&cluster, Site::B, &["pair", "delete", "pd"]);
+    assert_eq!(code, 0, "pair delete on the secondary: {out}\n{}", cluster.diagnostics());
+    assert!(out.contains("both sites"), "the admin must learn the primary ended the pair too: {out}");
+    let a = cluster.wait_state(Site::A, "pd", "SIMPLEX", Duration::from_secs(10));
+    assert_eq!(a.role, "none", "{a:?}");
+    assert!(cluster.log(Site::A).contains("the secondary ran pair delete"), "the primary must log why it is SIMPLEX now");
+    let b = cluster.status(Site::B, "pd");
+    assert_eq!((b.state.as_str(), b.role.as_str()), ("SIMPLEX", "none"), "{b:?}");
+
+    // The primary keeps writing; nothing reaches site-b's (now standalone)
+    // volume any more, and site-b's own clients may write it.
+    let before = sha(&cluster.volume_path(Site::B, "pd-vol"));
+    rt.block_on(write_blocks(&client, 100, 64, 0));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(before == sha(&cluster.volume_path(Site::B, "pd-vol")), "an applier wrote into site-b's volume after the pair was deleted");
+    let b_client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "pd-vol")).expect("site-b's volume is exported");
+    rt.block_on(write_blocks(&b_client, 200, 4, 0));
+    drop((client, b_client));
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+}
+
+#[test]
+fn pair_delete_then_create_at_once_completes_the_copy() {
+    let group = GroupSpec::new("dc", Mode::Sync).volume("dc-vol", 16 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("dc");
+    cluster.wait_pair("dc", Duration::from_secs(60));
+    for round in 0..3 {
+        let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "dc"]);
+        assert_eq!(code, 0, "round {round}: pair delete: {out}");
+        let started = Instant::now();
+        let (code, out) = cli(&cluster, Site::A, &["pair", "create", "dc", "--wait", "--timeout", "60s"]);
+        assert_eq!(code, 0, "round {round}: pair create --wait right after a delete: {out}\n{}", cluster.diagnostics());
+        println!("round {round}: delete + create --wait took {:?}", started.elapsed());
+        let a = cluster.status(Site::A, "dc");
+        assert_eq!((a.state.as_str(), a.connected), ("PAIR", true), "round {round}: {a:?}");
+        cluster.wait_state(Site::B, "dc", "PAIR", Duration::from_secs(10));
+    }
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("dc");
+}
+
+#[test]
+fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
+    // site-b has a different volume size: the peer refuses for good.
+    let group = GroupSpec::new("pr", Mode::Async).volume("pr-vol", 16 * MIB);
+    let mut opts = ClusterOpts::group(group);
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    let path = cluster.config_path(Site::B).to_path_buf();
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, text.replace(&format!("size = \"{}\"", 16 * MIB), &format!("size = \"{}\"", 32 * MIB))).expect("config");
+    cluster.start(Site::A);
+    cluster.start(Site::B);
+    let started = Instant::now();
+    let (code, out) = cli(&cluster, Site::A, &["pair", "create", "pr", "--wait"]);
+    assert_eq!(code, 1, "pair create --wait against a mismatched peer must fail: {out}");
+    assert!(out.contains("volumes differ"), "the peer's reason must be shown: {out}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it must fail at once, not after {:?}", started.elapsed());
+    let s = cluster.status(Site::A, "pr");
+    assert_eq!(s.refusal.as_deref(), Some("config"), "{s:?}");
+
+    // --timeout bounds a wait for a peer that is simply not there.
+    let (code, _) = cli(&cluster, Site::A, &["pair", "delete", "pr"]);
+    assert_eq!(code, 0);
+    cluster.stop(Site::B);
+    let started = Instant::now();
+    let (code, out) = cli(&cluster, Site::A, &["pair", "create", "pr", "--wait", "--timeout", "3s"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not PAIR after"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    cluster.stop(Site::A);
+}
+
+#[test]
+fn a_cut_off_secondary_never_claims_pair_and_status_exits_non_zero() {
+    let group = GroupSpec::new("co", Mode::Async).volume("co-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("co");
+    cluster.wait_pair("co", Duration::from_secs(60));
+    let (code, out) = cli(&cluster, Site::B, &["status", "co"]);
+    assert_eq!(code, 0, "a healthy pair: status exits 0: {out}");
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "co-vol")).expect("connect");
+    let before_writes = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    rt.block_on(write_blocks(&client, 1, 16, 0));
+    cluster.wait_drained("co");
+    drop(client);
+
+    cluster.kill9(Site::A);
+    let b = cluster.wait_until(Site::B, "co", "showing the lost session", Duration::from_secs(10), |s| !s.connected);
+    assert_ne!(b.state, "PAIR", "a secondary without a live session must not claim PAIR: {b:?}");
+    assert_eq!(b.health, "degraded", "{b:?}");
+    assert!(b.disconnected_since_unix.is_some(), "status must say since when no session is up: {b:?}");
+    // The checkpoint carrying "data as of" is persisted at least every 500 ms.
+    let as_of = b.data_as_of_unix.unwrap_or_default();
+    assert!(as_of >= before_writes - 1.0, "data as of must name the primary's time of the newest write: {b:?}");
+    let (code, out) = cli(&cluster, Site::B, &["status", "co"]);
+    assert_eq!(code, 4, "status must exit 4 (degraded) on a cut-off secondary: {out}");
+    assert!(out.contains("NOT CONNECTED since") && out.contains("data as of"), "{out}");
+    // After a restart of the secondary too: still not PAIR until a session is up.
+    cluster.stop(Site::B);
+    cluster.start(Site::B);
+    let b = cluster.status(Site::B, "co");
+    assert_ne!(b.state, "PAIR", "{b:?}");
+    cluster.start(Site::A);
+    cluster.wait_pair("co", Duration::from_secs(60));
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+}
+
+#[test]
+fn a_former_primary_learns_its_secondary_left_and_was_written() {
+    let group = GroupSpec::new("sb", Mode::Sync).volume("sb-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sb");
+    cluster.wait_pair("sb", Duration::from_secs(60));
+    cluster.kill9(Site::A);
+    // Takeover by hand on site-b: leave the pair, write.
+    cluster.wait_until(Site::B, "sb", "without a session", Duration::from_secs(10), |s| !s.connected);
+    let (code, out) = cli(&cluster, Site::B, &["pair", "delete", "sb"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("run `replicator pair delete sb` there too"), "{out}");
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "sb-vol")).expect("connect");
+    rt.block_on(write_blocks(&client, 9, 4, 0));
+    drop(client);
+
+    cluster.start(Site::A);
+    let a = cluster.wait_state(Site::A, "sb", "SPLIT-BRAIN", Duration::from_secs(30));
+    assert_eq!(a.refusal.as_deref(), Some("split-brain"), "{a:?}");
+    assert_eq!(a.health, "critical", "{a:?}");
+    assert!(a.last_error.as_deref().unwrap_or("").contains("written since"), "{a:?}");
+    let (code, out) = cli(&cluster, Site::A, &["status", "sb"]);
+    assert_eq!(code, 5, "status must exit 5 (critical) on split brain: {out}");
+    // Restarting does not make it forget.
+    cluster.stop(Site::A);
+    cluster.start(Site::A);
+    let a = cluster.status(Site::A, "sb");
+    assert_eq!(a.state, "SPLIT-BRAIN", "{a:?}");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "sb"]);
+    assert_eq!(code, 0, "pair delete resolves split brain on the site whose data is discarded: {out}");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+}
+
+#[test]
+fn a_former_primary_learns_its_secondary_left_the_pair() {
+    let group = GroupSpec::new("lp", Mode::Async).volume("lp-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("lp");
+    cluster.wait_pair("lp", Duration::from_secs(60));
+    cluster.stop(Site::A);
+    let (code, out) = cli(&cluster, Site::B, &["pair", "delete", "lp"]);
+    assert_eq!(code, 0, "{out}");
+    cluster.start(Site::A);
+    let a = cluster.wait_until(Site::A, "lp", "told the peer left", Duration::from_secs(30), |s| s.refusal.is_some());
+    assert_eq!(a.refusal.as_deref(), Some("not-paired"), "{a:?}");
+    assert_eq!((a.state.as_str(), a.reason.as_deref()), ("SUSPENDED", Some("error")), "{a:?}");
+    assert!(cluster.log(Site::A).contains("replication stopped"), "the primary must log that it stopped replicating");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+}
+
+#[test]
+fn a_standalone_group_never_becomes_secondary_without_consent_or_while_in_use() {
+    let group = GroupSpec::new("nc", Mode::Async).volume("nc-vol", 16 * MIB).without_consent();
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    let rt = runtime();
+    // site-b's own data, written by its own client.
+    let b_client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "nc-vol")).expect("connect");
+    rt.block_on(write_blocks(&b_client, 5, 16, 0));
+    let before = sha(&cluster.volume_path(Site::B, "nc-vol"));
+    drop(b_client);
+
+    let (code, out) = cli(&cluster, Site::A, &["pair", "create", "nc", "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("accept_pair_create"), "the refusal must name the setting: {out}");
+    let b = cluster.status(Site::B, "nc");
+    assert_eq!((b.state.as_str(), b.role.as_str()), ("SIMPLEX", "none"), "{b:?}");
+    assert!(before == sha(&cluster.volume_path(Site::B, "nc-vol")), "site-b's data changed without consent");
+    let (code, _) = cli(&cluster, Site::A, &["pair", "delete", "nc"]);
+    assert_eq!(code, 0);
+
+    // With consent, but a client attached on site-b: refused too.
+    cluster.stop(Site::B);
+    let path = cluster.config_path(Site::B).to_path_buf();
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, text.replace("accept_pair_create = false", "accept_pair_create = true")).expect("config");
+    cluster.start(Site::B);
+    let b_client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "nc-vol")).expect("connect");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "create", "nc", "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NBD client"), "{out}");
+    assert!(before == sha(&cluster.volume_path(Site::B, "nc-vol")), "site-b's data changed while in use");
+    drop(b_client);
+    // Detached: the pair forms (the primary keeps retrying).
+    cluster.wait_pair("nc", Duration::from_secs(60));
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("nc");
+}
+
+#[test]
+fn a_state_file_whose_role_does_not_parse_stops_the_daemon() {
+    let group = GroupSpec::new("cs", Mode::Async).volume("cs-vol", 8 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("cs");
+    cluster.wait_pair("cs", Duration::from_secs(60));
+    cluster.stop(Site::B);
+    let state = cluster.root().join("site-b/state/groups/cs/state.json");
+    let text = std::fs::read_to_string(&state).expect("state file");
+    assert!(text.contains("\"secondary\""), "{text}");
+    std::fs::write(&state, text.replace("\"secondary\"", "\"secondry\"")).expect("corrupt the state");
+    let out = run_with_timeout(
+        Command::new(cluster.bin()).arg("--config").arg(cluster.config_path(Site::B)).arg("run").env("RUST_LOG", "info"),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success(), "the daemon must refuse to start on a corrupt state file");
+    let text = describe_output(&out);
+    assert!(text.contains("corrupt state file") && text.contains("state.json"), "{text}");
+    cluster.stop(Site::A);
+}
