@@ -252,7 +252,7 @@ fn a_standalone_group_never_becomes_secondary_without_consent_or_while_in_use() 
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("NBD client"), "{out}");
     assert!(before == sha(&cluster.volume_path(Site::B, "nc-vol")), "site-b's data changed while in use");
-    drop(b_client);
+    rt.block_on(b_client.disconnect()).expect("disconnect");
     // Detached: the pair forms (the primary keeps retrying).
     cluster.wait_pair("nc", Duration::from_secs(60));
     cluster.stop(Site::A);
