@@ -636,10 +636,21 @@ mod tests {
         let r = Record::without_payload(RecordOp::Trim, 1, 0, 0, 512, 1, false);
         let mut h = JournalHeader::from_record(&r);
         h.length = 0;
-        assert!(matches!(JournalHeader::decode(&h.encode()), Err(JournalFormatError::Corrupt(_))));
+        assert!(matches!(JournalHeader::decode(&h.encode()), Err(JournalFormatError::Unacceptable(RecordError::Empty { .. }))));
         let mut h = JournalHeader::from_record(&r);
         h.offset = u64::MAX;
-        assert!(matches!(JournalHeader::decode(&h.encode()), Err(JournalFormatError::Corrupt(_))));
+        assert!(matches!(JournalHeader::decode(&h.encode()), Err(JournalFormatError::Unacceptable(RecordError::Overflow { .. }))));
+        // The same limits as the wire: a Trim may cover far more than a
+        // payload record, a Write may not.
+        let mut h = JournalHeader::from_record(&r);
+        h.length = u32::MAX - 4095;
+        assert_eq!(JournalHeader::decode(&h.encode()), Ok(h.clone()));
+        let big = Record::without_payload(RecordOp::Trim, 1, 0, 0, h.length, 1, false);
+        assert_eq!(big.check_shape(), Ok(()));
+        h.op = RecordOp::Write;
+        let enc = h.encode();
+        assert!(matches!(JournalHeader::decode(&enc), Err(JournalFormatError::Unacceptable(RecordError::TooLarge { .. }))));
+        assert_eq!(JournalHeader::peek_seq(&enc), Some(1), "an intact header's seq is readable even when refused");
         // An unknown op with a valid CRC.
         let mut enc = JournalHeader::from_record(&r).encode();
         enc[40] = 9;

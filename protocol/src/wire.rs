@@ -278,11 +278,12 @@ mod tests {
                         copy_bytes,
                     })
                 }),
-            (".{0,12}", any::<u64>(), any::<u64>()).prop_map(|(error, durable_seq, generation)| {
+            (".{0,12}", any::<u64>(), any::<u64>(), 0i32..7).prop_map(|(error, durable_seq, generation, refusal)| {
                 Body::OpenGroupReply(pb::OpenGroupReply {
                     error,
                     durable_seq,
                     generation,
+                    refusal,
                 })
             }),
             (
@@ -296,10 +297,11 @@ mod tests {
                 any::<u32>(),
                 arb_bytes(300),
                 any::<bool>(),
+                any::<u64>(),
                 any::<u64>()
             )
                 .prop_map(
-                    |(group, seq, volume, op, offset, length, generation, crc32, payload, fua, copy_index)| {
+                    |(group, seq, volume, op, offset, length, generation, crc32, payload, fua, copy_index, written_at_us)| {
                         Body::Record(pb::Record {
                             group,
                             seq,
@@ -312,6 +314,7 @@ mod tests {
                             payload,
                             fua,
                             copy_index,
+                            written_at_us,
                         })
                     }
                 ),

@@ -393,3 +393,98 @@ fn classify_header(buf: &[u8]) -> HeaderAt {
         },
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use replicator_protocol::record::RecordOp;
+
+    use super::*;
+    use crate::io::BackendChoice;
+
+    const CAPACITY: u64 = 4 << 20;
+
+    fn write(seq: u64) -> Record {
+        Record::with_payload(RecordOp::Write, seq, 0, seq * 4096, 1, Bytes::from(vec![seq as u8; 4096]), false)
+    }
+
+    /// A journal holding records 1..=n appended in order; returns their
+    /// positions (index 0 is seq 1).
+    async fn journal_with(dir: &Path, n: u64) -> (Journal, Vec<u64>) {
+        let engine = IoEngine::new(BackendChoice::Auto);
+        let j = Journal::open(&engine, &dir.join("journal"), CAPACITY, "g", 7, true).await.unwrap();
+        let mut ring = JournalRing::new(j.capacity());
+        let mut positions = Vec::new();
+        for seq in 1..=n {
+            let rec = write(seq);
+            let pos = ring.reserve(seq, record_span(rec.payload.len() as u64)).unwrap();
+            j.append_at(pos, &rec).unwrap();
+            positions.push(pos);
+        }
+        (j, positions)
+    }
+
+    #[tokio::test]
+    async fn records_after_a_torn_one_within_the_append_window_are_discarded_and_invalidated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, pos) = journal_with(dir.path(), 6).await;
+        // Record 4's append never happened (5 and 6 were appended first).
+        j.invalidate(pos[3]).unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, true).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.as_slice()), (3, &[5u64, 6][..]));
+        // They are gone for good: seq 5 will be reused by a new record.
+        let again = j.recover(1, JOURNAL_SUPERBLOCK_LEN, true).await.unwrap();
+        assert_eq!((again.last_seq, again.discarded.len()), (3, 0));
+        // After a clean stop nothing is searched or discarded.
+        let (j, _) = journal_with(dir.path(), 3).await;
+        let clean = j.recover(1, JOURNAL_SUPERBLOCK_LEN, false).await.unwrap();
+        assert_eq!((clean.last_seq, clean.discarded.len()), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn a_gap_followed_by_records_beyond_the_append_window_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, pos) = journal_with(dir.path(), 3).await;
+        // Record 2 is missing, and a record far beyond the append window is
+        // intact: records the log needs are gone.
+        j.invalidate(pos[1]).unwrap();
+        let far = write(2 + MAX_APPEND_WINDOW + 5);
+        j.append_at(pos[2] + record_span(4096), &far).unwrap();
+        match j.recover(1, JOURNAL_SUPERBLOCK_LEN, true).await {
+            Err(JournalError::Gap { expected: 2, seq, .. }) => assert_eq!(seq, far.seq),
+            other => panic!("expected a gap error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_intact_record_it_cannot_accept_is_never_the_end_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, pos) = journal_with(dir.path(), 2).await;
+        // Record 3: a header with a valid checksum that this build does not
+        // accept (a payload op above the record limit).
+        let mut big = JournalHeader::from_record(&write(3));
+        big.length = replicator_protocol::record::MAX_RECORD_PAYLOAD + 4096;
+        let at = pos[1] + record_span(4096);
+        nix::sys::uio::pwrite(&j.appender, &big.encode(), at as i64).unwrap();
+        for unclean in [false, true] {
+            match j.recover(1, JOURNAL_SUPERBLOCK_LEN, unclean).await {
+                Err(JournalError::Unacceptable { seq: 3, .. }) => {}
+                other => panic!("expected a refusal of record 3, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trim_larger_than_the_payload_limit_is_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, pos) = journal_with(dir.path(), 1).await;
+        let trim = Record::without_payload(RecordOp::Trim, 2, 0, 0, 128 << 20, 1, false);
+        j.append_at(pos[0] + record_span(4096), &trim).unwrap();
+        let w = write(3);
+        j.append_at(pos[0] + record_span(4096) + record_span(0), &w).unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, true).await.unwrap();
+        assert_eq!(r.last_seq, 3);
+        let (p, _) = r.ring.lookup(2).unwrap();
+        assert_eq!(j.read_record(p, 2).await.unwrap(), trim);
+    }
+}
