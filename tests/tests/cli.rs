@@ -94,8 +94,12 @@ fn status_json_schema_and_pair_lifecycle() {
     assert_eq!(groups.len(), 1, "{v}");
     let g = &groups[0];
     type FieldCheck = (&'static str, fn(&serde_json::Value) -> bool);
-    let fields: [FieldCheck; 25] = [
+    let fields: [FieldCheck; 29] = [
         ("group", serde_json::Value::is_string),
+        ("health", serde_json::Value::is_string),
+        ("disconnected_since_unix", |x| x.is_null() || x.is_u64()),
+        ("data_as_of_unix", |x| x.is_null() || x.is_f64()),
+        ("refusal", |x| x.is_null() || x.is_string()),
         ("role", serde_json::Value::is_string),
         ("state", serde_json::Value::is_string),
         ("reason", |x| x.is_null() || x.is_string()),
@@ -128,6 +132,7 @@ fn status_json_schema_and_pair_lifecycle() {
     assert_eq!(g["group"], "cli");
     assert_eq!(g["role"], "none");
     assert_eq!(g["state"], "SIMPLEX");
+    assert_eq!(g["health"], "ok");
     assert_eq!(g["mode"], "sync");
     assert_eq!(g["peer"], "site-b");
     let io = g["io_backend"].as_str().unwrap_or_default();

@@ -86,6 +86,7 @@ fn pair_delete_then_create_at_once_completes_the_copy() {
     for round in 0..3 {
         let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "dc"]);
         assert_eq!(code, 0, "round {round}: pair delete: {out}");
+        assert!(out.contains("both sites"), "round {round}: the secondary must confirm the delete: {out}");
         let started = Instant::now();
         let (code, out) = cli(&cluster, Site::A, &["pair", "create", "dc", "--wait", "--timeout", "60s"]);
         assert_eq!(code, 0, "round {round}: pair create --wait right after a delete: {out}\n{}", cluster.diagnostics());

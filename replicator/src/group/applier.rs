@@ -380,7 +380,8 @@ impl Session {
     }
 
     /// Finishes in-flight applies, makes them durable and persists the
-    /// checkpoint (clean stop or end of session).
+    /// checkpoint (clean stop or end of session). The caller finishes the
+    /// stream (a delete confirmation may still follow).
     async fn drain(&mut self, send: &mut FramedSend) {
         while self.applying > 0 || self.flushing {
             match self.events.recv().await {
@@ -396,7 +397,6 @@ impl Session {
         if let Err(e) = self.group.sync_all().await {
             tracing::error!(group = %self.group.cfg.name, "final flush failed: {e}");
             let _ = send.flush().await;
-            send.finish();
             return;
         }
         self.applier.on_durable(seq, ci);
@@ -404,7 +404,6 @@ impl Session {
         let mut ack = self.applier.ack();
         ack.checkpoint_seq = self.checkpoint;
         let _ = send.send(Body::Ack(ack)).await;
-        send.finish();
     }
 
     /// The loop must end: the pair is being deleted and the primary has
