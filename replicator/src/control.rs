@@ -3,11 +3,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::group::{GroupError, GroupStatus};
 use crate::node::Node;
@@ -104,34 +105,72 @@ pub async fn call(socket: &Path, req: &Request) -> Result<Response, ControlError
     serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(format!("bad response: {e}")))
 }
 
+/// Longest request line accepted (requests are a few hundred bytes).
+const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// A client must send its whole request within this time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests served at once; further connections wait in the listen
+/// backlog, and every held one ends within [`REQUEST_TIMEOUT`] or when its
+/// command does.
+const MAX_CONNECTIONS: usize = 32;
+/// Pause after a failed `accept` (e.g. out of file descriptors), so the
+/// loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Accept loop of the control socket.
 pub async fn serve(listener: UnixListener, node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let node = node.clone();
-                tokio::spawn(async move { handle(stream, node).await });
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        handle(stream, node).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("control socket: accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
             _ = shutdown.changed() => return,
         }
     }
 }
 
-async fn handle(stream: UnixStream, node: Arc<Node>) {
-    let (r, mut w) = stream.into_split();
-    let mut reader = BufReader::new(r);
-    let mut line = String::new();
-    let resp = match reader.read_line(&mut line).await {
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => execute(&node, req).await,
-            Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
-        },
+/// Reads one request line of at most [`MAX_REQUEST_LINE`] bytes within
+/// [`REQUEST_TIMEOUT`].
+async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+    let mut buf = Vec::new();
+    let mut limited = BufReader::new(stream).take(MAX_REQUEST_LINE as u64 + 1);
+    match tokio::time::timeout(REQUEST_TIMEOUT, limited.read_until(b'\n', &mut buf)).await {
+        Err(_) => return Err(format!("no complete request within {REQUEST_TIMEOUT:?}")),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(_)) => {}
+    }
+    if buf.len() > MAX_REQUEST_LINE {
+        return Err(format!("request longer than {MAX_REQUEST_LINE} bytes"));
+    }
+    serde_json::from_slice(&buf).map_err(|e| e.to_string())
+}
+
+async fn handle(mut stream: UnixStream, node: Arc<Node>) {
+    let resp = match read_request(&mut stream).await {
+        Ok(req) => execute(&node, req).await,
         Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
-    let _ = w.write_all(&out).await;
+    let _ = stream.write_all(&out).await;
 }
 
 fn unknown_group(node: &Node, name: &str) -> Response {

@@ -236,3 +236,51 @@ fn cert_init_and_issue() {
     let out = run(&["no-such-command"]);
     assert_eq!(code(&out), 2, "unknown command\n{}", describe_output(&out));
 }
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// The control socket bounds what a local client can consume: a request
+/// line of at most 64 KiB (a 300 MiB line is answered with an error, and
+/// memory does not grow with it) and 10 s to send it (idle connections do
+/// not lock the admin out).
+#[test]
+fn control_socket_bounds_request_size_and_time() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let c = cluster(true);
+    let pid = c.pid(Site::A).expect("running");
+    let before = rss(pid);
+    let mut s = UnixStream::connect(c.control_socket(Site::A)).expect("connect");
+    s.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let chunk = vec![b'x'; MIB as usize];
+    let mut sent = 0u64;
+    for _ in 0..300 {
+        if s.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += MIB;
+    }
+    let mut resp = String::new();
+    let _ = BufReader::new(&s).read_line(&mut resp);
+    assert!(resp.contains("longer than"), "an oversized request must be answered with an error, got {resp:?}");
+    assert!(sent < 300 * MIB, "the daemon must stop reading an oversized request (it took {sent} bytes)");
+    let after = rss(pid);
+    assert!(after < before + 32 * MIB, "RSS grew from {before} to {after} bytes");
+
+    let idle: Vec<UnixStream> = (0..40).map(|_| UnixStream::connect(c.control_socket(Site::A)).expect("connect")).collect();
+    let started = std::time::Instant::now();
+    let out = c.cli(Site::A, &["status"]);
+    assert_eq!(code(&out), 0, "{}", describe_output(&out));
+    assert!(started.elapsed() < Duration::from_secs(25), "status took {:?} behind idle connections", started.elapsed());
+    drop(idle);
+}
