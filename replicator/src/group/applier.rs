@@ -169,7 +169,19 @@ pub async fn serve_secondary(
     let base = match accept_open(&group, &open, &peer) {
         Ok(d) => d,
         Err((refusal, msg)) => {
-            tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {msg}");
+            // One line per distinct refusal (and a reminder every minute):
+            // the primary retries every few seconds.
+            let repeat = {
+                let mut g = lock(&group.inner);
+                let repeat = g.last_link_log.as_ref().is_some_and(|(m, at)| *m == msg && at.elapsed() < Duration::from_secs(60));
+                if !repeat {
+                    g.last_link_log = Some((msg.clone(), Instant::now()));
+                }
+                repeat
+            };
+            if !repeat {
+                tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {msg}");
+            }
             let reply = pb::OpenGroupReply { error: msg, durable_seq: 0, generation: 0, refusal: refusal as i32 };
             let _ = send.send(Body::OpenGroupReply(reply)).await;
             send.finish();

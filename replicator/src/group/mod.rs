@@ -132,7 +132,8 @@ struct Inner {
     /// copy index -> (volume, offset, length).
     copy_inflight: BTreeMap<u64, (u32, u64, u64)>,
     link_down_since: Option<Instant>,
-    /// Last link-down reason logged, and when.
+    /// Last link-down reason (primary) or session refusal (secondary)
+    /// logged, and when: repeats are logged once a minute.
     last_link_log: Option<(String, Instant)>,
     last_error: Option<String>,
     /// Copy progress for status.
