@@ -41,6 +41,12 @@ fn stop_timeout() -> Duration {
 /// to drain (the secondary applies what it received).
 const SESSION_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the runtime may take to stop once [`run`] has returned, for
+/// blocking I/O still running (the threads backend). After an unclean stop
+/// a request may hang in a volume forever; [`run`] has already refused to
+/// mark the groups clean, and the process must still exit.
+pub const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Daemon start-up errors (each names what to fix).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
