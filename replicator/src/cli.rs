@@ -161,7 +161,9 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let config = load_config(&cli.config)?;
             init_logging();
             let rt = runtime()?;
-            match rt.block_on(crate::daemon::run(config)) {
+            let result = rt.block_on(crate::daemon::run(config));
+            rt.shutdown_timeout(crate::daemon::RUNTIME_SHUTDOWN_TIMEOUT);
+            match result {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     tracing::error!("{e}");

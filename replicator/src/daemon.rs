@@ -1,8 +1,15 @@
-//! `replicator run`: the daemon. Opens volumes and groups, binds the QUIC
-//! endpoint, the control socket and the NBD sockets, tells systemd it is
-//! ready, and on SIGTERM/SIGINT stops cleanly: NBD clients' in-flight
-//! requests finish, the secondary finishes applying what it received, and
-//! everything is flushed before exit.
+//! `replicator run`: the daemon. Locks its `state_dir` (one daemon per
+//! state_dir, see [`crate::state_lock`]), opens volumes (block devices
+//! exclusively) and groups, binds the QUIC endpoint, the control socket and
+//! the NBD sockets, tells systemd it is ready, and on SIGTERM/SIGINT stops
+//! cleanly: NBD clients' in-flight requests finish, the secondary finishes
+//! applying what it received, and everything is flushed before exit.
+//!
+//! A group is recorded as cleanly shut down (`clean_shutdown`, which skips
+//! the journal replay at the next start) only when nothing can still write
+//! to its volumes: every NBD request finished in time and every replication
+//! session drained. Otherwise the daemon exits without that mark, and the
+//! next start replays the journals: the safe path.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -17,9 +24,28 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::group::Group;
 use crate::io::{BackendChoice, IoEngine};
+use crate::nbd::{Drain, ServeOptions, SHUTDOWN_BACKSTOP};
 use crate::node::Node;
+use crate::state_lock::{StateDirLock, StateLockError};
 use crate::transport::Transport;
 use crate::volume::Volume;
+
+/// How long, after SIGTERM, the NBD servers, the control socket and the
+/// metrics listener may take to stop: the NBD servers' own limit (grace
+/// period plus backstop) and a margin.
+fn stop_timeout() -> Duration {
+    ServeOptions::default().shutdown_grace + SHUTDOWN_BACKSTOP + Duration::from_secs(5)
+}
+
+/// How long, after the NBD servers stopped, replication sessions may take
+/// to drain (the secondary applies what it received).
+const SESSION_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the runtime may take to stop once [`run`] has returned, for
+/// blocking I/O still running (the threads backend). After an unclean stop
+/// a request may hang in a volume forever; [`run`] has already refused to
+/// mark the groups clean, and the process must still exit.
+pub const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Daemon start-up errors (each names what to fix).
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +53,9 @@ pub enum DaemonError {
     /// A volume could not be opened.
     #[error(transparent)]
     Volume(#[from] crate::volume::VolumeError),
+    /// Another daemon runs on this state_dir (or its lock file is unusable).
+    #[error(transparent)]
+    StateLock(#[from] StateLockError),
     /// A group could not be opened.
     #[error("group {group}: {source}")]
     Group {
@@ -51,7 +80,11 @@ pub enum DaemonError {
 }
 
 fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener, DaemonError> {
-    let err = |source| DaemonError::Socket { what, path: path.display().to_string(), source };
+    let err = |source| DaemonError::Socket {
+        what,
+        path: path.display().to_string(),
+        source,
+    };
     if path.exists() {
         // A stale socket from a previous run; refuse if a daemon still answers.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -68,11 +101,33 @@ fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
+///
+/// Start-up fails, before any group, journal or volume is opened, if
+/// another process holds the `state_dir` lock; a volume on a block device
+/// that is mounted or opened exclusively elsewhere fails it too.
+///
+/// On SIGTERM/SIGINT the groups are flushed and marked cleanly shut down
+/// only if the NBD servers report every request finished in the export
+/// ([`Drain::Complete`]), the control and metrics listeners stopped, all
+/// within [`stop_timeout`], and every replication session drained within
+/// [`SESSION_DRAIN_TIMEOUT`]. Otherwise an error is logged ("not marking
+/// the groups clean: ...") and nothing is marked, so that the next start
+/// replays the journals instead of trusting volumes that something may
+/// still have been writing to.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    for (what, dir) in [("state_dir", &config.node.state_dir), ("run_dir", &config.node.run_dir)] {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| DaemonError::Socket { what, path: dir.display().to_string(), source })?;
-    }
+    let state_dir = &config.node.state_dir;
+    std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::Socket {
+        what: "state_dir",
+        path: state_dir.display().to_string(),
+        source,
+    })?;
+    // Held until this function returns (the kernel drops it if we die).
+    let state_lock = StateDirLock::acquire(state_dir)?;
+    std::fs::create_dir_all(&config.node.run_dir).map_err(|source| DaemonError::Socket {
+        what: "run_dir",
+        path: config.node.run_dir.display().to_string(),
+        source,
+    })?;
     let engine = IoEngine::new(BackendChoice::Auto);
     if let Some(reason) = engine.fallback_reason() {
         tracing::warn!("io_uring unavailable ({reason}); using the thread-pool I/O backend");
@@ -84,9 +139,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         for (i, vc) in gc.volumes.iter().enumerate() {
             volumes.push(Arc::new(Volume::open(&engine, vc, i as u32)?));
         }
-        let group = Group::open(gc.clone(), volumes, engine.clone(), &config.node.state_dir, transport.clone())
-            .await
-            .map_err(|source| DaemonError::Group { group: gc.name.clone(), source })?;
+        let group = Group::open(
+            gc.clone(),
+            volumes,
+            engine.clone(),
+            &config.node.state_dir,
+            transport.clone(),
+        )
+        .await
+        .map_err(|source| DaemonError::Group {
+            group: gc.name.clone(),
+            source,
+        })?;
         groups.push(group);
     }
     let node = Arc::new(Node::new(groups, transport.clone()));
@@ -95,18 +159,35 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let control = bind_unix(&config.control_socket(), 0o660, "control socket")?;
     let nbd_unix = bind_unix(&config.nbd_socket(), 0o660, "NBD socket")?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::control::serve(control, node.clone(), shutdown.clone()));
-    tasks.spawn(crate::nbd::serve_unix(nbd_unix, node.clone(), shutdown.clone()));
+    let mut nbd_servers = tokio::task::JoinSet::new();
+    tasks.spawn(crate::control::serve(
+        control,
+        node.clone(),
+        shutdown.clone(),
+    ));
+    nbd_servers.spawn(crate::nbd::serve_unix(
+        nbd_unix,
+        node.clone(),
+        shutdown.clone(),
+    ));
     if let Some(addr) = config.node.nbd_listen {
         let tcp = TcpListener::bind(addr)
             .await
-            .map_err(|source| DaemonError::Socket { what: "NBD TCP listener", path: addr.to_string(), source })?;
-        tasks.spawn(crate::nbd::serve_tcp(tcp, node.clone(), shutdown.clone()));
+            .map_err(|source| DaemonError::Socket {
+                what: "NBD TCP listener",
+                path: addr.to_string(),
+                source,
+            })?;
+        nbd_servers.spawn(crate::nbd::serve_tcp(tcp, node.clone(), shutdown.clone()));
     }
     if let Some(addr) = config.node.metrics_listen {
         let tcp = TcpListener::bind(addr)
             .await
-            .map_err(|source| DaemonError::Socket { what: "metrics listener", path: addr.to_string(), source })?;
+            .map_err(|source| DaemonError::Socket {
+                what: "metrics listener",
+                path: addr.to_string(),
+                source,
+            })?;
         tasks.spawn(crate::metrics::serve(tcp, node.clone(), shutdown.clone()));
     }
     {
@@ -123,12 +204,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
 
     let summary = format!(
-        "node {} serving {} group(s) on NBD {}; QUIC {}; I/O {}",
+        "node {} serving {} group(s) on NBD {}; QUIC {}; I/O {}; state_dir {} locked",
         config.node.name,
         node.groups.len(),
         config.nbd_socket().display(),
-        transport.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        engine.backend()
+        transport
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        engine.backend(),
+        state_dir.display()
     );
     tracing::info!("{summary}");
     let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status(&summary)]);
@@ -143,10 +228,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         });
     }
 
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|source| DaemonError::Socket { what: "signal handler", path: "SIGTERM".into(), source })?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|source| DaemonError::Socket { what: "signal handler", path: "SIGINT".into(), source })?;
+    let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Socket {
+        what: "signal handler",
+        path: "SIGTERM".into(),
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Socket {
+        what: "signal handler",
+        path: "SIGINT".into(),
+        source,
+    })?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping cleanly"),
         _ = int.recv() => tracing::info!("SIGINT: stopping cleanly"),
@@ -154,22 +245,64 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     // NBD connections finish in-flight requests; secondary sessions drain.
-    let _ = tokio::time::timeout(Duration::from_secs(30), async { while tasks.join_next().await.is_some() {} }).await;
-    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+    let mut unclean = Vec::new();
+    let limit = stop_timeout();
+    match tokio::time::timeout(limit, stop_listeners(&mut nbd_servers, &mut tasks)).await {
+        Ok(problems) => unclean.extend(problems),
+        Err(_) => unclean.push(format!(
+            "the NBD servers and the control socket did not stop within {limit:?} ({} NBD server(s) still busy)",
+            nbd_servers.len()
+        )),
+    }
+    let drained = tokio::time::timeout(SESSION_DRAIN_TIMEOUT, async {
         while node.groups.iter().any(|g| g.session_attached()) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
     if drained.is_err() {
-        tracing::warn!("a replication session did not drain within 30s");
+        unclean.push(format!(
+            "a replication session did not drain within {SESSION_DRAIN_TIMEOUT:?} (the secondary may still be applying records)"
+        ));
     }
-    for g in &node.groups {
-        g.shutdown().await;
+    if unclean.is_empty() {
+        for g in &node.groups {
+            g.shutdown().await;
+        }
+    } else {
+        tracing::error!(
+            "not marking the groups clean: {}; their journals are replayed at the next start",
+            unclean.join("; ")
+        );
     }
     transport.close().await;
     let _ = std::fs::remove_file(config.control_socket());
     let _ = std::fs::remove_file(config.nbd_socket());
-    tracing::info!("stopped");
+    tracing::info!(lock = %state_lock.path().display(), "stopped");
+    drop(state_lock);
     Ok(())
+}
+
+/// Waits for the NBD servers, then the control and metrics listeners, to
+/// return; lists what keeps the shutdown from being a clean one.
+async fn stop_listeners(
+    nbd_servers: &mut tokio::task::JoinSet<Drain>,
+    others: &mut tokio::task::JoinSet<()>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    while let Some(done) = nbd_servers.join_next().await {
+        match done {
+            Ok(Drain::Complete) => {}
+            Ok(Drain::Incomplete { requests }) => problems.push(format!(
+                "{requests} NBD request(s) were still running in the volumes"
+            )),
+            Err(e) => problems.push(format!("an NBD server task failed: {e}")),
+        }
+    }
+    while let Some(done) = others.join_next().await {
+        if let Err(e) = done {
+            tracing::error!("a control or metrics task failed: {e}");
+        }
+    }
+    problems
 }

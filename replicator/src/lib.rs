@@ -8,7 +8,8 @@
 //!   session (primary `shipper`, secondary `applier`);
 //! - [`journal`], [`volume`], [`io`]: what reaches the disks (io_uring);
 //! - [`transport`] and [`tls`]: QUIC with mutual TLS between the sites;
-//! - [`state`]: what is persisted about each pair;
+//! - [`state`]: what is persisted about each pair; [`state_lock`]: one
+//!   daemon per `state_dir`;
 //! - [`control`]: the admin socket the CLI talks to; [`metrics`];
 //! - [`config`], [`certs`], [`demo`].
 //!
@@ -30,6 +31,7 @@ pub mod nbd;
 pub mod nbd_client;
 pub mod node;
 pub mod state;
+pub mod state_lock;
 pub mod tls;
 pub mod transport;
 pub mod volume;

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use replicator_protocol::pb::{self, envelope::Body};
-use replicator_protocol::wire::{encode_frame, negotiate_version, FrameDecoder, WireError, SUPPORTED_VERSIONS};
+use replicator_protocol::wire::{
+    encode_frame, negotiate_version, FrameDecoder, WireError, SUPPORTED_VERSIONS,
+};
 use tokio::sync::Mutex;
 
 use crate::config::Config;
@@ -62,19 +64,6 @@ pub enum TransportError {
     Timeout(&'static str),
 }
 
-/// Test-only switch (crucible-style fault injection): a comma-separated
-/// list of wire versions this daemon claims to speak instead of
-/// [`SUPPORTED_VERSIONS`], to exercise version-mismatch handling end to end.
-pub const TEST_WIRE_VERSIONS_ENV: &str = "REPLICATOR_TEST_WIRE_VERSIONS";
-
-fn local_versions() -> Vec<u32> {
-    std::env::var(TEST_WIRE_VERSIONS_ENV)
-        .ok()
-        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect::<Vec<u32>>())
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| SUPPORTED_VERSIONS.to_vec())
-}
-
 /// Receiving half of a framed stream.
 #[derive(Debug)]
 pub struct FramedRecv {
@@ -85,7 +74,10 @@ pub struct FramedRecv {
 impl FramedRecv {
     /// Wraps a QUIC receive stream.
     pub fn new(inner: quinn::RecvStream) -> Self {
-        Self { inner, decoder: FrameDecoder::new() }
+        Self {
+            inner,
+            decoder: FrameDecoder::new(),
+        }
     }
 
     /// Next envelope; `Ok(None)` when the peer finished the stream cleanly.
@@ -99,7 +91,9 @@ impl FramedRecv {
                 Ok(Some(n)) => self.decoder.extend_from_slice(&chunk[..n]),
                 Ok(None) => {
                     if self.decoder.buffered_len() > 0 {
-                        return Err(TransportError::Protocol("stream ended inside a frame".into()));
+                        return Err(TransportError::Protocol(
+                            "stream ended inside a frame".into(),
+                        ));
                     }
                     return Ok(None);
                 }
@@ -116,10 +110,16 @@ impl FramedRecv {
     /// Next envelope, or an error if the stream ends.
     pub async fn expect(&mut self, what: &'static str) -> Result<Body, TransportError> {
         match self.recv().await? {
-            Some(pb::Envelope { body: Some(Body::Error(e)) }) => Err(TransportError::Protocol(format!("peer: {}", e.message))),
+            Some(pb::Envelope {
+                body: Some(Body::Error(e)),
+            }) => Err(TransportError::Protocol(format!("peer: {}", e.message))),
             Some(pb::Envelope { body: Some(b) }) => Ok(b),
-            Some(pb::Envelope { body: None }) => Err(TransportError::Protocol("empty envelope".into())),
-            None => Err(TransportError::Protocol(format!("stream closed while waiting for {what}"))),
+            Some(pb::Envelope { body: None }) => {
+                Err(TransportError::Protocol("empty envelope".into()))
+            }
+            None => Err(TransportError::Protocol(format!(
+                "stream closed while waiting for {what}"
+            ))),
         }
     }
 }
@@ -134,7 +134,10 @@ pub struct FramedSend {
 impl FramedSend {
     /// Wraps a QUIC send stream.
     pub fn new(inner: quinn::SendStream) -> Self {
-        Self { inner, buf: BytesMut::new() }
+        Self {
+            inner,
+            buf: BytesMut::new(),
+        }
     }
 
     /// Adds an envelope to the batch.
@@ -153,7 +156,10 @@ impl FramedSend {
             return Ok(());
         }
         let bytes = self.buf.split().freeze();
-        self.inner.write_chunk(bytes).await.map_err(|e| TransportError::Connection(e.to_string()))
+        self.inner
+            .write_chunk(bytes)
+            .await
+            .map_err(|e| TransportError::Connection(e.to_string()))
     }
 
     /// Queues and sends one envelope.
@@ -176,6 +182,20 @@ pub struct Transport {
     node: String,
     peers: HashMap<String, SocketAddr>,
     conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// Wire versions offered in `Hello` and accepted from peers.
+    versions: Vec<u32>,
+}
+
+/// An incoming connection that was refused, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refused {
+    /// The remote UDP address.
+    pub remote: SocketAddr,
+    /// The peer's node name, once its certificate was verified.
+    pub peer: Option<String>,
+    /// Why it was refused.
+    pub reason: TransportError,
 }
 
 /// An accepted, authenticated connection from a peer.
@@ -188,32 +208,67 @@ pub struct PeerConnection {
 }
 
 impl Transport {
-    /// Binds the QUIC endpoint on `node.listen`.
+    /// Binds the QUIC endpoint on `node.listen`, speaking the wire versions
+    /// of this build ([`SUPPORTED_VERSIONS`]). This is what the daemon uses.
     pub fn bind(config: &Config) -> Result<Transport, TransportError> {
+        Self::bind_with_versions(config, SUPPORTED_VERSIONS)
+    }
+
+    /// [`Transport::bind`], claiming to speak `versions` instead of
+    /// [`SUPPORTED_VERSIONS`]. Only for tests of version negotiation, which
+    /// play a peer of another version in-process; the daemon never calls it,
+    /// and nothing in its configuration or environment leads here.
+    pub fn bind_with_versions(
+        config: &Config,
+        versions: &[u32],
+    ) -> Result<Transport, TransportError> {
         let identity = TlsIdentity::load(&config.tls, &config.node.name)?;
         let server = identity.server_config()?;
         let client = identity.client_config()?;
-        let socket = std::net::UdpSocket::bind(config.node.listen)
-            .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
+        let socket = std::net::UdpSocket::bind(config.node.listen).map_err(|source| {
+            TransportError::Bind {
+                addr: config.node.listen,
+                source,
+            }
+        })?;
         size_socket_buffers(&socket);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Connection("no async runtime for QUIC".into()))?;
         let inner = runtime
             .wrap_udp_socket(socket)
-            .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
-        let socket = Arc::new(InspectingSocket { inner, last_log: std::sync::Mutex::new(None) });
+            .map_err(|source| TransportError::Bind {
+                addr: config.node.listen,
+                source,
+            })?;
+        let socket = Arc::new(InspectingSocket {
+            inner,
+            last_log: std::sync::Mutex::new(None),
+        });
         // Peers then keep the fixed bit of every packet set, which lets the
         // socket wrapper tell a stray plaintext datagram from a peer's packet.
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config.grease_quic_bit(false);
-        let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, Some(server), socket, runtime)
-                .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(|source| TransportError::Bind {
+            addr: config.node.listen,
+            source,
+        })?;
         Ok(Transport {
             endpoint,
             client,
             node: config.node.name.clone(),
-            peers: config.peers.iter().map(|p| (p.name.clone(), p.address)).collect(),
+            peers: config
+                .peers
+                .iter()
+                .map(|p| (p.name.clone(), p.address))
+                .collect(),
             conns: Mutex::new(HashMap::new()),
+            versions: versions.to_vec(),
         })
     }
 
@@ -230,58 +285,123 @@ impl Transport {
     /// logged with the reason and skipped. `None` when the endpoint closes.
     pub async fn accept(&self) -> Option<PeerConnection> {
         loop {
-            let incoming = self.endpoint.accept().await?;
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(%remote, "refused incoming connection: TLS/QUIC handshake failed: {e}");
-                    continue;
+            match self.accept_next().await? {
+                Ok(pc) => return Some(pc),
+                Err(Refused {
+                    remote,
+                    peer: Some(peer),
+                    reason,
+                }) => {
+                    tracing::warn!(%remote, %peer, "refused connection: {reason}");
                 }
-            };
-            match peer_name(&conn, &self.peer_names()) {
-                Ok(peer) => match self.answer_hello(&conn, &peer).await {
-                    Ok(()) => return Some(PeerConnection { peer, conn }),
-                    Err(e) => {
-                        tracing::warn!(%remote, %peer, "refused connection: {e}");
-                        conn.close(quinn::VarInt::from_u32(2), e.to_string().as_bytes());
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(%remote, "refused connection: {e}");
-                    conn.close(quinn::VarInt::from_u32(1), b"certificate does not name a configured peer");
+                Err(Refused {
+                    remote,
+                    peer: None,
+                    reason,
+                }) => {
+                    tracing::warn!(%remote, "refused connection: {reason}");
                 }
             }
         }
     }
 
-    async fn answer_hello(&self, conn: &quinn::Connection, peer: &str) -> Result<(), TransportError> {
+    /// The next incoming connection: authenticated and past `Hello`, or
+    /// refused (and closed) with the reason. `None` when the endpoint
+    /// closes. [`Transport::accept`] is this, logging and skipping refusals.
+    pub async fn accept_next(&self) -> Option<Result<PeerConnection, Refused>> {
+        let incoming = self.endpoint.accept().await?;
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = TransportError::Protocol(format!("TLS/QUIC handshake failed: {e}"));
+                return Some(Err(Refused {
+                    remote,
+                    peer: None,
+                    reason,
+                }));
+            }
+        };
+        Some(match peer_name(&conn, &self.peer_names()) {
+            Ok(peer) => match self.answer_hello(&conn, &peer).await {
+                Ok(()) => Ok(PeerConnection { peer, conn }),
+                Err(reason) => {
+                    conn.close(quinn::VarInt::from_u32(2), reason.to_string().as_bytes());
+                    Err(Refused {
+                        remote,
+                        peer: Some(peer),
+                        reason,
+                    })
+                }
+            },
+            Err(e) => {
+                conn.close(
+                    quinn::VarInt::from_u32(1),
+                    b"certificate does not name a configured peer",
+                );
+                Err(Refused {
+                    remote,
+                    peer: None,
+                    reason: TransportError::Tls(e),
+                })
+            }
+        })
+    }
+
+    async fn answer_hello(
+        &self,
+        conn: &quinn::Connection,
+        peer: &str,
+    ) -> Result<(), TransportError> {
         let (send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
             .await
             .map_err(|_| TransportError::Timeout("waiting for Hello"))?
             .map_err(|e| TransportError::Connection(e.to_string()))?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-        let hello = match tokio::time::timeout(Duration::from_secs(10), recv.expect("Hello")).await {
+        let hello = match tokio::time::timeout(Duration::from_secs(10), recv.expect("Hello")).await
+        {
             Ok(Ok(Body::Hello(h))) => h,
-            Ok(Ok(_)) => return Err(TransportError::Protocol("first message was not Hello".into())),
+            Ok(Ok(_)) => {
+                return Err(TransportError::Protocol(
+                    "first message was not Hello".into(),
+                ))
+            }
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(TransportError::Timeout("waiting for Hello")),
         };
         if hello.node != peer {
-            let msg = format!("Hello names node {:?} but the certificate names {peer:?}", hello.node);
-            let _ = send.send(Body::HelloReply(pb::HelloReply { version: 0, node: self.node.clone(), error: msg.clone() })).await;
+            let msg = format!(
+                "Hello names node {:?} but the certificate names {peer:?}",
+                hello.node
+            );
+            let _ = send
+                .send(Body::HelloReply(pb::HelloReply {
+                    version: 0,
+                    node: self.node.clone(),
+                    error: msg.clone(),
+                }))
+                .await;
             return Err(TransportError::Protocol(msg));
         }
-        match negotiate_version(&local_versions(), &hello.versions) {
+        match negotiate_version(&self.versions, &hello.versions) {
             Ok(version) => {
-                send.send(Body::HelloReply(pb::HelloReply { version, node: self.node.clone(), error: String::new() })).await?;
+                send.send(Body::HelloReply(pb::HelloReply {
+                    version,
+                    node: self.node.clone(),
+                    error: String::new(),
+                }))
+                .await?;
                 send.finish();
                 tracing::info!(%peer, version, software = %hello.software, "peer connected");
                 Ok(())
             }
             Err(e) => {
                 let _ = send
-                    .send(Body::HelloReply(pb::HelloReply { version: 0, node: self.node.clone(), error: e.to_string() }))
+                    .send(Body::HelloReply(pb::HelloReply {
+                        version: 0,
+                        node: self.node.clone(),
+                        error: e.to_string(),
+                    }))
                     .await;
                 send.finish();
                 // Give the reply a moment to leave before the caller closes.
@@ -300,8 +420,15 @@ impl Transport {
             }
             conns.remove(peer);
         }
-        let addr = *self.peers.get(peer).ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
-        let err = |message: String| TransportError::Connect { peer: peer.to_string(), addr, message };
+        let addr = *self
+            .peers
+            .get(peer)
+            .ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
+        let err = |message: String| TransportError::Connect {
+            peer: peer.to_string(),
+            addr,
+            message,
+        };
         let connecting = self
             .endpoint
             .connect_with(self.client.clone(), addr, peer)
@@ -313,17 +440,18 @@ impl Transport {
         let (send, recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(Body::Hello(pb::Hello {
-            versions: local_versions(),
+            versions: self.versions.clone(),
             node: self.node.clone(),
             software: format!("replicator {}", env!("CARGO_PKG_VERSION")),
         }))
         .await?;
-        let reply = match tokio::time::timeout(Duration::from_secs(10), recv.expect("HelloReply")).await {
-            Ok(Ok(Body::HelloReply(r))) => r,
-            Ok(Ok(_)) => return Err(err("peer answered Hello with something else".into())),
-            Ok(Err(e)) => return Err(err(e.to_string())),
-            Err(_) => return Err(err("no HelloReply within 10s".into())),
-        };
+        let reply =
+            match tokio::time::timeout(Duration::from_secs(10), recv.expect("HelloReply")).await {
+                Ok(Ok(Body::HelloReply(r))) => r,
+                Ok(Ok(_)) => return Err(err("peer answered Hello with something else".into())),
+                Ok(Err(e)) => return Err(err(e.to_string())),
+                Err(_) => return Err(err("no HelloReply within 10s".into())),
+            };
         if !reply.error.is_empty() || reply.version == 0 {
             return Err(err(format!("peer refused: {}", reply.error)));
         }
@@ -333,14 +461,20 @@ impl Transport {
     }
 
     /// Opens a framed bidirectional stream on a connection.
-    pub async fn open_stream(conn: &quinn::Connection) -> Result<(FramedSend, FramedRecv), TransportError> {
-        let (send, recv) = conn.open_bi().await.map_err(|e| TransportError::Connection(e.to_string()))?;
+    pub async fn open_stream(
+        conn: &quinn::Connection,
+    ) -> Result<(FramedSend, FramedRecv), TransportError> {
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| TransportError::Connection(e.to_string()))?;
         Ok((FramedSend::new(send), FramedRecv::new(recv)))
     }
 
     /// Closes every connection and the endpoint.
     pub async fn close(&self) {
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
@@ -426,7 +560,10 @@ impl quinn::AsyncUdpSocket for InspectingSocket {
             for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
                 let len = m.len.min(m.stride.max(1)).min(buf.len());
                 if let Some(why) = not_quic(&buf[..len]) {
-                    let mut last = self.last_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut last = self
+                        .last_log
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                         *last = Some(std::time::Instant::now());
                         tracing::warn!(

@@ -12,9 +12,12 @@
 //! no session may come up: site-a stays not connected, site-b never becomes
 //! secondary.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use replicator::config::Config;
 use replicator::nbd_client::NbdClient;
+use replicator::transport::Transport;
 use replicator_tests::pattern::random_bytes;
 use replicator_tests::{CertKind, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
@@ -52,7 +55,9 @@ fn assert_refused(c: &Cluster, reason_any: &[&str]) {
         lines = matching_lines(c, &[], reason_any)
             .into_iter()
             .filter(|l| {
-                l.contains("handshake failed") || l.contains("cannot connect") || l.contains("refused")
+                l.contains("handshake failed")
+                    || l.contains("cannot connect")
+                    || l.contains("refused")
             })
             .collect::<Vec<_>>();
         if !lines.is_empty() || Instant::now() > deadline {
@@ -63,19 +68,32 @@ fn assert_refused(c: &Cluster, reason_any: &[&str]) {
     // Let a few reconnection attempts happen before judging the state.
     std::thread::sleep(Duration::from_secs(2));
     let a = c.status(Site::A, "tls");
-    assert!(!a.connected, "site-a must not be connected: {a:?}\n{}", c.diagnostics());
+    assert!(
+        !a.connected,
+        "site-a must not be connected: {a:?}\n{}",
+        c.diagnostics()
+    );
     assert_ne!(a.state, "PAIR", "site-a must not reach PAIR: {a:?}");
     let b = c.status(Site::B, "tls");
-    assert_eq!(b.role, "none", "site-b must not have become secondary: {b:?}\n{}", c.diagnostics());
+    assert_eq!(
+        b.role,
+        "none",
+        "site-b must not have become secondary: {b:?}\n{}",
+        c.diagnostics()
+    );
     assert!(!b.connected, "site-b must not be connected: {b:?}");
     assert!(
         !lines.is_empty(),
         "no log line on either site explains the refusal (wanted a handshake/connect failure naming one of {reason_any:?})\n{}",
         c.diagnostics()
     );
-    eprintln!("refusal logged:\n{}", lines.iter().take(4).cloned().collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "refusal logged:\n{}",
+        lines.iter().take(4).cloned().collect::<Vec<_>>().join("\n")
+    );
     assert!(
-        matching_lines(c, &["peer connected"], &[""]).is_empty() && matching_lines(c, &["connected to peer"], &[""]).is_empty(),
+        matching_lines(c, &["peer connected"], &[""]).is_empty()
+            && matching_lines(c, &["connected to peer"], &[""]).is_empty(),
         "a peer connection was accepted\n{}",
         c.diagnostics()
     );
@@ -84,13 +102,30 @@ fn assert_refused(c: &Cluster, reason_any: &[&str]) {
 #[test]
 fn certificate_from_another_ca_is_refused() {
     let c = Cluster::new(opts(CertKind::ForeignCa, "site-b"));
-    assert_refused(&c, &["UnknownIssuer", "UnknownCA", "unknown issuer", "unknown CA", "certificate"]);
+    assert_refused(
+        &c,
+        &[
+            "UnknownIssuer",
+            "UnknownCA",
+            "unknown issuer",
+            "unknown CA",
+            "certificate",
+        ],
+    );
 }
 
 #[test]
 fn wrong_peer_name_is_refused() {
     let c = Cluster::new(opts(CertKind::Valid, "site-c"));
-    assert_refused(&c, &["NotValidForName", "not valid for name", "site-c", "certificate"]);
+    assert_refused(
+        &c,
+        &[
+            "NotValidForName",
+            "not valid for name",
+            "site-c",
+            "certificate",
+        ],
+    );
 }
 
 #[test]
@@ -111,7 +146,12 @@ fn plaintext_datagrams_are_dropped_and_logged() {
     let target = c.quic_addr(Site::A);
     // The daemon rate-limits this log line to one a second: send a few
     // seconds' worth.
-    let garbage: [&[u8]; 4] = [b"hello, plaintext", b"GET / HTTP/1.0\r\n\r\n", &[0u8; 64], &[0x10u8; 1300]];
+    let garbage: [&[u8]; 4] = [
+        b"hello, plaintext",
+        b"GET / HTTP/1.0\r\n\r\n",
+        &[0u8; 64],
+        &[0x10u8; 1300],
+    ];
     for round in 0..3 {
         for g in garbage {
             sock.send_to(g, target).expect("send");
@@ -133,11 +173,19 @@ fn plaintext_datagrams_are_dropped_and_logged() {
 
     // The pair is unharmed: still connected, and a write replicates.
     let s = c.status(Site::A, "tls");
-    assert!(s.connected && s.state == "PAIR", "the pair suffered from garbage datagrams: {s:?}");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    assert!(
+        s.connected && s.state == "PAIR",
+        "the pair suffered from garbage datagrams: {s:?}"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let data = random_bytes(7, 256 * 1024);
     rt.block_on(async {
-        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), "tls-vol").await.expect("connect");
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), "tls-vol")
+            .await
+            .expect("connect");
         client.write(MIB, &data, false).await.expect("write");
         client.flush().await.expect("flush");
     });
@@ -145,7 +193,10 @@ fn plaintext_datagrams_are_dropped_and_logged() {
     c.stop(Site::A);
     c.stop(Site::B);
     let b = std::fs::read(c.volume_path(Site::B, "tls-vol")).expect("read secondary");
-    assert!(b[MIB as usize..MIB as usize + data.len()] == data[..], "the write after the garbage did not replicate");
+    assert!(
+        b[MIB as usize..MIB as usize + data.len()] == data[..],
+        "the write after the garbage did not replicate"
+    );
     c.assert_volumes_identical("tls");
 }
 
@@ -156,11 +207,19 @@ fn peer_quic_traffic_is_not_reported_as_non_quic() {
     let mut c = Cluster::new(opts(CertKind::Valid, "site-b"));
     c.pair_create("tls");
     c.wait_pair("tls", Duration::from_secs(60));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
-        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), "tls-vol").await.expect("connect");
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), "tls-vol")
+            .await
+            .expect("connect");
         for i in 0..64u64 {
-            client.write(i * 65536, &random_bytes(i, 65536), false).await.expect("write");
+            client
+                .write(i * 65536, &random_bytes(i, 65536), false)
+                .await
+                .expect("write");
         }
         client.flush().await.expect("flush");
     });
@@ -174,7 +233,12 @@ fn peer_quic_traffic_is_not_reported_as_non_quic() {
         false_alarms.is_empty(),
         "valid QUIC packets from the peer were logged as not QUIC ({} line(s)), e.g.:\n{}",
         false_alarms.len(),
-        false_alarms.iter().take(3).cloned().collect::<Vec<_>>().join("\n")
+        false_alarms
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     c.assert_volumes_identical("tls");
 }
@@ -190,11 +254,13 @@ fn primary_reports_why_it_cannot_connect() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = c.status(Site::A, "tls");
-        let in_status = s.last_error.as_deref().is_some_and(|e| e.contains("certificate") || e.contains("site-b"));
-        let in_log = c
-            .log(Site::A)
-            .lines()
-            .any(|l| (l.contains("cannot connect") || l.contains("link down")) && l.contains("certificate"));
+        let in_status = s
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("certificate") || e.contains("site-b"));
+        let in_log = c.log(Site::A).lines().any(|l| {
+            (l.contains("cannot connect") || l.contains("link down")) && l.contains("certificate")
+        });
         if in_status || in_log {
             return;
         }
@@ -213,28 +279,192 @@ fn primary_reports_why_it_cannot_connect() {
 }
 
 /// A peer that speaks no common wire version is refused, and both sides say
-/// so in their logs (site-b claims to speak only version 99 through the
-/// daemon's test-only switch).
+/// so. site-b is played in-process by a transport that speaks only version
+/// 99, with site-b's configuration (identity and address): the daemon has
+/// no switch to claim other versions. Both directions: site-a dials the
+/// fake peer (site-a's status and log, and the fake's accept, report the
+/// mismatch), then the fake dials site-a (site-a's log and the fake's
+/// connect report it).
 #[test]
 fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
     let mut opts = ClusterOpts::group(GroupSpec::new("wv", Mode::Sync).volume("wv-vol", 8 << 20));
-    opts.site_b_env.push(("REPLICATOR_TEST_WIRE_VERSIONS".into(), "99".into()));
-    let cluster = Cluster::new(opts);
-    cluster.pair_create("wv");
-    let s = cluster.wait_until(Site::A, "wv", "reporting the version mismatch", Duration::from_secs(30), |s| {
-        s.last_error.as_deref().is_some_and(|e| e.contains("no common wire version"))
-    });
-    assert!(!s.connected, "{s:?}");
-    let wait = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (a, b) = (cluster.log(Site::A), cluster.log(Site::B));
-        let a_ok = a.contains("no common wire version");
-        let b_ok = b.contains("no common wire version") && b.contains("we speak [99]");
-        if a_ok && b_ok {
-            break;
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    cluster.start(Site::A);
+    let b_config = Config::load(cluster.config_path(Site::B)).expect("site-b configuration");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let fake = {
+        let _rt = rt.enter();
+        Arc::new(Transport::bind_with_versions(&b_config, &[99]).expect("bind the fake site-b"))
+    };
+    // Every incoming connection, as the fake peer saw it (site-a retries).
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    rt.spawn({
+        let fake = fake.clone();
+        async move {
+            while let Some(result) = fake.accept_next().await {
+                let seen = result
+                    .map(|pc| pc.peer)
+                    .map_err(|refused| (refused.peer, refused.reason.to_string()));
+                if accepted_tx.send(seen).is_err() {
+                    break;
+                }
+            }
         }
-        assert!(Instant::now() < wait, "version mismatch not logged on both sides:\n--- site-a\n{a}\n--- site-b\n{b}");
+    });
+
+    // site-a dials site-b.
+    cluster.pair_create("wv");
+    let s = cluster.wait_until(
+        Site::A,
+        "wv",
+        "reporting the version mismatch",
+        Duration::from_secs(30),
+        |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("no common wire version"))
+        },
+    );
+    assert!(!s.connected, "{s:?}");
+    match accepted.recv_timeout(Duration::from_secs(30)) {
+        Ok(Err((peer, reason))) => {
+            assert_eq!(peer.as_deref(), Some("site-a"), "{reason}");
+            assert!(
+                reason.contains("no common wire version") && reason.contains("we speak [99]"),
+                "the fake peer's refusal does not explain the mismatch: {reason}"
+            );
+        }
+        Ok(Ok(peer)) => panic!("the fake site-b speaking only version 99 accepted {peer}"),
+        Err(e) => panic!(
+            "site-a never reached the fake site-b: {e}\n{}",
+            cluster.diagnostics()
+        ),
+    }
+    let wait = Instant::now() + Duration::from_secs(10);
+    while !cluster
+        .log(Site::A)
+        .lines()
+        .any(|l| l.contains("no common wire version") && l.contains("[99]"))
+    {
+        assert!(
+            Instant::now() < wait,
+            "site-a's log does not report the version mismatch\n{}",
+            cluster.diagnostics()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(cluster.status(Site::B, "wv").role, "none", "site-b must not have become secondary");
+
+    // The fake site-b dials site-a.
+    let err = rt
+        .block_on(fake.connect("site-a"))
+        .expect_err("site-a must refuse a peer speaking only version 99");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no common wire version") && msg.contains("the peer speaks [99]"),
+        "the dialing peer's error does not explain the mismatch: {msg}"
+    );
+    let wait = Instant::now() + Duration::from_secs(10);
+    while !cluster.log(Site::A).lines().any(|l| {
+        l.contains("refused connection")
+            && l.contains("no common wire version")
+            && l.contains("the peer speaks [99]")
+    }) {
+        assert!(
+            Instant::now() < wait,
+            "site-a's log does not say it refused the peer for its wire version\n{}",
+            cluster.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = cluster.status(Site::A, "wv");
+    assert!(
+        !a.connected && a.state != "PAIR",
+        "site-a paired with a peer of another wire version: {a:?}"
+    );
+    rt.block_on(fake.close());
+    cluster.stop(Site::A);
+}
+
+/// The shipped binary has no test-only switches: the environment variable
+/// that used to make a daemon claim other wire versions
+/// (`REPLICATOR_TEST_WIRE_VERSIONS`) must change nothing, so a site-b
+/// started with it pairs as usual.
+#[test]
+fn the_daemon_ignores_the_former_wire_version_test_switch() {
+    let mut opts =
+        ClusterOpts::group(GroupSpec::new("nosw", Mode::Sync).volume("nosw-vol", 8 << 20));
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    cluster.start(Site::A);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cluster.log_path(Site::B))
+        .expect("site-b log");
+    let child = std::process::Command::new(cluster.bin())
+        .arg("--config")
+        .arg(cluster.config_path(Site::B))
+        .arg("run")
+        .env("REPLICATOR_TEST_WIRE_VERSIONS", "99")
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("REPLICATOR_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("clone"))
+        .stderr(log)
+        .spawn()
+        .expect("start site-b");
+    let mut site_b = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster
+        .control(Site::B, &replicator_tests::Request::Status { group: None })
+        .is_err()
+    {
+        if let Ok(Some(status)) = site_b.0.try_wait() {
+            panic!(
+                "site-b exited at start-up with {status}\n{}",
+                cluster.diagnostics()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "site-b did not start\n{}",
+            cluster.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.pair_create("nosw");
+    cluster.wait_pair("nosw", Duration::from_secs(60));
+    assert!(
+        !cluster.log(Site::A).contains("no common wire version")
+            && !cluster.log(Site::B).contains("no common wire version"),
+        "an environment variable changed the wire versions of the shipped binary\n{}",
+        cluster.diagnostics()
+    );
+    cluster.stop(Site::A);
+    let pid = nix::unistd::Pid::from_raw(site_b.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM site-b");
+    let status = site_b.0.wait().expect("wait for site-b");
+    assert!(
+        status.success(),
+        "site-b did not stop cleanly: {status}\n{}",
+        cluster.diagnostics()
+    );
+}
+
+/// A daemon started by the test itself, killed if the test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

@@ -129,9 +129,10 @@ pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
         }
         Err(e) => return Err(open_err(path, e)),
     };
-    check_file_type(meta.file_type()).map_err(|e| open_err(path, e))?;
+    let exclusive =
+        check_file_type(meta.file_type()).map_err(|e| open_err(path, e))? && !opts.read_only;
 
-    let (file, direct) = open_with_fallback(path, opts)?;
+    let (file, direct) = open_with_fallback(path, opts, exclusive)?;
     let meta = file.metadata().map_err(|e| open_err(path, e))?;
     let block_device = check_file_type(meta.file_type()).map_err(|e| open_err(path, e))?;
     let size = if block_device {
@@ -172,30 +173,50 @@ pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
     })
 }
 
-fn open_with_fallback(path: &Path, opts: &OpenOptions) -> Result<(File, bool), IoError> {
+/// Opens with `O_DIRECT` if asked (falling back to buffered I/O where the
+/// filesystem refuses it), and with `O_EXCL` if `exclusive`: for a block
+/// device, Linux then fails with `EBUSY` if it is mounted or opened with
+/// `O_EXCL` elsewhere (another daemon, `mkfs`), and keeps those out while
+/// it stays open.
+fn open_with_fallback(
+    path: &Path,
+    opts: &OpenOptions,
+    exclusive: bool,
+) -> Result<(File, bool), IoError> {
     let open = |direct: bool| {
         let mut o = fs::OpenOptions::new();
         o.read(true).write(!opts.read_only);
+        let mut flags = 0;
         if direct {
-            o.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
-        o.open(path)
+        if exclusive {
+            flags |= libc::O_EXCL;
+        }
+        o.custom_flags(flags);
+        o.open(path).map_err(|e| {
+            if exclusive && e.raw_os_error() == Some(libc::EBUSY) {
+                IoError::DeviceBusy {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                open_err(path, e)
+            }
+        })
     };
     if opts.direct {
         match open(true) {
             Ok(file) => return Ok((file, true)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(IoError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::info!(
                     path = %path.display(),
                     "the filesystem refuses O_DIRECT; using buffered I/O (the page cache) for this file"
                 );
             }
-            Err(e) => return Err(open_err(path, e)),
+            Err(e) => return Err(e),
         }
     }
-    open(false)
-        .map(|file| (file, false))
-        .map_err(|e| open_err(path, e))
+    open(false).map(|file| (file, false))
 }
 
 /// Creates a sparse regular file of `size` bytes, durably (file and parent

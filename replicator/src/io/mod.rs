@@ -30,6 +30,9 @@
 //! Decisions an admin may care about:
 //! * An existing volume whose size differs from the configured one, in either
 //!   direction, is refused (`SizeMismatch`); nothing is resized.
+//! * A block device opened for writing is opened with `O_EXCL`: never while
+//!   it is mounted or another daemon has it, and nobody mounts it or runs
+//!   `mkfs` on it meanwhile (`IoError::DeviceBusy`).
 //! * A missing path is created as a sparse file only outside `/dev`: a
 //!   missing `/dev/vg0/db` means an inactive or mistyped device, not "create
 //!   a file in devtmpfs".
@@ -248,7 +251,11 @@ pub struct OpenOptions {
     /// Try `O_DIRECT`; if the filesystem refuses it (`EINVAL`), open buffered
     /// instead ([`BlockFile::is_direct`] tells which).
     pub direct: bool,
-    /// Open read-only: writes, zeroing and discards are refused.
+    /// Open read-only: writes, zeroing and discards are refused. A block
+    /// device opened for writing (`read_only` false) is opened exclusively
+    /// (`O_EXCL`): refused with [`IoError::DeviceBusy`] while it is mounted
+    /// or opened exclusively elsewhere, and kept from being mounted, or
+    /// opened exclusively (a second daemon, `mkfs`), while it stays open.
     pub read_only: bool,
 }
 
@@ -302,6 +309,16 @@ pub enum IoError {
         path: PathBuf,
         /// What went wrong.
         source: io::Error,
+    },
+    /// A block device opened for writing is mounted, or opened exclusively
+    /// by another process (`O_EXCL` failed with `EBUSY`).
+    #[error(
+        "block device {} is in use by another process or mounted (opened exclusively, O_EXCL)",
+        path.display()
+    )]
+    DeviceBusy {
+        /// The path given to [`IoEngine::open`].
+        path: PathBuf,
     },
     /// The existing file or device is not the configured size.
     #[error(

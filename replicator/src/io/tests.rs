@@ -739,6 +739,28 @@ async fn loop_block_device() {
         assert!(file.is_direct(), "block devices accept O_DIRECT");
         assert_eq!(file.size(), size, "BLKGETSIZE64");
 
+        // Opened for writing means opened exclusively: a second writer (a
+        // second daemon, mkfs) is refused, a reader is not.
+        let busy = engine.open(&lo.dev, &opts);
+        assert!(
+            matches!(&busy, Err(IoError::DeviceBusy { path }) if *path == lo.dev),
+            "{busy:?}"
+        );
+        let msg = busy.expect_err("busy").to_string();
+        assert!(
+            msg.contains("in use by another process or mounted"),
+            "{msg}"
+        );
+        let ro = OpenOptions {
+            read_only: true,
+            ..opts.clone()
+        };
+        drop(
+            engine
+                .open(&lo.dev, &ro)
+                .expect("read-only open next to the writer"),
+        );
+
         // Concurrent round trip of 1 MiB pieces.
         let mut tasks = Vec::new();
         for i in 0..32u64 {

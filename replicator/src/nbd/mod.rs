@@ -51,7 +51,9 @@
 //!   requests from being read. A request whose future panics is answered
 //!   with `EIO`.
 //! - `NBD_CMD_DISC` and shutdown: stop reading, let in-flight requests finish
-//!   and reply, then close.
+//!   and reply, then close. The server reports whether every request it
+//!   started has finished in the export when it returns ([`Drain`]): the
+//!   daemon records a clean shutdown only then.
 
 mod handshake;
 pub mod proto;
@@ -67,7 +69,9 @@ use std::sync::Arc;
 
 use crate::io::AlignedBuf;
 
-pub use server::{serve_tcp, serve_tcp_with, serve_unix, serve_unix_with, ServeOptions};
+pub use server::{
+    serve_tcp, serve_tcp_with, serve_unix, serve_unix_with, Drain, ServeOptions, SHUTDOWN_BACKSTOP,
+};
 
 /// Largest option data accepted during the handshake; a client sending more
 /// is disconnected.

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinError, JoinSet};
 
 use super::handshake::{self, Negotiated};
-use super::transmission::{self, Limits};
+use super::transmission::{self, Limits, RunningRequests};
 use super::ExportCatalog;
 
 /// Buffer in front of the socket for requests (large write payloads bypass
@@ -20,8 +20,9 @@ use super::ExportCatalog;
 const REQUEST_BUFFER: usize = 16 * 1024;
 
 /// Extra time the accept loop gives connections beyond the grace period
-/// (which each connection enforces itself) before aborting them.
-const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(5);
+/// (which each connection enforces itself) before aborting them, and
+/// running requests before reporting them (see [`Drain`]).
+pub const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(5);
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
 /// does not spin.
@@ -57,6 +58,24 @@ impl Default for ServeOptions {
     }
 }
 
+/// How a server's shutdown ended: whether every export operation it
+/// started has finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a shutdown that left requests running in the export is not a clean one"]
+pub enum Drain {
+    /// Every connection is closed and every request the server started has
+    /// finished in the export.
+    Complete,
+    /// [`ServeOptions::shutdown_grace`] plus [`SHUTDOWN_BACKSTOP`] after
+    /// shutdown, requests were still running in the export. Their futures
+    /// are not cancelled and may still write to it after the server has
+    /// returned.
+    Incomplete {
+        /// Requests still running.
+        requests: usize,
+    },
+}
+
 /// Accept loop; one task per connection; returns when `shutdown` becomes true (connections then finish their in-flight requests, reply, and close).
 ///
 /// Uses [`ServeOptions::default`]; see [`serve_unix_with`].
@@ -64,8 +83,8 @@ pub async fn serve_unix<C: ExportCatalog>(
     listener: UnixListener,
     catalog: Arc<C>,
     shutdown: watch::Receiver<bool>,
-) {
-    serve_unix_with(listener, catalog, shutdown, ServeOptions::default()).await;
+) -> Drain {
+    serve_unix_with(listener, catalog, shutdown, ServeOptions::default()).await
 }
 
 /// Accept loop over TCP (`TCP_NODELAY` is set on every connection);
@@ -74,23 +93,26 @@ pub async fn serve_tcp<C: ExportCatalog>(
     listener: TcpListener,
     catalog: Arc<C>,
     shutdown: watch::Receiver<bool>,
-) {
-    serve_tcp_with(listener, catalog, shutdown, ServeOptions::default()).await;
+) -> Drain {
+    serve_tcp_with(listener, catalog, shutdown, ServeOptions::default()).await
 }
 
 /// Serves NBD on a Unix socket until `shutdown` becomes true (or its sender
 /// is dropped). Then it stops accepting (the listener is dropped), lets each
 /// connection finish its in-flight requests and send their replies, and
-/// returns once every connection is closed. A connection whose client does
-/// not read its replies is closed [`ServeOptions::shutdown_grace`] after
-/// shutdown.
+/// returns once every connection is closed and every request has finished
+/// in the export. A connection whose client does not read its replies is
+/// closed [`ServeOptions::shutdown_grace`] after shutdown. It returns
+/// [`Drain::Incomplete`] if requests are still running in the export
+/// [`ServeOptions::shutdown_grace`] plus [`SHUTDOWN_BACKSTOP`] after
+/// shutdown: the caller must then not treat the export as quiescent.
 pub async fn serve_unix_with<C: ExportCatalog>(
     listener: UnixListener,
     catalog: Arc<C>,
     shutdown: watch::Receiver<bool>,
     options: ServeOptions,
-) {
-    accept_loop(listener, catalog, shutdown, options).await;
+) -> Drain {
+    accept_loop(listener, catalog, shutdown, options).await
 }
 
 /// As [`serve_unix_with`], over TCP.
@@ -99,8 +121,8 @@ pub async fn serve_tcp_with<C: ExportCatalog>(
     catalog: Arc<C>,
     shutdown: watch::Receiver<bool>,
     options: ServeOptions,
-) {
-    accept_loop(listener, catalog, shutdown, options).await;
+) -> Drain {
+    accept_loop(listener, catalog, shutdown, options).await
 }
 
 /// Resolves once shutdown is requested. A dropped sender counts as a
@@ -150,13 +172,26 @@ impl Listener for TcpListener {
     }
 }
 
+/// What every connection of one server shares.
+struct Shared<C> {
+    catalog: Arc<C>,
+    running: RunningRequests,
+    options: ServeOptions,
+}
+
 async fn accept_loop<L: Listener, C: ExportCatalog>(
     listener: L,
     catalog: Arc<C>,
     mut shutdown: watch::Receiver<bool>,
     options: ServeOptions,
-) {
+) -> Drain {
     let mut connections = JoinSet::new();
+    let running = RunningRequests::new();
+    let shared = Arc::new(Shared {
+        catalog,
+        running: running.clone(),
+        options,
+    });
     let mut next_id: u64 = 0;
     loop {
         tokio::select! {
@@ -171,9 +206,8 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
                         peer,
                         read,
                         write,
-                        Arc::clone(&catalog),
+                        Arc::clone(&shared),
                         shutdown.clone(),
-                        options,
                     ));
                 }
                 Err(err) => {
@@ -191,7 +225,8 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
             "NBD server stopping: letting connections finish their in-flight requests"
         );
     }
-    let drained = tokio::time::timeout(options.shutdown_grace + SHUTDOWN_BACKSTOP, async {
+    let deadline = tokio::time::Instant::now() + options.shutdown_grace + SHUTDOWN_BACKSTOP;
+    let drained = tokio::time::timeout_at(deadline, async {
         while let Some(done) = connections.join_next().await {
             reap(done);
         }
@@ -205,6 +240,21 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
         );
         connections.shutdown().await;
     }
+    // A connection closed for a client that stopped reading may leave its
+    // requests running; they are never cancelled, so wait for them too.
+    if tokio::time::timeout_at(deadline, running.idle())
+        .await
+        .is_ok()
+    {
+        return Drain::Complete;
+    }
+    let requests = running.count();
+    tracing::error!(
+        requests,
+        after = ?options.shutdown_grace + SHUTDOWN_BACKSTOP,
+        "NBD server stopped with requests still running in the export"
+    );
+    Drain::Incomplete { requests }
 }
 
 fn reap(done: Result<(), JoinError>) {
@@ -221,14 +271,14 @@ async fn connection<C, R, W>(
     peer: String,
     read: R,
     mut write: W,
-    catalog: Arc<C>,
+    shared: Arc<Shared<C>>,
     mut shutdown: watch::Receiver<bool>,
-    options: ServeOptions,
 ) where
     C: ExportCatalog,
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let options = shared.options;
     // Kept across both phases: bytes a client pipelines right after its
     // NBD_OPT_GO stay buffered for the transmission phase.
     let mut reader = BufReader::with_capacity(REQUEST_BUFFER, read);
@@ -237,7 +287,7 @@ async fn connection<C, R, W>(
         () = shutdown_requested(&mut shutdown) => Err(CloseReason::Shutdown),
         result = tokio::time::timeout(
             options.handshake_timeout,
-            handshake::negotiate(&mut reader, &mut write, &*catalog),
+            handshake::negotiate(&mut reader, &mut write, &*shared.catalog),
         ) => result.unwrap_or_else(|_| Err(CloseReason::HandshakeTimeout(options.handshake_timeout))),
     };
     let (export_name, reason) = match negotiated {
@@ -260,9 +310,16 @@ async fn connection<C, R, W>(
                 max_bytes: options.max_in_flight_bytes,
                 shutdown_grace: options.shutdown_grace,
             };
-            let reason =
-                transmission::serve(&mut reader, write, export, params, limits, &mut shutdown)
-                    .await;
+            let reason = transmission::serve(
+                &mut reader,
+                write,
+                export,
+                params,
+                limits,
+                &shared.running,
+                &mut shutdown,
+            )
+            .await;
             (Some(name), reason)
         }
     };

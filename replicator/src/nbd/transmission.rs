@@ -45,6 +45,7 @@ pub(super) async fn serve<E, R, W>(
     export: Arc<E>,
     params: ExportParams,
     limits: Limits,
+    running: &RunningRequests,
     shutdown: &mut watch::Receiver<bool>,
 ) -> CloseReason
 where
@@ -62,7 +63,7 @@ where
             biased;
             () = shutdown_requested(shutdown) => break Some(CloseReason::Shutdown),
             () = replies.closed() => break None,
-            step = next_request(reader, &export, &params, &budget, &replies) => step,
+            step = next_request(reader, &export, &params, &budget, running, &replies) => step,
         };
         if let Err(reason) = step {
             break Some(reason);
@@ -99,6 +100,7 @@ async fn next_request<E, R>(
     export: &Arc<E>,
     params: &ExportParams,
     budget: &Budget,
+    running: &RunningRequests,
     replies: &UnboundedSender<Reply>,
 ) -> Result<(), CloseReason>
 where
@@ -156,7 +158,7 @@ where
         replies: replies.clone(),
         permits: Some(permits),
     };
-    tokio::spawn(run(Arc::clone(export), job, guard));
+    tokio::spawn(run(Arc::clone(export), job, guard, running.enter()));
     Ok(())
 }
 
@@ -251,7 +253,9 @@ impl Job {
 }
 
 /// One request's task: runs the job on the export and queues the reply.
-async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard) {
+/// `_running` counts it among the server's running requests until the
+/// export future has finished (also when it panics).
+async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard, _running: RunningGuard) {
     let (name, offset) = (job.name(), job.offset());
     let result = match job {
         Job::Read { offset, len } => match export.read(offset, len).await {
@@ -282,6 +286,49 @@ async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard) {
             );
             guard.reply(err.errno.code(), None);
         }
+    }
+}
+
+/// The request tasks running in one server, across all its connections.
+///
+/// A connection may close before its requests finish (its client stopped
+/// reading replies past the shutdown grace period), but an export future,
+/// once started, is never cancelled: only this count tells whether the
+/// export is still being written to when the server stops.
+#[derive(Debug, Clone)]
+pub(super) struct RunningRequests(Arc<watch::Sender<usize>>);
+
+impl RunningRequests {
+    pub(super) fn new() -> Self {
+        Self(Arc::new(watch::Sender::new(0)))
+    }
+
+    /// Counts one more request until the guard is dropped.
+    fn enter(&self) -> RunningGuard {
+        self.0.send_modify(|n| *n += 1);
+        RunningGuard(Arc::clone(&self.0))
+    }
+
+    /// Requests running now.
+    pub(super) fn count(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Resolves once no request is running.
+    pub(super) async fn idle(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`, so the channel cannot close here.
+        let _ = rx.wait_for(|&n| n == 0).await;
+    }
+}
+
+/// One running request (see [`RunningRequests`]).
+#[derive(Debug)]
+pub(super) struct RunningGuard(Arc<watch::Sender<usize>>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -386,7 +386,8 @@ async fn tcp_listener_serves_the_same_protocol() {
     assert_eq!(catalog.get("vol").bytes(8192, 4096), payload);
 
     let _ = shutdown.send(true);
-    step("tcp server shutdown", task)
+    let drain = step("tcp server shutdown", task)
         .await
         .expect("server task");
+    assert_eq!(drain, Drain::Complete);
 }

@@ -25,7 +25,7 @@ use super::proto::{
     OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
 };
 use super::{
-    serve_unix_with, BlockSizes, Export, ExportCatalog, ExportError, NbdErrno, OpenError,
+    serve_unix_with, BlockSizes, Drain, Export, ExportCatalog, ExportError, NbdErrno, OpenError,
     ServeOptions,
 };
 use crate::io::AlignedBuf;
@@ -288,7 +288,7 @@ pub(super) struct Server {
     pub sock: PathBuf,
     pub catalog: Arc<MemCatalog>,
     shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: JoinHandle<Drain>,
 }
 
 impl Server {
@@ -328,12 +328,18 @@ impl Server {
         let _ = self.shutdown.send(true);
     }
 
-    /// Shuts down and waits for the accept loop to return.
+    /// Shuts down, waits for the accept loop to return, and checks that
+    /// every request finished in the export.
     pub(super) async fn stop(self) {
+        assert_eq!(self.stop_drain().await, Drain::Complete);
+    }
+
+    /// Shuts down and returns what the accept loop reported.
+    pub(super) async fn stop_drain(self) -> Drain {
         self.request_shutdown();
         step("server shutdown", self.task)
             .await
-            .expect("server task");
+            .expect("server task")
     }
 
     pub(super) fn is_finished(&self) -> bool {

@@ -467,6 +467,54 @@ async fn shutdown_grace_bounds_a_client_that_stops_reading() {
     server.stop().await;
 }
 
+/// A request still running in the export when the grace period and the
+/// backstop have passed is reported: the daemon must not record a clean
+/// shutdown while an export future may still write.
+#[tokio::test]
+async fn shutdown_reports_requests_still_running_in_the_export() {
+    let options = ServeOptions {
+        shutdown_grace: Duration::from_millis(200),
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let export = server.export("vol");
+    // Longer than the grace period plus the backstop.
+    let stuck = super::super::SHUTDOWN_BACKSTOP + Duration::from_secs(5);
+    lock(&export.delay_at).insert(0, stuck);
+    let (mut client, _) = server.open("vol").await;
+    client
+        .send_request(CMD_WRITE, 0, 1, 0, 4096, &pattern(3, 4096))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let drain = server.stop_drain().await;
+    assert_eq!(drain, Drain::Incomplete { requests: 1 });
+    assert!(
+        started.elapsed() < stuck,
+        "serve waited for the stuck request instead of reporting it"
+    );
+}
+
+/// A connection closed by the grace period (its request outlived it) counts
+/// as drained once that request has finished in the export.
+#[tokio::test]
+async fn shutdown_waits_for_requests_of_a_connection_closed_by_the_grace_period() {
+    let options = ServeOptions {
+        shutdown_grace: Duration::from_millis(200),
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let export = server.export("vol");
+    lock(&export.delay_at).insert(0, Duration::from_millis(800));
+    let (mut client, _) = server.open("vol").await;
+    client
+        .send_request(CMD_WRITE, 0, 1, 0, 4096, &pattern(4, 4096))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.stop_drain().await, Drain::Complete);
+    export.assert_bytes(0, &pattern(4, 4096));
+}
+
 #[tokio::test]
 async fn export_errors_and_panics_become_error_replies() {
     let server = Server::start(MemCatalog::standard());
