@@ -7,8 +7,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY-free: build scripts are single-threaded, set_var is fine here.
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=../proto/replication.proto");
-    prost_build::Config::new()
-        .bytes(["."])
-        .compile_protos(&["../proto/replication.proto"], &["../proto"])?;
+    prost_build::Config::new().bytes(["."]).compile_protos(&["../proto/replication.proto"], &["../proto"])?;
     Ok(())
 }

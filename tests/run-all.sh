@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs the system
 # packages the end-to-end tests drive (real NBD clients, filesystem tools),
-# builds in release mode and runs unit, simulation and end-to-end tests.
+# checks formatting and clippy lints, builds in release mode and runs unit,
+# simulation and end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,9 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# Lint gates: formatting (rustfmt.toml) and clippy with warnings as errors.
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

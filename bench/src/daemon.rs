@@ -40,7 +40,8 @@ impl Env {
         let certs = root.join("certs");
         replicator::certs::init_ca(&certs).map_err(|e| e.to_string())?;
         for n in ["site-a", "site-b"] {
-            replicator::certs::issue(&certs, n, &certs, replicator::certs::Validity::days(2)).map_err(|e| e.to_string())?;
+            replicator::certs::issue(&certs, n, &certs, replicator::certs::Validity::days(2))
+                .map_err(|e| e.to_string())?;
         }
         Ok(Env { rt, exe, root, certs, monitor: crate::monitor::Monitor::start() })
     }
@@ -118,7 +119,15 @@ pub struct Daemon {
 
 impl Daemon {
     /// Writes the configuration of node `me` in `dir/me`.
-    pub fn configure(env: &Env, dir: &Path, me: &str, peer: &str, listen: SocketAddr, peer_addr: SocketAddr, groups: &[GroupSpec]) -> Result<Daemon, String> {
+    pub fn configure(
+        env: &Env,
+        dir: &Path,
+        me: &str,
+        peer: &str,
+        listen: SocketAddr,
+        peer_addr: SocketAddr,
+        groups: &[GroupSpec],
+    ) -> Result<Daemon, String> {
         let site = dir.join(me);
         std::fs::create_dir_all(&site).map_err(|e| format!("{}: {e}", site.display()))?;
         let certs = env.certs.display();
@@ -135,12 +144,24 @@ impl Daemon {
                 g.name, g.mode, g.journal, g.on_journal_full
             );
             for (v, file, size) in &g.volumes {
-                let _ = write!(t, "\n[[group.volume]]\nname = \"{v}\"\npath = \"{}\"\nsize = \"{size}\"\n", site.join(file).display());
+                let _ = write!(
+                    t,
+                    "\n[[group.volume]]\nname = \"{v}\"\npath = \"{}\"\nsize = \"{size}\"\n",
+                    site.join(file).display()
+                );
             }
         }
         let config = site.join("replicator.toml");
         std::fs::write(&config, t).map_err(|e| format!("{}: {e}", config.display()))?;
-        Ok(Daemon { name: me.into(), log: site.join("daemon.log"), dir: site, config, listen, exe: env.exe.clone(), child: None })
+        Ok(Daemon {
+            name: me.into(),
+            log: site.join("daemon.log"),
+            dir: site,
+            config,
+            listen,
+            exe: env.exe.clone(),
+            child: None,
+        })
     }
 
     /// Path of a file in the site directory.
@@ -180,7 +201,12 @@ impl Daemon {
             }
             if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
-                return Err(format!("daemon {} exited with {st} at start; log {}: {}", self.name, self.log.display(), tail(&self.log)));
+                return Err(format!(
+                    "daemon {} exited with {st} at start; log {}: {}",
+                    self.name,
+                    self.log.display(),
+                    tail(&self.log)
+                ));
             }
             if Instant::now() > deadline {
                 return Err(format!("daemon {} did not come up in 30 s; log {}", self.name, self.log.display()));
@@ -209,12 +235,18 @@ impl Daemon {
         loop {
             match c.try_wait() {
                 Ok(Some(st)) if st.success() => return Ok(()),
-                Ok(Some(st)) => return Err(format!("daemon {} exited with {st}; log {}", self.name, self.log.display())),
+                Ok(Some(st)) => {
+                    return Err(format!("daemon {} exited with {st}; log {}", self.name, self.log.display()))
+                }
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                 _ => {
                     let _ = c.kill();
                     let _ = c.wait();
-                    return Err(format!("daemon {} ignored SIGTERM for 30 s and was killed; log {}", self.name, self.log.display()));
+                    return Err(format!(
+                        "daemon {} ignored SIGTERM for 30 s and was killed; log {}",
+                        self.name,
+                        self.log.display()
+                    ));
                 }
             }
         }
@@ -238,7 +270,14 @@ impl Daemon {
     }
 
     /// Polls until `pred` holds for the group (≤ `timeout`).
-    pub fn wait_for(&self, env: &Env, group: &str, timeout: Duration, what: &str, pred: impl Fn(&GroupStatus) -> bool) -> Result<GroupStatus, String> {
+    pub fn wait_for(
+        &self,
+        env: &Env,
+        group: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&GroupStatus) -> bool,
+    ) -> Result<GroupStatus, String> {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.status(env, group)?;
@@ -308,7 +347,11 @@ impl SitePair {
     pub fn configure(env: &Env, dir: &Path, groups: &[GroupSpec], link: LinkSpec) -> Result<SitePair, String> {
         let pa: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse().map_err(|e| format!("{e}"))?;
         let pb: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse().map_err(|e| format!("{e}"))?;
-        let proxy = if link.is_direct() { None } else { Some(UdpProxy::start(pb, link).map_err(|e| format!("UDP proxy: {e}"))?) };
+        let proxy = if link.is_direct() {
+            None
+        } else {
+            Some(UdpProxy::start(pb, link).map_err(|e| format!("UDP proxy: {e}"))?)
+        };
         let via = proxy.as_ref().map_or(pb, UdpProxy::addr);
         let a = Daemon::configure(env, dir, "site-a", "site-b", pa, via, groups)?;
         let b = Daemon::configure(env, dir, "site-b", "site-a", pb, pa, groups)?;

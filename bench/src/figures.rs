@@ -191,7 +191,10 @@ pub fn run_all(env: &Env, o: &FigureOpts, log: &dyn Fn(&str)) -> Figures {
         Err(e) => f.not_measurable.push(("daemon RSS".into(), format!("failed: {e}"))),
     }
     for (fig, why) in [
-        ("checksum-skip speed on an identical volume", "not yet measurable: verify (`replicator verify`) not implemented"),
+        (
+            "checksum-skip speed on an identical volume",
+            "not yet measurable: verify (`replicator verify`) not implemented",
+        ),
         ("resync bytes after a failover", "not yet measurable: failover/failback not implemented"),
         ("drill start time vs volume size (1, 16, 64 GiB)", "not yet measurable: drills not implemented"),
     ] {
@@ -274,7 +277,13 @@ pub fn lag(env: &Env, o: &FigureOpts) -> Result<LagFigure, String> {
     while Instant::now() < limit {
         let s = p.a.status(env, "lag")?;
         let ph = *phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        samples.push(LagSample { t: start.elapsed().as_secs_f64(), phase: ph, records: s.lag_records, bytes: s.lag_bytes, seconds: s.lag_seconds });
+        samples.push(LagSample {
+            t: start.elapsed().as_secs_f64(),
+            phase: ph,
+            records: s.lag_records,
+            bytes: s.lag_bytes,
+            seconds: s.lag_seconds,
+        });
         if done.load(Ordering::Relaxed) {
             let end = *load_end.get_or_insert_with(Instant::now);
             if s.lag_records == 0 {
@@ -313,7 +322,10 @@ pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
     let mut runs = Vec::new();
     let mut cases = vec![(LinkSpec::rtt(Duration::ZERO), if o.quick { 128 * MIB } else { 512 * MIB })];
     if !o.quick {
-        cases.push((LinkSpec { rtt: o.rtt, jitter: Duration::ZERO, bandwidth: Some(o.bandwidth), loss: 0.0 }, 128 * MIB));
+        cases.push((
+            LinkSpec { rtt: o.rtt, jitter: Duration::ZERO, bandwidth: Some(o.bandwidth), loss: 0.0 },
+            128 * MIB,
+        ));
     }
     for (i, (link, size)) in cases.into_iter().enumerate() {
         let g = GroupSpec::single("copy", "async", 256 * MIB, size);
@@ -335,7 +347,15 @@ pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
             (None, Some(l)) => (Some(l), format!("link {l:.0} MB/s")),
             (None, None) => (None, "disk not measured in this run".into()),
         };
-        runs.push(CopyRun { link: link.describe(), bytes, secs, mbps: bytes as f64 / secs / 1e6, bound_mbps, bound, drops });
+        runs.push(CopyRun {
+            link: link.describe(),
+            bytes,
+            secs,
+            mbps: bytes as f64 / secs / 1e6,
+            bound_mbps,
+            bound,
+            drops,
+        });
     }
     Ok(runs)
 }
@@ -431,7 +451,11 @@ pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
         journal_bytes: before.journal_used_bytes,
         copy_bytes: after.copy_done_bytes,
         ratio: (before.journal_used_bytes + after.copy_done_bytes) as f64 / rounded as f64,
-        note: format!("bitmap before the crash {} MiB, after restart {} MiB", before.dirty_bytes / MIB, restarted.dirty_bytes / MIB),
+        note: format!(
+            "bitmap before the crash {} MiB, after restart {} MiB",
+            before.dirty_bytes / MIB,
+            restarted.dirty_bytes / MIB
+        ),
     });
 
     // 3. kill -9 of the primary with a replication backlog that fits in the
@@ -463,7 +487,8 @@ pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
         .filter(|l| l.contains("replayed the journal"))
         .find_map(|l| l.split("records=").nth(1).and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok()));
     let exact = blocks.len() as u64 * 4096;
-    let rounded = blocks.iter().map(|b| b * 4096 / BITMAP_GRANULARITY).collect::<BTreeSet<_>>().len() as u64 * BITMAP_GRANULARITY;
+    let rounded =
+        blocks.iter().map(|b| b * 4096 / BITMAP_GRANULARITY).collect::<BTreeSet<_>>().len() as u64 * BITMAP_GRANULARITY;
     runs.push(ResyncRun {
         scenario: "kill -9 of the primary with a backlog in the journal (secondary away)".into(),
         changed_bytes: exact,
@@ -487,7 +512,8 @@ pub fn rss(env: &Env, o: &FigureOpts) -> Result<Vec<RssRow>, String> {
     let mut rows = Vec::new();
     let counts: &[usize] = if o.quick { &[1, 8] } else { &[1, 8, 32] };
     for &n in counts {
-        let groups: Vec<GroupSpec> = (0..n).map(|i| GroupSpec::single(&format!("g{i}"), "async", 64 * MIB, 64 * MIB)).collect();
+        let groups: Vec<GroupSpec> =
+            (0..n).map(|i| GroupSpec::single(&format!("g{i}"), "async", 64 * MIB, 64 * MIB)).collect();
         let mut p = mk_pair(env, &format!("fig-rss-{n}"), &groups, LinkSpec::rtt(Duration::ZERO))?;
         p.start(env)?;
         for g in &groups {
@@ -532,7 +558,11 @@ pub fn rss(env: &Env, o: &FigureOpts) -> Result<Vec<RssRow>, String> {
         c.disconnect();
         std::thread::sleep(Duration::from_millis(300));
         rows.push(RssRow {
-            label: format!("1 async group, journal {} MiB, {} MiB written with the secondary down", j / MIB, backlog / MIB),
+            label: format!(
+                "1 async group, journal {} MiB, {} MiB written with the secondary down",
+                j / MIB,
+                backlog / MIB
+            ),
             groups: 1,
             journal_bytes: j,
             backlog_bytes: backlog,

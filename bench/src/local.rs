@@ -30,11 +30,24 @@ pub fn probe(path: &Path) -> Result<LocalInfo, String> {
 }
 
 /// Runs `workload` on `path` with `queue_depth` tasks.
-pub fn run(rt: &tokio::runtime::Runtime, path: &Path, workload: Workload, warmup: Duration, duration: Duration, seed: u64) -> Result<RunOutcome, String> {
+pub fn run(
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+    workload: Workload,
+    warmup: Duration,
+    duration: Duration,
+    seed: u64,
+) -> Result<RunOutcome, String> {
     rt.block_on(run_async(path, workload, warmup, duration, seed))
 }
 
-async fn run_async(path: &Path, workload: Workload, warmup: Duration, duration: Duration, seed: u64) -> Result<RunOutcome, String> {
+async fn run_async(
+    path: &Path,
+    workload: Workload,
+    warmup: Duration,
+    duration: Duration,
+    seed: u64,
+) -> Result<RunOutcome, String> {
     let engine = IoEngine::new(BackendChoice::Auto);
     let file = engine
         .open(path, &OpenOptions { create_size: None, direct: true, read_only: false })

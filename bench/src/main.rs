@@ -168,7 +168,10 @@ fn plan(opts: &Opts) -> Result<Plan, String> {
         None => CONFIGS.iter().map(|s| (*s).to_string()).collect(),
     };
     let workloads = match &opts.workloads {
-        Some(ws) => ws.iter().map(|w| Workload::parse(w).ok_or_else(|| format!("unknown workload {w:?}"))).collect::<Result<Vec<_>, _>>()?,
+        Some(ws) => ws
+            .iter()
+            .map(|w| Workload::parse(w).ok_or_else(|| format!("unknown workload {w:?}")))
+            .collect::<Result<Vec<_>, _>>()?,
         None if q => vec![Workload::RandWrite4kQd1, Workload::RandWrite4kQd32, Workload::Wal, Workload::SeqWrite1m],
         None => Workload::ALL.to_vec(),
     };
@@ -206,12 +209,17 @@ fn run(opts: Opts) -> Result<(), String> {
         None if opts.quick => base.join("replicator-bench-quick"),
         None => {
             let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-            if src.is_dir() { src } else { PathBuf::from(".") }
+            if src.is_dir() {
+                src
+            } else {
+                PathBuf::from(".")
+            }
         }
     };
     let built = std::fs::metadata(&exe).and_then(|m| m.modified()).ok();
     let env = Env::new(exe.clone(), root.clone())?;
-    let command = std::iter::once("replicator-bench".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
+    let command =
+        std::iter::once("replicator-bench".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
     log(&format!("replicator-bench: working directory {}, results to {}", root.display(), out.display()));
     let started = Instant::now();
     let mut results = Results {
@@ -229,7 +237,9 @@ fn run(opts: Opts) -> Result<(), String> {
         wall_secs: 0.0,
     };
     let version = first_line(&env.exe.to_string_lossy(), &["--version"]).unwrap_or_default();
-    let age = built.and_then(|b| b.elapsed().ok()).map_or(String::new(), |a| format!(", built {:.0} min before the run", a.as_secs_f64() / 60.0));
+    let age = built
+        .and_then(|b| b.elapsed().ok())
+        .map_or(String::new(), |a| format!(", built {:.0} min before the run", a.as_secs_f64() / 60.0));
     results.machine.push(("replicator binary".into(), format!("{} ({version}{age})", exe.display())));
     let outcome = run_everything(&env, &opts, &plan, &mut results);
     results.wall_secs = started.elapsed().as_secs_f64();
@@ -269,7 +279,9 @@ fn run_everything(env: &Env, opts: &Opts, plan: &Plan, results: &mut Results) ->
     for c in ["qemu-nbd", "qemu-mirror"] {
         let bin = if c == "qemu-nbd" { "qemu-nbd" } else { "qemu-storage-daemon" };
         if plan.configs.iter().any(|x| x == c) {
-            if let Some(why) = qemu::missing(bin).or_else(|| if c == "qemu-mirror" { qemu::missing("qemu-nbd") } else { None }) {
+            if let Some(why) =
+                qemu::missing(bin).or_else(|| if c == "qemu-mirror" { qemu::missing("qemu-nbd") } else { None })
+            {
                 results.notes.push(format!("{c} skipped: {why}"));
             }
         }
@@ -290,8 +302,17 @@ fn run_everything(env: &Env, opts: &Opts, plan: &Plan, results: &mut Results) ->
     let mut disk_mbps = None;
     for (k, (rtt, configs)) in phases.iter().enumerate() {
         let link = LinkSpec { rtt: Duration::from_secs_f64(rtt / 1e3), ..plan.extra };
-        log(&format!("phase {}/{}: {} (replicated configurations at {})", k + 1, phases.len(), configs.join(", "), link.describe()));
-        let mut lives: Vec<Live> = configs.iter().map(|c| setup(env, plan, c, if report::is_replicated(c) { *rtt } else { 0.0 }, link, results)).collect();
+        log(&format!(
+            "phase {}/{}: {} (replicated configurations at {})",
+            k + 1,
+            phases.len(),
+            configs.join(", "),
+            link.describe()
+        ));
+        let mut lives: Vec<Live> = configs
+            .iter()
+            .map(|c| setup(env, plan, c, if report::is_replicated(c) { *rtt } else { 0.0 }, link, results))
+            .collect();
         for (i, &w) in plan.workloads.iter().enumerate() {
             if opts.wait_quiet > 0.0 {
                 match env.monitor.wait_quiet(0.2, Duration::from_secs_f64(opts.wait_quiet.min(3600.0))) {
@@ -321,7 +342,10 @@ fn run_everything(env: &Env, opts: &Opts, plan: &Plan, results: &mut Results) ->
             }
         }
         // Drift: re-measure the floor's QD1 at the end of the phase.
-        if let (Some(l), Some(first)) = (lives.iter().find(|l| l.config == "local"), results.get("local", 0.0, Workload::RandWrite4kQd1).map(|s| s.p50_us)) {
+        if let (Some(l), Some(first)) = (
+            lives.iter().find(|l| l.config == "local"),
+            results.get("local", 0.0, Workload::RandWrite4kQd1).map(|s| s.p50_us),
+        ) {
             if let LiveKind::Local(path) = &l.kind {
                 let w = Workload::RandWrite4kQd1;
                 if let Ok(o) = local::run(&env.rt, path, w, plan.warmup, plan.duration, seed(w)) {
@@ -338,7 +362,9 @@ fn run_everything(env: &Env, opts: &Opts, plan: &Plan, results: &mut Results) ->
     // Table order: configuration, RTT, workload.
     let wi = |c: &Cell| Workload::ALL.iter().position(|w| w.name() == c.workload).unwrap_or(usize::MAX);
     let ci = |c: &Cell| CONFIGS.iter().position(|x| *x == c.config).unwrap_or(usize::MAX);
-    results.cells.sort_by(|a, b| (ci(a), a.rtt_ms, wi(a)).partial_cmp(&(ci(b), b.rtt_ms, wi(b))).unwrap_or(std::cmp::Ordering::Equal));
+    results.cells.sort_by(|a, b| {
+        (ci(a), a.rtt_ms, wi(a)).partial_cmp(&(ci(b), b.rtt_ms, wi(b))).unwrap_or(std::cmp::Ordering::Equal)
+    });
     if !opts.no_figures {
         if opts.wait_quiet > 0.0 {
             let _ = env.monitor.wait_quiet(0.2, Duration::from_secs_f64(opts.wait_quiet.min(3600.0)));
@@ -404,9 +430,14 @@ fn setup(env: &Env, plan: &Plan, config: &str, rtt: f64, link: LinkSpec, results
         if config == "nbd-null" && qemu::which("nbdkit").is_none() {
             return Err("skipped: nbdkit not found (apt-get install nbdkit)".into());
         }
-        let (holder, socket, export) = setup_export(env, &dir, plan, config, link).map_err(|e| format!("failed: {e}"))?;
+        let (holder, socket, export) =
+            setup_export(env, &dir, plan, config, link).map_err(|e| format!("failed: {e}"))?;
         if let Holder::Mirror(m) = &holder {
-            results.notes.push(format!("qemu-mirror at RTT {rtt} ms: initial mirror of {} MiB reached READY in {:.2} s", plan.volume / MIB, m.ready_secs));
+            results.notes.push(format!(
+                "qemu-mirror at RTT {rtt} ms: initial mirror of {} MiB reached READY in {:.2} s",
+                plan.volume / MIB,
+                m.ready_secs
+            ));
         }
         Ok(LiveKind::Export { holder: Box::new(holder), socket, export })
     })();
@@ -421,9 +452,14 @@ fn setup(env: &Env, plan: &Plan, config: &str, rtt: f64, link: LinkSpec, results
 fn measure(env: &Env, opts: &Opts, plan: &Plan, l: &Live, w: Workload, results: &mut Results) -> Cell {
     let (config, rtt) = (l.config.as_str(), l.rtt);
     match &l.kind {
-        LiveKind::Skipped(why) => {
-            Cell { config: config.into(), rtt_ms: rtt, workload: w.name().into(), summary: None, note: Some(why.clone()), others_cpu: None }
-        }
+        LiveKind::Skipped(why) => Cell {
+            config: config.into(),
+            rtt_ms: rtt,
+            workload: w.name().into(),
+            summary: None,
+            note: Some(why.clone()),
+            others_cpu: None,
+        },
         LiveKind::Local(path) => {
             let mut run = || local::run(&env.rt, path, w, plan.warmup, plan.duration, seed(w));
             measure_cell(env, opts, config, rtt, w, &mut run, &|| {})
@@ -484,7 +520,9 @@ fn teardown(env: &Env, l: Live, results: &mut Results) {
                             "{config} at RTT {rtt} ms: after a clean stop the two sites DIFFER (logs in {})",
                             l.dir.display()
                         )),
-                        Err(e) => results.notes.push(format!("{config} at RTT {rtt} ms: cannot compare the sites: {e}")),
+                        Err(e) => {
+                            results.notes.push(format!("{config} at RTT {rtt} ms: cannot compare the sites: {e}"))
+                        }
                     }
                 }
                 Err(e) => results.notes.push(format!("{config} at RTT {rtt} ms: {e}")),
@@ -555,16 +593,36 @@ fn cell(config: &str, rtt: f64, w: Workload, r: Result<RunOutcome, String>, othe
                 s.p99_us,
                 s.p999_us
             ));
-            Cell { config: config.into(), rtt_ms: rtt, workload: w.name().into(), summary: Some(s), note: None, others_cpu }
+            Cell {
+                config: config.into(),
+                rtt_ms: rtt,
+                workload: w.name().into(),
+                summary: Some(s),
+                note: None,
+                others_cpu,
+            }
         }
         Err(e) => {
             log(&format!("    {config:<11} {:<15} FAILED: {e}", w.name()));
-            Cell { config: config.into(), rtt_ms: rtt, workload: w.name().into(), summary: None, note: Some(format!("failed: {e}")), others_cpu }
+            Cell {
+                config: config.into(),
+                rtt_ms: rtt,
+                workload: w.name().into(),
+                summary: None,
+                note: Some(format!("failed: {e}")),
+                others_cpu,
+            }
         }
     }
 }
 
-fn setup_export(env: &Env, dir: &Path, plan: &Plan, config: &str, link: LinkSpec) -> Result<(Holder, PathBuf, String), String> {
+fn setup_export(
+    env: &Env,
+    dir: &Path,
+    plan: &Plan,
+    config: &str,
+    link: LinkSpec,
+) -> Result<(Holder, PathBuf, String), String> {
     match config {
         "nbd" => {
             let me = format!("127.0.0.1:{}", daemon::free_udp_port()?).parse().map_err(|e| format!("{e}"))?;
@@ -670,7 +728,15 @@ fn fio_check(config: &str, socket: &Path, export: &str, plan: &Plan) -> Vec<FioC
         let Ok(before) = ours(w) else { continue };
         let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
         let res = std::process::Command::new("fio")
-            .args(["--name=check", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--time_based", "--lat_percentiles=1", "--output-format=json"])
+            .args([
+                "--name=check",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--time_based",
+                "--lat_percentiles=1",
+                "--output-format=json",
+            ])
             .arg(format!("--uri={uri}"))
             .arg(format!("--iodepth={}", w.queue_depth()))
             .arg(format!("--size={}", plan.volume))
@@ -718,13 +784,17 @@ fn first_line(cmd: &str, args: &[&str]) -> Option<String> {
 
 fn machine(dir: &Path) -> Vec<(String, String)> {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let cpu = read("/proc/cpuinfo").lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()));
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()));
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let mem = read("/proc/meminfo").lines().find_map(|l| {
         let kib: f64 = l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse().ok()?;
         Some(format!("{:.1} GiB", kib / 1048576.0))
     });
-    let os = read("/etc/os-release").lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()));
+    let os = read("/etc/os-release")
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()));
     let dir_s = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let mounts = read("/proc/mounts");
     let fs = mounts
@@ -741,7 +811,10 @@ fn machine(dir: &Path) -> Vec<(String, String)> {
         ("kernel".into(), read("/proc/sys/kernel/osrelease").trim().to_string()),
         ("OS".into(), os.unwrap_or_default()),
         ("test directory".into(), format!("{} — {}", dir_s.display(), fs.unwrap_or_default())),
-        ("load average at start".into(), read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
+        (
+            "load average at start".into(),
+            read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        ),
     ];
     if let Some(v) = first_line("qemu-nbd", &["--version"]) {
         m.push(("QEMU".into(), v));
@@ -778,7 +851,9 @@ fn write_outputs(r: &Results, out: &Path, quick: bool) -> Result<(), String> {
             let series: Vec<(String, Vec<(f64, f64)>)> = r
                 .cells
                 .iter()
-                .filter(|c| c.workload == w.name() && (!report::is_replicated(&c.config) || (c.rtt_ms - rtt).abs() < 1e-9))
+                .filter(|c| {
+                    c.workload == w.name() && (!report::is_replicated(&c.config) || (c.rtt_ms - rtt).abs() < 1e-9)
+                })
                 .filter_map(|c| c.summary.as_ref().map(|s| (c.config.clone(), s.cdf.clone())))
                 .collect();
             if series.is_empty() {
@@ -794,7 +869,8 @@ fn write_outputs(r: &Results, out: &Path, quick: bool) -> Result<(), String> {
                 y_range: Some((0.0, 1.0)),
                 h_lines: vec![(0.5, "p50".into()), (0.99, "p99".into())],
             };
-            let name = format!("latency-cdf-{}-rtt{rtt}ms.svg", if w == Workload::RandWrite4kQd1 { "qd1" } else { "qd32" });
+            let name =
+                format!("latency-cdf-{}-rtt{rtt}ms.svg", if w == Workload::RandWrite4kQd1 { "qd1" } else { "qd32" });
             std::fs::write(plots.join(&name), chart.render()).map_err(|e| e.to_string())?;
             plot_files.push(name);
         }
@@ -812,7 +888,14 @@ fn write_outputs(r: &Results, out: &Path, quick: bool) -> Result<(), String> {
                     .filter(|s| s.phase == i as u8 || (i == 1 && s.phase == 2))
                     .map(|s| (s.t, if f == 0 { (s.seconds * 1e3).max(1.0) } else { s.bytes as f64 / MIB as f64 }))
                     .collect();
-                series.push((format!("{:.1} MB/s{}", ph.offered_mbps, if i == 0 { " (70 % of link)" } else { " (130 %), drain" }), pts));
+                series.push((
+                    format!(
+                        "{:.1} MB/s{}",
+                        ph.offered_mbps,
+                        if i == 0 { " (70 % of link)" } else { " (130 %), drain" }
+                    ),
+                    pts,
+                ));
             }
             let chart = Chart {
                 title: format!("async lag over time, link {} ({:.1} MB/s)", l.link, l.link_mbps),
@@ -844,8 +927,17 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
     let mut s = String::new();
     let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
     let _ = writeln!(s, "# replicator-bench results{}\n", if quick { " (quick run)" } else { "" });
-    let _ = writeln!(s, "Latest {} run on this machine, {date}, {:.0} s wall time:\n", if quick { "quick" } else { "full" }, r.wall_secs);
-    let _ = writeln!(s, "```sh\ncargo build --release -p replicator-bench -p replicator --bins\ntarget/release/{}\n```\n", r.command);
+    let _ = writeln!(
+        s,
+        "Latest {} run on this machine, {date}, {:.0} s wall time:\n",
+        if quick { "quick" } else { "full" },
+        r.wall_secs
+    );
+    let _ = writeln!(
+        s,
+        "```sh\ncargo build --release -p replicator-bench -p replicator --bins\ntarget/release/{}\n```\n",
+        r.command
+    );
     let _ = writeln!(
         s,
         "Each cell runs {:.1} s (after a short warm-up) through the benchmark's own pipelined NBD client over a Unix socket. \
@@ -881,7 +973,10 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
         s.push('\n');
     }
     if !r.calibration.is_empty() {
-        let _ = writeln!(s, "### WAN emulation (UDP proxy round trip, measured)\n\n| asked RTT | p50 | p99 |\n|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "### WAN emulation (UDP proxy round trip, measured)\n\n| asked RTT | p50 | p99 |\n|---:|---:|---:|"
+        );
         for c in &r.calibration {
             let _ = writeln!(s, "| {} ms | {:.0} µs | {:.0} µs |", c.rtt_ms, c.p50_us, c.p99_us);
         }
@@ -897,7 +992,13 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
                 s,
                 "| {} | {} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} µs | {:.0} µs |",
                 f.config,
-                f.workload, f.ours_iops[0], f.ours_iops[1], f.fio_iops, f.ours_p50_us[0], f.ours_p50_us[1], f.fio_p50_us
+                f.workload,
+                f.ours_iops[0],
+                f.ours_iops[1],
+                f.fio_iops,
+                f.ours_p50_us[0],
+                f.ours_p50_us[1],
+                f.fio_p50_us
             );
         }
         s.push('\n');
@@ -934,7 +1035,8 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
             "\nDrained {} after the load stopped. Lag is sampled every 100 ms from `status` (lag_seconds = age of the oldest record the secondary has not applied).\n",
             l.drain_secs.map_or("not within the limit".to_string(), |d| format!("in {d:.1} s"))
         );
-        let _ = writeln!(s, "![async lag](plots/async-lag-seconds.svg)\n![async lag bytes](plots/async-lag-bytes.svg)\n");
+        let _ =
+            writeln!(s, "![async lag](plots/async-lag-seconds.svg)\n![async lag bytes](plots/async-lag-bytes.svg)\n");
     }
     if !f.copy.is_empty() {
         let _ = writeln!(s, "### Initial copy\n\n| link | bytes | time | throughput | min(disk, link) | ratio |\n|---|---:|---:|---:|---|---:|");
@@ -979,7 +1081,11 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
     if !f.rss.is_empty() {
         let _ = writeln!(s, "### Daemon memory (VmRSS)\n\n| case | primary | secondary |\n|---|---:|---:|");
         for x in &f.rss {
-            let sec = if x.secondary_kib == 0 { "—".to_string() } else { format!("{:.1} MiB", x.secondary_kib as f64 / 1024.0) };
+            let sec = if x.secondary_kib == 0 {
+                "—".to_string()
+            } else {
+                format!("{:.1} MiB", x.secondary_kib as f64 / 1024.0)
+            };
             let _ = writeln!(s, "| {} | {:.1} MiB | {sec} |", x.label, x.primary_kib as f64 / 1024.0);
         }
         s.push('\n');

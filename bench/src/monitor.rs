@@ -89,10 +89,13 @@ impl Monitor {
                     let busy = total_busy().unwrap_or(last_busy);
                     let ours = tree_ticks(&processes(), root);
                     // Ticks of our processes in this interval (new ones count from 0).
-                    let d_ours: u64 = ours.iter().map(|(pid, t)| t.saturating_sub(*last_ours.get(pid).unwrap_or(&0))).sum();
+                    let d_ours: u64 =
+                        ours.iter().map(|(pid, t)| t.saturating_sub(*last_ours.get(pid).unwrap_or(&0))).sum();
                     let dt = now.duration_since(last_t).as_secs_f64();
                     let foreign = (busy.saturating_sub(last_busy).saturating_sub(d_ours)) as f64 / HZ / dt.max(1e-3);
-                    s2.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((now.duration_since(start).as_secs_f64(), foreign));
+                    s2.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((now.duration_since(start).as_secs_f64(), foreign));
                     (last_t, last_busy, last_ours) = (now, busy, ours);
                 }
             })

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use crate::stats::RunOutcome;
 use crate::workload::{OpGen, OpKind, Rng, Workload};
 
+use replicator::nbd::proto::FLAG_SEND_FLUSH;
 use replicator::nbd::proto::{
     CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC as OPT_REPLY_MAGIC,
     OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
 };
-use replicator::nbd::proto::FLAG_SEND_FLUSH;
 
 /// A reply must arrive within this time, or the cell fails (a hung server
 /// must not hang the benchmark).
@@ -130,8 +130,15 @@ impl NbdConn {
         self.size
     }
 
-
-    fn send(&mut self, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: Option<&[u8]>) -> io::Result<()> {
+    fn send(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> io::Result<()> {
         let h = request_header(cmd, flags, cookie, offset, len);
         match data {
             Some(d) if d.len() > COPY_LIMIT => {
@@ -194,11 +201,16 @@ impl NbdConn {
         self.wait_one(2, 0)
     }
 
-
     /// Runs `workload` for `warmup` (not counted) then `duration`, bounded
     /// also by the workload's operation cap. Latency and throughput count
     /// the operations that complete inside the measured window.
-    pub fn run(&mut self, workload: Workload, warmup: Duration, duration: Duration, seed: u64) -> io::Result<RunOutcome> {
+    pub fn run(
+        &mut self,
+        workload: Workload,
+        warmup: Duration,
+        duration: Duration,
+        seed: u64,
+    ) -> io::Result<RunOutcome> {
         #[derive(Clone, Copy)]
         struct Slot {
             kind: OpKind,
@@ -245,9 +257,10 @@ impl NbdConn {
         }
         while busy > 0 {
             let (cookie, err) = self.reply()?;
-            let i = usize::try_from(cookie).ok().filter(|&i| i < qd && slots[i].busy).ok_or_else(|| {
-                proto(format!("reply for unknown cookie {cookie}"))
-            })?;
+            let i = usize::try_from(cookie)
+                .ok()
+                .filter(|&i| i < qd && slots[i].busy)
+                .ok_or_else(|| proto(format!("reply for unknown cookie {cookie}")))?;
             let slot = slots[i];
             if err == 0 && slot.kind == OpKind::Read && !slot.flushing {
                 self.read_payload(slot.len as usize)?;

@@ -269,7 +269,11 @@ impl UdpProxy {
         let mut threads = Vec::new();
         for dir in 0..2u64 {
             let q = Arc::new(DelayQueue::default());
-            let (rx, tx) = if dir == 0 { (front.try_clone()?, back.try_clone()?) } else { (back.try_clone()?, front.try_clone()?) };
+            let (rx, tx) = if dir == 0 {
+                (front.try_clone()?, back.try_clone()?)
+            } else {
+                (back.try_clone()?, front.try_clone()?)
+            };
             let (stop1, stop2) = (stop.clone(), stop.clone());
             let (q1, q2) = (q.clone(), q);
             let (client1, client2) = (client.clone(), client.clone());
@@ -380,7 +384,13 @@ impl TcpProxy {
 }
 
 /// One direction of a TCP connection: reader thread + delayed writer thread.
-fn relay(mut from: TcpStream, mut to: TcpStream, spec: LinkSpec, seed: u64, stop: Arc<AtomicBool>) -> Vec<JoinHandle<()>> {
+fn relay(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    spec: LinkSpec,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> Vec<JoinHandle<()>> {
     let _ = from.set_nodelay(true);
     let _ = to.set_nodelay(true);
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));

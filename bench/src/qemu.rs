@@ -42,12 +42,8 @@ impl Proc {
     fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, String> {
         let f = std::fs::File::create(log).map_err(|e| e.to_string())?;
         let f2 = f.try_clone().map_err(|e| e.to_string())?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f)
-            .stderr(f2)
-            .spawn()
-            .map_err(|e| format!("cannot start {what}: {e}"))?;
+        let child =
+            cmd.stdin(Stdio::null()).stdout(f).stderr(f2).spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
         Ok(Proc { child, what: what.into(), log: log.into() })
     }
 
@@ -222,7 +218,11 @@ impl QemuMirror {
         let port = crate::daemon::free_tcp_port()?;
         let target = QemuNbd::tcp(tgt, port, "tgt", &dir.join("qemu-nbd-target.log"))?;
         let target_addr = target.tcp.ok_or("no target address")?;
-        let proxy = if link.is_direct() { None } else { Some(TcpProxy::start(target_addr, link).map_err(|e| format!("TCP proxy: {e}"))?) };
+        let proxy = if link.is_direct() {
+            None
+        } else {
+            Some(TcpProxy::start(target_addr, link).map_err(|e| format!("TCP proxy: {e}"))?)
+        };
         let via = proxy.as_ref().map_or(target_addr, TcpProxy::addr);
         let qmp_path = dir.join("qmp.sock");
         let socket = dir.join("nbd.sock");
@@ -234,7 +234,11 @@ impl QemuMirror {
             .arg(format!("driver=file,node-name=src-file,filename={},cache.direct=on,aio=io_uring", src.display()))
             .args(["--blockdev", "driver=raw,node-name=src,file=src-file"])
             .arg("--blockdev")
-            .arg(format!("driver=nbd,node-name=tgt,server.type=inet,server.host={},server.port={},export=tgt", via.ip(), via.port()))
+            .arg(format!(
+                "driver=nbd,node-name=tgt,server.type=inet,server.host={},server.port={},export=tgt",
+                via.ip(),
+                via.port()
+            ))
             .arg("--nbd-server")
             .arg(format!("addr.type=unix,addr.path={}", socket.display()))
             .args(["--export", "type=nbd,id=exp,node-name=src,name=vol,writable=on"]);

@@ -149,11 +149,20 @@ impl Results {
         use Workload::{RandWrite4kQd1 as Qd1, RandWrite4kQd32 as Qd32, SeqWrite1m as Seq};
         let mut t = Vec::new();
         let rtts = self.rtts_ms.clone();
-        let ratio = |goal: String, num: Option<f64>, den: Option<f64>, what: &str, ok: &dyn Fn(f64) -> bool, missing: String| {
+        let ratio = |goal: String,
+                     num: Option<f64>,
+                     den: Option<f64>,
+                     what: &str,
+                     ok: &dyn Fn(f64) -> bool,
+                     missing: String| {
             match (num, den) {
                 (Some(n), Some(d)) if d > 0.0 => {
                     let r = n / d;
-                    Target { goal, measured: format!("{r:.2}× ({what})"), verdict: if ok(r) { Verdict::Pass } else { Verdict::Miss } }
+                    Target {
+                        goal,
+                        measured: format!("{r:.2}× ({what})"),
+                        verdict: if ok(r) { Verdict::Pass } else { Verdict::Miss },
+                    }
                 }
                 _ => Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured(missing) },
             }
@@ -209,7 +218,11 @@ impl Results {
                         verdict: if s.p50_us <= bound { Verdict::Pass } else { Verdict::Miss },
                     });
                 }
-                _ => t.push(Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured(self.why_missing("sync", r, Qd1)) }),
+                _ => t.push(Target {
+                    goal,
+                    measured: "—".into(),
+                    verdict: Verdict::NotMeasured(self.why_missing("sync", r, Qd1)),
+                }),
             }
             let goal = format!("sync QD32 pipelines: IOPS ≥ 0.5 × min(32 × QD1 IOPS, nbd QD32 IOPS) (RTT {r} ms)");
             match (self.get("sync", r, Qd1), self.get("sync", r, Qd32), self.get("nbd", 0.0, Qd32)) {
@@ -226,7 +239,11 @@ impl Results {
                         verdict: if q32.iops >= 0.5 * ideal { Verdict::Pass } else { Verdict::Miss },
                     });
                 }
-                _ => t.push(Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured(self.why_missing("sync", r, Qd32)) }),
+                _ => t.push(Target {
+                    goal,
+                    measured: "—".into(),
+                    verdict: Verdict::NotMeasured(self.why_missing("sync", r, Qd32)),
+                }),
             }
         }
         let n = self.get("nbd", 0.0, Qd1).map(|s| s.p50_us);
@@ -253,10 +270,17 @@ impl Results {
         match self.figures.lag.as_ref().and_then(|l| l.phases.first().map(|p| (l, p))) {
             Some((l, p)) => t.push(Target {
                 goal,
-                measured: format!("p99 {:.1} ms at {:.1} MB/s on a {:.1} MB/s link ({})", p.lag_p99_ms, p.achieved_mbps, l.link_mbps, l.link),
+                measured: format!(
+                    "p99 {:.1} ms at {:.1} MB/s on a {:.1} MB/s link ({})",
+                    p.lag_p99_ms, p.achieved_mbps, l.link_mbps, l.link
+                ),
                 verdict: if p.lag_p99_ms <= 100.0 { Verdict::Pass } else { Verdict::Miss },
             }),
-            None => t.push(Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured("lag figure not run".into()) }),
+            None => t.push(Target {
+                goal,
+                measured: "—".into(),
+                verdict: Verdict::NotMeasured("lag figure not run".into()),
+            }),
         }
         for r in &self.figures.resync {
             t.push(Target {
@@ -281,10 +305,23 @@ impl Results {
 
     /// Rows of the main table: header first.
     pub fn table_rows(&self) -> Vec<Vec<String>> {
-        let mut rows = vec![["config", "RTT", "workload", "IOPS", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "IOPS ×local", "IOPS ×nbd", "p50 ×nbd", "others' CPU"]
-            .iter()
-            .map(|s| (*s).to_string())
-            .collect::<Vec<_>>()];
+        let mut rows = vec![[
+            "config",
+            "RTT",
+            "workload",
+            "IOPS",
+            "MB/s",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "IOPS ×local",
+            "IOPS ×nbd",
+            "p50 ×nbd",
+            "others' CPU",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect::<Vec<_>>()];
         for c in &self.cells {
             let Some(w) = Workload::ALL.into_iter().find(|w| w.name() == c.workload) else { continue };
             let rtt = if is_replicated(&c.config) { format!("{} ms", c.rtt_ms) } else { "—".into() };
@@ -293,7 +330,9 @@ impl Results {
                 Some(s) => {
                     let local = self.get("local", 0.0, w);
                     let nbd = self.get("nbd", 0.0, w);
-                    let ratio = |a: f64, b: Option<f64>| b.filter(|b| *b > 0.0).map_or("—".to_string(), |b| format!("{:.2}", a / b));
+                    let ratio = |a: f64, b: Option<f64>| {
+                        b.filter(|b| *b > 0.0).map_or("—".to_string(), |b| format!("{:.2}", a / b))
+                    };
                     row.extend([
                         format!("{:.0}", s.iops),
                         format!("{:.1}", s.mbps),
@@ -385,7 +424,11 @@ pub fn markdown_table(rows: &[Vec<String>]) -> String {
     let Some(head) = rows.first() else { return out };
     let esc = |s: &str| s.replace('|', "\\|");
     let _ = writeln!(out, "| {} |", head.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | "));
-    let _ = writeln!(out, "|{}|", head.iter().enumerate().map(|(i, _)| if i >= 3 { "---:" } else { "---" }).collect::<Vec<_>>().join("|"));
+    let _ = writeln!(
+        out,
+        "|{}|",
+        head.iter().enumerate().map(|(i, _)| if i >= 3 { "---:" } else { "---" }).collect::<Vec<_>>().join("|")
+    );
     for r in &rows[1..] {
         let mut cells: Vec<String> = r.iter().map(|c| esc(c)).collect();
         cells.resize(head.len(), String::new());
@@ -401,7 +444,13 @@ mod tests {
 
     fn summary(iops: f64, p50_us: u64) -> Summary {
         let n = iops as u64;
-        Summary::from_outcome(RunOutcome { ops: n, bytes: n * 4096, secs: 1.0, lat_ns: vec![p50_us * 1000; 10], errors: 0 })
+        Summary::from_outcome(RunOutcome {
+            ops: n,
+            bytes: n * 4096,
+            secs: 1.0,
+            lat_ns: vec![p50_us * 1000; 10],
+            errors: 0,
+        })
     }
 
     fn cell(config: &str, rtt: f64, w: Workload, s: Option<Summary>) -> Cell {
@@ -461,7 +510,10 @@ mod tests {
         // 5200 ≤ 5000 + 120 + 100.
         assert_eq!(find("sync QD1 p50 ≤ RTT + 1.2× nbd p50 + 100 µs (RTT 5 ms)"), Some(Verdict::Pass));
         // ideal = min(32 × 190, 50000) = 6080; 5000 ≥ 3040.
-        assert_eq!(find("sync QD32 pipelines: IOPS ≥ 0.5 × min(32 × QD1 IOPS, nbd QD32 IOPS) (RTT 5 ms)"), Some(Verdict::Pass));
+        assert_eq!(
+            find("sync QD32 pipelines: IOPS ≥ 0.5 × min(32 × QD1 IOPS, nbd QD32 IOPS) (RTT 5 ms)"),
+            Some(Verdict::Pass)
+        );
         assert!(matches!(find("resync bytes ≤ 1.1× changed bytes — after a failover"), Some(Verdict::NotMeasured(_))));
     }
 

@@ -39,7 +39,8 @@ const ML: f64 = 80.0;
 const MR: f64 = 230.0;
 const MT: f64 = 50.0;
 const MB: f64 = 60.0;
-const COLORS: [&str; 10] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
+const COLORS: [&str; 10] =
+    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
@@ -65,7 +66,8 @@ pub fn ticks(lo: f64, hi: f64, scale: Scale) -> Vec<f64> {
             let span = (hi - lo).max(1e-12);
             let raw = span / 6.0;
             let mag = 10f64.powf(raw.log10().floor());
-            let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= 8.0).unwrap_or(10.0 * mag);
+            let step =
+                [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= 8.0).unwrap_or(10.0 * mag);
             let mut t = Vec::new();
             let mut v = (lo / step).ceil() * step;
             while v <= hi + step * 1e-9 && t.len() < 20 {
@@ -147,19 +149,32 @@ impl Chart {
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
         );
         let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-        let _ = writeln!(s, r#"<text x="{}" y="28" font-size="16" text-anchor="middle">{}</text>"#, ML + pw / 2.0, esc(&self.title));
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="28" font-size="16" text-anchor="middle">{}</text>"#,
+            ML + pw / 2.0,
+            esc(&self.title)
+        );
         for t in ticks(x0, x1, self.x_scale) {
             let x = px(t);
             let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{MT}" x2="{x:.1}" y2="{:.1}" stroke="#e5e5e5"/>"##, MT + ph);
-            let _ = writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, MT + ph + 16.0, label(t));
+            let _ =
+                writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, MT + ph + 16.0, label(t));
         }
         for t in ticks(y0, y1, self.y_scale) {
             let y = py(t);
             let _ = writeln!(s, r##"<line x1="{ML}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/>"##, ML + pw);
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, ML - 6.0, y + 4.0, label(t));
+            let _ =
+                writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, ML - 6.0, y + 4.0, label(t));
         }
         let _ = writeln!(s, r#"<rect x="{ML}" y="{MT}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#);
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, ML + pw / 2.0, H - 15.0, esc(&self.x_label));
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            ML + pw / 2.0,
+            H - 15.0,
+            esc(&self.x_label)
+        );
         let _ = writeln!(
             s,
             r#"<text x="20" y="{:.1}" text-anchor="middle" transform="rotate(-90 20 {:.1})">{}</text>"#,
@@ -169,7 +184,11 @@ impl Chart {
         );
         for (y, text) in &self.h_lines {
             let yy = py(*y);
-            let _ = writeln!(s, r##"<line x1="{ML}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#555" stroke-dasharray="6 4"/>"##, ML + pw);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{ML}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#555" stroke-dasharray="6 4"/>"##,
+                ML + pw
+            );
             let _ = writeln!(s, r##"<text x="{:.1}" y="{:.1}" fill="#555">{}</text>"##, ML + 6.0, yy - 4.0, esc(text));
         }
         for (i, (name, pts)) in self.series.iter().enumerate() {
@@ -180,11 +199,19 @@ impl Chart {
                 .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
                 .collect();
             if !path.is_empty() {
-                let _ = writeln!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, path.join(" "));
+                let _ = writeln!(
+                    s,
+                    r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+                    path.join(" ")
+                );
             }
             let ly = MT + 10.0 + 20.0 * i as f64;
             let lx = ML + pw + 15.0;
-            let _ = writeln!(s, r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/>"#, lx + 22.0);
+            let _ = writeln!(
+                s,
+                r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/>"#,
+                lx + 22.0
+            );
             let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, lx + 28.0, ly + 4.0, esc(name));
         }
         s.push_str("</svg>\n");

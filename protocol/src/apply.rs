@@ -163,25 +163,16 @@ impl Applier {
         rec.check_shape()?;
         let kind = if rec.op == RecordOp::Copy {
             if rec.seq > self.received {
-                return Err(ApplyError::CopyAhead {
-                    seq: rec.seq,
-                    received: self.received,
-                });
+                return Err(ApplyError::CopyAhead { seq: rec.seq, received: self.received });
             }
             if rec.copy_index != self.next_copy_index {
-                return Err(ApplyError::CopyIndex {
-                    expected: self.next_copy_index,
-                    got: rec.copy_index,
-                });
+                return Err(ApplyError::CopyIndex { expected: self.next_copy_index, got: rec.copy_index });
             }
             Kind::Copy(rec.copy_index)
         } else {
             let expected = self.received.saturating_add(1);
             if rec.seq != expected || self.received == u64::MAX {
-                return Err(ApplyError::OutOfOrder {
-                    expected,
-                    got: rec.seq,
-                });
+                return Err(ApplyError::OutOfOrder { expected, got: rec.seq });
             }
             Kind::Write(rec.seq)
         };
@@ -192,11 +183,7 @@ impl Applier {
                 _ => None,
             });
             if let Some(write_seq) = newer {
-                return Err(ApplyError::CopyBehindWrite {
-                    copy_index,
-                    copy_seq: rec.seq,
-                    write_seq,
-                });
+                return Err(ApplyError::CopyBehindWrite { copy_index, copy_seq: rec.seq, write_seq });
             }
         }
         match kind {
@@ -236,10 +223,7 @@ impl Applier {
     /// index). Report it back with [`on_durable`](Self::on_durable) once the
     /// fsync completed.
     pub fn durable_barrier(&self) -> (u64, u64) {
-        (
-            self.applied.completed_through(),
-            self.copy_applied.completed_through(),
-        )
+        (self.applied.completed_through(), self.copy_applied.completed_through())
     }
 
     /// Everything covered by a [`durable_barrier`](Self::durable_barrier) is
@@ -282,14 +266,8 @@ impl Applier {
     /// Whether a FUA record or a flush request is applied but not yet
     /// durable, so the daemon should flush now.
     pub fn needs_flush(&self) -> bool {
-        let writes = self
-            .flush_targets
-            .first()
-            .is_some_and(|&t| t <= self.applied.completed_through());
-        let copies = self
-            .copy_flush_targets
-            .first()
-            .is_some_and(|&t| t <= self.copy_applied.completed_through());
+        let writes = self.flush_targets.first().is_some_and(|&t| t <= self.applied.completed_through());
+        let copies = self.copy_flush_targets.first().is_some_and(|&t| t <= self.copy_applied.completed_through());
         writes || copies
     }
 
@@ -358,7 +336,10 @@ mod tests {
         assert_eq!(d, vec![i11]);
         assert_eq!(a.on_record(&w(13, 0, 5, 10, false)), Err(ApplyError::OutOfOrder { expected: 14, got: 13 }));
         a.on_applied(i12);
-        assert_eq!(a.ack(), pb::Ack { received_seq: 13, applied_seq: 10, durable_seq: 10, copy_durable: 0, checkpoint_seq: 0 });
+        assert_eq!(
+            a.ack(),
+            pb::Ack { received_seq: 13, applied_seq: 10, durable_seq: 10, copy_durable: 0, checkpoint_seq: 0 }
+        );
         a.on_applied(i11);
         assert_eq!(a.applied(), 12);
         assert!(!a.needs_flush());
@@ -368,7 +349,10 @@ mod tests {
         assert_eq!((s, c), (13, 0));
         a.on_durable(s, c);
         assert!(!a.needs_flush());
-        assert_eq!(a.ack(), pb::Ack { received_seq: 13, applied_seq: 13, durable_seq: 13, copy_durable: 0, checkpoint_seq: 0 });
+        assert_eq!(
+            a.ack(),
+            pb::Ack { received_seq: 13, applied_seq: 13, durable_seq: 13, copy_durable: 0, checkpoint_seq: 0 }
+        );
         a.on_checkpoint(20);
         assert_eq!(a.checkpoint(), 13);
         a.on_checkpoint(11);

@@ -79,13 +79,7 @@ impl DirtyBitmap {
         };
         let chunks = chunk_count(volume_size, granularity);
         let nwords = chunks.div_ceil(64) as usize;
-        DirtyBitmap {
-            volume_size,
-            granularity,
-            chunks,
-            words: vec![0; nwords],
-            dirty: 0,
-        }
+        DirtyBitmap { volume_size, granularity, chunks, words: vec![0; nwords], dirty: 0 }
     }
 
     /// Chunk size in bytes.
@@ -247,15 +241,8 @@ impl DirtyBitmap {
         };
         let volume_size = le64(8);
         let granularity = le64(16);
-        let nwords = if granularity.is_power_of_two() {
-            chunk_count(volume_size, granularity).div_ceil(64)
-        } else {
-            0
-        };
-        let expected = nwords
-            .checked_mul(8)
-            .and_then(|n| n.checked_add(min as u64))
-            .unwrap_or(u64::MAX);
+        let nwords = if granularity.is_power_of_two() { chunk_count(volume_size, granularity).div_ceil(64) } else { 0 };
+        let expected = nwords.checked_mul(8).and_then(|n| n.checked_add(min as u64)).unwrap_or(u64::MAX);
         // The CRC first (it covers the header), then the geometry.
         let (body, crc) = buf.split_at(buf.len() - CRC_LEN);
         let mut cb = [0u8; 4];
@@ -267,10 +254,7 @@ impl DirtyBitmap {
             return Err(BitmapError::BadGranularity(granularity));
         }
         if expected != buf.len() as u64 {
-            return Err(BitmapError::SizeMismatch {
-                expected,
-                actual: buf.len() as u64,
-            });
+            return Err(BitmapError::SizeMismatch { expected, actual: buf.len() as u64 });
         }
         let chunks = chunk_count(volume_size, granularity);
         let words: Vec<u64> = body[HEADER_LEN..]
@@ -284,20 +268,12 @@ impl DirtyBitmap {
         if chunks % 64 != 0 {
             if let Some(last) = words.last() {
                 if last >> (chunks % 64) != 0 {
-                    return Err(BitmapError::Corrupt(
-                        "bits set beyond the last chunk of the volume".into(),
-                    ));
+                    return Err(BitmapError::Corrupt("bits set beyond the last chunk of the volume".into()));
                 }
             }
         }
         let dirty = words.iter().map(|w| u64::from(w.count_ones())).sum();
-        Ok(DirtyBitmap {
-            volume_size,
-            granularity,
-            chunks,
-            words,
-            dirty,
-        })
+        Ok(DirtyBitmap { volume_size, granularity, chunks, words, dirty })
     }
 }
 

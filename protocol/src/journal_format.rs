@@ -160,9 +160,7 @@ impl JournalSuperblock {
     /// Decodes and validates a superblock (the first
     /// [`JOURNAL_SUPERBLOCK_LEN`] bytes of `buf`).
     pub fn decode(buf: &[u8]) -> Result<Self, JournalFormatError> {
-        let buf = buf
-            .get(..JOURNAL_SUPERBLOCK_LEN as usize)
-            .ok_or(JournalFormatError::Truncated)?;
+        let buf = buf.get(..JOURNAL_SUPERBLOCK_LEN as usize).ok_or(JournalFormatError::Truncated)?;
         if &buf[0..8] != SUPERBLOCK_MAGIC {
             return Err(JournalFormatError::BadMagic);
         }
@@ -190,11 +188,7 @@ impl JournalSuperblock {
                 "capacity {capacity} leaves no room for records after the {JOURNAL_SUPERBLOCK_LEN}-byte superblock"
             )));
         }
-        Ok(JournalSuperblock {
-            group,
-            capacity,
-            pair_id: get_u64(buf, 24),
-        })
+        Ok(JournalSuperblock { group, capacity, pair_id: get_u64(buf, 24) })
     }
 }
 
@@ -283,9 +277,7 @@ impl JournalHeader {
     /// Decodes a header from the first [`JOURNAL_HEADER_LEN`] bytes of
     /// `buf`, checking magic, header CRC, op, flags and the range.
     pub fn decode(buf: &[u8]) -> Result<Self, JournalFormatError> {
-        let b = buf
-            .get(..JOURNAL_HEADER_LEN)
-            .ok_or(JournalFormatError::Truncated)?;
+        let b = buf.get(..JOURNAL_HEADER_LEN).ok_or(JournalFormatError::Truncated)?;
         if &b[0..4] != HEADER_MAGIC {
             return Err(JournalFormatError::BadMagic);
         }
@@ -295,9 +287,7 @@ impl JournalHeader {
         let op = op_from_code(b[40]).ok_or(JournalFormatError::UnknownOp(b[40]))?;
         let flags = b[41];
         if flags & !FLAG_FUA != 0 {
-            return Err(JournalFormatError::Corrupt(format!(
-                "unknown record flags {flags:#04x}"
-            )));
+            return Err(JournalFormatError::Corrupt(format!("unknown record flags {flags:#04x}")));
         }
         let h = JournalHeader {
             seq: get_u64(b, 4),
@@ -387,9 +377,7 @@ pub fn encode_journal_record(r: &Record) -> Vec<u8> {
 pub fn decode_journal_record(buf: &[u8]) -> Result<Record, JournalFormatError> {
     let h = JournalHeader::decode(buf)?;
     let len = h.payload_len() as usize;
-    let payload = buf
-        .get(JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + len)
-        .ok_or(JournalFormatError::Truncated)?;
+    let payload = buf.get(JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + len).ok_or(JournalFormatError::Truncated)?;
     h.into_record(Bytes::copy_from_slice(payload))
 }
 
@@ -527,11 +515,7 @@ impl JournalRing {
     pub fn reset_at(&mut self, head: u64) {
         self.entries.clear();
         self.last_seq = None;
-        self.head = if (JOURNAL_SUPERBLOCK_LEN..=self.end).contains(&head) {
-            head
-        } else {
-            JOURNAL_SUPERBLOCK_LEN
-        };
+        self.head = if (JOURNAL_SUPERBLOCK_LEN..=self.end).contains(&head) { head } else { JOURNAL_SUPERBLOCK_LEN };
     }
 
     /// Next write position, before the wrap decision.
@@ -580,8 +564,8 @@ mod tests {
     }
 
     fn arb_record() -> impl Strategy<Value = Record> {
-        (any::<u64>(), any::<u32>(), 0..4usize, 0..u64::MAX / 2, 1u32..3000, any::<u64>(), any::<bool>())
-            .prop_map(|(seq, vol, op, off, len, gen, fua)| {
+        (any::<u64>(), any::<u32>(), 0..4usize, 0..u64::MAX / 2, 1u32..3000, any::<u64>(), any::<bool>()).prop_map(
+            |(seq, vol, op, off, len, gen, fua)| {
                 let op = [RecordOp::Write, RecordOp::WriteZeroes, RecordOp::Trim, RecordOp::Copy][op];
                 if op.has_payload() {
                     let p: Vec<u8> = (0..len).map(|i| (i as u8) ^ (seq as u8)).collect();
@@ -589,7 +573,8 @@ mod tests {
                 } else {
                     Record::without_payload(op, seq, vol, off, len, gen, fua)
                 }
-            })
+            },
+        )
     }
 
     proptest! {
@@ -636,10 +621,16 @@ mod tests {
         let r = Record::without_payload(RecordOp::Trim, 1, 0, 0, 512, 1, false);
         let mut h = JournalHeader::from_record(&r);
         h.length = 0;
-        assert!(matches!(JournalHeader::decode(&h.encode()), Err(JournalFormatError::Unacceptable(RecordError::Empty { .. }))));
+        assert!(matches!(
+            JournalHeader::decode(&h.encode()),
+            Err(JournalFormatError::Unacceptable(RecordError::Empty { .. }))
+        ));
         let mut h = JournalHeader::from_record(&r);
         h.offset = u64::MAX;
-        assert!(matches!(JournalHeader::decode(&h.encode()), Err(JournalFormatError::Unacceptable(RecordError::Overflow { .. }))));
+        assert!(matches!(
+            JournalHeader::decode(&h.encode()),
+            Err(JournalFormatError::Unacceptable(RecordError::Overflow { .. }))
+        ));
         // The same limits as the wire: a Trim may cover far more than a
         // payload record, a Write may not.
         let mut h = JournalHeader::from_record(&r);
@@ -649,7 +640,10 @@ mod tests {
         assert_eq!(big.check_shape(), Ok(()));
         h.op = RecordOp::Write;
         let enc = h.encode();
-        assert!(matches!(JournalHeader::decode(&enc), Err(JournalFormatError::Unacceptable(RecordError::TooLarge { .. }))));
+        assert!(matches!(
+            JournalHeader::decode(&enc),
+            Err(JournalFormatError::Unacceptable(RecordError::TooLarge { .. }))
+        ));
         assert_eq!(JournalHeader::peek_seq(&enc), Some(1), "an intact header's seq is readable even when refused");
         // An unknown op with a valid CRC.
         let mut enc = JournalHeader::from_record(&r).encode();

@@ -286,10 +286,7 @@ impl FromStr for PairState {
             "PAIR" => PairState::Pair,
             "SPLIT-BRAIN" => PairState::SplitBrain,
             _ => {
-                let inner = t
-                    .strip_prefix("SUSPENDED(")
-                    .and_then(|r| r.strip_suffix(')'))
-                    .ok_or_else(bad)?;
+                let inner = t.strip_prefix("SUSPENDED(").and_then(|r| r.strip_suffix(')')).ok_or_else(bad)?;
                 PairState::Suspended(inner.parse().map_err(|_| bad())?)
             }
         })
@@ -360,14 +357,24 @@ mod tests {
                 (_, E::Delete) => S::Simplex,
                 (S::SplitBrain, E::Failure) => S::SplitBrain,
                 (_, E::Failure) => S::Suspended(R::Error),
-                (S::Simplex, E::Create { copy }) => if copy { S::Copy } else { S::Pair },
+                (S::Simplex, E::Create { copy }) => {
+                    if copy {
+                        S::Copy
+                    } else {
+                        S::Pair
+                    }
+                }
                 (S::Copy, E::CopyDone) => S::Pair,
                 (S::Copy, E::LinkDown) | (S::Pair, E::LinkDown) => S::Suspended(R::Link),
                 (S::Pair, E::JournalFull) => S::Suspended(R::JournalFull),
                 (S::Copy, E::JournalFull) => S::Copy,
                 (S::Suspended(R::Link), E::LinkUp { needs_resync })
                 | (S::Suspended(R::JournalFull), E::LinkUp { needs_resync }) => {
-                    if needs_resync { S::Copy } else { S::Pair }
+                    if needs_resync {
+                        S::Copy
+                    } else {
+                        S::Pair
+                    }
                 }
                 (S::Suspended(R::Split), E::LinkUp { .. }) => S::Suspended(R::Split),
                 (S::Pair, E::AdminSplit) | (S::Copy, E::AdminSplit) | (S::Suspended(_), E::AdminSplit) => {

@@ -26,11 +26,7 @@ pub(crate) struct RangeIndex<K> {
 
 impl<K> Default for RangeIndex<K> {
     fn default() -> Self {
-        RangeIndex {
-            volumes: HashMap::new(),
-            by_key: HashMap::new(),
-            next_id: 0,
-        }
+        RangeIndex { volumes: HashMap::new(), by_key: HashMap::new(), next_id: 0 }
     }
 }
 
@@ -44,10 +40,10 @@ impl<K: Copy + Eq + Hash + Ord> RangeIndex<K> {
         self.next_id += 1;
         self.by_key.insert(key, (volume, start, id, end));
         if end > start {
-            let v = self.volumes.entry(volume).or_insert_with(|| VolumeRanges {
-                by_start: BTreeMap::new(),
-                lens: BTreeMap::new(),
-            });
+            let v = self
+                .volumes
+                .entry(volume)
+                .or_insert_with(|| VolumeRanges { by_start: BTreeMap::new(), lens: BTreeMap::new() });
             v.by_start.insert((start, id), (end, key));
             *v.lens.entry(end - start).or_insert(0) += 1;
         }

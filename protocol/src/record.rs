@@ -224,14 +224,7 @@ impl Record {
 
     /// A Copy record (initial copy / resync chunk) reflecting every write up
     /// to `seq`.
-    pub fn copy_chunk(
-        seq: u64,
-        copy_index: u64,
-        volume: u32,
-        offset: u64,
-        generation: u64,
-        payload: Bytes,
-    ) -> Record {
+    pub fn copy_chunk(seq: u64, copy_index: u64, volume: u32, offset: u64, generation: u64, payload: Bytes) -> Record {
         let mut r = Record::with_payload(RecordOp::Copy, seq, volume, offset, generation, payload, false);
         r.copy_index = copy_index;
         r
@@ -243,11 +236,7 @@ impl Record {
         if actual == self.crc32 {
             Ok(())
         } else {
-            Err(RecordError::CrcMismatch {
-                seq: self.seq,
-                expected: self.crc32,
-                actual,
-            })
+            Err(RecordError::CrcMismatch { seq: self.seq, expected: self.crc32, actual })
         }
     }
 
@@ -269,11 +258,7 @@ impl Record {
     /// payload).
     pub fn check_shape(&self) -> Result<(), RecordError> {
         check_range(self.seq, self.op, self.offset, self.length)?;
-        let want = if self.op.has_payload() {
-            self.length as usize
-        } else {
-            0
-        };
+        let want = if self.op.has_payload() { self.length as usize } else { 0 };
         if self.payload.len() != want {
             return Err(RecordError::LengthMismatch {
                 seq: self.seq,
@@ -305,10 +290,7 @@ impl Record {
     /// Validates a received record (see [`Record::validate`], plus a known
     /// op) and returns it with its group name.
     pub fn from_pb(msg: pb::Record) -> Result<(String, Record), RecordError> {
-        let op = RecordOp::from_pb(msg.op).ok_or(RecordError::UnknownOp {
-            seq: msg.seq,
-            op: msg.op,
-        })?;
+        let op = RecordOp::from_pb(msg.op).ok_or(RecordError::UnknownOp { seq: msg.seq, op: msg.op })?;
         let rec = Record {
             seq: msg.seq,
             volume: msg.volume,
@@ -334,16 +316,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_record() -> impl Strategy<Value = Record> {
-        (
-            any::<u64>(),
-            any::<u32>(),
-            0..4u8,
-            0..u64::MAX / 2,
-            1u32..2000,
-            any::<u64>(),
-            any::<bool>(),
-            any::<u64>(),
-        )
+        (any::<u64>(), any::<u32>(), 0..4u8, 0..u64::MAX / 2, 1u32..2000, any::<u64>(), any::<bool>(), any::<u64>())
             .prop_map(|(seq, volume, op, offset, len, generation, fua, ci)| {
                 let op = [RecordOp::Write, RecordOp::WriteZeroes, RecordOp::Trim, RecordOp::Copy][op as usize];
                 let mut r = if op.has_payload() {
@@ -415,17 +388,11 @@ mod tests {
 
         let mut m = good();
         m.length = MAX_RECORD_PAYLOAD + 1;
-        assert_eq!(
-            Record::from_pb(m).unwrap_err(),
-            RecordError::TooLarge { seq: 5, length: MAX_RECORD_PAYLOAD + 1 }
-        );
+        assert_eq!(Record::from_pb(m).unwrap_err(), RecordError::TooLarge { seq: 5, length: MAX_RECORD_PAYLOAD + 1 });
 
         let mut m = good();
         m.length = 4;
-        assert_eq!(
-            Record::from_pb(m).unwrap_err(),
-            RecordError::LengthMismatch { seq: 5, length: 4, payload: 5 }
-        );
+        assert_eq!(Record::from_pb(m).unwrap_err(), RecordError::LengthMismatch { seq: 5, length: 4, payload: 5 });
 
         // Zeroes / trim must not carry a payload.
         let mut m = good();
@@ -445,8 +412,16 @@ mod tests {
         assert!(matches!(Record::from_pb(m).unwrap_err(), RecordError::CrcMismatch { .. }));
 
         // Exactly at the limit is fine for a trim.
-        let m = Record::without_payload(RecordOp::Trim, 9, 0, u64::MAX - u64::from(MAX_RECORD_PAYLOAD), MAX_RECORD_PAYLOAD, 1, false)
-            .to_pb("g");
+        let m = Record::without_payload(
+            RecordOp::Trim,
+            9,
+            0,
+            u64::MAX - u64::from(MAX_RECORD_PAYLOAD),
+            MAX_RECORD_PAYLOAD,
+            1,
+            false,
+        )
+        .to_pb("g");
         assert!(Record::from_pb(m).is_ok());
     }
 

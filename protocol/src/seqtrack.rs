@@ -14,10 +14,7 @@ pub struct SeqTracker {
 impl SeqTracker {
     /// Everything up to and including `completed_through` is already complete.
     pub fn new(completed_through: u64) -> Self {
-        SeqTracker {
-            through: completed_through,
-            pending: BTreeSet::new(),
-        }
+        SeqTracker { through: completed_through, pending: BTreeSet::new() }
     }
 
     /// Records that `seq` completed. Completing a seq twice, or one already

@@ -42,11 +42,7 @@ pub struct RangeSequencer {
 impl RangeSequencer {
     /// `next_seq` is the first seq [`begin`](Self::begin) hands out.
     pub fn new(next_seq: u64) -> Self {
-        RangeSequencer {
-            next_seq,
-            next_ticket: 0,
-            in_flight: RangeIndex::default(),
-        }
+        RangeSequencer { next_seq, next_ticket: 0, in_flight: RangeIndex::default() }
     }
 
     /// Starts a write: returns its seq and every earlier in-flight write and
@@ -69,12 +65,8 @@ impl RangeSequencer {
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
         let end = offset.saturating_add(len);
-        let deps = self
-            .in_flight
-            .overlapping(volume, offset, end)
-            .into_iter()
-            .filter(|d| matches!(d, Dep::Seq(_)))
-            .collect();
+        let deps =
+            self.in_flight.overlapping(volume, offset, end).into_iter().filter(|d| matches!(d, Dep::Seq(_))).collect();
         self.in_flight.insert(Dep::Ticket(ticket), volume, offset, end);
         (ticket, deps)
     }

@@ -53,7 +53,9 @@ pub enum ShipError {
     },
     /// The peer claims more durable records than this journal has: the two
     /// sides have diverged (or the wrong journal was opened).
-    #[error("the peer is durable through seq {peer_durable} but our journal ends at {last_seq}: the sites have diverged")]
+    #[error(
+        "the peer is durable through seq {peer_durable} but our journal ends at {last_seq}: the sites have diverged"
+    )]
     PeerAhead {
         /// Peer's durable seq.
         peer_durable: u64,
@@ -111,10 +113,7 @@ impl Shipper {
     /// journal (diverged sites).
     pub fn try_new(peer_durable: u64, last_seq: u64) -> Result<Self, ShipError> {
         if peer_durable > last_seq {
-            return Err(ShipError::PeerAhead {
-                peer_durable,
-                last_seq,
-            });
+            return Err(ShipError::PeerAhead { peer_durable, last_seq });
         }
         Ok(Shipper::new(peer_durable, last_seq))
     }
@@ -148,19 +147,11 @@ impl Shipper {
         ];
         for (field, previous, got) in checks {
             if got < previous {
-                return Err(ShipError::AckBackwards {
-                    field,
-                    previous,
-                    got,
-                });
+                return Err(ShipError::AckBackwards { field, previous, got });
             }
         }
         if ack.received_seq > self.sent {
-            return Err(ShipError::AckBeyondSent {
-                field: "received_seq",
-                got: ack.received_seq,
-                sent: self.sent,
-            });
+            return Err(ShipError::AckBeyondSent { field: "received_seq", got: ack.received_seq, sent: self.sent });
         }
         if ack.applied_seq > ack.received_seq
             || ack.durable_seq > ack.applied_seq
@@ -177,8 +168,7 @@ impl Shipper {
             applied_advanced: ack.applied_seq > self.applied,
             newly_durable_through: (ack.durable_seq > self.durable).then_some(ack.durable_seq),
             copy_durable: ack.copy_durable,
-            newly_checkpointed_through: (ack.checkpoint_seq > self.checkpoint)
-                .then_some(ack.checkpoint_seq),
+            newly_checkpointed_through: (ack.checkpoint_seq > self.checkpoint).then_some(ack.checkpoint_seq),
         };
         self.checkpoint = ack.checkpoint_seq;
         self.received = ack.received_seq;
@@ -256,11 +246,21 @@ mod tests {
         assert_eq!(s.sent_through(), 13);
         assert_eq!(
             s.on_ack(&ack(12, 11, 10, 0)).unwrap(),
-            AckUpdate { applied_advanced: true, newly_durable_through: None, copy_durable: 0, newly_checkpointed_through: None }
+            AckUpdate {
+                applied_advanced: true,
+                newly_durable_through: None,
+                copy_durable: 0,
+                newly_checkpointed_through: None
+            }
         );
         assert_eq!(
             s.on_ack(&ack(13, 11, 11, 3)).unwrap(),
-            AckUpdate { applied_advanced: false, newly_durable_through: Some(11), copy_durable: 3, newly_checkpointed_through: None }
+            AckUpdate {
+                applied_advanced: false,
+                newly_durable_through: Some(11),
+                copy_durable: 3,
+                newly_checkpointed_through: None
+            }
         );
         assert_eq!((s.received(), s.applied(), s.durable(), s.last_seq()), (13, 11, 11, 13));
         assert_eq!(s.lag_records(), 2);

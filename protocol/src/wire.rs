@@ -139,17 +139,11 @@ impl FrameDecoder {
                     return Ok(None);
                 };
                 if len > MAX_FRAME_LEN as u64 {
-                    return Err(WireError::FrameTooLarge {
-                        len,
-                        max: MAX_FRAME_LEN,
-                    });
+                    return Err(WireError::FrameTooLarge { len, max: MAX_FRAME_LEN });
                 }
                 self.buffer.advance(prefix_len);
                 // Bounded by MAX_FRAME_LEN just above.
-                let len = usize::try_from(len).map_err(|_| WireError::FrameTooLarge {
-                    len,
-                    max: MAX_FRAME_LEN,
-                })?;
+                let len = usize::try_from(len).map_err(|_| WireError::FrameTooLarge { len, max: MAX_FRAME_LEN })?;
                 self.pending_len = Some(len);
                 if self.buffer.len() < len {
                     // Make room for the whole body at once so that large
@@ -207,10 +201,7 @@ pub fn negotiate_version(ours: &[u32], theirs: &[u32]) -> Result<u32, VersionMis
         .copied()
         .filter(|v| theirs.contains(v))
         .max()
-        .ok_or_else(|| VersionMismatch {
-            ours: ours.to_vec(),
-            theirs: theirs.to_vec(),
-        })
+        .ok_or_else(|| VersionMismatch { ours: ours.to_vec(), theirs: theirs.to_vec() })
 }
 
 #[cfg(test)]
@@ -239,20 +230,10 @@ mod tests {
 
     fn arb_body() -> impl Strategy<Value = Body> {
         prop_oneof![
-            (proptest::collection::vec(any::<u32>(), 0..4), ".{0,12}", ".{0,12}").prop_map(
-                |(versions, node, software)| Body::Hello(pb::Hello {
-                    versions,
-                    node,
-                    software
-                })
-            ),
-            (any::<u32>(), ".{0,12}", ".{0,12}").prop_map(|(version, node, error)| {
-                Body::HelloReply(pb::HelloReply {
-                    version,
-                    node,
-                    error,
-                })
-            }),
+            (proptest::collection::vec(any::<u32>(), 0..4), ".{0,12}", ".{0,12}")
+                .prop_map(|(versions, node, software)| Body::Hello(pb::Hello { versions, node, software })),
+            (any::<u32>(), ".{0,12}", ".{0,12}")
+                .prop_map(|(version, node, error)| { Body::HelloReply(pb::HelloReply { version, node, error }) }),
             (
                 ".{0,12}",
                 any::<u64>(),
@@ -268,10 +249,7 @@ mod tests {
                         group,
                         generation,
                         mode,
-                        volumes: vols
-                            .into_iter()
-                            .map(|(name, size)| pb::VolumeInfo { name, size })
-                            .collect(),
+                        volumes: vols.into_iter().map(|(name, size)| pb::VolumeInfo { name, size }).collect(),
                         intent,
                         pair_id,
                         rebase_seq,
@@ -279,12 +257,7 @@ mod tests {
                     })
                 }),
             (".{0,12}", any::<u64>(), any::<u64>(), 0i32..7).prop_map(|(error, durable_seq, generation, refusal)| {
-                Body::OpenGroupReply(pb::OpenGroupReply {
-                    error,
-                    durable_seq,
-                    generation,
-                    refusal,
-                })
+                Body::OpenGroupReply(pb::OpenGroupReply { error, durable_seq, generation, refusal })
             }),
             (
                 ".{0,12}",
@@ -301,7 +274,20 @@ mod tests {
                 any::<u64>()
             )
                 .prop_map(
-                    |(group, seq, volume, op, offset, length, generation, crc32, payload, fua, copy_index, written_at_us)| {
+                    |(
+                        group,
+                        seq,
+                        volume,
+                        op,
+                        offset,
+                        length,
+                        generation,
+                        crc32,
+                        payload,
+                        fua,
+                        copy_index,
+                        written_at_us,
+                    )| {
                         Body::Record(pb::Record {
                             group,
                             seq,
@@ -328,10 +314,8 @@ mod tests {
                 })
             }),
             any::<u64>().prop_map(|seq| Body::Flush(pb::FlushRequest { seq })),
-            (0i32..3, any::<u64>())
-                .prop_map(|(command, seq)| Body::Command(pb::GroupCommand { command, seq })),
-            (0i32..3, ".{0,12}")
-                .prop_map(|(command, error)| Body::CommandReply(pb::CommandReply { command, error })),
+            (0i32..3, any::<u64>()).prop_map(|(command, seq)| Body::Command(pb::GroupCommand { command, seq })),
+            (0i32..3, ".{0,12}").prop_map(|(command, error)| Body::CommandReply(pb::CommandReply { command, error })),
             ".{0,20}".prop_map(|message| Body::Error(pb::Error { message })),
         ]
     }
@@ -344,11 +328,7 @@ mod tests {
         let mut rest = data;
         let mut i = 0;
         while !rest.is_empty() {
-            let n = if chunks.is_empty() {
-                rest.len()
-            } else {
-                chunks[i % chunks.len()].clamp(1, rest.len())
-            };
+            let n = if chunks.is_empty() { rest.len() } else { chunks[i % chunks.len()].clamp(1, rest.len()) };
             i += 1;
             dec.extend_from_slice(&rest[..n]);
             rest = &rest[n..];

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 
-use replicator_protocol::apply::{ApplyId, Applier};
+use replicator_protocol::apply::{Applier, ApplyId};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::record::{Record, RecordOp};
 use replicator_protocol::sequencer::{Dep, RangeSequencer};
@@ -318,7 +318,9 @@ impl Sim {
                 payload_for(seq, len as usize),
                 fua,
             ),
-            Kind::Zeroes => Record::without_payload(RecordOp::WriteZeroes, seq, u32::from(vol), offset, len, GENERATION, fua),
+            Kind::Zeroes => {
+                Record::without_payload(RecordOp::WriteZeroes, seq, u32::from(vol), offset, len, GENERATION, fua)
+            }
             Kind::Trim => Record::without_payload(RecordOp::Trim, seq, u32::from(vol), offset, len, GENERATION, fua),
         };
         // Every dependency is an earlier, overlapping, still in-flight write.
@@ -588,7 +590,12 @@ impl Sim {
         // FUA records and flush requests: a flush is due exactly when one of
         // them is applied but not durable.
         let due = self.s.flush_targets.iter().any(|&t| a.durable_seq < t && t <= a.applied_seq);
-        assert_eq!(self.s.applier.needs_flush(), due, "step {step}: needs_flush wrong, targets {:?}, ack {a:?}", self.s.flush_targets);
+        assert_eq!(
+            self.s.applier.needs_flush(),
+            due,
+            "step {step}: needs_flush wrong, targets {:?}, ack {a:?}",
+            self.s.flush_targets
+        );
 
         // Write-order fidelity.
         let replaying = self.s.applier.applied() < self.s.replay_until;

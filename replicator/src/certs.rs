@@ -11,8 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -49,18 +49,13 @@ fn rcgen_err(context: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CertErr
 }
 
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
-                CertError::Exists(path.to_path_buf())
-            } else {
-                CertError::Io { path: path.to_path_buf(), source }
-            }
-        })?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            CertError::Exists(path.to_path_buf())
+        } else {
+            CertError::Io { path: path.to_path_buf(), source }
+        }
+    })?;
     f.write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|source| CertError::Io { path: path.to_path_buf(), source })
@@ -125,8 +120,8 @@ pub fn issue(ca_dir: &Path, name: &str, out: &Path, validity: Validity) -> Resul
     }
     let ca_key_path = ca_dir.join("ca.key");
     let ca_cert_path = ca_dir.join("ca.pem");
-    let ca_key = KeyPair::from_pem(&read(&ca_key_path)?)
-        .map_err(rcgen_err(format!("reading {}", ca_key_path.display())))?;
+    let ca_key =
+        KeyPair::from_pem(&read(&ca_key_path)?).map_err(rcgen_err(format!("reading {}", ca_key_path.display())))?;
     let issuer = Issuer::from_ca_cert_pem(&read(&ca_cert_path)?, ca_key)
         .map_err(rcgen_err(format!("reading {}", ca_cert_path.display())))?;
 
@@ -139,8 +134,8 @@ pub fn issue(ca_dir: &Path, name: &str, out: &Path, validity: Validity) -> Resul
         }
     }
     let key = KeyPair::generate().map_err(rcgen_err("generating the node key"))?;
-    let mut params =
-        CertificateParams::new(vec![name.to_string()]).map_err(rcgen_err(format!("using {name:?} as a certificate name")))?;
+    let mut params = CertificateParams::new(vec![name.to_string()])
+        .map_err(rcgen_err(format!("using {name:?} as a certificate name")))?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;

@@ -398,7 +398,8 @@ fn human_bytes(b: u64) -> String {
 /// "2026-12-01 10:00:00 UTC (3m 20s ago)" for seconds since the Unix epoch.
 fn describe_time(unix: f64) -> String {
     let Ok(t) = time::OffsetDateTime::from_unix_timestamp(unix as i64) else { return format!("{unix:.0} (Unix time)") };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(unix);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(unix);
     let ago = (now - unix).max(0.0) as u64;
     let ago = match ago {
         0..=119 => format!("{ago}s ago"),
@@ -436,7 +437,8 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
             s.group, s.role, state, s.mode, s.peer, s.health
         );
         if let Some(t) = s.data_as_of_unix {
-            let _ = writeln!(out, "  data as of {} (the primary's time of the newest write held here)", describe_time(t));
+            let _ =
+                writeln!(out, "  data as of {} (the primary's time of the newest write held here)", describe_time(t));
         }
         if let Some(r) = &s.refusal {
             let _ = writeln!(out, "  refused by the peer: {r}");

@@ -204,10 +204,8 @@ impl Config {
 
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::parse(path, &text)
     }
 
@@ -290,11 +288,7 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_path_buf(),
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError::Invalid { path: self.path.to_path_buf(), key: key.into(), message: message.into() }
     }
 
     fn name(&self, key: &str, value: &str) -> Result<String, ConfigError> {
@@ -333,12 +327,7 @@ impl Validator<'_> {
             listen: self.addr("node.listen", &raw.node.listen)?,
             state_dir: self.absolute("node.state_dir", raw.node.state_dir)?,
             run_dir: self.absolute("node.run_dir", raw.node.run_dir)?,
-            nbd_listen: raw
-                .node
-                .nbd_listen
-                .as_deref()
-                .map(|v| self.addr("node.nbd_listen", v))
-                .transpose()?,
+            nbd_listen: raw.node.nbd_listen.as_deref().map(|v| self.addr("node.nbd_listen", v)).transpose()?,
             metrics_listen: raw
                 .node
                 .metrics_listen
@@ -394,7 +383,9 @@ impl Validator<'_> {
                 "sync" => Mode::Sync,
                 "async" => Mode::Async,
                 other => {
-                    return Err(self.err(format!("{key}.mode"), format!("{other:?} is not a mode: use \"sync\" or \"async\"")))
+                    return Err(
+                        self.err(format!("{key}.mode"), format!("{other:?} is not a mode: use \"sync\" or \"async\""))
+                    )
                 }
             };
             let journal_size = match &g.journal_size {
@@ -451,10 +442,9 @@ impl Validator<'_> {
                 }
             }
             if g.volume.is_empty() {
-                return Err(self.err(
-                    format!("{key}.volume"),
-                    "a group needs at least one [[group.volume]] with name and path",
-                ));
+                return Err(
+                    self.err(format!("{key}.volume"), "a group needs at least one [[group.volume]] with name and path")
+                );
             }
             let mut volumes = Vec::new();
             for (j, v) in g.volume.into_iter().enumerate() {
@@ -474,10 +464,7 @@ impl Validator<'_> {
                     Some(s) => {
                         let size = self.size(&format!("{vkey}.size"), s)?;
                         if size == 0 || size % 4096 != 0 {
-                            return Err(self.err(
-                                format!("{vkey}.size"),
-                                "must be a non-zero multiple of 4KiB",
-                            ));
+                            return Err(self.err(format!("{vkey}.size"), "must be a non-zero multiple of 4KiB"));
                         }
                         Some(size)
                     }
@@ -498,13 +485,7 @@ impl Validator<'_> {
                 volumes,
             });
         }
-        Ok(Config {
-            path: self.path.to_path_buf(),
-            node,
-            tls,
-            peers,
-            groups,
-        })
+        Ok(Config { path: self.path.to_path_buf(), node, tls, peers, groups })
     }
 
     fn absolute(&self, key: &str, p: PathBuf) -> Result<PathBuf, ConfigError> {
@@ -586,9 +567,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3600.0,
         _ => return Err(format!("{s:?} is not a duration: write e.g. \"500ms\", \"5s\", \"2m\" or \"1h\"")),
     };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: write e.g. \"500ms\", \"5s\", \"2m\" or \"1h\""))?;
+    let value: f64 =
+        num.parse().map_err(|_| format!("{s:?} is not a duration: write e.g. \"500ms\", \"5s\", \"2m\" or \"1h\""))?;
     let secs = value * secs_per_unit;
     if !(0.0..=1e9).contains(&secs) {
         return Err(format!("{s:?} is out of range"));

@@ -80,11 +80,7 @@ pub enum DaemonError {
 }
 
 fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener, DaemonError> {
-    let err = |source| DaemonError::Socket {
-        what,
-        path: path.display().to_string(),
-        source,
-    };
+    let err = |source| DaemonError::Socket { what, path: path.display().to_string(), source };
     if path.exists() {
         // A stale socket from a previous run; refuse if a daemon still answers.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -139,18 +135,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         for (i, vc) in gc.volumes.iter().enumerate() {
             volumes.push(Arc::new(Volume::open(&engine, vc, i as u32)?));
         }
-        let group = Group::open(
-            gc.clone(),
-            volumes,
-            engine.clone(),
-            &config.node.state_dir,
-            transport.clone(),
-        )
-        .await
-        .map_err(|source| DaemonError::Group {
-            group: gc.name.clone(),
-            source,
-        })?;
+        let group = Group::open(gc.clone(), volumes, engine.clone(), &config.node.state_dir, transport.clone())
+            .await
+            .map_err(|source| DaemonError::Group { group: gc.name.clone(), source })?;
         groups.push(group);
     }
     let node = Arc::new(Node::new(groups, transport.clone()));
@@ -160,34 +147,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let nbd_unix = bind_unix(&config.nbd_socket(), 0o660, "NBD socket")?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut nbd_servers = tokio::task::JoinSet::new();
-    tasks.spawn(crate::control::serve(
-        control,
-        node.clone(),
-        shutdown.clone(),
-    ));
-    nbd_servers.spawn(crate::nbd::serve_unix(
-        nbd_unix,
-        node.clone(),
-        shutdown.clone(),
-    ));
+    tasks.spawn(crate::control::serve(control, node.clone(), shutdown.clone()));
+    nbd_servers.spawn(crate::nbd::serve_unix(nbd_unix, node.clone(), shutdown.clone()));
     if let Some(addr) = config.node.nbd_listen {
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Socket {
-                what: "NBD TCP listener",
-                path: addr.to_string(),
-                source,
-            })?;
+        let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
+            what: "NBD TCP listener",
+            path: addr.to_string(),
+            source,
+        })?;
         nbd_servers.spawn(crate::nbd::serve_tcp(tcp, node.clone(), shutdown.clone()));
     }
     if let Some(addr) = config.node.metrics_listen {
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Socket {
-                what: "metrics listener",
-                path: addr.to_string(),
-                source,
-            })?;
+        let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
+            what: "metrics listener",
+            path: addr.to_string(),
+            source,
+        })?;
         tasks.spawn(crate::metrics::serve(tcp, node.clone(), shutdown.clone()));
     }
     {
@@ -208,10 +183,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config.node.name,
         node.groups.len(),
         config.nbd_socket().display(),
-        transport
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
+        transport.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         engine.backend(),
         state_dir.display()
     );
@@ -293,9 +265,9 @@ async fn stop_listeners(
     while let Some(done) = nbd_servers.join_next().await {
         match done {
             Ok(Drain::Complete) => {}
-            Ok(Drain::Incomplete { requests }) => problems.push(format!(
-                "{requests} NBD request(s) were still running in the volumes"
-            )),
+            Ok(Drain::Incomplete { requests }) => {
+                problems.push(format!("{requests} NBD request(s) were still running in the volumes"))
+            }
             Err(e) => problems.push(format!("an NBD server task failed: {e}")),
         }
     }

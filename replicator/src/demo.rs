@@ -61,7 +61,14 @@ pub fn run(serve: bool) -> ExitCode {
     }
 }
 
-fn write_config(dir: &Path, me: &str, peer: &str, port: u16, peer_port: u16, nbd_port: Option<u16>) -> std::io::Result<PathBuf> {
+fn write_config(
+    dir: &Path,
+    me: &str,
+    peer: &str,
+    port: u16,
+    peer_port: u16,
+    nbd_port: Option<u16>,
+) -> std::io::Result<PathBuf> {
     let site = dir.join(me);
     let nbd_listen = nbd_port.map(|p| format!("nbd_listen = \"127.0.0.1:{p}\"\n")).unwrap_or_default();
     let text = format!(
@@ -184,7 +191,10 @@ async fn wait_state(site: &Site, group: &str, state: &str, timeout: Duration) ->
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("group {group} is {} (lag {} records) after {timeout:?}, expected {state}", s.state, s.lag_records));
+                return Err(format!(
+                    "group {group} is {} (lag {} records) after {timeout:?}, expected {state}",
+                    s.state, s.lag_records
+                ));
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -323,7 +333,10 @@ async fn tour(serve: bool) -> Result<(), String> {
         rng.fill(&mut big);
         index.write(i << 20, &big, false).await.map_err(|e| e.to_string())?;
     }
-    index.write(12345, b"an unaligned write, read-modify-written on whole blocks", true).await.map_err(|e| e.to_string())?;
+    index
+        .write(12345, b"an unaligned write, read-modify-written on whole blocks", true)
+        .await
+        .map_err(|e| e.to_string())?;
     index.flush().await.map_err(|e| e.to_string())?;
     println!("    write latency (4 KiB, QD1)      p50        p99");
     for (name, lat) in [("bank (sync, RPO 0)", &sync_lat), ("archive (async, journal)", &async_lat)] {

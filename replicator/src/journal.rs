@@ -109,9 +109,7 @@ impl Journal {
         }
         let existed = path.exists();
         let opts = OpenOptions { create_size: Some(size), direct: false, read_only: false };
-        let file = engine
-            .open(path, &opts)
-            .map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
+        let file = engine.open(path, &opts).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
         let appender = std::fs::OpenOptions::new().write(true).open(path).map_err(|source| JournalError::Io {
             path: path.to_path_buf(),
             source: IoError::Open { path: path.to_path_buf(), source },
@@ -132,7 +130,12 @@ impl Journal {
         } else {
             // Preallocate: a journal that hits ENOSPC halfway would turn a
             // full filesystem into failed client writes much later.
-            match nix::fcntl::fallocate(&journal.appender, nix::fcntl::FallocateFlags::empty(), 0, journal.file.size() as i64) {
+            match nix::fcntl::fallocate(
+                &journal.appender,
+                nix::fcntl::FallocateFlags::empty(),
+                0,
+                journal.file.size() as i64,
+            ) {
                 Ok(()) => {}
                 Err(nix::errno::Errno::EOPNOTSUPP) => {
                     tracing::warn!(path = %path.display(), "the filesystem cannot preallocate; the journal stays sparse")

@@ -123,7 +123,14 @@ impl NbdClient {
         self.flags
     }
 
-    async fn request(&self, cmd: u16, flags: u16, offset: u64, len: u32, data: Option<&[u8]>) -> Result<Vec<u8>, NbdClientError> {
+    async fn request(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> Result<Vec<u8>, NbdClientError> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let read_len = if cmd == CMD_READ { len } else { 0 };

@@ -148,8 +148,7 @@ impl ExportCatalog for Node {
     type Export = VolumeExport;
 
     fn list(&self) -> Vec<String> {
-        let mut names: Vec<(usize, u32, String)> =
-            self.exports.iter().map(|(n, (g, v))| (*g, *v, n.clone())).collect();
+        let mut names: Vec<(usize, u32, String)> = self.exports.iter().map(|(n, (g, v))| (*g, *v, n.clone())).collect();
         names.sort();
         names.into_iter().map(|(_, _, n)| n).collect()
     }

@@ -68,10 +68,7 @@ impl StateDirLock {
     /// [`StateLockError::Held`] if another process holds it.
     pub fn acquire(state_dir: &Path) -> Result<StateDirLock, StateLockError> {
         let lock_file = state_dir.join(LOCK_FILE);
-        let io_err = |source| StateLockError::Io {
-            lock_file: lock_file.clone(),
-            source,
-        };
+        let io_err = |source| StateLockError::Io { lock_file: lock_file.clone(), source };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -96,10 +93,7 @@ impl StateDirLock {
         locked.set_len(0).map_err(io_err)?;
         locked.seek(SeekFrom::Start(0)).map_err(io_err)?;
         writeln!(locked, "{}", std::process::id()).map_err(io_err)?;
-        Ok(StateDirLock {
-            path: lock_file,
-            _file: locked,
-        })
+        Ok(StateDirLock { path: lock_file, _file: locked })
     }
 
     /// The lock file.
@@ -132,10 +126,7 @@ mod tests {
         }
         let msg = err.to_string();
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
-        assert!(
-            msg.contains(&format!("pid {}", std::process::id())),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
         drop(first);
         let again = StateDirLock::acquire(dir.path()).expect("lock after release");
         drop(again);
@@ -146,10 +137,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let _lock = StateDirLock::acquire(dir.path()).expect("lock");
-        let mode = std::fs::metadata(dir.path().join(LOCK_FILE))
-            .expect("metadata")
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.path().join(LOCK_FILE)).expect("metadata").permissions().mode();
         assert_eq!(mode & 0o777, LOCK_MODE);
     }
 }

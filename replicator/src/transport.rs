@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use replicator_protocol::pb::{self, envelope::Body};
-use replicator_protocol::wire::{
-    encode_frame, negotiate_version, FrameDecoder, WireError, SUPPORTED_VERSIONS,
-};
+use replicator_protocol::wire::{encode_frame, negotiate_version, FrameDecoder, WireError, SUPPORTED_VERSIONS};
 use tokio::sync::Mutex;
 
 use crate::config::Config;
@@ -74,10 +72,7 @@ pub struct FramedRecv {
 impl FramedRecv {
     /// Wraps a QUIC receive stream.
     pub fn new(inner: quinn::RecvStream) -> Self {
-        Self {
-            inner,
-            decoder: FrameDecoder::new(),
-        }
+        Self { inner, decoder: FrameDecoder::new() }
     }
 
     /// Next envelope; `Ok(None)` when the peer finished the stream cleanly.
@@ -91,9 +86,7 @@ impl FramedRecv {
                 Ok(Some(n)) => self.decoder.extend_from_slice(&chunk[..n]),
                 Ok(None) => {
                     if self.decoder.buffered_len() > 0 {
-                        return Err(TransportError::Protocol(
-                            "stream ended inside a frame".into(),
-                        ));
+                        return Err(TransportError::Protocol("stream ended inside a frame".into()));
                     }
                     return Ok(None);
                 }
@@ -110,16 +103,12 @@ impl FramedRecv {
     /// Next envelope, or an error if the stream ends.
     pub async fn expect(&mut self, what: &'static str) -> Result<Body, TransportError> {
         match self.recv().await? {
-            Some(pb::Envelope {
-                body: Some(Body::Error(e)),
-            }) => Err(TransportError::Protocol(format!("peer: {}", e.message))),
-            Some(pb::Envelope { body: Some(b) }) => Ok(b),
-            Some(pb::Envelope { body: None }) => {
-                Err(TransportError::Protocol("empty envelope".into()))
+            Some(pb::Envelope { body: Some(Body::Error(e)) }) => {
+                Err(TransportError::Protocol(format!("peer: {}", e.message)))
             }
-            None => Err(TransportError::Protocol(format!(
-                "stream closed while waiting for {what}"
-            ))),
+            Some(pb::Envelope { body: Some(b) }) => Ok(b),
+            Some(pb::Envelope { body: None }) => Err(TransportError::Protocol("empty envelope".into())),
+            None => Err(TransportError::Protocol(format!("stream closed while waiting for {what}"))),
         }
     }
 }
@@ -134,10 +123,7 @@ pub struct FramedSend {
 impl FramedSend {
     /// Wraps a QUIC send stream.
     pub fn new(inner: quinn::SendStream) -> Self {
-        Self {
-            inner,
-            buf: BytesMut::new(),
-        }
+        Self { inner, buf: BytesMut::new() }
     }
 
     /// Adds an envelope to the batch.
@@ -156,10 +142,7 @@ impl FramedSend {
             return Ok(());
         }
         let bytes = self.buf.split().freeze();
-        self.inner
-            .write_chunk(bytes)
-            .await
-            .map_err(|e| TransportError::Connection(e.to_string()))
+        self.inner.write_chunk(bytes).await.map_err(|e| TransportError::Connection(e.to_string()))
     }
 
     /// Queues and sends one envelope.
@@ -218,55 +201,30 @@ impl Transport {
     /// [`SUPPORTED_VERSIONS`]. Only for tests of version negotiation, which
     /// play a peer of another version in-process; the daemon never calls it,
     /// and nothing in its configuration or environment leads here.
-    pub fn bind_with_versions(
-        config: &Config,
-        versions: &[u32],
-    ) -> Result<Transport, TransportError> {
+    pub fn bind_with_versions(config: &Config, versions: &[u32]) -> Result<Transport, TransportError> {
         let identity = TlsIdentity::load(&config.tls, &config.node.name)?;
         let server = identity.server_config()?;
         let client = identity.client_config()?;
-        let socket = std::net::UdpSocket::bind(config.node.listen).map_err(|source| {
-            TransportError::Bind {
-                addr: config.node.listen,
-                source,
-            }
-        })?;
+        let socket = std::net::UdpSocket::bind(config.node.listen)
+            .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         size_socket_buffers(&socket);
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| TransportError::Connection("no async runtime for QUIC".into()))?;
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| TransportError::Connection("no async runtime for QUIC".into()))?;
         let inner = runtime
             .wrap_udp_socket(socket)
-            .map_err(|source| TransportError::Bind {
-                addr: config.node.listen,
-                source,
-            })?;
-        let socket = Arc::new(InspectingSocket {
-            inner,
-            last_log: std::sync::Mutex::new(None),
-        });
+            .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
+        let socket = Arc::new(InspectingSocket { inner, last_log: std::sync::Mutex::new(None) });
         // Peers then keep the fixed bit of every packet set, which lets the
         // socket wrapper tell a stray plaintext datagram from a peer's packet.
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config.grease_quic_bit(false);
-        let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            endpoint_config,
-            Some(server),
-            socket,
-            runtime,
-        )
-        .map_err(|source| TransportError::Bind {
-            addr: config.node.listen,
-            source,
-        })?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, Some(server), socket, runtime)
+            .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         Ok(Transport {
             endpoint,
             client,
             node: config.node.name.clone(),
-            peers: config
-                .peers
-                .iter()
-                .map(|p| (p.name.clone(), p.address))
-                .collect(),
+            peers: config.peers.iter().map(|p| (p.name.clone(), p.address)).collect(),
             conns: Mutex::new(HashMap::new()),
             versions: versions.to_vec(),
         })
@@ -287,18 +245,10 @@ impl Transport {
         loop {
             match self.accept_next().await? {
                 Ok(pc) => return Some(pc),
-                Err(Refused {
-                    remote,
-                    peer: Some(peer),
-                    reason,
-                }) => {
+                Err(Refused { remote, peer: Some(peer), reason }) => {
                     tracing::warn!(%remote, %peer, "refused connection: {reason}");
                 }
-                Err(Refused {
-                    remote,
-                    peer: None,
-                    reason,
-                }) => {
+                Err(Refused { remote, peer: None, reason }) => {
                     tracing::warn!(%remote, "refused connection: {reason}");
                 }
             }
@@ -315,11 +265,7 @@ impl Transport {
             Ok(c) => c,
             Err(e) => {
                 let reason = TransportError::Protocol(format!("TLS/QUIC handshake failed: {e}"));
-                return Some(Err(Refused {
-                    remote,
-                    peer: None,
-                    reason,
-                }));
+                return Some(Err(Refused { remote, peer: None, reason }));
             }
         };
         Some(match peer_name(&conn, &self.peer_names()) {
@@ -327,70 +273,39 @@ impl Transport {
                 Ok(()) => Ok(PeerConnection { peer, conn }),
                 Err(reason) => {
                     conn.close(quinn::VarInt::from_u32(2), reason.to_string().as_bytes());
-                    Err(Refused {
-                        remote,
-                        peer: Some(peer),
-                        reason,
-                    })
+                    Err(Refused { remote, peer: Some(peer), reason })
                 }
             },
             Err(e) => {
-                conn.close(
-                    quinn::VarInt::from_u32(1),
-                    b"certificate does not name a configured peer",
-                );
-                Err(Refused {
-                    remote,
-                    peer: None,
-                    reason: TransportError::Tls(e),
-                })
+                conn.close(quinn::VarInt::from_u32(1), b"certificate does not name a configured peer");
+                Err(Refused { remote, peer: None, reason: TransportError::Tls(e) })
             }
         })
     }
 
-    async fn answer_hello(
-        &self,
-        conn: &quinn::Connection,
-        peer: &str,
-    ) -> Result<(), TransportError> {
+    async fn answer_hello(&self, conn: &quinn::Connection, peer: &str) -> Result<(), TransportError> {
         let (send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
             .await
             .map_err(|_| TransportError::Timeout("waiting for Hello"))?
             .map_err(|e| TransportError::Connection(e.to_string()))?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-        let hello = match tokio::time::timeout(Duration::from_secs(10), recv.expect("Hello")).await
-        {
+        let hello = match tokio::time::timeout(Duration::from_secs(10), recv.expect("Hello")).await {
             Ok(Ok(Body::Hello(h))) => h,
-            Ok(Ok(_)) => {
-                return Err(TransportError::Protocol(
-                    "first message was not Hello".into(),
-                ))
-            }
+            Ok(Ok(_)) => return Err(TransportError::Protocol("first message was not Hello".into())),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(TransportError::Timeout("waiting for Hello")),
         };
         if hello.node != peer {
-            let msg = format!(
-                "Hello names node {:?} but the certificate names {peer:?}",
-                hello.node
-            );
+            let msg = format!("Hello names node {:?} but the certificate names {peer:?}", hello.node);
             let _ = send
-                .send(Body::HelloReply(pb::HelloReply {
-                    version: 0,
-                    node: self.node.clone(),
-                    error: msg.clone(),
-                }))
+                .send(Body::HelloReply(pb::HelloReply { version: 0, node: self.node.clone(), error: msg.clone() }))
                 .await;
             return Err(TransportError::Protocol(msg));
         }
         match negotiate_version(&self.versions, &hello.versions) {
             Ok(version) => {
-                send.send(Body::HelloReply(pb::HelloReply {
-                    version,
-                    node: self.node.clone(),
-                    error: String::new(),
-                }))
-                .await?;
+                send.send(Body::HelloReply(pb::HelloReply { version, node: self.node.clone(), error: String::new() }))
+                    .await?;
                 send.finish();
                 tracing::info!(%peer, version, software = %hello.software, "peer connected");
                 Ok(())
@@ -420,19 +335,9 @@ impl Transport {
             }
             conns.remove(peer);
         }
-        let addr = *self
-            .peers
-            .get(peer)
-            .ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
-        let err = |message: String| TransportError::Connect {
-            peer: peer.to_string(),
-            addr,
-            message,
-        };
-        let connecting = self
-            .endpoint
-            .connect_with(self.client.clone(), addr, peer)
-            .map_err(|e| err(e.to_string()))?;
+        let addr = *self.peers.get(peer).ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
+        let err = |message: String| TransportError::Connect { peer: peer.to_string(), addr, message };
+        let connecting = self.endpoint.connect_with(self.client.clone(), addr, peer).map_err(|e| err(e.to_string()))?;
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await
             .map_err(|_| err("handshake timed out".into()))?
@@ -445,13 +350,12 @@ impl Transport {
             software: format!("replicator {}", env!("CARGO_PKG_VERSION")),
         }))
         .await?;
-        let reply =
-            match tokio::time::timeout(Duration::from_secs(10), recv.expect("HelloReply")).await {
-                Ok(Ok(Body::HelloReply(r))) => r,
-                Ok(Ok(_)) => return Err(err("peer answered Hello with something else".into())),
-                Ok(Err(e)) => return Err(err(e.to_string())),
-                Err(_) => return Err(err("no HelloReply within 10s".into())),
-            };
+        let reply = match tokio::time::timeout(Duration::from_secs(10), recv.expect("HelloReply")).await {
+            Ok(Ok(Body::HelloReply(r))) => r,
+            Ok(Ok(_)) => return Err(err("peer answered Hello with something else".into())),
+            Ok(Err(e)) => return Err(err(e.to_string())),
+            Err(_) => return Err(err("no HelloReply within 10s".into())),
+        };
         if !reply.error.is_empty() || reply.version == 0 {
             return Err(err(format!("peer refused: {}", reply.error)));
         }
@@ -461,20 +365,14 @@ impl Transport {
     }
 
     /// Opens a framed bidirectional stream on a connection.
-    pub async fn open_stream(
-        conn: &quinn::Connection,
-    ) -> Result<(FramedSend, FramedRecv), TransportError> {
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| TransportError::Connection(e.to_string()))?;
+    pub async fn open_stream(conn: &quinn::Connection) -> Result<(FramedSend, FramedRecv), TransportError> {
+        let (send, recv) = conn.open_bi().await.map_err(|e| TransportError::Connection(e.to_string()))?;
         Ok((FramedSend::new(send), FramedRecv::new(recv)))
     }
 
     /// Closes every connection and the endpoint.
     pub async fn close(&self) {
-        self.endpoint
-            .close(quinn::VarInt::from_u32(0), b"shutting down");
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
@@ -560,10 +458,7 @@ impl quinn::AsyncUdpSocket for InspectingSocket {
             for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
                 let len = m.len.min(m.stride.max(1)).min(buf.len());
                 if let Some(why) = not_quic(&buf[..len]) {
-                    let mut last = self
-                        .last_log
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut last = self.last_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                         *last = Some(std::time::Instant::now());
                         tracing::warn!(

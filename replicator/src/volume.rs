@@ -64,9 +64,8 @@ impl Volume {
     /// Opens (creating a sparse file from `size` if the path does not exist).
     pub fn open(engine: &IoEngine, cfg: &VolumeConfig, index: u32) -> Result<Volume, VolumeError> {
         let opts = OpenOptions { create_size: cfg.size, direct: true, read_only: false };
-        let file = engine
-            .open(&cfg.path, &opts)
-            .map_err(|source| VolumeError::Open { name: cfg.name.clone(), source })?;
+        let file =
+            engine.open(&cfg.path, &opts).map_err(|source| VolumeError::Open { name: cfg.name.clone(), source })?;
         let size = file.size();
         if size == 0 || size % IO_ALIGN as u64 != 0 {
             return Err(VolumeError::BadSize { name: cfg.name.clone(), path: cfg.path.clone(), size });

@@ -183,21 +183,12 @@ pub struct ClusterOpts {
     pub site_b_cert: CertKind,
     /// Start both daemons in [`Cluster::new`].
     pub start: bool,
-    /// Extra environment for site-b's daemon (test-only switches such as
-    /// `REPLICATOR_TEST_WIRE_VERSIONS`).
-    pub site_b_env: Vec<(String, String)>,
 }
 
 impl ClusterOpts {
     /// Both sites valid and started, with these groups.
     pub fn new(groups: Vec<GroupSpec>) -> Self {
-        Self {
-            groups,
-            site_b_node_name: "site-b".into(),
-            site_b_cert: CertKind::Valid,
-            start: true,
-            site_b_env: Vec::new(),
-        }
+        Self { groups, site_b_node_name: "site-b".into(), site_b_cert: CertKind::Valid, start: true }
     }
 
     /// One group.
@@ -240,10 +231,8 @@ pub fn replicator_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test executable lives in target/<profile>/deps/");
+    let profile_dir =
+        exe.parent().and_then(|deps| deps.parent()).expect("the test executable lives in target/<profile>/deps/");
     let bin = profile_dir.join("replicator");
     if !bin.is_file() {
         panic!(
@@ -274,7 +263,8 @@ pub fn require_root(test: &str) -> bool {
 /// with instructions when it is missing — CI installs everything, so a
 /// missing tool is an error, never a silent skip.
 pub fn require(cmd: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     for extra in ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
         dirs.push(PathBuf::from(extra));
     }
@@ -446,7 +436,8 @@ impl Cluster {
         let b_name = opts.site_b_node_name.clone();
         match opts.site_b_cert {
             CertKind::Valid => {
-                replicator::certs::issue(&ca, &b_name, &certs, replicator::certs::Validity::days(2)).expect("issue site-b");
+                replicator::certs::issue(&ca, &b_name, &certs, replicator::certs::Validity::days(2))
+                    .expect("issue site-b");
             }
             CertKind::ForeignCa => {
                 let other = root.join("foreign-ca");
@@ -643,10 +634,7 @@ address = "127.0.0.1:{peer_port}"
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).expect("open log");
         let _ = writeln!(log, "===== e2e harness: starting {site} (run #{}) =====", s.starts);
         let log2 = log.try_clone().expect("clone log fd");
-        let env: Vec<(String, String)> = if site == Site::B { self.opts.site_b_env.clone() } else { Vec::new() };
-        let s = &mut self.sites[site.index()];
         let child = Command::new(&bin)
-            .envs(env)
             .arg("--config")
             .arg(&s.config_path)
             .arg("run")
@@ -674,7 +662,10 @@ address = "127.0.0.1:{peer_port}"
                 }
             }
             if Instant::now() > deadline {
-                panic!("{site} daemon did not open its control socket within {START_TIMEOUT:?}\n{}", self.diagnostics());
+                panic!(
+                    "{site} daemon did not open its control socket within {START_TIMEOUT:?}\n{}",
+                    self.diagnostics()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -700,7 +691,10 @@ address = "127.0.0.1:{peer_port}"
                 Ok(None) if Instant::now() > deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("{site} daemon did not exit within {STOP_TIMEOUT:?} of SIGTERM (killed)\n{}", self.diagnostics());
+                    panic!(
+                        "{site} daemon did not exit within {STOP_TIMEOUT:?} of SIGTERM (killed)\n{}",
+                        self.diagnostics()
+                    );
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => panic!("waiting for {site}: {e}"),
@@ -711,7 +705,10 @@ address = "127.0.0.1:{peer_port}"
     /// `kill -9` (tolerates a daemon already killed from elsewhere).
     pub fn kill9(&mut self, site: Site) {
         if let Some(mut child) = self.sites[site.index()].child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let _ = child.wait();
             let mut log = std::fs::OpenOptions::new().append(true).open(self.log_path(site)).expect("open log");
             let _ = writeln!(log, "===== e2e harness: {site} killed with SIGKILL =====");
@@ -870,7 +867,10 @@ address = "127.0.0.1:{peer_port}"
     /// daemons must be stopped). Panics at the first differing offset.
     pub fn assert_volumes_identical(&mut self, group: &str) {
         for site in [Site::A, Site::B] {
-            assert!(!self.is_running(site), "assert_volumes_identical: stop {site} first (backing files are read directly)");
+            assert!(
+                !self.is_running(site),
+                "assert_volumes_identical: stop {site} first (backing files are read directly)"
+            );
         }
         let spec = self
             .opts

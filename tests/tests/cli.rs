@@ -48,9 +48,21 @@ fn config_check_good_and_broken() {
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
         ("bad mode", good.replace("mode = \"sync\"", "mode = \"fast\""), vec!["group[cli].mode", "\"fast\""]),
         ("unknown key", good.replace("[node]\n", "[node]\nbogus_key = 1\n"), vec!["bogus_key"]),
-        ("bad size", good.replace(&format!("size = \"{}\"", 16 * MIB), "size = \"20 parsecs\""), vec!["volume[cli-vol].size"]),
-        ("journal too small", good.replace(&format!("journal_size = \"{}\"", 64 * MIB), "journal_size = \"1MiB\""), vec!["group[cli].journal_size"]),
-        ("bad duration", good.replace("link_timeout = \"5000ms\"", "link_timeout = \"5 fortnights\""), vec!["group[cli].link_timeout"]),
+        (
+            "bad size",
+            good.replace(&format!("size = \"{}\"", 16 * MIB), "size = \"20 parsecs\""),
+            vec!["volume[cli-vol].size"],
+        ),
+        (
+            "journal too small",
+            good.replace(&format!("journal_size = \"{}\"", 64 * MIB), "journal_size = \"1MiB\""),
+            vec!["group[cli].journal_size"],
+        ),
+        (
+            "bad duration",
+            good.replace("link_timeout = \"5000ms\"", "link_timeout = \"5 fortnights\""),
+            vec!["group[cli].link_timeout"],
+        ),
         ("bad address", good.replace("listen = \"127.0.0.1:", "listen = \"localhost-ish:"), vec!["node.listen"]),
         ("unknown peer", good.replace("peer = \"site-b\"", "peer = \"site-z\""), vec!["group[cli].peer", "site-z"]),
     ];
@@ -61,7 +73,11 @@ fn config_check_good_and_broken() {
         let out = config_check(&c, &path);
         let err = stderr(&out);
         assert_eq!(code(&out), 2, "config check with {what} must exit 2\n{}", describe_output(&out));
-        assert!(err.contains(&path.display().to_string()), "{what}: stderr must name the file {}\n{err}", path.display());
+        assert!(
+            err.contains(&path.display().to_string()),
+            "{what}: stderr must name the file {}\n{err}",
+            path.display()
+        );
         for n in needles {
             assert!(err.contains(n), "{what}: stderr must name {n:?}\n{err}");
         }
@@ -166,7 +182,10 @@ fn status_json_schema_and_pair_lifecycle() {
     let out = c.cli(Site::A, &["pair", "create", "cli"]);
     assert_eq!(code(&out), 3, "second pair create must be refused with exit 3\n{}", describe_output(&out));
     let err = stderr(&out);
-    assert!(err.contains("already paired") && err.contains("pair delete"), "refusal must say why and what to do:\n{err}");
+    assert!(
+        err.contains("already paired") && err.contains("pair delete"),
+        "refusal must say why and what to do:\n{err}"
+    );
     // ... also on the secondary.
     let out = c.cli(Site::B, &["pair", "create", "cli"]);
     assert_eq!(code(&out), 3, "pair create on the secondary must be refused\n{}", describe_output(&out));
@@ -277,7 +296,8 @@ fn control_socket_bounds_request_size_and_time() {
     let after = rss(pid);
     assert!(after < before + 32 * MIB, "RSS grew from {before} to {after} bytes");
 
-    let idle: Vec<UnixStream> = (0..40).map(|_| UnixStream::connect(c.control_socket(Site::A)).expect("connect")).collect();
+    let idle: Vec<UnixStream> =
+        (0..40).map(|_| UnixStream::connect(c.control_socket(Site::A)).expect("connect")).collect();
     let started = std::time::Instant::now();
     let out = c.cli(Site::A, &["status"]);
     assert_eq!(code(&out), 0, "{}", describe_output(&out));

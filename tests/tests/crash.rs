@@ -51,10 +51,7 @@ async fn load(socket: &Path, export: &str, daemon_pid: i32) -> LoadResult {
     for _ in 0..CONNECTIONS {
         clients.push(Arc::new(NbdClient::connect_unix(socket, export).await.expect("NBD connect to site-a")));
     }
-    let ledger = Arc::new(Mutex::new(Ledger {
-        acked: vec![0; BLOCKS as usize],
-        issued: vec![0; BLOCKS as usize],
-    }));
+    let ledger = Arc::new(Mutex::new(Ledger { acked: vec![0; BLOCKS as usize], issued: vec![0; BLOCKS as usize] }));
     let acked_writes = Arc::new(AtomicU64::new(0));
     let failed_writes = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -144,7 +141,8 @@ fn check_image(c: &Cluster, site: Site, path: &Path, ledger: &Ledger) {
                 lost += 1;
             }
             if problems.len() < 20 {
-                problems.push(format!("block {b}: holds {got:?}, acknowledged version {acked}, highest issued {issued}"));
+                problems
+                    .push(format!("block {b}: holds {got:?}, acknowledged version {acked}, highest issued {issued}"));
             }
         }
     }
@@ -170,10 +168,7 @@ fn kill9_primary_under_sync_load_loses_no_acknowledged_write() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let pid = c.pid(Site::A).expect("site-a runs");
     let result = rt.block_on(load(&c.nbd_socket(Site::A), vol, pid));
-    eprintln!(
-        "crash load: {} writes acknowledged, {} failed at the kill",
-        result.acked_writes, result.failed_writes
-    );
+    eprintln!("crash load: {} writes acknowledged, {} failed at the kill", result.acked_writes, result.failed_writes);
     assert!(result.acked_writes >= 200, "the load barely ran: {result:?}");
     c.kill9(Site::A);
 
@@ -195,7 +190,10 @@ fn kill9_primary_under_sync_load_loses_no_acknowledged_write() {
     let marker_block = BLOCKS + 100;
     rt.block_on(async {
         let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("reconnect NBD");
-        client.write(marker_block * BLOCK as u64, &stamp(marker_block, 1_000_000), true).await.expect("write after restart");
+        client
+            .write(marker_block * BLOCK as u64, &stamp(marker_block, 1_000_000), true)
+            .await
+            .expect("write after restart");
         client.flush().await.expect("flush after restart");
     });
     c.wait_drained(group);

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use replicator_tests::pattern::random_bytes;
-use replicator_tests::{describe_output, require, require_root, run_ok, run_with_timeout, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+use replicator_tests::{
+    describe_output, require, require_root, run_ok, run_with_timeout, Cluster, ClusterOpts, GroupSpec, Mode, Site,
+};
 
 const MIB: u64 = 1 << 20;
 /// Limit for each external command (mkfs, mount, sync...).

@@ -78,7 +78,10 @@ fn trim_beyond_the_payload_limit_and_later_writes_survive_a_primary_restart() {
 
 /// `block_size_maximum` of an export, from `nbdinfo --json`.
 fn advertised_maximum(cluster: &Cluster, site: Site, export: &str) -> u64 {
-    let out = run_ok(Command::new(require("nbdinfo")).arg("--json").arg(cluster.nbd_uri(site, export)), Duration::from_secs(30));
+    let out = run_ok(
+        Command::new(require("nbdinfo")).arg("--json").arg(cluster.nbd_uri(site, export)),
+        Duration::from_secs(30),
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nbdinfo --json");
     v["exports"][0]["block_size_maximum"].as_u64().unwrap_or_else(|| panic!("no block_size_maximum in {v}"))
 }
@@ -102,7 +105,10 @@ fn sync_mode_with_the_smallest_journal_keeps_rpo_zero() {
     assert_eq!((s.state.as_str(), s.connected, s.dirty_bytes), ("PAIR", true, 0), "{s:?}\n{}", cluster.diagnostics());
     assert!(s.applied_seq >= s.last_seq, "sync mode: every acknowledged write is applied on the secondary: {s:?}");
     let log = cluster.log(Site::A);
-    assert!(!log.contains("journal full"), "a sync pair with a connected secondary must not suspend for journal-full:\n{log}");
+    assert!(
+        !log.contains("journal full"),
+        "a sync pair with a connected secondary must not suspend for journal-full:\n{log}"
+    );
 
     // A client that ignores the advertised maximum is refused (the NBD
     // server drops a connection whose write payload exceeds the export's

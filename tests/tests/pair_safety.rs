@@ -60,7 +60,10 @@ fn pair_delete_on_a_connected_secondary_ends_the_pair_on_both_sites() {
     assert!(out.contains("both sites"), "the admin must learn the primary ended the pair too: {out}");
     let a = cluster.wait_state(Site::A, "pd", "SIMPLEX", Duration::from_secs(10));
     assert_eq!(a.role, "none", "{a:?}");
-    assert!(cluster.log(Site::A).contains("the secondary ran pair delete"), "the primary must log why it is SIMPLEX now");
+    assert!(
+        cluster.log(Site::A).contains("the secondary ran pair delete"),
+        "the primary must log why it is SIMPLEX now"
+    );
     let b = cluster.status(Site::B, "pd");
     assert_eq!((b.state.as_str(), b.role.as_str()), ("SIMPLEX", "none"), "{b:?}");
 
@@ -69,8 +72,13 @@ fn pair_delete_on_a_connected_secondary_ends_the_pair_on_both_sites() {
     let before = sha(&cluster.volume_path(Site::B, "pd-vol"));
     rt.block_on(write_blocks(&client, 100, 64, 0));
     std::thread::sleep(Duration::from_millis(500));
-    assert!(before == sha(&cluster.volume_path(Site::B, "pd-vol")), "an applier wrote into site-b's volume after the pair was deleted");
-    let b_client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "pd-vol")).expect("site-b's volume is exported");
+    assert!(
+        before == sha(&cluster.volume_path(Site::B, "pd-vol")),
+        "an applier wrote into site-b's volume after the pair was deleted"
+    );
+    let b_client = rt
+        .block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "pd-vol"))
+        .expect("site-b's volume is exported");
     rt.block_on(write_blocks(&b_client, 200, 4, 0));
     drop((client, b_client));
     cluster.stop(Site::A);
@@ -109,7 +117,8 @@ fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
     let mut cluster = Cluster::new(opts);
     let path = cluster.config_path(Site::B).to_path_buf();
     let text = std::fs::read_to_string(&path).expect("config");
-    std::fs::write(&path, text.replace(&format!("size = \"{}\"", 16 * MIB), &format!("size = \"{}\"", 32 * MIB))).expect("config");
+    std::fs::write(&path, text.replace(&format!("size = \"{}\"", 16 * MIB), &format!("size = \"{}\"", 32 * MIB)))
+        .expect("config");
     cluster.start(Site::A);
     cluster.start(Site::B);
     let started = Instant::now();
@@ -142,7 +151,8 @@ fn a_cut_off_secondary_never_claims_pair_and_status_exits_non_zero() {
     assert_eq!(code, 0, "a healthy pair: status exits 0: {out}");
     let rt = runtime();
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "co-vol")).expect("connect");
-    let before_writes = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    let before_writes =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
     rt.block_on(write_blocks(&client, 1, 16, 0));
     cluster.wait_drained("co");
     drop(client);
@@ -273,7 +283,11 @@ fn a_state_file_whose_role_does_not_parse_stops_the_daemon() {
     assert!(text.contains("\"secondary\""), "{text}");
     std::fs::write(&state, text.replace("\"secondary\"", "\"secondry\"")).expect("corrupt the state");
     let out = run_with_timeout(
-        Command::new(cluster.bin()).arg("--config").arg(cluster.config_path(Site::B)).arg("run").env("RUST_LOG", "info"),
+        Command::new(cluster.bin())
+            .arg("--config")
+            .arg(cluster.config_path(Site::B))
+            .arg("run")
+            .env("RUST_LOG", "info"),
         Duration::from_secs(30),
     );
     assert!(!out.status.success(), "the daemon must refuse to start on a corrupt state file");

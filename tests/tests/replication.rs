@@ -24,7 +24,13 @@ fn qemu_io(cluster: &Cluster, site: Site, export: &str, cmds: &[String]) {
     }
     let out = run_with_abort(&mut cmd, Duration::from_secs(180), || {
         let b = cluster.session_breaks();
-        (!b.is_empty()).then(|| format!("replication session broke during qemu-io:\n{}\n{}", b[..b.len().min(5)].join("\n"), cluster.diagnostics()))
+        (!b.is_empty()).then(|| {
+            format!(
+                "replication session broke during qemu-io:\n{}\n{}",
+                b[..b.len().min(5)].join("\n"),
+                cluster.diagnostics()
+            )
+        })
     });
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // qemu-io reports results on stdout; anything on stderr is a failure.
@@ -75,9 +81,8 @@ fn workload(base: u64) -> Workload {
     }
     // (b) Overlapping unaligned writes (read-modify-write of shared blocks).
     let u = base + 4 * MIB;
-    for (i, (off, len)) in [(1000u64, 3000u64), (2500, 5000), (100, 20000), (4095, 2), (8191, 4098), (12000, 300)]
-        .iter()
-        .enumerate()
+    for (i, (off, len)) in
+        [(1000u64, 3000u64), (2500, 5000), (100, 20000), (4095, 2), (8191, 4098), (12000, 300)].iter().enumerate()
     {
         w.push(format!("aio_write -P 0x{:x} {} {}", 0x30 + i as u64, u + off, len));
     }

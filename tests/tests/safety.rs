@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use replicator::nbd_client::NbdClient;
 use replicator_tests::pattern::random_bytes;
 use replicator_tests::{
-    compare_files, describe_output, exit, free_udp_port, require, require_root, run_ok,
-    run_with_timeout, Cluster, ClusterOpts, FileDiff, GroupSpec, Mode, Site,
+    compare_files, describe_output, exit, free_udp_port, require, require_root, run_ok, run_with_timeout, Cluster,
+    ClusterOpts, FileDiff, GroupSpec, Mode, Site,
 };
 
 const MIB: u64 = 1 << 20;
@@ -30,24 +30,15 @@ const MIB: u64 = 1 << 20;
 const REFUSAL: Duration = Duration::from_secs(20);
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
 /// Writes `blocks` 64 KiB blocks of known data through site-a's NBD socket.
 fn write_blocks(rt: &tokio::runtime::Runtime, c: &Cluster, export: &str, seed: u64, blocks: u64) {
     rt.block_on(async {
-        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), export)
-            .await
-            .expect("NBD connect");
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), export).await.expect("NBD connect");
         for i in 0..blocks {
-            client
-                .write(i * 65536, &random_bytes(seed + i, 65536), false)
-                .await
-                .expect("NBD write");
+            client.write(i * 65536, &random_bytes(seed + i, 65536), false).await.expect("NBD write");
         }
         client.flush().await.expect("NBD flush");
     });
@@ -58,10 +49,7 @@ fn state_dir(c: &Cluster, site: Site) -> PathBuf {
 }
 
 fn state_json_path(c: &Cluster, site: Site, group: &str) -> PathBuf {
-    state_dir(c, site)
-        .join("groups")
-        .join(group)
-        .join("state.json")
+    state_dir(c, site).join("groups").join(group).join("state.json")
 }
 
 fn state_json(c: &Cluster, site: Site, group: &str) -> serde_json::Value {
@@ -71,9 +59,7 @@ fn state_json(c: &Cluster, site: Site, group: &str) -> serde_json::Value {
 }
 
 fn clean_shutdown(c: &Cluster, site: Site, group: &str) -> bool {
-    state_json(c, site, group)["clean_shutdown"]
-        .as_bool()
-        .expect("clean_shutdown is a bool")
+    state_json(c, site, group)["clean_shutdown"].as_bool().expect("clean_shutdown is a bool")
 }
 
 /// What a second daemon must not change in state.json: everything but the
@@ -139,10 +125,7 @@ fn config_sharing_only_the_state_dir(c: &Cluster, site: Site) -> PathBuf {
             out.push('\n');
         }
     }
-    assert!(
-        saw_listen && saw_run_dir,
-        "unexpected configuration layout:\n{text}"
-    );
+    assert!(saw_listen && saw_run_dir, "unexpected configuration layout:\n{text}");
     let path = c.root().join(format!("{}-intruder.toml", site.label()));
     std::fs::write(&path, out).expect("write config");
     path
@@ -154,11 +137,7 @@ fn set_volume_path(c: &Cluster, site: Site, volume: &str, path: &Path) {
     let text = std::fs::read_to_string(config).expect("read config");
     let old = format!("path = \"{}\"", c.volume_path(site, volume).display());
     assert!(text.contains(&old), "no {old} in\n{text}");
-    std::fs::write(
-        config,
-        text.replace(&old, &format!("path = \"{}\"", path.display())),
-    )
-    .expect("write config");
+    std::fs::write(config, text.replace(&old, &format!("path = \"{}\"", path.display()))).expect("write config");
 }
 
 /// An nbdfuse mount; unmounted (lazily: a daemon may still hold the file)
@@ -184,23 +163,13 @@ impl FuseMount {
             .stderr(log_file)
             .spawn()
             .expect("start nbdfuse");
-        let mut mount = FuseMount {
-            child,
-            mnt: mnt.to_path_buf(),
-            fusermount,
-        };
+        let mut mount = FuseMount { child, mnt: mnt.to_path_buf(), fusermount };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !mnt.join("disk").exists() {
             if let Ok(Some(st)) = mount.child.try_wait() {
-                panic!(
-                    "nbdfuse exited with {st}: {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
+                panic!("nbdfuse exited with {st}: {}", std::fs::read_to_string(log).unwrap_or_default());
             }
-            assert!(
-                Instant::now() < deadline,
-                "nbdfuse did not mount within 30s"
-            );
+            assert!(Instant::now() < deadline, "nbdfuse did not mount within 30s");
             std::thread::sleep(Duration::from_millis(50));
         }
         (mount, mnt.join("disk"))
@@ -209,30 +178,20 @@ impl FuseMount {
 
 impl Drop for FuseMount {
     fn drop(&mut self) {
-        quiet(
-            &self.fusermount,
-            &["-u", "-z", &self.mnt.display().to_string()],
-        );
+        quiet(&self.fusermount, &["-u", "-z", &self.mnt.display().to_string()]);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 fn quiet(cmd: &Path, args: &[&str]) {
-    let _ = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new(cmd).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
 #[test]
 fn second_daemon_on_the_same_state_dir_is_refused_and_the_first_is_untouched() {
     let (group, vol) = ("lock", "lock-vol");
-    let mut c = Cluster::new(ClusterOpts::group(
-        GroupSpec::new(group, Mode::Sync).volume(vol, 16 * MIB),
-    ));
+    let mut c = Cluster::new(ClusterOpts::group(GroupSpec::new(group, Mode::Sync).volume(vol, 16 * MIB)));
     c.pair_create(group);
     c.wait_pair(group, Duration::from_secs(60));
     let rt = runtime();
@@ -241,10 +200,7 @@ fn second_daemon_on_the_same_state_dir_is_refused_and_the_first_is_untouched() {
     write_blocks(&rt, &c, vol, 100, 32);
     c.wait_drained(group);
     let before = pair_identity(&c, Site::A, group);
-    assert!(
-        !clean_shutdown(&c, Site::A, group),
-        "a running daemon's state must say it has not stopped cleanly"
-    );
+    assert!(!clean_shutdown(&c, Site::A, group), "a running daemon's state must say it has not stopped cleanly");
     let pid = c.pid(Site::A).expect("site-a runs");
     let dir = state_dir(&c, Site::A);
     let lock = dir.join("lock");
@@ -256,16 +212,8 @@ fn second_daemon_on_the_same_state_dir_is_refused_and_the_first_is_untouched() {
     for config in [intruder, c.config_path(Site::A).to_path_buf()] {
         let out = run_daemon_expecting_refusal(&c, &config);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        for needle in [
-            dir.display().to_string(),
-            lock.display().to_string(),
-            format!("pid {pid}"),
-        ] {
-            assert!(
-                stderr.contains(&needle),
-                "the refusal must name {needle:?}:\n{}",
-                describe_output(&out)
-            );
+        for needle in [dir.display().to_string(), lock.display().to_string(), format!("pid {pid}")] {
+            assert!(stderr.contains(&needle), "the refusal must name {needle:?}:\n{}", describe_output(&out));
         }
         assert!(
             !stderr.contains("replaying the journal") && !stderr.contains("journal recovered"),
@@ -287,11 +235,7 @@ fn second_daemon_on_the_same_state_dir_is_refused_and_the_first_is_untouched() {
         "the lock file names the daemon holding it"
     );
     let s = c.status(Site::A, group);
-    assert!(
-        s.state == "PAIR" && s.connected,
-        "site-a after the refused second daemon: {s:?}\n{}",
-        c.diagnostics()
-    );
+    assert!(s.state == "PAIR" && s.connected, "site-a after the refused second daemon: {s:?}\n{}", c.diagnostics());
     write_blocks(&rt, &c, vol, 200, 16);
     c.wait_drained(group);
     c.assert_no_session_breaks("after the refused second daemon");
@@ -299,11 +243,7 @@ fn second_daemon_on_the_same_state_dir_is_refused_and_the_first_is_untouched() {
     // A normal stop is still a clean one, and the next start trusts it.
     c.stop(Site::A);
     c.stop(Site::B);
-    assert!(
-        clean_shutdown(&c, Site::A, group),
-        "SIGTERM must still record a clean shutdown\n{}",
-        c.diagnostics()
-    );
+    assert!(clean_shutdown(&c, Site::A, group), "SIGTERM must still record a clean shutdown\n{}", c.diagnostics());
     c.assert_volumes_identical(group);
     let log_len = c.log(Site::A).len();
     c.start(Site::A);
@@ -324,10 +264,7 @@ struct LoopDevice {
 impl LoopDevice {
     fn attach(backing: &Path) -> LoopDevice {
         let losetup = require("losetup");
-        let out = run_ok(
-            Command::new(&losetup).arg("-f").arg("--show").arg(backing),
-            Duration::from_secs(30),
-        );
+        let out = run_ok(Command::new(&losetup).arg("-f").arg("--show").arg(backing), Duration::from_secs(30));
         let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
         assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
         LoopDevice { losetup, dev }
@@ -351,9 +288,7 @@ fn a_volume_on_a_block_device_is_opened_exclusively() {
     opts.start = false;
     let mut c = Cluster::new(opts);
     let backing = c.root().join("loop-backing.img");
-    std::fs::File::create(&backing)
-        .and_then(|f| f.set_len(size))
-        .expect("backing file");
+    std::fs::File::create(&backing).and_then(|f| f.set_len(size)).expect("backing file");
     let lo = LoopDevice::attach(&backing);
     let dev = PathBuf::from(&lo.dev);
     // Both sites name the same block device, each with its own state_dir:
@@ -367,40 +302,22 @@ fn a_volume_on_a_block_device_is_opened_exclusively() {
 
     let out = run_daemon_expecting_refusal(&c, c.config_path(Site::B));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let wanted = format!(
-        "volume {vol}: block device {} is in use by another process or mounted",
-        lo.dev
-    );
-    assert!(
-        stderr.contains(&wanted),
-        "wanted {wanted:?} in:\n{}",
-        describe_output(&out)
-    );
+    let wanted = format!("volume {vol}: block device {} is in use by another process or mounted", lo.dev);
+    assert!(stderr.contains(&wanted), "wanted {wanted:?} in:\n{}", describe_output(&out));
 
-    let mkfs_out = run_with_timeout(
-        Command::new(&mkfs).args(["-q", "-F"]).arg(&lo.dev),
-        Duration::from_secs(60),
-    );
+    let mkfs_out = run_with_timeout(Command::new(&mkfs).args(["-q", "-F"]).arg(&lo.dev), Duration::from_secs(60));
     assert!(
         !mkfs_out.status.success(),
         "mkfs.ext4 formatted a block device the daemon is serving as a volume\n{}",
         describe_output(&mkfs_out)
     );
-    eprintln!(
-        "mkfs.ext4 refused as expected: {}",
-        String::from_utf8_lossy(&mkfs_out.stderr).trim()
-    );
+    eprintln!("mkfs.ext4 refused as expected: {}", String::from_utf8_lossy(&mkfs_out.stderr).trim());
     // What site-a wrote is still there, through the daemon.
     let first = rt.block_on(async {
-        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol)
-            .await
-            .expect("NBD connect");
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("NBD connect");
         client.read(0, 65536).await.expect("NBD read")
     });
-    assert!(
-        first == random_bytes(300, 65536),
-        "the volume changed under the daemon"
-    );
+    assert!(first == random_bytes(300, 65536), "the volume changed under the daemon");
 
     // Stopping releases the device: now site-b may have it.
     c.stop(Site::A);
@@ -435,10 +352,7 @@ impl PausableDisk {
             .expect("start nbdkit");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(sock.exists() && control.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "nbdkit did not create its sockets within 30s"
-            );
+            assert!(Instant::now() < deadline, "nbdkit did not create its sockets within 30s");
             std::thread::sleep(Duration::from_millis(50));
         }
         (PausableDisk { child, control }, sock)
@@ -448,17 +362,11 @@ impl PausableDisk {
     /// waits for the filter's acknowledgement.
     fn command(&self, cmd: u8) {
         let mut s = UnixStream::connect(&self.control).expect("connect to nbdkit's pause control");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
         s.write_all(&[cmd]).expect("send pause command");
         let mut ack = [0u8; 1];
         s.read_exact(&mut ack).expect("pause acknowledgement");
-        assert_eq!(
-            ack[0],
-            cmd.to_ascii_uppercase(),
-            "nbdkit pause filter answered {:?}",
-            ack[0] as char
-        );
+        assert_eq!(ack[0], cmd.to_ascii_uppercase(), "nbdkit pause filter answered {:?}", ack[0] as char);
     }
 }
 
@@ -478,9 +386,7 @@ const STUCK_STOP_LIMIT: Duration = Duration::from_secs(60);
 fn has_exited(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
         Err(_) => true,
     }
 }
@@ -504,11 +410,7 @@ fn a_stop_with_a_write_stuck_in_the_volume_is_not_recorded_as_clean() {
     let helper_dir = c.root().join("pausable");
     std::fs::create_dir_all(&helper_dir).expect("mkdir");
     let (disk, sock) = PausableDisk::start(&helper_dir, size);
-    let (fuse, volume) = FuseMount::start(
-        &helper_dir.join("mnt"),
-        &sock,
-        &helper_dir.join("nbdfuse.log"),
-    );
+    let (fuse, volume) = FuseMount::start(&helper_dir.join("mnt"), &sock, &helper_dir.join("nbdfuse.log"));
     set_volume_path(&c, Site::A, vol, &volume);
 
     c.start(Site::A);
@@ -526,28 +428,19 @@ fn a_stop_with_a_write_stuck_in_the_volume_is_not_recorded_as_clean() {
     let stuck_write = {
         let (socket, data) = (c.nbd_socket(Site::A), stuck.clone());
         rt.spawn(async move {
-            let client = NbdClient::connect_unix(&socket, vol)
-                .await
-                .expect("NBD connect");
+            let client = NbdClient::connect_unix(&socket, vol).await.expect("NBD connect");
             client.write(4 * MIB, &data, false).await
         })
     };
     std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        !stuck_write.is_finished(),
-        "the write did not hang on the paused disk"
-    );
+    assert!(!stuck_write.is_finished(), "the write did not hang on the paused disk");
 
     // SIGTERM: the daemon waits for the NBD request (grace period), gives up,
     // and exits without recording a clean shutdown. Judged before the disk
     // resumes: a daemon that waits for the volume instead (to flush it and
     // mark it clean) would be stuck until then.
     let pid = c.pid(Site::A).expect("site-a runs");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let started = Instant::now();
     let exited = loop {
         if has_exited(pid) {
@@ -569,8 +462,7 @@ fn a_stop_with_a_write_stuck_in_the_volume_is_not_recorded_as_clean() {
         c.diagnostics()
     );
     assert!(
-        log.contains("not marking the groups clean")
-            && log.contains("NBD request(s) were still running"),
+        log.contains("not marking the groups clean") && log.contains("NBD request(s) were still running"),
         "site-a's log does not say why the stop was not clean\n{}",
         c.diagnostics()
     );
@@ -579,11 +471,7 @@ fn a_stop_with_a_write_stuck_in_the_volume_is_not_recorded_as_clean() {
         "site-a recorded a clean shutdown while a write was still running in its volume\n{}",
         c.diagnostics()
     );
-    assert!(
-        status.success(),
-        "site-a exited with {status}\n{}",
-        c.diagnostics()
-    );
+    assert!(status.success(), "site-a exited with {status}\n{}", c.diagnostics());
 
     // The disk works again; the next start replays the journal, so the
     // write that hung lands in site-a's volume as it did on site-b.
@@ -600,16 +488,10 @@ fn a_stop_with_a_write_stuck_in_the_volume_is_not_recorded_as_clean() {
     let secondary = c.volume_path(Site::B, vol);
     match compare_files(&volume, &secondary) {
         FileDiff::Identical => {}
-        diff => panic!(
-            "group {group} volume {vol}: the sites differ: {diff:?}\n{}",
-            c.diagnostics()
-        ),
+        diff => panic!("group {group} volume {vol}: the sites differ: {diff:?}\n{}", c.diagnostics()),
     }
     let landed = std::fs::read(&secondary).expect("read secondary");
-    assert!(
-        landed[4 * MIB as usize..][..stuck.len()] == stuck[..],
-        "the write that hung is missing"
-    );
+    assert!(landed[4 * MIB as usize..][..stuck.len()] == stuck[..], "the write that hung is missing");
     drop(fuse);
     drop(disk);
 }

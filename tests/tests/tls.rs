@@ -54,11 +54,7 @@ fn assert_refused(c: &Cluster, reason_any: &[&str]) {
     loop {
         lines = matching_lines(c, &[], reason_any)
             .into_iter()
-            .filter(|l| {
-                l.contains("handshake failed")
-                    || l.contains("cannot connect")
-                    || l.contains("refused")
-            })
+            .filter(|l| l.contains("handshake failed") || l.contains("cannot connect") || l.contains("refused"))
             .collect::<Vec<_>>();
         if !lines.is_empty() || Instant::now() > deadline {
             break;
@@ -68,29 +64,17 @@ fn assert_refused(c: &Cluster, reason_any: &[&str]) {
     // Let a few reconnection attempts happen before judging the state.
     std::thread::sleep(Duration::from_secs(2));
     let a = c.status(Site::A, "tls");
-    assert!(
-        !a.connected,
-        "site-a must not be connected: {a:?}\n{}",
-        c.diagnostics()
-    );
+    assert!(!a.connected, "site-a must not be connected: {a:?}\n{}", c.diagnostics());
     assert_ne!(a.state, "PAIR", "site-a must not reach PAIR: {a:?}");
     let b = c.status(Site::B, "tls");
-    assert_eq!(
-        b.role,
-        "none",
-        "site-b must not have become secondary: {b:?}\n{}",
-        c.diagnostics()
-    );
+    assert_eq!(b.role, "none", "site-b must not have become secondary: {b:?}\n{}", c.diagnostics());
     assert!(!b.connected, "site-b must not be connected: {b:?}");
     assert!(
         !lines.is_empty(),
         "no log line on either site explains the refusal (wanted a handshake/connect failure naming one of {reason_any:?})\n{}",
         c.diagnostics()
     );
-    eprintln!(
-        "refusal logged:\n{}",
-        lines.iter().take(4).cloned().collect::<Vec<_>>().join("\n")
-    );
+    eprintln!("refusal logged:\n{}", lines.iter().take(4).cloned().collect::<Vec<_>>().join("\n"));
     assert!(
         matching_lines(c, &["peer connected"], &[""]).is_empty()
             && matching_lines(c, &["connected to peer"], &[""]).is_empty(),
@@ -102,30 +86,13 @@ fn assert_refused(c: &Cluster, reason_any: &[&str]) {
 #[test]
 fn certificate_from_another_ca_is_refused() {
     let c = Cluster::new(opts(CertKind::ForeignCa, "site-b"));
-    assert_refused(
-        &c,
-        &[
-            "UnknownIssuer",
-            "UnknownCA",
-            "unknown issuer",
-            "unknown CA",
-            "certificate",
-        ],
-    );
+    assert_refused(&c, &["UnknownIssuer", "UnknownCA", "unknown issuer", "unknown CA", "certificate"]);
 }
 
 #[test]
 fn wrong_peer_name_is_refused() {
     let c = Cluster::new(opts(CertKind::Valid, "site-c"));
-    assert_refused(
-        &c,
-        &[
-            "NotValidForName",
-            "not valid for name",
-            "site-c",
-            "certificate",
-        ],
-    );
+    assert_refused(&c, &["NotValidForName", "not valid for name", "site-c", "certificate"]);
 }
 
 #[test]
@@ -146,12 +113,7 @@ fn plaintext_datagrams_are_dropped_and_logged() {
     let target = c.quic_addr(Site::A);
     // The daemon rate-limits this log line to one a second: send a few
     // seconds' worth.
-    let garbage: [&[u8]; 4] = [
-        b"hello, plaintext",
-        b"GET / HTTP/1.0\r\n\r\n",
-        &[0u8; 64],
-        &[0x10u8; 1300],
-    ];
+    let garbage: [&[u8]; 4] = [b"hello, plaintext", b"GET / HTTP/1.0\r\n\r\n", &[0u8; 64], &[0x10u8; 1300]];
     for round in 0..3 {
         for g in garbage {
             sock.send_to(g, target).expect("send");
@@ -173,19 +135,11 @@ fn plaintext_datagrams_are_dropped_and_logged() {
 
     // The pair is unharmed: still connected, and a write replicates.
     let s = c.status(Site::A, "tls");
-    assert!(
-        s.connected && s.state == "PAIR",
-        "the pair suffered from garbage datagrams: {s:?}"
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    assert!(s.connected && s.state == "PAIR", "the pair suffered from garbage datagrams: {s:?}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let data = random_bytes(7, 256 * 1024);
     rt.block_on(async {
-        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), "tls-vol")
-            .await
-            .expect("connect");
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), "tls-vol").await.expect("connect");
         client.write(MIB, &data, false).await.expect("write");
         client.flush().await.expect("flush");
     });
@@ -193,10 +147,7 @@ fn plaintext_datagrams_are_dropped_and_logged() {
     c.stop(Site::A);
     c.stop(Site::B);
     let b = std::fs::read(c.volume_path(Site::B, "tls-vol")).expect("read secondary");
-    assert!(
-        b[MIB as usize..MIB as usize + data.len()] == data[..],
-        "the write after the garbage did not replicate"
-    );
+    assert!(b[MIB as usize..MIB as usize + data.len()] == data[..], "the write after the garbage did not replicate");
     c.assert_volumes_identical("tls");
 }
 
@@ -207,19 +158,11 @@ fn peer_quic_traffic_is_not_reported_as_non_quic() {
     let mut c = Cluster::new(opts(CertKind::Valid, "site-b"));
     c.pair_create("tls");
     c.wait_pair("tls", Duration::from_secs(60));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), "tls-vol")
-            .await
-            .expect("connect");
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), "tls-vol").await.expect("connect");
         for i in 0..64u64 {
-            client
-                .write(i * 65536, &random_bytes(i, 65536), false)
-                .await
-                .expect("write");
+            client.write(i * 65536, &random_bytes(i, 65536), false).await.expect("write");
         }
         client.flush().await.expect("flush");
     });
@@ -233,12 +176,7 @@ fn peer_quic_traffic_is_not_reported_as_non_quic() {
         false_alarms.is_empty(),
         "valid QUIC packets from the peer were logged as not QUIC ({} line(s)), e.g.:\n{}",
         false_alarms.len(),
-        false_alarms
-            .iter()
-            .take(3)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        false_alarms.iter().take(3).cloned().collect::<Vec<_>>().join("\n")
     );
     c.assert_volumes_identical("tls");
 }
@@ -254,13 +192,11 @@ fn primary_reports_why_it_cannot_connect() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = c.status(Site::A, "tls");
-        let in_status = s
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("certificate") || e.contains("site-b"));
-        let in_log = c.log(Site::A).lines().any(|l| {
-            (l.contains("cannot connect") || l.contains("link down")) && l.contains("certificate")
-        });
+        let in_status = s.last_error.as_deref().is_some_and(|e| e.contains("certificate") || e.contains("site-b"));
+        let in_log = c
+            .log(Site::A)
+            .lines()
+            .any(|l| (l.contains("cannot connect") || l.contains("link down")) && l.contains("certificate"));
         if in_status || in_log {
             return;
         }
@@ -292,11 +228,7 @@ fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
     let mut cluster = Cluster::new(opts);
     cluster.start(Site::A);
     let b_config = Config::load(cluster.config_path(Site::B)).expect("site-b configuration");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let fake = {
         let _rt = rt.enter();
         Arc::new(Transport::bind_with_versions(&b_config, &[99]).expect("bind the fake site-b"))
@@ -307,9 +239,7 @@ fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
         let fake = fake.clone();
         async move {
             while let Some(result) = fake.accept_next().await {
-                let seen = result
-                    .map(|pc| pc.peer)
-                    .map_err(|refused| (refused.peer, refused.reason.to_string()));
+                let seen = result.map(|pc| pc.peer).map_err(|refused| (refused.peer, refused.reason.to_string()));
                 if accepted_tx.send(seen).is_err() {
                     break;
                 }
@@ -319,17 +249,9 @@ fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
 
     // site-a dials site-b.
     cluster.pair_create("wv");
-    let s = cluster.wait_until(
-        Site::A,
-        "wv",
-        "reporting the version mismatch",
-        Duration::from_secs(30),
-        |s| {
-            s.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("no common wire version"))
-        },
-    );
+    let s = cluster.wait_until(Site::A, "wv", "reporting the version mismatch", Duration::from_secs(30), |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("no common wire version"))
+    });
     assert!(!s.connected, "{s:?}");
     match accepted.recv_timeout(Duration::from_secs(30)) {
         Ok(Err((peer, reason))) => {
@@ -340,29 +262,16 @@ fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
             );
         }
         Ok(Ok(peer)) => panic!("the fake site-b speaking only version 99 accepted {peer}"),
-        Err(e) => panic!(
-            "site-a never reached the fake site-b: {e}\n{}",
-            cluster.diagnostics()
-        ),
+        Err(e) => panic!("site-a never reached the fake site-b: {e}\n{}", cluster.diagnostics()),
     }
     let wait = Instant::now() + Duration::from_secs(10);
-    while !cluster
-        .log(Site::A)
-        .lines()
-        .any(|l| l.contains("no common wire version") && l.contains("[99]"))
-    {
-        assert!(
-            Instant::now() < wait,
-            "site-a's log does not report the version mismatch\n{}",
-            cluster.diagnostics()
-        );
+    while !cluster.log(Site::A).lines().any(|l| l.contains("no common wire version") && l.contains("[99]")) {
+        assert!(Instant::now() < wait, "site-a's log does not report the version mismatch\n{}", cluster.diagnostics());
         std::thread::sleep(Duration::from_millis(100));
     }
 
     // The fake site-b dials site-a.
-    let err = rt
-        .block_on(fake.connect("site-a"))
-        .expect_err("site-a must refuse a peer speaking only version 99");
+    let err = rt.block_on(fake.connect("site-a")).expect_err("site-a must refuse a peer speaking only version 99");
     let msg = err.to_string();
     assert!(
         msg.contains("no common wire version") && msg.contains("the peer speaks [99]"),
@@ -370,9 +279,7 @@ fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
     );
     let wait = Instant::now() + Duration::from_secs(10);
     while !cluster.log(Site::A).lines().any(|l| {
-        l.contains("refused connection")
-            && l.contains("no common wire version")
-            && l.contains("the peer speaks [99]")
+        l.contains("refused connection") && l.contains("no common wire version") && l.contains("the peer speaks [99]")
     }) {
         assert!(
             Instant::now() < wait,
@@ -382,10 +289,7 @@ fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let a = cluster.status(Site::A, "wv");
-    assert!(
-        !a.connected && a.state != "PAIR",
-        "site-a paired with a peer of another wire version: {a:?}"
-    );
+    assert!(!a.connected && a.state != "PAIR", "site-a paired with a peer of another wire version: {a:?}");
     rt.block_on(fake.close());
     cluster.stop(Site::A);
 }
@@ -396,16 +300,12 @@ fn wire_version_mismatch_is_a_clear_error_on_both_sides() {
 /// started with it pairs as usual.
 #[test]
 fn the_daemon_ignores_the_former_wire_version_test_switch() {
-    let mut opts =
-        ClusterOpts::group(GroupSpec::new("nosw", Mode::Sync).volume("nosw-vol", 8 << 20));
+    let mut opts = ClusterOpts::group(GroupSpec::new("nosw", Mode::Sync).volume("nosw-vol", 8 << 20));
     opts.start = false;
     let mut cluster = Cluster::new(opts);
     cluster.start(Site::A);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cluster.log_path(Site::B))
-        .expect("site-b log");
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(cluster.log_path(Site::B)).expect("site-b log");
     let child = std::process::Command::new(cluster.bin())
         .arg("--config")
         .arg(cluster.config_path(Site::B))
@@ -421,21 +321,11 @@ fn the_daemon_ignores_the_former_wire_version_test_switch() {
         .expect("start site-b");
     let mut site_b = KillOnDrop(child);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster
-        .control(Site::B, &replicator_tests::Request::Status { group: None })
-        .is_err()
-    {
+    while cluster.control(Site::B, &replicator_tests::Request::Status { group: None }).is_err() {
         if let Ok(Some(status)) = site_b.0.try_wait() {
-            panic!(
-                "site-b exited at start-up with {status}\n{}",
-                cluster.diagnostics()
-            );
+            panic!("site-b exited at start-up with {status}\n{}", cluster.diagnostics());
         }
-        assert!(
-            Instant::now() < deadline,
-            "site-b did not start\n{}",
-            cluster.diagnostics()
-        );
+        assert!(Instant::now() < deadline, "site-b did not start\n{}", cluster.diagnostics());
         std::thread::sleep(Duration::from_millis(50));
     }
     cluster.pair_create("nosw");
@@ -450,11 +340,7 @@ fn the_daemon_ignores_the_former_wire_version_test_switch() {
     let pid = nix::unistd::Pid::from_raw(site_b.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM site-b");
     let status = site_b.0.wait().expect("wait for site-b");
-    assert!(
-        status.success(),
-        "site-b did not stop cleanly: {status}\n{}",
-        cluster.diagnostics()
-    );
+    assert!(status.success(), "site-b did not stop cleanly: {status}\n{}", cluster.diagnostics());
 }
 
 /// A daemon started by the test itself, killed if the test fails.

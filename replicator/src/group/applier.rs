@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use replicator_protocol::apply::{ApplyId, Applier};
+use replicator_protocol::apply::{Applier, ApplyId};
 use replicator_protocol::pair::{PairEvent, PairState, Role};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::record::{Record, RecordOp};
@@ -54,7 +54,10 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, R
     }
     let mode = if open.mode == pb::Mode::Sync as i32 { "sync" } else { "async" };
     if mode != group.cfg.mode.as_str() {
-        return Err(config(format!("mode differs: the primary replicates {mode}, this node's config says {}", group.cfg.mode)));
+        return Err(config(format!(
+            "mode differs: the primary replicates {mode}, this node's config says {}",
+            group.cfg.mode
+        )));
     }
     let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
     let mut g = lock(&group.inner);
@@ -68,7 +71,10 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, R
         ));
     }
     if g.secondary_attached {
-        return Err((pb::Refusal::Unspecified, "another replication session for this group is already attached".into()));
+        return Err((
+            pb::Refusal::Unspecified,
+            "another replication session for this group is already attached".into(),
+        ));
     }
     match intent {
         pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy => {
@@ -173,7 +179,8 @@ pub async fn serve_secondary(
             // the primary retries every few seconds.
             let repeat = {
                 let mut g = lock(&group.inner);
-                let repeat = g.last_link_log.as_ref().is_some_and(|(m, at)| *m == msg && at.elapsed() < Duration::from_secs(60));
+                let repeat =
+                    g.last_link_log.as_ref().is_some_and(|(m, at)| *m == msg && at.elapsed() < Duration::from_secs(60));
                 if !repeat {
                     g.last_link_log = Some((msg.clone(), Instant::now()));
                 }
@@ -440,7 +447,10 @@ impl Session {
                 let (group_name, rec) =
                     Record::from_pb(msg).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
                 if group_name != self.group.cfg.name {
-                    return Err(TransportError::Protocol(format!("record for group {group_name:?} on the stream of {}", self.group.cfg.name)));
+                    return Err(TransportError::Protocol(format!(
+                        "record for group {group_name:?} on the stream of {}",
+                        self.group.cfg.name
+                    )));
                 }
                 self.on_record(rec).await
             }
@@ -463,12 +473,9 @@ impl Session {
     }
 
     async fn on_record(&mut self, rec: Record) -> Result<(), TransportError> {
-        let vol = self
-            .group
-            .volumes
-            .get(rec.volume as usize)
-            .cloned()
-            .ok_or_else(|| TransportError::Protocol(format!("record {} names volume #{} which does not exist", rec.seq, rec.volume)))?;
+        let vol = self.group.volumes.get(rec.volume as usize).cloned().ok_or_else(|| {
+            TransportError::Protocol(format!("record {} names volume #{} which does not exist", rec.seq, rec.volume))
+        })?;
         if rec.end() > vol.size() {
             return Err(TransportError::Protocol(format!("record {} ends beyond volume {}", rec.seq, vol.name)));
         }
@@ -476,7 +483,8 @@ impl Session {
             self.mark_inconsistent().await;
             self.copy_bytes_since_flush += u64::from(rec.length);
         }
-        let (id, deps) = self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
+        let (id, deps) =
+            self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
         if rec.op != RecordOp::Copy && rec.written_at_us != 0 {
             self.written_at.insert(rec.seq, rec.written_at_us);
         }
@@ -626,6 +634,7 @@ impl Session {
         }
         tracing::info!(group = %self.group.cfg.name, "copy complete: this replica is consistent");
         self.copy_done_pending = None;
-        send.send(Body::CommandReply(pb::CommandReply { command: pb::Command::CopyDone as i32, error: String::new() })).await
+        send.send(Body::CommandReply(pb::CommandReply { command: pb::Command::CopyDone as i32, error: String::new() }))
+            .await
     }
 }

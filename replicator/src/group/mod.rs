@@ -27,8 +27,8 @@ use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb;
 use replicator_protocol::record::Record;
-use replicator_protocol::sequencer::{Dep, RangeSequencer};
 use replicator_protocol::seqtrack::SeqTracker;
+use replicator_protocol::sequencer::{Dep, RangeSequencer};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -225,9 +225,11 @@ impl Group {
         let mut journal = None;
         let mut last_jseq = 0;
         if role == Role::Primary {
-            let j = Journal::open(&engine, &journal_path(&store), cfg.journal_size, &cfg.name, persisted.pair_id, false)
-                .await?;
-            let recovered = j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos, !was_clean).await?;
+            let j =
+                Journal::open(&engine, &journal_path(&store), cfg.journal_size, &cfg.name, persisted.pair_id, false)
+                    .await?;
+            let recovered =
+                j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos, !was_clean).await?;
             let (r, last) = (recovered.ring, recovered.last_seq);
             tracing::info!(
                 group = %cfg.name,
@@ -536,7 +538,9 @@ impl Group {
                 let mut g = lock(&self.inner);
                 if g.role == Role::Primary {
                     if let Some(since) = g.link_down_since {
-                        if since.elapsed() >= self.cfg.link_timeout && matches!(g.state, PairState::Pair | PairState::Copy) {
+                        if since.elapsed() >= self.cfg.link_timeout
+                            && matches!(g.state, PairState::Pair | PairState::Copy)
+                        {
                             self.transition(&mut g, PairEvent::LinkDown, "peer unreachable for link_timeout");
                         }
                     }
@@ -585,9 +589,15 @@ impl Group {
     pub async fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
         self.refuse_unless_simplex(&lock(&self.inner))?;
         let pair_id = random_u64();
-        let journal =
-            Journal::open(&self.engine, &journal_path(&self.store), self.cfg.journal_size, &self.cfg.name, pair_id, true)
-                .await?;
+        let journal = Journal::open(
+            &self.engine,
+            &journal_path(&self.store),
+            self.cfg.journal_size,
+            &self.cfg.name,
+            pair_id,
+            true,
+        )
+        .await?;
         let mut g = lock(&self.inner);
         self.refuse_unless_simplex(&g)?;
         let capacity = journal.capacity();
@@ -628,7 +638,10 @@ impl Group {
         Ok(if nocopy {
             format!("group {}: paired as primary without initial copy (--nocopy: you vouch that both sites hold identical data)", self.cfg.name)
         } else {
-            format!("group {}: paired as primary; the initial copy starts as soon as {} is reachable", self.cfg.name, self.cfg.peer)
+            format!(
+                "group {}: paired as primary; the initial copy starts as soon as {} is reachable",
+                self.cfg.name, self.cfg.peer
+            )
         })
     }
 
@@ -826,11 +839,8 @@ impl Group {
         } else {
             0.0
         };
-        let (journal_used, journal_capacity) = g
-            .ring
-            .as_ref()
-            .map(|r| (r.used_bytes(), r.capacity_bytes()))
-            .unwrap_or((0, self.cfg.journal_size));
+        let (journal_used, journal_capacity) =
+            g.ring.as_ref().map(|r| (r.used_bytes(), r.capacity_bytes())).unwrap_or((0, self.cfg.journal_size));
         let health = Health::of(g.state, connected);
         let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let data_as_of_us = match g.role {
@@ -1066,4 +1076,3 @@ pub fn random_u64() -> u64 {
     }
     u64::from_le_bytes(b)
 }
-

@@ -272,10 +272,9 @@ async fn send_loop(
             };
             let record = match next {
                 (_, Some(r), _, _) => r,
-                (seq, None, Some(pos), Some(j)) => j
-                    .read_record(pos, seq)
-                    .await
-                    .map_err(|e| TransportError::Protocol(format!("cannot read record {seq} back from the journal: {e}")))?,
+                (seq, None, Some(pos), Some(j)) => j.read_record(pos, seq).await.map_err(|e| {
+                    TransportError::Protocol(format!("cannot read record {seq} back from the journal: {e}"))
+                })?,
                 (seq, ..) => return Err(TransportError::Protocol(format!("record {seq} is missing from the journal"))),
             };
             send.queue(Body::Record(record.to_pb(&group.cfg.name)));
@@ -308,7 +307,10 @@ async fn send_loop(
                     group.ship_wake.notify_one();
                 }
                 CopyStep::Finished if !copy_done_sent => {
-                    send.queue(Body::Command(pb::GroupCommand { command: pb::Command::CopyDone as i32, seq: sent_through }));
+                    send.queue(Body::Command(pb::GroupCommand {
+                        command: pb::Command::CopyDone as i32,
+                        seq: sent_through,
+                    }));
                     copy_done_sent = true;
                 }
                 CopyStep::Finished | CopyStep::Idle | CopyStep::WindowFull => {}
@@ -341,7 +343,11 @@ enum CopyStep {
 
 /// Reads the next dirty chunk run under a read barrier and clears it from
 /// the bitmap (it returns there if the session ends before it is durable).
-async fn next_copy_chunk(group: &Arc<Group>, cursor: &mut (usize, u64), index: &mut u64) -> Result<CopyStep, TransportError> {
+async fn next_copy_chunk(
+    group: &Arc<Group>,
+    cursor: &mut (usize, u64),
+    index: &mut u64,
+) -> Result<CopyStep, TransportError> {
     let (vol, off, len, generation) = {
         let g = lock(&group.inner);
         if !g.persisted.copy_pending || g.persisted.bitmap_mode {

@@ -28,8 +28,8 @@ use tokio::sync::watch;
 
 use super::{lock, Entry, Group, Inner, CACHE_BUDGET};
 use crate::config::{JournalFullPolicy, Mode};
-use crate::journal::Journal;
 use crate::io::{AlignedBuf, IoError, IO_ALIGN};
+use crate::journal::Journal;
 use crate::volume::{align_range, is_aligned};
 
 /// What a client asked to write.
@@ -134,7 +134,14 @@ impl Group {
     }
 
     /// Registers a range with the sequencer (caller holds the lock).
-    fn register<'a>(&'a self, g: &mut Inner, vol: u32, off: u64, len: u64, barrier: bool) -> (RangeGuard<'a>, Vec<watch::Receiver<bool>>) {
+    fn register<'a>(
+        &'a self,
+        g: &mut Inner,
+        vol: u32,
+        off: u64,
+        len: u64,
+        barrier: bool,
+    ) -> (RangeGuard<'a>, Vec<watch::Receiver<bool>>) {
         let (dep, deps) = if barrier {
             let (t, deps) = g.seq.begin_read_barrier(vol, off, len);
             (Dep::Ticket(t), deps)
@@ -210,7 +217,8 @@ impl Group {
                 // back-pressure, never a reason to stop replicating.
                 _ if self.cfg.mode == Mode::Sync && self.replicating(&g) => return Ok(Admission::WaitForSpace),
                 _ if self.cfg.on_journal_full == JournalFullPolicy::Block
-                    && g.journal_full_since.get_or_insert_with(Instant::now).elapsed() < self.cfg.journal_full_timeout =>
+                    && g.journal_full_since.get_or_insert_with(Instant::now).elapsed()
+                        < self.cfg.journal_full_timeout =>
                 {
                     return Ok(Admission::WaitForSpace);
                 }
@@ -239,7 +247,10 @@ impl Group {
             let span = record_span(payload_len);
             let cumulative = g.cumulative_bytes + span;
             g.cumulative_bytes = cumulative;
-            g.entries.insert(seq, Entry { pos, span, cumulative, written_at: Instant::now(), record: None, journaled: false });
+            g.entries.insert(
+                seq,
+                Entry { pos, span, cumulative, written_at: Instant::now(), record: None, journaled: false },
+            );
         }
         Ok(Admission::Admitted(Admitted { guard, deps, journal, generation, bitmap_epoch }))
     }

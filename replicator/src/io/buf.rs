@@ -49,9 +49,7 @@ impl AlignedBuf {
         let layout = Self::layout(cap);
         // SAFETY: layout has a non-zero size (cap >= IO_ALIGN).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
         Self { ptr, len, cap }
     }
 

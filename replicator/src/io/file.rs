@@ -69,10 +69,7 @@ pub(crate) struct Opened {
 }
 
 fn open_err(path: &Path, source: io::Error) -> IoError {
-    IoError::Open {
-        path: path.to_path_buf(),
-        source,
-    }
+    IoError::Open { path: path.to_path_buf(), source }
 }
 
 fn not_a_volume(kind: &str) -> io::Error {
@@ -129,32 +126,21 @@ pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
         }
         Err(e) => return Err(open_err(path, e)),
     };
-    let exclusive =
-        check_file_type(meta.file_type()).map_err(|e| open_err(path, e))? && !opts.read_only;
+    let exclusive = check_file_type(meta.file_type()).map_err(|e| open_err(path, e))? && !opts.read_only;
 
     let (file, direct) = open_with_fallback(path, opts, exclusive)?;
     let meta = file.metadata().map_err(|e| open_err(path, e))?;
     let block_device = check_file_type(meta.file_type()).map_err(|e| open_err(path, e))?;
     let size = if block_device {
         block_device_size(&file).map_err(|e| {
-            open_err(
-                path,
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot read the block device size (BLKGETSIZE64): {e}"),
-                ),
-            )
+            open_err(path, io::Error::new(e.kind(), format!("cannot read the block device size (BLKGETSIZE64): {e}")))
         })?
     } else {
         meta.len()
     };
     if let Some(expected) = opts.create_size {
         if expected != size {
-            return Err(IoError::SizeMismatch {
-                path: path.to_path_buf(),
-                expected,
-                actual: size,
-            });
+            return Err(IoError::SizeMismatch { path: path.to_path_buf(), expected, actual: size });
         }
     }
     tracing::debug!(
@@ -165,12 +151,7 @@ pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
         read_only = opts.read_only,
         "opened"
     );
-    Ok(Opened {
-        file,
-        size,
-        direct,
-        block_device,
-    })
+    Ok(Opened { file, size, direct, block_device })
 }
 
 /// Opens with `O_DIRECT` if asked (falling back to buffered I/O where the
@@ -178,11 +159,7 @@ pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
 /// device, Linux then fails with `EBUSY` if it is mounted or opened with
 /// `O_EXCL` elsewhere (another daemon, `mkfs`), and keeps those out while
 /// it stays open.
-fn open_with_fallback(
-    path: &Path,
-    opts: &OpenOptions,
-    exclusive: bool,
-) -> Result<(File, bool), IoError> {
+fn open_with_fallback(path: &Path, opts: &OpenOptions, exclusive: bool) -> Result<(File, bool), IoError> {
     let open = |direct: bool| {
         let mut o = fs::OpenOptions::new();
         o.read(true).write(!opts.read_only);
@@ -196,9 +173,7 @@ fn open_with_fallback(
         o.custom_flags(flags);
         o.open(path).map_err(|e| {
             if exclusive && e.raw_os_error() == Some(libc::EBUSY) {
-                IoError::DeviceBusy {
-                    path: path.to_path_buf(),
-                }
+                IoError::DeviceBusy { path: path.to_path_buf() }
             } else {
                 open_err(path, e)
             }
@@ -223,12 +198,7 @@ fn open_with_fallback(
 /// directory fsynced). Losing a creation race to another process is not an
 /// error: the caller then checks the size of what exists.
 fn create_sparse(path: &Path, size: u64) -> Result<(), IoError> {
-    let file = match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(CREATE_MODE)
-        .open(path)
-    {
+    let file = match fs::OpenOptions::new().write(true).create_new(true).mode(CREATE_MODE).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(open_err(path, e)),
@@ -241,10 +211,7 @@ fn create_sparse(path: &Path, size: u64) -> Result<(), IoError> {
         let _ = fs::remove_file(path);
         return Err(open_err(
             path,
-            io::Error::new(
-                e.kind(),
-                format!("cannot create a sparse file of {size} bytes: {e}"),
-            ),
+            io::Error::new(e.kind(), format!("cannot create a sparse file of {size} bytes: {e}")),
         ));
     }
     drop(file);
@@ -252,20 +219,15 @@ fn create_sparse(path: &Path, size: u64) -> Result<(), IoError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| {
-            open_err(
-                path,
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "created, but cannot fsync the parent directory {}: {e}",
-                        parent.display()
-                    ),
-                ),
-            )
-        })?;
+    File::open(parent).and_then(|dir| dir.sync_all()).map_err(|e| {
+        open_err(
+            path,
+            io::Error::new(
+                e.kind(),
+                format!("created, but cannot fsync the parent directory {}: {e}", parent.display()),
+            ),
+        )
+    })?;
     tracing::info!(path = %path.display(), size, "created sparse volume file");
     Ok(())
 }

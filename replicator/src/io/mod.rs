@@ -156,10 +156,7 @@ impl IoEngine {
     /// io_uring with a ring of `entries` SQEs, else threads with a warning.
     fn uring_or_threads(entries: u32) -> IoEngine {
         match UringEngine::start(entries) {
-            Ok(engine) => IoEngine {
-                kind: EngineKind::Uring(Arc::new(engine)),
-                fallback_reason: None,
-            },
+            Ok(engine) => IoEngine { kind: EngineKind::Uring(Arc::new(engine)), fallback_reason: None },
             Err(reason) => {
                 tracing::warn!(
                     %reason,
@@ -172,10 +169,7 @@ impl IoEngine {
     }
 
     fn threads(reason: Option<String>) -> IoEngine {
-        IoEngine {
-            kind: EngineKind::Threads,
-            fallback_reason: reason.map(Arc::from),
-        }
+        IoEngine { kind: EngineKind::Threads, fallback_reason: reason.map(Arc::from) }
     }
 
     /// The backend in use.
@@ -231,9 +225,7 @@ fn env_decision(value: Option<&str>) -> EnvDecision {
     match value.map(str::trim) {
         None | Some("") => EnvDecision::Keep,
         Some(v) if v.eq_ignore_ascii_case("threads") => EnvDecision::ForceThreads,
-        Some(v) if v.eq_ignore_ascii_case("auto") || v.eq_ignore_ascii_case("io_uring") => {
-            EnvDecision::Keep
-        }
+        Some(v) if v.eq_ignore_ascii_case("auto") || v.eq_ignore_ascii_case("io_uring") => EnvDecision::Keep,
         Some(_) => EnvDecision::Invalid,
     }
 }
@@ -346,9 +338,7 @@ pub enum IoError {
         len: usize,
     },
     /// The request reaches beyond the end of the file or device.
-    #[error(
-        "I/O at offset {offset}, length {len} reaches beyond the end of the volume ({size} bytes)"
-    )]
+    #[error("I/O at offset {offset}, length {len} reaches beyond the end of the volume ({size} bytes)")]
     OutOfRange {
         /// Requested offset.
         offset: u64,
@@ -368,9 +358,7 @@ pub enum IoError {
         source: io::Error,
     },
     /// The file ended before the buffer was filled.
-    #[error(
-        "short read at offset {offset}: wanted {wanted} bytes, got {got} (unexpected end of file)"
-    )]
+    #[error("short read at offset {offset}: wanted {wanted} bytes, got {got} (unexpected end of file)")]
     ShortRead {
         /// Requested offset.
         offset: u64,
@@ -451,15 +439,8 @@ impl BlockFile {
 
     /// Writes all of `buf` at `offset` (short writes are continued). The
     /// buffer is returned in every case, as for [`BlockFile::read_at`].
-    pub async fn write_at(
-        &self,
-        buf: AlignedBuf,
-        offset: u64,
-    ) -> (Result<(), IoError>, AlignedBuf) {
-        if let Err(e) = self
-            .check_writable(offset)
-            .and_then(|()| self.check(offset, buf.len()))
-        {
+    pub async fn write_at(&self, buf: AlignedBuf, offset: u64) -> (Result<(), IoError>, AlignedBuf) {
+        if let Err(e) = self.check_writable(offset).and_then(|()| self.check(offset, buf.len())) {
             return (Err(e), buf);
         }
         self.rw(RwKind::Write, buf, offset).await
@@ -470,15 +451,8 @@ impl BlockFile {
     /// FUA write on devices that support it, cheaper than a separate
     /// flush); `pwrite` then `fdatasync` with the threads backend. Other
     /// writes are not made durable by it (use [`BlockFile::sync_data`]).
-    pub async fn write_at_durable(
-        &self,
-        buf: AlignedBuf,
-        offset: u64,
-    ) -> (Result<(), IoError>, AlignedBuf) {
-        if let Err(e) = self
-            .check_writable(offset)
-            .and_then(|()| self.check(offset, buf.len()))
-        {
+    pub async fn write_at_durable(&self, buf: AlignedBuf, offset: u64) -> (Result<(), IoError>, AlignedBuf) {
+        if let Err(e) = self.check_writable(offset).and_then(|()| self.check(offset, buf.len())) {
             return (Err(e), buf);
         }
         self.rw(RwKind::WriteDurable, buf, offset).await
@@ -510,17 +484,11 @@ impl BlockFile {
             }
         } else {
             let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-            if self
-                .try_fallocate(zero_range, UNSUPPORTED_ZERO_RANGE, offset, len)
-                .await?
-            {
+            if self.try_fallocate(zero_range, UNSUPPORTED_ZERO_RANGE, offset, len).await? {
                 return Ok(());
             }
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            if self
-                .try_fallocate(punch, UNSUPPORTED_PUNCH_HOLE, offset, len)
-                .await?
-            {
+            if self.try_fallocate(punch, UNSUPPORTED_PUNCH_HOLE, offset, len).await? {
                 return Ok(());
             }
         }
@@ -545,10 +513,7 @@ impl BlockFile {
             return Ok(());
         }
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        if self
-            .try_fallocate(punch, UNSUPPORTED_PUNCH_HOLE, offset, len)
-            .await?
-        {
+        if self.try_fallocate(punch, UNSUPPORTED_PUNCH_HOLE, offset, len).await? {
             return Ok(());
         }
         if self.inner.block_device {
@@ -557,22 +522,14 @@ impl BlockFile {
             }
         } else {
             let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-            if self
-                .try_fallocate(zero_range, UNSUPPORTED_ZERO_RANGE, offset, len)
-                .await?
-            {
+            if self.try_fallocate(zero_range, UNSUPPORTED_ZERO_RANGE, offset, len).await? {
                 return Ok(());
             }
         }
         self.write_zero_buffers(offset, len).await
     }
 
-    async fn rw(
-        &self,
-        kind: RwKind,
-        buf: AlignedBuf,
-        offset: u64,
-    ) -> (Result<(), IoError>, AlignedBuf) {
+    async fn rw(&self, kind: RwKind, buf: AlignedBuf, offset: u64) -> (Result<(), IoError>, AlignedBuf) {
         if buf.is_empty() {
             return (Ok(()), buf);
         }
@@ -588,10 +545,7 @@ impl BlockFile {
             return Err(IoError::io(
                 "write",
                 offset,
-                io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "the volume was opened read-only",
-                ),
+                io::Error::new(io::ErrorKind::PermissionDenied, "the volume was opened read-only"),
             ));
         }
         Ok(())
@@ -609,23 +563,14 @@ impl BlockFile {
             _ => return Err(IoError::OutOfRange { offset, len, size }),
         }
         if self.inner.direct && !is_aligned(offset, len) {
-            return Err(IoError::Misaligned {
-                offset,
-                len: usize::try_from(len).unwrap_or(usize::MAX),
-            });
+            return Err(IoError::Misaligned { offset, len: usize::try_from(len).unwrap_or(usize::MAX) });
         }
         Ok(())
     }
 
     /// One `fallocate` mode; `Ok(false)` when the filesystem or device does
     /// not support it (remembered for `EOPNOTSUPP`, so it is not retried).
-    async fn try_fallocate(
-        &self,
-        mode: i32,
-        flag: u8,
-        offset: u64,
-        len: u64,
-    ) -> Result<bool, IoError> {
+    async fn try_fallocate(&self, mode: i32, flag: u8, offset: u64, len: u64) -> Result<bool, IoError> {
         if self.inner.unsupported.load(Ordering::Relaxed) & flag != 0 {
             return Ok(false);
         }
@@ -696,8 +641,5 @@ fn is_aligned(offset: u64, len: u64) -> bool {
 
 /// Errors meaning "this method is not available here; try the next one".
 fn is_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::ENOSYS | libc::EINVAL)
-    )
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::ENOSYS | libc::EINVAL))
 }

@@ -37,10 +37,7 @@ fn engines() -> Vec<IoEngine> {
 
 fn tempdir() -> tempfile::TempDir {
     // Not /tmp-specific: std::env::temp_dir, wherever that is.
-    tempfile::Builder::new()
-        .prefix("replicator-io-test")
-        .tempdir_in(std::env::temp_dir())
-        .expect("create temp dir")
+    tempfile::Builder::new().prefix("replicator-io-test").tempdir_in(std::env::temp_dir()).expect("create temp dir")
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
@@ -58,11 +55,7 @@ fn pattern(seed: u64, len: usize) -> AlignedBuf {
 }
 
 fn create(engine: &IoEngine, path: &Path, size: u64, direct: bool) -> BlockFile {
-    let opts = OpenOptions {
-        create_size: Some(size),
-        direct,
-        read_only: false,
-    };
+    let opts = OpenOptions { create_size: Some(size), direct, read_only: false };
     engine.open(path, &opts).expect("open")
 }
 
@@ -127,22 +120,12 @@ fn ioctl_numbers() {
 
 #[test]
 fn error_messages_name_what_failed() {
-    let e = IoError::SizeMismatch {
-        path: "/dev/vg0/db".into(),
-        expected: 20,
-        actual: 10,
-    };
+    let e = IoError::SizeMismatch { path: "/dev/vg0/db".into(), expected: 20, actual: 10 };
     let msg = e.to_string();
-    assert!(
-        msg.contains("/dev/vg0/db") && msg.contains("20") && msg.contains("10"),
-        "{msg}"
-    );
+    assert!(msg.contains("/dev/vg0/db") && msg.contains("20") && msg.contains("10"), "{msg}");
     let e = IoError::io("write", 4096, io::Error::from_raw_os_error(libc::EIO));
     let msg = e.to_string();
-    assert!(
-        msg.contains("write") && msg.contains("4096") && msg.contains("Input/output"),
-        "{msg}"
-    );
+    assert!(msg.contains("write") && msg.contains("4096") && msg.contains("Input/output"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -157,30 +140,18 @@ async fn round_trip_patterns() {
             assert!(!file.is_block_device());
             assert_eq!(file.backend(), engine.backend());
             if direct && !file.is_direct() {
-                eprintln!(
-                    "NOTE: {} refuses O_DIRECT; tested buffered",
-                    dir.path().display()
-                );
+                eprintln!("NOTE: {} refuses O_DIRECT; tested buffered", dir.path().display());
             }
             // Aligned pieces of several sizes, including one larger than the
             // zero-fill chunk and one ending exactly at the end of the file.
-            let pieces: [(u64, usize); 5] = [
-                (0, 4096),
-                (8192, 65536),
-                (MIB, 3 * MIB as usize),
-                (5 * MIB + 4096, 128 * 1024),
-                (size - 4096, 4096),
-            ];
+            let pieces: [(u64, usize); 5] =
+                [(0, 4096), (8192, 65536), (MIB, 3 * MIB as usize), (5 * MIB + 4096, 128 * 1024), (size - 4096, 4096)];
             for (i, &(off, len)) in pieces.iter().enumerate() {
                 write(&file, pattern(i as u64 + 1, len), off).await;
             }
             for (i, &(off, len)) in pieces.iter().enumerate() {
                 let got = read(&file, len, off).await;
-                assert!(
-                    got[..] == pattern(i as u64 + 1, len)[..],
-                    "{:?} piece {i}",
-                    engine.backend()
-                );
+                assert!(got[..] == pattern(i as u64 + 1, len)[..], "{:?} piece {i}", engine.backend());
             }
             // Untouched ranges of the sparse file read as zeroes.
             assert!(read(&file, 4096, 4096).await.iter().all(|&b| b == 0));
@@ -207,9 +178,7 @@ async fn many_concurrent_ops() {
         // 64 tasks as the daemon would issue them, then far more than the
         // ring holds (256 SQEs / 512 CQEs) to exercise the backlog.
         for tasks in [64u64, 2048] {
-            let path = dir
-                .path()
-                .join(format!("conc-{}-{tasks}", engine.backend()));
+            let path = dir.path().join(format!("conc-{}-{tasks}", engine.backend()));
             let file = create(&engine, &path, tasks * 4096, true);
             let mut handles = Vec::new();
             for i in 0..tasks {
@@ -269,22 +238,14 @@ async fn dropped_futures_still_complete_safely() {
         // Many reads dropped in flight, into buffers the engine now owns. If
         // the engine freed a buffer before its completion, the kernel would
         // write 0xAB into memory reused by the fresh buffers below.
-        write(
-            &file,
-            AlignedBuf::copy_from(&vec![0xAB; (blocks * 4096) as usize]),
-            0,
-        )
-        .await;
+        write(&file, AlignedBuf::copy_from(&vec![0xAB; (blocks * 4096) as usize]), 0).await;
         for i in 0..blocks {
             let fut = pin!(file.read_at(AlignedBuf::zeroed(4096), i * 4096));
             let _ = poll_once(fut);
         }
         let fresh: Vec<AlignedBuf> = (0..blocks).map(|_| AlignedBuf::zeroed(4096)).collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            fresh.iter().all(|b| b.iter().all(|&x| x == 0)),
-            "memory corrupted"
-        );
+        assert!(fresh.iter().all(|b| b.iter().all(|&x| x == 0)), "memory corrupted");
 
         // The engine still works.
         write(&file, pattern(8, 4096), 0).await;
@@ -322,12 +283,7 @@ async fn engine_thread_exits_after_last_handle_finishing_in_flight_ops() {
 async fn sync_data_and_durable_writes() {
     let dir = tempdir();
     for engine in engines() {
-        let file = create(
-            &engine,
-            &dir.path().join(format!("sync-{}", engine.backend())),
-            MIB,
-            true,
-        );
+        let file = create(&engine, &dir.path().join(format!("sync-{}", engine.backend())), MIB, true);
         write(&file, pattern(3, 4096), 4096).await;
         file.sync_data().await.expect("sync_data");
         file.sync_data().await.expect("sync_data again");
@@ -365,13 +321,9 @@ async fn write_zeroes_and_discard_read_back_zeroes() {
         check_zeroing(&file, true, MIB, 2 * MIB).await;
         // The last-resort path: writing zero buffers, in several chunks.
         write(&file, pattern(6, 4 * MIB as usize), 0).await;
-        file.write_zero_buffers(4096, 2 * MIB + 8192)
-            .await
-            .expect("zero buffers");
+        file.write_zero_buffers(4096, 2 * MIB + 8192).await.expect("zero buffers");
         let got = read(&file, 4 * MIB as usize, 0).await;
-        assert!(got[4096..4096 + 2 * MIB as usize + 8192]
-            .iter()
-            .all(|&x| x == 0));
+        assert!(got[4096..4096 + 2 * MIB as usize + 8192].iter().all(|&x| x == 0));
         assert!(got[..4096] == pattern(6, 4096)[..]);
 
         // Buffered: unaligned ranges are fine.
@@ -389,10 +341,7 @@ async fn write_zeroes_and_discard_read_back_zeroes() {
         let before = std::fs::metadata(&path).expect("stat").blocks();
         file.discard(0, 8 * MIB).await.expect("discard");
         let after = std::fs::metadata(&path).expect("stat").blocks();
-        assert!(
-            after < before,
-            "discard freed nothing ({before} -> {after} blocks)"
-        );
+        assert!(after < before, "discard freed nothing ({before} -> {after} blocks)");
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), 8 * MIB);
     }
 }
@@ -401,42 +350,16 @@ async fn write_zeroes_and_discard_read_back_zeroes() {
 async fn direct_io_alignment_is_checked() {
     let dir = tempdir();
     for engine in engines() {
-        let file = create(
-            &engine,
-            &dir.path().join(format!("al-{}", engine.backend())),
-            MIB,
-            true,
-        );
+        let file = create(&engine, &dir.path().join(format!("al-{}", engine.backend())), MIB, true);
         if !file.is_direct() {
-            eprintln!(
-                "NOTE: no O_DIRECT on {}; alignment test skipped",
-                dir.path().display()
-            );
+            eprintln!("NOTE: no O_DIRECT on {}; alignment test skipped", dir.path().display());
             return;
         }
         let (r, buf) = file.read_at(AlignedBuf::zeroed(4096), 512).await;
-        assert!(
-            matches!(
-                r,
-                Err(IoError::Misaligned {
-                    offset: 512,
-                    len: 4096
-                })
-            ),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(IoError::Misaligned { offset: 512, len: 4096 })), "{r:?}");
         assert_eq!(buf.len(), 4096);
         let (r, _) = file.write_at(AlignedBuf::zeroed(1000), 0).await;
-        assert!(
-            matches!(
-                r,
-                Err(IoError::Misaligned {
-                    offset: 0,
-                    len: 1000
-                })
-            ),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(IoError::Misaligned { offset: 0, len: 1000 })), "{r:?}");
         let r = file.write_zeroes(4096, 100).await;
         assert!(matches!(r, Err(IoError::Misaligned { .. })), "{r:?}");
         let r = file.discard(100, 4096).await;
@@ -449,12 +372,7 @@ async fn direct_io_alignment_is_checked() {
 async fn out_of_range_is_refused() {
     let dir = tempdir();
     for engine in engines() {
-        let file = create(
-            &engine,
-            &dir.path().join(format!("oor-{}", engine.backend())),
-            MIB,
-            true,
-        );
+        let file = create(&engine, &dir.path().join(format!("oor-{}", engine.backend())), MIB, true);
         let (r, _) = file.read_at(AlignedBuf::zeroed(8192), MIB - 4096).await;
         assert!(
             matches!(r, Err(IoError::OutOfRange { offset, len: 8192, size }) if offset == MIB - 4096 && size == MIB),
@@ -462,18 +380,10 @@ async fn out_of_range_is_refused() {
         );
         let (r, _) = file.write_at(AlignedBuf::zeroed(4096), MIB).await;
         assert!(matches!(r, Err(IoError::OutOfRange { .. })), "{r:?}");
-        let (r, _) = file
-            .read_at(AlignedBuf::zeroed(4096), u64::MAX - 4095)
-            .await;
+        let (r, _) = file.read_at(AlignedBuf::zeroed(4096), u64::MAX - 4095).await;
         assert!(matches!(r, Err(IoError::OutOfRange { .. })), "{r:?}");
-        assert!(matches!(
-            file.write_zeroes(0, 2 * MIB).await,
-            Err(IoError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            file.discard(MIB, 4096).await,
-            Err(IoError::OutOfRange { .. })
-        ));
+        assert!(matches!(file.write_zeroes(0, 2 * MIB).await, Err(IoError::OutOfRange { .. })));
+        assert!(matches!(file.discard(MIB, 4096).await, Err(IoError::OutOfRange { .. })));
         // The file did not grow.
         assert_eq!(std::fs::metadata(file.path()).expect("stat").len(), MIB);
     }
@@ -486,11 +396,7 @@ async fn short_read_when_the_file_shrank() {
         let path = dir.path().join(format!("short-{}", engine.backend()));
         let file = create(&engine, &path, 64 * 1024, true);
         write(&file, pattern(1, 64 * 1024), 0).await;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_len(32 * 1024))
-            .expect("truncate");
+        std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(32 * 1024)).expect("truncate");
         let (r, buf) = file.read_at(AlignedBuf::zeroed(8192), 28 * 1024).await;
         assert!(
             matches!(r, Err(IoError::ShortRead { offset, wanted: 8192, got: 4096 }) if offset == 28 * 1024),
@@ -514,34 +420,16 @@ fn sparse_creation_and_size_checks() {
         assert_eq!(file.path(), path);
         let meta = std::fs::metadata(&path).expect("stat");
         assert_eq!(meta.len(), size);
-        assert!(
-            meta.blocks() * 512 < MIB,
-            "not sparse: {} blocks",
-            meta.blocks()
-        );
+        assert!(meta.blocks() * 512 < MIB, "not sparse: {} blocks", meta.blocks());
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         drop(file);
 
         // Reopening with the same size is fine; any other size is refused.
         create(&engine, &path, size, true);
         for other in [size - 4096, size + 4096] {
-            match engine.open(
-                &path,
-                &OpenOptions {
-                    create_size: Some(other),
-                    direct: true,
-                    read_only: false,
-                },
-            ) {
-                Err(IoError::SizeMismatch {
-                    path: p,
-                    expected,
-                    actual,
-                }) => {
-                    assert_eq!(
-                        (p.as_path(), expected, actual),
-                        (path.as_path(), other, size)
-                    );
+            match engine.open(&path, &OpenOptions { create_size: Some(other), direct: true, read_only: false }) {
+                Err(IoError::SizeMismatch { path: p, expected, actual }) => {
+                    assert_eq!((p.as_path(), expected, actual), (path.as_path(), other, size));
                 }
                 other => panic!("{b}: expected SizeMismatch, got {other:?}"),
             }
@@ -553,37 +441,17 @@ fn sparse_creation_and_size_checks() {
 
         // Missing file without create_size, or read-only: not created.
         let missing = dir.path().join(format!("missing-{b}"));
-        let err = engine
-            .open(&missing, &OpenOptions::default())
-            .expect_err("missing");
-        assert!(
-            matches!(&err, IoError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound)
-        );
-        assert!(
-            err.to_string().contains(&*missing.to_string_lossy()),
-            "{err}"
-        );
-        let ro = OpenOptions {
-            create_size: Some(MIB),
-            direct: false,
-            read_only: true,
-        };
-        assert!(matches!(
-            engine.open(&missing, &ro),
-            Err(IoError::Open { .. })
-        ));
+        let err = engine.open(&missing, &OpenOptions::default()).expect_err("missing");
+        assert!(matches!(&err, IoError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound));
+        assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
+        let ro = OpenOptions { create_size: Some(MIB), direct: false, read_only: true };
+        assert!(matches!(engine.open(&missing, &ro), Err(IoError::Open { .. })));
         assert!(!missing.exists());
 
         // Never a regular file under /dev: the device is missing.
         let dev = Path::new("/dev/replicator-io-test-no-such-volume");
         let err = engine
-            .open(
-                dev,
-                &OpenOptions {
-                    create_size: Some(MIB),
-                    ..OpenOptions::default()
-                },
-            )
+            .open(dev, &OpenOptions { create_size: Some(MIB), ..OpenOptions::default() })
             .expect_err("missing device");
         assert!(err.to_string().contains("refusing to create"), "{err}");
         assert!(!dev.exists());
@@ -591,13 +459,7 @@ fn sparse_creation_and_size_checks() {
         // Parent directory missing.
         let deep = dir.path().join("no/such/dir/vol");
         let err = engine
-            .open(
-                &deep,
-                &OpenOptions {
-                    create_size: Some(MIB),
-                    ..OpenOptions::default()
-                },
-            )
+            .open(&deep, &OpenOptions { create_size: Some(MIB), ..OpenOptions::default() })
             .expect_err("no parent");
         assert!(matches!(err, IoError::Open { .. }), "{err:?}");
     }
@@ -608,33 +470,17 @@ fn directories_and_char_devices_are_refused() {
     let dir = tempdir();
     let engine = IoEngine::new(BackendChoice::Auto);
     for read_only in [false, true] {
-        let opts = OpenOptions {
-            create_size: None,
-            direct: true,
-            read_only,
-        };
+        let opts = OpenOptions { create_size: None, direct: true, read_only };
         let err = engine.open(dir.path(), &opts).expect_err("directory");
         assert!(matches!(err, IoError::Open { .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("directory") && msg.contains("block device"),
-            "{msg}"
-        );
-        let err = engine
-            .open(Path::new("/dev/null"), &opts)
-            .expect_err("char device");
+        assert!(msg.contains("directory") && msg.contains("block device"), "{msg}");
+        let err = engine.open(Path::new("/dev/null"), &opts).expect_err("char device");
         assert!(err.to_string().contains("character device"), "{err}");
     }
     // With create_size, an existing directory is still refused (not a size mismatch).
-    let opts = OpenOptions {
-        create_size: Some(MIB),
-        direct: false,
-        read_only: false,
-    };
-    assert!(matches!(
-        engine.open(dir.path(), &opts),
-        Err(IoError::Open { .. })
-    ));
+    let opts = OpenOptions { create_size: Some(MIB), direct: false, read_only: false };
+    assert!(matches!(engine.open(dir.path(), &opts), Err(IoError::Open { .. })));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -646,14 +492,7 @@ async fn read_only_refuses_writes() {
         write(&file, pattern(4, 4096), 0).await;
         drop(file);
         let ro = engine
-            .open(
-                &path,
-                &OpenOptions {
-                    create_size: Some(MIB),
-                    direct: true,
-                    read_only: true,
-                },
-            )
+            .open(&path, &OpenOptions { create_size: Some(MIB), direct: true, read_only: true })
             .expect("open read-only");
         assert!(read(&ro, 4096, 0).await[..] == pattern(4, 4096)[..]);
         let (r, _) = ro.write_at(AlignedBuf::zeroed(4096), 0).await;
@@ -663,9 +502,7 @@ async fn read_only_refuses_writes() {
         );
         assert!(ro.write_zeroes(0, 4096).await.is_err());
         assert!(ro.discard(0, 4096).await.is_err());
-        ro.sync_data()
-            .await
-            .expect("fdatasync on a read-only descriptor");
+        ro.sync_data().await.expect("fdatasync on a read-only descriptor");
     }
 }
 
@@ -676,17 +513,9 @@ struct LoopDevice {
 
 impl LoopDevice {
     fn attach(backing: &Path) -> Option<LoopDevice> {
-        let out = Command::new("losetup")
-            .arg("-f")
-            .arg("--show")
-            .arg(backing)
-            .output()
-            .ok()?;
+        let out = Command::new("losetup").arg("-f").arg("--show").arg(backing).output().ok()?;
         if !out.status.success() {
-            eprintln!(
-                "NOTE: losetup failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            eprintln!("NOTE: losetup failed: {}", String::from_utf8_lossy(&out.stderr).trim());
             return None;
         }
         let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -703,37 +532,23 @@ impl Drop for LoopDevice {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loop_block_device() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || Command::new("losetup").arg("--version").output().is_err()
-    {
+    if unsafe { libc::geteuid() } != 0 || Command::new("losetup").arg("--version").output().is_err() {
         eprintln!("NOTE: not root or no losetup: loop device test skipped");
         return;
     }
     let dir = tempdir();
     let backing = dir.path().join("loop-backing");
     let size = 32 * MIB;
-    File::create(&backing)
-        .and_then(|f| f.set_len(size))
-        .expect("backing file");
+    File::create(&backing).and_then(|f| f.set_len(size)).expect("backing file");
     let Some(lo) = LoopDevice::attach(&backing) else {
         eprintln!("NOTE: no loop device available: loop device test skipped");
         return;
     };
     for engine in engines() {
         let b = engine.backend();
-        let wrong = OpenOptions {
-            create_size: Some(size + 4096),
-            direct: true,
-            read_only: false,
-        };
-        assert!(matches!(
-            engine.open(&lo.dev, &wrong),
-            Err(IoError::SizeMismatch { .. })
-        ));
-        let opts = OpenOptions {
-            create_size: Some(size),
-            direct: true,
-            read_only: false,
-        };
+        let wrong = OpenOptions { create_size: Some(size + 4096), direct: true, read_only: false };
+        assert!(matches!(engine.open(&lo.dev, &wrong), Err(IoError::SizeMismatch { .. })));
+        let opts = OpenOptions { create_size: Some(size), direct: true, read_only: false };
         let file = engine.open(&lo.dev, &opts).expect("open loop device");
         assert!(file.is_block_device());
         assert!(file.is_direct(), "block devices accept O_DIRECT");
@@ -742,24 +557,11 @@ async fn loop_block_device() {
         // Opened for writing means opened exclusively: a second writer (a
         // second daemon, mkfs) is refused, a reader is not.
         let busy = engine.open(&lo.dev, &opts);
-        assert!(
-            matches!(&busy, Err(IoError::DeviceBusy { path }) if *path == lo.dev),
-            "{busy:?}"
-        );
+        assert!(matches!(&busy, Err(IoError::DeviceBusy { path }) if *path == lo.dev), "{busy:?}");
         let msg = busy.expect_err("busy").to_string();
-        assert!(
-            msg.contains("in use by another process or mounted"),
-            "{msg}"
-        );
-        let ro = OpenOptions {
-            read_only: true,
-            ..opts.clone()
-        };
-        drop(
-            engine
-                .open(&lo.dev, &ro)
-                .expect("read-only open next to the writer"),
-        );
+        assert!(msg.contains("in use by another process or mounted"), "{msg}");
+        let ro = OpenOptions { read_only: true, ..opts.clone() };
+        drop(engine.open(&lo.dev, &ro).expect("read-only open next to the writer"));
 
         // Concurrent round trip of 1 MiB pieces.
         let mut tasks = Vec::new();
@@ -767,10 +569,7 @@ async fn loop_block_device() {
             let file = file.clone();
             tasks.push(tokio::spawn(async move {
                 write(&file, pattern(i + 500, MIB as usize), i * MIB).await;
-                assert!(
-                    read(&file, MIB as usize, i * MIB).await[..]
-                        == pattern(i + 500, MIB as usize)[..]
-                );
+                assert!(read(&file, MIB as usize, i * MIB).await[..] == pattern(i + 500, MIB as usize)[..]);
             }));
         }
         for t in tasks {
@@ -779,20 +578,11 @@ async fn loop_block_device() {
         file.sync_data().await.expect("sync loop device");
         // The data is in the backing file, offset for offset.
         let backing_data = std::fs::read(&backing).expect("read backing");
-        assert!(
-            backing_data[3 * MIB as usize..4 * MIB as usize] == pattern(503, MIB as usize)[..],
-            "{b}"
-        );
+        assert!(backing_data[3 * MIB as usize..4 * MIB as usize] == pattern(503, MIB as usize)[..], "{b}");
 
         check_zeroing(&file, false, 4096, 256 * 1024).await;
         check_zeroing(&file, true, 2 * MIB, 3 * MIB).await;
-        assert!(matches!(
-            file.read_at(AlignedBuf::zeroed(512), 0).await.0,
-            Err(IoError::Misaligned { .. })
-        ));
-        assert!(matches!(
-            file.write_zeroes(size, 4096).await,
-            Err(IoError::OutOfRange { .. })
-        ));
+        assert!(matches!(file.read_at(AlignedBuf::zeroed(512), 0).await.0, Err(IoError::Misaligned { .. })));
+        assert!(matches!(file.write_zeroes(size, 4096).await, Err(IoError::OutOfRange { .. })));
     }
 }

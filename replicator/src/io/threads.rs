@@ -25,10 +25,8 @@ pub(crate) async fn rw(
         let result = match kind {
             RwKind::Read => pread_full(&file, &mut buf, offset),
             RwKind::Write => pwrite_full(&file, &buf, offset),
-            RwKind::WriteDurable => pwrite_full(&file, &buf, offset).and_then(|()| {
-                file.sync_data()
-                    .map_err(|e| IoError::io("fdatasync", offset, e))
-            }),
+            RwKind::WriteDurable => pwrite_full(&file, &buf, offset)
+                .and_then(|()| file.sync_data().map_err(|e| IoError::io("fdatasync", offset, e))),
         };
         (result, buf)
     });
@@ -45,13 +43,7 @@ fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> Result<(), IoError> {
     while done < buf.len() {
         let at = offset + done as u64;
         match file.read_at(&mut buf[done..], at) {
-            Ok(0) => {
-                return Err(IoError::ShortRead {
-                    offset,
-                    wanted: buf.len(),
-                    got: done,
-                })
-            }
+            Ok(0) => return Err(IoError::ShortRead { offset, wanted: buf.len(), got: done }),
             Ok(n) => done += n,
             Err(e) if retryable(&e) => {}
             Err(e) => return Err(IoError::io("read", at, e)),
@@ -81,10 +73,7 @@ fn pwrite_full(file: &File, buf: &[u8], offset: u64) -> Result<(), IoError> {
 }
 
 fn retryable(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-    )
+    matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock)
 }
 
 /// Runs a blocking closure on the pool, mapping a lost task to `EngineGone`.
@@ -92,9 +81,7 @@ async fn blocking<F>(f: F) -> Result<(), IoError>
 where
     F: FnOnce() -> Result<(), IoError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or(Err(IoError::EngineGone))
+    tokio::task::spawn_blocking(f).await.unwrap_or(Err(IoError::EngineGone))
 }
 
 /// `fdatasync` on the blocking pool.
@@ -103,23 +90,12 @@ pub(crate) async fn sync_data(file: Arc<File>) -> Result<(), IoError> {
 }
 
 /// `fallocate(mode)` on the blocking pool.
-pub(crate) async fn fallocate(
-    file: Arc<File>,
-    mode: i32,
-    offset: u64,
-    len: u64,
-) -> Result<(), IoError> {
+pub(crate) async fn fallocate(file: Arc<File>, mode: i32, offset: u64, len: u64) -> Result<(), IoError> {
     blocking(move || {
         let flags = nix::fcntl::FallocateFlags::from_bits_retain(mode);
         let (off, count) = match (i64::try_from(offset), i64::try_from(len)) {
             (Ok(off), Ok(count)) => (off, count),
-            _ => {
-                return Err(IoError::io(
-                    "fallocate",
-                    offset,
-                    io::Error::from_raw_os_error(libc::EFBIG),
-                ))
-            }
+            _ => return Err(IoError::io("fallocate", offset, io::Error::from_raw_os_error(libc::EFBIG))),
         };
         loop {
             match nix::fcntl::fallocate(&*file, flags, off, count) {
@@ -133,12 +109,7 @@ pub(crate) async fn fallocate(
 }
 
 /// A block device range ioctl (`BLKZEROOUT`, ...) on the blocking pool.
-pub(crate) async fn blk_range_ioctl(
-    file: Arc<File>,
-    request: u64,
-    offset: u64,
-    len: u64,
-) -> Result<(), IoError> {
+pub(crate) async fn blk_range_ioctl(file: Arc<File>, request: u64, offset: u64, len: u64) -> Result<(), IoError> {
     blocking(move || loop {
         match file::blk_range_ioctl(&file, request, offset, len) {
             Ok(()) => return Ok(()),

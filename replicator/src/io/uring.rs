@@ -92,44 +92,25 @@ impl Op {
     /// The SQE for the (remaining part of the) operation.
     fn sqe(&mut self, user_data: u64) -> squeue::Entry {
         let entry = match self {
-            Op::Rw {
-                kind,
-                file,
-                buf,
-                offset,
-                done,
-                ..
-            } => {
+            Op::Rw { kind, file, buf, offset, done, .. } => {
                 let fd = types::Fd(file.as_raw_fd());
                 let at = *offset + *done as u64;
                 let rest = &mut buf[*done..];
                 let len = rest.len().min(MAX_CHUNK) as u32;
                 match kind {
-                    RwKind::Read => opcode::Read::new(fd, rest.as_mut_ptr(), len)
-                        .offset(at)
-                        .build(),
-                    RwKind::Write => opcode::Write::new(fd, rest.as_ptr(), len)
-                        .offset(at)
-                        .build(),
-                    RwKind::WriteDurable => opcode::Write::new(fd, rest.as_ptr(), len)
-                        .offset(at)
-                        .rw_flags(libc::RWF_DSYNC)
-                        .build(),
+                    RwKind::Read => opcode::Read::new(fd, rest.as_mut_ptr(), len).offset(at).build(),
+                    RwKind::Write => opcode::Write::new(fd, rest.as_ptr(), len).offset(at).build(),
+                    RwKind::WriteDurable => {
+                        opcode::Write::new(fd, rest.as_ptr(), len).offset(at).rw_flags(libc::RWF_DSYNC).build()
+                    }
                 }
             }
-            Op::Fsync { file, .. } => opcode::Fsync::new(types::Fd(file.as_raw_fd()))
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            Op::Fallocate {
-                file,
-                mode,
-                offset,
-                len,
-                ..
-            } => opcode::Fallocate::new(types::Fd(file.as_raw_fd()), *len)
-                .offset(*offset)
-                .mode(*mode)
-                .build(),
+            Op::Fsync { file, .. } => {
+                opcode::Fsync::new(types::Fd(file.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build()
+            }
+            Op::Fallocate { file, mode, offset, len, .. } => {
+                opcode::Fallocate::new(types::Fd(file.as_raw_fd()), *len).offset(*offset).mode(*mode).build()
+            }
         };
         entry.user_data(user_data)
     }
@@ -141,28 +122,13 @@ impl Op {
             return Step::Resubmit(self);
         }
         match self {
-            Op::Rw {
-                kind,
-                file,
-                buf,
-                offset,
-                mut done,
-                reply,
-            } => {
+            Op::Rw { kind, file, buf, offset, mut done, reply } => {
                 let at = offset + done as u64;
                 let result = if res < 0 {
-                    Err(IoError::io(
-                        kind.name(),
-                        at,
-                        io::Error::from_raw_os_error(-res),
-                    ))
+                    Err(IoError::io(kind.name(), at, io::Error::from_raw_os_error(-res)))
                 } else if res == 0 {
                     match kind {
-                        RwKind::Read => Err(IoError::ShortRead {
-                            offset,
-                            wanted: buf.len(),
-                            got: done,
-                        }),
+                        RwKind::Read => Err(IoError::ShortRead { offset, wanted: buf.len(), got: done }),
                         RwKind::Write | RwKind::WriteDurable => Err(IoError::io(
                             kind.name(),
                             at,
@@ -172,14 +138,7 @@ impl Op {
                 } else {
                     done += res as usize;
                     if done < buf.len() {
-                        return Step::Resubmit(Op::Rw {
-                            kind,
-                            file,
-                            buf,
-                            offset,
-                            done,
-                            reply,
-                        });
+                        return Step::Resubmit(Op::Rw { kind, file, buf, offset, done, reply });
                     }
                     Ok(())
                 };
@@ -188,24 +147,13 @@ impl Op {
                 let _ = reply.send((result, buf));
             }
             Op::Fsync { reply, .. } => {
-                let result = if res < 0 {
-                    Err(IoError::io(
-                        "fdatasync",
-                        0,
-                        io::Error::from_raw_os_error(-res),
-                    ))
-                } else {
-                    Ok(())
-                };
+                let result =
+                    if res < 0 { Err(IoError::io("fdatasync", 0, io::Error::from_raw_os_error(-res))) } else { Ok(()) };
                 let _ = reply.send(result);
             }
             Op::Fallocate { offset, reply, .. } => {
                 let result = if res < 0 {
-                    Err(IoError::io(
-                        "fallocate",
-                        offset,
-                        io::Error::from_raw_os_error(-res),
-                    ))
+                    Err(IoError::io("fallocate", offset, io::Error::from_raw_os_error(-res)))
                 } else {
                     Ok(())
                 };
@@ -341,12 +289,8 @@ impl UringEngine {
     /// Creates the ring (in the engine thread, so that `SINGLE_ISSUER`
     /// holds) and starts the thread. `Err` carries a reason for the admin.
     pub(crate) fn start(entries: u32) -> Result<UringEngine, String> {
-        let eventfd = create_eventfd()
-            .map_err(|e| format!("cannot create an eventfd for the io_uring thread: {e}"))?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            eventfd,
-        });
+        let eventfd = create_eventfd().map_err(|e| format!("cannot create an eventfd for the io_uring thread: {e}"))?;
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), eventfd });
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -364,9 +308,7 @@ impl UringEngine {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(UringEngine { shared }),
             Ok(Err(reason)) => Err(reason),
-            Err(_) => Err(format!(
-                "the {THREAD_NAME} thread died while setting up the ring"
-            )),
+            Err(_) => Err(format!("the {THREAD_NAME} thread died while setting up the ring")),
         }
     }
 
@@ -395,14 +337,7 @@ impl UringEngine {
     ) -> (Result<(), IoError>, AlignedBuf) {
         let len = buf.len();
         let (reply, rx) = oneshot::channel();
-        let op = Op::Rw {
-            kind,
-            file,
-            buf,
-            offset,
-            done: 0,
-            reply,
-        };
+        let op = Op::Rw { kind, file, buf, offset, done: 0, reply };
         if let Err(op) = self.submit(op) {
             let buf = op.into_buf().unwrap_or_else(|| AlignedBuf::zeroed(len));
             return (Err(IoError::EngineGone), buf);
@@ -421,29 +356,13 @@ impl UringEngine {
     }
 
     /// `fallocate(mode, offset, len)` (`IORING_OP_FALLOCATE`).
-    pub(crate) async fn fallocate(
-        &self,
-        file: Arc<File>,
-        mode: i32,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), IoError> {
+    pub(crate) async fn fallocate(&self, file: Arc<File>, mode: i32, offset: u64, len: u64) -> Result<(), IoError> {
         let (reply, rx) = oneshot::channel();
-        let op = Op::Fallocate {
-            file,
-            mode,
-            offset,
-            len,
-            reply,
-        };
+        let op = Op::Fallocate { file, mode, offset, len, reply };
         self.unit_op(op, rx).await
     }
 
-    async fn unit_op(
-        &self,
-        op: Op,
-        rx: oneshot::Receiver<Result<(), IoError>>,
-    ) -> Result<(), IoError> {
+    async fn unit_op(&self, op: Op, rx: oneshot::Receiver<Result<(), IoError>>) -> Result<(), IoError> {
         if self.submit(op).is_err() {
             return Err(IoError::EngineGone);
         }
@@ -495,9 +414,9 @@ fn setup_ring(entries: u32) -> Result<IoUring, String> {
         .map_err(|e| describe_setup_error(&e))?;
 
     let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe).map_err(|e| {
-        format!("cannot probe io_uring opcodes ({e}); io_uring needs Linux 5.6 or later here")
-    })?;
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("cannot probe io_uring opcodes ({e}); io_uring needs Linux 5.6 or later here"))?;
     let needed = [
         (opcode::Read::CODE, "IORING_OP_READ"),
         (opcode::Write::CODE, "IORING_OP_WRITE"),
@@ -506,9 +425,7 @@ fn setup_ring(entries: u32) -> Result<IoUring, String> {
     ];
     for (code, name) in needed {
         if !probe.is_supported(code) {
-            return Err(format!(
-                "the kernel's io_uring lacks {name} (Linux 5.6 or later is needed)"
-            ));
+            return Err(format!("the kernel's io_uring lacks {name} (Linux 5.6 or later is needed)"));
         }
     }
 
@@ -516,8 +433,7 @@ fn setup_ring(entries: u32) -> Result<IoUring, String> {
     // is not (seccomp), which would otherwise only show as hung I/O.
     let nop = opcode::Nop::new().build().user_data(0);
     // SAFETY: a NOP references no memory.
-    unsafe { ring.submission().push(&nop) }
-        .map_err(|_| "the new io_uring has no free SQE".to_owned())?;
+    unsafe { ring.submission().push(&nop) }.map_err(|_| "the new io_uring has no free SQE".to_owned())?;
     loop {
         match ring.submit_and_wait(1) {
             Ok(_) => break,
@@ -528,10 +444,7 @@ fn setup_ring(entries: u32) -> Result<IoUring, String> {
     let nop_result = ring.completion().next().map(|cqe| cqe.result());
     match nop_result {
         Some(res) if res >= 0 => Ok(ring),
-        Some(res) => Err(format!(
-            "io_uring NOP failed: {}",
-            io::Error::from_raw_os_error(-res)
-        )),
+        Some(res) => Err(format!("io_uring NOP failed: {}", io::Error::from_raw_os_error(-res))),
         None => Err("io_uring NOP did not complete".to_owned()),
     }
 }
@@ -603,9 +516,7 @@ impl EngineThread {
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     if failures == 1 || failures.is_power_of_two() {
-                        tracing::error!(
-                            "io_uring_enter failed ({failures} times in a row): {e}; retrying"
-                        );
+                        tracing::error!("io_uring_enter failed ({failures} times in a row): {e}; retrying");
                     }
                     std::thread::sleep(Duration::from_millis(u64::from(failures.min(100))));
                 }
@@ -698,8 +609,7 @@ impl EngineThread {
     fn reap(&mut self) -> usize {
         let mut cq = self.ring.completion();
         cq.sync();
-        self.completions
-            .extend(cq.map(|cqe| (cqe.user_data(), cqe.result())));
+        self.completions.extend(cq.map(|cqe| (cqe.user_data(), cqe.result())));
         let count = self.completions.len();
         for i in 0..count {
             let (user_data, res) = self.completions[i];

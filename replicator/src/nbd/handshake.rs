@@ -6,10 +6,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::proto::{
-    self, OptionHeader, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, INFO_NAME,
-    MAX_STRING_LEN, OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST,
-    OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_UNKNOWN,
-    REP_ERR_UNSUP, REP_INFO, REP_SERVER,
+    self, OptionHeader, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, INFO_NAME, MAX_STRING_LEN,
+    OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
+    REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
 };
 use super::request::ExportParams;
 use super::server::CloseReason;
@@ -41,9 +40,7 @@ where
     writer.flush().await?;
     let client_flags = reader.read_u32().await?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(CloseReason::Protocol(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
+        return Err(CloseReason::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
@@ -53,10 +50,7 @@ where
         reader.read_exact(&mut raw).await?;
         let header = OptionHeader::decode(&raw);
         if header.magic != IHAVEOPT {
-            return Err(CloseReason::Protocol(format!(
-                "bad option magic {:#018x}",
-                header.magic
-            )));
+            return Err(CloseReason::Protocol(format!("bad option magic {:#018x}", header.magic)));
         }
         if header.len > MAX_OPTION_LEN {
             return Err(CloseReason::Protocol(format!(
@@ -72,9 +66,7 @@ where
             OPT_EXPORT_NAME => return export_name(writer, catalog, &data, no_zeroes).await,
             OPT_ABORT => {
                 // The client may already have gone; the reply is a courtesy.
-                let _ = writer
-                    .write_all(&proto::option_reply(option, REP_ACK, &[]))
-                    .await;
+                let _ = writer.write_all(&proto::option_reply(option, REP_ACK, &[])).await;
                 let _ = writer.flush().await;
                 return Err(CloseReason::Abort);
             }
@@ -85,24 +77,16 @@ where
                 }
             }
             OPT_STARTTLS => {
-                let message =
-                    "TLS is not supported: connect over the local Unix socket or loopback TCP";
-                writer
-                    .write_all(&proto::option_error(option, REP_ERR_POLICY, message))
-                    .await?;
+                let message = "TLS is not supported: connect over the local Unix socket or loopback TCP";
+                writer.write_all(&proto::option_error(option, REP_ERR_POLICY, message)).await?;
             }
             OPT_STRUCTURED_REPLY => {
-                let message =
-                    "structured replies are not supported; this server sends simple replies";
-                writer
-                    .write_all(&proto::option_error(option, REP_ERR_UNSUP, message))
-                    .await?;
+                let message = "structured replies are not supported; this server sends simple replies";
+                writer.write_all(&proto::option_error(option, REP_ERR_UNSUP, message)).await?;
             }
             _ => {
                 let message = format!("option {option} is not supported");
-                writer
-                    .write_all(&proto::option_error(option, REP_ERR_UNSUP, &message))
-                    .await?;
+                writer.write_all(&proto::option_error(option, REP_ERR_UNSUP, &message)).await?;
             }
         }
     }
@@ -124,26 +108,14 @@ where
         return Err(CloseReason::Protocol("export name is not UTF-8".into()));
     };
     if requested.len() > MAX_STRING_LEN {
-        return Err(CloseReason::Protocol(
-            "export name longer than 4096 bytes".into(),
-        ));
+        return Err(CloseReason::Protocol("export name longer than 4096 bytes".into()));
     }
     match open(catalog, requested) {
         Ok((name, export)) => {
             let params = ExportParams::of(&*export);
-            writer
-                .write_all(&proto::export_name_reply(
-                    params.size,
-                    params.flags,
-                    no_zeroes,
-                ))
-                .await?;
+            writer.write_all(&proto::export_name_reply(params.size, params.flags, no_zeroes)).await?;
             writer.flush().await?;
-            Ok(Negotiated {
-                name,
-                export,
-                params,
-            })
+            Ok(Negotiated { name, export, params })
         }
         Err(refusal) => Err(CloseReason::ExportRefused(refusal.message)),
     }
@@ -158,11 +130,7 @@ where
     let out = if data.is_empty() {
         let mut out = Vec::new();
         for name in catalog.list() {
-            out.extend(proto::option_reply(
-                OPT_LIST,
-                REP_SERVER,
-                &proto::rep_server(&name),
-            ));
+            out.extend(proto::option_reply(OPT_LIST, REP_SERVER, &proto::rep_server(&name)));
         }
         out.extend(proto::option_reply(OPT_LIST, REP_ACK, &[]));
         out
@@ -188,51 +156,28 @@ where
     let request = match proto::decode_info_request(data) {
         Ok(request) => request,
         Err(message) => {
-            writer
-                .write_all(&proto::option_error(option, REP_ERR_INVALID, message))
-                .await?;
+            writer.write_all(&proto::option_error(option, REP_ERR_INVALID, message)).await?;
             return Ok(None);
         }
     };
     let (name, export) = match open(catalog, &request.name) {
         Ok(opened) => opened,
-        Err(Refusal {
-            reply_type,
-            message,
-        }) => {
-            writer
-                .write_all(&proto::option_error(option, reply_type, &message))
-                .await?;
+        Err(Refusal { reply_type, message }) => {
+            writer.write_all(&proto::option_error(option, reply_type, &message)).await?;
             return Ok(None);
         }
     };
     let params = ExportParams::of(&*export);
-    let mut out = proto::option_reply(
-        option,
-        REP_INFO,
-        &proto::info_export(params.size, params.flags),
-    );
+    let mut out = proto::option_reply(option, REP_INFO, &proto::info_export(params.size, params.flags));
     if request.requests.contains(&INFO_NAME) {
-        out.extend(proto::option_reply(
-            option,
-            REP_INFO,
-            &proto::info_name(&name),
-        ));
+        out.extend(proto::option_reply(option, REP_INFO, &proto::info_name(&name)));
     }
     // Always sent: the constraints are enforced whether or not asked for.
-    out.extend(proto::option_reply(
-        option,
-        REP_INFO,
-        &proto::info_block_size(params.sizes),
-    ));
+    out.extend(proto::option_reply(option, REP_INFO, &proto::info_block_size(params.sizes)));
     out.extend(proto::option_reply(option, REP_ACK, &[]));
     writer.write_all(&out).await?;
     writer.flush().await?;
-    Ok((option == OPT_GO).then_some(Negotiated {
-        name,
-        export,
-        params,
-    }))
+    Ok((option == OPT_GO).then_some(Negotiated { name, export, params }))
 }
 
 /// Why an export cannot be used: the option reply type and the message
@@ -245,20 +190,14 @@ struct Refusal {
 
 /// Opens `requested` (empty: the default export, which exists only when the
 /// catalog holds exactly one). Returns the canonical name and the export.
-fn open<C: ExportCatalog>(
-    catalog: &C,
-    requested: &str,
-) -> Result<(String, Arc<C::Export>), Refusal> {
+fn open<C: ExportCatalog>(catalog: &C, requested: &str) -> Result<(String, Arc<C::Export>), Refusal> {
     let name = if requested.is_empty() {
         match <[String; 1]>::try_from(catalog.list()) {
             Ok([only]) => only,
             Err(names) => {
                 return Err(Refusal {
                     reply_type: REP_ERR_UNKNOWN,
-                    message: format!(
-                        "no default export: the server has {} exports; ask for one by name",
-                        names.len()
-                    ),
+                    message: format!("no default export: the server has {} exports; ask for one by name", names.len()),
                 })
             }
         }
@@ -267,13 +206,7 @@ fn open<C: ExportCatalog>(
     };
     match catalog.open(&name) {
         Ok(export) => Ok((name, export)),
-        Err(err @ OpenError::Unknown(_)) => Err(Refusal {
-            reply_type: REP_ERR_UNKNOWN,
-            message: err.to_string(),
-        }),
-        Err(OpenError::Refused(message)) => Err(Refusal {
-            reply_type: REP_ERR_POLICY,
-            message,
-        }),
+        Err(err @ OpenError::Unknown(_)) => Err(Refusal { reply_type: REP_ERR_UNKNOWN, message: err.to_string() }),
+        Err(OpenError::Refused(message)) => Err(Refusal { reply_type: REP_ERR_POLICY, message }),
     }
 }

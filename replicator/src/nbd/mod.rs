@@ -69,9 +69,7 @@ use std::sync::Arc;
 
 use crate::io::AlignedBuf;
 
-pub use server::{
-    serve_tcp, serve_tcp_with, serve_unix, serve_unix_with, Drain, ServeOptions, SHUTDOWN_BACKSTOP,
-};
+pub use server::{serve_tcp, serve_tcp_with, serve_unix, serve_unix_with, Drain, ServeOptions, SHUTDOWN_BACKSTOP};
 
 /// Largest option data accepted during the handshake; a client sending more
 /// is disconnected.
@@ -132,10 +130,7 @@ pub struct ExportError {
 impl ExportError {
     /// An error with the given code and message.
     pub fn new(errno: NbdErrno, message: impl Into<String>) -> Self {
-        Self {
-            errno,
-            message: message.into(),
-        }
+        Self { errno, message: message.into() }
     }
 }
 
@@ -159,33 +154,14 @@ pub trait Export: Send + Sync + 'static {
     /// Block size constraints, advertised to clients and enforced.
     fn block_sizes(&self) -> BlockSizes;
     /// Reads `len` bytes at `offset`; the buffer must be exactly `len` long.
-    fn read(
-        &self,
-        offset: u64,
-        len: u32,
-    ) -> impl Future<Output = Result<AlignedBuf, ExportError>> + Send;
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<AlignedBuf, ExportError>> + Send;
     /// Writes `data` at `offset`; durable before returning if `fua`.
-    fn write(
-        &self,
-        offset: u64,
-        data: AlignedBuf,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), ExportError>> + Send;
+    fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// Makes `len` bytes at `offset` read as zeroes (allocated: the server
     /// maps `NBD_CMD_FLAG_NO_HOLE` and its absence to this one call).
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), ExportError>> + Send;
+    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// Discards `len` bytes at `offset` (a hint; contents are then undefined).
-    fn trim(
-        &self,
-        offset: u64,
-        len: u32,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), ExportError>> + Send;
+    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// Makes every write completed before this call durable, whichever
     /// connection it came from.
     fn flush(&self) -> impl Future<Output = Result<(), ExportError>> + Send;

@@ -187,11 +187,7 @@ pub(super) struct OptionHeader {
 impl OptionHeader {
     pub(super) fn decode(raw: &[u8; OPTION_HEADER_LEN]) -> Self {
         let mut buf = &raw[..];
-        Self {
-            magic: buf.get_u64(),
-            option: buf.get_u32(),
-            len: buf.get_u32(),
-        }
+        Self { magic: buf.get_u64(), option: buf.get_u32(), len: buf.get_u32() }
     }
 }
 
@@ -208,11 +204,7 @@ pub(super) fn option_reply(option: u32, reply_type: u32, payload: &[u8]) -> Vec<
 
 /// An error reply carrying a human-readable message.
 pub(super) fn option_error(option: u32, reply_type: u32, message: &str) -> Vec<u8> {
-    option_reply(
-        option,
-        reply_type,
-        truncate_str(message, MAX_STRING_LEN).as_bytes(),
-    )
+    option_reply(option, reply_type, truncate_str(message, MAX_STRING_LEN).as_bytes())
 }
 
 /// Payload of `NBD_REP_SERVER`: the export name.
@@ -402,13 +394,7 @@ mod tests {
     #[test]
     fn info_request_decoding() {
         let ok = decode_info_request(&info_data(b"vol", 3, &[3, 1], 2));
-        assert_eq!(
-            ok,
-            Ok(InfoRequest {
-                name: "vol".into(),
-                requests: vec![3, 1]
-            })
-        );
+        assert_eq!(ok, Ok(InfoRequest { name: "vol".into(), requests: vec![3, 1] }));
         let empty = decode_info_request(&info_data(b"", 0, &[], 0));
         assert_eq!(empty.map(|r| r.name), Ok(String::new()));
         assert!(decode_info_request(&[0, 0]).is_err());
@@ -442,9 +428,6 @@ mod tests {
         assert_eq!(truncate_str("héllo", 3), "hé");
         assert_eq!(truncate_str("hi", 10), "hi");
         let long = "x".repeat(5000);
-        assert_eq!(
-            option_error(1, REP_ERR_POLICY, &long).len(),
-            20 + MAX_STRING_LEN
-        );
+        assert_eq!(option_error(1, REP_ERR_POLICY, &long).len(), 20 + MAX_STRING_LEN);
     }
 }

@@ -5,8 +5,8 @@
 //! negotiated for the export, so every rule is unit-tested here.
 
 use super::proto::{
-    self, RequestHeader, CMD_DISC, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH,
-    CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_MAGIC,
+    self, RequestHeader, CMD_DISC, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM,
+    CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_MAGIC,
 };
 use super::{BlockSizes, Export, NbdErrno, MAX_PAYLOAD};
 
@@ -39,20 +39,12 @@ impl ExportParams {
 /// Values that are already legal are kept.
 pub(super) fn legal_block_sizes(sizes: BlockSizes) -> BlockSizes {
     fn power_of_two_in(value: u32, low: u32, high: u32) -> u32 {
-        value
-            .clamp(low, high)
-            .checked_next_power_of_two()
-            .unwrap_or(high)
-            .min(high)
+        value.clamp(low, high).checked_next_power_of_two().unwrap_or(high).min(high)
     }
     let minimum = power_of_two_in(sizes.minimum, 1, 64 * 1024);
     let preferred = power_of_two_in(sizes.preferred, minimum.max(512), MAX_PAYLOAD);
     let maximum = sizes.maximum.clamp(preferred, MAX_PAYLOAD);
-    BlockSizes {
-        minimum,
-        preferred,
-        maximum,
-    }
+    BlockSizes { minimum, preferred, maximum }
 }
 
 /// A validated request, ready to run.
@@ -97,11 +89,7 @@ pub(super) enum Decision {
 
 /// Validates `request` against the negotiated `params`. `read_only_now` is
 /// the export's current state (it may have been demoted since the handshake).
-pub(super) fn decide(
-    request: &RequestHeader,
-    params: &ExportParams,
-    read_only_now: bool,
-) -> Decision {
+pub(super) fn decide(request: &RequestHeader, params: &ExportParams, read_only_now: bool) -> Decision {
     if request.magic != REQUEST_MAGIC {
         return Decision::Close(format!("bad request magic {:#010x}", request.magic));
     }
@@ -110,9 +98,7 @@ pub(super) fn decide(
     // Only WRITE carries a payload (no extended headers are negotiated).
     let discard = if kind == CMD_WRITE {
         if len > maximum {
-            return Decision::Close(format!(
-                "write of {len} bytes exceeds the maximum payload of {maximum} bytes"
-            ));
+            return Decision::Close(format!("write of {len} bytes exceeds the maximum payload of {maximum} bytes"));
         }
         len
     } else {
@@ -125,18 +111,8 @@ pub(super) fn decide(
 }
 
 /// The command `request` asks for, or the error to reply with.
-fn validate(
-    request: &RequestHeader,
-    params: &ExportParams,
-    read_only: bool,
-) -> Result<Command, NbdErrno> {
-    let RequestHeader {
-        flags,
-        kind,
-        offset,
-        len,
-        ..
-    } = *request;
+fn validate(request: &RequestHeader, params: &ExportParams, read_only: bool) -> Result<Command, NbdErrno> {
+    let RequestHeader { flags, kind, offset, len, .. } = *request;
     let fua = flags & CMD_FLAG_FUA != 0;
     match kind {
         CMD_DISC => Ok(Command::Disconnect),
@@ -197,12 +173,7 @@ fn writable(read_only: bool) -> Result<(), NbdErrno> {
 /// Non-empty, within the export (`beyond_end` otherwise), and aligned to the
 /// minimum block size (a range ending exactly at the end of the export may
 /// have an unaligned length).
-fn check_range(
-    offset: u64,
-    len: u32,
-    params: &ExportParams,
-    beyond_end: NbdErrno,
-) -> Result<(), NbdErrno> {
+fn check_range(offset: u64, len: u32, params: &ExportParams, beyond_end: NbdErrno) -> Result<(), NbdErrno> {
     if len == 0 {
         return Err(NbdErrno::Inval);
     }
@@ -227,24 +198,13 @@ mod tests {
         ExportParams {
             size: SIZE,
             read_only,
-            sizes: BlockSizes {
-                minimum: 512,
-                preferred: 4096,
-                maximum: 65536,
-            },
+            sizes: BlockSizes { minimum: 512, preferred: 4096, maximum: 65536 },
             flags: proto::transmission_flags(read_only),
         }
     }
 
     fn req(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
-        RequestHeader {
-            magic: REQUEST_MAGIC,
-            flags,
-            kind,
-            cookie: 7,
-            offset,
-            len,
-        }
+        RequestHeader { magic: REQUEST_MAGIC, flags, kind, cookie: 7, offset, len }
     }
 
     fn decide_rw(r: RequestHeader) -> Decision {
@@ -257,73 +217,31 @@ mod tests {
 
     #[test]
     fn valid_requests_run() {
-        assert_eq!(
-            decide_rw(req(CMD_READ, 0, 0, 4096)),
-            Decision::Run(Command::Read {
-                offset: 0,
-                len: 4096
-            })
-        );
+        assert_eq!(decide_rw(req(CMD_READ, 0, 0, 4096)), Decision::Run(Command::Read { offset: 0, len: 4096 }));
         assert_eq!(
             decide_rw(req(CMD_WRITE, CMD_FLAG_FUA, SIZE - 512, 512)),
-            Decision::Run(Command::Write {
-                offset: SIZE - 512,
-                len: 512,
-                fua: true
-            })
+            Decision::Run(Command::Write { offset: SIZE - 512, len: 512, fua: true })
         );
         assert_eq!(
             decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1 << 20)),
-            Decision::Run(Command::WriteZeroes {
-                offset: 0,
-                len: 1 << 20,
-                fua: false
-            })
+            Decision::Run(Command::WriteZeroes { offset: 0, len: 1 << 20, fua: false })
         );
         assert_eq!(
             decide_rw(req(CMD_TRIM, 0, 512, 1024)),
-            Decision::Run(Command::Trim {
-                offset: 512,
-                len: 1024,
-                fua: false
-            })
+            Decision::Run(Command::Trim { offset: 512, len: 1024, fua: false })
         );
-        assert_eq!(
-            decide_rw(req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0)),
-            Decision::Run(Command::Flush)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_DISC, 0, 0, 0)),
-            Decision::Run(Command::Disconnect)
-        );
+        assert_eq!(decide_rw(req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0)), Decision::Run(Command::Flush));
+        assert_eq!(decide_rw(req(CMD_DISC, 0, 0, 0)), Decision::Run(Command::Disconnect));
     }
 
     #[test]
     fn beyond_the_end() {
-        assert_eq!(
-            decide_rw(req(CMD_READ, 0, SIZE - 512, 1024)),
-            reject(NbdErrno::Inval, 0)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_WRITE, 0, SIZE, 512)),
-            reject(NbdErrno::NoSpc, 512)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_WRITE_ZEROES, 0, SIZE - 512, 1024)),
-            reject(NbdErrno::NoSpc, 0)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_TRIM, 0, SIZE - 512, 1024)),
-            reject(NbdErrno::Inval, 0)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_READ, 0, u64::MAX - 511, 1024)),
-            reject(NbdErrno::Inval, 0)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_WRITE, 0, u64::MAX - 511, 1024)),
-            reject(NbdErrno::NoSpc, 1024)
-        );
+        assert_eq!(decide_rw(req(CMD_READ, 0, SIZE - 512, 1024)), reject(NbdErrno::Inval, 0));
+        assert_eq!(decide_rw(req(CMD_WRITE, 0, SIZE, 512)), reject(NbdErrno::NoSpc, 512));
+        assert_eq!(decide_rw(req(CMD_WRITE_ZEROES, 0, SIZE - 512, 1024)), reject(NbdErrno::NoSpc, 0));
+        assert_eq!(decide_rw(req(CMD_TRIM, 0, SIZE - 512, 1024)), reject(NbdErrno::Inval, 0));
+        assert_eq!(decide_rw(req(CMD_READ, 0, u64::MAX - 511, 1024)), reject(NbdErrno::Inval, 0));
+        assert_eq!(decide_rw(req(CMD_WRITE, 0, u64::MAX - 511, 1024)), reject(NbdErrno::NoSpc, 1024));
     }
 
     #[test]
@@ -331,27 +249,12 @@ mod tests {
         for kind in [CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
             assert_eq!(decide_rw(req(kind, 0, 0, 0)), reject(NbdErrno::Inval, 0));
         }
-        assert_eq!(
-            decide_rw(req(CMD_READ, 0, 100, 512)),
-            reject(NbdErrno::Inval, 0)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_WRITE, 0, 0, 100)),
-            reject(NbdErrno::Inval, 100)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_READ, 0, 0, 65536 + 512)),
-            reject(NbdErrno::Inval, 0)
-        );
-        assert!(matches!(
-            decide_rw(req(CMD_WRITE, 0, 0, 65536 + 512)),
-            Decision::Close(_)
-        ));
+        assert_eq!(decide_rw(req(CMD_READ, 0, 100, 512)), reject(NbdErrno::Inval, 0));
+        assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, 100)), reject(NbdErrno::Inval, 100));
+        assert_eq!(decide_rw(req(CMD_READ, 0, 0, 65536 + 512)), reject(NbdErrno::Inval, 0));
+        assert!(matches!(decide_rw(req(CMD_WRITE, 0, 0, 65536 + 512)), Decision::Close(_)));
         // Read-only and out-of-range do not save an oversized write.
-        assert!(matches!(
-            decide(&req(CMD_WRITE, 0, SIZE, 1 << 30), &params(true), true),
-            Decision::Close(_)
-        ));
+        assert!(matches!(decide(&req(CMD_WRITE, 0, SIZE, 1 << 30), &params(true), true), Decision::Close(_)));
     }
 
     #[test]
@@ -360,39 +263,18 @@ mod tests {
         p.size = SIZE + 100;
         assert_eq!(
             decide(&req(CMD_READ, 0, SIZE, 100), &p, false),
-            Decision::Run(Command::Read {
-                offset: SIZE,
-                len: 100
-            })
+            Decision::Run(Command::Read { offset: SIZE, len: 100 })
         );
-        assert_eq!(
-            decide(&req(CMD_READ, 0, SIZE, 50), &p, false),
-            reject(NbdErrno::Inval, 0)
-        );
+        assert_eq!(decide(&req(CMD_READ, 0, SIZE, 50), &p, false), reject(NbdErrno::Inval, 0));
     }
 
     #[test]
     fn flags() {
-        assert_eq!(
-            decide_rw(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)),
-            reject(NbdErrno::Inval, 0)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_WRITE, 1 << 2, 0, 512)),
-            reject(NbdErrno::Inval, 512)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_FLUSH, 1 << 15, 0, 0)),
-            reject(NbdErrno::Inval, 0)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)),
-            reject(NbdErrno::NotSup, 0)
-        );
-        assert_eq!(
-            decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO | 1 << 9, 0, 512)),
-            reject(NbdErrno::Inval, 0)
-        );
+        assert_eq!(decide_rw(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)), reject(NbdErrno::Inval, 0));
+        assert_eq!(decide_rw(req(CMD_WRITE, 1 << 2, 0, 512)), reject(NbdErrno::Inval, 512));
+        assert_eq!(decide_rw(req(CMD_FLUSH, 1 << 15, 0, 0)), reject(NbdErrno::Inval, 0));
+        assert_eq!(decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)), reject(NbdErrno::NotSup, 0));
+        assert_eq!(decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO | 1 << 9, 0, 512)), reject(NbdErrno::Inval, 0));
     }
 
     #[test]
@@ -408,75 +290,29 @@ mod tests {
     #[test]
     fn read_only() {
         let ro = params(true);
-        assert_eq!(
-            decide(&req(CMD_WRITE, 0, 0, 512), &ro, true),
-            reject(NbdErrno::Perm, 512)
-        );
-        assert_eq!(
-            decide(&req(CMD_TRIM, 0, 0, 512), &ro, true),
-            reject(NbdErrno::Perm, 0)
-        );
-        assert_eq!(
-            decide(&req(CMD_WRITE_ZEROES, 0, 0, 512), &ro, true),
-            reject(NbdErrno::Perm, 0)
-        );
-        assert_eq!(
-            decide(&req(CMD_READ, 0, 0, 512), &ro, true),
-            Decision::Run(Command::Read {
-                offset: 0,
-                len: 512
-            })
-        );
+        assert_eq!(decide(&req(CMD_WRITE, 0, 0, 512), &ro, true), reject(NbdErrno::Perm, 512));
+        assert_eq!(decide(&req(CMD_TRIM, 0, 0, 512), &ro, true), reject(NbdErrno::Perm, 0));
+        assert_eq!(decide(&req(CMD_WRITE_ZEROES, 0, 0, 512), &ro, true), reject(NbdErrno::Perm, 0));
+        assert_eq!(decide(&req(CMD_READ, 0, 0, 512), &ro, true), Decision::Run(Command::Read { offset: 0, len: 512 }));
         // Demoted after the handshake.
-        assert_eq!(
-            decide(&req(CMD_WRITE, 0, 0, 512), &params(false), true),
-            reject(NbdErrno::Perm, 512)
-        );
+        assert_eq!(decide(&req(CMD_WRITE, 0, 0, 512), &params(false), true), reject(NbdErrno::Perm, 512));
     }
 
     #[test]
     fn block_sizes_are_made_legal() {
-        let legal = BlockSizes {
-            minimum: 512,
-            preferred: 4096,
-            maximum: 1 << 20,
-        };
+        let legal = BlockSizes { minimum: 512, preferred: 4096, maximum: 1 << 20 };
         assert_eq!(legal_block_sizes(legal), legal);
         assert_eq!(
-            legal_block_sizes(BlockSizes {
-                minimum: 0,
-                preferred: 0,
-                maximum: 0
-            }),
-            BlockSizes {
-                minimum: 1,
-                preferred: 512,
-                maximum: 512
-            }
+            legal_block_sizes(BlockSizes { minimum: 0, preferred: 0, maximum: 0 }),
+            BlockSizes { minimum: 1, preferred: 512, maximum: 512 }
         );
         assert_eq!(
-            legal_block_sizes(BlockSizes {
-                minimum: 3000,
-                preferred: 5000,
-                maximum: u32::MAX
-            }),
-            BlockSizes {
-                minimum: 4096,
-                preferred: 8192,
-                maximum: MAX_PAYLOAD
-            }
+            legal_block_sizes(BlockSizes { minimum: 3000, preferred: 5000, maximum: u32::MAX }),
+            BlockSizes { minimum: 4096, preferred: 8192, maximum: MAX_PAYLOAD }
         );
         assert_eq!(
-            legal_block_sizes(BlockSizes {
-                minimum: u32::MAX,
-                preferred: u32::MAX,
-                maximum: 1
-            }),
-            BlockSizes {
-                minimum: 65536,
-                preferred: MAX_PAYLOAD,
-                maximum: MAX_PAYLOAD
-            }
+            legal_block_sizes(BlockSizes { minimum: u32::MAX, preferred: u32::MAX, maximum: 1 }),
+            BlockSizes { minimum: 65536, preferred: MAX_PAYLOAD, maximum: MAX_PAYLOAD }
         );
     }
 }

@@ -187,11 +187,7 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
 ) -> Drain {
     let mut connections = JoinSet::new();
     let running = RunningRequests::new();
-    let shared = Arc::new(Shared {
-        catalog,
-        running: running.clone(),
-        options,
-    });
+    let shared = Arc::new(Shared { catalog, running: running.clone(), options });
     let mut next_id: u64 = 0;
     loop {
         tokio::select! {
@@ -242,10 +238,7 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
     }
     // A connection closed for a client that stopped reading may leave its
     // requests running; they are never cancelled, so wait for them too.
-    if tokio::time::timeout_at(deadline, running.idle())
-        .await
-        .is_ok()
-    {
+    if tokio::time::timeout_at(deadline, running.idle()).await.is_ok() {
         return Drain::Complete;
     }
     let requests = running.count();
@@ -292,11 +285,7 @@ async fn connection<C, R, W>(
     };
     let (export_name, reason) = match negotiated {
         Err(reason) => (None, reason),
-        Ok(Negotiated {
-            name,
-            export,
-            params,
-        }) => {
+        Ok(Negotiated { name, export, params }) => {
             tracing::debug!(
                 conn = id,
                 %peer,
@@ -310,16 +299,8 @@ async fn connection<C, R, W>(
                 max_bytes: options.max_in_flight_bytes,
                 shutdown_grace: options.shutdown_grace,
             };
-            let reason = transmission::serve(
-                &mut reader,
-                write,
-                export,
-                params,
-                limits,
-                &shared.running,
-                &mut shutdown,
-            )
-            .await;
+            let reason =
+                transmission::serve(&mut reader, write, export, params, limits, &shared.running, &mut shutdown).await;
             (Some(name), reason)
         }
     };
@@ -376,10 +357,7 @@ impl CloseReason {
     fn is_warning(&self) -> bool {
         matches!(
             self,
-            Self::Protocol(_)
-                | Self::HandshakeTimeout(_)
-                | Self::ExportRefused(_)
-                | Self::ShutdownGraceExpired(_)
+            Self::Protocol(_) | Self::HandshakeTimeout(_) | Self::ExportRefused(_) | Self::ShutdownGraceExpired(_)
         )
     }
 

@@ -119,12 +119,7 @@ where
                 discard_payload(reader, discard).await?;
             }
             let permits = budget.acquire(0).await?;
-            let _ = replies.send(Reply {
-                cookie,
-                error: errno.code(),
-                data: None,
-                _permits: permits,
-            });
+            let _ = replies.send(Reply { cookie, error: errno.code(), data: None, _permits: permits });
             return Ok(());
         }
         Decision::Run(Command::Disconnect) => return Err(CloseReason::Disconnect),
@@ -142,10 +137,7 @@ where
             // Straight from the socket into the buffer the export will use
             // for direct I/O. A client vanishing here leaves no trace.
             let mut data = AlignedBuf::for_overwrite(len as usize);
-            reader
-                .read_exact(&mut data)
-                .await
-                .map_err(|err| truncated(err, "write payload"))?;
+            reader.read_exact(&mut data).await.map_err(|err| truncated(err, "write payload"))?;
             Job::Write { offset, data, fua }
         }
         Command::WriteZeroes { offset, len, fua } => Job::WriteZeroes { offset, len, fua },
@@ -153,11 +145,7 @@ where
         Command::Flush => Job::Flush,
         Command::Disconnect => return Err(CloseReason::Disconnect),
     };
-    let guard = ReplyGuard {
-        cookie,
-        replies: replies.clone(),
-        permits: Some(permits),
-    };
+    let guard = ReplyGuard { cookie, replies: replies.clone(), permits: Some(permits) };
     tokio::spawn(run(Arc::clone(export), job, guard, running.enter()));
     Ok(())
 }
@@ -172,11 +160,7 @@ async fn read_header<R: AsyncRead + Unpin>(
     while filled < raw.len() {
         let n = reader.read(&mut raw[filled..]).await?;
         if n == 0 {
-            return Err(if filled == 0 {
-                CloseReason::ClientClosed
-            } else {
-                CloseReason::Truncated("request header")
-            });
+            return Err(if filled == 0 { CloseReason::ClientClosed } else { CloseReason::Truncated("request header") });
         }
         filled += n;
     }
@@ -185,10 +169,7 @@ async fn read_header<R: AsyncRead + Unpin>(
 
 /// Reads and drops the payload of a rejected write, keeping the stream in
 /// step.
-async fn discard_payload<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    len: u32,
-) -> Result<(), CloseReason> {
+async fn discard_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> Result<(), CloseReason> {
     let want = u64::from(len);
     let got = tokio::io::copy(&mut (&mut *reader).take(want), &mut tokio::io::sink()).await?;
     if got < want {
@@ -208,25 +189,10 @@ fn truncated(err: io::Error, what: &'static str) -> CloseReason {
 /// A validated request with its payload, ready for the export.
 #[derive(Debug)]
 enum Job {
-    Read {
-        offset: u64,
-        len: u32,
-    },
-    Write {
-        offset: u64,
-        data: AlignedBuf,
-        fua: bool,
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u32,
-        fua: bool,
-    },
-    Trim {
-        offset: u64,
-        len: u32,
-        fua: bool,
-    },
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: AlignedBuf, fua: bool },
+    WriteZeroes { offset: u64, len: u32, fua: bool },
+    Trim { offset: u64, len: u32, fua: bool },
     Flush,
 }
 
@@ -260,16 +226,13 @@ async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard, _running: R
     let result = match job {
         Job::Read { offset, len } => match export.read(offset, len).await {
             Ok(data) if data.len() == len as usize => Ok(Some(data)),
-            Ok(data) => Err(ExportError::new(
-                NbdErrno::Io,
-                format!("export returned {} bytes for a read of {len}", data.len()),
-            )),
+            Ok(data) => {
+                Err(ExportError::new(NbdErrno::Io, format!("export returned {} bytes for a read of {len}", data.len())))
+            }
             Err(err) => Err(err),
         },
         Job::Write { offset, data, fua } => export.write(offset, data, fua).await.map(|()| None),
-        Job::WriteZeroes { offset, len, fua } => {
-            export.write_zeroes(offset, len, fua).await.map(|()| None)
-        }
+        Job::WriteZeroes { offset, len, fua } => export.write_zeroes(offset, len, fua).await.map(|()| None),
         Job::Trim { offset, len, fua } => export.trim(offset, len, fua).await.map(|()| None),
         Job::Flush => export.flush().await.map(|()| None),
     };
@@ -360,12 +323,7 @@ impl ReplyGuard {
     fn queue(&mut self, error: u32, data: Option<AlignedBuf>) {
         if let Some(permits) = self.permits.take() {
             // A closed channel means the connection is gone; nobody to tell.
-            let _ = self.replies.send(Reply {
-                cookie: self.cookie,
-                error,
-                data,
-                _permits: permits,
-            });
+            let _ = self.replies.send(Reply { cookie: self.cookie, error, data, _permits: permits });
         }
     }
 }
@@ -384,15 +342,11 @@ impl Drop for ReplyGuard {
 
 /// Writes replies until every sender is gone, then shuts down the write
 /// side. Replies ready together are written together and flushed once.
-async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut queue: UnboundedReceiver<Reply>,
-) -> io::Result<()> {
+async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut queue: UnboundedReceiver<Reply>) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(REPLY_BUFFER, writer);
     while let Some(mut reply) = queue.recv().await {
         loop {
-            out.write_all(&proto::simple_reply_header(reply.error, reply.cookie))
-                .await?;
+            out.write_all(&proto::simple_reply_header(reply.error, reply.cookie)).await?;
             if let Some(data) = &reply.data {
                 out.write_all(data).await?;
             }
@@ -437,22 +391,11 @@ impl Budget {
     /// Waits for one request slot and `bytes` bytes of data.
     async fn acquire(&self, bytes: u32) -> Result<Permits, CloseReason> {
         let closed = |_| CloseReason::Io(io::Error::other("request budget closed"));
-        let request = Arc::clone(&self.requests)
-            .acquire_owned()
-            .await
-            .map_err(closed)?;
+        let request = Arc::clone(&self.requests).acquire_owned().await.map_err(closed)?;
         let bytes = match bytes.min(self.max_bytes) {
             0 => None,
-            n => Some(
-                Arc::clone(&self.bytes)
-                    .acquire_many_owned(n)
-                    .await
-                    .map_err(closed)?,
-            ),
+            n => Some(Arc::clone(&self.bytes).acquire_many_owned(n).await.map_err(closed)?),
         };
-        Ok(Permits {
-            _request: request,
-            _bytes: bytes,
-        })
+        Ok(Permits { _request: request, _bytes: bytes })
     }
 }

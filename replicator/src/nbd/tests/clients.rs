@@ -12,11 +12,7 @@ use super::*;
 /// The tool's path, or `None` (with a note) if it is not installed.
 fn tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH")
-        .map(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(name))
-                .collect::<Vec<_>>()
-        })
+        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
         .find(|path| path.is_file());
@@ -33,22 +29,12 @@ async fn run(program: &Path, args: Vec<String>) -> (bool, String) {
     let described = format!("{} {}", program.display(), args.join(" "));
     let output = step(
         &described.clone(),
-        tokio::task::spawn_blocking(move || {
-            Command::new("timeout")
-                .arg("60")
-                .arg(&program)
-                .args(&args)
-                .output()
-        }),
+        tokio::task::spawn_blocking(move || Command::new("timeout").arg("60").arg(&program).args(&args).output()),
     )
     .await
     .expect("join")
     .expect("spawn");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     println!("$ {described}\n{text}");
     (output.status.success(), text)
 }
@@ -57,10 +43,7 @@ async fn run(program: &Path, args: Vec<String>) -> (bool, String) {
 async fn qemu_io(qemu_io: &Path, server: &Server, name: &str, commands: &[&str]) -> String {
     let mut args = vec![
         "--image-opts".to_owned(),
-        format!(
-            "driver=nbd,server.type=unix,server.path={},export={name}",
-            server.sock.display()
-        ),
+        format!("driver=nbd,server.type=unix,server.path={},export={name}", server.sock.display()),
     ];
     for command in commands {
         args.push("-c".to_owned());
@@ -69,10 +52,7 @@ async fn qemu_io(qemu_io: &Path, server: &Server, name: &str, commands: &[&str])
     let (ok, output) = run(qemu_io, args).await;
     assert!(ok, "qemu-io failed:\n{output}");
     for bad in ["failed", "error", "Error", "Pattern verification"] {
-        assert!(
-            !output.contains(bad),
-            "qemu-io reported a problem:\n{output}"
-        );
+        assert!(!output.contains(bad), "qemu-io reported a problem:\n{output}");
     }
     output
 }
@@ -127,19 +107,11 @@ async fn qemu_io_keeps_many_requests_in_flight() {
     *lock(&export.delay_all) = Some(Duration::from_millis(50));
 
     let patterns: Vec<u8> = (1..=12).map(|i| i * 0x11).collect();
-    let mut commands: Vec<String> = patterns
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("aio_write -P {p:#x} {}k 64k", i * 64))
-        .collect();
+    let mut commands: Vec<String> =
+        patterns.iter().enumerate().map(|(i, p)| format!("aio_write -P {p:#x} {}k 64k", i * 64)).collect();
     commands.push("aio_flush".into());
     commands.push("flush".into());
-    commands.extend(
-        patterns
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("aio_read -P {p:#x} {}k 64k", i * 64)),
-    );
+    commands.extend(patterns.iter().enumerate().map(|(i, p)| format!("aio_read -P {p:#x} {}k 64k", i * 64)));
     commands.push("aio_flush".into());
     let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
     qemu_io(&qemu_io_path, &server, "vol", &commands).await;
@@ -148,10 +120,7 @@ async fn qemu_io_keeps_many_requests_in_flight() {
         export.assert_bytes(i as u64 * 65536, &[*p; 65536]);
     }
     let overlap = export.max_in_flight.load(Ordering::SeqCst);
-    assert!(
-        overlap >= 4,
-        "requests were not processed concurrently (max {overlap} in flight)"
-    );
+    assert!(overlap >= 4, "requests were not processed concurrently (max {overlap} in flight)");
     assert!(export.flushes.load(Ordering::SeqCst) >= 1);
     server.stop().await;
 }
@@ -168,10 +137,7 @@ async fn qemu_io_sees_read_only_exports_and_refusals() {
         vec![
             "-r".to_owned(),
             "--image-opts".to_owned(),
-            format!(
-                "driver=nbd,server.type=unix,server.path={},export={name}",
-                server.sock.display()
-            ),
+            format!("driver=nbd,server.type=unix,server.path={},export={name}", server.sock.display()),
             "-c".to_owned(),
             command.to_owned(),
         ]
@@ -180,15 +146,9 @@ async fn qemu_io_sees_read_only_exports_and_refusals() {
     assert!(ok && !output.contains("failed"), "{output}");
 
     let (_, output) = run(&qemu_io_path, args("locked", "read 0 4k")).await;
-    assert!(
-        output.contains(LOCKED_MESSAGE),
-        "refusal message not shown:\n{output}"
-    );
+    assert!(output.contains(LOCKED_MESSAGE), "refusal message not shown:\n{output}");
     let (_, output) = run(&qemu_io_path, args("nope", "read 0 4k")).await;
-    assert!(
-        output.contains("nope"),
-        "unknown export not reported:\n{output}"
-    );
+    assert!(output.contains("nope"), "unknown export not reported:\n{output}");
     server.stop().await;
 }
 
@@ -215,10 +175,7 @@ async fn nbdinfo_reports_what_clients_depend_on() {
         format!("\"block_size_preferred\":{}", SIZES.preferred),
         format!("\"block_size_maximum\":{}", SIZES.maximum),
     ] {
-        assert!(
-            compact.contains(&expected),
-            "missing {expected} in:\n{output}"
-        );
+        assert!(compact.contains(&expected), "missing {expected} in:\n{output}");
     }
 
     let ro_uri = format!("nbd+unix:///ro?socket={}", server.sock.display());

@@ -7,20 +7,16 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::super::proto::{
-    FLAG_CAN_MULTI_CONN, FLAG_HAS_FLAGS, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_FUA,
-    FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_NAME, OPT_ABORT,
-    OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK,
-    REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_SERVER,
+    FLAG_CAN_MULTI_CONN, FLAG_HAS_FLAGS, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_TRIM,
+    FLAG_SEND_WRITE_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_NAME, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO,
+    OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP, REP_SERVER,
 };
 use super::super::{serve_tcp, ServeOptions};
 use super::*;
 
-const RW_FLAGS: u16 = FLAG_HAS_FLAGS
-    | FLAG_SEND_FLUSH
-    | FLAG_SEND_FUA
-    | FLAG_SEND_TRIM
-    | FLAG_SEND_WRITE_ZEROES
-    | FLAG_CAN_MULTI_CONN;
+const RW_FLAGS: u16 =
+    FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_CAN_MULTI_CONN;
 
 fn message(reply: &OptionReply) -> &str {
     std::str::from_utf8(&reply.data).expect("UTF-8 message")
@@ -78,9 +74,7 @@ async fn info_reports_size_flags_name_and_block_sizes() {
     let mut client = RawClient::connect(&server.sock).await;
     client.greet(3).await;
 
-    let (infos, last) = client
-        .info(OPT_INFO, "vol", &[INFO_BLOCK_SIZE, INFO_NAME])
-        .await;
+    let (infos, last) = client.info(OPT_INFO, "vol", &[INFO_BLOCK_SIZE, INFO_NAME]).await;
     assert_eq!(last.kind, REP_ACK);
     let info = parse_infos(&infos);
     assert_eq!(info.size, SIZE);
@@ -107,10 +101,7 @@ async fn export_name_with_and_without_zero_padding() {
         client.greet(client_flags).await;
         client.send_option(OPT_EXPORT_NAME, b"vol").await;
         let reply = client.read_exact(10 + padding).await;
-        assert_eq!(
-            u64::from_be_bytes(reply[..8].try_into().expect("8 bytes")),
-            SIZE
-        );
+        assert_eq!(u64::from_be_bytes(reply[..8].try_into().expect("8 bytes")), SIZE);
         assert_eq!(u16::from_be_bytes([reply[8], reply[9]]), RW_FLAGS);
         assert!(reply[10..].iter().all(|&b| b == 0));
         // The next bytes are the read's reply: nothing extra was sent.
@@ -136,11 +127,7 @@ async fn unknown_options_get_err_unsup_and_the_session_continues() {
     ] {
         client.send_option(option, data).await;
         let reply = client.option_reply().await;
-        assert_eq!(
-            (reply.option, reply.kind),
-            (option, expected),
-            "option {option}"
-        );
+        assert_eq!((reply.option, reply.kind), (option, expected), "option {option}");
         assert!(!message(&reply).is_empty());
     }
     assert_usable(&mut client).await;
@@ -194,10 +181,7 @@ async fn default_export_only_when_there_is_exactly_one() {
     client.greet(3).await;
     client.send_option(OPT_EXPORT_NAME, b"").await;
     let reply = client.read_exact(10).await;
-    assert_eq!(
-        u64::from_be_bytes(reply[..8].try_into().expect("8 bytes")),
-        SIZE
-    );
+    assert_eq!(u64::from_be_bytes(reply[..8].try_into().expect("8 bytes")), SIZE);
     server.stop().await;
 
     let server = Server::start(MemCatalog::standard());
@@ -222,11 +206,7 @@ async fn malformed_info_requests_are_invalid() {
     for data in [vec![0, 0], bad_count, long_name] {
         client.send_option(OPT_GO, &data).await;
         let reply = client.option_reply().await;
-        assert_eq!(
-            (reply.option, reply.kind),
-            (OPT_GO, REP_ERR_INVALID),
-            "{data:?}"
-        );
+        assert_eq!((reply.option, reply.kind), (OPT_GO, REP_ERR_INVALID), "{data:?}");
     }
     assert_usable(&mut client).await;
     server.stop().await;
@@ -239,10 +219,7 @@ async fn abort_is_acknowledged_then_closed() {
     client.greet(3).await;
     client.send_option(OPT_ABORT, &[]).await;
     let reply = client.option_reply().await;
-    assert_eq!(
-        (reply.option, reply.kind, reply.data.len()),
-        (OPT_ABORT, REP_ACK, 0)
-    );
+    assert_eq!((reply.option, reply.kind, reply.data.len()), (OPT_ABORT, REP_ACK, 0));
     client.assert_closed().await;
     server.stop().await;
 }
@@ -303,10 +280,7 @@ async fn option_data_at_the_cap_is_read_and_answered() {
 
 #[tokio::test]
 async fn idle_handshake_times_out() {
-    let options = ServeOptions {
-        handshake_timeout: Duration::from_millis(300),
-        ..ServeOptions::default()
-    };
+    let options = ServeOptions { handshake_timeout: Duration::from_millis(300), ..ServeOptions::default() };
     let server = Server::start_with(MemCatalog::standard(), options);
 
     // Silent after connecting.
@@ -364,10 +338,7 @@ async fn tcp_listener_serves_the_same_protocol() {
     // INFO_EXPORT, INFO_BLOCK_SIZE, ACK.
     let mut replies = vec![0u8; (20 + 12) + (20 + 14) + 20];
     stream.read_exact(&mut replies).await.expect("GO replies");
-    assert_eq!(
-        &replies[replies.len() - 8..replies.len() - 4],
-        &REP_ACK.to_be_bytes()
-    );
+    assert_eq!(&replies[replies.len() - 8..replies.len() - 4], &REP_ACK.to_be_bytes());
 
     let payload = pattern(3, 4096);
     let mut write = Vec::new();
@@ -386,8 +357,6 @@ async fn tcp_listener_serves_the_same_protocol() {
     assert_eq!(catalog.get("vol").bytes(8192, 4096), payload);
 
     let _ = shutdown.send(true);
-    let drain = step("tcp server shutdown", task)
-        .await
-        .expect("server task");
+    let drain = step("tcp server shutdown", task).await.expect("server task");
     assert_eq!(drain, Drain::Complete);
 }

@@ -21,23 +21,18 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::proto::{
-    CMD_READ, CMD_WRITE, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC,
-    OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    CMD_READ, CMD_WRITE, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK,
+    REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
 };
 use super::{
-    serve_unix_with, BlockSizes, Drain, Export, ExportCatalog, ExportError, NbdErrno, OpenError,
-    ServeOptions,
+    serve_unix_with, BlockSizes, Drain, Export, ExportCatalog, ExportError, NbdErrno, OpenError, ServeOptions,
 };
 use crate::io::AlignedBuf;
 
 /// Size of the test exports.
 pub(super) const SIZE: u64 = 4 << 20;
 /// Block sizes of the test exports.
-pub(super) const SIZES: BlockSizes = BlockSizes {
-    minimum: 512,
-    preferred: 4096,
-    maximum: 1 << 20,
-};
+pub(super) const SIZES: BlockSizes = BlockSizes { minimum: 512, preferred: 4096, maximum: 1 << 20 };
 /// How long any single step of a test may take.
 pub(super) const STEP: Duration = Duration::from_secs(20);
 
@@ -138,10 +133,7 @@ impl MemExport {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let guard = InFlight(&self.in_flight);
-        let delay = lock(&self.delay_at)
-            .get(&offset)
-            .copied()
-            .or(*lock(&self.delay_all));
+        let delay = lock(&self.delay_at).get(&offset).copied().or(*lock(&self.delay_all));
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
@@ -149,10 +141,7 @@ impl MemExport {
             panic!("MemExport: injected panic at offset {offset}");
         }
         if let Some(errno) = lock(&self.fail_at).get(&offset).copied() {
-            return Err(ExportError::new(
-                errno,
-                format!("injected failure at {offset}"),
-            ));
+            return Err(ExportError::new(errno, format!("injected failure at {offset}")));
         }
         Ok(guard)
     }
@@ -182,18 +171,12 @@ impl Export for MemExport {
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
         let _in_flight = self.enter(offset).await?;
         let data = lock(&self.data);
-        Ok(AlignedBuf::copy_from(
-            &data[offset as usize..offset as usize + len as usize],
-        ))
+        Ok(AlignedBuf::copy_from(&data[offset as usize..offset as usize + len as usize]))
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, _fua: bool) -> Result<(), ExportError> {
         let _in_flight = self.enter(offset).await?;
-        assert_eq!(
-            buf.as_ptr() as usize % crate::io::IO_ALIGN,
-            0,
-            "payload buffer not aligned"
-        );
+        assert_eq!(buf.as_ptr() as usize % crate::io::IO_ALIGN, 0, "payload buffer not aligned");
         lock(&self.data)[offset as usize..offset as usize + buf.len()].copy_from_slice(&buf);
         self.writes.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -303,13 +286,7 @@ impl Server {
         let listener = UnixListener::bind(&sock).expect("bind");
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(serve_unix_with(listener, Arc::clone(&catalog), rx, options));
-        Self {
-            _dir: dir,
-            sock,
-            catalog,
-            shutdown,
-            task,
-        }
+        Self { _dir: dir, sock, catalog, shutdown, task }
     }
 
     pub(super) fn export(&self, name: &str) -> Arc<MemExport> {
@@ -337,9 +314,7 @@ impl Server {
     /// Shuts down and returns what the accept loop reported.
     pub(super) async fn stop_drain(self) -> Drain {
         self.request_shutdown();
-        step("server shutdown", self.task)
-            .await
-            .expect("server task")
+        step("server shutdown", self.task).await.expect("server task")
     }
 
     pub(super) fn is_finished(&self) -> bool {
@@ -391,17 +366,13 @@ pub(super) struct RawClient {
 
 impl RawClient {
     pub(super) async fn connect(sock: &Path) -> Self {
-        let stream = step("connect", UnixStream::connect(sock))
-            .await
-            .expect("connect");
+        let stream = step("connect", UnixStream::connect(sock)).await.expect("connect");
         Self { stream }
     }
 
     pub(super) async fn read_exact(&mut self, len: usize) -> Vec<u8> {
         let mut buf = vec![0; len];
-        step("read from server", self.stream.read_exact(&mut buf))
-            .await
-            .expect("read from server");
+        step("read from server", self.stream.read_exact(&mut buf)).await.expect("read from server");
         buf
     }
 
@@ -418,9 +389,7 @@ impl RawClient {
     }
 
     pub(super) async fn send(&mut self, bytes: &[u8]) {
-        step("write to server", self.stream.write_all(bytes))
-            .await
-            .expect("write to server");
+        step("write to server", self.stream.write_all(bytes)).await.expect("write to server");
     }
 
     /// Reads the greeting, checks it, answers with `client_flags`; returns
@@ -506,16 +475,8 @@ impl RawClient {
         assert_eq!(self.read_u32().await, SIMPLE_REPLY_MAGIC);
         let error = self.read_u32().await;
         let cookie = self.read_u64().await;
-        let data = if error == 0 {
-            self.read_exact(data_len(cookie)).await
-        } else {
-            Vec::new()
-        };
-        SimpleReply {
-            error,
-            cookie,
-            data,
-        }
+        let data = if error == 0 { self.read_exact(data_len(cookie)).await } else { Vec::new() };
+        SimpleReply { error, cookie, data }
     }
 
     /// Reads one simple reply without data.
@@ -525,8 +486,7 @@ impl RawClient {
 
     /// A read; returns the error code and the data.
     pub(super) async fn read(&mut self, cookie: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
-        self.send_request(CMD_READ, 0, cookie, offset, len, &[])
-            .await;
+        self.send_request(CMD_READ, 0, cookie, offset, len, &[]).await;
         let reply = self.reply_with(|_| len as usize).await;
         assert_eq!(reply.cookie, cookie);
         (reply.error, reply.data)
@@ -534,8 +494,7 @@ impl RawClient {
 
     /// A write of `data`; returns the error code.
     pub(super) async fn write(&mut self, cookie: u64, offset: u64, data: &[u8], flags: u16) -> u32 {
-        self.send_request(CMD_WRITE, flags, cookie, offset, data.len() as u32, data)
-            .await;
+        self.send_request(CMD_WRITE, flags, cookie, offset, data.len() as u32, data).await;
         let reply = self.reply().await;
         assert_eq!(reply.cookie, cookie);
         reply.error
@@ -547,10 +506,7 @@ impl RawClient {
         let mut buf = [0u8; 64];
         match step("server closing the connection", self.stream.read(&mut buf)).await {
             Ok(0) => {}
-            Ok(n) => panic!(
-                "expected the server to close; got {n} more bytes: {:?}",
-                &buf[..n]
-            ),
+            Ok(n) => panic!("expected the server to close; got {n} more bytes: {:?}", &buf[..n]),
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {}
             Err(err) => panic!("expected the server to close; got {err}"),
         }
@@ -572,11 +528,7 @@ pub(super) fn parse_infos(infos: &[(u16, Vec<u8>)]) -> ExportInfo {
             }
             INFO_BLOCK_SIZE => {
                 assert_eq!(data.len(), 12);
-                sizes = Some(BlockSizes {
-                    minimum: be32(0),
-                    preferred: be32(4),
-                    maximum: be32(8),
-                });
+                sizes = Some(BlockSizes { minimum: be32(0), preferred: be32(4), maximum: be32(8) });
             }
             _ => {}
         }
@@ -587,7 +539,5 @@ pub(super) fn parse_infos(infos: &[(u16, Vec<u8>)]) -> ExportInfo {
 
 /// The test pattern: byte `i` of a buffer is `(seed + i * 7) % 251`.
 pub(super) fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((usize::from(seed) + i * 7) % 251) as u8)
-        .collect()
+    (0..len).map(|i| ((usize::from(seed) + i * 7) % 251) as u8).collect()
 }

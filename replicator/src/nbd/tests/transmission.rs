@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::super::proto::{
-    CMD_DISC, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM,
-    CMD_WRITE_ZEROES,
+    CMD_DISC, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES,
 };
 use super::super::ServeOptions;
 use super::*;
@@ -19,17 +18,8 @@ const ENOSPC: u32 = 28;
 const ENOTSUP: u32 = 95;
 
 /// Sends a command without payload and returns its reply's error.
-async fn command(
-    client: &mut RawClient,
-    kind: u16,
-    flags: u16,
-    cookie: u64,
-    offset: u64,
-    len: u32,
-) -> u32 {
-    client
-        .send_request(kind, flags, cookie, offset, len, &[])
-        .await;
+async fn command(client: &mut RawClient, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> u32 {
+    client.send_request(kind, flags, cookie, offset, len, &[]).await;
     let reply = client.reply().await;
     assert_eq!(reply.cookie, cookie);
     reply.error
@@ -45,12 +35,7 @@ async fn every_command_reaches_the_export() {
 
     let data = pattern(1, 64 * 1024);
     assert_eq!(client.write(1, 8192, &data, 0).await, 0);
-    assert_eq!(
-        client
-            .write(2, SIZE - 4096, &data[..4096], CMD_FLAG_FUA)
-            .await,
-        0
-    );
+    assert_eq!(client.write(2, SIZE - 4096, &data[..4096], CMD_FLAG_FUA).await, 0);
     export.assert_bytes(8192, &data);
     export.assert_bytes(SIZE - 4096, &data[..4096]);
 
@@ -59,32 +44,15 @@ async fn every_command_reaches_the_export() {
     assert_eq!(read, data);
 
     assert_eq!(command(&mut client, CMD_FLUSH, 0, 4, 0, 0).await, 0);
-    assert_eq!(
-        command(&mut client, CMD_WRITE_ZEROES, 0, 5, 8192, 4096).await,
-        0
-    );
-    assert_eq!(
-        command(
-            &mut client,
-            CMD_WRITE_ZEROES,
-            CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
-            6,
-            12288,
-            4096
-        )
-        .await,
-        0
-    );
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 5, 8192, 4096).await, 0);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 6, 12288, 4096).await, 0);
     assert_eq!(command(&mut client, CMD_TRIM, 0, 7, 0, 4096).await, 0);
     export.assert_bytes(8192, &[0; 8192]);
     export.assert_bytes(16384, &data[8192..12288]);
     // Largest read allowed, and zeroes longer than the maximum payload.
     let (error, read) = client.read(8, 0, SIZES.maximum).await;
     assert_eq!((error, read.len()), (0, SIZES.maximum as usize));
-    assert_eq!(
-        command(&mut client, CMD_WRITE_ZEROES, 0, 9, 0, 2 << 20).await,
-        0
-    );
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 9, 0, 2 << 20).await, 0);
     export.assert_bytes(0, &[0; 2 << 20]);
 
     assert_eq!(export.writes.load(Ordering::SeqCst), 2);
@@ -112,20 +80,10 @@ async fn out_of_range_requests_get_the_spec_errors() {
     // The write's payload is read and dropped: the next request parses.
     assert_eq!(client.write(4, tail, &[1; 1024], 0).await, ENOSPC);
     assert_eq!(client.write(5, u64::MAX - 511, &[1; 1024], 0).await, ENOSPC);
-    assert_eq!(
-        command(&mut client, CMD_WRITE_ZEROES, 0, 6, tail, 1024).await,
-        ENOSPC
-    );
-    assert_eq!(
-        command(&mut client, CMD_TRIM, 0, 7, tail, 1024).await,
-        EINVAL
-    );
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 6, tail, 1024).await, ENOSPC);
+    assert_eq!(command(&mut client, CMD_TRIM, 0, 7, tail, 1024).await, EINVAL);
 
-    assert_eq!(
-        export.snapshot(),
-        before,
-        "export modified by rejected requests"
-    );
+    assert_eq!(export.snapshot(), before, "export modified by rejected requests");
     assert_eq!(export.writes.load(Ordering::SeqCst), 0);
     let (error, data) = client.read(8, tail, 512).await;
     assert_eq!((error, data), (0, vec![0xee; 512]));
@@ -141,10 +99,7 @@ async fn empty_unaligned_and_oversized_requests_are_invalid() {
     assert_eq!(client.read(1, 0, 0).await.0, EINVAL);
     assert_eq!(client.write(2, 0, &[], 0).await, EINVAL);
     assert_eq!(command(&mut client, CMD_TRIM, 0, 3, 0, 0).await, EINVAL);
-    assert_eq!(
-        command(&mut client, CMD_WRITE_ZEROES, 0, 4, 0, 0).await,
-        EINVAL
-    );
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 4, 0, 0).await, EINVAL);
 
     assert_eq!(client.read(5, 100, 512).await.0, EINVAL);
     assert_eq!(client.read(6, 0, 100).await.0, EINVAL);
@@ -184,45 +139,16 @@ async fn unknown_commands_and_flags() {
 
     // CACHE (5), BLOCK_STATUS (7), RESIZE (8), and made-up commands.
     for (cookie, kind) in [(1, 5u16), (2, 7), (3, 8), (4, 99), (5, u16::MAX)] {
-        assert_eq!(
-            command(&mut client, kind, 0, cookie, 0, 512).await,
-            EINVAL,
-            "command {kind}"
-        );
+        assert_eq!(command(&mut client, kind, 0, cookie, 0, 512).await, EINVAL, "command {kind}");
     }
     // Flags that do not apply, or that were not negotiated.
-    assert_eq!(
-        command(&mut client, CMD_READ, CMD_FLAG_NO_HOLE, 6, 0, 512).await,
-        EINVAL
-    );
-    assert_eq!(
-        command(&mut client, CMD_READ, 1 << 2, 7, 0, 512).await,
-        EINVAL
-    ); // DF
-    assert_eq!(
-        command(&mut client, CMD_FLUSH, 1 << 15, 8, 0, 0).await,
-        EINVAL
-    );
-    assert_eq!(
-        client.write(9, 0, &[1; 512], CMD_FLAG_NO_HOLE).await,
-        EINVAL
-    );
-    assert_eq!(
-        command(
-            &mut client,
-            CMD_WRITE_ZEROES,
-            CMD_FLAG_FAST_ZERO,
-            10,
-            0,
-            512
-        )
-        .await,
-        ENOTSUP
-    );
+    assert_eq!(command(&mut client, CMD_READ, CMD_FLAG_NO_HOLE, 6, 0, 512).await, EINVAL);
+    assert_eq!(command(&mut client, CMD_READ, 1 << 2, 7, 0, 512).await, EINVAL); // DF
+    assert_eq!(command(&mut client, CMD_FLUSH, 1 << 15, 8, 0, 0).await, EINVAL);
+    assert_eq!(client.write(9, 0, &[1; 512], CMD_FLAG_NO_HOLE).await, EINVAL);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 10, 0, 512).await, ENOTSUP);
     // FUA is accepted on any command.
-    client
-        .send_request(CMD_READ, CMD_FLAG_FUA, 11, 0, 512, &[])
-        .await;
+    client.send_request(CMD_READ, CMD_FLAG_FUA, 11, 0, 512, &[]).await;
     assert_eq!(client.reply_with(|_| 512).await.error, 0);
 
     assert_eq!(export.writes.load(Ordering::SeqCst), 0);
@@ -240,10 +166,7 @@ async fn read_only_export_refuses_writes() {
 
     assert_eq!(client.write(1, 0, &[1; 4096], 0).await, EPERM);
     assert_eq!(command(&mut client, CMD_TRIM, 0, 2, 0, 4096).await, EPERM);
-    assert_eq!(
-        command(&mut client, CMD_WRITE_ZEROES, 0, 3, 0, 4096).await,
-        EPERM
-    );
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, 0, 3, 0, 4096).await, EPERM);
     assert_eq!(command(&mut client, CMD_FLUSH, 0, 4, 0, 0).await, 0);
     let (error, data) = client.read(5, 0, 4096).await;
     assert_eq!((error, data), (0, vec![0x33; 4096]));
@@ -281,9 +204,7 @@ async fn client_vanishing_mid_payload_writes_nothing() {
     let before = export.snapshot();
 
     let (mut client, _) = server.open("vol").await;
-    client
-        .send_request(CMD_WRITE, 0, 1, 0, 64 * 1024, &[0xaa; 1000])
-        .await;
+    client.send_request(CMD_WRITE, 0, 1, 0, 64 * 1024, &[0xaa; 1000]).await;
     drop(client);
     // Mid-header, too.
     let (mut client, _) = server.open("vol").await;
@@ -348,9 +269,7 @@ async fn many_pipelined_writes_all_complete() {
     let mut seen = HashSet::new();
     for _ in 0..count {
         let mut header = [0u8; 16];
-        step("reply", read_half.read_exact(&mut header))
-            .await
-            .expect("reply");
+        step("reply", read_half.read_exact(&mut header)).await.expect("reply");
         assert_eq!(&header[4..8], &[0, 0, 0, 0]);
         let cookie = u64::from_be_bytes(header[8..].try_into().expect("8 bytes"));
         assert!(seen.insert(cookie), "duplicate reply for {cookie}");
@@ -366,18 +285,13 @@ async fn many_pipelined_writes_all_complete() {
 
 #[tokio::test]
 async fn in_flight_requests_are_bounded() {
-    let options = ServeOptions {
-        max_in_flight_requests: 4,
-        ..ServeOptions::default()
-    };
+    let options = ServeOptions { max_in_flight_requests: 4, ..ServeOptions::default() };
     let server = Server::start_with(MemCatalog::standard(), options);
     let export = server.export("vol");
     *lock(&export.delay_all) = Some(Duration::from_millis(50));
     let (mut client, _) = server.open("vol").await;
     for cookie in 0..16 {
-        client
-            .send_request(CMD_READ, 0, cookie, cookie * 4096, 4096, &[])
-            .await;
+        client.send_request(CMD_READ, 0, cookie, cookie * 4096, 4096, &[]).await;
     }
     for _ in 0..16 {
         assert_eq!(client.reply_with(|_| 4096).await.error, 0);
@@ -385,18 +299,13 @@ async fn in_flight_requests_are_bounded() {
     assert_eq!(export.max_in_flight.load(Ordering::SeqCst), 4);
 
     // Byte budget: 64 KiB lets two 32 KiB reads run at once, never three.
-    let options = ServeOptions {
-        max_in_flight_bytes: 64 * 1024,
-        ..ServeOptions::default()
-    };
+    let options = ServeOptions { max_in_flight_bytes: 64 * 1024, ..ServeOptions::default() };
     let server = Server::start_with(MemCatalog::standard(), options);
     let export = server.export("vol");
     *lock(&export.delay_all) = Some(Duration::from_millis(50));
     let (mut client, _) = server.open("vol").await;
     for cookie in 0..8 {
-        client
-            .send_request(CMD_READ, 0, cookie, cookie * 32768, 32768, &[])
-            .await;
+        client.send_request(CMD_READ, 0, cookie, cookie * 32768, 32768, &[]).await;
     }
     for _ in 0..8 {
         assert_eq!(client.reply_with(|_| 32768).await.error, 0);
@@ -445,25 +354,17 @@ async fn shutdown_drains_in_flight_requests_then_closes() {
 
 #[tokio::test]
 async fn shutdown_grace_bounds_a_client_that_stops_reading() {
-    let options = ServeOptions {
-        shutdown_grace: Duration::from_millis(300),
-        ..ServeOptions::default()
-    };
+    let options = ServeOptions { shutdown_grace: Duration::from_millis(300), ..ServeOptions::default() };
     let server = Server::start_with(MemCatalog::standard(), options);
     let (mut client, _) = server.open("vol").await;
     // Queue far more reply data than the socket buffers hold, read none.
     for cookie in 0..64 {
-        client
-            .send_request(CMD_READ, 0, cookie, 0, 1 << 20, &[])
-            .await;
+        client.send_request(CMD_READ, 0, cookie, 0, 1 << 20, &[]).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.request_shutdown();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(
-        server.is_finished(),
-        "serve did not return after the grace period"
-    );
+    assert!(server.is_finished(), "serve did not return after the grace period");
     server.stop().await;
 }
 
@@ -472,44 +373,31 @@ async fn shutdown_grace_bounds_a_client_that_stops_reading() {
 /// shutdown while an export future may still write.
 #[tokio::test]
 async fn shutdown_reports_requests_still_running_in_the_export() {
-    let options = ServeOptions {
-        shutdown_grace: Duration::from_millis(200),
-        ..ServeOptions::default()
-    };
+    let options = ServeOptions { shutdown_grace: Duration::from_millis(200), ..ServeOptions::default() };
     let server = Server::start_with(MemCatalog::standard(), options);
     let export = server.export("vol");
     // Longer than the grace period plus the backstop.
     let stuck = super::super::SHUTDOWN_BACKSTOP + Duration::from_secs(5);
     lock(&export.delay_at).insert(0, stuck);
     let (mut client, _) = server.open("vol").await;
-    client
-        .send_request(CMD_WRITE, 0, 1, 0, 4096, &pattern(3, 4096))
-        .await;
+    client.send_request(CMD_WRITE, 0, 1, 0, 4096, &pattern(3, 4096)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     let drain = server.stop_drain().await;
     assert_eq!(drain, Drain::Incomplete { requests: 1 });
-    assert!(
-        started.elapsed() < stuck,
-        "serve waited for the stuck request instead of reporting it"
-    );
+    assert!(started.elapsed() < stuck, "serve waited for the stuck request instead of reporting it");
 }
 
 /// A connection closed by the grace period (its request outlived it) counts
 /// as drained once that request has finished in the export.
 #[tokio::test]
 async fn shutdown_waits_for_requests_of_a_connection_closed_by_the_grace_period() {
-    let options = ServeOptions {
-        shutdown_grace: Duration::from_millis(200),
-        ..ServeOptions::default()
-    };
+    let options = ServeOptions { shutdown_grace: Duration::from_millis(200), ..ServeOptions::default() };
     let server = Server::start_with(MemCatalog::standard(), options);
     let export = server.export("vol");
     lock(&export.delay_at).insert(0, Duration::from_millis(800));
     let (mut client, _) = server.open("vol").await;
-    client
-        .send_request(CMD_WRITE, 0, 1, 0, 4096, &pattern(4, 4096))
-        .await;
+    client.send_request(CMD_WRITE, 0, 1, 0, 4096, &pattern(4, 4096)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(server.stop_drain().await, Drain::Complete);
     export.assert_bytes(0, &pattern(4, 4096));
@@ -548,9 +436,6 @@ async fn flush_covers_writes_from_every_connection() {
     assert_eq!(b.write(1, 4096, &[2; 4096], 0).await, 0);
     assert_eq!(command(&mut a, CMD_FLUSH, 0, 2, 0, 0).await, 0);
     assert_eq!(export.flushes.load(Ordering::SeqCst), 1);
-    assert_eq!(
-        b.read(3, 0, 8192).await.1,
-        [vec![1; 4096], vec![2; 4096]].concat()
-    );
+    assert_eq!(b.read(3, 0, 8192).await.1, [vec![1; 4096], vec![2; 4096]].concat());
     server.stop().await;
 }
