@@ -12,6 +12,8 @@
 //! - [`journal_format`]: the on-disk journal layout (superblock, record
 //!   headers) and the accounting of the journal ring.
 //! - [`bitmap`]: the persisted dirty-region bitmap used while suspended.
+//! - [`activity_log`]: the regions that may differ between the sites after a
+//!   power cut (resynchronised after one).
 //! - [`sequencer`]: sequence assignment and range serialisation on the
 //!   primary.
 //! - [`seqtrack`]: highest contiguous completed sequence from out-of-order
@@ -24,6 +26,7 @@
 //! can come from the wire or from disk is validated and rejected with an
 //! error rather than a panic.
 
+pub mod activity_log;
 pub mod apply;
 pub mod bitmap;
 pub mod journal_format;

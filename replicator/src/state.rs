@@ -80,6 +80,12 @@ pub struct GroupState {
     /// the former primary's data and this node's have diverged.
     #[serde(default)]
     pub written_standalone: bool,
+    /// The kernel boot (`/proc/sys/kernel/random/boot_id`) the daemon last
+    /// ran in: after an unclean stop, a different one means the machine
+    /// lost power or rebooted, so the page cache (and a disk's volatile
+    /// cache) may have dropped anything not yet made durable.
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 /// What the primary's next session announces to the secondary.
@@ -94,6 +100,9 @@ pub enum Announce {
     CreateCopy,
     /// `pair create --nocopy`.
     CreateNocopy,
+    /// After a power cut: a new generation; the secondary rebases on the
+    /// recovered journal and the activity log's regions are copied.
+    Resync,
 }
 
 impl GroupState {
@@ -115,6 +124,7 @@ impl GroupState {
             data_as_of_us: 0,
             former_pair_id: 0,
             written_standalone: false,
+            boot_id: String::new(),
         }
     }
 }

@@ -146,7 +146,13 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, R
                 ));
             }
             if intent == pb::OpenIntent::Resync {
+                // The primary lost power and starts a new generation: what
+                // it may have lost is copied again; records follow its
+                // recovered journal.
+                tracing::warn!(group = %name, primary = %peer, generation = open.generation, rebase = open.rebase_seq,
+                    "the primary restarted after a power cut: resynchronising the regions it was writing");
                 g.persisted.durable_seq = open.rebase_seq;
+                g.persisted.generation = open.generation;
             }
             g.state = if g.persisted.consistent { PairState::Pair } else { PairState::Copy };
         }

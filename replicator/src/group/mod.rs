@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use replicator_protocol::activity_log::{ActivityLog, DEFAULT_EXTENT};
 use replicator_protocol::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
@@ -115,6 +116,15 @@ struct Inner {
     cumulative_bytes: u64,
     /// Dirty regions per volume (primary).
     bitmaps: Vec<DirtyBitmap>,
+    /// Regions that may hold writes not yet durable on both sites
+    /// (primary); saved with the bitmaps, before the first write to a
+    /// region reaches the volume.
+    activity: ActivityLog,
+    /// Every write up to here is durable on this node's volumes.
+    local_durable: u64,
+    /// When housekeeping last synced the volumes so the activity log can
+    /// retire regions.
+    last_durability_sync: Instant,
     bitmap_dirty_since_save: bool,
     /// Bumped for every snapshot of `persisted` taken for writing.
     state_version: u64,
@@ -219,7 +229,12 @@ impl Group {
         let role = persisted.role;
         let mut state = persisted.state;
         let was_clean = persisted.clean_shutdown;
-        let bitmaps = load_bitmaps(&store, &volumes)?;
+        let mut bitmaps = load_bitmaps(&store, &volumes)?;
+        let mut activity = load_activity_log(&store);
+        let boot_id = current_boot_id();
+        let power_lost = !was_clean && !persisted.boot_id.is_empty() && persisted.boot_id != boot_id;
+        let mut persisted = persisted;
+        persisted.boot_id = boot_id;
 
         let mut ring = None;
         let mut journal = None;
@@ -251,8 +266,63 @@ impl Group {
                 tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
                 redo_journal(&j, &r, last, &volumes).await?;
             }
-            ring = Some(r);
+            if power_lost {
+                // Anything not yet durable may be gone on either site: the
+                // journal tail here, applies there. The activity log names
+                // every region that can differ; copy those, in a new
+                // generation, and rebase the secondary on what the journal
+                // still holds.
+                let regions = match &activity {
+                    Some(al) => {
+                        for (vol, off, len) in al.extents() {
+                            if let Some(b) = bitmaps.get_mut(vol as usize) {
+                                let end = off.saturating_add(len).min(b.volume_size());
+                                if off < end {
+                                    b.set_range(off, end - off);
+                                }
+                            }
+                        }
+                        format!("the {} region(s) of the activity log", al.len())
+                    }
+                    None => {
+                        for b in &mut bitmaps {
+                            b.set_all();
+                        }
+                        "whole volumes (the activity log is missing or unreadable)".to_string()
+                    }
+                };
+                let dirty: u64 = bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+                tracing::warn!(
+                    group = %cfg.name,
+                    generation = persisted.generation + 1,
+                    bytes = dirty,
+                    "power cut detected (the machine rebooted since the unclean stop): resynchronising {regions}"
+                );
+                persisted.generation += 1;
+                persisted.copy_pending = true;
+                persisted.announce = Announce::Resync;
+                persisted.journal_tail_seq = last + 1;
+                persisted.journal_tail_pos = r.head();
+                let mut empty = JournalRing::new(j.capacity());
+                empty.reset_at(r.head());
+                ring = Some(empty);
+                if matches!(
+                    state,
+                    PairState::Pair | PairState::Suspended(SuspendReason::Link | SuspendReason::JournalFull)
+                ) {
+                    state = PairState::Copy;
+                }
+            } else {
+                ring = Some(r);
+            }
             journal = Some(Arc::new(j));
+        }
+        let mut activity = activity.take().unwrap_or_else(|| ActivityLog::new(DEFAULT_EXTENT));
+        if power_lost {
+            activity = ActivityLog::new(activity.extent());
+        } else {
+            // Extents from before the restart wait for what the journal holds.
+            activity.assume_written(last_jseq, 0);
         }
         if role == Role::None {
             state = PairState::Simplex;
@@ -277,7 +347,6 @@ impl Group {
                 }
             }
         }
-        let mut persisted = persisted;
         persisted.clean_shutdown = false;
         let inner = Inner {
             role,
@@ -293,7 +362,10 @@ impl Group {
             cached_bytes: 0,
             cumulative_bytes: cumulative,
             bitmaps,
-            bitmap_dirty_since_save: !was_clean,
+            activity,
+            local_durable: if was_clean { last_jseq } else { 0 },
+            last_durability_sync: Instant::now(),
+            bitmap_dirty_since_save: !was_clean || power_lost,
             state_version: 0,
             flush_wanted: 0,
             journal_full_since: None,
@@ -473,6 +545,7 @@ impl Group {
             }
             out.push((bitmap_name(&v.name), b.encode()));
         }
+        out.push((ACTIVITY_LOG.to_string(), g.activity.encode()));
         out
     }
 
@@ -544,6 +617,13 @@ impl Group {
                             self.transition(&mut g, PairEvent::LinkDown, "peer unreachable for link_timeout");
                         }
                     }
+                    let idle_before = self.clock_ms().saturating_sub(ACTIVITY_IDLE.as_millis() as u64);
+                    let durable_both = self.progress.borrow().checkpoint.min(g.local_durable);
+                    if g.activity.retire(durable_both, idle_before) {
+                        // Saved by the flusher, off the write path's lock (a
+                        // stale, larger log on disk is safe meanwhile).
+                        self.bitmap_wanted.send_modify(|w| *w += 1);
+                    }
                     if g.bitmap_dirty_since_save {
                         self.save_bitmaps(&mut g);
                     }
@@ -552,8 +632,33 @@ impl Group {
             };
             if primary {
                 self.release_journal().await;
+                self.sync_for_activity_log().await;
             }
         }
+    }
+
+    /// Milliseconds since the group opened (the activity log's clock).
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Regions of the activity log that only wait for this node's volumes
+    /// to be durable get there: at most every few seconds, one sync of the
+    /// volumes (clients that flush make it happen sooner).
+    async fn sync_for_activity_log(&self) {
+        {
+            let g = lock(&self.inner);
+            let idle_before = self.clock_ms().saturating_sub(ACTIVITY_IDLE.as_millis() as u64);
+            if g.last_durability_sync.elapsed() < DURABILITY_SYNC_INTERVAL
+                || !g.activity.waits_for_durability(g.local_durable, idle_before)
+            {
+                return;
+            }
+        }
+        if let Err(e) = self.sync_all().await {
+            self.record_error(&format!("periodic sync of the volumes failed: {e}"));
+        }
+        lock(&self.inner).last_durability_sync = Instant::now();
     }
 
     /// The session ended or could not start.
@@ -869,6 +974,7 @@ impl Group {
             journal_used_bytes: journal_used,
             journal_capacity_bytes: journal_capacity,
             dirty_bytes: g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum(),
+            activity_log_bytes: if g.role == Role::Primary { g.activity.len() as u64 * g.activity.extent() } else { 0 },
             copy_total_bytes: g.copy_total,
             copy_done_bytes: g.copy_done,
             consistent: g.persisted.consistent,
@@ -947,6 +1053,9 @@ pub struct GroupStatus {
     pub journal_capacity_bytes: u64,
     /// Bytes marked dirty in the bitmaps (to be copied by a resync).
     pub dirty_bytes: u64,
+    /// Primary: bytes in the activity log's regions, which a power cut
+    /// would resynchronise.
+    pub activity_log_bytes: u64,
     /// Bytes the running copy has to send in all.
     pub copy_total_bytes: u64,
     /// Bytes the running copy has sent and had acknowledged durable.
@@ -1044,6 +1153,39 @@ fn journal_path(store: &StateFile) -> PathBuf {
 
 fn bitmap_name(volume: &str) -> String {
     format!("bitmap-{volume}")
+}
+
+/// File name of the activity log in the group directory.
+const ACTIVITY_LOG: &str = "activity-log";
+/// A region leaves the activity log once its writes are durable on both
+/// sites and it has been idle this long (a busy region is saved once).
+const ACTIVITY_IDLE: Duration = Duration::from_secs(10);
+/// How often housekeeping syncs the volumes so regions can retire.
+const DURABILITY_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The persisted activity log, `None` when absent or unreadable (after a
+/// power cut that means: resync whole volumes).
+fn load_activity_log(store: &StateFile) -> Option<ActivityLog> {
+    match store.load_blob(ACTIVITY_LOG) {
+        Ok(Some(bytes)) => match ActivityLog::decode(&bytes) {
+            Ok(al) => Some(al),
+            Err(e) => {
+                tracing::warn!(dir = %store.dir().display(), "activity log unreadable: {e}");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    }
+}
+
+/// This kernel boot's id (empty if unknown; an empty id recorded before is
+/// never taken for a reboot).
+fn current_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>]) -> Result<Vec<DirtyBitmap>, GroupError> {

@@ -117,6 +117,7 @@ fn intent_and_base(group: &Group) -> (pb::OpenIntent, u64) {
     match g.persisted.announce {
         Announce::CreateCopy => (pb::OpenIntent::CreateFullCopy, g.persisted.journal_tail_seq.saturating_sub(1)),
         Announce::CreateNocopy => (pb::OpenIntent::CreateNocopy, g.persisted.journal_tail_seq.saturating_sub(1)),
+        Announce::Resync => (pb::OpenIntent::Resync, g.persisted.journal_tail_seq.saturating_sub(1)),
         Announce::Resume => (pb::OpenIntent::Resume, 0),
     }
 }

@@ -226,11 +226,23 @@ impl Group {
             }
         }
         let mut bitmap_epoch = None;
-        if g.role == Role::Primary && journal.is_none() {
-            let b = &mut g.bitmaps[vol as usize];
-            let gran = b.granularity();
-            let newly_dirty = (off / gran..(off + len).div_ceil(gran)).any(|c| !b.is_chunk_dirty(c));
-            b.set_range(off, len);
+        if g.role == Role::Primary {
+            // Journaled: the region joins the activity log; not journaled
+            // (bitmap mode): the dirty bitmap. Either way a region new to it
+            // is on disk before the volume write (group commit).
+            let newly_dirty = match &journal {
+                Some((seq, ..)) => {
+                    let now = self.clock_ms();
+                    g.activity.touch(vol, off, len, *seq, now)
+                }
+                None => {
+                    let b = &mut g.bitmaps[vol as usize];
+                    let gran = b.granularity();
+                    let newly_dirty = (off / gran..(off + len).div_ceil(gran)).any(|c| !b.is_chunk_dirty(c));
+                    b.set_range(off, len);
+                    newly_dirty
+                }
+            };
             if newly_dirty {
                 let mut epoch = 0;
                 self.bitmap_wanted.send_modify(|w| {
@@ -527,8 +539,11 @@ impl Group {
         Ok(())
     }
 
-    /// fdatasync of every volume and the journal, concurrently.
+    /// fdatasync of every volume and the journal, concurrently. Every write
+    /// whose volume write had finished when it started is then durable
+    /// here (the activity log retires regions on that).
     pub async fn sync_all(&self) -> Result<(), WriteError> {
+        let covered = lock(&self.inner).volume_written.completed_through();
         let mut set = tokio::task::JoinSet::new();
         for v in &self.volumes {
             let v = v.clone();
@@ -544,6 +559,10 @@ impl Group {
                 Ok(Err(e)) => result = Err(e),
                 Err(e) => result = Err(WriteError::Replication(format!("flush task failed: {e}"))),
             }
+        }
+        if result.is_ok() {
+            let mut g = lock(&self.inner);
+            g.local_durable = g.local_durable.max(covered);
         }
         result
     }
