@@ -725,6 +725,7 @@ impl Group {
                 b.set_all();
             }
         }
+        g.activity = ActivityLog::new(g.activity.extent());
         self.save_bitmaps(&mut g);
         let mut ring = JournalRing::new(capacity);
         ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
