@@ -243,19 +243,23 @@ mod tests {
                 any::<u64>(),
                 any::<u64>(),
                 any::<u64>(),
+                any::<u64>(),
             )
-                .prop_map(|(group, generation, mode, vols, intent, pair_id, rebase_seq, copy_bytes)| {
-                    Body::OpenGroup(pb::OpenGroup {
-                        group,
-                        generation,
-                        mode,
-                        volumes: vols.into_iter().map(|(name, size)| pb::VolumeInfo { name, size }).collect(),
-                        intent,
-                        pair_id,
-                        rebase_seq,
-                        copy_bytes,
-                    })
-                }),
+                .prop_map(
+                    |(group, generation, mode, vols, intent, pair_id, rebase_seq, copy_bytes, last_seq)| {
+                        Body::OpenGroup(pb::OpenGroup {
+                            group,
+                            generation,
+                            mode,
+                            volumes: vols.into_iter().map(|(name, size)| pb::VolumeInfo { name, size }).collect(),
+                            intent,
+                            pair_id,
+                            rebase_seq,
+                            copy_bytes,
+                            last_seq,
+                        })
+                    }
+                ),
             (".{0,12}", any::<u64>(), any::<u64>(), 0i32..7).prop_map(|(error, durable_seq, generation, refusal)| {
                 Body::OpenGroupReply(pb::OpenGroupReply { error, durable_seq, generation, refusal })
             }),

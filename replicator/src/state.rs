@@ -86,6 +86,20 @@ pub struct GroupState {
     /// cache) may have dropped anything not yet made durable.
     #[serde(default)]
     pub boot_id: String,
+    /// Secondary: every record applied so far has a lower sequence
+    /// (persisted ahead of the applies). After an unclean stop, records
+    /// between `durable_seq` and here may have reached the volumes out of
+    /// order: the image is not a write-order prefix until they are applied
+    /// again.
+    #[serde(default)]
+    pub apply_horizon: u64,
+    /// Secondary: a copy (initial or resync) has started and not finished.
+    #[serde(default)]
+    pub copy_incomplete: bool,
+    /// Secondary: after an unclean stop, the image is a write-order prefix
+    /// again once every record through here is applied (0: not waiting).
+    #[serde(default)]
+    pub catch_up_seq: u64,
 }
 
 /// What the primary's next session announces to the secondary.
@@ -125,6 +139,9 @@ impl GroupState {
             former_pair_id: 0,
             written_standalone: false,
             boot_id: String::new(),
+            apply_horizon: 0,
+            copy_incomplete: false,
+            catch_up_seq: 0,
         }
     }
 }

@@ -84,3 +84,41 @@ fn primary_power_cut_resyncs_the_activity_log_and_the_sites_converge() {
         cluster.assert_volumes_identical(&name);
     }
 }
+
+/// The secondary applies non-overlapping records in parallel, so after its
+/// own crash its volumes may hold applies beyond its checkpoint that landed
+/// out of order. It must not call itself consistent (the image a failover
+/// or a drill would use) until it has applied those records again.
+#[test]
+fn a_secondary_that_stopped_uncleanly_is_not_consistent_until_it_caught_up() {
+    let group = GroupSpec::new("cu", Mode::Async).volume("cu-vol", 32 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("cu");
+    cluster.wait_pair("cu", Duration::from_secs(60));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "cu-vol").await.expect("connect");
+        for i in 0..200u64 {
+            client.write((i % 400) * BLOCK, &random_bytes(i, BLOCK as usize), false).await.expect("write");
+        }
+    });
+    cluster.wait_drained("cu");
+    assert!(cluster.status(Site::B, "cu").consistent);
+
+    cluster.kill9(Site::B);
+    cluster.stop(Site::A);
+    cluster.start(Site::B);
+    let b = cluster.status(Site::B, "cu");
+    assert!(!b.consistent, "after an unclean stop the replica cannot prove it is a write-order prefix: {b:?}");
+    assert_ne!(b.state, "PAIR", "{b:?}");
+    assert!(cluster.log(Site::B).contains("not write-order consistent until they are applied again"));
+
+    cluster.start(Site::A);
+    cluster.wait_pair("cu", Duration::from_secs(60));
+    let b = cluster.wait_until(Site::B, "cu", "consistent again", Duration::from_secs(30), |s| s.consistent);
+    assert_eq!(b.state, "PAIR", "{b:?}");
+    cluster.wait_drained("cu");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("cu");
+}

@@ -23,6 +23,8 @@ const DURABLE_INTERVAL: Duration = Duration::from_millis(100);
 /// Copy data applied beyond this is made durable at once (the primary
 /// keeps at most a 16 MiB copy window in flight).
 const COPY_FLUSH_BYTES: u64 = 4 << 20;
+/// The apply horizon is persisted this many records ahead of the applies.
+const HORIZON_STEP: u64 = 1024;
 /// How often the resume checkpoint is persisted.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -110,6 +112,7 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, R
                 generation: open.generation,
                 durable_seq: open.rebase_seq,
                 consistent: !copy,
+                copy_incomplete: copy,
                 clean_shutdown: false,
                 ..GroupState::simplex()
             };
@@ -154,6 +157,16 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, R
                 g.persisted.durable_seq = open.rebase_seq;
                 g.persisted.generation = open.generation;
             }
+            if g.persisted.catch_up_seq > 0 {
+                // Catching up after an unclean stop: the records up to what
+                // the primary holds now cover every apply that may have
+                // reached the volumes out of order.
+                g.persisted.catch_up_seq = g.persisted.catch_up_seq.min(open.last_seq);
+                if g.persisted.catch_up_seq <= g.persisted.durable_seq {
+                    g.persisted.catch_up_seq = 0;
+                }
+            }
+            g.persisted.consistent = !g.persisted.copy_incomplete && g.persisted.catch_up_seq == 0;
             g.state = if g.persisted.consistent { PairState::Pair } else { PairState::Copy };
         }
         pb::OpenIntent::Unspecified => return Err((pb::Refusal::Config, "OpenGroup without an intent".into())),
@@ -488,6 +501,8 @@ impl Session {
         if rec.op == RecordOp::Copy {
             self.mark_inconsistent().await;
             self.copy_bytes_since_flush += u64::from(rec.length);
+        } else {
+            self.extend_horizon(rec.seq).await?;
         }
         let (id, deps) =
             self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
@@ -515,10 +530,31 @@ impl Session {
         Ok(())
     }
 
+    /// Before record `seq` may reach the volumes, the persisted apply
+    /// horizon must be beyond it (moved ahead in steps, so this costs one
+    /// state save per [`HORIZON_STEP`] records).
+    async fn extend_horizon(&mut self, seq: u64) -> Result<(), TransportError> {
+        let group = self.group.clone();
+        let snapshot = {
+            let mut g = lock(&group.inner);
+            if seq < g.persisted.apply_horizon {
+                return Ok(());
+            }
+            g.persisted.apply_horizon = seq + HORIZON_STEP;
+            Group::snapshot_state(&mut g)
+        };
+        match tokio::task::spawn_blocking(move || group.write_state(snapshot)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(TransportError::Protocol(format!("cannot persist the apply horizon: {e}"))),
+            Err(e) => Err(TransportError::Protocol(format!("apply horizon task failed: {e}"))),
+        }
+    }
+
     async fn mark_inconsistent(&mut self) {
         let group = self.group.clone();
         let mut g = lock(&group.inner);
-        if g.persisted.consistent {
+        if !g.persisted.copy_incomplete || g.persisted.consistent {
+            g.persisted.copy_incomplete = true;
             g.persisted.consistent = false;
             g.state = PairState::Copy;
             group.save_locked(&mut g);
@@ -546,6 +582,17 @@ impl Session {
                 g.secondary_applied = applied;
                 if let Some(t) = newest {
                     g.persisted.data_as_of_us = g.persisted.data_as_of_us.max(t);
+                }
+                if g.persisted.catch_up_seq > 0 && applied >= g.persisted.catch_up_seq {
+                    g.persisted.catch_up_seq = 0;
+                    if !g.persisted.copy_incomplete {
+                        g.persisted.consistent = true;
+                        g.state = PairState::Pair;
+                        tracing::info!(group = %self.group.cfg.name, seq = applied,
+                            "caught up past every record applied before the unclean stop: this replica is write-order consistent again");
+                    }
+                    self.group.save_locked(&mut g);
+                    self.group.publish(&mut g);
                 }
                 self.ack_dirty = true;
             }
@@ -633,8 +680,11 @@ impl Session {
         {
             let group = self.group.clone();
             let mut g = lock(&group.inner);
-            g.persisted.consistent = true;
-            g.state = PairState::Pair;
+            g.persisted.copy_incomplete = false;
+            g.persisted.consistent = g.persisted.catch_up_seq == 0;
+            if g.persisted.consistent {
+                g.state = PairState::Pair;
+            }
             group.save_locked(&mut g);
             group.publish(&mut g);
         }

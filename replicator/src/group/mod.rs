@@ -327,6 +327,21 @@ impl Group {
         if role == Role::None {
             state = PairState::Simplex;
         }
+        // A replica that stopped uncleanly may hold applies beyond its
+        // checkpoint that reached the volumes out of order: not a
+        // write-order prefix until those records are applied again.
+        if role == Role::Secondary && !was_clean && persisted.apply_horizon > persisted.durable_seq + 1 {
+            persisted.catch_up_seq = persisted.catch_up_seq.max(persisted.apply_horizon - 1);
+            if persisted.consistent {
+                tracing::warn!(
+                    group = %cfg.name,
+                    checkpoint = persisted.durable_seq,
+                    "the daemon did not stop cleanly: records applied after the checkpoint may have reached the volumes \
+                     out of order; this replica is not write-order consistent until they are applied again"
+                );
+            }
+            persisted.consistent = false;
+        }
         // No replication session is up yet: a replica never claims PAIR
         // (or COPY progress) without one.
         if role == Role::Secondary && matches!(state, PairState::Pair | PairState::Copy) {

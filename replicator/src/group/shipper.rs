@@ -126,10 +126,10 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     let conn = group.transport.connect(&group.cfg.peer).await?;
     let (mut send, mut recv) = Transport::open_stream(&conn).await?;
     let (intent, rebase) = intent_and_base(group);
-    let (generation, pair_id, copy_bytes) = {
+    let (generation, pair_id, copy_bytes, last_seq) = {
         let g = lock(&group.inner);
         let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
-        (g.persisted.generation, g.persisted.pair_id, dirty)
+        (g.persisted.generation, g.persisted.pair_id, dirty, g.last_jseq)
     };
     send.send(Body::OpenGroup(pb::OpenGroup {
         group: group.cfg.name.clone(),
@@ -143,6 +143,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         pair_id,
         rebase_seq: rebase,
         copy_bytes,
+        last_seq,
     }))
     .await?;
     let reply = match tokio::time::timeout(Duration::from_secs(15), recv.expect("OpenGroupReply")).await {
