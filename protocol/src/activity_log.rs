@@ -47,6 +47,9 @@ struct Hot {
     newest_seq: u64,
     /// Logical time of the newest write (caller's clock, e.g. milliseconds).
     touched_at: u64,
+    /// The save (caller's epoch) that first records it on disk: every
+    /// write to it waits for that save, not only the one that made it hot.
+    saved_in: u64,
 }
 
 /// The hot extents of a group's volumes.
@@ -80,21 +83,26 @@ impl ActivityLog {
     }
 
     /// Records write `seq` to `[offset, offset + len)` of `volume` at time
-    /// `now`. Returns true when an extent became hot: the log must then be
-    /// durable before the write reaches the volume.
-    pub fn touch(&mut self, volume: u32, offset: u64, len: u64, seq: u64, now: u64) -> bool {
+    /// `now`; extents that become hot are to be saved in save `next_save`.
+    /// Returns whether an extent became hot (so save `next_save` must be
+    /// started) and the save this write must wait for before it reaches the
+    /// volume (the latest that adds one of its extents; an extent that was
+    /// already hot may still be waiting for its save).
+    pub fn touch(&mut self, volume: u32, offset: u64, len: u64, seq: u64, now: u64, next_save: u64) -> (bool, u64) {
         let first = offset / self.extent;
         let last = offset.saturating_add(len.max(1) - 1) / self.extent;
         let mut became_hot = false;
+        let mut wait_for = 0;
         for index in first..=last {
             let entry = self.hot.entry((volume, index)).or_insert_with(|| {
                 became_hot = true;
-                Hot { newest_seq: 0, touched_at: now }
+                Hot { newest_seq: 0, touched_at: now, saved_in: next_save }
             });
             entry.newest_seq = entry.newest_seq.max(seq);
             entry.touched_at = entry.touched_at.max(now);
+            wait_for = wait_for.max(entry.saved_in);
         }
-        became_hot
+        (became_hot, wait_for)
     }
 
     /// Retires every extent whose newest write is at most `durable_seq`
@@ -118,7 +126,7 @@ impl ActivityLog {
     /// retirable once everything through `seq` is durable on both sites.
     pub fn assume_written(&mut self, seq: u64, now: u64) {
         for h in self.hot.values_mut() {
-            *h = Hot { newest_seq: seq, touched_at: now };
+            *h = Hot { newest_seq: seq, touched_at: now, saved_in: 0 };
         }
     }
 
@@ -168,7 +176,7 @@ impl ActivityLog {
         for entry in body[HEADER_LEN..].chunks_exact(ENTRY_LEN) {
             let v = u32::from_le_bytes(entry[..4].try_into().unwrap_or([0; 4]));
             let i = u64::from_le_bytes(entry[4..].try_into().unwrap_or([0; 8]));
-            hot.insert((v, i), Hot { newest_seq: u64::MAX, touched_at: 0 });
+            hot.insert((v, i), Hot { newest_seq: u64::MAX, touched_at: 0, saved_in: 0 });
         }
         Ok(ActivityLog { extent, hot })
     }
@@ -182,9 +190,9 @@ mod tests {
     #[test]
     fn touch_retire_and_round_trip() {
         let mut al = ActivityLog::new(4096);
-        assert!(al.touch(0, 0, 4096, 1, 10), "a cold extent becomes hot");
-        assert!(!al.touch(0, 100, 10, 2, 11), "a hot extent stays hot without a save");
-        assert!(al.touch(1, 4095, 2, 3, 12), "a write across two extents of another volume");
+        assert_eq!(al.touch(0, 0, 4096, 1, 10, 5), (true, 5), "a cold extent becomes hot in save 5");
+        assert_eq!(al.touch(0, 100, 10, 2, 11, 6), (false, 5), "a hot extent needs no new save, but waits for save 5");
+        assert_eq!(al.touch(1, 4095, 2, 3, 12, 6), (true, 6), "a write across two extents of another volume");
         assert_eq!(al.extents().collect::<Vec<_>>(), vec![(0, 0, 4096), (1, 0, 4096), (1, 4096, 4096)]);
         // Not durable on both sites yet: nothing retires.
         assert!(!al.retire(1, 100));

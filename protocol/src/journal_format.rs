@@ -48,7 +48,8 @@ pub const MAX_APPEND_WINDOW: u64 = 1024;
 pub const JOURNAL_MAX_GROUP_LEN: usize = 200;
 
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"RPLJRNL1";
-const SUPERBLOCK_VERSION: u32 = 1;
+/// Version 2: record header checksums are keyed with the pair id.
+const SUPERBLOCK_VERSION: u32 = 2;
 const HEADER_MAGIC: &[u8; 4] = b"RPJR";
 const FLAG_FUA: u8 = 1;
 
@@ -104,6 +105,14 @@ pub fn ring_placement(head: u64, span: u64, capacity: u64) -> Option<u64> {
     } else {
         Some(start)
     }
+}
+
+/// CRC32 of `key` (little-endian) followed by `data`.
+fn keyed_crc(key: u64, data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&key.to_le_bytes());
+    h.update(data);
+    h.finalize()
 }
 
 fn get_u32(buf: &[u8], at: usize) -> u32 {
@@ -256,8 +265,11 @@ impl JournalHeader {
         }
     }
 
-    /// Encodes the header (magic, fields, CRC32 of the preceding bytes).
-    pub fn encode(&self) -> [u8; JOURNAL_HEADER_LEN] {
+    /// Encodes the header (magic, fields, CRC32 of `key` and the preceding
+    /// bytes). The key is the pair id: a header is only valid in the
+    /// journal of its pair, and a client cannot forge one inside the data
+    /// it writes (which recovery scans after an unclean stop).
+    pub fn encode(&self, key: u64) -> [u8; JOURNAL_HEADER_LEN] {
         let mut b = [0u8; JOURNAL_HEADER_LEN];
         b[0..4].copy_from_slice(HEADER_MAGIC);
         b[4..12].copy_from_slice(&self.seq.to_le_bytes());
@@ -269,19 +281,19 @@ impl JournalHeader {
         b[40] = op_code(self.op);
         b[41] = if self.fua { FLAG_FUA } else { 0 };
         b[44..52].copy_from_slice(&self.written_at_us.to_le_bytes());
-        let crc = crc32(&b[..H_CRC_AT]);
+        let crc = keyed_crc(key, &b[..H_CRC_AT]);
         b[H_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     /// Decodes a header from the first [`JOURNAL_HEADER_LEN`] bytes of
     /// `buf`, checking magic, header CRC, op, flags and the range.
-    pub fn decode(buf: &[u8]) -> Result<Self, JournalFormatError> {
+    pub fn decode(buf: &[u8], key: u64) -> Result<Self, JournalFormatError> {
         let b = buf.get(..JOURNAL_HEADER_LEN).ok_or(JournalFormatError::Truncated)?;
         if &b[0..4] != HEADER_MAGIC {
             return Err(JournalFormatError::BadMagic);
         }
-        if crc32(&b[..H_CRC_AT]) != get_u32(b, H_CRC_AT) {
+        if keyed_crc(key, &b[..H_CRC_AT]) != get_u32(b, H_CRC_AT) {
             return Err(JournalFormatError::BadCrc);
         }
         let op = op_from_code(b[40]).ok_or(JournalFormatError::UnknownOp(b[40]))?;
@@ -307,9 +319,9 @@ impl JournalHeader {
     /// The sequence number of a header whose magic and checksum are valid,
     /// even if its contents are not acceptable (so it was written by a
     /// replicator, and its seq is genuine); `None` if it is not a header.
-    pub fn peek_seq(buf: &[u8]) -> Option<u64> {
+    pub fn peek_seq(buf: &[u8], key: u64) -> Option<u64> {
         let b = buf.get(..JOURNAL_HEADER_LEN)?;
-        (&b[0..4] == HEADER_MAGIC && crc32(&b[..H_CRC_AT]) == get_u32(b, H_CRC_AT)).then(|| get_u64(b, 4))
+        (&b[0..4] == HEADER_MAGIC && keyed_crc(key, &b[..H_CRC_AT]) == get_u32(b, H_CRC_AT)).then(|| get_u64(b, 4))
     }
 
     /// Payload bytes following the header: `length` for Write and Copy, 0
@@ -363,10 +375,10 @@ impl JournalHeader {
 
 /// Encodes `r` as it is laid out in the ring: header, payload, zero padding;
 /// exactly `record_span(payload length)` bytes.
-pub fn encode_journal_record(r: &Record) -> Vec<u8> {
+pub fn encode_journal_record(r: &Record, key: u64) -> Vec<u8> {
     let span = record_span(r.payload.len() as u64) as usize;
     let mut out = Vec::with_capacity(span);
-    out.extend_from_slice(&JournalHeader::from_record(r).encode());
+    out.extend_from_slice(&JournalHeader::from_record(r).encode(key));
     out.extend_from_slice(&r.payload);
     out.resize(span, 0);
     out
@@ -374,8 +386,8 @@ pub fn encode_journal_record(r: &Record) -> Vec<u8> {
 
 /// Decodes a record laid out as by [`encode_journal_record`] from the start
 /// of `buf` (which may be longer).
-pub fn decode_journal_record(buf: &[u8]) -> Result<Record, JournalFormatError> {
-    let h = JournalHeader::decode(buf)?;
+pub fn decode_journal_record(buf: &[u8], key: u64) -> Result<Record, JournalFormatError> {
+    let h = JournalHeader::decode(buf, key)?;
     let len = h.payload_len() as usize;
     let payload = buf.get(JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + len).ok_or(JournalFormatError::Truncated)?;
     h.into_record(Bytes::copy_from_slice(payload))
@@ -530,6 +542,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The key (pair id) header checksums are made with.
+    const K: u64 = 0x5eed_f00d;
+
     #[test]
     fn spans() {
         assert_eq!(record_span(0), 512);
@@ -583,35 +598,35 @@ mod tests {
         #[test]
         fn header_round_trip(r in arb_record()) {
             let h = JournalHeader::from_record(&r);
-            let enc = h.encode();
-            let back = JournalHeader::decode(&enc).unwrap();
+            let enc = h.encode(K);
+            let back = JournalHeader::decode(&enc, K).unwrap();
             prop_assert_eq!(&back, &h);
             prop_assert_eq!(back.payload_len(), r.payload.len() as u64);
             prop_assert_eq!(back.into_record(r.payload.clone()).unwrap(), r.clone());
-            let span = encode_journal_record(&r);
+            let span = encode_journal_record(&r, K);
             prop_assert_eq!(span.len() as u64, record_span(r.payload.len() as u64));
-            prop_assert_eq!(decode_journal_record(&span).unwrap(), r);
+            prop_assert_eq!(decode_journal_record(&span, K).unwrap(), r);
         }
 
         #[test]
         fn header_flip_detected(r in arb_record(), i in 0..JOURNAL_HEADER_LEN, x in 1u8..=255) {
-            let mut enc = JournalHeader::from_record(&r).encode();
+            let mut enc = JournalHeader::from_record(&r).encode(K);
             enc[i] ^= x;
-            prop_assert!(JournalHeader::decode(&enc).is_err());
+            prop_assert!(JournalHeader::decode(&enc, K).is_err());
         }
 
         #[test]
         fn payload_flip_detected(r in arb_record(), i in any::<prop::sample::Index>(), x in 1u8..=255) {
             prop_assume!(r.op.has_payload());
-            let mut span = encode_journal_record(&r);
+            let mut span = encode_journal_record(&r, K);
             let i = JOURNAL_HEADER_LEN + i.index(r.payload.len());
             span[i] ^= x;
-            prop_assert!(matches!(decode_journal_record(&span), Err(JournalFormatError::Corrupt(_))));
+            prop_assert!(matches!(decode_journal_record(&span, K), Err(JournalFormatError::Corrupt(_))));
         }
 
         #[test]
         fn header_decode_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..80)) {
-            let _ = JournalHeader::decode(&buf);
+            let _ = JournalHeader::decode(&buf, K);
             let _ = JournalSuperblock::decode(&buf);
         }
     }
@@ -622,36 +637,36 @@ mod tests {
         let mut h = JournalHeader::from_record(&r);
         h.length = 0;
         assert!(matches!(
-            JournalHeader::decode(&h.encode()),
+            JournalHeader::decode(&h.encode(K), K),
             Err(JournalFormatError::Unacceptable(RecordError::Empty { .. }))
         ));
         let mut h = JournalHeader::from_record(&r);
         h.offset = u64::MAX;
         assert!(matches!(
-            JournalHeader::decode(&h.encode()),
+            JournalHeader::decode(&h.encode(K), K),
             Err(JournalFormatError::Unacceptable(RecordError::Overflow { .. }))
         ));
         // The same limits as the wire: a Trim may cover far more than a
         // payload record, a Write may not.
         let mut h = JournalHeader::from_record(&r);
         h.length = u32::MAX - 4095;
-        assert_eq!(JournalHeader::decode(&h.encode()), Ok(h.clone()));
+        assert_eq!(JournalHeader::decode(&h.encode(K), K), Ok(h.clone()));
         let big = Record::without_payload(RecordOp::Trim, 1, 0, 0, h.length, 1, false);
         assert_eq!(big.check_shape(), Ok(()));
         h.op = RecordOp::Write;
-        let enc = h.encode();
+        let enc = h.encode(K);
         assert!(matches!(
-            JournalHeader::decode(&enc),
+            JournalHeader::decode(&enc, K),
             Err(JournalFormatError::Unacceptable(RecordError::TooLarge { .. }))
         ));
-        assert_eq!(JournalHeader::peek_seq(&enc), Some(1), "an intact header's seq is readable even when refused");
+        assert_eq!(JournalHeader::peek_seq(&enc, K), Some(1), "an intact header's seq is readable even when refused");
         // An unknown op with a valid CRC.
-        let mut enc = JournalHeader::from_record(&r).encode();
+        let mut enc = JournalHeader::from_record(&r).encode(K);
         enc[40] = 9;
-        let crc = crc32(&enc[..60]);
+        let crc = keyed_crc(K, &enc[..60]);
         enc[60..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(JournalHeader::decode(&enc), Err(JournalFormatError::UnknownOp(9)));
-        assert_eq!(JournalHeader::decode(&enc[..63]), Err(JournalFormatError::Truncated));
+        assert_eq!(JournalHeader::decode(&enc, K), Err(JournalFormatError::UnknownOp(9)));
+        assert_eq!(JournalHeader::decode(&enc[..63], K), Err(JournalFormatError::Truncated));
         // Trim with a payload handed in.
         let h = JournalHeader::from_record(&r);
         assert!(h.into_record(Bytes::from_static(b"x")).is_err());

@@ -91,6 +91,8 @@ pub struct Journal {
     file: BlockFile,
     appender: std::fs::File,
     path: PathBuf,
+    /// The pair id: the key of every record header's checksum.
+    key: u64,
 }
 
 impl Journal {
@@ -114,7 +116,7 @@ impl Journal {
             path: path.to_path_buf(),
             source: IoError::Open { path: path.to_path_buf(), source },
         })?;
-        let journal = Journal { file, appender, path: path.to_path_buf() };
+        let journal = Journal { file, appender, path: path.to_path_buf(), key: pair_id };
         if existed {
             let buf = journal.read(0, JOURNAL_SUPERBLOCK_LEN).await?;
             let sb = JournalSuperblock::decode(&buf).map_err(|source| journal.format(source))?;
@@ -189,7 +191,7 @@ impl Journal {
     /// the record's buffers.
     pub fn append_at(&self, pos: u64, rec: &Record) -> Result<(), JournalError> {
         static PADDING: [u8; JOURNAL_RECORD_ALIGN as usize] = [0; JOURNAL_RECORD_ALIGN as usize];
-        let header = JournalHeader::from_record(rec).encode();
+        let header = JournalHeader::from_record(rec).encode(self.key);
         let span = record_span(rec.payload.len() as u64) as usize;
         let pad = span - JOURNAL_HEADER_LEN - rec.payload.len();
         let mut parts = [IoSlice::new(&header), IoSlice::new(&rec.payload), IoSlice::new(&PADDING[..pad])];
@@ -254,15 +256,19 @@ impl Journal {
     /// cases it must never truncate silently:
     /// - the next record's header is intact but describes a record this
     ///   build cannot accept: [`JournalError::Unacceptable`];
-    /// - with `unclean` (the daemon did not stop cleanly), the whole ring is
-    ///   searched for records beyond the run. Concurrent appends can leave up
-    ///   to [`MAX_APPEND_WINDOW`] records after a missing or torn one; none of
-    ///   them was acknowledged (a volume write waits until every earlier
-    ///   record is journaled), so they are discarded and overwritten on disk
-    ///   (their sequence numbers are reused from here on). A valid record
-    ///   further ahead means records the log needs are gone:
-    ///   [`JournalError::Gap`].
-    pub async fn recover(&self, tail_seq: u64, tail_pos: u64, unclean: bool) -> Result<Recovered, JournalError> {
+    /// - after an unclean stop, the whole ring is searched for records
+    ///   beyond the run, which are discarded and overwritten on disk (their
+    ///   sequence numbers are reused from here on). After a process crash
+    ///   ([`Stop::Crash`]: the page cache survived) concurrent appends can
+    ///   leave up to [`MAX_APPEND_WINDOW`] records after a missing or torn
+    ///   one, none of them acknowledged (a volume write waits until every
+    ///   earlier record is journaled); a valid record further ahead means
+    ///   records the log needs are gone: [`JournalError::Gap`]. After a
+    ///   power cut ([`Stop::PowerCut`]) pages are lost in any order, but no
+    ///   record after a missing one was made durable by an acknowledged FUA
+    ///   or FLUSH (its sync would have covered the missing one), and the
+    ///   activity log covers their regions: all are discarded.
+    pub async fn recover(&self, tail_seq: u64, tail_pos: u64, stop: Stop) -> Result<Recovered, JournalError> {
         let mut ring = JournalRing::new(self.capacity());
         let start = tail_pos.clamp(JOURNAL_SUPERBLOCK_LEN, self.capacity());
         ring.reset_at(start);
@@ -305,11 +311,16 @@ impl Journal {
             }
         }
         let mut discarded = Vec::new();
-        if unclean {
-            for (seq, pos) in self.records_from(expected).await? {
-                if seq >= expected + MAX_APPEND_WINDOW {
-                    return Err(JournalError::Gap { path: self.path.clone(), expected, seq, pos });
-                }
+        if stop != Stop::Clean {
+            let beyond = self.records_from(expected).await?;
+            // Judge everything before touching anything: a refused log is
+            // left exactly as it was found.
+            if let Some(&(seq, pos)) =
+                beyond.iter().find(|(seq, _)| stop == Stop::Crash && *seq >= expected + MAX_APPEND_WINDOW)
+            {
+                return Err(JournalError::Gap { path: self.path.clone(), expected, seq, pos });
+            }
+            for (seq, pos) in beyond {
                 self.invalidate(pos)?;
                 discarded.push(seq);
             }
@@ -327,7 +338,7 @@ impl Journal {
             return Ok(HeaderAt::None);
         }
         let buf = self.read(pos, JOURNAL_HEADER_LEN as u64).await?;
-        Ok(classify_header(&buf))
+        Ok(classify_header(&buf, self.key))
     }
 
     /// Every record header in the ring with a sequence number of at least
@@ -341,7 +352,7 @@ impl Journal {
             let buf = self.read(at, len).await?;
             let mut off = 0usize;
             while off + JOURNAL_HEADER_LEN <= buf.len() {
-                if let Some(seq) = JournalHeader::peek_seq(&buf[off..]) {
+                if let Some(seq) = JournalHeader::peek_seq(&buf[off..], self.key) {
                     if seq >= from {
                         out.push((seq, at + off as u64));
                     }
@@ -361,6 +372,17 @@ impl Journal {
             .map_err(|e| self.io(IoError::Io { op: "journal invalidate", offset: pos, source: e.into() }))?;
         Ok(())
     }
+}
+
+/// How the daemon stopped before a [`Journal::recover`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Cleanly: every append finished and was synced.
+    Clean,
+    /// The process died; the page cache (every finished append) survived.
+    Crash,
+    /// The machine lost power (or rebooted): anything not synced may be gone.
+    PowerCut,
 }
 
 /// What [`Journal::recover`] found.
@@ -387,10 +409,10 @@ enum HeaderAt {
     None,
 }
 
-fn classify_header(buf: &[u8]) -> HeaderAt {
-    match JournalHeader::decode(buf) {
+fn classify_header(buf: &[u8], key: u64) -> HeaderAt {
+    match JournalHeader::decode(buf, key) {
         Ok(h) => HeaderAt::Valid(h),
-        Err(reason) => match JournalHeader::peek_seq(buf) {
+        Err(reason) => match JournalHeader::peek_seq(buf, key) {
             Some(seq) => HeaderAt::Unacceptable { seq, reason },
             None => HeaderAt::None,
         },
@@ -433,14 +455,14 @@ mod tests {
         let (j, pos) = journal_with(dir.path(), 6).await;
         // Record 4's append never happened (5 and 6 were appended first).
         j.invalidate(pos[3]).unwrap();
-        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, true).await.unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await.unwrap();
         assert_eq!((r.last_seq, r.discarded.as_slice()), (3, &[5u64, 6][..]));
         // They are gone for good: seq 5 will be reused by a new record.
-        let again = j.recover(1, JOURNAL_SUPERBLOCK_LEN, true).await.unwrap();
+        let again = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await.unwrap();
         assert_eq!((again.last_seq, again.discarded.len()), (3, 0));
         // After a clean stop nothing is searched or discarded.
         let (j, _) = journal_with(dir.path(), 3).await;
-        let clean = j.recover(1, JOURNAL_SUPERBLOCK_LEN, false).await.unwrap();
+        let clean = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Clean).await.unwrap();
         assert_eq!((clean.last_seq, clean.discarded.len()), (3, 0));
     }
 
@@ -453,10 +475,14 @@ mod tests {
         j.invalidate(pos[1]).unwrap();
         let far = write(2 + MAX_APPEND_WINDOW + 5);
         j.append_at(pos[2] + record_span(4096), &far).unwrap();
-        match j.recover(1, JOURNAL_SUPERBLOCK_LEN, true).await {
+        match j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await {
             Err(JournalError::Gap { expected: 2, seq, .. }) => assert_eq!(seq, far.seq),
             other => panic!("expected a gap error, got {other:?}"),
         }
+        // After a power cut pages are lost in any order: everything after
+        // the first missing record goes (the activity log covers it).
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::PowerCut).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.as_slice()), (1, &[3, far.seq][..]));
     }
 
     #[tokio::test]
@@ -468,13 +494,29 @@ mod tests {
         let mut big = JournalHeader::from_record(&write(3));
         big.length = replicator_protocol::record::MAX_RECORD_PAYLOAD + 4096;
         let at = pos[1] + record_span(4096);
-        nix::sys::uio::pwrite(&j.appender, &big.encode(), at as i64).unwrap();
-        for unclean in [false, true] {
-            match j.recover(1, JOURNAL_SUPERBLOCK_LEN, unclean).await {
+        nix::sys::uio::pwrite(&j.appender, &big.encode(j.key), at as i64).unwrap();
+        for stop in [Stop::Clean, Stop::Crash, Stop::PowerCut] {
+            match j.recover(1, JOURNAL_SUPERBLOCK_LEN, stop).await {
                 Err(JournalError::Unacceptable { seq: 3, .. }) => {}
                 other => panic!("expected a refusal of record 3, got {other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_header_forged_in_client_data_is_not_taken_for_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, pos) = journal_with(dir.path(), 2).await;
+        // A client writes data that holds a well-formed header with a far
+        // sequence number, but without the pair's key: after a crash the
+        // scan must not see a gap in it.
+        let forged = JournalHeader::from_record(&write(2 + MAX_APPEND_WINDOW + 9)).encode(0);
+        let mut data = vec![0u8; 4096];
+        data[448..448 + JOURNAL_HEADER_LEN].copy_from_slice(&forged);
+        let rec = Record::with_payload(RecordOp::Write, 3, 0, 0, 1, Bytes::from(data), false);
+        j.append_at(pos[1] + record_span(4096), &rec).unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.len()), (3, 0));
     }
 
     #[tokio::test]
@@ -485,7 +527,7 @@ mod tests {
         j.append_at(pos[0] + record_span(4096), &trim).unwrap();
         let w = write(3);
         j.append_at(pos[0] + record_span(4096) + record_span(0), &w).unwrap();
-        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, true).await.unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await.unwrap();
         assert_eq!(r.last_seq, 3);
         let (p, _) = r.ring.lookup(2).unwrap();
         assert_eq!(j.read_record(p, 2).await.unwrap(), trim);

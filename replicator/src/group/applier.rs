@@ -41,7 +41,11 @@ type Refused = (pb::Refusal, String);
 /// takes the secondary role if it asks to create the pair (with local
 /// consent). Returns the sequence to resume after, or the refusal to send
 /// back.
-fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, Refused> {
+fn accept_open(
+    group: &Group,
+    open: &pb::OpenGroup,
+    peer: &str,
+) -> Result<(u64, mpsc::UnboundedReceiver<SessionCommand>), Refused> {
     let name = &group.cfg.name;
     let config = |msg: String| (pb::Refusal::Config, msg);
     if group.cfg.peer != peer {
@@ -156,6 +160,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, R
                     "the primary restarted after a power cut: resynchronising the regions it was writing");
                 g.persisted.durable_seq = open.rebase_seq;
                 g.persisted.generation = open.generation;
+                // Inconsistent until the copy of those regions is done
+                // (COPY_DONE follows even when there is nothing to copy).
+                g.persisted.copy_incomplete = true;
             }
             if g.persisted.catch_up_seq > 0 {
                 // Catching up after an unclean stop: the records up to what
@@ -171,13 +178,21 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<u64, R
         }
         pb::OpenIntent::Unspecified => return Err((pb::Refusal::Config, "OpenGroup without an intent".into())),
     }
+    // Saved before the primary hears yes: after a restart this node must
+    // still know it is the secondary of this pair.
+    if let Err(e) = group.write_state(Group::snapshot_state(&mut g)) {
+        return Err((pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}")));
+    }
+    // The session's command channel is in place before the lock drops: a
+    // `pair delete` here from now on goes through the session.
+    let (commands_tx, commands) = mpsc::unbounded_channel();
+    g.session_cmd = Some(commands_tx);
     g.secondary_attached = true;
     g.link_changed_at = std::time::SystemTime::now();
     g.secondary_durable = g.persisted.durable_seq;
     g.secondary_applied = g.persisted.durable_seq;
-    group.save_locked(&mut g);
     group.publish(&mut g);
-    Ok(g.persisted.durable_seq)
+    Ok((g.persisted.durable_seq, commands))
 }
 
 /// Serves one group stream opened by the primary `peer`. Returns when the
@@ -191,8 +206,8 @@ pub async fn serve_secondary(
     peer: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let base = match accept_open(&group, &open, &peer) {
-        Ok(d) => d,
+    let (base, commands) = match accept_open(&group, &open, &peer) {
+        Ok(accepted) => accepted,
         Err((refusal, msg)) => {
             // One line per distinct refusal (and a reminder every minute):
             // the primary retries every few seconds.
@@ -214,12 +229,7 @@ pub async fn serve_secondary(
             return;
         }
     };
-    let (commands_tx, commands) = mpsc::unbounded_channel();
-    let generation = {
-        let mut g = lock(&group.inner);
-        g.session_cmd = Some(commands_tx);
-        g.persisted.generation
-    };
+    let generation = lock(&group.inner).persisted.generation;
     if let Err(e) = send
         .send(Body::OpenGroupReply(pb::OpenGroupReply {
             error: String::new(),
@@ -498,14 +508,14 @@ impl Session {
         if rec.end() > vol.size() {
             return Err(TransportError::Protocol(format!("record {} ends beyond volume {}", rec.seq, vol.name)));
         }
+        let (id, deps) =
+            self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
         if rec.op == RecordOp::Copy {
             self.mark_inconsistent().await;
             self.copy_bytes_since_flush += u64::from(rec.length);
         } else {
             self.extend_horizon(rec.seq).await?;
         }
-        let (id, deps) =
-            self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
         if rec.op != RecordOp::Copy && rec.written_at_us != 0 {
             self.written_at.insert(rec.seq, rec.written_at_us);
         }
@@ -540,7 +550,7 @@ impl Session {
             if seq < g.persisted.apply_horizon {
                 return Ok(());
             }
-            g.persisted.apply_horizon = seq + HORIZON_STEP;
+            g.persisted.apply_horizon = seq.saturating_add(HORIZON_STEP);
             Group::snapshot_state(&mut g)
         };
         match tokio::task::spawn_blocking(move || group.write_state(snapshot)).await {

@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::{GroupConfig, LinkLossPolicy, Mode};
 use crate::io::IoEngine;
-use crate::journal::{Journal, JournalError};
+use crate::journal::{Journal, JournalError, Stop};
 use crate::state::{Announce, GroupState, StateError, StateFile};
 use crate::transport::Transport;
 use crate::volume::Volume;
@@ -207,6 +207,8 @@ pub struct Group {
     state_written: Mutex<u64>,
     /// NBD connections attached to this group's volumes.
     nbd_clients: AtomicUsize,
+    /// Serialises writes of the bitmap and activity-log files.
+    bitmap_io: Mutex<()>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -243,8 +245,12 @@ impl Group {
             let j =
                 Journal::open(&engine, &journal_path(&store), cfg.journal_size, &cfg.name, persisted.pair_id, false)
                     .await?;
-            let recovered =
-                j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos, !was_clean).await?;
+            let stop = match (was_clean, power_lost) {
+                (true, _) => Stop::Clean,
+                (false, false) => Stop::Crash,
+                (false, true) => Stop::PowerCut,
+            };
+            let recovered = j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos, stop).await?;
             let (r, last) = (recovered.ring, recovered.last_seq);
             tracing::info!(
                 group = %cfg.name,
@@ -298,9 +304,18 @@ impl Group {
                     bytes = dirty,
                     "power cut detected (the machine rebooted since the unclean stop): resynchronising {regions}"
                 );
+                // Bitmaps first: a crash before the state below is saved
+                // finds the boot id unchanged and the regions still logged.
+                for (v, b) in volumes.iter().zip(&bitmaps) {
+                    store.save_blob(&bitmap_name(&v.name), &b.encode())?;
+                }
                 persisted.generation += 1;
                 persisted.copy_pending = true;
-                persisted.announce = Announce::Resync;
+                // A pair not yet announced keeps its create intent (the
+                // copy then covers the regions); an existing one rebases.
+                if persisted.announce == Announce::Resume {
+                    persisted.announce = Announce::Resync;
+                }
                 persisted.journal_tail_seq = last + 1;
                 persisted.journal_tail_pos = r.head();
                 let mut empty = JournalRing::new(j.capacity());
@@ -426,6 +441,7 @@ impl Group {
             latency: crate::latency::LatencyHistogram::default(),
             state_written: Mutex::new(0),
             nbd_clients: AtomicUsize::new(0),
+            bitmap_io: Mutex::new(()),
         });
         {
             let mut g = lock(&group.inner);
@@ -565,6 +581,8 @@ impl Group {
     }
 
     fn write_bitmaps(&self, snapshot: &[(String, Vec<u8>)]) -> Result<(), StateError> {
+        // The flusher and direct saves write the same files: one at a time.
+        let _one_writer = self.bitmap_io.lock().unwrap_or_else(PoisonError::into_inner);
         for (name, bytes) in snapshot {
             self.store.save_blob(name, bytes)?;
         }

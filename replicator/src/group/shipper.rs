@@ -204,7 +204,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     };
     tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, resume_after = peer_durable, "replication session up");
 
-    let acks = tokio::spawn(read_acks(group.clone(), recv));
+    let acks = tokio::spawn(read_acks(group.clone(), recv, epoch));
     let result = send_loop(group, epoch, pair_id, &mut send, &acks).await;
     acks.abort();
     result
@@ -414,11 +414,11 @@ async fn next_copy_chunk(
     Ok(CopyStep::Chunk(rec))
 }
 
-async fn read_acks(group: Arc<Group>, mut recv: FramedRecv) -> Result<(), TransportError> {
+async fn read_acks(group: Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Result<(), TransportError> {
     loop {
         match recv.recv().await? {
             None => return Err(TransportError::Connection("the secondary ended the stream".into())),
-            Some(pb::Envelope { body: Some(Body::Ack(ack)) }) => group.on_ack(&ack)?,
+            Some(pb::Envelope { body: Some(Body::Ack(ack)) }) => group.on_ack(&ack, epoch)?,
             Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) => {
                 if !r.error.is_empty() {
                     return Err(TransportError::Protocol(format!("secondary: {}", r.error)));
@@ -451,8 +451,12 @@ async fn read_acks(group: Arc<Group>, mut recv: FramedRecv) -> Result<(), Transp
 
 impl Group {
     /// Applies an ack from the secondary.
-    fn on_ack(&self, ack: &pb::Ack) -> Result<(), TransportError> {
+    fn on_ack(&self, ack: &pb::Ack, epoch: u64) -> Result<(), TransportError> {
         let mut g = lock(&self.inner);
+        if g.shipper_epoch != epoch {
+            // An ack on the stream of a pair deleted since: not ours.
+            return Ok(());
+        }
         let Some(s) = g.shipper.as_mut() else { return Ok(()) };
         s.on_ack(ack).map_err(|e| TransportError::Protocol(format!("bad ack: {e}")))?;
         let (applied, durable) = (s.applied(), s.durable());

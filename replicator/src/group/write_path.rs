@@ -230,26 +230,28 @@ impl Group {
             // Journaled: the region joins the activity log; not journaled
             // (bitmap mode): the dirty bitmap. Either way a region new to it
             // is on disk before the volume write (group commit).
-            let newly_dirty = match &journal {
+            // (`bitmap_wanted` only moves under the group lock.)
+            let next_save = *self.bitmap_wanted.borrow() + 1;
+            let (newly_dirty, wait_for) = match &journal {
                 Some((seq, ..)) => {
                     let now = self.clock_ms();
-                    g.activity.touch(vol, off, len, *seq, now)
+                    g.activity.touch(vol, off, len, *seq, now, next_save)
                 }
                 None => {
+                    // A chunk already dirty in memory may still wait for its
+                    // save: wait for the newest save asked for.
                     let b = &mut g.bitmaps[vol as usize];
                     let gran = b.granularity();
                     let newly_dirty = (off / gran..(off + len).div_ceil(gran)).any(|c| !b.is_chunk_dirty(c));
                     b.set_range(off, len);
-                    newly_dirty
+                    (newly_dirty, if newly_dirty { next_save } else { next_save - 1 })
                 }
             };
             if newly_dirty {
-                let mut epoch = 0;
-                self.bitmap_wanted.send_modify(|w| {
-                    *w += 1;
-                    epoch = *w;
-                });
-                bitmap_epoch = Some(epoch);
+                self.bitmap_wanted.send_modify(|w| *w = next_save);
+            }
+            if wait_for > *self.bitmap_persisted.borrow() {
+                bitmap_epoch = Some(wait_for);
             }
         }
         let (guard, deps) = self.register(&mut g, vol, off, len, false);
