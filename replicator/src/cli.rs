@@ -84,6 +84,9 @@ pub enum PairCommand {
     },
 }
 
+/// Longest validity `cert issue` accepts (100 years).
+const MAX_CERT_DAYS: i64 = 36_500;
+
 /// `cert ...`
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
@@ -104,8 +107,8 @@ pub enum CertCommand {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = 825)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(i64).range(1..=MAX_CERT_DAYS))]
         days: i64,
     },
 }

@@ -11,7 +11,7 @@
 //! session drained. Otherwise the daemon exits without that mark, and the
 //! next start replays the journals: the safe path.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +47,11 @@ const SESSION_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// mark the groups clean, and the process must still exit.
 pub const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Mode of the control and NBD sockets: the daemon's user and group.
+const SOCKET_MODE: u32 = 0o660;
+const CONTROL_SOCKET: &str = "control socket";
+const NBD_SOCKET: &str = "NBD socket";
+
 /// Daemon start-up errors (each names what to fix).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -67,6 +72,16 @@ pub enum DaemonError {
     /// QUIC / TLS set-up.
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
+    /// A socket path is unsafe to use (a symbolic link, not a socket).
+    #[error("{what} {path}: {reason}")]
+    Refused {
+        /// What.
+        what: &'static str,
+        /// Path.
+        path: String,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A socket or directory could not be created.
     #[error("{what} {path}: {source}")]
     Socket {
@@ -79,19 +94,55 @@ pub enum DaemonError {
     },
 }
 
-fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener, DaemonError> {
+/// Makes `path` free for a socket: refuses a symbolic link there (never
+/// followed, never removed), anything else that is not a socket, and a
+/// socket a daemon still answers on; removes a stale socket.
+fn clear_socket_path(path: &Path, what: &'static str) -> Result<(), DaemonError> {
     let err = |source| DaemonError::Socket { what, path: path.display().to_string(), source };
-    if path.exists() {
-        // A stale socket from a previous run; refuse if a daemon still answers.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another replicator daemon is already serving this socket",
+    let refuse = |reason: String| DaemonError::Refused { what, path: path.display().to_string(), reason };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
+            return Err(refuse(format!(
+                "is a symbolic link (to {target}); refusing to create the socket through it. Remove the link, \
+                 and find out who created it: run_dir should be writable by the daemon's user only"
             )));
         }
-        std::fs::remove_file(path).map_err(err)?;
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A stale socket from a previous run; refuse if a daemon still answers.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another replicator daemon is already serving this socket",
+                )));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(refuse("exists and is not a socket; refusing to replace it (move it away)".to_string()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
     }
+    Ok(())
+}
+
+/// Binds a Unix socket at `path` (see [`clear_socket_path`]) and gives it
+/// `mode`.
+fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::Socket { what, path: path.display().to_string(), source };
+    let refuse = |reason: String| DaemonError::Refused { what, path: path.display().to_string(), reason };
+    clear_socket_path(path, what)?;
+    // bind(2) never follows a symbolic link: one planted since the check
+    // above makes it fail with "address in use".
     let listener = UnixListener::bind(path).map_err(err)?;
+    // chmod(2) would follow one, though: check again (run_dir, 0750, keeps
+    // others from planting anything there in the first place).
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {}
+        Ok(_) => return Err(refuse("was replaced right after it was created; refusing to use it".to_string())),
+        Err(e) => return Err(err(e)),
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
     Ok(listener)
 }
@@ -112,18 +163,19 @@ fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener,
 /// still have been writing to.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let state_dir = &config.node.state_dir;
-    std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::Socket {
-        what: "state_dir",
-        path: state_dir.display().to_string(),
-        source,
-    })?;
+    crate::perms::ensure_dir(state_dir, crate::perms::STATE_DIR_MODE, "state_dir")
+        .map_err(|source| DaemonError::Socket { what: "state_dir", path: state_dir.display().to_string(), source })?;
     // Held until this function returns (the kernel drops it if we die).
     let state_lock = StateDirLock::acquire(state_dir)?;
-    std::fs::create_dir_all(&config.node.run_dir).map_err(|source| DaemonError::Socket {
+    let run_dir = &config.node.run_dir;
+    crate::perms::ensure_dir(run_dir, crate::perms::RUN_DIR_MODE, "run_dir").map_err(|source| DaemonError::Socket {
         what: "run_dir",
-        path: config.node.run_dir.display().to_string(),
+        path: run_dir.display().to_string(),
         source,
     })?;
+    // Before any volume or journal is opened.
+    clear_socket_path(&config.control_socket(), CONTROL_SOCKET)?;
+    clear_socket_path(&config.nbd_socket(), NBD_SOCKET)?;
     let engine = IoEngine::new(BackendChoice::Auto);
     if let Some(reason) = engine.fallback_reason() {
         tracing::warn!("io_uring unavailable ({reason}); using the thread-pool I/O backend");
@@ -143,8 +195,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let node = Arc::new(Node::new(groups, transport.clone()));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
-    let control = bind_unix(&config.control_socket(), 0o660, "control socket")?;
-    let nbd_unix = bind_unix(&config.nbd_socket(), 0o660, "NBD socket")?;
+    let control = bind_unix(&config.control_socket(), SOCKET_MODE, CONTROL_SOCKET)?;
+    let nbd_unix = bind_unix(&config.nbd_socket(), SOCKET_MODE, NBD_SOCKET)?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut nbd_servers = tokio::task::JoinSet::new();
     tasks.spawn(crate::control::serve(control, node.clone(), shutdown.clone()));

@@ -112,6 +112,10 @@ impl Journal {
         let existed = path.exists();
         let opts = OpenOptions { create_size: Some(size), direct: false, read_only: false };
         let file = engine.open(path, &opts).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
+        // Created 0600; one from an older build (or copied in) may be wider.
+        crate::perms::tighten_file(path, crate::perms::PRIVATE_FILE_MODE, "journal").map_err(|source| {
+            JournalError::Io { path: path.to_path_buf(), source: IoError::Open { path: path.to_path_buf(), source } }
+        })?;
         let appender = std::fs::OpenOptions::new().write(true).open(path).map_err(|source| JournalError::Io {
             path: path.to_path_buf(),
             source: IoError::Open { path: path.to_path_buf(), source },
@@ -447,6 +451,21 @@ mod tests {
             positions.push(pos);
         }
         (j, positions)
+    }
+
+    #[tokio::test]
+    async fn journal_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(journal_with(dir.path(), 1).await);
+        assert_eq!(mode(&path), 0o600);
+        // One left wider (an older build, a copy) is tightened at open.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let engine = IoEngine::new(BackendChoice::Auto);
+        drop(Journal::open(&engine, &path, CAPACITY, "g", 7, false).await.unwrap());
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@
 //! - [`journal`], [`volume`], [`io`]: what reaches the disks (io_uring);
 //! - [`transport`] and [`tls`]: QUIC with mutual TLS between the sites;
 //! - [`state`]: what is persisted about each pair; [`state_lock`]: one
-//!   daemon per `state_dir`;
+//!   daemon per `state_dir`; [`perms`]: the modes of its files;
 //! - [`control`]: the admin socket the CLI talks to; [`metrics`];
 //! - [`config`], [`certs`], [`demo`].
 //!
@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod nbd_client;
 pub mod node;
+pub mod perms;
 pub mod state;
 pub mod state_lock;
 pub mod tls;

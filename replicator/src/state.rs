@@ -4,11 +4,15 @@
 //! sets the direction and this file is the truth from then on. Every update
 //! is written to a temporary file, fsynced and renamed over the old one, and
 //! the directory is fsynced, so a crash leaves either the old or the new
-//! state, never a torn one.
+//! state, never a torn one. The group directory is 0700 and every file
+//! written here 0600, whatever the umask (see [`crate::perms`]).
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::perms::{ensure_dir, PRIVATE_FILE_MODE, STATE_DIR_MODE};
 
 use replicator_protocol::pair::{PairState, Role};
 use serde::{Deserialize, Serialize};
@@ -194,6 +198,11 @@ impl StateFile {
         move |source| StateError::Io { path, source }
     }
 
+    /// Creates the group directory (and `groups/`) 0700, or tightens it.
+    pub fn ensure_dir(&self) -> Result<(), StateError> {
+        ensure_dir(&self.dir, STATE_DIR_MODE, "group directory").map_err(self.io(self.dir.clone()))
+    }
+
     /// Loads the state, or `None` if the group was never paired here.
     pub fn load(&self) -> Result<Option<GroupState>, StateError> {
         let path = self.path();
@@ -208,14 +217,14 @@ impl StateFile {
 
     /// Atomically replaces the state file.
     pub fn save(&self, state: &GroupState) -> Result<(), StateError> {
-        fs::create_dir_all(&self.dir).map_err(self.io(self.dir.clone()))?;
+        self.ensure_dir()?;
         write_atomically(&self.path(), &serde_json::to_vec_pretty(state).unwrap_or_default())
             .map_err(self.io(self.path()))
     }
 
     /// Atomically replaces another file in the group directory (bitmaps).
     pub fn save_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
-        fs::create_dir_all(&self.dir).map_err(self.io(self.dir.clone()))?;
+        self.ensure_dir()?;
         let path = self.dir.join(name);
         write_atomically(&path, bytes).map_err(self.io(path))
     }
@@ -232,11 +241,26 @@ impl StateFile {
 }
 
 /// Writes `bytes` to `path` via a temporary file, fsync and rename, then
-/// fsyncs the directory.
+/// fsyncs the directory. The file is created 0600 whatever the umask, and
+/// never through a symbolic link planted at the temporary path: a stale
+/// temporary file (or link) is removed, then the new one is created
+/// exclusively with `O_NOFOLLOW`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(PRIVATE_FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        // The umask may only narrow the mode; make it exact.
+        f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -250,6 +274,48 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::metadata(p).expect("metadata").permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn files_and_dirs_are_private_whatever_the_umask() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let f = StateFile::new(root.path(), "db");
+        crate::perms::with_umask(0o000, || {
+            f.save(&GroupState::simplex()).expect("save");
+            f.save_blob("bitmap.v0", b"bits").expect("save_blob");
+        });
+        assert_eq!(mode_of(f.dir()), 0o700, "group directory");
+        assert_eq!(mode_of(&root.path().join("groups")), 0o700, "groups/");
+        assert_eq!(mode_of(&f.dir().join("state.json")), 0o600, "state.json");
+        assert_eq!(mode_of(&f.dir().join("bitmap.v0")), 0o600, "bitmap");
+
+        // A file from an older build with a wide mode is replaced by a 0600
+        // one; a wide group directory is tightened.
+        fs::set_permissions(f.dir().join("state.json"), fs::Permissions::from_mode(0o644)).expect("chmod");
+        fs::set_permissions(f.dir(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        f.save(&GroupState::simplex()).expect("save");
+        assert_eq!(mode_of(&f.dir().join("state.json")), 0o600);
+        assert_eq!(mode_of(f.dir()), 0o700);
+    }
+
+    #[test]
+    fn a_symlink_at_the_temporary_path_is_not_followed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let f = StateFile::new(root.path(), "db");
+        f.ensure_dir().expect("dir");
+        let victim = root.path().join("victim");
+        fs::write(&victim, b"untouched").expect("write");
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::os::unix::fs::symlink(&victim, f.dir().join("state.tmp")).expect("symlink");
+        f.save(&GroupState::simplex()).expect("save");
+        assert_eq!(fs::read(&victim).expect("read"), b"untouched");
+        assert_eq!(mode_of(&victim), 0o644);
+        assert!(f.load().expect("load").is_some());
+        assert!(!f.dir().join("state.tmp").exists(), "the link is gone");
+    }
 
     #[test]
     fn round_trip_and_corruption() {

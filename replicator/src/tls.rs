@@ -5,6 +5,7 @@
 //! each side checks that the other's certificate names the configured peer
 //! ([`peer_name`]). There is no plaintext mode.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,15 @@ pub enum TlsError {
         path: PathBuf,
         /// What is wrong with it.
         message: String,
+    },
+    /// The private key file is readable (or writable) by others than its
+    /// owner.
+    #[error("{path}: private key file has mode {mode:04o}, open to its group or others; refusing to use it. Restrict it with `chmod 600 {path}` (and make it owned by the daemon's user)")]
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// This node's own certificate does not carry its node name.
     #[error("{path}: this certificate is not issued for node {name:?} (node.name); issue one with `replicator cert issue --name {name}`")]
@@ -79,6 +89,17 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// Refuses a private key file that its group or others may read: mode
+/// `& 0o077` must be 0 (of the file a symbolic link points to).
+fn check_key_mode(path: &Path) -> Result<(), TlsError> {
+    let meta = std::fs::metadata(path).map_err(|e| pem_err(path, e))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyPermissions { path: path.to_path_buf(), mode });
+    }
+    Ok(())
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -92,6 +113,7 @@ impl TlsIdentity {
             roots.add(ca).map_err(|e| pem_err(&paths.ca, format!("not a usable CA certificate: {e}")))?;
         }
         let chain = load_certs(&paths.cert)?;
+        check_key_mode(&paths.key)?;
         let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| pem_err(&paths.key, e))?;
         if certificate_names(&chain[0], &[node_name.to_string()]).is_err() {
             return Err(TlsError::WrongOwnName { path: paths.cert.clone(), name: node_name.to_string() });
@@ -172,4 +194,34 @@ pub fn peer_name(conn: &quinn::Connection, expected: &[String]) -> Result<String
     let first = certs.first().ok_or(TlsError::NoPeerCertificate)?;
     certificate_names(first, expected)
         .map_err(|presented| TlsError::UnexpectedPeer { presented, expected: expected.to_vec() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(dir: &Path) -> TlsPaths {
+        let ca = dir.join("ca");
+        crate::certs::init_ca(&ca).expect("init");
+        let (cert, key) = crate::certs::issue(&ca, "site-a", dir, crate::certs::Validity::days(1)).expect("issue");
+        TlsPaths { ca: ca.join("ca.pem"), cert, key }
+    }
+
+    #[test]
+    fn a_key_others_may_read_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = identity(dir.path());
+        TlsIdentity::load(&paths, "site-a").expect("a 0600 key loads");
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&paths.key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = TlsIdentity::load(&paths, "site-a").expect_err("a key open to others must be refused");
+            let text = err.to_string();
+            assert!(matches!(err, TlsError::KeyPermissions { .. }), "{text}");
+            assert!(text.contains(&paths.key.display().to_string()), "{text}");
+            assert!(text.contains(&format!("{mode:04o}")), "{text}");
+            assert!(text.contains(&format!("chmod 600 {}", paths.key.display())), "{text}");
+        }
+        std::fs::set_permissions(&paths.key, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+        TlsIdentity::load(&paths, "site-a").expect("a 0400 key loads");
+    }
 }
