@@ -495,3 +495,89 @@ fn a_stop_with_a_write_stuck_in_the_volume_is_not_recorded_as_clean() {
     drop(fuse);
     drop(disk);
 }
+
+/// A local read error in the middle of a write (the read-modify-write of an
+/// unaligned request, after the write took its journal sequence) leaves a
+/// hole no later record may pass. The group stops taking writes at once
+/// (SUSPENDED(error), writes fail instead of hanging behind the hole), and a
+/// restart recovers the journal and replicates again.
+#[test]
+fn a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it() {
+    for tool in ["nbdkit", "nbdfuse", "fusermount3"] {
+        require(tool);
+    }
+    if !require_root("a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it") {
+        return;
+    }
+    let (group, vol, size) = ("failing", "failing-vol", 16 * MIB);
+    let mut opts = ClusterOpts::group(GroupSpec::new(group, Mode::Async).volume(vol, size));
+    opts.start = false;
+    let mut c = Cluster::new(opts);
+    // site-a's volume: nbdfuse over nbdkit's memory disk behind its error
+    // filter, which fails every read while the trigger file exists.
+    let helper_dir = c.root().join("failing");
+    std::fs::create_dir_all(&helper_dir).expect("mkdir");
+    let (sock, trigger) = (helper_dir.join("nbdkit.sock"), helper_dir.join("fail-reads"));
+    let log = std::fs::File::create(helper_dir.join("nbdkit.log")).expect("nbdkit log");
+    let mut nbdkit = Command::new(require("nbdkit"))
+        .args(["--foreground", "--unix"])
+        .arg(&sock)
+        .args(["--filter=error", "memory", &format!("size={size}"), "error=EIO", "error-pread-rate=100%"])
+        .arg(format!("error-pread-file={}", trigger.display()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone"))
+        .stderr(log)
+        .spawn()
+        .expect("start nbdkit");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "nbdkit did not create its socket within 30s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (fuse, volume) = FuseMount::start(&helper_dir.join("mnt"), &sock, &helper_dir.join("nbdfuse.log"));
+    set_volume_path(&c, Site::A, vol, &volume);
+    c.start(Site::A);
+    c.start(Site::B);
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let rt = runtime();
+    write_blocks(&rt, &c, vol, 700, 8);
+    c.wait_drained(group);
+    if !c.status(Site::A, group).direct_io {
+        // Reads would come from the page cache and never fail.
+        eprintln!("skipping: the FUSE volume is not opened with O_DIRECT here");
+        drop(fuse);
+        let _ = nbdkit.kill();
+        return;
+    }
+
+    std::fs::write(&trigger, b"").expect("trigger");
+    let (unaligned, after) = rt.block_on(async {
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("NBD connect");
+        let unaligned = client.write(6 * MIB + 512, &[7u8; 1000], false).await;
+        let after = tokio::time::timeout(Duration::from_secs(10), client.write(8 * MIB, &[8u8; 4096], false)).await;
+        (unaligned, after)
+    });
+    assert!(unaligned.is_err(), "the write whose read-modify-write failed must fail");
+    match after {
+        Ok(Err(_)) => {}
+        Ok(Ok(())) => panic!("a later write must not be acknowledged past the hole"),
+        Err(_) => panic!("a later write hung behind the hole instead of failing\n{}", c.diagnostics()),
+    }
+    let s = c.status(Site::A, group);
+    assert_eq!((s.state.as_str(), s.reason.as_deref()), ("SUSPENDED", Some("error")), "{s:?}");
+    assert!(s.last_error.as_deref().unwrap_or("").contains("stopped taking writes"), "{s:?}");
+
+    std::fs::remove_file(&trigger).expect("clear the fault");
+    c.stop(Site::A);
+    c.start(Site::A);
+    c.wait_pair(group, Duration::from_secs(60));
+    write_blocks(&rt, &c, vol, 800, 8);
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    assert_eq!(compare_files(&volume, &c.volume_path(Site::B, vol)), FileDiff::Identical, "{}", c.diagnostics());
+    drop(fuse);
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+}

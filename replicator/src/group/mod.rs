@@ -209,6 +209,9 @@ pub struct Group {
     nbd_clients: AtomicUsize,
     /// Serialises writes of the bitmap and activity-log files.
     bitmap_io: Mutex<()>,
+    /// Set when the group stopped taking writes after a local failure (see
+    /// `fail_stop` in write_path.rs).
+    stopped: std::sync::OnceLock<String>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -357,6 +360,13 @@ impl Group {
             }
             persisted.consistent = false;
         }
+        // An error that suspended a primary is judged again after the
+        // restart (the journal is recovered and replayed by now; the peer's
+        // verdict comes with the next session).
+        if role == Role::Primary && state == PairState::Suspended(SuspendReason::Error) {
+            tracing::warn!(group = %cfg.name, "the pair was SUSPENDED(error) before the restart: checking it again");
+            state = PairState::Suspended(SuspendReason::Link);
+        }
         // No replication session is up yet: a replica never claims PAIR
         // (or COPY progress) without one.
         if role == Role::Secondary && matches!(state, PairState::Pair | PairState::Copy) {
@@ -442,6 +452,7 @@ impl Group {
             state_written: Mutex::new(0),
             nbd_clients: AtomicUsize::new(0),
             bitmap_io: Mutex::new(()),
+            stopped: std::sync::OnceLock::new(),
         });
         {
             let mut g = lock(&group.inner);
@@ -945,9 +956,10 @@ impl Group {
         if g.role == Role::Primary {
             self.save_bitmaps(&mut g);
         }
-        // Only a stop whose final flush worked is clean; otherwise the next
-        // start replays the journal.
-        g.persisted.clean_shutdown = flushed;
+        // Only a stop whose final flush worked, in a group that did not stop
+        // after a local failure, is clean; otherwise the next start replays
+        // the journal.
+        g.persisted.clean_shutdown = flushed && self.stopped.get().is_none();
         self.save_locked(&mut g);
     }
 

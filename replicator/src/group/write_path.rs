@@ -104,6 +104,29 @@ impl Drop for RangeGuard<'_> {
     }
 }
 
+/// Armed while a write holds a journal sequence that is not in the journal
+/// yet; dropped armed (an early return, a failed append), it stops the
+/// group: see [`Group::fail_stop`].
+struct HoleGuard<'a> {
+    group: &'a Group,
+    /// The sequence, while it is not journaled.
+    seq: Option<u64>,
+}
+
+impl HoleGuard<'_> {
+    fn disarm(&mut self) {
+        self.seq = None;
+    }
+}
+
+impl Drop for HoleGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(seq) = self.seq {
+            self.group.fail_stop(format!("record {seq} could not be journaled"));
+        }
+    }
+}
+
 /// Outcome of admission under the lock.
 enum Admission<'a> {
     /// Sequenced (and journal space reserved if journaled).
@@ -188,6 +211,9 @@ impl Group {
     }
 
     fn admit(&self, vol: u32, off: u64, len: u64, payload_len: u64) -> Result<Admission<'_>, WriteError> {
+        if let Some(why) = self.stopped.get() {
+            return Err(self.stopped_error(why));
+        }
         let mut g = lock(&self.inner);
         if g.role == Role::Secondary {
             return Err(WriteError::ReadOnly(self.cfg.name.clone()));
@@ -338,10 +364,13 @@ impl Group {
                     // timeout covers a wake-up that came before we listened.
                     let _ = tokio::time::timeout(Duration::from_millis(100), self.space_freed.notified()).await;
                 }
-                Admission::WaitForAppends(seq) => self.wait_journaled_through(seq).await,
+                Admission::WaitForAppends(seq) => self.wait_journaled_through(seq).await?,
             }
         };
         let Admitted { guard, deps, journal, generation, bitmap_epoch } = admitted;
+        // From here until the record is in the journal, any early return
+        // leaves a hole no later record may pass: the guard stops the group.
+        let mut hole = journal.as_ref().map(|(seq, ..)| HoleGuard { group: self, seq: Some(*seq) });
         wait_all(deps).await;
         if let Some(epoch) = bitmap_epoch {
             let mut rx = self.bitmap_persisted.subscribe();
@@ -381,16 +410,14 @@ impl Group {
                 None => Record::without_payload(op, seq, vol, a_off, a_len as u32, generation, fua),
             };
             record.written_at_us = unix_micros();
-            let appended = j.append_at(pos, &record).map_err(WriteError::from);
+            // A failed append returns with the hole guard armed.
+            j.append_at(pos, &record)?;
             journal_file = Some(j);
-            let ok = appended.is_ok();
-            self.journaled(seq, record, ok);
-            if let Err(e) = appended {
-                self.record_error(&format!("journal write failed: {e}"));
-                self.volume_written(seq);
-                return Err(e);
+            self.journaled(seq, record);
+            if let Some(mut h) = hole.take() {
+                h.disarm();
             }
-            self.wait_journaled_through(seq).await;
+            self.wait_journaled_through(seq).await?;
             shipped_seq = Some(seq);
         }
         // FUA data goes to the volume with RWF_DSYNC: durable when it
@@ -403,11 +430,13 @@ impl Group {
             None => volume.file().write_zeroes(a_off, a_len).await,
         };
         drop(guard);
+        if let Err(e) = &local_res {
+            // The record is journaled (and may be shipped) but the volume
+            // did not take it: stop; a restart replays the journal onto it.
+            self.fail_stop(format!("local write of record {shipped_seq:?} failed: {e}"));
+        }
         if let Some(seq) = shipped_seq {
             self.volume_written(seq);
-        }
-        if let Err(e) = &local_res {
-            self.record_error(&format!("local write failed: {e}"));
         }
         local_res?;
 
@@ -422,14 +451,14 @@ impl Group {
         Ok(())
     }
 
-    /// Record `seq` is in the journal (or failed to get there but is kept in
-    /// memory): hand it to the shipper and let later volume writes proceed.
-    fn journaled(&self, seq: u64, record: Record, on_disk: bool) {
+    /// Record `seq` is in the journal: hand it to the shipper and let later
+    /// volume writes proceed.
+    fn journaled(&self, seq: u64, record: Record) {
         let mut g = lock(&self.inner);
         let bytes = record.payload.len() as u64;
         if let Some(e) = g.entries.get_mut(&seq) {
             e.record = Some(record);
-            e.journaled = on_disk;
+            e.journaled = true;
             g.cached_bytes += bytes;
         }
         g.ready.complete(seq);
@@ -463,14 +492,41 @@ impl Group {
         self.ship_wake.notify_one();
     }
 
-    async fn wait_journaled_through(&self, seq: u64) {
+    async fn wait_journaled_through(&self, seq: u64) -> Result<(), WriteError> {
         // Usually every earlier record is already in the journal: no need to
         // subscribe (and be woken by every later journal append).
-        if *self.journaled_through.borrow() >= seq {
-            return;
+        if *self.journaled_through.borrow() < seq {
+            let mut rx = self.journaled_through.subscribe();
+            let _ = rx.wait_for(|t| *t >= seq || self.stopped.get().is_some()).await;
         }
-        let mut rx = self.journaled_through.subscribe();
-        let _ = rx.wait_for(|t| *t >= seq).await;
+        match self.stopped.get() {
+            Some(why) if *self.journaled_through.borrow() < seq => Err(self.stopped_error(why)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A write failed between taking its journal sequence and reaching the
+    /// journal, or its volume write failed: no later record may pass that
+    /// point, so the group stops taking writes (fail-stop, SUSPENDED(error))
+    /// until the daemon restarts, recovers the journal and replays it.
+    pub(super) fn fail_stop(&self, why: String) {
+        if self.stopped.set(why.clone()).is_ok() {
+            self.record_error(&format!(
+                "{why}: this group stopped taking writes; fix the disk and restart the daemon (the journal is recovered and replayed)"
+            ));
+            let mut g = lock(&self.inner);
+            self.transition(&mut g, PairEvent::Failure, &why);
+            drop(g);
+            // Wake writes waiting for earlier records: they fail now.
+            self.journaled_through.send_modify(|_| {});
+        }
+    }
+
+    fn stopped_error(&self, why: &str) -> WriteError {
+        WriteError::Replication(format!(
+            "group {} stopped taking writes after a local failure ({why}); restart the daemon once the disk is fixed",
+            self.cfg.name
+        ))
     }
 
     /// The volume write of record `seq` finished (or will never happen).
