@@ -548,6 +548,7 @@ fn a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it() {
         eprintln!("skipping: the FUSE volume is not opened with O_DIRECT here");
         drop(fuse);
         let _ = nbdkit.kill();
+        let _ = nbdkit.wait();
         return;
     }
 
