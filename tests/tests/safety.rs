@@ -519,7 +519,7 @@ fn a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it() {
     std::fs::create_dir_all(&helper_dir).expect("mkdir");
     let (sock, trigger) = (helper_dir.join("nbdkit.sock"), helper_dir.join("fail-reads"));
     let log = std::fs::File::create(helper_dir.join("nbdkit.log")).expect("nbdkit log");
-    let mut nbdkit = Command::new(require("nbdkit"))
+    let nbdkit = Command::new(require("nbdkit"))
         .args(["--foreground", "--unix"])
         .arg(&sock)
         .args(["--filter=error", "memory", &format!("size={size}"), "error=EIO", "error-pread-rate=100%"])
@@ -529,6 +529,8 @@ fn a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it() {
         .stderr(log)
         .spawn()
         .expect("start nbdkit");
+    // Killed and reaped however the test ends.
+    let _nbdkit = KillOnDrop(nbdkit);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
         assert!(Instant::now() < deadline, "nbdkit did not create its socket within 30s");
@@ -547,8 +549,6 @@ fn a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it() {
         // Reads would come from the page cache and never fail.
         eprintln!("skipping: the FUSE volume is not opened with O_DIRECT here");
         drop(fuse);
-        let _ = nbdkit.kill();
-        let _ = nbdkit.wait();
         return;
     }
 
@@ -579,6 +579,14 @@ fn a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it() {
     c.stop(Site::B);
     assert_eq!(compare_files(&volume, &c.volume_path(Site::B, vol)), FileDiff::Identical, "{}", c.diagnostics());
     drop(fuse);
-    let _ = nbdkit.kill();
-    let _ = nbdkit.wait();
+}
+
+/// A helper process, killed and reaped when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
