@@ -23,8 +23,10 @@ const DURABLE_INTERVAL: Duration = Duration::from_millis(100);
 /// Copy data applied beyond this is made durable at once (the primary
 /// keeps at most a 16 MiB copy window in flight).
 const COPY_FLUSH_BYTES: u64 = 4 << 20;
-/// The apply horizon is persisted this many records ahead of the applies.
-const HORIZON_STEP: u64 = 1024;
+/// The apply horizon is persisted this many records ahead of the applies
+/// (one state save per step; a catch-up after a crash never goes beyond
+/// the primary's newest record, so a long step costs nothing there).
+const HORIZON_STEP: u64 = 1 << 16;
 /// How often the resume checkpoint is persisted.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 

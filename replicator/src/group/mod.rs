@@ -207,8 +207,9 @@ pub struct Group {
     state_written: Mutex<u64>,
     /// NBD connections attached to this group's volumes.
     nbd_clients: AtomicUsize,
-    /// Serialises writes of the bitmap and activity-log files.
-    bitmap_io: Mutex<()>,
+    /// Serialises writes of the bitmap and activity-log files, and holds
+    /// the bytes last written to each.
+    bitmap_io: Mutex<HashMap<String, Vec<u8>>>,
     /// Set when the group stopped taking writes after a local failure (see
     /// `fail_stop` in write_path.rs).
     stopped: std::sync::OnceLock<String>,
@@ -451,7 +452,7 @@ impl Group {
             latency: crate::latency::LatencyHistogram::default(),
             state_written: Mutex::new(0),
             nbd_clients: AtomicUsize::new(0),
-            bitmap_io: Mutex::new(()),
+            bitmap_io: Mutex::new(HashMap::new()),
             stopped: std::sync::OnceLock::new(),
         });
         {
@@ -593,9 +594,17 @@ impl Group {
 
     fn write_bitmaps(&self, snapshot: &[(String, Vec<u8>)]) -> Result<(), StateError> {
         // The flusher and direct saves write the same files: one at a time.
-        let _one_writer = self.bitmap_io.lock().unwrap_or_else(PoisonError::into_inner);
+        // A file whose bytes are already on disk is not written again (a
+        // new activity-log region then costs one file save, not one per
+        // volume bitmap as well).
+        let mut written = self.bitmap_io.lock().unwrap_or_else(PoisonError::into_inner);
         for (name, bytes) in snapshot {
+            if written.get(name) == Some(bytes) {
+                continue;
+            }
+            written.remove(name);
             self.store.save_blob(name, bytes)?;
+            written.insert(name.clone(), bytes.clone());
         }
         Ok(())
     }
