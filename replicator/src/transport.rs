@@ -157,6 +157,11 @@ impl FramedSend {
     }
 }
 
+/// QUIC handshakes (with the Hello exchange) in progress at once.
+const MAX_HANDSHAKES: usize = 16;
+/// An incoming connection must finish its handshake and Hello within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The QUIC endpoint and the peer connections it dialed.
 #[derive(Debug)]
 pub struct Transport {
@@ -167,6 +172,9 @@ pub struct Transport {
     conns: Mutex<HashMap<String, quinn::Connection>>,
     /// Wire versions offered in `Hello` and accepted from peers.
     versions: Vec<u32>,
+    /// Authenticated peer connections from the handshake tasks (started by
+    /// the first [`Transport::accept`]).
+    accepted: Mutex<Option<tokio::sync::mpsc::Receiver<PeerConnection>>>,
 }
 
 /// An incoming connection that was refused, and why.
@@ -226,6 +234,7 @@ impl Transport {
             node: config.node.name.clone(),
             peers: config.peers.iter().map(|p| (p.name.clone(), p.address)).collect(),
             conns: Mutex::new(HashMap::new()),
+            accepted: Mutex::new(None),
             versions: versions.to_vec(),
         })
     }
@@ -241,17 +250,66 @@ impl Transport {
 
     /// Accepts the next authenticated peer connection. Failed handshakes are
     /// logged with the reason and skipped. `None` when the endpoint closes.
-    pub async fn accept(&self) -> Option<PeerConnection> {
-        loop {
-            match self.accept_next().await? {
-                Ok(pc) => return Some(pc),
-                Err(Refused { remote, peer: Some(peer), reason }) => {
-                    tracing::warn!(%remote, %peer, "refused connection: {reason}");
+    pub async fn accept(self: &Arc<Self>) -> Option<PeerConnection> {
+        let mut peers = self.accepted.lock().await;
+        if peers.is_none() {
+            let (tx, rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+            tokio::spawn(self.clone().handshakes(tx));
+            *peers = Some(rx);
+        }
+        peers.as_mut()?.recv().await
+    }
+
+    /// Accepts incoming connections and runs each handshake (QUIC, TLS,
+    /// Hello) in its own task, each within [`HANDSHAKE_TIMEOUT`]: a client
+    /// that starts handshakes and never finishes them (replayed Initial
+    /// packets need no credentials) cannot hold up the configured peer.
+    /// At most [`MAX_HANDSHAKES`] run for clients whose address is not
+    /// validated; beyond that a new client gets a QUIC Retry (stateless: a
+    /// spoofed or vanished sender never answers it), and a client that
+    /// answered it — proving its address — draws on a pool of its own.
+    async fn handshakes(self: Arc<Self>, peers: tokio::sync::mpsc::Sender<PeerConnection>) {
+        let unvalidated = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let validated = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let mut last_busy_log: Option<std::time::Instant> = None;
+        while let Some(incoming) = self.endpoint.accept().await {
+            let remote = incoming.remote_address();
+            let pool = if incoming.remote_address_validated() { &validated } else { &unvalidated };
+            let Ok(slot) = pool.clone().try_acquire_owned() else {
+                if last_busy_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(%remote, "{MAX_HANDSHAKES} QUIC handshakes in progress: new clients must validate their address (Retry)");
+                    last_busy_log = Some(std::time::Instant::now());
                 }
-                Err(Refused { remote, peer: None, reason }) => {
-                    tracing::warn!(%remote, "refused connection: {reason}");
+                if incoming.remote_address_validated() {
+                    incoming.refuse();
+                } else if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
                 }
-            }
+                continue;
+            };
+            let (me, peers) = (self.clone(), peers.clone());
+            tokio::spawn(async move {
+                let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, me.handshake(incoming)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Refused {
+                        remote,
+                        peer: None,
+                        reason: TransportError::Timeout("for the QUIC/TLS handshake and Hello"),
+                    }),
+                };
+                drop(slot);
+                match result {
+                    Ok(pc) => {
+                        let _ = peers.send(pc).await;
+                    }
+                    Err(Refused { remote, peer: Some(peer), reason }) => {
+                        tracing::warn!(%remote, %peer, "refused connection: {reason}");
+                    }
+                    Err(Refused { remote, peer: None, reason }) => {
+                        tracing::warn!(%remote, "refused connection: {reason}");
+                    }
+                }
+            });
         }
     }
 
@@ -260,15 +318,21 @@ impl Transport {
     /// closes. [`Transport::accept`] is this, logging and skipping refusals.
     pub async fn accept_next(&self) -> Option<Result<PeerConnection, Refused>> {
         let incoming = self.endpoint.accept().await?;
+        Some(self.handshake(incoming).await)
+    }
+
+    /// One incoming connection's handshake: QUIC and TLS, the certificate's
+    /// peer name, Hello.
+    async fn handshake(&self, incoming: quinn::Incoming) -> Result<PeerConnection, Refused> {
         let remote = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
             Err(e) => {
                 let reason = TransportError::Protocol(format!("TLS/QUIC handshake failed: {e}"));
-                return Some(Err(Refused { remote, peer: None, reason }));
+                return Err(Refused { remote, peer: None, reason });
             }
         };
-        Some(match peer_name(&conn, &self.peer_names()) {
+        match peer_name(&conn, &self.peer_names()) {
             Ok(peer) => match self.answer_hello(&conn, &peer).await {
                 Ok(()) => Ok(PeerConnection { peer, conn }),
                 Err(reason) => {
@@ -280,7 +344,7 @@ impl Transport {
                 conn.close(quinn::VarInt::from_u32(1), b"certificate does not name a configured peer");
                 Err(Refused { remote, peer: None, reason: TransportError::Tls(e) })
             }
-        })
+        }
     }
 
     async fn answer_hello(&self, conn: &quinn::Connection, peer: &str) -> Result<(), TransportError> {
