@@ -702,6 +702,13 @@ address = "127.0.0.1:{peer_port}"
         }
     }
 
+    /// Sends `sig` to a site's running daemon (SIGSTOP / SIGCONT freeze and
+    /// thaw it: a partition as its peer sees it).
+    pub fn signal(&self, site: Site, sig: nix::sys::signal::Signal) {
+        let pid = self.pid(site).unwrap_or_else(|| panic!("{site} is not running"));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal");
+    }
+
     /// `kill -9` (tolerates a daemon already killed from elsewhere).
     pub fn kill9(&mut self, site: Site) {
         if let Some(mut child) = self.sites[site.index()].child.take() {

@@ -12,17 +12,11 @@
 use std::process::Command;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use replicator::nbd_client::NbdClient;
 use replicator_tests::{require, run_ok, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
-
-fn signal(cluster: &Cluster, site: Site, sig: Signal) {
-    let pid = cluster.pid(site).expect("daemon running");
-    kill(Pid::from_raw(pid), sig).expect("signal");
-}
 
 fn qemu_io(cluster: &Cluster, site: Site, export: &str, cmds: &[&str]) -> String {
     let mut cmd = Command::new(require("qemu-io"));
@@ -53,7 +47,7 @@ fn trim_beyond_the_payload_limit_and_later_writes_survive_a_primary_restart() {
 
     // Secondary paused: W1, a 128 MiB TRIM (one record), W2 and W3 with
     // FUA, and a FLUSH; all acknowledged by the primary (async mode).
-    signal(&cluster, Site::B, Signal::SIGSTOP);
+    cluster.signal(Site::B, Signal::SIGSTOP);
     qemu_io(
         &cluster,
         Site::A,
@@ -62,7 +56,7 @@ fn trim_beyond_the_payload_limit_and_later_writes_survive_a_primary_restart() {
     );
     cluster.stop(Site::A);
     cluster.start(Site::A);
-    signal(&cluster, Site::B, Signal::SIGCONT);
+    cluster.signal(Site::B, Signal::SIGCONT);
     let s = cluster.wait_drained_within("tr", Duration::from_secs(90));
     assert!(s.last_seq >= 6, "the TRIM and the writes after it must still be in the journal after the restart: {s:?}");
     qemu_io(

@@ -11,18 +11,12 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use replicator::nbd_client::NbdClient;
 use replicator_tests::pattern::Rng;
 use replicator_tests::{Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
-
-fn signal(cluster: &Cluster, site: Site, sig: Signal) {
-    let pid = cluster.pid(site).expect("daemon running");
-    kill(Pid::from_raw(pid), sig).expect("signal");
-}
 
 /// Writes `count` blocks of `block` bytes at pseudo-random aligned offsets.
 async fn write_random(client: &NbdClient, seed: u64, count: usize, block: usize) {
@@ -52,7 +46,7 @@ fn async_link_loss_suspends_and_resumes_from_the_checkpoint() {
     rt.block_on(write_random(&client, 1, 200, 4096));
     cluster.wait_drained("ln");
 
-    signal(&cluster, Site::B, Signal::SIGSTOP);
+    cluster.signal(Site::B, Signal::SIGSTOP);
     rt.block_on(write_random(&client, 2, 500, 4096));
     let s = cluster.wait_until(Site::A, "ln", "suspended for link", Duration::from_secs(30), |s| {
         s.state == "SUSPENDED" && s.reason.as_deref() == Some("link")
@@ -63,7 +57,7 @@ fn async_link_loss_suspends_and_resumes_from_the_checkpoint() {
     // Writes keep being acknowledged while suspended.
     rt.block_on(write_random(&client, 3, 300, 4096));
 
-    signal(&cluster, Site::B, Signal::SIGCONT);
+    cluster.signal(Site::B, Signal::SIGCONT);
     cluster.wait_drained_within("ln", Duration::from_secs(90));
     rt.block_on(write_random(&client, 4, 100, 4096));
     cluster.wait_drained("ln");
@@ -85,7 +79,7 @@ fn journal_full_tracks_dirty_regions_and_resyncs_only_them() {
     let rt = runtime();
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "jf-vol")).expect("connect");
 
-    signal(&cluster, Site::B, Signal::SIGSTOP);
+    cluster.signal(Site::B, Signal::SIGSTOP);
     // 48 MiB of 1 MiB writes into the first 64 MiB: three times the journal.
     rt.block_on(async {
         let mut rng = Rng::new(7);
@@ -101,7 +95,7 @@ fn journal_full_tracks_dirty_regions_and_resyncs_only_them() {
     assert!(s.dirty_bytes > 0, "writes beyond the journal must be tracked in the bitmap: {s:?}");
     assert!(s.dirty_bytes <= 64 * MIB, "only written regions may be dirty: {s:?}");
 
-    signal(&cluster, Site::B, Signal::SIGCONT);
+    cluster.signal(Site::B, Signal::SIGCONT);
     let started = Instant::now();
     cluster.wait_until(Site::A, "jf", "PAIR with a clean bitmap", Duration::from_secs(120), |s| {
         s.state == "PAIR" && s.dirty_bytes == 0 && s.connected
@@ -127,7 +121,7 @@ fn sync_link_loss_stalls_writes_at_most_link_timeout_then_suspends() {
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sl-vol")).expect("connect");
     rt.block_on(write_random(&client, 11, 100, 4096));
 
-    signal(&cluster, Site::B, Signal::SIGSTOP);
+    cluster.signal(Site::B, Signal::SIGSTOP);
     let t = Instant::now();
     rt.block_on(write_random(&client, 12, 50, 4096));
     let stalled = t.elapsed();
@@ -135,7 +129,7 @@ fn sync_link_loss_stalls_writes_at_most_link_timeout_then_suspends() {
     let s = cluster.status(Site::A, "sl");
     assert_eq!((s.state.as_str(), s.reason.as_deref()), ("SUSPENDED", Some("link")), "{s:?}");
 
-    signal(&cluster, Site::B, Signal::SIGCONT);
+    cluster.signal(Site::B, Signal::SIGCONT);
     cluster.wait_drained_within("sl", Duration::from_secs(90));
     rt.block_on(write_random(&client, 13, 100, 4096));
     cluster.wait_drained("sl");
@@ -156,7 +150,7 @@ fn kill9_while_tracking_dirty_regions_resyncs_only_the_dirty_regions() {
     cluster.wait_pair("kb", Duration::from_secs(60));
     let rt = runtime();
 
-    signal(&cluster, Site::B, Signal::SIGSTOP);
+    cluster.signal(Site::B, Signal::SIGSTOP);
     {
         let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "kb-vol")).expect("connect");
         rt.block_on(async {
@@ -180,7 +174,7 @@ fn kill9_while_tracking_dirty_regions_resyncs_only_the_dirty_regions() {
         "after kill -9 the resync must cover only the written 32 MiB, not the volume: {} bytes dirty",
         s.dirty_bytes
     );
-    signal(&cluster, Site::B, Signal::SIGCONT);
+    cluster.signal(Site::B, Signal::SIGCONT);
     cluster.wait_until(Site::A, "kb", "PAIR with a clean bitmap", Duration::from_secs(120), |s| {
         s.state == "PAIR" && s.dirty_bytes == 0 && s.connected
     });
