@@ -38,11 +38,9 @@ pub const JOURNAL_HEADER_LEN: usize = 64;
 /// Records start and end on multiples of this.
 pub const JOURNAL_RECORD_ALIGN: u64 = 512;
 /// At most this many records may be reserved beyond the contiguous run of
-/// records already in the journal (the write path waits otherwise). Appends
-/// run concurrently, so a crash can leave records after a missing one; this
-/// bound is what lets recovery tell those (never acknowledged: a volume
-/// write waits until every earlier record is journaled) from a real gap in
-/// the log, which it refuses to truncate.
+/// records already in the journal (the write path waits otherwise): bounds
+/// the appends in flight, and so the records after a missing one that an
+/// unclean stop can leave (recovery discards them).
 pub const MAX_APPEND_WINDOW: u64 = 1024;
 /// Longest group name a superblock can hold, in bytes.
 pub const JOURNAL_MAX_GROUP_LEN: usize = 200;

@@ -21,6 +21,8 @@
 //! - [`pair`]: pair roles and the pair state machine.
 //! - [`ship`] and [`apply`]: the two ends of a replication session (primary
 //!   shipper, secondary applier).
+//! - [`secondary`]: the secondary's session as a state machine: restore
+//!   journal, applies, volume syncs, checkpoints, acks.
 //!
 //! Nothing here blocks, allocates threads or performs I/O; every input that
 //! can come from the wire or from disk is validated and rejected with an
@@ -33,6 +35,7 @@ pub mod journal_format;
 pub mod pair;
 mod ranges;
 pub mod record;
+pub mod secondary;
 pub mod seqtrack;
 pub mod sequencer;
 pub mod ship;

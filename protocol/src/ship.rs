@@ -40,7 +40,7 @@ pub enum ShipError {
         sent: u64,
     },
     /// The ack's counters contradict each other.
-    #[error("inconsistent peer ack: received {received}, applied {applied}, durable {durable}, checkpoint {checkpoint} (must not increase left to right)")]
+    #[error("inconsistent peer ack: received {received}, applied {applied}, durable {durable}, checkpoint {checkpoint} (applied and durable must not exceed received, checkpoint not durable)")]
     AckInconsistent {
         /// received_seq
         received: u64,
@@ -81,7 +81,7 @@ pub struct AckUpdate {
 }
 
 /// Primary-side shipping state of one group session.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Shipper {
     last_seq: u64,
     sent: u64,
@@ -135,8 +135,9 @@ impl Shipper {
     }
 
     /// Processes an ack from the secondary. Acks must not go backwards, must
-    /// satisfy `durable <= applied <= received`, and must not cover records
-    /// that were not sent.
+    /// satisfy `applied <= received`, `checkpoint <= durable <= received`
+    /// (the secondary's restore journal makes a record durable before its
+    /// volumes have it), and must not cover records that were not sent.
     pub fn on_ack(&mut self, ack: &pb::Ack) -> Result<AckUpdate, ShipError> {
         let checks = [
             ("received_seq", self.received, ack.received_seq),
@@ -154,7 +155,7 @@ impl Shipper {
             return Err(ShipError::AckBeyondSent { field: "received_seq", got: ack.received_seq, sent: self.sent });
         }
         if ack.applied_seq > ack.received_seq
-            || ack.durable_seq > ack.applied_seq
+            || ack.durable_seq > ack.received_seq
             || ack.checkpoint_seq > ack.durable_seq
         {
             return Err(ShipError::AckInconsistent {
@@ -287,7 +288,9 @@ mod tests {
         assert!(matches!(s.on_ack(&ack(4, 3, 2, 0)), Err(ShipError::AckBackwards { field: "copy_durable", .. })));
         assert!(matches!(s.on_ack(&ack(6, 3, 2, 1)), Err(ShipError::AckBeyondSent { .. })));
         assert!(matches!(s.on_ack(&ack(4, 5, 2, 1)), Err(ShipError::AckInconsistent { .. })));
-        assert!(matches!(s.on_ack(&ack(5, 3, 4, 1)), Err(ShipError::AckInconsistent { .. })));
+        assert!(matches!(s.on_ack(&ack(5, 3, 6, 1)), Err(ShipError::AckInconsistent { .. })));
+        // The restore journal: durable before applied is fine.
+        assert!(s.clone().on_ack(&ack(5, 3, 4, 1)).is_ok());
         // Rejected acks change nothing.
         assert_eq!((s.received(), s.applied(), s.durable()), (4, 3, 2));
         assert!(matches!(Shipper::try_new(7, 5), Err(ShipError::PeerAhead { .. })));

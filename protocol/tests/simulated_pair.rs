@@ -1,34 +1,42 @@
 //! Deterministic simulation of a replicating pair, in the shape of
 //! quinn-proto's `tests/random_interaction.rs`: proptest generates a list of
-//! operations (client writes, byte delivery in both directions, applies,
-//! flushes, checkpoints, link drops, secondary crashes) and replays it against
-//! an in-memory primary and secondary built from this crate's state machines,
-//! exchanging real frames. Invariants are checked after every step:
+//! operations (client writes, byte delivery in both directions, completions
+//! of the secondary's journal syncs, applies, volume syncs and state saves,
+//! time, link drops, crashes and power cuts of the secondary) and replays it
+//! against an in-memory primary and the production secondary state machine
+//! ([`replicator_protocol::secondary::Secondary`]) over a model disk that
+//! loses, at a power cut, any subset of what was not synced. Invariants are
+//! checked after every step:
 //!
 //! - the primary's image is the image after exactly the writes it completed
 //!   (range serialisation: overlapping writes land in seq order);
-//! - the secondary's image is the primary's image after exactly the writes it
-//!   applied, which include every seq `<= applied_seq` (write-order
-//!   fidelity); after a crash this holds again once the replay has passed the
-//!   highest seq the lost session had applied;
-//! - acks never go backwards within a session and the checkpoint never goes
-//!   backwards at all; the journal still holds every record after the
-//!   secondary's checkpoint; a durable ack is backed by the secondary's last
-//!   durable snapshot;
+//! - the secondary's live image is the primary's image after exactly the
+//!   writes it applied (overlapping ones in order);
+//! - write-order fidelity at every instant (I5): were the secondary to
+//!   crash or lose power right now (keeping a random subset of unsynced
+//!   pages), its restart would give the primary's image after exactly the
+//!   writes `<= N`, with N at least every seq it acked as durable and every
+//!   checkpoint the primary freed its journal through;
+//! - acks never go backwards within a session; the journal still holds
+//!   every record after the secondary's resume point;
 //! - after draining, both images are identical.
 //!
-//! A second test runs much longer seeded scenarios from a tiny PRNG.
+//! A second test runs much longer seeded scenarios from a tiny PRNG and
+//! asserts the hard paths were reached.
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 
-use replicator_protocol::apply::{Applier, ApplyId};
+use replicator_protocol::apply::ApplyId;
+use replicator_protocol::journal_format::JOURNAL_SUPERBLOCK_LEN;
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::record::{Record, RecordOp};
+use replicator_protocol::secondary::{Action, Barrier, Persist, Secondary, SecondaryConfig, SecondaryStart};
 use replicator_protocol::sequencer::{Dep, RangeSequencer};
 use replicator_protocol::ship::Shipper;
 use replicator_protocol::wire::{encode_frame, envelope, FrameDecoder};
@@ -70,9 +78,6 @@ impl SeqSet {
             self.extras.pop_first();
             self.prefix += 1;
         }
-    }
-    fn max(&self) -> u64 {
-        self.extras.last().copied().unwrap_or(self.prefix)
     }
 }
 
@@ -121,22 +126,29 @@ enum Op {
     Ship(u8),
     /// n bytes of the primary -> secondary pipe arrive.
     DeliverToSecondary(u16),
-    /// The secondary finishes applying one ready record.
+    /// One of the secondary's volume writes completes.
     SecondaryApply(usize),
-    /// The secondary flushes (if `only_if_needed`, only when it says so).
-    SecondaryFlush { only_if_needed: bool },
-    /// The secondary persists its durable seq as its restart point.
-    SecondaryCheckpoint,
+    /// The secondary's oldest restore-journal sync completes.
+    JournalSyncDone,
+    /// The secondary's volume sync completes.
+    VolumeSyncDone,
+    /// The secondary's state save completes.
+    SaveDone,
+    /// Time passes on the secondary.
+    Tick,
     /// n bytes of the secondary -> primary pipe arrive.
     DeliverToPrimary(u16),
     /// The primary asks for a flush of everything sent.
     PrimaryFlush,
-    /// The link drops (undelivered bytes are lost) and comes back; with
-    /// `drain`, the secondary finishes applying and flushes first.
-    LinkDrop { drain: bool },
-    /// The secondary crashes: applied-but-not-durable data is lost, it
-    /// restarts from its checkpoint.
-    SecondaryCrash,
+    /// The link drops (undelivered bytes are lost): the secondary drains
+    /// its session, then both reconnect.
+    LinkDrop,
+    /// kill -9 of the secondary: the page cache survives, volume writes in
+    /// flight land or not; it restarts.
+    SecondaryCrash(u64),
+    /// The secondary loses power: every page not synced survives or not
+    /// (a random subset); it restarts.
+    SecondaryPowerCut(u64),
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
@@ -148,20 +160,16 @@ fn arb_op() -> impl Strategy<Value = Op> {
         4 => (1u8..6).prop_map(Op::Ship),
         5 => (1u16..3000).prop_map(Op::DeliverToSecondary),
         6 => any::<usize>().prop_map(Op::SecondaryApply),
-        2 => any::<bool>().prop_map(|only_if_needed| Op::SecondaryFlush { only_if_needed }),
-        1 => Just(Op::SecondaryCheckpoint),
+        3 => Just(Op::JournalSyncDone),
+        2 => Just(Op::VolumeSyncDone),
+        2 => Just(Op::SaveDone),
+        1 => Just(Op::Tick),
         3 => (1u16..200).prop_map(Op::DeliverToPrimary),
         1 => Just(Op::PrimaryFlush),
-        1 => any::<bool>().prop_map(|drain| Op::LinkDrop { drain }),
-        1 => Just(Op::SecondaryCrash),
+        1 => Just(Op::LinkDrop),
+        1 => any::<u64>().prop_map(Op::SecondaryCrash),
+        1 => any::<u64>().prop_map(Op::SecondaryPowerCut),
     ]
-}
-
-/// The secondary's last durable state: what survives a crash.
-#[derive(Debug, Clone)]
-struct Snapshot {
-    image: Image,
-    applied: SeqSet,
 }
 
 #[derive(Debug)]
@@ -179,24 +187,30 @@ struct Primary {
     flush_waiting: Vec<u64>,
 }
 
+/// The secondary: the production state machine over a model disk.
 #[derive(Debug)]
-struct Secondary {
+struct SecondarySite {
     frames_in: FrameDecoder,
-    applier: Applier,
-    pending: Vec<(ApplyId, Record, Vec<ApplyId>)>,
-    pending_ids: HashSet<ApplyId>,
+    machine: Secondary,
+    now: Instant,
+    /// Restore journal: records synced, and appended but not synced.
+    rj_durable: BTreeMap<u64, Record>,
+    rj_volatile: BTreeMap<u64, Record>,
+    /// Volumes: what reads see, what survives a power cut, and the writes
+    /// in between (in the order they were made).
     image: Image,
-    /// Write seqs whose data the image holds.
+    durable_image: Image,
+    volatile_writes: Vec<Record>,
+    /// Write seqs whose data the live image holds.
     applied: SeqSet,
-    snapshot: Snapshot,
-    /// Persisted restart point.
-    checkpoint: u64,
-    /// Until `applied_seq` reaches this, a replay after a crash or link drop
-    /// is still re-applying writes the image already had.
-    replay_until: u64,
+    /// I/O handed out by the machine and not completed yet.
+    journal_syncs: VecDeque<u64>,
+    applies: Vec<(ApplyId, Record)>,
+    volume_syncs: VecDeque<(Barrier, usize)>,
+    saves: VecDeque<Persist>,
+    /// The persisted state: the checkpoint and whether a copy is unfinished.
+    persisted_checkpoint: u64,
     last_ack_sent: Option<pb::Ack>,
-    /// Seqs of FUA records and flush requests received in this session.
-    flush_targets: BTreeSet<u64>,
 }
 
 /// What a run exercised, so the long runs can assert they reach the hard
@@ -206,10 +220,12 @@ struct Stats {
     primary_out_of_order: usize,
     primary_waits: usize,
     secondary_out_of_order: usize,
-    secondary_waits: usize,
+    journal_full: usize,
     crashes: usize,
-    replays_finished: usize,
-    flushes_due: usize,
+    power_cuts: usize,
+    unsynced_pages_lost: usize,
+    recoveries_replaying: usize,
+    checkpoints: usize,
     frames_split: usize,
 }
 
@@ -218,10 +234,12 @@ impl std::ops::AddAssign for Stats {
         self.primary_out_of_order += o.primary_out_of_order;
         self.primary_waits += o.primary_waits;
         self.secondary_out_of_order += o.secondary_out_of_order;
-        self.secondary_waits += o.secondary_waits;
+        self.journal_full += o.journal_full;
         self.crashes += o.crashes;
-        self.replays_finished += o.replays_finished;
-        self.flushes_due += o.flushes_due;
+        self.power_cuts += o.power_cuts;
+        self.unsynced_pages_lost += o.unsynced_pages_lost;
+        self.recoveries_replaying += o.recoveries_replaying;
+        self.checkpoints += o.checkpoints;
         self.frames_split += o.frames_split;
     }
 }
@@ -230,14 +248,13 @@ impl std::ops::AddAssign for Stats {
 struct Sim {
     history: Vec<Record>,
     p: Primary,
-    s: Secondary,
+    s: SecondarySite,
     p2s: VecDeque<u8>,
     s2p: VecDeque<u8>,
     primary_model: ModelCache,
     secondary_model: ModelCache,
     steps: usize,
     stats: Stats,
-    in_replay: bool,
 }
 
 fn payload_for(seq: u64, len: usize) -> Bytes {
@@ -259,8 +276,103 @@ fn push_frame(pipe: &mut VecDeque<u8>, body: Body) {
     pipe.extend(buf.iter());
 }
 
+/// A restore journal of room for about a dozen of the largest records, so
+/// that it fills up and wraps.
+const JOURNAL_CAPACITY: u64 = JOURNAL_SUPERBLOCK_LEN + 16 * 1024;
+
+fn machine(checkpoint: u64, now: Instant) -> Secondary {
+    let config = SecondaryConfig {
+        journal_capacity: JOURNAL_CAPACITY,
+        volume_sizes: vec![VOL_SIZE as u64; VOLUMES],
+        checkpoint_interval: Duration::from_secs(1),
+        copy_flush_bytes: 4096,
+        copy_sync_interval: Duration::from_millis(100),
+    };
+    let start =
+        SecondaryStart { checkpoint, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete: false, data_as_of_us: 0 };
+    Secondary::new(config, start, now)
+}
+
+/// A deterministic coin for the fault ops.
+fn coin(seed: &mut u64) -> bool {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed & 1 == 1
+}
+
+/// What a restart of the secondary finds: the contiguous run of restore
+/// journal records after the checkpoint, replayed over the surviving volume
+/// image.
+struct Recovery {
+    image: Image,
+    last: u64,
+    replayed: bool,
+    lost_pages: usize,
+}
+
+impl SecondarySite {
+    fn new(now: Instant) -> Self {
+        SecondarySite {
+            frames_in: FrameDecoder::new(),
+            machine: machine(0, now),
+            now,
+            rj_durable: BTreeMap::new(),
+            rj_volatile: BTreeMap::new(),
+            image: blank(),
+            durable_image: blank(),
+            volatile_writes: Vec::new(),
+            applied: SeqSet::default(),
+            journal_syncs: VecDeque::new(),
+            applies: Vec::new(),
+            volume_syncs: VecDeque::new(),
+            saves: VecDeque::new(),
+            persisted_checkpoint: 0,
+            last_ack_sent: None,
+        }
+    }
+
+    /// The state a restart would find after a fault now. `power`: unsynced
+    /// pages survive per `seed`; otherwise (kill -9) all of them do, and
+    /// volume writes in flight land per `seed`.
+    fn recover(&self, power: bool, mut seed: u64) -> Recovery {
+        let mut lost_pages = 0;
+        let mut image = if power { self.durable_image.clone() } else { self.image.clone() };
+        if power {
+            for w in &self.volatile_writes {
+                if coin(&mut seed) {
+                    apply_to(&mut image, w);
+                } else {
+                    lost_pages += 1;
+                }
+            }
+        } else {
+            for (_, rec) in &self.applies {
+                if coin(&mut seed) {
+                    apply_to(&mut image, rec);
+                }
+            }
+        }
+        let mut survivors = self.rj_durable.clone();
+        for (seq, rec) in &self.rj_volatile {
+            if !power || coin(&mut seed) {
+                survivors.insert(*seq, rec.clone());
+            } else {
+                lost_pages += 1;
+            }
+        }
+        let mut last = self.persisted_checkpoint;
+        while let Some(rec) = survivors.get(&(last + 1)) {
+            apply_to(&mut image, rec);
+            last += 1;
+        }
+        Recovery { image, last, replayed: last > self.persisted_checkpoint, lost_pages }
+    }
+}
+
 impl Sim {
     fn new() -> Self {
+        let now = Instant::now();
         Sim {
             history: Vec::new(),
             p: Primary {
@@ -274,26 +386,13 @@ impl Sim {
                 checkpoint_seen: 0,
                 flush_waiting: Vec::new(),
             },
-            s: Secondary {
-                frames_in: FrameDecoder::new(),
-                applier: Applier::new(0),
-                pending: Vec::new(),
-                pending_ids: HashSet::new(),
-                image: blank(),
-                applied: SeqSet::default(),
-                snapshot: Snapshot { image: blank(), applied: SeqSet::default() },
-                checkpoint: 0,
-                replay_until: 0,
-                last_ack_sent: None,
-                flush_targets: BTreeSet::new(),
-            },
+            s: SecondarySite::new(now),
             p2s: VecDeque::new(),
             s2p: VecDeque::new(),
             primary_model: ModelCache::new(),
             secondary_model: ModelCache::new(),
             steps: 0,
             stats: Stats::default(),
-            in_replay: false,
         }
     }
 
@@ -393,13 +492,6 @@ impl Sim {
         while let Some(env) = self.p.acks_in.decode().expect("acks decode") {
             let Some(Body::Ack(ack)) = env.body else { panic!("unexpected message to primary: {env:?}") };
             let upd = self.p.shipper.on_ack(&ack).unwrap_or_else(|e| panic!("ack rejected: {e} ({ack:?})"));
-            // A durable ack is backed by the secondary's durable snapshot.
-            assert!(
-                self.s.snapshot.applied.prefix >= ack.durable_seq,
-                "durable_seq {} acked but the durable snapshot only holds writes through {}",
-                ack.durable_seq,
-                self.s.snapshot.applied.prefix
-            );
             assert!(ack.checkpoint_seq >= self.p.checkpoint_seen, "checkpoint went backwards");
             self.p.checkpoint_seen = ack.checkpoint_seq;
             if let Some(d) = upd.newly_durable_through {
@@ -412,6 +504,8 @@ impl Sim {
         }
     }
 
+    /// A new session: the secondary's OpenGroupReply carries its resume
+    /// point.
     fn reconnect(&mut self) {
         self.p2s.clear();
         self.s2p.clear();
@@ -419,18 +513,48 @@ impl Sim {
         self.s.frames_in = FrameDecoder::new();
         self.s.last_ack_sent = None;
         self.p.flush_waiting.clear();
-        // OpenGroupReply carries the secondary's durable seq.
-        let peer_durable = self.s.applier.durable();
+        let peer_durable = self.s.machine.checkpoint();
         self.p.shipper = Shipper::try_new(peer_durable, self.last_seq()).expect("peer is not ahead");
     }
 
     // ---- secondary ----
 
-    fn send_ack(&mut self) {
-        let ack = self.s.applier.ack();
-        if self.s.last_ack_sent != Some(ack) {
-            push_frame(&mut self.s2p, Body::Ack(ack));
-            self.s.last_ack_sent = Some(ack);
+    /// Performs the machine's actions: appends at once, the rest queued as
+    /// outstanding I/O that the ops complete.
+    fn secondary_perform(&mut self) {
+        while let Some(action) = self.s.machine.poll_action(self.s.now) {
+            match action {
+                Action::Append { record, .. } => {
+                    assert_eq!(record, self.history[(record.seq - 1) as usize], "record changed on its way");
+                    self.s.rj_volatile.insert(record.seq, record);
+                }
+                Action::SyncJournal { through } => self.s.journal_syncs.push_back(through),
+                Action::Apply { id, record } => {
+                    assert!(
+                        self.s.rj_durable.contains_key(&record.seq),
+                        "record {} applied before the restore journal holds it durably",
+                        record.seq
+                    );
+                    self.s.applies.push((id, record));
+                }
+                Action::SyncVolumes(b) => self.s.volume_syncs.push_back((b, self.s.volatile_writes.len())),
+                Action::Save(p) => self.s.saves.push_back(p),
+                Action::Send(body) => {
+                    if let Body::Ack(ack) = &body {
+                        if let Some(prev) = &self.s.last_ack_sent {
+                            assert!(
+                                ack.received_seq >= prev.received_seq
+                                    && ack.applied_seq >= prev.applied_seq
+                                    && ack.durable_seq >= prev.durable_seq
+                                    && ack.checkpoint_seq >= prev.checkpoint_seq,
+                                "ack went backwards: {prev:?} then {ack:?}"
+                            );
+                        }
+                        self.s.last_ack_sent = Some(*ack);
+                    }
+                    push_frame(&mut self.s2p, body);
+                }
+            }
         }
     }
 
@@ -438,118 +562,150 @@ impl Sim {
         let n = n.min(self.p2s.len());
         let bytes: Vec<u8> = self.p2s.drain(..n).collect();
         self.s.frames_in.extend_from_slice(&bytes);
-        while let Some(env) = self.s.frames_in.decode().expect("frames decode") {
+        loop {
+            if !self.s.machine.wants_input() {
+                self.stats.journal_full += 1;
+                break;
+            }
+            let Some(env) = self.s.frames_in.decode().expect("frames decode") else { break };
             match env.body {
                 Some(Body::Record(msg)) => {
                     let (group, rec) = Record::from_pb(msg).expect("valid record");
                     assert_eq!(group, GROUP);
                     assert_eq!(rec, self.history[(rec.seq - 1) as usize], "record changed in transit");
-                    let (id, deps) = self.s.applier.on_record(&rec).unwrap_or_else(|e| panic!("record refused: {e}"));
-                    for d in &deps {
-                        assert!(self.s.pending_ids.contains(d), "dependency on an unknown or applied record");
-                    }
-                    if rec.fua {
-                        self.s.flush_targets.insert(rec.seq);
-                    }
-                    if !deps.is_empty() {
-                        self.stats.secondary_waits += 1;
-                    }
-                    self.s.pending_ids.insert(id);
-                    self.s.pending.push((id, rec, deps));
+                    self.s.machine.on_record(rec).unwrap_or_else(|e| panic!("record refused: {e}"));
                 }
-                Some(Body::Flush(f)) => {
-                    self.s.flush_targets.insert(f.seq);
-                    self.s.applier.on_flush_request(f.seq);
-                }
+                Some(Body::Flush(f)) => self.s.machine.on_flush_request(f.seq),
                 other => panic!("unexpected message to secondary: {other:?}"),
             }
         }
         if self.s.frames_in.buffered_len() > 0 {
-            // A frame is only partly here.
+            // A frame is only partly here (or waits for journal space).
             self.stats.frames_split += 1;
         }
-        self.send_ack();
+        self.secondary_perform();
     }
 
-    fn secondary_ready(&self) -> Vec<usize> {
-        (0..self.s.pending.len())
-            .filter(|&i| self.s.pending[i].2.iter().all(|d| !self.s.pending_ids.contains(d)))
-            .collect()
+    /// Frames held back while the journal was full go in once there is room.
+    fn secondary_input(&mut self) {
+        self.deliver_to_secondary(0);
     }
 
     fn secondary_apply(&mut self, pick: usize) {
-        if self.s.pending.is_empty() {
+        if self.s.applies.is_empty() {
             return;
         }
-        let ready = self.secondary_ready();
-        assert!(!ready.is_empty(), "the oldest received record is always ready");
-        let i = ready[pick % ready.len()];
-        let (id, rec, _) = self.s.pending.swap_remove(i);
+        let (id, rec) = self.s.applies.swap_remove(pick % self.s.applies.len());
         // Every earlier overlapping record is already applied.
-        for (_, other, _) in &self.s.pending {
+        for (_, other) in &self.s.applies {
             let overlaps = other.volume == rec.volume && other.offset < rec.end() && rec.offset < other.end();
             assert!(!(overlaps && other.seq < rec.seq), "record {} applied before overlapping {}", rec.seq, other.seq);
         }
-        self.s.pending_ids.remove(&id);
         apply_to(&mut self.s.image, &rec);
+        self.s.volatile_writes.push(rec.clone());
         self.s.applied.insert(rec.seq);
         if !self.s.applied.extras.is_empty() {
             self.stats.secondary_out_of_order += 1;
         }
-        self.s.applier.on_applied(id);
-        self.send_ack();
+        self.s.machine.on_applied(id, Ok(())).expect("apply accepted");
+        self.secondary_perform();
     }
 
-    fn secondary_flush(&mut self, only_if_needed: bool) {
-        if self.s.applier.needs_flush() {
-            self.stats.flushes_due += 1;
-        } else if only_if_needed {
-            return;
+    fn journal_sync_done(&mut self) {
+        let Some(through) = self.s.journal_syncs.pop_front() else { return };
+        let keep = self.s.rj_volatile.split_off(&(through + 1));
+        let synced = std::mem::replace(&mut self.s.rj_volatile, keep);
+        self.s.rj_durable.extend(synced);
+        self.s.machine.on_journal_synced(through, Ok(())).expect("journal sync accepted");
+        self.secondary_perform();
+        self.secondary_input();
+    }
+
+    fn volume_sync_done(&mut self) {
+        let Some((barrier, covered)) = self.s.volume_syncs.pop_front() else { return };
+        for w in self.s.volatile_writes.drain(..covered) {
+            apply_to(&mut self.s.durable_image, &w);
         }
-        let (seq, copy) = self.s.applier.durable_barrier();
-        // The fsync makes the current image durable.
-        self.s.snapshot = Snapshot { image: self.s.image.clone(), applied: self.s.applied.clone() };
-        self.s.applier.on_durable(seq, copy);
-        assert!(!self.s.applier.needs_flush(), "a flush satisfies every applied FUA record and flush request");
-        self.send_ack();
+        for (b, n) in &mut self.s.volume_syncs {
+            let _ = b;
+            *n -= covered;
+        }
+        self.s.machine.on_volumes_synced(barrier, Ok(())).expect("volume sync accepted");
+        self.secondary_perform();
     }
 
-    fn secondary_checkpoint(&mut self) {
-        self.s.checkpoint = self.s.applier.durable();
-        self.s.applier.on_checkpoint(self.s.checkpoint);
-        self.send_ack();
+    fn save_done(&mut self) {
+        let Some(persist) = self.s.saves.pop_front() else { return };
+        if persist.checkpoint > self.s.persisted_checkpoint {
+            self.stats.checkpoints += 1;
+        }
+        assert!(persist.checkpoint >= self.s.persisted_checkpoint, "the checkpoint went backwards");
+        self.s.persisted_checkpoint = persist.checkpoint;
+        // The restore journal space before the checkpoint may be reused.
+        self.s.rj_durable = self.s.rj_durable.split_off(&(persist.checkpoint + 1));
+        self.s.machine.on_saved(&persist, Ok(()), self.s.now).expect("save accepted");
+        self.secondary_perform();
+        self.secondary_input();
     }
 
-    fn drop_pending(&mut self) {
-        self.s.pending.clear();
-        self.s.pending_ids.clear();
-        self.s.flush_targets.clear();
+    fn tick(&mut self) {
+        self.s.now += Duration::from_millis(400);
+        self.secondary_perform();
     }
 
-    fn link_drop(&mut self, drain: bool) {
-        if drain {
-            while !self.s.pending.is_empty() {
-                self.secondary_apply(0);
+    /// End of session: the secondary drains, completing its own I/O.
+    fn link_drop(&mut self) {
+        self.s.machine.begin_drain();
+        for round in 0.. {
+            assert!(round < 1000, "drain does not finish");
+            self.secondary_perform();
+            if self.s.machine.is_drained() {
+                break;
             }
-            self.secondary_flush(false);
-        } else {
-            // Applied writes above durable_seq stay in the image and will be
-            // applied again.
-            self.s.replay_until = self.s.replay_until.max(self.s.applied.max());
+            if !self.s.applies.is_empty() {
+                self.secondary_apply(0);
+            } else if !self.s.journal_syncs.is_empty() {
+                self.journal_sync_done();
+            } else if !self.s.volume_syncs.is_empty() {
+                self.volume_sync_done();
+            } else {
+                self.save_done();
+            }
         }
-        self.drop_pending();
-        self.s.applier = Applier::with_checkpoint(self.s.applier.durable(), self.s.checkpoint);
+        assert_eq!(self.s.machine.checkpoint(), self.s.machine.received(), "a drain checkpoints everything received");
+        let now = self.s.now;
+        self.s.machine = machine(self.s.machine.checkpoint(), now);
         self.reconnect();
     }
 
-    fn secondary_crash(&mut self) {
-        self.drop_pending();
-        self.s.image = self.s.snapshot.image.clone();
-        self.s.applied = self.s.snapshot.applied.clone();
-        self.s.replay_until = self.s.applied.max();
-        self.stats.crashes += 1;
-        // Restart from the persisted checkpoint.
-        self.s.applier = Applier::with_checkpoint(self.s.checkpoint, self.s.checkpoint);
+    /// The secondary restarts after a fault: it recovers its restore journal
+    /// onto the volumes, syncs them and starts a session from there.
+    fn secondary_restart(&mut self, power: bool, seed: u64) {
+        let r = self.s.recover(power, seed);
+        if power {
+            self.stats.power_cuts += 1;
+        } else {
+            self.stats.crashes += 1;
+        }
+        self.stats.unsynced_pages_lost += r.lost_pages;
+        if r.replayed {
+            self.stats.recoveries_replaying += 1;
+        }
+        let want = self.secondary_model.image(&self.history, &SeqSet { prefix: r.last, extras: BTreeSet::new() });
+        assert!(r.image == want, "after a restart the replica is not the primary's image after writes <= {}", r.last);
+        let s = &mut self.s;
+        s.image = r.image.clone();
+        s.durable_image = r.image;
+        s.volatile_writes.clear();
+        s.applied = SeqSet { prefix: r.last, extras: BTreeSet::new() };
+        s.rj_durable.clear();
+        s.rj_volatile.clear();
+        s.journal_syncs.clear();
+        s.applies.clear();
+        s.volume_syncs.clear();
+        s.saves.clear();
+        s.persisted_checkpoint = r.last;
+        s.machine = machine(r.last, s.now);
         self.reconnect();
     }
 
@@ -562,12 +718,15 @@ impl Sim {
             Op::Ship(n) => self.ship(n),
             Op::DeliverToSecondary(n) => self.deliver_to_secondary(usize::from(n)),
             Op::SecondaryApply(i) => self.secondary_apply(i),
-            Op::SecondaryFlush { only_if_needed } => self.secondary_flush(only_if_needed),
-            Op::SecondaryCheckpoint => self.secondary_checkpoint(),
+            Op::JournalSyncDone => self.journal_sync_done(),
+            Op::VolumeSyncDone => self.volume_sync_done(),
+            Op::SaveDone => self.save_done(),
+            Op::Tick => self.tick(),
             Op::DeliverToPrimary(n) => self.deliver_to_primary(usize::from(n)),
             Op::PrimaryFlush => self.primary_flush(),
-            Op::LinkDrop { drain } => self.link_drop(drain),
-            Op::SecondaryCrash => self.secondary_crash(),
+            Op::LinkDrop => self.link_drop(),
+            Op::SecondaryCrash(seed) => self.secondary_restart(false, seed),
+            Op::SecondaryPowerCut(seed) => self.secondary_restart(true, seed),
         }
         self.steps += 1;
         self.check();
@@ -579,56 +738,47 @@ impl Sim {
         let want = self.primary_model.image(&self.history, &self.p.done);
         assert!(self.p.image == want, "step {step}: primary image is not the image after its completed writes");
 
-        // Secondary counters.
-        let a = self.s.applier.ack();
+        // Secondary: the live image holds exactly the applied writes.
+        let want = self.secondary_model.image(&self.history, &self.s.applied);
         assert!(
-            a.received_seq >= a.applied_seq && a.applied_seq >= a.durable_seq && a.durable_seq >= a.checkpoint_seq,
-            "step {step}: inconsistent ack {a:?}"
+            self.s.image == want,
+            "step {step}: secondary image is not the image after writes {:?}",
+            self.s.applied
         );
-        assert!(a.checkpoint_seq == self.s.checkpoint);
+        assert!(self.s.applied.prefix >= self.s.machine.applied(), "step {step}: applied_seq beyond the image");
 
-        // FUA records and flush requests: a flush is due exactly when one of
-        // them is applied but not durable.
-        let due = self.s.flush_targets.iter().any(|&t| a.durable_seq < t && t <= a.applied_seq);
-        assert_eq!(
-            self.s.applier.needs_flush(),
-            due,
-            "step {step}: needs_flush wrong, targets {:?}, ack {a:?}",
-            self.s.flush_targets
-        );
-
-        // Write-order fidelity.
-        let replaying = self.s.applier.applied() < self.s.replay_until;
-        if self.in_replay && !replaying {
-            self.stats.replays_finished += 1;
-        }
-        self.in_replay = replaying;
-        if !replaying {
+        // I5 at every instant: a fault now leaves a write-order prefix that
+        // covers every durable ack and every freed journal record.
+        let seed = (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        for (power, seed) in [(true, seed), (true, 0), (false, seed)] {
+            let r = self.s.recover(power, seed);
+            let want = self.secondary_model.image(&self.history, &SeqSet { prefix: r.last, extras: BTreeSet::new() });
             assert!(
-                self.s.applied.prefix >= self.s.applier.applied(),
-                "step {step}: applied_seq {} but the image misses a write at or below it (has through {})",
-                self.s.applier.applied(),
-                self.s.applied.prefix
+                r.image == want,
+                "step {step}: a {} now would leave an image that is not the primary's after writes <= {}",
+                if power { "power cut" } else { "crash" },
+                r.last
             );
-            let want = self.secondary_model.image(&self.history, &self.s.applied);
+            let acked = self.s.last_ack_sent.as_ref().map_or(0, |a| a.durable_seq);
+            assert!(r.last >= acked, "step {step}: durable ack {acked} but a fault now recovers only {}", r.last);
             assert!(
-                self.s.image == want,
-                "step {step}: secondary image is not the primary's image after writes {:?}",
-                self.s.applied
+                r.last >= self.p.checkpoint_seen,
+                "step {step}: the primary freed its journal through {} but a fault now recovers only {}",
+                self.p.checkpoint_seen,
+                r.last
             );
         }
 
         // The journal holds every record the secondary might still need.
         let last = self.last_seq();
-        if last > self.s.checkpoint {
+        let resume = self.s.recover(true, 0).last;
+        if last > resume {
             let first = *self.p.journal.keys().next().unwrap_or(&u64::MAX);
             assert!(
-                first <= self.s.checkpoint + 1 && self.p.journal.keys().next_back() == Some(&last),
-                "step {step}: journal [{first}..] no longer covers the secondary's checkpoint {}",
-                self.s.checkpoint
+                first <= resume + 1 && self.p.journal.keys().next_back() == Some(&last),
+                "step {step}: journal [{first}..] no longer covers what the secondary would resume from ({resume})"
             );
         }
-        assert!(self.p.shipper.durable() <= self.s.applier.durable().max(self.s.snapshot.applied.prefix));
     }
 
     /// Runs everything to completion and checks both sides converge.
@@ -640,23 +790,26 @@ impl Sim {
             }
             self.ship(u8::MAX);
             self.deliver_to_secondary(usize::MAX);
-            while !self.s.pending.is_empty() {
+            while !self.s.applies.is_empty() {
                 self.secondary_apply(0);
             }
-            self.secondary_flush(false);
-            self.secondary_checkpoint();
+            self.journal_sync_done();
+            self.tick();
+            self.volume_sync_done();
+            self.save_done();
             self.deliver_to_primary(usize::MAX);
             self.steps += 1;
             self.check();
-            if self.p.shipper.checkpoint() == self.last_seq()
+            if self.p.shipper.durable() == self.last_seq()
+                && self.s.machine.applied() == self.last_seq()
                 && self.p.shipper.sent_through() == self.last_seq()
                 && self.p2s.is_empty()
                 && self.s2p.is_empty()
+                && self.s.frames_in.buffered_len() == 0
             {
                 break;
             }
         }
-        assert_eq!(self.s.applier.applied(), self.last_seq());
         assert_eq!(self.p.shipper.lag_records(), 0);
         assert!(self.p.flush_waiting.is_empty(), "a flush was never acknowledged");
         assert!(self.p.journal.is_empty(), "journal space not freed after everything was acked");
@@ -701,7 +854,7 @@ impl Rng {
 
 fn seeded_op(rng: &mut Rng) -> Op {
     let kinds = [Kind::Write, Kind::Write, Kind::Write, Kind::Zeroes, Kind::Trim];
-    match rng.below(40) {
+    match rng.below(44) {
         0..=7 => Op::Write {
             vol: rng.below(VOLUMES as u64) as u8,
             offset: rng.next() as u16,
@@ -712,13 +865,16 @@ fn seeded_op(rng: &mut Rng) -> Op {
         8..=11 => Op::PrimaryComplete(rng.next() as usize),
         12..=15 => Op::Ship(1 + rng.below(5) as u8),
         16..=20 => Op::DeliverToSecondary(1 + rng.below(3000) as u16),
-        21..=27 => Op::SecondaryApply(rng.next() as usize),
-        28..=30 => Op::SecondaryFlush { only_if_needed: rng.below(2) == 0 },
-        31 => Op::SecondaryCheckpoint,
-        32..=35 => Op::DeliverToPrimary(1 + rng.below(200) as u16),
-        36 => Op::PrimaryFlush,
-        37 | 38 => Op::LinkDrop { drain: rng.below(2) == 0 },
-        _ => Op::SecondaryCrash,
+        21..=26 => Op::SecondaryApply(rng.next() as usize),
+        27..=29 => Op::JournalSyncDone,
+        30 | 31 => Op::VolumeSyncDone,
+        32 | 33 => Op::SaveDone,
+        34 => Op::Tick,
+        35..=38 => Op::DeliverToPrimary(1 + rng.below(200) as u16),
+        39 => Op::PrimaryFlush,
+        40 => Op::LinkDrop,
+        41 => Op::SecondaryCrash(rng.next()),
+        _ => Op::SecondaryPowerCut(rng.next()),
     }
 }
 
@@ -735,7 +891,7 @@ fn seeded_long_runs() {
     }
     println!("{total:?}");
     assert!(total.primary_out_of_order > 0 && total.primary_waits > 0, "{total:?}");
-    assert!(total.secondary_out_of_order > 0 && total.secondary_waits > 0, "{total:?}");
-    assert!(total.crashes > 0 && total.replays_finished > 0, "{total:?}");
-    assert!(total.flushes_due > 0 && total.frames_split > 0, "{total:?}");
+    assert!(total.secondary_out_of_order > 0 && total.journal_full > 0, "{total:?}");
+    assert!(total.crashes > 0 && total.power_cuts > 0 && total.unsynced_pages_lost > 0, "{total:?}");
+    assert!(total.recoveries_replaying > 0 && total.checkpoints > 0 && total.frames_split > 0, "{total:?}");
 }

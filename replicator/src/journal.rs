@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use replicator_protocol::journal_format::{
     record_span, JournalFormatError, JournalHeader, JournalRing, JournalSuperblock, JOURNAL_HEADER_LEN,
-    JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN, MAX_APPEND_WINDOW,
+    JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN,
 };
 use replicator_protocol::record::Record;
 
@@ -50,18 +50,6 @@ pub enum JournalError {
         pos: u64,
         /// What is wrong with it.
         reason: JournalFormatError,
-    },
-    /// Records are missing from the middle of the log.
-    #[error("journal {path}: record {expected} is missing or torn, but record {seq} (at offset {pos}) is intact: records the log needs are gone; refusing to truncate it. Keep the file for analysis; `replicator pair delete` and a new `pair create` (full copy) start over")]
-    Gap {
-        /// The journal file.
-        path: PathBuf,
-        /// The first missing sequence.
-        expected: u64,
-        /// A later record found intact.
-        seq: u64,
-        /// Its position.
-        pos: u64,
     },
     /// The journal belongs to another group or pair.
     #[error("journal {path}: belongs to group {group:?} pair {pair_id:#x}, expected group {expected_group:?} pair {expected_pair:#x}")]
@@ -256,22 +244,18 @@ impl Journal {
     /// (`tail_seq` at `tail_pos`), accepts records while each one is the
     /// expected sequence with valid header and payload CRCs.
     ///
-    /// Where that run ends, recovery tells the end of the log from the two
-    /// cases it must never truncate silently:
-    /// - the next record's header is intact but describes a record this
-    ///   build cannot accept: [`JournalError::Unacceptable`];
-    /// - after an unclean stop, the whole ring is searched for records
-    ///   beyond the run, which are discarded and overwritten on disk (their
-    ///   sequence numbers are reused from here on). After a process crash
-    ///   ([`Stop::Crash`]: the page cache survived) concurrent appends can
-    ///   leave up to [`MAX_APPEND_WINDOW`] records after a missing or torn
-    ///   one, none of them acknowledged (a volume write waits until every
-    ///   earlier record is journaled); a valid record further ahead means
-    ///   records the log needs are gone: [`JournalError::Gap`]. After a
-    ///   power cut ([`Stop::PowerCut`]) pages are lost in any order, but no
-    ///   record after a missing one was made durable by an acknowledged FUA
-    ///   or FLUSH (its sync would have covered the missing one), and the
-    ///   activity log covers their regions: all are discarded.
+    /// Where that run ends, recovery tells the end of the log from the case
+    /// it must never truncate silently: the next record's header is intact
+    /// but describes a record this build cannot accept
+    /// ([`JournalError::Unacceptable`]). After an unclean stop
+    /// ([`Stop::Unclean`]) the whole ring is also searched for records beyond
+    /// the run: whether the process died or the machine lost power (a disk
+    /// losing its volatile cache looks the same to the daemon), pages may be
+    /// lost in any order, but no record after a missing one was made durable
+    /// by an acknowledged FUA or FLUSH (its sync would have covered the
+    /// missing one), and the activity log covers their regions. They are
+    /// discarded and their headers overwritten on disk (their sequence
+    /// numbers are never read again).
     pub async fn recover(&self, tail_seq: u64, tail_pos: u64, stop: Stop) -> Result<Recovered, JournalError> {
         let mut ring = JournalRing::new(self.capacity());
         let start = tail_pos.clamp(JOURNAL_SUPERBLOCK_LEN, self.capacity());
@@ -315,16 +299,8 @@ impl Journal {
             }
         }
         let mut discarded = Vec::new();
-        if stop != Stop::Clean {
-            let beyond = self.records_from(expected).await?;
-            // Judge everything before touching anything: a refused log is
-            // left exactly as it was found.
-            if let Some(&(seq, pos)) =
-                beyond.iter().find(|(seq, _)| stop == Stop::Crash && *seq >= expected + MAX_APPEND_WINDOW)
-            {
-                return Err(JournalError::Gap { path: self.path.clone(), expected, seq, pos });
-            }
-            for (seq, pos) in beyond {
+        if stop == Stop::Unclean {
+            for (seq, pos) in self.records_from(expected).await? {
                 self.invalidate(pos)?;
                 discarded.push(seq);
             }
@@ -383,10 +359,9 @@ impl Journal {
 pub enum Stop {
     /// Cleanly: every append finished and was synced.
     Clean,
-    /// The process died; the page cache (every finished append) survived.
-    Crash,
-    /// The machine lost power (or rebooted): anything not synced may be gone.
-    PowerCut,
+    /// The process died or the machine lost power: anything not synced may
+    /// be gone, in any order.
+    Unclean,
 }
 
 /// What [`Journal::recover`] found.
@@ -426,6 +401,7 @@ fn classify_header(buf: &[u8], key: u64) -> HeaderAt {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use replicator_protocol::journal_format::MAX_APPEND_WINDOW;
     use replicator_protocol::record::RecordOp;
 
     use super::*;
@@ -469,15 +445,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn records_after_a_torn_one_within_the_append_window_are_discarded_and_invalidated() {
+    async fn records_after_a_torn_one_are_discarded_and_invalidated() {
         let dir = tempfile::tempdir().unwrap();
         let (j, pos) = journal_with(dir.path(), 6).await;
         // Record 4's append never happened (5 and 6 were appended first).
         j.invalidate(pos[3]).unwrap();
-        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await.unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
         assert_eq!((r.last_seq, r.discarded.as_slice()), (3, &[5u64, 6][..]));
         // They are gone for good: seq 5 will be reused by a new record.
-        let again = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await.unwrap();
+        let again = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
         assert_eq!((again.last_seq, again.discarded.len()), (3, 0));
         // After a clean stop nothing is searched or discarded.
         let (j, _) = journal_with(dir.path(), 3).await;
@@ -486,21 +462,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_gap_followed_by_records_beyond_the_append_window_is_refused() {
+    async fn after_an_unclean_stop_every_record_beyond_a_missing_one_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
         let (j, pos) = journal_with(dir.path(), 3).await;
-        // Record 2 is missing, and a record far beyond the append window is
-        // intact: records the log needs are gone.
+        // Record 2 is missing and a record far beyond the append window is
+        // intact: a disk losing its volatile cache loses pages in any order.
+        // No acknowledged FUA or FLUSH covered record 3 or the far one (its
+        // sync would have covered record 2), and the activity log covers
+        // their regions: all are discarded.
         j.invalidate(pos[1]).unwrap();
         let far = write(2 + MAX_APPEND_WINDOW + 5);
         j.append_at(pos[2] + record_span(4096), &far).unwrap();
-        match j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await {
-            Err(JournalError::Gap { expected: 2, seq, .. }) => assert_eq!(seq, far.seq),
-            other => panic!("expected a gap error, got {other:?}"),
-        }
-        // After a power cut pages are lost in any order: everything after
-        // the first missing record goes (the activity log covers it).
-        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::PowerCut).await.unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
         assert_eq!((r.last_seq, r.discarded.as_slice()), (1, &[3, far.seq][..]));
     }
 
@@ -514,7 +487,7 @@ mod tests {
         big.length = replicator_protocol::record::MAX_RECORD_PAYLOAD + 4096;
         let at = pos[1] + record_span(4096);
         nix::sys::uio::pwrite(&j.appender, &big.encode(j.key), at as i64).unwrap();
-        for stop in [Stop::Clean, Stop::Crash, Stop::PowerCut] {
+        for stop in [Stop::Clean, Stop::Unclean] {
             match j.recover(1, JOURNAL_SUPERBLOCK_LEN, stop).await {
                 Err(JournalError::Unacceptable { seq: 3, .. }) => {}
                 other => panic!("expected a refusal of record 3, got {other:?}"),
@@ -534,7 +507,7 @@ mod tests {
         data[448..448 + JOURNAL_HEADER_LEN].copy_from_slice(&forged);
         let rec = Record::with_payload(RecordOp::Write, 3, 0, 0, 1, Bytes::from(data), false);
         j.append_at(pos[1] + record_span(4096), &rec).unwrap();
-        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await.unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
         assert_eq!((r.last_seq, r.discarded.len()), (3, 0));
     }
 
@@ -546,7 +519,7 @@ mod tests {
         j.append_at(pos[0] + record_span(4096), &trim).unwrap();
         let w = write(3);
         j.append_at(pos[0] + record_span(4096) + record_span(0), &w).unwrap();
-        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Crash).await.unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
         assert_eq!(r.last_seq, 3);
         let (p, _) = r.ring.lookup(2).unwrap();
         assert_eq!(j.read_record(p, 2).await.unwrap(), trim);

@@ -53,8 +53,9 @@ pub struct GroupState {
     pub generation: u64,
     /// Random id chosen at `pair create`, shared by both sides.
     pub pair_id: u64,
-    /// Primary: sequence and journal position of the oldest retained record
-    /// (or of the next record, when the journal is empty).
+    /// Sequence and journal position of the oldest retained record (or of
+    /// the next record, when the journal is empty). On a secondary, of its
+    /// restore journal: the record after `durable_seq`.
     pub journal_tail_seq: u64,
     /// See `journal_tail_seq`.
     pub journal_tail_pos: u64,
@@ -63,7 +64,8 @@ pub struct GroupState {
     pub copy_pending: bool,
     /// Primary: writes are tracked in the bitmap instead of the journal.
     pub bitmap_mode: bool,
-    /// Secondary: every record up to here is durable on this node.
+    /// Secondary: every record up to here is on the volumes durably (the
+    /// checkpoint; newer ones are replayed from the restore journal).
     pub durable_seq: u64,
     /// Secondary: the volumes hold a write-order-consistent image.
     pub consistent: bool,
@@ -90,20 +92,9 @@ pub struct GroupState {
     /// cache) may have dropped anything not yet made durable.
     #[serde(default)]
     pub boot_id: String,
-    /// Secondary: every record applied so far has a lower sequence
-    /// (persisted ahead of the applies). After an unclean stop, records
-    /// between `durable_seq` and here may have reached the volumes out of
-    /// order: the image is not a write-order prefix until they are applied
-    /// again.
-    #[serde(default)]
-    pub apply_horizon: u64,
     /// Secondary: a copy (initial or resync) has started and not finished.
     #[serde(default)]
     pub copy_incomplete: bool,
-    /// Secondary: after an unclean stop, the image is a write-order prefix
-    /// again once every record through here is applied (0: not waiting).
-    #[serde(default)]
-    pub catch_up_seq: u64,
 }
 
 /// What the primary's next session announces to the secondary.
@@ -143,9 +134,7 @@ impl GroupState {
             former_pair_id: 0,
             written_standalone: false,
             boot_id: String::new(),
-            apply_horizon: 0,
             copy_incomplete: false,
-            catch_up_seq: 0,
         }
     }
 }

@@ -1,53 +1,64 @@
 //! The secondary's side of a replication session: validates `OpenGroup`,
-//! then receives records, checks each one's CRC, applies non-overlapping
-//! records concurrently and overlapping ones in sequence order, makes them
-//! durable (on FUA, on a flush request, and at least every 100 ms), persists
-//! the checkpoint it will resume from, and acks.
+//! then drives the sans-IO [`Secondary`] state machine (protocol crate),
+//! which puts each record into the restore journal, applies it to the
+//! volumes once the journal holds it durably (non-overlapping records
+//! concurrently, overlapping ones in order), checkpoints, and acks. This
+//! module performs its actions: journal appends and syncs, volume writes and
+//! syncs, state saves, messages.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use replicator_protocol::apply::{Applier, ApplyId};
+use replicator_protocol::apply::ApplyId;
 use replicator_protocol::pair::{PairEvent, PairState, Role};
 use replicator_protocol::pb::{self, envelope::Body};
-use replicator_protocol::record::{Record, RecordOp};
+use replicator_protocol::record::Record;
+use replicator_protocol::secondary::{
+    Action, Barrier, Persist, Secondary, SecondaryConfig, SecondaryError, SecondaryStart,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{lock, Group, SessionCommand};
+use super::{journal_path, lock, Group, SessionCommand};
+use crate::journal::Journal;
 use crate::state::GroupState;
 use crate::transport::{FramedRecv, FramedSend, TransportError};
+use crate::volume::Volume;
 
-/// How often applied records are made durable when nobody asks.
-const DURABLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the session looks at the clock (checkpoint cadence, a delete
+/// waiting for the primary).
+const TICK: Duration = Duration::from_millis(100);
 /// Copy data applied beyond this is made durable at once (the primary
 /// keeps at most a 16 MiB copy window in flight).
 const COPY_FLUSH_BYTES: u64 = 4 << 20;
-/// The apply horizon is persisted this many records ahead of the applies
-/// (one state save per step; a catch-up after a crash never goes beyond
-/// the primary's newest record, so a long step costs nothing there).
-const HORIZON_STEP: u64 = 1 << 16;
-/// How often the resume checkpoint is persisted.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+/// Applied records are made durable on the volumes, and their restore
+/// journal space freed, at least this often.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Completions of the I/O the session handed out.
 enum Event {
+    JournalSynced(u64, Result<(), String>),
     Applied(ApplyId, Result<(), String>),
-    Durable(u64, u64, Result<(), String>),
+    VolumesSynced(Barrier, Result<(), String>),
+    Saved(Persist, Result<(), String>),
 }
 
 /// A refused `OpenGroup`: the kind (sent to the primary, which acts on
 /// it) and the reason in words.
 type Refused = (pb::Refusal, String);
 
+/// An accepted `OpenGroup`.
+struct Accepted {
+    /// Where the session starts.
+    start: SecondaryStart,
+    /// A new pair: the restore journal starts empty, keyed by its id.
+    new_pair: bool,
+    commands: mpsc::UnboundedReceiver<SessionCommand>,
+}
+
 /// Checks an `OpenGroup` against this node's configuration and state, and
 /// takes the secondary role if it asks to create the pair (with local
-/// consent). Returns the sequence to resume after, or the refusal to send
-/// back.
-fn accept_open(
-    group: &Group,
-    open: &pb::OpenGroup,
-    peer: &str,
-) -> Result<(u64, mpsc::UnboundedReceiver<SessionCommand>), Refused> {
+/// consent). Returns where the session starts, or the refusal to send back.
+fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accepted, Refused> {
     let name = &group.cfg.name;
     let config = |msg: String| (pb::Refusal::Config, msg);
     if group.cfg.peer != peer {
@@ -117,6 +128,7 @@ fn accept_open(
                 pair_id: open.pair_id,
                 generation: open.generation,
                 durable_seq: open.rebase_seq,
+                journal_tail_seq: open.rebase_seq + 1,
                 consistent: !copy,
                 copy_incomplete: copy,
                 clean_shutdown: false,
@@ -161,21 +173,13 @@ fn accept_open(
                 tracing::warn!(group = %name, primary = %peer, generation = open.generation, rebase = open.rebase_seq,
                     "the primary restarted after a power cut: resynchronising the regions it was writing");
                 g.persisted.durable_seq = open.rebase_seq;
+                g.persisted.journal_tail_seq = open.rebase_seq + 1;
                 g.persisted.generation = open.generation;
                 // Inconsistent until the copy of those regions is done
                 // (COPY_DONE follows even when there is nothing to copy).
                 g.persisted.copy_incomplete = true;
             }
-            if g.persisted.catch_up_seq > 0 {
-                // Catching up after an unclean stop: the records up to what
-                // the primary holds now cover every apply that may have
-                // reached the volumes out of order.
-                g.persisted.catch_up_seq = g.persisted.catch_up_seq.min(open.last_seq);
-                if g.persisted.catch_up_seq <= g.persisted.durable_seq {
-                    g.persisted.catch_up_seq = 0;
-                }
-            }
-            g.persisted.consistent = !g.persisted.copy_incomplete && g.persisted.catch_up_seq == 0;
+            g.persisted.consistent = !g.persisted.copy_incomplete;
             g.state = if g.persisted.consistent { PairState::Pair } else { PairState::Copy };
         }
         pb::OpenIntent::Unspecified => return Err((pb::Refusal::Config, "OpenGroup without an intent".into())),
@@ -194,7 +198,14 @@ fn accept_open(
     g.secondary_durable = g.persisted.durable_seq;
     g.secondary_applied = g.persisted.durable_seq;
     group.publish(&mut g);
-    Ok((g.persisted.durable_seq, commands))
+    let start = SecondaryStart {
+        checkpoint: g.persisted.durable_seq,
+        journal_head: g.persisted.journal_tail_pos,
+        copy_incomplete: g.persisted.copy_incomplete,
+        data_as_of_us: g.persisted.data_as_of_us,
+    };
+    let new_pair = matches!(intent, pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy);
+    Ok(Accepted { start, new_pair, commands })
 }
 
 /// Serves one group stream opened by the primary `peer`. Returns when the
@@ -208,7 +219,17 @@ pub async fn serve_secondary(
     peer: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (base, commands) = match accept_open(&group, &open, &peer) {
+    let accepted = match accept_open(&group, &open, &peer) {
+        Ok(a) => match restore_journal(&group, open.pair_id, a.new_pair).await {
+            Ok(journal) => Ok((a, journal)),
+            Err(refused) => {
+                detach(&group);
+                Err(refused)
+            }
+        },
+        Err(refused) => Err(refused),
+    };
+    let (Accepted { start, commands, .. }, journal) = match accepted {
         Ok(accepted) => accepted,
         Err((refusal, msg)) => {
             // One line per distinct refusal (and a reminder every minute):
@@ -231,6 +252,7 @@ pub async fn serve_secondary(
             return;
         }
     };
+    let base = start.checkpoint;
     let generation = lock(&group.inner).persisted.generation;
     if let Err(e) = send
         .send(Body::OpenGroupReply(pb::OpenGroupReply {
@@ -246,13 +268,21 @@ pub async fn serve_secondary(
         return;
     }
     tracing::info!(group = %group.cfg.name, %peer, resume_after = base, "replication session up (secondary)");
-    let mut session = Session::new(group.clone(), base, commands);
+    let mut session = Session::new(group.clone(), journal, start, commands);
     let result = session.run(&mut send, &mut recv, &mut shutdown).await;
     if let Err(e) = &result {
         // Tell the primary why, so its status and log say it too.
         send.queue(Body::Error(pb::Error { message: e.to_string() }));
     }
-    session.drain(&mut send).await;
+    if !session.drain(&mut send).await {
+        // Applies may have reached the volumes beyond the checkpoint out of
+        // order; the restore journal still holds them, and the next start
+        // applies them again.
+        let mut g = lock(&group.inner);
+        g.persisted.consistent = false;
+        group.transition(&mut g, PairEvent::Failure, "local I/O failed while applying; restart the daemon once the disk is healthy (it re-applies the restore journal)");
+        group.save_locked(&mut g);
+    }
     // Every apply is finished and durable: only now may the volumes become
     // writable here.
     let deleted = match session.ending {
@@ -290,6 +320,23 @@ pub async fn serve_secondary(
     detach(&group);
 }
 
+/// The restore journal for a session: the one opened with the group, or,
+/// for a new pair, a fresh one keyed by its id.
+async fn restore_journal(group: &Group, pair_id: u64, new_pair: bool) -> Result<Arc<Journal>, Refused> {
+    if !new_pair {
+        if let Some(j) = lock(&group.inner).journal.clone() {
+            return Ok(j);
+        }
+    }
+    let path = journal_path(&group.store);
+    let journal = Journal::open(&group.engine, &path, group.cfg.journal_size, &group.cfg.name, pair_id, new_pair)
+        .await
+        .map_err(|e| (pb::Refusal::Unspecified, format!("cannot open the restore journal here: {e}")))?;
+    let journal = Arc::new(journal);
+    lock(&group.inner).journal = Some(journal.clone());
+    Ok(journal)
+}
+
 /// The session is over: no replica claims PAIR without a live session.
 fn detach(group: &Group) {
     let mut g = lock(&group.inner);
@@ -318,18 +365,12 @@ enum Ending {
 
 struct Session {
     group: Arc<Group>,
-    applier: Applier,
-    done: HashMap<ApplyId, watch::Sender<bool>>,
-    waits: HashMap<ApplyId, watch::Receiver<bool>>,
+    machine: Secondary,
+    journal: Arc<Journal>,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
-    applying: usize,
-    flushing: bool,
-    last_durable_at: Instant,
-    last_checkpoint_at: Instant,
-    checkpoint: u64,
-    copy_done_pending: Option<u64>,
-    ack_dirty: bool,
+    /// I/O handed out and not yet reported back.
+    outstanding: usize,
     /// Commands from the control socket (`pair delete` here).
     commands: mpsc::UnboundedReceiver<SessionCommand>,
     /// Why the loop ends (set before it returns).
@@ -338,36 +379,38 @@ struct Session {
     /// may take to confirm.
     delete_reply: Option<oneshot::Sender<String>>,
     leave_by: Option<Instant>,
-    /// The primary's write time of records not yet in the applied prefix.
-    written_at: BTreeMap<u64, u64>,
-    /// Copy bytes applied since the last flush started: the primary's copy
-    /// window only moves when they are durable.
-    copy_bytes_since_flush: u64,
+    /// The image was inconsistent at the last save (logs the change).
+    copy_incomplete: bool,
 }
 
 impl Session {
-    fn new(group: Arc<Group>, base: u64, commands: mpsc::UnboundedReceiver<SessionCommand>) -> Self {
+    fn new(
+        group: Arc<Group>,
+        journal: Arc<Journal>,
+        start: SecondaryStart,
+        commands: mpsc::UnboundedReceiver<SessionCommand>,
+    ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
+        let config = SecondaryConfig {
+            journal_capacity: journal.capacity(),
+            volume_sizes: group.volumes.iter().map(|v| v.size()).collect(),
+            checkpoint_interval: CHECKPOINT_INTERVAL,
+            copy_flush_bytes: COPY_FLUSH_BYTES,
+            copy_sync_interval: TICK,
+        };
+        let copy_incomplete = start.copy_incomplete;
         Self {
             group,
-            applier: Applier::new(base),
-            done: HashMap::new(),
-            waits: HashMap::new(),
+            machine: Secondary::new(config, start, Instant::now()),
+            journal,
             events_tx,
             events,
-            applying: 0,
-            flushing: false,
-            last_durable_at: Instant::now(),
-            last_checkpoint_at: Instant::now(),
-            checkpoint: base,
-            copy_done_pending: None,
-            ack_dirty: false,
+            outstanding: 0,
             commands,
             ending: Ending::Stream,
             delete_reply: None,
             leave_by: None,
-            written_at: BTreeMap::new(),
-            copy_bytes_since_flush: 0,
+            copy_incomplete,
         }
     }
 
@@ -377,18 +420,19 @@ impl Session {
         recv: &mut FramedRecv,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), TransportError> {
-        let mut tick = tokio::time::interval(DURABLE_INTERVAL);
+        let mut tick = tokio::time::interval(TICK);
         loop {
+            let reading = self.machine.wants_input() && !self.finished();
             tokio::select! {
-                frame = recv.recv() => {
+                frame = recv.recv(), if reading => {
                     match frame? {
                         None => return Ok(()),
-                        Some(env) => self.on_frame(env).await?,
+                        Some(env) => self.on_frame(env)?,
                     }
                     // Take every frame that arrived in the same read.
-                    while !self.finished() {
+                    while self.machine.wants_input() && !self.finished() {
                         let Some(env) = recv.try_next()? else { break };
-                        self.on_frame(env).await?;
+                        self.on_frame(env)?;
                     }
                     if self.finished() {
                         return Ok(());
@@ -413,47 +457,42 @@ impl Session {
                 }
                 _ = shutdown.changed() => return Ok(()),
             }
-            // Coalesce: one ack covers every apply that has finished by now.
+            // Coalesce: one ack covers every completion that arrived by now.
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev)?;
             }
-            self.maybe_flush();
-            self.maybe_checkpoint().await;
-            self.maybe_finish_copy(send).await?;
-            if self.ack_dirty {
-                self.ack_dirty = false;
-                let mut ack = self.applier.ack();
-                ack.checkpoint_seq = self.checkpoint;
-                send.send(Body::Ack(ack)).await?;
-            }
+            self.perform(send)?;
+            send.flush().await?;
         }
     }
 
-    /// Finishes in-flight applies, makes them durable and persists the
-    /// checkpoint (clean stop or end of session). The caller finishes the
-    /// stream (a delete confirmation may still follow).
-    async fn drain(&mut self, send: &mut FramedSend) {
-        while self.applying > 0 || self.flushing {
+    /// Finishes in-flight applies, makes everything received durable on the
+    /// volumes and persists the checkpoint (clean stop or end of session).
+    /// The caller finishes the stream (a delete confirmation may still
+    /// follow). Returns whether it completed (false after an I/O error).
+    async fn drain(&mut self, send: &mut FramedSend) -> bool {
+        self.machine.begin_drain();
+        let mut failed = false;
+        loop {
+            if let Err(e) = self.perform(send) {
+                tracing::error!(group = %self.group.cfg.name, "{e}");
+                failed = true;
+            }
+            if self.outstanding == 0 && self.machine.is_drained() {
+                break;
+            }
             match self.events.recv().await {
                 Some(ev) => {
                     if let Err(e) = self.on_event(ev) {
                         tracing::error!(group = %self.group.cfg.name, "{e}");
+                        failed = true;
                     }
                 }
                 None => break,
             }
         }
-        let (seq, ci) = self.applier.durable_barrier();
-        if let Err(e) = self.group.sync_all().await {
-            tracing::error!(group = %self.group.cfg.name, "final flush failed: {e}");
-            let _ = send.flush().await;
-            return;
-        }
-        self.applier.on_durable(seq, ci);
-        self.persist_checkpoint(seq).await;
-        let mut ack = self.applier.ack();
-        ack.checkpoint_seq = self.checkpoint;
-        let _ = send.send(Body::Ack(ack)).await;
+        let _ = send.flush().await;
+        !failed
     }
 
     /// The loop must end: the pair is being deleted and the primary has
@@ -462,7 +501,7 @@ impl Session {
         matches!(self.ending, Ending::DeletedByPrimary | Ending::DeletedHere { confirmed: true })
     }
 
-    async fn on_frame(&mut self, env: pb::Envelope) -> Result<(), TransportError> {
+    fn on_frame(&mut self, env: pb::Envelope) -> Result<(), TransportError> {
         if matches!(self.ending, Ending::DeletedHere { .. }) {
             // Leaving the pair: nothing is applied any more; wait for the
             // primary's own delete.
@@ -483,14 +522,14 @@ impl Session {
                         self.group.cfg.name
                     )));
                 }
-                self.on_record(rec).await
+                self.machine.on_record(rec).map_err(protocol)
             }
             Some(Body::Flush(f)) => {
-                self.applier.on_flush_request(f.seq);
+                self.machine.on_flush_request(f.seq);
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::CopyDone as i32 => {
-                self.copy_done_pending = Some(c.seq);
+                self.machine.on_copy_done(c.seq);
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::Delete as i32 => {
@@ -503,206 +542,138 @@ impl Session {
         }
     }
 
-    async fn on_record(&mut self, rec: Record) -> Result<(), TransportError> {
-        let vol = self.group.volumes.get(rec.volume as usize).cloned().ok_or_else(|| {
-            TransportError::Protocol(format!("record {} names volume #{} which does not exist", rec.seq, rec.volume))
-        })?;
-        if rec.end() > vol.size() {
-            return Err(TransportError::Protocol(format!("record {} ends beyond volume {}", rec.seq, vol.name)));
-        }
-        let (id, deps) =
-            self.applier.on_record(&rec).map_err(|e| TransportError::Protocol(format!("rejected record: {e}")))?;
-        if rec.op == RecordOp::Copy {
-            self.mark_inconsistent().await;
-            self.copy_bytes_since_flush += u64::from(rec.length);
-        } else {
-            self.extend_horizon(rec.seq).await?;
-        }
-        if rec.op != RecordOp::Copy && rec.written_at_us != 0 {
-            self.written_at.insert(rec.seq, rec.written_at_us);
-        }
-        let waits: Vec<watch::Receiver<bool>> = deps.iter().filter_map(|d| self.waits.get(d).cloned()).collect();
-        let (tx, rx) = watch::channel(false);
-        self.done.insert(id, tx);
-        self.waits.insert(id, rx);
-        self.applying += 1;
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            for mut w in waits {
-                let _ = w.wait_for(|d| *d).await;
-            }
-            // The CRC was checked on arrival; check it again right before the
-            // bytes go to disk, so memory corruption in between is caught too.
-            let result = match rec.verify_crc() {
-                Ok(()) => vol.apply(&rec).await.map_err(|e| format!("volume {}: {e}", vol.name)),
-                Err(e) => Err(format!("record {} failed its CRC check before apply: {e}", rec.seq)),
-            };
-            let _ = events.send(Event::Applied(id, result));
-        });
-        Ok(())
-    }
-
-    /// Before record `seq` may reach the volumes, the persisted apply
-    /// horizon must be beyond it (moved ahead in steps, so this costs one
-    /// state save per [`HORIZON_STEP`] records).
-    async fn extend_horizon(&mut self, seq: u64) -> Result<(), TransportError> {
-        let group = self.group.clone();
-        let snapshot = {
-            let mut g = lock(&group.inner);
-            if seq < g.persisted.apply_horizon {
-                return Ok(());
-            }
-            g.persisted.apply_horizon = seq.saturating_add(HORIZON_STEP);
-            Group::snapshot_state(&mut g)
-        };
-        match tokio::task::spawn_blocking(move || group.write_state(snapshot)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(TransportError::Protocol(format!("cannot persist the apply horizon: {e}"))),
-            Err(e) => Err(TransportError::Protocol(format!("apply horizon task failed: {e}"))),
-        }
-    }
-
-    async fn mark_inconsistent(&mut self) {
-        let group = self.group.clone();
-        let mut g = lock(&group.inner);
-        if !g.persisted.copy_incomplete || g.persisted.consistent {
-            g.persisted.copy_incomplete = true;
-            g.persisted.consistent = false;
-            g.state = PairState::Copy;
-            group.save_locked(&mut g);
-            group.publish(&mut g);
-        }
-    }
-
     fn on_event(&mut self, ev: Event) -> Result<(), TransportError> {
-        match ev {
-            Event::Applied(id, result) => {
-                self.applying -= 1;
-                if let Some(tx) = self.done.remove(&id) {
-                    let _ = tx.send(true);
+        self.outstanding = self.outstanding.saturating_sub(1);
+        let result = match ev {
+            Event::JournalSynced(through, r) => self.machine.on_journal_synced(through, r),
+            Event::Applied(id, r) => self.machine.on_applied(id, r),
+            Event::VolumesSynced(barrier, r) => self.machine.on_volumes_synced(barrier, r),
+            Event::Saved(persist, r) => {
+                if r.is_ok() {
+                    self.saved(&persist);
                 }
-                self.waits.remove(&id);
-                if let Err(e) = result {
-                    lock(&self.group.inner).last_error = Some(e.clone());
-                    return Err(TransportError::Protocol(format!("apply failed: {e}")));
-                }
-                self.applier.on_applied(id);
-                let applied = self.applier.ack().applied_seq;
-                let rest = self.written_at.split_off(&(applied + 1));
-                let newest = std::mem::replace(&mut self.written_at, rest).into_values().max();
-                let mut g = lock(&self.group.inner);
-                g.secondary_applied = applied;
-                if let Some(t) = newest {
-                    g.persisted.data_as_of_us = g.persisted.data_as_of_us.max(t);
-                }
-                if g.persisted.catch_up_seq > 0 && applied >= g.persisted.catch_up_seq {
-                    g.persisted.catch_up_seq = 0;
-                    if !g.persisted.copy_incomplete {
-                        g.persisted.consistent = true;
-                        g.state = PairState::Pair;
-                        tracing::info!(group = %self.group.cfg.name, seq = applied,
-                            "caught up past every record applied before the unclean stop: this replica is write-order consistent again");
-                    }
-                    self.group.save_locked(&mut g);
-                    self.group.publish(&mut g);
-                }
-                self.ack_dirty = true;
+                self.machine.on_saved(&persist, r, Instant::now())
             }
-            Event::Durable(seq, ci, result) => {
-                self.flushing = false;
-                if let Err(e) = result {
-                    return Err(TransportError::Protocol(format!("flush failed: {e}")));
+        };
+        if let Err(e) = &result {
+            lock(&self.group.inner).last_error = Some(e.to_string());
+        }
+        result.map_err(protocol)
+    }
+
+    /// A snapshot is on disk: the status follows it.
+    fn saved(&mut self, persist: &Persist) {
+        let mut g = lock(&self.group.inner);
+        if g.role != Role::Secondary {
+            return;
+        }
+        if self.copy_incomplete && !persist.copy_incomplete {
+            tracing::info!(group = %self.group.cfg.name, "copy complete: this replica is consistent");
+        }
+        self.copy_incomplete = persist.copy_incomplete;
+        let state = if persist.copy_incomplete { PairState::Copy } else { PairState::Pair };
+        if g.state != state && matches!(g.state, PairState::Pair | PairState::Copy) {
+            g.state = state;
+            self.group.publish(&mut g);
+        }
+    }
+
+    /// Performs what the state machine asks for: appends here and now,
+    /// everything that waits on a disk in its own task.
+    fn perform(&mut self, send: &mut FramedSend) -> Result<(), TransportError> {
+        let now = Instant::now();
+        while let Some(action) = self.machine.poll_action(now) {
+            match action {
+                Action::Append { pos, record } => {
+                    self.journal.append_at(pos, &record).map_err(|e| {
+                        TransportError::Protocol(format!(
+                            "cannot append record {} to the restore journal: {e}",
+                            record.seq
+                        ))
+                    })?;
                 }
-                self.applier.on_durable(seq, ci);
-                lock(&self.group.inner).secondary_durable = seq;
-                self.last_durable_at = Instant::now();
-                self.ack_dirty = true;
+                Action::SyncJournal { through } => {
+                    let (journal, events) = (self.journal.clone(), self.events_tx.clone());
+                    self.outstanding += 1;
+                    tokio::spawn(async move {
+                        let r = journal.sync().await.map_err(|e| e.to_string());
+                        let _ = events.send(Event::JournalSynced(through, r));
+                    });
+                }
+                Action::Apply { id, record } => {
+                    let vol = self.group.volumes.get(record.volume as usize).cloned();
+                    let events = self.events_tx.clone();
+                    self.outstanding += 1;
+                    tokio::spawn(async move {
+                        // The CRC was checked on arrival; check it again right
+                        // before the bytes go to disk, so memory corruption in
+                        // between is caught too.
+                        let result = match (vol, record.verify_crc()) {
+                            (Some(vol), Ok(())) => {
+                                vol.apply(&record).await.map_err(|e| format!("volume {}: {e}", vol.name))
+                            }
+                            (None, _) => Err(format!("record {} names a volume that does not exist", record.seq)),
+                            (_, Err(e)) => Err(format!("record {} failed its CRC check before apply: {e}", record.seq)),
+                        };
+                        let _ = events.send(Event::Applied(id, result));
+                    });
+                }
+                Action::SyncVolumes(barrier) => {
+                    let (volumes, events) = (self.group.volumes.clone(), self.events_tx.clone());
+                    self.outstanding += 1;
+                    tokio::spawn(async move {
+                        let r = sync_volumes(&volumes).await;
+                        let _ = events.send(Event::VolumesSynced(barrier, r));
+                    });
+                }
+                Action::Save(persist) => {
+                    let group = self.group.clone();
+                    let snapshot = {
+                        let mut g = lock(&group.inner);
+                        g.persisted.durable_seq = persist.checkpoint;
+                        g.persisted.journal_tail_seq = persist.checkpoint + 1;
+                        g.persisted.journal_tail_pos = persist.journal_tail_pos;
+                        g.persisted.copy_incomplete = persist.copy_incomplete;
+                        g.persisted.consistent = !persist.copy_incomplete;
+                        g.persisted.data_as_of_us = g.persisted.data_as_of_us.max(persist.data_as_of_us);
+                        Group::snapshot_state(&mut g)
+                    };
+                    let events = self.events_tx.clone();
+                    self.outstanding += 1;
+                    tokio::task::spawn_blocking(move || {
+                        let r = group.write_state(snapshot).map_err(|e| e.to_string());
+                        let _ = events.send(Event::Saved(persist, r));
+                    });
+                }
+                Action::Send(body) => send.queue(body),
             }
         }
+        let mut g = lock(&self.group.inner);
+        g.secondary_applied = self.machine.applied();
+        g.secondary_durable = self.machine.durable();
+        g.persisted.data_as_of_us = g.persisted.data_as_of_us.max(self.machine.data_as_of_us());
         Ok(())
     }
+}
 
-    fn maybe_flush(&mut self) {
-        if self.flushing {
-            return;
-        }
-        let (seq, ci) = self.applier.durable_barrier();
-        let ack = self.applier.ack();
-        let behind = seq > ack.durable_seq || ci > ack.copy_durable;
-        let copy_due = behind && self.copy_bytes_since_flush >= COPY_FLUSH_BYTES;
-        if !(self.applier.needs_flush() || copy_due || (behind && self.last_durable_at.elapsed() >= DURABLE_INTERVAL)) {
-            return;
-        }
-        self.flushing = true;
-        self.copy_bytes_since_flush = 0;
-        let group = self.group.clone();
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            let r = group.sync_all().await.map_err(|e| e.to_string());
-            let _ = events.send(Event::Durable(seq, ci, r));
-        });
+fn protocol(e: SecondaryError) -> TransportError {
+    TransportError::Protocol(e.to_string())
+}
+
+/// fsyncs every volume of the group, concurrently.
+async fn sync_volumes(volumes: &[Arc<Volume>]) -> Result<(), String> {
+    let mut set = tokio::task::JoinSet::new();
+    for v in volumes {
+        let v = v.clone();
+        set.spawn(async move { v.sync().await.map_err(|e| format!("volume {}: {e}", v.name)) });
     }
-
-    async fn maybe_checkpoint(&mut self) {
-        let durable = self.applier.ack().durable_seq;
-        if durable > self.checkpoint && self.last_checkpoint_at.elapsed() >= CHECKPOINT_INTERVAL {
-            self.persist_checkpoint(durable).await;
+    let mut result = Ok(());
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(e) => result = Err(format!("volume sync task failed: {e}")),
         }
     }
-
-    async fn persist_checkpoint(&mut self, durable: u64) {
-        let group = self.group.clone();
-        let snapshot = {
-            let mut g = lock(&group.inner);
-            if durable <= g.persisted.durable_seq {
-                None
-            } else {
-                g.persisted.durable_seq = durable;
-                Some(Group::snapshot_state(&mut g))
-            }
-        };
-        let saved = match snapshot {
-            None => Ok(Ok(())),
-            Some(snapshot) => {
-                tokio::task::spawn_blocking(move || group.write_state(snapshot).map_err(|e| e.to_string())).await
-            }
-        };
-        match saved {
-            Ok(Ok(())) => {
-                self.checkpoint = self.checkpoint.max(durable);
-                self.last_checkpoint_at = Instant::now();
-                self.ack_dirty = true;
-            }
-            Ok(Err(e)) => tracing::error!(group = %self.group.cfg.name, "cannot persist the checkpoint: {e}"),
-            Err(e) => tracing::error!(group = %self.group.cfg.name, "cannot persist the checkpoint: {e}"),
-        }
-    }
-
-    /// COPY_DONE: once everything up to it is applied and durable, the image
-    /// is consistent again.
-    async fn maybe_finish_copy(&mut self, send: &mut FramedSend) -> Result<(), TransportError> {
-        let Some(seq) = self.copy_done_pending else { return Ok(()) };
-        let ack = self.applier.ack();
-        let (bar_seq, bar_ci) = self.applier.durable_barrier();
-        if self.applying > 0 || ack.durable_seq < seq || ack.durable_seq < bar_seq || ack.copy_durable < bar_ci {
-            self.applier.on_flush_request(seq);
-            return Ok(());
-        }
-        self.persist_checkpoint(ack.durable_seq).await;
-        {
-            let group = self.group.clone();
-            let mut g = lock(&group.inner);
-            g.persisted.copy_incomplete = false;
-            g.persisted.consistent = g.persisted.catch_up_seq == 0;
-            if g.persisted.consistent {
-                g.state = PairState::Pair;
-            }
-            group.save_locked(&mut g);
-            group.publish(&mut g);
-        }
-        tracing::info!(group = %self.group.cfg.name, "copy complete: this replica is consistent");
-        self.copy_done_pending = None;
-        send.send(Body::CommandReply(pb::CommandReply { command: pb::Command::CopyDone as i32, error: String::new() }))
-            .await
-    }
+    result
 }

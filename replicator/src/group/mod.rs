@@ -63,9 +63,12 @@ pub enum GroupError {
 /// What sync-mode waiters and the status view watch.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
+    /// The secondary has every record through here in its restore journal
+    /// (written there: a sync-mode write waits for this).
+    pub received: u64,
     /// ... and written it to its volumes.
     pub applied: u64,
-    /// ... and made it durable.
+    /// ... and made it durable (in its restore journal).
     pub durable: u64,
     /// ... and persisted that it resumes after here.
     pub checkpoint: u64,
@@ -238,7 +241,11 @@ impl Group {
         let mut bitmaps = load_bitmaps(&store, &volumes)?;
         let mut activity = load_activity_log(&store);
         let boot_id = current_boot_id();
-        let power_lost = !was_clean && !persisted.boot_id.is_empty() && persisted.boot_id != boot_id;
+        // Every unclean stop is handled as a power cut: a killed process and
+        // a lost disk cache (a reboot, a hypervisor crash, a storage path
+        // that dropped its cache without a reboot) look the same from here.
+        let unclean = !was_clean;
+        let rebooted = !persisted.boot_id.is_empty() && persisted.boot_id != boot_id;
         let mut persisted = persisted;
         persisted.boot_id = boot_id;
 
@@ -249,11 +256,7 @@ impl Group {
             let j =
                 Journal::open(&engine, &journal_path(&store), cfg.journal_size, &cfg.name, persisted.pair_id, false)
                     .await?;
-            let stop = match (was_clean, power_lost) {
-                (true, _) => Stop::Clean,
-                (false, false) => Stop::Crash,
-                (false, true) => Stop::PowerCut,
-            };
+            let stop = if was_clean { Stop::Clean } else { Stop::Unclean };
             let recovered = j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos, stop).await?;
             let (r, last) = (recovered.ring, recovered.last_seq);
             tracing::info!(
@@ -272,16 +275,14 @@ impl Group {
                 );
             }
             last_jseq = last;
-            if !was_clean {
-                tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
-                redo_journal(&j, &r, last, &volumes).await?;
-            }
-            if power_lost {
+            if unclean {
                 // Anything not yet durable may be gone on either site: the
-                // journal tail here, applies there. The activity log names
-                // every region that can differ; copy those, in a new
-                // generation, and rebase the secondary on what the journal
-                // still holds.
+                // journal tail and volume writes here, applies there. The
+                // journal's surviving run is replayed here; the activity log
+                // names every region that can differ; those are copied, in a
+                // new generation, and the secondary rebases on what the
+                // journal still holds.
+                let _ = redo_journal(&j, &r, last, &volumes).await?;
                 let regions = match &activity {
                     Some(al) => {
                         for (vol, off, len) in al.extents() {
@@ -306,10 +307,12 @@ impl Group {
                     group = %cfg.name,
                     generation = persisted.generation + 1,
                     bytes = dirty,
-                    "power cut detected (the machine rebooted since the unclean stop): resynchronising {regions}"
+                    "the daemon did not stop cleanly ({cause}): anything not yet durable may be lost on either site; \
+                     replayed the journal, resynchronising {regions}",
+                    cause = if rebooted { "the machine rebooted: a power cut or crash" } else { "the process ended without a clean stop" }
                 );
                 // Bitmaps first: a crash before the state below is saved
-                // finds the boot id unchanged and the regions still logged.
+                // finds the stop still unclean and the regions still logged.
                 for (v, b) in volumes.iter().zip(&bitmaps) {
                     store.save_blob(&bitmap_name(&v.name), &b.encode())?;
                 }
@@ -335,9 +338,13 @@ impl Group {
                 ring = Some(r);
             }
             journal = Some(Arc::new(j));
+        } else if role == Role::Secondary {
+            journal = Some(Arc::new(
+                recover_restore_journal(&engine, &store, &cfg, &volumes, &mut persisted, was_clean).await?,
+            ));
         }
         let mut activity = activity.take().unwrap_or_else(|| ActivityLog::new(DEFAULT_EXTENT));
-        if power_lost {
+        if unclean {
             activity = ActivityLog::new(activity.extent());
         } else {
             // Extents from before the restart wait for what the journal holds.
@@ -345,21 +352,6 @@ impl Group {
         }
         if role == Role::None {
             state = PairState::Simplex;
-        }
-        // A replica that stopped uncleanly may hold applies beyond its
-        // checkpoint that reached the volumes out of order: not a
-        // write-order prefix until those records are applied again.
-        if role == Role::Secondary && !was_clean && persisted.apply_horizon > persisted.durable_seq + 1 {
-            persisted.catch_up_seq = persisted.catch_up_seq.max(persisted.apply_horizon - 1);
-            if persisted.consistent {
-                tracing::warn!(
-                    group = %cfg.name,
-                    checkpoint = persisted.durable_seq,
-                    "the daemon did not stop cleanly: records applied after the checkpoint may have reached the volumes \
-                     out of order; this replica is not write-order consistent until they are applied again"
-                );
-            }
-            persisted.consistent = false;
         }
         // An error that suspended a primary is judged again after the
         // restart (the journal is recovered and replayed by now; the peer's
@@ -406,7 +398,7 @@ impl Group {
             activity,
             local_durable: if was_clean { last_jseq } else { 0 },
             last_durability_sync: Instant::now(),
-            bitmap_dirty_since_save: !was_clean || power_lost,
+            bitmap_dirty_since_save: unclean,
             state_version: 0,
             flush_wanted: 0,
             journal_full_since: None,
@@ -1182,11 +1174,15 @@ pub struct VolumeStatus {
     pub size: u64,
 }
 
-/// After an unclean stop, replays every retained journal record onto the
-/// primary's own volumes, in sequence order: a record may be journaled while
-/// its volume write never happened, and the secondary will receive it.
-async fn redo_journal(j: &Journal, ring: &JournalRing, last: u64, volumes: &[Arc<Volume>]) -> Result<(), GroupError> {
-    let Some(oldest) = ring.oldest_seq() else { return Ok(()) };
+/// Replays every retained journal record onto this node's volumes, in
+/// sequence order, and syncs them. On the primary after an unclean stop (a
+/// record may be journaled while its volume write never happened, and the
+/// secondary will receive it); on a secondary at every start (its restore
+/// journal holds what it received beyond its checkpoint). Returns the
+/// primary's write time of the newest record (0 when none).
+async fn redo_journal(j: &Journal, ring: &JournalRing, last: u64, volumes: &[Arc<Volume>]) -> Result<u64, GroupError> {
+    let Some(oldest) = ring.oldest_seq() else { return Ok(0) };
+    let mut newest = 0;
     for seq in oldest..=last {
         let Some((pos, _)) = ring.lookup(seq) else { continue };
         let rec = j.read_record(pos, seq).await?;
@@ -1194,12 +1190,48 @@ async fn redo_journal(j: &Journal, ring: &JournalRing, last: u64, volumes: &[Arc
             GroupError::Replay(format!("record {seq} names volume #{} which is not configured", rec.volume))
         })?;
         vol.apply(&rec).await.map_err(|e| GroupError::Replay(format!("record {seq}: {e}")))?;
+        newest = newest.max(rec.written_at_us);
     }
     for v in volumes {
         v.sync().await.map_err(|e| GroupError::Replay(e.to_string()))?;
     }
-    tracing::info!(records = last + 1 - oldest, "replayed the journal onto the local volumes after an unclean stop");
-    Ok(())
+    tracing::info!(records = last + 1 - oldest, "replayed the journal onto the local volumes");
+    Ok(newest)
+}
+
+/// Opens a secondary's restore journal and applies what it holds beyond the
+/// checkpoint, so the volumes are again the primary's image after exactly
+/// the writes through the newest record it holds, whatever stopped the
+/// daemon (a clean stop drains it first; after a crash or a power cut only
+/// records durable in it were ever applied). Moves the checkpoint there.
+async fn recover_restore_journal(
+    engine: &IoEngine,
+    store: &StateFile,
+    cfg: &GroupConfig,
+    volumes: &[Arc<Volume>],
+    persisted: &mut GroupState,
+    was_clean: bool,
+) -> Result<Journal, GroupError> {
+    let j = Journal::open(engine, &journal_path(store), cfg.journal_size, &cfg.name, persisted.pair_id, false).await?;
+    let stop = if was_clean { Stop::Clean } else { Stop::Unclean };
+    let from = persisted.durable_seq + 1;
+    let recovered = j.recover(from, persisted.journal_tail_pos, stop).await?;
+    let last = recovered.last_seq;
+    if last >= from {
+        let newest = redo_journal(&j, &recovered.ring, last, volumes).await?;
+        persisted.data_as_of_us = persisted.data_as_of_us.max(newest);
+        tracing::info!(
+            group = %cfg.name,
+            from,
+            through = last,
+            "restore journal: applied the records it held beyond the checkpoint; the replica is the primary's image after write {last}"
+        );
+    }
+    persisted.durable_seq = last;
+    persisted.journal_tail_seq = last + 1;
+    persisted.journal_tail_pos = recovered.ring.head();
+    persisted.consistent = !persisted.copy_incomplete;
+    Ok(j)
 }
 
 fn journal_path(store: &StateFile) -> PathBuf {

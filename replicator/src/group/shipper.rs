@@ -189,6 +189,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         group.save_locked(&mut g);
         group.progress.send_modify(|p| {
             p.connected = true;
+            p.received = peer_durable;
             p.applied = peer_durable;
             p.durable = peer_durable;
             // The secondary resumes after its persisted checkpoint, which is
@@ -459,7 +460,7 @@ impl Group {
         }
         let Some(s) = g.shipper.as_mut() else { return Ok(()) };
         s.on_ack(ack).map_err(|e| TransportError::Protocol(format!("bad ack: {e}")))?;
-        let (applied, durable) = (s.applied(), s.durable());
+        let (received, applied, durable) = (s.received(), s.applied(), s.durable());
         let checkpoint = ack.checkpoint_seq.min(durable);
         let done: Vec<u64> = g.copy_inflight.range(..=ack.copy_durable).map(|(k, _)| *k).collect();
         for k in done {
@@ -470,6 +471,7 @@ impl Group {
         // Caught up after a link suspension: back to PAIR.
         drop(g);
         self.progress.send_modify(|p| {
+            p.received = received;
             p.applied = applied;
             p.durable = durable;
             p.checkpoint = checkpoint;

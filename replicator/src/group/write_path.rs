@@ -10,9 +10,9 @@
 //! 4. Build the record (read-modify-write for partial blocks) and make it
 //!    shippable; write the journal record and the volume concurrently.
 //! 5. FUA: fdatasync volume and journal.
-//! 6. Sync mode: wait until the secondary has applied (FUA: made durable)
-//!    the record, within `link_timeout` (then suspend or keep waiting, per
-//!    `on_link_loss`).
+//! 6. Sync mode: wait until the secondary has the record in its restore
+//!    journal (FUA: durable there), within `link_timeout` (then suspend or
+//!    keep waiting, per `on_link_loss`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -556,14 +556,15 @@ impl Group {
         Ok(())
     }
 
-    /// Sync mode: waits until the secondary has applied (`durable`: made
-    /// durable) `seq`, or until replication no longer requires waiting.
+    /// Sync mode: waits until the secondary has written `seq` into its
+    /// restore journal (`durable`: made it durable there), or until
+    /// replication no longer requires waiting.
     async fn wait_secondary(&self, seq: u64, durable: bool) -> Result<(), WriteError> {
         let mut rx = self.progress.subscribe();
         loop {
             let waited = tokio::time::timeout(
                 self.cfg.link_timeout,
-                rx.wait_for(|p| !p.sync_wait || if durable { p.durable >= seq } else { p.applied >= seq }),
+                rx.wait_for(|p| !p.sync_wait || if durable { p.durable >= seq } else { p.received >= seq }),
             )
             .await;
             match waited {

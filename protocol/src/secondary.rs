@@ -1,0 +1,766 @@
+//! The secondary's side of a replication session as a sans-IO state machine.
+//!
+//! Records from the primary go first into the secondary's **restore
+//! journal** (Hitachi Universal Replicator's model), in sequence order, and
+//! reach the volumes only once the journal holds them durably. So whatever
+//! happens to this node — a crash, a power cut that drops any unsynced
+//! page — the volumes never hold a write whose predecessors could be lost:
+//! after a restart the journal is replayed from the checkpoint and the group
+//! image is again the primary's after exactly the writes `<= N`, across all
+//! volumes. Non-overlapping records are still applied concurrently (the
+//! [`Applier`] orders overlapping ones); the image a failover or a drill
+//! uses is taken after those applies finished, when it is such a prefix.
+//!
+//! Copy chunks (initial copy, resync) bypass the journal: the image is
+//! inconsistent while a copy runs, and that is persisted before the first
+//! chunk reaches a volume.
+//!
+//! The daemon drives one [`Secondary`] per session: it feeds messages and
+//! completions in, and performs the [`Action`]s it polls out (append to the
+//! journal, sync it, write a record to a volume, sync the volumes, persist
+//! the resume point, send a message). Time comes in as arguments; nothing
+//! here does I/O.
+//!
+//! Acks (see `proto/replication.proto`): `received_seq` = in the restore
+//! journal (as safe as a plain write here), `applied_seq` = on the volumes,
+//! `durable_seq` = durable in the restore journal, `checkpoint_seq` = the
+//! same: after any fault this node resumes after it, so the primary may free
+//! its journal through it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::apply::{Applier, ApplyError, ApplyId};
+use crate::journal_format::{record_span, JournalRing};
+use crate::pb::{self, envelope::Body};
+use crate::record::{Record, RecordOp};
+
+/// Tunables of a secondary session.
+#[derive(Debug, Clone)]
+pub struct SecondaryConfig {
+    /// Size of the restore journal file.
+    pub journal_capacity: u64,
+    /// Size of each volume, in group order.
+    pub volume_sizes: Vec<u64>,
+    /// Applied records are made durable on the volumes and the journal space
+    /// they hold is freed at least this often.
+    pub checkpoint_interval: Duration,
+    /// Copy data applied beyond this is made durable at once (the primary's
+    /// copy window only moves when it is).
+    pub copy_flush_bytes: u64,
+    /// Copy data applied is made durable at least this often.
+    pub copy_sync_interval: Duration,
+}
+
+/// Where a session starts: everything through `checkpoint` is on the
+/// volumes durably and the restore journal holds nothing newer (the daemon
+/// replays it when it opens the group, and drains it when a session ends).
+#[derive(Debug, Clone)]
+pub struct SecondaryStart {
+    /// Last write seq on the volumes; the next record is `checkpoint + 1`.
+    pub checkpoint: u64,
+    /// Restore journal position where the next record goes.
+    pub journal_head: u64,
+    /// A copy or resync is not finished: the image is not consistent.
+    pub copy_incomplete: bool,
+    /// The primary's write time (µs since the epoch) of the newest write
+    /// held here.
+    pub data_as_of_us: u64,
+}
+
+/// What the daemon persists (in the group's state file) when asked to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Persist {
+    /// Version of this snapshot; report it back with [`Secondary::on_saved`].
+    pub version: u64,
+    /// Every write through here is durable on the volumes.
+    pub checkpoint: u64,
+    /// Restore journal: the oldest record still needed after a restart has
+    /// seq `checkpoint + 1` and sits at `journal_tail_pos`.
+    pub journal_tail_pos: u64,
+    /// A copy or resync is not finished.
+    pub copy_incomplete: bool,
+    /// The primary's write time of the newest write held here.
+    pub data_as_of_us: u64,
+}
+
+/// What a volume sync covers: applied writes and copy chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Barrier {
+    /// Every write seq through here is applied.
+    pub seq: u64,
+    /// Every copy chunk through here is applied.
+    pub copy_index: u64,
+}
+
+/// Work for the daemon.
+#[derive(Debug)]
+pub enum Action {
+    /// Write `record` into the restore journal at `pos` (positions are
+    /// handed out in sequence order). Done at once by the caller; a failure
+    /// ends the session.
+    Append {
+        /// Reserved position.
+        pos: u64,
+        /// The record.
+        record: Record,
+    },
+    /// fdatasync the restore journal; report [`Secondary::on_journal_synced`].
+    SyncJournal {
+        /// The newest record it covers.
+        through: u64,
+    },
+    /// Write `record` to its volume; report [`Secondary::on_applied`].
+    Apply {
+        /// Its id.
+        id: ApplyId,
+        /// The record (its CRC is checked on arrival; check it again).
+        record: Record,
+    },
+    /// fsync every volume of the group; report
+    /// [`Secondary::on_volumes_synced`].
+    SyncVolumes(Barrier),
+    /// Persist the snapshot (fsync'd); report [`Secondary::on_saved`].
+    Save(Persist),
+    /// Send this to the primary.
+    Send(Body),
+}
+
+/// A session that cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecondaryError {
+    /// The record does not fit the stream.
+    #[error("rejected record: {0}")]
+    Record(#[from] ApplyError),
+    /// The record names a volume or range this group does not have.
+    #[error("record {seq} is outside the group's volumes: {reason}")]
+    OutOfRange {
+        /// Its seq.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The record can never fit the restore journal.
+    #[error("record {seq} needs {span} bytes of restore journal but the journal holds {capacity}: raise journal_size here to at least twice the primary's largest write")]
+    TooLarge {
+        /// Its seq.
+        seq: u64,
+        /// Bytes it needs.
+        span: u64,
+        /// Ring size.
+        capacity: u64,
+    },
+    /// Local I/O failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+#[derive(Debug)]
+struct InFlight {
+    /// Taken when the apply is handed out.
+    record: Option<Record>,
+    /// Earlier overlapping records not applied yet.
+    waiting_for: usize,
+    /// Later records waiting for this one.
+    dependents: Vec<ApplyId>,
+}
+
+/// The secondary end of one replication session.
+#[derive(Debug)]
+pub struct Secondary {
+    config: SecondaryConfig,
+    applier: Applier,
+    ring: JournalRing,
+    /// Restore journal: newest record appended, newest durable.
+    appended: u64,
+    journal_durable: u64,
+    journal_sync_in_flight: bool,
+    /// Records received but not admitted: no journal space yet, or the
+    /// image's inconsistency is not persisted yet. Input stops meanwhile.
+    pending: VecDeque<Record>,
+    records: HashMap<ApplyId, InFlight>,
+    /// Writes whose predecessors are applied but which are not durable in
+    /// the journal yet, by seq.
+    awaiting_journal: BTreeMap<u64, ApplyId>,
+    applying: usize,
+    volume_sync: Option<Barrier>,
+    last_volume_sync_at: Instant,
+    copy_bytes_since_sync: u64,
+    checkpoint: u64,
+    last_checkpoint_at: Instant,
+    copy_incomplete: bool,
+    /// Persisted snapshots: newest asked for, newest done, one in flight.
+    save_version: u64,
+    saved_version: u64,
+    save_in_flight: bool,
+    save_wanted: bool,
+    /// `copy_incomplete = true` must be on disk before copy data lands.
+    inconsistency_saved_at: Option<u64>,
+    /// COPY_DONE received (its seq), and the save that records it.
+    copy_done: Option<u64>,
+    copy_done_saved_at: Option<u64>,
+    data_as_of_us: u64,
+    written_at: BTreeMap<u64, u64>,
+    draining: bool,
+    failed: bool,
+    ack_dirty: bool,
+    last_ack: Option<pb::Ack>,
+    actions: VecDeque<Action>,
+}
+
+impl Secondary {
+    /// A session starting at `start`.
+    pub fn new(config: SecondaryConfig, start: SecondaryStart, now: Instant) -> Self {
+        let mut ring = JournalRing::new(config.journal_capacity);
+        ring.reset_at(start.journal_head);
+        Secondary {
+            config,
+            applier: Applier::with_checkpoint(start.checkpoint, start.checkpoint),
+            ring,
+            appended: start.checkpoint,
+            journal_durable: start.checkpoint,
+            journal_sync_in_flight: false,
+            pending: VecDeque::new(),
+            records: HashMap::new(),
+            awaiting_journal: BTreeMap::new(),
+            applying: 0,
+            volume_sync: None,
+            last_volume_sync_at: now,
+            copy_bytes_since_sync: 0,
+            checkpoint: start.checkpoint,
+            last_checkpoint_at: now,
+            copy_incomplete: start.copy_incomplete,
+            save_version: 0,
+            saved_version: 0,
+            save_in_flight: false,
+            save_wanted: false,
+            inconsistency_saved_at: start.copy_incomplete.then_some(0),
+            copy_done: None,
+            copy_done_saved_at: None,
+            data_as_of_us: start.data_as_of_us,
+            written_at: BTreeMap::new(),
+            draining: false,
+            failed: false,
+            ack_dirty: true,
+            last_ack: None,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Whether the daemon should read more messages (false while records
+    /// wait for journal space or for a save, and while draining).
+    pub fn wants_input(&self) -> bool {
+        self.pending.is_empty() && !self.draining && !self.failed
+    }
+
+    /// A message from the primary (records, flush requests, COPY_DONE).
+    /// Other bodies are the daemon's business.
+    pub fn on_record(&mut self, record: Record) -> Result<(), SecondaryError> {
+        if self.draining || self.failed {
+            return Ok(());
+        }
+        let size = self.config.volume_sizes.get(record.volume as usize).copied().ok_or_else(|| {
+            SecondaryError::OutOfRange { seq: record.seq, reason: format!("volume #{} does not exist", record.volume) }
+        })?;
+        if record.end() > size {
+            return Err(SecondaryError::OutOfRange {
+                seq: record.seq,
+                reason: format!("it ends at {} but volume #{} has {size} bytes", record.end(), record.volume),
+            });
+        }
+        if record.op != RecordOp::Copy {
+            let span = record_span(record.payload.len() as u64);
+            if span > self.ring.capacity_bytes() {
+                return Err(SecondaryError::TooLarge { seq: record.seq, span, capacity: self.ring.capacity_bytes() });
+            }
+        }
+        self.pending.push_back(record);
+        self.admit_pending()
+    }
+
+    /// The primary asks for every write through `seq` (and every copy chunk
+    /// received so far) to be made durable and acked.
+    pub fn on_flush_request(&mut self, seq: u64) {
+        self.applier.on_flush_request(seq);
+        self.ack_dirty = true;
+    }
+
+    /// The primary's copy (or resync) is complete through write `seq`.
+    pub fn on_copy_done(&mut self, seq: u64) {
+        self.copy_done = Some(seq);
+        self.applier.on_flush_request(seq);
+    }
+
+    /// The restore journal is durable through `through`.
+    pub fn on_journal_synced(&mut self, through: u64, result: Result<(), String>) -> Result<(), SecondaryError> {
+        self.journal_sync_in_flight = false;
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(SecondaryError::Io(format!("restore journal sync failed: {e}")));
+        }
+        if through > self.journal_durable {
+            self.journal_durable = through;
+            let rest = self.written_at.split_off(&(through + 1));
+            if let Some(t) = std::mem::replace(&mut self.written_at, rest).into_values().max() {
+                self.data_as_of_us = self.data_as_of_us.max(t);
+            }
+            self.ack_dirty = true;
+        }
+        while let Some((&seq, &id)) = self.awaiting_journal.first_key_value() {
+            if seq > self.journal_durable {
+                break;
+            }
+            self.awaiting_journal.pop_first();
+            self.start_apply(id);
+        }
+        Ok(())
+    }
+
+    /// Record `id` reached its volume (or failed to).
+    pub fn on_applied(&mut self, id: ApplyId, result: Result<(), String>) -> Result<(), SecondaryError> {
+        self.applying = self.applying.saturating_sub(1);
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(SecondaryError::Io(format!("apply failed: {e}")));
+        }
+        self.applier.on_applied(id);
+        self.ack_dirty = true;
+        let dependents = self.records.remove(&id).map(|r| r.dependents).unwrap_or_default();
+        for d in dependents {
+            let ready = self.records.get_mut(&d).is_some_and(|r| {
+                r.waiting_for = r.waiting_for.saturating_sub(1);
+                r.waiting_for == 0
+            });
+            if ready {
+                self.ready(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// The volumes are durable through `barrier`.
+    pub fn on_volumes_synced(&mut self, barrier: Barrier, result: Result<(), String>) -> Result<(), SecondaryError> {
+        self.volume_sync = None;
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(SecondaryError::Io(format!("volume sync failed: {e}")));
+        }
+        let copy_before = self.applier.copy_durable();
+        self.applier.on_durable(barrier.seq, barrier.copy_index);
+        if self.applier.copy_durable() > copy_before {
+            self.ack_dirty = true;
+        }
+        if self.applier.durable() > self.checkpoint {
+            self.save_wanted = true;
+        }
+        Ok(())
+    }
+
+    /// Snapshot `version` is persisted.
+    pub fn on_saved(
+        &mut self,
+        persist: &Persist,
+        result: Result<(), String>,
+        now: Instant,
+    ) -> Result<(), SecondaryError> {
+        self.save_in_flight = false;
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(SecondaryError::Io(format!("cannot persist the checkpoint: {e}")));
+        }
+        self.saved_version = self.saved_version.max(persist.version);
+        if persist.checkpoint > self.checkpoint {
+            self.checkpoint = persist.checkpoint;
+            self.ring.release_through(persist.checkpoint);
+        }
+        self.last_checkpoint_at = now;
+        self.admit_pending()
+    }
+
+    /// Stop taking records; finish every apply, make it durable on the
+    /// volumes and persist the checkpoint (end of session, clean stop).
+    /// Records not yet admitted are dropped (never acked as received).
+    pub fn begin_drain(&mut self) {
+        self.draining = true;
+        self.pending.clear();
+    }
+
+    /// Draining is over: nothing in flight, and (unless an I/O error ended
+    /// the session) everything applied is durable and persisted.
+    pub fn is_drained(&self) -> bool {
+        let idle = self.applying == 0
+            && !self.journal_sync_in_flight
+            && self.volume_sync.is_none()
+            && !self.save_in_flight
+            && self.actions.is_empty();
+        if self.failed {
+            return idle;
+        }
+        let copies_durable = self.applier.copy_durable() >= self.applier.durable_barrier().1;
+        idle && self.records.is_empty() && copies_durable && self.checkpoint == self.appended && !self.save_wanted
+    }
+
+    /// The next thing to do, given the time; `None` when there is nothing.
+    /// An ack, when one is due, comes last (one per batch of work).
+    pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
+        if let Some(a) = self.actions.pop_front() {
+            return Some(a);
+        }
+        self.plan(now);
+        if let Some(a) = self.actions.pop_front() {
+            return Some(a);
+        }
+        if self.ack_dirty && !self.failed {
+            self.ack_dirty = false;
+            let ack = self.ack();
+            if self.last_ack.as_ref() != Some(&ack) {
+                self.last_ack = Some(ack);
+                return Some(Action::Send(Body::Ack(ack)));
+            }
+        }
+        None
+    }
+
+    /// The ack describing the current state.
+    pub fn ack(&self) -> pb::Ack {
+        pb::Ack {
+            received_seq: self.appended,
+            applied_seq: self.applier.applied(),
+            durable_seq: self.journal_durable,
+            copy_durable: self.applier.copy_durable(),
+            checkpoint_seq: self.journal_durable,
+        }
+    }
+
+    /// Newest write in the restore journal.
+    pub fn received(&self) -> u64 {
+        self.appended
+    }
+
+    /// Newest write applied to the volumes (with all before it).
+    pub fn applied(&self) -> u64 {
+        self.applier.applied()
+    }
+
+    /// Newest write durable here (in the restore journal).
+    pub fn durable(&self) -> u64 {
+        self.journal_durable
+    }
+
+    /// Newest write durable on the volumes and persisted as the checkpoint.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
+    /// Whether a copy or resync is unfinished (the image is inconsistent).
+    pub fn copy_incomplete(&self) -> bool {
+        self.copy_incomplete
+    }
+
+    /// The primary's write time of the newest durable write here.
+    pub fn data_as_of_us(&self) -> u64 {
+        self.data_as_of_us
+    }
+
+    /// Restore journal bytes in use.
+    pub fn journal_used_bytes(&self) -> u64 {
+        self.ring.used_bytes()
+    }
+
+    /// Admits queued records while there is journal space (and, for copy
+    /// chunks, once the image's inconsistency is persisted).
+    fn admit_pending(&mut self) -> Result<(), SecondaryError> {
+        while let Some((op, payload_len)) = self.pending.front().map(|r| (r.op, r.payload.len() as u64)) {
+            if op == RecordOp::Copy {
+                if !self.copy_incomplete {
+                    self.copy_incomplete = true;
+                    self.inconsistency_saved_at = Some(self.want_save());
+                }
+                if self.inconsistency_saved_at.is_some_and(|v| v > self.saved_version) {
+                    return Ok(());
+                }
+            } else if !self.ring.would_fit(record_span(payload_len)) {
+                return Ok(());
+            }
+            let Some(record) = self.pending.pop_front() else { break };
+            self.admit(record)?;
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, record: Record) -> Result<(), SecondaryError> {
+        let (id, deps) = self.applier.on_record(&record)?;
+        if record.op == RecordOp::Copy {
+            self.copy_bytes_since_sync += u64::from(record.length);
+        } else {
+            let span = record_span(record.payload.len() as u64);
+            let pos = self.ring.reserve(record.seq, span).ok_or_else(|| {
+                SecondaryError::Io(format!("restore journal: no space reserved for record {}", record.seq))
+            })?;
+            self.appended = record.seq;
+            if record.written_at_us != 0 {
+                self.written_at.insert(record.seq, record.written_at_us);
+            }
+            self.actions.push_back(Action::Append { pos, record: record.clone() });
+            self.ack_dirty = true;
+        }
+        let mut waiting_for = 0;
+        for d in &deps {
+            if let Some(r) = self.records.get_mut(d) {
+                r.dependents.push(id);
+                waiting_for += 1;
+            }
+        }
+        self.records.insert(id, InFlight { record: Some(record), waiting_for, dependents: Vec::new() });
+        if waiting_for == 0 {
+            self.ready(id);
+        }
+        Ok(())
+    }
+
+    /// Record `id` has no unapplied predecessor: apply it once it is durable
+    /// in the restore journal (copy chunks: at once).
+    fn ready(&mut self, id: ApplyId) {
+        let Some(r) = self.records.get(&id) else { return };
+        match &r.record {
+            Some(rec) if rec.op != RecordOp::Copy && rec.seq > self.journal_durable => {
+                self.awaiting_journal.insert(rec.seq, id);
+            }
+            Some(_) => self.start_apply(id),
+            None => {}
+        }
+    }
+
+    fn start_apply(&mut self, id: ApplyId) {
+        if let Some(record) = self.records.get_mut(&id).and_then(|r| r.record.take()) {
+            self.applying += 1;
+            self.actions.push_back(Action::Apply { id, record });
+        }
+    }
+
+    fn want_save(&mut self) -> u64 {
+        self.save_wanted = true;
+        self.save_version + 1
+    }
+
+    /// Starts the syncs and saves that are due.
+    fn plan(&mut self, now: Instant) {
+        if self.failed {
+            return;
+        }
+        if !self.journal_sync_in_flight && self.appended > self.journal_durable {
+            self.journal_sync_in_flight = true;
+            self.actions.push_back(Action::SyncJournal { through: self.appended });
+        }
+        if self.volume_sync.is_none() {
+            let (seq, copy_index) = self.applier.durable_barrier();
+            let barrier = Barrier { seq, copy_index };
+            let copies_behind = copy_index > self.applier.copy_durable();
+            let writes_behind = seq > self.applier.durable();
+            let copy_due = copies_behind
+                && (self.applier.needs_flush()
+                    || self.copy_bytes_since_sync >= self.config.copy_flush_bytes
+                    || now.duration_since(self.last_volume_sync_at) >= self.config.copy_sync_interval
+                    || self.copy_done.is_some()
+                    || self.draining);
+            let pressure = !self.pending.is_empty()
+                || self.ring.used_bytes() > self.ring.capacity_bytes() / 2
+                || self.draining
+                || now.duration_since(self.last_checkpoint_at) >= self.config.checkpoint_interval;
+            if copy_due || (writes_behind && pressure) {
+                self.volume_sync = Some(barrier);
+                self.last_volume_sync_at = now;
+                self.copy_bytes_since_sync = 0;
+                self.actions.push_back(Action::SyncVolumes(barrier));
+            }
+        }
+        self.plan_copy_done();
+        if self.save_wanted && !self.save_in_flight {
+            self.save_wanted = false;
+            self.save_in_flight = true;
+            self.save_version += 1;
+            let checkpoint = self.applier.durable().max(self.checkpoint);
+            let mut ring = self.ring.clone();
+            ring.release_through(checkpoint);
+            let journal_tail_pos = ring.oldest_position().unwrap_or(ring.head());
+            self.actions.push_back(Action::Save(Persist {
+                version: self.save_version,
+                checkpoint,
+                journal_tail_pos,
+                copy_incomplete: self.copy_incomplete,
+                data_as_of_us: self.data_as_of_us,
+            }));
+        }
+        if self.copy_done_saved_at.is_some_and(|v| self.saved_version >= v) {
+            self.copy_done = None;
+            self.copy_done_saved_at = None;
+            self.actions.push_back(Action::Send(Body::CommandReply(pb::CommandReply {
+                command: pb::Command::CopyDone as i32,
+                error: String::new(),
+            })));
+        }
+    }
+
+    /// COPY_DONE: once every copy chunk is durable on the volumes and the
+    /// writes through its seq are durable in the journal, the image is
+    /// consistent again (after a fault, the journal replay restores it).
+    fn plan_copy_done(&mut self) {
+        let Some(seq) = self.copy_done else { return };
+        if self.copy_done_saved_at.is_some() {
+            return;
+        }
+        let copies_received = self.applier.next_copy_index().saturating_sub(1);
+        let copies_durable = self.applier.copy_durable() >= copies_received;
+        if !copies_durable || self.journal_durable < seq || !self.pending.is_empty() {
+            return;
+        }
+        self.copy_incomplete = false;
+        self.copy_done_saved_at = Some(self.want_save());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::journal_format::JOURNAL_SUPERBLOCK_LEN;
+
+    fn config(capacity: u64) -> SecondaryConfig {
+        SecondaryConfig {
+            journal_capacity: capacity,
+            volume_sizes: vec![1 << 20],
+            checkpoint_interval: Duration::from_secs(1),
+            copy_flush_bytes: 4 << 20,
+            copy_sync_interval: Duration::from_millis(100),
+        }
+    }
+
+    fn start() -> SecondaryStart {
+        SecondaryStart { checkpoint: 0, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete: false, data_as_of_us: 0 }
+    }
+
+    fn write(seq: u64, offset: u64) -> Record {
+        Record::with_payload(RecordOp::Write, seq, 0, offset, 1, Bytes::from(vec![seq as u8; 4096]), false)
+    }
+
+    fn drain(s: &mut Secondary, now: Instant) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action(now)).collect()
+    }
+
+    #[test]
+    fn a_write_reaches_the_volume_only_once_the_journal_holds_it_durably() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(matches!(acts[0], Action::Append { record: Record { seq: 1, .. }, .. }));
+        assert!(matches!(acts[1], Action::Append { record: Record { seq: 2, .. }, .. }));
+        assert!(matches!(acts[2], Action::SyncJournal { through: 2 }));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Apply { .. })), "{acts:?}");
+        let Some(Action::Send(Body::Ack(ack))) = acts.last() else { panic!("{acts:?}") };
+        assert_eq!((ack.received_seq, ack.durable_seq, ack.applied_seq), (2, 0, 0));
+        s.on_journal_synced(2, Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        assert_eq!(acts.iter().filter(|a| matches!(a, Action::Apply { .. })).count(), 2, "{acts:?}");
+        assert_eq!(s.ack().durable_seq, 2);
+    }
+
+    #[test]
+    fn overlapping_records_apply_in_order() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 0)).unwrap();
+        drain(&mut s, now);
+        s.on_journal_synced(2, Ok(())).unwrap();
+        let applies: Vec<ApplyId> = drain(&mut s, now)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Apply { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(applies.len(), 1, "the second write waits for the first");
+        s.on_applied(applies[0], Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(matches!(acts[0], Action::Apply { record: Record { seq: 2, .. }, .. }), "{acts:?}");
+    }
+
+    #[test]
+    fn a_full_journal_stops_input_until_a_checkpoint_frees_it() {
+        let now = Instant::now();
+        // Room for about three 4 KiB records.
+        let mut s = Secondary::new(config(JOURNAL_SUPERBLOCK_LEN + 3 * 4608), start(), now);
+        for seq in 1..=4 {
+            s.on_record(write(seq, seq * 8192)).unwrap();
+        }
+        assert!(!s.wants_input());
+        assert_eq!(s.received(), 3);
+        drain(&mut s, now);
+        s.on_journal_synced(3, Ok(())).unwrap();
+        let ids: Vec<ApplyId> = drain(&mut s, now)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Apply { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        for id in ids {
+            s.on_applied(id, Ok(())).unwrap();
+        }
+        // Pressure: the volumes are synced and the checkpoint saved at once.
+        let acts = drain(&mut s, now);
+        let Some(Action::SyncVolumes(b)) = acts.iter().find(|a| matches!(a, Action::SyncVolumes(_))) else {
+            panic!("{acts:?}")
+        };
+        s.on_volumes_synced(*b, Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        let Some(Action::Save(p)) = acts.iter().find(|a| matches!(a, Action::Save(_))) else { panic!("{acts:?}") };
+        assert_eq!(p.checkpoint, 3);
+        s.on_saved(&p.clone(), Ok(()), now).unwrap();
+        assert!(s.wants_input());
+        assert_eq!(s.received(), 4);
+    }
+
+    #[test]
+    fn copy_data_waits_until_the_inconsistency_is_persisted() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        let mut copy = Record::with_payload(RecordOp::Copy, 0, 0, 0, 1, Bytes::from(vec![9u8; 4096]), false);
+        copy.copy_index = 1;
+        s.on_record(copy).unwrap();
+        let acts = drain(&mut s, now);
+        let Some(Action::Save(p)) = acts.first() else { panic!("{acts:?}") };
+        assert!(p.copy_incomplete);
+        assert!(!acts.iter().any(|a| matches!(a, Action::Apply { .. })));
+        s.on_saved(&p.clone(), Ok(()), now).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(matches!(acts.first(), Some(Action::Apply { .. })), "{acts:?}");
+    }
+
+    #[test]
+    fn a_drain_applies_syncs_and_checkpoints_everything_received() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_record(write(1, 0)).unwrap();
+        s.begin_drain();
+        let mut rounds = 0;
+        while !s.is_drained() {
+            rounds += 1;
+            assert!(rounds < 20, "drain does not finish");
+            for a in drain(&mut s, now) {
+                match a {
+                    Action::SyncJournal { through } => s.on_journal_synced(through, Ok(())).unwrap(),
+                    Action::Apply { id, .. } => s.on_applied(id, Ok(())).unwrap(),
+                    Action::SyncVolumes(b) => s.on_volumes_synced(b, Ok(())).unwrap(),
+                    Action::Save(p) => s.on_saved(&p, Ok(()), now).unwrap(),
+                    Action::Append { .. } | Action::Send(_) => {}
+                }
+            }
+        }
+        assert_eq!(s.checkpoint(), 1);
+    }
+}
