@@ -21,6 +21,8 @@
 //! - [`pair`]: pair roles and the pair state machine.
 //! - [`ship`] and [`apply`]: the two ends of a replication session (primary
 //!   shipper, secondary applier).
+//! - [`primary`]: the primary's session as a state machine: stream order of
+//!   records, copy chunks and flushes, the copy window, the resume check.
 //! - [`secondary`]: the secondary's session as a state machine: restore
 //!   journal, applies, volume syncs, checkpoints, acks.
 //!
@@ -33,6 +35,7 @@ pub mod apply;
 pub mod bitmap;
 pub mod journal_format;
 pub mod pair;
+pub mod primary;
 mod ranges;
 pub mod record;
 pub mod secondary;

@@ -27,6 +27,7 @@ use replicator_protocol::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb;
+use replicator_protocol::primary::PrimarySession;
 use replicator_protocol::record::Record;
 use replicator_protocol::seqtrack::SeqTracker;
 use replicator_protocol::sequencer::{Dep, RangeSequencer};
@@ -135,15 +136,11 @@ struct Inner {
     flush_wanted: u64,
     /// When the journal was first found full (block policy).
     journal_full_since: Option<Instant>,
-    /// Replication session bookkeeping (primary), while a session is up.
-    shipper: Option<replicator_protocol::ship::Shipper>,
+    /// The primary's replication session state machine, while a session
+    /// is up (stream order, acks, copy chunks in flight).
+    session: Option<PrimarySession>,
     /// Identifies the current session task (see `shipper::spawn`).
     shipper_epoch: u64,
-    /// Highest sequence sent in the current session.
-    sent_through: u64,
-    /// Copy chunks sent but not yet durable on the secondary:
-    /// copy index -> (volume, offset, length).
-    copy_inflight: BTreeMap<u64, (u32, u64, u64)>,
     link_down_since: Option<Instant>,
     /// Last link-down reason (primary) or session refusal (secondary)
     /// logged, and when: repeats are logged once a minute.
@@ -402,10 +399,8 @@ impl Group {
             state_version: 0,
             flush_wanted: 0,
             journal_full_since: None,
-            shipper: None,
+            session: None,
             shipper_epoch: 0,
-            sent_through: 0,
-            copy_inflight: BTreeMap::new(),
             link_down_since: Some(Instant::now()),
             last_link_log: None,
             last_error: None,
@@ -573,9 +568,9 @@ impl Group {
         let mut out = Vec::with_capacity(self.volumes.len());
         for (i, (v, b)) in self.volumes.iter().zip(&g.bitmaps).enumerate() {
             let mut b = b.clone();
-            for (vol, off, len) in g.copy_inflight.values() {
-                if *vol as usize == i {
-                    b.set_range(*off, *len);
+            for (vol, off, len) in g.session.iter().flat_map(PrimarySession::copy_inflight) {
+                if vol as usize == i {
+                    b.set_range(off, len);
                 }
             }
             out.push((bitmap_name(&v.name), b.encode()));

@@ -3,28 +3,29 @@
 //! sequence order, flush requests, and copy chunks; a companion task reads
 //! the secondary's acks.
 //!
-//! Copy chunks (initial copy and resync) are read under a sequencer read
-//! barrier and tagged with the last journal sequence they reflect; they are
-//! sent only after every record up to that sequence, so the secondary, which
-//! applies in stream order, never lets a chunk overwrite a newer write.
+//! What goes on the stream, and in which order, is decided by the sans-IO
+//! [`PrimarySession`] (protocol crate); this module performs it. Copy chunks
+//! (initial copy and resync) are read under a sequencer read barrier and
+//! tagged with the last journal sequence they reflect; the session sends
+//! them only after every record up to that sequence, so the secondary never
+//! lets a chunk overwrite a newer write.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use replicator_protocol::pair::{PairEvent, PairState, Role};
 use replicator_protocol::pb::{self, envelope::Body};
+use replicator_protocol::primary::{check_resume, CopyStep, PrimaryConfig, PrimarySession, Transmit};
 use replicator_protocol::record::{Record, RecordOp};
-use replicator_protocol::ship::Shipper;
 use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
 
 use super::{lock, Group};
 use crate::state::Announce;
 use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
 
-/// Largest copy chunk.
-const COPY_CHUNK: u64 = 1 << 20;
-/// Copy bytes sent but not yet durable on the secondary.
-const COPY_WINDOW: u64 = 16 << 20;
+/// Copy chunks of at most 1 MiB, at most 16 MiB sent but not yet durable on
+/// the secondary.
+const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 16 << 20 };
 /// Records are sent in batches of about this many bytes.
 const BATCH: usize = 1 << 20;
 
@@ -99,13 +100,8 @@ fn cleanup_session(group: &Group, epoch: u64) {
     if g.shipper_epoch != epoch {
         return;
     }
-    let inflight = std::mem::take(&mut g.copy_inflight);
-    for (_, (vol, off, len)) in inflight {
-        if let Some(b) = g.bitmaps.get_mut(vol as usize) {
-            b.set_range(off, len);
-        }
-    }
-    if g.shipper.take().is_some() {
+    if let Some(session) = g.session.take() {
+        session.end(&mut g.bitmaps);
         g.link_changed_at = std::time::SystemTime::now();
     }
     g.bitmap_dirty_since_save = true;
@@ -167,11 +163,8 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         }
         let last = g.ready.completed_through();
         let oldest = g.ring.as_ref().and_then(|r| r.oldest_seq()).unwrap_or(g.last_jseq + 1);
-        if peer_durable > g.last_jseq || peer_durable + 1 < oldest {
-            let msg = format!(
-                "{} resumes after record {peer_durable}, but this journal holds records {oldest}..={}: the sites diverged; run a resync",
-                group.cfg.peer, g.last_jseq
-            );
+        if let Err(e) = check_resume(peer_durable, oldest, g.last_jseq) {
+            let msg = format!("{}: {e}; run a resync", group.cfg.peer);
             g.last_error = Some(msg.clone());
             group.transition(&mut g, PairEvent::Failure, &msg);
             return Err(TransportError::Protocol(msg));
@@ -182,8 +175,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         g.link_down_since = None;
         g.last_link_log = None;
         g.last_error = None;
-        g.sent_through = peer_durable;
-        g.shipper = Some(Shipper::new(peer_durable, last));
+        g.session = Some(PrimarySession::new(COPY, peer_durable, last));
         g.copy_total = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
         g.copy_done = 0;
         group.save_locked(&mut g);
@@ -219,11 +211,6 @@ async fn send_loop(
     acks: &tokio::task::JoinHandle<Result<(), TransportError>>,
 ) -> Result<(), TransportError> {
     let mut kick = group.session_kick.subscribe();
-    let mut flush_sent = 0u64;
-    let mut copy_index = 0u64;
-    let mut copy_cursor = (0usize, 0u64); // (volume, chunk)
-    let mut pending_copy: Option<Record> = None; // chunk waiting for its barrier seq to be sent
-    let mut copy_done_sent = false;
     loop {
         if acks.is_finished() {
             return Err(TransportError::Connection("the secondary closed the stream".into()));
@@ -252,72 +239,47 @@ async fn send_loop(
         tokio::pin!(wake);
         wake.as_mut().enable();
 
-        // 1. Records, in order.
+        // What the session puts on the stream next, in order.
         while send.queued() < BATCH {
             let next = {
                 let mut g = lock(&group.inner);
-                let ready = g.ready.completed_through();
-                let Some(s) = g.shipper.as_mut() else { break };
-                while s.last_seq() < ready {
-                    let n = s.last_seq() + 1;
-                    s.on_appended(n);
-                }
-                let Some(seq) = s.next_to_send() else { break };
-                g.sent_through = seq;
-                // A copy chunk reflecting the writes up to seq - 1 goes out
-                // right before seq: later writes may overlap it.
-                if let Some(rec) = pending_copy.take_if(|rec| rec.seq < seq) {
-                    send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
-                }
-                let cached = g.entries.get(&seq).and_then(|e| e.record.clone());
-                let pos = g.entries.get(&seq).map(|e| e.pos);
-                (seq, cached, pos, g.journal.clone())
-            };
-            let record = match next {
-                (_, Some(r), _, _) => r,
-                (seq, None, Some(pos), Some(j)) => j.read_record(pos, seq).await.map_err(|e| {
-                    TransportError::Protocol(format!("cannot read record {seq} back from the journal: {e}"))
-                })?,
-                (seq, ..) => return Err(TransportError::Protocol(format!("record {seq} is missing from the journal"))),
-            };
-            send.queue(Body::Record(record.to_pb(&group.cfg.name)));
-        }
-
-        // 2. A flush the clients are waiting for.
-        let (flush_wanted, sent_through) = {
-            let g = lock(&group.inner);
-            (g.flush_wanted, g.sent_through)
-        };
-        if flush_wanted > flush_sent && sent_through >= flush_wanted {
-            send.queue(Body::Flush(pb::FlushRequest { seq: flush_wanted }));
-            flush_sent = flush_wanted;
-        }
-
-        // 3. Copy chunks.
-        if let Some(rec) = pending_copy.take_if(|rec| sent_through >= rec.seq) {
-            send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
-        }
-        if pending_copy.is_none() && send.queued() < BATCH {
-            match next_copy_chunk(group, &mut copy_cursor, &mut copy_index).await? {
-                CopyStep::Chunk(rec) => {
-                    // A copy is running (again): it needs its own COPY_DONE.
-                    copy_done_sent = false;
-                    if sent_through >= rec.seq {
-                        send.queue(Body::Record(rec.to_pb(&group.cfg.name)));
-                    } else {
-                        pending_copy = Some(rec);
+                let (ready, flush_wanted) = (g.ready.completed_through(), g.flush_wanted);
+                let Some(s) = g.session.as_mut() else { break };
+                s.on_journaled(ready);
+                s.on_flush_wanted(flush_wanted);
+                match s.poll_transmit() {
+                    None => break,
+                    Some(Transmit::Record(seq)) => {
+                        let cached = g.entries.get(&seq).and_then(|e| e.record.clone());
+                        let pos = g.entries.get(&seq).map(|e| e.pos);
+                        Next::Record(seq, cached, pos, g.journal.clone())
                     }
-                    group.ship_wake.notify_one();
+                    Some(Transmit::Copy(rec)) => Next::Body(Body::Record(rec.to_pb(&group.cfg.name))),
+                    Some(Transmit::Flush(seq)) => Next::Body(Body::Flush(pb::FlushRequest { seq })),
+                    Some(Transmit::CopyDone(seq)) => {
+                        Next::Body(Body::Command(pb::GroupCommand { command: pb::Command::CopyDone as i32, seq }))
+                    }
                 }
-                CopyStep::Finished if !copy_done_sent => {
-                    send.queue(Body::Command(pb::GroupCommand {
-                        command: pb::Command::CopyDone as i32,
-                        seq: sent_through,
-                    }));
-                    copy_done_sent = true;
+            };
+            let body = match next {
+                Next::Record(_, Some(r), _, _) => Body::Record(r.to_pb(&group.cfg.name)),
+                Next::Record(seq, None, Some(pos), Some(j)) => {
+                    let r = j.read_record(pos, seq).await.map_err(|e| {
+                        TransportError::Protocol(format!("cannot read record {seq} back from the journal: {e}"))
+                    })?;
+                    Body::Record(r.to_pb(&group.cfg.name))
                 }
-                CopyStep::Finished | CopyStep::Idle | CopyStep::WindowFull => {}
-            }
+                Next::Record(seq, ..) => {
+                    return Err(TransportError::Protocol(format!("record {seq} is missing from the journal")))
+                }
+                Next::Body(body) => body,
+            };
+            send.queue(body);
+        }
+
+        // Copy chunks: read the next one under a read barrier.
+        if send.queued() < BATCH && copy_next_chunk(group, epoch).await? {
+            group.ship_wake.notify_one();
         }
 
         if send.queued() > 0 {
@@ -337,82 +299,55 @@ async fn send_loop(
     }
 }
 
-enum CopyStep {
-    Chunk(Record),
-    WindowFull,
-    Idle,
-    Finished,
+/// The next item of the stream, taken under the group lock: a journal
+/// record (cached, or its journal position), or a message ready to send.
+enum Next {
+    Record(u64, Option<Record>, Option<u64>, Option<Arc<crate::journal::Journal>>),
+    Body(Body),
 }
 
-/// Reads the next dirty chunk run under a read barrier and clears it from
-/// the bitmap (it returns there if the session ends before it is durable).
-async fn next_copy_chunk(
-    group: &Arc<Group>,
-    cursor: &mut (usize, u64),
-    index: &mut u64,
-) -> Result<CopyStep, TransportError> {
-    let (vol, off, len, generation) = {
-        let g = lock(&group.inner);
-        if !g.persisted.copy_pending || g.persisted.bitmap_mode {
-            return Ok(CopyStep::Idle);
+/// Asks the session for the next copy chunk and, if there is one, reads it
+/// under a read barrier (no write to the range in flight; the range was
+/// cleared from the bitmap first, so a write admitted after the barrier is
+/// journaled and shipped after the chunk). Returns whether a chunk was read.
+async fn copy_next_chunk(group: &Arc<Group>, epoch: u64) -> Result<bool, TransportError> {
+    let step = {
+        let mut g = lock(&group.inner);
+        if g.shipper_epoch != epoch {
+            return Ok(false);
         }
-        let inflight: u64 = g.copy_inflight.values().map(|(_, _, l)| *l).sum();
-        if inflight >= COPY_WINDOW {
-            return Ok(CopyStep::WindowFull);
-        }
-        let mut found = None;
-        while cursor.0 < g.bitmaps.len() {
-            let b = &g.bitmaps[cursor.0];
-            if let Some(first) = b.next_dirty(cursor.1) {
-                let per = (COPY_CHUNK / b.granularity()).max(1);
-                let mut last = first;
-                while last + 1 < first + per && b.is_chunk_dirty(last + 1) {
-                    last += 1;
-                }
-                let (off, _) = b.chunk_range(first);
-                let (lo, ll) = b.chunk_range(last);
-                found = Some((cursor.0 as u32, off, lo + ll - off));
-                cursor.1 = last + 1;
-                break;
-            }
-            *cursor = (cursor.0 + 1, 0);
-        }
-        match found {
-            Some((v, o, l)) => (v, o, l, g.persisted.generation),
-            None => {
-                // Wrap around once: regions may have been re-dirtied behind the cursor.
-                if g.bitmaps.iter().any(|b| !b.is_clean()) {
-                    *cursor = (0, 0);
-                    return Ok(CopyStep::Idle);
-                }
-                return Ok(if g.copy_inflight.is_empty() { CopyStep::Finished } else { CopyStep::WindowFull });
-            }
+        let copying = g.persisted.copy_pending && !g.persisted.bitmap_mode;
+        let g = &mut *g;
+        match g.session.as_mut() {
+            Some(s) => s.next_copy(&mut g.bitmaps, copying),
+            None => CopyStep::Idle,
         }
     };
+    let CopyStep::Read { volume: vol, offset: off, len, copy_index } = step else { return Ok(false) };
     debug_assert!(len <= u64::from(MAX_RECORD_PAYLOAD));
-    let volume = group.volumes[vol as usize].clone();
+    let Some(volume) = group.volumes.get(vol as usize).cloned() else { return Ok(false) };
     let (barrier, reflects) = group.read_barrier(vol, off, len).await;
-    // Clear before reading: a write admitted after the barrier drops will be
-    // journaled and shipped after this chunk.
-    {
-        let mut g = lock(&group.inner);
-        let b = &mut g.bitmaps[vol as usize];
-        let gran = b.granularity();
-        for c in off / gran..(off + len).div_ceil(gran) {
-            b.clear_chunk(c);
-        }
-        *index += 1;
-        g.copy_inflight.insert(*index, (vol, off, len));
-    }
-    let data = volume
-        .read(off, len)
-        .await
-        .map_err(|e| TransportError::Protocol(format!("copy read of volume {} failed: {e}", volume.name)))?;
+    let read = volume.read(off, len).await;
     drop(barrier);
-    let payload = bytes::Bytes::copy_from_slice(&data);
-    let mut rec = Record::with_payload(RecordOp::Copy, reflects, vol, off, generation, payload, false);
-    rec.copy_index = *index;
-    Ok(CopyStep::Chunk(rec))
+    let mut g = lock(&group.inner);
+    let g = &mut *g;
+    // The session may have ended meanwhile (its chunks went back to the
+    // bitmap), or a new one started after a pair delete and create.
+    let Some(session) = g.session.as_mut().filter(|_| g.shipper_epoch == epoch) else { return Ok(false) };
+    match read {
+        Ok(data) => {
+            let payload = bytes::Bytes::copy_from_slice(&data);
+            let mut rec =
+                Record::with_payload(RecordOp::Copy, reflects, vol, off, g.persisted.generation, payload, false);
+            rec.copy_index = copy_index;
+            session.on_copy_read(rec);
+            Ok(true)
+        }
+        Err(e) => {
+            session.on_copy_read_failed(copy_index, &mut g.bitmaps);
+            Err(TransportError::Protocol(format!("copy read of volume {} failed: {e}", volume.name)))
+        }
+    }
 }
 
 async fn read_acks(group: Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Result<(), TransportError> {
@@ -458,17 +393,12 @@ impl Group {
             // An ack on the stream of a pair deleted since: not ours.
             return Ok(());
         }
-        let Some(s) = g.shipper.as_mut() else { return Ok(()) };
-        s.on_ack(ack).map_err(|e| TransportError::Protocol(format!("bad ack: {e}")))?;
+        let Some(s) = g.session.as_mut() else { return Ok(()) };
+        let acked = s.on_ack(ack).map_err(|e| TransportError::Protocol(format!("bad ack: {e}")))?;
+        let s = s.shipper();
         let (received, applied, durable) = (s.received(), s.applied(), s.durable());
         let checkpoint = ack.checkpoint_seq.min(durable);
-        let done: Vec<u64> = g.copy_inflight.range(..=ack.copy_durable).map(|(k, _)| *k).collect();
-        for k in done {
-            if let Some((_, _, len)) = g.copy_inflight.remove(&k) {
-                g.copy_done += len;
-            }
-        }
-        // Caught up after a link suspension: back to PAIR.
+        g.copy_done += acked.copy_bytes;
         drop(g);
         self.progress.send_modify(|p| {
             p.received = received;
@@ -482,7 +412,7 @@ impl Group {
     /// The secondary confirmed the copy is complete and it is consistent.
     fn copy_finished(&self) {
         let mut g = lock(&self.inner);
-        if g.bitmaps.iter().all(|b| b.is_clean()) && g.copy_inflight.is_empty() {
+        if g.bitmaps.iter().all(|b| b.is_clean()) && g.session.as_ref().is_none_or(PrimarySession::copy_idle) {
             g.persisted.copy_pending = false;
             self.save_bitmaps(&mut g);
             self.transition(&mut g, PairEvent::CopyDone, "copy complete");

@@ -1,0 +1,366 @@
+//! The primary's side of a replication session as a sans-IO state machine.
+//!
+//! One [`PrimarySession`] lives for one session (one stream to the
+//! secondary). It decides what goes on the stream and in which order:
+//! journal records in sequence order, copy chunks (initial copy, resync)
+//! each placed after every record it reflects and before any newer one, the
+//! flush requests clients wait for, and COPY_DONE once every chunk is
+//! durable. It tracks the secondary's acks ([`Shipper`]) and the copy
+//! window, and when the session ends it hands the copy chunks that were not
+//! made durable back to the dirty bitmaps.
+//!
+//! The daemon feeds it the journal's progress, the flushes clients asked
+//! for, acks, and the copy chunks it read; it performs the [`Transmit`]s and
+//! [`CopyStep::Read`]s it gets back. [`check_resume`] is the divergence
+//! check at session start.
+
+use std::collections::BTreeMap;
+
+use crate::bitmap::DirtyBitmap;
+use crate::pb;
+use crate::record::Record;
+use crate::ship::{AckUpdate, ShipError, Shipper};
+
+/// Tunables of a primary session.
+#[derive(Debug, Clone, Copy)]
+pub struct PrimaryConfig {
+    /// Largest copy chunk (bytes).
+    pub copy_chunk: u64,
+    /// Copy bytes sent but not yet durable on the secondary.
+    pub copy_window: u64,
+}
+
+/// The secondary cannot resume from this journal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the secondary resumes after record {peer_durable}, but this journal holds records {oldest}..={last}: the sites diverged")]
+pub struct Diverged {
+    /// Where the secondary resumes.
+    pub peer_durable: u64,
+    /// Oldest record the journal holds (`last + 1` when empty).
+    pub oldest: u64,
+    /// Newest record journaled.
+    pub last: u64,
+}
+
+/// Session start: the secondary resumes after `peer_durable`; the journal
+/// holds records `oldest..=last`. Shipping can resume only if the secondary
+/// is not ahead of the journal and the journal still holds every record
+/// after its resume point.
+pub fn check_resume(peer_durable: u64, oldest: u64, last: u64) -> Result<(), Diverged> {
+    if peer_durable > last || peer_durable + 1 < oldest {
+        return Err(Diverged { peer_durable, oldest, last });
+    }
+    Ok(())
+}
+
+/// Something to put on the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transmit {
+    /// Journal record `seq` (the daemon fetches it from its cache or the
+    /// journal).
+    Record(u64),
+    /// A copy chunk.
+    Copy(Record),
+    /// Ask the secondary to make everything through `seq` durable.
+    Flush(u64),
+    /// Every copy chunk is durable on the secondary and the stream holds
+    /// every record through `seq`: the secondary may call itself consistent
+    /// once those are durable too.
+    CopyDone(u64),
+}
+
+/// What the copy should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyStep {
+    /// Read `len` bytes at `offset` of volume `volume` under a read barrier
+    /// (no write to the range in flight) and report the chunk with
+    /// [`PrimarySession::on_copy_read`], tagged with `copy_index` and the
+    /// newest journaled seq at the barrier. The range is already cleared
+    /// from the bitmap.
+    Read {
+        /// Volume index.
+        volume: u32,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Its copy index.
+        copy_index: u64,
+    },
+    /// Nothing to copy now (or a chunk is being read or waits to be sent).
+    Idle,
+    /// The copy window is full: wait for acks.
+    WindowFull,
+    /// Nothing left to copy.
+    Finished,
+}
+
+/// What an ack changed, for the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Acked {
+    /// The shipper's view.
+    pub update: AckUpdate,
+    /// Copy bytes that became durable on the secondary with this ack.
+    pub copy_bytes: u64,
+}
+
+/// The primary end of one replication session.
+#[derive(Debug)]
+pub struct PrimarySession {
+    config: PrimaryConfig,
+    shipper: Shipper,
+    flush_wanted: u64,
+    flush_sent: u64,
+    copy_index: u64,
+    /// Next bitmap chunk to look at: (volume, chunk).
+    cursor: (usize, u64),
+    /// Chunks sent or being read, not yet durable: index -> (volume, offset, len).
+    copy_inflight: BTreeMap<u64, (u32, u64, u64)>,
+    /// A chunk is being read.
+    reading: bool,
+    /// A chunk read and waiting until every record it reflects is sent.
+    pending: Option<Record>,
+    copy_finished: bool,
+    copy_done_sent: bool,
+}
+
+impl PrimarySession {
+    /// A session whose secondary resumes after `peer_durable`, with records
+    /// journaled through `last` (check [`check_resume`] first).
+    pub fn new(config: PrimaryConfig, peer_durable: u64, last: u64) -> Self {
+        PrimarySession {
+            config,
+            shipper: Shipper::new(peer_durable, last),
+            flush_wanted: 0,
+            flush_sent: 0,
+            copy_index: 0,
+            cursor: (0, 0),
+            copy_inflight: BTreeMap::new(),
+            reading: false,
+            pending: None,
+            copy_finished: false,
+            copy_done_sent: false,
+        }
+    }
+
+    /// Every record through `through` is in the journal.
+    pub fn on_journaled(&mut self, through: u64) {
+        self.shipper.on_appended(through);
+    }
+
+    /// Clients wait for everything through `seq` to be durable on the
+    /// secondary.
+    pub fn on_flush_wanted(&mut self, seq: u64) {
+        self.flush_wanted = self.flush_wanted.max(seq);
+    }
+
+    /// The next thing to send, in stream order; `None` when nothing is due.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        let sent = self.shipper.sent_through();
+        // A chunk goes right after the records it reflects, before any
+        // newer record (which may overlap it).
+        if self.pending.as_ref().is_some_and(|c| c.seq <= sent) {
+            return self.pending.take().map(Transmit::Copy);
+        }
+        if let Some(seq) = self.shipper.next_to_send() {
+            return Some(Transmit::Record(seq));
+        }
+        if self.flush_wanted > self.flush_sent && sent >= self.flush_wanted {
+            self.flush_sent = self.flush_wanted;
+            return Some(Transmit::Flush(self.flush_wanted));
+        }
+        if self.copy_finished && !self.copy_done_sent && self.pending.is_none() {
+            self.copy_done_sent = true;
+            return Some(Transmit::CopyDone(sent));
+        }
+        None
+    }
+
+    /// Picks the next dirty run of the bitmaps to copy (when `copying`: a
+    /// copy or resync is due and the group is not tracking writes in the
+    /// bitmap instead of the journal), clears it there and counts it in
+    /// flight.
+    pub fn next_copy(&mut self, bitmaps: &mut [DirtyBitmap], copying: bool) -> CopyStep {
+        if !copying || self.reading || self.pending.is_some() {
+            return CopyStep::Idle;
+        }
+        let inflight: u64 = self.copy_inflight.values().map(|(_, _, l)| *l).sum();
+        if inflight >= self.config.copy_window {
+            return CopyStep::WindowFull;
+        }
+        while let Some(b) = bitmaps.get(self.cursor.0) {
+            if let Some(first) = b.next_dirty(self.cursor.1) {
+                let per = (self.config.copy_chunk / b.granularity()).max(1);
+                let mut last = first;
+                while last + 1 < first + per && b.is_chunk_dirty(last + 1) {
+                    last += 1;
+                }
+                let (offset, _) = b.chunk_range(first);
+                let (lo, ll) = b.chunk_range(last);
+                let volume = self.cursor.0 as u32;
+                self.cursor.1 = last + 1;
+                if let Some(b) = bitmaps.get_mut(volume as usize) {
+                    for c in first..=last {
+                        b.clear_chunk(c);
+                    }
+                }
+                let len = lo + ll - offset;
+                self.copy_index += 1;
+                self.copy_inflight.insert(self.copy_index, (volume, offset, len));
+                self.reading = true;
+                self.copy_finished = false;
+                self.copy_done_sent = false;
+                return CopyStep::Read { volume, offset, len, copy_index: self.copy_index };
+            }
+            self.cursor = (self.cursor.0 + 1, 0);
+        }
+        // Wrap around once: regions may have been re-dirtied behind the cursor.
+        self.cursor = (0, 0);
+        if bitmaps.iter().any(|b| !b.is_clean()) {
+            return CopyStep::Idle;
+        }
+        if self.copy_inflight.is_empty() {
+            self.copy_finished = true;
+            CopyStep::Finished
+        } else {
+            CopyStep::WindowFull
+        }
+    }
+
+    /// The chunk from [`CopyStep::Read`] was read (`record.seq`: the newest
+    /// journaled seq at its read barrier; `record.copy_index` as handed
+    /// out). It is sent once every record through its seq is.
+    pub fn on_copy_read(&mut self, record: Record) {
+        self.reading = false;
+        self.pending = Some(record);
+    }
+
+    /// Reading the chunk failed: it goes back to the bitmap.
+    pub fn on_copy_read_failed(&mut self, copy_index: u64, bitmaps: &mut [DirtyBitmap]) {
+        self.reading = false;
+        if let Some((v, o, l)) = self.copy_inflight.remove(&copy_index) {
+            if let Some(b) = bitmaps.get_mut(v as usize) {
+                b.set_range(o, l);
+            }
+        }
+    }
+
+    /// An ack from the secondary.
+    pub fn on_ack(&mut self, ack: &pb::Ack) -> Result<Acked, ShipError> {
+        let update = self.shipper.on_ack(ack)?;
+        let rest = self.copy_inflight.split_off(&(ack.copy_durable + 1));
+        let done = std::mem::replace(&mut self.copy_inflight, rest);
+        let copy_bytes = done.values().map(|(_, _, l)| *l).sum();
+        Ok(Acked { update, copy_bytes })
+    }
+
+    /// The session is over: chunks not yet durable on the secondary go
+    /// back into the bitmaps.
+    pub fn end(self, bitmaps: &mut [DirtyBitmap]) {
+        for (vol, off, len) in self.copy_inflight.into_values() {
+            if let Some(b) = bitmaps.get_mut(vol as usize) {
+                b.set_range(off, len);
+            }
+        }
+    }
+
+    /// Copy chunks sent (or being read) and not yet durable on the
+    /// secondary: (volume, offset, len).
+    pub fn copy_inflight(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        self.copy_inflight.values().copied()
+    }
+
+    /// Whether every copy chunk is durable and none is left.
+    pub fn copy_idle(&self) -> bool {
+        self.copy_inflight.is_empty() && !self.reading && self.pending.is_none()
+    }
+
+    /// The secondary's acknowledged progress.
+    pub fn shipper(&self) -> &Shipper {
+        &self.shipper
+    }
+
+    /// Newest record put on the stream.
+    pub fn sent_through(&self) -> u64 {
+        self.shipper.sent_through()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::record::RecordOp;
+
+    const CONFIG: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 2 << 20 };
+
+    fn copy(seq: u64, index: u64, offset: u64) -> Record {
+        let mut r = Record::with_payload(RecordOp::Copy, seq, 0, offset, 1, Bytes::from(vec![1u8; 4096]), false);
+        r.copy_index = index;
+        r
+    }
+
+    #[test]
+    fn resume_needs_the_records_after_the_peer() {
+        assert!(check_resume(10, 5, 20).is_ok());
+        assert!(check_resume(20, 21, 20).is_ok());
+        assert_eq!(check_resume(21, 5, 20), Err(Diverged { peer_durable: 21, oldest: 5, last: 20 }));
+        assert!(check_resume(3, 5, 20).is_err());
+    }
+
+    #[test]
+    fn a_copy_chunk_goes_after_the_records_it_reflects_and_before_newer_ones() {
+        let mut s = PrimarySession::new(CONFIG, 0, 0);
+        let mut bitmaps = vec![DirtyBitmap::new(4 << 20, 64 << 10)];
+        bitmaps[0].set_range(0, 128 << 10);
+        let CopyStep::Read { copy_index, offset, len, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        assert_eq!((offset, len), (0, 128 << 10));
+        assert!(bitmaps[0].is_clean());
+        s.on_journaled(3);
+        // The chunk was read after record 2 was journaled.
+        s.on_copy_read(copy(2, copy_index, 0));
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(1)));
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(2)));
+        assert!(matches!(s.poll_transmit(), Some(Transmit::Copy(c)) if c.seq == 2));
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(3)));
+        assert_eq!(s.poll_transmit(), None);
+        // Done once it is durable on the secondary.
+        assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::WindowFull);
+        let ack = pb::Ack { received_seq: 3, applied_seq: 3, durable_seq: 3, copy_durable: 1, checkpoint_seq: 3 };
+        assert_eq!(s.on_ack(&ack).unwrap().copy_bytes, 128 << 10);
+        assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Finished);
+        assert_eq!(s.poll_transmit(), Some(Transmit::CopyDone(3)));
+        assert_eq!(s.poll_transmit(), None);
+    }
+
+    #[test]
+    fn chunks_not_durable_return_to_the_bitmap_when_the_session_ends() {
+        let mut s = PrimarySession::new(CONFIG, 0, 0);
+        let mut bitmaps = vec![DirtyBitmap::new(4 << 20, 64 << 10)];
+        bitmaps[0].set_all();
+        let CopyStep::Read { copy_index, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        s.on_copy_read(copy(0, copy_index, 0));
+        assert!(matches!(s.poll_transmit(), Some(Transmit::Copy(_))));
+        let CopyStep::Read { .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        // The window (2 MiB) is full with two 1 MiB chunks.
+        s.on_copy_read(copy(0, 2, 1 << 20));
+        assert!(matches!(s.poll_transmit(), Some(Transmit::Copy(_))));
+        assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::WindowFull);
+        assert_eq!(bitmaps[0].dirty_bytes(), 2 << 20);
+        s.end(&mut bitmaps);
+        assert_eq!(bitmaps[0].dirty_bytes(), 4 << 20);
+    }
+
+    #[test]
+    fn a_flush_goes_out_once_its_records_are_sent() {
+        let mut s = PrimarySession::new(CONFIG, 0, 0);
+        s.on_journaled(2);
+        s.on_flush_wanted(2);
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(1)));
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(2)));
+        assert_eq!(s.poll_transmit(), Some(Transmit::Flush(2)));
+        assert_eq!(s.poll_transmit(), None);
+    }
+}
