@@ -23,6 +23,7 @@
 //! (`tests/run-all.sh` does that and installs the external tools).
 
 pub mod pattern;
+pub mod powercut;
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
