@@ -30,6 +30,7 @@
 //!   dirty pages to the backing files first, drop the rest:
 //!   `ok dropped N pages kept M pages`
 //! - `stats` → `ok dirty N pages files F fsyncs S dsync_writes D writes W`
+//! - `files` → `ok PATH=PAGES ...`: the backing files with dirty pages
 //!
 //! It runs in the foreground until unmounted or sent SIGTERM/SIGINT (then it
 //! unmounts).
@@ -861,7 +862,26 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
                 inner.stats.fsyncs, inner.stats.dsync_writes, inner.stats.writes
             )
         }
-        _ => "error unknown command (cut | cut keep SEED FRACTION | stats)".into(),
+        ["files"] => {
+            let mut out = String::from("ok");
+            let mut files: Vec<(String, u64)> = inner
+                .nodes
+                .values()
+                .filter(|n| n.cache.dirty_pages() > 0)
+                .map(|n| {
+                    let path = std::fs::read_link(proc_path(&n.opath))
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|_| format!("inode {}", n.backing_ino));
+                    (path, n.cache.dirty_pages())
+                })
+                .collect();
+            files.sort();
+            for (path, pages) in files {
+                out.push_str(&format!(" {path}={pages}"));
+            }
+            out
+        }
+        _ => "error unknown command (cut | cut keep SEED FRACTION | stats | files)".into(),
     }
 }
 
