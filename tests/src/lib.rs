@@ -217,9 +217,11 @@ impl ClusterOpts {
     }
 }
 
-/// A site's `powercut-fs` process and mount.
+/// A running `powercut-fs`: `DIR/backing` mounted on `DIR/durable`, control
+/// socket `DIR/powercut-fs.sock`. Unmounted (and the process reaped) on
+/// drop, also on a panic.
 #[derive(Debug)]
-struct PowerCutMount {
+pub struct PowerCutMount {
     child: Option<Child>,
     mountpoint: PathBuf,
     control: PathBuf,
@@ -274,7 +276,7 @@ fn fs_command(control: &Path, cmd: &str) -> Result<String, String> {
 }
 
 /// The number after `word` in a reply line ("ok dropped 3 pages kept 1").
-fn reply_number(line: &str, word: &str) -> u64 {
+pub fn reply_number(line: &str, word: &str) -> u64 {
     let mut it = line.split_whitespace();
     while let Some(w) = it.next() {
         if w == word {
@@ -285,7 +287,24 @@ fn reply_number(line: &str, word: &str) -> u64 {
 }
 
 impl PowerCutMount {
-    fn start(bin: &Path, site_dir: &Path, log: PathBuf) -> PowerCutMount {
+    /// Mounts `dir/backing` (created if missing) on `dir/durable`, logging to
+    /// `log`, and waits until the mount and the control socket answer.
+    pub fn start(dir: &Path, log: PathBuf) -> PowerCutMount {
+        Self::start_with(&powercut_fs_bin(), dir, log)
+    }
+
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// One control command ("stats", "files", "cut", "cut keep SEED
+    /// FRACTION"); the reply line, or the error.
+    pub fn command(&self, cmd: &str) -> Result<String, String> {
+        fs_command(&self.control, cmd)
+    }
+
+    fn start_with(bin: &Path, site_dir: &Path, log: PathBuf) -> PowerCutMount {
         let backing = site_dir.join("backing");
         let mountpoint = site_dir.join("durable");
         let control = site_dir.join("powercut-fs.sock");
@@ -352,6 +371,12 @@ impl PowerCutMount {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+impl Drop for PowerCutMount {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -640,7 +665,7 @@ impl Cluster {
             let fs_bin = powercut_fs_bin();
             for s in &mut cluster.sites {
                 let log = cluster.root.join(format!("{}-powercut-fs.log", s.site.label()));
-                let m = PowerCutMount::start(&fs_bin, &s.dir, log);
+                let m = PowerCutMount::start_with(&fs_bin, &s.dir, log);
                 s.data_dir = m.mountpoint.clone();
                 s.fs = Some(m);
             }

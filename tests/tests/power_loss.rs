@@ -23,7 +23,11 @@
 //! - I2: after a clean stop of both sites the volumes are byte-identical.
 //!
 //! The bytes each recovery resynchronised (`copy_total_bytes` of the session
-//! that recovered) are printed per cycle; run with `--nocapture` to see them.
+//! that recovered) are printed per cycle (lines starting `POWER-LOSS`); run
+//! with `--nocapture` to see them. `POWER_LOSS_CYCLES=N` runs N cycles per
+//! configuration instead of 3.
+//!
+//! Needs root and /dev/fuse (fuse3's fusermount3 is installed by run-all.sh).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,8 +47,12 @@ const TASKS: u64 = 2;
 const WINDOW_BLOCKS: u64 = 8 * MIB / BLOCK as u64;
 /// A write is 1..=16 blocks (4 KiB to 64 KiB).
 const MAX_WRITE_BLOCKS: u64 = 16;
-/// Cycles per configuration.
+/// Cycles per configuration (`POWER_LOSS_CYCLES` overrides, for longer runs).
 const CYCLES: u64 = 3;
+
+fn cycles() -> u64 {
+    std::env::var("POWER_LOSS_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(CYCLES)
+}
 /// The load before the cut, per task: bounded in count and in time.
 const LOAD_MAX_OPS: u64 = 5_000;
 const LOAD_MAX_TIME: Duration = Duration::from_secs(10);
@@ -620,21 +628,22 @@ impl Run {
         }
     }
 
-    fn finish(mut self, started: Instant) {
+    fn finish(mut self, started: Instant, cycles: u64) {
         self.cluster.stop(Site::A);
         self.cluster.stop(Site::B);
         self.cluster.assert_volumes_identical(&self.group);
-        eprintln!("POWER-LOSS {}: passed, {CYCLES} cycles in {:.1} s", self.label, started.elapsed().as_secs_f64());
+        eprintln!("POWER-LOSS {}: passed, {cycles} cycles in {:.1} s", self.label, started.elapsed().as_secs_f64());
     }
 }
 
 fn run(mode: Mode, target: Target, keep: Option<f64>, label: &str, seed: u64) {
     let started = Instant::now();
     let Some(mut run) = Run::new(mode, label, seed) else { return };
-    for cycle in 0..CYCLES {
+    let cycles = cycles();
+    for cycle in 0..cycles {
         run.cycle(cycle, target, keep);
     }
-    run.finish(started);
+    run.finish(started, cycles);
 }
 
 #[test]
@@ -674,8 +683,10 @@ fn power_cuts_keeping_a_random_subset_of_pages() {
     let label = "power_cuts_keeping_a_random_subset_of_pages";
     let started = Instant::now();
     let Some(mut run) = Run::new(Mode::Sync, label, 31) else { return };
-    for (cycle, target) in [Target::Primary, Target::Secondary, Target::Both].into_iter().enumerate() {
-        run.cycle(cycle as u64, target, Some(0.5));
+    let targets = [Target::Primary, Target::Secondary, Target::Both];
+    let cycles = cycles().max(3);
+    for cycle in 0..cycles {
+        run.cycle(cycle, targets[(cycle % 3) as usize], Some(0.5));
     }
-    run.finish(started);
+    run.finish(started, cycles);
 }
