@@ -391,7 +391,9 @@ struct Run {
 }
 
 impl Run {
-    fn new(mode: Mode, label: &str, seed: u64) -> Option<Run> {
+    /// A paired cluster on powercut-fs. With `during_copy`, returns as soon
+    /// as `pair create` is accepted, while the initial copy runs.
+    fn new(mode: Mode, label: &str, seed: u64, during_copy: bool) -> Option<Run> {
         if !require_root(label) {
             return None;
         }
@@ -404,8 +406,10 @@ impl Run {
         let spec = GroupSpec::new(&group, mode).volume(&vol, VOLUME_SIZE).link_timeout(Duration::from_secs(1));
         let cluster = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
         cluster.pair_create(&group);
-        cluster.wait_pair(&group, Duration::from_secs(120));
-        cluster.wait_drained(&group);
+        if !during_copy {
+            cluster.wait_pair(&group, Duration::from_secs(120));
+            cluster.wait_drained(&group);
+        }
         let rt =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
         let per = BLOCKS / TASKS;
@@ -531,6 +535,9 @@ impl Run {
         let stop = Arc::new(AtomicBool::new(false));
         let handles = self.start_writers(&stop, LOAD_MAX_OPS, LOAD_MAX_TIME);
         std::thread::sleep(Duration::from_millis(400 + self.rng.below(800)));
+        let before = self.cluster.status(Site::A, &self.group);
+        let state_at_cut =
+            format!("{} (copy {} of {} bytes)", before.state, before.copy_done_bytes, before.copy_total_bytes);
         let cut = |run: &mut Run, site: Site| -> CutReport {
             match keep {
                 None => run.cluster.power_cut(site),
@@ -602,7 +609,7 @@ impl Run {
             .join(", ");
         eprintln!(
             "POWER-LOSS {} {when}: load {} writes ({} FUA) {} flushes, {} request(s) cut; cut: {cuts} page(s); \
-             primary state at restart {state_at_restart}; {} writes ({} FUA) {} flushes during recovery; \
+             primary state at the cut {state_at_cut}, at restart {state_at_restart}; {} writes ({} FUA) {} flushes during recovery; \
              primary states {:?}, generation {}; resynced (copy_total_bytes) {} bytes = {:.1} MiB, max dirty_bytes {}; \
              recovered in {:.1} s, cycle {:.1} s; dirty pages after clean stop: site-a {:?} site-b {:?}",
             self.label,
@@ -638,7 +645,7 @@ impl Run {
 
 fn run(mode: Mode, target: Target, keep: Option<f64>, label: &str, seed: u64) {
     let started = Instant::now();
-    let Some(mut run) = Run::new(mode, label, seed) else { return };
+    let Some(mut run) = Run::new(mode, label, seed, false) else { return };
     let cycles = cycles();
     for cycle in 0..cycles {
         run.cycle(cycle, target, keep);
@@ -682,11 +689,23 @@ fn async_both_sites_power_cut_under_load() {
 fn power_cuts_keeping_a_random_subset_of_pages() {
     let label = "power_cuts_keeping_a_random_subset_of_pages";
     let started = Instant::now();
-    let Some(mut run) = Run::new(Mode::Sync, label, 31) else { return };
+    let Some(mut run) = Run::new(Mode::Sync, label, 31, false) else { return };
     let targets = [Target::Primary, Target::Secondary, Target::Both];
     let cycles = cycles().max(3);
     for cycle in 0..cycles {
         run.cycle(cycle, targets[(cycle % 3) as usize], Some(0.5));
     }
     run.finish(started, cycles);
+}
+
+/// The primary loses power while the initial copy runs, under load; then one
+/// more cycle once paired.
+#[test]
+fn primary_power_cut_during_the_initial_copy() {
+    let label = "primary_power_cut_during_the_initial_copy";
+    let started = Instant::now();
+    let Some(mut run) = Run::new(Mode::Sync, label, 41, true) else { return };
+    run.cycle(0, Target::Primary, None);
+    run.cycle(1, Target::Primary, None);
+    run.finish(started, 2);
 }
