@@ -17,7 +17,12 @@
 //!   `REPLICATOR_TEST_KEEP=1` to keep it always);
 //! - [`Drop`] kills leftover daemons;
 //! - clusters in one test binary run one at a time (the CI box has two
-//!   cores; link timeouts are real time).
+//!   cores; link timeouts are real time);
+//! - with [`ClusterOpts::with_power_cut_fs`] each site's state_dir and
+//!   volume files live on `powercut-fs` (src/bin/powercut-fs.rs, a FUSE file
+//!   system whose write cache is volatile), so that [`Cluster::power_cut`]
+//!   loses exactly what the daemon had not made durable; the mounts are
+//!   undone on drop.
 //!
 //! Build the daemon first: `cargo build --release -p replicator --bins`
 //! (`tests/run-all.sh` does that and installs the external tools).

@@ -34,6 +34,11 @@
 //!
 //! It runs in the foreground until unmounted or sent SIGTERM/SIGINT (then it
 //! unmounts).
+//!
+//! Not implemented (the daemon needs none of them): symlinks, hard links,
+//! extended attributes, lseek SEEK_DATA/SEEK_HOLE (the kernel falls back to
+//! treating the whole file as data). Requests are served by two threads
+//! under one lock: correctness first.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
