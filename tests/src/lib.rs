@@ -17,12 +17,18 @@
 //!   `REPLICATOR_TEST_KEEP=1` to keep it always);
 //! - [`Drop`] kills leftover daemons;
 //! - clusters in one test binary run one at a time (the CI box has two
-//!   cores; link timeouts are real time).
+//!   cores; link timeouts are real time);
+//! - with [`ClusterOpts::with_power_cut_fs`] each site's state_dir and
+//!   volume files live on `powercut-fs` (src/bin/powercut-fs.rs, a FUSE file
+//!   system whose write cache is volatile), so that [`Cluster::power_cut`]
+//!   loses exactly what the daemon had not made durable; the mounts are
+//!   undone on drop.
 //!
 //! Build the daemon first: `cargo build --release -p replicator --bins`
 //! (`tests/run-all.sh` does that and installs the external tools).
 
 pub mod pattern;
+pub mod powercut;
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -183,12 +189,31 @@ pub struct ClusterOpts {
     pub site_b_cert: CertKind,
     /// Start both daemons in [`Cluster::new`].
     pub start: bool,
+    /// Put each site's state_dir and volume files on `powercut-fs` (a FUSE
+    /// file system with a volatile write cache), so that
+    /// [`Cluster::power_cut`] can drop everything not yet made durable. See
+    /// [`ClusterOpts::with_power_cut_fs`].
+    pub power_cut_fs: bool,
 }
 
 impl ClusterOpts {
     /// Both sites valid and started, with these groups.
     pub fn new(groups: Vec<GroupSpec>) -> Self {
-        Self { groups, site_b_node_name: "site-b".into(), site_b_cert: CertKind::Valid, start: true }
+        Self {
+            groups,
+            site_b_node_name: "site-b".into(),
+            site_b_cert: CertKind::Valid,
+            start: true,
+            power_cut_fs: false,
+        }
+    }
+
+    /// Each site's state_dir and volume files live on its own `powercut-fs`
+    /// mount (`site-X/durable`, backed by `site-X/backing`); the run_dir
+    /// (sockets) and logs stay off it. Needs root and /dev/fuse.
+    pub fn with_power_cut_fs(mut self) -> Self {
+        self.power_cut_fs = true;
+        self
     }
 
     /// One group.
@@ -197,11 +222,178 @@ impl ClusterOpts {
     }
 }
 
+/// A running `powercut-fs`: `DIR/backing` mounted on `DIR/durable`, control
+/// socket `DIR/powercut-fs.sock`. Unmounted (and the process reaped) on
+/// drop, also on a panic.
+#[derive(Debug)]
+pub struct PowerCutMount {
+    child: Option<Child>,
+    mountpoint: PathBuf,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+/// What a simulated power cut dropped (and kept) of a site's dirty pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CutReport {
+    /// Dirty 4 KiB pages lost.
+    pub dropped: u64,
+    /// Dirty pages the "disk" kept (written before the cut).
+    pub kept: u64,
+}
+
+/// Path of the `powercut-fs` binary: next to `replicator` (cargo builds it
+/// with the tests crate's integration tests). `POWERCUT_FS_BIN` overrides.
+pub fn powercut_fs_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("POWERCUT_FS_BIN") {
+        return PathBuf::from(p);
+    }
+    let bin = replicator_bin().with_file_name("powercut-fs");
+    if !bin.is_file() {
+        panic!(
+            "the powercut-fs binary is missing at {}: run `cargo build --release -p replicator-tests --bins`",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// Is `path` a mount point (per /proc/self/mountinfo)?
+fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&*want))
+}
+
+/// One line exchange with a powercut-fs control socket.
+fn fs_command(control: &Path, cmd: &str) -> Result<String, String> {
+    let mut stream = UnixStream::connect(control).map_err(|e| format!("{}: {e}", control.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+    stream.write_all(format!("{cmd}\n").as_bytes()).map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(|e| e.to_string())?;
+    let line = line.trim().to_string();
+    if line.starts_with("ok") {
+        Ok(line)
+    } else {
+        Err(format!("powercut-fs {cmd:?}: {line}"))
+    }
+}
+
+/// The number after `word` in a reply line ("ok dropped 3 pages kept 1").
+pub fn reply_number(line: &str, word: &str) -> u64 {
+    let mut it = line.split_whitespace();
+    while let Some(w) = it.next() {
+        if w == word {
+            return it.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        }
+    }
+    0
+}
+
+impl PowerCutMount {
+    /// Mounts `dir/backing` (created if missing) on `dir/durable`, logging to
+    /// `log`, and waits until the mount and the control socket answer.
+    pub fn start(dir: &Path, log: PathBuf) -> PowerCutMount {
+        Self::start_with(&powercut_fs_bin(), dir, log)
+    }
+
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// One control command ("stats", "files", "cut", "cut keep SEED
+    /// FRACTION"); the reply line, or the error.
+    pub fn command(&self, cmd: &str) -> Result<String, String> {
+        fs_command(&self.control, cmd)
+    }
+
+    fn start_with(bin: &Path, site_dir: &Path, log: PathBuf) -> PowerCutMount {
+        let backing = site_dir.join("backing");
+        let mountpoint = site_dir.join("durable");
+        let control = site_dir.join("powercut-fs.sock");
+        std::fs::create_dir_all(&backing).expect("backing dir");
+        std::fs::create_dir_all(&mountpoint).expect("mountpoint");
+        let out = std::fs::File::create(&log).expect("powercut-fs log");
+        let err = out.try_clone().expect("clone log fd");
+        let child = Command::new(bin)
+            .arg(&backing)
+            .arg(&mountpoint)
+            .arg(&control)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut m = PowerCutMount { child: Some(child), mountpoint, control, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if is_mounted(&m.mountpoint) && fs_command(&m.control, "stats").is_ok() {
+                return m;
+            }
+            if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "powercut-fs exited at start-up with {status}:\n{}",
+                    std::fs::read_to_string(&m.log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "powercut-fs did not mount {} within 20 s:\n{}",
+                    m.mountpoint.display(),
+                    std::fs::read_to_string(&m.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Unmounts (SIGTERM: the file system unmounts itself) and reaps the
+    /// process; falls back to SIGKILL and a lazy unmount.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for PowerCutMount {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[derive(Debug)]
 struct SiteProc {
     site: Site,
     node_name: String,
     dir: PathBuf,
+    /// Where state_dir and the volume files live: `dir`, or `dir/durable`
+    /// (the powercut-fs mount).
+    data_dir: PathBuf,
+    fs: Option<PowerCutMount>,
     config_path: PathBuf,
     run_dir: PathBuf,
     port: u16,
@@ -464,6 +656,8 @@ impl Cluster {
                 config_path: dir.join("replicator.toml"),
                 run_dir: dir.join("run"),
                 log: root.join(format!("{}.log", site.label())),
+                data_dir: dir.clone(),
+                fs: None,
                 dir,
                 port,
                 child: None,
@@ -472,6 +666,15 @@ impl Cluster {
         };
         let sites = [mk(Site::A, "site-a", pa), mk(Site::B, &b_name, pb)];
         let mut cluster = Cluster { tmp: Some(tmp), root, sites, opts, bin, _serial: serial };
+        if cluster.opts.power_cut_fs {
+            let fs_bin = powercut_fs_bin();
+            for s in &mut cluster.sites {
+                let log = cluster.root.join(format!("{}-powercut-fs.log", s.site.label()));
+                let m = PowerCutMount::start_with(&fs_bin, &s.dir, log);
+                s.data_dir = m.mountpoint.clone();
+                s.fs = Some(m);
+            }
+        }
         cluster.write_config(Site::A, "site-b", pb);
         cluster.write_config(Site::B, "site-a", pa);
         eprintln!("replicator e2e: cluster in {} (logs site-a.log, site-b.log)", cluster.root.display());
@@ -491,7 +694,7 @@ impl Cluster {
 [node]
 name = "{node}"
 listen = "127.0.0.1:{port}"
-state_dir = "{dir}/state"
+state_dir = "{data}/state"
 run_dir = "{run}"
 
 [tls]
@@ -506,7 +709,7 @@ address = "127.0.0.1:{peer_port}"
             label = site.label(),
             node = s.node_name,
             port = s.port,
-            dir = s.dir.display(),
+            data = s.data_dir.display(),
             run = s.run_dir.display(),
             ca = self.root.join("ca").join("ca.pem").display(),
             certs = certs.display(),
@@ -527,7 +730,7 @@ address = "127.0.0.1:{peer_port}"
                     text,
                     "\n[[group.volume]]\nname = \"{}\"\npath = \"{}\"\nsize = \"{}\"\n",
                     v.name,
-                    s.dir.join(format!("{}.img", v.name)).display(),
+                    s.data_dir.join(format!("{}.img", v.name)).display(),
                     v.size
                 );
             }
@@ -580,9 +783,85 @@ address = "127.0.0.1:{peer_port}"
         format!("nbd+unix:///{export}?socket={}", self.nbd_socket(site).display())
     }
 
-    /// Backing file of a volume on a site.
+    /// Backing file of a volume on a site (with powercut-fs: its path on
+    /// the mount, so reads see what the machine sees, cached pages included).
     pub fn volume_path(&self, site: Site, volume: &str) -> PathBuf {
-        self.sites[site.index()].dir.join(format!("{volume}.img"))
+        self.sites[site.index()].data_dir.join(format!("{volume}.img"))
+    }
+
+    /// A site's state_dir.
+    pub fn state_dir(&self, site: Site) -> PathBuf {
+        self.sites[site.index()].data_dir.join("state")
+    }
+
+    fn power_cut_mount(&self, site: Site) -> &PowerCutMount {
+        self.sites[site.index()]
+            .fs
+            .as_ref()
+            .unwrap_or_else(|| panic!("{site}: no powercut-fs (build the cluster with ClusterOpts::with_power_cut_fs)"))
+    }
+
+    /// One command on a site's powercut-fs control socket ("stats", "cut",
+    /// "cut keep SEED FRACTION"); returns the reply line.
+    pub fn fs_command(&self, site: Site, cmd: &str) -> String {
+        fs_command(&self.power_cut_mount(site).control, cmd)
+            .unwrap_or_else(|e| panic!("{site}: {e}\n{}", self.diagnostics()))
+    }
+
+    /// Dirty (not yet durable) 4 KiB pages on a site's powercut-fs.
+    pub fn dirty_pages(&self, site: Site) -> u64 {
+        reply_number(&self.fs_command(site, "stats"), "dirty")
+    }
+
+    /// Drops (or, with `keep = Some((seed, fraction))`, keeps a
+    /// pseudo-random part of) a site's non-durable pages. Issued twice, 200
+    /// ms apart: requests of a just-killed daemon still in flight in the
+    /// kernel (io_uring) must not land after the cut.
+    fn cut_fs(&self, site: Site, keep: Option<(u64, f64)>) -> CutReport {
+        let cmd = match keep {
+            None => "cut".to_string(),
+            Some((seed, fraction)) => format!("cut keep {seed} {fraction}"),
+        };
+        let mut report = CutReport::default();
+        for i in 0..2 {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let line = self.fs_command(site, &cmd);
+            report.dropped += reply_number(&line, "dropped");
+            report.kept += reply_number(&line, "kept");
+        }
+        let mut log = std::fs::OpenOptions::new().append(true).open(self.log_path(site)).expect("open log");
+        let _ = writeln!(
+            log,
+            "===== e2e harness: {site} POWER CUT: {} dirty page(s) dropped, {} kept =====",
+            report.dropped, report.kept
+        );
+        report
+    }
+
+    /// A power cut of a site: `kill -9` of its daemon, then everything its
+    /// file system had not made durable is lost. Restart it with
+    /// [`Cluster::start`].
+    pub fn power_cut(&mut self, site: Site) -> CutReport {
+        self.kill9(site);
+        self.cut_fs(site, None)
+    }
+
+    /// [`Cluster::power_cut`], but the disk keeps a pseudo-random `fraction`
+    /// of the non-durable pages (chosen by `seed`), as a disk with a
+    /// volatile cache may keep any subset.
+    pub fn power_cut_keeping(&mut self, site: Site, seed: u64, fraction: f64) -> CutReport {
+        self.kill9(site);
+        self.cut_fs(site, Some((seed, fraction)))
+    }
+
+    /// Both sites lose power at once (both daemons killed first, then both
+    /// caches dropped).
+    pub fn power_cut_both(&mut self) -> [CutReport; 2] {
+        self.kill9(Site::A);
+        self.kill9(Site::B);
+        [self.cut_fs(Site::A, None), self.cut_fs(Site::B, None)]
     }
 
     /// A site's log file (all runs of its daemon, appended).
@@ -612,6 +891,10 @@ address = "127.0.0.1:{peer_port}"
     pub fn diagnostics(&self) -> String {
         let mut out = format!("cluster directory: {}\n", self.root.display());
         for s in &self.sites {
+            if let Some(m) = &s.fs {
+                let stats = fs_command(&m.control, "stats").unwrap_or_else(|e| e);
+                let _ = fmt::Write::write_fmt(&mut out, format_args!("{} powercut-fs: {stats}\n", s.site));
+            }
             let _ = fmt::Write::write_fmt(
                 &mut out,
                 format_args!(
@@ -915,6 +1198,12 @@ impl Drop for Cluster {
             if let Some(mut c) = s.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
+            }
+        }
+        // Daemons first (they hold files on the mounts), then the mounts.
+        for s in &mut self.sites {
+            if let Some(m) = s.fs.as_mut() {
+                m.stop();
             }
         }
         let keep = std::thread::panicking() || std::env::var_os("REPLICATOR_TEST_KEEP").is_some();

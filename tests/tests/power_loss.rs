@@ -1,0 +1,713 @@
+//! Power cuts under load, on a file system that really loses what was not
+//! made durable (issue 8, end-to-end part).
+//!
+//! Each site's state_dir and volume file live on `powercut-fs`, a FUSE
+//! pass-through with a volatile write cache (see `src/bin/powercut-fs.rs`):
+//! data written without fsync/fdatasync/O_DSYNC/RWF_DSYNC stays in memory,
+//! and a power cut (`kill -9` of the daemon, then the cache dropped) loses it,
+//! O_DIRECT writes included. The boot id is never touched: the daemon must
+//! treat an unclean stop as a possible power loss by itself.
+//!
+//! Each cycle: two NBD clients write self-describing 4 KiB blocks
+//! (`pattern::stamp`, 4–64 KiB per write, one request at a time each, in
+//! disjoint halves of a 64 MiB volume, inside an 8 MiB window per cycle), with
+//! a FLUSH about every 20 writes and FUA on about one write in 30. Each block
+//! keeps its last version known durable (acknowledged with FUA, or before an
+//! acknowledged FLUSH) and the versions sent since. Mid-load the primary, the
+//! secondary or both lose power; the cut sites restart, the clients write
+//! more while the pair recovers, and once the pair says PAIR with lag 0:
+//! - I1: every block holds its durable version, or one of the versions sent
+//!   after it — a flushed write that was not overwritten is never lost, and
+//!   nothing else (torn, misplaced, older) appears (read back through NBD on
+//!   the primary, and from the secondary's volume after a clean stop);
+//! - I2: after a clean stop of both sites the volumes are byte-identical.
+//!
+//! The bytes each recovery resynchronised (`copy_total_bytes` of the session
+//! that recovered) are printed per cycle (lines starting `POWER-LOSS`); run
+//! with `--nocapture` to see them. `POWER_LOSS_CYCLES=N` runs N cycles per
+//! configuration instead of 3.
+//!
+//! Needs root and /dev/fuse (fuse3's fusermount3 is installed by run-all.sh).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use replicator::nbd_client::NbdClient;
+use replicator_tests::pattern::{read_stamp, stamp, Rng, StampRead, BLOCK};
+use replicator_tests::{require, require_root, Cluster, ClusterOpts, CutReport, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+const VOLUME_SIZE: u64 = 64 * MIB;
+const BLOCKS: u64 = VOLUME_SIZE / BLOCK as u64;
+/// Client tasks, each with its own half of the volume and its own connection.
+const TASKS: u64 = 2;
+/// Each cycle's writes of one task stay in a window this large (8 MiB).
+const WINDOW_BLOCKS: u64 = 8 * MIB / BLOCK as u64;
+/// A write is 1..=16 blocks (4 KiB to 64 KiB).
+const MAX_WRITE_BLOCKS: u64 = 16;
+/// Cycles per configuration (`POWER_LOSS_CYCLES` overrides, for longer runs).
+const CYCLES: u64 = 3;
+
+fn cycles() -> u64 {
+    std::env::var("POWER_LOSS_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(CYCLES)
+}
+/// The load before the cut, per task: bounded in count and in time.
+const LOAD_MAX_OPS: u64 = 5_000;
+const LOAD_MAX_TIME: Duration = Duration::from_secs(10);
+/// Writes during recovery, per task.
+const RECOVERY_MAX_OPS: u64 = 60;
+const RECOVERY_MAX_TIME: Duration = Duration::from_millis(1500);
+/// One NBD request may take this long (a sync primary waits for its link
+/// timeout when the secondary is gone).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Recovery to PAIR with lag 0.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which sites lose power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Primary,
+    Secondary,
+    Both,
+}
+
+/// What one block may hold.
+#[derive(Debug, Clone, Default)]
+struct BlockState {
+    /// Last version known durable (None: never written, zeroes).
+    durable: Option<u64>,
+    /// Versions sent since (acknowledged or not): any of them may be there.
+    pending: Vec<u64>,
+}
+
+/// One task's half of the volume.
+#[derive(Debug, Clone)]
+struct Region {
+    first: u64,
+    blocks: Vec<BlockState>,
+}
+
+impl Region {
+    fn state(&mut self, block: u64) -> &mut BlockState {
+        &mut self.blocks[(block - self.first) as usize]
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LoadStats {
+    writes: u64,
+    fua: u64,
+    flushes: u64,
+    /// The request that failed (the cut), if any.
+    failed: u64,
+}
+
+impl std::ops::AddAssign for LoadStats {
+    fn add_assign(&mut self, o: Self) {
+        self.writes += o.writes;
+        self.fua += o.fua;
+        self.flushes += o.flushes;
+        self.failed += o.failed;
+    }
+}
+
+/// Connects, retrying while the daemon starts.
+async fn connect(socket: &Path, export: &str) -> Option<NbdClient> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match NbdClient::connect_unix(socket, export).await {
+            Ok(c) => return Some(c),
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("NBD connect to {} failed: {e}", socket.display());
+                return None;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// One client task: writes inside `window` (block range) until `stop`, the
+/// op count, the time limit or the first failed request.
+#[allow(clippy::too_many_arguments)]
+async fn writer(
+    socket: PathBuf,
+    export: String,
+    mut region: Region,
+    window: (u64, u64),
+    seed: u64,
+    versions: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    max_ops: u64,
+    max_time: Duration,
+) -> (Region, LoadStats) {
+    let mut stats = LoadStats::default();
+    let Some(client) = connect(&socket, &export).await else {
+        stats.failed += 1;
+        return (region, stats);
+    };
+    let mut rng = Rng::new(seed);
+    let started = Instant::now();
+    // Blocks written (acknowledged) since the last acknowledged FLUSH.
+    let mut touched: Vec<u64> = Vec::new();
+    for _ in 0..max_ops {
+        if stop.load(Ordering::Relaxed) || started.elapsed() > max_time {
+            break;
+        }
+        if rng.below(20) == 0 {
+            match tokio::time::timeout(REQUEST_TIMEOUT, client.flush()).await {
+                Ok(Ok(())) => {
+                    stats.flushes += 1;
+                    for b in touched.drain(..) {
+                        let st = region.state(b);
+                        if let Some(&v) = st.pending.last() {
+                            st.durable = Some(v);
+                            st.pending.clear();
+                        }
+                    }
+                }
+                _ => {
+                    stats.failed += 1;
+                    break;
+                }
+            }
+            continue;
+        }
+        let n = 1 + rng.below(MAX_WRITE_BLOCKS);
+        let start = window.0 + rng.below(window.1 - window.0 - n + 1);
+        // Rare enough that a cut usually finds data the daemon has not synced
+        // (a FUA makes the daemon sync the whole volume and journal).
+        let fua = rng.below(30) == 0;
+        let v = versions.fetch_add(1, Ordering::Relaxed);
+        let mut data = Vec::with_capacity((n as usize) * BLOCK);
+        for b in start..start + n {
+            data.extend_from_slice(&stamp(b, v));
+            // Sent: from now on it may be on the disk.
+            region.state(b).pending.push(v);
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.write(start * BLOCK as u64, &data, fua)).await {
+            Ok(Ok(())) => {
+                stats.writes += 1;
+                if fua {
+                    stats.fua += 1;
+                    for b in start..start + n {
+                        let st = region.state(b);
+                        st.durable = Some(v);
+                        st.pending.clear();
+                    }
+                } else {
+                    touched.extend(start..start + n);
+                }
+            }
+            _ => {
+                stats.failed += 1;
+                break;
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    (region, stats)
+}
+
+/// Checks one block against what it may hold; returns the version found.
+fn check_block(block: u64, st: &BlockState, data: &[u8]) -> Result<Option<u64>, String> {
+    let found = match read_stamp(data) {
+        StampRead::Zero => None,
+        StampRead::Stamp { block: b, version } if b == block => Some(version),
+        StampRead::Stamp { block: b, version } => {
+            return Err(format!("block {block}: holds block {b}'s version {version} (misplaced)"));
+        }
+        StampRead::Garbage => return Err(format!("block {block}: torn or foreign content")),
+    };
+    if found == st.durable || found.is_some_and(|v| st.pending.contains(&v)) {
+        return Ok(found);
+    }
+    let what = match found {
+        None => "zeroes".to_string(),
+        Some(v) => format!("version {v}"),
+    };
+    if st.pending.is_empty() {
+        Err(format!(
+            "block {block}: I1 VIOLATED: the flushed/FUA write (version {:?}) is lost, the block holds {what}",
+            st.durable
+        ))
+    } else {
+        Err(format!(
+            "block {block}: holds {what}, neither the durable version {:?} nor one sent after it {:?}",
+            st.durable, st.pending
+        ))
+    }
+}
+
+/// Checks a whole volume image (read by `read(offset, len)`); returns the
+/// version found per block, or the violations.
+fn check_image(
+    regions: &[Region],
+    mut read: impl FnMut(u64, usize) -> Vec<u8>,
+) -> Result<Vec<Option<u64>>, Vec<String>> {
+    let mut found = Vec::with_capacity(BLOCKS as usize);
+    let mut bad = Vec::new();
+    const CHUNK: usize = MIB as usize;
+    let mut off = 0u64;
+    while off < VOLUME_SIZE {
+        let data = read(off, CHUNK);
+        assert_eq!(data.len(), CHUNK, "short read at {off}");
+        for (i, blk) in data.chunks(BLOCK).enumerate() {
+            let block = off / BLOCK as u64 + i as u64;
+            let region = &regions[(block / (BLOCKS / TASKS)) as usize];
+            match check_block(block, &region.blocks[(block - region.first) as usize], blk) {
+                Ok(v) => found.push(v),
+                Err(e) => {
+                    found.push(None);
+                    bad.push(e);
+                }
+            }
+        }
+        off += CHUNK as u64;
+    }
+    if bad.is_empty() {
+        Ok(found)
+    } else {
+        Err(bad)
+    }
+}
+
+/// What a recovery looked like from the primary.
+#[derive(Debug, Default)]
+struct Recovery {
+    /// Largest `copy_total_bytes` seen: the bytes the recovering session
+    /// resynchronised.
+    copy_total: u64,
+    /// Largest `dirty_bytes` seen.
+    dirty: u64,
+    /// States the primary went through (deduplicated in order).
+    states: Vec<String>,
+    generation: u64,
+}
+
+impl Recovery {
+    fn observe(&mut self, cluster: &Cluster, group: &str) {
+        if !cluster.control_socket(Site::A).exists() {
+            return;
+        }
+        if let Ok(resp) = cluster.control(Site::A, &replicator_tests::Request::Status { group: Some(group.into()) }) {
+            if let Some(s) = resp.groups.into_iter().next() {
+                // copy_total_bytes is set when a session starts and kept
+                // until the next one: count it while a copy runs, and at
+                // the end (see `wait_recovered`), not from the session
+                // before the cut.
+                if s.state == "COPY" {
+                    self.copy_total = self.copy_total.max(s.copy_total_bytes);
+                }
+                self.dirty = self.dirty.max(s.dirty_bytes);
+                self.generation = s.generation;
+                let label = match &s.reason {
+                    Some(r) => format!("{}({r})", s.state),
+                    None => s.state.clone(),
+                };
+                if self.states.last() != Some(&label) {
+                    self.states.push(label);
+                }
+            }
+        }
+    }
+}
+
+/// Waits until the primary is PAIR, connected, with lag 0 and nothing left
+/// to copy, and the secondary PAIR; fails fast on SUSPENDED(error) or
+/// SPLIT-BRAIN (held for 5 s).
+fn wait_recovered(cluster: &Cluster, group: &str, rec: &mut Recovery, what: &str) {
+    let deadline = Instant::now() + RECOVERY_TIMEOUT;
+    let mut bad_since: Option<Instant> = None;
+    loop {
+        rec.observe(cluster, group);
+        let a = cluster.status(Site::A, group);
+        let b = cluster.status(Site::B, group);
+        if a.state == "PAIR"
+            && a.connected
+            && a.lag_records == 0
+            && a.applied_seq >= a.last_seq
+            && a.dirty_bytes == 0
+            && b.state == "PAIR"
+        {
+            rec.copy_total = rec.copy_total.max(a.copy_total_bytes);
+            return;
+        }
+        let bad = a.state == "SPLIT-BRAIN"
+            || b.state == "SPLIT-BRAIN"
+            || (a.state == "SUSPENDED" && a.reason.as_deref() == Some("error"))
+            || (b.state == "SUSPENDED" && b.reason.as_deref() == Some("error"));
+        let give_up = match (bad, bad_since) {
+            (true, None) => {
+                bad_since = Some(Instant::now());
+                false
+            }
+            (true, Some(t)) => t.elapsed() > Duration::from_secs(5),
+            (false, _) => {
+                bad_since = None;
+                false
+            }
+        };
+        if give_up || Instant::now() > deadline {
+            panic!(
+                "{what}: the pair did not recover to PAIR with lag 0 ({}); primary went through {:?}\n\
+                 site-a: {}\nsite-b: {}\n{}",
+                if give_up { "stuck in an error state" } else { "timeout" },
+                rec.states,
+                serde_json::to_string(&a).unwrap_or_default(),
+                serde_json::to_string(&b).unwrap_or_default(),
+                cluster.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Log lines of a site since its last start that say what recovery did.
+fn recovery_log(cluster: &Cluster, site: Site) -> Vec<String> {
+    let log = cluster.log(site);
+    let since = log.rfind("e2e harness: starting").unwrap_or(0);
+    log[since..]
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            ["power", "unclean", "resync", "diverg", "generation", "copy complete", "activity log", "epoch"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .map(|l| format!("{site}: {}", l.chars().take(260).collect::<String>()))
+        .take(8)
+        .collect()
+}
+
+struct Run {
+    cluster: Cluster,
+    rt: tokio::runtime::Runtime,
+    group: String,
+    vol: String,
+    regions: Vec<Region>,
+    versions: Arc<AtomicU64>,
+    rng: Rng,
+    label: String,
+}
+
+impl Run {
+    /// A paired cluster on powercut-fs. With `during_copy`, returns as soon
+    /// as `pair create` is accepted, while the initial copy runs.
+    fn new(mode: Mode, label: &str, seed: u64, during_copy: bool) -> Option<Run> {
+        if !require_root(label) {
+            return None;
+        }
+        require("fusermount3");
+        if !Path::new("/dev/fuse").exists() {
+            panic!("{label}: /dev/fuse is missing (modprobe fuse)");
+        }
+        let group = format!("pl{}", mode.as_str());
+        let vol = format!("{group}-vol");
+        let spec = GroupSpec::new(&group, mode).volume(&vol, VOLUME_SIZE).link_timeout(Duration::from_secs(1));
+        let cluster = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+        cluster.pair_create(&group);
+        if !during_copy {
+            cluster.wait_pair(&group, Duration::from_secs(120));
+            cluster.wait_drained(&group);
+        }
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+        let per = BLOCKS / TASKS;
+        let regions =
+            (0..TASKS).map(|t| Region { first: t * per, blocks: vec![BlockState::default(); per as usize] }).collect();
+        Some(Run {
+            cluster,
+            rt,
+            group,
+            vol,
+            regions,
+            versions: Arc::new(AtomicU64::new(1)),
+            rng: Rng::new(seed),
+            label: label.to_string(),
+        })
+    }
+
+    /// Starts one writer per task; returns their handles.
+    fn start_writers(
+        &mut self,
+        stop: &Arc<AtomicBool>,
+        max_ops: u64,
+        max_time: Duration,
+    ) -> Vec<tokio::task::JoinHandle<(Region, LoadStats)>> {
+        let regions = std::mem::take(&mut self.regions);
+        let mut handles = Vec::new();
+        for region in regions {
+            let per = region.blocks.len() as u64;
+            let start = region.first + self.rng.below((per - WINDOW_BLOCKS) / 256 + 1) * 256;
+            let window = (start, start + WINDOW_BLOCKS);
+            let fut = writer(
+                self.cluster.nbd_socket(Site::A),
+                self.vol.clone(),
+                region,
+                window,
+                self.rng.next_u64(),
+                self.versions.clone(),
+                stop.clone(),
+                max_ops,
+                max_time,
+            );
+            handles.push(self.rt.spawn(fut));
+        }
+        handles
+    }
+
+    fn join_writers(&mut self, handles: Vec<tokio::task::JoinHandle<(Region, LoadStats)>>) -> LoadStats {
+        let mut total = LoadStats::default();
+        for h in handles {
+            let (region, stats) = self.rt.block_on(h).expect("writer task");
+            self.regions.push(region);
+            total += stats;
+        }
+        self.regions.sort_by_key(|r| r.first);
+        total
+    }
+
+    /// I1 on the primary, read back through NBD; then a FLUSH makes what
+    /// was read the new durable state of every block.
+    fn check_primary_and_settle(&mut self, when: &str) {
+        let socket = self.cluster.nbd_socket(Site::A);
+        let vol = self.vol.clone();
+        let client = self.rt.block_on(connect(&socket, &vol)).expect("NBD connect to the primary");
+        let regions = &self.regions;
+        let result = check_image(regions, |off, len| {
+            self.rt.block_on(client.read(off, len as u32)).unwrap_or_else(|e| panic!("NBD read at {off}: {e}"))
+        });
+        let found = match result {
+            Ok(found) => found,
+            Err(bad) => panic!(
+                "{}: {when}: {} block(s) of the primary's volume (read through NBD) break I1, first:\n{}\n{}",
+                self.label,
+                bad.len(),
+                bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n"),
+                self.cluster.diagnostics()
+            ),
+        };
+        self.rt.block_on(client.flush()).expect("NBD flush");
+        let _ = self.rt.block_on(client.disconnect());
+        for (block, v) in found.into_iter().enumerate() {
+            let block = block as u64;
+            let region = &mut self.regions[(block / (BLOCKS / TASKS)) as usize];
+            let st = region.state(block);
+            st.durable = v;
+            st.pending.clear();
+        }
+    }
+
+    /// Clean stop of both sites; I2 (volumes identical) and I1 on the
+    /// secondary's volume; then both start again and pair.
+    fn stop_compare_restart(&mut self, when: &str) -> (String, String) {
+        self.cluster.wait_drained(&self.group);
+        self.cluster.stop(Site::A);
+        self.cluster.stop(Site::B);
+        let dirty = (self.cluster.fs_command(Site::A, "files"), self.cluster.fs_command(Site::B, "files"));
+        self.cluster.assert_volumes_identical(&self.group);
+        let path = self.cluster.volume_path(Site::B, &self.vol);
+        let file = std::fs::File::open(&path).expect("secondary volume");
+        let r = check_image(&self.regions, |off, len| {
+            let mut buf = vec![0u8; len];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, off).expect("read the secondary's volume");
+            buf
+        });
+        if let Err(bad) = r {
+            panic!(
+                "{}: {when}: the secondary's volume breaks I1:\n{}",
+                self.label,
+                bad[..bad.len().min(10)].join("\n")
+            );
+        }
+        self.cluster.start(Site::A);
+        self.cluster.start(Site::B);
+        self.cluster.wait_pair(&self.group, Duration::from_secs(60));
+        dirty
+    }
+
+    /// One cycle: load, cut, restart, writes during recovery, checks.
+    fn cycle(&mut self, cycle: u64, target: Target, keep: Option<f64>) {
+        let t0 = Instant::now();
+        let when =
+            format!("cycle {cycle} ({target:?} cut{})", keep.map(|k| format!(", keeping {k}")).unwrap_or_default());
+        // Load, then the cut in the middle of it.
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = self.start_writers(&stop, LOAD_MAX_OPS, LOAD_MAX_TIME);
+        std::thread::sleep(Duration::from_millis(400 + self.rng.below(800)));
+        let before = self.cluster.status(Site::A, &self.group);
+        let state_at_cut =
+            format!("{} (copy {} of {} bytes)", before.state, before.copy_done_bytes, before.copy_total_bytes);
+        let cut = |run: &mut Run, site: Site| -> CutReport {
+            match keep {
+                None => run.cluster.power_cut(site),
+                Some(f) => {
+                    let seed = run.rng.next_u64() % 1_000_000;
+                    run.cluster.power_cut_keeping(site, seed, f)
+                }
+            }
+        };
+        let reports: Vec<(Site, CutReport)> = match target {
+            Target::Primary => vec![(Site::A, cut(self, Site::A))],
+            Target::Secondary => vec![(Site::B, cut(self, Site::B))],
+            Target::Both => {
+                if keep.is_none() {
+                    let [a, b] = self.cluster.power_cut_both();
+                    vec![(Site::A, a), (Site::B, b)]
+                } else {
+                    self.cluster.kill9(Site::B);
+                    vec![(Site::A, cut(self, Site::A)), (Site::B, cut(self, Site::B))]
+                }
+            }
+        };
+        if target == Target::Secondary {
+            // The primary goes on alone for a while.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let load = self.join_writers(handles);
+
+        // Restart, and write while the pair recovers.
+        let mut rec = Recovery::default();
+        match target {
+            Target::Primary => self.cluster.start(Site::A),
+            Target::Secondary => self.cluster.start(Site::B),
+            Target::Both => {
+                self.cluster.start(Site::B);
+                self.cluster.start(Site::A);
+            }
+        }
+        rec.observe(&self.cluster, &self.group);
+        let state_at_restart = rec.states.last().cloned().unwrap_or_default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = self.start_writers(&stop, RECOVERY_MAX_OPS, RECOVERY_MAX_TIME);
+        while !handles.iter().all(|h| h.is_finished()) {
+            rec.observe(&self.cluster, &self.group);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let during = self.join_writers(handles);
+        if during.failed > 0 {
+            panic!(
+                "{}: {when}: a write or flush failed during recovery ({during:?}); primary states {:?}\n{}",
+                self.label,
+                rec.states,
+                self.cluster.diagnostics()
+            );
+        }
+        wait_recovered(&self.cluster, &self.group, &mut rec, &format!("{}: {when}", self.label));
+        let recovered_in = t0.elapsed();
+        let mut notes = recovery_log(&self.cluster, Site::A);
+        notes.extend(recovery_log(&self.cluster, Site::B));
+
+        // I1 on the primary, then I2 and I1 on the secondary.
+        self.check_primary_and_settle(&when);
+        let dirty_after_stop = self.stop_compare_restart(&when);
+        let cuts = reports
+            .iter()
+            .map(|(s, r)| format!("{s} dropped {} kept {}", r.dropped, r.kept))
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!(
+            "POWER-LOSS {} {when}: load {} writes ({} FUA) {} flushes, {} request(s) cut; cut: {cuts} page(s); \
+             primary state at the cut {state_at_cut}, at restart {state_at_restart}; {} writes ({} FUA) {} flushes during recovery; \
+             primary states {:?}, generation {}; resynced (copy_total_bytes) {} bytes = {:.1} MiB, max dirty_bytes {}; \
+             recovered in {:.1} s, cycle {:.1} s; dirty pages after clean stop: site-a {:?} site-b {:?}",
+            self.label,
+            load.writes,
+            load.fua,
+            load.flushes,
+            load.failed,
+            during.writes,
+            during.fua,
+            during.flushes,
+            rec.states,
+            rec.generation,
+            rec.copy_total,
+            rec.copy_total as f64 / MIB as f64,
+            rec.dirty,
+            recovered_in.as_secs_f64(),
+            t0.elapsed().as_secs_f64(),
+            dirty_after_stop.0,
+            dirty_after_stop.1,
+        );
+        for n in notes {
+            eprintln!("    {n}");
+        }
+    }
+
+    fn finish(mut self, started: Instant, cycles: u64) {
+        self.cluster.stop(Site::A);
+        self.cluster.stop(Site::B);
+        self.cluster.assert_volumes_identical(&self.group);
+        eprintln!("POWER-LOSS {}: passed, {cycles} cycles in {:.1} s", self.label, started.elapsed().as_secs_f64());
+    }
+}
+
+fn run(mode: Mode, target: Target, keep: Option<f64>, label: &str, seed: u64) {
+    let started = Instant::now();
+    let Some(mut run) = Run::new(mode, label, seed, false) else { return };
+    let cycles = cycles();
+    for cycle in 0..cycles {
+        run.cycle(cycle, target, keep);
+    }
+    run.finish(started, cycles);
+}
+
+#[test]
+fn sync_primary_power_cut_under_load() {
+    run(Mode::Sync, Target::Primary, None, "sync_primary_power_cut_under_load", 11);
+}
+
+#[test]
+fn sync_secondary_power_cut_under_load() {
+    run(Mode::Sync, Target::Secondary, None, "sync_secondary_power_cut_under_load", 12);
+}
+
+#[test]
+fn sync_both_sites_power_cut_under_load() {
+    run(Mode::Sync, Target::Both, None, "sync_both_sites_power_cut_under_load", 13);
+}
+
+#[test]
+fn async_primary_power_cut_under_load() {
+    run(Mode::Async, Target::Primary, None, "async_primary_power_cut_under_load", 21);
+}
+
+#[test]
+fn async_secondary_power_cut_under_load() {
+    run(Mode::Async, Target::Secondary, None, "async_secondary_power_cut_under_load", 22);
+}
+
+#[test]
+fn async_both_sites_power_cut_under_load() {
+    run(Mode::Async, Target::Both, None, "async_both_sites_power_cut_under_load", 23);
+}
+
+/// The disks keep a random half of their volatile pages (any subset is
+/// possible on real hardware): both sites, sync mode, cycling the target.
+#[test]
+fn power_cuts_keeping_a_random_subset_of_pages() {
+    let label = "power_cuts_keeping_a_random_subset_of_pages";
+    let started = Instant::now();
+    let Some(mut run) = Run::new(Mode::Sync, label, 31, false) else { return };
+    let targets = [Target::Primary, Target::Secondary, Target::Both];
+    let cycles = cycles().max(3);
+    for cycle in 0..cycles {
+        run.cycle(cycle, targets[(cycle % 3) as usize], Some(0.5));
+    }
+    run.finish(started, cycles);
+}
+
+/// The primary loses power while the initial copy runs, under load; then one
+/// more cycle once paired.
+#[test]
+fn primary_power_cut_during_the_initial_copy() {
+    let label = "primary_power_cut_during_the_initial_copy";
+    let started = Instant::now();
+    let Some(mut run) = Run::new(Mode::Sync, label, 41, true) else { return };
+    run.cycle(0, Target::Primary, None);
+    run.cycle(1, Target::Primary, None);
+    run.finish(started, 2);
+}
