@@ -682,13 +682,10 @@ impl Sim {
         let all = self.primary_model.image(&self.history, &SeqSet { prefix: self.last_seq(), extras: BTreeSet::new() });
         let mut writer = vec![vec![0u64; VOL_SIZE]; VOLUMES];
         for r in &self.history[self.base_seq as usize..] {
-            for b in r.offset as usize..r.end() as usize {
-                writer[r.volume as usize][b] = r.seq;
-            }
+            writer[r.volume as usize][r.offset as usize..r.end() as usize].fill(r.seq);
         }
-        for v in 0..VOLUMES {
-            for b in 0..VOL_SIZE {
-                let w = writer[v][b];
+        for (v, bytes) in writer.iter().enumerate() {
+            for (b, &w) in bytes.iter().enumerate() {
                 let flushed = w != 0 && (w <= self.p.flushed.prefix || self.p.flushed.extras.contains(&w));
                 assert!(
                     !flushed || image[v][b] == all[v][b],
