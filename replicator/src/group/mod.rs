@@ -665,7 +665,8 @@ impl Group {
                         self.bitmap_wanted.send_modify(|w| *w += 1);
                     }
                     if g.bitmap_dirty_since_save {
-                        self.save_bitmaps(&mut g);
+                        // Saved by the flusher, off the write path's lock.
+                        self.bitmap_wanted.send_modify(|w| *w += 1);
                     }
                 }
                 g.role == Role::Primary
