@@ -257,10 +257,11 @@ mod tests {
                             rebase_seq,
                             copy_bytes,
                             last_seq,
+                            epoch: generation / 2,
                         })
                     }
                 ),
-            (".{0,12}", any::<u64>(), any::<u64>(), 0i32..7).prop_map(|(error, durable_seq, generation, refusal)| {
+            (".{0,12}", any::<u64>(), any::<u64>(), 0i32..9).prop_map(|(error, durable_seq, generation, refusal)| {
                 Body::OpenGroupReply(pb::OpenGroupReply { error, durable_seq, generation, refusal })
             }),
             (
@@ -318,7 +319,11 @@ mod tests {
                 })
             }),
             any::<u64>().prop_map(|seq| Body::Flush(pb::FlushRequest { seq })),
-            (0i32..3, any::<u64>()).prop_map(|(command, seq)| Body::Command(pb::GroupCommand { command, seq })),
+            (0i32..4, any::<u64>(), any::<u64>()).prop_map(|(command, seq, bytes)| Body::Command(pb::GroupCommand {
+                command,
+                seq,
+                bytes
+            })),
             (0i32..3, ".{0,12}").prop_map(|(command, error)| Body::CommandReply(pb::CommandReply { command, error })),
             ".{0,20}".prop_map(|message| Body::Error(pb::Error { message })),
         ]

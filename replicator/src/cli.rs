@@ -45,6 +45,17 @@ pub enum Command {
     /// Create or delete a pair.
     #[command(subcommand)]
     Pair(PairCommand),
+    /// Unplanned failover, on the secondary: promote its last consistent
+    /// image and print the recovery point. Refused (exit 3) while the
+    /// primary is connected, or while the replica is inconsistent.
+    Failover {
+        /// Group name.
+        group: String,
+        /// Fail over even though the primary is connected (it is fenced
+        /// when it reconnects) or the replica is inconsistent.
+        #[arg(long)]
+        force: bool,
+    },
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -217,6 +228,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let config = load_config(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async { report(&ask(&config, Request::PairDelete { group }).await?) })
+        }
+        Command::Failover { group, force } => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async { report(&ask(&config, Request::Failover { group, force }).await?) })
         }
         Command::Cert(CertCommand::Init { dir }) => match crate::certs::init_ca(&dir) {
             Ok((cert, key)) => {

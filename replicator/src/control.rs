@@ -51,6 +51,14 @@ pub enum Request {
         /// Group.
         group: String,
     },
+    /// `failover` (on the secondary).
+    Failover {
+        /// Group.
+        group: String,
+        /// Even while the primary is connected, or the replica is
+        /// inconsistent.
+        force: bool,
+    },
 }
 
 /// The daemon's answer.
@@ -206,6 +214,14 @@ async fn execute(node: &Node, req: Request) -> Response {
             match g.pair_delete().await {
                 Ok(msg) => Response::ok(msg),
                 Err(e) => Response::err(exit::REFUSED, e.to_string()),
+            }
+        }
+        Request::Failover { group, force } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            match g.failover(force).await {
+                Ok(msg) => Response::ok(msg),
+                Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
+                Err(e) => Response::err(exit::FAILED, format!("failover: {e}")),
             }
         }
     }

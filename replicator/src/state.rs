@@ -49,8 +49,14 @@ pub struct GroupState {
     /// Pair state, e.g. "PAIR", "COPY", "SUSPENDED(split)".
     #[serde(with = "as_text")]
     pub state: PairState,
-    /// Incremented on each promotion.
+    /// Incremented on each promotion (pair create, failover): decides on
+    /// reconnect which of two primaries was superseded.
     pub generation: u64,
+    /// Primary: incremented on each unclean restart (sequence numbers
+    /// after the surviving journal are never trusted again); a secondary
+    /// keeps the epoch it rebased in.
+    #[serde(default)]
+    pub epoch: u64,
     /// Random id chosen at `pair create`, shared by both sides.
     pub pair_id: u64,
     /// Sequence and journal position of the oldest retained record (or of
@@ -95,6 +101,22 @@ pub struct GroupState {
     /// Secondary: a copy (initial or resync) has started and not finished.
     #[serde(default)]
     pub copy_incomplete: bool,
+    /// Primary: the generation of a failover on the peer that superseded
+    /// this node (0: none). A superseded primary is fenced: it accepts no
+    /// writes, across restarts, until an admin acts.
+    #[serde(default)]
+    pub superseded_by: u64,
+    /// Secondary: the primary's last progress report: its newest journaled
+    /// seq, the bytes it held not yet durable here, and when (µs since the
+    /// epoch). A failover says what it leaves behind from these.
+    #[serde(default)]
+    pub primary_reported_seq: u64,
+    /// See `primary_reported_seq`.
+    #[serde(default)]
+    pub primary_reported_bytes: u64,
+    /// See `primary_reported_seq`.
+    #[serde(default)]
+    pub primary_reported_at_us: u64,
 }
 
 /// What the primary's next session announces to the secondary.
@@ -121,6 +143,7 @@ impl GroupState {
             role: Role::None,
             state: PairState::Simplex,
             generation: 0,
+            epoch: 0,
             pair_id: 0,
             journal_tail_seq: 0,
             journal_tail_pos: 0,
@@ -135,6 +158,10 @@ impl GroupState {
             written_standalone: false,
             boot_id: String::new(),
             copy_incomplete: false,
+            superseded_by: 0,
+            primary_reported_seq: 0,
+            primary_reported_bytes: 0,
+            primary_reported_at_us: 0,
         }
     }
 }

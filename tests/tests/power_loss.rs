@@ -283,7 +283,8 @@ struct Recovery {
     dirty: u64,
     /// States the primary went through (deduplicated in order).
     states: Vec<String>,
-    generation: u64,
+    /// The primary's epoch (unclean restarts).
+    epoch: u64,
 }
 
 impl Recovery {
@@ -301,7 +302,7 @@ impl Recovery {
                     self.copy_total = self.copy_total.max(s.copy_total_bytes);
                 }
                 self.dirty = self.dirty.max(s.dirty_bytes);
-                self.generation = s.generation;
+                self.epoch = s.epoch;
                 let label = match &s.reason {
                     Some(r) => format!("{}({r})", s.state),
                     None => s.state.clone(),
@@ -612,7 +613,7 @@ impl Run {
         eprintln!(
             "POWER-LOSS {} {when}: load {} writes ({} FUA) {} flushes, {} request(s) cut; cut: {cuts} page(s); \
              primary state at the cut {state_at_cut}, at restart {state_at_restart}; {} writes ({} FUA) {} flushes during recovery; \
-             primary states {:?}, generation {}; resynced (copy_total_bytes) {} bytes = {:.1} MiB, max dirty_bytes {}; \
+             primary states {:?}, epoch {}; resynced (copy_total_bytes) {} bytes = {:.1} MiB, max dirty_bytes {}; \
              recovered in {:.1} s, cycle {:.1} s; dirty pages after clean stop: site-a {:?} site-b {:?}",
             self.label,
             load.writes,
@@ -623,7 +624,7 @@ impl Run {
             during.fua,
             during.flushes,
             rec.states,
-            rec.generation,
+            rec.epoch,
             rec.copy_total,
             rec.copy_total as f64 / MIB as f64,
             rec.dirty,

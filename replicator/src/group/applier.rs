@@ -80,6 +80,33 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     }
     let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
     let mut g = lock(&group.inner);
+    if g.role == Role::Primary && g.persisted.pair_id == open.pair_id && open.pair_id != 0 {
+        // Two primaries of one pair: the generations tell a failover from a
+        // split brain.
+        if g.persisted.superseded_by == 0 && open.generation > g.persisted.generation {
+            group.fence(&mut g, open.generation);
+        }
+        if g.persisted.superseded_by > 0 {
+            return Err((
+                pb::Refusal::Fenced,
+                format!(
+                    "group {name} here is a former primary fenced after the failover to {peer} (generation {}); it \
+                     accepts no writes and waits for an admin",
+                    g.persisted.superseded_by
+                ),
+            ));
+        }
+        if open.generation < g.persisted.generation {
+            return Err((
+                pb::Refusal::Superseded,
+                format!(
+                    "group {name} was failed over to this node (generation {}); {peer} (generation {}) was superseded \
+                     and must not accept writes",
+                    g.persisted.generation, open.generation
+                ),
+            ));
+        }
+    }
     if g.role == Role::Primary {
         return Err((
             pb::Refusal::AlsoPrimary,
@@ -170,11 +197,11 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 // The primary lost power and starts a new generation: what
                 // it may have lost is copied again; records follow its
                 // recovered journal.
-                tracing::warn!(group = %name, primary = %peer, generation = open.generation, rebase = open.rebase_seq,
+                tracing::warn!(group = %name, primary = %peer, epoch = open.epoch, rebase = open.rebase_seq,
                     "the primary restarted after a power cut: resynchronising the regions it was writing");
                 g.persisted.durable_seq = open.rebase_seq;
                 g.persisted.journal_tail_seq = open.rebase_seq + 1;
-                g.persisted.generation = open.generation;
+                g.persisted.epoch = open.epoch;
                 // Inconsistent until the copy of those regions is done
                 // (COPY_DONE follows even when there is nothing to copy).
                 g.persisted.copy_incomplete = true;
@@ -246,7 +273,9 @@ pub async fn serve_secondary(
             if !repeat {
                 tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {msg}");
             }
-            let reply = pb::OpenGroupReply { error: msg, durable_seq: 0, generation: 0, refusal: refusal as i32 };
+            // The generation lets a superseded primary learn who took over.
+            let generation = lock(&group.inner).persisted.generation;
+            let reply = pb::OpenGroupReply { error: msg, durable_seq: 0, generation, refusal: refusal as i32 };
             let _ = send.send(Body::OpenGroupReply(reply)).await;
             send.finish();
             return;
@@ -447,7 +476,11 @@ impl Session {
                         self.delete_reply = Some(reply);
                         self.ending = Ending::DeletedHere { confirmed: false };
                         self.leave_by = Some(Instant::now() + Duration::from_secs(10));
-                        send.send(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0 })).await?;
+                        send.send(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0, bytes: 0 })).await?;
+                    }
+                    SessionCommand::End => {
+                        tracing::warn!(group = %self.group.cfg.name, "failover --force: ending the replication session");
+                        return Ok(());
                     }
                 },
                 _ = tick.tick() => {
@@ -530,6 +563,13 @@ impl Session {
             }
             Some(Body::Command(c)) if c.command == pb::Command::CopyDone as i32 => {
                 self.machine.on_copy_done(c.seq);
+                Ok(())
+            }
+            Some(Body::Command(c)) if c.command == pb::Command::PrimaryProgress as i32 => {
+                let mut g = lock(&self.group.inner);
+                g.persisted.primary_reported_seq = c.seq;
+                g.persisted.primary_reported_bytes = c.bytes;
+                g.persisted.primary_reported_at_us = super::write_path::unix_micros();
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::Delete as i32 => {

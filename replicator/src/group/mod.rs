@@ -14,6 +14,7 @@
 
 mod applier;
 mod shipper;
+mod takeover;
 mod write_path;
 
 use std::collections::{BTreeMap, HashMap};
@@ -59,6 +60,9 @@ pub enum GroupError {
     /// Replaying the journal onto the local volumes failed.
     #[error("journal replay: {0}")]
     Replay(String),
+    /// The command could not be carried out (nothing changed).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// What sync-mode waiters and the status view watch.
@@ -171,6 +175,9 @@ enum SessionCommand {
     /// `pair delete` on the secondary: end the pair on both sites; the
     /// answer is the message for the admin.
     Delete(oneshot::Sender<String>),
+    /// `failover --force` on the secondary: end the session (after the
+    /// drain, the node takes over).
+    End,
 }
 
 /// Memory budget for records kept for shipping; beyond it the shipper reads
@@ -302,7 +309,7 @@ impl Group {
                 let dirty: u64 = bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
                 tracing::warn!(
                     group = %cfg.name,
-                    generation = persisted.generation + 1,
+                    epoch = persisted.epoch + 1,
                     bytes = dirty,
                     "the daemon did not stop cleanly ({cause}): anything not yet durable may be lost on either site; \
                      replayed the journal, resynchronising {regions}",
@@ -313,7 +320,7 @@ impl Group {
                 for (v, b) in volumes.iter().zip(&bitmaps) {
                     store.save_blob(&bitmap_name(&v.name), &b.encode())?;
                 }
-                persisted.generation += 1;
+                persisted.epoch += 1;
                 persisted.copy_pending = true;
                 // A pair not yet announced keeps its create intent (the
                 // copy then covers the regions); an existing one rebases.
@@ -353,7 +360,8 @@ impl Group {
         // An error that suspended a primary is judged again after the
         // restart (the journal is recovered and replayed by now; the peer's
         // verdict comes with the next session).
-        if role == Role::Primary && state == PairState::Suspended(SuspendReason::Error) {
+        if role == Role::Primary && state == PairState::Suspended(SuspendReason::Error) && persisted.superseded_by == 0
+        {
             tracing::warn!(group = %cfg.name, "the pair was SUSPENDED(error) before the restart: checking it again");
             state = PairState::Suspended(SuspendReason::Link);
         }
@@ -403,10 +411,15 @@ impl Group {
             shipper_epoch: 0,
             link_down_since: Some(Instant::now()),
             last_link_log: None,
-            last_error: None,
+            last_error: (persisted.superseded_by > 0).then(|| {
+                format!(
+                    "{} took over as primary after a failover (generation {}); this former primary accepts no writes",
+                    cfg.peer, persisted.superseded_by
+                )
+            }),
             copy_total: 0,
             copy_done: 0,
-            refusal: None,
+            refusal: (persisted.superseded_by > 0).then_some("superseded"),
             delete_ack: None,
             link_changed_at: SystemTime::now(),
             session_cmd: None,
@@ -896,8 +909,12 @@ impl Group {
 
     /// The peer refused the session: record why; a refusal that means the
     /// pair no longer exists on the peer changes this node's state.
-    fn peer_refused(&self, kind: pb::Refusal, msg: &str) {
+    fn peer_refused(&self, kind: pb::Refusal, msg: &str, peer_generation: u64) {
         let mut g = lock(&self.inner);
+        if kind == pb::Refusal::Superseded && peer_generation > g.persisted.generation {
+            self.fence(&mut g, peer_generation);
+            return;
+        }
         g.last_error = Some(msg.to_string());
         let label = match kind {
             pb::Refusal::Unspecified => None,
@@ -908,10 +925,13 @@ impl Group {
                 self.transition(&mut g, PairEvent::Failure, "the peer is not in this pair: it left it");
                 Some("not-paired")
             }
-            pb::Refusal::WrittenStandalone | pb::Refusal::AlsoPrimary => {
+            pb::Refusal::WrittenStandalone | pb::Refusal::AlsoPrimary | pb::Refusal::Superseded => {
                 self.transition(&mut g, PairEvent::SplitBrainDetected, msg);
                 Some("split-brain")
             }
+            // A former primary that a failover here superseded: it takes no
+            // writes and waits for an admin; this node stays primary.
+            pb::Refusal::Fenced => Some("peer-fenced"),
         };
         if label.is_some() && g.refusal != label {
             tracing::error!(group = %self.cfg.name, peer = %self.cfg.peer, "{msg}");
@@ -1008,6 +1028,8 @@ impl Group {
             peer: self.cfg.peer.clone(),
             connected,
             generation: g.persisted.generation,
+            epoch: g.persisted.epoch,
+            superseded_by: g.persisted.superseded_by,
             last_seq: if g.role == Role::Secondary { g.secondary_applied } else { last },
             applied_seq: applied,
             durable_seq: durable,
@@ -1076,8 +1098,16 @@ pub struct GroupStatus {
     pub peer: String,
     /// A replication session with the peer is up.
     pub connected: bool,
-    /// Promotion generation.
+    /// Promotion generation (pair create: 1; each failover adds one).
     pub generation: u64,
+    /// Unclean restarts of the primary in this generation (each one
+    /// resynchronises the activity log's regions).
+    #[serde(default)]
+    pub epoch: u64,
+    /// A fenced former primary: the generation of the failover that
+    /// superseded it (0: not fenced).
+    #[serde(default)]
+    pub superseded_by: u64,
     /// Newest sequence (primary: journaled; secondary: applied).
     pub last_seq: u64,
     /// Secondary has applied through here.

@@ -28,6 +28,8 @@ use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
 const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 16 << 20 };
 /// Records are sent in batches of about this many bytes.
 const BATCH: usize = 1 << 20;
+/// How often the primary tells the secondary how far its journal reaches.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) fn spawn(group: Arc<Group>) {
     // One session task per group: a task from before a pair delete +
@@ -46,11 +48,17 @@ fn current(group: &Group, epoch: u64) -> bool {
     g.role == Role::Primary && g.shipper_epoch == epoch
 }
 
-/// Whether a refusal or state means retrying cannot help until an admin
-/// acts (`pair delete`, or a restart after fixing things).
-fn must_stop(group: &Group) -> bool {
+/// Why retrying cannot help until an admin acts (`pair delete`, or a
+/// restart after fixing things), if it cannot.
+fn must_stop(group: &Group) -> Option<&'static str> {
     let g = lock(&group.inner);
-    g.state == PairState::SplitBrain || g.refusal == Some("not-paired")
+    if g.persisted.superseded_by > 0 {
+        Some("a failover on the peer superseded this node")
+    } else if g.state == PairState::SplitBrain || g.refusal == Some("not-paired") {
+        Some("the peer is no longer in this pair")
+    } else {
+        None
+    }
 }
 
 async fn run(group: Arc<Group>, epoch: u64) {
@@ -74,11 +82,11 @@ async fn run(group: Arc<Group>, epoch: u64) {
         if !current(&group, epoch) {
             return;
         }
-        if must_stop(&group) {
+        if let Some(why) = must_stop(&group) {
             tracing::error!(
                 group = %group.cfg.name,
                 peer = %group.cfg.peer,
-                "replication stopped: the peer is no longer in this pair; see `replicator status {}`; `replicator pair delete {}` here ends the pair",
+                "replication stopped: {why}; see `replicator status {}`; `replicator pair delete {}` here ends the pair",
                 group.cfg.name,
                 group.cfg.name
             );
@@ -122,10 +130,10 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     let conn = group.transport.connect(&group.cfg.peer).await?;
     let (mut send, mut recv) = Transport::open_stream(&conn).await?;
     let (intent, rebase) = intent_and_base(group);
-    let (generation, pair_id, copy_bytes, last_seq) = {
+    let (generation, restarts, pair_id, copy_bytes, last_seq) = {
         let g = lock(&group.inner);
         let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
-        (g.persisted.generation, g.persisted.pair_id, dirty, g.last_jseq)
+        (g.persisted.generation, g.persisted.epoch, g.persisted.pair_id, dirty, g.last_jseq)
     };
     send.send(Body::OpenGroup(pb::OpenGroup {
         group: group.cfg.name.clone(),
@@ -140,6 +148,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         rebase_seq: rebase,
         copy_bytes,
         last_seq,
+        epoch: restarts,
     }))
     .await?;
     let reply = match tokio::time::timeout(Duration::from_secs(15), recv.expect("OpenGroupReply")).await {
@@ -150,7 +159,8 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     };
     if !reply.error.is_empty() {
         let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, reply.error);
-        group.peer_refused(pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified), &msg);
+        let kind = pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified);
+        group.peer_refused(kind, &msg, reply.generation);
         return Err(TransportError::Protocol(msg));
     }
     let peer_durable = reply.durable_seq;
@@ -211,6 +221,7 @@ async fn send_loop(
     acks: &tokio::task::JoinHandle<Result<(), TransportError>>,
 ) -> Result<(), TransportError> {
     let mut kick = group.session_kick.subscribe();
+    let mut progress_at = tokio::time::Instant::now();
     loop {
         if acks.is_finished() {
             return Err(TransportError::Connection("the secondary closed the stream".into()));
@@ -223,7 +234,7 @@ async fn send_loop(
             // pair delete (here or by the peer): tell the secondary after
             // every record already sent; it confirms once its last applies
             // are durable and then ends the stream.
-            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0 }));
+            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0, bytes: 0 }));
             send.flush().await?;
             send.finish();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -256,9 +267,11 @@ async fn send_loop(
                     }
                     Some(Transmit::Copy(rec)) => Next::Body(Body::Record(rec.to_pb(&group.cfg.name))),
                     Some(Transmit::Flush(seq)) => Next::Body(Body::Flush(pb::FlushRequest { seq })),
-                    Some(Transmit::CopyDone(seq)) => {
-                        Next::Body(Body::Command(pb::GroupCommand { command: pb::Command::CopyDone as i32, seq }))
-                    }
+                    Some(Transmit::CopyDone(seq)) => Next::Body(Body::Command(pb::GroupCommand {
+                        command: pb::Command::CopyDone as i32,
+                        seq,
+                        bytes: 0,
+                    })),
                 }
             };
             let body = match next {
@@ -275,6 +288,18 @@ async fn send_loop(
                 Next::Body(body) => body,
             };
             send.queue(body);
+        }
+
+        // How far the journal reaches, so that a failover on the secondary
+        // can say what it leaves behind.
+        if progress_at.elapsed() >= PROGRESS_INTERVAL {
+            progress_at = tokio::time::Instant::now();
+            let (seq, bytes) = {
+                let g = lock(&group.inner);
+                let durable = g.session.as_ref().map_or(0, |s| s.shipper().durable());
+                (g.last_jseq, g.entries.range(durable + 1..).map(|(_, e)| e.span).sum())
+            };
+            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::PrimaryProgress as i32, seq, bytes }));
         }
 
         // Copy chunks: read the next one under a read barrier.

@@ -58,6 +58,14 @@ pub enum WriteError {
     /// This node holds the secondary copy.
     #[error("group {0} is secondary here: its volumes are a read-only replica")]
     ReadOnly(String),
+    /// A failover on the peer superseded this primary: it is fenced.
+    #[error("group {group}: {peer} took over as primary after a failover; this former primary accepts no writes (see `replicator status {group}`)")]
+    Superseded {
+        /// The group.
+        group: String,
+        /// The node that took over.
+        peer: String,
+    },
     /// Outside the volume.
     #[error("range {offset}+{len} is beyond the end of the volume ({size} bytes)")]
     OutOfRange {
@@ -217,6 +225,9 @@ impl Group {
         let mut g = lock(&self.inner);
         if g.role == Role::Secondary {
             return Err(WriteError::ReadOnly(self.cfg.name.clone()));
+        }
+        if g.persisted.superseded_by > 0 {
+            return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
         }
         if g.role == Role::None && g.persisted.former_pair_id != 0 && !g.persisted.written_standalone {
             // The first write after leaving a pair: remember it durably, so
@@ -646,7 +657,7 @@ impl Group {
 
 /// Wall-clock time in microseconds since the Unix epoch (0 if the clock is
 /// before it).
-fn unix_micros() -> u64 {
+pub(super) fn unix_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))

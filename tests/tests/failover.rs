@@ -1,0 +1,186 @@
+//! Unplanned failover: `replicator failover` on the secondary promotes the
+//! last consistent image, prints the recovery point, and the old primary is
+//! fenced when it comes back.
+//!
+//! - refused (exit 3, naming `--force`) while the primary is connected;
+//!   exit 1 on a node that is not the secondary;
+//! - async, after the primary dies with writes the secondary never got: the
+//!   promoted volume is exactly the primary's image after the writes through
+//!   the printed recovery point (sequence-stamped blocks), and it takes
+//!   writes;
+//! - sync: every write the primary acknowledged is on the promoted volume;
+//! - the old primary, restarted, learns it was superseded: it accepts no
+//!   writes (also after another restart), reports SUSPENDED(error) with
+//!   refusal "superseded", and the new primary reports "peer-fenced", not
+//!   SPLIT-BRAIN.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use replicator::nbd_client::NbdClient;
+use replicator_tests::pattern::random_bytes;
+use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 * 1024;
+
+fn cli(cluster: &Cluster, site: Site, args: &[&str]) -> (i32, String) {
+    let out = cluster.cli(site, args);
+    (out.status.code().unwrap_or(-1), describe_output(&out))
+}
+
+/// The writes a client saw acknowledged: block `i` holds `random_bytes(i + 1)`.
+fn write_blocks(cluster: &Cluster, vol: &str, range: std::ops::Range<u64>) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), vol).await.expect("connect");
+        let mut acked = 0;
+        for i in range {
+            if client.write(i * BLOCK, &random_bytes(i + 1, BLOCK as usize), false).await.is_err() {
+                break;
+            }
+            acked = i + 1;
+        }
+        acked
+    })
+}
+
+/// How many leading blocks of the image hold their write; asserts that the
+/// rest are untouched (a write-order prefix of the sequence-stamped writes).
+fn prefix_of(image: &[u8], blocks: u64) -> u64 {
+    let written: Vec<bool> = (0..blocks)
+        .map(|i| {
+            let block = &image[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
+            if block.iter().all(|&x| x == 0) {
+                false
+            } else {
+                assert_eq!(
+                    block,
+                    &random_bytes(i + 1, BLOCK as usize)[..],
+                    "block {i} holds neither its write nor zeroes"
+                );
+                true
+            }
+        })
+        .collect();
+    let n = written.iter().take_while(|&&w| w).count();
+    assert!(written[n..].iter().all(|&w| !w), "the promoted image is not a write-order prefix: {written:?}");
+    n as u64
+}
+
+/// The sequence in "Recovery point: sequence N".
+fn recovery_seq(out: &str) -> u64 {
+    let at = out.find("Recovery point: sequence ").unwrap_or_else(|| panic!("no recovery point in:\n{out}"));
+    out[at + "Recovery point: sequence ".len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable recovery point in:\n{out}"))
+}
+
+#[test]
+fn failover_is_refused_while_the_primary_is_connected_and_on_a_non_secondary() {
+    let group = GroupSpec::new("fr", Mode::Async).volume("fr-vol", 16 * MIB);
+    let cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("fr");
+    cluster.wait_pair("fr", Duration::from_secs(60));
+    let (code, out) = cli(&cluster, Site::B, &["failover", "fr"]);
+    assert_eq!(code, 3, "refused as unsafe while the primary is connected:\n{out}");
+    assert!(
+        out.contains("--force") && out.contains("switchover"),
+        "the refusal names the override and the alternative:\n{out}"
+    );
+    let (code, out) = cli(&cluster, Site::A, &["failover", "fr"]);
+    assert_eq!(code, 1, "the primary has nothing to fail over to:\n{out}");
+    assert!(out.contains("already the primary"), "{out}");
+    // Nothing changed.
+    assert_eq!(cluster.status(Site::B, "fr").state, "PAIR");
+}
+
+#[test]
+fn async_failover_promotes_exactly_the_recovery_point_and_fences_the_old_primary() {
+    const BLOCKS: u64 = 960;
+    let group = GroupSpec::new("fa", Mode::Async)
+        .volume("fa-vol", 64 * MIB)
+        .journal_size(128 * MIB)
+        .link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("fa");
+    cluster.wait_pair("fa", Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, "fa-vol", 0..BLOCKS / 2), BLOCKS / 2);
+    cluster.wait_drained("fa");
+    // The secondary stops receiving; the primary acknowledges more writes
+    // (async) and dies with them.
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    assert_eq!(write_blocks(&cluster, "fa-vol", BLOCKS / 2..BLOCKS), BLOCKS);
+    cluster.kill9(Site::A);
+    cluster.signal(Site::B, Signal::SIGCONT);
+    cluster
+        .wait_until(Site::B, "fa", "the session to the dead primary ends", Duration::from_secs(60), |s| !s.connected);
+
+    let (code, out) = cli(&cluster, Site::B, &["failover", "fa"]);
+    assert_eq!(code, 0, "{out}");
+    let n = recovery_seq(&out);
+    assert!(out.contains("now the primary"), "{out}");
+    let b = cluster.status(Site::B, "fa");
+    assert_eq!((b.role.as_str(), b.generation), ("primary", 2), "{b:?}");
+
+    // The promoted volume is exactly the writes through the recovery point.
+    cluster.stop(Site::B);
+    let image = std::fs::read(cluster.volume_path(Site::B, "fa-vol")).expect("read the promoted volume");
+    let prefix = prefix_of(&image, BLOCKS);
+    assert_eq!(prefix, n, "the printed recovery point is the promoted image's last write");
+    assert!((BLOCKS / 2..=BLOCKS).contains(&n), "{n}");
+    eprintln!("recovery point {n} of {BLOCKS} acknowledged writes:\n{out}");
+
+    // The new primary takes writes.
+    cluster.start(Site::B);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "fa-vol").await.expect("connect");
+        client.write(0, &[7u8; 4096], true).await.expect("the new primary accepts writes");
+        assert_eq!(client.read(0, 4096).await.expect("read"), vec![7u8; 4096]);
+    });
+
+    // The old primary comes back: it is fenced, and stays fenced.
+    for round in 0..2 {
+        cluster.start(Site::A);
+        let a = cluster.wait_until(Site::A, "fa", "fenced", Duration::from_secs(60), |s| s.superseded_by == 2);
+        assert_eq!((a.state.as_str(), a.refusal.as_deref()), ("SUSPENDED", Some("superseded")), "round {round}: {a:?}");
+        rt.block_on(async {
+            let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "fa-vol").await.expect("connect");
+            assert!(client.write(0, &[9u8; 4096], false).await.is_err(), "a fenced former primary accepts no writes");
+        });
+        if round == 0 {
+            cluster.kill9(Site::A);
+        }
+    }
+    // The new primary, connecting to it, learns its peer is fenced.
+    let b = cluster.wait_until(Site::B, "fa", "the peer is fenced", Duration::from_secs(60), |s| {
+        s.refusal.as_deref() == Some("peer-fenced")
+    });
+    assert_ne!(b.state, "SPLIT-BRAIN", "{b:?}");
+    assert!(cluster.log(Site::A).contains("took over as primary after a failover"));
+}
+
+#[test]
+fn sync_failover_after_a_primary_crash_keeps_every_acknowledged_write() {
+    const BLOCKS: u64 = 200;
+    let group = GroupSpec::new("fs", Mode::Sync).volume("fs-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("fs");
+    cluster.wait_pair("fs", Duration::from_secs(60));
+    let acked = write_blocks(&cluster, "fs-vol", 0..BLOCKS);
+    cluster.kill9(Site::A);
+    cluster
+        .wait_until(Site::B, "fs", "the session to the dead primary ends", Duration::from_secs(60), |s| !s.connected);
+    let (code, out) = cli(&cluster, Site::B, &["failover", "fs"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Sync mode"), "{out}");
+    let n = recovery_seq(&out);
+    cluster.stop(Site::B);
+    let image = std::fs::read(cluster.volume_path(Site::B, "fs-vol")).expect("read the promoted volume");
+    let prefix = prefix_of(&image, BLOCKS);
+    assert!(prefix >= acked && n >= acked, "acknowledged {acked}, promoted {prefix}, recovery point {n}");
+    assert_eq!(prefix, n);
+}
