@@ -45,6 +45,13 @@ pub enum Command {
     /// Create or delete a pair.
     #[command(subcommand)]
     Pair(PairCommand),
+    /// Planned switchover, on the primary: refuse new writes, let the
+    /// secondary take over with every write, then replicate back to this
+    /// node without a copy. Refused (exit 3) unless the pair is in PAIR.
+    Switchover {
+        /// Group name.
+        group: String,
+    },
     /// Unplanned failover, on the secondary: promote its last consistent
     /// image and print the recovery point. Refused (exit 3) while the
     /// primary is connected, or while the replica is inconsistent.
@@ -228,6 +235,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let config = load_config(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async { report(&ask(&config, Request::PairDelete { group }).await?) })
+        }
+        Command::Switchover { group } => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async { report(&ask(&config, Request::Switchover { group }).await?) })
         }
         Command::Failover { group, force } => {
             let config = load_config(&cli.config)?;

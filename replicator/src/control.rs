@@ -51,6 +51,11 @@ pub enum Request {
         /// Group.
         group: String,
     },
+    /// `switchover` (on the primary).
+    Switchover {
+        /// Group.
+        group: String,
+    },
     /// `failover` (on the secondary).
     Failover {
         /// Group.
@@ -214,6 +219,14 @@ async fn execute(node: &Node, req: Request) -> Response {
             match g.pair_delete().await {
                 Ok(msg) => Response::ok(msg),
                 Err(e) => Response::err(exit::REFUSED, e.to_string()),
+            }
+        }
+        Request::Switchover { group } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            match g.switchover().await {
+                Ok(msg) => Response::ok(msg),
+                Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
+                Err(e) => Response::err(exit::FAILED, format!("switchover: {e}")),
             }
         }
         Request::Failover { group, force } => {

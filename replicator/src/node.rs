@@ -99,7 +99,7 @@ pub struct VolumeExport {
 
 fn to_export_error(e: WriteError) -> ExportError {
     let errno = match &e {
-        WriteError::ReadOnly(_) | WriteError::Superseded { .. } => NbdErrno::Perm,
+        WriteError::ReadOnly(_) | WriteError::Superseded { .. } | WriteError::SwitchingOver(_) => NbdErrno::Perm,
         WriteError::OutOfRange { .. } => NbdErrno::NoSpc,
         WriteError::Invalid(_) => NbdErrno::Inval,
         WriteError::Io(_) | WriteError::Journal(_) | WriteError::Replication(_) => NbdErrno::Io,

@@ -184,3 +184,90 @@ fn sync_failover_after_a_primary_crash_keeps_every_acknowledged_write() {
     assert!(prefix >= acked && n >= acked, "acknowledged {acked}, promoted {prefix}, recovery point {n}");
     assert_eq!(prefix, n);
 }
+
+/// Writes sequence-stamped blocks `from..` through `site` from a background
+/// thread until the first refused write or `until` blocks; returns the
+/// thread (its result: the writes acknowledged).
+fn writer(cluster: &Cluster, site: Site, vol: &str, from: u64, until: u64) -> std::thread::JoinHandle<u64> {
+    let socket = cluster.nbd_socket(site);
+    let vol = vol.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let client = NbdClient::connect_unix(&socket, &vol).await.expect("connect");
+            let mut acked = from;
+            for i in from..until {
+                if client.write(i * BLOCK, &random_bytes(i + 1, BLOCK as usize), false).await.is_err() {
+                    break;
+                }
+                acked = i + 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            acked
+        })
+    })
+}
+
+/// Reads blocks `0..n` through `site` and checks each holds its write.
+fn assert_blocks(cluster: &Cluster, site: Site, vol: &str, n: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(site), vol).await.expect("connect");
+        for i in 0..n {
+            let got = client.read(i * BLOCK, BLOCK as u32).await.expect("read");
+            assert!(got == random_bytes(i + 1, BLOCK as usize), "{site}: acknowledged write {i} is missing");
+        }
+    });
+}
+
+#[test]
+fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothing() {
+    let group = GroupSpec::new("sw", Mode::Sync).volume("sw-vol", 64 * MIB).link_timeout(Duration::from_secs(2));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sw");
+    cluster.wait_pair("sw", Duration::from_secs(60));
+
+    // A -> B while a client writes to A.
+    let load = writer(&cluster, Site::A, "sw-vol", 0, 400);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, out) = cli(&cluster, Site::A, &["switchover", "sw"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("switchover done in"), "it says how long it took:\n{out}");
+    eprintln!("{out}");
+    let acked = load.join().expect("writer");
+    assert!(acked > 0 && acked < 400, "the old primary refuses writes once the switchover starts ({acked})");
+    let b = cluster.wait_until(Site::B, "sw", "primary in PAIR", Duration::from_secs(60), |s| {
+        s.role == "primary" && s.state == "PAIR" && s.connected
+    });
+    assert_eq!(b.generation, 2, "{b:?}");
+    assert_eq!(b.copy_total_bytes, 0, "reversing the replication copies nothing: {b:?}");
+    assert_eq!(cluster.status(Site::A, "sw").role, "secondary");
+    assert_blocks(&cluster, Site::B, "sw-vol", acked);
+
+    // B -> A, the same way back.
+    let load = writer(&cluster, Site::B, "sw-vol", acked, 800);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, out) = cli(&cluster, Site::B, &["switchover", "sw"]);
+    assert_eq!(code, 0, "{out}");
+    let acked = load.join().expect("writer");
+    let a = cluster.wait_until(Site::A, "sw", "primary in PAIR", Duration::from_secs(60), |s| {
+        s.role == "primary" && s.state == "PAIR" && s.connected
+    });
+    assert_eq!((a.generation, a.copy_total_bytes), (3, 0), "{a:?}");
+    assert_blocks(&cluster, Site::A, "sw-vol", acked);
+
+    // Refused where it cannot be done with zero loss.
+    let (code, out) = cli(&cluster, Site::B, &["switchover", "sw"]);
+    assert_eq!(code, 1, "run on the secondary:\n{out}");
+    cluster.stop(Site::B);
+    cluster.wait_until(Site::A, "sw", "the peer is gone", Duration::from_secs(60), |s| !s.connected);
+    let (code, out) = cli(&cluster, Site::A, &["switchover", "sw"]);
+    assert_eq!(code, 3, "without the peer:\n{out}");
+    assert!(out.contains("failover"), "{out}");
+    cluster.start(Site::B);
+    cluster.wait_pair("sw", Duration::from_secs(60));
+    cluster.wait_drained("sw");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sw");
+}

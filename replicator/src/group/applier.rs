@@ -18,7 +18,7 @@ use replicator_protocol::secondary::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{journal_path, lock, Group, SessionCommand};
+use super::{journal_path, lock, Group, GroupError, SessionCommand};
 use crate::journal::Journal;
 use crate::state::GroupState;
 use crate::transport::{FramedRecv, FramedSend, TransportError};
@@ -303,7 +303,8 @@ pub async fn serve_secondary(
         // Tell the primary why, so its status and log say it too.
         send.queue(Body::Error(pb::Error { message: e.to_string() }));
     }
-    if !session.drain(&mut send).await {
+    let drained = session.drain(&mut send).await;
+    if !drained {
         // Applies may have reached the volumes beyond the checkpoint out of
         // order; the restore journal still holds them, and the next start
         // applies them again.
@@ -314,8 +315,30 @@ pub async fn serve_secondary(
     }
     // Every apply is finished and durable: only now may the volumes become
     // writable here.
+    if let Ending::Switchover { seq } = session.ending {
+        let taken = if drained {
+            group.take_over_after_switchover(seq).await
+        } else {
+            Err(GroupError::Failed("applying failed".into()))
+        };
+        let error = match &taken {
+            Ok(()) => String::new(),
+            Err(e) => {
+                tracing::error!(group = %group.cfg.name, "switchover: cannot take over: {e}");
+                e.to_string()
+            }
+        };
+        let reply = pb::CommandReply { command: pb::Command::Switchover as i32, error };
+        let _ = send.send(Body::CommandReply(reply)).await;
+        send.finish();
+        detach(&group);
+        if taken.is_ok() {
+            group.start_shipping();
+        }
+        return;
+    }
     let deleted = match session.ending {
-        Ending::Stream => None,
+        Ending::Stream | Ending::Switchover { .. } => None,
         Ending::DeletedByPrimary => Some("the primary ran pair delete"),
         Ending::DeletedHere { .. } => Some("pair delete on the secondary"),
     };
@@ -389,6 +412,12 @@ enum Ending {
     DeletedHere {
         /// The primary answered with its own delete.
         confirmed: bool,
+    },
+    /// The primary asked this node to take over (switchover); every record
+    /// through `seq` is on the stream.
+    Switchover {
+        /// The primary's last record.
+        seq: u64,
     },
 }
 
@@ -531,7 +560,10 @@ impl Session {
     /// The loop must end: the pair is being deleted and the primary has
     /// confirmed (or asked for it).
     fn finished(&self) -> bool {
-        matches!(self.ending, Ending::DeletedByPrimary | Ending::DeletedHere { confirmed: true })
+        matches!(
+            self.ending,
+            Ending::DeletedByPrimary | Ending::DeletedHere { confirmed: true } | Ending::Switchover { .. }
+        )
     }
 
     fn on_frame(&mut self, env: pb::Envelope) -> Result<(), TransportError> {
@@ -563,6 +595,17 @@ impl Session {
             }
             Some(Body::Command(c)) if c.command == pb::Command::CopyDone as i32 => {
                 self.machine.on_copy_done(c.seq);
+                Ok(())
+            }
+            Some(Body::Command(c)) if c.command == pb::Command::Switchover as i32 => {
+                if self.machine.received() < c.seq {
+                    return Err(TransportError::Protocol(format!(
+                        "switchover after record {} but only {} arrived",
+                        c.seq,
+                        self.machine.received()
+                    )));
+                }
+                self.ending = Ending::Switchover { seq: c.seq };
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::PrimaryProgress as i32 => {

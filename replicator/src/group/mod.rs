@@ -158,6 +158,11 @@ struct Inner {
     refusal: Option<&'static str>,
     /// Primary, during `pair delete`: told when the secondary confirms.
     delete_ack: Option<oneshot::Sender<()>>,
+    /// Primary, during `switchover`: new writes are refused.
+    switching: bool,
+    /// Primary, during `switchover`: the last record, whether the command
+    /// went out, and who waits for the secondary's confirmation.
+    switchover: Option<takeover::Switchover>,
     /// When the replication link last went up or down (wall clock).
     link_changed_at: SystemTime,
     /// Secondary: commands for the attached session.
@@ -421,6 +426,8 @@ impl Group {
             copy_done: 0,
             refusal: (persisted.superseded_by > 0).then_some("superseded"),
             delete_ack: None,
+            switching: false,
+            switchover: None,
             link_changed_at: SystemTime::now(),
             session_cmd: None,
             secondary_attached: false,

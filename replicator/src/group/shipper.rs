@@ -290,6 +290,18 @@ async fn send_loop(
             send.queue(body);
         }
 
+        // Switchover: once every record is on the stream, ask the secondary
+        // to take over.
+        {
+            let mut g = lock(&group.inner);
+            let sent_through = g.session.as_ref().map_or(0, PrimarySession::sent_through);
+            if let Some(sw) = g.switchover.as_mut().filter(|s| !s.sent && sent_through >= s.seq) {
+                sw.sent = true;
+                let seq = sw.seq;
+                send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Switchover as i32, seq, bytes: 0 }));
+            }
+        }
+
         // How far the journal reaches, so that a failover on the secondary
         // can say what it leaves behind.
         if progress_at.elapsed() >= PROGRESS_INTERVAL {
@@ -386,6 +398,14 @@ async fn read_acks(group: Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resul
                 }
                 if r.command == pb::Command::CopyDone as i32 {
                     group.copy_finished();
+                }
+                if r.command == pb::Command::Switchover as i32 {
+                    // The secondary took over: the switchover demotes this
+                    // node; this session is over.
+                    if let Some(tx) = lock(&group.inner).switchover.as_mut().and_then(|s| s.confirmed.take()) {
+                        let _ = tx.send(());
+                    }
+                    return Ok(());
                 }
                 if r.command == pb::Command::Delete as i32 {
                     // The secondary dissolved the pair after its last apply.

@@ -1,5 +1,11 @@
-//! Unplanned failover (`replicator failover`) and the fencing of the
-//! primary it supersedes.
+//! Role changes: planned switchover, unplanned failover, and the fencing
+//! of a primary a failover superseded.
+//!
+//! Switchover (on the primary): new writes are refused, the ones in flight
+//! finish, the secondary confirms it holds the last record durably, it
+//! takes over (a new generation) and confirms, and this node becomes its
+//! secondary with nothing to copy: the new primary's journal continues
+//! after the last record both hold.
 //!
 //! The secondary takes over: it ends its replication session (the drain
 //! applies every record its restore journal holds, so its volumes are the
@@ -21,6 +27,8 @@ use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::seqtrack::SeqTracker;
 use replicator_protocol::sequencer::RangeSequencer;
 
+use tokio::sync::oneshot;
+
 use super::{journal_path, lock, Group, GroupError, Inner, SessionCommand};
 use crate::config::Mode;
 use crate::journal::Journal;
@@ -28,6 +36,19 @@ use crate::state::Announce;
 
 /// How long a failover waits for the replication session to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long each step of a switchover may take.
+const SWITCHOVER_STEP: Duration = Duration::from_secs(30);
+
+/// A switchover in progress on the primary.
+#[derive(Debug)]
+pub(super) struct Switchover {
+    /// The last record; the secondary must hold it durably.
+    pub(super) seq: u64,
+    /// The command is on the stream.
+    pub(super) sent: bool,
+    /// Told when the secondary confirms it took over.
+    pub(super) confirmed: Option<oneshot::Sender<()>>,
+}
 
 impl Group {
     /// `failover` on the secondary: promote the last consistent image.
@@ -95,15 +116,8 @@ impl Group {
                 )));
             }
             let report = recovery_point(self.cfg.mode, &g, &peer);
-            promote(&mut g, journal);
-            // Writes wait for every earlier record to be journaled: all
-            // through the recovery point are.
-            let n = g.last_jseq;
-            self.journaled_through.send_modify(|t| *t = (*t).max(n));
-            self.save_bitmaps(&mut g);
+            self.promote(&mut g, journal);
             tracing::warn!(group = %name, generation = g.persisted.generation, "failover: this node is now the primary; {report}");
-            self.save_locked(&mut g);
-            self.publish(&mut g);
             report
         };
         self.start_shipping();
@@ -112,6 +126,170 @@ impl Group {
              The old primary {peer} is fenced when it reconnects: it will accept no writes.",
             lock(&self.inner).persisted.generation
         ))
+    }
+
+    /// `switchover` on the primary: hand the primary role to the peer with
+    /// zero loss, then replicate back to this node without a copy.
+    pub async fn switchover(self: &Arc<Self>) -> Result<String, GroupError> {
+        let started = Instant::now();
+        let name = self.cfg.name.clone();
+        let peer = self.cfg.peer.clone();
+        {
+            let mut g = lock(&self.inner);
+            if g.role != Role::Primary || g.persisted.superseded_by > 0 {
+                return Err(GroupError::Failed(format!(
+                    "group {name} is not the primary here ({}, {}); run `replicator switchover {name}` on the primary",
+                    g.role.as_str(),
+                    g.state
+                )));
+            }
+            if g.state != PairState::Pair || !self.progress.borrow().connected || g.switching {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: a switchover needs the pair in PAIR with {peer} connected (now {}{}); without it \
+                     the roles cannot change with zero loss. If {peer} must take over anyway, run `replicator \
+                     failover {name}` there",
+                    g.state,
+                    if self.progress.borrow().connected { "" } else { ", not connected" }
+                )));
+            }
+            g.switching = true;
+        }
+        tracing::info!(group = %name, peer = %peer, "switchover: new writes are refused from now on");
+        match self.hand_over().await {
+            Ok(last) => {
+                // The journal becomes an empty restore journal (every record
+                // in it is on both sites).
+                let pair_id = lock(&self.inner).persisted.pair_id;
+                let journal = Journal::open(
+                    &self.engine,
+                    &journal_path(&self.store),
+                    self.cfg.journal_size,
+                    &name,
+                    pair_id,
+                    true,
+                )
+                .await?;
+                let mut g = lock(&self.inner);
+                demote(&mut g, journal, last);
+                self.save_bitmaps(&mut g);
+                self.save_locked(&mut g);
+                self.publish(&mut g);
+                let generation = g.persisted.generation;
+                drop(g);
+                self.session_kick.send_modify(|k| *k += 1);
+                let took = started.elapsed();
+                tracing::info!(group = %name, peer = %peer, seq = last, generation, ms = took.as_millis() as u64,
+                    "switchover done: this node is now the secondary");
+                Ok(format!(
+                    "group {name}: switchover done in {:.2} s: {peer} is now the primary (generation {generation}) and \
+                     this node its secondary; both hold every write through sequence {last}; nothing to copy",
+                    took.as_secs_f64()
+                ))
+            }
+            Err((e, sent)) => {
+                let mut g = lock(&self.inner);
+                g.switchover = None;
+                if sent {
+                    // The peer may have taken over: taking writes again here
+                    // could make two primaries. Stay fenced until it is known.
+                    g.last_error = Some(format!("switchover: {e}"));
+                    tracing::error!(group = %name, "switchover: {e}; no writes are taken here until an admin checks {peer}");
+                    return Err(GroupError::Failed(format!(
+                        "group {name}: switchover interrupted after {peer} was asked to take over ({e}); this node takes \
+                         no writes. Check `replicator status {name}` on {peer}: if it is primary, this node must \
+                         rejoin as its secondary; if not, restart this node's daemon"
+                    )));
+                }
+                g.switching = false;
+                tracing::warn!(group = %name, "switchover abandoned, nothing changed: {e}");
+                Err(GroupError::Failed(format!("group {name}: switchover abandoned, nothing changed: {e}")))
+            }
+        }
+    }
+
+    /// The switchover's wait: writes in flight finish, the secondary holds
+    /// every record durably, the volumes here are synced, the secondary
+    /// takes over. Returns the last record, or why not and whether the
+    /// secondary was asked to take over.
+    async fn hand_over(self: &Arc<Self>) -> Result<u64, (String, bool)> {
+        let deadline = Instant::now() + SWITCHOVER_STEP;
+        let last = loop {
+            let (idle, last) = {
+                let g = lock(&self.inner);
+                let last = g.last_jseq;
+                (g.seq.in_flight() == 0 && g.ready.completed_through() == last, last)
+            };
+            if idle {
+                break last;
+            }
+            if Instant::now() >= deadline {
+                return Err(("writes in flight did not finish within 30 s".into(), false));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        {
+            let mut g = lock(&self.inner);
+            g.flush_wanted = g.flush_wanted.max(last);
+        }
+        self.ship_wake.notify_one();
+        let mut progress = self.progress.subscribe();
+        let durable = tokio::time::timeout(SWITCHOVER_STEP, progress.wait_for(|p| !p.connected || p.durable >= last))
+            .await
+            .is_ok_and(|r| r.is_ok_and(|p| p.durable >= last));
+        if !durable {
+            return Err((format!("the secondary did not make record {last} durable"), false));
+        }
+        self.sync_all().await.map_err(|e| (format!("flushing the local volumes failed: {e}"), false))?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner).switchover = Some(Switchover { seq: last, sent: false, confirmed: Some(tx) });
+        self.ship_wake.notify_one();
+        match tokio::time::timeout(SWITCHOVER_STEP, rx).await {
+            Ok(Ok(())) => Ok(last),
+            _ => {
+                let sent = lock(&self.inner).switchover.as_ref().is_some_and(|s| s.sent);
+                Err(("the secondary did not confirm the takeover within 30 s".into(), sent))
+            }
+        }
+    }
+
+    /// The secondary takes over after the primary asked for it (switchover)
+    /// and this session drained: every record through `seq` is here.
+    pub(super) async fn take_over_after_switchover(self: &Arc<Self>, seq: u64) -> Result<(), GroupError> {
+        let (pair_id, checkpoint) = {
+            let g = lock(&self.inner);
+            (g.persisted.pair_id, g.persisted.durable_seq)
+        };
+        if checkpoint < seq {
+            return Err(GroupError::Failed(format!(
+                "switchover: this node holds records through {checkpoint}, the primary's last is {seq}"
+            )));
+        }
+        let journal = Journal::open(
+            &self.engine,
+            &journal_path(&self.store),
+            self.cfg.journal_size,
+            &self.cfg.name,
+            pair_id,
+            true,
+        )
+        .await?;
+        let mut g = lock(&self.inner);
+        self.promote(&mut g, journal);
+        tracing::info!(group = %self.cfg.name, seq, generation = g.persisted.generation,
+            "switchover: this node is now the primary");
+        Ok(())
+    }
+
+    /// Makes this secondary the primary (see [`promote`]) and persists it.
+    fn promote(&self, g: &mut Inner, journal: Journal) {
+        promote(g, journal);
+        // Writes wait for every earlier record to be journaled: all
+        // through the recovery point are.
+        let n = g.last_jseq;
+        self.journaled_through.send_modify(|t| *t = (*t).max(n));
+        self.save_bitmaps(g);
+        self.save_locked(g);
+        self.publish(g);
     }
 
     /// A failover on the peer superseded this primary (generation
@@ -171,6 +349,41 @@ fn format_time(us: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| format!("{us} µs since the epoch"))
+}
+
+/// The old primary after a switchover: secondary of the same pair in the
+/// new generation, holding every write through `last` durably, with an
+/// empty restore journal.
+fn demote(g: &mut Inner, journal: Journal, last: u64) {
+    g.role = Role::Secondary;
+    g.persisted.role = Role::Secondary;
+    g.persisted.generation += 1;
+    g.persisted.durable_seq = last;
+    g.persisted.journal_tail_seq = last + 1;
+    g.persisted.journal_tail_pos = JOURNAL_SUPERBLOCK_LEN;
+    g.persisted.copy_pending = false;
+    g.persisted.bitmap_mode = false;
+    g.persisted.announce = Announce::Resume;
+    g.persisted.copy_incomplete = false;
+    g.persisted.consistent = true;
+    g.journal = Some(Arc::new(journal));
+    g.ring = None;
+    g.entries.clear();
+    g.cached_bytes = 0;
+    g.cumulative_bytes = 0;
+    g.session = None;
+    g.shipper_epoch += 1;
+    for b in &mut g.bitmaps {
+        *b = DirtyBitmap::new(b.volume_size(), b.granularity());
+    }
+    g.activity = ActivityLog::new(g.activity.extent());
+    g.secondary_applied = last;
+    g.secondary_durable = last;
+    g.switching = false;
+    g.switchover = None;
+    g.refusal = None;
+    g.last_error = None;
+    g.state = PairState::Suspended(SuspendReason::Link);
 }
 
 /// The role change itself: primary of the same pair in a new generation,

@@ -58,6 +58,9 @@ pub enum WriteError {
     /// This node holds the secondary copy.
     #[error("group {0} is secondary here: its volumes are a read-only replica")]
     ReadOnly(String),
+    /// A switchover is handing the primary role to the peer.
+    #[error("group {0}: a switchover is handing the primary role to the peer; this node takes no writes")]
+    SwitchingOver(String),
     /// A failover on the peer superseded this primary: it is fenced.
     #[error("group {group}: {peer} took over as primary after a failover; this former primary accepts no writes (see `replicator status {group}`)")]
     Superseded {
@@ -228,6 +231,9 @@ impl Group {
         }
         if g.persisted.superseded_by > 0 {
             return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
+        }
+        if g.switching {
+            return Err(WriteError::SwitchingOver(self.cfg.name.clone()));
         }
         if g.role == Role::None && g.persisted.former_pair_id != 0 && !g.persisted.written_standalone {
             // The first write after leaving a pair: remember it durably, so
