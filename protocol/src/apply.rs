@@ -9,13 +9,12 @@
 //! not overlap are applied concurrently; `applied_seq` only counts the
 //! contiguous prefix of applied write seqs.
 //!
-//! Durability: when [`Applier::needs_flush`] says so (a FUA record or a flush
-//! request is applied but not durable), or periodically, the daemon takes
-//! [`Applier::durable_barrier`], fsyncs the volumes, and reports the barrier
-//! back with [`Applier::on_durable`]. When it has persisted a durable seq as
-//! its restart point it reports it with [`Applier::on_checkpoint`] (the
-//! primary keeps journal records above the checkpoint).
-//! [`Applier::ack`] builds the ack to send.
+//! Durability on the volumes: when [`Applier::needs_flush`] says so (a FUA
+//! record or a flush request is applied but not durable), or periodically,
+//! the caller takes [`Applier::durable_barrier`], fsyncs the volumes, and
+//! reports the barrier back with [`Applier::on_durable`]. The secondary's
+//! session ([`crate::secondary`]) drives it, with its restore journal in
+//! front.
 //!
 //! # Stream rules
 //!
@@ -33,18 +32,8 @@
 //!   [`ApplyError::CopyBehindWrite`]) but cannot see one whose newer write
 //!   was already applied.
 //!
-//! # Crash consistency
-//!
-//! Between a durable barrier and the next, non-overlapping records may be
-//! applied out of seq order, so a crash can leave the volumes holding some
-//! writes above `durable_seq`. Replaying from `durable_seq + 1` (which is what
-//! a new session does) repairs that: once the replay has passed the highest
-//! seq applied before the crash, the image is again the primary's image after
-//! a prefix of the writes.
-
 use std::collections::{BTreeSet, HashMap};
 
-use crate::pb;
 use crate::ranges::RangeIndex;
 use crate::record::{Record, RecordError, RecordOp};
 use crate::seqtrack::SeqTracker;
@@ -110,7 +99,6 @@ pub struct Applier {
     applied: SeqTracker,
     copy_applied: SeqTracker,
     durable: u64,
-    checkpoint: u64,
     copy_durable: u64,
     in_flight: RangeIndex<ApplyId>,
     kinds: HashMap<ApplyId, Kind>,
@@ -126,10 +114,6 @@ impl Applier {
     /// Everything through `durable_seq` is durable here (after a restart:
     /// the persisted checkpoint); write seq `durable_seq + 1` is expected
     /// next, and copy index 1.
-    ///
-    /// The checkpoint reported in acks starts at 0 (nothing may be freed on
-    /// the primary) until [`on_checkpoint`](Self::on_checkpoint) reports the
-    /// persisted resume point; see also [`Applier::with_checkpoint`].
     pub fn new(durable_seq: u64) -> Self {
         Applier {
             received: durable_seq,
@@ -137,7 +121,6 @@ impl Applier {
             applied: SeqTracker::new(durable_seq),
             copy_applied: SeqTracker::new(0),
             durable: durable_seq,
-            checkpoint: 0,
             copy_durable: 0,
             in_flight: RangeIndex::default(),
             kinds: HashMap::new(),
@@ -145,15 +128,6 @@ impl Applier {
             flush_targets: BTreeSet::new(),
             copy_flush_targets: BTreeSet::new(),
         }
-    }
-
-    /// [`Applier::new`] followed by [`on_checkpoint`](Self::on_checkpoint):
-    /// for a new session of a secondary whose persisted resume point is
-    /// `checkpoint` (`<= durable_seq`).
-    pub fn with_checkpoint(durable_seq: u64, checkpoint: u64) -> Self {
-        let mut a = Applier::new(durable_seq);
-        a.on_checkpoint(checkpoint);
-        a
     }
 
     /// Accepts `rec` into the stream: checks its order (see the module docs)
@@ -240,29 +214,6 @@ impl Applier {
         self.copy_flush_targets.retain(|&t| t > copy_durable);
     }
 
-    /// The ack describing the current state.
-    pub fn ack(&self) -> pb::Ack {
-        pb::Ack {
-            received_seq: self.received,
-            applied_seq: self.applied.completed_through(),
-            durable_seq: self.durable,
-            copy_durable: self.copy_durable,
-            checkpoint_seq: self.checkpoint,
-        }
-    }
-
-    /// The daemon persisted `seq` as its resume point (after a restart it
-    /// resumes after at least this). Clamped to the durable seq; never moves
-    /// backwards. The primary frees journal space only through it.
-    pub fn on_checkpoint(&mut self, seq: u64) {
-        self.checkpoint = self.checkpoint.max(seq.min(self.durable));
-    }
-
-    /// Last persisted resume point.
-    pub fn checkpoint(&self) -> u64 {
-        self.checkpoint
-    }
-
     /// Whether a FUA record or a flush request is applied but not yet
     /// durable, so the daemon should flush now.
     pub fn needs_flush(&self) -> bool {
@@ -307,11 +258,6 @@ impl Applier {
     pub fn next_copy_index(&self) -> u64 {
         self.next_copy_index
     }
-
-    /// Records received but not yet applied.
-    pub fn in_flight(&self) -> usize {
-        self.kinds.len()
-    }
 }
 
 #[cfg(test)]
@@ -336,10 +282,7 @@ mod tests {
         assert_eq!(d, vec![i11]);
         assert_eq!(a.on_record(&w(13, 0, 5, 10, false)), Err(ApplyError::OutOfOrder { expected: 14, got: 13 }));
         a.on_applied(i12);
-        assert_eq!(
-            a.ack(),
-            pb::Ack { received_seq: 13, applied_seq: 10, durable_seq: 10, copy_durable: 0, checkpoint_seq: 0 }
-        );
+        assert_eq!((a.received(), a.applied(), a.durable()), (13, 10, 10));
         a.on_applied(i11);
         assert_eq!(a.applied(), 12);
         assert!(!a.needs_flush());
@@ -349,19 +292,11 @@ mod tests {
         assert_eq!((s, c), (13, 0));
         a.on_durable(s, c);
         assert!(!a.needs_flush());
-        assert_eq!(
-            a.ack(),
-            pb::Ack { received_seq: 13, applied_seq: 13, durable_seq: 13, copy_durable: 0, checkpoint_seq: 0 }
-        );
-        a.on_checkpoint(20);
-        assert_eq!(a.checkpoint(), 13);
-        a.on_checkpoint(11);
-        assert_eq!(a.ack().checkpoint_seq, 13);
+        assert_eq!((a.received(), a.applied(), a.durable()), (13, 13, 13));
         // Stale or too-high durable reports do not move things wrongly.
         a.on_durable(5, 0);
         a.on_durable(99, 99);
         assert_eq!(a.durable(), 13);
-        assert_eq!(a.in_flight(), 0);
     }
 
     #[test]
@@ -394,7 +329,7 @@ mod tests {
         assert!(a.needs_flush());
         let (s, ci) = a.durable_barrier();
         a.on_durable(s, ci);
-        assert_eq!(a.ack().copy_durable, 2);
+        assert_eq!(a.copy_durable(), 2);
         assert!(!a.needs_flush());
     }
 
@@ -415,7 +350,7 @@ mod tests {
         let (s, c) = a.durable_barrier();
         a.on_durable(s, c);
         a.on_flush_request(u64::MAX);
-        assert_eq!(a.ack().durable_seq, u64::MAX);
+        assert_eq!(a.durable(), u64::MAX);
         assert!(!a.needs_flush());
     }
 }

@@ -215,7 +215,7 @@ impl Secondary {
         ring.reset_at(start.journal_head);
         Secondary {
             config,
-            applier: Applier::with_checkpoint(start.checkpoint, start.checkpoint),
+            applier: Applier::new(start.checkpoint),
             ring,
             appended: start.checkpoint,
             journal_durable: start.checkpoint,

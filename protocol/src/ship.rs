@@ -51,17 +51,6 @@ pub enum ShipError {
         /// checkpoint_seq
         checkpoint: u64,
     },
-    /// The peer claims more durable records than this journal has: the two
-    /// sides have diverged (or the wrong journal was opened).
-    #[error(
-        "the peer is durable through seq {peer_durable} but our journal ends at {last_seq}: the sites have diverged"
-    )]
-    PeerAhead {
-        /// Peer's durable seq.
-        peer_durable: u64,
-        /// Our newest journaled seq.
-        last_seq: u64,
-    },
 }
 
 /// What an ack changed.
@@ -96,7 +85,8 @@ impl Shipper {
     /// `peer_durable`: `durable_seq` from the secondary's `OpenGroupReply`;
     /// `last_seq`: newest journaled seq. Shipping resumes at
     /// `peer_durable + 1`. A peer ahead of the journal is clamped (nothing to
-    /// send); use [`Shipper::try_new`] to have it reported as an error.
+    /// send); [`check_resume`](crate::primary::check_resume) reports it as
+    /// divergence first.
     pub fn new(peer_durable: u64, last_seq: u64) -> Self {
         Shipper {
             last_seq: last_seq.max(peer_durable),
@@ -107,15 +97,6 @@ impl Shipper {
             checkpoint: 0,
             copy_durable: 0,
         }
-    }
-
-    /// Like [`Shipper::new`] but refuses a peer that is durable beyond our
-    /// journal (diverged sites).
-    pub fn try_new(peer_durable: u64, last_seq: u64) -> Result<Self, ShipError> {
-        if peer_durable > last_seq {
-            return Err(ShipError::PeerAhead { peer_durable, last_seq });
-        }
-        Ok(Shipper::new(peer_durable, last_seq))
     }
 
     /// A new journal record `seq` exists (seqs increase by one; older or
@@ -293,7 +274,6 @@ mod tests {
         assert!(s.clone().on_ack(&ack(5, 3, 4, 1)).is_ok());
         // Rejected acks change nothing.
         assert_eq!((s.received(), s.applied(), s.durable()), (4, 3, 2));
-        assert!(matches!(Shipper::try_new(7, 5), Err(ShipError::PeerAhead { .. })));
         let s = Shipper::new(7, 5);
         assert_eq!((s.last_seq(), s.lag_records(), s.sent_through()), (7, 0, 7));
     }

@@ -831,6 +831,7 @@ address = "127.0.0.1:{peer_port}"
             report.dropped += reply_number(&line, "dropped");
             report.kept += reply_number(&line, "kept");
         }
+        self.reboot(site);
         let mut log = std::fs::OpenOptions::new().append(true).open(self.log_path(site)).expect("open log");
         let _ = writeln!(
             log,
@@ -838,6 +839,24 @@ address = "127.0.0.1:{peer_port}"
             report.dropped, report.kept
         );
         report
+    }
+
+    /// A power cut reboots the machine: the kernel boot id the daemon
+    /// recorded in each group's state file no longer matches the running
+    /// kernel's. This machine cannot reboot, so the recorded one changes
+    /// instead (durably, through the mount).
+    fn reboot(&self, site: Site) {
+        let Ok(groups) = std::fs::read_dir(self.state_dir(site).join("groups")) else { return };
+        for dir in groups.flatten() {
+            let path = dir.path().join("state.json");
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let Ok(mut state) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+            state["boot_id"] = serde_json::Value::String(format!("before-a-power-cut-of-{site}"));
+            let text = serde_json::to_vec_pretty(&state).expect("state json");
+            let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path).expect("open state.json");
+            f.write_all(&text).expect("write state.json");
+            f.sync_all().expect("sync state.json");
+        }
     }
 
     /// A power cut of a site: `kill -9` of its daemon, then everything its

@@ -479,7 +479,7 @@ fn a_stop_with_a_write_stuck_in_the_volume_is_not_recorded_as_clean() {
     c.start(Site::A);
     let restarted = c.log(Site::A)[log_len..].to_string();
     assert!(
-        restarted.contains("did not stop cleanly") && restarted.contains("replayed the journal"),
+        restarted.contains("did not stop cleanly: replaying the journal"),
         "the restart after an unclean stop did not replay the journal:\n{restarted}"
     );
     c.wait_drained(group);

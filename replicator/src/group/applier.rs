@@ -80,6 +80,14 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     }
     let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
     let mut g = lock(&group.inner);
+    if g.role == Role::Primary && g.switching && g.persisted.pair_id == open.pair_id {
+        // The peer took over in a switchover this node started; this node
+        // becomes its secondary in a moment.
+        return Err((
+            pb::Refusal::Unspecified,
+            format!("group {name}: a switchover is handing the primary role to {peer}; retry in a moment"),
+        ));
+    }
     if g.role == Role::Primary && g.persisted.pair_id == open.pair_id && open.pair_id != 0 {
         // Two primaries of one pair: the generations tell a failover from a
         // split brain.

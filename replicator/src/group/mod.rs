@@ -250,11 +250,13 @@ impl Group {
         let mut bitmaps = load_bitmaps(&store, &volumes)?;
         let mut activity = load_activity_log(&store);
         let boot_id = current_boot_id();
-        // Every unclean stop is handled as a power cut: a killed process and
-        // a lost disk cache (a reboot, a hypervisor crash, a storage path
-        // that dropped its cache without a reboot) look the same from here.
         let unclean = !was_clean;
-        let rebooted = !persisted.boot_id.is_empty() && persisted.boot_id != boot_id;
+        // After an unclean stop, a different kernel boot (or none recorded)
+        // means the machine lost power or crashed: the page cache and a
+        // disk's volatile cache may have dropped anything not made durable.
+        // The same boot means only the process died: every write it made is
+        // still in the page cache.
+        let power_lost = unclean && (persisted.boot_id.is_empty() || persisted.boot_id != boot_id);
         let mut persisted = persisted;
         persisted.boot_id = boot_id;
 
@@ -285,13 +287,17 @@ impl Group {
             }
             last_jseq = last;
             if unclean {
+                // A record may be journaled while its volume write never
+                // happened: replay the journal's surviving run here.
+                tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
+                let _ = redo_journal(&j, &r, last, &volumes).await?;
+            }
+            if power_lost {
                 // Anything not yet durable may be gone on either site: the
                 // journal tail and volume writes here, applies there. The
-                // journal's surviving run is replayed here; the activity log
-                // names every region that can differ; those are copied, in a
-                // new generation, and the secondary rebases on what the
-                // journal still holds.
-                let _ = redo_journal(&j, &r, last, &volumes).await?;
+                // activity log names every region that can differ; those are
+                // copied, in a new epoch, and the secondary rebases on what
+                // the journal still holds.
                 let regions = match &activity {
                     Some(al) => {
                         for (vol, off, len) in al.extents() {
@@ -316,9 +322,8 @@ impl Group {
                     group = %cfg.name,
                     epoch = persisted.epoch + 1,
                     bytes = dirty,
-                    "the daemon did not stop cleanly ({cause}): anything not yet durable may be lost on either site; \
-                     replayed the journal, resynchronising {regions}",
-                    cause = if rebooted { "the machine rebooted: a power cut or crash" } else { "the process ended without a clean stop" }
+                    "power cut detected (the machine rebooted since the unclean stop): anything not yet durable may be lost \
+                     on either site; resynchronising {regions}"
                 );
                 // Bitmaps first: a crash before the state below is saved
                 // finds the stop still unclean and the regions still logged.
@@ -353,7 +358,7 @@ impl Group {
             ));
         }
         let mut activity = activity.take().unwrap_or_else(|| ActivityLog::new(DEFAULT_EXTENT));
-        if unclean {
+        if power_lost {
             activity = ActivityLog::new(activity.extent());
         } else {
             // Extents from before the restart wait for what the journal holds.

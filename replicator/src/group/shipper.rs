@@ -68,6 +68,12 @@ async fn run(group: Arc<Group>, epoch: u64) {
         if !current(&group, epoch) {
             return;
         }
+        if lock(&group.inner).switching {
+            // A switchover hands the role over: no new session until this
+            // node is the secondary (the new primary connects then).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
         let result = session(&group, epoch).await;
         cleanup_session(&group, epoch);
         match result {

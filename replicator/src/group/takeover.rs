@@ -295,7 +295,7 @@ impl Group {
     /// A failover on the peer superseded this primary (generation
     /// `generation`): stop accepting writes, for good, and say so.
     pub(super) fn fence(&self, g: &mut Inner, generation: u64) {
-        if g.persisted.superseded_by >= generation {
+        if g.role != Role::Primary || g.switching || g.persisted.superseded_by >= generation {
             return;
         }
         let name = &self.cfg.name;
@@ -366,6 +366,7 @@ fn demote(g: &mut Inner, journal: Journal, last: u64) {
     g.persisted.announce = Announce::Resume;
     g.persisted.copy_incomplete = false;
     g.persisted.consistent = true;
+    g.persisted.superseded_by = 0;
     g.journal = Some(Arc::new(journal));
     g.ring = None;
     g.entries.clear();
@@ -401,6 +402,7 @@ fn promote(g: &mut Inner, journal: Journal) {
     g.persisted.announce = Announce::Resume;
     g.persisted.copy_incomplete = false;
     g.persisted.consistent = true;
+    g.persisted.superseded_by = 0;
     g.journal = Some(Arc::new(journal));
     let mut ring = JournalRing::new(capacity);
     ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
