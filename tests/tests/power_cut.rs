@@ -8,9 +8,9 @@
 //!
 //! Before the activity log, the restarted primary resumed from the
 //! secondary's checkpoint and both sites reported PAIR, lag 0 while their
-//! volumes differed. Now it handles every unclean stop as a possible power
-//! cut (a reboot is only named in the log), starts a new epoch
-//! and resynchronises exactly the regions the activity log names.
+//! volumes differed. Now it detects the power cut (the boot id changed),
+//! starts a new epoch and resynchronises exactly the regions the activity
+//! log names.
 
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
@@ -74,10 +74,7 @@ fn primary_power_cut_resyncs_the_activity_log_and_the_sites_converge() {
         });
         assert_eq!((s.generation, s.epoch), (1, 1), "a power cut starts a new epoch: {s:?}");
         let log = cluster.log(Site::A);
-        assert!(
-            log.contains("power cut detected"),
-            "the primary must say it detected a power cut:\n{log}"
-        );
+        assert!(log.contains("power cut detected"), "the primary must say it detected a power cut:\n{log}");
         assert!(
             s.copy_total_bytes > 0 && s.copy_total_bytes <= 8 * MIB,
             "only the activity log's regions (two 4 MiB extents) are copied, not the 64 MiB volume: {s:?}"
