@@ -45,9 +45,9 @@ pub enum Command {
     /// Create or delete a pair.
     #[command(subcommand)]
     Pair(PairCommand),
-    /// Planned switchover, on the primary: refuse new writes, let the
-    /// secondary take over with every write, then replicate back to this
-    /// node without a copy. Refused (exit 3) unless the pair is in PAIR.
+    /// Planned switchover (run on either site): the primary refuses new
+    /// writes, the secondary takes over with every write, and replication
+    /// runs back without a copy. Refused (exit 3) unless the pair is in PAIR.
     Switchover {
         /// Group name.
         group: String,

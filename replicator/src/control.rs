@@ -51,7 +51,7 @@ pub enum Request {
         /// Group.
         group: String,
     },
-    /// `switchover` (on the primary).
+    /// `switchover` (on either site).
     Switchover {
         /// Group.
         group: String,

@@ -515,6 +515,10 @@ impl Session {
                         self.leave_by = Some(Instant::now() + Duration::from_secs(10));
                         send.send(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0, bytes: 0 })).await?;
                     }
+                    SessionCommand::RequestSwitchover => {
+                        let ask = pb::GroupCommand { command: pb::Command::SwitchoverRequest as i32, seq: 0, bytes: 0 };
+                        send.send(Body::Command(ask)).await?;
+                    }
                     SessionCommand::End => {
                         tracing::warn!(group = %self.group.cfg.name, "failover --force: ending the replication session");
                         return Ok(());

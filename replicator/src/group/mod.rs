@@ -183,6 +183,8 @@ enum SessionCommand {
     /// `failover --force` on the secondary: end the session (after the
     /// drain, the node takes over).
     End,
+    /// `switchover` on the secondary: ask the primary to hand over.
+    RequestSwitchover,
 }
 
 /// Memory budget for records kept for shipping; beyond it the shipper reads

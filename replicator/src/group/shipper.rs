@@ -420,6 +420,17 @@ async fn read_acks(group: Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resul
                     }
                 }
             }
+            Some(pb::Envelope { body: Some(Body::Command(c)) })
+                if c.command == pb::Command::SwitchoverRequest as i32 =>
+            {
+                tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, "the secondary asked for a switchover");
+                let group = group.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = group.switchover().await {
+                        tracing::warn!(group = %group.cfg.name, "switchover asked by the secondary: {e}");
+                    }
+                });
+            }
             Some(pb::Envelope { body: Some(Body::Command(c)) }) if c.command == pb::Command::Delete as i32 => {
                 // `pair delete` on the secondary: it stopped applying and
                 // waits for us to dissolve too (the send loop then confirms).

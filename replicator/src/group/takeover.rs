@@ -134,11 +134,15 @@ impl Group {
         let started = Instant::now();
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
+        let secondary = lock(&self.inner).role == Role::Secondary;
+        if secondary {
+            return self.switchover_from_secondary().await;
+        }
         {
             let mut g = lock(&self.inner);
             if g.role != Role::Primary || g.persisted.superseded_by > 0 {
                 return Err(GroupError::Failed(format!(
-                    "group {name} is not the primary here ({}, {}); run `replicator switchover {name}` on the primary",
+                    "group {name} is not paired here ({}, {}): there is no role to switch",
                     g.role.as_str(),
                     g.state
                 )));
@@ -204,6 +208,52 @@ impl Group {
                 tracing::warn!(group = %name, "switchover abandoned, nothing changed: {e}");
                 Err(GroupError::Failed(format!("group {name}: switchover abandoned, nothing changed: {e}")))
             }
+        }
+    }
+
+    /// `switchover` run on the secondary: ask the primary (over the
+    /// replication session) to hand over, and wait until this node is the
+    /// primary.
+    async fn switchover_from_secondary(self: &Arc<Self>) -> Result<String, GroupError> {
+        let started = Instant::now();
+        let name = self.cfg.name.clone();
+        let peer = self.cfg.peer.clone();
+        let session = {
+            let g = lock(&self.inner);
+            match (&g.session_cmd, g.state) {
+                (Some(s), PairState::Pair) if g.secondary_attached => s.clone(),
+                _ => {
+                    return Err(GroupError::Refused(format!(
+                        "group {name}: a switchover needs the pair in PAIR with the primary {peer} connected (now {}); \
+                         if {peer} must be abandoned, run `replicator failover {name}` here",
+                        g.state
+                    )))
+                }
+            }
+        };
+        if session.send(SessionCommand::RequestSwitchover).is_err() {
+            return Err(GroupError::Failed(format!("group {name}: the replication session is ending; try again")));
+        }
+        let deadline = Instant::now() + 3 * SWITCHOVER_STEP;
+        loop {
+            let (role, generation) = {
+                let g = lock(&self.inner);
+                (g.role, g.persisted.generation)
+            };
+            if role == Role::Primary {
+                return Ok(format!(
+                    "group {name}: switchover done in {:.2} s: this node is now the primary (generation {generation}); \
+                     {peer} becomes its secondary with nothing to copy",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(GroupError::Failed(format!(
+                    "group {name}: {peer} did not hand over within {} s; see `replicator status {name}` and the log on {peer}",
+                    deadline.duration_since(started).as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
