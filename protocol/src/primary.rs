@@ -247,8 +247,15 @@ impl PrimarySession {
 
     /// An ack from the secondary.
     pub fn on_ack(&mut self, ack: &pb::Ack) -> Result<Acked, ShipError> {
+        if ack.copy_durable > self.copy_index {
+            return Err(ShipError::AckBeyondSent {
+                field: "copy_durable",
+                got: ack.copy_durable,
+                sent: self.copy_index,
+            });
+        }
         let update = self.shipper.on_ack(ack)?;
-        let rest = self.copy_inflight.split_off(&(ack.copy_durable + 1));
+        let rest = self.copy_inflight.split_off(&ack.copy_durable.saturating_add(1));
         let done = std::mem::replace(&mut self.copy_inflight, rest);
         let copy_bytes = done.values().map(|(_, _, l)| *l).sum();
         Ok(Acked { update, copy_bytes })

@@ -291,11 +291,34 @@ impl Secondary {
         self.applier.on_flush_request(seq);
     }
 
+    /// The [`Action::Append`] of record `seq` failed: the session stops. No
+    /// later action goes out (a journal sync queued behind the failed append
+    /// would claim it durable); only I/O already handed out completes.
+    pub fn on_append_failed(&mut self, seq: u64, error: &str) -> SecondaryError {
+        self.fail();
+        SecondaryError::Io(format!("cannot append record {seq} to the restore journal: {error}"))
+    }
+
+    /// Stops the session after a local I/O failure: queued actions are
+    /// dropped (their bookkeeping undone), nothing new is planned.
+    fn fail(&mut self) {
+        self.failed = true;
+        for action in self.actions.drain(..) {
+            match action {
+                Action::Apply { .. } => self.applying = self.applying.saturating_sub(1),
+                Action::SyncJournal { .. } => self.journal_sync_in_flight = false,
+                Action::SyncVolumes(_) => self.volume_sync = None,
+                Action::Save(_) => self.save_in_flight = false,
+                Action::Append { .. } | Action::Send(_) => {}
+            }
+        }
+    }
+
     /// The restore journal is durable through `through`.
     pub fn on_journal_synced(&mut self, through: u64, result: Result<(), String>) -> Result<(), SecondaryError> {
         self.journal_sync_in_flight = false;
         if let Err(e) = result {
-            self.failed = true;
+            self.fail();
             return Err(SecondaryError::Io(format!("restore journal sync failed: {e}")));
         }
         if through > self.journal_durable {
@@ -320,7 +343,7 @@ impl Secondary {
     pub fn on_applied(&mut self, id: ApplyId, result: Result<(), String>) -> Result<(), SecondaryError> {
         self.applying = self.applying.saturating_sub(1);
         if let Err(e) = result {
-            self.failed = true;
+            self.fail();
             return Err(SecondaryError::Io(format!("apply failed: {e}")));
         }
         self.applier.on_applied(id);
@@ -342,7 +365,7 @@ impl Secondary {
     pub fn on_volumes_synced(&mut self, barrier: Barrier, result: Result<(), String>) -> Result<(), SecondaryError> {
         self.volume_sync = None;
         if let Err(e) = result {
-            self.failed = true;
+            self.fail();
             return Err(SecondaryError::Io(format!("volume sync failed: {e}")));
         }
         let copy_before = self.applier.copy_durable();
@@ -365,7 +388,7 @@ impl Secondary {
     ) -> Result<(), SecondaryError> {
         self.save_in_flight = false;
         if let Err(e) = result {
-            self.failed = true;
+            self.fail();
             return Err(SecondaryError::Io(format!("cannot persist the checkpoint: {e}")));
         }
         self.saved_version = self.saved_version.max(persist.version);
@@ -739,6 +762,21 @@ mod tests {
         s.on_saved(&p.clone(), Ok(()), now).unwrap();
         let acts = drain(&mut s, now);
         assert!(matches!(acts.first(), Some(Action::Apply { .. })), "{acts:?}");
+    }
+
+    #[test]
+    fn a_failed_append_stops_the_session_before_any_sync_claims_it() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        let Some(Action::Append { record, .. }) = s.poll_action(now) else { panic!() };
+        let _ = s.on_append_failed(record.seq, "EIO");
+        let rest = drain(&mut s, now);
+        assert!(rest.is_empty(), "nothing may follow a failed append: {rest:?}");
+        s.begin_drain();
+        assert!(s.is_drained());
+        assert_eq!(s.durable(), 0);
     }
 
     #[test]

@@ -78,11 +78,26 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
             group.cfg.mode
         )));
     }
+    if let Some(why) = group.stopped.get() {
+        return Err((
+            pb::Refusal::Unspecified,
+            format!("group {name} stopped after a local failure here ({why}); it takes no session until the daemon restarts"),
+        ));
+    }
     let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
     let mut g = lock(&group.inner);
+    if g.taking_over {
+        return Err((pb::Refusal::Unspecified, format!("group {name}: a failover is in progress here")));
+    }
     if g.role == Role::Primary && g.switching && g.persisted.pair_id == open.pair_id {
-        // The peer took over in a switchover this node started; this node
-        // becomes its secondary in a moment.
+        // The peer took over in a switchover this node started (its
+        // confirmation may have been lost): this node becomes its secondary
+        // in a moment.
+        if open.generation > g.persisted.generation && g.switchover.as_ref().is_some_and(|s| s.sent) {
+            if let Some(tx) = g.switchover.as_mut().and_then(|s| s.confirmed.take()) {
+                let _ = tx.send(Ok(()));
+            }
+        }
         return Err((
             pb::Refusal::Unspecified,
             format!("group {name}: a switchover is handing the primary role to {peer}; retry in a moment"),
@@ -163,7 +178,7 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 pair_id: open.pair_id,
                 generation: open.generation,
                 durable_seq: open.rebase_seq,
-                journal_tail_seq: open.rebase_seq + 1,
+                journal_tail_seq: open.rebase_seq.saturating_add(1),
                 consistent: !copy,
                 copy_incomplete: copy,
                 clean_shutdown: false,
@@ -208,7 +223,7 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 tracing::warn!(group = %name, primary = %peer, epoch = open.epoch, rebase = open.rebase_seq,
                     "the primary restarted after a power cut: resynchronising the regions it was writing");
                 g.persisted.durable_seq = open.rebase_seq;
-                g.persisted.journal_tail_seq = open.rebase_seq + 1;
+                g.persisted.journal_tail_seq = open.rebase_seq.saturating_add(1);
                 g.persisted.epoch = open.epoch;
                 // Inconsistent until the copy of those regions is done
                 // (COPY_DONE follows even when there is nothing to copy).
@@ -316,10 +331,14 @@ pub async fn serve_secondary(
         // Applies may have reached the volumes beyond the checkpoint out of
         // order; the restore journal still holds them, and the next start
         // applies them again.
-        let mut g = lock(&group.inner);
-        g.persisted.consistent = false;
-        group.transition(&mut g, PairEvent::Failure, "local I/O failed while applying; restart the daemon once the disk is healthy (it re-applies the restore journal)");
-        group.save_locked(&mut g);
+        {
+            let mut g = lock(&group.inner);
+            g.persisted.consistent = false;
+            group.save_locked(&mut g);
+        }
+        // The restore journal holds records acknowledged as durable that are
+        // not on the volumes: no new session until a restart replays it.
+        group.fail_stop("local I/O failed on the secondary while applying; restart the daemon once the disk is healthy (it re-applies the restore journal)".into());
     }
     // Every apply is finished and durable: only now may the volumes become
     // writable here.
@@ -680,12 +699,11 @@ impl Session {
         while let Some(action) = self.machine.poll_action(now) {
             match action {
                 Action::Append { pos, record } => {
-                    self.journal.append_at(pos, &record).map_err(|e| {
-                        TransportError::Protocol(format!(
-                            "cannot append record {} to the restore journal: {e}",
-                            record.seq
-                        ))
-                    })?;
+                    if let Err(e) = self.journal.append_at(pos, &record) {
+                        let e = self.machine.on_append_failed(record.seq, &e.to_string());
+                        lock(&self.group.inner).last_error = Some(e.to_string());
+                        return Err(protocol(e));
+                    }
                 }
                 Action::SyncJournal { through } => {
                     let (journal, events) = (self.journal.clone(), self.events_tx.clone());

@@ -160,6 +160,8 @@ struct Inner {
     delete_ack: Option<oneshot::Sender<()>>,
     /// Primary, during `switchover`: new writes are refused.
     switching: bool,
+    /// Secondary, during `failover`: no new replication session.
+    taking_over: bool,
     /// Primary, during `switchover`: the last record, whether the command
     /// went out, and who waits for the secondary's confirmation.
     switchover: Option<takeover::Switchover>,
@@ -292,7 +294,7 @@ impl Group {
                 // A record may be journaled while its volume write never
                 // happened: replay the journal's surviving run here.
                 tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
-                let _ = redo_journal(&j, &r, last, &volumes).await?;
+                let _ = redo_journal(&j, &r, last, &volumes, Some(&mut bitmaps)).await?;
             }
             if power_lost {
                 // Anything not yet durable may be gone on either site: the
@@ -434,6 +436,7 @@ impl Group {
             refusal: (persisted.superseded_by > 0).then_some("superseded"),
             delete_ack: None,
             switching: false,
+            taking_over: false,
             switchover: None,
             link_changed_at: SystemTime::now(),
             session_cmd: None,
@@ -1220,12 +1223,32 @@ pub struct VolumeStatus {
 /// secondary will receive it); on a secondary at every start (its restore
 /// journal holds what it received beyond its checkpoint). Returns the
 /// primary's write time of the newest record (0 when none).
-async fn redo_journal(j: &Journal, ring: &JournalRing, last: u64, volumes: &[Arc<Volume>]) -> Result<u64, GroupError> {
+///
+/// On the primary, a record overlapping a region dirty in the bitmaps is not
+/// replayed: later writes (tracked there while the journal was full) may
+/// have overwritten it on the volume, and replaying it would undo them. Its
+/// whole range is marked dirty instead, so the resync copies the volume's
+/// current bytes.
+async fn redo_journal(
+    j: &Journal,
+    ring: &JournalRing,
+    last: u64,
+    volumes: &[Arc<Volume>],
+    mut bitmaps: Option<&mut Vec<DirtyBitmap>>,
+) -> Result<u64, GroupError> {
     let Some(oldest) = ring.oldest_seq() else { return Ok(0) };
     let mut newest = 0;
     for seq in oldest..=last {
         let Some((pos, _)) = ring.lookup(seq) else { continue };
         let rec = j.read_record(pos, seq).await?;
+        if let Some(b) = bitmaps.as_deref_mut().and_then(|b| b.get_mut(rec.volume as usize)) {
+            let gran = b.granularity();
+            let (first, end) = (rec.offset / gran, rec.end().div_ceil(gran));
+            if (first..end).any(|c| b.is_chunk_dirty(c)) {
+                b.set_range(rec.offset, u64::from(rec.length));
+                continue;
+            }
+        }
         let vol = volumes.get(rec.volume as usize).ok_or_else(|| {
             GroupError::Replay(format!("record {seq} names volume #{} which is not configured", rec.volume))
         })?;
@@ -1258,7 +1281,7 @@ async fn recover_restore_journal(
     let recovered = j.recover(from, persisted.journal_tail_pos, stop).await?;
     let last = recovered.last_seq;
     if last >= from {
-        let newest = redo_journal(&j, &recovered.ring, last, volumes).await?;
+        let newest = redo_journal(&j, &recovered.ring, last, volumes, None).await?;
         persisted.data_as_of_us = persisted.data_as_of_us.max(newest);
         tracing::info!(
             group = %cfg.name,

@@ -398,20 +398,21 @@ async fn read_acks(group: Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resul
         match recv.recv().await? {
             None => return Err(TransportError::Connection("the secondary ended the stream".into())),
             Some(pb::Envelope { body: Some(Body::Ack(ack)) }) => group.on_ack(&ack, epoch)?,
+            Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) if r.command == pb::Command::Switchover as i32 => {
+                // The secondary took over (or refused to): the switchover
+                // demotes this node, or abandons; this session is over.
+                let answer = if r.error.is_empty() { Ok(()) } else { Err(r.error) };
+                if let Some(tx) = lock(&group.inner).switchover.as_mut().and_then(|s| s.confirmed.take()) {
+                    let _ = tx.send(answer);
+                }
+                return Ok(());
+            }
             Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) => {
                 if !r.error.is_empty() {
                     return Err(TransportError::Protocol(format!("secondary: {}", r.error)));
                 }
                 if r.command == pb::Command::CopyDone as i32 {
                     group.copy_finished();
-                }
-                if r.command == pb::Command::Switchover as i32 {
-                    // The secondary took over: the switchover demotes this
-                    // node; this session is over.
-                    if let Some(tx) = lock(&group.inner).switchover.as_mut().and_then(|s| s.confirmed.take()) {
-                        let _ = tx.send(());
-                    }
-                    return Ok(());
                 }
                 if r.command == pb::Command::Delete as i32 {
                     // The secondary dissolved the pair after its last apply.

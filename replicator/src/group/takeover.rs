@@ -46,8 +46,18 @@ pub(super) struct Switchover {
     pub(super) seq: u64,
     /// The command is on the stream.
     pub(super) sent: bool,
-    /// Told when the secondary confirms it took over.
-    pub(super) confirmed: Option<oneshot::Sender<()>>,
+    /// Told when the secondary took over (or refused to).
+    pub(super) confirmed: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Why a switchover's hand-over did not complete.
+enum HandOver {
+    /// Before the secondary was asked to take over, or it refused: nothing
+    /// changed.
+    Abandoned(String),
+    /// The secondary was asked and did not answer in time: it may have
+    /// taken over.
+    Unconfirmed { error: String, last: u64, confirmation: oneshot::Receiver<Result<(), String>> },
 }
 
 impl Group {
@@ -59,7 +69,7 @@ impl Group {
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
         let session = {
-            let g = lock(&self.inner);
+            let mut g = lock(&self.inner);
             if g.role != Role::Secondary {
                 return Err(GroupError::Failed(format!(
                     "group {name} is {} here, not a secondary: there is nothing to fail over to on this node",
@@ -74,8 +84,30 @@ impl Group {
                     g.state
                 )));
             }
+            if g.taking_over {
+                return Err(GroupError::Failed(format!("group {name}: a failover is already running here")));
+            }
+            // From here no new replication session is accepted, so the
+            // restore journal stays this command's until the promotion.
+            g.taking_over = true;
             g.session_cmd.clone()
         };
+        let result = self.take_over_now(force, session).await;
+        if result.is_err() {
+            lock(&self.inner).taking_over = false;
+        }
+        result
+    }
+
+    /// The failover after its claim: drain the session, judge the image,
+    /// promote it.
+    async fn take_over_now(
+        self: &Arc<Self>,
+        force: bool,
+        session: Option<tokio::sync::mpsc::UnboundedSender<SessionCommand>>,
+    ) -> Result<String, GroupError> {
+        let name = self.cfg.name.clone();
+        let peer = self.cfg.peer.clone();
         if let Some(session) = session {
             let _ = session.send(SessionCommand::End);
         }
@@ -115,8 +147,14 @@ impl Group {
                     g.state
                 )));
             }
-            let report = recovery_point(self.cfg.mode, &g, &peer);
-            self.promote(&mut g, journal);
+            let mut report = recovery_point(self.cfg.mode, &g, &peer);
+            if inconsistent {
+                report.push_str(
+                    " FORCED: the image was not consistent (an initial copy or resync had not finished): its volumes \
+                     mix old and new data; `status` says consistent: false.",
+                );
+            }
+            self.promote(&mut g, journal, !inconsistent);
             tracing::warn!(group = %name, generation = g.persisted.generation, "failover: this node is now the primary; {report}");
             report
         };
@@ -160,55 +198,61 @@ impl Group {
         }
         tracing::info!(group = %name, peer = %peer, "switchover: new writes are refused from now on");
         match self.hand_over().await {
-            Ok(last) => {
-                // The journal becomes an empty restore journal (every record
-                // in it is on both sites).
-                let pair_id = lock(&self.inner).persisted.pair_id;
-                let journal = Journal::open(
-                    &self.engine,
-                    &journal_path(&self.store),
-                    self.cfg.journal_size,
-                    &name,
-                    pair_id,
-                    true,
-                )
-                .await?;
-                let mut g = lock(&self.inner);
-                demote(&mut g, journal, last);
-                self.save_bitmaps(&mut g);
-                self.save_locked(&mut g);
-                self.publish(&mut g);
-                let generation = g.persisted.generation;
-                drop(g);
-                self.session_kick.send_modify(|k| *k += 1);
-                let took = started.elapsed();
-                tracing::info!(group = %name, peer = %peer, seq = last, generation, ms = took.as_millis() as u64,
-                    "switchover done: this node is now the secondary");
-                Ok(format!(
-                    "group {name}: switchover done in {:.2} s: {peer} is now the primary (generation {generation}) and \
-                     this node its secondary; both hold every write through sequence {last}; nothing to copy",
-                    took.as_secs_f64()
-                ))
-            }
-            Err((e, sent)) => {
+            Ok(last) => self.finish_switchover(last, started).await,
+            Err(HandOver::Abandoned(e)) => {
                 let mut g = lock(&self.inner);
                 g.switchover = None;
-                if sent {
-                    // The peer may have taken over: taking writes again here
-                    // could make two primaries. Stay fenced until it is known.
-                    g.last_error = Some(format!("switchover: {e}"));
-                    tracing::error!(group = %name, "switchover: {e}; no writes are taken here until an admin checks {peer}");
-                    return Err(GroupError::Failed(format!(
-                        "group {name}: switchover interrupted after {peer} was asked to take over ({e}); this node takes \
-                         no writes. Check `replicator status {name}` on {peer}: if it is primary, this node must \
-                         rejoin as its secondary; if not, restart this node's daemon"
-                    )));
-                }
                 g.switching = false;
                 tracing::warn!(group = %name, "switchover abandoned, nothing changed: {e}");
                 Err(GroupError::Failed(format!("group {name}: switchover abandoned, nothing changed: {e}")))
             }
+            Err(HandOver::Unconfirmed { error, last, confirmation }) => {
+                // The peer may have taken over: taking writes again here could
+                // make two primaries. Keep waiting: its confirmation, or its
+                // connecting as the primary of the next generation, finishes
+                // the switchover.
+                lock(&self.inner).last_error = Some(format!("switchover: {error}"));
+                tracing::error!(group = %name, "switchover: {error}; no writes are taken here until {peer} confirms");
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = confirmation.await {
+                        if let Err(e) = me.finish_switchover(last, started).await {
+                            tracing::error!(group = %me.cfg.name, "switchover: {e}");
+                        }
+                    }
+                });
+                Err(GroupError::Failed(format!(
+                    "group {name}: switchover interrupted after {peer} was asked to take over ({error}); this node \
+                     takes no writes, and becomes the secondary as soon as {peer} confirms or connects as primary. \
+                     If {peer} did not take over, restart this node's daemon to take writes again"
+                )))
+            }
         }
+    }
+
+    /// The peer took over: this node becomes its secondary, its journal an
+    /// empty restore journal (every record in it is on both sites).
+    async fn finish_switchover(self: &Arc<Self>, last: u64, started: Instant) -> Result<String, GroupError> {
+        let (name, peer) = (&self.cfg.name, &self.cfg.peer);
+        let pair_id = lock(&self.inner).persisted.pair_id;
+        let journal =
+            Journal::open(&self.engine, &journal_path(&self.store), self.cfg.journal_size, name, pair_id, true).await?;
+        let mut g = lock(&self.inner);
+        demote(&mut g, journal, last);
+        self.save_bitmaps(&mut g);
+        self.save_locked(&mut g);
+        self.publish(&mut g);
+        let generation = g.persisted.generation;
+        drop(g);
+        self.session_kick.send_modify(|k| *k += 1);
+        let took = started.elapsed();
+        tracing::info!(group = %name, peer = %peer, seq = last, generation, ms = took.as_millis() as u64,
+            "switchover done: this node is now the secondary");
+        Ok(format!(
+            "group {name}: switchover done in {:.2} s: {peer} is now the primary (generation {generation}) and this \
+             node its secondary; both hold every write through sequence {last}; nothing to copy",
+            took.as_secs_f64()
+        ))
     }
 
     /// `switchover` run on the secondary: ask the primary (over the
@@ -261,7 +305,7 @@ impl Group {
     /// every record durably, the volumes here are synced, the secondary
     /// takes over. Returns the last record, or why not and whether the
     /// secondary was asked to take over.
-    async fn hand_over(self: &Arc<Self>) -> Result<u64, (String, bool)> {
+    async fn hand_over(self: &Arc<Self>) -> Result<u64, HandOver> {
         let deadline = Instant::now() + SWITCHOVER_STEP;
         let last = loop {
             let (idle, last) = {
@@ -273,7 +317,7 @@ impl Group {
                 break last;
             }
             if Instant::now() >= deadline {
-                return Err(("writes in flight did not finish within 30 s".into(), false));
+                return Err(HandOver::Abandoned("writes in flight did not finish within 30 s".into()));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
@@ -287,17 +331,23 @@ impl Group {
             .await
             .is_ok_and(|r| r.is_ok_and(|p| p.durable >= last));
         if !durable {
-            return Err((format!("the secondary did not make record {last} durable"), false));
+            return Err(HandOver::Abandoned(format!("the secondary did not make record {last} durable")));
         }
-        self.sync_all().await.map_err(|e| (format!("flushing the local volumes failed: {e}"), false))?;
-        let (tx, rx) = oneshot::channel();
+        self.sync_all().await.map_err(|e| HandOver::Abandoned(format!("flushing the local volumes failed: {e}")))?;
+        let (tx, mut rx) = oneshot::channel();
         lock(&self.inner).switchover = Some(Switchover { seq: last, sent: false, confirmed: Some(tx) });
         self.ship_wake.notify_one();
-        match tokio::time::timeout(SWITCHOVER_STEP, rx).await {
-            Ok(Ok(())) => Ok(last),
+        match tokio::time::timeout(SWITCHOVER_STEP, &mut rx).await {
+            Ok(Ok(Ok(()))) => Ok(last),
+            Ok(Ok(Err(refused))) => Err(HandOver::Abandoned(format!("the secondary refused to take over: {refused}"))),
             _ => {
                 let sent = lock(&self.inner).switchover.as_ref().is_some_and(|s| s.sent);
-                Err(("the secondary did not confirm the takeover within 30 s".into(), sent))
+                let error = "the secondary did not confirm the takeover within 30 s".to_string();
+                if sent {
+                    Err(HandOver::Unconfirmed { error, last, confirmation: rx })
+                } else {
+                    Err(HandOver::Abandoned(error))
+                }
             }
         }
     }
@@ -324,15 +374,15 @@ impl Group {
         )
         .await?;
         let mut g = lock(&self.inner);
-        self.promote(&mut g, journal);
+        self.promote(&mut g, journal, true);
         tracing::info!(group = %self.cfg.name, seq, generation = g.persisted.generation,
             "switchover: this node is now the primary");
         Ok(())
     }
 
     /// Makes this secondary the primary (see [`promote`]) and persists it.
-    fn promote(&self, g: &mut Inner, journal: Journal) {
-        promote(g, journal);
+    fn promote(&self, g: &mut Inner, journal: Journal, consistent: bool) {
+        promote(g, journal, consistent);
         // Writes wait for every earlier record to be journaled: all
         // through the recovery point are.
         let n = g.last_jseq;
@@ -374,9 +424,10 @@ fn recovery_point(mode: Mode, g: &Inner, peer: &str) -> String {
     let when = if p.data_as_of_us == 0 { "unknown time".to_string() } else { format_time(p.data_as_of_us) };
     let mut out = format!("Recovery point: sequence {n} (generation {}), written on {peer} at {when}.", p.generation);
     match mode {
-        Mode::Sync => {
-            out.push_str(" Sync mode: it holds every write the primary acknowledged while the pair was in PAIR.")
-        }
+        Mode::Sync => out.push_str(
+            " Sync mode: it holds every write the primary acknowledged while the pair was in PAIR (writes \
+                 acknowledged without FUA or a later FLUSH only if this node has not lost power since).",
+        ),
         Mode::Async => {
             if p.primary_reported_seq > n {
                 out.push_str(&format!(
@@ -439,7 +490,7 @@ fn demote(g: &mut Inner, journal: Journal, last: u64) {
 
 /// The role change itself: primary of the same pair in a new generation,
 /// journal empty and continuing after the recovery point, no peer yet.
-fn promote(g: &mut Inner, journal: Journal) {
+fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
     let n = g.persisted.durable_seq;
     let capacity = journal.capacity();
     g.role = Role::Primary;
@@ -451,8 +502,9 @@ fn promote(g: &mut Inner, journal: Journal) {
     g.persisted.bitmap_mode = false;
     g.persisted.announce = Announce::Resume;
     g.persisted.copy_incomplete = false;
-    g.persisted.consistent = true;
+    g.persisted.consistent = consistent;
     g.persisted.superseded_by = 0;
+    g.taking_over = false;
     g.journal = Some(Arc::new(journal));
     let mut ring = JournalRing::new(capacity);
     ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
