@@ -158,6 +158,8 @@ struct Inner {
     refusal: Option<&'static str>,
     /// Primary, during `pair delete`: told when the secondary confirms.
     delete_ack: Option<oneshot::Sender<()>>,
+    /// The kernel boot this daemon runs in (recorded with every save).
+    boot_id: String,
     /// Primary, during `switchover`: new writes are refused.
     switching: bool,
     /// Secondary, during `failover`: no new replication session.
@@ -262,7 +264,7 @@ impl Group {
         // still in the page cache.
         let power_lost = unclean && (persisted.boot_id.is_empty() || persisted.boot_id != boot_id);
         let mut persisted = persisted;
-        persisted.boot_id = boot_id;
+        persisted.boot_id = boot_id.clone();
 
         let mut ring = None;
         let mut journal = None;
@@ -435,6 +437,7 @@ impl Group {
             copy_done: 0,
             refusal: (persisted.superseded_by > 0).then_some("superseded"),
             delete_ack: None,
+            boot_id,
             switching: false,
             taking_over: false,
             switchover: None,
@@ -566,6 +569,9 @@ impl Group {
     fn snapshot_state(g: &mut Inner) -> (u64, GroupState) {
         g.persisted.role = g.role;
         g.persisted.state = g.state;
+        // Every save records the boot it ran in (a state rebuilt from
+        // scratch, e.g. at pair create, must not look like a reboot).
+        g.persisted.boot_id.clone_from(&g.boot_id);
         g.state_version += 1;
         (g.state_version, g.persisted.clone())
     }
