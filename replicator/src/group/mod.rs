@@ -767,19 +767,19 @@ impl Group {
         }
     }
 
+    /// A new, empty journal (keyed by `pair_id`) for this node's role in
+    /// the pair: at pair create and at every role change (the old one is
+    /// fully applied and shipped by then).
+    async fn fresh_journal(&self, pair_id: u64) -> Result<Journal, GroupError> {
+        let path = journal_path(&self.store);
+        Ok(Journal::open(&self.engine, &path, self.cfg.journal_size, &self.cfg.name, pair_id, true).await?)
+    }
+
     /// `pair create` on the future primary.
     pub async fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
         self.refuse_unless_simplex(&lock(&self.inner))?;
         let pair_id = random_u64();
-        let journal = Journal::open(
-            &self.engine,
-            &journal_path(&self.store),
-            self.cfg.journal_size,
-            &self.cfg.name,
-            pair_id,
-            true,
-        )
-        .await?;
+        let journal = self.fresh_journal(pair_id).await?;
         let mut g = lock(&self.inner);
         self.refuse_unless_simplex(&g)?;
         let capacity = journal.capacity();

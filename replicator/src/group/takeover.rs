@@ -29,7 +29,7 @@ use replicator_protocol::sequencer::RangeSequencer;
 
 use tokio::sync::oneshot;
 
-use super::{journal_path, lock, Group, GroupError, Inner, SessionCommand};
+use super::{lock, Group, GroupError, Inner, SessionCommand};
 use crate::config::Mode;
 use crate::journal::Journal;
 use crate::state::Announce;
@@ -136,9 +136,7 @@ impl Group {
         }
         // A fresh journal for the new generation (the restore journal is
         // fully applied by now).
-        let journal =
-            Journal::open(&self.engine, &journal_path(&self.store), self.cfg.journal_size, &name, pair_id, true)
-                .await?;
+        let journal = self.fresh_journal(pair_id).await?;
         let report = {
             let mut g = lock(&self.inner);
             if g.role != Role::Secondary || g.secondary_attached {
@@ -235,8 +233,7 @@ impl Group {
     async fn finish_switchover(self: &Arc<Self>, last: u64, started: Instant) -> Result<String, GroupError> {
         let (name, peer) = (&self.cfg.name, &self.cfg.peer);
         let pair_id = lock(&self.inner).persisted.pair_id;
-        let journal =
-            Journal::open(&self.engine, &journal_path(&self.store), self.cfg.journal_size, name, pair_id, true).await?;
+        let journal = self.fresh_journal(pair_id).await?;
         let mut g = lock(&self.inner);
         demote(&mut g, journal, last);
         self.save_bitmaps(&mut g);
@@ -364,15 +361,7 @@ impl Group {
                 "switchover: this node holds records through {checkpoint}, the primary's last is {seq}"
             )));
         }
-        let journal = Journal::open(
-            &self.engine,
-            &journal_path(&self.store),
-            self.cfg.journal_size,
-            &self.cfg.name,
-            pair_id,
-            true,
-        )
-        .await?;
+        let journal = self.fresh_journal(pair_id).await?;
         let mut g = lock(&self.inner);
         self.promote(&mut g, journal, true);
         tracing::info!(group = %self.cfg.name, seq, generation = g.persisted.generation,
@@ -452,68 +441,21 @@ fn format_time(us: u64) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| format!("{us} µs since the epoch"))
 }
 
-/// The old primary after a switchover: secondary of the same pair in the
-/// new generation, holding every write through `last` durably, with an
-/// empty restore journal.
-fn demote(g: &mut Inner, journal: Journal, last: u64) {
-    g.role = Role::Secondary;
-    g.persisted.role = Role::Secondary;
+/// What every role change does: `role` of the same pair in the next
+/// generation, its journal `journal` (empty) continuing after `last`, no
+/// copy due, nothing tracked, no peer yet.
+fn change_role(g: &mut Inner, role: Role, journal: Journal, last: u64) {
+    g.role = role;
+    g.persisted.role = role;
     g.persisted.generation += 1;
-    g.persisted.durable_seq = last;
     g.persisted.journal_tail_seq = last + 1;
     g.persisted.journal_tail_pos = JOURNAL_SUPERBLOCK_LEN;
     g.persisted.copy_pending = false;
     g.persisted.bitmap_mode = false;
     g.persisted.announce = Announce::Resume;
     g.persisted.copy_incomplete = false;
-    g.persisted.consistent = true;
     g.persisted.superseded_by = 0;
     g.journal = Some(Arc::new(journal));
-    g.ring = None;
-    g.entries.clear();
-    g.cached_bytes = 0;
-    g.cumulative_bytes = 0;
-    g.session = None;
-    g.shipper_epoch += 1;
-    for b in &mut g.bitmaps {
-        *b = DirtyBitmap::new(b.volume_size(), b.granularity());
-    }
-    g.activity = ActivityLog::new(g.activity.extent());
-    g.secondary_applied = last;
-    g.secondary_durable = last;
-    g.switching = false;
-    g.switchover = None;
-    g.refusal = None;
-    g.last_error = None;
-    g.state = PairState::Suspended(SuspendReason::Link);
-}
-
-/// The role change itself: primary of the same pair in a new generation,
-/// journal empty and continuing after the recovery point, no peer yet.
-fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
-    let n = g.persisted.durable_seq;
-    let capacity = journal.capacity();
-    g.role = Role::Primary;
-    g.persisted.role = Role::Primary;
-    g.persisted.generation += 1;
-    g.persisted.journal_tail_seq = n + 1;
-    g.persisted.journal_tail_pos = JOURNAL_SUPERBLOCK_LEN;
-    g.persisted.copy_pending = false;
-    g.persisted.bitmap_mode = false;
-    g.persisted.announce = Announce::Resume;
-    g.persisted.copy_incomplete = false;
-    g.persisted.consistent = consistent;
-    g.persisted.superseded_by = 0;
-    g.taking_over = false;
-    g.journal = Some(Arc::new(journal));
-    let mut ring = JournalRing::new(capacity);
-    ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
-    g.ring = Some(ring);
-    g.seq = RangeSequencer::new(1);
-    g.last_jseq = n;
-    g.ready = SeqTracker::new(n);
-    g.volume_written = SeqTracker::new(n);
-    g.local_durable = n;
     g.entries.clear();
     g.cached_bytes = 0;
     g.cumulative_bytes = 0;
@@ -526,4 +468,37 @@ fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
     g.last_error = None;
     g.link_down_since = Some(Instant::now());
     g.state = PairState::Suspended(SuspendReason::Link);
+}
+
+/// The old primary after a switchover: secondary of the same pair in the
+/// new generation, holding every write through `last` durably, with an
+/// empty restore journal.
+fn demote(g: &mut Inner, journal: Journal, last: u64) {
+    change_role(g, Role::Secondary, journal, last);
+    g.persisted.durable_seq = last;
+    g.persisted.consistent = true;
+    g.ring = None;
+    // The shipper task of the primary role ends.
+    g.shipper_epoch += 1;
+    g.secondary_applied = last;
+    g.secondary_durable = last;
+    g.switching = false;
+    g.switchover = None;
+}
+
+/// A secondary becomes primary of the same pair in a new generation, its
+/// journal empty and continuing after the recovery point.
+fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
+    let n = g.persisted.durable_seq;
+    let mut ring = JournalRing::new(journal.capacity());
+    ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
+    change_role(g, Role::Primary, journal, n);
+    g.persisted.consistent = consistent;
+    g.taking_over = false;
+    g.ring = Some(ring);
+    g.seq = RangeSequencer::new(1);
+    g.last_jseq = n;
+    g.ready = SeqTracker::new(n);
+    g.volume_written = SeqTracker::new(n);
+    g.local_durable = n;
 }
