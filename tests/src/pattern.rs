@@ -95,6 +95,34 @@ pub fn read_stamp(buf: &[u8]) -> StampRead {
     }
 }
 
+/// How many leading `block`-sized blocks of `image` hold their write,
+/// where write `i` put [`random_bytes`]`(i + 1, block)` into block `i`.
+/// Panics unless the image is such a write-order prefix of `blocks`
+/// writes: blocks `0..n` written, the rest untouched (zero).
+pub fn written_prefix(image: &[u8], blocks: u64, block: u64) -> u64 {
+    let written: Vec<bool> = (0..blocks)
+        .map(|i| {
+            let bytes = &image[(i * block) as usize..((i + 1) * block) as usize];
+            if bytes.iter().all(|&x| x == 0) {
+                false
+            } else {
+                assert!(
+                    bytes == &random_bytes(i + 1, block as usize)[..],
+                    "block {i} holds neither its write nor zeroes"
+                );
+                true
+            }
+        })
+        .collect();
+    let n = written.iter().take_while(|&&w| w).count();
+    assert!(
+        written[n..].iter().all(|&w| !w),
+        "the image holds writes 0..{n} and then also {:?}: not a write-order prefix",
+        written.iter().enumerate().skip(n).filter(|(_, &w)| w).map(|(i, _)| i).collect::<Vec<_>>()
+    );
+    n as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

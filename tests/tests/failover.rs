@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use replicator::nbd_client::NbdClient;
-use replicator_tests::pattern::random_bytes;
+use replicator_tests::pattern::{random_bytes, written_prefix};
 use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
@@ -45,29 +45,6 @@ fn write_blocks(cluster: &Cluster, vol: &str, range: std::ops::Range<u64>) -> u6
         }
         acked
     })
-}
-
-/// How many leading blocks of the image hold their write; asserts that the
-/// rest are untouched (a write-order prefix of the sequence-stamped writes).
-fn prefix_of(image: &[u8], blocks: u64) -> u64 {
-    let written: Vec<bool> = (0..blocks)
-        .map(|i| {
-            let block = &image[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
-            if block.iter().all(|&x| x == 0) {
-                false
-            } else {
-                assert_eq!(
-                    block,
-                    &random_bytes(i + 1, BLOCK as usize)[..],
-                    "block {i} holds neither its write nor zeroes"
-                );
-                true
-            }
-        })
-        .collect();
-    let n = written.iter().take_while(|&&w| w).count();
-    assert!(written[n..].iter().all(|&w| !w), "the promoted image is not a write-order prefix: {written:?}");
-    n as u64
 }
 
 /// The sequence in "Recovery point: sequence N".
@@ -130,7 +107,7 @@ fn async_failover_promotes_exactly_the_recovery_point_and_fences_the_old_primary
     // The promoted volume is exactly the writes through the recovery point.
     cluster.stop(Site::B);
     let image = std::fs::read(cluster.volume_path(Site::B, "fa-vol")).expect("read the promoted volume");
-    let prefix = prefix_of(&image, BLOCKS);
+    let prefix = written_prefix(&image, BLOCKS, BLOCK);
     assert_eq!(prefix, n, "the printed recovery point is the promoted image's last write");
     assert!((BLOCKS / 2..=BLOCKS).contains(&n), "{n}");
     eprintln!("recovery point {n} of {BLOCKS} acknowledged writes:\n{out}");
@@ -182,7 +159,7 @@ fn sync_failover_after_a_primary_crash_keeps_every_acknowledged_write() {
     let n = recovery_seq(&out);
     cluster.stop(Site::B);
     let image = std::fs::read(cluster.volume_path(Site::B, "fs-vol")).expect("read the promoted volume");
-    let prefix = prefix_of(&image, BLOCKS);
+    let prefix = written_prefix(&image, BLOCKS, BLOCK);
     assert!(prefix >= acked && n >= acked, "acknowledged {acked}, promoted {prefix}, recovery point {n}");
     assert_eq!(prefix, n);
 }

@@ -16,7 +16,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use replicator::nbd_client::NbdClient;
-use replicator_tests::pattern::{random_bytes, Rng};
+use replicator_tests::pattern::{random_bytes, written_prefix, Rng};
 use replicator_tests::{Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
@@ -120,26 +120,6 @@ fn a_secondary_killed_mid_stream_restarts_alone_into_a_write_order_prefix() {
     cluster.stop(Site::B);
 
     let image = std::fs::read(cluster.volume_path(Site::B, "cu-vol")).expect("read the replica");
-    let written: Vec<bool> = (0..WRITES)
-        .map(|i| {
-            let block = &image[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
-            if block.iter().all(|&x| x == 0) {
-                false
-            } else {
-                assert_eq!(
-                    block,
-                    &random_bytes(i + 1, BLOCK as usize)[..],
-                    "block {i} holds neither its write nor zeroes"
-                );
-                true
-            }
-        })
-        .collect();
-    let n = written.iter().take_while(|&&w| w).count();
-    assert!(
-        written[n..].iter().all(|&w| !w),
-        "the replica holds writes 0..{n} and then also {:?}: not a write-order prefix",
-        written.iter().enumerate().skip(n).filter(|(_, &w)| w).map(|(i, _)| i).collect::<Vec<_>>()
-    );
+    let n = written_prefix(&image, WRITES, BLOCK);
     eprintln!("the replica restarted alone holds writes 0..{n} of {WRITES}");
 }
