@@ -33,6 +33,7 @@
 pub mod activity_log;
 pub mod apply;
 pub mod bitmap;
+pub mod divergence;
 pub mod journal_format;
 pub mod pair;
 pub mod primary;

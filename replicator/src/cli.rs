@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{human_bytes, Config, DEFAULT_CONFIG_PATH};
 use crate::control::{self, exit, Request, Response};
 use crate::group::{GroupStatus, Health};
 
@@ -63,6 +63,24 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// On a former primary fenced by a failover (or in split brain): become
+    /// the secondary of the new primary, discarding this site's writes
+    /// after the takeover point (reported), copy only what differs, then
+    /// switch the roles back. Waits for the resync.
+    Failback {
+        /// Group name.
+        group: String,
+        /// Stop after the resync: this node stays the secondary.
+        #[arg(long)]
+        no_switch: bool,
+        /// With --no-switch: wait until the resync is done (without
+        /// --no-switch failback always waits).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting for the resync after this long (e.g. 30m).
+        #[arg(long, value_parser = parse_duration_arg)]
+        timeout: Option<Duration>,
+    },
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -99,6 +117,37 @@ pub enum PairCommand {
     Delete {
         /// Group name.
         group: String,
+    },
+    /// Suspend replication (either site). The secondary keeps a
+    /// write-order-consistent image; only `pair resync` resumes.
+    Split {
+        /// Group name.
+        group: String,
+        /// Make the secondary's volumes writable (its changes are
+        /// overwritten at resync, or kept with `resync --swap`).
+        #[arg(long)]
+        rw: bool,
+    },
+    /// Resume a split or failed pair, copying only the regions either side
+    /// changed.
+    Resync {
+        /// Group name.
+        group: String,
+        /// Run on the split secondary: it becomes the primary and its data
+        /// wins.
+        #[arg(long, conflicts_with = "discard_local")]
+        swap: bool,
+        /// Run on the site to lose in a split brain (or on a fenced former
+        /// primary): it becomes the secondary and its own writes are
+        /// overwritten.
+        #[arg(long)]
+        discard_local: bool,
+        /// Wait until the pair reaches PAIR, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long.
+        #[arg(long, requires = "wait", value_parser = parse_duration_arg)]
+        timeout: Option<Duration>,
     },
 }
 
@@ -235,6 +284,38 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let config = load_config(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async { report(&ask(&config, Request::PairDelete { group }).await?) })
+        }
+        Command::Pair(PairCommand::Split { group, rw }) => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async { report(&ask(&config, Request::PairSplit { group, rw }).await?) })
+        }
+        Command::Pair(PairCommand::Resync { group, swap, discard_local, wait, timeout }) => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let code = report(&ask(&config, Request::PairResync { group: group.clone(), swap, discard_local }).await?)?;
+                if wait {
+                    wait_for_pair(&config, &group, timeout).await
+                } else {
+                    Ok(code)
+                }
+            })
+        }
+        Command::Failback { group, no_switch, wait, timeout } => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let code = report(&ask(&config, Request::Failback { group: group.clone() }).await?)?;
+                if no_switch && !wait {
+                    return Ok(code);
+                }
+                wait_for_pair(&config, &group, timeout).await?;
+                if no_switch {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                report(&ask(&config, Request::Switchover { group }).await?)
+            })
         }
         Command::Switchover { group } => {
             let config = load_config(&cli.config)?;
@@ -408,21 +489,6 @@ async fn wait_for_pair(config: &Config, group: &str, timeout: Option<Duration>) 
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
     }
 }
 

@@ -525,6 +525,22 @@ pub fn is_valid_name(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// A byte count for people: "512 B", "1.5 GiB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
 /// Parses a human size: `4096`, `512K`, `64KiB`, `1GiB`, `1.5G`, `2TB`.
 /// K/M/G/T with or without `iB` are binary (powers of 1024), as storage admins
 /// expect from LVM; `KB`/`MB`/`GB`/`TB` are decimal.

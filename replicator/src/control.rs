@@ -64,6 +64,27 @@ pub enum Request {
         /// inconsistent.
         force: bool,
     },
+    /// `pair split` (on either site).
+    PairSplit {
+        /// Group.
+        group: String,
+        /// The secondary's volumes become writable.
+        rw: bool,
+    },
+    /// `pair resync`.
+    PairResync {
+        /// Group.
+        group: String,
+        /// The secondary becomes the primary.
+        swap: bool,
+        /// This site's writes are discarded (split brain, fenced).
+        discard_local: bool,
+    },
+    /// `failback` (on a fenced former primary): become the secondary.
+    Failback {
+        /// Group.
+        group: String,
+    },
 }
 
 /// The daemon's answer.
@@ -223,19 +244,32 @@ async fn execute(node: &Node, req: Request) -> Response {
         }
         Request::Switchover { group } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
-            match g.switchover().await {
-                Ok(msg) => Response::ok(msg),
-                Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
-                Err(e) => Response::err(exit::FAILED, format!("switchover: {e}")),
-            }
+            answer("switchover", g.switchover().await)
         }
         Request::Failover { group, force } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
-            match g.failover(force).await {
-                Ok(msg) => Response::ok(msg),
-                Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
-                Err(e) => Response::err(exit::FAILED, format!("failover: {e}")),
-            }
+            answer("failover", g.failover(force).await)
         }
+        Request::PairSplit { group, rw } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            answer("pair split", g.pair_split(rw).await)
+        }
+        Request::PairResync { group, swap, discard_local } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            answer("pair resync", g.pair_resync(swap, discard_local).await)
+        }
+        Request::Failback { group } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            answer("failback", g.failback().await)
+        }
+    }
+}
+
+/// A lifecycle command's outcome: refused as unsafe (exit 3) or failed.
+fn answer(what: &str, result: Result<String, GroupError>) -> Response {
+    match result {
+        Ok(msg) => Response::ok(msg),
+        Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
+        Err(e) => Response::err(exit::FAILED, format!("{what}: {e}")),
     }
 }

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use replicator_protocol::pair::Role;
 use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
@@ -73,9 +72,8 @@ impl Node {
                     let _ = send
                         .send(Body::OpenGroupReply(replicator_protocol::pb::OpenGroupReply {
                             error: msg,
-                            durable_seq: 0,
-                            generation: 0,
                             refusal: replicator_protocol::pb::Refusal::Config as i32,
+                            ..Default::default()
                         }))
                         .await;
                     send.finish();
@@ -156,18 +154,20 @@ impl ExportCatalog for Node {
     fn open(&self, name: &str) -> Result<Arc<VolumeExport>, OpenError> {
         let (gi, vi) = *self.exports.get(name).ok_or_else(|| OpenError::Unknown(name.to_string()))?;
         let group = self.groups[gi].clone();
-        if group.role() == Role::Secondary {
+        if !group.writable() {
             return Err(OpenError::Refused(format!(
-                "volume {name} is the secondary replica of group {} ({}): it cannot be attached while replication runs into it",
+                "volume {name} is the secondary replica of group {} ({}): it cannot be attached while replication runs into it \
+                 (`replicator pair split {} --rw` makes it writable)",
                 group.cfg.name,
-                group.state()
+                group.state(),
+                group.cfg.name
             )));
         }
         let size = group.volumes[vi as usize].size();
         let attached = group.attach_client();
         // Checked again with the client counted: a `pair create` from the
         // peer that made this group secondary meanwhile is not missed.
-        if group.role() == Role::Secondary {
+        if !group.writable() {
             return Err(OpenError::Refused(format!(
                 "volume {name} became the secondary replica of group {}: it cannot be attached while replication runs into it",
                 group.cfg.name

@@ -117,6 +117,56 @@ pub struct GroupState {
     /// See `primary_reported_seq`.
     #[serde(default)]
     pub primary_reported_at_us: u64,
+    /// Primary after a promotion (failover, switchover, swap): the last
+    /// record of the old generation its image held.
+    #[serde(default)]
+    pub takeover: Option<TakeoverPoint>,
+    /// Fenced primary: the takeover point of the peer that superseded it
+    /// (None: unknown).
+    #[serde(default)]
+    pub superseded_at: Option<TakeoverPoint>,
+    /// Secondary: its volumes hold writes the primary lacks (failback,
+    /// `--discard-local`, writes while split with `--rw`); its dirty
+    /// bitmaps name the regions. The primary copies them (and its own
+    /// changes) before the pair resumes.
+    #[serde(default)]
+    pub needs_rebase: bool,
+    /// Secondary, split with `--rw`: its volumes take writes.
+    #[serde(default)]
+    pub split_writable: bool,
+    /// Primary with `announce = resync`: the record the secondary rebases
+    /// on (0: the one before `journal_tail_seq`).
+    #[serde(default)]
+    pub rebase_seq: u64,
+    /// Primary: the next session says `pair resync` ran (lifts a split on
+    /// the secondary).
+    #[serde(default)]
+    pub admin_resync: bool,
+    /// Primary after `pair resync --swap`: the next session asks the split
+    /// former primary to give up the role.
+    #[serde(default)]
+    pub swap: bool,
+    /// Primary with `announce = resync`: the bitmaps cover the regions the
+    /// secondary discarded (its `REFUSAL_NEEDS_REBASE`), so it may forget
+    /// them when it accepts.
+    #[serde(default)]
+    pub rebased: bool,
+}
+
+/// Where a promoted primary's image left the old generation (see
+/// `replicator_protocol::divergence`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakeoverPoint {
+    /// The last record it held.
+    pub seq: u64,
+    /// The epoch that record belonged to.
+    pub epoch: u64,
+}
+
+impl From<TakeoverPoint> for replicator_protocol::divergence::TakeoverPoint {
+    fn from(p: TakeoverPoint) -> Self {
+        Self { seq: p.seq, epoch: p.epoch }
+    }
 }
 
 /// What the primary's next session announces to the secondary.
@@ -162,6 +212,14 @@ impl GroupState {
             primary_reported_seq: 0,
             primary_reported_bytes: 0,
             primary_reported_at_us: 0,
+            takeover: None,
+            superseded_at: None,
+            needs_rebase: false,
+            split_writable: false,
+            rebase_seq: 0,
+            admin_resync: false,
+            swap: false,
+            rebased: false,
         }
     }
 }

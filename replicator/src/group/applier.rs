@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replicator_protocol::apply::ApplyId;
-use replicator_protocol::pair::{PairEvent, PairState, Role};
+use replicator_protocol::bitmap::DirtyBitmap;
+use replicator_protocol::divergence;
+use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::record::Record;
 use replicator_protocol::secondary::{
@@ -18,9 +20,9 @@ use replicator_protocol::secondary::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{journal_path, lock, Group, GroupError, SessionCommand};
+use super::{journal_path, lock, Group, GroupError, Inner, SessionCommand};
 use crate::journal::Journal;
-use crate::state::GroupState;
+use crate::state::{GroupState, TakeoverPoint};
 use crate::transport::{FramedRecv, FramedSend, TransportError};
 use crate::volume::Volume;
 
@@ -106,15 +108,35 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     if g.role == Role::Primary && g.persisted.pair_id == open.pair_id && open.pair_id != 0 {
         // Two primaries of one pair: the generations tell a failover from a
         // split brain.
-        if g.persisted.superseded_by == 0 && open.generation > g.persisted.generation {
-            group.fence(&mut g, open.generation);
+        if open.generation > g.persisted.generation {
+            // The takeover point says where this node's records stand only
+            // for the promotion right after its own generation.
+            let point = (open.promoted && open.generation == g.persisted.generation + 1)
+                .then_some(TakeoverPoint { seq: open.takeover_seq, epoch: open.takeover_epoch });
+            group.fence(&mut g, open.generation, point);
         }
         if g.persisted.superseded_by > 0 {
+            if g.state == PairState::SplitBrain || group.former_primary_diverged(&g) {
+                let msg = format!(
+                    "group {name}: SPLIT-BRAIN: this node, a former primary, holds writes that {peer} never received \
+                     ({}), and {peer} has taken writes as primary since (generation {}); neither site replicates. \
+                     To keep {peer}'s data: `replicator failback {name}` here. To keep this node's data: \
+                     `replicator pair resync {name} --discard-local` on {peer}",
+                    beyond(&g),
+                    g.persisted.superseded_by
+                );
+                if g.state != PairState::SplitBrain {
+                    group.transition(&mut g, PairEvent::SplitBrainDetected, &msg);
+                    tracing::error!(group = %name, "{msg}");
+                }
+                g.last_error = Some(msg.clone());
+                return Err((pb::Refusal::SplitBrain, msg));
+            }
             return Err((
                 pb::Refusal::Fenced,
                 format!(
                     "group {name} here is a former primary fenced after the failover to {peer} (generation {}); it \
-                     accepts no writes and waits for an admin",
+                     accepts no writes and waits for `replicator failback {name}` here",
                     g.persisted.superseded_by
                 ),
             ));
@@ -144,6 +166,11 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
             pb::Refusal::Unspecified,
             "another replication session for this group is already attached".into(),
         ));
+    }
+    if g.role == Role::Secondary && g.persisted.pair_id == open.pair_id && open.pair_id != 0 {
+        if let Some(refused) = lifecycle_refusal(group, &mut g, open, intent, peer) {
+            return Err(refused);
+        }
     }
     match intent {
         pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy => {
@@ -228,6 +255,21 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 // Inconsistent until the copy of those regions is done
                 // (COPY_DONE follows even when there is nothing to copy).
                 g.persisted.copy_incomplete = true;
+                if g.persisted.needs_rebase {
+                    // The primary's bitmaps hold the regions this node
+                    // discarded (`rebased`, checked above): forget them.
+                    tracing::info!(group = %name, primary = %peer, "the primary copies the regions this node discarded");
+                    g.persisted.needs_rebase = false;
+                    for b in &mut g.bitmaps {
+                        b.clear_all();
+                    }
+                    group.bitmap_wanted.send_modify(|w| *w += 1);
+                }
+                g.persisted.generation = g.persisted.generation.max(open.generation);
+            }
+            if g.persisted.split_writable || g.state == PairState::Suspended(SuspendReason::Split) {
+                tracing::info!(group = %name, primary = %peer, "pair resync: the split ends");
+                g.persisted.split_writable = false;
             }
             g.persisted.consistent = !g.persisted.copy_incomplete;
             g.state = if g.persisted.consistent { PairState::Pair } else { PairState::Copy };
@@ -258,6 +300,110 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     Ok(Accepted { start, new_pair, commands })
 }
 
+/// Refusals of a session by this secondary that follow from the pair's
+/// lifecycle: an admin split, writes of its own to be discarded, a primary
+/// of an older generation. `None`: go on.
+fn lifecycle_refusal(
+    group: &Group,
+    g: &mut Inner,
+    open: &pb::OpenGroup,
+    intent: pb::OpenIntent,
+    peer: &str,
+) -> Option<Refused> {
+    let name = &group.cfg.name;
+    if g.state == PairState::Suspended(SuspendReason::Split) && !open.admin_resync {
+        return Some((
+            pb::Refusal::Split,
+            format!("group {name} was split by an admin here; `replicator pair resync {name}` on {peer} resumes it"),
+        ));
+    }
+    let clients = group.nbd_clients.load(std::sync::atomic::Ordering::SeqCst);
+    if g.persisted.split_writable && clients > 0 {
+        return Some((
+            pb::Refusal::InUse,
+            format!(
+                "group {name}: {clients} NBD client(s) have the split replica's volumes attached here; detach them \
+                 before the resync overwrites them"
+            ),
+        ));
+    }
+    if g.persisted.needs_rebase
+        && !(intent == pb::OpenIntent::Resync && open.rebased && open.generation >= g.persisted.generation)
+    {
+        if g.persisted.split_writable {
+            // The regions named now must stay all there is until the
+            // resync: the volumes take no more writes.
+            g.persisted.split_writable = false;
+            group.save_locked(g);
+        }
+        let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+        return Some((
+            pb::Refusal::NeedsRebase,
+            format!(
+                "group {name}: this node's volumes differ from {peer}'s in {bytes} bytes of regions it will discard; \
+                 copy them and resync"
+            ),
+        ));
+    }
+    if open.generation < g.persisted.generation {
+        return Some((
+            pb::Refusal::Superseded,
+            format!(
+                "group {name} here follows generation {}; {peer} (generation {}) was superseded and must not \
+                 accept writes",
+                g.persisted.generation, open.generation
+            ),
+        ));
+    }
+    None
+}
+
+/// `pair resync --swap` on the peer made it the primary: this node, the
+/// split former primary, gives up the role (its writes since the split are
+/// overwritten). Anything else passes through unchanged.
+async fn give_up_for_swap(group: &Arc<Group>, open: &pb::OpenGroup, peer: &str) -> Result<(), Refused> {
+    let applies = {
+        let g = lock(&group.inner);
+        open.swap
+            && g.role == Role::Primary
+            && g.persisted.pair_id == open.pair_id
+            && g.persisted.superseded_by == 0
+            && g.state == PairState::Suspended(SuspendReason::Split)
+            && open.generation > g.persisted.generation
+            && group.cfg.peer == peer
+    };
+    if !applies {
+        return Ok(());
+    }
+    let point = open.promoted.then_some(TakeoverPoint { seq: open.takeover_seq, epoch: open.takeover_epoch });
+    match group.give_up_primary(open.generation, point).await {
+        Ok((regions, bytes)) => {
+            tracing::warn!(group = %group.cfg.name, %peer, regions, bytes,
+                "pair resync --swap on {peer}: this node is now its secondary; its writes since the split are overwritten");
+            Ok(())
+        }
+        Err(GroupError::Refused(msg)) => Err((pb::Refusal::InUse, msg)),
+        Err(e) => Err((pb::Refusal::Unspecified, format!("cannot give up the primary role here: {e}"))),
+    }
+}
+
+/// A former primary's writes beyond the takeover point, in words.
+fn beyond(g: &Inner) -> String {
+    let bitmap: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+    let records = match g.persisted.superseded_at {
+        Some(p) if p.epoch == g.persisted.epoch => {
+            format!("{} journal record(s) after sequence {}", g.last_jseq.saturating_sub(p.seq), p.seq)
+        }
+        Some(_) => "records of a later epoch (it restarted after a power cut)".to_string(),
+        None => "records after an unknown takeover point".to_string(),
+    };
+    if bitmap > 0 {
+        format!("{records}, and {bitmap} bytes of regions tracked in its dirty bitmap")
+    } else {
+        records
+    }
+}
+
 /// Serves one group stream opened by the primary `peer`. Returns when the
 /// stream ends, the pair is deleted, or `shutdown` fires (then it finishes
 /// applying what it received and makes it durable first).
@@ -269,6 +415,17 @@ pub async fn serve_secondary(
     peer: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if let Err(refused) = give_up_for_swap(&group, &open, &peer).await {
+        let reply = pb::OpenGroupReply {
+            error: refused.1,
+            generation: lock(&group.inner).persisted.generation,
+            refusal: refused.0 as i32,
+            ..Default::default()
+        };
+        let _ = send.send(Body::OpenGroupReply(reply)).await;
+        send.finish();
+        return;
+    }
     let accepted = match accept_open(&group, &open, &peer) {
         Ok(a) => match restore_journal(&group, open.pair_id, a.new_pair).await {
             Ok(journal) => Ok((a, journal)),
@@ -297,8 +454,16 @@ pub async fn serve_secondary(
                 tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {msg}");
             }
             // The generation lets a superseded primary learn who took over.
-            let generation = lock(&group.inner).persisted.generation;
-            let reply = pb::OpenGroupReply { error: msg, durable_seq: 0, generation, refusal: refusal as i32 };
+            let (generation, divergent) = {
+                let g = lock(&group.inner);
+                let divergent = match refusal {
+                    pb::Refusal::NeedsRebase => divergence::to_extents(&g.bitmaps),
+                    _ => Vec::new(),
+                };
+                (g.persisted.generation, divergent)
+            };
+            let reply =
+                pb::OpenGroupReply { error: msg, durable_seq: 0, generation, refusal: refusal as i32, divergent };
             let _ = send.send(Body::OpenGroupReply(reply)).await;
             send.finish();
             return;
@@ -312,6 +477,7 @@ pub async fn serve_secondary(
             durable_seq: base,
             generation,
             refusal: pb::Refusal::Unspecified as i32,
+            divergent: Vec::new(),
         }))
         .await
     {
@@ -342,6 +508,25 @@ pub async fn serve_secondary(
     }
     // Every apply is finished and durable: only now may the volumes become
     // writable here.
+    if let Ending::Split { rw, asked_by_primary } = session.ending {
+        let result = if drained {
+            let mut g = lock(&group.inner);
+            group.split_here(&mut g, rw, if asked_by_primary { "pair split on the primary" } else { "pair split" });
+            Ok(())
+        } else {
+            Err("applying failed; the split did not happen".to_string())
+        };
+        if asked_by_primary {
+            let error = result.as_ref().err().cloned().unwrap_or_default();
+            let _ = send.send(Body::CommandReply(pb::CommandReply { command: pb::Command::Split as i32, error })).await;
+        }
+        send.finish();
+        detach(&group);
+        if let Some(done) = session.split_done.take() {
+            let _ = done.send(result);
+        }
+        return;
+    }
     if let Ending::Switchover { seq } = session.ending {
         let taken = if drained {
             group.take_over_after_switchover(seq).await
@@ -365,7 +550,7 @@ pub async fn serve_secondary(
         return;
     }
     let deleted = match session.ending {
-        Ending::Stream | Ending::Switchover { .. } => None,
+        Ending::Stream | Ending::Switchover { .. } | Ending::Split { .. } => None,
         Ending::DeletedByPrimary => Some("the primary ran pair delete"),
         Ending::DeletedHere { .. } => Some("pair delete on the secondary"),
     };
@@ -446,6 +631,13 @@ enum Ending {
         /// The primary's last record.
         seq: u64,
     },
+    /// `pair split`, here or on the primary.
+    Split {
+        /// `--rw`: the volumes become writable.
+        rw: bool,
+        /// The primary sent the command (it waits for the reply).
+        asked_by_primary: bool,
+    },
 }
 
 struct Session {
@@ -464,6 +656,8 @@ struct Session {
     /// may take to confirm.
     delete_reply: Option<oneshot::Sender<String>>,
     leave_by: Option<Instant>,
+    /// `pair split` here: told once the split is persisted.
+    split_done: Option<oneshot::Sender<Result<(), String>>>,
     /// The image was inconsistent at the last save (logs the change).
     copy_incomplete: bool,
 }
@@ -495,6 +689,7 @@ impl Session {
             ending: Ending::Stream,
             delete_reply: None,
             leave_by: None,
+            split_done: None,
             copy_incomplete,
         }
     }
@@ -532,11 +727,17 @@ impl Session {
                         self.delete_reply = Some(reply);
                         self.ending = Ending::DeletedHere { confirmed: false };
                         self.leave_by = Some(Instant::now() + Duration::from_secs(10));
-                        send.send(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0, bytes: 0 })).await?;
+                        send.send(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, ..Default::default() })).await?;
                     }
                     SessionCommand::RequestSwitchover => {
-                        let ask = pb::GroupCommand { command: pb::Command::SwitchoverRequest as i32, seq: 0, bytes: 0 };
+                        let ask = pb::GroupCommand { command: pb::Command::SwitchoverRequest as i32, ..Default::default() };
                         send.send(Body::Command(ask)).await?;
+                    }
+                    SessionCommand::Split { rw, done } => {
+                        tracing::info!(group = %self.group.cfg.name, rw, "pair split on the secondary: ending the replication session");
+                        self.ending = Ending::Split { rw, asked_by_primary: false };
+                        self.split_done = Some(done);
+                        return Ok(());
                     }
                     SessionCommand::End => {
                         tracing::warn!(group = %self.group.cfg.name, "failover --force: ending the replication session");
@@ -593,7 +794,10 @@ impl Session {
     fn finished(&self) -> bool {
         matches!(
             self.ending,
-            Ending::DeletedByPrimary | Ending::DeletedHere { confirmed: true } | Ending::Switchover { .. }
+            Ending::DeletedByPrimary
+                | Ending::DeletedHere { confirmed: true }
+                | Ending::Switchover { .. }
+                | Ending::Split { .. }
         )
     }
 
@@ -637,6 +841,10 @@ impl Session {
                     )));
                 }
                 self.ending = Ending::Switchover { seq: c.seq };
+                Ok(())
+            }
+            Some(Body::Command(c)) if c.command == pb::Command::Split as i32 => {
+                self.ending = Ending::Split { rw: c.rw, asked_by_primary: true };
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::PrimaryProgress as i32 => {

@@ -13,6 +13,7 @@
 //! changes) is published through a `watch` channel.
 
 mod applier;
+mod lifecycle;
 mod shipper;
 mod takeover;
 mod write_path;
@@ -167,6 +168,8 @@ struct Inner {
     /// Primary, during `switchover`: the last record, whether the command
     /// went out, and who waits for the secondary's confirmation.
     switchover: Option<takeover::Switchover>,
+    /// Primary, during `pair split` with the session up.
+    split: Option<lifecycle::SplitRequest>,
     /// When the replication link last went up or down (wall clock).
     link_changed_at: SystemTime,
     /// Secondary: commands for the attached session.
@@ -189,6 +192,14 @@ enum SessionCommand {
     End,
     /// `switchover` on the secondary: ask the primary to hand over.
     RequestSwitchover,
+    /// `pair split` on the secondary: end the session, persist the split
+    /// (`rw`: volumes writable), then answer.
+    Split {
+        /// `--rw`.
+        rw: bool,
+        /// Told once the split is persisted.
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Memory budget for records kept for shipping; beyond it the shipper reads
@@ -345,6 +356,7 @@ impl Group {
                 }
                 persisted.journal_tail_seq = last + 1;
                 persisted.journal_tail_pos = r.head();
+                persisted.rebase_seq = last;
                 let mut empty = JournalRing::new(j.capacity());
                 empty.reset_at(r.head());
                 ring = Some(empty);
@@ -441,6 +453,7 @@ impl Group {
             switching: false,
             taking_over: false,
             switchover: None,
+            split: None,
             link_changed_at: SystemTime::now(),
             session_cmd: None,
             secondary_attached: false,
@@ -935,7 +948,7 @@ impl Group {
     fn peer_refused(&self, kind: pb::Refusal, msg: &str, peer_generation: u64) {
         let mut g = lock(&self.inner);
         if kind == pb::Refusal::Superseded && peer_generation > g.persisted.generation {
-            self.fence(&mut g, peer_generation);
+            self.fence(&mut g, peer_generation, None);
             return;
         }
         g.last_error = Some(msg.to_string());
@@ -948,10 +961,22 @@ impl Group {
                 self.transition(&mut g, PairEvent::Failure, "the peer is not in this pair: it left it");
                 Some("not-paired")
             }
-            pb::Refusal::WrittenStandalone | pb::Refusal::AlsoPrimary | pb::Refusal::Superseded => {
+            pb::Refusal::WrittenStandalone
+            | pb::Refusal::AlsoPrimary
+            | pb::Refusal::Superseded
+            | pb::Refusal::SplitBrain => {
                 self.transition(&mut g, PairEvent::SplitBrainDetected, msg);
                 Some("split-brain")
             }
+            // An admin split the pair on the secondary: nothing resumes
+            // until `pair resync` here.
+            pb::Refusal::Split => {
+                self.transition(&mut g, PairEvent::AdminSplit, "the secondary was split by an admin");
+                g.last_error = None;
+                None
+            }
+            // Handled by the session (it rebases the peer).
+            pb::Refusal::NeedsRebase => None,
             // A former primary that a failover here superseded: it takes no
             // writes and waits for an admin; this node stays primary.
             pb::Refusal::Fenced => Some("peer-fenced"),
@@ -1066,6 +1091,10 @@ impl Group {
             copy_total_bytes: g.copy_total,
             copy_done_bytes: g.copy_done,
             consistent: g.persisted.consistent,
+            writable: g.role == Role::Primary && g.persisted.superseded_by == 0
+                || g.role == Role::None
+                || g.persisted.split_writable,
+            needs_rebase: g.persisted.needs_rebase,
             io_backend: self.engine.backend().to_string(),
             direct_io: self.volumes.iter().all(|v| v.file().is_direct()),
             last_error: g.last_error.clone(),
@@ -1158,6 +1187,15 @@ pub struct GroupStatus {
     pub copy_done_bytes: u64,
     /// This node's volumes hold a write-order-consistent image.
     pub consistent: bool,
+    /// Clients may write the volumes here (a primary not fenced, a
+    /// standalone group, or a secondary split with `--rw`).
+    #[serde(default)]
+    pub writable: bool,
+    /// Secondary: its volumes hold writes the primary lacks (failback,
+    /// `--discard-local`, writes while split); the next resync copies those
+    /// regions.
+    #[serde(default)]
+    pub needs_rebase: bool,
     /// "io_uring" or "threads".
     pub io_backend: String,
     /// Every volume is opened with O_DIRECT.

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use replicator_protocol::pair::{PairEvent, PairState, Role};
+use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::primary::{check_resume, CopyStep, PrimaryConfig, PrimarySession, Transmit};
 use replicator_protocol::record::{Record, RecordOp};
@@ -48,16 +48,29 @@ fn current(group: &Group, epoch: u64) -> bool {
     g.role == Role::Primary && g.shipper_epoch == epoch
 }
 
-/// Why retrying cannot help until an admin acts (`pair delete`, or a
-/// restart after fixing things), if it cannot.
-fn must_stop(group: &Group) -> Option<&'static str> {
+/// How the session task goes on after a session ended.
+enum Retry {
+    /// With the usual backoff.
+    Backoff,
+    /// Rarely, and quietly: an admin must act on one of the sites (this
+    /// node is fenced, or in split brain), and a command on the peer
+    /// (`failback`, `--discard-local`) is noticed at the next attempt.
+    Rarely,
+    /// Not at all: the peer left the pair (`pair delete` ends it here).
+    Stop(&'static str),
+}
+
+/// Poll interval of [`Retry::Rarely`].
+const RARE_RETRY: Duration = Duration::from_secs(10);
+
+fn retry(group: &Group) -> Retry {
     let g = lock(&group.inner);
-    if g.persisted.superseded_by > 0 {
-        Some("a failover on the peer superseded this node")
-    } else if g.state == PairState::SplitBrain || g.refusal == Some("not-paired") {
-        Some("the peer is no longer in this pair")
+    if g.refusal == Some("not-paired") {
+        Retry::Stop("the peer is no longer in this pair")
+    } else if g.persisted.superseded_by > 0 || g.state == PairState::SplitBrain {
+        Retry::Rarely
     } else {
-        None
+        Retry::Backoff
     }
 }
 
@@ -74,6 +87,11 @@ async fn run(group: Arc<Group>, epoch: u64) {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
+        if lock(&group.inner).state == PairState::Suspended(SuspendReason::Split) {
+            // An admin split: only `pair resync` (which kicks) resumes.
+            let _ = tokio::time::timeout(Duration::from_secs(1), kick.changed()).await;
+            continue;
+        }
         let result = session(&group, epoch).await;
         cleanup_session(&group, epoch);
         match result {
@@ -88,15 +106,19 @@ async fn run(group: Arc<Group>, epoch: u64) {
         if !current(&group, epoch) {
             return;
         }
-        if let Some(why) = must_stop(&group) {
-            tracing::error!(
-                group = %group.cfg.name,
-                peer = %group.cfg.peer,
-                "replication stopped: {why}; see `replicator status {}`; `replicator pair delete {}` here ends the pair",
-                group.cfg.name,
-                group.cfg.name
-            );
-            return;
+        match retry(&group) {
+            Retry::Backoff => {}
+            Retry::Rarely => backoff = RARE_RETRY,
+            Retry::Stop(why) => {
+                tracing::error!(
+                    group = %group.cfg.name,
+                    peer = %group.cfg.peer,
+                    "replication stopped: {why}; see `replicator status {}`; `replicator pair delete {}` here ends the pair",
+                    group.cfg.name,
+                    group.cfg.name
+                );
+                return;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -127,7 +149,13 @@ fn intent_and_base(group: &Group) -> (pb::OpenIntent, u64) {
     match g.persisted.announce {
         Announce::CreateCopy => (pb::OpenIntent::CreateFullCopy, g.persisted.journal_tail_seq.saturating_sub(1)),
         Announce::CreateNocopy => (pb::OpenIntent::CreateNocopy, g.persisted.journal_tail_seq.saturating_sub(1)),
-        Announce::Resync => (pb::OpenIntent::Resync, g.persisted.journal_tail_seq.saturating_sub(1)),
+        Announce::Resync => (
+            pb::OpenIntent::Resync,
+            match g.persisted.rebase_seq {
+                0 => g.persisted.journal_tail_seq.saturating_sub(1),
+                rebase => rebase,
+            },
+        ),
         Announce::Resume => (pb::OpenIntent::Resume, 0),
     }
 }
@@ -136,10 +164,20 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     let conn = group.transport.connect(&group.cfg.peer).await?;
     let (mut send, mut recv) = Transport::open_stream(&conn).await?;
     let (intent, rebase) = intent_and_base(group);
-    let (generation, restarts, pair_id, copy_bytes, last_seq) = {
+    let (generation, restarts, pair_id, copy_bytes, last_seq, lifecycle) = {
         let g = lock(&group.inner);
         let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
-        (g.persisted.generation, g.persisted.epoch, g.persisted.pair_id, dirty, g.last_jseq)
+        let p = &g.persisted;
+        let lifecycle = pb::OpenGroup {
+            admin_resync: p.admin_resync,
+            swap: p.swap,
+            rebased: p.rebased && intent == pb::OpenIntent::Resync,
+            promoted: p.takeover.is_some(),
+            takeover_seq: p.takeover.map_or(0, |t| t.seq),
+            takeover_epoch: p.takeover.map_or(0, |t| t.epoch),
+            ..Default::default()
+        };
+        (p.generation, p.epoch, p.pair_id, dirty, g.last_jseq, lifecycle)
     };
     send.send(Body::OpenGroup(pb::OpenGroup {
         group: group.cfg.name.clone(),
@@ -155,6 +193,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         copy_bytes,
         last_seq,
         epoch: restarts,
+        ..lifecycle
     }))
     .await?;
     let reply = match tokio::time::timeout(Duration::from_secs(15), recv.expect("OpenGroupReply")).await {
@@ -166,6 +205,14 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     if !reply.error.is_empty() {
         let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, reply.error);
         let kind = pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified);
+        if kind == pb::Refusal::NeedsRebase {
+            // The peer discarded its own writes: rebase it, then open
+            // again at once with RESYNC.
+            return match group.rebase_peer(&reply.divergent, reply.generation).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(TransportError::Protocol(format!("cannot rebase {}: {e}", group.cfg.peer))),
+            };
+        }
         group.peer_refused(kind, &msg, reply.generation);
         return Err(TransportError::Protocol(msg));
     }
@@ -186,6 +233,10 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
             return Err(TransportError::Protocol(msg));
         }
         g.persisted.announce = Announce::Resume;
+        g.persisted.rebase_seq = 0;
+        g.persisted.admin_resync = false;
+        g.persisted.swap = false;
+        g.persisted.rebased = false;
         g.refusal = None;
         g.link_changed_at = std::time::SystemTime::now();
         g.link_down_since = None;
@@ -240,7 +291,7 @@ async fn send_loop(
             // pair delete (here or by the peer): tell the secondary after
             // every record already sent; it confirms once its last applies
             // are durable and then ends the stream.
-            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, seq: 0, bytes: 0 }));
+            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, ..Default::default() }));
             send.flush().await?;
             send.finish();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -276,7 +327,7 @@ async fn send_loop(
                     Some(Transmit::CopyDone(seq)) => Next::Body(Body::Command(pb::GroupCommand {
                         command: pb::Command::CopyDone as i32,
                         seq,
-                        bytes: 0,
+                        ..Default::default()
                     })),
                 }
             };
@@ -304,7 +355,21 @@ async fn send_loop(
             if let Some(sw) = g.switchover.as_mut().filter(|s| !s.sent && sent_through >= s.seq) {
                 sw.sent = true;
                 let seq = sw.seq;
-                send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Switchover as i32, seq, bytes: 0 }));
+                send.queue(Body::Command(pb::GroupCommand {
+                    command: pb::Command::Switchover as i32,
+                    seq,
+                    ..Default::default()
+                }));
+            }
+            // `pair split`: after every record sent so far.
+            if let Some(split) = g.split.as_mut().filter(|s| !s.sent) {
+                split.sent = true;
+                send.queue(Body::Command(pb::GroupCommand {
+                    command: pb::Command::Split as i32,
+                    seq: sent_through,
+                    rw: split.rw,
+                    ..Default::default()
+                }));
             }
         }
 
@@ -317,7 +382,7 @@ async fn send_loop(
                 let durable = g.session.as_ref().map_or(0, |s| s.shipper().durable());
                 (g.last_jseq, g.entries.range(durable + 1..).map(|(_, e)| e.span).sum())
             };
-            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::PrimaryProgress as i32, seq, bytes }));
+            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::PrimaryProgress as i32, seq, bytes, ..Default::default() }));
         }
 
         // Copy chunks: read the next one under a read barrier.
@@ -398,6 +463,14 @@ async fn read_acks(group: Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resul
         match recv.recv().await? {
             None => return Err(TransportError::Connection("the secondary ended the stream".into())),
             Some(pb::Envelope { body: Some(Body::Ack(ack)) }) => group.on_ack(&ack, epoch)?,
+            Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) if r.command == pb::Command::Split as i32 => {
+                // The secondary persisted the split; the session is over.
+                let answer = if r.error.is_empty() { Ok(()) } else { Err(r.error) };
+                if let Some(tx) = lock(&group.inner).split.as_mut().and_then(|s| s.confirmed.take()) {
+                    let _ = tx.send(answer);
+                }
+                return Ok(());
+            }
             Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) if r.command == pb::Command::Switchover as i32 => {
                 // The secondary took over (or refused to): the switchover
                 // demotes this node, or abandons; this session is over.

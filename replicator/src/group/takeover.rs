@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use super::{lock, Group, GroupError, Inner, SessionCommand};
 use crate::config::Mode;
 use crate::journal::Journal;
-use crate::state::Announce;
+use crate::state::{Announce, TakeoverPoint};
 
 /// How long a failover waits for the replication session to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -370,7 +370,7 @@ impl Group {
     }
 
     /// Makes this secondary the primary (see [`promote`]) and persists it.
-    fn promote(&self, g: &mut Inner, journal: Journal, consistent: bool) {
+    pub(super) fn promote(&self, g: &mut Inner, journal: Journal, consistent: bool) {
         promote(g, journal, consistent);
         // Writes wait for every earlier record to be journaled: all
         // through the recovery point are.
@@ -383,19 +383,29 @@ impl Group {
 
     /// A failover on the peer superseded this primary (generation
     /// `generation`): stop accepting writes, for good, and say so.
-    pub(super) fn fence(&self, g: &mut Inner, generation: u64) {
-        if g.role != Role::Primary || g.switching || g.persisted.superseded_by >= generation {
+    pub(super) fn fence(&self, g: &mut Inner, generation: u64, point: Option<TakeoverPoint>) {
+        if g.role != Role::Primary || g.switching {
+            return;
+        }
+        if g.persisted.superseded_by == generation && point.is_some() && g.persisted.superseded_at != point {
+            // Fenced before without the takeover point (this node asked
+            // first): remember it now.
+            g.persisted.superseded_at = point;
+            self.save_locked(g);
+        }
+        if g.persisted.superseded_by >= generation {
             return;
         }
         let name = &self.cfg.name;
         let msg = format!(
-            "group {name}: {} took over as primary after a failover (generation {generation}); this node no longer \
-             accepts writes. Its writes after the failover's recovery point are not on {}. To rejoin: \
-             `replicator pair delete {name}` here and on {}, then `replicator pair create {name}` on {} (full copy)",
-            self.cfg.peer, self.cfg.peer, self.cfg.peer, self.cfg.peer
+            "group {name}: {peer} took over as primary after a failover (generation {generation}); this node no \
+             longer accepts writes. To rejoin as {peer}'s secondary (copying only what differs): `replicator \
+             failback {name}` here",
+            peer = self.cfg.peer
         );
         tracing::error!(group = %name, "{msg}");
         g.persisted.superseded_by = generation;
+        g.persisted.superseded_at = point;
         g.last_error = Some(msg.clone());
         g.refusal = Some("superseded");
         self.transition(g, PairEvent::Failure, &msg);
@@ -444,7 +454,7 @@ fn format_time(us: u64) -> String {
 /// What every role change does: `role` of the same pair in the next
 /// generation, its journal `journal` (empty) continuing after `last`, no
 /// copy due, nothing tracked, no peer yet.
-fn change_role(g: &mut Inner, role: Role, journal: Journal, last: u64) {
+pub(super) fn change_role(g: &mut Inner, role: Role, journal: Journal, last: u64) {
     g.role = role;
     g.persisted.role = role;
     g.persisted.generation += 1;
@@ -455,6 +465,15 @@ fn change_role(g: &mut Inner, role: Role, journal: Journal, last: u64) {
     g.persisted.announce = Announce::Resume;
     g.persisted.copy_incomplete = false;
     g.persisted.superseded_by = 0;
+    g.persisted.superseded_at = None;
+    g.persisted.takeover = None;
+    g.persisted.needs_rebase = false;
+    g.persisted.split_writable = false;
+    g.persisted.rebase_seq = 0;
+    g.persisted.admin_resync = false;
+    g.persisted.swap = false;
+    g.persisted.rebased = false;
+    g.split = None;
     g.journal = Some(Arc::new(journal));
     g.entries.clear();
     g.cached_bytes = 0;
@@ -493,6 +512,9 @@ fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
     let mut ring = JournalRing::new(journal.capacity());
     ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
     change_role(g, Role::Primary, journal, n);
+    // Where this image left the old generation: a former primary that
+    // comes back compares its own records with it.
+    g.persisted.takeover = Some(TakeoverPoint { seq: n, epoch: g.persisted.epoch });
     g.persisted.consistent = consistent;
     g.taking_over = false;
     g.ring = Some(ring);

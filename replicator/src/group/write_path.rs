@@ -226,8 +226,15 @@ impl Group {
             return Err(self.stopped_error(why));
         }
         let mut g = lock(&self.inner);
-        if g.role == Role::Secondary {
+        let split_writable = g.role == Role::Secondary && g.persisted.split_writable;
+        if g.role == Role::Secondary && !split_writable {
             return Err(WriteError::ReadOnly(self.cfg.name.clone()));
+        }
+        if split_writable && !g.persisted.needs_rebase {
+            // The first write to a replica split with --rw: from now on the
+            // primary must copy what it changed before the pair resumes.
+            g.persisted.needs_rebase = true;
+            self.save_locked(&mut g);
         }
         if g.persisted.superseded_by > 0 {
             return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
@@ -269,7 +276,7 @@ impl Group {
             }
         }
         let mut bitmap_epoch = None;
-        if g.role == Role::Primary {
+        if g.role == Role::Primary || split_writable {
             // Journaled: the region joins the activity log; not journaled
             // (bitmap mode): the dirty bitmap. Either way a region new to it
             // is on disk before the volume write (group commit).
@@ -653,11 +660,13 @@ impl Group {
         Ok(volume.read(offset, len).await?)
     }
 
-    /// May clients write the volumes? Not on the secondary. A replication
-    /// error never takes writes away from the primary's applications: the
-    /// journal (or the dirty bitmap) keeps tracking them.
+    /// May clients write the volumes? Not on the secondary, unless it is
+    /// split with `--rw`. A replication error never takes writes away from
+    /// the primary's applications: the journal (or the dirty bitmap) keeps
+    /// tracking them.
     pub fn writable(&self) -> bool {
-        lock(&self.inner).role != Role::Secondary
+        let g = lock(&self.inner);
+        g.role != Role::Secondary || g.persisted.split_writable
     }
 }
 
