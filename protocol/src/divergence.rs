@@ -166,7 +166,7 @@ mod tests {
     fn many_runs_name_whole_volumes() {
         let mut a = vec![DirtyBitmap::new(20_000 * MIB, 64 << 10)];
         for i in 0..(MAX_EXTENTS as u64 + 1) {
-            a[0].set_range(i * 256 << 10, 1);
+            a[0].set_range((i * 256) << 10, 1);
         }
         let ext = to_extents(&a);
         assert_eq!(ext.len(), 1);
@@ -176,10 +176,8 @@ mod tests {
     #[test]
     fn hostile_extents_change_nothing() {
         let mut b = vec![DirtyBitmap::new(MIB, 64 << 10)];
-        let bad = [
-            pb::Extent { volume: 0, offset: 0, length: 1 },
-            pb::Extent { volume: 0, offset: u64::MAX, length: 2 },
-        ];
+        let bad =
+            [pb::Extent { volume: 0, offset: 0, length: 1 }, pb::Extent { volume: 0, offset: u64::MAX, length: 2 }];
         assert!(apply_extents(&mut b, &bad).is_err());
         assert!(b[0].is_clean());
         assert!(apply_extents(&mut b, &[pb::Extent { volume: 1, offset: 0, length: 1 }]).is_err());

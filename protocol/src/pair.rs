@@ -21,7 +21,7 @@
 //! | SUSPENDED(link \| journal-full)   | `LinkUp { needs_resync: false }`| PAIR                    |
 //! | SUSPENDED(split)                  | `LinkUp { .. }`                | SUSPENDED(split) (an admin split never resumes by itself) |
 //! | PAIR, COPY, SUSPENDED(any)        | `AdminSplit`                   | SUSPENDED(split)         |
-//! | SUSPENDED(any)                    | `AdminResync`                  | COPY                     |
+//! | SUSPENDED(any)                    | `AdminResync`                  | SUSPENDED(link) (the session that follows goes to COPY or PAIR) |
 //! | any except SPLIT-BRAIN            | `Failure`                      | SUSPENDED(error)         |
 //! | SPLIT-BRAIN                       | `Failure`                      | SPLIT-BRAIN (never resolved implicitly) |
 //! | any                               | `Delete`                       | SIMPLEX (how an admin resolves split brain) |
@@ -257,7 +257,7 @@ impl PairState {
             }
             (S::Suspended(R::Split), E::LinkUp { .. }) => S::Suspended(R::Split),
             (S::Pair | S::Copy | S::Suspended(_), E::AdminSplit) => S::Suspended(R::Split),
-            (S::Suspended(_), E::AdminResync) => S::Copy,
+            (S::Suspended(_), E::AdminResync) => S::Suspended(R::Link),
             (state, event) => return Err(TransitionError { state, event }),
         };
         Ok(next)
@@ -380,7 +380,7 @@ mod tests {
                 (S::Pair, E::AdminSplit) | (S::Copy, E::AdminSplit) | (S::Suspended(_), E::AdminSplit) => {
                     S::Suspended(R::Split)
                 }
-                (S::Suspended(_), E::AdminResync) => S::Copy,
+                (S::Suspended(_), E::AdminResync) => S::Suspended(R::Link),
                 _ => return None,
             })
         };

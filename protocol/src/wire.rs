@@ -258,12 +258,29 @@ mod tests {
                             copy_bytes,
                             last_seq,
                             epoch: generation / 2,
+                            admin_resync: pair_id % 2 == 0,
+                            swap: pair_id % 3 == 0,
+                            promoted: generation % 2 == 0,
+                            takeover_seq: rebase_seq / 2,
+                            takeover_epoch: generation / 3,
+                            rebased: copy_bytes % 2 == 0,
                         })
                     }
                 ),
-            (".{0,12}", any::<u64>(), any::<u64>(), 0i32..9).prop_map(|(error, durable_seq, generation, refusal)| {
-                Body::OpenGroupReply(pb::OpenGroupReply { error, durable_seq, generation, refusal })
-            }),
+            (
+                ".{0,12}",
+                any::<u64>(),
+                any::<u64>(),
+                0i32..12,
+                proptest::collection::vec(any::<(u32, u64, u64)>(), 0..4)
+            )
+                .prop_map(|(error, durable_seq, generation, refusal, extents)| {
+                    let divergent = extents
+                        .into_iter()
+                        .map(|(volume, offset, length)| pb::Extent { volume, offset, length })
+                        .collect();
+                    Body::OpenGroupReply(pb::OpenGroupReply { error, durable_seq, generation, refusal, divergent })
+                }),
             (
                 ".{0,12}",
                 any::<u64>(),
@@ -319,11 +336,8 @@ mod tests {
                 })
             }),
             any::<u64>().prop_map(|seq| Body::Flush(pb::FlushRequest { seq })),
-            (0i32..4, any::<u64>(), any::<u64>()).prop_map(|(command, seq, bytes)| Body::Command(pb::GroupCommand {
-                command,
-                seq,
-                bytes
-            })),
+            (0i32..7, any::<u64>(), any::<u64>(), any::<bool>())
+                .prop_map(|(command, seq, bytes, rw)| { Body::Command(pb::GroupCommand { command, seq, bytes, rw }) }),
             (0i32..3, ".{0,12}").prop_map(|(command, error)| Body::CommandReply(pb::CommandReply { command, error })),
             ".{0,20}".prop_map(|message| Body::Error(pb::Error { message })),
         ]

@@ -597,7 +597,7 @@ impl Sim {
                 }
                 Transmit::Flush(seq) => Body::Flush(pb::FlushRequest { seq }),
                 Transmit::CopyDone(seq) => {
-                    Body::Command(pb::GroupCommand { command: pb::Command::CopyDone as i32, seq, bytes: 0 })
+                    Body::Command(pb::GroupCommand { command: pb::Command::CopyDone as i32, seq, ..Default::default() })
                 }
             };
             push_frame(&mut self.p2s, body);

@@ -294,7 +294,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let config = load_config(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
-                let code = report(&ask(&config, Request::PairResync { group: group.clone(), swap, discard_local }).await?)?;
+                let code =
+                    report(&ask(&config, Request::PairResync { group: group.clone(), swap, discard_local }).await?)?;
                 if wait {
                     wait_for_pair(&config, &group, timeout).await
                 } else {

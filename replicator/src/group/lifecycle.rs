@@ -36,6 +36,9 @@ use super::{lock, takeover, Group, GroupError, Inner, SessionCommand};
 use crate::config::human_bytes;
 use crate::state::{Announce, TakeoverPoint};
 
+/// A volume index, offset and length.
+type Region = (u32, u64, u64);
+
 /// How long `pair split` waits for the secondary's confirmation.
 const SPLIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long giving up the primary role waits for writes in flight.
@@ -60,7 +63,9 @@ impl Group {
         let peer = self.cfg.peer.clone();
         let role = lock(&self.inner).role;
         match role {
-            Role::None => Err(GroupError::Failed(format!("group {name} is not paired here (SIMPLEX): nothing to split"))),
+            Role::None => {
+                Err(GroupError::Failed(format!("group {name} is not paired here (SIMPLEX): nothing to split")))
+            }
             Role::Secondary => self.split_secondary(rw).await,
             Role::Primary => {
                 let rx = {
@@ -261,7 +266,10 @@ impl Group {
                     g.state
                 )));
             }
-            if g.persisted.copy_incomplete || !g.persisted.consistent || g.persisted.needs_rebase && !g.persisted.split_writable {
+            if g.persisted.copy_incomplete
+                || !g.persisted.consistent
+                || g.persisted.needs_rebase && !g.persisted.split_writable
+            {
                 return Err(GroupError::Refused(format!(
                     "group {name}: this replica is not consistent; it cannot become the primary with --swap \
                      (`replicator failover {name} --force` would promote it anyway)"
@@ -472,7 +480,7 @@ impl Group {
     async fn changes_after(&self, after: u64, through: u64) -> Result<Vec<DirtyBitmap>, GroupError> {
         let (mut bitmaps, records, journal) = {
             let g = lock(&self.inner);
-            let records: Vec<(u64, u64, Option<(u32, u64, u64)>)> = g
+            let records: Vec<(u64, u64, Option<Region>)> = g
                 .entries
                 .range(after.saturating_add(1)..)
                 .take_while(|(seq, _)| **seq <= through)

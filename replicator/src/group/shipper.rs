@@ -382,7 +382,12 @@ async fn send_loop(
                 let durable = g.session.as_ref().map_or(0, |s| s.shipper().durable());
                 (g.last_jseq, g.entries.range(durable + 1..).map(|(_, e)| e.span).sum())
             };
-            send.queue(Body::Command(pb::GroupCommand { command: pb::Command::PrimaryProgress as i32, seq, bytes, ..Default::default() }));
+            send.queue(Body::Command(pb::GroupCommand {
+                command: pb::Command::PrimaryProgress as i32,
+                seq,
+                bytes,
+                ..Default::default()
+            }));
         }
 
         // Copy chunks: read the next one under a read barrier.

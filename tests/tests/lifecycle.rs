@@ -1,0 +1,304 @@
+//! Pair lifecycle through the real CLI, with sequence-stamped blocks
+//! written through NBD:
+//!
+//! - `pair split` keeps the secondary's image at the split point and never
+//!   resumes by itself; `pair resync` copies what the primary wrote since;
+//!   `pair split --rw` (run on the secondary) makes the replica writable and
+//!   the resync overwrites exactly its changes; `--swap` keeps them instead
+//!   and reverses the roles;
+//! - failover, then `failback` on the returning old primary: only the new
+//!   primary's changes (and the old primary's discarded regions) are
+//!   copied, far below the volume size, and the roles switch back;
+//! - split brain (the old primary acknowledged writes the new one never
+//!   received): both sites say SPLIT-BRAIN, neither replicates, nothing
+//!   resolves it but `pair resync --discard-local` on the side to lose
+//!   (tested on either side);
+//! - every refusal's exit code and message.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use replicator::nbd_client::NbdClient;
+use replicator_tests::pattern::{random_bytes, written_prefix};
+use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 * 1024;
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn cli(cluster: &Cluster, site: Site, args: &[&str]) -> (i32, String) {
+    let out = cluster.cli(site, args);
+    (out.status.code().unwrap_or(-1), describe_output(&out))
+}
+
+fn cli_ok(cluster: &Cluster, site: Site, args: &[&str]) -> String {
+    let (code, out) = cli(cluster, site, args);
+    assert_eq!(code, 0, "{site}: replicator {}:\n{out}\n{}", args.join(" "), cluster.diagnostics());
+    out
+}
+
+/// Writes block `i` = `random_bytes(i + 1 + salt)` for `i` in `range`
+/// through `site`; returns how many were acknowledged in a row.
+fn write_blocks(cluster: &Cluster, site: Site, vol: &str, range: std::ops::Range<u64>, salt: u64) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(site), vol).await.expect("connect");
+        let mut acked = 0;
+        for i in range {
+            if client.write(i * BLOCK, &random_bytes(i + 1 + salt, BLOCK as usize), false).await.is_err() {
+                break;
+            }
+            acked += 1;
+        }
+        client.flush().await.expect("flush");
+        acked
+    })
+}
+
+/// Whether block `i` of the file at `path` holds `random_bytes(i + 1 + salt)`.
+fn block_is(image: &[u8], i: u64, salt: u64) -> bool {
+    let at = (i * BLOCK) as usize;
+    image[at..at + BLOCK as usize] == random_bytes(i + 1 + salt, BLOCK as usize)[..]
+}
+
+fn read_volume(cluster: &Cluster, site: Site, vol: &str) -> Vec<u8> {
+    std::fs::read(cluster.volume_path(site, vol)).expect("read the volume file")
+}
+
+#[test]
+fn split_holds_the_image_and_resync_copies_only_the_changes() {
+    let group = GroupSpec::new("sp", Mode::Sync).volume("sp-vol", 32 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sp");
+    cluster.wait_pair("sp", MINUTE);
+    assert_eq!(write_blocks(&cluster, Site::A, "sp-vol", 0..100, 0), 100);
+
+    // Split on the primary: both sites say so, the replica holds exactly
+    // the writes before it, and the primary keeps taking writes.
+    let out = cli_ok(&cluster, Site::A, &["pair", "split", "sp"]);
+    assert!(out.contains("split"), "{out}");
+    let b = cluster.wait_until(Site::B, "sp", "split", MINUTE, |s| s.reason.as_deref() == Some("split"));
+    assert!(!b.writable && b.consistent, "{b:?}");
+    assert_eq!(write_blocks(&cluster, Site::A, "sp-vol", 100..200, 0), 100);
+    assert_eq!(written_prefix(&read_volume(&cluster, Site::B, "sp-vol"), 200, BLOCK), 100);
+    // A split never resumes by itself.
+    std::thread::sleep(Duration::from_secs(3));
+    let a = cluster.status(Site::A, "sp");
+    assert_eq!((a.state.as_str(), a.reason.as_deref(), a.connected), ("SUSPENDED", Some("split"), false), "{a:?}");
+    assert!(a.dirty_bytes > 0 || a.lag_records > 0, "the primary tracks its writes while split: {a:?}");
+
+    // Refusals.
+    let (code, out) = cli(&cluster, Site::B, &["pair", "resync", "sp"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("on the primary"), "{out}");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "resync", "sp", "--swap"]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "resync", "sp", "--discard-local"]);
+    assert_eq!(code, 3, "--discard-local on a healthy primary is refused as unsafe: {out}");
+    assert!(out.contains("SPLIT-BRAIN"), "{out}");
+
+    let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]);
+    assert!(out.contains("PAIR"), "{out}");
+    cluster.wait_drained("sp");
+
+    // Split --rw on the secondary: its volume becomes writable.
+    cli_ok(&cluster, Site::B, &["pair", "split", "sp", "--rw"]);
+    cluster
+        .wait_until(Site::A, "sp", "split (told by the secondary)", MINUTE, |s| s.reason.as_deref() == Some("split"));
+    let b = cluster.status(Site::B, "sp");
+    assert!(b.writable, "{b:?}");
+    // Both sides write: the replica a few blocks with another pattern.
+    assert_eq!(write_blocks(&cluster, Site::B, "sp-vol", 50..60, 1000), 10);
+    assert_eq!(write_blocks(&cluster, Site::A, "sp-vol", 200..250, 0), 50);
+    assert!(cluster.status(Site::B, "sp").needs_rebase);
+    cli_ok(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]);
+    let a = cluster.wait_drained("sp");
+    // Only the regions either side changed were copied: the replica's 10
+    // blocks (plus what the primary wrote since the split).
+    assert!(a.copy_total_bytes <= 60 * BLOCK, "copied {} bytes", a.copy_total_bytes);
+    let b = cluster.status(Site::B, "sp");
+    assert!(!b.writable && !b.needs_rebase && b.consistent, "{b:?}");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sp");
+    let image = read_volume(&cluster, Site::A, "sp-vol");
+    assert_eq!(written_prefix(&image, 250, BLOCK), 250, "the primary's data won");
+}
+
+#[test]
+fn split_rw_then_swap_keeps_the_replicas_changes_and_reverses_the_roles() {
+    let group = GroupSpec::new("sw", Mode::Async).volume("sw-vol", 32 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sw");
+    cluster.wait_pair("sw", MINUTE);
+    assert_eq!(write_blocks(&cluster, Site::A, "sw-vol", 0..100, 0), 100);
+    cluster.wait_drained("sw");
+    cli_ok(&cluster, Site::A, &["pair", "split", "sw", "--rw"]);
+    cluster.wait_until(Site::B, "sw", "split and writable", MINUTE, |s| s.writable);
+    // The old primary writes blocks 0..10 again (to be discarded), the
+    // replica 20..30 (to be kept).
+    assert_eq!(write_blocks(&cluster, Site::A, "sw-vol", 0..10, 500), 10);
+    assert_eq!(write_blocks(&cluster, Site::B, "sw-vol", 20..30, 1000), 10);
+
+    let (code, out) = cli(&cluster, Site::B, &["pair", "resync", "sw", "--swap", "--discard-local"]);
+    assert_eq!(code, 2, "--swap and --discard-local conflict: {out}");
+    let out = cli_ok(&cluster, Site::B, &["pair", "resync", "sw", "--swap"]);
+    assert!(out.contains("now the primary"), "{out}");
+    let a = cluster.wait_until(Site::A, "sw", "the secondary after the swap, in PAIR", MINUTE, |s| {
+        s.role == "secondary" && s.state == "PAIR"
+    });
+    assert!(a.consistent, "{a:?}");
+    let b = cluster.wait_until(Site::B, "sw", "drained primary", MINUTE, |s| {
+        s.role == "primary" && s.state == "PAIR" && s.lag_records == 0
+    });
+    assert!(b.copy_total_bytes <= 30 * BLOCK, "copied {} bytes", b.copy_total_bytes);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sw");
+    let image = read_volume(&cluster, Site::A, "sw-vol");
+    for i in 0..100 {
+        let want = if (20..30).contains(&i) { 1000 } else { 0 };
+        assert!(block_is(&image, i, want), "block {i}: the new primary's data, the old primary's changes discarded");
+    }
+    assert!(cluster.log(Site::A).contains("pair resync --swap on site-b"));
+}
+
+/// Pairs, writes, kills the primary and fails over to B; B then takes
+/// writes of its own. Returns the recovery point's block count.
+fn fail_over(cluster: &mut Cluster, group: &str, vol: &str, before: u64) {
+    assert_eq!(write_blocks(cluster, Site::A, vol, 0..before, 0), before);
+    cluster.wait_drained(group);
+    cluster.kill9(Site::A);
+    cluster.wait_until(Site::B, group, "disconnected from the dead primary", MINUTE, |s| !s.connected);
+    cli_ok(cluster, Site::B, &["failover", group]);
+}
+
+#[test]
+fn failback_copies_only_what_changed_and_switches_back() {
+    let group = GroupSpec::new("fb", Mode::Sync).volume("fb-vol", 64 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("fb");
+    cluster.wait_pair("fb", MINUTE);
+    fail_over(&mut cluster, "fb", "fb-vol", 200);
+    // The new primary takes writes: 40 blocks overwritten, 40 new ones.
+    assert_eq!(write_blocks(&cluster, Site::B, "fb-vol", 100..140, 2000), 40);
+    assert_eq!(write_blocks(&cluster, Site::B, "fb-vol", 200..240, 2000), 40);
+
+    // Refusals: failback on the new primary; failover on a primary.
+    let (code, out) = cli(&cluster, Site::B, &["failback", "fb"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("not superseded") || out.contains("was not superseded"), "{out}");
+
+    cluster.start(Site::A);
+    let a = cluster.wait_until(Site::A, "fb", "fenced", MINUTE, |s| s.superseded_by == 2);
+    assert!(!a.writable, "{a:?}");
+    let out = cli_ok(&cluster, Site::A, &["failback", "fb", "--no-switch", "--wait", "--timeout", "60s"]);
+    assert!(out.contains("Discarded here"), "the discarded data is reported: {out}");
+    let b = cluster
+        .wait_until(Site::B, "fb", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
+    assert!(
+        b.copy_total_bytes < 64 * MIB / 4,
+        "failback copied {} bytes of a 64 MiB volume (80 blocks changed)",
+        b.copy_total_bytes
+    );
+    eprintln!("failback copied {} bytes", b.copy_total_bytes);
+    let a = cluster.status(Site::A, "fb");
+    assert_eq!((a.role.as_str(), a.state.as_str(), a.consistent), ("secondary", "PAIR", true), "{a:?}");
+
+    // Switch back: A is the primary again, with every write.
+    let out = cli_ok(&cluster, Site::A, &["switchover", "fb"]);
+    assert!(out.contains("switchover done"), "{out}");
+    cluster.wait_pair("fb", MINUTE);
+    cluster.wait_drained("fb");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("fb");
+    let image = read_volume(&cluster, Site::A, "fb-vol");
+    for i in 0..240 {
+        let salt = if (100..140).contains(&i) || i >= 200 { 2000 } else { 0 };
+        assert!(block_is(&image, i, salt), "block {i} after failback and switch back");
+    }
+}
+
+/// An async pair whose primary acknowledged writes the secondary never got,
+/// then died; B fails over and takes writes; A comes back.
+fn split_brain(cluster: &mut Cluster) {
+    cluster.pair_create("sb");
+    cluster.wait_pair("sb", MINUTE);
+    assert_eq!(write_blocks(cluster, Site::A, "sb-vol", 0..100, 0), 100);
+    cluster.wait_drained("sb");
+    // The secondary freezes; the primary acknowledges 50 more writes and
+    // dies; the secondary dies too before it could read them from its
+    // socket, and restarts.
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    assert_eq!(write_blocks(cluster, Site::A, "sb-vol", 100..150, 0), 50);
+    cluster.kill9(Site::A);
+    cluster.kill9(Site::B);
+    cluster.start(Site::B);
+    let out = cli_ok(cluster, Site::B, &["failover", "sb"]);
+    assert!(out.contains("Recovery point: sequence 100 "), "{out}");
+    assert_eq!(write_blocks(cluster, Site::B, "sb-vol", 0..20, 3000), 20);
+    cluster.start(Site::A);
+    for site in [Site::A, Site::B] {
+        let s = cluster.wait_state(site, "sb", "SPLIT-BRAIN", MINUTE);
+        assert!(!s.connected, "{site}: {s:?}");
+    }
+    // Nothing resolves it by itself, and the old primary takes no writes.
+    std::thread::sleep(Duration::from_secs(3));
+    for site in [Site::A, Site::B] {
+        assert_eq!(cluster.status(site, "sb").state, "SPLIT-BRAIN");
+    }
+    assert!(!cluster.status(Site::A, "sb").writable);
+    let (code, out) = cli(cluster, Site::B, &["pair", "resync", "sb"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("--discard-local"), "{out}");
+}
+
+fn split_brain_group() -> GroupSpec {
+    GroupSpec::new("sb", Mode::Async)
+        .volume("sb-vol", 32 * MIB)
+        .journal_size(64 * MIB)
+        .link_timeout(Duration::from_secs(1))
+}
+
+#[test]
+fn split_brain_is_reported_on_both_sites_and_the_old_primary_discards_by_command() {
+    let mut cluster = Cluster::new(ClusterOpts::group(split_brain_group()));
+    split_brain(&mut cluster);
+    let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sb", "--discard-local"]);
+    assert!(out.contains("Discarded here"), "{out}");
+    cluster
+        .wait_until(Site::B, "sb", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
+    cluster.wait_state(Site::A, "sb", "PAIR", MINUTE);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sb");
+    let image = read_volume(&cluster, Site::A, "sb-vol");
+    for i in 0..150 {
+        let ok = match i {
+            0..20 => block_is(&image, i, 3000),
+            20..100 => block_is(&image, i, 0),
+            // The old primary's writes the failover left behind are gone.
+            _ => !block_is(&image, i, 0),
+        };
+        assert!(ok, "block {i}");
+    }
+}
+
+#[test]
+fn split_brain_resolved_on_the_newer_primary_keeps_the_old_primarys_data() {
+    let mut cluster = Cluster::new(ClusterOpts::group(split_brain_group()));
+    split_brain(&mut cluster);
+    let out = cli_ok(&cluster, Site::B, &["pair", "resync", "sb", "--discard-local"]);
+    assert!(out.contains("gave up the primary role"), "{out}");
+    let a = cluster.wait_until(Site::A, "sb", "the primary again, PAIR, drained", Duration::from_secs(90), |s| {
+        s.role == "primary" && s.state == "PAIR" && s.connected && s.lag_records == 0
+    });
+    assert!(a.writable && a.superseded_by == 0 && a.generation == 3, "{a:?}");
+    cluster.wait_state(Site::B, "sb", "PAIR", MINUTE);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sb");
+    let image = read_volume(&cluster, Site::B, "sb-vol");
+    assert_eq!(written_prefix(&image, 150, BLOCK), 150, "the old primary's data won, every block of it");
+}
