@@ -428,7 +428,7 @@ async fn wait_for_pair(config: &Config, group: &str, timeout: Option<Duration>) 
             eprintln!("replicator: {}", resp.message);
             return Err(ExitCode::from(exit::FAILED));
         };
-        if s.state == "PAIR" {
+        if s.state == "PAIR" && s.connected {
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }

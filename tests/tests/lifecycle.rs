@@ -302,3 +302,69 @@ fn split_brain_resolved_on_the_newer_primary_keeps_the_old_primarys_data() {
     let image = read_volume(&cluster, Site::B, "sb-vol");
     assert_eq!(written_prefix(&image, 150, BLOCK), 150, "the old primary's data won, every block of it");
 }
+
+/// Failback and split --rw with power cuts at the moments their state
+/// changes: right after `failback` returned (the divergent regions and the
+/// new role must be durable), of the new primary after the rebase, and of
+/// a split writable replica after its own writes (their regions must be
+/// durable before the writes were acknowledged). Flushed writes only, so
+/// every block's expected content is known.
+#[test]
+fn failback_and_split_rw_survive_power_cuts() {
+    if !replicator_tests::require_root("failback_and_split_rw_survive_power_cuts") {
+        return;
+    }
+    replicator_tests::require("fusermount3");
+    let group = GroupSpec::new("pc", Mode::Sync).volume("pc-vol", 32 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    cluster.pair_create("pc");
+    cluster.wait_pair("pc", MINUTE);
+    fail_over(&mut cluster, "pc", "pc-vol", 100);
+    assert_eq!(write_blocks(&cluster, Site::B, "pc-vol", 50..70, 2000), 20);
+    cluster.start(Site::A);
+    cluster.wait_until(Site::A, "pc", "fenced", MINUTE, |s| s.superseded_by == 2);
+
+    // Failback, and the old primary loses power at once.
+    cli_ok(&cluster, Site::A, &["failback", "pc", "--no-switch"]);
+    cluster.power_cut(Site::A);
+    cluster.start(Site::A);
+    let a = cluster.status(Site::A, "pc");
+    assert_eq!((a.role.as_str(), a.needs_rebase), ("secondary", true), "{a:?}");
+    cluster
+        .wait_until(Site::B, "pc", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
+
+    // The new primary loses power after more writes.
+    assert_eq!(write_blocks(&cluster, Site::B, "pc-vol", 200..220, 3000), 20);
+    cluster.power_cut(Site::B);
+    cluster.start(Site::B);
+    cluster.wait_until(Site::B, "pc", "PAIR, drained after the power cut", MINUTE, |s| {
+        s.state == "PAIR" && s.connected && s.lag_records == 0
+    });
+
+    // The replica is split writable, written, and loses power.
+    cli_ok(&cluster, Site::A, &["pair", "split", "pc", "--rw"]);
+    assert_eq!(write_blocks(&cluster, Site::A, "pc-vol", 300..310, 4000), 10);
+    cluster.power_cut(Site::A);
+    cluster.start(Site::A);
+    let a = cluster.status(Site::A, "pc");
+    assert_eq!((a.reason.as_deref(), a.writable, a.needs_rebase), (Some("split"), true, true), "{a:?}");
+    cli_ok(&cluster, Site::B, &["pair", "resync", "pc", "--wait", "--timeout", "60s"]);
+    cluster.wait_until(Site::B, "pc", "drained", MINUTE, |s| s.state == "PAIR" && s.lag_records == 0);
+
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("pc");
+    let image = read_volume(&cluster, Site::A, "pc-vol");
+    for i in 0..320 {
+        let ok = match i {
+            50..70 => block_is(&image, i, 2000),
+            0..100 => block_is(&image, i, 0),
+            200..220 => block_is(&image, i, 3000),
+            // The split replica's writes were overwritten by the primary's
+            // (never written) blocks.
+            300..310 => image[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize].iter().all(|&b| b == 0),
+            _ => true,
+        };
+        assert!(ok, "block {i}");
+    }
+}

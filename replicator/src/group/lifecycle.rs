@@ -201,9 +201,10 @@ impl Group {
             (Role::Primary, false) => {
                 let mut g = lock(&self.inner);
                 self.refuse_unless_replicating_primary(&g, "resync")?;
+                let connected = self.progress.borrow().connected;
                 let full = match g.state {
-                    PairState::Pair | PairState::Copy => {
-                        return Ok(format!("group {name} is {}: nothing to resync", g.state));
+                    PairState::Pair | PairState::Copy if connected => {
+                        return Ok(format!("group {name} is {} and replicating: nothing to resync", g.state));
                     }
                     PairState::Suspended(SuspendReason::Error) => true,
                     _ => false,
