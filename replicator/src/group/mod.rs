@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 use replicator_protocol::activity_log::{ActivityLog, DEFAULT_EXTENT};
 use replicator_protocol::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
+use replicator_protocol::lifecycle::{on_refusal, Answer};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb;
 use replicator_protocol::primary::PrimarySession;
@@ -947,40 +948,40 @@ impl Group {
     /// pair no longer exists on the peer changes this node's state.
     fn peer_refused(&self, kind: pb::Refusal, msg: &str, peer_generation: u64) {
         let mut g = lock(&self.inner);
-        if kind == pb::Refusal::Superseded && peer_generation > g.persisted.generation {
-            self.fence(&mut g, peer_generation, None);
-            return;
-        }
-        g.last_error = Some(msg.to_string());
-        let label = match kind {
-            pb::Refusal::Unspecified => None,
-            pb::Refusal::Config => Some("config"),
-            pb::Refusal::NoConsent => Some("no-consent"),
-            pb::Refusal::InUse => Some("in-use"),
-            pb::Refusal::NotPaired => {
-                self.transition(&mut g, PairEvent::Failure, "the peer is not in this pair: it left it");
-                Some("not-paired")
+        let standing = applier::standing(self, &g);
+        let label = match on_refusal(&standing, kind, peer_generation) {
+            Answer::Fence => {
+                self.fence(&mut g, peer_generation, None);
+                return;
             }
-            pb::Refusal::WrittenStandalone
-            | pb::Refusal::AlsoPrimary
-            | pb::Refusal::Superseded
-            | pb::Refusal::SplitBrain => {
+            Answer::SplitBrain => {
                 self.transition(&mut g, PairEvent::SplitBrainDetected, msg);
                 Some("split-brain")
             }
             // An admin split the pair on the secondary: nothing resumes
             // until `pair resync` here.
-            pb::Refusal::Split => {
+            Answer::Split => {
                 self.transition(&mut g, PairEvent::AdminSplit, "the secondary was split by an admin");
                 g.last_error = None;
-                None
+                return;
             }
-            // Handled by the session (it rebases the peer).
-            pb::Refusal::NeedsRebase => None,
-            // A former primary that a failover here superseded: it takes no
-            // writes and waits for an admin; this node stays primary.
-            pb::Refusal::Fenced => Some("peer-fenced"),
+            // The session rebases the peer (see `rebase_peer`).
+            Answer::Rebase { .. } => return,
+            Answer::Retry => match kind {
+                pb::Refusal::Config => Some("config"),
+                pb::Refusal::NoConsent => Some("no-consent"),
+                pb::Refusal::InUse => Some("in-use"),
+                pb::Refusal::NotPaired => {
+                    self.transition(&mut g, PairEvent::Failure, "the peer is not in this pair: it left it");
+                    Some("not-paired")
+                }
+                // A former primary that a failover here superseded: it takes
+                // no writes and waits for an admin; this node stays primary.
+                pb::Refusal::Fenced => Some("peer-fenced"),
+                _ => None,
+            },
         };
+        g.last_error = Some(msg.to_string());
         if label.is_some() && g.refusal != label {
             tracing::error!(group = %self.cfg.name, peer = %self.cfg.peer, "{msg}");
         }
