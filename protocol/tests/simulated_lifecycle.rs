@@ -176,7 +176,7 @@ impl Sim {
                 u8::from(x.st.split_brain),
                 u8::from(x.st.needs_rebase),
                 u8::from(x.up),
-                x.swap as u8
+                u8::from(x.swap)
             )
         };
         self.trace.push(format!(
