@@ -79,6 +79,18 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
     assert!(out.contains("split"), "{out}");
     let b = cluster.wait_until(Site::B, "sp", "split", MINUTE, |s| s.reason.as_deref() == Some("split"));
     assert!(!b.writable && b.consistent, "{b:?}");
+    assert!(
+        b.peer_contact_unix.is_some() && b.peer_state.as_deref().is_some_and(|p| p.starts_with("primary")),
+        "{b:?}"
+    );
+    // RPO 0 is no longer in force on the sync primary, and it says so.
+    let a = cluster.status(Site::A, "sp");
+    assert_eq!(a.rpo_zero, Some(false), "{a:?}");
+    assert!(a.peer_state.as_deref().is_some_and(|p| p.starts_with("secondary")), "{a:?}");
+    assert!(cluster.log(Site::A).contains("RPO 0 IS NOT IN FORCE"));
+    let (code, out) = cli(&cluster, Site::A, &["status", "sp"]);
+    assert_eq!(code, 4, "a split pair is degraded: {out}");
+    assert!(out.contains("RPO 0 NOT IN FORCE") && out.contains("peer last heard"), "{out}");
     assert_eq!(write_blocks(&cluster, Site::A, "sp-vol", 100..200, 0), 100);
     assert_eq!(written_prefix(&read_volume(&cluster, Site::B, "sp-vol"), 200, BLOCK), 100);
     // A split never resumes by itself.
@@ -99,7 +111,8 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
 
     let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]);
     assert!(out.contains("PAIR"), "{out}");
-    cluster.wait_drained("sp");
+    let a = cluster.wait_drained("sp");
+    assert_eq!(a.rpo_zero, Some(true), "{a:?}");
 
     // Split --rw on the secondary: its volume becomes writable.
     cli_ok(&cluster, Site::B, &["pair", "split", "sp", "--rw"]);

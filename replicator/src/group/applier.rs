@@ -438,23 +438,32 @@ pub async fn serve_secondary(
                 tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {msg}");
             }
             // The generation lets a superseded primary learn who took over.
-            let (generation, divergent) = {
-                let g = lock(&group.inner);
-                let divergent = match refusal {
-                    pb::Refusal::NeedsRebase => divergence::to_extents(&g.bitmaps),
-                    _ => Vec::new(),
-                };
-                (g.persisted.generation, divergent)
+            let reply = {
+                let mut g = lock(&group.inner);
+                group.heard_from_peer(&mut g, Some(&open.sender_state));
+                pb::OpenGroupReply {
+                    error: msg,
+                    generation: g.persisted.generation,
+                    refusal: refusal as i32,
+                    divergent: match refusal {
+                        pb::Refusal::NeedsRebase => divergence::to_extents(&g.bitmaps),
+                        _ => Vec::new(),
+                    },
+                    state: Group::describe_self(&g),
+                    ..Default::default()
+                }
             };
-            let reply =
-                pb::OpenGroupReply { error: msg, durable_seq: 0, generation, refusal: refusal as i32, divergent };
             let _ = send.send(Body::OpenGroupReply(reply)).await;
             send.finish();
             return;
         }
     };
     let base = start.checkpoint;
-    let generation = lock(&group.inner).persisted.generation;
+    let (generation, state) = {
+        let mut g = lock(&group.inner);
+        group.heard_from_peer(&mut g, Some(&open.sender_state));
+        (g.persisted.generation, Group::describe_self(&g))
+    };
     if let Err(e) = send
         .send(Body::OpenGroupReply(pb::OpenGroupReply {
             error: String::new(),
@@ -462,6 +471,7 @@ pub async fn serve_secondary(
             generation,
             refusal: pb::Refusal::Unspecified as i32,
             divergent: Vec::new(),
+            state,
         }))
         .await
     {
@@ -642,6 +652,8 @@ struct Session {
     leave_by: Option<Instant>,
     /// `pair split` here: told once the split is persisted.
     split_done: Option<oneshot::Sender<Result<(), String>>>,
+    /// A frame arrived since the last tick (the peer's last contact).
+    heard: bool,
     /// The image was inconsistent at the last save (logs the change).
     copy_incomplete: bool,
 }
@@ -674,6 +686,7 @@ impl Session {
             delete_reply: None,
             leave_by: None,
             split_done: None,
+            heard: false,
             copy_incomplete,
         }
     }
@@ -732,6 +745,9 @@ impl Session {
                     if self.leave_by.is_some_and(|t| Instant::now() >= t) {
                         return Ok(());
                     }
+                    if std::mem::take(&mut self.heard) {
+                        self.group.heard_from_peer(&mut lock(&self.group.inner), None);
+                    }
                 }
                 _ = shutdown.changed() => return Ok(()),
             }
@@ -786,6 +802,7 @@ impl Session {
     }
 
     fn on_frame(&mut self, env: pb::Envelope) -> Result<(), TransportError> {
+        self.heard = true;
         if matches!(self.ending, Ending::DeletedHere { .. }) {
             // Leaving the pair: nothing is applied any more; wait for the
             // primary's own delete.
