@@ -14,7 +14,7 @@
 //! [`CopyStep::Read`]s it gets back. [`check_resume`] is the divergence
 //! check at session start.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::bitmap::DirtyBitmap;
 use crate::pb;
@@ -28,6 +28,9 @@ pub struct PrimaryConfig {
     pub copy_chunk: u64,
     /// Copy bytes sent but not yet durable on the secondary.
     pub copy_window: u64,
+    /// Send each chunk as its hash first ([`CopyStep::Read`] `hash`); the
+    /// data follows only for chunks the secondary finds different.
+    pub copy_by_hash: bool,
 }
 
 /// The secondary cannot resume from this journal.
@@ -86,6 +89,9 @@ pub enum CopyStep {
         len: u64,
         /// Its copy index.
         copy_index: u64,
+        /// Send the chunk as its hash ([`RecordOp::CopyHash`]), not its
+        /// data.
+        hash: bool,
     },
     /// Nothing to copy now (or a chunk is being read or waits to be sent).
     Idle,
@@ -116,6 +122,11 @@ pub struct PrimarySession {
     cursor: (usize, u64),
     /// Chunks sent or being read, not yet durable: index -> (volume, offset, len).
     copy_inflight: BTreeMap<u64, (u32, u64, u64)>,
+    /// Hash-only chunks the secondary found different: back to the bitmap
+    /// at the next [`PrimarySession::next_copy`], then sent as data.
+    mismatched: Vec<(u32, u64, u64)>,
+    /// Bitmap chunks (volume, chunk) to send as data, not as a hash.
+    data_needed: BTreeSet<(u32, u64)>,
     /// A chunk is being read.
     reading: bool,
     /// A chunk read and waiting until every record it reflects is sent.
@@ -136,6 +147,8 @@ impl PrimarySession {
             copy_index: 0,
             cursor: (0, 0),
             copy_inflight: BTreeMap::new(),
+            mismatched: Vec::new(),
+            data_needed: BTreeSet::new(),
             reading: false,
             pending: None,
             copy_finished: false,
@@ -181,6 +194,15 @@ impl PrimarySession {
     /// bitmap instead of the journal), clears it there and counts it in
     /// flight.
     pub fn next_copy(&mut self, bitmaps: &mut [DirtyBitmap], copying: bool) -> CopyStep {
+        for (vol, off, len) in self.mismatched.drain(..) {
+            if let Some(b) = bitmaps.get_mut(vol as usize) {
+                b.set_range(off, len);
+                let g = b.granularity();
+                for c in off / g..(off + len).div_ceil(g) {
+                    self.data_needed.insert((vol, c));
+                }
+            }
+        }
         if !copying || self.reading || self.pending.is_some() {
             return CopyStep::Idle;
         }
@@ -190,14 +212,21 @@ impl PrimarySession {
         }
         while let Some(b) = bitmaps.get(self.cursor.0) {
             if let Some(first) = b.next_dirty(self.cursor.1) {
+                let volume = self.cursor.0 as u32;
                 let per = (self.config.copy_chunk / b.granularity()).max(1);
+                // One run is all hash or all data.
+                let sends_data = |c: u64| !self.config.copy_by_hash || self.data_needed.contains(&(volume, c));
+                let data = sends_data(first);
                 let mut last = first;
-                while last + 1 < first + per && b.is_chunk_dirty(last + 1) {
+                while last + 1 < first + per && b.is_chunk_dirty(last + 1) && sends_data(last + 1) == data {
                     last += 1;
                 }
+                let hash = !data;
                 let (offset, _) = b.chunk_range(first);
                 let (lo, ll) = b.chunk_range(last);
-                let volume = self.cursor.0 as u32;
+                for c in first..=last {
+                    self.data_needed.remove(&(volume, c));
+                }
                 self.cursor.1 = last + 1;
                 if let Some(b) = bitmaps.get_mut(volume as usize) {
                     for c in first..=last {
@@ -210,7 +239,7 @@ impl PrimarySession {
                 self.reading = true;
                 self.copy_finished = false;
                 self.copy_done_sent = false;
-                return CopyStep::Read { volume, offset, len, copy_index: self.copy_index };
+                return CopyStep::Read { volume, offset, len, copy_index: self.copy_index, hash };
             }
             self.cursor = (self.cursor.0 + 1, 0);
         }
@@ -219,7 +248,7 @@ impl PrimarySession {
         if bitmaps.iter().any(|b| !b.is_clean()) {
             return CopyStep::Idle;
         }
-        if self.copy_inflight.is_empty() {
+        if self.copy_inflight.is_empty() && self.mismatched.is_empty() {
             self.copy_finished = true;
             CopyStep::Finished
         } else {
@@ -254,7 +283,15 @@ impl PrimarySession {
                 sent: self.copy_index,
             });
         }
+        if let Some(&bad) = ack.copy_mismatch.iter().find(|&&i| i > self.copy_index) {
+            return Err(ShipError::AckBeyondSent { field: "copy_mismatch", got: bad, sent: self.copy_index });
+        }
         let update = self.shipper.on_ack(ack)?;
+        for index in &ack.copy_mismatch {
+            if let Some(chunk) = self.copy_inflight.remove(index) {
+                self.mismatched.push(chunk);
+            }
+        }
         let rest = self.copy_inflight.split_off(&ack.copy_durable.saturating_add(1));
         let done = std::mem::replace(&mut self.copy_inflight, rest);
         let copy_bytes = done.values().map(|(_, _, l)| *l).sum();
@@ -264,7 +301,7 @@ impl PrimarySession {
     /// The session is over: chunks not yet durable on the secondary go
     /// back into the bitmaps.
     pub fn end(self, bitmaps: &mut [DirtyBitmap]) {
-        for (vol, off, len) in self.copy_inflight.into_values() {
+        for (vol, off, len) in self.copy_inflight.into_values().chain(self.mismatched) {
             if let Some(b) = bitmaps.get_mut(vol as usize) {
                 b.set_range(off, len);
             }
@@ -274,12 +311,12 @@ impl PrimarySession {
     /// Copy chunks sent (or being read) and not yet durable on the
     /// secondary: (volume, offset, len).
     pub fn copy_inflight(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
-        self.copy_inflight.values().copied()
+        self.copy_inflight.values().chain(&self.mismatched).copied()
     }
 
     /// Whether every copy chunk is durable and none is left.
     pub fn copy_idle(&self) -> bool {
-        self.copy_inflight.is_empty() && !self.reading && self.pending.is_none()
+        self.copy_inflight.is_empty() && self.mismatched.is_empty() && !self.reading && self.pending.is_none()
     }
 
     /// The secondary's acknowledged progress.
@@ -301,7 +338,7 @@ mod tests {
     use super::*;
     use crate::record::RecordOp;
 
-    const CONFIG: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 2 << 20 };
+    const CONFIG: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 2 << 20, copy_by_hash: false };
 
     fn copy(seq: u64, index: u64, offset: u64) -> Record {
         let mut r = Record::with_payload(RecordOp::Copy, seq, 0, offset, 1, Bytes::from(vec![1u8; 4096]), false);
@@ -335,7 +372,14 @@ mod tests {
         assert_eq!(s.poll_transmit(), None);
         // Done once it is durable on the secondary.
         assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::WindowFull);
-        let ack = pb::Ack { received_seq: 3, applied_seq: 3, durable_seq: 3, copy_durable: 1, checkpoint_seq: 3 };
+        let ack = pb::Ack {
+            received_seq: 3,
+            applied_seq: 3,
+            durable_seq: 3,
+            copy_durable: 1,
+            checkpoint_seq: 3,
+            ..Default::default()
+        };
         assert_eq!(s.on_ack(&ack).unwrap().copy_bytes, 128 << 10);
         assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Finished);
         assert_eq!(s.poll_transmit(), Some(Transmit::CopyDone(3)));
