@@ -127,6 +127,12 @@ pub struct PrimarySession {
     mismatched: Vec<(u32, u64, u64)>,
     /// Bitmap chunks (volume, chunk) to send as data, not as a hash.
     data_needed: BTreeSet<(u32, u64)>,
+    /// Recent hash-only chunks sent, and how many of them differed
+    /// (halved as they grow: a moving window). When most differ (a fresh
+    /// secondary), hashing first only costs a round trip and a read, so
+    /// chunks go as data, with a hash probe now and then.
+    hashes_sent: u64,
+    hashes_missed: u64,
     /// A chunk is being read.
     reading: bool,
     /// A chunk read and waiting until every record it reflects is sent.
@@ -149,6 +155,8 @@ impl PrimarySession {
             copy_inflight: BTreeMap::new(),
             mismatched: Vec::new(),
             data_needed: BTreeSet::new(),
+            hashes_sent: 0,
+            hashes_missed: 0,
             reading: false,
             pending: None,
             copy_finished: false,
@@ -215,13 +223,21 @@ impl PrimarySession {
                 let volume = self.cursor.0 as u32;
                 let per = (self.config.copy_chunk / b.granularity()).max(1);
                 // One run is all hash or all data.
-                let sends_data = |c: u64| !self.config.copy_by_hash || self.data_needed.contains(&(volume, c));
+                let by_hash = self.config.copy_by_hash && (self.hashes_pay() || self.copy_index % 16 == 15);
+                let sends_data = |c: u64| !by_hash || self.data_needed.contains(&(volume, c));
                 let data = sends_data(first);
                 let mut last = first;
                 while last + 1 < first + per && b.is_chunk_dirty(last + 1) && sends_data(last + 1) == data {
                     last += 1;
                 }
                 let hash = !data;
+                if hash {
+                    self.hashes_sent += 1;
+                    if self.hashes_sent >= 64 {
+                        self.hashes_sent /= 2;
+                        self.hashes_missed /= 2;
+                    }
+                }
                 let (offset, _) = b.chunk_range(first);
                 let (lo, ll) = b.chunk_range(last);
                 for c in first..=last {
@@ -254,6 +270,12 @@ impl PrimarySession {
         } else {
             CopyStep::WindowFull
         }
+    }
+
+    /// Whether sending chunks as hashes first saves more than it costs:
+    /// until 8 have been tried, or while at most 3 in 4 differ.
+    fn hashes_pay(&self) -> bool {
+        self.hashes_sent < 8 || self.hashes_missed * 4 <= self.hashes_sent * 3
     }
 
     /// The chunk from [`CopyStep::Read`] was read (`record.seq`: the newest
@@ -290,6 +312,7 @@ impl PrimarySession {
         for index in &ack.copy_mismatch {
             if let Some(chunk) = self.copy_inflight.remove(index) {
                 self.mismatched.push(chunk);
+                self.hashes_missed += 1;
             }
         }
         let rest = self.copy_inflight.split_off(&ack.copy_durable.saturating_add(1));
@@ -384,6 +407,66 @@ mod tests {
         assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Finished);
         assert_eq!(s.poll_transmit(), Some(Transmit::CopyDone(3)));
         assert_eq!(s.poll_transmit(), None);
+    }
+
+    /// Sends chunks until the window is full, acking each one durable
+    /// (hash chunks: as mismatches when `differ`). Returns (hash, data)
+    /// chunks sent.
+    fn copy_all(s: &mut PrimarySession, bitmaps: &mut [DirtyBitmap], differ: bool) -> (u64, u64) {
+        let (mut hashes, mut data) = (0, 0);
+        for _ in 0..1000 {
+            let step = s.next_copy(bitmaps, true);
+            if step == CopyStep::Finished {
+                break;
+            }
+            let CopyStep::Read { copy_index, hash, .. } = step else { continue };
+            s.on_copy_read(copy(0, copy_index, 0));
+            let _ = s.poll_transmit();
+            let mismatch = if hash && differ { vec![copy_index] } else { Vec::new() };
+            if hash {
+                hashes += 1;
+            } else {
+                data += 1;
+            }
+            let ack = pb::Ack { copy_durable: copy_index, copy_mismatch: mismatch, ..Default::default() };
+            s.on_ack(&ack).unwrap();
+        }
+        (hashes, data)
+    }
+
+    #[test]
+    fn chunks_go_as_hashes_and_only_mismatches_follow_as_data() {
+        let config = PrimaryConfig { copy_by_hash: true, ..CONFIG };
+        let mut bitmaps = vec![DirtyBitmap::new(64 << 20, 64 << 10)];
+        // Identical sites: every chunk as a hash, nothing as data.
+        let mut s = PrimarySession::new(config, 0, 0);
+        bitmaps[0].set_all();
+        assert_eq!(copy_all(&mut s, &mut bitmaps, false), (64, 0));
+        assert!(bitmaps[0].is_clean() && s.copy_idle());
+        // A fresh secondary: the first chunks are hashed and come back as
+        // data; then hashing stops paying and chunks go as data, with a
+        // hash probe every 16.
+        let mut s = PrimarySession::new(config, 0, 0);
+        bitmaps[0].set_all();
+        let (hashes, data) = copy_all(&mut s, &mut bitmaps, true);
+        assert!(bitmaps[0].is_clean() && s.copy_idle());
+        assert!(hashes <= 8 + 64 / 16 + 1, "{hashes} hashes");
+        assert_eq!(data, 64, "every chunk arrived as data in the end");
+        // Mismatches count as "in flight" until sent again, and a session
+        // ending returns them to the bitmap.
+        let mut s = PrimarySession::new(config, 0, 0);
+        bitmaps[0].set_range(0, 1 << 20);
+        let CopyStep::Read { copy_index, hash: true, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        s.on_copy_read(copy(0, copy_index, 0));
+        let _ = s.poll_transmit();
+        let ack = pb::Ack { copy_durable: copy_index, copy_mismatch: vec![copy_index], ..Default::default() };
+        assert_eq!(s.on_ack(&ack).unwrap().copy_bytes, 0);
+        assert_eq!(s.copy_inflight().count(), 1);
+        assert!(!s.copy_idle());
+        let bad = pb::Ack { copy_durable: copy_index, copy_mismatch: vec![copy_index + 1], ..Default::default() };
+        assert!(s.on_ack(&bad).is_err(), "a mismatch for a chunk never sent");
+        s.end(&mut bitmaps);
+        assert_eq!(bitmaps[0].dirty_bytes(), 1 << 20);
     }
 
     #[test]
