@@ -415,3 +415,40 @@ fn initial_copy_sends_only_the_regions_that_differ() {
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("hc");
 }
+
+/// Every lifecycle refusal: exit 3 (unsafe, with the way out named) or
+/// exit 1 (not applicable here), and nothing changes.
+#[test]
+fn lifecycle_refusals_name_the_way_out_and_change_nothing() {
+    let group = GroupSpec::new("rf", Mode::Sync).volume("rf-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("rf");
+    cluster.wait_pair("rf", MINUTE);
+    let refusals: [(Site, &[&str], i32, &str); 6] = [
+        (Site::A, &["failback", "rf"], 3, "switchover"),
+        (Site::B, &["failback", "rf", "--no-switch"], 0, "already the secondary"),
+        (Site::B, &["pair", "resync", "rf", "--swap"], 3, "pair split"),
+        (Site::B, &["pair", "resync", "rf", "--discard-local"], 3, "SPLIT-BRAIN"),
+        (Site::A, &["pair", "resync", "rf"], 0, "nothing to resync"),
+        (Site::B, &["pair", "resync", "rf"], 1, "on the primary"),
+    ];
+    for (site, args, want, hint) in refusals {
+        let (code, out) = cli(&cluster, site, args);
+        assert_eq!(code, want, "{site}: replicator {}:\n{out}", args.join(" "));
+        assert!(out.contains(hint), "{site}: replicator {} should mention {hint:?}:\n{out}", args.join(" "));
+    }
+    cluster.wait_pair("rf", MINUTE);
+    // With the secondary gone, split --rw cannot reach it: refused; a plain
+    // split is local.
+    cluster.kill9(Site::B);
+    cluster.wait_until(Site::A, "rf", "disconnected", MINUTE, |s| !s.connected);
+    let (code, out) = cli(&cluster, Site::A, &["pair", "split", "rf", "--rw"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("pair split rf --rw` on site-b"), "{out}");
+    assert_ne!(cluster.status(Site::A, "rf").reason.as_deref(), Some("split"));
+    let out = cli_ok(&cluster, Site::A, &["pair", "split", "rf"]);
+    assert!(out.contains("not connected"), "{out}");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "split", "rf"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already split"), "{out}");
+}

@@ -323,6 +323,8 @@ impl Group {
         {
             let g = lock(&self.inner);
             if g.role == Role::Secondary {
+                // A failback interrupted after the demotion: the CLI goes
+                // on with the wait and the switch back.
                 return Ok(format!("group {name} is already the secondary of {peer} here ({})", g.state));
             }
             if g.role != Role::Primary || g.persisted.superseded_by == 0 {
