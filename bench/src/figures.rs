@@ -16,6 +16,7 @@ use crate::nbd::NbdConn;
 use crate::proxy::LinkSpec;
 use crate::stats::{percentile, percentile_f64};
 use crate::workload::Rng;
+use replicator::control::Request;
 
 const MIB: u64 = 1 << 20;
 /// The daemon's dirty-bitmap granularity (DESIGN: 64 KiB by default).
@@ -320,18 +321,22 @@ pub fn lag(env: &Env, o: &FigureOpts) -> Result<LagFigure, String> {
 /// Initial copy: `pair create` with copy, timed until PAIR.
 pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
     let mut runs = Vec::new();
-    let mut cases = vec![(LinkSpec::rtt(Duration::ZERO), if o.quick { 128 * MIB } else { 512 * MIB })];
+    let size = if o.quick { 128 * MIB } else { 512 * MIB };
+    // (link, size, the secondary already holds the same data: the copy
+    // compares hashes and sends nothing)
+    let mut cases = vec![(LinkSpec::rtt(Duration::ZERO), size, false), (LinkSpec::rtt(Duration::ZERO), size, true)];
     if !o.quick {
         cases.push((
             LinkSpec { rtt: o.rtt, jitter: Duration::ZERO, bandwidth: Some(o.bandwidth), loss: 0.0 },
             128 * MIB,
+            false,
         ));
     }
-    for (i, (link, size)) in cases.into_iter().enumerate() {
+    for (i, (link, size, identical)) in cases.into_iter().enumerate() {
         let g = GroupSpec::single("copy", "async", 256 * MIB, size);
         let mut p = mk_pair(env, &format!("fig-copy-{i}"), &[g], link)?;
         prefill(&p.a.file("copy.img"), size, Some(99))?;
-        prefill(&p.b.file("copy.img"), size, None)?;
+        prefill(&p.b.file("copy.img"), size, identical.then_some(99))?;
         p.start(env)?;
         let t = Instant::now();
         p.pair(env, "copy", false, Duration::from_secs(300))?;
@@ -348,7 +353,7 @@ pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
             (None, None) => (None, "disk not measured in this run".into()),
         };
         runs.push(CopyRun {
-            link: link.describe(),
+            link: if identical { format!("{}, sites already identical", link.describe()) } else { link.describe() },
             bytes,
             secs,
             mbps: bytes as f64 / secs / 1e6,
@@ -503,6 +508,34 @@ pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
             before.lag_records
         ),
     });
+
+    // 4. Failover and failback: the primary dies (in sync), site-b takes
+    // over and takes writes, the old primary comes back and fails back as
+    // its secondary: only the new primary's changes are copied (each chunk
+    // compared by hash first).
+    p.a.kill9();
+    p.b.wait_for(env, "rs", timeout, "disconnected", |s| !s.connected)?;
+    env.call(&p.b.control(), Request::Failover { group: "rs".into(), force: false })?;
+    let mut conn = NbdConn::connect(&p.b.nbd(), "rs-vol").map_err(|e| e.to_string())?;
+    let (exact, rounded) = write_pattern(&mut conn, n64, n4, 14)?;
+    drop(conn);
+    p.a.start(env)?;
+    p.a.wait_for(env, "rs", timeout, "fenced", |s| s.superseded_by > 0)?;
+    env.call(&p.a.control(), Request::Failback { group: "rs".into() })?;
+    let after = p.b.wait_for(env, "rs", timeout, "in sync with the failed-back secondary", in_sync)?;
+    runs.push(ResyncRun {
+        scenario: "after a failover, failback of the old primary".into(),
+        changed_bytes: exact,
+        changed_rounded: rounded,
+        journal_bytes: 0,
+        copy_bytes: after.copy_sent_bytes,
+        ratio: after.copy_sent_bytes as f64 / rounded as f64,
+        note: format!(
+            "{} MiB compared by hash, {} MiB of it sent as data (1 MiB copy chunks)",
+            after.copy_done_bytes / MIB,
+            after.copy_sent_bytes / MIB
+        ),
+    });
     p.stop()?;
     Ok(runs)
 }
@@ -517,7 +550,7 @@ pub fn rss(env: &Env, o: &FigureOpts) -> Result<Vec<RssRow>, String> {
         let mut p = mk_pair(env, &format!("fig-rss-{n}"), &groups, LinkSpec::rtt(Duration::ZERO))?;
         p.start(env)?;
         for g in &groups {
-            env.call(&p.a.control(), replicator::control::Request::PairCreate { group: g.name.clone(), nocopy: true })?;
+            env.call(&p.a.control(), Request::PairCreate { group: g.name.clone(), nocopy: true })?;
         }
         for g in &groups {
             p.a.wait_for(env, &g.name, Duration::from_secs(60), "in PAIR", in_sync)?;

@@ -295,11 +295,6 @@ impl Results {
                 verdict: if r.ratio <= 1.1 { Verdict::Pass } else { Verdict::Miss },
             });
         }
-        t.push(Target {
-            goal: "resync bytes ≤ 1.1× changed bytes — after a failover".into(),
-            measured: "—".into(),
-            verdict: Verdict::NotMeasured("not yet measurable: failover not implemented".into()),
-        });
         self.targets = t;
     }
 
