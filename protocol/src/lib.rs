@@ -35,6 +35,7 @@ pub mod apply;
 pub mod bitmap;
 pub mod divergence;
 pub mod journal_format;
+pub mod lifecycle;
 pub mod pair;
 pub mod primary;
 mod ranges;

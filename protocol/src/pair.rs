@@ -34,9 +34,10 @@ use std::fmt;
 use std::str::FromStr;
 
 /// This node's role in a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Role {
     /// Not paired.
+    #[default]
     None,
     /// The side clients write to; ships records.
     Primary,

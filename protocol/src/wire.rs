@@ -264,6 +264,7 @@ mod tests {
                             takeover_seq: rebase_seq / 2,
                             takeover_epoch: generation / 3,
                             rebased: copy_bytes % 2 == 0,
+                            sender_state: "primary PAIR".into(),
                         })
                     }
                 ),
@@ -279,7 +280,15 @@ mod tests {
                         .into_iter()
                         .map(|(volume, offset, length)| pb::Extent { volume, offset, length })
                         .collect();
-                    Body::OpenGroupReply(pb::OpenGroupReply { error, durable_seq, generation, refusal, divergent })
+                    let state = "secondary COPY".to_string();
+                    Body::OpenGroupReply(pb::OpenGroupReply {
+                        error,
+                        durable_seq,
+                        generation,
+                        refusal,
+                        divergent,
+                        state,
+                    })
                 }),
             (
                 ".{0,12}",

@@ -428,7 +428,7 @@ async fn wait_for_pair(config: &Config, group: &str, timeout: Option<Duration>) 
             eprintln!("replicator: {}", resp.message);
             return Err(ExitCode::from(exit::FAILED));
         };
-        if s.state == "PAIR" {
+        if s.state == "PAIR" && s.connected {
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
@@ -540,6 +540,22 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
         }
         if let Some(r) = &s.refusal {
             let _ = writeln!(out, "  refused by the peer: {r}");
+        }
+        if s.rpo_zero == Some(false) {
+            let since = s.rpo_zero_lost_since_unix.map(|t| format!(" since {}", describe_time(t as f64)));
+            let _ = writeln!(
+                out,
+                "  RPO 0 NOT IN FORCE{}: writes are acknowledged without a consistent secondary",
+                since.unwrap_or_default()
+            );
+        }
+        if let Some(t) = s.peer_contact_unix {
+            let _ = writeln!(
+                out,
+                "  peer last heard {}{}",
+                describe_time(t as f64),
+                s.peer_state.as_ref().map(|p| format!(", last known state: {p}")).unwrap_or_default()
+            );
         }
         let _ = writeln!(
             out,

@@ -44,7 +44,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::
 /// Renders every metric in the Prometheus text format.
 pub fn render(node: &Node) -> String {
     let mut out = String::new();
-    let gauges: [(&str, &str); 9] = [
+    let gauges: [(&str, &str); 10] = [
         ("replicator_connected", "1 if a replication session with the peer is up"),
         ("replicator_lag_records", "records not yet applied on the secondary"),
         ("replicator_lag_bytes", "journal bytes not yet applied on the secondary"),
@@ -54,6 +54,7 @@ pub fn render(node: &Node) -> String {
         ("replicator_dirty_bytes", "bytes tracked in the dirty bitmap"),
         ("replicator_last_seq", "newest sequence number"),
         ("replicator_state", "pair state (label), value 1"),
+        ("replicator_rpo_zero", "sync-mode primary: 1 while RPO 0 is in force, 0 when writes are acknowledged without a consistent secondary"),
     ];
     for (name, help) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -69,6 +70,10 @@ pub fn render(node: &Node) -> String {
                 "replicator_journal_capacity_bytes" => s.journal_capacity_bytes as f64,
                 "replicator_dirty_bytes" => s.dirty_bytes as f64,
                 "replicator_last_seq" => s.last_seq as f64,
+                "replicator_rpo_zero" => match s.rpo_zero {
+                    Some(on) => f64::from(u8::from(on)),
+                    None => continue,
+                },
                 _ => {
                     let _ = writeln!(out, "{name}{{{labels},state=\"{}\"}} 1", s.state);
                     continue;

@@ -110,11 +110,19 @@ fn status_json_schema_and_pair_lifecycle() {
     assert_eq!(groups.len(), 1, "{v}");
     let g = &groups[0];
     type FieldCheck = (&'static str, fn(&serde_json::Value) -> bool);
-    let fields: [FieldCheck; 30] = [
+    let fields: [FieldCheck; 38] = [
         ("group", serde_json::Value::is_string),
         ("health", serde_json::Value::is_string),
         ("activity_log_bytes", serde_json::Value::is_u64),
         ("disconnected_since_unix", |x| x.is_null() || x.is_u64()),
+        ("peer_state", |x| x.is_null() || x.is_string()),
+        ("peer_contact_unix", |x| x.is_null() || x.is_u64()),
+        ("rpo_zero", |x| x.is_null() || x.is_boolean()),
+        ("rpo_zero_lost_since_unix", |x| x.is_null() || x.is_u64()),
+        ("writable", serde_json::Value::is_boolean),
+        ("needs_rebase", serde_json::Value::is_boolean),
+        ("epoch", serde_json::Value::is_u64),
+        ("superseded_by", serde_json::Value::is_u64),
         ("data_as_of_unix", |x| x.is_null() || x.is_f64()),
         ("refusal", |x| x.is_null() || x.is_string()),
         ("role", serde_json::Value::is_string),

@@ -79,6 +79,18 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
     assert!(out.contains("split"), "{out}");
     let b = cluster.wait_until(Site::B, "sp", "split", MINUTE, |s| s.reason.as_deref() == Some("split"));
     assert!(!b.writable && b.consistent, "{b:?}");
+    assert!(
+        b.peer_contact_unix.is_some() && b.peer_state.as_deref().is_some_and(|p| p.starts_with("primary")),
+        "{b:?}"
+    );
+    // RPO 0 is no longer in force on the sync primary, and it says so.
+    let a = cluster.status(Site::A, "sp");
+    assert_eq!(a.rpo_zero, Some(false), "{a:?}");
+    assert!(a.peer_state.as_deref().is_some_and(|p| p.starts_with("secondary")), "{a:?}");
+    assert!(cluster.log(Site::A).contains("RPO 0 IS NOT IN FORCE"));
+    let (code, out) = cli(&cluster, Site::A, &["status", "sp"]);
+    assert_eq!(code, 4, "a split pair is degraded: {out}");
+    assert!(out.contains("RPO 0 NOT IN FORCE") && out.contains("peer last heard"), "{out}");
     assert_eq!(write_blocks(&cluster, Site::A, "sp-vol", 100..200, 0), 100);
     assert_eq!(written_prefix(&read_volume(&cluster, Site::B, "sp-vol"), 200, BLOCK), 100);
     // A split never resumes by itself.
@@ -99,7 +111,8 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
 
     let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]);
     assert!(out.contains("PAIR"), "{out}");
-    cluster.wait_drained("sp");
+    let a = cluster.wait_drained("sp");
+    assert_eq!(a.rpo_zero, Some(true), "{a:?}");
 
     // Split --rw on the secondary: its volume becomes writable.
     cli_ok(&cluster, Site::B, &["pair", "split", "sp", "--rw"]);
@@ -301,4 +314,70 @@ fn split_brain_resolved_on_the_newer_primary_keeps_the_old_primarys_data() {
     cluster.assert_volumes_identical("sb");
     let image = read_volume(&cluster, Site::B, "sb-vol");
     assert_eq!(written_prefix(&image, 150, BLOCK), 150, "the old primary's data won, every block of it");
+}
+
+/// Failback and split --rw with power cuts at the moments their state
+/// changes: right after `failback` returned (the divergent regions and the
+/// new role must be durable), of the new primary after the rebase, and of
+/// a split writable replica after its own writes (their regions must be
+/// durable before the writes were acknowledged). Flushed writes only, so
+/// every block's expected content is known.
+#[test]
+fn failback_and_split_rw_survive_power_cuts() {
+    if !replicator_tests::require_root("failback_and_split_rw_survive_power_cuts") {
+        return;
+    }
+    replicator_tests::require("fusermount3");
+    let group = GroupSpec::new("pc", Mode::Sync).volume("pc-vol", 32 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    cluster.pair_create("pc");
+    cluster.wait_pair("pc", MINUTE);
+    fail_over(&mut cluster, "pc", "pc-vol", 100);
+    assert_eq!(write_blocks(&cluster, Site::B, "pc-vol", 50..70, 2000), 20);
+    cluster.start(Site::A);
+    cluster.wait_until(Site::A, "pc", "fenced", MINUTE, |s| s.superseded_by == 2);
+
+    // Failback, and the old primary loses power at once.
+    cli_ok(&cluster, Site::A, &["failback", "pc", "--no-switch"]);
+    cluster.power_cut(Site::A);
+    cluster.start(Site::A);
+    let a = cluster.status(Site::A, "pc");
+    assert_eq!((a.role.as_str(), a.needs_rebase), ("secondary", true), "{a:?}");
+    cluster
+        .wait_until(Site::B, "pc", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
+
+    // The new primary loses power after more writes.
+    assert_eq!(write_blocks(&cluster, Site::B, "pc-vol", 200..220, 3000), 20);
+    cluster.power_cut(Site::B);
+    cluster.start(Site::B);
+    cluster.wait_until(Site::B, "pc", "PAIR, drained after the power cut", MINUTE, |s| {
+        s.state == "PAIR" && s.connected && s.lag_records == 0
+    });
+
+    // The replica is split writable, written, and loses power.
+    cli_ok(&cluster, Site::A, &["pair", "split", "pc", "--rw"]);
+    assert_eq!(write_blocks(&cluster, Site::A, "pc-vol", 300..310, 4000), 10);
+    cluster.power_cut(Site::A);
+    cluster.start(Site::A);
+    let a = cluster.status(Site::A, "pc");
+    assert_eq!((a.reason.as_deref(), a.writable, a.needs_rebase), (Some("split"), true, true), "{a:?}");
+    cli_ok(&cluster, Site::B, &["pair", "resync", "pc", "--wait", "--timeout", "60s"]);
+    cluster.wait_until(Site::B, "pc", "drained", MINUTE, |s| s.state == "PAIR" && s.lag_records == 0);
+
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("pc");
+    let image = read_volume(&cluster, Site::A, "pc-vol");
+    for i in 0..320 {
+        let ok = match i {
+            50..70 => block_is(&image, i, 2000),
+            0..100 => block_is(&image, i, 0),
+            200..220 => block_is(&image, i, 3000),
+            // The split replica's writes were overwritten by the primary's
+            // (never written) blocks.
+            300..310 => image[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize].iter().all(|&b| b == 0),
+            _ => true,
+        };
+        assert!(ok, "block {i}");
+    }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use replicator_protocol::apply::ApplyId;
 use replicator_protocol::bitmap::DirtyBitmap;
 use replicator_protocol::divergence;
+use replicator_protocol::lifecycle::{judge_open, Opening, Standing, Verdict};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::record::Record;
@@ -91,86 +92,44 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     if g.taking_over {
         return Err((pb::Refusal::Unspecified, format!("group {name}: a failover is in progress here")));
     }
-    if g.role == Role::Primary && g.switching && g.persisted.pair_id == open.pair_id {
-        // The peer took over in a switchover this node started (its
-        // confirmation may have been lost): this node becomes its secondary
-        // in a moment.
-        if open.generation > g.persisted.generation && g.switchover.as_ref().is_some_and(|s| s.sent) {
-            if let Some(tx) = g.switchover.as_mut().and_then(|s| s.confirmed.take()) {
-                let _ = tx.send(Ok(()));
-            }
-        }
-        return Err((
-            pb::Refusal::Unspecified,
-            format!("group {name}: a switchover is handing the primary role to {peer}; retry in a moment"),
-        ));
+    // Who may replicate into whom (protocol::lifecycle decides; this
+    // performs and words it).
+    let opening = Opening::of(open);
+    let mut verdict = judge_open(&standing(group, &g), &opening, group.former_primary_diverged(&g));
+    if verdict == Verdict::Fence {
+        // The takeover point says where this node's records stand only for
+        // the promotion right after its own generation.
+        let point = (open.promoted && open.generation == g.persisted.generation + 1)
+            .then_some(TakeoverPoint { seq: open.takeover_seq, epoch: open.takeover_epoch });
+        group.fence(&mut g, open.generation, point);
+        verdict = judge_open(&standing(group, &g), &opening, group.former_primary_diverged(&g));
     }
-    if g.role == Role::Primary && g.persisted.pair_id == open.pair_id && open.pair_id != 0 {
-        // Two primaries of one pair: the generations tell a failover from a
-        // split brain.
-        if open.generation > g.persisted.generation {
-            // The takeover point says where this node's records stand only
-            // for the promotion right after its own generation.
-            let point = (open.promoted && open.generation == g.persisted.generation + 1)
-                .then_some(TakeoverPoint { seq: open.takeover_seq, epoch: open.takeover_epoch });
-            group.fence(&mut g, open.generation, point);
-        }
-        if g.persisted.superseded_by > 0 {
-            if g.state == PairState::SplitBrain || group.former_primary_diverged(&g) {
-                let msg = format!(
-                    "group {name}: SPLIT-BRAIN: this node, a former primary, holds writes that {peer} never received \
-                     ({}), and {peer} has taken writes as primary since (generation {}); neither site replicates. \
-                     To keep {peer}'s data: `replicator failback {name}` here. To keep this node's data: \
-                     `replicator pair resync {name} --discard-local` on {peer}",
-                    beyond(&g),
-                    g.persisted.superseded_by
-                );
-                if g.state != PairState::SplitBrain {
-                    group.transition(&mut g, PairEvent::SplitBrainDetected, &msg);
-                    tracing::error!(group = %name, "{msg}");
+    match verdict {
+        Verdict::Proceed => {}
+        Verdict::HandingOver => {
+            // The peer took over in a switchover this node started (its
+            // confirmation may have been lost): this node becomes its
+            // secondary in a moment.
+            if open.generation > g.persisted.generation && g.switchover.as_ref().is_some_and(|s| s.sent) {
+                if let Some(tx) = g.switchover.as_mut().and_then(|s| s.confirmed.take()) {
+                    let _ = tx.send(Ok(()));
                 }
-                g.last_error = Some(msg.clone());
-                return Err((pb::Refusal::SplitBrain, msg));
             }
             return Err((
-                pb::Refusal::Fenced,
-                format!(
-                    "group {name} here is a former primary fenced after the failover to {peer} (generation {}); it \
-                     accepts no writes and waits for `replicator failback {name}` here",
-                    g.persisted.superseded_by
-                ),
+                pb::Refusal::Unspecified,
+                format!("group {name}: a switchover is handing the primary role to {peer}; retry in a moment"),
             ));
         }
-        if open.generation < g.persisted.generation {
-            return Err((
-                pb::Refusal::Superseded,
-                format!(
-                    "group {name} was failed over to this node (generation {}); {peer} (generation {}) was superseded \
-                     and must not accept writes",
-                    g.persisted.generation, open.generation
-                ),
-            ));
+        Verdict::GiveUpForSwap | Verdict::Fence => {
+            return Err((pb::Refusal::Unspecified, format!("group {name}: this node is changing its role; retry")));
         }
-    }
-    if g.role == Role::Primary {
-        return Err((
-            pb::Refusal::AlsoPrimary,
-            format!(
-                "group {name} is primary on this node too: both sites wrote as primary (split brain); \
-                 resolve with `replicator pair delete {name}` on the site whose data is to be discarded"
-            ),
-        ));
+        Verdict::Refuse(kind) => return Err((kind, refusal(group, &mut g, kind, open, peer))),
     }
     if g.secondary_attached {
         return Err((
             pb::Refusal::Unspecified,
             "another replication session for this group is already attached".into(),
         ));
-    }
-    if g.role == Role::Secondary && g.persisted.pair_id == open.pair_id && open.pair_id != 0 {
-        if let Some(refused) = lifecycle_refusal(group, &mut g, open, intent, peer) {
-            return Err(refused);
-        }
     }
     match intent {
         pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy => {
@@ -300,62 +259,93 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     Ok(Accepted { start, new_pair, commands })
 }
 
-/// Refusals of a session by this secondary that follow from the pair's
-/// lifecycle: an admin split, writes of its own to be discarded, a primary
-/// of an older generation. `None`: go on.
-fn lifecycle_refusal(
-    group: &Group,
-    g: &mut Inner,
-    open: &pb::OpenGroup,
-    intent: pb::OpenIntent,
-    peer: &str,
-) -> Option<Refused> {
+/// This node's standing in the pair, for `protocol::lifecycle`.
+pub(super) fn standing(group: &Group, g: &Inner) -> Standing {
+    Standing {
+        role: g.role,
+        pair_id: g.persisted.pair_id,
+        generation: g.persisted.generation,
+        superseded_by: g.persisted.superseded_by,
+        split: g.state == PairState::Suspended(SuspendReason::Split),
+        split_brain: g.state == PairState::SplitBrain,
+        needs_rebase: g.persisted.needs_rebase,
+        split_writable: g.persisted.split_writable,
+        switching: g.switching,
+        in_use: group.nbd_clients.load(std::sync::atomic::Ordering::SeqCst) > 0,
+    }
+}
+
+/// A refusal in words (and what declaring it changes here).
+fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup, peer: &str) -> String {
     let name = &group.cfg.name;
-    if g.state == PairState::Suspended(SuspendReason::Split) && !open.admin_resync {
-        return Some((
-            pb::Refusal::Split,
-            format!("group {name} was split by an admin here; `replicator pair resync {name}` on {peer} resumes it"),
-        ));
-    }
-    let clients = group.nbd_clients.load(std::sync::atomic::Ordering::SeqCst);
-    if g.persisted.split_writable && clients > 0 {
-        return Some((
-            pb::Refusal::InUse,
-            format!(
-                "group {name}: {clients} NBD client(s) have the split replica's volumes attached here; detach them \
-                 before the resync overwrites them"
-            ),
-        ));
-    }
-    if g.persisted.needs_rebase
-        && !(intent == pb::OpenIntent::Resync && open.rebased && open.generation >= g.persisted.generation)
-    {
-        if g.persisted.split_writable {
-            // The regions named now must stay all there is until the
-            // resync: the volumes take no more writes.
-            g.persisted.split_writable = false;
-            group.save_locked(g);
+    match kind {
+        pb::Refusal::SplitBrain => {
+            let msg = format!(
+                "group {name}: SPLIT-BRAIN: this node, a former primary, holds writes that {peer} never received \
+                 ({}), and {peer} has taken writes as primary since (generation {}); neither site replicates. \
+                 To keep {peer}'s data: `replicator failback {name}` here. To keep this node's data: \
+                 `replicator pair resync {name} --discard-local` on {peer}",
+                beyond(g),
+                g.persisted.superseded_by
+            );
+            if g.state != PairState::SplitBrain {
+                group.transition(g, PairEvent::SplitBrainDetected, &msg);
+                tracing::error!(group = %name, "{msg}");
+            }
+            g.last_error = Some(msg.clone());
+            msg
         }
-        let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
-        return Some((
-            pb::Refusal::NeedsRebase,
+        pb::Refusal::Fenced => format!(
+            "group {name} here is a former primary fenced after the failover to {peer} (generation {}); it accepts \
+             no writes and waits for `replicator failback {name}` here",
+            g.persisted.superseded_by
+        ),
+        pb::Refusal::Superseded if g.role == Role::Primary => format!(
+            "group {name} was failed over to this node (generation {}); {peer} (generation {}) was superseded and \
+             must not accept writes",
+            g.persisted.generation, open.generation
+        ),
+        pb::Refusal::Superseded => format!(
+            "group {name} here follows generation {}; {peer} (generation {}) was superseded and must not accept \
+             writes",
+            g.persisted.generation, open.generation
+        ),
+        pb::Refusal::Split => {
+            format!("group {name} was split by an admin here; `replicator pair resync {name}` on {peer} resumes it")
+        }
+        pb::Refusal::InUse => format!(
+            "group {name}: NBD clients have the split replica's volumes attached here; detach them before the \
+             resync overwrites them"
+        ),
+        pb::Refusal::NeedsRebase => {
+            if g.persisted.split_writable {
+                // The regions named now must stay all there is until the
+                // resync: the volumes take no more writes.
+                g.persisted.split_writable = false;
+                group.save_locked(g);
+            }
+            let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
             format!(
                 "group {name}: this node's volumes differ from {peer}'s in {bytes} bytes of regions it will discard; \
                  copy them and resync"
-            ),
-        ));
+            )
+        }
+        _ if g.persisted.pair_id == open.pair_id => {
+            let msg = format!(
+                "group {name} is primary on this node too, in the same generation: both sites wrote as primary \
+                 (split brain); resolve with `replicator pair resync {name} --discard-local` on the site whose data \
+                 is to be discarded"
+            );
+            if g.state != PairState::SplitBrain {
+                group.transition(g, PairEvent::SplitBrainDetected, &msg);
+            }
+            msg
+        }
+        _ => format!(
+            "group {name} is primary of another pair on this node; `replicator pair delete {name}` on the site \
+             whose data is to be discarded, then `pair create` from the other"
+        ),
     }
-    if open.generation < g.persisted.generation {
-        return Some((
-            pb::Refusal::Superseded,
-            format!(
-                "group {name} here follows generation {}; {peer} (generation {}) was superseded and must not \
-                 accept writes",
-                g.persisted.generation, open.generation
-            ),
-        ));
-    }
-    None
 }
 
 /// `pair resync --swap` on the peer made it the primary: this node, the
@@ -364,13 +354,7 @@ fn lifecycle_refusal(
 async fn give_up_for_swap(group: &Arc<Group>, open: &pb::OpenGroup, peer: &str) -> Result<(), Refused> {
     let applies = {
         let g = lock(&group.inner);
-        open.swap
-            && g.role == Role::Primary
-            && g.persisted.pair_id == open.pair_id
-            && g.persisted.superseded_by == 0
-            && g.state == PairState::Suspended(SuspendReason::Split)
-            && open.generation > g.persisted.generation
-            && group.cfg.peer == peer
+        group.cfg.peer == peer && judge_open(&standing(group, &g), &Opening::of(open), false) == Verdict::GiveUpForSwap
     };
     if !applies {
         return Ok(());
@@ -454,23 +438,32 @@ pub async fn serve_secondary(
                 tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {msg}");
             }
             // The generation lets a superseded primary learn who took over.
-            let (generation, divergent) = {
-                let g = lock(&group.inner);
-                let divergent = match refusal {
-                    pb::Refusal::NeedsRebase => divergence::to_extents(&g.bitmaps),
-                    _ => Vec::new(),
-                };
-                (g.persisted.generation, divergent)
+            let reply = {
+                let mut g = lock(&group.inner);
+                group.heard_from_peer(&mut g, Some(&open.sender_state));
+                pb::OpenGroupReply {
+                    error: msg,
+                    generation: g.persisted.generation,
+                    refusal: refusal as i32,
+                    divergent: match refusal {
+                        pb::Refusal::NeedsRebase => divergence::to_extents(&g.bitmaps),
+                        _ => Vec::new(),
+                    },
+                    state: Group::describe_self(&g),
+                    ..Default::default()
+                }
             };
-            let reply =
-                pb::OpenGroupReply { error: msg, durable_seq: 0, generation, refusal: refusal as i32, divergent };
             let _ = send.send(Body::OpenGroupReply(reply)).await;
             send.finish();
             return;
         }
     };
     let base = start.checkpoint;
-    let generation = lock(&group.inner).persisted.generation;
+    let (generation, state) = {
+        let mut g = lock(&group.inner);
+        group.heard_from_peer(&mut g, Some(&open.sender_state));
+        (g.persisted.generation, Group::describe_self(&g))
+    };
     if let Err(e) = send
         .send(Body::OpenGroupReply(pb::OpenGroupReply {
             error: String::new(),
@@ -478,6 +471,7 @@ pub async fn serve_secondary(
             generation,
             refusal: pb::Refusal::Unspecified as i32,
             divergent: Vec::new(),
+            state,
         }))
         .await
     {
@@ -658,6 +652,8 @@ struct Session {
     leave_by: Option<Instant>,
     /// `pair split` here: told once the split is persisted.
     split_done: Option<oneshot::Sender<Result<(), String>>>,
+    /// A frame arrived since the last tick (the peer's last contact).
+    heard: bool,
     /// The image was inconsistent at the last save (logs the change).
     copy_incomplete: bool,
 }
@@ -690,6 +686,7 @@ impl Session {
             delete_reply: None,
             leave_by: None,
             split_done: None,
+            heard: false,
             copy_incomplete,
         }
     }
@@ -748,6 +745,9 @@ impl Session {
                     if self.leave_by.is_some_and(|t| Instant::now() >= t) {
                         return Ok(());
                     }
+                    if std::mem::take(&mut self.heard) {
+                        self.group.heard_from_peer(&mut lock(&self.group.inner), None);
+                    }
                 }
                 _ = shutdown.changed() => return Ok(()),
             }
@@ -802,6 +802,7 @@ impl Session {
     }
 
     fn on_frame(&mut self, env: pb::Envelope) -> Result<(), TransportError> {
+        self.heard = true;
         if matches!(self.ending, Ending::DeletedHere { .. }) {
             // Leaving the pair: nothing is applied any more; wait for the
             // primary's own delete.

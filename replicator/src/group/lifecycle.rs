@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use replicator_protocol::bitmap::DirtyBitmap;
 use replicator_protocol::divergence::{self, FormerPrimary};
+use replicator_protocol::lifecycle::{on_refusal, Answer};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb;
 use tokio::sync::oneshot;
@@ -201,9 +202,10 @@ impl Group {
             (Role::Primary, false) => {
                 let mut g = lock(&self.inner);
                 self.refuse_unless_replicating_primary(&g, "resync")?;
+                let connected = self.progress.borrow().connected;
                 let full = match g.state {
-                    PairState::Pair | PairState::Copy => {
-                        return Ok(format!("group {name} is {}: nothing to resync", g.state));
+                    PairState::Pair | PairState::Copy if connected => {
+                        return Ok(format!("group {name} is {} and replicating: nothing to resync", g.state));
                     }
                     PairState::Suspended(SuspendReason::Error) => true,
                     _ => false,
@@ -523,7 +525,8 @@ impl Group {
             m.union_with(o).map_err(|e| e.to_string())?;
         }
         g.bitmaps = marked;
-        if g.persisted.superseded_by > 0 || peer_generation > g.persisted.generation {
+        let standing = super::applier::standing(self, &g);
+        if let Answer::Rebase { take_over: true } = on_refusal(&standing, pb::Refusal::NeedsRebase, peer_generation) {
             // The peer gave up the primary role: this node's data wins.
             tracing::warn!(group = %name, "{} gave up the primary role and discarded its writes: this node is the primary again", self.cfg.peer);
             g.persisted.generation = g.persisted.generation.max(peer_generation) + 1;

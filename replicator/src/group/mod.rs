@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 use replicator_protocol::activity_log::{ActivityLog, DEFAULT_EXTENT};
 use replicator_protocol::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
+use replicator_protocol::lifecycle::{on_refusal, Answer};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb;
 use replicator_protocol::primary::PrimarySession;
@@ -172,6 +173,14 @@ struct Inner {
     split: Option<lifecycle::SplitRequest>,
     /// When the replication link last went up or down (wall clock).
     link_changed_at: SystemTime,
+    /// The peer's role and pair state as it last said, and when this node
+    /// last heard from it.
+    peer_state: Option<String>,
+    peer_contact: Option<SystemTime>,
+    /// Sync primary: whether RPO 0 was in force at the last state change
+    /// (a change is logged loudly), and since when it is not.
+    rpo_zero: Option<bool>,
+    rpo_zero_lost_at: Option<SystemTime>,
     /// Secondary: commands for the attached session.
     session_cmd: Option<mpsc::UnboundedSender<SessionCommand>>,
     /// Secondary: an apply session is attached.
@@ -454,6 +463,10 @@ impl Group {
             taking_over: false,
             switchover: None,
             split: None,
+            peer_state: None,
+            peer_contact: None,
+            rpo_zero: None,
+            rpo_zero_lost_at: None,
             link_changed_at: SystemTime::now(),
             session_cmd: None,
             secondary_attached: false,
@@ -552,9 +565,47 @@ impl Group {
             p.sync_wait = sync_wait;
             p.epoch += 1;
         });
+        self.note_rpo_zero(g, sync_wait);
         self.ship_wake.notify_one();
         // Writes waiting for journal space re-decide on every state change.
         self.space_freed.notify_waiters();
+    }
+
+    /// A sync primary guarantees RPO 0 only while it replicates into a
+    /// consistent replica (or stalls writes while the link is down, with
+    /// `on_link_loss = "block"`). Any change is logged loudly.
+    fn note_rpo_zero(&self, g: &mut Inner, sync_wait: bool) {
+        let now = (self.cfg.mode == Mode::Sync && g.role == Role::Primary && g.persisted.superseded_by == 0)
+            .then_some(sync_wait && g.state != PairState::Copy);
+        if now == g.rpo_zero {
+            return;
+        }
+        match now {
+            Some(false) => {
+                g.rpo_zero_lost_at = Some(SystemTime::now());
+                tracing::warn!(group = %self.cfg.name, state = %g.state,
+                    "RPO 0 IS NOT IN FORCE: sync-mode writes are acknowledged without a consistent secondary; a failover now would lose them");
+            }
+            Some(true) if g.rpo_zero == Some(false) => {
+                g.rpo_zero_lost_at = None;
+                tracing::info!(group = %self.cfg.name, "RPO 0 is in force again: every write is on the secondary before it is acknowledged");
+            }
+            _ => g.rpo_zero_lost_at = None,
+        }
+        g.rpo_zero = now;
+    }
+
+    /// This node's role and pair state in words, for the peer's status.
+    fn describe_self(g: &Inner) -> String {
+        format!("{} {}", g.role.as_str(), g.state)
+    }
+
+    /// Heard from the peer (its state, when it says).
+    fn heard_from_peer(&self, g: &mut Inner, state: Option<&str>) {
+        g.peer_contact = Some(SystemTime::now());
+        if let Some(s) = state.filter(|s| !s.is_empty()) {
+            g.peer_state = Some(s.chars().take(64).collect());
+        }
     }
 
     /// Applies a pair-state event, logs the change, persists it.
@@ -947,40 +998,40 @@ impl Group {
     /// pair no longer exists on the peer changes this node's state.
     fn peer_refused(&self, kind: pb::Refusal, msg: &str, peer_generation: u64) {
         let mut g = lock(&self.inner);
-        if kind == pb::Refusal::Superseded && peer_generation > g.persisted.generation {
-            self.fence(&mut g, peer_generation, None);
-            return;
-        }
-        g.last_error = Some(msg.to_string());
-        let label = match kind {
-            pb::Refusal::Unspecified => None,
-            pb::Refusal::Config => Some("config"),
-            pb::Refusal::NoConsent => Some("no-consent"),
-            pb::Refusal::InUse => Some("in-use"),
-            pb::Refusal::NotPaired => {
-                self.transition(&mut g, PairEvent::Failure, "the peer is not in this pair: it left it");
-                Some("not-paired")
+        let standing = applier::standing(self, &g);
+        let label = match on_refusal(&standing, kind, peer_generation) {
+            Answer::Fence => {
+                self.fence(&mut g, peer_generation, None);
+                return;
             }
-            pb::Refusal::WrittenStandalone
-            | pb::Refusal::AlsoPrimary
-            | pb::Refusal::Superseded
-            | pb::Refusal::SplitBrain => {
+            Answer::SplitBrain => {
                 self.transition(&mut g, PairEvent::SplitBrainDetected, msg);
                 Some("split-brain")
             }
             // An admin split the pair on the secondary: nothing resumes
             // until `pair resync` here.
-            pb::Refusal::Split => {
+            Answer::Split => {
                 self.transition(&mut g, PairEvent::AdminSplit, "the secondary was split by an admin");
                 g.last_error = None;
-                None
+                return;
             }
-            // Handled by the session (it rebases the peer).
-            pb::Refusal::NeedsRebase => None,
-            // A former primary that a failover here superseded: it takes no
-            // writes and waits for an admin; this node stays primary.
-            pb::Refusal::Fenced => Some("peer-fenced"),
+            // The session rebases the peer (see `rebase_peer`).
+            Answer::Rebase { .. } => return,
+            Answer::Retry => match kind {
+                pb::Refusal::Config => Some("config"),
+                pb::Refusal::NoConsent => Some("no-consent"),
+                pb::Refusal::InUse => Some("in-use"),
+                pb::Refusal::NotPaired => {
+                    self.transition(&mut g, PairEvent::Failure, "the peer is not in this pair: it left it");
+                    Some("not-paired")
+                }
+                // A former primary that a failover here superseded: it takes
+                // no writes and waits for an admin; this node stays primary.
+                pb::Refusal::Fenced => Some("peer-fenced"),
+                _ => None,
+            },
         };
+        g.last_error = Some(msg.to_string());
         if label.is_some() && g.refusal != label {
             tracing::error!(group = %self.cfg.name, peer = %self.cfg.peer, "{msg}");
         }
@@ -1067,6 +1118,10 @@ impl Group {
             group: self.cfg.name.clone(),
             health: health.as_str().to_string(),
             disconnected_since_unix: (g.role != Role::None && !connected).then(|| unix(g.link_changed_at)),
+            peer_state: g.peer_state.clone(),
+            peer_contact_unix: g.peer_contact.map(unix),
+            rpo_zero: g.rpo_zero,
+            rpo_zero_lost_since_unix: g.rpo_zero_lost_at.map(unix),
             data_as_of_unix: (data_as_of_us > 0).then(|| data_as_of_us as f64 / 1e6),
             refusal: g.refusal.map(str::to_string),
             role: g.role.as_str().to_string(),
@@ -1131,6 +1186,19 @@ pub struct GroupStatus {
     /// When no replication session is up (paired groups): since when,
     /// in seconds since the Unix epoch (null while connected or SIMPLEX).
     pub disconnected_since_unix: Option<u64>,
+    /// The peer's role and pair state as it last said ("secondary PAIR").
+    #[serde(default)]
+    pub peer_state: Option<String>,
+    /// When this node last heard from the peer (seconds since the epoch).
+    #[serde(default)]
+    pub peer_contact_unix: Option<u64>,
+    /// Sync-mode primary: whether RPO 0 is in force (every acknowledged
+    /// write is on a consistent secondary); null otherwise.
+    #[serde(default)]
+    pub rpo_zero: Option<bool>,
+    /// When RPO 0 stopped being in force (seconds since the epoch).
+    #[serde(default)]
+    pub rpo_zero_lost_since_unix: Option<u64>,
     /// Secondary: the primary's time of the newest write this replica
     /// holds durably ("data as of"), seconds since the Unix epoch.
     pub data_as_of_unix: Option<f64>,

@@ -169,6 +169,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
         let p = &g.persisted;
         let lifecycle = pb::OpenGroup {
+            sender_state: Group::describe_self(&g),
             admin_resync: p.admin_resync,
             swap: p.swap,
             rebased: p.rebased && intent == pb::OpenIntent::Resync,
@@ -202,6 +203,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(TransportError::Timeout("waiting for OpenGroupReply")),
     };
+    group.heard_from_peer(&mut lock(&group.inner), Some(&reply.state));
     if !reply.error.is_empty() {
         let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, reply.error);
         let kind = pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified);
@@ -534,6 +536,7 @@ impl Group {
             // An ack on the stream of a pair deleted since: not ours.
             return Ok(());
         }
+        g.peer_contact = Some(std::time::SystemTime::now());
         let Some(s) = g.session.as_mut() else { return Ok(()) };
         let acked = s.on_ack(ack).map_err(|e| TransportError::Protocol(format!("bad ack: {e}")))?;
         let s = s.shipper();
