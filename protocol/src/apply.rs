@@ -35,7 +35,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::ranges::RangeIndex;
-use crate::record::{Record, RecordError, RecordOp};
+use crate::record::{Record, RecordError};
 use crate::seqtrack::SeqTracker;
 
 /// Identifies a received record until it is applied.
@@ -135,7 +135,7 @@ impl Applier {
     /// overlapping it on the same volume, which must be applied first.
     pub fn on_record(&mut self, rec: &Record) -> Result<(ApplyId, Vec<ApplyId>), ApplyError> {
         rec.check_shape()?;
-        let kind = if rec.op == RecordOp::Copy {
+        let kind = if rec.op.is_copy() {
             if rec.seq > self.received {
                 return Err(ApplyError::CopyAhead { seq: rec.seq, received: self.received });
             }
@@ -264,6 +264,7 @@ impl Applier {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::record::RecordOp;
     use bytes::Bytes;
 
     fn w(seq: u64, vol: u32, off: u64, len: usize, fua: bool) -> Record {

@@ -234,6 +234,7 @@ fn op_code(op: RecordOp) -> u8 {
         RecordOp::WriteZeroes => 2,
         RecordOp::Trim => 3,
         RecordOp::Copy => 4,
+        RecordOp::CopyHash => 5,
     }
 }
 
@@ -243,6 +244,7 @@ fn op_from_code(code: u8) -> Option<RecordOp> {
         2 => Some(RecordOp::WriteZeroes),
         3 => Some(RecordOp::Trim),
         4 => Some(RecordOp::Copy),
+        5 => Some(RecordOp::CopyHash),
         _ => None,
     }
 }

@@ -14,7 +14,7 @@
 //! [`CopyStep::Read`]s it gets back. [`check_resume`] is the divergence
 //! check at session start.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::bitmap::DirtyBitmap;
 use crate::pb;
@@ -28,6 +28,9 @@ pub struct PrimaryConfig {
     pub copy_chunk: u64,
     /// Copy bytes sent but not yet durable on the secondary.
     pub copy_window: u64,
+    /// Send each chunk as its hash first ([`CopyStep::Read`] `hash`); the
+    /// data follows only for chunks the secondary finds different.
+    pub copy_by_hash: bool,
 }
 
 /// The secondary cannot resume from this journal.
@@ -86,6 +89,9 @@ pub enum CopyStep {
         len: u64,
         /// Its copy index.
         copy_index: u64,
+        /// Send the chunk as its hash ([`RecordOp::CopyHash`]), not its
+        /// data.
+        hash: bool,
     },
     /// Nothing to copy now (or a chunk is being read or waits to be sent).
     Idle,
@@ -116,6 +122,17 @@ pub struct PrimarySession {
     cursor: (usize, u64),
     /// Chunks sent or being read, not yet durable: index -> (volume, offset, len).
     copy_inflight: BTreeMap<u64, (u32, u64, u64)>,
+    /// Hash-only chunks the secondary found different: back to the bitmap
+    /// at the next [`PrimarySession::next_copy`], then sent as data.
+    mismatched: Vec<(u32, u64, u64)>,
+    /// Bitmap chunks (volume, chunk) to send as data, not as a hash.
+    data_needed: BTreeSet<(u32, u64)>,
+    /// Recent hash-only chunks sent, and how many of them differed
+    /// (halved as they grow: a moving window). When most differ (a fresh
+    /// secondary), hashing first only costs a round trip and a read, so
+    /// chunks go as data, with a hash probe now and then.
+    hashes_sent: u64,
+    hashes_missed: u64,
     /// A chunk is being read.
     reading: bool,
     /// A chunk read and waiting until every record it reflects is sent.
@@ -136,6 +153,10 @@ impl PrimarySession {
             copy_index: 0,
             cursor: (0, 0),
             copy_inflight: BTreeMap::new(),
+            mismatched: Vec::new(),
+            data_needed: BTreeSet::new(),
+            hashes_sent: 0,
+            hashes_missed: 0,
             reading: false,
             pending: None,
             copy_finished: false,
@@ -181,6 +202,15 @@ impl PrimarySession {
     /// bitmap instead of the journal), clears it there and counts it in
     /// flight.
     pub fn next_copy(&mut self, bitmaps: &mut [DirtyBitmap], copying: bool) -> CopyStep {
+        for (vol, off, len) in self.mismatched.drain(..) {
+            if let Some(b) = bitmaps.get_mut(vol as usize) {
+                b.set_range(off, len);
+                let g = b.granularity();
+                for c in off / g..(off + len).div_ceil(g) {
+                    self.data_needed.insert((vol, c));
+                }
+            }
+        }
         if !copying || self.reading || self.pending.is_some() {
             return CopyStep::Idle;
         }
@@ -190,14 +220,29 @@ impl PrimarySession {
         }
         while let Some(b) = bitmaps.get(self.cursor.0) {
             if let Some(first) = b.next_dirty(self.cursor.1) {
+                let volume = self.cursor.0 as u32;
                 let per = (self.config.copy_chunk / b.granularity()).max(1);
+                // One run is all hash or all data.
+                let by_hash = self.config.copy_by_hash && (self.hashes_pay() || self.copy_index % 16 == 15);
+                let sends_data = |c: u64| !by_hash || self.data_needed.contains(&(volume, c));
+                let data = sends_data(first);
                 let mut last = first;
-                while last + 1 < first + per && b.is_chunk_dirty(last + 1) {
+                while last + 1 < first + per && b.is_chunk_dirty(last + 1) && sends_data(last + 1) == data {
                     last += 1;
+                }
+                let hash = !data;
+                if hash {
+                    self.hashes_sent += 1;
+                    if self.hashes_sent >= 64 {
+                        self.hashes_sent /= 2;
+                        self.hashes_missed /= 2;
+                    }
                 }
                 let (offset, _) = b.chunk_range(first);
                 let (lo, ll) = b.chunk_range(last);
-                let volume = self.cursor.0 as u32;
+                for c in first..=last {
+                    self.data_needed.remove(&(volume, c));
+                }
                 self.cursor.1 = last + 1;
                 if let Some(b) = bitmaps.get_mut(volume as usize) {
                     for c in first..=last {
@@ -210,7 +255,7 @@ impl PrimarySession {
                 self.reading = true;
                 self.copy_finished = false;
                 self.copy_done_sent = false;
-                return CopyStep::Read { volume, offset, len, copy_index: self.copy_index };
+                return CopyStep::Read { volume, offset, len, copy_index: self.copy_index, hash };
             }
             self.cursor = (self.cursor.0 + 1, 0);
         }
@@ -219,12 +264,18 @@ impl PrimarySession {
         if bitmaps.iter().any(|b| !b.is_clean()) {
             return CopyStep::Idle;
         }
-        if self.copy_inflight.is_empty() {
+        if self.copy_inflight.is_empty() && self.mismatched.is_empty() {
             self.copy_finished = true;
             CopyStep::Finished
         } else {
             CopyStep::WindowFull
         }
+    }
+
+    /// Whether sending chunks as hashes first saves more than it costs:
+    /// until 8 have been tried, or while at most 3 in 4 differ.
+    fn hashes_pay(&self) -> bool {
+        self.hashes_sent < 8 || self.hashes_missed * 4 <= self.hashes_sent * 3
     }
 
     /// The chunk from [`CopyStep::Read`] was read (`record.seq`: the newest
@@ -254,7 +305,16 @@ impl PrimarySession {
                 sent: self.copy_index,
             });
         }
+        if let Some(&bad) = ack.copy_mismatch.iter().find(|&&i| i > self.copy_index) {
+            return Err(ShipError::AckBeyondSent { field: "copy_mismatch", got: bad, sent: self.copy_index });
+        }
         let update = self.shipper.on_ack(ack)?;
+        for index in &ack.copy_mismatch {
+            if let Some(chunk) = self.copy_inflight.remove(index) {
+                self.mismatched.push(chunk);
+                self.hashes_missed += 1;
+            }
+        }
         let rest = self.copy_inflight.split_off(&ack.copy_durable.saturating_add(1));
         let done = std::mem::replace(&mut self.copy_inflight, rest);
         let copy_bytes = done.values().map(|(_, _, l)| *l).sum();
@@ -264,7 +324,7 @@ impl PrimarySession {
     /// The session is over: chunks not yet durable on the secondary go
     /// back into the bitmaps.
     pub fn end(self, bitmaps: &mut [DirtyBitmap]) {
-        for (vol, off, len) in self.copy_inflight.into_values() {
+        for (vol, off, len) in self.copy_inflight.into_values().chain(self.mismatched) {
             if let Some(b) = bitmaps.get_mut(vol as usize) {
                 b.set_range(off, len);
             }
@@ -274,12 +334,12 @@ impl PrimarySession {
     /// Copy chunks sent (or being read) and not yet durable on the
     /// secondary: (volume, offset, len).
     pub fn copy_inflight(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
-        self.copy_inflight.values().copied()
+        self.copy_inflight.values().chain(&self.mismatched).copied()
     }
 
     /// Whether every copy chunk is durable and none is left.
     pub fn copy_idle(&self) -> bool {
-        self.copy_inflight.is_empty() && !self.reading && self.pending.is_none()
+        self.copy_inflight.is_empty() && self.mismatched.is_empty() && !self.reading && self.pending.is_none()
     }
 
     /// The secondary's acknowledged progress.
@@ -301,7 +361,7 @@ mod tests {
     use super::*;
     use crate::record::RecordOp;
 
-    const CONFIG: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 2 << 20 };
+    const CONFIG: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 2 << 20, copy_by_hash: false };
 
     fn copy(seq: u64, index: u64, offset: u64) -> Record {
         let mut r = Record::with_payload(RecordOp::Copy, seq, 0, offset, 1, Bytes::from(vec![1u8; 4096]), false);
@@ -335,11 +395,78 @@ mod tests {
         assert_eq!(s.poll_transmit(), None);
         // Done once it is durable on the secondary.
         assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::WindowFull);
-        let ack = pb::Ack { received_seq: 3, applied_seq: 3, durable_seq: 3, copy_durable: 1, checkpoint_seq: 3 };
+        let ack = pb::Ack {
+            received_seq: 3,
+            applied_seq: 3,
+            durable_seq: 3,
+            copy_durable: 1,
+            checkpoint_seq: 3,
+            ..Default::default()
+        };
         assert_eq!(s.on_ack(&ack).unwrap().copy_bytes, 128 << 10);
         assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Finished);
         assert_eq!(s.poll_transmit(), Some(Transmit::CopyDone(3)));
         assert_eq!(s.poll_transmit(), None);
+    }
+
+    /// Sends chunks until the window is full, acking each one durable
+    /// (hash chunks: as mismatches when `differ`). Returns (hash, data)
+    /// chunks sent.
+    fn copy_all(s: &mut PrimarySession, bitmaps: &mut [DirtyBitmap], differ: bool) -> (u64, u64) {
+        let (mut hashes, mut data) = (0, 0);
+        for _ in 0..1000 {
+            let step = s.next_copy(bitmaps, true);
+            if step == CopyStep::Finished {
+                break;
+            }
+            let CopyStep::Read { copy_index, hash, .. } = step else { continue };
+            s.on_copy_read(copy(0, copy_index, 0));
+            let _ = s.poll_transmit();
+            let mismatch = if hash && differ { vec![copy_index] } else { Vec::new() };
+            if hash {
+                hashes += 1;
+            } else {
+                data += 1;
+            }
+            let ack = pb::Ack { copy_durable: copy_index, copy_mismatch: mismatch, ..Default::default() };
+            s.on_ack(&ack).unwrap();
+        }
+        (hashes, data)
+    }
+
+    #[test]
+    fn chunks_go_as_hashes_and_only_mismatches_follow_as_data() {
+        let config = PrimaryConfig { copy_by_hash: true, ..CONFIG };
+        let mut bitmaps = vec![DirtyBitmap::new(64 << 20, 64 << 10)];
+        // Identical sites: every chunk as a hash, nothing as data.
+        let mut s = PrimarySession::new(config, 0, 0);
+        bitmaps[0].set_all();
+        assert_eq!(copy_all(&mut s, &mut bitmaps, false), (64, 0));
+        assert!(bitmaps[0].is_clean() && s.copy_idle());
+        // A fresh secondary: the first chunks are hashed and come back as
+        // data; then hashing stops paying and chunks go as data, with a
+        // hash probe every 16.
+        let mut s = PrimarySession::new(config, 0, 0);
+        bitmaps[0].set_all();
+        let (hashes, data) = copy_all(&mut s, &mut bitmaps, true);
+        assert!(bitmaps[0].is_clean() && s.copy_idle());
+        assert!(hashes <= 8 + 64 / 16 + 1, "{hashes} hashes");
+        assert_eq!(data, 64, "every chunk arrived as data in the end");
+        // Mismatches count as "in flight" until sent again, and a session
+        // ending returns them to the bitmap.
+        let mut s = PrimarySession::new(config, 0, 0);
+        bitmaps[0].set_range(0, 1 << 20);
+        let CopyStep::Read { copy_index, hash: true, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        s.on_copy_read(copy(0, copy_index, 0));
+        let _ = s.poll_transmit();
+        let ack = pb::Ack { copy_durable: copy_index, copy_mismatch: vec![copy_index], ..Default::default() };
+        assert_eq!(s.on_ack(&ack).unwrap().copy_bytes, 0);
+        assert_eq!(s.copy_inflight().count(), 1);
+        assert!(!s.copy_idle());
+        let bad = pb::Ack { copy_durable: copy_index, copy_mismatch: vec![copy_index + 1], ..Default::default() };
+        assert!(s.on_ack(&bad).is_err(), "a mismatch for a chunk never sent");
+        s.end(&mut bitmaps);
+        assert_eq!(bitmaps[0].dirty_bytes(), 1 << 20);
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub fn check_range(seq: u64, op: RecordOp, offset: u64, length: u32) -> Result<(
     if length == 0 {
         return Err(RecordError::Empty { seq });
     }
-    if op.has_payload() && length > MAX_RECORD_PAYLOAD {
+    if (op.has_payload() || op == RecordOp::CopyHash) && length > MAX_RECORD_PAYLOAD {
         return Err(RecordError::TooLarge { seq, length });
     }
     if offset.checked_add(u64::from(length)).is_none() {
@@ -39,12 +39,25 @@ pub enum RecordOp {
     Trim,
     /// Initial copy / resync data (payload of `length` bytes); never journaled.
     Copy,
+    /// A copy chunk sent as the hash of its `length` bytes (payload:
+    /// [`COPY_HASH_LEN`] bytes): the secondary compares its own region and
+    /// reports a mismatch; never journaled.
+    CopyHash,
 }
+
+/// Bytes of a [`RecordOp::CopyHash`] payload (a BLAKE3 hash).
+pub const COPY_HASH_LEN: usize = 32;
 
 impl RecordOp {
     /// Whether records of this op carry `length` bytes of payload.
     pub fn has_payload(self) -> bool {
         matches!(self, RecordOp::Write | RecordOp::Copy)
+    }
+
+    /// Initial copy or resync (data or hash): never journaled, ordered by
+    /// `copy_index`.
+    pub fn is_copy(self) -> bool {
+        matches!(self, RecordOp::Copy | RecordOp::CopyHash)
     }
 
     /// The wire enum value.
@@ -54,6 +67,7 @@ impl RecordOp {
             RecordOp::WriteZeroes => pb::Op::WriteZeroes,
             RecordOp::Trim => pb::Op::Trim,
             RecordOp::Copy => pb::Op::Copy,
+            RecordOp::CopyHash => pb::Op::CopyHash,
         }
     }
 
@@ -65,6 +79,7 @@ impl RecordOp {
             pb::Op::WriteZeroes => Some(RecordOp::WriteZeroes),
             pb::Op::Trim => Some(RecordOp::Trim),
             pb::Op::Copy => Some(RecordOp::Copy),
+            pb::Op::CopyHash => Some(RecordOp::CopyHash),
         }
     }
 
@@ -75,6 +90,7 @@ impl RecordOp {
             RecordOp::WriteZeroes => "write-zeroes",
             RecordOp::Trim => "trim",
             RecordOp::Copy => "copy",
+            RecordOp::CopyHash => "copy-hash",
         }
     }
 }
@@ -230,6 +246,23 @@ impl Record {
         r
     }
 
+    /// A copy chunk of `length` bytes sent as their hash.
+    pub fn copy_hash(
+        seq: u64,
+        copy_index: u64,
+        volume: u32,
+        offset: u64,
+        length: u32,
+        generation: u64,
+        hash: [u8; COPY_HASH_LEN],
+    ) -> Record {
+        let payload = Bytes::copy_from_slice(&hash);
+        let mut r = Record::with_payload(RecordOp::CopyHash, seq, volume, offset, generation, payload, false);
+        r.length = length;
+        r.copy_index = copy_index;
+        r
+    }
+
     /// Checks the payload against the record's CRC.
     pub fn verify_crc(&self) -> Result<(), RecordError> {
         let actual = crc32(&self.payload);
@@ -258,7 +291,11 @@ impl Record {
     /// payload).
     pub fn check_shape(&self) -> Result<(), RecordError> {
         check_range(self.seq, self.op, self.offset, self.length)?;
-        let want = if self.op.has_payload() { self.length as usize } else { 0 };
+        let want = match self.op {
+            RecordOp::CopyHash => COPY_HASH_LEN,
+            op if op.has_payload() => self.length as usize,
+            _ => 0,
+        };
         if self.payload.len() != want {
             return Err(RecordError::LengthMismatch {
                 seq: self.seq,

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use crate::apply::{Applier, ApplyError, ApplyId};
 use crate::journal_format::{record_span, JournalRing};
 use crate::pb::{self, envelope::Body};
-use crate::record::{Record, RecordOp};
+use crate::record::Record;
 
 /// Tunables of a secondary session.
 #[derive(Debug, Clone)]
@@ -205,6 +205,8 @@ pub struct Secondary {
     failed: bool,
     ack_dirty: bool,
     last_ack: Option<pb::Ack>,
+    /// Hash-only copy chunks whose region differs here, not yet reported.
+    copy_mismatch: Vec<u64>,
     actions: VecDeque<Action>,
 }
 
@@ -243,6 +245,7 @@ impl Secondary {
             failed: false,
             ack_dirty: true,
             last_ack: None,
+            copy_mismatch: Vec::new(),
             actions: VecDeque::new(),
         }
     }
@@ -268,7 +271,7 @@ impl Secondary {
                 reason: format!("it ends at {} but volume #{} has {size} bytes", record.end(), record.volume),
             });
         }
-        if record.op != RecordOp::Copy {
+        if !record.op.is_copy() {
             let span = record_span(record.payload.len() as u64);
             if span > self.ring.capacity_bytes() {
                 return Err(SecondaryError::TooLarge { seq: record.seq, span, capacity: self.ring.capacity_bytes() });
@@ -435,9 +438,11 @@ impl Secondary {
         }
         if self.ack_dirty && !self.failed {
             self.ack_dirty = false;
-            let ack = self.ack();
+            let mut ack = self.ack();
+            // Reported before (or with) the copy_durable that covers them.
+            ack.copy_mismatch = std::mem::take(&mut self.copy_mismatch);
             if self.last_ack.as_ref() != Some(&ack) {
-                self.last_ack = Some(ack);
+                self.last_ack = Some(ack.clone());
                 return Some(Action::Send(Body::Ack(ack)));
             }
         }
@@ -452,7 +457,16 @@ impl Secondary {
             durable_seq: self.journal_durable,
             copy_durable: self.applier.copy_durable(),
             checkpoint_seq: self.journal_durable,
+            copy_mismatch: Vec::new(),
         }
+    }
+
+    /// A hash-only copy chunk ([`RecordOp::CopyHash`]) found its region
+    /// different here: the primary sends the data. Report it before
+    /// [`Secondary::on_applied`] of that chunk.
+    pub fn on_copy_mismatch(&mut self, copy_index: u64) {
+        self.copy_mismatch.push(copy_index);
+        self.ack_dirty = true;
     }
 
     /// Newest write in the restore journal.
@@ -494,7 +508,7 @@ impl Secondary {
     /// chunks, once the image's inconsistency is persisted).
     fn admit_pending(&mut self) -> Result<(), SecondaryError> {
         while let Some((op, payload_len)) = self.pending.front().map(|r| (r.op, r.payload.len() as u64)) {
-            if op == RecordOp::Copy {
+            if op.is_copy() {
                 if !self.copy_incomplete {
                     self.copy_incomplete = true;
                     self.inconsistency_saved_at = Some(self.want_save());
@@ -513,7 +527,7 @@ impl Secondary {
 
     fn admit(&mut self, record: Record) -> Result<(), SecondaryError> {
         let (id, deps) = self.applier.on_record(&record)?;
-        if record.op == RecordOp::Copy {
+        if record.op.is_copy() {
             self.copy_bytes_since_sync += u64::from(record.length);
         } else {
             let span = record_span(record.payload.len() as u64);
@@ -546,7 +560,7 @@ impl Secondary {
     fn ready(&mut self, id: ApplyId) {
         let Some(r) = self.records.get(&id) else { return };
         match &r.record {
-            Some(rec) if rec.op != RecordOp::Copy && rec.seq > self.journal_durable => {
+            Some(rec) if !rec.op.is_copy() && rec.seq > self.journal_durable => {
                 self.awaiting_journal.insert(rec.seq, id);
             }
             Some(_) => self.start_apply(id),
@@ -649,6 +663,7 @@ mod tests {
 
     use super::*;
     use crate::journal_format::JOURNAL_SUPERBLOCK_LEN;
+    use crate::record::RecordOp;
 
     fn config(capacity: u64) -> SecondaryConfig {
         SecondaryConfig {

@@ -213,7 +213,14 @@ mod tests {
     use super::*;
 
     fn ack(r: u64, a: u64, d: u64, c: u64) -> pb::Ack {
-        pb::Ack { received_seq: r, applied_seq: a, durable_seq: d, copy_durable: c, checkpoint_seq: 0 }
+        pb::Ack {
+            received_seq: r,
+            applied_seq: a,
+            durable_seq: d,
+            copy_durable: c,
+            checkpoint_seq: 0,
+            copy_mismatch: Vec::new(),
+        }
     }
 
     #[test]

@@ -342,6 +342,7 @@ mod tests {
                     durable_seq: c,
                     copy_durable: d,
                     checkpoint_seq: e,
+                    copy_mismatch: vec![d / 2],
                 })
             }),
             any::<u64>().prop_map(|seq| Body::Flush(pb::FlushRequest { seq })),

@@ -47,7 +47,7 @@ use replicator_protocol::bitmap::DirtyBitmap;
 use replicator_protocol::journal_format::JOURNAL_SUPERBLOCK_LEN;
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::primary::{check_resume, CopyStep, PrimaryConfig, PrimarySession, Transmit};
-use replicator_protocol::record::{Record, RecordOp};
+use replicator_protocol::record::{Record, RecordOp, COPY_HASH_LEN};
 use replicator_protocol::secondary::{Action, Barrier, Persist, Secondary, SecondaryConfig, SecondaryStart};
 use replicator_protocol::sequencer::{Dep, RangeSequencer};
 use replicator_protocol::wire::{encode_frame, envelope, FrameDecoder};
@@ -70,8 +70,23 @@ fn base() -> Image {
 }
 
 /// Copy chunks in the simulation: 256-byte bitmap chunks, at most 4 KiB per
-/// chunk, 8 KiB in flight.
-const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 4096, copy_window: 8192 };
+/// chunk, 8 KiB in flight; each sent as its hash first, as in production.
+const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 4096, copy_window: 8192, copy_by_hash: true };
+
+/// A 256-bit digest for hash-only copy chunks (four FNV-1a lanes: any
+/// collision would show as a divergence, never as a false pass).
+fn digest(data: &[u8]) -> [u8; COPY_HASH_LEN] {
+    let mut out = [0u8; COPY_HASH_LEN];
+    for (lane, chunk) in out.chunks_mut(8).enumerate() {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ (lane as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for b in data {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        chunk.copy_from_slice(&h.to_le_bytes());
+    }
+    out
+}
 const GRANULARITY: u64 = 256;
 
 fn apply_to(img: &mut Image, r: &Record) {
@@ -80,6 +95,7 @@ fn apply_to(img: &mut Image, r: &Record) {
     match r.op {
         RecordOp::Write | RecordOp::Copy => v[o..e].copy_from_slice(&r.payload),
         RecordOp::WriteZeroes | RecordOp::Trim => v[o..e].fill(0),
+        RecordOp::CopyHash => {}
     }
 }
 
@@ -226,7 +242,7 @@ struct Primary {
     /// A copy or resync is due.
     copy_pending: bool,
     /// The copy chunk waiting for its read barrier: (volume, offset, len, index).
-    copy_reading: Option<(u32, u64, u64, u64)>,
+    copy_reading: Option<(u32, u64, u64, u64, bool)>,
     /// Disk model: what survives a power cut, and the completed volume
     /// writes since the last sync (in order).
     durable_image: Image,
@@ -297,6 +313,8 @@ struct Stats {
     primary_crashes: usize,
     primary_power_cuts: usize,
     copies_done: usize,
+    copy_hashes: usize,
+    copy_mismatches: usize,
     consistent_checks: usize,
     fault_checks: usize,
 }
@@ -311,6 +329,8 @@ impl std::ops::AddAssign for Stats {
         self.power_cuts += o.power_cuts;
         self.unsynced_pages_lost += o.unsynced_pages_lost;
         self.recoveries_replaying += o.recoveries_replaying;
+        self.copy_hashes += o.copy_hashes;
+        self.copy_mismatches += o.copy_mismatches;
         self.checkpoints += o.checkpoints;
         self.frames_split += o.frames_split;
         self.copy_chunks += o.copy_chunks;
@@ -609,11 +629,11 @@ impl Sim {
     fn copy(&mut self) {
         if self.p.copy_reading.is_none() {
             let step = self.p.session.next_copy(&mut self.p.bitmaps, self.p.copy_pending);
-            if let CopyStep::Read { volume, offset, len, copy_index } = step {
-                self.p.copy_reading = Some((volume, offset, len, copy_index));
+            if let CopyStep::Read { volume, offset, len, copy_index, hash } = step {
+                self.p.copy_reading = Some((volume, offset, len, copy_index, hash));
             }
         }
-        let Some((volume, offset, len, copy_index)) = self.p.copy_reading else { return };
+        let Some((volume, offset, len, copy_index, hash)) = self.p.copy_reading else { return };
         let (o, e) = (offset as usize, (offset + len) as usize);
         let blocked = self.p.in_flight.iter().any(|(seq, _)| {
             let w = &self.history[(seq - 1) as usize];
@@ -624,9 +644,14 @@ impl Sim {
             return;
         }
         self.p.copy_reading = None;
-        let data = Bytes::copy_from_slice(&self.p.image[volume as usize][o..e]);
-        let mut rec = Record::with_payload(RecordOp::Copy, self.last_seq(), volume, offset, GENERATION, data, false);
-        rec.copy_index = copy_index;
+        let region = &self.p.image[volume as usize][o..e];
+        let rec = if hash {
+            self.stats.copy_hashes += 1;
+            Record::copy_hash(self.last_seq(), copy_index, volume, offset, len as u32, GENERATION, digest(region))
+        } else {
+            let data = Bytes::copy_from_slice(region);
+            Record::copy_chunk(self.last_seq(), copy_index, volume, offset, GENERATION, data)
+        };
         self.p.session.on_copy_read(rec);
     }
 
@@ -811,7 +836,7 @@ impl Sim {
                 Action::SyncJournal { through } => self.s.journal_syncs.push_back(through),
                 Action::Apply { id, record } => {
                     assert!(
-                        record.op == RecordOp::Copy || self.s.rj_durable.contains_key(&record.seq),
+                        record.op.is_copy() || self.s.rj_durable.contains_key(&record.seq),
                         "record {} applied before the restore journal holds it durably",
                         record.seq
                     );
@@ -830,7 +855,7 @@ impl Sim {
                                 "ack went backwards: {prev:?} then {ack:?}"
                             );
                         }
-                        self.s.last_ack_sent = Some(*ack);
+                        self.s.last_ack_sent = Some(ack.clone());
                     }
                     push_frame(&mut self.s2p, body);
                 }
@@ -852,7 +877,7 @@ impl Sim {
                 Some(Body::Record(msg)) => {
                     let (group, rec) = Record::from_pb(msg).expect("valid record");
                     assert_eq!(group, GROUP);
-                    if rec.op != RecordOp::Copy {
+                    if !rec.op.is_copy() {
                         assert_eq!(rec, self.history[(rec.seq - 1) as usize], "record changed in transit");
                     }
                     self.s.machine.on_record(rec).unwrap_or_else(|e| panic!("record refused: {e}"));
@@ -884,7 +909,7 @@ impl Sim {
         // Every earlier overlapping write is already applied.
         for (_, other) in &self.s.applies {
             let overlaps = other.volume == rec.volume && other.offset < rec.end() && rec.offset < other.end();
-            let writes = rec.op != RecordOp::Copy && other.op != RecordOp::Copy;
+            let writes = !rec.op.is_copy() && !other.op.is_copy();
             assert!(
                 !(writes && overlaps && other.seq < rec.seq),
                 "record {} applied before overlapping {}",
@@ -892,9 +917,16 @@ impl Sim {
                 other.seq
             );
         }
+        if rec.op == RecordOp::CopyHash {
+            let (o, e) = (rec.offset as usize, rec.end() as usize);
+            if digest(&self.s.image[rec.volume as usize][o..e])[..] != rec.payload[..] {
+                self.stats.copy_mismatches += 1;
+                self.s.machine.on_copy_mismatch(rec.copy_index);
+            }
+        }
         apply_to(&mut self.s.image, &rec);
         self.s.volatile_writes.push(rec.clone());
-        if rec.op == RecordOp::Copy {
+        if rec.op.is_copy() {
             self.s.copy_reflects = self.s.copy_reflects.max(rec.seq);
         } else {
             self.s.applied.insert(rec.seq);
@@ -1234,6 +1266,7 @@ fn seeded_long_runs() {
     assert!(total.crashes > 0 && total.power_cuts > 0 && total.unsynced_pages_lost > 0, "{total:?}");
     assert!(total.recoveries_replaying > 0 && total.checkpoints > 0 && total.frames_split > 0, "{total:?}");
     assert!(total.copy_chunks > 0 && total.copy_waits > 0 && total.copies_done > 0, "{total:?}");
+    assert!(total.copy_hashes > 0 && total.copy_mismatches > 0, "{total:?}");
     assert!(total.primary_crashes > 0 && total.primary_power_cuts > 0, "{total:?}");
     assert!(total.consistent_checks > 0 && total.fault_checks > 0, "{total:?}");
 }

@@ -481,9 +481,18 @@ async fn wait_for_pair(config: &Config, group: &str, timeout: Option<Duration>) 
             }
             None => {
                 if last_line.elapsed() >= Duration::from_secs(2) {
+                    let rate = s.copy_done_bytes as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    let eta = match s.copy_total_bytes.saturating_sub(s.copy_done_bytes) {
+                        0 => String::new(),
+                        _ if rate < 1.0 => ", ETA unknown".to_string(),
+                        left => format!(", ETA {:.0} s", left as f64 / rate),
+                    };
                     println!(
-                        "group {group}: {} {what}: {} of {} bytes copied",
-                        s.state, s.copy_done_bytes, s.copy_total_bytes
+                        "group {group}: {} {what}: {} of {} compared or copied ({} sent as data){eta}",
+                        s.state,
+                        human_bytes(s.copy_done_bytes),
+                        human_bytes(s.copy_total_bytes),
+                        human_bytes(s.copy_sent_bytes)
                     );
                     last_line = std::time::Instant::now();
                 }

@@ -117,7 +117,16 @@ impl Volume {
             }
             RecordOp::WriteZeroes => self.file.write_zeroes(rec.offset, u64::from(rec.length)).await,
             RecordOp::Trim => self.file.discard(rec.offset, u64::from(rec.length)).await,
+            // Nothing to write: the chunk is compared (`matches_hash`).
+            RecordOp::CopyHash => Ok(()),
         }
+    }
+
+    /// Whether the `len` bytes at `offset` hash (BLAKE3) to `hash`: a
+    /// hash-only copy chunk that matches needs no data.
+    pub async fn matches_hash(&self, offset: u64, len: u64, hash: &[u8]) -> Result<bool, IoError> {
+        let data = self.read(offset, len).await?;
+        Ok(blake3::hash(&data).as_bytes()[..] == *hash)
     }
 
     /// fdatasync.

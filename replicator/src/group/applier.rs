@@ -15,7 +15,7 @@ use replicator_protocol::divergence;
 use replicator_protocol::lifecycle::{judge_open, Opening, Standing, Verdict};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
-use replicator_protocol::record::Record;
+use replicator_protocol::record::{Record, RecordOp};
 use replicator_protocol::secondary::{
     Action, Barrier, Persist, Secondary, SecondaryConfig, SecondaryError, SecondaryStart,
 };
@@ -43,6 +43,9 @@ enum Event {
     Applied(ApplyId, Result<(), String>),
     VolumesSynced(Barrier, Result<(), String>),
     Saved(Persist, Result<(), String>),
+    /// A hash-only copy chunk found its region different (not a
+    /// completion: its `Applied` follows).
+    CopyMismatch(u64),
 }
 
 /// A refused `OpenGroup`: the kind (sent to the primary, which acts on
@@ -866,8 +869,13 @@ impl Session {
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), TransportError> {
+        if let Event::CopyMismatch(copy_index) = ev {
+            self.machine.on_copy_mismatch(copy_index);
+            return Ok(());
+        }
         self.outstanding = self.outstanding.saturating_sub(1);
         let result = match ev {
+            Event::CopyMismatch(_) => Ok(()),
             Event::JournalSynced(through, r) => self.machine.on_journal_synced(through, r),
             Event::Applied(id, r) => self.machine.on_applied(id, r),
             Event::VolumesSynced(barrier, r) => self.machine.on_volumes_synced(barrier, r),
@@ -931,6 +939,18 @@ impl Session {
                         // before the bytes go to disk, so memory corruption in
                         // between is caught too.
                         let result = match (vol, record.verify_crc()) {
+                            (Some(vol), Ok(())) if record.op == RecordOp::CopyHash => {
+                                match vol.matches_hash(record.offset, u64::from(record.length), &record.payload).await {
+                                    Ok(true) => Ok(()),
+                                    Ok(false) => {
+                                        // Before the apply completes: reported no
+                                        // later than the chunk's copy_durable.
+                                        let _ = events.send(Event::CopyMismatch(record.copy_index));
+                                        Ok(())
+                                    }
+                                    Err(e) => Err(format!("volume {}: {e}", vol.name)),
+                                }
+                            }
                             (Some(vol), Ok(())) => {
                                 vol.apply(&record).await.map_err(|e| format!("volume {}: {e}", vol.name))
                             }

@@ -152,9 +152,11 @@ struct Inner {
     /// logged, and when: repeats are logged once a minute.
     last_link_log: Option<(String, Instant)>,
     last_error: Option<String>,
-    /// Copy progress for status.
+    /// Copy progress for status: bytes to compare or copy, done, and sent
+    /// as data (regions that differed).
     copy_total: u64,
     copy_done: u64,
+    copy_sent: u64,
     /// The peer's last refusal of a session that retrying cannot fix by
     /// itself (kind, for status), cleared by the next session that starts.
     refusal: Option<&'static str>,
@@ -456,6 +458,7 @@ impl Group {
             }),
             copy_total: 0,
             copy_done: 0,
+            copy_sent: 0,
             refusal: (persisted.superseded_by > 0).then_some("superseded"),
             delete_ack: None,
             boot_id,
@@ -1145,6 +1148,7 @@ impl Group {
             activity_log_bytes: if g.role == Role::Primary { g.activity.len() as u64 * g.activity.extent() } else { 0 },
             copy_total_bytes: g.copy_total,
             copy_done_bytes: g.copy_done,
+            copy_sent_bytes: g.copy_sent,
             consistent: g.persisted.consistent,
             writable: g.role == Role::Primary && g.persisted.superseded_by == 0
                 || g.role == Role::None
@@ -1253,6 +1257,10 @@ pub struct GroupStatus {
     pub copy_total_bytes: u64,
     /// Bytes the running copy has sent and had acknowledged durable.
     pub copy_done_bytes: u64,
+    /// Of those, bytes sent as data: regions whose hash differed on the
+    /// secondary (the rest matched and were skipped).
+    #[serde(default)]
+    pub copy_sent_bytes: u64,
     /// This node's volumes hold a write-order-consistent image.
     pub consistent: bool,
     /// Clients may write the volumes here (a primary not fenced, a

@@ -16,7 +16,7 @@ use std::time::Duration;
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::primary::{check_resume, CopyStep, PrimaryConfig, PrimarySession, Transmit};
-use replicator_protocol::record::{Record, RecordOp};
+use replicator_protocol::record::Record;
 use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
 
 use super::{lock, Group};
@@ -25,7 +25,7 @@ use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
 
 /// Copy chunks of at most 1 MiB, at most 16 MiB sent but not yet durable on
 /// the secondary.
-const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 16 << 20 };
+const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 16 << 20, copy_by_hash: true };
 /// Records are sent in batches of about this many bytes.
 const BATCH: usize = 1 << 20;
 /// How often the primary tells the secondary how far its journal reaches.
@@ -247,6 +247,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         g.session = Some(PrimarySession::new(COPY, peer_durable, last));
         g.copy_total = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
         g.copy_done = 0;
+        g.copy_sent = 0;
         group.save_locked(&mut g);
         group.progress.send_modify(|p| {
             p.connected = true;
@@ -438,7 +439,7 @@ async fn copy_next_chunk(group: &Arc<Group>, epoch: u64) -> Result<bool, Transpo
             None => CopyStep::Idle,
         }
     };
-    let CopyStep::Read { volume: vol, offset: off, len, copy_index } = step else { return Ok(false) };
+    let CopyStep::Read { volume: vol, offset: off, len, copy_index, hash } = step else { return Ok(false) };
     debug_assert!(len <= u64::from(MAX_RECORD_PAYLOAD));
     let Some(volume) = group.volumes.get(vol as usize).cloned() else { return Ok(false) };
     let (barrier, reflects) = group.read_barrier(vol, off, len).await;
@@ -451,10 +452,15 @@ async fn copy_next_chunk(group: &Arc<Group>, epoch: u64) -> Result<bool, Transpo
     let Some(session) = g.session.as_mut().filter(|_| g.shipper_epoch == epoch) else { return Ok(false) };
     match read {
         Ok(data) => {
-            let payload = bytes::Bytes::copy_from_slice(&data);
-            let mut rec =
-                Record::with_payload(RecordOp::Copy, reflects, vol, off, g.persisted.generation, payload, false);
-            rec.copy_index = copy_index;
+            let generation = g.persisted.generation;
+            let rec = if hash {
+                // The secondary compares; the data follows only if it differs.
+                let digest = *blake3::hash(&data).as_bytes();
+                Record::copy_hash(reflects, copy_index, vol, off, len as u32, generation, digest)
+            } else {
+                g.copy_sent += len;
+                Record::copy_chunk(reflects, copy_index, vol, off, generation, bytes::Bytes::copy_from_slice(&data))
+            };
             session.on_copy_read(rec);
             Ok(true)
         }
