@@ -5,6 +5,14 @@
 //! binary, `run`), pairs both groups, writes through NBD while measuring
 //! latency, waits for the async group to drain, shows status, stops both
 //! daemons cleanly and checks that both sites hold identical bytes.
+//!
+//! Then the disaster-recovery tour, through the real CLI (this binary, as
+//! an admin would type it): both daemons restart, `switchover` hands the
+//! sync group to site-b and back, site-a is killed (`kill -9`, a crash),
+//! `failover` on site-b prints the recovery point, site-b takes writes,
+//! site-a comes back fenced, `failback` there discards nothing, copies
+//! site-b's changes and switches back; both daemons stop and the sites are
+//! compared byte for byte again.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -12,10 +20,19 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::control::{self, Request};
+use crate::group::GroupStatus;
 use crate::nbd_client::NbdClient;
 
 const VOLUME_SIZE: u64 = 64 << 20;
 const WRITES: usize = 2000;
+/// Longest any one CLI command of the tour may take.
+const CLI_LIMIT: Duration = Duration::from_secs(180);
+/// Longest any wait for a state may take.
+const STATE_LIMIT: Duration = Duration::from_secs(60);
+/// Blocks site-b writes to the bank volume while it is the primary after
+/// the failover (1 MiB each, from this offset): failback must copy them.
+const FAILOVER_WRITES: u64 = 4;
+const FAILOVER_OFFSET: u64 = 32 << 20;
 
 struct Site {
     name: &'static str,
@@ -130,7 +147,11 @@ size = "{size}"
 
 fn start(site: &mut Site) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
-    let log = std::fs::File::create(&site.log).map_err(|e| format!("{}: {e}", site.log.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&site.log)
+        .map_err(|e| format!("{}: {e}", site.log.display()))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let child = Command::new(exe)
         .args(["--config"])
@@ -174,6 +195,73 @@ fn stop(site: &mut Site) -> Result<(), String> {
     Ok(())
 }
 
+/// Kills the daemon with SIGKILL: a crash, as far as the peer can tell.
+fn crash(site: &mut Site) -> Result<(), String> {
+    if let Some(mut c) = site.child.take() {
+        c.kill().map_err(|e| format!("cannot kill daemon {}: {e}", site.name))?;
+        c.wait().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Runs `replicator ARGS` against `site`'s daemon, as an admin would type
+/// it, prints the command and its output, and returns the output; fails
+/// unless it exits 0 within [`CLI_LIMIT`].
+async fn cli(site: &Site, args: &[&str]) -> Result<String, String> {
+    println!("    {}$ replicator {}", site.name, args.join(" "));
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--config").arg(&site.config_path).args(args).stdin(Stdio::null());
+    let what = format!("replicator {} on {}", args.join(" "), site.name);
+    let out = tokio::task::spawn_blocking(move || run_bounded(cmd, CLI_LIMIT))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{what}: {e}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for line in text.lines() {
+        println!("    {line}");
+    }
+    if !out.status.success() {
+        return Err(format!("{what} exited with {}", out.status));
+    }
+    Ok(text)
+}
+
+/// Runs `cmd` to completion, capturing its output, killing it after `limit`.
+fn run_bounded(mut cmd: Command, limit: Duration) -> Result<std::process::Output, String> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("did not finish within {} s", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+/// Reads a child's pipe to the end on a thread of its own.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
 async fn ask(site: &Site, req: Request) -> Result<control::Response, String> {
     let resp = control::call(&site.config.control_socket(), &req).await.map_err(|e| e.to_string())?;
     if resp.exit != control::exit::OK {
@@ -199,6 +287,48 @@ async fn wait_state(site: &Site, group: &str, state: &str, timeout: Duration) ->
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until `site`'s status of `group` satisfies `done` (described by
+/// `what` in the error), for at most [`STATE_LIMIT`].
+async fn wait_for(
+    site: &Site,
+    group: &str,
+    what: &str,
+    done: impl Fn(&GroupStatus) -> bool,
+) -> Result<GroupStatus, String> {
+    let deadline = Instant::now() + STATE_LIMIT;
+    loop {
+        let resp = ask(site, Request::Status { group: Some(group.into()) }).await?;
+        if let Some(s) = resp.groups.into_iter().next() {
+            if done(&s) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: group {group} is not {what} after {} s: role {}, state {}{}, connected {}, lag {} records",
+                    site.name,
+                    STATE_LIMIT.as_secs(),
+                    s.role,
+                    s.state,
+                    s.reason.map(|r| format!("({r})")).unwrap_or_default(),
+                    s.connected,
+                    s.lag_records
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `site` is the primary of `group`, in PAIR with a live session and
+/// nothing left to ship.
+async fn wait_primary_drained(site: &Site, group: &str) -> Result<(), String> {
+    wait_for(site, group, "the primary in PAIR, drained", |s| {
+        s.role == "primary" && s.state == "PAIR" && s.connected && s.lag_records == 0
+    })
+    .await
+    .map(|_| ())
 }
 
 /// xorshift64*: deterministic pseudo-random data and offsets.
@@ -267,6 +397,23 @@ fn same_bytes(a: &Path, b: &Path) -> Result<bool, String> {
             return Ok(false);
         }
     }
+}
+
+/// Compares every volume file of both sites (daemons stopped); prints one
+/// line per volume and fails if any differ.
+fn compare_sites(tmp: &Path) -> Result<(), String> {
+    let mut all_same = true;
+    for v in ["bank-ledger", "archive-data", "archive-index"] {
+        let pa = tmp.join("site-a").join(format!("{v}.img"));
+        let pb = tmp.join("site-b").join(format!("{v}.img"));
+        let same = same_bytes(&pa, &pb)?;
+        all_same &= same;
+        println!("    {v:<14} {}", if same { "identical on both sites" } else { "DIFFERENT" });
+    }
+    if !all_same {
+        return Err(format!("the sites differ; logs and images kept in {}", tmp.display()));
+    }
+    Ok(())
 }
 
 async fn tour(serve: bool) -> Result<(), String> {
@@ -373,18 +520,93 @@ async fn tour(serve: bool) -> Result<(), String> {
     step("stopping both daemons cleanly (SIGTERM), then comparing the sites byte for byte");
     stop(&mut a)?;
     stop(&mut b)?;
-    let mut all_same = true;
-    for v in ["bank-ledger", "archive-data", "archive-index"] {
-        let pa = tmp.join("site-a").join(format!("{v}.img"));
-        let pb = tmp.join("site-b").join(format!("{v}.img"));
-        let same = same_bytes(&pa, &pb)?;
-        all_same &= same;
-        println!("    {v:<14} {}", if same { "identical on both sites" } else { "DIFFERENT" });
-    }
-    if !all_same {
-        return Err(format!("the sites differ; logs and images kept in {}", tmp.display()));
-    }
+    compare_sites(&tmp)?;
+
+    disaster_recovery(&mut a, &mut b).await?;
+
+    step("stopping both daemons cleanly (SIGTERM), then comparing the sites byte for byte again");
+    stop(&mut a)?;
+    stop(&mut b)?;
+    compare_sites(&tmp)?;
     let _ = std::fs::remove_dir_all(&tmp);
-    println!("\ndemo complete: both sites hold identical bytes.");
+    println!("\ndemo complete: both sites hold identical bytes, after a switchover, a failover and a failback.");
+    Ok(())
+}
+
+/// The second half of the tour: restart, switchover both ways, crash of
+/// the primary, failover, failback. Ends with site-a the primary of both
+/// groups again, in PAIR and drained.
+async fn disaster_recovery(a: &mut Site, b: &mut Site) -> Result<(), String> {
+    step("restarting both daemons: the pairs resume where they stopped, nothing is copied");
+    start(a)?;
+    start(b)?;
+    wait_socket(a).await?;
+    wait_socket(b).await?;
+    for g in ["bank", "archive"] {
+        wait_primary_drained(a, g).await?;
+        println!("    {g}: PAIR");
+    }
+
+    step("planned switchover of 'bank' (stop the applications first): site-b becomes the primary, zero loss");
+    cli(a, &["switchover", "bank"]).await?;
+    wait_primary_drained(b, "bank").await?;
+    step("switchover back, run on the secondary this time (either site may ask)");
+    cli(a, &["switchover", "bank"]).await?;
+    wait_primary_drained(a, "bank").await?;
+
+    step("site-a crashes (kill -9) with 'bank' in PAIR; site-b notices within seconds");
+    crash(a)?;
+    wait_for(b, "bank", "disconnected from the dead primary", |s| !s.connected).await?;
+    let sb = ask(b, Request::Status { group: Some("bank".into()) }).await?;
+    print!("{}", crate::cli::render_status(&sb.groups));
+
+    step("unplanned failover on site-b: it promotes its image and prints the recovery point (sync: no loss)");
+    let out = cli(b, &["failover", "bank"]).await?;
+    if !out.contains("Recovery point: sequence") {
+        return Err("failover printed no recovery point".into());
+    }
+    println!(
+        "    ... site-b takes writes as the new primary: {FAILOVER_WRITES} x 1 MiB at offset {} MiB",
+        FAILOVER_OFFSET >> 20
+    );
+    let written = {
+        let client = NbdClient::connect_unix(&b.config.nbd_socket(), "bank-ledger").await.map_err(|e| e.to_string())?;
+        let mut rng = Rng(4);
+        let mut data = vec![0u8; (FAILOVER_WRITES << 20) as usize];
+        rng.fill(&mut data);
+        for (i, chunk) in data.chunks(1 << 20).enumerate() {
+            client.write(FAILOVER_OFFSET + ((i as u64) << 20), chunk, false).await.map_err(|e| e.to_string())?;
+        }
+        client.flush().await.map_err(|e| e.to_string())?;
+        data
+    };
+
+    step("site-a comes back: the generation check fences it (no writes), and it says so");
+    start(a)?;
+    wait_socket(a).await?;
+    wait_for(a, "bank", "fenced", |s| s.superseded_by > 0).await?;
+    // Once site-b has connected to it too, site-a knows where site-b took
+    // over, so failback discards exactly what came after.
+    wait_for(b, "bank", "told that site-a is fenced", |s| s.refusal.as_deref() == Some("peer-fenced")).await?;
+    let sa = ask(a, Request::Status { group: Some("bank".into()) }).await?;
+    print!("{}", crate::cli::render_status(&sa.groups));
+
+    step("failback on site-a: it becomes site-b's secondary (reporting what it discards), copies what changed, switches back");
+    let out = cli(a, &["failback", "bank", "--timeout", "120s"]).await?;
+    if !out.contains("Discarded here") || !out.contains("switchover done") {
+        return Err("failback did not report what it discarded and the switch back".into());
+    }
+    for g in ["bank", "archive"] {
+        wait_primary_drained(a, g).await?;
+    }
+    let client = NbdClient::connect_unix(&a.config.nbd_socket(), "bank-ledger").await.map_err(|e| e.to_string())?;
+    let back = client.read(FAILOVER_OFFSET, written.len() as u32).await.map_err(|e| e.to_string())?;
+    drop(client);
+    if back != written {
+        return Err("site-a, primary again, does not hold what site-b wrote after the failover".into());
+    }
+    println!("    site-a is the primary again and holds every write site-b took while it was the primary");
+    let sa = ask(a, Request::Status { group: Some("bank".into()) }).await?;
+    print!("{}", crate::cli::render_status(&sa.groups));
     Ok(())
 }

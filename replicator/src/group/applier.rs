@@ -99,11 +99,20 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     // performs and words it).
     let opening = Opening::of(open);
     let mut verdict = judge_open(&standing(group, &g), &opening, group.former_primary_diverged(&g));
-    if verdict == Verdict::Fence {
-        // The takeover point says where this node's records stand only for
-        // the promotion right after its own generation.
-        let point = (open.promoted && open.generation == g.persisted.generation + 1)
-            .then_some(TakeoverPoint { seq: open.takeover_seq, epoch: open.takeover_epoch });
+    // The takeover point says where this node's records stand only for the
+    // promotion right after its own generation.
+    let point = (open.promoted && open.generation == g.persisted.generation + 1)
+        .then_some(TakeoverPoint { seq: open.takeover_seq, epoch: open.takeover_epoch });
+    // Fenced earlier without it (this node reached the new primary first
+    // and was told only "superseded"): learn it now, before judging whether
+    // this node wrote beyond it; otherwise an unknown point counts as
+    // divergence and a clean failover looks like a split brain.
+    let learns_point = g.role == Role::Primary
+        && g.persisted.pair_id == open.pair_id
+        && g.persisted.superseded_by == open.generation
+        && g.persisted.superseded_at.is_none()
+        && point.is_some();
+    if verdict == Verdict::Fence || learns_point {
         group.fence(&mut g, open.generation, point);
         verdict = judge_open(&standing(group, &g), &opening, group.former_primary_diverged(&g));
     }
