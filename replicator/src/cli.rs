@@ -51,6 +51,9 @@ pub enum Command {
     Switchover {
         /// Group name.
         group: String,
+        /// Then wait until the reversed pair is in PAIR (replicating).
+        #[arg(long)]
+        wait: bool,
     },
     /// Unplanned failover, on the secondary: promote its last consistent
     /// image and print the recovery point. Refused (exit 3) while the
@@ -318,10 +321,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 report(&ask(&config, Request::Switchover { group }).await?)
             })
         }
-        Command::Switchover { group } => {
+        Command::Switchover { group, wait } => {
             let config = load_config(&cli.config)?;
             let rt = runtime()?;
-            rt.block_on(async { report(&ask(&config, Request::Switchover { group }).await?) })
+            rt.block_on(async {
+                let code = report(&ask(&config, Request::Switchover { group: group.clone() }).await?)?;
+                if wait {
+                    wait_for_pair(&config, &group, None).await
+                } else {
+                    Ok(code)
+                }
+            })
         }
         Command::Failover { group, force } => {
             let config = load_config(&cli.config)?;
@@ -447,8 +457,8 @@ async fn wait_for_pair(config: &Config, group: &str, timeout: Option<Duration>) 
             }
             if timed_out && s.refusal.is_none() {
                 eprintln!(
-                    "replicator: group {group}: not PAIR after {:?} (now {}{}, {} of {} bytes copied){}",
-                    started.elapsed(),
+                    "replicator: group {group}: not PAIR after {:.0} s (now {}{}, {} of {} bytes compared or copied){}",
+                    started.elapsed().as_secs_f64(),
                     s.state,
                     s.reason.as_ref().map(|r| format!("({r})")).unwrap_or_default(),
                     s.copy_done_bytes,

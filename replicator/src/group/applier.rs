@@ -218,8 +218,13 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 // The primary lost power and starts a new generation: what
                 // it may have lost is copied again; records follow its
                 // recovered journal.
-                tracing::warn!(group = %name, primary = %peer, epoch = open.epoch, rebase = open.rebase_seq,
-                    "the primary restarted after a power cut: resynchronising the regions it was writing");
+                if g.persisted.needs_rebase {
+                    tracing::info!(group = %name, primary = %peer, rebase = open.rebase_seq,
+                        "resync: the primary copies the regions this node discarded and its own changes");
+                } else {
+                    tracing::warn!(group = %name, primary = %peer, epoch = open.epoch, rebase = open.rebase_seq,
+                        "resync: the primary restarted after a power cut (or had no record of what this node holds): resynchronising the regions that may differ");
+                }
                 g.persisted.durable_seq = open.rebase_seq;
                 g.persisted.journal_tail_seq = open.rebase_seq.saturating_add(1);
                 g.persisted.epoch = open.epoch;

@@ -818,7 +818,11 @@ impl Group {
             tracing::warn!(group = %self.cfg.name, peer = %self.cfg.peer, reason = why, "replication link down");
             g.last_link_log = Some((why.to_string(), Instant::now()));
         }
-        g.last_error = Some(format!("replication link to {}: {why}", self.cfg.peer));
+        // A fenced node or a split brain keeps its own explanation (what to
+        // run); the link error is only in the log then.
+        if g.persisted.superseded_by == 0 && g.state != PairState::SplitBrain {
+            g.last_error = Some(format!("replication link to {}: {why}", self.cfg.peer));
+        }
         self.progress.send_modify(|p| p.connected = false);
         self.publish(&mut g);
     }

@@ -364,6 +364,13 @@ impl Group {
         let journal = self.fresh_journal(pair_id).await?;
         let mut g = lock(&self.inner);
         self.promote(&mut g, journal, true);
+        // The old primary becomes the secondary in a moment: until it is
+        // back (or link_timeout passes, as for any link blip in PAIR), sync
+        // writes wait for it, so RPO 0 holds across the switchover.
+        g.state = PairState::Pair;
+        g.link_down_since = Some(Instant::now());
+        self.save_locked(&mut g);
+        self.publish(&mut g);
         tracing::info!(group = %self.cfg.name, seq, generation = g.persisted.generation,
             "switchover: this node is now the primary");
         Ok(())
