@@ -329,3 +329,28 @@ fn answer(what: &str, result: Result<String, GroupError>) -> Response {
         Err(e) => Response::err(exit::FAILED, format!("{what}: {e}")),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn progress_lines_reach_the_caller_before_the_response() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let req = read_request(&mut stream).await.unwrap();
+            assert!(matches!(req, Request::Verify { fix: true, .. }));
+            write_line(&mut stream, &ProgressLine { progress: "1 of 2".into() }).await;
+            write_line(&mut stream, &Response::ok("done")).await;
+        });
+        let mut lines = Vec::new();
+        let req = Request::Verify { group: "g".into(), fix: true };
+        let resp = call_with_progress(&path, &req, |l| lines.push(l.to_string())).await.unwrap();
+        assert_eq!((resp.exit, resp.message.as_str()), (exit::OK, "done"));
+        assert_eq!(lines, ["1 of 2"]);
+    }
+}

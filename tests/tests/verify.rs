@@ -12,7 +12,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use replicator_tests::{describe_output, require, run_with_timeout, Cluster, ClusterOpts, GroupSpec, Mode, Site};
@@ -130,20 +130,23 @@ fn async_verify_under_concurrent_writes() {
     c.wait_pair(group, Duration::from_secs(60));
     qemu_io(&c, vol, &writes(3, 24));
 
-    let stop = AtomicBool::new(false);
+    // Verify again and again while qemu-io rounds keep writing, until at
+    // least three rounds overlapped the runs.
+    let (stop, rounds) = (AtomicBool::new(false), AtomicU64::new(0));
     let verified = std::thread::scope(|s| {
-        let writer = s.spawn(|| {
-            let mut round = 0;
+        s.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
-                round += 1;
+                let round = rounds.fetch_add(1, Ordering::SeqCst) + 1;
                 qemu_io(&c, vol, &writes(10 + round, 24));
             }
-            round
         });
-        let runs: Vec<(i32, String)> = (0..3).map(|_| cli(&c, Site::A, &["verify", group])).collect();
+        let first = rounds.load(Ordering::SeqCst);
+        let mut runs = Vec::new();
+        while runs.len() < 3 || (rounds.load(Ordering::SeqCst) < first + 3 && runs.len() < 100) {
+            runs.push(cli(&c, Site::A, &["verify", group]));
+        }
         stop.store(true, Ordering::SeqCst);
-        let rounds = writer.join().expect("writer");
-        eprintln!("{rounds} write rounds ran during the verifies");
+        eprintln!("{} verify runs during {} write rounds", runs.len(), rounds.load(Ordering::SeqCst) - first);
         runs
     });
     for (code, out) in &verified {

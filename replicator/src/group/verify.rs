@@ -424,7 +424,7 @@ impl PeerHashes {
         }
         match tokio::time::timeout(HOLD_TIMEOUT, rx).await {
             Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err("the verify stream ended".into()),
+            Ok(Err(_)) => Err("the verify stream ended (does the peer run a replicator that knows `verify`?)".into()),
             Err(_) => Err(format!("no answer within {HOLD_TIMEOUT:?}")),
         }
     }
