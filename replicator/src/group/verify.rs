@@ -60,6 +60,9 @@ const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a run reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// Region reads a secondary serves at once, over all verify streams (each
+/// holds a buffer of up to [`REGION`] bytes).
+static SECONDARY_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2 * PIPELINE);
 
 /// A region of one volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +126,7 @@ impl Group {
         };
         let conn = self.transport.connect(&self.cfg.peer).await.map_err(|e| self.lost(e.to_string()))?;
         let (send, recv) = Transport::open_stream(&conn).await.map_err(|e| self.lost(e.to_string()))?;
-        let peer = PeerHashes::start(send, recv);
+        let peer = Arc::new(PeerHashes::start(send, recv));
 
         let all = regions(&self.volumes.iter().map(|v| v.size()).collect::<Vec<_>>());
         let total_bytes: u64 = all.iter().map(|r| r.len).sum();
@@ -395,23 +398,18 @@ type Answer = Result<Bytes, String>;
 /// held, replies are matched to them by id.
 struct PeerHashes {
     send: tokio::sync::Mutex<FramedSend>,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    /// Regions waiting for their reply, by request id.
+    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>,
     next_id: AtomicU64,
-    /// Reads the replies; aborted with the run.
-    reader: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The task reading the replies (ends with the run).
+    reader: tokio::task::AbortHandle,
 }
 
 impl PeerHashes {
-    fn start(send: FramedSend, recv: FramedRecv) -> Arc<Self> {
-        let me = Arc::new(PeerHashes {
-            send: tokio::sync::Mutex::new(send),
-            waiting: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            reader: Mutex::new(None),
-        });
-        let reader = tokio::spawn(read_replies(Arc::downgrade(&me), recv));
-        *me.reader.lock().unwrap_or_else(PoisonError::into_inner) = Some(reader.abort_handle());
-        me
+    fn start(send: FramedSend, recv: FramedRecv) -> Self {
+        let waiting = Arc::new(Mutex::new(HashMap::new()));
+        let reader = tokio::spawn(read_replies(waiting.clone(), recv)).abort_handle();
+        PeerHashes { send: tokio::sync::Mutex::new(send), waiting, next_id: AtomicU64::new(1), reader }
     }
 
     /// The secondary's hash of the requested region.
@@ -437,29 +435,27 @@ impl PeerHashes {
 
 impl Drop for PeerHashes {
     fn drop(&mut self) {
-        if let Some(reader) = self.reader.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            reader.abort();
-        }
+        self.reader.abort();
     }
 }
 
 /// Hands each reply to the region waiting for it; when the stream ends,
 /// every waiter learns so.
-async fn read_replies(hashes: std::sync::Weak<PeerHashes>, mut recv: FramedRecv) {
+async fn read_replies(waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>, mut recv: FramedRecv) {
     loop {
-        let frame = recv.recv().await;
-        let Some(me) = hashes.upgrade() else { return };
-        let reply = match frame {
+        let reply = match recv.recv().await {
             Ok(Some(pb::Envelope { body: Some(Body::VerifyReply(reply)) })) => reply,
             other => {
-                if let Err(e) = other {
-                    tracing::warn!("verify stream: {e}");
+                match other {
+                    Err(e) => tracing::warn!("verify stream: {e}"),
+                    Ok(Some(unexpected)) => tracing::warn!("verify stream: unexpected message {unexpected:?}"),
+                    Ok(None) => {}
                 }
-                me.waiting.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                waiting.lock().unwrap_or_else(PoisonError::into_inner).clear();
                 return;
             }
         };
-        let waiter = me.waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&reply.id);
+        let waiter = waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&reply.id);
         if let Some(tx) = waiter {
             let _ = tx.send(if reply.error.is_empty() { Ok(reply.blake3) } else { Err(reply.error) });
         }
@@ -544,6 +540,7 @@ async fn hash_region(groups: &[Arc<Group>], request: &pb::VerifyRequest, peer: &
     let sizes: Vec<u64> = group.volumes.iter().map(|v| v.size()).collect();
     let region = check_range(request, &sizes)?;
     let volume = group.volumes.get(region.volume as usize).ok_or("no such volume")?;
+    let _slot = SECONDARY_READS.acquire().await.map_err(|e| e.to_string())?;
     let data =
         volume.read(region.offset, region.len).await.map_err(|e| format!("reading volume {}: {e}", volume.name))?;
     Ok(blake3::hash(&data))
