@@ -96,6 +96,17 @@ pub enum Command {
         #[arg(long)]
         serve: bool,
     },
+    /// Compare both sites online, region by region (run on the primary;
+    /// needs PAIR). Exit 0 when they match, 1 listing the regions that
+    /// differ.
+    Verify {
+        /// Group name.
+        group: String,
+        /// Copy the differing regions from the primary again, and wait until
+        /// the pair is back in PAIR.
+        #[arg(long)]
+        fix: bool,
+    },
 }
 
 /// `pair ...`
@@ -381,6 +392,20 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { serve } => Ok(crate::demo::run(serve)),
+        Command::Verify { group, fix } => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            let (socket, req) = (config.control_socket(), Request::Verify { group, fix });
+            rt.block_on(async {
+                match control::call_with_progress(&socket, &req, |line| println!("{line}")).await {
+                    Ok(resp) => report(&resp),
+                    Err(e) => {
+                        eprintln!("replicator: {e}");
+                        Err(ExitCode::from(exit::FAILED))
+                    }
+                }
+            })
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! The control socket (`run_dir/control.sock`, mode 0660): the only admin
-//! interface. One JSON request per connection, one JSON response.
+//! interface. One JSON request per connection, one JSON response; a long
+//! command (`verify`) may send progress lines (`{"progress": "..."}`)
+//! before its response.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::group::{GroupError, GroupStatus};
 use crate::node::Node;
@@ -85,6 +87,20 @@ pub enum Request {
         /// Group.
         group: String,
     },
+    /// `verify` (on the primary).
+    Verify {
+        /// Group.
+        group: String,
+        /// Have the differing regions copied again.
+        fix: bool,
+    },
+}
+
+/// A progress line sent before the response of a long command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressLine {
+    /// What the command is doing.
+    pub progress: String,
 }
 
 /// The daemon's answer.
@@ -126,6 +142,16 @@ pub enum ControlError {
 
 /// Sends one request and waits for the response.
 pub async fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
+    call_with_progress(socket, req, |_| {}).await
+}
+
+/// Sends one request and waits for the response, handing each progress line
+/// that comes first to `on_progress`.
+pub async fn call_with_progress(
+    socket: &Path,
+    req: &Request,
+    mut on_progress: impl FnMut(&str),
+) -> Result<Response, ControlError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| ControlError::Connect { path: socket.display().to_string(), source })?;
@@ -134,9 +160,15 @@ pub async fn call(socket: &Path, req: &Request) -> Result<Response, ControlError
     line.push(b'\n');
     w.write_all(&line).await.map_err(|e| ControlError::Protocol(e.to_string()))?;
     let mut reader = BufReader::new(r);
-    let mut resp = String::new();
-    reader.read_line(&mut resp).await.map_err(|e| ControlError::Protocol(e.to_string()))?;
-    serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(format!("bad response: {e}")))
+    loop {
+        let mut resp = String::new();
+        reader.read_line(&mut resp).await.map_err(|e| ControlError::Protocol(e.to_string()))?;
+        if let Ok(p) = serde_json::from_str::<ProgressLine>(&resp) {
+            on_progress(&p.progress);
+            continue;
+        }
+        return serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(format!("bad response: {e}")));
+    }
 }
 
 /// Longest request line accepted (requests are a few hundred bytes).
@@ -199,10 +231,25 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
 
 async fn handle(mut stream: UnixStream, node: Arc<Node>) {
     let resp = match read_request(&mut stream).await {
-        Ok(req) => execute(&node, req).await,
+        Ok(req) => {
+            // Progress lines go out while the command runs.
+            let (progress, mut lines) = mpsc::unbounded_channel();
+            let work = execute(&node, req, progress);
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    resp = &mut work => break resp,
+                    Some(progress) = lines.recv() => write_line(&mut stream, &ProgressLine { progress }).await,
+                }
+            }
+        }
         Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
     };
-    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    write_line(&mut stream, &resp).await;
+}
+
+async fn write_line(stream: &mut UnixStream, msg: &impl Serialize) {
+    let mut out = serde_json::to_vec(msg).unwrap_or_default();
     out.push(b'\n');
     let _ = stream.write_all(&out).await;
 }
@@ -212,7 +259,7 @@ fn unknown_group(node: &Node, name: &str) -> Response {
     Response::err(exit::USAGE, format!("no group named {name:?} in the configuration (groups: {})", known.join(", ")))
 }
 
-async fn execute(node: &Node, req: Request) -> Response {
+async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<String>) -> Response {
     match req {
         Request::Status { group } => {
             let groups: Vec<GroupStatus> = match &group {
@@ -262,6 +309,15 @@ async fn execute(node: &Node, req: Request) -> Response {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
             answer("failback", g.failback().await)
         }
+        Request::Verify { group, fix } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            // Its failures name the group and the command already.
+            match g.verify(fix, &progress).await {
+                Ok(msg) => Response::ok(msg),
+                Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
+                Err(e) => Response::err(exit::FAILED, e.to_string()),
+            }
+        }
     }
 }
 
@@ -271,5 +327,30 @@ fn answer(what: &str, result: Result<String, GroupError>) -> Response {
         Ok(msg) => Response::ok(msg),
         Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
         Err(e) => Response::err(exit::FAILED, format!("{what}: {e}")),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn progress_lines_reach_the_caller_before_the_response() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let req = read_request(&mut stream).await.unwrap();
+            assert!(matches!(req, Request::Verify { fix: true, .. }));
+            write_line(&mut stream, &ProgressLine { progress: "1 of 2".into() }).await;
+            write_line(&mut stream, &Response::ok("done")).await;
+        });
+        let mut lines = Vec::new();
+        let req = Request::Verify { group: "g".into(), fix: true };
+        let resp = call_with_progress(&path, &req, |l| lines.push(l.to_string())).await.unwrap();
+        assert_eq!((resp.exit, resp.message.as_str()), (exit::OK, "done"));
+        assert_eq!(lines, ["1 of 2"]);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
-use crate::group::{serve_secondary, ClientGuard, Group, WriteError, WriteKind};
+use crate::group::{serve_secondary, serve_verify, ClientGuard, Group, WriteError, WriteKind};
 use crate::io::AlignedBuf;
 use crate::nbd::{BlockSizes, Export, ExportCatalog, ExportError, NbdErrno, OpenError};
 use crate::transport::{FramedRecv, FramedSend, PeerConnection, Transport};
@@ -40,7 +40,9 @@ impl Node {
         self.groups.iter().find(|g| g.cfg.name == name)
     }
 
-    /// Serves the group streams of one authenticated peer connection.
+    /// Serves the streams of one authenticated peer connection: group
+    /// streams (first message `OpenGroup`) and verify streams (first
+    /// message `VerifyRequest`, see `group/verify.rs`).
     pub async fn serve_peer(self: Arc<Self>, pc: PeerConnection, shutdown: watch::Receiver<bool>) {
         loop {
             let (send, recv) = match pc.conn.accept_bi().await {
@@ -57,6 +59,9 @@ impl Node {
                 let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
                 let open = match recv.expect("OpenGroup").await {
                     Ok(Body::OpenGroup(o)) => o,
+                    Ok(Body::VerifyRequest(first)) => {
+                        return serve_verify(&node.groups, first, send, recv, &peer).await
+                    }
                     Ok(other) => {
                         tracing::warn!(%peer, "stream did not start with OpenGroup: {other:?}");
                         return;

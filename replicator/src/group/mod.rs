@@ -7,6 +7,9 @@
 //! 2. `shipper.rs`: the primary's replication session (records, copy, acks).
 //! 3. `applier.rs`: the secondary's side of that session.
 //!
+//! `takeover.rs` holds switchover and failover; `verify.rs` the online
+//! comparison of the two sites (`replicator verify`).
+//!
 //! Concurrency: one `std::sync::Mutex` guards the group's bookkeeping
 //! ([`Inner`]); it is held only for short, non-blocking sections and never
 //! across an `.await`. Progress that waiters care about (peer acks, state
@@ -16,6 +19,7 @@ mod applier;
 mod lifecycle;
 mod shipper;
 mod takeover;
+mod verify;
 mod write_path;
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,6 +49,7 @@ use crate::transport::Transport;
 use crate::volume::Volume;
 
 pub use applier::serve_secondary;
+pub use verify::serve_verify;
 pub use write_path::{WriteError, WriteKind};
 
 /// Group-level errors surfaced to the control socket and logs.
