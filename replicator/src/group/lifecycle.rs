@@ -563,9 +563,9 @@ impl Group {
         Ok(())
     }
 
-    /// A former primary met the peer that superseded it (generation
-    /// `generation`, takeover point `point`): whether it holds writes the
-    /// peer lacks (then it is a split brain).
+    /// A fenced former primary: whether it holds writes the primary that
+    /// superseded it lacks, judged against the takeover point it learned
+    /// (`superseded_at`; unknown counts as yes). Then it is a split brain.
     pub(super) fn former_primary_diverged(&self, g: &Inner) -> bool {
         let former = FormerPrimary {
             last_seq: g.last_jseq,
