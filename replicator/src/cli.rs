@@ -578,6 +578,21 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
             "group {}  role {}  state {}  mode {}  peer {} ({link})  health {}",
             s.group, s.role, state, s.mode, s.peer, s.health
         );
+        if s.role != "none" {
+            let _ = writeln!(
+                out,
+                "  generation {} epoch {}  volumes {}{}{}",
+                s.generation,
+                s.epoch,
+                if s.writable { "writable" } else { "not writable here" },
+                if s.superseded_by > 0 {
+                    format!("  FENCED: superseded by generation {} on {}", s.superseded_by, s.peer)
+                } else {
+                    String::new()
+                },
+                if s.needs_rebase { "  discarded writes of its own: the next resync overwrites them" } else { "" }
+            );
+        }
         if let Some(t) = s.data_as_of_unix {
             let _ =
                 writeln!(out, "  data as of {} (the primary's time of the newest write held here)", describe_time(t));
