@@ -109,6 +109,10 @@ pub struct CopyRun {
     pub bound: String,
     /// UDP receive-buffer drops seen during the copy.
     pub drops: Option<String>,
+    /// Loopback: what the disk allows the same copy between the two sites'
+    /// files (read one, write or read the other; see
+    /// [`crate::local::copy_floor`]), MB/s.
+    pub floor_mbps: Option<f64>,
 }
 
 /// One resync measurement.
@@ -331,6 +335,20 @@ pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
         let mut p = mk_pair(env, &format!("fig-copy-{i}"), &[g], link)?;
         prefill(&p.a.file("copy.img"), size, Some(99))?;
         prefill(&p.b.file("copy.img"), size, identical.then_some(99))?;
+        // The same copy straight between the files (into a scratch file when
+        // the data would change), on the same disk, as the floor.
+        let floor_mbps = if link.is_direct() {
+            let scratch = p.b.file("floor.img");
+            let target = if identical { p.b.file("copy.img") } else { scratch.clone() };
+            if !identical {
+                prefill(&scratch, size, None)?;
+            }
+            let floor = crate::local::copy_floor(&env.rt, &p.a.file("copy.img"), &target, identical);
+            let _ = std::fs::remove_file(&scratch);
+            Some(floor?)
+        } else {
+            None
+        };
         p.start(env)?;
         let t = Instant::now();
         p.pair(env, "copy", false, Duration::from_secs(300))?;
@@ -354,6 +372,7 @@ pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
             bound_mbps,
             bound,
             drops,
+            floor_mbps,
         });
     }
     Ok(runs)

@@ -152,3 +152,58 @@ pub fn prefill(path: &Path, size: u64, random: Option<u64>) -> Result<(), String
     f.sync_all().map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(())
 }
+
+/// What the disk allows a copy between two files on it, in MB/s of one
+/// file: each 1 MiB block of `a` is read and written to `b` (or, with
+/// `compare`, read from both: what a copy of identical volumes does), four
+/// blocks in flight, O_DIRECT, then `b` is synced. With both sites on one
+/// machine this is the floor of the initial copy: every byte copied is read
+/// on one site and written (or read) on the other, on the same disk.
+pub fn copy_floor(rt: &tokio::runtime::Runtime, a: &Path, b: &Path, compare: bool) -> Result<f64, String> {
+    rt.block_on(async {
+        let engine = IoEngine::new(BackendChoice::Auto);
+        let open = |p: &Path, read_only| {
+            engine
+                .open(p, &OpenOptions { create_size: None, direct: true, read_only })
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let (src, dst) = (open(a, true)?, open(b, compare)?);
+        let size = src.size().min(dst.size());
+        let block = 1u64 << 20;
+        let lanes = 4u64;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for lane in 0..lanes {
+            let (src, dst) = (src.clone(), dst.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut buf = AlignedBuf::zeroed(block as usize);
+                let mut other = AlignedBuf::zeroed(block as usize);
+                let mut off = lane * block;
+                while off + block <= size {
+                    let (r, b) = src.read_at(buf, off).await;
+                    buf = b;
+                    r.map_err(|e| e.to_string())?;
+                    let r = if compare {
+                        let (r, b) = dst.read_at(other, off).await;
+                        other = b;
+                        r
+                    } else {
+                        let (r, b) = dst.write_at(buf, off).await;
+                        buf = b;
+                        r
+                    };
+                    r.map_err(|e| e.to_string())?;
+                    off += lanes * block;
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        if !compare {
+            dst.sync_data().await.map_err(|e| e.to_string())?;
+        }
+        Ok(size as f64 / start.elapsed().as_secs_f64() / 1e6)
+    })
+}

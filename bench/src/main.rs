@@ -1039,19 +1039,30 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
             writeln!(s, "![async lag](plots/async-lag-seconds.svg)\n![async lag bytes](plots/async-lag-bytes.svg)\n");
     }
     if !f.copy.is_empty() {
-        let _ = writeln!(s, "### Initial copy\n\n| link | bytes | time | throughput | min(disk, link) | ratio |\n|---|---:|---:|---:|---|---:|");
+        let _ = writeln!(
+            s,
+            "### Initial copy\n\n| link | bytes | time | throughput | min(disk, link) | ratio | same-disk copy floor | ratio to floor |\n|---|---:|---:|---:|---|---:|---:|---:|"
+        );
         for c in &f.copy {
             let _ = writeln!(
                 s,
-                "| {} | {} MiB | {:.2} s | {:.0} MB/s | {} | {} |",
+                "| {} | {} MiB | {:.2} s | {:.0} MB/s | {} | {} | {} | {} |",
                 c.link,
                 c.bytes / MIB,
                 c.secs,
                 c.mbps,
                 c.bound,
-                c.bound_mbps.map_or("—".into(), |b| format!("{:.2}", c.mbps / b))
+                c.bound_mbps.map_or("—".into(), |b| format!("{:.2}", c.mbps / b)),
+                c.floor_mbps.map_or("—".into(), |b| format!("{b:.0} MB/s")),
+                c.floor_mbps.map_or("—".into(), |b| format!("{:.2}", c.mbps / b)),
             );
         }
+        let _ = writeln!(
+            s,
+            "\nThe same-disk copy floor is the copy done straight between the two sites' files on this machine's one \
+             disk (1 MiB blocks, four in flight, O_DIRECT): each byte is read on one side and written (identical \
+             sites: read) on the other, so with both sites on one disk it is the fastest any copy can go."
+        );
         s.push('\n');
         for c in &f.copy {
             if let Some(d) = &c.drops {

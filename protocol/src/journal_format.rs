@@ -367,6 +367,7 @@ impl JournalHeader {
             crc32: self.payload_crc,
             fua: self.fua,
             copy_index: 0,
+            hash_span: 0,
             written_at_us: self.written_at_us,
             payload,
         })

@@ -28,9 +28,13 @@ pub struct PrimaryConfig {
     pub copy_chunk: u64,
     /// Copy bytes sent but not yet durable on the secondary.
     pub copy_window: u64,
-    /// Send each chunk as its hash first ([`CopyStep::Read`] `hash`); the
-    /// data follows only for chunks the secondary finds different.
+    /// Send each chunk as its hashes first ([`CopyStep::Read`] `hash`, one
+    /// digest per bitmap chunk); the data follows only for the bitmap
+    /// chunks the secondary finds different.
     pub copy_by_hash: bool,
+    /// Chunks being read or read and waiting to be sent, at most (reads
+    /// overlap: the disk and the hashing stay busy).
+    pub copy_reads: usize,
 }
 
 /// The secondary cannot resume from this journal.
@@ -93,7 +97,8 @@ pub enum CopyStep {
         /// data.
         hash: bool,
     },
-    /// Nothing to copy now (or a chunk is being read or waits to be sent).
+    /// Nothing to copy now (or [`PrimaryConfig::copy_reads`] chunks are
+    /// being read or wait to be sent).
     Idle,
     /// The copy window is full: wait for acks.
     WindowFull,
@@ -108,6 +113,9 @@ pub struct Acked {
     pub update: AckUpdate,
     /// Copy bytes that became durable on the secondary with this ack.
     pub copy_bytes: u64,
+    /// Copy chunks left the window (durable, or some spans to send again
+    /// as data): the copy can go on.
+    pub copy_progress: bool,
 }
 
 /// The primary end of one replication session.
@@ -120,25 +128,35 @@ pub struct PrimarySession {
     copy_index: u64,
     /// Next bitmap chunk to look at: (volume, chunk).
     cursor: (usize, u64),
-    /// Chunks sent or being read, not yet durable: index -> (volume, offset, len).
-    copy_inflight: BTreeMap<u64, (u32, u64, u64)>,
+    /// Chunks sent or being read, not yet durable, by copy index.
+    copy_inflight: BTreeMap<u64, InflightChunk>,
     /// Hash-only chunks the secondary found different: back to the bitmap
     /// at the next [`PrimarySession::next_copy`], then sent as data.
     mismatched: Vec<(u32, u64, u64)>,
     /// Bitmap chunks (volume, chunk) to send as data, not as a hash.
     data_needed: BTreeSet<(u32, u64)>,
-    /// Recent hash-only chunks sent, and how many of them differed
+    /// Recent bitmap chunks sent as hashes, and how many of them differed
     /// (halved as they grow: a moving window). When most differ (a fresh
     /// secondary), hashing first only costs a round trip and a read, so
     /// chunks go as data, with a hash probe now and then.
     hashes_sent: u64,
     hashes_missed: u64,
-    /// A chunk is being read.
-    reading: bool,
-    /// A chunk read and waiting until every record it reflects is sent.
-    pending: Option<Record>,
+    /// Chunks handed out for reading, by copy index: `None` while being
+    /// read, then the record, which is sent once every record it reflects
+    /// is. Sent in copy index order.
+    reads: BTreeMap<u64, Option<Record>>,
     copy_finished: bool,
     copy_done_sent: bool,
+}
+
+/// A copy chunk sent (or being read), not yet durable on the secondary.
+#[derive(Debug, Clone, Copy)]
+struct InflightChunk {
+    volume: u32,
+    offset: u64,
+    len: u64,
+    /// Bytes of it the secondary reported different (sent again as data).
+    missed: u64,
 }
 
 impl PrimarySession {
@@ -157,8 +175,7 @@ impl PrimarySession {
             data_needed: BTreeSet::new(),
             hashes_sent: 0,
             hashes_missed: 0,
-            reading: false,
-            pending: None,
+            reads: BTreeMap::new(),
             copy_finished: false,
             copy_done_sent: false,
         }
@@ -179,9 +196,12 @@ impl PrimarySession {
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         let sent = self.shipper.sent_through();
         // A chunk goes right after the records it reflects, before any
-        // newer record (which may overlap it).
-        if self.pending.as_ref().is_some_and(|c| c.seq <= sent) {
-            return self.pending.take().map(Transmit::Copy);
+        // newer record that may overlap it (the daemon holds writes to its
+        // range off until it is on the stream).
+        if let Some(next) = self.reads.first_entry() {
+            if next.get().as_ref().is_some_and(|c| c.seq <= sent) {
+                return next.remove().map(Transmit::Copy);
+            }
         }
         if let Some(seq) = self.shipper.next_to_send() {
             return Some(Transmit::Record(seq));
@@ -190,7 +210,7 @@ impl PrimarySession {
             self.flush_sent = self.flush_wanted;
             return Some(Transmit::Flush(self.flush_wanted));
         }
-        if self.copy_finished && !self.copy_done_sent && self.pending.is_none() {
+        if self.copy_finished && !self.copy_done_sent && self.reads.is_empty() {
             self.copy_done_sent = true;
             return Some(Transmit::CopyDone(sent));
         }
@@ -211,10 +231,10 @@ impl PrimarySession {
                 }
             }
         }
-        if !copying || self.reading || self.pending.is_some() {
+        if !copying || self.reads.len() >= self.config.copy_reads.max(1) {
             return CopyStep::Idle;
         }
-        let inflight: u64 = self.copy_inflight.values().map(|(_, _, l)| *l).sum();
+        let inflight: u64 = self.copy_inflight.values().map(|c| c.len).sum();
         if inflight >= self.config.copy_window {
             return CopyStep::WindowFull;
         }
@@ -222,19 +242,19 @@ impl PrimarySession {
             if let Some(first) = b.next_dirty(self.cursor.1) {
                 let volume = self.cursor.0 as u32;
                 let per = (self.config.copy_chunk / b.granularity()).max(1);
-                // A run of data, up to `copy_chunk`; or one bitmap chunk
-                // as its hash (a mismatch then resends only that chunk).
+                // A run of up to `copy_chunk`, as data or as one hash per
+                // bitmap chunk (a mismatch then resends only that chunk).
                 let by_hash = self.config.copy_by_hash && (self.hashes_pay() || self.copy_index % 16 == 15);
                 let hash = by_hash && !self.data_needed.contains(&(volume, first));
-                let per = if hash { 1 } else { per };
-                let sends_data = |c: u64| !by_hash || self.data_needed.contains(&(volume, c));
+                let same_kind =
+                    |c: u64| b.is_chunk_dirty(c) && (!by_hash || self.data_needed.contains(&(volume, c)) != hash);
                 let mut last = first;
-                while last + 1 < first + per && b.is_chunk_dirty(last + 1) && sends_data(last + 1) {
+                while last + 1 < first + per && same_kind(last + 1) {
                     last += 1;
                 }
                 if hash {
-                    self.hashes_sent += 1;
-                    if self.hashes_sent >= 64 {
+                    self.hashes_sent += last - first + 1;
+                    if self.hashes_sent >= 1024 {
                         self.hashes_sent /= 2;
                         self.hashes_missed /= 2;
                     }
@@ -252,8 +272,8 @@ impl PrimarySession {
                 }
                 let len = lo + ll - offset;
                 self.copy_index += 1;
-                self.copy_inflight.insert(self.copy_index, (volume, offset, len));
-                self.reading = true;
+                self.copy_inflight.insert(self.copy_index, InflightChunk { volume, offset, len, missed: 0 });
+                self.reads.insert(self.copy_index, None);
                 self.copy_finished = false;
                 self.copy_done_sent = false;
                 return CopyStep::Read { volume, offset, len, copy_index: self.copy_index, hash };
@@ -280,19 +300,21 @@ impl PrimarySession {
     }
 
     /// The chunk from [`CopyStep::Read`] was read (`record.seq`: the newest
-    /// journaled seq at its read barrier; `record.copy_index` as handed
-    /// out). It is sent once every record through its seq is.
+    /// journaled seq at its read barrier, taken in copy index order;
+    /// `record.copy_index` as handed out). It is sent once every record
+    /// through its seq is, and after every chunk handed out before it.
     pub fn on_copy_read(&mut self, record: Record) {
-        self.reading = false;
-        self.pending = Some(record);
+        if let Some(slot) = self.reads.get_mut(&record.copy_index) {
+            *slot = Some(record);
+        }
     }
 
     /// Reading the chunk failed: it goes back to the bitmap.
     pub fn on_copy_read_failed(&mut self, copy_index: u64, bitmaps: &mut [DirtyBitmap]) {
-        self.reading = false;
-        if let Some((v, o, l)) = self.copy_inflight.remove(&copy_index) {
-            if let Some(b) = bitmaps.get_mut(v as usize) {
-                b.set_range(o, l);
+        self.reads.remove(&copy_index);
+        if let Some(c) = self.copy_inflight.remove(&copy_index) {
+            if let Some(b) = bitmaps.get_mut(c.volume as usize) {
+                b.set_range(c.offset, c.len);
             }
         }
     }
@@ -306,26 +328,49 @@ impl PrimarySession {
                 sent: self.copy_index,
             });
         }
-        if let Some(&bad) = ack.copy_mismatch.iter().find(|&&i| i > self.copy_index) {
-            return Err(ShipError::AckBeyondSent { field: "copy_mismatch", got: bad, sent: self.copy_index });
+        for m in &ack.copy_mismatch {
+            if m.copy_index > self.copy_index {
+                return Err(ShipError::AckBeyondSent {
+                    field: "copy_mismatch",
+                    got: m.copy_index,
+                    sent: self.copy_index,
+                });
+            }
+            // A chunk no longer in flight was made durable or handed back
+            // already; one in flight must contain the span.
+            if let Some(c) = self.copy_inflight.get(&m.copy_index) {
+                let inside = m.length > 0
+                    && m.offset >= c.offset
+                    && m.offset.checked_add(m.length).is_some_and(|end| end <= c.offset + c.len);
+                if !inside {
+                    return Err(ShipError::MismatchOutsideChunk {
+                        copy_index: m.copy_index,
+                        offset: m.offset,
+                        length: m.length,
+                    });
+                }
+            }
         }
         let update = self.shipper.on_ack(ack)?;
-        for index in &ack.copy_mismatch {
-            if let Some(chunk) = self.copy_inflight.remove(index) {
-                self.mismatched.push(chunk);
+        for m in &ack.copy_mismatch {
+            if let Some(c) = self.copy_inflight.get_mut(&m.copy_index) {
+                c.missed = c.missed.saturating_add(m.length).min(c.len);
+                self.mismatched.push((c.volume, m.offset, m.length));
                 self.hashes_missed += 1;
             }
         }
         let rest = self.copy_inflight.split_off(&ack.copy_durable.saturating_add(1));
         let done = std::mem::replace(&mut self.copy_inflight, rest);
-        let copy_bytes = done.values().map(|(_, _, l)| *l).sum();
-        Ok(Acked { update, copy_bytes })
+        // Spans that differed are counted when their data is durable.
+        let copy_bytes = done.values().map(|c| c.len - c.missed).sum();
+        Ok(Acked { update, copy_bytes, copy_progress: !done.is_empty() || !ack.copy_mismatch.is_empty() })
     }
 
     /// The session is over: chunks not yet durable on the secondary go
     /// back into the bitmaps.
     pub fn end(self, bitmaps: &mut [DirtyBitmap]) {
-        for (vol, off, len) in self.copy_inflight.into_values().chain(self.mismatched) {
+        let inflight = self.copy_inflight.into_values().map(|c| (c.volume, c.offset, c.len));
+        for (vol, off, len) in inflight.chain(self.mismatched) {
             if let Some(b) = bitmaps.get_mut(vol as usize) {
                 b.set_range(off, len);
             }
@@ -335,12 +380,12 @@ impl PrimarySession {
     /// Copy chunks sent (or being read) and not yet durable on the
     /// secondary: (volume, offset, len).
     pub fn copy_inflight(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
-        self.copy_inflight.values().chain(&self.mismatched).copied()
+        self.copy_inflight.values().map(|c| (c.volume, c.offset, c.len)).chain(self.mismatched.iter().copied())
     }
 
     /// Whether every copy chunk is durable and none is left.
     pub fn copy_idle(&self) -> bool {
-        self.copy_inflight.is_empty() && self.mismatched.is_empty() && !self.reading && self.pending.is_none()
+        self.copy_inflight.is_empty() && self.mismatched.is_empty() && self.reads.is_empty()
     }
 
     /// The secondary's acknowledged progress.
@@ -362,7 +407,8 @@ mod tests {
     use super::*;
     use crate::record::RecordOp;
 
-    const CONFIG: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 2 << 20, copy_by_hash: false };
+    const CONFIG: PrimaryConfig =
+        PrimaryConfig { copy_chunk: 1 << 20, copy_window: 2 << 20, copy_by_hash: false, copy_reads: 1 };
 
     fn copy(seq: u64, index: u64, offset: u64) -> Record {
         let mut r = Record::with_payload(RecordOp::Copy, seq, 0, offset, 1, Bytes::from(vec![1u8; 4096]), false);
@@ -410,9 +456,17 @@ mod tests {
         assert_eq!(s.poll_transmit(), None);
     }
 
+    /// Every 64 KiB span of a chunk, reported different.
+    fn spans_differ(copy_index: u64, offset: u64, len: u64) -> Vec<pb::CopyMismatch> {
+        (offset..offset + len)
+            .step_by(64 << 10)
+            .map(|o| pb::CopyMismatch { copy_index, offset: o, length: 64 << 10 })
+            .collect()
+    }
+
     /// Sends chunks until the window is full, acking each one durable
-    /// (hash chunks: as mismatches when `differ`). Returns (hash, data)
-    /// chunks sent.
+    /// (hash chunks: every span a mismatch when `differ`). Returns (hash,
+    /// data) chunks sent.
     fn copy_all(s: &mut PrimarySession, bitmaps: &mut [DirtyBitmap], differ: bool) -> (u64, u64) {
         let (mut hashes, mut data) = (0, 0);
         for _ in 0..10_000 {
@@ -420,10 +474,10 @@ mod tests {
             if step == CopyStep::Finished {
                 break;
             }
-            let CopyStep::Read { copy_index, hash, .. } = step else { continue };
+            let CopyStep::Read { copy_index, hash, offset, len, .. } = step else { continue };
             s.on_copy_read(copy(0, copy_index, 0));
             let _ = s.poll_transmit();
-            let mismatch = if hash && differ { vec![copy_index] } else { Vec::new() };
+            let mismatch = if hash && differ { spans_differ(copy_index, offset, len) } else { Vec::new() };
             if hash {
                 hashes += 1;
             } else {
@@ -439,35 +493,88 @@ mod tests {
     fn chunks_go_as_hashes_and_only_mismatches_follow_as_data() {
         let config = PrimaryConfig { copy_by_hash: true, ..CONFIG };
         let mut bitmaps = vec![DirtyBitmap::new(8 << 20, 64 << 10)];
-        // Identical sites: every 64 KiB bitmap chunk as a hash, no data.
+        // Identical sites: 1 MiB runs as one hash per 64 KiB bitmap chunk,
+        // no data.
         let mut s = PrimarySession::new(config, 0, 0);
         bitmaps[0].set_all();
-        assert_eq!(copy_all(&mut s, &mut bitmaps, false), (128, 0));
+        assert_eq!(copy_all(&mut s, &mut bitmaps, false), (8, 0));
         assert!(bitmaps[0].is_clean() && s.copy_idle());
-        // A fresh secondary: the first chunks are hashed and come back as
-        // data; then hashing stops paying and chunks go as data (1 MiB
-        // runs), with a hash probe every 16.
+        // A fresh secondary: the first run is hashed and comes back as data;
+        // then hashing stops paying and chunks go as data (1 MiB runs),
+        // with a hash probe every 16.
         let mut s = PrimarySession::new(config, 0, 0);
         bitmaps[0].set_all();
         let (hashes, data) = copy_all(&mut s, &mut bitmaps, true);
         assert!(bitmaps[0].is_clean() && s.copy_idle());
-        assert!(hashes <= 8 + 128 / 16 + 2, "{hashes} hashes");
-        assert!(data <= 8 + 8 + 16, "{data} data chunks: mostly 1 MiB runs");
+        assert!(hashes <= 2, "{hashes} hash runs");
+        assert!(data <= 8 + 2, "{data} data chunks: 1 MiB runs");
         // Mismatches count as "in flight" until sent again, and a session
         // ending returns them to the bitmap.
         let mut s = PrimarySession::new(config, 0, 0);
         bitmaps[0].set_range(0, 1 << 20);
-        let CopyStep::Read { copy_index, hash: true, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        let CopyStep::Read { copy_index, hash: true, len, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        assert_eq!(len, 1 << 20);
         s.on_copy_read(copy(0, copy_index, 0));
         let _ = s.poll_transmit();
-        let ack = pb::Ack { copy_durable: copy_index, copy_mismatch: vec![copy_index], ..Default::default() };
-        assert_eq!(s.on_ack(&ack).unwrap().copy_bytes, 0);
-        assert_eq!(s.copy_inflight().count(), 1);
+        let one = pb::CopyMismatch { copy_index, offset: 128 << 10, length: 64 << 10 };
+        let ack = pb::Ack { copy_durable: copy_index, copy_mismatch: vec![one], ..Default::default() };
+        assert_eq!(s.on_ack(&ack).unwrap().copy_bytes, 15 * (64 << 10), "the matching spans are done");
+        assert_eq!(s.copy_inflight().collect::<Vec<_>>(), vec![(0, 128 << 10, 64 << 10)]);
         assert!(!s.copy_idle());
-        let bad = pb::Ack { copy_durable: copy_index, copy_mismatch: vec![copy_index + 1], ..Default::default() };
+        let never = pb::CopyMismatch { copy_index: copy_index + 1, ..one };
+        let bad = pb::Ack { copy_durable: copy_index, copy_mismatch: vec![never], ..Default::default() };
         assert!(s.on_ack(&bad).is_err(), "a mismatch for a chunk never sent");
         s.end(&mut bitmaps);
-        assert_eq!(bitmaps[0].dirty_bytes(), 1 << 20);
+        assert_eq!(bitmaps[0].dirty_bytes(), 64 << 10);
+        // The one differing span goes again, as data.
+        let mut s = PrimarySession::new(config, 0, 0);
+        bitmaps[0].set_range(0, 1 << 20);
+        let CopyStep::Read { copy_index, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        s.on_copy_read(copy(0, copy_index, 0));
+        let _ = s.poll_transmit();
+        let outside = pb::CopyMismatch { copy_index, offset: 1 << 20, length: 64 << 10 };
+        let bad = pb::Ack { copy_mismatch: vec![outside], ..Default::default() };
+        assert!(
+            matches!(s.on_ack(&bad), Err(ShipError::MismatchOutsideChunk { .. })),
+            "a span outside its chunk is a protocol error"
+        );
+        let ack = pb::Ack { copy_mismatch: vec![one], ..Default::default() };
+        s.on_ack(&ack).unwrap();
+        // (The cursor wraps around once first: the span is behind it.)
+        assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Idle);
+        let step = s.next_copy(&mut bitmaps, true);
+        assert!(
+            matches!(step, CopyStep::Read { offset, len, hash: false, .. } if offset == 128 << 10 && len == 64 << 10),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn overlapping_reads_are_sent_in_copy_index_order() {
+        let config = PrimaryConfig { copy_reads: 3, copy_window: 16 << 20, ..CONFIG };
+        let mut s = PrimarySession::new(config, 0, 0);
+        let mut bitmaps = vec![DirtyBitmap::new(8 << 20, 64 << 10)];
+        bitmaps[0].set_all();
+        let mut handed = Vec::new();
+        while let CopyStep::Read { copy_index, offset, .. } = s.next_copy(&mut bitmaps, true) {
+            handed.push((copy_index, offset));
+        }
+        assert_eq!(handed.len(), 3, "at most copy_reads chunks at once");
+        assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Idle);
+        // The later reads finish first: nothing goes before the first.
+        s.on_journaled(1);
+        s.on_copy_read(copy(1, handed[2].0, handed[2].1));
+        s.on_copy_read(copy(1, handed[1].0, handed[1].1));
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(1)));
+        assert_eq!(s.poll_transmit(), None);
+        s.on_copy_read(copy(1, handed[0].0, handed[0].1));
+        let sent: Vec<u64> = std::iter::from_fn(|| match s.poll_transmit() {
+            Some(Transmit::Copy(c)) => Some(c.copy_index),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(sent, vec![1, 2, 3]);
+        assert!(matches!(s.next_copy(&mut bitmaps, true), CopyStep::Read { copy_index: 4, .. }));
     }
 
     #[test]

@@ -39,14 +39,18 @@ pub enum RecordOp {
     Trim,
     /// Initial copy / resync data (payload of `length` bytes); never journaled.
     Copy,
-    /// A copy chunk sent as the hash of its `length` bytes (payload:
-    /// [`COPY_HASH_LEN`] bytes): the secondary compares its own region and
-    /// reports a mismatch; never journaled.
+    /// A copy chunk sent as hashes of its `length` bytes (payload: one
+    /// [`COPY_HASH_LEN`]-byte digest per `hash_span` bytes, the last span
+    /// possibly shorter): the secondary compares its own region span by
+    /// span and reports the spans that differ; never journaled.
     CopyHash,
 }
 
-/// Bytes of a [`RecordOp::CopyHash`] payload (a BLAKE3 hash).
+/// Bytes of one digest in a [`RecordOp::CopyHash`] payload (BLAKE3).
 pub const COPY_HASH_LEN: usize = 32;
+
+/// Most digests in one [`RecordOp::CopyHash`] record.
+pub const MAX_COPY_HASH_DIGESTS: u64 = 4096;
 
 impl RecordOp {
     /// Whether records of this op carry `length` bytes of payload.
@@ -117,6 +121,9 @@ pub struct Record {
     pub fua: bool,
     /// [`RecordOp::Copy`]: running chunk number within the stream (from 1).
     pub copy_index: u64,
+    /// [`RecordOp::CopyHash`]: bytes covered by each digest of the payload
+    /// (the last digest may cover fewer); 0 for every other op.
+    pub hash_span: u32,
     /// The primary's wall-clock time of the write, in microseconds since
     /// the Unix epoch (0: unknown). Lets the secondary say how old its data
     /// is ("data as of") and a failover name its recovery point in time.
@@ -181,6 +188,17 @@ pub enum RecordError {
         /// Record sequence.
         seq: u64,
     },
+    /// A hash-only copy chunk whose digest span is zero or yields too many
+    /// digests.
+    #[error("record {seq}: a copy-hash record of {length} bytes cannot have digests every {span} bytes (0, or more than 4096 digests)")]
+    HashSpan {
+        /// Record sequence.
+        seq: u64,
+        /// Record length.
+        length: u32,
+        /// Its digest span.
+        span: u32,
+    },
 }
 
 impl Record {
@@ -208,6 +226,7 @@ impl Record {
             crc32: crc32(&payload),
             fua,
             copy_index: 0,
+            hash_span: 0,
             written_at_us: 0,
             payload,
         }
@@ -233,6 +252,7 @@ impl Record {
             crc32: crc32(&[]),
             fua,
             copy_index: 0,
+            hash_span: 0,
             written_at_us: 0,
             payload: Bytes::new(),
         }
@@ -246,21 +266,39 @@ impl Record {
         r
     }
 
-    /// A copy chunk of `length` bytes sent as their hash.
+    /// A copy chunk of `length` bytes sent as their hashes: `digests` holds
+    /// one [`COPY_HASH_LEN`]-byte digest per `hash_span` bytes.
+    #[allow(clippy::too_many_arguments)]
     pub fn copy_hash(
         seq: u64,
         copy_index: u64,
         volume: u32,
         offset: u64,
         length: u32,
+        hash_span: u32,
         generation: u64,
-        hash: [u8; COPY_HASH_LEN],
+        digests: Bytes,
     ) -> Record {
-        let payload = Bytes::copy_from_slice(&hash);
-        let mut r = Record::with_payload(RecordOp::CopyHash, seq, volume, offset, generation, payload, false);
+        let mut r = Record::with_payload(RecordOp::CopyHash, seq, volume, offset, generation, digests, false);
         r.length = length;
         r.copy_index = copy_index;
+        r.hash_span = hash_span;
         r
+    }
+
+    /// [`RecordOp::CopyHash`]: the spans its digests cover, as (offset,
+    /// length, digest), in order. Empty for other ops.
+    pub fn hash_spans(&self) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
+        let span = u64::from(self.hash_span).max(1);
+        let digests = if self.op == RecordOp::CopyHash {
+            self.payload.chunks_exact(COPY_HASH_LEN)
+        } else {
+            [].chunks_exact(COPY_HASH_LEN)
+        };
+        digests.enumerate().map(move |(i, d)| {
+            let off = i as u64 * span;
+            (self.offset + off, span.min(u64::from(self.length).saturating_sub(off)), d)
+        })
     }
 
     /// Checks the payload against the record's CRC.
@@ -292,7 +330,16 @@ impl Record {
     pub fn check_shape(&self) -> Result<(), RecordError> {
         check_range(self.seq, self.op, self.offset, self.length)?;
         let want = match self.op {
-            RecordOp::CopyHash => COPY_HASH_LEN,
+            RecordOp::CopyHash => {
+                let digests = match self.hash_span {
+                    0 => 0,
+                    span => u64::from(self.length).div_ceil(u64::from(span)),
+                };
+                if digests == 0 || digests > MAX_COPY_HASH_DIGESTS {
+                    return Err(RecordError::HashSpan { seq: self.seq, length: self.length, span: self.hash_span });
+                }
+                digests as usize * COPY_HASH_LEN
+            }
             op if op.has_payload() => self.length as usize,
             _ => 0,
         };
@@ -320,6 +367,7 @@ impl Record {
             payload: self.payload.clone(),
             fua: self.fua,
             copy_index: self.copy_index,
+            hash_span: self.hash_span,
             written_at_us: self.written_at_us,
         }
     }
@@ -338,6 +386,7 @@ impl Record {
             crc32: msg.crc32,
             fua: msg.fua,
             copy_index: msg.copy_index,
+            hash_span: msg.hash_span,
             written_at_us: msg.written_at_us,
             payload: msg.payload,
         };

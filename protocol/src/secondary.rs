@@ -206,7 +206,7 @@ pub struct Secondary {
     ack_dirty: bool,
     last_ack: Option<pb::Ack>,
     /// Hash-only copy chunks whose region differs here, not yet reported.
-    copy_mismatch: Vec<u64>,
+    copy_mismatch: Vec<pb::CopyMismatch>,
     actions: VecDeque<Action>,
 }
 
@@ -461,11 +461,11 @@ impl Secondary {
         }
     }
 
-    /// A hash-only copy chunk ([`RecordOp::CopyHash`]) found its region
-    /// different here: the primary sends the data. Report it before
-    /// [`Secondary::on_applied`] of that chunk.
-    pub fn on_copy_mismatch(&mut self, copy_index: u64) {
-        self.copy_mismatch.push(copy_index);
+    /// A span (`offset`, `length`) of hash-only copy chunk `copy_index`
+    /// ([`RecordOp::CopyHash`]) differs here: the primary sends its data.
+    /// Report it before [`Secondary::on_applied`] of that chunk.
+    pub fn on_copy_mismatch(&mut self, copy_index: u64, offset: u64, length: u64) {
+        self.copy_mismatch.push(pb::CopyMismatch { copy_index, offset, length });
         self.ack_dirty = true;
     }
 
@@ -594,8 +594,12 @@ impl Secondary {
             let barrier = Barrier { seq, copy_index };
             let copies_behind = copy_index > self.applier.copy_durable();
             let writes_behind = seq > self.applier.durable();
+            // Every copy chunk received is applied: nothing to wait for,
+            // and the primary's copy window opens only once they are durable.
+            let copies_caught_up = copy_index + 1 >= self.applier.next_copy_index();
             let copy_due = copies_behind
                 && (self.applier.needs_flush()
+                    || copies_caught_up
                     || self.copy_bytes_since_sync >= self.config.copy_flush_bytes
                     || now.duration_since(self.last_volume_sync_at) >= self.config.copy_sync_interval
                     || self.copy_done.is_some()

@@ -39,6 +39,16 @@ pub enum ShipError {
         /// Highest seq sent.
         sent: u64,
     },
+    /// The peer reported a differing span outside the copy chunk it names.
+    #[error("peer reported copy chunk {copy_index} different at {length} bytes at {offset}, outside that chunk")]
+    MismatchOutsideChunk {
+        /// The chunk named.
+        copy_index: u64,
+        /// The span's offset.
+        offset: u64,
+        /// The span's length.
+        length: u64,
+    },
     /// The ack's counters contradict each other.
     #[error("inconsistent peer ack: received {received}, applied {applied}, durable {durable}, checkpoint {checkpoint} (applied and durable must not exceed received, checkpoint not durable)")]
     AckInconsistent {

@@ -67,6 +67,45 @@ pub fn encode_frame(msg: &pb::Envelope, dst: &mut BytesMut) {
     debug_assert!(res.is_ok(), "encoding into a BytesMut cannot fail");
 }
 
+/// Record payloads from this size on are not copied into the frame buffer:
+/// see [`encode_frame_parts`].
+pub const ZERO_COPY_PAYLOAD: usize = 16 * 1024;
+
+/// Tag of `Envelope.record` and of `Record.payload` in replication.proto.
+const ENVELOPE_RECORD_TAG: u32 = 5;
+const RECORD_PAYLOAD_TAG: u32 = 9;
+
+/// Like [`encode_frame`], but a record's payload (from
+/// [`ZERO_COPY_PAYLOAD`] bytes) is not copied: the frame is `dst`'s new
+/// bytes followed by the returned payload, which the caller sends right
+/// after them. The payload field is encoded last instead of in tag order,
+/// which protobuf decoders accept: the frame decodes to the same message.
+pub fn encode_frame_parts(body: pb::envelope::Body, dst: &mut BytesMut) -> Option<bytes::Bytes> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    match body {
+        pb::envelope::Body::Record(mut rec) if rec.payload.len() >= ZERO_COPY_PAYLOAD => {
+            let payload = std::mem::take(&mut rec.payload);
+            let payload_len = payload.len() as u64;
+            let rec_len = rec.encoded_len() as u64
+                + (key_len(RECORD_PAYLOAD_TAG) + encoded_len_varint(payload_len)) as u64
+                + payload_len;
+            let env_len = (key_len(ENVELOPE_RECORD_TAG) + encoded_len_varint(rec_len)) as u64 + rec_len;
+            dst.reserve(rec.encoded_len() + 4 * MAX_VARINT_LEN + 2);
+            encode_varint(env_len, dst);
+            encode_key(ENVELOPE_RECORD_TAG, WireType::LengthDelimited, dst);
+            encode_varint(rec_len, dst);
+            rec.encode_raw(dst);
+            encode_key(RECORD_PAYLOAD_TAG, WireType::LengthDelimited, dst);
+            encode_varint(payload_len, dst);
+            Some(payload)
+        }
+        body => {
+            encode_frame(&envelope(body), dst);
+            None
+        }
+    }
+}
+
 /// Encodes `msg` as a single frame into a fresh buffer.
 pub fn frame_bytes(msg: &pb::Envelope) -> bytes::Bytes {
     let mut buf = BytesMut::new();
@@ -332,6 +371,7 @@ mod tests {
                             fua,
                             copy_index,
                             written_at_us,
+                            hash_span: length / 16,
                         })
                     }
                 ),
@@ -342,7 +382,7 @@ mod tests {
                     durable_seq: c,
                     copy_durable: d,
                     checkpoint_seq: e,
-                    copy_mismatch: vec![d / 2],
+                    copy_mismatch: vec![pb::CopyMismatch { copy_index: d / 2, offset: a, length: b }],
                 })
             }),
             any::<u64>().prop_map(|seq| Body::Flush(pb::FlushRequest { seq })),
@@ -375,6 +415,43 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn frames_with_the_payload_apart_decode_to_the_same_message(
+            bodies in proptest::collection::vec(arb_body(), 1..4),
+            payloads in proptest::collection::vec((0usize..70_000, any::<u8>(), any::<u64>()), 1..4),
+            chunks in proptest::collection::vec(1usize..70_000, 0..8),
+        ) {
+            // Large and small records among other messages.
+            let mut all: Vec<Body> = bodies;
+            for (len, fill, seq) in payloads {
+                let payload = bytes::Bytes::from(vec![fill; len]);
+                let crc32 = crate::record::crc32(&payload);
+                all.push(Body::Record(pb::Record {
+                    group: "g".into(), seq, volume: 1, op: 4, offset: seq / 3, length: len as u32,
+                    generation: 2, crc32, payload, fua: seq % 2 == 0, copy_index: seq / 5,
+                    written_at_us: seq / 7, hash_span: 0,
+                }));
+            }
+            let big = |b: &Body| matches!(b, Body::Record(r) if r.payload.len() >= ZERO_COPY_PAYLOAD);
+            let expected_apart = all.iter().filter(|b| big(b)).count();
+            let mut wire = BytesMut::new();
+            let mut apart = 0;
+            for body in all.clone() {
+                let mut head = BytesMut::new();
+                if let Some(payload) = encode_frame_parts(body, &mut head) {
+                    apart += 1;
+                    wire.extend_from_slice(&head);
+                    wire.extend_from_slice(&payload);
+                } else {
+                    wire.extend_from_slice(&head);
+                }
+            }
+            let got = decode_chunked(&wire, &chunks).expect("valid frames decode");
+            let want: Vec<pb::Envelope> = all.into_iter().map(envelope).collect();
+            prop_assert_eq!(apart, expected_apart, "every large payload goes apart, no other");
+            prop_assert_eq!(got, want);
+        }
 
         #[test]
         fn round_trip_any_split(

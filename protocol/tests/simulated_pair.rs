@@ -71,7 +71,7 @@ fn base() -> Image {
 
 /// Copy chunks in the simulation: 256-byte bitmap chunks, at most 4 KiB per
 /// chunk, 8 KiB in flight; each sent as its hash first, as in production.
-const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 4096, copy_window: 8192, copy_by_hash: true };
+const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 4096, copy_window: 8192, copy_by_hash: true, copy_reads: 1 };
 
 /// A 256-bit digest for hash-only copy chunks (four FNV-1a lanes: any
 /// collision would show as a divergence, never as a false pass).
@@ -647,7 +647,9 @@ impl Sim {
         let region = &self.p.image[volume as usize][o..e];
         let rec = if hash {
             self.stats.copy_hashes += 1;
-            Record::copy_hash(self.last_seq(), copy_index, volume, offset, len as u32, GENERATION, digest(region))
+            let digests: Vec<u8> = region.chunks(GRANULARITY as usize).flat_map(digest).collect();
+            let span = GRANULARITY as u32;
+            Record::copy_hash(self.last_seq(), copy_index, volume, offset, len as u32, span, GENERATION, digests.into())
         } else {
             let data = Bytes::copy_from_slice(region);
             Record::copy_chunk(self.last_seq(), copy_index, volume, offset, GENERATION, data)
@@ -917,11 +919,11 @@ impl Sim {
                 other.seq
             );
         }
-        if rec.op == RecordOp::CopyHash {
-            let (o, e) = (rec.offset as usize, rec.end() as usize);
-            if digest(&self.s.image[rec.volume as usize][o..e])[..] != rec.payload[..] {
+        for (offset, len, d) in rec.hash_spans() {
+            let (o, e) = (offset as usize, (offset + len) as usize);
+            if digest(&self.s.image[rec.volume as usize][o..e])[..] != *d {
                 self.stats.copy_mismatches += 1;
-                self.s.machine.on_copy_mismatch(rec.copy_index);
+                self.s.machine.on_copy_mismatch(rec.copy_index, offset, len);
             }
         }
         apply_to(&mut self.s.image, &rec);

@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use replicator_protocol::pb::{self, envelope::Body};
-use replicator_protocol::wire::{encode_frame, negotiate_version, FrameDecoder, WireError, SUPPORTED_VERSIONS};
+use replicator_protocol::wire::{encode_frame_parts, negotiate_version, FrameDecoder, WireError, SUPPORTED_VERSIONS};
 use tokio::sync::Mutex;
 
 use crate::config::Config;
@@ -81,9 +81,8 @@ impl FramedRecv {
             if let Some(env) = self.decoder.decode()? {
                 return Ok(Some(env));
             }
-            let mut chunk = [0u8; 64 * 1024];
-            match self.inner.read(&mut chunk).await {
-                Ok(Some(n)) => self.decoder.extend_from_slice(&chunk[..n]),
+            match self.inner.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => self.decoder.extend_from_slice(&chunk.bytes),
                 Ok(None) => {
                     if self.decoder.buffered_len() > 0 {
                         return Err(TransportError::Protocol("stream ended inside a frame".into()));
@@ -113,36 +112,51 @@ impl FramedRecv {
     }
 }
 
-/// Sending half of a framed stream, with a batch buffer.
+/// Sending half of a framed stream, with a batch buffer. Large record
+/// payloads are queued as they are, not copied ([`encode_frame_parts`]).
 #[derive(Debug)]
 pub struct FramedSend {
     inner: quinn::SendStream,
+    /// Frame bytes not yet part of `chunks`.
     buf: BytesMut,
+    /// The batch so far, in order (without `buf`).
+    chunks: Vec<Bytes>,
+    chunks_len: usize,
 }
 
 impl FramedSend {
     /// Wraps a QUIC send stream.
     pub fn new(inner: quinn::SendStream) -> Self {
-        Self { inner, buf: BytesMut::new() }
+        Self { inner, buf: BytesMut::new(), chunks: Vec::new(), chunks_len: 0 }
     }
 
     /// Adds an envelope to the batch.
     pub fn queue(&mut self, body: Body) {
-        encode_frame(&pb::Envelope { body: Some(body) }, &mut self.buf);
+        if let Some(payload) = encode_frame_parts(body, &mut self.buf) {
+            let head = self.buf.split().freeze();
+            self.chunks_len += head.len() + payload.len();
+            self.chunks.push(head);
+            self.chunks.push(payload);
+        }
     }
 
     /// Bytes queued and not yet sent.
     pub fn queued(&self) -> usize {
-        self.buf.len()
+        self.chunks_len + self.buf.len()
     }
 
     /// Sends the batch.
     pub async fn flush(&mut self) -> Result<(), TransportError> {
-        if self.buf.is_empty() {
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        if self.chunks.is_empty() {
             return Ok(());
         }
-        let bytes = self.buf.split().freeze();
-        self.inner.write_chunk(bytes).await.map_err(|e| TransportError::Connection(e.to_string()))
+        let result = self.inner.write_all_chunks(&mut self.chunks).await;
+        self.chunks.clear();
+        self.chunks_len = 0;
+        result.map_err(|e| TransportError::Connection(e.to_string()))
     }
 
     /// Queues and sends one envelope.

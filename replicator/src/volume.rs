@@ -117,22 +117,34 @@ impl Volume {
             }
             RecordOp::WriteZeroes => self.file.write_zeroes(rec.offset, u64::from(rec.length)).await,
             RecordOp::Trim => self.file.discard(rec.offset, u64::from(rec.length)).await,
-            // Nothing to write: the chunk is compared (`matches_hash`).
+            // Nothing to write: the chunk is compared (`differing_spans`).
             RecordOp::CopyHash => Ok(()),
         }
     }
 
-    /// Whether the `len` bytes at `offset` hash (BLAKE3) to `hash`: a
-    /// hash-only copy chunk that matches needs no data.
-    pub async fn matches_hash(&self, offset: u64, len: u64, hash: &[u8]) -> Result<bool, IoError> {
-        let data = self.read(offset, len).await?;
-        Ok(blake3::hash(&data).as_bytes()[..] == *hash)
+    /// The spans of a hash-only copy chunk ([`RecordOp::CopyHash`]) whose
+    /// bytes here do not hash (BLAKE3) to the chunk's digests, as (offset,
+    /// length): only those need data.
+    pub async fn differing_spans(&self, rec: &Record) -> Result<Vec<(u64, u64)>, IoError> {
+        let data = self.read(rec.offset, u64::from(rec.length)).await?;
+        let differ = rec.hash_spans().filter(|&(off, len, digest)| {
+            let at = (off - rec.offset) as usize;
+            data.get(at..at + len as usize).is_none_or(|d| blake3::hash(d).as_bytes()[..] != *digest)
+        });
+        Ok(differ.map(|(off, len, _)| (off, len)).collect())
     }
 
     /// fdatasync.
     pub async fn sync(&self) -> Result<(), IoError> {
         self.file.sync_data().await
     }
+}
+
+/// BLAKE3 digests of `data`, one per `span` bytes (the last span may be
+/// shorter): the payload of a hash-only copy chunk.
+pub fn span_digests(data: &[u8], span: u64) -> bytes::Bytes {
+    let span = usize::try_from(span).unwrap_or(usize::MAX).max(1);
+    data.chunks(span).flat_map(|c| *blake3::hash(c).as_bytes()).collect::<Vec<u8>>().into()
 }
 
 #[cfg(test)]

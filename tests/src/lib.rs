@@ -1009,6 +1009,16 @@ address = "127.0.0.1:{peer_port}"
     pub fn signal(&self, site: Site, sig: nix::sys::signal::Signal) {
         let pid = self.pid(site).unwrap_or_else(|| panic!("{site} is not running"));
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal");
+        if sig == nix::sys::signal::Signal::SIGSTOP {
+            // kill() returns before every thread has stopped: a thread busy
+            // on another core may still take a datagram. Wait until all
+            // are stopped (state T).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !all_threads_stopped(pid) {
+                assert!(Instant::now() < deadline, "{site}: not every thread stopped within 5 s of SIGSTOP");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     /// `kill -9` (tolerates a daemon already killed from elsewhere).
@@ -1238,6 +1248,18 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in
+/// /proc/PID/task/TID/stat).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(true)
+    })
 }
 
 #[cfg(test)]

@@ -13,13 +13,15 @@
 //!   received): both sites say SPLIT-BRAIN, neither replicates, nothing
 //!   resolves it but `pair resync --discard-local` on the side to lose
 //!   (tested on either side);
+//! - an initial copy sends only the 64 KiB regions that differ, and writes
+//!   landing on the regions being copied leave the sites identical;
 //! - every refusal's exit code and message.
 
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use replicator::nbd_client::NbdClient;
-use replicator_tests::pattern::{random_bytes, written_prefix};
+use replicator_tests::pattern::{random_bytes, written_prefix, Rng};
 use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
@@ -407,13 +409,88 @@ fn initial_copy_sends_only_the_regions_that_differ() {
     cli_ok(&cluster, Site::A, &["pair", "create", "hc", "--wait", "--timeout", "60s"]);
     let a = cluster.wait_drained("hc");
     assert_eq!(a.copy_total_bytes, 32 * MIB, "{a:?}");
-    assert!(
-        a.copy_sent_bytes > 0 && a.copy_sent_bytes <= 2 * MIB,
-        "only the two differing regions (a 1 MiB copy chunk each) are sent: {a:?}"
-    );
+    assert_eq!(a.copy_sent_bytes, 2 * BLOCK, "only the two differing 64 KiB regions are sent: {a:?}");
     cluster.stop(Site::A);
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("hc");
+}
+
+/// Writes keep landing on the regions being copied while an initial copy
+/// runs, with chunks in flight both as hashes (the secondary's first half
+/// already matches) and as data (its second half differs): the sites end
+/// byte-identical.
+#[test]
+fn writes_during_the_initial_copy_end_identical() {
+    let size = 192 * MIB;
+    let group = GroupSpec::new("wc", Mode::Async).volume("wc-vol", size);
+    let mut opts = ClusterOpts::group(group);
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    let mut image: Vec<u8> = (0..size / BLOCK).flat_map(|i| random_bytes(i + 1, BLOCK as usize)).collect();
+    std::fs::write(cluster.volume_path(Site::A, "wc-vol"), &image).expect("write the volume file");
+    let half = image.len() / 2;
+    image[half..].copy_from_slice(&random_bytes(4242, half));
+    std::fs::write(cluster.volume_path(Site::B, "wc-vol"), &image).expect("write the volume file");
+    drop(image);
+    cluster.start(Site::A);
+    cluster.start(Site::B);
+    // Four writers, each on its own NBD connection, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let socket = cluster.nbd_socket(Site::A);
+    let writers = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let mut tasks = Vec::new();
+                for w in 0..4u64 {
+                    let client = NbdClient::connect_unix(&socket, "wc-vol").await.expect("connect");
+                    let (stop, done) = (stop.clone(), done.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut rng = Rng::new(99 + w);
+                        for n in 0..5_000u64 {
+                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                break;
+                            }
+                            let len = 4096 * (1 + rng.below(16));
+                            let offset = rng.below((size - len) / 4096) * 4096;
+                            let data = random_bytes(1_000_000 * (w + 1) + n, len as usize);
+                            client.write(offset, &data, false).await.expect("write");
+                            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        client.flush().await.expect("flush");
+                    }));
+                }
+                for t in tasks {
+                    t.await.expect("writer");
+                }
+            });
+        })
+    };
+    // Writes that completed after `pair create` began and before the copy
+    // was last seen running landed while it ran.
+    let before = done.load(std::sync::atomic::Ordering::Relaxed);
+    cli_ok(&cluster, Site::A, &["pair", "create", "wc"]);
+    let mut during = 0;
+    let deadline = std::time::Instant::now() + MINUTE;
+    while std::time::Instant::now() < deadline {
+        let seen = done.load(std::sync::atomic::Ordering::Relaxed);
+        if cluster.status(Site::A, "wc").state != "COPY" {
+            break;
+        }
+        during = seen - before;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writers.join().expect("writers");
+    assert!(during >= 32, "only {during} writes landed while the copy ran");
+    let a = cluster.wait_drained("wc");
+    assert!(a.copy_sent_bytes >= size / 2, "the differing half went as data: {a:?}");
+    assert!(a.copy_sent_bytes < size, "the matching half went as hashes: {a:?}");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("wc");
 }
 
 /// Every lifecycle refusal: exit 3 (unsafe, with the way out named) or

@@ -43,9 +43,13 @@ enum Event {
     Applied(ApplyId, Result<(), String>),
     VolumesSynced(Barrier, Result<(), String>),
     Saved(Persist, Result<(), String>),
-    /// A hash-only copy chunk found its region different (not a
-    /// completion: its `Applied` follows).
-    CopyMismatch(u64),
+    /// A span of a hash-only copy chunk differs here (not a completion:
+    /// the chunk's `Applied` follows).
+    CopyMismatch {
+        copy_index: u64,
+        offset: u64,
+        length: u64,
+    },
 }
 
 /// A refused `OpenGroup`: the kind (sent to the primary, which acts on
@@ -883,13 +887,13 @@ impl Session {
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), TransportError> {
-        if let Event::CopyMismatch(copy_index) = ev {
-            self.machine.on_copy_mismatch(copy_index);
+        if let Event::CopyMismatch { copy_index, offset, length } = ev {
+            self.machine.on_copy_mismatch(copy_index, offset, length);
             return Ok(());
         }
         self.outstanding = self.outstanding.saturating_sub(1);
         let result = match ev {
-            Event::CopyMismatch(_) => Ok(()),
+            Event::CopyMismatch { .. } => Ok(()),
             Event::JournalSynced(through, r) => self.machine.on_journal_synced(through, r),
             Event::Applied(id, r) => self.machine.on_applied(id, r),
             Event::VolumesSynced(barrier, r) => self.machine.on_volumes_synced(barrier, r),
@@ -954,12 +958,14 @@ impl Session {
                         // between is caught too.
                         let result = match (vol, record.verify_crc()) {
                             (Some(vol), Ok(())) if record.op == RecordOp::CopyHash => {
-                                match vol.matches_hash(record.offset, u64::from(record.length), &record.payload).await {
-                                    Ok(true) => Ok(()),
-                                    Ok(false) => {
+                                match vol.differing_spans(&record).await {
+                                    Ok(spans) => {
                                         // Before the apply completes: reported no
                                         // later than the chunk's copy_durable.
-                                        let _ = events.send(Event::CopyMismatch(record.copy_index));
+                                        for (offset, length) in spans {
+                                            let copy_index = record.copy_index;
+                                            let _ = events.send(Event::CopyMismatch { copy_index, offset, length });
+                                        }
                                         Ok(())
                                     }
                                     Err(e) => Err(format!("volume {}: {e}", vol.name)),

@@ -8,8 +8,11 @@
 //! (initial copy and resync) are read under a sequencer read barrier and
 //! tagged with the last journal sequence they reflect; the session sends
 //! them only after every record up to that sequence, so the secondary never
-//! lets a chunk overwrite a newer write.
+//! lets a chunk overwrite a newer write. Several chunks are read at once
+//! (their barriers taken in copy order); each barrier holds writes to its
+//! range off until the chunk is on the stream.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,13 +22,17 @@ use replicator_protocol::primary::{check_resume, CopyStep, PrimaryConfig, Primar
 use replicator_protocol::record::Record;
 use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
 
+use super::write_path::RangeGuard;
 use super::{lock, Group};
+use crate::io::IoError;
 use crate::state::Announce;
 use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
+use crate::volume::span_digests;
 
 /// Copy chunks of at most 1 MiB, at most 16 MiB sent but not yet durable on
-/// the secondary.
-const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 1 << 20, copy_window: 16 << 20, copy_by_hash: true };
+/// the secondary, four read at once.
+const COPY: PrimaryConfig =
+    PrimaryConfig { copy_chunk: 1 << 20, copy_window: 16 << 20, copy_by_hash: true, copy_reads: 4 };
 /// Records are sent in batches of about this many bytes.
 const BATCH: usize = 1 << 20;
 /// How often the primary tells the secondary how far its journal reaches.
@@ -282,6 +289,7 @@ async fn send_loop(
 ) -> Result<(), TransportError> {
     let mut kick = group.session_kick.subscribe();
     let mut progress_at = tokio::time::Instant::now();
+    let mut copy = CopyReads::default();
     loop {
         if acks.is_finished() {
             return Err(TransportError::Connection("the secondary closed the stream".into()));
@@ -310,6 +318,13 @@ async fn send_loop(
         tokio::pin!(wake);
         wake.as_mut().enable();
 
+        // Copy chunks: start reading the next ones, take those read (the
+        // session sends them in order below; the end of the copy too).
+        copy.start(group, epoch);
+        while let Some(done) = copy.reads.try_join_next() {
+            copy.finish(group, epoch, done)?;
+        }
+
         // What the session puts on the stream next, in order.
         while send.queued() < BATCH {
             let next = {
@@ -325,7 +340,7 @@ async fn send_loop(
                         let pos = g.entries.get(&seq).map(|e| e.pos);
                         Next::Record(seq, cached, pos, g.journal.clone())
                     }
-                    Some(Transmit::Copy(rec)) => Next::Body(Body::Record(rec.to_pb(&group.cfg.name))),
+                    Some(Transmit::Copy(rec)) => Next::Copy(rec.copy_index, Body::Record(rec.to_pb(&group.cfg.name))),
                     Some(Transmit::Flush(seq)) => Next::Body(Body::Flush(pb::FlushRequest { seq })),
                     Some(Transmit::CopyDone(seq)) => Next::Body(Body::Command(pb::GroupCommand {
                         command: pb::Command::CopyDone as i32,
@@ -346,6 +361,12 @@ async fn send_loop(
                     return Err(TransportError::Protocol(format!("record {seq} is missing from the journal")))
                 }
                 Next::Body(body) => body,
+                Next::Copy(copy_index, body) => {
+                    // On the stream: writes to its range may go on.
+                    send.queue(body);
+                    copy.barriers.remove(&copy_index);
+                    continue;
+                }
             };
             send.queue(body);
         }
@@ -393,16 +414,12 @@ async fn send_loop(
             }));
         }
 
-        // Copy chunks: read the next one under a read barrier.
-        if send.queued() < BATCH && copy_next_chunk(group, epoch).await? {
-            group.ship_wake.notify_one();
-        }
-
         if send.queued() > 0 {
             send.flush().await?;
             continue;
         }
         tokio::select! {
+            Some(done) = copy.reads.join_next(), if !copy.reads.is_empty() => copy.finish(group, epoch, done)?,
             _ = wake => {}
             _ = kick.changed() => {
                 let g = lock(&group.inner);
@@ -416,57 +433,125 @@ async fn send_loop(
 }
 
 /// The next item of the stream, taken under the group lock: a journal
-/// record (cached, or its journal position), or a message ready to send.
+/// record (cached, or its journal position), a copy chunk (by copy index),
+/// or a message ready to send.
 enum Next {
     Record(u64, Option<Record>, Option<u64>, Option<Arc<crate::journal::Journal>>),
+    Copy(u64, Body),
     Body(Body),
 }
 
-/// Asks the session for the next copy chunk and, if there is one, reads it
-/// under a read barrier (no write to the range in flight; the range was
-/// cleared from the bitmap first, so a write admitted after the barrier is
-/// journaled and shipped after the chunk). Returns whether a chunk was read.
-async fn copy_next_chunk(group: &Arc<Group>, epoch: u64) -> Result<bool, TransportError> {
-    let step = {
-        let mut g = lock(&group.inner);
-        if g.shipper_epoch != epoch {
-            return Ok(false);
-        }
-        let copying = g.persisted.copy_pending && !g.persisted.bitmap_mode;
-        let g = &mut *g;
-        match g.session.as_mut() {
-            Some(s) => s.next_copy(&mut g.bitmaps, copying),
-            None => CopyStep::Idle,
-        }
-    };
-    let CopyStep::Read { volume: vol, offset: off, len, copy_index, hash } = step else { return Ok(false) };
-    debug_assert!(len <= u64::from(MAX_RECORD_PAYLOAD));
-    let Some(volume) = group.volumes.get(vol as usize).cloned() else { return Ok(false) };
-    let (barrier, reflects) = group.read_barrier(vol, off, len).await;
-    let read = volume.read(off, len).await;
-    drop(barrier);
-    let mut g = lock(&group.inner);
-    let g = &mut *g;
-    // The session may have ended meanwhile (its chunks went back to the
-    // bitmap), or a new one started after a pair delete and create.
-    let Some(session) = g.session.as_mut().filter(|_| g.shipper_epoch == epoch) else { return Ok(false) };
-    match read {
-        Ok(data) => {
-            let generation = g.persisted.generation;
-            let rec = if hash {
-                // The secondary compares; the data follows only if it differs.
-                let digest = *blake3::hash(&data).as_bytes();
-                Record::copy_hash(reflects, copy_index, vol, off, len as u32, generation, digest)
-            } else {
-                g.copy_sent += len;
-                Record::copy_chunk(reflects, copy_index, vol, off, generation, bytes::Bytes::copy_from_slice(&data))
+/// What a copy read brings back: the chunk's data, or its digests.
+enum CopyPayload {
+    Data(bytes::Bytes),
+    Digests(bytes::Bytes),
+}
+
+/// A finished copy read: (copy index, what was read).
+type CopyRead = (u64, Result<CopyPayload, IoError>);
+
+/// The copy chunks of one session being read, and the read barriers of
+/// those not yet on the stream.
+#[derive(Default)]
+struct CopyReads<'a> {
+    reads: tokio::task::JoinSet<CopyRead>,
+    /// Copy index -> its barrier and what it covers.
+    barriers: BTreeMap<u64, (RangeGuard<'a>, CopyChunk)>,
+}
+
+/// A chunk being read.
+#[derive(Clone, Copy)]
+struct CopyChunk {
+    volume: u32,
+    offset: u64,
+    len: u64,
+    /// Bytes per digest when the chunk goes as hashes.
+    span: u64,
+    reflects: u64,
+}
+
+impl<'a> CopyReads<'a> {
+    /// Starts reading every chunk the session hands out now, each under a
+    /// read barrier taken here, in copy order.
+    fn start(&mut self, group: &'a Arc<Group>, epoch: u64) {
+        loop {
+            let (step, span) = {
+                let mut g = lock(&group.inner);
+                if g.shipper_epoch != epoch {
+                    return;
+                }
+                let copying = g.persisted.copy_pending && !g.persisted.bitmap_mode;
+                let g = &mut *g;
+                let step = match g.session.as_mut() {
+                    Some(s) => s.next_copy(&mut g.bitmaps, copying),
+                    None => CopyStep::Idle,
+                };
+                // One digest per bitmap chunk: a mismatch resends just it.
+                let span = match step {
+                    CopyStep::Read { volume, .. } => g.bitmaps.get(volume as usize).map_or(0, |b| b.granularity()),
+                    _ => 0,
+                };
+                (step, span)
             };
-            session.on_copy_read(rec);
-            Ok(true)
+            let CopyStep::Read { volume, offset, len, copy_index, hash } = step else { return };
+            debug_assert!(len <= u64::from(MAX_RECORD_PAYLOAD));
+            let Some(vol) = group.volumes.get(volume as usize).cloned() else {
+                let mut g = lock(&group.inner);
+                let g = &mut *g;
+                if let Some(s) = g.session.as_mut() {
+                    s.on_copy_read_failed(copy_index, &mut g.bitmaps);
+                }
+                return;
+            };
+            let (guard, wait, reflects) = group.begin_read_barrier(volume, offset, len);
+            self.barriers.insert(copy_index, (guard, CopyChunk { volume, offset, len, span, reflects }));
+            self.reads.spawn(async move {
+                wait.await;
+                let read = vol.read(offset, len).await.map(|data| {
+                    if hash {
+                        CopyPayload::Digests(span_digests(&data, span))
+                    } else {
+                        CopyPayload::Data(bytes::Bytes::from_owner(data))
+                    }
+                });
+                (copy_index, read)
+            });
         }
-        Err(e) => {
-            session.on_copy_read_failed(copy_index, &mut g.bitmaps);
-            Err(TransportError::Protocol(format!("copy read of volume {} failed: {e}", volume.name)))
+    }
+
+    /// A read finished: the chunk goes to the session, which sends it in
+    /// order; a failed read returns it to the bitmap and ends the session.
+    fn finish(
+        &mut self,
+        group: &Group,
+        epoch: u64,
+        done: Result<CopyRead, tokio::task::JoinError>,
+    ) -> Result<(), TransportError> {
+        let (copy_index, read) = done.map_err(|e| TransportError::Protocol(format!("copy read task failed: {e}")))?;
+        let Some(&(_, c)) = self.barriers.get(&copy_index) else { return Ok(()) };
+        let mut g = lock(&group.inner);
+        let g = &mut *g;
+        // The session may have ended meanwhile (its chunks went back to the
+        // bitmap), or a new one started after a pair delete and create.
+        let Some(session) = g.session.as_mut().filter(|_| g.shipper_epoch == epoch) else { return Ok(()) };
+        let generation = g.persisted.generation;
+        match read {
+            Ok(CopyPayload::Digests(digests)) => {
+                let (len, span) = (c.len as u32, u32::try_from(c.span).unwrap_or(u32::MAX));
+                let rec = Record::copy_hash(c.reflects, copy_index, c.volume, c.offset, len, span, generation, digests);
+                session.on_copy_read(rec);
+                Ok(())
+            }
+            Ok(CopyPayload::Data(data)) => {
+                g.copy_sent += c.len;
+                session.on_copy_read(Record::copy_chunk(c.reflects, copy_index, c.volume, c.offset, generation, data));
+                Ok(())
+            }
+            Err(e) => {
+                session.on_copy_read_failed(copy_index, &mut g.bitmaps);
+                let name = group.volumes.get(c.volume as usize).map_or("?", |v| v.name.as_str());
+                Err(TransportError::Protocol(format!("copy read of volume {name} failed: {e}")))
+            }
         }
     }
 }
@@ -550,6 +635,9 @@ impl Group {
         let checkpoint = ack.checkpoint_seq.min(durable);
         g.copy_done += acked.copy_bytes;
         drop(g);
+        if acked.copy_progress {
+            self.ship_wake.notify_one();
+        }
         self.progress.send_modify(|p| {
             p.received = received;
             p.applied = applied;

@@ -96,7 +96,7 @@ pub enum WriteError {
 
 /// Releases the write's range in the sequencer when the write ends, however
 /// it ends.
-struct RangeGuard<'a> {
+pub(super) struct RangeGuard<'a> {
     group: &'a Group,
     dep: Dep,
     done: watch::Sender<bool>,
@@ -193,14 +193,25 @@ impl Group {
     /// writes are done and holds later ones off until the guard drops. Used
     /// by the copy to read a consistent chunk. Returns the guard and the last
     /// journal sequence the chunk reflects.
-    pub(super) async fn read_barrier(&self, vol: u32, off: u64, len: u64) -> (impl Drop + '_, u64) {
-        let (guard, waits, last) = {
-            let mut g = lock(&self.inner);
-            let (guard, waits) = self.register(&mut g, vol, off, len, true);
-            (guard, waits, g.last_jseq)
-        };
-        wait_all(waits).await;
+    pub(super) async fn read_barrier(&self, vol: u32, off: u64, len: u64) -> (RangeGuard<'_>, u64) {
+        let (guard, wait, last) = self.begin_read_barrier(vol, off, len);
+        wait.await;
         (guard, last)
+    }
+
+    /// [`Group::read_barrier`] in two steps: the barrier is taken now, in
+    /// order with the writes admitted so far (so barriers taken one after
+    /// another reflect non-decreasing sequences); the returned future
+    /// resolves once the earlier overlapping writes are done.
+    pub(super) fn begin_read_barrier(
+        &self,
+        vol: u32,
+        off: u64,
+        len: u64,
+    ) -> (RangeGuard<'_>, impl std::future::Future<Output = ()> + Send + 'static, u64) {
+        let mut g = lock(&self.inner);
+        let (guard, waits) = self.register(&mut g, vol, off, len, true);
+        (guard, wait_all(waits), g.last_jseq)
     }
 
     /// The largest request this group accepts (and advertises to NBD
