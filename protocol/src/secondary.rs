@@ -27,7 +27,7 @@
 //! same: after any fault this node resumes after it, so the primary may free
 //! its journal through it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::apply::{Applier, ApplyError, ApplyId};
@@ -50,6 +50,10 @@ pub struct SecondaryConfig {
     pub copy_flush_bytes: u64,
     /// Copy data applied is made durable at least this often.
     pub copy_sync_interval: Duration,
+    /// Copy chunks being written (or compared) at once, at most; the others
+    /// wait, so that a copy does not flood the disk queue ahead of
+    /// replicated writes.
+    pub copy_applies: usize,
 }
 
 /// Where a session starts: everything through `checkpoint` is on the
@@ -183,6 +187,9 @@ pub struct Secondary {
     /// the journal yet, by seq.
     awaiting_journal: BTreeMap<u64, ApplyId>,
     applying: usize,
+    /// Copy chunks among `applying`, and those waiting for a slot.
+    copy_applying: BTreeSet<ApplyId>,
+    copy_waiting: VecDeque<ApplyId>,
     volume_sync: Option<Barrier>,
     last_volume_sync_at: Instant,
     copy_bytes_since_sync: u64,
@@ -226,6 +233,8 @@ impl Secondary {
             records: HashMap::new(),
             awaiting_journal: BTreeMap::new(),
             applying: 0,
+            copy_applying: BTreeSet::new(),
+            copy_waiting: VecDeque::new(),
             volume_sync: None,
             last_volume_sync_at: now,
             copy_bytes_since_sync: 0,
@@ -308,7 +317,10 @@ impl Secondary {
         self.failed = true;
         for action in self.actions.drain(..) {
             match action {
-                Action::Apply { .. } => self.applying = self.applying.saturating_sub(1),
+                Action::Apply { id, .. } => {
+                    self.applying = self.applying.saturating_sub(1);
+                    self.copy_applying.remove(&id);
+                }
                 Action::SyncJournal { .. } => self.journal_sync_in_flight = false,
                 Action::SyncVolumes(_) => self.volume_sync = None,
                 Action::Save(_) => self.save_in_flight = false,
@@ -351,6 +363,12 @@ impl Secondary {
         }
         self.applier.on_applied(id);
         self.ack_dirty = true;
+        if self.copy_applying.remove(&id) {
+            while self.copy_applying.len() < self.config.copy_applies.max(1) {
+                let Some(next) = self.copy_waiting.pop_front() else { break };
+                self.start_apply(next);
+            }
+        }
         let dependents = self.records.remove(&id).map(|r| r.dependents).unwrap_or_default();
         for d in dependents {
             let ready = self.records.get_mut(&d).is_some_and(|r| {
@@ -563,6 +581,9 @@ impl Secondary {
             Some(rec) if !rec.op.is_copy() && rec.seq > self.journal_durable => {
                 self.awaiting_journal.insert(rec.seq, id);
             }
+            Some(rec) if rec.op.is_copy() && self.copy_applying.len() >= self.config.copy_applies.max(1) => {
+                self.copy_waiting.push_back(id);
+            }
             Some(_) => self.start_apply(id),
             None => {}
         }
@@ -571,6 +592,9 @@ impl Secondary {
     fn start_apply(&mut self, id: ApplyId) {
         if let Some(record) = self.records.get_mut(&id).and_then(|r| r.record.take()) {
             self.applying += 1;
+            if record.op.is_copy() {
+                self.copy_applying.insert(id);
+            }
             self.actions.push_back(Action::Apply { id, record });
         }
     }
@@ -676,6 +700,7 @@ mod tests {
             checkpoint_interval: Duration::from_secs(1),
             copy_flush_bytes: 4 << 20,
             copy_sync_interval: Duration::from_millis(100),
+            copy_applies: 4,
         }
     }
 
@@ -781,6 +806,37 @@ mod tests {
         s.on_saved(&p.clone(), Ok(()), now).unwrap();
         let acts = drain(&mut s, now);
         assert!(matches!(acts.first(), Some(Action::Apply { .. })), "{acts:?}");
+    }
+
+    #[test]
+    fn at_most_copy_applies_chunks_are_written_at_once() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        for i in 1..=6u64 {
+            let mut copy = Record::with_payload(RecordOp::Copy, 0, 0, i << 16, 1, Bytes::from(vec![9u8; 4096]), false);
+            copy.copy_index = i;
+            s.on_record(copy).unwrap();
+        }
+        let acts = drain(&mut s, now);
+        let Some(Action::Save(p)) = acts.first() else { panic!("{acts:?}") };
+        s.on_saved(&p.clone(), Ok(()), now).unwrap();
+        let applies = |acts: &[Action]| -> Vec<ApplyId> {
+            acts.iter().filter_map(|a| if let Action::Apply { id, .. } = a { Some(*id) } else { None }).collect()
+        };
+        let first = applies(&drain(&mut s, now));
+        assert_eq!(first.len(), 4, "copy_applies = 4");
+        // Each one done lets one more start, in order.
+        s.on_applied(first[0], Ok(())).unwrap();
+        let next = applies(&drain(&mut s, now));
+        assert_eq!(next.len(), 1);
+        for id in first[1..].iter().chain(&next) {
+            s.on_applied(*id, Ok(())).unwrap();
+        }
+        let last = applies(&drain(&mut s, now));
+        assert_eq!(last.len(), 1, "the sixth");
+        s.on_applied(last[0], Ok(())).unwrap();
+        assert_eq!(s.applied(), 0, "copies are not writes");
+        assert!(applies(&drain(&mut s, now)).is_empty());
     }
 
     #[test]

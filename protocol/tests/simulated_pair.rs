@@ -390,6 +390,7 @@ fn machine(checkpoint: u64, copy_incomplete: bool, now: Instant) -> Secondary {
         checkpoint_interval: Duration::from_secs(1),
         copy_flush_bytes: COPY.copy_chunk,
         copy_sync_interval: Duration::from_millis(100),
+        copy_applies: 2,
     };
     let start = SecondaryStart { checkpoint, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete, data_as_of_us: 0 };
     Secondary::new(config, start, now)

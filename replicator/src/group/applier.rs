@@ -36,6 +36,10 @@ const COPY_FLUSH_BYTES: u64 = 4 << 20;
 /// Applied records are made durable on the volumes, and their restore
 /// journal space freed, at least this often.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Copy chunks (up to 1 MiB each) written or compared at once: enough to
+/// keep the disk busy, few enough that replicated writes do not queue
+/// behind a whole copy window.
+const COPY_APPLIES: usize = 4;
 
 /// Completions of the I/O the session handed out.
 enum Event {
@@ -693,6 +697,7 @@ impl Session {
             checkpoint_interval: CHECKPOINT_INTERVAL,
             copy_flush_bytes: COPY_FLUSH_BYTES,
             copy_sync_interval: TICK,
+            copy_applies: COPY_APPLIES,
         };
         let copy_incomplete = start.copy_incomplete;
         Self {
