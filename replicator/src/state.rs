@@ -107,7 +107,7 @@ pub struct GroupState {
     #[serde(default)]
     pub superseded_by: u64,
     /// Secondary: the primary's last progress report: its newest journaled
-    /// seq, the bytes it held not yet durable here, and when (µs since the
+    /// seq, the bytes it held not yet durable here, and when, by its clock (µs since the
     /// epoch). A failover says what it leaves behind from these.
     #[serde(default)]
     pub primary_reported_seq: u64,

@@ -878,7 +878,10 @@ impl Session {
                 let mut g = lock(&self.group.inner);
                 g.persisted.primary_reported_seq = c.seq;
                 g.persisted.primary_reported_bytes = c.bytes;
-                g.persisted.primary_reported_at_us = super::write_path::unix_micros();
+                // The primary's time of the report (it may arrive late,
+                // behind the records queued before it).
+                g.persisted.primary_reported_at_us =
+                    if c.at_us != 0 { c.at_us } else { super::write_path::unix_micros() };
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::Delete as i32 => {

@@ -410,6 +410,7 @@ async fn send_loop(
                 command: pb::Command::PrimaryProgress as i32,
                 seq,
                 bytes,
+                at_us: super::write_path::unix_micros(),
                 ..Default::default()
             }));
         }

@@ -437,7 +437,7 @@ fn recovery_point(mode: Mode, g: &Inner, peer: &str) -> String {
         Mode::Async => {
             if p.primary_reported_seq > n {
                 out.push_str(&format!(
-                    " Async mode: {peer} last reported (at {}) records up to {}: {} record(s), {} byte(s) beyond the \
+                    " Async mode: {peer} last reported (at {}, its clock) records up to {}: {} record(s), {} byte(s) beyond the \
                      recovery point that this node never received.",
                     format_time(p.primary_reported_at_us),
                     p.primary_reported_seq,
