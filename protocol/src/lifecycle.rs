@@ -127,7 +127,9 @@ pub fn judge_open(me: &Standing, open: &Opening, wrote_beyond: bool) -> Verdict 
         Role::Secondary if same_pair => {
             if me.split && !open.admin_resync {
                 Verdict::Refuse(pb::Refusal::Split)
-            } else if me.split_writable && me.in_use {
+            } else if me.in_use {
+                // NBD clients have a split replica attached (read-only, or
+                // writable with --rw): the resync would change it under them.
                 Verdict::Refuse(pb::Refusal::InUse)
             } else if me.needs_rebase
                 && !(open.intent == pb::OpenIntent::Resync && open.rebased && open.generation >= me.generation)
@@ -234,8 +236,9 @@ mod tests {
         let mut o = open(1);
         o.admin_resync = true;
         assert_eq!(judge_open(&s, &o, false), Verdict::Proceed);
-        s.split_writable = true;
         s.in_use = true;
+        assert_eq!(judge_open(&s, &o, false), Verdict::Refuse(pb::Refusal::InUse), "attached read-only");
+        s.split_writable = true;
         assert_eq!(judge_open(&s, &o, false), Verdict::Refuse(pb::Refusal::InUse));
         let mut p = node(Role::Primary, 1);
         p.split = true;

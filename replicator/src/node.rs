@@ -159,10 +159,10 @@ impl ExportCatalog for Node {
     fn open(&self, name: &str) -> Result<Arc<VolumeExport>, OpenError> {
         let (gi, vi) = *self.exports.get(name).ok_or_else(|| OpenError::Unknown(name.to_string()))?;
         let group = self.groups[gi].clone();
-        if !group.writable() {
+        if !group.attachable() {
             return Err(OpenError::Refused(format!(
                 "volume {name} is the secondary replica of group {} ({}): it cannot be attached while replication runs into it \
-                 (`replicator pair split {} --rw` makes it writable)",
+                 (`replicator pair split {}` here freezes it for read-only access, `--rw` makes it writable)",
                 group.cfg.name,
                 group.state(),
                 group.cfg.name
@@ -170,9 +170,11 @@ impl ExportCatalog for Node {
         }
         let size = group.volumes[vi as usize].size();
         let attached = group.attach_client();
-        // Checked again with the client counted: a `pair create` from the
-        // peer that made this group secondary meanwhile is not missed.
-        if !group.writable() {
+        // Checked again with the client counted: a `pair create` or a
+        // resync from the peer that made this group (again) a replicating
+        // secondary meanwhile is not missed; one that comes later sees the
+        // client and is refused.
+        if !group.attachable() {
             return Err(OpenError::Refused(format!(
                 "volume {name} became the secondary replica of group {}: it cannot be attached while replication runs into it",
                 group.cfg.name

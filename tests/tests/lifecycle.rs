@@ -1,8 +1,9 @@
 //! Pair lifecycle through the real CLI, with sequence-stamped blocks
 //! written through NBD:
 //!
-//! - `pair split` keeps the secondary's image at the split point and never
-//!   resumes by itself; `pair resync` copies what the primary wrote since;
+//! - `pair split` keeps the secondary's image at the split point, readable
+//!   (read-only) through NBD, and never resumes by itself; `pair resync`
+//!   waits until readers detach and copies what the primary wrote since;
 //!   `pair split --rw` (run on the secondary) makes the replica writable and
 //!   the resync overwrites exactly its changes; `--swap` keeps them instead
 //!   and reverses the roles;
@@ -111,10 +112,34 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
     assert_eq!(code, 3, "--discard-local on a healthy primary is refused as unsafe: {out}");
     assert!(out.contains("SPLIT-BRAIN"), "{out}");
 
+    // The split replica can be attached read-only (a backup, a check): it
+    // holds exactly the writes before the split, refuses writes, and a
+    // resync waits until it is detached.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let reader =
+        rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "sp-vol")).expect("attach read-only");
+    let mut image = vec![0u8; (200 * BLOCK) as usize];
+    for (i, chunk) in image.chunks_mut((4 * MIB) as usize).enumerate() {
+        let data = rt.block_on(reader.read(i as u64 * 4 * MIB, chunk.len() as u32)).expect("read the split replica");
+        chunk.copy_from_slice(&data);
+    }
+    assert_eq!(written_prefix(&image, 200, BLOCK), 100, "the replica as of the split");
+    assert!(rt.block_on(reader.write(0, &vec![1u8; 4096], false)).is_err(), "a plain split replica is read-only");
+    cli_ok(&cluster, Site::A, &["pair", "resync", "sp"]);
+    let a = cluster.wait_until(Site::A, "sp", "refused: in use", MINUTE, |s| s.refusal.as_deref() == Some("in-use"));
+    assert!(!a.connected, "{a:?}");
+    assert_eq!(cluster.status(Site::B, "sp").reason.as_deref(), Some("split"));
+    drop(reader);
+    drop(rt);
     let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]);
     assert!(out.contains("PAIR"), "{out}");
     let a = cluster.wait_drained("sp");
     assert_eq!(a.rpo_zero, Some(true), "{a:?}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    assert!(
+        rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "sp-vol")).is_err(),
+        "a replicating secondary cannot be attached"
+    );
 
     // Split --rw on the secondary: its volume becomes writable.
     cli_ok(&cluster, Site::B, &["pair", "split", "sp", "--rw"]);

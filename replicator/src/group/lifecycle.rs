@@ -220,6 +220,9 @@ impl Group {
                     self.rebase_locked(&mut g, through).map_err(GroupError::Failed)?;
                 }
                 g.persisted.admin_resync = true;
+                // Asked again: an earlier refusal (readers attached to the
+                // split replica, say) stands only if the peer repeats it.
+                g.refusal = None;
                 self.transition(&mut g, PairEvent::AdminResync, "pair resync");
                 self.save_locked(&mut g);
                 self.session_kick.send_modify(|k| *k += 1);

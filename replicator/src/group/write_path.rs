@@ -21,7 +21,7 @@ use bytes::Bytes;
 use replicator_protocol::journal_format::{
     record_span, JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN, MAX_APPEND_WINDOW,
 };
-use replicator_protocol::pair::{PairEvent, PairState, Role};
+use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::record::{Record, RecordOp, MAX_RECORD_PAYLOAD};
 use replicator_protocol::sequencer::Dep;
 use tokio::sync::watch;
@@ -678,6 +678,14 @@ impl Group {
     pub fn writable(&self) -> bool {
         let g = lock(&self.inner);
         g.role != Role::Secondary || g.persisted.split_writable
+    }
+
+    /// May NBD clients attach the volumes? Where they are writable, and on a
+    /// replica split by an admin (read-only: nothing replicates into it
+    /// until `pair resync`, which waits until they detach).
+    pub fn attachable(&self) -> bool {
+        let g = lock(&self.inner);
+        g.role != Role::Secondary || g.persisted.split_writable || g.state == PairState::Suspended(SuspendReason::Split)
     }
 }
 
