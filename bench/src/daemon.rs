@@ -146,7 +146,7 @@ impl Daemon {
             for (v, file, size) in &g.volumes {
                 let _ = write!(
                     t,
-                    "\n[[group.volume]]\nname = \"{v}\"\npath = \"{}\"\nsize = \"{size}\"\n",
+                    "\n[[group.volume]]\nname = \"{v}\"\npath = \"{}\"\nsize = \"{size}\"\ncreate = true\n",
                     site.join(file).display()
                 );
             }

@@ -24,7 +24,7 @@ pub struct LocalInfo {
 pub fn probe(path: &Path) -> Result<LocalInfo, String> {
     let engine = IoEngine::new(BackendChoice::Auto);
     let f = engine
-        .open(path, &OpenOptions { create_size: None, direct: true, read_only: true })
+        .open(path, &OpenOptions { create_size: None, create: false, direct: true, read_only: true })
         .map_err(|e| e.to_string())?;
     Ok(LocalInfo { backend: f.backend().to_string(), direct: f.is_direct() })
 }
@@ -50,7 +50,7 @@ async fn run_async(
 ) -> Result<RunOutcome, String> {
     let engine = IoEngine::new(BackendChoice::Auto);
     let file = engine
-        .open(path, &OpenOptions { create_size: None, direct: true, read_only: false })
+        .open(path, &OpenOptions { create_size: None, create: false, direct: true, read_only: false })
         .map_err(|e| e.to_string())?;
     let gen = Arc::new(Mutex::new(OpGen::new(workload, file.size(), seed)));
     let begin = Instant::now() + warmup;

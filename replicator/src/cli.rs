@@ -374,12 +374,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         }
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli.config)?;
-            match crate::tls::TlsIdentity::load(&config.tls, &config.node.name) {
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("replicator: {}: [tls]: {e}", config.path.display());
-                    return Err(ExitCode::from(exit::USAGE));
+            let problems = crate::preflight::check(&config);
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("replicator: {p}");
                 }
+                eprintln!(
+                    "replicator: {}: {} problem(s); `replicator run` would fail",
+                    config.path.display(),
+                    problems.len()
+                );
+                return Err(ExitCode::from(exit::USAGE));
             }
             println!(
                 "{}: OK (node {}, {} peer(s), {} group(s), {} volume(s))",

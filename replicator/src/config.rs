@@ -32,7 +32,9 @@ pub enum ConfigError {
     Syntax {
         /// The configuration file.
         path: PathBuf,
-        /// toml's message, which includes line and column.
+        /// toml's message, kept whole: "TOML parse error at line L, column
+        /// C", the offending line with a caret under the column, and what is
+        /// wrong (several lines).
         message: String,
     },
     /// A key has a value that is not valid.
@@ -123,8 +125,88 @@ pub struct TlsPaths {
 pub struct PeerConfig {
     /// The peer's node name (checked against its certificate).
     pub name: String,
-    /// Its QUIC address.
-    pub address: SocketAddr,
+    /// Its QUIC address: an IP address or a DNS name, and a port.
+    pub address: PeerAddress,
+}
+
+/// A peer's QUIC address as configured: `IP:PORT`, `[IPv6]:PORT` or
+/// `HOST:PORT`. A DNS name is resolved each time the peer is dialed (so a
+/// changed DNS record is followed without a restart); `config check` fails
+/// if it cannot be resolved at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddress {
+    /// IP address literal (without brackets) or DNS name.
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+}
+
+impl PeerAddress {
+    /// Parses `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (port 1-65535; a
+    /// host name made of letters, digits, '-', '_' and '.').
+    pub fn parse(value: &str) -> Result<PeerAddress, String> {
+        let bad = || {
+            format!(
+                "{value:?} is not an address: write HOST:PORT or IP:PORT, e.g. \"site-b.example.net:7800\", \"192.0.2.10:7800\" or \"[2001:db8::10]:7800\""
+            )
+        };
+        if let Ok(addr) = value.parse::<SocketAddr>() {
+            if addr.port() == 0 {
+                return Err(format!("{value:?}: port 0 cannot be dialed; use the port the peer's node.listen uses"));
+            }
+            return Ok(PeerAddress { host: addr.ip().to_string(), port: addr.port() });
+        }
+        let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(format!("{value:?}: port 0 cannot be dialed; use the port the peer's node.listen uses"));
+        }
+        // A trailing dot (a fully qualified name) is allowed.
+        let name = host.strip_suffix('.').unwrap_or(host);
+        let host_ok = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !host_ok {
+            return Err(bad());
+        }
+        Ok(PeerAddress { host: host.to_string(), port })
+    }
+
+    /// Resolves the address (DNS for a name), blocking. An error if the name
+    /// resolves to nothing.
+    pub fn resolve_blocking(&self) -> std::io::Result<Vec<SocketAddr>> {
+        use std::net::ToSocketAddrs;
+        let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port).to_socket_addrs()?.collect();
+        if addrs.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address"));
+        }
+        Ok(addrs)
+    }
+
+    /// Resolves the address (DNS for a name) without blocking the runtime.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port)).await?.collect();
+        if addrs.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address"));
+        }
+        Ok(addrs)
+    }
+}
+
+impl fmt::Display for PeerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// `[[group.volume]]`
@@ -134,8 +216,13 @@ pub struct VolumeConfig {
     pub name: String,
     /// Block device or regular file.
     pub path: PathBuf,
-    /// Size for a sparse file created when `path` does not exist.
+    /// The volume size in bytes: an existing file or device must have
+    /// exactly this size; with `create`, the size of the file created.
     pub size: Option<u64>,
+    /// `create = true`: create `path` as a sparse file of `size` bytes if it
+    /// does not exist. Off by default: a missing path is an error, so that a
+    /// typo or an inactive logical volume never becomes a new, empty volume.
+    pub create: bool,
 }
 
 /// `[[group]]`: a consistency group (one journal, one sequence).
@@ -211,9 +298,11 @@ impl Config {
 
     /// Parses and validates configuration text (`path` is used in messages).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        // toml's Display shows line, column and the line with a caret under
+        // the column: keep its lines as they are.
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().replace('\n', " | "),
+            message: e.to_string().trim_end().to_string(),
         })?;
         Validator { path }.validate(raw)
     }
@@ -280,6 +369,8 @@ struct RawVolume {
     name: String,
     path: PathBuf,
     size: Option<String>,
+    #[serde(default)]
+    create: bool,
 }
 
 struct Validator<'a> {
@@ -355,7 +446,7 @@ impl Validator<'_> {
             if !peer_names.insert(name.clone()) {
                 return Err(self.err(format!("{key}.name"), format!("peer {name:?} is listed twice")));
             }
-            let address = self.addr(&format!("peer[{name}].address"), &p.address)?;
+            let address = PeerAddress::parse(&p.address).map_err(|m| self.err(format!("peer[{name}].address"), m))?;
             peers.push(PeerConfig { name, address });
         }
 
@@ -470,7 +561,22 @@ impl Validator<'_> {
                     }
                     None => None,
                 };
-                volumes.push(VolumeConfig { name: vname, path, size });
+                if v.create && size.is_none() {
+                    return Err(self.err(
+                        format!("{vkey}.create"),
+                        "create = true needs a size: add size = \"...\" (e.g. \"20GiB\") for the sparse file to create",
+                    ));
+                }
+                if v.create && path.starts_with("/dev") {
+                    return Err(self.err(
+                        format!("{vkey}.create"),
+                        format!(
+                            "{} is under /dev: a block device is never created by replicator (a file there would live in RAM); remove create = true and make sure the device exists",
+                            path.display()
+                        ),
+                    ));
+                }
+                volumes.push(VolumeConfig { name: vname, path, size, create: v.create });
             }
             groups.push(GroupConfig {
                 name,
@@ -541,32 +647,60 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
-/// Parses a human size: `4096`, `512K`, `64KiB`, `1GiB`, `1.5G`, `2TB`.
-/// K/M/G/T with or without `iB` are binary (powers of 1024), as storage admins
-/// expect from LVM; `KB`/`MB`/`GB`/`TB` are decimal.
+/// What [`parse_size`] accepts, for error messages and docs.
+pub const SIZE_HELP: &str = "write a byte count (\"4096\") or a number and a unit: KiB, MiB, GiB, TiB \
+     (powers of 1024), kB/KB, MB, GB, TB (powers of 1000), or K, M, G, T (powers of 1024, as in LVM), \
+     e.g. \"64KiB\", \"20GiB\", \"500GB\"";
+
+/// Parses a human size: a plain byte count (`4096`, `4096B`), IEC units
+/// `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), SI units `kB` (or `KB`)/`MB`/
+/// `GB`/`TB` (powers of 1000), or the bare suffixes `K`/`k`/`M`/`G`/`T`,
+/// which are powers of 1024 (as in LVM, and as this parser always read
+/// them). A decimal fraction is allowed if the result is a whole number of
+/// bytes (`1.5GiB`); a space may separate number and unit. Exact integer
+/// arithmetic; at most 2^63-1 bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size: {SIZE_HELP}");
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let unit = unit.trim();
-    let mult: u64 = match unit {
+    let mult: u128 = match unit.trim() {
         "" | "B" => 1,
         "K" | "k" | "KiB" => 1 << 10,
         "M" | "MiB" => 1 << 20,
         "G" | "GiB" => 1 << 30,
         "T" | "TiB" => 1 << 40,
-        "KB" | "kB" => 1_000,
+        "kB" | "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
         "TB" => 1_000_000_000_000,
-        _ => return Err(format!("{s:?} is not a size: write e.g. \"4096\", \"64KiB\", \"20GiB\" or \"1TiB\"")),
+        _ => return Err(bad()),
     };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size: write e.g. \"4096\", \"64KiB\", \"20GiB\" or \"1TiB\""))?;
-    let bytes = value * mult as f64;
-    if !(0.0..=(u64::MAX / 2) as f64).contains(&bytes) || bytes.fract() != 0.0 {
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |d: &str| d.chars().all(|c| c.is_ascii_digit());
+    if int.is_empty() || !digits(int) || !digits(frac) || (num.contains('.') && frac.is_empty()) {
+        return Err(bad());
+    }
+    let too_large = || format!("{s:?} is too large (at most {} bytes)", i64::MAX);
+    // 20 integer digits exceed any valid size; 18 fraction digits are more
+    // than any unit can turn into whole bytes.
+    if int.len() > 20 || frac.len() > 18 {
+        return Err(if int.len() > 20 { too_large() } else { format!("{s:?} is not a whole number of bytes") });
+    }
+    let scale = 10u128.pow(frac.len() as u32);
+    let int_v: u128 = int.parse().map_err(|_| bad())?;
+    let frac_v: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| bad())? };
+    let scaled = int_v
+        .checked_mul(scale)
+        .and_then(|v| v.checked_add(frac_v))
+        .and_then(|v| v.checked_mul(mult))
+        .ok_or_else(too_large)?;
+    if scaled % scale != 0 {
         return Err(format!("{s:?} is not a whole number of bytes"));
+    }
+    let bytes = scaled / scale;
+    if bytes > i64::MAX as u128 {
+        return Err(too_large());
     }
     Ok(bytes as u64)
 }
@@ -672,6 +806,120 @@ size = "20GiB"
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5").is_err());
+    }
+
+    #[test]
+    fn sizes_si_iec_and_bare_suffixes() {
+        // IEC: powers of 1024.
+        assert_eq!(parse_size("1KiB"), Ok(1024));
+        assert_eq!(parse_size("4096MiB"), Ok(4096 << 20));
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("2TiB"), Ok(2 << 40));
+        // SI: powers of 1000.
+        assert_eq!(parse_size("1kB"), Ok(1_000));
+        assert_eq!(parse_size("1KB"), Ok(1_000));
+        assert_eq!(parse_size("4096MB"), Ok(4_096_000_000));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("3TB"), Ok(3_000_000_000_000));
+        // Bare suffixes: powers of 1024, as always.
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        // Plain bytes, spaces, fractions.
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        assert_eq!(parse_size(" 20 GiB "), Ok(20 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("0.5K"), Ok(512));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        // Exact: no float rounding on large values.
+        assert_eq!(parse_size("8191.999999999G"), Err("\"8191.999999999G\" is not a whole number of bytes".into()));
+        assert_eq!(parse_size("9007199254740993"), Ok(9_007_199_254_740_993));
+        // Refused, with a message that lists the units.
+        for bad in ["", "G", "1.5.5G", ".5G", "5.G", "-1G", "1e9", "1 gigabyte", "1gb", "1Gi", "1 iB", "0x10"] {
+            let e = parse_size(bad).expect_err(bad);
+            assert!(e.contains("KiB") && e.contains("powers of 1000") && e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        assert!(parse_size("1.1").expect_err("fractional byte").contains("whole number of bytes"));
+        assert!(parse_size("0.0001K").expect_err("fractional byte").contains("whole number of bytes"));
+        for huge in ["9223372036854775808", "8388608TiB", "99999999999999999999999T"] {
+            assert!(parse_size(huge).expect_err(huge).contains("too large"), "{huge}");
+        }
+        assert_eq!(parse_size("9223372036854775807"), Ok(i64::MAX as u64));
+    }
+
+    #[test]
+    fn volume_sizes_in_si_units_must_still_be_4k_multiples() {
+        let c = parse(&GOOD.replace("size = \"20GiB\"", "size = \"4096MB\"")).expect("4096MB is 4096 * 10^6");
+        assert_eq!(c.groups[0].volumes[0].size, Some(4_096_000_000));
+        let e = parse(&GOOD.replace("size = \"20GiB\"", "size = \"1GB\"")).expect_err("10^9 is not 4KiB-aligned");
+        assert!(e.to_string().contains("volume[db-data].size") && e.to_string().contains("4KiB"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_keep_line_column_and_caret() {
+        // Line 4 of the text (the leading newline ends line 1), column 13: the first `.`.
+        let bad = GOOD.replacen("listen = \"0.0.0.0:7800\"", "listen = 0.0.0.0:7800", 1);
+        let e = parse(&bad).expect_err("unquoted address").to_string();
+        assert!(e.starts_with("/etc/replicator/replicator.toml: "), "{e}");
+        assert!(e.contains("line 4, column 13"), "{e}");
+        let lines: Vec<&str> = e.lines().collect();
+        let src = lines.iter().position(|l| l.contains("listen = 0.0.0.0:7800")).expect("the offending line is shown");
+        let caret = lines.get(src + 1).expect("a line under it");
+        assert!(caret.trim_start_matches([' ', '|']).starts_with('^'), "{e}");
+        // The caret sits under the column toml reports.
+        let col_start = e.find("column ").expect("column") + "column ".len();
+        let col: usize =
+            e[col_start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().expect("n");
+        let text_start = lines[src].find("listen").expect("listen");
+        assert_eq!(caret.find('^'), Some(text_start + col - 1), "{e}");
+
+        // An unknown key: also line, column and caret.
+        let e = parse(&GOOD.replace("[tls]\n", "[tls]\nbogus = 1\n")).expect_err("unknown key").to_string();
+        assert!(e.contains("line ") && e.contains("column") && e.contains('^') && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn peer_addresses_may_be_dns_names() {
+        let c = parse(&GOOD.replace("192.0.2.10:7800", "site-b.example.net:7800")).expect("dns name");
+        assert_eq!(c.peers[0].address, PeerAddress { host: "site-b.example.net".into(), port: 7800 });
+        assert_eq!(c.peers[0].address.to_string(), "site-b.example.net:7800");
+        let c = parse(&GOOD.replace("192.0.2.10:7800", "[2001:db8::10]:7800")).expect("ipv6");
+        assert_eq!(c.peers[0].address.host, "2001:db8::10");
+        assert_eq!(c.peers[0].address.to_string(), "[2001:db8::10]:7800");
+        assert_eq!(PeerAddress::parse("localhost:1").map(|a| a.host), Ok("localhost".into()));
+        assert_eq!(PeerAddress::parse("b.example.:7800").map(|a| a.port), Ok(7800));
+        for bad in [
+            "site-b",
+            "site-b:",
+            ":7800",
+            "site b:7800",
+            "site-b:99999",
+            "site-b:0",
+            "-b:7800",
+            "a..b:1",
+            "2001:db8::10:7800",
+        ] {
+            let e = parse(&GOOD.replace("192.0.2.10:7800", bad)).expect_err(bad).to_string();
+            assert!(e.contains("peer[site-b].address"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn create_is_explicit_and_needs_a_size() {
+        let c = parse(GOOD).expect("valid");
+        assert!(!c.groups[0].volumes[0].create, "create defaults to false");
+        let file = GOOD.replace("path = \"/dev/vg0/db-data\"", "path = \"/srv/db-data.img\"");
+        let c = parse(&file.replace("size = \"20GiB\"", "size = \"20GiB\"\ncreate = true")).expect("create");
+        assert!(c.groups[0].volumes[0].create);
+        let e = parse(&file.replace("size = \"20GiB\"", "create = true")).expect_err("no size").to_string();
+        assert!(e.contains("group[db].volume[db-data].create") && e.contains("size"), "{e}");
+        let e = parse(&GOOD.replace("size = \"20GiB\"", "size = \"20GiB\"\ncreate = true")).expect_err("/dev");
+        assert!(e.to_string().contains("volume[db-data].create") && e.to_string().contains("/dev"), "{e}");
+        let e = parse(&file.replace("size = \"20GiB\"", "size = \"20GiB\"\ncreate = \"yes\"")).expect_err("type");
+        assert!(e.to_string().contains("create") && e.to_string().contains("line"), "{e}");
     }
 
     #[test]

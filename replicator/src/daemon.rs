@@ -163,6 +163,15 @@ fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener,
 /// still have been writing to.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let state_dir = &config.node.state_dir;
+    // The daemon creates state_dir and run_dir, not the directories above
+    // them: a mistyped path must not start a node with an empty state.
+    for (what, dir) in [("state_dir", state_dir), ("run_dir", &config.node.run_dir)] {
+        crate::preflight::check_daemon_dir(dir).map_err(|m| DaemonError::Socket {
+            what,
+            path: dir.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, m),
+        })?;
+    }
     crate::perms::ensure_dir(state_dir, crate::perms::STATE_DIR_MODE, "state_dir")
         .map_err(|source| DaemonError::Socket { what: "state_dir", path: state_dir.display().to_string(), source })?;
     // Held until this function returns (the kernel drops it if we die).

@@ -117,6 +117,7 @@ accept_pair_create = true
 name = "bank-ledger"
 path = "{site}/bank-ledger.img"
 size = "{size}"
+create = true
 
 [[group]]
 name = "archive"
@@ -129,11 +130,13 @@ accept_pair_create = true
 name = "archive-data"
 path = "{site}/archive-data.img"
 size = "{size}"
+create = true
 
 [[group.volume]]
 name = "archive-index"
 path = "{site}/archive-index.img"
 size = "{size}"
+create = true
 "#,
         site = site.display(),
         certs = dir.join("certs").display(),

@@ -98,7 +98,7 @@ impl Journal {
             let _ = std::fs::remove_file(path);
         }
         let existed = path.exists();
-        let opts = OpenOptions { create_size: Some(size), direct: false, read_only: false };
+        let opts = OpenOptions { create_size: Some(size), create: true, direct: false, read_only: false };
         let file = engine.open(path, &opts).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
         // Created 0600; one from an older build (or copied in) may be wider.
         crate::perms::tighten_file(path, crate::perms::PRIVATE_FILE_MODE, "journal").map_err(|source| {

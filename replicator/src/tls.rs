@@ -47,6 +47,29 @@ pub enum TlsError {
         /// node.name.
         name: String,
     },
+    /// The private key is not the key of the certificate.
+    #[error("{key}: this private key (tls.key) does not belong to the certificate {cert} (tls.cert); use the .key file written together with that certificate by `replicator cert issue`, or fix tls.key / tls.cert")]
+    KeyMismatch {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate file.
+        cert: PathBuf,
+    },
+    /// This node's certificate does not verify under the configured CA
+    /// (issued by another CA, expired, not yet valid...): peers refuse it.
+    #[error("{cert}: this certificate (tls.cert) {reason} the CA in {ca} (tls.ca); peers will refuse this node. Issue one from that CA with `replicator cert issue --ca-dir {ca_dir} --name {name}`, or fix tls.ca / tls.cert")]
+    NotFromCa {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The CA file.
+        ca: PathBuf,
+        /// Its directory (for the suggested command).
+        ca_dir: String,
+        /// node.name.
+        name: String,
+        /// e.g. "is not issued by", "has expired (it is valid only until ...) under".
+        reason: String,
+    },
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -118,7 +141,62 @@ impl TlsIdentity {
         if certificate_names(&chain[0], &[node_name.to_string()]).is_err() {
             return Err(TlsError::WrongOwnName { path: paths.cert.clone(), name: node_name.to_string() });
         }
+        // rustls compares the key's public half with the certificate's.
+        match rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()) {
+            Ok(_) => {}
+            Err(rustls::Error::InconsistentKeys(_)) => {
+                return Err(TlsError::KeyMismatch { key: paths.key.clone(), cert: paths.cert.clone() })
+            }
+            Err(e) => return Err(pem_err(&paths.key, format!("not a usable private key: {e}"))),
+        }
         Ok(Self { roots: Arc::new(roots), chain, key })
+    }
+
+    /// Checks that this node's certificate verifies under the configured CA
+    /// now, as a peer will check it: both as a server (when the peer dials
+    /// us) and as a client (when we dial the peer). `config check` fails on
+    /// it; `run` logs it (peers refuse the node, but it still serves its
+    /// volumes locally).
+    pub fn verify_own_chain(&self, paths: &TlsPaths, node_name: &str) -> Result<(), TlsError> {
+        use rustls::client::danger::ServerCertVerifier;
+        let now = rustls::pki_types::UnixTime::now();
+        let (end_entity, intermediates) = match self.chain.split_first() {
+            Some(split) => split,
+            None => return Err(pem_err(&paths.cert, "contains no PEM certificate")),
+        };
+        let server_name = ServerName::try_from(node_name.to_string())
+            .map_err(|_| TlsError::WrongOwnName { path: paths.cert.clone(), name: node_name.to_string() })?;
+        let server = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let client = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let result = server
+            .verify_server_cert(end_entity, intermediates, &server_name, &[], now)
+            .map(|_| ())
+            .and_then(|()| client.verify_client_cert(end_entity, intermediates, now).map(|_| ()));
+        let Err(e) = result else {
+            return Ok(());
+        };
+        use rustls::CertificateError as C;
+        let reason = match &e {
+            rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => "is not issued by".to_string(),
+            rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+                format!("has expired ({e}) and is no longer valid under")
+            }
+            rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+                format!("is not valid yet ({e}) under")
+            }
+            _ => format!("does not verify ({e}) under"),
+        };
+        Err(TlsError::NotFromCa {
+            cert: paths.cert.clone(),
+            ca: paths.ca.clone(),
+            ca_dir: paths.ca.parent().map(|d| d.display().to_string()).unwrap_or_else(|| ".".to_string()),
+            name: node_name.to_string(),
+            reason,
+        })
     }
 
     /// QUIC server configuration: client certificates required.
@@ -216,6 +294,57 @@ mod tests {
         crate::certs::init_ca(&ca).expect("init");
         let (cert, key) = crate::certs::issue(&ca, "site-a", dir, crate::certs::Validity::days(1)).expect("issue");
         TlsPaths { ca: ca.join("ca.pem"), cert, key }
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = identity(dir.path());
+        let other = dir.path().join("other");
+        let (_, other_key) =
+            crate::certs::issue(&dir.path().join("ca"), "site-a", &other, crate::certs::Validity::days(1))
+                .expect("issue");
+        let mixed = TlsPaths { key: other_key.clone(), ..paths.clone() };
+        let err = TlsIdentity::load(&mixed, "site-a").expect_err("key of another certificate");
+        let text = err.to_string();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{text}");
+        assert!(text.contains(&other_key.display().to_string()) && text.contains("tls.key"), "{text}");
+        assert!(text.contains(&paths.cert.display().to_string()) && text.contains("tls.cert"), "{text}");
+    }
+
+    #[test]
+    fn own_certificate_must_verify_under_the_configured_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = identity(dir.path());
+        let id = TlsIdentity::load(&paths, "site-a").expect("load");
+        id.verify_own_chain(&paths, "site-a").expect("issued by the configured CA");
+
+        // Issued by another CA.
+        let foreign = dir.path().join("foreign");
+        crate::certs::init_ca(&foreign).expect("init");
+        let out = dir.path().join("foreign-issued");
+        let (cert, key) =
+            crate::certs::issue(&foreign, "site-a", &out, crate::certs::Validity::days(1)).expect("issue");
+        let other = TlsPaths { cert: cert.clone(), key, ..paths.clone() };
+        let id = TlsIdentity::load(&other, "site-a").expect("loads: the chain is checked separately");
+        let err = id.verify_own_chain(&other, "site-a").expect_err("another CA");
+        let text = err.to_string();
+        assert!(matches!(err, TlsError::NotFromCa { .. }), "{text}");
+        assert!(text.contains("is not issued by") && text.contains(&cert.display().to_string()), "{text}");
+        assert!(text.contains(&paths.ca.display().to_string()) && text.contains("tls.ca"), "{text}");
+
+        // Expired.
+        let now = time::OffsetDateTime::now_utc();
+        let past = crate::certs::Validity {
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(1),
+        };
+        let out = dir.path().join("expired");
+        let (cert, key) = crate::certs::issue(&dir.path().join("ca"), "site-a", &out, past).expect("issue");
+        let expired = TlsPaths { cert, key, ..paths.clone() };
+        let id = TlsIdentity::load(&expired, "site-a").expect("load");
+        let text = id.verify_own_chain(&expired, "site-a").expect_err("expired").to_string();
+        assert!(text.contains("expired"), "{text}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::wire::{encode_frame_parts, negotiate_version, FrameDecoder, WireError, SUPPORTED_VERSIONS};
 use tokio::sync::Mutex;
 
-use crate::config::Config;
+use crate::config::{Config, PeerAddress};
 use crate::tls::{peer_name, TlsError, TlsIdentity};
 
 /// Transport errors.
@@ -40,8 +40,9 @@ pub enum TransportError {
     Connect {
         /// Peer name.
         peer: String,
-        /// Its address.
-        addr: SocketAddr,
+        /// Its address as configured (and, for a DNS name, what it resolved
+        /// to).
+        addr: String,
         /// Why.
         message: String,
     },
@@ -171,6 +172,16 @@ impl FramedSend {
     }
 }
 
+/// How long resolving a peer's DNS name may take before a dial gives up.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first of `addrs` of the same family as the local socket (an IPv4
+/// socket cannot reach an IPv6 address), or the first one.
+fn pick_address(addrs: &[SocketAddr], local: Option<SocketAddr>) -> Option<SocketAddr> {
+    let same = |a: &&SocketAddr| local.is_none_or(|l| l.is_ipv4() == a.is_ipv4());
+    addrs.iter().find(same).or(addrs.first()).copied()
+}
+
 /// QUIC handshakes (with the Hello exchange) in progress at once.
 const MAX_HANDSHAKES: usize = 16;
 /// An incoming connection must finish its handshake and Hello within this.
@@ -182,7 +193,7 @@ pub struct Transport {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     node: String,
-    peers: HashMap<String, SocketAddr>,
+    peers: HashMap<String, PeerAddress>,
     conns: Mutex<HashMap<String, quinn::Connection>>,
     /// Wire versions offered in `Hello` and accepted from peers.
     versions: Vec<u32>,
@@ -225,6 +236,11 @@ impl Transport {
     /// and nothing in its configuration or environment leads here.
     pub fn bind_with_versions(config: &Config, versions: &[u32]) -> Result<Transport, TransportError> {
         let identity = TlsIdentity::load(&config.tls, &config.node.name)?;
+        if let Err(e) = identity.verify_own_chain(&config.tls, &config.node.name) {
+            // Not fatal: the volumes are still served locally; the peer's
+            // refusal is logged at each dial (`config check` fails on it).
+            tracing::warn!("{e}");
+        }
         let server = identity.server_config()?;
         let client = identity.client_config()?;
         let socket = std::net::UdpSocket::bind(config.node.listen)
@@ -246,7 +262,7 @@ impl Transport {
             endpoint,
             client,
             node: config.node.name.clone(),
-            peers: config.peers.iter().map(|p| (p.name.clone(), p.address)).collect(),
+            peers: config.peers.iter().map(|p| (p.name.clone(), p.address.clone())).collect(),
             conns: Mutex::new(HashMap::new()),
             accepted: Mutex::new(None),
             versions: versions.to_vec(),
@@ -413,8 +429,39 @@ impl Transport {
             }
             conns.remove(peer);
         }
-        let addr = *self.peers.get(peer).ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
-        let err = |message: String| TransportError::Connect { peer: peer.to_string(), addr, message };
+        let address = self.peers.get(peer).ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
+        // A DNS name is resolved at each dial, so a changed record is
+        // followed without a restart.
+        let resolved = match tokio::time::timeout(RESOLVE_TIMEOUT, address.resolve()).await {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(e)) => {
+                return Err(TransportError::Connect {
+                    peer: peer.to_string(),
+                    addr: address.to_string(),
+                    message: format!("cannot resolve {:?}: {e}", address.host),
+                })
+            }
+            Err(_) => {
+                return Err(TransportError::Connect {
+                    peer: peer.to_string(),
+                    addr: address.to_string(),
+                    message: format!("resolving {:?} took more than {RESOLVE_TIMEOUT:?}", address.host),
+                })
+            }
+        };
+        let Some(addr) = pick_address(&resolved, self.endpoint.local_addr().ok()) else {
+            return Err(TransportError::Connect {
+                peer: peer.to_string(),
+                addr: address.to_string(),
+                message: format!("{:?} resolves to no address", address.host),
+            });
+        };
+        let shown = if address.host.parse::<std::net::IpAddr>().is_ok() {
+            address.to_string()
+        } else {
+            format!("{address} ({addr})")
+        };
+        let err = |message: String| TransportError::Connect { peer: peer.to_string(), addr: shown.clone(), message };
         let connecting = self.endpoint.connect_with(self.client.clone(), addr, peer).map_err(|e| err(e.to_string()))?;
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await

@@ -7,7 +7,8 @@
 //! request touching those blocks), and the record carries the whole blocks.
 //! The secondary therefore only ever sees aligned records.
 
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 
 use replicator_protocol::record::{Record, RecordOp};
 
@@ -24,6 +25,15 @@ pub enum VolumeError {
         name: String,
         /// The I/O error.
         source: IoError,
+    },
+    /// The path does not exist (and may not be created), or its directory
+    /// does not exist.
+    #[error("volume {name}: {message}")]
+    Path {
+        /// Volume name.
+        name: String,
+        /// What is wrong and how to fix it.
+        message: String,
     },
     /// The size is not usable.
     #[error("volume {name}: {path}: size {size} is not a non-zero multiple of 4096 bytes")]
@@ -60,10 +70,82 @@ pub fn is_aligned(offset: u64, len: u64) -> bool {
     offset % IO_ALIGN as u64 == 0 && len % IO_ALIGN as u64 == 0
 }
 
+/// Checks that the volume's path exists, or, with `create = true`, that the
+/// directory to create it in exists. `Err` says what is wrong and how to fix
+/// it. Other errors (permissions...) are left to the open that follows.
+pub fn check_path(cfg: &VolumeConfig) -> Result<(), String> {
+    let path = &cfg.path;
+    match std::fs::metadata(path) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(_) => return Ok(()),
+    }
+    if path.starts_with("/dev") {
+        return Err(format!(
+            "{} does not exist: no such device (a logical volume: is it, and its volume group, active? \
+             `lvchange -ay`); fix the path. A device is never created by replicator",
+            path.display()
+        ));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"));
+    match std::fs::metadata(parent) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(format!(
+                "{} cannot exist: {} is not a directory; fix the path",
+                path.display(),
+                parent.display()
+            ))
+        }
+        Err(_) => {
+            return Err(format!(
+                "{}: the directory {} does not exist; fix the path{}",
+                path.display(),
+                parent.display(),
+                if cfg.create { ", or create that directory" } else { "" }
+            ))
+        }
+    }
+    if cfg.create {
+        return Ok(());
+    }
+    Err(format!(
+        "{} does not exist; fix the path, or add `create = true` (with `size`) to this [[group.volume]] \
+         to create it as a sparse file",
+        path.display()
+    ))
+}
+
+/// What `config check` verifies of a volume without creating or writing
+/// anything, so that `run` does not fail on it: the path exists (or may be
+/// created, see [`check_path`]), is a regular file or a block device, is
+/// exactly the configured `size`, and its size is a non-zero multiple of
+/// 4096. `Err((field, message))`: `field` is `"path"` or `"size"`.
+pub fn probe(engine: &IoEngine, cfg: &VolumeConfig) -> Result<(), (&'static str, String)> {
+    check_path(cfg).map_err(|m| ("path", m))?;
+    if cfg.create && !cfg.path.exists() {
+        return Ok(());
+    }
+    let opts = OpenOptions { create_size: cfg.size, create: false, direct: false, read_only: true };
+    let file = engine.open(&cfg.path, &opts).map_err(|e| match e {
+        IoError::SizeMismatch { .. } => ("size", e.to_string()),
+        other => ("path", other.to_string()),
+    })?;
+    let size = file.size();
+    if size == 0 || size % IO_ALIGN as u64 != 0 {
+        return Err(("path", format!("{} is {size} bytes, not a non-zero multiple of 4096", cfg.path.display())));
+    }
+    Ok(())
+}
+
 impl Volume {
-    /// Opens (creating a sparse file from `size` if the path does not exist).
+    /// Opens the volume's file or block device. A missing path is created as
+    /// a sparse file of `size` bytes only with `create = true`; otherwise it
+    /// is refused ([`VolumeError::Path`]), as is an existing file or device
+    /// of another size than `size`.
     pub fn open(engine: &IoEngine, cfg: &VolumeConfig, index: u32) -> Result<Volume, VolumeError> {
-        let opts = OpenOptions { create_size: cfg.size, direct: true, read_only: false };
+        check_path(cfg).map_err(|message| VolumeError::Path { name: cfg.name.clone(), message })?;
+        let opts = OpenOptions { create_size: cfg.size, create: cfg.create, direct: true, read_only: false };
         let file =
             engine.open(&cfg.path, &opts).map_err(|source| VolumeError::Open { name: cfg.name.clone(), source })?;
         let size = file.size();
@@ -150,6 +232,48 @@ pub fn span_digests(data: &[u8], span: u64) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cfg(path: PathBuf, size: Option<u64>, create: bool) -> VolumeConfig {
+        VolumeConfig { name: "v".into(), path, size, create }
+    }
+
+    #[test]
+    fn missing_paths_are_created_only_with_create() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = IoEngine::new(crate::io::BackendChoice::Threads);
+        let missing = dir.path().join("v.img");
+        let e = check_path(&cfg(missing.clone(), Some(1 << 20), false)).expect_err("missing");
+        assert!(e.contains("does not exist") && e.contains("create = true"), "{e}");
+        let e = Volume::open(&engine, &cfg(missing.clone(), Some(1 << 20), false), 0).expect_err("not created");
+        assert!(matches!(e, VolumeError::Path { .. }), "{e}");
+        assert!(!missing.exists());
+        let e = check_path(&cfg(PathBuf::from("/dev/replicator-no-such-lv"), None, false)).expect_err("lv");
+        assert!(e.contains("lvchange"), "{e}");
+
+        // create = true: probe creates nothing, open creates the sparse file.
+        probe(&engine, &cfg(missing.clone(), Some(1 << 20), true)).expect("may be created");
+        assert!(!missing.exists());
+        let v = Volume::open(&engine, &cfg(missing.clone(), Some(1 << 20), true), 0).expect("created");
+        assert_eq!(v.size(), 1 << 20);
+        drop(v);
+
+        // Existing: the size must match exactly.
+        probe(&engine, &cfg(missing.clone(), Some(1 << 20), false)).expect("same size");
+        probe(&engine, &cfg(missing.clone(), None, false)).expect("no size configured");
+        for other in [(1 << 20) - 4096, (1 << 20) + 4096] {
+            let (field, m) = probe(&engine, &cfg(missing.clone(), Some(other), false)).expect_err("size");
+            assert_eq!(field, "size", "{m}");
+            assert!(m.contains(&format!("{}", 1u64 << 20)) && m.contains(&other.to_string()), "{m}");
+        }
+
+        // A missing directory, with or without create.
+        let deep = dir.path().join("no-such-dir").join("v.img");
+        for create in [false, true] {
+            let (field, m) = probe(&engine, &cfg(deep.clone(), Some(1 << 20), create)).expect_err("no dir");
+            assert_eq!(field, "path");
+            assert!(m.contains("no-such-dir") && m.contains("does not exist"), "{m}");
+        }
+    }
 
     #[test]
     fn alignment() {

@@ -728,7 +728,7 @@ address = "127.0.0.1:{peer_port}"
             for v in &g.volumes {
                 let _ = write!(
                     text,
-                    "\n[[group.volume]]\nname = \"{}\"\npath = \"{}\"\nsize = \"{}\"\n",
+                    "\n[[group.volume]]\nname = \"{}\"\npath = \"{}\"\nsize = \"{}\"\ncreate = true\n",
                     v.name,
                     s.data_dir.join(format!("{}.img", v.name)).display(),
                     v.size

@@ -313,3 +313,182 @@ fn control_socket_bounds_request_size_and_time() {
     assert!(started.elapsed() < Duration::from_secs(25), "status took {:?} behind idle connections", started.elapsed());
     drop(idle);
 }
+
+/// Writes `text` as a config next to the cluster's and runs `config check`
+/// on it: exit 2, stderr names the file and each of `needles`.
+fn assert_check_fails(c: &Cluster, what: &str, text: &str, needles: &[&str]) -> String {
+    let path = c.root().join(format!("bad-{}.toml", what.replace(' ', "-")));
+    std::fs::write(&path, text).expect("write config");
+    let out = config_check(c, &path);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "config check with {what} must exit 2\n{}", describe_output(&out));
+    assert!(err.contains(&path.display().to_string()), "{what}: stderr must name the file {}\n{err}", path.display());
+    for n in needles {
+        assert!(err.contains(n), "{what}: stderr must name {n:?}\n{err}");
+    }
+    err
+}
+
+fn assert_check_passes(c: &Cluster, what: &str, text: &str) {
+    let path = c.root().join(format!("ok-{}.toml", what.replace(' ', "-")));
+    std::fs::write(&path, text).expect("write config");
+    let out = config_check(c, &path);
+    assert_eq!(code(&out), 0, "config check with {what} must pass\n{}", describe_output(&out));
+    assert!(stdout(&out).contains("OK"), "{what}\n{}", describe_output(&out));
+}
+
+/// Items of issue 12.6: what `run` would fail on, `config check` now reports
+/// (exit 2, file and key named).
+#[test]
+fn config_check_catches_what_run_would_fail_on() {
+    let c = cluster(false);
+    let good_path = c.config_path(Site::A).to_path_buf();
+    let good = std::fs::read_to_string(&good_path).expect("read config");
+    let vol = c.volume_path(Site::A, "cli-vol");
+    assert!(good.contains("create = true"), "the harness must ask for volume creation explicitly\n{good}");
+    assert_check_passes(&c, "good with create", &good);
+    assert!(!vol.exists(), "config check must not create the volume");
+
+    // 1. The key of another certificate.
+    assert_check_fails(
+        &c,
+        "key mismatch",
+        &good.replace("site-a.key", "site-b.key"),
+        &["tls.key", "site-b.key", "does not belong to the certificate", "site-a.pem"],
+    );
+
+    // 2. A certificate from another CA (and an expired one).
+    let foreign = c.root().join("foreign-ca");
+    replicator::certs::init_ca(&foreign).expect("foreign CA");
+    let out = c.root().join("foreign-issued");
+    let (cert, key) =
+        replicator::certs::issue(&foreign, "site-a", &out, replicator::certs::Validity::days(2)).expect("issue");
+    let certs = c.root().join("certs");
+    let with_cert = |cert: &Path, key: &Path| {
+        good.replace(&certs.join("site-a.pem").display().to_string(), &cert.display().to_string())
+            .replace(&certs.join("site-a.key").display().to_string(), &key.display().to_string())
+    };
+    let ca = c.root().join("ca").join("ca.pem").display().to_string();
+    assert_check_fails(&c, "foreign CA", &with_cert(&cert, &key), &["tls.cert", "is not issued by", &ca, "tls.ca"]);
+    let now = time::OffsetDateTime::now_utc();
+    let past = replicator::certs::Validity {
+        not_before: now - time::Duration::days(30),
+        not_after: now - time::Duration::days(1),
+    };
+    let out = c.root().join("expired-issued");
+    let (cert, key) = replicator::certs::issue(&c.root().join("ca"), "site-a", &out, past).expect("issue expired");
+    assert_check_fails(&c, "expired cert", &with_cert(&cert, &key), &["tls.cert", "expired"]);
+
+    // 3. Missing directories: of a volume, of state_dir, of run_dir.
+    let data = vol.parent().expect("data dir").display().to_string();
+    let vol_s = vol.display().to_string();
+    assert_check_fails(
+        &c,
+        "volume dir missing",
+        &good.replace(&vol_s, &format!("{data}/no-such-dir/cli-vol.img")),
+        &["group[cli].volume[cli-vol].path", "no-such-dir", "does not exist"],
+    );
+    assert_check_fails(
+        &c,
+        "state dir parent missing",
+        &good.replace(&format!("state_dir = \"{data}/state\""), &format!("state_dir = \"{data}/typo/state\"")),
+        &["node.state_dir", "typo", "does not exist"],
+    );
+    let run_dir = c.root().join("site-a").join("run").display().to_string();
+    assert_check_fails(
+        &c,
+        "run dir parent missing",
+        &good.replace(&format!("run_dir = \"{run_dir}\""), &format!("run_dir = \"{data}/typo2/run\"")),
+        &["node.run_dir", "typo2"],
+    );
+
+    // 4. An existing volume smaller or larger than `size`.
+    for (what, len) in [("smaller", 8 * MIB), ("larger", 32 * MIB)] {
+        std::fs::File::create(&vol).and_then(|f| f.set_len(len)).expect("volume file");
+        assert_check_fails(
+            &c,
+            &format!("volume {what}"),
+            &good,
+            &["group[cli].volume[cli-vol].size", &len.to_string(), &(16 * MIB).to_string()],
+        );
+        std::fs::remove_file(&vol).expect("remove");
+    }
+
+    // 5. A missing volume without `create = true`: check and run refuse, nothing is created.
+    let no_create = good.replace("\ncreate = true\n", "\n");
+    assert!(!no_create.contains("\ncreate = true"), "{no_create}");
+    let err = assert_check_fails(
+        &c,
+        "missing volume",
+        &no_create,
+        &["group[cli].volume[cli-vol].path", &vol_s, "does not exist", "create = true"],
+    );
+    assert!(!err.contains("OK"), "{err}");
+    let path = c.root().join("run-no-create.toml");
+    std::fs::write(&path, &no_create).expect("write");
+    let out = run_with_timeout(
+        Command::new(c.bin()).arg("--config").arg(&path).arg("run").env_remove("REPLICATOR_CONFIG"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code(&out), 1, "run with a missing volume must fail\n{}", describe_output(&out));
+    assert!(stderr(&out).contains("create = true") && stderr(&out).contains(&vol_s), "{}", describe_output(&out));
+    assert!(!vol.exists(), "run must not create a volume without create = true");
+    // With the file there (right size), no `create` is needed.
+    std::fs::File::create(&vol).and_then(|f| f.set_len(16 * MIB)).expect("volume file");
+    assert_check_passes(&c, "existing volume", &no_create);
+    std::fs::remove_file(&vol).expect("remove");
+
+    // 6. Sizes: SI units are powers of 1000, IEC and bare K/M/G/T powers of 1024.
+    let size_line = format!("size = \"{}\"", 16 * MIB);
+    assert!(good.contains(&size_line), "{good}");
+    for ok in ["16MiB", "16M", "16384KiB", "16384k", "0.015625GiB", "16777216B"] {
+        assert_check_passes(&c, &format!("size {ok}"), &good.replace(&size_line, &format!("size = \"{ok}\"")));
+    }
+    assert_check_fails(
+        &c,
+        "size 16MB",
+        &good.replace(&size_line, "size = \"16MB\""),
+        &["group[cli].volume[cli-vol].size", "4KiB"],
+    );
+    assert_check_passes(
+        &c,
+        "journal 64MB",
+        &good.replace(&format!("journal_size = \"{}\"", 64 * MIB), "journal_size = \"64MB\""),
+    );
+    assert_check_fails(&c, "size 16 furlongs", &good.replace(&size_line, "size = \"16 furlongs\""), &["KiB", "MB"]);
+
+    // 7. TOML syntax: line, column and a caret under the column.
+    let err =
+        assert_check_fails(&c, "toml syntax", &good.replace("mode = \"sync\"", "mode = sync"), &["line ", "column "]);
+    let lines: Vec<&str> = err.lines().collect();
+    let at = lines.iter().position(|l| l.contains("mode = sync")).unwrap_or_else(|| panic!("no source line\n{err}"));
+    assert!(lines.get(at + 1).is_some_and(|l| l.contains('^')), "no caret under the line\n{err}");
+
+    // 8. Peer addresses: a DNS name that resolves passes, one that does not fails.
+    assert_check_passes(&c, "peer localhost", &good.replace("address = \"127.0.0.1:", "address = \"localhost:"));
+    assert_check_fails(
+        &c,
+        "peer unresolvable",
+        &good.replace("address = \"127.0.0.1:", "address = \"no-such-peer.invalid:"),
+        &["peer[site-b].address", "no-such-peer.invalid", "cannot resolve"],
+    );
+}
+
+/// A peer given by DNS name is resolved when dialed: the pair comes up.
+#[test]
+fn peer_address_may_be_a_dns_name() {
+    let mut c = cluster(false);
+    for site in [Site::A, Site::B] {
+        let path = c.config_path(site).to_path_buf();
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let named = text.replace("address = \"127.0.0.1:", "address = \"localhost:");
+        assert_ne!(named, text);
+        std::fs::write(&path, named).expect("write config");
+        let out = config_check(&c, &path);
+        assert_eq!(code(&out), 0, "{}", describe_output(&out));
+    }
+    c.start(Site::A);
+    c.start(Site::B);
+    c.pair_create("cli");
+    c.wait_pair("cli", Duration::from_secs(60));
+}

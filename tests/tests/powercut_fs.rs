@@ -38,7 +38,7 @@ fn powercut_fs_loses_exactly_what_was_not_made_durable() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let backend = rt.block_on(async {
         let engine = IoEngine::new(BackendChoice::Auto);
-        let opts = OpenOptions { create_size: Some(1 << 20), direct: true, read_only: false };
+        let opts = OpenOptions { create_size: Some(1 << 20), create: true, direct: true, read_only: false };
         let f = engine.open(&vol, &opts).expect("open the volume on the mount");
         assert!(f.is_direct(), "O_DIRECT must work through the mount");
         // Page 2: written, then fdatasync.

@@ -131,12 +131,18 @@ fn config_sharing_only_the_state_dir(c: &Cluster, site: Site) -> PathBuf {
     path
 }
 
-/// Replaces the backing path of `volume` in `site`'s configuration.
+/// Replaces the backing path of `volume` in `site`'s configuration with an
+/// existing device or file, and drops the volume's `create = true` (a device
+/// is never created, and `create` under /dev is refused).
 fn set_volume_path(c: &Cluster, site: Site, volume: &str, path: &Path) {
     let config = c.config_path(site);
     let text = std::fs::read_to_string(config).expect("read config");
     let old = format!("path = \"{}\"", c.volume_path(site, volume).display());
-    assert!(text.contains(&old), "no {old} in\n{text}");
+    let at = text.find(&old).unwrap_or_else(|| panic!("no {old} in\n{text}"));
+    let (head, tail) = text.split_at(at);
+    // The harness writes `create = true` after the volume's path and size.
+    let tail = tail.replacen("\ncreate = true\n", "\n", 1);
+    let text = format!("{head}{tail}");
     std::fs::write(config, text.replace(&old, &format!("path = \"{}\"", path.display()))).expect("write config");
 }
 

@@ -103,7 +103,7 @@ pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
     // have no side effect; the type is checked again on the open descriptor.
     let meta = match fs::metadata(path) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !opts.read_only => {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !opts.read_only && opts.create => {
             match opts.create_size {
                 Some(_) if path.starts_with("/dev") => {
                     // A missing /dev/vg0/db is an inactive or mistyped device;

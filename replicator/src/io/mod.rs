@@ -233,13 +233,19 @@ fn env_decision(value: Option<&str>) -> EnvDecision {
 /// How to open a volume or journal file.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Expected size in bytes. If the path does not exist (and `read_only` is
-    /// false, and the path is not under `/dev`), a sparse regular file of
-    /// this size is created (mode 0600, file and parent directory fsynced). If the path exists, a regular file
-    /// or block device whose size differs is refused with
-    /// [`IoError::SizeMismatch`], whether it is smaller or larger: the two
-    /// sites must agree on the volume size to the byte.
+    /// Expected size in bytes. If the path does not exist and `create` is
+    /// set (and `read_only` is not, and the path is not under `/dev`), a
+    /// sparse regular file of this size is created (mode 0600, file and
+    /// parent directory fsynced). If the path exists, a regular file or block
+    /// device whose size differs is refused with [`IoError::SizeMismatch`],
+    /// whether it is smaller or larger: the two sites must agree on the
+    /// volume size to the byte.
     pub create_size: Option<u64>,
+    /// Create a missing path as a sparse file of `create_size` bytes. Without
+    /// it a missing path is an error ([`IoError::Open`], `NotFound`): a
+    /// mistyped path or an inactive logical volume must not silently become
+    /// a new, empty volume.
+    pub create: bool,
     /// Try `O_DIRECT`; if the filesystem refuses it (`EINVAL`), open buffered
     /// instead ([`BlockFile::is_direct`] tells which).
     pub direct: bool,

@@ -55,7 +55,7 @@ fn pattern(seed: u64, len: usize) -> AlignedBuf {
 }
 
 fn create(engine: &IoEngine, path: &Path, size: u64, direct: bool) -> BlockFile {
-    let opts = OpenOptions { create_size: Some(size), direct, read_only: false };
+    let opts = OpenOptions { create_size: Some(size), create: true, direct, read_only: false };
     engine.open(path, &opts).expect("open")
 }
 
@@ -427,7 +427,9 @@ fn sparse_creation_and_size_checks() {
         // Reopening with the same size is fine; any other size is refused.
         create(&engine, &path, size, true);
         for other in [size - 4096, size + 4096] {
-            match engine.open(&path, &OpenOptions { create_size: Some(other), direct: true, read_only: false }) {
+            match engine
+                .open(&path, &OpenOptions { create_size: Some(other), create: true, direct: true, read_only: false })
+            {
                 Err(IoError::SizeMismatch { path: p, expected, actual }) => {
                     assert_eq!((p.as_path(), expected, actual), (path.as_path(), other, size));
                 }
@@ -444,14 +446,19 @@ fn sparse_creation_and_size_checks() {
         let err = engine.open(&missing, &OpenOptions::default()).expect_err("missing");
         assert!(matches!(&err, IoError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound));
         assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
-        let ro = OpenOptions { create_size: Some(MIB), direct: false, read_only: true };
+        let ro = OpenOptions { create_size: Some(MIB), create: true, direct: false, read_only: true };
         assert!(matches!(engine.open(&missing, &ro), Err(IoError::Open { .. })));
+        assert!(!missing.exists());
+        // A size but no `create`: refused as missing, not created.
+        let no_create = OpenOptions { create_size: Some(MIB), create: false, direct: false, read_only: false };
+        let err = engine.open(&missing, &no_create).expect_err("missing without create");
+        assert!(matches!(&err, IoError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound), "{err:?}");
         assert!(!missing.exists());
 
         // Never a regular file under /dev: the device is missing.
         let dev = Path::new("/dev/replicator-io-test-no-such-volume");
         let err = engine
-            .open(dev, &OpenOptions { create_size: Some(MIB), ..OpenOptions::default() })
+            .open(dev, &OpenOptions { create_size: Some(MIB), create: true, ..OpenOptions::default() })
             .expect_err("missing device");
         assert!(err.to_string().contains("refusing to create"), "{err}");
         assert!(!dev.exists());
@@ -459,7 +466,7 @@ fn sparse_creation_and_size_checks() {
         // Parent directory missing.
         let deep = dir.path().join("no/such/dir/vol");
         let err = engine
-            .open(&deep, &OpenOptions { create_size: Some(MIB), ..OpenOptions::default() })
+            .open(&deep, &OpenOptions { create_size: Some(MIB), create: true, ..OpenOptions::default() })
             .expect_err("no parent");
         assert!(matches!(err, IoError::Open { .. }), "{err:?}");
     }
@@ -470,7 +477,7 @@ fn directories_and_char_devices_are_refused() {
     let dir = tempdir();
     let engine = IoEngine::new(BackendChoice::Auto);
     for read_only in [false, true] {
-        let opts = OpenOptions { create_size: None, direct: true, read_only };
+        let opts = OpenOptions { create_size: None, create: false, direct: true, read_only };
         let err = engine.open(dir.path(), &opts).expect_err("directory");
         assert!(matches!(err, IoError::Open { .. }), "{err:?}");
         let msg = err.to_string();
@@ -479,7 +486,7 @@ fn directories_and_char_devices_are_refused() {
         assert!(err.to_string().contains("character device"), "{err}");
     }
     // With create_size, an existing directory is still refused (not a size mismatch).
-    let opts = OpenOptions { create_size: Some(MIB), direct: false, read_only: false };
+    let opts = OpenOptions { create_size: Some(MIB), create: true, direct: false, read_only: false };
     assert!(matches!(engine.open(dir.path(), &opts), Err(IoError::Open { .. })));
 }
 
@@ -492,7 +499,7 @@ async fn read_only_refuses_writes() {
         write(&file, pattern(4, 4096), 0).await;
         drop(file);
         let ro = engine
-            .open(&path, &OpenOptions { create_size: Some(MIB), direct: true, read_only: true })
+            .open(&path, &OpenOptions { create_size: Some(MIB), create: true, direct: true, read_only: true })
             .expect("open read-only");
         assert!(read(&ro, 4096, 0).await[..] == pattern(4, 4096)[..]);
         let (r, _) = ro.write_at(AlignedBuf::zeroed(4096), 0).await;
@@ -546,9 +553,9 @@ async fn loop_block_device() {
     };
     for engine in engines() {
         let b = engine.backend();
-        let wrong = OpenOptions { create_size: Some(size + 4096), direct: true, read_only: false };
+        let wrong = OpenOptions { create_size: Some(size + 4096), create: true, direct: true, read_only: false };
         assert!(matches!(engine.open(&lo.dev, &wrong), Err(IoError::SizeMismatch { .. })));
-        let opts = OpenOptions { create_size: Some(size), direct: true, read_only: false };
+        let opts = OpenOptions { create_size: Some(size), create: true, direct: true, read_only: false };
         let file = engine.open(&lo.dev, &opts).expect("open loop device");
         assert!(file.is_block_device());
         assert!(file.is_direct(), "block devices accept O_DIRECT");

@@ -1,0 +1,123 @@
+//! What `replicator config check` verifies on the host, beyond the syntax
+//! and values of the file ([`crate::config`]): everything `replicator run`
+//! would otherwise only find out when it starts or dials a peer.
+//!
+//! - `node.state_dir`, `node.run_dir`: a directory, or missing in a
+//!   directory that exists (the daemon creates them, not their parents);
+//! - `[tls]`: the files load, the key is private (0600), the certificate
+//!   names `node.name`, the key belongs to the certificate, and the
+//!   certificate verifies under the configured CA now;
+//! - `[[peer]]` addresses resolve (a DNS name that resolves to nothing is an
+//!   error here, although `run` resolves it again at each dial);
+//! - `[[group.volume]]`: the path exists (or `create = true` and its
+//!   directory exists), is a regular file or a block device, and has
+//!   exactly the configured `size`.
+//!
+//! Nothing is created or written.
+
+use std::io;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError, PeerConfig};
+use crate::io::{BackendChoice, IoEngine};
+use crate::tls::{TlsError, TlsIdentity};
+
+/// How long `config check` waits for one peer name to resolve.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `node.state_dir` and `node.run_dir`: the daemon creates the directory
+/// itself (with its mode), but not the directories above it, so that a typo
+/// does not silently start a node with an empty state. `Err` says what is
+/// wrong and how to fix it.
+pub fn check_daemon_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => return Err(format!("{} exists and is not a directory", dir.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"));
+    match std::fs::metadata(parent) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(format!("{} cannot be created: {} is not a directory", dir.display(), parent.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
+            "{}: the directory {} does not exist; the daemon creates {} itself but not the directories above it: \
+             create {} or fix the path",
+            dir.display(),
+            parent.display(),
+            dir.display(),
+            parent.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", parent.display())),
+    }
+}
+
+/// The `[tls]` key a TLS error concerns.
+fn tls_key(config: &Config, e: &TlsError) -> &'static str {
+    match e {
+        TlsError::KeyMismatch { .. } | TlsError::KeyPermissions { .. } => "tls.key",
+        TlsError::Pem { path, .. } if *path == config.tls.key => "tls.key",
+        TlsError::Pem { path, .. } if *path == config.tls.ca => "tls.ca",
+        _ => "tls.cert",
+    }
+}
+
+/// Resolves a peer's address, giving up after [`RESOLVE_TIMEOUT`].
+fn resolve(peer: &PeerConfig) -> Result<(), String> {
+    let address = peer.address.clone();
+    let (tx, rx) = mpsc::channel();
+    // getaddrinfo cannot be cancelled: a stuck lookup is left to finish on
+    // its own thread.
+    std::thread::spawn(move || {
+        let _ = tx.send(address.resolve_blocking());
+    });
+    let host = &peer.address.host;
+    match rx.recv_timeout(RESOLVE_TIMEOUT) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!(
+            "cannot resolve {host:?}: {e}; the daemon resolves it at each connection attempt and could not reach \
+             the peer: fix the name (or DNS, /etc/hosts), or write the peer's IP address"
+        )),
+        Err(_) => Err(format!(
+            "resolving {host:?} took more than {}s; fix the name or DNS, or write the peer's IP address",
+            RESOLVE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Every problem found (empty: `run` will find the host as configured).
+pub fn check(config: &Config) -> Vec<ConfigError> {
+    let mut problems = Vec::new();
+    let mut err = |key: String, message: String| {
+        problems.push(ConfigError::Invalid { path: config.path.clone(), key, message });
+    };
+    for (key, dir) in [("node.state_dir", &config.node.state_dir), ("node.run_dir", &config.node.run_dir)] {
+        if let Err(m) = check_daemon_dir(dir) {
+            err(key.to_string(), m);
+        }
+    }
+    match TlsIdentity::load(&config.tls, &config.node.name) {
+        Ok(identity) => {
+            if let Err(e) = identity.verify_own_chain(&config.tls, &config.node.name) {
+                err(tls_key(config, &e).to_string(), e.to_string());
+            }
+        }
+        Err(e) => err(tls_key(config, &e).to_string(), e.to_string()),
+    }
+    for peer in &config.peers {
+        if let Err(m) = resolve(peer) {
+            err(format!("peer[{}].address", peer.name), m);
+        }
+    }
+    let engine = IoEngine::new(BackendChoice::Threads);
+    for group in &config.groups {
+        for volume in &group.volumes {
+            if let Err((field, m)) = crate::volume::probe(&engine, volume) {
+                err(format!("group[{}].volume[{}].{field}", group.name, volume.name), m);
+            }
+        }
+    }
+    problems
+}
