@@ -164,7 +164,7 @@ pub fn copy_floor(rt: &tokio::runtime::Runtime, a: &Path, b: &Path, compare: boo
         let engine = IoEngine::new(BackendChoice::Auto);
         let open = |p: &Path, read_only| {
             engine
-                .open(p, &OpenOptions { create_size: None, direct: true, read_only })
+                .open(p, &OpenOptions { create_size: None, create: false, direct: true, read_only })
                 .map_err(|e| format!("{}: {e}", p.display()))
         };
         let (src, dst) = (open(a, true)?, open(b, compare)?);
