@@ -127,9 +127,11 @@ pub fn judge_open(me: &Standing, open: &Opening, wrote_beyond: bool) -> Verdict 
         Role::Secondary if same_pair => {
             if me.split && !open.admin_resync {
                 Verdict::Refuse(pb::Refusal::Split)
-            } else if me.in_use {
-                // NBD clients have a split replica attached (read-only, or
+            } else if (me.split || me.split_writable) && me.in_use {
+                // NBD clients have the split replica attached (read-only, or
                 // writable with --rw): the resync would change it under them.
+                // (Clients left attached to a former primary by a switchover
+                // only read, and were told to stop: replication goes on.)
                 Verdict::Refuse(pb::Refusal::InUse)
             } else if me.needs_rebase
                 && !(open.intent == pb::OpenIntent::Resync && open.rebased && open.generation >= me.generation)
@@ -238,6 +240,9 @@ mod tests {
         assert_eq!(judge_open(&s, &o, false), Verdict::Proceed);
         s.in_use = true;
         assert_eq!(judge_open(&s, &o, false), Verdict::Refuse(pb::Refusal::InUse), "attached read-only");
+        let mut former_primary = node(Role::Secondary, 1);
+        former_primary.in_use = true;
+        assert_eq!(judge_open(&former_primary, &open(1), false), Verdict::Proceed, "readers left by a switchover");
         s.split_writable = true;
         assert_eq!(judge_open(&s, &o, false), Verdict::Refuse(pb::Refusal::InUse));
         let mut p = node(Role::Primary, 1);
