@@ -544,7 +544,7 @@ pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
         copy_bytes: after.copy_sent_bytes,
         ratio: after.copy_sent_bytes as f64 / rounded as f64,
         note: format!(
-            "{} MiB compared by hash, {} MiB of it sent as data (1 MiB copy chunks)",
+            "{} MiB compared by hash, {} MiB of it sent as data",
             after.copy_done_bytes / MIB,
             after.copy_sent_bytes / MIB
         ),
