@@ -225,8 +225,9 @@ impl Transport {
     /// and nothing in its configuration or environment leads here.
     pub fn bind_with_versions(config: &Config, versions: &[u32]) -> Result<Transport, TransportError> {
         let identity = TlsIdentity::load(&config.tls, &config.node.name)?;
-        let server = identity.server_config()?;
-        let client = identity.client_config()?;
+        let max_streams = crate::tls::max_peer_streams(config.groups.len());
+        let server = identity.server_config(max_streams)?;
+        let client = identity.client_config(max_streams)?;
         let socket = std::net::UdpSocket::bind(config.node.listen)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         size_socket_buffers(&socket);
