@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::group::Group;
 use crate::io::{BackendChoice, IoEngine};
-use crate::nbd::{Drain, ServeOptions, SHUTDOWN_BACKSTOP};
+use crate::nbd::{Drain, ServeOptions, SharedLimits, SHUTDOWN_BACKSTOP};
 use crate::node::Node;
 use crate::state_lock::{StateDirLock, StateLockError};
 use crate::transport::Transport;
@@ -200,14 +200,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut nbd_servers = tokio::task::JoinSet::new();
     tasks.spawn(crate::control::serve(control, node.clone(), shutdown.clone()));
-    nbd_servers.spawn(crate::nbd::serve_unix(nbd_unix, node.clone(), shutdown.clone()));
+    // One connection cap and one in-flight byte budget for both listeners.
+    let nbd_options = ServeOptions::default();
+    let nbd_limits = SharedLimits::new(&nbd_options);
+    nbd_servers.spawn(crate::nbd::serve_unix_shared(
+        nbd_unix,
+        node.clone(),
+        shutdown.clone(),
+        nbd_options,
+        nbd_limits.clone(),
+    ));
     if let Some(addr) = config.node.nbd_listen {
         let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
             what: "NBD TCP listener",
             path: addr.to_string(),
             source,
         })?;
-        nbd_servers.spawn(crate::nbd::serve_tcp(tcp, node.clone(), shutdown.clone()));
+        nbd_servers.spawn(crate::nbd::serve_tcp_shared(tcp, node.clone(), shutdown.clone(), nbd_options, nbd_limits));
     }
     if let Some(addr) = config.node.metrics_listen {
         let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {

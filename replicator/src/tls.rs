@@ -238,9 +238,11 @@ mod tests {
         let tls = TlsIdentity::load(&identity(dir.path()), "site-a").expect("load");
         let cap = max_peer_streams(1);
         assert_eq!(cap, 10);
-        let server =
-            quinn::Endpoint::server(tls.server_config(cap).expect("server config"), "127.0.0.1:0".parse().expect("addr"))
-                .expect("server endpoint");
+        let server = quinn::Endpoint::server(
+            tls.server_config(cap).expect("server config"),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .expect("server endpoint");
         let addr = server.local_addr().expect("server addr");
         let accepting = tokio::spawn(async move {
             let conn = server.accept().await.expect("incoming").await.expect("handshake");
