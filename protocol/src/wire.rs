@@ -555,7 +555,7 @@ mod tests {
 
     #[test]
     fn an_announced_frame_is_not_allocated_before_it_arrives() {
-        let big = Body::Error(pb::Error { message: "x".repeat(MAX_FRAME_LEN - 16), ..Default::default() });
+        let big = Body::Error(pb::Error { message: "x".repeat(MAX_FRAME_LEN - 16) });
         let mut frame = BytesMut::new();
         encode_frame(&envelope(big.clone()), &mut frame);
         let (len, prefix) = parse_varint(&frame).unwrap().unwrap();
