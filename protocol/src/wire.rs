@@ -8,6 +8,9 @@
 //! A length prefix above [`MAX_FRAME_LEN`] is rejected as soon as the prefix
 //! itself has been read, before any of the body is buffered, so a broken or
 //! hostile peer cannot make the daemon allocate more than one maximal frame.
+//! Nor does an accepted prefix reserve its frame: the buffer grows with the
+//! bytes that actually arrive (amortized doubling), so a peer announcing large
+//! frames on many streams costs only what it sends.
 
 use bytes::{Buf, BytesMut};
 use prost::Message;
@@ -145,6 +148,10 @@ impl FrameDecoder {
     }
 
     /// Appends received bytes.
+    ///
+    /// The buffer grows with what arrives (amortized doubling, so a large
+    /// record is reallocated only a few times), never ahead of it: an
+    /// announced but unsent frame allocates nothing.
     pub fn extend_from_slice(&mut self, data: &[u8]) {
         self.buffer.extend_from_slice(data);
     }
@@ -183,12 +190,10 @@ impl FrameDecoder {
                 self.buffer.advance(prefix_len);
                 // Bounded by MAX_FRAME_LEN just above.
                 let len = usize::try_from(len).map_err(|_| WireError::FrameTooLarge { len, max: MAX_FRAME_LEN })?;
+                // Nothing is reserved for the body here: a peer may announce
+                // a maximal frame and send nothing more (see
+                // `extend_from_slice` for how the buffer grows instead).
                 self.pending_len = Some(len);
-                if self.buffer.len() < len {
-                    // Make room for the whole body at once so that large
-                    // records are not reallocated repeatedly while arriving.
-                    self.buffer.reserve(len - self.buffer.len());
-                }
                 len
             }
         };
@@ -547,6 +552,35 @@ mod tests {
         dec.extend_from_slice(&varint(MAX_FRAME_LEN as u64));
         assert_eq!(dec.decode(), Ok(None));
         assert_eq!(dec.buffered_len(), 0);
+    }
+
+    #[test]
+    fn an_announced_frame_is_not_allocated_before_it_arrives() {
+        let big = Body::Error(pb::Error { message: "x".repeat(MAX_FRAME_LEN - 16) });
+        let mut frame = BytesMut::new();
+        encode_frame(&envelope(big.clone()), &mut frame);
+        let (len, prefix) = parse_varint(&frame).unwrap().unwrap();
+        assert!(len > (MAX_FRAME_LEN - 64) as u64);
+
+        let mut dec = FrameDecoder::new();
+        dec.extend_from_slice(&frame[..prefix]);
+        assert_eq!(dec.decode(), Ok(None));
+        assert!(dec.buffer.capacity() < 64 * 1024, "reserved {} bytes for an unsent frame", dec.buffer.capacity());
+        dec.extend_from_slice(&frame[prefix..prefix + 1000]);
+        assert_eq!(dec.decode(), Ok(None));
+        assert!(dec.buffer.capacity() < 64 * 1024, "reserved {} bytes for 1000 received", dec.buffer.capacity());
+
+        // The rest arrives in 64 KiB pieces: the buffer stays within twice
+        // what has arrived, and the frame decodes whole.
+        let mut at = prefix + 1000;
+        while at < frame.len() {
+            let end = (at + 64 * 1024).min(frame.len());
+            dec.extend_from_slice(&frame[at..end]);
+            at = end;
+            assert!(dec.buffer.capacity() <= 2 * (at - prefix) + 128 * 1024);
+        }
+        assert_eq!(dec.decode(), Ok(Some(envelope(big))));
+        assert_eq!(dec.decode(), Ok(None));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::group::Group;
 use crate::io::{BackendChoice, IoEngine};
-use crate::nbd::{Drain, ServeOptions, SHUTDOWN_BACKSTOP};
+use crate::nbd::{Drain, ServeOptions, SharedLimits, SHUTDOWN_BACKSTOP};
 use crate::node::Node;
 use crate::state_lock::{StateDirLock, StateLockError};
 use crate::transport::Transport;
@@ -97,6 +97,20 @@ pub enum DaemonError {
 /// Makes `path` free for a socket: refuses a symbolic link there (never
 /// followed, never removed), anything else that is not a socket, and a
 /// socket a daemon still answers on; removes a stale socket.
+/// File descriptors kept for everything but NBD connections: volumes,
+/// journals, the QUIC socket, control (32) and metrics (8) connections, the
+/// runtime.
+const FDS_RESERVED: u64 = 128;
+
+/// The NBD connection cap under a file descriptor limit of `fd_limit`:
+/// `default`, or less so that NBD clients take at most half of what is left
+/// after [`FDS_RESERVED`] (the daemon never runs out of descriptors for
+/// `status` or its own files because of them).
+fn nbd_connection_cap(default: usize, fd_limit: u64) -> usize {
+    let fits = usize::try_from(fd_limit.saturating_sub(FDS_RESERVED) / 2).unwrap_or(usize::MAX);
+    default.min(fits).max(1)
+}
+
 fn clear_socket_path(path: &Path, what: &'static str) -> Result<(), DaemonError> {
     let err = |source| DaemonError::Socket { what, path: path.display().to_string(), source };
     let refuse = |reason: String| DaemonError::Refused { what, path: path.display().to_string(), reason };
@@ -209,14 +223,37 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut nbd_servers = tokio::task::JoinSet::new();
     tasks.spawn(crate::control::serve(control, node.clone(), shutdown.clone()));
-    nbd_servers.spawn(crate::nbd::serve_unix(nbd_unix, node.clone(), shutdown.clone()));
+    // One connection cap and one in-flight byte budget for both listeners.
+    let mut nbd_options = ServeOptions::default();
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => {
+            let cap = nbd_connection_cap(nbd_options.max_connections, soft);
+            if cap < nbd_options.max_connections {
+                tracing::warn!(
+                    fd_limit = soft,
+                    max_connections = cap,
+                    "low file descriptor limit (RLIMIT_NOFILE / LimitNOFILE=): NBD connections capped to fit it"
+                );
+            }
+            nbd_options.max_connections = cap;
+        }
+        Err(e) => tracing::warn!("cannot read the file descriptor limit: {e}"),
+    }
+    let nbd_limits = SharedLimits::new(&nbd_options);
+    nbd_servers.spawn(crate::nbd::serve_unix_shared(
+        nbd_unix,
+        node.clone(),
+        shutdown.clone(),
+        nbd_options,
+        nbd_limits.clone(),
+    ));
     if let Some(addr) = config.node.nbd_listen {
         let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
             what: "NBD TCP listener",
             path: addr.to_string(),
             source,
         })?;
-        nbd_servers.spawn(crate::nbd::serve_tcp(tcp, node.clone(), shutdown.clone()));
+        nbd_servers.spawn(crate::nbd::serve_tcp_shared(tcp, node.clone(), shutdown.clone(), nbd_options, nbd_limits));
     }
     if let Some(addr) = config.node.metrics_listen {
         let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
@@ -338,4 +375,18 @@ async fn stop_listeners(
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn nbd_connections_fit_the_file_descriptor_limit() {
+        assert_eq!(nbd_connection_cap(256, 65536), 256);
+        assert_eq!(nbd_connection_cap(256, 1024), 256);
+        assert_eq!(nbd_connection_cap(256, 200), 36);
+        assert_eq!(nbd_connection_cap(256, 100), 1);
+        assert_eq!(nbd_connection_cap(256, u64::MAX), 256);
+    }
 }

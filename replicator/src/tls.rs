@@ -199,8 +199,9 @@ impl TlsIdentity {
         })
     }
 
-    /// QUIC server configuration: client certificates required.
-    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+    /// QUIC server configuration: client certificates required; a client
+    /// may have at most `max_streams` streams open to us at once.
+    pub fn server_config(&self, max_streams: u32) -> Result<quinn::ServerConfig, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -211,13 +212,14 @@ impl TlsIdentity {
         crypto.alpn_protocols = vec![ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(crypto).map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(transport_config());
+        config.transport_config(transport_config(max_streams));
         Ok(config)
     }
 
     /// QUIC client configuration: server verified against the CA, our
-    /// certificate presented.
-    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+    /// certificate presented; the server may have at most `max_streams`
+    /// streams open to us at once.
+    pub fn client_config(&self, max_streams: u32) -> Result<quinn::ClientConfig, TlsError> {
         let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots.clone())
@@ -225,28 +227,45 @@ impl TlsIdentity {
         crypto.alpn_protocols = vec![ALPN.to_vec()];
         let quic = QuicClientConfig::try_from(crypto).map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(transport_config());
+        config.transport_config(transport_config(max_streams));
         Ok(config)
     }
 }
 
-/// Keep-alives detect a dead peer within a few seconds; records are large, so
-/// stream and connection windows allow a few hundred MiB in flight on long
-/// fat links.
 /// Largest UDP payload of a 9000-byte MTU under IPv6 (40) and UDP (8)
 /// headers.
 const JUMBO_UDP_PAYLOAD: u16 = 9000 - 48;
 
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// Data a peer may have sent on one connection that we have not read yet
+/// (the QUIC connection receive window; one stream may use half of it).
+pub const RECEIVE_WINDOW: u32 = 512 << 20;
+
+/// Streams a peer may have open to us at once on one connection, for a
+/// node with `groups` groups: one replication session per group, one per
+/// `verify` run, and the Hello stream, with room to spare. A stream beyond
+/// it waits in the peer until one of these closes.
+pub fn max_peer_streams(groups: usize) -> u32 {
+    u32::try_from(groups.saturating_mul(2).saturating_add(8)).unwrap_or(u32::MAX)
+}
+
+/// Keep-alives detect a dead peer within a few seconds; records are large, so
+/// stream and connection windows allow a few hundred MiB in flight on long
+/// fat links. What one peer connection can make us hold is bounded: the
+/// receive window of unread data, plus at most one partial frame per open
+/// stream (`max_streams` of them) in the frame decoders, which only hold
+/// bytes that actually arrived. Unidirectional streams are not used and
+/// not allowed.
+fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_millis(500)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(5)) {
         t.max_idle_timeout(Some(idle));
     }
-    t.stream_receive_window(quinn::VarInt::from_u32(256 << 20));
-    t.receive_window(quinn::VarInt::from_u32(512 << 20));
-    t.send_window(512 << 20);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    t.stream_receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW / 2));
+    t.receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW));
+    t.send_window(u64::from(RECEIVE_WINDOW));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // Storage links often carry jumbo frames: path MTU discovery probes up
     // to a 9000-byte MTU (IPv6 headers) and settles on what the path takes
     // (1500-byte paths simply lose the larger probes). Fewer, larger
@@ -288,6 +307,47 @@ pub fn peer_name(conn: &quinn::Connection, expected: &[String]) -> Result<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client may open `max_streams` streams; the next one waits until
+    /// one of them closes.
+    #[tokio::test]
+    async fn a_peer_cannot_open_more_streams_than_the_cap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = TlsIdentity::load(&identity(dir.path()), "site-a").expect("load");
+        let cap = max_peer_streams(1);
+        assert_eq!(cap, 10);
+        let server = quinn::Endpoint::server(
+            tls.server_config(cap).expect("server config"),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .expect("server endpoint");
+        let addr = server.local_addr().expect("server addr");
+        let accepting = tokio::spawn(async move {
+            let conn = server.accept().await.expect("incoming").await.expect("handshake");
+            let mut held = Vec::new();
+            while let Ok((send, mut recv)) = conn.accept_bi().await {
+                let mut byte = [0u8; 1];
+                recv.read_exact(&mut byte).await.expect("first byte");
+                held.push((send, recv));
+            }
+            held.len()
+        });
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+        client.set_default_client_config(tls.client_config(cap).expect("client config"));
+        let conn = client.connect(addr, "site-a").expect("connect").await.expect("handshake");
+        let step = Duration::from_secs(10);
+        let mut streams = Vec::new();
+        for _ in 0..cap {
+            let (mut send, recv) = tokio::time::timeout(step, conn.open_bi()).await.expect("in time").expect("open");
+            send.write_all(&[1]).await.expect("write");
+            streams.push((send, recv));
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+        assert!(extra.is_err(), "stream {} beyond the cap of {cap} was opened", cap + 1);
+        conn.close(0u32.into(), b"done");
+        let accepted = tokio::time::timeout(step, accepting).await.expect("server done").expect("server task");
+        assert_eq!(accepted, cap as usize);
+    }
 
     fn identity(dir: &Path) -> TlsPaths {
         let ca = dir.join("ca");

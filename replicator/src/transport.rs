@@ -241,8 +241,9 @@ impl Transport {
             // refusal is logged at each dial (`config check` fails on it).
             tracing::warn!("{e}");
         }
-        let server = identity.server_config()?;
-        let client = identity.client_config()?;
+        let max_streams = crate::tls::max_peer_streams(config.groups.len());
+        let server = identity.server_config(max_streams)?;
+        let client = identity.client_config(max_streams)?;
         let socket = std::net::UdpSocket::bind(config.node.listen)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         size_socket_buffers(&socket);

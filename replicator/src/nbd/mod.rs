@@ -44,8 +44,16 @@
 //! - Requests run concurrently, each as its own task; replies go out in
 //!   completion order through one writer task, never interleaved. Per
 //!   connection at most [`ServeOptions::max_in_flight_requests`] requests and
-//!   [`ServeOptions::max_in_flight_bytes`] of read/write data are in flight;
-//!   beyond that the server stops reading from the socket.
+//!   [`ServeOptions::max_in_flight_bytes`] of read/write data are in flight,
+//!   and at most [`ServeOptions::max_total_in_flight_bytes`] across all
+//!   connections; beyond that the server stops reading from the socket. A
+//!   client that takes no reply bytes for [`ServeOptions::reply_timeout`] is
+//!   disconnected, which returns the budget its replies held.
+//! - At most [`ServeOptions::max_connections`] connections are open at once
+//!   (shared by the daemon's Unix and TCP listeners, [`SharedLimits`]); one
+//!   more is accepted and closed at once, with a warning at most every few
+//!   seconds. A failed `accept` (out of file descriptors) pauses the accept
+//!   loop briefly instead of spinning.
 //! - The server never drops an export future before it completes: a client
 //!   that disconnects, a protocol violation or a shutdown only stops new
 //!   requests from being read. A request whose future panics is answered
@@ -69,7 +77,10 @@ use std::sync::Arc;
 
 use crate::io::AlignedBuf;
 
-pub use server::{serve_tcp, serve_tcp_with, serve_unix, serve_unix_with, Drain, ServeOptions, SHUTDOWN_BACKSTOP};
+pub use server::{
+    serve_tcp, serve_tcp_shared, serve_tcp_with, serve_unix, serve_unix_shared, serve_unix_with, Drain, ServeOptions,
+    SharedLimits, SHUTDOWN_BACKSTOP,
+};
 
 /// Largest option data accepted during the handshake; a client sending more
 /// is disconnected.

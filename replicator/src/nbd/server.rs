@@ -4,11 +4,11 @@
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{tcp, unix, TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 
 use super::handshake::{self, Negotiated};
@@ -28,6 +28,10 @@ pub const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(5);
 /// does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Pause between two "too many connections" warnings, so a client
+/// hammering the socket cannot flood the log.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Tunables of [`serve_unix_with`] and [`serve_tcp_with`]; the defaults are
 /// what [`serve_unix`] and [`serve_tcp`] use.
 #[derive(Debug, Clone, Copy)]
@@ -35,11 +39,23 @@ pub struct ServeOptions {
     /// A client must reach the transmission phase within this time, or it
     /// is disconnected (default 30 s).
     pub handshake_timeout: Duration,
+    /// Connections open at once, in the handshake or transmission phase,
+    /// across every server sharing one [`SharedLimits`] (default 256). A
+    /// connection beyond it is accepted and closed at once, with a warning.
+    pub max_connections: usize,
     /// Requests in flight per connection (default 256); beyond this the
     /// server stops reading from the socket until replies are sent.
     pub max_in_flight_requests: usize,
     /// Read and write data bytes in flight per connection (default 256 MiB).
     pub max_in_flight_bytes: usize,
+    /// Read and write data bytes in flight across all connections of every
+    /// server sharing one [`SharedLimits`] (default 512 MiB): a request
+    /// waits (and its connection stops reading) until it fits.
+    pub max_total_in_flight_bytes: usize,
+    /// A client that takes no reply bytes for this long while replies are
+    /// waiting is disconnected, which returns the budget its replies hold
+    /// (default 60 s).
+    pub reply_timeout: Duration,
     /// After shutdown, how long a connection may take to send the replies of
     /// its in-flight requests (to a client that has stopped reading them)
     /// before its socket is closed regardless (default 30 s). Export futures
@@ -51,10 +67,45 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(30),
+            max_connections: 256,
             max_in_flight_requests: 256,
             max_in_flight_bytes: 256 * 1024 * 1024,
+            max_total_in_flight_bytes: 512 * 1024 * 1024,
+            reply_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
         }
+    }
+}
+
+/// The connection slots and the data byte budget that several servers (the
+/// daemon's Unix and TCP listeners) share; sized from
+/// [`ServeOptions::max_connections`] and
+/// [`ServeOptions::max_total_in_flight_bytes`].
+#[derive(Debug, Clone)]
+pub struct SharedLimits {
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    bytes: Arc<Semaphore>,
+    /// Capacity of `bytes`; a single larger request takes all of it.
+    max_bytes: u32,
+}
+
+impl SharedLimits {
+    /// Fresh slots and budget sized by `options`.
+    pub fn new(options: &ServeOptions) -> Self {
+        let max_connections = options.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let max_bytes = u32::try_from(options.max_total_in_flight_bytes).unwrap_or(u32::MAX).max(1);
+        Self {
+            connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            bytes: Arc::new(Semaphore::new(max_bytes as usize)),
+            max_bytes,
+        }
+    }
+
+    /// The shared byte budget and its capacity.
+    pub(super) fn bytes(&self) -> (Arc<Semaphore>, u32) {
+        (Arc::clone(&self.bytes), self.max_bytes)
     }
 }
 
@@ -112,7 +163,8 @@ pub async fn serve_unix_with<C: ExportCatalog>(
     shutdown: watch::Receiver<bool>,
     options: ServeOptions,
 ) -> Drain {
-    accept_loop(listener, catalog, shutdown, options).await
+    let limits = SharedLimits::new(&options);
+    accept_loop(listener, catalog, shutdown, options, limits).await
 }
 
 /// As [`serve_unix_with`], over TCP.
@@ -122,7 +174,31 @@ pub async fn serve_tcp_with<C: ExportCatalog>(
     shutdown: watch::Receiver<bool>,
     options: ServeOptions,
 ) -> Drain {
-    accept_loop(listener, catalog, shutdown, options).await
+    let limits = SharedLimits::new(&options);
+    accept_loop(listener, catalog, shutdown, options, limits).await
+}
+
+/// As [`serve_unix_with`], with connection slots and a byte budget shared
+/// with other servers (`limits`; its sizes win over those in `options`).
+pub async fn serve_unix_shared<C: ExportCatalog>(
+    listener: UnixListener,
+    catalog: Arc<C>,
+    shutdown: watch::Receiver<bool>,
+    options: ServeOptions,
+    limits: SharedLimits,
+) -> Drain {
+    accept_loop(listener, catalog, shutdown, options, limits).await
+}
+
+/// As [`serve_unix_shared`], over TCP.
+pub async fn serve_tcp_shared<C: ExportCatalog>(
+    listener: TcpListener,
+    catalog: Arc<C>,
+    shutdown: watch::Receiver<bool>,
+    options: ServeOptions,
+    limits: SharedLimits,
+) -> Drain {
+    accept_loop(listener, catalog, shutdown, options, limits).await
 }
 
 /// Resolves once shutdown is requested. A dropped sender counts as a
@@ -177,6 +253,7 @@ struct Shared<C> {
     catalog: Arc<C>,
     running: RunningRequests,
     options: ServeOptions,
+    limits: SharedLimits,
 }
 
 async fn accept_loop<L: Listener, C: ExportCatalog>(
@@ -184,11 +261,13 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
     catalog: Arc<C>,
     mut shutdown: watch::Receiver<bool>,
     options: ServeOptions,
+    limits: SharedLimits,
 ) -> Drain {
     let mut connections = JoinSet::new();
     let running = RunningRequests::new();
-    let shared = Arc::new(Shared { catalog, running: running.clone(), options });
+    let shared = Arc::new(Shared { catalog, running: running.clone(), options, limits: limits.clone() });
     let mut next_id: u64 = 0;
+    let mut refusals = Refusals::default();
     loop {
         tokio::select! {
             biased;
@@ -197,14 +276,21 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
             accepted = listener.accept() => match accepted {
                 Ok((read, write, peer)) => {
                     next_id += 1;
-                    connections.spawn(connection(
-                        next_id,
-                        peer,
-                        read,
-                        write,
-                        Arc::clone(&shared),
-                        shutdown.clone(),
-                    ));
+                    match Arc::clone(&limits.connections).try_acquire_owned() {
+                        Ok(slot) => {
+                            connections.spawn(connection(
+                                next_id,
+                                peer,
+                                read,
+                                write,
+                                Arc::clone(&shared),
+                                shutdown.clone(),
+                                slot,
+                            ));
+                        }
+                        // Closed at once: its file descriptor is not kept.
+                        Err(_) => refusals.refused(next_id, &peer, limits.max_connections),
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "NBD accept failed");
@@ -250,6 +336,32 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
     Drain::Incomplete { requests }
 }
 
+/// Warnings for connections refused at the connection limit, at most one
+/// per [`REFUSAL_LOG_INTERVAL`] (counting the ones not logged).
+#[derive(Debug, Default)]
+struct Refusals {
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, conn: u64, peer: &str, max: usize) {
+        if self.last_log.is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL) {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(
+            conn,
+            peer,
+            max_connections = max,
+            also_refused = self.unlogged,
+            "NBD connection refused: the server already has its maximum number of connections; closing it"
+        );
+        self.last_log = Some(Instant::now());
+        self.unlogged = 0;
+    }
+}
+
 fn reap(done: Result<(), JoinError>) {
     if let Err(err) = done {
         if err.is_panic() {
@@ -266,6 +378,7 @@ async fn connection<C, R, W>(
     mut write: W,
     shared: Arc<Shared<C>>,
     mut shutdown: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
 ) where
     C: ExportCatalog,
     R: AsyncRead + Unpin + Send + 'static,
@@ -294,9 +407,13 @@ async fn connection<C, R, W>(
                 read_only = params.read_only,
                 "NBD transmission started"
             );
+            let (shared_bytes, max_shared_bytes) = shared.limits.bytes();
             let limits = Limits {
                 max_requests: options.max_in_flight_requests,
                 max_bytes: options.max_in_flight_bytes,
+                shared_bytes,
+                max_shared_bytes,
+                reply_timeout: options.reply_timeout,
                 shutdown_grace: options.shutdown_grace,
             };
             let reason =
@@ -339,6 +456,9 @@ pub(super) enum CloseReason {
     Io(io::Error),
     #[error("sending replies failed: {0}")]
     ReplyWrite(io::Error),
+    /// The client took no reply bytes for [`ServeOptions::reply_timeout`].
+    #[error("client read no reply data for {0:?}")]
+    ReplyStalled(Duration),
 }
 
 impl From<io::Error> for CloseReason {
@@ -357,7 +477,11 @@ impl CloseReason {
     fn is_warning(&self) -> bool {
         matches!(
             self,
-            Self::Protocol(_) | Self::HandshakeTimeout(_) | Self::ExportRefused(_) | Self::ShutdownGraceExpired(_)
+            Self::Protocol(_)
+                | Self::HandshakeTimeout(_)
+                | Self::ExportRefused(_)
+                | Self::ShutdownGraceExpired(_)
+                | Self::ReplyStalled(_)
         )
     }
 

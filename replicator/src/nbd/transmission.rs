@@ -2,11 +2,14 @@
 //! runs each one as its own task; replies go out, whole and in completion
 //! order, through a single writer task fed by a channel.
 //!
-//! Memory is bounded per connection: every request holds a permit from a
-//! request budget and, for reads and writes, permits for its data bytes from
-//! a byte budget, from before its payload is read until its reply has been
-//! handed to the socket. When a budget is exhausted the loop stops reading
-//! the socket until replies drain.
+//! Memory is bounded per connection and per server: every request holds a
+//! permit from the connection's request budget and, for reads and writes,
+//! permits for its data bytes from the connection's byte budget and then from
+//! the byte budget shared by all connections, from before its payload is read
+//! until its reply has been handed to the socket. When a budget is exhausted
+//! the loop stops reading the socket until replies drain. A client that stops
+//! taking replies is disconnected after the reply timeout, which returns what
+//! its replies held.
 
 use std::io;
 use std::sync::Arc;
@@ -25,13 +28,19 @@ use crate::io::AlignedBuf;
 /// Buffer in front of the socket for replies (large read data bypasses it).
 const REPLY_BUFFER: usize = 64 * 1024;
 
-/// Per-connection limits on work in flight.
-#[derive(Debug, Clone, Copy)]
+/// Limits on one connection's work in flight.
+#[derive(Debug, Clone)]
 pub(super) struct Limits {
     /// Requests read but not yet replied to.
     pub max_requests: usize,
     /// Read and write data bytes held by those requests.
     pub max_bytes: usize,
+    /// The data byte budget shared by all connections.
+    pub shared_bytes: Arc<Semaphore>,
+    /// Capacity of `shared_bytes`.
+    pub max_shared_bytes: u32,
+    /// Longest wait for the client to take reply bytes.
+    pub reply_timeout: Duration,
     /// Once shutdown is requested, how long replies may take to drain.
     pub shutdown_grace: Duration,
 }
@@ -54,8 +63,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (replies, reply_queue) = mpsc::unbounded_channel();
-    let mut writer_task = tokio::spawn(write_replies(writer, reply_queue));
-    let budget = Budget::new(limits);
+    let mut writer_task = tokio::spawn(write_replies(writer, reply_queue, limits.reply_timeout));
+    let budget = Budget::new(&limits);
 
     // `None`: the reply writer stopped (its error says why).
     let ended: Option<CloseReason> = loop {
@@ -89,6 +98,7 @@ where
     };
     match (ended, written) {
         (Some(reason), _) => reason,
+        (None, Err(err)) if err.kind() == io::ErrorKind::TimedOut => CloseReason::ReplyStalled(limits.reply_timeout),
         (None, Err(err)) => CloseReason::ReplyWrite(err),
         (None, Ok(())) => CloseReason::ReplyWrite(io::Error::other("reply writer stopped")),
     }
@@ -341,14 +351,20 @@ impl Drop for ReplyGuard {
 }
 
 /// Writes replies until every sender is gone, then shuts down the write
-/// side. Replies ready together are written together and flushed once.
-async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut queue: UnboundedReceiver<Reply>) -> io::Result<()> {
+/// side. Replies ready together are written together and flushed once. A
+/// socket that takes no bytes for `timeout` is an error of kind `TimedOut`;
+/// dropping the queue then returns the budget of every reply in it.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut queue: UnboundedReceiver<Reply>,
+    timeout: Duration,
+) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(REPLY_BUFFER, writer);
     while let Some(mut reply) = queue.recv().await {
         loop {
-            out.write_all(&proto::simple_reply_header(reply.error, reply.cookie)).await?;
+            write_all_timed(&mut out, &proto::simple_reply_header(reply.error, reply.cookie), timeout).await?;
             if let Some(data) = &reply.data {
-                out.write_all(data).await?;
+                write_all_timed(&mut out, data, timeout).await?;
             }
             // Dropping the reply returns its budget.
             match queue.try_recv() {
@@ -356,18 +372,38 @@ async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut queue: UnboundedRec
                 Err(_) => break,
             }
         }
-        out.flush().await?;
+        tokio::time::timeout(timeout, out.flush()).await.map_err(|_| stalled(timeout))??;
     }
-    out.shutdown().await
+    tokio::time::timeout(timeout, out.shutdown()).await.map_err(|_| stalled(timeout))?
 }
 
-/// The per-connection request and byte budgets.
+/// `write_all`, failing if any single write makes no progress for
+/// `timeout` (a slow reader is fine, a stopped one is not).
+async fn write_all_timed<W: AsyncWrite + Unpin>(out: &mut W, mut buf: &[u8], timeout: Duration) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = tokio::time::timeout(timeout, out.write(buf)).await.map_err(|_| stalled(timeout))??;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+fn stalled(timeout: Duration) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("client took no reply data for {timeout:?}"))
+}
+
+/// The connection's request and byte budgets, and the shared byte budget.
 #[derive(Debug)]
 struct Budget {
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     /// Capacity of `bytes`; a single larger request takes all of it.
     max_bytes: u32,
+    shared_bytes: Arc<Semaphore>,
+    /// Capacity of `shared_bytes`.
+    max_shared_bytes: u32,
 }
 
 /// One request's share of the budgets.
@@ -375,27 +411,36 @@ struct Budget {
 struct Permits {
     _request: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
+    _shared_bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl Budget {
-    fn new(limits: Limits) -> Self {
+    fn new(limits: &Limits) -> Self {
         let max_requests = limits.max_requests.clamp(1, Semaphore::MAX_PERMITS);
         let max_bytes = u32::try_from(limits.max_bytes).unwrap_or(u32::MAX).max(1);
         Self {
             requests: Arc::new(Semaphore::new(max_requests)),
             bytes: Arc::new(Semaphore::new(max_bytes as usize)),
             max_bytes,
+            shared_bytes: Arc::clone(&limits.shared_bytes),
+            max_shared_bytes: limits.max_shared_bytes.max(1),
         }
     }
 
-    /// Waits for one request slot and `bytes` bytes of data.
+    /// Waits for one request slot and `bytes` bytes of data, from the
+    /// connection's budget first, so that one connection never holds more
+    /// of the shared budget than its own allows.
     async fn acquire(&self, bytes: u32) -> Result<Permits, CloseReason> {
         let closed = |_| CloseReason::Io(io::Error::other("request budget closed"));
         let request = Arc::clone(&self.requests).acquire_owned().await.map_err(closed)?;
-        let bytes = match bytes.min(self.max_bytes) {
+        let own = match bytes.min(self.max_bytes) {
             0 => None,
             n => Some(Arc::clone(&self.bytes).acquire_many_owned(n).await.map_err(closed)?),
         };
-        Ok(Permits { _request: request, _bytes: bytes })
+        let shared = match bytes.min(self.max_shared_bytes) {
+            0 => None,
+            n => Some(Arc::clone(&self.shared_bytes).acquire_many_owned(n).await.map_err(closed)?),
+        };
+        Ok(Permits { _request: request, _bytes: own, _shared_bytes: shared })
     }
 }

@@ -439,3 +439,90 @@ async fn flush_covers_writes_from_every_connection() {
     assert_eq!(b.read(3, 0, 8192).await.1, [vec![1; 4096], vec![2; 4096]].concat());
     server.stop().await;
 }
+
+/// Connections beyond the cap are accepted and closed at once (their file
+/// descriptors are not kept); a freed slot takes a new connection.
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let options = ServeOptions { max_connections: 2, ..ServeOptions::default() };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let (mut first, _) = server.open("vol").await;
+    // One still in the handshake holds a slot too.
+    let mut second = RawClient::connect(&server.sock).await;
+    second.greet(3).await;
+    let mut third = RawClient::connect(&server.sock).await;
+    third.assert_closed().await;
+
+    assert_eq!(first.read(1, 0, 4096).await.0, 0);
+    drop(first);
+    let deadline = std::time::Instant::now() + STEP;
+    let mut again = loop {
+        let mut client = RawClient::connect(&server.sock).await;
+        let mut magic = [0u8; 8];
+        match tokio::time::timeout(STEP, client.stream.read_exact(&mut magic)).await {
+            Ok(Ok(_)) if u64::from_be_bytes(magic) == NBDMAGIC => break client,
+            _ if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => panic!("the freed slot never took a new connection: {other:?}"),
+        }
+    };
+    // The rest of the greeting, then a normal session.
+    again.read_exact(10).await;
+    again.send(&3u32.to_be_bytes()).await;
+    again.go("vol").await;
+    assert_eq!(again.read(2, 0, 4096).await.0, 0);
+    drop(second);
+    server.stop().await;
+}
+
+/// The byte budget is shared by all connections: with two clients holding
+/// it (their 1 MiB replies unread), a third client's read waits until one
+/// of them takes its reply.
+#[tokio::test]
+async fn in_flight_bytes_are_bounded_across_connections() {
+    let options =
+        ServeOptions { max_in_flight_bytes: 1 << 20, max_total_in_flight_bytes: 2 << 20, ..ServeOptions::default() };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let (mut a, _) = server.open("vol").await;
+    let (mut b, _) = server.open("vol").await;
+    let (mut c, _) = server.open("vol").await;
+    // A 1 MiB reply does not fit in a Unix socket's buffers: each holds its
+    // budget until its client reads it.
+    a.send_request(CMD_READ, 0, 1, 0, 1 << 20, &[]).await;
+    b.send_request(CMD_READ, 0, 2, 1 << 20, 1 << 20, &[]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send_request(CMD_READ, 0, 3, 0, 4096, &[]).await;
+    let early = tokio::time::timeout(Duration::from_millis(500), c.reply_with(|_| 4096)).await;
+    assert!(early.is_err(), "a read ran while two connections held the whole shared budget");
+
+    let reply = a.reply_with(|_| 1 << 20).await;
+    assert_eq!((reply.cookie, reply.error), (1, 0));
+    let reply = c.reply_with(|_| 4096).await;
+    assert_eq!((reply.cookie, reply.error), (3, 0));
+    let reply = b.reply_with(|_| 1 << 20).await;
+    assert_eq!((reply.cookie, reply.error), (2, 0));
+    server.stop().await;
+}
+
+/// A client that stops taking its replies is disconnected after the reply
+/// timeout, and what its replies held goes back to the shared budget.
+#[tokio::test]
+async fn a_client_that_stops_reading_replies_is_disconnected() {
+    let options = ServeOptions {
+        max_total_in_flight_bytes: 1 << 20,
+        reply_timeout: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let (mut stalled, _) = server.open("vol").await;
+    let (mut other, _) = server.open("vol").await;
+    stalled.send_request(CMD_READ, 0, 1, 0, 1 << 20, &[]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Waits for the budget the stalled client holds, then runs.
+    let (error, data) = other.read(2, 1 << 20, 1 << 20).await;
+    assert_eq!((error, data.len()), (0, 1 << 20));
+    // The stalled client gets part of its reply, then the end.
+    let mut got = Vec::new();
+    step("stalled client closed", stalled.stream.read_to_end(&mut got)).await.expect("read to end");
+    assert!(got.len() < 16 + (1 << 20), "the whole reply was sent: {} bytes", got.len());
+    server.stop().await;
+}
