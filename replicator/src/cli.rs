@@ -216,11 +216,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 /// Initialises logging: plain lines without colour or timestamps under
-/// systemd (journald adds them), `RUST_LOG` to filter.
+/// systemd (journald adds them), `RUST_LOG` to filter. quinn_udp logs
+/// failed `sendmsg` calls as raw Debug dumps at WARN; QUIC treats them as
+/// packet loss and the link state says what matters, so only its errors
+/// show by default.
 pub fn init_logging() {
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,quinn_udp=error,rustls=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -308,9 +308,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         path: "SIGINT".into(),
         source,
     })?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping cleanly"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping cleanly"),
+    // SIGHUP would kill the daemon without a clean stop (its default
+    // action); nothing is reloaded on it, and it says so.
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Socket {
+        what: "signal handler",
+        path: "SIGHUP".into(),
+        source,
+    })?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping cleanly");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping cleanly");
+                break;
+            }
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP ignored: nothing is reloaded while running; restart the daemon (systemctl restart \
+                 replicator) to apply configuration or certificate changes"
+            ),
+        }
     }
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);

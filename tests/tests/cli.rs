@@ -492,3 +492,17 @@ fn peer_address_may_be_a_dns_name() {
     c.pair_create("cli");
     c.wait_pair("cli", Duration::from_secs(60));
 }
+
+/// SIGHUP (a log-rotation habit, a terminal closing) neither kills the
+/// daemon nor reloads anything; it says so.
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let c = cluster(true);
+    c.signal(Site::A, nix::sys::signal::Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !c.log(Site::A).contains("SIGHUP ignored") {
+        assert!(std::time::Instant::now() < deadline, "no SIGHUP line in the log:\n{}", c.log(Site::A));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.status(Site::A, "cli").state, "SIMPLEX", "the daemon still answers");
+}
