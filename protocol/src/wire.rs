@@ -89,11 +89,11 @@ pub fn encode_frame_parts(body: pb::envelope::Body, dst: &mut BytesMut) -> Optio
         pb::envelope::Body::Record(mut rec) if rec.payload.len() >= ZERO_COPY_PAYLOAD => {
             let payload = std::mem::take(&mut rec.payload);
             let payload_len = payload.len() as u64;
-            let rec_len = rec.encoded_len() as u64
-                + (key_len(RECORD_PAYLOAD_TAG) + encoded_len_varint(payload_len)) as u64
-                + payload_len;
+            let head_len = rec.encoded_len();
+            let rec_len =
+                head_len as u64 + (key_len(RECORD_PAYLOAD_TAG) + encoded_len_varint(payload_len)) as u64 + payload_len;
             let env_len = (key_len(ENVELOPE_RECORD_TAG) + encoded_len_varint(rec_len)) as u64 + rec_len;
-            dst.reserve(rec.encoded_len() + 4 * MAX_VARINT_LEN + 2);
+            dst.reserve(head_len + 4 * MAX_VARINT_LEN + 2);
             encode_varint(env_len, dst);
             encode_key(ENVELOPE_RECORD_TAG, WireType::LengthDelimited, dst);
             encode_varint(rec_len, dst);

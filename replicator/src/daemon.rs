@@ -240,7 +240,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Err(e) => tracing::warn!("cannot read the file descriptor limit: {e}"),
     }
     let nbd_limits = SharedLimits::new(&nbd_options);
-    nbd_servers.spawn(crate::nbd::serve_unix_shared(
+    nbd_servers.spawn(crate::nbd::serve_shared(
         nbd_unix,
         node.clone(),
         shutdown.clone(),
@@ -253,7 +253,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             path: addr.to_string(),
             source,
         })?;
-        nbd_servers.spawn(crate::nbd::serve_tcp_shared(tcp, node.clone(), shutdown.clone(), nbd_options, nbd_limits));
+        nbd_servers.spawn(crate::nbd::serve_shared(tcp, node.clone(), shutdown.clone(), nbd_options, nbd_limits));
     }
     if let Some(addr) = config.node.metrics_listen {
         let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {

@@ -78,8 +78,8 @@ use std::sync::Arc;
 use crate::io::AlignedBuf;
 
 pub use server::{
-    serve_tcp, serve_tcp_shared, serve_tcp_with, serve_unix, serve_unix_shared, serve_unix_with, Drain, ServeOptions,
-    SharedLimits, SHUTDOWN_BACKSTOP,
+    serve_shared, serve_tcp, serve_unix, serve_unix_with, Drain, Listener, ServeOptions, SharedLimits,
+    SHUTDOWN_BACKSTOP,
 };
 
 /// Largest option data accepted during the handshake; a client sending more

@@ -32,7 +32,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// hammering the socket cannot flood the log.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Tunables of [`serve_unix_with`] and [`serve_tcp_with`]; the defaults are
+/// Tunables of [`serve_unix_with`] and [`serve_shared`]; the defaults are
 /// what [`serve_unix`] and [`serve_tcp`] use.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -145,7 +145,9 @@ pub async fn serve_tcp<C: ExportCatalog>(
     catalog: Arc<C>,
     shutdown: watch::Receiver<bool>,
 ) -> Drain {
-    serve_tcp_with(listener, catalog, shutdown, ServeOptions::default()).await
+    let options = ServeOptions::default();
+    let limits = SharedLimits::new(&options);
+    accept_loop(listener, catalog, shutdown, options, limits).await
 }
 
 /// Serves NBD on a Unix socket until `shutdown` becomes true (or its sender
@@ -167,32 +169,11 @@ pub async fn serve_unix_with<C: ExportCatalog>(
     accept_loop(listener, catalog, shutdown, options, limits).await
 }
 
-/// As [`serve_unix_with`], over TCP.
-pub async fn serve_tcp_with<C: ExportCatalog>(
-    listener: TcpListener,
-    catalog: Arc<C>,
-    shutdown: watch::Receiver<bool>,
-    options: ServeOptions,
-) -> Drain {
-    let limits = SharedLimits::new(&options);
-    accept_loop(listener, catalog, shutdown, options, limits).await
-}
-
-/// As [`serve_unix_with`], with connection slots and a byte budget shared
-/// with other servers (`limits`; its sizes win over those in `options`).
-pub async fn serve_unix_shared<C: ExportCatalog>(
-    listener: UnixListener,
-    catalog: Arc<C>,
-    shutdown: watch::Receiver<bool>,
-    options: ServeOptions,
-    limits: SharedLimits,
-) -> Drain {
-    accept_loop(listener, catalog, shutdown, options, limits).await
-}
-
-/// As [`serve_unix_shared`], over TCP.
-pub async fn serve_tcp_shared<C: ExportCatalog>(
-    listener: TcpListener,
+/// As [`serve_unix_with`], on any listener (the Unix socket or TCP), with
+/// connection slots and a byte budget shared with other servers (`limits`;
+/// its sizes win over those in `options`).
+pub async fn serve_shared<L: Listener, C: ExportCatalog>(
+    listener: L,
     catalog: Arc<C>,
     shutdown: watch::Receiver<bool>,
     options: ServeOptions,
@@ -208,8 +189,9 @@ pub(super) async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// A listening socket whose connections are split into independent read
-/// and write halves.
-trait Listener: Send + 'static {
+/// and write halves: tokio's Unix listener, and its TCP listener (which sets
+/// `TCP_NODELAY` on every connection).
+pub trait Listener: Send + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
     /// The next connection's halves and a description of the peer for logs.
