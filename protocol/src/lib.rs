@@ -44,9 +44,9 @@ mod ranges;
 pub mod record;
 pub mod secondary;
 pub mod seqtrack;
-pub mod snapshot;
 pub mod sequencer;
 pub mod ship;
+pub mod snapshot;
 pub mod wire;
 
 /// Generated protobuf wire types (`proto/replication.proto`).

@@ -90,7 +90,8 @@ pub async fn status(config: &Config, group: String, json: bool) -> Result<ExitCo
 /// The drill part of `status`.
 pub fn render_status(d: &DrillStatus) -> String {
     let m = &d.meta;
-    let when = if m.recovery_time_us == 0 { String::new() } else { format!(", written {}", format_time(m.recovery_time_us)) };
+    let when =
+        if m.recovery_time_us == 0 { String::new() } else { format!(", written {}", format_time(m.recovery_time_us)) };
     format!(
         "  drill:       {} since {} (ready in {:.0} ms)\n  drill point: sequence {}{when}; {} write(s) behind at freeze\n  \
          drill copy:  {} used ({} KiB chunks), {} client(s); exports {}\n",
@@ -190,9 +191,7 @@ pub async fn run(
         move || run_command(cmd, command, timeout)
     })
     .await
-    .unwrap_or_else(|e| {
-        Err(format!("the command runner failed: {e}"))
-    });
+    .unwrap_or_else(|e| Err(format!("the command runner failed: {e}")));
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -248,12 +247,12 @@ pub async fn run(
 
 fn write_reports(dir: &Path, record: &DrillRecord) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
-    let base = dir.join(format!("drill-{}-{}", record.meta.group, record.meta.id));
-    let json = base.with_extension("json");
+    let base = format!("drill-{}-{}", record.meta.group, record.meta.id);
+    let json = dir.join(format!("{base}.json"));
     let mut f = std::fs::File::create(&json)?;
     f.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
     f.sync_all()?;
-    let mut f = std::fs::File::create(base.with_extension("md"))?;
+    let mut f = std::fs::File::create(dir.join(format!("{base}.md")))?;
     f.write_all(record.to_markdown().as_bytes())?;
     f.sync_all()?;
     Ok(json)

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
-use crate::group::{drill_export_name, serve_secondary, serve_verify, ClientGuard, DrillExport, Group, WriteError, WriteKind};
+use crate::group::{
+    drill_export_name, serve_secondary, serve_verify, ClientGuard, DrillExport, Group, WriteError, WriteKind,
+};
 use crate::io::AlignedBuf;
 use crate::nbd::{BlockSizes, Export, ExportCatalog, ExportError, NbdErrno, OpenError};
 use crate::transport::{FramedRecv, FramedSend, PeerConnection, Transport};

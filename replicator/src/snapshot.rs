@@ -95,13 +95,8 @@ impl Snapshot {
             }
         }
         let io = |source| SnapshotFileError::Io { path: mpath.clone(), source };
-        let map_file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&mpath)
-            .map_err(io)?;
+        let map_file =
+            std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&mpath).map_err(io)?;
         map_file.set_len(ChunkMap::map_len(size, chunk) as u64).map_err(io)?;
         map_file.sync_all().map_err(io)?;
         let opts = OpenOptions { create_size: Some(size), create: true, direct: true, read_only: false };

@@ -60,7 +60,7 @@ const DRILL_MAX_PAYLOAD: u32 = 4 << 20;
 /// What a drill froze, and when (`drill.json`, reports, history).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DrillMeta {
-    /// Unique id (the start time, UTC).
+    /// Unique id (the start time, UTC, with milliseconds: `20261201T221500-123Z`).
     pub id: String,
     /// The group.
     pub group: String,
@@ -492,7 +492,7 @@ fn drill_id(us: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}.{:03}Z",
+        "{:04}{:02}{:02}T{:02}{:02}{:02}-{:03}Z",
         t.year(),
         u8::from(t.month()),
         t.day(),

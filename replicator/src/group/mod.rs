@@ -50,10 +50,11 @@ use crate::transport::Transport;
 use crate::volume::Volume;
 
 pub use applier::serve_secondary;
-pub(crate) use takeover::format_time;
 pub use drill::{
-    export_name as drill_export_name, DrillExport, DrillMeta, DrillOutcome, DrillRecord, DrillStatus, DEFAULT_DRILL_CHUNK,
+    export_name as drill_export_name, DrillExport, DrillMeta, DrillOutcome, DrillRecord, DrillStatus,
+    DEFAULT_DRILL_CHUNK,
 };
+pub(crate) use takeover::format_time;
 pub use verify::serve_verify;
 pub use write_path::{WriteError, WriteKind};
 
