@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use replicator_protocol::snapshot::{ChunkMap, Commit, SnapshotError};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::io::{AlignedBuf, BlockFile, IoEngine, IoError, OpenOptions, IO_ALIGN};
+use crate::io::{AlignedBuf, BlockFile, IoEngine, IoError, OpenOptions};
+use crate::volume::align_range;
 
 /// Striped chunk locks per snapshot.
 const STRIPES: u64 = 64;
@@ -263,10 +264,22 @@ impl Snapshot {
         .map_err(|source| IoError::Io { op, offset: 0, source })
     }
 
-    /// Reads the snapshot's image (`offset` and `len` aligned to 4 KiB).
+    /// Reads the snapshot's image, at any offset and length.
     pub async fn read(&self, volume: &BlockFile, offset: u64, len: u64) -> Result<AlignedBuf, IoError> {
+        let (start, alen) = align_range(offset, len);
+        let chunks = self.map().chunks_of(start, alen);
+        let _guards = self.lock_read(chunks).await;
+        let buf = self.read_locked(volume, start, alen).await?;
+        if (start, alen) == (offset, len) {
+            return Ok(buf);
+        }
+        let skip = (offset - start) as usize;
+        Ok(AlignedBuf::copy_from(&buf[skip..skip + len as usize]))
+    }
+
+    /// Reads the image of an aligned range whose stripes the caller holds.
+    async fn read_locked(&self, volume: &BlockFile, offset: u64, len: u64) -> Result<AlignedBuf, IoError> {
         let chunks = self.map().chunks_of(offset, len);
-        let _guards = self.lock_read(chunks.clone()).await;
         // Runs of chunks with the same source.
         let runs: Vec<(bool, u64, u64)> = {
             let m = self.map();
@@ -298,12 +311,26 @@ impl Snapshot {
         Ok(out)
     }
 
-    /// Writes into the snapshot's image (`offset` and `data.len()` aligned
-    /// to 4 KiB); never touches the volume. Durable after [`Snapshot::flush`].
+    /// Writes into the snapshot's image, at any offset and length (partial
+    /// 4 KiB blocks are read, modified and written under the chunk locks);
+    /// never touches the volume. Durable after [`Snapshot::flush`].
     pub async fn write(&self, volume: &BlockFile, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        let (start, alen) = align_range(offset, data.len() as u64);
+        let chunks = self.map().chunks_of(start, alen);
+        let _guards = self.lock_write(chunks).await;
+        if (start, alen) == (offset, data.len() as u64) {
+            return self.write_locked(volume, offset, data).await;
+        }
+        let mut whole = self.read_locked(volume, start, alen).await?;
+        let at = (offset - start) as usize;
+        whole[at..at + data.len()].copy_from_slice(data);
+        self.write_locked(volume, start, &whole).await
+    }
+
+    /// Writes an aligned range whose stripes the caller holds.
+    async fn write_locked(&self, volume: &BlockFile, offset: u64, data: &[u8]) -> Result<(), IoError> {
         let len = data.len() as u64;
         let chunks = self.map().chunks_of(offset, len);
-        let _guards = self.lock_write(chunks.clone()).await;
         for c in chunks {
             let (start, clen) = self.map().chunk_range(c);
             let (s, e) = (start.max(offset), (start + clen).min(offset + len));
@@ -352,9 +379,4 @@ impl Snapshot {
         volume.sync_data().await?;
         Ok(chunks.len() as u64 * self.chunk_size())
     }
-}
-
-/// The 4 KiB alignment snapshot reads and writes need.
-pub fn aligned(offset: u64, len: u64) -> bool {
-    offset % IO_ALIGN as u64 == 0 && len % IO_ALIGN as u64 == 0
 }
