@@ -208,6 +208,11 @@ type GroupLabel<'a> = [(&'static str, &'a str); 1];
 /// Labels `group="...",X="..."`.
 type GroupLabel2<'a> = [(&'static str, &'a str); 2];
 
+/// A per-group gauge's value, from the group's status.
+type GaugeOf = fn(&GroupStatus) -> f64;
+/// A per-group counter.
+type CounterOf = fn(&GroupCounters) -> &Counter;
+
 /// Reads the groups at each scrape.
 #[derive(Debug)]
 struct NodeCollector {
@@ -280,7 +285,7 @@ impl Collector for NodeCollector {
         let e = &mut encoder;
         let groups = &self.node.groups;
         let statuses: Vec<GroupStatus> = groups.iter().map(|g| g.status()).collect();
-        let by_group = |f: &dyn Fn(&GroupStatus) -> f64| -> Vec<(GroupLabel<'_>, f64)> {
+        let by_group = |f: GaugeOf| -> Vec<(GroupLabel<'_>, f64)> {
             statuses.iter().map(|s| ([("group", s.group.as_str())], f(s))).collect()
         };
 
@@ -364,45 +369,45 @@ impl Collector for NodeCollector {
             "1 on a former primary superseded by a failover (it takes no writes until failback or resync)",
             statuses.iter().map(|s| ([("group", s.group.as_str())], flag(s.superseded_by > 0))),
         )?;
-        let plain: [(&str, &str, &dyn Fn(&GroupStatus) -> f64); 15] = [
+        let plain: [(&str, &str, GaugeOf); 15] = [
             (
                 "replicator_generation",
                 "Promotion generation (pair create: 1; each failover or switchover adds one)",
-                &|s| s.generation as f64,
+                |s| s.generation as f64,
             ),
-            ("replicator_last_seq", "Newest sequence number (primary: journaled; secondary: applied)", &|s| {
+            ("replicator_last_seq", "Newest sequence number (primary: journaled; secondary: applied)", |s| {
                 s.last_seq as f64
             }),
-            ("replicator_applied_seq", "The secondary has applied every record through this sequence", &|s| {
+            ("replicator_applied_seq", "The secondary has applied every record through this sequence", |s| {
                 s.applied_seq as f64
             }),
-            ("replicator_durable_seq", "The secondary holds every record through this sequence durably", &|s| {
+            ("replicator_durable_seq", "The secondary holds every record through this sequence durably", |s| {
                 s.durable_seq as f64
             }),
-            ("replicator_lag_records", "Records not yet applied on the secondary (primary)", &|s| s.lag_records as f64),
-            ("replicator_lag_bytes", "Journal bytes not yet applied on the secondary (primary)", &|s| {
+            ("replicator_lag_records", "Records not yet applied on the secondary (primary)", |s| s.lag_records as f64),
+            ("replicator_lag_bytes", "Journal bytes not yet applied on the secondary (primary)", |s| {
                 s.lag_bytes as f64
             }),
-            ("replicator_lag_seconds", "Age of the oldest record not yet applied on the secondary (primary)", &|s| {
+            ("replicator_lag_seconds", "Age of the oldest record not yet applied on the secondary (primary)", |s| {
                 s.lag_seconds
             }),
-            ("replicator_journal_used_bytes", "Journal bytes in use", &|s| s.journal_used_bytes as f64),
-            ("replicator_journal_capacity_bytes", "Journal ring size (as `status`)", &|s| {
+            ("replicator_journal_used_bytes", "Journal bytes in use", |s| s.journal_used_bytes as f64),
+            ("replicator_journal_capacity_bytes", "Journal ring size (as `status`)", |s| {
                 s.journal_capacity_bytes as f64
             }),
-            ("replicator_dirty_bytes", "Bytes marked dirty in the bitmaps (what a resync copies)", &|s| {
+            ("replicator_dirty_bytes", "Bytes marked dirty in the bitmaps (what a resync copies)", |s| {
                 s.dirty_bytes as f64
             }),
-            ("replicator_copy_total_bytes", "Bytes the running initial copy or resync has to send in all", &|s| {
+            ("replicator_copy_total_bytes", "Bytes the running initial copy or resync has to send in all", |s| {
                 s.copy_total_bytes as f64
             }),
-            ("replicator_copy_done_bytes", "Bytes the running copy has sent and had acknowledged durable", &|s| {
+            ("replicator_copy_done_bytes", "Bytes the running copy has sent and had acknowledged durable", |s| {
                 s.copy_done_bytes as f64
             }),
             (
                 "replicator_copy_progress_ratio",
                 "Progress of the running copy or resync, 0 to 1 (1 when none runs)",
-                &|s| {
+                |s| {
                     if s.copy_total_bytes == 0 {
                         1.0
                     } else {
@@ -413,15 +418,15 @@ impl Collector for NodeCollector {
             (
                 "replicator_data_as_of_timestamp_seconds",
                 "Secondary: the primary's time of the newest write held durably here (0 elsewhere)",
-                &|s| s.data_as_of_unix.unwrap_or(0.0),
+                |s| s.data_as_of_unix.unwrap_or(0.0),
             ),
-            ("replicator_writable", "1 if clients may write the volumes here", &|s| f64::from(u8::from(s.writable))),
+            ("replicator_writable", "1 if clients may write the volumes here", |s| f64::from(u8::from(s.writable))),
         ];
         for (name, help, value) in plain {
             gauges(e, name, help, by_group(value))?;
         }
 
-        let counted: [(&str, &str, fn(&GroupCounters) -> &Counter); 6] = [
+        let counted: [(&str, &str, CounterOf); 6] = [
             ("replicator_shipped_records", "Journal records put on the replication stream (primary)", |c| {
                 &c.shipped_records
             }),
