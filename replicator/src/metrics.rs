@@ -289,12 +289,12 @@ impl Collector for NodeCollector {
             statuses.iter().map(|s| ([("group", s.group.as_str())], f(s))).collect()
         };
 
-        gauges(
-            e,
+        ConstGauge::new(self.started).encode(e.encode_descriptor(
             "replicator_start_time_seconds",
             "When the daemon started, in seconds since the Unix epoch",
-            [(Vec::<(&str, &str)>::new(), self.started)],
-        )?;
+            None,
+            MetricType::Gauge,
+        )?)?;
         gauges(
             e,
             "replicator_certificate_expiry_timestamp_seconds",
@@ -526,10 +526,20 @@ where
 /// Reads at most [`MAX_REQUEST`] bytes of request and answers it.
 async fn respond(mut stream: TcpStream, exporter: Arc<Exporter>) {
     let mut buf = [0u8; MAX_REQUEST];
-    let n = match tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf)).await {
-        Ok(Ok(n)) => n,
-        _ => return,
+    let mut n = 0;
+    // The request line may come in pieces: read until its end, the buffer
+    // is full or the client stops sending, all within REQUEST_TIMEOUT.
+    let read_line = async {
+        while n < buf.len() && !buf[..n].contains(&b'\n') {
+            match stream.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(got) => n += got,
+            }
+        }
     };
+    if tokio::time::timeout(REQUEST_TIMEOUT, read_line).await.is_err() {
+        return;
+    }
     let req = String::from_utf8_lossy(&buf[..n]);
     let path = req.strip_prefix("GET ").and_then(|r| r.split([' ', '?', '\r', '\n']).next());
     let (status, content_type, body) = match path {

@@ -776,8 +776,8 @@ address = "127.0.0.1:{peer_port}"
         let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .map_err(|e| format!("connect to {addr}: {e}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-            .map_err(|e| e.to_string())?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
         let mut resp = String::new();
         stream.read_to_string(&mut resp).map_err(|e| format!("read from {addr}: {e}"))?;
         let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| format!("no header end in {resp:?}"))?;

@@ -95,6 +95,8 @@ fn metrics_follow_writes_resync_and_switchover() {
         GroupSpec::new("ma", Mode::Async).volume("ma-vol", 32 * MIB),
     ];
     let c = Cluster::new(ClusterOpts::new(groups).with_metrics());
+    // Data on the primary before the pair exists: the initial copy sends it.
+    qemu_io(&c, Site::A, "m-vol", &["write -P 0x11 8M 1M".to_string()]);
     c.pair_create("m");
     c.pair_create("ma");
     c.wait_pair("m", MINUTE);
@@ -126,6 +128,11 @@ fn metrics_follow_writes_resync_and_switchover() {
         assert_eq!(e.find("replicator_rpo_zero", &[("group", "ma")]).count(), 0, "{site}");
         assert_eq!(value(e, "replicator_group_info", &[("group", "ma"), ("mode", "async")]), 1.0, "{site}");
     }
+    let m = [("group", "m")];
+    assert!(value(&a0, "replicator_resynced_bytes_total", &m) >= MIB as f64, "the initial copy sent the 1 MiB as data");
+    assert!(value(&a0, "replicator_resynced_records_total", &m) > 0.0);
+    assert_eq!(value(&a0, "replicator_resynced_bytes_total", &[("group", "ma")]), 0.0, "all zeroes on both sites");
+    assert_eq!(value(&a0, "replicator_copy_progress_ratio", &m), 1.0);
     let rtt = value(&a0, "replicator_link_rtt_seconds", &[("peer", "site-b")]);
     assert!(rtt > 0.0 && rtt < 1.0, "loopback RTT {rtt}");
 
@@ -163,7 +170,8 @@ fn metrics_follow_writes_resync_and_switchover() {
         }
     }
 
-    // Split: SUSPENDED(split), RPO 0 lost; a resync sends what changed.
+    // Split: SUSPENDED(split), RPO 0 lost; the resync sends what changed
+    // (from the journal, or copied from the dirty bitmap).
     cli_ok(&c, Site::A, &["pair", "split", "m"]);
     c.wait_until(Site::B, "m", "split", MINUTE, |s| s.reason.as_deref() == Some("split"));
     let a2 = scrape(&c, Site::A);
@@ -174,15 +182,14 @@ fn metrics_follow_writes_resync_and_switchover() {
     assert_eq!(value(&a2, "replicator_rpo_zero", &[("group", "m")]), 0.0);
     assert_eq!(value(&a2, "replicator_health", &[("group", "m")]), 1.0);
     qemu_io(&c, Site::A, "m-vol", &["write -P 0x77 8M 1M".to_string()]);
-    assert!(value(&scrape(&c, Site::A), "replicator_dirty_bytes", &[("group", "m")]) >= MIB as f64);
     cli_ok(&c, Site::A, &["pair", "resync", "m", "--wait", "--timeout", "60s"]);
     c.wait_drained("m");
     let a3 = scrape(&c, Site::A);
     let g = [("group", "m")];
-    let resynced =
-        value(&a3, "replicator_resynced_bytes_total", &g) - value(&a2, "replicator_resynced_bytes_total", &g);
-    assert!(resynced >= MIB as f64, "the resync sent the 1 MiB written while split: {resynced}");
-    assert!(value(&a3, "replicator_resynced_records_total", &g) > value(&a2, "replicator_resynced_records_total", &g));
+    let sent = |e: &Exposition| {
+        value(e, "replicator_resynced_bytes_total", &g) + value(e, "replicator_shipped_bytes_total", &g)
+    };
+    assert!(sent(&a3) - sent(&a2) >= MIB as f64, "the resync sent the 1 MiB written while split");
     assert_eq!(value(&a3, "replicator_copy_progress_ratio", &g), 1.0);
     assert_eq!(value(&a3, "replicator_rpo_zero", &g), 1.0);
     assert_eq!(value(&a3, "replicator_state", &[("group", "m"), ("state", "PAIR")]), 1.0);
@@ -225,6 +232,18 @@ fn metrics_follow_writes_resync_and_switchover() {
         assert!(body.starts_with("ok\n") && body.contains("\nm ok ") && body.contains("\nma ok "), "{site}: {body}");
         let (code, _, _) = c.scrape(site, "/nope").unwrap_or_else(|e| panic!("{site}: {e}"));
         assert_eq!(code, 404, "{site}");
+    }
+    // A request line that arrives in pieces is read whole.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(c.metrics_addr(Site::A)).expect("connect");
+        s.set_read_timeout(Some(MINUTE)).expect("timeout");
+        s.write_all(b"GET /hea").expect("first piece");
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(b"lthz HTTP/1.1\r\n\r\n").expect("second piece");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("response");
+        assert!(resp.starts_with("HTTP/1.1 200 OK") && resp.contains("\r\n\r\nok\n"), "{resp}");
     }
 
     // Every metric the dashboard and the alert rules use is exported.
