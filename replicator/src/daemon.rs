@@ -261,7 +261,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             path: addr.to_string(),
             source,
         })?;
-        tasks.spawn(crate::metrics::serve(tcp, node.clone(), shutdown.clone()));
+        tasks.spawn(crate::metrics::serve(tcp, node.clone(), config.tls.clone(), shutdown.clone()));
     }
     {
         let node = node.clone();

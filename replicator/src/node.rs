@@ -11,6 +11,7 @@ use crate::group::{
     drill_export_name, serve_secondary, serve_verify, ClientGuard, DrillExport, Group, WriteError, WriteKind,
 };
 use crate::io::AlignedBuf;
+use crate::metrics::ErrorKind;
 use crate::nbd::{BlockSizes, Export, ExportCatalog, ExportError, NbdErrno, OpenError};
 use crate::transport::{FramedRecv, FramedSend, PeerConnection, Transport};
 
@@ -114,6 +115,19 @@ fn to_export_error(e: WriteError) -> ExportError {
     ExportError::new(errno, e.to_string())
 }
 
+impl VolumeExport {
+    /// The NBD error for `e`, counted in the group's error totals.
+    fn failed(&self, e: WriteError) -> ExportError {
+        let err = to_export_error(e);
+        match err.errno {
+            NbdErrno::Io => self.group.counters().error(ErrorKind::ClientIo),
+            NbdErrno::Perm => self.group.counters().error(ErrorKind::ClientRefused),
+            _ => {}
+        }
+        err
+    }
+}
+
 impl Export for VolumeExport {
     fn size(&self) -> u64 {
         self.size
@@ -131,23 +145,23 @@ impl Export for VolumeExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
-        self.group.read(self.volume, offset, u64::from(len)).await.map_err(to_export_error)
+        self.group.read(self.volume, offset, u64::from(len)).await.map_err(|e| self.failed(e))
     }
 
     async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), ExportError> {
-        self.group.write(self.volume, offset, WriteKind::Data(data), fua).await.map_err(to_export_error)
+        self.group.write(self.volume, offset, WriteKind::Data(data), fua).await.map_err(|e| self.failed(e))
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
-        self.group.write(self.volume, offset, WriteKind::Zeroes(u64::from(len)), fua).await.map_err(to_export_error)
+        self.group.write(self.volume, offset, WriteKind::Zeroes(u64::from(len)), fua).await.map_err(|e| self.failed(e))
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
-        self.group.write(self.volume, offset, WriteKind::Trim(u64::from(len)), fua).await.map_err(to_export_error)
+        self.group.write(self.volume, offset, WriteKind::Trim(u64::from(len)), fua).await.map_err(|e| self.failed(e))
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
-        self.group.flush().await.map_err(to_export_error)
+        self.group.flush().await.map_err(|e| self.failed(e))
     }
 }
 

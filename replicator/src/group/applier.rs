@@ -600,6 +600,7 @@ pub async fn serve_secondary(
     match result {
         Ok(()) => tracing::info!(group = %group.cfg.name, "replication session closed"),
         Err(e) => {
+            group.counters.error(crate::metrics::ErrorKind::Session);
             tracing::warn!(group = %group.cfg.name, "replication session ended: {e}");
             lock(&group.inner).last_error = Some(e.to_string());
         }
@@ -990,6 +991,7 @@ impl Session {
                 Action::Apply { id, record } => {
                     let vol = self.group.volumes.get(record.volume as usize).cloned();
                     let events = self.events_tx.clone();
+                    let counters = self.group.counters.clone();
                     self.outstanding += 1;
                     tokio::spawn(async move {
                         // The CRC was checked on arrival; check it again right
@@ -1016,6 +1018,10 @@ impl Session {
                             (None, _) => Err(format!("record {} names a volume that does not exist", record.seq)),
                             (_, Err(e)) => Err(format!("record {} failed its CRC check before apply: {e}", record.seq)),
                         };
+                        match &result {
+                            Ok(()) => counters.applied(&record),
+                            Err(_) => counters.error(crate::metrics::ErrorKind::Apply),
+                        }
                         let _ = events.send(Event::Applied(id, result));
                     });
                 }

@@ -266,6 +266,8 @@ pub struct Group {
     session_kick: watch::Sender<u64>,
     started: Instant,
     latency: crate::latency::LatencyHistogram,
+    /// Running totals for the metrics endpoint.
+    counters: Arc<crate::metrics::GroupCounters>,
     /// Version of the state snapshot last written to disk (see `write_state`).
     state_written: Mutex<u64>,
     /// NBD connections attached to this group's volumes.
@@ -529,6 +531,7 @@ impl Group {
             session_kick,
             started: Instant::now(),
             latency: crate::latency::LatencyHistogram::default(),
+            counters: Arc::default(),
             state_written: Mutex::new(0),
             nbd_clients: AtomicUsize::new(0),
             bitmap_io: Mutex::new(HashMap::new()),
@@ -571,6 +574,12 @@ impl Group {
     /// Client write latency histogram.
     pub fn latency(&self) -> &crate::latency::LatencyHistogram {
         &self.latency
+    }
+
+    /// Running totals (records and bytes shipped, applied, resynced;
+    /// errors) for the metrics endpoint.
+    pub fn counters(&self) -> &crate::metrics::GroupCounters {
+        &self.counters
     }
 
     /// A secondary replication session is attached.
