@@ -95,6 +95,11 @@ pub enum Command {
         /// Keep running after the tour so you can attach your own NBD client.
         #[arg(long)]
         serve: bool,
+        /// The check the demo's `drill run` runs: reads every drill copy
+        /// named in the environment and compares its BLAKE3 hash with
+        /// REPLICATOR_DEMO_EXPECT_<VOLUME> (exit 1 on a mismatch).
+        #[arg(long, hide = true)]
+        drill_check: bool,
     },
     /// Drill copies on the secondary: a writable, group-consistent copy of
     /// the replica for failover tests while replication goes on.
@@ -454,7 +459,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { serve } => Ok(crate::demo::run(serve)),
+        Command::Demo { drill_check: true, .. } => Ok(crate::demo::drill_check()),
+        Command::Demo { serve, .. } => Ok(crate::demo::run(serve)),
         Command::Drill(cmd) => {
             let config = load_config(&cli.config)?;
             let rt = runtime()?;

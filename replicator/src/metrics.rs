@@ -369,7 +369,7 @@ impl Collector for NodeCollector {
             "1 on a former primary superseded by a failover (it takes no writes until failback or resync)",
             statuses.iter().map(|s| ([("group", s.group.as_str())], flag(s.superseded_by > 0))),
         )?;
-        let plain: [(&str, &str, GaugeOf); 15] = [
+        let plain: [(&str, &str, GaugeOf); 18] = [
             (
                 "replicator_generation",
                 "Promotion generation (pair create: 1; each failover or switchover adds one)",
@@ -421,6 +421,15 @@ impl Collector for NodeCollector {
                 |s| s.data_as_of_unix.unwrap_or(0.0),
             ),
             ("replicator_writable", "1 if clients may write the volumes here", |s| f64::from(u8::from(s.writable))),
+            ("replicator_drill_active", "1 while a drill copy of the replica exists here (`drill start`)", |s| {
+                f64::from(u8::from(s.drill.is_some()))
+            }),
+            ("replicator_drill_space_used_bytes", "Bytes the drill copies hold (chunks written on either side)", |s| {
+                s.drill.as_ref().map_or(0.0, |d| d.space_used_bytes as f64)
+            }),
+            ("replicator_drill_recovery_seq", "The sequence the running drill copy holds every write through", |s| {
+                s.drill.as_ref().map_or(0.0, |d| d.meta.recovery_seq as f64)
+            }),
         ];
         for (name, help, value) in plain {
             gauges(e, name, help, by_group(value))?;
