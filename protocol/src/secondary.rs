@@ -126,6 +126,21 @@ pub enum Action {
     SyncVolumes(Barrier),
     /// Persist the snapshot (fsync'd); report [`Secondary::on_saved`].
     Save(Persist),
+    /// A resync is about to overwrite a consistent image: the volumes hold
+    /// exactly the writes `<= seq` (nothing is being applied). Make that
+    /// image durable and preserve it (copy-on-write) until
+    /// [`Action::ReleaseImage`], so that a failover in the middle of the
+    /// resync can roll back to it; report [`Secondary::on_image_preserved`].
+    /// No copy data reaches the volumes before that report.
+    PreserveImage {
+        /// The image holds every write through here, none beyond.
+        seq: u64,
+        /// The primary's time of write `seq` (µs since the epoch; 0 unknown).
+        written_at_us: u64,
+    },
+    /// The resync is finished and the consistent image is persisted: the
+    /// image preserved by [`Action::PreserveImage`] may go.
+    ReleaseImage,
     /// Send this to the primary.
     Send(Body),
 }
@@ -203,6 +218,8 @@ pub struct Secondary {
     save_wanted: bool,
     /// `copy_incomplete = true` must be on disk before copy data lands.
     inconsistency_saved_at: Option<u64>,
+    /// [`Action::PreserveImage`] is out and not reported yet.
+    preserving: bool,
     /// COPY_DONE received (its seq), and the save that records it.
     copy_done: Option<u64>,
     copy_done_saved_at: Option<u64>,
@@ -252,6 +269,7 @@ impl Secondary {
             save_in_flight: false,
             save_wanted: false,
             inconsistency_saved_at: start.copy_incomplete.then_some(0),
+            preserving: false,
             copy_done: None,
             copy_done_saved_at: None,
             data_as_of_us: start.data_as_of_us,
@@ -359,7 +377,8 @@ impl Secondary {
                 Action::SyncJournal { .. } => self.journal_sync_in_flight = false,
                 Action::SyncVolumes(_) => self.volume_sync = None,
                 Action::Save(_) => self.save_in_flight = false,
-                Action::Append { .. } | Action::Send(_) => {}
+                Action::PreserveImage { .. } => self.preserving = false,
+                Action::Append { .. } | Action::Send(_) | Action::ReleaseImage => {}
             }
         }
     }
@@ -414,7 +433,26 @@ impl Secondary {
                 self.ready(d);
             }
         }
+        if self.records.is_empty() && !self.copy_incomplete {
+            // A copy chunk may wait for the image to settle.
+            self.admit_pending()?;
+        }
         Ok(())
+    }
+
+    /// The image of [`Action::PreserveImage`] is preserved (or could not
+    /// be: the session stops, nothing was overwritten).
+    pub fn on_image_preserved(&mut self, result: Result<(), String>) -> Result<(), SecondaryError> {
+        self.preserving = false;
+        if let Err(e) = result {
+            self.fail();
+            return Err(SecondaryError::Io(format!(
+                "cannot preserve the consistent image before the resync overwrites it: {e}"
+            )));
+        }
+        self.copy_incomplete = true;
+        self.inconsistency_saved_at = Some(self.want_save());
+        self.admit_pending()
     }
 
     /// The volumes are durable through `barrier`.
@@ -564,8 +602,17 @@ impl Secondary {
         while let Some((op, payload_len)) = self.pending.front().map(|r| (r.op, r.payload.len() as u64)) {
             if op.is_copy() {
                 if !self.copy_incomplete {
-                    self.copy_incomplete = true;
-                    self.inconsistency_saved_at = Some(self.want_save());
+                    // A resync starts on a consistent image: once every
+                    // write admitted so far is applied (and nothing else
+                    // is), the image is exactly a prefix; it is preserved
+                    // before it turns inconsistent.
+                    if !self.preserving && self.records.is_empty() && !self.failed {
+                        self.preserving = true;
+                        let seq = self.applier.applied();
+                        let written_at_us = self.written_at.get(&seq).copied().unwrap_or(self.data_as_of_us);
+                        self.actions.push_back(Action::PreserveImage { seq, written_at_us });
+                    }
+                    return Ok(());
                 }
                 if self.inconsistency_saved_at.is_some_and(|v| v > self.saved_version) {
                     return Ok(());
@@ -705,6 +752,7 @@ impl Secondary {
         if self.copy_done_saved_at.is_some_and(|v| self.saved_version >= v) {
             self.copy_done = None;
             self.copy_done_saved_at = None;
+            self.actions.push_back(Action::ReleaseImage);
             self.actions.push_back(Action::Send(Body::CommandReply(pb::CommandReply {
                 command: pb::Command::CopyDone as i32,
                 error: String::new(),
@@ -886,12 +934,46 @@ mod tests {
         copy.copy_index = 1;
         s.on_record(copy).unwrap();
         let acts = drain(&mut s, now);
+        assert!(matches!(acts.first(), Some(Action::PreserveImage { seq: 0, .. })), "{acts:?}");
+        assert!(!acts.iter().any(|a| matches!(a, Action::Save(_) | Action::Apply { .. })), "{acts:?}");
+        s.on_image_preserved(Ok(())).unwrap();
+        let acts = drain(&mut s, now);
         let Some(Action::Save(p)) = acts.first() else { panic!("{acts:?}") };
         assert!(p.copy_incomplete);
         assert!(!acts.iter().any(|a| matches!(a, Action::Apply { .. })));
         s.on_saved(&p.clone(), Ok(()), now).unwrap();
         let acts = drain(&mut s, now);
         assert!(matches!(acts.first(), Some(Action::Apply { .. })), "{acts:?}");
+    }
+
+    #[test]
+    fn a_resync_preserves_the_consistent_image_once_the_writes_before_it_are_applied() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        let mut copy = Record::with_payload(RecordOp::Copy, 0, 0, 0, 1, Bytes::from(vec![9u8; 4096]), false);
+        copy.copy_index = 1;
+        s.on_record(copy).unwrap();
+        assert!(!s.wants_input(), "records behind the copy chunk wait");
+        let acts = drain(&mut s, now);
+        assert!(!acts.iter().any(|a| matches!(a, Action::PreserveImage { .. })), "writes 1 and 2 are not applied: {acts:?}");
+        s.on_journal_synced(2, Ok(())).unwrap();
+        let applies: Vec<ApplyId> = drain(&mut s, now)
+            .into_iter()
+            .filter_map(|a| if let Action::Apply { id, .. } = a { Some(id) } else { None })
+            .collect();
+        assert_eq!(applies.len(), 2);
+        s.on_applied(applies[0], Ok(())).unwrap();
+        assert!(!drain(&mut s, now).iter().any(|a| matches!(a, Action::PreserveImage { .. })), "write 2 is applying");
+        s.on_applied(applies[1], Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(acts.iter().any(|a| matches!(a, Action::PreserveImage { seq: 2, .. })), "{acts:?}");
+        assert!(!acts.iter().any(|a| matches!(a, Action::Apply { .. })), "{acts:?}");
+        // A failure to preserve it ends the session before the copy lands.
+        let err = s.on_image_preserved(Err("disk full".into())).unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(!drain(&mut s, now).iter().any(|a| matches!(a, Action::Apply { .. })));
     }
 
     #[test]
@@ -903,6 +985,8 @@ mod tests {
             copy.copy_index = i;
             s.on_record(copy).unwrap();
         }
+        assert!(matches!(drain(&mut s, now).first(), Some(Action::PreserveImage { .. })));
+        s.on_image_preserved(Ok(())).unwrap();
         let acts = drain(&mut s, now);
         let Some(Action::Save(p)) = acts.first() else { panic!("{acts:?}") };
         s.on_saved(&p.clone(), Ok(()), now).unwrap();
@@ -956,7 +1040,8 @@ mod tests {
                     Action::Apply { id, .. } => s.on_applied(id, Ok(())).unwrap(),
                     Action::SyncVolumes(b) => s.on_volumes_synced(b, Ok(())).unwrap(),
                     Action::Save(p) => s.on_saved(&p, Ok(()), now).unwrap(),
-                    Action::Append { .. } | Action::Send(_) => {}
+                    Action::PreserveImage { .. } => s.on_image_preserved(Ok(())).unwrap(),
+                    Action::Append { .. } | Action::Send(_) | Action::ReleaseImage => {}
                 }
             }
         }

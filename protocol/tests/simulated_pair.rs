@@ -292,6 +292,10 @@ struct SecondarySite {
     /// Newest write seq reflected by a copy chunk applied to the image.
     copy_reflects: u64,
     last_ack_sent: Option<pb::Ack>,
+    /// The seq of the image preserved when a resync started on a
+    /// consistent image (`Action::PreserveImage`), until
+    /// `Action::ReleaseImage`.
+    preserved: Option<u64>,
 }
 
 /// What a run exercised, so the long runs can assert they reach the hard
@@ -317,6 +321,7 @@ struct Stats {
     copy_mismatches: usize,
     consistent_checks: usize,
     fault_checks: usize,
+    images_preserved: usize,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -339,6 +344,7 @@ impl std::ops::AddAssign for Stats {
         self.primary_power_cuts += o.primary_power_cuts;
         self.copies_done += o.copies_done;
         self.consistent_checks += o.consistent_checks;
+        self.images_preserved += o.images_preserved;
         self.fault_checks += o.fault_checks;
     }
 }
@@ -437,6 +443,7 @@ impl SecondarySite {
             persisted_copy_incomplete: copy,
             copy_reflects: 0,
             last_ack_sent: None,
+            preserved: None,
         }
     }
 
@@ -847,6 +854,30 @@ impl Sim {
                 }
                 Action::SyncVolumes(b) => self.s.volume_syncs.push_back((b, self.s.volatile_writes.len())),
                 Action::Save(p) => self.s.saves.push_back(p),
+                Action::PreserveImage { seq, .. } => {
+                    // What a failover in the middle of the resync rolls
+                    // back to: exactly the primary's image after writes
+                    // <= seq.
+                    let want =
+                        self.secondary_model.image(&self.history, &SeqSet { prefix: seq, extras: BTreeSet::new() });
+                    assert!(
+                        self.s.image == want && self.s.applied.prefix == seq && self.s.applied.extras.is_empty(),
+                        "the image preserved for the resync is not the image after writes <= {seq} ({:?})",
+                        self.s.applied
+                    );
+                    assert!(self.s.applies.is_empty(), "an apply is in flight while the image is preserved");
+                    assert!(self.s.preserved.is_none(), "a second image preserved before the first was released");
+                    self.s.preserved = Some(seq);
+                    self.stats.images_preserved += 1;
+                    self.s.machine.on_image_preserved(Ok(())).unwrap_or_else(|e| panic!("{e}"));
+                }
+                Action::ReleaseImage => {
+                    assert!(
+                        !self.s.machine.copy_incomplete() && !self.s.persisted_copy_incomplete,
+                        "the preserved image released before the consistent image is persisted"
+                    );
+                    self.s.preserved = None;
+                }
                 Action::Send(body) => {
                     if let Body::Ack(ack) = &body {
                         if let Some(prev) = &self.s.last_ack_sent {
@@ -1272,4 +1303,5 @@ fn seeded_long_runs() {
     assert!(total.copy_hashes > 0 && total.copy_mismatches > 0, "{total:?}");
     assert!(total.primary_crashes > 0 && total.primary_power_cuts > 0, "{total:?}");
     assert!(total.consistent_checks > 0 && total.fault_checks > 0, "{total:?}");
+    assert!(total.images_preserved > 0, "{total:?}");
 }
