@@ -957,7 +957,10 @@ mod tests {
         s.on_record(copy).unwrap();
         assert!(!s.wants_input(), "records behind the copy chunk wait");
         let acts = drain(&mut s, now);
-        assert!(!acts.iter().any(|a| matches!(a, Action::PreserveImage { .. })), "writes 1 and 2 are not applied: {acts:?}");
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::PreserveImage { .. })),
+            "writes 1 and 2 are not applied: {acts:?}"
+        );
         s.on_journal_synced(2, Ok(())).unwrap();
         let applies: Vec<ApplyId> = drain(&mut s, now)
             .into_iter()

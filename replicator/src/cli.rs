@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{human_bytes, Config, DEFAULT_CONFIG_PATH};
 use crate::control::{self, exit, Request, Response};
-use crate::group::{GroupStatus, Health};
+use crate::group::{format_time, GroupStatus, Health};
 
 /// Block-level storage replication over QUIC with mutual TLS.
 #[derive(Debug, Parser)]
@@ -722,6 +722,26 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
         );
         if s.state == "COPY" && s.copy_total_bytes > 0 {
             let _ = writeln!(out, "  copy {} of {}", human_bytes(s.copy_done_bytes), human_bytes(s.copy_total_bytes));
+        }
+        if let Some(f) = &s.failover_image {
+            let when = if f.written_at_us == 0 {
+                String::new()
+            } else {
+                format!(", written on the primary at {}", format_time(f.written_at_us))
+            };
+            let _ = match f.source.as_str() {
+                "replica" => writeln!(out, "  failover image: the replica, sequence {}{when}", f.seq),
+                "resync-guard" => writeln!(
+                    out,
+                    "  failover image: the image preserved when the running resync started, sequence {}{when} (a \
+                     failover rolls the resync back to it)",
+                    f.seq
+                ),
+                _ => writeln!(
+                    out,
+                    "  failover image: none consistent (a copy runs; only `failover --force`, which promotes the mix)"
+                ),
+            };
         }
         for v in &s.volumes {
             let _ = writeln!(out, "  volume {}  {}  {}", v.name, v.path.display(), human_bytes(v.size));

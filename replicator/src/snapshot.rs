@@ -24,7 +24,7 @@ use replicator_protocol::snapshot::{ChunkMap, Commit, SnapshotError};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::io::{AlignedBuf, BlockFile, IoEngine, IoError, OpenOptions};
-use crate::volume::align_range;
+use crate::volume::{align_range, Volume};
 
 /// Striped chunk locks per snapshot.
 const STRIPES: u64 = 64;
@@ -134,17 +134,6 @@ impl Snapshot {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             commit: tokio::sync::Mutex::new(()),
         }
-    }
-
-    /// Removes a snapshot's files (after it is detached from its volume).
-    pub fn remove_files(dir: &Path, volume: &str) -> std::io::Result<()> {
-        for p in [data_path(dir, volume), map_path(dir, volume)] {
-            match std::fs::remove_file(&p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-        }
-        Ok(())
     }
 
     fn map(&self) -> MutexGuard<'_, ChunkMap> {
@@ -364,19 +353,22 @@ impl Snapshot {
         self.commit(None).await
     }
 
-    /// Copies every held chunk back into the volume and syncs it: the
-    /// volume then holds the snapshot's image.
-    pub async fn roll_back(&self, volume: &BlockFile) -> Result<u64, IoError> {
+    /// Writes every held chunk back into `volume` (through it, so other
+    /// snapshots attached to it preserve what this overwrites; detach this
+    /// one first) and syncs it: the volume then holds the snapshot's image.
+    /// Returns the regions rewritten, as (offset, length).
+    pub async fn roll_back(&self, volume: &Volume) -> Result<Vec<(u64, u64)>, IoError> {
         let chunks: Vec<u64> = self.map().held_iter().collect();
         let _guards = self.lock_write(0..STRIPES).await;
+        let mut regions = Vec::with_capacity(chunks.len());
         for &c in &chunks {
             let (start, len) = self.map().chunk_range(c);
             let (res, buf) = self.data.read_at(AlignedBuf::for_overwrite(len as usize), start).await;
             res?;
-            let (res, _) = volume.write_at(buf, start).await;
-            res?;
+            volume.write_aligned(start, buf).await?;
+            regions.push((start, len));
         }
-        volume.sync_data().await?;
-        Ok(chunks.len() as u64 * self.chunk_size())
+        volume.sync().await?;
+        Ok(regions)
     }
 }

@@ -48,6 +48,7 @@ enum Event {
     Applied(ApplyId, Result<(), String>),
     VolumesSynced(Barrier, Result<(), String>),
     Saved(Persist, Result<(), String>),
+    ImagePreserved(Result<(), String>),
     /// A span of a hash-only copy chunk differs here (not a completion:
     /// the chunk's `Applied` follows).
     CopyMismatch {
@@ -106,6 +107,15 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     }
     if g.drill_starting {
         return Err((pb::Refusal::Unspecified, format!("group {name}: a drill is starting here; retry in a moment")));
+    }
+    if group.guard_rolling_back() {
+        return Err((
+            pb::Refusal::Unspecified,
+            format!(
+                "group {name}: a failover here was rolling the unfinished resync back when it stopped; run \
+                 `replicator failover {name}` here again to finish it"
+            ),
+        ));
     }
     // Who may replicate into whom (protocol::lifecycle decides; this
     // performs and words it).
@@ -417,6 +427,32 @@ fn beyond(g: &Inner) -> String {
     }
 }
 
+/// Before an `OpenGroup` that resyncs a consistent replica here: preserves
+/// its image (the volumes hold exactly the checkpoint's writes while no
+/// session is attached). Returns whether it did; refuses the resync when
+/// the image cannot be preserved (the replica stays consistent, behind).
+async fn guard_for_resync(group: &Group, open: &pb::OpenGroup) -> Result<bool, Refused> {
+    if open.intent != pb::OpenIntent::Resync as i32 {
+        return Ok(false);
+    }
+    let (seq, written_at_us) = {
+        let g = lock(&group.inner);
+        if !group.wants_guard(&g) || g.secondary_attached || g.taking_over || g.persisted.pair_id != open.pair_id {
+            return Ok(false);
+        }
+        (g.persisted.durable_seq, g.persisted.data_as_of_us)
+    };
+    group.preserve_image(seq, written_at_us).await.map(|()| true).map_err(|e| {
+        let msg = format!(
+            "group {}: cannot preserve the consistent image here before the resync overwrites it ({e}); the replica \
+             stays consistent and behind until this is fixed (free space in the state directory)",
+            group.cfg.name
+        );
+        lock(&group.inner).last_error = Some(msg.clone());
+        (pb::Refusal::Unspecified, msg)
+    })
+}
+
 /// Serves one group stream opened by the primary `peer`. Returns when the
 /// stream ends, the pair is deleted, or `shutdown` fires (then it finishes
 /// applying what it received and makes it durable first).
@@ -439,7 +475,11 @@ pub async fn serve_secondary(
         send.finish();
         return;
     }
-    let accepted = match accept_open(&group, &open, &peer) {
+    // A resync after the primary lost power overwrites a consistent image
+    // here: preserve it first (resync_guard.rs).
+    let guard = guard_for_resync(&group, &open).await;
+    let guarded = matches!(guard, Ok(true));
+    let accepted = match guard.and_then(|_| accept_open(&group, &open, &peer)) {
         Ok(a) => match restore_journal(&group, open.pair_id, a.new_pair).await {
             Ok(journal) => Ok((a, journal)),
             Err(refused) => {
@@ -452,6 +492,9 @@ pub async fn serve_secondary(
     let (Accepted { start, commands, .. }, journal) = match accepted {
         Ok(accepted) => accepted,
         Err((refusal, msg)) => {
+            if guarded && lock(&group.inner).persisted.consistent {
+                group.release_image("the resync was refused");
+            }
             // One line per distinct refusal (and a reminder every minute):
             // the primary retries every few seconds.
             let repeat = {
@@ -943,6 +986,7 @@ impl Session {
                 }
                 self.machine.on_saved(&persist, r, Instant::now())
             }
+            Event::ImagePreserved(r) => self.machine.on_image_preserved(r),
         };
         if let Err(e) = &result {
             lock(&self.group.inner).last_error = Some(e.to_string());
@@ -1052,6 +1096,15 @@ impl Session {
                         let _ = events.send(Event::Saved(persist, r));
                     });
                 }
+                Action::PreserveImage { seq, written_at_us } => {
+                    let (group, events) = (self.group.clone(), self.events_tx.clone());
+                    self.outstanding += 1;
+                    tokio::spawn(async move {
+                        let r = group.preserve_image(seq, written_at_us).await;
+                        let _ = events.send(Event::ImagePreserved(r));
+                    });
+                }
+                Action::ReleaseImage => self.group.release_image("the resync ended and the replica is consistent"),
                 Action::Send(body) => send.queue(body),
             }
         }

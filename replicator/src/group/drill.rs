@@ -5,9 +5,9 @@
 //! session stops handing out applies beyond the writes already being
 //! applied (`Secondary::freeze`), and once those are applied the volumes hold
 //! exactly the writes `<= N`, on every volume of the group. The volumes are
-//! synced, a copy-on-write snapshot of each is created (`crate::snapshot`,
-//! files under `<group dir>/drill/`), `drill.json` records the drill, the
-//! snapshots are attached to the volumes, and applies resume. From then on
+//! synced, a copy-on-write snapshot of each is created and attached to the
+//! volumes (`preserved.rs`: files under `<group dir>/drill/`, named by
+//! `image.json`), and applies resume. From then on
 //! every write to a replica volume first preserves the chunks it touches in
 //! the snapshot; NBD export `drill/<volume>` reads the snapshot's image and
 //! writes only into the snapshot. Nothing is copied up front, so a drill is
@@ -16,7 +16,7 @@
 //!
 //! Decisions:
 //! - The snapshot survives restarts and power cuts: its files are created
-//!   durably before `drill.json` names them, and the volume is written in a
+//!   durably before `image.json` names them, and the volume is written in a
 //!   chunk only once that chunk is durably preserved (see
 //!   `replicator_protocol::snapshot`). A restart loads the drill before the
 //!   restore journal is replayed, so replayed writes are preserved too.
@@ -41,6 +41,7 @@ use replicator_protocol::pair::Role;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::preserved::{ImageRecord, PreservedImage};
 use super::takeover::format_time;
 use super::write_path::unix_micros;
 use super::{lock, Group, GroupError, SessionCommand};
@@ -57,7 +58,7 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest read or write a drill client may send.
 const DRILL_MAX_PAYLOAD: u32 = 4 << 20;
 
-/// What a drill froze, and when (`drill.json`, reports, history).
+/// What a drill froze, and when (`drill/image.json`, reports, history).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DrillMeta {
     /// Unique id (the start time, UTC, with milliseconds: `20261201T221500-123Z`).
@@ -80,6 +81,20 @@ pub struct DrillMeta {
     pub chunk: u64,
     /// Volume names and sizes, in group order.
     pub volumes: Vec<(String, u64)>,
+}
+
+impl ImageRecord for DrillMeta {
+    fn chunk(&self) -> u64 {
+        self.chunk
+    }
+
+    fn volumes(&self) -> &[(String, u64)] {
+        &self.volumes
+    }
+
+    fn describe(&self) -> String {
+        format!("drill {}", self.id)
+    }
 }
 
 impl DrillMeta {
@@ -184,7 +199,7 @@ impl DrillRecord {
 pub struct ActiveDrill {
     /// What was frozen.
     pub meta: DrillMeta,
-    snapshots: Vec<Arc<Snapshot>>,
+    image: PreservedImage,
     clients: AtomicUsize,
 }
 
@@ -217,10 +232,6 @@ fn drill_dir(group_dir: &Path) -> PathBuf {
     group_dir.join("drill")
 }
 
-fn meta_path(group_dir: &Path) -> PathBuf {
-    drill_dir(group_dir).join("drill.json")
-}
-
 fn history_path(group_dir: &Path) -> PathBuf {
     group_dir.join("drill-history.jsonl")
 }
@@ -235,46 +246,17 @@ fn failed(what: &str) -> impl Fn(std::io::Error) -> GroupError + '_ {
 
 /// Loads the drill of a group after a restart (before anything writes the
 /// volumes) and attaches its snapshots to the volumes. Leftovers of a
-/// `drill start` that did not finish (no `drill.json`) are removed.
+/// `drill start` that did not finish are removed. Blocking.
 pub(super) fn load(
     engine: &IoEngine,
     group_dir: &Path,
     volumes: &[Arc<Volume>],
 ) -> Result<Option<Arc<ActiveDrill>>, GroupError> {
-    let dir = drill_dir(group_dir);
-    let bytes = match std::fs::read(meta_path(group_dir)) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(failed("removing an unfinished drill start"))?;
-            }
-            return Ok(None);
-        }
-        Err(e) => return Err(failed("reading drill.json")(e)),
+    let Some((meta, image)) = PreservedImage::load::<DrillMeta>(engine, &drill_dir(group_dir), volumes)? else {
+        return Ok(None);
     };
-    let meta: DrillMeta = serde_json::from_slice(&bytes)
-        .map_err(|e| GroupError::Failed(format!("{}: {e}", meta_path(group_dir).display())))?;
-    let ours: Vec<(String, u64)> = volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
-    if meta.volumes != ours {
-        return Err(GroupError::Failed(format!(
-            "drill {} was taken of volumes {:?}, the configuration now has {ours:?}; restore the configuration, \
-             or remove {} to discard the drill",
-            meta.id,
-            meta.volumes,
-            dir.display()
-        )));
-    }
-    let mut snapshots = Vec::new();
-    for v in volumes {
-        let s = Snapshot::open(engine, &dir, &v.name, v.size(), meta.chunk)
-            .map_err(|e| GroupError::Failed(format!("drill {}: {e}", meta.id)))?;
-        snapshots.push(Arc::new(s));
-    }
-    for (v, s) in volumes.iter().zip(&snapshots) {
-        v.attach_snapshot(s.clone());
-    }
     tracing::info!(group = %meta.group, drill = %meta.id, recovery_seq = meta.recovery_seq, "drill copy kept across the restart");
-    Ok(Some(Arc::new(ActiveDrill { meta, snapshots, clients: AtomicUsize::new(0) })))
+    Ok(Some(Arc::new(ActiveDrill { meta, image, clients: AtomicUsize::new(0) })))
 }
 
 /// Clears `drill_starting` when a drill start without a session ends.
@@ -296,7 +278,7 @@ impl Group {
     pub fn drill_status(&self) -> Option<DrillStatus> {
         self.drill().map(|d| DrillStatus {
             meta: d.meta.clone(),
-            space_used_bytes: d.snapshots.iter().map(|s| s.held_bytes()).sum(),
+            space_used_bytes: d.image.held_bytes(),
             clients: d.clients.load(Ordering::SeqCst),
             exports: d.meta.exports(),
         })
@@ -385,17 +367,16 @@ impl Group {
             volumes: self.volumes.iter().map(|v| (v.name.clone(), v.size())).collect(),
         };
         let (engine, group_dir, volumes) = (self.engine.clone(), self.store.dir().to_path_buf(), self.volumes.clone());
-        let created = {
+        let image = {
             let meta = meta.clone();
-            tokio::task::spawn_blocking(move || create(&engine, &group_dir, &volumes, &meta))
-                .await
-                .map_err(|e| GroupError::Failed(format!("drill start: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                PreservedImage::create(&engine, &drill_dir(&group_dir), &volumes, &meta)
+            })
+            .await
+            .map_err(|e| GroupError::Failed(format!("drill start: {e}")))??
         };
         meta.ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        for (v, s) in self.volumes.iter().zip(&created) {
-            v.attach_snapshot(s.clone());
-        }
-        let drill = Arc::new(ActiveDrill { meta: meta.clone(), snapshots: created, clients: AtomicUsize::new(0) });
+        let drill = Arc::new(ActiveDrill { meta: meta.clone(), image, clients: AtomicUsize::new(0) });
         *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = Some(drill);
         if let Some(thaw) = thaw {
             let _ = thaw.send(());
@@ -427,16 +408,9 @@ impl Group {
                 drill.meta.exports().join(", ")
             )));
         }
-        let space_used_bytes = drill.snapshots.iter().map(|s| s.held_bytes()).sum();
-        for (v, s) in self.volumes.iter().zip(&drill.snapshots) {
-            v.detach_snapshot(s);
-        }
+        let space_used_bytes = drill.image.held_bytes();
         *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        // Writes that were preserving into the snapshots finish first.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while drill.snapshots.iter().any(|s| Arc::strong_count(s) > 1) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        drill.image.detach(&self.volumes).await;
         let result = match &outcome {
             None => "manual",
             Some(o) if o.timed_out => "timed-out",
@@ -453,10 +427,8 @@ impl Group {
             report: outcome.is_some().then(|| reports_dir(&group_dir).join(format!("{}.json", drill.meta.id))),
             outcome,
         };
-        drop(drill);
         let rec = record.clone();
-        let volumes: Vec<String> = self.volumes.iter().map(|v| v.name.clone()).collect();
-        tokio::task::spawn_blocking(move || discard_and_record(&group_dir, &volumes, &rec))
+        tokio::task::spawn_blocking(move || discard_and_record(&group_dir, &drill.image, &rec))
             .await
             .map_err(|e| GroupError::Failed(format!("drill stop: {e}")))??;
         if record.report.as_ref().is_some_and(|p| !p.exists()) {
@@ -482,7 +454,7 @@ impl Group {
     pub fn open_drill_export(&self, volume: &str) -> Option<DrillExport> {
         let drill = self.drill()?;
         let index = self.volumes.iter().position(|v| v.name == volume)?;
-        let (snapshot, volume) = (drill.snapshots.get(index)?.clone(), self.volumes.get(index)?.clone());
+        let (snapshot, volume) = (drill.image.snapshot(index)?.clone(), self.volumes.get(index)?.clone());
         drill.clients.fetch_add(1, Ordering::SeqCst);
         Some(DrillExport { drill, snapshot, volume })
     }
@@ -503,40 +475,10 @@ fn drill_id(us: u64) -> String {
     )
 }
 
-/// Creates the snapshot files and then `drill.json` (blocking).
-fn create(
-    engine: &IoEngine,
-    group_dir: &Path,
-    volumes: &[Arc<Volume>],
-    meta: &DrillMeta,
-) -> Result<Vec<Arc<Snapshot>>, GroupError> {
-    let dir = drill_dir(group_dir);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(failed("removing a stale drill directory"))?;
-    }
-    crate::perms::ensure_dir(&dir, 0o700, "drill directory").map_err(failed("creating the drill directory"))?;
-    let mut snapshots = Vec::new();
-    for v in volumes {
-        let s = Snapshot::create(engine, &dir, &v.name, v.size(), meta.chunk)
-            .map_err(|e| GroupError::Failed(format!("drill start: {e}")))?;
-        snapshots.push(Arc::new(s));
-    }
-    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(failed("syncing the drill directory"))?;
-    let json = serde_json::to_vec_pretty(meta).map_err(|e| GroupError::Failed(e.to_string()))?;
-    write_atomically(&meta_path(group_dir), &json).map_err(failed("writing drill.json"))?;
-    Ok(snapshots)
-}
-
-/// Removes `drill.json` (durably), then the copies; writes the report and
+/// Discards the drill copies (durably), then writes the report and
 /// appends the history line (blocking).
-fn discard_and_record(group_dir: &Path, volumes: &[String], record: &DrillRecord) -> Result<(), GroupError> {
-    let dir = drill_dir(group_dir);
-    std::fs::remove_file(meta_path(group_dir)).map_err(failed("removing drill.json"))?;
-    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(failed("syncing the drill directory"))?;
-    for v in volumes {
-        Snapshot::remove_files(&dir, v).map_err(failed("removing a drill copy"))?;
-    }
-    std::fs::remove_dir_all(&dir).map_err(failed("removing the drill directory"))?;
+fn discard_and_record(group_dir: &Path, image: &PreservedImage, record: &DrillRecord) -> Result<(), GroupError> {
+    image.remove()?;
     if let Some(report) = &record.report {
         let reports = reports_dir(group_dir);
         crate::perms::ensure_dir(&reports, 0o700, "drill reports").map_err(failed("creating drill-reports"))?;

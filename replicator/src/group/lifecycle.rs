@@ -298,7 +298,7 @@ impl Group {
             // Its writes while split stay marked: they are copied to the
             // former primary with its own changes.
             let own = g.bitmaps.clone();
-            self.promote(&mut g, journal, true);
+            self.promote(&mut g, journal, true, &[]);
             g.bitmaps = own;
             g.persisted.copy_pending = g.bitmaps.iter().any(|b| !b.is_clean());
             g.persisted.swap = true;

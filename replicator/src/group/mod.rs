@@ -18,6 +18,8 @@
 mod applier;
 mod drill;
 mod lifecycle;
+mod preserved;
+mod resync_guard;
 mod shipper;
 mod takeover;
 mod verify;
@@ -54,6 +56,7 @@ pub use drill::{
     export_name as drill_export_name, DrillExport, DrillMeta, DrillOutcome, DrillRecord, DrillStatus,
     DEFAULT_DRILL_CHUNK,
 };
+pub use resync_guard::FailoverImage;
 pub(crate) use takeover::format_time;
 pub use verify::serve_verify;
 pub use write_path::{WriteError, WriteKind};
@@ -281,6 +284,8 @@ pub struct Group {
     /// The running drill (`drill.rs`), and one drill command at a time.
     drill: Mutex<Option<Arc<drill::ActiveDrill>>>,
     drill_op: tokio::sync::Mutex<()>,
+    /// The consistent image preserved while a resync runs (`resync_guard.rs`).
+    resync_guard: Mutex<Option<Arc<resync_guard::ResyncGuard>>>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -306,6 +311,7 @@ impl Group {
         // Before anything writes the volumes (journal replays below): a
         // drill copy keeps its image through them.
         let drill = drill::load(&engine, store.dir(), &volumes)?;
+        let resync_guard = resync_guard::load(&engine, store.dir(), &volumes, &persisted)?;
         let mut bitmaps = load_bitmaps(&store, &volumes)?;
         let mut activity = load_activity_log(&store);
         let boot_id = current_boot_id();
@@ -538,6 +544,7 @@ impl Group {
             stopped: std::sync::OnceLock::new(),
             drill: Mutex::new(drill),
             drill_op: tokio::sync::Mutex::new(()),
+            resync_guard: Mutex::new(resync_guard),
         });
         {
             let mut g = lock(&group.inner);
@@ -1037,6 +1044,7 @@ impl Group {
         g.cached_bytes = 0;
         g.refusal = None;
         self.save_locked(g);
+        self.release_image("pair deleted");
         self.publish(g);
         tracing::info!(group = %self.cfg.name, reason = why, "pair deleted: group is SIMPLEX, volumes standalone");
         self.session_kick.send_modify(|k| *k += 1);
@@ -1209,6 +1217,7 @@ impl Group {
                 .collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
             drill: self.drill_status(),
+            failover_image: self.failover_image(&g),
         }
     }
 }
@@ -1331,6 +1340,9 @@ pub struct GroupStatus {
     /// The running drill (`drill start`), if any.
     #[serde(default)]
     pub drill: Option<DrillStatus>,
+    /// Secondary: the image a failover here would promote (null elsewhere).
+    #[serde(default)]
+    pub failover_image: Option<FailoverImage>,
 }
 
 /// How a group is doing, worst last.

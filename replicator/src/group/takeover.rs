@@ -127,6 +127,10 @@ impl Group {
             let g = lock(&self.inner);
             (g.persisted.pair_id, g.persisted.copy_incomplete || !g.persisted.consistent)
         };
+        // In the middle of a resync: back to the consistent image it
+        // preserved (resync_guard.rs), if it did.
+        let rolled_back = if inconsistent { self.roll_back_resync().await? } else { None };
+        let inconsistent = inconsistent && rolled_back.is_none();
         if inconsistent && !force {
             return Err(GroupError::Refused(format!(
                 "group {name}: this replica is not consistent (an initial copy or resync had not finished): its volumes \
@@ -145,17 +149,35 @@ impl Group {
                     g.state
                 )));
             }
+            if let Some((guard, _)) = &rolled_back {
+                g.persisted.durable_seq = guard.seq;
+                g.persisted.epoch = guard.epoch;
+                g.persisted.data_as_of_us = guard.written_at_us;
+                g.persisted.copy_incomplete = false;
+                g.persisted.consistent = true;
+            }
             let mut report = recovery_point(self.cfg.mode, &g, &peer);
+            if let Some((_, regions)) = &rolled_back {
+                let bytes: u64 = regions.iter().flatten().map(|(_, len)| len).sum();
+                report.push_str(&format!(
+                    " A resync was running: it is rolled back ({bytes} bytes rewritten) to the consistent image \
+                     preserved when it started; what it had begun to copy is not in this image."
+                ));
+            }
             if inconsistent {
                 report.push_str(
                     " FORCED: the image was not consistent (an initial copy or resync had not finished): its volumes \
                      mix old and new data; `status` says consistent: false.",
                 );
             }
-            self.promote(&mut g, journal, !inconsistent);
+            let rewritten = rolled_back.as_ref().map_or(&[][..], |(_, r)| r.as_slice());
+            self.promote(&mut g, journal, !inconsistent, rewritten);
             tracing::warn!(group = %name, generation = g.persisted.generation, "failover: this node is now the primary; {report}");
             report
         };
+        if rolled_back.is_some() {
+            self.release_image("failover done");
+        }
         self.start_shipping();
         Ok(format!(
             "group {name}: failover done; this node is now the primary (generation {}), its volumes are writable.\n{report}\n\
@@ -363,7 +385,7 @@ impl Group {
         }
         let journal = self.fresh_journal(pair_id).await?;
         let mut g = lock(&self.inner);
-        self.promote(&mut g, journal, true);
+        self.promote(&mut g, journal, true, &[]);
         // The old primary becomes the secondary in a moment: until it is
         // back (or link_timeout passes, as for any link blip in PAIR), sync
         // writes wait for it, so RPO 0 holds across the switchover.
@@ -377,8 +399,16 @@ impl Group {
     }
 
     /// Makes this secondary the primary (see [`promote`]) and persists it.
-    pub(super) fn promote(&self, g: &mut Inner, journal: Journal, consistent: bool) {
+    /// `rewritten`: regions per volume that differ from what the old
+    /// primary was told this node holds (a resync rolled back): dirty from
+    /// the start, so a failback copies them.
+    pub(super) fn promote(&self, g: &mut Inner, journal: Journal, consistent: bool, rewritten: &[Vec<(u64, u64)>]) {
         promote(g, journal, consistent);
+        for (bitmap, regions) in g.bitmaps.iter_mut().zip(rewritten) {
+            for &(offset, len) in regions {
+                bitmap.set_range(offset, len);
+            }
+        }
         // Writes wait for every earlier record to be journaled: all
         // through the recovery point are.
         let n = g.last_jseq;
