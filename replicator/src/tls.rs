@@ -303,7 +303,9 @@ pub fn describe_certificate(cert: Option<&CertificateDer<'_>>) -> String {
         return "no certificate".into();
     };
     match x509_parser::parse_x509_certificate(cert.as_ref()) {
-        Ok((_, parsed)) => format!("serial {}, valid until {}", parsed.raw_serial_as_string(), parsed.validity().not_after),
+        Ok((_, parsed)) => {
+            format!("serial {}, valid until {}", parsed.raw_serial_as_string(), parsed.validity().not_after)
+        }
         Err(e) => format!("unreadable certificate ({e})"),
     }
 }
