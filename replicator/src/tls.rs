@@ -326,6 +326,13 @@ pub(crate) fn certificate_names(cert: &CertificateDer<'_>, expected: &[String]) 
     Err(ee.valid_dns_names().map(str::to_string).collect())
 }
 
+/// The serial number and expiry of the certificate the peer presented on
+/// `conn` (see [`describe_certificate`]), for logs.
+pub fn peer_certificate_summary(conn: &quinn::Connection) -> String {
+    let certs = conn.peer_identity().and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok());
+    describe_certificate(certs.as_deref().and_then(|c| c.first()))
+}
+
 /// The configured peer that the connection's certificate names. The chain
 /// was already verified against the CA during the handshake.
 pub fn peer_name(conn: &quinn::Connection, expected: &[String]) -> Result<String, TlsError> {

@@ -191,7 +191,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Transport {
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// For new dials; replaced by [`Transport::reload_tls`].
+    client: std::sync::RwLock<quinn::ClientConfig>,
+    /// Streams a peer may open to us (kept for reloads).
+    max_streams: u32,
     node: String,
     peers: HashMap<String, PeerAddress>,
     conns: Mutex<HashMap<String, quinn::Connection>>,
@@ -261,13 +264,25 @@ impl Transport {
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         Ok(Transport {
             endpoint,
-            client,
+            client: std::sync::RwLock::new(client),
+            max_streams,
             node: config.node.name.clone(),
             peers: config.peers.iter().map(|p| (p.name.clone(), p.address.clone())).collect(),
             conns: Mutex::new(HashMap::new()),
             accepted: Mutex::new(None),
             versions: versions.to_vec(),
         })
+    }
+
+    /// Uses `identity` (certificate, key and CA) for every QUIC handshake
+    /// from now on, incoming and outgoing; connections already up keep
+    /// theirs. Nothing changes on an error.
+    pub fn reload_tls(&self, identity: &TlsIdentity) -> Result<(), TransportError> {
+        let server = identity.server_config(self.max_streams)?;
+        let client = identity.client_config(self.max_streams)?;
+        self.endpoint.set_server_config(Some(server));
+        *self.client.write().unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        Ok(())
     }
 
     /// The bound UDP address.
@@ -402,7 +417,13 @@ impl Transport {
                 send.send(Body::HelloReply(pb::HelloReply { version, node: self.node.clone(), error: String::new() }))
                     .await?;
                 send.finish();
-                tracing::info!(%peer, version, software = %hello.software, "peer connected");
+                tracing::info!(
+                    %peer,
+                    version,
+                    software = %hello.software,
+                    certificate = %crate::tls::peer_certificate_summary(conn),
+                    "peer connected"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -463,7 +484,8 @@ impl Transport {
             format!("{address} ({addr})")
         };
         let err = |message: String| TransportError::Connect { peer: peer.to_string(), addr: shown.clone(), message };
-        let connecting = self.endpoint.connect_with(self.client.clone(), addr, peer).map_err(|e| err(e.to_string()))?;
+        let client = self.client.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let connecting = self.endpoint.connect_with(client, addr, peer).map_err(|e| err(e.to_string()))?;
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await
             .map_err(|_| err("handshake timed out".into()))?
@@ -485,7 +507,13 @@ impl Transport {
         if !reply.error.is_empty() || reply.version == 0 {
             return Err(err(format!("peer refused: {}", reply.error)));
         }
-        tracing::info!(%peer, %addr, version = reply.version, "connected to peer");
+        tracing::info!(
+            %peer,
+            %addr,
+            version = reply.version,
+            certificate = %crate::tls::peer_certificate_summary(&conn),
+            "connected to peer"
+        );
         conns.insert(peer.to_string(), conn.clone());
         Ok(conn)
     }
