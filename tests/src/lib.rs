@@ -555,6 +555,12 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("local_addr").port()
 }
 
+/// Finds a free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral TCP port");
+    s.local_addr().expect("local_addr").port()
+}
+
 /// First difference between two files, compared byte by byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileDiff {
@@ -741,6 +747,26 @@ address = "127.0.0.1:{peer_port}"
     /// The temporary directory holding everything.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The CA directory (`ca.pem`, `ca.key`), for issuing more certificates.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+
+    /// The directory holding the nodes' certificates and keys
+    /// (`<node>.pem`, `<node>.key`), which the configurations name.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.root.join("certs")
+    }
+
+    /// Adds `keys` (TOML lines) to a site's `[node]` section. Applies at
+    /// the next start (or, for what it reloads, at SIGHUP).
+    pub fn add_node_keys(&self, site: Site, keys: &str) {
+        let path = self.config_path(site);
+        let text = std::fs::read_to_string(path).expect("read config");
+        let text = text.replacen("\n[tls]\n", &format!("\n{}\n\n[tls]\n", keys.trim_end()), 1);
+        std::fs::write(path, text).expect("write config");
     }
 
     /// The options the cluster was built with.

@@ -121,10 +121,11 @@ where
     }
     let settings = tls.settings();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&settings.config));
-    let stream = acceptor
-        .accept(Joined { read: reader.into_inner(), write: writer })
-        .await
-        .map_err(|e| CloseReason::Tls(format!("TLS handshake failed: {e}")))?;
+    let stream = acceptor.accept(Joined { read: reader.into_inner(), write: writer }).await.map_err(|e| {
+        CloseReason::Tls(format!(
+            "TLS handshake failed: {e} (NBD clients need a certificate issued by the daemon's CA, tls.ca)"
+        ))
+    })?;
     let (_, session) = stream.get_ref();
     let Some(cert) = session.peer_certificates().and_then(|certs| certs.first()) else {
         return Err(CloseReason::Tls("the client presented no certificate".into()));
