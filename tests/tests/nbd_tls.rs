@@ -1,9 +1,10 @@
 //! NBD over TCP with TLS (`node.nbd_tls`), and SIGHUP reloads.
 //!
-//! - qemu-io (qemu's NBD client, gnutls) and nbdinfo (libnbd) read and
-//!   write real bytes over NBD-TLS with a client certificate from the CA;
-//! - a plaintext client, a client certificate from another CA, and a name
-//!   outside `nbd_tls_clients` are refused, each with a clear error;
+//! - qemu-io (qemu's NBD client, gnutls) reads and writes real bytes over
+//!   NBD-TLS with a client certificate from the CA;
+//! - a plaintext client (qemu-io and nbdinfo), a client certificate from
+//!   another CA, and a name outside `nbd_tls_clients` are refused, each with
+//!   a clear error;
 //! - `config check` and `run` refuse a non-loopback `nbd_listen` with
 //!   `nbd_tls = "off"`;
 //! - SIGHUP after replacing the node's certificate and key: new NBD-TLS
