@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in qemu-io:qemu-utils fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit \
-            nbdfuse:libnbd-bin fusermount3:fuse3 mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount ip:iproute2; do
+            nbdfuse:libnbd-bin fusermount3:fuse3 mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount ip:iproute2 \
+            promtool:prometheus; do
     cmd=${pair%%:*}; pkg=${pair##*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
