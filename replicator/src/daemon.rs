@@ -301,7 +301,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             path: addr.to_string(),
             source,
         })?;
-        tasks.spawn(crate::metrics::serve(tcp, node.clone(), config.tls.clone(), shutdown.clone()));
+        tasks.spawn(crate::metrics::serve(tcp, node.clone(), shutdown.clone()));
     }
     {
         let node = node.clone();
@@ -445,6 +445,7 @@ fn reload(running: &Config, transport: &Transport, nbd_tls: Option<&NbdTls>) {
             // Both built before either is applied.
             let nbd = nbd_tls.map(|_| identity.nbd_server_config()).transpose()?;
             transport.reload_tls(&identity)?;
+            transport.note_certificates(&fresh.tls);
             Ok((identity, nbd))
         });
     match identity {

@@ -206,6 +206,10 @@ pub struct Transport {
     /// The newest authenticated incoming connection of each peer, for
     /// [`Transport::rtt`] (dropped when a newer one arrives).
     incoming: std::sync::Mutex<HashMap<String, quinn::Connection>>,
+    /// notAfter (seconds since the epoch) of the certificates in use:
+    /// ("node" | "ca", t); set at bind and by [`Transport::note_certificates`]
+    /// after a reload, read by the metrics.
+    certificate_expiry: std::sync::RwLock<Vec<(&'static str, i64)>>,
 }
 
 /// An incoming connection that was refused, and why.
@@ -227,6 +231,22 @@ pub struct PeerConnection {
     pub peer: String,
     /// The connection.
     pub conn: quinn::Connection,
+}
+
+/// notAfter of `tls.cert` and `tls.ca`; one that cannot be read keeps its
+/// value in `previous` (or is left out) and is logged.
+fn certificate_expiry(tls: &crate::config::TlsPaths, previous: &[(&'static str, i64)]) -> Vec<(&'static str, i64)> {
+    let mut out = Vec::new();
+    for (which, path) in [("node", &tls.cert), ("ca", &tls.ca)] {
+        match crate::tls::not_after_unix(path) {
+            Ok(t) => out.push((which, t)),
+            Err(e) => {
+                tracing::warn!("metrics: cannot read the expiry of {}: {e}", path.display());
+                out.extend(previous.iter().filter(|(w, _)| *w == which).copied());
+            }
+        }
+    }
+    out
 }
 
 impl Transport {
@@ -275,7 +295,22 @@ impl Transport {
             accepted: Mutex::new(None),
             incoming: std::sync::Mutex::new(HashMap::new()),
             versions: versions.to_vec(),
+            certificate_expiry: std::sync::RwLock::new(certificate_expiry(&config.tls, &[])),
         })
+    }
+
+    /// Records the expiry of the certificate and CA in `tls` as the ones in
+    /// use (after [`Transport::reload_tls`] applied them); one that cannot
+    /// be read keeps its previous value.
+    pub fn note_certificates(&self, tls: &crate::config::TlsPaths) {
+        let mut expiry = self.certificate_expiry.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *expiry = certificate_expiry(tls, &expiry);
+    }
+
+    /// ("node" | "ca", notAfter in seconds since the epoch) of the
+    /// certificates in use.
+    pub fn certificate_expiry(&self) -> Vec<(&'static str, i64)> {
+        self.certificate_expiry.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Uses `identity` (certificate, key and CA) for every QUIC handshake

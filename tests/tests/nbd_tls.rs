@@ -10,7 +10,8 @@
 //! - SIGHUP after replacing the node's certificate and key: new NBD-TLS
 //!   connections see the new certificate (read back over STARTTLS) and the
 //!   peer's new QUIC connection logs its serial; a broken certificate is
-//!   refused and the old one kept; `node.log` changes the log level.
+//!   refused and the old one kept; `node.log` changes the log level; the
+//!   certificate expiry metric follows the reload.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -30,7 +31,15 @@ const VOL: &str = "tls-vol";
 /// for qemu and libnbd (`ca-cert.pem`, `client-cert.pem`,
 /// `client-key.pem`).
 fn cluster(extra: &str) -> (Cluster, u16, PathBuf) {
+    cluster_with(extra, false)
+}
+
+/// [`cluster`], with `/metrics` served when `metrics`.
+fn cluster_with(extra: &str, metrics: bool) -> (Cluster, u16, PathBuf) {
     let mut opts = ClusterOpts::group(GroupSpec::new("tls", Mode::Sync).volume(VOL, 16 * MIB));
+    if metrics {
+        opts = opts.with_metrics();
+    }
     opts.start = false;
     let mut c = Cluster::new(opts);
     let port = free_tcp_port();
@@ -211,9 +220,19 @@ fn serial_of(path: &Path) -> String {
     described.split(',').next().expect("serial").trim_start_matches("serial ").to_string()
 }
 
+/// `replicator_certificate_expiry_timestamp_seconds{certificate="node"}`
+/// on site-a.
+fn node_certificate_expiry(c: &Cluster) -> f64 {
+    let (code, _, body) = c.scrape(Site::A, "/metrics").expect("scrape");
+    assert_eq!(code, 200, "{body}");
+    let e = replicator_tests::exposition::parse(&body).expect("exposition");
+    e.value("replicator_certificate_expiry_timestamp_seconds", &[("certificate", "node")]).expect("expiry")
+}
+
 #[test]
 fn sighup_reloads_the_certificate_for_new_connections_and_the_log_level() {
-    let (mut c, port, dir) = cluster("");
+    let (mut c, port, dir) = cluster_with("", true);
+    let expiry_before = node_certificate_expiry(&c);
     let certs = c.certs_dir();
     let old = pem_der(&certs.join("site-a.pem"));
     assert_eq!(served_certificate(port, &dir), old);
@@ -237,6 +256,12 @@ fn sighup_reloads_the_certificate_for_new_connections_and_the_log_level() {
     assert!(line.contains(&serial) && line.contains("QUIC and NBD-TLS"), "{line}");
     assert!(line.contains("log filter (node.log \"debug"), "{line}");
     assert_eq!(served_certificate(port, &dir), new, "a new NBD-TLS connection still sees the old certificate");
+    // The metric follows: the renewed certificate is valid a day longer.
+    let expiry_after = node_certificate_expiry(&c);
+    assert!(
+        (expiry_after - expiry_before - 86400.0).abs() < 600.0,
+        "certificate expiry metric {expiry_before} -> {expiry_after} after the reload"
+    );
     // The debug level applies: NBD connections log their start at debug.
     let (ok, out) = qemu_io(port, Some(&dir), "read 0 4096");
     assert!(ok, "{out}");
@@ -263,5 +288,6 @@ fn sighup_reloads_the_certificate_for_new_connections_and_the_log_level() {
     let line = wait_log(&c, Site::A, "Kept the previous TLS certificate", Duration::from_secs(10));
     assert!(line.contains("site-a.pem"), "{line}");
     assert_eq!(served_certificate(port, &dir), new, "a failed reload changed the served certificate");
+    assert_eq!(node_certificate_expiry(&c), expiry_after, "a failed reload changed the expiry metric");
     assert!(c.is_running(Site::A));
 }
