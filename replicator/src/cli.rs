@@ -275,24 +275,64 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     })
 }
 
+/// Replaces the running log filter; set by [`init_logging`].
+type FilterReload = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+static LOG_RELOAD: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::new();
+
+/// The log filter `run` uses: `node.log` (already expanded by
+/// [`crate::config::log_filter_directives`]) when set, else `RUST_LOG`, else
+/// [`crate::config::DEFAULT_LOG_FILTER`]. Returns it with where it came from.
+fn log_filter(node_log: Option<&str>) -> (tracing_subscriber::EnvFilter, String) {
+    use tracing_subscriber::EnvFilter;
+    if let Some(directives) = node_log {
+        // Validated with the configuration.
+        if let Ok(filter) = EnvFilter::builder().parse(directives) {
+            return (filter, format!("node.log {directives:?}"));
+        }
+    }
+    // As written (unlike node.log, a bare level applies to every crate).
+    if let Ok(env) = std::env::var("RUST_LOG") {
+        if let Ok(filter) = EnvFilter::builder().parse(&env) {
+            return (filter, format!("RUST_LOG {env:?}"));
+        }
+    }
+    let default = crate::config::DEFAULT_LOG_FILTER;
+    (EnvFilter::new(default), format!("default {default:?}"))
+}
+
 /// Initialises logging: plain lines without colour or timestamps under
-/// systemd (journald adds them), `RUST_LOG` to filter. quinn_udp logs
+/// systemd (journald adds them); the filter is `node.log`, else `RUST_LOG`,
+/// else the default ([`crate::config::DEFAULT_LOG_FILTER`]: quinn_udp logs
 /// failed `sendmsg` calls as raw Debug dumps at WARN; QUIC treats them as
 /// packet loss and the link state says what matters, so only its errors
-/// show by default.
-pub fn init_logging() {
+/// show by default). [`reload_log_filter`] replaces the filter later.
+pub fn init_logging(node_log: Option<&str>) {
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,quinn_udp=error,rustls=warn"));
+    let (filter, _) = log_filter(node_log);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(!under_systemd && std::io::stderr().is_terminal());
     if under_systemd {
-        builder.without_time().init();
+        let builder = builder.without_time().with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = LOG_RELOAD.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+        builder.init();
     } else {
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = LOG_RELOAD.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
         builder.init();
     }
+}
+
+/// Applies the log filter a start with this `node.log` would use (see
+/// [`init_logging`]); returns what it is, e.g. `node.log "debug,..."`.
+pub fn reload_log_filter(node_log: Option<&str>) -> Result<String, String> {
+    let reload = LOG_RELOAD.get().ok_or("logging was not initialised with a reloadable filter")?;
+    let (filter, described) = log_filter(node_log);
+    reload(filter)?;
+    Ok(described)
 }
 
 /// Runs the parsed command line.
@@ -306,7 +346,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.command {
         Command::Run => {
             let config = load_config(&cli.config)?;
-            init_logging();
+            init_logging(config.node.log.as_deref());
             let rt = runtime()?;
             let result = rt.block_on(crate::daemon::run(config));
             rt.shutdown_timeout(crate::daemon::RUNTIME_SHUTDOWN_TIMEOUT);

@@ -105,8 +105,64 @@ pub struct NodeConfig {
     pub run_dir: PathBuf,
     /// Optional NBD over TCP.
     pub nbd_listen: Option<SocketAddr>,
+    /// Whether NBD clients on `nbd_listen` must upgrade to TLS
+    /// (`NBD_OPT_STARTTLS`) and present a certificate from `tls.ca`.
+    pub nbd_tls: NbdTlsMode,
+    /// With TLS: the names a client certificate may carry (any certificate
+    /// from `tls.ca` when `None`).
+    pub nbd_tls_clients: Option<Vec<String>>,
     /// Optional Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// `log`: the log filter (a level such as `"debug"`, or `tracing`
+    /// directives), already expanded by [`log_filter_directives`]. `None`:
+    /// `RUST_LOG`, or the default.
+    pub log: Option<String>,
+}
+
+/// `node.nbd_tls`: TLS on the NBD TCP listener (`nbd_listen`). The Unix
+/// socket is never encrypted (it is local, mode 0660).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdTlsMode {
+    /// Plain NBD; `NBD_OPT_STARTTLS` is refused. Only for a loopback
+    /// `nbd_listen`.
+    Off,
+    /// The NBD protocol's FORCEDTLS mode: every option but `STARTTLS` and
+    /// `ABORT` is refused with `NBD_REP_ERR_TLS_REQD` until the client has
+    /// upgraded to TLS with a certificate from `tls.ca`.
+    Require,
+}
+
+impl NbdTlsMode {
+    /// Config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NbdTlsMode::Off => "off",
+            NbdTlsMode::Require => "require",
+        }
+    }
+}
+
+/// The default log filter: `info`, with the QUIC and TLS libraries at
+/// `warn` (quinn_udp at `error`: its failed `sendmsg` calls are raw Debug
+/// dumps, and QUIC treats them as packet loss).
+pub const DEFAULT_LOG_FILTER: &str = "info,quinn=warn,quinn_udp=error,rustls=warn";
+
+/// What a `node.log` value (or `RUST_LOG`) means as filter directives: a
+/// bare level (`"debug"`) keeps the dependencies at their default levels
+/// (`"debug,quinn=warn,quinn_udp=error,rustls=warn"`); anything naming a
+/// target (`"info,replicator::nbd=debug"`) is used as written.
+pub fn log_filter_directives(value: &str) -> String {
+    let value = value.trim();
+    if value.contains('=') || value.contains(',') || value.contains('[') {
+        value.to_string()
+    } else {
+        format!("{value},quinn=warn,quinn_udp=error,rustls=warn")
+    }
+}
+
+/// Whether `addr` only accepts connections from this host.
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
 }
 
 /// `[tls]`
@@ -331,7 +387,10 @@ struct RawNode {
     state_dir: PathBuf,
     run_dir: PathBuf,
     nbd_listen: Option<String>,
+    nbd_tls: Option<String>,
+    nbd_tls_clients: Option<Vec<String>>,
     metrics_listen: Option<String>,
+    log: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -417,19 +476,101 @@ impl Validator<'_> {
         parse_duration(value).map_err(|m| self.err(key, m))
     }
 
+    /// `node.nbd_tls` (default: `require` unless `nbd_listen` is a loopback
+    /// address) and `node.nbd_tls_clients`. A non-loopback `nbd_listen`
+    /// without TLS would serve every volume, read and write, to anyone who
+    /// can reach the port: refused.
+    fn nbd_tls(
+        &self,
+        listen: Option<SocketAddr>,
+        mode: Option<&str>,
+        clients: Option<&[String]>,
+    ) -> Result<(NbdTlsMode, Option<Vec<String>>), ConfigError> {
+        let loopback = listen.as_ref().is_none_or(is_loopback);
+        let mode = match mode {
+            None if loopback => NbdTlsMode::Off,
+            None => NbdTlsMode::Require,
+            Some("require") => NbdTlsMode::Require,
+            Some("off") => NbdTlsMode::Off,
+            Some(other) => {
+                return Err(self.err("node.nbd_tls", format!("{other:?} is not valid: use \"require\" or \"off\"")))
+            }
+        };
+        if let (NbdTlsMode::Off, Some(addr)) = (mode, listen) {
+            if !loopback {
+                return Err(self.err(
+                    "node.nbd_tls",
+                    format!(
+                        "\"off\" with nbd_listen = \"{addr}\", which is not a loopback address: anyone who can reach \
+                         that port could read and write every volume. Use nbd_tls = \"require\" (clients then need a \
+                         certificate from tls.ca, see `replicator cert issue`), or listen on 127.0.0.1 / [::1], or use \
+                         the Unix socket"
+                    ),
+                ));
+            }
+        }
+        let clients =
+            match clients {
+                None => None,
+                Some(_) if mode == NbdTlsMode::Off => return Err(self.err(
+                    "node.nbd_tls_clients",
+                    "names the client certificates NBD-TLS accepts, but nbd_tls is \"off\": set nbd_tls = \"require\" \
+                     or remove nbd_tls_clients",
+                )),
+                Some([]) => return Err(self.err(
+                    "node.nbd_tls_clients",
+                    "is empty, which would refuse every client: list the names of the client certificates to accept, \
+                     or remove the key to accept any certificate from tls.ca",
+                )),
+                Some(names) => Some(
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| self.name(&format!("node.nbd_tls_clients[{i}]"), n))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+        Ok((mode, clients))
+    }
+
+    fn log(&self, value: &str) -> Result<String, ConfigError> {
+        let directives = log_filter_directives(value);
+        let bare = !value.contains([',', '=', '[']);
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        if bare && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(value.trim())) {
+            return Err(self.err(
+                "node.log",
+                format!("{value:?} is not a log level: write one of {} or directives such as \"info,replicator::nbd=debug\"", LEVELS.join(", ")),
+            ));
+        }
+        match tracing_subscriber::EnvFilter::builder().parse(&directives) {
+            Ok(_) => Ok(directives),
+            Err(e) => Err(self.err(
+                "node.log",
+                format!("{value:?} is not a log filter ({e}): write a level (error, warn, info, debug, trace) or directives such as \"info,replicator::nbd=debug\""),
+            )),
+        }
+    }
+
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let nbd_listen = raw.node.nbd_listen.as_deref().map(|v| self.addr("node.nbd_listen", v)).transpose()?;
+        let (nbd_tls, nbd_tls_clients) =
+            self.nbd_tls(nbd_listen, raw.node.nbd_tls.as_deref(), raw.node.nbd_tls_clients.as_deref())?;
         let node = NodeConfig {
             name: self.name("node.name", &raw.node.name)?,
             listen: self.addr("node.listen", &raw.node.listen)?,
             state_dir: self.absolute("node.state_dir", raw.node.state_dir)?,
             run_dir: self.absolute("node.run_dir", raw.node.run_dir)?,
-            nbd_listen: raw.node.nbd_listen.as_deref().map(|v| self.addr("node.nbd_listen", v)).transpose()?,
+            nbd_listen,
+            nbd_tls,
+            nbd_tls_clients,
             metrics_listen: raw
                 .node
                 .metrics_listen
                 .as_deref()
                 .map(|v| self.addr("node.metrics_listen", v))
                 .transpose()?,
+            log: raw.node.log.as_deref().map(|v| self.log(v)).transpose()?,
         };
         let tls = TlsPaths {
             ca: self.relative_to_config(raw.tls.ca),
@@ -939,6 +1080,52 @@ size = "20GiB"
         assert!(e.to_string().contains("volume[db-data].create") && e.to_string().contains("/dev"), "{e}");
         let e = parse(&file.replace("size = \"20GiB\"", "size = \"20GiB\"\ncreate = \"yes\"")).expect_err("type");
         assert!(e.to_string().contains("create") && e.to_string().contains("line"), "{e}");
+    }
+
+    #[test]
+    fn nbd_tls_defaults_by_address_and_refuses_plaintext_off_loopback() {
+        let with = |listen: &str, extra: &str| {
+            parse(&GOOD.replace("nbd_listen = \"127.0.0.1:10809\"", &format!("nbd_listen = \"{listen}\"\n{extra}")))
+        };
+        let c = parse(GOOD).expect("loopback");
+        assert_eq!((c.node.nbd_tls, c.node.nbd_tls_clients.as_deref()), (NbdTlsMode::Off, None));
+        assert_eq!(with("[::1]:10809", "").expect("::1").node.nbd_tls, NbdTlsMode::Off);
+        assert_eq!(with("127.0.0.1:10809", "nbd_tls = \"require\"").expect("opt in").node.nbd_tls, NbdTlsMode::Require);
+        for addr in ["0.0.0.0:10809", "192.0.2.1:10809", "[::]:10809", "[::ffff:192.0.2.1]:10809"] {
+            assert_eq!(with(addr, "").expect(addr).node.nbd_tls, NbdTlsMode::Require, "{addr}");
+            let e = with(addr, "nbd_tls = \"off\"").expect_err(addr).to_string();
+            assert!(e.contains("node.nbd_tls") && e.contains("not a loopback") && e.contains("require"), "{e}");
+        }
+        assert_eq!(
+            with("[::ffff:127.0.0.1]:10809", "nbd_tls = \"off\"").expect("mapped").node.nbd_tls,
+            NbdTlsMode::Off
+        );
+        let e = with("127.0.0.1:1", "nbd_tls = \"yes\"").expect_err("value").to_string();
+        assert!(e.contains("node.nbd_tls") && e.contains("\"require\""), "{e}");
+        let c = with("0.0.0.0:1", "nbd_tls_clients = [\"app-1\", \"app-2\"]").expect("allow-list");
+        assert_eq!(c.node.nbd_tls_clients, Some(vec!["app-1".to_string(), "app-2".to_string()]));
+        let e = with("127.0.0.1:1", "nbd_tls_clients = [\"app-1\"]").expect_err("no TLS").to_string();
+        assert!(e.contains("node.nbd_tls_clients") && e.contains("off"), "{e}");
+        let e = with("0.0.0.0:1", "nbd_tls_clients = []").expect_err("empty").to_string();
+        assert!(e.contains("node.nbd_tls_clients") && e.contains("empty"), "{e}");
+        let e = with("0.0.0.0:1", "nbd_tls_clients = [\"a/b\"]").expect_err("name").to_string();
+        assert!(e.contains("node.nbd_tls_clients[0]"), "{e}");
+    }
+
+    #[test]
+    fn log_filter() {
+        let with = |log: &str| parse(&GOOD.replace("[tls]", &format!("log = {log:?}\n\n[tls]")));
+        assert_eq!(parse(GOOD).expect("none").node.log, None);
+        assert_eq!(
+            with("debug").expect("level").node.log.as_deref(),
+            Some("debug,quinn=warn,quinn_udp=error,rustls=warn")
+        );
+        assert_eq!(
+            with("info,replicator::nbd=debug").expect("directives").node.log.as_deref(),
+            Some("info,replicator::nbd=debug")
+        );
+        let e = with("loud").expect_err("bad").to_string();
+        assert!(e.contains("node.log") && e.contains("\"loud\""), "{e}");
     }
 
     #[test]

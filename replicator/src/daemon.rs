@@ -10,6 +10,12 @@
 //! to its volumes: every NBD request finished in time and every replication
 //! session drained. Otherwise the daemon exits without that mark, and the
 //! next start replays the journals: the safe path.
+//!
+//! SIGHUP reloads what can change while running ([`reload`]): the log filter
+//! and the TLS certificate, key and CA (for new QUIC and NBD-TLS
+//! connections), and `node.nbd_tls_clients`; it logs one line saying what
+//! was reloaded, what was kept and why, and which changed settings need a
+//! restart.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -21,13 +27,14 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, NbdTlsMode};
 use crate::group::Group;
 use crate::io::{BackendChoice, IoEngine};
-use crate::nbd::{Drain, ServeOptions, SharedLimits, SHUTDOWN_BACKSTOP};
+use crate::nbd::{Drain, NbdTls, ServeOptions, SharedLimits, SHUTDOWN_BACKSTOP};
 use crate::node::Node;
 use crate::state_lock::{StateDirLock, StateLockError};
-use crate::transport::Transport;
+use crate::tls::TlsIdentity;
+use crate::transport::{Transport, TransportError};
 use crate::volume::Volume;
 
 /// How long, after SIGTERM, the NBD servers, the control socket and the
@@ -71,7 +78,7 @@ pub enum DaemonError {
     },
     /// QUIC / TLS set-up.
     #[error(transparent)]
-    Transport(#[from] crate::transport::TransportError),
+    Transport(#[from] TransportError),
     /// A socket path is unsafe to use (a symbolic link, not a socket).
     #[error("{what} {path}: {reason}")]
     Refused {
@@ -247,13 +254,46 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         nbd_options,
         nbd_limits.clone(),
     ));
+    let mut nbd_tls = None;
     if let Some(addr) = config.node.nbd_listen {
         let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
             what: "NBD TCP listener",
             path: addr.to_string(),
             source,
         })?;
-        nbd_servers.spawn(crate::nbd::serve_shared(tcp, node.clone(), shutdown.clone(), nbd_options, nbd_limits));
+        match config.node.nbd_tls {
+            NbdTlsMode::Off => {
+                nbd_servers.spawn(crate::nbd::serve_shared(
+                    tcp,
+                    node.clone(),
+                    shutdown.clone(),
+                    nbd_options,
+                    nbd_limits,
+                ));
+            }
+            NbdTlsMode::Require => {
+                let identity = TlsIdentity::load(&config.tls, &config.node.name).map_err(TransportError::from)?;
+                let tls = NbdTls::new(
+                    identity.nbd_server_config().map_err(TransportError::from)?,
+                    config.node.nbd_tls_clients.clone(),
+                );
+                nbd_tls = Some(tls.clone());
+                tracing::info!(
+                    %addr,
+                    clients = ?config.node.nbd_tls_clients,
+                    "NBD over TCP requires TLS (NBD_OPT_STARTTLS) with a client certificate from {}",
+                    config.tls.ca.display()
+                );
+                nbd_servers.spawn(crate::nbd::serve_shared_tls(
+                    tcp,
+                    node.clone(),
+                    shutdown.clone(),
+                    nbd_options,
+                    nbd_limits,
+                    tls,
+                ));
+            }
+        }
     }
     if let Some(addr) = config.node.metrics_listen {
         let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
@@ -261,7 +301,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             path: addr.to_string(),
             source,
         })?;
-        tasks.spawn(crate::metrics::serve(tcp, node.clone(), config.tls.clone(), shutdown.clone()));
+        tasks.spawn(crate::metrics::serve(tcp, node.clone(), shutdown.clone()));
     }
     {
         let node = node.clone();
@@ -309,7 +349,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         source,
     })?;
     // SIGHUP would kill the daemon without a clean stop (its default
-    // action); nothing is reloaded on it, and it says so.
+    // action); it reloads what can be reloaded instead.
     let mut hup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Socket {
         what: "signal handler",
         path: "SIGHUP".into(),
@@ -325,10 +365,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 tracing::info!("SIGINT: stopping cleanly");
                 break;
             }
-            _ = hup.recv() => tracing::warn!(
-                "SIGHUP ignored: nothing is reloaded while running; restart the daemon (systemctl restart \
-                 replicator) to apply configuration or certificate changes"
-            ),
+            _ = hup.recv() => reload(&config, &transport, nbd_tls.as_deref()),
         }
     }
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
@@ -370,6 +407,107 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tracing::info!(lock = %state_lock.path().display(), "stopped");
     drop(state_lock);
     Ok(())
+}
+
+/// SIGHUP: reads the configuration file again and applies what can change
+/// while running, each part on its own (one failing keeps its previous
+/// value and says why, the others still apply):
+/// - the log filter (`node.log`, else `RUST_LOG`, else the default);
+/// - `[tls]`: the certificate, key and CA, loaded and checked as at start
+///   (the key private, the certificate naming this node, belonging to the
+///   key and verifying under the CA now) for new QUIC connections (both
+///   directions) and new NBD-TLS connections; connections already up keep
+///   their session;
+/// - `node.nbd_tls_clients`, when NBD-TLS runs.
+///
+/// Everything else (groups, volumes, peers, addresses, `nbd_tls` itself,
+/// directories) needs a restart; the line names the sections that changed.
+/// A configuration that does not load changes nothing.
+fn reload(running: &Config, transport: &Transport, nbd_tls: Option<&NbdTls>) {
+    let fresh = match Config::load(&running.path) {
+        Ok(fresh) => fresh,
+        Err(e) => {
+            tracing::error!("SIGHUP: nothing reloaded: the configuration does not load: {e}");
+            return;
+        }
+    };
+    let mut reloaded = Vec::new();
+    let mut kept = Vec::new();
+    match crate::cli::reload_log_filter(fresh.node.log.as_deref()) {
+        Ok(what) => reloaded.push(format!("log filter ({what})")),
+        Err(e) => kept.push(format!("the log filter ({e})")),
+    }
+    let name = &running.node.name;
+    let identity = TlsIdentity::load(&fresh.tls, name)
+        .and_then(|identity| identity.verify_own_chain(&fresh.tls, name).map(|()| identity))
+        .map_err(TransportError::from)
+        .and_then(|identity| {
+            // Both built before either is applied.
+            let nbd = nbd_tls.map(|_| identity.nbd_server_config()).transpose()?;
+            transport.reload_tls(&identity)?;
+            transport.note_certificates(&fresh.tls);
+            Ok((identity, nbd))
+        });
+    match identity {
+        Ok((identity, nbd)) => {
+            let clients = if fresh.node.nbd_tls == NbdTlsMode::Require {
+                fresh.node.nbd_tls_clients.clone()
+            } else {
+                running.node.nbd_tls_clients.clone()
+            };
+            let mut what = format!(
+                "TLS certificate {} ({}) and CA {} for new QUIC",
+                fresh.tls.cert.display(),
+                identity.describe(),
+                fresh.tls.ca.display()
+            );
+            if let (Some(tls), Some(config)) = (nbd_tls, nbd) {
+                what.push_str(" and NBD-TLS");
+                tls.replace(config, clients.clone());
+                reloaded.push(format!("nbd_tls_clients {clients:?}"));
+            }
+            reloaded.push(format!("{what} connections"));
+        }
+        Err(e) => kept.push(format!("the previous TLS certificate, key and CA ({e})")),
+    }
+    let restart = settings_needing_restart(running, &fresh);
+    let mut line =
+        format!("SIGHUP: reloaded {}", if reloaded.is_empty() { "nothing".into() } else { reloaded.join("; ") });
+    if !kept.is_empty() {
+        line.push_str(&format!(". Kept {}", kept.join("; ")));
+    }
+    if !restart.is_empty() {
+        line.push_str(&format!(". Changed but applied only at restart: {}", restart.join(", ")));
+    }
+    if kept.is_empty() {
+        tracing::info!("{line}");
+    } else {
+        tracing::error!("{line}");
+    }
+}
+
+/// The settings that differ between the running and the reloaded
+/// configuration and that only a restart applies.
+fn settings_needing_restart(running: &Config, fresh: &Config) -> Vec<&'static str> {
+    let (a, b) = (&running.node, &fresh.node);
+    let same = |x: &dyn std::fmt::Debug, y: &dyn std::fmt::Debug| format!("{x:?}") == format!("{y:?}");
+    let mut changed = Vec::new();
+    for (key, differs) in [
+        ("node.name", a.name != b.name),
+        ("node.listen", a.listen != b.listen),
+        ("node.state_dir", a.state_dir != b.state_dir),
+        ("node.run_dir", a.run_dir != b.run_dir),
+        ("node.nbd_listen", a.nbd_listen != b.nbd_listen),
+        ("node.nbd_tls", a.nbd_tls != b.nbd_tls),
+        ("node.metrics_listen", a.metrics_listen != b.metrics_listen),
+        ("[[peer]]", !same(&running.peers, &fresh.peers)),
+        ("[[group]]", !same(&running.groups, &fresh.groups)),
+    ] {
+        if differs {
+            changed.push(key);
+        }
+    }
+    changed
 }
 
 /// Waits for the NBD servers, then the control and metrics listeners, to

@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::{Mode, TlsPaths};
+use crate::config::Mode;
 use crate::group::{GroupStatus, Health};
 use crate::node::Node;
 
@@ -151,27 +151,18 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    /// Builds the registry for `node`; `tls` names the certificates whose
-    /// expiry is exported (read once, here: they are what the daemon
-    /// loaded).
-    pub fn new(node: Arc<Node>, tls: Option<&TlsPaths>) -> Self {
+    /// Builds the registry for `node`. The certificate expiry exported is
+    /// that of the certificates the transport uses (the ones loaded at
+    /// start, or the ones a SIGHUP reloaded).
+    pub fn new(node: Arc<Node>) -> Self {
         let mut registry = Registry::default();
         registry.register(
             "replicator_build",
             "Version of the running daemon (value 1)",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
-        let mut certificates = Vec::new();
-        if let Some(tls) = tls {
-            for (which, path) in [("node", &tls.cert), ("ca", &tls.ca)] {
-                match crate::tls::not_after_unix(path) {
-                    Ok(t) => certificates.push((which, t)),
-                    Err(e) => tracing::warn!("metrics: cannot read the expiry of {}: {e}", path.display()),
-                }
-            }
-        }
         let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        registry.register_collector(Box::new(NodeCollector { node: node.clone(), certificates, started }));
+        registry.register_collector(Box::new(NodeCollector { node: node.clone(), started }));
         Self { registry, node }
     }
 
@@ -198,8 +189,8 @@ impl Exporter {
 }
 
 /// Serves `/metrics` and `/healthz` until shutdown.
-pub async fn serve(listener: TcpListener, node: Arc<Node>, tls: TlsPaths, shutdown: watch::Receiver<bool>) {
-    let exporter = Arc::new(Exporter::new(node, Some(&tls)));
+pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: watch::Receiver<bool>) {
+    let exporter = Arc::new(Exporter::new(node));
     accept_loop(listener, shutdown, move |stream| respond(stream, exporter.clone())).await;
 }
 
@@ -217,8 +208,6 @@ type CounterOf = fn(&GroupCounters) -> &Counter;
 #[derive(Debug)]
 struct NodeCollector {
     node: Arc<Node>,
-    /// ("node" | "ca", notAfter in seconds since the epoch).
-    certificates: Vec<(&'static str, i64)>,
     /// Daemon start, seconds since the epoch.
     started: f64,
 }
@@ -299,7 +288,7 @@ impl Collector for NodeCollector {
             e,
             "replicator_certificate_expiry_timestamp_seconds",
             "notAfter of the certificate the daemon loaded (certificate=node: its own, ca: the CA), seconds since the Unix epoch",
-            self.certificates.iter().map(|(which, t)| ([("certificate", *which)], *t)),
+            self.node.transport.certificate_expiry().into_iter().map(|(which, t)| ([("certificate", which)], t)),
         )?;
         let rtts: Vec<(String, f64)> = {
             let mut peers: Vec<&str> = groups.iter().map(|g| g.cfg.peer.as_str()).collect();

@@ -225,6 +225,26 @@ impl TlsIdentity {
         Ok(config)
     }
 
+    /// NBD-TLS server configuration: this node's certificate; a client
+    /// certificate that chains to the CA is required. TLS 1.2 or 1.3 (the
+    /// NBD protocol requires servers to support 1.2; qemu and libnbd speak
+    /// both); no ALPN.
+    pub fn nbd_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(config))
+    }
+
+    /// This node's certificate for logs: serial number and expiry.
+    pub fn describe(&self) -> String {
+        describe_certificate(self.chain.first())
+    }
+
     /// QUIC client configuration: server verified against the CA, our
     /// certificate presented; the server may have at most `max_streams`
     /// streams open to us at once.
@@ -285,9 +305,23 @@ fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// "serial 0A:1B:..., valid until 2026-01-01 00:00:00 +00:00" (or why it
+/// cannot be read).
+pub fn describe_certificate(cert: Option<&CertificateDer<'_>>) -> String {
+    let Some(cert) = cert else {
+        return "no certificate".into();
+    };
+    match x509_parser::parse_x509_certificate(cert.as_ref()) {
+        Ok((_, parsed)) => {
+            format!("serial {}, valid until {}", parsed.raw_serial_as_string(), parsed.validity().not_after)
+        }
+        Err(e) => format!("unreadable certificate ({e})"),
+    }
+}
+
 /// Returns the first of `expected` that `cert` is valid for, or every DNS
 /// name it carries when none matches.
-fn certificate_names(cert: &CertificateDer<'_>, expected: &[String]) -> Result<String, Vec<String>> {
+pub(crate) fn certificate_names(cert: &CertificateDer<'_>, expected: &[String]) -> Result<String, Vec<String>> {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return Err(Vec::new());
     };
@@ -299,6 +333,13 @@ fn certificate_names(cert: &CertificateDer<'_>, expected: &[String]) -> Result<S
         }
     }
     Err(ee.valid_dns_names().map(str::to_string).collect())
+}
+
+/// The serial number and expiry of the certificate the peer presented on
+/// `conn` (see [`describe_certificate`]), for logs.
+pub fn peer_certificate_summary(conn: &quinn::Connection) -> String {
+    let certs = conn.peer_identity().and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok());
+    describe_certificate(certs.as_deref().and_then(|c| c.first()))
 }
 
 /// The configured peer that the connection's certificate names. The chain

@@ -191,7 +191,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Transport {
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// For new dials; replaced by [`Transport::reload_tls`].
+    client: std::sync::RwLock<quinn::ClientConfig>,
+    /// Streams a peer may open to us (kept for reloads).
+    max_streams: u32,
     node: String,
     peers: HashMap<String, PeerAddress>,
     conns: Mutex<HashMap<String, quinn::Connection>>,
@@ -203,6 +206,10 @@ pub struct Transport {
     /// The newest authenticated incoming connection of each peer, for
     /// [`Transport::rtt`] (dropped when a newer one arrives).
     incoming: std::sync::Mutex<HashMap<String, quinn::Connection>>,
+    /// notAfter (seconds since the epoch) of the certificates in use:
+    /// ("node" | "ca", t); set at bind and by [`Transport::note_certificates`]
+    /// after a reload, read by the metrics.
+    certificate_expiry: std::sync::RwLock<Vec<(&'static str, i64)>>,
 }
 
 /// An incoming connection that was refused, and why.
@@ -224,6 +231,22 @@ pub struct PeerConnection {
     pub peer: String,
     /// The connection.
     pub conn: quinn::Connection,
+}
+
+/// notAfter of `tls.cert` and `tls.ca`; one that cannot be read keeps its
+/// value in `previous` (or is left out) and is logged.
+fn certificate_expiry(tls: &crate::config::TlsPaths, previous: &[(&'static str, i64)]) -> Vec<(&'static str, i64)> {
+    let mut out = Vec::new();
+    for (which, path) in [("node", &tls.cert), ("ca", &tls.ca)] {
+        match crate::tls::not_after_unix(path) {
+            Ok(t) => out.push((which, t)),
+            Err(e) => {
+                tracing::warn!("metrics: cannot read the expiry of {}: {e}", path.display());
+                out.extend(previous.iter().filter(|(w, _)| *w == which).copied());
+            }
+        }
+    }
+    out
 }
 
 impl Transport {
@@ -264,14 +287,41 @@ impl Transport {
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         Ok(Transport {
             endpoint,
-            client,
+            client: std::sync::RwLock::new(client),
+            max_streams,
             node: config.node.name.clone(),
             peers: config.peers.iter().map(|p| (p.name.clone(), p.address.clone())).collect(),
             conns: Mutex::new(HashMap::new()),
             accepted: Mutex::new(None),
             incoming: std::sync::Mutex::new(HashMap::new()),
             versions: versions.to_vec(),
+            certificate_expiry: std::sync::RwLock::new(certificate_expiry(&config.tls, &[])),
         })
+    }
+
+    /// Records the expiry of the certificate and CA in `tls` as the ones in
+    /// use (after [`Transport::reload_tls`] applied them); one that cannot
+    /// be read keeps its previous value.
+    pub fn note_certificates(&self, tls: &crate::config::TlsPaths) {
+        let mut expiry = self.certificate_expiry.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *expiry = certificate_expiry(tls, &expiry);
+    }
+
+    /// ("node" | "ca", notAfter in seconds since the epoch) of the
+    /// certificates in use.
+    pub fn certificate_expiry(&self) -> Vec<(&'static str, i64)> {
+        self.certificate_expiry.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Uses `identity` (certificate, key and CA) for every QUIC handshake
+    /// from now on, incoming and outgoing; connections already up keep
+    /// theirs. Nothing changes on an error.
+    pub fn reload_tls(&self, identity: &TlsIdentity) -> Result<(), TransportError> {
+        let server = identity.server_config(self.max_streams)?;
+        let client = identity.client_config(self.max_streams)?;
+        self.endpoint.set_server_config(Some(server));
+        *self.client.write().unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        Ok(())
     }
 
     /// QUIC's round-trip time estimate on an open connection with `peer`
@@ -422,7 +472,13 @@ impl Transport {
                 send.send(Body::HelloReply(pb::HelloReply { version, node: self.node.clone(), error: String::new() }))
                     .await?;
                 send.finish();
-                tracing::info!(%peer, version, software = %hello.software, "peer connected");
+                tracing::info!(
+                    %peer,
+                    version,
+                    software = %hello.software,
+                    certificate = %crate::tls::peer_certificate_summary(conn),
+                    "peer connected"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -483,7 +539,8 @@ impl Transport {
             format!("{address} ({addr})")
         };
         let err = |message: String| TransportError::Connect { peer: peer.to_string(), addr: shown.clone(), message };
-        let connecting = self.endpoint.connect_with(self.client.clone(), addr, peer).map_err(|e| err(e.to_string()))?;
+        let client = self.client.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let connecting = self.endpoint.connect_with(client, addr, peer).map_err(|e| err(e.to_string()))?;
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await
             .map_err(|_| err("handshake timed out".into()))?
@@ -505,7 +562,13 @@ impl Transport {
         if !reply.error.is_empty() || reply.version == 0 {
             return Err(err(format!("peer refused: {}", reply.error)));
         }
-        tracing::info!(%peer, %addr, version = reply.version, "connected to peer");
+        tracing::info!(
+            %peer,
+            %addr,
+            version = reply.version,
+            certificate = %crate::tls::peer_certificate_summary(&conn),
+            "connected to peer"
+        );
         conns.insert(peer.to_string(), conn.clone());
         Ok(conn)
     }

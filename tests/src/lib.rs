@@ -795,6 +795,26 @@ address = "127.0.0.1:{peer_port}"
         &self.root
     }
 
+    /// The CA directory (`ca.pem`, `ca.key`), for issuing more certificates.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+
+    /// The directory holding the nodes' certificates and keys
+    /// (`<node>.pem`, `<node>.key`), which the configurations name.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.root.join("certs")
+    }
+
+    /// Adds `keys` (TOML lines) to a site's `[node]` section. Applies at
+    /// the next start (or, for what it reloads, at SIGHUP).
+    pub fn add_node_keys(&self, site: Site, keys: &str) {
+        let path = self.config_path(site);
+        let text = std::fs::read_to_string(path).expect("read config");
+        let text = text.replacen("\n[tls]\n", &format!("\n{}\n\n[tls]\n", keys.trim_end()), 1);
+        std::fs::write(path, text).expect("write config");
+    }
+
     /// The options the cluster was built with.
     pub fn opts(&self) -> &ClusterOpts {
         &self.opts

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::proto::{
     self, OptionHeader, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, INFO_NAME, MAX_STRING_LEN,
     OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
-    REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
+    REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TLS_REQD, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
 };
 use super::request::ExportParams;
 use super::server::CloseReason;
@@ -24,15 +24,39 @@ pub(super) struct Negotiated<E> {
     pub params: ExportParams,
 }
 
-/// Runs the handshake. `Ok` means the transmission phase starts; `Err` says
-/// why the connection ends instead (including `NBD_OPT_ABORT`).
-pub(super) async fn negotiate<C, R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    catalog: &C,
-) -> Result<Negotiated<C::Export>, CloseReason>
+/// Where a connection stands with TLS; fixed per listener at accept
+/// (NOTLS or FORCEDTLS in the protocol's terms), `Established` after the
+/// upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TlsState {
+    /// The listener offers no TLS (the Unix socket, `nbd_tls = "off"`):
+    /// `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`.
+    Unavailable,
+    /// FORCEDTLS before the upgrade: only `NBD_OPT_STARTTLS` and
+    /// `NBD_OPT_ABORT` are served; other options get
+    /// `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME` (which cannot
+    /// carry an error) closes the connection.
+    Required,
+    /// TLS is up: options are served; `NBD_OPT_STARTTLS` again gets
+    /// `NBD_REP_ERR_INVALID`.
+    Established,
+}
+
+/// How option haggling ended, when the connection goes on.
+#[derive(Debug)]
+pub(super) enum Outcome<E> {
+    /// The transmission phase starts on this export.
+    Transmission(Negotiated<E>),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next,
+    /// then haggling resumes inside TLS ([`haggle`] with
+    /// [`TlsState::Established`]).
+    StartTls,
+}
+
+/// The greeting and the client's flags. Returns whether the client asked
+/// for `NBD_FLAG_C_NO_ZEROES`.
+pub(super) async fn greet<R, W>(reader: &mut R, writer: &mut W, tls: TlsState) -> Result<bool, CloseReason>
 where
-    C: ExportCatalog,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -42,8 +66,28 @@ where
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(CloseReason::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    // STARTTLS exists only in fixed newstyle.
+    if tls == TlsState::Required && client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+        return Err(CloseReason::TlsRequired("the client does not speak fixed newstyle, so it cannot start TLS"));
+    }
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
 
+/// Option haggling, after [`greet`]. `Ok` means the transmission phase
+/// or the TLS upgrade comes next; `Err` says why the connection ends
+/// instead (including `NBD_OPT_ABORT`).
+pub(super) async fn haggle<C, R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    catalog: &C,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Outcome<C::Export>, CloseReason>
+where
+    C: ExportCatalog,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
         writer.flush().await?;
         let mut raw = [0u8; OPTION_HEADER_LEN];
@@ -62,25 +106,52 @@ where
         reader.read_exact(&mut data).await?;
 
         let option = header.option;
-        match option {
-            OPT_EXPORT_NAME => return export_name(writer, catalog, &data, no_zeroes).await,
-            OPT_ABORT => {
+        match (option, tls) {
+            (OPT_ABORT, _) => {
                 // The client may already have gone; the reply is a courtesy.
                 let _ = writer.write_all(&proto::option_reply(option, REP_ACK, &[])).await;
                 let _ = writer.flush().await;
                 return Err(CloseReason::Abort);
             }
-            OPT_LIST => list(writer, catalog, &data).await?,
-            OPT_INFO | OPT_GO => {
-                if let Some(negotiated) = info_or_go(writer, catalog, option, &data).await? {
-                    return Ok(negotiated);
-                }
+            (OPT_STARTTLS, TlsState::Required) if data.is_empty() => {
+                writer.write_all(&proto::option_reply(option, REP_ACK, &[])).await?;
+                writer.flush().await?;
+                return Ok(Outcome::StartTls);
             }
-            OPT_STARTTLS => {
-                let message = "TLS is not supported: connect over the local Unix socket or loopback TCP";
+            (OPT_STARTTLS, TlsState::Required) => {
+                let message = "NBD_OPT_STARTTLS takes no data";
+                writer.write_all(&proto::option_error(option, REP_ERR_INVALID, message)).await?;
+            }
+            (OPT_STARTTLS, TlsState::Established) => {
+                let message = "TLS is already established on this connection";
+                writer.write_all(&proto::option_error(option, REP_ERR_INVALID, message)).await?;
+            }
+            (OPT_STARTTLS, TlsState::Unavailable) => {
+                let message = "TLS is not offered here: this is the local Unix socket, or nbd_listen with \
+                               nbd_tls = \"off\" (loopback only)";
                 writer.write_all(&proto::option_error(option, REP_ERR_POLICY, message)).await?;
             }
-            OPT_STRUCTURED_REPLY => {
+            (OPT_EXPORT_NAME, TlsState::Required) => {
+                return Err(CloseReason::TlsRequired(
+                    "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS (that option cannot carry an error reply)",
+                ));
+            }
+            (_, TlsState::Required) => {
+                let message = "TLS is required on this server: send NBD_OPT_STARTTLS and present a client \
+                               certificate issued by the server's CA (qemu: tls-creds; libnbd: nbds:// with \
+                               tls-certificates)";
+                writer.write_all(&proto::option_error(option, REP_ERR_TLS_REQD, message)).await?;
+            }
+            (OPT_EXPORT_NAME, _) => {
+                return export_name(writer, catalog, &data, no_zeroes).await.map(Outcome::Transmission)
+            }
+            (OPT_LIST, _) => list(writer, catalog, &data).await?,
+            (OPT_INFO | OPT_GO, _) => {
+                if let Some(negotiated) = info_or_go(writer, catalog, option, &data).await? {
+                    return Ok(Outcome::Transmission(negotiated));
+                }
+            }
+            (OPT_STRUCTURED_REPLY, _) => {
                 let message = "structured replies are not supported; this server sends simple replies";
                 writer.write_all(&proto::option_error(option, REP_ERR_UNSUP, message)).await?;
             }

@@ -8,14 +8,18 @@
 //! - `proto`: magic numbers, flags, and the encoding of every message;
 //! - `server`: accept loops, one task per connection, shutdown, close logging;
 //! - `handshake`: fixed-newstyle option haggling up to the chosen export;
+//! - `tls`: the upgrade after `NBD_OPT_STARTTLS` (FORCEDTLS mode: TLS 1.2
+//!   or 1.3, a client certificate from the CA required, optionally one of
+//!   a list of names), with a configuration `SIGHUP` can replace;
 //! - `request`: decoding and validating one transmission request (pure);
 //! - `transmission`: the request loop, concurrent dispatch, the reply writer.
 //!
 //! What clients get, and the decisions behind it:
 //! - Fixed newstyle only. Options: `EXPORT_NAME`, `GO`, `INFO` (replies
 //!   `INFO_EXPORT`, `INFO_BLOCK_SIZE` always, `INFO_NAME` when asked),
-//!   `LIST`, `ABORT`. `STARTTLS` gets `ERR_POLICY` (the sockets are local;
-//!   there is no TLS), `STRUCTURED_REPLY` and every other option get
+//!   `LIST`, `ABORT`, `STARTTLS` on a TLS listener ([`serve_shared_tls`]:
+//!   FORCEDTLS, see `tls`); elsewhere `STARTTLS` gets `ERR_POLICY`.
+//!   `STRUCTURED_REPLY` and every other option get
 //!   `ERR_UNSUP`: simple replies only. An empty name is the default export
 //!   only when exactly one export exists. Option data above
 //!   [`MAX_OPTION_LEN`] closes the connection, and so does a handshake not
@@ -67,6 +71,7 @@ mod handshake;
 pub mod proto;
 mod request;
 mod server;
+mod tls;
 mod transmission;
 
 #[cfg(test)]
@@ -78,9 +83,10 @@ use std::sync::Arc;
 use crate::io::AlignedBuf;
 
 pub use server::{
-    serve_shared, serve_tcp, serve_unix, serve_unix_with, Drain, Listener, ServeOptions, SharedLimits,
-    SHUTDOWN_BACKSTOP,
+    serve_shared, serve_shared_tls, serve_tcp, serve_unix, serve_unix_with, Drain, Listener, ServeOptions,
+    SharedLimits, SHUTDOWN_BACKSTOP,
 };
+pub use tls::NbdTls;
 
 /// Largest option data accepted during the handshake; a client sending more
 /// is disconnected.

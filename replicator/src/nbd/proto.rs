@@ -85,6 +85,8 @@ pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 /// `NBD_REP_ERR_INVALID`.
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+/// `NBD_REP_ERR_TLS_REQD`: the option needs TLS first (FORCEDTLS mode).
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 /// `NBD_REP_ERR_UNKNOWN`.
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 

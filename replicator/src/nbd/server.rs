@@ -11,7 +11,8 @@ use tokio::net::{tcp, unix, TcpListener, UnixListener};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 
-use super::handshake::{self, Negotiated};
+use super::handshake::{self, Negotiated, Outcome, TlsState};
+use super::tls::NbdTls;
 use super::transmission::{self, Limits, RunningRequests};
 use super::ExportCatalog;
 
@@ -147,7 +148,7 @@ pub async fn serve_tcp<C: ExportCatalog>(
 ) -> Drain {
     let options = ServeOptions::default();
     let limits = SharedLimits::new(&options);
-    accept_loop(listener, catalog, shutdown, options, limits).await
+    accept_loop(listener, catalog, shutdown, options, limits, None).await
 }
 
 /// Serves NBD on a Unix socket until `shutdown` becomes true (or its sender
@@ -166,7 +167,7 @@ pub async fn serve_unix_with<C: ExportCatalog>(
     options: ServeOptions,
 ) -> Drain {
     let limits = SharedLimits::new(&options);
-    accept_loop(listener, catalog, shutdown, options, limits).await
+    accept_loop(listener, catalog, shutdown, options, limits, None).await
 }
 
 /// As [`serve_unix_with`], on any listener (the Unix socket or TCP), with
@@ -179,7 +180,23 @@ pub async fn serve_shared<L: Listener, C: ExportCatalog>(
     options: ServeOptions,
     limits: SharedLimits,
 ) -> Drain {
-    accept_loop(listener, catalog, shutdown, options, limits).await
+    accept_loop(listener, catalog, shutdown, options, limits, None).await
+}
+
+/// As [`serve_shared`], in the protocol's FORCEDTLS mode: a client must
+/// upgrade with `NBD_OPT_STARTTLS` and complete a TLS handshake with a
+/// client certificate that `tls` accepts before any other option is served
+/// (others get `NBD_REP_ERR_TLS_REQD`). The TLS handshake counts against
+/// [`ServeOptions::handshake_timeout`] like the rest of the handshake.
+pub async fn serve_shared_tls<L: Listener, C: ExportCatalog>(
+    listener: L,
+    catalog: Arc<C>,
+    shutdown: watch::Receiver<bool>,
+    options: ServeOptions,
+    limits: SharedLimits,
+    tls: Arc<NbdTls>,
+) -> Drain {
+    accept_loop(listener, catalog, shutdown, options, limits, Some(tls)).await
 }
 
 /// Resolves once shutdown is requested. A dropped sender counts as a
@@ -236,6 +253,8 @@ struct Shared<C> {
     running: RunningRequests,
     options: ServeOptions,
     limits: SharedLimits,
+    /// FORCEDTLS with these settings; `None`: no TLS on this listener.
+    tls: Option<Arc<NbdTls>>,
 }
 
 async fn accept_loop<L: Listener, C: ExportCatalog>(
@@ -244,10 +263,11 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
     mut shutdown: watch::Receiver<bool>,
     options: ServeOptions,
     limits: SharedLimits,
+    tls: Option<Arc<NbdTls>>,
 ) -> Drain {
     let mut connections = JoinSet::new();
     let running = RunningRequests::new();
-    let shared = Arc::new(Shared { catalog, running: running.clone(), options, limits: limits.clone() });
+    let shared = Arc::new(Shared { catalog, running: running.clone(), options, limits: limits.clone(), tls });
     let mut next_id: u64 = 0;
     let mut refusals = Refusals::default();
     loop {
@@ -352,10 +372,11 @@ fn reap(done: Result<(), JoinError>) {
     }
 }
 
-/// One connection: handshake (bounded in time), transmission, one log line.
+/// One connection: handshake (bounded in time, the TLS upgrade included),
+/// transmission, one log line.
 async fn connection<C, R, W>(
     id: u64,
-    peer: String,
+    mut peer: String,
     read: R,
     mut write: W,
     shared: Arc<Shared<C>>,
@@ -366,44 +387,107 @@ async fn connection<C, R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let options = shared.options;
+    let timeout = shared.options.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let catalog = &*shared.catalog;
+    let state = if shared.tls.is_some() { TlsState::Required } else { TlsState::Unavailable };
     // Kept across both phases: bytes a client pipelines right after its
     // NBD_OPT_GO stay buffered for the transmission phase.
     let mut reader = BufReader::with_capacity(REQUEST_BUFFER, read);
-    let negotiated = tokio::select! {
-        biased;
-        () = shutdown_requested(&mut shutdown) => Err(CloseReason::Shutdown),
-        result = tokio::time::timeout(
-            options.handshake_timeout,
-            handshake::negotiate(&mut reader, &mut write, &*shared.catalog),
-        ) => result.unwrap_or_else(|_| Err(CloseReason::HandshakeTimeout(options.handshake_timeout))),
-    };
-    let (export_name, reason) = match negotiated {
-        Err(reason) => (None, reason),
-        Ok(Negotiated { name, export, params }) => {
-            tracing::debug!(
-                conn = id,
-                %peer,
-                export = %name,
-                size = params.size,
-                read_only = params.read_only,
-                "NBD transmission started"
-            );
-            let (shared_bytes, max_shared_bytes) = shared.limits.bytes();
-            let limits = Limits {
-                max_requests: options.max_in_flight_requests,
-                max_bytes: options.max_in_flight_bytes,
-                shared_bytes,
-                max_shared_bytes,
-                reply_timeout: options.reply_timeout,
-                shutdown_grace: options.shutdown_grace,
-            };
-            let reason =
-                transmission::serve(&mut reader, write, export, params, limits, &shared.running, &mut shutdown).await;
-            (Some(name), reason)
+    let first = bounded(deadline, timeout, &mut shutdown, async {
+        let no_zeroes = handshake::greet(&mut reader, &mut write, state).await?;
+        let outcome = handshake::haggle(&mut reader, &mut write, catalog, no_zeroes, state).await?;
+        Ok((no_zeroes, outcome))
+    })
+    .await;
+    let (export_name, reason) = match (first, &shared.tls) {
+        (Err(reason), _) => (None, reason),
+        (Ok((_, Outcome::Transmission(negotiated))), _) => {
+            transmit(id, &peer, reader, write, negotiated, &shared, &mut shutdown).await
+        }
+        // Only a listener with TLS acknowledges STARTTLS.
+        (Ok((_, Outcome::StartTls)), None) => (None, CloseReason::Protocol("STARTTLS without TLS".into())),
+        (Ok((no_zeroes, Outcome::StartTls)), Some(tls)) => {
+            match bounded(deadline, timeout, &mut shutdown, super::tls::accept(tls, reader, write)).await {
+                Err(reason) => (None, reason),
+                Ok((session, client)) => {
+                    peer = format!("{peer} tls-client={client}");
+                    let (read, mut write) = tokio::io::split(session);
+                    let mut reader = BufReader::with_capacity(REQUEST_BUFFER, read);
+                    let secured = bounded(
+                        deadline,
+                        timeout,
+                        &mut shutdown,
+                        handshake::haggle(&mut reader, &mut write, catalog, no_zeroes, TlsState::Established),
+                    )
+                    .await;
+                    match secured {
+                        Err(reason) => (None, reason),
+                        Ok(Outcome::Transmission(negotiated)) => {
+                            transmit(id, &peer, reader, write, negotiated, &shared, &mut shutdown).await
+                        }
+                        Ok(Outcome::StartTls) => (None, CloseReason::Protocol("STARTTLS inside TLS".into())),
+                    }
+                }
+            }
         }
     };
     reason.log(id, &peer, export_name.as_deref());
+}
+
+/// A handshake step, ended by shutdown or by the handshake's deadline.
+async fn bounded<T>(
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+    step: impl Future<Output = Result<T, CloseReason>>,
+) -> Result<T, CloseReason> {
+    tokio::select! {
+        biased;
+        () = shutdown_requested(shutdown) => Err(CloseReason::Shutdown),
+        result = tokio::time::timeout_at(deadline, step) => {
+            result.unwrap_or_else(|_| Err(CloseReason::HandshakeTimeout(timeout)))
+        }
+    }
+}
+
+/// The transmission phase on the export the handshake chose; returns the
+/// export's name and why the connection ended.
+async fn transmit<C, R, W>(
+    id: u64,
+    peer: &str,
+    mut reader: BufReader<R>,
+    write: W,
+    negotiated: Negotiated<C::Export>,
+    shared: &Shared<C>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> (Option<String>, CloseReason)
+where
+    C: ExportCatalog,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Negotiated { name, export, params } = negotiated;
+    let options = shared.options;
+    tracing::debug!(
+        conn = id,
+        %peer,
+        export = %name,
+        size = params.size,
+        read_only = params.read_only,
+        "NBD transmission started"
+    );
+    let (shared_bytes, max_shared_bytes) = shared.limits.bytes();
+    let limits = Limits {
+        max_requests: options.max_in_flight_requests,
+        max_bytes: options.max_in_flight_bytes,
+        shared_bytes,
+        max_shared_bytes,
+        reply_timeout: options.reply_timeout,
+        shutdown_grace: options.shutdown_grace,
+    };
+    let reason = transmission::serve(&mut reader, write, export, params, limits, &shared.running, shutdown).await;
+    (Some(name), reason)
 }
 
 /// Why a connection ended.
@@ -428,6 +512,13 @@ pub(super) enum CloseReason {
     ShutdownGraceExpired(Duration),
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(Duration),
+    /// FORCEDTLS: the client tried to go on without TLS where no error
+    /// reply is possible.
+    #[error("TLS is required: {0}")]
+    TlsRequired(&'static str),
+    /// The TLS handshake failed, or the client certificate was refused.
+    #[error("{0}")]
+    Tls(String),
     /// `NBD_OPT_EXPORT_NAME` for an export that cannot be opened; that
     /// option has no error reply, so the log is the only place saying why.
     #[error("NBD_OPT_EXPORT_NAME refused: {0}")]
@@ -461,6 +552,8 @@ impl CloseReason {
             self,
             Self::Protocol(_)
                 | Self::HandshakeTimeout(_)
+                | Self::TlsRequired(_)
+                | Self::Tls(_)
                 | Self::ExportRefused(_)
                 | Self::ShutdownGraceExpired(_)
                 | Self::ReplyStalled(_)

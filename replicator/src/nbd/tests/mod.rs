@@ -6,6 +6,7 @@
 
 mod clients;
 mod handshake;
+mod tls;
 mod transmission;
 
 use std::collections::{BTreeMap, HashMap};
