@@ -448,6 +448,16 @@ size = "1GiB"
         assert!(systemd_dropin(&c, &["10.0.0.0/33".to_string()]).is_err());
     }
 
+    /// The example config the .deb installs as /etc/replicator/replicator.toml.
+    #[test]
+    fn packaged_example_config_is_valid() {
+        let text = include_str!("../packaging/replicator.toml");
+        let c = Config::parse(Path::new("/etc/replicator/replicator.toml"), text).unwrap();
+        assert_eq!(c.node.state_dir, Path::new(UNIT_STATE_DIR));
+        assert_eq!(c.node.run_dir, Path::new(UNIT_RUNTIME_DIR));
+        assert_eq!(c.groups[0].volumes[0].path, Path::new("/dev/vg0/db-data"));
+    }
+
     #[test]
     fn dropin_names_devices_under_dev_even_when_absent() {
         let c = config(
