@@ -75,9 +75,7 @@ pub fn generate_completions(dir: &Path) -> io::Result<Vec<PathBuf>> {
 /// when it holds blanks, quotes or backslashes. Refused: relative paths,
 /// paths that are not UTF-8 or hold control characters.
 fn unit_path(path: &Path) -> Result<String, String> {
-    let s = path
-        .to_str()
-        .ok_or_else(|| format!("{}: not UTF-8; a systemd unit cannot name it", path.display()))?;
+    let s = path.to_str().ok_or_else(|| format!("{}: not UTF-8; a systemd unit cannot name it", path.display()))?;
     if !path.is_absolute() {
         return Err(format!("{s:?} is relative: systemd needs an absolute path; write it absolute in the config"));
     }
@@ -285,8 +283,9 @@ pub fn systemd_dropin(config: &Config, extra_allow: &[String]) -> Result<String,
             Some((ip, prefix)) => (ip, Some(prefix)),
             None => (a, None),
         };
-        let parsed: IpAddr =
-            ip.parse().map_err(|_| format!("--allow {a:?}: not an IP address or prefix (e.g. 198.51.100.7, 10.0.0.0/8)"))?;
+        let parsed: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("--allow {a:?}: not an IP address or prefix (e.g. 198.51.100.7, 10.0.0.0/8)"))?;
         if let Some(prefix) = prefix {
             let max = if parsed.is_ipv4() { 32 } else { 128 };
             match prefix.parse::<u8>() {
@@ -298,7 +297,8 @@ pub fn systemd_dropin(config: &Config, extra_allow: &[String]) -> Result<String,
             allow.push(Grant { why: "--allow".to_string(), line: format!("IPAddressAllow={a}") });
         }
     }
-    for (key, addr) in [("node.nbd_listen", config.node.nbd_listen), ("node.metrics_listen", config.node.metrics_listen)]
+    for (key, addr) in
+        [("node.nbd_listen", config.node.nbd_listen), ("node.metrics_listen", config.node.metrics_listen)]
     {
         if let Some(addr) = addr.filter(|a| !is_loopback_ip(a.ip())) {
             notes.push(format!(
@@ -327,8 +327,10 @@ pub fn systemd_dropin(config: &Config, extra_allow: &[String]) -> Result<String,
             let _ = writeln!(out, "# {}", d.why);
             let _ = writeln!(out, "{}", d.line);
         }
-        let _ = writeln!(out, "# The group owning them (file permissions); the cgroup above limits it to them.");
-        let _ = writeln!(out, "SupplementaryGroups={}", groups.iter().cloned().collect::<Vec<_>>().join(" "));
+        if !groups.is_empty() {
+            let _ = writeln!(out, "# The group owning them (file permissions); the cgroup above limits it to them.");
+            let _ = writeln!(out, "SupplementaryGroups={}", groups.iter().cloned().collect::<Vec<_>>().join(" "));
+        }
     }
     if !paths.is_empty() {
         let _ = writeln!(out, "# Writable paths (ProtectSystem=strict makes the rest read-only).");

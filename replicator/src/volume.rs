@@ -155,7 +155,7 @@ pub fn probe(engine: &IoEngine, cfg: &VolumeConfig) -> Result<(), (&'static str,
 /// `access(2)` for read and write: what `run` needs to open `path` (or to
 /// create a file in the directory `path`) read-write. `Err` says why not,
 /// and how to fix it.
-fn check_writable(path: &Path, what: &str) -> Result<(), String> {
+pub(crate) fn check_writable(path: &Path, what: &str) -> Result<(), String> {
     use nix::errno::Errno;
     use nix::unistd::AccessFlags;
     match nix::unistd::access(path, AccessFlags::R_OK | AccessFlags::W_OK) {
