@@ -375,6 +375,7 @@ pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
