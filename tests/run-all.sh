@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in qemu-io:qemu-utils fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit \
             nbdfuse:libnbd-bin fusermount3:fuse3 mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount ip:iproute2 \
-            man:man-db groff:groff-base zsh:zsh fish:fish systemd-analyze:systemd; do
+            promtool:prometheus man:man-db groff:groff-base zsh:zsh fish:fish systemd-analyze:systemd; do
     cmd=${pair%%:*}; pkg=${pair##*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

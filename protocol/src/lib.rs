@@ -25,6 +25,8 @@
 //!   records, copy chunks and flushes, the copy window, the resume check.
 //! - [`secondary`]: the secondary's session as a state machine: restore
 //!   journal, applies, volume syncs, checkpoints, acks.
+//! - [`snapshot`]: the chunk map of a copy-on-write snapshot (drill copies,
+//!   the image a resync protects) and its group commit.
 //!
 //! Nothing here blocks, allocates threads or performs I/O; every input that
 //! can come from the wire or from disk is validated and rejected with an
@@ -44,6 +46,7 @@ pub mod secondary;
 pub mod seqtrack;
 pub mod sequencer;
 pub mod ship;
+pub mod snapshot;
 pub mod wire;
 
 /// Generated protobuf wire types (`proto/replication.proto`).

@@ -214,6 +214,12 @@ pub struct Secondary {
     last_ack: Option<pb::Ack>,
     /// Hash-only copy chunks whose region differs here, not yet reported.
     copy_mismatch: Vec<pb::CopyMismatch>,
+    /// Highest write seq handed out for applying.
+    max_started: u64,
+    /// [`Secondary::freeze`]: writes beyond this seq (and copy chunks) are
+    /// held back in `held` until [`Secondary::thaw`].
+    freeze_at: Option<u64>,
+    held: VecDeque<ApplyId>,
     actions: VecDeque<Action>,
 }
 
@@ -255,7 +261,36 @@ impl Secondary {
             ack_dirty: true,
             last_ack: None,
             copy_mismatch: Vec::new(),
+            max_started: start.checkpoint,
+            freeze_at: None,
+            held: VecDeque::new(),
             actions: VecDeque::new(),
+        }
+    }
+
+    /// Freezes the image at a write-order-consistent point (a drill starts):
+    /// the writes already handed out for applying, and those before them,
+    /// are applied; every later write (and copy chunk) is held back until
+    /// [`Secondary::thaw`]. Receiving, journaling and acks go on. Once
+    /// [`Secondary::frozen_at`] returns `Some(n)`, the volumes hold exactly
+    /// the writes `<= n`.
+    pub fn freeze(&mut self) {
+        if self.freeze_at.is_none() {
+            self.freeze_at = Some(self.max_started.max(self.applier.applied()));
+        }
+    }
+
+    /// The frozen point, once every write up to it is applied and nothing
+    /// else is being applied.
+    pub fn frozen_at(&self) -> Option<u64> {
+        self.freeze_at.filter(|&n| self.applying == 0 && self.applier.applied() >= n)
+    }
+
+    /// Ends a freeze: the held applies start, in order.
+    pub fn thaw(&mut self) {
+        self.freeze_at = None;
+        for id in std::mem::take(&mut self.held) {
+            self.start_apply(id);
         }
     }
 
@@ -426,6 +461,7 @@ impl Secondary {
     /// Records not yet admitted are dropped (never acked as received).
     pub fn begin_drain(&mut self) {
         self.draining = true;
+        self.thaw();
         self.pending.clear();
     }
 
@@ -590,7 +626,17 @@ impl Secondary {
     }
 
     fn start_apply(&mut self, id: ApplyId) {
-        if let Some(record) = self.records.get_mut(&id).and_then(|r| r.record.take()) {
+        let Some(r) = self.records.get_mut(&id) else { return };
+        if let (Some(n), Some(rec)) = (self.freeze_at, &r.record) {
+            if rec.op.is_copy() || rec.seq > n {
+                self.held.push_back(id);
+                return;
+            }
+        }
+        if let Some(record) = r.record.take() {
+            if !record.op.is_copy() {
+                self.max_started = self.max_started.max(record.seq);
+            }
             self.applying += 1;
             if record.op.is_copy() {
                 self.copy_applying.insert(id);
@@ -754,6 +800,46 @@ mod tests {
         s.on_applied(applies[0], Ok(())).unwrap();
         let acts = drain(&mut s, now);
         assert!(matches!(acts[0], Action::Apply { record: Record { seq: 2, .. }, .. }), "{acts:?}");
+    }
+
+    fn applies(acts: Vec<Action>) -> Vec<(ApplyId, u64)> {
+        acts.into_iter()
+            .filter_map(|a| match a {
+                Action::Apply { id, record } => Some((id, record.seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_freeze_lands_on_a_prefix_and_holds_later_writes() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        // 1 and 3 overlap; 2 does not: 2 is applied while 3 waits for 1.
+        for (seq, off) in [(1, 0), (2, 8192), (3, 0)] {
+            s.on_record(write(seq, off)).unwrap();
+        }
+        drain(&mut s, now);
+        s.on_journal_synced(3, Ok(())).unwrap();
+        let started = applies(drain(&mut s, now));
+        assert_eq!(started.iter().map(|a| a.1).collect::<Vec<_>>(), vec![1, 2]);
+        // Frozen after 2 was handed out: the point is 2, and 3 is held.
+        s.freeze();
+        assert_eq!(s.frozen_at(), None, "applies are in flight");
+        s.on_applied(started[1].0, Ok(())).unwrap();
+        assert_eq!(s.frozen_at(), None, "1 is not applied yet");
+        s.on_applied(started[0].0, Ok(())).unwrap();
+        assert!(applies(drain(&mut s, now)).is_empty(), "3 is held");
+        assert_eq!(s.frozen_at(), Some(2));
+        // Records keep arriving and are journaled (and acked) meanwhile.
+        s.on_record(write(4, 65536)).unwrap();
+        s.on_journal_synced(4, Ok(())).unwrap();
+        assert!(applies(drain(&mut s, now)).is_empty());
+        assert_eq!(s.ack().durable_seq, 4);
+        assert_eq!(s.frozen_at(), Some(2));
+        s.thaw();
+        let started = applies(drain(&mut s, now));
+        assert_eq!(started.iter().map(|a| a.1).collect::<Vec<_>>(), vec![3, 4]);
     }
 
     #[test]

@@ -95,7 +95,16 @@ pub enum Command {
         /// Keep running after the tour so you can attach your own NBD client.
         #[arg(long)]
         serve: bool,
+        /// The check the demo's `drill run` runs: reads every drill copy
+        /// named in the environment and compares its BLAKE3 hash with
+        /// REPLICATOR_DEMO_EXPECT_<VOLUME> (exit 1 on a mismatch).
+        #[arg(long, hide = true)]
+        drill_check: bool,
     },
+    /// Drill copies on the secondary: a writable, group-consistent copy of
+    /// the replica for failover tests while replication goes on.
+    #[command(subcommand)]
+    Drill(DrillCommand),
     /// Compare both sites online, region by region (run on the primary;
     /// needs PAIR). Exit 0 when they match, 1 listing the regions that
     /// differ.
@@ -126,6 +135,57 @@ pub enum GenerateCommand {
     Completions {
         /// Output directory (created if missing).
         dir: PathBuf,
+    },
+}
+
+/// `drill ...` (on the secondary)
+#[derive(Debug, Subcommand)]
+pub enum DrillCommand {
+    /// Freeze the replica at one point (the same for every volume of the
+    /// group) and export each volume's drill copy read-write as NBD export
+    /// drill/VOLUME. Replication into the replica goes on.
+    Start {
+        /// Group name.
+        group: String,
+    },
+    /// Discard the drill copies (refused while NBD clients are attached)
+    /// and record the drill in the history.
+    Stop {
+        /// Group name.
+        group: String,
+    },
+    /// Show the running drill: recovery point, space used, clients.
+    Status {
+        /// Group name.
+        group: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a drill, run CMD with the drill copies' NBD URIs in its
+    /// environment (REPLICATOR_DRILL_NBD_<VOLUME>, REPLICATOR_DRILL_NBD_URIS),
+    /// stop the drill, and write a JSON and a Markdown report. Exits with
+    /// CMD's exit code (124 when killed at --timeout).
+    Run {
+        /// Group name.
+        group: String,
+        /// Also write the reports into this directory.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Kill CMD after this long (e.g. 10m).
+        #[arg(long, value_parser = parse_duration_arg)]
+        timeout: Option<Duration>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List past drills: when, recovery point, result, report.
+    History {
+        /// Group name.
+        group: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -479,7 +539,23 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 }
             }
         }
-        Command::Demo { serve } => Ok(crate::demo::run(serve)),
+        Command::Demo { drill_check: true, .. } => Ok(crate::demo::drill_check()),
+        Command::Demo { serve, .. } => Ok(crate::demo::run(serve)),
+        Command::Drill(cmd) => {
+            let config = load_config(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                match cmd {
+                    DrillCommand::Start { group } => crate::drill_cli::start(&config, group).await,
+                    DrillCommand::Stop { group } => crate::drill_cli::stop(&config, group).await,
+                    DrillCommand::Status { group, json } => crate::drill_cli::status(&config, group, json).await,
+                    DrillCommand::Run { group, report, timeout, command } => {
+                        crate::drill_cli::run(&config, group, report, timeout, command).await
+                    }
+                    DrillCommand::History { group, json } => crate::drill_cli::history(&config, group, json).await,
+                }
+            })
+        }
         Command::Verify { group, fix } => {
             let config = load_config(&cli.config)?;
             let rt = runtime()?;
@@ -497,7 +573,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     }
 }
 
-async fn ask(config: &Config, req: Request) -> Result<Response, ExitCode> {
+pub(crate) async fn ask(config: &Config, req: Request) -> Result<Response, ExitCode> {
     control::call(&config.control_socket(), &req).await.map_err(|e| {
         eprintln!("replicator: {e}");
         ExitCode::from(exit::FAILED)
@@ -729,6 +805,9 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
         }
         for v in &s.volumes {
             let _ = writeln!(out, "  volume {}  {}  {}", v.name, v.path.display(), human_bytes(v.size));
+        }
+        if let Some(d) = &s.drill {
+            out.push_str(&crate::drill_cli::render_status(d));
         }
         if let Some(e) = &s.last_error {
             let _ = writeln!(out, "  last error: {e}");

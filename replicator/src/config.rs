@@ -249,6 +249,10 @@ pub struct GroupConfig {
     /// overwritten by the initial copy). Off by default: a SIMPLEX group
     /// never turns into a replica without local consent.
     pub accept_pair_create: bool,
+    /// `drill_chunk`: copy-on-write granularity of drill copies (a power of
+    /// two from 4KiB to 16MiB; default 64KiB). Smaller chunks use less space
+    /// for scattered small writes, larger ones copy less often.
+    pub drill_chunk: u64,
     /// Volumes, in order (their index is the volume number on the wire).
     pub volumes: Vec<VolumeConfig>,
 }
@@ -359,6 +363,7 @@ struct RawGroup {
     compression: Option<String>,
     #[serde(default)]
     accept_pair_create: bool,
+    drill_chunk: Option<String>,
     #[serde(default)]
     volume: Vec<RawVolume>,
 }
@@ -489,6 +494,19 @@ impl Validator<'_> {
                     "must be at least 16MiB (size it for the writes of a link outage: beyond it, writes are tracked in the dirty bitmap and resynced)",
                 ));
             }
+            let drill_chunk = match &g.drill_chunk {
+                Some(v) => self.size(&format!("{key}.drill_chunk"), v)?,
+                None => crate::group::DEFAULT_DRILL_CHUNK,
+            };
+            if !drill_chunk.is_power_of_two()
+                || !(replicator_protocol::snapshot::MIN_CHUNK..=replicator_protocol::snapshot::MAX_CHUNK)
+                    .contains(&drill_chunk)
+            {
+                return Err(self.err(
+                    format!("{key}.drill_chunk"),
+                    "must be a power of two from 4KiB to 16MiB (the copy-on-write granularity of drill copies)",
+                ));
+            }
             let on_link_loss = match g.on_link_loss.as_deref().unwrap_or("suspend") {
                 "suspend" => LinkLossPolicy::Suspend,
                 "block" => LinkLossPolicy::Block,
@@ -588,6 +606,7 @@ impl Validator<'_> {
                 on_journal_full,
                 journal_full_timeout,
                 accept_pair_create: g.accept_pair_create,
+                drill_chunk,
                 volumes,
             });
         }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::group::{GroupError, GroupStatus};
+use crate::group::{DrillMeta, DrillOutcome, DrillRecord, GroupError, GroupStatus};
 use crate::node::Node;
 
 /// Exit codes of the CLI (DESIGN: 0 done, 1 failed, 2 usage/config, 3 refused).
@@ -94,6 +94,27 @@ pub enum Request {
         /// Have the differing regions copied again.
         fix: bool,
     },
+    /// `drill start` (on the secondary). The response's `data` is the
+    /// [`DrillMeta`].
+    DrillStart {
+        /// Group.
+        group: String,
+    },
+    /// `drill stop`, with the outcome of a `drill run`. The response's
+    /// `data` is the [`DrillRecord`].
+    DrillStop {
+        /// Group.
+        group: String,
+        /// What `drill run` ran and how it ended.
+        #[serde(default)]
+        outcome: Option<DrillOutcome>,
+    },
+    /// `drill history`. The response's `data` is the list of
+    /// [`DrillRecord`]s.
+    DrillHistory {
+        /// Group.
+        group: String,
+    },
 }
 
 /// A progress line sent before the response of a long command.
@@ -113,14 +134,21 @@ pub struct Response {
     /// Status of the groups asked about.
     #[serde(default)]
     pub groups: Vec<GroupStatus>,
+    /// A command's structured result (drill commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 impl Response {
     fn ok(message: impl Into<String>) -> Self {
-        Self { exit: exit::OK, message: message.into(), groups: Vec::new() }
+        Self { exit: exit::OK, message: message.into(), groups: Vec::new(), data: None }
     }
     fn err(code: u8, message: impl Into<String>) -> Self {
-        Self { exit: code, message: message.into(), groups: Vec::new() }
+        Self { exit: code, message: message.into(), groups: Vec::new(), data: None }
+    }
+    fn with_data(mut self, data: &impl Serialize) -> Self {
+        self.data = serde_json::to_value(data).ok();
+        self
     }
 }
 
@@ -269,7 +297,7 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
                 },
                 None => node.groups.iter().map(|g| g.status()).collect(),
             };
-            Response { exit: exit::OK, message: String::new(), groups }
+            Response { exit: exit::OK, message: String::new(), groups, data: None }
         }
         Request::PairCreate { group, nocopy } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
@@ -318,6 +346,41 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
                 Err(e) => Response::err(exit::FAILED, e.to_string()),
             }
         }
+        Request::DrillStart { group } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            drill_answer(g.drill_start().await, |m: &DrillMeta| {
+                format!(
+                    "drill {} started for group {group} in {:.0} ms: recovery point sequence {}; the drill copies are NBD \
+                     exports {} (writes to them never reach the replica); `replicator drill stop {group}` discards them",
+                    m.id,
+                    m.ready_ms,
+                    m.recovery_seq,
+                    m.exports().join(", ")
+                )
+            })
+        }
+        Request::DrillStop { group, outcome } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            drill_answer(g.drill_stop(&node.name, outcome).await, |r: &DrillRecord| {
+                format!(
+                    "drill {} of group {group} stopped ({}): the drill copies are discarded ({} bytes freed)",
+                    r.meta.id, r.result, r.space_used_bytes
+                )
+            })
+        }
+        Request::DrillHistory { group } => {
+            let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
+            drill_answer(g.drill_history(), |h: &Vec<DrillRecord>| format!("{} drill(s)", h.len()))
+        }
+    }
+}
+
+/// A drill command's outcome, with its structured result.
+fn drill_answer<T: Serialize>(result: Result<T, GroupError>, message: impl FnOnce(&T) -> String) -> Response {
+    match result {
+        Ok(v) => Response::ok(message(&v)).with_data(&v),
+        Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
+        Err(e) => Response::err(exit::FAILED, e.to_string()),
     }
 }
 

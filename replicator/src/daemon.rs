@@ -215,7 +215,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::Group { group: gc.name.clone(), source })?;
         groups.push(group);
     }
-    let node = Arc::new(Node::new(groups, transport.clone()));
+    let node = Arc::new(Node::new(config.node.name.clone(), groups, transport.clone()));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let control = bind_unix(&config.control_socket(), SOCKET_MODE, CONTROL_SOCKET)?;
@@ -261,7 +261,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             path: addr.to_string(),
             source,
         })?;
-        tasks.spawn(crate::metrics::serve(tcp, node.clone(), shutdown.clone()));
+        tasks.spawn(crate::metrics::serve(tcp, node.clone(), config.tls.clone(), shutdown.clone()));
     }
     {
         let node = node.clone();

@@ -211,10 +211,16 @@ fn crash(site: &mut Site) -> Result<(), String> {
 /// it, prints the command and its output, and returns the output; fails
 /// unless it exits 0 within [`CLI_LIMIT`].
 async fn cli(site: &Site, args: &[&str]) -> Result<String, String> {
+    cli_env(site, args, &[]).await
+}
+
+/// [`cli`] with extra environment variables.
+async fn cli_env(site: &Site, args: &[&str], env: &[(String, String)]) -> Result<String, String> {
     println!("    {}$ replicator {}", site.name, args.join(" "));
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("--config").arg(&site.config_path).args(args).stdin(Stdio::null());
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let what = format!("replicator {} on {}", args.join(" "), site.name);
     let out = tokio::task::spawn_blocking(move || run_bounded(cmd, CLI_LIMIT))
         .await
@@ -326,6 +332,56 @@ async fn wait_for(
 
 /// `site` is the primary of `group`, in PAIR with a live session and
 /// nothing left to ship.
+/// `replicator demo --drill-check`, the command of the demo's `drill run`:
+/// hashes each drill copy (through NBD, as any drill check would read it)
+/// and compares with the hash the demo read from the primary.
+pub fn drill_check() -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("drill check: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(check_drill_copies()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("drill check FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn check_drill_copies() -> Result<(), String> {
+    let volumes = std::env::var("REPLICATOR_DRILL_VOLUMES").map_err(|_| "REPLICATOR_DRILL_VOLUMES is not set")?;
+    let socket = std::env::var("REPLICATOR_NBD_SOCKET").map_err(|_| "REPLICATOR_NBD_SOCKET is not set")?;
+    for v in volumes.split_whitespace() {
+        let export = crate::group::drill_export_name(v);
+        let hash = hash_export(Path::new(&socket), &export).await?;
+        let expect_var = crate::drill_cli::volume_env(v).replace("REPLICATOR_DRILL_NBD_", "REPLICATOR_DEMO_EXPECT_");
+        let expected = std::env::var(&expect_var).map_err(|_| format!("{expect_var} is not set"))?;
+        if hash != expected {
+            return Err(format!("{export}: BLAKE3 {hash}, the primary had {expected}"));
+        }
+        println!("{export}: BLAKE3 {} matches the primary's volume", &hash[..16]);
+    }
+    Ok(())
+}
+
+/// BLAKE3 of a whole NBD export, hex.
+async fn hash_export(socket: &Path, export: &str) -> Result<String, String> {
+    let c = NbdClient::connect_unix(socket, export).await.map_err(|e| format!("{export}: {e}"))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut at = 0;
+    while at < c.size() {
+        let n = (c.size() - at).min(1 << 20) as u32;
+        hasher.update(&c.read(at, n).await.map_err(|e| format!("{export} at {at}: {e}"))?);
+        at += u64::from(n);
+    }
+    let _ = c.disconnect().await;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
 async fn wait_primary_drained(site: &Site, group: &str) -> Result<(), String> {
     wait_for(site, group, "the primary in PAIR, drained", |s| {
         s.role == "primary" && s.state == "PAIR" && s.connected && s.lag_records == 0
@@ -506,6 +562,18 @@ async fn tour(serve: bool) -> Result<(), String> {
     print!("{}", crate::cli::render_status(&sa.groups));
     let sb = ask(&b, Request::Status { group: None }).await?;
     print!("{}", crate::cli::render_status(&sb.groups));
+
+    step("a failover drill on site-b while replication goes on: drill run archive -- (a checksum of every volume)");
+    wait_primary_drained(&a, "archive").await?;
+    let mut expect = Vec::new();
+    for v in ["archive-data", "archive-index"] {
+        let var = crate::drill_cli::volume_env(v).replace("REPLICATOR_DRILL_NBD_", "REPLICATOR_DEMO_EXPECT_");
+        expect.push((var, hash_export(&sock, v).await?));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let exe = exe.display().to_string();
+    cli_env(&b, &["drill", "run", "archive", "--", &exe, "demo", "--drill-check"], &expect).await?;
+    cli(&b, &["drill", "history", "archive"]).await?;
 
     if serve {
         step("serving: attach your own NBD client to site-a while this runs (Ctrl-C to finish the tour)");

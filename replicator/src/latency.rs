@@ -1,6 +1,5 @@
 //! A lock-free latency histogram (write latency per group, for metrics).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -29,17 +28,26 @@ impl LatencyHistogram {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// Appends the Prometheus text form.
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (b, bound) in self.buckets.iter().zip(BOUNDS_US) {
-            cumulative += b.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", bound as f64 / 1e6);
-        }
+    /// Sum of the observations in seconds, their count, and the buckets
+    /// as (upper bound in seconds, observations in that bucket alone), the
+    /// last one `f64::MAX` for +Inf: the form prometheus-client encodes.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        // Buckets first: `record` counts the bucket before the total, so the
+        // total read afterwards covers them (an observation that lands in
+        // between shows in +Inf until the next scrape).
+        let mut buckets: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .zip(BOUNDS_US)
+            .map(|(b, bound)| (bound as f64 / 1e6, b.load(Ordering::Relaxed)))
+            .collect();
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let counted: u64 = buckets.iter().map(|(_, n)| n).sum();
+        // Observations past the last bound go to +Inf, so the buckets add up
+        // to `count`.
+        buckets.push((f64::MAX, count.saturating_sub(counted)));
+        (sum, count, buckets)
     }
 }
 
@@ -48,16 +56,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_are_cumulative() {
+    fn buckets_count_each_observation_once() {
         let h = LatencyHistogram::default();
         h.record(Duration::from_micros(40));
         h.record(Duration::from_micros(150));
         h.record(Duration::from_secs(10));
-        let mut s = String::new();
-        h.render(&mut s, "x", "g=\"a\"");
-        assert!(s.contains("x_bucket{g=\"a\",le=\"0.00005\"} 1"), "{s}");
-        assert!(s.contains("x_bucket{g=\"a\",le=\"0.0002\"} 2"), "{s}");
-        assert!(s.contains("x_bucket{g=\"a\",le=\"+Inf\"} 3"), "{s}");
-        assert!(s.contains("x_count{g=\"a\"} 3"), "{s}");
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 3);
+        assert!((sum - 10.00019).abs() < 1e-9, "{sum}");
+        assert_eq!(buckets.len(), BOUNDS_US.len() + 1);
+        assert_eq!(buckets[0], (0.00005, 1));
+        assert_eq!(buckets[2], (0.0002, 1));
+        assert_eq!(buckets.last(), Some(&(f64::MAX, 1)));
+        assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), 3);
     }
 }

@@ -7,14 +7,19 @@ use std::sync::Arc;
 use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
-use crate::group::{serve_secondary, serve_verify, ClientGuard, Group, WriteError, WriteKind};
+use crate::group::{
+    drill_export_name, serve_secondary, serve_verify, ClientGuard, DrillExport, Group, WriteError, WriteKind,
+};
 use crate::io::AlignedBuf;
+use crate::metrics::ErrorKind;
 use crate::nbd::{BlockSizes, Export, ExportCatalog, ExportError, NbdErrno, OpenError};
 use crate::transport::{FramedRecv, FramedSend, PeerConnection, Transport};
 
 /// All groups of this daemon.
 #[derive(Debug)]
 pub struct Node {
+    /// This node's name (`[node] name`).
+    pub name: String,
     /// Groups by name, in configuration order.
     pub groups: Vec<Arc<Group>>,
     /// Volume (export) name -> (group index, volume index).
@@ -25,14 +30,14 @@ pub struct Node {
 
 impl Node {
     /// Builds the node from opened groups.
-    pub fn new(groups: Vec<Arc<Group>>, transport: Arc<Transport>) -> Self {
+    pub fn new(name: String, groups: Vec<Arc<Group>>, transport: Arc<Transport>) -> Self {
         let mut exports = HashMap::new();
         for (gi, g) in groups.iter().enumerate() {
             for v in &g.volumes {
                 exports.insert(v.name.clone(), (gi, v.index));
             }
         }
-        Self { groups, exports, transport }
+        Self { name, groups, exports, transport }
     }
 
     /// The group named `name`.
@@ -110,6 +115,19 @@ fn to_export_error(e: WriteError) -> ExportError {
     ExportError::new(errno, e.to_string())
 }
 
+impl VolumeExport {
+    /// The NBD error for `e`, counted in the group's error totals.
+    fn failed(&self, e: WriteError) -> ExportError {
+        let err = to_export_error(e);
+        match err.errno {
+            NbdErrno::Io => self.group.counters().error(ErrorKind::ClientIo),
+            NbdErrno::Perm => self.group.counters().error(ErrorKind::ClientRefused),
+            _ => {}
+        }
+        err
+    }
+}
+
 impl Export for VolumeExport {
     fn size(&self) -> u64 {
         self.size
@@ -127,36 +145,122 @@ impl Export for VolumeExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
-        self.group.read(self.volume, offset, u64::from(len)).await.map_err(to_export_error)
+        self.group.read(self.volume, offset, u64::from(len)).await.map_err(|e| self.failed(e))
     }
 
     async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), ExportError> {
-        self.group.write(self.volume, offset, WriteKind::Data(data), fua).await.map_err(to_export_error)
+        self.group.write(self.volume, offset, WriteKind::Data(data), fua).await.map_err(|e| self.failed(e))
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
-        self.group.write(self.volume, offset, WriteKind::Zeroes(u64::from(len)), fua).await.map_err(to_export_error)
+        self.group.write(self.volume, offset, WriteKind::Zeroes(u64::from(len)), fua).await.map_err(|e| self.failed(e))
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
-        self.group.write(self.volume, offset, WriteKind::Trim(u64::from(len)), fua).await.map_err(to_export_error)
+        self.group.write(self.volume, offset, WriteKind::Trim(u64::from(len)), fua).await.map_err(|e| self.failed(e))
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
-        self.group.flush().await.map_err(to_export_error)
+        self.group.flush().await.map_err(|e| self.failed(e))
+    }
+}
+
+/// An NBD export of this node: a volume, or the drill copy of one
+/// (`drill/<volume>`, while a drill runs).
+#[derive(Debug)]
+pub enum NodeExport {
+    /// A replicated volume.
+    Volume(VolumeExport),
+    /// A volume's drill copy.
+    Drill(DrillExport),
+}
+
+impl Export for NodeExport {
+    fn size(&self) -> u64 {
+        match self {
+            NodeExport::Volume(e) => e.size(),
+            NodeExport::Drill(e) => e.size(),
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        match self {
+            NodeExport::Volume(e) => e.read_only(),
+            NodeExport::Drill(e) => e.read_only(),
+        }
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        match self {
+            NodeExport::Volume(e) => e.block_sizes(),
+            NodeExport::Drill(e) => e.block_sizes(),
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
+        match self {
+            NodeExport::Volume(e) => e.read(offset, len).await,
+            NodeExport::Drill(e) => e.read(offset, len).await,
+        }
+    }
+
+    async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), ExportError> {
+        match self {
+            NodeExport::Volume(e) => e.write(offset, data, fua).await,
+            NodeExport::Drill(e) => e.write(offset, data, fua).await,
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        match self {
+            NodeExport::Volume(e) => e.write_zeroes(offset, len, fua).await,
+            NodeExport::Drill(e) => e.write_zeroes(offset, len, fua).await,
+        }
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        match self {
+            NodeExport::Volume(e) => e.trim(offset, len, fua).await,
+            NodeExport::Drill(e) => e.trim(offset, len, fua).await,
+        }
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        match self {
+            NodeExport::Volume(e) => e.flush().await,
+            NodeExport::Drill(e) => e.flush().await,
+        }
     }
 }
 
 impl ExportCatalog for Node {
-    type Export = VolumeExport;
+    type Export = NodeExport;
 
     fn list(&self) -> Vec<String> {
         let mut names: Vec<(usize, u32, String)> = self.exports.iter().map(|(n, (g, v))| (*g, *v, n.clone())).collect();
         names.sort();
-        names.into_iter().map(|(_, _, n)| n).collect()
+        let mut list: Vec<String> = names.into_iter().map(|(_, _, n)| n).collect();
+        for g in &self.groups {
+            if g.drill().is_some() {
+                list.extend(g.volumes.iter().map(|v| drill_export_name(&v.name)));
+            }
+        }
+        list
     }
 
-    fn open(&self, name: &str) -> Result<Arc<VolumeExport>, OpenError> {
+    fn open(&self, name: &str) -> Result<Arc<NodeExport>, OpenError> {
+        if let Some(volume) = name.strip_prefix("drill/") {
+            let (gi, _) = *self.exports.get(volume).ok_or_else(|| OpenError::Unknown(name.to_string()))?;
+            let group = &self.groups[gi];
+            return match group.open_drill_export(volume) {
+                Some(e) => Ok(Arc::new(NodeExport::Drill(e))),
+                None => Err(OpenError::Refused(format!(
+                    "no drill is running for group {} (volume {volume}); `replicator drill start {}` on the secondary \
+                     exports its drill copy as {name}",
+                    group.cfg.name, group.cfg.name
+                ))),
+            };
+        }
         let (gi, vi) = *self.exports.get(name).ok_or_else(|| OpenError::Unknown(name.to_string()))?;
         let group = self.groups[gi].clone();
         if !group.attachable() {
@@ -180,6 +284,6 @@ impl ExportCatalog for Node {
                 group.cfg.name
             )));
         }
-        Ok(Arc::new(VolumeExport { group, volume: vi, size, _attached: attached }))
+        Ok(Arc::new(NodeExport::Volume(VolumeExport { group, volume: vi, size, _attached: attached })))
     }
 }

@@ -112,6 +112,15 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// The end of validity (notAfter) of the first certificate in the PEM file
+/// `path`, in seconds since the Unix epoch (exported as a metric).
+pub fn not_after_unix(path: &Path) -> Result<i64, TlsError> {
+    let certs = load_certs(path)?;
+    let first = certs.first().ok_or_else(|| pem_err(path, "contains no PEM certificate"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(first.as_ref()).map_err(|e| pem_err(path, e))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// Refuses a private key file that its group or others may read: mode
 /// `& 0o077` must be 0 (of the file a symbolic link points to).
 fn check_key_mode(path: &Path) -> Result<(), TlsError> {

@@ -200,6 +200,9 @@ pub struct Transport {
     /// Authenticated peer connections from the handshake tasks (started by
     /// the first [`Transport::accept`]).
     accepted: Mutex<Option<tokio::sync::mpsc::Receiver<PeerConnection>>>,
+    /// The newest authenticated incoming connection of each peer, for
+    /// [`Transport::rtt`] (dropped when a newer one arrives).
+    incoming: std::sync::Mutex<HashMap<String, quinn::Connection>>,
 }
 
 /// An incoming connection that was refused, and why.
@@ -266,7 +269,20 @@ impl Transport {
             peers: config.peers.iter().map(|p| (p.name.clone(), p.address.clone())).collect(),
             conns: Mutex::new(HashMap::new()),
             accepted: Mutex::new(None),
+            incoming: std::sync::Mutex::new(HashMap::new()),
             versions: versions.to_vec(),
+        })
+    }
+
+    /// QUIC's round-trip time estimate on an open connection with `peer`
+    /// (the one this node dialed, else the newest the peer dialed); `None`
+    /// when none is open. Never waits: a dial in progress reads as `None`.
+    pub fn rtt(&self, peer: &str) -> Option<Duration> {
+        let open = |c: &quinn::Connection| c.close_reason().is_none().then(|| c.rtt());
+        let dialed = self.conns.try_lock().ok().and_then(|conns| conns.get(peer).and_then(open));
+        dialed.or_else(|| {
+            let incoming = self.incoming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            incoming.get(peer).and_then(open)
         })
     }
 
@@ -331,6 +347,10 @@ impl Transport {
                 drop(slot);
                 match result {
                     Ok(pc) => {
+                        me.incoming
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(pc.peer.clone(), pc.conn.clone());
                         let _ = peers.send(pc).await;
                     }
                     Err(Refused { remote, peer: Some(peer), reason }) => {

@@ -9,11 +9,13 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError};
 
 use replicator_protocol::record::{Record, RecordOp};
 
 use crate::config::VolumeConfig;
 use crate::io::{AlignedBuf, BlockFile, IoEngine, IoError, OpenOptions, IO_ALIGN};
+use crate::snapshot::Snapshot;
 
 /// Volume set-up errors.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,10 @@ pub struct Volume {
     /// Index within its group (the volume number on the wire).
     pub index: u32,
     file: BlockFile,
+    /// Copy-on-write snapshots of this volume (a drill copy, the image a
+    /// resync protects): every write waits until the chunks it touches are
+    /// durably preserved in each.
+    snapshots: std::sync::RwLock<Vec<Arc<Snapshot>>>,
 }
 
 /// `(offset, len)` widened to whole `IO_ALIGN` blocks.
@@ -195,7 +201,7 @@ impl Volume {
         if size == 0 || size % IO_ALIGN as u64 != 0 {
             return Err(VolumeError::BadSize { name: cfg.name.clone(), path: cfg.path.clone(), size });
         }
-        Ok(Volume { name: cfg.name.clone(), index, file })
+        Ok(Volume { name: cfg.name.clone(), index, file, snapshots: std::sync::RwLock::new(Vec::new()) })
     }
 
     /// Size in bytes.
@@ -222,16 +228,57 @@ impl Volume {
         Ok(AlignedBuf::copy_from(&buf[skip..skip + len as usize]))
     }
 
+    /// Starts keeping `snapshot` of this volume: from now on every write
+    /// preserves the chunks it touches there first.
+    pub fn attach_snapshot(&self, snapshot: Arc<Snapshot>) {
+        self.snapshots.write().unwrap_or_else(PoisonError::into_inner).push(snapshot);
+    }
+
+    /// Stops keeping `snapshot` (writes already preserving into it finish).
+    pub fn detach_snapshot(&self, snapshot: &Arc<Snapshot>) {
+        self.snapshots.write().unwrap_or_else(PoisonError::into_inner).retain(|s| !Arc::ptr_eq(s, snapshot));
+    }
+
+    /// Before any write of `[offset, offset + len)`: every snapshot holds
+    /// those chunks durably.
+    async fn preserve(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let snapshots = {
+            let list = self.snapshots.read().unwrap_or_else(PoisonError::into_inner);
+            if list.is_empty() {
+                return Ok(());
+            }
+            list.clone()
+        };
+        for s in snapshots {
+            s.preserve(&self.file, offset, len).await?;
+        }
+        Ok(())
+    }
+
     /// Writes a whole-block buffer at an aligned offset.
     pub async fn write_aligned(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, IoError> {
+        self.preserve(offset, buf.len() as u64).await?;
         let (res, buf) = self.file.write_at(buf, offset).await;
         res.map(|()| buf)
     }
 
     /// Like `write_aligned`, durable when it returns (RWF_DSYNC: FUA).
     pub async fn write_aligned_durable(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, IoError> {
+        self.preserve(offset, buf.len() as u64).await?;
         let (res, buf) = self.file.write_at_durable(buf, offset).await;
         res.map(|()| buf)
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.preserve(offset, len).await?;
+        self.file.write_zeroes(offset, len).await
+    }
+
+    /// Discards `[offset, offset + len)`.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.preserve(offset, len).await?;
+        self.file.discard(offset, len).await
     }
 
     /// Applies a replicated or journaled record (always block-aligned).
@@ -240,8 +287,8 @@ impl Volume {
             RecordOp::Write | RecordOp::Copy => {
                 self.write_aligned(rec.offset, AlignedBuf::copy_from(&rec.payload)).await.map(|_| ())
             }
-            RecordOp::WriteZeroes => self.file.write_zeroes(rec.offset, u64::from(rec.length)).await,
-            RecordOp::Trim => self.file.discard(rec.offset, u64::from(rec.length)).await,
+            RecordOp::WriteZeroes => self.write_zeroes(rec.offset, u64::from(rec.length)).await,
+            RecordOp::Trim => self.discard(rec.offset, u64::from(rec.length)).await,
             // Nothing to write: the chunk is compared (`differing_spans`).
             RecordOp::CopyHash => Ok(()),
         }

@@ -27,6 +27,7 @@
 //! Build the daemon first: `cargo build --release -p replicator --bins`
 //! (`tests/run-all.sh` does that and installs the external tools).
 
+pub mod exposition;
 pub mod pattern;
 pub mod powercut;
 
@@ -194,6 +195,9 @@ pub struct ClusterOpts {
     /// [`Cluster::power_cut`] can drop everything not yet made durable. See
     /// [`ClusterOpts::with_power_cut_fs`].
     pub power_cut_fs: bool,
+    /// Each site serves Prometheus metrics on a free loopback TCP port
+    /// (`node.metrics_listen`, see [`Cluster::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl ClusterOpts {
@@ -205,7 +209,14 @@ impl ClusterOpts {
             site_b_cert: CertKind::Valid,
             start: true,
             power_cut_fs: false,
+            metrics: false,
         }
+    }
+
+    /// Both sites serve `/metrics` and `/healthz` ([`Cluster::scrape`]).
+    pub fn with_metrics(mut self) -> Self {
+        self.metrics = true;
+        self
     }
 
     /// Each site's state_dir and volume files live on its own `powercut-fs`
@@ -397,6 +408,9 @@ struct SiteProc {
     config_path: PathBuf,
     run_dir: PathBuf,
     port: u16,
+    /// `node.metrics_listen` port on 127.0.0.1 (used with
+    /// [`ClusterOpts::metrics`]).
+    metrics_port: u16,
     log: PathBuf,
     child: Option<Child>,
     starts: u32,
@@ -549,6 +563,12 @@ pub fn describe_output(out: &Output) -> String {
     )
 }
 
+/// Finds a free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral TCP port");
+    s.local_addr().expect("local_addr").port()
+}
+
 /// Finds a free UDP port on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
@@ -660,6 +680,7 @@ impl Cluster {
                 fs: None,
                 dir,
                 port,
+                metrics_port: free_tcp_port(),
                 child: None,
                 starts: 0,
             }
@@ -696,7 +717,7 @@ name = "{node}"
 listen = "127.0.0.1:{port}"
 state_dir = "{data}/state"
 run_dir = "{run}"
-
+{metrics}
 [tls]
 ca = "{ca}"
 cert = "{certs}/{node}.pem"
@@ -711,6 +732,11 @@ address = "127.0.0.1:{peer_port}"
             port = s.port,
             data = s.data_dir.display(),
             run = s.run_dir.display(),
+            metrics = if self.opts.metrics {
+                format!("metrics_listen = \"127.0.0.1:{}\"\n", s.metrics_port)
+            } else {
+                String::new()
+            },
             ca = self.root.join("ca").join("ca.pem").display(),
             certs = certs.display(),
         );
@@ -736,6 +762,32 @@ address = "127.0.0.1:{peer_port}"
             }
         }
         std::fs::write(&s.config_path, text).expect("write config");
+    }
+
+    /// Where `site` serves metrics (with [`ClusterOpts::with_metrics`]).
+    pub fn metrics_addr(&self, site: Site) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.sites[site.index()].metrics_port))
+    }
+
+    /// `GET path` on `site`'s metrics endpoint: (status code, Content-Type,
+    /// body).
+    pub fn scrape(&self, site: Site, path: &str) -> Result<(u16, String, String), String> {
+        let addr = self.metrics_addr(site);
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+        let mut resp = String::new();
+        stream.read_to_string(&mut resp).map_err(|e| format!("read from {addr}: {e}"))?;
+        let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| format!("no header end in {resp:?}"))?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("bad status line in {head:?}"))?;
+        let content_type = head.lines().find_map(|l| l.strip_prefix("Content-Type: ")).unwrap_or_default().to_string();
+        Ok((code, content_type, body.to_string()))
     }
 
     /// The temporary directory holding everything.

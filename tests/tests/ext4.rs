@@ -3,7 +3,10 @@
 //! block device, mkfs.ext4 + mount + files with known content + sync +
 //! umount. Then both sites stop, e2fsck must find the SECONDARY's backing
 //! file clean, and the files read back from it (loop-mounted read-only) must
-//! match what was written.
+//! match what was written. Before that, a drill copy of the secondary,
+//! taken while the file system is mounted on the primary, mounts, holds the
+//! files, takes a write and fscks clean, and that write never reaches the
+//! replica.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,7 +80,7 @@ fn check_files(root: &Path) {
     }
 }
 
-fn spawn_nbdfuse(c: &Cluster, export: &str, mountpoint: &Path, pidfile: &Path) -> Child {
+fn spawn_nbdfuse(c: &Cluster, site: Site, export: &str, mountpoint: &Path, pidfile: &Path) -> Child {
     let nbdfuse = require("nbdfuse");
     let log = std::fs::File::create(c.root().join("nbdfuse.log")).expect("nbdfuse log");
     let log2 = log.try_clone().expect("clone");
@@ -85,7 +88,7 @@ fn spawn_nbdfuse(c: &Cluster, export: &str, mountpoint: &Path, pidfile: &Path) -
         .arg("-P")
         .arg(pidfile)
         .arg(mountpoint.join("nbd"))
-        .arg(c.nbd_uri(Site::A, export))
+        .arg(c.nbd_uri(site, export))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -135,7 +138,7 @@ fn ext4_on_primary_is_clean_and_readable_on_secondary() {
     let mut cleanup = Cleanup::default();
 
     // nbdfuse: DIR/nbd is the export as a file.
-    let mut nbdfuse = spawn_nbdfuse(&c, vol, &fuse_dir, &c.root().join("nbdfuse.pid"));
+    let mut nbdfuse = spawn_nbdfuse(&c, Site::A, vol, &fuse_dir, &c.root().join("nbdfuse.pid"));
     let nbdfuse_pid = nbdfuse.id() as i32;
     {
         let (fm, d) = (fusermount.clone(), fuse_dir.clone());
@@ -165,6 +168,39 @@ fn ext4_on_primary_is_clean_and_readable_on_secondary() {
     write_files(&mnt);
     c.run_while_healthy(&mut Command::new("sync"), T);
     check_files(&mnt);
+
+    // A drill copy of the replica, taken while the primary's file system is
+    // mounted (as in a real drill): it mounts (replaying the ext4 journal
+    // into the copy), holds the files, takes writes, and fscks clean.
+    c.wait_drained(group);
+    let out = c.cli(Site::B, &["drill", "start", group]);
+    assert!(out.status.success(), "drill start: {}", describe_output(&out));
+    let (drill_fuse, drill_mnt) = (c.root().join("fuse-drill"), c.root().join("mnt-drill"));
+    for d in [&drill_fuse, &drill_mnt] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let mut drill_nbdfuse =
+        spawn_nbdfuse(&c, Site::B, &format!("drill/{vol}"), &drill_fuse, &c.root().join("nbdfuse-drill.pid"));
+    let out = run_ok(Command::new(&losetup).arg("-f").arg("--show").arg(drill_fuse.join("nbd")), T);
+    let drill_loop = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    run_ok(Command::new(&mount).arg(&drill_loop).arg(&drill_mnt), T);
+    check_files(&drill_mnt);
+    std::fs::write(drill_mnt.join("written-in-the-drill"), b"drill").expect("write into the drill copy");
+    run_ok(Command::new(&umount).arg(&drill_mnt), T);
+    let fsck = run_with_timeout(Command::new(&e2fsck).arg("-fn").arg(&drill_loop), T);
+    assert!(fsck.status.success(), "e2fsck -fn on the drill copy: {}\n{}", fsck.status, describe_output(&fsck));
+    run_ok(Command::new(&losetup).arg("-d").arg(&drill_loop), T);
+    run_ok(Command::new(&fusermount).arg("-u").arg(&drill_fuse), T);
+    let _ = drill_nbdfuse.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stopped = loop {
+        let out = c.cli(Site::B, &["drill", "stop", group]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(stopped.status.success(), "drill stop: {}", describe_output(&stopped));
 
     // Orderly teardown on the happy path (each step checked).
     run_ok(Command::new(&umount).arg(&mnt), T);
@@ -206,6 +242,7 @@ fn ext4_on_primary_is_clean_and_readable_on_secondary() {
         cleanup.push("umount secondary mount", move || quiet(&u, &["-l", &m.display().to_string()]));
     }
     check_files(&mnt2);
+    assert!(!mnt2.join("written-in-the-drill").exists(), "a write into the drill copy reached the replica");
     run_ok(Command::new(&umount).arg(&mnt2), T);
     cleanup.pop();
 

@@ -21,6 +21,7 @@ use replicator_protocol::secondary::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::drill::Frozen;
 use super::{journal_path, lock, Group, GroupError, Inner, SessionCommand};
 use crate::journal::Journal;
 use crate::state::{GroupState, TakeoverPoint};
@@ -102,6 +103,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     let mut g = lock(&group.inner);
     if g.taking_over {
         return Err((pb::Refusal::Unspecified, format!("group {name}: a failover is in progress here")));
+    }
+    if g.drill_starting {
+        return Err((pb::Refusal::Unspecified, format!("group {name}: a drill is starting here; retry in a moment")));
     }
     // Who may replicate into whom (protocol::lifecycle decides; this
     // performs and words it).
@@ -596,6 +600,7 @@ pub async fn serve_secondary(
     match result {
         Ok(()) => tracing::info!(group = %group.cfg.name, "replication session closed"),
         Err(e) => {
+            group.counters.error(crate::metrics::ErrorKind::Session);
             tracing::warn!(group = %group.cfg.name, "replication session ended: {e}");
             lock(&group.inner).last_error = Some(e.to_string());
         }
@@ -681,6 +686,10 @@ struct Session {
     heard: bool,
     /// The image was inconsistent at the last save (logs the change).
     copy_incomplete: bool,
+    /// `drill start`: told the frozen point once reached; applies resume
+    /// when `thaw` fires.
+    freeze_reply: Option<oneshot::Sender<Frozen>>,
+    thaw: Option<oneshot::Receiver<()>>,
 }
 
 impl Session {
@@ -714,6 +723,8 @@ impl Session {
             split_done: None,
             heard: false,
             copy_incomplete,
+            freeze_reply: None,
+            thaw: None,
         }
     }
 
@@ -766,7 +777,17 @@ impl Session {
                         tracing::warn!(group = %self.group.cfg.name, "failover --force: ending the replication session");
                         return Ok(());
                     }
+                    SessionCommand::Freeze { frozen, thaw } => {
+                        self.machine.freeze();
+                        self.freeze_reply = Some(frozen);
+                        self.thaw = Some(thaw);
+                    }
                 },
+                _ = wait_thaw(&mut self.thaw), if self.thaw.is_some() => {
+                    self.thaw = None;
+                    self.freeze_reply = None;
+                    self.machine.thaw();
+                }
                 _ = tick.tick() => {
                     if self.leave_by.is_some_and(|t| Instant::now() >= t) {
                         return Ok(());
@@ -782,7 +803,18 @@ impl Session {
                 self.on_event(ev)?;
             }
             self.perform(send)?;
+            self.report_frozen();
             send.flush().await?;
+        }
+    }
+
+    /// Tells `drill start` the frozen point once the replica reached it.
+    fn report_frozen(&mut self) {
+        if let (Some(seq), Some(_)) = (self.machine.frozen_at(), &self.freeze_reply) {
+            let frozen = Frozen { seq, data_as_of_us: self.machine.data_as_of_us(), received: self.machine.received() };
+            if let Some(reply) = self.freeze_reply.take() {
+                let _ = reply.send(frozen);
+            }
         }
     }
 
@@ -959,6 +991,7 @@ impl Session {
                 Action::Apply { id, record } => {
                     let vol = self.group.volumes.get(record.volume as usize).cloned();
                     let events = self.events_tx.clone();
+                    let counters = self.group.counters.clone();
                     self.outstanding += 1;
                     tokio::spawn(async move {
                         // The CRC was checked on arrival; check it again right
@@ -985,6 +1018,10 @@ impl Session {
                             (None, _) => Err(format!("record {} names a volume that does not exist", record.seq)),
                             (_, Err(e)) => Err(format!("record {} failed its CRC check before apply: {e}", record.seq)),
                         };
+                        match &result {
+                            Ok(()) => counters.applied(&record),
+                            Err(_) => counters.error(crate::metrics::ErrorKind::Apply),
+                        }
                         let _ = events.send(Event::Applied(id, result));
                     });
                 }
@@ -1026,12 +1063,22 @@ impl Session {
     }
 }
 
+/// Resolves when `drill start` lets applies resume (or gave up).
+async fn wait_thaw(thaw: &mut Option<oneshot::Receiver<()>>) {
+    match thaw {
+        Some(rx) => {
+            let _ = rx.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 fn protocol(e: SecondaryError) -> TransportError {
     TransportError::Protocol(e.to_string())
 }
 
 /// fsyncs every volume of the group, concurrently.
-async fn sync_volumes(volumes: &[Arc<Volume>]) -> Result<(), String> {
+pub(super) async fn sync_volumes(volumes: &[Arc<Volume>]) -> Result<(), String> {
     let mut set = tokio::task::JoinSet::new();
     for v in volumes {
         let v = v.clone();

@@ -16,6 +16,7 @@
 //! changes) is published through a `watch` channel.
 
 mod applier;
+mod drill;
 mod lifecycle;
 mod shipper;
 mod takeover;
@@ -49,6 +50,11 @@ use crate::transport::Transport;
 use crate::volume::Volume;
 
 pub use applier::serve_secondary;
+pub use drill::{
+    export_name as drill_export_name, DrillExport, DrillMeta, DrillOutcome, DrillRecord, DrillStatus,
+    DEFAULT_DRILL_CHUNK,
+};
+pub(crate) use takeover::format_time;
 pub use verify::serve_verify;
 pub use write_path::{WriteError, WriteKind};
 
@@ -190,6 +196,9 @@ struct Inner {
     rpo_zero_lost_at: Option<SystemTime>,
     /// Secondary: commands for the attached session.
     session_cmd: Option<mpsc::UnboundedSender<SessionCommand>>,
+    /// `drill start` is freezing the replica without a session: none may
+    /// attach until it is done.
+    drill_starting: bool,
     /// Secondary: an apply session is attached.
     secondary_attached: bool,
     /// Secondary: durable sequence (for status).
@@ -215,6 +224,15 @@ enum SessionCommand {
         rw: bool,
         /// Told once the split is persisted.
         done: oneshot::Sender<Result<(), String>>,
+    },
+    /// `drill start`: freeze the replica at a write-order-consistent point,
+    /// report it on `frozen`, hold later applies until `thaw` fires (or is
+    /// dropped).
+    Freeze {
+        /// Told once the replica is frozen.
+        frozen: oneshot::Sender<drill::Frozen>,
+        /// Applies resume when this fires or its sender is dropped.
+        thaw: oneshot::Receiver<()>,
     },
 }
 
@@ -248,6 +266,8 @@ pub struct Group {
     session_kick: watch::Sender<u64>,
     started: Instant,
     latency: crate::latency::LatencyHistogram,
+    /// Running totals for the metrics endpoint.
+    counters: Arc<crate::metrics::GroupCounters>,
     /// Version of the state snapshot last written to disk (see `write_state`).
     state_written: Mutex<u64>,
     /// NBD connections attached to this group's volumes.
@@ -258,6 +278,9 @@ pub struct Group {
     /// Set when the group stopped taking writes after a local failure (see
     /// `fail_stop` in write_path.rs).
     stopped: std::sync::OnceLock<String>,
+    /// The running drill (`drill.rs`), and one drill command at a time.
+    drill: Mutex<Option<Arc<drill::ActiveDrill>>>,
+    drill_op: tokio::sync::Mutex<()>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -280,6 +303,9 @@ impl Group {
         let role = persisted.role;
         let mut state = persisted.state;
         let was_clean = persisted.clean_shutdown;
+        // Before anything writes the volumes (journal replays below): a
+        // drill copy keeps its image through them.
+        let drill = drill::load(&engine, store.dir(), &volumes)?;
         let mut bitmaps = load_bitmaps(&store, &volumes)?;
         let mut activity = load_activity_log(&store);
         let boot_id = current_boot_id();
@@ -477,6 +503,7 @@ impl Group {
             rpo_zero_lost_at: None,
             link_changed_at: SystemTime::now(),
             session_cmd: None,
+            drill_starting: false,
             secondary_attached: false,
             secondary_durable: persisted.durable_seq,
             secondary_applied: persisted.durable_seq,
@@ -504,10 +531,13 @@ impl Group {
             session_kick,
             started: Instant::now(),
             latency: crate::latency::LatencyHistogram::default(),
+            counters: Arc::default(),
             state_written: Mutex::new(0),
             nbd_clients: AtomicUsize::new(0),
             bitmap_io: Mutex::new(HashMap::new()),
             stopped: std::sync::OnceLock::new(),
+            drill: Mutex::new(drill),
+            drill_op: tokio::sync::Mutex::new(()),
         });
         {
             let mut g = lock(&group.inner);
@@ -544,6 +574,12 @@ impl Group {
     /// Client write latency histogram.
     pub fn latency(&self) -> &crate::latency::LatencyHistogram {
         &self.latency
+    }
+
+    /// Running totals (records and bytes shipped, applied, resynced;
+    /// errors) for the metrics endpoint.
+    pub fn counters(&self) -> &crate::metrics::GroupCounters {
+        &self.counters
     }
 
     /// A secondary replication session is attached.
@@ -1172,6 +1208,7 @@ impl Group {
                 .map(|v| VolumeStatus { name: v.name.clone(), path: v.file().path().to_path_buf(), size: v.size() })
                 .collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
+            drill: self.drill_status(),
         }
     }
 }
@@ -1291,6 +1328,9 @@ pub struct GroupStatus {
     pub volumes: Vec<VolumeStatus>,
     /// Seconds since the daemon opened the group.
     pub uptime_seconds: u64,
+    /// The running drill (`drill start`), if any.
+    #[serde(default)]
+    pub drill: Option<DrillStatus>,
 }
 
 /// How a group is doing, worst last.

@@ -104,6 +104,7 @@ async fn run(group: Arc<Group>, epoch: u64) {
         match result {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
+                group.counters.error(crate::metrics::ErrorKind::Session);
                 if current(&group, epoch) {
                     group.link_lost(&e.to_string());
                 }
@@ -340,7 +341,10 @@ async fn send_loop(
                         let pos = g.entries.get(&seq).map(|e| e.pos);
                         Next::Record(seq, cached, pos, g.journal.clone())
                     }
-                    Some(Transmit::Copy(rec)) => Next::Copy(rec.copy_index, Body::Record(rec.to_pb(&group.cfg.name))),
+                    Some(Transmit::Copy(rec)) => {
+                        group.counters.copy_sent(&rec);
+                        Next::Copy(rec.copy_index, Body::Record(rec.to_pb(&group.cfg.name)))
+                    }
                     Some(Transmit::Flush(seq)) => Next::Body(Body::Flush(pb::FlushRequest { seq })),
                     Some(Transmit::CopyDone(seq)) => Next::Body(Body::Command(pb::GroupCommand {
                         command: pb::Command::CopyDone as i32,
@@ -350,11 +354,15 @@ async fn send_loop(
                 }
             };
             let body = match next {
-                Next::Record(_, Some(r), _, _) => Body::Record(r.to_pb(&group.cfg.name)),
+                Next::Record(_, Some(r), _, _) => {
+                    group.counters.shipped(&r);
+                    Body::Record(r.to_pb(&group.cfg.name))
+                }
                 Next::Record(seq, None, Some(pos), Some(j)) => {
                     let r = j.read_record(pos, seq).await.map_err(|e| {
                         TransportError::Protocol(format!("cannot read record {seq} back from the journal: {e}"))
                     })?;
+                    group.counters.shipped(&r);
                     Body::Record(r.to_pb(&group.cfg.name))
                 }
                 Next::Record(seq, ..) => {

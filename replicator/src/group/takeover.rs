@@ -452,7 +452,7 @@ fn recovery_point(mode: Mode, g: &Inner, peer: &str) -> String {
     out
 }
 
-fn format_time(us: u64) -> String {
+pub(crate) fn format_time(us: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| format!("{us} µs since the epoch"))

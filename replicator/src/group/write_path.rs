@@ -461,8 +461,8 @@ impl Group {
         let local_res = match buf {
             Some(b) if fua => volume.write_aligned_durable(a_off, b).await.map(|_| ()),
             Some(b) => volume.write_aligned(a_off, b).await.map(|_| ()),
-            None if op == RecordOp::Trim => volume.file().discard(a_off, a_len).await,
-            None => volume.file().write_zeroes(a_off, a_len).await,
+            None if op == RecordOp::Trim => volume.discard(a_off, a_len).await,
+            None => volume.write_zeroes(a_off, a_len).await,
         };
         drop(guard);
         if let Err(e) = &local_res {

@@ -1,0 +1,350 @@
+//! `replicator drill ...` on the command line: start, stop and status talk
+//! to the daemon; `drill run` wraps a command in a drill (start, run it with
+//! the drill copies' NBD URIs in its environment, stop, report) and exits
+//! with the command's exit code.
+//!
+//! Environment of the command: `REPLICATOR_DRILL_GROUP`, `REPLICATOR_DRILL_ID`,
+//! `REPLICATOR_DRILL_SEQ` (the recovery point), `REPLICATOR_DRILL_VOLUMES`
+//! (volume names, space-separated), `REPLICATOR_DRILL_NBD_URIS` (their NBD
+//! URIs, same order), `REPLICATOR_DRILL_NBD_<VOLUME>` (one per volume, the
+//! name upper-cased with other characters than letters and digits as `_`),
+//! and `REPLICATOR_NBD_SOCKET`.
+//!
+//! Exit codes of `drill run`: the command's; 124 when it was killed at the
+//! `--timeout`; 128 + N when a signal N killed it; the CLI's own codes (1, 2,
+//! 3) when the drill could not start.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write as _};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::config::{human_bytes, Config};
+use crate::control::{exit, Request, Response};
+use crate::group::{format_time, DrillMeta, DrillOutcome, DrillRecord, DrillStatus};
+
+/// Lines of the command's output kept for the report.
+const TAIL_LINES: usize = 40;
+/// Longest line kept for the report (longer ones are cut).
+const TAIL_LINE_MAX: usize = 400;
+/// How long `drill run` retries `drill stop` while the command's NBD
+/// clients are still detaching.
+const STOP_RETRY: Duration = Duration::from_secs(20);
+/// `drill run`'s exit code when the command was killed at the timeout
+/// (as timeout(1)).
+const EXIT_TIMED_OUT: u8 = 124;
+
+fn data<T: serde::de::DeserializeOwned>(resp: &Response) -> Result<T, ExitCode> {
+    resp.data.clone().and_then(|d| serde_json::from_value(d).ok()).ok_or_else(|| {
+        eprintln!("replicator: the daemon's answer has no drill data (is it an older version?)");
+        ExitCode::from(exit::FAILED)
+    })
+}
+
+fn fail(resp: &Response) -> ExitCode {
+    eprintln!("replicator: {}", resp.message);
+    ExitCode::from(resp.exit)
+}
+
+/// `drill start`.
+pub async fn start(config: &Config, group: String) -> Result<ExitCode, ExitCode> {
+    let resp = crate::cli::ask(config, Request::DrillStart { group }).await?;
+    if resp.exit != exit::OK {
+        return Err(fail(&resp));
+    }
+    println!("{}", resp.message);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drill stop`.
+pub async fn stop(config: &Config, group: String) -> Result<ExitCode, ExitCode> {
+    let resp = crate::cli::ask(config, Request::DrillStop { group, outcome: None }).await?;
+    if resp.exit != exit::OK {
+        return Err(fail(&resp));
+    }
+    println!("{}", resp.message);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drill status`.
+pub async fn status(config: &Config, group: String, json: bool) -> Result<ExitCode, ExitCode> {
+    let resp = crate::cli::ask(config, Request::Status { group: Some(group.clone()) }).await?;
+    if resp.exit != exit::OK {
+        return Err(fail(&resp));
+    }
+    let drill: Option<DrillStatus> = resp.groups.first().and_then(|g| g.drill.clone());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&drill).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    match drill {
+        None => println!("group {group}: no drill is running"),
+        Some(d) => print!("{}", render_status(&d)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The drill part of `status`.
+pub fn render_status(d: &DrillStatus) -> String {
+    let m = &d.meta;
+    let when =
+        if m.recovery_time_us == 0 { String::new() } else { format!(", written {}", format_time(m.recovery_time_us)) };
+    format!(
+        "  drill:       {} since {} (ready in {:.0} ms)\n  drill point: sequence {}{when}; {} write(s) behind at freeze\n  \
+         drill copy:  {} used ({} KiB chunks), {} client(s); exports {}\n",
+        m.id,
+        format_time(m.started_at_us),
+        m.ready_ms,
+        m.recovery_seq,
+        m.lag_records,
+        human_bytes(d.space_used_bytes),
+        m.chunk >> 10,
+        d.clients,
+        d.exports.join(", ")
+    )
+}
+
+/// `drill history`.
+pub async fn history(config: &Config, group: String, json: bool) -> Result<ExitCode, ExitCode> {
+    let resp = crate::cli::ask(config, Request::DrillHistory { group: group.clone() }).await?;
+    if resp.exit != exit::OK {
+        return Err(fail(&resp));
+    }
+    let records: Vec<DrillRecord> = data(&resp)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if records.is_empty() {
+        println!("group {group}: no drill has been run here");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<26} {:<12} {:>14} {:>9} {:<10} REPORT", "STARTED", "SITE", "RECOVERY SEQ", "READY", "RESULT");
+    for r in &records {
+        println!(
+            "{:<26} {:<12} {:>14} {:>7.0}ms {:<10} {}",
+            format_time(r.meta.started_at_us),
+            r.node,
+            r.meta.recovery_seq,
+            r.meta.ready_ms,
+            r.result,
+            r.report.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The environment variable naming a volume's drill copy URI.
+pub fn volume_env(volume: &str) -> String {
+    let name: String =
+        volume.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    format!("REPLICATOR_DRILL_NBD_{name}")
+}
+
+/// The NBD URI of an export on the daemon's Unix socket.
+fn nbd_uri(socket: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// `drill run`.
+pub async fn run(
+    config: &Config,
+    group: String,
+    report_dir: Option<PathBuf>,
+    timeout: Option<Duration>,
+    command: Vec<String>,
+) -> Result<ExitCode, ExitCode> {
+    let Some((program, args)) = command.split_first() else {
+        eprintln!("replicator: drill run needs a command: replicator drill run GROUP -- CMD [ARGS...]");
+        return Err(ExitCode::from(exit::USAGE));
+    };
+    let resp = crate::cli::ask(config, Request::DrillStart { group: group.clone() }).await?;
+    if resp.exit != exit::OK {
+        return Err(fail(&resp));
+    }
+    let meta: DrillMeta = data(&resp)?;
+    println!("{}", resp.message);
+    let socket = config.node.run_dir.join("nbd.sock");
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .env("REPLICATOR_DRILL_GROUP", &group)
+        .env("REPLICATOR_DRILL_ID", &meta.id)
+        .env("REPLICATOR_DRILL_SEQ", meta.recovery_seq.to_string())
+        .env("REPLICATOR_DRILL_VOLUMES", meta.volumes.iter().map(|v| v.0.as_str()).collect::<Vec<_>>().join(" "))
+        .env(
+            "REPLICATOR_DRILL_NBD_URIS",
+            meta.exports().iter().map(|e| nbd_uri(&socket, e)).collect::<Vec<_>>().join(" "),
+        )
+        .env("REPLICATOR_NBD_SOCKET", &socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for (v, _) in &meta.volumes {
+        cmd.env(volume_env(v), nbd_uri(&socket, &crate::group::drill_export_name(v)));
+    }
+    let outcome = tokio::task::spawn_blocking({
+        let command = command.clone();
+        move || run_command(cmd, command, timeout)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the command runner failed: {e}")));
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("replicator: cannot run {program:?}: {e}");
+            DrillOutcome {
+                command: command.clone(),
+                exit_code: Some(127),
+                signal: None,
+                timed_out: false,
+                run_seconds: 0.0,
+                output_tail: format!("cannot run {program:?}: {e}\n"),
+            }
+        }
+    };
+    let code = match (outcome.timed_out, outcome.exit_code, outcome.signal) {
+        (true, _, _) => EXIT_TIMED_OUT,
+        (false, Some(c), _) => u8::try_from(c).unwrap_or(exit::FAILED),
+        (false, None, Some(s)) => u8::try_from(128 + s).unwrap_or(exit::FAILED),
+        (false, None, None) => exit::FAILED,
+    };
+    // The command's NBD clients may take a moment to detach.
+    let deadline = Instant::now() + STOP_RETRY;
+    let resp = loop {
+        let resp = crate::cli::ask(config, Request::DrillStop { group: group.clone(), outcome: Some(outcome.clone()) })
+            .await?;
+        if resp.exit == exit::REFUSED && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        }
+        break resp;
+    };
+    if resp.exit != exit::OK {
+        eprintln!("replicator: the drill copy is still there: {}", resp.message);
+        return Err(ExitCode::from(resp.exit));
+    }
+    let record: DrillRecord = data(&resp)?;
+    println!("{}", resp.message);
+    println!();
+    print!("{}", record.to_markdown());
+    if let Some(dir) = report_dir {
+        match write_reports(&dir, &record) {
+            Ok(path) => println!("\nreport: {}", path.display()),
+            Err(e) => {
+                eprintln!("replicator: cannot write the report into {}: {e}", dir.display());
+                return Err(ExitCode::from(exit::FAILED));
+            }
+        }
+    } else if let Some(p) = &record.report {
+        println!("\nreport: {} (and .md)", p.display());
+    }
+    Ok(ExitCode::from(code))
+}
+
+fn write_reports(dir: &Path, record: &DrillRecord) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let base = format!("drill-{}-{}", record.meta.group, record.meta.id);
+    let json = dir.join(format!("{base}.json"));
+    let mut f = std::fs::File::create(&json)?;
+    f.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    let mut f = std::fs::File::create(dir.join(format!("{base}.md")))?;
+    f.write_all(record.to_markdown().as_bytes())?;
+    f.sync_all()?;
+    Ok(json)
+}
+
+/// Runs the command, passing its output through and keeping its tail;
+/// kills its process group at the timeout (blocking).
+fn run_command(
+    mut cmd: std::process::Command,
+    command: Vec<String>,
+    timeout: Option<Duration>,
+) -> Result<DrillOutcome, String> {
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || forward(BufReader::new(out), false, &tx)));
+    }
+    if let Some(err) = child.stderr.take() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || forward(BufReader::new(err), true, &tx)));
+    }
+    drop(tx);
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut keep = |line: String| {
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        let mut line = line;
+        if line.len() > TAIL_LINE_MAX {
+            let mut cut = TAIL_LINE_MAX;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push('…');
+        }
+        tail.push_back(line);
+    };
+    let mut timed_out = false;
+    let status = loop {
+        while let Ok((is_err, line)) = rx.try_recv() {
+            if is_err {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+            keep(line);
+        }
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if timeout.is_some_and(|t| started.elapsed() >= t) && !timed_out {
+            timed_out = true;
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    while let Ok((is_err, line)) = rx.try_recv() {
+        if is_err {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+        keep(line);
+    }
+    let output_tail: String = tail.into_iter().collect::<Vec<_>>().join("\n");
+    Ok(DrillOutcome {
+        command,
+        exit_code: status.code(),
+        signal: status.signal(),
+        timed_out,
+        run_seconds: started.elapsed().as_secs_f64(),
+        output_tail,
+    })
+}
+
+fn forward(reader: impl BufRead, is_err: bool, tx: &mpsc::Sender<(bool, String)>) {
+    for line in reader.lines() {
+        match line {
+            Ok(l) => {
+                if tx.send((is_err, l)).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}

@@ -1,0 +1,622 @@
+//! Drill copies: a writable, group-consistent point-in-time copy of the
+//! replica, for failover tests, while replication into the replica goes on.
+//!
+//! `drill start` (on the secondary) freezes the replica at one point: the
+//! session stops handing out applies beyond the writes already being
+//! applied (`Secondary::freeze`), and once those are applied the volumes hold
+//! exactly the writes `<= N`, on every volume of the group. The volumes are
+//! synced, a copy-on-write snapshot of each is created (`crate::snapshot`,
+//! files under `<group dir>/drill/`), `drill.json` records the drill, the
+//! snapshots are attached to the volumes, and applies resume. From then on
+//! every write to a replica volume first preserves the chunks it touches in
+//! the snapshot; NBD export `drill/<volume>` reads the snapshot's image and
+//! writes only into the snapshot. Nothing is copied up front, so a drill is
+//! ready in milliseconds whatever the volume size, and space grows only
+//! with chunks written on either side.
+//!
+//! Decisions:
+//! - The snapshot survives restarts and power cuts: its files are created
+//!   durably before `drill.json` names them, and the volume is written in a
+//!   chunk only once that chunk is durably preserved (see
+//!   `replicator_protocol::snapshot`). A restart loads the drill before the
+//!   restore journal is replayed, so replayed writes are preserved too.
+//! - A drill never blocks failover, switchover or a resync: the replica
+//!   stays the replica (a failover promotes it, not the drill copy), and
+//!   the drill copy keeps its image through whatever the volumes go
+//!   through until `drill stop`.
+//! - `drill stop` is refused while NBD clients are attached to the drill
+//!   copy; it discards the copy, frees its space, and appends the drill to
+//!   the group's history (`<group dir>/drill-history.jsonl`), with the
+//!   report of a `drill run` (`<group dir>/drill-reports/ID.{json,md}`).
+//! - One drill per group at a time; it needs a consistent replica (not
+//!   during an initial copy or a resync).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use replicator_protocol::pair::Role;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::takeover::format_time;
+use super::write_path::unix_micros;
+use super::{lock, Group, GroupError, SessionCommand};
+use crate::io::{AlignedBuf, IoEngine};
+use crate::nbd::{BlockSizes, Export, ExportError, NbdErrno};
+use crate::snapshot::Snapshot;
+use crate::state::write_atomically;
+use crate::volume::Volume;
+
+/// Default copy-on-write chunk of a drill copy (`drill_chunk` per group).
+pub const DEFAULT_DRILL_CHUNK: u64 = 64 << 10;
+/// How long `drill start` waits for the replica to reach its frozen point.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest read or write a drill client may send.
+const DRILL_MAX_PAYLOAD: u32 = 4 << 20;
+
+/// What a drill froze, and when (`drill.json`, reports, history).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrillMeta {
+    /// Unique id (the start time, UTC, with milliseconds: `20261201T221500-123Z`).
+    pub id: String,
+    /// The group.
+    pub group: String,
+    /// When `drill start` ran (µs since the epoch).
+    pub started_at_us: u64,
+    /// From `drill start` until the copy was exported, in milliseconds.
+    pub ready_ms: f64,
+    /// The recovery point: the copy holds exactly the writes `<= seq`.
+    pub recovery_seq: u64,
+    /// The primary's time of the newest write in the copy (µs since the
+    /// epoch, the primary's clock; 0 when unknown).
+    pub recovery_time_us: u64,
+    /// Writes the replica had received (or the primary had reported) beyond
+    /// the recovery point when it was frozen.
+    pub lag_records: u64,
+    /// Copy-on-write chunk in bytes.
+    pub chunk: u64,
+    /// Volume names and sizes, in group order.
+    pub volumes: Vec<(String, u64)>,
+}
+
+impl DrillMeta {
+    /// The NBD export names of the drill copies.
+    pub fn exports(&self) -> Vec<String> {
+        self.volumes.iter().map(|(v, _)| export_name(v)).collect()
+    }
+}
+
+/// The NBD export name of a volume's drill copy.
+pub fn export_name(volume: &str) -> String {
+    format!("drill/{volume}")
+}
+
+/// What `drill run` reports about the command it ran.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrillOutcome {
+    /// The command and its arguments.
+    pub command: Vec<String>,
+    /// Its exit code (`None`: killed by a signal or by the timeout).
+    pub exit_code: Option<i32>,
+    /// The signal that killed it.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// It was killed at the `--timeout`.
+    pub timed_out: bool,
+    /// How long it ran, in seconds.
+    pub run_seconds: f64,
+    /// The last lines of its output (stdout and stderr).
+    pub output_tail: String,
+}
+
+/// One finished drill: a line of the history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrillRecord {
+    /// What was frozen.
+    #[serde(flatten)]
+    pub meta: DrillMeta,
+    /// Where (this node's name).
+    pub node: String,
+    /// When `drill stop` ran (µs since the epoch).
+    pub stopped_at_us: u64,
+    /// Space the copy used when it was discarded, in bytes.
+    pub space_used_bytes: u64,
+    /// `passed`, `failed`, `timed-out` (`drill run`) or `manual` (`drill start`/`stop`).
+    pub result: String,
+    /// The command's outcome (`drill run`).
+    #[serde(default)]
+    pub outcome: Option<DrillOutcome>,
+    /// The JSON report (`drill run`).
+    #[serde(default)]
+    pub report: Option<PathBuf>,
+}
+
+impl DrillRecord {
+    /// The report in Markdown.
+    pub fn to_markdown(&self) -> String {
+        let m = &self.meta;
+        let mut s = format!("# Drill {} of group {}\n\n", m.id, m.group);
+        s.push_str(&format!("- **Result:** {}\n", self.result));
+        s.push_str(&format!("- **Site:** {} (the secondary)\n", self.node));
+        s.push_str(&format!("- **Started:** {}\n", format_time(m.started_at_us)));
+        s.push_str(&format!("- **Stopped:** {}\n", format_time(self.stopped_at_us)));
+        s.push_str(&format!("- **Time to ready:** {:.1} ms\n", m.ready_ms));
+        let when = if m.recovery_time_us == 0 {
+            "the primary's time of it unknown".to_string()
+        } else {
+            format!("written on the primary at {}", format_time(m.recovery_time_us))
+        };
+        s.push_str(&format!("- **Recovery point:** sequence {} ({when})\n", m.recovery_seq));
+        s.push_str(&format!("- **Lag at freeze:** {} write(s) beyond the recovery point\n", m.lag_records));
+        s.push_str(&format!(
+            "- **Copy-on-write:** {} KiB chunks, {} bytes used\n",
+            m.chunk >> 10,
+            self.space_used_bytes
+        ));
+        s.push_str("- **Volumes:**\n");
+        for (v, size) in &m.volumes {
+            s.push_str(&format!("  - `{v}` ({size} bytes), NBD export `{}`\n", export_name(v)));
+        }
+        if let Some(o) = &self.outcome {
+            s.push_str(&format!("\n## Command\n\n`{}`\n\n", o.command.join(" ")));
+            let status = match (o.exit_code, o.timed_out) {
+                (_, true) => "killed at the timeout".to_string(),
+                (Some(c), _) => format!("exit code {c}"),
+                (None, _) => format!("killed by signal {}", o.signal.unwrap_or(0)),
+            };
+            s.push_str(&format!("- **Status:** {status}\n- **Run time:** {:.1} s\n", o.run_seconds));
+            s.push_str("\n### Last lines of its output\n\n```\n");
+            s.push_str(&o.output_tail);
+            if !o.output_tail.ends_with('\n') {
+                s.push('\n');
+            }
+            s.push_str("```\n");
+        }
+        s
+    }
+}
+
+/// A running drill.
+#[derive(Debug)]
+pub struct ActiveDrill {
+    /// What was frozen.
+    pub meta: DrillMeta,
+    snapshots: Vec<Arc<Snapshot>>,
+    clients: AtomicUsize,
+}
+
+/// `status` of a running drill.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrillStatus {
+    /// What was frozen.
+    #[serde(flatten)]
+    pub meta: DrillMeta,
+    /// Bytes the drill copies hold (chunks written on either side).
+    pub space_used_bytes: u64,
+    /// NBD clients attached to the drill copies.
+    pub clients: usize,
+    /// The NBD export names.
+    pub exports: Vec<String>,
+}
+
+/// What the session reports once the replica is frozen.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Frozen {
+    /// Every write `<= seq` is applied, none beyond.
+    pub seq: u64,
+    /// The primary's time of the newest applied write.
+    pub data_as_of_us: u64,
+    /// Writes received into the restore journal.
+    pub received: u64,
+}
+
+fn drill_dir(group_dir: &Path) -> PathBuf {
+    group_dir.join("drill")
+}
+
+fn meta_path(group_dir: &Path) -> PathBuf {
+    drill_dir(group_dir).join("drill.json")
+}
+
+fn history_path(group_dir: &Path) -> PathBuf {
+    group_dir.join("drill-history.jsonl")
+}
+
+fn reports_dir(group_dir: &Path) -> PathBuf {
+    group_dir.join("drill-reports")
+}
+
+fn failed(what: &str) -> impl Fn(std::io::Error) -> GroupError + '_ {
+    move |e| GroupError::Failed(format!("{what}: {e}"))
+}
+
+/// Loads the drill of a group after a restart (before anything writes the
+/// volumes) and attaches its snapshots to the volumes. Leftovers of a
+/// `drill start` that did not finish (no `drill.json`) are removed.
+pub(super) fn load(
+    engine: &IoEngine,
+    group_dir: &Path,
+    volumes: &[Arc<Volume>],
+) -> Result<Option<Arc<ActiveDrill>>, GroupError> {
+    let dir = drill_dir(group_dir);
+    let bytes = match std::fs::read(meta_path(group_dir)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(failed("removing an unfinished drill start"))?;
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(failed("reading drill.json")(e)),
+    };
+    let meta: DrillMeta = serde_json::from_slice(&bytes)
+        .map_err(|e| GroupError::Failed(format!("{}: {e}", meta_path(group_dir).display())))?;
+    let ours: Vec<(String, u64)> = volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
+    if meta.volumes != ours {
+        return Err(GroupError::Failed(format!(
+            "drill {} was taken of volumes {:?}, the configuration now has {ours:?}; restore the configuration, \
+             or remove {} to discard the drill",
+            meta.id,
+            meta.volumes,
+            dir.display()
+        )));
+    }
+    let mut snapshots = Vec::new();
+    for v in volumes {
+        let s = Snapshot::open(engine, &dir, &v.name, v.size(), meta.chunk)
+            .map_err(|e| GroupError::Failed(format!("drill {}: {e}", meta.id)))?;
+        snapshots.push(Arc::new(s));
+    }
+    for (v, s) in volumes.iter().zip(&snapshots) {
+        v.attach_snapshot(s.clone());
+    }
+    tracing::info!(group = %meta.group, drill = %meta.id, recovery_seq = meta.recovery_seq, "drill copy kept across the restart");
+    Ok(Some(Arc::new(ActiveDrill { meta, snapshots, clients: AtomicUsize::new(0) })))
+}
+
+/// Clears `drill_starting` when a drill start without a session ends.
+struct StartingGuard<'a>(&'a Group);
+
+impl Drop for StartingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.inner).drill_starting = false;
+    }
+}
+
+impl Group {
+    /// The running drill, if any.
+    pub fn drill(&self) -> Option<Arc<ActiveDrill>> {
+        self.drill.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// `status` of the running drill.
+    pub fn drill_status(&self) -> Option<DrillStatus> {
+        self.drill().map(|d| DrillStatus {
+            meta: d.meta.clone(),
+            space_used_bytes: d.snapshots.iter().map(|s| s.held_bytes()).sum(),
+            clients: d.clients.load(Ordering::SeqCst),
+            exports: d.meta.exports(),
+        })
+    }
+
+    /// `drill start`: freezes the replica at one point and exports the
+    /// drill copies (see the module documentation).
+    pub async fn drill_start(&self) -> Result<DrillMeta, GroupError> {
+        let t0 = Instant::now();
+        let started_at_us = unix_micros();
+        let _one = self.drill_op.lock().await;
+        let name = self.cfg.name.clone();
+        if let Some(d) = self.drill() {
+            return Err(GroupError::Refused(format!(
+                "group {name}: drill {} is running (recovery point sequence {}); `replicator drill stop {name}` first",
+                d.meta.id, d.meta.recovery_seq
+            )));
+        }
+        let session = {
+            let mut g = lock(&self.inner);
+            if g.role != Role::Secondary {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: a drill copy is taken of the replica, on the secondary; this node is {} ({})",
+                    g.role, g.state
+                )));
+            }
+            if !g.persisted.consistent || g.persisted.copy_incomplete {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: the replica is inconsistent ({}: an initial copy or a resync is running); a drill copy \
+                     of it would be an image no application wrote. Wait for PAIR (`replicator status {name}`)",
+                    g.state
+                )));
+            }
+            if g.secondary_attached {
+                Some(g.session_cmd.clone().ok_or_else(|| {
+                    GroupError::Failed(format!("group {name}: the replication session is starting; retry"))
+                })?)
+            } else {
+                g.drill_starting = true;
+                None
+            }
+        };
+        let (frozen, thaw, _starting) = match session {
+            Some(tx) => {
+                let (frozen_tx, frozen_rx) = oneshot::channel();
+                let (thaw_tx, thaw_rx) = oneshot::channel();
+                tx.send(SessionCommand::Freeze { frozen: frozen_tx, thaw: thaw_rx })
+                    .map_err(|_| GroupError::Failed(format!("group {name}: the replication session ended; retry")))?;
+                let frozen = match tokio::time::timeout(FREEZE_TIMEOUT, frozen_rx).await {
+                    Ok(Ok(f)) => f,
+                    Ok(Err(_)) => {
+                        return Err(GroupError::Failed(format!(
+                            "group {name}: the replication session ended while freezing the replica; retry"
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(GroupError::Failed(format!(
+                            "group {name}: the replica did not reach a frozen point within {FREEZE_TIMEOUT:?} \
+                             (applies are slow or stuck: see the log); nothing changed"
+                        )))
+                    }
+                };
+                (frozen, Some(thaw_tx), None)
+            }
+            None => {
+                let g = lock(&self.inner);
+                let p = &g.persisted;
+                let f = Frozen { seq: p.durable_seq, data_as_of_us: p.data_as_of_us, received: p.durable_seq };
+                (f, None, Some(StartingGuard(self)))
+            }
+        };
+        // The frozen image is durable before a snapshot refers to it: a
+        // power cut must not take writes <= N from chunks the drill reads
+        // from the volume.
+        super::applier::sync_volumes(&self.volumes).await.map_err(GroupError::Failed)?;
+        let reported = lock(&self.inner).persisted.primary_reported_seq;
+        let mut meta = DrillMeta {
+            id: drill_id(started_at_us),
+            group: name.clone(),
+            started_at_us,
+            ready_ms: 0.0,
+            recovery_seq: frozen.seq,
+            recovery_time_us: frozen.data_as_of_us,
+            lag_records: frozen.received.max(reported).saturating_sub(frozen.seq),
+            chunk: self.cfg.drill_chunk,
+            volumes: self.volumes.iter().map(|v| (v.name.clone(), v.size())).collect(),
+        };
+        let (engine, group_dir, volumes) = (self.engine.clone(), self.store.dir().to_path_buf(), self.volumes.clone());
+        let created = {
+            let meta = meta.clone();
+            tokio::task::spawn_blocking(move || create(&engine, &group_dir, &volumes, &meta))
+                .await
+                .map_err(|e| GroupError::Failed(format!("drill start: {e}")))??
+        };
+        meta.ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        for (v, s) in self.volumes.iter().zip(&created) {
+            v.attach_snapshot(s.clone());
+        }
+        let drill = Arc::new(ActiveDrill { meta: meta.clone(), snapshots: created, clients: AtomicUsize::new(0) });
+        *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = Some(drill);
+        if let Some(thaw) = thaw {
+            let _ = thaw.send(());
+        }
+        tracing::info!(
+            group = %name,
+            drill = %meta.id,
+            recovery_seq = meta.recovery_seq,
+            ready_ms = format!("{:.1}", meta.ready_ms),
+            "drill started: the drill copies are exported as {}",
+            meta.exports().join(", ")
+        );
+        Ok(meta)
+    }
+
+    /// `drill stop`: discards the drill copies and records the drill in the
+    /// history (with the outcome of a `drill run`).
+    pub async fn drill_stop(&self, node: &str, outcome: Option<DrillOutcome>) -> Result<DrillRecord, GroupError> {
+        let _one = self.drill_op.lock().await;
+        let name = &self.cfg.name;
+        let Some(drill) = self.drill() else {
+            return Err(GroupError::Failed(format!("group {name}: no drill is running")));
+        };
+        let clients = drill.clients.load(Ordering::SeqCst);
+        if clients > 0 {
+            return Err(GroupError::Refused(format!(
+                "group {name}: {clients} NBD client(s) are attached to the drill copies ({}); detach them, then run \
+                 `replicator drill stop {name}` again",
+                drill.meta.exports().join(", ")
+            )));
+        }
+        let space_used_bytes = drill.snapshots.iter().map(|s| s.held_bytes()).sum();
+        for (v, s) in self.volumes.iter().zip(&drill.snapshots) {
+            v.detach_snapshot(s);
+        }
+        *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        // Writes that were preserving into the snapshots finish first.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while drill.snapshots.iter().any(|s| Arc::strong_count(s) > 1) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let result = match &outcome {
+            None => "manual",
+            Some(o) if o.timed_out => "timed-out",
+            Some(o) if o.exit_code == Some(0) => "passed",
+            Some(_) => "failed",
+        };
+        let group_dir = self.store.dir().to_path_buf();
+        let mut record = DrillRecord {
+            meta: drill.meta.clone(),
+            node: node.to_string(),
+            stopped_at_us: unix_micros(),
+            space_used_bytes,
+            result: result.to_string(),
+            report: outcome.is_some().then(|| reports_dir(&group_dir).join(format!("{}.json", drill.meta.id))),
+            outcome,
+        };
+        drop(drill);
+        let rec = record.clone();
+        let volumes: Vec<String> = self.volumes.iter().map(|v| v.name.clone()).collect();
+        tokio::task::spawn_blocking(move || discard_and_record(&group_dir, &volumes, &rec))
+            .await
+            .map_err(|e| GroupError::Failed(format!("drill stop: {e}")))??;
+        if record.report.as_ref().is_some_and(|p| !p.exists()) {
+            record.report = None;
+        }
+        tracing::info!(group = %name, drill = %record.meta.id, result = %record.result, "drill stopped: the drill copies are discarded");
+        Ok(record)
+    }
+
+    /// `drill history`: every finished drill of the group, oldest first.
+    pub fn drill_history(&self) -> Result<Vec<DrillRecord>, GroupError> {
+        let path = history_path(self.store.dir());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(GroupError::Failed(format!("{}: {e}", path.display()))),
+        };
+        // A line torn by a crash while it was appended is skipped.
+        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+
+    /// Opens NBD export `drill/<volume>`.
+    pub fn open_drill_export(&self, volume: &str) -> Option<DrillExport> {
+        let drill = self.drill()?;
+        let index = self.volumes.iter().position(|v| v.name == volume)?;
+        let (snapshot, volume) = (drill.snapshots.get(index)?.clone(), self.volumes.get(index)?.clone());
+        drill.clients.fetch_add(1, Ordering::SeqCst);
+        Some(DrillExport { drill, snapshot, volume })
+    }
+}
+
+fn drill_id(us: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}-{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// Creates the snapshot files and then `drill.json` (blocking).
+fn create(
+    engine: &IoEngine,
+    group_dir: &Path,
+    volumes: &[Arc<Volume>],
+    meta: &DrillMeta,
+) -> Result<Vec<Arc<Snapshot>>, GroupError> {
+    let dir = drill_dir(group_dir);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(failed("removing a stale drill directory"))?;
+    }
+    crate::perms::ensure_dir(&dir, 0o700, "drill directory").map_err(failed("creating the drill directory"))?;
+    let mut snapshots = Vec::new();
+    for v in volumes {
+        let s = Snapshot::create(engine, &dir, &v.name, v.size(), meta.chunk)
+            .map_err(|e| GroupError::Failed(format!("drill start: {e}")))?;
+        snapshots.push(Arc::new(s));
+    }
+    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(failed("syncing the drill directory"))?;
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| GroupError::Failed(e.to_string()))?;
+    write_atomically(&meta_path(group_dir), &json).map_err(failed("writing drill.json"))?;
+    Ok(snapshots)
+}
+
+/// Removes `drill.json` (durably), then the copies; writes the report and
+/// appends the history line (blocking).
+fn discard_and_record(group_dir: &Path, volumes: &[String], record: &DrillRecord) -> Result<(), GroupError> {
+    let dir = drill_dir(group_dir);
+    std::fs::remove_file(meta_path(group_dir)).map_err(failed("removing drill.json"))?;
+    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(failed("syncing the drill directory"))?;
+    for v in volumes {
+        Snapshot::remove_files(&dir, v).map_err(failed("removing a drill copy"))?;
+    }
+    std::fs::remove_dir_all(&dir).map_err(failed("removing the drill directory"))?;
+    if let Some(report) = &record.report {
+        let reports = reports_dir(group_dir);
+        crate::perms::ensure_dir(&reports, 0o700, "drill reports").map_err(failed("creating drill-reports"))?;
+        let json = serde_json::to_vec_pretty(record).map_err(|e| GroupError::Failed(e.to_string()))?;
+        write_atomically(report, &json).map_err(failed("writing the drill report"))?;
+        write_atomically(&report.with_extension("md"), record.to_markdown().as_bytes())
+            .map_err(failed("writing the drill report"))?;
+    }
+    let mut line = serde_json::to_vec(record).map_err(|e| GroupError::Failed(e.to_string()))?;
+    line.push(b'\n');
+    let path = history_path(group_dir);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(failed("opening the drill history"))?;
+    f.write_all(&line).and_then(|()| f.sync_data()).map_err(failed("appending to the drill history"))?;
+    Ok(())
+}
+
+/// NBD view of a drill copy: reads the frozen image, writes only into the
+/// copy.
+#[derive(Debug)]
+pub struct DrillExport {
+    drill: Arc<ActiveDrill>,
+    snapshot: Arc<Snapshot>,
+    volume: Arc<Volume>,
+}
+
+impl Drop for DrillExport {
+    fn drop(&mut self) {
+        self.drill.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn io_error(e: crate::io::IoError) -> ExportError {
+    ExportError::new(NbdErrno::Io, format!("drill copy: {e}"))
+}
+
+impl Export for DrillExport {
+    fn size(&self) -> u64 {
+        self.volume.size()
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        // Partial blocks are read-modified-written under the chunk locks.
+        BlockSizes { minimum: 1, preferred: 4096, maximum: DRILL_MAX_PAYLOAD }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
+        self.snapshot.read(self.volume.file(), offset, u64::from(len)).await.map_err(io_error)
+    }
+
+    async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), ExportError> {
+        self.snapshot.write(self.volume.file(), offset, &data).await.map_err(io_error)?;
+        if fua {
+            self.snapshot.flush().await.map_err(io_error)?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
+        self.snapshot.write_zeroes(self.volume.file(), offset, u64::from(len)).await.map_err(io_error)?;
+        if fua {
+            self.snapshot.flush().await.map_err(io_error)?;
+        }
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> Result<(), ExportError> {
+        // A hint: the copy keeps its bytes (nothing is freed early).
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        self.snapshot.flush().await.map_err(io_error)
+    }
+}

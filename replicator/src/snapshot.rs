@@ -1,0 +1,382 @@
+//! A copy-on-write snapshot of one volume on disk: a sparse data file as
+//! large as the volume and a map file with one bit per chunk
+//! (`replicator_protocol::snapshot` keeps the bookkeeping and states the
+//! durability rule). Drill copies and the image a resync protects are such
+//! snapshots.
+//!
+//! The volume calls [`Snapshot::preserve`] before each write; it returns once
+//! every chunk the write touches is durably in the snapshot, copying the
+//! chunks not yet there first. A group commit makes many chunks durable with
+//! one sync of each file. The snapshot's own user (a drill client) reads and
+//! writes through [`Snapshot::read`] and [`Snapshot::write`].
+//!
+//! Concurrency: chunks are guarded by striped async locks, taken in stripe
+//! order. A copy into the snapshot holds its chunks' stripes exclusively, so
+//! a reader never sees a chunk half copied, and a reader that chose the
+//! volume for a chunk finishes before that chunk can be overwritten there.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use replicator_protocol::snapshot::{ChunkMap, Commit, SnapshotError};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::io::{AlignedBuf, BlockFile, IoEngine, IoError, OpenOptions};
+use crate::volume::align_range;
+
+/// Striped chunk locks per snapshot.
+const STRIPES: u64 = 64;
+/// Largest piece zeroed at once by [`Snapshot::write_zeroes`].
+const ZERO_PIECE: u64 = 1 << 20;
+
+/// Snapshot file errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotFileError {
+    /// Reading or writing a snapshot file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The data file.
+    #[error(transparent)]
+    Data(#[from] IoError),
+    /// The map file's content.
+    #[error("{path}: {source}")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: SnapshotError,
+    },
+}
+
+/// One volume's snapshot.
+#[derive(Debug)]
+pub struct Snapshot {
+    data: BlockFile,
+    map_file: Arc<File>,
+    map: Mutex<ChunkMap>,
+    stripes: Box<[RwLock<()>]>,
+    commit: tokio::sync::Mutex<()>,
+}
+
+fn data_path(dir: &Path, volume: &str) -> PathBuf {
+    dir.join(format!("{volume}.data"))
+}
+
+fn map_path(dir: &Path, volume: &str) -> PathBuf {
+    dir.join(format!("{volume}.map"))
+}
+
+impl Snapshot {
+    /// Creates an empty snapshot of a volume of `size` bytes in `dir`
+    /// (files `VOLUME.data` and `VOLUME.map`, replacing stale ones). Both
+    /// files are durable when it returns; the directory entry is the
+    /// caller's to sync. Blocking.
+    pub fn create(
+        engine: &IoEngine,
+        dir: &Path,
+        volume: &str,
+        size: u64,
+        chunk: u64,
+    ) -> Result<Snapshot, SnapshotFileError> {
+        let map = ChunkMap::new(size, chunk).map_err(|source| SnapshotFileError::Map { path: dir.into(), source })?;
+        let (dpath, mpath) = (data_path(dir, volume), map_path(dir, volume));
+        for p in [&dpath, &mpath] {
+            match std::fs::remove_file(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(SnapshotFileError::Io { path: p.clone(), source: e })
+                }
+                _ => {}
+            }
+        }
+        let io = |source| SnapshotFileError::Io { path: mpath.clone(), source };
+        let map_file =
+            std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&mpath).map_err(io)?;
+        map_file.set_len(ChunkMap::map_len(size, chunk) as u64).map_err(io)?;
+        map_file.sync_all().map_err(io)?;
+        let opts = OpenOptions { create_size: Some(size), create: true, direct: true, read_only: false };
+        let data = engine.open(&dpath, &opts)?;
+        Ok(Self::assemble(data, map_file, map))
+    }
+
+    /// Opens a snapshot written by [`Snapshot::create`] (after a restart).
+    /// Blocking.
+    pub fn open(
+        engine: &IoEngine,
+        dir: &Path,
+        volume: &str,
+        size: u64,
+        chunk: u64,
+    ) -> Result<Snapshot, SnapshotFileError> {
+        let (dpath, mpath) = (data_path(dir, volume), map_path(dir, volume));
+        let io = |source| SnapshotFileError::Io { path: mpath.clone(), source };
+        let map_file = std::fs::OpenOptions::new().read(true).write(true).open(&mpath).map_err(io)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &map_file, &mut bytes).map_err(io)?;
+        let map = ChunkMap::decode(size, chunk, &bytes)
+            .map_err(|source| SnapshotFileError::Map { path: mpath.clone(), source })?;
+        let opts = OpenOptions { create_size: Some(size), create: false, direct: true, read_only: false };
+        let data = engine.open(&dpath, &opts)?;
+        Ok(Self::assemble(data, map_file, map))
+    }
+
+    fn assemble(data: BlockFile, map_file: File, map: ChunkMap) -> Snapshot {
+        Snapshot {
+            data,
+            map_file: Arc::new(map_file),
+            map: Mutex::new(map),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            commit: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Removes a snapshot's files (after it is detached from its volume).
+    pub fn remove_files(dir: &Path, volume: &str) -> std::io::Result<()> {
+        for p in [data_path(dir, volume), map_path(dir, volume)] {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn map(&self) -> MutexGuard<'_, ChunkMap> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes held in the snapshot's own file (its space use).
+    pub fn held_bytes(&self) -> u64 {
+        self.map().held_bytes()
+    }
+
+    /// Copy-on-write chunk size.
+    pub fn chunk_size(&self) -> u64 {
+        self.map().chunk_size()
+    }
+
+    fn stripes_of(&self, chunks: std::ops::Range<u64>) -> Vec<usize> {
+        let mut s: Vec<usize> = chunks.take(STRIPES as usize).map(|c| (c % STRIPES) as usize).collect();
+        if s.len() >= STRIPES as usize {
+            s = (0..STRIPES as usize).collect();
+        }
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
+    async fn lock_write(&self, chunks: std::ops::Range<u64>) -> Vec<RwLockWriteGuard<'_, ()>> {
+        let mut guards = Vec::new();
+        for s in self.stripes_of(chunks) {
+            guards.push(self.stripes[s].write().await);
+        }
+        guards
+    }
+
+    async fn lock_read(&self, chunks: std::ops::Range<u64>) -> Vec<RwLockReadGuard<'_, ()>> {
+        let mut guards = Vec::new();
+        for s in self.stripes_of(chunks) {
+            guards.push(self.stripes[s].read().await);
+        }
+        guards
+    }
+
+    /// Copies chunk `c` from the volume into the snapshot, with `overlay`
+    /// (offset, bytes) written over it first. The caller holds its stripe.
+    async fn copy_in(&self, volume: &BlockFile, c: u64, overlay: Option<(u64, &[u8])>) -> Result<(), IoError> {
+        let (start, len) = self.map().chunk_range(c);
+        let (res, mut buf) = volume.read_at(AlignedBuf::for_overwrite(len as usize), start).await;
+        res?;
+        if let Some((off, bytes)) = overlay {
+            let at = (off - start) as usize;
+            buf[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        let (res, _) = self.data.write_at(buf, start).await;
+        res?;
+        self.map().hold(c);
+        Ok(())
+    }
+
+    /// Called before `[offset, offset + len)` of the volume is written:
+    /// returns once every chunk it touches is durably in the snapshot.
+    pub async fn preserve(&self, volume: &BlockFile, offset: u64, len: u64) -> Result<(), IoError> {
+        let chunks = {
+            let m = self.map();
+            if m.all_durable(offset, len) {
+                return Ok(());
+            }
+            m.chunks_of(offset, len)
+        };
+        {
+            let _guards = self.lock_write(chunks.clone()).await;
+            for c in chunks {
+                if !self.map().is_held(c) {
+                    self.copy_in(volume, c, None).await?;
+                }
+            }
+        }
+        self.commit(Some((offset, len))).await
+    }
+
+    /// Group commit: syncs the data file, then writes and syncs the map
+    /// pages of every chunk held since the last commit. With `for_range`,
+    /// returns at once when that range is already durable (another commit
+    /// covered it); without, always syncs the data file (a flush).
+    async fn commit(&self, for_range: Option<(u64, u64)>) -> Result<(), IoError> {
+        let _one = self.commit.lock().await;
+        let commit = {
+            let mut m = self.map();
+            if for_range.is_some_and(|(o, l)| m.all_durable(o, l)) {
+                return Ok(());
+            }
+            m.take_commit()
+        };
+        let result = self.write_commit(commit.as_ref()).await;
+        if let Some(c) = commit {
+            let mut m = self.map();
+            match &result {
+                Ok(()) => m.commit_done(&c),
+                Err(_) => m.commit_failed(c),
+            }
+        }
+        result
+    }
+
+    async fn write_commit(&self, commit: Option<&Commit>) -> Result<(), IoError> {
+        self.data.sync_data().await?;
+        let Some(commit) = commit else { return Ok(()) };
+        let (file, pages) = (self.map_file.clone(), commit.pages.clone());
+        let op = "snapshot map write";
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            for (p, bytes) in &pages {
+                file.write_all_at(bytes, (p * replicator_protocol::snapshot::MAP_PAGE) as u64)?;
+            }
+            file.sync_data()
+        })
+        .await
+        .map_err(|e| IoError::Io { op, offset: 0, source: std::io::Error::other(e.to_string()) })?
+        .map_err(|source| IoError::Io { op, offset: 0, source })
+    }
+
+    /// Reads the snapshot's image, at any offset and length.
+    pub async fn read(&self, volume: &BlockFile, offset: u64, len: u64) -> Result<AlignedBuf, IoError> {
+        let (start, alen) = align_range(offset, len);
+        let chunks = self.map().chunks_of(start, alen);
+        let _guards = self.lock_read(chunks).await;
+        let buf = self.read_locked(volume, start, alen).await?;
+        if (start, alen) == (offset, len) {
+            return Ok(buf);
+        }
+        let skip = (offset - start) as usize;
+        Ok(AlignedBuf::copy_from(&buf[skip..skip + len as usize]))
+    }
+
+    /// Reads the image of an aligned range whose stripes the caller holds.
+    async fn read_locked(&self, volume: &BlockFile, offset: u64, len: u64) -> Result<AlignedBuf, IoError> {
+        let chunks = self.map().chunks_of(offset, len);
+        // Runs of chunks with the same source.
+        let runs: Vec<(bool, u64, u64)> = {
+            let m = self.map();
+            let mut runs: Vec<(bool, u64, u64)> = Vec::new();
+            for c in chunks {
+                let (start, clen) = m.chunk_range(c);
+                let (s, e) = (start.max(offset), (start + clen).min(offset + len));
+                let held = m.is_held(c);
+                match runs.last_mut() {
+                    Some((h, _, end)) if *h == held && *end == s => *end = e,
+                    _ => runs.push((held, s, e)),
+                }
+            }
+            runs
+        };
+        if let [(held, _, _)] = runs[..] {
+            let file = if held { &self.data } else { volume };
+            let (res, buf) = file.read_at(AlignedBuf::for_overwrite(len as usize), offset).await;
+            return res.map(|()| buf);
+        }
+        let mut out = AlignedBuf::zeroed(len as usize);
+        for (held, s, e) in runs {
+            let file = if held { &self.data } else { volume };
+            let (res, buf) = file.read_at(AlignedBuf::for_overwrite((e - s) as usize), s).await;
+            res?;
+            let at = (s - offset) as usize;
+            out[at..at + buf.len()].copy_from_slice(&buf);
+        }
+        Ok(out)
+    }
+
+    /// Writes into the snapshot's image, at any offset and length (partial
+    /// 4 KiB blocks are read, modified and written under the chunk locks);
+    /// never touches the volume. Durable after [`Snapshot::flush`].
+    pub async fn write(&self, volume: &BlockFile, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        let (start, alen) = align_range(offset, data.len() as u64);
+        let chunks = self.map().chunks_of(start, alen);
+        let _guards = self.lock_write(chunks).await;
+        if (start, alen) == (offset, data.len() as u64) {
+            return self.write_locked(volume, offset, data).await;
+        }
+        let mut whole = self.read_locked(volume, start, alen).await?;
+        let at = (offset - start) as usize;
+        whole[at..at + data.len()].copy_from_slice(data);
+        self.write_locked(volume, start, &whole).await
+    }
+
+    /// Writes an aligned range whose stripes the caller holds.
+    async fn write_locked(&self, volume: &BlockFile, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        let len = data.len() as u64;
+        let chunks = self.map().chunks_of(offset, len);
+        for c in chunks {
+            let (start, clen) = self.map().chunk_range(c);
+            let (s, e) = (start.max(offset), (start + clen).min(offset + len));
+            let piece = &data[(s - offset) as usize..(e - offset) as usize];
+            let held = self.map().is_held(c);
+            if held || (s == start && e == start + clen) {
+                let (res, _) = self.data.write_at(AlignedBuf::copy_from(piece), s).await;
+                res?;
+                self.map().hold(c);
+            } else {
+                self.copy_in(volume, c, Some((s, piece))).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes zeroes into the snapshot's image, in pieces.
+    pub async fn write_zeroes(&self, volume: &BlockFile, offset: u64, len: u64) -> Result<(), IoError> {
+        let zeroes = AlignedBuf::zeroed(len.min(ZERO_PIECE) as usize);
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(ZERO_PIECE) as usize;
+            self.write(volume, at, &zeroes[..n]).await?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed [`Snapshot::write`] durable.
+    pub async fn flush(&self) -> Result<(), IoError> {
+        self.commit(None).await
+    }
+
+    /// Copies every held chunk back into the volume and syncs it: the
+    /// volume then holds the snapshot's image.
+    pub async fn roll_back(&self, volume: &BlockFile) -> Result<u64, IoError> {
+        let chunks: Vec<u64> = self.map().held_iter().collect();
+        let _guards = self.lock_write(0..STRIPES).await;
+        for &c in &chunks {
+            let (start, len) = self.map().chunk_range(c);
+            let (res, buf) = self.data.read_at(AlignedBuf::for_overwrite(len as usize), start).await;
+            res?;
+            let (res, _) = volume.write_at(buf, start).await;
+            res?;
+        }
+        volume.sync_data().await?;
+        Ok(chunks.len() as u64 * self.chunk_size())
+    }
+}

@@ -1,0 +1,352 @@
+//! Drill copies (issue 10): a writable, group-consistent copy of the replica
+//! on the secondary while replication goes on.
+//!
+//! The load: one NBD client writes self-describing 4 KiB blocks
+//! (`pattern::stamp(block, k)` for its k-th write), one write at a time,
+//! alternating between the group's two volumes. Write k is issued only after
+//! write k-1 was acknowledged, so the group's sequence order is k's order,
+//! and an image is write-order consistent exactly when there is a K such
+//! that every block holds its last write with k <= K (zeroes if none), on
+//! both volumes at once.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use replicator::nbd_client::NbdClient;
+use replicator_tests::pattern::{read_stamp, stamp, Rng, StampRead, BLOCK};
+use replicator_tests::{describe_output, require, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+const VOLUME: u64 = 16 * MIB;
+const BLOCKS: u64 = VOLUME / BLOCK as u64;
+const VOLUMES: [&str; 2] = ["v0", "v1"];
+/// The load is bounded in count and in time.
+const LOAD_MAX_OPS: u64 = 50_000;
+const LOAD_MAX_TIME: Duration = Duration::from_secs(60);
+
+/// Writes issued, in order: (k, volume index, block).
+type WriteLog = Arc<Mutex<Vec<(u64, usize, u64)>>>;
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    log: WriteLog,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(cluster: &Cluster, site: Site, seed: u64) -> Load {
+        let (stop, acked, log) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), WriteLog::default());
+        let socket = cluster.nbd_socket(site);
+        let (s, a, l) = (stop.clone(), acked.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let mut clients = Vec::new();
+                for v in VOLUMES {
+                    clients.push(NbdClient::connect_unix(&socket, v).await.expect("connect the load"));
+                }
+                let (mut rng, started) = (Rng::new(seed), Instant::now());
+                for k in 1..=LOAD_MAX_OPS {
+                    if s.load(Ordering::SeqCst) || started.elapsed() > LOAD_MAX_TIME {
+                        break;
+                    }
+                    let (vol, block) = ((k % 2) as usize, rng.below(BLOCKS));
+                    l.lock().expect("log").push((k, vol, block));
+                    if clients[vol].write(block * BLOCK as u64, &stamp(block, k), false).await.is_err() {
+                        break;
+                    }
+                    a.store(k, Ordering::SeqCst);
+                }
+            });
+        });
+        Load { stop, acked, log, thread: Some(thread) }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    fn wait_for(&self, ops: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.acked() < ops {
+            assert!(Instant::now() < deadline, "the load stalled at {} writes", self.acked());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn finish(mut self) -> Vec<(u64, usize, u64)> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("load thread");
+        }
+        self.log.lock().expect("log").clone()
+    }
+}
+
+/// Reads a whole export through NBD.
+fn read_export(socket: &Path, export: &str) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let c = NbdClient::connect_unix(socket, export).await.unwrap_or_else(|e| panic!("connect {export}: {e}"));
+        let mut image = Vec::with_capacity(c.size() as usize);
+        let mut at = 0;
+        while at < c.size() {
+            let n = (c.size() - at).min(MIB) as u32;
+            image.extend(c.read(at, n).await.unwrap_or_else(|e| panic!("read {export} at {at}: {e}")));
+            at += u64::from(n);
+        }
+        let _ = c.disconnect().await;
+        image
+    })
+}
+
+/// Writes through NBD (with FUA, then a FLUSH).
+fn write_export(socket: &Path, export: &str, offset: u64, data: &[u8]) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let c = NbdClient::connect_unix(socket, export).await.unwrap_or_else(|e| panic!("connect {export}: {e}"));
+        c.write(offset, data, true).await.unwrap_or_else(|e| panic!("write {export}: {e}"));
+        c.flush().await.unwrap_or_else(|e| panic!("flush {export}: {e}"));
+        let _ = c.disconnect().await;
+    })
+}
+
+/// The K such that both images hold exactly the writes k <= K (panics,
+/// naming the first block that says otherwise, when there is none).
+fn consistent_point(images: &[Vec<u8>], log: &[(u64, usize, u64)], skip: &[(usize, u64)]) -> u64 {
+    let mut seen = vec![vec![0u64; BLOCKS as usize]; images.len()];
+    let mut k_max = 0;
+    for (v, image) in images.iter().enumerate() {
+        for b in 0..BLOCKS {
+            if skip.contains(&(v, b)) {
+                continue;
+            }
+            let at = (b as usize) * BLOCK;
+            match read_stamp(&image[at..at + BLOCK]) {
+                StampRead::Zero => {}
+                StampRead::Stamp { block, version } if block == b => {
+                    seen[v][b as usize] = version;
+                    k_max = k_max.max(version);
+                }
+                other => panic!("volume {} block {b}: not a block this load wrote: {other:?}", VOLUMES[v]),
+            }
+        }
+    }
+    let mut expect = vec![vec![0u64; BLOCKS as usize]; images.len()];
+    for &(k, v, b) in log.iter().take_while(|w| w.0 <= k_max) {
+        expect[v][b as usize] = k;
+    }
+    for v in 0..images.len() {
+        for b in 0..BLOCKS {
+            if skip.contains(&(v, b)) {
+                continue;
+            }
+            assert_eq!(
+                seen[v][b as usize], expect[v][b as usize],
+                "volume {} block {b}: holds write {} but the image at K = {k_max} has write {} there: \
+                 not a write-order-consistent image",
+                VOLUMES[v], seen[v][b as usize], expect[v][b as usize]
+            );
+        }
+    }
+    k_max
+}
+
+fn drill_images(c: &Cluster) -> Vec<Vec<u8>> {
+    VOLUMES.iter().map(|v| read_export(&c.nbd_socket(Site::B), &format!("drill/{v}"))).collect()
+}
+
+fn cli_ok(c: &Cluster, site: Site, args: &[&str]) -> String {
+    let out = c.cli(site, args);
+    let text = describe_output(&out);
+    assert!(out.status.success(), "replicator {args:?} on {site} failed:\n{text}\n{}", c.diagnostics());
+    text
+}
+
+fn two_volume_cluster(mode: Mode, opts: impl FnOnce(ClusterOpts) -> ClusterOpts) -> Cluster {
+    let spec = GroupSpec::new("g", mode).volume("v0", VOLUME).volume("v1", VOLUME).extra("drill_chunk = \"64KiB\"");
+    let c = Cluster::new(opts(ClusterOpts::group(spec)));
+    c.pair_create("g");
+    c.wait_pair("g", Duration::from_secs(60));
+    c
+}
+
+#[test]
+fn a_drill_copy_is_one_consistent_point_of_both_volumes_and_replication_goes_on() {
+    let mut c = two_volume_cluster(Mode::Sync, |o| o);
+    let load = Load::start(&c, Site::A, 7);
+    load.wait_for(500);
+
+    // Refused on the primary, started on the secondary under load.
+    let out = c.cli(Site::A, &["drill", "start", "g"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe_output(&out));
+    let msg = cli_ok(&c, Site::B, &["drill", "start", "g"]);
+    assert!(msg.contains("drill/v0") && msg.contains("drill/v1"), "{msg}");
+    let at_start = load.acked();
+    let drill = c.status(Site::B, "g").drill.expect("status shows the drill");
+    println!(
+        "DRILL: ready in {:.1} ms at sequence {}, load at write {at_start}",
+        drill.meta.ready_ms, drill.meta.recovery_seq
+    );
+    let out = c.cli(Site::B, &["drill", "start", "g"]);
+    assert_eq!(out.status.code(), Some(3), "a second drill: {}", describe_output(&out));
+
+    // The copy is one point of both volumes, while the load goes on.
+    let images = drill_images(&c);
+    let log = load.log.lock().expect("log").clone();
+    let k = consistent_point(&images, &log, &[]);
+    assert!(k > 0 && k <= at_start + 1, "K = {k}, load at {at_start} when the drill started");
+    load.wait_for(at_start + 500);
+    assert!(c.status(Site::A, "g").state == "PAIR", "replication goes on during the drill");
+
+    // Writes to the copy stay in the copy.
+    let marker = vec![0xd1u8; 8192];
+    write_export(&c.nbd_socket(Site::B), "drill/v0", 0, &marker);
+    let again = drill_images(&c);
+    assert_eq!(&again[0][..8192], &marker[..]);
+    assert_eq!(&again[0][8192..], &images[0][8192..], "the copy moved while the replica was written");
+    assert_eq!(again[1], images[1], "the copy moved while the replica was written");
+    let space = c.status(Site::B, "g").drill.expect("drill").space_used_bytes;
+    assert!(space > 0 && space < 2 * VOLUME, "space used {space}");
+
+    // A restart of the secondary keeps the drill and its image.
+    c.kill9(Site::B);
+    c.start(Site::B);
+    c.wait_pair("g", Duration::from_secs(60));
+    load.wait_for(load.acked() + 300);
+    assert_eq!(drill_images(&c), again, "the drill copy changed across a restart of the secondary");
+
+    // A client attached: stop is refused; then a switchover with the drill.
+    let log = load.finish();
+    {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let client = rt.block_on(NbdClient::connect_unix(&c.nbd_socket(Site::B), "drill/v1")).expect("attach");
+        let out = c.cli(Site::B, &["drill", "stop", "g"]);
+        assert_eq!(out.status.code(), Some(3), "stop with a client attached: {}", describe_output(&out));
+        assert!(describe_output(&out).contains("attached"), "{}", describe_output(&out));
+        drop(client);
+    }
+    c.wait_drained("g");
+    cli_ok(&c, Site::A, &["switchover", "g", "--wait"]);
+    assert_eq!(c.status(Site::B, "g").role, "primary");
+    assert_eq!(drill_images(&c), again, "the drill copy changed across the switchover");
+    // Everything the load wrote is on both sites; the copy's writes on neither.
+    let primary: Vec<Vec<u8>> = VOLUMES.iter().map(|v| read_export(&c.nbd_socket(Site::B), v)).collect();
+    assert_eq!(consistent_point(&primary, &log, &[]), log.last().map(|w| w.0).unwrap_or(0));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stopped = loop {
+        let out = c.cli(Site::B, &["drill", "stop", "g"]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(stopped.status.success(), "{}", describe_output(&stopped));
+    assert!(c.status(Site::B, "g").drill.is_none());
+    let history: serde_json::Value =
+        serde_json::from_slice(&c.cli(Site::B, &["drill", "history", "g", "--json"]).stdout).expect("history json");
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+    assert_eq!(history[0]["result"], "manual");
+    assert!(!c.state_dir(Site::B).join("groups/g/drill").exists(), "the copy's files are removed");
+
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical("g");
+}
+
+#[test]
+fn drill_run_reports_its_command_and_keeps_a_history() {
+    let qemu_io = require("qemu-io");
+    let c = two_volume_cluster(Mode::Async, |o| o);
+    write_export(&c.nbd_socket(Site::A), "v0", 0, &vec![0x5au8; 65536]);
+    c.wait_drained("g");
+    let reports = c.root().join("reports");
+    let reports_arg = reports.display().to_string();
+
+    // A passing check: reads the replica's data and writes into the copy.
+    let script = format!(
+        "echo \"group $REPLICATOR_DRILL_GROUP at $REPLICATOR_DRILL_SEQ: $REPLICATOR_DRILL_VOLUMES\"; \
+         {q} -f raw -c 'read -P 0x5a 0 64k' -c 'write -P 0x11 0 4k' \"$REPLICATOR_DRILL_NBD_V0\" && \
+         {q} -f raw -c 'read -P 0 0 64k' \"$REPLICATOR_DRILL_NBD_V1\"",
+        q = qemu_io.display()
+    );
+    let out = c.cli(Site::B, &["drill", "run", "g", "--report", &reports_arg, "--", "sh", "-c", &script]);
+    let text = describe_output(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", c.diagnostics());
+    assert!(text.contains("group g at ") && text.contains("Result:** passed"), "{text}");
+    assert!(c.status(Site::B, "g").drill.is_none(), "drill run stops the drill");
+
+    // A failing check: its exit code, and its output in the report.
+    let out = c.cli(
+        Site::B,
+        &["drill", "run", "g", "--report", &reports_arg, "--", "sh", "-c", "echo fsck found errors >&2; exit 3"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", describe_output(&out));
+    // A hanging one is killed at the timeout.
+    let started = Instant::now();
+    let out = c.cli(Site::B, &["drill", "run", "g", "--timeout", "1s", "--", "sleep", "30"]);
+    assert_eq!(out.status.code(), Some(124), "{}", describe_output(&out));
+    assert!(started.elapsed() < Duration::from_secs(25));
+
+    // The copy's write never reached the replica.
+    write_export(&c.nbd_socket(Site::A), "v1", 65536, &[1u8; 4096]);
+    c.wait_drained("g");
+
+    let history: serde_json::Value =
+        serde_json::from_slice(&c.cli(Site::B, &["drill", "history", "g", "--json"]).stdout).expect("history json");
+    let results: Vec<&str> = history.as_array().expect("list").iter().filter_map(|r| r["result"].as_str()).collect();
+    assert_eq!(results, ["passed", "failed", "timed-out"], "{history}");
+    assert_eq!(history[1]["outcome"]["exit_code"], 3);
+    assert!(history[1]["outcome"]["output_tail"].as_str().unwrap_or("").contains("fsck found errors"), "{history}");
+    for r in history.as_array().expect("list") {
+        let report = Path::new(r["report"].as_str().expect("report path"));
+        assert!(report.exists() && report.with_extension("md").exists(), "{}", report.display());
+        assert!(r["recovery_seq"].as_u64().is_some_and(|s| s > 0), "{r}");
+    }
+    let mut ours: Vec<String> = std::fs::read_dir(&reports)
+        .expect("--report dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    ours.sort();
+    assert_eq!(ours.len(), 4, "two runs with --report, JSON and Markdown each: {ours:?}");
+    let table = cli_ok(&c, Site::B, &["drill", "history", "g"]);
+    assert!(table.contains("passed") && table.contains("failed") && table.contains("timed-out"), "{table}");
+
+    let mut c = c;
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical("g");
+}
+
+#[test]
+fn a_drill_copy_survives_a_power_cut_of_the_secondary_under_load() {
+    let mut c = two_volume_cluster(Mode::Sync, ClusterOpts::with_power_cut_fs);
+    let load = Load::start(&c, Site::A, 11);
+    load.wait_for(300);
+    cli_ok(&c, Site::B, &["drill", "start", "g"]);
+    let marker = vec![0xc3u8; 4096];
+    write_export(&c.nbd_socket(Site::B), "drill/v1", 8 * 4096, &marker);
+    let before = drill_images(&c);
+    let log = load.log.lock().expect("log").clone();
+    consistent_point(&before, &log, &[(1, 8)]);
+    // The replica is written all over while the drill runs (chunks are
+    // preserved), then the secondary loses power mid-load.
+    load.wait_for(load.acked() + 1500);
+    let cut = c.power_cut(Site::B);
+    println!("POWER-CUT during a drill: {} dirty page(s) dropped", cut.dropped);
+    c.start(Site::B);
+    c.wait_pair("g", Duration::from_secs(90));
+    assert_eq!(drill_images(&c), before, "the drill copy changed across a power cut");
+    let log = load.finish();
+    c.wait_drained("g");
+    cli_ok(&c, Site::B, &["drill", "stop", "g"]);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical("g");
+    assert!(!log.is_empty());
+}
