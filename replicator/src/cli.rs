@@ -117,7 +117,7 @@ pub enum Command {
         fix: bool,
     },
     /// Generate files for packaging: man pages, shell completions (used by
-    /// the .deb build, `replicator/build-deb.sh`).
+    /// the .deb build, `replicator/packaging/build-deb.sh`).
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
 }

@@ -4,7 +4,7 @@
 //! - man pages ([`clap_mangen`], one page per subcommand) and shell
 //!   completions for bash, zsh and fish ([`clap_complete`]), written by the
 //!   hidden `replicator generate man|completions DIR` that the .deb build
-//!   runs (`replicator/build-deb.sh`);
+//!   runs (`replicator/packaging/build-deb.sh`);
 //! - `replicator config systemd-dropin`: the part of the unit's sandbox that
 //!   depends on the configuration — exactly the configured block devices
 //!   (`DeviceAllow=`), volume files and directories (`ReadWritePaths=`) and

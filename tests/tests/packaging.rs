@@ -62,9 +62,17 @@ fn man_pages_render_one_per_command() {
     let mut expected = vec!["replicator.1".to_string()];
     expected.extend(commands.iter().map(|c| format!("replicator-{c}.1")));
     expected.extend(
-        ["pair-create", "pair-resync", "cert-issue", "config-check", "config-systemd-dropin"]
-            .iter()
-            .map(|c| format!("replicator-{c}.1")),
+        [
+            "pair-create",
+            "pair-resync",
+            "cert-issue",
+            "config-check",
+            "config-systemd-dropin",
+            "drill-run",
+            "drill-start",
+        ]
+        .iter()
+        .map(|c| format!("replicator-{c}.1")),
     );
     for e in &expected {
         assert!(names.contains(e), "no man page {e} among {names:?}");
