@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs the system
-# packages the end-to-end tests drive (real NBD clients, filesystem tools),
+# packages the end-to-end tests drive (real NBD clients, filesystem tools;
+# man, groff, zsh, fish and systemd-analyze for the packaging tests),
 # checks formatting and clippy lints, builds in release mode and runs unit,
 # simulation and end-to-end tests.
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in qemu-io:qemu-utils fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit \
             nbdfuse:libnbd-bin fusermount3:fuse3 mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:mount ip:iproute2 \
-            promtool:prometheus; do
+            promtool:prometheus man:man-db groff:groff-base zsh:zsh fish:fish systemd-analyze:systemd; do
     cmd=${pair%%:*}; pkg=${pair##*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

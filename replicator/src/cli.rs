@@ -116,6 +116,26 @@ pub enum Command {
         #[arg(long)]
         fix: bool,
     },
+    /// Generate files for packaging: man pages, shell completions (used by
+    /// the .deb build, `replicator/packaging/build-deb.sh`).
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+/// `generate ...` (hidden)
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// One man page per command (replicator.1, replicator-pair-create.1, ...) in DIR.
+    Man {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Completion scripts for bash (replicator.bash), zsh (_replicator) and
+    /// fish (replicator.fish) in DIR.
+    Completions {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// `drill ...` (on the secondary)
@@ -259,6 +279,24 @@ pub enum CertCommand {
 pub enum ConfigCommand {
     /// Validate the configuration without starting anything.
     Check,
+    /// Print the systemd drop-in granting this configuration's devices, files and peers.
+    ///
+    /// The drop-in grants replicator.service exactly the configured block
+    /// devices (DeviceAllow=, with the group owning them), volume files
+    /// (ReadWritePaths=) and peers (IPAddressAllow=); the shipped unit grants
+    /// none. Regenerate it after changing volumes or peers: `config check`
+    /// (the unit's ExecStartPre) fails on a volume the sandbox does not grant.
+    SystemdDropin {
+        /// Write it to this file (atomically, creating the directory) instead
+        /// of standard output, e.g.
+        /// /etc/systemd/system/replicator.service.d/50-config.conf.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Also allow this address or prefix (repeatable), e.g. the
+        /// Prometheus server scraping a non-loopback metrics_listen.
+        #[arg(long, value_name = "ADDRESS[/PREFIX]")]
+        allow: Vec<String>,
+    },
 }
 
 fn load_config(path: &Path) -> Result<Config, ExitCode> {
@@ -498,6 +536,48 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 config.groups.iter().map(|g| g.volumes.len()).sum::<usize>()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::SystemdDropin { output, allow }) => {
+            let config = load_config(&cli.config)?;
+            let text = crate::packaging::systemd_dropin(&config, &allow).map_err(|e| {
+                eprintln!("replicator: {}: {e}", config.path.display());
+                ExitCode::from(exit::USAGE)
+            })?;
+            match output {
+                None => print!("{text}"),
+                Some(path) => {
+                    crate::packaging::write_atomically(&path, &text).map_err(|e| {
+                        eprintln!("replicator: {}: {e}", path.display());
+                        ExitCode::from(exit::FAILED)
+                    })?;
+                    eprintln!("replicator: wrote {}; now run `systemctl daemon-reload`", path.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate(what) => {
+            let (dir, result) = match what {
+                GenerateCommand::Man { dir } => {
+                    let r = crate::packaging::generate_man(&dir);
+                    (dir, r)
+                }
+                GenerateCommand::Completions { dir } => {
+                    let r = crate::packaging::generate_completions(&dir);
+                    (dir, r)
+                }
+            };
+            match result {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("replicator: {}: {e}", dir.display());
+                    Err(ExitCode::from(exit::FAILED))
+                }
+            }
         }
         Command::Demo { drill_check: true, .. } => Ok(crate::demo::drill_check()),
         Command::Demo { serve, .. } => Ok(crate::demo::run(serve)),

@@ -11,7 +11,8 @@
 //! - [`state`]: what is persisted about each pair; [`state_lock`]: one
 //!   daemon per `state_dir`; [`perms`]: the modes of its files;
 //! - [`control`]: the admin socket the CLI talks to; [`metrics`];
-//! - [`config`] and [`preflight`] (`config check`), [`certs`], [`demo`].
+//! - [`config`] and [`preflight`] (`config check`), [`certs`], [`demo`];
+//!   [`packaging`]: man pages, completions, the systemd drop-in.
 //!
 //! The pure protocol logic (wire codec, record format, pair states,
 //! sequencing) lives in the `replicator-protocol` crate.
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod nbd_client;
 pub mod node;
+pub mod packaging;
 pub mod perms;
 pub mod preflight;
 pub mod snapshot;

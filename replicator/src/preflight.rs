@@ -3,15 +3,19 @@
 //! would otherwise only find out when it starts or dials a peer.
 //!
 //! - `node.state_dir`, `node.run_dir`: a directory, or missing in a
-//!   directory that exists (the daemon creates them, not their parents);
+//!   directory that exists (the daemon creates them, not their parents),
+//!   writable (under systemd: ReadWritePaths= outside the unit's own
+//!   directories);
 //! - `[tls]`: the files load, the key is private (0600), the certificate
 //!   names `node.name`, the key belongs to the certificate, and the
 //!   certificate verifies under the configured CA now;
 //! - `[[peer]]` addresses resolve (a DNS name that resolves to nothing is an
 //!   error here, although `run` resolves it again at each dial);
 //! - `[[group.volume]]`: the path exists (or `create = true` and its
-//!   directory exists), is a regular file or a block device, and has
-//!   exactly the configured `size`.
+//!   directory exists), is a regular file or a block device, has exactly
+//!   the configured `size`, and can be opened read-write (not on a
+//!   read-only mount, permitted by the device cgroup and file modes: under
+//!   systemd, what the generated drop-in grants).
 //!
 //! Nothing is created or written.
 
@@ -33,14 +37,14 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// wrong and how to fix it.
 pub fn check_daemon_dir(dir: &Path) -> Result<(), String> {
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(meta) if meta.is_dir() => return crate::volume::check_writable(dir, "write in"),
         Ok(_) => return Err(format!("{} exists and is not a directory", dir.display())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", dir.display())),
     }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"));
     match std::fs::metadata(parent) {
-        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) if meta.is_dir() => crate::volume::check_writable(parent, &format!("create {} in", dir.display())),
         Ok(_) => Err(format!("{} cannot be created: {} is not a directory", dir.display(), parent.display())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
             "{}: the directory {} does not exist; the daemon creates {} itself but not the directories above it: \

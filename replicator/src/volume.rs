@@ -130,18 +130,61 @@ pub fn check_path(cfg: &VolumeConfig) -> Result<(), String> {
 pub fn probe(engine: &IoEngine, cfg: &VolumeConfig) -> Result<(), (&'static str, String)> {
     check_path(cfg).map_err(|m| ("path", m))?;
     if cfg.create && !cfg.path.exists() {
-        return Ok(());
+        let parent = cfg.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"));
+        return check_writable(parent, "create the volume file in").map_err(|m| ("path", m));
     }
     let opts = OpenOptions { create_size: cfg.size, create: false, direct: false, read_only: true };
     let file = engine.open(&cfg.path, &opts).map_err(|e| match e {
         IoError::SizeMismatch { .. } => ("size", e.to_string()),
+        IoError::Open { ref path, ref source } if source.raw_os_error() == Some(libc::EPERM) => (
+            "path",
+            format!(
+                "{e}: the device cgroup forbids it: under systemd, the unit's DeviceAllow= must name {}: \
+                 regenerate the drop-in (`replicator config systemd-dropin --output {}`, then `systemctl \
+                 daemon-reload`)",
+                path.display(),
+                crate::packaging::DROPIN_PATH
+            ),
+        ),
         other => ("path", other.to_string()),
     })?;
     let size = file.size();
     if size == 0 || size % IO_ALIGN as u64 != 0 {
         return Err(("path", format!("{} is {size} bytes, not a non-zero multiple of 4096", cfg.path.display())));
     }
-    Ok(())
+    // The probe opens read-only; `run` opens read-write: a read-only mount
+    // (ProtectSystem=strict without ReadWritePaths=) or missing write
+    // permission would only show there.
+    check_writable(&cfg.path, "write").map_err(|m| ("path", m))
+}
+
+/// `access(2)` for read and write: what `run` needs to open `path` (or to
+/// create a file in the directory `path`) read-write. `Err` says why not,
+/// and how to fix it.
+pub(crate) fn check_writable(path: &Path, what: &str) -> Result<(), String> {
+    use nix::errno::Errno;
+    use nix::unistd::AccessFlags;
+    match nix::unistd::access(path, AccessFlags::R_OK | AccessFlags::W_OK) {
+        Ok(()) => Ok(()),
+        Err(Errno::EROFS) => Err(format!(
+            "{}: read-only file system here, the daemon could not {what} it: under systemd, the unit's \
+             ReadWritePaths= must include it: regenerate the drop-in (`replicator config systemd-dropin --output {}`, \
+             then `systemctl daemon-reload`)",
+            path.display(),
+            crate::packaging::DROPIN_PATH
+        )),
+        Err(Errno::EACCES) => Err(format!(
+            "{}: user {} may not read and write it, so the daemon could not {what} it: give it to the user or \
+             group the daemon runs as (for a block device, the drop-in's SupplementaryGroups= names the group \
+             owning it)",
+            path.display(),
+            nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten()
+                .map_or_else(|| nix::unistd::geteuid().to_string(), |u| u.name)
+        )),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 impl Volume {
