@@ -74,6 +74,9 @@ pub enum Transmit {
     /// every record through `seq`: the secondary may call itself consistent
     /// once those are durable too.
     CopyDone(u64),
+    /// Records after `seq` follow writes tracked only in the bitmaps (see
+    /// [`PrimarySession::on_gap`]).
+    ResyncGap(u64),
 }
 
 /// What the copy should do next.
@@ -147,6 +150,8 @@ pub struct PrimarySession {
     reads: BTreeMap<u64, Option<Record>>,
     copy_finished: bool,
     copy_done_sent: bool,
+    /// [`PrimarySession::on_gap`] not yet on the stream.
+    gap_unsent: Option<u64>,
 }
 
 /// A copy chunk sent (or being read), not yet durable on the secondary.
@@ -178,7 +183,16 @@ impl PrimarySession {
             reads: BTreeMap::new(),
             copy_finished: false,
             copy_done_sent: false,
+            gap_unsent: None,
         }
+    }
+
+    /// Writes after record `seq` go only to the dirty bitmaps (the journal
+    /// filled), or did while the resync they need is still pending: the
+    /// secondary hears it before any later record, so that it preserves its
+    /// consistent image and calls itself inconsistent before applying one.
+    pub fn on_gap(&mut self, seq: u64) {
+        self.gap_unsent = Some(self.gap_unsent.map_or(seq, |g| g.min(seq)));
     }
 
     /// Every record through `through` is in the journal.
@@ -194,6 +208,9 @@ impl PrimarySession {
 
     /// The next thing to send, in stream order; `None` when nothing is due.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(gap) = self.gap_unsent.take() {
+            return Some(Transmit::ResyncGap(gap));
+        }
         let sent = self.shipper.sent_through();
         // A chunk goes right after the records it reflects, before any
         // newer record that may overlap it (the daemon holds writes to its
@@ -414,6 +431,15 @@ mod tests {
         let mut r = Record::with_payload(RecordOp::Copy, seq, 0, offset, 1, Bytes::from(vec![1u8; 4096]), false);
         r.copy_index = index;
         r
+    }
+
+    #[test]
+    fn a_resync_gap_goes_out_before_any_later_record() {
+        let mut s = PrimarySession::new(CONFIG, 0, 0);
+        s.on_gap(3);
+        s.on_gap(5);
+        assert_eq!(s.poll_transmit(), Some(Transmit::ResyncGap(3)));
+        assert_eq!(s.poll_transmit(), None);
     }
 
     #[test]

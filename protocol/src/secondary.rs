@@ -220,6 +220,9 @@ pub struct Secondary {
     inconsistency_saved_at: Option<u64>,
     /// [`Action::PreserveImage`] is out and not reported yet.
     preserving: bool,
+    /// [`Secondary::on_resync_gap`]: records after this seq follow writes
+    /// this node lacks until the resync ends.
+    gap: Option<u64>,
     /// COPY_DONE received (its seq), and the save that records it.
     copy_done: Option<u64>,
     copy_done_saved_at: Option<u64>,
@@ -270,6 +273,7 @@ impl Secondary {
             save_wanted: false,
             inconsistency_saved_at: start.copy_incomplete.then_some(0),
             preserving: false,
+            gap: None,
             copy_done: None,
             copy_done_saved_at: None,
             data_as_of_us: start.data_as_of_us,
@@ -348,6 +352,15 @@ impl Secondary {
     pub fn on_flush_request(&mut self, seq: u64) {
         self.applier.on_flush_request(seq);
         self.ack_dirty = true;
+    }
+
+    /// The primary tracked writes after record `seq` only in its dirty
+    /// bitmaps: the first later record (like the first copy chunk) makes
+    /// the image inconsistent until the resync's COPY_DONE.
+    pub fn on_resync_gap(&mut self, seq: u64) {
+        if !self.copy_incomplete {
+            self.gap = Some(self.gap.map_or(seq, |g| g.min(seq)));
+        }
     }
 
     /// The primary's copy (or resync) is complete through write `seq`.
@@ -599,8 +612,9 @@ impl Secondary {
     /// Admits queued records while there is journal space (and, for copy
     /// chunks, once the image's inconsistency is persisted).
     fn admit_pending(&mut self) -> Result<(), SecondaryError> {
-        while let Some((op, payload_len)) = self.pending.front().map(|r| (r.op, r.payload.len() as u64)) {
-            if op.is_copy() {
+        while let Some((op, seq, payload_len)) = self.pending.front().map(|r| (r.op, r.seq, r.payload.len() as u64)) {
+            // A copy chunk, or a record after a gap, breaks write order.
+            if op.is_copy() || self.gap.is_some_and(|g| seq > g) {
                 if !self.copy_incomplete {
                     // A resync starts on a consistent image: once every
                     // write admitted so far is applied (and nothing else
@@ -617,7 +631,8 @@ impl Secondary {
                 if self.inconsistency_saved_at.is_some_and(|v| v > self.saved_version) {
                     return Ok(());
                 }
-            } else if !self.ring.would_fit(record_span(payload_len)) {
+            }
+            if !op.is_copy() && !self.ring.would_fit(record_span(payload_len)) {
                 return Ok(());
             }
             let Some(record) = self.pending.pop_front() else { break };
@@ -774,6 +789,7 @@ impl Secondary {
             return;
         }
         self.copy_incomplete = false;
+        self.gap = None;
         self.copy_done_saved_at = Some(self.want_save());
     }
 }
@@ -977,6 +993,36 @@ mod tests {
         let err = s.on_image_preserved(Err("disk full".into())).unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
         assert!(!drain(&mut s, now).iter().any(|a| matches!(a, Action::Apply { .. })));
+    }
+
+    #[test]
+    fn a_record_after_a_resync_gap_waits_for_the_image_to_be_preserved_and_marked_inconsistent() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_resync_gap(1);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(acts.iter().any(|a| matches!(a, Action::Append { record, .. } if record.seq == 1)), "{acts:?}");
+        assert!(!acts.iter().any(|a| matches!(a, Action::Append { record, .. } if record.seq == 2)), "{acts:?}");
+        assert!(!acts.iter().any(|a| matches!(a, Action::PreserveImage { .. })), "write 1 is not applied: {acts:?}");
+        s.on_journal_synced(1, Ok(())).unwrap();
+        let id = drain(&mut s, now)
+            .into_iter()
+            .find_map(|a| if let Action::Apply { id, .. } = a { Some(id) } else { None })
+            .expect("write 1 applies");
+        s.on_applied(id, Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(acts.iter().any(|a| matches!(a, Action::PreserveImage { seq: 1, .. })), "{acts:?}");
+        s.on_image_preserved(Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        let Some(Action::Save(p)) = acts.iter().find(|a| matches!(a, Action::Save(_))) else { panic!("{acts:?}") };
+        assert!(p.copy_incomplete, "{p:?}");
+        assert!(!acts.iter().any(|a| matches!(a, Action::Append { .. })), "write 2 before the save: {acts:?}");
+        s.on_saved(&p.clone(), Ok(()), now).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(acts.iter().any(|a| matches!(a, Action::Append { record, .. } if record.seq == 2)), "{acts:?}");
+        assert!(s.copy_incomplete());
     }
 
     #[test]

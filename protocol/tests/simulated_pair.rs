@@ -627,6 +627,11 @@ impl Sim {
                 Transmit::CopyDone(seq) => {
                     Body::Command(pb::GroupCommand { command: pb::Command::CopyDone as i32, seq, ..Default::default() })
                 }
+                Transmit::ResyncGap(seq) => Body::Command(pb::GroupCommand {
+                    command: pb::Command::ResyncGap as i32,
+                    seq,
+                    ..Default::default()
+                }),
             };
             push_frame(&mut self.p2s, body);
         }
@@ -919,6 +924,9 @@ impl Sim {
                 Some(Body::Flush(f)) => self.s.machine.on_flush_request(f.seq),
                 Some(Body::Command(c)) if c.command == pb::Command::CopyDone as i32 => {
                     self.s.machine.on_copy_done(c.seq)
+                }
+                Some(Body::Command(c)) if c.command == pb::Command::ResyncGap as i32 => {
+                    self.s.machine.on_resync_gap(c.seq)
                 }
                 other => panic!("unexpected message to secondary: {other:?}"),
             }

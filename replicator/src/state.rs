@@ -70,6 +70,11 @@ pub struct GroupState {
     pub copy_pending: bool,
     /// Primary: writes are tracked in the bitmap instead of the journal.
     pub bitmap_mode: bool,
+    /// Primary: the last record journaled before writes went to the bitmap
+    /// only; records after it follow writes the secondary lacks until the
+    /// resync completes (`COMMAND_RESYNC_GAP`, told at each session start).
+    #[serde(default)]
+    pub resync_gap: Option<u64>,
     /// Secondary: every record up to here is on the volumes durably (the
     /// checkpoint; newer ones are replayed from the restore journal).
     pub durable_seq: u64,
@@ -199,6 +204,7 @@ impl GroupState {
             journal_tail_pos: 0,
             copy_pending: false,
             bitmap_mode: false,
+            resync_gap: None,
             durable_seq: 0,
             consistent: true,
             clean_shutdown: true,

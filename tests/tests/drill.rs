@@ -389,12 +389,11 @@ fn failover_during_a_resync_and_a_drill_lands_on_consistent_images() {
     c.wait_until(Site::A, "g", "the journal overflowing into the bitmaps", Duration::from_secs(60), |s| {
         s.dirty_bytes > 0
     });
-    // Enough regions dirty that the resync takes a while. The load stops
-    // before the secondary returns: writes journaled after the bitmap
-    // period are shipped before the resync starts, and the replica does not
-    // yet learn that they follow a gap (noted on issue 8).
+    // Enough regions dirty that the resync takes a while. The load goes
+    // on: once the journal has room, new writes are journaled and shipped
+    // while the bitmap's regions are still to be copied (they follow a gap
+    // the replica must not apply across while claiming consistency).
     load.wait_for(load.acked() + 12_000);
-    let log = load.finish();
     let dirty = c.status(Site::A, "g").dirty_bytes;
     assert!(dirty > 32 * MIB, "only {dirty} bytes dirty in the bitmaps");
     c.start(Site::B);
@@ -422,6 +421,7 @@ fn failover_during_a_resync_and_a_drill_lands_on_consistent_images() {
     // The primary is lost in the middle of the resync.
     c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
     c.kill9(Site::A);
+    let log = load.finish();
     let (status, guard) = seen;
     assert!(!status.consistent, "status claims a consistent replica during the resync");
     println!(
@@ -450,8 +450,8 @@ fn failover_during_a_resync_and_a_drill_lands_on_consistent_images() {
     let images: Vec<Vec<u8>> = VOLUMES.iter().map(|v| read_export(&c.nbd_socket(Site::B), v)).collect();
     let k = consistent_point(&images, &log, &[]);
     println!("RESYNC-GUARD: failover image at write {k} (drill at {k_drill}, load wrote {})", log.len());
-    // Every write up to the bitmap period was journaled in order: its
-    // sequence is its place in the load.
+    // Every write up to the bitmap period was journaled in order (its
+    // sequence is its place in the load); the guard holds exactly those.
     assert_eq!(k, guard.seq, "the failover image is not the image at the recovery point");
     assert!(k >= k_drill, "the failover image ({k}) is older than the drill's ({k_drill})");
 

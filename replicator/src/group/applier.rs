@@ -934,6 +934,10 @@ impl Session {
                 self.machine.on_copy_done(c.seq);
                 Ok(())
             }
+            Some(Body::Command(c)) if c.command == pb::Command::ResyncGap as i32 => {
+                self.machine.on_resync_gap(c.seq);
+                Ok(())
+            }
             Some(Body::Command(c)) if c.command == pb::Command::Switchover as i32 => {
                 if self.machine.received() < c.seq {
                     return Err(TransportError::Protocol(format!(

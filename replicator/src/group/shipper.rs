@@ -252,7 +252,11 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         g.link_down_since = None;
         g.last_link_log = None;
         g.last_error = None;
-        g.session = Some(PrimarySession::new(COPY, peer_durable, last));
+        let mut session = PrimarySession::new(COPY, peer_durable, last);
+        if let Some(gap) = g.persisted.resync_gap {
+            session.on_gap(gap);
+        }
+        g.session = Some(session);
         g.copy_total = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
         g.copy_done = 0;
         g.copy_sent = 0;
@@ -348,6 +352,11 @@ async fn send_loop(
                     Some(Transmit::Flush(seq)) => Next::Body(Body::Flush(pb::FlushRequest { seq })),
                     Some(Transmit::CopyDone(seq)) => Next::Body(Body::Command(pb::GroupCommand {
                         command: pb::Command::CopyDone as i32,
+                        seq,
+                        ..Default::default()
+                    })),
+                    Some(Transmit::ResyncGap(seq)) => Next::Body(Body::Command(pb::GroupCommand {
+                        command: pb::Command::ResyncGap as i32,
                         seq,
                         ..Default::default()
                     })),
@@ -661,6 +670,7 @@ impl Group {
         let mut g = lock(&self.inner);
         if g.bitmaps.iter().all(|b| b.is_clean()) && g.session.as_ref().is_none_or(PrimarySession::copy_idle) {
             g.persisted.copy_pending = false;
+            g.persisted.resync_gap = None;
             self.save_bitmaps(&mut g);
             self.transition(&mut g, PairEvent::CopyDone, "copy complete");
             tracing::info!(group = %self.cfg.name, bytes = g.copy_done, "copy complete; secondary is consistent");

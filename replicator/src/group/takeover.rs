@@ -499,6 +499,7 @@ pub(super) fn change_role(g: &mut Inner, role: Role, journal: Journal, last: u64
     g.persisted.journal_tail_pos = JOURNAL_SUPERBLOCK_LEN;
     g.persisted.copy_pending = false;
     g.persisted.bitmap_mode = false;
+    g.persisted.resync_gap = None;
     g.persisted.announce = Announce::Resume;
     g.persisted.copy_incomplete = false;
     g.persisted.superseded_by = 0;

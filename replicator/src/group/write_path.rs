@@ -334,6 +334,13 @@ impl Group {
     fn enter_bitmap_mode(&self, g: &mut Inner) {
         g.persisted.bitmap_mode = true;
         g.persisted.copy_pending = true;
+        // Every later record follows writes the secondary lacks until the
+        // resync: it must hear so before it applies one.
+        let gap = g.persisted.resync_gap.map_or(g.last_jseq, |s| s.min(g.last_jseq));
+        g.persisted.resync_gap = Some(gap);
+        if let Some(session) = g.session.as_mut() {
+            session.on_gap(gap);
+        }
         g.journal_full_since = None;
         tracing::warn!(group = %self.cfg.name, "journal full: tracking writes in the dirty bitmap; a resync will copy them");
         if g.state == PairState::Pair {
