@@ -33,6 +33,14 @@ pub struct FigureOpts {
     pub bandwidth: u64,
     /// The local disk's 1 MiB sequential write MB/s, when measured.
     pub disk_mbps: Option<f64>,
+    /// Only these figures (`--figures`); all when `None`.
+    pub only: Option<Vec<String>>,
+}
+
+impl FigureOpts {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.iter().any(|f| f == figure))
+    }
 }
 
 /// One sample of the lag time series.
@@ -151,6 +159,48 @@ pub struct RssRow {
     pub secondary_kib: u64,
 }
 
+/// `drill start` on a sparse volume of one size.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillStartRun {
+    /// Volume size, bytes.
+    pub volume_bytes: u64,
+    /// Time to ready as the daemon measured it (freeze, sync, snapshot
+    /// files, export), ms.
+    pub ready_ms: f64,
+    /// The whole control request as the admin waits for it, ms.
+    pub request_ms: f64,
+}
+
+/// Sync-mode write latency with and without a drill on the secondary.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillLatency {
+    /// Rounds per case (alternating, medians reported).
+    pub rounds: usize,
+    /// 4 KiB random writes at QD1 per round.
+    pub writes_per_round: usize,
+    /// p50 / p99 without a drill, µs (median of the rounds).
+    pub without_p50_us: f64,
+    /// See above.
+    pub without_p99_us: f64,
+    /// p50 / p99 with a drill running, µs.
+    pub with_p50_us: f64,
+    /// See above.
+    pub with_p99_us: f64,
+    /// with / without, p50.
+    pub ratio_p50: f64,
+    /// Space the drill copy held at its last stop, bytes.
+    pub space_used_bytes: u64,
+}
+
+/// Drill figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DrillFigure {
+    /// Start time per volume size.
+    pub start: Vec<DrillStartRun>,
+    /// Sync latency during a drill.
+    pub latency: Option<DrillLatency>,
+}
+
 /// Every replication figure.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Figures {
@@ -162,6 +212,8 @@ pub struct Figures {
     pub resync: Vec<ResyncRun>,
     /// RSS.
     pub rss: Vec<RssRow>,
+    /// Drill copies.
+    pub drill: Option<DrillFigure>,
     /// Figures that could not be measured: (figure, why).
     pub not_measurable: Vec<(String, String)>,
 }
@@ -175,31 +227,119 @@ fn mk_pair(env: &Env, name: &str, groups: &[GroupSpec], link: LinkSpec) -> Resul
 /// Runs every figure; a failing figure is recorded, the others still run.
 pub fn run_all(env: &Env, o: &FigureOpts, log: &dyn Fn(&str)) -> Figures {
     let mut f = Figures::default();
-    log("figure: async lag near and above the link bandwidth");
-    match lag(env, o) {
-        Ok(l) => f.lag = Some(l),
-        Err(e) => f.not_measurable.push(("async lag".into(), format!("failed: {e}"))),
+    if o.wants("lag") {
+        log("figure: async lag near and above the link bandwidth");
+        match lag(env, o) {
+            Ok(l) => f.lag = Some(l),
+            Err(e) => f.not_measurable.push(("async lag".into(), format!("failed: {e}"))),
+        }
     }
-    log("figure: initial copy throughput");
-    match copy(env, o) {
-        Ok(c) => f.copy = c,
-        Err(e) => f.not_measurable.push(("initial copy".into(), format!("failed: {e}"))),
+    if o.wants("copy") {
+        log("figure: initial copy throughput");
+        match copy(env, o) {
+            Ok(c) => f.copy = c,
+            Err(e) => f.not_measurable.push(("initial copy".into(), format!("failed: {e}"))),
+        }
     }
-    log("figure: resync bytes vs changed bytes");
-    match resync(env, o) {
-        Ok(r) => f.resync = r,
-        Err(e) => f.not_measurable.push(("resync".into(), format!("failed: {e}"))),
+    if o.wants("resync") {
+        log("figure: resync bytes vs changed bytes");
+        match resync(env, o) {
+            Ok(r) => f.resync = r,
+            Err(e) => f.not_measurable.push(("resync".into(), format!("failed: {e}"))),
+        }
     }
-    log("figure: daemon RSS vs groups and journal size");
-    match rss(env, o) {
-        Ok(r) => f.rss = r,
-        Err(e) => f.not_measurable.push(("daemon RSS".into(), format!("failed: {e}"))),
+    if o.wants("rss") {
+        log("figure: daemon RSS vs groups and journal size");
+        match rss(env, o) {
+            Ok(r) => f.rss = r,
+            Err(e) => f.not_measurable.push(("daemon RSS".into(), format!("failed: {e}"))),
+        }
     }
-    f.not_measurable.push((
-        "drill start time vs volume size (1, 16, 64 GiB)".into(),
-        "not yet measurable: drills not implemented".into(),
-    ));
+    if o.wants("drill") {
+        log("figure: drill start time vs volume size, sync latency during a drill");
+        match drill(env, o) {
+            Ok(d) => f.drill = Some(d),
+            Err(e) => f.not_measurable.push(("drill".into(), format!("failed: {e}"))),
+        }
+    }
     f
+}
+
+/// Drill copies: `drill start` time on sparse 1 GiB and 64 GiB volumes, and
+/// sync-mode 4 KiB QD1 write latency with a drill running on the secondary
+/// against without (rounds alternate; every write with a drill may be the
+/// first to its copy-on-write chunk, the worst case).
+pub fn drill(env: &Env, o: &FigureOpts) -> Result<DrillFigure, String> {
+    let sizes: [u64; 2] = [1 << 30, 64 << 30];
+    let mut groups: Vec<GroupSpec> =
+        sizes.iter().map(|&size| GroupSpec::single(&format!("d{}", size >> 30), "sync", 16 * MIB, size)).collect();
+    groups.push(GroupSpec::single("dl", "sync", 64 * MIB, 256 * MIB));
+    let mut p = mk_pair(env, "fig-drill", &groups, LinkSpec::rtt(Duration::ZERO))?;
+    p.start(env)?;
+    let mut fig = DrillFigure::default();
+    for &size in &sizes {
+        let g = format!("d{}", size >> 30);
+        p.pair(env, &g, true, Duration::from_secs(60))?;
+        let t = Instant::now();
+        env.call(&p.b.control(), Request::DrillStart { group: g.clone() })?;
+        let request_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let ready_ms = p.b.status(env, &g)?.drill.map(|d| d.meta.ready_ms).ok_or("status shows no drill")?;
+        env.call(&p.b.control(), Request::DrillStop { group: g, outcome: None })?;
+        fig.start.push(DrillStartRun { volume_bytes: size, ready_ms, request_ms });
+    }
+
+    p.pair(env, "dl", true, Duration::from_secs(60))?;
+    let mut conn = NbdConn::connect(&p.a.nbd(), "dl-vol").map_err(|e| e.to_string())?;
+    let (rounds, writes) = if o.quick { (2, 500) } else { (3, 2000) };
+    let blocks = conn.size() / 4096;
+    let mut data = vec![0u8; 4096];
+    let mut rng = Rng::new(91);
+    rng.fill(&mut data);
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut space_used_bytes = 0;
+    for _ in 0..rounds {
+        for drill_on in [false, true] {
+            if drill_on {
+                env.call(&p.b.control(), Request::DrillStart { group: "dl".into() })?;
+            }
+            let mut lat = Vec::with_capacity(writes);
+            for _ in 0..writes {
+                let t = Instant::now();
+                conn.write_at(rng.below(blocks) * 4096, &data, false).map_err(|e| e.to_string())?;
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            lat.sort_unstable();
+            let pair = (percentile(&lat, 0.5) as f64 / 1000.0, percentile(&lat, 0.99) as f64 / 1000.0);
+            if drill_on {
+                // Applies (and their copy-on-write) finish before the stop.
+                p.a.wait_for(env, "dl", Duration::from_secs(60), "drained", in_sync)?;
+                space_used_bytes = p.b.status(env, "dl")?.drill.map_or(0, |d| d.space_used_bytes);
+                env.call(&p.b.control(), Request::DrillStop { group: "dl".into(), outcome: None })?;
+                with.push(pair);
+            } else {
+                without.push(pair);
+            }
+        }
+    }
+    drop(conn);
+    p.stop()?;
+    let median = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        let x: Vec<f64> = v.iter().map(pick).collect();
+        percentile_f64(&x, 0.5)
+    };
+    let (wo50, wo99) = (median(&without, |x| x.0), median(&without, |x| x.1));
+    let (w50, w99) = (median(&with, |x| x.0), median(&with, |x| x.1));
+    fig.latency = Some(DrillLatency {
+        rounds,
+        writes_per_round: writes,
+        without_p50_us: wo50,
+        without_p99_us: wo99,
+        with_p50_us: w50,
+        with_p99_us: w99,
+        ratio_p50: if wo50 > 0.0 { w50 / wo50 } else { 0.0 },
+        space_used_bytes,
+    });
+    Ok(fig)
 }
 
 /// Paced writer: `rate` bytes/s in 64 KiB random writes until `stop`.

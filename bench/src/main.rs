@@ -84,9 +84,13 @@ struct Opts {
     /// Volume size in MiB for the matrix. Default 256 (quick: 128).
     #[arg(long)]
     volume_mib: Option<u64>,
-    /// Skip the replication figures (lag, copy, resync, RSS).
+    /// Skip the replication figures (lag, copy, resync, RSS, drill).
     #[arg(long)]
     no_figures: bool,
+    /// Replication figures to run, comma separated (lag,copy,resync,rss,drill).
+    /// Default: all.
+    #[arg(long, value_delimiter = ',')]
+    figures: Option<Vec<String>>,
     /// Skip the cross-check of our NBD client against fio.
     #[arg(long)]
     no_fio_check: bool,
@@ -374,6 +378,7 @@ fn run_everything(env: &Env, opts: &Opts, plan: &Plan, results: &mut Results) ->
             rtt: Duration::from_secs_f64(opts.figure_rtt.max(0.0) / 1e3),
             bandwidth: (opts.figure_bandwidth.max(1.0) * 1e6 / 8.0) as u64,
             disk_mbps,
+            only: opts.figures.clone(),
         };
         results.figures = figures::run_all(env, &fo, &|m| log(m));
     }
@@ -1085,6 +1090,30 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
                 m(x.copy_bytes),
                 x.ratio,
                 x.note
+            );
+        }
+        s.push('\n');
+    }
+    if let Some(d) = &f.drill {
+        let _ = writeln!(
+            s,
+            "### Drill copies\n\n`drill start` on the secondary, sparse volumes, sync pair:\n\n| volume | time to ready (daemon) | control request |\n|---:|---:|---:|"
+        );
+        for x in &d.start {
+            let _ = writeln!(s, "| {} GiB | {:.1} ms | {:.1} ms |", x.volume_bytes >> 30, x.ready_ms, x.request_ms);
+        }
+        if let Some(l) = &d.latency {
+            let _ = writeln!(
+                s,
+                "\nSync-mode 4 KiB random writes at QD1 (our NBD client), {} alternating rounds of {} writes, medians:\n\n| | p50 | p99 |\n|---|---:|---:|\n| no drill | {:.0} µs | {:.0} µs |\n| drill running | {:.0} µs | {:.0} µs |\n\nRatio (p50, drill / none): **{:.2}×** (target ≤ 1.3×); the drill copy held {:.1} MiB at its stop.",
+                l.rounds,
+                l.writes_per_round,
+                l.without_p50_us,
+                l.without_p99_us,
+                l.with_p50_us,
+                l.with_p99_us,
+                l.ratio_p50,
+                l.space_used_bytes as f64 / MIB as f64
             );
         }
         s.push('\n');
