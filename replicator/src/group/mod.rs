@@ -286,6 +286,8 @@ pub struct Group {
     drill_op: tokio::sync::Mutex<()>,
     /// The consistent image preserved while a resync runs (`resync_guard.rs`).
     resync_guard: Mutex<Option<Arc<resync_guard::ResyncGuard>>>,
+    /// One guard creation at a time (two sessions may race to start).
+    guard_op: tokio::sync::Mutex<()>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -545,6 +547,7 @@ impl Group {
             drill: Mutex::new(drill),
             drill_op: tokio::sync::Mutex::new(()),
             resync_guard: Mutex::new(resync_guard),
+            guard_op: tokio::sync::Mutex::new(()),
         });
         {
             let mut g = lock(&group.inner);

@@ -159,6 +159,7 @@ impl Group {
     /// the guard durably and attaches it. A guard already in place (no
     /// consistent image since) is kept.
     pub(super) async fn preserve_image(&self, seq: u64, written_at_us: u64) -> Result<(), String> {
+        let _one = self.guard_op.lock().await;
         if self.guard().is_some() {
             return Ok(());
         }
