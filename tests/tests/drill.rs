@@ -357,49 +357,51 @@ fn a_drill_copy_survives_a_power_cut_of_the_secondary_under_load() {
     assert!(!log.is_empty());
 }
 
-/// Issue 10, item 5 and "a drill never blocks failover": the primary dies
-/// in the middle of a resync of a consistent replica that also has a drill
-/// running. `failover` (no --force) rolls the resync back to the image
-/// preserved when it started: both volumes at one write-order-consistent
-/// point; the drill copy keeps its own image throughout and can be stopped
-/// afterwards.
-#[test]
-fn failover_during_a_resync_and_a_drill_lands_on_consistent_images() {
+/// A pair of two 64 MiB volumes whose secondary was away while more than
+/// its journal's worth was written (the primary fell back to its dirty
+/// bitmaps), with a drill running on the secondary, returned and caught in
+/// the middle of the resync that follows: the guard holds some chunks. The
+/// load on the primary goes on throughout (once the journal has room, new
+/// writes are journaled and shipped while the bitmap's regions are still
+/// to be copied: they follow a gap the replica must not apply across while
+/// claiming consistency).
+struct MidResync {
+    c: Cluster,
+    load: Load,
+    drill_before: Vec<Vec<u8>>,
+    k_drill: u64,
+    guard: replicator::group::FailoverImage,
+}
+
+fn caught_in_a_resync(opts: impl FnOnce(ClusterOpts) -> ClusterOpts) -> MidResync {
     const BIG: u64 = 64 * MIB;
-    let blocks = BIG / BLOCK as u64;
     let spec = GroupSpec::new("g", Mode::Async)
         .volume("v0", BIG)
         .volume("v1", BIG)
         .journal_size(16 * MIB)
         .extra("drill_chunk = \"64KiB\"");
-    let mut c = Cluster::new(ClusterOpts::group(spec));
+    let c = Cluster::new(opts(ClusterOpts::group(spec)));
     c.pair_create("g");
     c.wait_pair("g", Duration::from_secs(120));
-    let load = Load::start_over(&c, Site::A, 23, blocks);
+    let load = Load::start_over(&c, Site::A, 23, BIG / BLOCK as u64);
     load.wait_for(300);
     cli_ok(&c, Site::B, &["drill", "start", "g"]);
     let drill_before = drill_images(&c);
     let log = load.log.lock().expect("log").clone();
     let k_drill = consistent_point(&drill_before, &log, &[]);
-
-    // The secondary is away while more than its journal's worth is
-    // written: the primary falls back to its dirty bitmaps, and the
-    // secondary's return starts a resync of those regions.
+    let mut c = c;
     c.stop(Site::B);
     c.wait_until(Site::A, "g", "the journal overflowing into the bitmaps", Duration::from_secs(60), |s| {
         s.dirty_bytes > 0
     });
-    // Enough regions dirty that the resync takes a while. The load goes
-    // on: once the journal has room, new writes are journaled and shipped
-    // while the bitmap's regions are still to be copied (they follow a gap
-    // the replica must not apply across while claiming consistency).
+    // Enough regions dirty that the resync takes a while.
     load.wait_for(load.acked() + 12_000);
     let dirty = c.status(Site::A, "g").dirty_bytes;
     assert!(dirty > 32 * MIB, "only {dirty} bytes dirty in the bitmaps");
     c.start(Site::B);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut polls = 0u64;
-    let seen = loop {
+    let (status, guard) = loop {
         let s = c.status(Site::B, "g");
         if let Some(f) = s.failover_image.clone().filter(|f| f.source == "resync-guard" && f.preserved_bytes > 0) {
             break (s, f);
@@ -418,24 +420,28 @@ fn failover_during_a_resync_and_a_drill_lands_on_consistent_images() {
         );
         std::thread::sleep(Duration::from_millis(2));
     };
-    // The primary is lost in the middle of the resync.
-    c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
-    c.kill9(Site::A);
-    let log = load.finish();
-    let (status, guard) = seen;
     assert!(!status.consistent, "status claims a consistent replica during the resync");
     println!(
-        "RESYNC-GUARD: sequence {} preserved, {} bytes held when the primary was lost",
+        "RESYNC-GUARD: sequence {} preserved, {} bytes held when the resync was caught",
         guard.seq, guard.preserved_bytes
     );
-    let human = describe_output(&c.cli(Site::B, &["status", "g"]));
-    assert!(human.contains("failover image: the image preserved when the running resync started"), "{human}");
+    MidResync { c, load, drill_before, k_drill, guard }
+}
 
+/// After the primary is gone: `failover` (no --force) on site-b rolls the
+/// resync back to exactly the guard's point, the promoted image is one
+/// write-order-consistent point of both volumes, and the drill copy kept
+/// its own image and stops cleanly on the new primary.
+fn fail_over_to_the_guard(m: MidResync) {
+    let MidResync { mut c, load, drill_before, k_drill, guard } = m;
+    let log = &load.finish();
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.status(Site::B, "g").connected {
         assert!(Instant::now() < deadline, "site-b did not notice the primary is gone");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let human = describe_output(&c.cli(Site::B, &["status", "g"]));
+    assert!(human.contains("failover image: the image preserved when the running resync started"), "{human}");
     let report = cli_ok(&c, Site::B, &["failover", "g"]);
     println!("{report}");
     assert!(report.contains("rolled back"), "{report}");
@@ -445,20 +451,46 @@ fn failover_during_a_resync_and_a_drill_lands_on_consistent_images() {
     assert!(s.dirty_bytes >= guard.preserved_bytes, "rolled-back regions must be copied at failback: {s:?}");
     assert!(!c.state_dir(Site::B).join("groups/g/resync-guard").exists(), "the guard's files are removed");
 
-    // The promoted image: one write-order-consistent point of both volumes,
-    // no older than the drill's.
     let images: Vec<Vec<u8>> = VOLUMES.iter().map(|v| read_export(&c.nbd_socket(Site::B), v)).collect();
-    let k = consistent_point(&images, &log, &[]);
+    let k = consistent_point(&images, log, &[]);
     println!("RESYNC-GUARD: failover image at write {k} (drill at {k_drill}, load wrote {})", log.len());
     // Every write up to the bitmap period was journaled in order (its
     // sequence is its place in the load); the guard holds exactly those.
     assert_eq!(k, guard.seq, "the failover image is not the image at the recovery point");
     assert!(k >= k_drill, "the failover image ({k}) is older than the drill's ({k_drill})");
 
-    // The drill copy kept its image through the resync, the roll-back and
-    // the failover, and stops cleanly on the new primary.
     assert_eq!(drill_images(&c), drill_before, "the drill copy changed");
     cli_ok(&c, Site::B, &["drill", "stop", "g"]);
     assert!(c.status(Site::B, "g").drill.is_none());
     c.stop(Site::B);
+}
+
+/// Issue 10, item 5 and "a drill never blocks failover": the primary dies
+/// in the middle of a resync of a consistent replica that also has a drill
+/// running; the failover lands on the image preserved when the resync
+/// started.
+#[test]
+fn failover_during_a_resync_and_a_drill_lands_on_consistent_images() {
+    let mut m = caught_in_a_resync(|o| o);
+    m.c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    m.c.kill9(Site::A);
+    fail_over_to_the_guard(m);
+}
+
+/// The guard follows the durability rules: the secondary loses power in
+/// the middle of the resync (unsynced data dropped), the primary is lost
+/// too, and after the secondary's restart the failover still lands on the
+/// preserved image.
+#[test]
+fn a_resync_guard_survives_a_power_cut_of_the_secondary() {
+    let mut m = caught_in_a_resync(ClusterOpts::with_power_cut_fs);
+    let cut = m.c.power_cut(Site::B);
+    println!("POWER-CUT mid-resync: {} dirty page(s) dropped", cut.dropped);
+    m.c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    m.c.kill9(Site::A);
+    m.c.start(Site::B);
+    let s = m.c.status(Site::B, "g");
+    let f = s.failover_image.clone().expect("a secondary shows its failover image");
+    assert!(!s.consistent && f.source == "resync-guard" && f.seq == m.guard.seq, "after the power cut: {s:?}");
+    fail_over_to_the_guard(m);
 }
