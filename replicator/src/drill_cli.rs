@@ -122,10 +122,10 @@ pub async fn history(config: &Config, group: String, json: bool) -> Result<ExitC
         println!("group {group}: no drill has been run here");
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<26} {:<12} {:>14} {:>9} {:<10} REPORT", "STARTED", "SITE", "RECOVERY SEQ", "READY", "RESULT");
+    println!("{:<27} {:<12} {:>14} {:>9} {:<10} REPORT", "STARTED", "SITE", "RECOVERY SEQ", "READY", "RESULT");
     for r in &records {
         println!(
-            "{:<26} {:<12} {:>14} {:>7.0}ms {:<10} {}",
+            "{:<27} {:<12} {:>14} {:>7.1}ms {:<10} {}",
             format_time(r.meta.started_at_us),
             r.node,
             r.meta.recovery_seq,
