@@ -358,7 +358,7 @@ impl Collector for NodeCollector {
             "1 on a former primary superseded by a failover (it takes no writes until failback or resync)",
             statuses.iter().map(|s| ([("group", s.group.as_str())], flag(s.superseded_by > 0))),
         )?;
-        let plain: [(&str, &str, GaugeOf); 18] = [
+        let plain: [(&str, &str, GaugeOf); 19] = [
             (
                 "replicator_generation",
                 "Promotion generation (pair create: 1; each failover or switchover adds one)",
@@ -410,6 +410,16 @@ impl Collector for NodeCollector {
                 |s| s.data_as_of_unix.unwrap_or(0.0),
             ),
             ("replicator_writable", "1 if clients may write the volumes here", |s| f64::from(u8::from(s.writable))),
+            (
+                "replicator_resync_guard_bytes",
+                "Bytes the consistent image preserved for the running resync holds (0 without one)",
+                |s| {
+                    s.failover_image
+                        .as_ref()
+                        .filter(|f| f.source == "resync-guard")
+                        .map_or(0.0, |f| f.preserved_bytes as f64)
+                },
+            ),
             ("replicator_drill_active", "1 while a drill copy of the replica exists here (`drill start`)", |s| {
                 f64::from(u8::from(s.drill.is_some()))
             }),

@@ -471,8 +471,16 @@ fn fail_over_to_the_guard(m: MidResync) {
 /// started.
 #[test]
 fn failover_during_a_resync_and_a_drill_lands_on_consistent_images() {
-    let mut m = caught_in_a_resync(|o| o);
+    let mut m = caught_in_a_resync(ClusterOpts::with_metrics);
     m.c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    // The metric an on-call admin watches says a guard holds data.
+    let (_, _, body) = m.c.scrape(Site::B, "/metrics").expect("scrape site-b");
+    let held: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("replicator_resync_guard_bytes{group=\"g\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no replicator_resync_guard_bytes for g:\n{body}"));
+    assert!(held >= m.guard.preserved_bytes as f64, "metric {held}, status {}", m.guard.preserved_bytes);
     m.c.kill9(Site::A);
     fail_over_to_the_guard(m);
 }
