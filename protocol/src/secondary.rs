@@ -220,9 +220,10 @@ pub struct Secondary {
     inconsistency_saved_at: Option<u64>,
     /// [`Action::PreserveImage`] is out and not reported yet.
     preserving: bool,
-    /// [`Secondary::on_resync_gap`]: records after this seq follow writes
-    /// this node lacks until the resync ends.
-    gap: Option<u64>,
+    /// [`Secondary::on_resync_gap`]: records after the first of these seqs
+    /// follow writes this node lacks until the resync that covers them
+    /// ends (a COPY_DONE through seq S covers the gaps before S).
+    gaps: BTreeSet<u64>,
     /// COPY_DONE received (its seq), and the save that records it.
     copy_done: Option<u64>,
     copy_done_saved_at: Option<u64>,
@@ -273,7 +274,7 @@ impl Secondary {
             save_wanted: false,
             inconsistency_saved_at: start.copy_incomplete.then_some(0),
             preserving: false,
-            gap: None,
+            gaps: BTreeSet::new(),
             copy_done: None,
             copy_done_saved_at: None,
             data_as_of_us: start.data_as_of_us,
@@ -356,11 +357,11 @@ impl Secondary {
 
     /// The primary tracked writes after record `seq` only in its dirty
     /// bitmaps: the first later record (like the first copy chunk) makes
-    /// the image inconsistent until the resync's COPY_DONE.
+    /// the image inconsistent until the resync's COPY_DONE. Kept even while
+    /// a copy runs: a gap that opens after that copy's COPY_DONE was sent
+    /// outlives it.
     pub fn on_resync_gap(&mut self, seq: u64) {
-        if !self.copy_incomplete {
-            self.gap = Some(self.gap.map_or(seq, |g| g.min(seq)));
-        }
+        self.gaps.insert(seq);
     }
 
     /// The primary's copy (or resync) is complete through write `seq`.
@@ -614,7 +615,7 @@ impl Secondary {
     fn admit_pending(&mut self) -> Result<(), SecondaryError> {
         while let Some((op, seq, payload_len)) = self.pending.front().map(|r| (r.op, r.seq, r.payload.len() as u64)) {
             // A copy chunk, or a record after a gap, breaks write order.
-            if op.is_copy() || self.gap.is_some_and(|g| seq > g) {
+            if op.is_copy() || self.gaps.first().is_some_and(|&g| seq > g) {
                 if !self.copy_incomplete {
                     // A resync starts on a consistent image: once every
                     // write admitted so far is applied (and nothing else
@@ -789,7 +790,7 @@ impl Secondary {
             return;
         }
         self.copy_incomplete = false;
-        self.gap = None;
+        self.gaps.retain(|&g| g >= seq);
         self.copy_done_saved_at = Some(self.want_save());
     }
 }
@@ -1023,6 +1024,50 @@ mod tests {
         let acts = drain(&mut s, now);
         assert!(acts.iter().any(|a| matches!(a, Action::Append { record, .. } if record.seq == 2)), "{acts:?}");
         assert!(s.copy_incomplete());
+    }
+
+    /// Completes every action until none is left; returns them.
+    fn settle(s: &mut Secondary, now: Instant) -> Vec<Action> {
+        let mut all = Vec::new();
+        for _ in 0..50 {
+            let acts = drain(s, now);
+            if acts.is_empty() {
+                return all;
+            }
+            for a in acts {
+                match &a {
+                    Action::SyncJournal { through } => s.on_journal_synced(*through, Ok(())).unwrap(),
+                    Action::Apply { id, .. } => s.on_applied(*id, Ok(())).unwrap(),
+                    Action::SyncVolumes(b) => s.on_volumes_synced(*b, Ok(())).unwrap(),
+                    Action::Save(p) => s.on_saved(p, Ok(()), now).unwrap(),
+                    Action::PreserveImage { .. } => s.on_image_preserved(Ok(())).unwrap(),
+                    Action::Append { .. } | Action::Send(_) | Action::ReleaseImage => {}
+                }
+                all.push(a);
+            }
+        }
+        panic!("actions do not settle");
+    }
+
+    #[test]
+    fn a_gap_that_opens_after_copy_done_outlives_that_copy() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        s.on_copy_done(2);
+        // The primary's journal fills again right after it sent COPY_DONE.
+        s.on_resync_gap(2);
+        let acts = settle(&mut s, now);
+        assert!(!s.copy_incomplete(), "COPY_DONE through 2 makes the image consistent");
+        assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
+        s.on_record(write(3, 16384)).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::PreserveImage { seq: 2, .. })),
+            "write 3 follows the new gap: {acts:?}"
+        );
+        assert!(!acts.iter().any(|a| matches!(a, Action::Append { .. })), "{acts:?}");
     }
 
     #[test]
