@@ -119,8 +119,12 @@ pub(super) fn load(
     };
     let resyncing = persisted.role == Role::Secondary && (persisted.copy_incomplete || !persisted.consistent);
     if !resyncing {
+        // Left by a stop between persisting the end of the resync (or a
+        // failover) and removing the guard: nothing needs it any more.
         image.detach_now(volumes);
-        image.remove()?;
+        if let Err(e) = image.remove() {
+            tracing::warn!("removing a finished resync guard: {e} (it takes disk space only; remove it by hand)");
+        }
         return Ok(None);
     }
     tracing::info!(
