@@ -145,11 +145,6 @@ impl Snapshot {
         self.map().held_bytes()
     }
 
-    /// Copy-on-write chunk size.
-    pub fn chunk_size(&self) -> u64 {
-        self.map().chunk_size()
-    }
-
     fn stripes_of(&self, chunks: std::ops::Range<u64>) -> Vec<usize> {
         let mut s: Vec<usize> = chunks.take(STRIPES as usize).map(|c| (c % STRIPES) as usize).collect();
         if s.len() >= STRIPES as usize {
