@@ -294,15 +294,19 @@ fn run_command(
         }
         tail.push_back(line);
     };
+    // Echoes a line of the command's output where it came from, and keeps it.
+    let mut emit = |(is_err, line): (bool, String)| {
+        if is_err {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+        keep(line);
+    };
     let mut timed_out = false;
     let status = loop {
-        while let Ok((is_err, line)) = rx.try_recv() {
-            if is_err {
-                eprintln!("{line}");
-            } else {
-                println!("{line}");
-            }
-            keep(line);
+        while let Ok(msg) = rx.try_recv() {
+            emit(msg);
         }
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             break status;
@@ -317,13 +321,8 @@ fn run_command(
     for r in readers {
         let _ = r.join();
     }
-    while let Ok((is_err, line)) = rx.try_recv() {
-        if is_err {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-        keep(line);
+    while let Ok(msg) = rx.try_recv() {
+        emit(msg);
     }
     let output_tail: String = tail.into_iter().collect::<Vec<_>>().join("\n");
     Ok(DrillOutcome {

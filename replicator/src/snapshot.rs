@@ -75,9 +75,9 @@ fn map_path(dir: &Path, volume: &str) -> PathBuf {
 
 impl Snapshot {
     /// Creates an empty snapshot of a volume of `size` bytes in `dir`
-    /// (files `VOLUME.data` and `VOLUME.map`, replacing stale ones). Both
-    /// files are durable when it returns; the directory entry is the
-    /// caller's to sync. Blocking.
+    /// (files `VOLUME.data` and `VOLUME.map`; the caller removes a stale
+    /// directory whole first). Both files are durable when it returns; the
+    /// directory entry is the caller's to sync. Blocking.
     pub fn create(
         engine: &IoEngine,
         dir: &Path,
@@ -87,14 +87,6 @@ impl Snapshot {
     ) -> Result<Snapshot, SnapshotFileError> {
         let map = ChunkMap::new(size, chunk).map_err(|source| SnapshotFileError::Map { path: dir.into(), source })?;
         let (dpath, mpath) = (data_path(dir, volume), map_path(dir, volume));
-        for p in [&dpath, &mpath] {
-            match std::fs::remove_file(p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(SnapshotFileError::Io { path: p.clone(), source: e })
-                }
-                _ => {}
-            }
-        }
         let io = |source| SnapshotFileError::Io { path: mpath.clone(), source };
         let map_file =
             std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&mpath).map_err(io)?;
