@@ -69,6 +69,8 @@ struct Accepted {
     /// A new pair: the restore journal starts empty, keyed by its id.
     new_pair: bool,
     commands: mpsc::UnboundedReceiver<SessionCommand>,
+    /// The metadata save that must be on disk before the primary hears yes.
+    save: u64,
 }
 
 /// Checks an `OpenGroup` against this node's configuration and state, and
@@ -274,11 +276,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
         }
         pb::OpenIntent::Unspecified => return Err((pb::Refusal::Config, "OpenGroup without an intent".into())),
     }
-    // Saved before the primary hears yes: after a restart this node must
-    // still know it is the secondary of this pair.
-    if let Err(e) = group.write_state(Group::snapshot_state(&mut g)) {
-        return Err((pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}")));
-    }
+    // Saved before the primary hears yes (the caller waits for it): after a
+    // restart this node must still know it is the secondary of this pair.
+    let save = group.save_later(&mut g);
     // The session's command channel is in place before the lock drops: a
     // `pair delete` here from now on goes through the session.
     let (commands_tx, commands) = mpsc::unbounded_channel();
@@ -295,7 +295,7 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
         data_as_of_us: g.persisted.data_as_of_us,
     };
     let new_pair = matches!(intent, pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy);
-    Ok(Accepted { start, new_pair, commands })
+    Ok(Accepted { start, new_pair, commands, save })
 }
 
 /// This node's standing in the pair, for `protocol::lifecycle`.
@@ -361,7 +361,7 @@ fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup
                 // The regions named now must stay all there is until the
                 // resync: the volumes take no more writes.
                 g.persisted.split_writable = false;
-                group.save_locked(g);
+                group.save_later(g);
             }
             let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
             format!(
@@ -480,13 +480,19 @@ pub async fn serve_secondary(
     let guard = guard_for_resync(&group, &open).await;
     let guarded = matches!(guard, Ok(true));
     let accepted = match guard.and_then(|_| accept_open(&group, &open, &peer)) {
-        Ok(a) => match restore_journal(&group, open.pair_id, a.new_pair).await {
-            Ok(journal) => Ok((a, journal)),
-            Err(refused) => {
-                detach(&group);
-                Err(refused)
+        Ok(a) => {
+            let ready = match group.saved(a.save).await {
+                Ok(()) => restore_journal(&group, open.pair_id, a.new_pair).await,
+                Err(e) => Err((pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}"))),
+            };
+            match ready {
+                Ok(journal) => Ok((a, journal)),
+                Err(refused) => {
+                    detach(&group);
+                    Err(refused)
+                }
             }
-        },
+        }
         Err(refused) => Err(refused),
     };
     let (Accepted { start, commands, .. }, journal) = match accepted {
@@ -563,10 +569,13 @@ pub async fn serve_secondary(
         // Applies may have reached the volumes beyond the checkpoint out of
         // order; the restore journal still holds them, and the next start
         // applies them again.
-        {
+        let save = {
             let mut g = lock(&group.inner);
             g.persisted.consistent = false;
-            group.save_locked(&mut g);
+            group.save_later(&mut g)
+        };
+        if let Err(e) = group.saved(save).await {
+            tracing::error!(group = %group.cfg.name, "{e}");
         }
         // The restore journal holds records acknowledged as durable that are
         // not on the volumes: no new session until a restart replays it.
@@ -576,9 +585,11 @@ pub async fn serve_secondary(
     // writable here.
     if let Ending::Split { rw, asked_by_primary } = session.ending {
         let result = if drained {
-            let mut g = lock(&group.inner);
-            group.split_here(&mut g, rw, if asked_by_primary { "pair split on the primary" } else { "pair split" });
-            Ok(())
+            let save = {
+                let mut g = lock(&group.inner);
+                group.split_here(&mut g, rw, if asked_by_primary { "pair split on the primary" } else { "pair split" })
+            };
+            group.saved(save).await.map_err(|e| e.to_string())
         } else {
             Err("applying failed; the split did not happen".to_string())
         };
@@ -621,8 +632,13 @@ pub async fn serve_secondary(
         Ending::DeletedHere { .. } => Some("pair delete on the secondary"),
     };
     if let Some(why) = deleted {
-        let mut g = lock(&group.inner);
-        group.dissolve(&mut g, why);
+        let save = {
+            let mut g = lock(&group.inner);
+            group.dissolve(&mut g, why)
+        };
+        if let Err(e) = group.dissolved(save).await {
+            tracing::error!(group = %group.cfg.name, "{e}");
+        }
     }
     if session.ending == Ending::DeletedByPrimary {
         let reply = pb::CommandReply { command: pb::Command::Delete as i32, error: String::new() };

@@ -136,11 +136,18 @@ impl Group {
                      be made writable. Split without --rw, or wait for PAIR"
                 )));
             }
-            if !g.secondary_attached {
-                self.split_here(&mut g, rw, "pair split on the secondary");
+            if g.secondary_attached {
+                Err(g.session_cmd.clone())
+            } else {
+                Ok(self.split_here(&mut g, rw, "pair split on the secondary"))
+            }
+        };
+        let session = match session {
+            Ok(save) => {
+                self.saved(save).await?;
                 return Ok(self.split_report(rw));
             }
-            g.session_cmd.clone()
+            Err(session) => session,
         };
         let (tx, rx) = oneshot::channel();
         if session.is_none_or(|s| s.send(SessionCommand::Split { rw, done: tx }).is_err()) {
@@ -170,15 +177,17 @@ impl Group {
         )
     }
 
-    /// The secondary persists an admin split (its session is over).
-    pub(super) fn split_here(&self, g: &mut Inner, rw: bool, why: &str) {
+    /// The secondary records an admin split (its session is over); returns
+    /// the save that makes it durable.
+    pub(super) fn split_here(&self, g: &mut Inner, rw: bool, why: &str) -> u64 {
         g.persisted.split_writable = rw;
         self.transition(g, PairEvent::AdminSplit, why);
-        self.save_locked(g);
+        let save = self.save_later(g);
         self.publish(g);
         if rw {
             tracing::warn!(group = %self.cfg.name, "split with --rw: the replica's volumes are writable; writes are tracked for the resync");
         }
+        save
     }
 
     /// `pair resync GROUP [--swap] [--discard-local]`.
@@ -200,43 +209,48 @@ impl Group {
             ))),
             (Role::Secondary, true) => self.swap_here().await,
             (Role::Primary, false) => {
-                let mut g = lock(&self.inner);
-                self.refuse_unless_replicating_primary(&g, "resync")?;
-                let connected = self.progress.borrow().connected;
-                let full = match g.state {
-                    PairState::Pair | PairState::Copy if connected => {
-                        return Ok(format!("group {name} is {} and replicating: nothing to resync", g.state));
+                let (save, report) = {
+                    let mut g = lock(&self.inner);
+                    self.refuse_unless_replicating_primary(&g, "resync")?;
+                    let connected = self.progress.borrow().connected;
+                    let full = match g.state {
+                        PairState::Pair | PairState::Copy if connected => {
+                            return Ok(format!("group {name} is {} and replicating: nothing to resync", g.state));
+                        }
+                        PairState::Suspended(SuspendReason::Error) => true,
+                        _ => false,
+                    };
+                    if full {
+                        // The sites were found to diverge with no record of
+                        // where: everything is copied.
+                        for b in &mut g.bitmaps {
+                            b.set_all();
+                        }
+                        let through = g.ready.completed_through();
+                        self.rebase(&mut g, through);
                     }
-                    PairState::Suspended(SuspendReason::Error) => true,
-                    _ => false,
+                    g.persisted.admin_resync = true;
+                    // Asked again: an earlier refusal (readers attached to the
+                    // split replica, say) stands only if the peer repeats it.
+                    g.refusal = None;
+                    self.transition(&mut g, PairEvent::AdminResync, "pair resync");
+                    let save = self.save_later(&mut g);
+                    let dirty: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+                    let report = format!(
+                        "group {name}: resync started{}: {} tracked here{}; `replicator status {name}` shows the progress",
+                        if full { " (after an error: the whole volumes are copied)" } else { "" },
+                        human_bytes(dirty),
+                        if g.persisted.bitmap_mode || dirty > 0 {
+                            String::new()
+                        } else {
+                            format!(", plus any regions {peer} changed while split")
+                        }
+                    );
+                    (save, report)
                 };
-                if full {
-                    // The sites were found to diverge with no record of
-                    // where: everything is copied.
-                    for b in &mut g.bitmaps {
-                        b.set_all();
-                    }
-                    let through = g.ready.completed_through();
-                    self.rebase_locked(&mut g, through).map_err(GroupError::Failed)?;
-                }
-                g.persisted.admin_resync = true;
-                // Asked again: an earlier refusal (readers attached to the
-                // split replica, say) stands only if the peer repeats it.
-                g.refusal = None;
-                self.transition(&mut g, PairEvent::AdminResync, "pair resync");
-                self.save_locked(&mut g);
+                self.saved(save).await?;
                 self.session_kick.send_modify(|k| *k += 1);
-                let dirty: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
-                Ok(format!(
-                    "group {name}: resync started{}: {} tracked here{}; `replicator status {name}` shows the progress",
-                    if full { " (after an error: the whole volumes are copied)" } else { "" },
-                    human_bytes(dirty),
-                    if g.persisted.bitmap_mode || dirty > 0 {
-                        String::new()
-                    } else {
-                        format!(", plus any regions {peer} changed while split")
-                    }
-                ))
+                Ok(report)
             }
         }
     }
@@ -293,7 +307,7 @@ impl Group {
                 return Err(e);
             }
         };
-        let generation = {
+        let (generation, save) = {
             let mut g = lock(&self.inner);
             // Its writes while split stay marked: they are copied to the
             // former primary with its own changes.
@@ -303,10 +317,9 @@ impl Group {
             g.persisted.copy_pending = g.bitmaps.iter().any(|b| !b.is_clean());
             g.persisted.swap = true;
             g.persisted.admin_resync = true;
-            self.save_bitmaps(&mut g);
-            self.save_locked(&mut g);
-            g.persisted.generation
+            (g.persisted.generation, self.save_later(&mut g))
         };
+        self.saved(save).await?;
         tracing::warn!(group = %name, generation, "pair resync --swap: this node is now the primary; {peer} becomes the secondary when they meet");
         self.start_shipping();
         Ok(format!(
@@ -453,32 +466,36 @@ impl Group {
         let bytes: u64 = divergent.iter().map(DirtyBitmap::dirty_bytes).sum();
         // The divergent regions are durable before the journal that names
         // them is dropped: a crash from here on still knows them.
-        {
+        let save = {
             let mut g = lock(&self.inner);
             g.bitmaps = divergent;
-            let snapshot = self.bitmap_snapshot(&g);
-            self.write_bitmaps(&snapshot)?;
-        }
+            self.request_save(&mut g)
+        };
+        self.saved(save).await?;
         let journal = self.fresh_journal(pair_id).await?;
-        let mut g = lock(&self.inner);
-        let divergent = std::mem::take(&mut g.bitmaps);
-        takeover::change_role(&mut g, Role::Secondary, journal, 0);
-        g.bitmaps = divergent;
-        g.persisted.generation = generation;
-        g.persisted.needs_rebase = true;
-        g.persisted.consistent = false;
-        g.persisted.copy_incomplete = true;
-        g.persisted.durable_seq = 0;
-        g.persisted.superseded_at = None;
-        g.persisted.takeover = None;
-        g.persisted.split_writable = false;
-        g.ring = None;
-        g.shipper_epoch += 1;
-        g.switching = false;
-        g.secondary_applied = 0;
-        g.secondary_durable = 0;
-        self.write_state(Self::snapshot_state(&mut g))?;
-        self.publish(&mut g);
+        let save = {
+            let mut g = lock(&self.inner);
+            let divergent = std::mem::take(&mut g.bitmaps);
+            takeover::change_role(&mut g, Role::Secondary, journal, 0);
+            g.bitmaps = divergent;
+            g.persisted.generation = generation;
+            g.persisted.needs_rebase = true;
+            g.persisted.consistent = false;
+            g.persisted.copy_incomplete = true;
+            g.persisted.durable_seq = 0;
+            g.persisted.superseded_at = None;
+            g.persisted.takeover = None;
+            g.persisted.split_writable = false;
+            g.ring = None;
+            g.shipper_epoch += 1;
+            g.switching = false;
+            g.secondary_applied = 0;
+            g.secondary_durable = 0;
+            let save = self.save_later(&mut g);
+            self.publish(&mut g);
+            save
+        };
+        self.saved(save).await?;
         Ok((regions, bytes))
     }
 
@@ -520,38 +537,40 @@ impl Group {
         let name = &self.cfg.name;
         let through = lock(&self.inner).ready.completed_through();
         let own = self.changes_after(0, through).await.map_err(|e| e.to_string())?;
-        let mut g = lock(&self.inner);
-        if g.role != Role::Primary {
-            return Err("this node is no longer the primary".into());
-        }
-        let mut marked = g.bitmaps.clone();
-        let theirs = divergence::apply_extents(&mut marked, divergent).map_err(|e| e.to_string())?;
-        for (m, o) in marked.iter_mut().zip(&own) {
-            m.union_with(o).map_err(|e| e.to_string())?;
-        }
-        g.bitmaps = marked;
-        let standing = super::applier::standing(self, &g);
-        if let Answer::Rebase { take_over: true } = on_refusal(&standing, pb::Refusal::NeedsRebase, peer_generation) {
-            // The peer gave up the primary role: this node's data wins.
-            tracing::warn!(group = %name, "{} gave up the primary role and discarded its writes: this node is the primary again", self.cfg.peer);
-            g.persisted.generation = g.persisted.generation.max(peer_generation) + 1;
-            g.persisted.superseded_by = 0;
-            g.persisted.superseded_at = None;
-        }
-        self.rebase_locked(&mut g, through)?;
-        let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+        let (save, theirs, bytes) = {
+            let mut g = lock(&self.inner);
+            if g.role != Role::Primary {
+                return Err("this node is no longer the primary".into());
+            }
+            let mut marked = g.bitmaps.clone();
+            let theirs = divergence::apply_extents(&mut marked, divergent).map_err(|e| e.to_string())?;
+            for (m, o) in marked.iter_mut().zip(&own) {
+                m.union_with(o).map_err(|e| e.to_string())?;
+            }
+            g.bitmaps = marked;
+            let standing = super::applier::standing(self, &g);
+            if let Answer::Rebase { take_over: true } = on_refusal(&standing, pb::Refusal::NeedsRebase, peer_generation)
+            {
+                // The peer gave up the primary role: this node's data wins.
+                tracing::warn!(group = %name, "{} gave up the primary role and discarded its writes: this node is the primary again", self.cfg.peer);
+                g.persisted.generation = g.persisted.generation.max(peer_generation) + 1;
+                g.persisted.superseded_by = 0;
+                g.persisted.superseded_at = None;
+            }
+            let save = self.rebase(&mut g, through);
+            let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+            (save, theirs, bytes)
+        };
         tracing::warn!(group = %name, peer = %self.cfg.peer, peer_discarded = theirs, copy_bytes = bytes, rebase = through,
             "the peer discarded its own writes: copying its divergent regions and this node's changes");
-        Ok(())
+        self.saved(save).await.map_err(|e| e.to_string())
     }
 
-    /// Persists a rebase of the secondary on record `rebase` (every
-    /// journaled record up to it is covered by the bitmaps): the bitmaps
-    /// first, then the RESYNC intent.
-    fn rebase_locked(&self, g: &mut Inner, rebase: u64) -> Result<(), String> {
+    /// A rebase of the secondary on record `rebase` (every journaled record
+    /// up to it is covered by the bitmaps); returns the save that persists
+    /// it (the bitmaps first, then the RESYNC intent, as every save does).
+    fn rebase(&self, g: &mut Inner, rebase: u64) -> u64 {
         g.persisted.rebase_seq = rebase;
-        let snapshot = self.bitmap_snapshot(g);
-        self.write_bitmaps(&snapshot).map_err(|e| format!("cannot persist the dirty bitmap: {e}"))?;
         g.persisted.copy_pending = true;
         g.persisted.announce = Announce::Resync;
         g.persisted.rebased = true;
@@ -561,9 +580,9 @@ impl Group {
             tracing::info!(group = %self.cfg.name, from = %g.state, "pair state change: resync of the peer's divergent regions");
             g.state = PairState::Suspended(SuspendReason::Link);
         }
-        self.write_state(Self::snapshot_state(g)).map_err(|e| format!("cannot persist the pair state: {e}"))?;
+        let save = self.save_later(g);
         self.publish(g);
-        Ok(())
+        save
     }
 
     /// A fenced former primary: whether it holds writes the primary that

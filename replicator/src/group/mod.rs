@@ -152,6 +152,13 @@ struct Inner {
     bitmap_dirty_since_save: bool,
     /// Bumped for every snapshot of `persisted` taken for writing.
     state_version: u64,
+    /// `persisted` changed since the last metadata save was asked for: the
+    /// next save writes `state.json` too (see [`Group::save_later`]).
+    state_dirty: bool,
+    /// No write may reach the volumes before this metadata save is on disk:
+    /// a state change it depends on (bitmap mode, the first write while
+    /// split or after the pair was left).
+    write_barrier: u64,
     /// Highest sequence a FLUSH asked the secondary to make durable.
     flush_wanted: u64,
     /// When the journal was first found full (block policy).
@@ -265,6 +272,8 @@ pub struct Group {
     /// Bitmap group commit: epoch writes wait for, and epoch on disk.
     bitmap_wanted: watch::Sender<u64>,
     bitmap_persisted: watch::Sender<u64>,
+    /// The last metadata save failed (why), until one succeeds.
+    save_failed: watch::Sender<Option<String>>,
     /// Bumped to make the current replication session end (and reconnect).
     session_kick: watch::Sender<u64>,
     started: Instant,
@@ -483,6 +492,8 @@ impl Group {
             last_durability_sync: Instant::now(),
             bitmap_dirty_since_save: unclean,
             state_version: 0,
+            state_dirty: false,
+            write_barrier: 0,
             flush_wanted: 0,
             journal_full_since: None,
             session: None,
@@ -536,6 +547,7 @@ impl Group {
             journaled_through,
             bitmap_wanted,
             bitmap_persisted,
+            save_failed: watch::channel(None).0,
             session_kick,
             started: Instant::now(),
             latency: crate::latency::LatencyHistogram::default(),
@@ -563,7 +575,7 @@ impl Group {
         }
         let g = self.clone();
         tokio::spawn(async move { g.housekeeping().await });
-        tokio::spawn(self.clone().bitmap_flusher());
+        tokio::spawn(self.clone().metadata_flusher());
     }
 
     /// Starts the replication session task (primary).
@@ -668,7 +680,7 @@ impl Group {
             Ok(next) if next != g.state => {
                 tracing::info!(group = %self.cfg.name, from = %g.state, to = %next, reason = why, "pair state change");
                 g.state = next;
-                self.save_locked(g);
+                self.save_later(g);
                 self.publish(g);
             }
             Ok(_) => {}
@@ -707,11 +719,63 @@ impl Group {
         Ok(())
     }
 
-    /// Persists the state now (rare changes: role and pair-state changes).
-    fn save_locked(&self, g: &mut Inner) {
-        if let Err(e) = self.write_state(Self::snapshot_state(g)) {
-            tracing::error!(group = %self.cfg.name, "cannot persist pair state: {e}");
-            g.last_error = Some(e.to_string());
+    /// Asks for `persisted` (and the bitmaps and activity log) to be saved
+    /// by the metadata flusher, off the group lock; returns the save to wait
+    /// for (see [`Group::saved`]) where the change must be durable before
+    /// what follows it. Never does I/O itself: the lock it is called under
+    /// is the write path's.
+    fn save_later(&self, g: &mut Inner) -> u64 {
+        g.state_dirty = true;
+        self.request_save(g)
+    }
+
+    /// Asks the metadata flusher for a save of the bitmaps and the activity
+    /// log (and `persisted`, when changed); returns its number. Called under
+    /// the group lock, so a save's number covers every change made before.
+    fn request_save(&self, _g: &mut Inner) -> u64 {
+        let mut next = 0;
+        self.bitmap_wanted.send_modify(|w| {
+            *w += 1;
+            next = *w;
+        });
+        next
+    }
+
+    /// The newest metadata save asked for.
+    fn save_asked(&self) -> u64 {
+        *self.bitmap_wanted.borrow()
+    }
+
+    /// Waits until metadata save `save` is on disk. A failing save is
+    /// retried by the flusher every second; the waiter is told of the
+    /// failure rather than left hanging (the change stays made in memory).
+    async fn saved(&self, save: u64) -> Result<(), GroupError> {
+        let mut done = self.bitmap_persisted.subscribe();
+        let mut failed = self.save_failed.subscribe();
+        failed.borrow_and_update();
+        loop {
+            if *done.borrow_and_update() >= save {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = done.changed() => {
+                    if changed.is_err() {
+                        return Err(GroupError::Failed("the group is shutting down".into()));
+                    }
+                }
+                changed = failed.changed() => {
+                    if changed.is_err() {
+                        return Err(GroupError::Failed("the group is shutting down".into()));
+                    }
+                    if let Some(e) = failed.borrow_and_update().clone() {
+                        return Err(GroupError::Failed(format!(
+                            "group {}: cannot persist the group's state: {e} (the change is in effect and saving it is \
+                             retried every second; see `replicator status {}`)",
+                            self.cfg.name, self.cfg.name
+                        )));
+                    }
+                }
+            }
         }
     }
 
@@ -750,20 +814,17 @@ impl Group {
         Ok(())
     }
 
-    fn save_bitmaps(&self, g: &mut Inner) {
-        if let Err(e) = self.write_bitmaps(&self.bitmap_snapshot(g)) {
-            tracing::error!(group = %self.cfg.name, "cannot persist the dirty bitmap: {e}");
-            g.last_error = Some(format!("cannot persist the dirty bitmap: {e}"));
-        }
-        g.bitmap_dirty_since_save = false;
-    }
-
-    /// Group commit of the dirty bitmap: a write that marks a clean region
-    /// dirty waits (before touching the volume) until a save covering it is
-    /// on disk, so after any crash the persisted bitmap still names every
-    /// region that may differ from the secondary. One save serves every
-    /// write that arrived while the previous one was being written.
-    async fn bitmap_flusher(self: Arc<Self>) {
+    /// Group commit of the group's metadata: the dirty bitmaps, the
+    /// activity log and, when changed, `state.json`. A write that marks a
+    /// clean region dirty (or depends on a state change, `write_barrier`)
+    /// waits, before touching the volume, until a save covering it is on
+    /// disk, so after any crash the persisted bitmaps and activity log still
+    /// name every region that may differ from the secondary. One save serves
+    /// every change made while the previous one was being written, and no
+    /// file is written or fsynced under the group lock. Within a save the
+    /// bitmaps go first, then the state: whatever a crash between them
+    /// leaves, no write that waits for the save has reached a volume.
+    async fn metadata_flusher(self: Arc<Self>) {
         loop {
             let mut rx = self.bitmap_wanted.subscribe();
             let persisted = *self.bitmap_persisted.borrow();
@@ -771,28 +832,34 @@ impl Group {
                 Ok(w) => *w,
                 Err(_) => return,
             };
-            let snapshot = {
+            let (snapshot, state) = {
                 let mut g = lock(&self.inner);
                 g.bitmap_dirty_since_save = false;
-                self.bitmap_snapshot(&g)
+                let state = std::mem::take(&mut g.state_dirty).then(|| Self::snapshot_state(&mut g));
+                (self.bitmap_snapshot(&g), state)
             };
             let me = self.clone();
-            let saved = tokio::task::spawn_blocking(move || me.write_bitmaps(&snapshot)).await;
-            match saved {
+            let retry = state.is_some();
+            let saved = tokio::task::spawn_blocking(move || {
+                me.write_bitmaps(&snapshot)?;
+                state.map_or(Ok(()), |s| me.write_state(s))
+            })
+            .await;
+            let error = match saved {
                 Ok(Ok(())) => {
                     self.bitmap_persisted.send_modify(|p| *p = (*p).max(wanted));
+                    self.save_failed.send_if_modified(|f| f.take().is_some());
+                    continue;
                 }
-                Ok(Err(e)) => {
-                    // Writes keep waiting: acknowledging them without a
-                    // persisted bitmap could lose them from a resync.
-                    self.record_error(&format!("cannot persist the dirty bitmap: {e}"));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(e) => {
-                    self.record_error(&format!("dirty bitmap task failed: {e}"));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
+                Ok(Err(e)) => format!("cannot persist the group's state and dirty bitmaps: {e}"),
+                Err(e) => format!("the metadata save task failed: {e}"),
+            };
+            // Writes keep waiting: acknowledging them without their regions
+            // persisted could lose them from a resync.
+            lock(&self.inner).state_dirty |= retry;
+            self.record_error(&error);
+            self.save_failed.send_replace(Some(error));
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -902,43 +969,46 @@ impl Group {
         self.refuse_unless_simplex(&lock(&self.inner))?;
         let pair_id = random_u64();
         let journal = self.fresh_journal(pair_id).await?;
-        let mut g = lock(&self.inner);
-        self.refuse_unless_simplex(&g)?;
-        let capacity = journal.capacity();
-        g.role = Role::Primary;
-        g.journal = Some(Arc::new(journal));
-        g.persisted = GroupState {
-            role: Role::Primary,
-            pair_id,
-            generation: 1,
-            journal_tail_seq: g.last_jseq + 1,
-            journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
-            copy_pending: !nocopy,
-            announce: if nocopy { Announce::CreateNocopy } else { Announce::CreateCopy },
-            clean_shutdown: false,
-            ..GroupState::simplex()
-        };
-        for b in &mut g.bitmaps {
-            *b = DirtyBitmap::new(b.volume_size(), b.granularity());
-            if !nocopy {
-                b.set_all();
+        let save = {
+            let mut g = lock(&self.inner);
+            self.refuse_unless_simplex(&g)?;
+            let capacity = journal.capacity();
+            g.role = Role::Primary;
+            g.journal = Some(Arc::new(journal));
+            g.persisted = GroupState {
+                role: Role::Primary,
+                pair_id,
+                generation: 1,
+                journal_tail_seq: g.last_jseq + 1,
+                journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
+                copy_pending: !nocopy,
+                announce: if nocopy { Announce::CreateNocopy } else { Announce::CreateCopy },
+                clean_shutdown: false,
+                ..GroupState::simplex()
+            };
+            for b in &mut g.bitmaps {
+                *b = DirtyBitmap::new(b.volume_size(), b.granularity());
+                if !nocopy {
+                    b.set_all();
+                }
             }
-        }
-        g.activity = ActivityLog::new(g.activity.extent());
-        self.save_bitmaps(&mut g);
-        let mut ring = JournalRing::new(capacity);
-        ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
-        g.ring = Some(ring);
-        g.entries.clear();
-        g.cached_bytes = 0;
-        g.refusal = None;
-        g.link_down_since = Some(Instant::now());
-        match g.state.apply(PairEvent::Create { copy: !nocopy }) {
-            Ok(s) => g.state = s,
-            Err(e) => return Err(GroupError::Refused(e.to_string())),
-        }
-        self.save_locked(&mut g);
-        self.publish(&mut g);
+            g.activity = ActivityLog::new(g.activity.extent());
+            let mut ring = JournalRing::new(capacity);
+            ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
+            g.ring = Some(ring);
+            g.entries.clear();
+            g.cached_bytes = 0;
+            g.refusal = None;
+            g.link_down_since = Some(Instant::now());
+            match g.state.apply(PairEvent::Create { copy: !nocopy }) {
+                Ok(s) => g.state = s,
+                Err(e) => return Err(GroupError::Refused(e.to_string())),
+            }
+            let save = self.save_later(&mut g);
+            self.publish(&mut g);
+            save
+        };
+        self.saved(save).await?;
         tracing::info!(group = %self.cfg.name, copy = !nocopy, "pair create: this node is now primary");
         Ok(if nocopy {
             format!("group {}: paired as primary without initial copy (--nocopy: you vouch that both sites hold identical data)", self.cfg.name)
@@ -976,18 +1046,20 @@ impl Group {
             AwaitConfirmation(Option<oneshot::Receiver<()>>),
             Done(String),
         }
-        let next = {
+        let (next, save) = {
             let mut g = lock(&self.inner);
             match g.role {
                 Role::None => return Err(GroupError::Refused(format!("group {name} is not paired (SIMPLEX)"))),
                 Role::Secondary => match g.session_cmd.clone() {
-                    Some(session) => Next::AskSession(session),
+                    Some(session) => (Next::AskSession(session), None),
                     None => {
-                        self.dissolve(&mut g, "pair delete on the secondary while the primary is unreachable");
-                        Next::Done(format!(
+                        let save =
+                            self.dissolve(&mut g, "pair delete on the secondary while the primary is unreachable");
+                        let done = Next::Done(format!(
                             "group {name}: pair deleted here; {peer} (the primary) was not connected and still considers itself paired: \
                              it will report that this node left the pair when it reconnects; run `replicator pair delete {name}` there too"
-                        ))
+                        ));
+                        (done, Some(save))
                     }
                 },
                 Role::Primary => {
@@ -996,11 +1068,14 @@ impl Group {
                         g.delete_ack = Some(tx);
                         rx
                     });
-                    self.dissolve(&mut g, "pair delete on the primary");
-                    Next::AwaitConfirmation(confirmation)
+                    let save = self.dissolve(&mut g, "pair delete on the primary");
+                    (Next::AwaitConfirmation(confirmation), Some(save))
                 }
             }
         };
+        if let Some(save) = save {
+            self.dissolved(save).await?;
+        }
         match next {
             Next::Done(msg) => Ok(msg),
             Next::AskSession(session) => {
@@ -1035,8 +1110,9 @@ impl Group {
     }
 
     /// Ends the pair on this node: SIMPLEX, volumes standalone, the journal
-    /// closed, the replication session told to end.
-    fn dissolve(&self, g: &mut Inner, why: &str) {
+    /// closed, the replication session told to end. Returns the save that
+    /// makes it durable, for [`Group::dissolved`].
+    fn dissolve(&self, g: &mut Inner, why: &str) -> u64 {
         let former = g.persisted.pair_id;
         g.role = Role::None;
         g.state = PairState::Simplex;
@@ -1046,11 +1122,11 @@ impl Group {
         g.entries.clear();
         g.cached_bytes = 0;
         g.refusal = None;
-        self.save_locked(g);
-        self.release_image("pair deleted");
+        let save = self.save_later(g);
         self.publish(g);
         tracing::info!(group = %self.cfg.name, reason = why, "pair deleted: group is SIMPLEX, volumes standalone");
         self.session_kick.send_modify(|k| *k += 1);
+        save
     }
 
     /// The peer refused the session: record why; a refusal that means the
@@ -1097,11 +1173,25 @@ impl Group {
         g.refusal = label;
     }
 
+    /// After [`Group::dissolve`]: once the end of the pair is on disk, the
+    /// image a resync preserved is no longer needed.
+    async fn dissolved(&self, save: u64) -> Result<(), GroupError> {
+        self.saved(save).await?;
+        self.release_image("pair deleted");
+        Ok(())
+    }
+
     /// The peer ran `pair delete` while connected (secondary -> primary).
-    fn peer_deleted(&self) {
-        let mut g = lock(&self.inner);
-        if g.role != Role::None {
-            self.dissolve(&mut g, "the peer ran pair delete");
+    async fn peer_deleted(&self) {
+        let save = {
+            let mut g = lock(&self.inner);
+            if g.role == Role::None {
+                return;
+            }
+            self.dissolve(&mut g, "the peer ran pair delete")
+        };
+        if let Err(e) = self.dissolved(save).await {
+            tracing::error!(group = %self.cfg.name, "{e}");
         }
     }
 
@@ -1127,15 +1217,17 @@ impl Group {
                 flushed = false;
             }
         }
-        let mut g = lock(&self.inner);
-        if g.role == Role::Primary {
-            self.save_bitmaps(&mut g);
+        let save = {
+            let mut g = lock(&self.inner);
+            // Only a stop whose final flush worked, in a group that did not
+            // stop after a local failure, is clean; otherwise the next start
+            // replays the journal.
+            g.persisted.clean_shutdown = flushed && self.stopped.get().is_none();
+            self.save_later(&mut g)
+        };
+        if let Err(e) = self.saved(save).await {
+            tracing::error!(group = %self.cfg.name, "{e}");
         }
-        // Only a stop whose final flush worked, in a group that did not stop
-        // after a local failure, is clean; otherwise the next start replays
-        // the journal.
-        g.persisted.clean_shutdown = flushed && self.stopped.get().is_none();
-        self.save_locked(&mut g);
     }
 
     /// The status view of this group.

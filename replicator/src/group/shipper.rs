@@ -169,6 +169,8 @@ fn intent_and_base(group: &Group) -> (pb::OpenIntent, u64) {
 }
 
 async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
+    // The peer never hears of a state this node has not yet persisted.
+    group.saved(group.save_asked()).await.map_err(|e| TransportError::Protocol(e.to_string()))?;
     let conn = group.transport.connect(&group.cfg.peer).await?;
     let (mut send, mut recv) = Transport::open_stream(&conn).await?;
     let (intent, rebase) = intent_and_base(group);
@@ -229,7 +231,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     let peer_durable = reply.durable_seq;
 
     // Check the journal can resume from the peer's checkpoint.
-    let pair_id = {
+    let (pair_id, save) = {
         let mut g = lock(&group.inner);
         if g.shipper_epoch != epoch || g.role != Role::Primary || g.persisted.pair_id != pair_id {
             return Err(TransportError::Protocol("the pair changed while the session started".into()));
@@ -260,7 +262,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         g.copy_total = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
         g.copy_done = 0;
         g.copy_sent = 0;
-        group.save_locked(&mut g);
+        let save = group.save_later(&mut g);
         group.progress.send_modify(|p| {
             p.connected = true;
             p.received = peer_durable;
@@ -275,8 +277,10 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
             group.transition(&mut g, PairEvent::LinkUp { needs_resync }, "link restored");
         }
         group.publish(&mut g);
-        g.persisted.pair_id
+        (g.persisted.pair_id, save)
     };
+    // What was announced is settled before any record follows it.
+    group.saved(save).await.map_err(|e| TransportError::Protocol(e.to_string()))?;
     tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, resume_after = peer_durable, "replication session up");
 
     let acks = tokio::spawn(read_acks(group.clone(), recv, epoch));
@@ -625,7 +629,7 @@ async fn read_acks(group: Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resul
                 // `pair delete` on the secondary: it stopped applying and
                 // waits for us to dissolve too (the send loop then confirms).
                 tracing::warn!(group = %group.cfg.name, peer = %group.cfg.peer, "the secondary ran pair delete: ending the pair here too");
-                group.peer_deleted();
+                group.peer_deleted().await;
             }
             Some(pb::Envelope { body: Some(Body::Error(e)) }) => {
                 return Err(TransportError::Protocol(format!("secondary reported: {}", e.message)))
@@ -671,7 +675,7 @@ impl Group {
         if g.bitmaps.iter().all(|b| b.is_clean()) && g.session.as_ref().is_none_or(PrimarySession::copy_idle) {
             g.persisted.copy_pending = false;
             g.persisted.resync_gap = None;
-            self.save_bitmaps(&mut g);
+            self.save_later(&mut g);
             self.transition(&mut g, PairEvent::CopyDone, "copy complete");
             tracing::info!(group = %self.cfg.name, bytes = g.copy_done, "copy complete; secondary is consistent");
         }
@@ -721,7 +725,7 @@ impl Group {
                 g.persisted.bitmap_mode = false;
                 tracing::info!(group = %self.cfg.name, "journal has room again: resyncing the regions tracked in the bitmap");
                 self.transition(&mut g, PairEvent::LinkUp { needs_resync: true }, "journal space freed");
-                self.save_locked(&mut g);
+                self.save_later(&mut g);
             }
         }
         self.space_freed.notify_waiters();

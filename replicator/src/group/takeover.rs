@@ -141,7 +141,7 @@ impl Group {
         // A fresh journal for the new generation (the restore journal is
         // fully applied by now).
         let journal = self.fresh_journal(pair_id).await?;
-        let report = {
+        let (report, save) = {
             let mut g = lock(&self.inner);
             if g.role != Role::Secondary || g.secondary_attached {
                 return Err(GroupError::Failed(format!(
@@ -171,10 +171,11 @@ impl Group {
                 );
             }
             let rewritten = rolled_back.as_ref().map_or(&[][..], |(_, r)| r.as_slice());
-            self.promote(&mut g, journal, !inconsistent, rewritten);
+            let save = self.promote(&mut g, journal, !inconsistent, rewritten);
             tracing::warn!(group = %name, generation = g.persisted.generation, "failover: this node is now the primary; {report}");
-            report
+            (report, save)
         };
+        self.saved(save).await?;
         if rolled_back.is_some() {
             self.release_image("failover done");
         }
@@ -256,13 +257,14 @@ impl Group {
         let (name, peer) = (&self.cfg.name, &self.cfg.peer);
         let pair_id = lock(&self.inner).persisted.pair_id;
         let journal = self.fresh_journal(pair_id).await?;
-        let mut g = lock(&self.inner);
-        demote(&mut g, journal, last);
-        self.save_bitmaps(&mut g);
-        self.save_locked(&mut g);
-        self.publish(&mut g);
-        let generation = g.persisted.generation;
-        drop(g);
+        let (generation, save) = {
+            let mut g = lock(&self.inner);
+            demote(&mut g, journal, last);
+            let save = self.save_later(&mut g);
+            self.publish(&mut g);
+            (g.persisted.generation, save)
+        };
+        self.saved(save).await?;
         self.session_kick.send_modify(|k| *k += 1);
         let took = started.elapsed();
         tracing::info!(group = %name, peer = %peer, seq = last, generation, ms = took.as_millis() as u64,
@@ -384,25 +386,34 @@ impl Group {
             )));
         }
         let journal = self.fresh_journal(pair_id).await?;
-        let mut g = lock(&self.inner);
-        self.promote(&mut g, journal, true, &[]);
-        // The old primary becomes the secondary in a moment: until it is
-        // back (or link_timeout passes, as for any link blip in PAIR), sync
-        // writes wait for it, so RPO 0 holds across the switchover.
-        g.state = PairState::Pair;
-        g.link_down_since = Some(Instant::now());
-        self.save_locked(&mut g);
-        self.publish(&mut g);
-        tracing::info!(group = %self.cfg.name, seq, generation = g.persisted.generation,
-            "switchover: this node is now the primary");
-        Ok(())
+        let save = {
+            let mut g = lock(&self.inner);
+            self.promote(&mut g, journal, true, &[]);
+            // The old primary becomes the secondary in a moment: until it is
+            // back (or link_timeout passes, as for any link blip in PAIR),
+            // sync writes wait for it, so RPO 0 holds across the switchover.
+            g.state = PairState::Pair;
+            g.link_down_since = Some(Instant::now());
+            let save = self.save_later(&mut g);
+            self.publish(&mut g);
+            tracing::info!(group = %self.cfg.name, seq, generation = g.persisted.generation,
+                "switchover: this node is now the primary");
+            save
+        };
+        self.saved(save).await
     }
 
-    /// Makes this secondary the primary (see [`promote`]) and persists it.
-    /// `rewritten`: regions per volume that differ from what the old
-    /// primary was told this node holds (a resync rolled back): dirty from
-    /// the start, so a failback copies them.
-    pub(super) fn promote(&self, g: &mut Inner, journal: Journal, consistent: bool, rewritten: &[Vec<(u64, u64)>]) {
+    /// Makes this secondary the primary (see [`promote`]); returns the save
+    /// that makes it durable. `rewritten`: regions per volume that differ
+    /// from what the old primary was told this node holds (a resync rolled
+    /// back): dirty from the start, so a failback copies them.
+    pub(super) fn promote(
+        &self,
+        g: &mut Inner,
+        journal: Journal,
+        consistent: bool,
+        rewritten: &[Vec<(u64, u64)>],
+    ) -> u64 {
         promote(g, journal, consistent);
         for (bitmap, regions) in g.bitmaps.iter_mut().zip(rewritten) {
             for &(offset, len) in regions {
@@ -413,9 +424,9 @@ impl Group {
         // through the recovery point are.
         let n = g.last_jseq;
         self.journaled_through.send_modify(|t| *t = (*t).max(n));
-        self.save_bitmaps(g);
-        self.save_locked(g);
+        let save = self.save_later(g);
         self.publish(g);
+        save
     }
 
     /// A failover on the peer superseded this primary (generation
@@ -428,7 +439,7 @@ impl Group {
             // Fenced before without the takeover point (this node asked
             // first): remember it now.
             g.persisted.superseded_at = point;
-            self.save_locked(g);
+            self.save_later(g);
         }
         if g.persisted.superseded_by >= generation {
             return;
@@ -445,8 +456,10 @@ impl Group {
         g.persisted.superseded_at = point;
         g.last_error = Some(msg.clone());
         g.refusal = Some("superseded");
+        // Writes are refused from now on; the fence is durable with the next
+        // save (a restart before it is fenced again by the peer).
         self.transition(g, PairEvent::Failure, &msg);
-        self.save_locked(g);
+        self.save_later(g);
         self.session_kick.send_modify(|k| *k += 1);
     }
 }

@@ -302,7 +302,7 @@ impl Group {
     ) -> Result<u64, GroupError> {
         let name = &self.cfg.name;
         let bytes: u64 = regions.iter().map(|r| r.len).sum();
-        {
+        let save = {
             let mut g = lock(&self.inner);
             self.verifiable(&g, pair_id)?;
             for r in regions {
@@ -311,11 +311,11 @@ impl Group {
                 }
             }
             g.persisted.copy_pending = true;
-            // Bitmaps first: after a crash from here on, the regions are
-            // still copied by the next session.
-            self.save_bitmaps(&mut g);
-            self.save_locked(&mut g);
-        }
+            // Durable before the copy starts: after a crash from here on,
+            // the regions are still copied by the next session.
+            self.save_later(&mut g)
+        };
+        self.saved(save).await?;
         self.ship_wake.notify_one();
         tracing::warn!(group = %name, peer = %self.cfg.peer, regions = regions.len(), bytes,
             "verify --fix: copying the differing regions to the secondary");

@@ -245,7 +245,7 @@ impl Group {
             // The first write to a replica split with --rw: from now on the
             // primary must copy what it changed before the pair resumes.
             g.persisted.needs_rebase = true;
-            self.save_locked(&mut g);
+            g.write_barrier = self.save_later(&mut g);
         }
         if g.persisted.superseded_by > 0 {
             return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
@@ -257,7 +257,7 @@ impl Group {
             // The first write after leaving a pair: remember it durably, so
             // a former primary that comes back learns the sites diverged.
             g.persisted.written_standalone = true;
-            self.save_locked(&mut g);
+            g.write_barrier = self.save_later(&mut g);
         }
         let mut journal = None;
         if g.role == Role::Primary && !g.persisted.bitmap_mode {
@@ -315,6 +315,9 @@ impl Group {
                 bitmap_epoch = Some(wait_for);
             }
         }
+        if g.write_barrier > *self.bitmap_persisted.borrow() {
+            bitmap_epoch = bitmap_epoch.max(Some(g.write_barrier));
+        }
         let (guard, deps) = self.register(&mut g, vol, off, len, false);
         let generation = g.persisted.generation;
         if let Some((seq, pos, _)) = &journal {
@@ -345,9 +348,10 @@ impl Group {
         tracing::warn!(group = %self.cfg.name, "journal full: tracking writes in the dirty bitmap; a resync will copy them");
         if g.state == PairState::Pair {
             self.transition(g, PairEvent::JournalFull, "journal full");
-        } else {
-            self.save_locked(g);
         }
+        // No write in bitmap mode reaches a volume before bitmap mode and
+        // the resync gap are on disk.
+        g.write_barrier = self.save_later(g);
     }
 
     /// Performs a client write. See the module documentation for the steps.
