@@ -11,6 +11,8 @@
 //!   lengths, overflow).
 //! - [`journal_format`]: the on-disk journal layout (superblock, record
 //!   headers) and the accounting of the journal ring.
+//! - [`journal_space`]: what the primary does when its journal is full
+//!   (wait, or bitmap mode), when bitmap mode ends, how far space is freed.
 //! - [`bitmap`]: the persisted dirty-region bitmap used while suspended.
 //! - [`activity_log`]: the regions that may differ between the sites after a
 //!   power cut (resynchronised after one).
@@ -37,6 +39,7 @@ pub mod apply;
 pub mod bitmap;
 pub mod divergence;
 pub mod journal_format;
+pub mod journal_space;
 pub mod lifecycle;
 pub mod pair;
 pub mod primary;

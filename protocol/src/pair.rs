@@ -32,6 +32,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// This node's role in a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -214,6 +215,15 @@ pub enum PairParseError {
 }
 
 impl PairState {
+    /// Whether a primary whose replication link has been down for
+    /// `down_for` suspends now: the link stayed down for `link_timeout`
+    /// while the pair was replicating (PAIR or COPY). Until then a sync
+    /// write waits for the link to come back (a blip costs latency, not
+    /// RPO 0).
+    pub fn link_timed_out(self, down_for: Duration, link_timeout: Duration) -> bool {
+        down_for >= link_timeout && matches!(self, PairState::Pair | PairState::Copy)
+    }
+
     /// "SIMPLEX", "COPY", "PAIR", "SUSPENDED" or "SPLIT-BRAIN".
     pub fn name(&self) -> &'static str {
         match self {
@@ -409,5 +419,15 @@ mod tests {
         );
         assert_eq!(PairState::Suspended(SuspendReason::Error).reason(), Some(SuspendReason::Error));
         assert_eq!(PairState::Pair.reason(), None);
+    }
+
+    #[test]
+    fn the_link_times_out_only_while_replicating() {
+        let t = Duration::from_secs(5);
+        assert!(PairState::Pair.link_timed_out(t, t));
+        assert!(PairState::Copy.link_timed_out(2 * t, t));
+        assert!(!PairState::Pair.link_timed_out(t / 2, t));
+        assert!(!PairState::Suspended(SuspendReason::Link).link_timed_out(2 * t, t));
+        assert!(!PairState::Simplex.link_timed_out(2 * t, t));
     }
 }

@@ -92,6 +92,18 @@ pub enum JournalFullPolicy {
     Block,
 }
 
+impl GroupConfig {
+    /// `on_journal_full` and `journal_full_timeout`, as the journal-space
+    /// rules take them.
+    pub fn full_policy(&self) -> replicator_protocol::journal_space::FullPolicy {
+        use replicator_protocol::journal_space::FullPolicy;
+        match self.on_journal_full {
+            JournalFullPolicy::Suspend => FullPolicy::Suspend,
+            JournalFullPolicy::Block => FullPolicy::Block { timeout: self.journal_full_timeout },
+        }
+    }
+}
+
 /// `[node]`
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

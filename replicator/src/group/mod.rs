@@ -872,9 +872,7 @@ impl Group {
                 let mut g = lock(&self.inner);
                 if g.role == Role::Primary {
                     if let Some(since) = g.link_down_since {
-                        if since.elapsed() >= self.cfg.link_timeout
-                            && matches!(g.state, PairState::Pair | PairState::Copy)
-                        {
+                        if g.state.link_timed_out(since.elapsed(), self.cfg.link_timeout) {
                             self.transition(&mut g, PairEvent::LinkDown, "peer unreachable for link_timeout");
                         }
                     }

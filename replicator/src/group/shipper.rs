@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use replicator_protocol::journal_format::JournalRing;
+use replicator_protocol::journal_space;
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::primary::{check_resume, CopyStep, PrimaryConfig, PrimarySession, Transmit};
@@ -688,9 +690,13 @@ impl Group {
     pub(super) async fn release_journal(self: &Arc<Self>) {
         let release = {
             let mut g = lock(&self.inner);
-            let checkpoint = self.progress.borrow().checkpoint.min(g.volume_written.completed_through());
-            match g.ring.as_ref().and_then(|r| Some((r.oldest_seq()?, r))) {
-                Some((oldest, ring)) if checkpoint >= oldest => {
+            let checkpoint = journal_space::release_through(
+                self.progress.borrow().checkpoint,
+                g.volume_written.completed_through(),
+                g.ring.as_ref().and_then(JournalRing::oldest_seq),
+            );
+            match (checkpoint, g.ring.as_ref()) {
+                (Some(checkpoint), Some(ring)) => {
                     let new_tail_seq = checkpoint + 1;
                     let new_tail_pos = ring.lookup(new_tail_seq).map(|(p, _)| p).unwrap_or_else(|| ring.head());
                     g.persisted.journal_tail_seq = new_tail_seq;
@@ -720,8 +726,14 @@ impl Group {
             // Journal space is back (an empty ring counts): leave bitmap
             // mode and start the resync.
             let mut g = lock(&self.inner);
-            let half = g.ring.as_ref().is_some_and(|r| r.used_bytes() < r.capacity_bytes() / 2);
-            if g.persisted.bitmap_mode && half && self.progress.borrow().connected {
+            let room = g.ring.as_ref().is_some_and(|r| {
+                journal_space::may_leave_bitmap_mode(
+                    r.used_bytes(),
+                    r.capacity_bytes(),
+                    self.progress.borrow().connected,
+                )
+            });
+            if g.persisted.bitmap_mode && room {
                 g.persisted.bitmap_mode = false;
                 tracing::info!(group = %self.cfg.name, "journal has room again: resyncing the regions tracked in the bitmap");
                 self.transition(&mut g, PairEvent::LinkUp { needs_resync: true }, "journal space freed");

@@ -21,13 +21,14 @@ use bytes::Bytes;
 use replicator_protocol::journal_format::{
     record_span, JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN, MAX_APPEND_WINDOW,
 };
+use replicator_protocol::journal_space::{self, OnFull};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::record::{Record, RecordOp, MAX_RECORD_PAYLOAD};
 use replicator_protocol::sequencer::Dep;
 use tokio::sync::watch;
 
 use super::{lock, Entry, Group, Inner, CACHE_BUDGET};
-use crate::config::{JournalFullPolicy, Mode};
+use crate::config::Mode;
 use crate::io::{AlignedBuf, IoError, IO_ALIGN};
 use crate::journal::Journal;
 use crate::volume::{align_range, is_aligned};
@@ -274,16 +275,18 @@ impl Group {
                     g.last_jseq = next;
                     journal = Some((next, pos, j));
                 }
-                // Sync mode with the secondary connected: a full journal is
-                // back-pressure, never a reason to stop replicating.
-                _ if self.cfg.mode == Mode::Sync && self.replicating(&g) => return Ok(Admission::WaitForSpace),
-                _ if self.cfg.on_journal_full == JournalFullPolicy::Block
-                    && g.journal_full_since.get_or_insert_with(Instant::now).elapsed()
-                        < self.cfg.journal_full_timeout =>
-                {
-                    return Ok(Admission::WaitForSpace);
+                _ => {
+                    let full = journal_space::Full {
+                        sync: self.cfg.mode == Mode::Sync,
+                        replicating: self.replicating(&g),
+                        policy: self.cfg.full_policy(),
+                        full_for: g.journal_full_since.get_or_insert_with(Instant::now).elapsed(),
+                    };
+                    match journal_space::on_full(full) {
+                        OnFull::Wait => return Ok(Admission::WaitForSpace),
+                        OnFull::TrackInBitmap => self.enter_bitmap_mode(&mut g),
+                    }
                 }
-                _ => self.enter_bitmap_mode(&mut g),
             }
         }
         let mut bitmap_epoch = None;
