@@ -23,6 +23,24 @@
 //! earlier laps carry lower seqs, and a torn write fails the header or payload
 //! CRC, so the scan stops exactly after the last intact record.
 //!
+//! Record header checksums are keyed with the pair id and the epoch
+//! ([`JournalKey`]): sequence numbers are reused across epochs (after a power
+//! cut the primary continues with `last + 1` in a new epoch, and the secondary
+//! rebases on it), so a record the lost epoch left on disk beyond the new head
+//! can carry exactly the seq the scan expects next; under the new epoch's key
+//! it is not a header at all.
+//!
+//! # Format versions
+//!
+//! The superblock's version is [`JOURNAL_FORMAT_VERSION`] (3: headers keyed
+//! with pair id and epoch). A journal of version [`JOURNAL_FORMAT_V2`],
+//! written by an older build (headers keyed with the pair id alone), is still
+//! decoded, so an upgrade never strands acknowledged records: the daemon
+//! recovers its run once with the version 2 key (exactly as the older build
+//! would), rewrites the retained headers with the version 3 key, syncs, and
+//! only then writes a version 3 superblock; nothing is appended before. Other
+//! versions are refused.
+//!
 //! All integers are little-endian.
 
 use std::collections::VecDeque;
@@ -46,8 +64,12 @@ pub const MAX_APPEND_WINDOW: u64 = 1024;
 pub const JOURNAL_MAX_GROUP_LEN: usize = 200;
 
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"RPLJRNL1";
-/// Version 2: record header checksums are keyed with the pair id.
-const SUPERBLOCK_VERSION: u32 = 2;
+/// The journal format this build writes: record header checksums are keyed
+/// with the pair id and the epoch ([`JournalKey::new`]).
+pub const JOURNAL_FORMAT_VERSION: u32 = 3;
+/// The format of older builds: record header checksums are keyed with the
+/// pair id alone ([`JournalKey::v2`]). Read once and upgraded (module doc).
+pub const JOURNAL_FORMAT_V2: u32 = 2;
 const HEADER_MAGIC: &[u8; 4] = b"RPJR";
 const FLAG_FUA: u8 = 1;
 
@@ -105,12 +127,56 @@ pub fn ring_placement(head: u64, span: u64, capacity: u64) -> Option<u64> {
     }
 }
 
-/// CRC32 of `key` (little-endian) followed by `data`.
-fn keyed_crc(key: u64, data: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&key.to_le_bytes());
-    h.update(data);
-    h.finalize()
+/// What a record header's checksum is keyed with: the pair id and the
+/// epoch the record was written in (format version 3), or, to read a journal
+/// of an older build, the pair id alone (version 2).
+///
+/// The pair id makes a header valid only in the journal of its pair, so a
+/// client cannot forge one inside the data it writes (which recovery scans
+/// after an unclean stop). The epoch makes a header of an earlier epoch
+/// invalid in a later one: sequence numbers restart at `last + 1` after a
+/// power cut, and a record of the lost epoch left beyond the new head would
+/// otherwise pass for the next one.
+///
+/// The epoch is part of the key rather than a header field checked after
+/// the CRC: a stale header then fails the very check a torn or foreign one
+/// fails, in every reader (the recovery walk, the scan for records beyond
+/// the run, reads for shipping), with no extra comparison to forget, and the
+/// layout stays as it was. The key goes into the CRC before the header bytes
+/// (pair id, then epoch, little-endian); two epochs that differ only in
+/// their low 32 bits differ in a burst of at most 32 bits of the checked
+/// stream, which CRC32 always detects: a header of another epoch is never
+/// accepted, not merely with probability 1 - 2^-32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalKey {
+    pair_id: u64,
+    /// `None`: format version 2.
+    epoch: Option<u64>,
+}
+
+impl JournalKey {
+    /// The key of records written in `epoch` of pair `pair_id` (format
+    /// version 3).
+    pub const fn new(pair_id: u64, epoch: u64) -> Self {
+        JournalKey { pair_id, epoch: Some(epoch) }
+    }
+
+    /// The key of records in a format version 2 journal of pair `pair_id`
+    /// (only for reading one; see the module doc).
+    pub const fn v2(pair_id: u64) -> Self {
+        JournalKey { pair_id, epoch: None }
+    }
+
+    /// CRC32 of the key followed by `data`.
+    fn crc(&self, data: &[u8]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.pair_id.to_le_bytes());
+        if let Some(epoch) = self.epoch {
+            h.update(&epoch.to_le_bytes());
+        }
+        h.update(data);
+        h.finalize()
+    }
 }
 
 fn get_u32(buf: &[u8], at: usize) -> u32 {
@@ -134,6 +200,9 @@ pub struct JournalSuperblock {
     pub capacity: u64,
     /// Pair id chosen at pair create.
     pub pair_id: u64,
+    /// Format version: [`JOURNAL_FORMAT_VERSION`], or [`JOURNAL_FORMAT_V2`]
+    /// for a journal of an older build (decoded so it can be upgraded).
+    pub version: u32,
 }
 
 // Superblock layout: magic[0..8] version[8..12] group_len[12..16]
@@ -154,7 +223,7 @@ impl JournalSuperblock {
             glen -= 1;
         }
         buf[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
-        buf[8..12].copy_from_slice(&SUPERBLOCK_VERSION.to_le_bytes());
+        buf[8..12].copy_from_slice(&self.version.to_le_bytes());
         buf[12..16].copy_from_slice(&(glen as u32).to_le_bytes());
         buf[16..24].copy_from_slice(&self.capacity.to_le_bytes());
         buf[24..32].copy_from_slice(&self.pair_id.to_le_bytes());
@@ -175,9 +244,10 @@ impl JournalSuperblock {
             return Err(JournalFormatError::BadCrc);
         }
         let version = get_u32(buf, 8);
-        if version != SUPERBLOCK_VERSION {
+        if version != JOURNAL_FORMAT_VERSION && version != JOURNAL_FORMAT_V2 {
             return Err(JournalFormatError::Corrupt(format!(
-                "unsupported journal format version {version} (this build reads version {SUPERBLOCK_VERSION})"
+                "unsupported journal format version {version} (this build reads versions {JOURNAL_FORMAT_V2} and \
+                 {JOURNAL_FORMAT_VERSION})"
             )));
         }
         let glen = get_u32(buf, 12) as usize;
@@ -195,7 +265,7 @@ impl JournalSuperblock {
                 "capacity {capacity} leaves no room for records after the {JOURNAL_SUPERBLOCK_LEN}-byte superblock"
             )));
         }
-        Ok(JournalSuperblock { group, capacity, pair_id: get_u64(buf, 24) })
+        Ok(JournalSuperblock { group, capacity, pair_id: get_u64(buf, 24), version })
     }
 }
 
@@ -266,10 +336,9 @@ impl JournalHeader {
     }
 
     /// Encodes the header (magic, fields, CRC32 of `key` and the preceding
-    /// bytes). The key is the pair id: a header is only valid in the
-    /// journal of its pair, and a client cannot forge one inside the data
-    /// it writes (which recovery scans after an unclean stop).
-    pub fn encode(&self, key: u64) -> [u8; JOURNAL_HEADER_LEN] {
+    /// bytes): it is only valid in the journal of its pair and epoch (see
+    /// [`JournalKey`]).
+    pub fn encode(&self, key: JournalKey) -> [u8; JOURNAL_HEADER_LEN] {
         let mut b = [0u8; JOURNAL_HEADER_LEN];
         b[0..4].copy_from_slice(HEADER_MAGIC);
         b[4..12].copy_from_slice(&self.seq.to_le_bytes());
@@ -281,19 +350,20 @@ impl JournalHeader {
         b[40] = op_code(self.op);
         b[41] = if self.fua { FLAG_FUA } else { 0 };
         b[44..52].copy_from_slice(&self.written_at_us.to_le_bytes());
-        let crc = keyed_crc(key, &b[..H_CRC_AT]);
+        let crc = key.crc(&b[..H_CRC_AT]);
         b[H_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     /// Decodes a header from the first [`JOURNAL_HEADER_LEN`] bytes of
-    /// `buf`, checking magic, header CRC, op, flags and the range.
-    pub fn decode(buf: &[u8], key: u64) -> Result<Self, JournalFormatError> {
+    /// `buf`, checking magic, header CRC (keyed with `key`), op, flags and
+    /// the range.
+    pub fn decode(buf: &[u8], key: JournalKey) -> Result<Self, JournalFormatError> {
         let b = buf.get(..JOURNAL_HEADER_LEN).ok_or(JournalFormatError::Truncated)?;
         if &b[0..4] != HEADER_MAGIC {
             return Err(JournalFormatError::BadMagic);
         }
-        if keyed_crc(key, &b[..H_CRC_AT]) != get_u32(b, H_CRC_AT) {
+        if key.crc(&b[..H_CRC_AT]) != get_u32(b, H_CRC_AT) {
             return Err(JournalFormatError::BadCrc);
         }
         let op = op_from_code(b[40]).ok_or(JournalFormatError::UnknownOp(b[40]))?;
@@ -318,10 +388,11 @@ impl JournalHeader {
 
     /// The sequence number of a header whose magic and checksum are valid,
     /// even if its contents are not acceptable (so it was written by a
-    /// replicator, and its seq is genuine); `None` if it is not a header.
-    pub fn peek_seq(buf: &[u8], key: u64) -> Option<u64> {
+    /// replicator in this pair and epoch, and its seq is genuine); `None` if
+    /// it is not a header under `key`.
+    pub fn peek_seq(buf: &[u8], key: JournalKey) -> Option<u64> {
         let b = buf.get(..JOURNAL_HEADER_LEN)?;
-        (&b[0..4] == HEADER_MAGIC && keyed_crc(key, &b[..H_CRC_AT]) == get_u32(b, H_CRC_AT)).then(|| get_u64(b, 4))
+        (&b[0..4] == HEADER_MAGIC && key.crc(&b[..H_CRC_AT]) == get_u32(b, H_CRC_AT)).then(|| get_u64(b, 4))
     }
 
     /// Payload bytes following the header: `length` for Write and Copy, 0
@@ -376,7 +447,7 @@ impl JournalHeader {
 
 /// Encodes `r` as it is laid out in the ring: header, payload, zero padding;
 /// exactly `record_span(payload length)` bytes.
-pub fn encode_journal_record(r: &Record, key: u64) -> Vec<u8> {
+pub fn encode_journal_record(r: &Record, key: JournalKey) -> Vec<u8> {
     let span = record_span(r.payload.len() as u64) as usize;
     let mut out = Vec::with_capacity(span);
     out.extend_from_slice(&JournalHeader::from_record(r).encode(key));
@@ -387,7 +458,7 @@ pub fn encode_journal_record(r: &Record, key: u64) -> Vec<u8> {
 
 /// Decodes a record laid out as by [`encode_journal_record`] from the start
 /// of `buf` (which may be longer).
-pub fn decode_journal_record(buf: &[u8], key: u64) -> Result<Record, JournalFormatError> {
+pub fn decode_journal_record(buf: &[u8], key: JournalKey) -> Result<Record, JournalFormatError> {
     let h = JournalHeader::decode(buf, key)?;
     let len = h.payload_len() as usize;
     let payload = buf.get(JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + len).ok_or(JournalFormatError::Truncated)?;
@@ -543,8 +614,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The key (pair id) header checksums are made with.
-    const K: u64 = 0x5eed_f00d;
+    /// The key (pair id and epoch) header checksums are made with.
+    const K: JournalKey = JournalKey::new(0x5eed_f00d, 3);
 
     #[test]
     fn spans() {
@@ -557,7 +628,12 @@ mod tests {
 
     #[test]
     fn superblock_round_trip_and_corruption() {
-        let sb = JournalSuperblock { group: "db-é".into(), capacity: 1 << 30, pair_id: 0xfeed };
+        let sb = JournalSuperblock {
+            group: "db-é".into(),
+            capacity: 1 << 30,
+            pair_id: 0xfeed,
+            version: JOURNAL_FORMAT_VERSION,
+        };
         let buf = sb.encode();
         assert_eq!(buf.len(), 4096);
         assert_eq!(JournalSuperblock::decode(&buf).unwrap(), sb);
@@ -571,12 +647,29 @@ mod tests {
         b[0] = b'X';
         assert_eq!(JournalSuperblock::decode(&b), Err(JournalFormatError::BadMagic));
         // Long names are truncated on a char boundary.
-        let long = JournalSuperblock { group: "é".repeat(150), capacity: 8192, pair_id: 1 };
+        let long =
+            JournalSuperblock { group: "é".repeat(150), capacity: 8192, pair_id: 1, version: JOURNAL_FORMAT_VERSION };
         let back = JournalSuperblock::decode(&long.encode()).unwrap();
         assert_eq!(back.group, "é".repeat(100));
         // Too small a capacity is corrupt.
-        let small = JournalSuperblock { group: "g".into(), capacity: 4096, pair_id: 1 };
+        let small =
+            JournalSuperblock { group: "g".into(), capacity: 4096, pair_id: 1, version: JOURNAL_FORMAT_VERSION };
         assert!(matches!(JournalSuperblock::decode(&small.encode()), Err(JournalFormatError::Corrupt(_))));
+    }
+
+    #[test]
+    fn superblock_versions() {
+        // An older build's journal (version 2) decodes, so it can be
+        // upgraded; versions this build never wrote are refused.
+        let v2 = JournalSuperblock { group: "g".into(), capacity: 1 << 20, pair_id: 9, version: JOURNAL_FORMAT_V2 };
+        assert_eq!(JournalSuperblock::decode(&v2.encode()), Ok(v2.clone()));
+        for version in [0, 1, JOURNAL_FORMAT_VERSION + 1, u32::MAX] {
+            let sb = JournalSuperblock { version, ..v2.clone() };
+            match JournalSuperblock::decode(&sb.encode()) {
+                Err(JournalFormatError::Corrupt(msg)) => assert!(msg.contains("unsupported journal format version")),
+                other => panic!("version {version}: {other:?}"),
+            }
+        }
     }
 
     fn arb_record() -> impl Strategy<Value = Record> {
@@ -625,6 +718,32 @@ mod tests {
             prop_assert!(matches!(decode_journal_record(&span, K), Err(JournalFormatError::Corrupt(_))));
         }
 
+        /// A header written in one epoch is not a header in any other
+        /// epoch, nor in the same epoch of another pair, nor in a version 2
+        /// journal (issue 8: sequence numbers restart across epochs).
+        #[test]
+        fn header_keyed_by_pair_and_epoch(
+            r in arb_record(),
+            pair in any::<u64>(),
+            epoch in 0..u64::from(u32::MAX),
+            other in 0..u64::from(u32::MAX),
+            other_pair in any::<u64>(),
+        ) {
+            prop_assume!(epoch != other && pair != other_pair);
+            let h = JournalHeader::from_record(&r);
+            let enc = h.encode(JournalKey::new(pair, epoch));
+            prop_assert_eq!(JournalHeader::decode(&enc, JournalKey::new(pair, epoch)), Ok(h.clone()));
+            prop_assert_eq!(JournalHeader::peek_seq(&enc, JournalKey::new(pair, epoch)), Some(r.seq));
+            for wrong in [JournalKey::new(pair, other), JournalKey::new(other_pair, epoch), JournalKey::v2(pair)] {
+                prop_assert_eq!(JournalHeader::decode(&enc, wrong), Err(JournalFormatError::BadCrc));
+                prop_assert_eq!(JournalHeader::peek_seq(&enc, wrong), None);
+            }
+            // A version 2 header reads back only under the version 2 key.
+            let old = h.encode(JournalKey::v2(pair));
+            prop_assert_eq!(JournalHeader::decode(&old, JournalKey::v2(pair)), Ok(h));
+            prop_assert_eq!(JournalHeader::peek_seq(&old, JournalKey::new(pair, epoch)), None);
+        }
+
         #[test]
         fn header_decode_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = JournalHeader::decode(&buf, K);
@@ -664,7 +783,7 @@ mod tests {
         // An unknown op with a valid CRC.
         let mut enc = JournalHeader::from_record(&r).encode(K);
         enc[40] = 9;
-        let crc = keyed_crc(K, &enc[..60]);
+        let crc = K.crc(&enc[..60]);
         enc[60..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(JournalHeader::decode(&enc, K), Err(JournalFormatError::UnknownOp(9)));
         assert_eq!(JournalHeader::decode(&enc[..63], K), Err(JournalFormatError::Truncated));

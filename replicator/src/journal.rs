@@ -6,14 +6,30 @@
 //! group lock; the record bytes themselves may land out of order, since
 //! recovery only trusts the contiguous prefix it can read back with valid
 //! CRCs. Space is freed only below the secondary's persisted checkpoint.
+//!
+//! Record headers are keyed with the pair id and the epoch (journal format
+//! version 3, see `journal_format`): a journal is opened with the epoch its
+//! records were written in (the group's persisted epoch, known before the
+//! file is read), and re-keyed with [`Journal::set_epoch`] (or reopened) when
+//! the group enters a new one, so records of a lost epoch are never part of
+//! a later epoch's run.
+//!
+//! A journal of format version 2 (an older build's, headers keyed with the
+//! pair id alone) is read once: [`Journal::open`] accepts it, nothing may be
+//! appended to it, and [`Journal::recover`] reads its run with either key,
+//! rewrites the retained headers with the version 3 key, syncs, and then
+//! writes a version 3 superblock. A crash in between leaves a version 2
+//! superblock, and the next recovery simply does it again. No acknowledged
+//! record is lost by the upgrade; its only cost is that this one recovery
+//! is as exposed to stale records of an earlier epoch as the older build was.
 
 use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use replicator_protocol::journal_format::{
-    record_span, JournalFormatError, JournalHeader, JournalRing, JournalSuperblock, JOURNAL_HEADER_LEN,
-    JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN,
+    record_span, JournalFormatError, JournalHeader, JournalKey, JournalRing, JournalSuperblock, JOURNAL_FORMAT_V2,
+    JOURNAL_FORMAT_VERSION, JOURNAL_HEADER_LEN, JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN,
 };
 use replicator_protocol::record::Record;
 
@@ -65,6 +81,12 @@ pub enum JournalError {
         /// Expected pair id.
         expected_pair: u64,
     },
+    /// An append to a format version 2 journal before recovery upgraded it.
+    #[error("journal {path}: format version 2 (written by an older build) is upgraded by recovery; nothing may be appended before")]
+    NotUpgraded {
+        /// The journal file.
+        path: PathBuf,
+    },
 }
 
 /// An open journal file.
@@ -79,19 +101,28 @@ pub struct Journal {
     file: BlockFile,
     appender: std::fs::File,
     path: PathBuf,
-    /// The pair id: the key of every record header's checksum.
-    key: u64,
+    /// The pair id: with the epoch, the key of every record header's
+    /// checksum.
+    pair_id: u64,
+    /// The epoch records are appended (and recovered) in.
+    epoch: u64,
+    /// The superblock says format version 2: headers may be keyed with the
+    /// pair id alone until [`Journal::recover`] upgrades the file.
+    legacy: bool,
 }
 
 impl Journal {
     /// Opens the journal at `path`, creating it (sparse, `size` bytes) with a
-    /// fresh superblock when it does not exist or `reset` is set.
+    /// fresh superblock when it does not exist or `reset` is set. Records
+    /// are read and appended keyed with `pair_id` and `epoch`: the epoch the
+    /// records to recover were written in (the group's persisted epoch).
     pub async fn open(
         engine: &IoEngine,
         path: &Path,
         size: u64,
         group: &str,
         pair_id: u64,
+        epoch: u64,
         reset: bool,
     ) -> Result<Journal, JournalError> {
         if reset {
@@ -108,7 +139,7 @@ impl Journal {
             path: path.to_path_buf(),
             source: IoError::Open { path: path.to_path_buf(), source },
         })?;
-        let journal = Journal { file, appender, path: path.to_path_buf(), key: pair_id };
+        let mut journal = Journal { file, appender, path: path.to_path_buf(), pair_id, epoch, legacy: false };
         if existed {
             let buf = journal.read(0, JOURNAL_SUPERBLOCK_LEN).await?;
             let sb = JournalSuperblock::decode(&buf).map_err(|source| journal.format(source))?;
@@ -120,6 +151,10 @@ impl Journal {
                     expected_group: group.to_string(),
                     expected_pair: pair_id,
                 });
+            }
+            journal.legacy = sb.version == JOURNAL_FORMAT_V2;
+            if journal.legacy {
+                tracing::info!(path = %path.display(), "journal of format version 2 (an older build): recovery reads it and upgrades it to version {JOURNAL_FORMAT_VERSION}");
             }
         } else {
             // Preallocate: a journal that hits ENOSPC halfway would turn a
@@ -142,7 +177,12 @@ impl Journal {
                     });
                 }
             }
-            let sb = JournalSuperblock { group: group.to_string(), capacity: journal.file.size(), pair_id };
+            let sb = JournalSuperblock {
+                group: group.to_string(),
+                capacity: journal.file.size(),
+                pair_id,
+                version: JOURNAL_FORMAT_VERSION,
+            };
             journal.write(0, AlignedBuf::copy_from(&sb.encode())).await?;
             journal.sync().await?;
         }
@@ -157,6 +197,34 @@ impl Journal {
     /// Path of the journal file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The epoch records are keyed with.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Keys the records appended from now on, and those any later recovery
+    /// through this handle accepts, with `epoch`: the group entered a new
+    /// epoch (the primary after a power cut, once the old epoch's run is
+    /// recovered). Records of the earlier epoch are no longer records.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// The key of the records of this journal's epoch.
+    fn key(&self) -> JournalKey {
+        JournalKey::new(self.pair_id, self.epoch)
+    }
+
+    /// The keys a header may carry: the current one, and while the file is
+    /// still of format version 2, the pair id alone.
+    fn keys(&self) -> Vec<JournalKey> {
+        let mut keys = vec![self.key()];
+        if self.legacy {
+            keys.push(JournalKey::v2(self.pair_id));
+        }
+        keys
     }
 
     fn format(&self, source: JournalFormatError) -> JournalError {
@@ -183,7 +251,10 @@ impl Journal {
     /// the record's buffers.
     pub fn append_at(&self, pos: u64, rec: &Record) -> Result<(), JournalError> {
         static PADDING: [u8; JOURNAL_RECORD_ALIGN as usize] = [0; JOURNAL_RECORD_ALIGN as usize];
-        let header = JournalHeader::from_record(rec).encode(self.key);
+        if self.legacy {
+            return Err(JournalError::NotUpgraded { path: self.path.clone() });
+        }
+        let header = JournalHeader::from_record(rec).encode(self.key());
         let span = record_span(rec.payload.len() as u64) as usize;
         let pad = span - JOURNAL_HEADER_LEN - rec.payload.len();
         let mut parts = [IoSlice::new(&header), IoSlice::new(&rec.payload), IoSlice::new(&PADDING[..pad])];
@@ -256,7 +327,11 @@ impl Journal {
     /// missing one), and the activity log covers their regions. They are
     /// discarded and their headers overwritten on disk (their sequence
     /// numbers are never read again).
-    pub async fn recover(&self, tail_seq: u64, tail_pos: u64, stop: Stop) -> Result<Recovered, JournalError> {
+    ///
+    /// Only records of this journal's epoch count ([`Journal::open`],
+    /// [`Journal::set_epoch`]); a journal of format version 2 is upgraded
+    /// here (see the module doc).
+    pub async fn recover(&mut self, tail_seq: u64, tail_pos: u64, stop: Stop) -> Result<Recovered, JournalError> {
         let mut ring = JournalRing::new(self.capacity());
         let start = tail_pos.clamp(JOURNAL_SUPERBLOCK_LEN, self.capacity());
         ring.reset_at(start);
@@ -309,7 +384,46 @@ impl Journal {
                 discarded.sort_unstable();
             }
         }
+        if self.legacy {
+            self.upgrade(&ring).await?;
+        }
         Ok(Recovered { ring, last_seq: expected - 1, discarded })
+    }
+
+    /// Upgrades a format version 2 journal whose run `ring` holds: rewrites
+    /// each retained header with this epoch's key, syncs, then writes a
+    /// version 3 superblock and syncs. Until that superblock is on disk,
+    /// recovery keeps accepting both keys, so a crash anywhere in between
+    /// loses nothing.
+    async fn upgrade(&mut self, ring: &JournalRing) -> Result<(), JournalError> {
+        let key = self.key();
+        let mut rewritten = 0u64;
+        if let (Some(oldest), Some(newest)) = (ring.oldest_seq(), ring.newest_seq()) {
+            for seq in oldest..=newest {
+                let Some((pos, _)) = ring.lookup(seq) else { continue };
+                let header = match self.header_at(pos).await? {
+                    HeaderAt::Valid(h) if h.seq == seq => h,
+                    _ => {
+                        return Err(self.format(JournalFormatError::Corrupt(format!(
+                            "record {seq} at {pos} changed while the journal was upgraded to format version                              {JOURNAL_FORMAT_VERSION}"
+                        ))))
+                    }
+                };
+                nix::sys::uio::pwrite(&self.appender, &header.encode(key), pos as i64)
+                    .map_err(|e| self.io(IoError::Io { op: "journal upgrade", offset: pos, source: e.into() }))?;
+                rewritten += 1;
+            }
+        }
+        self.sync().await?;
+        let buf = self.read(0, JOURNAL_SUPERBLOCK_LEN).await?;
+        let sb = JournalSuperblock::decode(&buf).map_err(|source| self.format(source))?;
+        let sb = JournalSuperblock { version: JOURNAL_FORMAT_VERSION, ..sb };
+        self.write(0, AlignedBuf::copy_from(&sb.encode())).await?;
+        self.sync().await?;
+        self.legacy = false;
+        tracing::info!(path = %self.path.display(), records = rewritten,
+            "journal upgraded from format version 2 to {JOURNAL_FORMAT_VERSION} (headers keyed with pair id and epoch)");
+        Ok(())
     }
 
     /// Classifies the bytes at `pos` as a record header.
@@ -318,13 +432,14 @@ impl Journal {
             return Ok(HeaderAt::None);
         }
         let buf = self.read(pos, JOURNAL_HEADER_LEN as u64).await?;
-        Ok(classify_header(&buf, self.key))
+        Ok(classify_header(&buf, &self.keys()))
     }
 
     /// Every record header in the ring with a sequence number of at least
     /// `from`, as (seq, position). Reads the whole ring in large chunks.
     async fn records_from(&self, from: u64) -> Result<Vec<(u64, u64)>, JournalError> {
         const CHUNK: u64 = 4 << 20;
+        let keys = self.keys();
         let mut out = Vec::new();
         let mut at = JOURNAL_SUPERBLOCK_LEN;
         while at < self.capacity() {
@@ -332,7 +447,7 @@ impl Journal {
             let buf = self.read(at, len).await?;
             let mut off = 0usize;
             while off + JOURNAL_HEADER_LEN <= buf.len() {
-                if let Some(seq) = JournalHeader::peek_seq(&buf[off..], self.key) {
+                if let Some(seq) = keys.iter().find_map(|&k| JournalHeader::peek_seq(&buf[off..], k)) {
                     if seq >= from {
                         out.push((seq, at + off as u64));
                     }
@@ -388,14 +503,18 @@ enum HeaderAt {
     None,
 }
 
-fn classify_header(buf: &[u8], key: u64) -> HeaderAt {
-    match JournalHeader::decode(buf, key) {
-        Ok(h) => HeaderAt::Valid(h),
-        Err(reason) => match JournalHeader::peek_seq(buf, key) {
-            Some(seq) => HeaderAt::Unacceptable { seq, reason },
-            None => HeaderAt::None,
-        },
+/// Classifies `buf` as a header under the first of `keys` whose checksum
+/// it carries.
+fn classify_header(buf: &[u8], keys: &[JournalKey]) -> HeaderAt {
+    for &key in keys {
+        if let Some(seq) = JournalHeader::peek_seq(buf, key) {
+            return match JournalHeader::decode(buf, key) {
+                Ok(h) => HeaderAt::Valid(h),
+                Err(reason) => HeaderAt::Unacceptable { seq, reason },
+            };
+        }
     }
+    HeaderAt::None
 }
 
 #[cfg(test)]
@@ -417,7 +536,7 @@ mod tests {
     /// positions (index 0 is seq 1).
     async fn journal_with(dir: &Path, n: u64) -> (Journal, Vec<u64>) {
         let engine = IoEngine::new(BackendChoice::Auto);
-        let j = Journal::open(&engine, &dir.join("journal"), CAPACITY, "g", 7, true).await.unwrap();
+        let j = Journal::open(&engine, &dir.join("journal"), CAPACITY, "g", 7, 1, true).await.unwrap();
         let mut ring = JournalRing::new(j.capacity());
         let mut positions = Vec::new();
         for seq in 1..=n {
@@ -440,14 +559,14 @@ mod tests {
         // One left wider (an older build, a copy) is tightened at open.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let engine = IoEngine::new(BackendChoice::Auto);
-        drop(Journal::open(&engine, &path, CAPACITY, "g", 7, false).await.unwrap());
+        drop(Journal::open(&engine, &path, CAPACITY, "g", 7, 1, false).await.unwrap());
         assert_eq!(mode(&path), 0o600);
     }
 
     #[tokio::test]
     async fn records_after_a_torn_one_are_discarded_and_invalidated() {
         let dir = tempfile::tempdir().unwrap();
-        let (j, pos) = journal_with(dir.path(), 6).await;
+        let (mut j, pos) = journal_with(dir.path(), 6).await;
         // Record 4's append never happened (5 and 6 were appended first).
         j.invalidate(pos[3]).unwrap();
         let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
@@ -456,7 +575,7 @@ mod tests {
         let again = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
         assert_eq!((again.last_seq, again.discarded.len()), (3, 0));
         // After a clean stop nothing is searched or discarded.
-        let (j, _) = journal_with(dir.path(), 3).await;
+        let (mut j, _) = journal_with(dir.path(), 3).await;
         let clean = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Clean).await.unwrap();
         assert_eq!((clean.last_seq, clean.discarded.len()), (3, 0));
     }
@@ -464,7 +583,7 @@ mod tests {
     #[tokio::test]
     async fn after_an_unclean_stop_every_record_beyond_a_missing_one_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
-        let (j, pos) = journal_with(dir.path(), 3).await;
+        let (mut j, pos) = journal_with(dir.path(), 3).await;
         // Record 2 is missing and a record far beyond the append window is
         // intact: a disk losing its volatile cache loses pages in any order.
         // No acknowledged FUA or FLUSH covered record 3 or the far one (its
@@ -480,13 +599,13 @@ mod tests {
     #[tokio::test]
     async fn an_intact_record_it_cannot_accept_is_never_the_end_of_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let (j, pos) = journal_with(dir.path(), 2).await;
+        let (mut j, pos) = journal_with(dir.path(), 2).await;
         // Record 3: a header with a valid checksum that this build does not
         // accept (a payload op above the record limit).
         let mut big = JournalHeader::from_record(&write(3));
         big.length = replicator_protocol::record::MAX_RECORD_PAYLOAD + 4096;
         let at = pos[1] + record_span(4096);
-        nix::sys::uio::pwrite(&j.appender, &big.encode(j.key), at as i64).unwrap();
+        nix::sys::uio::pwrite(&j.appender, &big.encode(j.key()), at as i64).unwrap();
         for stop in [Stop::Clean, Stop::Unclean] {
             match j.recover(1, JOURNAL_SUPERBLOCK_LEN, stop).await {
                 Err(JournalError::Unacceptable { seq: 3, .. }) => {}
@@ -498,11 +617,12 @@ mod tests {
     #[tokio::test]
     async fn a_header_forged_in_client_data_is_not_taken_for_a_record() {
         let dir = tempfile::tempdir().unwrap();
-        let (j, pos) = journal_with(dir.path(), 2).await;
+        let (mut j, pos) = journal_with(dir.path(), 2).await;
         // A client writes data that holds a well-formed header with a far
         // sequence number, but without the pair's key: after a crash the
         // scan must not see a gap in it.
-        let forged = JournalHeader::from_record(&write(2 + MAX_APPEND_WINDOW + 9)).encode(0);
+        let forged =
+            JournalHeader::from_record(&write(2 + MAX_APPEND_WINDOW + 9)).encode(JournalKey::new(0, j.epoch()));
         let mut data = vec![0u8; 4096];
         data[448..448 + JOURNAL_HEADER_LEN].copy_from_slice(&forged);
         let rec = Record::with_payload(RecordOp::Write, 3, 0, 0, 1, Bytes::from(data), false);
@@ -511,10 +631,127 @@ mod tests {
         assert_eq!((r.last_seq, r.discarded.len()), (3, 0));
     }
 
+    /// Issue 8 (I4): records of a lost epoch that outlive the power cut
+    /// beyond the new head must never continue the new epoch's run.
+    #[tokio::test]
+    async fn a_record_of_a_lost_epoch_never_continues_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(BackendChoice::Auto);
+        let block = |b: u64| JOURNAL_SUPERBLOCK_LEN + b * JOURNAL_RECORD_ALIGN;
+        // A ring of 19 blocks: a 4 KiB write spans 9, a trim 1.
+        let capacity = block(19);
+        let trim = |seq: u64| Record::without_payload(RecordOp::Trim, seq, 0, seq * 4096, 4096, 1, false);
+        let mut j = Journal::open(&engine, &dir.path().join("journal"), capacity, "g", 7, 4, true).await.unwrap();
+        // Epoch e (4): 1 (4 KiB, blocks [0, 9), freed once the secondary has
+        // it), 2 (trim, block 9), 3 (4 KiB, [10, 19)) and 4 (4 KiB: no room
+        // after 3, so at the ring start).
+        let mut ring = JournalRing::new(capacity);
+        for rec in [write(1), trim(2), write(3)] {
+            let pos = ring.reserve(rec.seq, record_span(rec.payload.len() as u64)).unwrap();
+            j.append_at(pos, &rec).unwrap();
+            if rec.seq == 1 {
+                ring.release_through(1);
+            }
+        }
+        let stale = write(4);
+        assert_eq!(ring.reserve(4, record_span(4096)), Some(block(0)));
+        j.append_at(block(0), &stale).unwrap();
+        // The power cut tears 3; 4 survives. The surviving run ends at 2,
+        // and the ring restarts at its head: epoch e+1 writes its own 3, a
+        // trim, where the old 3 began. (The primary's recovery after the
+        // cut also overwrites the old 4's header; a secondary rebasing on
+        // the new epoch runs no such scan over its restore journal, and
+        // the new epoch's run must not depend on one.)
+        j.invalidate(block(10)).unwrap();
+        j.set_epoch(5);
+        let mut ring = JournalRing::new(capacity);
+        ring.reset_at(block(10));
+        let new3 = trim(3);
+        assert_eq!(ring.reserve(3, record_span(0)), Some(block(10)));
+        j.append_at(block(10), &new3).unwrap();
+        // Recovery starts where the new epoch did (the persisted tail: 3 at
+        // block 10). Record 4 would not fit after the new 3, so the scan
+        // looks at the ring start, where the old 4 is: it must not be taken.
+        for stop in [Stop::Clean, Stop::Unclean] {
+            let r = j.recover(3, block(10), stop).await.unwrap();
+            assert_eq!(r.last_seq, 3, "{stop:?}: the run must end at the new epoch's record 3");
+            assert_eq!(r.ring.lookup(3), Some((block(10), record_span(0))));
+            assert_eq!(j.read_record(block(10), 3).await.unwrap(), new3);
+            assert!(r.discarded.is_empty(), "{stop:?}: the old 4 is no record of epoch e+1: {:?}", r.discarded);
+        }
+        // The same through a reopen keyed with the new epoch (a restart, or
+        // the secondary's restore journal after a resync).
+        let mut again = Journal::open(&engine, &dir.path().join("journal"), capacity, "g", 7, 5, false).await.unwrap();
+        let r = again.recover(3, block(10), Stop::Unclean).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.len()), (3, 0));
+        // The old epoch's key still sees its own records (4 at the ring
+        // start, intact): only the key keeps them out of the new run.
+        let mut old = Journal::open(&engine, &dir.path().join("journal"), capacity, "g", 7, 4, false).await.unwrap();
+        assert_eq!(old.read_record(block(0), 4).await.unwrap(), stale);
+        let r = old.recover(2, block(9), Stop::Clean).await.unwrap();
+        assert_eq!(r.last_seq, 2);
+    }
+
+    /// A journal of format version 2 (an older build's) holding records
+    /// not yet shipped: read once, upgraded in place, nothing lost.
+    #[tokio::test]
+    async fn a_version_2_journal_is_recovered_and_upgraded() {
+        use replicator_protocol::journal_format::{encode_journal_record, JOURNAL_FORMAT_V2};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let engine = IoEngine::new(BackendChoice::Auto);
+        // Lay out what an older build leaves: a version 2 superblock and
+        // records 1..=4 keyed with the pair id alone; 1 is released.
+        let j = Journal::open(&engine, &path, CAPACITY, "g", 7, 0, true).await.unwrap();
+        let sb =
+            JournalSuperblock { group: "g".into(), capacity: j.capacity(), pair_id: 7, version: JOURNAL_FORMAT_V2 };
+        nix::sys::uio::pwrite(&j.appender, &sb.encode(), 0).unwrap();
+        let mut ring = JournalRing::new(j.capacity());
+        let mut positions = Vec::new();
+        for seq in 1..=4 {
+            let rec = write(seq);
+            let pos = ring.reserve(seq, record_span(4096)).unwrap();
+            nix::sys::uio::pwrite(&j.appender, &encode_journal_record(&rec, JournalKey::v2(7)), pos as i64).unwrap();
+            positions.push(pos);
+        }
+        drop(j);
+        // The new build opens it in the group's epoch: nothing may be
+        // appended before recovery upgrades it.
+        let mut j = Journal::open(&engine, &path, CAPACITY, "g", 7, 2, false).await.unwrap();
+        let end = positions[3] + record_span(4096);
+        assert!(matches!(j.append_at(end, &write(5)), Err(JournalError::NotUpgraded { .. })));
+        let r = j.recover(2, positions[1], Stop::Unclean).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.len(), r.ring.oldest_seq()), (4, 0, Some(2)));
+        for seq in 2..=4 {
+            assert_eq!(j.read_record(positions[seq as usize - 1], seq).await.unwrap(), write(seq));
+        }
+        j.append_at(end, &write(5)).unwrap();
+        // On disk: a version 3 superblock and the retained headers keyed
+        // with pair id and epoch; a restart in the same epoch finds them all.
+        let sb = JournalSuperblock::decode(&j.read(0, JOURNAL_SUPERBLOCK_LEN).await.unwrap()).unwrap();
+        assert_eq!(sb.version, JOURNAL_FORMAT_VERSION);
+        let mut j = Journal::open(&engine, &path, CAPACITY, "g", 7, 2, false).await.unwrap();
+        assert!(!j.legacy);
+        let r = j.recover(2, positions[1], Stop::Unclean).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.len()), (5, 0));
+        assert_eq!(j.read_record(end, 5).await.unwrap(), write(5));
+        // A crash after some headers were rewritten, before the superblock:
+        // still version 2, mixed keys, and recovery finds the whole run.
+        let sb2 = JournalSuperblock { version: JOURNAL_FORMAT_V2, ..sb };
+        nix::sys::uio::pwrite(&j.appender, &sb2.encode(), 0).unwrap();
+        let v2 = JournalHeader::from_record(&write(3)).encode(JournalKey::v2(7));
+        nix::sys::uio::pwrite(&j.appender, &v2, positions[2] as i64).unwrap();
+        let mut j = Journal::open(&engine, &path, CAPACITY, "g", 7, 2, false).await.unwrap();
+        assert!(j.legacy);
+        let r = j.recover(2, positions[1], Stop::Unclean).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.len()), (5, 0));
+        assert!(!j.legacy);
+    }
+
     #[tokio::test]
     async fn a_trim_larger_than_the_payload_limit_is_recovered() {
         let dir = tempfile::tempdir().unwrap();
-        let (j, pos) = journal_with(dir.path(), 1).await;
+        let (mut j, pos) = journal_with(dir.path(), 1).await;
         let trim = Record::without_payload(RecordOp::Trim, 2, 0, 0, 128 << 20, 1, false);
         j.append_at(pos[0] + record_span(4096), &trim).unwrap();
         let w = write(3);

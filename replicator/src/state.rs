@@ -54,7 +54,9 @@ pub struct GroupState {
     pub generation: u64,
     /// Primary: incremented on each unclean restart (sequence numbers
     /// after the surviving journal are never trusted again); a secondary
-    /// keeps the epoch it rebased in.
+    /// keeps the epoch it rebased in. With the pair id it keys the record
+    /// headers of this node's journal, so a record of an earlier epoch is
+    /// never read as one of this epoch.
     #[serde(default)]
     pub epoch: u64,
     /// Random id chosen at `pair create`, shared by both sides.

@@ -667,18 +667,29 @@ pub async fn serve_secondary(
     detach(&group);
 }
 
-/// The restore journal for a session: the one opened with the group, or,
-/// for a new pair, a fresh one keyed by its id.
+/// The restore journal for a session, keyed with the pair id and the epoch
+/// `accept_open` persisted: the one opened with the group, or, for a new
+/// pair, a fresh one. After a resync adopted the primary's new epoch the
+/// journal is reopened keyed with it: the session reuses sequence numbers
+/// after the rebase point, and records of the old epoch left in the file
+/// must not pass for them at the next recovery (nothing in it is needed any
+/// more: every record was applied before the session was accepted, and the
+/// rebase drops those beyond its point).
 async fn restore_journal(group: &Group, pair_id: u64, new_pair: bool) -> Result<Arc<Journal>, Refused> {
+    let (current, epoch) = {
+        let g = lock(&group.inner);
+        (g.journal.clone(), g.persisted.epoch)
+    };
     if !new_pair {
-        if let Some(j) = lock(&group.inner).journal.clone() {
+        if let Some(j) = current.filter(|j| j.epoch() == epoch) {
             return Ok(j);
         }
     }
     let path = journal_path(&group.store);
-    let journal = Journal::open(&group.engine, &path, group.cfg.journal_size, &group.cfg.name, pair_id, new_pair)
-        .await
-        .map_err(|e| (pb::Refusal::Unspecified, format!("cannot open the restore journal here: {e}")))?;
+    let journal =
+        Journal::open(&group.engine, &path, group.cfg.journal_size, &group.cfg.name, pair_id, epoch, new_pair)
+            .await
+            .map_err(|e| (pb::Refusal::Unspecified, format!("cannot open the restore journal here: {e}")))?;
     let journal = Arc::new(journal);
     lock(&group.inner).journal = Some(journal.clone());
     Ok(journal)

@@ -276,7 +276,7 @@ impl Group {
     async fn swap_here(self: &Arc<Self>) -> Result<String, GroupError> {
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
-        let pair_id = {
+        let (pair_id, epoch) = {
             let mut g = lock(&self.inner);
             if g.state != PairState::Suspended(SuspendReason::Split) || g.secondary_attached {
                 return Err(GroupError::Refused(format!(
@@ -298,9 +298,9 @@ impl Group {
                 return Err(GroupError::Failed(format!("group {name}: a failover is running here")));
             }
             g.taking_over = true;
-            g.persisted.pair_id
+            (g.persisted.pair_id, g.persisted.epoch)
         };
-        let journal = match self.fresh_journal(pair_id).await {
+        let journal = match self.fresh_journal(pair_id, epoch).await {
             Ok(j) => j,
             Err(e) => {
                 lock(&self.inner).taking_over = false;
@@ -472,7 +472,8 @@ impl Group {
             self.request_save(&mut g)
         };
         self.saved(save).await?;
-        let journal = self.fresh_journal(pair_id).await?;
+        let epoch = lock(&self.inner).persisted.epoch;
+        let journal = self.fresh_journal(pair_id, epoch).await?;
         let save = {
             let mut g = lock(&self.inner);
             let divergent = std::mem::take(&mut g.bitmaps);

@@ -340,9 +340,18 @@ impl Group {
         let mut journal = None;
         let mut last_jseq = 0;
         if role == Role::Primary {
-            let j =
-                Journal::open(&engine, &journal_path(&store), cfg.journal_size, &cfg.name, persisted.pair_id, false)
-                    .await?;
+            // Keyed with the epoch its records were written in (persisted
+            // with the tail); a power cut below moves on to the next one.
+            let mut j = Journal::open(
+                &engine,
+                &journal_path(&store),
+                cfg.journal_size,
+                &cfg.name,
+                persisted.pair_id,
+                persisted.epoch,
+                false,
+            )
+            .await?;
             let stop = if was_clean { Stop::Clean } else { Stop::Unclean };
             let recovered = j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos, stop).await?;
             let (r, last) = (recovered.ring, recovered.last_seq);
@@ -407,6 +416,13 @@ impl Group {
                     store.save_blob(&bitmap_name(&v.name), &b.encode())?;
                 }
                 persisted.epoch += 1;
+                // Sequence numbers continue at `last + 1` in the new epoch,
+                // while records of the lost one may still sit beyond the
+                // head: new records are keyed with the new epoch, so no
+                // recovery ever takes an old one for the next (issue 8).
+                // The state saved below names the new epoch before anything
+                // is appended.
+                j.set_epoch(persisted.epoch);
                 persisted.copy_pending = true;
                 // A pair not yet announced keeps its create intent (the
                 // copy then covers the regions); an existing one rebases.
@@ -954,19 +970,21 @@ impl Group {
         }
     }
 
-    /// A new, empty journal (keyed by `pair_id`) for this node's role in
-    /// the pair: at pair create and at every role change (the old one is
-    /// fully applied and shipped by then).
-    async fn fresh_journal(&self, pair_id: u64) -> Result<Journal, GroupError> {
+    /// A new, empty journal (keyed by `pair_id` and `epoch`, the epoch the
+    /// group is in once it is installed) for this node's role in the pair:
+    /// at pair create and at every role change (the old one is fully
+    /// applied and shipped by then).
+    async fn fresh_journal(&self, pair_id: u64, epoch: u64) -> Result<Journal, GroupError> {
         let path = journal_path(&self.store);
-        Ok(Journal::open(&self.engine, &path, self.cfg.journal_size, &self.cfg.name, pair_id, true).await?)
+        Ok(Journal::open(&self.engine, &path, self.cfg.journal_size, &self.cfg.name, pair_id, epoch, true).await?)
     }
 
     /// `pair create` on the future primary.
     pub async fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
         self.refuse_unless_simplex(&lock(&self.inner))?;
         let pair_id = random_u64();
-        let journal = self.fresh_journal(pair_id).await?;
+        // A new pair starts in epoch 0.
+        let journal = self.fresh_journal(pair_id, 0).await?;
         let save = {
             let mut g = lock(&self.inner);
             self.refuse_unless_simplex(&g)?;
@@ -977,6 +995,7 @@ impl Group {
                 role: Role::Primary,
                 pair_id,
                 generation: 1,
+                epoch: 0,
                 journal_tail_seq: g.last_jseq + 1,
                 journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
                 copy_pending: !nocopy,
@@ -1549,7 +1568,18 @@ async fn recover_restore_journal(
     persisted: &mut GroupState,
     was_clean: bool,
 ) -> Result<Journal, GroupError> {
-    let j = Journal::open(engine, &journal_path(store), cfg.journal_size, &cfg.name, persisted.pair_id, false).await?;
+    // Keyed with the epoch this node rebased in: its records since were
+    // written in it.
+    let mut j = Journal::open(
+        engine,
+        &journal_path(store),
+        cfg.journal_size,
+        &cfg.name,
+        persisted.pair_id,
+        persisted.epoch,
+        false,
+    )
+    .await?;
     let stop = if was_clean { Stop::Clean } else { Stop::Unclean };
     let from = persisted.durable_seq + 1;
     let recovered = j.recover(from, persisted.journal_tail_pos, stop).await?;

@@ -123,9 +123,9 @@ impl Group {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (pair_id, inconsistent) = {
+        let (pair_id, epoch, inconsistent) = {
             let g = lock(&self.inner);
-            (g.persisted.pair_id, g.persisted.copy_incomplete || !g.persisted.consistent)
+            (g.persisted.pair_id, g.persisted.epoch, g.persisted.copy_incomplete || !g.persisted.consistent)
         };
         // In the middle of a resync: back to the consistent image it
         // preserved (resync_guard.rs), if it did.
@@ -139,8 +139,10 @@ impl Group {
             )));
         }
         // A fresh journal for the new generation (the restore journal is
-        // fully applied by now).
-        let journal = self.fresh_journal(pair_id).await?;
+        // fully applied by now), keyed with the epoch of the image it
+        // continues: the preserved one's after a roll-back.
+        let epoch = rolled_back.as_ref().map_or(epoch, |(guard, _)| guard.epoch);
+        let journal = self.fresh_journal(pair_id, epoch).await?;
         let (report, save) = {
             let mut g = lock(&self.inner);
             if g.role != Role::Secondary || g.secondary_attached {
@@ -255,8 +257,11 @@ impl Group {
     /// empty restore journal (every record in it is on both sites).
     async fn finish_switchover(self: &Arc<Self>, last: u64, started: Instant) -> Result<String, GroupError> {
         let (name, peer) = (&self.cfg.name, &self.cfg.peer);
-        let pair_id = lock(&self.inner).persisted.pair_id;
-        let journal = self.fresh_journal(pair_id).await?;
+        let (pair_id, epoch) = {
+            let g = lock(&self.inner);
+            (g.persisted.pair_id, g.persisted.epoch)
+        };
+        let journal = self.fresh_journal(pair_id, epoch).await?;
         let (generation, save) = {
             let mut g = lock(&self.inner);
             demote(&mut g, journal, last);
@@ -376,16 +381,16 @@ impl Group {
     /// The secondary takes over after the primary asked for it (switchover)
     /// and this session drained: every record through `seq` is here.
     pub(super) async fn take_over_after_switchover(self: &Arc<Self>, seq: u64) -> Result<(), GroupError> {
-        let (pair_id, checkpoint) = {
+        let (pair_id, epoch, checkpoint) = {
             let g = lock(&self.inner);
-            (g.persisted.pair_id, g.persisted.durable_seq)
+            (g.persisted.pair_id, g.persisted.epoch, g.persisted.durable_seq)
         };
         if checkpoint < seq {
             return Err(GroupError::Failed(format!(
                 "switchover: this node holds records through {checkpoint}, the primary's last is {seq}"
             )));
         }
-        let journal = self.fresh_journal(pair_id).await?;
+        let journal = self.fresh_journal(pair_id, epoch).await?;
         let save = {
             let mut g = lock(&self.inner);
             self.promote(&mut g, journal, true, &[]);
