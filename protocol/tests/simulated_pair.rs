@@ -88,6 +88,8 @@ fn digest(data: &[u8]) -> [u8; COPY_HASH_LEN] {
     out
 }
 const GRANULARITY: u64 = 256;
+/// Activity log budget, in extents of 1 KiB (of 24 in all).
+const AL_BUDGET: usize = 8;
 
 fn apply_to(img: &mut Image, r: &Record) {
     let v = &mut img[r.volume as usize];
@@ -322,6 +324,8 @@ struct Stats {
     consistent_checks: usize,
     fault_checks: usize,
     images_preserved: usize,
+    /// Writes held back because the activity log was at its budget.
+    activity_log_full: usize,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -346,6 +350,7 @@ impl std::ops::AddAssign for Stats {
         self.consistent_checks += o.consistent_checks;
         self.images_preserved += o.images_preserved;
         self.fault_checks += o.fault_checks;
+        self.activity_log_full += o.activity_log_full;
     }
 }
 
@@ -510,7 +515,11 @@ impl Sim {
                 journal_durable: 0,
                 local_durable: 0,
                 flushed: SeqSet::default(),
-                al: ActivityLog::new(1024),
+                al: {
+                    let mut al = ActivityLog::new(1024);
+                    al.set_budget(AL_BUDGET);
+                    al
+                },
                 in_flight: Vec::new(),
                 image: base(),
                 done: SeqSet::default(),
@@ -539,6 +548,13 @@ impl Sim {
     fn client_write(&mut self, vol: u8, offset: u16, len: u16, kind: Kind, fua: bool) {
         let len = u32::from(len);
         let offset = u64::from(offset) % (VOL_SIZE as u64 - u64::from(len) + 1);
+        // The activity log at its budget: the write waits (here: does not
+        // happen) until enough extents are durable on both sites.
+        let both = self.p.local_durable.min(self.p.session.shipper().durable());
+        if self.p.al.make_room(u32::from(vol), offset, u64::from(len), both).is_err() {
+            self.stats.activity_log_full += 1;
+            return;
+        }
         let (seq, deps) = self.p.seqr.begin(u32::from(vol), offset, u64::from(len));
         assert_eq!(seq, self.last_seq() + 1, "sequencer must hand out consecutive seqs");
         let rec = match kind {
@@ -565,7 +581,12 @@ impl Sim {
         }
         // The region is in the activity log before the write reaches the
         // volume.
-        let _ = self.p.al.touch(rec.volume, rec.offset, u64::from(rec.length), seq, self.steps as u64, 0);
+        let t = self.p.al.touch(rec.volume, rec.offset, u64::from(rec.length), seq, self.steps as u64, 0);
+        assert!(
+            self.p.al.len() <= AL_BUDGET.max(rec.length.div_ceil(1024) as usize + 1),
+            "the activity log holds {} extents, over its budget: {t:?}",
+            self.p.al.len()
+        );
         self.history.push(rec.clone());
         self.p.journal.insert(seq, rec);
         self.p.session.on_journaled(seq);
@@ -756,7 +777,7 @@ impl Sim {
                 b.set_range(off, end - off);
             }
         }
-        p.al = ActivityLog::new(1024);
+        p.al.clear();
         p.copy_pending = true;
         p.copy_reading = None;
         p.seqr = RangeSequencer::new(last + 1);
@@ -1312,4 +1333,5 @@ fn seeded_long_runs() {
     assert!(total.primary_crashes > 0 && total.primary_power_cuts > 0, "{total:?}");
     assert!(total.consistent_checks > 0 && total.fault_checks > 0, "{total:?}");
     assert!(total.images_preserved > 0, "{total:?}");
+    assert!(total.activity_log_full > 0, "{total:?}");
 }

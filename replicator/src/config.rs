@@ -293,6 +293,10 @@ pub struct VolumeConfig {
     pub create: bool,
 }
 
+/// Largest `activity_log_extents` (as DRBD's `al-extents`, about 65536):
+/// 256 GiB of 4 MiB regions to resynchronise after a power cut.
+pub const MAX_ACTIVITY_LOG_EXTENTS: u64 = 65536;
+
 /// `[[group]]`: a consistency group (one journal, one sequence).
 #[derive(Debug, Clone)]
 pub struct GroupConfig {
@@ -321,6 +325,12 @@ pub struct GroupConfig {
     /// two from 4KiB to 16MiB; default 64KiB). Smaller chunks use less space
     /// for scattered small writes, larger ones copy less often.
     pub drill_chunk: u64,
+    /// `activity_log_extents`: most 4 MiB regions the activity log holds
+    /// (DRBD's `al-extents`; default 1237), so a power cut of the primary
+    /// resynchronises at most this many × 4 MiB. A write to a region not in
+    /// the log waits, when the log is full, until the least recently
+    /// written region's writes are durable on both sites.
+    pub activity_log_extents: usize,
     /// Volumes, in order (their index is the volume number on the wire).
     pub volumes: Vec<VolumeConfig>,
 }
@@ -435,6 +445,7 @@ struct RawGroup {
     #[serde(default)]
     accept_pair_create: bool,
     drill_chunk: Option<String>,
+    activity_log_extents: Option<u64>,
     #[serde(default)]
     volume: Vec<RawVolume>,
 }
@@ -660,6 +671,20 @@ impl Validator<'_> {
                     "must be a power of two from 4KiB to 16MiB (the copy-on-write granularity of drill copies)",
                 ));
             }
+            let activity_log_extents = match g.activity_log_extents {
+                None => replicator_protocol::activity_log::DEFAULT_BUDGET,
+                Some(n) if (1..=MAX_ACTIVITY_LOG_EXTENTS).contains(&n) => n as usize,
+                Some(n) => {
+                    return Err(self.err(
+                        format!("{key}.activity_log_extents"),
+                        format!(
+                            "{n} is not valid: use 1 to {MAX_ACTIVITY_LOG_EXTENTS} regions of 4MiB (default {}; a power cut of \
+                             the primary resynchronises at most this many regions)",
+                            replicator_protocol::activity_log::DEFAULT_BUDGET
+                        ),
+                    ))
+                }
+            };
             let on_link_loss = match g.on_link_loss.as_deref().unwrap_or("suspend") {
                 "suspend" => LinkLossPolicy::Suspend,
                 "block" => LinkLossPolicy::Block,
@@ -760,6 +785,7 @@ impl Validator<'_> {
                 journal_full_timeout,
                 accept_pair_create: g.accept_pair_create,
                 drill_chunk,
+                activity_log_extents,
                 volumes,
             });
         }
@@ -965,6 +991,23 @@ size = "20GiB"
         let bad = GOOD.replace("[tls]", "[tls]\nbogus = 1");
         let e = parse(&bad).expect_err("unknown key").to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn activity_log_extents_defaults_to_drbd_and_refuses_zero_and_absurd_values() {
+        let g = parse(GOOD).expect("valid").groups.remove(0);
+        assert_eq!(g.activity_log_extents, 1237);
+        let set = |n: &str| {
+            GOOD.replace("link_timeout = \"5s\"", &format!("link_timeout = \"5s\"\nactivity_log_extents = {n}"))
+        };
+        assert_eq!(parse(&set("4")).expect("valid").groups[0].activity_log_extents, 4);
+        assert_eq!(parse(&set("65536")).expect("valid").groups[0].activity_log_extents, 65536);
+        for bad in ["0", "65537", "1000000000000"] {
+            let e = parse(&set(bad)).expect_err(bad).to_string();
+            assert!(e.contains("group[db].activity_log_extents") && e.contains("1 to 65536"), "{bad}: {e}");
+        }
+        let e = parse(&set("-1")).expect_err("negative").to_string();
+        assert!(e.contains("activity_log_extents"), "{e}");
     }
 
     #[test]

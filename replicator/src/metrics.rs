@@ -102,6 +102,9 @@ pub struct GroupCounters {
     pub resynced_records: Counter,
     /// Bytes of those chunks.
     pub resynced_bytes: Counter,
+    /// Client writes that waited for room in the activity log (its budget,
+    /// `activity_log_extents`, was reached; primary).
+    pub activity_log_waits: Counter,
     errors: [Counter; ErrorKind::ALL.len()],
 }
 
@@ -358,7 +361,7 @@ impl Collector for NodeCollector {
             "1 on a former primary superseded by a failover (it takes no writes until failback or resync)",
             statuses.iter().map(|s| ([("group", s.group.as_str())], flag(s.superseded_by > 0))),
         )?;
-        let plain: [(&str, &str, GaugeOf); 19] = [
+        let plain: [(&str, &str, GaugeOf); 20] = [
             (
                 "replicator_generation",
                 "Promotion generation (pair create: 1; each failover or switchover adds one)",
@@ -387,6 +390,11 @@ impl Collector for NodeCollector {
             ("replicator_dirty_bytes", "Bytes marked dirty in the bitmaps (what a resync copies)", |s| {
                 s.dirty_bytes as f64
             }),
+            (
+                "replicator_activity_log_bytes",
+                "Primary: bytes in the activity log's regions (what a power cut would resync)",
+                |s| s.activity_log_bytes as f64,
+            ),
             ("replicator_copy_total_bytes", "Bytes the running initial copy or resync has to send in all", |s| {
                 s.copy_total_bytes as f64
             }),
@@ -434,7 +442,7 @@ impl Collector for NodeCollector {
             gauges(e, name, help, by_group(value))?;
         }
 
-        let counted: [(&str, &str, CounterOf); 6] = [
+        let counted: [(&str, &str, CounterOf); 7] = [
             ("replicator_shipped_records", "Journal records put on the replication stream (primary)", |c| {
                 &c.shipped_records
             }),
@@ -449,6 +457,11 @@ impl Collector for NodeCollector {
             ("replicator_resynced_bytes", "Bytes sent as data by an initial copy or resync (primary)", |c| {
                 &c.resynced_bytes
             }),
+            (
+                "replicator_activity_log_waits",
+                "Client writes that waited for room in the activity log (activity_log_extents reached; primary)",
+                |c| &c.activity_log_waits,
+            ),
         ];
         for (name, help, counter) in counted {
             counters(e, name, help, groups.iter().map(|g| ([("group", g.cfg.name.as_str())], counter(g.counters()))))?;

@@ -15,6 +15,7 @@
 //! across an `.await`. Progress that waiters care about (peer acks, state
 //! changes) is published through a `watch` channel.
 
+mod activity;
 mod applier;
 mod drill;
 mod lifecycle;
@@ -297,6 +298,9 @@ pub struct Group {
     resync_guard: Mutex<Option<Arc<resync_guard::ResyncGuard>>>,
     /// One guard creation at a time (two sessions may race to start).
     guard_op: tokio::sync::Mutex<()>,
+    /// One volume sync at a time for writes waiting for room in the
+    /// activity log (`activity.rs`).
+    activity_sync: tokio::sync::Mutex<()>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -457,6 +461,7 @@ impl Group {
             // Extents from before the restart wait for what the journal holds.
             activity.assume_written(last_jseq, 0);
         }
+        activity.set_budget(cfg.activity_log_extents);
         if role == Role::None {
             state = PairState::Simplex;
         }
@@ -576,6 +581,7 @@ impl Group {
             drill_op: tokio::sync::Mutex::new(()),
             resync_guard: Mutex::new(resync_guard),
             guard_op: tokio::sync::Mutex::new(()),
+            activity_sync: tokio::sync::Mutex::new(()),
         });
         {
             let mut g = lock(&group.inner);
@@ -1009,7 +1015,7 @@ impl Group {
                     b.set_all();
                 }
             }
-            g.activity = ActivityLog::new(g.activity.extent());
+            g.activity.clear();
             let mut ring = JournalRing::new(capacity);
             ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
             g.ring = Some(ring);

@@ -20,7 +20,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use replicator_protocol::activity_log::ActivityLog;
 use replicator_protocol::bitmap::DirtyBitmap;
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
@@ -537,7 +536,7 @@ pub(super) fn change_role(g: &mut Inner, role: Role, journal: Journal, last: u64
     for b in &mut g.bitmaps {
         *b = DirtyBitmap::new(b.volume_size(), b.granularity());
     }
-    g.activity = ActivityLog::new(g.activity.extent());
+    g.activity.clear();
     g.session = None;
     g.refusal = None;
     g.last_error = None;

@@ -149,6 +149,9 @@ enum Admission<'a> {
     /// Too many records are being appended ahead of the journaled run
     /// ([`MAX_APPEND_WINDOW`]): wait until records up to this one are in.
     WaitForAppends(u64),
+    /// The activity log is at its budget: wait until writes through this
+    /// sequence are durable on both sites (`activity.rs`), then try again.
+    WaitForActivityLog(u64),
 }
 
 /// A sequenced write.
@@ -229,7 +232,7 @@ impl Group {
     }
 
     /// Replicating right now: a session is up and the pair is PAIR or COPY.
-    fn replicating(&self, g: &Inner) -> bool {
+    pub(super) fn replicating(&self, g: &Inner) -> bool {
         self.progress.borrow().connected && matches!(g.state, PairState::Pair | PairState::Copy)
     }
 
@@ -267,6 +270,9 @@ impl Group {
             if next > appended + MAX_APPEND_WINDOW {
                 return Ok(Admission::WaitForAppends(next - MAX_APPEND_WINDOW));
             }
+            if let Some(needed) = self.activity_log_room(&mut g, vol, off, len) {
+                return Ok(Admission::WaitForActivityLog(needed));
+            }
             let span = record_span(payload_len);
             let reserved = g.ring.as_mut().and_then(|r| r.reserve(next, span));
             match (reserved, g.journal.clone()) {
@@ -299,7 +305,8 @@ impl Group {
             let (newly_dirty, wait_for) = match &journal {
                 Some((seq, ..)) => {
                     let now = self.clock_ms();
-                    g.activity.touch(vol, off, len, *seq, now, next_save)
+                    let t = g.activity.touch(vol, off, len, *seq, now, next_save);
+                    (t.became_hot, t.wait_for)
                 }
                 None => {
                     // A chunk already dirty in memory may still wait for its
@@ -404,7 +411,9 @@ impl Group {
         }
         let payload_len = if op == RecordOp::Write { a_len } else { 0 };
 
-        // Admission: journal space (or the block policy's wait), sequencing.
+        // Admission: journal space (or the block policy's wait), room in the
+        // activity log, sequencing.
+        let mut room = super::activity::RoomWait::default();
         let admitted = loop {
             match self.admit(vol, a_off, a_len, payload_len)? {
                 Admission::Admitted(a) => break a,
@@ -414,6 +423,7 @@ impl Group {
                     let _ = tokio::time::timeout(Duration::from_millis(100), self.space_freed.notified()).await;
                 }
                 Admission::WaitForAppends(seq) => self.wait_journaled_through(seq).await?,
+                Admission::WaitForActivityLog(seq) => self.wait_for_activity_log(seq, &mut room).await?,
             }
         };
         let Admitted { guard, deps, journal, generation, bitmap_epoch } = admitted;
