@@ -1666,11 +1666,13 @@ const SEEDED_JOURNALS: [u64; 6] = [8 * 1024, 16 * 1024, u64::MAX, 12 * 1024, 24 
 /// asserts that the runs reach the interesting paths, so that a change that
 /// makes the simulation trivial does not go unnoticed. Odd seeds start
 /// with an initial copy, even ones with a pair created on identical
-/// volumes; each has its own journal capacity and backlog layout.
+/// volumes; each has its own journal capacity and backlog layout. (18
+/// runs: with the primary's `on_gap` at session starts left out, or its
+/// `on_gap` not unfinishing a finished copy, one of them breaks I5.)
 #[test]
 fn seeded_long_runs() {
     let mut total = Stats::default();
-    for seed in 1..=6u64 {
+    for seed in 1..=18u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let ops: Vec<Op> = (0..12_000).map(|i| seeded_op(&mut rng, phase(seed, i))).collect();
         total += run(seed % 2 == 1, SEEDED_JOURNALS[(seed as usize - 1) % SEEDED_JOURNALS.len()], &ops);
