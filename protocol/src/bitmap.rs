@@ -277,6 +277,40 @@ impl DirtyBitmap {
     }
 }
 
+/// Which records of the journal's surviving run a primary restarting after
+/// an unclean stop may replay onto its volumes. `records` are the run's
+/// (seq, volume, offset, length), oldest first; `bitmaps` the persisted
+/// dirty bitmaps; `fence` the newest record journaled before a write made
+/// in bitmap mode (persisted before that write reached the volume; 0:
+/// none).
+///
+/// A record at or before the fence is not replayed: a newer write made in
+/// bitmap mode may have overwritten it, and the bitmap no longer shows
+/// where once the resync copied the region (the journal is released
+/// later, lazily). Nor is a record touching a dirty chunk (such a write, or
+/// a region not copied yet). Either way its whole range is marked dirty
+/// instead, for the resync to copy. So is every older record that touches
+/// a chunk dirty by then: replaying it would put its bytes back over a
+/// newer record that is not replayed, and which may have reached the
+/// volume (an acknowledged, even flushed, write lost on both sites once
+/// the resync copies the region). Hence the pass from the newest record
+/// back: each record replayed is newer than every record not replayed that
+/// shares a chunk with it, and than every write made in bitmap mode.
+pub fn plan_replay(bitmaps: &mut [DirtyBitmap], records: &[(u64, u32, u64, u64)], fence: u64) -> Vec<bool> {
+    let mut replay = vec![false; records.len()];
+    for (i, &(seq, volume, offset, len)) in records.iter().enumerate().rev() {
+        let Some(b) = bitmaps.get_mut(volume as usize) else { continue };
+        let g = b.granularity;
+        let end = offset.saturating_add(len);
+        if seq <= fence || (offset / g..end.div_ceil(g)).any(|c| b.is_chunk_dirty(c)) {
+            b.set_range(offset, len);
+        } else {
+            replay[i] = true;
+        }
+    }
+    replay
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -295,6 +329,44 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn a_record_older_than_one_not_replayed_and_sharing_a_chunk_is_not_replayed_either() {
+        // 256-byte chunks; chunk 3 is dirty (a write made in bitmap mode).
+        let dirty = || {
+            let mut b = vec![DirtyBitmap::new(8192, 256)];
+            b[0].set_range(768, 1);
+            b
+        };
+        // Record 2 overwrote part of record 1 and touches chunk 3: it is
+        // not replayed. Replaying record 1 would put its old bytes back
+        // over record 2's (on the volume, perhaps flushed).
+        let mut bitmaps = dirty();
+        let records = [(1, 0, 2238, 91), (2, 0, 700, 1700), (3, 0, 4096, 10)];
+        assert_eq!(plan_replay(&mut bitmaps, &records, 0), vec![false, false, true]);
+        // Both ranges are dirty now, for the resync; record 3's is not.
+        assert!((700 / 256..2329u64.div_ceil(256)).all(|c| bitmaps[0].is_chunk_dirty(c)));
+        assert!(!bitmaps[0].is_chunk_dirty(16));
+        // A record newer than one not replayed is replayed (it is the
+        // newest write there); an older one apart from it too.
+        let mut bitmaps = dirty();
+        let records = [(1, 0, 4096, 100), (2, 0, 700, 1400), (3, 0, 0, 1024)];
+        assert_eq!(plan_replay(&mut bitmaps, &records, 0), vec![true, false, false]);
+        let mut bitmaps = dirty();
+        assert_eq!(plan_replay(&mut bitmaps, &[(1, 0, 700, 1400), (2, 0, 1536, 100)], 0), vec![false, true]);
+    }
+
+    #[test]
+    fn records_journaled_before_a_bitmap_mode_write_are_not_replayed() {
+        // Record 2 was journaled before the journal filled; a write made in
+        // bitmap mode then overwrote bytes of it, and the resync copied that
+        // region (the bitmap is clean again) before the journal was
+        // released past record 2. Replaying it would undo that write.
+        let mut bitmaps = vec![DirtyBitmap::new(8192, 256)];
+        let records = [(1, 0, 0, 1000), (2, 0, 2000, 100), (3, 0, 4096, 100)];
+        assert_eq!(plan_replay(&mut bitmaps, &records, 2), vec![false, false, true]);
+        assert!(bitmaps[0].is_chunk_dirty(0) && bitmaps[0].is_chunk_dirty(7) && !bitmaps[0].is_chunk_dirty(16));
     }
 
     proptest! {

@@ -191,8 +191,12 @@ impl PrimarySession {
     /// filled), or did while the resync they need is still pending: the
     /// secondary hears it before any later record, so that it preserves its
     /// consistent image and calls itself inconsistent before applying one.
+    /// A copy that had finished is not finished any more: the regions of
+    /// those writes are not copied yet, and the COPY_DONE that follows the
+    /// gap on the stream is what ends it on the secondary.
     pub fn on_gap(&mut self, seq: u64) {
         self.gap_unsent = Some(self.gap_unsent.map_or(seq, |g| g.min(seq)));
+        self.copy_finished = false;
     }
 
     /// Every record through `through` is in the journal.
@@ -440,6 +444,33 @@ mod tests {
         s.on_gap(5);
         assert_eq!(s.poll_transmit(), Some(Transmit::ResyncGap(3)));
         assert_eq!(s.poll_transmit(), None);
+    }
+
+    #[test]
+    fn no_copy_done_follows_a_gap_until_the_copy_runs_again() {
+        let mut s = PrimarySession::new(CONFIG, 0, 0);
+        let mut bitmaps = vec![DirtyBitmap::new(4 << 20, 64 << 10)];
+        s.on_journaled(2);
+        assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Finished);
+        // The journal fills before COPY_DONE is on the stream: writes after
+        // record 2 are only in the bitmap, so this copy does not cover them.
+        s.on_gap(2);
+        bitmaps[0].set_range(0, 4096);
+        assert_eq!(s.poll_transmit(), Some(Transmit::ResyncGap(2)));
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(1)));
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(2)));
+        assert_eq!(s.poll_transmit(), None, "a COPY_DONE here would end the resync of the gap on the secondary");
+        // Bitmap mode: no copy.
+        assert_eq!(s.next_copy(&mut bitmaps, false), CopyStep::Idle);
+        assert_eq!(s.poll_transmit(), None);
+        // Once the regions are copied and durable, COPY_DONE goes.
+        let CopyStep::Read { copy_index, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        s.on_copy_read(copy(2, copy_index, 0));
+        assert!(matches!(s.poll_transmit(), Some(Transmit::Copy(_))));
+        let ack = pb::Ack { received_seq: 2, durable_seq: 2, copy_durable: copy_index, ..Default::default() };
+        s.on_ack(&ack).unwrap();
+        assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Finished);
+        assert_eq!(s.poll_transmit(), Some(Transmit::CopyDone(2)));
     }
 
     #[test]

@@ -222,8 +222,11 @@ pub struct Secondary {
     preserving: bool,
     /// [`Secondary::on_resync_gap`]: records after the first of these seqs
     /// follow writes this node lacks until the resync that covers them
-    /// ends (a COPY_DONE through seq S covers the gaps before S).
+    /// ends. These came after the last COPY_DONE on the stream...
     gaps: BTreeSet<u64>,
+    /// ... and these before it: that COPY_DONE covers them (the primary
+    /// sends one only once the copy that started after them finished).
+    gaps_covered: BTreeSet<u64>,
     /// COPY_DONE received (its seq), and the save that records it.
     copy_done: Option<u64>,
     copy_done_saved_at: Option<u64>,
@@ -275,6 +278,7 @@ impl Secondary {
             inconsistency_saved_at: start.copy_incomplete.then_some(0),
             preserving: false,
             gaps: BTreeSet::new(),
+            gaps_covered: BTreeSet::new(),
             copy_done: None,
             copy_done_saved_at: None,
             data_as_of_us: start.data_as_of_us,
@@ -357,16 +361,21 @@ impl Secondary {
 
     /// The primary tracked writes after record `seq` only in its dirty
     /// bitmaps: the first later record (like the first copy chunk) makes
-    /// the image inconsistent until the resync's COPY_DONE. Kept even while
-    /// a copy runs: a gap that opens after that copy's COPY_DONE was sent
-    /// outlives it.
+    /// the image inconsistent until the resync's COPY_DONE, the first one
+    /// after this on the stream. Kept even while a copy runs: a gap that
+    /// opens after that copy's COPY_DONE was sent outlives it, whatever its
+    /// seq (a primary still holding an older gap, its COPY_DONE reply not
+    /// in yet, announces that one again). The records received before it
+    /// on the stream precede those writes: it counts from the newest.
     pub fn on_resync_gap(&mut self, seq: u64) {
-        self.gaps.insert(seq);
+        self.gaps.insert(seq.max(self.appended));
     }
 
-    /// The primary's copy (or resync) is complete through write `seq`.
+    /// The primary's copy (or resync) is complete through write `seq`; it
+    /// covers the resync gaps announced before it.
     pub fn on_copy_done(&mut self, seq: u64) {
         self.copy_done = Some(seq);
+        self.gaps_covered.append(&mut self.gaps);
         self.applier.on_flush_request(seq);
     }
 
@@ -505,6 +514,17 @@ impl Secondary {
             self.ring.release_through(persist.checkpoint);
         }
         self.last_checkpoint_at = now;
+        if self.copy_done_saved_at.is_some_and(|v| self.saved_version >= v) {
+            // The consistent image is persisted: the preserved one goes
+            // (before a new resync, admitted below, preserves another).
+            self.copy_done = None;
+            self.copy_done_saved_at = None;
+            self.actions.push_back(Action::ReleaseImage);
+            self.actions.push_back(Action::Send(Body::CommandReply(pb::CommandReply {
+                command: pb::Command::CopyDone as i32,
+                error: String::new(),
+            })));
+        }
         self.admit_pending()
     }
 
@@ -615,13 +635,17 @@ impl Secondary {
     fn admit_pending(&mut self) -> Result<(), SecondaryError> {
         while let Some((op, seq, payload_len)) = self.pending.front().map(|r| (r.op, r.seq, r.payload.len() as u64)) {
             // A copy chunk, or a record after a gap, breaks write order.
-            if op.is_copy() || self.gaps.first().is_some_and(|&g| seq > g) {
+            let gap = self.gaps.first().into_iter().chain(self.gaps_covered.first()).min();
+            if op.is_copy() || gap.is_some_and(|&g| seq > g) {
                 if !self.copy_incomplete {
                     // A resync starts on a consistent image: once every
                     // write admitted so far is applied (and nothing else
                     // is), the image is exactly a prefix; it is preserved
-                    // before it turns inconsistent.
-                    if !self.preserving && self.records.is_empty() && !self.failed {
+                    // before it turns inconsistent. Not while the image
+                    // preserved for the previous resync is still held (its
+                    // end is being persisted): that one is released first.
+                    let releasing = self.copy_done_saved_at.is_some();
+                    if !self.preserving && !releasing && self.records.is_empty() && !self.failed {
                         self.preserving = true;
                         let seq = self.applier.applied();
                         let written_at_us = self.written_at.get(&seq).copied().unwrap_or(self.data_as_of_us);
@@ -765,15 +789,6 @@ impl Secondary {
                 data_as_of_us: self.data_as_of_us,
             }));
         }
-        if self.copy_done_saved_at.is_some_and(|v| self.saved_version >= v) {
-            self.copy_done = None;
-            self.copy_done_saved_at = None;
-            self.actions.push_back(Action::ReleaseImage);
-            self.actions.push_back(Action::Send(Body::CommandReply(pb::CommandReply {
-                command: pb::Command::CopyDone as i32,
-                error: String::new(),
-            })));
-        }
     }
 
     /// COPY_DONE: once every copy chunk is durable on the volumes and the
@@ -789,8 +804,16 @@ impl Secondary {
         if !copies_durable || self.journal_durable < seq || !self.pending.is_empty() {
             return;
         }
+        self.gaps_covered.clear();
+        if self.gaps.first().is_some_and(|&g| self.appended > g) {
+            // A gap announced after this COPY_DONE, and records after it
+            // already taken (the image was inconsistent anyway): the image
+            // lacks writes only the next resync brings, whose COPY_DONE
+            // follows the gap on the stream.
+            self.copy_done = None;
+            return;
+        }
         self.copy_incomplete = false;
-        self.gaps.retain(|&g| g >= seq);
         self.copy_done_saved_at = Some(self.want_save());
     }
 }
@@ -1068,6 +1091,105 @@ mod tests {
             "write 3 follows the new gap: {acts:?}"
         );
         assert!(!acts.iter().any(|a| matches!(a, Action::Append { .. })), "{acts:?}");
+    }
+
+    #[test]
+    fn a_copy_done_covers_the_gaps_announced_before_it_even_through_the_same_seq() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
+        // The resync of the writes after record 2 finished with no record
+        // journaled since: COPY_DONE through 2.
+        s.on_resync_gap(2);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        s.on_copy_done(2);
+        settle(&mut s, now);
+        assert!(!s.copy_incomplete());
+        // Record 3 follows nothing this node lacks: no new resync starts
+        // (none would ever end it: the primary's resync is over).
+        s.on_record(write(3, 16384)).unwrap();
+        let acts = settle(&mut s, now);
+        assert!(!acts.iter().any(|a| matches!(a, Action::PreserveImage { .. })), "{acts:?}");
+        assert!(!s.copy_incomplete());
+        assert_eq!(s.applied(), 3);
+    }
+
+    #[test]
+    fn a_gap_announced_after_copy_done_outlives_it_whatever_its_seq() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
+        for seq in 1..=5 {
+            s.on_record(write(seq, seq * 8192)).unwrap();
+        }
+        s.on_copy_done(5);
+        // The primary's journal fills again before COPY_DONE's reply reaches
+        // it: it announces the gap it still holds, older than 5.
+        s.on_resync_gap(3);
+        settle(&mut s, now);
+        assert!(!s.copy_incomplete(), "COPY_DONE through 5 makes the image consistent");
+        s.on_record(write(6, 65536)).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(acts.iter().any(|a| matches!(a, Action::PreserveImage { seq: 5, .. })), "{acts:?}");
+        assert!(!acts.iter().any(|a| matches!(a, Action::Append { .. })), "{acts:?}");
+    }
+
+    #[test]
+    fn a_copy_done_passed_by_records_after_a_later_gap_leaves_the_image_inconsistent() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_copy_done(1);
+        // Before record 1 is durable, the journal fills again and records
+        // after the gap arrive: taken at once (the image is inconsistent).
+        s.on_resync_gap(1);
+        s.on_record(write(2, 8192)).unwrap();
+        let acts = settle(&mut s, now);
+        assert_eq!(s.applied(), 2);
+        assert!(s.copy_incomplete(), "the image lacks the writes before record 2");
+        assert!(!acts.iter().any(|a| matches!(a, Action::ReleaseImage | Action::Send(Body::CommandReply(_)))));
+        // The next resync's COPY_DONE ends it.
+        s.on_copy_done(2);
+        let acts = settle(&mut s, now);
+        assert!(!s.copy_incomplete());
+        assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
+    }
+
+    #[test]
+    fn a_new_resync_preserves_its_image_only_after_the_previous_one_is_released() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_resync_gap(0);
+        s.on_record(write(1, 0)).unwrap();
+        settle(&mut s, now);
+        assert!(s.copy_incomplete());
+        s.on_copy_done(1);
+        // Everything but the save that persists the consistent image.
+        let mut save = None;
+        for _ in 0..20 {
+            for a in drain(&mut s, now) {
+                match a {
+                    Action::SyncJournal { through } => s.on_journal_synced(through, Ok(())).unwrap(),
+                    Action::Apply { id, .. } => s.on_applied(id, Ok(())).unwrap(),
+                    Action::SyncVolumes(b) => s.on_volumes_synced(b, Ok(())).unwrap(),
+                    Action::Save(p) if !p.copy_incomplete => save = Some(p),
+                    Action::Save(p) => s.on_saved(&p, Ok(()), now).unwrap(),
+                    other => assert!(!matches!(other, Action::ReleaseImage), "released before the save"),
+                }
+            }
+        }
+        let save = save.expect("the consistent image is being persisted");
+        // A new gap (its COPY_DONE reply is not in the primary yet) and a
+        // record after it: the previous resync still holds its preserved
+        // image, so the new one waits.
+        s.on_resync_gap(1);
+        s.on_record(write(2, 8192)).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(!acts.iter().any(|a| matches!(a, Action::PreserveImage { .. })), "{acts:?}");
+        s.on_saved(&save, Ok(()), now).unwrap();
+        let acts = drain(&mut s, now);
+        let release = acts.iter().position(|a| matches!(a, Action::ReleaseImage));
+        let preserve = acts.iter().position(|a| matches!(a, Action::PreserveImage { seq: 1, .. }));
+        assert!(release.is_some() && preserve.is_some() && release < preserve, "{acts:?}");
     }
 
     #[test]
