@@ -277,6 +277,14 @@ impl Journal {
 
     /// Reads back the record at `pos` and checks that it is `seq`.
     pub async fn read_record(&self, pos: u64, seq: u64) -> Result<Record, JournalError> {
+        let header = self.read_header(pos, seq).await?;
+        let payload = self.read_payload(pos, &header).await?;
+        header.into_record(payload).map_err(|e| self.format(e))
+    }
+
+    /// The header of the record with sequence `seq` at `pos` (what it
+    /// writes where, without its payload).
+    pub async fn read_header(&self, pos: u64, seq: u64) -> Result<JournalHeader, JournalError> {
         let header = match self.header_at(pos).await? {
             HeaderAt::Valid(h) => h,
             HeaderAt::Unacceptable { reason, .. } => return Err(self.format(reason)),
@@ -290,8 +298,7 @@ impl Journal {
                 header.seq
             ))));
         }
-        let payload = self.read_payload(pos, &header).await?;
-        header.into_record(payload).map_err(|e| self.format(e))
+        Ok(header)
     }
 
     async fn read_payload(&self, pos: u64, header: &JournalHeader) -> Result<Bytes, JournalError> {

@@ -77,6 +77,12 @@ pub struct GroupState {
     /// resync completes (`COMMAND_RESYNC_GAP`, told at each session start).
     #[serde(default)]
     pub resync_gap: Option<u64>,
+    /// Primary: the last record journaled before a write made in bitmap
+    /// mode. A journal replay after an unclean stop never replays a record
+    /// up to here (such a write may have overwritten it; the resync copies
+    /// the region instead). See `replicator_protocol::bitmap::plan_replay`.
+    #[serde(default)]
+    pub replay_fence: u64,
     /// Secondary: every record up to here is on the volumes durably (the
     /// checkpoint; newer ones are replayed from the restore journal).
     pub durable_seq: u64,
@@ -207,6 +213,7 @@ impl GroupState {
             copy_pending: false,
             bitmap_mode: false,
             resync_gap: None,
+            replay_fence: 0,
             durable_seq: 0,
             consistent: true,
             clean_shutdown: true,

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use replicator_protocol::activity_log::{ActivityLog, DEFAULT_EXTENT};
-use replicator_protocol::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
+use replicator_protocol::bitmap::{plan_replay, DirtyBitmap, DEFAULT_GRANULARITY};
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
 use replicator_protocol::lifecycle::{on_refusal, Answer};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
@@ -298,6 +298,8 @@ pub struct Group {
     resync_guard: Mutex<Option<Arc<resync_guard::ResyncGuard>>>,
     /// One guard creation at a time (two sessions may race to start).
     guard_op: tokio::sync::Mutex<()>,
+    /// The removal of the last released guard, while it runs.
+    guard_removal: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// One volume sync at a time for writes waiting for room in the
     /// activity log (`activity.rs`).
     activity_sync: tokio::sync::Mutex<()>,
@@ -379,7 +381,12 @@ impl Group {
                 // A record may be journaled while its volume write never
                 // happened: replay the journal's surviving run here.
                 tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
-                let _ = redo_journal(&j, &r, last, &volumes, Some(&mut bitmaps)).await?;
+                let plan = ReplayPlan { bitmaps: &mut bitmaps, fence: persisted.replay_fence };
+                let (_, skipped) = redo_journal(&j, &r, last, &volumes, Some(plan)).await?;
+                if skipped > 0 {
+                    // Their regions are dirty now: the resync copies them.
+                    persisted.copy_pending = true;
+                }
             }
             if power_lost {
                 // Anything not yet durable may be gone on either site: the
@@ -581,6 +588,7 @@ impl Group {
             drill_op: tokio::sync::Mutex::new(()),
             resync_guard: Mutex::new(resync_guard),
             guard_op: tokio::sync::Mutex::new(()),
+            guard_removal: Mutex::new(None),
             activity_sync: tokio::sync::Mutex::new(()),
         });
         {
@@ -1528,26 +1536,46 @@ pub struct VolumeStatus {
 /// have overwritten it on the volume, and replaying it would undo them. Its
 /// whole range is marked dirty instead, so the resync copies the volume's
 /// current bytes.
+/// What a primary's journal replay must not undo: its dirty bitmaps and
+/// its replay fence (see [`replicator_protocol::bitmap::plan_replay`]).
+struct ReplayPlan<'a> {
+    bitmaps: &'a mut Vec<DirtyBitmap>,
+    fence: u64,
+}
+
+/// Replays a journal's run through `last` onto the volumes and syncs them;
+/// returns the primary's time of the newest record replayed and how many
+/// records `plan` left to the resync instead (their regions marked dirty).
 async fn redo_journal(
     j: &Journal,
     ring: &JournalRing,
     last: u64,
     volumes: &[Arc<Volume>],
-    mut bitmaps: Option<&mut Vec<DirtyBitmap>>,
-) -> Result<u64, GroupError> {
-    let Some(oldest) = ring.oldest_seq() else { return Ok(0) };
-    let mut newest = 0;
+    plan: Option<ReplayPlan<'_>>,
+) -> Result<(u64, usize), GroupError> {
+    let Some(oldest) = ring.oldest_seq() else { return Ok((0, 0)) };
+    let mut run = Vec::new();
     for seq in oldest..=last {
-        let Some((pos, _)) = ring.lookup(seq) else { continue };
-        let rec = j.read_record(pos, seq).await?;
-        if let Some(b) = bitmaps.as_deref_mut().and_then(|b| b.get_mut(rec.volume as usize)) {
-            let gran = b.granularity();
-            let (first, end) = (rec.offset / gran, rec.end().div_ceil(gran));
-            if (first..end).any(|c| b.is_chunk_dirty(c)) {
-                b.set_range(rec.offset, u64::from(rec.length));
-                continue;
-            }
+        if let Some((pos, _)) = ring.lookup(seq) {
+            run.push((seq, pos));
         }
+    }
+    let replay = match plan {
+        // A primary: decided from the headers, newest first, before any
+        // byte is written.
+        Some(ReplayPlan { bitmaps, fence }) => {
+            let mut extents = Vec::with_capacity(run.len());
+            for &(seq, pos) in &run {
+                let h = j.read_header(pos, seq).await?;
+                extents.push((seq, h.volume, h.offset, u64::from(h.length)));
+            }
+            plan_replay(bitmaps, &extents, fence)
+        }
+        None => vec![true; run.len()],
+    };
+    let mut newest = 0;
+    for (&(seq, pos), _) in run.iter().zip(&replay).filter(|(_, replay)| **replay) {
+        let rec = j.read_record(pos, seq).await?;
         let vol = volumes.get(rec.volume as usize).ok_or_else(|| {
             GroupError::Replay(format!("record {seq} names volume #{} which is not configured", rec.volume))
         })?;
@@ -1557,8 +1585,9 @@ async fn redo_journal(
     for v in volumes {
         v.sync().await.map_err(|e| GroupError::Replay(e.to_string()))?;
     }
-    tracing::info!(records = last + 1 - oldest, "replayed the journal onto the local volumes");
-    Ok(newest)
+    let skipped = replay.iter().filter(|r| !**r).count();
+    tracing::info!(records = run.len(), skipped, "replayed the journal onto the local volumes");
+    Ok((newest, skipped))
 }
 
 /// Opens a secondary's restore journal and applies what it holds beyond the
@@ -1591,7 +1620,7 @@ async fn recover_restore_journal(
     let recovered = j.recover(from, persisted.journal_tail_pos, stop).await?;
     let last = recovered.last_seq;
     if last >= from {
-        let newest = redo_journal(&j, &recovered.ring, last, volumes, None).await?;
+        let (newest, _) = redo_journal(&j, &recovered.ring, last, volumes, None).await?;
         persisted.data_as_of_us = persisted.data_as_of_us.max(newest);
         tracing::info!(
             group = %cfg.name,

@@ -167,6 +167,12 @@ impl Group {
         if self.guard().is_some() {
             return Ok(());
         }
+        let removal = self.guard_removal.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(removal) = removal {
+            // The previous guard's files go first: they live where the new
+            // guard's will.
+            removal.await.map_err(|e| format!("removing the previous resync guard: {e}"))?;
+        }
         super::applier::sync_volumes(&self.volumes).await?;
         let record = {
             let g = lock(&self.inner);
@@ -208,7 +214,11 @@ impl Group {
             }
         };
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            // The next guard is created in the same directory: it waits for
+            // this removal (`preserve_image`).
+            Ok(rt) => {
+                *self.guard_removal.lock().unwrap_or_else(PoisonError::into_inner) = Some(rt.spawn_blocking(remove))
+            }
             Err(_) => remove(),
         }
     }

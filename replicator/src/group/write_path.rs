@@ -351,6 +351,9 @@ impl Group {
         // resync: it must hear so before it applies one.
         let gap = g.persisted.resync_gap.map_or(g.last_jseq, |s| s.min(g.last_jseq));
         g.persisted.resync_gap = Some(gap);
+        // Records journaled so far may be overwritten by writes the journal
+        // never sees: a replay after a crash must not put them back.
+        g.persisted.replay_fence = g.last_jseq;
         if let Some(session) = g.session.as_mut() {
             session.on_gap(gap);
         }
