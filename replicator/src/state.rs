@@ -361,7 +361,14 @@ impl GroupState {
 /// defaults). Kept as it is so that a file moves both ways across an
 /// upgrade: a new field gets `#[serde(default)]` (older files lack it), and
 /// older releases ignore fields they do not know. Fields another role owns
-/// are dropped on load: every role change has always reset them.
+/// are dropped on load: no code of this role reads them (the previous
+/// release reset most of them at each role change, and never read the
+/// rest, e.g. a promoted primary's `durable_seq`).
+///
+/// (Not a `#[serde(flatten)]` internally tagged enum: that would leave the
+/// other roles' fields out of the file, and the previous release requires
+/// some of them, e.g. `durable_seq` and `copy_pending`, so it could not
+/// start on a file written here after a downgrade.)
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFileV1 {
     #[serde(with = "as_text")]
@@ -739,8 +746,8 @@ mod tests {
     /// flat struct; taken from e2e runs, see testdata/state-v1) load with
     /// their role and that role's fields unchanged, and are written back
     /// in the same format: the same fields in the same order, the role's
-    /// values unchanged, other roles' fields at the values every role change
-    /// has always reset them to. So an older release loads them too.
+    /// values unchanged, other roles' fields at their defaults (what
+    /// `GroupState::simplex()` writes). So an older release loads them too.
     #[test]
     fn state_files_of_the_previous_release_load_unchanged_and_stay_readable_by_it() {
         let fixtures = [
