@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::drill::Frozen;
 use super::{journal_path, lock, Group, GroupError, Inner, SessionCommand};
 use crate::journal::Journal;
-use crate::state::{GroupState, TakeoverPoint};
+use crate::state::{GroupState, RoleState, SecondaryState, TakeoverPoint};
 use crate::transport::{FramedRecv, FramedSend, TransportError};
 use crate::volume::Volume;
 
@@ -131,11 +131,10 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     // and was told only "superseded"): learn it now, before judging whether
     // this node wrote beyond it; otherwise an unknown point counts as
     // divergence and a clean failover looks like a split brain.
-    let learns_point = g.role == Role::Primary
-        && g.persisted.pair_id == open.pair_id
-        && g.persisted.superseded_by == open.generation
-        && g.persisted.superseded_at.is_none()
-        && point.is_some();
+    let learns_point =
+        g.persisted.role.as_primary().is_some_and(|p| p.superseded_by == open.generation && p.superseded_at.is_none())
+            && g.persisted.pair_id == open.pair_id
+            && point.is_some();
     if verdict == Verdict::Fence || learns_point {
         group.fence(&mut g, open.generation, point);
         verdict = judge_open(&standing(group, &g), &opening, group.former_primary_diverged(&g));
@@ -169,13 +168,13 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     }
     match intent {
         pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy => {
-            if g.role == Role::Secondary && g.persisted.pair_id != open.pair_id {
+            if g.role() == Role::Secondary && g.persisted.pair_id != open.pair_id {
                 return Err((
                     pb::Refusal::Config,
                     format!("group {name} is already the secondary of another pair here; run `replicator pair delete {name}` here first"),
                 ));
             }
-            if g.role == Role::None {
+            if g.role() == Role::None {
                 if !group.cfg.accept_pair_create {
                     return Err((
                         pb::Refusal::NoConsent,
@@ -194,15 +193,17 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 }
             }
             let copy = intent == pb::OpenIntent::CreateFullCopy;
-            g.role = Role::Secondary;
-            g.persisted = GroupState {
-                role: Role::Secondary,
-                pair_id: open.pair_id,
-                generation: open.generation,
+            let secondary = SecondaryState {
                 durable_seq: open.rebase_seq,
                 journal_tail_seq: open.rebase_seq.saturating_add(1),
                 consistent: !copy,
                 copy_incomplete: copy,
+                ..SecondaryState::default()
+            };
+            g.persisted = GroupState {
+                role: RoleState::Secondary(secondary),
+                pair_id: open.pair_id,
+                generation: open.generation,
                 clean_shutdown: false,
                 ..GroupState::simplex()
             };
@@ -212,8 +213,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
             tracing::info!(group = %name, primary = %peer, copy, "pair create: this node is now secondary");
         }
         pb::OpenIntent::Resume | pb::OpenIntent::Resync => {
-            if g.role == Role::None && g.persisted.former_pair_id == open.pair_id && open.pair_id != 0 {
-                return Err(if g.persisted.written_standalone {
+            let left = g.persisted.role.as_simplex().filter(|s| s.former_pair_id == open.pair_id && open.pair_id != 0);
+            if let Some(left) = left {
+                return Err(if left.written_standalone {
                     (
                         pb::Refusal::WrittenStandalone,
                         format!(
@@ -229,37 +231,41 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                     )
                 });
             }
-            if g.role != Role::Secondary || g.persisted.pair_id != open.pair_id {
-                return Err((
-                    pb::Refusal::NotPaired,
-                    format!(
-                        "group {name} is not paired with {peer} here (it is {}); run `replicator pair delete {name}` and then `pair create {name}` on {peer}",
-                        g.state
-                    ),
-                ));
-            }
+            let g = &mut *g;
+            let secondary = match g.persisted.role.as_secondary_mut() {
+                Some(s) if g.persisted.pair_id == open.pair_id => s,
+                _ => {
+                    return Err((
+                        pb::Refusal::NotPaired,
+                        format!(
+                            "group {name} is not paired with {peer} here (it is {}); run `replicator pair delete {name}` and then `pair create {name}` on {peer}",
+                            g.state
+                        ),
+                    ))
+                }
+            };
             if intent == pb::OpenIntent::Resync {
                 // The primary lost power and starts a new generation: what
                 // it may have lost is copied again; records follow its
                 // recovered journal.
-                if g.persisted.needs_rebase {
+                if secondary.needs_rebase {
                     tracing::info!(group = %name, primary = %peer, rebase = open.rebase_seq,
                         "resync: the primary copies the regions this node discarded and its own changes");
                 } else {
                     tracing::warn!(group = %name, primary = %peer, epoch = open.epoch, rebase = open.rebase_seq,
                         "resync: the primary restarted after a power cut (or had no record of what this node holds): resynchronising the regions that may differ");
                 }
-                g.persisted.durable_seq = open.rebase_seq;
-                g.persisted.journal_tail_seq = open.rebase_seq.saturating_add(1);
+                secondary.durable_seq = open.rebase_seq;
+                secondary.journal_tail_seq = open.rebase_seq.saturating_add(1);
                 g.persisted.epoch = open.epoch;
                 // Inconsistent until the copy of those regions is done
                 // (COPY_DONE follows even when there is nothing to copy).
-                g.persisted.copy_incomplete = true;
-                if g.persisted.needs_rebase {
+                secondary.copy_incomplete = true;
+                if secondary.needs_rebase {
                     // The primary's bitmaps hold the regions this node
                     // discarded (`rebased`, checked above): forget them.
                     tracing::info!(group = %name, primary = %peer, "the primary copies the regions this node discarded");
-                    g.persisted.needs_rebase = false;
+                    secondary.needs_rebase = false;
                     for b in &mut g.bitmaps {
                         b.clear_all();
                     }
@@ -267,15 +273,24 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 }
                 g.persisted.generation = g.persisted.generation.max(open.generation);
             }
-            if g.persisted.split_writable || g.state == PairState::Suspended(SuspendReason::Split) {
+            if secondary.split_writable || g.state == PairState::Suspended(SuspendReason::Split) {
                 tracing::info!(group = %name, primary = %peer, "pair resync: the split ends");
-                g.persisted.split_writable = false;
+                secondary.split_writable = false;
             }
-            g.persisted.consistent = !g.persisted.copy_incomplete;
-            g.state = if g.persisted.consistent { PairState::Pair } else { PairState::Copy };
+            secondary.consistent = !secondary.copy_incomplete;
+            g.state = if secondary.consistent { PairState::Pair } else { PairState::Copy };
         }
         pb::OpenIntent::Unspecified => return Err((pb::Refusal::Config, "OpenGroup without an intent".into())),
     }
+    let Some(secondary) = g.persisted.role.as_secondary() else {
+        return Err((pb::Refusal::Unspecified, format!("group {name}: this node is not the secondary")));
+    };
+    let start = SecondaryStart {
+        checkpoint: secondary.durable_seq,
+        journal_head: secondary.journal_tail_pos,
+        copy_incomplete: secondary.copy_incomplete,
+        data_as_of_us: secondary.data_as_of_us,
+    };
     // Saved before the primary hears yes (the caller waits for it): after a
     // restart this node must still know it is the secondary of this pair.
     let save = group.save_later(&mut g);
@@ -285,15 +300,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     g.session_cmd = Some(commands_tx);
     g.secondary_attached = true;
     g.link_changed_at = std::time::SystemTime::now();
-    g.secondary_durable = g.persisted.durable_seq;
-    g.secondary_applied = g.persisted.durable_seq;
+    g.secondary_durable = start.checkpoint;
+    g.secondary_applied = start.checkpoint;
     group.publish(&mut g);
-    let start = SecondaryStart {
-        checkpoint: g.persisted.durable_seq,
-        journal_head: g.persisted.journal_tail_pos,
-        copy_incomplete: g.persisted.copy_incomplete,
-        data_as_of_us: g.persisted.data_as_of_us,
-    };
     let new_pair = matches!(intent, pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy);
     Ok(Accepted { start, new_pair, commands, save })
 }
@@ -301,14 +310,14 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
 /// This node's standing in the pair, for `protocol::lifecycle`.
 pub(super) fn standing(group: &Group, g: &Inner) -> Standing {
     Standing {
-        role: g.role,
+        role: g.role(),
         pair_id: g.persisted.pair_id,
         generation: g.persisted.generation,
-        superseded_by: g.persisted.superseded_by,
+        superseded_by: g.persisted.role.superseded_by(),
         split: g.state == PairState::Suspended(SuspendReason::Split),
         split_brain: g.state == PairState::SplitBrain,
-        needs_rebase: g.persisted.needs_rebase,
-        split_writable: g.persisted.split_writable,
+        needs_rebase: g.persisted.role.needs_rebase(),
+        split_writable: g.persisted.role.split_writable(),
         switching: g.switching,
         in_use: group.nbd_clients.load(std::sync::atomic::Ordering::SeqCst) > 0,
     }
@@ -325,7 +334,7 @@ fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup
                  To keep {peer}'s data: `replicator failback {name}` here. To keep this node's data: \
                  `replicator pair resync {name} --discard-local` on {peer}",
                 beyond(g),
-                g.persisted.superseded_by
+                g.persisted.role.superseded_by()
             );
             if g.state != PairState::SplitBrain {
                 group.transition(g, PairEvent::SplitBrainDetected, &msg);
@@ -337,9 +346,9 @@ fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup
         pb::Refusal::Fenced => format!(
             "group {name} here is a former primary fenced after the failover to {peer} (generation {}); it accepts \
              no writes and waits for `replicator failback {name}` here",
-            g.persisted.superseded_by
+            g.persisted.role.superseded_by()
         ),
-        pb::Refusal::Superseded if g.role == Role::Primary => format!(
+        pb::Refusal::Superseded if g.role() == Role::Primary => format!(
             "group {name} was failed over to this node (generation {}); {peer} (generation {}) was superseded and \
              must not accept writes",
             g.persisted.generation, open.generation
@@ -357,10 +366,10 @@ fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup
              resync overwrites them"
         ),
         pb::Refusal::NeedsRebase => {
-            if g.persisted.split_writable {
+            if let Some(s) = g.persisted.role.as_secondary_mut().filter(|s| s.split_writable) {
                 // The regions named now must stay all there is until the
                 // resync: the volumes take no more writes.
-                g.persisted.split_writable = false;
+                s.split_writable = false;
                 group.save_later(g);
             }
             let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
@@ -413,7 +422,7 @@ async fn give_up_for_swap(group: &Arc<Group>, open: &pb::OpenGroup, peer: &str) 
 /// A former primary's writes beyond the takeover point, in words.
 fn beyond(g: &Inner) -> String {
     let bitmap: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
-    let records = match g.persisted.superseded_at {
+    let records = match g.persisted.role.as_primary().and_then(|p| p.superseded_at) {
         Some(p) if p.epoch == g.persisted.epoch => {
             format!("{} journal record(s) after sequence {}", g.last_jseq.saturating_sub(p.seq), p.seq)
         }
@@ -440,7 +449,10 @@ async fn guard_for_resync(group: &Group, open: &pb::OpenGroup) -> Result<bool, R
         if !group.wants_guard(&g) || g.secondary_attached || g.taking_over || g.persisted.pair_id != open.pair_id {
             return Ok(false);
         }
-        (g.persisted.durable_seq, g.persisted.data_as_of_us)
+        let Some(s) = g.persisted.role.as_secondary() else {
+            return Ok(false);
+        };
+        (s.durable_seq, s.data_as_of_us)
     };
     group.preserve_image(seq, written_at_us).await.map(|()| true).map_err(|e| {
         let msg = format!(
@@ -498,7 +510,7 @@ pub async fn serve_secondary(
     let (Accepted { start, commands, .. }, journal) = match accepted {
         Ok(accepted) => accepted,
         Err((refusal, msg)) => {
-            if guarded && lock(&group.inner).persisted.consistent {
+            if guarded && lock(&group.inner).persisted.role.consistent() {
                 group.release_image("the resync was refused");
             }
             // One line per distinct refusal (and a reminder every minute):
@@ -571,7 +583,9 @@ pub async fn serve_secondary(
         // applies them again.
         let save = {
             let mut g = lock(&group.inner);
-            g.persisted.consistent = false;
+            if let Some(s) = g.persisted.role.as_secondary_mut() {
+                s.consistent = false;
+            }
             group.save_later(&mut g)
         };
         if let Err(e) = group.saved(save).await {
@@ -701,7 +715,7 @@ fn detach(group: &Group) {
     g.secondary_attached = false;
     g.session_cmd = None;
     g.link_changed_at = std::time::SystemTime::now();
-    if g.role == Role::Secondary && matches!(g.state, PairState::Pair | PairState::Copy) {
+    if g.role() == Role::Secondary && matches!(g.state, PairState::Pair | PairState::Copy) {
         group.transition(&mut g, PairEvent::LinkDown, "the replication session ended");
     }
     group.publish(&mut g);
@@ -982,12 +996,13 @@ impl Session {
             }
             Some(Body::Command(c)) if c.command == pb::Command::PrimaryProgress as i32 => {
                 let mut g = lock(&self.group.inner);
-                g.persisted.primary_reported_seq = c.seq;
-                g.persisted.primary_reported_bytes = c.bytes;
-                // The primary's time of the report (it may arrive late,
-                // behind the records queued before it).
-                g.persisted.primary_reported_at_us =
-                    if c.at_us != 0 { c.at_us } else { super::write_path::unix_micros() };
+                if let Some(s) = g.persisted.role.as_secondary_mut() {
+                    s.primary_reported_seq = c.seq;
+                    s.primary_reported_bytes = c.bytes;
+                    // The primary's time of the report (it may arrive late,
+                    // behind the records queued before it).
+                    s.primary_reported_at_us = if c.at_us != 0 { c.at_us } else { super::write_path::unix_micros() };
+                }
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::Delete as i32 => {
@@ -1028,7 +1043,7 @@ impl Session {
     /// A snapshot is on disk: the status follows it.
     fn saved(&mut self, persist: &Persist) {
         let mut g = lock(&self.group.inner);
-        if g.role != Role::Secondary {
+        if g.role() != Role::Secondary {
             return;
         }
         if self.copy_incomplete && !persist.copy_incomplete {
@@ -1112,12 +1127,14 @@ impl Session {
                     let group = self.group.clone();
                     let snapshot = {
                         let mut g = lock(&group.inner);
-                        g.persisted.durable_seq = persist.checkpoint;
-                        g.persisted.journal_tail_seq = persist.checkpoint + 1;
-                        g.persisted.journal_tail_pos = persist.journal_tail_pos;
-                        g.persisted.copy_incomplete = persist.copy_incomplete;
-                        g.persisted.consistent = !persist.copy_incomplete;
-                        g.persisted.data_as_of_us = g.persisted.data_as_of_us.max(persist.data_as_of_us);
+                        if let Some(s) = g.persisted.role.as_secondary_mut() {
+                            s.durable_seq = persist.checkpoint;
+                            s.journal_tail_seq = persist.checkpoint + 1;
+                            s.journal_tail_pos = persist.journal_tail_pos;
+                            s.copy_incomplete = persist.copy_incomplete;
+                            s.consistent = !persist.copy_incomplete;
+                            s.data_as_of_us = s.data_as_of_us.max(persist.data_as_of_us);
+                        }
                         Group::snapshot_state(&mut g)
                     };
                     let events = self.events_tx.clone();
@@ -1142,7 +1159,9 @@ impl Session {
         let mut g = lock(&self.group.inner);
         g.secondary_applied = self.machine.applied();
         g.secondary_durable = self.machine.durable();
-        g.persisted.data_as_of_us = g.persisted.data_as_of_us.max(self.machine.data_as_of_us());
+        if let Some(s) = g.persisted.role.as_secondary_mut() {
+            s.data_as_of_us = s.data_as_of_us.max(self.machine.data_as_of_us());
+        }
         Ok(())
     }
 }

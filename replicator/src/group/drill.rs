@@ -299,13 +299,14 @@ impl Group {
         }
         let session = {
             let mut g = lock(&self.inner);
-            if g.role != Role::Secondary {
+            if g.role() != Role::Secondary {
                 return Err(GroupError::Refused(format!(
                     "group {name}: a drill copy is taken of the replica, on the secondary; this node is {} ({})",
-                    g.role, g.state
+                    g.role(),
+                    g.state
                 )));
             }
-            if !g.persisted.consistent || g.persisted.copy_incomplete {
+            if g.persisted.role.as_secondary().is_none_or(|s| !s.consistent || s.copy_incomplete) {
                 return Err(GroupError::Refused(format!(
                     "group {name}: the replica is inconsistent ({}: an initial copy or a resync is running); a drill copy \
                      of it would be an image no application wrote. Wait for PAIR (`replicator status {name}`)",
@@ -344,17 +345,20 @@ impl Group {
                 (frozen, Some(thaw_tx), None)
             }
             None => {
+                let starting = StartingGuard(self);
                 let g = lock(&self.inner);
-                let p = &g.persisted;
+                let Some(p) = g.persisted.role.as_secondary() else {
+                    return Err(GroupError::Failed(format!("group {name}: this node is no longer the secondary")));
+                };
                 let f = Frozen { seq: p.durable_seq, data_as_of_us: p.data_as_of_us, received: p.durable_seq };
-                (f, None, Some(StartingGuard(self)))
+                (f, None, Some(starting))
             }
         };
         // The frozen image is durable before a snapshot refers to it: a
         // power cut must not take writes <= N from chunks the drill reads
         // from the volume.
         super::applier::sync_volumes(&self.volumes).await.map_err(GroupError::Failed)?;
-        let reported = lock(&self.inner).persisted.primary_reported_seq;
+        let reported = lock(&self.inner).persisted.role.as_secondary().map_or(0, |s| s.primary_reported_seq);
         let mut meta = DrillMeta {
             id: drill_id(started_at_us),
             group: name.clone(),

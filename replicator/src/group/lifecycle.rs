@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use replicator_protocol::bitmap::DirtyBitmap;
 use replicator_protocol::divergence::{self, FormerPrimary};
+use replicator_protocol::journal_format::JOURNAL_SUPERBLOCK_LEN;
 use replicator_protocol::lifecycle::{on_refusal, Answer};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb;
@@ -35,7 +36,7 @@ use tokio::sync::oneshot;
 
 use super::{lock, takeover, Group, GroupError, Inner, SessionCommand};
 use crate::config::human_bytes;
-use crate::state::{Announce, TakeoverPoint};
+use crate::state::{Announce, RoleState, SecondaryState, TakeoverPoint};
 
 /// A volume index, offset and length.
 type Region = (u32, u64, u64);
@@ -62,7 +63,7 @@ impl Group {
     pub async fn pair_split(self: &Arc<Self>, rw: bool) -> Result<String, GroupError> {
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
-        let role = lock(&self.inner).role;
+        let role = lock(&self.inner).role();
         match role {
             Role::None => {
                 Err(GroupError::Failed(format!("group {name} is not paired here (SIMPLEX): nothing to split")))
@@ -130,7 +131,7 @@ impl Group {
             if g.taking_over {
                 return Err(GroupError::Failed(format!("group {name}: a failover is running here")));
             }
-            if rw && (g.persisted.copy_incomplete || !g.persisted.consistent) {
+            if rw && g.persisted.role.as_secondary().is_some_and(|s| s.copy_incomplete || !s.consistent) {
                 return Err(GroupError::Refused(format!(
                     "group {name}: this replica is not consistent (a copy or resync is running); its volumes cannot \
                      be made writable. Split without --rw, or wait for PAIR"
@@ -180,7 +181,9 @@ impl Group {
     /// The secondary records an admin split (its session is over); returns
     /// the save that makes it durable.
     pub(super) fn split_here(&self, g: &mut Inner, rw: bool, why: &str) -> u64 {
-        g.persisted.split_writable = rw;
+        if let Some(s) = g.persisted.role.as_secondary_mut() {
+            s.split_writable = rw;
+        }
         self.transition(g, PairEvent::AdminSplit, why);
         let save = self.save_later(g);
         self.publish(g);
@@ -197,7 +200,7 @@ impl Group {
         if discard_local {
             return self.discard_local().await;
         }
-        let role = lock(&self.inner).role;
+        let role = lock(&self.inner).role();
         match (role, swap) {
             (Role::None, _) => Err(GroupError::Failed(format!("group {name} is not paired here (SIMPLEX)"))),
             (Role::Secondary, false) => Err(GroupError::Failed(format!(
@@ -229,7 +232,9 @@ impl Group {
                         let through = g.ready.completed_through();
                         self.rebase(&mut g, through);
                     }
-                    g.persisted.admin_resync = true;
+                    if let Some(p) = g.persisted.role.as_primary_mut() {
+                        p.admin_resync = true;
+                    }
                     // Asked again: an earlier refusal (readers attached to the
                     // split replica, say) stands only if the peer repeats it.
                     g.refusal = None;
@@ -240,7 +245,7 @@ impl Group {
                         "group {name}: resync started{}: {} tracked here{}; `replicator status {name}` shows the progress",
                         if full { " (after an error: the whole volumes are copied)" } else { "" },
                         human_bytes(dirty),
-                        if g.persisted.bitmap_mode || dirty > 0 {
+                        if g.persisted.role.as_primary().is_some_and(|p| p.bitmap_mode) || dirty > 0 {
                             String::new()
                         } else {
                             format!(", plus any regions {peer} changed while split")
@@ -258,11 +263,12 @@ impl Group {
     /// Refuses commands meant for a primary that replicates normally.
     fn refuse_unless_replicating_primary(&self, g: &Inner, what: &str) -> Result<(), GroupError> {
         let name = &self.cfg.name;
-        if g.persisted.superseded_by > 0 || g.state == PairState::SplitBrain {
+        let fenced = g.persisted.role.superseded_by() > 0;
+        if fenced || g.state == PairState::SplitBrain {
             return Err(GroupError::Refused(format!(
                 "group {name} is {}: `pair {what}` does not apply; `replicator failback {name}` or `replicator pair \
                  resync {name} --discard-local` on the site whose writes are to be discarded",
-                if g.persisted.superseded_by > 0 { "fenced after a failover" } else { "in SPLIT-BRAIN" }
+                if fenced { "fenced after a failover" } else { "in SPLIT-BRAIN" }
             )));
         }
         if g.switching {
@@ -285,9 +291,10 @@ impl Group {
                     g.state
                 )));
             }
-            if g.persisted.copy_incomplete
-                || !g.persisted.consistent
-                || g.persisted.needs_rebase && !g.persisted.split_writable
+            if g.persisted
+                .role
+                .as_secondary()
+                .is_none_or(|s| s.copy_incomplete || !s.consistent || s.needs_rebase && !s.split_writable)
             {
                 return Err(GroupError::Refused(format!(
                     "group {name}: this replica is not consistent; it cannot become the primary with --swap \
@@ -314,9 +321,12 @@ impl Group {
             let own = g.bitmaps.clone();
             self.promote(&mut g, journal, true, &[]);
             g.bitmaps = own;
-            g.persisted.copy_pending = g.bitmaps.iter().any(|b| !b.is_clean());
-            g.persisted.swap = true;
-            g.persisted.admin_resync = true;
+            let copy_pending = g.bitmaps.iter().any(|b| !b.is_clean());
+            if let Some(p) = g.persisted.role.as_primary_mut() {
+                p.copy_pending = copy_pending;
+                p.swap = true;
+                p.admin_resync = true;
+            }
             (g.persisted.generation, self.save_later(&mut g))
         };
         self.saved(save).await?;
@@ -338,16 +348,16 @@ impl Group {
         let peer = self.cfg.peer.clone();
         {
             let g = lock(&self.inner);
-            if g.role == Role::Secondary {
+            if g.role() == Role::Secondary {
                 // A failback interrupted after the demotion: the CLI goes
                 // on with the wait and the switch back.
                 return Ok(format!("group {name} is already the secondary of {peer} here ({})", g.state));
             }
-            if g.role != Role::Primary || g.persisted.superseded_by == 0 {
+            if g.persisted.role.superseded_by() == 0 {
                 return Err(GroupError::Refused(format!(
                     "group {name} is {} here and was not superseded by a failover: there is nothing to fail back \
                      (for a planned change of roles use `replicator switchover {name}`)",
-                    if g.role == Role::Primary { "the primary" } else { "not paired (SIMPLEX)" }
+                    if g.role() == Role::Primary { "the primary" } else { "not paired (SIMPLEX)" }
                 )));
             }
         }
@@ -361,17 +371,19 @@ impl Group {
         let peer = self.cfg.peer.clone();
         let (generation, point, fenced) = {
             let g = lock(&self.inner);
-            let fenced = g.persisted.superseded_by > 0;
-            if g.role != Role::Primary || !(fenced || g.state == PairState::SplitBrain) {
-                return Err(GroupError::Refused(format!(
-                    "group {name} is {} {} here: --discard-local is for a site in SPLIT-BRAIN or a former primary \
-                     fenced after a failover; it would throw away this site's data for nothing",
-                    g.role.as_str(),
-                    g.state
-                )));
-            }
-            if fenced {
-                (g.persisted.superseded_by.max(g.persisted.generation), g.persisted.superseded_at, true)
+            let primary = match g.persisted.role.as_primary() {
+                Some(p) if p.superseded_by > 0 || g.state == PairState::SplitBrain => p,
+                _ => {
+                    return Err(GroupError::Refused(format!(
+                        "group {name} is {} {} here: --discard-local is for a site in SPLIT-BRAIN or a former primary \
+                         fenced after a failover; it would throw away this site's data for nothing",
+                        g.role().as_str(),
+                        g.state
+                    )))
+                }
+            };
+            if primary.superseded_by > 0 {
+                (primary.superseded_by.max(g.persisted.generation), primary.superseded_at, true)
             } else {
                 // The newer primary of a split brain: everything since its
                 // promotion goes.
@@ -477,16 +489,21 @@ impl Group {
         let save = {
             let mut g = lock(&self.inner);
             let divergent = std::mem::take(&mut g.bitmaps);
-            takeover::change_role(&mut g, Role::Secondary, journal, 0);
+            // A secondary that holds nothing the primary vouches for: its
+            // restore journal starts at record 1, and its divergent regions
+            // are copied over before it is consistent again.
+            let secondary = SecondaryState {
+                journal_tail_seq: 1,
+                journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
+                durable_seq: 0,
+                consistent: false,
+                copy_incomplete: true,
+                needs_rebase: true,
+                ..SecondaryState::default()
+            };
+            takeover::change_role(&mut g, RoleState::Secondary(secondary), journal);
             g.bitmaps = divergent;
             g.persisted.generation = generation;
-            g.persisted.needs_rebase = true;
-            g.persisted.consistent = false;
-            g.persisted.copy_incomplete = true;
-            g.persisted.durable_seq = 0;
-            g.persisted.superseded_at = None;
-            g.persisted.takeover = None;
-            g.persisted.split_writable = false;
             g.ring = None;
             g.shipper_epoch += 1;
             g.switching = false;
@@ -540,7 +557,7 @@ impl Group {
         let own = self.changes_after(0, through).await.map_err(|e| e.to_string())?;
         let (save, theirs, bytes) = {
             let mut g = lock(&self.inner);
-            if g.role != Role::Primary {
+            if g.role() != Role::Primary {
                 return Err("this node is no longer the primary".into());
             }
             let mut marked = g.bitmaps.clone();
@@ -555,8 +572,10 @@ impl Group {
                 // The peer gave up the primary role: this node's data wins.
                 tracing::warn!(group = %name, "{} gave up the primary role and discarded its writes: this node is the primary again", self.cfg.peer);
                 g.persisted.generation = g.persisted.generation.max(peer_generation) + 1;
-                g.persisted.superseded_by = 0;
-                g.persisted.superseded_at = None;
+                if let Some(p) = g.persisted.role.as_primary_mut() {
+                    p.superseded_by = 0;
+                    p.superseded_at = None;
+                }
             }
             let save = self.rebase(&mut g, through);
             let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
@@ -571,10 +590,12 @@ impl Group {
     /// up to it is covered by the bitmaps); returns the save that persists
     /// it (the bitmaps first, then the RESYNC intent, as every save does).
     fn rebase(&self, g: &mut Inner, rebase: u64) -> u64 {
-        g.persisted.rebase_seq = rebase;
-        g.persisted.copy_pending = true;
-        g.persisted.announce = Announce::Resync;
-        g.persisted.rebased = true;
+        if let Some(p) = g.persisted.role.as_primary_mut() {
+            p.rebase_seq = rebase;
+            p.copy_pending = true;
+            p.announce = Announce::Resync;
+            p.rebased = true;
+        }
         g.refusal = None;
         g.last_error = None;
         if matches!(g.state, PairState::SplitBrain | PairState::Suspended(_)) {
@@ -595,6 +616,6 @@ impl Group {
             epoch: g.persisted.epoch,
             bitmap_bytes: g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum(),
         };
-        divergence::wrote_beyond(former, g.persisted.superseded_at.map(Into::into))
+        divergence::wrote_beyond(former, g.persisted.role.as_primary().and_then(|p| p.superseded_at).map(Into::into))
     }
 }

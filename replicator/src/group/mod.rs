@@ -48,7 +48,9 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::config::{GroupConfig, LinkLossPolicy, Mode};
 use crate::io::IoEngine;
 use crate::journal::{Journal, JournalError, Stop};
-use crate::state::{Announce, GroupState, StateError, StateFile};
+use crate::state::{
+    Announce, GroupState, PrimaryState, RoleState, SecondaryState, SimplexState, StateError, StateFile,
+};
 use crate::transport::Transport;
 use crate::volume::Volume;
 
@@ -120,8 +122,9 @@ struct Entry {
 /// Bookkeeping under the group lock.
 #[derive(Debug)]
 struct Inner {
+    /// What `state.json` holds, this node's role with it (`state` is
+    /// copied in with every save).
     persisted: GroupState,
-    role: Role,
     state: PairState,
     seq: RangeSequencer,
     /// Completion signals of in-flight writes and copy reads.
@@ -305,6 +308,13 @@ pub struct Group {
     activity_sync: tokio::sync::Mutex<()>,
 }
 
+impl Inner {
+    /// This node's role.
+    fn role(&self) -> Role {
+        self.persisted.role()
+    }
+}
+
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     // A panic while holding the lock is a bug; the data is still the best we
     // have, so keep serving rather than poisoning every later request.
@@ -322,7 +332,7 @@ impl Group {
     ) -> Result<Arc<Group>, GroupError> {
         let store = StateFile::new(state_dir, &cfg.name);
         let persisted = store.load()?.unwrap_or_else(GroupState::simplex);
-        let role = persisted.role;
+        let role = persisted.role();
         let mut state = persisted.state;
         let was_clean = persisted.clean_shutdown;
         // Before anything writes the volumes (journal replays below): a
@@ -345,7 +355,7 @@ impl Group {
         let mut ring = None;
         let mut journal = None;
         let mut last_jseq = 0;
-        if role == Role::Primary {
+        if let RoleState::Primary(primary) = &mut persisted.role {
             // Keyed with the epoch its records were written in (persisted
             // with the tail); a power cut below moves on to the next one.
             let mut j = Journal::open(
@@ -359,7 +369,7 @@ impl Group {
             )
             .await?;
             let stop = if was_clean { Stop::Clean } else { Stop::Unclean };
-            let recovered = j.recover(persisted.journal_tail_seq.max(1), persisted.journal_tail_pos, stop).await?;
+            let recovered = j.recover(primary.journal_tail_seq.max(1), primary.journal_tail_pos, stop).await?;
             let (r, last) = (recovered.ring, recovered.last_seq);
             tracing::info!(
                 group = %cfg.name,
@@ -381,11 +391,11 @@ impl Group {
                 // A record may be journaled while its volume write never
                 // happened: replay the journal's surviving run here.
                 tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
-                let plan = ReplayPlan { bitmaps: &mut bitmaps, fence: persisted.replay_fence };
+                let plan = ReplayPlan { bitmaps: &mut bitmaps, fence: primary.replay_fence };
                 let (_, skipped) = redo_journal(&j, &r, last, &volumes, Some(plan)).await?;
                 if skipped > 0 {
                     // Their regions are dirty now: the resync copies them.
-                    persisted.copy_pending = true;
+                    primary.copy_pending = true;
                 }
             }
             if power_lost {
@@ -434,15 +444,15 @@ impl Group {
                 // The state saved below names the new epoch before anything
                 // is appended.
                 j.set_epoch(persisted.epoch);
-                persisted.copy_pending = true;
+                primary.copy_pending = true;
                 // A pair not yet announced keeps its create intent (the
                 // copy then covers the regions); an existing one rebases.
-                if persisted.announce == Announce::Resume {
-                    persisted.announce = Announce::Resync;
+                if primary.announce == Announce::Resume {
+                    primary.announce = Announce::Resync;
                 }
-                persisted.journal_tail_seq = last + 1;
-                persisted.journal_tail_pos = r.head();
-                persisted.rebase_seq = last;
+                primary.journal_tail_seq = last + 1;
+                primary.journal_tail_pos = r.head();
+                primary.rebase_seq = last;
                 let mut empty = JournalRing::new(j.capacity());
                 empty.reset_at(r.head());
                 ring = Some(empty);
@@ -456,9 +466,18 @@ impl Group {
                 ring = Some(r);
             }
             journal = Some(Arc::new(j));
-        } else if role == Role::Secondary {
+        } else if let RoleState::Secondary(secondary) = &mut persisted.role {
             journal = Some(Arc::new(
-                recover_restore_journal(&engine, &store, &cfg, &volumes, &mut persisted, was_clean).await?,
+                recover_restore_journal(
+                    &engine,
+                    &store,
+                    &cfg,
+                    &volumes,
+                    (persisted.pair_id, persisted.epoch),
+                    secondary,
+                    was_clean,
+                )
+                .await?,
             ));
         }
         let mut activity = activity.take().unwrap_or_else(|| ActivityLog::new(DEFAULT_EXTENT));
@@ -475,8 +494,8 @@ impl Group {
         // An error that suspended a primary is judged again after the
         // restart (the journal is recovered and replayed by now; the peer's
         // verdict comes with the next session).
-        if role == Role::Primary && state == PairState::Suspended(SuspendReason::Error) && persisted.superseded_by == 0
-        {
+        let superseded_by = persisted.role.superseded_by();
+        if role == Role::Primary && state == PairState::Suspended(SuspendReason::Error) && superseded_by == 0 {
             tracing::warn!(group = %cfg.name, "the pair was SUSPENDED(error) before the restart: checking it again");
             state = PairState::Suspended(SuspendReason::Link);
         }
@@ -501,8 +520,8 @@ impl Group {
             }
         }
         persisted.clean_shutdown = false;
+        let durable_seq = persisted.role.as_secondary().map_or(0, |s| s.durable_seq);
         let inner = Inner {
-            role,
             state,
             seq: RangeSequencer::new(1),
             inflight: HashMap::new(),
@@ -528,16 +547,17 @@ impl Group {
             shipper_epoch: 0,
             link_down_since: Some(Instant::now()),
             last_link_log: None,
-            last_error: (persisted.superseded_by > 0).then(|| {
+            last_error: (superseded_by > 0).then(|| {
                 format!(
-                    "{} took over as primary after a failover (generation {}); this former primary accepts no writes",
-                    cfg.peer, persisted.superseded_by
+                    "{} took over as primary after a failover (generation {superseded_by}); this former primary accepts \
+                     no writes",
+                    cfg.peer
                 )
             }),
             copy_total: 0,
             copy_done: 0,
             copy_sent: 0,
-            refusal: (persisted.superseded_by > 0).then_some("superseded"),
+            refusal: (superseded_by > 0).then_some("superseded"),
             delete_ack: None,
             boot_id,
             switching: false,
@@ -552,8 +572,8 @@ impl Group {
             session_cmd: None,
             drill_starting: false,
             secondary_attached: false,
-            secondary_durable: persisted.durable_seq,
-            secondary_applied: persisted.durable_seq,
+            secondary_durable: durable_seq,
+            secondary_applied: durable_seq,
             persisted,
         };
         store.save(&inner.persisted)?;
@@ -615,7 +635,7 @@ impl Group {
 
     /// Current role.
     pub fn role(&self) -> Role {
-        lock(&self.inner).role
+        lock(&self.inner).role()
     }
 
     /// Current pair state.
@@ -651,7 +671,7 @@ impl Group {
     /// Recomputes `Progress.sync_wait` and wakes everyone who watches.
     fn publish(&self, g: &mut Inner) {
         let sync_wait = self.cfg.mode == Mode::Sync
-            && g.role == Role::Primary
+            && g.role() == Role::Primary
             && match g.state {
                 PairState::Pair | PairState::Copy => true,
                 PairState::Suspended(SuspendReason::Link) => self.cfg.on_link_loss == LinkLossPolicy::Block,
@@ -671,7 +691,7 @@ impl Group {
     /// consistent replica (or stalls writes while the link is down, with
     /// `on_link_loss = "block"`). Any change is logged loudly.
     fn note_rpo_zero(&self, g: &mut Inner, sync_wait: bool) {
-        let now = (self.cfg.mode == Mode::Sync && g.role == Role::Primary && g.persisted.superseded_by == 0)
+        let now = (self.cfg.mode == Mode::Sync && g.role() == Role::Primary && g.persisted.role.superseded_by() == 0)
             .then_some(sync_wait && g.state != PairState::Copy);
         if now == g.rpo_zero {
             return;
@@ -693,7 +713,7 @@ impl Group {
 
     /// This node's role and pair state in words, for the peer's status.
     fn describe_self(g: &Inner) -> String {
-        format!("{} {}", g.role.as_str(), g.state)
+        format!("{} {}", g.role().as_str(), g.state)
     }
 
     /// Heard from the peer (its state, when it says).
@@ -727,7 +747,6 @@ impl Group {
     /// A snapshot of the persisted state to write (taken under the group
     /// lock, so a later version always includes every earlier change).
     fn snapshot_state(g: &mut Inner) -> (u64, GroupState) {
-        g.persisted.role = g.role;
         g.persisted.state = g.state;
         // Every save records the boot it ran in (a state rebuilt from
         // scratch, e.g. at pair create, must not look like a reboot).
@@ -900,7 +919,7 @@ impl Group {
             tick.tick().await;
             let primary = {
                 let mut g = lock(&self.inner);
-                if g.role == Role::Primary {
+                if g.role() == Role::Primary {
                     if let Some(since) = g.link_down_since {
                         if g.state.link_timed_out(since.elapsed(), self.cfg.link_timeout) {
                             self.transition(&mut g, PairEvent::LinkDown, "peer unreachable for link_timeout");
@@ -918,7 +937,7 @@ impl Group {
                         self.bitmap_wanted.send_modify(|w| *w += 1);
                     }
                 }
-                g.role == Role::Primary
+                g.role() == Role::Primary
             };
             if primary {
                 self.release_journal().await;
@@ -966,7 +985,7 @@ impl Group {
         }
         // A fenced node or a split brain keeps its own explanation (what to
         // run); the link error is only in the log then.
-        if g.persisted.superseded_by == 0 && g.state != PairState::SplitBrain {
+        if g.persisted.role.superseded_by() == 0 && g.state != PairState::SplitBrain {
             g.last_error = Some(format!("replication link to {}: {why}", self.cfg.peer));
         }
         self.progress.send_modify(|p| p.connected = false);
@@ -1003,17 +1022,19 @@ impl Group {
             let mut g = lock(&self.inner);
             self.refuse_unless_simplex(&g)?;
             let capacity = journal.capacity();
-            g.role = Role::Primary;
-            g.journal = Some(Arc::new(journal));
-            g.persisted = GroupState {
-                role: Role::Primary,
-                pair_id,
-                generation: 1,
-                epoch: 0,
+            let primary = PrimaryState {
                 journal_tail_seq: g.last_jseq + 1,
                 journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
                 copy_pending: !nocopy,
                 announce: if nocopy { Announce::CreateNocopy } else { Announce::CreateCopy },
+                ..PrimaryState::default()
+            };
+            g.journal = Some(Arc::new(journal));
+            g.persisted = GroupState {
+                role: RoleState::Primary(primary),
+                pair_id,
+                generation: 1,
+                epoch: 0,
                 clean_shutdown: false,
                 ..GroupState::simplex()
             };
@@ -1052,13 +1073,13 @@ impl Group {
     }
 
     fn refuse_unless_simplex(&self, g: &Inner) -> Result<(), GroupError> {
-        if g.role == Role::None {
+        if g.role() == Role::None {
             return Ok(());
         }
         Err(GroupError::Refused(format!(
             "group {} is already paired here as {} ({}); run `replicator pair delete {}` first",
             self.cfg.name,
-            g.role.as_str(),
+            g.role().as_str(),
             g.state,
             self.cfg.name
         )))
@@ -1079,7 +1100,7 @@ impl Group {
         }
         let (next, save) = {
             let mut g = lock(&self.inner);
-            match g.role {
+            match g.role() {
                 Role::None => return Err(GroupError::Refused(format!("group {name} is not paired (SIMPLEX)"))),
                 Role::Secondary => match g.session_cmd.clone() {
                     Some(session) => (Next::AskSession(session), None),
@@ -1144,10 +1165,9 @@ impl Group {
     /// closed, the replication session told to end. Returns the save that
     /// makes it durable, for [`Group::dissolved`].
     fn dissolve(&self, g: &mut Inner, why: &str) -> u64 {
-        let former = g.persisted.pair_id;
-        g.role = Role::None;
+        let simplex = SimplexState { former_pair_id: g.persisted.pair_id, written_standalone: false };
         g.state = PairState::Simplex;
-        g.persisted = GroupState { clean_shutdown: false, former_pair_id: former, ..GroupState::simplex() };
+        g.persisted = GroupState { role: RoleState::Simplex(simplex), clean_shutdown: false, ..GroupState::simplex() };
         g.ring = None;
         g.journal = None;
         g.entries.clear();
@@ -1216,7 +1236,7 @@ impl Group {
     async fn peer_deleted(&self) {
         let save = {
             let mut g = lock(&self.inner);
-            if g.role == Role::None {
+            if g.role() == Role::None {
                 return;
             }
             self.dissolve(&mut g, "the peer ran pair delete")
@@ -1265,13 +1285,13 @@ impl Group {
     pub fn status(&self) -> GroupStatus {
         let g = lock(&self.inner);
         let p = self.progress.borrow().clone();
-        let (applied, durable, connected) = match g.role {
+        let (applied, durable, connected) = match g.role() {
             Role::Secondary => (g.secondary_applied, g.secondary_durable, g.secondary_attached),
             _ => (p.applied, p.durable, p.connected),
         };
         let last = g.last_jseq;
-        let lag_records = if g.role == Role::Primary { last.saturating_sub(applied) } else { 0 };
-        let lag_bytes = match (g.role, g.entries.values().next(), g.entries.values().next_back()) {
+        let lag_records = if g.role() == Role::Primary { last.saturating_sub(applied) } else { 0 };
+        let lag_bytes = match (g.role(), g.entries.values().next(), g.entries.values().next_back()) {
             (Role::Primary, Some(first), Some(newest)) => {
                 let base = g
                     .entries
@@ -1283,7 +1303,7 @@ impl Group {
             }
             _ => 0,
         };
-        let lag_seconds = if g.role == Role::Primary {
+        let lag_seconds = if g.role() == Role::Primary {
             g.entries.get(&(applied + 1)).map(|e| e.written_at.elapsed().as_secs_f64()).unwrap_or(0.0)
         } else {
             0.0
@@ -1292,21 +1312,18 @@ impl Group {
             g.ring.as_ref().map(|r| (r.used_bytes(), r.capacity_bytes())).unwrap_or((0, self.cfg.journal_size));
         let health = Health::of(g.state, connected);
         let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let data_as_of_us = match g.role {
-            Role::Secondary => g.persisted.data_as_of_us,
-            _ => 0,
-        };
+        let data_as_of_us = g.persisted.role.as_secondary().map_or(0, |s| s.data_as_of_us);
         GroupStatus {
             group: self.cfg.name.clone(),
             health: health.as_str().to_string(),
-            disconnected_since_unix: (g.role != Role::None && !connected).then(|| unix(g.link_changed_at)),
+            disconnected_since_unix: (g.role() != Role::None && !connected).then(|| unix(g.link_changed_at)),
             peer_state: g.peer_state.clone(),
             peer_contact_unix: g.peer_contact.map(unix),
             rpo_zero: g.rpo_zero,
             rpo_zero_lost_since_unix: g.rpo_zero_lost_at.map(unix),
             data_as_of_unix: (data_as_of_us > 0).then(|| data_as_of_us as f64 / 1e6),
             refusal: g.refusal.map(str::to_string),
-            role: g.role.as_str().to_string(),
+            role: g.role().as_str().to_string(),
             state: g.state.name().to_string(),
             reason: g.state.reason().map(|r| r.as_str().to_string()),
             mode: self.cfg.mode.as_str().to_string(),
@@ -1314,8 +1331,8 @@ impl Group {
             connected,
             generation: g.persisted.generation,
             epoch: g.persisted.epoch,
-            superseded_by: g.persisted.superseded_by,
-            last_seq: if g.role == Role::Secondary { g.secondary_applied } else { last },
+            superseded_by: g.persisted.role.superseded_by(),
+            last_seq: if g.role() == Role::Secondary { g.secondary_applied } else { last },
             applied_seq: applied,
             durable_seq: durable,
             lag_records,
@@ -1324,15 +1341,19 @@ impl Group {
             journal_used_bytes: journal_used,
             journal_capacity_bytes: journal_capacity,
             dirty_bytes: g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum(),
-            activity_log_bytes: if g.role == Role::Primary { g.activity.len() as u64 * g.activity.extent() } else { 0 },
+            activity_log_bytes: if g.role() == Role::Primary {
+                g.activity.len() as u64 * g.activity.extent()
+            } else {
+                0
+            },
             copy_total_bytes: g.copy_total,
             copy_done_bytes: g.copy_done,
             copy_sent_bytes: g.copy_sent,
-            consistent: g.persisted.consistent,
-            writable: g.role == Role::Primary && g.persisted.superseded_by == 0
-                || g.role == Role::None
-                || g.persisted.split_writable,
-            needs_rebase: g.persisted.needs_rebase,
+            consistent: g.persisted.role.consistent(),
+            writable: g.role() == Role::Primary && g.persisted.role.superseded_by() == 0
+                || g.role() == Role::None
+                || g.persisted.role.split_writable(),
+            needs_rebase: g.persisted.role.needs_rebase(),
             io_backend: self.engine.backend().to_string(),
             direct_io: self.volumes.iter().all(|v| v.file().is_direct()),
             last_error: g.last_error.clone(),
@@ -1600,21 +1621,13 @@ async fn recover_restore_journal(
     store: &StateFile,
     cfg: &GroupConfig,
     volumes: &[Arc<Volume>],
-    persisted: &mut GroupState,
+    (pair_id, epoch): (u64, u64),
+    persisted: &mut SecondaryState,
     was_clean: bool,
 ) -> Result<Journal, GroupError> {
     // Keyed with the epoch this node rebased in: its records since were
     // written in it.
-    let mut j = Journal::open(
-        engine,
-        &journal_path(store),
-        cfg.journal_size,
-        &cfg.name,
-        persisted.pair_id,
-        persisted.epoch,
-        false,
-    )
-    .await?;
+    let mut j = Journal::open(engine, &journal_path(store), cfg.journal_size, &cfg.name, pair_id, epoch, false).await?;
     let stop = if was_clean { Stop::Clean } else { Stop::Unclean };
     let from = persisted.durable_seq + 1;
     let recovered = j.recover(from, persisted.journal_tail_pos, stop).await?;

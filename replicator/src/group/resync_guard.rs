@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 
-use replicator_protocol::pair::Role;
 use serde::{Deserialize, Serialize};
 
 use super::preserved::{ImageRecord, PreservedImage};
@@ -117,7 +116,7 @@ pub(super) fn load(
     let Some((record, image)) = PreservedImage::load::<GuardRecord>(engine, &guard_dir(group_dir), volumes)? else {
         return Ok(None);
     };
-    let resyncing = persisted.role == Role::Secondary && (persisted.copy_incomplete || !persisted.consistent);
+    let resyncing = persisted.role.as_secondary().is_some_and(|s| s.copy_incomplete || !s.consistent);
     if !resyncing {
         // Left by a stop between persisting the end of the resync (or a
         // failover) and removing the guard: nothing needs it any more.
@@ -151,10 +150,7 @@ impl Group {
     /// Whether the image of a secondary about to be resynchronised is
     /// worth preserving: consistent and not already guarded.
     pub(super) fn wants_guard(&self, g: &Inner) -> bool {
-        g.role == Role::Secondary
-            && g.persisted.consistent
-            && !g.persisted.copy_incomplete
-            && !g.persisted.needs_rebase
+        g.persisted.role.as_secondary().is_some_and(|s| s.consistent && !s.copy_incomplete && !s.needs_rebase)
             && self.guard().is_none()
     }
 
@@ -225,16 +221,14 @@ impl Group {
 
     /// `status`: the image a failover here would promote.
     pub(super) fn failover_image(&self, g: &Inner) -> Option<FailoverImage> {
-        if g.role != Role::Secondary {
-            return None;
-        }
-        if g.persisted.consistent && !g.persisted.copy_incomplete {
+        let secondary = g.persisted.role.as_secondary()?;
+        if secondary.consistent && !secondary.copy_incomplete {
             return Some(FailoverImage {
                 source: "replica".into(),
                 // A failover first applies every write durable in the
                 // restore journal.
-                seq: g.persisted.durable_seq.max(g.secondary_durable),
-                written_at_us: g.persisted.data_as_of_us,
+                seq: secondary.durable_seq.max(g.secondary_durable),
+                written_at_us: secondary.data_as_of_us,
                 preserved_bytes: 0,
             });
         }

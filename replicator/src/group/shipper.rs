@@ -54,7 +54,7 @@ pub(super) fn spawn(group: Arc<Group>) {
 /// Is this session task still the group's one, for the same pair?
 fn current(group: &Group, epoch: u64) -> bool {
     let g = lock(&group.inner);
-    g.role == Role::Primary && g.shipper_epoch == epoch
+    g.role() == Role::Primary && g.shipper_epoch == epoch
 }
 
 /// How the session task goes on after a session ended.
@@ -76,7 +76,7 @@ fn retry(group: &Group) -> Retry {
     let g = lock(&group.inner);
     if g.refusal == Some("not-paired") {
         Retry::Stop("the peer is no longer in this pair")
-    } else if g.persisted.superseded_by > 0 || g.state == PairState::SplitBrain {
+    } else if g.persisted.role.superseded_by() > 0 || g.state == PairState::SplitBrain {
         Retry::Rarely
     } else {
         Retry::Backoff
@@ -156,13 +156,17 @@ fn cleanup_session(group: &Group, epoch: u64) {
 
 fn intent_and_base(group: &Group) -> (pb::OpenIntent, u64) {
     let g = lock(&group.inner);
-    match g.persisted.announce {
-        Announce::CreateCopy => (pb::OpenIntent::CreateFullCopy, g.persisted.journal_tail_seq.saturating_sub(1)),
-        Announce::CreateNocopy => (pb::OpenIntent::CreateNocopy, g.persisted.journal_tail_seq.saturating_sub(1)),
+    // (Not the primary any more: the session ends once it sees so.)
+    let Some(p) = g.persisted.role.as_primary() else {
+        return (pb::OpenIntent::Resume, 0);
+    };
+    match p.announce {
+        Announce::CreateCopy => (pb::OpenIntent::CreateFullCopy, p.journal_tail_seq.saturating_sub(1)),
+        Announce::CreateNocopy => (pb::OpenIntent::CreateNocopy, p.journal_tail_seq.saturating_sub(1)),
         Announce::Resync => (
             pb::OpenIntent::Resync,
-            match g.persisted.rebase_seq {
-                0 => g.persisted.journal_tail_seq.saturating_sub(1),
+            match p.rebase_seq {
+                0 => p.journal_tail_seq.saturating_sub(1),
                 rebase => rebase,
             },
         ),
@@ -180,14 +184,15 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         let g = lock(&group.inner);
         let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
         let p = &g.persisted;
+        let primary = p.role.as_primary().cloned().unwrap_or_default();
         let lifecycle = pb::OpenGroup {
             sender_state: Group::describe_self(&g),
-            admin_resync: p.admin_resync,
-            swap: p.swap,
-            rebased: p.rebased && intent == pb::OpenIntent::Resync,
-            promoted: p.takeover.is_some(),
-            takeover_seq: p.takeover.map_or(0, |t| t.seq),
-            takeover_epoch: p.takeover.map_or(0, |t| t.epoch),
+            admin_resync: primary.admin_resync,
+            swap: primary.swap,
+            rebased: primary.rebased && intent == pb::OpenIntent::Resync,
+            promoted: primary.takeover.is_some(),
+            takeover_seq: primary.takeover.map_or(0, |t| t.seq),
+            takeover_epoch: primary.takeover.map_or(0, |t| t.epoch),
             ..Default::default()
         };
         (p.generation, p.epoch, p.pair_id, dirty, g.last_jseq, lifecycle)
@@ -235,7 +240,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     // Check the journal can resume from the peer's checkpoint.
     let (pair_id, save) = {
         let mut g = lock(&group.inner);
-        if g.shipper_epoch != epoch || g.role != Role::Primary || g.persisted.pair_id != pair_id {
+        if g.shipper_epoch != epoch || g.role() != Role::Primary || g.persisted.pair_id != pair_id {
             return Err(TransportError::Protocol("the pair changed while the session started".into()));
         }
         let last = g.ready.completed_through();
@@ -246,18 +251,22 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
             group.transition(&mut g, PairEvent::Failure, &msg);
             return Err(TransportError::Protocol(msg));
         }
-        g.persisted.announce = Announce::Resume;
-        g.persisted.rebase_seq = 0;
-        g.persisted.admin_resync = false;
-        g.persisted.swap = false;
-        g.persisted.rebased = false;
+        let Some(primary) = g.persisted.role.as_primary_mut() else {
+            return Err(TransportError::Protocol("the pair changed while the session started".into()));
+        };
+        primary.announce = Announce::Resume;
+        primary.rebase_seq = 0;
+        primary.admin_resync = false;
+        primary.swap = false;
+        primary.rebased = false;
+        let (resync_gap, needs_resync) = (primary.resync_gap, primary.copy_pending);
         g.refusal = None;
         g.link_changed_at = std::time::SystemTime::now();
         g.link_down_since = None;
         g.last_link_log = None;
         g.last_error = None;
         let mut session = PrimarySession::new(COPY, peer_durable, last);
-        if let Some(gap) = g.persisted.resync_gap {
+        if let Some(gap) = resync_gap {
             session.on_gap(gap);
         }
         g.session = Some(session);
@@ -274,7 +283,6 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
             // what it just reported: the journal up to it may be freed.
             p.checkpoint = peer_durable;
         });
-        let needs_resync = g.persisted.copy_pending;
         if matches!(g.state, PairState::Suspended(_)) {
             group.transition(&mut g, PairEvent::LinkUp { needs_resync }, "link restored");
         }
@@ -307,7 +315,7 @@ async fn send_loop(
         }
         let (pair_gone, superseded) = {
             let g = lock(&group.inner);
-            (g.role != Role::Primary || g.persisted.pair_id != pair_id, g.shipper_epoch != epoch)
+            (g.role() != Role::Primary || g.persisted.pair_id != pair_id, g.shipper_epoch != epoch)
         };
         if pair_gone {
             // pair delete (here or by the peer): tell the secondary after
@@ -447,7 +455,7 @@ async fn send_loop(
             _ = wake => {}
             _ = kick.changed() => {
                 let g = lock(&group.inner);
-                if g.role == Role::Primary && g.persisted.pair_id == pair_id && g.shipper_epoch == epoch {
+                if g.role() == Role::Primary && g.persisted.pair_id == pair_id && g.shipper_epoch == epoch {
                     return Err(TransportError::Protocol("session restarted".into()));
                 }
             }
@@ -504,7 +512,7 @@ impl<'a> CopyReads<'a> {
                 if g.shipper_epoch != epoch {
                     return;
                 }
-                let copying = g.persisted.copy_pending && !g.persisted.bitmap_mode;
+                let copying = g.persisted.role.as_primary().is_some_and(|p| p.copy_pending && !p.bitmap_mode);
                 let g = &mut *g;
                 let step = match g.session.as_mut() {
                     Some(s) => s.next_copy(&mut g.bitmaps, copying),
@@ -675,8 +683,10 @@ impl Group {
     fn copy_finished(&self) {
         let mut g = lock(&self.inner);
         if g.bitmaps.iter().all(|b| b.is_clean()) && g.session.as_ref().is_none_or(PrimarySession::copy_idle) {
-            g.persisted.copy_pending = false;
-            g.persisted.resync_gap = None;
+            if let Some(p) = g.persisted.role.as_primary_mut() {
+                p.copy_pending = false;
+                p.resync_gap = None;
+            }
             self.save_later(&mut g);
             self.transition(&mut g, PairEvent::CopyDone, "copy complete");
             tracing::info!(group = %self.cfg.name, bytes = g.copy_done, "copy complete; secondary is consistent");
@@ -699,8 +709,10 @@ impl Group {
                 (Some(checkpoint), Some(ring)) => {
                     let new_tail_seq = checkpoint + 1;
                     let new_tail_pos = ring.lookup(new_tail_seq).map(|(p, _)| p).unwrap_or_else(|| ring.head());
-                    g.persisted.journal_tail_seq = new_tail_seq;
-                    g.persisted.journal_tail_pos = new_tail_pos;
+                    if let Some(p) = g.persisted.role.as_primary_mut() {
+                        p.journal_tail_seq = new_tail_seq;
+                        p.journal_tail_pos = new_tail_pos;
+                    }
                     Some((Self::snapshot_state(&mut g), checkpoint))
                 }
                 _ => None,
@@ -733,8 +745,8 @@ impl Group {
                     self.progress.borrow().connected,
                 )
             });
-            if g.persisted.bitmap_mode && room {
-                g.persisted.bitmap_mode = false;
+            if let Some(p) = g.persisted.role.as_primary_mut().filter(|p| p.bitmap_mode && room) {
+                p.bitmap_mode = false;
                 tracing::info!(group = %self.cfg.name, "journal has room again: resyncing the regions tracked in the bitmap");
                 self.transition(&mut g, PairEvent::LinkUp { needs_resync: true }, "journal space freed");
                 self.save_later(&mut g);

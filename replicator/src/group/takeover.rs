@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use super::{lock, Group, GroupError, Inner, SessionCommand};
 use crate::config::Mode;
 use crate::journal::Journal;
-use crate::state::{Announce, TakeoverPoint};
+use crate::state::{PrimaryState, RoleState, SecondaryState, TakeoverPoint};
 
 /// How long a failover waits for the replication session to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -69,10 +69,10 @@ impl Group {
         let peer = self.cfg.peer.clone();
         let session = {
             let mut g = lock(&self.inner);
-            if g.role != Role::Secondary {
+            if g.role() != Role::Secondary {
                 return Err(GroupError::Failed(format!(
                     "group {name} is {} here, not a secondary: there is nothing to fail over to on this node",
-                    if g.role == Role::Primary { "already the primary" } else { "not paired (SIMPLEX)" }
+                    if g.role() == Role::Primary { "already the primary" } else { "not paired (SIMPLEX)" }
                 )));
             }
             if g.secondary_attached && !force {
@@ -124,7 +124,8 @@ impl Group {
         }
         let (pair_id, epoch, inconsistent) = {
             let g = lock(&self.inner);
-            (g.persisted.pair_id, g.persisted.epoch, g.persisted.copy_incomplete || !g.persisted.consistent)
+            let inconsistent = g.persisted.role.as_secondary().is_some_and(|s| s.copy_incomplete || !s.consistent);
+            (g.persisted.pair_id, g.persisted.epoch, inconsistent)
         };
         // In the middle of a resync: back to the consistent image it
         // preserved (resync_guard.rs), if it did.
@@ -144,20 +145,24 @@ impl Group {
         let journal = self.fresh_journal(pair_id, epoch).await?;
         let (report, save) = {
             let mut g = lock(&self.inner);
-            if g.role != Role::Secondary || g.secondary_attached {
-                return Err(GroupError::Failed(format!(
-                    "group {name}: the pair changed while the failover ran ({}); nothing changed",
-                    g.state
-                )));
-            }
+            let g = &mut *g;
+            let secondary = match g.persisted.role.as_secondary_mut() {
+                Some(s) if !g.secondary_attached => s,
+                _ => {
+                    return Err(GroupError::Failed(format!(
+                        "group {name}: the pair changed while the failover ran ({}); nothing changed",
+                        g.state
+                    )))
+                }
+            };
             if let Some((guard, _)) = &rolled_back {
-                g.persisted.durable_seq = guard.seq;
+                secondary.durable_seq = guard.seq;
+                secondary.data_as_of_us = guard.written_at_us;
+                secondary.copy_incomplete = false;
+                secondary.consistent = true;
                 g.persisted.epoch = guard.epoch;
-                g.persisted.data_as_of_us = guard.written_at_us;
-                g.persisted.copy_incomplete = false;
-                g.persisted.consistent = true;
             }
-            let mut report = recovery_point(self.cfg.mode, &g, &peer);
+            let mut report = recovery_point(self.cfg.mode, secondary, g.persisted.generation, &peer);
             if let Some((_, regions)) = &rolled_back {
                 let bytes: u64 = regions.iter().flatten().map(|(_, len)| len).sum();
                 report.push_str(&format!(
@@ -172,7 +177,7 @@ impl Group {
                 );
             }
             let rewritten = rolled_back.as_ref().map_or(&[][..], |(_, r)| r.as_slice());
-            let save = self.promote(&mut g, journal, !inconsistent, rewritten);
+            let save = self.promote(g, journal, !inconsistent, rewritten);
             tracing::warn!(group = %name, generation = g.persisted.generation, "failover: this node is now the primary; {report}");
             (report, save)
         };
@@ -194,16 +199,16 @@ impl Group {
         let started = Instant::now();
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
-        let secondary = lock(&self.inner).role == Role::Secondary;
+        let secondary = lock(&self.inner).role() == Role::Secondary;
         if secondary {
             return self.switchover_from_secondary().await;
         }
         {
             let mut g = lock(&self.inner);
-            if g.role != Role::Primary || g.persisted.superseded_by > 0 {
+            if g.role() != Role::Primary || g.persisted.role.superseded_by() > 0 {
                 return Err(GroupError::Failed(format!(
                     "group {name} is not paired here ({}, {}): there is no role to switch",
-                    g.role.as_str(),
+                    g.role().as_str(),
                     g.state
                 )));
             }
@@ -307,7 +312,7 @@ impl Group {
         loop {
             let (role, generation) = {
                 let g = lock(&self.inner);
-                (g.role, g.persisted.generation)
+                (g.role(), g.persisted.generation)
             };
             if role == Role::Primary {
                 return Ok(format!(
@@ -382,7 +387,7 @@ impl Group {
     pub(super) async fn take_over_after_switchover(self: &Arc<Self>, seq: u64) -> Result<(), GroupError> {
         let (pair_id, epoch, checkpoint) = {
             let g = lock(&self.inner);
-            (g.persisted.pair_id, g.persisted.epoch, g.persisted.durable_seq)
+            (g.persisted.pair_id, g.persisted.epoch, g.persisted.role.as_secondary().map_or(0, |s| s.durable_seq))
         };
         if checkpoint < seq {
             return Err(GroupError::Failed(format!(
@@ -436,18 +441,24 @@ impl Group {
     /// A failover on the peer superseded this primary (generation
     /// `generation`): stop accepting writes, for good, and say so.
     pub(super) fn fence(&self, g: &mut Inner, generation: u64, point: Option<TakeoverPoint>) {
-        if g.role != Role::Primary || g.switching {
+        if g.switching {
             return;
         }
-        if g.persisted.superseded_by == generation && point.is_some() && g.persisted.superseded_at != point {
+        let Some(primary) = g.persisted.role.as_primary_mut() else {
+            return;
+        };
+        if primary.superseded_by == generation && point.is_some() && primary.superseded_at != point {
             // Fenced before without the takeover point (this node asked
             // first): remember it now.
-            g.persisted.superseded_at = point;
+            primary.superseded_at = point;
             self.save_later(g);
-        }
-        if g.persisted.superseded_by >= generation {
             return;
         }
+        if primary.superseded_by >= generation {
+            return;
+        }
+        primary.superseded_by = generation;
+        primary.superseded_at = point;
         let name = &self.cfg.name;
         let msg = format!(
             "group {name}: {peer} took over as primary after a failover (generation {generation}); this node no \
@@ -456,8 +467,6 @@ impl Group {
             peer = self.cfg.peer
         );
         tracing::error!(group = %name, "{msg}");
-        g.persisted.superseded_by = generation;
-        g.persisted.superseded_at = point;
         g.last_error = Some(msg.clone());
         g.refusal = Some("superseded");
         // Writes are refused from now on; the fence is durable with the next
@@ -471,11 +480,10 @@ impl Group {
 /// What the promoted image holds, in words: the sequence, the primary's
 /// time of that write, and (async) what the primary last reported beyond
 /// it.
-fn recovery_point(mode: Mode, g: &Inner, peer: &str) -> String {
-    let p = &g.persisted;
+fn recovery_point(mode: Mode, p: &SecondaryState, generation: u64, peer: &str) -> String {
     let n = p.durable_seq;
     let when = if p.data_as_of_us == 0 { "unknown time".to_string() } else { format_time(p.data_as_of_us) };
-    let mut out = format!("Recovery point: sequence {n} (generation {}), written on {peer} at {when}.", p.generation);
+    let mut out = format!("Recovery point: sequence {n} (generation {generation}), written on {peer} at {when}.");
     match mode {
         Mode::Sync => out.push_str(
             " Sync mode: it holds every write the primary acknowledged while the pair was in PAIR (writes \
@@ -505,29 +513,12 @@ pub(crate) fn format_time(us: u64) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| format!("{us} µs since the epoch"))
 }
 
-/// What every role change does: `role` of the same pair in the next
-/// generation, its journal `journal` (empty) continuing after `last`, no
-/// copy due, nothing tracked, no peer yet.
-pub(super) fn change_role(g: &mut Inner, role: Role, journal: Journal, last: u64) {
-    g.role = role;
+/// What every role change does: `role` (with all its state: nothing of
+/// the old role's stays) of the same pair in the next generation, its
+/// journal `journal` (empty), no copy due, nothing tracked, no peer yet.
+pub(super) fn change_role(g: &mut Inner, role: RoleState, journal: Journal) {
     g.persisted.role = role;
     g.persisted.generation += 1;
-    g.persisted.journal_tail_seq = last + 1;
-    g.persisted.journal_tail_pos = JOURNAL_SUPERBLOCK_LEN;
-    g.persisted.copy_pending = false;
-    g.persisted.bitmap_mode = false;
-    g.persisted.resync_gap = None;
-    g.persisted.announce = Announce::Resume;
-    g.persisted.copy_incomplete = false;
-    g.persisted.superseded_by = 0;
-    g.persisted.superseded_at = None;
-    g.persisted.takeover = None;
-    g.persisted.needs_rebase = false;
-    g.persisted.split_writable = false;
-    g.persisted.rebase_seq = 0;
-    g.persisted.admin_resync = false;
-    g.persisted.swap = false;
-    g.persisted.rebased = false;
     g.split = None;
     g.journal = Some(Arc::new(journal));
     g.entries.clear();
@@ -548,9 +539,14 @@ pub(super) fn change_role(g: &mut Inner, role: Role, journal: Journal, last: u64
 /// new generation, holding every write through `last` durably, with an
 /// empty restore journal.
 fn demote(g: &mut Inner, journal: Journal, last: u64) {
-    change_role(g, Role::Secondary, journal, last);
-    g.persisted.durable_seq = last;
-    g.persisted.consistent = true;
+    let secondary = SecondaryState {
+        journal_tail_seq: last + 1,
+        journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
+        durable_seq: last,
+        consistent: true,
+        ..SecondaryState::default()
+    };
+    change_role(g, RoleState::Secondary(secondary), journal);
     g.ring = None;
     // The shipper task of the primary role ends.
     g.shipper_epoch += 1;
@@ -563,14 +559,20 @@ fn demote(g: &mut Inner, journal: Journal, last: u64) {
 /// A secondary becomes primary of the same pair in a new generation, its
 /// journal empty and continuing after the recovery point.
 fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
-    let n = g.persisted.durable_seq;
+    // (Callers checked it is the secondary, under the same lock.)
+    let n = g.persisted.role.as_secondary().map_or(g.last_jseq, |s| s.durable_seq);
     let mut ring = JournalRing::new(journal.capacity());
     ring.reset_at(JOURNAL_SUPERBLOCK_LEN);
-    change_role(g, Role::Primary, journal, n);
-    // Where this image left the old generation: a former primary that
-    // comes back compares its own records with it.
-    g.persisted.takeover = Some(TakeoverPoint { seq: n, epoch: g.persisted.epoch });
-    g.persisted.consistent = consistent;
+    let primary = PrimaryState {
+        journal_tail_seq: n + 1,
+        journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
+        consistent,
+        // Where this image left the old generation: a former primary that
+        // comes back compares its own records with it.
+        takeover: Some(TakeoverPoint { seq: n, epoch: g.persisted.epoch }),
+        ..PrimaryState::default()
+    };
+    change_role(g, RoleState::Primary(primary), journal);
     g.taking_over = false;
     g.ring = Some(ring);
     g.seq = RangeSequencer::new(1);

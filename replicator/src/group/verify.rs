@@ -107,7 +107,7 @@ impl Group {
         let name = self.cfg.name.clone();
         let pair_id = {
             let g = lock(&self.inner);
-            match g.role {
+            match g.role() {
                 Role::Primary => {}
                 Role::Secondary => {
                     return Err(GroupError::Failed(format!(
@@ -208,7 +208,7 @@ impl Group {
     fn verifiable(&self, g: &Inner, pair_id: u64) -> Result<(), GroupError> {
         let name = &self.cfg.name;
         let peer = &self.cfg.peer;
-        if g.role != Role::Primary || g.persisted.pair_id != pair_id {
+        if g.role() != Role::Primary || g.persisted.pair_id != pair_id {
             return Err(GroupError::Failed(format!("group {name}: the pair changed during verify (now {})", g.state)));
         }
         if let Some(why) = self.stopped.get() {
@@ -230,7 +230,7 @@ impl Group {
         if g.switching {
             return Err(GroupError::Refused(format!("group {name}: a switchover is running; verify needs PAIR")));
         }
-        if g.persisted.copy_pending {
+        if g.persisted.role.as_primary().is_some_and(|p| p.copy_pending) {
             let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
             return Err(GroupError::Refused(format!(
                 "group {name}: a resync to {peer} is still running ({dirty} bytes to copy); verify needs it finished"
@@ -310,7 +310,9 @@ impl Group {
                     b.set_range(r.offset, r.len);
                 }
             }
-            g.persisted.copy_pending = true;
+            if let Some(p) = g.persisted.role.as_primary_mut() {
+                p.copy_pending = true;
+            }
             // Durable before the copy starts: after a crash from here on,
             // the regions are still copied by the next session.
             self.save_later(&mut g)
@@ -323,11 +325,11 @@ impl Group {
         loop {
             {
                 let g = lock(&self.inner);
-                if g.role != Role::Primary || g.persisted.pair_id != pair_id {
+                if g.role() != Role::Primary || g.persisted.pair_id != pair_id {
                     return Err(GroupError::Failed(format!("verify {name} --fix: the pair changed (now {})", g.state)));
                 }
                 match g.state {
-                    PairState::Pair if !g.persisted.copy_pending => return Ok(bytes),
+                    PairState::Pair if g.persisted.role.as_primary().is_some_and(|p| !p.copy_pending) => return Ok(bytes),
                     PairState::Pair | PairState::Copy => {}
                     other => {
                         return Err(GroupError::Failed(format!(
@@ -523,10 +525,10 @@ async fn hash_region(groups: &[Arc<Group>], request: &pb::VerifyRequest, peer: &
     }
     {
         let g = lock(&group.inner);
-        if g.role != Role::Secondary || g.persisted.pair_id != request.pair_id {
+        if g.role() != Role::Secondary || g.persisted.pair_id != request.pair_id {
             return Err(format!(
                 "group {name} here is not the secondary of this pair (it is {} {})",
-                g.role.as_str(),
+                g.role().as_str(),
                 g.state
             ));
         }

@@ -241,30 +241,30 @@ impl Group {
             return Err(self.stopped_error(why));
         }
         let mut g = lock(&self.inner);
-        let split_writable = g.role == Role::Secondary && g.persisted.split_writable;
-        if g.role == Role::Secondary && !split_writable {
+        let split_writable = g.persisted.role.split_writable();
+        if g.role() == Role::Secondary && !split_writable {
             return Err(WriteError::ReadOnly(self.cfg.name.clone()));
         }
-        if split_writable && !g.persisted.needs_rebase {
+        if let Some(s) = g.persisted.role.as_secondary_mut().filter(|s| s.split_writable && !s.needs_rebase) {
             // The first write to a replica split with --rw: from now on the
             // primary must copy what it changed before the pair resumes.
-            g.persisted.needs_rebase = true;
+            s.needs_rebase = true;
             g.write_barrier = self.save_later(&mut g);
         }
-        if g.persisted.superseded_by > 0 {
+        if g.persisted.role.superseded_by() > 0 {
             return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
         }
         if g.switching {
             return Err(WriteError::SwitchingOver(self.cfg.name.clone()));
         }
-        if g.role == Role::None && g.persisted.former_pair_id != 0 && !g.persisted.written_standalone {
+        if let Some(s) = g.persisted.role.as_simplex_mut().filter(|s| s.former_pair_id != 0 && !s.written_standalone) {
             // The first write after leaving a pair: remember it durably, so
             // a former primary that comes back learns the sites diverged.
-            g.persisted.written_standalone = true;
+            s.written_standalone = true;
             g.write_barrier = self.save_later(&mut g);
         }
         let mut journal = None;
-        if g.role == Role::Primary && !g.persisted.bitmap_mode {
+        if g.persisted.role.as_primary().is_some_and(|p| !p.bitmap_mode) {
             let next = g.last_jseq + 1;
             let appended = g.ready.completed_through();
             if next > appended + MAX_APPEND_WINDOW {
@@ -296,7 +296,7 @@ impl Group {
             }
         }
         let mut bitmap_epoch = None;
-        if g.role == Role::Primary || split_writable {
+        if g.role() == Role::Primary || split_writable {
             // Journaled: the region joins the activity log; not journaled
             // (bitmap mode): the dirty bitmap. Either way a region new to it
             // is on disk before the volume write (group commit).
@@ -345,15 +345,18 @@ impl Group {
 
     /// The journal is full: track writes in the dirty bitmap from now on.
     fn enter_bitmap_mode(&self, g: &mut Inner) {
-        g.persisted.bitmap_mode = true;
-        g.persisted.copy_pending = true;
+        let Some(p) = g.persisted.role.as_primary_mut() else {
+            return;
+        };
+        p.bitmap_mode = true;
+        p.copy_pending = true;
         // Every later record follows writes the secondary lacks until the
         // resync: it must hear so before it applies one.
-        let gap = g.persisted.resync_gap.map_or(g.last_jseq, |s| s.min(g.last_jseq));
-        g.persisted.resync_gap = Some(gap);
+        let gap = p.resync_gap.map_or(g.last_jseq, |s| s.min(g.last_jseq));
+        p.resync_gap = Some(gap);
         // Records journaled so far may be overwritten by writes the journal
         // never sees: a replay after a crash must not put them back.
-        g.persisted.replay_fence = g.last_jseq;
+        p.replay_fence = g.last_jseq;
         if let Some(session) = g.session.as_mut() {
             session.on_gap(gap);
         }
@@ -642,7 +645,7 @@ impl Group {
     pub async fn flush(&self) -> Result<(), WriteError> {
         let target = {
             let mut g = lock(&self.inner);
-            if g.role == Role::Primary && self.cfg.mode == Mode::Sync {
+            if g.role() == Role::Primary && self.cfg.mode == Mode::Sync {
                 let t = g.last_jseq;
                 g.flush_wanted = g.flush_wanted.max(t);
                 Some(t)
@@ -704,7 +707,7 @@ impl Group {
     /// tracking them.
     pub fn writable(&self) -> bool {
         let g = lock(&self.inner);
-        g.role != Role::Secondary || g.persisted.split_writable
+        g.role() != Role::Secondary || g.persisted.role.split_writable()
     }
 
     /// May NBD clients attach the volumes? Where they are writable, and on a
@@ -712,7 +715,9 @@ impl Group {
     /// until `pair resync`, which waits until they detach).
     pub fn attachable(&self) -> bool {
         let g = lock(&self.inner);
-        g.role != Role::Secondary || g.persisted.split_writable || g.state == PairState::Suspended(SuspendReason::Split)
+        g.role() != Role::Secondary
+            || g.persisted.role.split_writable()
+            || g.state == PairState::Suspended(SuspendReason::Split)
     }
 }
 
