@@ -95,6 +95,71 @@ pub fn read_stamp(buf: &[u8]) -> StampRead {
     }
 }
 
+/// What one stamped block may hold after a crash or power cut, given the
+/// writes sent to it: its last durable version, or any version sent after
+/// that (acknowledged or not; a cut may have kept any of them).
+#[derive(Debug, Clone, Default)]
+pub struct BlockState {
+    /// Last version known durable (None: never written, zeroes).
+    pub durable: Option<u64>,
+    /// Versions sent since: any of them may be there.
+    pub pending: Vec<u64>,
+}
+
+impl BlockState {
+    /// Version `v` was sent to the block.
+    pub fn sent(&mut self, v: u64) {
+        self.pending.push(v);
+    }
+
+    /// Version `v` was acknowledged with FUA, or the block was found to
+    /// hold `v` (None: zeroes) after a cut: it is what must survive now.
+    pub fn durable_at(&mut self, v: Option<u64>) {
+        self.durable = v;
+        self.pending.clear();
+    }
+
+    /// A FLUSH was acknowledged after the block's last write was: that
+    /// write must survive.
+    pub fn flushed(&mut self) {
+        if let Some(&v) = self.pending.last() {
+            self.durable_at(Some(v));
+        }
+    }
+
+    /// Checks block number `block`'s bytes: the version it holds, or why it
+    /// may not hold what it does (a flushed write lost, a torn, misplaced
+    /// or foreign block).
+    pub fn check(&self, block: u64, data: &[u8]) -> Result<Option<u64>, String> {
+        let found = match read_stamp(data) {
+            StampRead::Zero => None,
+            StampRead::Stamp { block: b, version } if b == block => Some(version),
+            StampRead::Stamp { block: b, version } => {
+                return Err(format!("block {block}: holds block {b}'s version {version} (misplaced)"));
+            }
+            StampRead::Garbage => return Err(format!("block {block}: torn or foreign content")),
+        };
+        if found == self.durable || found.is_some_and(|v| self.pending.contains(&v)) {
+            return Ok(found);
+        }
+        let what = match found {
+            None => "zeroes".to_string(),
+            Some(v) => format!("version {v}"),
+        };
+        if self.pending.is_empty() {
+            Err(format!(
+                "block {block}: I1 VIOLATED: the flushed/FUA write (version {:?}) is lost, the block holds {what}",
+                self.durable
+            ))
+        } else {
+            Err(format!(
+                "block {block}: holds {what}, neither the durable version {:?} nor one sent after it {:?}",
+                self.durable, self.pending
+            ))
+        }
+    }
+}
+
 /// How many leading `block`-sized blocks of `image` hold their write,
 /// where write `i` put [`random_bytes`]`(i + 1, block)` into block `i`.
 /// Panics unless the image is such a write-order prefix of `blocks`

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use replicator::nbd_client::NbdClient;
 use replicator_tests::exposition;
-use replicator_tests::pattern::{read_stamp, stamp, Rng, StampRead, BLOCK};
+use replicator_tests::pattern::{stamp, BlockState, Rng, BLOCK};
 use replicator_tests::{require, require_root, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
@@ -46,15 +46,6 @@ const LOAD_TIME: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Recovery to PAIR with lag 0 and nothing left to copy.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// What one block may hold.
-#[derive(Debug, Clone, Default)]
-struct BlockState {
-    /// Last version known durable (None: never written, zeroes).
-    durable: Option<u64>,
-    /// Versions sent since (acknowledged or not): any of them may be there.
-    pending: Vec<u64>,
-}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct LoadStats {
@@ -90,11 +81,7 @@ async fn writer(
                 Ok(Ok(())) => {
                     stats.flushes += 1;
                     for b in touched.drain(..) {
-                        let st = &mut states[b as usize];
-                        if let Some(&v) = st.pending.last() {
-                            st.durable = Some(v);
-                            st.pending.clear();
-                        }
+                        states[b as usize].flushed();
                     }
                 }
                 _ => {
@@ -112,7 +99,7 @@ async fn writer(
         for b in start..start + n {
             data.extend_from_slice(&stamp(first + b, v));
             // Sent: from now on it may be on the disk.
-            states[b as usize].pending.push(v);
+            states[b as usize].sent(v);
         }
         let offset = (first + start) * BLOCK as u64;
         match tokio::time::timeout(REQUEST_TIMEOUT, client.write(offset, &data, fua)).await {
@@ -120,8 +107,7 @@ async fn writer(
                 stats.writes += 1;
                 if fua {
                     for st in &mut states[start as usize..(start + n) as usize] {
-                        st.durable = Some(v);
-                        st.pending.clear();
+                        st.durable_at(Some(v));
                     }
                 } else {
                     touched.extend(start..start + n);
@@ -147,25 +133,8 @@ fn check_image(states: &[BlockState], mut read: impl FnMut(u64, usize) -> Vec<u8
         assert_eq!(data.len(), chunk, "short read at {off}");
         for (i, blk) in data.chunks(BLOCK).enumerate() {
             let block = off / BLOCK as u64 + i as u64;
-            let st = &states[block as usize];
-            let found = match read_stamp(blk) {
-                StampRead::Zero => None,
-                StampRead::Stamp { block: b, version } if b == block => Some(version),
-                StampRead::Stamp { block: b, version } => {
-                    bad.push(format!("block {block}: holds block {b}'s version {version} (misplaced)"));
-                    continue;
-                }
-                StampRead::Garbage => {
-                    bad.push(format!("block {block}: torn or foreign content"));
-                    continue;
-                }
-            };
-            if found != st.durable && !found.is_some_and(|v| st.pending.contains(&v)) {
-                bad.push(format!(
-                    "block {block}: holds {found:?}, neither the durable version {:?} (flushed: must survive) nor one \
-                     sent after it {:?}",
-                    st.durable, st.pending
-                ));
+            if let Err(e) = states[block as usize].check(block, blk) {
+                bad.push(e);
             }
         }
     }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replicator::nbd_client::NbdClient;
-use replicator_tests::pattern::{read_stamp, stamp, Rng, StampRead, BLOCK};
+use replicator_tests::pattern::{stamp, BlockState, Rng, BLOCK};
 use replicator_tests::{require, require_root, Cluster, ClusterOpts, CutReport, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
@@ -71,15 +71,6 @@ enum Target {
     Primary,
     Secondary,
     Both,
-}
-
-/// What one block may hold.
-#[derive(Debug, Clone, Default)]
-struct BlockState {
-    /// Last version known durable (None: never written, zeroes).
-    durable: Option<u64>,
-    /// Versions sent since (acknowledged or not): any of them may be there.
-    pending: Vec<u64>,
 }
 
 /// One task's half of the volume.
@@ -160,11 +151,7 @@ async fn writer(
                 Ok(Ok(())) => {
                     stats.flushes += 1;
                     for b in touched.drain(..) {
-                        let st = region.state(b);
-                        if let Some(&v) = st.pending.last() {
-                            st.durable = Some(v);
-                            st.pending.clear();
-                        }
+                        region.state(b).flushed();
                     }
                 }
                 _ => {
@@ -184,7 +171,7 @@ async fn writer(
         for b in start..start + n {
             data.extend_from_slice(&stamp(b, v));
             // Sent: from now on it may be on the disk.
-            region.state(b).pending.push(v);
+            region.state(b).sent(v);
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, client.write(start * BLOCK as u64, &data, fua)).await {
             Ok(Ok(())) => {
@@ -192,9 +179,7 @@ async fn writer(
                 if fua {
                     stats.fua += 1;
                     for b in start..start + n {
-                        let st = region.state(b);
-                        st.durable = Some(v);
-                        st.pending.clear();
+                        region.state(b).durable_at(Some(v));
                     }
                 } else {
                     touched.extend(start..start + n);
@@ -208,36 +193,6 @@ async fn writer(
     }
     let _ = client.disconnect().await;
     (region, stats)
-}
-
-/// Checks one block against what it may hold; returns the version found.
-fn check_block(block: u64, st: &BlockState, data: &[u8]) -> Result<Option<u64>, String> {
-    let found = match read_stamp(data) {
-        StampRead::Zero => None,
-        StampRead::Stamp { block: b, version } if b == block => Some(version),
-        StampRead::Stamp { block: b, version } => {
-            return Err(format!("block {block}: holds block {b}'s version {version} (misplaced)"));
-        }
-        StampRead::Garbage => return Err(format!("block {block}: torn or foreign content")),
-    };
-    if found == st.durable || found.is_some_and(|v| st.pending.contains(&v)) {
-        return Ok(found);
-    }
-    let what = match found {
-        None => "zeroes".to_string(),
-        Some(v) => format!("version {v}"),
-    };
-    if st.pending.is_empty() {
-        Err(format!(
-            "block {block}: I1 VIOLATED: the flushed/FUA write (version {:?}) is lost, the block holds {what}",
-            st.durable
-        ))
-    } else {
-        Err(format!(
-            "block {block}: holds {what}, neither the durable version {:?} nor one sent after it {:?}",
-            st.durable, st.pending
-        ))
-    }
 }
 
 /// Checks a whole volume image (read by `read(offset, len)`); returns the
@@ -256,7 +211,7 @@ fn check_image(
         for (i, blk) in data.chunks(BLOCK).enumerate() {
             let block = off / BLOCK as u64 + i as u64;
             let region = &regions[(block / (BLOCKS / TASKS)) as usize];
-            match check_block(block, &region.blocks[(block - region.first) as usize], blk) {
+            match region.blocks[(block - region.first) as usize].check(block, blk) {
                 Ok(v) => found.push(v),
                 Err(e) => {
                     found.push(None);
@@ -495,9 +450,7 @@ impl Run {
         for (block, v) in found.into_iter().enumerate() {
             let block = block as u64;
             let region = &mut self.regions[(block / (BLOCKS / TASKS)) as usize];
-            let st = region.state(block);
-            st.durable = v;
-            st.pending.clear();
+            region.state(block).durable_at(v);
         }
     }
 
