@@ -8,7 +8,7 @@ use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
 use crate::group::{
-    drill_export_name, serve_secondary, serve_verify, ClientGuard, DrillExport, Group, WriteError, WriteKind,
+    drill_export_name, serve_verify, ClientGuard, DrillExport, Group, IncomingSession, WriteError, WriteKind,
 };
 use crate::io::AlignedBuf;
 use crate::metrics::ErrorKind;
@@ -89,7 +89,7 @@ impl Node {
                     send.finish();
                     return;
                 };
-                serve_secondary(group, open, send, recv, peer, shutdown).await;
+                group.serve_secondary(IncomingSession { open, send, recv, peer, shutdown });
             });
         }
     }

@@ -9,6 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use replicator_protocol::apply::ApplyId;
 use replicator_protocol::bitmap::DirtyBitmap;
 use replicator_protocol::divergence;
@@ -22,6 +25,7 @@ use replicator_protocol::secondary::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::drill::Frozen;
+use super::task::IncomingSession;
 use super::{journal_path, lock, Group, GroupError, Inner, SessionCommand};
 use crate::journal::Journal;
 use crate::state::{GroupState, RoleState, SecondaryState, TakeoverPoint};
@@ -42,21 +46,24 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// behind a whole copy window.
 const COPY_APPLIES: usize = 4;
 
-/// Completions of the I/O the session handed out.
+/// Completions of the I/O the session performs.
 enum Event {
     JournalSynced(u64, Result<(), String>),
-    Applied(ApplyId, Result<(), String>),
+    /// A record was applied, or hash-only copy chunk `copy_index`
+    /// compared: its spans that differ here, as (offset, length).
+    Applied {
+        id: ApplyId,
+        copy_index: u64,
+        result: Result<Vec<(u64, u64)>, String>,
+    },
     VolumesSynced(Barrier, Result<(), String>),
     Saved(Persist, Result<(), String>),
     ImagePreserved(Result<(), String>),
-    /// A span of a hash-only copy chunk differs here (not a completion:
-    /// the chunk's `Applied` follows).
-    CopyMismatch {
-        copy_index: u64,
-        offset: u64,
-        length: u64,
-    },
 }
+
+/// The session's disk I/O in flight: futures polled by the session's own
+/// task (no task per action), each ending in its completion.
+type Io = FuturesUnordered<BoxFuture<'static, Event>>;
 
 /// A refused `OpenGroup`: the kind (sent to the primary, which acts on
 /// it) and the reason in words.
@@ -468,14 +475,8 @@ async fn guard_for_resync(group: &Group, open: &pb::OpenGroup) -> Result<bool, R
 /// Serves one group stream opened by the primary `peer`. Returns when the
 /// stream ends, the pair is deleted, or `shutdown` fires (then it finishes
 /// applying what it received and makes it durable first).
-pub async fn serve_secondary(
-    group: Arc<Group>,
-    open: pb::OpenGroup,
-    mut send: FramedSend,
-    mut recv: FramedRecv,
-    peer: String,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession) {
+    let IncomingSession { open, mut send, mut recv, peer, mut shutdown } = incoming;
     if let Err(refused) = give_up_for_swap(&group, &open, &peer).await {
         let reply = pb::OpenGroupReply {
             error: refused.1,
@@ -752,10 +753,8 @@ struct Session {
     group: Arc<Group>,
     machine: Secondary,
     journal: Arc<Journal>,
-    events_tx: mpsc::UnboundedSender<Event>,
-    events: mpsc::UnboundedReceiver<Event>,
-    /// I/O handed out and not yet reported back.
-    outstanding: usize,
+    /// Disk I/O in flight.
+    io: Io,
     /// Commands from the control socket (`pair delete` here).
     commands: mpsc::UnboundedReceiver<SessionCommand>,
     /// Why the loop ends (set before it returns).
@@ -783,7 +782,6 @@ impl Session {
         start: SecondaryStart,
         commands: mpsc::UnboundedReceiver<SessionCommand>,
     ) -> Self {
-        let (events_tx, events) = mpsc::unbounded_channel();
         let config = SecondaryConfig {
             journal_capacity: journal.capacity(),
             volume_sizes: group.volumes.iter().map(|v| v.size()).collect(),
@@ -797,9 +795,7 @@ impl Session {
             group,
             machine: Secondary::new(config, start, Instant::now()),
             journal,
-            events_tx,
-            events,
-            outstanding: 0,
+            io: Io::new(),
             commands,
             ending: Ending::Stream,
             delete_reply: None,
@@ -836,7 +832,7 @@ impl Session {
                         return Ok(());
                     }
                 }
-                Some(ev) = self.events.recv() => self.on_event(ev)?,
+                Some(ev) = self.io.next(), if !self.io.is_empty() => self.on_event(ev)?,
                 Some(cmd) = self.commands.recv() => match cmd {
                     SessionCommand::Delete(reply) => {
                         // Stop applying, ask the primary to dissolve too; the
@@ -883,7 +879,7 @@ impl Session {
                 _ = shutdown.changed() => return Ok(()),
             }
             // Coalesce: one ack covers every completion that arrived by now.
-            while let Ok(ev) = self.events.try_recv() {
+            while let Some(Some(ev)) = self.io.next().now_or_never() {
                 self.on_event(ev)?;
             }
             self.perform(send)?;
@@ -914,10 +910,10 @@ impl Session {
                 tracing::error!(group = %self.group.cfg.name, "{e}");
                 failed = true;
             }
-            if self.outstanding == 0 && self.machine.is_drained() {
+            if self.io.is_empty() && self.machine.is_drained() {
                 break;
             }
-            match self.events.recv().await {
+            match self.io.next().await {
                 Some(ev) => {
                     if let Err(e) = self.on_event(ev) {
                         tracing::error!(group = %self.group.cfg.name, "{e}");
@@ -1016,15 +1012,18 @@ impl Session {
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), TransportError> {
-        if let Event::CopyMismatch { copy_index, offset, length } = ev {
-            self.machine.on_copy_mismatch(copy_index, offset, length);
-            return Ok(());
-        }
-        self.outstanding = self.outstanding.saturating_sub(1);
         let result = match ev {
-            Event::CopyMismatch { .. } => Ok(()),
             Event::JournalSynced(through, r) => self.machine.on_journal_synced(through, r),
-            Event::Applied(id, r) => self.machine.on_applied(id, r),
+            Event::Applied { id, copy_index, result } => {
+                // Mismatches first: reported no later than the chunk's
+                // copy_durable.
+                let r = result.map(|spans| {
+                    for (offset, length) in spans {
+                        self.machine.on_copy_mismatch(copy_index, offset, length);
+                    }
+                });
+                self.machine.on_applied(id, r)
+            }
             Event::VolumesSynced(barrier, r) => self.machine.on_volumes_synced(barrier, r),
             Event::Saved(persist, r) => {
                 if r.is_ok() {
@@ -1058,7 +1057,7 @@ impl Session {
     }
 
     /// Performs what the state machine asks for: appends here and now,
-    /// everything that waits on a disk in its own task.
+    /// everything that waits on a disk as a future of this task.
     fn perform(&mut self, send: &mut FramedSend) -> Result<(), TransportError> {
         let now = Instant::now();
         while let Some(action) = self.machine.poll_action(now) {
@@ -1071,57 +1070,27 @@ impl Session {
                     }
                 }
                 Action::SyncJournal { through } => {
-                    let (journal, events) = (self.journal.clone(), self.events_tx.clone());
-                    self.outstanding += 1;
-                    tokio::spawn(async move {
-                        let r = journal.sync().await.map_err(|e| e.to_string());
-                        let _ = events.send(Event::JournalSynced(through, r));
-                    });
+                    let journal = self.journal.clone();
+                    self.io.push(Box::pin(async move {
+                        Event::JournalSynced(through, journal.sync().await.map_err(|e| e.to_string()))
+                    }));
                 }
                 Action::Apply { id, record } => {
                     let vol = self.group.volumes.get(record.volume as usize).cloned();
-                    let events = self.events_tx.clone();
                     let counters = self.group.counters.clone();
-                    self.outstanding += 1;
-                    tokio::spawn(async move {
-                        // The CRC was checked on arrival; check it again right
-                        // before the bytes go to disk, so memory corruption in
-                        // between is caught too.
-                        let result = match (vol, record.verify_crc()) {
-                            (Some(vol), Ok(())) if record.op == RecordOp::CopyHash => {
-                                match vol.differing_spans(&record).await {
-                                    Ok(spans) => {
-                                        // Before the apply completes: reported no
-                                        // later than the chunk's copy_durable.
-                                        for (offset, length) in spans {
-                                            let copy_index = record.copy_index;
-                                            let _ = events.send(Event::CopyMismatch { copy_index, offset, length });
-                                        }
-                                        Ok(())
-                                    }
-                                    Err(e) => Err(format!("volume {}: {e}", vol.name)),
-                                }
-                            }
-                            (Some(vol), Ok(())) => {
-                                vol.apply(&record).await.map_err(|e| format!("volume {}: {e}", vol.name))
-                            }
-                            (None, _) => Err(format!("record {} names a volume that does not exist", record.seq)),
-                            (_, Err(e)) => Err(format!("record {} failed its CRC check before apply: {e}", record.seq)),
-                        };
+                    self.io.push(Box::pin(async move {
+                        let copy_index = record.copy_index;
+                        let result = apply(vol, &record).await;
                         match &result {
-                            Ok(()) => counters.applied(&record),
+                            Ok(_) => counters.applied(&record),
                             Err(_) => counters.error(crate::metrics::ErrorKind::Apply),
                         }
-                        let _ = events.send(Event::Applied(id, result));
-                    });
+                        Event::Applied { id, copy_index, result }
+                    }));
                 }
                 Action::SyncVolumes(barrier) => {
-                    let (volumes, events) = (self.group.volumes.clone(), self.events_tx.clone());
-                    self.outstanding += 1;
-                    tokio::spawn(async move {
-                        let r = sync_volumes(&volumes).await;
-                        let _ = events.send(Event::VolumesSynced(barrier, r));
-                    });
+                    let volumes = self.group.volumes.clone();
+                    self.io.push(Box::pin(async move { Event::VolumesSynced(barrier, sync_volumes(&volumes).await) }));
                 }
                 Action::Save(persist) => {
                     let group = self.group.clone();
@@ -1137,20 +1106,21 @@ impl Session {
                         }
                         Group::snapshot_state(&mut g)
                     };
-                    let events = self.events_tx.clone();
-                    self.outstanding += 1;
-                    tokio::task::spawn_blocking(move || {
-                        let r = group.write_state(snapshot).map_err(|e| e.to_string());
-                        let _ = events.send(Event::Saved(persist, r));
-                    });
+                    // fsync and rename block: on the blocking pool.
+                    let saving = tokio::task::spawn_blocking(move || group.write_state(snapshot));
+                    self.io.push(Box::pin(async move {
+                        let r = match saving.await {
+                            Ok(r) => r.map_err(|e| e.to_string()),
+                            Err(e) => Err(format!("the state save failed: {e}")),
+                        };
+                        Event::Saved(persist, r)
+                    }));
                 }
                 Action::PreserveImage { seq, written_at_us } => {
-                    let (group, events) = (self.group.clone(), self.events_tx.clone());
-                    self.outstanding += 1;
-                    tokio::spawn(async move {
-                        let r = group.preserve_image(seq, written_at_us).await;
-                        let _ = events.send(Event::ImagePreserved(r));
-                    });
+                    let group = self.group.clone();
+                    self.io.push(Box::pin(async move {
+                        Event::ImagePreserved(group.preserve_image(seq, written_at_us).await)
+                    }));
                 }
                 Action::ReleaseImage => self.group.release_image("the resync ended and the replica is consistent"),
                 Action::Send(body) => send.queue(body),
@@ -1180,20 +1150,28 @@ fn protocol(e: SecondaryError) -> TransportError {
     TransportError::Protocol(e.to_string())
 }
 
+/// Applies one record to its volume; a hash-only copy chunk is compared
+/// instead, returning the spans that differ here.
+async fn apply(vol: Option<Arc<Volume>>, record: &Record) -> Result<Vec<(u64, u64)>, String> {
+    let Some(vol) = vol else {
+        return Err(format!("record {} names a volume that does not exist", record.seq));
+    };
+    // The CRC was checked on arrival; check it again right before the bytes
+    // go to disk, so memory corruption in between is caught too.
+    if let Err(e) = record.verify_crc() {
+        return Err(format!("record {} failed its CRC check before apply: {e}", record.seq));
+    }
+    let result = if record.op == RecordOp::CopyHash {
+        vol.differing_spans(record).await
+    } else {
+        vol.apply(record).await.map(|()| Vec::new())
+    };
+    result.map_err(|e| format!("volume {}: {e}", vol.name))
+}
+
 /// fsyncs every volume of the group, concurrently.
 pub(super) async fn sync_volumes(volumes: &[Arc<Volume>]) -> Result<(), String> {
-    let mut set = tokio::task::JoinSet::new();
-    for v in volumes {
-        let v = v.clone();
-        set.spawn(async move { v.sync().await.map_err(|e| format!("volume {}: {e}", v.name)) });
-    }
-    let mut result = Ok(());
-    while let Some(r) = set.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(e),
-            Err(e) => result = Err(format!("volume sync task failed: {e}")),
-        }
-    }
-    result
+    let syncs = volumes.iter().map(|v| async move { v.sync().await.map_err(|e| format!("volume {}: {e}", v.name)) });
+    // Every sync finishes (none is dropped half way) before the answer.
+    futures_util::future::join_all(syncs).await.into_iter().collect()
 }

@@ -23,6 +23,7 @@ mod preserved;
 mod resync_guard;
 mod shipper;
 mod takeover;
+mod task;
 mod verify;
 mod write_path;
 
@@ -54,13 +55,13 @@ use crate::state::{
 use crate::transport::Transport;
 use crate::volume::Volume;
 
-pub use applier::serve_secondary;
 pub use drill::{
     export_name as drill_export_name, DrillExport, DrillMeta, DrillOutcome, DrillRecord, DrillStatus,
     DEFAULT_DRILL_CHUNK,
 };
 pub use resync_guard::FailoverImage;
 pub(crate) use takeover::format_time;
+pub use task::IncomingSession;
 pub use verify::serve_verify;
 pub use write_path::{WriteError, WriteKind};
 
@@ -280,6 +281,12 @@ pub struct Group {
     save_failed: watch::Sender<Option<String>>,
     /// Bumped to make the current replication session end (and reconnect).
     session_kick: watch::Sender<u64>,
+    /// A new epoch of shipping started (`start_shipping`).
+    shipping_started: Notify,
+    /// Group streams peers opened, for the group's task; its end of the
+    /// channel until the task takes it.
+    incoming: mpsc::UnboundedSender<IncomingSession>,
+    incoming_rx: Mutex<Option<mpsc::UnboundedReceiver<IncomingSession>>>,
     started: Instant,
     latency: crate::latency::LatencyHistogram,
     /// Running totals for the metrics endpoint.
@@ -582,6 +589,7 @@ impl Group {
         let (journaled_through, _) = watch::channel(last_jseq);
         let (bitmap_wanted, _) = watch::channel(0);
         let (bitmap_persisted, _) = watch::channel(0);
+        let (incoming, incoming_rx) = mpsc::unbounded_channel();
         let group = Arc::new(Group {
             cfg,
             volumes,
@@ -597,6 +605,9 @@ impl Group {
             bitmap_persisted,
             save_failed: watch::channel(None).0,
             session_kick,
+            shipping_started: Notify::new(),
+            incoming,
+            incoming_rx: Mutex::new(Some(incoming_rx)),
             started: Instant::now(),
             latency: crate::latency::LatencyHistogram::default(),
             counters: Arc::default(),
@@ -618,19 +629,29 @@ impl Group {
         Ok(group)
     }
 
-    /// Starts the background tasks this group's role needs.
+    /// Starts the group's task (`task.rs`), once.
     pub fn start(self: &Arc<Self>) {
         if self.role() == Role::Primary {
             self.start_shipping();
         }
-        let g = self.clone();
-        tokio::spawn(async move { g.housekeeping().await });
-        tokio::spawn(self.clone().metadata_flusher());
+        if let Some(incoming) = self.incoming_rx.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            tokio::spawn(task::run(self.clone(), incoming));
+        }
     }
 
-    /// Starts the replication session task (primary).
+    /// Starts a new epoch of replication sessions (this node became the
+    /// primary, or its pair was created anew): the group's task ends the
+    /// current ones and connects again.
     pub fn start_shipping(self: &Arc<Self>) {
-        shipper::spawn(self.clone());
+        lock(&self.inner).shipper_epoch += 1;
+        self.shipping_started.notify_one();
+    }
+
+    /// A peer opened a group stream for this group: its session runs in
+    /// the group's task.
+    pub fn serve_secondary(&self, session: IncomingSession) {
+        // The task holds the receiver for the group's lifetime.
+        let _ = self.incoming.send(session);
     }
 
     /// Current role.

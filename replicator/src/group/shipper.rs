@@ -1,7 +1,7 @@
-//! The primary's replication session: one task per group that (re)connects
-//! to the peer with backoff, opens the group stream, and sends records in
-//! sequence order, flush requests, and copy chunks; a companion task reads
-//! the secondary's acks.
+//! The primary's replication session, run by the group's task
+//! (`task.rs`): it (re)connects to the peer with backoff, opens the group
+//! stream, sends records in sequence order, flush requests and copy chunks,
+//! and reads the secondary's acks, all as futures of that one task.
 //!
 //! What goes on the stream, and in which order, is decided by the sans-IO
 //! [`PrimarySession`] (protocol crate); this module performs it. Copy chunks
@@ -13,9 +13,13 @@
 //! range off until the chunk is on the stream.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use replicator_protocol::journal_format::JournalRing;
 use replicator_protocol::journal_space;
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
@@ -40,18 +44,27 @@ const BATCH: usize = 1 << 20;
 /// How often the primary tells the secondary how far its journal reaches.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
-pub(super) fn spawn(group: Arc<Group>) {
-    // One session task per group: a task from before a pair delete +
-    // create sees a newer epoch and ends.
-    let epoch = {
-        let mut g = lock(&group.inner);
-        g.shipper_epoch += 1;
-        g.shipper_epoch
-    };
-    tokio::spawn(async move { run(group, epoch).await });
+/// Ships while this node is the primary: runs the sessions of each
+/// `start_shipping` (a new epoch) in turn. A run from before a pair delete
+/// + create sees the newer epoch and ends; the next one starts after it.
+pub(super) async fn ship_while_primary(group: &Arc<Group>) {
+    let mut ran = 0;
+    loop {
+        let epoch = {
+            let g = lock(&group.inner);
+            (g.role() == Role::Primary && g.shipper_epoch != ran).then_some(g.shipper_epoch)
+        };
+        match epoch {
+            Some(epoch) => {
+                ran = epoch;
+                run(group, epoch).await;
+            }
+            None => group.shipping_started.notified().await,
+        }
+    }
 }
 
-/// Is this session task still the group's one, for the same pair?
+/// Are these sessions still the group's current ones, for the same pair?
 fn current(group: &Group, epoch: u64) -> bool {
     let g = lock(&group.inner);
     g.role() == Role::Primary && g.shipper_epoch == epoch
@@ -83,11 +96,11 @@ fn retry(group: &Group) -> Retry {
     }
 }
 
-async fn run(group: Arc<Group>, epoch: u64) {
+async fn run(group: &Arc<Group>, epoch: u64) {
     let mut backoff = Duration::from_millis(100);
     let mut kick = group.session_kick.subscribe();
     loop {
-        if !current(&group, epoch) {
+        if !current(group, epoch) {
             return;
         }
         if lock(&group.inner).switching {
@@ -101,22 +114,22 @@ async fn run(group: Arc<Group>, epoch: u64) {
             let _ = tokio::time::timeout(Duration::from_secs(1), kick.changed()).await;
             continue;
         }
-        let result = session(&group, epoch).await;
-        cleanup_session(&group, epoch);
+        let result = session(group, epoch).await;
+        cleanup_session(group, epoch);
         match result {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 group.counters.error(crate::metrics::ErrorKind::Session);
-                if current(&group, epoch) {
+                if current(group, epoch) {
                     group.link_lost(&e.to_string());
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-        if !current(&group, epoch) {
+        if !current(group, epoch) {
             return;
         }
-        match retry(&group) {
+        match retry(group) {
             Retry::Backoff => {}
             Retry::Rarely => backoff = RARE_RETRY,
             Retry::Stop(why) => {
@@ -293,26 +306,35 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     group.saved(save).await.map_err(|e| TransportError::Protocol(e.to_string()))?;
     tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, resume_after = peer_durable, "replication session up");
 
-    let acks = tokio::spawn(read_acks(group.clone(), recv, epoch));
-    let result = send_loop(group, epoch, pair_id, &mut send, &acks).await;
-    acks.abort();
-    result
+    // Sending and reading acks go on side by side, in this task: a send
+    // waiting for stream credit never holds an ack up.
+    let deleting = AtomicBool::new(false);
+    tokio::select! {
+        sent = send_loop(group, epoch, pair_id, &mut send, &deleting) => sent,
+        read = read_acks(group, recv, epoch) => match read {
+            // The secondary confirmed the delete and ended the stream.
+            _ if deleting.load(Ordering::Relaxed) => Ok(()),
+            Ok(()) => Err(TransportError::Connection("the secondary closed the stream".into())),
+            Err(e) => Err(e),
+        },
+    }
 }
 
+/// Sends what the session puts on the stream. Ends with an error when the
+/// session must restart; a `pair delete` sets `deleting` and waits (up to
+/// 15 s) for the secondary to end the stream (the ack reader then ends the
+/// session).
 async fn send_loop(
     group: &Arc<Group>,
     epoch: u64,
     pair_id: u64,
     send: &mut FramedSend,
-    acks: &tokio::task::JoinHandle<Result<(), TransportError>>,
+    deleting: &AtomicBool,
 ) -> Result<(), TransportError> {
     let mut kick = group.session_kick.subscribe();
     let mut progress_at = tokio::time::Instant::now();
     let mut copy = CopyReads::default();
     loop {
-        if acks.is_finished() {
-            return Err(TransportError::Connection("the secondary closed the stream".into()));
-        }
         let (pair_gone, superseded) = {
             let g = lock(&group.inner);
             (g.role() != Role::Primary || g.persisted.pair_id != pair_id, g.shipper_epoch != epoch)
@@ -324,10 +346,8 @@ async fn send_loop(
             send.queue(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, ..Default::default() }));
             send.flush().await?;
             send.finish();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-            while !acks.is_finished() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            deleting.store(true, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(15)).await;
             return Ok(());
         }
         if superseded {
@@ -340,7 +360,7 @@ async fn send_loop(
         // Copy chunks: start reading the next ones, take those read (the
         // session sends them in order below; the end of the copy too).
         copy.start(group, epoch);
-        while let Some(done) = copy.reads.try_join_next() {
+        while let Some(Some(done)) = copy.reads.next().now_or_never() {
             copy.finish(group, epoch, done)?;
         }
 
@@ -451,7 +471,7 @@ async fn send_loop(
             continue;
         }
         tokio::select! {
-            Some(done) = copy.reads.join_next(), if !copy.reads.is_empty() => copy.finish(group, epoch, done)?,
+            Some(done) = copy.reads.next(), if !copy.reads.is_empty() => copy.finish(group, epoch, done)?,
             _ = wake => {}
             _ = kick.changed() => {
                 let g = lock(&group.inner);
@@ -486,7 +506,8 @@ type CopyRead = (u64, Result<CopyPayload, IoError>);
 /// those not yet on the stream.
 #[derive(Default)]
 struct CopyReads<'a> {
-    reads: tokio::task::JoinSet<CopyRead>,
+    /// The reads, polled by the session's task.
+    reads: FuturesUnordered<BoxFuture<'static, CopyRead>>,
     /// Copy index -> its barrier and what it covers.
     barriers: BTreeMap<u64, (RangeGuard<'a>, CopyChunk)>,
 }
@@ -537,7 +558,7 @@ impl<'a> CopyReads<'a> {
             };
             let (guard, wait, reflects) = group.begin_read_barrier(volume, offset, len);
             self.barriers.insert(copy_index, (guard, CopyChunk { volume, offset, len, span, reflects }));
-            self.reads.spawn(async move {
+            self.reads.push(Box::pin(async move {
                 wait.await;
                 let read = vol.read(offset, len).await.map(|data| {
                     if hash {
@@ -547,19 +568,13 @@ impl<'a> CopyReads<'a> {
                     }
                 });
                 (copy_index, read)
-            });
+            }));
         }
     }
 
     /// A read finished: the chunk goes to the session, which sends it in
     /// order; a failed read returns it to the bitmap and ends the session.
-    fn finish(
-        &mut self,
-        group: &Group,
-        epoch: u64,
-        done: Result<CopyRead, tokio::task::JoinError>,
-    ) -> Result<(), TransportError> {
-        let (copy_index, read) = done.map_err(|e| TransportError::Protocol(format!("copy read task failed: {e}")))?;
+    fn finish(&mut self, group: &Group, epoch: u64, (copy_index, read): CopyRead) -> Result<(), TransportError> {
         let Some(&(_, c)) = self.barriers.get(&copy_index) else { return Ok(()) };
         let mut g = lock(&group.inner);
         let g = &mut *g;
@@ -588,7 +603,7 @@ impl<'a> CopyReads<'a> {
     }
 }
 
-async fn read_acks(group: Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Result<(), TransportError> {
+async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Result<(), TransportError> {
     loop {
         match recv.recv().await? {
             None => return Err(TransportError::Connection("the secondary ended the stream".into())),

@@ -668,22 +668,19 @@ impl Group {
     /// here (the activity log retires regions on that).
     pub async fn sync_all(&self) -> Result<(), WriteError> {
         let covered = lock(&self.inner).volume_written.completed_through();
-        let mut set = tokio::task::JoinSet::new();
-        for v in &self.volumes {
-            let v = v.clone();
-            set.spawn(async move { v.sync().await.map_err(WriteError::from) });
-        }
-        if let Some(j) = self.journal_handle() {
-            set.spawn(async move { j.sync().await.map_err(WriteError::from) });
-        }
-        let mut result = Ok(());
-        while let Some(r) = set.join_next().await {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(e) => result = Err(WriteError::Replication(format!("flush task failed: {e}"))),
+        let journal = self.journal_handle();
+        let journal_sync = async {
+            match &journal {
+                Some(j) => j.sync().await.map_err(WriteError::from),
+                None => Ok(()),
             }
-        }
+        };
+        // In this task, concurrently; every sync finishes before the answer.
+        let (volumes, journal) = tokio::join!(
+            futures_util::future::join_all(self.volumes.iter().map(|v| async move { v.sync().await })),
+            journal_sync
+        );
+        let result = volumes.into_iter().try_for_each(|r| r.map_err(WriteError::from)).and(journal);
         if result.is_ok() {
             let mut g = lock(&self.inner);
             g.local_durable = g.local_durable.max(covered);
