@@ -4,8 +4,9 @@
 //! journal goes through this module:
 //!
 //! * [`IoEngine`] is created once per daemon and cloned freely. By default it
-//!   owns one io_uring instance driven by a dedicated thread
-//!   (`replicator-io-uring`, see `uring.rs`). When the ring cannot be set up
+//!   owns one io_uring instance: the calling task submits to it directly,
+//!   and its completions are reaped in the tokio reactor (on a thread,
+//!   `replicator-io-uring`, outside a runtime; see `uring.rs`). When the ring cannot be set up
 //!   (old kernel, `kernel.io_uring_disabled`, a seccomp profile that blocks
 //!   io_uring as Docker's default does, `RLIMIT_MEMLOCK` too low on kernels
 //!   before 5.12), it falls back to the *threads* backend: blocking
@@ -39,9 +40,9 @@
 //! * After `discard`, the range always reads back as zeroes, on every kind of
 //!   storage; where the storage cannot promise that, zeroes are written.
 //!
-//! Lifetime: the io_uring thread runs while any [`IoEngine`] or [`BlockFile`]
-//! handle exists. When the last one is dropped, the thread completes the
-//! operations still in flight (whose futures may be gone), then exits.
+//! Lifetime: the io_uring reaper runs while any [`IoEngine`] or [`BlockFile`]
+//! handle exists. When the last one is dropped, it completes the operations
+//! still in flight (whose futures may be gone), then exits.
 
 mod buf;
 mod file;
@@ -71,7 +72,7 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// The I/O backend actually in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// One io_uring instance driven by a dedicated thread.
+    /// One io_uring instance, submitted to inline, reaped in the reactor.
     IoUring,
     /// Blocking `pread`/`pwrite` on tokio's blocking thread pool.
     Threads,
@@ -97,7 +98,7 @@ pub enum BackendChoice {
 }
 
 /// The I/O engine shared by all files of a daemon. Cloning yields a handle to
-/// the same engine (one io_uring instance owned by one dedicated thread).
+/// the same engine (one io_uring instance).
 #[derive(Clone)]
 pub struct IoEngine {
     kind: EngineKind,

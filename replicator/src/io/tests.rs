@@ -254,7 +254,7 @@ async fn dropped_futures_still_complete_safely() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn engine_thread_exits_after_last_handle_finishing_in_flight_ops() {
+async fn the_reaper_exits_after_the_last_handle_finishing_in_flight_ops() {
     let engine = IoEngine::new(BackendChoice::Auto);
     let Some(uring) = engine.uring() else {
         eprintln!("NOTE: io_uring unavailable here; skipping");
@@ -273,10 +273,66 @@ async fn engine_thread_exits_after_last_handle_finishing_in_flight_ops() {
     drop(file);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !exited() {
-        assert!(Instant::now() < deadline, "io_uring thread did not exit");
+        assert!(Instant::now() < deadline, "the io_uring reaper did not exit");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     wait_for_data(&path, 0, &pattern(11, 4 * MIB as usize)).await;
+}
+
+/// Reads back what a few writes put at their offsets, through `file`.
+async fn write_and_check(file: &BlockFile, seed: u64) {
+    for i in 0..8u64 {
+        write(file, pattern(seed + i, 64 * 1024), i * 64 * 1024).await;
+    }
+    for i in 0..8u64 {
+        assert!(read(file, 64 * 1024, i * 64 * 1024).await[..] == pattern(seed + i, 64 * 1024)[..]);
+    }
+}
+
+#[test]
+fn an_engine_made_outside_a_runtime_reaps_on_a_thread() {
+    let engine = IoEngine::new(BackendChoice::Auto);
+    if engine.uring().is_none() {
+        eprintln!("NOTE: io_uring unavailable here; skipping");
+        return;
+    }
+    let dir = tempdir();
+    let file = create(&engine, &dir.path().join("thread"), 4 * MIB, true);
+    for flavor in ["current-thread", "multi-thread"] {
+        let rt = match flavor {
+            "current-thread" => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            _ => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build(),
+        }
+        .expect("runtime");
+        rt.block_on(write_and_check(&file, 20));
+    }
+}
+
+#[test]
+fn the_reaper_outlives_the_runtime_it_started_in() {
+    let dir = tempdir();
+    let first = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (engine, file) = first.block_on(async {
+        let engine = IoEngine::new(BackendChoice::Auto);
+        let file = create(&engine, &dir.path().join("moved"), 4 * MIB, true);
+        write_and_check(&file, 30).await;
+        (engine, file)
+    });
+    if engine.uring().is_none() {
+        eprintln!("NOTE: io_uring unavailable here; skipping");
+        return;
+    }
+    // Its reaper task goes with this runtime: a thread takes over.
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    second.block_on(write_and_check(&file, 40));
+    let exited = engine.uring().map(|u| u.exit_probe()).expect("io_uring");
+    drop((engine, file));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !exited() {
+        assert!(Instant::now() < deadline, "the reaper thread did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,44 +1,48 @@
-//! The io_uring backend: one ring, owned by one dedicated thread.
+//! The io_uring backend: one ring, submitted to from the caller's thread,
+//! its completions reaped where tokio polls its sockets.
 //!
 //! # Design
 //!
-//! * Callers (any tokio task) push an [`Op`] onto a mutex-protected queue and
-//!   wake the engine thread by writing to an eventfd, then await a
-//!   `tokio::sync::oneshot` for the result. Only the first submitter after a
-//!   wake-up writes the eventfd (`wake_pending`), so a burst of requests costs
-//!   one `write(2)`.
-//! * The engine thread keeps a read of that eventfd always in flight in the
-//!   ring, so it can sleep in `io_uring_enter` waiting for *either* an I/O
-//!   completion or new work. Each loop: drain the whole queue into the
-//!   submission queue, submit once (and wait for at least one completion),
-//!   reap every completion.
-//! * Ownership (as in firecracker's io_uring wrapper): from submission until
-//!   its completion is reaped, an operation, its buffer and its `Arc<File>`
-//!   live in a slab owned by the engine thread, keyed by the SQE's
+//! * **Submission, inline.** The caller (a tokio task) takes the ring's
+//!   lock, files the operation in the slab, pushes its SQE and enters the
+//!   kernel once to submit it (`io_uring_enter` without waiting). No other
+//!   thread is woken to do it.
+//! * **Completion, in the reactor.** An eventfd registered with the ring
+//!   (`IORING_REGISTER_EVENTFD`) is signalled for every completion. The
+//!   reaper, a tokio task watching that eventfd through the reactor
+//!   (`AsyncFd`, like a socket), reaps every completion under the lock and
+//!   sends each result through the operation's `oneshot`; the awaiting task
+//!   is usually woken on the same worker. An engine created outside a tokio
+//!   runtime, or whose runtime shut down, reaps on a thread of its own
+//!   instead, blocked in poll(2) on the same eventfd.
+//! * **Ownership** (as in firecracker's io_uring wrapper): from submission
+//!   until its completion is reaped, an operation, its buffer and its
+//!   `Arc<File>` live in a slab owned by the engine, keyed by the SQE's
 //!   `user_data`. If the awaiting future is dropped, nothing changes for the
 //!   kernel: the completion is reaped as usual, the `oneshot` send fails and
 //!   the buffer is dropped then.
 //! * Short reads and writes resubmit the remainder; `-EAGAIN`/`-EINTR`
-//!   resubmit; a full submission queue is submitted and refilled. At most as
-//!   many SQEs are in flight as the completion queue holds, so completions
-//!   never overflow.
-//! * When the last handle is dropped, the thread finishes what is in flight
-//!   (including the eventfd read, which it completes by writing the eventfd
-//!   itself) and exits.
+//!   resubmit. At most as many SQEs are in flight as the completion queue
+//!   holds, so completions never overflow: further operations wait in a
+//!   backlog, submitted as completions make room.
+//! * When the last handle is dropped, the reaper finishes what is in flight
+//!   and exits; the ring closes with it.
 //!
 //! Kernel requirements: `IORING_OP_READ`/`WRITE`/`FALLOCATE` need Linux 5.6,
-//! `IORING_OP_FSYNC` 5.1, the opcode probe 5.6. `COOP_TASKRUN` and
-//! `SINGLE_ISSUER` (5.19/6.0) are used when the kernel accepts them.
+//! `IORING_OP_FSYNC` 5.1, the opcode probe 5.6, a registered eventfd 5.1.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 use super::{AlignedBuf, IoError, RwKind};
@@ -46,14 +50,15 @@ use super::{AlignedBuf, IoError, RwKind};
 /// Submission queue size (the completion queue is twice as large).
 pub(crate) const RING_ENTRIES: u32 = 256;
 
-/// `user_data` of the eventfd read; slab keys are far below it.
-const EVENTFD_KEY: u64 = u64::MAX;
-
 /// Largest single read or write SQE (longer buffers are done in pieces, as
 /// short transfers would be). A multiple of `IO_ALIGN`.
 const MAX_CHUNK: usize = 1 << 30;
 
+/// Name of the reaper thread (no tokio runtime to reap in).
 const THREAD_NAME: &str = "replicator-io-uring";
+
+/// When the kernel refused a submission, the reaper tries again this often.
+const RETRY_SUBMIT: Duration = Duration::from_millis(1);
 
 type RwReply = oneshot::Sender<(Result<(), IoError>, AlignedBuf)>;
 type UnitReply = oneshot::Sender<Result<(), IoError>>;
@@ -163,29 +168,9 @@ impl Op {
         Step::Finished
     }
 
-    /// Answers `EngineGone` without having submitted anything.
-    fn fail(self) {
-        match self {
-            Op::Rw { buf, reply, .. } => {
-                let _ = reply.send((Err(IoError::EngineGone), buf));
-            }
-            Op::Fsync { reply, .. } | Op::Fallocate { reply, .. } => {
-                let _ = reply.send(Err(IoError::EngineGone));
-            }
-        }
-    }
-
-    /// The buffer of a rejected read or write.
-    fn into_buf(self) -> Option<AlignedBuf> {
-        match self {
-            Op::Rw { buf, .. } => Some(buf),
-            Op::Fsync { .. } | Op::Fallocate { .. } => None,
-        }
-    }
-
-    /// For an operation the kernel may still be using when the engine dies
-    /// abnormally: never free its buffer (the kernel could still write into
-    /// it); the awaiting future sees `EngineGone`.
+    /// For an operation the kernel may still be using when the engine is
+    /// dropped with it in flight: never free its buffer (the kernel could
+    /// still write into it); the awaiting future sees `EngineGone`.
     fn leak_buffer(self) {
         if let Op::Rw { buf, .. } = self {
             std::mem::forget(buf);
@@ -234,40 +219,173 @@ impl Slab {
     }
 }
 
-/// State shared by the submitters and the engine thread.
+/// The ring and the operations it owns, behind one lock.
+struct Ring {
+    ring: IoUring,
+    ops: Slab,
+    /// Slab keys whose next SQE has not been pushed yet, in order.
+    backlog: VecDeque<usize>,
+    /// SQEs pushed whose completion has not been reaped.
+    in_flight: usize,
+    /// Cap on `in_flight`: the completion queue size, so it never overflows.
+    max_in_flight: usize,
+    /// Every handle is gone: finish what is in flight, then stop.
+    shutdown: bool,
+    /// Scratch space for reaped completions: (user_data, result).
+    completions: Vec<(u64, i32)>,
+    /// `io_uring_enter` failures in a row (logged sparingly).
+    failures: u32,
+}
+
+/// What the submitters and the reaper share.
 struct Shared {
-    state: Mutex<State>,
-    /// Written (8 bytes, value 1) to wake the engine thread.
+    ring: Mutex<Ring>,
+    /// Registered with the ring: readable once a completion was posted.
+    /// Non-blocking.
     eventfd: File,
 }
 
-#[derive(Default)]
-struct State {
-    queue: VecDeque<Op>,
-    /// An eventfd write is pending that the engine thread has not seen yet.
-    wake_pending: bool,
-    /// Every handle is gone: finish what is in flight and exit.
-    shutdown: bool,
-    /// The engine thread has exited: no submission will ever be served.
-    closed: bool,
-}
-
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Wakes the reaper (shutdown).
     fn wake(&self) {
         if let Err(e) = (&self.eventfd).write_all(&1u64.to_ne_bytes()) {
             // Cannot happen with a valid eventfd (the counter cannot overflow
-            // at one increment per request).
-            tracing::error!("cannot wake the io_uring thread through its eventfd: {e}");
+            // at one increment per shutdown).
+            tracing::error!("cannot wake the io_uring reaper through its eventfd: {e}");
+        }
+    }
+
+    /// Resets the eventfd's counter (non-blocking; nothing to read is fine).
+    fn clear_eventfd(&self) {
+        let mut counter = [0u8; 8];
+        let _ = (&self.eventfd).read(&mut counter);
+    }
+
+    /// Reaps every completion, then submits what waits; returns whether the
+    /// reaper is done (every handle gone and nothing in flight) and whether
+    /// SQEs are left unsubmitted (the kernel refused them for now).
+    fn reap_and_submit(&self) -> Reaped {
+        let mut ring = self.lock();
+        ring.reap();
+        ring.push_and_submit();
+        Reaped { finished: ring.shutdown && ring.in_flight == 0 && ring.ops.len == 0, unsubmitted: ring.unsubmitted() }
+    }
+}
+
+/// See [`Shared::reap_and_submit`].
+struct Reaped {
+    finished: bool,
+    unsubmitted: bool,
+}
+
+impl Ring {
+    /// Pushes the backlog into the submission queue, as far as the cap
+    /// allows, and submits it to the kernel.
+    fn push_and_submit(&mut self) {
+        let mut sq = self.ring.submission();
+        while self.in_flight < self.max_in_flight {
+            let Some(&key) = self.backlog.front() else {
+                break;
+            };
+            let Some(op) = self.ops.get_mut(key) else {
+                self.backlog.pop_front();
+                continue;
+            };
+            let entry = op.sqe(key as u64);
+            // SAFETY: the SQE points into the heap allocation of the
+            // AlignedBuf held by slab entry `key` (a Vec reallocation of the
+            // slab moves the AlignedBuf struct, not its allocation), and uses
+            // the descriptor of the Arc<File> held by the same entry. The
+            // entry is removed from the slab only when the completion
+            // carrying `key` is reaped, and the slab outlives the ring (see
+            // `Drop for Ring`), so buffer and descriptor stay valid for as
+            // long as the kernel may use them.
+            if unsafe { sq.push(&entry) }.is_err() {
+                // The queue is full of SQEs the kernel has not taken yet
+                // (it refused them below): the reaper submits them later.
+                break;
+            }
+            self.backlog.pop_front();
+            self.in_flight += 1;
+        }
+        sq.sync();
+        let pending = !sq.is_empty();
+        drop(sq);
+        if pending {
+            self.submit();
+        }
+    }
+
+    /// SQEs pushed that the kernel has not taken yet.
+    fn unsubmitted(&mut self) -> bool {
+        let mut sq = self.ring.submission();
+        sq.sync();
+        !sq.is_empty()
+    }
+
+    /// Hands the submission queue to the kernel (without waiting). What it
+    /// refuses stays queued: the reaper tries again.
+    fn submit(&mut self) {
+        match self.ring.submit() {
+            Ok(_) => self.failures = 0,
+            // Busy (completions to reap first) or short of memory: the
+            // reaper submits again after its next reap.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)) => {}
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                if self.failures == 1 || self.failures.is_power_of_two() {
+                    tracing::error!(failures = self.failures, "io_uring_enter failed: {e}; retrying");
+                }
+            }
+        }
+    }
+
+    /// Reaps every available completion; resubmits what is not finished.
+    fn reap(&mut self) {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        self.completions.extend(cq.map(|cqe| (cqe.user_data(), cqe.result())));
+        let completions = std::mem::take(&mut self.completions);
+        for &(user_data, res) in &completions {
+            self.in_flight -= 1;
+            let key = user_data as usize;
+            let Some(op) = self.ops.remove(key) else {
+                tracing::error!("io_uring completion for unknown operation {user_data}; ignored");
+                continue;
+            };
+            if let Step::Resubmit(op) = op.complete(res) {
+                let key = self.ops.insert(op);
+                self.backlog.push_back(key);
+            }
+        }
+        self.completions = completions;
+        self.completions.clear();
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            // Only if the reaper died: the kernel may still write into
+            // these buffers, so they must never be freed.
+            tracing::error!(
+                in_flight = self.in_flight,
+                "the io_uring engine stops with operations in flight; their buffers are leaked \
+                 and their callers get EngineGone"
+            );
+            for op in self.ops.drain() {
+                op.leak_buffer();
+            }
         }
     }
 }
 
-/// Handle to the engine thread; dropping it shuts the thread down once the
-/// operations in flight have completed.
+/// Handle to the engine; dropping the last one lets the reaper finish
+/// what is in flight and close the ring.
 pub(crate) struct UringEngine {
     shared: Arc<Shared>,
 }
@@ -286,47 +404,39 @@ impl Drop for UringEngine {
 }
 
 impl UringEngine {
-    /// Creates the ring (in the engine thread, so that `SINGLE_ISSUER`
-    /// holds) and starts the thread. `Err` carries a reason for the admin.
+    /// Creates the ring and starts its reaper: a task of the current tokio
+    /// runtime, or a thread when there is none. `Err` carries a reason for
+    /// the admin.
     pub(crate) fn start(entries: u32) -> Result<UringEngine, String> {
-        let eventfd = create_eventfd().map_err(|e| format!("cannot create an eventfd for the io_uring thread: {e}"))?;
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), eventfd });
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let thread_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name(THREAD_NAME.to_owned())
-            .spawn(move || match setup_ring(entries) {
-                Ok(ring) => {
-                    let _ = ready_tx.send(Ok(()));
-                    EngineThread::new(ring, thread_shared).run();
-                }
-                Err(reason) => {
-                    let _ = ready_tx.send(Err(reason));
-                }
-            })
-            .map_err(|e| format!("cannot start the {THREAD_NAME} thread: {e}"))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(UringEngine { shared }),
-            Ok(Err(reason)) => Err(reason),
-            Err(_) => Err(format!("the {THREAD_NAME} thread died while setting up the ring")),
-        }
-    }
-
-    fn submit(&self, op: Op) -> Result<(), Op> {
-        let wake = {
-            let mut state = self.shared.lock();
-            if state.closed {
-                return Err(op);
-            }
-            state.queue.push_back(op);
-            !std::mem::replace(&mut state.wake_pending, true)
+        let eventfd = create_eventfd().map_err(|e| format!("cannot create an eventfd for io_uring: {e}"))?;
+        let ring = setup_ring(entries, &eventfd)?;
+        let max_in_flight = ring.params().cq_entries() as usize;
+        let ring = Ring {
+            ring,
+            ops: Slab::default(),
+            backlog: VecDeque::new(),
+            in_flight: 0,
+            max_in_flight,
+            shutdown: false,
+            completions: Vec::with_capacity(max_in_flight),
+            failures: 0,
         };
-        if wake {
-            self.shared.wake();
+        let shared = Arc::new(Shared { ring: Mutex::new(ring), eventfd });
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(reap_in_reactor(ReactorReaper(Some(Arc::clone(&shared)))));
+            }
+            Err(_) => reap_on_thread(Arc::clone(&shared))?,
         }
-        Ok(())
+        Ok(UringEngine { shared })
     }
 
+    fn submit(&self, op: Op) {
+        let mut ring = self.shared.lock();
+        let key = ring.ops.insert(op);
+        ring.backlog.push_back(key);
+        ring.push_and_submit();
+    }
     /// Reads or writes all of `buf` at `offset`.
     pub(crate) async fn rw(
         &self,
@@ -337,14 +447,10 @@ impl UringEngine {
     ) -> (Result<(), IoError>, AlignedBuf) {
         let len = buf.len();
         let (reply, rx) = oneshot::channel();
-        let op = Op::Rw { kind, file, buf, offset, done: 0, reply };
-        if let Err(op) = self.submit(op) {
-            let buf = op.into_buf().unwrap_or_else(|| AlignedBuf::zeroed(len));
-            return (Err(IoError::EngineGone), buf);
-        }
+        self.submit(Op::Rw { kind, file, buf, offset, done: 0, reply });
         match rx.await {
             Ok(done) => done,
-            // The engine thread died with the buffer (see `leak_buffer`).
+            // The engine was dropped with the buffer (see `leak_buffer`).
             Err(_) => (Err(IoError::EngineGone), AlignedBuf::zeroed(len)),
         }
     }
@@ -363,14 +469,12 @@ impl UringEngine {
     }
 
     async fn unit_op(&self, op: Op, rx: oneshot::Receiver<Result<(), IoError>>) -> Result<(), IoError> {
-        if self.submit(op).is_err() {
-            return Err(IoError::EngineGone);
-        }
+        self.submit(op);
         rx.await.unwrap_or(Err(IoError::EngineGone))
     }
 
-    /// For tests: a probe telling whether the engine thread has exited
-    /// (it holds the last other reference to the shared state).
+    /// For tests: a probe telling whether the reaper has exited (it holds
+    /// the last other reference to the shared state).
     #[cfg(test)]
     pub(crate) fn exit_probe(&self) -> impl Fn() -> bool + Send + 'static {
         let weak = Arc::downgrade(&self.shared);
@@ -378,11 +482,102 @@ impl UringEngine {
     }
 }
 
+/// The reaper in the tokio reactor. Should its runtime shut down while the
+/// engine still has work, a thread takes over (see `Drop`).
+struct ReactorReaper(Option<Arc<Shared>>);
+
+impl Drop for ReactorReaper {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            if let Err(e) = reap_on_thread(shared) {
+                tracing::error!("the io_uring reaper cannot move to a thread: {e}");
+            }
+        }
+    }
+}
+
+/// The eventfd, kept open by the shared state it belongs to.
+struct EventFd(Arc<Shared>);
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.eventfd.as_raw_fd()
+    }
+}
+
+async fn reap_in_reactor(mut reaper: ReactorReaper) {
+    let Some(shared) = reaper.0.clone() else { return };
+    // SAFETY: the descriptor is the eventfd owned by `Shared`, which the
+    // `EventFd` keeps alive; it is never closed or replaced while `Shared`
+    // lives, so it stays open and the same for the `AsyncFd`'s lifetime.
+    let fd = match unsafe { AsyncFd::register_with_interest(EventFd(shared), Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            // Dropping `reaper` hands the work to a thread.
+            tracing::warn!("cannot watch the io_uring eventfd in the tokio reactor ({e}); reaping on a thread");
+            return;
+        }
+    };
+    let shared = &fd.get_ref().0;
+    loop {
+        let guard = if shared.reap_and_submit().unsubmitted {
+            match tokio::time::timeout(RETRY_SUBMIT, fd.readable()).await {
+                Ok(ready) => ready,
+                Err(_) => continue,
+            }
+        } else {
+            fd.readable().await
+        };
+        let mut guard = match guard {
+            Ok(guard) => guard,
+            Err(e) => {
+                tracing::warn!("watching the io_uring eventfd failed ({e}); reaping on a thread");
+                return;
+            }
+        };
+        // Reset the counter before reaping: a completion posted after the
+        // reap signals the eventfd again, so none is missed.
+        shared.clear_eventfd();
+        guard.clear_ready();
+        if shared.reap_and_submit().finished {
+            tracing::debug!("io_uring reaper exiting: every handle dropped, nothing in flight");
+            reaper.0 = None;
+            return;
+        }
+    }
+}
+
+/// The reaper on a thread of its own: blocks in poll(2) on the eventfd.
+fn reap_on_thread(shared: Arc<Shared>) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(THREAD_NAME.to_owned())
+        .spawn(move || loop {
+            let reaped = shared.reap_and_submit();
+            if reaped.finished {
+                tracing::debug!("{THREAD_NAME} thread exiting: every handle dropped, nothing in flight");
+                return;
+            }
+            let timeout = if reaped.unsubmitted {
+                PollTimeout::try_from(RETRY_SUBMIT).unwrap_or(PollTimeout::ZERO)
+            } else {
+                PollTimeout::NONE
+            };
+            let mut fds = [PollFd::new(shared.eventfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => shared.clear_eventfd(),
+                Err(e) => {
+                    tracing::error!("poll on the io_uring eventfd failed: {e}; retrying");
+                    std::thread::sleep(RETRY_SUBMIT);
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the {THREAD_NAME} thread: {e}"))
+}
+
 fn create_eventfd() -> io::Result<File> {
-    // Blocking (no EFD_NONBLOCK) on purpose: io_uring then waits for a value
-    // instead of completing the read with -EAGAIN.
     // SAFETY: eventfd(2) takes no pointers.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -404,14 +599,14 @@ fn describe_setup_error(e: &io::Error) -> String {
 }
 
 /// Creates the ring and checks that it works and supports what we use.
-fn setup_ring(entries: u32) -> Result<IoUring, String> {
-    let mut ring = IoUring::builder()
-        .setup_coop_taskrun()
-        .setup_single_issuer()
-        .build(entries)
-        // Kernels before 6.0 refuse these optimisation flags with EINVAL.
-        .or_else(|_| IoUring::new(entries))
-        .map_err(|e| describe_setup_error(&e))?;
+fn setup_ring(entries: u32, eventfd: &File) -> Result<IoUring, String> {
+    // Submitted to from any thread: no SINGLE_ISSUER; completions must post
+    // (and signal the eventfd) without waiting for the next submission: no
+    // COOP_TASKRUN.
+    let mut ring = IoUring::new(entries).map_err(|e| describe_setup_error(&e))?;
+    ring.submitter()
+        .register_eventfd(eventfd.as_raw_fd())
+        .map_err(|e| format!("cannot register an eventfd with io_uring ({e}); Linux 5.1 or later is needed"))?;
 
     let mut probe = Probe::new();
     ring.submitter()
@@ -446,224 +641,5 @@ fn setup_ring(entries: u32) -> Result<IoUring, String> {
         Some(res) if res >= 0 => Ok(ring),
         Some(res) => Err(format!("io_uring NOP failed: {}", io::Error::from_raw_os_error(-res))),
         None => Err("io_uring NOP did not complete".to_owned()),
-    }
-}
-
-/// The state of the engine thread.
-struct EngineThread {
-    ring: IoUring,
-    shared: Arc<Shared>,
-    ops: Slab,
-    /// Slab keys whose next SQE has not been pushed yet, in order.
-    backlog: VecDeque<usize>,
-    /// SQEs pushed whose completion has not been reaped (eventfd read included).
-    in_flight: usize,
-    /// Cap on `in_flight`: the completion queue size, so it never overflows.
-    max_in_flight: usize,
-    /// Target of the eventfd read. Boxed: its address must not change while
-    /// the read is in flight.
-    eventfd_buf: Box<u64>,
-    eventfd_armed: bool,
-    /// The eventfd read completed since `wake_pending` was last cleared.
-    eventfd_fired: bool,
-    shutting_down: bool,
-    /// Scratch space for reaped completions: (user_data, result).
-    completions: Vec<(u64, i32)>,
-}
-
-impl EngineThread {
-    fn new(ring: IoUring, shared: Arc<Shared>) -> EngineThread {
-        let max_in_flight = ring.params().cq_entries() as usize;
-        EngineThread {
-            ring,
-            shared,
-            ops: Slab::default(),
-            backlog: VecDeque::new(),
-            in_flight: 0,
-            max_in_flight,
-            eventfd_buf: Box::new(0),
-            eventfd_armed: false,
-            eventfd_fired: false,
-            shutting_down: false,
-            completions: Vec::with_capacity(max_in_flight),
-        }
-    }
-
-    fn run(mut self) {
-        let mut failures = 0u32;
-        loop {
-            self.intake();
-            if self.shutting_down && self.in_flight == 0 && self.ops.len == 0 {
-                break;
-            }
-            self.push_sqes();
-            if self.in_flight == 0 {
-                // Nothing can complete (every push failed): do not sleep in
-                // the kernel forever; retry shortly.
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => failures = 0,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                    // Kernel short of memory, or completions to reap first.
-                    if self.reap() == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::error!("io_uring_enter failed ({failures} times in a row): {e}; retrying");
-                    }
-                    std::thread::sleep(Duration::from_millis(u64::from(failures.min(100))));
-                }
-            }
-            self.reap();
-        }
-        tracing::debug!("{THREAD_NAME} thread exiting: every handle dropped, nothing in flight");
-    }
-
-    /// Moves queued requests into the slab and the backlog; notices shutdown.
-    fn intake(&mut self) {
-        let mut state = self.shared.lock();
-        if self.eventfd_fired {
-            // Clear only after the eventfd read completed: a submitter that
-            // sees `wake_pending` set relies on a wake-up still to come.
-            state.wake_pending = false;
-            self.eventfd_fired = false;
-        }
-        for op in state.queue.drain(..) {
-            let key = self.ops.insert(op);
-            self.backlog.push_back(key);
-        }
-        if state.shutdown && !self.shutting_down {
-            self.shutting_down = true;
-            drop(state);
-            if self.eventfd_armed {
-                // The pending eventfd read must complete before the thread
-                // can exit and free its buffer: satisfy it ourselves.
-                self.shared.wake();
-            }
-        }
-    }
-
-    /// Pushes the eventfd read (if not armed) and the backlog into the
-    /// submission queue, submitting whenever it is full.
-    fn push_sqes(&mut self) {
-        let (submitter, mut sq, _) = self.ring.split();
-        if !self.eventfd_armed && !self.shutting_down {
-            let read = opcode::Read::new(
-                types::Fd(self.shared.eventfd.as_raw_fd()),
-                std::ptr::from_mut::<u64>(&mut self.eventfd_buf).cast::<u8>(),
-                8,
-            )
-            .build()
-            .user_data(EVENTFD_KEY);
-            // SAFETY: the read targets the 8-byte heap allocation of
-            // `eventfd_buf`, which is neither freed nor moved while
-            // `eventfd_armed` is set (it is cleared only when this read's
-            // completion is reaped; `Drop` leaks the box otherwise); the
-            // eventfd is owned by `shared`, which this thread keeps alive.
-            if unsafe { sq.push(&read) }.is_ok() {
-                self.eventfd_armed = true;
-                self.in_flight += 1;
-            }
-        }
-        while self.in_flight < self.max_in_flight {
-            let Some(key) = self.backlog.pop_front() else {
-                break;
-            };
-            let Some(op) = self.ops.get_mut(key) else {
-                continue;
-            };
-            let entry = op.sqe(key as u64);
-            // SAFETY: the SQE points into the heap allocation of the
-            // AlignedBuf held by slab entry `key` (a Vec reallocation of the
-            // slab moves the AlignedBuf struct, not its allocation), and uses
-            // the descriptor of the Arc<File> held by the same entry. The
-            // entry is removed from the slab only when the completion
-            // carrying `key` is reaped, so buffer and descriptor stay valid
-            // for as long as the kernel may use them.
-            let mut pushed = unsafe { sq.push(&entry) }.is_ok();
-            if !pushed {
-                // Full: hand the queue to the kernel and try once more.
-                sq.sync();
-                let _ = submitter.submit();
-                sq.sync();
-                // SAFETY: as above; same entry, same slab entry.
-                pushed = unsafe { sq.push(&entry) }.is_ok();
-            }
-            if !pushed {
-                self.backlog.push_front(key);
-                break;
-            }
-            self.in_flight += 1;
-        }
-        sq.sync();
-    }
-
-    /// Reaps every available completion; returns how many.
-    fn reap(&mut self) -> usize {
-        let mut cq = self.ring.completion();
-        cq.sync();
-        self.completions.extend(cq.map(|cqe| (cqe.user_data(), cqe.result())));
-        let count = self.completions.len();
-        for i in 0..count {
-            let (user_data, res) = self.completions[i];
-            self.in_flight -= 1;
-            if user_data == EVENTFD_KEY {
-                self.eventfd_armed = false;
-                self.eventfd_fired = true;
-                if res < 0 && res != -libc::EINTR && res != -libc::EAGAIN {
-                    tracing::warn!(
-                        "reading the io_uring wake-up eventfd failed: {}",
-                        io::Error::from_raw_os_error(-res)
-                    );
-                }
-                continue;
-            }
-            let key = user_data as usize;
-            let Some(op) = self.ops.remove(key) else {
-                tracing::error!("io_uring completion for unknown operation {user_data}; ignored");
-                continue;
-            };
-            if let Step::Resubmit(op) = op.complete(res) {
-                let key = self.ops.insert(op);
-                self.backlog.push_back(key);
-            }
-        }
-        self.completions.clear();
-        count
-    }
-}
-
-impl Drop for EngineThread {
-    fn drop(&mut self) {
-        let queued: Vec<Op> = {
-            let mut state = self.shared.lock();
-            state.closed = true;
-            state.queue.drain(..).collect()
-        };
-        for op in queued {
-            op.fail();
-        }
-        if self.in_flight > 0 {
-            // Only on a panic of the engine thread: the kernel may still
-            // write into these buffers, so they must never be freed.
-            tracing::error!(
-                in_flight = self.in_flight,
-                "the io_uring thread stops with operations in flight; their buffers are leaked \
-                 and their callers get EngineGone"
-            );
-            for op in self.ops.drain() {
-                op.leak_buffer();
-            }
-            if self.eventfd_armed {
-                std::mem::forget(std::mem::replace(&mut self.eventfd_buf, Box::new(0)));
-            }
-        }
     }
 }
