@@ -306,6 +306,25 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Stops the daemon's runtime, waiting at most
+/// [`crate::daemon::RUNTIME_SHUTDOWN_TIMEOUT`] (and a margin) for it. A
+/// worker thread that submitted I/O to a volume that hangs (a dead disk, a
+/// stuck FUSE or network filesystem) cannot finish exiting until the kernel
+/// gives up on that I/O, and the runtime would wait for it forever: the
+/// process exits without it.
+fn stop_runtime(rt: tokio::runtime::Runtime) {
+    let (stopped_tx, stopped) = std::sync::mpsc::channel();
+    let stopping = std::thread::Builder::new().name("replicator-stop".into()).spawn(move || {
+        rt.shutdown_timeout(crate::daemon::RUNTIME_SHUTDOWN_TIMEOUT);
+        let _ = stopped_tx.send(());
+    });
+    if stopping.is_ok()
+        && stopped.recv_timeout(crate::daemon::RUNTIME_SHUTDOWN_TIMEOUT + Duration::from_secs(1)).is_err()
+    {
+        tracing::warn!("a runtime thread is still stuck in I/O on a volume: exiting without waiting for it");
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
         eprintln!("replicator: cannot start the async runtime: {e}");
@@ -387,7 +406,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             init_logging(config.node.log.as_deref());
             let rt = runtime()?;
             let result = rt.block_on(crate::daemon::run(config));
-            rt.shutdown_timeout(crate::daemon::RUNTIME_SHUTDOWN_TIMEOUT);
+            stop_runtime(rt);
             match result {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
