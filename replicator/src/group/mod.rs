@@ -4,16 +4,20 @@
 //! Reading order for a newcomer:
 //! 1. [`Group::write`] (in `write_path.rs`): the primary write path — range
 //!    sequencing, journal reservation, record, local write, replication, ack.
-//! 2. `shipper.rs`: the primary's replication session (records, copy, acks).
-//! 3. `applier.rs`: the secondary's side of that session.
+//! 2. `task.rs`: the group's one task, which runs everything below.
+//! 3. `shipper.rs`: the primary's replication session (records, copy, acks).
+//! 4. `applier.rs`: the secondary's side of that session.
 //!
 //! `takeover.rs` holds switchover and failover; `verify.rs` the online
 //! comparison of the two sites (`replicator verify`).
 //!
-//! Concurrency: one `std::sync::Mutex` guards the group's bookkeeping
-//! ([`Inner`]); it is held only for short, non-blocking sections and never
-//! across an `.await`. Progress that waiters care about (peer acks, state
-//! changes) is published through a `watch` channel.
+//! Concurrency: the NBD connections (writes) and the control socket
+//! (commands) run in their own tasks; everything the group does by itself
+//! runs in its one task (`task.rs`). One `std::sync::Mutex` guards the
+//! group's bookkeeping ([`Inner`]); it is held only for short, non-blocking
+//! sections and never across an `.await`, and no file is written under it.
+//! Progress that waiters care about (peer acks, state changes) is published
+//! through a `watch` channel.
 
 mod activity;
 mod applier;
