@@ -325,6 +325,14 @@ fn stop_runtime(rt: tokio::runtime::Runtime) {
     }
 }
 
+/// The daemon's runtime, with `node.worker_threads` threads.
+fn daemon_runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().map_err(|e| {
+        eprintln!("replicator: cannot start the async runtime: {e}");
+        ExitCode::from(exit::FAILED)
+    })
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
         eprintln!("replicator: cannot start the async runtime: {e}");
@@ -404,7 +412,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         Command::Run => {
             let config = load_config(&cli.config)?;
             init_logging(config.node.log.as_deref());
-            let rt = runtime()?;
+            let rt = daemon_runtime(config.node.worker_threads)?;
             let result = rt.block_on(crate::daemon::run(config));
             stop_runtime(rt);
             match result {

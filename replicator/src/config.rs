@@ -129,6 +129,22 @@ pub struct NodeConfig {
     /// directives), already expanded by [`log_filter_directives`]. `None`:
     /// `RUST_LOG`, or the default.
     pub log: Option<String>,
+    /// Threads of the daemon's async runtime (`worker_threads`; default:
+    /// [`default_worker_threads`]).
+    pub worker_threads: usize,
+}
+
+/// Most `node.worker_threads` the daemon accepts.
+pub const MAX_WORKER_THREADS: usize = 256;
+
+/// The default `node.worker_threads`: half the CPUs this process may run
+/// on, at least one. Every request's work stays on the thread that took
+/// it as long as that thread is free, and each hand-off between runtime
+/// threads costs a wake-up; the other half of the CPUs is left to the
+/// kernel's I/O workers, the network and the peer (replicator-bench on two
+/// vCPUs: sync QD1 p50 halved with one thread instead of two).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// `node.nbd_tls`: TLS on the NBD TCP listener (`nbd_listen`). The Unix
@@ -413,6 +429,7 @@ struct RawNode {
     nbd_tls_clients: Option<Vec<String>>,
     metrics_listen: Option<String>,
     log: Option<String>,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -579,22 +596,33 @@ impl Validator<'_> {
         let nbd_listen = raw.node.nbd_listen.as_deref().map(|v| self.addr("node.nbd_listen", v)).transpose()?;
         let (nbd_tls, nbd_tls_clients) =
             self.nbd_tls(nbd_listen, raw.node.nbd_tls.as_deref(), raw.node.nbd_tls_clients.as_deref())?;
-        let node = NodeConfig {
-            name: self.name("node.name", &raw.node.name)?,
-            listen: self.addr("node.listen", &raw.node.listen)?,
-            state_dir: self.absolute("node.state_dir", raw.node.state_dir)?,
-            run_dir: self.absolute("node.run_dir", raw.node.run_dir)?,
-            nbd_listen,
-            nbd_tls,
-            nbd_tls_clients,
-            metrics_listen: raw
-                .node
-                .metrics_listen
-                .as_deref()
-                .map(|v| self.addr("node.metrics_listen", v))
-                .transpose()?,
-            log: raw.node.log.as_deref().map(|v| self.log(v)).transpose()?,
-        };
+        let node =
+            NodeConfig {
+                name: self.name("node.name", &raw.node.name)?,
+                listen: self.addr("node.listen", &raw.node.listen)?,
+                state_dir: self.absolute("node.state_dir", raw.node.state_dir)?,
+                run_dir: self.absolute("node.run_dir", raw.node.run_dir)?,
+                nbd_listen,
+                nbd_tls,
+                nbd_tls_clients,
+                metrics_listen: raw
+                    .node
+                    .metrics_listen
+                    .as_deref()
+                    .map(|v| self.addr("node.metrics_listen", v))
+                    .transpose()?,
+                log: raw.node.log.as_deref().map(|v| self.log(v)).transpose()?,
+                worker_threads: match raw.node.worker_threads {
+                    None => default_worker_threads(),
+                    Some(n) if (1..=MAX_WORKER_THREADS).contains(&n) => n,
+                    Some(n) => return Err(self.err(
+                        "node.worker_threads",
+                        format!(
+                            "{n} is out of range: write 1 to {MAX_WORKER_THREADS}, or leave it out for half the CPUs"
+                        ),
+                    )),
+                },
+            };
         let tls = TlsPaths {
             ca: self.relative_to_config(raw.tls.ca),
             cert: self.relative_to_config(raw.tls.cert),
@@ -991,6 +1019,20 @@ size = "20GiB"
         let bad = GOOD.replace("[tls]", "[tls]\nbogus = 1");
         let e = parse(&bad).expect_err("unknown key").to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_half_the_cpus_and_refuse_zero_and_absurd_values() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.node.worker_threads, default_worker_threads());
+        assert!(c.node.worker_threads >= 1);
+        let set = |n: &str| GOOD.replace("[tls]", &format!("worker_threads = {n}\n\n[tls]"));
+        assert_eq!(parse(&set("3")).expect("valid").node.worker_threads, 3);
+        for bad in ["0", "257", "-1"] {
+            let e = parse(&set(bad)).expect_err(bad).to_string();
+            assert!(e.contains("worker_threads"), "{bad}: {e}");
+        }
+        assert!(parse(&set("0")).expect_err("zero").to_string().contains("1 to 256"));
     }
 
     #[test]

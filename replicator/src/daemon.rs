@@ -500,6 +500,7 @@ fn settings_needing_restart(running: &Config, fresh: &Config) -> Vec<&'static st
         ("node.nbd_listen", a.nbd_listen != b.nbd_listen),
         ("node.nbd_tls", a.nbd_tls != b.nbd_tls),
         ("node.metrics_listen", a.metrics_listen != b.metrics_listen),
+        ("node.worker_threads", a.worker_threads != b.worker_threads),
         ("[[peer]]", !same(&running.peers, &fresh.peers)),
         ("[[group]]", !same(&running.groups, &fresh.groups)),
     ] {
