@@ -596,33 +596,34 @@ impl Validator<'_> {
         let nbd_listen = raw.node.nbd_listen.as_deref().map(|v| self.addr("node.nbd_listen", v)).transpose()?;
         let (nbd_tls, nbd_tls_clients) =
             self.nbd_tls(nbd_listen, raw.node.nbd_tls.as_deref(), raw.node.nbd_tls_clients.as_deref())?;
-        let node =
-            NodeConfig {
-                name: self.name("node.name", &raw.node.name)?,
-                listen: self.addr("node.listen", &raw.node.listen)?,
-                state_dir: self.absolute("node.state_dir", raw.node.state_dir)?,
-                run_dir: self.absolute("node.run_dir", raw.node.run_dir)?,
-                nbd_listen,
-                nbd_tls,
-                nbd_tls_clients,
-                metrics_listen: raw
-                    .node
-                    .metrics_listen
-                    .as_deref()
-                    .map(|v| self.addr("node.metrics_listen", v))
-                    .transpose()?,
-                log: raw.node.log.as_deref().map(|v| self.log(v)).transpose()?,
-                worker_threads: match raw.node.worker_threads {
-                    None => default_worker_threads(),
-                    Some(n) if (1..=MAX_WORKER_THREADS).contains(&n) => n,
-                    Some(n) => return Err(self.err(
+        let node = NodeConfig {
+            name: self.name("node.name", &raw.node.name)?,
+            listen: self.addr("node.listen", &raw.node.listen)?,
+            state_dir: self.absolute("node.state_dir", raw.node.state_dir)?,
+            run_dir: self.absolute("node.run_dir", raw.node.run_dir)?,
+            nbd_listen,
+            nbd_tls,
+            nbd_tls_clients,
+            metrics_listen: raw
+                .node
+                .metrics_listen
+                .as_deref()
+                .map(|v| self.addr("node.metrics_listen", v))
+                .transpose()?,
+            log: raw.node.log.as_deref().map(|v| self.log(v)).transpose()?,
+            worker_threads: match raw.node.worker_threads {
+                None => default_worker_threads(),
+                Some(n) if (1..=MAX_WORKER_THREADS).contains(&n) => n,
+                Some(n) => {
+                    return Err(self.err(
                         "node.worker_threads",
                         format!(
                             "{n} is out of range: write 1 to {MAX_WORKER_THREADS}, or leave it out for half the CPUs"
                         ),
-                    )),
-                },
-            };
+                    ))
+                }
+            },
+        };
         let tls = TlsPaths {
             ca: self.relative_to_config(raw.tls.ca),
             cert: self.relative_to_config(raw.tls.cert),

@@ -520,7 +520,13 @@ async fn reap_in_reactor(mut reaper: ReactorReaper) {
     };
     let shared = &fd.get_ref().0;
     loop {
-        let guard = if shared.reap_and_submit().unsubmitted {
+        let reaped = shared.reap_and_submit();
+        if reaped.finished {
+            tracing::debug!("io_uring reaper exiting: every handle dropped, nothing in flight");
+            reaper.0 = None;
+            return;
+        }
+        let guard = if reaped.unsubmitted {
             match tokio::time::timeout(RETRY_SUBMIT, fd.readable()).await {
                 Ok(ready) => ready,
                 Err(_) => continue,
@@ -535,15 +541,10 @@ async fn reap_in_reactor(mut reaper: ReactorReaper) {
                 return;
             }
         };
-        // Reset the counter before reaping: a completion posted after the
-        // reap signals the eventfd again, so none is missed.
+        // Reset the counter before the next reap: a completion posted after
+        // it signals the eventfd again, so none is missed.
         shared.clear_eventfd();
         guard.clear_ready();
-        if shared.reap_and_submit().finished {
-            tracing::debug!("io_uring reaper exiting: every handle dropped, nothing in flight");
-            reaper.0 = None;
-            return;
-        }
     }
 }
 
