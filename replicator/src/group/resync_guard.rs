@@ -219,6 +219,17 @@ impl Group {
         }
     }
 
+    /// Waits until the files of the image released last are removed (a
+    /// command that released it answers only then).
+    pub(super) async fn image_removed(&self) {
+        let removal = self.guard_removal.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(removal) = removal {
+            if let Err(e) = removal.await {
+                tracing::warn!(group = %self.cfg.name, "removing the resync guard: {e} (the next start removes it)");
+            }
+        }
+    }
+
     /// `status`: the image a failover here would promote.
     pub(super) fn failover_image(&self, g: &Inner) -> Option<FailoverImage> {
         let secondary = g.persisted.role.as_secondary()?;

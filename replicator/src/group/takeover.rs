@@ -184,6 +184,7 @@ impl Group {
         self.saved(save).await?;
         if rolled_back.is_some() {
             self.release_image("failover done");
+            self.image_removed().await;
         }
         self.start_shipping();
         Ok(format!(
