@@ -31,6 +31,7 @@ type WriteLog = Arc<Mutex<Vec<(u64, usize, u64)>>>;
 
 struct Load {
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
     log: WriteLog,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -44,8 +45,9 @@ impl Load {
     /// A load over the first `blocks` blocks of each volume.
     fn start_over(cluster: &Cluster, site: Site, seed: u64, blocks: u64) -> Load {
         let (stop, acked, log) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), WriteLog::default());
+        let paused = Arc::new(AtomicBool::new(false));
         let socket = cluster.nbd_socket(site);
-        let (s, a, l) = (stop.clone(), acked.clone(), log.clone());
+        let (s, p, a, l) = (stop.clone(), paused.clone(), acked.clone(), log.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
@@ -55,6 +57,9 @@ impl Load {
                 }
                 let (mut rng, started) = (Rng::new(seed), Instant::now());
                 for k in 1..=LOAD_MAX_OPS {
+                    while p.load(Ordering::SeqCst) && !s.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                     if s.load(Ordering::SeqCst) || started.elapsed() > LOAD_MAX_TIME {
                         break;
                     }
@@ -67,7 +72,26 @@ impl Load {
                 }
             });
         });
-        Load { stop, acked, log, thread: Some(thread) }
+        Load { stop, paused, acked, log, thread: Some(thread) }
+    }
+
+    /// Stops issuing writes and waits for the one in flight: returns the
+    /// number of writes acknowledged, which is also the last one's k.
+    fn pause(&self) -> u64 {
+        self.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let issued = self.log.lock().expect("log").len() as u64;
+            if self.acked() == issued {
+                return issued;
+            }
+            assert!(Instant::now() < deadline, "the write in flight at {issued} never completed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     fn acked(&self) -> u64 {
@@ -371,6 +395,10 @@ struct MidResync {
     drill_before: Vec<Vec<u8>>,
     k_drill: u64,
     guard: replicator::group::FailoverImage,
+    /// Writes the primary tracked in its dirty bitmaps (not journaled, so
+    /// given no sequence) before the journal filled while site-b was away:
+    /// the write with sequence N is the load's write N + `unjournaled`.
+    unjournaled: u64,
 }
 
 fn caught_in_a_resync(opts: impl FnOnce(ClusterOpts) -> ClusterOpts) -> MidResync {
@@ -389,8 +417,20 @@ fn caught_in_a_resync(opts: impl FnOnce(ClusterOpts) -> ClusterOpts) -> MidResyn
     let drill_before = drill_images(&c);
     let log = load.log.lock().expect("log").clone();
     let k_drill = consistent_point(&drill_before, &log, &[]);
+    // Before site-b goes, the pair may have fallen behind the load (and
+    // the journal overflowed into the bitmaps) more than once: with the
+    // load paused and the pair in sync, every write is either journaled or
+    // was copied, and the journal's sequences run behind the load's count
+    // by the writes that were not journaled. No such write comes before
+    // the journal fills after site-b is gone.
+    let acked = load.pause();
+    c.wait_until(Site::A, "g", "the pair in sync with the load paused", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.dirty_bytes == 0
+    });
+    let unjournaled = acked - c.status(Site::A, "g").last_seq;
     let mut c = c;
     c.stop(Site::B);
+    load.resume();
     c.wait_until(Site::A, "g", "the journal overflowing into the bitmaps", Duration::from_secs(60), |s| {
         s.dirty_bytes > 0
     });
@@ -425,7 +465,7 @@ fn caught_in_a_resync(opts: impl FnOnce(ClusterOpts) -> ClusterOpts) -> MidResyn
         "RESYNC-GUARD: sequence {} preserved, {} bytes held when the resync was caught",
         guard.seq, guard.preserved_bytes
     );
-    MidResync { c, load, drill_before, k_drill, guard }
+    MidResync { c, load, drill_before, k_drill, guard, unjournaled }
 }
 
 /// After the primary is gone: `failover` (no --force) on site-b rolls the
@@ -433,7 +473,7 @@ fn caught_in_a_resync(opts: impl FnOnce(ClusterOpts) -> ClusterOpts) -> MidResyn
 /// write-order-consistent point of both volumes, and the drill copy kept
 /// its own image and stops cleanly on the new primary.
 fn fail_over_to_the_guard(m: MidResync) {
-    let MidResync { mut c, load, drill_before, k_drill, guard } = m;
+    let MidResync { mut c, load, drill_before, k_drill, guard, unjournaled } = m;
     let log = &load.finish();
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.status(Site::B, "g").connected {
@@ -461,10 +501,14 @@ fn fail_over_to_the_guard(m: MidResync) {
 
     let images: Vec<Vec<u8>> = VOLUMES.iter().map(|v| read_export(&c.nbd_socket(Site::B), v)).collect();
     let k = consistent_point(&images, log, &[]);
-    println!("RESYNC-GUARD: failover image at write {k} (drill at {k_drill}, load wrote {})", log.len());
-    // Every write up to the bitmap period was journaled in order (its
-    // sequence is its place in the load); the guard holds exactly those.
-    assert_eq!(k, guard.seq, "the failover image is not the image at the recovery point");
+    println!(
+        "RESYNC-GUARD: failover image at write {k} (sequence {}; drill at {k_drill}, load wrote {})",
+        k - unjournaled,
+        log.len()
+    );
+    // Every write up to the bitmap period was journaled in order; the
+    // guard holds exactly those.
+    assert_eq!(k, guard.seq + unjournaled, "the failover image is not the image at the recovery point");
     assert!(k >= k_drill, "the failover image ({k}) is older than the drill's ({k_drill})");
 
     assert_eq!(drill_images(&c), drill_before, "the drill copy changed");
