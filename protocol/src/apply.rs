@@ -214,6 +214,12 @@ impl Applier {
         self.copy_flush_targets.retain(|&t| t > copy_durable);
     }
 
+    /// Whether a FUA record or a flush request wants a write newer than
+    /// `seq` durable.
+    pub fn flush_wanted_beyond(&self, seq: u64) -> bool {
+        self.flush_targets.last().is_some_and(|&t| t > seq)
+    }
+
     /// Whether a FUA record or a flush request is applied but not yet
     /// durable, so the daemon should flush now.
     pub fn needs_flush(&self) -> bool {

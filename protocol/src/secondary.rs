@@ -54,6 +54,12 @@ pub struct SecondaryConfig {
     /// wait, so that a copy does not flood the disk queue ahead of
     /// replicated writes.
     pub copy_applies: usize,
+    /// Group commit of the restore journal: a record nobody waits for (no
+    /// FUA, no flush request, no drain, no shortage of journal space, no
+    /// COPY_DONE or freeze pending) is made durable at most this long after
+    /// it was appended, with every record appended meanwhile: one fdatasync
+    /// (and one batch of applies) for many writes. `ZERO`: at once.
+    pub journal_sync_delay: Duration,
 }
 
 /// Where a session starts: everything through `checkpoint` is on the
@@ -194,6 +200,10 @@ pub struct Secondary {
     appended: u64,
     journal_durable: u64,
     journal_sync_in_flight: bool,
+    /// Newest record a journal sync was asked for, and since when records
+    /// after it wait for one.
+    journal_sync_asked: u64,
+    unsynced_since: Option<Instant>,
     /// Records received but not admitted: no journal space yet, or the
     /// image's inconsistency is not persisted yet. Input stops meanwhile.
     pending: VecDeque<Record>,
@@ -259,6 +269,8 @@ impl Secondary {
             appended: start.checkpoint,
             journal_durable: start.checkpoint,
             journal_sync_in_flight: false,
+            journal_sync_asked: start.checkpoint,
+            unsynced_since: None,
             pending: VecDeque::new(),
             records: HashMap::new(),
             awaiting_journal: BTreeMap::new(),
@@ -742,8 +754,14 @@ impl Secondary {
         if self.failed {
             return;
         }
-        if !self.journal_sync_in_flight && self.appended > self.journal_durable {
+        if self.appended > self.journal_sync_asked && self.unsynced_since.is_none() {
+            self.unsynced_since = Some(now);
+        }
+        let sync_due = self.journal_sync_urgent() || self.journal_sync_due().is_some_and(|t| now >= t);
+        if !self.journal_sync_in_flight && self.appended > self.journal_durable && sync_due {
             self.journal_sync_in_flight = true;
+            self.journal_sync_asked = self.appended;
+            self.unsynced_since = None;
             self.actions.push_back(Action::SyncJournal { through: self.appended });
         }
         if self.volume_sync.is_none() {
@@ -791,6 +809,34 @@ impl Secondary {
         }
     }
 
+    /// Whether someone waits for the restore journal's durability: a FUA
+    /// write or a flush request (the primary's answer), a drain, records
+    /// waiting for journal space or for the applies before a resync, a
+    /// COPY_DONE, a drill's freeze.
+    fn journal_sync_urgent(&self) -> bool {
+        self.config.journal_sync_delay.is_zero()
+            || self.applier.flush_wanted_beyond(self.journal_durable)
+            || self.draining
+            || !self.pending.is_empty()
+            || self.ring.used_bytes() > self.ring.capacity_bytes() / 2
+            || self.copy_done.is_some()
+            || self.freeze_at.is_some()
+    }
+
+    /// When the oldest record not yet covered by a journal sync must be.
+    fn journal_sync_due(&self) -> Option<Instant> {
+        self.unsynced_since.map(|t| t + self.config.journal_sync_delay)
+    }
+
+    /// When [`Secondary::poll_action`] must be called again even if nothing
+    /// else happens: a delayed journal sync falls due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.failed || self.journal_sync_in_flight || self.appended <= self.journal_durable {
+            return None;
+        }
+        self.journal_sync_due()
+    }
+
     /// COPY_DONE: once every copy chunk is durable on the volumes and the
     /// writes through its seq are durable in the journal, the image is
     /// consistent again (after a fault, the journal replay restores it).
@@ -835,6 +881,7 @@ mod tests {
             copy_flush_bytes: 4 << 20,
             copy_sync_interval: Duration::from_millis(100),
             copy_applies: 4,
+            journal_sync_delay: Duration::ZERO,
         }
     }
 
@@ -867,6 +914,59 @@ mod tests {
         let acts = drain(&mut s, now);
         assert_eq!(acts.iter().filter(|a| matches!(a, Action::Apply { .. })).count(), 2, "{acts:?}");
         assert_eq!(s.ack().durable_seq, 2);
+    }
+
+    fn syncs(acts: &[Action]) -> Vec<u64> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::SyncJournal { through } => Some(*through),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_journal_is_synced_for_many_records_at_once_unless_someone_waits() {
+        let t0 = Instant::now();
+        let delay = Duration::from_millis(1);
+        let mut s = Secondary::new(SecondaryConfig { journal_sync_delay: delay, ..config(1 << 20) }, start(), t0);
+        s.on_record(write(1, 0)).unwrap();
+        let acts = drain(&mut s, t0);
+        assert!(syncs(&acts).is_empty(), "{acts:?}");
+        // A plain write is received (as safe as a plain write here) at once.
+        assert_eq!(s.ack().received_seq, 1);
+        assert_eq!(s.poll_timeout(), Some(t0 + delay));
+        let t1 = t0 + delay / 2;
+        s.on_record(write(2, 8192)).unwrap();
+        assert!(syncs(&drain(&mut s, t1)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(t0 + delay), "the oldest record sets the deadline");
+        assert_eq!(syncs(&drain(&mut s, t0 + delay)), vec![2], "one sync covers both");
+        assert_eq!(s.poll_timeout(), None, "a sync is in flight");
+        // Appended while that sync runs: their delay counts from then.
+        let t2 = t0 + 2 * delay;
+        s.on_record(write(3, 16384)).unwrap();
+        assert!(syncs(&drain(&mut s, t2)).is_empty());
+        s.on_journal_synced(2, Ok(())).unwrap();
+        assert_eq!(applies(drain(&mut s, t2)).len(), 2);
+        assert_eq!(s.poll_timeout(), Some(t2 + delay));
+        // A FUA write is waited for (the primary's answer): synced at once,
+        // with what came before it.
+        let mut fua = write(4, 24576);
+        fua.fua = true;
+        s.on_record(fua).unwrap();
+        assert_eq!(syncs(&drain(&mut s, t2)), vec![4]);
+        s.on_journal_synced(4, Ok(())).unwrap();
+        // So is a write the primary's FLUSH asks for.
+        s.on_record(write(5, 32768)).unwrap();
+        assert!(syncs(&drain(&mut s, t2)).is_empty());
+        s.on_flush_request(5);
+        assert_eq!(syncs(&drain(&mut s, t2)), vec![5]);
+        s.on_journal_synced(5, Ok(())).unwrap();
+        // And a drain does not wait either.
+        s.on_record(write(6, 40960)).unwrap();
+        assert!(syncs(&drain(&mut s, t2)).is_empty());
+        s.begin_drain();
+        assert_eq!(syncs(&drain(&mut s, t2)), vec![6]);
     }
 
     #[test]

@@ -69,8 +69,9 @@
 //! ones so that copies finish and later faults hit a consistent replica,
 //! and backlogs where the link carries nothing, so that the primary's
 //! journal fills) and asserts the hard paths were reached, bitmap mode, a
-//! resync gap told at a session start and an image preserved because of a
-//! record after a gap among them. Two small deterministic tests walk one
+//! resync gap told at a session start, an image preserved because of a
+//! record after a gap and a restore journal sync made only once its delay
+//! was up (nobody waited for it) among them. Two small deterministic tests walk one
 //! journal fill through, and a primary crash after its resync but before
 //! its journal was released.
 
@@ -422,6 +423,8 @@ struct Stats {
     replay_skips: usize,
     runs_included: usize,
     guarded_checks: usize,
+    /// Restore journal syncs nobody waited for, made when their delay was up.
+    delayed_journal_syncs: usize,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -456,6 +459,7 @@ impl std::ops::AddAssign for Stats {
         self.replay_skips += o.replay_skips;
         self.runs_included += o.runs_included;
         self.guarded_checks += o.guarded_checks;
+        self.delayed_journal_syncs += o.delayed_journal_syncs;
     }
 }
 
@@ -514,6 +518,9 @@ fn machine(checkpoint: u64, copy_incomplete: bool, now: Instant) -> Secondary {
         copy_flush_bytes: COPY.copy_chunk,
         copy_sync_interval: Duration::from_millis(100),
         copy_applies: 2,
+        // Syncs nobody waits for happen at the next tick: the urgent ones
+        // (FUA, flush requests, drains, resync starts) must not wait.
+        journal_sync_delay: Duration::from_millis(1),
     };
     let start = SecondaryStart { checkpoint, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete, data_as_of_us: 0 };
     Secondary::new(config, start, now)
@@ -1344,8 +1351,16 @@ impl Sim {
     }
 
     fn tick(&mut self) {
+        let m = &self.s.machine;
+        let unsynced = m.received() > m.durable() && self.s.journal_syncs.is_empty();
+        // The daemon sleeps until the machine's timeout: a record that
+        // waits for a journal sync must come with one.
+        assert!(!unsynced || m.poll_timeout().is_some(), "records wait for a journal sync nobody will start");
         self.s.now += Duration::from_millis(400);
         self.secondary_perform();
+        if unsynced && !self.s.journal_syncs.is_empty() {
+            self.stats.delayed_journal_syncs += 1;
+        }
     }
 
     /// End of session: the secondary drains, completing its own I/O.
@@ -1707,7 +1722,7 @@ fn seeded_long_runs() {
     assert!(total.copy_hashes > 0 && total.copy_mismatches > 0, "{total:?}");
     assert!(total.primary_crashes > 0 && total.primary_power_cuts > 0, "{total:?}");
     assert!(total.consistent_checks > 0 && total.fault_checks > 0, "{total:?}");
-    assert!(total.images_preserved > 0, "{total:?}");
+    assert!(total.images_preserved > 0 && total.delayed_journal_syncs > 0, "{total:?}");
     assert!(total.activity_log_full > 0, "{total:?}");
     // The journal filled: writes went to the bitmap, the resync gap was
     // told at a session start, and a record after it (not a copy chunk)
