@@ -281,14 +281,15 @@ impl DirtyBitmap {
 /// an unclean stop may replay onto its volumes. `records` are the run's
 /// (seq, volume, offset, length), oldest first; `bitmaps` the persisted
 /// dirty bitmaps; `fence` the newest record journaled before a write made
-/// in bitmap mode (persisted before that write reached the volume; 0:
-/// none).
+/// in bitmap mode, once a resync may have cleared that write's chunk
+/// (persisted before the resync handed out its first chunk; 0: none).
 ///
 /// A record at or before the fence is not replayed: a newer write made in
 /// bitmap mode may have overwritten it, and the bitmap no longer shows
 /// where once the resync copied the region (the journal is released
 /// later, lazily). Nor is a record touching a dirty chunk (such a write, or
-/// a region not copied yet). Either way its whole range is marked dirty
+/// a region not copied yet: before the resync, this alone rules out every
+/// record a bitmap-mode write overwrote). Either way its whole range is marked dirty
 /// instead, for the resync to copy. So is every older record that touches
 /// a chunk dirty by then: replaying it would put its bytes back over a
 /// newer record that is not replayed, and which may have reached the

@@ -20,13 +20,17 @@
 //! daemon's `release_journal`). A write that does not fit sends the primary
 //! into bitmap mode, as the daemon with `on_journal_full = "suspend"`: the
 //! write, and every later one, gets no journal seq, only marks the dirty bitmap
-//! (persisted before the volume write, with the replay fence: the newest record
-//! journaled before it, which a restart does not replay) and reaches the
+//! (persisted before the volume write, with the bitmap fence: the newest record
+//! journaled before it) and reaches the
 //! primary's volume without being shipped; the primary persists `resync_gap`
 //! (the last record journaled, or an older gap still pending) and tells the
 //! running session ([`PrimarySession::on_gap`]) and every later one at its
 //! start; the copy stops. Housekeeping leaves bitmap mode once the journal is
-//! less than half full: the resync copies the bitmap's regions through the
+//! less than half full. Before the resync hands out its first chunk, the
+//! bitmap fence becomes the replay fence (persisted): a restart replays no
+//! record up to it, as a chunk the resync clears no longer shows which older
+//! records a bitmap-mode write overwrote. Until then, the dirty chunks alone
+//! rule records out. The resync copies the bitmap's regions through the
 //! production copy path, and the COPY_DONE reply clears the gap. Bitmap mode,
 //! the gap and the bitmaps survive restarts of the primary. The secondary's
 //! `Action::PreserveImage` is modelled as the daemon does it: the volumes are
@@ -313,8 +317,11 @@ struct Primary {
     /// reply (persisted with `bitmap_mode`); told to every new session.
     resync_gap: Option<u64>,
     /// The newest record journaled before a write made in bitmap mode
-    /// (persisted before that write reaches the volume): a restart does not
-    /// replay it or any older record.
+    /// (persisted before that write reaches the volume).
+    bitmap_fence: u64,
+    /// The bitmap fence, once a copy may clear chunks (persisted before the
+    /// first is handed out): a restart does not replay it or any older
+    /// record.
     replay_fence: u64,
     /// The session was started with a resync gap to announce, and nothing
     /// has been transmitted on it yet.
@@ -421,6 +428,8 @@ struct Stats {
     gap_preserves: usize,
     gaps_cleared: usize,
     replay_skips: usize,
+    /// Replay fences armed as a resync began after bitmap mode.
+    fences_armed: usize,
     runs_included: usize,
     guarded_checks: usize,
     /// Restore journal syncs nobody waited for, made when their delay was up.
@@ -457,6 +466,7 @@ impl std::ops::AddAssign for Stats {
         self.gap_preserves += o.gap_preserves;
         self.gaps_cleared += o.gaps_cleared;
         self.replay_skips += o.replay_skips;
+        self.fences_armed += o.fences_armed;
         self.runs_included += o.runs_included;
         self.guarded_checks += o.guarded_checks;
         self.delayed_journal_syncs += o.delayed_journal_syncs;
@@ -636,6 +646,7 @@ impl Sim {
                 copy_pending: copy,
                 bitmap_mode: false,
                 resync_gap: None,
+                bitmap_fence: 0,
                 replay_fence: 0,
                 gap_at_start: false,
                 copy_reading: None,
@@ -817,7 +828,7 @@ impl Sim {
             // Bitmap mode: the region is dirty (and that is persisted)
             // before the write reaches the volume; it is not shipped.
             self.p.bitmaps[usize::from(vol)].set_range(offset, u64::from(len));
-            self.p.replay_fence = self.last_seq();
+            self.p.bitmap_fence = self.last_seq();
             self.stats.bitmap_writes += 1;
         }
         self.writes.push(Wr { rec, jseq, slot: self.last_seq() });
@@ -912,6 +923,12 @@ impl Sim {
     fn copy(&mut self) {
         if self.p.copy_reading.is_none() {
             let copying = self.p.copy_pending && !self.p.bitmap_mode;
+            if copying && self.p.bitmap_fence > self.p.replay_fence {
+                // The daemon's `arm_replay_fence`: persisted before the
+                // first chunk is handed out.
+                self.p.replay_fence = self.p.bitmap_fence;
+                self.stats.fences_armed += 1;
+            }
             let step = self.p.session.next_copy(&mut self.p.bitmaps, copying);
             if let CopyStep::Read { volume, offset, len, copy_index, hash } = step {
                 self.p.copy_reading = Some((volume, offset, len, copy_index, hash));
@@ -1078,6 +1095,7 @@ impl Sim {
         p.checkpoint_seen = last;
         // Records of the new generation follow every write made so far.
         p.replay_fence = p.replay_fence.min(last);
+        p.bitmap_fence = p.bitmap_fence.min(last);
         let s = &mut self.s;
         s.persisted_checkpoint = last;
         s.persisted_copy_incomplete = true;
@@ -1727,7 +1745,13 @@ fn seeded_long_runs() {
     // The journal filled: writes went to the bitmap, the resync gap was
     // told at a session start, and a record after it (not a copy chunk)
     // had the secondary preserve its image.
-    assert!(total.bitmap_mode_entries > 0 && total.bitmap_writes > 0 && total.bitmap_mode_exits > 0, "{total:?}");
+    assert!(
+        total.bitmap_mode_entries > 0
+            && total.bitmap_writes > 0
+            && total.bitmap_mode_exits > 0
+            && total.fences_armed > 0,
+        "{total:?}"
+    );
     assert!(total.gaps_at_session_start > 0 && total.gap_preserves > 0 && total.gaps_cleared > 0, "{total:?}");
 }
 
@@ -1744,6 +1768,27 @@ fn a_journal_fill_resyncs_the_bitmap_run() {
     assert_eq!((st.bitmap_mode_entries, st.bitmap_writes, st.bitmap_mode_exits), (1, 3, 1), "{st:?}");
     assert!(st.images_preserved == 1 && st.copies_done == 1 && st.gaps_cleared == 1, "{st:?}");
     assert!(st.runs_included > 0, "{st:?}");
+}
+
+/// A crash in bitmap mode, before the resync began: no chunk was cleared,
+/// so the dirty chunks alone say which records a bitmap-mode write may
+/// have overwritten. The record in a chunk written since is not replayed
+/// (the resync copies it); the one elsewhere is, and its region needs no
+/// copy (the I1 check at the restart holds either way).
+#[test]
+fn a_restart_in_bitmap_mode_replays_the_records_no_bitmap_write_touched() {
+    let mut sim = Sim::new(false, 3 * 1024);
+    sim.client_write(0, 0, 1000, Kind::Write, false);
+    sim.client_write(0, 4096, 100, Kind::Write, true);
+    sim.primary_complete(0);
+    sim.primary_complete(0);
+    // 1536 + 512 bytes journaled: the next 1536 do not fit.
+    sim.client_write(0, 500, 1000, Kind::Write, true);
+    sim.primary_complete(0);
+    assert!(sim.p.bitmap_mode && sim.p.bitmap_fence == 2 && sim.p.replay_fence == 0);
+    sim.primary_restart(false, 1);
+    assert_eq!(sim.stats.replay_skips, 1, "only record 1 shares a chunk with the bitmap-mode write");
+    sim.drain();
 }
 
 /// The journal is released lazily (at housekeeping), after the acks: a

@@ -113,10 +113,16 @@ pub struct PrimaryState {
     /// records after it follow writes the secondary lacks until the resync
     /// completes (`COMMAND_RESYNC_GAP`, told at each session start).
     pub resync_gap: Option<u64>,
-    /// The last record journaled before a write made in bitmap mode. A
+    /// The last record journaled before a write made in bitmap mode
+    /// (persisted before that write reaches a volume).
+    pub bitmap_fence: u64,
+    /// The bitmap fence, once a resync may clear the chunks such a write
+    /// dirtied (persisted before the resync hands out its first chunk). A
     /// journal replay after an unclean stop never replays a record up to
-    /// here (such a write may have overwritten it; the resync copies the
-    /// region instead). See `replicator_protocol::bitmap::plan_replay`.
+    /// here: a cleared chunk no longer shows that a newer write may have
+    /// overwritten it (the resync copies the region instead). Until then the
+    /// dirty chunks alone rule records out. See
+    /// `replicator_protocol::bitmap::plan_replay`.
     pub replay_fence: u64,
     /// What the next session must tell the secondary.
     pub announce: Announce,
@@ -158,6 +164,7 @@ impl Default for PrimaryState {
             copy_pending: false,
             bitmap_mode: false,
             resync_gap: None,
+            bitmap_fence: 0,
             replay_fence: 0,
             announce: Announce::Resume,
             consistent: true,
@@ -394,6 +401,8 @@ struct StateFileV1 {
     #[serde(default)]
     resync_gap: Option<u64>,
     #[serde(default)]
+    bitmap_fence: u64,
+    #[serde(default)]
     replay_fence: u64,
     durable_seq: u64,
     consistent: bool,
@@ -449,6 +458,7 @@ impl From<StateFileV1> for GroupState {
                 copy_pending: f.copy_pending,
                 bitmap_mode: f.bitmap_mode,
                 resync_gap: f.resync_gap,
+                bitmap_fence: f.bitmap_fence,
                 replay_fence: f.replay_fence,
                 announce: f.announce,
                 consistent: f.consistent,
@@ -512,6 +522,7 @@ impl From<GroupState> for StateFileV1 {
             copy_pending: primary.copy_pending,
             bitmap_mode: primary.bitmap_mode,
             resync_gap: primary.resync_gap,
+            bitmap_fence: primary.bitmap_fence,
             replay_fence: primary.replay_fence,
             durable_seq: secondary.durable_seq,
             consistent,
@@ -716,6 +727,7 @@ mod tests {
             "copy_pending",
             "bitmap_mode",
             "resync_gap",
+            "bitmap_fence",
             "replay_fence",
             "announce",
             "consistent",
@@ -789,7 +801,7 @@ mod tests {
             let written = fs::read_to_string(f.dir().join("state.json")).expect("read");
             // Fields added since those files were written (with a serde
             // default, which the older release ignores) come on top.
-            const ADDED_SINCE: &[&str] = &["replay_fence"];
+            const ADDED_SINCE: &[&str] = &["bitmap_fence", "replay_fence"];
             let kept: Vec<String> =
                 field_order(&written).into_iter().filter(|k| !ADDED_SINCE.contains(&k.as_str())).collect();
             assert_eq!(kept, field_order(text), "{name}: the same fields, in the same order");
@@ -850,6 +862,7 @@ mod tests {
             copy_pending: true,
             bitmap_mode: true,
             resync_gap: Some(7),
+            bitmap_fence: 6,
             replay_fence: 6,
             announce: Announce::Resync,
             consistent: false,

@@ -168,6 +168,9 @@ struct Inner {
     /// a state change it depends on (bitmap mode, the first write while
     /// split or after the pair was left).
     write_barrier: u64,
+    /// No copy chunk may be handed out before this metadata save is on
+    /// disk: the replay fence it arms (see [`Group::copy_may_clear_chunks`]).
+    copy_barrier: u64,
     /// Highest sequence a FLUSH asked the secondary to make durable.
     flush_wanted: u64,
     /// When the journal was first found full (block policy).
@@ -552,6 +555,7 @@ impl Group {
             state_version: 0,
             state_dirty: false,
             write_barrier: 0,
+            copy_barrier: 0,
             flush_wanted: 0,
             journal_full_since: None,
             session: None,
@@ -798,6 +802,21 @@ impl Group {
     /// for (see [`Group::saved`]) where the change must be durable before
     /// what follows it. Never does I/O itself: the lock it is called under
     /// is the write path's.
+    /// Whether the running copy may hand out chunks, whose bits leave the
+    /// persisted bitmaps once the secondary has them: first the bitmap
+    /// fence becomes the replay fence, on disk (a cleared chunk no longer
+    /// shows that a bitmap-mode write may have overwritten older records
+    /// still in the journal; see `PrimaryState::replay_fence`).
+    fn copy_may_clear_chunks(&self, g: &mut Inner) -> bool {
+        if let Some(p) = g.persisted.role.as_primary_mut() {
+            if p.bitmap_fence > p.replay_fence {
+                p.replay_fence = p.bitmap_fence;
+                g.copy_barrier = self.save_later(g);
+            }
+        }
+        *self.bitmap_persisted.borrow() >= g.copy_barrier
+    }
+
     fn save_later(&self, g: &mut Inner) -> u64 {
         g.state_dirty = true;
         self.request_save(g)
@@ -922,6 +941,8 @@ impl Group {
             let error = match saved {
                 Ok(Ok(())) => {
                     self.bitmap_persisted.send_modify(|p| *p = (*p).max(wanted));
+                    // A copy may wait for this save (`copy_barrier`).
+                    self.ship_wake.notify_one();
                     self.save_failed.send_if_modified(|f| f.take().is_some());
                     continue;
                 }

@@ -533,7 +533,8 @@ impl<'a> CopyReads<'a> {
                 if g.shipper_epoch != epoch {
                     return;
                 }
-                let copying = g.persisted.role.as_primary().is_some_and(|p| p.copy_pending && !p.bitmap_mode);
+                let copying = g.persisted.role.as_primary().is_some_and(|p| p.copy_pending && !p.bitmap_mode)
+                    && group.copy_may_clear_chunks(&mut g);
                 let g = &mut *g;
                 let step = match g.session.as_mut() {
                     Some(s) => s.next_copy(&mut g.bitmaps, copying),

@@ -355,8 +355,11 @@ impl Group {
         let gap = p.resync_gap.map_or(g.last_jseq, |s| s.min(g.last_jseq));
         p.resync_gap = Some(gap);
         // Records journaled so far may be overwritten by writes the journal
-        // never sees: a replay after a crash must not put them back.
-        p.replay_fence = g.last_jseq;
+        // never sees: a replay after a crash must not put them back. While
+        // the chunks those writes dirty stay dirty, the bitmaps say where;
+        // the resync arms the replay fence before it clears any
+        // (`Group::copy_may_clear_chunks`).
+        p.bitmap_fence = g.last_jseq;
         if let Some(session) = g.session.as_mut() {
             session.on_gap(gap);
         }
