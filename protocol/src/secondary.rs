@@ -58,9 +58,16 @@ pub struct SecondaryConfig {
     /// FUA, no flush request, no drain, no shortage of journal space, no
     /// COPY_DONE or freeze pending) is made durable at most this long after
     /// it was appended, with every record appended meanwhile: one fdatasync
-    /// (and one batch of applies) for many writes. `ZERO`: at once.
+    /// (and one batch of applies) for many writes. `ZERO`: at once. Not
+    /// while the primary's clients flush often (a flush request within
+    /// [`RECENT_FLUSH`]): the next flush request would wait for a whole
+    /// sync that could have started with the write.
     pub journal_sync_delay: Duration,
 }
+
+/// A flush request this recent makes the restore journal sync at once
+/// (see [`SecondaryConfig::journal_sync_delay`]).
+pub const RECENT_FLUSH: Duration = Duration::from_millis(100);
 
 /// Where a session starts: everything through `checkpoint` is on the
 /// volumes durably and the restore journal holds nothing newer (the daemon
@@ -204,6 +211,9 @@ pub struct Secondary {
     /// after it wait for one.
     journal_sync_asked: u64,
     unsynced_since: Option<Instant>,
+    /// A flush request arrived since the last plan; when the newest did.
+    flush_request_new: bool,
+    flush_requested_at: Option<Instant>,
     /// Records received but not admitted: no journal space yet, or the
     /// image's inconsistency is not persisted yet. Input stops meanwhile.
     pending: VecDeque<Record>,
@@ -271,6 +281,8 @@ impl Secondary {
             journal_sync_in_flight: false,
             journal_sync_asked: start.checkpoint,
             unsynced_since: None,
+            flush_request_new: false,
+            flush_requested_at: None,
             pending: VecDeque::new(),
             records: HashMap::new(),
             awaiting_journal: BTreeMap::new(),
@@ -368,6 +380,7 @@ impl Secondary {
     /// received so far) to be made durable and acked.
     pub fn on_flush_request(&mut self, seq: u64) {
         self.applier.on_flush_request(seq);
+        self.flush_request_new = true;
         self.ack_dirty = true;
     }
 
@@ -757,7 +770,10 @@ impl Secondary {
         if self.appended > self.journal_sync_asked && self.unsynced_since.is_none() {
             self.unsynced_since = Some(now);
         }
-        let sync_due = self.journal_sync_urgent() || self.journal_sync_due().is_some_and(|t| now >= t);
+        if std::mem::take(&mut self.flush_request_new) {
+            self.flush_requested_at = Some(now);
+        }
+        let sync_due = self.journal_sync_urgent(now) || self.journal_sync_due().is_some_and(|t| now >= t);
         if !self.journal_sync_in_flight && self.appended > self.journal_durable && sync_due {
             self.journal_sync_in_flight = true;
             self.journal_sync_asked = self.appended;
@@ -810,12 +826,14 @@ impl Secondary {
     }
 
     /// Whether someone waits for the restore journal's durability: a FUA
-    /// write or a flush request (the primary's answer), a drain, records
-    /// waiting for journal space or for the applies before a resync, a
-    /// COPY_DONE, a drill's freeze.
-    fn journal_sync_urgent(&self) -> bool {
+    /// write or a flush request (the primary's answer), or soon will (the
+    /// clients flushed recently), a drain, records waiting for journal
+    /// space or for the applies before a resync, a COPY_DONE, a drill's
+    /// freeze.
+    fn journal_sync_urgent(&self, now: Instant) -> bool {
         self.config.journal_sync_delay.is_zero()
             || self.applier.flush_wanted_beyond(self.journal_durable)
+            || self.flush_requested_at.is_some_and(|t| now.duration_since(t) < RECENT_FLUSH)
             || self.draining
             || !self.pending.is_empty()
             || self.ring.used_bytes() > self.ring.capacity_bytes() / 2
@@ -962,11 +980,18 @@ mod tests {
         s.on_flush_request(5);
         assert_eq!(syncs(&drain(&mut s, t2)), vec![5]);
         s.on_journal_synced(5, Ok(())).unwrap();
-        // And a drain does not wait either.
+        // The clients flush often: the next write is synced at once (its
+        // flush request would wait for the sync otherwise)...
         s.on_record(write(6, 40960)).unwrap();
-        assert!(syncs(&drain(&mut s, t2)).is_empty());
+        assert_eq!(syncs(&drain(&mut s, t2 + RECENT_FLUSH / 2)), vec![6]);
+        s.on_journal_synced(6, Ok(())).unwrap();
+        // ... until they stop for a while.
+        let t3 = t2 + RECENT_FLUSH;
+        s.on_record(write(7, 49152)).unwrap();
+        assert!(syncs(&drain(&mut s, t3)).is_empty());
+        // And a drain does not wait either.
         s.begin_drain();
-        assert_eq!(syncs(&drain(&mut s, t2)), vec![6]);
+        assert_eq!(syncs(&drain(&mut s, t3)), vec![7]);
     }
 
     #[test]

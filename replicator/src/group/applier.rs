@@ -46,10 +46,11 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// behind a whole copy window.
 const COPY_APPLIES: usize = 4;
 /// Group commit of the restore journal when nobody waits for it (no FUA,
-/// no FLUSH; a sync-mode WRITE is answered once its record is appended):
-/// one fdatasync and one batch of applies per millisecond or so instead of
-/// one per record. The applied point lags by as much; tokio's timer rounds
-/// it up to the next millisecond.
+/// no FLUSH lately; a sync-mode WRITE is answered once its record is
+/// appended): one fdatasync and one batch of applies per millisecond or so
+/// instead of one per record. The applied point lags by as much; tokio's
+/// timer rounds it up to the next millisecond. See
+/// `SecondaryConfig::journal_sync_delay`.
 const RESTORE_JOURNAL_SYNC_DELAY: Duration = Duration::from_millis(1);
 
 /// Completions of the I/O the session performs.
