@@ -289,8 +289,8 @@ impl DirtyBitmap {
 /// where once the resync copied the region (the journal is released
 /// later, lazily). Nor is a record touching a dirty chunk (such a write, or
 /// a region not copied yet: before the resync, this alone rules out every
-/// record a bitmap-mode write overwrote). Either way its whole range is marked dirty
-/// instead, for the resync to copy. So is every older record that touches
+/// record a bitmap-mode write overwrote). Either way its whole range is
+/// marked dirty instead, for the resync to copy. So is every older record that touches
 /// a chunk dirty by then: replaying it would put its bytes back over a
 /// newer record that is not replayed, and which may have reached the
 /// volume (an acknowledged, even flushed, write lost on both sites once

@@ -1146,7 +1146,6 @@ impl Session {
     }
 }
 
-/// Resolves when `drill start` lets applies resume (or gave up).
 /// Waits until `deadline` (forever without one).
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
@@ -1155,6 +1154,7 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Resolves when `drill start` lets applies resume (or gave up).
 async fn wait_thaw(thaw: &mut Option<oneshot::Receiver<()>>) {
     match thaw {
         Some(rx) => {

@@ -797,11 +797,6 @@ impl Group {
         Ok(())
     }
 
-    /// Asks for `persisted` (and the bitmaps and activity log) to be saved
-    /// by the metadata flusher, off the group lock; returns the save to wait
-    /// for (see [`Group::saved`]) where the change must be durable before
-    /// what follows it. Never does I/O itself: the lock it is called under
-    /// is the write path's.
     /// Whether the running copy may hand out chunks, whose bits leave the
     /// persisted bitmaps once the secondary has them: first the bitmap
     /// fence becomes the replay fence, on disk (a cleared chunk no longer
@@ -817,6 +812,11 @@ impl Group {
         *self.bitmap_persisted.borrow() >= g.copy_barrier
     }
 
+    /// Asks for `persisted` (and the bitmaps and activity log) to be saved
+    /// by the metadata flusher, off the group lock; returns the save to wait
+    /// for (see [`Group::saved`]) where the change must be durable before
+    /// what follows it. Never does I/O itself: the lock it is called under
+    /// is the write path's.
     fn save_later(&self, g: &mut Inner) -> u64 {
         g.state_dirty = true;
         self.request_save(g)
