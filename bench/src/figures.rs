@@ -1,7 +1,7 @@
 //! Replication-specific figures: async lag over time near and above the
 //! link's bandwidth, initial copy throughput, resync bytes against changed
-//! bytes, daemon RSS against groups and journal size — and the figures whose
-//! feature does not exist yet, named as such.
+//! bytes, daemon RSS against groups and journal size, throughput of many
+//! groups against one at the same total queue depth, drill copies.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +14,8 @@ use crate::daemon::{in_sync, Env, GroupSpec, SitePair};
 use crate::local::prefill;
 use crate::nbd::NbdConn;
 use crate::proxy::LinkSpec;
-use crate::stats::{percentile, percentile_f64};
-use crate::workload::Rng;
+use crate::stats::{percentile, percentile_f64, RunOutcome};
+use crate::workload::{Rng, Workload};
 use replicator::control::Request;
 
 const MIB: u64 = 1 << 20;
@@ -201,6 +201,36 @@ pub struct DrillFigure {
     pub latency: Option<DrillLatency>,
 }
 
+/// One measurement of the many-groups figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupsRun {
+    /// Groups written at once.
+    pub groups: usize,
+    /// Queue depth per group.
+    pub queue_depth_each: usize,
+    /// Writes per second, all groups together.
+    pub iops: f64,
+    /// Median write latency, µs.
+    pub p50_us: f64,
+}
+
+/// Many groups against one, the same total queue depth, on one pair of
+/// daemons (async, RTT 0): rounds alternate, means per case.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GroupsFigure {
+    /// Every round, in the order run.
+    pub runs: Vec<GroupsRun>,
+    /// Mean IOPS of the many-groups rounds over that of the one-group
+    /// rounds.
+    pub ratio: f64,
+    /// The most groups written at once.
+    pub groups: usize,
+    /// VmRSS after the last round, KiB: primary, secondary.
+    pub primary_kib: u64,
+    /// See `primary_kib`.
+    pub secondary_kib: u64,
+}
+
 /// Every replication figure.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Figures {
@@ -214,6 +244,8 @@ pub struct Figures {
     pub rss: Vec<RssRow>,
     /// Drill copies.
     pub drill: Option<DrillFigure>,
+    /// Many groups against one.
+    pub groups: Option<GroupsFigure>,
     /// Figures that could not be measured: (figure, why).
     pub not_measurable: Vec<(String, String)>,
 }
@@ -253,6 +285,13 @@ pub fn run_all(env: &Env, o: &FigureOpts, log: &dyn Fn(&str)) -> Figures {
         match rss(env, o) {
             Ok(r) => f.rss = r,
             Err(e) => f.not_measurable.push(("daemon RSS".into(), format!("failed: {e}"))),
+        }
+    }
+    if o.wants("groups") {
+        log("figure: many groups against one at the same total queue depth");
+        match groups(env, o) {
+            Ok(g) => f.groups = Some(g),
+            Err(e) => f.not_measurable.push(("many groups".into(), format!("failed: {e}"))),
         }
     }
     if o.wants("drill") {
@@ -691,6 +730,85 @@ pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
     });
     p.stop()?;
     Ok(runs)
+}
+
+/// Many groups: 32 async groups on one pair of daemons (8 with `--quick`),
+/// each written at QD1 by its own connection, against one of them written
+/// alone at QD32 (QD8): the same total queue depth. One-group and
+/// many-group rounds alternate (two of each), seconds apart on the same
+/// daemons; every volume is prefilled on both sites and paired without a
+/// copy, with a journal no round fills.
+pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
+    let (n, alone, each) = if o.quick {
+        (8, Workload::RandWrite4kQd8, Workload::RandWrite4kQd1)
+    } else {
+        (32, Workload::RandWrite4kQd32, Workload::RandWrite4kQd1)
+    };
+    let size = 64 * MIB;
+    let (warmup, duration) = if o.quick {
+        (Duration::from_millis(300), Duration::from_secs(1))
+    } else {
+        (Duration::from_millis(500), Duration::from_secs(3))
+    };
+    let specs: Vec<GroupSpec> = (0..n).map(|i| GroupSpec::single(&format!("m{i}"), "async", 512 * MIB, size)).collect();
+    let mut p = mk_pair(env, "fig-groups", &specs, LinkSpec::rtt(Duration::ZERO))?;
+    for g in &specs {
+        let file = format!("{}.img", g.name);
+        prefill(&p.a.file(&file), size, None)?;
+        prefill(&p.b.file(&file), size, None)?;
+    }
+    p.start(env)?;
+    for g in &specs {
+        env.call(&p.a.control(), Request::PairCreate { group: g.name.clone(), nocopy: true })?;
+    }
+    for g in &specs {
+        p.a.wait_for(env, &g.name, Duration::from_secs(60), "in PAIR", in_sync)?;
+    }
+    let socket = p.a.nbd();
+    let run = |groups: usize, w: Workload, seed: u64| -> Result<GroupsRun, String> {
+        let outcomes: Vec<Result<RunOutcome, String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..groups)
+                .map(|i| {
+                    let socket = socket.clone();
+                    scope.spawn(move || {
+                        let mut c = NbdConn::connect(&socket, &format!("m{i}-vol")).map_err(|e| e.to_string())?;
+                        let r = c.run(w, warmup, duration, seed + i as u64).map_err(|e| e.to_string());
+                        c.disconnect();
+                        r
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("client thread panicked".into()))).collect()
+        });
+        let (mut ops, mut secs, mut lat) = (0u64, 0f64, Vec::new());
+        for o in outcomes {
+            let o = o?;
+            ops += o.ops;
+            secs = secs.max(o.secs);
+            lat.extend(o.lat_ns);
+        }
+        lat.sort_unstable();
+        Ok(GroupsRun {
+            groups,
+            queue_depth_each: w.queue_depth(),
+            iops: ops as f64 / secs.max(1e-9),
+            p50_us: percentile(&lat, 0.50) as f64 / 1e3,
+        })
+    };
+    let mut fig = GroupsFigure { groups: n, ..GroupsFigure::default() };
+    for round in 0..2u64 {
+        fig.runs.push(run(1, alone, 100 + round)?);
+        fig.runs.push(run(n, each, 200 + round * 64)?);
+    }
+    let mean = |g: usize| {
+        let v: Vec<f64> = fig.runs.iter().filter(|r| r.groups == g).map(|r| r.iops).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    fig.ratio = mean(n) / mean(1).max(1e-9);
+    fig.primary_kib = p.a.rss_kib().unwrap_or(0);
+    fig.secondary_kib = p.b.rss_kib().unwrap_or(0);
+    p.stop()?;
+    Ok(fig)
 }
 
 /// Daemon RSS against the number of groups and against the journal size.

@@ -84,10 +84,10 @@ struct Opts {
     /// Volume size in MiB for the matrix. Default 256 (quick: 128).
     #[arg(long)]
     volume_mib: Option<u64>,
-    /// Skip the replication figures (lag, copy, resync, RSS, drill).
+    /// Skip the replication figures (lag, copy, resync, RSS, many groups, drill).
     #[arg(long)]
     no_figures: bool,
-    /// Replication figures to run, comma separated (lag,copy,resync,rss,drill).
+    /// Replication figures to run, comma separated (lag,copy,resync,rss,groups,drill).
     /// Default: all.
     #[arg(long, value_delimiter = ',')]
     figures: Option<Vec<String>>,
@@ -1117,6 +1117,24 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
             );
         }
         s.push('\n');
+    }
+    if let Some(g) = &f.groups {
+        let _ = writeln!(
+            s,
+            "### Many groups\n\nAsync, RTT 0, one pair of daemons holding {} groups (64 MiB volumes): one group written alone at the whole queue depth against every group written at once, each by its own connection. Rounds alternate, in this order:\n\n| groups written | QD each | IOPS (all together) | p50 |\n|---:|---:|---:|---:|",
+            g.groups
+        );
+        for r in &g.runs {
+            let _ = writeln!(s, "| {} | {} | {:.0} | {:.0} µs |", r.groups, r.queue_depth_each, r.iops, r.p50_us);
+        }
+        let _ = writeln!(
+            s,
+            "\nRatio (mean IOPS, {} groups / 1 group): **{:.2}×** (target ≥ 0.9×). VmRSS after the rounds: primary {:.1} MiB, secondary {:.1} MiB.\n",
+            g.groups,
+            g.ratio,
+            g.primary_kib as f64 / 1024.0,
+            g.secondary_kib as f64 / 1024.0
+        );
     }
     if !f.rss.is_empty() {
         let _ = writeln!(s, "### Daemon memory (VmRSS)\n\n| case | primary | secondary |\n|---|---:|---:|");

@@ -282,6 +282,29 @@ impl Results {
                 verdict: Verdict::NotMeasured("lag figure not run".into()),
             }),
         }
+        let goal =
+            "many groups: 32 groups each under load within 10 % of one group at the same total queue depth".to_string();
+        match &self.figures.groups {
+            Some(g) => t.push(Target {
+                goal,
+                measured: format!(
+                    "{:.2}× ({} groups at QD1 each against 1 group at QD{})",
+                    g.ratio, g.groups, g.groups
+                ),
+                verdict: if g.groups < 32 {
+                    Verdict::NotMeasured(format!("only {} groups in this run (--quick)", g.groups))
+                } else if g.ratio >= 0.9 {
+                    Verdict::Pass
+                } else {
+                    Verdict::Miss
+                },
+            }),
+            None => t.push(Target {
+                goal,
+                measured: "—".into(),
+                verdict: Verdict::NotMeasured("many-groups figure not run".into()),
+            }),
+        }
         for r in &self.figures.resync {
             t.push(Target {
                 goal: format!("resync bytes ≤ 1.1× changed bytes rounded to 64 KiB — {}", r.scenario),
@@ -509,6 +532,25 @@ mod tests {
             find("sync QD32 pipelines: IOPS ≥ 0.5 × min(32 × QD1 IOPS, nbd QD32 IOPS) (RTT 5 ms)"),
             Some(Verdict::Pass)
         );
+    }
+
+    #[test]
+    fn the_many_groups_target_needs_32_groups_within_a_tenth_of_one() {
+        let many =
+            |r: &Results| r.targets.iter().find(|t| t.goal.starts_with("many groups")).map(|t| t.verdict.clone());
+        let mut r = results(Vec::new());
+        r.evaluate();
+        assert!(matches!(many(&r), Some(Verdict::NotMeasured(_))), "not run");
+        for (groups, ratio, verdict) in
+            [(8, 0.95, None), (32, 0.85, Some(Verdict::Miss)), (32, 0.95, Some(Verdict::Pass))]
+        {
+            r.figures.groups = Some(crate::figures::GroupsFigure { groups, ratio, ..Default::default() });
+            r.evaluate();
+            match verdict {
+                Some(v) => assert_eq!(many(&r), Some(v), "{groups} groups at {ratio}"),
+                None => assert!(matches!(many(&r), Some(Verdict::NotMeasured(_))), "only {groups} groups"),
+            }
+        }
     }
 
     #[test]
