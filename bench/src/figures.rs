@@ -206,7 +206,9 @@ pub struct DrillFigure {
 pub struct GroupsRun {
     /// Groups written at once.
     pub groups: usize,
-    /// Queue depth per group.
+    /// Client connections, spread over the groups.
+    pub connections: usize,
+    /// Queue depth per connection.
     pub queue_depth_each: usize,
     /// Writes per second, all groups together.
     pub iops: f64,
@@ -221,8 +223,11 @@ pub struct GroupsFigure {
     /// Every round, in the order run.
     pub runs: Vec<GroupsRun>,
     /// Mean IOPS of the many-groups rounds over that of the one-group
-    /// rounds.
+    /// rounds (one connection at the whole queue depth).
     pub ratio: f64,
+    /// The same over one group written by as many QD1 connections as the
+    /// many-groups rounds use: the client's shape alone.
+    pub ratio_same_clients: f64,
     /// The most groups written at once.
     pub groups: usize,
     /// VmRSS after the last round, KiB: primary, secondary.
@@ -734,10 +739,12 @@ pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
 
 /// Many groups: 32 async groups on one pair of daemons (8 with `--quick`),
 /// each written at QD1 by its own connection, against one of them written
-/// alone at QD32 (QD8): the same total queue depth. One-group and
-/// many-group rounds alternate (two of each), seconds apart on the same
-/// daemons; every volume is prefilled on both sites and paired without a
-/// copy, with a journal no round fills.
+/// alone at QD32 (QD8): the same total queue depth. A third case writes
+/// one group through as many QD1 connections as the many-groups case, to
+/// tell the client's shape from the groups'. The cases alternate (two
+/// rounds each), seconds apart on the same daemons; every volume is
+/// prefilled on both sites and paired without a copy, with a journal no
+/// round fills.
 pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
     let (n, alone, each) = if o.quick {
         (8, Workload::RandWrite4kQd8, Workload::RandWrite4kQd1)
@@ -765,13 +772,14 @@ pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
         p.a.wait_for(env, &g.name, Duration::from_secs(60), "in PAIR", in_sync)?;
     }
     let socket = p.a.nbd();
-    let run = |groups: usize, w: Workload, seed: u64| -> Result<GroupsRun, String> {
+    let run = |groups: usize, connections: usize, w: Workload, seed: u64| -> Result<GroupsRun, String> {
         let outcomes: Vec<Result<RunOutcome, String>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..groups)
+            let handles: Vec<_> = (0..connections)
                 .map(|i| {
                     let socket = socket.clone();
                     scope.spawn(move || {
-                        let mut c = NbdConn::connect(&socket, &format!("m{i}-vol")).map_err(|e| e.to_string())?;
+                        let export = format!("m{}-vol", i % groups);
+                        let mut c = NbdConn::connect(&socket, &export).map_err(|e| e.to_string())?;
                         let r = c.run(w, warmup, duration, seed + i as u64).map_err(|e| e.to_string());
                         c.disconnect();
                         r
@@ -790,6 +798,7 @@ pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
         lat.sort_unstable();
         Ok(GroupsRun {
             groups,
+            connections,
             queue_depth_each: w.queue_depth(),
             iops: ops as f64 / secs.max(1e-9),
             p50_us: percentile(&lat, 0.50) as f64 / 1e3,
@@ -797,14 +806,17 @@ pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
     };
     let mut fig = GroupsFigure { groups: n, ..GroupsFigure::default() };
     for round in 0..2u64 {
-        fig.runs.push(run(1, alone, 100 + round)?);
-        fig.runs.push(run(n, each, 200 + round * 64)?);
+        fig.runs.push(run(1, 1, alone, 100 + round)?);
+        fig.runs.push(run(n, n, each, 200 + round * 64)?);
+        fig.runs.push(run(1, n, each, 300 + round * 64)?);
     }
-    let mean = |g: usize| {
-        let v: Vec<f64> = fig.runs.iter().filter(|r| r.groups == g).map(|r| r.iops).collect();
+    let mean = |groups: usize, connections: usize| {
+        let v: Vec<f64> =
+            fig.runs.iter().filter(|r| r.groups == groups && r.connections == connections).map(|r| r.iops).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
-    fig.ratio = mean(n) / mean(1).max(1e-9);
+    fig.ratio = mean(n, n) / mean(1, 1).max(1e-9);
+    fig.ratio_same_clients = mean(n, n) / mean(1, n).max(1e-9);
     fig.primary_kib = p.a.rss_kib().unwrap_or(0);
     fig.secondary_kib = p.b.rss_kib().unwrap_or(0);
     p.stop()?;
