@@ -296,7 +296,10 @@ impl DirtyBitmap {
 /// volume (an acknowledged, even flushed, write lost on both sites once
 /// the resync copies the region). Hence the pass from the newest record
 /// back: each record replayed is newer than every record not replayed that
-/// shares a chunk with it, and than every write made in bitmap mode.
+/// shares a chunk with it, and than every bitmap-mode write to a chunk it
+/// touches (before any such chunk may have been cleared, the dirty chunks
+/// say which; after, the fence rules out every record older than any
+/// bitmap-mode write).
 pub fn plan_replay(bitmaps: &mut [DirtyBitmap], records: &[(u64, u32, u64, u64)], fence: u64) -> Vec<bool> {
     let mut replay = vec![false; records.len()];
     for (i, &(seq, volume, offset, len)) in records.iter().enumerate().rev() {

@@ -924,8 +924,8 @@ impl Sim {
         if self.p.copy_reading.is_none() {
             let copying = self.p.copy_pending && !self.p.bitmap_mode;
             if copying && self.p.bitmap_fence > self.p.replay_fence {
-                // The daemon's `arm_replay_fence`: persisted before the
-                // first chunk is handed out.
+                // The daemon's `Group::copy_may_clear_chunks`: persisted
+                // before the first chunk is handed out.
                 self.p.replay_fence = self.p.bitmap_fence;
                 self.stats.fences_armed += 1;
             }
