@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use replicator::control::{self, Request, Response};
@@ -128,7 +128,7 @@ impl Daemon {
         peer_addr: SocketAddr,
         groups: &[GroupSpec],
     ) -> Result<Daemon, String> {
-        let site = dir.join(me);
+        let site = crate::placement::site_dir(dir, me);
         std::fs::create_dir_all(&site).map_err(|e| format!("{}: {e}", site.display()))?;
         let certs = env.certs.display();
         let mut t = format!(
@@ -183,7 +183,7 @@ impl Daemon {
     pub fn start(&mut self, env: &Env) -> Result<(), String> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(&self.exe)
+        let child = crate::placement::command(&self.name, &self.exe)
             .arg("--config")
             .arg(&self.config)
             .arg("run")

@@ -15,6 +15,7 @@ mod figures;
 mod local;
 mod monitor;
 mod nbd;
+mod placement;
 mod proxy;
 mod qemu;
 mod report;
@@ -107,6 +108,16 @@ struct Opts {
     /// Keep the temporary directory (volumes, logs) afterwards.
     #[arg(long)]
     keep: bool,
+    /// Pin site A (this client, the delay emulator, the primary or unpaired
+    /// export, QEMU's source) to CPU 0 and site B (the secondary, QEMU's
+    /// mirror target) to CPU 1, so the sites do not compete for CPUs.
+    #[arg(long)]
+    pin: bool,
+    /// Put site B's files (volumes, journal, state; QEMU's mirror target) in
+    /// a fresh directory here, e.g. on another device or /dev/shm, so the
+    /// sites do not share a disk.
+    #[arg(long)]
+    site_b_dir: Option<PathBuf>,
 }
 
 struct Plan {
@@ -221,6 +232,7 @@ fn run(opts: Opts) -> Result<(), String> {
         }
     };
     let built = std::fs::metadata(&exe).and_then(|m| m.modified()).ok();
+    placement::init(opts.pin, opts.site_b_dir.as_deref())?;
     let env = Env::new(exe.clone(), root.clone())?;
     let command =
         std::iter::once("replicator-bench".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
@@ -245,6 +257,7 @@ fn run(opts: Opts) -> Result<(), String> {
         .and_then(|b| b.elapsed().ok())
         .map_or(String::new(), |a| format!(", built {:.0} min before the run", a.as_secs_f64() / 60.0));
     results.machine.push(("replicator binary".into(), format!("{} ({version}{age})", exe.display())));
+    results.machine.push(("placement".into(), placement::describe()));
     let outcome = run_everything(&env, &opts, &plan, &mut results);
     results.wall_secs = started.elapsed().as_secs_f64();
     if let Some(f) = env.monitor.foreign_overall() {
@@ -265,6 +278,7 @@ fn run(opts: Opts) -> Result<(), String> {
         log(&format!("kept {}", root.display()));
     } else {
         let _ = std::fs::remove_dir_all(&root);
+        placement::cleanup();
     }
     outcome
 }
@@ -646,7 +660,8 @@ fn setup_export(
         "async" | "sync" => {
             let mode = if config == "sync" { "sync" } else { "async" };
             // A journal large enough that no cell fills it (a full journal
-            // blocks writes, then suspends): 2 GiB, sparse.
+            // blocks writes, then suspends): 2 GiB (written full of zeroes
+            // when the daemon creates it, as every journal is).
             let g = GroupSpec::single(config, mode, 2 << 30, plan.volume);
             let mut p = SitePair::configure(env, dir, &[g], link)?;
             let file = format!("{config}.img");
@@ -671,7 +686,7 @@ fn setup_export(
             Ok((Holder::Qemu(q), sock, "vol".into()))
         }
         "qemu-mirror" => {
-            let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+            let (src, tgt) = (dir.join("src.img"), placement::site_b_file(dir, "tgt.img"));
             local::prefill(&src, plan.volume, None)?;
             local::prefill(&tgt, plan.volume, None)?;
             let m = QemuMirror::start(dir, &src, &tgt, link)?;

@@ -87,8 +87,8 @@ pub struct QemuNbd {
     pub tcp: Option<SocketAddr>,
 }
 
-fn qemu_nbd_cmd(file: &Path, export: &str) -> Command {
-    let mut c = Command::new("qemu-nbd");
+fn qemu_nbd_cmd(site: &str, file: &Path, export: &str) -> Command {
+    let mut c = crate::placement::command(site, "qemu-nbd");
     c.args(["-f", "raw", "--cache=none", "--aio=io_uring", "--persistent", "--shared=4", "-x", export]);
     c.arg(file);
     c
@@ -97,16 +97,17 @@ fn qemu_nbd_cmd(file: &Path, export: &str) -> Command {
 impl QemuNbd {
     /// Exports `file` as `export` on Unix socket `socket`.
     pub fn unix(file: &Path, socket: &Path, export: &str, log: &Path) -> Result<QemuNbd, String> {
-        let mut cmd = qemu_nbd_cmd(file, export);
+        let mut cmd = qemu_nbd_cmd("site-a", file, export);
         cmd.arg("-k").arg(socket);
         let mut p = Proc::spawn(&mut cmd, "qemu-nbd", log)?;
         p.wait(|| UnixStream::connect(socket).is_ok())?;
         Ok(QemuNbd { _proc: p, tcp: None })
     }
 
-    /// Exports `file` as `export` on 127.0.0.1:`port`.
+    /// Exports `file` as `export` on 127.0.0.1:`port`, as site B (the
+    /// target of QEMU's mirror).
     pub fn tcp(file: &Path, port: u16, export: &str, log: &Path) -> Result<QemuNbd, String> {
-        let mut cmd = qemu_nbd_cmd(file, export);
+        let mut cmd = qemu_nbd_cmd("site-b", file, export);
         cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
         let mut p = Proc::spawn(&mut cmd, "qemu-nbd", log)?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();

@@ -65,8 +65,14 @@ pub const JOURNAL_MAX_GROUP_LEN: usize = 200;
 
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"RPLJRNL1";
 /// The journal format this build writes: record header checksums are keyed
-/// with the pair id and the epoch ([`JournalKey::new`]).
-pub const JOURNAL_FORMAT_VERSION: u32 = 3;
+/// with the pair id, salted per use of the file, and the epoch
+/// ([`JournalKey::new`] of `pair_id ^ salt`). The salt (superblock) is new
+/// each time the file starts over for a new pair or epoch, so that records
+/// of its earlier uses never verify, even under the same pair id and epoch.
+pub const JOURNAL_FORMAT_VERSION: u32 = 4;
+/// The format before the salt (its superblocks read as salt 0): read and
+/// appended to as it is; rewritten as version 4 when the file starts over.
+pub const JOURNAL_FORMAT_V3: u32 = 3;
 /// The format of older builds: record header checksums are keyed with the
 /// pair id alone ([`JournalKey::v2`]). Read once and upgraded (module doc).
 pub const JOURNAL_FORMAT_V2: u32 = 2;
@@ -200,15 +206,18 @@ pub struct JournalSuperblock {
     pub capacity: u64,
     /// Pair id chosen at pair create.
     pub pair_id: u64,
-    /// Format version: [`JOURNAL_FORMAT_VERSION`], or [`JOURNAL_FORMAT_V2`]
-    /// for a journal of an older build (decoded so it can be upgraded).
+    /// Format version: [`JOURNAL_FORMAT_VERSION`], or [`JOURNAL_FORMAT_V3`]
+    /// or [`JOURNAL_FORMAT_V2`] for a journal of an older build.
     pub version: u32,
+    /// Mixed into the pair id of every record key (0 before version 4).
+    pub salt: u64,
 }
 
 // Superblock layout: magic[0..8] version[8..12] group_len[12..16]
-// capacity[16..24] pair_id[24..32] group[32..232] zero... crc32[4092..4096]
-// over bytes [0..4092).
+// capacity[16..24] pair_id[24..32] group[32..232] salt[232..240] zero...
+// crc32[4092..4096] over bytes [0..4092).
 const SB_GROUP_AT: usize = 32;
+const SB_SALT_AT: usize = 232;
 const SB_CRC_AT: usize = JOURNAL_SUPERBLOCK_LEN as usize - 4;
 
 impl JournalSuperblock {
@@ -228,6 +237,7 @@ impl JournalSuperblock {
         buf[16..24].copy_from_slice(&self.capacity.to_le_bytes());
         buf[24..32].copy_from_slice(&self.pair_id.to_le_bytes());
         buf[SB_GROUP_AT..SB_GROUP_AT + glen].copy_from_slice(&self.group.as_bytes()[..glen]);
+        buf[SB_SALT_AT..SB_SALT_AT + 8].copy_from_slice(&self.salt.to_le_bytes());
         let crc = crc32(&buf[..SB_CRC_AT]);
         buf[SB_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         buf
@@ -244,9 +254,9 @@ impl JournalSuperblock {
             return Err(JournalFormatError::BadCrc);
         }
         let version = get_u32(buf, 8);
-        if version != JOURNAL_FORMAT_VERSION && version != JOURNAL_FORMAT_V2 {
+        if ![JOURNAL_FORMAT_V2, JOURNAL_FORMAT_V3, JOURNAL_FORMAT_VERSION].contains(&version) {
             return Err(JournalFormatError::Corrupt(format!(
-                "unsupported journal format version {version} (this build reads versions {JOURNAL_FORMAT_V2} and \
+                "unsupported journal format version {version} (this build reads versions {JOURNAL_FORMAT_V2} to \
                  {JOURNAL_FORMAT_VERSION})"
             )));
         }
@@ -265,7 +275,7 @@ impl JournalSuperblock {
                 "capacity {capacity} leaves no room for records after the {JOURNAL_SUPERBLOCK_LEN}-byte superblock"
             )));
         }
-        Ok(JournalSuperblock { group, capacity, pair_id: get_u64(buf, 24), version })
+        Ok(JournalSuperblock { group, capacity, pair_id: get_u64(buf, 24), version, salt: get_u64(buf, SB_SALT_AT) })
     }
 }
 
@@ -633,12 +643,13 @@ mod tests {
             capacity: 1 << 30,
             pair_id: 0xfeed,
             version: JOURNAL_FORMAT_VERSION,
+            salt: 0x5a17_5a17_5a17_5a17,
         };
         let buf = sb.encode();
         assert_eq!(buf.len(), 4096);
         assert_eq!(JournalSuperblock::decode(&buf).unwrap(), sb);
         assert_eq!(JournalSuperblock::decode(&buf[..4095]), Err(JournalFormatError::Truncated));
-        for i in [0usize, 9, 13, 20, 30, 33, 2000, 4095] {
+        for i in [0usize, 9, 13, 20, 30, 33, 233, 2000, 4095] {
             let mut b = buf.clone();
             b[i] ^= 0x40;
             assert!(JournalSuperblock::decode(&b).is_err(), "flip at {i} undetected");
@@ -647,13 +658,23 @@ mod tests {
         b[0] = b'X';
         assert_eq!(JournalSuperblock::decode(&b), Err(JournalFormatError::BadMagic));
         // Long names are truncated on a char boundary.
-        let long =
-            JournalSuperblock { group: "é".repeat(150), capacity: 8192, pair_id: 1, version: JOURNAL_FORMAT_VERSION };
+        let long = JournalSuperblock {
+            group: "é".repeat(150),
+            capacity: 8192,
+            pair_id: 1,
+            version: JOURNAL_FORMAT_VERSION,
+            salt: 0,
+        };
         let back = JournalSuperblock::decode(&long.encode()).unwrap();
         assert_eq!(back.group, "é".repeat(100));
         // Too small a capacity is corrupt.
-        let small =
-            JournalSuperblock { group: "g".into(), capacity: 4096, pair_id: 1, version: JOURNAL_FORMAT_VERSION };
+        let small = JournalSuperblock {
+            group: "g".into(),
+            capacity: 4096,
+            pair_id: 1,
+            version: JOURNAL_FORMAT_VERSION,
+            salt: 0,
+        };
         assert!(matches!(JournalSuperblock::decode(&small.encode()), Err(JournalFormatError::Corrupt(_))));
     }
 
@@ -661,8 +682,11 @@ mod tests {
     fn superblock_versions() {
         // An older build's journal (version 2) decodes, so it can be
         // upgraded; versions this build never wrote are refused.
-        let v2 = JournalSuperblock { group: "g".into(), capacity: 1 << 20, pair_id: 9, version: JOURNAL_FORMAT_V2 };
+        let v2 =
+            JournalSuperblock { group: "g".into(), capacity: 1 << 20, pair_id: 9, version: JOURNAL_FORMAT_V2, salt: 0 };
         assert_eq!(JournalSuperblock::decode(&v2.encode()), Ok(v2.clone()));
+        let v3 = JournalSuperblock { version: JOURNAL_FORMAT_V3, ..v2.clone() };
+        assert_eq!(JournalSuperblock::decode(&v3.encode()), Ok(v3));
         for version in [0, 1, JOURNAL_FORMAT_VERSION + 1, u32::MAX] {
             let sb = JournalSuperblock { version, ..v2.clone() };
             match JournalSuperblock::decode(&sb.encode()) {
