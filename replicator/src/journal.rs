@@ -130,6 +130,8 @@ pub struct Journal {
 
 /// Appends read ahead in windows of this size (see [`Journal`]).
 const READAHEAD: u64 = 1 << 20;
+/// Only appends of records smaller than this read ahead.
+const READAHEAD_BELOW: u64 = 64 << 10;
 /// The zeroes a new journal is written full of, per write.
 const ZERO_FILL_CHUNK: usize = 4 << 20;
 
@@ -210,7 +212,7 @@ impl Journal {
             journal.write(0, AlignedBuf::copy_from(&sb.encode())).await?;
             journal.sync().await?;
         }
-        journal.read_ahead(0, 0);
+        journal.will_need(0, 2 * READAHEAD);
         Ok(journal)
     }
 
@@ -352,10 +354,13 @@ impl Journal {
     /// An append to `pos..pos + span` that enters a new [`READAHEAD`]
     /// window starts reading the window after it into the page cache, so
     /// that the appends there find their partial pages cached (see
-    /// [`Journal`]). Only advice: an error changes nothing but the speed.
+    /// [`Journal`]). Records of [`READAHEAD_BELOW`] or more mostly overwrite
+    /// whole pages: reading what they overwrite would cost more than the
+    /// one partial page at their end. Only advice: an error changes nothing
+    /// but the speed.
     fn read_ahead(&self, pos: u64, span: u64) {
         let end = pos + span;
-        if pos / READAHEAD == end / READAHEAD && pos % READAHEAD != 0 {
+        if span >= READAHEAD_BELOW || pos / READAHEAD == end / READAHEAD && pos % READAHEAD != 0 {
             return;
         }
         let mut next = (end / READAHEAD + 1) * READAHEAD;
@@ -363,10 +368,16 @@ impl Journal {
             // The ring wraps: its first records go right after the superblock.
             next = 0;
         }
-        let len = READAHEAD.min(self.capacity() - next);
+        self.will_need(next, READAHEAD);
+    }
+
+    /// Starts reading `len` bytes at `pos` (within the file) into the page
+    /// cache, without waiting.
+    fn will_need(&self, pos: u64, len: u64) {
+        let len = len.min(self.capacity().saturating_sub(pos));
         let _ = nix::fcntl::posix_fadvise(
             &self.appender,
-            next as i64,
+            pos as i64,
             len as i64,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
         );
