@@ -132,8 +132,9 @@ pub struct Journal {
 const READAHEAD: u64 = 1 << 20;
 /// Only appends of records smaller than this read ahead.
 const READAHEAD_BELOW: u64 = 64 << 10;
-/// The zeroes a new journal is written full of, per write.
-const ZERO_FILL_CHUNK: usize = 4 << 20;
+/// The zeroes a new journal is written full of, per write (the size of the
+/// daemon's other large buffers, so the allocator keeps no larger ones).
+const ZERO_FILL_CHUNK: usize = 1 << 20;
 
 impl Journal {
     /// Opens the journal at `path`, creating it (`size` bytes, written full
@@ -237,19 +238,20 @@ impl Journal {
                 Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => {}
                 Err(e) => return Err(io("preallocate journal", 0, e.into())),
             }
-            // O_DIRECT in big chunks, a tail shorter than a block buffered.
-            let zeroes = AlignedBuf::zeroed(ZERO_FILL_CHUNK);
+            // O_DIRECT from one buffer, a tail shorter than a block buffered.
+            let mut zeroes = AlignedBuf::zeroed(ZERO_FILL_CHUNK);
             let aligned = size / IO_ALIGN as u64 * IO_ALIGN as u64;
             let mut at = 0;
             while at < aligned {
-                let mut chunk = zeroes.clone();
-                chunk.set_len((aligned - at).min(ZERO_FILL_CHUNK as u64) as usize);
-                let (res, _) = file.write_at(chunk, at).await;
+                zeroes.set_len((aligned - at).min(ZERO_FILL_CHUNK as u64) as usize);
+                let (res, back) = file.write_at(zeroes, at).await;
                 res.map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
+                zeroes = back;
                 at += ZERO_FILL_CHUNK as u64;
             }
             if aligned < size {
-                nix::sys::uio::pwrite(&raw, &zeroes[..(size - aligned) as usize], aligned as i64)
+                zeroes.set_len((size - aligned) as usize);
+                nix::sys::uio::pwrite(&raw, &zeroes, aligned as i64)
                     .map_err(|e| io("zero journal", aligned, e.into()))?;
             }
             file.sync_data().await.map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
