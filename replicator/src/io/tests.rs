@@ -205,6 +205,37 @@ async fn many_concurrent_ops() {
     }
 }
 
+/// An operation that joins the backlog because enough reads and writes are
+/// in flight (io_uring's batching at depth) is submitted by the next
+/// completion, even when nothing else is submitted after it and its own
+/// future is the only one awaited.
+#[tokio::test]
+async fn an_operation_batched_behind_others_completes_on_its_own() {
+    let dir = tempdir();
+    let engine = IoEngine::new(BackendChoice::Auto);
+    if engine.backend() != Backend::IoUring {
+        eprintln!("NOTE: io_uring unavailable here; nothing to test");
+        return;
+    }
+    let file = create(&engine, &dir.path().join("batched"), 64 * 4096, true);
+    // Submitted at once: the first BATCH_DEPTH, polled once, are in flight.
+    let mut ahead: Vec<_> = (0..8u64).map(|i| Box::pin(write(&file, pattern(i, 4096), i * 4096))).collect();
+    for fut in &mut ahead {
+        let _ = poll_once(fut.as_mut());
+    }
+    // Batched behind them; awaited alone, it must still complete.
+    let data = pattern(99, 4096);
+    tokio::time::timeout(Duration::from_secs(10), write(&file, data.clone(), 63 * 4096)).await.expect("batched write");
+    tokio::time::timeout(Duration::from_secs(10), file.sync_data()).await.expect("batched sync").expect("sync");
+    for fut in ahead {
+        tokio::time::timeout(Duration::from_secs(10), fut).await.expect("write ahead");
+    }
+    assert!(read(&file, 4096, 63 * 4096).await[..] == data[..]);
+    for i in 0..8u64 {
+        assert!(read(&file, 4096, i * 4096).await[..] == pattern(i, 4096)[..], "block {i}");
+    }
+}
+
 /// Waits until `len` bytes at `offset` of `path` read (with std) as `want`.
 async fn wait_for_data(path: &Path, offset: u64, want: &[u8]) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -7,6 +7,15 @@
 //!   lock, files the operation in the slab, pushes its SQE and enters the
 //!   kernel once to submit it (`io_uring_enter` without waiting). No other
 //!   thread is woken to do it.
+//! * **Submission, batched at depth.** While at least [`BATCH_DEPTH`] reads
+//!   and writes are in flight, a new operation only joins the backlog: the
+//!   reaper submits the whole backlog in one `io_uring_enter` after the
+//!   next completion, which one of those reads and writes brings soon. The
+//!   device stays busy meanwhile, and the block layer then sends the batch
+//!   with one notification (on a virtual machine, one exit instead of one
+//!   per operation: `iowrite16` was 13 % of the primary's CPU at QD32).
+//!   Operations depend on each other only through completions their
+//!   callers await, so nothing is reordered that was ordered before.
 //! * **Completion, in the reactor.** An eventfd registered with the ring
 //!   (`IORING_REGISTER_EVENTFD`) is signalled for every completion. The
 //!   reaper, a tokio task watching that eventfd through the reactor
@@ -49,6 +58,10 @@ use super::{AlignedBuf, IoError, RwKind};
 
 /// Submission queue size (the completion queue is twice as large).
 pub(crate) const RING_ENTRIES: u32 = 256;
+
+/// Reads and writes in flight from which a new operation waits for the
+/// next completion to be submitted with others (see the module doc).
+const BATCH_DEPTH: usize = 4;
 
 /// Largest single read or write SQE (longer buffers are done in pieces, as
 /// short transfers would be). A multiple of `IO_ALIGN`.
@@ -227,6 +240,9 @@ struct Ring {
     backlog: VecDeque<usize>,
     /// SQEs pushed whose completion has not been reaped.
     in_flight: usize,
+    /// Of those, reads and writes (short; each completion submits the
+    /// backlog).
+    rw_in_flight: usize,
     /// Cap on `in_flight`: the completion queue size, so it never overflows.
     max_in_flight: usize,
     /// Every handle is gone: finish what is in flight, then stop.
@@ -311,6 +327,7 @@ impl Ring {
             }
             self.backlog.pop_front();
             self.in_flight += 1;
+            self.rw_in_flight += usize::from(matches!(op, Op::Rw { .. }));
         }
         sq.sync();
         let pending = !sq.is_empty();
@@ -357,6 +374,9 @@ impl Ring {
                 tracing::error!("io_uring completion for unknown operation {user_data}; ignored");
                 continue;
             };
+            if matches!(op, Op::Rw { .. }) {
+                self.rw_in_flight -= 1;
+            }
             if let Step::Resubmit(op) = op.complete(res) {
                 let key = self.ops.insert(op);
                 self.backlog.push_back(key);
@@ -416,6 +436,7 @@ impl UringEngine {
             ops: Slab::default(),
             backlog: VecDeque::new(),
             in_flight: 0,
+            rw_in_flight: 0,
             max_in_flight,
             shutdown: false,
             completions: Vec::with_capacity(max_in_flight),
@@ -435,7 +456,9 @@ impl UringEngine {
         let mut ring = self.shared.lock();
         let key = ring.ops.insert(op);
         ring.backlog.push_back(key);
-        ring.push_and_submit();
+        if ring.rw_in_flight < BATCH_DEPTH {
+            ring.push_and_submit();
+        }
     }
     /// Reads or writes all of `buf` at `offset`.
     pub(crate) async fn rw(
