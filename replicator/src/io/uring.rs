@@ -456,7 +456,9 @@ impl UringEngine {
         let mut ring = self.shared.lock();
         let key = ring.ops.insert(op);
         ring.backlog.push_back(key);
-        if ring.rw_in_flight < BATCH_DEPTH {
+        // (`in_flight` bounds it too: should the count of reads and writes
+        // ever be off, an empty ring still submits at once.)
+        if ring.rw_in_flight.min(ring.in_flight) < BATCH_DEPTH {
             ring.push_and_submit();
         }
     }
