@@ -39,8 +39,13 @@ for _ in $(seq 150); do
   sleep 0.2
 done
 [ ${#daemons[@]} -eq ${#sites[@]} ] || { cat "$out/bench.log" >&2; echo "the daemons of this run were not found" >&2; exit 1; }
-# Past the setup and the warm-up, into the measured cell.
-sleep 5
+# Past the setup (the bench logs the cell as it starts) and the warm-up,
+# into the measured cell.
+for _ in $(seq 600); do
+  grep -qE "^\[ *[0-9.]+s\]   [0-9a-z+/-]+ \(1/1\)" "$out/bench.log" && break
+  sleep 0.2
+done
+sleep 1
 perfs=()
 for site in "${sites[@]}"; do
   perf stat -x, -e task-clock,context-switches -p "${daemons[$site]}" -- sleep 4 2>"$out/perf-$site.csv" &
@@ -49,7 +54,7 @@ done
 wait "${perfs[@]}"
 wait "$bench_pid" || { cat "$out/bench.log" >&2; exit 1; }
 
-row=$(grep -E "^\| $cfg \| [^|]* \| [^|]*$workload " "$out/bench/RESULTS.md" | tail -1)
+row=$(grep -E "^\| $cfg \| [^|]* \| [^|]*$workload" "$out/bench/RESULTS.md" | tail -1)
 echo "$row"
 iops=$(echo "$row" | awk -F'|' '{gsub(/ /, "", $5); print $5}')
 declare -A role=([site-a]=primary [site-b]=secondary)

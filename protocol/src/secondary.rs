@@ -114,8 +114,9 @@ pub struct Barrier {
 #[derive(Debug)]
 pub enum Action {
     /// Write `record` into the restore journal at `pos` (positions are
-    /// handed out in sequence order). Done at once by the caller; a failure
-    /// ends the session.
+    /// handed out in sequence order); report [`Secondary::on_appended`]
+    /// (at once for an append that does not wait for the disk). Appends
+    /// may complete in any order; a failure ends the session.
     Append {
         /// Reserved position.
         pos: u64,
@@ -203,8 +204,13 @@ pub struct Secondary {
     config: SecondaryConfig,
     applier: Applier,
     ring: JournalRing,
-    /// Restore journal: newest record appended, newest durable.
+    /// Restore journal: newest record handed out for appending, newest
+    /// durable.
     appended: u64,
+    /// Records handed out for appending whose append is not done yet:
+    /// records from the first of them on are not received (nor covered by
+    /// a journal sync).
+    appending: BTreeSet<u64>,
     journal_durable: u64,
     journal_sync_in_flight: bool,
     /// Newest record a journal sync was asked for, and since when records
@@ -277,6 +283,7 @@ impl Secondary {
             applier: Applier::new(start.checkpoint),
             ring,
             appended: start.checkpoint,
+            appending: BTreeSet::new(),
             journal_durable: start.checkpoint,
             journal_sync_in_flight: false,
             journal_sync_asked: start.checkpoint,
@@ -574,7 +581,11 @@ impl Secondary {
             return idle;
         }
         let copies_durable = self.applier.copy_durable() >= self.applier.durable_barrier().1;
-        idle && self.records.is_empty() && copies_durable && self.checkpoint == self.appended && !self.save_wanted
+        idle && self.records.is_empty()
+            && copies_durable
+            && self.checkpoint == self.appended
+            && self.appending.is_empty()
+            && !self.save_wanted
     }
 
     /// The next thing to do, given the time; `None` when there is nothing.
@@ -603,7 +614,7 @@ impl Secondary {
     /// The ack describing the current state.
     pub fn ack(&self) -> pb::Ack {
         pb::Ack {
-            received_seq: self.appended,
+            received_seq: self.received(),
             applied_seq: self.applier.applied(),
             durable_seq: self.journal_durable,
             copy_durable: self.applier.copy_durable(),
@@ -620,9 +631,17 @@ impl Secondary {
         self.ack_dirty = true;
     }
 
-    /// Newest write in the restore journal.
+    /// Newest write in the restore journal, with every one before it.
     pub fn received(&self) -> u64 {
-        self.appended
+        self.appending.first().map_or(self.appended, |&seq| seq - 1)
+    }
+
+    /// The [`Action::Append`] of record `seq` is done: the record is in the
+    /// restore journal (durable once a journal sync covers it).
+    pub fn on_appended(&mut self, seq: u64) {
+        if self.appending.remove(&seq) {
+            self.ack_dirty = true;
+        }
     }
 
     /// Newest write applied to the volumes (with all before it).
@@ -701,6 +720,7 @@ impl Secondary {
                 SecondaryError::Io(format!("restore journal: no space reserved for record {}", record.seq))
             })?;
             self.appended = record.seq;
+            self.appending.insert(record.seq);
             if record.written_at_us != 0 {
                 self.written_at.insert(record.seq, record.written_at_us);
             }
@@ -767,18 +787,19 @@ impl Secondary {
         if self.failed {
             return;
         }
-        if self.appended > self.journal_sync_asked && self.unsynced_since.is_none() {
+        let received = self.received();
+        if received > self.journal_sync_asked && self.unsynced_since.is_none() {
             self.unsynced_since = Some(now);
         }
         if std::mem::take(&mut self.flush_request_new) {
             self.flush_requested_at = Some(now);
         }
         let sync_due = self.journal_sync_urgent(now) || self.journal_sync_due().is_some_and(|t| now >= t);
-        if !self.journal_sync_in_flight && self.appended > self.journal_durable && sync_due {
+        if !self.journal_sync_in_flight && received > self.journal_durable && sync_due {
             self.journal_sync_in_flight = true;
-            self.journal_sync_asked = self.appended;
+            self.journal_sync_asked = received;
             self.unsynced_since = None;
-            self.actions.push_back(Action::SyncJournal { through: self.appended });
+            self.actions.push_back(Action::SyncJournal { through: received });
         }
         if self.volume_sync.is_none() {
             let (seq, copy_index) = self.applier.durable_barrier();
@@ -849,7 +870,7 @@ impl Secondary {
     /// When [`Secondary::poll_action`] must be called again even if nothing
     /// else happens: a delayed journal sync falls due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.failed || self.journal_sync_in_flight || self.appended <= self.journal_durable {
+        if self.failed || self.journal_sync_in_flight || self.received() <= self.journal_durable {
             return None;
         }
         self.journal_sync_due()
@@ -911,8 +932,16 @@ mod tests {
         Record::with_payload(RecordOp::Write, seq, 0, offset, 1, Bytes::from(vec![seq as u8; 4096]), false)
     }
 
+    /// Every action due now; appends complete at once.
     fn drain(s: &mut Secondary, now: Instant) -> Vec<Action> {
-        std::iter::from_fn(|| s.poll_action(now)).collect()
+        std::iter::from_fn(|| {
+            let a = s.poll_action(now)?;
+            if let Action::Append { record, .. } = &a {
+                s.on_appended(record.seq);
+            }
+            Some(a)
+        })
+        .collect()
     }
 
     #[test]
@@ -932,6 +961,30 @@ mod tests {
         let acts = drain(&mut s, now);
         assert_eq!(acts.iter().filter(|a| matches!(a, Action::Apply { .. })).count(), 2, "{acts:?}");
         assert_eq!(s.ack().durable_seq, 2);
+    }
+
+    #[test]
+    fn a_record_is_received_and_synced_only_once_every_append_up_to_it_is_done() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        let poll = |s: &mut Secondary| std::iter::from_fn(|| s.poll_action(now)).collect::<Vec<_>>();
+        let acts = poll(&mut s);
+        assert_eq!(acts.iter().filter(|a| matches!(a, Action::Append { .. })).count(), 2, "{acts:?}");
+        assert!(syncs(&acts).is_empty(), "nothing is in the journal yet: {acts:?}");
+        assert_eq!(s.ack().received_seq, 0);
+        // The second append completes first (a large record's direct write
+        // may): the first is still missing.
+        s.on_appended(2);
+        let acts = poll(&mut s);
+        assert!(syncs(&acts).is_empty(), "{acts:?}");
+        assert_eq!((s.received(), s.ack().received_seq), (0, 0));
+        s.on_appended(1);
+        let acts = poll(&mut s);
+        assert_eq!(syncs(&acts), [2], "{acts:?}");
+        assert_eq!(s.ack().received_seq, 2);
+        assert_eq!(s.ack().durable_seq, 0);
     }
 
     fn syncs(acts: &[Action]) -> Vec<u64> {
@@ -1064,8 +1117,8 @@ mod tests {
             s.on_record(write(seq, seq * 8192)).unwrap();
         }
         assert!(!s.wants_input());
-        assert_eq!(s.received(), 3);
         drain(&mut s, now);
+        assert_eq!(s.received(), 3);
         s.on_journal_synced(3, Ok(())).unwrap();
         let ids: Vec<ApplyId> = drain(&mut s, now)
             .into_iter()
@@ -1088,6 +1141,7 @@ mod tests {
         assert_eq!(p.checkpoint, 3);
         s.on_saved(&p.clone(), Ok(()), now).unwrap();
         assert!(s.wants_input());
+        drain(&mut s, now);
         assert_eq!(s.received(), 4);
     }
 

@@ -234,6 +234,9 @@ enum Op {
     Resync { vol: u8, offset: u16, len: u16 },
     /// n bytes of the primary -> secondary pipe arrive.
     DeliverToSecondary(u16),
+    /// One of the secondary's restore-journal appends completes (a large
+    /// record's waits for the disk, so they complete in any order).
+    SecondaryAppendDone(usize),
     /// One of the secondary's volume writes completes.
     SecondaryApply(usize),
     /// The secondary's oldest restore-journal sync completes.
@@ -276,6 +279,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
         3 => Just(Op::Copy),
         1 => (0..VOLUMES as u8, any::<u16>(), 1u16..=4096).prop_map(|(vol, offset, len)| Op::Resync { vol, offset, len }),
         5 => (1u16..3000).prop_map(Op::DeliverToSecondary),
+        5 => any::<usize>().prop_map(Op::SecondaryAppendDone),
         6 => any::<usize>().prop_map(Op::SecondaryApply),
         3 => Just(Op::JournalSyncDone),
         2 => Just(Op::VolumeSyncDone),
@@ -362,6 +366,9 @@ struct SecondarySite {
     /// Restore journal: records synced, and appended but not synced.
     rj_durable: BTreeMap<u64, Record>,
     rj_volatile: BTreeMap<u64, Record>,
+    /// Appends handed out and not done: after a fault each one may or may
+    /// not be in the file.
+    appends: Vec<Record>,
     /// Volumes: what reads see, what survives a power cut, and the writes
     /// in between (in the order they were made).
     image: Image,
@@ -565,6 +572,7 @@ impl SecondarySite {
             now,
             rj_durable: BTreeMap::new(),
             rj_volatile: BTreeMap::new(),
+            appends: Vec::new(),
             image: volumes.clone(),
             durable_image: volumes,
             volatile_writes: Vec::new(),
@@ -610,6 +618,11 @@ impl SecondarySite {
                 survivors.insert(*seq, rec.clone());
             } else {
                 lost_pages += 1;
+            }
+        }
+        for rec in &self.appends {
+            if coin(&mut seed) {
+                survivors.insert(rec.seq, rec.clone());
             }
         }
         let mut last = self.persisted_checkpoint;
@@ -1179,7 +1192,16 @@ impl Sim {
             match action {
                 Action::Append { record, .. } => {
                     assert_eq!(record, self.history[(record.seq - 1) as usize], "record changed on its way");
-                    self.s.rj_volatile.insert(record.seq, record);
+                    // Like the daemon, which appends a small record at once
+                    // and waits for the disk with a large one: every third
+                    // record completes later, in any order.
+                    let seq = record.seq;
+                    if seq % 3 == 0 {
+                        self.s.appends.push(record);
+                    } else {
+                        self.s.rj_volatile.insert(seq, record);
+                        self.s.machine.on_appended(seq);
+                    }
                 }
                 Action::SyncJournal { through } => self.s.journal_syncs.push_back(through),
                 Action::Apply { id, record } => {
@@ -1291,6 +1313,17 @@ impl Sim {
         self.deliver_to_secondary(0);
     }
 
+    fn secondary_append_done(&mut self, pick: usize) {
+        if self.s.appends.is_empty() {
+            return;
+        }
+        let rec = self.s.appends.swap_remove(pick % self.s.appends.len());
+        let seq = rec.seq;
+        self.s.rj_volatile.insert(seq, rec);
+        self.s.machine.on_appended(seq);
+        self.secondary_perform();
+    }
+
     fn secondary_apply(&mut self, pick: usize) {
         if self.s.applies.is_empty() {
             return;
@@ -1390,7 +1423,9 @@ impl Sim {
             if self.s.machine.is_drained() {
                 break;
             }
-            if !self.s.applies.is_empty() {
+            if !self.s.appends.is_empty() {
+                self.secondary_append_done(0);
+            } else if !self.s.applies.is_empty() {
                 self.secondary_apply(0);
             } else if !self.s.journal_syncs.is_empty() {
                 self.journal_sync_done();
@@ -1437,6 +1472,7 @@ impl Sim {
         s.applied = SeqSet { prefix: r.last, extras: BTreeSet::new() };
         s.rj_durable.clear();
         s.rj_volatile.clear();
+        s.appends.clear();
         s.journal_syncs.clear();
         s.applies.clear();
         s.volume_syncs.clear();
@@ -1461,6 +1497,7 @@ impl Sim {
                 self.p.copy_pending = true;
             }
             Op::DeliverToSecondary(n) => self.deliver_to_secondary(usize::from(n)),
+            Op::SecondaryAppendDone(i) => self.secondary_append_done(i),
             Op::SecondaryApply(i) => self.secondary_apply(i),
             Op::JournalSyncDone => self.journal_sync_done(),
             Op::VolumeSyncDone => self.volume_sync_done(),
@@ -1572,6 +1609,9 @@ impl Sim {
             self.copy();
             self.ship(u8::MAX);
             self.deliver_to_secondary(usize::MAX);
+            while !self.s.appends.is_empty() {
+                self.secondary_append_done(0);
+            }
             while !self.s.applies.is_empty() {
                 self.secondary_apply(0);
             }
@@ -1688,7 +1728,8 @@ fn seeded_op(rng: &mut Rng, phase: Phase) -> Op {
         10..=23 => Op::PrimaryComplete(rng.next() as usize),
         24..=31 => Op::Ship(1 + rng.below(5) as u8),
         32..=41 => Op::DeliverToSecondary(1 + rng.below(3000) as u16),
-        42..=53 => Op::SecondaryApply(rng.next() as usize),
+        42..=44 => Op::SecondaryAppendDone(rng.next() as usize),
+        45..=53 => Op::SecondaryApply(rng.next() as usize),
         54..=59 => Op::JournalSyncDone,
         60..=63 => Op::VolumeSyncDone,
         64..=67 => Op::SaveDone,
@@ -1811,6 +1852,9 @@ fn a_restart_after_a_resync_does_not_replay_records_older_than_the_bitmap_writes
     let settle = |sim: &mut Sim| {
         for _ in 0..20 {
             sim.deliver_to_secondary(usize::MAX);
+            while !sim.s.appends.is_empty() {
+                sim.secondary_append_done(0);
+            }
             while !sim.s.applies.is_empty() {
                 sim.secondary_apply(0);
             }

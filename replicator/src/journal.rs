@@ -91,11 +91,19 @@ pub enum JournalError {
 
 /// An open journal file.
 ///
-/// Appends are plain `pwrite`s into the page cache from the calling task: a
-/// memory copy of a few microseconds, cheaper than a round trip through an
-/// io_uring worker (buffered writes are not truly asynchronous there). FUA
-/// and FLUSH make the journal durable with `sync` (fdatasync through the I/O
-/// engine); reads for shipping and recovery also go through the engine.
+/// Appends of small records are plain `pwrite`s into the page cache from
+/// the calling task: a memory copy of a few microseconds, cheaper than a
+/// round trip through an io_uring worker (buffered writes are not truly
+/// asynchronous there). A large record ([`LARGE_RECORD`] or more) has its
+/// whole pages written with `O_DIRECT` through the I/O engine instead, and
+/// only its partial first and last pages (shared with its neighbours)
+/// through the page cache: copying a MiB into the page cache and writing it
+/// back later cost more than the disk write itself, and filled the cache
+/// with dirty pages the kernel then throttled the appending task on. No
+/// other record touches those whole pages, so buffered and direct writes
+/// never meet in one page. FUA and FLUSH make the journal durable with
+/// `sync` (fdatasync through the I/O engine, which covers both); reads for
+/// shipping and recovery also go through the engine.
 ///
 /// Two things keep an append a memory copy and a sync a data write, as a
 /// database keeps its write-ahead log:
@@ -114,6 +122,10 @@ pub enum JournalError {
 pub struct Journal {
     file: BlockFile,
     appender: std::fs::File,
+    /// The file opened with `O_DIRECT`, for the whole pages of large
+    /// records; `None` where the filesystem refuses `O_DIRECT` (those pages
+    /// then go through the page cache too).
+    direct: Option<BlockFile>,
     path: PathBuf,
     /// The pair id: with the epoch, the key of every record header's
     /// checksum.
@@ -130,8 +142,12 @@ pub struct Journal {
 
 /// Appends read ahead in windows of this size (see [`Journal`]).
 const READAHEAD: u64 = 1 << 20;
-/// Only appends of records smaller than this read ahead.
-const READAHEAD_BELOW: u64 = 64 << 10;
+/// Records of this span or more are large: their whole pages are written
+/// with `O_DIRECT`, and they do not read ahead (see [`Journal`]).
+const LARGE_RECORD: u64 = 64 << 10;
+/// The page size of the page cache (the unit in which buffered and direct
+/// writes must not meet).
+const PAGE: u64 = IO_ALIGN as u64;
 /// The zeroes a new journal is written full of, per write (the size of the
 /// daemon's other large buffers, so the allocator keeps no larger ones).
 const ZERO_FILL_CHUNK: usize = 1 << 20;
@@ -175,7 +191,17 @@ impl Journal {
             path: path.to_path_buf(),
             source: IoError::Open { path: path.to_path_buf(), source },
         })?;
-        let mut journal = Journal { file, appender, path: path.to_path_buf(), pair_id, epoch, salt: 0, legacy: false };
+        let direct_opts = OpenOptions { direct: true, ..opts };
+        let direct = match engine.open(path, &direct_opts) {
+            Ok(f) if f.is_direct() => Some(f),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::info!(path = %path.display(), "journal: large records go through the page cache: {e}");
+                None
+            }
+        };
+        let mut journal =
+            Journal { file, appender, direct, path: path.to_path_buf(), pair_id, epoch, salt: 0, legacy: false };
         if existed && !reset {
             let buf = journal.read(0, JOURNAL_SUPERBLOCK_LEN).await?;
             let sb = JournalSuperblock::decode(&buf).map_err(|source| journal.format(source))?;
@@ -323,23 +349,73 @@ impl Journal {
         res.map_err(|e| self.io(e))
     }
 
-    /// Writes `rec` at `pos` (reserved with `JournalRing::reserve`).
-    /// Header, payload and padding go out in one `pwritev`, straight from
-    /// the record's buffers.
+    /// True when appending a record of `payload_len` bytes at `pos` waits
+    /// for the disk ([`Journal::append`] of a large record); false when
+    /// [`Journal::append_at`] does it at once.
+    pub fn appends_directly(&self, pos: u64, payload_len: usize) -> bool {
+        self.direct_pages(pos, record_span(payload_len as u64)).is_some()
+    }
+
+    /// The whole pages of a record at `pos..pos + span` that go out with
+    /// `O_DIRECT`: a large record's, when the file takes `O_DIRECT`.
+    fn direct_pages(&self, pos: u64, span: u64) -> Option<(&BlockFile, u64, u64)> {
+        let file = self.direct.as_ref()?;
+        let (first, end) = (pos.div_ceil(PAGE) * PAGE, (pos + span) / PAGE * PAGE);
+        (span >= LARGE_RECORD && end > first).then_some((file, first, end))
+    }
+
+    /// Writes `rec` at `pos` (reserved with `JournalRing::reserve`): a
+    /// small record at once ([`Journal::append_at`]); a large one's whole
+    /// pages with `O_DIRECT`, waiting for the disk, and its partial first
+    /// and last pages through the page cache (see [`Journal`]).
+    pub async fn append(&self, pos: u64, rec: &Record) -> Result<(), JournalError> {
+        let span = record_span(rec.payload.len() as u64);
+        let Some((file, first, end)) = self.direct_pages(pos, span) else {
+            return self.append_at(pos, rec);
+        };
+        if self.legacy {
+            return Err(JournalError::NotUpgraded { path: self.path.clone() });
+        }
+        // The partial pages are read while the direct write runs, so the
+        // buffered writes into them after it find them cached.
+        if pos < first {
+            self.will_need(first - PAGE, PAGE);
+        }
+        if end < pos + span {
+            self.will_need(end, PAGE);
+        }
+        let header = JournalHeader::from_record(rec).encode(self.key());
+        let bytes = RecordBytes::new(&header, &rec.payload, span);
+        let mut pages = AlignedBuf::for_overwrite((end - first) as usize);
+        bytes.copy_to(&mut pages, (first - pos) as usize);
+        let (res, _) = file.write_at(pages, first).await;
+        res.map_err(|e| self.io(e))?;
+        self.write_buffered(pos, bytes.slices(0, (first - pos) as usize))?;
+        self.write_buffered(end, bytes.slices((end - pos) as usize, span as usize))
+    }
+
+    /// Writes `rec` at `pos` (reserved with `JournalRing::reserve`) into the
+    /// page cache: header, payload and padding in one `pwritev`, straight
+    /// from the record's buffers.
     pub fn append_at(&self, pos: u64, rec: &Record) -> Result<(), JournalError> {
-        static PADDING: [u8; JOURNAL_RECORD_ALIGN as usize] = [0; JOURNAL_RECORD_ALIGN as usize];
         if self.legacy {
             return Err(JournalError::NotUpgraded { path: self.path.clone() });
         }
         let header = JournalHeader::from_record(rec).encode(self.key());
-        let span = record_span(rec.payload.len() as u64) as usize;
-        self.read_ahead(pos, span as u64);
-        let pad = span - JOURNAL_HEADER_LEN - rec.payload.len();
-        let mut parts = [IoSlice::new(&header), IoSlice::new(&rec.payload), IoSlice::new(&PADDING[..pad])];
-        let mut rest: &mut [IoSlice<'_>] = &mut parts;
+        let span = record_span(rec.payload.len() as u64);
+        self.read_ahead(pos, span);
+        let bytes = RecordBytes::new(&header, &rec.payload, span);
+        self.write_buffered(pos, bytes.slices(0, span as usize))
+    }
+
+    /// `pwritev` of all of `parts` at `pos` (nothing when they are empty).
+    fn write_buffered(&self, pos: u64, parts: [&[u8]; 3]) -> Result<(), JournalError> {
+        let end = pos + parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        let mut slices = parts.map(IoSlice::new);
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
         let mut at = pos;
         let err = |source: std::io::Error| self.io(IoError::Io { op: "journal append", offset: pos, source });
-        while !rest.is_empty() {
+        while at < end {
             match nix::sys::uio::pwritev(&self.appender, rest, at as i64) {
                 Ok(0) => return Err(err(std::io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
@@ -356,13 +432,13 @@ impl Journal {
     /// An append to `pos..pos + span` that enters a new [`READAHEAD`]
     /// window starts reading the window after it into the page cache, so
     /// that the appends there find their partial pages cached (see
-    /// [`Journal`]). Records of [`READAHEAD_BELOW`] or more mostly overwrite
+    /// [`Journal`]). Records of [`LARGE_RECORD`] or more mostly overwrite
     /// whole pages: reading what they overwrite would cost more than the
-    /// one partial page at their end. Only advice: an error changes nothing
-    /// but the speed.
+    /// partial pages at their ends, which [`Journal::append`] reads ahead
+    /// itself. Only advice: an error changes nothing but the speed.
     fn read_ahead(&self, pos: u64, span: u64) {
         let end = pos + span;
-        if span >= READAHEAD_BELOW || pos / READAHEAD == end / READAHEAD && pos % READAHEAD != 0 {
+        if span >= LARGE_RECORD || pos / READAHEAD == end / READAHEAD && pos % READAHEAD != 0 {
             return;
         }
         let mut next = (end / READAHEAD + 1) * READAHEAD;
@@ -623,6 +699,41 @@ enum HeaderAt {
 
 /// Classifies `buf` as a header under the first of `keys` whose checksum
 /// it carries.
+/// A record's bytes as they lie in the journal (header, payload, zero
+/// padding to its span), without copying them together.
+struct RecordBytes<'a> {
+    parts: [&'a [u8]; 3],
+}
+
+impl<'a> RecordBytes<'a> {
+    fn new(header: &'a [u8], payload: &'a [u8], span: u64) -> Self {
+        static PADDING: [u8; JOURNAL_RECORD_ALIGN as usize] = [0; JOURNAL_RECORD_ALIGN as usize];
+        let pad = (span as usize).saturating_sub(header.len() + payload.len()).min(PADDING.len());
+        RecordBytes { parts: [header, payload, &PADDING[..pad]] }
+    }
+
+    /// The pieces of bytes `from..to` of the record, in order (empty where
+    /// a part lies outside).
+    fn slices(&self, from: usize, to: usize) -> [&'a [u8]; 3] {
+        let mut start = 0;
+        self.parts.map(|part| {
+            let (lo, hi) = (from.max(start), to.min(start + part.len()));
+            let piece = if lo < hi { &part[lo - start..hi - start] } else { &[][..] };
+            start += part.len();
+            piece
+        })
+    }
+
+    /// Copies bytes `from..from + dst.len()` of the record into `dst`.
+    fn copy_to(&self, dst: &mut [u8], from: usize) {
+        let mut at = 0;
+        for piece in self.slices(from, from + dst.len()) {
+            dst[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        }
+    }
+}
+
 fn classify_header(buf: &[u8], keys: &[JournalKey]) -> HeaderAt {
     for &key in keys {
         if let Some(seq) = JournalHeader::peek_seq(buf, key) {
@@ -717,6 +828,34 @@ mod tests {
         let j = Journal::open(&engine, &path, 2 * CAPACITY, "g", 7, 1, true).await.unwrap();
         assert_eq!(j.capacity(), 2 * CAPACITY);
         assert_eq!(unwritten_extents(&path), 0);
+    }
+
+    #[tokio::test]
+    async fn large_records_go_to_disk_directly_between_buffered_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = journal_with(dir.path(), 0).await;
+        assert!(j.direct.is_some(), "the test directory's filesystem refuses O_DIRECT");
+        let mut ring = JournalRing::new(j.capacity());
+        // Large records start and end inside pages their small neighbours
+        // share; one fills its first page from the page's start.
+        let sizes = [128usize << 10, 4096, 1 << 20, 4096, 300 << 10, 512, (64 << 10) - 64, 4096 - 64, 1000];
+        let mut records = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let seq = i as u64 + 1;
+            let payload: Vec<u8> = (0..len).map(|b| (b as u64 * 31 + seq) as u8).collect();
+            let rec = Record::with_payload(RecordOp::Write, seq, 0, seq << 21, 1, Bytes::from(payload), false);
+            let pos = ring.reserve(seq, record_span(len as u64)).unwrap();
+            assert_eq!(j.appends_directly(pos, len), record_span(len as u64) >= LARGE_RECORD, "record {seq}");
+            records.push((pos, rec));
+        }
+        assert_eq!(records[0].0 % PAGE, 0, "one large record starts on a page boundary");
+        // Appended concurrently, as the write path and the applier do.
+        futures_util::future::try_join_all(records.iter().map(|(pos, rec)| j.append(*pos, rec))).await.unwrap();
+        for (pos, rec) in &records {
+            assert_eq!(j.read_record(*pos, rec.seq).await.unwrap().payload, rec.payload, "record {}", rec.seq);
+        }
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.len()), (sizes.len() as u64, 0));
     }
 
     #[tokio::test]

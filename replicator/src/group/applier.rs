@@ -55,6 +55,8 @@ const RESTORE_JOURNAL_SYNC_DELAY: Duration = Duration::from_millis(1);
 
 /// Completions of the I/O the session performs.
 enum Event {
+    /// A large record's append (the others are done at once).
+    Appended(u64, Result<(), String>),
     JournalSynced(u64, Result<(), String>),
     /// A record was applied, or hash-only copy chunk `copy_index`
     /// compared: its spans that differ here, as (offset, length).
@@ -1023,6 +1025,11 @@ impl Session {
 
     fn on_event(&mut self, ev: Event) -> Result<(), TransportError> {
         let result = match ev {
+            Event::Appended(seq, Ok(())) => {
+                self.machine.on_appended(seq);
+                Ok(())
+            }
+            Event::Appended(seq, Err(e)) => Err(self.machine.on_append_failed(seq, &e)),
             Event::JournalSynced(through, r) => self.machine.on_journal_synced(through, r),
             Event::Applied { id, copy_index, result } => {
                 // Mismatches first: reported no later than the chunk's
@@ -1072,12 +1079,19 @@ impl Session {
         let now = Instant::now();
         while let Some(action) = self.machine.poll_action(now) {
             match action {
+                Action::Append { pos, record } if self.journal.appends_directly(pos, record.payload.len()) => {
+                    let journal = self.journal.clone();
+                    self.io.push(Box::pin(async move {
+                        Event::Appended(record.seq, journal.append(pos, &record).await.map_err(|e| e.to_string()))
+                    }));
+                }
                 Action::Append { pos, record } => {
                     if let Err(e) = self.journal.append_at(pos, &record) {
                         let e = self.machine.on_append_failed(record.seq, &e.to_string());
                         lock(&self.group.inner).last_error = Some(e.to_string());
                         return Err(protocol(e));
                     }
+                    self.machine.on_appended(record.seq);
                 }
                 Action::SyncJournal { through } => {
                     let journal = self.journal.clone();

@@ -7,8 +7,9 @@
 //!    which names the earlier in-flight writes that overlap it.
 //! 3. Wait for those writes, so overlapping writes reach the volume in
 //!    sequence order (and a read-modify-write reads settled blocks).
-//! 4. Build the record (read-modify-write for partial blocks) and make it
-//!    shippable; write the journal record and the volume concurrently.
+//! 4. Build the record (read-modify-write for partial blocks), append it
+//!    to the journal and make it shippable; then write the volume, once
+//!    every earlier record is journaled too (write-ahead).
 //! 5. FUA: fdatasync volume and journal.
 //! 6. Sync mode: wait until the secondary has the record in its restore
 //!    journal (FUA: durable there), within `link_timeout` (then suspend or
@@ -479,7 +480,7 @@ impl Group {
             };
             record.written_at_us = unix_micros();
             // A failed append returns with the hole guard armed.
-            j.append_at(pos, &record)?;
+            j.append(pos, &record).await?;
             journal_file = Some(j);
             self.journaled(seq, record);
             if let Some(mut h) = hole.take() {
