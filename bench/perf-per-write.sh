@@ -1,5 +1,5 @@
 #!/bin/bash
-# CPU time and context switches per write of each daemon, with `perf stat`,
+# CPU time, context switches and system calls per write of each daemon, with `perf stat`,
 # during one 10-second replicator-bench cell at RTT 0.
 #
 #   bench/perf-per-write.sh CONFIG WORKLOAD [REPLICATOR]
@@ -46,9 +46,14 @@ for _ in $(seq 600); do
   sleep 0.2
 done
 sleep 1
+# The system calls a write costs: datagrams out and in, reactor waits,
+# io_uring submissions, journal writes and syncs, wake-ups between threads.
+calls=(sendmsg sendmmsg recvmsg recvmmsg epoll_wait io_uring_enter pwritev pwrite64 fdatasync futex)
+syscalls=$(printf 'syscalls:sys_enter_%s,' "${calls[@]}")
+syscalls=${syscalls%,}
 perfs=()
 for site in "${sites[@]}"; do
-  perf stat -x, -e task-clock,context-switches -p "${daemons[$site]}" -- sleep 4 2>"$out/perf-$site.csv" &
+  perf stat -x, -e "task-clock,context-switches,$syscalls" -p "${daemons[$site]}" -- sleep 4 2>"$out/perf-$site.csv" &
   perfs+=($!)
 done
 wait "${perfs[@]}"
@@ -62,9 +67,13 @@ declare -A role=([site-a]=primary [site-b]=secondary)
 for site in "${sites[@]}"; do
   awk -F, -v site="${role[$site]}" -v iops="$iops" '
     /task-clock/ { ms = $1 } /context-switches/ { cs = $1 }
+    /syscalls:sys_enter_/ { name = $3; sub(/.*sys_enter_/, "", name); n[name] = $1; order[++k] = name }
     END {
       writes = iops * 4
       printf "%s: %.0f us CPU and %.1f context switches per write (%.0f ms and %d switches in 4 s, ~%d writes)\n",
         site, ms * 1000 / writes, cs / writes, ms, cs, writes
+      line = "  system calls per write:"
+      for (i = 1; i <= k; i++) if (n[order[i]] + 0 > 0) line = line sprintf(" %s %.2f", order[i], n[order[i]] / writes)
+      print line
     }' "$out/perf-$site.csv"
 done

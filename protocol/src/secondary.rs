@@ -63,6 +63,20 @@ pub struct SecondaryConfig {
     /// [`RECENT_FLUSH`]): the next flush request would wait for a whole
     /// sync that could have started with the write.
     pub journal_sync_delay: Duration,
+    /// The primary answers client writes once this node has their records
+    /// (sync mode): an ack that reports a new `received_seq` goes out at
+    /// once. Otherwise (async mode) only the acks someone waits for do.
+    pub receipt_acked_at_once: bool,
+    /// An ack nobody waits for goes out at most this long after the first
+    /// change it reports, with every change made meanwhile: one datagram
+    /// for many records instead of up to three per record (received,
+    /// durable, applied). Acks go out at once when they report a receipt
+    /// the primary waits for ([`SecondaryConfig::receipt_acked_at_once`]),
+    /// the durability of a journal sync someone waited for (FUA, flush
+    /// requests, drains; see [`SecondaryConfig::journal_sync_delay`]), or
+    /// copy progress (the primary's copy window). `ZERO`: every ack at
+    /// once.
+    pub ack_delay: Duration,
 }
 
 /// A flush request this recent makes the restore journal sync at once
@@ -261,6 +275,13 @@ pub struct Secondary {
     draining: bool,
     failed: bool,
     ack_dirty: bool,
+    /// Since when the state has changed beyond `last_ack` (an ack that
+    /// nobody waits for goes out [`SecondaryConfig::ack_delay`] later).
+    ack_dirty_since: Option<Instant>,
+    /// The journal sync in flight was asked for by someone waiting for it,
+    /// and the ack reporting it must go out at once.
+    journal_sync_waited: bool,
+    ack_now: bool,
     last_ack: Option<pb::Ack>,
     /// Hash-only copy chunks whose region differs here, not yet reported.
     copy_mismatch: Vec<pb::CopyMismatch>,
@@ -317,6 +338,9 @@ impl Secondary {
             draining: false,
             failed: false,
             ack_dirty: true,
+            ack_dirty_since: None,
+            journal_sync_waited: false,
+            ack_now: false,
             last_ack: None,
             copy_mismatch: Vec::new(),
             max_started: start.checkpoint,
@@ -452,6 +476,7 @@ impl Secondary {
                 self.data_as_of_us = self.data_as_of_us.max(t);
             }
             self.ack_dirty = true;
+            self.ack_now |= std::mem::take(&mut self.journal_sync_waited);
         }
         while let Some((&seq, &id)) = self.awaiting_journal.first_key_value() {
             if seq > self.journal_durable {
@@ -599,8 +624,14 @@ impl Secondary {
             return Some(a);
         }
         if self.ack_dirty && !self.failed {
-            self.ack_dirty = false;
             let mut ack = self.ack();
+            if !self.ack_due(&ack, now) {
+                self.ack_dirty_since.get_or_insert(now);
+                return None;
+            }
+            self.ack_dirty = false;
+            self.ack_dirty_since = None;
+            self.ack_now = false;
             // Reported before (or with) the copy_durable that covers them.
             ack.copy_mismatch = std::mem::take(&mut self.copy_mismatch);
             if self.last_ack.as_ref() != Some(&ack) {
@@ -609,6 +640,19 @@ impl Secondary {
             }
         }
         None
+    }
+
+    /// Whether the (changed) `ack` must go out now rather than wait for
+    /// more changes (see [`SecondaryConfig::ack_delay`]).
+    fn ack_due(&self, ack: &pb::Ack, now: Instant) -> bool {
+        let Some(last) = &self.last_ack else { return true };
+        self.ack_now
+            || self.config.ack_delay.is_zero()
+            || (self.config.receipt_acked_at_once && ack.received_seq > last.received_seq)
+            || ack.copy_durable > last.copy_durable
+            || !self.copy_mismatch.is_empty()
+            || self.journal_sync_urgent(now)
+            || self.ack_dirty_since.is_some_and(|t| now >= t + self.config.ack_delay)
     }
 
     /// The ack describing the current state.
@@ -794,9 +838,11 @@ impl Secondary {
         if std::mem::take(&mut self.flush_request_new) {
             self.flush_requested_at = Some(now);
         }
-        let sync_due = self.journal_sync_urgent(now) || self.journal_sync_due().is_some_and(|t| now >= t);
+        let urgent = self.journal_sync_urgent(now);
+        let sync_due = urgent || self.journal_sync_due().is_some_and(|t| now >= t);
         if !self.journal_sync_in_flight && received > self.journal_durable && sync_due {
             self.journal_sync_in_flight = true;
+            self.journal_sync_waited = urgent;
             self.journal_sync_asked = received;
             self.unsynced_since = None;
             self.actions.push_back(Action::SyncJournal { through: received });
@@ -868,12 +914,18 @@ impl Secondary {
     }
 
     /// When [`Secondary::poll_action`] must be called again even if nothing
-    /// else happens: a delayed journal sync falls due.
+    /// else happens: a delayed journal sync or a delayed ack falls due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.failed || self.journal_sync_in_flight || self.received() <= self.journal_durable {
+        if self.failed {
             return None;
         }
-        self.journal_sync_due()
+        let sync = if self.journal_sync_in_flight || self.received() <= self.journal_durable {
+            None
+        } else {
+            self.journal_sync_due()
+        };
+        let ack = self.ack_dirty_since.filter(|_| self.ack_dirty).map(|t| t + self.config.ack_delay);
+        sync.into_iter().chain(ack).min()
     }
 
     /// COPY_DONE: once every copy chunk is durable on the volumes and the
@@ -921,6 +973,8 @@ mod tests {
             copy_sync_interval: Duration::from_millis(100),
             copy_applies: 4,
             journal_sync_delay: Duration::ZERO,
+            receipt_acked_at_once: true,
+            ack_delay: Duration::ZERO,
         }
     }
 
@@ -1045,6 +1099,121 @@ mod tests {
         // And a drain does not wait either.
         s.begin_drain();
         assert_eq!(syncs(&drain(&mut s, t3)), vec![7]);
+    }
+
+    fn acks(acts: &[Action]) -> Vec<(u64, u64, u64)> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Send(Body::Ack(a)) => Some((a.received_seq, a.durable_seq, a.applied_seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Applies everything `acts` started, successfully.
+    fn complete_applies(s: &mut Secondary, acts: Vec<Action>) {
+        for (id, _) in applies(acts) {
+            s.on_applied(id, Ok(())).unwrap();
+        }
+    }
+
+    #[test]
+    fn acks_nobody_waits_for_are_coalesced_and_the_waited_ones_go_at_once() {
+        let t0 = Instant::now();
+        let (sync_delay, ack_delay) = (Duration::from_millis(1), Duration::from_millis(5));
+        let cfg = SecondaryConfig {
+            journal_sync_delay: sync_delay,
+            receipt_acked_at_once: false,
+            ack_delay,
+            ..config(1 << 20)
+        };
+        let mut s = Secondary::new(cfg.clone(), start(), t0);
+        assert_eq!(acks(&drain(&mut s, t0)), vec![(0, 0, 0)], "the session's first ack goes at once");
+        // Async mode: receipt, group-committed durability and applies wait
+        // for one ack, due `ack_delay` after the first change.
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        assert!(acks(&drain(&mut s, t0)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(t0 + sync_delay), "the journal sync comes first");
+        let acts = drain(&mut s, t0 + sync_delay);
+        assert_eq!((syncs(&acts), acks(&acts)), (vec![2], vec![]));
+        s.on_journal_synced(2, Ok(())).unwrap();
+        let acts = drain(&mut s, t0 + sync_delay);
+        assert!(acks(&acts).is_empty());
+        complete_applies(&mut s, acts);
+        assert!(acks(&drain(&mut s, t0 + sync_delay)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(t0 + ack_delay), "counted from the first change");
+        assert_eq!(acks(&drain(&mut s, t0 + ack_delay)), vec![(2, 2, 2)], "one ack for all of it");
+        assert_eq!(s.poll_timeout(), None);
+        // A FUA write is waited for: the ack of its sync goes at once.
+        let t1 = t0 + 2 * ack_delay;
+        let mut fua = write(3, 16384);
+        fua.fua = true;
+        s.on_record(fua).unwrap();
+        assert_eq!(syncs(&drain(&mut s, t1)), vec![3]);
+        s.on_journal_synced(3, Ok(())).unwrap();
+        assert_eq!(acks(&drain(&mut s, t1)), vec![(3, 3, 2)]);
+        // So is the answer to a flush request, even for records already
+        // durable.
+        s.on_flush_request(3);
+        assert!(acks(&drain(&mut s, t1)).is_empty(), "nothing changed");
+        let t2 = t1 + 2 * RECENT_FLUSH;
+        s.on_record(write(4, 24576)).unwrap();
+        assert!(acks(&drain(&mut s, t2)).is_empty(), "no flush lately");
+        let acts = drain(&mut s, t2 + sync_delay);
+        assert_eq!(syncs(&acts), vec![4]);
+        s.on_flush_request(4);
+        s.on_journal_synced(4, Ok(())).unwrap();
+        assert_eq!(acks(&drain(&mut s, t2 + sync_delay)), vec![(4, 4, 2)]);
+        // Sync mode: the primary answers writes on receipt.
+        let mut s = Secondary::new(SecondaryConfig { receipt_acked_at_once: true, ..cfg }, start(), t0);
+        drain(&mut s, t0);
+        s.on_record(write(1, 0)).unwrap();
+        assert_eq!(acks(&drain(&mut s, t0)), vec![(1, 0, 0)]);
+        // Its group-committed durability and applies are not waited for.
+        let acts = drain(&mut s, t0 + sync_delay);
+        assert_eq!(syncs(&acts), vec![1]);
+        s.on_journal_synced(1, Ok(())).unwrap();
+        let acts = drain(&mut s, t0 + sync_delay);
+        complete_applies(&mut s, acts);
+        assert!(acks(&drain(&mut s, t0 + sync_delay)).is_empty());
+        assert_eq!(acks(&drain(&mut s, t0 + sync_delay + ack_delay)), vec![(1, 1, 1)]);
+    }
+
+    #[test]
+    fn copy_progress_is_acked_at_once_even_when_other_acks_wait() {
+        let now = Instant::now();
+        let cfg =
+            SecondaryConfig { receipt_acked_at_once: false, ack_delay: Duration::from_secs(1), ..config(1 << 20) };
+        let mut s = Secondary::new(cfg, start(), now);
+        drain(&mut s, now);
+        let mut copy = Record::with_payload(RecordOp::Copy, 0, 0, 0, 1, Bytes::from(vec![9u8; 4096]), false);
+        copy.copy_index = 1;
+        s.on_record(copy).unwrap();
+        drain(&mut s, now);
+        s.on_image_preserved(Ok(())).unwrap();
+        let Some(Action::Save(p)) = drain(&mut s, now).into_iter().find(|a| matches!(a, Action::Save(_))) else {
+            panic!("no save")
+        };
+        s.on_saved(&p, Ok(()), now).unwrap();
+        let acts = drain(&mut s, now);
+        complete_applies(&mut s, acts);
+        // A differing span of a hash-only chunk is reported at once too.
+        s.on_copy_mismatch(2, 0, 4096);
+        let acts = drain(&mut s, now);
+        let Some(Action::Send(Body::Ack(ack))) = acts.iter().find(|a| matches!(a, Action::Send(_))) else {
+            panic!("the mismatch waits: {acts:?}")
+        };
+        assert_eq!(ack.copy_mismatch.len(), 1);
+        let Some(Action::SyncVolumes(barrier)) = acts.into_iter().find(|a| matches!(a, Action::SyncVolumes(_))) else {
+            panic!("no volume sync")
+        };
+        s.on_volumes_synced(barrier, Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        let Some(Action::Send(Body::Ack(ack))) = acts.iter().find(|a| matches!(a, Action::Send(_))) else {
+            panic!("the copy's durability waits: {acts:?}")
+        };
+        assert_eq!(ack.copy_durable, 1);
     }
 
     #[test]

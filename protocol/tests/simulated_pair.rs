@@ -538,6 +538,10 @@ fn machine(checkpoint: u64, copy_incomplete: bool, now: Instant) -> Secondary {
         // Syncs nobody waits for happen at the next tick: the urgent ones
         // (FUA, flush requests, drains, resync starts) must not wait.
         journal_sync_delay: Duration::from_millis(1),
+        // Writes wait for durability (FUA, flush) only, as in async mode:
+        // acks nobody waits for go out at the next tick.
+        receipt_acked_at_once: false,
+        ack_delay: Duration::from_millis(5),
     };
     let start = SecondaryStart { checkpoint, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete, data_as_of_us: 0 };
     Secondary::new(config, start, now)

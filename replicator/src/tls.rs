@@ -263,7 +263,7 @@ impl TlsIdentity {
 
 /// Largest UDP payload of a 9000-byte MTU under IPv6 (40) and UDP (8)
 /// headers.
-const JUMBO_UDP_PAYLOAD: u16 = 9000 - 48;
+pub(crate) const JUMBO_UDP_PAYLOAD: u16 = 9000 - 48;
 
 /// Data a peer may have sent on one connection that we have not read yet
 /// (the QUIC connection receive window; one stream may use half of it).
@@ -297,8 +297,9 @@ fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // Storage links often carry jumbo frames: path MTU discovery probes up
     // to a 9000-byte MTU (IPv6 headers) and settles on what the path takes
-    // (1500-byte paths simply lose the larger probes). Fewer, larger
-    // packets cut the per-packet cost of a copy or a write burst.
+    // (1500-byte paths simply lose the larger probes); each endpoint
+    // advertises that it takes such datagrams (`Transport::bind`). Fewer,
+    // larger packets cut the per-packet cost of a write and of a copy.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(JUMBO_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
