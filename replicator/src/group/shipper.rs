@@ -472,7 +472,12 @@ async fn send_loop(
         }
         tokio::select! {
             Some(done) = copy.reads.next(), if !copy.reads.is_empty() => copy.finish(group, epoch, done)?,
-            _ = wake => {}
+            _ = wake => {
+                // Let the other writes that are ready run first and append
+                // their records too: they go out in one batch (one stream
+                // write, packets sent together) instead of one each.
+                tokio::task::yield_now().await;
+            }
             _ = kick.changed() => {
                 let g = lock(&group.inner);
                 if g.role() == Role::Primary && g.persisted.pair_id == pair_id && g.shipper_epoch == epoch {
