@@ -283,12 +283,6 @@ impl Transport {
         // socket wrapper tell a stray plaintext datagram from a peer's packet.
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config.grease_quic_bit(false);
-        // Advertise that we take jumbo datagrams: the peer's path MTU
-        // discovery goes no higher than this (quinn's default, 1472, held
-        // every link to 1500-byte packets and a 4 KiB record to three).
-        endpoint_config
-            .max_udp_payload_size(crate::tls::JUMBO_UDP_PAYLOAD)
-            .map_err(|e| TransportError::Connection(format!("QUIC endpoint configuration: {e}")))?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, Some(server), socket, runtime)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         Ok(Transport {
