@@ -278,9 +278,10 @@ pub struct Secondary {
     /// Since when the state has changed beyond `last_ack` (an ack that
     /// nobody waits for goes out [`SecondaryConfig::ack_delay`] later).
     ack_dirty_since: Option<Instant>,
-    /// The journal sync in flight was asked for by someone waiting for it,
-    /// and the ack reporting it must go out at once.
+    /// The journal sync in flight was asked for by someone waiting for it
+    /// (see [`Secondary::journal_sync_urgent`]).
     journal_sync_waited: bool,
+    /// The next ack reports such a sync: it goes out at once.
     ack_now: bool,
     last_ack: Option<pb::Ack>,
     /// Hash-only copy chunks whose region differs here, not yet reported.
