@@ -261,6 +261,10 @@ impl TlsIdentity {
     }
 }
 
+/// Largest UDP payload of a 9000-byte MTU under IPv6 (40) and UDP (8)
+/// headers.
+pub(crate) const JUMBO_UDP_PAYLOAD: u16 = 9000 - 48;
+
 /// Data a peer may have sent on one connection that we have not read yet
 /// (the QUIC connection receive window; one stream may use half of it).
 pub const RECEIVE_WINDOW: u32 = 512 << 20;
@@ -291,12 +295,16 @@ fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
     t.send_window(u64::from(RECEIVE_WINDOW));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    // Packets stay within a 1500-byte MTU (quinn's defaults: path MTU
-    // discovery up to 1452-byte datagrams; endpoints take 1472 at most).
-    // Jumbo datagrams (both raised to 8952) cut the CPU per 4 KiB write on
-    // loopback by about a third, but through replicator-bench's
-    // bandwidth-limited link emulator they raised the async lag below the
-    // link from p99 40-85 ms to 270-500 ms, not understood yet.
+    // Storage links often carry jumbo frames: path MTU discovery probes up
+    // to a 9000-byte MTU (IPv6 headers) and settles on what the path takes
+    // (1500-byte paths simply lose the larger probes); each endpoint
+    // advertises that it takes such datagrams (`Transport::bind`). A 4 KiB
+    // record then travels in one packet instead of three, which cuts the
+    // packets, acknowledgements and CPU per write. The socket limits how
+    // many such packets go in one segmented send (`InspectingSocket`).
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(JUMBO_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 
