@@ -175,6 +175,8 @@ struct Inner {
     flush_wanted: u64,
     /// When the journal was first found full (block policy).
     journal_full_since: Option<Instant>,
+    /// When journal space was last freed (`release_journal`).
+    journal_released_at: Instant,
     /// The primary's replication session state machine, while a session
     /// is up (stream order, acks, copy chunks in flight).
     session: Option<PrimarySession>,
@@ -558,6 +560,7 @@ impl Group {
             copy_barrier: 0,
             flush_wanted: 0,
             journal_full_since: None,
+            journal_released_at: Instant::now(),
             session: None,
             shipper_epoch: 0,
             link_down_since: Some(Instant::now()),

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -715,17 +715,30 @@ impl Group {
     }
 
     /// Frees journal space below the secondary's persisted checkpoint, after
-    /// persisting the new tail (called from housekeeping), then leaves
-    /// bitmap mode once the journal has room again. The state file is
-    /// written outside the group lock.
+    /// persisting the new tail (called from housekeeping), when it is due
+    /// (`journal_space::release_due`), then leaves bitmap mode once the
+    /// journal has room again. The state file is written outside the group
+    /// lock.
     pub(super) async fn release_journal(self: &Arc<Self>) {
         let release = {
             let mut g = lock(&self.inner);
-            let checkpoint = journal_space::release_through(
-                self.progress.borrow().checkpoint,
-                g.volume_written.completed_through(),
-                g.ring.as_ref().and_then(JournalRing::oldest_seq),
-            );
+            let waiting =
+                g.journal_full_since.is_some() || g.persisted.role.as_primary().is_some_and(|p| p.bitmap_mode);
+            let due = g.ring.as_ref().is_some_and(|r| {
+                journal_space::release_due(r.used_bytes(), r.capacity_bytes(), waiting, g.journal_released_at.elapsed())
+            });
+            let checkpoint = due
+                .then(|| {
+                    journal_space::release_through(
+                        self.progress.borrow().checkpoint,
+                        g.volume_written.completed_through(),
+                        g.ring.as_ref().and_then(JournalRing::oldest_seq),
+                    )
+                })
+                .flatten();
+            if checkpoint.is_some() {
+                g.journal_released_at = Instant::now();
+            }
             match (checkpoint, g.ring.as_ref()) {
                 (Some(checkpoint), Some(ring)) => {
                     let new_tail_seq = checkpoint + 1;
