@@ -727,15 +727,15 @@ impl Group {
             let due = g.ring.as_ref().is_some_and(|r| {
                 journal_space::release_due(r.used_bytes(), r.capacity_bytes(), waiting, g.journal_released_at.elapsed())
             });
-            let checkpoint = due
-                .then(|| {
-                    journal_space::release_through(
-                        self.progress.borrow().checkpoint,
-                        g.volume_written.completed_through(),
-                        g.ring.as_ref().and_then(JournalRing::oldest_seq),
-                    )
-                })
-                .flatten();
+            let checkpoint = if due {
+                journal_space::release_through(
+                    self.progress.borrow().checkpoint,
+                    g.volume_written.completed_through(),
+                    g.ring.as_ref().and_then(JournalRing::oldest_seq),
+                )
+            } else {
+                None
+            };
             if checkpoint.is_some() {
                 g.journal_released_at = Instant::now();
             }
