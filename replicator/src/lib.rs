@@ -8,7 +8,8 @@
 //!   session (primary `shipper`, secondary `applier`);
 //! - [`journal`], [`volume`], [`io`]: what reaches the disks (io_uring);
 //! - [`transport`] and [`tls`]: QUIC with mutual TLS between the sites;
-//! - [`state`]: what is persisted about each pair; [`state_lock`]: one
+//! - [`state`]: what is persisted about each pair, [`slotted_file`]: the
+//!   bitmaps and activity log saved in place; [`state_lock`]: one
 //!   daemon per `state_dir`; [`perms`]: the modes of its files;
 //! - [`control`]: the admin socket the CLI talks to; [`metrics`];
 //! - [`config`] and [`preflight`] (`config check`), [`certs`], [`demo`];
@@ -35,6 +36,7 @@ pub mod node;
 pub mod packaging;
 pub mod perms;
 pub mod preflight;
+pub mod slotted_file;
 pub mod snapshot;
 pub mod state;
 pub mod state_lock;

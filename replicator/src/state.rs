@@ -13,6 +13,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::perms::{ensure_dir, PRIVATE_FILE_MODE, STATE_DIR_MODE};
+use crate::slotted_file::{self, SlottedFile};
 
 use replicator_protocol::pair::{PairState, Role};
 use serde::{Deserialize, Serialize};
@@ -621,21 +622,37 @@ impl StateFile {
             .map_err(self.io(self.path()))
     }
 
-    /// Atomically replaces another file in the group directory (bitmaps).
-    pub fn save_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+    /// Opens another file in the group directory (a dirty bitmap, the
+    /// activity log) for in-place saves ([`SlottedFile`]).
+    pub fn open_blob(&self, name: &str) -> Result<Blob, StateError> {
         self.ensure_dir()?;
         let path = self.dir.join(name);
-        write_atomically(&path, bytes).map_err(self.io(path))
+        match SlottedFile::open(&path) {
+            Ok(file) => Ok(Blob(file)),
+            Err(e) => Err(StateError::Io { path, source: e }),
+        }
+    }
+
+    /// Saves another file in the group directory once (see [`Self::open_blob`]).
+    pub fn save_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+        self.open_blob(name)?.save(bytes)
     }
 
     /// Reads another file in the group directory, `None` if absent.
     pub fn load_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
         let path = self.dir.join(name);
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StateError::Io { path, source: e }),
-        }
+        slotted_file::read(&path).map_err(|source| StateError::Io { path, source })
+    }
+}
+
+/// A file of the group directory open for in-place saves.
+#[derive(Debug)]
+pub struct Blob(SlottedFile);
+
+impl Blob {
+    /// Makes `bytes` the file's content, durably.
+    pub fn save(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        self.0.save(bytes).map_err(|source| StateError::Io { path: self.0.path().to_path_buf(), source })
     }
 }
 

@@ -31,7 +31,7 @@ mod task;
 mod verify;
 mod write_path;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{hash_map, BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -54,7 +54,7 @@ use crate::config::{GroupConfig, LinkLossPolicy, Mode};
 use crate::io::IoEngine;
 use crate::journal::{Journal, JournalError, Stop};
 use crate::state::{
-    Announce, GroupState, PrimaryState, RoleState, SecondaryState, SimplexState, StateError, StateFile,
+    Announce, Blob, GroupState, PrimaryState, RoleState, SecondaryState, SimplexState, StateError, StateFile,
 };
 use crate::transport::Transport;
 use crate::volume::Volume;
@@ -304,9 +304,9 @@ pub struct Group {
     state_written: Mutex<u64>,
     /// NBD connections attached to this group's volumes.
     nbd_clients: AtomicUsize,
-    /// Serialises writes of the bitmap and activity-log files, and holds
-    /// the bytes last written to each.
-    bitmap_io: Mutex<HashMap<String, Vec<u8>>>,
+    /// The bitmap and activity-log files open for saves, one save at a
+    /// time, with the bytes last saved to each.
+    bitmap_io: Mutex<HashMap<String, MetadataFile>>,
     /// Set when the group stopped taking writes after a local failure (see
     /// `fail_stop` in write_path.rs).
     stopped: std::sync::OnceLock<String>,
@@ -898,14 +898,18 @@ impl Group {
         // A file whose bytes are already on disk is not written again (a
         // new activity-log region then costs one file save, not one per
         // volume bitmap as well).
-        let mut written = self.bitmap_io.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut files = self.bitmap_io.lock().unwrap_or_else(PoisonError::into_inner);
         for (name, bytes) in snapshot {
-            if written.get(name) == Some(bytes) {
+            let file = match files.entry(name.clone()) {
+                hash_map::Entry::Occupied(e) => e.into_mut(),
+                hash_map::Entry::Vacant(e) => e.insert(MetadataFile { blob: self.store.open_blob(name)?, saved: None }),
+            };
+            if file.saved.as_ref() == Some(bytes) {
                 continue;
             }
-            written.remove(name);
-            self.store.save_blob(name, bytes)?;
-            written.insert(name.clone(), bytes.clone());
+            file.saved = None;
+            file.blob.save(bytes)?;
+            file.saved = Some(bytes.clone());
         }
         Ok(())
     }
@@ -1700,6 +1704,14 @@ async fn recover_restore_journal(
 
 fn journal_path(store: &StateFile) -> PathBuf {
     store.dir().join("journal")
+}
+
+/// A bitmap or activity-log file open for saves, with the bytes last
+/// saved to it (`None` until a save succeeds).
+#[derive(Debug)]
+struct MetadataFile {
+    blob: Blob,
+    saved: Option<Vec<u8>>,
 }
 
 fn bitmap_name(volume: &str) -> String {
