@@ -128,9 +128,7 @@ pub fn read(path: &Path) -> io::Result<Option<Vec<u8>>> {
         return Ok(Some(bytes));
     }
     let newest = Slots::parse(&bytes).and_then(|s| s.newest().map(|(_, _, payload)| payload.to_vec()));
-    newest.map(Some).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("{}: no intact copy in either slot", path.display()))
-    })
+    newest.map(Some).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no intact copy in either slot"))
 }
 
 /// One slot's bytes: header and payload.

@@ -627,10 +627,7 @@ impl StateFile {
     pub fn open_blob(&self, name: &str) -> Result<Blob, StateError> {
         self.ensure_dir()?;
         let path = self.dir.join(name);
-        match SlottedFile::open(&path) {
-            Ok(file) => Ok(Blob(file)),
-            Err(e) => Err(StateError::Io { path, source: e }),
-        }
+        SlottedFile::open(&path).map(Blob).map_err(self.io(path))
     }
 
     /// Saves another file in the group directory once (see [`Self::open_blob`]).
@@ -638,10 +635,11 @@ impl StateFile {
         self.open_blob(name)?.save(bytes)
     }
 
-    /// Reads another file in the group directory, `None` if absent.
+    /// Reads another file in the group directory, `None` if absent (an
+    /// error of kind `InvalidData` when neither of its copies is intact).
     pub fn load_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
         let path = self.dir.join(name);
-        slotted_file::read(&path).map_err(|source| StateError::Io { path, source })
+        slotted_file::read(&path).map_err(self.io(path))
     }
 }
 

@@ -355,7 +355,7 @@ impl Group {
         // drill copy keeps its image through them.
         let drill = drill::load(&engine, store.dir(), &volumes)?;
         let resync_guard = resync_guard::load(&engine, store.dir(), &volumes, &persisted)?;
-        let mut bitmaps = load_bitmaps(&store, &volumes)?;
+        let (mut bitmaps, bitmaps_lost) = load_bitmaps(&store, &volumes)?;
         let mut activity = load_activity_log(&store);
         let boot_id = current_boot_id();
         let unclean = !was_clean;
@@ -367,6 +367,10 @@ impl Group {
         let power_lost = unclean && (persisted.boot_id.is_empty() || persisted.boot_id != boot_id);
         let mut persisted = persisted;
         persisted.boot_id = boot_id.clone();
+        if let Some(p) = persisted.role.as_primary_mut().filter(|_| bitmaps_lost) {
+            // An unreadable bitmap is marked dirty whole: the resync copies it.
+            p.copy_pending = true;
+        }
 
         let mut ring = None;
         let mut journal = None;
@@ -1751,25 +1755,34 @@ fn current_boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>]) -> Result<Vec<DirtyBitmap>, GroupError> {
+/// The persisted dirty bitmaps, and whether one was unreadable (and so
+/// marked dirty whole).
+fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>]) -> Result<(Vec<DirtyBitmap>, bool), GroupError> {
     let mut out = Vec::new();
+    let mut lost = false;
     for v in volumes {
         let fresh = DirtyBitmap::new(v.size(), DEFAULT_GRANULARITY);
-        let b = match store.load_blob(&bitmap_name(&v.name))? {
-            Some(bytes) => match DirtyBitmap::decode(&bytes) {
-                Ok(b) if b.volume_size() == v.size() => b,
-                _ => {
-                    tracing::warn!(volume = %v.name, "dirty bitmap unreadable or for another size: marking the whole volume dirty");
-                    let mut b = fresh;
-                    b.set_all();
-                    b
-                }
-            },
+        let loaded = match store.load_blob(&bitmap_name(&v.name)) {
+            Ok(Some(bytes)) => Some(DirtyBitmap::decode(&bytes).ok().filter(|b| b.volume_size() == v.size())),
+            Ok(None) => None,
+            // Neither copy intact: as unreadable as a bitmap that does not decode.
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData => Some(None),
+            Err(e) => return Err(e.into()),
+        };
+        let b = match loaded {
+            Some(Some(b)) => b,
+            Some(None) => {
+                tracing::warn!(volume = %v.name, "dirty bitmap unreadable or for another size: marking the whole volume dirty");
+                lost = true;
+                let mut b = fresh;
+                b.set_all();
+                b
+            }
             None => fresh,
         };
         out.push(b);
     }
-    Ok(out)
+    Ok((out, lost))
 }
 
 /// A random 64-bit id (pair ids), from the kernel's CSPRNG.
