@@ -1761,26 +1761,21 @@ fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>]) -> Result<(Vec<Dirty
     let mut out = Vec::new();
     let mut lost = false;
     for v in volumes {
-        let fresh = DirtyBitmap::new(v.size(), DEFAULT_GRANULARITY);
-        let loaded = match store.load_blob(&bitmap_name(&v.name)) {
-            Ok(Some(bytes)) => Some(DirtyBitmap::decode(&bytes).ok().filter(|b| b.volume_size() == v.size())),
-            Ok(None) => None,
+        let fresh = || DirtyBitmap::new(v.size(), DEFAULT_GRANULARITY);
+        let readable = match store.load_blob(&bitmap_name(&v.name)) {
+            Ok(None) => Some(fresh()),
+            Ok(Some(bytes)) => DirtyBitmap::decode(&bytes).ok().filter(|b| b.volume_size() == v.size()),
             // Neither copy intact: as unreadable as a bitmap that does not decode.
-            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData => Some(None),
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData => None,
             Err(e) => return Err(e.into()),
         };
-        let b = match loaded {
-            Some(Some(b)) => b,
-            Some(None) => {
-                tracing::warn!(volume = %v.name, "dirty bitmap unreadable or for another size: marking the whole volume dirty");
-                lost = true;
-                let mut b = fresh;
-                b.set_all();
-                b
-            }
-            None => fresh,
-        };
-        out.push(b);
+        out.push(readable.unwrap_or_else(|| {
+            tracing::warn!(volume = %v.name, "dirty bitmap unreadable or for another size: marking the whole volume dirty");
+            lost = true;
+            let mut b = fresh();
+            b.set_all();
+            b
+        }));
     }
     Ok((out, lost))
 }
