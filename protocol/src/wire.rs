@@ -8,11 +8,20 @@
 //! A length prefix above [`MAX_FRAME_LEN`] is rejected as soon as the prefix
 //! itself has been read, before any of the body is buffered, so a broken or
 //! hostile peer cannot make the daemon allocate more than one maximal frame.
-//! Nor does an accepted prefix reserve its frame: the buffer grows with the
-//! bytes that actually arrive (amortized doubling), so a peer announcing large
-//! frames on many streams costs only what it sends.
+//! Nor does an accepted prefix reserve its frame: small frames gather in a
+//! buffer that grows with the bytes that actually arrive (amortized
+//! doubling), and a large frame gets a buffer of its own, of its full length,
+//! only once a quarter of it has arrived. A peer announcing large frames on
+//! many streams costs at most four times what it sends.
+//!
+//! That own buffer is placed so that the frame ends on a [`PAYLOAD_ALIGN`]
+//! boundary in memory. A large record's payload is the end of its frame
+//! ([`encode_frame_parts`]) and a whole number of blocks, so it arrives
+//! aligned for direct I/O: the secondary writes it to its volume from the
+//! buffer it was received into, and the frame's bytes are copied once, from
+//! QUIC's buffers into that one.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use prost::Message;
 
 use crate::pb;
@@ -83,7 +92,7 @@ const RECORD_PAYLOAD_TAG: u32 = 9;
 /// bytes followed by the returned payload, which the caller sends right
 /// after them. The payload field is encoded last instead of in tag order,
 /// which protobuf decoders accept: the frame decodes to the same message.
-pub fn encode_frame_parts(body: pb::envelope::Body, dst: &mut BytesMut) -> Option<bytes::Bytes> {
+pub fn encode_frame_parts(body: pb::envelope::Body, dst: &mut BytesMut) -> Option<Bytes> {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
     match body {
         pb::envelope::Body::Record(mut rec) if rec.payload.len() >= ZERO_COPY_PAYLOAD => {
@@ -110,7 +119,7 @@ pub fn encode_frame_parts(body: pb::envelope::Body, dst: &mut BytesMut) -> Optio
 }
 
 /// Encodes `msg` as a single frame into a fresh buffer.
-pub fn frame_bytes(msg: &pb::Envelope) -> bytes::Bytes {
+pub fn frame_bytes(msg: &pb::Envelope) -> Bytes {
     let mut buf = BytesMut::new();
     encode_frame(msg, &mut buf);
     buf.freeze()
@@ -119,6 +128,59 @@ pub fn frame_bytes(msg: &pb::Envelope) -> bytes::Bytes {
 /// Wraps a message body in an [`pb::Envelope`].
 pub fn envelope(body: pb::envelope::Body) -> pb::Envelope {
     pb::Envelope { body: Some(body) }
+}
+
+/// Alignment in memory of a large record's payload as decoded (see the
+/// module documentation): the block size of direct I/O.
+pub const PAYLOAD_ALIGN: usize = 4096;
+
+/// Frames from this size on are assembled in a buffer of their own.
+const OWN_BUFFER_FRAME: usize = ZERO_COPY_PAYLOAD;
+
+/// A large frame gets its own buffer once `1 / OWN_BUFFER_AFTER` of it has
+/// arrived (bounding what an announced but unsent frame costs).
+const OWN_BUFFER_AFTER: usize = 4;
+
+/// A large frame being received into its own buffer: `pad` bytes, then the
+/// frame's bytes so far; its last byte will end on a [`PAYLOAD_ALIGN`]
+/// boundary.
+#[derive(Debug)]
+struct LargeFrame {
+    buf: BytesMut,
+    pad: usize,
+    len: usize,
+}
+
+impl LargeFrame {
+    fn new(len: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(len + PAYLOAD_ALIGN);
+        let end = (buf.as_ptr() as usize).wrapping_add(len);
+        let pad = (PAYLOAD_ALIGN - end % PAYLOAD_ALIGN) % PAYLOAD_ALIGN;
+        buf.resize(pad, 0);
+        Self { buf, pad, len }
+    }
+
+    fn received(&self) -> usize {
+        self.buf.len() - self.pad
+    }
+
+    fn missing(&self) -> usize {
+        self.len - self.received()
+    }
+
+    /// Appends what `data` holds of the frame; returns the rest.
+    fn fill<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
+        let (mine, rest) = data.split_at(self.missing().min(data.len()));
+        // Within the capacity reserved in `new`: never reallocates.
+        self.buf.extend_from_slice(mine);
+        rest
+    }
+
+    fn into_frame(self) -> Bytes {
+        let mut frame = self.buf.freeze();
+        frame.advance(self.pad);
+        frame
+    }
 }
 
 /// Incremental frame decoder.
@@ -132,6 +194,9 @@ pub struct FrameDecoder {
     buffer: BytesMut,
     /// Body length of the frame whose prefix has already been consumed.
     pending_len: Option<usize>,
+    /// That frame, when large and a quarter of it has arrived (then
+    /// `buffer` holds nothing of it).
+    large: Option<LargeFrame>,
     /// Sticky error: once the stream is broken it stays broken.
     failed: Option<WireError>,
 }
@@ -147,19 +212,20 @@ impl FrameDecoder {
         &mut self.buffer
     }
 
-    /// Appends received bytes.
-    ///
-    /// The buffer grows with what arrives (amortized doubling, so a large
-    /// record is reallocated only a few times), never ahead of it: an
-    /// announced but unsent frame allocates nothing.
-    pub fn extend_from_slice(&mut self, data: &[u8]) {
+    /// Appends received bytes: straight into a large frame's own buffer
+    /// while one is being received, else into the common buffer, which
+    /// grows with what arrives, never ahead of it.
+    pub fn extend_from_slice(&mut self, mut data: &[u8]) {
+        if let Some(frame) = self.large.as_mut().filter(|_| self.buffer.is_empty()) {
+            data = frame.fill(data);
+        }
         self.buffer.extend_from_slice(data);
     }
 
     /// Bytes received but not yet returned as frames (excluding an already
     /// consumed length prefix).
     pub fn buffered_len(&self) -> usize {
-        self.buffer.len()
+        self.buffer.len() + self.large.as_ref().map_or(0, LargeFrame::received)
     }
 
     /// Decodes the next complete frame. `Ok(None)` means more bytes are
@@ -197,11 +263,26 @@ impl FrameDecoder {
                 len
             }
         };
-        if self.buffer.len() < len {
-            return Ok(None);
-        }
+        let body = if len < OWN_BUFFER_FRAME {
+            if self.buffer.len() < len {
+                return Ok(None);
+            }
+            self.buffer.split_to(len).freeze()
+        } else {
+            let mut frame = match self.large.take() {
+                Some(frame) => frame,
+                None if self.buffer.len() * OWN_BUFFER_AFTER < len => return Ok(None),
+                None => LargeFrame::new(len),
+            };
+            let rest = frame.fill(&self.buffer).len();
+            self.buffer.advance(self.buffer.len() - rest);
+            if frame.missing() > 0 {
+                self.large = Some(frame);
+                return Ok(None);
+            }
+            frame.into_frame()
+        };
         self.pending_len = None;
-        let body = self.buffer.split_to(len).freeze();
         let env = pb::Envelope::decode(body).map_err(|e| WireError::Decode(e.to_string()))?;
         if env.body.is_none() {
             return Err(WireError::EmptyEnvelope);
@@ -268,8 +349,8 @@ mod tests {
         }
     }
 
-    fn arb_bytes(max: usize) -> impl Strategy<Value = bytes::Bytes> {
-        proptest::collection::vec(any::<u8>(), 0..max).prop_map(bytes::Bytes::from)
+    fn arb_bytes(max: usize) -> impl Strategy<Value = Bytes> {
+        proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
     }
 
     fn arb_body() -> impl Strategy<Value = Body> {
@@ -431,7 +512,7 @@ mod tests {
             // Large and small records among other messages.
             let mut all: Vec<Body> = bodies;
             for (len, fill, seq) in payloads {
-                let payload = bytes::Bytes::from(vec![fill; len]);
+                let payload = Bytes::from(vec![fill; len]);
                 let crc32 = crate::record::crc32(&payload);
                 all.push(Body::Record(pb::Record {
                     group: "g".into(), seq, volume: 1, op: 4, offset: seq / 3, length: len as u32,
@@ -562,25 +643,68 @@ mod tests {
         let (len, prefix) = parse_varint(&frame).unwrap().unwrap();
         assert!(len > (MAX_FRAME_LEN - 64) as u64);
 
+        let held = |dec: &FrameDecoder| dec.buffer.capacity() + dec.large.as_ref().map_or(0, |f| f.buf.capacity());
         let mut dec = FrameDecoder::new();
         dec.extend_from_slice(&frame[..prefix]);
         assert_eq!(dec.decode(), Ok(None));
-        assert!(dec.buffer.capacity() < 64 * 1024, "reserved {} bytes for an unsent frame", dec.buffer.capacity());
+        assert!(held(&dec) < 64 * 1024, "reserved {} bytes for an unsent frame", held(&dec));
         dec.extend_from_slice(&frame[prefix..prefix + 1000]);
         assert_eq!(dec.decode(), Ok(None));
-        assert!(dec.buffer.capacity() < 64 * 1024, "reserved {} bytes for 1000 received", dec.buffer.capacity());
+        assert!(held(&dec) < 64 * 1024, "reserved {} bytes for 1000 received", held(&dec));
 
-        // The rest arrives in 64 KiB pieces: the buffer stays within twice
-        // what has arrived, and the frame decodes whole.
+        // The rest arrives in 64 KiB pieces: what the decoder holds stays
+        // within four times what has arrived, and the frame decodes whole.
         let mut at = prefix + 1000;
         while at < frame.len() {
             let end = (at + 64 * 1024).min(frame.len());
             dec.extend_from_slice(&frame[at..end]);
+            assert!(held(&dec) <= 4 * (end - prefix) + 128 * 1024, "{} held for {} received", held(&dec), end - prefix);
+            let decoded = dec.decode().unwrap();
+            assert_eq!(decoded.is_some(), end == frame.len());
+            if let Some(env) = decoded {
+                assert_eq!(env, envelope(big.clone()));
+            }
             at = end;
-            assert!(dec.buffer.capacity() <= 2 * (at - prefix) + 128 * 1024);
         }
-        assert_eq!(dec.decode(), Ok(Some(envelope(big))));
         assert_eq!(dec.decode(), Ok(None));
+    }
+
+    #[test]
+    fn a_large_payload_is_decoded_aligned_whatever_the_split() {
+        for (payload_len, chunk) in
+            [(16 * 1024, 1200), (64 * 1024, 8952), (1 << 20, 1452), (1 << 20, 65536), (1 << 20, 1 << 21)]
+        {
+            let payload = Bytes::from((0..payload_len).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+            let record = pb::Record {
+                group: "g".into(),
+                seq: 9,
+                volume: 1,
+                op: 1,
+                offset: 1 << 20,
+                length: payload_len as u32,
+                crc32: crate::record::crc32(&payload),
+                payload: payload.clone(),
+                ..Default::default()
+            };
+            // A small frame ahead, so the large one starts mid-buffer.
+            let mut wire = BytesMut::new();
+            encode_frame(&envelope(Body::Error(pb::Error { message: "ahead".into() })), &mut wire);
+            let tail = encode_frame_parts(Body::Record(record.clone()), &mut wire).expect("payload apart");
+            wire.extend_from_slice(&tail);
+            let mut dec = FrameDecoder::new();
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                dec.extend_from_slice(piece);
+                while let Some(env) = dec.decode().unwrap() {
+                    got.push(env);
+                }
+            }
+            assert_eq!(got.len(), 2);
+            let Some(Body::Record(r)) = &got[1].body else { panic!("not a record") };
+            assert!(r.payload == payload, "payload of {payload_len} in chunks of {chunk}");
+            assert_eq!(r.payload.as_ptr() as usize % PAYLOAD_ALIGN, 0, "payload of {payload_len} in chunks of {chunk}");
+            assert_eq!(dec.buffered_len(), 0);
+        }
     }
 
     #[test]

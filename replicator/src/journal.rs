@@ -496,7 +496,7 @@ impl Journal {
             return Err(self.format(JournalFormatError::Truncated));
         }
         let buf = self.read(pos + JOURNAL_HEADER_LEN as u64, len).await?;
-        Ok(Bytes::copy_from_slice(&buf))
+        Ok(Bytes::from_owner(buf))
     }
 
     /// fdatasync.

@@ -20,6 +20,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use bytes::Bytes;
 use replicator_protocol::snapshot::{ChunkMap, Commit, SnapshotError};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -352,7 +353,7 @@ impl Snapshot {
             let (start, len) = self.map().chunk_range(c);
             let (res, buf) = self.data.read_at(AlignedBuf::for_overwrite(len as usize), start).await;
             res?;
-            volume.write_aligned(start, buf).await?;
+            volume.write(start, Bytes::from_owner(buf), false).await?;
             regions.push((start, len));
         }
         volume.sync().await?;

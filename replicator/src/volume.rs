@@ -11,6 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 
+use bytes::Bytes;
 use replicator_protocol::record::{Record, RecordOp};
 
 use crate::config::VolumeConfig;
@@ -255,18 +256,12 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes a whole-block buffer at an aligned offset.
-    pub async fn write_aligned(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, IoError> {
-        self.preserve(offset, buf.len() as u64).await?;
-        let (res, buf) = self.file.write_at(buf, offset).await;
-        res.map(|()| buf)
-    }
-
-    /// Like `write_aligned`, durable when it returns (RWF_DSYNC: FUA).
-    pub async fn write_aligned_durable(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, IoError> {
-        self.preserve(offset, buf.len() as u64).await?;
-        let (res, buf) = self.file.write_at_durable(buf, offset).await;
-        res.map(|()| buf)
+    /// Writes whole blocks at an aligned offset, durable when it returns if
+    /// `durable` (RWF_DSYNC: FUA). `data` is written without a copy when it
+    /// is aligned in memory (see [`BlockFile::write_bytes`]).
+    pub async fn write(&self, offset: u64, data: Bytes, durable: bool) -> Result<(), IoError> {
+        self.preserve(offset, data.len() as u64).await?;
+        self.file.write_bytes(data, offset, durable).await
     }
 
     /// Makes `[offset, offset + len)` read as zeroes.
@@ -284,9 +279,7 @@ impl Volume {
     /// Applies a replicated or journaled record (always block-aligned).
     pub async fn apply(&self, rec: &Record) -> Result<(), IoError> {
         match rec.op {
-            RecordOp::Write | RecordOp::Copy => {
-                self.write_aligned(rec.offset, AlignedBuf::copy_from(&rec.payload)).await.map(|_| ())
-            }
+            RecordOp::Write | RecordOp::Copy => self.write(rec.offset, rec.payload.clone(), false).await,
             RecordOp::WriteZeroes => self.write_zeroes(rec.offset, u64::from(rec.length)).await,
             RecordOp::Trim => self.discard(rec.offset, u64::from(rec.length)).await,
             // Nothing to write: the chunk is compared (`differing_spans`).
@@ -314,7 +307,7 @@ impl Volume {
 
 /// BLAKE3 digests of `data`, one per `span` bytes (the last span may be
 /// shorter): the payload of a hash-only copy chunk.
-pub fn span_digests(data: &[u8], span: u64) -> bytes::Bytes {
+pub fn span_digests(data: &[u8], span: u64) -> Bytes {
     let span = usize::try_from(span).unwrap_or(usize::MAX).max(1);
     data.chunks(span).flat_map(|c| *blake3::hash(c).as_bytes()).collect::<Vec<u8>>().into()
 }

@@ -448,7 +448,10 @@ impl Group {
             }
         }
 
-        // Build the block-aligned buffer that goes to disk and on the wire.
+        // Build the block-aligned buffer that goes to disk and on the wire,
+        // shared from here on: the journal, the shipper and the volume write
+        // all read this one buffer (a client's aligned write is the buffer
+        // its payload was read into from the socket).
         let buf = match kind {
             WriteKind::Data(data) if !rmw => Some(data),
             WriteKind::Data(data) => {
@@ -464,7 +467,8 @@ impl Group {
                 Some(blocks)
             }
             WriteKind::Zeroes(_) | WriteKind::Trim(_) => None,
-        };
+        }
+        .map(Bytes::from_owner);
 
         // Write-ahead: the record reaches the journal before the volume, and
         // the volume write waits until every earlier record is journaled too.
@@ -475,7 +479,7 @@ impl Group {
         let mut journal_file = None;
         if let Some((seq, pos, j)) = journal {
             let mut record = match &buf {
-                Some(b) => Record::with_payload(op, seq, vol, a_off, generation, Bytes::copy_from_slice(b), fua),
+                Some(b) => Record::with_payload(op, seq, vol, a_off, generation, b.clone(), fua),
                 None => Record::without_payload(op, seq, vol, a_off, a_len as u32, generation, fua),
             };
             record.written_at_us = unix_micros();
@@ -493,8 +497,7 @@ impl Group {
         // completes, no separate fdatasync of the volume.
         let volume_durable = fua && buf.is_some();
         let local_res = match buf {
-            Some(b) if fua => volume.write_aligned_durable(a_off, b).await.map(|_| ()),
-            Some(b) => volume.write_aligned(a_off, b).await.map(|_| ()),
+            Some(b) => volume.write(a_off, b, fua).await,
             None if op == RecordOp::Trim => volume.discard(a_off, a_len).await,
             None => volume.write_zeroes(a_off, a_len).await,
         };

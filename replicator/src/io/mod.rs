@@ -61,6 +61,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use uring::UringEngine;
 
 /// Environment variable that forces the threads backend when set to `threads`.
@@ -463,6 +464,29 @@ impl BlockFile {
             return (Err(e), buf);
         }
         self.rw(RwKind::WriteDurable, buf, offset).await
+    }
+
+    /// Writes all of the shared `data` at `offset`, and makes it durable
+    /// before returning when `durable` (as [`BlockFile::write_at_durable`]).
+    /// Data aligned in memory for direct I/O (an [`AlignedBuf`] shared with
+    /// `Bytes::from_owner`, or a payload received aligned) is written as it
+    /// is, never copied: a client write's payload goes to the volume, the
+    /// journal and the network from the one buffer it was read into. Other
+    /// data is copied into an aligned buffer first.
+    pub async fn write_bytes(&self, data: Bytes, offset: u64, durable: bool) -> Result<(), IoError> {
+        self.check_writable(offset).and_then(|()| self.check(offset, data.len()))?;
+        let kind = if durable { RwKind::WriteDurable } else { RwKind::Write };
+        if self.inner.direct && data.as_ptr() as usize % IO_ALIGN != 0 {
+            return self.rw(kind, AlignedBuf::copy_from(&data), offset).await.0;
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let file = Arc::clone(&self.inner.file);
+        match &self.inner.engine {
+            EngineKind::Uring(engine) => engine.write_shared(durable, file, data, offset).await,
+            EngineKind::Threads => threads::write_shared(durable, file, data, offset).await,
+        }
     }
 
     /// `fdatasync`: every write completed before this call is durable when it

@@ -11,6 +11,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::{file, AlignedBuf, IoError, RwKind};
 
 /// Reads or writes all of `buf` at `offset` on the blocking pool.
@@ -36,6 +38,19 @@ pub(crate) async fn rw(
         // buffer is gone with the task.
         Err(_) => (Err(IoError::EngineGone), AlignedBuf::zeroed(len)),
     }
+}
+
+/// Writes all of the shared `data` at `offset` on the blocking pool, then
+/// `fdatasync`s when `durable`.
+pub(crate) async fn write_shared(durable: bool, file: Arc<File>, data: Bytes, offset: u64) -> Result<(), IoError> {
+    blocking(move || {
+        pwrite_full(&file, &data, offset)?;
+        if durable {
+            file.sync_data().map_err(|e| IoError::io("fdatasync", offset, e))?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> Result<(), IoError> {

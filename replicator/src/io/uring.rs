@@ -25,8 +25,9 @@
 //!   runtime, or whose runtime shut down, reaps on a thread of its own
 //!   instead, blocked in poll(2) on the same eventfd.
 //! * **Ownership** (as in firecracker's io_uring wrapper): from submission
-//!   until its completion is reaped, an operation, its buffer and its
-//!   `Arc<File>` live in a slab owned by the engine, keyed by the SQE's
+//!   until its completion is reaped, an operation, its buffer (an owned
+//!   `AlignedBuf`, or a reference to shared `Bytes` a write only reads) and
+//!   its `Arc<File>` live in a slab owned by the engine, keyed by the SQE's
 //!   `user_data`. If the awaiting future is dropped, nothing changes for the
 //!   kernel: the completion is reaped as usual, the `oneshot` send fails and
 //!   the buffer is dropped then.
@@ -48,6 +49,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::io::unix::AsyncFd;
@@ -79,13 +81,11 @@ type UnitReply = oneshot::Sender<Result<(), IoError>>;
 /// One operation, from submission until its result is sent back.
 enum Op {
     Rw {
-        kind: RwKind,
         file: Arc<File>,
-        buf: AlignedBuf,
+        mem: RwMemory,
         offset: u64,
         /// Bytes already transferred (short transfers are continued).
         done: usize,
-        reply: RwReply,
     },
     Fsync {
         file: Arc<File>,
@@ -100,6 +100,45 @@ enum Op {
     },
 }
 
+/// The memory a read or write transfers, and where its result goes.
+enum RwMemory {
+    /// An owned buffer, handed back with the result (reads, and writes
+    /// whose caller reuses the buffer).
+    Owned { kind: RwKind, buf: AlignedBuf, reply: RwReply },
+    /// Shared bytes written as they are (the kernel only reads them).
+    Shared { durable: bool, data: Bytes, reply: UnitReply },
+}
+
+impl RwMemory {
+    fn kind(&self) -> RwKind {
+        match self {
+            RwMemory::Owned { kind, .. } => *kind,
+            RwMemory::Shared { durable: false, .. } => RwKind::Write,
+            RwMemory::Shared { durable: true, .. } => RwKind::WriteDurable,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            RwMemory::Owned { buf, .. } => buf.len(),
+            RwMemory::Shared { data, .. } => data.len(),
+        }
+    }
+
+    fn send(self, result: Result<(), IoError>) {
+        // The awaiting future may be gone: then the memory is simply dropped
+        // here, after the kernel is done with it.
+        match self {
+            RwMemory::Owned { buf, reply, .. } => {
+                let _ = reply.send((result, buf));
+            }
+            RwMemory::Shared { reply, .. } => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
 /// What to do with an operation after one of its completions.
 enum Step {
     Resubmit(Op),
@@ -110,16 +149,23 @@ impl Op {
     /// The SQE for the (remaining part of the) operation.
     fn sqe(&mut self, user_data: u64) -> squeue::Entry {
         let entry = match self {
-            Op::Rw { kind, file, buf, offset, done, .. } => {
+            Op::Rw { file, mem, offset, done } => {
                 let fd = types::Fd(file.as_raw_fd());
                 let at = *offset + *done as u64;
-                let rest = &mut buf[*done..];
-                let len = rest.len().min(MAX_CHUNK) as u32;
-                match kind {
-                    RwKind::Read => opcode::Read::new(fd, rest.as_mut_ptr(), len).offset(at).build(),
-                    RwKind::Write => opcode::Write::new(fd, rest.as_ptr(), len).offset(at).build(),
-                    RwKind::WriteDurable => {
-                        opcode::Write::new(fd, rest.as_ptr(), len).offset(at).rw_flags(libc::RWF_DSYNC).build()
+                let write = |rest: &[u8], flags| {
+                    let len = rest.len().min(MAX_CHUNK) as u32;
+                    opcode::Write::new(fd, rest.as_ptr(), len).offset(at).rw_flags(flags).build()
+                };
+                match mem {
+                    RwMemory::Owned { kind: RwKind::Read, buf, .. } => {
+                        let rest = &mut buf[*done..];
+                        let len = rest.len().min(MAX_CHUNK) as u32;
+                        opcode::Read::new(fd, rest.as_mut_ptr(), len).offset(at).build()
+                    }
+                    RwMemory::Owned { kind: RwKind::Write, buf, .. } => write(&buf[*done..], 0),
+                    RwMemory::Owned { kind: RwKind::WriteDurable, buf, .. } => write(&buf[*done..], libc::RWF_DSYNC),
+                    RwMemory::Shared { durable, data, .. } => {
+                        write(&data[*done..], if *durable { libc::RWF_DSYNC } else { 0 })
                     }
                 }
             }
@@ -140,13 +186,14 @@ impl Op {
             return Step::Resubmit(self);
         }
         match self {
-            Op::Rw { kind, file, buf, offset, mut done, reply } => {
+            Op::Rw { file, mem, offset, mut done } => {
+                let kind = mem.kind();
                 let at = offset + done as u64;
                 let result = if res < 0 {
                     Err(IoError::io(kind.name(), at, io::Error::from_raw_os_error(-res)))
                 } else if res == 0 {
                     match kind {
-                        RwKind::Read => Err(IoError::ShortRead { offset, wanted: buf.len(), got: done }),
+                        RwKind::Read => Err(IoError::ShortRead { offset, wanted: mem.len(), got: done }),
                         RwKind::Write | RwKind::WriteDurable => Err(IoError::io(
                             kind.name(),
                             at,
@@ -155,14 +202,12 @@ impl Op {
                     }
                 } else {
                     done += res as usize;
-                    if done < buf.len() {
-                        return Step::Resubmit(Op::Rw { kind, file, buf, offset, done, reply });
+                    if done < mem.len() {
+                        return Step::Resubmit(Op::Rw { file, mem, offset, done });
                     }
                     Ok(())
                 };
-                // The awaiting future may be gone: then the buffer is simply
-                // dropped here, after the kernel is done with it.
-                let _ = reply.send((result, buf));
+                mem.send(result);
             }
             Op::Fsync { reply, .. } => {
                 let result =
@@ -185,8 +230,8 @@ impl Op {
     /// dropped with it in flight: never free its buffer (the kernel could
     /// still write into it); the awaiting future sees `EngineGone`.
     fn leak_buffer(self) {
-        if let Op::Rw { buf, .. } = self {
-            std::mem::forget(buf);
+        if let Op::Rw { mem, .. } = self {
+            std::mem::forget(mem);
         }
     }
 }
@@ -313,8 +358,10 @@ impl Ring {
             };
             let entry = op.sqe(key as u64);
             // SAFETY: the SQE points into the heap allocation of the
-            // AlignedBuf held by slab entry `key` (a Vec reallocation of the
-            // slab moves the AlignedBuf struct, not its allocation), and uses
+            // AlignedBuf, or the storage of the Bytes, held by slab entry
+            // `key` (a Vec reallocation of the slab moves the AlignedBuf or
+            // Bytes struct, not the memory it points to; a Bytes' storage
+            // stays put while any reference to it lives), and uses
             // the descriptor of the Arc<File> held by the same entry. The
             // entry is removed from the slab only when the completion
             // carrying `key` is reaped, and the slab outlives the ring (see
@@ -472,12 +519,25 @@ impl UringEngine {
     ) -> (Result<(), IoError>, AlignedBuf) {
         let len = buf.len();
         let (reply, rx) = oneshot::channel();
-        self.submit(Op::Rw { kind, file, buf, offset, done: 0, reply });
+        self.submit(Op::Rw { file, mem: RwMemory::Owned { kind, buf, reply }, offset, done: 0 });
         match rx.await {
             Ok(done) => done,
             // The engine was dropped with the buffer (see `leak_buffer`).
             Err(_) => (Err(IoError::EngineGone), AlignedBuf::zeroed(len)),
         }
+    }
+
+    /// Writes all of `data` at `offset`, with `RWF_DSYNC` when `durable`.
+    /// The engine holds a reference to `data` until the kernel is done.
+    pub(crate) async fn write_shared(
+        &self,
+        durable: bool,
+        file: Arc<File>,
+        data: Bytes,
+        offset: u64,
+    ) -> Result<(), IoError> {
+        let (reply, rx) = oneshot::channel();
+        self.unit_op(Op::Rw { file, mem: RwMemory::Shared { durable, data, reply }, offset, done: 0 }, rx).await
     }
 
     /// `fdatasync` (`IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`).
