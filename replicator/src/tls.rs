@@ -281,9 +281,10 @@ pub fn max_peer_streams(groups: usize) -> u32 {
 /// stream and connection windows allow a few hundred MiB in flight on long
 /// fat links. What one peer connection can make us hold is bounded: the
 /// receive window of unread data, plus at most one partial frame per open
-/// stream (`max_streams` of them) in the frame decoders, which only hold
-/// bytes that actually arrived. Unidirectional streams are not used and
-/// not allowed.
+/// stream (`max_streams` of them) in the frame decoders, which hold at most
+/// four times the bytes that actually arrived (`wire::FrameDecoder`: a
+/// large frame gets its whole buffer once a quarter of it is in).
+/// Unidirectional streams are not used and not allowed.
 fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_millis(500)));
