@@ -73,6 +73,11 @@ pub struct GroupState {
     /// lost power or rebooted, so the page cache (and a disk's volatile
     /// cache) may have dropped anything not yet made durable.
     pub boot_id: String,
+    /// A sync of this group's volumes or journal failed while the daemon
+    /// ran (it then stopped the group): what that sync was to make durable
+    /// may be lost although the machine did not reboot, so the next start
+    /// treats the stop as a power cut.
+    pub sync_failed: bool,
 }
 
 /// This node's role in the group and what only that role keeps.
@@ -363,6 +368,7 @@ impl GroupState {
             pair_id: 0,
             clean_shutdown: true,
             boot_id: String::new(),
+            sync_failed: false,
         }
     }
 
@@ -418,6 +424,8 @@ struct StateFileV1 {
     written_standalone: bool,
     #[serde(default)]
     boot_id: String,
+    #[serde(default)]
+    sync_failed: bool,
     #[serde(default)]
     copy_incomplete: bool,
     #[serde(default)]
@@ -493,6 +501,7 @@ impl From<StateFileV1> for GroupState {
             pair_id: f.pair_id,
             clean_shutdown: f.clean_shutdown,
             boot_id: f.boot_id,
+            sync_failed: f.sync_failed,
         }
     }
 }
@@ -533,6 +542,7 @@ impl From<GroupState> for StateFileV1 {
             former_pair_id: simplex.former_pair_id,
             written_standalone: simplex.written_standalone,
             boot_id: s.boot_id,
+            sync_failed: s.sync_failed,
             copy_incomplete: secondary.copy_incomplete,
             superseded_by: primary.superseded_by,
             primary_reported_seq: secondary.primary_reported_seq,
@@ -734,7 +744,8 @@ mod tests {
     /// The fields of `state.json` that `role` owns (besides the common
     /// ones): kept as they are on a load; those of other roles are dropped.
     fn owned_by(role: Role, field: &str) -> bool {
-        const COMMON: &[&str] = &["role", "state", "generation", "epoch", "pair_id", "clean_shutdown", "boot_id"];
+        const COMMON: &[&str] =
+            &["role", "state", "generation", "epoch", "pair_id", "clean_shutdown", "boot_id", "sync_failed"];
         const SIMPLEX: &[&str] = &["former_pair_id", "written_standalone"];
         const PRIMARY: &[&str] = &[
             "journal_tail_seq",
@@ -816,7 +827,7 @@ mod tests {
             let written = fs::read_to_string(f.dir().join("state.json")).expect("read");
             // Fields added since those files were written (with a serde
             // default, which the older release ignores) come on top.
-            const ADDED_SINCE: &[&str] = &["bitmap_fence", "replay_fence"];
+            const ADDED_SINCE: &[&str] = &["bitmap_fence", "replay_fence", "sync_failed"];
             let kept: Vec<String> =
                 field_order(&written).into_iter().filter(|k| !ADDED_SINCE.contains(&k.as_str())).collect();
             assert_eq!(kept, field_order(text), "{name}: the same fields, in the same order");

@@ -1033,6 +1033,7 @@ impl Session {
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), TransportError> {
+        let synced_failed = matches!(&ev, Event::JournalSynced(_, Err(_)) | Event::VolumesSynced(_, Err(_)));
         let result = match ev {
             Event::Appended(seq, Ok(())) => {
                 self.machine.on_appended(seq);
@@ -1060,6 +1061,11 @@ impl Session {
             Event::ImagePreserved(r) => self.machine.on_image_preserved(r),
         };
         if let Err(e) = &result {
+            if synced_failed {
+                // Nothing synced later proves anything: no new session may
+                // start here.
+                self.group.stop_after_failed_sync(&e.to_string());
+            }
             lock(&self.group.inner).last_error = Some(e.to_string());
         }
         result.map_err(protocol)

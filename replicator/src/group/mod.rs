@@ -364,9 +364,13 @@ impl Group {
         // disk's volatile cache may have dropped anything not made durable.
         // The same boot means only the process died: every write it made is
         // still in the page cache.
-        let power_lost = unclean && (persisted.boot_id.is_empty() || persisted.boot_id != boot_id);
+        let rebooted = persisted.boot_id.is_empty() || persisted.boot_id != boot_id;
+        // A failed sync is as bad: the disk may have dropped what it was to
+        // make durable.
+        let power_lost = unclean && (rebooted || persisted.sync_failed);
         let mut persisted = persisted;
         persisted.boot_id = boot_id.clone();
+        persisted.sync_failed = false;
         if let Some(p) = persisted.role.as_primary_mut().filter(|_| bitmaps_lost) {
             // An unreadable bitmap is marked dirty whole: the resync copies it.
             p.copy_pending = true;
@@ -448,8 +452,12 @@ impl Group {
                     group = %cfg.name,
                     epoch = persisted.epoch + 1,
                     bytes = dirty,
-                    "power cut detected (the machine rebooted since the unclean stop): anything not yet durable may be lost \
-                     on either site; resynchronising {regions}"
+                    "{}: anything not yet durable may be lost on either site; resynchronising {regions}",
+                    if rebooted {
+                        "power cut detected (the machine rebooted since the unclean stop)"
+                    } else {
+                        "a sync failed before the stop, as a power cut would"
+                    }
                 );
                 // Bitmaps first: a crash before the state below is saved
                 // finds the stop still unclean and the regions still logged.
@@ -1021,9 +1029,8 @@ impl Group {
                 return;
             }
         }
-        if let Err(e) = self.sync_all().await {
-            self.record_error(&format!("periodic sync of the volumes failed: {e}"));
-        }
+        // A failure stops the group, which says why (`sync_failed`).
+        let _ = self.sync_all().await;
         lock(&self.inner).last_durability_sync = Instant::now();
     }
 

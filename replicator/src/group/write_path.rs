@@ -584,7 +584,7 @@ impl Group {
     pub(super) fn fail_stop(&self, why: String) {
         if self.stopped.set(why.clone()).is_ok() {
             self.record_error(&format!(
-                "{why}: this group stopped taking writes; fix the disk and restart the daemon (the journal is recovered and replayed)"
+                "{why}: this group stopped taking writes and replicating; fix the disk and restart the daemon (the journal is recovered and replayed)"
             ));
             let mut g = lock(&self.inner);
             self.transition(&mut g, PairEvent::Failure, &why);
@@ -623,9 +623,28 @@ impl Group {
                 }
             }
         );
-        a?;
-        b?;
-        Ok(())
+        a.map_err(WriteError::from).and(b.map_err(WriteError::from)).map_err(|e| self.sync_failed(e))
+    }
+
+    /// A sync of a volume or the journal failed: what it was to make
+    /// durable may be lost, and no later sync can prove otherwise (see
+    /// [`crate::io::BlockFile::sync_data`]), so the group stops.
+    fn sync_failed(&self, e: WriteError) -> WriteError {
+        self.stop_after_failed_sync(&e.to_string());
+        e
+    }
+
+    /// Fail-stop after a failed sync (either role), recorded so that the
+    /// next start treats the stop as a power cut.
+    pub(super) fn stop_after_failed_sync(&self, error: &str) {
+        {
+            let mut g = lock(&self.inner);
+            if !g.persisted.sync_failed {
+                g.persisted.sync_failed = true;
+                self.save_later(&mut g);
+            }
+        }
+        self.fail_stop(format!("a sync failed: {error}"));
     }
 
     /// Sync mode: waits until the secondary has written `seq` into its
@@ -674,6 +693,9 @@ impl Group {
     /// whose volume write had finished when it started is then durable
     /// here (the activity log retires regions on that).
     pub async fn sync_all(&self) -> Result<(), WriteError> {
+        if let Some(why) = self.stopped.get() {
+            return Err(self.stopped_error(why));
+        }
         let covered = lock(&self.inner).volume_written.completed_through();
         let journal = self.journal_handle();
         let journal_sync = async {
@@ -692,7 +714,7 @@ impl Group {
             let mut g = lock(&self.inner);
             g.local_durable = g.local_durable.max(covered);
         }
-        result
+        result.map_err(|e| self.sync_failed(e))
     }
 
     /// Reads for NBD (any role).

@@ -58,8 +58,8 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use uring::UringEngine;
@@ -202,6 +202,9 @@ impl IoEngine {
                 read_only: opts.read_only,
                 unsupported: AtomicU8::new(0),
                 engine: self.kind.clone(),
+                sync_calls: AtomicU64::new(0),
+                synced: Arc::new(tokio::sync::Mutex::new(0)),
+                sync_failed: OnceLock::new(),
             }),
         })
     }
@@ -277,6 +280,16 @@ struct FileInner {
     /// "not supported", so they are not tried again.
     unsupported: AtomicU8,
     engine: EngineKind,
+    /// Calls of [`BlockFile::sync_data`] so far: each call's ticket.
+    sync_calls: AtomicU64,
+    /// The highest ticket a completed `fdatasync` covers (one that started
+    /// after that call). Held while an `fdatasync` runs: syncs of a file
+    /// run one at a time, and callers queued behind one share the next.
+    synced: Arc<tokio::sync::Mutex<u64>>,
+    /// The first `fdatasync` that failed. Linux reports a write-back error
+    /// to one `fdatasync` of a file description only, and may have dropped
+    /// the data: no later sync of this file can prove anything durable.
+    sync_failed: OnceLock<String>,
 }
 
 const UNSUPPORTED_ZERO_RANGE: u8 = 1;
@@ -374,6 +387,19 @@ pub enum IoError {
         wanted: usize,
         /// Bytes actually read.
         got: usize,
+    },
+    /// An earlier `fdatasync` of this file failed: what was written before it
+    /// may be lost, and no later sync can prove otherwise.
+    #[error(
+        "an earlier fdatasync of {} failed ({first}): data written before it may not be on disk, and no \
+         later sync can prove otherwise",
+        path.display()
+    )]
+    SyncFailedBefore {
+        /// The file's path.
+        path: PathBuf,
+        /// The first failure.
+        first: String,
     },
     /// The I/O engine has stopped (its thread died, or the runtime is shutting
     /// down); no further I/O is possible through it.
@@ -491,12 +517,47 @@ impl BlockFile {
 
     /// `fdatasync`: every write completed before this call is durable when it
     /// returns (for a block device, the device's volatile cache is flushed).
+    ///
+    /// Syncs of one file run one at a time, and callers that queued behind
+    /// a running one share the next (group commit). Once one has failed,
+    /// every later call fails too ([`IoError::SyncFailedBefore`]): Linux
+    /// reports a write-back error to a single `fdatasync` and may drop the
+    /// data, so a later sync that succeeds proves nothing. Each sync runs
+    /// in a task of its own, so its result is recorded even if the caller
+    /// stops waiting.
     pub async fn sync_data(&self) -> Result<(), IoError> {
-        let file = Arc::clone(&self.inner.file);
-        match &self.inner.engine {
-            EngineKind::Uring(engine) => engine.fsync(file).await,
-            EngineKind::Threads => threads::sync_data(file).await,
-        }
+        let ticket = self.inner.sync_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let me = self.clone();
+        let sync = tokio::spawn(async move {
+            let mut synced = me.inner.synced.clone().lock_owned().await;
+            if let Some(first) = me.inner.sync_failed.get() {
+                return Err(me.failed_before(first));
+            }
+            if *synced >= ticket {
+                return Ok(());
+            }
+            // Every call with a ticket up to here came after its writes
+            // completed, so this sync covers them.
+            let covers = me.inner.sync_calls.load(Ordering::SeqCst);
+            let file = Arc::clone(&me.inner.file);
+            let result = match &me.inner.engine {
+                EngineKind::Uring(engine) => engine.fsync(file).await,
+                EngineKind::Threads => threads::sync_data(file).await,
+            };
+            match result {
+                Ok(()) => *synced = covers,
+                Err(ref e) => {
+                    tracing::error!(path = %me.inner.path.display(), "fdatasync failed: {e}");
+                    let _ = me.inner.sync_failed.set(e.to_string());
+                }
+            }
+            result
+        });
+        sync.await.unwrap_or(Err(IoError::EngineGone))
+    }
+
+    fn failed_before(&self, first: &str) -> IoError {
+        IoError::SyncFailedBefore { path: self.inner.path.clone(), first: first.to_string() }
     }
 
     /// Makes `len` bytes at `offset` read back as zeroes, keeping them

@@ -374,6 +374,11 @@ async fn sync_data_and_durable_writes() {
         write(&file, pattern(3, 4096), 4096).await;
         file.sync_data().await.expect("sync_data");
         file.sync_data().await.expect("sync_data again");
+        // Concurrent syncs queue behind one another and share one.
+        let syncs = (0..16).map(|_| file.sync_data());
+        for r in futures_util::future::join_all(syncs).await {
+            r.expect("concurrent sync_data");
+        }
         let (r, _) = file.write_at_durable(pattern(12, 8192), 8192).await;
         r.expect("durable write");
         assert!(read(&file, 8192, 8192).await[..] == pattern(12, 8192)[..]);

@@ -29,7 +29,10 @@
 //! - `cut keep SEED FRACTION` → write a pseudo-random FRACTION (0..1) of the
 //!   dirty pages to the backing files first, drop the rest:
 //!   `ok dropped N pages kept M pages`
-//! - `stats` → `ok dirty N pages files F fsyncs S dsync_writes D writes W`
+//! - `fail-fsync NAME` → `ok armed`: the next fsync of a file whose backing
+//!   path ends with NAME fails with EIO and drops that file's dirty pages (a
+//!   failed write-back; as on Linux, the fsync after it succeeds)
+//! - `stats` → `ok dirty N pages files F fsyncs S failed_fsyncs X dsync_writes D writes W`
 //! - `files` → `ok PATH=PAGES ...`: the backing files with dirty pages
 //!
 //! It runs in the foreground until unmounted or sent SIGTERM/SIGINT (then it
@@ -172,6 +175,7 @@ struct Handle {
 #[derive(Debug, Default)]
 struct Stats {
     fsyncs: u64,
+    failed_fsyncs: u64,
     dsync_writes: u64,
     writes: u64,
 }
@@ -184,6 +188,9 @@ struct Inner {
     handles: HashMap<u64, Handle>,
     next_fh: u64,
     stats: Stats,
+    /// `fail-fsync NAME`: the next fsync of a file whose backing path ends
+    /// with NAME fails.
+    fail_fsync: Option<String>,
 }
 
 impl Inner {
@@ -201,7 +208,15 @@ impl Inner {
         nodes.insert(INodeNo::ROOT.0, root_node);
         let mut by_ino = HashMap::new();
         by_ino.insert(st.st_ino, INodeNo::ROOT.0);
-        Ok(Self { nodes, by_ino, next_id: 2, handles: HashMap::new(), next_fh: 1, stats: Stats::default() })
+        Ok(Self {
+            nodes,
+            by_ino,
+            next_id: 2,
+            handles: HashMap::new(),
+            next_fh: 1,
+            stats: Stats::default(),
+            fail_fsync: None,
+        })
     }
 
     fn node(&mut self, id: u64) -> Res<&mut Node> {
@@ -456,14 +471,27 @@ impl PowerCutFs {
     fn do_fsync(&self, ino: u64) -> Res<()> {
         let mut inner = self.lock();
         inner.stats.fsyncs += 1;
+        let armed = inner.fail_fsync.clone();
         let node = inner.node(ino)?;
         let st = node.stat()?;
         if file_type(st.st_mode) != FileType::RegularFile {
             return Ok(());
         }
-        let (f, cache) = node.data()?;
-        cache.flush(f).map_err(io_err)?;
-        Ok(())
+        let fail = armed.is_some_and(|name| {
+            std::fs::read_link(proc_path(&node.opath)).is_ok_and(|p| p.to_string_lossy().ends_with(&name))
+        });
+        if fail {
+            // A failed write-back: the disk lost the dirty pages, and (as
+            // on Linux) the next fsync finds nothing to write.
+            node.cache.discard();
+        } else {
+            let (f, cache) = node.data()?;
+            cache.flush(f).map_err(io_err)?;
+            return Ok(());
+        }
+        inner.fail_fsync = None;
+        inner.stats.failed_fsyncs += 1;
+        Err(Errno::EIO)
     }
 
     fn do_fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Res<()> {
@@ -860,11 +888,15 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
                 Err(e) => format!("error {e}"),
             }
         }
+        ["fail-fsync", name] => {
+            inner.fail_fsync = Some((*name).to_string());
+            "ok armed".into()
+        }
         ["stats"] => {
             let (pages, files) = inner.dirty_pages();
             format!(
-                "ok dirty {pages} pages files {files} fsyncs {} dsync_writes {} writes {}",
-                inner.stats.fsyncs, inner.stats.dsync_writes, inner.stats.writes
+                "ok dirty {pages} pages files {files} fsyncs {} failed_fsyncs {} dsync_writes {} writes {}",
+                inner.stats.fsyncs, inner.stats.failed_fsyncs, inner.stats.dsync_writes, inner.stats.writes
             )
         }
         ["files"] => {
@@ -886,7 +918,7 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             }
             out
         }
-        _ => "error unknown command (cut | cut keep SEED FRACTION | stats | files)".into(),
+        _ => "error unknown command (cut | cut keep SEED FRACTION | fail-fsync NAME | stats | files)".into(),
     }
 }
 

@@ -1,0 +1,157 @@
+//! A failed `fdatasync` (write-back error), on the file system that really
+//! loses what it failed to write (`powercut-fs fail-fsync`: the file's dirty
+//! pages are dropped and the fsync fails with EIO once; as on Linux, the
+//! next fsync finds nothing to write and succeeds).
+//!
+//! Before, a failure of the primary's periodic volume sync (the one the
+//! activity log asks for every few seconds) was only logged, and a client's
+//! FLUSH after it succeeded: the client was told writes were durable that
+//! the disk had dropped. Now every later sync of that file fails
+//! (`BlockFile::sync_data`) and the group stops (SUSPENDED(error)) until the
+//! daemon restarts; on either site.
+//!
+//! Needs root and /dev/fuse (fuse3's fusermount3 is installed by run-all.sh).
+
+use std::time::{Duration, Instant};
+
+use replicator::nbd_client::NbdClient;
+use replicator_tests::pattern::random_bytes;
+use replicator_tests::{reply_number, require, require_root, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 * 1024;
+
+fn cluster(name: &str) -> Option<Cluster> {
+    if !require_root(name) {
+        return None;
+    }
+    require("fusermount3");
+    assert!(std::path::Path::new("/dev/fuse").exists(), "/dev/fuse is missing: powercut-fs needs FUSE");
+    let group =
+        GroupSpec::new(name, Mode::Async).volume(&format!("{name}-vol"), 16 * MIB).link_timeout(Duration::from_secs(1));
+    let cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    cluster.pair_create(name);
+    cluster.wait_pair(name, Duration::from_secs(60));
+    Some(cluster)
+}
+
+/// Waits until `site`'s powercut-fs has failed an fsync.
+fn wait_failed_fsync(cluster: &Cluster, site: Site, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = cluster.fs_command(site, "stats");
+        if reply_number(&stats, "failed_fsyncs") >= 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{site}: no fsync failed within {within:?}: {stats}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Blocks 0..8 written and flushed (W1), then blocks 8..16 (W2) without a
+/// FLUSH; the primary's periodic sync of its volume fails and drops W2's
+/// pages. The client's FLUSH must fail, and so must every write after it;
+/// after a restart the sites converge, W1 intact and each W2 block either
+/// written or untouched (never torn).
+#[test]
+fn a_failed_periodic_sync_on_the_primary_fails_the_next_flush_and_stops_the_group() {
+    let Some(mut cluster) = cluster("sf") else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let w1 = |i: u64| random_bytes(100 + i, BLOCK as usize);
+    let w2 = |i: u64| random_bytes(200 + i, BLOCK as usize);
+    let client = rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sf-vol").await.expect("connect");
+        for i in 0..8 {
+            client.write(i * BLOCK, &w1(i), false).await.expect("write W1");
+        }
+        client.flush().await.expect("flush W1");
+        for i in 8..16 {
+            client.write(i * BLOCK, &w2(i), false).await.expect("write W2");
+        }
+        client
+    });
+    cluster.fs_command(Site::A, "fail-fsync sf-vol.img");
+    // The activity log asks for the periodic sync once its regions are idle
+    // (10 s), then every 5 s.
+    wait_failed_fsync(&cluster, Site::A, Duration::from_secs(60));
+
+    let s = cluster.wait_state(Site::A, "sf", "SUSPENDED", Duration::from_secs(10));
+    let error = s.last_error.clone().unwrap_or_default();
+    assert!(error.contains("fdatasync") && error.contains("stopped taking writes"), "{s:?}");
+    rt.block_on(async {
+        let flushed = client.flush().await;
+        assert!(flushed.is_err(), "a FLUSH after a failed sync must fail, not report dropped writes durable");
+        let written = client.write(20 * BLOCK, &w1(20), false).await;
+        assert!(written.is_err(), "the stopped group takes no write");
+    });
+    drop(client);
+
+    // SIGTERM: the final flush fails too, so the stop is not clean and the
+    // restart recovers the journal.
+    let _ = cluster.stop_status(Site::A);
+    cluster.start(Site::A);
+    let s = cluster.wait_until(Site::A, "sf", "PAIR again", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.connected && s.dirty_bytes == 0
+    });
+    assert!(s.last_error.is_none() || !s.last_error.as_deref().unwrap_or("").contains("stopped"), "{s:?}");
+    cluster.wait_drained("sf");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sf-vol").await.expect("connect");
+        for i in 0..8 {
+            assert!(client.read(i * BLOCK, BLOCK as u32).await.expect("read") == w1(i), "flushed block {i} lost");
+        }
+        for i in 8..16 {
+            let got = client.read(i * BLOCK, BLOCK as u32).await.expect("read");
+            assert!(got == w2(i) || got.iter().all(|b| *b == 0), "block {i} is neither written nor untouched");
+        }
+    });
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sf");
+}
+
+/// The secondary's restore journal sync fails: the secondary stops (it
+/// acknowledges nothing more as durable and takes no new session), the
+/// primary keeps taking writes into its journal, and after the secondary's
+/// restart the pair catches up and the sites are identical.
+#[test]
+fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
+    let Some(mut cluster) = cluster("sg") else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    cluster.fs_command(Site::B, "fail-fsync groups/sg/journal");
+    let data = |i: u64| random_bytes(300 + i, BLOCK as usize);
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sg-vol").await.expect("connect");
+        for i in 0..16 {
+            client.write(i * BLOCK, &data(i), false).await.expect("write");
+        }
+        client.flush().await.expect("flush (async: durable locally and in the journal)");
+    });
+    wait_failed_fsync(&cluster, Site::B, Duration::from_secs(30));
+    let b = cluster.wait_state(Site::B, "sg", "SUSPENDED", Duration::from_secs(10));
+    let error = b.last_error.clone().unwrap_or_default();
+    assert!(error.contains("sync failed"), "{b:?}");
+    // No session while stopped: the primary stays disconnected.
+    std::thread::sleep(Duration::from_secs(3));
+    let a = cluster.status(Site::A, "sg");
+    assert!(!a.connected, "the stopped secondary must take no new session: {a:?}");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sg-vol").await.expect("connect");
+        client.write(20 * BLOCK, &data(20), false).await.expect("the primary keeps taking writes");
+    });
+
+    let _ = cluster.stop_status(Site::B);
+    cluster.start(Site::B);
+    cluster.wait_until(Site::A, "sg", "PAIR again", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.connected && s.dirty_bytes == 0
+    });
+    cluster.wait_drained("sg");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sg");
+    let image = std::fs::read(cluster.volume_path(Site::B, "sg-vol")).expect("read the replica");
+    for i in (0..16).chain([20]) {
+        let at = (i * BLOCK) as usize;
+        assert!(image[at..at + BLOCK as usize] == data(i)[..], "block {i} missing on the secondary");
+    }
+}
