@@ -147,13 +147,15 @@ fn a_dirty_bitmap_with_neither_copy_intact_resyncs_the_whole_volume() {
     cluster.start(Site::A);
     let log = std::fs::read_to_string(cluster.log_path(Site::A)).expect("log");
     assert!(log.contains("dirty bitmap unreadable"), "{log}");
-    // The pair stays PAIR while the volume is compared and copied (the
-    // secondary keeps a consistent image meanwhile), and a chunk leaves the
-    // dirty count when it is sent: wait for the whole volume acknowledged.
-    let s = cluster.wait_until(Site::A, "bm", "the whole volume copied", Duration::from_secs(60), |s| {
-        s.connected && s.copy_total_bytes == 8 * MIB && s.copy_done_bytes >= 8 * MIB
+    // The status never says PAIR while the volume is compared and copied
+    // (the secondary keeps a consistent image meanwhile): COPY until done.
+    let s = cluster.wait_until(Site::A, "bm", "PAIR after the copy", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.connected && s.dirty_bytes == 0
     });
-    assert_eq!((s.state.as_str(), s.dirty_bytes), ("PAIR", 0), "{s:?}");
+    assert_eq!((s.copy_total_bytes, s.copy_done_bytes), (8 * MIB, 8 * MIB), "the whole volume is copied: {s:?}");
+    let log = std::fs::read_to_string(cluster.log_path(Site::A)).expect("log");
+    let restarted = log.rsplit("starting site-a").next().unwrap_or_default();
+    assert!(restarted.contains("from=COPY to=PAIR"), "the restart starts in COPY:\n{restarted}");
     cluster.stop(Site::A);
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("bm");

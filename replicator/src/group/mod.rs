@@ -493,6 +493,11 @@ impl Group {
             } else {
                 ring = Some(r);
             }
+            if primary.copy_pending && state == PairState::Pair {
+                // Regions to copy (a lost bitmap, records not replayed):
+                // not PAIR until they are copied, as after a power cut.
+                state = PairState::Copy;
+            }
             journal = Some(Arc::new(j));
         } else if let RoleState::Secondary(secondary) = &mut persisted.role {
             journal = Some(Arc::new(
