@@ -141,7 +141,11 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
         "a replicating secondary cannot be attached"
     );
 
-    // Split --rw on the secondary: its volume becomes writable.
+    // Split --rw on the secondary: its volume becomes writable. First the
+    // secondary's checkpoint (persisted at least every 500 ms) passes the
+    // resync's writes: the primary copies its changes since that
+    // checkpoint, which the bound below counts from the split.
+    std::thread::sleep(Duration::from_secs(1));
     cli_ok(&cluster, Site::B, &["pair", "split", "sp", "--rw"]);
     cluster
         .wait_until(Site::A, "sp", "split (told by the secondary)", MINUTE, |s| s.reason.as_deref() == Some("split"));
