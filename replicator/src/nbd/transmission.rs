@@ -12,12 +12,13 @@
 //! its replies held.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::proto::{self, RequestHeader, REQUEST_HEADER_LEN};
 use super::request::{self, Command, Decision, ExportParams};
@@ -231,20 +232,24 @@ impl Job {
 /// One request's task: runs the job on the export and queues the reply.
 /// `_running` counts it among the server's running requests until the
 /// export future has finished (also when it panics).
+///
+/// The export's futures are boxed where they start: they are large (the
+/// whole write path), and a task's future is moved by value several times
+/// on its way into the runtime, so this one stays small.
 async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard, _running: RunningGuard) {
     let (name, offset) = (job.name(), job.offset());
     let result = match job {
-        Job::Read { offset, len } => match export.read(offset, len).await {
+        Job::Read { offset, len } => match Box::pin(export.read(offset, len)).await {
             Ok(data) if data.len() == len as usize => Ok(Some(data)),
             Ok(data) => {
                 Err(ExportError::new(NbdErrno::Io, format!("export returned {} bytes for a read of {len}", data.len())))
             }
             Err(err) => Err(err),
         },
-        Job::Write { offset, data, fua } => export.write(offset, data, fua).await.map(|()| None),
-        Job::WriteZeroes { offset, len, fua } => export.write_zeroes(offset, len, fua).await.map(|()| None),
-        Job::Trim { offset, len, fua } => export.trim(offset, len, fua).await.map(|()| None),
-        Job::Flush => export.flush().await.map(|()| None),
+        Job::Write { offset, data, fua } => Box::pin(export.write(offset, data, fua)).await.map(|()| None),
+        Job::WriteZeroes { offset, len, fua } => Box::pin(export.write_zeroes(offset, len, fua)).await.map(|()| None),
+        Job::Trim { offset, len, fua } => Box::pin(export.trim(offset, len, fua)).await.map(|()| None),
+        Job::Flush => Box::pin(export.flush()).await.map(|()| None),
     };
     match result {
         Ok(data) => guard.reply(0, data),
@@ -269,39 +274,58 @@ async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard, _running: R
 /// once started, is never cancelled: only this count tells whether the
 /// export is still being written to when the server stops.
 #[derive(Debug, Clone)]
-pub(super) struct RunningRequests(Arc<watch::Sender<usize>>);
+pub(super) struct RunningRequests(Arc<Running>);
+
+/// A count and a wake-up for [`RunningRequests::idle`] (not a watch
+/// channel: its every change would wake the waiters' list, twice per
+/// request, where only a count reaching zero at shutdown matters).
+#[derive(Debug, Default)]
+pub(super) struct Running {
+    count: AtomicUsize,
+    idle: Notify,
+}
 
 impl RunningRequests {
     pub(super) fn new() -> Self {
-        Self(Arc::new(watch::Sender::new(0)))
+        Self(Arc::default())
     }
 
     /// Counts one more request until the guard is dropped.
     fn enter(&self) -> RunningGuard {
-        self.0.send_modify(|n| *n += 1);
+        self.0.count.fetch_add(1, Ordering::SeqCst);
         RunningGuard(Arc::clone(&self.0))
     }
 
     /// Requests running now.
     pub(super) fn count(&self) -> usize {
-        *self.0.borrow()
+        self.0.count.load(Ordering::SeqCst)
     }
 
     /// Resolves once no request is running.
     pub(super) async fn idle(&self) {
-        let mut rx = self.0.subscribe();
-        // The sender lives in `self`, so the channel cannot close here.
-        let _ = rx.wait_for(|&n| n == 0).await;
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a last request ending in between
+            // still wakes this waiter.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
 /// One running request (see [`RunningRequests`]).
 #[derive(Debug)]
-pub(super) struct RunningGuard(Arc<watch::Sender<usize>>);
+pub(super) struct RunningGuard(Arc<Running>);
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
