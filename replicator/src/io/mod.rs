@@ -203,7 +203,7 @@ impl IoEngine {
                 unsupported: AtomicU8::new(0),
                 engine: self.kind.clone(),
                 sync_calls: AtomicU64::new(0),
-                synced: Arc::new(tokio::sync::Mutex::new(0)),
+                synced: tokio::sync::Mutex::new(0),
                 sync_failed: OnceLock::new(),
             }),
         })
@@ -285,7 +285,7 @@ struct FileInner {
     /// The highest ticket a completed `fdatasync` covers (one that started
     /// after that call). Held while an `fdatasync` runs: syncs of a file
     /// run one at a time, and callers queued behind one share the next.
-    synced: Arc<tokio::sync::Mutex<u64>>,
+    synced: tokio::sync::Mutex<u64>,
     /// The first `fdatasync` that failed. Linux reports a write-back error
     /// to one `fdatasync` of a file description only, and may have dropped
     /// the data: no later sync of this file can prove anything durable.
@@ -529,7 +529,7 @@ impl BlockFile {
         let ticket = self.inner.sync_calls.fetch_add(1, Ordering::SeqCst) + 1;
         let me = self.clone();
         let sync = tokio::spawn(async move {
-            let mut synced = me.inner.synced.clone().lock_owned().await;
+            let mut synced = me.inner.synced.lock().await;
             if let Some(first) = me.inner.sync_failed.get() {
                 return Err(me.failed_before(first));
             }

@@ -280,7 +280,7 @@ pub(super) struct RunningRequests(Arc<Running>);
 /// channel: its every change would wake the waiters' list, twice per
 /// request, where only a count reaching zero at shutdown matters).
 #[derive(Debug, Default)]
-pub(super) struct Running {
+struct Running {
     count: AtomicUsize,
     idle: Notify,
 }
