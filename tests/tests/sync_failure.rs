@@ -77,7 +77,10 @@ fn a_failed_periodic_sync_on_the_primary_fails_the_next_flush_and_stops_the_grou
 
     let s = cluster.wait_state(Site::A, "sf", "SUSPENDED", Duration::from_secs(10));
     let error = s.last_error.clone().unwrap_or_default();
-    assert!(error.contains("fdatasync") && error.contains("stopped taking writes"), "{s:?}");
+    assert!(
+        error.contains("fdatasync of") && error.contains("sf-vol.img") && error.contains("stopped taking writes"),
+        "the error names the sync and the file: {s:?}"
+    );
     rt.block_on(async {
         let flushed = client.flush().await;
         assert!(flushed.is_err(), "a FLUSH after a failed sync must fail, not report dropped writes durable");
@@ -130,7 +133,7 @@ fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
     wait_failed_fsync(&cluster, Site::B, Duration::from_secs(30));
     let b = cluster.wait_state(Site::B, "sg", "SUSPENDED", Duration::from_secs(10));
     let error = b.last_error.clone().unwrap_or_default();
-    assert!(error.contains("sync failed"), "{b:?}");
+    assert!(error.contains("sync failed") && error.contains("groups/sg/journal"), "{b:?}");
     // No session while stopped: the primary stays disconnected.
     std::thread::sleep(Duration::from_secs(3));
     let a = cluster.status(Site::A, "sg");

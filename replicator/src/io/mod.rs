@@ -388,11 +388,19 @@ pub enum IoError {
         /// Bytes actually read.
         got: usize,
     },
+    /// `fdatasync` failed: what was written before it may be lost.
+    #[error("fdatasync of {} failed: {source}", path.display())]
+    SyncFailed {
+        /// The file's path.
+        path: PathBuf,
+        /// The error the kernel returned.
+        source: io::Error,
+    },
     /// An earlier `fdatasync` of this file failed: what was written before it
     /// may be lost, and no later sync can prove otherwise.
     #[error(
-        "an earlier fdatasync of {} failed ({first}): data written before it may not be on disk, and no \
-         later sync can prove otherwise",
+        "an earlier sync of {} failed ({first}): data written before it may not be on disk, and no later \
+         sync can prove otherwise",
         path.display()
     )]
     SyncFailedBefore {
@@ -545,13 +553,21 @@ impl BlockFile {
                 EngineKind::Threads => threads::sync_data(file).await,
             };
             match result {
-                Ok(()) => *synced = covers,
-                Err(ref e) => {
-                    tracing::error!(path = %me.inner.path.display(), "fdatasync failed: {e}");
+                Ok(()) => {
+                    *synced = covers;
+                    Ok(())
+                }
+                Err(IoError::Io { source, .. }) => {
+                    let e = IoError::SyncFailed { path: me.inner.path.clone(), source };
+                    tracing::error!("{e}");
                     let _ = me.inner.sync_failed.set(e.to_string());
+                    Err(e)
+                }
+                Err(e) => {
+                    let _ = me.inner.sync_failed.set(e.to_string());
+                    Err(e)
                 }
             }
-            result
         });
         sync.await.unwrap_or(Err(IoError::EngineGone))
     }
