@@ -539,7 +539,7 @@ impl BlockFile {
         let sync = tokio::spawn(async move {
             let mut synced = me.inner.synced.lock().await;
             if let Some(first) = me.inner.sync_failed.get() {
-                return Err(me.failed_before(first));
+                return Err(IoError::SyncFailedBefore { path: me.inner.path.clone(), first: first.clone() });
             }
             if *synced >= ticket {
                 return Ok(());
@@ -551,29 +551,21 @@ impl BlockFile {
             let result = match &me.inner.engine {
                 EngineKind::Uring(engine) => engine.fsync(file).await,
                 EngineKind::Threads => threads::sync_data(file).await,
-            };
-            match result {
-                Ok(()) => {
-                    *synced = covers;
-                    Ok(())
-                }
-                Err(IoError::Io { source, .. }) => {
-                    let e = IoError::SyncFailed { path: me.inner.path.clone(), source };
+            }
+            .map_err(|e| match e {
+                IoError::Io { source, .. } => IoError::SyncFailed { path: me.inner.path.clone(), source },
+                other => other,
+            });
+            match &result {
+                Ok(()) => *synced = covers,
+                Err(e) => {
                     tracing::error!("{e}");
                     let _ = me.inner.sync_failed.set(e.to_string());
-                    Err(e)
-                }
-                Err(e) => {
-                    let _ = me.inner.sync_failed.set(e.to_string());
-                    Err(e)
                 }
             }
+            result
         });
         sync.await.unwrap_or(Err(IoError::EngineGone))
-    }
-
-    fn failed_before(&self, first: &str) -> IoError {
-        IoError::SyncFailedBefore { path: self.inner.path.clone(), first: first.to_string() }
     }
 
     /// Makes `len` bytes at `offset` read back as zeroes, keeping them
