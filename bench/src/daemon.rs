@@ -366,7 +366,17 @@ impl SitePair {
 
     /// `pair create` on the primary and waits for PAIR with no lag.
     pub fn pair(&self, env: &Env, group: &str, nocopy: bool, timeout: Duration) -> Result<(), String> {
-        env.call(&self.a.control(), Request::PairCreate { group: group.into(), nocopy })?;
+        self.request_pair(env, group, nocopy)?;
+        self.wait_pair(env, group, timeout)
+    }
+
+    /// `pair create` on the primary.
+    pub fn request_pair(&self, env: &Env, group: &str, nocopy: bool) -> Result<(), String> {
+        env.call(&self.a.control(), Request::PairCreate { group: group.into(), nocopy }).map(|_| ())
+    }
+
+    /// Waits for PAIR with no lag.
+    pub fn wait_pair(&self, env: &Env, group: &str, timeout: Duration) -> Result<(), String> {
         self.a.wait_for(env, group, timeout, "in PAIR", in_sync).map(|_| ())
     }
 
