@@ -449,6 +449,16 @@ impl Journal {
         self.will_need(next, READAHEAD);
     }
 
+    /// Starts writing the record at `pos..pos + span` back to the disk,
+    /// without waiting: for an append a flush is likely to follow (see
+    /// `write_path.rs`), whose `fdatasync` then has only the device's
+    /// cache to flush instead of writing the pages first. Only a head
+    /// start: nothing is durable before [`Journal::sync`], and an error
+    /// changes nothing but the speed.
+    pub fn start_writeback(&self, pos: u64, span: u64) {
+        let _ = crate::io::start_writeback(&self.appender, pos, span);
+    }
+
     /// Starts reading `len` bytes at `pos` (within the file) into the page
     /// cache, without waiting.
     fn will_need(&self, pos: u64, len: u64) {

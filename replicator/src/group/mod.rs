@@ -30,6 +30,7 @@ mod takeover;
 mod task;
 mod verify;
 mod write_path;
+mod writeback_hint;
 
 use std::collections::{hash_map, BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -322,6 +323,9 @@ pub struct Group {
     /// One volume sync at a time for writes waiting for room in the
     /// activity log (`activity.rs`).
     activity_sync: tokio::sync::Mutex<()>,
+    /// Whether journal appends start their writeback at once (clients that
+    /// flush after few writes; `writeback_hint.rs`).
+    writeback_hint: writeback_hint::WritebackHint,
 }
 
 impl Inner {
@@ -649,6 +653,7 @@ impl Group {
             guard_op: tokio::sync::Mutex::new(()),
             guard_removal: Mutex::new(None),
             activity_sync: tokio::sync::Mutex::new(()),
+            writeback_hint: writeback_hint::WritebackHint::default(),
         });
         {
             let mut g = lock(&group.inner);

@@ -8,8 +8,9 @@
 //! 3. Wait for those writes, so overlapping writes reach the volume in
 //!    sequence order (and a read-modify-write reads settled blocks).
 //! 4. Build the record (read-modify-write for partial blocks), append it
-//!    to the journal and make it shippable; then write the volume, once
-//!    every earlier record is journaled too (write-ahead).
+//!    to the journal (starting its writeback at once when a flush is likely
+//!    to follow, `writeback_hint.rs`) and make it shippable; then write the
+//!    volume, once every earlier record is journaled too (write-ahead).
 //! 5. FUA: fdatasync volume and journal.
 //! 6. Sync mode: wait until the secondary has the record in its restore
 //!    journal (FUA: durable there), within `link_timeout` (then suspend or
@@ -485,6 +486,11 @@ impl Group {
             record.written_at_us = unix_micros();
             // A failed append returns with the hole guard armed.
             j.append(pos, &record).await?;
+            if self.writeback_hint.on_write(self.clock_ms(), fua) {
+                // A flush is likely to follow: let the disk have the
+                // record's pages while the volume write runs.
+                j.start_writeback(pos, record_span(payload_len));
+            }
             journal_file = Some(j);
             self.journaled(seq, record);
             if let Some(mut h) = hole.take() {
@@ -513,6 +519,7 @@ impl Group {
         local_res?;
 
         if fua {
+            self.writeback_hint.on_flush(self.clock_ms());
             self.sync_local(vol, !volume_durable, journal_file).await?;
         }
         if let Some(seq) = shipped_seq {
@@ -669,6 +676,7 @@ impl Group {
     /// FLUSH: every earlier acknowledged write durable locally (volumes and
     /// journal) and, in sync mode while replicating, on the secondary.
     pub async fn flush(&self) -> Result<(), WriteError> {
+        self.writeback_hint.on_flush(self.clock_ms());
         let target = {
             let mut g = lock(&self.inner);
             if g.role() == Role::Primary && self.cfg.mode == Mode::Sync {

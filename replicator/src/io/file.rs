@@ -245,6 +245,24 @@ pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
     Ok(size)
 }
 
+/// Starts writing back the dirty page-cache pages of `offset..offset + len`
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`) without waiting for them:
+/// a later `fdatasync` then finds them written or on their way. Makes
+/// nothing durable by itself.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (i64::try_from(offset), i64::try_from(len));
+    let (Ok(offset), Ok(len)) = (offset, len) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: sync_file_range takes no pointers; the descriptor belongs to
+    // `file`, open for the duration of the call.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A range ioctl on a block device (`BLKZEROOUT`, `BLKDISCARD`): blocking.
 pub(crate) fn blk_range_ioctl(file: &File, request: u64, offset: u64, len: u64) -> io::Result<()> {
     let range: [u64; 2] = [offset, len];

@@ -53,6 +53,7 @@ mod uring;
 mod tests;
 
 pub use buf::{AlignedBuf, IO_ALIGN};
+pub(crate) use file::start_writeback;
 
 use std::fmt;
 use std::fs::File;
