@@ -22,8 +22,10 @@ const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
 const BLOCKS: u64 = VOLUME / BLOCK as u64;
 const VOLUMES: [&str; 2] = ["v0", "v1"];
-/// The load is bounded in count and in time.
-const LOAD_MAX_OPS: u64 = 50_000;
+/// The load is bounded in count and in time. The count leaves room for a
+/// fast disk: the tests wait for thousands of writes more after setup
+/// steps the load runs through at full speed.
+const LOAD_MAX_OPS: u64 = 200_000;
 const LOAD_MAX_TIME: Duration = Duration::from_secs(60);
 
 /// Writes issued, in order: (k, volume index, block).
@@ -101,6 +103,12 @@ impl Load {
     fn wait_for(&self, ops: u64) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.acked() < ops {
+            let ended = self.thread.as_ref().is_none_or(std::thread::JoinHandle::is_finished);
+            assert!(
+                !ended,
+                "the load ended at {} writes before reaching {ops} (its bounds: {LOAD_MAX_OPS} writes, {LOAD_MAX_TIME:?}; or a write failed)",
+                self.acked()
+            );
             assert!(Instant::now() < deadline, "the load stalled at {} writes", self.acked());
             std::thread::sleep(Duration::from_millis(20));
         }
