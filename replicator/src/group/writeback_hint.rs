@@ -12,8 +12,10 @@
 //! writeback would send the partial page shared by two records twice.
 //!
 //! So an append starts its writeback when it is FUA, or when the last flush
-//! came after at most [`FEW_WRITES`] writes and no longer ago than
-//! [`RECENT_MS`]. Either way nothing is durable before the `fdatasync`.
+//! came after at most [`FEW_WRITES`] writes, no longer ago than
+//! [`RECENT_MS`], and at most [`FEW_WRITES`] writes have come since (a burst
+//! after the flush is left to the kernel). Either way nothing is durable
+//! before the `fdatasync`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,8 +31,8 @@ pub struct WritebackHint {
     writes: AtomicU64,
     /// Writes between the two last flushes (`u64::MAX` before any).
     last_batch: AtomicU64,
-    /// When the last flush came, in the group's clock (ms); `None` before
-    /// any is encoded as `u64::MAX`.
+    /// When the last flush came, in the group's clock (ms); `u64::MAX`
+    /// before any.
     flushed_at: AtomicU64,
 }
 
@@ -48,13 +50,14 @@ impl WritebackHint {
     /// A journaled write at `now_ms`: should its append start its writeback
     /// now?
     pub fn on_write(&self, now_ms: u64, fua: bool) -> bool {
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        let since_flush = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
         if fua {
             return true;
         }
         let flushed_at = self.flushed_at.load(Ordering::Relaxed);
         flushed_at != u64::MAX
             && now_ms.saturating_sub(flushed_at) <= RECENT_MS
+            && since_flush <= FEW_WRITES
             && self.last_batch.load(Ordering::Relaxed) <= FEW_WRITES
     }
 
@@ -86,8 +89,12 @@ mod tests {
             h.on_flush(t);
         }
         assert!(h.on_write(10, false));
-        // Still on for a few writes more, while the last flush is recent.
-        assert!(h.on_write(11, false));
+        // Still on for a few writes more, while the last flush is recent...
+        for _ in 1..FEW_WRITES {
+            assert!(h.on_write(11, false));
+        }
+        // ...but a burst longer than the pattern's is left to the kernel.
+        assert!(!h.on_write(11, false));
     }
 
     #[test]
