@@ -93,11 +93,12 @@ pub fn release_due(used: u64, capacity: u64, waiting: bool, since_last: Duration
 }
 
 /// The record journal space may be freed through, if any: the secondary's
-/// persisted checkpoint, capped by the contiguous prefix of records whose
-/// volume write finished here, when that reaches the oldest retained record
-/// (`None` when the journal is empty or nothing can be freed).
-pub fn release_through(checkpoint: u64, volume_written: u64, oldest: Option<u64>) -> Option<u64> {
-    let through = checkpoint.min(volume_written);
+/// persisted checkpoint, capped by the records durable on the volumes here
+/// (a contiguous prefix; the journal is the only durable copy of the others
+/// a FLUSH covered), when that reaches the oldest retained record (`None`
+/// when the journal is empty or nothing can be freed).
+pub fn release_through(checkpoint: u64, volume_durable: u64, oldest: Option<u64>) -> Option<u64> {
+    let through = checkpoint.min(volume_durable);
     oldest.filter(|&o| through >= o).map(|_| through)
 }
 
@@ -147,7 +148,7 @@ mod tests {
     #[test]
     fn space_is_freed_through_the_checkpoint_and_the_volume_writes() {
         assert_eq!(release_through(10, 20, Some(5)), Some(10));
-        assert_eq!(release_through(20, 10, Some(5)), Some(10), "a record not yet on the volume is kept");
+        assert_eq!(release_through(20, 10, Some(5)), Some(10), "a record not yet durable on the volume is kept");
         assert_eq!(release_through(4, 20, Some(5)), None, "nothing older than the checkpoint");
         assert_eq!(release_through(10, 20, None), None, "an empty journal");
         assert_eq!(release_through(5, 5, Some(5)), Some(5));

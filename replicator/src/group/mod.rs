@@ -154,8 +154,28 @@ struct Inner {
     /// (primary); saved with the bitmaps, before the first write to a
     /// region reaches the volume.
     activity: ActivityLog,
-    /// Every write up to here is durable on this node's volumes.
+    /// Every write up to here is durable on this node's volumes. Journal
+    /// space is freed only below it: a FLUSH may have made a record
+    /// durable in the journal alone (see [`Group::flush`]).
     local_durable: u64,
+    /// Writes that reached the volumes with no journal record (the group
+    /// not paired, bitmap mode, a replica split with `--rw`), counted as
+    /// they finish, and how many of them the last volume sync covered.
+    /// While the two are equal, every acknowledged write the volumes may
+    /// not hold durably is in the journal.
+    unjournaled_written: u64,
+    unjournaled_durable: u64,
+    /// FLUSHes that made only the journal durable (see [`Group::flush`]),
+    /// and how many of them the last volume sync covered. While some are
+    /// not covered, the journal may hold the only durable copy of flushed
+    /// writes: a metadata save that would stop a replay from putting them
+    /// back (dirty bitmaps, a role without this journal) syncs the volumes
+    /// first.
+    journal_only_flushes: u64,
+    journal_only_synced: u64,
+    /// Every bitmap saved or being saved is clean: a replay after a power
+    /// cut skips no record (`plan_replay`).
+    saved_bitmaps_clean: bool,
     /// When housekeeping last synced the volumes so the activity log can
     /// retire regions.
     last_durability_sync: Instant,
@@ -541,6 +561,8 @@ impl Group {
         if role == Role::Secondary && matches!(state, PairState::Pair | PairState::Copy) {
             state = PairState::Suspended(SuspendReason::Link);
         }
+        // Loaded from disk, then only ever marked dirtier.
+        let saved_bitmaps_clean = bitmaps.iter().all(|b| b.dirty_bytes() == 0);
         let mut entries = BTreeMap::new();
         let mut cumulative = 0;
         if let Some(r) = &ring {
@@ -573,6 +595,11 @@ impl Group {
             bitmaps,
             activity,
             local_durable: if was_clean { last_jseq } else { 0 },
+            unjournaled_written: 0,
+            unjournaled_durable: 0,
+            journal_only_flushes: 0,
+            journal_only_synced: 0,
+            saved_bitmaps_clean,
             last_durability_sync: Instant::now(),
             bitmap_dirty_since_save: unclean,
             state_version: 0,
@@ -899,9 +926,11 @@ impl Group {
 
     /// The bitmaps as they must be persisted: dirty regions plus copy chunks
     /// sent but not yet durable on the secondary (cleared in memory when
-    /// read, they are not safe until acknowledged).
-    fn bitmap_snapshot(&self, g: &Inner) -> Vec<(String, Vec<u8>)> {
+    /// read, they are not safe until acknowledged). Also whether they are
+    /// all clean.
+    fn bitmap_snapshot(&self, g: &Inner) -> (Vec<(String, Vec<u8>)>, bool) {
         let mut out = Vec::with_capacity(self.volumes.len());
+        let mut clean = true;
         for (i, (v, b)) in self.volumes.iter().zip(&g.bitmaps).enumerate() {
             let mut b = b.clone();
             for (vol, off, len) in g.session.iter().flat_map(PrimarySession::copy_inflight) {
@@ -909,10 +938,11 @@ impl Group {
                     b.set_range(off, len);
                 }
             }
+            clean &= b.dirty_bytes() == 0;
             out.push((bitmap_name(&v.name), b.encode()));
         }
         out.push((ACTIVITY_LOG.to_string(), g.activity.encode()));
-        out
+        (out, clean)
     }
 
     fn write_bitmaps(&self, snapshot: &[(String, Vec<u8>)]) -> Result<(), StateError> {
@@ -954,12 +984,27 @@ impl Group {
                 Ok(w) => *w,
                 Err(_) => return,
             };
-            let (snapshot, state) = {
+            let (snapshot, clean, state, sync_first) = {
                 let mut g = lock(&self.inner);
                 g.bitmap_dirty_since_save = false;
                 let state = std::mem::take(&mut g.state_dirty).then(|| Self::snapshot_state(&mut g));
-                (self.bitmap_snapshot(&g), state)
+                let (snapshot, clean) = self.bitmap_snapshot(&g);
+                // A FLUSH from now on syncs the volumes while a dirty chunk
+                // may be on disk.
+                g.saved_bitmaps_clean &= clean;
+                // A replay after a power cut skips records touching dirty
+                // chunks, and a node no longer primary replays none: before
+                // such a save reaches the disk, every write a FLUSH made
+                // durable in the journal alone must be on the volumes.
+                let forgets = !clean || g.role() != Role::Primary;
+                (snapshot, clean, state, forgets && g.journal_only_flushes > g.journal_only_synced)
             };
+            if sync_first {
+                // Even after a fail-stop. A failed sync is recorded as a
+                // power cut (`sync_failed`), which is what such a save
+                // must then reach the disk to say.
+                let _ = self.sync_volumes_and_journal().await;
+            }
             let me = self.clone();
             let retry = state.is_some();
             let saved = tokio::task::spawn_blocking(move || {
@@ -969,6 +1014,10 @@ impl Group {
             .await;
             let error = match saved {
                 Ok(Ok(())) => {
+                    if clean {
+                        // No snapshot taken since, clean or not, is saved.
+                        lock(&self.inner).saved_bitmaps_clean = true;
+                    }
                     self.bitmap_persisted.send_modify(|p| *p = (*p).max(wanted));
                     // A copy may wait for this save (`copy_barrier`).
                     self.ship_wake.notify_one();
@@ -1028,7 +1077,7 @@ impl Group {
 
     /// Regions of the activity log that only wait for this node's volumes
     /// to be durable get there: at most every few seconds, one sync of the
-    /// volumes (clients that flush make it happen sooner).
+    /// volumes (a FLUSH that syncs them makes it happen sooner).
     async fn sync_for_activity_log(&self) {
         {
             let g = lock(&self.inner);

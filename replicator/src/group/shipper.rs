@@ -29,7 +29,7 @@ use replicator_protocol::record::Record;
 use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
 
 use super::write_path::RangeGuard;
-use super::{lock, Group};
+use super::{lock, Group, Inner};
 use crate::io::IoError;
 use crate::state::Announce;
 use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
@@ -714,23 +714,37 @@ impl Group {
         }
     }
 
-    /// Frees journal space below the secondary's persisted checkpoint, after
-    /// persisting the new tail (called from housekeeping), when it is due
+    /// Frees journal space below the secondary's persisted checkpoint and
+    /// what the volumes here hold durably, after persisting the new tail (called from housekeeping), when it is due
     /// (`journal_space::release_due`), then leaves bitmap mode once the
     /// journal has room again. The state file is written outside the group
     /// lock.
     pub(super) async fn release_journal(self: &Arc<Self>) {
-        let release = {
-            let mut g = lock(&self.inner);
+        let due = |g: &Inner| {
             let waiting =
                 g.journal_full_since.is_some() || g.persisted.role.as_primary().is_some_and(|p| p.bitmap_mode);
-            let due = g.ring.as_ref().is_some_and(|r| {
+            g.ring.as_ref().is_some_and(|r| {
                 journal_space::release_due(r.used_bytes(), r.capacity_bytes(), waiting, g.journal_released_at.elapsed())
-            });
-            let checkpoint = if due {
+            })
+        };
+        // Space is freed only below what the volumes hold durably (a FLUSH
+        // may have made records durable in the journal alone): first one
+        // sync for what the secondary has and the volumes took.
+        let sync_first = {
+            let g = lock(&self.inner);
+            let freeable = self.progress.borrow().checkpoint.min(g.volume_written.completed_through());
+            due(&g) && freeable > g.local_durable
+        };
+        if sync_first && self.sync_all().await.is_err() {
+            // The group stopped, and says why (`sync_failed`).
+            return;
+        }
+        let release = {
+            let mut g = lock(&self.inner);
+            let checkpoint = if due(&g) {
                 journal_space::release_through(
                     self.progress.borrow().checkpoint,
-                    g.volume_written.completed_through(),
+                    g.local_durable,
                     g.ring.as_ref().and_then(JournalRing::oldest_seq),
                 )
             } else {

@@ -499,11 +499,15 @@ impl Group {
             self.wait_journaled_through(seq).await?;
             shipped_seq = Some(seq);
         }
-        // FUA data goes to the volume with RWF_DSYNC: durable when it
-        // completes, no separate fdatasync of the volume.
-        let volume_durable = fua && buf.is_some();
+        // FUA: a journaled write is durable once the journal is, where a
+        // replay after a power cut would put it back on the volume (see
+        // [`Group::flush`]); otherwise its data goes to the volume with
+        // RWF_DSYNC, durable when it completes.
+        let journal_may_do = fua && shipped_seq.is_some() && Self::journal_covers_flush(&lock(&self.inner));
+        let volume_fua = fua && !journal_may_do;
+        let volume_durable = volume_fua && buf.is_some();
         let local_res = match buf {
-            Some(b) => volume.write(a_off, b, fua).await,
+            Some(b) => volume.write(a_off, b, volume_fua).await,
             None if op == RecordOp::Trim => volume.discard(a_off, a_len).await,
             None => volume.write_zeroes(a_off, a_len).await,
         };
@@ -513,14 +517,19 @@ impl Group {
             // did not take it: stop; a restart replays the journal onto it.
             self.fail_stop(format!("local write of record {shipped_seq:?} failed: {e}"));
         }
-        if let Some(seq) = shipped_seq {
-            self.volume_written(seq);
+        match shipped_seq {
+            Some(seq) => self.volume_written(seq),
+            None if local_res.is_ok() => lock(&self.inner).unjournaled_written += 1,
+            None => {}
         }
         local_res?;
 
         if fua {
             self.writeback_hint.on_flush(self.clock_ms());
-            self.sync_local(vol, !volume_durable, journal_file).await?;
+            // Checked again now that the volume write is done (see
+            // `journal_only_flushes`).
+            let journal_only = journal_may_do && Self::journal_only_durability(&mut lock(&self.inner));
+            self.sync_local(vol, !journal_only && !volume_durable, journal_file).await?;
         }
         if let Some(seq) = shipped_seq {
             if self.cfg.mode == Mode::Sync {
@@ -673,22 +682,38 @@ impl Group {
         }
     }
 
-    /// FLUSH: every earlier acknowledged write durable locally (volumes and
-    /// journal) and, in sync mode while replicating, on the secondary.
+    /// FLUSH: every earlier acknowledged write durable locally and, in sync
+    /// mode while replicating, on the secondary.
+    ///
+    /// Locally, the journal is a redo log: every write acknowledged since
+    /// the volumes were last synced is in it (while no write went to the
+    /// volumes without a record), and after a power cut the primary replays
+    /// it onto the volumes before anything reads them (`Group::open`). So a
+    /// FLUSH makes only the journal durable, one fdatasync and one device
+    /// flush instead of two, where [`Group::journal_covers_flush`] allows.
+    /// The volumes are synced before journal space is freed
+    /// (`release_journal`) and before a metadata save after which a replay
+    /// would skip records or not run at all (dirty bitmap chunks, a role
+    /// without this journal: `metadata_flusher`).
     pub async fn flush(&self) -> Result<(), WriteError> {
         self.writeback_hint.on_flush(self.clock_ms());
-        let target = {
+        let (target, journal) = {
             let mut g = lock(&self.inner);
-            if g.role() == Role::Primary && self.cfg.mode == Mode::Sync {
+            let target = if g.role() == Role::Primary && self.cfg.mode == Mode::Sync {
                 let t = g.last_jseq;
                 g.flush_wanted = g.flush_wanted.max(t);
                 Some(t)
             } else {
                 None
-            }
+            };
+            let journal = g.journal.clone().filter(|_| Self::journal_only_durability(&mut g));
+            (target, journal)
         };
         self.ship_wake.notify_one();
-        self.sync_all().await?;
+        match journal {
+            Some(j) => self.sync_journal(&j).await?,
+            None => self.sync_all().await?,
+        }
         if let Some(t) = target {
             if t > 0 {
                 self.wait_secondary(t, true).await?;
@@ -704,7 +729,15 @@ impl Group {
         if let Some(why) = self.stopped.get() {
             return Err(self.stopped_error(why));
         }
-        let covered = lock(&self.inner).volume_written.completed_through();
+        self.sync_volumes_and_journal().await
+    }
+
+    /// [`Group::sync_all`], even after the group stopped taking writes.
+    pub(super) async fn sync_volumes_and_journal(&self) -> Result<(), WriteError> {
+        let (covered, unjournaled, journal_only) = {
+            let g = lock(&self.inner);
+            (g.volume_written.completed_through(), g.unjournaled_written, g.journal_only_flushes)
+        };
         let journal = self.journal_handle();
         let journal_sync = async {
             match &journal {
@@ -721,8 +754,44 @@ impl Group {
         if result.is_ok() {
             let mut g = lock(&self.inner);
             g.local_durable = g.local_durable.max(covered);
+            g.unjournaled_durable = g.unjournaled_durable.max(unjournaled);
+            // Each of those FLUSHes covered writes acknowledged before it
+            // started: their volume writes had finished before this sync.
+            g.journal_only_synced = g.journal_only_synced.max(journal_only);
         }
         result.map_err(|e| self.sync_failed(e))
+    }
+
+    /// Whether a FLUSH may make only the journal durable: this node is the
+    /// primary, every acknowledged write the volumes may not hold durably
+    /// has a record in the journal, and a replay after a power cut would
+    /// put every record back (no dirty chunk in the bitmaps, in memory or
+    /// on disk, makes `plan_replay` skip one).
+    fn journal_covers_flush(g: &Inner) -> bool {
+        g.role() == Role::Primary
+            && g.unjournaled_written == g.unjournaled_durable
+            && g.saved_bitmaps_clean
+            && g.bitmaps.iter().all(|b| b.dirty_bytes() == 0)
+    }
+
+    /// Under the group lock, by a FLUSH or a FUA write whose writes to
+    /// cover have all reached the volumes: whether it may make only the
+    /// journal durable (then counted in `journal_only_flushes`).
+    fn journal_only_durability(g: &mut Inner) -> bool {
+        let yes = Self::journal_covers_flush(g);
+        if yes {
+            g.journal_only_flushes += 1;
+        }
+        yes
+    }
+
+    /// fdatasync of the journal alone (a FLUSH while it covers every write
+    /// the volumes may not hold durably).
+    async fn sync_journal(&self, journal: &Journal) -> Result<(), WriteError> {
+        if let Some(why) = self.stopped.get() {
+            return Err(self.stopped_error(why));
+        }
+        journal.sync().await.map_err(|e| self.sync_failed(e.into()))
     }
 
     /// Reads for NBD (any role).
