@@ -1003,7 +1003,7 @@ impl Group {
                 // Even after a fail-stop. A failed sync is recorded as a
                 // power cut (`sync_failed`), which is what such a save
                 // must then reach the disk to say.
-                let _ = self.sync_volumes_and_journal().await;
+                let _ = self.sync_volumes(false).await;
             }
             let me = self.clone();
             let retry = state.is_some();

@@ -715,7 +715,8 @@ impl Group {
     }
 
     /// Frees journal space below the secondary's persisted checkpoint and
-    /// what the volumes here hold durably, after persisting the new tail (called from housekeeping), when it is due
+    /// what the volumes here hold durably, after persisting the new tail
+    /// (called from housekeeping), when it is due
     /// (`journal_space::release_due`), then leaves bitmap mode once the
     /// journal has room again. The state file is written outside the group
     /// lock.
@@ -735,7 +736,7 @@ impl Group {
             let freeable = self.progress.borrow().checkpoint.min(g.volume_written.completed_through());
             due(&g) && freeable > g.local_durable
         };
-        if sync_first && self.sync_all().await.is_err() {
+        if sync_first && (self.stopped.get().is_some() || self.sync_volumes(false).await.is_err()) {
             // The group stopped, and says why (`sync_failed`).
             return;
         }

@@ -729,16 +729,20 @@ impl Group {
         if let Some(why) = self.stopped.get() {
             return Err(self.stopped_error(why));
         }
-        self.sync_volumes_and_journal().await
+        self.sync_volumes(true).await
     }
 
-    /// [`Group::sync_all`], even after the group stopped taking writes.
-    pub(super) async fn sync_volumes_and_journal(&self) -> Result<(), WriteError> {
+    /// fdatasync of every volume, and of the journal too with
+    /// `with_journal`, concurrently, even after the group stopped taking
+    /// writes; [`Group::sync_all`] without the journal is what freeing
+    /// journal space and the metadata saves wait for (every write a FLUSH
+    /// made durable in the journal alone then is on the volumes).
+    pub(super) async fn sync_volumes(&self, with_journal: bool) -> Result<(), WriteError> {
         let (covered, unjournaled, journal_only) = {
             let g = lock(&self.inner);
             (g.volume_written.completed_through(), g.unjournaled_written, g.journal_only_flushes)
         };
-        let journal = self.journal_handle();
+        let journal = if with_journal { self.journal_handle() } else { None };
         let journal_sync = async {
             match &journal {
                 Some(j) => j.sync().await.map_err(WriteError::from),
