@@ -29,7 +29,7 @@ use replicator_protocol::record::{Record, RecordOp, MAX_RECORD_PAYLOAD};
 use replicator_protocol::sequencer::Dep;
 use tokio::sync::watch;
 
-use super::{lock, Entry, Group, Inner, CACHE_BUDGET};
+use super::{lock, Entry, Group, Inner, CACHE_BUDGET, CACHE_DROP};
 use crate::config::Mode;
 use crate::io::{AlignedBuf, IoError, IO_ALIGN};
 use crate::journal::Journal;
@@ -555,7 +555,7 @@ impl Group {
         // (a backlog while the secondary is away can be the whole journal);
         // the shipper reads them back from the journal when it gets there.
         if g.cached_bytes > CACHE_BUDGET {
-            let mut excess = g.cached_bytes - CACHE_BUDGET / 2;
+            let mut excess = g.cached_bytes - (CACHE_BUDGET - CACHE_DROP);
             let mut freed = 0;
             for e in g.entries.values_mut() {
                 if excess == 0 {
