@@ -769,10 +769,11 @@ impl Group {
     /// Whether a FLUSH may make only the journal durable: this node is the
     /// primary, every acknowledged write the volumes may not hold durably
     /// has a record in the journal, and a replay after a power cut would
-    /// put every record back (no dirty chunk in the bitmaps, in memory or
-    /// on disk, makes `plan_replay` skip one).
+    /// put every such record back (`plan_replay` skips none: no dirty chunk
+    /// in the bitmaps, in memory or on disk, and every record up to the
+    /// replay fence is durable on the volumes).
     fn journal_covers_flush(g: &Inner) -> bool {
-        g.role() == Role::Primary
+        g.persisted.role.as_primary().is_some_and(|p| g.local_durable >= p.replay_fence)
             && g.unjournaled_written == g.unjournaled_durable
             && g.saved_bitmaps_clean
             && g.bitmaps.iter().all(|b| b.dirty_bytes() == 0)
