@@ -80,8 +80,10 @@ pub fn encode_frame(msg: &pb::Envelope, dst: &mut BytesMut) {
 }
 
 /// Record payloads from this size on are not copied into the frame buffer:
-/// see [`encode_frame_parts`].
-pub const ZERO_COPY_PAYLOAD: usize = 16 * 1024;
+/// see [`encode_frame_parts`]. Copying a 4 KiB payload costs little, but the
+/// frame buffer it is copied into stays alive until the peer acknowledges
+/// the packets, so the sender keeps allocating fresh ones.
+pub const ZERO_COPY_PAYLOAD: usize = 2 * 1024;
 
 /// Tag of `Envelope.record` and of `Record.payload` in replication.proto.
 const ENVELOPE_RECORD_TAG: u32 = 5;
@@ -135,7 +137,7 @@ pub fn envelope(body: pb::envelope::Body) -> pb::Envelope {
 pub const PAYLOAD_ALIGN: usize = 4096;
 
 /// Frames from this size on are assembled in a buffer of their own.
-const OWN_BUFFER_FRAME: usize = ZERO_COPY_PAYLOAD;
+const OWN_BUFFER_FRAME: usize = 16 * 1024;
 
 /// A large frame gets its own buffer once `1 / OWN_BUFFER_AFTER` of it has
 /// arrived (bounding what an announced but unsent frame costs).
