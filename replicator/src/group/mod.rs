@@ -281,8 +281,10 @@ enum SessionCommand {
     },
 }
 
-/// Memory budget for records kept for shipping; beyond it the shipper reads
-/// them back from the journal.
+/// Memory budget for records kept for shipping (a payload is dropped as
+/// soon as the secondary has received its record, see `Group::on_ack`);
+/// beyond it the shipper reads them back from the journal: a backlog while
+/// the secondary is slow or away.
 const CACHE_BUDGET: u64 = 128 << 20;
 /// Past the budget, the oldest payloads are dropped down to this much below
 /// it: a little at a time, so that the buffers freed at once fit the I/O
