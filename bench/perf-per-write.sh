@@ -46,9 +46,10 @@ for _ in $(seq 600); do
   sleep 0.2
 done
 sleep 1
-# The system calls a write costs: datagrams out and in, reactor waits,
+# The system calls a write costs: the client's requests in and replies out,
+# datagrams out and in, reactor waits,
 # io_uring submissions, journal writes and syncs, wake-ups between threads.
-calls=(sendmsg sendmmsg recvmsg recvmmsg epoll_wait io_uring_enter pwritev pwrite64 fdatasync futex)
+calls=(sendto recvfrom sendmsg sendmmsg recvmsg recvmmsg epoll_wait io_uring_enter pwritev pwrite64 fdatasync futex)
 syscalls=$(printf 'syscalls:sys_enter_%s,' "${calls[@]}")
 syscalls=${syscalls%,}
 perfs=()

@@ -64,8 +64,9 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (replies, reply_queue) = mpsc::unbounded_channel();
-    let mut writer_task = tokio::spawn(write_replies(writer, reply_queue, limits.reply_timeout));
     let budget = Budget::new(&limits);
+    let outstanding = budget.outstanding();
+    let mut writer_task = tokio::spawn(write_replies(writer, reply_queue, outstanding, limits.reply_timeout));
 
     // `None`: the reply writer stopped (its error says why).
     let ended: Option<CloseReason> = loop {
@@ -375,26 +376,42 @@ impl Drop for ReplyGuard {
 }
 
 /// Writes replies until every sender is gone, then shuts down the write
-/// side. Replies ready together are written together and flushed once. A
-/// socket that takes no bytes for `timeout` is an error of kind `TimedOut`;
-/// dropping the queue then returns the budget of every reply in it.
+/// side. Replies ready together are written together and flushed once: while
+/// other requests of the connection are still running, the writer first lets
+/// every task that is ready run (one `yield_now`, which also polls the
+/// reactor), so that requests completed by the same batch of I/O completions
+/// add their replies to the same `send`. Each `send` wakes the client; one
+/// per reply, on a busy machine, is a context switch per request (see
+/// bench/RESULTS.md). A request alone on its connection is flushed at once.
+/// A socket that takes no bytes for `timeout` is an error of kind
+/// `TimedOut`; dropping the queue then returns the budget of every reply in
+/// it.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut queue: UnboundedReceiver<Reply>,
+    outstanding: Outstanding,
     timeout: Duration,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(REPLY_BUFFER, writer);
-    while let Some(mut reply) = queue.recv().await {
+    while let Some(first) = queue.recv().await {
+        let mut next = Some(first);
+        let mut yielded = false;
         loop {
-            write_all_timed(&mut out, &proto::simple_reply_header(reply.error, reply.cookie), timeout).await?;
-            if let Some(data) = &reply.data {
-                write_all_timed(&mut out, data, timeout).await?;
+            while let Some(reply) = next.take() {
+                write_all_timed(&mut out, &proto::simple_reply_header(reply.error, reply.cookie), timeout).await?;
+                if let Some(data) = &reply.data {
+                    write_all_timed(&mut out, data, timeout).await?;
+                }
+                // Dropping the reply returns its budget.
+                drop(reply);
+                next = queue.try_recv().ok();
             }
-            // Dropping the reply returns its budget.
-            match queue.try_recv() {
-                Ok(next) => reply = next,
-                Err(_) => break,
+            if yielded || outstanding.count() == 0 {
+                break;
             }
+            tokio::task::yield_now().await;
+            yielded = true;
+            next = queue.try_recv().ok();
         }
         tokio::time::timeout(timeout, out.flush()).await.map_err(|_| stalled(timeout))??;
     }
@@ -422,6 +439,8 @@ fn stalled(timeout: Duration) -> io::Error {
 #[derive(Debug)]
 struct Budget {
     requests: Arc<Semaphore>,
+    /// Capacity of `requests`.
+    max_requests: usize,
     bytes: Arc<Semaphore>,
     /// Capacity of `bytes`; a single larger request takes all of it.
     max_bytes: u32,
@@ -438,17 +457,38 @@ struct Permits {
     _shared_bytes: Option<OwnedSemaphorePermit>,
 }
 
+/// The requests of one connection that hold their request slot: read (or
+/// being read) and not yet replied to, their replies queued for the writer
+/// included.
+#[derive(Debug)]
+struct Outstanding {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Outstanding {
+    fn count(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
+    }
+}
+
 impl Budget {
     fn new(limits: &Limits) -> Self {
         let max_requests = limits.max_requests.clamp(1, Semaphore::MAX_PERMITS);
         let max_bytes = u32::try_from(limits.max_bytes).unwrap_or(u32::MAX).max(1);
         Self {
             requests: Arc::new(Semaphore::new(max_requests)),
+            max_requests,
             bytes: Arc::new(Semaphore::new(max_bytes as usize)),
             max_bytes,
             shared_bytes: Arc::clone(&limits.shared_bytes),
             max_shared_bytes: limits.max_shared_bytes.max(1),
         }
+    }
+
+    /// A view of the request slots in use, for the reply writer.
+    fn outstanding(&self) -> Outstanding {
+        Outstanding { slots: Arc::clone(&self.requests), max: self.max_requests }
     }
 
     /// Waits for one request slot and `bytes` bytes of data, from the
@@ -466,5 +506,94 @@ impl Budget {
             n => Some(Arc::clone(&self.shared_bytes).acquire_many_owned(n).await.map_err(closed)?),
         };
         Ok(Permits { _request: request, _bytes: own, _shared_bytes: shared })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A socket that records the length of every write it takes.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<usize>>>);
+
+    impl Recorder {
+        fn writes(&self) -> Vec<usize> {
+            self.0.lock().expect("recorder lock").clone()
+        }
+
+        /// Waits (up to 5 s) until the socket has taken `n` writes.
+        async fn wait_for(&self, n: usize) -> Vec<usize> {
+            for _ in 0..5000 {
+                if self.writes().len() >= n {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            self.writes()
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.0.lock().expect("recorder lock").push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn reply(cookie: u64, permits: Permits) -> Reply {
+        Reply { cookie, error: 0, data: None, _permits: permits }
+    }
+
+    const SIMPLE_REPLY: usize = 16;
+
+    #[tokio::test]
+    async fn replies_ready_together_go_out_in_one_write_and_none_waits_for_a_slow_request() {
+        let limits = Limits {
+            max_requests: 8,
+            max_bytes: 1 << 20,
+            shared_bytes: Arc::new(Semaphore::new(1 << 20)),
+            max_shared_bytes: 1 << 20,
+            reply_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(1),
+        };
+        let budget = Budget::new(&limits);
+        let (replies, queue) = mpsc::unbounded_channel();
+        let socket = Recorder::default();
+        let writer = tokio::spawn(write_replies(socket.clone(), queue, budget.outstanding(), limits.reply_timeout));
+
+        // Two requests finish in the same round of the scheduler (as those
+        // completed by one batch of I/O completions): the writer, woken by
+        // the first reply, lets the second task run and sends both at once.
+        let first = budget.acquire(0).await.expect("slot");
+        let second = budget.acquire(0).await.expect("slot");
+        replies.send(reply(1, first)).expect("writer running");
+        let other = replies.clone();
+        tokio::spawn(async move { other.send(reply(2, second)).expect("writer running") });
+        assert_eq!(socket.wait_for(1).await, [2 * SIMPLE_REPLY]);
+
+        // A request still running holds its slot; a reply ready now goes out
+        // without waiting for it.
+        let slow = budget.acquire(0).await.expect("slot");
+        let third = budget.acquire(0).await.expect("slot");
+        replies.send(reply(3, third)).expect("writer running");
+        assert_eq!(socket.wait_for(2).await, [2 * SIMPLE_REPLY, SIMPLE_REPLY]);
+
+        replies.send(reply(4, slow)).expect("writer running");
+        drop(replies);
+        writer.await.expect("writer task").expect("writer result");
+        assert_eq!(socket.writes(), [2 * SIMPLE_REPLY, SIMPLE_REPLY, SIMPLE_REPLY]);
     }
 }
