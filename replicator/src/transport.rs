@@ -77,7 +77,15 @@ impl FramedRecv {
     }
 
     /// Next envelope; `Ok(None)` when the peer finished the stream cleanly.
+    ///
+    /// Each call takes a unit of tokio's cooperative budget: quinn's streams
+    /// are outside it, and a stream that always has a frame ready would
+    /// otherwise never let its reader's task yield, starving the other
+    /// tasks of the thread (a secondary's applier starved the io_uring
+    /// reaper beside it, so its volume writes stopped completing while
+    /// records kept arriving).
     pub async fn recv(&mut self) -> Result<Option<pb::Envelope>, TransportError> {
+        tokio::task::consume_budget().await;
         loop {
             if let Some(env) = self.decoder.decode()? {
                 return Ok(Some(env));
@@ -718,11 +726,79 @@ impl quinn::AsyncUdpSocket for InspectingSocket {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{not_quic, InspectingSocket, MAX_SEGMENTS_PER_SEND};
-    use crate::tls::JUMBO_UDP_PAYLOAD;
+    use super::{not_quic, FramedRecv, FramedSend, InspectingSocket, MAX_SEGMENTS_PER_SEND};
+    use crate::certs::{init_ca, issue, Validity};
+    use crate::config::TlsPaths;
+    use crate::tls::{TlsIdentity, JUMBO_UDP_PAYLOAD};
     use quinn::AsyncUdpSocket;
+    use replicator_protocol::pb::{self, envelope::Body};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
+
+    /// A framed stream between two QUIC endpoints on loopback, with mutual
+    /// TLS from a CA made for the test (`dir` holds the certificates).
+    async fn stream_pair(dir: &std::path::Path) -> ((FramedSend, FramedRecv), (FramedSend, FramedRecv)) {
+        init_ca(&dir.join("ca")).unwrap();
+        let identity = |name: &str| {
+            issue(&dir.join("ca"), name, dir, Validity::days(1)).unwrap();
+            let paths = TlsPaths {
+                ca: dir.join("ca/ca.pem"),
+                cert: dir.join(format!("{name}.pem")),
+                key: dir.join(format!("{name}.key")),
+            };
+            TlsIdentity::load(&paths, name).unwrap()
+        };
+        let (a, b) = (identity("site-a"), identity("site-b"));
+        let server = quinn::Endpoint::server(b.server_config(4).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(a.client_config(4).unwrap());
+        let addr = server.local_addr().unwrap();
+        let (dialed, accepted) =
+            tokio::join!(async { client.connect(addr, "site-b").unwrap().await.unwrap() }, async {
+                server.accept().await.unwrap().await.unwrap()
+            });
+        let (send, recv) = dialed.open_bi().await.unwrap();
+        let mut opener = (FramedSend::new(send), FramedRecv::new(recv));
+        // A stream is announced to the peer by its first bytes.
+        opener.0.send(Body::Command(pb::GroupCommand::default())).await.unwrap();
+        opener.0.flush().await.unwrap();
+        let (send, recv) = accepted.accept_bi().await.unwrap();
+        let mut acceptor = (FramedSend::new(send), FramedRecv::new(recv));
+        acceptor.1.recv().await.unwrap().unwrap();
+        (opener, acceptor)
+    }
+
+    /// Reading a stream whose frames have all arrived never waits, and quinn
+    /// is outside tokio's cooperative budget: the reader yields anyway, so
+    /// that the other tasks of its thread run (a secondary's applier that
+    /// did not starved the io_uring reaper beside it: its volume writes
+    /// stopped completing under a steady stream of records).
+    #[tokio::test]
+    async fn a_reader_of_a_stream_that_is_never_empty_lets_other_tasks_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let ((mut send, _), (_, mut recv)) = stream_pair(dir.path()).await;
+        const FRAMES: usize = 2000;
+        for _ in 0..FRAMES {
+            send.send(Body::Command(pb::GroupCommand::default())).await.unwrap();
+        }
+        send.flush().await.unwrap();
+        // Every frame arrives in the receiver's stream buffer meanwhile.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+        let mut ran_after = None;
+        for i in 0..FRAMES {
+            recv.recv().await.unwrap().unwrap();
+            if ran_after.is_none() && ran.load(Ordering::SeqCst) {
+                ran_after = Some(i);
+            }
+        }
+        let ran_after = ran_after.expect("the other task never ran while the stream was read");
+        assert!(ran_after < FRAMES / 2, "the other task ran only after {ran_after} frames");
+    }
 
     /// The largest segmented send quinn may build with jumbo packets reaches
     /// the peer whole: every packet arrives, at its full size.
