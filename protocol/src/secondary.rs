@@ -77,6 +77,14 @@ pub struct SecondaryConfig {
     /// copy progress (the primary's copy window). `ZERO`: every ack at
     /// once.
     pub ack_delay: Duration,
+    /// Payload bytes of the records taken in and not applied yet that this
+    /// node holds in memory, at most (one record more when it alone is
+    /// larger): past it, [`Secondary::wants_input`] is false until applies
+    /// complete, and what the primary sends meanwhile waits in QUIC's
+    /// receive window and then in the primary's journal. Without it, a
+    /// volume slower than the restore journal would let memory grow to the
+    /// restore journal's size.
+    pub max_unapplied_bytes: u64,
 }
 
 /// A flush request this recent makes the restore journal sync at once
@@ -206,6 +214,8 @@ pub enum SecondaryError {
 struct InFlight {
     /// Taken when the apply is handed out.
     record: Option<Record>,
+    /// Its payload's size (counted in `unapplied_bytes` until applied).
+    payload_len: u64,
     /// Earlier overlapping records not applied yet.
     waiting_for: usize,
     /// Later records waiting for this one.
@@ -238,6 +248,8 @@ pub struct Secondary {
     /// image's inconsistency is not persisted yet. Input stops meanwhile.
     pending: VecDeque<Record>,
     records: HashMap<ApplyId, InFlight>,
+    /// Payload bytes of `records` (see [`SecondaryConfig::max_unapplied_bytes`]).
+    unapplied_bytes: u64,
     /// Writes whose predecessors are applied but which are not durable in
     /// the journal yet, by seq.
     awaiting_journal: BTreeMap<u64, ApplyId>,
@@ -314,6 +326,7 @@ impl Secondary {
             flush_requested_at: None,
             pending: VecDeque::new(),
             records: HashMap::new(),
+            unapplied_bytes: 0,
             awaiting_journal: BTreeMap::new(),
             applying: 0,
             copy_applying: BTreeSet::new(),
@@ -378,9 +391,15 @@ impl Secondary {
     }
 
     /// Whether the daemon should read more messages (false while records
-    /// wait for journal space or for a save, and while draining).
+    /// wait for journal space or for a save, while the payloads not applied
+    /// yet fill [`SecondaryConfig::max_unapplied_bytes`], and while
+    /// draining).
     pub fn wants_input(&self) -> bool {
-        self.pending.is_empty() && !self.draining && !self.failed
+        self.pending.is_empty() && !self.unapplied_full() && !self.draining && !self.failed
+    }
+
+    fn unapplied_full(&self) -> bool {
+        self.unapplied_bytes >= self.config.max_unapplied_bytes
     }
 
     /// A message from the primary (records, flush requests, COPY_DONE).
@@ -504,7 +523,13 @@ impl Secondary {
                 self.start_apply(next);
             }
         }
-        let dependents = self.records.remove(&id).map(|r| r.dependents).unwrap_or_default();
+        let dependents = match self.records.remove(&id) {
+            Some(r) => {
+                self.unapplied_bytes -= r.payload_len;
+                r.dependents
+            }
+            None => Vec::new(),
+        };
         for d in dependents {
             let ready = self.records.get_mut(&d).is_some_and(|r| {
                 r.waiting_for = r.waiting_for.saturating_sub(1);
@@ -779,7 +804,9 @@ impl Secondary {
                 waiting_for += 1;
             }
         }
-        self.records.insert(id, InFlight { record: Some(record), waiting_for, dependents: Vec::new() });
+        let payload_len = record.payload.len() as u64;
+        self.unapplied_bytes += payload_len;
+        self.records.insert(id, InFlight { record: Some(record), payload_len, waiting_for, dependents: Vec::new() });
         if waiting_for == 0 {
             self.ready(id);
         }
@@ -896,7 +923,8 @@ impl Secondary {
     /// Whether someone waits for the restore journal's durability: a FUA
     /// write or a flush request (the primary's answer), or soon will (the
     /// clients flushed recently), a drain, records waiting for journal
-    /// space or for the applies before a resync, a COPY_DONE, a drill's
+    /// space or for the applies before a resync, input stopped while the
+    /// payloads not applied fill their budget, a COPY_DONE, a drill's
     /// freeze.
     fn journal_sync_urgent(&self, now: Instant) -> bool {
         self.config.journal_sync_delay.is_zero()
@@ -904,6 +932,7 @@ impl Secondary {
             || self.flush_requested_at.is_some_and(|t| now.duration_since(t) < RECENT_FLUSH)
             || self.draining
             || !self.pending.is_empty()
+            || self.unapplied_full()
             || self.ring.used_bytes() > self.ring.capacity_bytes() / 2
             || self.copy_done.is_some()
             || self.freeze_at.is_some()
@@ -976,6 +1005,7 @@ mod tests {
             journal_sync_delay: Duration::ZERO,
             receipt_acked_at_once: true,
             ack_delay: Duration::ZERO,
+            max_unapplied_bytes: 64 << 20,
         }
     }
 
@@ -1016,6 +1046,41 @@ mod tests {
         let acts = drain(&mut s, now);
         assert_eq!(acts.iter().filter(|a| matches!(a, Action::Apply { .. })).count(), 2, "{acts:?}");
         assert_eq!(s.ack().durable_seq, 2);
+    }
+
+    #[test]
+    fn input_stops_while_payloads_not_applied_fill_their_budget() {
+        let now = Instant::now();
+        let delay = Duration::from_secs(10);
+        let cfg = SecondaryConfig { max_unapplied_bytes: 3 * 4096, journal_sync_delay: delay, ..config(1 << 20) };
+        let mut s = Secondary::new(cfg, start(), now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        assert!(s.wants_input());
+        assert!(syncs(&drain(&mut s, now)).is_empty(), "group commit: nobody waits yet");
+        s.on_record(write(3, 16384)).unwrap();
+        assert!(!s.wants_input(), "three payloads of 4 KiB are held, not applied");
+        // The journal sync the applies wait for goes out at once.
+        assert_eq!(syncs(&drain(&mut s, now)), [3]);
+        s.on_journal_synced(3, Ok(())).unwrap();
+        let applies: Vec<ApplyId> = drain(&mut s, now)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Apply { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(applies.len(), 3);
+        assert!(!s.wants_input(), "handed out for applying is not applied");
+        s.on_applied(applies[0], Ok(())).unwrap();
+        assert!(s.wants_input());
+        // A record larger than the whole budget is still taken in, alone.
+        s.on_applied(applies[1], Ok(())).unwrap();
+        s.on_applied(applies[2], Ok(())).unwrap();
+        let large = Record::with_payload(RecordOp::Write, 4, 0, 0, 1, Bytes::from(vec![4u8; 65536]), false);
+        s.on_record(large).unwrap();
+        assert!(!s.wants_input());
+        assert_eq!(drain(&mut s, now).iter().filter(|a| matches!(a, Action::Append { .. })).count(), 1);
     }
 
     #[test]

@@ -542,6 +542,8 @@ fn machine(checkpoint: u64, copy_incomplete: bool, now: Instant) -> Secondary {
         // acks nobody waits for go out at the next tick.
         receipt_acked_at_once: false,
         ack_delay: Duration::from_millis(5),
+        // A few records' worth: input stops and resumes all the time.
+        max_unapplied_bytes: 2048,
     };
     let start = SecondaryStart { checkpoint, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete, data_as_of_us: 0 };
     Secondary::new(config, start, now)

@@ -60,6 +60,11 @@ const RESTORE_JOURNAL_SYNC_DELAY: Duration = Duration::from_millis(1);
 /// See `SecondaryConfig::ack_delay`.
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
+/// Payloads received and not applied yet, held in memory, at most (see
+/// `SecondaryConfig::max_unapplied_bytes`): half the primary's shipping
+/// cache, twice what 32 volume writes of 1 MiB in flight hold.
+const UNAPPLIED_BUDGET: u64 = 64 << 20;
+
 /// Completions of the I/O the session performs.
 enum Event {
     /// A large record's append (the others are done at once).
@@ -808,6 +813,7 @@ impl Session {
             journal_sync_delay: RESTORE_JOURNAL_SYNC_DELAY,
             receipt_acked_at_once: group.cfg.mode == Mode::Sync,
             ack_delay: ACK_DELAY,
+            max_unapplied_bytes: UNAPPLIED_BUDGET,
         };
         let copy_incomplete = start.copy_incomplete;
         Self {
