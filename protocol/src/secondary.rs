@@ -1063,13 +1063,7 @@ mod tests {
         // The journal sync the applies wait for goes out at once.
         assert_eq!(syncs(&drain(&mut s, now)), [3]);
         s.on_journal_synced(3, Ok(())).unwrap();
-        let applies: Vec<ApplyId> = drain(&mut s, now)
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::Apply { id, .. } => Some(id),
-                _ => None,
-            })
-            .collect();
+        let applies: Vec<ApplyId> = applies(drain(&mut s, now)).into_iter().map(|(id, _)| id).collect();
         assert_eq!(applies.len(), 3);
         assert!(!s.wants_input(), "handed out for applying is not applied");
         s.on_applied(applies[0], Ok(())).unwrap();
@@ -1290,13 +1284,7 @@ mod tests {
         s.on_record(write(2, 0)).unwrap();
         drain(&mut s, now);
         s.on_journal_synced(2, Ok(())).unwrap();
-        let applies: Vec<ApplyId> = drain(&mut s, now)
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::Apply { id, .. } => Some(id),
-                _ => None,
-            })
-            .collect();
+        let applies: Vec<ApplyId> = applies(drain(&mut s, now)).into_iter().map(|(id, _)| id).collect();
         assert_eq!(applies.len(), 1, "the second write waits for the first");
         s.on_applied(applies[0], Ok(())).unwrap();
         let acts = drain(&mut s, now);
