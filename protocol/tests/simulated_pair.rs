@@ -535,9 +535,10 @@ fn machine(checkpoint: u64, copy_incomplete: bool, now: Instant) -> Secondary {
         copy_flush_bytes: COPY.copy_chunk,
         copy_sync_interval: Duration::from_millis(100),
         copy_applies: 2,
-        // Syncs nobody waits for happen at the next tick: the urgent ones
-        // (FUA, flush requests, drains, resync starts) must not wait.
-        journal_sync_delay: Duration::from_millis(1),
+        // Syncs nobody waits for happen at the next tick (the daemon's
+        // async-mode delay): the urgent ones (FUA, flush requests, drains,
+        // resync starts) must not wait.
+        journal_sync_delay: Duration::from_millis(5),
         // Writes wait for durability (FUA, flush) only, as in async mode:
         // acks nobody waits for go out at the next tick.
         receipt_acked_at_once: false,
