@@ -850,9 +850,22 @@ impl Session {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), TransportError> {
         let mut tick = tokio::time::interval(TICK);
+        // One timer for the state machine's deadline, moved only when the
+        // deadline moves: a timer made anew for every turn of this loop
+        // enters tokio's timer wheel each time, and each entry earlier than
+        // the one the runtime last slept for wakes the runtime's driver (a
+        // write to its eventfd, then a wasted turn of its poll loop): about
+        // one a write at sync QD1.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut timer_at: Option<Instant> = None;
         loop {
             let reading = self.machine.wants_input() && !self.finished();
             let timeout = self.machine.poll_timeout();
+            if let Some(at) = timeout.filter(|&at| timer_at != Some(at)) {
+                timer.as_mut().reset(at.into());
+                timer_at = Some(at);
+            }
             tokio::select! {
                 frame = recv.recv(), if reading => {
                     match frame? {
@@ -904,7 +917,7 @@ impl Session {
                     self.freeze_reply = None;
                     self.machine.thaw();
                 }
-                _ = sleep_until(timeout), if timeout.is_some() => {}
+                () = &mut timer, if timeout.is_some() => {}
                 _ = tick.tick() => {
                     if self.leave_by.is_some_and(|t| Instant::now() >= t) {
                         return Ok(());
@@ -1188,14 +1201,6 @@ impl Session {
             s.data_as_of_us = s.data_as_of_us.max(self.machine.data_as_of_us());
         }
         Ok(())
-    }
-}
-
-/// Waits until `deadline` (forever without one).
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
     }
 }
 
