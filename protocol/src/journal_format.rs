@@ -10,7 +10,17 @@
 //!
 //! A record is a [`JOURNAL_HEADER_LEN`]-byte header followed by its payload,
 //! the whole span padded with zeroes up to a multiple of
-//! [`JOURNAL_RECORD_ALIGN`] ([`record_span`]). A record never straddles the
+//! [`JOURNAL_RECORD_ALIGN`] ([`record_span`]). A large record (a payload of
+//! [`PAGE_ALIGNED_PAYLOAD`] or more, flagged in its header) has zeroes
+//! after its header up to the next [`JOURNAL_PAGE`] boundary of the file, and
+//! its payload from there ([`JournalHeader::payload_pos`]): the payload's
+//! whole pages are then exactly the pages of the buffer it arrived in, and go
+//! to the disk from that buffer with `O_DIRECT`, never copied (the daemon's
+//! journal). Such a record spans one page more than its payload, rounded up
+//! to [`JOURNAL_RECORD_ALIGN`], wherever it lies. Records written before this
+//! layout (no flag: the payload right after the header) are read as they
+//! are; a build older than it refuses a journal holding flagged records
+//! (unknown record flags) instead of misreading them. A record never straddles the
 //! end of the ring: if it does not fit in the space left before the end, it is
 //! written at the ring start and the tail space is skipped
 //! ([`ring_placement`]).
@@ -55,6 +65,11 @@ pub const JOURNAL_SUPERBLOCK_LEN: u64 = 4096;
 pub const JOURNAL_HEADER_LEN: usize = 64;
 /// Records start and end on multiples of this.
 pub const JOURNAL_RECORD_ALIGN: u64 = 512;
+/// The page a large record's payload is aligned to in the file.
+pub const JOURNAL_PAGE: u64 = 4096;
+/// Records with at least this much payload are laid out page-aligned (module
+/// doc).
+pub const PAGE_ALIGNED_PAYLOAD: u64 = 64 << 10;
 /// At most this many records may be reserved beyond the contiguous run of
 /// records already in the journal (the write path waits otherwise): bounds
 /// the appends in flight, and so the records after a missing one that an
@@ -78,6 +93,9 @@ pub const JOURNAL_FORMAT_V3: u32 = 3;
 pub const JOURNAL_FORMAT_V2: u32 = 2;
 const HEADER_MAGIC: &[u8; 4] = b"RPJR";
 const FLAG_FUA: u8 = 1;
+/// The payload starts on the first [`JOURNAL_PAGE`] boundary after the
+/// header (module doc).
+const FLAG_PAGE_ALIGNED: u8 = 2;
 
 /// Errors decoding journal structures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,11 +124,23 @@ pub enum JournalFormatError {
     Unacceptable(RecordError),
 }
 
-/// Bytes a record with `payload_len` bytes of payload occupies in the ring:
-/// header plus payload, rounded up to [`JOURNAL_RECORD_ALIGN`] (saturating at
+/// Bytes a record with `payload_len` bytes of payload occupies in the ring
+/// as this build writes it: header plus payload (one page plus payload for a
+/// page-aligned one), rounded up to [`JOURNAL_RECORD_ALIGN`] (saturating at
 /// the largest multiple of it).
 pub fn record_span(payload_len: u64) -> u64 {
-    let raw = payload_len.saturating_add(JOURNAL_HEADER_LEN as u64);
+    span_of(payload_len, is_page_aligned(payload_len))
+}
+
+/// Whether this build lays out a record with `payload_len` bytes of payload
+/// page-aligned.
+pub fn is_page_aligned(payload_len: u64) -> bool {
+    payload_len >= PAGE_ALIGNED_PAYLOAD
+}
+
+fn span_of(payload_len: u64, page_aligned: bool) -> u64 {
+    let lead = if page_aligned { JOURNAL_PAGE } else { JOURNAL_HEADER_LEN as u64 };
+    let raw = payload_len.saturating_add(lead);
     raw.div_ceil(JOURNAL_RECORD_ALIGN)
         .checked_mul(JOURNAL_RECORD_ALIGN)
         .unwrap_or(u64::MAX - u64::MAX % JOURNAL_RECORD_ALIGN)
@@ -300,6 +330,9 @@ pub struct JournalHeader {
     pub fua: bool,
     /// The primary's time of the write (see [`Record::written_at_us`]).
     pub written_at_us: u64,
+    /// The payload starts on the first page boundary after the header
+    /// ([`JournalHeader::payload_pos`]).
+    pub page_aligned: bool,
 }
 
 // Header layout: magic[0..4] seq[4..12] generation[12..20] offset[20..28]
@@ -342,6 +375,7 @@ impl JournalHeader {
             payload_crc: r.crc32,
             fua: r.fua,
             written_at_us: r.written_at_us,
+            page_aligned: r.op.has_payload() && is_page_aligned(r.payload.len() as u64),
         }
     }
 
@@ -358,7 +392,9 @@ impl JournalHeader {
         b[32..36].copy_from_slice(&self.length.to_le_bytes());
         b[36..40].copy_from_slice(&self.payload_crc.to_le_bytes());
         b[40] = op_code(self.op);
-        b[41] = if self.fua { FLAG_FUA } else { 0 };
+        let fua = if self.fua { FLAG_FUA } else { 0 };
+        let page_aligned = if self.page_aligned { FLAG_PAGE_ALIGNED } else { 0 };
+        b[41] = fua | page_aligned;
         b[44..52].copy_from_slice(&self.written_at_us.to_le_bytes());
         let crc = key.crc(&b[..H_CRC_AT]);
         b[H_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
@@ -378,8 +414,11 @@ impl JournalHeader {
         }
         let op = op_from_code(b[40]).ok_or(JournalFormatError::UnknownOp(b[40]))?;
         let flags = b[41];
-        if flags & !FLAG_FUA != 0 {
+        if flags & !(FLAG_FUA | FLAG_PAGE_ALIGNED) != 0 {
             return Err(JournalFormatError::Corrupt(format!("unknown record flags {flags:#04x}")));
+        }
+        if flags & FLAG_PAGE_ALIGNED != 0 && !op.has_payload() {
+            return Err(JournalFormatError::Corrupt(format!("a {op:?} record without payload flagged page-aligned")));
         }
         let h = JournalHeader {
             seq: get_u64(b, 4),
@@ -391,6 +430,7 @@ impl JournalHeader {
             op,
             fua: flags & FLAG_FUA != 0,
             written_at_us: get_u64(b, 44),
+            page_aligned: flags & FLAG_PAGE_ALIGNED != 0,
         };
         check_range(h.seq, h.op, h.offset, h.length).map_err(JournalFormatError::Unacceptable)?;
         Ok(h)
@@ -417,7 +457,17 @@ impl JournalHeader {
 
     /// Bytes the whole record occupies in the ring.
     pub fn span(&self) -> u64 {
-        record_span(self.payload_len())
+        span_of(self.payload_len(), self.page_aligned)
+    }
+
+    /// Where the payload of this record starts when the record is at `pos`:
+    /// right after the header, or on the first page boundary after it.
+    pub fn payload_pos(&self, pos: u64) -> u64 {
+        let after_header = pos.saturating_add(JOURNAL_HEADER_LEN as u64);
+        match self.page_aligned {
+            true => after_header.div_ceil(JOURNAL_PAGE).saturating_mul(JOURNAL_PAGE),
+            false => after_header,
+        }
     }
 
     /// Rebuilds the record from this header and its payload, verifying the
@@ -455,23 +505,27 @@ impl JournalHeader {
     }
 }
 
-/// Encodes `r` as it is laid out in the ring: header, payload, zero padding;
-/// exactly `record_span(payload length)` bytes.
-pub fn encode_journal_record(r: &Record, key: JournalKey) -> Vec<u8> {
-    let span = record_span(r.payload.len() as u64) as usize;
+/// Encodes `r` as it is laid out in the ring at `pos`: header, zeroes up
+/// to the payload, payload, zero padding; exactly `record_span(payload
+/// length)` bytes.
+pub fn encode_journal_record(r: &Record, pos: u64, key: JournalKey) -> Vec<u8> {
+    let header = JournalHeader::from_record(r);
+    let span = header.span() as usize;
     let mut out = Vec::with_capacity(span);
-    out.extend_from_slice(&JournalHeader::from_record(r).encode(key));
+    out.extend_from_slice(&header.encode(key));
+    out.resize((header.payload_pos(pos) - pos) as usize, 0);
     out.extend_from_slice(&r.payload);
     out.resize(span, 0);
     out
 }
 
-/// Decodes a record laid out as by [`encode_journal_record`] from the start
-/// of `buf` (which may be longer).
-pub fn decode_journal_record(buf: &[u8], key: JournalKey) -> Result<Record, JournalFormatError> {
+/// Decodes a record laid out as by [`encode_journal_record`] at `pos` from
+/// the start of `buf` (which may be longer).
+pub fn decode_journal_record(buf: &[u8], pos: u64, key: JournalKey) -> Result<Record, JournalFormatError> {
     let h = JournalHeader::decode(buf, key)?;
+    let at = (h.payload_pos(pos) - pos) as usize;
     let len = h.payload_len() as usize;
-    let payload = buf.get(JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + len).ok_or(JournalFormatError::Truncated)?;
+    let payload = buf.get(at..at + len).ok_or(JournalFormatError::Truncated)?;
     h.into_record(Bytes::copy_from_slice(payload))
 }
 
@@ -634,6 +688,41 @@ mod tests {
         assert_eq!(record_span(449), 1024);
         assert_eq!(record_span(4096), 4608);
         assert_eq!(record_span(u64::MAX) % 512, 0);
+        // Page-aligned from 64 KiB of payload: one page more, wherever the
+        // record lies.
+        assert_eq!(record_span(PAGE_ALIGNED_PAYLOAD - 1), PAGE_ALIGNED_PAYLOAD + 512);
+        assert_eq!(record_span(PAGE_ALIGNED_PAYLOAD), PAGE_ALIGNED_PAYLOAD + 4096);
+        assert_eq!(record_span(1 << 20), (1 << 20) + 4096);
+        let large = Record::with_payload(RecordOp::Write, 1, 0, 0, 1, Bytes::from(vec![7u8; 1 << 20]), false);
+        let h = JournalHeader::from_record(&large);
+        assert!(h.page_aligned);
+        for (pos, payload) in [(4096, 8192), (4608, 8192), (8192 - 512, 8192), (8192, 12288)] {
+            assert_eq!(h.payload_pos(pos), payload, "record at {pos}");
+            assert!(h.payload_pos(pos) + (1 << 20) <= pos + h.span());
+        }
+        let small = JournalHeader::from_record(&write_of(4096));
+        assert!(!small.page_aligned);
+        assert_eq!(small.payload_pos(4608), 4608 + 64);
+    }
+
+    fn write_of(len: usize) -> Record {
+        Record::with_payload(RecordOp::Write, 1, 0, 0, 1, Bytes::from(vec![7u8; len]), false)
+    }
+
+    /// A header flagged page-aligned must carry a payload; flags this build
+    /// does not know are refused (what an older build does with the
+    /// page-aligned flag: it refuses the journal rather than misread it).
+    #[test]
+    fn record_flags() {
+        let mut enc = JournalHeader::from_record(&write_of(PAGE_ALIGNED_PAYLOAD as usize)).encode(K);
+        assert_eq!(enc[41], FLAG_PAGE_ALIGNED);
+        let trim = Record::without_payload(RecordOp::Trim, 1, 0, 0, 1 << 20, 1, false);
+        let h = JournalHeader { page_aligned: true, ..JournalHeader::from_record(&trim) };
+        assert!(matches!(JournalHeader::decode(&h.encode(K), K), Err(JournalFormatError::Corrupt(_))));
+        enc[41] |= 4;
+        let crc = K.crc(&enc[..H_CRC_AT]);
+        enc[H_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(JournalHeader::decode(&enc, K), Err(JournalFormatError::Corrupt(_))));
     }
 
     #[test]
@@ -696,8 +785,10 @@ mod tests {
         }
     }
 
+    /// Records of every size class: mostly small, some page-aligned.
     fn arb_record() -> impl Strategy<Value = Record> {
-        (any::<u64>(), any::<u32>(), 0..4usize, 0..u64::MAX / 2, 1u32..3000, any::<u64>(), any::<bool>()).prop_map(
+        let len = prop_oneof![4 => 1u32..3000, 1 => 60_000u32..140_000];
+        (any::<u64>(), any::<u32>(), 0..4usize, 0..u64::MAX / 2, len, any::<u64>(), any::<bool>()).prop_map(
             |(seq, vol, op, off, len, gen, fua)| {
                 let op = [RecordOp::Write, RecordOp::WriteZeroes, RecordOp::Trim, RecordOp::Copy][op];
                 if op.has_payload() {
@@ -714,16 +805,23 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
         #[test]
-        fn header_round_trip(r in arb_record()) {
+        fn header_round_trip(r in arb_record(), block in 8u64..100_000) {
+            let pos = block * JOURNAL_RECORD_ALIGN;
             let h = JournalHeader::from_record(&r);
             let enc = h.encode(K);
             let back = JournalHeader::decode(&enc, K).unwrap();
             prop_assert_eq!(&back, &h);
             prop_assert_eq!(back.payload_len(), r.payload.len() as u64);
             prop_assert_eq!(back.into_record(r.payload.clone()).unwrap(), r.clone());
-            let span = encode_journal_record(&r, K);
+            let span = encode_journal_record(&r, pos, K);
             prop_assert_eq!(span.len() as u64, record_span(r.payload.len() as u64));
-            prop_assert_eq!(decode_journal_record(&span, K).unwrap(), r);
+            prop_assert_eq!(span.len() as u64, JournalHeader::from_record(&r).span());
+            let at = JournalHeader::from_record(&r).payload_pos(pos);
+            if JournalHeader::from_record(&r).page_aligned {
+                prop_assert_eq!(at % JOURNAL_PAGE, 0);
+            }
+            prop_assert!(at >= pos + JOURNAL_HEADER_LEN as u64 && at + r.payload.len() as u64 <= pos + span.len() as u64);
+            prop_assert_eq!(decode_journal_record(&span, pos, K).unwrap(), r);
         }
 
         #[test]
@@ -734,12 +832,13 @@ mod tests {
         }
 
         #[test]
-        fn payload_flip_detected(r in arb_record(), i in any::<prop::sample::Index>(), x in 1u8..=255) {
+        fn payload_flip_detected(r in arb_record(), i in any::<prop::sample::Index>(), x in 1u8..=255, block in 8u64..100_000) {
             prop_assume!(r.op.has_payload());
-            let mut span = encode_journal_record(&r, K);
-            let i = JOURNAL_HEADER_LEN + i.index(r.payload.len());
+            let pos = block * JOURNAL_RECORD_ALIGN;
+            let mut span = encode_journal_record(&r, pos, K);
+            let i = (JournalHeader::from_record(&r).payload_pos(pos) - pos) as usize + i.index(r.payload.len());
             span[i] ^= x;
-            prop_assert!(matches!(decode_journal_record(&span, K), Err(JournalFormatError::Corrupt(_))));
+            prop_assert!(matches!(decode_journal_record(&span, pos, K), Err(JournalFormatError::Corrupt(_))));
         }
 
         /// A header written in one epoch is not a header in any other

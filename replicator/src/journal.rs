@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use replicator_protocol::journal_format::{
-    record_span, JournalFormatError, JournalHeader, JournalKey, JournalRing, JournalSuperblock, JOURNAL_FORMAT_V2,
-    JOURNAL_FORMAT_VERSION, JOURNAL_HEADER_LEN, JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN,
+    is_page_aligned, JournalFormatError, JournalHeader, JournalKey, JournalRing, JournalSuperblock, JOURNAL_FORMAT_V2,
+    JOURNAL_FORMAT_VERSION, JOURNAL_HEADER_LEN, JOURNAL_PAGE, JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN,
 };
 use replicator_protocol::record::Record;
 
@@ -95,14 +95,16 @@ pub enum JournalError {
 /// Appends of small records are plain `pwrite`s into the page cache from
 /// the calling task: a memory copy of a few microseconds, cheaper than a
 /// round trip through an io_uring worker (buffered writes are not truly
-/// asynchronous there). A large record ([`LARGE_RECORD`] or more) has its
-/// whole pages written with `O_DIRECT` through the I/O engine instead, and
-/// only its partial first and last pages (shared with its neighbours)
-/// through the page cache: copying a MiB into the page cache and writing it
-/// back later cost more than the disk write itself, and filled the cache
-/// with dirty pages the kernel then throttled the appending task on. No
-/// other record touches those whole pages, so buffered and direct writes
-/// never meet in one page. FUA and FLUSH make the journal durable with
+/// asynchronous there). A large record (page-aligned, see
+/// `journal_format`) has the whole pages of its payload written with
+/// `O_DIRECT` through the I/O engine instead, straight from the buffer the
+/// payload arrived in, and only its header and the partial last page of
+/// its payload (pages shared with its neighbours) through the page cache:
+/// copying a MiB into the page cache and writing it back later cost more
+/// than the disk write itself, and filled the cache with dirty pages the
+/// kernel then throttled the appending task on. No other record touches
+/// those whole pages, so buffered and direct writes never meet in one page.
+/// FUA and FLUSH make the journal durable with
 /// `sync` (fdatasync through the I/O engine, which covers both); reads for
 /// shipping and recovery also go through the engine.
 ///
@@ -145,12 +147,13 @@ pub struct Journal {
 
 /// Appends read ahead in windows of this size (see [`Journal`]).
 const READAHEAD: u64 = 1 << 20;
-/// Records of this span or more are large: their whole pages are written
-/// with `O_DIRECT`, and they do not read ahead (see [`Journal`]).
+/// Records of this span or more do not read ahead (see
+/// [`Journal::read_ahead`]).
 const LARGE_RECORD: u64 = 64 << 10;
 /// The page size of the page cache (the unit in which buffered and direct
-/// writes must not meet).
+/// writes must not meet), which a page-aligned record's payload is aligned to.
 const PAGE: u64 = IO_ALIGN as u64;
+const _: () = assert!(PAGE == JOURNAL_PAGE);
 /// The zeroes a new journal is written full of, per write. The page cache
 /// keeps the folios a buffered write creates, sized by the write: 1 MiB
 /// writes made 1 MiB folios, and every later small append walked the
@@ -334,49 +337,45 @@ impl Journal {
         res.map_err(|e| self.io(e))
     }
 
-    /// True when appending a record of `payload_len` bytes at `pos` waits
-    /// for the disk ([`Journal::append`] of a large record); false when
+    /// True when appending a record of `payload_len` bytes waits for the
+    /// disk ([`Journal::append`] of a page-aligned record); false when
     /// [`Journal::append_at`] does it at once.
-    pub fn appends_directly(&self, pos: u64, payload_len: usize) -> bool {
-        self.direct_pages(pos, record_span(payload_len as u64)).is_some()
-    }
-
-    /// The whole pages of a record at `pos..pos + span` that go out with
-    /// `O_DIRECT`: a large record's, when the file takes `O_DIRECT`.
-    fn direct_pages(&self, pos: u64, span: u64) -> Option<(&BlockFile, u64, u64)> {
-        let file = self.direct.as_ref()?;
-        let (first, end) = (pos.div_ceil(PAGE) * PAGE, (pos + span) / PAGE * PAGE);
-        (span >= LARGE_RECORD && end > first).then_some((file, first, end))
+    pub fn appends_directly(&self, payload_len: usize) -> bool {
+        self.direct.is_some() && is_page_aligned(payload_len as u64)
     }
 
     /// Writes `rec` at `pos` (reserved with `JournalRing::reserve`): a
-    /// small record at once ([`Journal::append_at`]); a large one's whole
-    /// pages with `O_DIRECT`, waiting for the disk, and its partial first
-    /// and last pages through the page cache (see [`Journal`]).
+    /// small record at once ([`Journal::append_at`]); the whole pages of a
+    /// page-aligned record's payload with `O_DIRECT` from the payload's own
+    /// buffer, waiting for the disk, and its header and partial last page
+    /// through the page cache (see [`Journal`]).
     pub async fn append(&self, pos: u64, rec: &Record) -> Result<(), JournalError> {
-        let span = record_span(rec.payload.len() as u64);
-        let Some((file, first, end)) = self.direct_pages(pos, span) else {
+        let header = JournalHeader::from_record(rec);
+        let (Some(file), true) = (&self.direct, header.page_aligned) else {
             return self.append_at(pos, rec);
         };
         if self.legacy {
             return Err(JournalError::NotUpgraded { path: self.path.clone() });
         }
+        let (span, at) = (header.span(), header.payload_pos(pos));
+        let whole = rec.payload.len() as u64 / PAGE * PAGE;
         // The partial pages are read while the direct write runs, so the
         // buffered writes into them after it find them cached.
-        if pos < first {
-            self.will_need(first - PAGE, PAGE);
+        if pos % PAGE != 0 {
+            self.will_need(pos / PAGE * PAGE, PAGE);
         }
-        if end < pos + span {
-            self.will_need(end, PAGE);
+        if whole < rec.payload.len() as u64 {
+            self.will_need(at + whole, PAGE);
         }
-        let header = JournalHeader::from_record(rec).encode(self.key());
-        let bytes = RecordBytes::new(&header, &rec.payload, span);
-        let mut pages = AlignedBuf::for_overwrite((end - first) as usize);
-        bytes.copy_to(&mut pages, (first - pos) as usize);
-        let (res, _) = file.write_at(pages, first).await;
-        res.map_err(|e| self.io(e))?;
-        self.write_buffered(pos, bytes.slices(0, (first - pos) as usize))?;
-        self.write_buffered(end, bytes.slices((end - pos) as usize, span as usize))
+        let encoded = header.encode(self.key());
+        let bytes = RecordBytes::new(&encoded, at - pos, &rec.payload, span);
+        // Written as it is when the payload is page-aligned in memory (a
+        // client's write, a payload received from the primary), else
+        // copied into an aligned buffer first (see `BlockFile::write_bytes`).
+        file.write_bytes(rec.payload.slice(..whole as usize), at, false).await.map_err(|e| self.io(e))?;
+        let tail = (at - pos + whole) as usize;
+        self.write_buffered(pos, bytes.slices(0, (at - pos) as usize))?;
+        self.write_buffered(pos + tail as u64, bytes.slices(tail, span as usize))
     }
 
     /// Writes `rec` at `pos` (reserved with `JournalRing::reserve`) into the
@@ -386,15 +385,16 @@ impl Journal {
         if self.legacy {
             return Err(JournalError::NotUpgraded { path: self.path.clone() });
         }
-        let header = JournalHeader::from_record(rec).encode(self.key());
-        let span = record_span(rec.payload.len() as u64);
+        let header = JournalHeader::from_record(rec);
+        let span = header.span();
         self.read_ahead(pos, span);
-        let bytes = RecordBytes::new(&header, &rec.payload, span);
+        let encoded = header.encode(self.key());
+        let bytes = RecordBytes::new(&encoded, header.payload_pos(pos) - pos, &rec.payload, span);
         self.write_buffered(pos, bytes.slices(0, span as usize))
     }
 
     /// `pwritev` of all of `parts` at `pos` (nothing when they are empty).
-    fn write_buffered(&self, pos: u64, parts: [&[u8]; 3]) -> Result<(), JournalError> {
+    fn write_buffered(&self, pos: u64, parts: [&[u8]; 4]) -> Result<(), JournalError> {
         let end = pos + parts.iter().map(|p| p.len() as u64).sum::<u64>();
         let mut slices = parts.map(IoSlice::new);
         let mut rest: &mut [IoSlice<'_>] = &mut slices;
@@ -487,10 +487,11 @@ impl Journal {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        if pos + JOURNAL_HEADER_LEN as u64 + len > self.capacity() {
+        let at = header.payload_pos(pos);
+        if at.saturating_add(len) > self.capacity() {
             return Err(self.format(JournalFormatError::Truncated));
         }
-        let buf = self.read(pos + JOURNAL_HEADER_LEN as u64, len).await?;
+        let buf = self.read(at, len).await?;
         Ok(Bytes::from_owner(buf))
     }
 
@@ -543,8 +544,7 @@ impl Journal {
             if header.clone().into_record(payload).is_err() {
                 break;
             }
-            let span = record_span(header.payload_len());
-            match ring.reserve(expected, span) {
+            match ring.reserve(expected, header.span()) {
                 Some(p) if p == pos => expected += 1,
                 Some(_) | None => {
                     // The record is not where the writer would have put it:
@@ -733,22 +733,26 @@ fn fill(tmp: &Path, size: u64, path: &Path) -> Result<(), JournalError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("sync journal directory", 0, e))
 }
 
-/// A record's bytes as they lie in the journal (header, payload, zero
-/// padding to its span), without copying them together.
+/// A record's bytes as they lie in the journal (header, zeroes up to the
+/// payload, payload, zero padding to its span), without copying them
+/// together.
 struct RecordBytes<'a> {
-    parts: [&'a [u8]; 3],
+    parts: [&'a [u8]; 4],
 }
 
 impl<'a> RecordBytes<'a> {
-    fn new(header: &'a [u8], payload: &'a [u8], span: u64) -> Self {
-        static PADDING: [u8; JOURNAL_RECORD_ALIGN as usize] = [0; JOURNAL_RECORD_ALIGN as usize];
-        let pad = (span as usize).saturating_sub(header.len() + payload.len()).min(PADDING.len());
-        RecordBytes { parts: [header, payload, &PADDING[..pad]] }
+    /// The record with `header`, its payload `payload_at` bytes from its
+    /// start, and `span` bytes in all.
+    fn new(header: &'a [u8], payload_at: u64, payload: &'a [u8], span: u64) -> Self {
+        static ZEROES: [u8; PAGE as usize] = [0; PAGE as usize];
+        let gap = (payload_at as usize).saturating_sub(header.len()).min(ZEROES.len());
+        let pad = (span as usize).saturating_sub(header.len() + gap + payload.len()).min(ZEROES.len());
+        RecordBytes { parts: [header, &ZEROES[..gap], payload, &ZEROES[..pad]] }
     }
 
     /// The pieces of bytes `from..to` of the record, in order (empty where
     /// a part lies outside).
-    fn slices(&self, from: usize, to: usize) -> [&'a [u8]; 3] {
+    fn slices(&self, from: usize, to: usize) -> [&'a [u8]; 4] {
         let mut start = 0;
         self.parts.map(|part| {
             let (lo, hi) = (from.max(start), to.min(start + part.len()));
@@ -756,15 +760,6 @@ impl<'a> RecordBytes<'a> {
             start += part.len();
             piece
         })
-    }
-
-    /// Copies bytes `from..from + dst.len()` of the record into `dst`.
-    fn copy_to(&self, dst: &mut [u8], from: usize) {
-        let mut at = 0;
-        for piece in self.slices(from, from + dst.len()) {
-            dst[at..at + piece.len()].copy_from_slice(piece);
-            at += piece.len();
-        }
     }
 }
 
@@ -785,7 +780,7 @@ fn classify_header(buf: &[u8], keys: &[JournalKey]) -> HeaderAt {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use replicator_protocol::journal_format::MAX_APPEND_WINDOW;
+    use replicator_protocol::journal_format::{record_span, MAX_APPEND_WINDOW};
     use replicator_protocol::record::RecordOp;
 
     use super::*;
@@ -874,24 +869,85 @@ mod tests {
         let mut ring = JournalRing::new(j.capacity());
         // Large records start and end inside pages their small neighbours
         // share; one fills its first page from the page's start.
-        let sizes = [128usize << 10, 4096, 1 << 20, 4096, 300 << 10, 512, (64 << 10) - 64, 4096 - 64, 1000];
+        // Payloads aligned in memory as a client's write is (written from
+        // their own buffer) and not (copied first); one not a whole number
+        // of pages.
+        let sizes = [128usize << 10, 4096, 1 << 20, 4096, 300 << 10, 512, (64 << 10) - 64, 4096 - 64, 1000, 70_000];
         let mut records = Vec::new();
         for (i, &len) in sizes.iter().enumerate() {
             let seq = i as u64 + 1;
-            let payload: Vec<u8> = (0..len).map(|b| (b as u64 * 31 + seq) as u8).collect();
-            let rec = Record::with_payload(RecordOp::Write, seq, 0, seq << 21, 1, Bytes::from(payload), false);
+            let bytes: Vec<u8> = (0..len).map(|b| (b as u64 * 31 + seq) as u8).collect();
+            let payload = match seq % 2 {
+                0 => Bytes::from(bytes),
+                _ => Bytes::from_owner(AlignedBuf::copy_from(&bytes)),
+            };
+            let rec = Record::with_payload(RecordOp::Write, seq, 0, seq << 21, 1, payload, false);
             let pos = ring.reserve(seq, record_span(len as u64)).unwrap();
-            assert_eq!(j.appends_directly(pos, len), record_span(len as u64) >= LARGE_RECORD, "record {seq}");
+            assert_eq!(j.appends_directly(len), len as u64 >= 64 << 10, "record {seq}");
             records.push((pos, rec));
         }
         assert_eq!(records[0].0 % PAGE, 0, "one large record starts on a page boundary");
+        assert_ne!(records[2].0 % PAGE, 0, "one large record starts inside a page");
         // Appended concurrently, as the write path and the applier do.
         futures_util::future::try_join_all(records.iter().map(|(pos, rec)| j.append(*pos, rec))).await.unwrap();
+        let file = std::fs::File::open(dir.path().join("journal")).unwrap();
         for (pos, rec) in &records {
             assert_eq!(j.read_record(*pos, rec.seq).await.unwrap().payload, rec.payload, "record {}", rec.seq);
+            // A large record's payload lies on a page boundary of the file.
+            let header = JournalHeader::from_record(rec);
+            let at = header.payload_pos(*pos);
+            assert_eq!(header.page_aligned, rec.payload.len() >= 64 << 10);
+            assert!(!header.page_aligned || at % PAGE == 0, "record {}", rec.seq);
+            let mut on_disk = vec![0u8; rec.payload.len()];
+            file.read_exact_at(&mut on_disk, at).unwrap();
+            assert!(on_disk == rec.payload, "record {}: payload not at {at}", rec.seq);
         }
         let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
         assert_eq!((r.last_seq, r.discarded.len()), (sizes.len() as u64, 0));
+    }
+
+    /// Large records an earlier build wrote, their payload right after the
+    /// header, are recovered and read back as they are, next to
+    /// page-aligned ones.
+    #[tokio::test]
+    async fn large_records_of_the_earlier_layout_are_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = journal_with(dir.path(), 0).await;
+        let mut ring = JournalRing::new(j.capacity());
+        let large = |seq: u64| {
+            let bytes = vec![seq as u8 ^ 0x5a; 256 << 10];
+            Record::with_payload(RecordOp::Write, seq, 0, seq << 21, 1, Bytes::from(bytes), false)
+        };
+        let mut written = Vec::new();
+        for seq in 1..=4 {
+            let rec = large(seq);
+            if seq % 2 == 1 {
+                // The earlier layout, as that build wrote it: header,
+                // payload, padding to 512 bytes.
+                let header = JournalHeader { page_aligned: false, ..JournalHeader::from_record(&rec) };
+                let pos = ring.reserve(seq, header.span()).unwrap();
+                assert_eq!(header.payload_pos(pos), pos + JOURNAL_HEADER_LEN as u64);
+                let mut bytes = header.encode(j.key()).to_vec();
+                bytes.extend_from_slice(&rec.payload);
+                bytes.resize(header.span() as usize, 0);
+                j.appender.write_all_at(&bytes, pos).unwrap();
+                written.push((pos, rec));
+            } else {
+                let pos = ring.reserve(seq, record_span(rec.payload.len() as u64)).unwrap();
+                j.append(pos, &rec).await.unwrap();
+                written.push((pos, rec));
+            }
+        }
+        let path = dir.path().join("journal");
+        drop(j);
+        let engine = IoEngine::new(BackendChoice::Auto);
+        let mut j = Journal::open(&engine, &path, CAPACITY, "g", 7, 1, false).await.unwrap();
+        let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
+        assert_eq!((r.last_seq, r.discarded.len()), (4, 0));
+        for (pos, rec) in &written {
+            assert_eq!(r.ring.lookup(rec.seq).map(|(p, _)| p), Some(*pos));
+            assert_eq!(j.read_record(*pos, rec.seq).await.unwrap().payload, rec.payload, "record {}", rec.seq);
+        }
     }
 
     #[tokio::test]
@@ -1047,7 +1103,8 @@ mod tests {
         for seq in 1..=4 {
             let rec = write(seq);
             let pos = ring.reserve(seq, record_span(4096)).unwrap();
-            nix::sys::uio::pwrite(&j.appender, &encode_journal_record(&rec, JournalKey::v2(7)), pos as i64).unwrap();
+            nix::sys::uio::pwrite(&j.appender, &encode_journal_record(&rec, pos, JournalKey::v2(7)), pos as i64)
+                .unwrap();
             positions.push(pos);
         }
         drop(j);

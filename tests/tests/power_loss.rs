@@ -45,8 +45,11 @@ const BLOCKS: u64 = VOLUME_SIZE / BLOCK as u64;
 const TASKS: u64 = 2;
 /// Each cycle's writes of one task stay in a window this large (8 MiB).
 const WINDOW_BLOCKS: u64 = 8 * MIB / BLOCK as u64;
-/// A write is 1..=16 blocks (4 KiB to 64 KiB).
+/// A write is 1..=16 blocks (4 KiB to 64 KiB), one in eight
+/// `MAX_WRITE_BLOCKS..=MAX_LARGE_WRITE_BLOCKS` (64 to 256 KiB: both journals
+/// lay those out page-aligned, their payloads written with `O_DIRECT`).
 const MAX_WRITE_BLOCKS: u64 = 16;
+const MAX_LARGE_WRITE_BLOCKS: u64 = 64;
 /// Cycles per configuration (`POWER_LOSS_CYCLES` overrides, for longer runs).
 const CYCLES: u64 = 3;
 
@@ -161,7 +164,10 @@ async fn writer(
             }
             continue;
         }
-        let n = 1 + rng.below(MAX_WRITE_BLOCKS);
+        let n = match rng.below(8) {
+            0 => MAX_WRITE_BLOCKS + rng.below(MAX_LARGE_WRITE_BLOCKS - MAX_WRITE_BLOCKS + 1),
+            _ => 1 + rng.below(MAX_WRITE_BLOCKS),
+        };
         let start = window.0 + rng.below(window.1 - window.0 - n + 1);
         // Rare enough that a cut usually finds data the daemon has not synced
         // (a FUA makes the daemon sync the whole volume and journal).

@@ -1123,7 +1123,7 @@ impl Session {
         let now = Instant::now();
         while let Some(action) = self.machine.poll_action(now) {
             match action {
-                Action::Append { pos, record } if self.journal.appends_directly(pos, record.payload.len()) => {
+                Action::Append { pos, record } if self.journal.appends_directly(record.payload.len()) => {
                     let journal = self.journal.clone();
                     self.io.push(Box::pin(async move {
                         Event::Appended(record.seq, journal.append(pos, &record).await.map_err(|e| e.to_string()))
