@@ -19,6 +19,7 @@ use replicator_protocol::wire::{encode_frame_parts, negotiate_version, FrameDeco
 use tokio::sync::Mutex;
 
 use crate::config::{Config, PeerAddress};
+use crate::io::AlignedBuf;
 use crate::tls::{peer_name, TlsError, TlsIdentity};
 
 /// Transport errors.
@@ -67,13 +68,13 @@ pub enum TransportError {
 #[derive(Debug)]
 pub struct FramedRecv {
     inner: quinn::RecvStream,
-    decoder: FrameDecoder,
+    decoder: FrameDecoder<AlignedBuf>,
 }
 
 impl FramedRecv {
     /// Wraps a QUIC receive stream.
     pub fn new(inner: quinn::RecvStream) -> Self {
-        Self { inner, decoder: FrameDecoder::new() }
+        Self { inner, decoder: FrameDecoder::with_memory() }
     }
 
     /// Next envelope; `Ok(None)` when the peer finished the stream cleanly.

@@ -179,6 +179,20 @@ impl AsRef<[u8]> for AlignedBuf {
     }
 }
 
+impl AsMut<[u8]> for AlignedBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+/// The end of each large frame received from the peer is read into a
+/// recycled buffer (see `replicator_protocol::wire`).
+impl replicator_protocol::wire::AlignedMemory for AlignedBuf {
+    fn for_overwrite(len: usize) -> Self {
+        AlignedBuf::for_overwrite(len)
+    }
+}
+
 impl DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in deref, and &mut self guarantees exclusive access.
