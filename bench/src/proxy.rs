@@ -172,12 +172,20 @@ struct DelayQueue {
 }
 
 impl DelayQueue {
+    /// Queues `data` to leave at `at` (no earlier than every packet queued
+    /// before it). Wakes the sender only when the queue was empty: otherwise
+    /// it is already asleep until an earlier departure, and waking it would
+    /// only put it back to sleep, a wake-up per packet for nothing on the
+    /// CPUs the daemons run on.
     fn push(&self, at: Instant, data: Vec<u8>) {
         let mut g = self.q.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let was_empty = g.0.is_empty();
         g.1 += data.len() as u64;
         g.0.push_back((at, data));
         drop(g);
-        self.cv.notify_one();
+        if was_empty {
+            self.cv.notify_one();
+        }
     }
 
     /// Blocks while more than `limit` bytes are queued (TCP back-pressure).
