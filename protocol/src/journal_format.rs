@@ -9,8 +9,9 @@
 //! ```
 //!
 //! A record is a [`JOURNAL_HEADER_LEN`]-byte header followed by its payload,
-//! the whole span padded with zeroes up to a multiple of
-//! [`JOURNAL_RECORD_ALIGN`] ([`record_span`]). A large record (a payload of
+//! the whole span padded up to a multiple of [`JOURNAL_RECORD_ALIGN`]
+//! ([`record_span`]; the padding is never read, and is zeroes where it is
+//! written). A large record (a payload of
 //! [`PAGE_ALIGNED_PAYLOAD`] or more, flagged in its header) has zeroes
 //! after its header up to the next [`JOURNAL_PAGE`] boundary of the file, and
 //! its payload from there ([`JournalHeader::payload_pos`]): the payload's

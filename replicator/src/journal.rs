@@ -373,9 +373,13 @@ impl Journal {
         // client's write, a payload received from the primary), else
         // copied into an aligned buffer first (see `BlockFile::write_bytes`).
         file.write_bytes(rec.payload.slice(..whole as usize), at, false).await.map_err(|e| self.io(e))?;
+        // The header's page, then the payload's partial last page if any;
+        // the zero padding after the payload is left as it is (no reader
+        // looks there, and writing it would be one more partial page).
         let tail = (at - pos + whole) as usize;
+        let payload_end = (at - pos) as usize + rec.payload.len();
         self.write_buffered(pos, bytes.slices(0, (at - pos) as usize))?;
-        self.write_buffered(pos + tail as u64, bytes.slices(tail, span as usize))
+        self.write_buffered(pos + tail as u64, bytes.slices(tail, payload_end))
     }
 
     /// Writes `rec` at `pos` (reserved with `JournalRing::reserve`) into the
