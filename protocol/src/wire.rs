@@ -12,7 +12,8 @@
 //! buffer that grows with the bytes that actually arrive (amortized
 //! doubling), and a large frame gets a buffer of its own, of its full length,
 //! only once a quarter of it has arrived. A peer announcing large frames on
-//! many streams costs at most four times what it sends.
+//! many streams costs at most four times what it sends (times what the
+//! caller's [`AlignedMemory`] rounds a buffer up to).
 //!
 //! That own buffer is two: the frame's first `len % PAYLOAD_ALIGN` bytes,
 //! and the rest in memory aligned to [`PAYLOAD_ALIGN`], which the caller

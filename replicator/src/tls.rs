@@ -282,8 +282,9 @@ pub fn max_peer_streams(groups: usize) -> u32 {
 /// fat links. What one peer connection can make us hold is bounded: the
 /// receive window of unread data, plus at most one partial frame per open
 /// stream (`max_streams` of them) in the frame decoders, which hold at most
-/// four times the bytes that actually arrived (`wire::FrameDecoder`: a
-/// large frame gets its whole buffer once a quarter of it is in).
+/// eight times the bytes that actually arrived (`wire::FrameDecoder`: a
+/// large frame gets its whole buffer once a quarter of it is in, and that
+/// buffer, an `AlignedBuf`, is rounded up to a power of two).
 /// Unidirectional streams are not used and not allowed.
 fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();

@@ -855,7 +855,7 @@ impl Session {
         // enters tokio's timer wheel each time, and each entry earlier than
         // the one the runtime last slept for wakes the runtime's driver (a
         // write to its eventfd, then a wasted turn of its poll loop): about
-        // one a write at sync QD1.
+        // one write in five at sync QD1.
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut timer_at: Option<Instant> = None;
