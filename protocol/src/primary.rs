@@ -96,7 +96,7 @@ pub enum CopyStep {
         len: u64,
         /// Its copy index.
         copy_index: u64,
-        /// Send the chunk as its hash ([`RecordOp::CopyHash`]), not its
+        /// Send the chunk as its hash ([`RecordOp::CopyHash`](crate::record::RecordOp::CopyHash)), not its
         /// data.
         hash: bool,
     },

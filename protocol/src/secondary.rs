@@ -694,7 +694,7 @@ impl Secondary {
     }
 
     /// A span (`offset`, `length`) of hash-only copy chunk `copy_index`
-    /// ([`RecordOp::CopyHash`]) differs here: the primary sends its data.
+    /// ([`RecordOp::CopyHash`](crate::record::RecordOp::CopyHash)) differs here: the primary sends its data.
     /// Report it before [`Secondary::on_applied`] of that chunk.
     pub fn on_copy_mismatch(&mut self, copy_index: u64, offset: u64, length: u64) {
         self.copy_mismatch.push(pb::CopyMismatch { copy_index, offset, length });
