@@ -147,9 +147,6 @@ pub struct Journal {
 
 /// Appends read ahead in windows of this size (see [`Journal`]).
 const READAHEAD: u64 = 1 << 20;
-/// Records of this span or more do not read ahead (see
-/// [`Journal::read_ahead`]).
-const LARGE_RECORD: u64 = 64 << 10;
 /// The page size of the page cache (the unit in which buffered and direct
 /// writes must not meet), which a page-aligned record's payload is aligned to.
 const PAGE: u64 = IO_ALIGN as u64;
@@ -391,7 +388,7 @@ impl Journal {
         }
         let header = JournalHeader::from_record(rec);
         let span = header.span();
-        self.read_ahead(pos, span);
+        self.read_ahead(pos, &header);
         let encoded = header.encode(self.key());
         let bytes = RecordBytes::new(&encoded, header.payload_pos(pos) - pos, &rec.payload, span);
         self.write_buffered(pos, bytes.slices(0, span as usize))
@@ -418,16 +415,16 @@ impl Journal {
         Ok(())
     }
 
-    /// An append to `pos..pos + span` that enters a new [`READAHEAD`]
-    /// window starts reading the window after it into the page cache, so
-    /// that the appends there find their partial pages cached (see
-    /// [`Journal`]). Records of [`LARGE_RECORD`] or more mostly overwrite
+    /// An append of the record with `header` at `pos` that enters a new
+    /// [`READAHEAD`] window starts reading the window after it into the
+    /// page cache, so that the appends there find their partial pages
+    /// cached (see [`Journal`]). Page-aligned records mostly overwrite
     /// whole pages: reading what they overwrite would cost more than the
     /// partial pages at their ends, which [`Journal::append`] reads ahead
     /// itself. Only advice: an error changes nothing but the speed.
-    fn read_ahead(&self, pos: u64, span: u64) {
-        let end = pos + span;
-        if span >= LARGE_RECORD || pos / READAHEAD == end / READAHEAD && pos % READAHEAD != 0 {
+    fn read_ahead(&self, pos: u64, header: &JournalHeader) {
+        let end = pos + header.span();
+        if header.page_aligned || pos / READAHEAD == end / READAHEAD && pos % READAHEAD != 0 {
             return;
         }
         let mut next = (end / READAHEAD + 1) * READAHEAD;
