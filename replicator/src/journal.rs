@@ -492,7 +492,20 @@ impl Journal {
         if at.saturating_add(len) > self.capacity() {
             return Err(self.format(JournalFormatError::Truncated));
         }
-        let buf = self.read(at, len).await?;
+        let buf = match &self.direct {
+            // Whole pages, page-aligned in the file: read with `O_DIRECT`
+            // (the kernel writes back any cached dirty page of the range
+            // first). Through the page cache, a cold MiB cost this machine
+            // about 2 ms of the reader's CPU in the copy out of the cache,
+            // most of the primary's CPU while it shipped a backlog of 1 MiB
+            // records (the catch-up figure); a direct read costs it none.
+            Some(direct) if header.page_aligned && len % PAGE == 0 => {
+                let (res, buf) = direct.read_at(AlignedBuf::for_overwrite(len as usize), at).await;
+                res.map_err(|e| self.io(e))?;
+                buf
+            }
+            _ => self.read(at, len).await?,
+        };
         Ok(Bytes::from_owner(buf))
     }
 
