@@ -323,3 +323,59 @@ fn kill9_primary_async_secondary_holds_a_prefix_of_the_writes() {
     c.stop(Site::B);
     c.assert_volumes_identical(group);
 }
+
+/// Async mode, a backlog only the journal holds: with the secondary away,
+/// 1 MiB writes (page-aligned journal records, read back with `O_DIRECT`)
+/// and 4 KiB writes between them go into the journal, then the primary is
+/// killed (-9), so that after its restart no payload is in memory and the
+/// whole backlog is read back from the journal, many records ahead of the
+/// stream at once (`shipper.rs`, `ReadAhead`). The secondary must end up
+/// with exactly the primary's volume, and that with exactly what was
+/// written.
+#[test]
+fn kill9_primary_with_a_backlog_ships_it_from_the_journal() {
+    const VOLUME: u64 = 64 * MIB;
+    let (group, vol) = ("backlog", "backlog-vol");
+    let mut c = Cluster::new(ClusterOpts::group(
+        GroupSpec::new(group, Mode::Async).volume(vol, VOLUME).journal_size(160 * MIB),
+    ));
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    c.stop(Site::B);
+
+    // 48 writes of 1 MiB over the volume's first 48 MiB, each followed by
+    // sixteen 4 KiB writes into its last 16 MiB; the expected image is kept.
+    let mut expect = vec![0u8; VOLUME as usize];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("connect");
+        let mut rng = Rng::new(7);
+        for i in 0..48u64 {
+            let mut big = vec![0u8; MIB as usize];
+            rng.fill(&mut big);
+            let at = i * MIB;
+            client.write(at, &big, false).await.expect("1 MiB write");
+            expect[at as usize..(at + MIB) as usize].copy_from_slice(&big);
+            for _ in 0..16 {
+                let block = 48 * MIB / BLOCK as u64 + rng.below(16 * MIB / BLOCK as u64);
+                let data = stamp(block, i + 1);
+                let at = block * BLOCK as u64;
+                client.write(at, &data, false).await.expect("4 KiB write");
+                expect[at as usize..at as usize + BLOCK].copy_from_slice(&data);
+            }
+        }
+        let _ = client.disconnect().await;
+    });
+    let lag = c.status(Site::A, group).lag_records;
+    assert!(lag >= 48 * 17, "the backlog is not in the journal: lag {lag} records\n{}", c.diagnostics());
+    c.kill9(Site::A);
+    c.start(Site::A);
+    c.start(Site::B);
+    c.wait_pair(group, Duration::from_secs(60));
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    let image = std::fs::read(c.volume_path(Site::A, vol)).expect("read the primary's volume");
+    assert!(image == expect, "the primary's volume does not hold what was written\n{}", c.diagnostics());
+    c.assert_volumes_identical(group);
+}
