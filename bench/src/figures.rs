@@ -1,7 +1,8 @@
 //! Replication-specific figures: async lag over time near and above the
 //! link's bandwidth, initial copy throughput, resync bytes against changed
-//! bytes, daemon RSS against groups and journal size, throughput of many
-//! groups against one at the same total queue depth, drill copies.
+//! bytes, catch-up from the journal after the secondary was away, daemon RSS
+//! against groups and journal size, throughput of many groups against one
+//! at the same total queue depth, drill copies.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -254,8 +255,28 @@ pub struct Figures {
     pub drill: Option<DrillFigure>,
     /// Many groups against one.
     pub groups: Option<GroupsFigure>,
+    /// Catch-up from the journal.
+    pub catch_up: Vec<CatchUpRun>,
     /// Figures that could not be measured: (figure, why).
     pub not_measurable: Vec<(String, String)>,
+}
+
+/// One catch-up run: a backlog journaled while the secondary was away,
+/// shipped from the primary's journal once it is back.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CatchUpRun {
+    /// What the client wrote while the secondary was away.
+    pub backlog: String,
+    /// Records in the backlog.
+    pub records: u64,
+    /// Journal bytes of the backlog.
+    pub bytes: u64,
+    /// Records per second the primary took while the secondary was away.
+    pub written_per_s: f64,
+    /// From starting the secondary until the session is up, seconds.
+    pub reconnect_s: f64,
+    /// From the session being up until nothing is left to apply, seconds.
+    pub catch_up_s: f64,
 }
 
 fn mk_pair(env: &Env, name: &str, groups: &[GroupSpec], link: LinkSpec) -> Result<SitePair, String> {
@@ -286,6 +307,13 @@ pub fn run_all(env: &Env, o: &FigureOpts, log: &dyn Fn(&str)) -> Figures {
         match resync(env, o) {
             Ok(r) => f.resync = r,
             Err(e) => f.not_measurable.push(("resync".into(), format!("failed: {e}"))),
+        }
+    }
+    if o.wants("catchup") {
+        log("figure: catch-up from the journal after the secondary was away");
+        match catch_up(env, o) {
+            Ok(c) => f.catch_up = c,
+            Err(e) => f.not_measurable.push(("catch-up".into(), format!("failed: {e}"))),
         }
     }
     if o.wants("rss") {
@@ -836,6 +864,89 @@ pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
     // Several GiB of journals: not kept until the end of the run.
     let _ = std::fs::remove_dir_all(env.root.join("fig-groups"));
     Ok(fig)
+}
+
+/// Catch-up from the journal: with the secondary stopped, the client writes
+/// a backlog (4 KiB random at QD32, then 1 MiB sequential at QD4) that the
+/// primary journals; the journal's pages are dropped from the page cache
+/// (as after an outage longer than the cache holds them), the secondary
+/// starts again, and the time until it has applied everything is measured
+/// from the moment the session is up.
+pub fn catch_up(env: &Env, o: &FigureOpts) -> Result<Vec<CatchUpRun>, String> {
+    let size = if o.quick { 256 * MIB } else { 1024 * MIB };
+    let journal = if o.quick { 512 * MIB } else { 2048 * MIB };
+    let g = GroupSpec::single("cu", "async", journal, size);
+    let mut p = mk_pair(env, "fig-catch-up", &[g], LinkSpec::rtt(Duration::ZERO))?;
+    prefill(&p.a.file("cu.img"), size, None)?;
+    prefill(&p.b.file("cu.img"), size, None)?;
+    p.start(env)?;
+    p.pair(env, "cu", true, Duration::from_secs(60))?;
+    let timeout = Duration::from_secs(if o.quick { 60 } else { 180 });
+    let scale = if o.quick { 0.25 } else { 1.0 };
+    let mut runs = Vec::new();
+    for (i, (backlog, w, secs)) in [
+        ("4 KiB random writes, QD32", Workload::RandWrite4kQd32, 2.0 * scale),
+        ("1 MiB sequential writes, QD4", Workload::SeqWrite1m, 1.0 * scale),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        p.b.stop()?;
+        let mut conn = NbdConn::connect(&p.a.nbd(), "cu-vol").map_err(|e| e.to_string())?;
+        let wrote =
+            conn.run(w, Duration::ZERO, Duration::from_secs_f64(secs), 40 + i as u64).map_err(|e| e.to_string())?;
+        conn.disconnect();
+        let before = p.a.status(env, "cu")?;
+        if before.connected || before.lag_records == 0 {
+            return Err(format!(
+                "expected a backlog with the secondary away, found {} (connected {}) with {} records",
+                before.state, before.connected, before.lag_records
+            ));
+        }
+        drop_from_page_cache(&journal_file(&p.a.dir)?)?;
+        let started = Instant::now();
+        p.b.start(env)?;
+        p.a.wait_for(env, "cu", timeout, "connected", |s| s.connected)?;
+        let connected = Instant::now();
+        p.a.wait_for(env, "cu", timeout, "caught up", in_sync)?;
+        runs.push(CatchUpRun {
+            backlog: backlog.into(),
+            records: before.lag_records,
+            bytes: before.lag_bytes,
+            written_per_s: wrote.ops as f64 / wrote.secs.max(1e-9),
+            reconnect_s: connected.duration_since(started).as_secs_f64(),
+            catch_up_s: connected.elapsed().as_secs_f64(),
+        });
+    }
+    p.stop()?;
+    let _ = std::fs::remove_dir_all(env.root.join("fig-catch-up"));
+    Ok(runs)
+}
+
+/// The journal file of the one group under a site's directory.
+fn journal_file(site: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    fn find(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                if let Some(f) = find(&path) {
+                    return Some(f);
+                }
+            } else if path.file_name().is_some_and(|n| n == "journal") {
+                return Some(path);
+            }
+        }
+        None
+    }
+    find(site).ok_or_else(|| format!("no journal file under {}", site.display()))
+}
+
+/// Writes a file's dirty pages back and drops its pages from the page cache.
+fn drop_from_page_cache(path: &std::path::Path) -> Result<(), String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.sync_data().map_err(|e| format!("{}: {e}", path.display()))?;
+    nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Daemon RSS against the number of groups and against the journal size.

@@ -85,10 +85,10 @@ struct Opts {
     /// Volume size in MiB for the matrix. Default 256 (quick: 128).
     #[arg(long)]
     volume_mib: Option<u64>,
-    /// Skip the replication figures (lag, copy, resync, RSS, many groups, drill).
+    /// Skip the replication figures (lag, copy, resync, catch-up, RSS, many groups, drill).
     #[arg(long)]
     no_figures: bool,
-    /// Replication figures to run, comma separated (lag,copy,resync,rss,groups,drill).
+    /// Replication figures to run, comma separated (lag,copy,resync,catchup,rss,groups,drill).
     /// Default: all.
     #[arg(long, value_delimiter = ',')]
     figures: Option<Vec<String>>,
@@ -1134,6 +1134,27 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
                 l.with_p99_us,
                 l.ratio_p50,
                 l.space_used_bytes as f64 / MIB as f64
+            );
+        }
+        s.push('\n');
+    }
+    if !f.catch_up.is_empty() {
+        let _ = writeln!(
+            s,
+            "### Catch-up from the journal\n\nAsync, RTT 0: with the secondary stopped the client writes for a while and the primary journals it; the journal's pages are dropped from the page cache (as after a longer outage), the secondary starts again, and the backlog is shipped from the journal. Catch-up is timed from the moment the session is up until the secondary has applied everything.\n\n| backlog | records | journal bytes | written at | reconnect | catch-up | records/s | MB/s |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for x in &f.catch_up {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} MiB | {:.0} records/s | {:.2} s | {:.2} s | {:.0} | {:.0} |",
+                x.backlog,
+                x.records,
+                x.bytes as f64 / MIB as f64,
+                x.written_per_s,
+                x.reconnect_s,
+                x.catch_up_s,
+                x.records as f64 / x.catch_up_s.max(1e-9),
+                x.bytes as f64 / 1e6 / x.catch_up_s.max(1e-9)
             );
         }
         s.push('\n');
