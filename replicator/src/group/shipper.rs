@@ -494,15 +494,15 @@ async fn send_loop(
     }
 }
 
-/// Records read back from the journal ahead of the stream. A backlog the
+/// Records read back from the journal ahead of the stream: a backlog the
 /// payload cache no longer holds (the secondary was away, or slower than
-/// the clients) used to be read one record at a time, each read after the
-/// previous batch went out: a backlog of 1 MiB records was shipped at
-/// about half the rate the primary had journaled it. Now, when the record
-/// to send next has to be read, the journaled records after it that are
-/// not cached either are read too, concurrently, up to
-/// [`READ_AHEAD_BYTES`] and [`READ_AHEAD_RECORDS`] ahead; each read runs as
-/// a task of its own, so the disk works while earlier records are sent.
+/// the clients). When the record to send next has to be read, the
+/// journaled records after it that are not cached either are read too,
+/// concurrently, up to [`READ_AHEAD_BYTES`] and [`READ_AHEAD_RECORDS`]
+/// ahead, each read a task of its own, so the disk reads while earlier
+/// records are sent. (Read one at a time, each after the previous batch
+/// went out, a backlog was shipped more slowly than the clients had
+/// written it: bench/RESULTS.md, catch-up figure.)
 #[derive(Default)]
 struct ReadAhead {
     /// Reads under way, in sequence order: (seq, span, task).
