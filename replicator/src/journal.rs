@@ -324,7 +324,13 @@ impl Journal {
     }
 
     async fn read(&self, pos: u64, len: u64) -> Result<AlignedBuf, JournalError> {
-        let (res, buf) = self.file.read_at(AlignedBuf::for_overwrite(len as usize), pos).await;
+        self.read_from(&self.file, pos, len).await
+    }
+
+    /// Reads `len` bytes at `pos` through `file` (this journal's buffered
+    /// or direct descriptor).
+    async fn read_from(&self, file: &BlockFile, pos: u64, len: u64) -> Result<AlignedBuf, JournalError> {
+        let (res, buf) = file.read_at(AlignedBuf::for_overwrite(len as usize), pos).await;
         res.map_err(|e| self.io(e))?;
         Ok(buf)
     }
@@ -492,21 +498,17 @@ impl Journal {
         if at.saturating_add(len) > self.capacity() {
             return Err(self.format(JournalFormatError::Truncated));
         }
-        let buf = match &self.direct {
+        let file = match &self.direct {
             // Whole pages, page-aligned in the file: read with `O_DIRECT`
             // (the kernel writes back any cached dirty page of the range
             // first). Through the page cache, a cold MiB cost this machine
             // about 2 ms of the reader's CPU in the copy out of the cache,
             // most of the primary's CPU while it shipped a backlog of 1 MiB
             // records (the catch-up figure); a direct read costs it none.
-            Some(direct) if header.page_aligned && len % PAGE == 0 => {
-                let (res, buf) = direct.read_at(AlignedBuf::for_overwrite(len as usize), at).await;
-                res.map_err(|e| self.io(e))?;
-                buf
-            }
-            _ => self.read(at, len).await?,
+            Some(direct) if header.page_aligned && len % PAGE == 0 => direct,
+            _ => &self.file,
         };
-        Ok(Bytes::from_owner(buf))
+        Ok(Bytes::from_owner(self.read_from(file, at, len).await?))
     }
 
     /// fdatasync.
