@@ -106,6 +106,11 @@ pub struct LagFigure {
 pub struct CopyRun {
     /// Link description.
     pub link: String,
+    /// Over loopback, no emulated link (the initial copy and resync target).
+    pub loopback: bool,
+    /// The secondary already held the same data: every chunk was compared
+    /// by hash and none sent (what a resync of unchanged data costs).
+    pub identical: bool,
     /// Bytes copied.
     pub bytes: u64,
     /// Seconds from `pair create` until the session is up and the copy
@@ -586,6 +591,8 @@ pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
         };
         runs.push(CopyRun {
             link: if identical { format!("{}, sites already identical", link.describe()) } else { link.describe() },
+            loopback: link.is_direct(),
+            identical,
             bytes,
             setup_secs,
             secs,
@@ -755,8 +762,10 @@ pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
     drop(conn);
     p.a.start(env)?;
     p.a.wait_for(env, "rs", timeout, "fenced", |s| s.superseded_by > 0)?;
+    let t = Instant::now();
     env.call(&p.a.control(), Request::Failback { group: "rs".into() })?;
     let after = p.b.wait_for(env, "rs", timeout, "in sync with the failed-back secondary", in_sync)?;
+    let secs = t.elapsed().as_secs_f64();
     runs.push(ResyncRun {
         scenario: "after a failover, failback of the old primary".into(),
         changed_bytes: exact,
@@ -765,9 +774,10 @@ pub fn resync(env: &Env, o: &FigureOpts) -> Result<Vec<ResyncRun>, String> {
         copy_bytes: after.copy_sent_bytes,
         ratio: after.copy_sent_bytes as f64 / rounded as f64,
         note: format!(
-            "{} MiB compared by hash, {} MiB of it sent as data",
+            "{} MiB compared by hash, {} MiB of it sent as data, in {secs:.2} s from the failback request ({:.0} MB/s compared)",
             after.copy_done_bytes / MIB,
-            after.copy_sent_bytes / MIB
+            after.copy_sent_bytes / MIB,
+            after.copy_done_bytes as f64 / secs.max(1e-9) / 1e6
         ),
     });
     p.stop()?;

@@ -35,7 +35,7 @@ use crate::nbd::NbdConn;
 use crate::proxy::LinkSpec;
 use crate::qemu::{NbdkitNull, QemuMirror, QemuNbd};
 use crate::report::{Calibration, Cell, FioCheck, Results, CONFIGS};
-use crate::stats::{RunOutcome, Summary};
+use crate::stats::{DaemonCpu, RunOutcome, Summary};
 use crate::svg::{Chart, Scale};
 use crate::workload::Workload;
 
@@ -267,6 +267,10 @@ fn run(opts: Opts) -> Result<(), String> {
     results.machine.push(("load average at end".into(), load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")));
     results.evaluate();
     println!("\n{}", report::text_table(&results.table_rows()));
+    let cpu = results.cpu_rows();
+    if cpu.len() > 1 {
+        println!("{}", report::text_table(&cpu));
+    }
     println!("{}", report::text_table(&results.target_rows()));
     for n in &results.notes {
         println!("note: {n}");
@@ -484,18 +488,44 @@ fn measure(env: &Env, opts: &Opts, plan: &Plan, l: &Live, w: Workload, results: 
             measure_cell(env, opts, config, rtt, w, &mut run, &|| {})
         }
         LiveKind::Export { holder, socket, export } => {
-            let mut run = || {
-                NbdConn::connect(socket, export).map_err(|e| e.to_string()).and_then(|mut c| {
-                    let r = c.run(w, plan.warmup, plan.duration, seed(w)).map_err(|e| e.to_string());
-                    c.disconnect();
-                    r
-                })
-            };
             // The next cell (of any configuration) starts with no replication
             // backlog left behind by this one.
             let drain = || match holder.as_ref() {
                 Holder::Pair(p) => p.a.wait_for(env, config, Duration::from_secs(120), "drained", in_sync).map(|_| ()),
                 _ => Ok(()),
+            };
+            let daemons: Vec<(&'static str, u32)> = match holder.as_ref() {
+                Holder::Daemon(d) => d.pid().map(|pid| ("export", pid)).into_iter().collect(),
+                Holder::Pair(p) => [("primary", p.a.pid()), ("secondary", p.b.pid())]
+                    .into_iter()
+                    .filter_map(|(role, pid)| Some((role, pid?)))
+                    .collect(),
+                Holder::Qemu(q) => vec![("export", q.pid())],
+                Holder::Mirror(m) => {
+                    let (source, target) = m.pids();
+                    vec![("primary", source), ("secondary", target)]
+                }
+                Holder::Null(_) => Vec::new(),
+            };
+            let mut run = || {
+                let before: Vec<_> = daemons.iter().map(|&(_, pid)| monitor::usage(pid)).collect();
+                let mut r = NbdConn::connect(socket, export).map_err(|e| e.to_string()).and_then(|mut c| {
+                    let r = c.run(w, plan.warmup, plan.duration, seed(w)).map_err(|e| e.to_string());
+                    c.disconnect();
+                    r
+                });
+                if let Ok(o) = r.as_mut() {
+                    // Replicating what the cell wrote is part of its cost.
+                    let _ = drain();
+                    o.daemons = daemons
+                        .iter()
+                        .zip(before)
+                        .filter_map(|(&(role, pid), b)| {
+                            Some(DaemonCpu::between(role, b?, monitor::usage(pid)?, o.all_ops))
+                        })
+                        .collect();
+                }
+                r
             };
             let settle = || {
                 let _ = drain();
@@ -991,6 +1021,19 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
     }
     if !r.notes.is_empty() {
         s.push('\n');
+    }
+    let cpu = r.cpu_rows();
+    if cpu.len() > 1 {
+        let _ = writeln!(
+            s,
+            "### CPU per operation of each daemon\n\n{}\nSite A is the unpaired export or the primary (for `qemu-mirror`, qemu-storage-daemon exporting the source and running the mirror job), site B the secondary (the mirror's target qemu-nbd). \
+             Each daemon's CPU time (user + system, all its threads: `utime` + `stime` of `/proc/PID/stat`, in 10-ms ticks) \
+             and context switches (voluntary + involuntary, summed over `/proc/PID/task/*/status`; a thread that exits \
+             during the cell takes its count with it) from the start of the cell until everything it wrote was replicated, \
+             divided by every operation of the cell (its warm-up's included): what `perf stat -e task-clock,context-switches \
+             -p PID` counts over the same span. `wal-4k+flush` counts a write and its FLUSH as one operation.\n",
+            report::markdown_table(&cpu)
+        );
     }
     if !r.calibration.is_empty() {
         let _ = writeln!(

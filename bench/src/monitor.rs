@@ -21,24 +21,60 @@ fn total_busy() -> Option<u64> {
     Some(v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| *x).sum())
 }
 
+/// (ppid, utime + stime) of a process: the CPU of all its threads, those
+/// that have exited included.
+fn stat_ticks(pid: u32) -> Option<(u32, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] = state, f[1] = ppid, f[11] = utime, f[12] = stime
+    let ppid = f.get(1)?.parse().unwrap_or(0);
+    let t = f.get(11)?.parse::<u64>().unwrap_or(0) + f.get(12)?.parse::<u64>().unwrap_or(0);
+    Some((ppid, t))
+}
+
 /// (ppid, utime + stime) of every process.
 fn processes() -> HashMap<u32, (u32, u64)> {
     let mut out = HashMap::new();
     let Ok(rd) = std::fs::read_dir("/proc") else { return out };
     for e in rd.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // The command may contain spaces and parentheses: fields start after the last ')'.
-        let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // f[0] = state, f[1] = ppid, f[11] = utime, f[12] = stime
-        if f.len() > 12 {
-            let ppid = f[1].parse().unwrap_or(0);
-            let t = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-            out.insert(pid, (ppid, t));
+        if let Some(v) = stat_ticks(pid) {
+            out.insert(pid, v);
         }
     }
     out
+}
+
+/// What one process has used so far: what `perf stat -p PID` counts as
+/// task-clock and context-switches, read from /proc.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    /// CPU time of all its threads (user + system), seconds, in clock
+    /// ticks (10 ms).
+    pub cpu_secs: f64,
+    /// Voluntary and involuntary context switches of its threads alive
+    /// now (those of a thread that exited are no longer counted).
+    pub switches: u64,
+}
+
+/// The usage of process `pid` so far, if it is alive.
+pub fn usage(pid: u32) -> Option<Usage> {
+    let (_, ticks) = stat_ticks(pid)?;
+    let mut switches = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(s) = std::fs::read_to_string(t.path().join("status")) else { continue };
+        for line in s.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                switches += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Some(Usage { cpu_secs: ticks as f64 / HZ, switches })
 }
 
 /// CPU ticks used so far by `root` and its descendants that are alive.

@@ -273,7 +273,10 @@ impl NbdConn {
             let done = Instant::now();
             if err != 0 {
                 out.errors += 1;
-            } else if done >= begin && done <= end {
+            } else {
+                out.all_ops += 1;
+            }
+            if err == 0 && done >= begin && done <= end {
                 out.ops += 1;
                 out.bytes += slot.len;
                 out.lat_ns.push(done.duration_since(slot.start).as_nanos() as u64);

@@ -82,7 +82,7 @@ impl Drop for Proc {
 /// A `qemu-nbd` export of a raw file (cache=none, aio=io_uring).
 #[derive(Debug)]
 pub struct QemuNbd {
-    _proc: Proc,
+    proc: Proc,
     /// TCP address, when exported on one.
     pub tcp: Option<SocketAddr>,
 }
@@ -95,13 +95,18 @@ fn qemu_nbd_cmd(site: &str, file: &Path, export: &str) -> Command {
 }
 
 impl QemuNbd {
+    /// The process id of qemu-nbd.
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
     /// Exports `file` as `export` on Unix socket `socket`.
     pub fn unix(file: &Path, socket: &Path, export: &str, log: &Path) -> Result<QemuNbd, String> {
         let mut cmd = qemu_nbd_cmd("site-a", file, export);
         cmd.arg("-k").arg(socket);
         let mut p = Proc::spawn(&mut cmd, "qemu-nbd", log)?;
         p.wait(|| UnixStream::connect(socket).is_ok())?;
-        Ok(QemuNbd { _proc: p, tcp: None })
+        Ok(QemuNbd { proc: p, tcp: None })
     }
 
     /// Exports `file` as `export` on 127.0.0.1:`port`, as site B (the
@@ -112,7 +117,7 @@ impl QemuNbd {
         let mut p = Proc::spawn(&mut cmd, "qemu-nbd", log)?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         p.wait(|| std::net::TcpStream::connect(addr).is_ok())?;
-        Ok(QemuNbd { _proc: p, tcp: Some(addr) })
+        Ok(QemuNbd { proc: p, tcp: Some(addr) })
     }
 }
 
@@ -206,13 +211,19 @@ pub struct QemuMirror {
     pub ready_secs: f64,
     // Field order is drop order: the storage daemon first, then the proxy,
     // then the target.
-    _qsd: Proc,
+    qsd: Proc,
     _qmp: Qmp,
     _proxy: Option<TcpProxy>,
-    _target: QemuNbd,
+    target: QemuNbd,
 }
 
 impl QemuMirror {
+    /// The process ids of the source (qemu-storage-daemon, exporting the
+    /// volume and running the mirror) and of the target's qemu-nbd.
+    pub fn pids(&self) -> (u32, u32) {
+        (self.qsd.child.id(), self.target.pid())
+    }
+
     /// Starts the target, the proxy, the storage daemon, and the mirror job;
     /// returns once the job is READY (actively synced).
     pub fn start(dir: &Path, src: &Path, tgt: &Path, link: LinkSpec) -> Result<QemuMirror, String> {
@@ -253,6 +264,6 @@ impl QemuMirror {
         )?;
         qmp.wait_event("BLOCK_JOB_READY", &seen, Duration::from_secs(120))?;
         let ready_secs = t.elapsed().as_secs_f64();
-        Ok(QemuMirror { socket, ready_secs, _qsd: qsd, _qmp: qmp, _proxy: proxy, _target: target })
+        Ok(QemuMirror { socket, ready_secs, qsd, _qmp: qmp, _proxy: proxy, target })
     }
 }

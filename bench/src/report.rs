@@ -340,7 +340,85 @@ impl Results {
                 verdict: if r.ratio <= 1.1 { Verdict::Pass } else { Verdict::Miss },
             });
         }
+        let disk = self.get("local", 0.0, Seq).map(|s| s.mbps);
+        for identical in [false, true] {
+            let goal = if identical {
+                "resync on loopback (sites identical: every chunk compared by hash) ≥ 0.5× the disk's sequential speed"
+            } else {
+                "initial copy on loopback ≥ 0.5× the disk's sequential speed"
+            };
+            let run = self.figures.copy.iter().find(|c| c.loopback && c.identical == identical);
+            let floor = run
+                .and_then(|c| c.floor_mbps.map(|f| (c.mbps / f, f)))
+                .map_or(String::new(), |(r, f)| format!("; {r:.2}× the same copy between the files, {f:.0} MB/s"));
+            t.push(ratio(
+                goal.into(),
+                run.map(|c| c.mbps),
+                disk,
+                &format!("{:.0} vs {:.0} MB/s{floor}", run.map_or(0.0, |c| c.mbps), disk.unwrap_or(0.0)),
+                &|x| x >= 0.5,
+                if run.is_none() { "copy figure not run".into() } else { self.why_missing("local", 0.0, Seq) },
+            ));
+        }
+        for mode in ["async", "sync"] {
+            for (w, label) in [(Qd1, "QD1"), (Qd32, "QD32")] {
+                let goal =
+                    format!("CPU per 4 KiB write per daemon ≤ 60 µs and ≤ 3 context switches ({mode} {label}, RTT 0)");
+                match self.get(mode, 0.0, w).filter(|s| !s.daemons.is_empty()) {
+                    Some(s) => t.push(Target {
+                        goal,
+                        measured: s
+                            .daemons
+                            .iter()
+                            .map(|d| format!("{} {:.0} µs, {:.1} switches", d.role, d.us_per_op, d.switches_per_op))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        verdict: if s.daemons.iter().all(|d| d.us_per_op <= 60.0 && d.switches_per_op <= 3.0) {
+                            Verdict::Pass
+                        } else {
+                            Verdict::Miss
+                        },
+                    }),
+                    None => t.push(Target {
+                        goal,
+                        measured: "—".into(),
+                        verdict: Verdict::NotMeasured(self.why_missing(mode, 0.0, w)),
+                    }),
+                }
+            }
+        }
         self.targets = t;
+    }
+
+    /// Rows of the table of each daemon's CPU per operation: header first;
+    /// one row per measured cell of a daemon (`nbd`, `async`, `sync`).
+    pub fn cpu_rows(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![[
+            "config",
+            "RTT",
+            "workload",
+            "IOPS",
+            "site A µs/op",
+            "site A switches/op",
+            "site B µs/op",
+            "site B switches/op",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect::<Vec<_>>()];
+        for c in &self.cells {
+            let Some(s) = c.summary.as_ref().filter(|s| !s.daemons.is_empty()) else { continue };
+            let rtt = if is_replicated(&c.config) { format!("{} ms", c.rtt_ms) } else { "—".into() };
+            let mut row = vec![c.config.clone(), rtt, c.workload.clone(), format!("{:.0}", s.iops)];
+            for role in [["export", "primary"], ["secondary", "secondary"]] {
+                match s.daemons.iter().find(|d| role.contains(&d.role)) {
+                    Some(d) => row.extend([format!("{:.1}", d.us_per_op), format!("{:.2}", d.switches_per_op)]),
+                    None => row.extend(["—".to_string(), "—".to_string()]),
+                }
+            }
+            rows.push(row);
+        }
+        rows
     }
 
     /// Rows of the main table: header first.
@@ -480,7 +558,7 @@ pub fn markdown_table(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{RunOutcome, Summary};
+    use crate::stats::{DaemonCpu, RunOutcome, Summary};
 
     fn summary(iops: f64, p50_us: u64) -> Summary {
         let n = iops as u64;
@@ -489,7 +567,7 @@ mod tests {
             bytes: n * 4096,
             secs: 1.0,
             lat_ns: vec![p50_us * 1000; 10],
-            errors: 0,
+            ..RunOutcome::default()
         })
     }
 
@@ -573,6 +651,67 @@ mod tests {
                 None => assert!(matches!(many(&r), Some(Verdict::NotMeasured(_))), "only {groups} groups"),
             }
         }
+    }
+
+    #[test]
+    fn the_cpu_target_holds_every_daemon_to_60_us_and_3_switches() {
+        use Workload::*;
+        let with = |daemons: &[(&'static str, f64, f64)]| {
+            let mut s = summary(30000.0, 900);
+            s.daemons = daemons
+                .iter()
+                .map(|&(role, us_per_op, switches_per_op)| DaemonCpu { role, us_per_op, switches_per_op })
+                .collect();
+            Some(s)
+        };
+        let mut r = results(vec![
+            cell("nbd", 0.0, RandWrite4kQd32, with(&[("export", 11.0, 0.1)])),
+            cell("async", 0.0, RandWrite4kQd1, with(&[("primary", 90.0, 2.0), ("secondary", 50.0, 1.0)])),
+            cell("async", 0.0, RandWrite4kQd32, with(&[("primary", 20.0, 0.3), ("secondary", 15.0, 0.2)])),
+            cell("sync", 0.0, RandWrite4kQd32, with(&[("primary", 40.0, 3.5), ("secondary", 15.0, 0.2)])),
+            cell("sync", 0.0, RandWrite4kQd1, None),
+        ]);
+        r.evaluate();
+        let find = |goal: &str| r.targets.iter().find(|t| t.goal.contains(goal)).map(|t| t.verdict.clone());
+        assert_eq!(find("(async QD1, RTT 0)"), Some(Verdict::Miss), "the primary's 90 µs");
+        assert_eq!(find("(async QD32, RTT 0)"), Some(Verdict::Pass));
+        assert_eq!(find("(sync QD32, RTT 0)"), Some(Verdict::Miss), "3.5 switches");
+        assert!(matches!(find("(sync QD1, RTT 0)"), Some(Verdict::NotMeasured(_))));
+        let rows = r.cpu_rows();
+        assert_eq!(rows.len(), 5, "a header and one row per cell with daemons: {rows:?}");
+        assert_eq!(rows[1][4..], ["11.0", "0.10", "—", "—"]);
+        assert_eq!(rows[2][4..], ["90.0", "2.00", "50.0", "1.00"]);
+    }
+
+    #[test]
+    fn the_copy_and_resync_targets_compare_with_the_disk() {
+        use Workload::*;
+        let mut r = results(vec![cell("local", 0.0, SeqWrite1m, Some(summary(1000.0, 1000)))]);
+        let disk = r.get("local", 0.0, SeqWrite1m).map(|s| s.mbps).unwrap_or(0.0);
+        let run = |identical: bool, mbps: f64| crate::figures::CopyRun {
+            link: "RTT 0ms".into(),
+            loopback: true,
+            identical,
+            bytes: 1 << 29,
+            setup_secs: 1.0,
+            secs: 1.0,
+            mbps,
+            bound_mbps: Some(disk),
+            bound: String::new(),
+            drops: None,
+            floor_mbps: Some(disk / 2.0),
+        };
+        let find = |r: &Results, goal: &str| {
+            r.targets.iter().find(|t| t.goal.starts_with(goal)).map(|t| (t.verdict.clone(), t.measured.clone()))
+        };
+        r.evaluate();
+        assert!(matches!(find(&r, "initial copy on loopback"), Some((Verdict::NotMeasured(_), _))));
+        r.figures.copy = vec![run(false, disk * 0.6), run(true, disk * 0.4)];
+        r.evaluate();
+        let (v, measured) = find(&r, "initial copy on loopback").unwrap_or((Verdict::Miss, String::new()));
+        assert_eq!(v, Verdict::Pass);
+        assert!(measured.contains("1.20× the same copy between the files"), "{measured}");
+        assert_eq!(find(&r, "resync on loopback").map(|x| x.0), Some(Verdict::Miss));
     }
 
     #[test]

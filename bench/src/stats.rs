@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+use crate::monitor::Usage;
+
 /// Nearest-rank percentile of an ascending slice (`p` in 0..=1): the
 /// smallest sample such that at least `p` of all samples are at or below it.
 /// 0 for an empty slice.
@@ -49,6 +51,36 @@ pub struct RunOutcome {
     pub lat_ns: Vec<u64>,
     /// Operations that failed (server errors).
     pub errors: u64,
+    /// Every operation completed, the warm-up's and those still in flight
+    /// when the measured phase ended included.
+    pub all_ops: u64,
+    /// The CPU each daemon serving the export spent per operation.
+    pub daemons: Vec<DaemonCpu>,
+}
+
+/// What one daemon spent per operation of a cell: its CPU and context
+/// switches from the cell's start until it had replicated everything the
+/// cell wrote, divided by every operation of the cell (warm-up included).
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonCpu {
+    /// `export` (an unpaired volume), `primary` or `secondary`.
+    pub role: &'static str,
+    /// CPU time (user + system, all threads) per operation, µs.
+    pub us_per_op: f64,
+    /// Context switches per operation.
+    pub switches_per_op: f64,
+}
+
+impl DaemonCpu {
+    /// The difference of two samples of one daemon over `ops` operations.
+    pub fn between(role: &'static str, before: Usage, after: Usage, ops: u64) -> DaemonCpu {
+        let n = ops.max(1) as f64;
+        DaemonCpu {
+            role,
+            us_per_op: (after.cpu_secs - before.cpu_secs).max(0.0) * 1e6 / n,
+            switches_per_op: after.switches.saturating_sub(before.switches) as f64 / n,
+        }
+    }
 }
 
 /// The summary of one (configuration, RTT, workload) cell.
@@ -77,6 +109,8 @@ pub struct Summary {
     /// Latency CDF for the plots (µs, fraction).
     #[serde(skip)]
     pub cdf: Vec<(f64, f64)>,
+    /// CPU per operation of each daemon serving the export.
+    pub daemons: Vec<DaemonCpu>,
 }
 
 impl Summary {
@@ -99,6 +133,7 @@ impl Summary {
             max_us: us(s.last().copied().unwrap_or(0)),
             errors: o.errors,
             cdf: cdf_points(s, 400),
+            daemons: o.daemons,
         }
     }
 }
@@ -136,7 +171,13 @@ mod tests {
 
     #[test]
     fn summary_rates_and_cdf() {
-        let o = RunOutcome { ops: 4, bytes: 4 * 4096, secs: 2.0, lat_ns: vec![4000, 1000, 3000, 2000], errors: 0 };
+        let o = RunOutcome {
+            ops: 4,
+            bytes: 4 * 4096,
+            secs: 2.0,
+            lat_ns: vec![4000, 1000, 3000, 2000],
+            ..RunOutcome::default()
+        };
         let s = Summary::from_outcome(o);
         assert_eq!(s.iops, 2.0);
         assert!((s.mbps - 0.008192).abs() < 1e-9);
