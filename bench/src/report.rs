@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::figures::Figures;
+use crate::figures::{Figures, RssRow};
 use crate::stats::Summary;
 use crate::workload::Workload;
 
@@ -340,6 +340,7 @@ impl Results {
                 verdict: if r.ratio <= 1.1 { Verdict::Pass } else { Verdict::Miss },
             });
         }
+        t.push(self.rss_target());
         let disk = self.get("local", 0.0, Seq).map(|s| s.mbps);
         for identical in [false, true] {
             let goal = if identical {
@@ -388,6 +389,49 @@ impl Results {
             }
         }
         self.targets = t;
+    }
+
+    /// "RSS linear in configured buffers", on the memory figure: a backlog
+    /// of any size keeps the primary within its idle size plus the payload
+    /// cache (`CACHE_BUDGET`, +10 %), whatever the journal's size; and each
+    /// group added costs no more memory from 8 to 32 groups than from 1 to
+    /// 8 (linear, or better).
+    fn rss_target(&self) -> Target {
+        let goal = "RSS linear in configured buffers: a backlog holds the primary within idle + the 128 MiB payload \
+                    cache (+10 %) whatever the journal's size; each added idle group costs no more from 8 to 32 \
+                    groups than from 1 to 8"
+            .to_string();
+        let rows = &self.figures.rss;
+        let idle = |n: usize| rows.iter().find(|r| r.groups == n && r.backlog_bytes == 0);
+        let most = rows.iter().filter(|r| r.backlog_bytes == 0).max_by_key(|r| r.groups);
+        let (Some(one), Some(eight), Some(most)) = (idle(1), idle(8), most) else {
+            return Target {
+                goal,
+                measured: "—".into(),
+                verdict: Verdict::NotMeasured("memory figure not run".into()),
+            };
+        };
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let cap = (mib(one.primary_kib) + replicator::group::CACHE_BUDGET as f64 / 1048576.0) * 1.1;
+        let backlog: Vec<f64> = rows.iter().filter(|r| r.backlog_bytes > 0).map(|r| mib(r.primary_kib)).collect();
+        let worst = backlog.iter().copied().fold(0.0, f64::max);
+        let mut measured = format!("backlog: primary at most {worst:.1} MiB against {cap:.1}");
+        let mut ok = !backlog.is_empty() && worst <= cap;
+        if most.groups > eight.groups {
+            for site in ["primary", "secondary"] {
+                let kib = |r: &RssRow| if site == "primary" { r.primary_kib } else { r.secondary_kib };
+                // MiB per group added between two idle rows.
+                let per_group = |a: &RssRow, b: &RssRow| (mib(kib(b)) - mib(kib(a))) / (b.groups - a.groups) as f64;
+                let (early, late) = (per_group(one, eight), per_group(eight, most));
+                measured.push_str(&format!(
+                    "; {site} {early:.2} MiB per group from 1 to 8, {late:.2} from 8 to {}",
+                    most.groups
+                ));
+                // (a twentieth of a MiB per group is the noise of idle RSS)
+                ok &= late <= early.max(0.05);
+            }
+        }
+        Target { goal, measured, verdict: if ok { Verdict::Pass } else { Verdict::Miss } }
     }
 
     /// Rows of the table of each daemon's CPU per operation: header first;
@@ -712,6 +756,34 @@ mod tests {
         assert_eq!(v, Verdict::Pass);
         assert!(measured.contains("1.20× the same copy between the files"), "{measured}");
         assert_eq!(find(&r, "resync on loopback").map(|x| x.0), Some(Verdict::Miss));
+    }
+
+    #[test]
+    fn the_memory_target_bounds_a_backlog_by_the_cache_and_groups_linearly() {
+        let row = |groups: usize, backlog_mib: u64, primary_mib: u64, secondary_mib: u64| RssRow {
+            label: String::new(),
+            groups,
+            journal_bytes: 0,
+            backlog_bytes: backlog_mib << 20,
+            primary_kib: primary_mib << 10,
+            secondary_kib: secondary_mib << 10,
+        };
+        let verdict = |rows: Vec<RssRow>| {
+            let mut r = results(Vec::new());
+            r.figures.rss = rows;
+            r.evaluate();
+            r.targets.iter().find(|t| t.goal.starts_with("RSS linear")).map(|t| t.verdict.clone())
+        };
+        assert!(matches!(verdict(Vec::new()), Some(Verdict::NotMeasured(_))));
+        // Idle 12, 15, 17 MiB (0.43 then 0.08 MiB per group); a backlog of 384 MiB at 142.
+        let good = vec![row(1, 0, 12, 14), row(8, 0, 15, 20), row(32, 0, 17, 27), row(1, 384, 142, 0)];
+        assert_eq!(verdict(good), Some(Verdict::Pass));
+        // A backlog past the payload cache: memory grows with the data.
+        let leaky = vec![row(1, 0, 12, 14), row(8, 0, 15, 20), row(32, 0, 17, 27), row(1, 384, 300, 0)];
+        assert_eq!(verdict(leaky), Some(Verdict::Miss));
+        // Each group past 8 costs more than the first ones did.
+        let superlinear = vec![row(1, 0, 12, 14), row(8, 0, 15, 20), row(32, 0, 40, 27), row(1, 384, 142, 0)];
+        assert_eq!(verdict(superlinear), Some(Verdict::Miss));
     }
 
     #[test]

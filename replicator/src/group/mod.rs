@@ -284,8 +284,9 @@ enum SessionCommand {
 /// Memory budget for records kept for shipping (a payload is dropped as
 /// soon as the secondary has received its record, see `Group::on_ack`);
 /// beyond it the shipper reads them back from the journal: a backlog while
-/// the secondary is slow or away.
-const CACHE_BUDGET: u64 = 128 << 20;
+/// the secondary is slow or away. Per group: a daemon's memory grows with
+/// its groups and this budget, not with a backlog or the journal's size.
+pub const CACHE_BUDGET: u64 = 128 << 20;
 /// Past the budget, the oldest payloads are dropped down to this much below
 /// it: a little at a time, so that the buffers freed at once fit the I/O
 /// buffer pool (`io::buf`), which new writes then take them from instead of
