@@ -1031,7 +1031,9 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
              and context switches (voluntary + involuntary, summed over `/proc/PID/task/*/status`; a thread that exits \
              during the cell takes its count with it) from the start of the cell until everything it wrote was replicated, \
              divided by every operation of the cell (its warm-up's included): what `perf stat -e task-clock,context-switches \
-             -p PID` counts over the same span. `wal-4k+flush` counts a write and its FLUSH as one operation.\n",
+             -p PID` counts over the same span (`bench/perf-per-write.sh` agrees within a few per cent). `wal-4k+flush` \
+             counts a write and its FLUSH as one operation. At a few hundred operations a second (sync at RTT 5 ms) \
+             the daemons' idle work (timers, the benchmark's status polls) is a visible part of each operation's share.\n",
             report::markdown_table(&cpu)
         );
     }
