@@ -47,6 +47,15 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// PASS when the target is met, MISS otherwise.
+    fn of(met: bool) -> Verdict {
+        if met {
+            Verdict::Pass
+        } else {
+            Verdict::Miss
+        }
+    }
+
     fn label(&self) -> &str {
         match self {
             Verdict::Pass => "PASS",
@@ -65,6 +74,13 @@ pub struct Target {
     pub measured: String,
     /// Verdict.
     pub verdict: Verdict,
+}
+
+impl Target {
+    /// A target this run has no figures for, and why.
+    fn not_measured(goal: String, why: String) -> Target {
+        Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured(why) }
+    }
 }
 
 /// Round-trip calibration of the UDP proxy.
@@ -158,13 +174,9 @@ impl Results {
             match (num, den) {
                 (Some(n), Some(d)) if d > 0.0 => {
                     let r = n / d;
-                    Target {
-                        goal,
-                        measured: format!("{r:.2}× ({what})"),
-                        verdict: if ok(r) { Verdict::Pass } else { Verdict::Miss },
-                    }
+                    Target { goal, measured: format!("{r:.2}× ({what})"), verdict: Verdict::of(ok(r)) }
                 }
-                _ => Target { goal, measured: "—".into(), verdict: Verdict::NotMeasured(missing) },
+                _ => Target::not_measured(goal, missing),
             }
         };
         for &r in &rtts {
@@ -237,14 +249,10 @@ impl Results {
                     t.push(Target {
                         goal,
                         measured: format!("{:.0} µs vs bound {bound:.0} µs{how}", s.p50_us),
-                        verdict: if s.p50_us <= bound { Verdict::Pass } else { Verdict::Miss },
+                        verdict: Verdict::of(s.p50_us <= bound),
                     });
                 }
-                _ => t.push(Target {
-                    goal,
-                    measured: "—".into(),
-                    verdict: Verdict::NotMeasured(self.why_missing("sync", r, Qd1)),
-                }),
+                _ => t.push(Target::not_measured(goal, self.why_missing("sync", r, Qd1))),
             }
             let goal = format!("sync QD32 pipelines: IOPS ≥ 0.5 × min(32 × QD1 IOPS, nbd QD32 IOPS) (RTT {r} ms)");
             match (self.get("sync", r, Qd1), self.get("sync", r, Qd32), self.get("nbd", 0.0, Qd32)) {
@@ -258,14 +266,10 @@ impl Results {
                             q32.iops / q1.iops.max(1e-9),
                             100.0 * q32.iops / ideal.max(1e-9)
                         ),
-                        verdict: if q32.iops >= 0.5 * ideal { Verdict::Pass } else { Verdict::Miss },
+                        verdict: Verdict::of(q32.iops >= 0.5 * ideal),
                     });
                 }
-                _ => t.push(Target {
-                    goal,
-                    measured: "—".into(),
-                    verdict: Verdict::NotMeasured(self.why_missing("sync", r, Qd32)),
-                }),
+                _ => t.push(Target::not_measured(goal, self.why_missing("sync", r, Qd32))),
             }
         }
         let n = self.get("nbd", 0.0, Qd1).map(|s| s.p50_us);
@@ -296,13 +300,9 @@ impl Results {
                     "p99 {:.1} ms at {:.1} MB/s on a {:.1} MB/s link ({})",
                     p.lag_p99_ms, p.achieved_mbps, l.link_mbps, l.link
                 ),
-                verdict: if p.lag_p99_ms <= 100.0 { Verdict::Pass } else { Verdict::Miss },
+                verdict: Verdict::of(p.lag_p99_ms <= 100.0),
             }),
-            None => t.push(Target {
-                goal,
-                measured: "—".into(),
-                verdict: Verdict::NotMeasured("lag figure not run".into()),
-            }),
+            None => t.push(Target::not_measured(goal, "lag figure not run".into())),
         }
         let goal =
             "many groups: 32 groups each under load within 10 % of one group at the same total queue depth".to_string();
@@ -321,11 +321,7 @@ impl Results {
                     Verdict::Miss
                 },
             }),
-            None => t.push(Target {
-                goal,
-                measured: "—".into(),
-                verdict: Verdict::NotMeasured("many-groups figure not run".into()),
-            }),
+            None => t.push(Target::not_measured(goal, "many-groups figure not run".into())),
         }
         for r in &self.figures.resync {
             t.push(Target {
@@ -337,7 +333,7 @@ impl Results {
                     r.copy_bytes as f64 / 1048576.0,
                     r.changed_rounded as f64 / 1048576.0
                 ),
-                verdict: if r.ratio <= 1.1 { Verdict::Pass } else { Verdict::Miss },
+                verdict: Verdict::of(r.ratio <= 1.1),
             });
         }
         t.push(self.rss_target());
@@ -374,17 +370,9 @@ impl Results {
                             .map(|d| format!("{} {:.0} µs, {:.1} switches", d.role, d.us_per_op, d.switches_per_op))
                             .collect::<Vec<_>>()
                             .join("; "),
-                        verdict: if s.daemons.iter().all(|d| d.us_per_op <= 60.0 && d.switches_per_op <= 3.0) {
-                            Verdict::Pass
-                        } else {
-                            Verdict::Miss
-                        },
+                        verdict: Verdict::of(s.daemons.iter().all(|d| d.us_per_op <= 60.0 && d.switches_per_op <= 3.0)),
                     }),
-                    None => t.push(Target {
-                        goal,
-                        measured: "—".into(),
-                        verdict: Verdict::NotMeasured(self.why_missing(mode, 0.0, w)),
-                    }),
+                    None => t.push(Target::not_measured(goal, self.why_missing(mode, 0.0, w))),
                 }
             }
         }
@@ -405,11 +393,7 @@ impl Results {
         let idle = |n: usize| rows.iter().find(|r| r.groups == n && r.backlog_bytes == 0);
         let most = rows.iter().filter(|r| r.backlog_bytes == 0).max_by_key(|r| r.groups);
         let (Some(one), Some(eight), Some(most)) = (idle(1), idle(8), most) else {
-            return Target {
-                goal,
-                measured: "—".into(),
-                verdict: Verdict::NotMeasured("memory figure not run".into()),
-            };
+            return Target::not_measured(goal, "memory figure not run".into());
         };
         let mib = |kib: u64| kib as f64 / 1024.0;
         let cap = (mib(one.primary_kib) + replicator::group::CACHE_BUDGET as f64 / 1048576.0) * 1.1;
@@ -431,7 +415,7 @@ impl Results {
                 ok &= late <= early.max(0.05);
             }
         }
-        Target { goal, measured, verdict: if ok { Verdict::Pass } else { Verdict::Miss } }
+        Target { goal, measured, verdict: Verdict::of(ok) }
     }
 
     /// Rows of the table of each daemon's CPU per operation: header first;
