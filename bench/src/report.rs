@@ -385,10 +385,12 @@ impl Results {
     /// group added costs no more memory from 8 to 32 groups than from 1 to
     /// 8 (linear, or better).
     fn rss_target(&self) -> Target {
-        let goal = "RSS linear in configured buffers: a backlog holds the primary within idle + the 128 MiB payload \
-                    cache (+10 %) whatever the journal's size; each added idle group costs no more from 8 to 32 \
-                    groups than from 1 to 8"
-            .to_string();
+        let cache_mib = replicator::group::CACHE_BUDGET >> 20;
+        let goal = format!(
+            "RSS linear in configured buffers: a backlog holds the primary within idle + the {cache_mib} MiB payload \
+             cache (+10 %) whatever the journal's size; each added idle group costs no more from 8 to 32 groups than \
+             from 1 to 8"
+        );
         let rows = &self.figures.rss;
         let idle = |n: usize| rows.iter().find(|r| r.groups == n && r.backlog_bytes == 0);
         let most = rows.iter().filter(|r| r.backlog_bytes == 0).max_by_key(|r| r.groups);
@@ -396,7 +398,7 @@ impl Results {
             return Target::not_measured(goal, "memory figure not run".into());
         };
         let mib = |kib: u64| kib as f64 / 1024.0;
-        let cap = (mib(one.primary_kib) + replicator::group::CACHE_BUDGET as f64 / 1048576.0) * 1.1;
+        let cap = (mib(one.primary_kib) + cache_mib as f64) * 1.1;
         let backlog: Vec<f64> = rows.iter().filter(|r| r.backlog_bytes > 0).map(|r| mib(r.primary_kib)).collect();
         let worst = backlog.iter().copied().fold(0.0, f64::max);
         let mut measured = format!("backlog: primary at most {worst:.1} MiB against {cap:.1}");
@@ -419,7 +421,7 @@ impl Results {
     }
 
     /// Rows of the table of each daemon's CPU per operation: header first;
-    /// one row per measured cell of a daemon (`nbd`, `async`, `sync`).
+    /// one row per measured cell served by daemons (ours and QEMU's).
     pub fn cpu_rows(&self) -> Vec<Vec<String>> {
         let mut rows = vec![[
             "config",
@@ -438,8 +440,9 @@ impl Results {
             let Some(s) = c.summary.as_ref().filter(|s| !s.daemons.is_empty()) else { continue };
             let rtt = if is_replicated(&c.config) { format!("{} ms", c.rtt_ms) } else { "—".into() };
             let mut row = vec![c.config.clone(), rtt, c.workload.clone(), format!("{:.0}", s.iops)];
-            for role in [["export", "primary"], ["secondary", "secondary"]] {
-                match s.daemons.iter().find(|d| role.contains(&d.role)) {
+            // Site A: the export or the primary; site B: the secondary.
+            for site_b in [false, true] {
+                match s.daemons.iter().find(|d| (d.role == "secondary") == site_b) {
                     Some(d) => row.extend([format!("{:.1}", d.us_per_op), format!("{:.2}", d.switches_per_op)]),
                     None => row.extend(["—".to_string(), "—".to_string()]),
                 }
