@@ -255,6 +255,39 @@ pub struct CutReport {
 
 /// Path of the `powercut-fs` binary: next to `replicator` (cargo builds it
 /// with the tests crate's integration tests). `POWERCUT_FS_BIN` overrides.
+/// Writes a replication backlog through NBD on `socket`'s `export` (a
+/// volume of `volume` bytes, at least 64 MiB): 48 writes of 1 MiB over the
+/// first 48 MiB, each followed by sixteen 4 KiB stamped writes into the last
+/// 16 MiB (page-aligned records read back with O_DIRECT, and small ones
+/// through the page cache). Returns the image the volume must then hold.
+pub fn write_backlog(socket: &Path, export: &str, volume: u64, seed: u64) -> Vec<u8> {
+    use pattern::{stamp, Rng, BLOCK};
+    const MIB: u64 = 1 << 20;
+    assert!(volume >= 64 * MIB, "a backlog needs a volume of 64 MiB or more");
+    let mut expect = vec![0u8; volume as usize];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = replicator::nbd_client::NbdClient::connect_unix(socket, export).await.expect("connect");
+        let mut rng = Rng::new(seed);
+        for i in 0..48u64 {
+            let mut big = vec![0u8; MIB as usize];
+            rng.fill(&mut big);
+            let at = i * MIB;
+            client.write(at, &big, false).await.expect("1 MiB write");
+            expect[at as usize..(at + MIB) as usize].copy_from_slice(&big);
+            for _ in 0..16 {
+                let block = 48 * MIB / BLOCK as u64 + rng.below(16 * MIB / BLOCK as u64);
+                let data = stamp(block, i + 1);
+                let at = block * BLOCK as u64;
+                client.write(at, &data, false).await.expect("4 KiB write");
+                expect[at as usize..at as usize + BLOCK].copy_from_slice(&data);
+            }
+        }
+        let _ = client.disconnect().await;
+    });
+    expect
+}
+
 pub fn powercut_fs_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("POWERCUT_FS_BIN") {
         return PathBuf::from(p);

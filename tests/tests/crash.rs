@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use replicator::nbd_client::NbdClient;
 use replicator_tests::pattern::{read_stamp, stamp, Rng, StampRead, BLOCK};
-use replicator_tests::{Cluster, ClusterOpts, GroupSpec, Mode, Site};
+use replicator_tests::{write_backlog, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
 const WRITERS: u64 = 16;
@@ -345,27 +345,7 @@ fn kill9_primary_with_a_backlog_ships_it_from_the_journal() {
 
     // 48 writes of 1 MiB over the volume's first 48 MiB, each followed by
     // sixteen 4 KiB writes into its last 16 MiB; the expected image is kept.
-    let mut expect = vec![0u8; VOLUME as usize];
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("connect");
-        let mut rng = Rng::new(7);
-        for i in 0..48u64 {
-            let mut big = vec![0u8; MIB as usize];
-            rng.fill(&mut big);
-            let at = i * MIB;
-            client.write(at, &big, false).await.expect("1 MiB write");
-            expect[at as usize..(at + MIB) as usize].copy_from_slice(&big);
-            for _ in 0..16 {
-                let block = 48 * MIB / BLOCK as u64 + rng.below(16 * MIB / BLOCK as u64);
-                let data = stamp(block, i + 1);
-                let at = block * BLOCK as u64;
-                client.write(at, &data, false).await.expect("4 KiB write");
-                expect[at as usize..at as usize + BLOCK].copy_from_slice(&data);
-            }
-        }
-        let _ = client.disconnect().await;
-    });
+    let expect = write_backlog(&c.nbd_socket(Site::A), vol, VOLUME, 7);
     let lag = c.status(Site::A, group).lag_records;
     assert!(lag >= 48 * 17, "the backlog is not in the journal: lag {lag} records\n{}", c.diagnostics());
     c.kill9(Site::A);

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use replicator::nbd_client::NbdClient;
 use replicator_tests::pattern::{stamp, BlockState, Rng, BLOCK};
-use replicator_tests::{require, require_root, Cluster, ClusterOpts, CutReport, GroupSpec, Mode, Site};
+use replicator_tests::{require, require_root, write_backlog, Cluster, ClusterOpts, CutReport, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
 const VOLUME_SIZE: u64 = 64 * MIB;
@@ -699,26 +699,7 @@ fn secondary_power_cut_while_a_backlog_ships_from_the_journal() {
 
     // 48 writes of 1 MiB over the volume's first 48 MiB, each followed by
     // sixteen 4 KiB writes into its last 16 MiB; the expected image is kept.
-    let mut expect = vec![0u8; VOLUME_SIZE as usize];
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("connect");
-        let mut rng = Rng::new(17);
-        for i in 0..48u64 {
-            let mut big = vec![0u8; MIB as usize];
-            rng.fill(&mut big);
-            client.write(i * MIB, &big, false).await.expect("1 MiB write");
-            expect[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&big);
-            for _ in 0..16 {
-                let block = 48 * MIB / BLOCK as u64 + rng.below(16 * MIB / BLOCK as u64);
-                let data = stamp(block, i + 1);
-                let at = (block * BLOCK as u64) as usize;
-                client.write(at as u64, &data, false).await.expect("4 KiB write");
-                expect[at..at + BLOCK].copy_from_slice(&data);
-            }
-        }
-        let _ = client.disconnect().await;
-    });
+    let expect = write_backlog(&c.nbd_socket(Site::A), vol, VOLUME_SIZE, 17);
     let backlog = c.status(Site::A, group).lag_records;
     assert!(
         backlog >= 48 * 17,
