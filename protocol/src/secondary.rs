@@ -13,7 +13,10 @@
 //!
 //! Copy chunks (initial copy, resync) bypass the journal: the image is
 //! inconsistent while a copy runs, and that is persisted before the first
-//! chunk reaches a volume.
+//! chunk reaches a volume. A restart replays the restore journal from the
+//! persisted checkpoint, so a chunk is reported durable (and the primary
+//! forgets it) only once that checkpoint has passed every write received
+//! before it: no replay can then put an older write back over its data.
 //!
 //! The daemon drives one [`Secondary`] per session: it feeds messages and
 //! completions in, and performs the [`Action`]s it polls out (append to the
@@ -262,6 +265,12 @@ pub struct Secondary {
     copy_bytes_since_sync: u64,
     checkpoint: u64,
     last_checkpoint_at: Instant,
+    /// Copy chunks (by copy index, ascending) that followed writes beyond
+    /// the persisted checkpoint on the stream, with the newest such write:
+    /// until the checkpoint passes it, a restart would replay that write
+    /// (or one before it) over the chunk's data, so the chunk is not
+    /// reported durable (see [`Secondary::copy_reported`]).
+    copy_fences: VecDeque<(u64, u64)>,
     copy_incomplete: bool,
     /// Persisted snapshots: newest asked for, newest done, one in flight.
     save_version: u64,
@@ -335,6 +344,7 @@ impl Secondary {
             last_volume_sync_at: now,
             copy_bytes_since_sync: 0,
             checkpoint: start.checkpoint,
+            copy_fences: VecDeque::new(),
             last_checkpoint_at: now,
             copy_incomplete: start.copy_incomplete,
             save_version: 0,
@@ -568,15 +578,34 @@ impl Secondary {
             self.fail();
             return Err(SecondaryError::Io(format!("volume sync failed: {e}")));
         }
-        let copy_before = self.applier.copy_durable();
+        let copy_before = self.copy_reported();
         self.applier.on_durable(barrier.seq, barrier.copy_index);
-        if self.applier.copy_durable() > copy_before {
+        if self.copy_reported() > copy_before {
             self.ack_dirty = true;
         }
         if self.applier.durable() > self.checkpoint {
             self.save_wanted = true;
         }
         Ok(())
+    }
+
+    /// Copy chunks through this index are durable on the volumes, and no
+    /// restart can write an older record over them: the persisted
+    /// checkpoint is past every write received before them (a restart
+    /// replays the restore journal from there). What the acks report as
+    /// `copy_durable`.
+    fn copy_reported(&self) -> u64 {
+        let durable = self.applier.copy_durable();
+        match self.copy_fences.front() {
+            Some(&(index, _)) => durable.min(index.saturating_sub(1)),
+            None => durable,
+        }
+    }
+
+    /// A copy chunk waits to be reported durable only for the checkpoint:
+    /// the volumes hold it, and a write it follows is beyond the checkpoint.
+    fn copy_waits_for_checkpoint(&self) -> bool {
+        self.copy_fences.front().is_some_and(|&(index, _)| self.applier.copy_durable() >= index)
     }
 
     /// Snapshot `version` is persisted.
@@ -593,8 +622,15 @@ impl Secondary {
         }
         self.saved_version = self.saved_version.max(persist.version);
         if persist.checkpoint > self.checkpoint {
+            let copy_before = self.copy_reported();
             self.checkpoint = persist.checkpoint;
             self.ring.release_through(persist.checkpoint);
+            while self.copy_fences.front().is_some_and(|&(_, seq)| seq <= persist.checkpoint) {
+                self.copy_fences.pop_front();
+            }
+            if self.copy_reported() > copy_before {
+                self.ack_dirty = true;
+            }
         }
         self.last_checkpoint_at = now;
         if self.copy_done_saved_at.is_some_and(|v| self.saved_version >= v) {
@@ -687,7 +723,7 @@ impl Secondary {
             received_seq: self.received(),
             applied_seq: self.applier.applied(),
             durable_seq: self.journal_durable,
-            copy_durable: self.applier.copy_durable(),
+            copy_durable: self.copy_reported(),
             checkpoint_seq: self.journal_durable,
             copy_mismatch: Vec::new(),
         }
@@ -784,6 +820,9 @@ impl Secondary {
         let (id, deps) = self.applier.on_record(&record)?;
         if record.op.is_copy() {
             self.copy_bytes_since_sync += u64::from(record.length);
+            if self.appended > self.checkpoint {
+                self.copy_fences.push_back((record.copy_index, self.appended));
+            }
         } else {
             let span = record_span(record.payload.len() as u64);
             let pos = self.ring.reserve(record.seq, span).ok_or_else(|| {
@@ -893,6 +932,7 @@ impl Secondary {
             let pressure = !self.pending.is_empty()
                 || self.ring.used_bytes() > self.ring.capacity_bytes() / 2
                 || self.draining
+                || self.copy_waits_for_checkpoint()
                 || now.duration_since(self.last_checkpoint_at) >= self.config.checkpoint_interval;
             if copy_due || (writes_behind && pressure) {
                 self.volume_sync = Some(barrier);
@@ -967,7 +1007,7 @@ impl Secondary {
             return;
         }
         let copies_received = self.applier.next_copy_index().saturating_sub(1);
-        let copies_durable = self.applier.copy_durable() >= copies_received;
+        let copies_durable = self.copy_reported() >= copies_received;
         if !copies_durable || self.journal_durable < seq || !self.pending.is_empty() {
             return;
         }
@@ -1274,6 +1314,78 @@ mod tests {
             panic!("the copy's durability waits: {acts:?}")
         };
         assert_eq!(ack.copy_durable, 1);
+    }
+
+    /// A resync's chunk follows writes on the stream; a restart replays
+    /// the restore journal from the persisted checkpoint. Reported durable
+    /// before the checkpoint passes those writes, a chunk could be
+    /// overwritten by their replay after a crash, and the primary, which
+    /// forgets a chunk once it is reported durable, would never send it
+    /// again: the sites would differ with the pair in PAIR.
+    #[test]
+    fn a_copy_chunk_is_reported_durable_only_once_no_replay_can_overwrite_it() {
+        let now = Instant::now();
+        let copy_durable = |acts: &[Action]| {
+            acts.iter()
+                .filter_map(|a| match a {
+                    Action::Send(Body::Ack(a)) => Some(a.copy_durable),
+                    _ => None,
+                })
+                .max()
+        };
+        let start = SecondaryStart { copy_incomplete: true, ..start() };
+        let mut s = Secondary::new(config(1 << 20), start, now);
+        drain(&mut s, now);
+        // Write 1 over the chunk's block, write 2 elsewhere, then the chunk.
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        drain(&mut s, now);
+        s.on_journal_synced(2, Ok(())).unwrap();
+        let started = applies(drain(&mut s, now));
+        assert_eq!(started.iter().map(|a| a.1).collect::<Vec<_>>(), [1, 2]);
+        // It reflects the primary's image after write 2.
+        let mut copy = Record::with_payload(RecordOp::Copy, 2, 0, 0, 1, Bytes::from(vec![9u8; 4096]), false);
+        copy.copy_index = 1;
+        s.on_record(copy).unwrap();
+        // Write 1 lands, then the chunk over it; write 2 is still in flight.
+        s.on_applied(started[0].0, Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        complete_applies(&mut s, acts);
+        let acts = drain(&mut s, now);
+        let Some(barrier) = acts.iter().find_map(|a| if let Action::SyncVolumes(b) = a { Some(*b) } else { None })
+        else {
+            panic!("the chunk is not made durable: {acts:?}")
+        };
+        assert_eq!((barrier.seq, barrier.copy_index), (1, 1));
+        s.on_volumes_synced(barrier, Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        assert_eq!(copy_durable(&acts).unwrap_or(0), 0, "the checkpoint on disk is 0: {acts:?}");
+        let Some(p) = acts.iter().find_map(|a| if let Action::Save(p) = a { Some(p.clone()) } else { None }) else {
+            panic!("no checkpoint saved: {acts:?}")
+        };
+        assert_eq!(p.checkpoint, 1);
+        // Checkpoint 1 saved: a replay would still put write 2 back, which
+        // came before the chunk on the stream (here not over it, but a
+        // replay does not know).
+        s.on_saved(&p, Ok(()), now).unwrap();
+        assert_eq!(copy_durable(&drain(&mut s, now)).unwrap_or(0), 0);
+        // Write 2 lands: the volumes are synced and the checkpoint saved
+        // at once, for the chunk waiting on them; then it is reported.
+        s.on_applied(started[1].0, Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        let Some(barrier) = acts.iter().find_map(|a| if let Action::SyncVolumes(b) = a { Some(*b) } else { None })
+        else {
+            panic!("the chunk waits for a volume sync nobody plans: {acts:?}")
+        };
+        s.on_volumes_synced(barrier, Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        assert_eq!(copy_durable(&acts).unwrap_or(0), 0, "{acts:?}");
+        let Some(p) = acts.iter().find_map(|a| if let Action::Save(p) = a { Some(p.clone()) } else { None }) else {
+            panic!("no checkpoint saved: {acts:?}")
+        };
+        assert_eq!(p.checkpoint, 2);
+        s.on_saved(&p, Ok(()), now).unwrap();
+        assert_eq!(copy_durable(&drain(&mut s, now)), Some(1));
     }
 
     #[test]

@@ -1892,3 +1892,64 @@ fn a_restart_after_a_resync_does_not_replay_records_older_than_the_bitmap_writes
     assert_eq!(sim.stats.replay_skips, 1);
     sim.drain();
 }
+
+/// A secondary that applied a record, not yet behind its persisted
+/// checkpoint, takes a resync chunk over the same range (the primary wrote
+/// there again in bitmap mode) and makes it durable. A restart replays the
+/// restore journal from the checkpoint, record included: had the chunk been
+/// acknowledged durable before the checkpoint passed the record, the
+/// primary would have forgotten it, and the replay's older data would stay
+/// on the secondary (the final comparison in `drain` fails).
+#[test]
+fn a_secondary_restart_does_not_replay_a_record_over_a_resync_chunk_it_acknowledged() {
+    let mut sim = Sim::new(false, 3 * 1024);
+    sim.client_write(0, 0, 1000, Kind::Write, false);
+    sim.client_write(0, 2000, 100, Kind::Write, false);
+    sim.primary_complete(0);
+    sim.primary_complete(0);
+    // The journal is full: the write over record 1's range goes to the bitmap.
+    sim.client_write(0, 0, 1000, Kind::Write, false);
+    sim.primary_complete(0);
+    assert!(sim.p.bitmap_mode && sim.p.resync_gap == Some(2));
+    // Records 1 and 2 are applied on the secondary; no volume sync, no
+    // checkpoint yet.
+    sim.ship(u8::MAX);
+    sim.deliver_to_secondary(usize::MAX);
+    while !sim.s.appends.is_empty() {
+        sim.secondary_append_done(0);
+    }
+    // Async mode: the restore journal's sync is group-committed.
+    sim.tick();
+    sim.journal_sync_done();
+    while !sim.s.applies.is_empty() {
+        sim.secondary_apply(0);
+    }
+    assert_eq!((sim.s.machine.applied(), sim.s.persisted_checkpoint), (2, 0));
+    // Durable in the restore journal: the primary frees its journal and
+    // leaves bitmap mode.
+    sim.tick();
+    sim.deliver_to_primary(usize::MAX);
+    sim.primary_housekeeping();
+    assert!(!sim.p.bitmap_mode && sim.p.copy_pending);
+    // The resync's chunks arrive; the inconsistency is persisted (still at
+    // checkpoint 0), the chunks are applied and made durable, and every
+    // ack goes back to the primary. The checkpoint save that follows is
+    // not done when the secondary crashes.
+    for _ in 0..4 {
+        sim.copy();
+        sim.ship(u8::MAX);
+        sim.deliver_to_secondary(usize::MAX);
+        if !sim.s.persisted_copy_incomplete {
+            sim.save_done();
+        }
+        while !sim.s.applies.is_empty() {
+            sim.secondary_apply(0);
+        }
+        sim.volume_sync_done();
+        sim.deliver_to_primary(usize::MAX);
+    }
+    assert!(sim.stats.copy_chunks > 0 && sim.s.persisted_copy_incomplete);
+    assert_eq!(sim.s.persisted_checkpoint, 0, "the checkpoint save is not done");
+    sim.secondary_restart(false, 7);
+    sim.drain();
+}
