@@ -556,7 +556,15 @@ impl Journal {
                 }
             }
             let Some((pos, header)) = found else { break };
-            let Ok(payload) = self.read_payload(pos, &header).await else { break };
+            let payload = match self.read_payload(pos, &header).await {
+                Ok(payload) => payload,
+                // A payload its header places beyond the ring: the end of
+                // the run, as a torn header would be.
+                Err(JournalError::Format { .. }) => break,
+                // A read that failed says nothing about the record: ending
+                // the run here would discard it and every later one.
+                Err(e) => return Err(e),
+            };
             if header.clone().into_record(payload).is_err() {
                 break;
             }
@@ -997,6 +1005,23 @@ mod tests {
         j.append_at(pos[2] + record_span(4096), &far).unwrap();
         let r = j.recover(1, JOURNAL_SUPERBLOCK_LEN, Stop::Unclean).await.unwrap();
         assert_eq!((r.last_seq, r.discarded.as_slice()), (1, &[3, far.seq][..]));
+    }
+
+    #[tokio::test]
+    async fn a_payload_that_cannot_be_read_is_never_the_end_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, pos) = journal_with(dir.path(), 4).await;
+        // Reading record 3's payload fails (here: the file ends inside it).
+        // Recovery reports it instead of ending the run at record 2, which
+        // would discard records 3 and 4 and reuse their sequence numbers.
+        let file = std::fs::OpenOptions::new().write(true).open(dir.path().join("journal")).unwrap();
+        file.set_len(pos[2] + 512).unwrap();
+        for stop in [Stop::Clean, Stop::Unclean] {
+            match j.recover(1, JOURNAL_SUPERBLOCK_LEN, stop).await {
+                Err(JournalError::Io { .. }) => {}
+                other => panic!("expected the read error, got {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
