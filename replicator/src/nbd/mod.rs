@@ -39,10 +39,12 @@
 //!   `EINVAL`; `WRITE_ZEROES` with `FAST_ZERO`: `ENOTSUP` (not advertised, so
 //!   a client should not send it; `ENOTSUP` tells it to write zeroes the slow
 //!   way); writes to a read-only export: `EPERM`. A `READ` longer than the
-//!   maximum payload gets `EINVAL`; a `WRITE` longer than it closes the
-//!   connection, since its payload cannot be trusted. A rejected `WRITE`
-//!   whose length is acceptable has its payload read and discarded, so the
-//!   connection stays usable.
+//!   maximum payload gets `EINVAL`, and so does a `WRITE` up to
+//!   [`MAX_PAYLOAD`] (32 MiB, the protocol's default maximum, which a client
+//!   that never asked for block sizes may send) after its payload is read
+//!   and discarded; a longer `WRITE` closes the connection, since its
+//!   payload cannot be trusted. Every rejected `WRITE` within that limit has
+//!   its payload read and discarded, so the connection stays usable.
 //! - `TRIM` and `WRITE_ZEROES` may be longer than the maximum payload; the
 //!   export receives them whole.
 //! - Requests run concurrently, each as its own task; replies go out in
@@ -52,7 +54,10 @@
 //!   and at most [`ServeOptions::max_total_in_flight_bytes`] across all
 //!   connections; beyond that the server stops reading from the socket. A
 //!   client that takes no reply bytes for [`ServeOptions::reply_timeout`] is
-//!   disconnected, which returns the budget its replies held.
+//!   disconnected, which returns the budget its replies held; so is one that
+//!   sends no bytes of a write payload it started for
+//!   [`ServeOptions::payload_timeout`] (the payload's buffer holds budget
+//!   every other client may be waiting for).
 //! - At most [`ServeOptions::max_connections`] connections are open at once
 //!   (shared by the daemon's Unix and TCP listeners, [`SharedLimits`]); one
 //!   more is accepted and closed at once, with a warning at most every few

@@ -97,8 +97,15 @@ pub(super) fn decide(request: &RequestHeader, params: &ExportParams, read_only_n
     let maximum = params.sizes.maximum;
     // Only WRITE carries a payload (no extended headers are negotiated).
     let discard = if kind == CMD_WRITE {
+        if len > MAX_PAYLOAD {
+            return Decision::Close(format!(
+                "write of {len} bytes exceeds the protocol's largest payload ({MAX_PAYLOAD} bytes)"
+            ));
+        }
         if len > maximum {
-            return Decision::Close(format!("write of {len} bytes exceeds the maximum payload of {maximum} bytes"));
+            // Up to 32 MiB is a payload the protocol lets a client that
+            // never asked for block sizes send: refused cleanly.
+            return Decision::Reject { errno: NbdErrno::Inval, discard: len };
         }
         len
     } else {
@@ -252,8 +259,12 @@ mod tests {
         assert_eq!(decide_rw(req(CMD_READ, 0, 100, 512)), reject(NbdErrno::Inval, 0));
         assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, 100)), reject(NbdErrno::Inval, 100));
         assert_eq!(decide_rw(req(CMD_READ, 0, 0, 65536 + 512)), reject(NbdErrno::Inval, 0));
-        assert!(matches!(decide_rw(req(CMD_WRITE, 0, 0, 65536 + 512)), Decision::Close(_)));
-        // Read-only and out-of-range do not save an oversized write.
+        // Above the negotiated maximum but within the protocol's 32 MiB: its
+        // payload is read and dropped, the write refused.
+        assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, 65536 + 512)), reject(NbdErrno::Inval, 65536 + 512));
+        assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, MAX_PAYLOAD)), reject(NbdErrno::Inval, MAX_PAYLOAD));
+        assert!(matches!(decide_rw(req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1)), Decision::Close(_)));
+        // Read-only and out-of-range do not save a write beyond 32 MiB.
         assert!(matches!(decide(&req(CMD_WRITE, 0, SIZE, 1 << 30), &params(true), true), Decision::Close(_)));
     }
 

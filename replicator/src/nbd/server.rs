@@ -57,6 +57,11 @@ pub struct ServeOptions {
     /// waiting is disconnected, which returns the budget its replies hold
     /// (default 60 s).
     pub reply_timeout: Duration,
+    /// A client that sends no bytes of a write payload it has started for
+    /// this long is disconnected (default 60 s): the payload's buffer holds
+    /// the shared data budget, which a client that stopped mid-payload
+    /// would otherwise keep from every other client for good.
+    pub payload_timeout: Duration,
     /// After shutdown, how long a connection may take to send the replies of
     /// its in-flight requests (to a client that has stopped reading them)
     /// before its socket is closed regardless (default 30 s). Export futures
@@ -73,6 +78,7 @@ impl Default for ServeOptions {
             max_in_flight_bytes: 256 * 1024 * 1024,
             max_total_in_flight_bytes: 512 * 1024 * 1024,
             reply_timeout: Duration::from_secs(60),
+            payload_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -484,6 +490,7 @@ where
         shared_bytes,
         max_shared_bytes,
         reply_timeout: options.reply_timeout,
+        payload_timeout: options.payload_timeout,
         shutdown_grace: options.shutdown_grace,
     };
     let reason = transmission::serve(&mut reader, write, export, params, limits, &shared.running, shutdown).await;
@@ -532,6 +539,10 @@ pub(super) enum CloseReason {
     /// The client took no reply bytes for [`ServeOptions::reply_timeout`].
     #[error("client read no reply data for {0:?}")]
     ReplyStalled(Duration),
+    /// The client sent no bytes of a write payload for
+    /// [`ServeOptions::payload_timeout`].
+    #[error("client sent no write payload data for {0:?}")]
+    PayloadStalled(Duration),
 }
 
 impl From<io::Error> for CloseReason {
@@ -557,6 +568,7 @@ impl CloseReason {
                 | Self::ExportRefused(_)
                 | Self::ShutdownGraceExpired(_)
                 | Self::ReplyStalled(_)
+                | Self::PayloadStalled(_)
         )
     }
 

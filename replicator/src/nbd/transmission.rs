@@ -42,6 +42,8 @@ pub(super) struct Limits {
     pub max_shared_bytes: u32,
     /// Longest wait for the client to take reply bytes.
     pub reply_timeout: Duration,
+    /// Longest wait for the next bytes of a write payload.
+    pub payload_timeout: Duration,
     /// Once shutdown is requested, how long replies may take to drain.
     pub shutdown_grace: Duration,
 }
@@ -74,7 +76,7 @@ where
             biased;
             () = shutdown_requested(shutdown) => break Some(CloseReason::Shutdown),
             () = replies.closed() => break None,
-            step = next_request(reader, &export, &params, &budget, running, &replies) => step,
+            step = next_request(reader, &export, &params, &budget, limits.payload_timeout, running, &replies) => step,
         };
         if let Err(reason) = step {
             break Some(reason);
@@ -112,6 +114,7 @@ async fn next_request<E, R>(
     export: &Arc<E>,
     params: &ExportParams,
     budget: &Budget,
+    payload_timeout: Duration,
     running: &RunningRequests,
     replies: &UnboundedSender<Reply>,
 ) -> Result<(), CloseReason>
@@ -128,7 +131,7 @@ where
         Decision::Close(why) => return Err(CloseReason::Protocol(why)),
         Decision::Reject { errno, discard } => {
             if discard > 0 {
-                discard_payload(reader, discard).await?;
+                discard_payload(reader, discard, payload_timeout).await?;
             }
             let permits = budget.acquire(0).await?;
             let _ = replies.send(Reply { cookie, error: errno.code(), data: None, _permits: permits });
@@ -147,9 +150,10 @@ where
         Command::Read { offset, len } => Job::Read { offset, len },
         Command::Write { offset, len, fua } => {
             // Straight from the socket into the buffer the export will use
-            // for direct I/O. A client vanishing here leaves no trace.
+            // for direct I/O. A client vanishing here leaves no trace; one
+            // that stops sending is disconnected, returning the budget.
             let mut data = AlignedBuf::for_overwrite(len as usize);
-            reader.read_exact(&mut data).await.map_err(|err| truncated(err, "write payload"))?;
+            read_payload(reader, &mut data, payload_timeout).await?;
             Job::Write { offset, data, fua }
         }
         Command::WriteZeroes { offset, len, fua } => Job::WriteZeroes { offset, len, fua },
@@ -179,23 +183,37 @@ async fn read_header<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// Reads and drops the payload of a rejected write, keeping the stream in
-/// step.
-async fn discard_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> Result<(), CloseReason> {
-    let want = u64::from(len);
-    let got = tokio::io::copy(&mut (&mut *reader).take(want), &mut tokio::io::sink()).await?;
-    if got < want {
-        return Err(CloseReason::Truncated("write payload"));
+/// Fills `buf` with write payload; each read must bring some within
+/// `timeout` (a slow client is fine, a stopped one is not).
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> Result<(), CloseReason> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let read = tokio::time::timeout(timeout, reader.read(&mut buf[filled..])).await;
+        match read.map_err(|_| CloseReason::PayloadStalled(timeout))? {
+            Ok(0) => return Err(CloseReason::Truncated("write payload")),
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(CloseReason::Io(err)),
+        }
     }
     Ok(())
 }
 
-fn truncated(err: io::Error, what: &'static str) -> CloseReason {
-    if err.kind() == io::ErrorKind::UnexpectedEof {
-        CloseReason::Truncated(what)
-    } else {
-        CloseReason::Io(err)
+/// Reads and drops the payload of a rejected write, keeping the stream in
+/// step.
+async fn discard_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32, timeout: Duration) -> Result<(), CloseReason> {
+    let mut left = len as usize;
+    let mut scratch = vec![0u8; left.min(64 << 10)];
+    while left > 0 {
+        let n = left.min(scratch.len());
+        read_payload(reader, &mut scratch[..n], timeout).await?;
+        left -= n;
     }
+    Ok(())
 }
 
 /// A validated request with its payload, ready for the export.
@@ -567,6 +585,7 @@ mod tests {
             shared_bytes: Arc::new(Semaphore::new(1 << 20)),
             max_shared_bytes: 1 << 20,
             reply_timeout: Duration::from_secs(5),
+            payload_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
         };
         let budget = Budget::new(&limits);

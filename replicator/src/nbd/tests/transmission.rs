@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::super::proto::{
     CMD_DISC, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES,
 };
-use super::super::ServeOptions;
+use super::super::{ServeOptions, MAX_PAYLOAD};
 use super::*;
 
 const EPERM: u32 = 1;
@@ -114,17 +114,23 @@ async fn empty_unaligned_and_oversized_requests_are_invalid() {
 }
 
 #[tokio::test]
-async fn oversized_write_closes_without_touching_the_export() {
+async fn a_write_above_the_maximum_is_refused_and_one_above_32_mib_closes() {
     let server = Server::start(MemCatalog::standard());
     let export = server.export("vol");
     let before = export.snapshot();
     let (mut client, _) = server.open("vol").await;
-    // ...a write's payload cannot be trusted: hard disconnect. Only the
-    // header is sent; the server must not wait for 2 MiB.
-    client.send_request(CMD_WRITE, 0, 1, 0, 2 << 20, &[]).await;
-    client.assert_closed().await;
+    // ...a write above the negotiated maximum but within the protocol's
+    // 32 MiB (which a client that never asked for block sizes may send):
+    // its payload is read and dropped, the write refused, and the
+    // connection stays usable.
+    assert_eq!(client.write(1, 0, &pattern(3, 2 << 20), 0).await, EINVAL);
     assert_eq!(export.snapshot(), before);
-    assert_eq!(export.writes.load(Ordering::SeqCst), 0);
+    assert_eq!(client.write(2, 0, &[4; 512], 0).await, 0);
+    // Beyond 32 MiB a write's payload cannot be trusted: hard disconnect.
+    // Only the header is sent; the server must not wait for the payload.
+    client.send_request(CMD_WRITE, 0, 3, 4096, MAX_PAYLOAD + 512, &[]).await;
+    client.assert_closed().await;
+    assert_eq!(export.writes.load(Ordering::SeqCst), 1);
 
     let (mut other, _) = server.open("vol").await;
     assert_eq!(other.write(1, 0, &[4; 512], 0).await, 0);
@@ -524,5 +530,30 @@ async fn a_client_that_stops_reading_replies_is_disconnected() {
     let mut got = Vec::new();
     step("stalled client closed", stalled.stream.read_to_end(&mut got)).await.expect("read to end");
     assert!(got.len() < 16 + (1 << 20), "the whole reply was sent: {} bytes", got.len());
+    server.stop().await;
+}
+
+/// A client that stops in the middle of a write payload is disconnected
+/// after the payload timeout, and the shared budget its payload held goes
+/// back to the other clients.
+#[tokio::test]
+async fn a_client_that_stops_sending_a_write_payload_is_disconnected() {
+    let options = ServeOptions {
+        max_total_in_flight_bytes: 1 << 20,
+        payload_timeout: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let export = server.export("vol");
+    let (mut stalled, _) = server.open("vol").await;
+    let (mut other, _) = server.open("vol").await;
+    // A 1 MiB write of which only 4 KiB are sent: it holds the whole budget.
+    stalled.send_request(CMD_WRITE, 0, 1, 0, 1 << 20, &pattern(5, 4096)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Waits for that budget, then runs.
+    assert_eq!(step("a write behind the stalled payload", other.write(2, 1 << 20, &pattern(6, 4096), 0)).await, 0);
+    stalled.assert_closed().await;
+    assert_eq!(export.writes.load(Ordering::SeqCst), 1);
+    export.assert_bytes(1 << 20, &pattern(6, 4096));
     server.stop().await;
 }
