@@ -203,9 +203,14 @@ pub async fn call_with_progress(
 const MAX_REQUEST_LINE: usize = 64 * 1024;
 /// A client must send its whole request within this time.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must take each progress line and the response within this
+/// time; one that does not gets nothing more (its command still runs to
+/// its end), so a client that stops reading holds its slot no longer than
+/// the command does.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests served at once; further connections wait in the listen
 /// backlog, and every held one ends within [`REQUEST_TIMEOUT`] or when its
-/// command does.
+/// command does (then within [`REPLY_TIMEOUT`]).
 const MAX_CONNECTIONS: usize = 32;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the
 /// loop does not spin.
@@ -258,7 +263,8 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
 }
 
 async fn handle(mut stream: UnixStream, node: Arc<Node>) {
-    let resp = match read_request(&mut stream).await {
+    let mut out = Replies { stream: &mut stream, gone: false };
+    let resp = match read_request(out.stream).await {
         Ok(req) => {
             // Progress lines go out while the command runs.
             let (progress, mut lines) = mpsc::unbounded_channel();
@@ -267,19 +273,33 @@ async fn handle(mut stream: UnixStream, node: Arc<Node>) {
             loop {
                 tokio::select! {
                     resp = &mut work => break resp,
-                    Some(progress) = lines.recv() => write_line(&mut stream, &ProgressLine { progress }).await,
+                    Some(progress) = lines.recv() => out.line(&ProgressLine { progress }).await,
                 }
             }
         }
         Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
     };
-    write_line(&mut stream, &resp).await;
+    out.line(&resp).await;
 }
 
-async fn write_line(stream: &mut UnixStream, msg: &impl Serialize) {
-    let mut out = serde_json::to_vec(msg).unwrap_or_default();
-    out.push(b'\n');
-    let _ = stream.write_all(&out).await;
+/// Where a request's progress lines and response go.
+struct Replies<'a> {
+    stream: &'a mut UnixStream,
+    /// A line could not be written (the client left, or took nothing for
+    /// [`REPLY_TIMEOUT`]): the later ones are dropped.
+    gone: bool,
+}
+
+impl Replies<'_> {
+    async fn line(&mut self, msg: &impl Serialize) {
+        if self.gone {
+            return;
+        }
+        let mut out = serde_json::to_vec(msg).unwrap_or_default();
+        out.push(b'\n');
+        let written = tokio::time::timeout(REPLY_TIMEOUT, self.stream.write_all(&out)).await;
+        self.gone = !matches!(written, Ok(Ok(())));
+    }
 }
 
 fn unknown_group(node: &Node, name: &str) -> Response {
@@ -407,8 +427,9 @@ mod tests {
             let (mut stream, _) = listener.accept().await.unwrap();
             let req = read_request(&mut stream).await.unwrap();
             assert!(matches!(req, Request::Verify { fix: true, .. }));
-            write_line(&mut stream, &ProgressLine { progress: "1 of 2".into() }).await;
-            write_line(&mut stream, &Response::ok("done")).await;
+            let mut out = Replies { stream: &mut stream, gone: false };
+            out.line(&ProgressLine { progress: "1 of 2".into() }).await;
+            out.line(&Response::ok("done")).await;
         });
         let mut lines = Vec::new();
         let req = Request::Verify { group: "g".into(), fix: true };
