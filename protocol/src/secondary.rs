@@ -379,11 +379,19 @@ impl Secondary {
     /// are applied; every later write (and copy chunk) is held back until
     /// [`Secondary::thaw`]. Receiving, journaling and acks go on. Once
     /// [`Secondary::frozen_at`] returns `Some(n)`, the volumes hold exactly
-    /// the writes `<= n`.
-    pub fn freeze(&mut self) {
+    /// the writes `<= n`. Refused (false, nothing frozen) while a copy or
+    /// resync has made the image inconsistent: its chunks may be on the
+    /// volumes already, so no frozen point would be an image the primary
+    /// ever had (a resync that starts once frozen is held back with the
+    /// rest).
+    pub fn freeze(&mut self) -> bool {
+        if self.copy_incomplete {
+            return false;
+        }
         if self.freeze_at.is_none() {
             self.freeze_at = Some(self.max_started.max(self.applier.applied()));
         }
+        true
     }
 
     /// The frozen point, once every write up to it is applied and nothing
@@ -1425,7 +1433,7 @@ mod tests {
         let started = applies(drain(&mut s, now));
         assert_eq!(started.iter().map(|a| a.1).collect::<Vec<_>>(), vec![1, 2]);
         // Frozen after 2 was handed out: the point is 2, and 3 is held.
-        s.freeze();
+        assert!(s.freeze());
         assert_eq!(s.frozen_at(), None, "applies are in flight");
         s.on_applied(started[1].0, Ok(())).unwrap();
         assert_eq!(s.frozen_at(), None, "1 is not applied yet");
@@ -1441,6 +1449,33 @@ mod tests {
         s.thaw();
         let started = applies(drain(&mut s, now));
         assert_eq!(started.iter().map(|a| a.1).collect::<Vec<_>>(), vec![3, 4]);
+    }
+
+    /// A drill checks that the replica is consistent before it asks for a
+    /// freeze; a resync may start in between. Frozen then, the point could
+    /// include chunks of it: the freeze is refused. A resync that starts
+    /// after the freeze is held back with everything else.
+    #[test]
+    fn a_freeze_is_refused_once_a_resync_made_the_image_inconsistent() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        assert!(s.freeze());
+        let mut copy = Record::with_payload(RecordOp::Copy, 0, 0, 0, 1, Bytes::from(vec![9u8; 4096]), false);
+        copy.copy_index = 1;
+        s.on_record(copy).unwrap();
+        drain(&mut s, now);
+        s.on_image_preserved(Ok(())).unwrap();
+        let acts = drain(&mut s, now);
+        let Some(p) = acts.iter().find_map(|a| if let Action::Save(p) = a { Some(p.clone()) } else { None }) else {
+            panic!("{acts:?}")
+        };
+        s.on_saved(&p, Ok(()), now).unwrap();
+        assert!(applies(drain(&mut s, now)).is_empty(), "the chunk is held while frozen");
+        assert_eq!(s.frozen_at(), Some(0));
+        s.thaw();
+        assert_eq!(applies(drain(&mut s, now)).len(), 1, "the chunk goes once thawed");
+        assert!(!s.freeze(), "the image is inconsistent now");
+        assert_eq!(s.frozen_at(), None);
     }
 
     #[test]

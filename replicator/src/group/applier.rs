@@ -799,7 +799,7 @@ struct Session {
     copy_incomplete: bool,
     /// `drill start`: told the frozen point once reached; applies resume
     /// when `thaw` fires.
-    freeze_reply: Option<oneshot::Sender<Frozen>>,
+    freeze_reply: Option<oneshot::Sender<Result<Frozen, String>>>,
     thaw: Option<oneshot::Receiver<()>>,
 }
 
@@ -907,9 +907,12 @@ impl Session {
                         return Ok(());
                     }
                     SessionCommand::Freeze { frozen, thaw } => {
-                        self.machine.freeze();
-                        self.freeze_reply = Some(frozen);
-                        self.thaw = Some(thaw);
+                        if self.machine.freeze() {
+                            self.freeze_reply = Some(frozen);
+                            self.thaw = Some(thaw);
+                        } else {
+                            let _ = frozen.send(Err("a resync has made the replica inconsistent since".into()));
+                        }
                     }
                 },
                 _ = wait_thaw(&mut self.thaw), if self.thaw.is_some() => {
@@ -943,7 +946,7 @@ impl Session {
         if let (Some(seq), Some(_)) = (self.machine.frozen_at(), &self.freeze_reply) {
             let frozen = Frozen { seq, data_as_of_us: self.machine.data_as_of_us(), received: self.machine.received() };
             if let Some(reply) = self.freeze_reply.take() {
-                let _ = reply.send(frozen);
+                let _ = reply.send(Ok(frozen));
             }
         }
     }

@@ -329,7 +329,13 @@ impl Group {
                 tx.send(SessionCommand::Freeze { frozen: frozen_tx, thaw: thaw_rx })
                     .map_err(|_| GroupError::Failed(format!("group {name}: the replication session ended; retry")))?;
                 let frozen = match tokio::time::timeout(FREEZE_TIMEOUT, frozen_rx).await {
-                    Ok(Ok(f)) => f,
+                    Ok(Ok(Ok(f))) => f,
+                    Ok(Ok(Err(why))) => {
+                        return Err(GroupError::Refused(format!(
+                            "group {name}: {why}; a drill copy of it would be an image no application wrote. Wait \
+                             for PAIR (`replicator status {name}`)"
+                        )))
+                    }
                     Ok(Err(_)) => {
                         return Err(GroupError::Failed(format!(
                             "group {name}: the replication session ended while freezing the replica; retry"

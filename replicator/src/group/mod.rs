@@ -274,8 +274,8 @@ enum SessionCommand {
     /// report it on `frozen`, hold later applies until `thaw` fires (or is
     /// dropped).
     Freeze {
-        /// Told once the replica is frozen.
-        frozen: oneshot::Sender<drill::Frozen>,
+        /// Told once the replica is frozen, or why it cannot be.
+        frozen: oneshot::Sender<Result<drill::Frozen, String>>,
         /// Applies resume when this fires or its sender is dropped.
         thaw: oneshot::Receiver<()>,
     },
