@@ -72,6 +72,16 @@ impl<K: Copy + Eq + Hash + Ord> RangeIndex<K> {
         true
     }
 
+    /// Removes those of `keys` whose range lies within `[start, end)` of
+    /// `volume`.
+    pub(crate) fn remove_within(&mut self, keys: &[K], volume: u32, start: u64, end: u64) {
+        for &key in keys {
+            if self.by_key.get(&key).is_some_and(|&(v, s, _, e)| v == volume && start <= s && e <= end) {
+                self.remove(key);
+            }
+        }
+    }
+
     pub(crate) fn contains(&self, key: K) -> bool {
         self.by_key.contains_key(&key)
     }
