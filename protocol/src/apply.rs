@@ -275,7 +275,7 @@ impl Applier {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::record::RecordOp;
+    use crate::record::{RecordOp, MAX_SEQ};
     use bytes::Bytes;
 
     fn w(seq: u64, vol: u32, off: u64, len: usize, fua: bool) -> Record {
@@ -376,15 +376,21 @@ mod tests {
         assert_eq!(a.received(), 0);
         let mut a = Applier::new(u64::MAX);
         assert!(a.on_record(&w(0, 0, 0, 1, false)).is_err());
-        // The very last seq applies, becomes durable, and nothing overflows.
-        let mut a = Applier::new(u64::MAX - 1);
-        let (id, _) = a.on_record(&w(u64::MAX, 0, 0, 1, true)).unwrap();
+        // The last seq a record may carry applies, becomes durable, and
+        // nothing overflows; one beyond it is refused.
+        let mut a = Applier::new(MAX_SEQ - 1);
+        let (id, _) = a.on_record(&w(MAX_SEQ, 0, 0, 1, true)).unwrap();
         a.on_applied(id);
         assert!(a.needs_flush());
         let (s, c) = a.durable_barrier();
         a.on_durable(s, c);
         a.on_flush_request(u64::MAX);
-        assert_eq!(a.durable(), u64::MAX);
+        assert_eq!(a.durable(), MAX_SEQ);
         assert!(!a.needs_flush());
+        let mut a = Applier::new(MAX_SEQ);
+        assert_eq!(
+            a.on_record(&w(MAX_SEQ + 1, 0, 0, 1, false)),
+            Err(ApplyError::Invalid(RecordError::SeqTooLarge { seq: MAX_SEQ + 1 }))
+        );
     }
 }

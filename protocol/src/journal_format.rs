@@ -677,6 +677,7 @@ impl JournalRing {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::record::MAX_SEQ;
     use proptest::prelude::*;
 
     /// The key (pair id and epoch) header checksums are made with.
@@ -789,7 +790,7 @@ mod tests {
     /// Records of every size class: mostly small, some page-aligned.
     fn arb_record() -> impl Strategy<Value = Record> {
         let len = prop_oneof![4 => 1u32..3000, 1 => 60_000u32..140_000];
-        (any::<u64>(), any::<u32>(), 0..4usize, 0..u64::MAX / 2, len, any::<u64>(), any::<bool>()).prop_map(
+        (0..=MAX_SEQ, any::<u32>(), 0..4usize, 0..u64::MAX / 2, len, any::<u64>(), any::<bool>()).prop_map(
             |(seq, vol, op, off, len, gen, fua)| {
                 let op = [RecordOp::Write, RecordOp::WriteZeroes, RecordOp::Trim, RecordOp::Copy][op];
                 if op.has_payload() {

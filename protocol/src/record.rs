@@ -11,11 +11,21 @@ use crate::pb;
 /// (Trim, WriteZeroes) may cover any `u32` length.
 pub const MAX_RECORD_PAYLOAD: u32 = 32 * 1024 * 1024;
 
-/// Checks the range of a record: non-zero length, at most
+/// Largest sequence number a record (or a session's resume point) may
+/// carry. 2^63 writes at ten million a second take 29,000 years: a larger
+/// one comes from a broken peer or file, and refusing it keeps every
+/// `seq + 1` exact.
+pub const MAX_SEQ: u64 = 1 << 63;
+
+/// Checks the range of a record: a sequence number at most [`MAX_SEQ`],
+/// non-zero length, at most
 /// [`MAX_RECORD_PAYLOAD`] for payload-carrying ops, and `offset + length`
 /// within 64 bits. Shared by [`Record::check_shape`] (wire) and the journal
 /// header decoder, so the two can never disagree about what is valid.
 pub fn check_range(seq: u64, op: RecordOp, offset: u64, length: u32) -> Result<(), RecordError> {
+    if seq > MAX_SEQ {
+        return Err(RecordError::SeqTooLarge { seq });
+    }
     if length == 0 {
         return Err(RecordError::Empty { seq });
     }
@@ -179,6 +189,12 @@ pub enum RecordError {
     /// Zero-length record.
     #[error("record {seq}: zero length")]
     Empty {
+        /// Record sequence.
+        seq: u64,
+    },
+    /// A sequence number beyond [`MAX_SEQ`].
+    #[error("record sequence number {seq} is beyond {MAX_SEQ}, which no pair ever reaches")]
+    SeqTooLarge {
         /// Record sequence.
         seq: u64,
     },
@@ -402,7 +418,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_record() -> impl Strategy<Value = Record> {
-        (any::<u64>(), any::<u32>(), 0..4u8, 0..u64::MAX / 2, 1u32..2000, any::<u64>(), any::<bool>(), any::<u64>())
+        (0..=MAX_SEQ, any::<u32>(), 0..4u8, 0..u64::MAX / 2, 1u32..2000, any::<u64>(), any::<bool>(), any::<u64>())
             .prop_map(|(seq, volume, op, offset, len, generation, fua, ci)| {
                 let op = [RecordOp::Write, RecordOp::WriteZeroes, RecordOp::Trim, RecordOp::Copy][op as usize];
                 let mut r = if op.has_payload() {

@@ -124,6 +124,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
             "volumes differ: the primary has {theirs:?}, this node has {ours:?} (names, order and sizes must match)"
         )));
     }
+    if open.rebase_seq > replicator_protocol::record::MAX_SEQ {
+        return Err(config(format!("the primary resumes at sequence {}, which no pair ever reaches", open.rebase_seq)));
+    }
     let mode = if open.mode == pb::Mode::Sync as i32 { "sync" } else { "async" };
     if mode != group.cfg.mode.as_str() {
         return Err(config(format!(
