@@ -185,9 +185,21 @@ impl Journal {
             Ok(_) => true,
             Err(_) => false,
         };
-        if !existed {
-            Self::create(path, size).await?;
-        }
+        let superblock = |salt| JournalSuperblock {
+            group: group.to_string(),
+            capacity: size,
+            pair_id,
+            version: JOURNAL_FORMAT_VERSION,
+            salt,
+        };
+        // A new file appears under its name only with its superblock.
+        let created_salt = if existed {
+            None
+        } else {
+            let salt = fresh_salt(0);
+            Self::create(path, size, superblock(salt).encode()).await?;
+            Some(salt)
+        };
         let opts = OpenOptions { create_size: Some(size), create: false, direct: false, read_only: false };
         let file = engine.open(path, &opts).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
         // Created 0600; one from an older build (or copied in) may be wider.
@@ -209,7 +221,9 @@ impl Journal {
         };
         let mut journal =
             Journal { file, appender, direct, path: path.to_path_buf(), pair_id, epoch, salt: 0, legacy: false };
-        if existed && !reset {
+        if let Some(salt) = created_salt {
+            journal.salt = salt;
+        } else if !reset {
             let buf = journal.read(0, JOURNAL_SUPERBLOCK_LEN).await?;
             let sb = JournalSuperblock::decode(&buf).map_err(|source| journal.format(source))?;
             if sb.group != group || sb.pair_id != pair_id {
@@ -227,40 +241,34 @@ impl Journal {
                 tracing::info!(path = %path.display(), "journal of format version 2 (an older build): recovery reads it and upgrades it to version {JOURNAL_FORMAT_VERSION}");
             }
         } else {
-            // Starting over (a new file, or a new pair or epoch in this
-            // one): a salt none of the file's earlier records are keyed with.
+            // Starting over in this file (a new pair or epoch): a salt none
+            // of its earlier records are keyed with. The superblock is one
+            // page, rewritten in place: a power cut leaves the old one or
+            // the new one (DESIGN.md's fault model keeps or drops pages).
             let old_salt = match journal.read(0, JOURNAL_SUPERBLOCK_LEN).await {
                 Ok(buf) => JournalSuperblock::decode(&buf).map_or(0, |sb| sb.salt),
                 Err(_) => 0,
             };
-            journal.salt = std::iter::repeat_with(crate::group::random_u64)
-                .find(|s| *s != 0 && *s != old_salt)
-                .unwrap_or(old_salt.wrapping_add(1));
-            let sb = JournalSuperblock {
-                group: group.to_string(),
-                capacity: journal.file.size(),
-                pair_id,
-                version: JOURNAL_FORMAT_VERSION,
-                salt: journal.salt,
-            };
-            journal.write(0, AlignedBuf::copy_from(&sb.encode())).await?;
+            journal.salt = fresh_salt(old_salt);
+            journal.write(0, AlignedBuf::copy_from(&superblock(journal.salt).encode())).await?;
             journal.sync().await?;
         }
         journal.will_need(0, 2 * READAHEAD);
         Ok(journal)
     }
 
-    /// Creates the file of a new journal at `path`: preallocated, then
-    /// written full of zeroes through the page cache (see [`Journal`]) under
-    /// a temporary name and renamed into place once durable, so that a crash
-    /// meanwhile leaves no file without a superblock behind.
-    async fn create(path: &Path, size: u64) -> Result<(), JournalError> {
+    /// Creates the file of a new journal at `path`: preallocated, written
+    /// full of zeroes through the page cache (see [`Journal`]) with
+    /// `superblock` at its start, under a temporary name, and renamed into
+    /// place once durable, so that a crash meanwhile leaves no file without
+    /// a superblock behind.
+    async fn create(path: &Path, size: u64, superblock: Vec<u8>) -> Result<(), JournalError> {
         let tmp = path.with_extension("creating");
         let _ = std::fs::remove_file(&tmp);
         let (target, temp) = (path.to_path_buf(), tmp.clone());
         // Plain writes and syncs that take as long as the disk: on the
         // blocking pool, off the runtime's threads.
-        let filled = tokio::task::spawn_blocking(move || fill(&temp, size, &target)).await;
+        let filled = tokio::task::spawn_blocking(move || fill(&temp, size, &superblock, &target)).await;
         let res = filled.unwrap_or_else(|join| {
             Err(JournalError::Io {
                 path: path.to_path_buf(),
@@ -727,7 +735,12 @@ enum HeaderAt {
 /// on (the copy into each page stalls on its first write): alternating
 /// isolated rounds measured async QD32 and async 1 MiB writes ~60 % faster
 /// with the journal filled this way.
-fn fill(tmp: &Path, size: u64, path: &Path) -> Result<(), JournalError> {
+/// A superblock salt other than 0 and `old`.
+fn fresh_salt(old: u64) -> u64 {
+    std::iter::repeat_with(crate::group::random_u64).find(|s| *s != 0 && *s != old).unwrap_or(old.wrapping_add(1))
+}
+
+fn fill(tmp: &Path, size: u64, superblock: &[u8], path: &Path) -> Result<(), JournalError> {
     let io = |op: &'static str, offset: u64, source: std::io::Error| JournalError::Io {
         path: path.to_path_buf(),
         source: IoError::Io { op, offset, source },
@@ -751,6 +764,7 @@ fn fill(tmp: &Path, size: u64, path: &Path) -> Result<(), JournalError> {
         file.write_all_at(&zeroes[..len], at).map_err(|e| io("zero journal", at, e))?;
         at += len as u64;
     }
+    file.write_all_at(superblock, 0).map_err(|e| io("write journal superblock", 0, e))?;
     file.sync_data().map_err(|e| io("sync new journal", 0, e))?;
     std::fs::rename(tmp, path).map_err(|e| io("rename new journal into place", 0, e))?;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -852,6 +866,31 @@ mod tests {
         let out = std::process::Command::new("filefrag").arg("-v").arg(path).output().unwrap();
         assert!(out.status.success(), "filefrag: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("unwritten")).count()
+    }
+
+    /// A new journal's file takes its name only once it holds its
+    /// superblock: a crash while it is created leaves no file a restart
+    /// would refuse to open.
+    #[tokio::test]
+    async fn a_new_journal_file_appears_with_its_superblock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let sb = JournalSuperblock {
+            group: "g".into(),
+            capacity: CAPACITY,
+            pair_id: 7,
+            version: JOURNAL_FORMAT_VERSION,
+            salt: 99,
+        };
+        Journal::create(&path, CAPACITY, sb.encode()).await.unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(on_disk.len() as u64, CAPACITY);
+        assert_eq!(JournalSuperblock::decode(&on_disk[..JOURNAL_SUPERBLOCK_LEN as usize]).unwrap(), sb);
+        assert!(!path.with_extension("creating").exists());
+        // Opened, it is that journal: its records are keyed with that salt.
+        let engine = IoEngine::new(BackendChoice::Auto);
+        let j = Journal::open(&engine, &path, CAPACITY, "g", 7, 1, false).await.unwrap();
+        assert_eq!(j.salt, 99);
     }
 
     #[tokio::test]
