@@ -264,6 +264,42 @@ fn failback_copies_only_what_changed_and_switches_back() {
     }
 }
 
+/// The replica is split with --rw and written, then failed over to: the
+/// writes it took while split are part of what the former primary lacks,
+/// and failback copies them with the rest. (The primary stops cleanly, so
+/// no region of its own is resynchronised and nothing else covers them.)
+#[test]
+fn failover_after_split_rw_keeps_the_split_writes_for_failback() {
+    let group = GroupSpec::new("fs", Mode::Async).volume("fs-vol", 32 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("fs");
+    cluster.wait_pair("fs", MINUTE);
+    assert_eq!(write_blocks(&cluster, Site::A, "fs-vol", 0..100, 0), 100);
+    cluster.wait_drained("fs");
+    cli_ok(&cluster, Site::B, &["pair", "split", "fs", "--rw"]);
+    cluster.wait_until(Site::B, "fs", "split and writable", MINUTE, |s| s.writable);
+    // Far from anything the primary wrote.
+    assert_eq!(write_blocks(&cluster, Site::B, "fs-vol", 400..410, 1000), 10);
+    cluster.stop(Site::A);
+    let out = cli_ok(&cluster, Site::B, &["failover", "fs"]);
+    assert!(out.contains("split with --rw and written since"), "the report names the split writes: {out}");
+    assert_eq!(write_blocks(&cluster, Site::B, "fs-vol", 100..110, 2000), 10);
+    cluster.start(Site::A);
+    cluster.wait_until(Site::A, "fs", "fenced", MINUTE, |s| s.superseded_by > 0);
+    cli_ok(&cluster, Site::A, &["failback", "fs", "--no-switch", "--wait", "--timeout", "60s"]);
+    cluster
+        .wait_until(Site::B, "fs", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("fs");
+    let image = read_volume(&cluster, Site::A, "fs-vol");
+    for (blocks, salt) in [(0..100, 0), (100..110, 2000), (400..410, 1000)] {
+        for i in blocks {
+            assert!(block_is(&image, i, salt), "block {i} after failover from a split replica and failback");
+        }
+    }
+}
+
 /// An async pair whose primary acknowledged writes the secondary never got,
 /// then died; B fails over and takes writes; A comes back.
 fn split_brain(cluster: &mut Cluster) {

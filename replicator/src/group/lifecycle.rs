@@ -316,11 +316,9 @@ impl Group {
         };
         let (generation, save) = {
             let mut g = lock(&self.inner);
-            // Its writes while split stay marked: they are copied to the
-            // former primary with its own changes.
-            let own = g.bitmaps.clone();
+            // Its writes while split stay marked (`Group::promote`): they
+            // are copied to the former primary with its own changes.
             self.promote(&mut g, journal, true, &[]);
-            g.bitmaps = own;
             let copy_pending = g.bitmaps.iter().any(|b| !b.is_clean());
             if let Some(p) = g.persisted.role.as_primary_mut() {
                 p.copy_pending = copy_pending;

@@ -170,6 +170,13 @@ impl Group {
                      preserved when it started; what it had begun to copy is not in this image."
                 ));
             }
+            if g.bitmaps.iter().any(|b| !b.is_clean()) {
+                let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+                report.push_str(&format!(
+                    " The replica was split with --rw and written since: its volumes hold those writes too \
+                     ({bytes} bytes of regions, copied to {peer} at failback)."
+                ));
+            }
             if inconsistent {
                 report.push_str(
                     " FORCED: the image was not consistent (an initial copy or resync had not finished): its volumes \
@@ -424,7 +431,12 @@ impl Group {
         consistent: bool,
         rewritten: &[Vec<(u64, u64)>],
     ) -> u64 {
+        // The writes this replica took while split with --rw stay marked:
+        // its volumes hold them and the former primary does not, so the
+        // failback or resync that follows copies them.
+        let own = g.bitmaps.clone();
         promote(g, journal, consistent);
+        g.bitmaps = own;
         for (bitmap, regions) in g.bitmaps.iter_mut().zip(rewritten) {
             for &(offset, len) in regions {
                 bitmap.set_range(offset, len);
