@@ -542,6 +542,17 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
     let (Accepted { start, commands, .. }, journal) = match accepted {
         Ok(accepted) => accepted,
         Err((refusal, msg)) => {
+            // A NeedsRebase names the regions the primary must copy: the
+            // save that stopped this replica's writes is on disk first, so
+            // a restart cannot make it writable again behind the primary's
+            // back (the resync that follows clears every region here).
+            let (refusal, msg) = match refusal {
+                pb::Refusal::NeedsRebase => match group.saved(group.save_asked()).await {
+                    Ok(()) => (refusal, msg),
+                    Err(e) => (pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}")),
+                },
+                _ => (refusal, msg),
+            };
             if guarded && lock(&group.inner).persisted.role.consistent() {
                 group.release_image("the resync was refused");
             }
