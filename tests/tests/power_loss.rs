@@ -729,3 +729,39 @@ fn secondary_power_cut_while_a_backlog_ships_from_the_journal() {
     assert!(image == expect, "{label}: the primary's volume does not hold what was written\n{}", c.diagnostics());
     c.assert_volumes_identical(group);
 }
+
+/// Writes the unpaired primary took without a flush (still in the write
+/// cache) are sent by `pair create`'s copy; a chunk leaves the primary's
+/// dirty bitmap once the secondary has it. Then the primary loses power. A
+/// copy that sent them before they were durable here would leave the
+/// secondary holding writes the primary lost, in regions nothing marks as
+/// differing: back in PAIR with the sites different. The copy makes its
+/// source durable first, so the primary keeps them and the sites agree.
+#[test]
+fn primary_power_cut_after_its_unflushed_writes_were_copied() {
+    let label = "primary_power_cut_after_its_unflushed_writes_were_copied";
+    if !require_root(label) {
+        return;
+    }
+    require("fusermount3");
+    let (group, vol) = ("plcopied", "plcopied-vol");
+    let spec = GroupSpec::new(group, Mode::Async).volume(vol, VOLUME_SIZE).link_timeout(Duration::from_secs(1));
+    let mut c = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+    // Unpaired: no journal, no flush.
+    let expect = write_backlog(&c.nbd_socket(Site::A), vol, VOLUME_SIZE, 23);
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(120));
+    c.wait_drained(group);
+    // The copy's end is saved (its chunks clean in the bitmap) with PAIR.
+    std::thread::sleep(Duration::from_secs(1));
+    let cut = c.power_cut(Site::A);
+    eprintln!("{label}: primary cut: {cut:?}");
+    c.start(Site::A);
+    c.wait_pair(group, Duration::from_secs(120));
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    let image = std::fs::read(c.volume_path(Site::A, vol)).expect("read the primary's volume");
+    assert!(image == expect, "{label}: the primary lost writes its copy had sent\n{}", c.diagnostics());
+    c.assert_volumes_identical(group);
+}

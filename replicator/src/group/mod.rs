@@ -506,9 +506,15 @@ impl Group {
                 j.set_epoch(persisted.epoch);
                 primary.copy_pending = true;
                 // A pair not yet announced keeps its create intent (the
-                // copy then covers the regions); an existing one rebases.
+                // copy then covers the regions), but one created --nocopy
+                // has regions to copy now: its secondary must start
+                // inconsistent, as for a copy, not take later records as a
+                // consistent image while it lacks these. An existing pair
+                // rebases.
                 if primary.announce == Announce::Resume {
                     primary.announce = Announce::Resync;
+                } else if primary.announce == Announce::CreateNocopy {
+                    primary.announce = Announce::CreateCopy;
                 }
                 primary.journal_tail_seq = last + 1;
                 primary.journal_tail_pos = r.head();
@@ -603,7 +609,10 @@ impl Group {
             bitmaps,
             activity,
             local_durable: if was_clean { last_jseq } else { 0 },
-            unjournaled_written: 0,
+            // After an unclean stop the volumes may hold writes of before it
+            // that are not durable (page cache, the disk's cache): counted
+            // as one, until a volume sync covers it.
+            unjournaled_written: u64::from(!was_clean),
             unjournaled_durable: 0,
             journal_only_flushes: 0,
             journal_only_synced: 0,

@@ -365,8 +365,17 @@ async fn send_loop(
         wake.as_mut().enable();
 
         // Copy chunks: start reading the next ones, take those read (the
-        // session sends them in order below; the end of the copy too).
-        copy.start(group, epoch);
+        // session sends them in order below; the end of the copy too). A
+        // chunk leaves the persisted bitmap once the secondary has it, so
+        // what the copy reads must be durable here first: a write only the
+        // bitmap tracks (made unpaired, in bitmap mode, split --rw, or
+        // before an unclean restart) may still be in a cache a power cut
+        // empties, and the secondary would keep what this node lost, with
+        // nothing left to say the region differs. (While a copy runs,
+        // every write is journaled, and its region is in the activity log.)
+        if !group.copy_source_unsynced() || group.sync_volumes(false).await.is_ok() {
+            copy.start(group, epoch);
+        }
         while let Some(Some(done)) = copy.reads.next().now_or_never() {
             copy.finish(group, epoch, done)?;
         }

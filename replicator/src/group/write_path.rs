@@ -517,10 +517,13 @@ impl Group {
             // did not take it: stop; a restart replays the journal onto it.
             self.fail_stop(format!("local write of record {shipped_seq:?} failed: {e}"));
         }
+        // Only what the volume took counts as written: a volume sync after a
+        // failed write must not cover it, or journal space could be freed
+        // past a record the volume lacks (the restart replays it from there).
         match shipped_seq {
-            Some(seq) => self.volume_written(seq),
+            Some(seq) if local_res.is_ok() => self.volume_written(seq),
             None if local_res.is_ok() => lock(&self.inner).unjournaled_written += 1,
-            None => {}
+            _ => {}
         }
         local_res?;
 
@@ -764,6 +767,14 @@ impl Group {
             g.journal_only_synced = g.journal_only_synced.max(journal_only);
         }
         result.map_err(|e| self.sync_failed(e))
+    }
+
+    /// Whether a copy is due while the volumes may hold writes that no
+    /// journal record covers and no volume sync made durable yet.
+    pub(super) fn copy_source_unsynced(&self) -> bool {
+        let g = lock(&self.inner);
+        g.unjournaled_written > g.unjournaled_durable
+            && g.persisted.role.as_primary().is_some_and(|p| p.copy_pending && !p.bitmap_mode)
     }
 
     /// Whether a FLUSH may make only the journal durable: this node is the
