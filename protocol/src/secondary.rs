@@ -223,6 +223,9 @@ struct InFlight {
     waiting_for: usize,
     /// Later records waiting for this one.
     dependents: Vec<ApplyId>,
+    /// The primary's write time of a write record (0: a copy chunk, or
+    /// not known).
+    written_at_us: u64,
 }
 
 /// The secondary end of one replication session.
@@ -292,6 +295,10 @@ pub struct Secondary {
     copy_done: Option<u64>,
     copy_done_saved_at: Option<u64>,
     data_as_of_us: u64,
+    /// The primary's write time of the newest write applied here: at a
+    /// freeze, the time of the frozen point (`data_as_of_us` runs ahead
+    /// with every write made durable in the restore journal).
+    applied_as_of_us: u64,
     written_at: BTreeMap<u64, u64>,
     draining: bool,
     failed: bool,
@@ -358,6 +365,7 @@ impl Secondary {
             copy_done: None,
             copy_done_saved_at: None,
             data_as_of_us: start.data_as_of_us,
+            applied_as_of_us: start.data_as_of_us,
             written_at: BTreeMap::new(),
             draining: false,
             failed: false,
@@ -544,6 +552,7 @@ impl Secondary {
         let dependents = match self.records.remove(&id) {
             Some(r) => {
                 self.unapplied_bytes -= r.payload_len;
+                self.applied_as_of_us = self.applied_as_of_us.max(r.written_at_us);
                 r.dependents
             }
             None => Vec::new(),
@@ -783,6 +792,12 @@ impl Secondary {
         self.data_as_of_us
     }
 
+    /// The primary's write time of the newest write applied here (at a
+    /// freeze: of the frozen point).
+    pub fn applied_as_of_us(&self) -> u64 {
+        self.applied_as_of_us
+    }
+
     /// Restore journal bytes in use.
     pub fn journal_used_bytes(&self) -> u64 {
         self.ring.used_bytes()
@@ -853,7 +868,11 @@ impl Secondary {
         }
         let payload_len = record.payload.len() as u64;
         self.unapplied_bytes += payload_len;
-        self.records.insert(id, InFlight { record: Some(record), payload_len, waiting_for, dependents: Vec::new() });
+        let written_at_us = if record.op.is_copy() { 0 } else { record.written_at_us };
+        self.records.insert(
+            id,
+            InFlight { record: Some(record), payload_len, waiting_for, dependents: Vec::new(), written_at_us },
+        );
         if waiting_for == 0 {
             self.ready(id);
         }
@@ -1425,6 +1444,8 @@ mod tests {
         let now = Instant::now();
         let mut s = Secondary::new(config(1 << 20), start(), now);
         // 1 and 3 overlap; 2 does not: 2 is applied while 3 waits for 1.
+        // Each written on the primary at seq × 1 ms.
+        let write = |seq: u64, offset: u64| Record { written_at_us: seq * 1000, ..write(seq, offset) };
         for (seq, off) in [(1, 0), (2, 8192), (3, 0)] {
             s.on_record(write(seq, off)).unwrap();
         }
@@ -1446,6 +1467,9 @@ mod tests {
         assert!(applies(drain(&mut s, now)).is_empty());
         assert_eq!(s.ack().durable_seq, 4);
         assert_eq!(s.frozen_at(), Some(2));
+        // The frozen point's time is write 2's, not that of the newest
+        // write durable in the restore journal.
+        assert_eq!((s.applied_as_of_us(), s.data_as_of_us()), (2_000, 4_000));
         s.thaw();
         let started = applies(drain(&mut s, now));
         assert_eq!(started.iter().map(|a| a.1).collect::<Vec<_>>(), vec![3, 4]);

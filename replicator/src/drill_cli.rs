@@ -15,7 +15,7 @@
 //! 3) when the drill could not start.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -335,15 +335,50 @@ fn run_command(
     })
 }
 
-fn forward(reader: impl BufRead, is_err: bool, tx: &mpsc::Sender<(bool, String)>) {
-    for line in reader.lines() {
-        match line {
-            Ok(l) => {
-                if tx.send((is_err, l)).is_err() {
+/// Sends the command's output on, line by line, until it closes its end:
+/// bytes that are not UTF-8 are replaced, and an overlong line is cut into
+/// pieces, so that neither ends the reading (the command would then die of
+/// SIGPIPE at its next write, and the drill be recorded as failed).
+fn forward(mut reader: impl BufRead, is_err: bool, tx: &mpsc::Sender<(bool, String)>) {
+    const PIECE: usize = 64 * 1024;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader).take(PIECE as u64).read_until(b'\n', &mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                if tx.send((is_err, String::from_utf8_lossy(&line).into_owned())).is_err() {
                     return;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Output that is not UTF-8, or one very long line, does not end the
+    /// reading of the command's output.
+    #[test]
+    fn forwarding_survives_bytes_that_are_not_utf8_and_long_lines() {
+        let mut out = b"first\n\xff\xfe binary\n".to_vec();
+        out.extend(std::iter::repeat_n(b'x', 200_000));
+        out.extend(b"\nlast\n");
+        let (tx, rx) = mpsc::channel();
+        forward(std::io::Cursor::new(out), true, &tx);
+        drop(tx);
+        let lines: Vec<String> = rx.into_iter().map(|(is_err, l)| if is_err { l } else { String::new() }).collect();
+        assert_eq!(lines.first().map(String::as_str), Some("first"));
+        assert_eq!(lines[1], "\u{fffd}\u{fffd} binary");
+        assert_eq!(lines.iter().map(String::len).sum::<usize>(), 5 + 13 + 200_000 + 4);
+        assert_eq!(lines.last().map(String::as_str), Some("last"));
     }
 }

@@ -562,3 +562,17 @@ fn a_resync_guard_survives_a_power_cut_of_the_secondary() {
     assert!(!s.consistent && f.source == "resync-guard" && f.seq == m.guard.seq, "after the power cut: {s:?}");
     fail_over_to_the_guard(m);
 }
+
+/// A replica split with --rw holds writes made on it: a drill copy of it
+/// would be no recovery point of the primary, and is refused.
+#[test]
+fn a_drill_of_a_replica_written_while_split_is_refused() {
+    let c = two_volume_cluster(Mode::Async, |o| o);
+    cli_ok(&c, Site::B, &["pair", "split", "g", "--rw"]);
+    write_export(&c.nbd_socket(Site::B), "v0", 0, &[7u8; 4096]);
+    let out = c.cli(Site::B, &["drill", "start", "g"]);
+    let text = describe_output(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("split with --rw"), "{text}");
+    assert!(c.status(Site::B, "g").drill.is_none());
+}

@@ -958,7 +958,8 @@ impl Session {
     /// Tells `drill start` the frozen point once the replica reached it.
     fn report_frozen(&mut self) {
         if let (Some(seq), Some(_)) = (self.machine.frozen_at(), &self.freeze_reply) {
-            let frozen = Frozen { seq, data_as_of_us: self.machine.data_as_of_us(), received: self.machine.received() };
+            let frozen =
+                Frozen { seq, data_as_of_us: self.machine.applied_as_of_us(), received: self.machine.received() };
             if let Some(reply) = self.freeze_reply.take() {
                 let _ = reply.send(Ok(frozen));
             }
@@ -970,6 +971,11 @@ impl Session {
     /// The caller finishes the stream (a delete confirmation may still
     /// follow). Returns whether it completed (false after an I/O error).
     async fn drain(&mut self, send: &mut FramedSend) -> bool {
+        // The drain applies what a drill's freeze holds back: the drill
+        // hears first (its channel closes), and discards a copy it has not
+        // attached yet rather than take those writes into it.
+        self.thaw = None;
+        self.freeze_reply = None;
         self.machine.begin_drain();
         let mut failed = false;
         loop {

@@ -306,6 +306,14 @@ impl Group {
                     g.state
                 )));
             }
+            if g.persisted.role.as_secondary().is_some_and(|s| s.split_writable || s.needs_rebase) {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: the replica's volumes hold writes made here (split with --rw, or a failback \
+                     waiting for its copy): a drill copy of it would be no recovery point of the primary. \
+                     `replicator pair resync {name}` on {} first",
+                    self.cfg.peer
+                )));
+            }
             if g.persisted.role.as_secondary().is_none_or(|s| !s.consistent || s.copy_incomplete) {
                 return Err(GroupError::Refused(format!(
                     "group {name}: the replica is inconsistent ({}: an initial copy or a resync is running); a drill copy \
@@ -385,6 +393,19 @@ impl Group {
             .await
             .map_err(|e| GroupError::Failed(format!("drill start: {e}")))??
         };
+        if thaw.as_ref().is_some_and(oneshot::Sender::is_closed) {
+            // The session ended (and its drain may have applied writes
+            // beyond the point) before the copy was attached: its chunks
+            // could hold them. Nothing is kept.
+            image.detach(&self.volumes).await;
+            tokio::task::spawn_blocking(move || image.remove())
+                .await
+                .map_err(|e| GroupError::Failed(format!("drill start: {e}")))??;
+            return Err(GroupError::Failed(format!(
+                "group {name}: the replication session ended while the drill copy was taken, and the replica moved \
+                 past the recovery point; nothing was kept, retry"
+            )));
+        }
         meta.ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let drill = Arc::new(ActiveDrill { meta: meta.clone(), image, clients: AtomicUsize::new(0) });
         *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = Some(drill);
@@ -420,6 +441,13 @@ impl Group {
         }
         let space_used_bytes = drill.image.held_bytes();
         *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        // Once detached, replication overwrites the volumes without
+        // preserving: the record goes first, so that a restart from then on
+        // does not bring back a drill copy whose chunks read those writes.
+        let image = drill.clone();
+        tokio::task::spawn_blocking(move || image.image.forget())
+            .await
+            .map_err(|e| GroupError::Failed(format!("drill stop: {e}")))??;
         drill.image.detach(&self.volumes).await;
         let result = match &outcome {
             None => "manual",

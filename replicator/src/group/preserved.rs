@@ -176,9 +176,9 @@ impl PreservedImage {
         Ok(regions)
     }
 
-    /// Removes the record (durably), then the snapshot files and the
-    /// directory. Call after [`PreservedImage::detach`]. Blocking.
-    pub(super) fn remove(&self) -> Result<(), GroupError> {
+    /// Removes the record (durably): a restart no longer finds the image.
+    /// Blocking.
+    pub(super) fn forget(&self) -> Result<(), GroupError> {
         let path = record_path(&self.dir);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -186,7 +186,14 @@ impl PreservedImage {
             }
             _ => {}
         }
-        sync_dir(&self.dir)?;
+        sync_dir(&self.dir)
+    }
+
+    /// Removes the record (durably, unless [`PreservedImage::forget`] did),
+    /// then the snapshot files and the directory. Call after
+    /// [`PreservedImage::detach`]. Blocking.
+    pub(super) fn remove(&self) -> Result<(), GroupError> {
+        self.forget()?;
         std::fs::remove_dir_all(&self.dir).map_err(failed("removing a snapshot directory"))
     }
 }
