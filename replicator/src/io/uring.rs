@@ -392,7 +392,8 @@ impl Ring {
     }
 
     /// Hands the submission queue to the kernel (without waiting). What it
-    /// refuses stays queued: the reaper tries again.
+    /// refuses stays queued: the reaper tries again (woken for it when a
+    /// request's own submission failed).
     fn submit(&mut self) {
         match self.ring.submit() {
             Ok(_) => self.failures = 0,
@@ -507,6 +508,13 @@ impl UringEngine {
         // ever be off, an empty ring still submits at once.)
         if ring.rw_in_flight.min(ring.in_flight) < BATCH_DEPTH {
             ring.push_and_submit();
+            if ring.unsubmitted() {
+                // The kernel did not take it (short of memory, say): the
+                // reaper, which may be idle with nothing in flight to
+                // complete, tries again.
+                drop(ring);
+                self.shared.wake();
+            }
         }
     }
     /// Reads or writes all of `buf` at `offset`.
