@@ -286,6 +286,14 @@ fn failover_after_split_rw_keeps_the_split_writes_for_failback() {
     assert_eq!(write_blocks(&cluster, Site::B, "fs-vol", 100..110, 2000), 10);
     cluster.start(Site::A);
     cluster.wait_until(Site::A, "fs", "fenced", MINUTE, |s| s.superseded_by > 0);
+    // Failed back while the new primary is away: the old primary waits for
+    // its copy, and takes no writes the copy would overwrite unseen.
+    cluster.stop(Site::B);
+    cli_ok(&cluster, Site::A, &["failback", "fs", "--no-switch"]);
+    let (code, out) = cli(&cluster, Site::A, &["pair", "split", "fs", "--rw"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(!cluster.status(Site::A, "fs").writable);
+    cluster.start(Site::B);
     cli_ok(&cluster, Site::A, &["failback", "fs", "--no-switch", "--wait", "--timeout", "60s"]);
     cluster
         .wait_until(Site::B, "fs", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);

@@ -137,6 +137,17 @@ impl Group {
                      be made writable. Split without --rw, or wait for PAIR"
                 )));
             }
+            if rw && g.persisted.role.as_secondary().is_some_and(|s| s.needs_rebase && !s.split_writable) {
+                // Its changes are discarded: the resync that follows clears
+                // every region here once the peer copied those it was told
+                // of, and writes made now would be among neither.
+                return Err(GroupError::Refused(format!(
+                    "group {name}: this replica waits for {} to copy over what differs here (its own changes are \
+                     discarded); writes made here now would be lost without being copied. Let that resync finish \
+                     (`replicator status {name}`), then split again",
+                    self.cfg.peer
+                )));
+            }
             if g.secondary_attached {
                 Err(g.session_cmd.clone())
             } else {
