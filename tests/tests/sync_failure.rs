@@ -158,3 +158,37 @@ fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
         assert!(image[at..at + BLOCK as usize] == data(i)[..], "block {i} missing on the secondary");
     }
 }
+
+/// Sync mode with `on_link_loss = "block"`: a write waits for the
+/// secondary, which is gone. Then the primary's group stops after a local
+/// failure (its periodic volume sync fails): the waiting write fails, where
+/// it was acknowledged although the replica never had it.
+#[test]
+fn a_sync_write_waiting_for_a_lost_secondary_fails_when_the_group_stops() {
+    let name = "bw";
+    if !require_root(name) {
+        return;
+    }
+    require("fusermount3");
+    let group = GroupSpec::new(name, Mode::Sync)
+        .volume("bw-vol", 16 * MIB)
+        .link_timeout(Duration::from_secs(1))
+        .extra("on_link_loss = \"block\"");
+    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    cluster.pair_create(name);
+    cluster.wait_pair(name, Duration::from_secs(60));
+    cluster.kill9(Site::B);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "bw-vol")).expect("connect");
+    let waiting = rt.spawn(async move { client.write(0, &random_bytes(7, BLOCK as usize), false).await });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!waiting.is_finished(), "the write waits for the secondary (on_link_loss = block)");
+    cluster.fs_command(Site::A, "fail-fsync bw-vol.img");
+    wait_failed_fsync(&cluster, Site::A, Duration::from_secs(60));
+    cluster.wait_state(Site::A, name, "SUSPENDED", Duration::from_secs(10));
+    let written = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), waiting).await })
+        .expect("the waiting write ends once the group stopped")
+        .expect("join");
+    assert!(written.is_err(), "acknowledged although the secondary never had it: {written:?}");
+}

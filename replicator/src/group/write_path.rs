@@ -677,12 +677,48 @@ impl Group {
                 rx.wait_for(|p| !p.sync_wait || if durable { p.durable >= seq } else { p.received >= seq }),
             )
             .await;
-            match waited {
-                Ok(Ok(_)) => return Ok(()),
+            let reached = match waited {
+                Ok(Ok(p)) => {
+                    if durable {
+                        p.durable >= seq
+                    } else {
+                        p.received >= seq
+                    }
+                }
                 Ok(Err(_)) => return Err(WriteError::Replication("group is shutting down".into())),
-                Err(_) => self.ack_timeout(),
-            }
+                Err(_) => {
+                    self.ack_timeout();
+                    continue;
+                }
+            };
+            return if reached { Ok(()) } else { self.stopped_waiting() };
         }
+    }
+
+    /// A sync write stopped waiting for the secondary before it had the
+    /// record: fine where the write stays tracked for a resync that this
+    /// node will run (a link lost under `on_link_loss = "suspend"`, an admin
+    /// split, a full journal), an error where the write will not reach the
+    /// replica as written: this node was superseded by a failover (its
+    /// writes since are discarded at failback), is no longer the primary,
+    /// found a split brain, or stopped after a local failure.
+    fn stopped_waiting(&self) -> Result<(), WriteError> {
+        if let Some(why) = self.stopped.get() {
+            return Err(self.stopped_error(why));
+        }
+        let g = lock(&self.inner);
+        if g.persisted.role.superseded_by() > 0 {
+            return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
+        }
+        if g.role() != Role::Primary || g.state == PairState::SplitBrain {
+            return Err(WriteError::Replication(format!(
+                "group {}: the write could not be replicated: this node is {} ({}) now",
+                self.cfg.name,
+                g.role(),
+                g.state
+            )));
+        }
+        Ok(())
     }
 
     /// FLUSH: every earlier acknowledged write durable locally and, in sync
