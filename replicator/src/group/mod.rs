@@ -766,6 +766,20 @@ impl Group {
         lock(&self.inner).journal.clone()
     }
 
+    /// This node starts as the primary of a pair (or of a new generation)
+    /// after write `n`: what an earlier pair's or generation's secondary
+    /// acknowledged says nothing about this one's, whose session reports
+    /// its own point when it starts.
+    fn restart_progress(&self, n: u64) {
+        self.progress.send_modify(|p| {
+            p.connected = false;
+            p.received = n;
+            p.applied = n;
+            p.durable = n;
+            p.checkpoint = n;
+        });
+    }
+
     /// Recomputes `Progress.sync_wait` and wakes everyone who watches.
     fn publish(&self, g: &mut Inner) {
         let sync_wait = self.cfg.mode == Mode::Sync
@@ -1196,6 +1210,7 @@ impl Group {
                 Ok(s) => g.state = s,
                 Err(e) => return Err(GroupError::Refused(e.to_string())),
             }
+            self.restart_progress(g.last_jseq);
             let save = self.save_later(&mut g);
             self.publish(&mut g);
             save
