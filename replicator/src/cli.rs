@@ -416,7 +416,9 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let result = rt.block_on(crate::daemon::run(config));
             stop_runtime(rt);
             match result {
-                Ok(()) => Ok(ExitCode::SUCCESS),
+                // The state_dir lock goes only now that nothing of this
+                // daemon can write any more.
+                Ok(_lock) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     tracing::error!("{e}");
                     eprintln!("replicator: {e}");

@@ -182,7 +182,12 @@ fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener,
 /// the groups clean: ...") and nothing is marked, so that the next start
 /// replays the journals instead of trusting volumes that something may
 /// still have been writing to.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+///
+/// Returns the lock on `state_dir`: the caller drops it only once the
+/// runtime has stopped, since after an unclean stop tasks may still write
+/// the volumes and journals until then, and another daemon must not replay
+/// them meanwhile.
+pub async fn run(config: Config) -> Result<StateDirLock, DaemonError> {
     let state_dir = &config.node.state_dir;
     // The daemon creates state_dir and run_dir, not the directories above
     // them: a mistyped path must not start a node with an empty state.
@@ -211,12 +216,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::warn!("io_uring unavailable ({reason}); using the thread-pool I/O backend");
     }
     let transport = Arc::new(Transport::bind(&config)?);
-    let mut groups = Vec::new();
+    let mut opened = Vec::new();
     for gc in &config.groups {
-        let mut volumes = Vec::new();
-        for (i, vc) in gc.volumes.iter().enumerate() {
-            volumes.push(Arc::new(Volume::open(&engine, vc, i as u32)?));
-        }
+        let volumes: Vec<Arc<Volume>> = gc
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, vc)| Volume::open(&engine, vc, i as u32).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        opened.push(volumes);
+    }
+    // Every volume exists now (created where `create = true`).
+    crate::preflight::check_volume_files(&config).map_err(|(key, reason)| DaemonError::Refused {
+        what: "volume",
+        path: key,
+        reason,
+    })?;
+    let mut groups = Vec::new();
+    for (gc, volumes) in config.groups.iter().zip(opened) {
         let group = Group::open(gc.clone(), volumes, engine.clone(), &config.node.state_dir, transport.clone())
             .await
             .map_err(|source| DaemonError::Group { group: gc.name.clone(), source })?;
@@ -405,8 +422,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(config.control_socket());
     let _ = std::fs::remove_file(config.nbd_socket());
     tracing::info!(lock = %state_lock.path().display(), "stopped");
-    drop(state_lock);
-    Ok(())
+    Ok(state_lock)
 }
 
 /// SIGHUP: reads the configuration file again and applies what can change

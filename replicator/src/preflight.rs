@@ -123,5 +123,49 @@ pub fn check(config: &Config) -> Vec<ConfigError> {
             }
         }
     }
+    if let Err((key, m)) = check_volume_files(config) {
+        err(key, m);
+    }
     problems
+}
+
+/// Every volume is a file of its own, outside `node.state_dir`: two paths
+/// may name one file (`..`, a symbolic link, a hard link), which two
+/// groups or exports would then write at once, and a volume inside the
+/// state directory could be the file of a journal. Paths that do not exist
+/// (yet) are skipped. `Err` names the volume's key and what is wrong.
+pub fn check_volume_files(config: &Config) -> Result<(), (String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let state_dir = std::fs::canonicalize(&config.node.state_dir).unwrap_or_else(|_| config.node.state_dir.clone());
+    let mut seen: std::collections::HashMap<(u64, u64), String> = std::collections::HashMap::new();
+    for group in &config.groups {
+        for volume in &group.volumes {
+            let key = format!("group[{}].volume[{}].path", group.name, volume.name);
+            let Ok(meta) = std::fs::metadata(&volume.path) else { continue };
+            let real = std::fs::canonicalize(&volume.path).unwrap_or_else(|_| volume.path.clone());
+            if real.starts_with(&state_dir) {
+                return Err((
+                    key,
+                    format!(
+                        "{} is inside node.state_dir ({}), where the daemon keeps its journals and state: put \
+                         volumes elsewhere",
+                        volume.path.display(),
+                        state_dir.display()
+                    ),
+                ));
+            }
+            let name = format!("{} ({})", volume.name, volume.path.display());
+            if let Some(other) = seen.insert((meta.dev(), meta.ino()), name) {
+                return Err((
+                    key,
+                    format!(
+                        "{} is the same file as volume {other} (through `..`, a symbolic or a hard link): two \
+                         volumes would write one file",
+                        volume.path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }

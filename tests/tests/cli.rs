@@ -438,6 +438,34 @@ fn config_check_catches_what_run_would_fail_on() {
         std::fs::remove_file(&vol).expect("remove");
     }
 
+    // 4b. A volume inside state_dir (where journals live), or one file
+    // under two volume paths (`..`, a link).
+    let state = format!("{data}/state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let inside = format!("{state}/cli-vol.img");
+    std::fs::File::create(&inside).and_then(|f| f.set_len(16 * MIB)).expect("volume file");
+    assert_check_fails(
+        &c,
+        "volume in state_dir",
+        &good.replace(&vol_s, &inside),
+        &["group[cli].volume[cli-vol].path", "inside node.state_dir"],
+    );
+    std::fs::remove_file(&inside).expect("remove");
+    std::fs::File::create(&vol).and_then(|f| f.set_len(16 * MIB)).expect("volume file");
+    let twin =
+        format!("{data}/../{}/cli-vol.img", vol.parent().and_then(Path::file_name).expect("dir").to_string_lossy());
+    let second = format!("\n[[group.volume]]\nname = \"cli-twin\"\npath = \"{twin}\"\nsize = \"{}\"\n", 16 * MIB);
+    let group_start = good.find("[[group]]").expect("a group");
+    let end = good[group_start..].find("\n[[peer]]").map_or(good.len(), |i| group_start + i);
+    let two = format!("{}{second}{}", &good[..end], &good[end..]);
+    assert_check_fails(
+        &c,
+        "one file, two volumes",
+        &two,
+        &["group[cli].volume[cli-twin].path", "same file as volume cli-vol"],
+    );
+    std::fs::remove_file(&vol).expect("remove");
+
     // 5. A missing volume without `create = true`: check and run refuse, nothing is created.
     let no_create = good.replace("\ncreate = true\n", "\n");
     assert!(!no_create.contains("\ncreate = true"), "{no_create}");
