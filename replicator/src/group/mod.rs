@@ -766,13 +766,14 @@ impl Group {
         lock(&self.inner).journal.clone()
     }
 
-    /// This node starts as the primary of a pair (or of a new generation)
-    /// after write `n`: what an earlier pair's or generation's secondary
-    /// acknowledged says nothing about this one's, whose session reports
-    /// its own point when it starts.
-    fn restart_progress(&self, n: u64) {
+    /// The secondary is known to hold every write through `n`, and nothing
+    /// beyond: a session starts (`connected`, at the point the secondary
+    /// reported), or this node starts as the primary of a pair or of a new
+    /// generation after write `n` (what an earlier pair's or generation's
+    /// secondary acknowledged says nothing about this one's).
+    fn reset_progress(&self, n: u64, connected: bool) {
         self.progress.send_modify(|p| {
-            p.connected = false;
+            p.connected = connected;
             p.received = n;
             p.applied = n;
             p.durable = n;
@@ -1210,7 +1211,7 @@ impl Group {
                 Ok(s) => g.state = s,
                 Err(e) => return Err(GroupError::Refused(e.to_string())),
             }
-            self.restart_progress(g.last_jseq);
+            self.reset_progress(g.last_jseq, false);
             let save = self.save_later(&mut g);
             self.publish(&mut g);
             save

@@ -293,15 +293,9 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         g.copy_done = 0;
         g.copy_sent = 0;
         let save = group.save_later(&mut g);
-        group.progress.send_modify(|p| {
-            p.connected = true;
-            p.received = peer_durable;
-            p.applied = peer_durable;
-            p.durable = peer_durable;
-            // The secondary resumes after its persisted checkpoint, which is
-            // what it just reported: the journal up to it may be freed.
-            p.checkpoint = peer_durable;
-        });
+        // The secondary resumes after its persisted checkpoint, which is
+        // what it just reported: the journal up to it may be freed.
+        group.reset_progress(peer_durable, true);
         if matches!(g.state, PairState::Suspended(_)) {
             group.transition(&mut g, PairEvent::LinkUp { needs_resync }, "link restored");
         }

@@ -437,7 +437,7 @@ impl Group {
         let own = g.bitmaps.clone();
         promote(g, journal, consistent);
         g.bitmaps = own;
-        self.restart_progress(g.last_jseq);
+        self.reset_progress(g.last_jseq, false);
         for (bitmap, regions) in g.bitmaps.iter_mut().zip(rewritten) {
             for &(offset, len) in regions {
                 bitmap.set_range(offset, len);
