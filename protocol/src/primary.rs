@@ -26,8 +26,11 @@ use crate::ship::{AckUpdate, ShipError, Shipper};
 pub struct PrimaryConfig {
     /// Largest copy chunk (bytes).
     pub copy_chunk: u64,
-    /// Copy bytes sent but not yet durable on the secondary.
+    /// Copy bytes sent but not yet durable on the secondary, at least
+    /// (the window grows on long links: [`PrimarySession::on_copy_interval`]).
     pub copy_window: u64,
+    /// The most the copy window grows to.
+    pub copy_window_max: u64,
     /// Send each chunk as its hashes first ([`CopyStep::Read`] `hash`, one
     /// digest per bitmap chunk); the data follows only for the bitmap
     /// chunks the secondary finds different.
@@ -152,6 +155,12 @@ pub struct PrimarySession {
     copy_done_sent: bool,
     /// [`PrimarySession::on_gap`] not yet on the stream.
     gap_unsent: Option<u64>,
+    /// Copy bytes sent but not yet durable, at most (see
+    /// [`PrimarySession::on_copy_interval`]).
+    copy_window: u64,
+    /// Copy bytes made durable since the last
+    /// [`PrimarySession::on_copy_interval`].
+    copy_durable_bytes: u64,
 }
 
 /// A copy chunk sent (or being read), not yet durable on the secondary.
@@ -184,7 +193,38 @@ impl PrimarySession {
             copy_finished: false,
             copy_done_sent: false,
             gap_unsent: None,
+            copy_window: config.copy_window,
+            copy_durable_bytes: 0,
         }
+    }
+
+    /// Adapts the copy window to the link, every interval of the daemon's
+    /// choosing (at least a round trip): `rtt` is the path's round-trip
+    /// time, `elapsed` the time since the last call. A chunk stays in the
+    /// window for a round trip plus the secondary's write and sync, so a
+    /// fixed window caps the copy at about window / RTT (16 MiB over a
+    /// 100 ms link: 168 MB/s, a tenth of a 10 Gbit/s link). The window
+    /// becomes twice what the copy made durable per round trip over the
+    /// interval (the bandwidth-delay product at the rate it reached, with
+    /// room to grow), within [`PrimaryConfig::copy_window`] and
+    /// [`PrimaryConfig::copy_window_max`], and shrinks by at most half per
+    /// interval. Where the round trip is short against the secondary's
+    /// sync (a metro link, loopback) it stays at the floor: there a larger
+    /// window would only queue more copy data ahead of the records.
+    pub fn on_copy_interval(&mut self, rtt: std::time::Duration, elapsed: std::time::Duration) {
+        let durable = std::mem::take(&mut self.copy_durable_bytes);
+        if elapsed.is_zero() {
+            return;
+        }
+        let per_rtt = durable as f64 * rtt.as_secs_f64() / elapsed.as_secs_f64();
+        let (floor, max) = (self.config.copy_window, self.config.copy_window_max.max(self.config.copy_window));
+        let target = (2.0 * per_rtt).min(max as f64) as u64;
+        self.copy_window = target.max(self.copy_window / 2).clamp(floor, max);
+    }
+
+    /// Copy bytes sent but not yet durable on the secondary, at most, now.
+    pub fn copy_window(&self) -> u64 {
+        self.copy_window
     }
 
     /// Writes after record `seq` go only to the dirty bitmaps (the journal
@@ -256,7 +296,7 @@ impl PrimarySession {
             return CopyStep::Idle;
         }
         let inflight: u64 = self.copy_inflight.values().map(|c| c.len).sum();
-        if inflight >= self.config.copy_window {
+        if inflight >= self.copy_window {
             return CopyStep::WindowFull;
         }
         while let Some(b) = bitmaps.get(self.cursor.0) {
@@ -384,6 +424,7 @@ impl PrimarySession {
         let done = std::mem::replace(&mut self.copy_inflight, rest);
         // Spans that differed are counted when their data is durable.
         let copy_bytes = done.values().map(|c| c.len - c.missed).sum();
+        self.copy_durable_bytes = self.copy_durable_bytes.saturating_add(copy_bytes);
         Ok(Acked { update, copy_bytes, copy_progress: !done.is_empty() || !ack.copy_mismatch.is_empty() })
     }
 
@@ -428,8 +469,13 @@ mod tests {
     use super::*;
     use crate::record::RecordOp;
 
-    const CONFIG: PrimaryConfig =
-        PrimaryConfig { copy_chunk: 1 << 20, copy_window: 2 << 20, copy_by_hash: false, copy_reads: 1 };
+    const CONFIG: PrimaryConfig = PrimaryConfig {
+        copy_chunk: 1 << 20,
+        copy_window: 2 << 20,
+        copy_window_max: 2 << 20,
+        copy_by_hash: false,
+        copy_reads: 1,
+    };
 
     fn copy(seq: u64, index: u64, offset: u64) -> Record {
         let mut r = Record::with_payload(RecordOp::Copy, seq, 0, offset, 1, Bytes::from(vec![1u8; 4096]), false);
@@ -632,6 +678,48 @@ mod tests {
         .collect();
         assert_eq!(sent, vec![1, 2, 3]);
         assert!(matches!(s.next_copy(&mut bitmaps, true), CopyStep::Read { copy_index: 4, .. }));
+    }
+
+    #[test]
+    fn the_copy_window_follows_the_links_bandwidth_delay_product() {
+        const MIB: u64 = 1 << 20;
+        let config = PrimaryConfig { copy_window: 2 * MIB, copy_window_max: 16 * MIB, copy_reads: 64, ..CONFIG };
+        let mut s = PrimarySession::new(config, 0, 0);
+        let mut bitmaps = vec![DirtyBitmap::new(256 * MIB, 64 << 10)];
+        bitmaps[0].set_all();
+        // Hands out chunks until the window is full, sends them, and makes
+        // them all durable: how many went.
+        let mut fill = |s: &mut PrimarySession| {
+            let mut n = 0;
+            while let CopyStep::Read { copy_index, offset, .. } = s.next_copy(&mut bitmaps, true) {
+                s.on_copy_read(copy(0, copy_index, offset));
+                assert!(matches!(s.poll_transmit(), Some(Transmit::Copy(_))));
+                n += 1;
+            }
+            let ack = pb::Ack { copy_durable: s.copy_index, ..Default::default() };
+            assert_eq!(s.on_ack(&ack).unwrap().copy_bytes, n * MIB);
+            n
+        };
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(fill(&mut s), 2, "the configured window to start with");
+        // A 100 ms link that took the window in 100 ms: twice its product.
+        s.on_copy_interval(ms(100), ms(100));
+        assert_eq!(s.copy_window(), 4 * MIB);
+        assert_eq!(fill(&mut s), 4);
+        s.on_copy_interval(ms(100), ms(100));
+        assert_eq!(fill(&mut s), 8);
+        // Never beyond the most configured.
+        s.on_copy_interval(ms(100), ms(50));
+        assert_eq!(s.copy_window(), 16 * MIB);
+        // A short round trip against the secondary's sync: the window
+        // shrinks by half per interval down to the configured one.
+        assert_eq!(fill(&mut s), 16);
+        s.on_copy_interval(ms(1), ms(100));
+        assert_eq!(s.copy_window(), 8 * MIB);
+        s.on_copy_interval(ms(1), ms(100));
+        s.on_copy_interval(ms(1), ms(100));
+        assert_eq!(s.copy_window(), 2 * MIB);
+        assert_eq!(fill(&mut s), 2);
     }
 
     #[test]

@@ -116,8 +116,11 @@ fn base() -> Image {
 }
 
 /// Copy chunks in the simulation: 256-byte bitmap chunks, at most 4 KiB per
-/// chunk, 8 KiB in flight; each sent as its hash first, as in production.
-const COPY: PrimaryConfig = PrimaryConfig { copy_chunk: 4096, copy_window: 8192, copy_by_hash: true, copy_reads: 1 };
+/// chunk, 8 to 64 KiB in flight (the window follows what the copy made
+/// durable, as over a long link: `Pair::copy`); each sent as its hash
+/// first, as in production.
+const COPY: PrimaryConfig =
+    PrimaryConfig { copy_chunk: 4096, copy_window: 8192, copy_window_max: 65536, copy_by_hash: true, copy_reads: 1 };
 
 /// A 256-bit digest for hash-only copy chunks (four FNV-1a lanes: any
 /// collision would show as a divergence, never as a false pass).
@@ -941,6 +944,9 @@ impl Sim {
     /// read happens once no write to the range is in flight. No new chunk
     /// is handed out in bitmap mode (one already handed out is read).
     fn copy(&mut self) {
+        // As if a 10 ms round trip took a millisecond per copy step: the
+        // window grows with what the copy made durable, and shrinks again.
+        self.p.session.on_copy_interval(Duration::from_millis(10), Duration::from_millis(1));
         if self.p.copy_reading.is_none() {
             let copying = self.p.copy_pending && !self.p.bitmap_mode;
             if copying && self.p.bitmap_fence > self.p.replay_fence {

@@ -35,10 +35,17 @@ use crate::state::Announce;
 use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
 use crate::volume::span_digests;
 
-/// Copy chunks of at most 1 MiB, at most 16 MiB sent but not yet durable on
-/// the secondary, four read at once.
-const COPY: PrimaryConfig =
-    PrimaryConfig { copy_chunk: 1 << 20, copy_window: 16 << 20, copy_by_hash: true, copy_reads: 4 };
+/// Copy chunks of at most 1 MiB, four read at once; 16 MiB sent but not yet
+/// durable on the secondary, up to 256 MiB on a long fat link (twice its
+/// bandwidth-delay product: 10 Gbit/s over 100 ms). The connection's send
+/// and receive windows (`tls::RECEIVE_WINDOW`) are larger.
+const COPY: PrimaryConfig = PrimaryConfig {
+    copy_chunk: 1 << 20,
+    copy_window: 16 << 20,
+    copy_window_max: 256 << 20,
+    copy_by_hash: true,
+    copy_reads: 4,
+};
 /// Records are sent in batches of about this many bytes.
 const BATCH: usize = 1 << 20;
 /// Records no longer in the payload cache are read back from the journal
@@ -49,6 +56,9 @@ const READ_AHEAD_BYTES: u64 = 8 << 20;
 const READ_AHEAD_RECORDS: usize = 64;
 /// How often the primary tells the secondary how far its journal reaches.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often, at least, the copy window follows the link (and at most once
+/// per two round trips): [`PrimarySession::on_copy_interval`].
+const COPY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Ships while this node is the primary: runs the sessions of each
 /// `start_shipping` (a new epoch) in turn. A run from before a pair delete
@@ -310,7 +320,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     // waiting for stream credit never holds an ack up.
     let deleting = AtomicBool::new(false);
     tokio::select! {
-        sent = send_loop(group, epoch, pair_id, &mut send, &deleting) => sent,
+        sent = send_loop(group, &conn, epoch, pair_id, &mut send, &deleting) => sent,
         read = read_acks(group, recv, epoch) => match read {
             // The secondary confirmed the delete and ended the stream.
             _ if deleting.load(Ordering::Relaxed) => Ok(()),
@@ -326,6 +336,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
 /// session).
 async fn send_loop(
     group: &Arc<Group>,
+    conn: &quinn::Connection,
     epoch: u64,
     pair_id: u64,
     send: &mut FramedSend,
@@ -333,6 +344,7 @@ async fn send_loop(
 ) -> Result<(), TransportError> {
     let mut kick = group.session_kick.subscribe();
     let mut progress_at = tokio::time::Instant::now();
+    let mut copy_interval_at = tokio::time::Instant::now();
     let mut copy = CopyReads::default();
     let mut read_ahead = ReadAhead::default();
     loop {
@@ -367,6 +379,13 @@ async fn send_loop(
         // empties, and the secondary would keep what this node lost, with
         // nothing left to say the region differs. (While a copy runs,
         // every write is journaled, and its region is in the activity log.)
+        let elapsed = copy_interval_at.elapsed();
+        if elapsed >= COPY_INTERVAL && elapsed >= conn.rtt() * 2 {
+            copy_interval_at = tokio::time::Instant::now();
+            if let Some(s) = lock(&group.inner).session.as_mut() {
+                s.on_copy_interval(conn.rtt(), elapsed);
+            }
+        }
         if !group.copy_source_unsynced() || group.sync_volumes(false).await.is_ok() {
             copy.start(group, epoch);
         }
