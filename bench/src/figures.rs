@@ -536,6 +536,11 @@ pub fn lag(env: &Env, o: &FigureOpts) -> Result<LagFigure, String> {
     Ok(LagFigure { link: link.describe(), link_mbps: bw / 1e6, phases, drain_secs: drained_at, samples, drops })
 }
 
+/// The long fat link of the copy figure: 100 ms, 4 Gbit/s.
+const LONG_LINK_RTT: Duration = Duration::from_millis(100);
+/// See [`LONG_LINK_RTT`].
+const LONG_LINK_BYTES_PER_S: u64 = 4_000_000_000 / 8;
+
 /// Initial copy: `pair create` with copy, timed until PAIR.
 pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
     let mut runs = Vec::new();
@@ -549,6 +554,12 @@ pub fn copy(env: &Env, o: &FigureOpts) -> Result<Vec<CopyRun>, String> {
             128 * MIB,
             false,
         ));
+        // A long fat link (a continent, 4 Gbit/s): what a fixed window of
+        // chunks in flight would cap (16 MiB per 100 ms round trip is
+        // 168 MB/s, a third of the link).
+        let long =
+            LinkSpec { rtt: LONG_LINK_RTT, jitter: Duration::ZERO, bandwidth: Some(LONG_LINK_BYTES_PER_S), loss: 0.0 };
+        cases.push((long, 1024 * MIB, false));
     }
     for (i, (link, size, identical)) in cases.into_iter().enumerate() {
         let g = GroupSpec::single("copy", "async", 256 * MIB, size);
