@@ -284,13 +284,16 @@ pub struct Secondary {
     inconsistency_saved_at: Option<u64>,
     /// [`Action::PreserveImage`] is out and not reported yet.
     preserving: bool,
-    /// [`Secondary::on_resync_gap`]: records after the first of these seqs
+    /// [`Secondary::on_resync_gap`]: records after the first of those seqs
     /// follow writes this node lacks until the resync that covers them
-    /// ends. These came after the last COPY_DONE on the stream...
-    gaps: BTreeSet<u64>,
-    /// ... and these before it: that COPY_DONE covers them (the primary
-    /// sends one only once the copy that started after them finished).
-    gaps_covered: BTreeSet<u64>,
+    /// ends (only the first matters, so only it is kept, however many a
+    /// peer announces). The first of those that came after the last
+    /// COPY_DONE on the stream...
+    gap: Option<u64>,
+    /// ... and the first of those before it: that COPY_DONE covers them
+    /// (the primary sends one only once the copy that started after them
+    /// finished).
+    gap_covered: Option<u64>,
     /// COPY_DONE received (its seq), and the save that records it.
     copy_done: Option<u64>,
     copy_done_saved_at: Option<u64>,
@@ -360,8 +363,8 @@ impl Secondary {
             save_wanted: false,
             inconsistency_saved_at: start.copy_incomplete.then_some(0),
             preserving: false,
-            gaps: BTreeSet::new(),
-            gaps_covered: BTreeSet::new(),
+            gap: None,
+            gap_covered: None,
             copy_done: None,
             copy_done_saved_at: None,
             data_as_of_us: start.data_as_of_us,
@@ -470,14 +473,17 @@ impl Secondary {
     /// in yet, announces that one again). The records received before it
     /// on the stream precede those writes: it counts from the newest.
     pub fn on_resync_gap(&mut self, seq: u64) {
-        self.gaps.insert(seq.max(self.appended));
+        let seq = seq.max(self.appended);
+        self.gap = Some(self.gap.map_or(seq, |g| g.min(seq)));
     }
 
     /// The primary's copy (or resync) is complete through write `seq`; it
     /// covers the resync gaps announced before it.
     pub fn on_copy_done(&mut self, seq: u64) {
         self.copy_done = Some(seq);
-        self.gaps_covered.append(&mut self.gaps);
+        if let Some(gap) = self.gap.take() {
+            self.gap_covered = Some(self.gap_covered.map_or(gap, |g| g.min(gap)));
+        }
         self.applier.on_flush_request(seq);
     }
 
@@ -808,8 +814,8 @@ impl Secondary {
     fn admit_pending(&mut self) -> Result<(), SecondaryError> {
         while let Some((op, seq, payload_len)) = self.pending.front().map(|r| (r.op, r.seq, r.payload.len() as u64)) {
             // A copy chunk, or a record after a gap, breaks write order.
-            let gap = self.gaps.first().into_iter().chain(self.gaps_covered.first()).min();
-            if op.is_copy() || gap.is_some_and(|&g| seq > g) {
+            let gap = self.gap.into_iter().chain(self.gap_covered).min();
+            if op.is_copy() || gap.is_some_and(|g| seq > g) {
                 if !self.copy_incomplete {
                     // A resync starts on a consistent image: once every
                     // write admitted so far is applied (and nothing else
@@ -1038,8 +1044,8 @@ impl Secondary {
         if !copies_durable || self.journal_durable < seq || !self.pending.is_empty() {
             return;
         }
-        self.gaps_covered.clear();
-        if self.gaps.first().is_some_and(|&g| self.appended > g) {
+        self.gap_covered = None;
+        if self.gap.is_some_and(|g| self.appended > g) {
             // A gap announced after this COPY_DONE, and records after it
             // already taken (the image was inconsistent anyway): the image
             // lacks writes only the next resync brings, whose COPY_DONE
