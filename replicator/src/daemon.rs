@@ -466,11 +466,6 @@ fn reload(running: &Config, transport: &Transport, nbd_tls: Option<&NbdTls>) {
         });
     match identity {
         Ok((identity, nbd)) => {
-            let clients = if fresh.node.nbd_tls == NbdTlsMode::Require {
-                fresh.node.nbd_tls_clients.clone()
-            } else {
-                running.node.nbd_tls_clients.clone()
-            };
             let mut what = format!(
                 "TLS certificate {} ({}) and CA {} for new QUIC",
                 fresh.tls.cert.display(),
@@ -479,12 +474,22 @@ fn reload(running: &Config, transport: &Transport, nbd_tls: Option<&NbdTls>) {
             );
             if let (Some(tls), Some(config)) = (nbd_tls, nbd) {
                 what.push_str(" and NBD-TLS");
-                tls.replace(config, clients.clone());
-                reloaded.push(format!("nbd_tls_clients {clients:?}"));
+                tls.replace_config(config);
             }
             reloaded.push(format!("{what} connections"));
         }
         Err(e) => kept.push(format!("the previous TLS certificate, key and CA ({e})")),
+    }
+    // The allow-list applies whether or not the certificate did. (Turning
+    // NBD-TLS off needs a restart, which keeps the running list until then.)
+    if let Some(tls) = nbd_tls {
+        let clients = if fresh.node.nbd_tls == NbdTlsMode::Require {
+            fresh.node.nbd_tls_clients.clone()
+        } else {
+            running.node.nbd_tls_clients.clone()
+        };
+        reloaded.push(format!("nbd_tls_clients {clients:?}"));
+        tls.replace_clients(clients);
     }
     let restart = settings_needing_restart(running, &fresh);
     let mut line =

@@ -4,7 +4,8 @@
 //!   NBD-TLS with a client certificate from the CA;
 //! - a plaintext client (qemu-io and nbdinfo), a client certificate from
 //!   another CA, and a name outside `nbd_tls_clients` are refused, each with
-//!   a clear error;
+//!   a clear error; SIGHUP applies a new `nbd_tls_clients` even when the
+//!   certificate cannot be reloaded;
 //! - `config check` and `run` refuse a non-loopback `nbd_listen` with
 //!   `nbd_tls = "off"`;
 //! - SIGHUP after replacing the node's certificate and key: new NBD-TLS
@@ -152,6 +153,21 @@ fn nbd_tls_clients_accepts_only_the_listed_names() {
     let app2 = client_dir(&c, &c.ca_dir(), "app-2", "client-app-2");
     let (ok, out) = qemu_io(port, Some(&app2), "read 0 4096");
     assert!(ok, "app-2 (listed) was refused:\n{out}\n{}", c.diagnostics());
+
+    // SIGHUP applies a new list even when the certificate cannot be
+    // reloaded (the node's certificate file is broken meanwhile).
+    let config = std::fs::read_to_string(c.config_path(Site::A)).expect("config");
+    let listed = config.replace("nbd_tls_clients = [\"app-2\"]", "nbd_tls_clients = [\"app-1\"]");
+    assert_ne!(listed, config);
+    std::fs::write(c.config_path(Site::A), listed).expect("config");
+    std::fs::write(c.certs_dir().join("site-a.pem"), b"not a certificate\n").expect("break the certificate");
+    c.signal(Site::A, nix::sys::signal::Signal::SIGHUP);
+    let line = wait_log(&c, Site::A, "SIGHUP: reloaded", Duration::from_secs(10));
+    assert!(line.contains("nbd_tls_clients Some([\"app-1\"])") && line.contains("Kept the previous TLS"), "{line}");
+    let (ok, out) = qemu_io(port, Some(&app1), "read 0 4096");
+    assert!(ok, "app-1 (listed now) was refused:\n{out}\n{}", c.diagnostics());
+    let (ok, out) = qemu_io(port, Some(&app2), "read 0 4096");
+    assert!(!ok, "app-2 (no longer listed) was served:\n{out}");
 }
 
 #[test]

@@ -20,8 +20,8 @@ use super::server::CloseReason;
 /// What a TLS listener uses for its next handshakes: the rustls server
 /// configuration (this node's certificate and key; client certificates
 /// verified against the CA) and the names a client certificate may carry.
-/// [`NbdTls::replace`] swaps both for new connections; established ones
-/// keep their session.
+/// [`NbdTls::replace_config`] and [`NbdTls::replace_clients`] swap them for
+/// new connections; established ones keep their session.
 #[derive(Debug)]
 pub struct NbdTls {
     current: RwLock<Arc<Settings>>,
@@ -42,10 +42,18 @@ impl NbdTls {
         Arc::new(Self { current: RwLock::new(Arc::new(Settings { config, clients })) })
     }
 
-    /// Replaces the configuration for connections that upgrade from now on.
-    pub fn replace(&self, config: Arc<rustls::ServerConfig>, clients: Option<Vec<String>>) {
+    /// Replaces the rustls configuration for connections that upgrade from
+    /// now on.
+    pub fn replace_config(&self, config: Arc<rustls::ServerConfig>) {
         let mut current = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *current = Arc::new(Settings { config, clients });
+        *current = Arc::new(Settings { config, clients: current.clients.clone() });
+    }
+
+    /// Replaces the names a client certificate must carry one of, for
+    /// connections that upgrade from now on.
+    pub fn replace_clients(&self, clients: Option<Vec<String>>) {
+        let mut current = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = Arc::new(Settings { config: Arc::clone(&current.config), clients });
     }
 
     fn settings(&self) -> Arc<Settings> {

@@ -352,7 +352,7 @@ async fn a_replaced_configuration_serves_the_new_certificate_to_new_connections(
     let server = TlsServer::start(pki.server_config("server"), None, ServeOptions::default());
     let connector = pki.client(Some(("clients", "app-1")));
     let held = upgrade(server.connect().await, &connector).await.expect("before");
-    server.tls.replace(pki.server_config("renewed"), None);
+    server.tls.replace_config(pki.server_config("renewed"));
     let tls = upgrade(server.connect().await, &connector).await.expect("after");
     let served = |t: &tokio_rustls::client::TlsStream<UnixStream>| {
         t.get_ref().1.peer_certificates().expect("certificate")[0].clone()
