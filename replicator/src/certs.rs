@@ -39,7 +39,7 @@ pub enum CertError {
         source: rcgen::Error,
     },
     /// The node name cannot be used.
-    #[error("{0:?} is not a valid node name: use 1-63 characters from a-z, A-Z, 0-9, '-' and '_'")]
+    #[error("{0:?} is not a valid node name: use 1-63 characters from a-z, A-Z, 0-9, '-' and '_', starting with a letter or digit, not ending in '-' and not all digits (a DNS name)")]
     BadName(String),
 }
 
@@ -115,7 +115,7 @@ impl Validity {
 /// Issues `out/NAME.pem` and `out/NAME.key` for node `name`, signed by the CA
 /// in `ca_dir` (ca.pem + ca.key). Usable as TLS server and client.
 pub fn issue(ca_dir: &Path, name: &str, out: &Path, validity: Validity) -> Result<(PathBuf, PathBuf), CertError> {
-    if !crate::config::is_valid_name(name) {
+    if !crate::config::is_valid_host_name(name) {
         return Err(CertError::BadName(name.to_string()));
     }
     let ca_key_path = ca_dir.join("ca.key");
@@ -164,6 +164,8 @@ mod tests {
         assert!(read(&cert).expect("cert").contains("BEGIN CERTIFICATE"));
         assert!(read(&key).expect("key").contains("PRIVATE KEY"));
         assert!(matches!(issue(&ca, "site-a", dir.path(), Validity::days(1)), Err(CertError::Exists(_))));
-        assert!(matches!(issue(&ca, "bad/name", dir.path(), Validity::days(1)), Err(CertError::BadName(_))));
+        for bad in ["bad/name", "123", "a-"] {
+            assert!(matches!(issue(&ca, bad, dir.path(), Validity::days(1)), Err(CertError::BadName(_))), "{bad}");
+        }
     }
 }

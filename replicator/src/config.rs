@@ -499,6 +499,23 @@ impl Validator<'_> {
         }
     }
 
+    /// A node's (or NBD client's) name: also the DNS name its certificate
+    /// carries, which TLS checks.
+    fn host_name(&self, key: &str, value: &str) -> Result<String, ConfigError> {
+        let name = self.name(key, value)?;
+        if is_valid_host_name(&name) {
+            Ok(name)
+        } else {
+            Err(self.err(
+                key,
+                format!(
+                    "{value:?} cannot be the DNS name in a certificate (all digits, or ending in '-'), \
+                     so TLS could never match it: name the node as its certificate does"
+                ),
+            ))
+        }
+    }
+
     fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         value.parse().map_err(|_| {
             self.err(
@@ -566,7 +583,7 @@ impl Validator<'_> {
                     names
                         .iter()
                         .enumerate()
-                        .map(|(i, n)| self.name(&format!("node.nbd_tls_clients[{i}]"), n))
+                        .map(|(i, n)| self.host_name(&format!("node.nbd_tls_clients[{i}]"), n))
                         .collect::<Result<Vec<_>, _>>()?,
                 ),
             };
@@ -597,7 +614,7 @@ impl Validator<'_> {
         let (nbd_tls, nbd_tls_clients) =
             self.nbd_tls(nbd_listen, raw.node.nbd_tls.as_deref(), raw.node.nbd_tls_clients.as_deref())?;
         let node = NodeConfig {
-            name: self.name("node.name", &raw.node.name)?,
+            name: self.host_name("node.name", &raw.node.name)?,
             listen: self.addr("node.listen", &raw.node.listen)?,
             state_dir: self.absolute("node.state_dir", raw.node.state_dir)?,
             run_dir: self.absolute("node.run_dir", raw.node.run_dir)?,
@@ -634,7 +651,7 @@ impl Validator<'_> {
         let mut peer_names = HashSet::new();
         for (i, p) in raw.peer.iter().enumerate() {
             let key = format!("peer[{i}]");
-            let name = self.name(&format!("{key}.name"), &p.name)?;
+            let name = self.host_name(&format!("{key}.name"), &p.name)?;
             if name == node.name {
                 return Err(self.err(
                     format!("{key}.name"),
@@ -856,6 +873,14 @@ pub fn is_valid_name(s: &str) -> bool {
         && s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// A valid name ([`is_valid_name`]) that is also a DNS name a certificate
+/// can carry and TLS can match: not all digits, not ending in '-'. Node and
+/// NBD client names.
+pub fn is_valid_host_name(s: &str) -> bool {
+    is_valid_name(s)
+        && matches!(rustls::pki_types::ServerName::try_from(s), Ok(rustls::pki_types::ServerName::DnsName(_)))
 }
 
 /// A byte count for people: "512 B", "1.5 GiB".
@@ -1232,5 +1257,14 @@ size = "20GiB"
         assert!(!is_valid_name("-x"));
         assert!(!is_valid_name("a/b"));
         assert!(!is_valid_name(""));
+        assert!(is_valid_name("123") && is_valid_name("a-"), "fine for groups and volumes");
+        for host in ["site-a", "1a", "a_b", "12-3"] {
+            assert!(is_valid_host_name(host), "{host}");
+        }
+        for not_host in ["123", "a-", "0x1", "-x"] {
+            assert!(!is_valid_host_name(not_host), "{not_host}");
+        }
+        let e = parse(&GOOD.replace("name = \"site-a\"", "name = \"123\"")).expect_err("digits").to_string();
+        assert!(e.contains("node.name") && e.contains("certificate"), "{e}");
     }
 }
