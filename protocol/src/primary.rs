@@ -26,8 +26,10 @@ use crate::ship::{AckUpdate, ShipError, Shipper};
 pub struct PrimaryConfig {
     /// Largest copy chunk (bytes).
     pub copy_chunk: u64,
-    /// Copy bytes sent but not yet durable on the secondary, at least
-    /// (the window grows on long links: [`PrimarySession::on_copy_interval`]).
+    /// Copy bytes sent but not yet durable on the secondary, at least, for
+    /// each kind of chunk (data, and hashes, counted by the bytes they
+    /// stand for); the windows grow on long links:
+    /// [`PrimarySession::on_copy_interval`].
     pub copy_window: u64,
     /// The most the copy window grows to.
     pub copy_window_max: u64,
@@ -155,12 +157,26 @@ pub struct PrimarySession {
     copy_done_sent: bool,
     /// [`PrimarySession::on_gap`] not yet on the stream.
     gap_unsent: Option<u64>,
-    /// Copy bytes sent but not yet durable, at most (see
-    /// [`PrimarySession::on_copy_interval`]).
-    copy_window: u64,
-    /// Copy bytes made durable since the last
+    /// Copy bytes sent but not yet durable, at most: for data chunks and
+    /// for hash chunks (see [`PrimarySession::on_copy_interval`]).
+    windows: [CopyWindow; 2],
+    /// Newest copy chunk put on the stream (chunks go in copy index order).
+    copy_sent: u64,
+}
+
+/// The copy window of one kind of chunk: data, or hashes.
+#[derive(Debug, Clone, Copy)]
+struct CopyWindow {
+    /// Chunk bytes sent but not yet durable, at most.
+    size: u64,
+    /// Chunk bytes made durable since the last
     /// [`PrimarySession::on_copy_interval`].
-    copy_durable_bytes: u64,
+    durable: u64,
+}
+
+/// Index into [`PrimarySession::windows`].
+fn window_of(hash: bool) -> usize {
+    usize::from(hash)
 }
 
 /// A copy chunk sent (or being read), not yet durable on the secondary.
@@ -171,6 +187,8 @@ struct InflightChunk {
     len: u64,
     /// Bytes of it the secondary reported different (sent again as data).
     missed: u64,
+    /// Sent as hashes, not data.
+    hash: bool,
 }
 
 impl PrimarySession {
@@ -193,8 +211,8 @@ impl PrimarySession {
             copy_finished: false,
             copy_done_sent: false,
             gap_unsent: None,
-            copy_window: config.copy_window,
-            copy_durable_bytes: 0,
+            windows: [CopyWindow { size: config.copy_window, durable: 0 }; 2],
+            copy_sent: 0,
         }
     }
 
@@ -211,20 +229,30 @@ impl PrimarySession {
     /// interval. Where the round trip is short against the secondary's
     /// sync (a metro link, loopback) it stays at the floor: there a larger
     /// window would only queue more copy data ahead of the records.
+    ///
+    /// Data chunks and hash chunks have a window each: a hash chunk crosses
+    /// the link as a few digests, so what hash chunks made durable says
+    /// nothing of the link's bandwidth (a resync of mostly identical sites
+    /// would otherwise open a window that the data chunks of the first
+    /// region that differs then fill, queueing far more than the link's
+    /// bandwidth-delay product ahead of the records).
     pub fn on_copy_interval(&mut self, rtt: std::time::Duration, elapsed: std::time::Duration) {
-        let durable = std::mem::take(&mut self.copy_durable_bytes);
-        if elapsed.is_zero() {
-            return;
-        }
-        let per_rtt = durable as f64 * rtt.as_secs_f64() / elapsed.as_secs_f64();
         let (floor, max) = (self.config.copy_window, self.config.copy_window_max.max(self.config.copy_window));
-        let target = (2.0 * per_rtt).min(max as f64) as u64;
-        self.copy_window = target.max(self.copy_window / 2).clamp(floor, max);
+        for w in &mut self.windows {
+            let durable = std::mem::take(&mut w.durable);
+            if elapsed.is_zero() {
+                continue;
+            }
+            let per_rtt = durable as f64 * rtt.as_secs_f64() / elapsed.as_secs_f64();
+            let target = (2.0 * per_rtt).min(max as f64) as u64;
+            w.size = target.max(w.size / 2).clamp(floor, max);
+        }
     }
 
-    /// Copy bytes sent but not yet durable on the secondary, at most, now.
-    pub fn copy_window(&self) -> u64 {
-        self.copy_window
+    /// Copy bytes sent but not yet durable on the secondary, at most, now:
+    /// of data chunks, and of hash chunks.
+    pub fn copy_windows(&self) -> (u64, u64) {
+        (self.windows[window_of(false)].size, self.windows[window_of(true)].size)
     }
 
     /// Writes after record `seq` go only to the dirty bitmaps (the journal
@@ -261,7 +289,9 @@ impl PrimarySession {
         // range off until it is on the stream).
         if let Some(next) = self.reads.first_entry() {
             if next.get().as_ref().is_some_and(|c| c.seq <= sent) {
-                return next.remove().map(Transmit::Copy);
+                let chunk = next.remove();
+                self.copy_sent = chunk.as_ref().map_or(self.copy_sent, |c| c.copy_index);
+                return chunk.map(Transmit::Copy);
             }
         }
         if let Some(seq) = self.shipper.next_to_send() {
@@ -295,10 +325,6 @@ impl PrimarySession {
         if !copying || self.reads.len() >= self.config.copy_reads.max(1) {
             return CopyStep::Idle;
         }
-        let inflight: u64 = self.copy_inflight.values().map(|c| c.len).sum();
-        if inflight >= self.copy_window {
-            return CopyStep::WindowFull;
-        }
         while let Some(b) = bitmaps.get(self.cursor.0) {
             if let Some(first) = b.next_dirty(self.cursor.1) {
                 let volume = self.cursor.0 as u32;
@@ -307,6 +333,10 @@ impl PrimarySession {
                 // bitmap chunk (a mismatch then resends only that chunk).
                 let by_hash = self.config.copy_by_hash && (self.hashes_pay() || self.copy_index % 16 == 15);
                 let hash = by_hash && !self.data_needed.contains(&(volume, first));
+                let inflight: u64 = self.copy_inflight.values().filter(|c| c.hash == hash).map(|c| c.len).sum();
+                if inflight >= self.windows[window_of(hash)].size {
+                    return CopyStep::WindowFull;
+                }
                 let same_kind =
                     |c: u64| b.is_chunk_dirty(c) && (!by_hash || self.data_needed.contains(&(volume, c)) != hash);
                 let mut last = first;
@@ -333,7 +363,7 @@ impl PrimarySession {
                 }
                 let len = lo + ll - offset;
                 self.copy_index += 1;
-                self.copy_inflight.insert(self.copy_index, InflightChunk { volume, offset, len, missed: 0 });
+                self.copy_inflight.insert(self.copy_index, InflightChunk { volume, offset, len, missed: 0, hash });
                 self.reads.insert(self.copy_index, None);
                 self.copy_finished = false;
                 self.copy_done_sent = false;
@@ -382,19 +412,21 @@ impl PrimarySession {
 
     /// An ack from the secondary.
     pub fn on_ack(&mut self, ack: &pb::Ack) -> Result<Acked, ShipError> {
-        if ack.copy_durable > self.copy_index {
+        // Chunks go on the stream in copy index order: an ack of one not
+        // sent yet (still being read) would take it out of the bitmaps.
+        if ack.copy_durable > self.copy_sent {
             return Err(ShipError::AckBeyondSent {
                 field: "copy_durable",
                 got: ack.copy_durable,
-                sent: self.copy_index,
+                sent: self.copy_sent,
             });
         }
         for m in &ack.copy_mismatch {
-            if m.copy_index > self.copy_index {
+            if m.copy_index > self.copy_sent {
                 return Err(ShipError::AckBeyondSent {
                     field: "copy_mismatch",
                     got: m.copy_index,
-                    sent: self.copy_index,
+                    sent: self.copy_sent,
                 });
             }
             // A chunk no longer in flight was made durable or handed back
@@ -424,7 +456,10 @@ impl PrimarySession {
         let done = std::mem::replace(&mut self.copy_inflight, rest);
         // Spans that differed are counted when their data is durable.
         let copy_bytes = done.values().map(|c| c.len - c.missed).sum();
-        self.copy_durable_bytes = self.copy_durable_bytes.saturating_add(copy_bytes);
+        for c in done.values() {
+            let w = &mut self.windows[window_of(c.hash)];
+            w.durable = w.durable.saturating_add(c.len - c.missed);
+        }
         Ok(Acked { update, copy_bytes, copy_progress: !done.is_empty() || !ack.copy_mismatch.is_empty() })
     }
 
@@ -704,22 +739,71 @@ mod tests {
         assert_eq!(fill(&mut s), 2, "the configured window to start with");
         // A 100 ms link that took the window in 100 ms: twice its product.
         s.on_copy_interval(ms(100), ms(100));
-        assert_eq!(s.copy_window(), 4 * MIB);
+        assert_eq!(s.copy_windows(), (4 * MIB, 2 * MIB), "hash chunks made nothing durable");
         assert_eq!(fill(&mut s), 4);
         s.on_copy_interval(ms(100), ms(100));
         assert_eq!(fill(&mut s), 8);
         // Never beyond the most configured.
         s.on_copy_interval(ms(100), ms(50));
-        assert_eq!(s.copy_window(), 16 * MIB);
+        assert_eq!(s.copy_windows().0, 16 * MIB);
         // A short round trip against the secondary's sync: the window
         // shrinks by half per interval down to the configured one.
         assert_eq!(fill(&mut s), 16);
         s.on_copy_interval(ms(1), ms(100));
-        assert_eq!(s.copy_window(), 8 * MIB);
+        assert_eq!(s.copy_windows().0, 8 * MIB);
         s.on_copy_interval(ms(1), ms(100));
         s.on_copy_interval(ms(1), ms(100));
-        assert_eq!(s.copy_window(), 2 * MIB);
+        assert_eq!(s.copy_windows().0, 2 * MIB);
         assert_eq!(fill(&mut s), 2);
+    }
+
+    #[test]
+    fn hash_chunks_made_durable_do_not_open_the_window_of_data_chunks() {
+        const MIB: u64 = 1 << 20;
+        let config = PrimaryConfig {
+            copy_window: 2 * MIB,
+            copy_window_max: 64 * MIB,
+            copy_reads: 64,
+            copy_by_hash: true,
+            ..CONFIG
+        };
+        let mut s = PrimarySession::new(config, 0, 0);
+        let mut bitmaps = vec![DirtyBitmap::new(256 * MIB, 64 << 10)];
+        bitmaps[0].set_all();
+        // Identical sites: every chunk goes as hashes and matches, fast.
+        let ms = std::time::Duration::from_millis;
+        for _ in 0..5 {
+            let mut n = 0;
+            while let CopyStep::Read { copy_index, offset, len, hash: true, .. } = s.next_copy(&mut bitmaps, true) {
+                let digests = Bytes::from(vec![0u8; crate::record::COPY_HASH_LEN * (len / (64 << 10)) as usize]);
+                s.on_copy_read(Record::copy_hash(0, copy_index, 0, offset, len as u32, 64 << 10, 1, digests));
+                assert!(matches!(s.poll_transmit(), Some(Transmit::Copy(_))));
+                n += len;
+            }
+            assert!(n > 0);
+            s.on_ack(&pb::Ack { copy_durable: s.copy_sent, ..Default::default() }).unwrap();
+            s.on_copy_interval(ms(100), ms(100));
+        }
+        let (data, hashes) = s.copy_windows();
+        assert_eq!(hashes, 64 * MIB, "the hashes' window follows what they compared");
+        assert_eq!(data, 2 * MIB, "no data crossed the link: its window stays at the floor");
+    }
+
+    #[test]
+    fn an_ack_of_a_copy_chunk_not_sent_yet_is_refused() {
+        let mut s = PrimarySession::new(PrimaryConfig { copy_reads: 2, ..CONFIG }, 0, 0);
+        let mut bitmaps = vec![DirtyBitmap::new(4 << 20, 64 << 10)];
+        bitmaps[0].set_all();
+        let CopyStep::Read { copy_index: first, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        let CopyStep::Read { copy_index: second, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        s.on_copy_read(copy(0, first, 0));
+        assert!(matches!(s.poll_transmit(), Some(Transmit::Copy(_))));
+        // The second is still being read: it cannot be durable anywhere.
+        let early = pb::Ack { copy_durable: second, ..Default::default() };
+        assert!(matches!(s.on_ack(&early), Err(ShipError::AckBeyondSent { field: "copy_durable", .. })));
+        s.on_ack(&pb::Ack { copy_durable: first, ..Default::default() }).unwrap();
+        s.end(&mut bitmaps);
+        assert_eq!(bitmaps[0].dirty_bytes(), 3 << 20, "only the first chunk left the bitmap");
     }
 
     #[test]
