@@ -1031,11 +1031,26 @@ impl Group {
                 let forgets = !clean || g.role() != Role::Primary;
                 (snapshot, clean, state, forgets && g.journal_only_flushes > g.journal_only_synced)
             };
-            if sync_first {
-                // Even after a fail-stop. A failed sync is recorded as a
-                // power cut (`sync_failed`), which is what such a save
-                // must then reach the disk to say.
-                let _ = self.sync_volumes(false).await;
+            if sync_first && self.sync_volumes(false).await.is_err() {
+                // The volumes may have lost writes that a FLUSH made durable
+                // in the journal alone, and only the replay at the next
+                // start brings them back: this save would make it skip them
+                // (their regions dirty, or this node no longer primary). It
+                // is not written; the state is, now saying that a sync
+                // failed (the next start is a power cut's). Writes waiting
+                // for the save keep waiting: the group stopped.
+                let state = {
+                    let mut g = lock(&self.inner);
+                    g.state_dirty = false;
+                    Self::snapshot_state(&mut g)
+                };
+                let me = self.clone();
+                if !matches!(tokio::task::spawn_blocking(move || me.write_state(state)).await, Ok(Ok(()))) {
+                    lock(&self.inner).state_dirty = true;
+                }
+                // Again at the next request, not in a loop.
+                let _ = rx.wait_for(|w| *w > wanted).await;
+                continue;
             }
             let me = self.clone();
             let retry = state.is_some();
