@@ -16,7 +16,7 @@ pub const RUN_DIR_MODE: u32 = 0o750;
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Creates `dir`, and the missing directories above it, with `mode` whatever
-/// the umask. If `dir` already exists with permission bits beyond `mode`,
+/// the umask, and makes their entries durable (fsyncs each one's parent). If `dir` already exists with permission bits beyond `mode`,
 /// they are removed and a warning naming `what` is logged. Existing parents
 /// are left alone. A shared sticky, world-writable directory (such as
 /// `/tmp`) is refused rather than tightened.
@@ -40,6 +40,13 @@ pub fn ensure_dir(dir: &Path, mode: u32, what: &str) -> io::Result<()> {
     // what we asked for: set the exact mode on what we created.
     for created in missing.iter().rev() {
         fs::set_permissions(created, fs::Permissions::from_mode(mode))?;
+    }
+    // Durably: a power cut must not take back a directory whose files were
+    // made durable (a group's journal, a drill copy a client flushed).
+    for created in &missing {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::File::open(parent)?.sync_all()?;
+        }
     }
     Ok(())
 }

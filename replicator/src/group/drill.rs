@@ -445,9 +445,16 @@ impl Group {
         // preserving: the record goes first, so that a restart from then on
         // does not bring back a drill copy whose chunks read those writes.
         let image = drill.clone();
-        tokio::task::spawn_blocking(move || image.image.forget())
+        let forgotten = tokio::task::spawn_blocking(move || image.image.forget())
             .await
-            .map_err(|e| GroupError::Failed(format!("drill stop: {e}")))??;
+            .map_err(|e| GroupError::Failed(format!("drill stop: {e}")))
+            .and_then(|forgotten| forgotten);
+        if let Err(e) = forgotten {
+            // Still attached and maybe still on disk: the drill goes on (it
+            // stays in `status`; `drill stop` can be run again).
+            *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = Some(drill);
+            return Err(GroupError::Failed(format!("group {name}: the drill goes on: {e}")));
+        }
         drill.image.detach(&self.volumes).await;
         let result = match &outcome {
             None => "manual",
@@ -528,12 +535,17 @@ fn discard_and_record(group_dir: &Path, image: &PreservedImage, record: &DrillRe
     let mut line = serde_json::to_vec(record).map_err(|e| GroupError::Failed(e.to_string()))?;
     line.push(b'\n');
     let path = history_path(group_dir);
+    let new = !path.exists();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .map_err(failed("opening the drill history"))?;
     f.write_all(&line).and_then(|()| f.sync_data()).map_err(failed("appending to the drill history"))?;
+    if new {
+        // Its name, too, survives a power cut.
+        std::fs::File::open(group_dir).and_then(|d| d.sync_all()).map_err(failed("syncing the group directory"))?;
+    }
     Ok(())
 }
 
