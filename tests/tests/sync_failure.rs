@@ -258,3 +258,20 @@ fn a_bitmap_save_after_a_failed_volume_sync_does_not_hide_flushed_writes_from_th
         cluster.diagnostics()
     );
 }
+
+/// `pair delete` on the secondary whose state cannot be saved (the fsync of
+/// the new state.json fails): the admin hears that the delete is not
+/// persisted, not "deleted on both sites", and once the save is retried the
+/// secondary is standalone.
+#[test]
+fn pair_delete_on_a_secondary_that_cannot_save_it_says_so() {
+    let Some(cluster) = cluster("pd") else { return };
+    cluster.fs_command(Site::B, "fail-fsync groups/pd/state.tmp");
+    let out = cluster.cli(Site::B, &["pair", "delete", "pd"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "reported a delete it could not save:\n{stdout}{stderr}");
+    assert!(stderr.contains("could not save") && stderr.contains("retries"), "{stdout}{stderr}");
+    assert_eq!(reply_number(&cluster.fs_command(Site::B, "stats"), "failed_fsyncs"), 1);
+    // The retry (the fsync fails once) saves it.
+    cluster.wait_state(Site::B, "pd", "SIMPLEX", Duration::from_secs(10));
+}

@@ -688,6 +688,10 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         Ending::DeletedByPrimary => Some("the primary ran pair delete"),
         Ending::DeletedHere { .. } => Some("pair delete on the secondary"),
     };
+    // Whether the delete is persisted here: the peer and the admin hear it
+    // only if it is (until then the daemon retries the save, and a restart
+    // would bring the pair back).
+    let mut unsaved = None;
     if let Some(why) = deleted {
         let save = {
             let mut g = lock(&group.inner);
@@ -695,22 +699,29 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         };
         if let Err(e) = group.dissolved(save).await {
             tracing::error!(group = %group.cfg.name, "{e}");
+            unsaved = Some(format!(
+                "the pair is deleted in memory but the secondary could not save it: {e} (the daemon retries; \
+                 client writes there wait until it is saved)"
+            ));
         }
     }
     if session.ending == Ending::DeletedByPrimary {
-        let reply = pb::CommandReply { command: pb::Command::Delete as i32, error: String::new() };
+        let error = unsaved.clone().unwrap_or_default();
+        let reply = pb::CommandReply { command: pb::Command::Delete as i32, error };
         let _ = send.send(Body::CommandReply(reply)).await;
     }
     send.finish();
     if let (Ending::DeletedHere { confirmed }, Some(reply)) = (&session.ending, session.delete_reply.take()) {
         let name = &group.cfg.name;
-        let _ = reply.send(if *confirmed {
-            format!("group {name}: pair deleted on both sites; {peer} stopped replicating and the volumes here are standalone (SIMPLEX)")
+        let _ = reply.send(if let Some(e) = unsaved {
+            Err(GroupError::Failed(format!("group {name}: {e}")))
+        } else if *confirmed {
+            Ok(format!("group {name}: pair deleted on both sites; {peer} stopped replicating and the volumes here are standalone (SIMPLEX)"))
         } else {
-            format!(
+            Ok(format!(
                 "group {name}: pair deleted here (no applies run any more; the volumes are standalone); {peer} did not confirm \
                  within 10 s: it will find the pair gone when it reconnects; run `replicator pair delete {name}` there too"
-            )
+            ))
         });
     }
     match result {
@@ -803,7 +814,7 @@ struct Session {
     ending: Ending,
     /// `pair delete` here: the admin's answer, and until when the primary
     /// may take to confirm.
-    delete_reply: Option<oneshot::Sender<String>>,
+    delete_reply: Option<oneshot::Sender<Result<String, GroupError>>>,
     leave_by: Option<Instant>,
     /// `pair split` here: told once the split is persisted.
     split_done: Option<oneshot::Sender<Result<(), String>>>,

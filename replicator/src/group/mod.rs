@@ -255,8 +255,9 @@ struct Inner {
 #[derive(Debug)]
 enum SessionCommand {
     /// `pair delete` on the secondary: end the pair on both sites; the
-    /// answer is the message for the admin.
-    Delete(oneshot::Sender<String>),
+    /// answer is the message for the admin (an error if the delete could
+    /// not be saved here).
+    Delete(oneshot::Sender<Result<String, GroupError>>),
     /// `failover --force` on the secondary: end the session (after the
     /// drain, the node takes over).
     End,
@@ -1309,7 +1310,7 @@ impl Group {
                     )));
                 }
                 match tokio::time::timeout(Duration::from_secs(30), rx).await {
-                    Ok(Ok(msg)) => Ok(msg),
+                    Ok(Ok(answer)) => answer,
                     _ => Err(GroupError::Refused(format!(
                         "group {name}: the replication session did not finish the delete within 30 s; check `replicator status {name}`"
                     ))),
