@@ -284,6 +284,9 @@ pub struct Secondary {
     inconsistency_saved_at: Option<u64>,
     /// [`Action::PreserveImage`] is out and not reported yet.
     preserving: bool,
+    /// An [`Action::ReleaseImage`] was dropped by [`Secondary::fail`]: the
+    /// resync's end is persisted, its preserved image is stale.
+    release_owed: bool,
     /// [`Secondary::on_resync_gap`]: records after the first of those seqs
     /// follow writes this node lacks until the resync that covers them
     /// ends (only the first matters, so only it is kept, however many a
@@ -363,6 +366,7 @@ impl Secondary {
             save_wanted: false,
             inconsistency_saved_at: start.copy_incomplete.then_some(0),
             preserving: false,
+            release_owed: false,
             gap: None,
             gap_covered: None,
             copy_done: None,
@@ -509,9 +513,18 @@ impl Secondary {
                 Action::SyncVolumes(_) => self.volume_sync = None,
                 Action::Save(_) => self.save_in_flight = false,
                 Action::PreserveImage { .. } => self.preserving = false,
-                Action::Append { .. } | Action::Send(_) | Action::ReleaseImage => {}
+                // Asked for once the resync's end was saved: still due.
+                Action::ReleaseImage => self.release_owed = true,
+                Action::Append { .. } | Action::Send(_) => {}
             }
         }
+    }
+
+    /// Whether the session failed with an [`Action::ReleaseImage`] queued:
+    /// the daemon releases the preserved image anyway (the end of the
+    /// resync it guarded is persisted; a failover must not roll back to it).
+    pub fn release_owed(&self) -> bool {
+        self.release_owed
     }
 
     /// The restore journal is durable through `through`.
@@ -1769,6 +1782,36 @@ mod tests {
         let release = acts.iter().position(|a| matches!(a, Action::ReleaseImage));
         let preserve = acts.iter().position(|a| matches!(a, Action::PreserveImage { seq: 1, .. }));
         assert!(release.is_some() && preserve.is_some() && release < preserve, "{acts:?}");
+    }
+
+    #[test]
+    fn a_session_failing_right_after_the_resync_ended_still_owes_the_release_of_its_image() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_resync_gap(0);
+        s.on_record(write(1, 0)).unwrap();
+        settle(&mut s, now);
+        s.on_copy_done(1);
+        let mut save = None;
+        for _ in 0..20 {
+            for a in drain(&mut s, now) {
+                match a {
+                    Action::SyncJournal { through } => s.on_journal_synced(through, Ok(())).unwrap(),
+                    Action::Apply { id, .. } => s.on_applied(id, Ok(())).unwrap(),
+                    Action::SyncVolumes(b) => s.on_volumes_synced(b, Ok(())).unwrap(),
+                    Action::Save(p) if !p.copy_incomplete => save = Some(p),
+                    Action::Save(p) => s.on_saved(&p, Ok(()), now).unwrap(),
+                    _ => {}
+                }
+            }
+        }
+        // The end of the resync is saved; in the same batch of completions
+        // (before the daemon performs what that queued) an I/O error stops
+        // the session.
+        s.on_saved(&save.expect("the consistent image is being persisted"), Ok(()), now).unwrap();
+        assert!(!s.release_owed());
+        assert!(s.on_journal_synced(1, Err("EIO".into())).is_err());
+        assert!(s.release_owed(), "the preserved image of a finished resync must still go");
     }
 
     #[test]

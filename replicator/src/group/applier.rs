@@ -620,6 +620,9 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         send.queue(Body::Error(pb::Error { message: e.to_string() }));
     }
     let drained = session.drain(&mut send).await;
+    if session.machine.release_owed() {
+        group.release_image("the resync ended and the replica is consistent (its session then failed)");
+    }
     if !drained {
         // Applies may have reached the volumes beyond the checkpoint out of
         // order; the restore journal still holds them, and the next start

@@ -116,7 +116,12 @@ pub(super) fn load(
     let Some((record, image)) = PreservedImage::load::<GuardRecord>(engine, &guard_dir(group_dir), volumes)? else {
         return Ok(None);
     };
-    let resyncing = persisted.role.as_secondary().is_some_and(|s| s.copy_incomplete || !s.consistent);
+    // Only a resync that has not finished needs it (or a rollback to it
+    // that had begun). A replica that is merely not consistent (a session
+    // that ended before its applies were durable: the restore journal's
+    // replay makes it consistent) must not keep the guard of a resync that
+    // finished: a failover would roll back to it, over writes made since.
+    let resyncing = persisted.role.as_secondary().is_some_and(|s| s.copy_incomplete || record.rolling_back);
     if !resyncing {
         // Left by a stop between persisting the end of the resync (or a
         // failover) and removing the guard: nothing needs it any more.
@@ -263,9 +268,17 @@ impl Group {
         if !guard.rolling_back.swap(true, Ordering::SeqCst) {
             let record = GuardRecord { rolling_back: true, ..guard.record.clone() };
             let g2 = guard.clone();
-            tokio::task::spawn_blocking(move || g2.image.rewrite_record(&record))
+            let recorded = tokio::task::spawn_blocking(move || g2.image.rewrite_record(&record))
                 .await
-                .map_err(|e| GroupError::Failed(format!("failover: {e}")))??;
+                .map_err(|e| GroupError::Failed(format!("failover: {e}")))
+                .and_then(|recorded| recorded);
+            if let Err(e) = recorded {
+                // Not on disk: the next failover writes it again before it
+                // touches a volume (a restart in the middle of a rollback
+                // must find it, and refuse sessions until it is finished).
+                guard.rolling_back.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         guard.image.detach(&self.volumes).await;
         let regions = guard.image.roll_back(&self.volumes).await?;
