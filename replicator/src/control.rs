@@ -332,10 +332,7 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
         }
         Request::PairDelete { group } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
-            match g.pair_delete().await {
-                Ok(msg) => Response::ok(msg),
-                Err(e) => Response::err(exit::REFUSED, e.to_string()),
-            }
+            answer("pair delete", g.pair_delete().await)
         }
         Request::Switchover { group } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };

@@ -90,6 +90,18 @@ fn a_failed_periodic_sync_on_the_primary_fails_the_next_flush_and_stops_the_grou
         assert!(written.is_err(), "the stopped group takes no write");
     });
     drop(client);
+    // The volume may lack flushed writes only the journal holds: a resync
+    // would copy it over the replica, so it waits for the restart's replay.
+    let out = cluster.cli(Site::A, &["pair", "resync", "sf"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "pair resync on a stopped group: {err}");
+    assert!(err.contains("restart the daemon"), "{err}");
+    let s = cluster.status(Site::A, "sf");
+    assert_eq!(
+        (s.state.as_str(), s.reason.as_deref(), s.health.as_str()),
+        ("SUSPENDED", Some("error"), "critical"),
+        "{s:?}"
+    );
 
     // SIGTERM: the final flush fails too, so the stop is not clean and the
     // restart recovers the journal.

@@ -287,6 +287,7 @@ impl Group {
     /// `drill start`: freezes the replica at one point and exports the
     /// drill copies (see the module documentation).
     pub async fn drill_start(&self) -> Result<DrillMeta, GroupError> {
+        self.refuse_if_stopped()?;
         let t0 = Instant::now();
         let started_at_us = unix_micros();
         let _one = self.drill_op.lock().await;

@@ -61,6 +61,7 @@ pub(super) struct SplitRequest {
 impl Group {
     /// `pair split GROUP [--rw]`, on either site.
     pub async fn pair_split(self: &Arc<Self>, rw: bool) -> Result<String, GroupError> {
+        self.refuse_if_stopped()?;
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
         let role = lock(&self.inner).role();
@@ -206,6 +207,7 @@ impl Group {
 
     /// `pair resync GROUP [--swap] [--discard-local]`.
     pub async fn pair_resync(self: &Arc<Self>, swap: bool, discard_local: bool) -> Result<String, GroupError> {
+        self.refuse_if_stopped()?;
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
         if discard_local {
@@ -353,6 +355,7 @@ impl Group {
     /// writes after the takeover point. The CLI then waits for PAIR and
     /// switches back.
     pub async fn failback(self: &Arc<Self>) -> Result<String, GroupError> {
+        self.refuse_if_stopped()?;
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
         {

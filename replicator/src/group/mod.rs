@@ -1032,14 +1032,20 @@ impl Group {
                 let forgets = !clean || g.role() != Role::Primary;
                 (snapshot, clean, state, forgets && g.journal_only_flushes > g.journal_only_synced)
             };
-            if sync_first && self.sync_volumes(false).await.is_err() {
+            let synced = if sync_first { self.sync_volumes(false).await } else { Ok(()) };
+            if let Err(e) = synced {
                 // The volumes may have lost writes that a FLUSH made durable
                 // in the journal alone, and only the replay at the next
                 // start brings them back: this save would make it skip them
                 // (their regions dirty, or this node no longer primary). It
                 // is not written; the state is, now saying that a sync
                 // failed (the next start is a power cut's). Writes waiting
-                // for the save keep waiting: the group stopped.
+                // for the save keep waiting (the group stopped); commands
+                // waiting for it get the error.
+                self.save_failed.send_replace(Some(format!(
+                    "the volumes could not be synced before saving the dirty bitmaps ({e}); restart the daemon \
+                     once the disk is healthy (it replays the journal)"
+                )));
                 let state = {
                     let mut g = lock(&self.inner);
                     g.state_dirty = false;
@@ -1184,7 +1190,24 @@ impl Group {
     }
 
     /// `pair create` on the future primary.
+    /// Lifecycle commands are refused once the group stopped after a local
+    /// failure: its volumes may have lost writes only the journal (or the
+    /// restore journal) holds, and only the replay at the next start puts
+    /// them back. A resync would copy the damaged image over the replica, a
+    /// delete would discard the journal, a takeover would promote it.
+    pub(super) fn refuse_if_stopped(&self) -> Result<(), GroupError> {
+        match self.stopped.get() {
+            Some(why) => Err(GroupError::Refused(format!(
+                "group {}: stopped after a local failure ({why}); restart the daemon once the disk is healthy \
+                 (the restart replays the journal), then run the command again",
+                self.cfg.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub async fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
+        self.refuse_if_stopped()?;
         self.refuse_unless_simplex(&lock(&self.inner))?;
         let pair_id = random_u64();
         // A new pair starts in epoch 0.
@@ -1263,6 +1286,7 @@ impl Group {
     /// are durable; on the secondary the session stops applying, asks the
     /// primary to dissolve, and only then makes the volumes writable here.
     pub async fn pair_delete(&self) -> Result<String, GroupError> {
+        self.refuse_if_stopped()?;
         let name = &self.cfg.name;
         let peer = &self.cfg.peer;
         enum Next {
@@ -1311,7 +1335,8 @@ impl Group {
                 }
                 match tokio::time::timeout(Duration::from_secs(30), rx).await {
                     Ok(Ok(answer)) => answer,
-                    _ => Err(GroupError::Refused(format!(
+                    // Not "nothing changed": the session may still finish it.
+                    _ => Err(GroupError::Failed(format!(
                         "group {name}: the replication session did not finish the delete within 30 s; check `replicator status {name}`"
                     ))),
                 }
@@ -1482,7 +1507,9 @@ impl Group {
         };
         let (journal_used, journal_capacity) =
             g.ring.as_ref().map(|r| (r.used_bytes(), r.capacity_bytes())).unwrap_or((0, self.cfg.journal_size));
-        let health = Health::of(g.state, connected);
+        // A group that stopped after a local failure takes no writes until
+        // a restart, whatever its pair state says meanwhile.
+        let health = if self.stopped.get().is_some() { Health::Critical } else { Health::of(g.state, connected) };
         let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let data_as_of_us = g.persisted.role.as_secondary().map_or(0, |s| s.data_as_of_us);
         GroupStatus {

@@ -65,6 +65,7 @@ impl Group {
     /// the image is inconsistent (a copy or resync was running; unless
     /// `force`). Returns the report for the admin.
     pub async fn failover(self: &Arc<Self>, force: bool) -> Result<String, GroupError> {
+        self.refuse_if_stopped()?;
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
         let session = {
@@ -204,6 +205,7 @@ impl Group {
     /// `switchover` on the primary: hand the primary role to the peer with
     /// zero loss, then replicate back to this node without a copy.
     pub async fn switchover(self: &Arc<Self>) -> Result<String, GroupError> {
+        self.refuse_if_stopped()?;
         let started = Instant::now();
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
