@@ -108,6 +108,36 @@ fn pair_delete_then_create_at_once_completes_the_copy() {
     cluster.assert_volumes_identical("dc");
 }
 
+/// Two `pair create` at once (two admins, a retried script): one pairs, the
+/// other is refused, and the journal the group runs on is the one on disk
+/// (the refused one had rewritten it with its own pair id: the next start
+/// found a foreign journal and the group did not start).
+#[test]
+fn two_pair_creates_at_once_leave_one_pair_and_a_journal_that_opens() {
+    let group = GroupSpec::new("cc", Mode::Async).volume("cc-vol", 16 * MIB).journal_size(256 * MIB);
+    let mut opts = ClusterOpts::group(group);
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    cluster.start(Site::A);
+    for round in 0..3 {
+        let (first, second) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| cli(&cluster, Site::A, &["pair", "create", "cc", "--nocopy"]));
+            let b = scope.spawn(|| cli(&cluster, Site::A, &["pair", "create", "cc", "--nocopy"]));
+            (a.join().expect("first"), b.join().expect("second"))
+        });
+        let mut codes = [first.0, second.0];
+        codes.sort_unstable();
+        assert_eq!(codes, [0, 3], "round {round}: one pairs, one is refused:\n{}\n{}", first.1, second.1);
+        cluster.stop(Site::A);
+        cluster.start(Site::A);
+        let s = cluster.status(Site::A, "cc");
+        assert_eq!(s.role, "primary", "round {round}: {s:?}\n{}", cluster.diagnostics());
+        let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "cc"]);
+        assert_eq!(code, 0, "round {round}: {out}");
+    }
+    cluster.stop(Site::A);
+}
+
 #[test]
 fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
     // site-b has a different volume size: the peer refuses for good.

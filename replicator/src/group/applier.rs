@@ -145,6 +145,12 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     if g.taking_over {
         return Err((pb::Refusal::Unspecified, format!("group {name}: a failover is in progress here")));
     }
+    if g.creating {
+        return Err((
+            pb::Refusal::Unspecified,
+            format!("group {name}: `pair create` is running here; retry in a moment"),
+        ));
+    }
     if g.drill_starting {
         return Err((pb::Refusal::Unspecified, format!("group {name}: a drill is starting here; retry in a moment")));
     }

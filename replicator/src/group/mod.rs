@@ -224,6 +224,10 @@ struct Inner {
     switching: bool,
     /// Secondary, during `failover`: no new replication session.
     taking_over: bool,
+    /// During `pair create` (which writes a new journal over the file): no
+    /// second one, and no session from a peer (which would write its
+    /// restore journal over the same file).
+    creating: bool,
     /// Primary, during `switchover`: the last record, whether the command
     /// went out, and who waits for the secondary's confirmation.
     switchover: Option<takeover::Switchover>,
@@ -646,6 +650,7 @@ impl Group {
             boot_id,
             switching: false,
             taking_over: false,
+            creating: false,
             switchover: None,
             split: None,
             peer_state: None,
@@ -1208,7 +1213,25 @@ impl Group {
 
     pub async fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
         self.refuse_if_stopped()?;
-        self.refuse_unless_simplex(&lock(&self.inner))?;
+        {
+            let mut g = lock(&self.inner);
+            self.refuse_unless_simplex(&g)?;
+            if g.creating {
+                return Err(GroupError::Refused(format!(
+                    "group {}: `pair create` is already running here",
+                    self.cfg.name
+                )));
+            }
+            g.creating = true;
+        }
+        /// Ends `creating` however `pair create` ends.
+        struct Creating<'a>(&'a Group);
+        impl Drop for Creating<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.inner).creating = false;
+            }
+        }
+        let _creating = Creating(self);
         let pair_id = random_u64();
         // A new pair starts in epoch 0.
         let journal = self.fresh_journal(pair_id, 0).await?;
