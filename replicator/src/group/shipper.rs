@@ -249,7 +249,15 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(TransportError::Timeout("waiting for OpenGroupReply")),
     };
-    group.heard_from_peer(&mut lock(&group.inner), Some(&reply.state));
+    {
+        // A reply to an OpenGroup of an earlier pair or session (a pair
+        // delete and create here meanwhile) says nothing about this one.
+        let mut g = lock(&group.inner);
+        if g.shipper_epoch != epoch || g.role() != Role::Primary || g.persisted.pair_id != pair_id {
+            return Err(TransportError::Protocol("the pair changed while the session started".into()));
+        }
+        group.heard_from_peer(&mut g, Some(&reply.state));
+    }
     if !reply.error.is_empty() {
         let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, reply.error);
         let kind = pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified);
