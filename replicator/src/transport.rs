@@ -183,6 +183,9 @@ impl FramedSend {
 
 /// How long resolving a peer's DNS name may take before a dial gives up.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A whole dial: resolving, the QUIC handshake (10 s at most), opening the
+/// Hello stream and the HelloReply (10 s at most).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The first of `addrs` of the same family as the local socket (an IPv4
 /// socket cannot reach an IPv6 address), or the first one.
@@ -206,7 +209,11 @@ pub struct Transport {
     max_streams: u32,
     node: String,
     peers: HashMap<String, PeerAddress>,
-    conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// The connection this node dialed to each peer (held only briefly).
+    conns: std::sync::Mutex<HashMap<String, quinn::Connection>>,
+    /// One dial at a time per peer (a peer that does not answer holds up
+    /// only the groups that replicate to it).
+    dials: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Wire versions offered in `Hello` and accepted from peers.
     versions: Vec<u32>,
     /// Authenticated peer connections from the handshake tasks (started by
@@ -306,7 +313,8 @@ impl Transport {
             max_streams,
             node: config.node.name.clone(),
             peers: config.peers.iter().map(|p| (p.name.clone(), p.address.clone())).collect(),
-            conns: Mutex::new(HashMap::new()),
+            conns: std::sync::Mutex::new(HashMap::new()),
+            dials: std::sync::Mutex::new(HashMap::new()),
             accepted: Mutex::new(None),
             incoming: std::sync::Mutex::new(HashMap::new()),
             versions: versions.to_vec(),
@@ -344,7 +352,7 @@ impl Transport {
     /// when none is open. Never waits: a dial in progress reads as `None`.
     pub fn rtt(&self, peer: &str) -> Option<Duration> {
         let open = |c: &quinn::Connection| c.close_reason().is_none().then(|| c.rtt());
-        let dialed = self.conns.try_lock().ok().and_then(|conns| conns.get(peer).and_then(open));
+        let dialed = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(peer).and_then(open);
         dialed.or_else(|| {
             let incoming = self.incoming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             incoming.get(peer).and_then(open)
@@ -512,15 +520,39 @@ impl Transport {
         }
     }
 
-    /// The connection to `peer`, dialing (and saying Hello) if needed.
+    /// The connection to `peer`, dialing (and saying Hello) if needed: one
+    /// dial per peer at a time, each within [`DIAL_TIMEOUT`] in all.
     pub async fn connect(&self, peer: &str) -> Result<quinn::Connection, TransportError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(peer) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        let dial = {
+            let mut dials = self.dials.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(dials.entry(peer.to_string()).or_default())
+        };
+        let _one = dial.lock().await;
+        {
+            let mut conns = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(c) = conns.get(peer) {
+                if c.close_reason().is_none() {
+                    return Ok(c.clone());
+                }
+                conns.remove(peer);
             }
-            conns.remove(peer);
         }
+        let conn = match tokio::time::timeout(DIAL_TIMEOUT, self.dial(peer)).await {
+            Ok(dialed) => dialed?,
+            Err(_) => {
+                return Err(TransportError::Connect {
+                    peer: peer.to_string(),
+                    addr: self.peers.get(peer).map_or_else(String::new, ToString::to_string),
+                    message: format!("no connection within {DIAL_TIMEOUT:?} (resolve, handshake, Hello)"),
+                })
+            }
+        };
+        self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Dials `peer` and says Hello.
+    async fn dial(&self, peer: &str) -> Result<quinn::Connection, TransportError> {
         let address = self.peers.get(peer).ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
         // A DNS name is resolved at each dial, so a changed record is
         // followed without a restart.
@@ -584,7 +616,6 @@ impl Transport {
             certificate = %crate::tls::peer_certificate_summary(&conn),
             "connected to peer"
         );
-        conns.insert(peer.to_string(), conn.clone());
         Ok(conn)
     }
 
