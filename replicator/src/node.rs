@@ -28,6 +28,9 @@ pub struct Node {
     pub transport: Arc<Transport>,
 }
 
+/// How long a peer's new stream may take to send its first message.
+const FIRST_MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl Node {
     /// Builds the node from opened groups.
     pub fn new(name: String, groups: Vec<Arc<Group>>, transport: Arc<Transport>) -> Self {
@@ -62,7 +65,16 @@ impl Node {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-                let open = match recv.expect("OpenGroup").await {
+                // A stream that never says what it is would hold its task
+                // and its partial frame for as long as the connection lives.
+                let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, recv.expect("OpenGroup")).await {
+                    Ok(first) => first,
+                    Err(_) => {
+                        tracing::warn!(%peer, "stream closed: no first message within {FIRST_MESSAGE_TIMEOUT:?}");
+                        return;
+                    }
+                };
+                let open = match first {
                     Ok(Body::OpenGroup(o)) => o,
                     Ok(Body::VerifyRequest(first)) => {
                         return serve_verify(&node.groups, first, send, recv, &peer).await
