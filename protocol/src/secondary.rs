@@ -1746,19 +1746,12 @@ mod tests {
         assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
     }
 
-    #[test]
-    fn a_new_resync_preserves_its_image_only_after_the_previous_one_is_released() {
-        let now = Instant::now();
-        let mut s = Secondary::new(config(1 << 20), start(), now);
-        s.on_resync_gap(0);
-        s.on_record(write(1, 0)).unwrap();
-        settle(&mut s, now);
-        assert!(s.copy_incomplete());
-        s.on_copy_done(1);
-        // Everything but the save that persists the consistent image.
+    /// After a COPY_DONE: completes every action but the save that persists
+    /// the consistent image, which it returns (nothing is released before).
+    fn settle_but_the_consistent_save(s: &mut Secondary, now: Instant) -> Persist {
         let mut save = None;
         for _ in 0..20 {
-            for a in drain(&mut s, now) {
+            for a in drain(s, now) {
                 match a {
                     Action::SyncJournal { through } => s.on_journal_synced(through, Ok(())).unwrap(),
                     Action::Apply { id, .. } => s.on_applied(id, Ok(())).unwrap(),
@@ -1769,7 +1762,19 @@ mod tests {
                 }
             }
         }
-        let save = save.expect("the consistent image is being persisted");
+        save.expect("the consistent image is being persisted")
+    }
+
+    #[test]
+    fn a_new_resync_preserves_its_image_only_after_the_previous_one_is_released() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_resync_gap(0);
+        s.on_record(write(1, 0)).unwrap();
+        settle(&mut s, now);
+        assert!(s.copy_incomplete());
+        s.on_copy_done(1);
+        let save = settle_but_the_consistent_save(&mut s, now);
         // A new gap (its COPY_DONE reply is not in the primary yet) and a
         // record after it: the previous resync still holds its preserved
         // image, so the new one waits.
@@ -1792,23 +1797,11 @@ mod tests {
         s.on_record(write(1, 0)).unwrap();
         settle(&mut s, now);
         s.on_copy_done(1);
-        let mut save = None;
-        for _ in 0..20 {
-            for a in drain(&mut s, now) {
-                match a {
-                    Action::SyncJournal { through } => s.on_journal_synced(through, Ok(())).unwrap(),
-                    Action::Apply { id, .. } => s.on_applied(id, Ok(())).unwrap(),
-                    Action::SyncVolumes(b) => s.on_volumes_synced(b, Ok(())).unwrap(),
-                    Action::Save(p) if !p.copy_incomplete => save = Some(p),
-                    Action::Save(p) => s.on_saved(&p, Ok(()), now).unwrap(),
-                    _ => {}
-                }
-            }
-        }
+        let save = settle_but_the_consistent_save(&mut s, now);
         // The end of the resync is saved; in the same batch of completions
         // (before the daemon performs what that queued) an I/O error stops
         // the session.
-        s.on_saved(&save.expect("the consistent image is being persisted"), Ok(()), now).unwrap();
+        s.on_saved(&save, Ok(()), now).unwrap();
         assert!(!s.release_owed());
         assert!(s.on_journal_synced(1, Err("EIO".into())).is_err());
         assert!(s.release_owed(), "the preserved image of a finished resync must still go");
