@@ -239,21 +239,28 @@ fn a_bitmap_save_after_a_failed_volume_sync_does_not_hide_flushed_writes_from_th
     });
     cluster.fs_command(Site::A, "fail-fsync sv-vol.img");
     // 4 KiB writes to the start of W1's chunk fill the journal; the first
-    // one it cannot hold goes to the bitmap (and, with the fix, waits for
-    // a save that never comes: the group stopped).
+    // one it cannot hold goes to the bitmap, and its save's volume sync
+    // fails: the write fails (the group stopped).
     let client = std::sync::Arc::new(client);
+    let mut hung = false;
     for i in 0..6000u64 {
         let c = client.clone();
         let small = random_bytes(1000 + i, 4096);
-        let done = rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), c.write(0, &small, false)).await });
+        let done =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), c.write(0, &small, false)).await });
         match done {
             Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => break,
+            Ok(Err(_)) => break,
+            Err(_) => {
+                hung = true;
+                break;
+            }
         }
         if i % 256 == 255 && cluster.status(Site::A, name).dirty_bytes > 0 {
             break;
         }
     }
+    assert!(!hung, "a write waiting for a save that will never come must fail, not hang");
     wait_failed_fsync(&cluster, Site::A, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
     cluster.kill9(Site::A);
@@ -286,4 +293,17 @@ fn pair_delete_on_a_secondary_that_cannot_save_it_says_so() {
     assert_eq!(reply_number(&cluster.fs_command(Site::B, "stats"), "failed_fsyncs"), 1);
     // The retry (the fsync fails once) saves it.
     cluster.wait_state(Site::B, "pd", "SIMPLEX", Duration::from_secs(10));
+}
+
+/// The same on the primary's side: `pair delete` there, the secondary
+/// cannot save it: the admin hears it, not "the peer did not confirm".
+#[test]
+fn pair_delete_on_the_primary_says_when_the_secondary_cannot_save_it() {
+    let Some(cluster) = cluster("pe") else { return };
+    cluster.fs_command(Site::B, "fail-fsync groups/pe/state.tmp");
+    let out = cluster.cli(Site::A, &["pair", "delete", "pe"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("could not save"), "{stdout}{stderr}");
+    assert_eq!(cluster.status(Site::A, "pe").state, "SIMPLEX");
 }

@@ -217,7 +217,7 @@ struct Inner {
     /// itself (kind, for status), cleared by the next session that starts.
     refusal: Option<&'static str>,
     /// Primary, during `pair delete`: told when the secondary confirms.
-    delete_ack: Option<oneshot::Sender<()>>,
+    delete_ack: Option<oneshot::Sender<Result<(), String>>>,
     /// The kernel boot this daemon runs in (recorded with every save).
     boot_id: String,
     /// Primary, during `switchover`: new writes are refused.
@@ -887,6 +887,19 @@ impl Group {
         Ok(())
     }
 
+    /// Sets `sync_failed` in the state on disk, leaving the rest as it is
+    /// (see the metadata flusher). Blocking.
+    fn mark_sync_failed_on_disk(&self) -> Result<(), StateError> {
+        let _written = self.state_written.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.store.load()? {
+            Some(mut on_disk) if !on_disk.sync_failed => {
+                on_disk.sync_failed = true;
+                self.store.save(&on_disk)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the running copy may hand out chunks, whose bits leave the
     /// persisted bitmaps once the secondary has them: first the bitmap
     /// fence becomes the replay fence, on disk (a cleared chunk no longer
@@ -1043,22 +1056,21 @@ impl Group {
                 // in the journal alone, and only the replay at the next
                 // start brings them back: this save would make it skip them
                 // (their regions dirty, or this node no longer primary). It
-                // is not written; the state is, now saying that a sync
-                // failed (the next start is a power cut's). Writes waiting
-                // for the save keep waiting (the group stopped); commands
-                // waiting for it get the error.
+                // is not written, nor is the state in memory (a role change
+                // would skip the replay as well): the state on disk is
+                // marked, saying that a sync failed (the next start is a
+                // power cut's). Writes waiting for the save fail (the group
+                // stopped); commands waiting for it get the error.
                 self.save_failed.send_replace(Some(format!(
                     "the volumes could not be synced before saving the dirty bitmaps ({e}); restart the daemon \
                      once the disk is healthy (it replays the journal)"
                 )));
-                let state = {
-                    let mut g = lock(&self.inner);
-                    g.state_dirty = false;
-                    Self::snapshot_state(&mut g)
-                };
+                lock(&self.inner).state_dirty |= state.is_some();
                 let me = self.clone();
-                if !matches!(tokio::task::spawn_blocking(move || me.write_state(state)).await, Ok(Ok(()))) {
-                    lock(&self.inner).state_dirty = true;
+                match tokio::task::spawn_blocking(move || me.mark_sync_failed_on_disk()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => self.record_error(&format!("cannot record the failed sync in state.json: {e}")),
+                    Err(e) => self.record_error(&format!("cannot record the failed sync in state.json: {e}")),
                 }
                 // Again at the next request, not in a loop.
                 let _ = rx.wait_for(|w| *w > wanted).await;
@@ -1194,7 +1206,6 @@ impl Group {
         Ok(Journal::open(&self.engine, &path, self.cfg.journal_size, &self.cfg.name, pair_id, epoch, true).await?)
     }
 
-    /// `pair create` on the future primary.
     /// Lifecycle commands are refused once the group stopped after a local
     /// failure: its volumes may have lost writes only the journal (or the
     /// restore journal) holds, and only the replay at the next start puts
@@ -1211,6 +1222,7 @@ impl Group {
         }
     }
 
+    /// `pair create` on the future primary.
     pub async fn pair_create(&self, nocopy: bool) -> Result<String, GroupError> {
         self.refuse_if_stopped()?;
         {
@@ -1314,7 +1326,7 @@ impl Group {
         let peer = &self.cfg.peer;
         enum Next {
             AskSession(mpsc::UnboundedSender<SessionCommand>),
-            AwaitConfirmation(Option<oneshot::Receiver<()>>),
+            AwaitConfirmation(Option<oneshot::Receiver<Result<(), String>>>),
             Done(String),
         }
         let (next, save) = {
@@ -1366,7 +1378,16 @@ impl Group {
             }
             Next::AwaitConfirmation(confirmation) => {
                 let confirmed = match confirmation {
-                    Some(rx) => matches!(tokio::time::timeout(Duration::from_secs(15), rx).await, Ok(Ok(()))),
+                    Some(rx) => match tokio::time::timeout(Duration::from_secs(15), rx).await {
+                        Ok(Ok(Ok(()))) => true,
+                        Ok(Ok(Err(e))) => {
+                            return Err(GroupError::Failed(format!(
+                                "group {name}: pair deleted here; {peer} stopped replicating but could not save the \
+                                 delete: {e}"
+                            )))
+                        }
+                        _ => false,
+                    },
                     None => false,
                 };
                 Ok(if confirmed {

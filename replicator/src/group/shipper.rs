@@ -759,18 +759,20 @@ async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resu
                 }
                 return Ok(());
             }
+            Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) if r.command == pb::Command::Delete as i32 => {
+                // The secondary dissolved the pair after its last apply (or
+                // could not save that it did).
+                let answer = if r.error.is_empty() { Ok(()) } else { Err(r.error) };
+                if let Some(tx) = lock(&group.inner).delete_ack.take() {
+                    let _ = tx.send(answer);
+                }
+            }
             Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) => {
                 if !r.error.is_empty() {
                     return Err(TransportError::Protocol(format!("secondary: {}", r.error)));
                 }
                 if r.command == pb::Command::CopyDone as i32 {
                     group.copy_finished();
-                }
-                if r.command == pb::Command::Delete as i32 {
-                    // The secondary dissolved the pair after its last apply.
-                    if let Some(tx) = lock(&group.inner).delete_ack.take() {
-                        let _ = tx.send(());
-                    }
                 }
             }
             Some(pb::Envelope { body: Some(Body::Command(c)) })

@@ -444,8 +444,13 @@ impl Group {
         wait_all(deps).await;
         if let Some(epoch) = bitmap_epoch {
             let mut rx = self.bitmap_persisted.subscribe();
-            if rx.wait_for(|p| *p >= epoch).await.is_err() {
-                return Err(WriteError::Replication("the dirty bitmap could not be persisted".into()));
+            // A stopped group may never save it (its volume sync failed):
+            // the write fails, before it touches the volume.
+            let saved = rx.wait_for(|p| *p >= epoch || self.stopped.get().is_some()).await.map(|p| *p >= epoch);
+            match (saved, self.stopped.get()) {
+                (Ok(true), _) => {}
+                (Ok(false), Some(why)) => return Err(self.stopped_error(why)),
+                _ => return Err(WriteError::Replication("the dirty bitmap could not be persisted".into())),
             }
         }
 
@@ -608,8 +613,10 @@ impl Group {
             let mut g = lock(&self.inner);
             self.transition(&mut g, PairEvent::Failure, &why);
             drop(g);
-            // Wake writes waiting for earlier records: they fail now.
+            // Wake writes waiting for earlier records or for a save: they
+            // fail now.
             self.journaled_through.send_modify(|_| {});
+            self.bitmap_persisted.send_modify(|_| {});
         }
     }
 
