@@ -23,14 +23,21 @@ use replicator_tests::{reply_number, require, require_root, Cluster, ClusterOpts
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 * 1024;
 
+/// An async pair of one 16 MiB volume `{name}-vol` on powercut-fs, in PAIR.
 fn cluster(name: &str) -> Option<Cluster> {
+    let group =
+        GroupSpec::new(name, Mode::Async).volume(&format!("{name}-vol"), 16 * MIB).link_timeout(Duration::from_secs(1));
+    cluster_with(name, group)
+}
+
+/// `group` (named `name`) paired on powercut-fs, in PAIR; `None` without
+/// root.
+fn cluster_with(name: &str, group: GroupSpec) -> Option<Cluster> {
     if !require_root(name) {
         return None;
     }
     require("fusermount3");
     assert!(std::path::Path::new("/dev/fuse").exists(), "/dev/fuse is missing: powercut-fs needs FUSE");
-    let group =
-        GroupSpec::new(name, Mode::Async).volume(&format!("{name}-vol"), 16 * MIB).link_timeout(Duration::from_secs(1));
     let cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
     cluster.pair_create(name);
     cluster.wait_pair(name, Duration::from_secs(60));
@@ -180,17 +187,11 @@ fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
 #[test]
 fn a_sync_write_waiting_for_a_lost_secondary_fails_when_the_group_stops() {
     let name = "bw";
-    if !require_root(name) {
-        return;
-    }
-    require("fusermount3");
     let group = GroupSpec::new(name, Mode::Sync)
         .volume("bw-vol", 16 * MIB)
         .link_timeout(Duration::from_secs(1))
         .extra("on_link_loss = \"block\"");
-    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
-    cluster.pair_create(name);
-    cluster.wait_pair(name, Duration::from_secs(60));
+    let Some(mut cluster) = cluster_with(name, group) else { return };
     cluster.kill9(Site::B);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "bw-vol")).expect("connect");
@@ -217,17 +218,11 @@ fn a_sync_write_waiting_for_a_lost_secondary_fails_when_the_group_stops() {
 #[test]
 fn a_bitmap_save_after_a_failed_volume_sync_does_not_hide_flushed_writes_from_the_replay() {
     let name = "sv";
-    if !require_root(name) {
-        return;
-    }
-    require("fusermount3");
     let group = GroupSpec::new(name, Mode::Async)
         .volume("sv-vol", 16 * MIB)
         .journal_size(16 * MIB)
         .link_timeout(Duration::from_secs(1));
-    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
-    cluster.pair_create(name);
-    cluster.wait_pair(name, Duration::from_secs(60));
+    let Some(mut cluster) = cluster_with(name, group) else { return };
     cluster.kill9(Site::B);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let w1 = random_bytes(11, BLOCK as usize);

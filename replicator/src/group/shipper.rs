@@ -81,6 +81,12 @@ pub(super) async fn ship_while_primary(group: &Arc<Group>) {
 }
 
 /// Are these sessions still the group's current ones, for the same pair?
+/// Whether this session's pair (`pair_id`, shipper `epoch`) is no longer
+/// the one this node is primary of.
+fn pair_changed(g: &Inner, epoch: u64, pair_id: u64) -> bool {
+    g.shipper_epoch != epoch || g.role() != Role::Primary || g.persisted.pair_id != pair_id
+}
+
 fn current(group: &Group, epoch: u64) -> bool {
     let g = lock(&group.inner);
     g.role() == Role::Primary && g.shipper_epoch == epoch
@@ -253,7 +259,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         // A reply to an OpenGroup of an earlier pair or session (a pair
         // delete and create here meanwhile) says nothing about this one.
         let mut g = lock(&group.inner);
-        if g.shipper_epoch != epoch || g.role() != Role::Primary || g.persisted.pair_id != pair_id {
+        if pair_changed(&g, epoch, pair_id) {
             return Err(TransportError::Protocol("the pair changed while the session started".into()));
         }
         group.heard_from_peer(&mut g, Some(&reply.state));
@@ -277,7 +283,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     // Check the journal can resume from the peer's checkpoint.
     let (pair_id, save) = {
         let mut g = lock(&group.inner);
-        if g.shipper_epoch != epoch || g.role() != Role::Primary || g.persisted.pair_id != pair_id {
+        if pair_changed(&g, epoch, pair_id) {
             return Err(TransportError::Protocol("the pair changed while the session started".into()));
         }
         let last = g.ready.completed_through();
@@ -379,14 +385,8 @@ async fn send_loop(
         wake.as_mut().enable();
 
         // Copy chunks: start reading the next ones, take those read (the
-        // session sends them in order below; the end of the copy too). A
-        // chunk leaves the persisted bitmap once the secondary has it, so
-        // what the copy reads must be durable here first: a write only the
-        // bitmap tracks (made unpaired, in bitmap mode, split --rw, or
-        // before an unclean restart) may still be in a cache a power cut
-        // empties, and the secondary would keep what this node lost, with
-        // nothing left to say the region differs. (While a copy runs,
-        // every write is journaled, and its region is in the activity log.)
+        // session sends them in order below; the end of the copy too). Its
+        // window follows the link (`PrimarySession::on_copy_interval`).
         let elapsed = copy_interval_at.elapsed();
         if elapsed >= COPY_INTERVAL && elapsed >= conn.rtt() * 2 {
             copy_interval_at = tokio::time::Instant::now();
@@ -394,6 +394,13 @@ async fn send_loop(
                 s.on_copy_interval(conn.rtt(), elapsed);
             }
         }
+        // A chunk leaves the persisted bitmap once the secondary has it, so
+        // what the copy reads must be durable here first: a write only the
+        // bitmap tracks (made unpaired, in bitmap mode, split --rw, or
+        // before an unclean restart) may still be in a cache a power cut
+        // empties, and the secondary would keep what this node lost, with
+        // nothing left to say the region differs. (While a copy runs,
+        // every write is journaled, and its region is in the activity log.)
         if !group.copy_source_unsynced() || group.sync_volumes(false).await.is_ok() {
             copy.start(group, epoch);
         }
