@@ -418,7 +418,15 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             match result {
                 // The state_dir lock goes only now that nothing of this
                 // daemon can write any more.
-                Ok(_lock) => Ok(ExitCode::SUCCESS),
+                Ok(stopped) if stopped.unclean.is_empty() => Ok(ExitCode::SUCCESS),
+                Ok(stopped) => {
+                    eprintln!(
+                        "replicator: stopped without marking the groups clean ({}); their journals are replayed at the \
+                         next start",
+                        stopped.unclean.join("; ")
+                    );
+                    Err(ExitCode::from(exit::FAILED))
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     eprintln!("replicator: {e}");

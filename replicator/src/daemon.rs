@@ -168,6 +168,21 @@ fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener,
     Ok(listener)
 }
 
+/// How a daemon stopped.
+#[must_use]
+#[derive(Debug)]
+pub struct Stopped {
+    /// The lock on `state_dir`: the caller drops it only once the runtime
+    /// has stopped, since after an unclean stop tasks may still write the
+    /// volumes and journals until then, and another daemon must not replay
+    /// them meanwhile.
+    pub lock: StateDirLock,
+    /// Why groups were not marked cleanly shut down (their journals are
+    /// replayed at the next start); empty after a clean stop. `run` then
+    /// exits 1, so that systemd and a runbook see the stop as failed.
+    pub unclean: Vec<String>,
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// Start-up fails, before any group, journal or volume is opened, if
@@ -183,11 +198,9 @@ fn bind_unix(path: &Path, mode: u32, what: &'static str) -> Result<UnixListener,
 /// replays the journals instead of trusting volumes that something may
 /// still have been writing to.
 ///
-/// Returns the lock on `state_dir`: the caller drops it only once the
-/// runtime has stopped, since after an unclean stop tasks may still write
-/// the volumes and journals until then, and another daemon must not replay
-/// them meanwhile.
-pub async fn run(config: Config) -> Result<StateDirLock, DaemonError> {
+/// Returns the lock on `state_dir` and what kept the stop from being clean
+/// (see [`Stopped`]).
+pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
     let state_dir = &config.node.state_dir;
     // The daemon creates state_dir and run_dir, not the directories above
     // them: a mistyped path must not start a node with an empty state.
@@ -410,7 +423,10 @@ pub async fn run(config: Config) -> Result<StateDirLock, DaemonError> {
     }
     if unclean.is_empty() {
         for g in &node.groups {
-            g.shutdown().await;
+            if let Err(e) = g.shutdown().await {
+                tracing::error!("not marked clean: {e}; its journal is replayed at the next start");
+                unclean.push(e);
+            }
         }
     } else {
         tracing::error!(
@@ -422,7 +438,7 @@ pub async fn run(config: Config) -> Result<StateDirLock, DaemonError> {
     let _ = std::fs::remove_file(config.control_socket());
     let _ = std::fs::remove_file(config.nbd_socket());
     tracing::info!(lock = %state_lock.path().display(), "stopped");
-    Ok(state_lock)
+    Ok(Stopped { lock: state_lock, unclean })
 }
 
 /// SIGHUP: reads the configuration file again and applies what can change

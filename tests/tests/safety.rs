@@ -477,7 +477,8 @@ fn a_stop_with_a_write_stuck_in_the_volume_is_not_recorded_as_clean() {
         "site-a recorded a clean shutdown while a write was still running in its volume\n{}",
         c.diagnostics()
     );
-    assert!(status.success(), "site-a exited with {status}\n{}", c.diagnostics());
+    // The stop failed: systemd and a runbook must see it.
+    assert_eq!(status.code(), Some(1), "site-a exited with {status} after an unclean stop\n{}", c.diagnostics());
 
     // The disk works again; the next start replays the journal, so the
     // write that hung lands in site-a's volume as it did on site-b.
@@ -576,7 +577,9 @@ fn a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it() {
     assert!(s.last_error.as_deref().unwrap_or("").contains("stopped taking writes"), "{s:?}");
 
     std::fs::remove_file(&trigger).expect("clear the fault");
-    c.stop(Site::A);
+    // A stopped group is not marked clean: the stop says it failed.
+    let status = c.stop_status(Site::A);
+    assert_eq!(status.code(), Some(1), "stopping a daemon whose group had stopped: {status}\n{}", c.diagnostics());
     c.start(Site::A);
     c.wait_pair(group, Duration::from_secs(60));
     write_blocks(&rt, &c, vol, 800, 8);

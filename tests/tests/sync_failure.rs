@@ -112,7 +112,8 @@ fn a_failed_periodic_sync_on_the_primary_fails_the_next_flush_and_stops_the_grou
 
     // SIGTERM: the final flush fails too, so the stop is not clean and the
     // restart recovers the journal.
-    let _ = cluster.stop_status(Site::A);
+    let status = cluster.stop_status(Site::A);
+    assert_eq!(status.code(), Some(1), "an unclean stop must exit 1: {status}");
     cluster.start(Site::A);
     let s = cluster.wait_until(Site::A, "sf", "PAIR again", Duration::from_secs(60), |s| {
         s.state == "PAIR" && s.connected && s.dirty_bytes == 0
@@ -164,7 +165,8 @@ fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
         client.write(20 * BLOCK, &data(20), false).await.expect("the primary keeps taking writes");
     });
 
-    let _ = cluster.stop_status(Site::B);
+    let status = cluster.stop_status(Site::B);
+    assert_eq!(status.code(), Some(1), "an unclean stop must exit 1: {status}");
     cluster.start(Site::B);
     cluster.wait_until(Site::A, "sg", "PAIR again", Duration::from_secs(60), |s| {
         s.state == "PAIR" && s.connected && s.dirty_bytes == 0

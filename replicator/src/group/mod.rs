@@ -1494,31 +1494,36 @@ impl Group {
         ClientGuard(self.clone())
     }
 
-    /// Marks the group cleanly stopped (after every write finished).
-    pub async fn shutdown(&self) {
-        let mut flushed = true;
+    /// Marks the group cleanly stopped (after every write finished), unless
+    /// its final flush failed or it stopped after a local failure: then the
+    /// next start replays its journal, and the reason is returned.
+    pub async fn shutdown(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
         for v in &self.volumes {
             if let Err(e) = v.sync().await {
-                tracing::error!(group = %self.cfg.name, volume = %v.name, "final flush failed: {e}");
-                flushed = false;
+                problems.push(format!("volume {}: final flush failed: {e}", v.name));
             }
         }
         if let Some(j) = self.journal_handle() {
             if let Err(e) = j.sync().await {
-                tracing::error!(group = %self.cfg.name, "final journal flush failed: {e}");
-                flushed = false;
+                problems.push(format!("journal: final flush failed: {e}"));
             }
+        }
+        if let Some(why) = self.stopped.get() {
+            problems.push(format!("stopped after a local failure ({why})"));
         }
         let save = {
             let mut g = lock(&self.inner);
-            // Only a stop whose final flush worked, in a group that did not
-            // stop after a local failure, is clean; otherwise the next start
-            // replays the journal.
-            g.persisted.clean_shutdown = flushed && self.stopped.get().is_none();
+            g.persisted.clean_shutdown = problems.is_empty();
             self.save_later(&mut g)
         };
         if let Err(e) = self.saved(save).await {
-            tracing::error!(group = %self.cfg.name, "{e}");
+            problems.push(format!("saving its state failed: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("group {}: {}", self.cfg.name, problems.join("; ")))
         }
     }
 
