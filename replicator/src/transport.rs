@@ -198,6 +198,59 @@ fn pick_address(addrs: &[SocketAddr], local: Option<SocketAddr>) -> Option<Socke
 const MAX_HANDSHAKES: usize = 16;
 /// An incoming connection must finish its handshake and Hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once from one validated source (see
+/// [`source_of`]): a client that proved its address cannot take every slot
+/// of the validated pool and lock the configured peers out.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
+
+/// What one client controls of its address: an IPv4 address, or an IPv6
+/// /64 (a host usually holds a whole one).
+fn source_of(addr: SocketAddr) -> std::net::IpAddr {
+    match addr.ip().to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Handshakes in progress per source, each at most
+/// [`MAX_HANDSHAKES_PER_SOURCE`].
+#[derive(Debug, Default, Clone)]
+struct SourceSlots(Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>);
+
+/// One handshake's place in [`SourceSlots`], given back when dropped.
+#[derive(Debug)]
+struct SourceSlot {
+    slots: SourceSlots,
+    source: std::net::IpAddr,
+}
+
+impl SourceSlots {
+    fn try_take(&self, remote: SocketAddr) -> Option<SourceSlot> {
+        let source = source_of(remote);
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(source).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot { slots: self.clone(), source })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self.slots.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
 
 /// The QUIC endpoint and the peer connections it dialed.
 #[derive(Debug)]
@@ -387,13 +440,29 @@ impl Transport {
     /// At most [`MAX_HANDSHAKES`] run for clients whose address is not
     /// validated; beyond that a new client gets a QUIC Retry (stateless: a
     /// spoofed or vanished sender never answers it), and a client that
-    /// answered it — proving its address — draws on a pool of its own.
+    /// answered it — proving its address — draws on a pool of its own, of
+    /// which one source takes at most [`MAX_HANDSHAKES_PER_SOURCE`] slots.
     async fn handshakes(self: Arc<Self>, peers: tokio::sync::mpsc::Sender<PeerConnection>) {
         let unvalidated = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let validated = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let per_source = SourceSlots::default();
         let mut last_busy_log: Option<std::time::Instant> = None;
+        let mut last_source_log: Option<std::time::Instant> = None;
         while let Some(incoming) = self.endpoint.accept().await {
             let remote = incoming.remote_address();
+            let source_slot = if incoming.remote_address_validated() {
+                let Some(slot) = per_source.try_take(remote) else {
+                    if last_source_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(%remote, "{MAX_HANDSHAKES_PER_SOURCE} QUIC handshakes in progress from this source: refusing more");
+                        last_source_log = Some(std::time::Instant::now());
+                    }
+                    incoming.refuse();
+                    continue;
+                };
+                Some(slot)
+            } else {
+                None
+            };
             let pool = if incoming.remote_address_validated() { &validated } else { &unvalidated };
             let Ok(slot) = pool.clone().try_acquire_owned() else {
                 if last_busy_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
@@ -417,7 +486,7 @@ impl Transport {
                         reason: TransportError::Timeout("for the QUIC/TLS handshake and Hello"),
                     }),
                 };
-                drop(slot);
+                drop((slot, source_slot));
                 match result {
                     Ok(pc) => {
                         me.incoming
@@ -758,7 +827,10 @@ impl quinn::AsyncUdpSocket for InspectingSocket {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{not_quic, FramedRecv, FramedSend, InspectingSocket, MAX_SEGMENTS_PER_SEND};
+    use super::{
+        not_quic, FramedRecv, FramedSend, InspectingSocket, SourceSlots, MAX_HANDSHAKES_PER_SOURCE,
+        MAX_SEGMENTS_PER_SEND,
+    };
     use crate::certs::{init_ca, issue, Validity};
     use crate::config::TlsPaths;
     use crate::tls::{TlsIdentity, JUMBO_UDP_PAYLOAD};
@@ -878,5 +950,31 @@ mod tests {
         initial.truncate(300);
         assert!(not_quic(&initial).is_some());
         assert_eq!(not_quic(&[0x40; 40]), None);
+    }
+
+    #[test]
+    fn one_source_takes_at_most_its_share_of_the_handshake_slots() {
+        let slots = SourceSlots::default();
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let held: Vec<_> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .map(|i| slots.try_take(addr(&format!("192.0.2.1:{}", 1000 + i))).unwrap())
+            .collect();
+        // Another port of the same address, the same address mapped into
+        // IPv6: the same source.
+        assert!(slots.try_take(addr("192.0.2.1:9")).is_none());
+        assert!(slots.try_take(addr("[::ffff:192.0.2.1]:9")).is_none());
+        // Another client still gets one.
+        let other = slots.try_take(addr("192.0.2.2:9")).unwrap();
+        // An IPv6 /64 is one source.
+        let v6: Vec<_> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .map(|i| slots.try_take(addr(&format!("[2001:db8:0:1::{:x}]:7800", i + 1))).unwrap())
+            .collect();
+        assert!(slots.try_take(addr("[2001:db8:0:1:ffff::9]:7800")).is_none());
+        assert!(slots.try_take(addr("[2001:db8:0:2::1]:7800")).is_some());
+        // Finished handshakes give their slots back.
+        drop(held);
+        assert!(slots.try_take(addr("192.0.2.1:9")).is_some());
+        drop((other, v6));
+        assert!(slots.0.lock().unwrap().is_empty(), "no count is left once every slot is back");
     }
 }
