@@ -88,6 +88,10 @@ pub struct SecondaryConfig {
     /// volume slower than the restore journal would let memory grow to the
     /// restore journal's size.
     pub max_unapplied_bytes: u64,
+    /// Records cover whole blocks of this size (the primary rounds requests
+    /// out to them; the volumes, written with `O_DIRECT`, take nothing
+    /// else): a record that does not is refused.
+    pub block_size: u64,
 }
 
 /// A flush request this recent makes the restore journal sync at once
@@ -450,6 +454,18 @@ impl Secondary {
                 reason: format!("it ends at {} but volume #{} has {size} bytes", record.end(), record.volume),
             });
         }
+        // A record that cannot apply must not reach the restore journal,
+        // whose replay would fail on it at every start.
+        let block = self.config.block_size.max(1);
+        if record.offset % block != 0 || u64::from(record.length) % block != 0 {
+            return Err(SecondaryError::OutOfRange {
+                seq: record.seq,
+                reason: format!(
+                    "{} bytes at offset {} are not whole {block}-byte blocks",
+                    record.length, record.offset
+                ),
+            });
+        }
         if !record.op.is_copy() {
             let span = record_span(record.payload.len() as u64);
             if span > self.ring.capacity_bytes() {
@@ -463,7 +479,7 @@ impl Secondary {
     /// The primary asks for every write through `seq` (and every copy chunk
     /// received so far) to be made durable and acked.
     pub fn on_flush_request(&mut self, seq: u64) {
-        self.applier.on_flush_request(seq);
+        self.applier.on_flush_request(seq.min(self.taken_through()));
         self.flush_request_new = true;
         self.ack_dirty = true;
     }
@@ -488,7 +504,15 @@ impl Secondary {
         if let Some(gap) = self.gap.take() {
             self.gap_covered = Some(self.gap_covered.map_or(gap, |g| g.min(gap)));
         }
-        self.applier.on_flush_request(seq);
+        self.applier.on_flush_request(seq.min(self.taken_through()));
+    }
+
+    /// The newest write seq taken in (applied, or waiting for journal
+    /// space). The primary asks for flushes only through records it sent
+    /// before: a target beyond this one (a broken peer) would never be
+    /// reached and would stay in the applier for good; it counts as this.
+    fn taken_through(&self) -> u64 {
+        self.pending.iter().map(|r| r.seq).fold(self.applier.received(), u64::max)
     }
 
     /// The [`Action::Append`] of record `seq` failed: the session stops. No
@@ -1092,6 +1116,7 @@ mod tests {
             receipt_acked_at_once: true,
             ack_delay: Duration::ZERO,
             max_unapplied_bytes: 64 << 20,
+            block_size: 1,
         }
     }
 
@@ -1132,6 +1157,40 @@ mod tests {
         let acts = drain(&mut s, now);
         assert_eq!(acts.iter().filter(|a| matches!(a, Action::Apply { .. })).count(), 2, "{acts:?}");
         assert_eq!(s.ack().durable_seq, 2);
+    }
+
+    #[test]
+    fn a_record_that_is_not_whole_blocks_is_refused_before_the_journal() {
+        let now = Instant::now();
+        let mut s = Secondary::new(SecondaryConfig { block_size: 4096, ..config(1 << 20) }, start(), now);
+        let misaligned = Record::with_payload(RecordOp::Write, 1, 0, 1, 1, Bytes::from(vec![1u8; 4096]), false);
+        let err = s.on_record(misaligned).unwrap_err();
+        assert!(err.to_string().contains("not whole 4096-byte blocks"), "{err}");
+        let short = Record::without_payload(RecordOp::Trim, 1, 0, 4096, 512, 1, false);
+        assert!(s.on_record(short).is_err());
+        assert!(drain(&mut s, now).iter().all(|a| !matches!(a, Action::Append { .. })));
+        s.on_record(write(1, 8192)).unwrap();
+        assert!(matches!(drain(&mut s, now)[0], Action::Append { record: Record { seq: 1, .. }, .. }));
+    }
+
+    #[test]
+    fn a_flush_request_beyond_the_records_received_counts_as_one_through_them() {
+        let now = Instant::now();
+        let run = |target: u64| {
+            let mut s = Secondary::new(config(1 << 20), start(), now);
+            s.on_record(write(1, 0)).unwrap();
+            drain(&mut s, now);
+            s.on_flush_request(target);
+            s.on_journal_synced(1, Ok(())).unwrap();
+            let acts = drain(&mut s, now);
+            complete_applies(&mut s, acts);
+            let acts = drain(&mut s, now);
+            (format!("{acts:?}"), s.applier.flush_wanted_beyond(1))
+        };
+        let (within, _) = run(1);
+        let (beyond, left) = run(1_000_000);
+        assert_eq!(beyond, within);
+        assert!(!left, "a target no record reaches stays behind");
     }
 
     #[test]

@@ -548,6 +548,8 @@ fn machine(checkpoint: u64, copy_incomplete: bool, now: Instant) -> Secondary {
         ack_delay: Duration::from_millis(5),
         // A few records' worth: input stops and resumes all the time.
         max_unapplied_bytes: 2048,
+        // Byte-granular ranges: the model's volumes are small.
+        block_size: 1,
     };
     let start = SecondaryStart { checkpoint, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete, data_as_of_us: 0 };
     Secondary::new(config, start, now)

@@ -858,6 +858,7 @@ impl Session {
             receipt_acked_at_once: group.cfg.mode == Mode::Sync,
             ack_delay: ACK_DELAY,
             max_unapplied_bytes: UNAPPLIED_BUDGET,
+            block_size: crate::io::IO_ALIGN as u64,
         };
         let copy_incomplete = start.copy_incomplete;
         Self {
