@@ -716,6 +716,14 @@ impl Secondary {
         self.pending.clear();
     }
 
+    /// Whether local I/O failed in this session (an append, apply, sync,
+    /// save or preserve): the volumes may hold applies beyond the
+    /// checkpoint out of order, and only the restore journal's replay at
+    /// the next start repairs them.
+    pub fn has_failed(&self) -> bool {
+        self.failed
+    }
+
     /// Draining is over: nothing in flight, and (unless an I/O error ended
     /// the session) everything applied is durable and persisted.
     pub fn is_drained(&self) -> bool {

@@ -1,7 +1,8 @@
 //! A failed `fdatasync` (write-back error), on the file system that really
 //! loses what it failed to write (`powercut-fs fail-fsync`: the file's dirty
 //! pages are dropped and the fsync fails with EIO once; as on Linux, the
-//! next fsync finds nothing to write and succeeds).
+//! next fsync finds nothing to write and succeeds); and a failed write
+//! (`powercut-fs fail-write`).
 //!
 //! Before, a failure of the primary's periodic volume sync (the one the
 //! activity log asks for every few seconds) was only logged, and a client's
@@ -177,6 +178,70 @@ fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
     cluster.assert_volumes_identical("sg");
     let image = std::fs::read(cluster.volume_path(Site::B, "sg-vol")).expect("read the replica");
     for i in (0..16).chain([20]) {
+        let at = (i * BLOCK) as usize;
+        assert!(image[at..at + BLOCK as usize] == data(i)[..], "block {i} missing on the secondary");
+    }
+}
+
+/// Waits until `site`'s powercut-fs has failed a write.
+fn wait_failed_write(cluster: &Cluster, site: Site, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = cluster.fs_command(site, "stats");
+        if reply_number(&stats, "failed_writes") >= 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{site}: no write failed within {within:?}: {stats}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An apply on the secondary fails (its volume write gets EIO): records the
+/// restore journal holds, acknowledged as durable, may have reached the
+/// volume out of order around it. The secondary must mark its replica
+/// inconsistent and stop (no new session, no failover onto that image)
+/// until a restart re-applies the restore journal; the session's failure
+/// alone, with the drain that followed it, left it consistent and open.
+#[test]
+fn a_failed_apply_on_the_secondary_stops_it_until_the_restart_replays_its_journal() {
+    let Some(mut cluster) = cluster("sw") else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    cluster.fs_command(Site::B, "fail-write sw-vol.img");
+    let data = |i: u64| random_bytes(500 + i, BLOCK as usize);
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sw-vol").await.expect("connect");
+        for i in 0..16 {
+            client.write(i * BLOCK, &data(i), false).await.expect("write");
+        }
+        client.flush().await.expect("flush");
+    });
+    wait_failed_write(&cluster, Site::B, Duration::from_secs(30));
+    let b = cluster.wait_until(Site::B, "sw", "stopped", Duration::from_secs(10), |s| s.health == "critical");
+    assert!(!b.consistent, "the replica may hold applies out of order: {b:?}");
+    assert!(b.last_error.as_deref().unwrap_or("").contains("apply failed"), "{b:?}");
+    // Neither a new session nor a failover onto that image.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!cluster.status(Site::A, "sw").connected, "the stopped secondary took a new session");
+    let out = cluster.cli(Site::B, &["failover", "sw", "--force"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "failover onto a stopped secondary: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let status = cluster.stop_status(Site::B);
+    assert_eq!(status.code(), Some(1), "an unclean stop must exit 1: {status}");
+    cluster.start(Site::B);
+    cluster.wait_until(Site::A, "sw", "PAIR again", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.connected && s.dirty_bytes == 0
+    });
+    cluster.wait_drained("sw");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sw");
+    let image = std::fs::read(cluster.volume_path(Site::B, "sw-vol")).expect("read the replica");
+    for i in 0..16 {
         let at = (i * BLOCK) as usize;
         assert!(image[at..at + BLOCK as usize] == data(i)[..], "block {i} missing on the secondary");
     }

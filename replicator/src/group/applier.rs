@@ -990,7 +990,8 @@ impl Session {
     /// Finishes in-flight applies, makes everything received durable on the
     /// volumes and persists the checkpoint (clean stop or end of session).
     /// The caller finishes the stream (a delete confirmation may still
-    /// follow). Returns whether it completed (false after an I/O error).
+    /// follow). Returns whether it completed (false after an I/O error,
+    /// during the drain or before it).
     async fn drain(&mut self, send: &mut FramedSend) -> bool {
         // The drain applies what a drill's freeze holds back: the drill
         // hears first (its channel closes), and discards a copy it has not
@@ -1018,7 +1019,7 @@ impl Session {
             }
         }
         let _ = send.flush().await;
-        !failed
+        !failed && !self.machine.has_failed()
     }
 
     /// The loop must end: the pair is being deleted and the primary has

@@ -32,7 +32,9 @@
 //! - `fail-fsync NAME` → `ok armed`: the next fsync of a file whose backing
 //!   path ends with NAME fails with EIO and drops that file's dirty pages (a
 //!   failed write-back; as on Linux, the fsync after it succeeds)
-//! - `stats` → `ok dirty N pages files F fsyncs S failed_fsyncs X dsync_writes D writes W`
+//! - `fail-write NAME` → `ok armed`: the next write to a file whose backing
+//!   path ends with NAME fails with EIO and changes nothing
+//! - `stats` → `ok dirty N pages files F fsyncs S failed_fsyncs X dsync_writes D writes W failed_writes Y`
 //! - `files` → `ok PATH=PAGES ...`: the backing files with dirty pages
 //!
 //! It runs in the foreground until unmounted or sent SIGTERM/SIGINT (then it
@@ -178,6 +180,7 @@ struct Stats {
     failed_fsyncs: u64,
     dsync_writes: u64,
     writes: u64,
+    failed_writes: u64,
 }
 
 #[derive(Debug)]
@@ -191,6 +194,9 @@ struct Inner {
     /// `fail-fsync NAME`: the next fsync of a file whose backing path ends
     /// with NAME fails.
     fail_fsync: Option<String>,
+    /// `fail-write NAME`: the next write to a file whose backing path ends
+    /// with NAME fails (EIO) and changes nothing.
+    fail_write: Option<String>,
 }
 
 impl Inner {
@@ -216,6 +222,7 @@ impl Inner {
             next_fh: 1,
             stats: Stats::default(),
             fail_fsync: None,
+            fail_write: None,
         })
     }
 
@@ -451,7 +458,16 @@ impl PowerCutFs {
         } else {
             inner.stats.writes += 1;
         }
+        let armed = inner.fail_write.clone();
         let node = inner.node(ino)?;
+        let fail = armed.is_some_and(|name| {
+            std::fs::read_link(proc_path(&node.opath)).is_ok_and(|p| p.to_string_lossy().ends_with(&name))
+        });
+        if fail {
+            inner.fail_write = None;
+            inner.stats.failed_writes += 1;
+            return Err(Errno::EIO);
+        }
         let (f, cache) = node.data()?;
         if durable {
             cache.write_durable(f, offset, data).map_err(io_err)?;
@@ -892,11 +908,19 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             inner.fail_fsync = Some((*name).to_string());
             "ok armed".into()
         }
+        ["fail-write", name] => {
+            inner.fail_write = Some((*name).to_string());
+            "ok armed".into()
+        }
         ["stats"] => {
             let (pages, files) = inner.dirty_pages();
             format!(
-                "ok dirty {pages} pages files {files} fsyncs {} failed_fsyncs {} dsync_writes {} writes {}",
-                inner.stats.fsyncs, inner.stats.failed_fsyncs, inner.stats.dsync_writes, inner.stats.writes
+                "ok dirty {pages} pages files {files} fsyncs {} failed_fsyncs {} dsync_writes {} writes {} failed_writes {}",
+                inner.stats.fsyncs,
+                inner.stats.failed_fsyncs,
+                inner.stats.dsync_writes,
+                inner.stats.writes,
+                inner.stats.failed_writes
             )
         }
         ["files"] => {
@@ -918,7 +942,8 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             }
             out
         }
-        _ => "error unknown command (cut | cut keep SEED FRACTION | fail-fsync NAME | stats | files)".into(),
+        _ => "error unknown command (cut | cut keep SEED FRACTION | fail-fsync NAME | fail-write NAME | stats | files)"
+            .into(),
     }
 }
 
