@@ -151,6 +151,13 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
             format!("group {name}: `pair create` is running here; retry in a moment"),
         ));
     }
+    if g.switching && g.role() == Role::Secondary {
+        // A switchover's demotion is saved, its restore journal not ready.
+        return Err((
+            pb::Refusal::Unspecified,
+            format!("group {name}: a switchover is finishing here; retry in a moment"),
+        ));
+    }
     if g.drill_starting {
         return Err((pb::Refusal::Unspecified, format!("group {name}: a drill is starting here; retry in a moment")));
     }

@@ -307,6 +307,11 @@ impl Group {
                     g.state
                 )));
             }
+            if g.taking_over {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: a failover is running here; a drill copy is taken of a replica"
+                )));
+            }
             if g.persisted.role.as_secondary().is_some_and(|s| s.split_writable || s.needs_rebase) {
                 return Err(GroupError::Refused(format!(
                     "group {name}: the replica's volumes hold writes made here (split with --rw, or a failback \

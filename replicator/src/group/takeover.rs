@@ -87,6 +87,11 @@ impl Group {
             if g.taking_over {
                 return Err(GroupError::Failed(format!("group {name}: a failover is already running here")));
             }
+            if g.drill_starting {
+                // Its copy-on-write image is not attached yet: writes of the
+                // new primary would reach the volumes under it.
+                return Err(GroupError::Failed(format!("group {name}: a drill is starting here; retry in a moment")));
+            }
             // From here no new replication session is accepted, so the
             // restore journal stays this command's until the promotion.
             g.taking_over = true;
@@ -123,6 +128,10 @@ impl Group {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // A drain that failed stopped the group: the restore journal holds
+        // records the volumes lack, and only the restart's replay puts them
+        // there; promoting would drop it (even with `force`).
+        self.refuse_if_stopped()?;
         let (pair_id, epoch, inconsistent) = {
             let g = lock(&self.inner);
             let inconsistent = g.persisted.role.as_secondary().is_some_and(|s| s.copy_incomplete || !s.consistent);
@@ -271,19 +280,39 @@ impl Group {
     /// empty restore journal (every record in it is on both sites).
     async fn finish_switchover(self: &Arc<Self>, last: u64, started: Instant) -> Result<String, GroupError> {
         let (name, peer) = (&self.cfg.name, &self.cfg.peer);
-        let (pair_id, epoch) = {
-            let g = lock(&self.inner);
-            (g.persisted.pair_id, g.persisted.epoch)
-        };
-        let journal = self.fresh_journal(pair_id, epoch).await?;
-        let (generation, save) = {
+        // The demotion is on disk before the journal is emptied: a crash in
+        // between restarts a secondary whose restore journal (the old
+        // journal, in which no record follows `last`) holds nothing, where
+        // the other order restarted a primary of the old generation that
+        // had forgotten its writes through `last` and would number new ones
+        // as if they were those. `switching` stays set (no session starts
+        // here) until the new restore journal is in place.
+        let (pair_id, epoch, generation, save) = {
             let mut g = lock(&self.inner);
-            demote(&mut g, journal, last);
+            demote(&mut g, last);
             let save = self.save_later(&mut g);
             self.publish(&mut g);
-            (g.persisted.generation, save)
+            (g.persisted.pair_id, g.persisted.epoch, g.persisted.generation, save)
         };
         self.saved(save).await?;
+        let journal = match self.fresh_journal(pair_id, epoch).await {
+            Ok(journal) => journal,
+            Err(e) => {
+                // The in-memory journal is still the primary's: no session
+                // may use it. The restart opens the file as the (empty)
+                // restore journal the saved state describes.
+                let why = format!("switchover: emptying the journal for the secondary role failed: {e}");
+                self.fail_stop(why.clone());
+                return Err(GroupError::Failed(format!("group {name}: {why}; restart the daemon")));
+            }
+        };
+        {
+            let mut g = lock(&self.inner);
+            g.journal = Some(Arc::new(journal));
+            g.switching = false;
+            g.switchover = None;
+            self.publish(&mut g);
+        }
         self.session_kick.send_modify(|k| *k += 1);
         let took = started.elapsed();
         tracing::info!(group = %name, peer = %peer, seq = last, generation, ms = took.as_millis() as u64,
@@ -381,7 +410,16 @@ impl Group {
             Ok(Ok(Ok(()))) => Ok(last),
             Ok(Ok(Err(refused))) => Err(HandOver::Abandoned(format!("the secondary refused to take over: {refused}"))),
             _ => {
-                let sent = lock(&self.inner).switchover.as_ref().is_some_and(|s| s.sent);
+                // Judged and withdrawn under one lock: the shipper cannot
+                // send the command after it was judged unsent.
+                let sent = {
+                    let mut g = lock(&self.inner);
+                    let sent = g.switchover.as_ref().is_some_and(|s| s.sent);
+                    if !sent {
+                        g.switchover = None;
+                    }
+                    sent
+                };
                 let error = "the secondary did not confirm the takeover within 30 s".to_string();
                 if sent {
                     Err(HandOver::Unconfirmed { error, last, confirmation: rx })
@@ -419,7 +457,17 @@ impl Group {
                 "switchover: this node is now the primary");
             save
         };
-        self.saved(save).await
+        if let Err(e) = self.saved(save).await {
+            // Primary here in memory, not on disk, while the old primary
+            // hears "refused" and takes writes again: this node must take
+            // none (nor a session) until a restart settles which role the
+            // disk holds; should a later save still land it, the two meet as
+            // primaries of different generations, which fences or reports
+            // split brain, never silently.
+            self.fail_stop(format!("switchover: the promotion could not be saved ({e})"));
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Makes this secondary the primary (see [`promote`]); returns the save
@@ -533,10 +581,16 @@ pub(crate) fn format_time(us: u64) -> String {
 /// the old role's stays) of the same pair in the next generation, its
 /// journal `journal` (empty), no copy due, nothing tracked, no peer yet.
 pub(super) fn change_role(g: &mut Inner, role: RoleState, journal: Journal) {
+    g.journal = Some(Arc::new(journal));
+    change_role_keeping_journal(g, role);
+}
+
+/// [`change_role`], the journal handle left as it is (the caller replaces
+/// it).
+fn change_role_keeping_journal(g: &mut Inner, role: RoleState) {
     g.persisted.role = role;
     g.persisted.generation += 1;
     g.split = None;
-    g.journal = Some(Arc::new(journal));
     g.entries.clear();
     g.cached_bytes = 0;
     g.cumulative_bytes = 0;
@@ -553,8 +607,9 @@ pub(super) fn change_role(g: &mut Inner, role: RoleState, journal: Journal) {
 
 /// The old primary after a switchover: secondary of the same pair in the
 /// new generation, holding every write through `last` durably, with an
-/// empty restore journal.
-fn demote(g: &mut Inner, journal: Journal, last: u64) {
+/// empty restore journal (the caller empties the journal once this is
+/// saved; `switching` stays set until then).
+fn demote(g: &mut Inner, last: u64) {
     let secondary = SecondaryState {
         journal_tail_seq: last + 1,
         journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
@@ -562,14 +617,12 @@ fn demote(g: &mut Inner, journal: Journal, last: u64) {
         consistent: true,
         ..SecondaryState::default()
     };
-    change_role(g, RoleState::Secondary(secondary), journal);
+    change_role_keeping_journal(g, RoleState::Secondary(secondary));
     g.ring = None;
     // The shipper task of the primary role ends.
     g.shipper_epoch += 1;
     g.secondary_applied = last;
     g.secondary_durable = last;
-    g.switching = false;
-    g.switchover = None;
 }
 
 /// A secondary becomes primary of the same pair in a new generation, its
