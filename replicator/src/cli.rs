@@ -278,7 +278,19 @@ pub enum CertCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate the configuration without starting anything.
-    Check,
+    ///
+    /// Fails (exit 2) on anything that would keep `run` from starting or
+    /// from replicating: a directory, a volume, a certificate that does
+    /// not load or is not valid now, a peer name that does not resolve.
+    Check {
+        /// Fail only on what keeps `run` from starting; a certificate not
+        /// valid now and a peer name that does not resolve are warnings
+        /// (the unit's ExecStartPre: after a disaster the peer's site, with
+        /// its DNS, may be gone and the clock not synced yet, and the node
+        /// that is to take over must still start).
+        #[arg(long)]
+        startup: bool,
+    },
     /// Print the systemd drop-in granting this configuration's devices, files and peers.
     ///
     /// The drop-in grants replicator.service exactly the configured block
@@ -550,17 +562,29 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 }
             }
         }
-        Command::Config(ConfigCommand::Check) => {
+        Command::Config(ConfigCommand::Check { startup }) => {
             let config = load_config(&cli.config)?;
-            let problems = crate::preflight::check(&config);
-            if !problems.is_empty() {
-                for p in &problems {
-                    eprintln!("replicator: {p}");
-                }
+            let found = crate::preflight::check(&config);
+            for p in &found.fatal {
+                eprintln!("replicator: {p}");
+            }
+            for p in &found.link {
+                eprintln!("replicator: {}{p}", if startup { "warning: " } else { "" });
+            }
+            if !found.fatal.is_empty() {
                 eprintln!(
                     "replicator: {}: {} problem(s); `replicator run` would fail",
                     config.path.display(),
-                    problems.len()
+                    found.fatal.len() + found.link.len()
+                );
+                return Err(ExitCode::from(exit::USAGE));
+            }
+            if !found.link.is_empty() && !startup {
+                eprintln!(
+                    "replicator: {}: {} problem(s); `replicator run` would start and serve the volumes locally, but \
+                     could not replicate",
+                    config.path.display(),
+                    found.link.len()
                 );
                 return Err(ExitCode::from(exit::USAGE));
             }

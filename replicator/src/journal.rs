@@ -150,6 +150,9 @@ const READAHEAD: u64 = 1 << 20;
 /// The page size of the page cache (the unit in which buffered and direct
 /// writes must not meet), which a page-aligned record's payload is aligned to.
 const PAGE: u64 = IO_ALIGN as u64;
+/// An existing journal file at least this large (the smallest
+/// `journal_size`) is opened at its own size when `journal_size` differs.
+const MIN_KEPT_SIZE: u64 = 16 << 20;
 const _: () = assert!(PAGE == JOURNAL_PAGE);
 /// The zeroes a new journal is written full of, per write. The page cache
 /// keeps the folios a buffered write creates, sized by the write: 1 MiB
@@ -177,13 +180,26 @@ impl Journal {
         epoch: u64,
         reset: bool,
     ) -> Result<Journal, JournalError> {
-        let existed = match std::fs::metadata(path) {
+        let (existed, size) = match std::fs::metadata(path) {
             Ok(m) if reset && m.len() != size => {
                 let _ = std::fs::remove_file(path);
-                false
+                (false, size)
             }
-            Ok(_) => true,
-            Err(_) => false,
+            // `journal_size` changed since the file was made: its records
+            // sit where a ring of the file's size put them, so the journal
+            // keeps that size until it starts over (`reset`).
+            Ok(m) if m.len() != size && m.len() >= MIN_KEPT_SIZE && m.len() % PAGE == 0 => {
+                tracing::warn!(
+                    path = %path.display(),
+                    configured = size,
+                    file = m.len(),
+                    "journal_size differs from the journal file's size: the journal keeps its size until it starts \
+                     over (pair create, failover, switchover, failback), then takes journal_size"
+                );
+                (true, m.len())
+            }
+            Ok(_) => (true, size),
+            Err(_) => (false, size),
         };
         let superblock = |salt| JournalSuperblock {
             group: group.to_string(),

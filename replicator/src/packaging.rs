@@ -90,6 +90,33 @@ fn unit_path(path: &Path) -> Result<String, String> {
     }
 }
 
+/// The device unit systemd makes for the block device at `path`, as
+/// `systemd-escape --path --suffix=device` names it: `/dev/vg0/my-lv` is
+/// `dev-vg0-my\x2dlv.device`.
+fn device_unit(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    let parts: Vec<&[u8]> = bytes.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
+    let mut out = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        for (j, &b) in part.iter().enumerate() {
+            let keep = b.is_ascii_alphanumeric() || b == b'_' || b == b':' || (b == b'.' && !(i == 0 && j == 0));
+            if keep {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push('-');
+    }
+    out + ".device"
+}
+
 /// The name of group `gid`, or its number when it has no name.
 fn group_name(gid: u32) -> String {
     match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)) {
@@ -133,6 +160,7 @@ struct Grant {
 /// Deterministic: the same config and host give the same bytes.
 pub fn systemd_dropin(config: &Config, extra_allow: &[String]) -> Result<String, String> {
     let mut devices: Vec<Grant> = Vec::new();
+    let mut device_units: Vec<String> = Vec::new();
     let mut groups: BTreeSet<String> = BTreeSet::new();
     let mut paths: Vec<Grant> = Vec::new();
     let mut seen_paths: BTreeSet<String> = BTreeSet::new();
@@ -185,6 +213,7 @@ pub fn systemd_dropin(config: &Config, extra_allow: &[String]) -> Result<String,
                     }
                 }
                 if !devices.iter().any(|d| d.line == line) {
+                    device_units.push(device_unit(path));
                     devices.push(Grant { why: what, line });
                 }
                 continue;
@@ -319,6 +348,17 @@ pub fn systemd_dropin(config: &Config, extra_allow: &[String]) -> Result<String,
     for n in &notes {
         let _ = writeln!(out, "# NOTE: {n}");
     }
+    if !device_units.is_empty() {
+        let _ = writeln!(out, "[Unit]");
+        let _ = writeln!(out, "# Start once the block devices are there (a logical volume, iSCSI or multipath");
+        let _ = writeln!(out, "# device that appears late would fail `config check` until the restarts ran");
+        let _ = writeln!(out, "# into the start limit); one that never appears fails the start after systemd's");
+        let _ = writeln!(out, "# device timeout, naming it.");
+        for u in &device_units {
+            let _ = writeln!(out, "Wants={u}");
+            let _ = writeln!(out, "After={u}");
+        }
+    }
     let _ = writeln!(out, "[Service]");
     if !devices.is_empty() {
         let _ = writeln!(out, "# Block devices (the device cgroup lets the daemon open these and no other;");
@@ -378,6 +418,18 @@ pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_units_are_named_as_systemd_escape_names_them() {
+        assert_eq!(device_unit(Path::new("/dev/sdb")), "dev-sdb.device");
+        assert_eq!(device_unit(Path::new("/dev/vg0/my-lv")), "dev-vg0-my\\x2dlv.device");
+        assert_eq!(
+            device_unit(Path::new("/dev/disk/by-id/wwn-0x5000c500a1b2c3d4")),
+            "dev-disk-by\\x2did-wwn\\x2d0x5000c500a1b2c3d4.device"
+        );
+        assert_eq!(device_unit(Path::new("//dev//mapper/a.b")), "dev-mapper-a.b.device");
+        assert_eq!(device_unit(Path::new("/dev/a b")), "dev-a\\x20b.device");
+    }
 
     #[test]
     fn unit_paths_are_escaped() {

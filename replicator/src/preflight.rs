@@ -91,42 +91,53 @@ fn resolve(peer: &PeerConfig) -> Result<(), String> {
     }
 }
 
-/// Every problem found (empty: `run` will find the host as configured).
-pub fn check(config: &Config) -> Vec<ConfigError> {
-    let mut problems = Vec::new();
-    let mut err = |key: String, message: String| {
-        problems.push(ConfigError::Invalid { path: config.path.clone(), key, message });
-    };
+/// What [`check`] found.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// Problems that keep `run` from starting (a directory, a volume).
+    pub fatal: Vec<ConfigError>,
+    /// Problems `run` starts with, serving its volumes locally, while the
+    /// replication link cannot come up: a peer name that does not resolve
+    /// now, a certificate not valid now (after a disaster the peer's site,
+    /// with its DNS, may be gone and the clock not synced yet: the
+    /// surviving node must still start, to take over).
+    pub link: Vec<ConfigError>,
+}
+
+/// Every problem found (none: `run` will find the host as configured).
+pub fn check(config: &Config) -> Findings {
+    let problem = |key: String, message: String| ConfigError::Invalid { path: config.path.clone(), key, message };
+    let mut findings = Findings::default();
     for (key, dir) in [("node.state_dir", &config.node.state_dir), ("node.run_dir", &config.node.run_dir)] {
         if let Err(m) = check_daemon_dir(dir) {
-            err(key.to_string(), m);
+            findings.fatal.push(problem(key.to_string(), m));
         }
     }
     match TlsIdentity::load(&config.tls, &config.node.name) {
         Ok(identity) => {
             if let Err(e) = identity.verify_own_chain(&config.tls, &config.node.name) {
-                err(tls_key(config, &e).to_string(), e.to_string());
+                findings.link.push(problem(tls_key(config, &e).to_string(), e.to_string()));
             }
         }
-        Err(e) => err(tls_key(config, &e).to_string(), e.to_string()),
+        Err(e) => findings.fatal.push(problem(tls_key(config, &e).to_string(), e.to_string())),
     }
     for peer in &config.peers {
         if let Err(m) = resolve(peer) {
-            err(format!("peer[{}].address", peer.name), m);
+            findings.link.push(problem(format!("peer[{}].address", peer.name), m));
         }
     }
     let engine = IoEngine::new(BackendChoice::Threads);
     for group in &config.groups {
         for volume in &group.volumes {
             if let Err((field, m)) = crate::volume::probe(&engine, volume) {
-                err(format!("group[{}].volume[{}].{field}", group.name, volume.name), m);
+                findings.fatal.push(problem(format!("group[{}].volume[{}].{field}", group.name, volume.name), m));
             }
         }
     }
     if let Err((key, m)) = check_volume_files(config) {
-        err(key, m);
+        findings.fatal.push(problem(key, m));
     }
-    problems
+    findings
 }
 
 /// Every volume is a file of its own, outside `node.state_dir`: two paths

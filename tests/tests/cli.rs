@@ -353,6 +353,28 @@ fn assert_check_fails(c: &Cluster, what: &str, text: &str, needles: &[&str]) -> 
     err
 }
 
+/// `config check --startup` (the unit's ExecStartPre) on `text`: exits 0
+/// and warns naming `needles`.
+fn assert_startup_check_warns(c: &Cluster, what: &str, text: &str, needles: &[&str]) {
+    let path = c.root().join(format!("startup-{}.toml", what.replace(' ', "-")));
+    std::fs::write(&path, text).expect("write config");
+    let out = run_with_timeout(
+        Command::new(c.bin()).arg("--config").arg(&path).args(["config", "check", "--startup"]),
+        Duration::from_secs(30),
+    );
+    let err = stderr(&out);
+    assert_eq!(
+        code(&out),
+        0,
+        "config check --startup with {what} must let the daemon start\n{}",
+        describe_output(&out)
+    );
+    assert!(err.contains("warning:"), "{what}: no warning\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "{what}: the warning must name {n:?}\n{err}");
+    }
+}
+
 fn assert_check_passes(c: &Cluster, what: &str, text: &str) {
     let path = c.root().join(format!("ok-{}.toml", what.replace(' ', "-")));
     std::fs::write(&path, text).expect("write config");
@@ -402,6 +424,9 @@ fn config_check_catches_what_run_would_fail_on() {
     let out = c.root().join("expired-issued");
     let (cert, key) = replicator::certs::issue(&c.root().join("ca"), "site-a", &out, past).expect("issue expired");
     assert_check_fails(&c, "expired cert", &with_cert(&cert, &key), &["tls.cert", "expired"]);
+    // The daemon starts with it (serving its volumes, not replicating): so
+    // does the unit's start check.
+    assert_startup_check_warns(&c, "expired cert", &with_cert(&cert, &key), &["tls.cert", "expired"]);
 
     // 3. Missing directories: of a volume, of state_dir, of run_dir.
     let data = vol.parent().expect("data dir").display().to_string();
@@ -524,6 +549,19 @@ fn config_check_catches_what_run_would_fail_on() {
         &good.replace("address = \"127.0.0.1:", "address = \"no-such-peer.invalid:"),
         &["peer[site-b].address", "no-such-peer.invalid", "cannot resolve"],
     );
+    // After a disaster the peer's DNS may be gone with its site: the node
+    // that takes over must still start.
+    let unresolvable = good.replace("address = \"127.0.0.1:", "address = \"no-such-peer.invalid:");
+    assert_startup_check_warns(&c, "peer unresolvable", &unresolvable, &["no-such-peer.invalid", "cannot resolve"]);
+    // What keeps `run` from starting still fails it.
+    let path = c.root().join("startup-fatal.toml");
+    std::fs::write(&path, unresolvable.replace(&c.root().display().to_string(), "/nonexistent-replicator-root"))
+        .expect("write config");
+    let out = run_with_timeout(
+        Command::new(c.bin()).arg("--config").arg(&path).args(["config", "check", "--startup"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code(&out), 2, "config check --startup with missing directories\n{}", describe_output(&out));
 }
 
 /// A peer given by DNS name is resolved when dialed: the pair comes up.

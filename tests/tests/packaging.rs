@@ -322,6 +322,12 @@ size = "16MiB"
     assert!(dropin.lines().any(|l| l == "[Service]"), "{dropin}");
     assert_eq!(settings(&dropin, "DeviceAllow"), [format!("DeviceAllow={} rw", lo.dev)], "{dropin}");
     assert!(!dropin.contains(&other.dev), "the unconfigured {} is granted:\n{dropin}", other.dev);
+    // The start waits for the device, named as systemd names it.
+    let escaped = run_ok(Command::new("systemd-escape").args(["--path", "--suffix=device", &lo.dev]), T);
+    let device_unit = stdout(&escaped).trim().to_string();
+    assert!(dropin.lines().any(|l| l == "[Unit]"), "{dropin}");
+    assert_eq!(settings(&dropin, "Wants"), [format!("Wants={device_unit}")], "{dropin}");
+    assert_eq!(settings(&dropin, "After"), [format!("After={device_unit}")], "{dropin}");
     let gid = std::fs::metadata(&lo.dev).expect("stat the loop device").gid();
     let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
         .ok()

@@ -599,3 +599,46 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// `journal_size` changed in the config of a paired node (SIGHUP says it
+/// applies at the restart): the restart keeps the journal file, and its
+/// records, at the size they were written in, instead of refusing to start
+/// the node; the pair resumes and the journal takes the new size when it
+/// starts over.
+#[test]
+fn a_changed_journal_size_does_not_keep_a_paired_node_from_starting() {
+    let (group, vol) = ("js", "js-vol");
+    let mut c = Cluster::new(ClusterOpts::group(GroupSpec::new(group, Mode::Async).volume(vol, 16 * MIB)));
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let rt = runtime();
+    write_blocks(&rt, &c, vol, 900, 16);
+    c.wait_drained(group);
+    // Journaled while the secondary is away: only the journal holds them
+    // for site-b.
+    c.kill9(Site::B);
+    write_blocks(&rt, &c, vol, 901, 16);
+    c.stop(Site::A);
+    let journal = state_dir(&c, Site::A).join("groups").join(group).join("journal");
+    assert_eq!(std::fs::metadata(&journal).expect("journal").len(), 64 * MIB);
+    for site in [Site::A, Site::B] {
+        let path = c.config_path(site).to_path_buf();
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let changed = text.replace(&format!("journal_size = \"{}\"", 64 * MIB), "journal_size = \"32MiB\"");
+        assert_ne!(changed, text, "the harness's config names journal_size");
+        std::fs::write(&path, changed).expect("write config");
+    }
+    let log_len = c.log(Site::A).len();
+    c.start(Site::A);
+    assert!(
+        c.log(Site::A)[log_len..].contains("journal_size differs from the journal file's size"),
+        "the start must say the journal keeps its size\n{}",
+        c.diagnostics()
+    );
+    assert_eq!(std::fs::metadata(&journal).expect("journal").len(), 64 * MIB, "the journal was rewritten");
+    c.start(Site::B);
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical(group);
+}

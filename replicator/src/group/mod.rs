@@ -344,6 +344,10 @@ pub struct Group {
     /// Set when the group stopped taking writes after a local failure (see
     /// `fail_stop` in write_path.rs).
     stopped: std::sync::OnceLock<String>,
+    /// The smaller of `journal_size` and the journal file found at start
+    /// (a file made before `journal_size` changed keeps its size until
+    /// the journal starts over): what [`Group::max_request`] must fit.
+    smallest_journal: u64,
     /// The running drill (`drill.rs`), and one drill command at a time.
     drill: Mutex<Option<Arc<drill::ActiveDrill>>>,
     drill_op: tokio::sync::Mutex<()>,
@@ -556,6 +560,7 @@ impl Group {
                 .await?,
             ));
         }
+        let smallest_journal = journal.as_ref().map_or(cfg.journal_size, |j| j.capacity().min(cfg.journal_size));
         let mut activity = activity.take().unwrap_or_else(|| ActivityLog::new(DEFAULT_EXTENT));
         if power_lost {
             activity = ActivityLog::new(activity.extent());
@@ -697,6 +702,7 @@ impl Group {
             nbd_clients: AtomicUsize::new(0),
             bitmap_io: Mutex::new(HashMap::new()),
             stopped: std::sync::OnceLock::new(),
+            smallest_journal,
             drill: Mutex::new(drill),
             drill_op: tokio::sync::Mutex::new(()),
             resync_guard: Mutex::new(resync_guard),

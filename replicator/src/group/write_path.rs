@@ -226,7 +226,7 @@ impl Group {
     /// the journal ring, so the journal can always take it once the
     /// secondary has caught up.
     pub fn max_request(&self) -> u32 {
-        let ring = self.cfg.journal_size.saturating_sub(JOURNAL_SUPERBLOCK_LEN);
+        let ring = self.smallest_journal.saturating_sub(JOURNAL_SUPERBLOCK_LEN);
         let by_journal = (ring / 2).saturating_sub(JOURNAL_RECORD_ALIGN);
         let widened = u64::from(MAX_RECORD_PAYLOAD).min(by_journal).saturating_sub(2 * IO_ALIGN as u64);
         let aligned = widened / IO_ALIGN as u64 * IO_ALIGN as u64;
