@@ -325,3 +325,52 @@ fn a_state_file_whose_role_does_not_parse_stops_the_daemon() {
     assert!(text.contains("corrupt state file") && text.contains("state.json"), "{text}");
     cluster.stop(Site::A);
 }
+
+/// The secondary accepted a new pair (its state saved) and stopped before
+/// its restore journal was started over for it: the file still carries the
+/// earlier pair's superblock. The restart starts it over (it holds nothing
+/// of the new pair) instead of refusing to start the node.
+#[test]
+fn a_secondary_whose_restore_journal_is_still_the_earlier_pairs_starts() {
+    let group = GroupSpec::new("rj", Mode::Async).volume("rj-vol", 16 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("rj");
+    cluster.wait_pair("rj", Duration::from_secs(60));
+    let journal = cluster.state_dir(Site::B).join("groups/rj/journal");
+    let earlier = cluster.root().join("earlier-pair-journal");
+    cluster.stop(Site::B);
+    std::fs::copy(&journal, &earlier).expect("keep the first pair's restore journal");
+    cluster.start(Site::B);
+    cluster.wait_drained("rj");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "rj"]);
+    assert_eq!(code, 0, "pair delete: {out}");
+    assert!(out.contains("both sites"), "the secondary must confirm the delete: {out}");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "create", "rj", "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 0, "pair create: {out}");
+    let rt = runtime();
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "rj-vol").await.expect("connect");
+        client.write(0, &random_bytes(77, 65536), false).await.expect("write");
+        client.flush().await.expect("flush");
+    });
+    cluster.wait_drained("rj");
+    cluster.stop(Site::B);
+    std::fs::copy(&earlier, &journal).expect("put the first pair's restore journal back");
+    let log_len = cluster.log(Site::B).len();
+    cluster.start(Site::B);
+    assert!(
+        cluster.log(Site::B)[log_len..].contains("starting it over for pair"),
+        "the restart must say it started the restore journal over\n{}",
+        cluster.diagnostics()
+    );
+    cluster.wait_drained("rj");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "rj-vol").await.expect("connect");
+        client.write(65536, &random_bytes(78, 65536), false).await.expect("write");
+        client.flush().await.expect("flush");
+    });
+    cluster.wait_drained("rj");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("rj");
+}

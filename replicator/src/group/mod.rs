@@ -1881,7 +1881,24 @@ async fn recover_restore_journal(
 ) -> Result<Journal, GroupError> {
     // Keyed with the epoch this node rebased in: its records since were
     // written in it.
-    let mut j = Journal::open(engine, &journal_path(store), cfg.journal_size, &cfg.name, pair_id, epoch, false).await?;
+    let path = journal_path(store);
+    let mut j = match Journal::open(engine, &path, cfg.journal_size, &cfg.name, pair_id, epoch, false).await {
+        // The pair was accepted (its state saved) and the daemon stopped
+        // before the restore journal was started over for it: the
+        // superblock is the one of an earlier pair, and since records of a
+        // pair are appended only after its superblock is durable, the file
+        // holds none of this one's. The volumes hold the checkpoint.
+        Err(JournalError::Foreign { pair_id: found, .. }) => {
+            tracing::warn!(
+                group = %cfg.name,
+                path = %path.display(),
+                "restore journal: the file is still the one of pair {found:016x}, which this node left; starting it \
+                 over for pair {pair_id:016x}"
+            );
+            Journal::open(engine, &path, cfg.journal_size, &cfg.name, pair_id, epoch, true).await?
+        }
+        opened => opened?,
+    };
     let stop = if was_clean { Stop::Clean } else { Stop::Unclean };
     let from = persisted.durable_seq + 1;
     let recovered = j.recover(from, persisted.journal_tail_pos, stop).await?;
