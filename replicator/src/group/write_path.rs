@@ -378,9 +378,37 @@ impl Group {
     /// Performs a client write. See the module documentation for the steps.
     pub async fn write(&self, vol: u32, offset: u64, kind: WriteKind, fua: bool) -> Result<(), WriteError> {
         let started = Instant::now();
-        let result = self.write_inner(vol, offset, kind, fua).await;
+        let result = match kind {
+            WriteKind::Zeroes(len) => self.write_zeroes(vol, offset, len, fua).await,
+            kind => self.write_inner(vol, offset, kind, fua).await,
+        };
         self.latency.record(started.elapsed());
         result
+    }
+
+    /// Zeroes: a range that is not whole blocks goes as its partial first
+    /// and last blocks (read-modify-written, a block each) and the whole
+    /// blocks between (one record without payload), in that order, instead
+    /// of one read-modify-write of the whole range, whose buffer, journal
+    /// record and shipped payload would be as large as the range. NBD
+    /// promises no atomicity for a request.
+    async fn write_zeroes(&self, vol: u32, offset: u64, len: u64, fua: bool) -> Result<(), WriteError> {
+        let a = IO_ALIGN as u64;
+        let Some(end) = offset.checked_add(len) else {
+            return self.write_inner(vol, offset, WriteKind::Zeroes(len), fua).await;
+        };
+        let (first_whole, last_whole) = (offset.div_ceil(a) * a, end / a * a);
+        if is_aligned(offset, len) || last_whole <= first_whole {
+            return self.write_inner(vol, offset, WriteKind::Zeroes(len), fua).await;
+        }
+        for (o, l) in
+            [(offset, first_whole - offset), (first_whole, last_whole - first_whole), (last_whole, end - last_whole)]
+        {
+            if l > 0 {
+                self.write_inner(vol, o, WriteKind::Zeroes(l), fua).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn write_inner(&self, vol: u32, offset: u64, kind: WriteKind, fua: bool) -> Result<(), WriteError> {
