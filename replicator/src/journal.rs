@@ -565,6 +565,7 @@ impl Journal {
         let start = tail_pos.clamp(JOURNAL_SUPERBLOCK_LEN, self.capacity());
         ring.reset_at(start);
         let mut expected = tail_seq;
+        let mut written_at_us = Vec::new();
         loop {
             let mut found = None;
             for candidate in [ring.head(), JOURNAL_SUPERBLOCK_LEN] {
@@ -593,7 +594,10 @@ impl Journal {
                 break;
             }
             match ring.reserve(expected, header.span()) {
-                Some(p) if p == pos => expected += 1,
+                Some(p) if p == pos => {
+                    expected += 1;
+                    written_at_us.push(header.written_at_us);
+                }
                 Some(_) | None => {
                     // The record is not where the writer would have put it:
                     // a stale record from an earlier lap. Undo and stop.
@@ -623,7 +627,7 @@ impl Journal {
         if self.legacy {
             self.upgrade(&ring).await?;
         }
-        Ok(Recovered { ring, last_seq: expected - 1, discarded })
+        Ok(Recovered { ring, last_seq: expected - 1, discarded, written_at_us })
     }
 
     /// Upgrades a format version 2 journal whose run `ring` holds: rewrites
@@ -727,6 +731,9 @@ pub struct Recovered {
     /// being appended when the daemon stopped (never acknowledged); their
     /// headers are overwritten.
     pub discarded: Vec<u64>,
+    /// When each retained record was written (microseconds since the
+    /// epoch, from its header), in sequence order.
+    pub written_at_us: Vec<u64>,
 }
 
 /// The bytes at a journal position, as a record header.

@@ -68,6 +68,7 @@ pub use resync_guard::FailoverImage;
 pub(crate) use takeover::format_time;
 pub use task::IncomingSession;
 pub use verify::serve_verify;
+use write_path::unix_micros;
 pub use write_path::{WriteError, WriteKind};
 
 /// Group-level errors surfaced to the control socket and logs.
@@ -118,7 +119,9 @@ struct Entry {
     span: u64,
     /// Bytes journaled up to and including this record (for lag in bytes).
     cumulative: u64,
-    written_at: Instant,
+    /// When the client's write was taken (microseconds since the epoch; for
+    /// records recovered at start, from their headers).
+    written_at_us: u64,
     /// The record, while it is held in memory (None once evicted; then it is
     /// read back from the journal file).
     record: Option<Record>,
@@ -420,6 +423,8 @@ impl Group {
         let mut ring = None;
         let mut journal = None;
         let mut last_jseq = 0;
+        // When the recovered records were written: (first seq, times).
+        let mut written_at: (u64, Vec<u64>) = (0, Vec::new());
         if let RoleState::Primary(primary) = &mut persisted.role {
             // Keyed with the epoch its records were written in (persisted
             // with the tail); a power cut below moves on to the next one.
@@ -434,8 +439,10 @@ impl Group {
             )
             .await?;
             let stop = if was_clean { Stop::Clean } else { Stop::Unclean };
-            let recovered = j.recover(primary.journal_tail_seq.max(1), primary.journal_tail_pos, stop).await?;
+            let first = primary.journal_tail_seq.max(1);
+            let recovered = j.recover(first, primary.journal_tail_pos, stop).await?;
             let (r, last) = (recovered.ring, recovered.last_seq);
+            written_at = (first, recovered.written_at_us);
             tracing::info!(
                 group = %cfg.name,
                 records = r.len(),
@@ -594,10 +601,12 @@ impl Group {
                 for seq in oldest..=last_jseq {
                     if let Some((pos, span)) = r.lookup(seq) {
                         cumulative += span;
-                        entries.insert(
-                            seq,
-                            Entry { pos, span, cumulative, written_at: Instant::now(), record: None, journaled: true },
-                        );
+                        let written_at_us = seq
+                            .checked_sub(written_at.0)
+                            .and_then(|i| written_at.1.get(i as usize).copied())
+                            .unwrap_or_else(unix_micros);
+                        entries
+                            .insert(seq, Entry { pos, span, cumulative, written_at_us, record: None, journaled: true });
                     }
                 }
             }
@@ -1555,10 +1564,12 @@ impl Group {
             }
             _ => 0,
         };
-        let lag_seconds = if g.role() == Role::Primary {
-            g.entries.get(&(applied + 1)).map(|e| e.written_at.elapsed().as_secs_f64()).unwrap_or(0.0)
-        } else {
-            0.0
+        // The age of the oldest write the secondary has not applied.
+        let lag_seconds = match g.entries.range(applied + 1..).next() {
+            Some((_, e)) if g.role() == Role::Primary => {
+                unix_micros().saturating_sub(e.written_at_us) as f64 / 1_000_000.0
+            }
+            _ => 0.0,
         };
         let (journal_used, journal_capacity) =
             g.ring.as_ref().map(|r| (r.used_bytes(), r.capacity_bytes())).unwrap_or((0, self.cfg.journal_size));

@@ -339,7 +339,7 @@ impl Group {
             g.cumulative_bytes = cumulative;
             g.entries.insert(
                 seq,
-                Entry { pos, span, cumulative, written_at: Instant::now(), record: None, journaled: false },
+                Entry { pos, span, cumulative, written_at_us: unix_micros(), record: None, journaled: false },
             );
         }
         Ok(Admission::Admitted(Admitted { guard, deps, journal, generation, bitmap_epoch }))
