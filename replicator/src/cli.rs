@@ -451,7 +451,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 loop {
-                    let resp = ask(&config, Request::Status { group: group.clone() }).await?;
+                    let resp = ask_status(&config, Request::Status { group: group.clone() }).await?;
                     if resp.exit != exit::OK {
                         eprintln!("replicator: {}", resp.message);
                         return Err(ExitCode::from(resp.exit));
@@ -670,6 +670,27 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     }
                 }
             })
+        }
+    }
+}
+
+/// How long `status` waits for the daemon's answer (served from memory, in
+/// milliseconds): a daemon that does not answer is reported, not waited on
+/// forever by a monitoring script or an admin.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// [`ask`], for a query answered at once: an error after [`STATUS_TIMEOUT`].
+async fn ask_status(config: &Config, req: Request) -> Result<Response, ExitCode> {
+    match tokio::time::timeout(STATUS_TIMEOUT, ask(config, req)).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            eprintln!(
+                "replicator: the daemon did not answer within {}s on {} (stuck? see its log, `journalctl -u \
+                 replicator`)",
+                STATUS_TIMEOUT.as_secs(),
+                config.control_socket().display()
+            );
+            Err(ExitCode::from(exit::FAILED))
         }
     }
 }

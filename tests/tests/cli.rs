@@ -616,3 +616,21 @@ fn sighup_reloads_and_names_what_needs_a_restart() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nbd_listen was applied without a restart");
     assert_eq!(c.status(Site::A, "cli").state, "SIMPLEX", "the daemon still answers");
 }
+
+/// A daemon that does not answer (here: stopped with SIGSTOP) makes
+/// `status` fail with a message after its timeout, not hang a monitoring
+/// script or an admin's shell.
+#[test]
+fn status_of_a_daemon_that_does_not_answer_fails_after_its_timeout() {
+    let c = cluster(true);
+    c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    let started = std::time::Instant::now();
+    let out = c.cli(Site::A, &["status"]);
+    let took = started.elapsed();
+    c.signal(Site::A, nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(code(&out), 1, "{}", describe_output(&out));
+    assert!(stderr(&out).contains("did not answer within 30s"), "{}", describe_output(&out));
+    assert!(took < Duration::from_secs(60), "status took {took:?}");
+    let out = c.cli(Site::A, &["status"]);
+    assert!(stdout(&out).contains("group cli"), "the daemon answers again: {}", describe_output(&out));
+}
