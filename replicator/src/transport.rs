@@ -198,6 +198,12 @@ fn pick_address(addrs: &[SocketAddr], local: Option<SocketAddr>) -> Option<Socke
 const MAX_HANDSHAKES: usize = 16;
 /// An incoming connection must finish its handshake and Hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections a peer may have dialed to this node at once. A peer
+/// dials one and shares it between its groups; a new one replaces it after
+/// a link failure while the old one may not have timed out yet. Each holds
+/// a receive window and streams: a peer (or a stolen peer key) opening more
+/// is refused.
+const MAX_CONNECTIONS_PER_PEER: usize = 8;
 /// Handshakes in progress at once from one validated source (see
 /// [`source_of`]): a client that proved its address cannot take every slot
 /// of the validated pool and lock the configured peers out.
@@ -274,7 +280,7 @@ pub struct Transport {
     accepted: Mutex<Option<tokio::sync::mpsc::Receiver<PeerConnection>>>,
     /// The newest authenticated incoming connection of each peer, for
     /// [`Transport::rtt`] (dropped when a newer one arrives).
-    incoming: std::sync::Mutex<HashMap<String, quinn::Connection>>,
+    incoming: std::sync::Mutex<HashMap<String, Vec<quinn::Connection>>>,
     /// notAfter (seconds since the epoch) of the certificates in use:
     /// ("node" | "ca", t); set at bind and by [`Transport::note_certificates`]
     /// after a reload, read by the metrics.
@@ -408,7 +414,7 @@ impl Transport {
         let dialed = self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(peer).and_then(open);
         dialed.or_else(|| {
             let incoming = self.incoming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            incoming.get(peer).and_then(open)
+            incoming.get(peer).and_then(|conns| conns.iter().rev().find_map(open))
         })
     }
 
@@ -489,11 +495,22 @@ impl Transport {
                 drop((slot, source_slot));
                 match result {
                     Ok(pc) => {
-                        me.incoming
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(pc.peer.clone(), pc.conn.clone());
-                        let _ = peers.send(pc).await;
+                        let admitted = {
+                            let mut incoming = me.incoming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            let live = incoming.entry(pc.peer.clone()).or_default();
+                            live.retain(|c| c.close_reason().is_none());
+                            let admitted = live.len() < MAX_CONNECTIONS_PER_PEER;
+                            if admitted {
+                                live.push(pc.conn.clone());
+                            }
+                            admitted
+                        };
+                        if admitted {
+                            let _ = peers.send(pc).await;
+                        } else {
+                            tracing::warn!(%remote, peer = %pc.peer, "refused connection: {MAX_CONNECTIONS_PER_PEER} connections from this peer are open already");
+                            pc.conn.close(quinn::VarInt::from_u32(3), b"too many connections from this peer");
+                        }
                     }
                     Err(Refused { remote, peer: Some(peer), reason }) => {
                         tracing::warn!(%remote, %peer, "refused connection: {reason}");

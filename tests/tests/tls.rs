@@ -416,3 +416,62 @@ fn abandoned_handshakes_do_not_keep_the_peer_out() {
     cluster.stop(Site::A);
     cluster.stop(Site::B);
 }
+
+/// A peer (or a stolen peer key) opening connection after connection: each
+/// holds a receive window and streams on this node, so past
+/// `MAX_CONNECTIONS_PER_PEER` (8) open at once the new ones are closed, and
+/// site-a says why. site-b is played in-process by transports with site-b's
+/// identity, each on a port of its own.
+#[test]
+fn a_peer_may_hold_only_so_many_connections_open() {
+    let mut opts = ClusterOpts::group(GroupSpec::new("cc", Mode::Async).volume("cc-vol", 8 << 20));
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    cluster.start(Site::A);
+    let mut b_config = Config::load(cluster.config_path(Site::B)).expect("site-b configuration");
+    b_config.node.listen = "127.0.0.1:0".parse().expect("address");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let mut conns = Vec::new();
+    let mut fakes = Vec::new();
+    for i in 0..10 {
+        let fake = {
+            let _rt = rt.enter();
+            Arc::new(Transport::bind(&b_config).expect("bind a fake site-b"))
+        };
+        // The ninth and tenth are closed right after the handshake: their
+        // dial fails, or succeeds and the connection closes.
+        match rt.block_on(fake.connect("site-a")) {
+            Ok(conn) => conns.push(conn),
+            Err(e) => assert!(i >= 8, "connection {i}: {e}\n{}", cluster.diagnostics()),
+        }
+        fakes.push(fake);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = conns.iter().filter(|c| c.close_reason().is_none()).count();
+        if open == 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} connections from site-b stay open\n{}", cluster.diagnostics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        cluster.log(Site::A).contains("8 connections from this peer are open already"),
+        "site-a's log does not say why\n{}",
+        cluster.diagnostics()
+    );
+    // Once they close, site-b is welcome again.
+    for c in &conns {
+        c.close(0u32.into(), b"done");
+    }
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(500));
+    let fresh = {
+        let _rt = rt.enter();
+        Arc::new(Transport::bind(&b_config).expect("bind a fake site-b"))
+    };
+    let conn = rt.block_on(fresh.connect("site-a")).expect("a new connection after the old ones closed");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    drop(fakes);
+}
