@@ -138,6 +138,39 @@ pub fn envelope(body: pb::envelope::Body) -> pb::Envelope {
     pb::Envelope { body: Some(body) }
 }
 
+/// The kind of a message, for log lines and errors: never its contents,
+/// which from a peer may be megabytes.
+pub fn body_kind(body: &pb::envelope::Body) -> &'static str {
+    use pb::envelope::Body;
+    match body {
+        Body::Hello(_) => "Hello",
+        Body::HelloReply(_) => "HelloReply",
+        Body::OpenGroup(_) => "OpenGroup",
+        Body::OpenGroupReply(_) => "OpenGroupReply",
+        Body::Record(_) => "Record",
+        Body::Ack(_) => "Ack",
+        Body::Flush(_) => "FlushRequest",
+        Body::Command(_) => "GroupCommand",
+        Body::CommandReply(_) => "CommandReply",
+        Body::Error(_) => "Error",
+        Body::VerifyRequest(_) => "VerifyRequest",
+        Body::VerifyReply(_) => "VerifyReply",
+    }
+}
+
+/// Longest peer-supplied text (an error, a refusal, a node name) kept for a
+/// log line, an error or `status`.
+pub const PEER_TEXT_LIMIT: usize = 1024;
+
+/// `text` from a peer, cut to [`PEER_TEXT_LIMIT`] characters ("..." marks
+/// a cut).
+pub fn peer_text(text: &str) -> String {
+    match text.char_indices().nth(PEER_TEXT_LIMIT) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 /// Alignment in memory of a large record's payload as decoded (see the
 /// module documentation): the block size of direct I/O.
 pub const PAYLOAD_ALIGN: usize = 4096;
@@ -834,5 +867,15 @@ mod tests {
         let v = negotiate_version(&[1], &[2, 3]).expect_err("no common version");
         assert_eq!(v.to_string(), "no common wire version: we speak [1], the peer speaks [2, 3]");
         assert_eq!(negotiate_version(SUPPORTED_VERSIONS, &[1, 7]), Ok(1));
+    }
+    #[test]
+    fn peer_text_is_cut_to_its_limit() {
+        assert_eq!(peer_text("short"), "short");
+        let long = "é".repeat(PEER_TEXT_LIMIT + 10);
+        let cut = peer_text(&long);
+        assert_eq!(cut.chars().count(), PEER_TEXT_LIMIT + 3);
+        assert!(cut.ends_with("..."));
+        let exact = "x".repeat(PEER_TEXT_LIMIT);
+        assert_eq!(peer_text(&exact), exact);
     }
 }

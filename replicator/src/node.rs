@@ -80,7 +80,8 @@ impl Node {
                         return serve_verify(&node.groups, first, send, recv, &peer).await
                     }
                     Ok(other) => {
-                        tracing::warn!(%peer, "stream did not start with OpenGroup: {other:?}");
+                        let kind = replicator_protocol::wire::body_kind(&other);
+                        tracing::warn!(%peer, "stream did not start with OpenGroup: {kind}");
                         return;
                     }
                     Err(e) => {

@@ -113,7 +113,7 @@ impl FramedRecv {
     pub async fn expect(&mut self, what: &'static str) -> Result<Body, TransportError> {
         match self.recv().await? {
             Some(pb::Envelope { body: Some(Body::Error(e)) }) => {
-                Err(TransportError::Protocol(format!("peer: {}", e.message)))
+                Err(TransportError::Protocol(format!("peer: {}", replicator_protocol::wire::peer_text(&e.message))))
             }
             Some(pb::Envelope { body: Some(b) }) => Ok(b),
             Some(pb::Envelope { body: None }) => Err(TransportError::Protocol("empty envelope".into())),
@@ -570,7 +570,10 @@ impl Transport {
             Err(_) => return Err(TransportError::Timeout("waiting for Hello")),
         };
         if hello.node != peer {
-            let msg = format!("Hello names node {:?} but the certificate names {peer:?}", hello.node);
+            let msg = format!(
+                "Hello names node {:?} but the certificate names {peer:?}",
+                replicator_protocol::wire::peer_text(&hello.node)
+            );
             let _ = send
                 .send(Body::HelloReply(pb::HelloReply { version: 0, node: self.node.clone(), error: msg.clone() }))
                 .await;

@@ -108,15 +108,13 @@ struct Accepted {
     save: u64,
 }
 
-/// Checks an `OpenGroup` against this node's configuration and state, and
+/// Checks an `OpenGroup` from the configured peer (see `serve_secondary`)
+/// against this node's configuration and state, and
 /// takes the secondary role if it asks to create the pair (with local
 /// consent). Returns where the session starts, or the refusal to send back.
 fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accepted, Refused> {
     let name = &group.cfg.name;
     let config = |msg: String| (pb::Refusal::Config, msg);
-    if group.cfg.peer != peer {
-        return Err(config(format!("group {name} is configured here with peer {:?}, not {peer:?}", group.cfg.peer)));
-    }
     let ours: Vec<(String, u64)> = group.volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
     let theirs: Vec<(String, u64)> = open.volumes.iter().map(|v| (v.name.clone(), v.size)).collect();
     if ours != theirs {
@@ -521,6 +519,16 @@ async fn guard_for_resync(group: &Group, open: &pb::OpenGroup) -> Result<bool, R
 /// applying what it received and makes it durable first).
 pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession) {
     let IncomingSession { open, mut send, mut recv, peer, mut shutdown } = incoming;
+    if group.cfg.peer != peer {
+        // Another configured node: nothing of this group's state is its
+        // business (no image preserved for it, no "peer last heard").
+        let error = format!("group {} is configured here with peer {:?}, not {peer:?}", group.cfg.name, group.cfg.peer);
+        tracing::warn!(group = %group.cfg.name, %peer, "refused replication session: {error}");
+        let reply = pb::OpenGroupReply { error, refusal: pb::Refusal::Config as i32, ..Default::default() };
+        let _ = send.send(Body::OpenGroupReply(reply)).await;
+        send.finish();
+        return;
+    }
     if let Err(refused) = give_up_for_swap(&group, &open, &peer).await {
         let reply = pb::OpenGroupReply {
             error: refused.1,
@@ -1109,7 +1117,11 @@ impl Session {
                 self.ending = Ending::DeletedByPrimary;
                 Ok(())
             }
-            other => Err(TransportError::Protocol(format!("unexpected message on a group stream: {other:?}"))),
+            Some(other) => Err(TransportError::Protocol(format!(
+                "unexpected message on a group stream: {}",
+                replicator_protocol::wire::body_kind(&other)
+            ))),
+            None => Err(TransportError::Protocol("empty envelope on a group stream".into())),
         }
     }
 

@@ -26,7 +26,7 @@ use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::primary::{check_resume, CopyStep, PrimaryConfig, PrimarySession, Transmit};
 use replicator_protocol::record::Record;
-use replicator_protocol::wire::MAX_RECORD_PAYLOAD;
+use replicator_protocol::wire::{self, MAX_RECORD_PAYLOAD};
 
 use super::write_path::RangeGuard;
 use super::{lock, Group, Inner};
@@ -265,7 +265,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         group.heard_from_peer(&mut g, Some(&reply.state));
     }
     if !reply.error.is_empty() {
-        let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, reply.error);
+        let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, wire::peer_text(&reply.error));
         let kind = pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified);
         if kind == pb::Refusal::NeedsRebase {
             // The peer discarded its own writes: rebase it, then open
@@ -800,10 +800,14 @@ async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resu
                 group.peer_deleted().await;
             }
             Some(pb::Envelope { body: Some(Body::Error(e)) }) => {
-                return Err(TransportError::Protocol(format!("secondary reported: {}", e.message)))
+                return Err(TransportError::Protocol(format!("secondary reported: {}", wire::peer_text(&e.message))))
             }
-            Some(other) => {
-                return Err(TransportError::Protocol(format!("unexpected message from the secondary: {other:?}")))
+            Some(pb::Envelope { body: Some(other) }) => {
+                let kind = wire::body_kind(&other);
+                return Err(TransportError::Protocol(format!("unexpected message from the secondary: {kind}")));
+            }
+            Some(pb::Envelope { body: None }) => {
+                return Err(TransportError::Protocol("empty envelope from the secondary".into()))
             }
         }
     }

@@ -450,7 +450,10 @@ async fn read_replies(waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>
             other => {
                 match other {
                     Err(e) => tracing::warn!("verify stream: {e}"),
-                    Ok(Some(unexpected)) => tracing::warn!("verify stream: unexpected message {unexpected:?}"),
+                    Ok(Some(unexpected)) => tracing::warn!(
+                        "verify stream: unexpected message {}",
+                        unexpected.body.as_ref().map_or("(empty)", replicator_protocol::wire::body_kind)
+                    ),
                     Ok(None) => {}
                 }
                 waiting.lock().unwrap_or_else(PoisonError::into_inner).clear();
@@ -483,7 +486,8 @@ pub async fn serve_verify(
                 Ok(Ok(Some(pb::Envelope { body: Some(Body::VerifyRequest(r)) }))) => r,
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(other))) => {
-                    tracing::warn!(%peer, "verify stream: unexpected message {other:?}");
+                    let kind = other.body.as_ref().map_or("(empty)", replicator_protocol::wire::body_kind);
+                    tracing::warn!(%peer, "verify stream: unexpected message {kind}");
                     let message = "only VerifyRequest is allowed on a verify stream".to_string();
                     let _ = send.send(Body::Error(pb::Error { message })).await;
                     break;
