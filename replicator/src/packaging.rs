@@ -527,7 +527,14 @@ size = "1GiB"
         let settings: Vec<&str> = d.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             settings,
-            ["[Service]", "DeviceAllow=/dev/replicator-test-absent/lv rw", "SupplementaryGroups=disk"],
+            [
+                "[Unit]",
+                "Wants=dev-replicator\\x2dtest\\x2dabsent-lv.device",
+                "After=dev-replicator\\x2dtest\\x2dabsent-lv.device",
+                "[Service]",
+                "DeviceAllow=/dev/replicator-test-absent/lv rw",
+                "SupplementaryGroups=disk"
+            ],
             "{d}"
         );
     }

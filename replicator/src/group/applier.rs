@@ -125,6 +125,12 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     if open.rebase_seq > replicator_protocol::record::MAX_SEQ {
         return Err(config(format!("the primary resumes at sequence {}, which no pair ever reaches", open.rebase_seq)));
     }
+    // Counters no pair ever reaches: taken in, the next `+ 1` would wrap
+    // (a generation 0 would fence the rightful primary).
+    let counters = [("generation", open.generation), ("epoch", open.epoch), ("takeover epoch", open.takeover_epoch)];
+    if let Some((what, n)) = counters.into_iter().find(|&(_, n)| n > replicator_protocol::record::MAX_SEQ) {
+        return Err(config(format!("the primary sent {what} {n}, which no pair ever reaches")));
+    }
     let mode = if open.mode == pb::Mode::Sync as i32 { "sync" } else { "async" };
     if mode != group.cfg.mode.as_str() {
         return Err(config(format!(

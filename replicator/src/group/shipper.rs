@@ -264,6 +264,12 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         }
         group.heard_from_peer(&mut g, Some(&reply.state));
     }
+    if reply.generation > replicator_protocol::record::MAX_SEQ {
+        return Err(TransportError::Protocol(format!(
+            "{} answered with generation {}, which no pair ever reaches",
+            group.cfg.peer, reply.generation
+        )));
+    }
     if !reply.error.is_empty() {
         let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, wire::peer_text(&reply.error));
         let kind = pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified);
