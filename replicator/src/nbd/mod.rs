@@ -36,9 +36,9 @@
 //! - Errors: beyond the end of the export, `EINVAL` for `READ` and `TRIM`,
 //!   `ENOSPC` for `WRITE` and `WRITE_ZEROES` (the spec's "Error values");
 //!   length 0, unknown commands, unknown or inapplicable command flags:
-//!   `EINVAL`; `WRITE_ZEROES` with `FAST_ZERO`: `ENOTSUP` (not advertised, so
-//!   a client should not send it; `ENOTSUP` tells it to write zeroes the slow
-//!   way); writes to a read-only export: `EPERM`. A `READ` longer than the
+//!   `EINVAL`; `WRITE_ZEROES` with `FAST_ZERO`: `EINVAL`, nothing written
+//!   (not advertised, so a client should not send it; the protocol asks for
+//!   `EINVAL` then); writes to a read-only export: `EPERM`. A `READ` longer than the
 //!   maximum payload gets `EINVAL`, and so does a `WRITE` up to
 //!   [`MAX_PAYLOAD`] (32 MiB, the protocol's default maximum, which a client
 //!   that never asked for block sizes may send) after its payload is read

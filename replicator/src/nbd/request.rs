@@ -150,8 +150,9 @@ fn validate(request: &RequestHeader, params: &ExportParams, read_only: bool) -> 
         CMD_WRITE_ZEROES => {
             allowed_flags(flags, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO)?;
             if flags & CMD_FLAG_FAST_ZERO != 0 {
-                // Not advertised: fail fast and write nothing.
-                return Err(NbdErrno::NotSup);
+                // Not advertised (NBD_FLAG_SEND_FAST_ZERO): the protocol
+                // asks for EINVAL then, not ENOTSUP; nothing is written.
+                return Err(NbdErrno::Inval);
             }
             writable(read_only)?;
             check_range(offset, len, params, NbdErrno::NoSpc)?;
@@ -284,7 +285,7 @@ mod tests {
         assert_eq!(decide_rw(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)), reject(NbdErrno::Inval, 0));
         assert_eq!(decide_rw(req(CMD_WRITE, 1 << 2, 0, 512)), reject(NbdErrno::Inval, 512));
         assert_eq!(decide_rw(req(CMD_FLUSH, 1 << 15, 0, 0)), reject(NbdErrno::Inval, 0));
-        assert_eq!(decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)), reject(NbdErrno::NotSup, 0));
+        assert_eq!(decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)), reject(NbdErrno::Inval, 0));
         assert_eq!(decide_rw(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO | 1 << 9, 0, 512)), reject(NbdErrno::Inval, 0));
     }
 

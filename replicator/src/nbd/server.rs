@@ -95,6 +95,11 @@ pub struct SharedLimits {
     bytes: Arc<Semaphore>,
     /// Capacity of `bytes`; a single larger request takes all of it.
     max_bytes: u32,
+    /// Each export's share of `bytes`, by export name: half of it, so that
+    /// the requests of one export stuck in its group (a sync group waiting
+    /// for its peer, a full journal under the `block` policy) leave the
+    /// other half to every other export.
+    exports: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>>,
 }
 
 impl SharedLimits {
@@ -107,12 +112,21 @@ impl SharedLimits {
             max_connections,
             bytes: Arc::new(Semaphore::new(max_bytes as usize)),
             max_bytes,
+            exports: Arc::default(),
         }
     }
 
     /// The shared byte budget and its capacity.
     pub(super) fn bytes(&self) -> (Arc<Semaphore>, u32) {
         (Arc::clone(&self.bytes), self.max_bytes)
+    }
+
+    /// Export `name`'s share of the shared byte budget and its capacity.
+    pub(super) fn export_bytes(&self, name: &str) -> (Arc<Semaphore>, u32) {
+        let max = (self.max_bytes / 2).max(1);
+        let mut exports = self.exports.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let share = exports.entry(name.to_string()).or_insert_with(|| Arc::new(Semaphore::new(max as usize)));
+        (Arc::clone(share), max)
     }
 }
 
@@ -484,9 +498,12 @@ where
         "NBD transmission started"
     );
     let (shared_bytes, max_shared_bytes) = shared.limits.bytes();
+    let (export_bytes, max_export_bytes) = shared.limits.export_bytes(&name);
     let limits = Limits {
         max_requests: options.max_in_flight_requests,
         max_bytes: options.max_in_flight_bytes,
+        export_bytes,
+        max_export_bytes,
         shared_bytes,
         max_shared_bytes,
         reply_timeout: options.reply_timeout,
@@ -543,6 +560,10 @@ pub(super) enum CloseReason {
     /// [`ServeOptions::payload_timeout`].
     #[error("client sent no write payload data for {0:?}")]
     PayloadStalled(Duration),
+    /// The client sent part of a request header, then nothing more for
+    /// [`ServeOptions::payload_timeout`].
+    #[error("client sent part of a request header, then nothing for {0:?}")]
+    HeaderStalled(Duration),
 }
 
 impl From<io::Error> for CloseReason {
@@ -569,6 +590,7 @@ impl CloseReason {
                 | Self::ShutdownGraceExpired(_)
                 | Self::ReplyStalled(_)
                 | Self::PayloadStalled(_)
+                | Self::HeaderStalled(_)
         )
     }
 

@@ -36,6 +36,10 @@ pub(super) struct Limits {
     pub max_requests: usize,
     /// Read and write data bytes held by those requests.
     pub max_bytes: usize,
+    /// The export's share of `shared_bytes`, shared by its connections.
+    pub export_bytes: Arc<Semaphore>,
+    /// Capacity of `export_bytes`.
+    pub max_export_bytes: u32,
     /// The data byte budget shared by all connections.
     pub shared_bytes: Arc<Semaphore>,
     /// Capacity of `shared_bytes`.
@@ -123,7 +127,7 @@ where
     R: AsyncRead + Unpin,
 {
     let mut raw = [0u8; REQUEST_HEADER_LEN];
-    read_header(reader, &mut raw).await?;
+    read_header(reader, &mut raw, payload_timeout).await?;
     let header = RequestHeader::decode(&raw);
     let cookie = header.cookie;
 
@@ -167,14 +171,24 @@ where
 }
 
 /// Fills `raw` with a request header. EOF before its first byte is a clean
-/// close; EOF inside it is a truncated request.
+/// close; EOF inside it is a truncated request. An idle client may wait as
+/// long as it likes before a request, but once its first byte is in, each
+/// read must bring more within `timeout` (a client that stops mid-header
+/// would hold its connection slot for good).
 async fn read_header<R: AsyncRead + Unpin>(
     reader: &mut R,
     raw: &mut [u8; REQUEST_HEADER_LEN],
+    timeout: Duration,
 ) -> Result<(), CloseReason> {
     let mut filled = 0;
     while filled < raw.len() {
-        let n = reader.read(&mut raw[filled..]).await?;
+        let n = if filled == 0 {
+            reader.read(&mut raw[filled..]).await?
+        } else {
+            tokio::time::timeout(timeout, reader.read(&mut raw[filled..]))
+                .await
+                .map_err(|_| CloseReason::HeaderStalled(timeout))??
+        };
         if n == 0 {
             return Err(if filled == 0 { CloseReason::ClientClosed } else { CloseReason::Truncated("request header") });
         }
@@ -462,6 +476,9 @@ struct Budget {
     bytes: Arc<Semaphore>,
     /// Capacity of `bytes`; a single larger request takes all of it.
     max_bytes: u32,
+    export_bytes: Arc<Semaphore>,
+    /// Capacity of `export_bytes`.
+    max_export_bytes: u32,
     shared_bytes: Arc<Semaphore>,
     /// Capacity of `shared_bytes`.
     max_shared_bytes: u32,
@@ -472,6 +489,7 @@ struct Budget {
 struct Permits {
     _request: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
+    _export_bytes: Option<OwnedSemaphorePermit>,
     _shared_bytes: Option<OwnedSemaphorePermit>,
 }
 
@@ -499,6 +517,8 @@ impl Budget {
             max_requests,
             bytes: Arc::new(Semaphore::new(max_bytes as usize)),
             max_bytes,
+            export_bytes: Arc::clone(&limits.export_bytes),
+            max_export_bytes: limits.max_export_bytes.max(1),
             shared_bytes: Arc::clone(&limits.shared_bytes),
             max_shared_bytes: limits.max_shared_bytes.max(1),
         }
@@ -510,8 +530,9 @@ impl Budget {
     }
 
     /// Waits for one request slot and `bytes` bytes of data, from the
-    /// connection's budget first, so that one connection never holds more
-    /// of the shared budget than its own allows.
+    /// connection's budget first, then the export's, then the shared one,
+    /// so that neither one connection nor one export holds more of the
+    /// shared budget than its own allows.
     async fn acquire(&self, bytes: u32) -> Result<Permits, CloseReason> {
         let closed = |_| CloseReason::Io(io::Error::other("request budget closed"));
         let request = Arc::clone(&self.requests).acquire_owned().await.map_err(closed)?;
@@ -519,11 +540,15 @@ impl Budget {
             0 => None,
             n => Some(Arc::clone(&self.bytes).acquire_many_owned(n).await.map_err(closed)?),
         };
+        let export = match bytes.min(self.max_export_bytes) {
+            0 => None,
+            n => Some(Arc::clone(&self.export_bytes).acquire_many_owned(n).await.map_err(closed)?),
+        };
         let shared = match bytes.min(self.max_shared_bytes) {
             0 => None,
             n => Some(Arc::clone(&self.shared_bytes).acquire_many_owned(n).await.map_err(closed)?),
         };
-        Ok(Permits { _request: request, _bytes: own, _shared_bytes: shared })
+        Ok(Permits { _request: request, _bytes: own, _export_bytes: export, _shared_bytes: shared })
     }
 }
 
@@ -582,6 +607,8 @@ mod tests {
         let limits = Limits {
             max_requests: 8,
             max_bytes: 1 << 20,
+            export_bytes: Arc::new(Semaphore::new(1 << 20)),
+            max_export_bytes: 1 << 20,
             shared_bytes: Arc::new(Semaphore::new(1 << 20)),
             max_shared_bytes: 1 << 20,
             reply_timeout: Duration::from_secs(5),

@@ -15,7 +15,6 @@ const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
-const ENOTSUP: u32 = 95;
 
 /// Sends a command without payload and returns its reply's error.
 async fn command(client: &mut RawClient, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> u32 {
@@ -152,7 +151,7 @@ async fn unknown_commands_and_flags() {
     assert_eq!(command(&mut client, CMD_READ, 1 << 2, 7, 0, 512).await, EINVAL); // DF
     assert_eq!(command(&mut client, CMD_FLUSH, 1 << 15, 8, 0, 0).await, EINVAL);
     assert_eq!(client.write(9, 0, &[1; 512], CMD_FLAG_NO_HOLE).await, EINVAL);
-    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 10, 0, 512).await, ENOTSUP);
+    assert_eq!(command(&mut client, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 10, 0, 512).await, EINVAL);
     // FUA is accepted on any command.
     client.send_request(CMD_READ, CMD_FLAG_FUA, 11, 0, 512, &[]).await;
     assert_eq!(client.reply_with(|_| 512).await.error, 0);
@@ -487,10 +486,14 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
 async fn in_flight_bytes_are_bounded_across_connections() {
     let options =
         ServeOptions { max_in_flight_bytes: 1 << 20, max_total_in_flight_bytes: 2 << 20, ..ServeOptions::default() };
-    let server = Server::start_with(MemCatalog::standard(), options);
+    // Three exports: one export holds at most half of the shared budget
+    // (see the next test).
+    let catalog = MemCatalog::standard();
+    catalog.add("third", MemExport::new(SIZE));
+    let server = Server::start_with(catalog, options);
     let (mut a, _) = server.open("vol").await;
-    let (mut b, _) = server.open("vol").await;
-    let (mut c, _) = server.open("vol").await;
+    let (mut b, _) = server.open("ro").await;
+    let (mut c, _) = server.open("third").await;
     // A 1 MiB reply does not fit in a Unix socket's buffers: each holds its
     // budget until its client reads it.
     a.send_request(CMD_READ, 0, 1, 0, 1 << 20, &[]).await;
@@ -555,5 +558,46 @@ async fn a_client_that_stops_sending_a_write_payload_is_disconnected() {
     stalled.assert_closed().await;
     assert_eq!(export.writes.load(Ordering::SeqCst), 1);
     export.assert_bytes(1 << 20, &pattern(6, 4096));
+    server.stop().await;
+}
+
+/// A client that stops in the middle of a request header is disconnected
+/// after the payload timeout (it held its connection slot for good); an idle
+/// client between requests is not.
+#[tokio::test]
+async fn a_client_that_stops_inside_a_request_header_is_disconnected() {
+    let options = ServeOptions { payload_timeout: Duration::from_millis(300), ..ServeOptions::default() };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let (mut stalled, _) = server.open("vol").await;
+    let (mut idle, _) = server.open("vol").await;
+    stalled.stream.write_all(&[0x25, 0x60, 0x95]).await.expect("three bytes of a header");
+    stalled.assert_closed().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (error, data) = idle.read(1, 0, 4096).await;
+    assert_eq!((error, data.len()), (0, 4096), "an idle client stays connected");
+    server.stop().await;
+}
+
+/// Requests stuck in one export (its group waiting for a peer, say) hold at
+/// most half of the shared byte budget: another export's clients still get
+/// the rest, where they waited for the stuck ones before.
+#[tokio::test]
+async fn an_export_whose_requests_hang_leaves_the_other_exports_their_share() {
+    let catalog = MemCatalog::standard();
+    catalog.add("other", MemExport::new(SIZE));
+    let options = ServeOptions { max_total_in_flight_bytes: 2 << 20, ..ServeOptions::default() };
+    let server = Server::start_with(catalog, options);
+    *server.export("vol").delay_all.lock().expect("lock") = Some(Duration::from_secs(3));
+    let (mut stuck_a, _) = server.open("vol").await;
+    let (mut stuck_b, _) = server.open("vol").await;
+    stuck_a.send_request(CMD_WRITE, 0, 1, 0, 1 << 20, &pattern(1, 1 << 20)).await;
+    stuck_b.send_request(CMD_WRITE, 0, 2, 1 << 20, 1 << 20, &pattern(2, 1 << 20)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut other, _) = server.open("other").await;
+    let started = std::time::Instant::now();
+    assert_eq!(step("a write to another export", other.write(3, 0, &pattern(3, 1 << 20), 0)).await, 0);
+    assert!(started.elapsed() < Duration::from_secs(2), "it waited for the stuck export: {:?}", started.elapsed());
+    assert_eq!(stuck_a.reply().await.error, 0);
+    assert_eq!(stuck_b.reply().await.error, 0);
     server.stop().await;
 }
