@@ -324,20 +324,22 @@ pub fn describe_certificate(cert: Option<&CertificateDer<'_>>) -> String {
     }
 }
 
-/// Returns the first of `expected` that `cert` is valid for, or every DNS
-/// name it carries when none matches.
+/// The one of `expected` that `cert` names, as a DNS name of its subject
+/// alternative names, exactly (ASCII case aside; a wildcard names no one):
+/// DESIGN.md accepts a peer only if its certificate name is the configured
+/// name. A certificate naming none of them, or more than one (which would
+/// make the node it speaks for a matter of order), gives every DNS name it
+/// carries.
 pub(crate) fn certificate_names(cert: &CertificateDer<'_>, expected: &[String]) -> Result<String, Vec<String>> {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return Err(Vec::new());
     };
-    for name in expected {
-        if let Ok(server_name) = ServerName::try_from(name.as_str()) {
-            if ee.verify_is_valid_for_subject_name(&server_name).is_ok() {
-                return Ok(name.clone());
-            }
-        }
+    let names: Vec<String> = ee.valid_dns_names().map(str::to_string).collect();
+    let mut named = expected.iter().filter(|e| names.iter().any(|n| n.eq_ignore_ascii_case(e)));
+    match (named.next(), named.next()) {
+        (Some(one), None) => Ok(one.clone()),
+        _ => Err(names),
     }
-    Err(ee.valid_dns_names().map(str::to_string).collect())
 }
 
 /// The serial number and expiry of the certificate the peer presented on
@@ -362,6 +364,30 @@ pub fn peer_name(conn: &quinn::Connection, expected: &[String]) -> Result<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cert_naming(names: &[&str]) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+        params.self_signed(&key).expect("sign").der().clone()
+    }
+
+    #[test]
+    fn a_certificate_names_a_configured_node_exactly_and_alone() {
+        let expected = ["site-b".to_string(), "site-c".to_string()];
+        assert_eq!(certificate_names(&cert_naming(&["site-b"]), &expected), Ok("site-b".to_string()));
+        assert_eq!(certificate_names(&cert_naming(&["SITE-B", "other"]), &expected), Ok("site-b".to_string()));
+        // Naming two configured nodes: which one it speaks for is no one's
+        // guess.
+        assert!(certificate_names(&cert_naming(&["site-b", "site-c"]), &expected).is_err());
+        // A wildcard names no one.
+        let wildcard = ["b.storage.example".to_string()];
+        assert_eq!(
+            certificate_names(&cert_naming(&["*.storage.example"]), &wildcard),
+            Err(vec!["*.storage.example".to_string()])
+        );
+        assert!(certificate_names(&cert_naming(&["site-d"]), &expected).is_err());
+    }
 
     /// A client may open `max_streams` streams; the next one waits until
     /// one of them closes.
