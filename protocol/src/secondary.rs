@@ -94,6 +94,10 @@ pub struct SecondaryConfig {
     pub block_size: u64,
 }
 
+/// What a record counts against [`SecondaryConfig::max_unapplied_bytes`]
+/// at least, whatever its payload.
+pub const UNAPPLIED_RECORD_MIN: u64 = 512;
+
 /// A flush request this recent makes the restore journal sync at once
 /// (see [`SecondaryConfig::journal_sync_delay`]).
 pub const RECENT_FLUSH: Duration = Duration::from_millis(100);
@@ -221,7 +225,8 @@ pub enum SecondaryError {
 struct InFlight {
     /// Taken when the apply is handed out.
     record: Option<Record>,
-    /// Its payload's size (counted in `unapplied_bytes` until applied).
+    /// Its payload's size, at least [`UNAPPLIED_RECORD_MIN`] (counted in
+    /// `unapplied_bytes` until applied).
     payload_len: u64,
     /// Earlier overlapping records not applied yet.
     waiting_for: usize,
@@ -917,7 +922,9 @@ impl Secondary {
                 waiting_for += 1;
             }
         }
-        let payload_len = record.payload.len() as u64;
+        // Records without payload (trims, zeroes, copy-hash chunks) count
+        // too: their bookkeeping is memory as well.
+        let payload_len = (record.payload.len() as u64).max(UNAPPLIED_RECORD_MIN);
         self.unapplied_bytes += payload_len;
         let written_at_us = if record.op.is_copy() { 0 } else { record.written_at_us };
         self.records.insert(
