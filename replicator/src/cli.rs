@@ -519,7 +519,18 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 if no_switch {
                     return Ok(ExitCode::SUCCESS);
                 }
-                report(&ask(&config, Request::Switchover { group }).await?)
+                let switched = ask(&config, Request::Switchover { group: group.clone() }).await?;
+                if switched.exit == exit::REFUSED {
+                    // Exit 3 says "nothing changed"; this node was demoted
+                    // and resynced already.
+                    eprintln!("replicator: {}", switched.message);
+                    eprintln!(
+                        "replicator: failback of {group}: this node is the secondary now, in PAIR; only switching the \
+                         roles back was refused: run `replicator switchover {group}` here once that is fixed"
+                    );
+                    return Err(ExitCode::from(exit::FAILED));
+                }
+                report(&switched)
             })
         }
         Command::Switchover { group, wait } => {

@@ -19,8 +19,11 @@ use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{human_bytes, Config};
 use crate::control::{exit, Request, Response};
@@ -36,6 +39,11 @@ const STOP_RETRY: Duration = Duration::from_secs(20);
 /// `drill run`'s exit code when the command was killed at the timeout
 /// (as timeout(1)).
 const EXIT_TIMED_OUT: u8 = 124;
+/// `drill run`'s exit code when it was interrupted (as a shell's for SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+/// After an interruption, how long the command's process group has between
+/// SIGTERM and SIGKILL.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
 fn data<T: serde::de::DeserializeOwned>(resp: &Response) -> Result<T, ExitCode> {
     resp.data.clone().and_then(|d| serde_json::from_value(d).ok()).ok_or_else(|| {
@@ -186,12 +194,35 @@ pub async fn run(
     for (v, _) in &meta.volumes {
         cmd.env(volume_env(v), nbd_uri(&socket, &crate::group::drill_export_name(v)));
     }
+    // Ctrl-C (or SIGTERM, SIGHUP: a closed terminal) stops the command and
+    // then the drill, which is recorded as interrupted: the drill copies are
+    // not left attached and unrecorded behind a dead `drill run`.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let mut watchers = Vec::new();
+    for kind in [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::hangup()] {
+        match signal(kind) {
+            Ok(mut s) => {
+                let interrupted = interrupted.clone();
+                watchers.push(tokio::spawn(async move {
+                    if s.recv().await.is_some() {
+                        interrupted.store(true, Ordering::SeqCst);
+                    }
+                }));
+            }
+            Err(e) => eprintln!("replicator: cannot catch signals, an interruption would leave the drill running: {e}"),
+        }
+    }
     let outcome = tokio::task::spawn_blocking({
-        let command = command.clone();
-        move || run_command(cmd, command, timeout)
+        let (command, interrupted) = (command.clone(), interrupted.clone());
+        move || run_command(cmd, command, timeout, &interrupted)
     })
     .await
     .unwrap_or_else(|e| Err(format!("the command runner failed: {e}")));
+    // From here a signal ends the CLI as usual: the drill stop below is
+    // one request.
+    for w in watchers {
+        w.abort();
+    }
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -201,12 +232,14 @@ pub async fn run(
                 exit_code: Some(127),
                 signal: None,
                 timed_out: false,
+                interrupted: false,
                 run_seconds: 0.0,
                 output_tail: format!("cannot run {program:?}: {e}\n"),
             }
         }
     };
     let code = match (outcome.timed_out, outcome.exit_code, outcome.signal) {
+        _ if outcome.interrupted => EXIT_INTERRUPTED,
         (true, _, _) => EXIT_TIMED_OUT,
         (false, Some(c), _) => u8::try_from(c).unwrap_or(exit::FAILED),
         (false, None, Some(s)) => u8::try_from(128 + s).unwrap_or(exit::FAILED),
@@ -264,6 +297,7 @@ fn run_command(
     mut cmd: std::process::Command,
     command: Vec<String>,
     timeout: Option<Duration>,
+    interrupted: &AtomicBool,
 ) -> Result<DrillOutcome, String> {
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| e.to_string())?;
@@ -304,6 +338,8 @@ fn run_command(
         keep(line);
     };
     let mut timed_out = false;
+    let mut stopping: Option<Instant> = None;
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let status = loop {
         while let Ok(msg) = rx.try_recv() {
             emit(msg);
@@ -313,8 +349,18 @@ fn run_command(
         }
         if timeout.is_some_and(|t| started.elapsed() >= t) && !timed_out {
             timed_out = true;
-            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+        match stopping {
+            None if interrupted.load(Ordering::SeqCst) => {
+                eprintln!("replicator: interrupted: stopping the command, then the drill");
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+                stopping = Some(Instant::now());
+            }
+            Some(since) if since.elapsed() >= INTERRUPT_GRACE => {
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            }
+            _ => {}
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -330,6 +376,7 @@ fn run_command(
         exit_code: status.code(),
         signal: status.signal(),
         timed_out,
+        interrupted: stopping.is_some(),
         run_seconds: started.elapsed().as_secs_f64(),
         output_tail,
     })

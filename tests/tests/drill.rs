@@ -329,6 +329,34 @@ fn drill_run_reports_its_command_and_keeps_a_history() {
     let out = c.cli(Site::B, &["drill", "run", "g", "--timeout", "1s", "--", "sleep", "30"]);
     assert_eq!(out.status.code(), Some(124), "{}", describe_output(&out));
     assert!(started.elapsed() < Duration::from_secs(25));
+    // Ctrl-C on `drill run`: the command is stopped, then the drill, which
+    // is recorded as interrupted (it was left running, unrecorded).
+    let mut run = std::process::Command::new(c.bin())
+        .arg("--config")
+        .arg(c.config_path(Site::B))
+        .args(["drill", "run", "g", "--", "sleep", "30"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("drill run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.status(Site::B, "g").drill.is_none() {
+        assert!(Instant::now() < deadline, "the drill did not start\n{}", c.diagnostics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .expect("SIGINT");
+    let interrupted_at = Instant::now();
+    let status = loop {
+        if let Some(status) = run.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(interrupted_at.elapsed() < Duration::from_secs(20), "drill run did not end after SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "drill run after SIGINT: {status}");
+    assert!(c.status(Site::B, "g").drill.is_none(), "the interrupted drill run left the drill running");
 
     // The copy's write never reached the replica.
     write_export(&c.nbd_socket(Site::A), "v1", 65536, &[1u8; 4096]);
@@ -337,7 +365,7 @@ fn drill_run_reports_its_command_and_keeps_a_history() {
     let history: serde_json::Value =
         serde_json::from_slice(&c.cli(Site::B, &["drill", "history", "g", "--json"]).stdout).expect("history json");
     let results: Vec<&str> = history.as_array().expect("list").iter().filter_map(|r| r["result"].as_str()).collect();
-    assert_eq!(results, ["passed", "failed", "timed-out"], "{history}");
+    assert_eq!(results, ["passed", "failed", "timed-out", "interrupted"], "{history}");
     assert_eq!(history[1]["outcome"]["exit_code"], 3);
     assert!(history[1]["outcome"]["output_tail"].as_str().unwrap_or("").contains("fsck found errors"), "{history}");
     for r in history.as_array().expect("list") {

@@ -121,6 +121,9 @@ pub struct DrillOutcome {
     pub signal: Option<i32>,
     /// It was killed at the `--timeout`.
     pub timed_out: bool,
+    /// `drill run` was interrupted (Ctrl-C, SIGTERM, SIGHUP) and stopped it.
+    #[serde(default)]
+    pub interrupted: bool,
     /// How long it ran, in seconds.
     pub run_seconds: f64,
     /// The last lines of its output (stdout and stderr).
@@ -139,7 +142,8 @@ pub struct DrillRecord {
     pub stopped_at_us: u64,
     /// Space the copy used when it was discarded, in bytes.
     pub space_used_bytes: u64,
-    /// `passed`, `failed`, `timed-out` (`drill run`) or `manual` (`drill start`/`stop`).
+    /// `passed`, `failed`, `timed-out`, `interrupted` (`drill run`) or
+    /// `manual` (`drill start`/`stop`).
     pub result: String,
     /// The command's outcome (`drill run`).
     #[serde(default)]
@@ -178,6 +182,7 @@ impl DrillRecord {
         if let Some(o) = &self.outcome {
             s.push_str(&format!("\n## Command\n\n`{}`\n\n", o.command.join(" ")));
             let status = match (o.exit_code, o.timed_out) {
+                _ if o.interrupted => "stopped: `drill run` was interrupted".to_string(),
                 (_, true) => "killed at the timeout".to_string(),
                 (Some(c), _) => format!("exit code {c}"),
                 (None, _) => format!("killed by signal {}", o.signal.unwrap_or(0)),
@@ -464,6 +469,7 @@ impl Group {
         drill.image.detach(&self.volumes).await;
         let result = match &outcome {
             None => "manual",
+            Some(o) if o.interrupted => "interrupted",
             Some(o) if o.timed_out => "timed-out",
             Some(o) if o.exit_code == Some(0) => "passed",
             Some(_) => "failed",
