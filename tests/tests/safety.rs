@@ -642,3 +642,36 @@ fn a_changed_journal_size_does_not_keep_a_paired_node_from_starting() {
     c.stop(Site::B);
     c.assert_volumes_identical(group);
 }
+
+/// The primary's journal file is gone at a start (removed by hand, a state
+/// directory restored from a backup) while it held writes the secondary
+/// never received: the start says so and resynchronises the whole volumes,
+/// where it created an empty journal and resumed as if nothing were owed
+/// (the secondary then stayed without those writes, in PAIR).
+#[test]
+fn a_primary_whose_journal_is_missing_resyncs_instead_of_forgetting_writes() {
+    let (group, vol) = ("jm", "jm-vol");
+    let mut c = Cluster::new(ClusterOpts::group(GroupSpec::new(group, Mode::Async).volume(vol, 16 * MIB)));
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let rt = runtime();
+    write_blocks(&rt, &c, vol, 910, 16);
+    c.wait_drained(group);
+    c.stop(Site::B);
+    write_blocks(&rt, &c, vol, 911, 16);
+    c.stop(Site::A);
+    let journal = state_dir(&c, Site::A).join("groups").join(group).join("journal");
+    std::fs::remove_file(&journal).expect("remove the primary's journal");
+    let log_len = c.log(Site::A).len();
+    c.start(Site::A);
+    assert!(
+        c.log(Site::A)[log_len..].contains("the journal file is missing"),
+        "the start must say the journal is missing\n{}",
+        c.diagnostics()
+    );
+    c.start(Site::B);
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical(group);
+}

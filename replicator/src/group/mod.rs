@@ -412,6 +412,14 @@ impl Group {
         // A failed sync is as bad: the disk may have dropped what it was to
         // make durable.
         let power_lost = unclean && (rebooted || persisted.sync_failed);
+        // A primary whose journal file is gone (removed by hand, a state
+        // directory restored from a backup) has lost the records its
+        // secondary may lack: nothing says which regions they touched, so
+        // the whole volumes are compared and resynchronised, as after a
+        // power cut without an activity log. (Opening it would otherwise
+        // create an empty journal and resume as if nothing were owed.)
+        let journal_missing = role == Role::Primary && !journal_path(&store).exists();
+        let power_lost = power_lost || journal_missing;
         let mut persisted = persisted;
         persisted.boot_id = boot_id.clone();
         persisted.sync_failed = false;
@@ -477,6 +485,12 @@ impl Group {
                 // copied, in a new epoch, and the secondary rebases on what
                 // the journal still holds.
                 let regions = match &activity {
+                    _ if journal_missing => {
+                        for b in &mut bitmaps {
+                            b.set_all();
+                        }
+                        "whole volumes (the journal file was missing)".to_string()
+                    }
                     Some(al) => {
                         for (vol, off, len) in al.extents() {
                             if let Some(b) = bitmaps.get_mut(vol as usize) {
@@ -501,7 +515,9 @@ impl Group {
                     epoch = persisted.epoch + 1,
                     bytes = dirty,
                     "{}: anything not yet durable may be lost on either site; resynchronising {regions}",
-                    if rebooted {
+                    if journal_missing {
+                        "the journal file is missing: the records it held are lost"
+                    } else if rebooted {
                         "power cut detected (the machine rebooted since the unclean stop)"
                     } else {
                         "a sync failed before the stop, as a power cut would"
