@@ -762,6 +762,22 @@ impl Validator<'_> {
                 Some(v) => self.duration(&format!("{key}.journal_full_timeout"), v)?,
                 None => Duration::from_secs(30),
             };
+            // Settings that would do nothing where they stand: an admin who
+            // wrote them expects a behaviour the group will not have.
+            if on_link_loss == LinkLossPolicy::Block && mode == Mode::Async {
+                return Err(self.err(
+                    format!("{key}.on_link_loss"),
+                    "\"block\" applies to sync groups: an async group acknowledges writes once they are in its \
+                     journal and never waits for the link (remove it, or use mode = \"sync\")",
+                ));
+            }
+            if g.journal_full_timeout.is_some() && on_journal_full != JournalFullPolicy::Block {
+                return Err(self.err(
+                    format!("{key}.journal_full_timeout"),
+                    "applies only with on_journal_full = \"block\" (how long a write waits for journal space); remove \
+                     it, or set on_journal_full = \"block\"",
+                ));
+            }
             match g.compression.as_deref().unwrap_or("none") {
                 "none" => {}
                 "lz4" | "zstd" => {
@@ -1045,6 +1061,22 @@ size = "20GiB"
         let bad = GOOD.replace("[tls]", "[tls]\nbogus = 1");
         let e = parse(&bad).expect_err("unknown key").to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn settings_that_would_do_nothing_where_they_stand_are_refused() {
+        let sync_block = GOOD.replace("link_timeout = \"5s\"", "link_timeout = \"5s\"\non_link_loss = \"block\"");
+        parse(&sync_block).expect("block on link loss is a sync setting");
+        let e = parse(&sync_block.replace("mode = \"sync\"", "mode = \"async\""))
+            .expect_err("block on an async group")
+            .to_string();
+        assert!(e.contains("group[db].on_link_loss") && e.contains("sync groups"), "{e}");
+
+        let timeout = GOOD.replace("link_timeout = \"5s\"", "link_timeout = \"5s\"\njournal_full_timeout = \"10s\"");
+        let e = parse(&timeout).expect_err("a timeout nothing waits for").to_string();
+        assert!(e.contains("group[db].journal_full_timeout") && e.contains("on_journal_full"), "{e}");
+        parse(&timeout.replace("journal_full_timeout", "on_journal_full = \"block\"\njournal_full_timeout"))
+            .expect("a timeout for the block policy");
     }
 
     #[test]
