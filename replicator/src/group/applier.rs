@@ -704,8 +704,15 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
                 e.to_string()
             }
         };
-        let reply = pb::CommandReply { command: pb::Command::Switchover as i32, error };
-        let _ = send.send(Body::CommandReply(reply)).await;
+        // Promoted here but not saved (the group stopped): neither yes nor
+        // no is true. No answer leaves the old primary waiting, taking no
+        // writes, until this node is back; "refused" would let it take
+        // writes while a later save could still land the promotion.
+        let promoted_unsaved = taken.is_err() && lock(&group.inner).role() == Role::Primary;
+        if !promoted_unsaved {
+            let reply = pb::CommandReply { command: pb::Command::Switchover as i32, error };
+            let _ = send.send(Body::CommandReply(reply)).await;
+        }
         send.finish();
         detach(&group);
         if taken.is_ok() {

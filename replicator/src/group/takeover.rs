@@ -87,6 +87,13 @@ impl Group {
             if g.taking_over {
                 return Err(GroupError::Failed(format!("group {name}: a failover is already running here")));
             }
+            if g.switching {
+                // A switchover's demotion is being finished: its journal
+                // is about to be replaced.
+                return Err(GroupError::Failed(format!(
+                    "group {name}: a switchover is finishing here; retry in a moment"
+                )));
+            }
             if g.drill_starting {
                 // Its copy-on-write image is not attached yet: writes of the
                 // new primary would reach the volumes under it.
@@ -294,7 +301,14 @@ impl Group {
             self.publish(&mut g);
             (g.persisted.pair_id, g.persisted.epoch, g.persisted.generation, save)
         };
-        self.saved(save).await?;
+        if let Err(e) = self.saved(save).await {
+            // The demotion may still reach the disk (the flusher retries),
+            // while the journal in memory is the primary's: no session and
+            // no command may use it. The restart settles the role.
+            let why = format!("switchover: the demotion could not be saved ({e})");
+            self.fail_stop(why.clone());
+            return Err(GroupError::Failed(format!("group {name}: {why}; restart the daemon")));
+        }
         let journal = match self.fresh_journal(pair_id, epoch).await {
             Ok(journal) => journal,
             Err(e) => {
