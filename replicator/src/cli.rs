@@ -283,8 +283,9 @@ pub enum ConfigCommand {
     /// from replicating: a directory, a volume, a certificate that does
     /// not load or is not valid now, a peer name that does not resolve.
     Check {
-        /// Fail only on what keeps `run` from starting; a certificate not
-        /// valid now and a peer name that does not resolve are warnings
+        /// Fail only on what keeps `run` from starting or no waiting fixes;
+        /// a certificate expired or not valid yet by this host's clock and
+        /// a peer name that does not resolve are warnings
         /// (the unit's ExecStartPre: after a disaster the peer's site, with
         /// its DNS, may be gone and the clock not synced yet, and the node
         /// that is to take over must still start).

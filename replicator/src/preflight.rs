@@ -94,13 +94,17 @@ fn resolve(peer: &PeerConfig) -> Result<(), String> {
 /// What [`check`] found.
 #[derive(Debug, Default)]
 pub struct Findings {
-    /// Problems that keep `run` from starting (a directory, a volume).
+    /// Problems that keep `run` from starting (a directory, a volume, TLS
+    /// files that do not load) or that no waiting fixes (a certificate not
+    /// issued by the configured CA).
     pub fatal: Vec<ConfigError>,
     /// Problems `run` starts with, serving its volumes locally, while the
-    /// replication link cannot come up: a peer name that does not resolve
-    /// now, a certificate not valid now (after a disaster the peer's site,
-    /// with its DNS, may be gone and the clock not synced yet: the
-    /// surviving node must still start, to take over).
+    /// replication link cannot come up, and which may go away by
+    /// themselves: a peer name that does not resolve now, a certificate
+    /// expired or not valid yet by this host's clock (after a disaster the
+    /// peer's site, with its DNS, may be gone and the clock not synced yet:
+    /// the surviving node must still start, to take over). A certificate
+    /// from another CA is fatal.
     pub link: Vec<ConfigError>,
 }
 
@@ -114,11 +118,13 @@ pub fn check(config: &Config) -> Findings {
         }
     }
     match TlsIdentity::load(&config.tls, &config.node.name) {
-        Ok(identity) => {
-            if let Err(e) = identity.verify_own_chain(&config.tls, &config.node.name) {
+        Ok(identity) => match identity.verify_own_chain(&config.tls, &config.node.name) {
+            Ok(()) => {}
+            Err(e @ TlsError::NotFromCa { clock: true, .. }) => {
                 findings.link.push(problem(tls_key(config, &e).to_string(), e.to_string()));
             }
-        }
+            Err(e) => findings.fatal.push(problem(tls_key(config, &e).to_string(), e.to_string())),
+        },
         Err(e) => findings.fatal.push(problem(tls_key(config, &e).to_string(), e.to_string())),
     }
     for peer in &config.peers {

@@ -57,18 +57,19 @@ pub enum TlsError {
     },
     /// This node's certificate does not verify under the configured CA
     /// (issued by another CA, expired, not yet valid...): peers refuse it.
-    #[error("{cert}: this certificate (tls.cert) {reason} the CA in {ca} (tls.ca); peers will refuse this node. Issue one from that CA with `replicator cert issue --ca-dir {ca_dir} --name {name}`, or fix tls.ca / tls.cert")]
+    #[error("{cert}: this certificate (tls.cert) {reason} the CA in {ca} (tls.ca); peers will refuse this node. Issue one from that CA with `replicator cert issue --ca-dir {} --name {name}`, or fix tls.ca / tls.cert", ca.parent().map_or_else(|| ".".to_string(), |d| d.display().to_string()))]
     NotFromCa {
         /// The certificate file.
         cert: PathBuf,
         /// The CA file.
         ca: PathBuf,
-        /// Its directory (for the suggested command).
-        ca_dir: String,
         /// node.name.
         name: String,
         /// e.g. "is not issued by", "has expired (it is valid only until ...) under".
         reason: String,
+        /// Only the time is wrong: it expired or is not valid yet (by this
+        /// host's clock, which may not be synced yet at boot).
+        clock: bool,
     },
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
@@ -86,6 +87,12 @@ pub enum TlsError {
         presented: Vec<String>,
         /// Configured peer names.
         expected: Vec<String>,
+    },
+    /// The peer's certificate names several configured peers.
+    #[error("the peer's certificate names several configured peers ({named:?}): one node's certificate names that node alone")]
+    AmbiguousPeer {
+        /// The configured peers it names.
+        named: Vec<String>,
     },
 }
 
@@ -189,6 +196,12 @@ impl TlsIdentity {
             return Ok(());
         };
         use rustls::CertificateError as C;
+        let clock = matches!(
+            &e,
+            rustls::Error::InvalidCertificate(
+                C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. }
+            )
+        );
         let reason = match &e {
             rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => "is not issued by".to_string(),
             rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
@@ -202,9 +215,9 @@ impl TlsIdentity {
         Err(TlsError::NotFromCa {
             cert: paths.cert.clone(),
             ca: paths.ca.clone(),
-            ca_dir: paths.ca.parent().map(|d| d.display().to_string()).unwrap_or_else(|| ".".to_string()),
             name: node_name.to_string(),
             reason,
+            clock,
         })
     }
 
@@ -324,21 +337,27 @@ pub fn describe_certificate(cert: Option<&CertificateDer<'_>>) -> String {
     }
 }
 
-/// The one of `expected` that `cert` names, as a DNS name of its subject
+/// The first of `expected` that `cert` names, as a DNS name of its subject
 /// alternative names, exactly (ASCII case aside; a wildcard names no one):
 /// DESIGN.md accepts a peer only if its certificate name is the configured
-/// name. A certificate naming none of them, or more than one (which would
-/// make the node it speaks for a matter of order), gives every DNS name it
-/// carries.
+/// name. A certificate naming none of them gives every DNS name it carries.
 pub(crate) fn certificate_names(cert: &CertificateDer<'_>, expected: &[String]) -> Result<String, Vec<String>> {
+    certificate_names_all(cert, expected).map(|mut named| named.remove(0))
+}
+
+/// Every one of `expected` that `cert` names exactly (see
+/// [`certificate_names`]); `Err` with the certificate's DNS names when none.
+fn certificate_names_all(cert: &CertificateDer<'_>, expected: &[String]) -> Result<Vec<String>, Vec<String>> {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return Err(Vec::new());
     };
     let names: Vec<String> = ee.valid_dns_names().map(str::to_string).collect();
-    let mut named = expected.iter().filter(|e| names.iter().any(|n| n.eq_ignore_ascii_case(e)));
-    match (named.next(), named.next()) {
-        (Some(one), None) => Ok(one.clone()),
-        _ => Err(names),
+    let named: Vec<String> =
+        expected.iter().filter(|e| names.iter().any(|n| n.eq_ignore_ascii_case(e))).cloned().collect();
+    if named.is_empty() {
+        Err(names)
+    } else {
+        Ok(named)
     }
 }
 
@@ -349,16 +368,21 @@ pub fn peer_certificate_summary(conn: &quinn::Connection) -> String {
     describe_certificate(certs.as_deref().and_then(|c| c.first()))
 }
 
-/// The configured peer that the connection's certificate names. The chain
-/// was already verified against the CA during the handshake.
+/// The configured peer that the connection's certificate names, exactly
+/// and alone: one naming several configured nodes would make the node it
+/// speaks for a matter of order. The chain was already verified against
+/// the CA during the handshake.
 pub fn peer_name(conn: &quinn::Connection, expected: &[String]) -> Result<String, TlsError> {
     let certs = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or(TlsError::NoPeerCertificate)?;
     let first = certs.first().ok_or(TlsError::NoPeerCertificate)?;
-    certificate_names(first, expected)
-        .map_err(|presented| TlsError::UnexpectedPeer { presented, expected: expected.to_vec() })
+    match certificate_names_all(first, expected) {
+        Ok(mut named) if named.len() == 1 => Ok(named.remove(0)),
+        Ok(named) => Err(TlsError::AmbiguousPeer { named }),
+        Err(presented) => Err(TlsError::UnexpectedPeer { presented, expected: expected.to_vec() }),
+    }
 }
 
 #[cfg(test)]
@@ -378,8 +402,11 @@ mod tests {
         assert_eq!(certificate_names(&cert_naming(&["site-b"]), &expected), Ok("site-b".to_string()));
         assert_eq!(certificate_names(&cert_naming(&["SITE-B", "other"]), &expected), Ok("site-b".to_string()));
         // Naming two configured nodes: which one it speaks for is no one's
-        // guess.
-        assert!(certificate_names(&cert_naming(&["site-b", "site-c"]), &expected).is_err());
+        // guess (`peer_name` refuses it).
+        assert_eq!(
+            certificate_names_all(&cert_naming(&["site-b", "site-c"]), &expected),
+            Ok(vec!["site-b".to_string(), "site-c".to_string()])
+        );
         // A wildcard names no one.
         let wildcard = ["b.storage.example".to_string()];
         assert_eq!(

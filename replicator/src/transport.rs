@@ -681,6 +681,20 @@ impl Transport {
             .await
             .map_err(|_| err("handshake timed out".into()))?
             .map_err(|e| err(e.to_string()))?;
+        // rustls checked that the certificate is valid for `peer` (a
+        // wildcard would do); the peer must be named exactly, as incoming
+        // connections are.
+        match peer_name(&conn, &self.peer_names()) {
+            Ok(named) if named == peer => {}
+            Ok(named) => {
+                conn.close(quinn::VarInt::from_u32(1), b"certificate names another peer");
+                return Err(err(format!("its certificate names {named:?}, not {peer:?}")));
+            }
+            Err(e) => {
+                conn.close(quinn::VarInt::from_u32(1), b"certificate does not name the peer");
+                return Err(err(e.to_string()));
+            }
+        }
         let (send, recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(Body::Hello(pb::Hello {
