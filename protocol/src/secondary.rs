@@ -207,7 +207,7 @@ pub enum SecondaryError {
         reason: String,
     },
     /// The record can never fit the restore journal.
-    #[error("record {seq} needs {span} bytes of restore journal but the journal holds {capacity}: raise journal_size here to at least twice the primary's largest write")]
+    #[error("record {seq} needs {span} bytes of restore journal but the journal holds {capacity}: raise journal_size here to at least twice the primary's largest write (a journal file keeps its size until it starts over: a new pair or a role change)")]
     TooLarge {
         /// Its seq.
         seq: u64,

@@ -169,6 +169,11 @@ pub async fn run(
         eprintln!("replicator: drill run needs a command: replicator drill run GROUP -- CMD [ARGS...]");
         return Err(ExitCode::from(exit::USAGE));
     };
+    // Ctrl-C (or SIGTERM, SIGHUP: a closed terminal) from here on stops the
+    // command and then the drill, which is recorded as interrupted: the
+    // drill copies are not left attached and unrecorded behind a dead
+    // `drill run`. A second one ends the CLI at once.
+    let interrupted = catch_interruptions(&group);
     let resp = crate::cli::ask(config, Request::DrillStart { group: group.clone() }).await?;
     if resp.exit != exit::OK {
         return Err(fail(&resp));
@@ -194,35 +199,25 @@ pub async fn run(
     for (v, _) in &meta.volumes {
         cmd.env(volume_env(v), nbd_uri(&socket, &crate::group::drill_export_name(v)));
     }
-    // Ctrl-C (or SIGTERM, SIGHUP: a closed terminal) stops the command and
-    // then the drill, which is recorded as interrupted: the drill copies are
-    // not left attached and unrecorded behind a dead `drill run`.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let mut watchers = Vec::new();
-    for kind in [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::hangup()] {
-        match signal(kind) {
-            Ok(mut s) => {
-                let interrupted = interrupted.clone();
-                watchers.push(tokio::spawn(async move {
-                    if s.recv().await.is_some() {
-                        interrupted.store(true, Ordering::SeqCst);
-                    }
-                }));
-            }
-            Err(e) => eprintln!("replicator: cannot catch signals, an interruption would leave the drill running: {e}"),
-        }
-    }
-    let outcome = tokio::task::spawn_blocking({
-        let (command, interrupted) = (command.clone(), interrupted.clone());
-        move || run_command(cmd, command, timeout, &interrupted)
-    })
-    .await
-    .unwrap_or_else(|e| Err(format!("the command runner failed: {e}")));
-    // From here a signal ends the CLI as usual: the drill stop below is
-    // one request.
-    for w in watchers {
-        w.abort();
-    }
+    let outcome = if interrupted.load(Ordering::SeqCst) {
+        // Interrupted while the drill started: the command never runs.
+        Ok(DrillOutcome {
+            command: command.clone(),
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            interrupted: true,
+            run_seconds: 0.0,
+            output_tail: "interrupted before the command started\n".into(),
+        })
+    } else {
+        tokio::task::spawn_blocking({
+            let (command, interrupted) = (command.clone(), interrupted.clone());
+            move || run_command(cmd, command, timeout, &interrupted)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the command runner failed: {e}")))
+    };
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -278,6 +273,39 @@ pub async fn run(
     Ok(ExitCode::from(code))
 }
 
+/// Catches SIGINT, SIGTERM and SIGHUP for the rest of the process: the
+/// first sets the returned flag, a second exits at once (130).
+fn catch_interruptions(group: &str) -> Arc<AtomicBool> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for kind in [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::hangup()] {
+        match signal(kind) {
+            Ok(mut s) => {
+                let (interrupted, group) = (interrupted.clone(), group.to_string());
+                tokio::spawn(async move {
+                    while s.recv().await.is_some() {
+                        if interrupted.swap(true, Ordering::SeqCst) {
+                            // (A closed terminal makes writes fail: ignored.)
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "replicator: interrupted again: exiting; if the drill is still running, \
+                                 `replicator drill stop {group}` ends it"
+                            );
+                            std::process::exit(i32::from(EXIT_INTERRUPTED));
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "replicator: cannot catch signals, an interruption would leave the drill running: {e}"
+                );
+            }
+        }
+    }
+    interrupted
+}
+
 fn write_reports(dir: &Path, record: &DrillRecord) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let base = format!("drill-{}-{}", record.meta.group, record.meta.id);
@@ -328,13 +356,10 @@ fn run_command(
         }
         tail.push_back(line);
     };
-    // Echoes a line of the command's output where it came from, and keeps it.
+    // Echoes a line of the command's output where it came from, and keeps
+    // it. (A closed terminal makes the echo fail: the line is still kept.)
     let mut emit = |(is_err, line): (bool, String)| {
-        if is_err {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
+        let _ = if is_err { writeln!(std::io::stderr(), "{line}") } else { writeln!(std::io::stdout(), "{line}") };
         keep(line);
     };
     let mut timed_out = false;
@@ -353,9 +378,9 @@ fn run_command(
         }
         match stopping {
             None if interrupted.load(Ordering::SeqCst) => {
-                eprintln!("replicator: interrupted: stopping the command, then the drill");
                 let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
                 stopping = Some(Instant::now());
+                let _ = writeln!(std::io::stderr(), "replicator: interrupted: stopping the command, then the drill");
             }
             Some(since) if since.elapsed() >= INTERRUPT_GRACE => {
                 let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);

@@ -150,6 +150,10 @@ impl Export for VolumeExport {
         !self.group.writable()
     }
 
+    fn budget_group(&self) -> Option<String> {
+        Some(self.group.cfg.name.clone())
+    }
+
     fn block_sizes(&self) -> BlockSizes {
         // Any alignment is accepted: partial blocks are read-modify-written
         // under the range sequencer (see volume.rs), so minimum 1 is honest.
@@ -207,6 +211,13 @@ impl Export for NodeExport {
         match self {
             NodeExport::Volume(e) => e.block_sizes(),
             NodeExport::Drill(e) => e.block_sizes(),
+        }
+    }
+
+    fn budget_group(&self) -> Option<String> {
+        match self {
+            NodeExport::Volume(e) => e.budget_group(),
+            NodeExport::Drill(e) => e.budget_group(),
         }
     }
 

@@ -1915,7 +1915,7 @@ async fn recover_restore_journal(
         // superblock is the one of an earlier pair, and since records of a
         // pair are appended only after its superblock is durable, the file
         // holds none of this one's. The volumes hold the checkpoint.
-        Err(JournalError::Foreign { pair_id: found, .. }) => {
+        Err(JournalError::Foreign { group, pair_id: found, .. }) if group == cfg.name => {
             tracing::warn!(
                 group = %cfg.name,
                 path = %path.display(),

@@ -175,6 +175,13 @@ pub trait Export: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// Block size constraints, advertised to clients and enforced.
     fn block_sizes(&self) -> BlockSizes;
+    /// The exports whose requests wait on the same thing (the volumes of
+    /// one replication group, stuck together when its peer is) share one
+    /// slice of the server's byte budget, named by this; `None`: the
+    /// export has a slice of its own.
+    fn budget_group(&self) -> Option<String> {
+        None
+    }
     /// Reads `len` bytes at `offset`; the buffer must be exactly `len` long.
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<AlignedBuf, ExportError>> + Send;
     /// Writes `data` at `offset`; durable before returning if `fua`.

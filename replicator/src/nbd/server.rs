@@ -95,10 +95,11 @@ pub struct SharedLimits {
     bytes: Arc<Semaphore>,
     /// Capacity of `bytes`; a single larger request takes all of it.
     max_bytes: u32,
-    /// Each export's share of `bytes`, by export name: half of it, so that
-    /// the requests of one export stuck in its group (a sync group waiting
-    /// for its peer, a full journal under the `block` policy) leave the
-    /// other half to every other export.
+    /// Each budget group's share of `bytes` (see
+    /// [`super::Export::budget_group`]): half of it, so that the requests of
+    /// one replication group stuck waiting (a sync group waiting for its
+    /// peer, a full journal under the `block` policy) leave the other half
+    /// to every other group.
     exports: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>>,
 }
 
@@ -121,7 +122,8 @@ impl SharedLimits {
         (Arc::clone(&self.bytes), self.max_bytes)
     }
 
-    /// Export `name`'s share of the shared byte budget and its capacity.
+    /// Budget group `name`'s share of the shared byte budget and its
+    /// capacity.
     pub(super) fn export_bytes(&self, name: &str) -> (Arc<Semaphore>, u32) {
         let max = (self.max_bytes / 2).max(1);
         let mut exports = self.exports.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -498,7 +500,9 @@ where
         "NBD transmission started"
     );
     let (shared_bytes, max_shared_bytes) = shared.limits.bytes();
-    let (export_bytes, max_export_bytes) = shared.limits.export_bytes(&name);
+    let slice =
+        super::Export::budget_group(&*export).map_or_else(|| format!("export {name}"), |g| format!("group {g}"));
+    let (export_bytes, max_export_bytes) = shared.limits.export_bytes(&slice);
     let limits = Limits {
         max_requests: options.max_in_flight_requests,
         max_bytes: options.max_in_flight_bytes,
