@@ -100,9 +100,15 @@ pub fn render_status(d: &DrillStatus) -> String {
     let m = &d.meta;
     let when =
         if m.recovery_time_us == 0 { String::new() } else { format!(", written {}", format_time(m.recovery_time_us)) };
+    let discarded = match &d.discarded {
+        Some(why) => {
+            format!("  DRILL COPY DISCARDED: {why}; replication went on; `replicator drill stop` ends the drill\n")
+        }
+        None => String::new(),
+    };
     format!(
         "  drill:       {} since {} (ready in {:.0} ms)\n  drill point: sequence {}{when}; {} write(s) behind at freeze\n  \
-         drill copy:  {} used ({} KiB chunks), {} client(s); exports {}\n",
+         drill copy:  {} used ({} KiB chunks), {} client(s); exports {}\n{discarded}",
         m.id,
         format_time(m.started_at_us),
         m.ready_ms,

@@ -64,6 +64,31 @@ pub struct Snapshot {
     map: Mutex<ChunkMap>,
     stripes: Box<[RwLock<()>]>,
     commit: tokio::sync::Mutex<()>,
+    /// Set for a snapshot the volume's writes may give up (a drill copy):
+    /// see [`Snapshot::give_up`].
+    expendable: std::sync::OnceLock<Arc<GiveUp>>,
+}
+
+/// How the snapshots of one expendable image give up together: the record
+/// naming them is renamed away on disk first (a restart then finds no
+/// image, and discards its files), their data files are emptied, then they
+/// refuse every access.
+#[derive(Debug)]
+pub struct GiveUp {
+    record: PathBuf,
+    why: Mutex<Option<String>>,
+}
+
+impl GiveUp {
+    /// For the image whose record is `record`.
+    pub fn new(record: PathBuf) -> Arc<GiveUp> {
+        Arc::new(GiveUp { record, why: Mutex::new(None) })
+    }
+
+    /// Why the image was given up, if it was.
+    pub fn given_up(&self) -> Option<String> {
+        self.why.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 fn data_path(dir: &Path, volume: &str) -> PathBuf {
@@ -126,6 +151,72 @@ impl Snapshot {
             map: Mutex::new(map),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             commit: tokio::sync::Mutex::new(()),
+            expendable: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Lets the volume's writes give this snapshot up (with the others of
+    /// `give_up`) when preserving into it fails, rather than fail.
+    pub fn make_expendable(&self, give_up: Arc<GiveUp>) {
+        let _ = self.expendable.set(give_up);
+    }
+
+    /// Why this snapshot was given up, if it was: it no longer holds its
+    /// image, and every access to it fails.
+    pub fn given_up(&self) -> Option<String> {
+        self.expendable.get().and_then(|g| g.given_up())
+    }
+
+    fn check_usable(&self) -> Result<(), IoError> {
+        match self.given_up() {
+            Some(why) => Err(IoError::Io {
+                op: "drill copy",
+                offset: 0,
+                source: std::io::Error::other(format!("this copy was discarded: {why}")),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Preserving into this snapshot failed with `error`: if it is
+    /// expendable, gives it up (durably, see [`GiveUp`]) and returns true,
+    /// so that the volume's write goes on without it; otherwise, or if its
+    /// record cannot be renamed away, false (the write fails).
+    pub fn give_up(&self, error: &IoError) -> bool {
+        let Some(g) = self.expendable.get() else { return false };
+        let mut why = g.why.lock().unwrap_or_else(PoisonError::into_inner);
+        if why.is_some() {
+            return true;
+        }
+        let renamed = std::fs::rename(&g.record, g.record.with_extension("given-up")).and_then(|()| {
+            let dir = g.record.parent().unwrap_or(Path::new("."));
+            File::open(dir)?.sync_all()
+        });
+        match renamed {
+            Ok(()) => {
+                // What the copies held is worthless now: their space goes
+                // back (a full state_dir would stop the group's saves next).
+                let dir = g.record.parent().unwrap_or(Path::new("."));
+                for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                    let path = entry.path();
+                    if path.extension().is_some_and(|e| e == "data") {
+                        if let Err(e) = std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(0)) {
+                            tracing::warn!(path = %path.display(), "cannot free a discarded drill copy's space: {e}");
+                        }
+                    }
+                }
+                tracing::error!(
+                    record = %g.record.display(),
+                    "copy-on-write into a drill copy failed ({error}): the drill copy is discarded (its exports fail \
+                     from now on) and replication goes on; `replicator drill stop` ends the drill"
+                );
+                *why = Some(format!("copy-on-write failed: {error}"));
+                true
+            }
+            Err(e) => {
+                tracing::error!(record = %g.record.display(), "copy-on-write into a drill copy failed ({error}) and it cannot be discarded ({e})");
+                false
+            }
         }
     }
 
@@ -243,6 +334,7 @@ impl Snapshot {
 
     /// Reads the snapshot's image, at any offset and length.
     pub async fn read(&self, volume: &BlockFile, offset: u64, len: u64) -> Result<AlignedBuf, IoError> {
+        self.check_usable()?;
         let (start, alen) = align_range(offset, len);
         let chunks = self.map().chunks_of(start, alen);
         let _guards = self.lock_read(chunks).await;
@@ -292,6 +384,7 @@ impl Snapshot {
     /// 4 KiB blocks are read, modified and written under the chunk locks);
     /// never touches the volume. Durable after [`Snapshot::flush`].
     pub async fn write(&self, volume: &BlockFile, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        self.check_usable()?;
         let (start, alen) = align_range(offset, data.len() as u64);
         let chunks = self.map().chunks_of(start, alen);
         let _guards = self.lock_write(chunks).await;
@@ -338,6 +431,7 @@ impl Snapshot {
 
     /// Makes every completed [`Snapshot::write`] durable.
     pub async fn flush(&self) -> Result<(), IoError> {
+        self.check_usable()?;
         self.commit(None).await
     }
 

@@ -251,7 +251,17 @@ impl Volume {
             list.clone()
         };
         for s in snapshots {
-            s.preserve(&self.file, offset, len).await?;
+            if s.given_up().is_some() {
+                // (A drill copy given up through another volume.)
+                self.detach_snapshot(&s);
+                continue;
+            }
+            if let Err(e) = s.preserve(&self.file, offset, len).await {
+                if !s.give_up(&e) {
+                    return Err(e);
+                }
+                self.detach_snapshot(&s);
+            }
         }
         Ok(())
     }

@@ -604,3 +604,76 @@ fn a_drill_of_a_replica_written_while_split_is_refused() {
     assert!(text.contains("split with --rw"), "{text}");
     assert!(c.status(Site::B, "g").drill.is_none());
 }
+
+/// A tmpfs of `size` mounted at `path`, unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(path: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(path).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount tmpfs: {}", describe_output(&out));
+        SmallFs(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// The secondary's state_dir fills while a drill runs (its copy-on-write
+/// takes what the replica's overwritten blocks held): the drill copy is
+/// discarded, said in `drill status`, and replication goes on; the drill
+/// stops as usual, and a restart works. Before, the failed copy-on-write
+/// failed the apply: the group stopped, and the restart's replay failed on
+/// it again, keeping the whole daemon down.
+#[test]
+fn a_drill_copy_that_fills_the_state_dir_is_discarded_and_replication_goes_on() {
+    if !replicator_tests::require_root("a_drill_copy_that_fills_the_state_dir_is_discarded_and_replication_goes_on") {
+        return;
+    }
+    let spec = GroupSpec::new("f", Mode::Async).volume("fv", 32 * MIB).journal_size(16 * MIB);
+    let mut opts = ClusterOpts::group(spec);
+    opts.start = false;
+    let mut c = Cluster::new(opts);
+    // Room for the restore journal, the state and a few MiB of drill copy.
+    let fs = SmallFs::mount(&c.state_dir(Site::B), "22m");
+    c.start(Site::A);
+    c.start(Site::B);
+    c.pair_create("f");
+    c.wait_pair("f", Duration::from_secs(60));
+    cli_ok(&c, Site::B, &["drill", "start", "f"]);
+    // 12 MiB: more than the drill copy has room for, less than the
+    // primary's journal holds (a full journal would start a resync, whose
+    // own preserved image is another matter).
+    let mut rng = Rng::new(31);
+    for i in 0..12u64 {
+        let mut data = vec![0u8; MIB as usize];
+        rng.fill(&mut data);
+        write_export(&c.nbd_socket(Site::A), "fv", i * MIB, &data);
+    }
+    c.wait_drained_within("f", Duration::from_secs(60));
+    let drill = c.status(Site::B, "f").drill.expect("the drill is still there");
+    assert!(
+        drill.discarded.as_deref().is_some_and(|why| why.contains("copy-on-write failed")),
+        "{drill:?}\n{}",
+        c.diagnostics()
+    );
+    let shown = cli_ok(&c, Site::B, &["drill", "status", "f"]);
+    assert!(shown.contains("DRILL COPY DISCARDED"), "{shown}");
+    assert!(c.status(Site::B, "f").last_error.is_none(), "the group must not have stopped");
+    cli_ok(&c, Site::B, &["drill", "stop", "f"]);
+    c.stop(Site::B);
+    c.start(Site::B);
+    c.wait_drained("f");
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical("f");
+    drop(fs);
+}

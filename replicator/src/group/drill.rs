@@ -220,6 +220,11 @@ pub struct DrillStatus {
     pub clients: usize,
     /// The NBD export names.
     pub exports: Vec<String>,
+    /// Why the drill copies were discarded while the drill runs (a
+    /// copy-on-write that failed, e.g. `state_dir` full: replication went
+    /// on without them); their exports fail until `drill stop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<String>,
 }
 
 /// What the session reports once the replica is frozen.
@@ -257,7 +262,26 @@ pub(super) fn load(
     group_dir: &Path,
     volumes: &[Arc<Volume>],
 ) -> Result<Option<Arc<ActiveDrill>>, GroupError> {
-    let Some((meta, image)) = PreservedImage::load::<DrillMeta>(engine, &drill_dir(group_dir), volumes)? else {
+    let dir = drill_dir(group_dir);
+    let loaded = match PreservedImage::load::<DrillMeta>(engine, &dir, volumes, true) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            // A drill copy must never keep the group (and the daemon) from
+            // starting: it is set aside, with its files, and the group goes
+            // on without it.
+            let aside = dir.with_extension(format!("unusable-{}", unix_micros()));
+            std::fs::rename(&dir, &aside)
+                .and_then(|()| std::fs::File::open(group_dir)?.sync_all())
+                .map_err(|r| GroupError::Failed(format!("{e}; and it cannot be set aside: {r}")))?;
+            tracing::error!(
+                "the drill copy in {} cannot be used ({e}): set aside as {}; the group starts without a drill",
+                dir.display(),
+                aside.display()
+            );
+            return Ok(None);
+        }
+    };
+    let Some((meta, image)) = loaded else {
         return Ok(None);
     };
     tracing::info!(group = %meta.group, drill = %meta.id, recovery_seq = meta.recovery_seq, "drill copy kept across the restart");
@@ -286,6 +310,7 @@ impl Group {
             space_used_bytes: d.image.held_bytes(),
             clients: d.clients.load(Ordering::SeqCst),
             exports: d.meta.exports(),
+            discarded: d.image.given_up(),
         })
     }
 
@@ -399,7 +424,7 @@ impl Group {
         let image = {
             let meta = meta.clone();
             tokio::task::spawn_blocking(move || {
-                PreservedImage::create(&engine, &drill_dir(&group_dir), &volumes, &meta)
+                PreservedImage::create(&engine, &drill_dir(&group_dir), &volumes, &meta, true)
             })
             .await
             .map_err(|e| GroupError::Failed(format!("drill start: {e}")))??

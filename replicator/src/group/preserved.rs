@@ -60,6 +60,7 @@ impl PreservedImage {
         dir: &Path,
         volumes: &[Arc<Volume>],
         record: &R,
+        expendable: bool,
     ) -> Result<PreservedImage, GroupError> {
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(failed("removing a stale snapshot directory"))?;
@@ -75,7 +76,7 @@ impl PreservedImage {
         let json = serde_json::to_vec_pretty(record).map_err(|e| GroupError::Failed(e.to_string()))?;
         write_atomically(&record_path(dir), &json).map_err(failed("writing a snapshot record"))?;
         let image = PreservedImage { dir: dir.to_path_buf(), snapshots };
-        image.attach(volumes);
+        image.attach(volumes, expendable);
         Ok(image)
     }
 
@@ -86,6 +87,7 @@ impl PreservedImage {
         engine: &IoEngine,
         dir: &Path,
         volumes: &[Arc<Volume>],
+        expendable: bool,
     ) -> Result<Option<(R, PreservedImage)>, GroupError> {
         let path = record_path(dir);
         let bytes = match std::fs::read(&path) {
@@ -117,14 +119,30 @@ impl PreservedImage {
             snapshots.push(Arc::new(s));
         }
         let image = PreservedImage { dir: dir.to_path_buf(), snapshots };
-        image.attach(volumes);
+        image.attach(volumes, expendable);
         Ok(Some((record, image)))
     }
 
-    fn attach(&self, volumes: &[Arc<Volume>]) {
+    /// `expendable`: the volumes' writes give the image up when preserving
+    /// into it fails (a drill copy: replication must not stop for it), see
+    /// [`crate::snapshot::Snapshot::give_up`]; otherwise such a write fails
+    /// (the image a resync guard keeps is the replica's only consistent
+    /// one).
+    fn attach(&self, volumes: &[Arc<Volume>], expendable: bool) {
+        if expendable {
+            let give_up = crate::snapshot::GiveUp::new(record_path(&self.dir));
+            for s in &self.snapshots {
+                s.make_expendable(give_up.clone());
+            }
+        }
         for (v, s) in volumes.iter().zip(&self.snapshots) {
             v.attach_snapshot(s.clone());
         }
+    }
+
+    /// Why the image was given up (see `attach`), if it was.
+    pub(super) fn given_up(&self) -> Option<String> {
+        self.snapshots.iter().find_map(|s| s.given_up())
     }
 
     /// The snapshot of volume `index`.

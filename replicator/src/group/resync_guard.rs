@@ -113,7 +113,8 @@ pub(super) fn load(
     volumes: &[Arc<Volume>],
     persisted: &GroupState,
 ) -> Result<Option<Arc<ResyncGuard>>, GroupError> {
-    let Some((record, image)) = PreservedImage::load::<GuardRecord>(engine, &guard_dir(group_dir), volumes)? else {
+    let Some((record, image)) = PreservedImage::load::<GuardRecord>(engine, &guard_dir(group_dir), volumes, false)?
+    else {
         return Ok(None);
     };
     // Only a resync that has not finished needs it (or a rollback to it
@@ -190,7 +191,7 @@ impl Group {
         };
         let (engine, dir, volumes) = (self.engine.clone(), guard_dir(self.store.dir()), self.volumes.clone());
         let r = record.clone();
-        let image = tokio::task::spawn_blocking(move || PreservedImage::create(&engine, &dir, &volumes, &r))
+        let image = tokio::task::spawn_blocking(move || PreservedImage::create(&engine, &dir, &volumes, &r, false))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
