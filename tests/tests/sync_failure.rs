@@ -45,15 +45,16 @@ fn cluster_with(name: &str, group: GroupSpec) -> Option<Cluster> {
     Some(cluster)
 }
 
-/// Waits until `site`'s powercut-fs has failed an fsync.
-fn wait_failed_fsync(cluster: &Cluster, site: Site, within: Duration) {
+/// Waits until `site`'s powercut-fs has failed an operation: its `stats`
+/// counter `counter` ("failed_fsyncs", "failed_writes") is at least 1.
+fn wait_failed(cluster: &Cluster, site: Site, counter: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let stats = cluster.fs_command(site, "stats");
-        if reply_number(&stats, "failed_fsyncs") >= 1 {
+        if reply_number(&stats, counter) >= 1 {
             return;
         }
-        assert!(Instant::now() < deadline, "{site}: no fsync failed within {within:?}: {stats}");
+        assert!(Instant::now() < deadline, "{site}: {counter} still 0 after {within:?}: {stats}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -83,7 +84,7 @@ fn a_failed_periodic_sync_on_the_primary_fails_the_next_flush_and_stops_the_grou
     cluster.fs_command(Site::A, "fail-fsync sf-vol.img");
     // The activity log asks for the periodic sync once its regions are idle
     // (10 s), then every 5 s.
-    wait_failed_fsync(&cluster, Site::A, Duration::from_secs(60));
+    wait_failed(&cluster, Site::A, "failed_fsyncs", Duration::from_secs(60));
 
     let s = cluster.wait_state(Site::A, "sf", "SUSPENDED", Duration::from_secs(10));
     let error = s.last_error.clone().unwrap_or_default();
@@ -153,7 +154,7 @@ fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
         }
         client.flush().await.expect("flush (async: durable locally and in the journal)");
     });
-    wait_failed_fsync(&cluster, Site::B, Duration::from_secs(30));
+    wait_failed(&cluster, Site::B, "failed_fsyncs", Duration::from_secs(30));
     let b = cluster.wait_state(Site::B, "sg", "SUSPENDED", Duration::from_secs(10));
     let error = b.last_error.clone().unwrap_or_default();
     assert!(error.contains("sync failed") && error.contains("groups/sg/journal"), "{b:?}");
@@ -183,19 +184,6 @@ fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
     }
 }
 
-/// Waits until `site`'s powercut-fs has failed a write.
-fn wait_failed_write(cluster: &Cluster, site: Site, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let stats = cluster.fs_command(site, "stats");
-        if reply_number(&stats, "failed_writes") >= 1 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{site}: no write failed within {within:?}: {stats}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// An apply on the secondary fails (its volume write gets EIO): records the
 /// restore journal holds, acknowledged as durable, may have reached the
 /// volume out of order around it. The secondary must mark its replica
@@ -215,7 +203,7 @@ fn a_failed_apply_on_the_secondary_stops_it_until_the_restart_replays_its_journa
         }
         client.flush().await.expect("flush");
     });
-    wait_failed_write(&cluster, Site::B, Duration::from_secs(30));
+    wait_failed(&cluster, Site::B, "failed_writes", Duration::from_secs(30));
     let b = cluster.wait_until(Site::B, "sw", "stopped", Duration::from_secs(10), |s| s.health == "critical");
     assert!(!b.consistent, "the replica may hold applies out of order: {b:?}");
     assert!(b.last_error.as_deref().unwrap_or("").contains("apply failed"), "{b:?}");
@@ -266,7 +254,7 @@ fn a_sync_write_waiting_for_a_lost_secondary_fails_when_the_group_stops() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(!waiting.is_finished(), "the write waits for the secondary (on_link_loss = block)");
     cluster.fs_command(Site::A, "fail-fsync bw-vol.img");
-    wait_failed_fsync(&cluster, Site::A, Duration::from_secs(60));
+    wait_failed(&cluster, Site::A, "failed_fsyncs", Duration::from_secs(60));
     cluster.wait_state(Site::A, name, "SUSPENDED", Duration::from_secs(10));
     let written = rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(10), waiting).await })
@@ -323,7 +311,7 @@ fn a_bitmap_save_after_a_failed_volume_sync_does_not_hide_flushed_writes_from_th
         }
     }
     assert!(!hung, "a write waiting for a save that will never come must fail, not hang");
-    wait_failed_fsync(&cluster, Site::A, Duration::from_secs(30));
+    wait_failed(&cluster, Site::A, "failed_fsyncs", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
     cluster.kill9(Site::A);
     drop(client);

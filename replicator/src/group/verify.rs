@@ -12,6 +12,9 @@
 //!    assigned before it;
 //! 3. waits until the secondary has applied every write through S
 //!    ([`super::Progress::applied`]): both sites now hold the region as of S;
+//!    if that takes longer than [`HOLD_LIMIT`] (writes admitted during step
+//!    1 keep an async secondary behind), the region is let go and the steps
+//!    start over, [`HOLD_ATTEMPTS`] times at most;
 //! 4. asks the secondary for the BLAKE3 hash of the region (a
 //!    `VerifyRequest` on this run's own stream) while it hashes its own copy;
 //! 5. releases the region and compares.
@@ -20,7 +23,8 @@
 //! link speed while each region is held for one read and one round trip.
 //! While a region is held, writes to it wait, and because volume writes
 //! follow journal order, so do the writes admitted after them: the hold is
-//! kept that short on purpose.
+//! kept that short on purpose, and never longer than [`HOLD_LIMIT`] plus
+//! one read and one round trip.
 //!
 //! Mismatching regions are listed and logged (exit 1). With `--fix` they are
 //! marked dirty in the bitmaps with `copy_pending`, as the regions a power cut
@@ -56,6 +60,14 @@ const LIST_LIMIT: usize = 20;
 /// How long a region waits for the secondary to answer, or to apply one
 /// more write while it catches up.
 const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a held region waits for the secondary to apply the writes
+/// before it (writes to the region wait meanwhile, and every later write
+/// of the group behind them): past it the region is let go, and held again
+/// after the secondary caught up once more.
+const HOLD_LIMIT: Duration = Duration::from_secs(2);
+/// Times a region is held and let go before verify gives up on it (the
+/// secondary lags too far behind a group that keeps writing).
+const HOLD_ATTEMPTS: usize = 5;
 /// A verify stream with no request for this long is closed by the secondary.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a run reports progress.
@@ -364,12 +376,34 @@ async fn compare(
         .get(region.volume as usize)
         .cloned()
         .ok_or_else(|| GroupError::Failed(format!("no volume #{}", region.volume)))?;
-    // Catch up first, holding nothing.
-    let now = lock(&group.inner).last_jseq;
-    group.applied_through(now).await?;
-    let (held, seq) = group.read_barrier(region.volume, region.offset, region.len).await;
-    group.verifiable(&lock(&group.inner), pair_id)?;
-    group.applied_through(seq).await?;
+    let mut attempt = 0;
+    let (held, seq) = loop {
+        // Catch up first, holding nothing.
+        let now = lock(&group.inner).last_jseq;
+        group.applied_through(now).await?;
+        let (held, seq) = group.read_barrier(region.volume, region.offset, region.len).await;
+        group.verifiable(&lock(&group.inner), pair_id)?;
+        match tokio::time::timeout(HOLD_LIMIT, group.applied_through(seq)).await {
+            Ok(caught_up) => {
+                caught_up?;
+                break (held, seq);
+            }
+            Err(_) => {
+                // Writes admitted while catching up keep the secondary
+                // behind: let the region (and the writes behind it) go.
+                drop(held);
+                attempt += 1;
+                if attempt == HOLD_ATTEMPTS {
+                    return Err(GroupError::Failed(format!(
+                        "verify {}: the secondary stays more than {HOLD_LIMIT:?} behind this primary's writes, and \
+                         comparing a region would hold the group's writes that long ({HOLD_ATTEMPTS} tries); run \
+                         verify when the lag is lower",
+                        group.cfg.name
+                    )));
+                }
+            }
+        }
+    };
     let request = pb::VerifyRequest {
         group: group.cfg.name.clone(),
         pair_id,
