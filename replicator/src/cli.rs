@@ -888,7 +888,11 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
                 } else {
                     String::new()
                 },
-                if s.needs_rebase { "  discarded writes of its own: the next resync overwrites them" } else { "" }
+                if s.needs_rebase {
+                    "  differs from the primary in regions it names: the next resync copies them"
+                } else {
+                    ""
+                }
             );
         }
         if let Some(t) = s.data_as_of_unix {

@@ -675,3 +675,54 @@ fn a_primary_whose_journal_is_missing_resyncs_instead_of_forgetting_writes() {
     c.stop(Site::B);
     c.assert_volumes_identical(group);
 }
+
+/// A secondary's restore journal is gone at a start after an unclean stop
+/// (removed by hand, a state directory restored from a backup): the records
+/// it held beyond the checkpoint may have reached the volumes in part, so
+/// the replica is no longer an image the primary ever had. The start says
+/// so, the replica is inconsistent (a failover would refuse it), and the
+/// primary compares and copies the whole volumes; before, it started as
+/// consistent with an empty journal.
+#[test]
+fn a_secondary_whose_restore_journal_is_missing_is_inconsistent_until_compared_whole() {
+    let (group, vol) = ("rjm", "rjm-vol");
+    let mut c = Cluster::new(ClusterOpts::group(GroupSpec::new(group, Mode::Async).volume(vol, 16 * MIB)));
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let rt = runtime();
+    write_blocks(&rt, &c, vol, 920, 16);
+    c.wait_drained(group);
+    c.kill9(Site::B);
+    c.stop(Site::A);
+    std::fs::remove_file(state_dir(&c, Site::B).join("groups").join(group).join("journal"))
+        .expect("remove the secondary's restore journal");
+    // Stands for the part of the lost records that reached the volume:
+    // nothing the primary will send again covers it.
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(c.volume_path(Site::B, vol)).expect("open volume");
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(9 * MIB)).expect("seek");
+        f.write_all(&random_bytes(921, 64 * 1024)).expect("write the volume");
+        f.sync_all().expect("sync the volume");
+    }
+    let log_len = c.log(Site::B).len();
+    c.start(Site::B);
+    assert!(
+        c.log(Site::B)[log_len..].contains("restore journal: the file is missing after an unclean stop"),
+        "the start must say the restore journal is missing\n{}",
+        c.diagnostics()
+    );
+    let status = c.status(Site::B, group);
+    assert!(!status.consistent && status.needs_rebase, "the replica must not claim consistency: {status:?}");
+    // Again after a restart: the journal file exists by now.
+    c.kill9(Site::B);
+    c.start(Site::B);
+    let status = c.status(Site::B, group);
+    assert!(!status.consistent && status.needs_rebase, "a restart must not forget it: {status:?}");
+    c.start(Site::A);
+    c.wait_pair(group, Duration::from_secs(60));
+    c.wait_drained(group);
+    assert!(c.status(Site::B, group).consistent, "the replica is consistent once compared");
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical(group);
+}

@@ -420,14 +420,44 @@ impl Group {
         // create an empty journal and resume as if nothing were owed.)
         let journal_missing = role == Role::Primary && !journal_path(&store).exists();
         let power_lost = power_lost || journal_missing;
+        // A secondary's restore journal gone after an unclean stop: the
+        // records it held beyond the checkpoint may have been applied in
+        // part (applies overlap), so the volumes are no longer an image the
+        // primary ever had and nothing says which regions differ. Asked
+        // for like the regions of a failback: the primary compares and
+        // copies the whole volumes (by hash, only what differs crosses).
+        // After a clean stop the volumes hold the checkpoint exactly.
+        let restore_journal_lost = role == Role::Secondary && unclean && !journal_path(&store).exists();
         let mut persisted = persisted;
+        if restore_journal_lost {
+            tracing::error!(
+                group = %cfg.name,
+                path = %journal_path(&store).display(),
+                "restore journal: the file is missing after an unclean stop: the records it held are lost and the \
+                 volumes may hold part of them; the replica is INCONSISTENT until the primary has compared and \
+                 copied the whole volumes"
+            );
+            for b in &mut bitmaps {
+                b.set_all();
+            }
+            if let Some(secondary) = persisted.role.as_secondary_mut() {
+                secondary.needs_rebase = true;
+                secondary.copy_incomplete = true;
+                secondary.consistent = false;
+            }
+            // On disk before the journal file is made again: a later
+            // start no longer sees it missing.
+            for (v, b) in volumes.iter().zip(&bitmaps) {
+                store.save_blob(&bitmap_name(&v.name), &b.encode())?;
+            }
+            store.save(&persisted)?;
+        }
         persisted.boot_id = boot_id.clone();
         persisted.sync_failed = false;
         if let Some(p) = persisted.role.as_primary_mut().filter(|_| bitmaps_lost) {
             // An unreadable bitmap is marked dirty whole: the resync copies it.
             p.copy_pending = true;
         }
-
         let mut ring = None;
         let mut journal = None;
         let mut last_jseq = 0;
