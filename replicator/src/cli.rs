@@ -319,6 +319,51 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Where a client command reaches the daemon: the sockets in the
+/// configuration's `run_dir`.
+#[derive(Debug, Clone)]
+pub struct DaemonSockets {
+    run_dir: PathBuf,
+}
+
+impl DaemonSockets {
+    /// The control socket.
+    pub fn control(&self) -> PathBuf {
+        crate::config::control_socket_in(&self.run_dir)
+    }
+
+    /// The NBD Unix socket.
+    pub fn nbd(&self) -> PathBuf {
+        crate::config::nbd_socket_in(&self.run_dir)
+    }
+}
+
+/// The daemon a client command talks to. A configuration that does not
+/// validate (an edit in progress, a group added whose peer is not yet) does
+/// not keep an admin from the running daemon, which runs with the
+/// configuration it loaded at its start: the command says what is wrong
+/// and goes on, as long as `node.run_dir` can be read.
+fn daemon_of(path: &Path) -> Result<DaemonSockets, ExitCode> {
+    match Config::load(path) {
+        Ok(config) => Ok(DaemonSockets { run_dir: config.node.run_dir }),
+        Err(e) => match Config::run_dir_of(path) {
+            Some(run_dir) => {
+                eprintln!("replicator: warning: {e}");
+                eprintln!(
+                    "replicator: asking the running daemon anyway ({}): it runs with the configuration it loaded at \
+                     its start; fix the file before the next restart",
+                    run_dir.display()
+                );
+                Ok(DaemonSockets { run_dir })
+            }
+            None => {
+                eprintln!("replicator: {e}");
+                Err(ExitCode::from(exit::USAGE))
+            }
+        },
+    }
+}
+
 /// Stops the daemon's runtime, waiting at most
 /// [`crate::daemon::RUNTIME_SHUTDOWN_TIMEOUT`] (and a margin) for it. A
 /// worker thread that submitted I/O to a volume that hangs (a dead disk, a
@@ -448,11 +493,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
         }
         Command::Status { group, json, watch } => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
                 loop {
-                    let resp = ask_status(&config, Request::Status { group: group.clone() }).await?;
+                    let resp = ask_status(&daemon, Request::Status { group: group.clone() }).await?;
                     if resp.exit != exit::OK {
                         eprintln!("replicator: {}", resp.message);
                         return Err(ExitCode::from(resp.exit));
@@ -473,54 +518,54 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             })
         }
         Command::Pair(PairCommand::Create { group, nocopy, wait, timeout }) => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
-                let resp = ask(&config, Request::PairCreate { group: group.clone(), nocopy }).await?;
+                let resp = ask(&daemon, Request::PairCreate { group: group.clone(), nocopy }).await?;
                 let code = report(&resp)?;
                 if wait {
-                    wait_for_pair(&config, &group, timeout).await
+                    wait_for_pair(&daemon, &group, timeout).await
                 } else {
                     Ok(code)
                 }
             })
         }
         Command::Pair(PairCommand::Delete { group }) => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
-            rt.block_on(async { report(&ask(&config, Request::PairDelete { group }).await?) })
+            rt.block_on(async { report(&ask(&daemon, Request::PairDelete { group }).await?) })
         }
         Command::Pair(PairCommand::Split { group, rw }) => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
-            rt.block_on(async { report(&ask(&config, Request::PairSplit { group, rw }).await?) })
+            rt.block_on(async { report(&ask(&daemon, Request::PairSplit { group, rw }).await?) })
         }
         Command::Pair(PairCommand::Resync { group, swap, discard_local, wait, timeout }) => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
                 let code =
-                    report(&ask(&config, Request::PairResync { group: group.clone(), swap, discard_local }).await?)?;
+                    report(&ask(&daemon, Request::PairResync { group: group.clone(), swap, discard_local }).await?)?;
                 if wait {
-                    wait_for_pair(&config, &group, timeout).await
+                    wait_for_pair(&daemon, &group, timeout).await
                 } else {
                     Ok(code)
                 }
             })
         }
         Command::Failback { group, no_switch, wait, timeout } => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
-                let code = report(&ask(&config, Request::Failback { group: group.clone() }).await?)?;
+                let code = report(&ask(&daemon, Request::Failback { group: group.clone() }).await?)?;
                 if no_switch && !wait {
                     return Ok(code);
                 }
-                wait_for_pair(&config, &group, timeout).await?;
+                wait_for_pair(&daemon, &group, timeout).await?;
                 if no_switch {
                     return Ok(ExitCode::SUCCESS);
                 }
-                let switched = ask(&config, Request::Switchover { group: group.clone() }).await?;
+                let switched = ask(&daemon, Request::Switchover { group: group.clone() }).await?;
                 if switched.exit == exit::REFUSED {
                     // Exit 3 says "nothing changed"; this node was demoted
                     // and resynced already.
@@ -535,21 +580,21 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             })
         }
         Command::Switchover { group, wait } => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
-                let code = report(&ask(&config, Request::Switchover { group: group.clone() }).await?)?;
+                let code = report(&ask(&daemon, Request::Switchover { group: group.clone() }).await?)?;
                 if wait {
-                    wait_for_pair(&config, &group, None).await
+                    wait_for_pair(&daemon, &group, None).await
                 } else {
                     Ok(code)
                 }
             })
         }
         Command::Failover { group, force } => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
-            rt.block_on(async { report(&ask(&config, Request::Failover { group, force }).await?) })
+            rt.block_on(async { report(&ask(&daemon, Request::Failover { group, force }).await?) })
         }
         Command::Cert(CertCommand::Init { dir }) => match crate::certs::init_ca(&dir) {
             Ok((cert, key)) => {
@@ -655,24 +700,24 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         Command::Demo { drill_check: true, .. } => Ok(crate::demo::drill_check()),
         Command::Demo { serve, .. } => Ok(crate::demo::run(serve)),
         Command::Drill(cmd) => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
                 match cmd {
-                    DrillCommand::Start { group } => crate::drill_cli::start(&config, group).await,
-                    DrillCommand::Stop { group } => crate::drill_cli::stop(&config, group).await,
-                    DrillCommand::Status { group, json } => crate::drill_cli::status(&config, group, json).await,
+                    DrillCommand::Start { group } => crate::drill_cli::start(&daemon, group).await,
+                    DrillCommand::Stop { group } => crate::drill_cli::stop(&daemon, group).await,
+                    DrillCommand::Status { group, json } => crate::drill_cli::status(&daemon, group, json).await,
                     DrillCommand::Run { group, report, timeout, command } => {
-                        crate::drill_cli::run(&config, group, report, timeout, command).await
+                        crate::drill_cli::run(&daemon, group, report, timeout, command).await
                     }
-                    DrillCommand::History { group, json } => crate::drill_cli::history(&config, group, json).await,
+                    DrillCommand::History { group, json } => crate::drill_cli::history(&daemon, group, json).await,
                 }
             })
         }
         Command::Verify { group, fix } => {
-            let config = load_config(&cli.config)?;
+            let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
-            let (socket, req) = (config.control_socket(), Request::Verify { group, fix });
+            let (socket, req) = (daemon.control(), Request::Verify { group, fix });
             rt.block_on(async {
                 match control::call_with_progress(&socket, &req, |line| println!("{line}")).await {
                     Ok(resp) => report(&resp),
@@ -692,23 +737,23 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// [`ask`], for a query answered at once: an error after [`STATUS_TIMEOUT`].
-async fn ask_status(config: &Config, req: Request) -> Result<Response, ExitCode> {
-    match tokio::time::timeout(STATUS_TIMEOUT, ask(config, req)).await {
+async fn ask_status(daemon: &DaemonSockets, req: Request) -> Result<Response, ExitCode> {
+    match tokio::time::timeout(STATUS_TIMEOUT, ask(daemon, req)).await {
         Ok(answer) => answer,
         Err(_) => {
             eprintln!(
                 "replicator: the daemon did not answer within {}s on {} (stuck? see its log, `journalctl -u \
                  replicator`)",
                 STATUS_TIMEOUT.as_secs(),
-                config.control_socket().display()
+                daemon.control().display()
             );
             Err(ExitCode::from(exit::FAILED))
         }
     }
 }
 
-pub(crate) async fn ask(config: &Config, req: Request) -> Result<Response, ExitCode> {
-    control::call(&config.control_socket(), &req).await.map_err(|e| {
+pub(crate) async fn ask(daemon: &DaemonSockets, req: Request) -> Result<Response, ExitCode> {
+    control::call(&daemon.control(), &req).await.map_err(|e| {
         eprintln!("replicator: {e}");
         ExitCode::from(exit::FAILED)
     })
@@ -741,7 +786,7 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 /// `--wait`: polls status until PAIR, printing progress (a bar on a TTY,
 /// plain lines otherwise). Fails at once when the peer refused for good
 /// or the pair failed, and after `timeout` if given.
-async fn wait_for_pair(config: &Config, group: &str, timeout: Option<Duration>) -> Result<ExitCode, ExitCode> {
+async fn wait_for_pair(daemon: &DaemonSockets, group: &str, timeout: Option<Duration>) -> Result<ExitCode, ExitCode> {
     let started = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
@@ -756,7 +801,7 @@ async fn wait_for_pair(config: &Config, group: &str, timeout: Option<Duration>) 
     };
     let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
     loop {
-        let resp = ask(config, Request::Status { group: Some(group.to_string()) }).await?;
+        let resp = ask(daemon, Request::Status { group: Some(group.to_string()) }).await?;
         let Some(s) = resp.groups.first() else {
             eprintln!("replicator: {}", resp.message);
             return Err(ExitCode::from(exit::FAILED));

@@ -226,6 +226,14 @@ pub struct PeerAddress {
 }
 
 impl PeerAddress {
+    /// Whether this is an IP address at which `listen` itself is reached
+    /// (the same address, or loopback for a wildcard `listen`).
+    pub fn is_own(&self, listen: SocketAddr) -> bool {
+        let Ok(ip) = self.host.parse::<std::net::IpAddr>() else { return false };
+        let local = listen.ip().to_canonical();
+        self.port == listen.port() && (ip.to_canonical() == local || (ip.is_loopback() && local.is_unspecified()))
+    }
+
     /// Parses `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (port 1-65535; a
     /// host name made of letters, digits, '-', '_' and '.').
     pub fn parse(value: &str) -> Result<PeerAddress, String> {
@@ -369,12 +377,12 @@ pub struct Config {
 impl Config {
     /// Path of the control socket.
     pub fn control_socket(&self) -> PathBuf {
-        self.node.run_dir.join("control.sock")
+        control_socket_in(&self.node.run_dir)
     }
 
     /// Path of the NBD Unix socket.
     pub fn nbd_socket(&self) -> PathBuf {
-        self.node.run_dir.join("nbd.sock")
+        nbd_socket_in(&self.node.run_dir)
     }
 
     /// The group named `name`.
@@ -394,6 +402,16 @@ impl Config {
         Self::parse(path, &text)
     }
 
+    /// `node.run_dir` of a configuration file that may not validate as a
+    /// whole (`None` when even that cannot be read): client commands reach
+    /// a running daemon with it while an edit is in progress.
+    pub fn run_dir_of(path: &Path) -> Option<PathBuf> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let table: toml::Table = toml::from_str(&text).ok()?;
+        let run_dir = PathBuf::from(table.get("node")?.get("run_dir")?.as_str()?);
+        run_dir.is_absolute().then_some(run_dir)
+    }
+
     /// Parses and validates configuration text (`path` is used in messages).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         // toml's Display shows line, column and the line with a caret under
@@ -404,6 +422,16 @@ impl Config {
         })?;
         Validator { path }.validate(raw)
     }
+}
+
+/// The control socket in a `run_dir`.
+pub fn control_socket_in(run_dir: &Path) -> PathBuf {
+    run_dir.join("control.sock")
+}
+
+/// The NBD Unix socket in a `run_dir`.
+pub fn nbd_socket_in(run_dir: &Path) -> PathBuf {
+    run_dir.join("nbd.sock")
 }
 
 #[derive(Deserialize)]
@@ -517,12 +545,19 @@ impl Validator<'_> {
     }
 
     fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-        value.parse().map_err(|_| {
+        let addr: SocketAddr = value.parse().map_err(|_| {
             self.err(
                 key,
                 format!("{value:?} is not an address: write IP:PORT, e.g. \"0.0.0.0:7800\" or \"[::1]:7800\""),
             )
-        })
+        })?;
+        if addr.port() == 0 {
+            return Err(self.err(
+                key,
+                format!("{value:?} has port 0, which the kernel replaces with a random one nobody else knows: write the port"),
+            ));
+        }
+        Ok(addr)
     }
 
     fn size(&self, key: &str, value: &str) -> Result<u64, ConfigError> {
@@ -609,6 +644,34 @@ impl Validator<'_> {
         }
     }
 
+    /// Directories and TCP listeners that would clash with each other.
+    fn check_node_places(&self, node: &NodeConfig) -> Result<(), ConfigError> {
+        let (state, run) = (&node.state_dir, &node.run_dir);
+        if state.starts_with(run) || run.starts_with(state) {
+            // systemd empties run_dir (RuntimeDirectory=) at every stop, and
+            // the two get different modes (0700, 0750).
+            return Err(self.err(
+                "node.run_dir",
+                format!(
+                    "{} and node.state_dir {} overlap: run_dir holds sockets and is emptied at every stop, state_dir \
+                     the pair's state; give each its own directory (e.g. /run/replicator, /var/lib/replicator)",
+                    run.display(),
+                    state.display()
+                ),
+            ));
+        }
+        if let (Some(nbd), Some(metrics)) = (node.nbd_listen, node.metrics_listen) {
+            let overlap = |a: std::net::IpAddr, b: std::net::IpAddr| a == b || a.is_unspecified() || b.is_unspecified();
+            if nbd.port() == metrics.port() && overlap(nbd.ip(), metrics.ip()) {
+                return Err(self.err(
+                    "node.metrics_listen",
+                    format!("{metrics} is the port of node.nbd_listen ({nbd}): give each its own port"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let nbd_listen = raw.node.nbd_listen.as_deref().map(|v| self.addr("node.nbd_listen", v)).transpose()?;
         let (nbd_tls, nbd_tls_clients) =
@@ -641,6 +704,7 @@ impl Validator<'_> {
                 }
             },
         };
+        self.check_node_places(&node)?;
         let tls = TlsPaths {
             ca: self.relative_to_config(raw.tls.ca),
             cert: self.relative_to_config(raw.tls.cert),
@@ -662,6 +726,12 @@ impl Validator<'_> {
                 return Err(self.err(format!("{key}.name"), format!("peer {name:?} is listed twice")));
             }
             let address = PeerAddress::parse(&p.address).map_err(|m| self.err(format!("peer[{name}].address"), m))?;
+            if address.is_own(node.listen) {
+                return Err(self.err(
+                    format!("peer[{name}].address"),
+                    format!("{address} is this node's own listen address (node.listen): write the other site's"),
+                ));
+            }
             peers.push(PeerConfig { name, address });
         }
 
@@ -1194,6 +1264,33 @@ size = "20GiB"
         // An unknown key: also line, column and caret.
         let e = parse(&GOOD.replace("[tls]\n", "[tls]\nbogus = 1\n")).expect_err("unknown key").to_string();
         assert!(e.contains("line ") && e.contains("column") && e.contains('^') && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn places_that_clash_are_refused() {
+        let cases = [
+            ("listen = \"0.0.0.0:7800\"", "listen = \"0.0.0.0:0\"", "node.listen"),
+            ("nbd_listen = \"127.0.0.1:10809\"", "nbd_listen = \"127.0.0.1:0\"", "node.nbd_listen"),
+            (
+                "nbd_listen = \"127.0.0.1:10809\"",
+                "nbd_listen = \"127.0.0.1:10809\"\nmetrics_listen = \"0.0.0.0:10809\"",
+                "node.metrics_listen",
+            ),
+            ("run_dir = \"/run/replicator\"", "run_dir = \"/var/lib/replicator/run\"", "node.run_dir"),
+            ("run_dir = \"/run/replicator\"", "run_dir = \"/var/lib/replicator\"", "node.run_dir"),
+            ("address = \"192.0.2.10:7800\"", "address = \"127.0.0.1:7800\"", "peer[site-b].address"),
+        ];
+        for (from, to, key) in cases {
+            let e = parse(&GOOD.replace(from, to)).expect_err(to).to_string();
+            assert!(e.contains(key), "{to}: {e}");
+        }
+        // Another port on loopback, or metrics on another port, is fine.
+        parse(&GOOD.replace("address = \"192.0.2.10:7800\"", "address = \"127.0.0.1:7801\"")).expect("other port");
+        parse(&GOOD.replace(
+            "nbd_listen = \"127.0.0.1:10809\"",
+            "nbd_listen = \"127.0.0.1:10809\"\nmetrics_listen = \"127.0.0.1:9187\"",
+        ))
+        .expect("metrics port");
     }
 
     #[test]

@@ -156,7 +156,7 @@ impl Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Cannot reach the daemon.
-    #[error("cannot reach the replicator daemon at {path}: {source} (is `replicator run` running with this config?)")]
+    #[error("cannot reach the replicator daemon at {path}: {source} ({})", connect_hint(source))]
     Connect {
         /// Socket path.
         path: String,
@@ -166,6 +166,19 @@ pub enum ControlError {
     /// Broken exchange.
     #[error("control socket: {0}")]
     Protocol(String),
+}
+
+/// What an admin does about a control socket that does not connect.
+fn connect_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            "the socket is for root and the group `replicator`: run this as root, or add your user to that group"
+        }
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            "the daemon is not running with this configuration's run_dir: see `systemctl status replicator`"
+        }
+        _ => "is `replicator run` running with this configuration?",
+    }
 }
 
 /// Sends one request and waits for the response.

@@ -224,6 +224,20 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
     // Before any volume or journal is opened.
     clear_socket_path(&config.control_socket(), CONTROL_SOCKET)?;
     clear_socket_path(&config.nbd_socket(), NBD_SOCKET)?;
+    // The TCP listeners too: a port another program holds (10809 is
+    // qemu-nbd's and nbdkit's) stops the start before any group is opened
+    // and marked in use, so restarts do not replay journals in a loop.
+    let bind_tcp = |what: &'static str, addr: std::net::SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket { what, path: addr.to_string(), source })
+    };
+    let nbd_tcp = match config.node.nbd_listen {
+        Some(addr) => Some((addr, bind_tcp("NBD TCP listener", addr).await?)),
+        None => None,
+    };
+    let metrics_tcp = match config.node.metrics_listen {
+        Some(addr) => Some(bind_tcp("metrics listener", addr).await?),
+        None => None,
+    };
     let engine = IoEngine::new(BackendChoice::Auto);
     if let Some(reason) = engine.fallback_reason() {
         tracing::warn!("io_uring unavailable ({reason}); using the thread-pool I/O backend");
@@ -285,12 +299,7 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         nbd_limits.clone(),
     ));
     let mut nbd_tls = None;
-    if let Some(addr) = config.node.nbd_listen {
-        let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
-            what: "NBD TCP listener",
-            path: addr.to_string(),
-            source,
-        })?;
+    if let Some((addr, tcp)) = nbd_tcp {
         match config.node.nbd_tls {
             NbdTlsMode::Off => {
                 nbd_servers.spawn(crate::nbd::serve_shared(
@@ -325,12 +334,7 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
             }
         }
     }
-    if let Some(addr) = config.node.metrics_listen {
-        let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Socket {
-            what: "metrics listener",
-            path: addr.to_string(),
-            source,
-        })?;
+    if let Some(tcp) = metrics_tcp {
         tasks.spawn(crate::metrics::serve(tcp, node.clone(), shutdown.clone()));
     }
     {
@@ -516,10 +520,12 @@ fn reload(running: &Config, transport: &Transport, nbd_tls: Option<&NbdTls>) {
     if !restart.is_empty() {
         line.push_str(&format!(". Changed but applied only at restart: {}", restart.join(", ")));
     }
-    if kept.is_empty() {
-        tracing::info!("{line}");
-    } else {
+    if !kept.is_empty() {
         tracing::error!("{line}");
+    } else if !restart.is_empty() {
+        tracing::warn!("{line}");
+    } else {
+        tracing::info!("{line}");
     }
 }
 

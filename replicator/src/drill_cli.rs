@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{human_bytes, Config};
+use crate::cli::DaemonSockets;
+use crate::config::human_bytes;
 use crate::control::{exit, Request, Response};
 use crate::group::{format_time, DrillMeta, DrillOutcome, DrillRecord, DrillStatus};
 
@@ -58,8 +59,8 @@ fn fail(resp: &Response) -> ExitCode {
 }
 
 /// `drill start`.
-pub async fn start(config: &Config, group: String) -> Result<ExitCode, ExitCode> {
-    let resp = crate::cli::ask(config, Request::DrillStart { group }).await?;
+pub async fn start(daemon: &DaemonSockets, group: String) -> Result<ExitCode, ExitCode> {
+    let resp = crate::cli::ask(daemon, Request::DrillStart { group }).await?;
     if resp.exit != exit::OK {
         return Err(fail(&resp));
     }
@@ -68,8 +69,8 @@ pub async fn start(config: &Config, group: String) -> Result<ExitCode, ExitCode>
 }
 
 /// `drill stop`.
-pub async fn stop(config: &Config, group: String) -> Result<ExitCode, ExitCode> {
-    let resp = crate::cli::ask(config, Request::DrillStop { group, outcome: None }).await?;
+pub async fn stop(daemon: &DaemonSockets, group: String) -> Result<ExitCode, ExitCode> {
+    let resp = crate::cli::ask(daemon, Request::DrillStop { group, outcome: None }).await?;
     if resp.exit != exit::OK {
         return Err(fail(&resp));
     }
@@ -78,8 +79,8 @@ pub async fn stop(config: &Config, group: String) -> Result<ExitCode, ExitCode> 
 }
 
 /// `drill status`.
-pub async fn status(config: &Config, group: String, json: bool) -> Result<ExitCode, ExitCode> {
-    let resp = crate::cli::ask(config, Request::Status { group: Some(group.clone()) }).await?;
+pub async fn status(daemon: &DaemonSockets, group: String, json: bool) -> Result<ExitCode, ExitCode> {
+    let resp = crate::cli::ask(daemon, Request::Status { group: Some(group.clone()) }).await?;
     if resp.exit != exit::OK {
         return Err(fail(&resp));
     }
@@ -122,8 +123,8 @@ pub fn render_status(d: &DrillStatus) -> String {
 }
 
 /// `drill history`.
-pub async fn history(config: &Config, group: String, json: bool) -> Result<ExitCode, ExitCode> {
-    let resp = crate::cli::ask(config, Request::DrillHistory { group: group.clone() }).await?;
+pub async fn history(daemon: &DaemonSockets, group: String, json: bool) -> Result<ExitCode, ExitCode> {
+    let resp = crate::cli::ask(daemon, Request::DrillHistory { group: group.clone() }).await?;
     if resp.exit != exit::OK {
         return Err(fail(&resp));
     }
@@ -165,7 +166,7 @@ fn nbd_uri(socket: &Path, export: &str) -> String {
 
 /// `drill run`.
 pub async fn run(
-    config: &Config,
+    daemon: &DaemonSockets,
     group: String,
     report_dir: Option<PathBuf>,
     timeout: Option<Duration>,
@@ -180,13 +181,13 @@ pub async fn run(
     // drill copies are not left attached and unrecorded behind a dead
     // `drill run`. A second one ends the CLI at once.
     let interrupted = catch_interruptions(&group);
-    let resp = crate::cli::ask(config, Request::DrillStart { group: group.clone() }).await?;
+    let resp = crate::cli::ask(daemon, Request::DrillStart { group: group.clone() }).await?;
     if resp.exit != exit::OK {
         return Err(fail(&resp));
     }
     let meta: DrillMeta = data(&resp)?;
     println!("{}", resp.message);
-    let socket = config.node.run_dir.join("nbd.sock");
+    let socket = daemon.nbd();
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .env("REPLICATOR_DRILL_GROUP", &group)
@@ -249,7 +250,7 @@ pub async fn run(
     // The command's NBD clients may take a moment to detach.
     let deadline = Instant::now() + STOP_RETRY;
     let resp = loop {
-        let resp = crate::cli::ask(config, Request::DrillStop { group: group.clone(), outcome: Some(outcome.clone()) })
+        let resp = crate::cli::ask(daemon, Request::DrillStop { group: group.clone(), outcome: Some(outcome.clone()) })
             .await?;
         if resp.exit == exit::REFUSED && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(250)).await;

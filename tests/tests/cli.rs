@@ -615,6 +615,23 @@ fn sighup_reloads_and_names_what_needs_a_restart() {
     assert!(line.contains("Changed but applied only at restart: node.nbd_listen"), "{line}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nbd_listen was applied without a restart");
     assert_eq!(c.status(Site::A, "cli").state, "SIMPLEX", "the daemon still answers");
+
+    // A file that no longer validates (an edit in progress) changes
+    // nothing, and does not lock the admin out of the running daemon.
+    let path = c.config_path(Site::A).to_path_buf();
+    let text = std::fs::read_to_string(&path).expect("read config");
+    std::fs::write(&path, format!("{text}\n[[group]]\nname = \"half-done\"\npeer = \"site-c\"\n"))
+        .expect("write config");
+    c.signal(Site::A, nix::sys::signal::Signal::SIGHUP);
+    wait("SIGHUP: nothing reloaded: the configuration does not load", 1);
+    let out = c.cli(Site::A, &["status", "cli"]);
+    assert_eq!(code(&out), 0, "{}", describe_output(&out));
+    assert!(stdout(&out).contains("group cli"), "{}", describe_output(&out));
+    assert!(
+        stderr(&out).contains("missing field `mode`") && stderr(&out).contains("asking the running daemon anyway"),
+        "the command says what is wrong: {}",
+        describe_output(&out)
+    );
 }
 
 /// A daemon that does not answer (here: stopped with SIGSTOP) makes
