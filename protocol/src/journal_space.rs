@@ -5,10 +5,12 @@
 //! simulation act on them.
 //!
 //! The rules, for an admin:
-//! - **Sync mode while replicating:** a full journal is back-pressure. The
-//!   write waits for the secondary to confirm records, however long; it
-//!   never leaves the journal, because that would drop RPO 0 without the
-//!   link being down.
+//! - **Sync mode while writes wait for the secondary** (PAIR or COPY, or
+//!   the link lost with `on_link_loss = "block"`): a full journal is
+//!   back-pressure. The write waits for the secondary to confirm records,
+//!   however long; it never leaves the journal, because a write tracked in
+//!   the bitmap is acknowledged without the secondary: that would drop RPO
+//!   0 where only the link-loss policy may.
 //! - **`on_journal_full = "block"`:** the write waits up to
 //!   `journal_full_timeout` (measured from when the journal was first found
 //!   full, not per write), then the group goes to bitmap mode.
@@ -53,10 +55,10 @@ pub enum OnFull {
 /// The situation of a write that found no room in the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full {
-    /// The group replicates in sync mode.
-    pub sync: bool,
-    /// A session is up and the pair is PAIR or COPY.
-    pub replicating: bool,
+    /// Sync mode, and writes are acknowledged only once the secondary has
+    /// them (the pair is PAIR or COPY, or the link is lost with
+    /// `on_link_loss = "block"`).
+    pub sync_wait: bool,
     /// The configured policy.
     pub policy: FullPolicy,
     /// How long the journal has been full (since a write first found it
@@ -66,7 +68,7 @@ pub struct Full {
 
 /// Decides what a write that found the journal full does.
 pub fn on_full(full: Full) -> OnFull {
-    if full.sync && full.replicating {
+    if full.sync_wait {
         return OnFull::Wait;
     }
     match full.policy {
@@ -108,23 +110,22 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
-    fn full(sync: bool, replicating: bool, policy: FullPolicy, full_for: Duration) -> OnFull {
-        on_full(Full { sync, replicating, policy, full_for })
+    fn full(sync_wait: bool, policy: FullPolicy, full_for: Duration) -> OnFull {
+        on_full(Full { sync_wait, policy, full_for })
     }
 
     #[test]
     fn a_full_journal_waits_or_goes_to_the_bitmap() {
         let block = FullPolicy::Block { timeout: 5 * SECOND };
-        // Sync and replicating: back-pressure, whatever the policy and wait.
-        assert_eq!(full(true, true, FullPolicy::Suspend, 100 * SECOND), OnFull::Wait);
-        assert_eq!(full(true, true, block, 100 * SECOND), OnFull::Wait);
-        // Sync with the link down, or async: the policy decides.
-        assert_eq!(full(true, false, FullPolicy::Suspend, Duration::ZERO), OnFull::TrackInBitmap);
-        assert_eq!(full(false, true, FullPolicy::Suspend, Duration::ZERO), OnFull::TrackInBitmap);
-        assert_eq!(full(false, true, block, 4 * SECOND), OnFull::Wait);
-        assert_eq!(full(false, true, block, 5 * SECOND), OnFull::TrackInBitmap);
-        assert_eq!(full(true, false, block, 4 * SECOND), OnFull::Wait);
-        assert_eq!(full(true, false, block, 6 * SECOND), OnFull::TrackInBitmap);
+        // Writes waiting for the secondary (sync): back-pressure, whatever
+        // the policy and wait.
+        assert_eq!(full(true, FullPolicy::Suspend, 100 * SECOND), OnFull::Wait);
+        assert_eq!(full(true, block, 100 * SECOND), OnFull::Wait);
+        // Async, or sync once the link-loss policy let writes go on: the
+        // journal-full policy decides.
+        assert_eq!(full(false, FullPolicy::Suspend, Duration::ZERO), OnFull::TrackInBitmap);
+        assert_eq!(full(false, block, 4 * SECOND), OnFull::Wait);
+        assert_eq!(full(false, block, 5 * SECOND), OnFull::TrackInBitmap);
     }
 
     #[test]

@@ -197,3 +197,61 @@ fn kill9_while_tracking_dirty_regions_resyncs_only_the_dirty_regions() {
         assert!(got == &want[..], "MiB {m} does not hold its newest acknowledged write");
     }
 }
+
+/// Sync with `on_link_loss = "block"`: while the link is lost, writes wait
+/// for it, including those that find the journal full. They were tracked in
+/// the dirty bitmap and acknowledged without the secondary (the journal-full
+/// policy took over from the link-loss one), which a failover then lost.
+#[test]
+fn sync_block_keeps_writes_waiting_when_the_journal_fills_without_the_link() {
+    let group = GroupSpec::new("sb", Mode::Sync)
+        .volume("sb-vol", 64 * MIB)
+        .journal_size(16 * MIB)
+        .link_timeout(Duration::from_secs(1))
+        .extra("on_link_loss = \"block\"");
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sb");
+    cluster.wait_pair("sb", Duration::from_secs(60));
+    let rt = runtime();
+    let client = std::sync::Arc::new(
+        rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sb-vol")).expect("connect"),
+    );
+    rt.block_on(write_random(&client, 21, 16, 4096));
+
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    // Twice the journal at once: half of it cannot be journaled.
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writes: Vec<_> = (0..32u64)
+        .map(|i| {
+            let (client, acked) = (client.clone(), acked.clone());
+            rt.spawn(async move {
+                let data = replicator_tests::pattern::random_bytes(2200 + i, MIB as usize);
+                client.write(i * MIB, &data, false).await.expect("write");
+                acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        })
+        .collect();
+    cluster.wait_state(Site::A, "sb", "SUSPENDED", Duration::from_secs(30));
+    // Well past link_timeout: a write that went to the bitmap would be
+    // acknowledged by now.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = cluster.status(Site::A, "sb");
+    assert_eq!(
+        acked.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "writes acknowledged without the secondary under on_link_loss = block: {s:?}\n{}",
+        cluster.diagnostics()
+    );
+    assert_eq!((s.reason.as_deref(), s.dirty_bytes), (Some("link"), 0), "{s:?}");
+    assert!(!cluster.log(Site::A).contains("journal full"), "{}", cluster.diagnostics());
+
+    cluster.signal(Site::B, Signal::SIGCONT);
+    for w in writes {
+        rt.block_on(w).expect("writer");
+    }
+    cluster.wait_drained_within("sb", Duration::from_secs(90));
+    drop(client);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sb");
+}

@@ -848,15 +848,22 @@ impl Group {
         });
     }
 
-    /// Recomputes `Progress.sync_wait` and wakes everyone who watches.
-    fn publish(&self, g: &mut Inner) {
-        let sync_wait = self.cfg.mode == Mode::Sync
+    /// Whether this primary's writes are acknowledged only once the
+    /// secondary has them: sync mode in PAIR or COPY, or with the link lost
+    /// under `on_link_loss = "block"`.
+    fn sync_wait(&self, g: &Inner) -> bool {
+        self.cfg.mode == Mode::Sync
             && g.role() == Role::Primary
             && match g.state {
                 PairState::Pair | PairState::Copy => true,
                 PairState::Suspended(SuspendReason::Link) => self.cfg.on_link_loss == LinkLossPolicy::Block,
                 _ => false,
-            };
+            }
+    }
+
+    /// Recomputes `Progress.sync_wait` and wakes everyone who watches.
+    fn publish(&self, g: &mut Inner) {
+        let sync_wait = self.sync_wait(g);
         self.progress.send_modify(|p| {
             p.sync_wait = sync_wait;
             p.epoch += 1;

@@ -285,8 +285,7 @@ impl Group {
                 }
                 _ => {
                     let full = journal_space::Full {
-                        sync: self.cfg.mode == Mode::Sync,
-                        replicating: self.replicating(&g),
+                        sync_wait: self.sync_wait(&g),
                         policy: self.cfg.full_policy(),
                         full_for: g.journal_full_since.get_or_insert_with(Instant::now).elapsed(),
                     };
