@@ -357,3 +357,45 @@ fn pair_delete_on_the_primary_says_when_the_secondary_cannot_save_it() {
     assert!(stderr.contains("could not save"), "{stdout}{stderr}");
     assert_eq!(cluster.status(Site::A, "pe").state, "SIMPLEX");
 }
+
+/// A volume write on the primary fails (EIO): the group stops, and its
+/// replication session ends with it (the group's log says "this group
+/// stopped taking writes and replicating"). It went on: a copy chunk read
+/// without the failed write's record could follow that record to the
+/// secondary and undo it there, and the copy could finish and be recorded
+/// done. After the restart (which replays the journal) the pair resumes
+/// and both sites hold every write.
+#[test]
+fn a_failed_volume_write_on_the_primary_ends_its_replication_session() {
+    let Some(mut cluster) = cluster("pw") else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    cluster.fs_command(Site::A, "fail-write pw-vol.img");
+    let data = |i: u64| random_bytes(700 + i, BLOCK as usize);
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "pw-vol").await.expect("connect");
+        // The failed write and every one after it get an error.
+        let mut failed = 0;
+        for i in 0..16 {
+            failed += usize::from(client.write(i * BLOCK, &data(i), false).await.is_err());
+        }
+        assert!(failed >= 1, "no write failed");
+    });
+    wait_failed(&cluster, Site::A, "failed_writes", Duration::from_secs(30));
+    cluster.wait_until(Site::A, "pw", "session ended", Duration::from_secs(10), |s| {
+        s.health == "critical" && !s.connected
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let a = cluster.status(Site::A, "pw");
+    assert!(!a.connected, "the stopped primary started a new session: {a:?}");
+
+    let status = cluster.stop_status(Site::A);
+    assert_eq!(status.code(), Some(1), "an unclean stop must exit 1: {status}");
+    cluster.start(Site::A);
+    cluster.wait_until(Site::A, "pw", "PAIR again", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.connected && s.dirty_bytes == 0
+    });
+    cluster.wait_drained("pw");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("pw");
+}

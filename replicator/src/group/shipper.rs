@@ -125,6 +125,11 @@ async fn run(group: &Arc<Group>, epoch: u64) {
         if !current(group, epoch) {
             return;
         }
+        if group.stopped.get().is_some() {
+            // After a local failure only a restart (which replays the
+            // journal) replicates again.
+            return;
+        }
         if lock(&group.inner).switching {
             // A switchover hands the role over: no new session until this
             // node is the secondary (the new primary connects then).
@@ -385,6 +390,9 @@ async fn send_loop(
         }
         if superseded {
             return Ok(());
+        }
+        if let Some(why) = group.stopped.get() {
+            return Err(TransportError::Protocol(format!("the group stopped: {why}")));
         }
         let wake = group.ship_wake.notified();
         tokio::pin!(wake);
@@ -729,6 +737,14 @@ impl<'a> CopyReads<'a> {
         // bitmap), or a new one started after a pair delete and create.
         let Some(session) = g.session.as_mut().filter(|_| g.shipper_epoch == epoch) else { return Ok(()) };
         let generation = g.persisted.generation;
+        if let Some(why) = group.stopped.get() {
+            // A volume write failed (`Group::fail_stop`, set before its
+            // range was let go): this read may lack a record the secondary
+            // has, and sent after it would undo it there. Its region stays
+            // to copy.
+            session.on_copy_read_failed(copy_index, &mut g.bitmaps);
+            return Err(TransportError::Protocol(format!("the group stopped: {why}")));
+        }
         match read {
             Ok(CopyPayload::Digests(digests)) => {
                 let (len, span) = (c.len as u32, u32::try_from(c.span).unwrap_or(u32::MAX));
@@ -865,6 +881,11 @@ impl Group {
     /// The secondary confirmed the copy is complete and it is consistent.
     fn copy_finished(&self) {
         let mut g = lock(&self.inner);
+        if self.stopped.get().is_some() {
+            // A failed volume write stopped the group: its record's region
+            // may be what the copy read without it.
+            return;
+        }
         if g.bitmaps.iter().all(|b| b.is_clean()) && g.session.as_ref().is_none_or(PrimarySession::copy_idle) {
             if let Some(p) = g.persisted.role.as_primary_mut() {
                 p.copy_pending = false;

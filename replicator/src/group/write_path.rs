@@ -543,12 +543,14 @@ impl Group {
             None if op == RecordOp::Trim => volume.discard(a_off, a_len).await,
             None => volume.write_zeroes(a_off, a_len).await,
         };
-        drop(guard);
         if let Err(e) = &local_res {
             // The record is journaled (and may be shipped) but the volume
             // did not take it: stop; a restart replays the journal onto it.
+            // Before its range is let go: a copy read of it waiting behind
+            // this write sees the stop and is not sent (it lacks the record).
             self.fail_stop(format!("local write of record {shipped_seq:?} failed: {e}"));
         }
+        drop(guard);
         // Only what the volume took counts as written: a volume sync after a
         // failed write must not cover it, or journal space could be freed
         // past a record the volume lacks (the restart replays it from there).
@@ -641,9 +643,11 @@ impl Group {
             self.transition(&mut g, PairEvent::Failure, &why);
             drop(g);
             // Wake writes waiting for earlier records or for a save: they
-            // fail now.
+            // fail now; the replication session ends.
             self.journaled_through.send_modify(|_| {});
             self.bitmap_persisted.send_modify(|_| {});
+            self.session_kick.send_modify(|k| *k += 1);
+            self.ship_wake.notify_one();
         }
     }
 
