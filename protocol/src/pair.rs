@@ -17,6 +17,7 @@
 //! | COPY, PAIR                        | `LinkDown`                     | SUSPENDED(link)          |
 //! | PAIR                              | `JournalFull`                  | SUSPENDED(journal-full)  |
 //! | COPY                              | `JournalFull`                  | COPY (the copy covers it)|
+//! | PAIR, COPY                        | `RegionsToCopy`                | COPY                     |
 //! | SUSPENDED(link \| journal-full)   | `LinkUp { needs_resync: true }`| COPY                     |
 //! | SUSPENDED(link \| journal-full)   | `LinkUp { needs_resync: false }`| PAIR                    |
 //! | SUSPENDED(split)                  | `LinkUp { .. }`                | SUSPENDED(split) (an admin split never resumes by itself) |
@@ -153,6 +154,10 @@ pub enum PairEvent {
     },
     /// The async journal is full.
     JournalFull,
+    /// Regions where the secondary differs were found while replicating
+    /// (`verify --fix`): they are copied, the replica is inconsistent
+    /// until then.
+    RegionsToCopy,
     /// `pair split`.
     AdminSplit,
     /// `pair resync`.
@@ -174,6 +179,7 @@ impl PairEvent {
             PairEvent::LinkDown => "LinkDown",
             PairEvent::LinkUp { .. } => "LinkUp",
             PairEvent::JournalFull => "JournalFull",
+            PairEvent::RegionsToCopy => "RegionsToCopy",
             PairEvent::AdminSplit => "AdminSplit",
             PairEvent::AdminResync => "AdminResync",
             PairEvent::Failure => "Failure",
@@ -259,6 +265,7 @@ impl PairState {
             (S::Copy | S::Pair, E::LinkDown) => S::Suspended(R::Link),
             (S::Pair, E::JournalFull) => S::Suspended(R::JournalFull),
             (S::Copy, E::JournalFull) => S::Copy,
+            (S::Pair | S::Copy, E::RegionsToCopy) => S::Copy,
             (S::Suspended(R::Link | R::JournalFull), E::LinkUp { needs_resync }) => {
                 if needs_resync {
                     S::Copy
@@ -331,6 +338,7 @@ mod tests {
             PairEvent::LinkUp { needs_resync: true },
             PairEvent::LinkUp { needs_resync: false },
             PairEvent::JournalFull,
+            PairEvent::RegionsToCopy,
             PairEvent::AdminSplit,
             PairEvent::AdminResync,
             PairEvent::Failure,
@@ -379,6 +387,7 @@ mod tests {
                 (S::Copy, E::LinkDown) | (S::Pair, E::LinkDown) => S::Suspended(R::Link),
                 (S::Pair, E::JournalFull) => S::Suspended(R::JournalFull),
                 (S::Copy, E::JournalFull) => S::Copy,
+                (S::Pair, E::RegionsToCopy) | (S::Copy, E::RegionsToCopy) => S::Copy,
                 (S::Suspended(R::Link), E::LinkUp { needs_resync })
                 | (S::Suspended(R::JournalFull), E::LinkUp { needs_resync }) => {
                     if needs_resync {
@@ -412,7 +421,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(allowed, 47);
+        assert_eq!(allowed, 49);
         assert_eq!(
             PairState::Simplex.apply(PairEvent::CopyDone).unwrap_err().to_string(),
             "cannot CopyDone from SIMPLEX"

@@ -106,6 +106,13 @@ fn verify_finds_planted_differences_and_fix_copies_them() {
     assert_eq!(code, 0, "verify --fix:\n{out}");
     assert!(out.contains(&format!("fixed 2 regions ({} bytes)", MIB + 256 * KIB)), "{out}");
     assert_eq!(c.status(Site::A, group).state, "PAIR");
+    // COPY while the regions were copied (the replica was inconsistent: a
+    // sync pair did not claim RPO 0), PAIR after.
+    let log = c.log(Site::A);
+    assert!(
+        log.lines().any(|l| l.contains("pair state change") && l.contains("to=COPY") && l.contains("verify --fix")),
+        "the fix does not show COPY while it copies:\n{log}"
+    );
     c.wait_state(Site::B, group, "PAIR", Duration::from_secs(30));
     assert!(c.status(Site::B, group).consistent, "the secondary is consistent again after the fix");
 

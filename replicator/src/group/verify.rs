@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use replicator_protocol::pair::{PairState, Role};
+use replicator_protocol::pair::{PairEvent, PairState, Role};
 use replicator_protocol::pb::{self, envelope::Body};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -324,6 +324,12 @@ impl Group {
             }
             if let Some(p) = g.persisted.role.as_primary_mut() {
                 p.copy_pending = true;
+            }
+            // The replica is inconsistent until they are copied (a sync
+            // pair does not claim RPO 0 meanwhile).
+            if g.state == PairState::Pair {
+                self.transition(&mut g, PairEvent::RegionsToCopy, "verify --fix: copying the differing regions");
+                self.publish(&mut g);
             }
             // Durable before the copy starts: after a crash from here on,
             // the regions are still copied by the next session.
