@@ -219,6 +219,15 @@ pub enum SecondaryError {
     /// Local I/O failed.
     #[error("{0}")]
     Io(String),
+    /// COPY_DONE names records that did not arrive (the primary sends it
+    /// after every record through its seq): a broken peer.
+    #[error("COPY_DONE through record {seq}, but only records through {received} arrived")]
+    CopyDoneAhead {
+        /// Its seq.
+        seq: u64,
+        /// The newest record taken in.
+        received: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -504,12 +513,17 @@ impl Secondary {
 
     /// The primary's copy (or resync) is complete through write `seq`; it
     /// covers the resync gaps announced before it.
-    pub fn on_copy_done(&mut self, seq: u64) {
+    pub fn on_copy_done(&mut self, seq: u64) -> Result<(), SecondaryError> {
+        let received = self.taken_through();
+        if seq > received {
+            return Err(SecondaryError::CopyDoneAhead { seq, received });
+        }
         self.copy_done = Some(seq);
         if let Some(gap) = self.gap.take() {
             self.gap_covered = Some(self.gap_covered.map_or(gap, |g| g.min(gap)));
         }
-        self.applier.on_flush_request(seq.min(self.taken_through()));
+        self.applier.on_flush_request(seq);
+        Ok(())
     }
 
     /// The newest write seq taken in (applied, or waiting for journal
@@ -1209,6 +1223,15 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_done_beyond_the_records_received_is_refused() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
+        s.on_record(write(1, 0)).unwrap();
+        assert!(matches!(s.on_copy_done(2), Err(SecondaryError::CopyDoneAhead { seq: 2, received: 1 })));
+        s.on_copy_done(1).unwrap();
+    }
+
+    #[test]
     fn input_stops_while_payloads_not_applied_fill_their_budget() {
         let now = Instant::now();
         let delay = Duration::from_secs(10);
@@ -1744,7 +1767,7 @@ mod tests {
         let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
         s.on_record(write(1, 0)).unwrap();
         s.on_record(write(2, 8192)).unwrap();
-        s.on_copy_done(2);
+        s.on_copy_done(2).unwrap();
         // The primary's journal fills again right after it sent COPY_DONE.
         s.on_resync_gap(2);
         let acts = settle(&mut s, now);
@@ -1768,7 +1791,7 @@ mod tests {
         s.on_resync_gap(2);
         s.on_record(write(1, 0)).unwrap();
         s.on_record(write(2, 8192)).unwrap();
-        s.on_copy_done(2);
+        s.on_copy_done(2).unwrap();
         settle(&mut s, now);
         assert!(!s.copy_incomplete());
         // Record 3 follows nothing this node lacks: no new resync starts
@@ -1787,7 +1810,7 @@ mod tests {
         for seq in 1..=5 {
             s.on_record(write(seq, seq * 8192)).unwrap();
         }
-        s.on_copy_done(5);
+        s.on_copy_done(5).unwrap();
         // The primary's journal fills again before COPY_DONE's reply reaches
         // it: it announces the gap it still holds, older than 5.
         s.on_resync_gap(3);
@@ -1804,7 +1827,7 @@ mod tests {
         let now = Instant::now();
         let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
         s.on_record(write(1, 0)).unwrap();
-        s.on_copy_done(1);
+        s.on_copy_done(1).unwrap();
         // Before record 1 is durable, the journal fills again and records
         // after the gap arrive: taken at once (the image is inconsistent).
         s.on_resync_gap(1);
@@ -1814,7 +1837,7 @@ mod tests {
         assert!(s.copy_incomplete(), "the image lacks the writes before record 2");
         assert!(!acts.iter().any(|a| matches!(a, Action::ReleaseImage | Action::Send(Body::CommandReply(_)))));
         // The next resync's COPY_DONE ends it.
-        s.on_copy_done(2);
+        s.on_copy_done(2).unwrap();
         let acts = settle(&mut s, now);
         assert!(!s.copy_incomplete());
         assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
@@ -1847,7 +1870,7 @@ mod tests {
         s.on_record(write(1, 0)).unwrap();
         settle(&mut s, now);
         assert!(s.copy_incomplete());
-        s.on_copy_done(1);
+        s.on_copy_done(1).unwrap();
         let save = settle_but_the_consistent_save(&mut s, now);
         // A new gap (its COPY_DONE reply is not in the primary yet) and a
         // record after it: the previous resync still holds its preserved
@@ -1870,7 +1893,7 @@ mod tests {
         s.on_resync_gap(0);
         s.on_record(write(1, 0)).unwrap();
         settle(&mut s, now);
-        s.on_copy_done(1);
+        s.on_copy_done(1).unwrap();
         let save = settle_but_the_consistent_save(&mut s, now);
         // The end of the resync is saved; in the same batch of completions
         // (before the daemon performs what that queued) an I/O error stops

@@ -101,8 +101,10 @@ type Refused = (pb::Refusal, String);
 struct Accepted {
     /// Where the session starts.
     start: SecondaryStart,
-    /// A new pair: the restore journal starts empty, keyed by its id.
-    new_pair: bool,
+    /// A new pair, or a resync: the restore journal starts over, with a
+    /// fresh key (nothing in it is needed: every session starts from a
+    /// drained checkpoint).
+    fresh_journal: bool,
     commands: mpsc::UnboundedReceiver<SessionCommand>,
     /// The metadata save that must be on disk before the primary hears yes.
     save: u64,
@@ -259,6 +261,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 role: RoleState::Secondary(secondary),
                 pair_id: open.pair_id,
                 generation: open.generation,
+                // The primary's (a power cut before the first session moved
+                // it on): takeover points and restore-journal keys use it.
+                epoch: open.epoch,
                 clean_shutdown: false,
                 ..GroupState::simplex()
             };
@@ -312,6 +317,11 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 }
                 secondary.durable_seq = open.rebase_seq;
                 secondary.journal_tail_seq = open.rebase_seq.saturating_add(1);
+                // The rebase may number records below those the restore
+                // journal already holds (a failback: this node's own
+                // journal): started over with a fresh key from its start,
+                // so no old record can pass for a new one at a recovery.
+                secondary.journal_tail_pos = 0;
                 g.persisted.epoch = open.epoch;
                 // Inconsistent until the copy of those regions is done
                 // (COPY_DONE follows even when there is nothing to copy).
@@ -358,8 +368,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     g.secondary_durable = start.checkpoint;
     g.secondary_applied = start.checkpoint;
     group.publish(&mut g);
-    let new_pair = matches!(intent, pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy);
-    Ok(Accepted { start, new_pair, commands, save })
+    let fresh_journal =
+        matches!(intent, pb::OpenIntent::CreateFullCopy | pb::OpenIntent::CreateNocopy | pb::OpenIntent::Resync);
+    Ok(Accepted { start, fresh_journal, commands, save })
 }
 
 /// This node's standing in the pair, for `protocol::lifecycle`.
@@ -553,7 +564,7 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
     let accepted = match guard.and_then(|_| accept_open(&group, &open, &peer)) {
         Ok(a) => {
             let ready = match group.saved(a.save).await {
-                Ok(()) => restore_journal(&group, open.pair_id, a.new_pair).await,
+                Ok(()) => restore_journal(&group, open.pair_id, a.fresh_journal).await,
                 Err(e) => Err((pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}"))),
             };
             match ready {
@@ -780,21 +791,20 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
 /// must not pass for them at the next recovery (nothing in it is needed any
 /// more: every record was applied before the session was accepted, and the
 /// rebase drops those beyond its point).
-async fn restore_journal(group: &Group, pair_id: u64, new_pair: bool) -> Result<Arc<Journal>, Refused> {
+async fn restore_journal(group: &Group, pair_id: u64, fresh: bool) -> Result<Arc<Journal>, Refused> {
     let (current, epoch) = {
         let g = lock(&group.inner);
         (g.journal.clone(), g.persisted.epoch)
     };
-    if !new_pair {
+    if !fresh {
         if let Some(j) = current.filter(|j| j.epoch() == epoch) {
             return Ok(j);
         }
     }
     let path = journal_path(&group.store);
-    let journal =
-        Journal::open(&group.engine, &path, group.cfg.journal_size, &group.cfg.name, pair_id, epoch, new_pair)
-            .await
-            .map_err(|e| (pb::Refusal::Unspecified, format!("cannot open the restore journal here: {e}")))?;
+    let journal = Journal::open(&group.engine, &path, group.cfg.journal_size, &group.cfg.name, pair_id, epoch, fresh)
+        .await
+        .map_err(|e| (pb::Refusal::Unspecified, format!("cannot open the restore journal here: {e}")))?;
     let journal = Arc::new(journal);
     lock(&group.inner).journal = Some(journal.clone());
     Ok(journal)
@@ -1091,8 +1101,7 @@ impl Session {
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::CopyDone as i32 => {
-                self.machine.on_copy_done(c.seq);
-                Ok(())
+                self.machine.on_copy_done(c.seq).map_err(protocol)
             }
             Some(Body::Command(c)) if c.command == pb::Command::ResyncGap as i32 => {
                 self.machine.on_resync_gap(c.seq);
