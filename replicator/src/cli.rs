@@ -752,8 +752,26 @@ async fn ask_status(daemon: &DaemonSockets, req: Request) -> Result<Response, Ex
     }
 }
 
+/// After this long without an answer, a command says it is still waiting
+/// (a lifecycle command may wait for its peer; it is not cut short).
+const STILL_WAITING_AFTER: Duration = Duration::from_secs(10);
+
 pub(crate) async fn ask(daemon: &DaemonSockets, req: Request) -> Result<Response, ExitCode> {
-    control::call(&daemon.control(), &req).await.map_err(|e| {
+    let socket = daemon.control();
+    let call = control::call(&socket, &req);
+    tokio::pin!(call);
+    let answer = match tokio::time::timeout(STILL_WAITING_AFTER, &mut call).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            eprintln!(
+                "replicator: still waiting for the daemon's answer ({}s; it may be waiting for its peer); see its log: \
+                 `journalctl -u replicator -f`",
+                STILL_WAITING_AFTER.as_secs()
+            );
+            call.await
+        }
+    };
+    answer.map_err(|e| {
         eprintln!("replicator: {e}");
         ExitCode::from(exit::FAILED)
     })

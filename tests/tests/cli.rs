@@ -647,6 +647,7 @@ fn status_of_a_daemon_that_does_not_answer_fails_after_its_timeout() {
     c.signal(Site::A, nix::sys::signal::Signal::SIGCONT);
     assert_eq!(code(&out), 1, "{}", describe_output(&out));
     assert!(stderr(&out).contains("did not answer within 30s"), "{}", describe_output(&out));
+    assert!(stderr(&out).contains("still waiting for the daemon's answer"), "{}", describe_output(&out));
     assert!(took < Duration::from_secs(60), "status took {took:?}");
     let out = c.cli(Site::A, &["status"]);
     assert!(stdout(&out).contains("group cli"), "the daemon answers again: {}", describe_output(&out));
