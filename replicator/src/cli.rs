@@ -1001,6 +1001,19 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
             s.io_backend,
             if s.direct_io { " (O_DIRECT)" } else { " (buffered)" }
         );
+        let ms = |secs: f64| format!("{:.2} ms", secs * 1e3);
+        let _ = writeln!(
+            out,
+            "  link rtt {}  shipped {}  writes {}{}",
+            s.link_rtt_seconds.map_or_else(|| "-".to_string(), ms),
+            human_bytes(s.shipped_bytes),
+            s.writes,
+            match (s.write_latency_mean_seconds, s.write_latency_p99_at_most_seconds) {
+                (Some(mean), Some(p99)) => format!(" (latency mean {}, p99 <= {})", ms(mean), ms(p99)),
+                (Some(mean), None) => format!(" (latency mean {}, p99 > 5 s)", ms(mean)),
+                _ => String::new(),
+            }
+        );
         if s.state == "COPY" && s.copy_total_bytes > 0 {
             let _ = writeln!(out, "  copy {} of {}", human_bytes(s.copy_done_bytes), human_bytes(s.copy_total_bytes));
         }

@@ -51,6 +51,37 @@ impl LatencyHistogram {
     }
 }
 
+/// What `status` shows of a histogram: how many observations, their mean,
+/// and the bucket bound the 99th percentile lies under (`None` past the
+/// last bound, or with no observation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencySummary {
+    /// Observations.
+    pub count: u64,
+    /// Their mean, in seconds.
+    pub mean_seconds: Option<f64>,
+    /// The 99th percentile is at most this many seconds.
+    pub p99_at_most_seconds: Option<f64>,
+}
+
+impl LatencyHistogram {
+    /// See [`LatencySummary`].
+    pub fn summary(&self) -> LatencySummary {
+        let (sum, count, buckets) = self.snapshot();
+        let wanted = count - count / 100;
+        let mut seen = 0;
+        let p99 = buckets.iter().find_map(|&(bound, n)| {
+            seen += n;
+            (seen >= wanted).then_some(bound)
+        });
+        LatencySummary {
+            count,
+            mean_seconds: (count > 0).then(|| sum / count as f64),
+            p99_at_most_seconds: p99.filter(|b| count > 0 && *b < f64::MAX),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +100,22 @@ mod tests {
         assert_eq!(buckets[2], (0.0002, 1));
         assert_eq!(buckets.last(), Some(&(f64::MAX, 1)));
         assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn the_summary_bounds_the_99th_percentile() {
+        let h = LatencyHistogram::default();
+        assert_eq!(h.summary(), LatencySummary { count: 0, mean_seconds: None, p99_at_most_seconds: None });
+        for _ in 0..99 {
+            h.record(Duration::from_micros(80));
+        }
+        h.record(Duration::from_micros(3000));
+        let s = h.summary();
+        assert_eq!(s.count, 100);
+        assert_eq!(s.p99_at_most_seconds, Some(0.0001), "99 of 100 under 100 µs");
+        assert!((s.mean_seconds.unwrap_or(0.0) - 0.0001092).abs() < 1e-9, "{s:?}");
+        h.record(Duration::from_secs(10));
+        h.record(Duration::from_secs(10));
+        assert_eq!(h.summary().p99_at_most_seconds, None, "past the last bound");
     }
 }

@@ -110,7 +110,7 @@ fn status_json_schema_and_pair_lifecycle() {
     assert_eq!(groups.len(), 1, "{v}");
     let g = &groups[0];
     type FieldCheck = (&'static str, fn(&serde_json::Value) -> bool);
-    let fields: [FieldCheck; 38] = [
+    let fields: [FieldCheck; 43] = [
         ("group", serde_json::Value::is_string),
         ("health", serde_json::Value::is_string),
         ("activity_log_bytes", serde_json::Value::is_u64),
@@ -149,6 +149,11 @@ fn status_json_schema_and_pair_lifecycle() {
         ("last_error", |x| x.is_null() || x.is_string()),
         ("volumes", serde_json::Value::is_array),
         ("uptime_seconds", serde_json::Value::is_u64),
+        ("link_rtt_seconds", |x| x.is_null() || x.is_f64()),
+        ("shipped_bytes", serde_json::Value::is_u64),
+        ("writes", serde_json::Value::is_u64),
+        ("write_latency_mean_seconds", |x| x.is_null() || x.is_f64()),
+        ("write_latency_p99_at_most_seconds", |x| x.is_null() || x.is_f64()),
     ];
     for (name, ok) in fields {
         let f = g.get(name).unwrap_or_else(|| panic!("status --json lacks the documented field {name:?}: {g}"));
@@ -186,6 +191,29 @@ fn status_json_schema_and_pair_lifecycle() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v[0]["role"], "secondary", "{v}");
     assert_eq!(v[0]["consistent"], true, "{v}");
+    // What the metrics show, at a glance: the link's round trip while
+    // connected, and the writes the primary took and shipped.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client =
+            replicator::nbd_client::NbdClient::connect_unix(&c.nbd_socket(Site::A), "cli-vol").await.expect("connect");
+        for i in 0..8u64 {
+            client.write(i * 4096, &[0x42; 4096], false).await.expect("write");
+        }
+        client.flush().await.expect("flush");
+    });
+    let out = c.cli(Site::A, &["status", "cli", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(v[0]["link_rtt_seconds"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    assert_eq!(v[0]["writes"], 8, "{v}");
+    assert_eq!(v[0]["shipped_bytes"], 8 * 4096, "{v}");
+    assert!(v[0]["write_latency_mean_seconds"].as_f64().is_some_and(|m| m > 0.0), "{v}");
+    let out = c.cli(Site::A, &["status", "cli"]);
+    assert!(
+        stdout(&out).contains("link rtt ") && stdout(&out).contains("writes 8 (latency mean"),
+        "{}",
+        describe_output(&out)
+    );
 
     // A second pair create is refused (exit 3) and says why.
     let out = c.cli(Site::A, &["pair", "create", "cli"]);

@@ -1597,6 +1597,9 @@ impl Group {
 
     /// The status view of this group.
     pub fn status(&self) -> GroupStatus {
+        // Outside the group lock: the transport has locks of its own.
+        let link_rtt_seconds = self.transport.rtt(&self.cfg.peer).map(|d| d.as_secs_f64());
+        let latency = self.latency().summary();
         let g = lock(&self.inner);
         let p = self.progress.borrow().clone();
         let (applied, durable, connected) = match g.role() {
@@ -1681,6 +1684,11 @@ impl Group {
                 .map(|v| VolumeStatus { name: v.name.clone(), path: v.file().path().to_path_buf(), size: v.size() })
                 .collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
+            link_rtt_seconds,
+            shipped_bytes: self.counters.shipped_bytes.get(),
+            writes: latency.count,
+            write_latency_mean_seconds: latency.mean_seconds,
+            write_latency_p99_at_most_seconds: latency.p99_at_most_seconds,
             drill: self.drill_status(),
             failover_image: self.failover_image(&g),
         }
@@ -1802,6 +1810,25 @@ pub struct GroupStatus {
     pub volumes: Vec<VolumeStatus>,
     /// Seconds since the daemon opened the group.
     pub uptime_seconds: u64,
+    /// Round-trip time of the connection to the peer as QUIC estimates it
+    /// (null while none is open).
+    #[serde(default)]
+    pub link_rtt_seconds: Option<f64>,
+    /// Bytes of volume covered by the records this node shipped since the
+    /// daemon started (primary).
+    #[serde(default)]
+    pub shipped_bytes: u64,
+    /// Client writes since the daemon started.
+    #[serde(default)]
+    pub writes: u64,
+    /// Their mean latency (sync mode: with the secondary); null without
+    /// writes.
+    #[serde(default)]
+    pub write_latency_mean_seconds: Option<f64>,
+    /// Their 99th percentile lies at or under this histogram bound (null
+    /// without writes, or past 5 s).
+    #[serde(default)]
+    pub write_latency_p99_at_most_seconds: Option<f64>,
     /// The running drill (`drill start`), if any.
     #[serde(default)]
     pub drill: Option<DrillStatus>,
