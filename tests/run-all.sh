@@ -28,7 +28,8 @@ cargo build --release --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace -- --test-threads=2 2>&1 | tee "$log" || status=$?
+# Every test binary runs even after one fails (the summary then counts all).
+cargo test --release --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || status=$?
 # One closing line for the whole workspace (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "workspace: %d passed, %d failed\n", p, f }' "$log"

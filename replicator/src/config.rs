@@ -647,14 +647,15 @@ impl Validator<'_> {
     /// Directories and TCP listeners that would clash with each other.
     fn check_node_places(&self, node: &NodeConfig) -> Result<(), ConfigError> {
         let (state, run) = (&node.state_dir, &node.run_dir);
-        if state.starts_with(run) || run.starts_with(state) {
-            // systemd empties run_dir (RuntimeDirectory=) at every stop, and
-            // the two get different modes (0700, 0750).
+        if state.starts_with(run) {
+            // systemd empties run_dir (RuntimeDirectory=) at every stop,
+            // which would take the pair's state with it; one directory
+            // cannot have both modes (0700, 0750).
             return Err(self.err(
                 "node.run_dir",
                 format!(
-                    "{} and node.state_dir {} overlap: run_dir holds sockets and is emptied at every stop, state_dir \
-                     the pair's state; give each its own directory (e.g. /run/replicator, /var/lib/replicator)",
+                    "{} holds node.state_dir {}: run_dir holds sockets and is emptied at every stop, state_dir the \
+                     pair's state; give each its own directory (e.g. /run/replicator, /var/lib/replicator)",
                     run.display(),
                     state.display()
                 ),
@@ -1276,7 +1277,7 @@ size = "20GiB"
                 "nbd_listen = \"127.0.0.1:10809\"\nmetrics_listen = \"0.0.0.0:10809\"",
                 "node.metrics_listen",
             ),
-            ("run_dir = \"/run/replicator\"", "run_dir = \"/var/lib/replicator/run\"", "node.run_dir"),
+            ("state_dir = \"/var/lib/replicator\"", "state_dir = \"/run/replicator/state\"", "node.run_dir"),
             ("run_dir = \"/run/replicator\"", "run_dir = \"/var/lib/replicator\"", "node.run_dir"),
             ("address = \"192.0.2.10:7800\"", "address = \"127.0.0.1:7800\"", "peer[site-b].address"),
         ];

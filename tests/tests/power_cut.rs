@@ -102,6 +102,9 @@ fn a_secondary_killed_mid_stream_restarts_alone_into_a_write_order_prefix() {
     // Each write goes to its own 64 KiB block, in order: the image after
     // writes through N has blocks 0..N written and the rest zero.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    // Write i is record base + i + 1.
+    let base = cluster.status(Site::A, "cu").last_seq;
+    let mut durable_at_kill = 0;
     rt.block_on(async {
         let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "cu-vol").await.expect("connect");
         for i in 0..WRITES {
@@ -109,6 +112,7 @@ fn a_secondary_killed_mid_stream_restarts_alone_into_a_write_order_prefix() {
             if i == WRITES / 2 {
                 // Somewhere in the middle of the stream, while records are
                 // in flight to the secondary's journal and volume.
+                durable_at_kill = cluster.status(Site::A, "cu").durable_seq;
                 cluster.kill9(Site::B);
             }
         }
@@ -122,6 +126,9 @@ fn a_secondary_killed_mid_stream_restarts_alone_into_a_write_order_prefix() {
     let image = std::fs::read(cluster.volume_path(Site::B, "cu-vol")).expect("read the replica");
     let n = written_prefix(&image, WRITES, BLOCK);
     eprintln!("the replica restarted alone holds writes 0..{n} of {WRITES}");
+    // Every record it had acknowledged as durable in its restore journal.
+    let acked = durable_at_kill.saturating_sub(base);
+    assert!(n >= acked, "the replica holds writes 0..{n}, but it had acknowledged 0..{acked} as durable");
 }
 
 /// The dirty bitmaps are saved in place, in two copies (`slotted_file.rs`):

@@ -726,3 +726,37 @@ fn a_secondary_whose_restore_journal_is_missing_is_inconsistent_until_compared_w
     c.stop(Site::B);
     c.assert_volumes_identical(group);
 }
+
+/// The secondary comes back with its restore journal gone before the
+/// primary noticed it was away (within `link_timeout`, the primary still
+/// in PAIR): the primary must show COPY while it compares and copies the
+/// whole volumes (the replica is inconsistent meanwhile: no RPO 0 claim,
+/// no switchover onto it), and PAIR again after.
+#[test]
+fn a_peer_back_without_its_restore_journal_puts_the_primary_in_copy() {
+    let (group, vol) = ("rjp", "rjp-vol");
+    let spec = GroupSpec::new(group, Mode::Sync).volume(vol, 16 * MIB).link_timeout(Duration::from_secs(60));
+    let mut c = Cluster::new(ClusterOpts::group(spec));
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let rt = runtime();
+    write_blocks(&rt, &c, vol, 930, 16);
+    c.wait_drained(group);
+    c.kill9(Site::B);
+    std::fs::remove_file(state_dir(&c, Site::B).join("groups").join(group).join("journal"))
+        .expect("remove the secondary's restore journal");
+    assert_eq!(c.status(Site::A, group).state, "PAIR", "the primary has not noticed yet");
+    c.start(Site::B);
+    c.wait_pair(group, Duration::from_secs(60));
+    let log = c.log(Site::A);
+    assert!(
+        log.lines().any(|l| l.contains("pair state change") && l.contains("to=COPY")),
+        "the primary never showed COPY while it copied into an inconsistent replica\n{}",
+        c.diagnostics()
+    );
+    c.wait_drained(group);
+    assert!(c.status(Site::B, group).consistent);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical(group);
+}

@@ -613,6 +613,11 @@ impl Group {
         if matches!(g.state, PairState::SplitBrain | PairState::Suspended(_)) {
             tracing::info!(group = %self.cfg.name, from = %g.state, "pair state change: resync of the peer's divergent regions");
             g.state = PairState::Suspended(SuspendReason::Link);
+        } else {
+            // Still PAIR (the peer came back within link_timeout, having
+            // lost its restore journal): the replica is inconsistent until
+            // the copy ends, and no switchover or RPO 0 claim meanwhile.
+            self.transition(g, PairEvent::RegionsToCopy, "the peer's divergent regions are copied");
         }
         let save = self.save_later(g);
         self.publish(g);

@@ -125,11 +125,6 @@ async fn run(group: &Arc<Group>, epoch: u64) {
         if !current(group, epoch) {
             return;
         }
-        if group.stopped.get().is_some() {
-            // After a local failure only a restart (which replays the
-            // journal) replicates again.
-            return;
-        }
         if lock(&group.inner).switching {
             // A switchover hands the role over: no new session until this
             // node is the secondary (the new primary connects then).
@@ -390,9 +385,6 @@ async fn send_loop(
         }
         if superseded {
             return Ok(());
-        }
-        if let Some(why) = group.stopped.get() {
-            return Err(TransportError::Protocol(format!("the group stopped: {why}")));
         }
         let wake = group.ship_wake.notified();
         tokio::pin!(wake);
@@ -687,7 +679,12 @@ impl<'a> CopyReads<'a> {
                 if g.shipper_epoch != epoch {
                     return;
                 }
-                let copying = g.persisted.role.as_primary().is_some_and(|p| p.copy_pending && !p.bitmap_mode)
+                // Not after a failed volume write (`Group::fail_stop`): a
+                // read could lack its record, which the secondary has.
+                // Journaled records still ship: the restart replays them
+                // here, and they were acknowledged.
+                let copying = group.stopped.get().is_none()
+                    && g.persisted.role.as_primary().is_some_and(|p| p.copy_pending && !p.bitmap_mode)
                     && group.copy_may_clear_chunks(&mut g);
                 let g = &mut *g;
                 let step = match g.session.as_mut() {

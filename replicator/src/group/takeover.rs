@@ -447,10 +447,18 @@ impl Group {
     /// The secondary takes over after the primary asked for it (switchover)
     /// and this session drained: every record through `seq` is here.
     pub(super) async fn take_over_after_switchover(self: &Arc<Self>, seq: u64) -> Result<(), GroupError> {
-        let (pair_id, epoch, checkpoint) = {
+        let (pair_id, epoch, checkpoint, consistent) = {
             let g = lock(&self.inner);
-            (g.persisted.pair_id, g.persisted.epoch, g.persisted.role.as_secondary().map_or(0, |s| s.durable_seq))
+            let s = g.persisted.role.as_secondary();
+            (g.persisted.pair_id, g.persisted.epoch, s.map_or(0, |s| s.durable_seq), g.persisted.role.consistent())
         };
+        if !consistent {
+            // A copy into this replica has not finished: its image is no
+            // write-order-consistent one (the primary may not have known).
+            return Err(GroupError::Failed(
+                "switchover: this replica is inconsistent (a copy into it is not finished)".into(),
+            ));
+        }
         if checkpoint < seq {
             return Err(GroupError::Failed(format!(
                 "switchover: this node holds records through {checkpoint}, the primary's last is {seq}"

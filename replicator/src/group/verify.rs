@@ -329,8 +329,11 @@ impl Group {
             // pair does not claim RPO 0 meanwhile).
             if g.state == PairState::Pair {
                 self.transition(&mut g, PairEvent::RegionsToCopy, "verify --fix: copying the differing regions");
-                self.publish(&mut g);
             }
+            // The running session's copy progress starts over with them.
+            g.copy_total = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
+            g.copy_done = 0;
+            g.copy_sent = 0;
             // Durable before the copy starts: after a crash from here on,
             // the regions are still copied by the next session.
             self.save_later(&mut g)

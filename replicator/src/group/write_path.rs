@@ -547,7 +547,8 @@ impl Group {
             // The record is journaled (and may be shipped) but the volume
             // did not take it: stop; a restart replays the journal onto it.
             // Before its range is let go: a copy read of it waiting behind
-            // this write sees the stop and is not sent (it lacks the record).
+            // this write sees the stop and is not sent (it lacks the record;
+            // `CopyReads::finish`).
             self.fail_stop(format!("local write of record {shipped_seq:?} failed: {e}"));
         }
         drop(guard);
@@ -643,11 +644,10 @@ impl Group {
             self.transition(&mut g, PairEvent::Failure, &why);
             drop(g);
             // Wake writes waiting for earlier records or for a save: they
-            // fail now; the replication session ends.
+            // fail now. (The session goes on shipping journaled records;
+            // the copy stops, see `CopyReads::start`.)
             self.journaled_through.send_modify(|_| {});
             self.bitmap_persisted.send_modify(|_| {});
-            self.session_kick.send_modify(|k| *k += 1);
-            self.ship_wake.notify_one();
         }
     }
 
