@@ -30,6 +30,11 @@ trap 'rm -f "$log"' EXIT
 status=0
 # Every test binary runs even after one fails (the summary then counts all).
 cargo test --release --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || status=$?
+# The power-loss suite again on the other I/O backend (the thread pool the
+# daemon falls back to where io_uring is unavailable or distrusted): its
+# FUA and flush paths differ.
+REPLICATOR_IO_BACKEND=threads cargo test --release -p replicator-tests --test power_loss -- --test-threads=2 2>&1 \
+    | tee -a "$log" || status=$?
 # One closing line for the whole workspace (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "workspace: %d passed, %d failed\n", p, f }' "$log"

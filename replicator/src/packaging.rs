@@ -521,7 +521,7 @@ name = "a"
 path = "/dev/replicator-test-absent/lv"
 size = "1GiB"
 "#,
-            "127.0.0.1:7800",
+            "127.0.0.1:7801",
         );
         let d = systemd_dropin(&c, &[]).unwrap();
         let settings: Vec<&str> = d.lines().filter(|l| !l.starts_with('#')).collect();

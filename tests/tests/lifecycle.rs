@@ -282,7 +282,7 @@ fn failover_after_split_rw_keeps_the_split_writes_for_failback() {
     assert_eq!(write_blocks(&cluster, Site::B, "fs-vol", 400..410, 1000), 10);
     cluster.stop(Site::A);
     let out = cli_ok(&cluster, Site::B, &["failover", "fs"]);
-    assert!(out.contains("split with --rw and written since"), "the report names the split writes: {out}");
+    assert!(out.contains("written here while split with --rw"), "the report names the split writes: {out}");
     assert_eq!(write_blocks(&cluster, Site::B, "fs-vol", 100..110, 2000), 10);
     cluster.start(Site::A);
     cluster.wait_until(Site::A, "fs", "fenced", MINUTE, |s| s.superseded_by > 0);

@@ -371,6 +371,13 @@ impl Run {
         let vol = format!("{group}-vol");
         let spec = GroupSpec::new(&group, mode).volume(&vol, VOLUME_SIZE).link_timeout(Duration::from_secs(1));
         let cluster = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+        // run-all.sh runs this suite a second time on the thread-pool
+        // backend: make sure the daemons really use it then.
+        let backend = cluster.status(Site::A, &group).io_backend;
+        if std::env::var("REPLICATOR_IO_BACKEND").is_ok_and(|v| v == "threads") {
+            assert_eq!(backend, "threads", "REPLICATOR_IO_BACKEND=threads did not reach the daemon");
+        }
+        eprintln!("POWER-LOSS {label}: I/O backend {backend}");
         cluster.pair_create(&group);
         if !during_copy {
             cluster.wait_pair(&group, Duration::from_secs(120));
@@ -776,4 +783,54 @@ fn primary_power_cut_after_its_unflushed_writes_were_copied() {
     let image = std::fs::read(c.volume_path(Site::A, vol)).expect("read the primary's volume");
     assert!(image == expect, "{label}: the primary lost writes its copy had sent\n{}", c.diagnostics());
     c.assert_volumes_identical(group);
+}
+
+/// The exports advertise `NBD_FLAG_CAN_MULTI_CONN`: a FLUSH on one
+/// connection makes durable every write acknowledged on any connection
+/// before it. Writes on one connection, the FLUSH on another, then a power
+/// cut of the primary: after its restart (and on the secondary, once
+/// drained) every one of those writes is there. Both modes.
+#[test]
+fn a_flush_on_one_connection_covers_writes_acknowledged_on_another() {
+    if !require_root("a_flush_on_one_connection_covers_writes_acknowledged_on_another") {
+        return;
+    }
+    require("fusermount3");
+    for mode in [Mode::Async, Mode::Sync] {
+        let group = format!("mc{}", mode.as_str());
+        let vol = format!("{group}-vol");
+        let spec = GroupSpec::new(&group, mode).volume(&vol, 16 * MIB).link_timeout(Duration::from_secs(1));
+        let mut cluster = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+        cluster.pair_create(&group);
+        cluster.wait_pair(&group, Duration::from_secs(60));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        const WRITES: u64 = 64;
+        rt.block_on(async {
+            let writer = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), &vol).await.expect("connect");
+            let flusher = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), &vol).await.expect("connect");
+            for b in 0..WRITES {
+                writer.write(b * BLOCK as u64, &stamp(b, 7), false).await.expect("write");
+            }
+            flusher.flush().await.expect("flush on the other connection");
+        });
+        let cut = cluster.power_cut(Site::A);
+        eprintln!("MULTI-CONN {mode:?}: the cut dropped {} page(s)", cut.dropped);
+        cluster.start(Site::A);
+        let image = rt.block_on(async {
+            let c = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), &vol).await.expect("connect");
+            c.read(0, (WRITES * BLOCK as u64) as u32).await.expect("read")
+        });
+        for b in 0..WRITES {
+            let at = (b as usize) * BLOCK;
+            assert!(
+                image[at..at + BLOCK] == stamp(b, 7)[..],
+                "{mode:?}: block {b}, written on one connection and flushed on another, lost in the power cut"
+            );
+        }
+        cluster.wait_pair(&group, Duration::from_secs(60));
+        cluster.wait_drained(&group);
+        cluster.stop(Site::A);
+        cluster.stop(Site::B);
+        cluster.assert_volumes_identical(&group);
+    }
 }

@@ -440,8 +440,8 @@ fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup
             }
             let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
             format!(
-                "group {name}: this node's volumes differ from {peer}'s in {bytes} bytes of regions it will discard; \
-                 copy them and resync"
+                "group {name}: this node's volumes differ from {peer}'s in {bytes} bytes of regions (its own \
+                 writes it discards, or a restore journal it lost); copy them and resync"
             )
         }
         _ if g.persisted.pair_id == open.pair_id => {

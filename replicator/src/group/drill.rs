@@ -344,8 +344,9 @@ impl Group {
             }
             if g.persisted.role.as_secondary().is_some_and(|s| s.split_writable || s.needs_rebase) {
                 return Err(GroupError::Refused(format!(
-                    "group {name}: the replica's volumes hold writes made here (split with --rw, or a failback \
-                     waiting for its copy): a drill copy of it would be no recovery point of the primary. \
+                    "group {name}: the replica's volumes differ from the primary's in regions waiting for a copy \
+                     (written here while split with --rw, a failback, or a restore journal lost): a drill copy of \
+                     it would be no recovery point of the primary. \
                      `replicator pair resync {name}` on {} first",
                     self.cfg.peer
                 )));

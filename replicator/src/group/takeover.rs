@@ -190,8 +190,9 @@ impl Group {
             if g.bitmaps.iter().any(|b| !b.is_clean()) {
                 let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
                 report.push_str(&format!(
-                    " The replica was split with --rw and written since: its volumes hold those writes too \
-                     ({bytes} bytes of regions, copied to {peer} at failback)."
+                    " Its volumes differ from what {peer} last sent in {bytes} bytes of regions (written here \
+                     while split with --rw, or a restore journal that was lost); they are copied to {peer} at \
+                     failback."
                 ));
             }
             if inconsistent {
