@@ -215,6 +215,21 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         .map_err(|source| DaemonError::Socket { what: "state_dir", path: state_dir.display().to_string(), source })?;
     // Held until this function returns (the kernel drops it if we die).
     let state_lock = StateDirLock::acquire(state_dir)?;
+    // The names of state_dir and of its `groups` directory are durable
+    // before anything in them is relied on: a crash between their creation
+    // and its directory fsync left them not durable, and only this fsyncs
+    // them again (each group directory is fsynced with its state saves).
+    let groups_dir = state_dir.join("groups");
+    for dir in [state_dir.parent(), Some(state_dir.as_path()), Some(groups_dir.as_path())].into_iter().flatten() {
+        if dir.as_os_str().is_empty() || !dir.exists() {
+            continue;
+        }
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| DaemonError::Socket {
+            what: "state_dir",
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
     let run_dir = &config.node.run_dir;
     crate::perms::ensure_dir(run_dir, crate::perms::RUN_DIR_MODE, "run_dir").map_err(|source| DaemonError::Socket {
         what: "run_dir",

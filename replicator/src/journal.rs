@@ -181,10 +181,10 @@ impl Journal {
         reset: bool,
     ) -> Result<Journal, JournalError> {
         let (existed, size) = match std::fs::metadata(path) {
-            Ok(m) if reset && m.len() != size => {
-                let _ = std::fs::remove_file(path);
-                (false, size)
-            }
+            // Made anew at the new size, renamed over the old file only
+            // once whole: a crash while it is filled leaves the old one
+            // (whose records are keyed with another pair, epoch or salt).
+            Ok(m) if reset && m.len() != size => (false, size),
             // `journal_size` changed since the file was made: its records
             // sit where a ring of the file's size put them, so the journal
             // keeps that size until it starts over (`reset`).
@@ -882,6 +882,26 @@ mod tests {
         let engine = IoEngine::new(BackendChoice::Auto);
         drop(Journal::open(&engine, &path, CAPACITY, "g", 7, 1, false).await.unwrap());
         assert_eq!(mode(&path), 0o600);
+    }
+
+    /// A journal starting over at another size is made whole under another
+    /// name first: if that fails (or the daemon dies while it is filled),
+    /// the old file is still there. It was removed first, and a restart
+    /// then found no journal (a secondary: its restore journal lost).
+    #[tokio::test]
+    async fn a_journal_resized_at_a_start_over_keeps_the_old_file_until_the_new_one_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        drop(journal_with(dir.path(), 1).await);
+        // The new file's temporary name is taken (by a directory), so
+        // making it fails.
+        std::fs::create_dir(path.with_extension("creating")).unwrap();
+        let engine = IoEngine::new(BackendChoice::Auto);
+        assert!(Journal::open(&engine, &path, 2 * CAPACITY, "g", 7, 2, true).await.is_err());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), CAPACITY, "the old journal must stay");
+        std::fs::remove_dir(path.with_extension("creating")).unwrap();
+        let j = Journal::open(&engine, &path, 2 * CAPACITY, "g", 7, 2, true).await.unwrap();
+        assert_eq!(j.capacity(), 2 * CAPACITY);
     }
 
     /// Extents of `path` that `filefrag` reports as unwritten.

@@ -411,7 +411,9 @@ pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    // The new name durable too: a power cut must not bring back the old
+    // drop-in (the unit would start without the new volumes' grants).
+    result.and_then(|()| std::fs::File::open(dir)?.sync_all())
 }
 
 #[cfg(test)]

@@ -102,6 +102,10 @@ impl PreservedImage {
         };
         let record: R =
             serde_json::from_slice(&bytes).map_err(|e| GroupError::Failed(format!("{}: {e}", path.display())))?;
+        // A crash between the record's rename and its directory's fsync
+        // left its name not durable, and nothing fsyncs this directory
+        // later: a power cut long after would take the image away.
+        sync_dir(dir)?;
         let ours: Vec<(String, u64)> = volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
         if record.volumes() != ours.as_slice() {
             return Err(GroupError::Failed(format!(
