@@ -224,11 +224,11 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         if dir.as_os_str().is_empty() || !dir.exists() {
             continue;
         }
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| DaemonError::Socket {
-            what: "state_dir",
-            path: dir.display().to_string(),
-            source,
-        })?;
+        // Said, not fatal: a parent the daemon may not read (execute-only)
+        // or a file system without directory fsync.
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dir.display(), "cannot fsync this directory ({e}): a power cut may lose names in it");
+        }
     }
     let run_dir = &config.node.run_dir;
     crate::perms::ensure_dir(run_dir, crate::perms::RUN_DIR_MODE, "run_dir").map_err(|source| DaemonError::Socket {

@@ -563,17 +563,9 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
     let guarded = matches!(guard, Ok(true));
     let accepted = match guard.and_then(|_| accept_open(&group, &open, &peer)) {
         Ok(a) => {
-            // The restore journal first, then the state that relies on it:
-            // a crash between leaves the earlier state (a drained
-            // checkpoint, which needs nothing from the journal) with a
-            // journal it does not use, never a state naming a journal file
-            // not made yet (which reads as a lost restore journal).
-            let ready = match restore_journal(&group, open.pair_id, a.fresh_journal).await {
-                Ok(journal) => match group.saved(a.save).await {
-                    Ok(()) => Ok(journal),
-                    Err(e) => Err((pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}"))),
-                },
-                Err(refused) => Err(refused),
+            let ready = match group.saved(a.save).await {
+                Ok(()) => restore_journal(&group, open.pair_id, a.fresh_journal).await,
+                Err(e) => Err((pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}"))),
             };
             match ready {
                 Ok(journal) => Ok((a, journal)),

@@ -407,7 +407,10 @@ async fn send_loop(
         // empties, and the secondary would keep what this node lost, with
         // nothing left to say the region differs. (While a copy runs,
         // every write is journaled, and its region is in the activity log.)
-        if !group.copy_source_unsynced() || group.sync_volumes(false).await.is_ok() {
+        // Not after a failed volume write or sync (`Group::fail_stop`): the
+        // copy is off, and a sync that succeeds after a failed one (Linux
+        // reports a write-back error once) would count lost pages durable.
+        if group.stopped.get().is_none() && (!group.copy_source_unsynced() || group.sync_volumes(false).await.is_ok()) {
             copy.start(group, epoch);
         }
         while let Some(Some(done)) = copy.reads.next().now_or_never() {

@@ -638,7 +638,7 @@ impl Group {
     pub(super) fn fail_stop(&self, why: String) {
         if self.stopped.set(why.clone()).is_ok() {
             self.record_error(&format!(
-                "{why}: this group stopped taking writes and replicating; fix the disk and restart the daemon (the journal is recovered and replayed)"
+                "{why}: this group stopped taking writes (and copying; records it journaled still ship); fix the disk and restart the daemon (the journal is recovered and replayed)"
             ));
             let mut g = lock(&self.inner);
             self.transition(&mut g, PairEvent::Failure, &why);

@@ -147,8 +147,12 @@ pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
         // A file this daemon may have created: a crash between its rename
         // into place and the directory's fsync left its name not durable,
         // and nothing else fsyncs that directory; a power cut long after
-        // would take the file (volume, drill data) away.
-        sync_parent(path).map_err(|e| open_err(path, e))?;
+        // would take the file (volume, drill data) away. A directory that
+        // cannot be opened or fsynced (execute-only, a file system without
+        // directory fsync) is said, not fatal: it was created elsewhere.
+        if let Err(e) = sync_parent(path) {
+            tracing::warn!(path = %path.display(), "{e}; a power cut may lose this file's name if it was just created");
+        }
     }
     tracing::debug!(
         path = %path.display(),
@@ -209,7 +213,9 @@ fn open_with_fallback(path: &Path, opts: &OpenOptions, exclusive: bool) -> Resul
 /// error: the caller then checks the size of what exists.
 fn create_sparse(path: &Path, size: u64) -> Result<(), IoError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.creating"));
+    // Per process: another one creating the same file at once must not
+    // rename this one's half-made file into place.
+    let tmp = path.with_file_name(format!(".{name}.{}.creating", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let file = fs::OpenOptions::new().write(true).create_new(true).mode(CREATE_MODE).open(&tmp);
     let filled = file.and_then(|file| file.set_len(size).and_then(|()| file.sync_all()));
