@@ -5,11 +5,15 @@ use bytes::Bytes;
 
 use crate::pb;
 
-/// Largest payload of one record (Write and Copy), 32 MiB. This is the one
+/// Largest payload of one record (Write and Copy): 32 MiB, the NBD
+/// protocol's default maximum request, plus 8 KiB, a 4 KiB block at each
+/// end for the read-modify-write that widens an unaligned write to whole
+/// blocks (so a client that never asked for block sizes, as Linux's `nbd`
+/// driver with its 32 MiB requests, is never refused). This is the one
 /// limit on record sizes: the write path, the wire decoder and the journal
 /// decoder all check records with [`check_range`]. Records without payload
 /// (Trim, WriteZeroes) may cover any `u32` length.
-pub const MAX_RECORD_PAYLOAD: u32 = 32 * 1024 * 1024;
+pub const MAX_RECORD_PAYLOAD: u32 = 32 * 1024 * 1024 + 8 * 1024;
 
 /// Largest sequence number a record (or a session's resume point) may
 /// carry. 2^63 writes at ten million a second take 29,000 years: a larger

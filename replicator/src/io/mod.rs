@@ -296,6 +296,7 @@ struct FileInner {
 const UNSUPPORTED_ZERO_RANGE: u8 = 1;
 const UNSUPPORTED_PUNCH_HOLE: u8 = 2;
 const UNSUPPORTED_BLKZEROOUT: u8 = 4;
+const UNSUPPORTED_ALLOCATE: u8 = 8;
 
 impl fmt::Debug for BlockFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -570,9 +571,14 @@ impl BlockFile {
     }
 
     /// Makes `len` bytes at `offset` read back as zeroes, keeping them
-    /// allocated where the storage allows. Regular file:
-    /// `fallocate(FALLOC_FL_ZERO_RANGE)`, else `PUNCH_HOLE|KEEP_SIZE`, else
-    /// writing zero buffers. Block device: `BLKZEROOUT`, else writing zeroes.
+    /// allocated (NBD's `NO_HOLE` asks for that: the range must be fully
+    /// provisioned; a hole is what TRIM, [`Self::discard`], is for).
+    /// Regular file: `fallocate(FALLOC_FL_ZERO_RANGE)`; where the file
+    /// system lacks it (tmpfs), `PUNCH_HOLE|KEEP_SIZE` followed by
+    /// allocating the range again (`KEEP_SIZE`; if that fails, for lack of
+    /// space or support, the hole stays: the bytes are right, only their
+    /// provisioning is not); else writing zero buffers. Block device:
+    /// `BLKZEROOUT` (which does not unmap), else writing zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.check_writable(offset)?;
         self.check_range(offset, len)?;
@@ -590,6 +596,12 @@ impl BlockFile {
             }
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             if self.try_fallocate(punch, UNSUPPORTED_PUNCH_HOLE, offset, len).await? {
+                if let Err(e) = self.try_fallocate(libc::FALLOC_FL_KEEP_SIZE, UNSUPPORTED_ALLOCATE, offset, len).await {
+                    tracing::warn!(
+                        path = %self.inner.path.display(),
+                        "zeroes at {offset}+{len} read back right but are left unallocated: {e}"
+                    );
+                }
                 return Ok(());
             }
         }

@@ -476,6 +476,34 @@ async fn write_zeroes_and_discard_read_back_zeroes() {
     }
 }
 
+/// NBD's WRITE_ZEROES with NO_HOLE needs the range fully provisioned
+/// afterwards; on tmpfs, which has no `FALLOC_FL_ZERO_RANGE`, zeroing fell
+/// back to punching a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_zeroes_keeps_the_range_allocated() {
+    let tmp = tempdir();
+    let shm = Path::new("/dev/shm");
+    let mut dirs = vec![tmp.path().to_path_buf()];
+    // tmpfs: /dev/shm where the system has one (the fallback path). The
+    // files are made beforehand: the engine makes no file under /dev.
+    let shm_dir = shm.is_dir().then(|| tempfile::tempdir_in(shm).expect("temp dir in /dev/shm"));
+    dirs.extend(shm_dir.as_ref().map(|d| d.path().to_path_buf()));
+    for dir in dirs {
+        for engine in engines() {
+            let path = dir.join(format!("alloc-{}", engine.backend()));
+            std::fs::File::create(&path).and_then(|f| f.set_len(4 * MIB)).expect("make the file");
+            let opts = OpenOptions { create_size: None, create: false, direct: false, read_only: false };
+            let file = engine.open(&path, &opts).expect("open");
+            write(&file, pattern(11, 4 * MIB as usize), 0).await;
+            file.sync_data().await.expect("sync");
+            let before = std::fs::metadata(&path).expect("stat").blocks();
+            check_zeroing(&file, false, MIB, 2 * MIB).await;
+            let after = std::fs::metadata(&path).expect("stat").blocks();
+            assert_eq!(after, before, "{}: write_zeroes left a hole ({before} -> {after} blocks)", path.display());
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_io_alignment_is_checked() {
     let dir = tempdir();
