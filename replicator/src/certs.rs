@@ -7,7 +7,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -15,6 +14,8 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use time::{Duration, OffsetDateTime};
+
+use crate::durable::{put_file, Existing};
 
 /// Errors of the certificate commands.
 #[derive(Debug, thiserror::Error)]
@@ -48,17 +49,16 @@ fn rcgen_err(context: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CertErr
     move |source| CertError::Rcgen { context, source }
 }
 
+/// Writes a new file whole (a crash leaves no truncated key or
+/// certificate), never replacing one that exists.
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|source| {
+    put_file(path, mode, Existing::Keep, |f| f.write_all(contents.as_bytes())).map_err(|source| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             CertError::Exists(path.to_path_buf())
         } else {
             CertError::Io { path: path.to_path_buf(), source }
         }
-    })?;
-    f.write_all(contents.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|source| CertError::Io { path: path.to_path_buf(), source })
+    })
 }
 
 fn read(path: &Path) -> Result<String, CertError> {

@@ -226,8 +226,8 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         }
         // Said, not fatal: a parent the daemon may not read (execute-only)
         // or a file system without directory fsync.
-        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-            tracing::warn!(dir = %dir.display(), "cannot fsync this directory ({e}): a power cut may lose names in it");
+        if let Err(e) = crate::durable::sync_dir(dir) {
+            tracing::warn!("{e}: a power cut may lose names in it");
         }
     }
     let run_dir = &config.node.run_dir;

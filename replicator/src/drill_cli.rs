@@ -28,6 +28,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::cli::DaemonSockets;
 use crate::config::human_bytes;
 use crate::control::{exit, Request, Response};
+use crate::durable::{put_file, Existing};
 use crate::group::{format_time, DrillMeta, DrillOutcome, DrillRecord, DrillStatus};
 
 /// Lines of the command's output kept for the report.
@@ -317,12 +318,11 @@ fn write_reports(dir: &Path, record: &DrillRecord) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let base = format!("drill-{}-{}", record.meta.group, record.meta.id);
     let json = dir.join(format!("{base}.json"));
-    let mut f = std::fs::File::create(&json)?;
-    f.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    let mut f = std::fs::File::create(dir.join(format!("{base}.md")))?;
-    f.write_all(record.to_markdown().as_bytes())?;
-    f.sync_all()?;
+    let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    put_file(&json, 0o644, Existing::Replace, |f| f.write_all(&bytes))?;
+    put_file(&dir.join(format!("{base}.md")), 0o644, Existing::Replace, |f| {
+        f.write_all(record.to_markdown().as_bytes())
+    })?;
     Ok(json)
 }
 

@@ -790,8 +790,7 @@ fn fill(tmp: &Path, size: u64, superblock: &[u8], path: &Path) -> Result<(), Jou
     file.write_all_at(superblock, 0).map_err(|e| io("write journal superblock", 0, e))?;
     file.sync_data().map_err(|e| io("sync new journal", 0, e))?;
     std::fs::rename(tmp, path).map_err(|e| io("rename new journal into place", 0, e))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("sync journal directory", 0, e))
+    crate::durable::sync_parent(path).map_err(|e| io("sync journal directory", 0, e))
 }
 
 /// A record's bytes as they lie in the journal (header, zeroes up to the

@@ -11,6 +11,7 @@
 //! - [`state`]: what is persisted about each pair, [`slotted_file`]: the
 //!   bitmaps and activity log saved in place; [`state_lock`]: one
 //!   daemon per `state_dir`; [`perms`]: the modes of its files;
+//!   [`durable`]: how names and whole files are made durable;
 //! - [`control`]: the admin socket the CLI talks to; [`metrics`];
 //! - [`config`] and [`preflight`] (`config check`), [`certs`], [`demo`];
 //!   [`packaging`]: man pages, completions, the systemd drop-in.
@@ -25,6 +26,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod drill_cli;
+pub mod durable;
 pub mod group;
 pub mod io;
 pub mod journal;

@@ -394,26 +394,12 @@ pub fn systemd_dropin(config: &Config, extra_allow: &[String]) -> Result<String,
 /// directory, then rename), creating the directory; mode 0644.
 pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
     }
     // The new name durable too: a power cut must not bring back the old
     // drop-in (the unit would start without the new volumes' grants).
-    result.and_then(|()| std::fs::File::open(dir)?.sync_all())
+    crate::durable::put_file(path, 0o644, crate::durable::Existing::Replace, |f| f.write_all(text.as_bytes()))
 }
 
 #[cfg(test)]

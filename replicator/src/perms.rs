@@ -45,7 +45,7 @@ pub fn ensure_dir(dir: &Path, mode: u32, what: &str) -> io::Result<()> {
     // made durable (a group's journal, a drill copy a client flushed).
     for created in &missing {
         if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::File::open(parent)?.sync_all()?;
+            crate::durable::sync_dir(parent)?;
         }
     }
     Ok(())

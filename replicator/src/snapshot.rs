@@ -188,10 +188,8 @@ impl Snapshot {
         if why.is_some() {
             return true;
         }
-        let renamed = std::fs::rename(&g.record, g.record.with_extension("given-up")).and_then(|()| {
-            let dir = g.record.parent().unwrap_or(Path::new("."));
-            File::open(dir)?.sync_all()
-        });
+        let renamed = std::fs::rename(&g.record, g.record.with_extension("given-up"))
+            .and_then(|()| crate::durable::sync_parent(&g.record));
         match renamed {
             Ok(()) => {
                 // What the copies held is worthless now: their space goes

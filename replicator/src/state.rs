@@ -9,7 +9,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::perms::{ensure_dir, PRIVATE_FILE_MODE, STATE_DIR_MODE};
@@ -664,39 +663,16 @@ impl Blob {
     }
 }
 
-/// Writes `bytes` to `path` via a temporary file, fsync and rename, then
-/// fsyncs the directory. The file is created 0600 whatever the umask, and
-/// never through a symbolic link planted at the temporary path: a stale
-/// temporary file (or link) is removed, then the new one is created
-/// exclusively with `O_NOFOLLOW`.
+/// Writes `bytes` to `path` durably and atomically, as a private file
+/// (0600 whatever the umask): see [`crate::durable::put_file`].
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(PRIVATE_FILE_MODE)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        // The umask may only narrow the mode; make it exact.
-        f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::durable::put_file(path, PRIVATE_FILE_MODE, crate::durable::Existing::Replace, |f| f.write_all(bytes))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn mode_of(p: &Path) -> u32 {
@@ -733,12 +709,13 @@ mod tests {
         let victim = root.path().join("victim");
         fs::write(&victim, b"untouched").expect("write");
         fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).expect("chmod");
-        std::os::unix::fs::symlink(&victim, f.dir().join("state.tmp")).expect("symlink");
+        let tmp = f.dir().join(format!(".state.json.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
         f.save(&GroupState::simplex()).expect("save");
         assert_eq!(fs::read(&victim).expect("read"), b"untouched");
         assert_eq!(mode_of(&victim), 0o644);
         assert!(f.load().expect("load").is_some());
-        assert!(!f.dir().join("state.tmp").exists(), "the link is gone");
+        assert!(!tmp.exists(), "the link is gone");
     }
 
     /// The fields of `state.json` that `role` owns (besides the common

@@ -335,7 +335,8 @@ fn a_bitmap_save_after_a_failed_volume_sync_does_not_hide_flushed_writes_from_th
 #[test]
 fn pair_delete_on_a_secondary_that_cannot_save_it_says_so() {
     let Some(cluster) = cluster("pd") else { return };
-    cluster.fs_command(Site::B, "fail-fsync groups/pd/state.tmp");
+    let pid = cluster.pid(Site::B).expect("site B runs");
+    cluster.fs_command(Site::B, &format!("fail-fsync groups/pd/.state.json.{pid}.tmp"));
     let out = cluster.cli(Site::B, &["pair", "delete", "pd"]);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "reported a delete it could not save:\n{stdout}{stderr}");
@@ -350,7 +351,8 @@ fn pair_delete_on_a_secondary_that_cannot_save_it_says_so() {
 #[test]
 fn pair_delete_on_the_primary_says_when_the_secondary_cannot_save_it() {
     let Some(cluster) = cluster("pe") else { return };
-    cluster.fs_command(Site::B, "fail-fsync groups/pe/state.tmp");
+    let pid = cluster.pid(Site::B).expect("site B runs");
+    cluster.fs_command(Site::B, &format!("fail-fsync groups/pe/.state.json.{pid}.tmp"));
     let out = cluster.cli(Site::A, &["pair", "delete", "pe"]);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");

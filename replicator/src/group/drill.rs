@@ -271,7 +271,7 @@ pub(super) fn load(
             // on without it.
             let aside = dir.with_extension(format!("unusable-{}", unix_micros()));
             std::fs::rename(&dir, &aside)
-                .and_then(|()| std::fs::File::open(group_dir)?.sync_all())
+                .and_then(|()| crate::durable::sync_dir(group_dir))
                 .map_err(|r| GroupError::Failed(format!("{e}; and it cannot be set aside: {r}")))?;
             tracing::error!(
                 "the drill copy in {} cannot be used ({e}): set aside as {}; the group starts without a drill",
@@ -582,7 +582,7 @@ fn discard_and_record(group_dir: &Path, image: &PreservedImage, record: &DrillRe
     f.write_all(&line).and_then(|()| f.sync_data()).map_err(failed("appending to the drill history"))?;
     if new {
         // Its name, too, survives a power cut.
-        std::fs::File::open(group_dir).and_then(|d| d.sync_all()).map_err(failed("syncing the group directory"))?;
+        crate::durable::sync_dir(group_dir).map_err(failed("syncing the group directory"))?;
     }
     Ok(())
 }

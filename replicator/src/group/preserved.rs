@@ -47,7 +47,7 @@ fn record_path(dir: &Path) -> PathBuf {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), GroupError> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(failed("syncing a snapshot directory"))
+    crate::durable::sync_dir(dir).map_err(failed("syncing a snapshot directory"))
 }
 
 impl PreservedImage {

@@ -150,7 +150,7 @@ pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<Opened, IoError> {
         // would take the file (volume, drill data) away. A directory that
         // cannot be opened or fsynced (execute-only, a file system without
         // directory fsync) is said, not fatal: it was created elsewhere.
-        if let Err(e) = sync_parent(path) {
+        if let Err(e) = crate::durable::sync_parent(path) {
             tracing::warn!(path = %path.display(), "{e}; a power cut may lose this file's name if it was just created");
         }
     }
@@ -205,61 +205,25 @@ fn open_with_fallback(path: &Path, opts: &OpenOptions, exclusive: bool) -> Resul
     open(false).map(|file| (file, false))
 }
 
-/// Creates a sparse regular file of `size` bytes, durably: made whole under
-/// a temporary name (size set, fsynced), then renamed to `path` without
-/// replacing anything, then the parent directory fsynced. A crash leaves
-/// no file of the wrong size under `path`, only a temporary one the next
-/// creation removes. Losing a creation race to another process is not an
+/// Creates a sparse regular file of `size` bytes, durably
+/// ([`crate::durable::put_file`]: made whole under a temporary name, put in
+/// place without replacing anything, the directory fsynced). A crash leaves
+/// no file of the wrong size under `path`, at most a temporary
+/// `.NAME.PID.tmp`. Losing a creation race to another process is not an
 /// error: the caller then checks the size of what exists.
 fn create_sparse(path: &Path, size: u64) -> Result<(), IoError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    // Per process: another one creating the same file at once must not
-    // rename this one's half-made file into place.
-    let tmp = path.with_file_name(format!(".{name}.{}.creating", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let file = fs::OpenOptions::new().write(true).create_new(true).mode(CREATE_MODE).open(&tmp);
-    let filled = file.and_then(|file| file.set_len(size).and_then(|()| file.sync_all()));
-    if let Err(e) = filled {
-        let _ = fs::remove_file(&tmp);
-        return Err(open_err(
-            path,
-            io::Error::new(e.kind(), format!("cannot create a sparse file of {size} bytes: {e}")),
-        ));
-    }
-    let renamed = nix::fcntl::renameat2(
-        nix::fcntl::AT_FDCWD,
-        &tmp,
-        nix::fcntl::AT_FDCWD,
-        path,
-        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-    );
-    let renamed = match renamed {
-        // A file system without RENAME_NOREPLACE: replace nothing either.
-        Err(nix::errno::Errno::EINVAL) if !path.exists() => fs::rename(&tmp, path),
-        Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::EEXIST) => {
-            let _ = fs::remove_file(&tmp);
-            return Ok(());
+    match crate::durable::put_file(path, CREATE_MODE, crate::durable::Existing::Keep, |file| file.set_len(size)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => {
+            return Err(open_err(
+                path,
+                io::Error::new(e.kind(), format!("cannot create a sparse file of {size} bytes: {e}")),
+            ))
         }
-        other => other.map_err(io::Error::from),
-    };
-    if let Err(e) = renamed {
-        let _ = fs::remove_file(&tmp);
-        return Err(open_err(path, e));
     }
-    sync_parent(path).map_err(|e| open_err(path, e))?;
     tracing::info!(path = %path.display(), size, "created sparse volume file");
     Ok(())
-}
-
-/// Fsyncs the directory holding `path`, so that its name is durable.
-fn sync_parent(path: &Path) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot fsync the parent directory {}: {e}", parent.display())))
 }
 
 /// Size of an open block device in bytes.
