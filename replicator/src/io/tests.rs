@@ -491,7 +491,7 @@ async fn write_zeroes_keeps_the_range_allocated() {
     for dir in dirs {
         for engine in engines() {
             let path = dir.join(format!("alloc-{}", engine.backend()));
-            std::fs::File::create(&path).and_then(|f| f.set_len(4 * MIB)).expect("make the file");
+            File::create(&path).and_then(|f| f.set_len(4 * MIB)).expect("make the file");
             let opts = OpenOptions { create_size: None, create: false, direct: false, read_only: false };
             let file = engine.open(&path, &opts).expect("open");
             write(&file, pattern(11, 4 * MIB as usize), 0).await;
