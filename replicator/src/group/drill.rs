@@ -558,10 +558,11 @@ fn drill_id(us: u64) -> String {
     )
 }
 
-/// Discards the drill copies (durably), then writes the report and
-/// appends the history line (blocking).
+/// Writes the report and appends the history line, then discards the
+/// drill copies (blocking). The evidence first: removing large copies
+/// takes time, and a crash then must not lose the drill's record (the
+/// copies are forgotten already; a restart removes what is left).
 fn discard_and_record(group_dir: &Path, image: &PreservedImage, record: &DrillRecord) -> Result<(), GroupError> {
-    image.remove()?;
     if let Some(report) = &record.report {
         let reports = reports_dir(group_dir);
         crate::perms::ensure_dir(&reports, 0o700, "drill reports").map_err(failed("creating drill-reports"))?;
@@ -584,7 +585,7 @@ fn discard_and_record(group_dir: &Path, image: &PreservedImage, record: &DrillRe
         // Its name, too, survives a power cut.
         crate::durable::sync_dir(group_dir).map_err(failed("syncing the group directory"))?;
     }
-    Ok(())
+    image.remove()
 }
 
 /// NBD view of a drill copy: reads the frozen image, writes only into the
