@@ -157,6 +157,13 @@ pub struct PrimaryState {
     /// secondary discarded (its `REFUSAL_NEEDS_REBASE`), so it may forget
     /// them when it accepts.
     pub rebased: bool,
+    /// A switchover may have asked the secondary to take over after this
+    /// record (saved before the request is sent): until the peer answers,
+    /// either as the new primary (this node becomes its secondary) or as
+    /// this node's secondary still (it did not take over), no writes are
+    /// taken here, across restarts: a crash before the demotion was saved
+    /// must not bring back a primary beside the new one.
+    pub handing_over: Option<u64>,
 }
 
 impl Default for PrimaryState {
@@ -180,6 +187,7 @@ impl Default for PrimaryState {
             admin_resync: false,
             swap: false,
             rebased: false,
+            handing_over: None,
         }
     }
 }
@@ -451,6 +459,9 @@ struct StateFileV1 {
     swap: bool,
     #[serde(default)]
     rebased: bool,
+    /// Only while a switchover is unconfirmed (older files never had it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    handing_over: Option<u64>,
 }
 
 impl From<StateFileV1> for GroupState {
@@ -477,6 +488,7 @@ impl From<StateFileV1> for GroupState {
                 admin_resync: f.admin_resync,
                 swap: f.swap,
                 rebased: f.rebased,
+                handing_over: f.handing_over,
             }),
             Role::Secondary => RoleState::Secondary(SecondaryState {
                 journal_tail_seq: f.journal_tail_seq,
@@ -555,6 +567,7 @@ impl From<GroupState> for StateFileV1 {
             admin_resync: primary.admin_resync,
             swap: primary.swap,
             rebased: primary.rebased,
+            handing_over: primary.handing_over,
         }
     }
 }
@@ -741,6 +754,7 @@ mod tests {
             "admin_resync",
             "swap",
             "rebased",
+            "handing_over",
         ];
         const SECONDARY: &[&str] = &[
             "journal_tail_seq",
@@ -876,6 +890,7 @@ mod tests {
             admin_resync: true,
             swap: true,
             rebased: true,
+            handing_over: Some(10),
         };
         let secondary = SecondaryState {
             journal_tail_seq: 11,

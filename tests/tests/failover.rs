@@ -258,3 +258,97 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("sw");
 }
+
+/// Sets (or clears) the switchover marker in a stopped site's state file.
+fn set_handing_over(cluster: &Cluster, site: Site, group: &str, state: &[u8], seq: Option<u64>) {
+    let path = cluster.state_dir(site).join("groups").join(group).join("state.json");
+    let mut v: serde_json::Value = serde_json::from_slice(state).expect("state.json");
+    v["handing_over"] = seq.map_or(serde_json::Value::Null, serde_json::Value::from);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).expect("json")).expect("write state.json");
+}
+
+/// A switchover saves, before it asks the secondary to take over, that it
+/// is handing over; a primary that stops before it has saved its demotion
+/// (a crash, a power cut) restarts taking no writes until the peer answers:
+/// - the peer did not take over (it never got the request): it answers as
+///   the secondary still, and this node takes writes again;
+/// - the peer took over: this node becomes its secondary with nothing to
+///   copy. (It used to start as the primary of the old generation beside
+///   the new one, taking writes until the two met: lost or split-brain.)
+#[test]
+fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
+    let group = GroupSpec::new("ho", Mode::Sync).volume("ho-vol", 64 * MIB).link_timeout(Duration::from_secs(2));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("ho");
+    cluster.wait_pair("ho", Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, "ho-vol", 0..32), 32);
+    let last = cluster.wait_drained("ho").last_seq;
+    cluster.stop(Site::A);
+    let dir = cluster.state_dir(Site::A).join("groups").join("ho");
+    let state = std::fs::read(dir.join("state.json")).expect("state.json");
+
+    // Asked, the peer never heard it: the primary stays.
+    set_handing_over(&cluster, Site::A, "ho", &state, Some(last));
+    cluster.start(Site::A);
+    let a = cluster.wait_until(Site::A, "ho", "primary in PAIR", Duration::from_secs(60), |s| {
+        s.role == "primary" && s.state == "PAIR" && s.connected
+    });
+    assert_eq!(a.generation, 1, "{a:?}");
+    assert!(cluster.log(Site::A).contains("switchover abandoned"), "{}", cluster.log(Site::A));
+    assert_eq!(write_blocks(&cluster, "ho-vol", 32..48), 48, "the primary takes writes again");
+    let last = cluster.wait_drained("ho").last_seq;
+    cluster.stop(Site::A);
+    let (state, journal) = (
+        std::fs::read(dir.join("state.json")).expect("state.json"),
+        std::fs::read(dir.join("journal")).expect("journal"),
+    );
+    assert!(!String::from_utf8_lossy(&state).contains("handing_over"), "the marker is cleared");
+    cluster.start(Site::A);
+    cluster.wait_pair("ho", Duration::from_secs(60));
+
+    // Asked, the peer took over, the demotion never reached the disk here:
+    // the files as they were when the request went out. The peer is
+    // silent (stopped) while this node starts: no answer, no writes.
+    let (code, out) = cli(&cluster, Site::A, &["switchover", "ho"]);
+    assert_eq!(code, 0, "{out}");
+    cluster.kill9(Site::A);
+    set_handing_over(&cluster, Site::A, "ho", &state, Some(last));
+    std::fs::write(dir.join("journal"), &journal).expect("journal");
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    cluster.start(Site::A);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let refused = rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "ho-vol").await.expect("connect");
+        tokio::time::timeout(Duration::from_secs(10), client.write(0, &[0xee; 4096], false))
+            .await
+            .map_or(true, |r| r.is_err())
+    });
+    let s = cluster.status(Site::A, "ho");
+    cluster.signal(Site::B, Signal::SIGCONT);
+    assert!(refused, "a node that asked its peer to take over took a write before the answer: {s:?}");
+    assert_eq!(s.role, "primary", "{s:?}");
+    assert!(s.last_error.as_deref().is_some_and(|e| e.contains("asked to take over")), "status says why: {s:?}");
+    let a = cluster.wait_until(Site::A, "ho", "the new primary's secondary", Duration::from_secs(60), |s| {
+        s.role == "secondary" && s.state == "PAIR" && s.connected
+    });
+    assert_eq!(a.generation, 2, "{a:?}");
+    let b = cluster.status(Site::B, "ho");
+    assert_eq!((b.role.as_str(), b.copy_total_bytes), ("primary", 0), "nothing to copy: {b:?}");
+    assert!(writer(&cluster, Site::B, "ho-vol", 48, 64).join().expect("writer") == 64);
+    cluster.wait_drained("ho");
+    assert_blocks(&cluster, Site::B, "ho-vol", 64);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("ho");
+
+    // The peer lost for good while this node waits for its answer: `pair
+    // delete` here gives it up, and the volumes take writes standalone.
+    set_handing_over(&cluster, Site::A, "ho", &state, Some(last));
+    std::fs::write(dir.join("journal"), &journal).expect("journal");
+    cluster.start(Site::A);
+    assert_eq!(write_blocks(&cluster, "ho-vol", 0..1), 0, "no writes while the peer has not answered");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "ho"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(cluster.status(Site::A, "ho").state, "SIMPLEX");
+    assert_eq!(write_blocks(&cluster, "ho-vol", 0..1), 1, "standalone, the volume takes writes");
+}

@@ -659,6 +659,14 @@ impl Group {
         }
         persisted.clean_shutdown = false;
         let durable_seq = persisted.role.as_secondary().map_or(0, |s| s.durable_seq);
+        // A switchover asked the peer to take over and this node stopped
+        // before it heard the answer: no writes until it does (`start`).
+        let handing_over = persisted.role.as_primary().and_then(|p| p.handing_over);
+        if let Some(seq) = handing_over {
+            tracing::warn!(group = %cfg.name, peer = %cfg.peer, seq,
+                "a switchover had asked the peer to take over after this record when this node stopped: no writes \
+                 are taken until the peer answers, as the new primary or as this node's secondary still");
+        }
         let inner = Inner {
             state,
             seq: RangeSequencer::new(1),
@@ -695,23 +703,31 @@ impl Group {
             shipper_epoch: 0,
             link_down_since: Some(Instant::now()),
             last_link_log: None,
-            last_error: (superseded_by > 0).then(|| {
-                format!(
+            last_error: if superseded_by > 0 {
+                Some(format!(
                     "{} took over as primary after a failover (generation {superseded_by}); this former primary accepts \
                      no writes",
                     cfg.peer
-                )
-            }),
+                ))
+            } else {
+                handing_over.map(|seq| {
+                    format!(
+                        "switchover: {} was asked to take over after record {seq} before a restart; no writes are \
+                         taken until it answers",
+                        cfg.peer
+                    )
+                })
+            },
             copy_total: 0,
             copy_done: 0,
             copy_sent: 0,
             refusal: (superseded_by > 0).then_some("superseded"),
             delete_ack: None,
             boot_id,
-            switching: false,
+            switching: handing_over.is_some(),
             taking_over: false,
             creating: false,
-            switchover: None,
+            switchover: handing_over.map(|seq| takeover::Switchover { seq, sent: true, confirmed: None }),
             split: None,
             peer_state: None,
             peer_contact: None,
@@ -775,6 +791,19 @@ impl Group {
 
     /// Starts the group's task (`task.rs`), once.
     pub fn start(self: &Arc<Self>) {
+        // A switchover found unanswered at the start finishes when the peer
+        // confirms it took over (see `open`).
+        let unanswered = {
+            let mut g = lock(&self.inner);
+            g.switchover.as_mut().filter(|s| s.sent && s.confirmed.is_none()).map(|s| {
+                let (tx, rx) = oneshot::channel();
+                s.confirmed = Some(tx);
+                (s.seq, rx)
+            })
+        };
+        if let Some((last, confirmation)) = unanswered {
+            self.finish_when_confirmed(last, Instant::now(), confirmation);
+        }
         if self.role() == Role::Primary {
             self.start_shipping();
         }
@@ -1414,6 +1443,15 @@ impl Group {
                     }
                 },
                 Role::Primary => {
+                    if g.switchover.as_ref().is_some_and(|s| !s.sent) {
+                        return Err(GroupError::Failed(format!(
+                            "group {name}: a switchover is running; see `replicator status {name}` and try again"
+                        )));
+                    }
+                    // A switchover whose request is unanswered (the peer is
+                    // gone): the admin gives the peer up; the volumes here
+                    // become standalone, whatever the peer did.
+                    let _ = self.abandon_hand_over(&mut g, Some("the pair was deleted here".into()));
                     let confirmation = self.progress.borrow().connected.then(|| {
                         let (tx, rx) = oneshot::channel();
                         g.delete_ack = Some(tx);

@@ -254,33 +254,72 @@ impl Group {
         match self.hand_over().await {
             Ok(last) => self.finish_switchover(last, started).await,
             Err(HandOver::Abandoned(e)) => {
-                let mut g = lock(&self.inner);
-                g.switchover = None;
-                g.switching = false;
+                let save = {
+                    let mut g = lock(&self.inner);
+                    self.abandon_hand_over(&mut g, None)
+                };
+                self.hand_over_marker_cleared(save).await;
                 tracing::warn!(group = %name, "switchover abandoned, nothing changed: {e}");
                 Err(GroupError::Failed(format!("group {name}: switchover abandoned, nothing changed: {e}")))
             }
             Err(HandOver::Unconfirmed { error, last, confirmation }) => {
                 // The peer may have taken over: taking writes again here could
                 // make two primaries. Keep waiting: its confirmation, or its
-                // connecting as the primary of the next generation, finishes
-                // the switchover.
+                // answer as the primary of the next generation, finishes the
+                // switchover; its answer as this node's secondary still (the
+                // session task asks again) abandons it.
                 lock(&self.inner).last_error = Some(format!("switchover: {error}"));
-                tracing::error!(group = %name, "switchover: {error}; no writes are taken here until {peer} confirms");
-                let me = self.clone();
-                tokio::spawn(async move {
-                    if let Ok(Ok(())) = confirmation.await {
-                        if let Err(e) = me.finish_switchover(last, started).await {
-                            tracing::error!(group = %me.cfg.name, "switchover: {e}");
-                        }
-                    }
-                });
+                tracing::error!(group = %name, "switchover: {error}; no writes are taken here until {peer} answers");
+                self.finish_when_confirmed(last, started, confirmation);
                 Err(GroupError::Failed(format!(
                     "group {name}: switchover interrupted after {peer} was asked to take over ({error}); this node \
-                     takes no writes, and becomes the secondary as soon as {peer} confirms or connects as primary. \
-                     If {peer} did not take over, restart this node's daemon to take writes again"
+                     takes no writes until {peer} answers (across restarts): it becomes the secondary if {peer} \
+                     took over, and takes writes again if {peer} is still its secondary"
                 )))
             }
+        }
+    }
+
+    /// Finishes the switchover once the peer confirms it took over
+    /// (directly, or by answering as the primary of a newer generation).
+    pub(super) fn finish_when_confirmed(
+        self: &Arc<Self>,
+        last: u64,
+        started: Instant,
+        confirmation: oneshot::Receiver<Result<(), String>>,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = confirmation.await {
+                if let Err(e) = me.finish_switchover(last, started).await {
+                    tracing::error!(group = %me.cfg.name, "switchover: {e}");
+                }
+            }
+        });
+    }
+
+    /// A switchover that did not hand the role over: writes are taken
+    /// again, the waiting command hears `why`, and the marker saved before
+    /// the request was sent (if it was) is cleared: returns that save.
+    pub(super) fn abandon_hand_over(&self, g: &mut Inner, why: Option<String>) -> Option<u64> {
+        if let (Some(why), Some(tx)) = (why, g.switchover.as_mut().and_then(|s| s.confirmed.take())) {
+            let _ = tx.send(Err(why));
+        }
+        g.switchover = None;
+        g.switching = false;
+        let primary = g.persisted.role.as_primary_mut()?;
+        primary.handing_over.take()?;
+        Some(self.save_later(g))
+    }
+
+    /// Waits for the save that cleared the switchover's marker; a failure
+    /// is said, not fatal (the marker, should it stay on disk, only keeps
+    /// writes out after a restart until the peer answers).
+    pub(super) async fn hand_over_marker_cleared(&self, save: Option<u64>) {
+        let Some(save) = save else { return };
+        if let Err(e) = self.saved(save).await {
+            tracing::warn!(group = %self.cfg.name, "switchover: the end of the hand-over could not be saved ({e}): \
+                after a restart this node takes no writes until {} answers", self.cfg.peer);
         }
     }
 
@@ -418,6 +457,17 @@ impl Group {
             return Err(HandOver::Abandoned(format!("the secondary did not make record {last} durable")));
         }
         self.sync_all().await.map_err(|e| HandOver::Abandoned(format!("flushing the local volumes failed: {e}")))?;
+        // Saved before the request can leave: from here a crash restarts a
+        // node that takes no writes until the peer answers (see
+        // `PrimaryState::handing_over`), never a primary beside a new one.
+        let save = {
+            let mut g = lock(&self.inner);
+            if let Some(primary) = g.persisted.role.as_primary_mut() {
+                primary.handing_over = Some(last);
+            }
+            self.save_later(&mut g)
+        };
+        self.saved(save).await.map_err(|e| HandOver::Abandoned(format!("saving the hand-over failed: {e}")))?;
         let (tx, mut rx) = oneshot::channel();
         lock(&self.inner).switchover = Some(Switchover { seq: last, sent: false, confirmed: Some(tx) });
         self.ship_wake.notify_one();
