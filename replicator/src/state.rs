@@ -158,12 +158,13 @@ pub struct PrimaryState {
     /// them when it accepts.
     pub rebased: bool,
     /// A switchover may have asked the secondary to take over after this
-    /// record (saved before the request is sent): until the peer answers,
-    /// either as the new primary (this node becomes its secondary) or as
-    /// this node's secondary still (it did not take over), no writes are
-    /// taken here, across restarts: a crash before the demotion was saved
-    /// must not bring back a primary beside the new one.
-    pub handing_over: Option<u64>,
+    /// record (of this epoch; saved before the request is sent): until the
+    /// peer answers, either as the new primary (this node becomes its
+    /// secondary, in this epoch again: a restart meanwhile started a new
+    /// one) or as this node's secondary still (it did not take over), no
+    /// writes are taken here, across restarts: a crash before the demotion
+    /// was saved must not bring back a primary beside the new one.
+    pub handing_over: Option<TakeoverPoint>,
 }
 
 impl Default for PrimaryState {
@@ -461,7 +462,7 @@ struct StateFileV1 {
     rebased: bool,
     /// Only while a switchover is unconfirmed (older files never had it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    handing_over: Option<u64>,
+    handing_over: Option<TakeoverPoint>,
 }
 
 impl From<StateFileV1> for GroupState {
@@ -890,7 +891,7 @@ mod tests {
             admin_resync: true,
             swap: true,
             rebased: true,
-            handing_over: Some(10),
+            handing_over: point,
         };
         let secondary = SecondaryState {
             journal_tail_seq: 11,

@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use replicator::nbd_client::NbdClient;
+use replicator::nbd_client::{NbdClient, NbdClientError};
 use replicator_tests::pattern::{random_bytes, written_prefix};
 use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
@@ -259,12 +259,35 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
     cluster.assert_volumes_identical("sw");
 }
 
-/// Sets (or clears) the switchover marker in a stopped site's state file.
-fn set_handing_over(cluster: &Cluster, site: Site, group: &str, state: &[u8], seq: Option<u64>) {
+/// Sets the switchover marker in a stopped site's state file: asked to take
+/// over after record `seq` (of the file's epoch). `power_cut`: the file as
+/// a power cut leaves it (an unclean stop in an earlier boot).
+fn set_handing_over(cluster: &Cluster, site: Site, group: &str, state: &[u8], seq: u64, power_cut: bool) {
     let path = cluster.state_dir(site).join("groups").join(group).join("state.json");
     let mut v: serde_json::Value = serde_json::from_slice(state).expect("state.json");
-    v["handing_over"] = seq.map_or(serde_json::Value::Null, serde_json::Value::from);
+    v["handing_over"] = serde_json::json!({ "seq": seq, "epoch": v["epoch"] });
+    if power_cut {
+        v["clean_shutdown"] = false.into();
+        v["boot_id"] = "a-boot-before-the-power-cut".into();
+    }
     std::fs::write(&path, serde_json::to_vec_pretty(&v).expect("json")).expect("write state.json");
+}
+
+/// With the peer silent (stopped), a node that asked it to take over takes
+/// no write (EPERM at once) and says why in `status`.
+fn assert_waits_for_the_answer(cluster: &Cluster) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let write = rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "ho-vol").await.expect("connect");
+        tokio::time::timeout(Duration::from_secs(10), client.write(0, &[0xee; 4096], false)).await
+    });
+    let s = cluster.status(Site::A, "ho");
+    assert!(
+        matches!(write, Ok(Err(NbdClientError::Server(1)))),
+        "a node that asked its peer to take over took a write (or hung) before the answer: {write:?} {s:?}"
+    );
+    assert_eq!(s.role, "primary", "{s:?}");
+    assert!(s.last_error.as_deref().is_some_and(|e| e.contains("asked to take over")), "status says why: {s:?}");
 }
 
 /// A switchover saves, before it asks the secondary to take over, that it
@@ -275,6 +298,10 @@ fn set_handing_over(cluster: &Cluster, site: Site, group: &str, state: &[u8], se
 /// - the peer took over: this node becomes its secondary with nothing to
 ///   copy. (It used to start as the primary of the old generation beside
 ///   the new one, taking writes until the two met: lost or split-brain.)
+/// - the peer is lost for good: `pair delete` here gives it up.
+///
+/// The files are those a crash at that instant leaves (the state with the
+/// marker, the journal as it was when the request went out).
 #[test]
 fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
     let group = GroupSpec::new("ho", Mode::Sync).volume("ho-vol", 64 * MIB).link_timeout(Duration::from_secs(2));
@@ -287,9 +314,13 @@ fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
     let dir = cluster.state_dir(Site::A).join("groups").join("ho");
     let state = std::fs::read(dir.join("state.json")).expect("state.json");
 
-    // Asked, the peer never heard it: the primary stays.
-    set_handing_over(&cluster, Site::A, "ho", &state, Some(last));
+    // Asked, the peer never heard it: no writes while it is silent, then
+    // the primary stays.
+    set_handing_over(&cluster, Site::A, "ho", &state, last, false);
+    cluster.signal(Site::B, Signal::SIGSTOP);
     cluster.start(Site::A);
+    assert_waits_for_the_answer(&cluster);
+    cluster.signal(Site::B, Signal::SIGCONT);
     let a = cluster.wait_until(Site::A, "ho", "primary in PAIR", Duration::from_secs(60), |s| {
         s.role == "primary" && s.state == "PAIR" && s.connected
     });
@@ -306,34 +337,24 @@ fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
     cluster.start(Site::A);
     cluster.wait_pair("ho", Duration::from_secs(60));
 
-    // Asked, the peer took over, the demotion never reached the disk here:
-    // the files as they were when the request went out. The peer is
-    // silent (stopped) while this node starts: no answer, no writes.
+    // Asked, the peer took over, the demotion never reached the disk here
+    // (a power cut: the restart starts a new epoch, which the demotion
+    // takes back, the records being of the old one).
     let (code, out) = cli(&cluster, Site::A, &["switchover", "ho"]);
     assert_eq!(code, 0, "{out}");
     cluster.kill9(Site::A);
-    set_handing_over(&cluster, Site::A, "ho", &state, Some(last));
+    set_handing_over(&cluster, Site::A, "ho", &state, last, true);
     std::fs::write(dir.join("journal"), &journal).expect("journal");
     cluster.signal(Site::B, Signal::SIGSTOP);
     cluster.start(Site::A);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let refused = rt.block_on(async {
-        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "ho-vol").await.expect("connect");
-        tokio::time::timeout(Duration::from_secs(10), client.write(0, &[0xee; 4096], false))
-            .await
-            .map_or(true, |r| r.is_err())
-    });
-    let s = cluster.status(Site::A, "ho");
+    assert_waits_for_the_answer(&cluster);
     cluster.signal(Site::B, Signal::SIGCONT);
-    assert!(refused, "a node that asked its peer to take over took a write before the answer: {s:?}");
-    assert_eq!(s.role, "primary", "{s:?}");
-    assert!(s.last_error.as_deref().is_some_and(|e| e.contains("asked to take over")), "status says why: {s:?}");
     let a = cluster.wait_until(Site::A, "ho", "the new primary's secondary", Duration::from_secs(60), |s| {
         s.role == "secondary" && s.state == "PAIR" && s.connected
     });
-    assert_eq!(a.generation, 2, "{a:?}");
     let b = cluster.status(Site::B, "ho");
-    assert_eq!((b.role.as_str(), b.copy_total_bytes), ("primary", 0), "nothing to copy: {b:?}");
+    assert_eq!((a.generation, a.epoch), (b.generation, b.epoch), "{a:?}\n{b:?}");
+    assert_eq!((b.role.as_str(), b.generation, b.copy_total_bytes), ("primary", 2, 0), "nothing to copy: {b:?}");
     assert!(writer(&cluster, Site::B, "ho-vol", 48, 64).join().expect("writer") == 64);
     cluster.wait_drained("ho");
     assert_blocks(&cluster, Site::B, "ho-vol", 64);
@@ -343,7 +364,7 @@ fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
 
     // The peer lost for good while this node waits for its answer: `pair
     // delete` here gives it up, and the volumes take writes standalone.
-    set_handing_over(&cluster, Site::A, "ho", &state, Some(last));
+    set_handing_over(&cluster, Site::A, "ho", &state, last, false);
     std::fs::write(dir.join("journal"), &journal).expect("journal");
     cluster.start(Site::A);
     assert_eq!(write_blocks(&cluster, "ho-vol", 0..1), 0, "no writes while the peer has not answered");

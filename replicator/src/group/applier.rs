@@ -179,6 +179,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     // Who may replicate into whom (protocol::lifecycle decides; this
     // performs and words it).
     let opening = Opening::of(open);
+    if open.generation > g.persisted.generation {
+        group.drop_stale_hand_over(&mut g);
+    }
     let mut verdict = judge_open(&standing(group, &g), &opening, group.former_primary_diverged(&g));
     // The takeover point says where this node's records stand only for the
     // promotion right after its own generation.
@@ -202,11 +205,7 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
             // The peer took over in a switchover this node started (its
             // confirmation may have been lost): this node becomes its
             // secondary in a moment.
-            if open.generation > g.persisted.generation && g.switchover.as_ref().is_some_and(|s| s.sent) {
-                if let Some(tx) = g.switchover.as_mut().and_then(|s| s.confirmed.take()) {
-                    let _ = tx.send(Ok(()));
-                }
-            }
+            Group::confirm_hand_over(&mut g, open.generation);
             return Err((
                 pb::Refusal::Unspecified,
                 format!("group {name}: a switchover is handing the primary role to {peer}; retry in a moment"),
@@ -584,8 +583,11 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
             // save that stopped this replica's writes is on disk first, so
             // a restart cannot make it writable again behind the primary's
             // back (the resync that follows clears every region here).
+            // Likewise a Superseded: an old primary that asked this node to
+            // take over demotes itself on it, so the promotion is on disk
+            // first (its save may still fail: this node then stops).
             let (refusal, msg) = match refusal {
-                pb::Refusal::NeedsRebase => match group.saved(group.save_asked()).await {
+                pb::Refusal::NeedsRebase | pb::Refusal::Superseded => match group.saved(group.save_asked()).await {
                     Ok(()) => (refusal, msg),
                     Err(e) => (pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}")),
                 },

@@ -662,8 +662,8 @@ impl Group {
         // A switchover asked the peer to take over and this node stopped
         // before it heard the answer: no writes until it does (`start`).
         let handing_over = persisted.role.as_primary().and_then(|p| p.handing_over);
-        if let Some(seq) = handing_over {
-            tracing::warn!(group = %cfg.name, peer = %cfg.peer, seq,
+        if let Some(point) = handing_over {
+            tracing::warn!(group = %cfg.name, peer = %cfg.peer, seq = point.seq,
                 "a switchover had asked the peer to take over after this record when this node stopped: no writes \
                  are taken until the peer answers, as the new primary or as this node's secondary still");
         }
@@ -703,21 +703,13 @@ impl Group {
             shipper_epoch: 0,
             link_down_since: Some(Instant::now()),
             last_link_log: None,
-            last_error: if superseded_by > 0 {
-                Some(format!(
+            last_error: (superseded_by > 0).then(|| {
+                format!(
                     "{} took over as primary after a failover (generation {superseded_by}); this former primary accepts \
                      no writes",
                     cfg.peer
-                ))
-            } else {
-                handing_over.map(|seq| {
-                    format!(
-                        "switchover: {} was asked to take over after record {seq} before a restart; no writes are \
-                         taken until it answers",
-                        cfg.peer
-                    )
-                })
-            },
+                )
+            }),
             copy_total: 0,
             copy_done: 0,
             copy_sent: 0,
@@ -727,7 +719,12 @@ impl Group {
             switching: handing_over.is_some(),
             taking_over: false,
             creating: false,
-            switchover: handing_over.map(|seq| takeover::Switchover { seq, sent: true, confirmed: None }),
+            switchover: handing_over.map(|p| takeover::Switchover {
+                seq: p.seq,
+                epoch: p.epoch,
+                sent: true,
+                confirmed: None,
+            }),
             split: None,
             peer_state: None,
             peer_contact: None,
@@ -1443,7 +1440,7 @@ impl Group {
                     }
                 },
                 Role::Primary => {
-                    if g.switchover.as_ref().is_some_and(|s| !s.sent) {
+                    if g.switchover.is_some() && !Self::awaiting_hand_over(&g) {
                         return Err(GroupError::Failed(format!(
                             "group {name}: a switchover is running; see `replicator status {name}` and try again"
                         )));
@@ -1531,6 +1528,9 @@ impl Group {
     /// pair no longer exists on the peer changes this node's state.
     fn peer_refused(&self, kind: pb::Refusal, msg: &str, peer_generation: u64) {
         let mut g = lock(&self.inner);
+        if peer_generation > g.persisted.generation {
+            self.drop_stale_hand_over(&mut g);
+        }
         let standing = applier::standing(self, &g);
         let label = match on_refusal(&standing, kind, peer_generation) {
             Answer::Fence => {
@@ -1715,7 +1715,16 @@ impl Group {
             needs_rebase: g.persisted.role.needs_rebase(),
             io_backend: self.engine.backend().to_string(),
             direct_io: self.volumes.iter().all(|v| v.file().is_direct()),
-            last_error: g.last_error.clone(),
+            // An unanswered switchover says why no writes are taken, over
+            // whatever the attempts to reach the peer last said.
+            last_error: match g.switchover.as_ref().filter(|s| s.sent) {
+                Some(s) => Some(format!(
+                    "switchover: {} was asked to take over after record {}; no writes are taken here until it \
+                     answers, as the new primary or as this node's secondary still",
+                    self.cfg.peer, s.seq
+                )),
+                None => g.last_error.clone(),
+            },
             volumes: self
                 .volumes
                 .iter()

@@ -127,12 +127,12 @@ async fn run(group: &Arc<Group>, epoch: u64) {
         }
         let (switching, asked) = {
             let g = lock(&group.inner);
-            (g.switching, g.switchover.as_ref().is_some_and(|s| s.sent))
+            (g.switching, Group::awaiting_hand_over(&g))
         };
         if switching && !asked {
             // A switchover hands the role over: no new session until the
-            // peer is asked to take over. (Once asked and unanswered, a
-            // session asks again: see `session`.)
+            // peer is asked to take over, nor once it answered. (Asked and
+            // unanswered, a session asks again: see `session`.)
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
@@ -175,23 +175,6 @@ async fn run(group: &Arc<Group>, epoch: u64) {
             _ = kick.changed() => {}
         }
     }
-}
-
-/// A switchover asked the peer to take over, and the peer, answering as
-/// the primary of a newer generation, did: the hand-over is confirmed (the
-/// switchover finishes, this node becomes its secondary). Any takeover
-/// holds every record: the peer held the last one durably before it was
-/// asked, and none followed.
-fn hand_over_answered(group: &Group, peer_generation: u64) -> bool {
-    let mut g = lock(&group.inner);
-    if peer_generation <= g.persisted.generation {
-        return false;
-    }
-    let Some(switchover) = g.switchover.as_mut().filter(|s| s.sent) else { return false };
-    if let Some(tx) = switchover.confirmed.take() {
-        let _ = tx.send(Ok(()));
-    }
-    true
 }
 
 /// Copy chunks that were sent but not made durable go back into the bitmap.
@@ -295,8 +278,19 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     if !reply.error.is_empty() {
         let msg = format!("{} refused group {}: {}", group.cfg.peer, group.cfg.name, wire::peer_text(&reply.error));
         let kind = pb::Refusal::try_from(reply.refusal).unwrap_or(pb::Refusal::Unspecified);
-        if kind == pb::Refusal::Superseded && hand_over_answered(group, reply.generation) {
-            return Err(TransportError::Protocol(format!("{msg}: it took over; this node becomes its secondary")));
+        {
+            let mut g = lock(&group.inner);
+            if kind == pb::Refusal::Superseded && Group::confirm_hand_over(&mut g, reply.generation) {
+                return Err(TransportError::Protocol(format!("{msg}: it took over; this node becomes its secondary")));
+            }
+            let still_secondary = matches!(kind, pb::Refusal::Split | pb::Refusal::InUse | pb::Refusal::NeedsRebase)
+                && reply.generation <= g.persisted.generation;
+            if still_secondary && Group::awaiting_hand_over(&g) {
+                // Refused by a secondary of this generation with no session
+                // attached: it did not take over.
+                tracing::warn!(group = %group.cfg.name, "switchover abandoned: {msg}; this node stays the primary");
+                let _ = group.abandon_hand_over(&mut g, Some(msg.clone()));
+            }
         }
         if kind == pb::Refusal::NeedsRebase {
             // The peer discarded its own writes: rebase it, then open
@@ -325,7 +319,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
             group.transition(&mut g, PairEvent::Failure, &msg);
             return Err(TransportError::Protocol(msg));
         }
-        if g.switchover.as_ref().is_some_and(|s| s.sent) {
+        if Group::awaiting_hand_over(&g) {
             // Asked to take over, the peer answers as this node's
             // secondary: it never got the request, or could not take over
             // (it holds its session until that is settled). This node stays

@@ -43,10 +43,16 @@ const SWITCHOVER_STEP: Duration = Duration::from_secs(30);
 pub(super) struct Switchover {
     /// The last record; the secondary must hold it durably.
     pub(super) seq: u64,
+    /// The epoch of that record (a restart meanwhile starts a new one).
+    pub(super) epoch: u64,
     /// The command is on the stream.
     pub(super) sent: bool,
     /// Told when the secondary took over (or refused to).
     pub(super) confirmed: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+fn is_stale(g: &Inner) -> bool {
+    g.switchover.as_ref().is_some_and(|s| s.sent && g.last_jseq > s.seq)
 }
 
 /// Why a switchover's hand-over did not complete.
@@ -312,6 +318,39 @@ impl Group {
         Some(self.save_later(g))
     }
 
+    /// Whether a switchover asked the peer to take over and waits for its
+    /// answer (not when the answer is in and the switchover finishing).
+    pub(super) fn awaiting_hand_over(g: &Inner) -> bool {
+        g.switchover.as_ref().is_some_and(|s| s.sent && s.confirmed.is_some())
+    }
+
+    /// A peer of a newer generation answers a switchover: confirms it (this
+    /// node becomes its secondary) unless the hand-over is stale; returns
+    /// whether it confirmed. Any takeover holds every record: the peer held
+    /// the last one durably before it was asked, and none followed.
+    pub(super) fn confirm_hand_over(g: &mut Inner, peer_generation: u64) -> bool {
+        if peer_generation <= g.persisted.generation || is_stale(g) {
+            return false;
+        }
+        match g.switchover.as_mut().filter(|s| s.sent).and_then(|s| s.confirmed.take()) {
+            Some(tx) => tx.send(Ok(())).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Drops a stale hand-over: this node holds records after the one the
+    /// peer was asked to take over after (the hand-over was abandoned and
+    /// writes taken, and a crash came before the cleared marker reached the
+    /// disk). The peer cannot hold them: this node is judged as any primary
+    /// a newer generation meets (fenced; split brain if both wrote). Call
+    /// under the lock that judges it.
+    pub(super) fn drop_stale_hand_over(&self, g: &mut Inner) {
+        if is_stale(g) {
+            tracing::warn!(group = %self.cfg.name, "a switchover's marker was stale (records follow it here): it is dropped");
+            let _ = self.abandon_hand_over(g, Some("records follow the hand-over here".into()));
+        }
+    }
+
     /// Waits for the save that cleared the switchover's marker; a failure
     /// is said, not fatal (the marker, should it stay on disk, only keeps
     /// writes out after a restart until the peer answers).
@@ -336,6 +375,16 @@ impl Group {
         // here) until the new restore journal is in place.
         let (pair_id, epoch, generation, save) = {
             let mut g = lock(&self.inner);
+            // Still this hand-over (a `pair delete` may have abandoned it
+            // since the peer's answer).
+            let asked = g.switchover.as_ref().filter(|s| s.sent && s.seq == last).map(|s| s.epoch);
+            let Some(epoch) = asked.filter(|_| g.role() == Role::Primary) else {
+                return Err(GroupError::Failed(format!("group {name}: the switchover was abandoned meanwhile")));
+            };
+            // The records through `last` are of this epoch, whatever a
+            // restart since began: the new primary's takeover point says
+            // so, and a later failover here must name the same.
+            g.persisted.epoch = epoch;
             demote(&mut g, last);
             let save = self.save_later(&mut g);
             self.publish(&mut g);
@@ -460,16 +509,17 @@ impl Group {
         // Saved before the request can leave: from here a crash restarts a
         // node that takes no writes until the peer answers (see
         // `PrimaryState::handing_over`), never a primary beside a new one.
-        let save = {
+        let (save, epoch) = {
             let mut g = lock(&self.inner);
+            let epoch = g.persisted.epoch;
             if let Some(primary) = g.persisted.role.as_primary_mut() {
-                primary.handing_over = Some(last);
+                primary.handing_over = Some(TakeoverPoint { seq: last, epoch });
             }
-            self.save_later(&mut g)
+            (self.save_later(&mut g), epoch)
         };
         self.saved(save).await.map_err(|e| HandOver::Abandoned(format!("saving the hand-over failed: {e}")))?;
         let (tx, mut rx) = oneshot::channel();
-        lock(&self.inner).switchover = Some(Switchover { seq: last, sent: false, confirmed: Some(tx) });
+        lock(&self.inner).switchover = Some(Switchover { seq: last, epoch, sent: false, confirmed: Some(tx) });
         self.ship_wake.notify_one();
         match tokio::time::timeout(SWITCHOVER_STEP, &mut rx).await {
             Ok(Ok(Ok(()))) => Ok(last),
