@@ -244,13 +244,17 @@ pub struct PowerCutMount {
     log: PathBuf,
 }
 
-/// What a simulated power cut dropped (and kept) of a site's dirty pages.
+/// What a simulated power cut dropped (and kept) of a site's dirty pages,
+/// and how many namespace changes not yet durable it undid.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CutReport {
     /// Dirty 4 KiB pages lost.
     pub dropped: u64,
     /// Dirty pages the "disk" kept (written before the cut).
     pub kept: u64,
+    /// Names undone (created, removed or renamed without an fsync of the
+    /// directory; see src/bin/powercut-fs.rs).
+    pub undone: u64,
 }
 
 /// Path of the `powercut-fs` binary: next to `replicator` (cargo builds it
@@ -941,13 +945,17 @@ address = "127.0.0.1:{peer_port}"
             let line = self.fs_command(site, &cmd);
             report.dropped += reply_number(&line, "dropped");
             report.kept += reply_number(&line, "kept");
+            report.undone += reply_number(&line, "undone");
         }
         self.reboot(site);
         let mut log = std::fs::OpenOptions::new().append(true).open(self.log_path(site)).expect("open log");
         let _ = writeln!(
             log,
-            "===== e2e harness: {site} POWER CUT: {} dirty page(s) dropped, {} kept =====",
-            report.dropped, report.kept
+            "===== e2e harness: {site} POWER CUT: {} dirty page(s) dropped, {} kept, {} name(s) undone (see {}-powercut-fs.log) =====",
+            report.dropped,
+            report.kept,
+            report.undone,
+            site.label()
         );
         report
     }

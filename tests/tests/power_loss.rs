@@ -132,6 +132,7 @@ async fn writer(
     window: (u64, u64),
     seed: u64,
     versions: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     max_ops: u64,
     max_time: Duration,
@@ -182,6 +183,7 @@ async fn writer(
         match tokio::time::timeout(REQUEST_TIMEOUT, client.write(start * BLOCK as u64, &data, fua)).await {
             Ok(Ok(())) => {
                 stats.writes += 1;
+                acked.fetch_add(1, Ordering::Relaxed);
                 if fua {
                     stats.fua += 1;
                     for b in start..start + n {
@@ -350,6 +352,8 @@ struct Run {
     vol: String,
     regions: Vec<Region>,
     versions: Arc<AtomicU64>,
+    /// Writes acknowledged, all cycles (the cut waits for one of its own).
+    acked: Arc<AtomicU64>,
     rng: Rng,
     label: String,
     /// Dirty pages the cuts dropped, all cycles.
@@ -395,6 +399,7 @@ impl Run {
             vol,
             regions,
             versions: Arc::new(AtomicU64::new(1)),
+            acked: Arc::new(AtomicU64::new(0)),
             rng: Rng::new(seed),
             label: label.to_string(),
             dropped: 0,
@@ -421,6 +426,7 @@ impl Run {
                 window,
                 self.rng.next_u64(),
                 self.versions.clone(),
+                self.acked.clone(),
                 stop.clone(),
                 max_ops,
                 max_time,
@@ -511,8 +517,15 @@ impl Run {
             format!("cycle {cycle} ({target:?} cut{})", keep.map(|k| format!(", keeping {k}")).unwrap_or_default());
         // Load, then the cut in the middle of it.
         let stop = Arc::new(AtomicBool::new(false));
+        let acked = self.acked.load(Ordering::Relaxed);
         let handles = self.start_writers(&stop, LOAD_MAX_OPS, LOAD_MAX_TIME);
         std::thread::sleep(Duration::from_millis(400 + self.rng.below(800)));
+        // A loaded machine (the initial copy competing) may not have
+        // acknowledged a write yet: the cut must find some.
+        let waited = Instant::now();
+        while self.acked.load(Ordering::Relaxed) == acked && waited.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let before = self.cluster.status(Site::A, &self.group);
         let state_at_cut =
             format!("{} (copy {} of {} bytes)", before.state, before.copy_done_bytes, before.copy_total_bytes);

@@ -1,23 +1,56 @@
 //! `powercut-fs BACKING_DIR MOUNTPOINT CONTROL_SOCKET`: a FUSE pass-through of
-//! BACKING_DIR with a volatile write cache, in the manner of LazyFS, for the
-//! end-to-end power-loss tests.
+//! BACKING_DIR with a volatile write cache and a volatile namespace, in the
+//! manner of LazyFS, for the end-to-end power-loss tests.
 //!
 //! File data written through the mount stays in memory (dirty 4 KiB pages per
-//! inode, see `replicator_tests::powercut`) until the file is fsynced or
-//! fdatasynced, or written with O_DSYNC/O_SYNC/RWF_DSYNC (the kernel marks
-//! such FUSE writes with O_DSYNC in the request's flags). Reads merge the
-//! cache over the backing file. Closing a file does not make anything
-//! durable. A command on the control socket simulates a power cut: every
-//! dirty page is dropped (or a pseudo-random subset is kept, as a disk may
-//! keep any subset of its volatile cache).
+//! inode, see `replicator_tests::powercut::FileCache`) until the file is
+//! fsynced or fdatasynced, or written with O_DSYNC/O_SYNC/RWF_DSYNC (the
+//! kernel marks such FUSE writes with O_DSYNC in the request's flags). Reads
+//! merge the cache over the backing file. Closing a file does not make
+//! anything durable.
 //!
-//! Simplifications, as LazyFS by default: only file *data* is volatile.
-//! Metadata operations (create, mkdir, unlink, rename, chmod, truncate, the
-//! file size a write past the end sets, fallocate preallocation) are applied
-//! to the backing directory at once and survive a cut. A rename moves the
-//! inode with its dirty pages, so a file renamed without an fsync of its data
-//! loses that data at a cut. An unlinked inode's dirty pages are dropped when
-//! its last handle closes.
+//! Names are volatile too (see `replicator_tests::powercut::NameLog`):
+//! create, mknod, mkdir, unlink, rmdir and rename (also over an existing
+//! target, RENAME_NOREPLACE and RENAME_EXCHANGE) are applied to the backing
+//! directory at once, so every read sees them, and logged. The rule:
+//! - a change is durable once every directory whose entries it changed has
+//!   been fsynced since (FUSE `fsyncdir`): for a rename between two
+//!   directories, *both* — and once every earlier pending change to one of
+//!   those directories is durable (a directory's changes become durable in
+//!   their order, as through a journal); once the removal of a directory
+//!   is durable, the changes pending inside it count as durable too (it
+//!   takes its entries with it);
+//! - the fsync of a file makes its data durable, never its name (strict
+//!   POSIX: a new file needs an fsync of its directory too, whatever ext4
+//!   happens to do); sync(2)/syncfs(2) make nothing durable (the kernel does
+//!   not send them to a FUSE server like this one);
+//! - a file or directory that an unlink, rmdir or rename-over took away is
+//!   kept, moved into a hidden directory of the backing root
+//!   (`.powercut-fs-graveyard`: invisible through the mount, and neither
+//!   creatable nor removable by that name), and deleted when the change is
+//!   durable.
+//!
+//! A command on the control socket simulates a power cut: every namespace
+//! change not yet durable is undone, the latest first (created names are
+//! removed — a created directory with all it holds —, removed and replaced
+//! files come back from the graveyard, renames are reversed); then every
+//! dirty page is dropped (or a pseudo-random subset is kept, as a disk may
+//! keep any subset of its volatile cache). Names go first so that the pages
+//! of a file that does not survive count as dropped, never as kept.
+//! Undoing moves backing inodes back, never recreates them, so the node ids
+//! the kernel holds stay valid: a restored file keeps the node id it had
+//! (if the kernel still holds one), a removed one answers with nlink 0 until
+//! the kernel forgets it, and entry and attribute TTLs are zero, so the
+//! kernel looks every name up again. The mount stays up across a cut (the
+//! harness kills the daemon, cuts, and restarts the daemon on it).
+//!
+//! Other simplifications, as LazyFS by default: attributes are durable at
+//! once (chmod, chown, utimes, truncate, the file size a write past the end
+//! sets, fallocate preallocation). A rename moves the inode with its dirty
+//! pages, so a file renamed without an fsync of its data loses that data at
+//! a cut. An unlinked inode's dirty pages are dropped when its last handle
+//! closes (if the unlink is undone, the file comes back with what was
+//! durable).
 //!
 //! Every open is answered with FOPEN_DIRECT_IO, so the kernel's page cache
 //! never holds data this file system could later drop, and entry/attribute
@@ -25,25 +58,30 @@
 //! flock and POSIX locks locally.
 //!
 //! Control socket (Unix stream, one command per line, one reply line each):
-//! - `cut` → drop every dirty page: `ok dropped N pages`
-//! - `cut keep SEED FRACTION` → write a pseudo-random FRACTION (0..1) of the
-//!   dirty pages to the backing files first, drop the rest:
-//!   `ok dropped N pages kept M pages`
+//! - `cut` → undo the pending names, drop every dirty page:
+//!   `ok dropped N pages undone K names`
+//! - `cut keep SEED FRACTION` → the same, but write a pseudo-random FRACTION
+//!   (0..1) of the dirty pages to the backing files first:
+//!   `ok dropped N pages kept M pages undone K names`
 //! - `fail-fsync NAME` → `ok armed`: the next fsync of a file whose backing
 //!   path ends with NAME fails with EIO and drops that file's dirty pages (a
 //!   failed write-back; as on Linux, the fsync after it succeeds)
 //! - `fail-write NAME` → `ok armed`: the next write to a file whose backing
 //!   path ends with NAME fails with EIO and changes nothing
-//! - `stats` → `ok dirty N pages files F fsyncs S failed_fsyncs X dsync_writes D writes W failed_writes Y`
+//! - `stats` → `ok dirty N pages files F fsyncs S failed_fsyncs X dsync_writes D writes W failed_writes Y dir_fsyncs Z pending_names P`
 //! - `files` → `ok PATH=PAGES ...`: the backing files with dirty pages
+//! - `names` → `ok CHANGE; CHANGE; ...`: the pending namespace changes,
+//!   oldest first ("create PATH", "remove PATH", "rename PATH to PATH", ...)
+//!
+//! Each change a cut undoes is logged on stderr.
 //!
 //! It runs in the foreground until unmounted or sent SIGTERM/SIGINT (then it
 //! unmounts).
 //!
 //! Not implemented (the daemon needs none of them): symlinks, hard links,
-//! extended attributes, lseek SEEK_DATA/SEEK_HOLE (the kernel falls back to
-//! treating the whole file as data). Requests are served by two threads
-//! under one lock: correctness first.
+//! RENAME_WHITEOUT, extended attributes, lseek SEEK_DATA/SEEK_HOLE (the
+//! kernel falls back to treating the whole file as data). Requests are
+//! served by two threads under one lock: correctness first.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -64,7 +102,7 @@ use fuser::{
 };
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
-use replicator_tests::powercut::{keep_page, CutResult, FileCache};
+use replicator_tests::powercut::{keep_page, CutResult, DirRef, FileCache, NameLog};
 
 /// Entry and attribute time-to-live: none, the kernel asks every time.
 const TTL: Duration = Duration::ZERO;
@@ -129,8 +167,9 @@ fn attr(id: u64, st: &FileStat) -> FileAttr {
 #[derive(Debug)]
 struct Node {
     /// O_PATH descriptor: pins the backing inode (so its number is not
-    /// reused while this node exists) and names it for *at calls.
-    opath: OwnedFd,
+    /// reused while this node exists) and names it for *at calls. Shared
+    /// with the name log's entries for a directory.
+    opath: Arc<OwnedFd>,
     /// The backing inode number.
     backing_ino: u64,
     /// Kernel lookup count (FUSE forget protocol).
@@ -181,6 +220,7 @@ struct Stats {
     dsync_writes: u64,
     writes: u64,
     failed_writes: u64,
+    dir_fsyncs: u64,
 }
 
 #[derive(Debug)]
@@ -197,14 +237,17 @@ struct Inner {
     /// `fail-write NAME`: the next write to a file whose backing path ends
     /// with NAME fails (EIO) and changes nothing.
     fail_write: Option<String>,
+    /// Namespace changes not yet durable.
+    names: NameLog,
 }
 
 impl Inner {
-    fn new(root: OwnedFd) -> Res<Self> {
-        let st = nix::sys::stat::fstat(&root).map_err(nix_err)?;
+    fn new(root: OwnedFd, backing: &Path) -> Result<Self, String> {
+        let st = nix::sys::stat::fstat(&root).map_err(|e| e.to_string())?;
+        let names = NameLog::new(backing, st.st_ino).map_err(|e| format!("cannot set up the graveyard: {e}"))?;
         let mut nodes = HashMap::new();
         let root_node = Node {
-            opath: root,
+            opath: Arc::new(root),
             backing_ino: st.st_ino,
             nlookup: u64::MAX / 2,
             open: 0,
@@ -223,6 +266,7 @@ impl Inner {
             stats: Stats::default(),
             fail_fsync: None,
             fail_write: None,
+            names,
         })
     }
 
@@ -230,8 +274,24 @@ impl Inner {
         self.nodes.get_mut(&id).ok_or(Errno::ESTALE)
     }
 
+    /// Directory `id` as the name log refers to it.
+    fn dir(&mut self, id: u64) -> Res<DirRef> {
+        let n = self.node(id)?;
+        Ok(DirRef { ino: n.backing_ino, fd: Arc::clone(&n.opath) })
+    }
+
+    /// Fails with `errno` if `name` in `parent` is the hidden graveyard.
+    fn visible(&mut self, parent: u64, name: &OsStr, errno: Errno) -> Res<()> {
+        let dir_ino = self.node(parent)?.backing_ino;
+        if self.names.hides(dir_ino, name) {
+            return Err(errno);
+        }
+        Ok(())
+    }
+
     /// Looks `name` up in directory `parent` and counts one kernel lookup.
     fn lookup(&mut self, parent: u64, name: &OsStr) -> Res<(u64, FileStat)> {
+        self.visible(parent, name, Errno::ENOENT)?;
         let fd = {
             let p = self.node(parent)?;
             nix::fcntl::openat(&p.opath, name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
@@ -243,8 +303,14 @@ impl Inner {
             None => {
                 let id = self.next_id;
                 self.next_id += 1;
-                let node =
-                    Node { opath: fd, backing_ino: st.st_ino, nlookup: 0, open: 0, rw: None, cache: FileCache::new() };
+                let node = Node {
+                    opath: Arc::new(fd),
+                    backing_ino: st.st_ino,
+                    nlookup: 0,
+                    open: 0,
+                    rw: None,
+                    cache: FileCache::new(),
+                };
                 self.nodes.insert(id, node);
                 self.by_ino.insert(st.st_ino, id);
                 id
@@ -254,23 +320,18 @@ impl Inner {
         Ok((id, st))
     }
 
-    /// The node of `name` in `parent`, if the kernel knows it (before an
-    /// unlink or a rename over it).
-    fn known_child(&mut self, parent: u64, name: &OsStr) -> Option<u64> {
-        let p = self.nodes.get(&parent)?;
-        let st = nix::sys::stat::fstatat(&p.opath, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
-        self.by_ino.get(&st.st_ino).copied()
-    }
-
     /// After an unlink, a rename over a file, a release or a forget: an
     /// inode without links or handles loses its dirty pages; a node neither
-    /// the kernel nor the cache needs is forgotten.
+    /// the kernel nor the cache needs is forgotten. An inode whose links
+    /// are all in the graveyard counts as unlinked: nothing can read it
+    /// until a cut brings it back, and then only with what was durable.
     fn settle(&mut self, id: u64) {
         let Some(node) = self.nodes.get_mut(&id) else { return };
         if id == INodeNo::ROOT.0 || node.open > 0 {
             return;
         }
-        let unlinked = node.stat().map(|st| st.st_nlink == 0).unwrap_or(true);
+        let buried = self.names.graveyard_links(node.backing_ino);
+        let unlinked = node.stat().map(|st| st.st_nlink <= buried).unwrap_or(true);
         if unlinked {
             node.cache.discard();
         }
@@ -303,14 +364,33 @@ impl Inner {
         (pages, files)
     }
 
-    /// The power cut.
-    fn cut(&mut self, keep: Option<(u64, f64)>) -> io::Result<CutResult> {
+    /// Settles the node of backing inode `ino`, if there is one.
+    fn settle_ino(&mut self, ino: u64) {
+        if let Some(&id) = self.by_ino.get(&ino) {
+            self.settle(id);
+        }
+    }
+
+    /// The power cut: undoes the pending namespace changes, then drops (or
+    /// keeps some of) the dirty pages. Returns what happened to the pages
+    /// and how many changes were undone.
+    fn cut(&mut self, keep: Option<(u64, f64)>) -> io::Result<(CutResult, u64)> {
+        let rolled = self.names.roll_back();
+        for note in &rolled.notes {
+            eprintln!("powercut-fs: cut: {note}");
+        }
         let mut total = CutResult::default();
         let mut ids: Vec<u64> = self.nodes.keys().copied().collect();
         ids.sort_unstable();
         for id in &ids {
             let Some(node) = self.nodes.get_mut(id) else { continue };
             if node.cache.dirty_pages() == 0 {
+                continue;
+            }
+            // An inode whose name was undone (or that had none) is gone:
+            // its pages with it, whatever the disk kept.
+            if node.stat().map(|st| st.st_nlink == 0).unwrap_or(true) {
+                total.dropped += node.cache.discard();
                 continue;
             }
             let r = match (keep, node.rw.as_ref()) {
@@ -326,7 +406,7 @@ impl Inner {
         for id in ids {
             self.settle(id);
         }
-        Ok(total)
+        Ok((total, rolled.undone))
     }
 }
 
@@ -403,14 +483,24 @@ impl PowerCutFs {
 
     fn do_create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32) -> Res<(FileAttr, u64)> {
         let mut inner = self.lock();
-        {
-            let p = inner.node(parent)?;
-            let mut oflag = OFlag::O_CREAT | OFlag::O_RDWR | OFlag::O_CLOEXEC;
-            if flags & libc::O_EXCL != 0 {
-                oflag |= OFlag::O_EXCL;
+        inner.visible(parent, name, Errno::EPERM)?;
+        let dir = inner.dir(parent)?;
+        // Exclusively first, so that only a name this call made is logged:
+        // the kernel sends CREATE for an O_CREAT open of an existing file
+        // too.
+        let excl = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+        match nix::fcntl::openat(dir.fd.as_fd(), name, excl, Mode::from_bits_truncate(mode)) {
+            Ok(fd) => {
+                let st = nix::sys::stat::fstat(&fd).map_err(nix_err)?;
+                inner.names.created(&dir, name, st.st_ino);
             }
-            let fd = nix::fcntl::openat(&p.opath, name, oflag, Mode::from_bits_truncate(mode)).map_err(nix_err)?;
-            drop(fd);
+            Err(nix::Error::EEXIST) if flags & libc::O_EXCL == 0 => {
+                // It exists: open it as open(2) without O_CREAT would (so
+                // that, e.g., a directory fails with EISDIR).
+                let oflag = OFlag::O_RDWR | OFlag::O_CLOEXEC;
+                drop(nix::fcntl::openat(dir.fd.as_fd(), name, oflag, Mode::empty()).map_err(nix_err)?);
+            }
+            Err(e) => return Err(nix_err(e)),
         }
         let (id, _) = inner.lookup(parent, name)?;
         let node = inner.node(id)?;
@@ -545,56 +635,73 @@ impl PowerCutFs {
         let node = inner.node(ino)?;
         let mut entries =
             vec![(ino, FileType::Directory, OsString::from(".")), (ino, FileType::Directory, "..".into())];
+        let dir_ino = node.backing_ino;
         for e in std::fs::read_dir(proc_path(&node.opath)).map_err(io_err)? {
             let e = e.map_err(io_err)?;
+            if inner.names.hides(dir_ino, &e.file_name()) {
+                continue;
+            }
             let md = e.metadata().map_err(io_err)?;
             entries.push((md.ino(), file_type(md.mode()), e.file_name()));
         }
+        let node = inner.node(ino)?;
         node.open += 1;
         Ok(inner.new_handle(ino, Some(entries)))
     }
 
-    fn do_remove(&self, parent: u64, name: &OsStr, dir: bool) -> Res<()> {
+    /// unlink or rmdir: the object moves to the graveyard until the
+    /// change is durable (see `NameLog`).
+    fn do_remove(&self, parent: u64, name: &OsStr, rmdir: bool) -> Res<()> {
         let mut inner = self.lock();
-        let victim = inner.known_child(parent, name);
-        let p = inner.node(parent)?;
-        let flag = if dir { nix::unistd::UnlinkatFlags::RemoveDir } else { nix::unistd::UnlinkatFlags::NoRemoveDir };
-        nix::unistd::unlinkat(&p.opath, name, flag).map_err(nix_err)?;
-        if let Some(v) = victim {
-            inner.settle(v);
-        }
+        inner.visible(parent, name, Errno::ENOENT)?;
+        let dir = inner.dir(parent)?;
+        let ino = inner.names.remove(&dir, name, rmdir).map_err(io_err)?;
+        inner.settle_ino(ino);
         Ok(())
     }
 
+    /// rename, logged; a replaced target moves to the graveyard.
     fn do_rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: RenameFlags) -> Res<()> {
         let mut inner = self.lock();
-        let victim = inner.known_child(newparent, newname);
-        let nflags = nix::fcntl::RenameFlags::from_bits_truncate(flags.bits());
-        {
-            let p = inner.nodes.get(&parent).ok_or(Errno::ESTALE)?;
-            let np = inner.nodes.get(&newparent).ok_or(Errno::ESTALE)?;
-            nix::fcntl::renameat2(&p.opath, name, &np.opath, newname, nflags).map_err(nix_err)?;
-        }
-        if let Some(v) = victim {
-            inner.settle(v);
+        inner.visible(parent, name, Errno::ENOENT)?;
+        inner.visible(newparent, newname, Errno::EPERM)?;
+        let from = inner.dir(parent)?;
+        let to = inner.dir(newparent)?;
+        let nflags = nix::fcntl::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
+        if let Some(victim) = inner.names.rename(&from, name, &to, newname, nflags).map_err(io_err)? {
+            inner.settle_ino(victim);
         }
         Ok(())
     }
 
+    /// mkdir (`rdev` None) or mknod, logged.
     fn do_mk(&self, parent: u64, name: &OsStr, mode: u32, rdev: Option<u32>) -> Res<(u64, FileStat)> {
         let mut inner = self.lock();
-        {
-            let p = inner.node(parent)?;
-            let perm = Mode::from_bits_truncate(mode & 0o7777);
-            match rdev {
-                None => nix::sys::stat::mkdirat(&p.opath, name, perm).map_err(nix_err)?,
-                Some(rdev) => {
-                    let kind = SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits());
-                    nix::sys::stat::mknodat(&p.opath, name, kind, perm, u64::from(rdev)).map_err(nix_err)?
-                }
+        inner.visible(parent, name, Errno::EPERM)?;
+        let dir = inner.dir(parent)?;
+        let perm = Mode::from_bits_truncate(mode & 0o7777);
+        match rdev {
+            None => nix::sys::stat::mkdirat(dir.fd.as_fd(), name, perm).map_err(nix_err)?,
+            Some(rdev) => {
+                let kind = SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits());
+                nix::sys::stat::mknodat(dir.fd.as_fd(), name, kind, perm, u64::from(rdev)).map_err(nix_err)?
             }
         }
+        let st = nix::sys::stat::fstatat(dir.fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(nix_err)?;
+        inner.names.created(&dir, name, st.st_ino);
         inner.lookup(parent, name)
+    }
+
+    /// fsync of a directory: its changes so far are durable (and with them
+    /// those that waited only for it).
+    fn do_fsyncdir(&self, ino: u64) -> Res<()> {
+        let mut inner = self.lock();
+        inner.stats.dir_fsyncs += 1;
+        let dir_ino = inner.node(ino)?.backing_ino;
+        for freed in inner.names.dir_synced(dir_ino) {
+            inner.settle_ino(freed);
+        }
+        Ok(())
     }
 
     fn do_copy(&self, ino_in: u64, off_in: u64, ino_out: u64, off_out: u64, len: u64) -> Res<u32> {
@@ -805,9 +912,11 @@ impl Filesystem for PowerCutFs {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Metadata is durable at once.
-        reply.ok();
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.do_fsyncdir(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -892,7 +1001,7 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["cut"] => match inner.cut(None) {
-            Ok(r) => format!("ok dropped {} pages", r.dropped),
+            Ok((r, undone)) => format!("ok dropped {} pages undone {undone} names", r.dropped),
             Err(e) => format!("error {e}"),
         },
         ["cut", "keep", seed, fraction] => {
@@ -900,7 +1009,7 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
                 return "error usage: cut keep SEED FRACTION".into();
             };
             match inner.cut(Some((seed, fraction))) {
-                Ok(r) => format!("ok dropped {} pages kept {} pages", r.dropped, r.kept),
+                Ok((r, undone)) => format!("ok dropped {} pages kept {} pages undone {undone} names", r.dropped, r.kept),
                 Err(e) => format!("error {e}"),
             }
         }
@@ -915,13 +1024,23 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
         ["stats"] => {
             let (pages, files) = inner.dirty_pages();
             format!(
-                "ok dirty {pages} pages files {files} fsyncs {} failed_fsyncs {} dsync_writes {} writes {} failed_writes {}",
+                "ok dirty {pages} pages files {files} fsyncs {} failed_fsyncs {} dsync_writes {} writes {} failed_writes {} dir_fsyncs {} pending_names {}",
                 inner.stats.fsyncs,
                 inner.stats.failed_fsyncs,
                 inner.stats.dsync_writes,
                 inner.stats.writes,
-                inner.stats.failed_writes
+                inner.stats.failed_writes,
+                inner.stats.dir_fsyncs,
+                inner.names.pending()
             )
+        }
+        ["names"] => {
+            let changes = inner.names.describe();
+            if changes.is_empty() {
+                "ok".into()
+            } else {
+                format!("ok {}", changes.join("; "))
+            }
         }
         ["files"] => {
             let mut out = String::from("ok");
@@ -942,7 +1061,7 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             }
             out
         }
-        _ => "error unknown command (cut | cut keep SEED FRACTION | fail-fsync NAME | fail-write NAME | stats | files)"
+        _ => "error unknown command (cut | cut keep SEED FRACTION | fail-fsync NAME | fail-write NAME | stats | files | names)"
             .into(),
     }
 }
@@ -965,7 +1084,7 @@ fn serve_control(inner: Arc<Mutex<Inner>>, stream: UnixStream) {
 fn run(backing: &Path, mountpoint: &Path, control: &Path) -> Result<(), String> {
     let root = nix::fcntl::open(backing, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("{}: {e}", backing.display()))?;
-    let inner = Arc::new(Mutex::new(Inner::new(root).map_err(|e| format!("{}: {e:?}", backing.display()))?));
+    let inner = Arc::new(Mutex::new(Inner::new(root, backing).map_err(|e| format!("{}: {e}", backing.display()))?));
 
     // SIGTERM and SIGINT are blocked in every thread and taken by the main
     // thread, which then unmounts.
