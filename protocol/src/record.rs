@@ -534,7 +534,7 @@ mod tests {
     #[test]
     fn error_text() {
         let e = RecordError::TooLarge { seq: 3, length: 40_000_000 };
-        assert_eq!(e.to_string(), "record 3: length 40000000 exceeds the 33554432-byte record limit");
+        assert_eq!(e.to_string(), "record 3: length 40000000 exceeds the 33562624-byte record limit");
         let e = RecordError::CrcMismatch { seq: 3, expected: 1, actual: 0xdeadbeef };
         assert_eq!(e.to_string(), "record 3: payload CRC32 mismatch (record says 0x00000001, payload has 0xdeadbeef)");
     }

@@ -863,7 +863,7 @@ mod tests {
     #[test]
     fn error_texts_are_readable() {
         let e = WireError::FrameTooLarge { len: 99_999_999, max: MAX_FRAME_LEN };
-        assert_eq!(e.to_string(), "frame of 99999999 bytes exceeds the 33619968-byte limit");
+        assert_eq!(e.to_string(), "frame of 99999999 bytes exceeds the 33628160-byte limit");
         let v = negotiate_version(&[1], &[2, 3]).expect_err("no common version");
         assert_eq!(v.to_string(), "no common wire version: we speak [1], the peer speaks [2, 3]");
         assert_eq!(negotiate_version(SUPPORTED_VERSIONS, &[1, 7]), Ok(1));

@@ -661,20 +661,6 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if run.starts_with(state) {
-            // state_dir is 0700: members of the admin group could not reach
-            // the sockets through it.
-            return Err(self.err(
-                "node.run_dir",
-                format!(
-                    "{} is inside node.state_dir {}, which only the daemon's user may enter (0700): the admin \
-                     group could not reach the control socket; give each its own directory (e.g. /run/replicator, \
-                     /var/lib/replicator)",
-                    run.display(),
-                    state.display()
-                ),
-            ));
-        }
         if let (Some(nbd), Some(metrics)) = (node.nbd_listen, node.metrics_listen) {
             let overlap = |a: std::net::IpAddr, b: std::net::IpAddr| a == b || a.is_unspecified() || b.is_unspecified();
             if nbd.port() == metrics.port() && overlap(nbd.ip(), metrics.ip()) {
@@ -1293,7 +1279,6 @@ size = "20GiB"
             ),
             ("state_dir = \"/var/lib/replicator\"", "state_dir = \"/run/replicator/state\"", "node.run_dir"),
             ("run_dir = \"/run/replicator\"", "run_dir = \"/var/lib/replicator\"", "node.run_dir"),
-            ("run_dir = \"/run/replicator\"", "run_dir = \"/var/lib/replicator/run\"", "node.run_dir"),
             ("address = \"192.0.2.10:7800\"", "address = \"127.0.0.1:7800\"", "peer[site-b].address"),
         ];
         for (from, to, key) in cases {

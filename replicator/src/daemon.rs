@@ -236,6 +236,15 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         path: run_dir.display().to_string(),
         source,
     })?;
+    if run_dir.starts_with(&config.node.state_dir) {
+        // Said, not refused: a node administered as root works.
+        tracing::warn!(
+            "run_dir {} is inside state_dir {}, which only the daemon's user may enter (0700): members of the admin \
+             group cannot reach the control socket; give run_dir a directory of its own (e.g. /run/replicator)",
+            run_dir.display(),
+            config.node.state_dir.display()
+        );
+    }
     // Before any volume or journal is opened.
     clear_socket_path(&config.control_socket(), CONTROL_SOCKET)?;
     clear_socket_path(&config.nbd_socket(), NBD_SOCKET)?;

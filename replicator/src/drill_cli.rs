@@ -319,8 +319,8 @@ fn write_reports(dir: &Path, record: &DrillRecord) -> std::io::Result<PathBuf> {
     let base = format!("drill-{}-{}", record.meta.group, record.meta.id);
     let json = dir.join(format!("{base}.json"));
     let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-    put_file(&json, 0o644, Existing::Replace, |f| f.write_all(&bytes))?;
-    put_file(&dir.join(format!("{base}.md")), 0o644, Existing::Replace, |f| {
+    put_file(&json, 0o600, Existing::Replace, |f| f.write_all(&bytes))?;
+    put_file(&dir.join(format!("{base}.md")), 0o600, Existing::Replace, |f| {
         f.write_all(record.to_markdown().as_bytes())
     })?;
     Ok(json)

@@ -81,15 +81,37 @@ pub fn put_file(
     sync_parent(path)
 }
 
+/// Removes the regular files named `*.tmp` in `dir` (the temporary files
+/// of [`put_file`], and earlier builds' `NAME.tmp`) that a crash left
+/// behind. Only for a directory no other process writes; a file that
+/// cannot be removed is said, not fatal.
+pub fn remove_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && path.extension().is_some_and(|e| e == "tmp") {
+            match fs::remove_file(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed a temporary file a crash left"),
+                Err(e) => tracing::warn!(path = %path.display(), "cannot remove a temporary file a crash left: {e}"),
+            }
+        }
+    }
+}
+
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`).
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
     match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => Ok(()),
-        // A file system without RENAME_NOREPLACE: checked, then renamed
-        // (only a creator racing this one could slip in between).
-        Err(nix::errno::Errno::EINVAL) if !to.exists() => fs::rename(from, to),
-        Err(nix::errno::Errno::EINVAL) => Err(io::ErrorKind::AlreadyExists.into()),
+        // A file system without RENAME_NOREPLACE: checked (any name, a
+        // dangling link too), then renamed (only a creator racing this one
+        // could slip in between).
+        Err(nix::errno::Errno::EINVAL) => match fs::symlink_metadata(to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(from, to),
+            Err(e) => Err(e),
+            Ok(_) => Err(io::ErrorKind::AlreadyExists.into()),
+        },
         Err(e) => Err(e.into()),
     }
 }
@@ -128,5 +150,12 @@ mod tests {
         put_file(&dir.path().join("g"), 0o600, Existing::Replace, |f| f.write_all(b"g")).unwrap();
         assert!(!target.exists());
         assert_eq!(fs::read(dir.path().join("g")).unwrap(), b"g");
+        // What a crash leaves is removed, the rest kept.
+        fs::write(dir.path().join(".h.123.tmp"), b"half").unwrap();
+        fs::write(dir.path().join("state.tmp"), b"half").unwrap();
+        remove_temporaries(dir.path());
+        let mut names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["f", "g"].map(std::ffi::OsString::from));
     }
 }

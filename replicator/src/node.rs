@@ -287,6 +287,16 @@ impl ExportCatalog for Node {
         }
         let (gi, vi) = *self.exports.get(name).ok_or_else(|| OpenError::Unknown(name.to_string()))?;
         let group = self.groups[gi].clone();
+        let changing_role = || {
+            OpenError::Refused(format!(
+                "group {} is changing roles here (a switchover, or the primary role going to the peer): volume {name} \
+                 cannot be attached now; see `replicator status {}`",
+                group.cfg.name, group.cfg.name
+            ))
+        };
+        if group.changing_role() {
+            return Err(changing_role());
+        }
         if !group.attachable() {
             return Err(OpenError::Refused(format!(
                 "volume {name} is the secondary replica of group {} ({}): it cannot be attached while replication runs into it \
@@ -307,6 +317,9 @@ impl ExportCatalog for Node {
                 "volume {name} became the secondary replica of group {}: it cannot be attached while replication runs into it",
                 group.cfg.name
             )));
+        }
+        if group.changing_role() {
+            return Err(changing_role());
         }
         Ok(Arc::new(NodeExport::Volume(VolumeExport { group, volume: vi, size, _attached: attached })))
     }

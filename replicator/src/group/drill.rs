@@ -561,8 +561,24 @@ fn drill_id(us: u64) -> String {
 /// Writes the report and appends the history line, then discards the
 /// drill copies (blocking). The evidence first: removing large copies
 /// takes time, and a crash then must not lose the drill's record (the
-/// copies are forgotten already; a restart removes what is left).
+/// copies are forgotten already; a restart removes what is left). The
+/// copies go whatever happened to the record, and where it failed (a full
+/// `state_dir`, which is why drills are stopped) it is written again once
+/// their space is back.
 fn discard_and_record(group_dir: &Path, image: &PreservedImage, record: &DrillRecord) -> Result<(), GroupError> {
+    let recorded = write_record(group_dir, record);
+    let removed = image.remove();
+    if let Err(e) = &removed {
+        tracing::warn!("the drill copies could not be removed ({e}); the next start of the daemon removes them");
+    }
+    match recorded {
+        Err(_) if removed.is_ok() => write_record(group_dir, record),
+        recorded => recorded,
+    }
+}
+
+/// The report (for `drill run`) and the history line of a finished drill.
+fn write_record(group_dir: &Path, record: &DrillRecord) -> Result<(), GroupError> {
     if let Some(report) = &record.report {
         let reports = reports_dir(group_dir);
         crate::perms::ensure_dir(&reports, 0o700, "drill reports").map_err(failed("creating drill-reports"))?;
@@ -580,12 +596,17 @@ fn discard_and_record(group_dir: &Path, image: &PreservedImage, record: &DrillRe
         .append(true)
         .open(&path)
         .map_err(failed("opening the drill history"))?;
-    f.write_all(&line).and_then(|()| f.sync_data()).map_err(failed("appending to the drill history"))?;
+    let old_len = f.metadata().map_err(failed("opening the drill history"))?.len();
+    if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {
+        // No torn line for the next record to be glued onto.
+        let _ = f.set_len(old_len);
+        return Err(failed("appending to the drill history")(e));
+    }
     if new {
         // Its name, too, survives a power cut.
         crate::durable::sync_dir(group_dir).map_err(failed("syncing the group directory"))?;
     }
-    image.remove()
+    Ok(())
 }
 
 /// NBD view of a drill copy: reads the frozen image, writes only into the

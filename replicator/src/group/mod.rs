@@ -391,6 +391,9 @@ impl Group {
         transport: Arc<Transport>,
     ) -> Result<Arc<Group>, GroupError> {
         let store = StateFile::new(state_dir, &cfg.name);
+        // Files a crash left half written (only this daemon, holding the
+        // state_dir's lock, writes here).
+        crate::durable::remove_temporaries(store.dir());
         let persisted = store.load()?.unwrap_or_else(GroupState::simplex);
         let role = persisted.role();
         let mut state = persisted.state;

@@ -903,6 +903,15 @@ impl Group {
         g.role() != Role::Secondary || g.persisted.role.split_writable()
     }
 
+    /// A role change is under way here (a switchover, giving the primary
+    /// role to the peer, a failover): no new NBD client may attach, its
+    /// volumes may be about to be overwritten (checked again with the client
+    /// counted, as for [`Self::attachable`]).
+    pub fn changing_role(&self) -> bool {
+        let g = lock(&self.inner);
+        g.switching || g.taking_over
+    }
+
     /// May NBD clients attach the volumes? Where they are writable, and on a
     /// replica split by an admin (read-only: nothing replicates into it
     /// until `pair resync`, which waits until they detach).

@@ -42,7 +42,7 @@ impl AlignedBuf {
     /// pool: large fresh allocations cost a page fault per 4 KiB on first
     /// touch, which dominated 1 MiB writes.
     pub fn for_overwrite(len: usize) -> Self {
-        let cap = len.max(IO_ALIGN).next_power_of_two();
+        let cap = pool::capacity_for(len);
         if let Some(ptr) = pool::take(cap) {
             return Self { ptr, len, cap };
         }
@@ -134,6 +134,18 @@ mod pool {
     unsafe impl Send for Free {}
 
     static FREE: Mutex<Vec<Free>> = Mutex::new(Vec::new());
+
+    /// The capacity to allocate for `len` bytes: a pooled size class (a
+    /// power of two) where one fits, else whole 4 KiB pages (a record just
+    /// above the largest class, 32 MiB + 8 KiB, must not take 64 MiB).
+    pub(super) fn capacity_for(len: usize) -> usize {
+        let pooled = len.max(IO_ALIGN).next_power_of_two();
+        if class(pooled).is_some() {
+            pooled
+        } else {
+            len.div_ceil(IO_ALIGN) * IO_ALIGN
+        }
+    }
 
     fn class(cap: usize) -> Option<usize> {
         let c = cap.trailing_zeros() as usize;
@@ -231,6 +243,15 @@ mod tests {
             let buf = AlignedBuf::zeroed(len);
             assert!(buf.iter().all(|&b| b == 0));
         }
+    }
+
+    #[test]
+    fn capacity_is_a_size_class_or_whole_pages_above_them() {
+        assert_eq!(AlignedBuf::for_overwrite(1).capacity(), 4096);
+        assert_eq!(AlignedBuf::for_overwrite(5000).capacity(), 8192);
+        assert_eq!(AlignedBuf::for_overwrite(32 << 20).capacity(), 32 << 20);
+        // A widened 32 MiB record: 32 MiB + 8 KiB, not 64 MiB.
+        assert_eq!(AlignedBuf::for_overwrite((32 << 20) + 4097).capacity(), (32 << 20) + 8192);
     }
 
     #[test]

@@ -594,13 +594,16 @@ impl BlockFile {
             if self.try_fallocate(zero_range, UNSUPPORTED_ZERO_RANGE, offset, len).await? {
                 return Ok(());
             }
+            // (Not where allocating is unsupported: the hole would stay.)
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            if self.try_fallocate(punch, UNSUPPORTED_PUNCH_HOLE, offset, len).await? {
-                if let Err(e) = self.try_fallocate(libc::FALLOC_FL_KEEP_SIZE, UNSUPPORTED_ALLOCATE, offset, len).await {
-                    tracing::warn!(
-                        path = %self.inner.path.display(),
-                        "zeroes at {offset}+{len} read back right but are left unallocated: {e}"
-                    );
+            let can_allocate = self.inner.unsupported.load(Ordering::Relaxed) & UNSUPPORTED_ALLOCATE == 0;
+            if can_allocate && self.try_fallocate(punch, UNSUPPORTED_PUNCH_HOLE, offset, len).await? {
+                match self.try_fallocate(libc::FALLOC_FL_KEEP_SIZE, UNSUPPORTED_ALLOCATE, offset, len).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::debug!(path = %self.inner.path.display(),
+                        "zeroes at {offset}+{len} are left unallocated (allocation unsupported); zero buffers from now on"),
+                    Err(e) => tracing::warn!(path = %self.inner.path.display(),
+                        "zeroes at {offset}+{len} read back right but are left unallocated: {e}"),
                 }
                 return Ok(());
             }
