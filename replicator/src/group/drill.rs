@@ -590,7 +590,6 @@ fn write_record(group_dir: &Path, record: &DrillRecord) -> Result<(), GroupError
     let mut line = serde_json::to_vec(record).map_err(|e| GroupError::Failed(e.to_string()))?;
     line.push(b'\n');
     let path = history_path(group_dir);
-    let new = !path.exists();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -602,9 +601,12 @@ fn write_record(group_dir: &Path, record: &DrillRecord) -> Result<(), GroupError
         let _ = f.set_len(old_len);
         return Err(failed("appending to the drill history")(e));
     }
-    if new {
-        // Its name, too, survives a power cut.
-        crate::durable::sync_dir(group_dir).map_err(failed("syncing the group directory"))?;
+    if old_len == 0 {
+        // Its name, too, survives a power cut. Said, not an error: the line
+        // is in, and a retry would append it twice.
+        if let Err(e) = crate::durable::sync_dir(group_dir) {
+            tracing::warn!("{e}: a power cut may lose the new drill history");
+        }
     }
     Ok(())
 }

@@ -575,9 +575,10 @@ impl BlockFile {
     /// provisioned; a hole is what TRIM, [`Self::discard`], is for).
     /// Regular file: `fallocate(FALLOC_FL_ZERO_RANGE)`; where the file
     /// system lacks it (tmpfs), `PUNCH_HOLE|KEEP_SIZE` followed by
-    /// allocating the range again (`KEEP_SIZE`; if that fails, for lack of
-    /// space or support, the hole stays: the bytes are right, only their
-    /// provisioning is not); else writing zero buffers. Block device:
+    /// allocating the range again (`KEEP_SIZE`; where that is unsupported,
+    /// zero buffers are written over the hole; where it fails for lack of
+    /// space, the hole stays: the bytes are right, only their provisioning
+    /// is not); else writing zero buffers. Block device:
     /// `BLKZEROOUT` (which does not unmap), else writing zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.check_writable(offset)?;
@@ -600,8 +601,9 @@ impl BlockFile {
             if can_allocate && self.try_fallocate(punch, UNSUPPORTED_PUNCH_HOLE, offset, len).await? {
                 match self.try_fallocate(libc::FALLOC_FL_KEEP_SIZE, UNSUPPORTED_ALLOCATE, offset, len).await {
                     Ok(true) => {}
-                    Ok(false) => tracing::debug!(path = %self.inner.path.display(),
-                        "zeroes at {offset}+{len} are left unallocated (allocation unsupported); zero buffers from now on"),
+                    // The range reads as zeroes already; written, it is
+                    // allocated.
+                    Ok(false) => return self.write_zero_buffers(offset, len).await,
                     Err(e) => tracing::warn!(path = %self.inner.path.display(),
                         "zeroes at {offset}+{len} read back right but are left unallocated: {e}"),
                 }
