@@ -348,8 +348,10 @@ impl Transport {
         let socket = std::net::UdpSocket::bind(config.node.listen)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         size_socket_buffers(&socket);
-        let runtime =
-            quinn::default_runtime().ok_or_else(|| TransportError::Connection("no async runtime for QUIC".into()))?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(DriverLast {
+            inner: quinn::default_runtime()
+                .ok_or_else(|| TransportError::Connection("no async runtime for QUIC".into()))?,
+        });
         let inner = runtime
             .wrap_udp_socket(socket)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
@@ -764,6 +766,92 @@ fn size_socket_buffers(socket: &std::net::UdpSocket) {
 /// congestion (the async lag through a 200 Mbit/s link rose from 40 ms to
 /// 270-500 ms). Seven jumbo payloads fit in 64 KiB.
 const MAX_SEGMENTS_PER_SEND: usize = (u16::MAX as usize - 48) / crate::tls::JUMBO_UDP_PAYLOAD as usize;
+
+/// quinn's runtime, with its drivers (the endpoint's and each
+/// connection's: they send and receive the datagrams) run after the task
+/// that woke them. A group's shipper writing a record to its stream wakes the
+/// connection's driver, and tokio runs a task woken by another task next on
+/// the same thread (its LIFO slot): the driver sent that one record before
+/// the next group's shipper had written anything, one datagram per record
+/// however many groups had records ready, and one wake-up of the peer for
+/// each. A driver woken by a task now yields once, to the back of the run
+/// queue, so the records of every task ready at that moment leave together.
+/// Wake-ups by the socket or a timer (no task running) poll it at once.
+#[derive(Debug)]
+struct DriverLast {
+    inner: Arc<dyn quinn::Runtime>,
+}
+
+impl quinn::Runtime for DriverLast {
+    fn new_timer(&self, i: std::time::Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        self.inner.new_timer(i)
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        let wakes = Arc::new(DriverWakes::default());
+        self.inner.spawn(Box::pin(YieldToWaker { inner: future, waker: std::task::Waker::from(wakes.clone()), wakes }));
+    }
+
+    fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        self.inner.wrap_udp_socket(t)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        self.inner.now()
+    }
+}
+
+/// The waker a driver sees: it notes whether a task woke the driver, and
+/// wakes the driver's own task.
+#[derive(Default)]
+struct DriverWakes {
+    task: std::sync::Mutex<Option<std::task::Waker>>,
+    by_task: std::sync::atomic::AtomicBool,
+}
+
+impl std::task::Wake for DriverWakes {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if tokio::task::try_id().is_some() {
+            self.by_task.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let task = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(waker) = task.as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+/// A driver's future: woken by a task, it first yields to the tasks already
+/// queued (it wakes itself, which tokio queues at the back) and polls the
+/// driver on its next turn.
+struct YieldToWaker {
+    inner: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    waker: std::task::Waker,
+    wakes: Arc<DriverWakes>,
+}
+
+impl std::future::Future for YieldToWaker {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        {
+            let mut task = self.wakes.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        if self.wakes.by_task.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner.as_mut().poll(&mut std::task::Context::from_waker(&this.waker))
+    }
+}
 
 /// Wraps the endpoint's UDP socket to log datagrams that cannot be QUIC
 /// (plaintext clients, port scanners, a misconfigured peer): quinn drops them
