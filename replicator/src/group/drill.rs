@@ -55,8 +55,6 @@ use crate::volume::Volume;
 pub const DEFAULT_DRILL_CHUNK: u64 = 64 << 10;
 /// How long `drill start` waits for the replica to reach its frozen point.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest read or write a drill client may send.
-const DRILL_MAX_PAYLOAD: u32 = 4 << 20;
 
 /// What a drill froze, and when (`drill/image.json`, reports, history).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -641,7 +639,10 @@ impl Export for DrillExport {
 
     fn block_sizes(&self) -> BlockSizes {
         // Partial blocks are read-modified-written under the chunk locks.
-        BlockSizes { minimum: 1, preferred: 4096, maximum: DRILL_MAX_PAYLOAD }
+        // Writes stay on this site (no journal record to fit): the
+        // protocol's default maximum, which Linux's `nbd` driver sends
+        // without asking.
+        BlockSizes { minimum: 1, preferred: 4096, maximum: crate::nbd::MAX_PAYLOAD }
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {

@@ -38,8 +38,10 @@
 //!   length 0, unknown commands, unknown or inapplicable command flags:
 //!   `EINVAL`; `WRITE_ZEROES` with `FAST_ZERO`: `EINVAL`, nothing written
 //!   (not advertised, so a client should not send it; the protocol asks for
-//!   `EINVAL` then); writes to a read-only export: `EPERM`. A `READ` longer than the
-//!   maximum payload gets `EINVAL`, and so does a `WRITE` up to
+//!   `EINVAL` then); writes to a read-only export: `EPERM`. A `READ` is
+//!   served up to [`MAX_PAYLOAD`] whatever maximum was advertised (it takes
+//!   no journal space) and longer gets `EINVAL`. A `WRITE` above the
+//!   advertised maximum gets `EINVAL` up to
 //!   [`MAX_PAYLOAD`] (32 MiB, the protocol's default maximum, which a client
 //!   that never asked for block sizes may send) after its payload is read
 //!   and discarded; a longer `WRITE` closes the connection, since its

@@ -130,7 +130,10 @@ fn validate(request: &RequestHeader, params: &ExportParams, read_only: bool) -> 
         CMD_READ => {
             allowed_flags(flags, CMD_FLAG_FUA)?;
             check_range(offset, len, params, NbdErrno::Inval)?;
-            if len > params.sizes.maximum {
+            // Served up to the protocol's 32 MiB, whatever maximum was
+            // advertised: a read takes no journal space, and a client that
+            // never asked for block sizes may send that much.
+            if len > MAX_PAYLOAD {
                 return Err(NbdErrno::Inval);
             }
             Ok(Command::Read { offset, len })
@@ -259,7 +262,11 @@ mod tests {
         }
         assert_eq!(decide_rw(req(CMD_READ, 0, 100, 512)), reject(NbdErrno::Inval, 0));
         assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, 100)), reject(NbdErrno::Inval, 100));
-        assert_eq!(decide_rw(req(CMD_READ, 0, 0, 65536 + 512)), reject(NbdErrno::Inval, 0));
+        // A read above the negotiated maximum is served up to 32 MiB.
+        assert!(matches!(decide_rw(req(CMD_READ, 0, 0, 65536 + 512)), Decision::Run(Command::Read { .. })));
+        let large = ExportParams { size: 1 << 30, ..params(false) };
+        assert!(matches!(decide(&req(CMD_READ, 0, 0, MAX_PAYLOAD), &large, false), Decision::Run(_)));
+        assert_eq!(decide(&req(CMD_READ, 0, 0, MAX_PAYLOAD + 512), &large, false), reject(NbdErrno::Inval, 0));
         // Above the negotiated maximum but within the protocol's 32 MiB: its
         // payload is read and dropped, the write refused.
         assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, 65536 + 512)), reject(NbdErrno::Inval, 65536 + 512));
