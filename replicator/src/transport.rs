@@ -768,15 +768,17 @@ fn size_socket_buffers(socket: &std::net::UdpSocket) {
 const MAX_SEGMENTS_PER_SEND: usize = (u16::MAX as usize - 48) / crate::tls::JUMBO_UDP_PAYLOAD as usize;
 
 /// quinn's runtime, with its drivers (the endpoint's and each
-/// connection's: they send and receive the datagrams) run after the task
+/// connection's: they send and receive the datagrams) run after the tasks
 /// that woke them. A group's shipper writing a record to its stream wakes the
 /// connection's driver, and tokio runs a task woken by another task next on
 /// the same thread (its LIFO slot): the driver sent that one record before
 /// the next group's shipper had written anything, one datagram per record
 /// however many groups had records ready, and one wake-up of the peer for
-/// each. A driver woken by a task now yields once, to the back of the run
-/// queue, so the records of every task ready at that moment leave together.
-/// Wake-ups by the socket or a timer (no task running) poll it at once.
+/// each. A driver woken by a task other than a driver now yields first
+/// (`tokio::task::yield_now`: it runs once its thread has no other task
+/// ready, and wakes no other thread), so the records of every task ready at
+/// that moment leave together. Wake-ups by the socket, a timer or a driver
+/// (quinn's own hand-offs and yields) poll it at once, as before.
 #[derive(Debug)]
 struct DriverLast {
     inner: Arc<dyn quinn::Runtime>,
@@ -789,7 +791,12 @@ impl quinn::Runtime for DriverLast {
 
     fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
         let wakes = Arc::new(DriverWakes::default());
-        self.inner.spawn(Box::pin(YieldToWaker { inner: future, waker: std::task::Waker::from(wakes.clone()), wakes }));
+        self.inner.spawn(Box::pin(YieldToWakers {
+            inner: future,
+            waker: std::task::Waker::from(wakes.clone()),
+            wakes,
+            yielding: None,
+        }));
     }
 
     fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
@@ -801,11 +808,17 @@ impl quinn::Runtime for DriverLast {
     }
 }
 
-/// The waker a driver sees: it notes whether a task woke the driver, and
-/// wakes the driver's own task.
+thread_local! {
+    /// Whether this thread is polling a QUIC driver (its wakes of itself or
+    /// of another driver are not deferred).
+    static POLLING_DRIVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The waker a driver sees: it notes whether a task (not a driver) woke the
+/// driver, and wakes the driver's own task.
 #[derive(Default)]
 struct DriverWakes {
-    task: std::sync::Mutex<Option<std::task::Waker>>,
+    task: futures_util::task::AtomicWaker,
     by_task: std::sync::atomic::AtomicBool,
 }
 
@@ -815,40 +828,47 @@ impl std::task::Wake for DriverWakes {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if tokio::task::try_id().is_some() {
+        if tokio::task::try_id().is_some() && !POLLING_DRIVER.with(std::cell::Cell::get) {
             self.by_task.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        let task = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(waker) = task.as_ref() {
-            waker.wake_by_ref();
-        }
+        self.task.wake();
     }
 }
 
-/// A driver's future: woken by a task, it first yields to the tasks already
-/// queued (it wakes itself, which tokio queues at the back) and polls the
-/// driver on its next turn.
-struct YieldToWaker {
+/// A driver's future: woken by a task, it first yields to the tasks ready on
+/// its thread, then polls the driver.
+struct YieldToWakers {
     inner: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     waker: std::task::Waker,
     wakes: Arc<DriverWakes>,
+    /// The `yield_now` under way.
+    yielding: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
-impl std::future::Future for YieldToWaker {
+impl std::future::Future for YieldToWakers {
     type Output = ();
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        {
-            let mut task = self.wakes.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
+        let this = &mut *self;
+        this.wakes.task.register(cx.waker());
+        if this.yielding.is_none() && this.wakes.by_task.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            this.yielding = Some(Box::pin(tokio::task::yield_now()));
+        }
+        if let Some(yielding) = this.yielding.as_mut() {
+            if yielding.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            this.yielding = None;
+        }
+        /// Clears the thread's mark when the driver's poll ends (a panic too).
+        struct Polling;
+        impl Drop for Polling {
+            fn drop(&mut self) {
+                POLLING_DRIVER.with(|p| p.set(false));
             }
         }
-        if self.wakes.by_task.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            cx.waker().wake_by_ref();
-            return std::task::Poll::Pending;
-        }
-        let this = &mut *self;
+        POLLING_DRIVER.with(|p| p.set(true));
+        let _polling = Polling;
         this.inner.as_mut().poll(&mut std::task::Context::from_waker(&this.waker))
     }
 }
