@@ -240,12 +240,12 @@ fn a_drill_copy_is_one_consistent_point_of_both_volumes_and_replication_goes_on(
     load.wait_for(at_start + 500);
     assert!(c.status(Site::A, "g").state == "PAIR", "replication goes on during the drill");
 
-    // Writes to the copy stay in the copy; one of 8 MiB, unaligned to the
-    // copy's chunks, is taken whole (Linux's `nbd` driver sends up to 32
-    // MiB without asking for block sizes).
+    // Writes to the copy stay in the copy; one of 8 MiB, unaligned even to
+    // blocks, is taken whole (Linux's `nbd` driver sends up to 32 MiB
+    // without asking for block sizes; the copy takes it in pieces).
     let marker = vec![0xd1u8; 8192];
     write_export(&c.nbd_socket(Site::B), "drill/v0", 0, &marker);
-    let (big_at, big) = (4 * MIB + 4096, vec![0xd2u8; 8 * MIB as usize]);
+    let (big_at, big) = (4 * MIB - 1000, vec![0xd2u8; 8 * MIB as usize + 3]);
     write_export(&c.nbd_socket(Site::B), "drill/v1", big_at, &big);
     let again = drill_images(&c);
     assert_eq!(&again[0][..8192], &marker[..]);
@@ -257,15 +257,17 @@ fn a_drill_copy_is_one_consistent_point_of_both_volumes_and_replication_goes_on(
         "the copy moved while the replica was written"
     );
     assert!(again[1][big_range.end..] == images[1][big_range.end..], "the copy moved while the replica was written");
-    // The whole copy in one read.
+    // The whole copy in one read, and 12 MiB at an unaligned offset.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let whole = rt.block_on(async {
+    let (whole, unaligned) = rt.block_on(async {
         let client = NbdClient::connect_unix(&c.nbd_socket(Site::B), "drill/v1").await.expect("attach");
         let whole = client.read(0, VOLUME as u32).await.expect("a 16 MiB read of the copy");
+        let unaligned = client.read(1000, 12 * MIB as u32).await.expect("a 12 MiB read of the copy");
         let _ = client.disconnect().await;
-        whole
+        (whole, unaligned)
     });
     assert!(whole == again[1], "one 16 MiB read of the copy");
+    assert!(unaligned[..] == again[1][1000..1000 + 12 * MIB as usize], "an unaligned 12 MiB read of the copy");
     let space = c.status(Site::B, "g").drill.expect("drill").space_used_bytes;
     assert!(space > 0 && space < 2 * VOLUME, "space used {space}");
 

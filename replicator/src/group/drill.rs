@@ -55,6 +55,27 @@ use crate::volume::Volume;
 pub const DEFAULT_DRILL_CHUNK: u64 = 64 << 10;
 /// How long `drill start` waits for the replica to reach its frozen point.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes of a drill client's request handled under one set of the
+/// copy's chunk locks, which replication's copy-on-write into the copy
+/// waits for: a 32 MiB request goes in pieces, so that applying replicated
+/// writes never waits for more than this much drill I/O.
+const DRILL_PIECE: u64 = 4 << 20;
+
+/// `(offset, len)` split at multiples of [`DRILL_PIECE`], relative to the
+/// start of the request (so only the request's own ends are unaligned).
+fn drill_pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let next = ((at / DRILL_PIECE + 1) * DRILL_PIECE).min(end);
+        let piece = (at - offset, next - at);
+        at = next;
+        Some(piece)
+    })
+}
 
 /// What a drill froze, and when (`drill/image.json`, reports, history).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -463,19 +484,25 @@ impl Group {
     pub async fn drill_stop(&self, node: &str, outcome: Option<DrillOutcome>) -> Result<DrillRecord, GroupError> {
         let _one = self.drill_op.lock().await;
         let name = &self.cfg.name;
-        let Some(drill) = self.drill() else {
-            return Err(GroupError::Failed(format!("group {name}: no drill is running")));
+        // Checked and taken under the lock an attaching client counts
+        // itself under: none attaches to copies about to be discarded.
+        let drill = {
+            let mut active = self.drill.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(drill) = active.clone() else {
+                return Err(GroupError::Failed(format!("group {name}: no drill is running")));
+            };
+            let clients = drill.clients.load(Ordering::SeqCst);
+            if clients > 0 {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: {clients} NBD client(s) are attached to the drill copies ({}); detach them, then \
+                     run `replicator drill stop {name}` again",
+                    drill.meta.exports().join(", ")
+                )));
+            }
+            *active = None;
+            drill
         };
-        let clients = drill.clients.load(Ordering::SeqCst);
-        if clients > 0 {
-            return Err(GroupError::Refused(format!(
-                "group {name}: {clients} NBD client(s) are attached to the drill copies ({}); detach them, then run \
-                 `replicator drill stop {name}` again",
-                drill.meta.exports().join(", ")
-            )));
-        }
         let space_used_bytes = drill.image.held_bytes();
-        *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = None;
         // Once detached, replication overwrites the volumes without
         // preserving: the record goes first, so that a restart from then on
         // does not bring back a drill copy whose chunks read those writes.
@@ -533,10 +560,13 @@ impl Group {
 
     /// Opens NBD export `drill/<volume>`.
     pub fn open_drill_export(&self, volume: &str) -> Option<DrillExport> {
-        let drill = self.drill()?;
+        // Counted under the lock `drill stop` checks and clears under.
+        let active = self.drill.lock().unwrap_or_else(PoisonError::into_inner);
+        let drill = active.clone()?;
         let index = self.volumes.iter().position(|v| v.name == volume)?;
         let (snapshot, volume) = (drill.image.snapshot(index)?.clone(), self.volumes.get(index)?.clone());
         drill.clients.fetch_add(1, Ordering::SeqCst);
+        drop(active);
         Some(DrillExport { drill, snapshot, volume })
     }
 }
@@ -646,11 +676,23 @@ impl Export for DrillExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
-        self.snapshot.read(self.volume.file(), offset, u64::from(len)).await.map_err(io_error)
+        let len = u64::from(len);
+        if len <= DRILL_PIECE {
+            return self.snapshot.read(self.volume.file(), offset, len).await.map_err(io_error);
+        }
+        let mut out = AlignedBuf::for_overwrite(len as usize);
+        for (at, n) in drill_pieces(offset, len) {
+            let piece = self.snapshot.read(self.volume.file(), offset + at, n).await.map_err(io_error)?;
+            out[at as usize..(at + n) as usize].copy_from_slice(&piece);
+        }
+        Ok(out)
     }
 
     async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), ExportError> {
-        self.snapshot.write(self.volume.file(), offset, &data).await.map_err(io_error)?;
+        for (at, n) in drill_pieces(offset, data.len() as u64) {
+            let piece = &data[at as usize..(at + n) as usize];
+            self.snapshot.write(self.volume.file(), offset + at, piece).await.map_err(io_error)?;
+        }
         if fua {
             self.snapshot.flush().await.map_err(io_error)?;
         }
@@ -673,5 +715,21 @@ impl Export for DrillExport {
 
     async fn flush(&self) -> Result<(), ExportError> {
         self.snapshot.flush().await.map_err(io_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{drill_pieces, DRILL_PIECE};
+
+    #[test]
+    fn drill_requests_go_in_pieces_split_at_piece_boundaries() {
+        let pieces = |offset, len| drill_pieces(offset, len).collect::<Vec<_>>();
+        assert_eq!(pieces(0, 4096), [(0, 4096)]);
+        assert_eq!(pieces(0, DRILL_PIECE), [(0, DRILL_PIECE)]);
+        assert_eq!(pieces(0, 8 * DRILL_PIECE).len(), 8);
+        let (offset, len) = (DRILL_PIECE - 512, DRILL_PIECE + 1024);
+        assert_eq!(pieces(offset, len), [(0, 512), (512, DRILL_PIECE), (DRILL_PIECE + 512, 512)]);
+        assert_eq!(pieces(5, 0), []);
     }
 }

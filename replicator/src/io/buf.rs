@@ -125,7 +125,9 @@ mod pool {
 
     /// Size classes: 4 KiB .. 32 MiB.
     const CLASSES: usize = 14;
-    /// Bytes kept per class (at least 4 buffers).
+    /// Bytes kept per class (at least one buffer: after a burst of 32 MiB
+    /// requests, which any NBD client may send, the pool keeps 32 MiB of
+    /// them, not 128).
     const KEEP_BYTES: usize = 32 << 20;
 
     struct Free(Vec<NonNull<u8>>);
@@ -168,7 +170,7 @@ mod pool {
             free.resize_with(CLASSES, || Free(Vec::new()));
         }
         let list = &mut free[class].0;
-        if list.len() >= (KEEP_BYTES / cap).max(4) {
+        if list.len() >= (KEEP_BYTES / cap).max(1) {
             return false;
         }
         list.push(ptr);

@@ -31,8 +31,9 @@
 //!   two, minimum at most 64 KiB) and with the maximum payload capped at
 //!   [`MAX_PAYLOAD`]. They are enforced for every client, including those
 //!   that never asked for them: an unaligned request gets `EINVAL` and never
-//!   reaches the export. The one exception is a request that ends exactly at
-//!   the end of an export whose size is not a multiple of the minimum.
+//!   reaches the export. The exceptions: a request that ends exactly at the
+//!   end of an export whose size is not a multiple of the minimum, and the
+//!   length of a `READ` (below).
 //! - Errors: beyond the end of the export, `EINVAL` for `READ` and `TRIM`,
 //!   `ENOSPC` for `WRITE` and `WRITE_ZEROES` (the spec's "Error values");
 //!   length 0, unknown commands, unknown or inapplicable command flags:
