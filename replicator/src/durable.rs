@@ -81,16 +81,19 @@ pub fn put_file(
     sync_parent(path)
 }
 
-/// Removes the regular files named `*.tmp` in `dir` (the temporary files
-/// of [`put_file`], and earlier builds' `NAME.tmp`) that a crash left
-/// behind. Only for a directory no other process writes; a file that
-/// cannot be removed is said, not fatal.
+/// Removes the regular files named `*.tmp` in `dir` and the directories
+/// below it (the temporary files of [`put_file`], and earlier builds'
+/// `NAME.tmp`) that a crash left behind. Only for a tree no other process
+/// writes; symbolic links are not followed; a file that cannot be removed
+/// is said, not fatal.
 pub fn remove_temporaries(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-        if is_file && path.extension().is_some_and(|e| e == "tmp") {
+        let Ok(kind) = entry.file_type() else { continue };
+        if kind.is_dir() {
+            remove_temporaries(&path);
+        } else if kind.is_file() && path.extension().is_some_and(|e| e == "tmp") {
             match fs::remove_file(&path) {
                 Ok(()) => tracing::info!(path = %path.display(), "removed a temporary file a crash left"),
                 Err(e) => tracing::warn!(path = %path.display(), "cannot remove a temporary file a crash left: {e}"),
@@ -153,9 +156,21 @@ mod tests {
         // What a crash leaves is removed, the rest kept.
         fs::write(dir.path().join(".h.123.tmp"), b"half").unwrap();
         fs::write(dir.path().join("state.tmp"), b"half").unwrap();
+        // Also in the directories below (drill reports, drill copies).
+        let reports = dir.path().join("drill-reports");
+        fs::create_dir(&reports).unwrap();
+        fs::write(reports.join(".r.json.123.tmp"), b"half").unwrap();
+        fs::write(reports.join("r.json"), b"{}").unwrap();
+        // A link to a directory elsewhere is not followed.
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs::write(elsewhere.path().join("theirs.tmp"), b"theirs").unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("link")).unwrap();
         remove_temporaries(dir.path());
         let mut names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
-        assert_eq!(names, ["f", "g"].map(std::ffi::OsString::from));
+        assert_eq!(names, ["drill-reports", "f", "g", "link"].map(std::ffi::OsString::from));
+        let names: Vec<_> = fs::read_dir(&reports).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["r.json"].map(std::ffi::OsString::from));
+        assert!(elsewhere.path().join("theirs.tmp").exists());
     }
 }
