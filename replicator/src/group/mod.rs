@@ -422,7 +422,8 @@ impl Group {
         // power cut without an activity log. (Opening it would otherwise
         // create an empty journal and resume as if nothing were owed.)
         let journal_missing = role == Role::Primary && !journal_path(&store).exists();
-        let power_lost = power_lost || journal_missing;
+        let mut power_lost = power_lost || journal_missing;
+        let sync_failed = persisted.sync_failed;
         // A secondary's restore journal gone after an unclean stop: the
         // records it held beyond the checkpoint may have been applied in
         // part (applies overlap), so the volumes are no longer an image the
@@ -500,16 +501,37 @@ impl Group {
                 );
             }
             last_jseq = last;
+            let mut skipped = 0;
             if unclean {
                 // A record may be journaled while its volume write never
                 // happened: replay the journal's surviving run here.
                 tracing::warn!(group = %cfg.name, "the daemon did not stop cleanly: replaying the journal");
                 let plan = ReplayPlan { bitmaps: &mut bitmaps, fence: primary.replay_fence };
-                let (_, skipped) = redo_journal(&j, &r, last, &volumes, Some(plan)).await?;
+                skipped = redo_journal(&j, &r, last, &volumes, Some(plan)).await?.1;
                 if skipped > 0 {
                     // Their regions are dirty now: the resync copies them.
                     primary.copy_pending = true;
                 }
+            }
+            // A switchover synced the journal and the volumes through the
+            // record it hands over after, saved the marker, and took no
+            // write since: a power cut from then on lost nothing here if
+            // the journal still ends at that record. A new epoch and the
+            // activity log's regions would only make the peer that took
+            // over copy them again (and read this node's records as another
+            // sequence space); the peer's answer settles the role.
+            let handed_over_intact = primary.handing_over.is_some_and(|p| p.seq == last && p.epoch == persisted.epoch)
+                && !journal_missing
+                && !sync_failed
+                && skipped == 0;
+            if power_lost && handed_over_intact {
+                tracing::info!(
+                    group = %cfg.name,
+                    seq = last,
+                    "power cut while a switchover waited for the peer's answer: the journal and the volumes were \
+                     synced through the last record before, and nothing was written since: nothing to resynchronise"
+                );
+                power_lost = false;
             }
             if power_lost {
                 // Anything not yet durable may be gone on either site: the
