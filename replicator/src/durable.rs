@@ -83,16 +83,22 @@ pub fn put_file(
 
 /// Removes the regular files named `*.tmp` in `dir` and the directories
 /// below it (the temporary files of [`put_file`], and earlier builds'
-/// `NAME.tmp`) that a crash left behind. Only for a tree no other process
-/// writes; symbolic links are not followed; a file that cannot be removed
-/// is said, not fatal.
+/// `NAME.tmp`) that a crash left behind, at most four levels down. Only for
+/// a tree no other process writes; symbolic links are not followed; a file
+/// that cannot be removed is said, not fatal.
 pub fn remove_temporaries(dir: &Path) {
+    remove_temporaries_below(dir, 4);
+}
+
+fn remove_temporaries_below(dir: &Path, depth: u32) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
         let Ok(kind) = entry.file_type() else { continue };
         if kind.is_dir() {
-            remove_temporaries(&path);
+            if depth > 0 {
+                remove_temporaries_below(&path, depth - 1);
+            }
         } else if kind.is_file() && path.extension().is_some_and(|e| e == "tmp") {
             match fs::remove_file(&path) {
                 Ok(()) => tracing::info!(path = %path.display(), "removed a temporary file a crash left"),

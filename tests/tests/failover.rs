@@ -338,8 +338,9 @@ fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
     cluster.wait_pair("ho", Duration::from_secs(60));
 
     // Asked, the peer took over, the demotion never reached the disk here
-    // (a power cut: the restart starts a new epoch, which the demotion
-    // takes back, the records being of the old one).
+    // (a power cut, after the journal and the volumes were synced through
+    // the handed-over record: the restart keeps the epoch and owes the
+    // peer nothing).
     let (code, out) = cli(&cluster, Site::A, &["switchover", "ho"]);
     assert_eq!(code, 0, "{out}");
     cluster.kill9(Site::A);

@@ -520,7 +520,11 @@ impl Group {
             // activity log's regions would only make the peer that took
             // over copy them again (and read this node's records as another
             // sequence space); the peer's answer settles the role.
+            // (Writes after an abandoned hand-over wait for the cleared
+            // marker to be saved, `abandon_hand_over`; a record discarded
+            // after the last one would say one was appended anyway.)
             let handed_over_intact = primary.handing_over.is_some_and(|p| p.seq == last && p.epoch == persisted.epoch)
+                && recovered.discarded.is_empty()
                 && !journal_missing
                 && !sync_failed
                 && skipped == 0;

@@ -315,7 +315,11 @@ impl Group {
         g.switching = false;
         let primary = g.persisted.role.as_primary_mut()?;
         primary.handing_over.take()?;
-        Some(self.save_later(g))
+        // Writes wait for the cleared marker on disk: a power cut finding
+        // the marker takes the journal's end for the whole story (`open`).
+        let save = self.save_later(g);
+        g.write_barrier = g.write_barrier.max(save);
+        Some(save)
     }
 
     /// Whether a switchover asked the peer to take over and waits for its
