@@ -114,6 +114,11 @@ fn sync_mode_with_the_smallest_journal_keeps_rpo_zero() {
         assert!(client.write(0, &big, false).await.is_err(), "a write above the advertised maximum must be refused");
         let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sj-vol").await.expect("connect");
         client.write(0, &big[..MIB as usize], true).await.expect("a write within the maximum still works");
+        // A read takes no journal space: served up to the protocol's 32 MiB
+        // whatever the maximum (it got EINVAL).
+        let read = client.read(0, 32 * MIB as u32).await.expect("a 32 MiB read above the advertised maximum");
+        assert!(read[..MIB as usize].iter().all(|&b| b == 0x7c), "the 1 MiB just written");
+        assert!(read[MIB as usize..].iter().all(|&b| b == 0x5a), "the rest of qemu's first 32 MiB");
     });
     let s = cluster.status(Site::A, "sj");
     assert_eq!((s.state.as_str(), s.connected), ("PAIR", true), "{s:?}");
