@@ -16,12 +16,13 @@
 //!   writes the new primary never received, and the new primary took
 //!   writes too, both report SPLIT-BRAIN (lifecycle.rs resolves it).
 
-use std::time::Duration;
+use std::io::Write;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use replicator::nbd_client::{NbdClient, NbdClientError};
 use replicator_tests::pattern::{random_bytes, written_prefix};
-use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+use replicator_tests::{describe_output, require, require_root, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 * 1024;
@@ -270,16 +271,19 @@ fn set_handing_over(cluster: &Cluster, site: Site, group: &str, state: &[u8], se
         v["clean_shutdown"] = false.into();
         v["boot_id"] = "a-boot-before-the-power-cut".into();
     }
-    std::fs::write(&path, serde_json::to_vec_pretty(&v).expect("json")).expect("write state.json");
+    // Durable (on powercut-fs a cut would otherwise undo it).
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path).expect("open state.json");
+    f.write_all(&serde_json::to_vec_pretty(&v).expect("json")).expect("write state.json");
+    f.sync_all().expect("sync state.json");
 }
 
 /// A node that asked its peer to take over, the peer silent (stopped),
 /// lets no NBD client attach (no write can reach it) and says why in
 /// `status`.
-fn assert_waits_for_the_answer(cluster: &Cluster) {
+fn assert_waits_for_the_answer(cluster: &Cluster, group: &str) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let attach = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "ho-vol"));
-    let s = cluster.status(Site::A, "ho");
+    let attach = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), &format!("{group}-vol")));
+    let s = cluster.status(Site::A, group);
     match attach {
         Err(NbdClientError::Protocol(e)) if e.contains("changing roles") => {}
         other => {
@@ -322,7 +326,7 @@ fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
     set_handing_over(&cluster, Site::A, "ho", &state, last, true);
     cluster.signal(Site::B, Signal::SIGSTOP);
     cluster.start(Site::A);
-    assert_waits_for_the_answer(&cluster);
+    assert_waits_for_the_answer(&cluster, "ho");
     cluster.signal(Site::B, Signal::SIGCONT);
     let a = cluster.wait_until(Site::A, "ho", "primary in PAIR", Duration::from_secs(60), |s| {
         s.role == "primary" && s.state == "PAIR" && s.connected
@@ -352,7 +356,7 @@ fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
     std::fs::write(dir.join("journal"), &journal).expect("journal");
     cluster.signal(Site::B, Signal::SIGSTOP);
     cluster.start(Site::A);
-    assert_waits_for_the_answer(&cluster);
+    assert_waits_for_the_answer(&cluster, "ho");
     cluster.signal(Site::B, Signal::SIGCONT);
     let a = cluster.wait_until(Site::A, "ho", "the new primary's secondary", Duration::from_secs(60), |s| {
         s.role == "secondary" && s.state == "PAIR" && s.connected
@@ -379,9 +383,84 @@ fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
     set_handing_over(&cluster, Site::A, "ho", &state, last, false);
     std::fs::write(dir.join("journal"), &journal).expect("journal");
     cluster.start(Site::A);
-    assert_waits_for_the_answer(&cluster);
+    assert_waits_for_the_answer(&cluster, "ho");
     let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "ho"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(cluster.status(Site::A, "ho").state, "SIMPLEX");
     assert_eq!(write_blocks(&cluster, "ho-vol", 0..1), 1, "standalone, the volume takes writes");
+}
+
+/// A hand-over the peer never took (it answers as the secondary still)
+/// clears the marker, and writes wait until that save is on disk: a power
+/// cut before it finds the marker, and the restart takes the journal's end
+/// for the whole story (`Group::open`: nothing to resynchronise). A write
+/// let through meanwhile was journaled, shipped and applied by the peer but
+/// not durable here: lost with the cut on this side only, acknowledged, and
+/// never resynchronised. On powercut-fs, with the fsync of that save held
+/// until the power goes.
+#[test]
+fn after_an_abandoned_hand_over_no_write_goes_through_before_the_cleared_marker_is_durable() {
+    let label = "after_an_abandoned_hand_over_no_write_goes_through_before_the_cleared_marker_is_durable";
+    if !require_root(label) {
+        return;
+    }
+    require("fusermount3");
+    let group = GroupSpec::new("hb", Mode::Sync).volume("hb-vol", 64 * MIB).link_timeout(Duration::from_secs(2));
+    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    cluster.pair_create("hb");
+    cluster.wait_pair("hb", Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, "hb-vol", 0..32), 32);
+    let last = cluster.wait_drained("hb").last_seq;
+    let epoch = cluster.status(Site::B, "hb").epoch;
+    cluster.stop(Site::A);
+    cluster.power_cut_stopped(Site::A);
+    let state = std::fs::read(cluster.state_dir(Site::A).join("groups/hb/state.json")).expect("state.json");
+
+    // The power went while the primary waited for the answer; it restarts
+    // waiting for it, the peer silent.
+    set_handing_over(&cluster, Site::A, "hb", &state, last, true);
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    cluster.start(Site::A);
+    assert_waits_for_the_answer(&cluster, "hb");
+    // The peer answers; the save clearing the marker hangs in its fsync.
+    assert!(cluster.fs_command(Site::A, "hold-fsync groups/hb/.state.json").starts_with("ok armed"));
+    cluster.signal(Site::B, Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(cluster.fs_command(Site::A, "stats").ends_with(" held 1")
+        && cluster.log(Site::A).contains("switchover abandoned"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the hand-over was not abandoned, or its save not held\n{}",
+            cluster.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A client writes meanwhile: nothing may be acknowledged.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let written = rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "hb-vol").await.expect("connect");
+        let data = random_bytes(1000, BLOCK as usize);
+        tokio::time::timeout(Duration::from_secs(3), client.write(40 * BLOCK, &data, false)).await
+    });
+    assert!(
+        written.is_err(),
+        "a write was answered ({written:?}) before the save clearing the hand-over marker was durable\n{}",
+        cluster.diagnostics()
+    );
+    drop(rt);
+
+    // The power goes before that save is durable: the marker is found again.
+    let cut = cluster.power_cut(Site::A);
+    assert!(cut.undone > 0 || cut.dropped > 0, "the save was in progress: {cut:?}");
+    cluster.start(Site::A);
+    let a = cluster.wait_until(Site::A, "hb", "primary in PAIR", Duration::from_secs(60), |s| {
+        s.role == "primary" && s.state == "PAIR" && s.connected
+    });
+    assert_eq!((a.generation, a.epoch, a.copy_total_bytes), (1, epoch, 0), "nothing to copy: {a:?}");
+    cluster.wait_drained("hb");
+    assert_blocks(&cluster, Site::A, "hb-vol", 32);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("hb");
 }

@@ -68,7 +68,15 @@
 //!   failed write-back; as on Linux, the fsync after it succeeds)
 //! - `fail-write NAME` → `ok armed`: the next write to a file whose backing
 //!   path ends with NAME fails with EIO and changes nothing
-//! - `stats` → `ok dirty N pages files F fsyncs S failed_fsyncs X dsync_writes D writes W failed_writes Y dir_fsyncs Z pending_names P`
+//! - `hold-fsync NAME` → `ok armed`: the next fsync of a file whose backing
+//!   path contains NAME waits (a disk that takes its time): until `release`,
+//!   or 60 s, then it goes on as usual; or until the process that asked for
+//!   it is killed, then it fails with EIO and makes nothing durable (a power
+//!   cut that lands while the save is in progress; a killed process cannot
+//!   exit while its request is with this server). `held` in `stats` counts
+//!   the fsyncs waiting.
+//! - `release` → `ok`: held fsyncs go on
+//! - `stats` → `ok dirty N pages files F fsyncs S failed_fsyncs X dsync_writes D writes W failed_writes Y dir_fsyncs Z pending_names P held H`
 //! - `files` → `ok PATH=PAGES ...`: the backing files with dirty pages
 //! - `names` → `ok CHANGE; CHANGE; ...`: the pending namespace changes,
 //!   oldest first ("create PATH", "remove PATH", "rename PATH to PATH", ...)
@@ -118,6 +126,19 @@ fn io_err(e: io::Error) -> Errno {
 }
 
 /// `/proc/self/fd/N`: reopens (or names) what an O_PATH descriptor points at.
+/// The longest a `hold-fsync` holds.
+const HOLD_AT_MOST: Duration = Duration::from_secs(60);
+
+/// Thread `tid` has a SIGKILL pending (it is being killed) or is gone.
+fn killed(tid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else { return true };
+    let sigkill = 1u64 << (libc::SIGKILL - 1);
+    status.lines().any(|l| {
+        let Some((key, mask)) = l.split_once(':') else { return false };
+        matches!(key, "SigPnd" | "ShdPnd") && u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & sigkill != 0)
+    }) || status.lines().any(|l| l.starts_with("State:") && (l.contains("zombie") || l.contains("dead")))
+}
+
 fn proc_path(fd: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
@@ -237,6 +258,13 @@ struct Inner {
     /// `fail-write NAME`: the next write to a file whose backing path ends
     /// with NAME fails (EIO) and changes nothing.
     fail_write: Option<String>,
+    /// `hold-fsync NAME`: the next fsync of a file whose backing path
+    /// contains NAME waits (see the module documentation).
+    hold_fsync: Option<String>,
+    /// Fsyncs held now.
+    held: u64,
+    /// `release` was asked since the last hold began.
+    released: bool,
     /// Namespace changes not yet durable.
     names: NameLog,
 }
@@ -266,6 +294,9 @@ impl Inner {
             stats: Stats::default(),
             fail_fsync: None,
             fail_write: None,
+            hold_fsync: None,
+            held: 0,
+            released: false,
             names,
         })
     }
@@ -600,6 +631,34 @@ impl PowerCutFs {
         Err(Errno::EIO)
     }
 
+    /// `hold-fsync`: waits if the fsync of `ino` by thread `tid` is the one
+    /// armed; `Err(EIO)` when that thread was killed meanwhile.
+    fn hold(&self, ino: u64, tid: u32) -> Res<()> {
+        {
+            let mut inner = self.lock();
+            let Some(name) = inner.hold_fsync.clone() else { return Ok(()) };
+            let node = inner.node(ino)?;
+            if !std::fs::read_link(proc_path(&node.opath)).is_ok_and(|p| p.to_string_lossy().contains(&name)) {
+                return Ok(());
+            }
+            inner.hold_fsync = None;
+            inner.held += 1;
+            inner.released = false;
+        }
+        let deadline = std::time::Instant::now() + HOLD_AT_MOST;
+        let outcome = loop {
+            if killed(tid) {
+                break Err(Errno::EIO);
+            }
+            if self.lock().released || std::time::Instant::now() > deadline {
+                break Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        self.lock().held -= 1;
+        outcome
+    }
+
     fn do_fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Res<()> {
         let mut inner = self.lock();
         let node = inner.node(ino)?;
@@ -879,8 +938,8 @@ impl Filesystem for PowerCutFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.do_fsync(ino.0) {
+    fn fsync(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.hold(ino.0, req.pid()).and_then(|()| self.do_fsync(ino.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1021,17 +1080,26 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             inner.fail_write = Some((*name).to_string());
             "ok armed".into()
         }
+        ["hold-fsync", name] => {
+            inner.hold_fsync = Some((*name).to_string());
+            "ok armed".into()
+        }
+        ["release"] => {
+            inner.released = true;
+            "ok".into()
+        }
         ["stats"] => {
             let (pages, files) = inner.dirty_pages();
             format!(
-                "ok dirty {pages} pages files {files} fsyncs {} failed_fsyncs {} dsync_writes {} writes {} failed_writes {} dir_fsyncs {} pending_names {}",
+                "ok dirty {pages} pages files {files} fsyncs {} failed_fsyncs {} dsync_writes {} writes {} failed_writes {} dir_fsyncs {} pending_names {} held {}",
                 inner.stats.fsyncs,
                 inner.stats.failed_fsyncs,
                 inner.stats.dsync_writes,
                 inner.stats.writes,
                 inner.stats.failed_writes,
                 inner.stats.dir_fsyncs,
-                inner.names.pending()
+                inner.names.pending(),
+                inner.held
             )
         }
         ["names"] => {
@@ -1061,7 +1129,7 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             }
             out
         }
-        _ => "error unknown command (cut | cut keep SEED FRACTION | fail-fsync NAME | fail-write NAME | stats | files | names)"
+        _ => "error unknown command (cut | cut keep SEED FRACTION | fail-fsync NAME | fail-write NAME | hold-fsync NAME | release | stats | files | names)"
             .into(),
     }
 }
