@@ -293,10 +293,11 @@ pub const RECEIVE_WINDOW: u32 = 512 << 20;
 /// secondary sent 0.51 datagrams per write, now 0.22). One per ten saved a
 /// little more but held the sender to its congestion window longer on a
 /// metro link (RTT 5 ms, 200 Mbit/s: async lag p99 21-36 ms against 18-25).
-/// Packets out of order are acknowledged as soon as the sender could count
-/// one as lost (the reordering threshold stays at its default, the loss
-/// threshold minus one), so losses are found as soon. A peer that does not
-/// implement the extension acknowledges as before.
+/// Packets out of order are acknowledged at once from a gap of two (the
+/// reordering threshold's default, the loss threshold minus one; any gap
+/// without the extension): a single lost packet is then found by the time
+/// threshold (9/8 of the RTT), a little later than before at most. A peer
+/// that does not implement the extension acknowledges as before.
 const ACK_ELICITING_THRESHOLD: u32 = 4;
 const MAX_ACK_DELAY: Duration = Duration::from_millis(5);
 

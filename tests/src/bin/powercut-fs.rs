@@ -125,7 +125,6 @@ fn io_err(e: io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-/// `/proc/self/fd/N`: reopens (or names) what an O_PATH descriptor points at.
 /// The longest a `hold-fsync` holds.
 const HOLD_AT_MOST: Duration = Duration::from_secs(60);
 
@@ -139,6 +138,7 @@ fn killed(tid: u32) -> bool {
     }) || status.lines().any(|l| l.starts_with("State:") && (l.contains("zombie") || l.contains("dead")))
 }
 
+/// `/proc/self/fd/N`: reopens (or names) what an O_PATH descriptor points at.
 fn proc_path(fd: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
@@ -263,8 +263,8 @@ struct Inner {
     hold_fsync: Option<String>,
     /// Fsyncs held now.
     held: u64,
-    /// `release` was asked since the last hold began.
-    released: bool,
+    /// `release` commands so far (a hold goes on once this moves).
+    releases: u64,
     /// Namespace changes not yet durable.
     names: NameLog,
 }
@@ -296,7 +296,7 @@ impl Inner {
             fail_write: None,
             hold_fsync: None,
             held: 0,
-            released: false,
+            releases: 0,
             names,
         })
     }
@@ -634,7 +634,7 @@ impl PowerCutFs {
     /// `hold-fsync`: waits if the fsync of `ino` by thread `tid` is the one
     /// armed; `Err(EIO)` when that thread was killed meanwhile.
     fn hold(&self, ino: u64, tid: u32) -> Res<()> {
-        {
+        let releases = {
             let mut inner = self.lock();
             let Some(name) = inner.hold_fsync.clone() else { return Ok(()) };
             let node = inner.node(ino)?;
@@ -643,14 +643,14 @@ impl PowerCutFs {
             }
             inner.hold_fsync = None;
             inner.held += 1;
-            inner.released = false;
-        }
+            inner.releases
+        };
         let deadline = std::time::Instant::now() + HOLD_AT_MOST;
         let outcome = loop {
             if killed(tid) {
                 break Err(Errno::EIO);
             }
-            if self.lock().released || std::time::Instant::now() > deadline {
+            if self.lock().releases != releases || std::time::Instant::now() > deadline {
                 break Ok(());
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -1085,7 +1085,7 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             "ok armed".into()
         }
         ["release"] => {
-            inner.released = true;
+            inner.releases += 1;
             "ok".into()
         }
         ["stats"] => {
