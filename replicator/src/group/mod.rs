@@ -313,9 +313,12 @@ pub struct Group {
     transport: Arc<Transport>,
     inner: Mutex<Inner>,
     progress: watch::Sender<Progress>,
-    /// Wakes the shipper: a record became ready, a flush was requested, the
-    /// state changed.
+    /// Wakes the shipper: a flush was requested, copy progress, the state
+    /// changed.
     ship_wake: Notify,
+    /// Wakes the shipper: a record became ready (async mode lets a few
+    /// gather first: `shipper::ASYNC_GATHER`).
+    records_ready: Notify,
     /// Wakes writes blocked on journal space.
     space_freed: Notify,
     /// Contiguous prefix of journaled records (volume writes wait on it).
@@ -783,6 +786,7 @@ impl Group {
             inner: Mutex::new(inner),
             progress,
             ship_wake: Notify::new(),
+            records_ready: Notify::new(),
             space_freed: Notify::new(),
             journaled_through,
             bitmap_wanted,

@@ -615,7 +615,7 @@ impl Group {
             *t = (*t).max(through);
             advanced
         });
-        self.ship_wake.notify_one();
+        self.records_ready.notify_one();
     }
 
     async fn wait_journaled_through(&self, seq: u64) -> Result<(), WriteError> {
