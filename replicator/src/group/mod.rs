@@ -313,8 +313,9 @@ pub struct Group {
     transport: Arc<Transport>,
     inner: Mutex<Inner>,
     progress: watch::Sender<Progress>,
-    /// Wakes the shipper: a flush was requested, copy progress, the state
-    /// changed.
+    /// Wakes the shipper: a flush was requested (sync mode), copy progress,
+    /// a command (switchover, split), a region `verify` holds, a bitmap
+    /// save a copy waits for, the state changed.
     ship_wake: Notify,
     /// Wakes the shipper: a record became ready (async mode lets a few
     /// gather first: `shipper::ASYNC_GATHER`).

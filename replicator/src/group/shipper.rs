@@ -60,12 +60,13 @@ const READ_AHEAD_RECORDS: usize = 64;
 /// is one write to the stream and one segmented send, and wakes the
 /// secondary once: at QD1 a record per wake-up cost the primary about 15 µs
 /// and the secondary about 20 µs of CPU per write more (0.9 datagrams per
-/// write against 0.1), and made async QD1 p50 about a fifth longer (`bench/ab.sh 3
-/// async,sync qd1,qd32 A B`, both orders). Nothing waits for a record's
-/// arrival in async mode but the lag, which this adds to (the timer's
-/// granularity makes it 1–2 ms). Under load the records that become ready
-/// while a batch goes out follow it at once; anything else to send (copy
-/// chunks, a flush request, a command) ends the wait.
+/// write against 0.1), and made async QD1 p50 about a fifth longer
+/// (`bench/ab.sh 3 async,sync qd1,qd32 A B`, both orders). The lag grows by
+/// as much (the timer's granularity makes it 1–2 ms). Not while a copy
+/// chunk holds writes to its range until the records before it are on the
+/// stream (its read barrier), and anything else to send (a chunk read, a
+/// command, a region `verify` holds) ends the wait. Under load the records
+/// that become ready while a batch goes out follow it at once.
 const ASYNC_GATHER: Duration = Duration::from_millis(1);
 /// How often the primary tells the secondary how far its journal reaches.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -568,20 +569,25 @@ async fn send_loop(
         tokio::select! {
             Some(done) = copy.reads.next(), if !copy.reads.is_empty() => copy.finish(group, epoch, done)?,
             _ = wake.as_mut() => {}
-            _ = records.as_mut() => match group.cfg.mode {
-                // Let the other writes that are ready run first and append
-                // their records too: they go out in one batch (one stream
-                // write, packets sent together) instead of one each.
-                Mode::Sync => tokio::task::yield_now().await,
-                // No write waits for its record to arrive: gather what the
-                // clients write for a while first (see [`ASYNC_GATHER`]);
-                // anything else to send ends the wait.
-                Mode::Async => tokio::select! {
-                    _ = tokio::time::sleep(ASYNC_GATHER) => {}
-                    _ = wake.as_mut() => {}
-                    Some(done) = copy.reads.next(), if !copy.reads.is_empty() => copy.finish(group, epoch, done)?,
-                },
-            },
+            _ = records.as_mut() => {
+                if group.cfg.mode == Mode::Async && copy.barriers.is_empty() {
+                    // No write waits for its record to arrive: gather what
+                    // the clients write for a while first (see
+                    // [`ASYNC_GATHER`]); anything else to send ends the wait.
+                    tokio::select! {
+                        _ = tokio::time::sleep(ASYNC_GATHER) => {}
+                        _ = wake.as_mut() => {}
+                        Some(done) = copy.reads.next(), if !copy.reads.is_empty() => copy.finish(group, epoch, done)?,
+                    }
+                } else {
+                    // Let the other writes that are ready run first and
+                    // append their records too: they go out in one batch
+                    // (one stream write, packets sent together) instead of
+                    // one each. (A copy chunk's barrier holds writes until
+                    // the records before the chunk are on the stream.)
+                    tokio::task::yield_now().await;
+                }
+            }
             _ = kick.changed() => {
                 let g = lock(&group.inner);
                 if g.role() == Role::Primary && g.persisted.pair_id == pair_id && g.shipper_epoch == epoch {

@@ -391,6 +391,9 @@ async fn compare(
         let now = lock(&group.inner).last_jseq;
         group.applied_through(now).await?;
         let (held, seq) = group.read_barrier(region.volume, region.offset, region.len).await;
+        // Writes to the region wait: its records go out now, not after an
+        // async batch's gathering time.
+        group.ship_wake.notify_one();
         group.verifiable(&lock(&group.inner), pair_id)?;
         match tokio::time::timeout(HOLD_LIMIT, group.applied_through(seq)).await {
             Ok(caught_up) => {

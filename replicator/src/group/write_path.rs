@@ -786,7 +786,9 @@ impl Group {
             let journal = g.journal.clone().filter(|_| Self::journal_only_durability(&mut g));
             (target, journal)
         };
-        self.ship_wake.notify_one();
+        if target.is_some() {
+            self.ship_wake.notify_one();
+        }
         match journal {
             Some(j) => self.sync_journal(&j).await?,
             None => self.sync_all().await?,
