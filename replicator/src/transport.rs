@@ -169,6 +169,26 @@ impl FramedSend {
         result.map_err(|e| TransportError::Connection(e.to_string()))
     }
 
+    /// Sends the batch like [`FramedSend::flush`], but the connection's
+    /// driver, woken by it, runs at once instead of after the tasks woken
+    /// meanwhile (see [`YieldToWakers`]): for a record a write waits for
+    /// alone, where no other record would join its packets.
+    pub async fn flush_now(&mut self) -> Result<(), TransportError> {
+        let mut flush = std::pin::pin!(self.flush());
+        std::future::poll_fn(|cx| {
+            /// Restores the thread's mark when the poll ends (a panic too).
+            struct Restore(bool);
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    POLLING_DRIVER.with(|p| p.set(self.0));
+                }
+            }
+            let _restore = Restore(POLLING_DRIVER.with(|p| p.replace(true)));
+            std::future::Future::poll(flush.as_mut(), cx)
+        })
+        .await
+    }
+
     /// Queues and sends one envelope.
     pub async fn send(&mut self, body: Body) -> Result<(), TransportError> {
         self.queue(body);
@@ -809,8 +829,9 @@ impl quinn::Runtime for DriverLast {
 }
 
 thread_local! {
-    /// Whether this thread is polling a QUIC driver (its wakes of itself or
-    /// of another driver are not deferred).
+    /// Whether this thread is polling a QUIC driver or flushing a stream
+    /// with [`FramedSend::flush_now`]: the wakes of a driver it makes are
+    /// not deferred.
     static POLLING_DRIVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 

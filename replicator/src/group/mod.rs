@@ -320,6 +320,10 @@ pub struct Group {
     /// Wakes the shipper: a record became ready (async mode lets a few
     /// gather first: `shipper::ASYNC_GATHER`).
     records_ready: Notify,
+    /// Sync-mode writes between their journal append and their return
+    /// (see `write_path.rs`, `LoneSyncWrite`): a lone one is sent before
+    /// its volume write is submitted, in a stream write of its own.
+    sync_writes: AtomicUsize,
     /// Wakes writes blocked on journal space.
     space_freed: Notify,
     /// Contiguous prefix of journaled records (volume writes wait on it).
@@ -788,6 +792,7 @@ impl Group {
             progress,
             ship_wake: Notify::new(),
             records_ready: Notify::new(),
+            sync_writes: AtomicUsize::new(0),
             space_freed: Notify::new(),
             journaled_through,
             bitmap_wanted,

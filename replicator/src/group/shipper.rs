@@ -563,7 +563,11 @@ async fn send_loop(
         }
 
         if send.queued() > 0 {
-            send.flush().await?;
+            if group.lone_sync_write() {
+                send.flush_now().await?;
+            } else {
+                send.flush().await?;
+            }
             continue;
         }
         tokio::select! {
@@ -579,12 +583,13 @@ async fn send_loop(
                         _ = wake.as_mut() => {}
                         Some(done) = copy.reads.next(), if !copy.reads.is_empty() => copy.finish(group, epoch, done)?,
                     }
-                } else {
+                } else if !group.lone_sync_write() {
                     // Let the other writes that are ready run first and
                     // append their records too: they go out in one batch
                     // (one stream write, packets sent together) instead of
                     // one each. (A copy chunk's barrier holds writes until
-                    // the records before the chunk are on the stream.)
+                    // the records before the chunk are on the stream.) A
+                    // lone sync write's record goes at once (`SyncWrite`).
                     tokio::task::yield_now().await;
                 }
             }

@@ -16,6 +16,7 @@
 //!    journal (FUA: durable there), within `link_timeout` (then suspend or
 //!    keep waiting, per `on_link_loss`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,6 +139,34 @@ impl Drop for HoleGuard<'_> {
         if let Some(seq) = self.seq {
             self.group.fail_stop(format!("record {seq} could not be journaled"));
         }
+    }
+}
+
+/// Counts a sync-mode journaled write in `Group::sync_writes` from before
+/// its journal append until the write returns.
+///
+/// A lone sync write (no other sync write between its journal append and
+/// its return, as at queue depth 1) waits for the round trip to the
+/// secondary and the secondary's append, not for its own volume write,
+/// which runs meanwhile. So its record is sent first: the write yields
+/// before it submits the volume write (on a virtual machine, submitting a
+/// disk write costs an exit of some 20 µs, which would otherwise delay the
+/// record), the shipper sends it without waiting for other records, and
+/// the QUIC driver sends it at once (`FramedSend::flush_now`). With other
+/// writes in flight their records go out in batches instead (fewer stream
+/// writes, packets and wake-ups), as in async mode.
+struct SyncWrite<'a>(&'a AtomicUsize);
+
+impl<'a> SyncWrite<'a> {
+    fn begin(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        SyncWrite(count)
+    }
+}
+
+impl Drop for SyncWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -510,6 +539,9 @@ impl Group {
         // primary's volumes equal to what the secondary will receive.
         let mut shipped_seq = None;
         let mut journal_file = None;
+        // Counted before the shipper learns of the record.
+        let sync_write =
+            (self.cfg.mode == Mode::Sync && journal.is_some()).then(|| SyncWrite::begin(&self.sync_writes));
         if let Some((seq, pos, j)) = journal {
             let mut record = match &buf {
                 Some(b) => Record::with_payload(op, seq, vol, a_off, generation, b.clone(), fua),
@@ -530,6 +562,10 @@ impl Group {
             }
             self.wait_journaled_through(seq).await?;
             shipped_seq = Some(seq);
+            if sync_write.is_some() && self.lone_sync_write() && self.progress.borrow().sync_wait {
+                // The record leaves before the volume write is submitted.
+                tokio::task::yield_now().await;
+            }
         }
         // FUA: a journaled write is durable once the journal is, where a
         // replay after a power cut would put it back on the volume (see
@@ -575,6 +611,12 @@ impl Group {
             }
         }
         Ok(())
+    }
+
+    /// True in sync mode while at most one write is between its journal
+    /// append and its return (see [`SyncWrite`]).
+    pub(super) fn lone_sync_write(&self) -> bool {
+        self.cfg.mode == Mode::Sync && self.sync_writes.load(Ordering::Relaxed) <= 1
     }
 
     /// Record `seq` is in the journal: hand it to the shipper and let later
