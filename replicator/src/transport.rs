@@ -171,8 +171,9 @@ impl FramedSend {
 
     /// Sends the batch like [`FramedSend::flush`], but the connection's
     /// driver, woken by it, runs at once instead of after the tasks woken
-    /// meanwhile (see [`YieldToWakers`]): for a record a write waits for
-    /// alone, where no other record would join its packets.
+    /// meanwhile (see [`DriverLast`]): for what a client's write waits for
+    /// while no other write's record or receipt is on its way to join it
+    /// (a lone sync write's record, a sync-mode receipt).
     pub async fn flush_now(&mut self) -> Result<(), TransportError> {
         let mut flush = std::pin::pin!(self.flush());
         std::future::poll_fn(|cx| {
@@ -798,7 +799,11 @@ const MAX_SEGMENTS_PER_SEND: usize = (u16::MAX as usize - 48) / crate::tls::JUMB
 /// (`tokio::task::yield_now`: it runs once its thread has no other task
 /// ready, and wakes no other thread), so the records of every task ready at
 /// that moment leave together. Wake-ups by the socket, a timer or a driver
-/// (quinn's own hand-offs and yields) poll it at once, as before.
+/// (quinn's own hand-offs and yields) poll it at once, as before, and so do
+/// those of [`FramedSend::flush_now`]: a lone sync write waits for its
+/// record's round trip, which this would lengthen by the other tasks' turn
+/// (with several sync groups at QD1 on one connection, their records then
+/// leave one datagram each).
 #[derive(Debug)]
 struct DriverLast {
     inner: Arc<dyn quinn::Runtime>,

@@ -1010,9 +1010,24 @@ impl Session {
             while let Some(Some(ev)) = self.io.next().now_or_never() {
                 self.on_event(ev)?;
             }
+            let queued_io = self.io.len();
             self.perform(send)?;
             self.report_frozen();
-            send.flush().await?;
+            if self.group.cfg.mode == Mode::Sync && send.queued() > 0 {
+                // What a sync-mode turn sends (a receipt, durability a FUA
+                // or FLUSH asked for) is what clients' writes wait for: the
+                // QUIC driver sends it at once, and the I/O this turn
+                // queued (applies, a journal sync) is submitted after it.
+                // Its first poll submits it to the disk, on a virtual
+                // machine an exit of some 20 µs (see `SyncWrite` on the
+                // primary).
+                send.flush_now().await?;
+                if self.io.len() > queued_io {
+                    tokio::task::yield_now().await;
+                }
+            } else {
+                send.flush().await?;
+            }
         }
     }
 

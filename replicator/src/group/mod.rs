@@ -321,8 +321,8 @@ pub struct Group {
     /// gather first: `shipper::ASYNC_GATHER`).
     records_ready: Notify,
     /// Sync-mode writes between their journal append and their return
-    /// (see `write_path.rs`, `LoneSyncWrite`): a lone one is sent before
-    /// its volume write is submitted, in a stream write of its own.
+    /// (see `write_path.rs`, `SyncWrite`): a lone one's record is sent
+    /// ahead of its volume write, without waiting for other records.
     sync_writes: AtomicUsize,
     /// Wakes writes blocked on journal space.
     space_freed: Notify,

@@ -145,14 +145,15 @@ impl Drop for HoleGuard<'_> {
 /// Counts a sync-mode journaled write in `Group::sync_writes` from before
 /// its journal append until the write returns.
 ///
-/// A lone sync write (no other sync write between its journal append and
-/// its return, as at queue depth 1) waits for the round trip to the
+/// A lone sync write (no other sync write of its group between its journal
+/// append and its return, as at queue depth 1) waits for the round trip to the
 /// secondary and the secondary's append, not for its own volume write,
-/// which runs meanwhile. So its record is sent first: the write yields
+/// which runs meanwhile. So its record goes first: the write yields once
 /// before it submits the volume write (on a virtual machine, submitting a
 /// disk write costs an exit of some 20 µs, which would otherwise delay the
-/// record), the shipper sends it without waiting for other records, and
-/// the QUIC driver sends it at once (`FramedSend::flush_now`). With other
+/// record), the shipper sends the record without waiting for other records,
+/// and the QUIC driver sends it at once (`FramedSend::flush_now`), both
+/// before the write resumes on the same worker thread. With other
 /// writes in flight their records go out in batches instead (fewer stream
 /// writes, packets and wake-ups), as in async mode.
 struct SyncWrite<'a>(&'a AtomicUsize);
@@ -613,10 +614,10 @@ impl Group {
         Ok(())
     }
 
-    /// True in sync mode while at most one write is between its journal
+    /// True in sync mode while exactly one write is between its journal
     /// append and its return (see [`SyncWrite`]).
     pub(super) fn lone_sync_write(&self) -> bool {
-        self.cfg.mode == Mode::Sync && self.sync_writes.load(Ordering::Relaxed) <= 1
+        self.cfg.mode == Mode::Sync && self.sync_writes.load(Ordering::Relaxed) == 1
     }
 
     /// Record `seq` is in the journal: hand it to the shipper and let later
