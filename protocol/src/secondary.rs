@@ -333,6 +333,9 @@ pub struct Secondary {
     /// The journal sync in flight was asked for by someone waiting for it
     /// (see [`Secondary::journal_sync_urgent`]).
     journal_sync_waited: bool,
+    /// [`Secondary::set_stretch`]: deferred journal syncs and acks wait
+    /// this many times their configured delay.
+    stretch: u32,
     /// The next ack reports such a sync: it goes out at once.
     ack_now: bool,
     last_ack: Option<pb::Ack>,
@@ -397,6 +400,7 @@ impl Secondary {
             ack_dirty: true,
             ack_dirty_since: None,
             journal_sync_waited: false,
+            stretch: 1,
             ack_now: false,
             last_ack: None,
             copy_mismatch: Vec::new(),
@@ -405,6 +409,30 @@ impl Secondary {
             held: VecDeque::new(),
             actions: VecDeque::new(),
         }
+    }
+
+    /// Stretches what this session defers for nobody in particular: a
+    /// journal sync nobody waits for and an ack nobody waits for wait
+    /// `factor` times [`SecondaryConfig::journal_sync_delay`] and
+    /// [`SecondaryConfig::ack_delay`] (at least once). The caller paces
+    /// many sessions of one node this way, so that their fixed cost per
+    /// sync and per ack stays bounded for the node as a whole. What
+    /// someone waits for (FUA, flush requests, drains, journal space, a
+    /// copy's progress, a sync-mode receipt) is not deferred and not
+    /// stretched; a zero delay stays zero. Takes effect at once: deadlines
+    /// are counted from when the deferred change was made.
+    pub fn set_stretch(&mut self, factor: u32) {
+        self.stretch = factor.max(1);
+    }
+
+    /// The journal sync delay [`Secondary::set_stretch`] gives.
+    fn journal_sync_delay(&self) -> Duration {
+        self.config.journal_sync_delay.saturating_mul(self.stretch)
+    }
+
+    /// The ack delay [`Secondary::set_stretch`] gives.
+    fn ack_delay(&self) -> Duration {
+        self.config.ack_delay.saturating_mul(self.stretch)
     }
 
     /// Freezes the image at a write-order-consistent point (a drill starts):
@@ -801,7 +829,7 @@ impl Secondary {
             || ack.copy_durable > last.copy_durable
             || !self.copy_mismatch.is_empty()
             || self.journal_sync_urgent(now)
-            || self.ack_dirty_since.is_some_and(|t| now >= t + self.config.ack_delay)
+            || self.ack_dirty_since.is_some_and(|t| now >= t + self.ack_delay())
     }
 
     /// The ack describing the current state.
@@ -1079,7 +1107,7 @@ impl Secondary {
 
     /// When the oldest record not yet covered by a journal sync must be.
     fn journal_sync_due(&self) -> Option<Instant> {
-        self.unsynced_since.map(|t| t + self.config.journal_sync_delay)
+        self.unsynced_since.map(|t| t + self.journal_sync_delay())
     }
 
     /// When [`Secondary::poll_action`] must be called again even if nothing
@@ -1093,7 +1121,7 @@ impl Secondary {
         } else {
             self.journal_sync_due()
         };
-        let ack = self.ack_dirty_since.filter(|_| self.ack_dirty).map(|t| t + self.config.ack_delay);
+        let ack = self.ack_dirty_since.filter(|_| self.ack_dirty).map(|t| t + self.ack_delay());
         sync.into_iter().chain(ack).min()
     }
 
@@ -1421,6 +1449,53 @@ mod tests {
         complete_applies(&mut s, acts);
         assert!(acks(&drain(&mut s, t0 + sync_delay)).is_empty());
         assert_eq!(acks(&drain(&mut s, t0 + sync_delay + ack_delay)), vec![(1, 1, 1)]);
+    }
+
+    #[test]
+    fn a_stretched_session_defers_syncs_and_acks_longer_but_never_what_is_waited_for() {
+        let t0 = Instant::now();
+        let (sync_delay, ack_delay) = (Duration::from_millis(5), Duration::from_millis(5));
+        let cfg = SecondaryConfig {
+            journal_sync_delay: sync_delay,
+            receipt_acked_at_once: false,
+            ack_delay,
+            ..config(1 << 20)
+        };
+        let mut s = Secondary::new(cfg, start(), t0);
+        drain(&mut s, t0);
+        s.set_stretch(4);
+        s.on_record(write(1, 0)).unwrap();
+        let acts = drain(&mut s, t0);
+        assert!(syncs(&acts).is_empty() && acks(&acts).is_empty(), "{acts:?}");
+        assert_eq!(s.poll_timeout(), Some(t0 + 4 * sync_delay));
+        assert!(syncs(&drain(&mut s, t0 + sync_delay)).is_empty(), "not at the configured delay");
+        // The sync, and the ack of the receipt (counted from t0) with it.
+        let t = t0 + 4 * sync_delay;
+        let acts = drain(&mut s, t);
+        assert_eq!((syncs(&acts), acks(&acts)), (vec![1], vec![(1, 0, 0)]));
+        s.on_journal_synced(1, Ok(())).unwrap();
+        let acts = drain(&mut s, t);
+        complete_applies(&mut s, acts);
+        assert!(acks(&drain(&mut s, t)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(t + 4 * ack_delay));
+        assert!(acks(&drain(&mut s, t + ack_delay)).is_empty(), "not at the configured delay");
+        assert_eq!(acks(&drain(&mut s, t + 4 * ack_delay)), vec![(1, 1, 1)]);
+        // Taken back, the deadline of a change already made moves with it.
+        let t1 = t0 + 10 * sync_delay;
+        s.on_record(write(2, 8192)).unwrap();
+        drain(&mut s, t1);
+        assert_eq!(s.poll_timeout(), Some(t1 + 4 * sync_delay));
+        s.set_stretch(0);
+        assert_eq!(s.poll_timeout(), Some(t1 + sync_delay), "0 counts as 1");
+        s.set_stretch(8);
+        // A FUA write is waited for: synced and acked at once, stretched
+        // or not.
+        let mut fua = write(3, 16384);
+        fua.fua = true;
+        s.on_record(fua).unwrap();
+        assert_eq!(syncs(&drain(&mut s, t1)), vec![3]);
+        s.on_journal_synced(3, Ok(())).unwrap();
+        assert_eq!(acks(&drain(&mut s, t1)), vec![(3, 3, 1)]);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::config::{Config, NbdTlsMode};
-use crate::group::Group;
+use crate::group::{Group, Pacing};
 use crate::io::{BackendChoice, IoEngine};
 use crate::nbd::{Drain, NbdTls, ServeOptions, SharedLimits, SHUTDOWN_BACKSTOP};
 use crate::node::Node;
@@ -284,10 +284,12 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         reason,
     })?;
     let mut groups = Vec::new();
+    let pacing = Arc::new(Pacing::default());
     for (gc, volumes) in config.groups.iter().zip(opened) {
-        let group = Group::open(gc.clone(), volumes, engine.clone(), &config.node.state_dir, transport.clone())
-            .await
-            .map_err(|source| DaemonError::Group { group: gc.name.clone(), source })?;
+        let group =
+            Group::open(gc.clone(), volumes, engine.clone(), &config.node.state_dir, transport.clone(), pacing.clone())
+                .await
+                .map_err(|source| DaemonError::Group { group: gc.name.clone(), source })?;
         groups.push(group);
     }
     let node = Arc::new(Node::new(config.node.name.clone(), groups, transport.clone()));

@@ -68,6 +68,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Recovery to PAIR with lag 0.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A writer task, with the index of its group in `Run::loads`.
+type Writer = (usize, tokio::task::JoinHandle<(Region, LoadStats)>);
+
 /// Which sites lose power.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -345,12 +348,18 @@ fn recovery_log(cluster: &Cluster, site: Site) -> Vec<String> {
         .collect()
 }
 
-struct Run {
-    cluster: Cluster,
-    rt: tokio::runtime::Runtime,
+/// One group's volume under load: its regions, one per task.
+struct Load {
     group: String,
     vol: String,
     regions: Vec<Region>,
+}
+
+struct Run {
+    cluster: Cluster,
+    rt: tokio::runtime::Runtime,
+    /// The groups under load (the first one's states are reported).
+    loads: Vec<Load>,
     versions: Arc<AtomicU64>,
     /// Writes acknowledged, all cycles (the cut waits for one of its own).
     acked: Arc<AtomicU64>,
@@ -364,6 +373,11 @@ impl Run {
     /// A paired cluster on powercut-fs. With `during_copy`, returns as soon
     /// as `pair create` is accepted, while the initial copy runs.
     fn new(mode: Mode, label: &str, seed: u64, during_copy: bool) -> Option<Run> {
+        Self::with_groups(mode, label, seed, during_copy, 1)
+    }
+
+    /// The same with `groups` groups, each with its own volume and tasks.
+    fn with_groups(mode: Mode, label: &str, seed: u64, during_copy: bool, groups: usize) -> Option<Run> {
         if !require_root(label) {
             return None;
         }
@@ -371,33 +385,49 @@ impl Run {
         if !Path::new("/dev/fuse").exists() {
             panic!("{label}: /dev/fuse is missing (modprobe fuse)");
         }
-        let group = format!("pl{}", mode.as_str());
-        let vol = format!("{group}-vol");
-        let spec = GroupSpec::new(&group, mode).volume(&vol, VOLUME_SIZE).link_timeout(Duration::from_secs(1));
-        let cluster = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+        let names: Vec<String> = (0..groups)
+            .map(|i| if groups == 1 { format!("pl{}", mode.as_str()) } else { format!("pl{}{i}", mode.as_str()) })
+            .collect();
+        let specs = names
+            .iter()
+            .map(|g| {
+                GroupSpec::new(g, mode).volume(&format!("{g}-vol"), VOLUME_SIZE).link_timeout(Duration::from_secs(1))
+            })
+            .collect();
+        let cluster = Cluster::new(ClusterOpts::new(specs).with_power_cut_fs());
         // run-all.sh runs this suite a second time on the thread-pool
         // backend: make sure the daemons really use it then.
-        let backend = cluster.status(Site::A, &group).io_backend;
+        let backend = cluster.status(Site::A, &names[0]).io_backend;
         if std::env::var("REPLICATOR_IO_BACKEND").is_ok_and(|v| v == "threads") {
             assert_eq!(backend, "threads", "REPLICATOR_IO_BACKEND=threads did not reach the daemon");
         }
         eprintln!("POWER-LOSS {label}: I/O backend {backend}");
-        cluster.pair_create(&group);
+        for g in &names {
+            cluster.pair_create(g);
+        }
         if !during_copy {
-            cluster.wait_pair(&group, Duration::from_secs(120));
-            cluster.wait_drained(&group);
+            for g in &names {
+                cluster.wait_pair(g, Duration::from_secs(120));
+                cluster.wait_drained(g);
+            }
         }
         let rt =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
         let per = BLOCKS / TASKS;
-        let regions =
-            (0..TASKS).map(|t| Region { first: t * per, blocks: vec![BlockState::default(); per as usize] }).collect();
+        let loads = names
+            .into_iter()
+            .map(|group| Load {
+                vol: format!("{group}-vol"),
+                group,
+                regions: (0..TASKS)
+                    .map(|t| Region { first: t * per, blocks: vec![BlockState::default(); per as usize] })
+                    .collect(),
+            })
+            .collect();
         Some(Run {
             cluster,
             rt,
-            group,
-            vol,
-            regions,
+            loads,
             versions: Arc::new(AtomicU64::new(1)),
             acked: Arc::new(AtomicU64::new(0)),
             rng: Rng::new(seed),
@@ -406,44 +436,44 @@ impl Run {
         })
     }
 
-    /// Starts one writer per task; returns their handles.
-    fn start_writers(
-        &mut self,
-        stop: &Arc<AtomicBool>,
-        max_ops: u64,
-        max_time: Duration,
-    ) -> Vec<tokio::task::JoinHandle<(Region, LoadStats)>> {
-        let regions = std::mem::take(&mut self.regions);
+    /// Starts one writer per task of every group; returns their handles,
+    /// each with its group's index in `loads`.
+    fn start_writers(&mut self, stop: &Arc<AtomicBool>, max_ops: u64, max_time: Duration) -> Vec<Writer> {
         let mut handles = Vec::new();
-        for region in regions {
-            let per = region.blocks.len() as u64;
-            let start = region.first + self.rng.below((per - WINDOW_BLOCKS) / 256 + 1) * 256;
-            let window = (start, start + WINDOW_BLOCKS);
-            let fut = writer(
-                self.cluster.nbd_socket(Site::A),
-                self.vol.clone(),
-                region,
-                window,
-                self.rng.next_u64(),
-                self.versions.clone(),
-                self.acked.clone(),
-                stop.clone(),
-                max_ops,
-                max_time,
-            );
-            handles.push(self.rt.spawn(fut));
+        for i in 0..self.loads.len() {
+            let regions = std::mem::take(&mut self.loads[i].regions);
+            for region in regions {
+                let per = region.blocks.len() as u64;
+                let start = region.first + self.rng.below((per - WINDOW_BLOCKS) / 256 + 1) * 256;
+                let window = (start, start + WINDOW_BLOCKS);
+                let fut = writer(
+                    self.cluster.nbd_socket(Site::A),
+                    self.loads[i].vol.clone(),
+                    region,
+                    window,
+                    self.rng.next_u64(),
+                    self.versions.clone(),
+                    self.acked.clone(),
+                    stop.clone(),
+                    max_ops,
+                    max_time,
+                );
+                handles.push((i, self.rt.spawn(fut)));
+            }
         }
         handles
     }
 
-    fn join_writers(&mut self, handles: Vec<tokio::task::JoinHandle<(Region, LoadStats)>>) -> LoadStats {
+    fn join_writers(&mut self, handles: Vec<Writer>) -> LoadStats {
         let mut total = LoadStats::default();
-        for h in handles {
+        for (i, h) in handles {
             let (region, stats) = self.rt.block_on(h).expect("writer task");
-            self.regions.push(region);
+            self.loads[i].regions.push(region);
             total += stats;
         }
-        self.regions.sort_by_key(|r| r.first);
+        for load in &mut self.loads {
+            load.regions.sort_by_key(|r| r.first);
+        }
         total
     }
 
@@ -451,35 +481,38 @@ impl Run {
     /// was read the new durable state of every block.
     fn check_primary_and_settle(&mut self, when: &str) {
         let socket = self.cluster.nbd_socket(Site::A);
-        let vol = self.vol.clone();
-        let client = self.rt.block_on(connect(&socket, &vol)).expect("NBD connect to the primary");
-        let regions = &self.regions;
-        let result = check_image(regions, |off, len| {
-            self.rt.block_on(client.read(off, len as u32)).unwrap_or_else(|e| panic!("NBD read at {off}: {e}"))
-        });
-        let found = match result {
-            Ok(found) => found,
-            Err(bad) => panic!(
-                "{}: {when}: {} block(s) of the primary's volume (read through NBD) break I1, first:\n{}\n{}",
-                self.label,
-                bad.len(),
-                bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n"),
-                self.cluster.diagnostics()
-            ),
-        };
-        self.rt.block_on(client.flush()).expect("NBD flush");
-        let _ = self.rt.block_on(client.disconnect());
-        for (block, v) in found.into_iter().enumerate() {
-            let block = block as u64;
-            let region = &mut self.regions[(block / (BLOCKS / TASKS)) as usize];
-            region.state(block).durable_at(v);
+        for load in &mut self.loads {
+            let client = self.rt.block_on(connect(&socket, &load.vol)).expect("NBD connect to the primary");
+            let result = check_image(&load.regions, |off, len| {
+                self.rt.block_on(client.read(off, len as u32)).unwrap_or_else(|e| panic!("NBD read at {off}: {e}"))
+            });
+            let found = match result {
+                Ok(found) => found,
+                Err(bad) => panic!(
+                    "{}: {when}: {} block(s) of the primary's volume {} (read through NBD) break I1, first:\n{}\n{}",
+                    self.label,
+                    bad.len(),
+                    load.vol,
+                    bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n"),
+                    self.cluster.diagnostics()
+                ),
+            };
+            self.rt.block_on(client.flush()).expect("NBD flush");
+            let _ = self.rt.block_on(client.disconnect());
+            for (block, v) in found.into_iter().enumerate() {
+                let block = block as u64;
+                let region = &mut load.regions[(block / (BLOCKS / TASKS)) as usize];
+                region.state(block).durable_at(v);
+            }
         }
     }
 
     /// Clean stop of both sites; I2 (volumes identical) and I1 on the
     /// secondary's volume; then both start again and pair.
     fn stop_compare_restart(&mut self, when: &str) -> (String, String) {
-        self.cluster.wait_drained(&self.group);
+        for load in &self.loads {
+            self.cluster.wait_drained(&load.group);
+        }
         self.cluster.stop(Site::A);
         self.cluster.stop(Site::B);
         let dirty = (self.cluster.fs_command(Site::A, "files"), self.cluster.fs_command(Site::B, "files"));
@@ -489,24 +522,29 @@ impl Run {
         // pages a stop left unsynced).
         self.cluster.power_cut_stopped(Site::A);
         self.cluster.power_cut_stopped(Site::B);
-        self.cluster.assert_volumes_identical(&self.group);
-        let path = self.cluster.volume_path(Site::B, &self.vol);
-        let file = std::fs::File::open(&path).expect("secondary volume");
-        let r = check_image(&self.regions, |off, len| {
-            let mut buf = vec![0u8; len];
-            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, off).expect("read the secondary's volume");
-            buf
-        });
-        if let Err(bad) = r {
-            panic!(
-                "{}: {when}: the secondary's volume breaks I1:\n{}",
-                self.label,
-                bad[..bad.len().min(10)].join("\n")
-            );
+        for load in &self.loads {
+            self.cluster.assert_volumes_identical(&load.group);
+            let path = self.cluster.volume_path(Site::B, &load.vol);
+            let file = std::fs::File::open(&path).expect("secondary volume");
+            let r = check_image(&load.regions, |off, len| {
+                let mut buf = vec![0u8; len];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, off).expect("read the secondary's volume");
+                buf
+            });
+            if let Err(bad) = r {
+                panic!(
+                    "{}: {when}: the secondary's volume {} breaks I1:\n{}",
+                    self.label,
+                    load.vol,
+                    bad[..bad.len().min(10)].join("\n")
+                );
+            }
         }
         self.cluster.start(Site::A);
         self.cluster.start(Site::B);
-        self.cluster.wait_pair(&self.group, Duration::from_secs(60));
+        for load in &self.loads {
+            self.cluster.wait_pair(&load.group, Duration::from_secs(60));
+        }
         dirty
     }
 
@@ -526,7 +564,8 @@ impl Run {
         while self.acked.load(Ordering::Relaxed) == acked && waited.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        let before = self.cluster.status(Site::A, &self.group);
+        let first = self.loads[0].group.clone();
+        let before = self.cluster.status(Site::A, &first);
         let state_at_cut =
             format!("{} (copy {} of {} bytes)", before.state, before.copy_done_bytes, before.copy_total_bytes);
         let cut = |run: &mut Run, site: Site| -> CutReport {
@@ -570,12 +609,12 @@ impl Run {
                 self.cluster.start(Site::A);
             }
         }
-        rec.observe(&self.cluster, &self.group);
+        rec.observe(&self.cluster, &first);
         let state_at_restart = rec.states.last().cloned().unwrap_or_default();
         let stop = Arc::new(AtomicBool::new(false));
         let handles = self.start_writers(&stop, RECOVERY_MAX_OPS, RECOVERY_MAX_TIME);
-        while !handles.iter().all(|h| h.is_finished()) {
-            rec.observe(&self.cluster, &self.group);
+        while !handles.iter().all(|(_, h)| h.is_finished()) {
+            rec.observe(&self.cluster, &first);
             std::thread::sleep(Duration::from_millis(50));
         }
         let during = self.join_writers(handles);
@@ -587,7 +626,9 @@ impl Run {
                 self.cluster.diagnostics()
             );
         }
-        wait_recovered(&self.cluster, &self.group, &mut rec, &format!("{}: {when}", self.label));
+        for load in &self.loads {
+            wait_recovered(&self.cluster, &load.group, &mut rec, &format!("{}: {when}: {}", self.label, load.group));
+        }
         let recovered_in = t0.elapsed();
         let mut notes = recovery_log(&self.cluster, Site::A);
         notes.extend(recovery_log(&self.cluster, Site::B));
@@ -632,7 +673,9 @@ impl Run {
         assert!(self.dropped > 0, "{}: no power cut dropped a page: the faults were not injected", self.label);
         self.cluster.stop(Site::A);
         self.cluster.stop(Site::B);
-        self.cluster.assert_volumes_identical(&self.group);
+        for load in &self.loads {
+            self.cluster.assert_volumes_identical(&load.group);
+        }
         eprintln!("POWER-LOSS {}: passed, {cycles} cycles in {:.1} s", self.label, started.elapsed().as_secs_f64());
     }
 }
@@ -688,6 +731,25 @@ fn power_cuts_keeping_a_random_subset_of_pages() {
     let cycles = cycles().max(3);
     for cycle in 0..cycles {
         run.cycle(cycle, targets[(cycle % 3) as usize], Some(0.5));
+    }
+    run.finish(started, cycles);
+}
+
+/// Six busy async groups on one pair of nodes: more than `pacing.rs` lets
+/// defer at their configured delays, so the secondary stretches the group
+/// commit of every group's restore journal, and its acks. The secondary,
+/// both sites, then the primary lose power under load (two tasks per
+/// group); every group must recover and hold exactly what was written (I1,
+/// I2), as a lone group does.
+#[test]
+fn power_cuts_with_many_busy_async_groups() {
+    let label = "power_cuts_with_many_busy_async_groups";
+    let started = Instant::now();
+    let Some(mut run) = Run::with_groups(Mode::Async, label, 51, false, 6) else { return };
+    let targets = [Target::Secondary, Target::Both, Target::Primary];
+    let cycles = cycles();
+    for cycle in 0..cycles {
+        run.cycle(cycle, targets[(cycle % 3) as usize], None);
     }
     run.finish(started, cycles);
 }

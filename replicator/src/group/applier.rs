@@ -25,6 +25,7 @@ use replicator_protocol::secondary::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::drill::Frozen;
+use super::pacing::PaceMark;
 use super::task::IncomingSession;
 use super::{journal_path, lock, Group, GroupError, Inner, SessionCommand};
 use crate::config::Mode;
@@ -53,7 +54,8 @@ const COPY_APPLIES: usize = 4;
 /// (the acks that report it are coalesced over [`ACK_DELAY`] anyway). Each
 /// group syncs its own restore journal: at 1 ms, 32 async groups under load
 /// made 9,000 fdatasyncs a second (one per 1.7 writes, each a wake-up of an
-/// io_uring worker), where one group as busy made 800. See
+/// io_uring worker), where one group as busy made 800. With more than a
+/// few groups busy the node stretches this delay (`pacing.rs`). See
 /// `SecondaryConfig::journal_sync_delay`.
 const RESTORE_JOURNAL_SYNC_DELAY_ASYNC_MODE: Duration = Duration::from_millis(5);
 /// The same in sync mode, where the receipt of the next records is on the
@@ -63,8 +65,9 @@ const RESTORE_JOURNAL_SYNC_DELAY_SYNC_MODE: Duration = Duration::from_millis(1);
 /// Acks nobody waits for (async mode's receipts and applies, group-committed
 /// durability) are coalesced over this long: one datagram per few
 /// milliseconds instead of up to three per record, on both daemons' CPUs.
-/// The primary's view of the lag, and its journal space, trail by as much.
-/// See `SecondaryConfig::ack_delay`.
+/// The primary's view of the lag, and its journal space, trail by as much
+/// (more with many groups busy: `pacing.rs`). See
+/// `SecondaryConfig::ack_delay`.
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
 /// Payloads received and not applied yet, held in memory, at most (see
@@ -875,6 +878,9 @@ struct Session {
     /// when `thaw` fires.
     freeze_reply: Option<oneshot::Sender<Result<Frozen, String>>>,
     thaw: Option<oneshot::Receiver<()>>,
+    /// Counted among the node's busy sessions while something is deferred
+    /// (see `pacing.rs`).
+    pace: PaceMark,
 }
 
 impl Session {
@@ -901,6 +907,7 @@ impl Session {
             block_size: crate::io::IO_ALIGN as u64,
         };
         let copy_incomplete = start.copy_incomplete;
+        let pace = PaceMark::new(group.pacing.clone());
         Self {
             group,
             machine: Secondary::new(config, start, Instant::now()),
@@ -915,6 +922,7 @@ impl Session {
             copy_incomplete,
             freeze_reply: None,
             thaw: None,
+            pace,
         }
     }
 
@@ -936,6 +944,8 @@ impl Session {
         let mut timer_at: Option<Instant> = None;
         loop {
             let reading = self.machine.wants_input() && !self.finished();
+            let stretch = self.pace.update(self.machine.poll_timeout().is_some());
+            self.machine.set_stretch(stretch);
             let timeout = self.machine.poll_timeout();
             if let Some(at) = timeout.filter(|&at| timer_at != Some(at)) {
                 timer.as_mut().reset(at.into());

@@ -23,6 +23,7 @@ mod activity;
 mod applier;
 mod drill;
 mod lifecycle;
+mod pacing;
 mod preserved;
 mod resync_guard;
 mod shipper;
@@ -64,6 +65,7 @@ pub use drill::{
     export_name as drill_export_name, DrillExport, DrillMeta, DrillOutcome, DrillRecord, DrillStatus,
     DEFAULT_DRILL_CHUNK,
 };
+pub use pacing::Pacing;
 pub use resync_guard::FailoverImage;
 pub(crate) use takeover::format_time;
 pub use task::IncomingSession;
@@ -311,6 +313,8 @@ pub struct Group {
     engine: IoEngine,
     store: StateFile,
     transport: Arc<Transport>,
+    /// The node's pacing of what its secondary sessions defer.
+    pacing: Arc<Pacing>,
     inner: Mutex<Inner>,
     progress: watch::Sender<Progress>,
     /// Wakes the shipper: a flush was requested (sync mode), copy progress,
@@ -397,6 +401,7 @@ impl Group {
         engine: IoEngine,
         state_dir: &std::path::Path,
         transport: Arc<Transport>,
+        pacing: Arc<Pacing>,
     ) -> Result<Arc<Group>, GroupError> {
         let store = StateFile::new(state_dir, &cfg.name);
         // Files a crash left half written (only this daemon, holding the
@@ -788,6 +793,7 @@ impl Group {
             engine,
             store,
             transport,
+            pacing,
             inner: Mutex::new(inner),
             progress,
             ship_wake: Notify::new(),
