@@ -15,7 +15,7 @@ use crate::daemon::{in_sync, Env, GroupSpec, SitePair};
 use crate::local::prefill;
 use crate::nbd::NbdConn;
 use crate::proxy::LinkSpec;
-use crate::stats::{percentile, percentile_f64, RunOutcome};
+use crate::stats::{percentile, percentile_f64, DaemonCpu, RunOutcome};
 use crate::workload::{Rng, Workload};
 use replicator::control::Request;
 
@@ -223,6 +223,9 @@ pub struct GroupsRun {
     pub iops: f64,
     /// Median write latency, µs.
     pub p50_us: f64,
+    /// Each daemon's CPU and context switches per write of the round
+    /// (warm-up included), primary then secondary.
+    pub daemons: Vec<DaemonCpu>,
 }
 
 /// Many groups against one, the same total queue depth, on one pair of
@@ -834,7 +837,9 @@ pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
         p.a.wait_for(env, &g.name, Duration::from_secs(60), "in PAIR", in_sync)?;
     }
     let socket = p.a.nbd();
+    let pids = [("primary", p.a.pid()), ("secondary", p.b.pid())];
     let run = |groups: usize, connections: usize, w: Workload, seed: u64| -> Result<GroupsRun, String> {
+        let before: Vec<_> = pids.iter().map(|&(_, pid)| pid.and_then(crate::monitor::usage)).collect();
         let outcomes: Vec<Result<RunOutcome, String>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..connections)
                 .map(|i| {
@@ -850,10 +855,11 @@ pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("client thread panicked".into()))).collect()
         });
-        let (mut ops, mut secs, mut lat) = (0u64, 0f64, Vec::new());
+        let (mut ops, mut all_ops, mut secs, mut lat) = (0u64, 0u64, 0f64, Vec::new());
         for o in outcomes {
             let o = o?;
             ops += o.ops;
+            all_ops += o.all_ops;
             secs = secs.max(o.secs);
             lat.extend(o.lat_ns);
         }
@@ -864,6 +870,13 @@ pub fn groups(env: &Env, o: &FigureOpts) -> Result<GroupsFigure, String> {
             queue_depth_each: w.queue_depth(),
             iops: ops as f64 / secs.max(1e-9),
             p50_us: percentile(&lat, 0.50) as f64 / 1e3,
+            daemons: pids
+                .iter()
+                .zip(before)
+                .filter_map(|(&(role, pid), b)| {
+                    Some(DaemonCpu::between(role, b?, crate::monitor::usage(pid?)?, all_ops))
+                })
+                .collect(),
         })
     };
     let mut fig = GroupsFigure { groups: n, ..GroupsFigure::default() };

@@ -1207,14 +1207,26 @@ fn render_markdown(r: &Results, reading: &str, plots: &[String], quick: bool) ->
     if let Some(g) = &f.groups {
         let _ = writeln!(
             s,
-            "### Many groups\n\nAsync, RTT 0, one pair of daemons holding {} groups (64 MiB volumes): one group written alone through one connection at the whole queue depth, every group written at once (each by its own QD1 connection), and one group written through as many QD1 connections (the client's shape alone). Rounds alternate, in this order:\n\n| groups written | connections | QD each | IOPS (all together) | p50 |\n|---:|---:|---:|---:|---:|",
+            "### Many groups\n\nAsync, RTT 0, one pair of daemons holding {} groups (64 MiB volumes): one group written alone through one connection at the whole queue depth, every group written at once (each by its own QD1 connection), and one group written through as many QD1 connections (the client's shape alone). Rounds alternate, in this order. CPU per write: each daemon's CPU time (user + system, all threads) through the round, warm-up included, over every write of it; then context switches per write.\n\n| groups written | connections | QD each | IOPS (all together) | p50 | primary CPU per write | secondary CPU per write |\n|---:|---:|---:|---:|---:|---:|---:|",
             g.groups
         );
         for r in &g.runs {
+            let cpu = |role: &str| {
+                r.daemons
+                    .iter()
+                    .find(|d| d.role == role)
+                    .map_or("—".into(), |d| format!("{:.0} µs, {:.1}", d.us_per_op, d.switches_per_op))
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.0} | {:.0} µs |",
-                r.groups, r.connections, r.queue_depth_each, r.iops, r.p50_us
+                "| {} | {} | {} | {:.0} | {:.0} µs | {} | {} |",
+                r.groups,
+                r.connections,
+                r.queue_depth_each,
+                r.iops,
+                r.p50_us,
+                cpu("primary"),
+                cpu("secondary")
             );
         }
         let _ = writeln!(
