@@ -176,18 +176,7 @@ impl FramedSend {
     /// (a lone sync write's record, a sync-mode receipt).
     pub async fn flush_now(&mut self) -> Result<(), TransportError> {
         let mut flush = std::pin::pin!(self.flush());
-        std::future::poll_fn(|cx| {
-            /// Restores the thread's mark when the poll ends (a panic too).
-            struct Restore(bool);
-            impl Drop for Restore {
-                fn drop(&mut self) {
-                    POLLING_DRIVER.with(|p| p.set(self.0));
-                }
-            }
-            let _restore = Restore(POLLING_DRIVER.with(|p| p.replace(true)));
-            std::future::Future::poll(flush.as_mut(), cx)
-        })
-        .await
+        std::future::poll_fn(|cx| as_driver(|| std::future::Future::poll(flush.as_mut(), cx))).await
     }
 
     /// Queues and sends one envelope.
@@ -840,6 +829,19 @@ thread_local! {
     static POLLING_DRIVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Runs `poll` with this thread marked as [`POLLING_DRIVER`]; the mark it
+/// had is restored when `poll` returns (or panics).
+fn as_driver<R>(poll: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            POLLING_DRIVER.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(POLLING_DRIVER.with(|p| p.replace(true)));
+    poll()
+}
+
 /// The waker a driver sees: it notes whether a task (not a driver) woke the
 /// driver, and wakes the driver's own task.
 #[derive(Default)]
@@ -886,16 +888,7 @@ impl std::future::Future for YieldToWakers {
             }
             this.yielding = None;
         }
-        /// Clears the thread's mark when the driver's poll ends (a panic too).
-        struct Polling;
-        impl Drop for Polling {
-            fn drop(&mut self) {
-                POLLING_DRIVER.with(|p| p.set(false));
-            }
-        }
-        POLLING_DRIVER.with(|p| p.set(true));
-        let _polling = Polling;
-        this.inner.as_mut().poll(&mut std::task::Context::from_waker(&this.waker))
+        as_driver(|| this.inner.as_mut().poll(&mut std::task::Context::from_waker(&this.waker)))
     }
 }
 
