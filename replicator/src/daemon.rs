@@ -292,7 +292,7 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
                 .map_err(|source| DaemonError::Group { group: gc.name.clone(), source })?;
         groups.push(group);
     }
-    let node = Arc::new(Node::new(config.node.name.clone(), groups, transport.clone()));
+    let node = Arc::new(Node::new(config.node.name.clone(), groups, transport.clone(), pacing));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let control = bind_unix(&config.control_socket(), SOCKET_MODE, CONTROL_SOCKET)?;

@@ -293,6 +293,12 @@ impl Collector for NodeCollector {
             "notAfter of the certificate the daemon loaded (certificate=node: its own, ca: the CA), seconds since the Unix epoch",
             self.node.transport.certificate_expiry().into_iter().map(|(which, t)| ([("certificate", which)], t)),
         )?;
+        ConstGauge::new(i64::from(self.node.pacing.stretch())).encode(e.encode_descriptor(
+            "replicator_secondary_delay_stretch",
+            "Factor this node's secondary sessions now stretch their deferred restore-journal syncs and acks by (1 unless more than 4 groups are busy)",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let rtts: Vec<(String, f64)> = {
             let mut peers: Vec<&str> = groups.iter().map(|g| g.cfg.peer.as_str()).collect();
             peers.sort_unstable();

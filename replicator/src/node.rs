@@ -8,7 +8,7 @@ use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
 use crate::group::{
-    drill_export_name, serve_verify, ClientGuard, DrillExport, Group, IncomingSession, WriteError, WriteKind,
+    drill_export_name, serve_verify, ClientGuard, DrillExport, Group, IncomingSession, Pacing, WriteError, WriteKind,
 };
 use crate::io::AlignedBuf;
 use crate::metrics::ErrorKind;
@@ -26,6 +26,8 @@ pub struct Node {
     exports: HashMap<String, (usize, u32)>,
     /// The QUIC transport.
     pub transport: Arc<Transport>,
+    /// The pacing its groups' secondary sessions share.
+    pub pacing: Arc<Pacing>,
 }
 
 /// How long a peer's new stream may take to send its first message.
@@ -33,14 +35,14 @@ const FIRST_MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 impl Node {
     /// Builds the node from opened groups.
-    pub fn new(name: String, groups: Vec<Arc<Group>>, transport: Arc<Transport>) -> Self {
+    pub fn new(name: String, groups: Vec<Arc<Group>>, transport: Arc<Transport>, pacing: Arc<Pacing>) -> Self {
         let mut exports = HashMap::new();
         for (gi, g) in groups.iter().enumerate() {
             for v in &g.volumes {
                 exports.insert(v.name.clone(), (gi, v.index));
             }
         }
-        Self { name, groups, exports, transport }
+        Self { name, groups, exports, transport, pacing }
     }
 
     /// The group named `name`.

@@ -127,6 +127,8 @@ fn metrics_follow_writes_resync_and_switchover() {
         assert_eq!(value(e, "replicator_rpo_zero", &[("group", "m")]), want, "{site}");
         assert_eq!(e.find("replicator_rpo_zero", &[("group", "ma")]).count(), 0, "{site}");
         assert_eq!(value(e, "replicator_group_info", &[("group", "ma"), ("mode", "async")]), 1.0, "{site}");
+        // Two groups: never more than 4 busy, nothing stretched.
+        assert_eq!(value(e, "replicator_secondary_delay_stretch", &[]), 1.0, "{site}");
     }
     let m = [("group", "m")];
     assert!(value(&a0, "replicator_resynced_bytes_total", &m) >= MIB as f64, "the initial copy sent the 1 MiB as data");

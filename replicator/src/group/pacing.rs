@@ -45,8 +45,9 @@ pub struct Pacing {
 }
 
 impl Pacing {
-    /// The factor every session's deferrals are stretched by now.
-    fn stretch(&self) -> u32 {
+    /// The factor every session's deferrals are stretched by now (also
+    /// the metric `replicator_secondary_delay_stretch`).
+    pub fn stretch(&self) -> u32 {
         let busy = self.busy.load(Ordering::Relaxed);
         // Bounded by MAX_STRETCH, so the cast cannot truncate.
         busy.div_ceil(BUSY_AT_CONFIGURED_DELAY).clamp(1, MAX_STRETCH as usize) as u32
