@@ -2,50 +2,26 @@
 # CPU time, context switches and system calls per write of each daemon, with `perf stat`,
 # during one 10-second replicator-bench cell at RTT 0.
 #
-#   bench/perf-per-write.sh CONFIG WORKLOAD [REPLICATOR]
+#   bench/perf-per-write.sh CONFIG WORKLOAD [REPLICATOR [REPLICATOR_BENCH]]
 #   bench/perf-per-write.sh async qd1
 #
 # CONFIG is nbd, async or sync; WORKLOAD one of replicator-bench's (qd1,
-# qd32, ...). REPLICATOR defaults to target/release/replicator. Needs `perf`
-# (Debian: linux-perf) and a release build of replicator-bench.
+# qd32, ...). REPLICATOR and REPLICATOR_BENCH default to this tree's release
+# builds (give another tree's pair to measure an earlier build with its own
+# benchmark). Needs `perf` (Debian: linux-perf).
 set -euo pipefail
-usage="usage: $0 CONFIG WORKLOAD [REPLICATOR]"
+usage="usage: $0 CONFIG WORKLOAD [REPLICATOR [REPLICATOR_BENCH]]"
 cfg=${1:?$usage}
 workload=${2:?$usage}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${3:-$root/target/release/replicator}
-bench=$root/target/release/replicator-bench
+bench=${4:-$root/target/release/replicator-bench}
 command -v perf >/dev/null || { echo "perf is not installed (Debian: apt-get install linux-perf)" >&2; exit 2; }
-[ -x "$bench" ] || { echo "build it first: cargo build --release -p replicator-bench -p replicator --bins" >&2; exit 2; }
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-mkdir "$out/dir"
-"$bench" --rtt 0 --duration 10 --configs "$cfg" --workloads "$workload" --no-figures --no-fio-check \
-  --dir "$out/dir" --replicator "$bin" --out "$out/bench" >"$out/bench.log" 2>&1 &
-bench_pid=$!
-
-# The daemons of this run (their configuration files live under --dir):
-# site-a and site-b of a pair, or site-a alone for the unpaired export.
-declare -A daemons=()
-sites=(site-a site-b)
-[ "$cfg" = nbd ] && sites=(site-a)
-for _ in $(seq 150); do
-  for site in "${sites[@]}"; do
-    p=$(pgrep -f "$out/dir/.*/$site/replicator.toml run" | head -1 || true)
-    [ -n "$p" ] && daemons[$site]=$p
-  done
-  [ ${#daemons[@]} -eq ${#sites[@]} ] && break
-  sleep 0.2
-done
-[ ${#daemons[@]} -eq ${#sites[@]} ] || { cat "$out/bench.log" >&2; echo "the daemons of this run were not found" >&2; exit 1; }
-# Past the setup (the bench logs the cell as it starts) and the warm-up,
-# into the measured cell.
-for _ in $(seq 600); do
-  grep -qE "^\[ *[0-9.]+s\]   [0-9a-z+/-]+ \(1/1\)" "$out/bench.log" && break
-  sleep 0.2
-done
-sleep 1
+. "$root/bench/cell.sh"
+start_cell "$cfg" "$workload" "$bin" "$bench" "$out"
 # The system calls a write costs: the client's requests in and replies out,
 # datagrams out and in, reactor waits,
 # io_uring submissions, journal writes and syncs, wake-ups between threads.
@@ -58,11 +34,9 @@ for site in "${sites[@]}"; do
   perfs+=($!)
 done
 wait "${perfs[@]}"
-wait "$bench_pid" || { cat "$out/bench.log" >&2; exit 1; }
-
-row=$(grep -E "^\| $cfg \| [^|]* \| [^|]*$workload" "$out/bench/RESULTS.md" | tail -1)
-echo "$row"
-iops=$(echo "$row" | awk -F'|' '{gsub(/ /, "", $5); print $5}')
+finish_cell "$cfg" "$workload" "$out"
+echo "$cell_row"
+iops=$cell_iops
 declare -A role=([site-a]=primary [site-b]=secondary)
 [ "$cfg" = nbd ] && role[site-a]=unpaired
 for site in "${sites[@]}"; do
