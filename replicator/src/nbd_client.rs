@@ -36,10 +36,13 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 type Pending = Arc<Mutex<HashMap<u64, (u32, oneshot::Sender<Result<Vec<u8>, NbdClientError>>)>>>;
 
-/// A connected client for one export.
+/// A connected client for one export. Dropping it closes the connection
+/// (as a client process exiting would), without `NBD_CMD_DISC`.
 #[derive(Debug)]
 pub struct NbdClient {
     writer: tokio::sync::Mutex<WriteHalf<Box<dyn StreamDebug>>>,
+    /// The task reading replies, which holds the socket's read half.
+    reader: tokio::task::AbortHandle,
     pending: Pending,
     next_cookie: AtomicU64,
     size: u64,
@@ -109,8 +112,15 @@ impl NbdClient {
         let size = size.ok_or_else(|| NbdClientError::Protocol("server sent no export size".into()))?;
         let (reader, writer) = tokio::io::split(s);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(read_replies(reader, pending.clone()));
-        Ok(Self { writer: tokio::sync::Mutex::new(writer), pending, next_cookie: AtomicU64::new(1), size, flags })
+        let reader = tokio::spawn(read_replies(reader, pending.clone())).abort_handle();
+        Ok(Self {
+            writer: tokio::sync::Mutex::new(writer),
+            reader,
+            pending,
+            next_cookie: AtomicU64::new(1),
+            size,
+            flags,
+        })
     }
 
     /// Export size in bytes.
@@ -229,5 +239,13 @@ async fn read_replies(mut r: ReadHalf<Box<dyn StreamDebug>>, pending: Pending) {
             return;
         }
         let _ = tx.send(Ok(data));
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        // The read half lives in the reader task: ending it closes the
+        // socket once the write half goes with `self`.
+        self.reader.abort();
     }
 }
