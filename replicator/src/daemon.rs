@@ -13,7 +13,8 @@
 //!
 //! SIGHUP reloads what can change while running ([`reload`]): the log filter
 //! and the TLS certificate, key and CA (for new QUIC and NBD-TLS
-//! connections), and `node.nbd_tls_clients`; it logs one line saying what
+//! connections), `node.nbd_tls_clients`, and each group's
+//! `accept_pair_create`; it logs one line saying what
 //! was reloaded, what was kept and why, and which changed settings need a
 //! restart.
 
@@ -27,7 +28,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::config::{Config, NbdTlsMode};
+use crate::config::{Config, GroupConfig, NbdTlsMode};
 use crate::group::{Group, Pacing};
 use crate::io::{BackendChoice, IoEngine};
 use crate::nbd::{Drain, NbdTls, ServeOptions, SharedLimits, SHUTDOWN_BACKSTOP};
@@ -425,7 +426,7 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
                 tracing::info!("SIGINT: stopping cleanly");
                 break;
             }
-            _ = hup.recv() => reload(&config, &transport, nbd_tls.as_deref()),
+            _ = hup.recv() => reload(&config, &node, &transport, nbd_tls.as_deref()),
         }
     }
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
@@ -480,12 +481,15 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
 ///   key and verifying under the CA now) for new QUIC connections (both
 ///   directions) and new NBD-TLS connections; connections already up keep
 ///   their session;
-/// - `node.nbd_tls_clients`, when NBD-TLS runs.
+/// - `node.nbd_tls_clients`, when NBD-TLS runs;
+/// - each running group's `accept_pair_create` (a consent given or taken
+///   back without restarting the daemon, and with it every other group's
+///   replication and NBD clients).
 ///
 /// Everything else (groups, volumes, peers, addresses, `nbd_tls` itself,
 /// directories) needs a restart; the line names the sections that changed.
 /// A configuration that does not load changes nothing.
-fn reload(running: &Config, transport: &Transport, nbd_tls: Option<&NbdTls>) {
+fn reload(running: &Config, node: &Node, transport: &Transport, nbd_tls: Option<&NbdTls>) {
     let fresh = match Config::load(&running.path) {
         Ok(fresh) => fresh,
         Err(e) => {
@@ -537,6 +541,14 @@ fn reload(running: &Config, transport: &Transport, nbd_tls: Option<&NbdTls>) {
         reloaded.push(format!("nbd_tls_clients {clients:?}"));
         tls.replace_clients(clients);
     }
+    // Consent to become a secondary, per group this daemon runs.
+    for cfg in &fresh.groups {
+        if let Some(group) = node.group(&cfg.name) {
+            if group.set_accept_pair_create(cfg.accept_pair_create) {
+                reloaded.push(format!("accept_pair_create = {} for group {}", cfg.accept_pair_create, cfg.name));
+            }
+        }
+    }
     let restart = settings_needing_restart(running, &fresh);
     let mut line =
         format!("SIGHUP: reloaded {}", if reloaded.is_empty() { "nothing".into() } else { reloaded.join("; ") });
@@ -571,13 +583,18 @@ fn settings_needing_restart(running: &Config, fresh: &Config) -> Vec<&'static st
         ("node.metrics_listen", a.metrics_listen != b.metrics_listen),
         ("node.worker_threads", a.worker_threads != b.worker_threads),
         ("[[peer]]", !same(&running.peers, &fresh.peers)),
-        ("[[group]]", !same(&running.groups, &fresh.groups)),
+        ("[[group]]", !same(&without_consent(&running.groups), &without_consent(&fresh.groups))),
     ] {
         if differs {
             changed.push(key);
         }
     }
     changed
+}
+
+/// The groups' settings but `accept_pair_create`, which a reload applies.
+fn without_consent(groups: &[GroupConfig]) -> Vec<GroupConfig> {
+    groups.iter().map(|g| GroupConfig { accept_pair_create: false, ..g.clone() }).collect()
 }
 
 /// Waits for the NBD servers, then the control and metrics listeners, to

@@ -282,12 +282,25 @@ fn a_standalone_group_never_becomes_secondary_without_consent_or_while_in_use() 
     let (code, _) = cli(&cluster, Site::A, &["pair", "delete", "nc"]);
     assert_eq!(code, 0);
 
-    // With consent, but a client attached on site-b: refused too.
-    cluster.stop(Site::B);
+    // Consent given by a reload (SIGHUP), without restarting site-b's
+    // daemon; but a client attached on site-b: refused too.
+    let pid = cluster.pid(Site::B);
     let path = cluster.config_path(Site::B).to_path_buf();
     let text = std::fs::read_to_string(&path).expect("config");
     std::fs::write(&path, text.replace("accept_pair_create = false", "accept_pair_create = true")).expect("config");
-    cluster.start(Site::B);
+    cluster.signal(Site::B, nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reloaded = loop {
+        let log = cluster.log(Site::B);
+        if let Some(line) = log.lines().find(|l| l.contains("SIGHUP: reloaded")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no reload line in site-b's log:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(reloaded.contains("accept_pair_create = true for group nc"), "{reloaded}");
+    assert!(!reloaded.contains("applied only at restart"), "consent needs no restart: {reloaded}");
+    assert_eq!(cluster.pid(Site::B), pid, "site-b's daemon was not restarted");
     let b_client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "nc-vol")).expect("connect");
     let (code, out) = cli(&cluster, Site::A, &["pair", "create", "nc", "--wait", "--timeout", "60s"]);
     assert_eq!(code, 1, "{out}");

@@ -234,12 +234,12 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                 ));
             }
             if g.role() == Role::None {
-                if !group.cfg.accept_pair_create {
+                if !group.accepts_pair_create() {
                     return Err((
                         pb::Refusal::NoConsent,
                         format!(
                             "group {name} on this node does not accept becoming a secondary (its volumes would be overwritten): \
-                             set accept_pair_create = true in its [[group]] section here and restart, then run pair create again"
+                             set accept_pair_create = true in its [[group]] section here and reload the daemon (SIGHUP: systemctl reload), then run pair create again"
                         ),
                     ));
                 }

@@ -35,7 +35,7 @@ mod writeback_hint;
 
 use std::collections::{hash_map, BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -353,6 +353,11 @@ pub struct Group {
     state_written: Mutex<u64>,
     /// NBD connections attached to this group's volumes.
     nbd_clients: AtomicUsize,
+    /// `accept_pair_create` as the configuration last loaded says: from
+    /// `cfg` at start, then from each SIGHUP's reload
+    /// ([`Group::set_accept_pair_create`]). Only consulted when a peer asks
+    /// this SIMPLEX group to become its secondary.
+    accept_pair_create: AtomicBool,
     /// The bitmap and activity-log files open for saves, one save at a
     /// time, with the bytes last saved to each.
     bitmap_io: Mutex<HashMap<String, MetadataFile>>,
@@ -787,6 +792,7 @@ impl Group {
         let (bitmap_wanted, _) = watch::channel(0);
         let (bitmap_persisted, _) = watch::channel(0);
         let (incoming, incoming_rx) = mpsc::unbounded_channel();
+        let accept_pair_create = AtomicBool::new(cfg.accept_pair_create);
         let group = Arc::new(Group {
             cfg,
             volumes,
@@ -813,6 +819,7 @@ impl Group {
             counters: Arc::default(),
             state_written: Mutex::new(0),
             nbd_clients: AtomicUsize::new(0),
+            accept_pair_create,
             bitmap_io: Mutex::new(HashMap::new()),
             stopped: std::sync::OnceLock::new(),
             smallest_journal,
@@ -1636,6 +1643,19 @@ impl Group {
         if let Err(e) = self.dissolved(save).await {
             tracing::error!(group = %self.cfg.name, "{e}");
         }
+    }
+
+    /// Whether this node consents, now, to become the group's secondary
+    /// when the peer runs `pair create` (`accept_pair_create`).
+    pub fn accepts_pair_create(&self) -> bool {
+        self.accept_pair_create.load(Ordering::SeqCst)
+    }
+
+    /// Applies `accept_pair_create` from a reloaded configuration (SIGHUP);
+    /// returns whether it changed. A pair create the peer retries from then
+    /// on meets the new answer; a pair already formed is not affected.
+    pub fn set_accept_pair_create(&self, accept: bool) -> bool {
+        self.accept_pair_create.swap(accept, Ordering::SeqCst) != accept
     }
 
     /// An NBD client attached one of this group's volumes; the guard
