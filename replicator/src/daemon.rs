@@ -484,7 +484,8 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
 /// - `node.nbd_tls_clients`, when NBD-TLS runs;
 /// - each running group's `accept_pair_create` (a consent given or taken
 ///   back without restarting the daemon, and with it every other group's
-///   replication and NBD clients).
+///   replication and NBD clients; given only to a group whose section is
+///   otherwise unchanged, see [`reload_consent`]).
 ///
 /// Everything else (groups, volumes, peers, addresses, `nbd_tls` itself,
 /// directories) needs a restart; the line names the sections that changed.
@@ -541,14 +542,7 @@ fn reload(running: &Config, node: &Node, transport: &Transport, nbd_tls: Option<
         reloaded.push(format!("nbd_tls_clients {clients:?}"));
         tls.replace_clients(clients);
     }
-    // Consent to become a secondary, per group this daemon runs.
-    for cfg in &fresh.groups {
-        if let Some(group) = node.group(&cfg.name) {
-            if group.set_accept_pair_create(cfg.accept_pair_create) {
-                reloaded.push(format!("accept_pair_create = {} for group {}", cfg.accept_pair_create, cfg.name));
-            }
-        }
-    }
+    reload_consent(running, &fresh, node, &mut reloaded, &mut kept);
     let restart = settings_needing_restart(running, &fresh);
     let mut line =
         format!("SIGHUP: reloaded {}", if reloaded.is_empty() { "nothing".into() } else { reloaded.join("; ") });
@@ -583,7 +577,7 @@ fn settings_needing_restart(running: &Config, fresh: &Config) -> Vec<&'static st
         ("node.metrics_listen", a.metrics_listen != b.metrics_listen),
         ("node.worker_threads", a.worker_threads != b.worker_threads),
         ("[[peer]]", !same(&running.peers, &fresh.peers)),
-        ("[[group]]", !same(&without_consent(&running.groups), &without_consent(&fresh.groups))),
+        ("[[group]]", consent_aside(&running.groups) != consent_aside(&fresh.groups)),
     ] {
         if differs {
             changed.push(key);
@@ -592,9 +586,56 @@ fn settings_needing_restart(running: &Config, fresh: &Config) -> Vec<&'static st
     changed
 }
 
-/// The groups' settings but `accept_pair_create`, which a reload applies.
-fn without_consent(groups: &[GroupConfig]) -> Vec<GroupConfig> {
-    groups.iter().map(|g| GroupConfig { accept_pair_create: false, ..g.clone() }).collect()
+/// The groups' settings but `accept_pair_create`, which a reload applies,
+/// in a form to compare.
+fn consent_aside(groups: &[GroupConfig]) -> String {
+    let groups: Vec<GroupConfig> =
+        groups.iter().map(|g| GroupConfig { accept_pair_create: false, ..g.clone() }).collect();
+    format!("{groups:?}")
+}
+
+/// Applies each running group's `accept_pair_create` from the reloaded
+/// configuration (see [`consent_after_reload`]).
+fn reload_consent(running: &Config, fresh: &Config, node: &Node, reloaded: &mut Vec<String>, kept: &mut Vec<String>) {
+    for group in &node.groups {
+        let name = &group.cfg.name;
+        let before = running.groups.iter().find(|g| &g.name == name);
+        let after = fresh.groups.iter().find(|g| &g.name == name);
+        let Some((accept, why)) = consent_after_reload(before, after) else {
+            if !group.accepts_pair_create() {
+                kept.push(format!(
+                    "accept_pair_create = false for group {name} (its [[group]] section changed otherwise: \
+                     consent applies at the restart that applies the rest)"
+                ));
+            }
+            continue;
+        };
+        match group.set_accept_pair_create(accept) {
+            None => {}
+            Some(false) => reloaded.push(format!("accept_pair_create = {accept} for group {name}{why}")),
+            Some(true) => reloaded.push(format!(
+                "accept_pair_create = {accept} for group {name}{why} (it is already a secondary: \
+                 `replicator pair delete {name}` ends that pair)"
+            )),
+        }
+    }
+}
+
+/// A running group's consent after a reload, with what to add to the
+/// reload line; `None` keeps the running consent. Consent is given only to
+/// a group whose section is otherwise unchanged: with another volume path,
+/// say, a pair create would overwrite the volumes the daemon still runs,
+/// not those the admin consented for (that waits for the restart). Taking
+/// consent back always applies, also for a group no longer in the file.
+fn consent_after_reload(before: Option<&GroupConfig>, after: Option<&GroupConfig>) -> Option<(bool, &'static str)> {
+    match (before, after) {
+        (_, None) => Some((false, " (no longer in the configuration)")),
+        (Some(b), Some(a)) if consent_aside(std::slice::from_ref(b)) == consent_aside(std::slice::from_ref(a)) => {
+            Some((a.accept_pair_create, ""))
+        }
+        (_, Some(a)) if !a.accept_pair_create => Some((false, "")),
+        (_, Some(_)) => None,
+    }
 }
 
 /// Waits for the NBD servers, then the control and metrics listeners, to
@@ -619,6 +660,50 @@ async fn stop_listeners(
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod consent_tests {
+    use super::*;
+    use crate::config::VolumeConfig;
+
+    fn group(text: &str) -> GroupConfig {
+        let toml = format!(
+            "[node]\nname = \"site-b\"\nlisten = \"0.0.0.0:7800\"\nstate_dir = \"/var/lib/replicator\"\nrun_dir = \"/run/replicator\"\n\
+             [tls]\nca = \"/ca.pem\"\ncert = \"/b.pem\"\nkey = \"/b.key\"\n\
+             [[peer]]\nname = \"site-a\"\naddress = \"192.0.2.10:7800\"\n\
+             [[group]]\nname = \"db\"\npeer = \"site-a\"\nmode = \"sync\"\n{text}\n\
+             [[group.volume]]\nname = \"db-data\"\npath = \"/dev/vg0/db-data\"\nsize = \"1GiB\"\n"
+        );
+        let config = Config::parse(Path::new("/etc/replicator/replicator.toml"), &toml).expect("valid");
+        config.groups[0].clone()
+    }
+
+    #[test]
+    fn consent_is_given_only_to_an_otherwise_unchanged_group_and_taken_back_always() {
+        let without = group("accept_pair_create = false");
+        let with = group("accept_pair_create = true");
+        assert_eq!(consent_after_reload(Some(&without), Some(&with)), Some((true, "")), "given");
+        assert_eq!(consent_after_reload(Some(&with), Some(&without)), Some((false, "")), "taken back");
+        assert_eq!(consent_after_reload(Some(&with), Some(&with)), Some((true, "")), "unchanged");
+
+        // Another volume path with it: the running group still has the old
+        // one, and a pair create would overwrite that.
+        let moved = GroupConfig {
+            volumes: with
+                .volumes
+                .iter()
+                .map(|v| VolumeConfig { path: v.path.with_file_name("db-data-new"), ..v.clone() })
+                .collect(),
+            ..with.clone()
+        };
+        assert_eq!(consent_after_reload(Some(&without), Some(&moved)), None, "kept until the restart");
+        let moved_without = GroupConfig { accept_pair_create: false, ..moved.clone() };
+        assert_eq!(consent_after_reload(Some(&with), Some(&moved_without)), Some((false, "")), "taken back anyway");
+
+        // Gone from the file: no consent any more.
+        assert_eq!(consent_after_reload(Some(&with), None).map(|(a, _)| a), Some(false));
+    }
 }
 
 #[cfg(test)]

@@ -37,7 +37,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 type Pending = Arc<Mutex<HashMap<u64, (u32, oneshot::Sender<Result<Vec<u8>, NbdClientError>>)>>>;
 
 /// A connected client for one export. Dropping it closes the connection
-/// (as a client process exiting would), without `NBD_CMD_DISC`.
+/// (as a client process exiting would), without `NBD_CMD_DISC`: at once on
+/// a multi-thread runtime, on a current-thread one when the runtime next
+/// runs or is dropped.
 #[derive(Debug)]
 pub struct NbdClient {
     writer: tokio::sync::Mutex<WriteHalf<Box<dyn StreamDebug>>>,

@@ -300,6 +300,7 @@ fn a_standalone_group_never_becomes_secondary_without_consent_or_while_in_use() 
     };
     assert!(reloaded.contains("accept_pair_create = true for group nc"), "{reloaded}");
     assert!(!reloaded.contains("applied only at restart"), "consent needs no restart: {reloaded}");
+    assert!(cluster.is_running(Site::B), "site-b's daemon still runs");
     assert_eq!(cluster.pid(Site::B), pid, "site-b's daemon was not restarted");
     let b_client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "nc-vol")).expect("connect");
     let (code, out) = cli(&cluster, Site::A, &["pair", "create", "nc", "--wait", "--timeout", "60s"]);

@@ -1651,11 +1651,15 @@ impl Group {
         self.accept_pair_create.load(Ordering::SeqCst)
     }
 
-    /// Applies `accept_pair_create` from a reloaded configuration (SIGHUP);
-    /// returns whether it changed. A pair create the peer retries from then
-    /// on meets the new answer; a pair already formed is not affected.
-    pub fn set_accept_pair_create(&self, accept: bool) -> bool {
-        self.accept_pair_create.swap(accept, Ordering::SeqCst) != accept
+    /// Applies `accept_pair_create` from a reloaded configuration (SIGHUP).
+    /// Returns `None` if it did not change, else whether this node is
+    /// already the group's secondary: taken under the group lock, as the
+    /// check of a peer's pair create is, so the answer is the truth at the
+    /// change. A pair create the peer retries from then on meets the new
+    /// answer; a pair already formed is not affected.
+    pub fn set_accept_pair_create(&self, accept: bool) -> Option<bool> {
+        let g = lock(&self.inner);
+        (self.accept_pair_create.swap(accept, Ordering::SeqCst) != accept).then(|| g.role() == Role::Secondary)
     }
 
     /// An NBD client attached one of this group's volumes; the guard
