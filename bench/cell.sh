@@ -8,6 +8,8 @@
 # (site -> pid); the bench writes WORK_DIR/bench.log and WORK_DIR/bench/.
 # Returns once the cell's warm-up is over. `finish_cell` waits for the bench
 # and sets `cell_row` (the cell's row of the results table) and `cell_iops`.
+# `stop_cell WORK_DIR` (for the caller's EXIT trap) ends a bench and its
+# daemons that are still running, as when the caller fails half-way.
 
 start_cell() {
   local cfg=$1 workload=$2 bin=$3 bench=$4 work=$5 site p started=
@@ -43,6 +45,17 @@ start_cell() {
 finish_cell() {
   local cfg=$1 workload=$2 work=$3
   wait "$bench_pid" || { cat "$work/bench.log" >&2; return 1; }
-  cell_row=$(grep -E "^\| $cfg \| [^|]* \| [^|]*$workload" "$work/bench/RESULTS.md" | tail -1)
+  bench_pid=
+  # The run measured one workload: the configuration's last row (the CPU
+  # table's) is its cell, whatever name the workload was given by.
+  cell_row=$(awk -F'|' -v cfg=" $cfg " '$2 == cfg && $5 ~ /^ *[0-9]+ *$/ { row = $0 } END { print row }' "$work/bench/RESULTS.md")
+  [ -n "$cell_row" ] || { echo "no $cfg row for $workload in the bench's results" >&2; return 1; }
   cell_iops=$(echo "$cell_row" | awk -F'|' '{gsub(/ /, "", $5); print $5}')
+}
+
+stop_cell() {
+  local work=$1
+  [ -n "${bench_pid:-}" ] && kill "$bench_pid" 2>/dev/null
+  pkill -f "$work/dir/.*/replicator.toml run" 2>/dev/null
+  return 0
 }

@@ -35,23 +35,27 @@ done
 [ -x "$bin" ] || { echo "not an executable: $bin" >&2; exit 2; }
 mkdir -p "$dest"
 
+. "$root/bench/cell.sh"
 out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+trap 'stop_cell "$out"; rm -rf "$out"' EXIT
 # The daemons run a copy without debug information: perf names its
 # functions from the symbol table (some versions of perf fail on a release
 # build's line tables), and every build's graph shows functions alike, with
 # no inlined frames (`--no-inline`: whether perf finds them depends on what
 # its build-id cache holds).
 objcopy --strip-debug "$bin" "$out/replicator"
-. "$root/bench/cell.sh"
 start_cell "$cfg" "$workload" "$out/replicator" "$bench" "$out"
+# cpu-clock: CPU time in nanoseconds whether or not the machine has a PMU
+# (a guest often has none; with one, perf's default would count cycles).
 pids=()
 for site in "${sites[@]}"; do
-  perf record -q -F 499 --call-graph dwarf,16384 -p "${daemons[$site]}" -o "$out/$site.data" -- sleep 4 \
-    >/dev/null 2>&1 &
+  perf record -q -e cpu-clock -F 499 --call-graph dwarf,16384 -p "${daemons[$site]}" -o "$out/$site.data" \
+    -- sleep 4 >"$out/record-$site.log" 2>&1 &
   pids+=($!)
 done
-wait "${pids[@]}"
+for p in "${pids[@]}"; do
+  wait "$p" || { cat "$out"/record-*.log >&2; echo "perf record failed" >&2; exit 1; }
+done
 finish_cell "$cfg" "$workload" "$out"
 echo "$cell_row"
 

@@ -18,9 +18,9 @@ bin=${3:-$root/target/release/replicator}
 bench=${4:-$root/target/release/replicator-bench}
 command -v perf >/dev/null || { echo "perf is not installed (Debian: apt-get install linux-perf)" >&2; exit 2; }
 
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
 . "$root/bench/cell.sh"
+out=$(mktemp -d)
+trap 'stop_cell "$out"; rm -rf "$out"' EXIT
 start_cell "$cfg" "$workload" "$bin" "$bench" "$out"
 # The system calls a write costs: the client's requests in and replies out,
 # datagrams out and in, reactor waits,
@@ -33,7 +33,9 @@ for site in "${sites[@]}"; do
   perf stat -x, -e "task-clock,context-switches,$syscalls" -p "${daemons[$site]}" -- sleep 4 2>"$out/perf-$site.csv" &
   perfs+=($!)
 done
-wait "${perfs[@]}"
+for p in "${perfs[@]}"; do
+  wait "$p" || { cat "$out"/perf-*.csv >&2; echo "perf stat failed" >&2; exit 1; }
+done
 finish_cell "$cfg" "$workload" "$out"
 echo "$cell_row"
 iops=$cell_iops
