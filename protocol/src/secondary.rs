@@ -64,8 +64,21 @@ pub struct SecondaryConfig {
     /// (and one batch of applies) for many writes. `ZERO`: at once. Not
     /// while the primary's clients flush often (a flush request within
     /// [`RECENT_FLUSH`]): the next flush request would wait for a whole
-    /// sync that could have started with the write.
+    /// sync that could have started with the write. While fewer than
+    /// [`SecondaryConfig::journal_sync_batch`] records wait, the sync waits
+    /// up to [`SecondaryConfig::journal_sync_delay_light`] instead.
     pub journal_sync_delay: Duration,
+    /// Records waiting for the restore journal's sync from which
+    /// [`SecondaryConfig::journal_sync_delay`] applies; fewer wait up to
+    /// [`SecondaryConfig::journal_sync_delay_light`], until this many have
+    /// come. A light load then pays one fdatasync per this many records
+    /// rather than one per few, and a heavy one keeps its short delay (its
+    /// applies, released together after each sync, come in small batches).
+    /// `0`: always `journal_sync_delay`.
+    pub journal_sync_batch: u64,
+    /// How long a record waits for the restore journal's sync while fewer
+    /// than [`SecondaryConfig::journal_sync_batch`] wait (see there).
+    pub journal_sync_delay_light: Duration,
     /// The primary answers client writes once this node has their records
     /// (sync mode): an ack that reports a new `received_seq` goes out at
     /// once. Otherwise (async mode) only the acks someone waits for do.
@@ -425,9 +438,17 @@ impl Secondary {
         self.stretch = factor.max(1);
     }
 
-    /// The journal sync delay [`Secondary::set_stretch`] gives.
+    /// The journal sync delay for the records waiting now
+    /// ([`SecondaryConfig::journal_sync_batch`]), as [`Secondary::set_stretch`]
+    /// stretches it.
     fn journal_sync_delay(&self) -> Duration {
-        self.config.journal_sync_delay.saturating_mul(self.stretch)
+        let waiting = self.received().saturating_sub(self.journal_sync_asked);
+        let delay = if waiting >= self.config.journal_sync_batch {
+            self.config.journal_sync_delay
+        } else {
+            self.config.journal_sync_delay_light
+        };
+        delay.saturating_mul(self.stretch)
     }
 
     /// The ack delay [`Secondary::set_stretch`] gives.
@@ -1170,6 +1191,8 @@ mod tests {
             copy_sync_interval: Duration::from_millis(100),
             copy_applies: 4,
             journal_sync_delay: Duration::ZERO,
+            journal_sync_batch: 0,
+            journal_sync_delay_light: Duration::ZERO,
             receipt_acked_at_once: true,
             ack_delay: Duration::ZERO,
             max_unapplied_bytes: 64 << 20,
@@ -1370,6 +1393,45 @@ mod tests {
         // And a drain does not wait either.
         s.begin_drain();
         assert_eq!(syncs(&drain(&mut s, t3)), vec![7]);
+    }
+
+    #[test]
+    fn a_light_load_waits_longer_for_the_journal_sync_until_a_batch_has_come() {
+        let t0 = Instant::now();
+        let (delay, light) = (Duration::from_millis(1), Duration::from_millis(5));
+        let cfg = SecondaryConfig {
+            journal_sync_delay: delay,
+            journal_sync_batch: 3,
+            journal_sync_delay_light: light,
+            ..config(1 << 20)
+        };
+        let mut s = Secondary::new(cfg, start(), t0);
+        // Two records: fewer than a batch, the sync waits the light delay.
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        assert!(syncs(&drain(&mut s, t0)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(t0 + light));
+        assert!(syncs(&drain(&mut s, t0 + delay)).is_empty(), "not at the short delay");
+        assert_eq!(syncs(&drain(&mut s, t0 + light)), vec![2], "at the light one");
+        s.on_journal_synced(2, Ok(())).unwrap();
+        let acts = drain(&mut s, t0 + light);
+        complete_applies(&mut s, acts);
+        // A batch comes: the short delay, counted from the oldest record.
+        let t1 = t0 + 2 * light;
+        s.on_record(write(3, 16384)).unwrap();
+        assert!(syncs(&drain(&mut s, t1)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(t1 + light));
+        s.on_record(write(4, 24576)).unwrap();
+        s.on_record(write(5, 32768)).unwrap();
+        assert!(syncs(&drain(&mut s, t1 + delay / 2)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(t1 + delay), "the deadline moves up");
+        assert_eq!(syncs(&drain(&mut s, t1 + delay)), vec![5]);
+        s.on_journal_synced(5, Ok(())).unwrap();
+        // Someone waiting still goes at once, batch or not.
+        let mut fua = write(6, 40960);
+        fua.fua = true;
+        s.on_record(fua).unwrap();
+        assert_eq!(syncs(&drain(&mut s, t1 + delay)), vec![6]);
     }
 
     fn acks(acts: &[Action]) -> Vec<(u64, u64, u64)> {

@@ -542,6 +542,8 @@ fn machine(checkpoint: u64, copy_incomplete: bool, now: Instant) -> Secondary {
         // async-mode delay): the urgent ones (FUA, flush requests, drains,
         // resync starts) must not wait.
         journal_sync_delay: Duration::from_millis(5),
+        journal_sync_batch: 0,
+        journal_sync_delay_light: Duration::from_millis(5),
         // Writes wait for durability (FUA, flush) only, as in async mode:
         // acks nobody waits for go out at the next tick.
         receipt_acked_at_once: false,
