@@ -282,10 +282,20 @@ impl Snapshot {
         {
             let _guards = self.lock_write(chunks.clone()).await;
             for c in chunks {
+                if self.given_up().is_some() {
+                    // Another write's copy-on-write failed meanwhile and
+                    // discarded this copy, freeing its space: copying
+                    // more into it would take that space again (a full
+                    // state_dir stops the group's next save).
+                    return Ok(());
+                }
                 if !self.map().is_held(c) {
                     self.copy_in(volume, c, None).await?;
                 }
             }
+        }
+        if self.given_up().is_some() {
+            return Ok(());
         }
         self.commit(Some((offset, len))).await
     }
