@@ -48,7 +48,7 @@ use replicator_protocol::pb;
 use replicator_protocol::primary::PrimarySession;
 use replicator_protocol::record::Record;
 use replicator_protocol::seqtrack::SeqTracker;
-use replicator_protocol::sequencer::{Dep, RangeSequencer};
+use replicator_protocol::sequencer::RangeSequencer;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -70,7 +70,7 @@ pub use resync_guard::FailoverImage;
 pub(crate) use takeover::format_time;
 pub use task::IncomingSession;
 pub use verify::serve_verify;
-use write_path::unix_micros;
+use write_path::{unix_micros, RangeWaits};
 pub use write_path::{WriteError, WriteKind};
 
 /// Group-level errors surfaced to the control socket and logs.
@@ -138,8 +138,8 @@ struct Inner {
     persisted: GroupState,
     state: PairState,
     seq: RangeSequencer,
-    /// Completion signals of in-flight writes and copy reads.
-    inflight: HashMap<Dep, watch::Receiver<bool>>,
+    /// Who waits for an in-flight range to be let go.
+    awaited: RangeWaits,
     /// Journal ring (primary only).
     ring: Option<JournalRing>,
     journal: Option<Arc<Journal>>,
@@ -717,7 +717,7 @@ impl Group {
         let inner = Inner {
             state,
             seq: RangeSequencer::new(1),
-            inflight: HashMap::new(),
+            awaited: RangeWaits::default(),
             ring,
             journal,
             last_jseq,

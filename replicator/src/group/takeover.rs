@@ -771,7 +771,10 @@ fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
     change_role(g, RoleState::Primary(primary), journal);
     g.taking_over = false;
     g.ring = Some(ring);
-    g.seq = RangeSequencer::new(1);
+    // Numbered on from the old one: a write or read that began before
+    // (a drill's split replica takes writes) and ends after cannot then
+    // finish, or wake the waiters of, a new one with the same number.
+    g.seq = RangeSequencer::new(g.seq.next_seq());
     g.last_jseq = n;
     g.ready = SeqTracker::new(n);
     g.volume_written = SeqTracker::new(n);
