@@ -331,6 +331,9 @@ pub struct Group {
     /// Wakes writes blocked on journal space.
     space_freed: Notify,
     /// Contiguous prefix of journaled records (volume writes wait on it).
+    /// A journal append notifies only while a receiver exists
+    /// (`Group::journaled`): a receiver must look at the value after
+    /// subscribing (`wait_for`, `borrow`), not wait for a change alone.
     journaled_through: watch::Sender<u64>,
     /// Bitmap group commit: epoch writes wait for, and epoch on disk.
     bitmap_wanted: watch::Sender<u64>,

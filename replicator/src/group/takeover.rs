@@ -24,7 +24,6 @@ use replicator_protocol::bitmap::DirtyBitmap;
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::seqtrack::SeqTracker;
-use replicator_protocol::sequencer::RangeSequencer;
 
 use tokio::sync::oneshot;
 
@@ -771,10 +770,11 @@ fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
     change_role(g, RoleState::Primary(primary), journal);
     g.taking_over = false;
     g.ring = Some(ring);
-    // Numbered on from the old one: a write or read that began before
-    // (a drill's split replica takes writes) and ends after cannot then
-    // finish, or wake the waiters of, a new one with the same number.
-    g.seq = RangeSequencer::new(g.seq.next_seq());
+    // The range sequencer carries on (its numbers are its own, not journal
+    // sequences): a write that began before the promotion (a drill's split
+    // replica takes writes) still holds its range, so a new overlapping
+    // write waits for it, and its end finishes its own entry, not a new
+    // write's or read's of the same number.
     g.last_jseq = n;
     g.ready = SeqTracker::new(n);
     g.volume_written = SeqTracker::new(n);

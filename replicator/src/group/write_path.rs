@@ -695,9 +695,9 @@ impl Group {
         drop(g);
         // Receivers exist only while a write waits (`wait_journaled_through`):
         // without one, notifying (a lock per slot of tokio's notifier) is
-        // skipped. Counted under the channel's write lock, which a new
-        // receiver's first look at the value is ordered with: it sees the
-        // new value, or is counted here and woken.
+        // skipped. The count is read under the channel's write lock; a new
+        // receiver counts itself before its first look at the value, under
+        // the read lock: it sees the new value, or is counted here and woken.
         self.journaled_through.send_if_modified(|t| {
             let advanced = through > *t;
             *t = (*t).max(through);
@@ -1047,8 +1047,8 @@ mod tests {
         // A range nobody waits for changes nothing.
         assert!(waits.released(Dep::Seq(2)).is_none());
         drop(waits.released(a));
-        assert!(ready(only_a.as_mut()), "both waiters of a range are woken");
-        assert!(!ready(both.as_mut()), "still waits for the read barrier");
+        assert!(ready(only_a.as_mut()), "a waiter of the released range is woken");
+        assert!(!ready(both.as_mut()), "a waiter of two ranges still waits for the read barrier");
         drop(waits.released(b));
         assert!(ready(both.as_mut()));
         assert!(waits.0.is_empty());
