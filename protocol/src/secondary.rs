@@ -1017,6 +1017,12 @@ impl Secondary {
     }
 
     fn start_apply(&mut self, id: ApplyId) {
+        // After a failure nothing new reaches the volumes (a journal sync
+        // or an apply handed out before it may still complete and make
+        // records ready); the restart replays them.
+        if self.failed {
+            return;
+        }
         let Some(r) = self.records.get_mut(&id) else { return };
         if let (Some(n), Some(rec)) = (self.freeze_at, &r.record) {
             if rec.op.is_copy() || rec.seq > n {
@@ -2087,6 +2093,33 @@ mod tests {
         s.begin_drain();
         assert!(s.is_drained());
         assert_eq!(s.durable(), 0);
+    }
+
+    #[test]
+    fn no_apply_starts_after_an_apply_failed() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        s.on_record(write(1, 0)).unwrap();
+        let acts = drain(&mut s, now);
+        assert!(acts.iter().any(|a| matches!(a, Action::SyncJournal { through: 1 })), "{acts:?}");
+        s.on_journal_synced(1, Ok(())).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        let acts = drain(&mut s, now);
+        let Some(id) = acts.iter().find_map(|a| match a {
+            Action::Apply { id, .. } => Some(*id),
+            _ => None,
+        }) else {
+            panic!("{acts:?}")
+        };
+        assert!(acts.iter().any(|a| matches!(a, Action::SyncJournal { through: 2 })), "{acts:?}");
+        assert!(s.on_applied(id, Err("EIO".into())).is_err());
+        // The journal sync handed out before the failure still completes.
+        s.on_journal_synced(2, Ok(())).unwrap();
+        let rest = drain(&mut s, now);
+        assert!(
+            !rest.iter().any(|a| matches!(a, Action::Apply { .. })),
+            "record 2 applied after the failure: {rest:?}"
+        );
     }
 
     #[test]
