@@ -85,6 +85,8 @@ pub struct GroupSpec {
     pub on_journal_full: &'static str,
     /// (volume name, file name inside the site directory, size).
     pub volumes: Vec<(String, String, u64)>,
+    /// `activity_log_extents`, when not the daemon's default.
+    pub activity_log_extents: Option<u64>,
 }
 
 impl GroupSpec {
@@ -96,6 +98,7 @@ impl GroupSpec {
             journal,
             on_journal_full: "block",
             volumes: vec![(format!("{name}-vol"), format!("{name}.img"), size)],
+            activity_log_extents: None,
         }
     }
 }
@@ -143,6 +146,9 @@ impl Daemon {
                 "\n[[group]]\nname = \"{}\"\npeer = \"{peer}\"\nmode = \"{}\"\njournal_size = \"{}\"\non_journal_full = \"{}\"\nlink_timeout = \"5s\"\naccept_pair_create = true\n",
                 g.name, g.mode, g.journal, g.on_journal_full
             );
+            if let Some(n) = g.activity_log_extents {
+                let _ = writeln!(t, "activity_log_extents = {n}");
+            }
             for (v, file, size) in &g.volumes {
                 let _ = write!(
                     t,

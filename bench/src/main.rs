@@ -118,6 +118,11 @@ struct Opts {
     /// sites do not share a disk.
     #[arg(long)]
     site_b_dir: Option<PathBuf>,
+    /// `activity_log_extents` of the matrix's pairs (default: the daemon's,
+    /// 1237 regions of 4 MiB). A log smaller than the regions a load writes
+    /// at once makes its writes wait for room: what that costs.
+    #[arg(long)]
+    activity_log_extents: Option<u64>,
 }
 
 struct Plan {
@@ -128,6 +133,8 @@ struct Plan {
     duration: Duration,
     volume: u64,
     extra: LinkSpec,
+    /// `--activity-log-extents`.
+    activity_log_extents: Option<u64>,
 }
 
 fn log(msg: &str) {
@@ -211,6 +218,7 @@ fn plan(opts: &Opts) -> Result<Plan, String> {
             bandwidth: (opts.bandwidth > 0.0).then(|| (opts.bandwidth * 1e6 / 8.0) as u64),
             loss: (opts.loss / 100.0).clamp(0.0, 1.0),
         },
+        activity_log_extents: opts.activity_log_extents,
     })
 }
 
@@ -258,6 +266,9 @@ fn run(opts: Opts) -> Result<(), String> {
         .map_or(String::new(), |a| format!(", built {:.0} min before the run", a.as_secs_f64() / 60.0));
     results.machine.push(("replicator binary".into(), format!("{} ({version}{age})", exe.display())));
     results.machine.push(("placement".into(), placement::describe()));
+    if let Some(n) = plan.activity_log_extents {
+        results.machine.push(("pairs' activity log".into(), format!("activity_log_extents = {n} (4 MiB regions)")));
+    }
     let outcome = run_everything(&env, &opts, &plan, &mut results);
     results.wall_secs = started.elapsed().as_secs_f64();
     if let Some(f) = env.monitor.foreign_overall() {
@@ -692,7 +703,8 @@ fn setup_export(
             // A journal large enough that no cell fills it (a full journal
             // blocks writes, then suspends): 2 GiB (written full of zeroes
             // when the daemon creates it, as every journal is).
-            let g = GroupSpec::single(config, mode, 2 << 30, plan.volume);
+            let mut g = GroupSpec::single(config, mode, 2 << 30, plan.volume);
+            g.activity_log_extents = plan.activity_log_extents;
             let mut p = SitePair::configure(env, dir, &[g], link)?;
             let file = format!("{config}.img");
             local::prefill(&p.a.file(&file), plan.volume, None)?;
