@@ -9,7 +9,8 @@
 //! - here, one volume sync (for every write waiting) makes the writes
 //!   durable that only wait for it;
 //! - on the secondary, the checkpoint is its restore journal's durable
-//!   point, which it syncs continuously (no FLUSH needs to be asked for); a
+//!   point, which it syncs by itself every few milliseconds; a waiting write
+//!   asks for it at once instead (a flush request, as a switchover's); a
 //!   checkpoint that does not move for `link_timeout` while writes wait is
 //!   treated as a sync-mode write that waited that long for an ack (the pair
 //!   suspends, per `on_link_loss`);
@@ -25,8 +26,8 @@ use std::time::{Duration, Instant};
 use super::write_path::WriteError;
 use super::{lock, Group, Inner};
 
-/// A waiting write re-checks at least this often (a volume write it waits
-/// for may finish without anything else waking it).
+/// A waiting write re-checks at least this often, whatever wakes it: the
+/// check that the secondary's checkpoint still moves runs on it.
 const RECHECK: Duration = Duration::from_millis(50);
 
 /// One write's wait for room in the activity log.
@@ -73,6 +74,12 @@ impl Group {
     /// A write found the activity log full: waits until writes through
     /// `needed` may be durable on both sites (or something else changed),
     /// for the caller to try admission again.
+    ///
+    /// Nothing is left to a timer that an event can end: the secondary is
+    /// asked to make `needed` durable now (a flush request, answered at
+    /// once, where its group commit and coalesced acks would take up to
+    /// 10 ms in async mode), and this node's volume writes wake the wait
+    /// as they finish, so the one volume sync follows the last of them.
     pub(super) async fn wait_for_activity_log(&self, needed: u64, wait: &mut RoomWait) -> Result<(), WriteError> {
         if !wait.counted {
             wait.counted = true;
@@ -80,10 +87,23 @@ impl Group {
             tracing::debug!(group = %self.cfg.name, needed, "activity log full: a write waits for room");
         }
         let mut progress = self.progress.subscribe();
-        let (local, written) = {
-            let g = lock(&self.inner);
-            (g.local_durable, g.volume_written.completed_through())
+        let checkpoint = progress.borrow_and_update().checkpoint;
+        // Listening before the volume writes are looked at: one finishing
+        // after the look wakes this wait (see `Group::volume_written`).
+        let room = self.activity_room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        let (local, written, ask, _waiting) = {
+            let mut g = lock(&self.inner);
+            let ask = checkpoint < needed && g.flush_wanted < needed;
+            if ask {
+                g.flush_wanted = needed;
+            }
+            (g.local_durable, g.volume_written.completed_through(), ask, RoomWaiter::new(self, &mut g))
         };
+        if ask {
+            self.ship_wake.notify_one();
+        }
         if local < needed && written >= needed {
             // One sync for every write waiting: those that queued behind it
             // find the writes durable already.
@@ -93,7 +113,6 @@ impl Group {
             }
             return Ok(());
         }
-        let checkpoint = progress.borrow_and_update().checkpoint;
         if checkpoint >= needed {
             // Only this node's volume writes are still in flight.
             wait.checkpoint_since = None;
@@ -108,8 +127,31 @@ impl Group {
                 _ => wait.checkpoint_since = Some((checkpoint, Instant::now())),
             }
         }
-        // Woken by every ack and state change.
-        let _ = tokio::time::timeout(RECHECK, progress.changed()).await;
+        // Woken by every ack and state change, and by this node's volume
+        // writes finishing; the timer only bounds the link-timeout check.
+        tokio::select! {
+            _ = progress.changed() => {}
+            () = room => {}
+            () = tokio::time::sleep(RECHECK) => {}
+        }
         Ok(())
+    }
+}
+
+/// One write waiting for room, counted in `Inner::activity_waiters` while
+/// it lives.
+struct RoomWaiter<'a>(&'a Group);
+
+impl<'a> RoomWaiter<'a> {
+    fn new(group: &'a Group, g: &mut Inner) -> Self {
+        g.activity_waiters += 1;
+        RoomWaiter(group)
+    }
+}
+
+impl Drop for RoomWaiter<'_> {
+    fn drop(&mut self) {
+        let mut g = lock(&self.0.inner);
+        g.activity_waiters = g.activity_waiters.saturating_sub(1);
     }
 }

@@ -159,6 +159,9 @@ struct Inner {
     /// (primary); saved with the bitmaps, before the first write to a
     /// region reaches the volume.
     activity: ActivityLog,
+    /// Writes waiting for room in the activity log (`activity.rs`): while
+    /// any does, each volume write that finishes wakes them.
+    activity_waiters: usize,
     /// Every write up to here is durable on this node's volumes. Journal
     /// space is freed only below it: a FLUSH may have made a record
     /// durable in the journal alone (see [`Group::flush`]).
@@ -197,7 +200,9 @@ struct Inner {
     /// No copy chunk may be handed out before this metadata save is on
     /// disk: the replay fence it arms (see [`Group::copy_may_clear_chunks`]).
     copy_barrier: u64,
-    /// Highest sequence a FLUSH asked the secondary to make durable.
+    /// Highest sequence asked of the secondary to make durable at once: by
+    /// a sync-mode FLUSH, a switchover, or writes waiting for room in the
+    /// activity log.
     flush_wanted: u64,
     /// When the journal was first found full (block policy).
     journal_full_since: Option<Instant>,
@@ -317,7 +322,7 @@ pub struct Group {
     pacing: Arc<Pacing>,
     inner: Mutex<Inner>,
     progress: watch::Sender<Progress>,
-    /// Wakes the shipper: a flush was requested (sync mode), copy progress,
+    /// Wakes the shipper: a flush was requested (`Inner::flush_wanted`), copy progress,
     /// a command (switchover, split), a region `verify` holds, a bitmap
     /// save a copy waits for, the state changed.
     ship_wake: Notify,
@@ -383,6 +388,9 @@ pub struct Group {
     /// One volume sync at a time for writes waiting for room in the
     /// activity log (`activity.rs`).
     activity_sync: tokio::sync::Mutex<()>,
+    /// Wakes those writes when one of this node's volume writes finishes
+    /// (only while `Inner::activity_waiters` counts one).
+    activity_room: Notify,
     /// Whether journal appends start their writeback at once (clients that
     /// flush after few writes; `writeback_hint.rs`).
     writeback_hint: writeback_hint::WritebackHint,
@@ -731,6 +739,7 @@ impl Group {
             cumulative_bytes: cumulative,
             bitmaps,
             activity,
+            activity_waiters: 0,
             local_durable: if was_clean { last_jseq } else { 0 },
             // After an unclean stop the volumes may hold writes of before it
             // that are not durable (page cache, the disk's cache): counted
@@ -832,6 +841,7 @@ impl Group {
             guard_op: tokio::sync::Mutex::new(()),
             guard_removal: Mutex::new(None),
             activity_sync: tokio::sync::Mutex::new(()),
+            activity_room: Notify::new(),
             writeback_hint: writeback_hint::WritebackHint::default(),
         });
         {

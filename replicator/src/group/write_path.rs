@@ -748,7 +748,14 @@ impl Group {
 
     /// The volume write of record `seq` finished (or will never happen).
     fn volume_written(&self, seq: u64) {
-        lock(&self.inner).volume_written.complete(seq);
+        let room_waits = {
+            let mut g = lock(&self.inner);
+            g.volume_written.complete(seq);
+            g.activity_waiters > 0
+        };
+        if room_waits {
+            self.activity_room.notify_waiters();
+        }
     }
 
     /// FUA: fdatasync of the volume and/or the journal, concurrently.
