@@ -129,6 +129,10 @@ pub struct SecondaryStart {
     /// The primary's write time (µs since the epoch) of the newest write
     /// held here.
     pub data_as_of_us: u64,
+    /// The generation the primary opened the session in: no record it
+    /// sends may carry a newer one (it takes writes in its own generation,
+    /// and ships older records of its journal).
+    pub generation: u64,
 }
 
 /// What the daemon persists (in the group's state file) when asked to.
@@ -241,6 +245,17 @@ pub enum SecondaryError {
         /// The newest record taken in.
         received: u64,
     },
+    /// A record of a generation newer than the session's: a broken peer,
+    /// or one that took writes as a newer primary without saying so.
+    #[error("record {seq} carries generation {record}, newer than the session's generation {session}")]
+    Generation {
+        /// Its seq.
+        seq: u64,
+        /// Its generation.
+        record: u64,
+        /// The session's.
+        session: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -263,6 +278,8 @@ struct InFlight {
 #[derive(Debug)]
 pub struct Secondary {
     config: SecondaryConfig,
+    /// See [`SecondaryStart::generation`].
+    generation: u64,
     applier: Applier,
     ring: JournalRing,
     /// Restore journal: newest record handed out for appending, newest
@@ -370,6 +387,7 @@ impl Secondary {
         ring.reset_at(start.journal_head);
         Secondary {
             config,
+            generation: start.generation,
             applier: Applier::new(start.checkpoint),
             ring,
             appended: start.checkpoint,
@@ -507,6 +525,13 @@ impl Secondary {
     pub fn on_record(&mut self, record: Record) -> Result<(), SecondaryError> {
         if self.draining || self.failed {
             return Ok(());
+        }
+        if record.generation > self.generation {
+            return Err(SecondaryError::Generation {
+                seq: record.seq,
+                record: record.generation,
+                session: self.generation,
+            });
         }
         let size = self.config.volume_sizes.get(record.volume as usize).copied().ok_or_else(|| {
             SecondaryError::OutOfRange { seq: record.seq, reason: format!("volume #{} does not exist", record.volume) }
@@ -1207,7 +1232,13 @@ mod tests {
     }
 
     fn start() -> SecondaryStart {
-        SecondaryStart { checkpoint: 0, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete: false, data_as_of_us: 0 }
+        SecondaryStart {
+            checkpoint: 0,
+            journal_head: JOURNAL_SUPERBLOCK_LEN,
+            copy_incomplete: false,
+            data_as_of_us: 0,
+            generation: 1,
+        }
     }
 
     fn write(seq: u64, offset: u64) -> Record {
@@ -2093,6 +2124,21 @@ mod tests {
         s.begin_drain();
         assert!(s.is_drained());
         assert_eq!(s.durable(), 0);
+    }
+
+    #[test]
+    fn a_record_of_a_newer_generation_than_the_session_is_refused() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), SecondaryStart { generation: 2, ..start() }, now);
+        s.on_record(write(1, 0)).unwrap();
+        let newer = Record::with_payload(RecordOp::Write, 2, 0, 8192, 3, Bytes::from(vec![2u8; 4096]), false);
+        let err = s.on_record(newer).unwrap_err();
+        assert!(matches!(err, SecondaryError::Generation { seq: 2, record: 3, session: 2 }), "{err}");
+        let acts = drain(&mut s, now);
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::Append { record: Record { seq: 2, .. }, .. })),
+            "the refused record reached the restore journal: {acts:?}"
+        );
     }
 
     #[test]

@@ -553,7 +553,13 @@ fn machine(checkpoint: u64, copy_incomplete: bool, now: Instant) -> Secondary {
         // Byte-granular ranges: the model's volumes are small.
         block_size: 1,
     };
-    let start = SecondaryStart { checkpoint, journal_head: JOURNAL_SUPERBLOCK_LEN, copy_incomplete, data_as_of_us: 0 };
+    let start = SecondaryStart {
+        checkpoint,
+        journal_head: JOURNAL_SUPERBLOCK_LEN,
+        copy_incomplete,
+        data_as_of_us: 0,
+        generation: GENERATION,
+    };
     Secondary::new(config, start, now)
 }
 

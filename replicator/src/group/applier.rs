@@ -367,6 +367,7 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
         journal_head: secondary.journal_tail_pos,
         copy_incomplete: secondary.copy_incomplete,
         data_as_of_us: secondary.data_as_of_us,
+        generation: open.generation,
     };
     // Saved before the primary hears yes (the caller waits for it): after a
     // restart this node must still know it is the secondary of this pair.
