@@ -62,9 +62,10 @@ pub struct SecondaryConfig {
     /// COPY_DONE or freeze pending) is made durable at most this long after
     /// it was appended, with every record appended meanwhile: one fdatasync
     /// (and one batch of applies) for many writes. `ZERO`: at once. Not
-    /// while the primary's clients flush often (a flush request within
-    /// [`RECENT_FLUSH`]): the next flush request would wait for a whole
-    /// sync that could have started with the write. While fewer than
+    /// while flush requests come often (one within [`RECENT_FLUSH`]: the
+    /// primary's clients flush, or its writes wait for room in its activity
+    /// log): the next flush request would wait for a whole sync that could
+    /// have started with the write. While fewer than
     /// [`SecondaryConfig::journal_sync_batch`] records wait, the sync waits
     /// up to [`SecondaryConfig::journal_sync_delay_light`] instead.
     pub journal_sync_delay: Duration,
@@ -130,8 +131,9 @@ pub struct SecondaryStart {
     /// held here.
     pub data_as_of_us: u64,
     /// The generation the primary opened the session in: no record it
-    /// sends may carry a newer one (it takes writes in its own generation,
-    /// and ships older records of its journal).
+    /// sends may carry a newer one (it takes writes in its own generation;
+    /// records it took before its generation last moved, in a rebase after
+    /// a refusal, carry an older one).
     pub generation: u64,
 }
 

@@ -95,7 +95,9 @@ impl Group {
         room.as_mut().enable();
         let (local, written, ask, _waiting) = {
             let mut g = lock(&self.inner);
-            let ask = checkpoint < needed && g.flush_wanted < needed;
+            // (Only a sequence taken: a flush request beyond every record
+            // would never be sent, nor any after it.)
+            let ask = checkpoint < needed && g.flush_wanted < needed && needed <= g.last_jseq;
             if ask {
                 g.flush_wanted = needed;
             }

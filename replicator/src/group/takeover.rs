@@ -717,6 +717,10 @@ fn change_role_keeping_journal(g: &mut Inner, role: RoleState) {
     g.persisted.role = role;
     g.persisted.generation += 1;
     g.split = None;
+    // Asked of the old role's secondary: the new role's sequences may
+    // start below it (a rebase after a failover), and a flush request is
+    // sent only once it is passed.
+    g.flush_wanted = 0;
     g.entries.clear();
     g.cached_bytes = 0;
     g.cumulative_bytes = 0;
