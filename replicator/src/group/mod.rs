@@ -322,9 +322,9 @@ pub struct Group {
     pacing: Arc<Pacing>,
     inner: Mutex<Inner>,
     progress: watch::Sender<Progress>,
-    /// Wakes the shipper: a flush was requested (`Inner::flush_wanted`), copy progress,
-    /// a command (switchover, split), a region `verify` holds, a bitmap
-    /// save a copy waits for, the state changed.
+    /// Wakes the shipper: a flush was requested (`Inner::flush_wanted`),
+    /// copy progress, a command (switchover, split), a region `verify`
+    /// holds, a bitmap save a copy waits for, the state changed.
     ship_wake: Notify,
     /// Wakes the shipper: a record became ready (async mode lets a few
     /// gather first: `shipper::ASYNC_GATHER`).
