@@ -27,6 +27,7 @@ mod pacing;
 mod preserved;
 mod resync_guard;
 mod shipper;
+mod slow_write;
 mod takeover;
 mod task;
 mod verify;
@@ -394,6 +395,8 @@ pub struct Group {
     /// Whether journal appends start their writeback at once (clients that
     /// flush after few writes; `writeback_hint.rs`).
     writeback_hint: writeback_hint::WritebackHint,
+    /// Slow writes, logged with where their time went (`slow_write.rs`).
+    slow_writes: slow_write::SlowWriteLog,
 }
 
 impl Inner {
@@ -843,6 +846,7 @@ impl Group {
             activity_sync: tokio::sync::Mutex::new(()),
             activity_room: Notify::new(),
             writeback_hint: writeback_hint::WritebackHint::default(),
+            slow_writes: slow_write::SlowWriteLog::default(),
         });
         {
             let mut g = lock(&group.inner);

@@ -31,6 +31,7 @@ use replicator_protocol::record::{Record, RecordOp, MAX_RECORD_PAYLOAD};
 use replicator_protocol::sequencer::Dep;
 use tokio::sync::watch;
 
+use super::slow_write::{Stages, SLOW_WRITE};
 use super::{lock, Entry, Group, Inner, CACHE_BUDGET, CACHE_DROP};
 use crate::config::Mode;
 use crate::io::{AlignedBuf, IoError, IO_ALIGN};
@@ -446,12 +447,29 @@ impl Group {
 
     /// Performs a client write. See the module documentation for the steps.
     pub async fn write(&self, vol: u32, offset: u64, kind: WriteKind, fua: bool) -> Result<(), WriteError> {
-        let started = Instant::now();
+        let mut stages = Stages::start();
+        let len = kind.len();
         let result = match kind {
-            WriteKind::Zeroes(len) => self.write_zeroes(vol, offset, len, fua).await,
-            kind => self.write_inner(vol, offset, kind, fua).await,
+            WriteKind::Zeroes(len) => self.write_zeroes(vol, offset, len, fua, &mut stages).await,
+            kind => self.write_inner(vol, offset, kind, fua, &mut stages).await,
         };
-        self.latency.record(started.elapsed());
+        let took = stages.elapsed();
+        self.latency.record(took);
+        if let Some(unlogged) = self.slow_writes.on_write(took, self.clock_ms()) {
+            let volume = self.volumes.get(vol as usize).map_or("?", |v| v.name.as_str());
+            let more = match unlogged {
+                0 => String::new(),
+                n => format!("; {n} more writes took over {} ms since the last such line", SLOW_WRITE.as_millis()),
+            };
+            tracing::warn!(
+                group = %self.cfg.name,
+                "slow write: {} ms for {len} bytes at {offset} of volume {volume}{}{} ({}){more}",
+                took.as_millis(),
+                if fua { " (FUA)" } else { "" },
+                if result.is_err() { ", failed" } else { "" },
+                stages.describe()
+            );
+        }
         result
     }
 
@@ -461,26 +479,40 @@ impl Group {
     /// of one read-modify-write of the whole range, whose buffer, journal
     /// record and shipped payload would be as large as the range. NBD
     /// promises no atomicity for a request.
-    async fn write_zeroes(&self, vol: u32, offset: u64, len: u64, fua: bool) -> Result<(), WriteError> {
+    async fn write_zeroes(
+        &self,
+        vol: u32,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        stages: &mut Stages,
+    ) -> Result<(), WriteError> {
         let a = IO_ALIGN as u64;
         let Some(end) = offset.checked_add(len) else {
-            return self.write_inner(vol, offset, WriteKind::Zeroes(len), fua).await;
+            return self.write_inner(vol, offset, WriteKind::Zeroes(len), fua, stages).await;
         };
         let (first_whole, last_whole) = (offset.div_ceil(a) * a, end / a * a);
         if is_aligned(offset, len) || last_whole <= first_whole {
-            return self.write_inner(vol, offset, WriteKind::Zeroes(len), fua).await;
+            return self.write_inner(vol, offset, WriteKind::Zeroes(len), fua, stages).await;
         }
         for (o, l) in
             [(offset, first_whole - offset), (first_whole, last_whole - first_whole), (last_whole, end - last_whole)]
         {
             if l > 0 {
-                self.write_inner(vol, o, WriteKind::Zeroes(l), fua).await?;
+                self.write_inner(vol, o, WriteKind::Zeroes(l), fua, stages).await?;
             }
         }
         Ok(())
     }
 
-    async fn write_inner(&self, vol: u32, offset: u64, kind: WriteKind, fua: bool) -> Result<(), WriteError> {
+    async fn write_inner(
+        &self,
+        vol: u32,
+        offset: u64,
+        kind: WriteKind,
+        fua: bool,
+        stages: &mut Stages,
+    ) -> Result<(), WriteError> {
         let volume = self.volume_checked(vol)?.clone();
         let len = kind.len();
         let size = volume.size();
@@ -534,6 +566,7 @@ impl Group {
                 Admission::WaitForActivityLog(seq) => self.wait_for_activity_log(seq, &mut room).await?,
             }
         };
+        stages.mark("admission");
         let Admitted { guard, deps, journal, generation, bitmap_epoch } = admitted;
         // From here until the record is in the journal, any early return
         // leaves a hole no later record may pass: the guard stops the group.
@@ -550,6 +583,7 @@ impl Group {
                 _ => return Err(WriteError::Replication("the dirty bitmap could not be persisted".into())),
             }
         }
+        stages.mark("earlier writes");
 
         // Build the block-aligned buffer that goes to disk and on the wire,
         // shared from here on: the journal, the shipper and the volume write
@@ -590,7 +624,9 @@ impl Group {
             };
             record.written_at_us = unix_micros();
             // A failed append returns with the hole guard armed.
+            stages.mark("payload");
             j.append(pos, &record).await?;
+            stages.mark("journal append");
             if self.writeback_hint.on_write(self.clock_ms(), fua) {
                 // A flush is likely to follow: let the disk have the
                 // record's pages while the volume write runs.
@@ -602,6 +638,7 @@ impl Group {
                 h.disarm();
             }
             self.wait_journaled_through(seq).await?;
+            stages.mark("earlier appends");
             shipped_seq = Some(seq);
             if sync_write.is_some() && self.lone_sync_write() && self.progress.borrow().sync_wait {
                 // The record leaves before the volume write is submitted.
@@ -620,6 +657,7 @@ impl Group {
             None if op == RecordOp::Trim => volume.discard(a_off, a_len).await,
             None => volume.write_zeroes(a_off, a_len).await,
         };
+        stages.mark("volume write");
         if let Err(e) = &local_res {
             // The record is journaled (and may be shipped) but the volume
             // did not take it: stop; a restart replays the journal onto it.
@@ -645,10 +683,12 @@ impl Group {
             // `journal_only_flushes`).
             let journal_only = journal_may_do && Self::journal_only_durability(&mut lock(&self.inner));
             self.sync_local(vol, !journal_only && !volume_durable, journal_file).await?;
+            stages.mark("sync");
         }
         if let Some(seq) = shipped_seq {
             if self.cfg.mode == Mode::Sync {
                 self.wait_secondary(seq, fua).await?;
+                stages.mark("secondary");
             }
         }
         Ok(())

@@ -1,0 +1,138 @@
+//! Where a slow write's time went.
+//!
+//! Every client write carries a [`Stages`]: the moment it passed each step
+//! of the write path (admission, the earlier overlapping writes, the
+//! journal append, the volume write, the sync, the secondary's receipt). A
+//! write slower than [`SLOW_WRITE`] is logged with each step's share, at
+//! most one line per group every [`LOG_EVERY_MS`] (with how many more were
+//! slow since): "volume write 140 ms" points at the disk, "secondary" at
+//! the link or the peer, "admission" at a full journal or activity log.
+//! The write latency histogram (`status --json`, metrics) counts them all.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A write slower than this is logged with where its time went.
+pub const SLOW_WRITE: Duration = Duration::from_millis(100);
+/// At most one slow-write line per group this often (ms).
+pub const LOG_EVERY_MS: u64 = 10_000;
+/// The most steps a write records (a zero-write split into pieces records
+/// the steps of its first pieces only).
+const MAX_STEPS: usize = 12;
+
+/// When a write passed each step of its path.
+#[derive(Debug)]
+pub struct Stages {
+    started: Instant,
+    marks: [(&'static str, Instant); MAX_STEPS],
+    len: usize,
+}
+
+impl Stages {
+    /// A write that starts now.
+    pub fn start() -> Stages {
+        let now = Instant::now();
+        Stages { started: now, marks: [("", now); MAX_STEPS], len: 0 }
+    }
+
+    /// The write has just finished `step`.
+    pub fn mark(&mut self, step: &'static str) {
+        self.mark_at(step, Instant::now());
+    }
+
+    fn mark_at(&mut self, step: &'static str, at: Instant) {
+        if let Some(m) = self.marks.get_mut(self.len) {
+            *m = (step, at);
+            self.len += 1;
+        }
+    }
+
+    /// Since the write started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// "admission 0.0 ms, volume write 141.3 ms": each step's share, in
+    /// order (what came after the last step is not named).
+    pub fn describe(&self) -> String {
+        let mut last = self.started;
+        let mut out = Vec::with_capacity(self.len);
+        for (step, at) in &self.marks[..self.len] {
+            out.push(format!("{step} {:.1} ms", at.duration_since(last).as_secs_f64() * 1e3));
+            last = *at;
+        }
+        out.join(", ")
+    }
+}
+
+/// One group's slow-write lines, rate limited.
+#[derive(Debug)]
+pub struct SlowWriteLog {
+    /// When the last line was logged (group clock, ms); `u64::MAX` before
+    /// any.
+    logged_at: AtomicU64,
+    /// Slow writes since the last line.
+    unlogged: AtomicU64,
+}
+
+impl Default for SlowWriteLog {
+    fn default() -> Self {
+        SlowWriteLog { logged_at: AtomicU64::new(u64::MAX), unlogged: AtomicU64::new(0) }
+    }
+}
+
+impl SlowWriteLog {
+    /// A write that took `took` finished at `now_ms`: `Some(n)` when it is
+    /// to be logged, `n` being the slow writes not logged since the last
+    /// line; `None` for a write that was not slow or within the rate limit.
+    pub fn on_write(&self, took: Duration, now_ms: u64) -> Option<u64> {
+        if took < SLOW_WRITE {
+            return None;
+        }
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        let last = self.logged_at.load(Ordering::Relaxed);
+        if last != u64::MAX && now_ms.saturating_sub(last) < LOG_EVERY_MS {
+            return None;
+        }
+        // One of several writes finishing at once logs.
+        self.logged_at.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).ok()?;
+        Some(self.unlogged.swap(0, Ordering::Relaxed).saturating_sub(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_each_step_share_in_order() {
+        let mut s = Stages::start();
+        let t0 = s.started;
+        s.mark_at("admission", t0 + Duration::from_micros(200));
+        s.mark_at("volume write", t0 + Duration::from_millis(141) + Duration::from_micros(500));
+        assert_eq!(s.describe(), "admission 0.2 ms, volume write 141.3 ms");
+    }
+
+    #[test]
+    fn a_write_with_more_steps_than_kept_keeps_the_first() {
+        let mut s = Stages::start();
+        for _ in 0..MAX_STEPS + 3 {
+            s.mark("piece");
+        }
+        assert_eq!(s.describe().matches("piece").count(), MAX_STEPS);
+    }
+
+    #[test]
+    fn logs_the_first_slow_write_then_one_line_per_interval_with_the_rest_counted() {
+        let log = SlowWriteLog::default();
+        let slow = SLOW_WRITE + Duration::from_millis(1);
+        assert_eq!(log.on_write(Duration::from_millis(5), 0), None, "not slow");
+        assert_eq!(log.on_write(slow, 1_000), Some(0));
+        assert_eq!(log.on_write(slow, 2_000), None);
+        assert_eq!(log.on_write(slow, 3_000), None);
+        assert_eq!(log.on_write(Duration::from_millis(5), 9_000), None, "not slow");
+        assert_eq!(log.on_write(slow, 1_000 + LOG_EVERY_MS - 1), None);
+        assert_eq!(log.on_write(slow, 1_000 + LOG_EVERY_MS), Some(3), "three slow writes since the last line");
+        assert_eq!(log.on_write(slow, 1_000 + 2 * LOG_EVERY_MS), Some(0));
+    }
+}
