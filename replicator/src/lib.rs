@@ -6,7 +6,8 @@
 //! - [`node`]: exports and peer streams dispatched to groups;
 //! - [`group`]: a consistency group — the write path, the replication
 //!   session (primary `shipper`, secondary `applier`);
-//! - [`journal`], [`volume`], [`io`]: what reaches the disks (io_uring);
+//! - [`journal`] (and [`write_behind`], its pages written back behind the
+//!   appends), [`volume`], [`io`]: what reaches the disks (io_uring);
 //! - [`transport`] and [`tls`]: QUIC with mutual TLS between the sites;
 //! - [`state`]: what is persisted about each pair, [`slotted_file`]: the
 //!   bitmaps and activity log saved in place; [`state_lock`]: one
@@ -45,3 +46,4 @@ pub mod state_lock;
 pub mod tls;
 pub mod transport;
 pub mod volume;
+pub mod write_behind;

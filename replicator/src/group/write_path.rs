@@ -455,11 +455,13 @@ impl Group {
         };
         let took = stages.elapsed();
         self.latency.record(took);
-        if let Some(unlogged) = self.slow_writes.on_write(took, self.clock_ms()) {
+        let logged = (took >= SLOW_WRITE).then(|| self.slow_writes.on_write(took, self.clock_ms())).flatten();
+        if let Some(unlogged) = logged {
             let volume = self.volumes.get(vol as usize).map_or("?", |v| v.name.as_str());
             let more = match unlogged {
                 0 => String::new(),
-                n => format!("; {n} more writes took over {} ms since the last such line", SLOW_WRITE.as_millis()),
+                1 => "; 1 other slow write since the last such line".to_string(),
+                n => format!("; {n} other slow writes since the last such line"),
             };
             tracing::warn!(
                 group = %self.cfg.name,
@@ -572,6 +574,7 @@ impl Group {
         // leaves a hole no later record may pass: the guard stops the group.
         let mut hole = journal.as_ref().map(|(seq, ..)| HoleGuard { group: self, seq: Some(*seq) });
         deps.wait().await;
+        stages.mark("earlier writes");
         if let Some(epoch) = bitmap_epoch {
             let mut rx = self.bitmap_persisted.subscribe();
             // A stopped group may never save it (its volume sync failed):
@@ -582,8 +585,8 @@ impl Group {
                 (Ok(false), Some(why)) => return Err(self.stopped_error(why)),
                 _ => return Err(WriteError::Replication("the dirty bitmap could not be persisted".into())),
             }
+            stages.mark("region save");
         }
-        stages.mark("earlier writes");
 
         // Build the block-aligned buffer that goes to disk and on the wire,
         // shared from here on: the journal, the shipper and the volume write
@@ -606,6 +609,7 @@ impl Group {
             WriteKind::Zeroes(_) | WriteKind::Trim(_) => None,
         }
         .map(Bytes::from_owner);
+        stages.mark("payload");
 
         // Write-ahead: the record reaches the journal before the volume, and
         // the volume write waits until every earlier record is journaled too.
@@ -624,7 +628,6 @@ impl Group {
             };
             record.written_at_us = unix_micros();
             // A failed append returns with the hole guard armed.
-            stages.mark("payload");
             j.append(pos, &record).await?;
             stages.mark("journal append");
             if self.writeback_hint.on_write(self.clock_ms(), fua) {
