@@ -26,26 +26,38 @@ use replicator_protocol::journal_format::JOURNAL_SUPERBLOCK_LEN;
 
 /// The journal is written back in windows of this size.
 pub const WINDOW: u64 = 4 << 20;
-/// Ranges waiting for the writeback thread beyond this many are merged
-/// into one writeback of the whole file (a disk slower than the appends).
+/// Ranges waiting for the writeback thread beyond this many (a disk
+/// slower than the appends) are dropped, the oldest first: the kernel's
+/// flusher takes their pages.
 const MAX_PENDING: usize = 16;
 
 /// The ranges (offset, length) of a journal of `capacity` bytes to write
 /// back after an append of `pos..end`: the windows two before each window
-/// the append entered. An append at the start of the ring (after the
-/// superblock) follows the ring's last window.
+/// the append entered.
+///
+/// An append at the start of the ring (after the superblock) follows a
+/// wrap, which skipped the ring's tail where this record did not fit: the
+/// previous pass ended less than a record's span before the ring's end, so
+/// its last two windows lie within the span and a window of the end, and
+/// all of that is written back (windows with nothing dirty cost a lookup).
 pub fn ranges_after_append(pos: u64, end: u64, capacity: u64) -> Vec<(u64, u64)> {
     let windows = capacity.div_ceil(WINDOW);
     if windows < 4 || end <= pos || end > capacity {
         return Vec::new();
     }
-    let before = if pos <= JOURNAL_SUPERBLOCK_LEN { capacity - 1 } else { pos - 1 };
-    let (prev, last) = (before / WINDOW, (end - 1) / WINDOW);
-    let entered = (last + windows - prev) % windows;
+    let last = (end - 1) / WINDOW;
+    let mut wanted: Vec<u64> = Vec::new();
+    if pos <= JOURNAL_SUPERBLOCK_LEN {
+        let tail = (capacity.saturating_sub(end - pos) / WINDOW).saturating_sub(1);
+        wanted.extend(tail.max(last + 1)..windows);
+        wanted.extend(0..last.saturating_sub(1));
+    } else {
+        // Records never straddle the ring's end.
+        let prev = (pos - 1) / WINDOW;
+        wanted.extend((prev + 1..=last).filter_map(|w| w.checked_sub(2)));
+    }
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for i in 0..entered {
-        // Window prev + 1 + i was entered: write back the one two before it.
-        let w = (prev + 1 + i + windows - 2) % windows;
+    for w in wanted {
         let (off, len) = (w * WINDOW, WINDOW.min(capacity - w * WINDOW));
         match ranges.last_mut() {
             Some((o, l)) if *o + *l == off => *l += len,
@@ -87,19 +99,17 @@ impl WriteBehind {
         {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.pending.extend(ranges);
-            if q.pending.len() > MAX_PENDING {
-                // Length 0: to the end of the file.
-                q.pending = vec![(0, 0)];
-            }
+            let excess = q.pending.len().saturating_sub(MAX_PENDING);
+            q.pending.drain(..excess);
             if q.running {
                 return;
             }
             q.running = true;
         }
-        let me = Arc::clone(self);
+        let runner = Runner { behind: Arc::clone(self), done: false };
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(move || me.run())),
-            Err(_) => me.run(),
+            Ok(rt) => drop(rt.spawn_blocking(move || runner.run())),
+            Err(_) => runner.run(),
         }
     }
 
@@ -117,6 +127,29 @@ impl WriteBehind {
             for (off, len) in batch {
                 let _ = crate::io::start_writeback(&self.file, off, len);
             }
+        }
+    }
+}
+
+/// The one writeback thread of a journal. Dropped without having run to
+/// the end (refused by a runtime shutting down, a panic), it lets the next
+/// request start another.
+struct Runner {
+    behind: Arc<WriteBehind>,
+    done: bool,
+}
+
+impl Runner {
+    fn run(mut self) {
+        self.behind.run();
+        self.done = true;
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if !self.done {
+            self.behind.queue.lock().unwrap_or_else(|p| p.into_inner()).running = false;
         }
     }
 }
@@ -148,15 +181,30 @@ mod tests {
 
     #[test]
     fn after_the_wrap_the_ring_last_windows_are_written_back() {
-        // The first record after the wrap enters window 0: window 14 of 16.
-        assert_eq!(ranges_after_append(SB, SB + 4608, 16 * W), vec![(14 * W, W)]);
-        // Entering window 1 then writes back the ring's last window.
-        assert_eq!(ranges_after_append(W - 512, W + 4096, 16 * W), vec![(15 * W, W)]);
+        // A small record at the ring start: the previous pass ended within
+        // its span of the end, in window 15: windows 14 and 15.
+        assert_eq!(ranges_after_append(SB, SB + 4608, 16 * W), vec![(14 * W, 2 * W)]);
+        // Entering window 1, then 2: nothing of the old pass is left.
+        assert!(ranges_after_append(W - 512, W + 4096, 16 * W).is_empty());
+        assert_eq!(ranges_after_append(2 * W - 512, 2 * W + 4096, 16 * W), vec![(0, W)]);
+        // A 9 MiB record that skipped up to 9 MiB of the tail: the previous
+        // pass may have ended in window 13, so windows 12..=15; and of its
+        // own windows 0..=2, window 0, two behind its end.
+        let big = 9 << 20;
+        assert_eq!(ranges_after_append(SB, SB + big, 16 * W), vec![(12 * W, 4 * W), (0, W)]);
         // A ring whose last window is short.
         let cap = 15 * W + W / 2;
-        assert_eq!(ranges_after_append(W - 512, W + 4096, cap), vec![(15 * W, W / 2)]);
+        assert_eq!(ranges_after_append(SB, SB + 4608, cap), vec![(14 * W, W + W / 2)]);
         // A record ending at the ring's end enters only its own window.
         assert_eq!(ranges_after_append(14 * W + 512, 16 * W, 16 * W), vec![(13 * W, W)]);
+    }
+
+    #[test]
+    fn a_large_record_at_the_ring_start_writes_back_its_own_windows_two_behind_its_end() {
+        // 20 MiB from the ring start: windows 0..=5 hold it; 0..=3 are two
+        // or more behind its end; the tail from window 10 (16 - 5 - 1).
+        let end = SB + (20 << 20);
+        assert_eq!(ranges_after_append(SB, end, 16 * W), vec![(10 * W, 6 * W), (0, 4 * W)]);
     }
 
     #[test]

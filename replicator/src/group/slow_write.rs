@@ -60,10 +60,10 @@ impl Stages {
     }
 
     /// "admission 0.0 ms, volume write 141.3 ms": each step's share, then
-    /// the time since the last step ended when there is any to speak of
-    /// (the step a failed write stopped in).
-    pub fn describe(&self) -> String {
-        self.describe_at(Instant::now())
+    /// the time from the last step's end to `took` after the start when
+    /// there is any to speak of (the step a failed write stopped in).
+    pub fn describe(&self, took: Duration) -> String {
+        self.describe_at(self.started + took)
     }
 
     fn describe_at(&self, now: Instant) -> String {

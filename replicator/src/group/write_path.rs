@@ -469,7 +469,7 @@ impl Group {
                 took.as_millis(),
                 if fua { " (FUA)" } else { "" },
                 if result.is_err() { ", failed" } else { "" },
-                stages.describe()
+                stages.describe(took)
             );
         }
         result
