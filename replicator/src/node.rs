@@ -163,6 +163,13 @@ impl Export for VolumeExport {
         BlockSizes { minimum: 1, preferred: 4096, maximum: self.group.max_request().min(crate::nbd::MAX_PAYLOAD) }
     }
 
+    fn max_write(&self) -> u32 {
+        // A longer write is split into records of the advertised maximum
+        // (`Group::write`): a client that never asked for block sizes
+        // (Linux's `nbd` driver) may send the protocol's default maximum.
+        crate::nbd::MAX_PAYLOAD
+    }
+
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
         self.group.read(self.volume, offset, u64::from(len)).await.map_err(|e| self.failed(e))
     }
@@ -213,6 +220,13 @@ impl Export for NodeExport {
         match self {
             NodeExport::Volume(e) => e.block_sizes(),
             NodeExport::Drill(e) => e.block_sizes(),
+        }
+    }
+
+    fn max_write(&self) -> u32 {
+        match self {
+            NodeExport::Volume(e) => e.max_write(),
+            NodeExport::Drill(e) => e.max_write(),
         }
     }
 

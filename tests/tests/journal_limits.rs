@@ -7,7 +7,9 @@
 //! - A sync group with the smallest journal advertises a maximum request
 //!   the journal can always hold, treats a full journal as back-pressure
 //!   while the secondary is connected (never SUSPENDED(journal-full), RPO 0
-//!   kept), and refuses a request larger than it advertised.
+//!   kept), and takes a request larger than it advertised (up to the
+//!   protocol's 32 MiB, which a client may send without asking) as several
+//!   records.
 
 use std::process::Command;
 use std::time::Duration;
@@ -104,24 +106,32 @@ fn sync_mode_with_the_smallest_journal_keeps_rpo_zero() {
         "a sync pair with a connected secondary must not suspend for journal-full:\n{log}"
     );
 
-    // A client that ignores the advertised maximum is refused (the NBD
-    // server drops a connection whose write payload exceeds the export's
-    // maximum) and nothing changes state.
+    // A client that never asked for block sizes may send the protocol's
+    // default maximum of 32 MiB: taken as records of the advertised
+    // maximum (it got EINVAL), replicated like any other write, RPO 0 kept.
+    let before = cluster.status(Site::A, "sj").last_seq;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sj-vol").await.expect("connect");
         let big = vec![0x7cu8; 32 * MIB as usize];
-        assert!(client.write(0, &big, false).await.is_err(), "a write above the advertised maximum must be refused");
-        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sj-vol").await.expect("connect");
-        client.write(0, &big[..MIB as usize], true).await.expect("a write within the maximum still works");
+        client.write(0, &big, false).await.expect("a 32 MiB write above the advertised maximum");
+        // Unaligned at both ends, with FUA.
+        client.write(40 * MIB + 100, &big[..31 * MIB as usize], true).await.expect("an unaligned 31 MiB FUA write");
+        client.write(0, &big[..MIB as usize / 2], true).await.expect("a write within the maximum still works");
         // A read takes no journal space: served up to the protocol's 32 MiB
         // whatever the maximum (it got EINVAL).
         let read = client.read(0, 32 * MIB as u32).await.expect("a 32 MiB read above the advertised maximum");
-        assert!(read[..MIB as usize].iter().all(|&b| b == 0x7c), "the 1 MiB just written");
-        assert!(read[MIB as usize..].iter().all(|&b| b == 0x5a), "the rest of qemu's first 32 MiB");
+        assert!(read.iter().all(|&b| b == 0x7c), "the 32 MiB just written");
+        let read = client.read(40 * MIB, 32 * MIB as u32).await.expect("read");
+        let (head, rest) = read.split_at(100);
+        let (body, tail) = rest.split_at(31 * MIB as usize);
+        assert!(head.iter().chain(tail).all(|&b| b == 0x6b), "qemu's bytes around the unaligned write");
+        assert!(body.iter().all(|&b| b == 0x7c), "the unaligned 31 MiB write");
     });
     let s = cluster.status(Site::A, "sj");
     assert_eq!((s.state.as_str(), s.connected), ("PAIR", true), "{s:?}");
+    assert!(s.last_seq - before >= 9, "32 and 31 MiB over a 16 MiB journal are several records each: {s:?}");
+    assert!(s.applied_seq >= s.last_seq, "sync mode: every acknowledged write is applied on the secondary: {s:?}");
     cluster.stop(Site::A);
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("sj");

@@ -451,6 +451,9 @@ impl Group {
         let len = kind.len();
         let result = match kind {
             WriteKind::Zeroes(len) => self.write_zeroes(vol, offset, len, fua, &mut stages).await,
+            WriteKind::Data(data) if data.len() as u64 > u64::from(self.max_request()) => {
+                self.write_pieces(vol, offset, data, fua, &mut stages).await
+            }
             kind => self.write_inner(vol, offset, kind, fua, &mut stages).await,
         };
         let took = stages.elapsed();
@@ -503,6 +506,37 @@ impl Group {
             if l > 0 {
                 self.write_inner(vol, o, WriteKind::Zeroes(l), fua, stages).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// A write longer than the group's maximum request (a small journal's,
+    /// which a client that never asked for block sizes may exceed: the
+    /// protocol lets it send 32 MiB) goes as pieces that each fit it, one
+    /// after the other, each cut at a multiple of the maximum in the volume
+    /// so that it widens to whole blocks within it; with FUA each piece is
+    /// durable before the next starts. NBD promises no atomicity for a
+    /// request; the pieces are copied out of the client's buffer (one
+    /// memory copy, on this path only).
+    async fn write_pieces(
+        &self,
+        vol: u32,
+        offset: u64,
+        data: AlignedBuf,
+        fua: bool,
+        stages: &mut Stages,
+    ) -> Result<(), WriteError> {
+        let piece = u64::from(self.max_request());
+        let Some(end) = offset.checked_add(data.len() as u64) else {
+            // Refused whole, as out of range.
+            return self.write_inner(vol, offset, WriteKind::Data(data), fua, stages).await;
+        };
+        let mut at = offset;
+        while at < end {
+            let until = (at / piece + 1).saturating_mul(piece).min(end);
+            let bytes = &data[(at - offset) as usize..(until - offset) as usize];
+            self.write_inner(vol, at, WriteKind::Data(AlignedBuf::copy_from(bytes)), fua, stages).await?;
+            at = until;
         }
         Ok(())
     }

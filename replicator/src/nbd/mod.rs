@@ -41,13 +41,15 @@
 //!   (not advertised, so a client should not send it; the protocol asks for
 //!   `EINVAL` then); writes to a read-only export: `EPERM`. A `READ` is
 //!   served up to [`MAX_PAYLOAD`] whatever maximum was advertised (it takes
-//!   no journal space) and longer gets `EINVAL`. A `WRITE` above the
-//!   advertised maximum gets `EINVAL` up to
-//!   [`MAX_PAYLOAD`] (32 MiB, the protocol's default maximum, which a client
-//!   that never asked for block sizes may send) after its payload is read
-//!   and discarded; a longer `WRITE` closes the connection, since its
-//!   payload cannot be trusted. Every rejected `WRITE` within that limit has
-//!   its payload read and discarded, so the connection stays usable.
+//!   no journal space) and longer gets `EINVAL`. A `WRITE` goes to the
+//!   export up to [`Export::max_write`] (a replicated volume takes the
+//!   protocol's default maximum of 32 MiB, which a client that never asked
+//!   for block sizes may send, whatever it advertised: it splits a longer
+//!   write into records its journal holds); above that and up to
+//!   [`MAX_PAYLOAD`] it gets `EINVAL` after its payload is read and
+//!   discarded; a longer `WRITE` closes the connection, since its payload
+//!   cannot be trusted. Every rejected `WRITE` within that limit has its
+//!   payload read and discarded, so the connection stays usable.
 //! - `TRIM` and `WRITE_ZEROES` may be longer than the maximum payload; the
 //!   export receives them whole.
 //! - Requests run concurrently, each as its own task; replies go out in
@@ -165,8 +167,8 @@ impl ExportError {
 /// The server validates every request before calling a method: the range
 /// lies within `size()` as negotiated, is non-empty, and is aligned to
 /// `block_sizes().minimum` (the last block of an unaligned export excepted);
-/// `read` and `write` lengths are at most the negotiated maximum payload
-/// (`trim`/`write_zeroes` may be longer); write-type methods are not called
+/// `read` lengths are at most [`MAX_PAYLOAD`], `write` lengths at most
+/// `max_write()` (`trim`/`write_zeroes` may be longer); write-type methods are not called
 /// while `read_only()` is true. Every returned future is polled to
 /// completion. Requests in flight together may reach these methods in any
 /// order (NBD gives them no order); keeping overlapping writes in a
@@ -178,6 +180,14 @@ pub trait Export: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// Block size constraints, advertised to clients and enforced.
     fn block_sizes(&self) -> BlockSizes;
+    /// The longest `write` this export takes, at least the advertised
+    /// maximum (and at most [`MAX_PAYLOAD`]): an export that can split a
+    /// longer write says so, and a client that never asked for block sizes
+    /// may send up to the protocol's default maximum of 32 MiB. Longer
+    /// writes get `EINVAL`. Default: the advertised maximum.
+    fn max_write(&self) -> u32 {
+        self.block_sizes().maximum
+    }
     /// The exports whose requests wait on the same thing (the volumes of
     /// one replication group, stuck together when its peer is) share one
     /// slice of the server's byte budget, named by this; `None`: the

@@ -17,6 +17,8 @@ pub(super) struct ExportParams {
     pub size: u64,
     pub read_only: bool,
     pub sizes: BlockSizes,
+    /// The longest write the export takes ([`super::Export::max_write`]).
+    pub max_write: u32,
     pub flags: u16,
 }
 
@@ -24,10 +26,12 @@ impl ExportParams {
     /// The parameters advertised for `export` right now.
     pub(super) fn of<E: Export>(export: &E) -> Self {
         let read_only = export.read_only();
+        let sizes = legal_block_sizes(export.block_sizes());
         Self {
             size: export.size(),
             read_only,
-            sizes: legal_block_sizes(export.block_sizes()),
+            sizes,
+            max_write: export.max_write().clamp(sizes.maximum, MAX_PAYLOAD),
             flags: proto::transmission_flags(read_only),
         }
     }
@@ -94,7 +98,6 @@ pub(super) fn decide(request: &RequestHeader, params: &ExportParams, read_only_n
         return Decision::Close(format!("bad request magic {:#010x}", request.magic));
     }
     let (kind, len) = (request.kind, request.len);
-    let maximum = params.sizes.maximum;
     // Only WRITE carries a payload (no extended headers are negotiated).
     let discard = if kind == CMD_WRITE {
         if len > MAX_PAYLOAD {
@@ -102,7 +105,7 @@ pub(super) fn decide(request: &RequestHeader, params: &ExportParams, read_only_n
                 "write of {len} bytes exceeds the protocol's largest payload ({MAX_PAYLOAD} bytes)"
             ));
         }
-        if len > maximum {
+        if len > params.max_write {
             // Up to 32 MiB is a payload the protocol lets a client that
             // never asked for block sizes send: refused cleanly.
             return Decision::Reject { errno: NbdErrno::Inval, discard: len };
@@ -210,6 +213,7 @@ mod tests {
             size: SIZE,
             read_only,
             sizes: BlockSizes { minimum: 512, preferred: 4096, maximum: 65536 },
+            max_write: 65536,
             flags: proto::transmission_flags(read_only),
         }
     }
@@ -272,6 +276,13 @@ mod tests {
         assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, 65536 + 512)), reject(NbdErrno::Inval, 65536 + 512));
         assert_eq!(decide_rw(req(CMD_WRITE, 0, 0, MAX_PAYLOAD)), reject(NbdErrno::Inval, MAX_PAYLOAD));
         assert!(matches!(decide_rw(req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1)), Decision::Close(_)));
+        // An export that splits long writes takes them up to what it says.
+        let splits = ExportParams { size: 1 << 30, max_write: MAX_PAYLOAD, ..params(false) };
+        assert!(matches!(
+            decide(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD), &splits, false),
+            Decision::Run(Command::Write { len: MAX_PAYLOAD, .. })
+        ));
+        assert!(matches!(decide(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), &splits, false), Decision::Close(_)));
         // Read-only and out-of-range do not save a write beyond 32 MiB.
         assert!(matches!(decide(&req(CMD_WRITE, 0, SIZE, 1 << 30), &params(true), true), Decision::Close(_)));
     }
