@@ -1100,6 +1100,14 @@ impl Session {
             }
         }
         let _ = send.flush().await;
+        if !failed && !self.machine.has_failed() && !self.machine.is_drained() {
+            // No I/O left to wait for, yet records not applied: never
+            // reached (every undrained state has I/O in flight), and taken
+            // as a failed drain if it were: the volumes are not used as the
+            // checkpoint's image, a restart replays the restore journal.
+            tracing::error!(group = %self.group.cfg.name, "the drain ended with records not applied and no I/O in flight");
+            return false;
+        }
         !failed && !self.machine.has_failed()
     }
 
