@@ -268,6 +268,73 @@ fn failback_copies_only_what_changed_and_switches_back() {
 /// writes it took while split are part of what the former primary lacks,
 /// and failback copies them with the rest. (The primary stops cleanly, so
 /// no region of its own is resynchronised and nothing else covers them.)
+/// Sets or clears the immutable flag of `dir` (`chattr`): nothing can be
+/// created, renamed or removed in it, so a save of the state file there
+/// fails until the flag is cleared. Cleared again when dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(dir: std::path::PathBuf) -> Immutable {
+        let out = std::process::Command::new(replicator_tests::require("chattr"))
+            .arg("+i")
+            .arg(&dir)
+            .output()
+            .expect("run chattr");
+        assert!(out.status.success(), "chattr +i {} (root, ext4 or tmpfs): {}", dir.display(), describe_output(&out));
+        Immutable(dir)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).output();
+    }
+}
+
+/// A failover whose promotion cannot be saved at once (the state directory
+/// refuses writes) says so and is in effect all the same, its save retried:
+/// once the save lands, the new primary replicates, and the former
+/// primary's failback is resynced by it. (Its sessions were never started:
+/// the failback waited for a resync nobody ran, until a restart.)
+#[test]
+fn a_failover_saved_late_still_replicates() {
+    if !replicator_tests::require_root("a_failover_saved_late_still_replicates") {
+        return;
+    }
+    let group = GroupSpec::new("fl", Mode::Async).volume("fl-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("fl");
+    cluster.wait_pair("fl", MINUTE);
+    assert_eq!(write_blocks(&cluster, Site::A, "fl-vol", 0..50, 0), 50);
+    cluster.wait_drained("fl");
+    cluster.kill9(Site::A);
+    cluster.wait_until(Site::B, "fl", "disconnected from the dead primary", MINUTE, |s| !s.connected);
+
+    let frozen = Immutable::set(cluster.state_dir(Site::B).join("groups").join("fl"));
+    let (code, out) = cli(&cluster, Site::B, &["failover", "fl"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cannot persist") && out.contains("Recovery point"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    drop(frozen);
+    let b = cluster.wait_until(Site::B, "fl", "the promotion saved", MINUTE, |s| s.role == "primary");
+    assert_eq!(b.generation, 2, "{b:?}");
+    assert_eq!(write_blocks(&cluster, Site::B, "fl-vol", 10..20, 3000), 10);
+
+    cluster.start(Site::A);
+    cluster.wait_until(Site::A, "fl", "fenced", MINUTE, |s| s.superseded_by == 2);
+    cli_ok(&cluster, Site::A, &["failback", "fl", "--no-switch", "--wait", "--timeout", "60s"]);
+    cluster
+        .wait_until(Site::B, "fl", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("fl");
+    let image = read_volume(&cluster, Site::A, "fl-vol");
+    for i in 0..50 {
+        let want = if (10..20).contains(&i) { 3000 } else { 0 };
+        assert!(block_is(&image, i, want), "block {i}: the new primary's data on the former primary");
+    }
+}
+
 #[test]
 fn failover_after_split_rw_keeps_the_split_writes_for_failback() {
     let group = GroupSpec::new("fs", Mode::Async).volume("fs-vol", 32 * MIB).link_timeout(Duration::from_secs(1));

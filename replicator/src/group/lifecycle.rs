@@ -340,7 +340,10 @@ impl Group {
             }
             (g.persisted.generation, self.save_later(&mut g))
         };
-        self.saved(save).await?;
+        if let Err(e) = self.saved(save).await {
+            self.promoted_unsaved();
+            return Err(e);
+        }
         tracing::warn!(group = %name, generation, "pair resync --swap: this node is now the primary; {peer} becomes the secondary when they meet");
         self.start_shipping();
         Ok(format!(

@@ -886,6 +886,17 @@ impl Group {
         self.shipping_started.notify_one();
     }
 
+    /// A promotion whose save failed is in effect all the same (the
+    /// flusher retries the save every second, and writes wait for it):
+    /// its sessions start now, and each waits for the save to land before
+    /// the peer hears of the new role. Without them the new primary, once
+    /// saved, would never replicate (nor resync a former primary's
+    /// failback) until a restart.
+    fn promoted_unsaved(self: &Arc<Self>) {
+        tracing::error!(group = %self.cfg.name, "the promotion is in effect but not saved yet; replication starts once it is");
+        self.start_shipping();
+    }
+
     /// A peer opened a group stream for this group: its session runs in
     /// the group's task.
     pub fn serve_secondary(&self, session: IncomingSession) {

@@ -211,7 +211,10 @@ impl Group {
             tracing::warn!(group = %name, generation = g.persisted.generation, "failover: this node is now the primary; {report}");
             (report, save)
         };
-        self.saved(save).await?;
+        if let Err(e) = self.saved(save).await {
+            self.promoted_unsaved();
+            return Err(GroupError::Failed(format!("{e}\n{report}")));
+        }
         if rolled_back.is_some() {
             self.release_image("failover done");
             self.image_removed().await;
