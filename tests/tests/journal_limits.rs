@@ -117,11 +117,13 @@ fn sync_mode_with_the_smallest_journal_keeps_rpo_zero() {
         client.write(0, &big, false).await.expect("a 32 MiB write above the advertised maximum");
         // Unaligned at both ends, with FUA.
         client.write(40 * MIB + 100, &big[..31 * MIB as usize], true).await.expect("an unaligned 31 MiB FUA write");
-        client.write(0, &big[..MIB as usize / 2], true).await.expect("a write within the maximum still works");
+        client.write(0, &[0x7d; MIB as usize / 2], true).await.expect("a write within the maximum still works");
         // A read takes no journal space: served up to the protocol's 32 MiB
         // whatever the maximum (it got EINVAL).
         let read = client.read(0, 32 * MIB as u32).await.expect("a 32 MiB read above the advertised maximum");
-        assert!(read.iter().all(|&b| b == 0x7c), "the 32 MiB just written");
+        let (small, rest) = read.split_at(MIB as usize / 2);
+        assert!(small.iter().all(|&b| b == 0x7d), "the 512 KiB write within the maximum");
+        assert!(rest.iter().all(|&b| b == 0x7c), "the rest of the 32 MiB write");
         let read = client.read(40 * MIB, 32 * MIB as u32).await.expect("read");
         let (head, rest) = read.split_at(100);
         let (body, tail) = rest.split_at(31 * MIB as usize);

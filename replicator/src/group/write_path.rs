@@ -291,11 +291,12 @@ impl Group {
         (guard, waits.wait(), g.last_jseq)
     }
 
-    /// The largest request this group accepts (and advertises to NBD
-    /// clients as its maximum block size): even widened to whole blocks by
-    /// a read-modify-write, its record fits the record limit and half of
-    /// the journal ring, so the journal can always take it once the
-    /// secondary has caught up.
+    /// The largest write this group takes as one record (and advertises to
+    /// NBD clients as its maximum block size; a longer one is split,
+    /// `write_pieces`): even widened to whole blocks by a
+    /// read-modify-write, its record fits the record limit and half of the
+    /// journal ring, so the journal can always take it once the secondary
+    /// has caught up.
     pub fn max_request(&self) -> u32 {
         let ring = self.smallest_journal.saturating_sub(JOURNAL_SUPERBLOCK_LEN);
         let by_journal = (ring / 2).saturating_sub(JOURNAL_RECORD_ALIGN);
@@ -527,9 +528,11 @@ impl Group {
         stages: &mut Stages,
     ) -> Result<(), WriteError> {
         let piece = u64::from(self.max_request());
-        let Some(end) = offset.checked_add(data.len() as u64) else {
-            // Refused whole, as out of range.
-            return self.write_inner(vol, offset, WriteKind::Data(data), fua, stages).await;
+        let size = self.volume_checked(vol)?.size();
+        let len = data.len() as u64;
+        let Some(end) = offset.checked_add(len).filter(|&end| end <= size) else {
+            // Refused whole, before any piece is written.
+            return Err(WriteError::OutOfRange { offset, len, size });
         };
         let mut at = offset;
         while at < end {
