@@ -1005,3 +1005,53 @@ fn a_write_split_into_several_records_survives_a_power_cut() {
         cluster.assert_volumes_identical(&group);
     }
 }
+
+/// The primary (async) loses power with writes the secondary holds and it
+/// does not: its restart rebases the secondary onto the primary's recovered
+/// point, taking those writes away there. The secondary's "data as of" and
+/// the recovery point of a failover right after then name no time rather
+/// than the time of the newest write taken away (they did).
+#[test]
+fn a_rebase_below_the_replica_forgets_the_time_of_the_writes_it_takes_away() {
+    if !require_root("a_rebase_below_the_replica_forgets_the_time_of_the_writes_it_takes_away") {
+        return;
+    }
+    require("fusermount3");
+    let spec = GroupSpec::new("rb", Mode::Async).volume("rb-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+    cluster.pair_create("rb");
+    cluster.wait_pair("rb", Duration::from_secs(60));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let c = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "rb-vol").await.expect("connect");
+        for b in 0..64 {
+            c.write(b * BLOCK as u64, &stamp(b, 3), false).await.expect("write");
+        }
+    });
+    cluster.wait_drained("rb");
+    let held = cluster.status(Site::B, "rb");
+    assert!(held.data_as_of_unix.is_some(), "{held:?}");
+    let cut = cluster.power_cut(Site::A);
+    eprintln!("REBASE: the cut dropped {} page(s)", cut.dropped);
+    cluster.start(Site::A);
+    let b = cluster.wait_until(Site::B, "rb", "resynced", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.connected && s.consistent && s.epoch > held.epoch
+    });
+    assert!(
+        b.durable_seq < held.durable_seq,
+        "the cut must take acknowledged, unflushed writes from the primary's journal (the secondary held {}, the \
+         primary recovered {}): {b:?}",
+        held.durable_seq,
+        b.durable_seq
+    );
+    assert_eq!(b.data_as_of_unix, None, "the time of a write the rebase took away: {b:?}");
+    cluster.kill9(Site::A);
+    cluster.wait_until(Site::B, "rb", "disconnected", Duration::from_secs(60), |s| !s.connected);
+    let out = cluster.cli(Site::B, &["failover", "rb"]);
+    let text = replicator_tests::describe_output(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("Recovery point: sequence {} ", b.durable_seq)) && text.contains("at unknown time"),
+        "{text}"
+    );
+}
