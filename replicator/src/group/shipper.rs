@@ -31,7 +31,6 @@ use replicator_protocol::wire::{self, MAX_RECORD_PAYLOAD};
 use super::write_path::RangeGuard;
 use super::{lock, Group, Inner};
 use crate::config::Mode;
-use crate::io::IoError;
 use crate::state::Announce;
 use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
 use crate::volume::span_digests;
@@ -713,7 +712,7 @@ enum CopyPayload {
 }
 
 /// A finished copy read: (copy index, what was read).
-type CopyRead = (u64, Result<CopyPayload, IoError>);
+type CopyRead = (u64, Result<CopyPayload, String>);
 
 /// The copy chunks of one session being read, and the read barriers of
 /// those not yet on the stream.
@@ -777,9 +776,21 @@ impl<'a> CopyReads<'a> {
             };
             let (guard, wait, reflects) = group.begin_read_barrier(volume, offset, len);
             self.barriers.insert(copy_index, (guard, CopyChunk { volume, offset, len, span, reflects }));
+            let group = Arc::clone(group);
             self.reads.push(Box::pin(async move {
                 wait.await;
-                let read = vol.read(offset, len).await.map(|data| {
+                // The writes this chunk waited for are on the volume now. One
+                // that no journal record covers (made in bitmap mode and
+                // still running when the copy began, after `send_loop`'s
+                // sync) must be durable before the chunk leaves, as there:
+                // else a power cut here keeps it only on the secondary, its
+                // region clean.
+                if group.unjournaled_unsynced() {
+                    if let Err(e) = group.sync_volumes(false).await {
+                        return (copy_index, Err(format!("syncing the volumes before it: {e}")));
+                    }
+                }
+                let read = vol.read(offset, len).await.map_err(|e| e.to_string()).map(|data| {
                     if hash {
                         CopyPayload::Digests(span_digests(&data, span))
                     } else {

@@ -706,14 +706,17 @@ impl Group {
             // `CopyReads::finish`).
             self.fail_stop(format!("local write of record {shipped_seq:?} failed: {e}"));
         }
+        if shipped_seq.is_none() && local_res.is_ok() {
+            // Counted before its range is let go: a copy read waiting for it
+            // finds it unsynced (`CopyReads::start`).
+            lock(&self.inner).unjournaled_written += 1;
+        }
         drop(guard);
         // Only what the volume took counts as written: a volume sync after a
         // failed write must not cover it, or journal space could be freed
         // past a record the volume lacks (the restart replays it from there).
-        match shipped_seq {
-            Some(seq) if local_res.is_ok() => self.volume_written(seq),
-            None if local_res.is_ok() => lock(&self.inner).unjournaled_written += 1,
-            _ => {}
+        if let (Some(seq), true) = (shipped_seq, local_res.is_ok()) {
+            self.volume_written(seq);
         }
         local_res?;
 
@@ -1018,6 +1021,13 @@ impl Group {
             g.journal_only_synced = g.journal_only_synced.max(journal_only);
         }
         result.map_err(|e| self.sync_failed(e))
+    }
+
+    /// Whether the volumes may hold finished writes that no journal record
+    /// covers and no volume sync made durable yet.
+    pub(super) fn unjournaled_unsynced(&self) -> bool {
+        let g = lock(&self.inner);
+        g.unjournaled_written > g.unjournaled_durable
     }
 
     /// Whether a copy is due while the volumes may hold writes that no
