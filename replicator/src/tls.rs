@@ -221,9 +221,10 @@ impl TlsIdentity {
         })
     }
 
-    /// QUIC server configuration: client certificates required; a client
-    /// may have at most `max_streams` streams open to us at once.
-    pub fn server_config(&self, max_streams: u32) -> Result<quinn::ServerConfig, TlsError> {
+    /// QUIC server configuration for a node with `groups` groups: client
+    /// certificates required; a client may have at most
+    /// `max_peer_streams(groups)` streams open to us at once.
+    pub fn server_config(&self, groups: usize) -> Result<quinn::ServerConfig, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -234,7 +235,7 @@ impl TlsIdentity {
         crypto.alpn_protocols = vec![ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(crypto).map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(transport_config(max_streams));
+        config.transport_config(transport_config(groups));
         Ok(config)
     }
 
@@ -258,10 +259,10 @@ impl TlsIdentity {
         describe_certificate(self.chain.first())
     }
 
-    /// QUIC client configuration: server verified against the CA, our
-    /// certificate presented; the server may have at most `max_streams`
-    /// streams open to us at once.
-    pub fn client_config(&self, max_streams: u32) -> Result<quinn::ClientConfig, TlsError> {
+    /// QUIC client configuration for a node with `groups` groups: server
+    /// verified against the CA, our certificate presented; the server may
+    /// have at most `max_peer_streams(groups)` streams open to us at once.
+    pub fn client_config(&self, groups: usize) -> Result<quinn::ClientConfig, TlsError> {
         let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots.clone())
@@ -269,7 +270,7 @@ impl TlsIdentity {
         crypto.alpn_protocols = vec![ALPN.to_vec()];
         let quic = QuicClientConfig::try_from(crypto).map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(transport_config(max_streams));
+        config.transport_config(transport_config(groups));
         Ok(config)
     }
 }
@@ -279,8 +280,32 @@ impl TlsIdentity {
 pub(crate) const JUMBO_UDP_PAYLOAD: u16 = 9000 - 48;
 
 /// Data a peer may have sent on one connection that we have not read yet
-/// (the QUIC connection receive window; one stream may use half of it).
+/// (the QUIC connection receive window, for up to
+/// `RECEIVE_WINDOW / MIN_STREAM_WINDOW - 1` groups; see
+/// [`receive_windows`]).
 pub const RECEIVE_WINDOW: u32 = 512 << 20;
+
+/// The smallest receive window of one stream (see [`receive_windows`]):
+/// 80 MB/s per group over a 100-ms round trip.
+const MIN_STREAM_WINDOW: u32 = 8 << 20;
+
+/// The receive windows of a connection to a node with `groups` groups:
+/// (one stream's, the connection's). A secondary stops reading a group's
+/// stream while that group cannot take more records (its applies behind its
+/// link, its restore journal full, a drain), and the stream then holds up to
+/// its window of the connection's. So every group's stream may fill its
+/// window with credit left for one more: groups that stall hold only their
+/// own shares and never the credit another group's records need (with a
+/// stream window of half the connection's, two stalled groups stopped
+/// every other one on the connection, sync groups included). One group
+/// keeps half the connection window (a long fat link's copy needs it);
+/// past [`RECEIVE_WINDOW`]'s share of groups the connection window grows
+/// instead, by [`MIN_STREAM_WINDOW`] per group.
+pub fn receive_windows(groups: usize) -> (u32, u64) {
+    let shares = u32::try_from(groups.max(1)).unwrap_or(u32::MAX).saturating_add(1);
+    let stream = (RECEIVE_WINDOW / shares).max(MIN_STREAM_WINDOW);
+    (stream, u64::from(RECEIVE_WINDOW).max(u64::from(stream) * u64::from(shares)))
+}
 
 /// Packets carrying data a peer may take in before it acknowledges them
 /// (QUIC's acknowledgement frequency extension; QUIC's default is 1, an
@@ -305,7 +330,7 @@ const MAX_ACK_DELAY: Duration = Duration::from_millis(5);
 /// node with `groups` groups: one replication session per group, one per
 /// `verify` run, and the Hello stream, with room to spare. A stream beyond
 /// it waits in the peer until one of these closes.
-pub fn max_peer_streams(groups: usize) -> u32 {
+fn max_peer_streams(groups: usize) -> u32 {
     u32::try_from(groups.saturating_mul(2).saturating_add(8)).unwrap_or(u32::MAX)
 }
 
@@ -313,21 +338,22 @@ pub fn max_peer_streams(groups: usize) -> u32 {
 /// stream and connection windows allow a few hundred MiB in flight on long
 /// fat links. What one peer connection can make us hold is bounded: the
 /// receive window of unread data, plus at most one partial frame per open
-/// stream (`max_streams` of them) in the frame decoders, which hold at most
+/// stream (`max_peer_streams` of them) in the frame decoders, which hold at most
 /// eight times the bytes that actually arrived (`wire::FrameDecoder`: a
 /// large frame gets its whole buffer once a quarter of it is in, and that
 /// buffer, an `AlignedBuf`, is rounded up to a power of two).
 /// Unidirectional streams are not used and not allowed.
-fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
+fn transport_config(groups: usize) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_millis(500)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(5)) {
         t.max_idle_timeout(Some(idle));
     }
-    t.stream_receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW / 2));
-    t.receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW));
-    t.send_window(u64::from(RECEIVE_WINDOW));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams));
+    let (stream_window, window) = receive_windows(groups);
+    t.stream_receive_window(quinn::VarInt::from_u32(stream_window));
+    t.receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+    t.send_window(window);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_peer_streams(groups)));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // Storage links often carry jumbo frames: path MTU discovery probes up
     // to a 9000-byte MTU (IPv6 headers) and settles on what the path takes
@@ -439,7 +465,7 @@ mod tests {
         assert!(certificate_names(&cert_naming(&["site-d"]), &expected).is_err());
     }
 
-    /// A client may open `max_streams` streams; the next one waits until
+    /// A client may open `max_peer_streams` streams; the next one waits until
     /// one of them closes.
     #[tokio::test]
     async fn a_peer_cannot_open_more_streams_than_the_cap() {
@@ -447,11 +473,9 @@ mod tests {
         let tls = TlsIdentity::load(&identity(dir.path()), "site-a").expect("load");
         let cap = max_peer_streams(1);
         assert_eq!(cap, 10);
-        let server = quinn::Endpoint::server(
-            tls.server_config(cap).expect("server config"),
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-        .expect("server endpoint");
+        let server =
+            quinn::Endpoint::server(tls.server_config(1).expect("server config"), "127.0.0.1:0".parse().expect("addr"))
+                .expect("server endpoint");
         let addr = server.local_addr().expect("server addr");
         let accepting = tokio::spawn(async move {
             let conn = server.accept().await.expect("incoming").await.expect("handshake");
@@ -464,7 +488,7 @@ mod tests {
             held.len()
         });
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
-        client.set_default_client_config(tls.client_config(cap).expect("client config"));
+        client.set_default_client_config(tls.client_config(1).expect("client config"));
         let conn = client.connect(addr, "site-a").expect("connect").await.expect("handshake");
         let step = Duration::from_secs(10);
         let mut streams = Vec::new();
@@ -478,6 +502,79 @@ mod tests {
         conn.close(0u32.into(), b"done");
         let accepted = tokio::time::timeout(step, accepting).await.expect("server done").expect("server task");
         assert_eq!(accepted, cap as usize);
+    }
+
+    /// Two streams whose reader stopped (the sessions of two stalled
+    /// groups on the secondary) hold only their own windows: a third
+    /// stream on the same connection still gets its data through. With a
+    /// stream window of half the connection's, the two took all its credit.
+    #[tokio::test]
+    async fn stalled_streams_leave_credit_for_the_others() {
+        const GROUPS: usize = 2;
+        let (stream_window, window) = receive_windows(GROUPS);
+        assert!(u64::from(stream_window) * (GROUPS as u64 + 1) <= window);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = TlsIdentity::load(&identity(dir.path()), "site-a").expect("load");
+        let server = quinn::Endpoint::server(
+            tls.server_config(GROUPS).expect("server config"),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .expect("server endpoint");
+        let addr = server.local_addr().expect("server addr");
+        let accepting = tokio::spawn(async move {
+            let conn = server.accept().await.expect("incoming").await.expect("handshake");
+            // The first two are never read.
+            let mut stalled = Vec::new();
+            for _ in 0..GROUPS {
+                stalled.push(conn.accept_bi().await.expect("stream"));
+            }
+            let (_send, mut recv) = conn.accept_bi().await.expect("third stream");
+            let data = recv.read_to_end(4 << 20).await.expect("the third stream's data");
+            (data.len(), stalled.len())
+        });
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+        client.set_default_client_config(tls.client_config(GROUPS).expect("client config"));
+        let conn = client.connect(addr, "site-a").expect("connect").await.expect("handshake");
+        let chunk = vec![7u8; 1 << 20];
+        let mut stalled = Vec::new();
+        for _ in 0..GROUPS {
+            let (mut send, recv) = conn.open_bi().await.expect("open");
+            // Until the peer's credit for it runs out (bounded: the window).
+            let mut sent = 0u64;
+            while sent <= window {
+                match tokio::time::timeout(Duration::from_millis(500), send.write_all(&chunk)).await {
+                    Ok(Ok(())) => sent += chunk.len() as u64,
+                    Ok(Err(e)) => panic!("write: {e}"),
+                    Err(_) => break,
+                }
+            }
+            assert!(sent <= u64::from(stream_window), "{sent} bytes in a stream whose window is {stream_window}");
+            stalled.push((send, recv));
+        }
+        let (mut send, _recv) = conn.open_bi().await.expect("open the third");
+        let third = async {
+            send.write_all(&chunk[..1 << 20]).await.expect("write the third");
+            send.finish().expect("finish");
+            accepting.await.expect("server task")
+        };
+        let (got, held) = tokio::time::timeout(Duration::from_secs(20), third)
+            .await
+            .expect("the third stream got no credit: the stalled ones hold the connection's");
+        assert_eq!((got, held), (1 << 20, GROUPS));
+    }
+
+    #[test]
+    fn stream_windows_fit_the_connection_window() {
+        assert_eq!(receive_windows(1), (RECEIVE_WINDOW / 2, u64::from(RECEIVE_WINDOW)), "one group: as before");
+        for groups in [0, 1, 2, 7, 32, 63, 64, 100, 1000] {
+            let (stream, window) = receive_windows(groups);
+            let shares = groups.max(1) as u64 + 1;
+            assert!(u64::from(stream) * shares <= window, "{groups} groups: {stream} x {shares} > {window}");
+            assert!(
+                stream >= MIN_STREAM_WINDOW && window >= u64::from(RECEIVE_WINDOW),
+                "{groups} groups: {stream}, {window}"
+            );
+        }
     }
 
     fn identity(dir: &Path) -> TlsPaths {

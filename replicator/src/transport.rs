@@ -274,8 +274,9 @@ pub struct Transport {
     endpoint: quinn::Endpoint,
     /// For new dials; replaced by [`Transport::reload_tls`].
     client: std::sync::RwLock<quinn::ClientConfig>,
-    /// Streams a peer may open to us (kept for reloads).
-    max_streams: u32,
+    /// The configured groups, which size the QUIC streams and windows
+    /// (kept for reloads).
+    groups: usize,
     node: String,
     peers: HashMap<String, PeerAddress>,
     /// The connection this node dialed to each peer (held only briefly).
@@ -352,9 +353,8 @@ impl Transport {
             // refusal is logged at each dial (`config check` fails on it).
             tracing::warn!("{e}");
         }
-        let max_streams = crate::tls::max_peer_streams(config.groups.len());
-        let server = identity.server_config(max_streams)?;
-        let client = identity.client_config(max_streams)?;
+        let server = identity.server_config(config.groups.len())?;
+        let client = identity.client_config(config.groups.len())?;
         let socket = std::net::UdpSocket::bind(config.node.listen)
             .map_err(|source| TransportError::Bind { addr: config.node.listen, source })?;
         size_socket_buffers(&socket);
@@ -381,7 +381,7 @@ impl Transport {
         Ok(Transport {
             endpoint,
             client: std::sync::RwLock::new(client),
-            max_streams,
+            groups: config.groups.len(),
             node: config.node.name.clone(),
             peers: config.peers.iter().map(|p| (p.name.clone(), p.address.clone())).collect(),
             conns: std::sync::Mutex::new(HashMap::new()),
@@ -411,8 +411,8 @@ impl Transport {
     /// from now on, incoming and outgoing; connections already up keep
     /// theirs. Nothing changes on an error.
     pub fn reload_tls(&self, identity: &TlsIdentity) -> Result<(), TransportError> {
-        let server = identity.server_config(self.max_streams)?;
-        let client = identity.client_config(self.max_streams)?;
+        let server = identity.server_config(self.groups)?;
+        let client = identity.client_config(self.groups)?;
         self.endpoint.set_server_config(Some(server));
         *self.client.write().unwrap_or_else(std::sync::PoisonError::into_inner) = client;
         Ok(())

@@ -376,7 +376,7 @@ fn abandoned_handshakes_do_not_keep_the_peer_out() {
     // first packet to site-b, from a new port that never answers.
     let a_config = Config::load(cluster.config_path(Site::A)).expect("site-a configuration");
     let identity = replicator::tls::TlsIdentity::load(&a_config.tls, "site-a").expect("site-a identity");
-    let client_config = identity.client_config(replicator::tls::max_peer_streams(1)).expect("client config");
+    let client_config = identity.client_config(1).expect("client config");
     let target = cluster.quic_addr(Site::B);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let flood = rt.spawn(async move {
