@@ -235,7 +235,7 @@ impl TlsIdentity {
         crypto.alpn_protocols = vec![ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(crypto).map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(transport_config(groups));
+        config.transport_config(transport_config(groups, true));
         Ok(config)
     }
 
@@ -261,7 +261,7 @@ impl TlsIdentity {
 
     /// QUIC client configuration for a node with `groups` groups: server
     /// verified against the CA, our certificate presented; the server may
-    /// have at most `max_peer_streams(groups)` streams open to us at once.
+    /// open no stream to us.
     pub fn client_config(&self, groups: usize) -> Result<quinn::ClientConfig, TlsError> {
         let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -270,7 +270,7 @@ impl TlsIdentity {
         crypto.alpn_protocols = vec![ALPN.to_vec()];
         let quic = QuicClientConfig::try_from(crypto).map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(transport_config(groups));
+        config.transport_config(transport_config(groups, false));
         Ok(config)
     }
 }
@@ -343,7 +343,12 @@ fn max_peer_streams(groups: usize) -> u32 {
 /// large frame gets its whole buffer once a quarter of it is in, and that
 /// buffer, an `AlignedBuf`, is rounded up to a power of two).
 /// Unidirectional streams are not used and not allowed.
-fn transport_config(groups: usize) -> Arc<quinn::TransportConfig> {
+///
+/// `accepting`: the peer may open streams to us (connections it dials);
+/// on connections this node dials, only this node opens streams, and a
+/// stream the peer opened would never be read while its data held the
+/// connection's credit.
+fn transport_config(groups: usize, accepting: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_millis(500)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(5)) {
@@ -353,7 +358,7 @@ fn transport_config(groups: usize) -> Arc<quinn::TransportConfig> {
     t.stream_receive_window(quinn::VarInt::from_u32(stream_window));
     t.receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
     t.send_window(window);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_peer_streams(groups)));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(if accepting { max_peer_streams(groups) } else { 0 }));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // Storage links often carry jumbo frames: path MTU discovery probes up
     // to a 9000-byte MTU (IPv6 headers) and settles on what the path takes
