@@ -704,3 +704,49 @@ fn a_drill_copy_that_fills_the_state_dir_is_discarded_and_replication_goes_on() 
     c.assert_volumes_identical("f");
     drop(fs);
 }
+
+/// A failover during a resync whose promotion cannot be saved at once (the
+/// group's state directory refuses new files: `chattr +i`) rolls back and
+/// is in effect all the same; once its save lands, the resync's preserved
+/// image goes, as after a failover saved at once. (It stayed until a
+/// restart, and meanwhile refused every session to this node for a
+/// rollback in progress.)
+#[test]
+fn a_failover_during_a_resync_saved_late_lets_the_preserved_image_go() {
+    if !replicator_tests::require_root("a_failover_during_a_resync_saved_late_lets_the_preserved_image_go") {
+        return;
+    }
+    let mut m = caught_in_a_resync(|o| o);
+    m.c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    m.c.kill9(Site::A);
+    let MidResync { c, load, .. } = m;
+    load.finish();
+    c.wait_until(Site::B, "g", "disconnected from the dead primary", Duration::from_secs(60), |s| !s.connected);
+    let dir = c.state_dir(Site::B).join("groups").join("g");
+    assert!(dir.join("resync-guard").exists(), "no preserved image in {}", dir.display());
+    let chattr = |flag: &str| {
+        let out = std::process::Command::new(require("chattr"))
+            .arg(flag)
+            .arg(&dir)
+            .output()
+            .expect("run chattr");
+        assert!(out.status.success(), "chattr {flag} {}: {}", dir.display(), describe_output(&out));
+    };
+    chattr("+i");
+    let out = c.cli(Site::B, &["failover", "g"]);
+    chattr("-i");
+    let text = describe_output(&out);
+    assert!(!out.status.success() && text.contains("cannot persist") && text.contains("rolled back"), "{text}");
+    c.wait_until(Site::B, "g", "the promotion", Duration::from_secs(60), |s| s.role == "primary");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dir.join("resync-guard").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the preserved image was kept after the promotion was saved\n{}",
+            c.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = c.log(Site::B);
+    assert!(log.contains("failover done: the image preserved for the resync is discarded"), "{log}");
+}

@@ -264,10 +264,6 @@ fn failback_copies_only_what_changed_and_switches_back() {
     }
 }
 
-/// The replica is split with --rw and written, then failed over to: the
-/// writes it took while split are part of what the former primary lacks,
-/// and failback copies them with the rest. (The primary stops cleanly, so
-/// no region of its own is resynchronised and nothing else covers them.)
 /// Sets or clears the immutable flag of `dir` (`chattr`): nothing can be
 /// created, renamed or removed in it, so a save of the state file there
 /// fails until the flag is cleared. Cleared again when dropped.
@@ -335,6 +331,10 @@ fn a_failover_saved_late_still_replicates() {
     }
 }
 
+/// The replica is split with --rw and written, then failed over to: the
+/// writes it took while split are part of what the former primary lacks,
+/// and failback copies them with the rest. (The primary stops cleanly, so
+/// no region of its own is resynchronised and nothing else covers them.)
 #[test]
 fn failover_after_split_rw_keeps_the_split_writes_for_failback() {
     let group = GroupSpec::new("fs", Mode::Async).volume("fs-vol", 32 * MIB).link_timeout(Duration::from_secs(1));

@@ -327,12 +327,14 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
                     tracing::warn!(group = %name, primary = %peer, epoch = open.epoch, rebase = open.rebase_seq,
                         "resync: the primary restarted after a power cut (or had no record of what this node holds): resynchronising the regions that may differ");
                 }
-                if open.rebase_seq != secondary.durable_seq {
+                if open.rebase_seq != secondary.durable_seq || open.epoch > g.persisted.epoch.saturating_add(1) {
                     // The image becomes the primary's after another write
                     // than the one whose time this node holds (the primary
-                    // lost the newer writes, or this node lacks some): that
-                    // write's time is not known here, and a failover before
-                    // the next record says so rather than name the other's.
+                    // lost the newer writes, or this node lacks some; or,
+                    // past more than one epoch, another write of the same
+                    // number): that write's time is not known here, and a
+                    // failover before the next record says so rather than
+                    // name the other's.
                     secondary.data_as_of_us = 0;
                 }
                 secondary.durable_seq = open.rebase_seq;

@@ -213,6 +213,20 @@ impl Group {
         };
         if let Err(e) = self.saved(save).await {
             self.promoted_unsaved();
+            if rolled_back.is_some() {
+                // The rolled-back resync's preserved image goes once the
+                // promotion is on disk (before, a restart would find the
+                // replica mid-resync, over volumes already rolled back);
+                // kept, it would refuse every later session here.
+                let group = Arc::clone(self);
+                tokio::spawn(async move {
+                    while group.saved(save).await.is_err() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    group.release_image("failover done");
+                    group.image_removed().await;
+                });
+            }
             return Err(GroupError::Failed(format!("{e}\n{report}")));
         }
         if rolled_back.is_some() {
