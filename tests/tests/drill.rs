@@ -725,11 +725,7 @@ fn a_failover_during_a_resync_saved_late_lets_the_preserved_image_go() {
     let dir = c.state_dir(Site::B).join("groups").join("g");
     assert!(dir.join("resync-guard").exists(), "no preserved image in {}", dir.display());
     let chattr = |flag: &str| {
-        let out = std::process::Command::new(require("chattr"))
-            .arg(flag)
-            .arg(&dir)
-            .output()
-            .expect("run chattr");
+        let out = std::process::Command::new(require("chattr")).arg(flag).arg(&dir).output().expect("run chattr");
         assert!(out.status.success(), "chattr {flag} {}: {}", dir.display(), describe_output(&out));
     };
     chattr("+i");
