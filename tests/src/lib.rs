@@ -597,6 +597,27 @@ pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
     out
 }
 
+/// Sets or clears the immutable flag of a directory (`chattr +i`): nothing
+/// can be created, renamed or removed in it, so a save of a state file
+/// there fails until the flag is cleared. Cleared again when dropped.
+#[derive(Debug)]
+pub struct Immutable(PathBuf);
+
+impl Immutable {
+    /// Makes `dir` immutable (root, on ext4 or tmpfs).
+    pub fn set(dir: PathBuf) -> Immutable {
+        let out = Command::new(require("chattr")).arg("+i").arg(&dir).output().expect("run chattr");
+        assert!(out.status.success(), "chattr +i {} (root, ext4 or tmpfs): {}", dir.display(), describe_output(&out));
+        Immutable(dir)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new(require("chattr")).arg("-i").arg(&self.0).output();
+    }
+}
+
 /// stdout and stderr of a finished command, for messages.
 pub fn describe_output(out: &Output) -> String {
     format!(

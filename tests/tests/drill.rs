@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use replicator::nbd_client::NbdClient;
 use replicator_tests::pattern::{read_stamp, stamp, Rng, StampRead, BLOCK};
-use replicator_tests::{describe_output, require, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+use replicator_tests::{describe_output, require, Cluster, ClusterOpts, GroupSpec, Immutable, Mode, Site};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -724,13 +724,9 @@ fn a_failover_during_a_resync_saved_late_lets_the_preserved_image_go() {
     c.wait_until(Site::B, "g", "disconnected from the dead primary", Duration::from_secs(60), |s| !s.connected);
     let dir = c.state_dir(Site::B).join("groups").join("g");
     assert!(dir.join("resync-guard").exists(), "no preserved image in {}", dir.display());
-    let chattr = |flag: &str| {
-        let out = std::process::Command::new(require("chattr")).arg(flag).arg(&dir).output().expect("run chattr");
-        assert!(out.status.success(), "chattr {flag} {}: {}", dir.display(), describe_output(&out));
-    };
-    chattr("+i");
+    let frozen = Immutable::set(dir.clone());
     let out = c.cli(Site::B, &["failover", "g"]);
-    chattr("-i");
+    drop(frozen);
     let text = describe_output(&out);
     assert!(!out.status.success() && text.contains("cannot persist") && text.contains("rolled back"), "{text}");
     c.wait_until(Site::B, "g", "the promotion", Duration::from_secs(60), |s| s.role == "primary");

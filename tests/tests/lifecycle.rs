@@ -23,7 +23,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use replicator::nbd_client::NbdClient;
 use replicator_tests::pattern::{random_bytes, written_prefix, Rng};
-use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Immutable, Mode, Site};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 * 1024;
@@ -261,29 +261,6 @@ fn failback_copies_only_what_changed_and_switches_back() {
     for i in 0..240 {
         let salt = if (100..140).contains(&i) || i >= 200 { 2000 } else { 0 };
         assert!(block_is(&image, i, salt), "block {i} after failback and switch back");
-    }
-}
-
-/// Sets or clears the immutable flag of `dir` (`chattr`): nothing can be
-/// created, renamed or removed in it, so a save of the state file there
-/// fails until the flag is cleared. Cleared again when dropped.
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn set(dir: std::path::PathBuf) -> Immutable {
-        let out = std::process::Command::new(replicator_tests::require("chattr"))
-            .arg("+i")
-            .arg(&dir)
-            .output()
-            .expect("run chattr");
-        assert!(out.status.success(), "chattr +i {} (root, ext4 or tmpfs): {}", dir.display(), describe_output(&out));
-        Immutable(dir)
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).output();
     }
 }
 
