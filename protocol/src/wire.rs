@@ -15,6 +15,13 @@
 //! many streams costs at most four times what it sends (times what the
 //! caller's [`AlignedMemory`] rounds a buffer up to).
 //!
+//! Nor does a complete frame decode to much more than its bytes. Decoding
+//! allocates per element of a list (tens of bytes for an element of two
+//! bytes on the wire), so a frame's messages may hold at most
+//! [`MAX_FRAME_FIELDS`] fields together; and a `Hello`, whose packed list of
+//! versions decodes to four bytes per byte, at most [`MAX_HELLO_LEN`] bytes.
+//! Both are checked on the frame's bytes before it is decoded.
+//!
 //! That own buffer is two: the frame's first `len % PAYLOAD_ALIGN` bytes,
 //! and the rest in memory aligned to [`PAYLOAD_ALIGN`], which the caller
 //! provides ([`AlignedMemory`]: the daemon recycles it, so a stream of large
@@ -46,6 +53,28 @@ pub const MAX_FRAME_LEN: usize = MAX_RECORD_PAYLOAD as usize + 64 * 1024;
 /// Longest valid varint (a `u64` needs at most 10 bytes of 7 bits).
 const MAX_VARINT_LEN: usize = 10;
 
+/// Most fields one frame's messages may hold together: those of the
+/// envelope and of each message it carries, where the lists are (each
+/// element of a list is a field). The longest lists a daemon sends are far
+/// below it: an OpenGroupReply's divergent regions
+/// ([`crate::divergence::MAX_EXTENTS`]), an OpenGroup's volumes
+/// ([`MAX_GROUP_VOLUMES`]), an Ack's copy mismatches (one per 64 KiB span
+/// of the hash chunks in flight: 8,192 for a full window). Each element
+/// decodes to a few dozen bytes (plus its strings', which arrived), so no
+/// frame decodes to more than about 16 MiB beyond its own bytes.
+pub const MAX_FRAME_FIELDS: usize = 1 << 17;
+const _: () = assert!(crate::divergence::MAX_EXTENTS + 64 < MAX_FRAME_FIELDS);
+const _: () = assert!(MAX_GROUP_VOLUMES + 64 < MAX_FRAME_FIELDS);
+
+/// Most volumes a group may have (the configuration refuses more): its
+/// OpenGroup lists them all.
+pub const MAX_GROUP_VOLUMES: usize = 4096;
+
+/// Longest `Hello` accepted: a few version numbers and two names.
+pub const MAX_HELLO_LEN: usize = 4096;
+
+const ENVELOPE_HELLO_TAG: u32 = 1;
+
 /// Errors from decoding frames. After any of them the stream is unusable and
 /// should be closed; the decoder keeps returning the same error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +94,20 @@ pub enum WireError {
     /// The frame body is not a valid protobuf `Envelope`.
     #[error("cannot decode frame as a replication message: {0}")]
     Decode(String),
+    /// The frame's messages hold more than [`MAX_FRAME_FIELDS`] fields.
+    #[error("frame holds more than {max} fields (list elements)")]
+    TooManyFields {
+        /// The limit ([`MAX_FRAME_FIELDS`]).
+        max: usize,
+    },
+    /// A `Hello` longer than [`MAX_HELLO_LEN`].
+    #[error("Hello of {len} bytes exceeds the {max}-byte limit")]
+    HelloTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit ([`MAX_HELLO_LEN`]).
+        max: usize,
+    },
     /// The envelope carries no message this build knows (empty, or a message
     /// type from a newer wire version).
     #[error("frame carries no known message (empty envelope, or a message type from a newer wire version)")]
@@ -264,6 +307,11 @@ impl<M: AlignedMemory> LargeFrame<M> {
         rest
     }
 
+    /// The frame's bytes received so far, without taking them.
+    fn bytes(&self) -> bytes::buf::Chain<&[u8], &[u8]> {
+        self.head.as_ref().chain(&self.tail.as_ref()[..self.tail_filled])
+    }
+
     /// The whole frame, as the two parts in order.
     fn into_frame(self) -> bytes::buf::Chain<Bytes, Bytes> {
         self.head.freeze().chain(Bytes::from_owner(self.tail))
@@ -374,6 +422,7 @@ impl<M: AlignedMemory> FrameDecoder<M> {
             if self.buffer.len() < len {
                 return Ok(None);
             }
+            check_fields(&self.buffer[..len])?;
             pb::Envelope::decode(self.buffer.split_to(len).freeze())
         } else {
             let mut frame = match self.large.take() {
@@ -387,6 +436,7 @@ impl<M: AlignedMemory> FrameDecoder<M> {
                 self.large = Some(frame);
                 return Ok(None);
             }
+            check_fields(frame.bytes())?;
             pb::Envelope::decode(frame.into_frame())
         };
         self.pending_len = None;
@@ -400,6 +450,69 @@ impl<M: AlignedMemory> FrameDecoder<M> {
 
 /// Parses a varint at the start of `buf`: `Ok(None)` if incomplete, else the
 /// value and the number of bytes it occupies.
+/// Checks a frame's shape before it is decoded (module documentation):
+/// at most [`MAX_FRAME_FIELDS`] fields in the envelope and the messages it
+/// carries, a `Hello` of at most [`MAX_HELLO_LEN`] bytes. A frame whose
+/// fields run past its end is refused here, as the decoder would.
+fn check_fields(mut frame: impl Buf) -> Result<(), WireError> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let malformed = |e: prost::DecodeError| WireError::Decode(e.to_string());
+    let mut fields = 0usize;
+    while frame.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut frame).map_err(malformed)?;
+        fields += 1;
+        if wire_type != WireType::LengthDelimited {
+            skip_field(wire_type, &mut frame)?;
+        } else {
+            let len = length(decode_varint(&mut frame).map_err(malformed)?, frame.remaining())?;
+            if tag == ENVELOPE_HELLO_TAG && len > MAX_HELLO_LEN {
+                return Err(WireError::HelloTooLarge { len, max: MAX_HELLO_LEN });
+            }
+            // A message the envelope carries: count its fields (list
+            // elements among them), not those inside them.
+            let mut body = (&mut frame).take(len);
+            while body.has_remaining() {
+                let (_, wire_type) = decode_key(&mut body).map_err(malformed)?;
+                fields += 1;
+                if fields > MAX_FRAME_FIELDS {
+                    return Err(WireError::TooManyFields { max: MAX_FRAME_FIELDS });
+                }
+                skip_field(wire_type, &mut body)?;
+            }
+        }
+        if fields > MAX_FRAME_FIELDS {
+            return Err(WireError::TooManyFields { max: MAX_FRAME_FIELDS });
+        }
+    }
+    Ok(())
+}
+
+/// Steps over a field's value (its key already read).
+fn skip_field(wire_type: prost::encoding::WireType, buf: &mut impl Buf) -> Result<(), WireError> {
+    use prost::encoding::{decode_varint, WireType};
+    let malformed = |e: prost::DecodeError| WireError::Decode(e.to_string());
+    let len = match wire_type {
+        WireType::Varint => return decode_varint(buf).map(drop).map_err(malformed),
+        WireType::SixtyFourBit => 8,
+        WireType::ThirtyTwoBit => 4,
+        WireType::LengthDelimited => decode_varint(buf).map_err(malformed)?,
+        WireType::StartGroup | WireType::EndGroup => {
+            return Err(WireError::Decode("protobuf groups are not part of the replication protocol".into()))
+        }
+    };
+    let len = length(len, buf.remaining())?;
+    buf.advance(len);
+    Ok(())
+}
+
+/// A field's length, if the frame holds that many more bytes.
+fn length(len: u64, remaining: usize) -> Result<usize, WireError> {
+    match usize::try_from(len) {
+        Ok(len) if len <= remaining => Ok(len),
+        _ => Err(WireError::Decode(format!("a field of {len} bytes runs past the end of its frame"))),
+    }
+}
+
 fn parse_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, WireError> {
     let mut value: u64 = 0;
     for (i, &b) in buf.iter().take(MAX_VARINT_LEN).enumerate() {
@@ -732,6 +845,100 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The longest lists a daemon sends decode; a frame of more elements
+    /// than [`MAX_FRAME_FIELDS`] (two bytes each on the wire, tens of bytes
+    /// decoded) is refused before it is decoded, in one message or spread
+    /// over several of the same kind in one envelope (which protobuf merges).
+    #[test]
+    fn a_frame_of_too_many_list_elements_is_refused_before_it_is_decoded() {
+        let decode_one = |frame: &[u8]| {
+            let mut dec = FrameDecoder::new();
+            dec.extend_from_slice(frame);
+            dec.decode()
+        };
+        let extent = |i: u64| pb::Extent { volume: (i % 7) as u32, offset: u64::MAX - i, length: u64::MAX / 3 };
+        let reply = Body::OpenGroupReply(pb::OpenGroupReply {
+            error: "needs a rebase".into(),
+            refusal: pb::Refusal::NeedsRebase as i32,
+            divergent: (0..crate::divergence::MAX_EXTENTS as u64).map(extent).collect(),
+            state: "secondary SUSPENDED".into(),
+            ..Default::default()
+        });
+        let frame = frame_bytes(&envelope(reply.clone()));
+        assert_eq!(decode_one(&frame), Ok(Some(envelope(reply))), "the longest divergent list");
+        let open = Body::OpenGroup(pb::OpenGroup {
+            group: "g".into(),
+            volumes: (0..MAX_GROUP_VOLUMES)
+                .map(|i| pb::VolumeInfo { name: format!("volume-{i:04}-{}", "v".repeat(50)), size: u64::MAX })
+                .collect(),
+            ..Default::default()
+        });
+        let frame = frame_bytes(&envelope(open.clone()));
+        assert_eq!(decode_one(&frame), Ok(Some(envelope(open))), "the most volumes");
+
+        // MAX_FRAME_FIELDS + 1 empty extents: 2 bytes each on the wire.
+        let hostile = Body::OpenGroupReply(pb::OpenGroupReply {
+            divergent: vec![pb::Extent::default(); MAX_FRAME_FIELDS + 1],
+            ..Default::default()
+        });
+        let frame = frame_bytes(&envelope(hostile));
+        assert!(frame.len() < 300 * 1024, "{}", frame.len());
+        assert_eq!(decode_one(&frame), Err(WireError::TooManyFields { max: MAX_FRAME_FIELDS }));
+        // Just at the limit, with the envelope's own field: decodes.
+        let at_limit = Body::OpenGroupReply(pb::OpenGroupReply {
+            divergent: vec![pb::Extent::default(); MAX_FRAME_FIELDS - 1],
+            ..Default::default()
+        });
+        assert!(decode_one(&frame_bytes(&envelope(at_limit))).is_ok_and(|e| e.is_some()));
+
+        // Three Acks of half the limit each in one envelope: merged by the
+        // decoder, so counted together.
+        let mut body = BytesMut::new();
+        for _ in 0..3 {
+            let ack = pb::Envelope {
+                body: Some(Body::Ack(pb::Ack {
+                    copy_mismatch: vec![pb::CopyMismatch::default(); MAX_FRAME_FIELDS / 2],
+                    ..Default::default()
+                })),
+            };
+            ack.encode(&mut body).expect("encode");
+        }
+        let mut frame = BytesMut::new();
+        prost::encoding::encode_varint(body.len() as u64, &mut frame);
+        frame.extend_from_slice(&body);
+        assert_eq!(decode_one(&frame), Err(WireError::TooManyFields { max: MAX_FRAME_FIELDS }));
+    }
+
+    /// A Hello's packed versions decode to four bytes per byte: a Hello
+    /// longer than [`MAX_HELLO_LEN`] is refused, also behind a record in
+    /// the same envelope.
+    #[test]
+    fn a_long_hello_is_refused() {
+        let hello = |n: usize| {
+            Body::Hello(pb::Hello { versions: vec![1; n], node: "site-b".into(), software: "replicator 0.1.0".into() })
+        };
+        let decode_one = |frame: &[u8]| {
+            let mut dec = FrameDecoder::new();
+            dec.extend_from_slice(frame);
+            dec.decode()
+        };
+        let ok = hello(64);
+        assert_eq!(decode_one(&frame_bytes(&envelope(ok.clone()))), Ok(Some(envelope(ok))));
+        let long = envelope(hello(1 << 20));
+        let Err(WireError::HelloTooLarge { len, max: MAX_HELLO_LEN }) = decode_one(&frame_bytes(&long)) else {
+            panic!("a 1 MiB Hello decoded");
+        };
+        assert!(len > 1 << 20);
+
+        let mut body = BytesMut::new();
+        envelope(Body::Record(pb::Record { seq: 1, ..Default::default() })).encode(&mut body).expect("encode");
+        long.encode(&mut body).expect("encode");
+        let mut frame = BytesMut::new();
+        prost::encoding::encode_varint(body.len() as u64, &mut frame);
+        frame.extend_from_slice(&body);
+        assert!(matches!(decode_one(&frame), Err(WireError::HelloTooLarge { .. })));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use replicator_protocol::wire::MAX_GROUP_VOLUMES;
+
 /// Where the configuration is read from when neither `--config` nor
 /// `REPLICATOR_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/replicator/replicator.toml";
@@ -866,6 +868,15 @@ impl Validator<'_> {
                     self.err(format!("{key}.volume"), "a group needs at least one [[group.volume]] with name and path")
                 );
             }
+            if g.volume.len() > MAX_GROUP_VOLUMES {
+                return Err(self.err(
+                    format!("{key}.volume"),
+                    format!(
+                        "{} volumes: a group has at most {MAX_GROUP_VOLUMES} (spread them over several groups)",
+                        g.volume.len()
+                    ),
+                ));
+            }
             let mut volumes = Vec::new();
             for (j, v) in g.volume.into_iter().enumerate() {
                 let vname = self.name(&format!("{key}.volume[{j}].name"), &v.name)?;
@@ -1132,6 +1143,22 @@ size = "20GiB"
         let bad = GOOD.replace("[tls]", "[tls]\nbogus = 1");
         let e = parse(&bad).expect_err("unknown key").to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    /// A group's OpenGroup lists its volumes, within the wire's limit on a
+    /// frame's list elements.
+    #[test]
+    fn a_group_of_too_many_volumes_is_refused() {
+        let volumes = |n: usize| {
+            let mut text = GOOD.to_string();
+            for i in 1..n {
+                text.push_str(&format!("\n[[group.volume]]\nname = \"v{i}\"\npath = \"/dev/vg0/v{i}\"\n"));
+            }
+            text
+        };
+        assert_eq!(parse(&volumes(MAX_GROUP_VOLUMES)).expect("the most volumes").groups[0].volumes.len(), 4096);
+        let e = parse(&volumes(MAX_GROUP_VOLUMES + 1)).expect_err("one volume too many").to_string();
+        assert!(e.contains("group[db].volume") && e.contains("4097 volumes") && e.contains("at most 4096"), "{e}");
     }
 
     #[test]

@@ -341,7 +341,9 @@ fn max_peer_streams(groups: usize) -> u32 {
 /// stream (`max_peer_streams` of them) in the frame decoders, which hold at most
 /// eight times the bytes that actually arrived (`wire::FrameDecoder`: a
 /// large frame gets its whole buffer once a quarter of it is in, and that
-/// buffer, an `AlignedBuf`, is rounded up to a power of two).
+/// buffer, an `AlignedBuf`, is rounded up to a power of two), each of
+/// which decodes to at most about 16 MiB beyond its bytes
+/// (`wire::MAX_FRAME_FIELDS`).
 /// Unidirectional streams are not used and not allowed.
 ///
 /// `accepting`: the peer may open streams to us (connections it dials);
