@@ -102,9 +102,13 @@ fn pair_changed(g: &Inner, epoch: u64, pair_id: u64) -> bool {
     g.shipper_epoch != epoch || g.role() != Role::Primary || g.persisted.pair_id != pair_id
 }
 
-fn current(group: &Group, epoch: u64) -> bool {
-    let g = lock(&group.inner);
+/// Is this session (shipper `epoch`) still the one of this node's primary role?
+fn is_current(g: &Inner, epoch: u64) -> bool {
     g.role() == Role::Primary && g.shipper_epoch == epoch
+}
+
+fn current(group: &Group, epoch: u64) -> bool {
+    is_current(&lock(&group.inner), epoch)
 }
 
 /// How the session task goes on after a session ended.
@@ -237,6 +241,13 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
     let (intent, rebase) = intent_and_base(group);
     let (generation, restarts, pair_id, copy_bytes, last_seq, lifecycle) = {
         let g = lock(&group.inner);
+        // The save and the connection may have taken long: a session that
+        // is no longer the current one (a demotion, or a pair deleted and
+        // created again meanwhile) must not open the group with what the
+        // node holds now.
+        if !is_current(&g, epoch) {
+            return Err(TransportError::Protocol("the pair changed while the session started".into()));
+        }
         let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
         let p = &g.persisted;
         let primary = p.role.as_primary().cloned().unwrap_or_default();
