@@ -92,7 +92,10 @@ impl Node {
                     }
                 };
                 let Some(group) = node.group(&open.group).cloned() else {
-                    let msg = format!("no group named {:?} is configured on this node", open.group);
+                    let msg = format!(
+                        "no group named {:?} is configured on this node",
+                        replicator_protocol::wire::peer_text(&open.group)
+                    );
                     tracing::warn!(%peer, "refused replication session: {msg}");
                     let _ = send
                         .send(Body::OpenGroupReply(replicator_protocol::pb::OpenGroupReply {

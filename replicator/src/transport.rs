@@ -599,7 +599,7 @@ impl Transport {
                 tracing::info!(
                     %peer,
                     version,
-                    software = %hello.software,
+                    software = %replicator_protocol::wire::peer_text(&hello.software),
                     certificate = %crate::tls::peer_certificate_summary(conn),
                     "peer connected"
                 );
@@ -722,7 +722,7 @@ impl Transport {
             Err(_) => return Err(err("no HelloReply within 10s".into())),
         };
         if !reply.error.is_empty() || reply.version == 0 {
-            return Err(err(format!("peer refused: {}", reply.error)));
+            return Err(err(format!("peer refused: {}", replicator_protocol::wire::peer_text(&reply.error))));
         }
         tracing::info!(
             %peer,

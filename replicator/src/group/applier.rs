@@ -133,8 +133,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     let ours: Vec<(String, u64)> = group.volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
     let theirs: Vec<(String, u64)> = open.volumes.iter().map(|v| (v.name.clone(), v.size)).collect();
     if ours != theirs {
+        let theirs = replicator_protocol::wire::peer_text(&format!("{theirs:?}"));
         return Err(config(format!(
-            "volumes differ: the primary has {theirs:?}, this node has {ours:?} (names, order and sizes must match)"
+            "volumes differ: the primary has {theirs}, this node has {ours:?} (names, order and sizes must match)"
         )));
     }
     if open.rebase_seq > replicator_protocol::record::MAX_SEQ {

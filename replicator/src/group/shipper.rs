@@ -861,7 +861,7 @@ async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resu
             Some(pb::Envelope { body: Some(Body::Ack(ack)) }) => group.on_ack(&ack, epoch)?,
             Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) if r.command == pb::Command::Split as i32 => {
                 // The secondary persisted the split; the session is over.
-                let answer = if r.error.is_empty() { Ok(()) } else { Err(r.error) };
+                let answer = if r.error.is_empty() { Ok(()) } else { Err(wire::peer_text(&r.error)) };
                 if let Some(tx) = lock(&group.inner).split.as_mut().and_then(|s| s.confirmed.take()) {
                     let _ = tx.send(answer);
                 }
@@ -870,7 +870,7 @@ async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resu
             Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) if r.command == pb::Command::Switchover as i32 => {
                 // The secondary took over (or refused to): the switchover
                 // demotes this node, or abandons; this session is over.
-                let answer = if r.error.is_empty() { Ok(()) } else { Err(r.error) };
+                let answer = if r.error.is_empty() { Ok(()) } else { Err(wire::peer_text(&r.error)) };
                 if let Some(tx) = lock(&group.inner).switchover.as_mut().and_then(|s| s.confirmed.take()) {
                     let _ = tx.send(answer);
                 }
@@ -879,14 +879,14 @@ async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resu
             Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) if r.command == pb::Command::Delete as i32 => {
                 // The secondary dissolved the pair after its last apply (or
                 // could not save that it did).
-                let answer = if r.error.is_empty() { Ok(()) } else { Err(r.error) };
+                let answer = if r.error.is_empty() { Ok(()) } else { Err(wire::peer_text(&r.error)) };
                 if let Some(tx) = lock(&group.inner).delete_ack.take() {
                     let _ = tx.send(answer);
                 }
             }
             Some(pb::Envelope { body: Some(Body::CommandReply(r)) }) => {
                 if !r.error.is_empty() {
-                    return Err(TransportError::Protocol(format!("secondary: {}", r.error)));
+                    return Err(TransportError::Protocol(format!("secondary: {}", wire::peer_text(&r.error))));
                 }
                 if r.command == pb::Command::CopyDone as i32 {
                     group.copy_finished();

@@ -508,7 +508,11 @@ async fn read_replies(waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>
         };
         let waiter = waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&reply.id);
         if let Some(tx) = waiter {
-            let _ = tx.send(if reply.error.is_empty() { Ok(reply.blake3) } else { Err(reply.error) });
+            let _ = tx.send(if reply.error.is_empty() {
+                Ok(reply.blake3)
+            } else {
+                Err(replicator_protocol::wire::peer_text(&reply.error))
+            });
         }
     }
 }
