@@ -62,7 +62,10 @@
 //!   disconnected, which returns the budget its replies held; so is one that
 //!   sends no bytes of a write payload it started for
 //!   [`ServeOptions::payload_timeout`] (the payload's buffer holds budget
-//!   every other client may be waiting for).
+//!   every other client may be waiting for). Each payload and reply must
+//!   also end within its timeout plus its length at
+//!   [`ServeOptions::min_transfer_rate`], so a client that trickles a byte
+//!   within each timeout cannot hold its budget indefinitely.
 //! - At most [`ServeOptions::max_connections`] connections are open at once
 //!   (shared by the daemon's Unix and TCP listeners, [`SharedLimits`]); one
 //!   more is accepted and closed at once, with a warning at most every few

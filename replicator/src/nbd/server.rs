@@ -13,7 +13,7 @@ use tokio::task::{JoinError, JoinSet};
 
 use super::handshake::{self, Negotiated, Outcome, TlsState};
 use super::tls::NbdTls;
-use super::transmission::{self, Limits, RunningRequests};
+use super::transmission::{self, Limits, Pace, RunningRequests};
 use super::ExportCatalog;
 
 /// Buffer in front of the socket for requests (large write payloads bypass
@@ -60,8 +60,17 @@ pub struct ServeOptions {
     /// A client that sends no bytes of a write payload it has started for
     /// this long is disconnected (default 60 s): the payload's buffer holds
     /// the shared data budget, which a client that stopped mid-payload
-    /// would otherwise keep from every other client for good.
+    /// would otherwise keep from every other client for good. The same
+    /// holds for the rest of a request header once its first byte is in.
     pub payload_timeout: Duration,
+    /// The slowest a client may send a request header or a write payload,
+    /// or take a reply, on average over that transfer, in bytes per second
+    /// (default 64 KiB/s): each must end within its timeout above plus its
+    /// length at this rate (a 32 MiB payload: 60 s + 512 s), or the client is
+    /// disconnected. One that sends or takes a byte just within each
+    /// timeout would otherwise hold the budget its transfer holds
+    /// indefinitely.
+    pub min_transfer_rate: u32,
     /// After shutdown, how long a connection may take to send the replies of
     /// its in-flight requests (to a client that has stopped reading them)
     /// before its socket is closed regardless (default 30 s). Export futures
@@ -79,6 +88,7 @@ impl Default for ServeOptions {
             max_total_in_flight_bytes: 512 * 1024 * 1024,
             reply_timeout: Duration::from_secs(60),
             payload_timeout: Duration::from_secs(60),
+            min_transfer_rate: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -510,8 +520,8 @@ where
         max_export_bytes,
         shared_bytes,
         max_shared_bytes,
-        reply_timeout: options.reply_timeout,
-        payload_timeout: options.payload_timeout,
+        reply_pace: Pace { idle: options.reply_timeout, min_rate: options.min_transfer_rate },
+        payload_pace: Pace { idle: options.payload_timeout, min_rate: options.min_transfer_rate },
         shutdown_grace: options.shutdown_grace,
     };
     let reason = transmission::serve(&mut reader, write, export, params, limits, &shared.running, shutdown).await;
@@ -557,9 +567,10 @@ pub(super) enum CloseReason {
     Io(io::Error),
     #[error("sending replies failed: {0}")]
     ReplyWrite(io::Error),
-    /// The client took no reply bytes for [`ServeOptions::reply_timeout`].
-    #[error("client read no reply data for {0:?}")]
-    ReplyStalled(Duration),
+    /// The client took no reply bytes for [`ServeOptions::reply_timeout`],
+    /// or its replies more slowly than [`ServeOptions::min_transfer_rate`].
+    #[error("{0}")]
+    ReplyStalled(String),
     /// The client sent no bytes of a write payload for
     /// [`ServeOptions::payload_timeout`].
     #[error("client sent no write payload data for {0:?}")]
@@ -568,6 +579,19 @@ pub(super) enum CloseReason {
     /// [`ServeOptions::payload_timeout`].
     #[error("client sent part of a request header, then nothing for {0:?}")]
     HeaderStalled(Duration),
+    /// The client sent a request header or a write payload more slowly
+    /// than [`ServeOptions::min_transfer_rate`].
+    #[error(
+        "client took over {within:?} to send a {len}-byte {what} (its timeout plus its length at the minimum rate)"
+    )]
+    TooSlow {
+        /// What it was sending.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The time it had.
+        within: Duration,
+    },
 }
 
 impl From<io::Error> for CloseReason {
@@ -595,6 +619,7 @@ impl CloseReason {
                 | Self::ReplyStalled(_)
                 | Self::PayloadStalled(_)
                 | Self::HeaderStalled(_)
+                | Self::TooSlow { .. }
         )
     }
 

@@ -9,7 +9,7 @@
 //! until its reply has been handed to the socket. When a budget is exhausted
 //! the loop stops reading the socket until replies drain. A client that stops
 //! taking replies is disconnected after the reply timeout, which returns what
-//! its replies held.
+//! its replies held; so is one that trickles them ([`Pace`]).
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use super::proto::{self, RequestHeader, REQUEST_HEADER_LEN};
 use super::request::{self, Command, Decision, ExportParams};
@@ -44,10 +45,10 @@ pub(super) struct Limits {
     pub shared_bytes: Arc<Semaphore>,
     /// Capacity of `shared_bytes`.
     pub max_shared_bytes: u32,
-    /// Longest wait for the client to take reply bytes.
-    pub reply_timeout: Duration,
-    /// Longest wait for the next bytes of a write payload.
-    pub payload_timeout: Duration,
+    /// How slowly the client may take a reply.
+    pub reply_pace: Pace,
+    /// How slowly the client may send a request header or a write payload.
+    pub payload_pace: Pace,
     /// Once shutdown is requested, how long replies may take to drain.
     pub shutdown_grace: Duration,
 }
@@ -72,7 +73,7 @@ where
     let (replies, reply_queue) = mpsc::unbounded_channel();
     let budget = Budget::new(&limits);
     let outstanding = budget.outstanding();
-    let mut writer_task = tokio::spawn(write_replies(writer, reply_queue, outstanding, limits.reply_timeout));
+    let mut writer_task = tokio::spawn(write_replies(writer, reply_queue, outstanding, limits.reply_pace));
 
     // `None`: the reply writer stopped (its error says why).
     let ended: Option<CloseReason> = loop {
@@ -80,7 +81,7 @@ where
             biased;
             () = shutdown_requested(shutdown) => break Some(CloseReason::Shutdown),
             () = replies.closed() => break None,
-            step = next_request(reader, &export, &params, &budget, limits.payload_timeout, running, &replies) => step,
+            step = next_request(reader, &export, &params, &budget, limits.payload_pace, running, &replies) => step,
         };
         if let Err(reason) = step {
             break Some(reason);
@@ -106,7 +107,7 @@ where
     };
     match (ended, written) {
         (Some(reason), _) => reason,
-        (None, Err(err)) if err.kind() == io::ErrorKind::TimedOut => CloseReason::ReplyStalled(limits.reply_timeout),
+        (None, Err(err)) if err.kind() == io::ErrorKind::TimedOut => CloseReason::ReplyStalled(err.to_string()),
         (None, Err(err)) => CloseReason::ReplyWrite(err),
         (None, Ok(())) => CloseReason::ReplyWrite(io::Error::other("reply writer stopped")),
     }
@@ -118,7 +119,7 @@ async fn next_request<E, R>(
     export: &Arc<E>,
     params: &ExportParams,
     budget: &Budget,
-    payload_timeout: Duration,
+    pace: Pace,
     running: &RunningRequests,
     replies: &UnboundedSender<Reply>,
 ) -> Result<(), CloseReason>
@@ -127,7 +128,7 @@ where
     R: AsyncRead + Unpin,
 {
     let mut raw = [0u8; REQUEST_HEADER_LEN];
-    read_header(reader, &mut raw, payload_timeout).await?;
+    read_header(reader, &mut raw, pace).await?;
     let header = RequestHeader::decode(&raw);
     let cookie = header.cookie;
 
@@ -135,7 +136,7 @@ where
         Decision::Close(why) => return Err(CloseReason::Protocol(why)),
         Decision::Reject { errno, discard } => {
             if discard > 0 {
-                discard_payload(reader, discard, payload_timeout).await?;
+                discard_payload(reader, discard, pace).await?;
             }
             let permits = budget.acquire(0).await?;
             let _ = replies.send(Reply { cookie, error: errno.code(), data: None, _permits: permits });
@@ -157,7 +158,7 @@ where
             // for direct I/O. A client vanishing here leaves no trace; one
             // that stops sending is disconnected, returning the budget.
             let mut data = AlignedBuf::for_overwrite(len as usize);
-            read_payload(reader, &mut data, payload_timeout).await?;
+            read_payload(reader, &mut data, pace).await?;
             Job::Write { offset, data, fua }
         }
         Command::WriteZeroes { offset, len, fua } => Job::WriteZeroes { offset, len, fua },
@@ -170,48 +171,106 @@ where
     Ok(())
 }
 
+/// How slowly a client may move one transfer: a request header, a write
+/// payload, a reply. No read or write may wait more than `idle` for
+/// progress (a slow client is fine, a stopped one is not), and the whole
+/// transfer must end within `idle` plus its length at `min_rate`: a client
+/// that sends or takes a byte now and then would otherwise keep the budget
+/// its transfer holds for as long as it likes, every wait being short.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pace {
+    /// Longest wait for progress.
+    pub idle: Duration,
+    /// Slowest average rate, bytes per second, beyond `idle`.
+    pub min_rate: u32,
+}
+
+/// One transfer's time ([`Pace::transfer`]).
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    pace: Pace,
+    /// The time it may take in all.
+    within: Duration,
+    /// When it must have ended.
+    deadline: Instant,
+}
+
+/// Why a transfer ended early ([`Transfer::step`]).
+enum Late {
+    /// No progress for [`Pace::idle`].
+    Stalled,
+    /// Not done by its deadline.
+    TooSlow,
+}
+
+impl Pace {
+    /// A transfer of `len` bytes starting now.
+    fn transfer(self, len: usize) -> Transfer {
+        let within = self.idle + Duration::from_secs_f64(len as f64 / f64::from(self.min_rate.max(1)));
+        Transfer { pace: self, within, deadline: Instant::now() + within }
+    }
+}
+
+impl Transfer {
+    /// Waits for one step of the transfer: at most [`Pace::idle`], and not
+    /// past its deadline.
+    async fn step<T>(&self, io: impl std::future::Future<Output = T>) -> Result<T, Late> {
+        let stalled = Instant::now() + self.pace.idle;
+        match tokio::time::timeout_at(stalled.min(self.deadline), io).await {
+            Ok(done) => Ok(done),
+            Err(_) if stalled <= self.deadline => Err(Late::Stalled),
+            Err(_) => Err(Late::TooSlow),
+        }
+    }
+}
+
 /// Fills `raw` with a request header. EOF before its first byte is a clean
 /// close; EOF inside it is a truncated request. An idle client may wait as
-/// long as it likes before a request, but once its first byte is in, each
-/// read must bring more within `timeout` (a client that stops mid-header
-/// would hold its connection slot for good).
+/// long as it likes before a request, but once its first byte is in, the
+/// rest must follow at `pace` (a client that stops mid-header would hold its
+/// connection slot for good).
 async fn read_header<R: AsyncRead + Unpin>(
     reader: &mut R,
     raw: &mut [u8; REQUEST_HEADER_LEN],
-    timeout: Duration,
+    pace: Pace,
 ) -> Result<(), CloseReason> {
-    let mut filled = 0;
+    let mut filled = reader.read(raw).await?;
+    match filled {
+        0 => return Err(CloseReason::ClientClosed),
+        n if n == raw.len() => return Ok(()),
+        _ => {}
+    }
+    let transfer = pace.transfer(raw.len());
     while filled < raw.len() {
-        let n = if filled == 0 {
-            reader.read(&mut raw[filled..]).await?
-        } else {
-            tokio::time::timeout(timeout, reader.read(&mut raw[filled..]))
-                .await
-                .map_err(|_| CloseReason::HeaderStalled(timeout))??
+        let n = match transfer.step(reader.read(&mut raw[filled..])).await {
+            Ok(read) => read?,
+            Err(Late::Stalled) => return Err(CloseReason::HeaderStalled(pace.idle)),
+            Err(Late::TooSlow) => {
+                return Err(CloseReason::TooSlow { what: "request header", len: raw.len(), within: transfer.within })
+            }
         };
         if n == 0 {
-            return Err(if filled == 0 { CloseReason::ClientClosed } else { CloseReason::Truncated("request header") });
+            return Err(CloseReason::Truncated("request header"));
         }
         filled += n;
     }
     Ok(())
 }
 
-/// Fills `buf` with write payload; each read must bring some within
-/// `timeout` (a slow client is fine, a stopped one is not).
-async fn read_payload<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut [u8],
-    timeout: Duration,
-) -> Result<(), CloseReason> {
+/// Fills `buf` with write payload, at `pace`.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8], pace: Pace) -> Result<(), CloseReason> {
+    let transfer = pace.transfer(buf.len());
     let mut filled = 0;
     while filled < buf.len() {
-        let read = tokio::time::timeout(timeout, reader.read(&mut buf[filled..])).await;
-        match read.map_err(|_| CloseReason::PayloadStalled(timeout))? {
-            Ok(0) => return Err(CloseReason::Truncated("write payload")),
-            Ok(n) => filled += n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(CloseReason::Io(err)),
+        match transfer.step(reader.read(&mut buf[filled..])).await {
+            Ok(Ok(0)) => return Err(CloseReason::Truncated("write payload")),
+            Ok(Ok(n)) => filled += n,
+            Ok(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(err)) => return Err(CloseReason::Io(err)),
+            Err(Late::Stalled) => return Err(CloseReason::PayloadStalled(pace.idle)),
+            Err(Late::TooSlow) => {
+                return Err(CloseReason::TooSlow { what: "write payload", len: buf.len(), within: transfer.within })
+            }
         }
     }
     Ok(())
@@ -219,12 +278,12 @@ async fn read_payload<R: AsyncRead + Unpin>(
 
 /// Reads and drops the payload of a rejected write, keeping the stream in
 /// step.
-async fn discard_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32, timeout: Duration) -> Result<(), CloseReason> {
+async fn discard_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32, pace: Pace) -> Result<(), CloseReason> {
     let mut left = len as usize;
     let mut scratch = vec![0u8; left.min(64 << 10)];
     while left > 0 {
         let n = left.min(scratch.len());
-        read_payload(reader, &mut scratch[..n], timeout).await?;
+        read_payload(reader, &mut scratch[..n], pace).await?;
         left -= n;
     }
     Ok(())
@@ -415,14 +474,14 @@ impl Drop for ReplyGuard {
 /// add their replies to the same `send`. Each `send` wakes the client; one
 /// per reply, on a busy machine, is a context switch per request (see
 /// bench/RESULTS.md). A request alone on its connection is flushed at once.
-/// A socket that takes no bytes for `timeout` is an error of kind
-/// `TimedOut`; dropping the queue then returns the budget of every reply in
-/// it.
+/// A socket that takes no bytes for the pace's idle time, or a reply more
+/// slowly than the pace, is an error of kind `TimedOut`; dropping the
+/// queue then returns the budget of every reply in it.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut queue: UnboundedReceiver<Reply>,
     outstanding: Outstanding,
-    timeout: Duration,
+    pace: Pace,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(REPLY_BUFFER, writer);
     while let Some(first) = queue.recv().await {
@@ -430,9 +489,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         let mut yielded = false;
         loop {
             while let Some(reply) = next.take() {
-                write_all_timed(&mut out, &proto::simple_reply_header(reply.error, reply.cookie), timeout).await?;
+                let header = proto::simple_reply_header(reply.error, reply.cookie);
+                let transfer = pace.transfer(header.len() + reply.data.as_ref().map_or(0, |d| d.len()));
+                write_all_paced(&mut out, &header, &transfer).await?;
                 if let Some(data) = &reply.data {
-                    write_all_timed(&mut out, data, timeout).await?;
+                    write_all_paced(&mut out, data, &transfer).await?;
                 }
                 // Dropping the reply returns its budget.
                 drop(reply);
@@ -445,16 +506,17 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             yielded = true;
             next = queue.try_recv().ok();
         }
-        tokio::time::timeout(timeout, out.flush()).await.map_err(|_| stalled(timeout))??;
+        let transfer = pace.transfer(out.buffer().len());
+        transfer.step(out.flush()).await.map_err(|late| reply_late(late, &transfer))??;
     }
-    tokio::time::timeout(timeout, out.shutdown()).await.map_err(|_| stalled(timeout))?
+    let transfer = pace.transfer(out.buffer().len());
+    transfer.step(out.shutdown()).await.map_err(|late| reply_late(late, &transfer))?
 }
 
-/// `write_all`, failing if any single write makes no progress for
-/// `timeout` (a slow reader is fine, a stopped one is not).
-async fn write_all_timed<W: AsyncWrite + Unpin>(out: &mut W, mut buf: &[u8], timeout: Duration) -> io::Result<()> {
+/// `write_all`, at the pace of `transfer`.
+async fn write_all_paced<W: AsyncWrite + Unpin>(out: &mut W, mut buf: &[u8], transfer: &Transfer) -> io::Result<()> {
     while !buf.is_empty() {
-        let n = tokio::time::timeout(timeout, out.write(buf)).await.map_err(|_| stalled(timeout))??;
+        let n = transfer.step(out.write(buf)).await.map_err(|late| reply_late(late, transfer))??;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -463,8 +525,15 @@ async fn write_all_timed<W: AsyncWrite + Unpin>(out: &mut W, mut buf: &[u8], tim
     Ok(())
 }
 
-fn stalled(timeout: Duration) -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, format!("client took no reply data for {timeout:?}"))
+fn reply_late(late: Late, transfer: &Transfer) -> io::Error {
+    let what = match late {
+        Late::Stalled => format!("client took no reply data for {:?}", transfer.pace.idle),
+        Late::TooSlow => format!(
+            "client took its replies more slowly than {} bytes/s (not within {:?})",
+            transfer.pace.min_rate, transfer.within
+        ),
+    };
+    io::Error::new(io::ErrorKind::TimedOut, what)
 }
 
 /// The connection's request and byte budgets, and the shared byte budget.
@@ -611,14 +680,14 @@ mod tests {
             max_export_bytes: 1 << 20,
             shared_bytes: Arc::new(Semaphore::new(1 << 20)),
             max_shared_bytes: 1 << 20,
-            reply_timeout: Duration::from_secs(5),
-            payload_timeout: Duration::from_secs(5),
+            reply_pace: Pace { idle: Duration::from_secs(5), min_rate: 1 << 20 },
+            payload_pace: Pace { idle: Duration::from_secs(5), min_rate: 1 << 20 },
             shutdown_grace: Duration::from_secs(1),
         };
         let budget = Budget::new(&limits);
         let (replies, queue) = mpsc::unbounded_channel();
         let socket = Recorder::default();
-        let writer = tokio::spawn(write_replies(socket.clone(), queue, budget.outstanding(), limits.reply_timeout));
+        let writer = tokio::spawn(write_replies(socket.clone(), queue, budget.outstanding(), limits.reply_pace));
 
         // Two requests finish in the same round of the scheduler (as those
         // completed by one batch of I/O completions): the writer, woken by

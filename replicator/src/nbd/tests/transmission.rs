@@ -563,6 +563,81 @@ async fn a_client_that_stops_sending_a_write_payload_is_disconnected() {
     server.stop().await;
 }
 
+/// A client that trickles a write payload (4 KiB every 100 ms: each read
+/// well within the payload timeout) is disconnected once the payload is
+/// late by the minimum rate, and the budget it held goes to the other
+/// clients. (It kept the budget for as long as it trickled: this 1 MiB
+/// payload 26 s, past the test's step.)
+#[tokio::test]
+async fn a_client_that_trickles_a_write_payload_is_disconnected() {
+    let options = ServeOptions {
+        max_total_in_flight_bytes: 1 << 20,
+        payload_timeout: Duration::from_millis(300),
+        min_transfer_rate: 1 << 20,
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let export = server.export("vol");
+    let (mut trickler, _) = server.open("vol").await;
+    let (mut other, _) = server.open("vol").await;
+    trickler.send_request(CMD_WRITE, 0, 1, 0, 1 << 20, &[]).await;
+    let trickle = tokio::spawn(async move {
+        let chunk = pattern(5, 4096);
+        for sent in 0..256 {
+            if trickler.stream.write_all(&chunk).await.is_err() {
+                return sent;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        256
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(step("a write behind the trickled payload", other.write(2, 1 << 20, &pattern(6, 4096), 0)).await, 0);
+    let sent = step("the trickler cut off", trickle).await.expect("trickle task");
+    assert!(sent < 256, "the whole trickled payload was taken");
+    assert_eq!(export.writes.load(Ordering::SeqCst), 1);
+    export.assert_bytes(1 << 20, &pattern(6, 4096));
+    server.stop().await;
+}
+
+/// A client that takes a reply a little at a time (4 KiB every 100 ms;
+/// the socket then wakes the server's writer every few seconds, within the
+/// reply timeout) is disconnected once it is late by the minimum rate, and
+/// the budget the reply held goes to the other clients. (It kept the
+/// budget for as long as it trickled: this 1 MiB reply 26 s, past the
+/// test's step.)
+#[tokio::test]
+async fn a_client_that_trickles_its_reads_is_disconnected() {
+    let options = ServeOptions {
+        max_total_in_flight_bytes: 1 << 20,
+        reply_timeout: Duration::from_secs(5),
+        min_transfer_rate: 1 << 20,
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let (mut trickler, _) = server.open("vol").await;
+    let (mut other, _) = server.open("vol").await;
+    trickler.send_request(CMD_READ, 0, 1, 0, 1 << 20, &[]).await;
+    let trickle = tokio::spawn(async move {
+        let mut got = 0;
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..400 {
+            match trickler.stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        got
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (error, data) = step("a read behind the trickled reply", other.read(2, 1 << 20, 1 << 20)).await;
+    assert_eq!((error, data.len()), (0, 1 << 20));
+    let got = step("the trickler cut off", trickle).await.expect("trickle task");
+    assert!(got < 16 + (1 << 20), "the whole reply was sent: {got} bytes");
+    server.stop().await;
+}
+
 /// A client that stops in the middle of a request header is disconnected
 /// after the payload timeout (it held its connection slot for good); an idle
 /// client between requests is not.
