@@ -46,7 +46,7 @@ impl Group {
     /// sequence through which writes must be durable on both sites before
     /// admission is tried again.
     pub(super) fn activity_log_room(&self, g: &mut Inner, vol: u32, off: u64, len: u64) -> Option<u64> {
-        let durable_both = self.progress.borrow().checkpoint.min(g.local_durable);
+        let durable_both = self.progress.borrow().checkpoint.min(g.replay_safe());
         match g.activity.make_room(vol, off, len, durable_both) {
             Ok(0) => None,
             Ok(_) => {
@@ -101,7 +101,7 @@ impl Group {
             if ask {
                 g.flush_wanted = needed;
             }
-            (g.local_durable, g.volume_written.completed_through(), ask, RoomWaiter::new(self, &mut g))
+            (g.replay_safe(), g.volume_written.completed_through(), ask, RoomWaiter::new(self, &mut g))
         };
         if ask {
             self.ship_wake.notify_one();
@@ -110,7 +110,7 @@ impl Group {
             // One sync for every write waiting: those that queued behind it
             // find the writes durable already.
             let _one = self.activity_sync.lock().await;
-            if lock(&self.inner).local_durable < needed {
+            if lock(&self.inner).replay_safe() < needed {
                 self.sync_all().await?;
             }
             return Ok(());

@@ -167,6 +167,12 @@ struct Inner {
     /// space is freed only below it: a FLUSH may have made a record
     /// durable in the journal alone (see [`Group::flush`]).
     local_durable: u64,
+    /// Every record up to here is durable in the journal, or freed from it
+    /// (a replay starts after it). Below both this and `local_durable`, no
+    /// replay after a power cut can put an older write back over a newer
+    /// one: the activity log may let a region go only there
+    /// ([`Inner::replay_safe`]).
+    journal_durable: u64,
     /// Writes that reached the volumes with no journal record (the group
     /// not paired, bitmap mode, a replica split with `--rw`), counted as
     /// they finish, and how many of them the last volume sync covered.
@@ -403,6 +409,16 @@ impl Inner {
     /// This node's role.
     fn role(&self) -> Role {
         self.persisted.role()
+    }
+
+    /// Every write up to here is durable on this node where no replay of
+    /// the journal after a power cut can undo it: on the volumes, and in
+    /// the journal (or freed from it). A region whose newest write is
+    /// durable on the volumes but not in the journal is not: a power cut
+    /// may take that write from the journal and keep an older one to the
+    /// region, which the restart's replay then puts back over it.
+    fn replay_safe(&self) -> u64 {
+        self.local_durable.min(self.journal_durable)
     }
 }
 
@@ -744,6 +760,7 @@ impl Group {
             activity,
             activity_waiters: 0,
             local_durable: if was_clean { last_jseq } else { 0 },
+            journal_durable: if was_clean { last_jseq } else { 0 },
             // After an unclean stop the volumes may hold writes of before it
             // that are not durable (page cache, the disk's cache): counted
             // as one, until a volume sync covers it.
@@ -1295,7 +1312,7 @@ impl Group {
                         }
                     }
                     let idle_before = self.clock_ms().saturating_sub(ACTIVITY_IDLE.as_millis() as u64);
-                    let durable_both = self.progress.borrow().checkpoint.min(g.local_durable);
+                    let durable_both = self.progress.borrow().checkpoint.min(g.replay_safe());
                     if g.activity.retire(durable_both, idle_before) {
                         // Saved by the flusher, off the write path's lock (a
                         // stale, larger log on disk is safe meanwhile).
@@ -1328,7 +1345,7 @@ impl Group {
             let g = lock(&self.inner);
             let idle_before = self.clock_ms().saturating_sub(ACTIVITY_IDLE.as_millis() as u64);
             if g.last_durability_sync.elapsed() < DURABILITY_SYNC_INTERVAL
-                || !g.activity.waits_for_durability(g.local_durable, idle_before)
+                || !g.activity.waits_for_durability(g.replay_safe(), idle_before)
             {
                 return;
             }

@@ -1049,6 +1049,8 @@ impl Group {
             if let Some(r) = g.ring.as_mut() {
                 r.release_through(checkpoint);
             }
+            // A replay after a power cut starts past them now.
+            g.journal_durable = g.journal_durable.max(checkpoint);
             let keep = g.entries.split_off(&(checkpoint + 1));
             let freed: u64 = g.entries.values().filter_map(|e| e.record.as_ref()).map(|r| r.payload.len() as u64).sum();
             g.entries = keep;

@@ -800,4 +800,5 @@ fn promote(g: &mut Inner, journal: Journal, consistent: bool) {
     g.ready = SeqTracker::new(n);
     g.volume_written = SeqTracker::new(n);
     g.local_durable = n;
+    g.journal_durable = n;
 }

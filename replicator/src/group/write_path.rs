@@ -1015,6 +1015,11 @@ impl Group {
         if result.is_ok() {
             let mut g = lock(&self.inner);
             g.local_durable = g.local_durable.max(covered);
+            if with_journal {
+                // Each record through `covered` was appended before its
+                // volume write began.
+                g.journal_durable = g.journal_durable.max(covered);
+            }
             g.unjournaled_durable = g.unjournaled_durable.max(unjournaled);
             // Each of those FLUSHes covered writes acknowledged before it
             // started: their volume writes had finished before this sync.
