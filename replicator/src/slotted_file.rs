@@ -20,8 +20,10 @@
 //! torn (the disk may keep any subset of its pages), and the other slot
 //! still holds the previous save: what was on disk before the save began,
 //! which is all a save's waiters may rely on. A save that fails is retried
-//! into the same slot, so the previous save is never overwritten before a
-//! newer one is durable.
+//! into the same slot, and opening the file makes its newest save durable
+//! (a process killed between a save's write and its sync left it in the
+//! page cache), so the previous save is never overwritten before a newer
+//! one is durable.
 //!
 //! A payload too large for the slots (a log grown past its budget, a first
 //! save) lays the file out anew, twice as large as needed, through
@@ -67,8 +69,17 @@ impl SlottedFile {
         file.read_to_end(&mut bytes)?;
         if let Some(slots) = Slots::parse(&bytes) {
             me.slot_len = slots.slot_len;
-            if let Some((slot, counter, _)) = slots.newest() {
+            if let Some((slot, counter, payload)) = slots.newest() {
                 (me.newest_slot, me.counter) = (slot, counter);
+                // The newest save may be in the page cache alone (a daemon
+                // killed between its write and its sync, or a sync that
+                // failed): durable before any save here writes the other
+                // slot, which may hold the only durable copy. Written again,
+                // not only synced: pages whose writeback failed are clean
+                // in the cache, and a sync would not write them.
+                let at = slot * slots.slot_len;
+                file.write_all_at(&bytes[at..at + HEADER_LEN + payload.len()], at as u64)?;
+                file.sync_data()?;
             }
             me.file = Some(file);
         }
