@@ -278,6 +278,13 @@ pub async fn run(
     } else if let Some(p) = &record.report {
         println!("\nreport: {} (and .md)", p.display());
     }
+    if let Some(why) = &record.discarded {
+        // What the command read may not be the recovery point's image.
+        eprintln!("replicator: the drill copy was discarded during the drill ({why}): the drill did not pass");
+        if code == exit::OK {
+            return Err(ExitCode::from(exit::FAILED));
+        }
+    }
     Ok(ExitCode::from(code))
 }
 

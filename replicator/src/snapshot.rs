@@ -188,8 +188,13 @@ impl Snapshot {
         if why.is_some() {
             return true;
         }
-        let renamed = std::fs::rename(&g.record, g.record.with_extension("given-up"))
-            .and_then(|()| crate::durable::sync_parent(&g.record));
+        let renamed = match std::fs::rename(&g.record, g.record.with_extension("given-up")) {
+            Ok(()) => crate::durable::sync_parent(&g.record),
+            // `drill stop` removed the record first (it detaches the copy
+            // next): a restart finds nothing to bring back either way.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
         match renamed {
             Ok(()) => {
                 // What the copies held is worthless now: their space goes

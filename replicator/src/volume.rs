@@ -7,11 +7,13 @@
 //! request touching those blocks), and the record carries the whole blocks.
 //! The secondary therefore only ever sees aligned records.
 
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 
 use bytes::Bytes;
+use nix::fcntl::{Flock, FlockArg};
 use replicator_protocol::record::{Record, RecordOp};
 
 use crate::config::VolumeConfig;
@@ -38,6 +40,18 @@ pub enum VolumeError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A regular file another process holds open as a volume (another
+    /// daemon, with another state_dir).
+    #[error(
+        "volume {name}: {path} is in use as a volume by another process (another replicator daemon?): a volume is \
+         written through one daemon only"
+    )]
+    InUse {
+        /// Volume name.
+        name: String,
+        /// Backing path.
+        path: PathBuf,
+    },
     /// The size is not usable.
     #[error("volume {name}: {path}: size {size} is not a non-zero multiple of 4096 bytes")]
     BadSize {
@@ -58,6 +72,11 @@ pub struct Volume {
     /// Index within its group (the volume number on the wire).
     pub index: u32,
     file: BlockFile,
+    /// For a regular file, an exclusive `flock` on it while the volume is
+    /// open: two daemons (each with its own state_dir, whose lock does not
+    /// see the other) never write one file. A block device is opened with
+    /// `O_EXCL` instead.
+    _lock: Option<Flock<File>>,
     /// Copy-on-write snapshots of this volume (a drill copy, the image a
     /// resync protects): every write waits until the chunks it touches are
     /// durably preserved in each.
@@ -188,6 +207,23 @@ pub(crate) fn check_writable(path: &Path, what: &str) -> Result<(), String> {
     }
 }
 
+/// Takes the exclusive `flock` of a regular file's volume (see
+/// `Volume::_lock`), on a descriptor of its own.
+fn lock_file(cfg: &VolumeConfig) -> Result<Flock<File>, VolumeError> {
+    let open = |source: io::Error| VolumeError::Open {
+        name: cfg.name.clone(),
+        source: IoError::Open { path: cfg.path.clone(), source },
+    };
+    let file = File::open(&cfg.path).map_err(open)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            Err(VolumeError::InUse { name: cfg.name.clone(), path: cfg.path.clone() })
+        }
+        Err((_, errno)) => Err(open(io::Error::from(errno))),
+    }
+}
+
 impl Volume {
     /// Opens the volume's file or block device. A missing path is created as
     /// a sparse file of `size` bytes only with `create = true`; otherwise it
@@ -198,11 +234,12 @@ impl Volume {
         let opts = OpenOptions { create_size: cfg.size, create: cfg.create, direct: true, read_only: false };
         let file =
             engine.open(&cfg.path, &opts).map_err(|source| VolumeError::Open { name: cfg.name.clone(), source })?;
+        let lock = if file.is_block_device() { None } else { Some(lock_file(cfg)?) };
         let size = file.size();
         if size == 0 || size % IO_ALIGN as u64 != 0 {
             return Err(VolumeError::BadSize { name: cfg.name.clone(), path: cfg.path.clone(), size });
         }
-        Ok(Volume { name: cfg.name.clone(), index, file, snapshots: std::sync::RwLock::new(Vec::new()) })
+        Ok(Volume { name: cfg.name.clone(), index, file, _lock: lock, snapshots: std::sync::RwLock::new(Vec::new()) })
     }
 
     /// Size in bytes.
@@ -238,6 +275,17 @@ impl Volume {
     /// Stops keeping `snapshot` (writes already preserving into it finish).
     pub fn detach_snapshot(&self, snapshot: &Arc<Snapshot>) {
         self.snapshots.write().unwrap_or_else(PoisonError::into_inner).retain(|s| !Arc::ptr_eq(s, snapshot));
+    }
+
+    /// Makes every completed write into each attached snapshot durable (a
+    /// drill client's, at a clean stop: the chunks it wrote first are held
+    /// in memory until then); a discarded one keeps nothing.
+    pub async fn flush_snapshots(&self) -> Result<(), IoError> {
+        let snapshots = self.snapshots.read().unwrap_or_else(PoisonError::into_inner).clone();
+        for s in snapshots.iter().filter(|s| s.given_up().is_none()) {
+            s.flush().await?;
+        }
+        Ok(())
     }
 
     /// Before any write of `[offset, offset + len)`: every snapshot holds
@@ -366,6 +414,24 @@ mod tests {
             assert_eq!(field, "path");
             assert!(m.contains("no-such-dir") && m.contains("does not exist"), "{m}");
         }
+    }
+
+    /// A regular file is a volume of one daemon at a time (two daemons
+    /// with their own state_dirs do not see each other's state lock): a
+    /// second open for writing is refused until the first is closed; a
+    /// read-only probe (`config check`) is not.
+    #[test]
+    fn a_regular_file_is_opened_as_a_volume_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = IoEngine::new(crate::io::BackendChoice::Threads);
+        let c = cfg(dir.path().join("v.img"), Some(1 << 20), true);
+        let first = Volume::open(&engine, &c, 0).expect("open");
+        let e = Volume::open(&engine, &c, 0).expect_err("a second writer");
+        assert!(matches!(e, VolumeError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("in use as a volume by another process"), "{e}");
+        probe(&engine, &c).expect("a read-only probe next to the writer");
+        drop(first);
+        Volume::open(&engine, &c, 0).expect("open once the first is closed");
     }
 
     #[test]

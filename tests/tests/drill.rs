@@ -317,6 +317,32 @@ fn a_drill_copy_is_one_consistent_point_of_both_volumes_and_replication_goes_on(
     c.assert_volumes_identical("g");
 }
 
+/// A clean stop of the secondary keeps what a drill client wrote without
+/// a flush. (The chunks a client writes first are held in memory until a
+/// flush or the next apply's commit: after a restart the copy read them
+/// from the replica again, undoing writes the client was told succeeded.)
+#[test]
+fn a_clean_stop_keeps_a_drill_clients_unflushed_writes() {
+    let mut c = two_volume_cluster(Mode::Async, |o| o);
+    cli_ok(&c, Site::B, &["drill", "start", "g"]);
+    let data = vec![0xd7u8; 3 * 64 * 1024];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::B), "drill/v0").await.expect("attach");
+        client.write(MIB, &data, false).await.expect("write the copy");
+        let _ = client.disconnect().await;
+    });
+    c.stop(Site::B);
+    c.start(Site::B);
+    c.wait_pair("g", Duration::from_secs(60));
+    let image = read_export(&c.nbd_socket(Site::B), "drill/v0");
+    assert!(
+        image[MIB as usize..MIB as usize + data.len()] == data[..],
+        "the drill client's write was undone by a clean stop\n{}",
+        c.diagnostics()
+    );
+}
+
 #[test]
 fn drill_run_reports_its_command_and_keeps_a_history() {
     let qemu_io = require("qemu-io");
@@ -696,6 +722,12 @@ fn a_drill_copy_that_fills_the_state_dir_is_discarded_and_replication_goes_on() 
     assert!(shown.contains("DRILL COPY DISCARDED"), "{shown}");
     assert!(c.status(Site::B, "f").last_error.is_none(), "the group must not have stopped");
     cli_ok(&c, Site::B, &["drill", "stop", "f"]);
+    // The drill's record says so (it said `manual`, or `passed` for a
+    // `drill run` whose command exited 0 on a discarded copy).
+    let history: serde_json::Value =
+        serde_json::from_slice(&c.cli(Site::B, &["drill", "history", "f", "--json"]).stdout).expect("history json");
+    assert_eq!(history[0]["result"], "discarded", "{history}");
+    assert!(history[0]["discarded"].as_str().is_some_and(|why| why.contains("copy-on-write failed")), "{history}");
     c.stop(Site::B);
     c.start(Site::B);
     c.wait_drained("f");

@@ -1085,9 +1085,17 @@ impl Session {
     /// follow). Returns whether it completed (false after an I/O error,
     /// during the drain or before it).
     async fn drain(&mut self, send: &mut FramedSend) -> bool {
-        // The drain applies what a drill's freeze holds back: the drill
-        // hears first (its channel closes), and discards a copy it has not
-        // attached yet rather than take those writes into it.
+        // The drain applies what a drill's freeze holds back. Once `drill
+        // start` knows the frozen point, it takes its copy of the volumes
+        // as they are: the drain waits until that copy is attached (its
+        // copy-on-write then preserves what the drain overwrites), or given
+        // up. (It used to go on at once, and the drill discarded a copy not
+        // attached yet; but a stop or a crash before that discard kept a
+        // copy holding writes past its recovery point.) A freeze not yet
+        // answered ends here: the drill hears it (its channel closes).
+        if self.thaw.is_some() && self.freeze_reply.is_none() {
+            wait_thaw(&mut self.thaw).await;
+        }
         self.thaw = None;
         self.freeze_reply = None;
         self.machine.begin_drain();

@@ -161,9 +161,15 @@ pub struct DrillRecord {
     pub stopped_at_us: u64,
     /// Space the copy used when it was discarded, in bytes.
     pub space_used_bytes: u64,
-    /// `passed`, `failed`, `timed-out`, `interrupted` (`drill run`) or
-    /// `manual` (`drill start`/`stop`).
+    /// `passed`, `failed`, `timed-out`, `interrupted` (`drill run`),
+    /// `manual` (`drill start`/`stop`), or `discarded` whatever the
+    /// command did, when the copy was discarded during the drill.
     pub result: String,
+    /// Why the copy was discarded during the drill (a copy-on-write into it
+    /// failed): from then on its exports failed, and reads just before may
+    /// have returned part of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<String>,
     /// The command's outcome (`drill run`).
     #[serde(default)]
     pub outcome: Option<DrillOutcome>,
@@ -178,6 +184,9 @@ impl DrillRecord {
         let m = &self.meta;
         let mut s = format!("# Drill {} of group {}\n\n", m.id, m.group);
         s.push_str(&format!("- **Result:** {}\n", self.result));
+        if let Some(why) = &self.discarded {
+            s.push_str(&format!("- **Copy discarded during the drill:** {why}\n"));
+        }
         s.push_str(&format!("- **Site:** {} (the secondary)\n", self.node));
         s.push_str(&format!("- **Started:** {}\n", format_time(m.started_at_us)));
         s.push_str(&format!("- **Stopped:** {}\n", format_time(self.stopped_at_us)));
@@ -450,9 +459,9 @@ impl Group {
             .map_err(|e| GroupError::Failed(format!("drill start: {e}")))??
         };
         if thaw.as_ref().is_some_and(oneshot::Sender::is_closed) {
-            // The session ended (and its drain may have applied writes
-            // beyond the point) before the copy was attached: its chunks
-            // could hold them. Nothing is kept.
+            // The session ended before the copy was attached, without a
+            // drain (which waits for the copy): nothing is kept rather than
+            // rely on what its end left applied.
             image.detach(&self.volumes).await;
             tokio::task::spawn_blocking(move || image.remove())
                 .await
@@ -518,7 +527,9 @@ impl Group {
             return Err(GroupError::Failed(format!("group {name}: the drill goes on: {e}")));
         }
         drill.image.detach(&self.volumes).await;
+        let discarded = drill.image.given_up();
         let result = match &outcome {
+            _ if discarded.is_some() => "discarded",
             None => "manual",
             Some(o) if o.interrupted => "interrupted",
             Some(o) if o.timed_out => "timed-out",
@@ -532,6 +543,7 @@ impl Group {
             stopped_at_us: unix_micros(),
             space_used_bytes,
             result: result.to_string(),
+            discarded,
             report: outcome.is_some().then(|| reports_dir(&group_dir).join(format!("{}.json", drill.meta.id))),
             outcome,
         };

@@ -132,6 +132,11 @@ impl Group {
             if g.taking_over {
                 return Err(GroupError::Failed(format!("group {name}: a failover is running here")));
             }
+            if rw && g.drill_starting {
+                // Writes here would reach the volumes under a drill copy
+                // being taken of them (as for a failover: takeover.rs).
+                return Err(GroupError::Failed(format!("group {name}: a drill is starting here; retry in a moment")));
+            }
             if rw && g.persisted.role.as_secondary().is_some_and(|s| s.copy_incomplete || !s.consistent) {
                 return Err(GroupError::Refused(format!(
                     "group {name}: this replica is not consistent (a copy or resync is running); its volumes cannot \

@@ -1526,6 +1526,13 @@ impl Group {
                 Role::None => return Err(GroupError::Refused(format!("group {name} is not paired (SIMPLEX)"))),
                 Role::Secondary => match g.session_cmd.clone() {
                     Some(session) => (Next::AskSession(session), None),
+                    None if g.drill_starting => {
+                        // Its volumes would become writable under a drill
+                        // copy being taken of them.
+                        return Err(GroupError::Failed(format!(
+                            "group {name}: a drill is starting here; retry in a moment"
+                        )));
+                    }
                     None => {
                         let save =
                             self.dissolve(&mut g, "pair delete on the secondary while the primary is unreachable");
@@ -1722,6 +1729,9 @@ impl Group {
         for v in &self.volumes {
             if let Err(e) = v.sync().await {
                 problems.push(format!("volume {}: final flush failed: {e}", v.name));
+            }
+            if let Err(e) = v.flush_snapshots().await {
+                problems.push(format!("volume {}: final flush of its drill copy failed: {e}", v.name));
             }
         }
         if let Some(j) = self.journal_handle() {
