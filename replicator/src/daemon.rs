@@ -373,6 +373,25 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
             }
         });
     }
+    // Before the groups start and systemd hears READY: a stop or reload
+    // signal from then on finds its handler (the default actions kill).
+    let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Socket {
+        what: "signal handler",
+        path: "SIGTERM".into(),
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Socket {
+        what: "signal handler",
+        path: "SIGINT".into(),
+        source,
+    })?;
+    // SIGHUP would kill the daemon without a clean stop (its default
+    // action); it reloads what can be reloaded instead.
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Socket {
+        what: "signal handler",
+        path: "SIGHUP".into(),
+        source,
+    })?;
     for g in &node.groups {
         g.start();
     }
@@ -399,23 +418,6 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         });
     }
 
-    let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Socket {
-        what: "signal handler",
-        path: "SIGTERM".into(),
-        source,
-    })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Socket {
-        what: "signal handler",
-        path: "SIGINT".into(),
-        source,
-    })?;
-    // SIGHUP would kill the daemon without a clean stop (its default
-    // action); it reloads what can be reloaded instead.
-    let mut hup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Socket {
-        what: "signal handler",
-        path: "SIGHUP".into(),
-        source,
-    })?;
     loop {
         tokio::select! {
             _ = term.recv() => {
@@ -532,13 +534,11 @@ fn reload(running: &Config, node: &Node, transport: &Transport, nbd_tls: Option<
         Err(e) => kept.push(format!("the previous TLS certificate, key and CA ({e})")),
     }
     // The allow-list applies whether or not the certificate did. (Turning
-    // NBD-TLS off needs a restart, which keeps the running list until then.)
-    if let Some(tls) = nbd_tls {
-        let clients = if fresh.node.nbd_tls == NbdTlsMode::Require {
-            fresh.node.nbd_tls_clients.clone()
-        } else {
-            running.node.nbd_tls_clients.clone()
-        };
+    // NBD-TLS off needs a restart, which keeps the list in force until
+    // then: the one last reloaded, not the one of the start, which may
+    // name a client revoked since.)
+    if let Some(tls) = nbd_tls.filter(|_| fresh.node.nbd_tls == NbdTlsMode::Require) {
+        let clients = fresh.node.nbd_tls_clients.clone();
         reloaded.push(format!("nbd_tls_clients {clients:?}"));
         tls.replace_clients(clients);
     }

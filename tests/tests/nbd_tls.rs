@@ -168,6 +168,28 @@ fn nbd_tls_clients_accepts_only_the_listed_names() {
     assert!(ok, "app-1 (listed now) was refused:\n{out}\n{}", c.diagnostics());
     let (ok, out) = qemu_io(port, Some(&app2), "read 0 4096");
     assert!(!ok, "app-2 (no longer listed) was served:\n{out}");
+
+    // Turning NBD-TLS off takes a restart: until then the list last
+    // reloaded stays in force. (The reload put the list of the start back,
+    // and app-2, revoked above, was served again.)
+    let reloads = c.log(Site::A).matches("SIGHUP: reloaded").count();
+    let off = std::fs::read_to_string(c.config_path(Site::A))
+        .expect("config")
+        .replace("nbd_tls = \"require\"", "nbd_tls = \"off\"")
+        .replace("nbd_tls_clients = [\"app-1\"]", "");
+    std::fs::write(c.config_path(Site::A), off).expect("config");
+    c.signal(Site::A, nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.log(Site::A).matches("SIGHUP: reloaded").count() == reloads {
+        assert!(Instant::now() < deadline, "no second reload\n{}", c.diagnostics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let line = c.log(Site::A).lines().rfind(|l| l.contains("SIGHUP: reloaded")).unwrap_or_default().to_string();
+    assert!(line.contains("node.nbd_tls"), "the change of nbd_tls waits for a restart: {line}");
+    let (ok, out) = qemu_io(port, Some(&app2), "read 0 4096");
+    assert!(!ok, "app-2, revoked, was served again after a reload that turns NBD-TLS off:\n{out}");
+    let (ok, out) = qemu_io(port, Some(&app1), "read 0 4096");
+    assert!(ok, "app-1 (listed) was refused:\n{out}\n{}", c.diagnostics());
 }
 
 #[test]
