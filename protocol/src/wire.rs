@@ -100,7 +100,8 @@ pub enum WireError {
         /// The limit ([`MAX_FRAME_FIELDS`]).
         max: usize,
     },
-    /// A `Hello` longer than [`MAX_HELLO_LEN`].
+    /// A `Hello` longer than [`MAX_HELLO_LEN`] (several in one envelope
+    /// counted together).
     #[error("Hello of {len} bytes exceeds the {max}-byte limit")]
     HelloTooLarge {
         /// Its length.
@@ -457,7 +458,7 @@ impl<M: AlignedMemory> FrameDecoder<M> {
 fn check_fields(mut frame: impl Buf) -> Result<(), WireError> {
     use prost::encoding::{decode_key, decode_varint, WireType};
     let malformed = |e: prost::DecodeError| WireError::Decode(e.to_string());
-    let mut fields = 0usize;
+    let (mut fields, mut hello_len) = (0usize, 0usize);
     while frame.has_remaining() {
         let (tag, wire_type) = decode_key(&mut frame).map_err(malformed)?;
         fields += 1;
@@ -465,8 +466,13 @@ fn check_fields(mut frame: impl Buf) -> Result<(), WireError> {
             skip_field(wire_type, &mut frame)?;
         } else {
             let len = length(decode_varint(&mut frame).map_err(malformed)?, frame.remaining())?;
-            if tag == ENVELOPE_HELLO_TAG && len > MAX_HELLO_LEN {
-                return Err(WireError::HelloTooLarge { len, max: MAX_HELLO_LEN });
+            if tag == ENVELOPE_HELLO_TAG {
+                // Several Hellos in one envelope merge into one (their
+                // version lists appended): counted together.
+                hello_len += len;
+                if hello_len > MAX_HELLO_LEN {
+                    return Err(WireError::HelloTooLarge { len: hello_len, max: MAX_HELLO_LEN });
+                }
             }
             // A message the envelope carries: count its fields (list
             // elements among them), not those inside them.
@@ -935,6 +941,17 @@ mod tests {
         let mut body = BytesMut::new();
         envelope(Body::Record(pb::Record { seq: 1, ..Default::default() })).encode(&mut body).expect("encode");
         long.encode(&mut body).expect("encode");
+        let mut frame = BytesMut::new();
+        prost::encoding::encode_varint(body.len() as u64, &mut frame);
+        frame.extend_from_slice(&body);
+        assert!(matches!(decode_one(&frame), Err(WireError::HelloTooLarge { .. })));
+
+        // Hellos of 2 KiB each, three in one envelope: merged, so counted
+        // together.
+        let mut body = BytesMut::new();
+        for _ in 0..3 {
+            envelope(hello(2000)).encode(&mut body).expect("encode");
+        }
         let mut frame = BytesMut::new();
         prost::encoding::encode_varint(body.len() as u64, &mut frame);
         frame.extend_from_slice(&body);

@@ -214,7 +214,9 @@ fn lock_file(cfg: &VolumeConfig) -> Result<Flock<File>, VolumeError> {
         name: cfg.name.clone(),
         source: IoError::Open { path: cfg.path.clone(), source },
     };
-    let file = File::open(&cfg.path).map_err(open)?;
+    // Read-write: where `flock` is emulated with `fcntl` locks (NFS), an
+    // exclusive lock needs a descriptor open for writing.
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&cfg.path).map_err(open)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(lock),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {

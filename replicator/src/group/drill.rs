@@ -512,6 +512,9 @@ impl Group {
             drill
         };
         let space_used_bytes = drill.image.held_bytes();
+        // Whether the copy was discarded while the drill ran (a failure of
+        // a copy-on-write once it is forgotten, below, does not count).
+        let discarded = drill.image.given_up();
         // Once detached, replication overwrites the volumes without
         // preserving: the record goes first, so that a restart from then on
         // does not bring back a drill copy whose chunks read those writes.
@@ -527,7 +530,6 @@ impl Group {
             return Err(GroupError::Failed(format!("group {name}: the drill goes on: {e}")));
         }
         drill.image.detach(&self.volumes).await;
-        let discarded = drill.image.given_up();
         let result = match &outcome {
             _ if discarded.is_some() => "discarded",
             None => "manual",

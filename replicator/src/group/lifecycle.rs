@@ -322,6 +322,11 @@ impl Group {
             if g.taking_over {
                 return Err(GroupError::Failed(format!("group {name}: a failover is running here")));
             }
+            if g.drill_starting {
+                // Writes of the new primary would reach the volumes under a
+                // drill copy not attached yet (takeover.rs).
+                return Err(GroupError::Failed(format!("group {name}: a drill is starting here; retry in a moment")));
+            }
             g.taking_over = true;
             (g.persisted.pair_id, g.persisted.epoch)
         };
