@@ -952,7 +952,7 @@ impl Group {
     /// without this journal: `metadata_flusher`).
     pub async fn flush(&self) -> Result<(), WriteError> {
         self.writeback_hint.on_flush(self.clock_ms());
-        let (target, journal) = {
+        let (target, journal, appended) = {
             let mut g = lock(&self.inner);
             let target = if g.role() == Role::Primary && self.cfg.mode == Mode::Sync {
                 let t = g.last_jseq;
@@ -962,13 +962,19 @@ impl Group {
                 None
             };
             let journal = g.journal.clone().filter(|_| Self::journal_only_durability(&mut g));
-            (target, journal)
+            (target, journal, g.ready.completed_through())
         };
         if target.is_some() {
             self.ship_wake.notify_one();
         }
         match journal {
-            Some(j) => self.sync_journal(&j).await?,
+            Some(j) => {
+                self.sync_journal(&j).await?;
+                // Every record appended when it began is durable in the
+                // journal (for the activity log: `Inner::replay_safe`).
+                let mut g = lock(&self.inner);
+                g.journal_durable = g.journal_durable.max(appended);
+            }
             None => self.sync_all().await?,
         }
         if let Some(t) = target {
