@@ -259,7 +259,16 @@ async fn read_header<R: AsyncRead + Unpin>(
 
 /// Fills `buf` with write payload, at `pace`.
 async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8], pace: Pace) -> Result<(), CloseReason> {
-    let transfer = pace.transfer(buf.len());
+    read_payload_within(reader, buf, &pace.transfer(buf.len()), buf.len()).await
+}
+
+/// Fills `buf` with payload, part of a transfer of `len` bytes.
+async fn read_payload_within<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut [u8],
+    transfer: &Transfer,
+    len: usize,
+) -> Result<(), CloseReason> {
     let mut filled = 0;
     while filled < buf.len() {
         match transfer.step(reader.read(&mut buf[filled..])).await {
@@ -267,9 +276,9 @@ async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8], pace
             Ok(Ok(n)) => filled += n,
             Ok(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(err)) => return Err(CloseReason::Io(err)),
-            Err(Late::Stalled) => return Err(CloseReason::PayloadStalled(pace.idle)),
+            Err(Late::Stalled) => return Err(CloseReason::PayloadStalled(transfer.pace.idle)),
             Err(Late::TooSlow) => {
-                return Err(CloseReason::TooSlow { what: "write payload", len: buf.len(), within: transfer.within })
+                return Err(CloseReason::TooSlow { what: "write payload", len, within: transfer.within })
             }
         }
     }
@@ -277,13 +286,14 @@ async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8], pace
 }
 
 /// Reads and drops the payload of a rejected write, keeping the stream in
-/// step.
+/// step: one transfer at `pace`, in pieces.
 async fn discard_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32, pace: Pace) -> Result<(), CloseReason> {
     let mut left = len as usize;
+    let transfer = pace.transfer(left);
     let mut scratch = vec![0u8; left.min(64 << 10)];
     while left > 0 {
         let n = left.min(scratch.len());
-        read_payload(reader, &mut scratch[..n], pace).await?;
+        read_payload_within(reader, &mut scratch[..n], &transfer, len as usize).await?;
         left -= n;
     }
     Ok(())

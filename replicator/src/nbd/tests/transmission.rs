@@ -600,6 +600,34 @@ async fn a_client_that_trickles_a_write_payload_is_disconnected() {
     server.stop().await;
 }
 
+/// The payload of a rejected write (beyond the end of the export) is
+/// read and dropped as one transfer: a client trickling it (4 KiB every
+/// 100 ms, each 64 KiB piece within the payload timeout plus its length at
+/// the minimum rate) is disconnected once the whole is late. (Each piece
+/// had a deadline of its own: this 1 MiB payload took 26 s, past the
+/// test's step, and a 32 MiB one at the defaults could take hours.)
+#[tokio::test]
+async fn a_client_that_trickles_a_rejected_payload_is_disconnected() {
+    let options =
+        ServeOptions { payload_timeout: Duration::from_secs(2), min_transfer_rate: 1 << 20, ..ServeOptions::default() };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let (mut trickler, _) = server.open("vol").await;
+    trickler.send_request(CMD_WRITE, 0, 1, SIZE, 1 << 20, &[]).await;
+    let trickle = tokio::spawn(async move {
+        let chunk = pattern(5, 4096);
+        for sent in 0..256 {
+            if trickler.stream.write_all(&chunk).await.is_err() {
+                return sent;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        256
+    });
+    let sent = step("the trickler cut off", trickle).await.expect("trickle task");
+    assert!(sent < 256, "the whole trickled payload was taken");
+    server.stop().await;
+}
+
 /// A client that takes a reply a little at a time (4 KiB every 100 ms;
 /// the socket then wakes the server's writer every few seconds, within the
 /// reply timeout) is disconnected once it is late by the minimum rate, and
