@@ -563,6 +563,22 @@ async fn a_client_that_stops_sending_a_write_payload_is_disconnected() {
     server.stop().await;
 }
 
+/// Sends a request's 1 MiB payload 4 KiB every 100 ms (40 KB/s) from a
+/// task of its own; the task returns how many 4 KiB pieces went out before
+/// the server closed the connection (256: all of them).
+fn trickle_payload(mut client: RawClient) -> JoinHandle<usize> {
+    tokio::spawn(async move {
+        let chunk = pattern(5, 4096);
+        for sent in 0..256 {
+            if client.stream.write_all(&chunk).await.is_err() {
+                return sent;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        256
+    })
+}
+
 /// A client that trickles a write payload (4 KiB every 100 ms: each read
 /// well within the payload timeout) is disconnected once the payload is
 /// late by the minimum rate, and the budget it held goes to the other
@@ -581,16 +597,7 @@ async fn a_client_that_trickles_a_write_payload_is_disconnected() {
     let (mut trickler, _) = server.open("vol").await;
     let (mut other, _) = server.open("vol").await;
     trickler.send_request(CMD_WRITE, 0, 1, 0, 1 << 20, &[]).await;
-    let trickle = tokio::spawn(async move {
-        let chunk = pattern(5, 4096);
-        for sent in 0..256 {
-            if trickler.stream.write_all(&chunk).await.is_err() {
-                return sent;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        256
-    });
+    let trickle = trickle_payload(trickler);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(step("a write behind the trickled payload", other.write(2, 1 << 20, &pattern(6, 4096), 0)).await, 0);
     let sent = step("the trickler cut off", trickle).await.expect("trickle task");
@@ -613,16 +620,7 @@ async fn a_client_that_trickles_a_rejected_payload_is_disconnected() {
     let server = Server::start_with(MemCatalog::standard(), options);
     let (mut trickler, _) = server.open("vol").await;
     trickler.send_request(CMD_WRITE, 0, 1, SIZE, 1 << 20, &[]).await;
-    let trickle = tokio::spawn(async move {
-        let chunk = pattern(5, 4096);
-        for sent in 0..256 {
-            if trickler.stream.write_all(&chunk).await.is_err() {
-                return sent;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        256
-    });
+    let trickle = trickle_payload(trickler);
     let sent = step("the trickler cut off", trickle).await.expect("trickle task");
     assert!(sent < 256, "the whole trickled payload was taken");
     server.stop().await;
