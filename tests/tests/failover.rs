@@ -390,6 +390,50 @@ fn a_primary_stopped_in_a_switchover_takes_no_writes_until_the_peer_answers() {
     assert_eq!(write_blocks(&cluster, "ho-vol", 0..1), 1, "standalone, the volume takes writes");
 }
 
+/// A switchover's request the secondary never got, and meanwhile the
+/// secondary split with --rw, took writes and failed over: the old primary
+/// takes the new generation for its switchover's answer and becomes its
+/// secondary at the handed-over record, so the regions the new primary
+/// wrote while split (in its bitmap, not its journal) must be copied to it.
+/// They were not (the new primary had nothing to copy): PAIR, lag 0, and
+/// the sites differed at those blocks.
+#[test]
+fn a_switchover_answered_by_a_failover_gets_the_regions_written_while_split() {
+    let group = GroupSpec::new("hf", Mode::Sync).volume("hf-vol", 64 * MIB).link_timeout(Duration::from_secs(2));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("hf");
+    cluster.wait_pair("hf", Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, "hf-vol", 0..32), 32);
+    let last = cluster.wait_drained("hf").last_seq;
+    cluster.stop(Site::A);
+    let dir = cluster.state_dir(Site::A).join("groups").join("hf");
+    let state = std::fs::read(dir.join("state.json")).expect("state.json");
+    set_handing_over(&cluster, Site::A, "hf", &state, last, false);
+
+    // The secondary, its primary gone: split --rw, writes far from the
+    // primary's, then failover.
+    cluster.wait_until(Site::B, "hf", "detached", Duration::from_secs(60), |s| !s.connected);
+    let (code, out) = cli(&cluster, Site::B, &["pair", "split", "hf", "--rw"]);
+    assert_eq!(code, 0, "{out}");
+    cluster.wait_until(Site::B, "hf", "split and writable", Duration::from_secs(60), |s| s.writable);
+    assert_eq!(writer(&cluster, Site::B, "hf-vol", 500, 510).join().expect("writer"), 510);
+    let (code, out) = cli(&cluster, Site::B, &["failover", "hf"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("written here while split with --rw"), "{out}");
+
+    // The old primary comes back waiting for its switchover's answer.
+    cluster.start(Site::A);
+    cluster.wait_until(Site::A, "hf", "the new primary's secondary", Duration::from_secs(60), |s| {
+        s.role == "secondary" && s.state == "PAIR" && s.connected
+    });
+    cluster.wait_until(Site::B, "hf", "primary in PAIR, drained", Duration::from_secs(60), |s| {
+        s.role == "primary" && s.state == "PAIR" && s.connected && s.lag_records == 0
+    });
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("hf");
+}
+
 /// A hand-over the peer never took (it answers as the secondary still)
 /// clears the marker, and writes wait until that save is on disk: a power
 /// cut before it finds the marker, and the restart takes the journal's end

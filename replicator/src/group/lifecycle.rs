@@ -339,12 +339,10 @@ impl Group {
         };
         let (generation, save) = {
             let mut g = lock(&self.inner);
-            // Its writes while split stay marked (`Group::promote`): they
-            // are copied to the former primary with its own changes.
+            // Its writes while split stay marked and are copied to the
+            // former primary with its own changes (`Group::promote`).
             self.promote(&mut g, journal, true, &[]);
-            let copy_pending = g.bitmaps.iter().any(|b| !b.is_clean());
             if let Some(p) = g.persisted.role.as_primary_mut() {
-                p.copy_pending = copy_pending;
                 p.swap = true;
                 p.admin_resync = true;
             }

@@ -636,10 +636,24 @@ impl Group {
                 bitmap.set_range(offset, len);
             }
         }
+        // Regions these volumes hold that the peer was never sent (written
+        // while split with --rw, a rolled-back resync, a lost restore
+        // journal) are copied to the next secondary: a former primary that
+        // rebases has them copied with its own, but one that takes this
+        // promotion for its stalled switchover's answer becomes the
+        // secondary at the takeover point, holding everything else.
+        if g.bitmaps.iter().any(|b| !b.is_clean()) {
+            if let Some(p) = g.persisted.role.as_primary_mut() {
+                p.copy_pending = true;
+            }
+        }
         // Writes wait for every earlier record to be journaled: all
-        // through the recovery point are.
+        // through the recovery point are, and none after it (this role's
+        // first record is n + 1). Set, not raised: a node primary before,
+        // up to a later record than n, would let its new writes through
+        // that many numbers without waiting for the appends before them.
         let n = g.last_jseq;
-        self.journaled_through.send_modify(|t| *t = (*t).max(n));
+        self.journaled_through.send_replace(n);
         let save = self.save_later(g);
         self.publish(g);
         save
