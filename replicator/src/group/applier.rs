@@ -828,6 +828,9 @@ async fn restore_journal(group: &Group, pair_id: u64, fresh: bool) -> Result<Arc
             return Ok(j);
         }
     }
+    if fresh {
+        group.settle_appends().await.map_err(|e| (pb::Refusal::Unspecified, e.to_string()))?;
+    }
     let path = journal_path(&group.store);
     let journal = Journal::open(&group.engine, &path, group.cfg.journal_size, &group.cfg.name, pair_id, epoch, fresh)
         .await

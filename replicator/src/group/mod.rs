@@ -1397,6 +1397,26 @@ impl Group {
         Ok(Journal::open(&self.engine, &path, self.cfg.journal_size, &self.cfg.name, pair_id, epoch, true).await?)
     }
 
+    /// Waits until every record this node sequenced as a primary is in the
+    /// journal file. Writes admitted before `pair delete` (or before the
+    /// pair's end as a former primary) may still be on their way to it,
+    /// through the old journal's descriptor; a fresh journal reuses the
+    /// file (the same inode when its size is unchanged), and such an append
+    /// landing after the new pair's records passed its position would end
+    /// their run there at the next recovery. Call before starting a new
+    /// journal in a file this node may have written as a primary.
+    pub(super) async fn settle_appends(&self) -> Result<(), GroupError> {
+        let last = lock(&self.inner).last_jseq;
+        match tokio::time::timeout(SETTLE_APPENDS, self.wait_journaled_through(last)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(GroupError::Failed(format!("group {}: {e}", self.cfg.name))),
+            Err(_) => Err(GroupError::Failed(format!(
+                "group {}: writes taken before the pair ended are still on their way to the journal; retry in a moment",
+                self.cfg.name
+            ))),
+        }
+    }
+
     /// Lifecycle commands are refused once the group stopped after a local
     /// failure: its volumes may have lost writes only the journal (or the
     /// restore journal) holds, and only the replay at the next start puts
@@ -1435,6 +1455,7 @@ impl Group {
             }
         }
         let _creating = Creating(self);
+        self.settle_appends().await?;
         let pair_id = random_u64();
         // A new pair starts in epoch 0.
         let journal = self.fresh_journal(pair_id, 0).await?;
@@ -2199,6 +2220,10 @@ fn bitmap_name(volume: &str) -> String {
 }
 
 /// File name of the activity log in the group directory.
+/// Longest [`Group::settle_appends`] waits for the appends of writes
+/// admitted before a pair ended.
+const SETTLE_APPENDS: Duration = Duration::from_secs(10);
+
 const ACTIVITY_LOG: &str = "activity-log";
 /// A region leaves the activity log once its writes are durable on both
 /// sites and it has been idle this long (a busy region is saved once).

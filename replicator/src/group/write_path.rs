@@ -789,7 +789,7 @@ impl Group {
         self.records_ready.notify_one();
     }
 
-    async fn wait_journaled_through(&self, seq: u64) -> Result<(), WriteError> {
+    pub(super) async fn wait_journaled_through(&self, seq: u64) -> Result<(), WriteError> {
         // Usually every earlier record is already in the journal: no need to
         // subscribe (and be woken by every later journal append).
         if *self.journaled_through.borrow() < seq {
