@@ -570,6 +570,20 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         send.finish();
         return;
     }
+    if *shutdown.borrow() {
+        // The daemon is stopping: no session starts (its saves and a fresh
+        // restore journal would interleave with the final flush and save).
+        // The primary retries, and meets the restarted daemon.
+        let reply = pb::OpenGroupReply {
+            error: "the daemon is stopping".into(),
+            generation: lock(&group.inner).persisted.generation,
+            refusal: pb::Refusal::Unspecified as i32,
+            ..Default::default()
+        };
+        let _ = send.send(Body::OpenGroupReply(reply)).await;
+        send.finish();
+        return;
+    }
     if let Err(refused) = give_up_for_swap(&group, &open, &peer).await {
         let reply = pb::OpenGroupReply {
             error: refused.1,
