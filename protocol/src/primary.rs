@@ -485,6 +485,15 @@ impl PrimarySession {
         self.copy_inflight.is_empty() && self.mismatched.is_empty() && self.reads.is_empty()
     }
 
+    /// Whether the secondary's reply to COPY_DONE completes the copy now:
+    /// the copy is idle and no chunk was handed out since the last
+    /// COPY_DONE went out. A chunk after it (the journal filled again, and
+    /// bitmap-mode writes started the next copy before the reply came)
+    /// belongs to a later copy, which sends its own COPY_DONE.
+    pub fn copy_done_answered(&self) -> bool {
+        self.copy_idle() && self.copy_done_sent
+    }
+
     /// The secondary's acknowledged progress.
     pub fn shipper(&self) -> &Shipper {
         &self.shipper
@@ -625,6 +634,33 @@ mod tests {
             s.on_ack(&ack).unwrap();
         }
         (hashes, data)
+    }
+
+    /// The reply to a COPY_DONE completes the copy only while nothing was
+    /// copied after it: once the next copy handed out a chunk, only that
+    /// copy's COPY_DONE does (the secondary waits for it).
+    #[test]
+    fn a_copy_done_reply_completes_only_the_copy_it_answers() {
+        let mut bitmaps = vec![DirtyBitmap::new(8 << 20, 64 << 10)];
+        let mut s = PrimarySession::new(CONFIG, 0, 0);
+        bitmaps[0].set_range(0, 64 << 10);
+        copy_all(&mut s, &mut bitmaps, false);
+        assert!(matches!(s.next_copy(&mut bitmaps, true), CopyStep::Finished));
+        assert!(std::iter::from_fn(|| s.poll_transmit()).any(|t| matches!(t, Transmit::CopyDone(_))));
+        assert!(s.copy_done_answered());
+        // A gap, bitmap-mode writes, and the next copy's chunk, durable
+        // before the reply to the first COPY_DONE comes.
+        s.on_gap(0);
+        bitmaps[0].set_range(1 << 20, 64 << 10);
+        let CopyStep::Read { copy_index, .. } = s.next_copy(&mut bitmaps, true) else { panic!() };
+        s.on_copy_read(copy(0, copy_index, 0));
+        let _ = std::iter::from_fn(|| s.poll_transmit()).count();
+        s.on_ack(&pb::Ack { copy_durable: copy_index, ..Default::default() }).unwrap();
+        assert!(bitmaps[0].is_clean() && s.copy_idle());
+        assert!(!s.copy_done_answered(), "the reply answers the first copy, not this one");
+        assert!(matches!(s.next_copy(&mut bitmaps, true), CopyStep::Finished));
+        assert!(std::iter::from_fn(|| s.poll_transmit()).any(|t| matches!(t, Transmit::CopyDone(_))));
+        assert!(s.copy_done_answered());
     }
 
     #[test]

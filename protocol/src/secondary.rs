@@ -349,6 +349,9 @@ pub struct Secondary {
     gap_covered: Option<u64>,
     /// COPY_DONE received (its seq), and the save that records it.
     copy_done: Option<u64>,
+    /// The newest copy chunk taken in when COPY_DONE came: a chunk after
+    /// it on the stream belongs to a later copy.
+    copy_done_chunks: u64,
     copy_done_saved_at: Option<u64>,
     data_as_of_us: u64,
     /// The primary's write time of the newest write applied here: at a
@@ -424,6 +427,7 @@ impl Secondary {
             gap: None,
             gap_covered: None,
             copy_done: None,
+            copy_done_chunks: 0,
             copy_done_saved_at: None,
             data_as_of_us: start.data_as_of_us,
             applied_as_of_us: start.data_as_of_us,
@@ -595,6 +599,7 @@ impl Secondary {
             return Err(SecondaryError::CopyDoneAhead { seq, received });
         }
         self.copy_done = Some(seq);
+        self.copy_done_chunks = self.copies_taken();
         if let Some(gap) = self.gap.take() {
             self.gap_covered = Some(self.gap_covered.map_or(gap, |g| g.min(gap)));
         }
@@ -608,6 +613,12 @@ impl Secondary {
     /// reached and would stay in the applier for good; it counts as this.
     fn taken_through(&self) -> u64 {
         self.pending.iter().map(|r| r.seq).fold(self.applier.received(), u64::max)
+    }
+
+    /// The newest copy chunk taken in (applied, or waiting in `pending`).
+    fn copies_taken(&self) -> u64 {
+        let admitted = self.applier.next_copy_index().saturating_sub(1);
+        self.pending.iter().filter(|r| r.op.is_copy()).map(|r| r.copy_index).fold(admitted, u64::max)
     }
 
     /// The [`Action::Append`] of record `seq` failed: the session stops. No
@@ -1188,6 +1199,17 @@ impl Secondary {
             return;
         }
         let copies_received = self.applier.next_copy_index().saturating_sub(1);
+        if copies_received > self.copy_done_chunks {
+            // A chunk that came after this COPY_DONE is the next copy's
+            // (the primary sends one only once no chunk is read or in
+            // flight, and a new copy starts after a resync gap): the image
+            // holds part of that copy, and only its COPY_DONE makes it
+            // consistent. (Taken as this one's, the image was declared
+            // consistent with a later bitmap-mode write copied and an
+            // earlier one not, and the preserved image released.)
+            self.copy_done = None;
+            return;
+        }
         let copies_durable = self.copy_reported() >= copies_received;
         if !copies_durable || self.journal_durable < seq || !self.pending.is_empty() {
             return;
@@ -2015,6 +2037,51 @@ mod tests {
         // The next resync's COPY_DONE ends it.
         s.on_copy_done(2).unwrap();
         let acts = settle(&mut s, now);
+        assert!(!s.copy_incomplete());
+        assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
+    }
+
+    /// A copy chunk after a COPY_DONE and a later gap (the journal filled
+    /// again, the primary wrote in bitmap mode and started the next copy
+    /// before this node acted on the COPY_DONE): that COPY_DONE does not
+    /// make the image consistent, which holds part of the next copy; the
+    /// next copy's does.
+    #[test]
+    fn a_copy_done_passed_by_a_chunk_of_the_next_copy_leaves_the_image_inconsistent() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
+        s.on_record(write(1, 0)).unwrap();
+        s.on_copy_done(1).unwrap();
+        s.on_resync_gap(1);
+        let mut copy = Record::with_payload(RecordOp::Copy, 1, 0, 1 << 16, 1, Bytes::from(vec![9u8; 4096]), false);
+        copy.copy_index = 1;
+        s.on_record(copy).unwrap();
+        let acts = settle(&mut s, now);
+        assert!(s.copy_incomplete(), "the image holds part of the next copy");
+        assert!(!acts.iter().any(|a| matches!(a, Action::ReleaseImage | Action::Send(Body::CommandReply(_)))));
+        // The next copy's COPY_DONE ends it.
+        s.on_copy_done(1).unwrap();
+        let acts = settle(&mut s, now);
+        assert!(!s.copy_incomplete());
+        assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
+    }
+
+    /// Chunks before a COPY_DONE on the stream still waiting to be taken in
+    /// when it comes (a resync of a consistent image waits for its
+    /// preservation) are that copy's: it completes once they are durable.
+    #[test]
+    fn chunks_still_pending_at_copy_done_are_covered_by_it() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), now);
+        for i in 1..=2u64 {
+            let mut copy = Record::with_payload(RecordOp::Copy, 0, 0, i << 16, 1, Bytes::from(vec![9u8; 4096]), false);
+            copy.copy_index = i;
+            s.on_record(copy).unwrap();
+        }
+        s.on_copy_done(0).unwrap();
+        let acts = settle(&mut s, now);
+        assert!(acts.iter().any(|a| matches!(a, Action::PreserveImage { .. })), "{acts:?}");
+        assert_eq!(s.applier.next_copy_index(), 3, "both chunks taken in");
         assert!(!s.copy_incomplete());
         assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
     }

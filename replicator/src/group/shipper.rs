@@ -974,7 +974,7 @@ impl Group {
             // may be what the copy read without it.
             return;
         }
-        if g.bitmaps.iter().all(|b| b.is_clean()) && g.session.as_ref().is_none_or(PrimarySession::copy_idle) {
+        if g.bitmaps.iter().all(|b| b.is_clean()) && g.session.as_ref().is_none_or(PrimarySession::copy_done_answered) {
             if let Some(p) = g.persisted.role.as_primary_mut() {
                 p.copy_pending = false;
                 p.resync_gap = None;
