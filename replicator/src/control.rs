@@ -229,6 +229,56 @@ const MAX_CONNECTIONS: usize = 32;
 /// loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The admin commands running, so that a clean stop finishes them before
+/// it marks the groups clean: a command cut off half way (a failover
+/// rolling a resync back over the volumes, a switchover's demotion, a
+/// `verify --fix`) leaves volumes or state a clean stop must not vouch
+/// for. Status queries and read-only commands are not counted.
+#[derive(Debug)]
+pub struct AdminCommands {
+    /// (stopping: no command starts any more, commands running)
+    state: watch::Sender<(bool, usize)>,
+}
+
+impl Default for AdminCommands {
+    fn default() -> Self {
+        Self { state: watch::channel((false, 0)).0 }
+    }
+}
+
+/// One running admin command (see [`AdminCommands::begin`]): counted until
+/// dropped.
+#[derive(Debug)]
+pub struct AdminCommand<'a>(&'a AdminCommands);
+
+impl AdminCommands {
+    /// Counts a command in; `None` once the daemon is stopping.
+    pub fn begin(&self) -> Option<AdminCommand<'_>> {
+        let started = self.state.send_if_modified(|(stopping, running)| {
+            if *stopping {
+                return false;
+            }
+            *running += 1;
+            true
+        });
+        started.then_some(AdminCommand(self))
+    }
+
+    /// Lets no command start any more, and waits until the running ones
+    /// have ended.
+    pub async fn stop(&self) {
+        self.state.send_modify(|(stopping, _)| *stopping = true);
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|&(_, running)| running == 0).await;
+    }
+}
+
+impl Drop for AdminCommand<'_> {
+    fn drop(&mut self) {
+        self.0.state.send_modify(|(_, running)| *running = running.saturating_sub(1));
+    }
+}
+
 /// Accept loop of the control socket.
 pub async fn serve(listener: UnixListener, node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -321,6 +371,17 @@ fn unknown_group(node: &Node, name: &str) -> Response {
 }
 
 async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<String>) -> Response {
+    let reads_only =
+        matches!(req, Request::Status { .. } | Request::DrillHistory { .. } | Request::Verify { fix: false, .. });
+    let _running = match reads_only {
+        true => None,
+        false => match node.admin.begin() {
+            Some(command) => Some(command),
+            None => {
+                return Response::err(exit::FAILED, "the daemon is stopping: run the command again once it is back")
+            }
+        },
+    };
     match req {
         Request::Status { group } => {
             let groups: Vec<GroupStatus> = match &group {
@@ -427,6 +488,18 @@ fn answer(what: &str, result: Result<String, GroupError>) -> Response {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stop_waits_for_the_running_admin_commands_and_starts_no_more() {
+        let admin = AdminCommands::default();
+        let command = admin.begin().unwrap();
+        let stop = admin.stop();
+        tokio::pin!(stop);
+        assert!(tokio::time::timeout(Duration::from_millis(100), &mut stop).await.is_err(), "stopped past a command");
+        assert!(admin.begin().is_none(), "a command started while stopping");
+        drop(command);
+        tokio::time::timeout(Duration::from_secs(10), stop).await.expect("the stop waits on after the last command");
+    }
 
     #[tokio::test]
     async fn progress_lines_reach_the_caller_before_the_response() {

@@ -48,6 +48,9 @@ fn stop_timeout() -> Duration {
 /// How long, after the NBD servers stopped, replication sessions may take
 /// to drain (the secondary applies what it received).
 const SESSION_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a clean stop waits for admin commands still running: longer
+/// than a switchover waits for the peer's answer.
+const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// How long the runtime may take to stop once [`run`] has returned, for
 /// blocking I/O still running (the threads backend). After an unclean stop
@@ -453,6 +456,12 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         unclean.push(format!(
             "a replication session did not drain within {SESSION_DRAIN_TIMEOUT:?} (the secondary may still be applying records)"
         ));
+    }
+    // Admin commands still running finish first (a failover's roll-back,
+    // a switchover, which waits up to 30 s for the peer's answer): one cut
+    // off half way leaves what a clean stop must not vouch for.
+    if tokio::time::timeout(ADMIN_DRAIN_TIMEOUT, node.admin.stop()).await.is_err() {
+        unclean.push(format!("admin commands were still running after {ADMIN_DRAIN_TIMEOUT:?}"));
     }
     if unclean.is_empty() {
         for g in &node.groups {

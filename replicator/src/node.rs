@@ -7,6 +7,7 @@ use std::sync::Arc;
 use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
+use crate::control::AdminCommands;
 use crate::group::{
     drill_export_name, serve_verify, ClientGuard, DrillExport, Group, IncomingSession, Pacing, WriteError, WriteKind,
 };
@@ -28,6 +29,8 @@ pub struct Node {
     pub transport: Arc<Transport>,
     /// The pacing its groups' secondary sessions share.
     pub pacing: Arc<Pacing>,
+    /// The admin commands running (a clean stop waits for them).
+    pub admin: AdminCommands,
 }
 
 /// How long a peer's new stream may take to send its first message.
@@ -42,7 +45,7 @@ impl Node {
                 exports.insert(v.name.clone(), (gi, v.index));
             }
         }
-        Self { name, groups, exports, transport, pacing }
+        Self { name, groups, exports, transport, pacing, admin: AdminCommands::default() }
     }
 
     /// The group named `name`.

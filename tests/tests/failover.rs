@@ -434,6 +434,38 @@ fn a_switchover_answered_by_a_failover_gets_the_regions_written_while_split() {
     cluster.assert_volumes_identical("hf");
 }
 
+/// A clean stop lets the admin commands still running finish first, and
+/// they get their answer: here a switchover waiting for a silent peer's
+/// confirmation (up to 30 s) answers with its own outcome, and the daemon
+/// then stops cleanly. (The stop used to exit under such a command: its
+/// caller lost the connection, and a failover rolling a resync back over
+/// the volumes was cut off half way under a clean mark.)
+#[test]
+fn a_clean_stop_lets_a_running_switchover_answer_first() {
+    let group = GroupSpec::new("cs", Mode::Sync).volume("cs-vol", 16 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("cs");
+    cluster.wait_pair("cs", Duration::from_secs(60));
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    let switchover = std::process::Command::new(cluster.bin())
+        .arg("--config")
+        .arg(cluster.config_path(Site::A))
+        .args(["switchover", "cs"])
+        .env_remove("REPLICATOR_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the CLI");
+    // It has asked the peer and waits for the answer.
+    std::thread::sleep(Duration::from_secs(2));
+    let status = cluster.stop_status(Site::A);
+    let out = switchover.wait_with_output().expect("the CLI");
+    let text = describe_output(&out);
+    cluster.signal(Site::B, Signal::SIGCONT);
+    assert!(status.success(), "{status}: {text}\n{}", cluster.diagnostics());
+    assert!(text.contains("switchover interrupted"), "the switchover's own answer: {text}");
+}
+
 /// A hand-over the peer never took (it answers as the secondary still)
 /// clears the marker, and writes wait until that save is on disk: a power
 /// cut before it finds the marker, and the restart takes the journal's end
