@@ -231,9 +231,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The admin commands running, so that a clean stop finishes them before
 /// it marks the groups clean: a command cut off half way (a failover
-/// rolling a resync back over the volumes, a switchover's demotion, a
-/// `verify --fix`) leaves volumes or state a clean stop must not vouch
-/// for. Status queries and read-only commands are not counted.
+/// rolling a resync back over the volumes, a switchover's demotion)
+/// leaves volumes or state a clean stop must not vouch for, and its caller
+/// without an answer. Status queries and `verify` are not counted.
 #[derive(Debug)]
 pub struct AdminCommands {
     /// (stopping: no command starts any more, commands running)
@@ -264,10 +264,14 @@ impl AdminCommands {
         started.then_some(AdminCommand(self))
     }
 
-    /// Lets no command start any more, and waits until the running ones
-    /// have ended.
-    pub async fn stop(&self) {
+    /// Lets no command start any more (the daemon is stopping).
+    pub fn close(&self) {
         self.state.send_modify(|(stopping, _)| *stopping = true);
+    }
+
+    /// Waits until no command runs (after [`AdminCommands::close`]: until
+    /// the running ones have ended and answered).
+    pub async fn idle(&self) {
         let mut rx = self.state.subscribe();
         let _ = rx.wait_for(|&(_, running)| running == 0).await;
     }
@@ -327,22 +331,42 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
 
 async fn handle(mut stream: UnixStream, node: Arc<Node>) {
     let mut out = Replies { stream: &mut stream, gone: false };
+    // A command that changes something is counted until its answer is
+    // written (see [`AdminCommands`]).
+    let mut running = None;
     let resp = match read_request(out.stream).await {
-        Ok(req) => {
-            // Progress lines go out while the command runs.
-            let (progress, mut lines) = mpsc::unbounded_channel();
-            let work = execute(&node, req, progress);
-            tokio::pin!(work);
-            loop {
-                tokio::select! {
-                    resp = &mut work => break resp,
-                    Some(progress) = lines.recv() => out.line(&ProgressLine { progress }).await,
-                }
+        Ok(req) if changes_something(&req) => match node.admin.begin() {
+            Some(command) => {
+                running = Some(command);
+                run(&node, req, &mut out).await
             }
-        }
+            None => Response::err(exit::FAILED, "the daemon is stopping: run the command again once it is back"),
+        },
+        Ok(req) => run(&node, req, &mut out).await,
         Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
     };
     out.line(&resp).await;
+    drop(running);
+}
+
+/// Whether a request changes a group's state or volumes. Status queries
+/// and `verify` do not (its comparison only reads; with `--fix`, the
+/// regions it found and the copy they need are saved before it answers).
+fn changes_something(req: &Request) -> bool {
+    !matches!(req, Request::Status { .. } | Request::DrillHistory { .. } | Request::Verify { .. })
+}
+
+/// Executes `req`; its progress lines go out while it runs.
+async fn run(node: &Node, req: Request, out: &mut Replies<'_>) -> Response {
+    let (progress, mut lines) = mpsc::unbounded_channel();
+    let work = execute(node, req, progress);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            resp = &mut work => break resp,
+            Some(progress) = lines.recv() => out.line(&ProgressLine { progress }).await,
+        }
+    }
 }
 
 /// Where a request's progress lines and response go.
@@ -371,17 +395,6 @@ fn unknown_group(node: &Node, name: &str) -> Response {
 }
 
 async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<String>) -> Response {
-    let reads_only =
-        matches!(req, Request::Status { .. } | Request::DrillHistory { .. } | Request::Verify { fix: false, .. });
-    let _running = match reads_only {
-        true => None,
-        false => match node.admin.begin() {
-            Some(command) => Some(command),
-            None => {
-                return Response::err(exit::FAILED, "the daemon is stopping: run the command again once it is back")
-            }
-        },
-    };
     match req {
         Request::Status { group } => {
             let groups: Vec<GroupStatus> = match &group {
@@ -493,7 +506,8 @@ mod tests {
     async fn a_stop_waits_for_the_running_admin_commands_and_starts_no_more() {
         let admin = AdminCommands::default();
         let command = admin.begin().unwrap();
-        let stop = admin.stop();
+        admin.close();
+        let stop = admin.idle();
         tokio::pin!(stop);
         assert!(tokio::time::timeout(Duration::from_millis(100), &mut stop).await.is_err(), "stopped past a command");
         assert!(admin.begin().is_none(), "a command started while stopping");

@@ -21,7 +21,7 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 use tokio::net::{TcpListener, UnixListener};
@@ -48,8 +48,8 @@ fn stop_timeout() -> Duration {
 /// How long, after the NBD servers stopped, replication sessions may take
 /// to drain (the secondary applies what it received).
 const SESSION_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a clean stop waits for admin commands still running: longer
-/// than a switchover waits for the peer's answer.
+/// How long after the signal a clean stop waits for admin commands still
+/// running: longer than a switchover waits for the peer's answer.
 const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// How long the runtime may take to stop once [`run`] has returned, for
@@ -436,6 +436,8 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
     }
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
+    let stopping_since = Instant::now();
+    node.admin.close();
     // NBD connections finish in-flight requests; secondary sessions drain.
     let mut unclean = Vec::new();
     let limit = stop_timeout();
@@ -459,9 +461,11 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
     }
     // Admin commands still running finish first (a failover's roll-back,
     // a switchover, which waits up to 30 s for the peer's answer): one cut
-    // off half way leaves what a clean stop must not vouch for.
-    if tokio::time::timeout(ADMIN_DRAIN_TIMEOUT, node.admin.stop()).await.is_err() {
-        unclean.push(format!("admin commands were still running after {ADMIN_DRAIN_TIMEOUT:?}"));
+    // off half way leaves what a clean stop must not vouch for. Their time
+    // runs from the signal, alongside the waits above.
+    let left = ADMIN_DRAIN_TIMEOUT.saturating_sub(stopping_since.elapsed());
+    if tokio::time::timeout(left, node.admin.idle()).await.is_err() {
+        unclean.push(format!("admin commands were still running {ADMIN_DRAIN_TIMEOUT:?} after the signal"));
     }
     if unclean.is_empty() {
         for g in &node.groups {

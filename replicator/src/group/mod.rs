@@ -1410,10 +1410,15 @@ impl Group {
         match tokio::time::timeout(SETTLE_APPENDS, self.wait_journaled_through(last)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(GroupError::Failed(format!("group {}: {e}", self.cfg.name))),
-            Err(_) => Err(GroupError::Failed(format!(
-                "group {}: writes taken before the pair ended are still on their way to the journal; retry in a moment",
-                self.cfg.name
-            ))),
+            Err(_) => {
+                let why =
+                    lock(&self.inner).last_error.clone().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                Err(GroupError::Failed(format!(
+                    "group {}: writes taken before the pair ended are still on their way to the journal{why}; retry \
+                     in a moment",
+                    self.cfg.name
+                )))
+            }
         }
     }
 
@@ -2219,11 +2224,11 @@ fn bitmap_name(volume: &str) -> String {
     format!("bitmap-{volume}")
 }
 
-/// File name of the activity log in the group directory.
 /// Longest [`Group::settle_appends`] waits for the appends of writes
 /// admitted before a pair ended.
 const SETTLE_APPENDS: Duration = Duration::from_secs(10);
 
+/// File name of the activity log in the group directory.
 const ACTIVITY_LOG: &str = "activity-log";
 /// A region leaves the activity log once its writes are durable on both
 /// sites and it has been idle this long (a busy region is saved once).

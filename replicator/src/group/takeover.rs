@@ -196,8 +196,8 @@ impl Group {
                 let bytes: u64 = g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
                 report.push_str(&format!(
                     " Its volumes differ from what {peer} last sent in {bytes} bytes of regions (written here \
-                     while split with --rw, or a restore journal that was lost); they are copied to {peer} at \
-                     failback."
+                     while split with --rw, or a restore journal that was lost); they are copied to {peer} when \
+                     it next becomes the secondary (at failback)."
                 ));
             }
             if inconsistent {
@@ -592,7 +592,11 @@ impl Group {
             // The old primary becomes the secondary in a moment: until it is
             // back (or link_timeout passes, as for any link blip in PAIR),
             // sync writes wait for it, so RPO 0 holds across the switchover.
-            g.state = PairState::Pair;
+            // Regions this replica holds that the old primary lacks (none
+            // in a switchover from PAIR) would be copied first: COPY, as
+            // `Group::open` says of such a primary.
+            let copy = g.persisted.role.as_primary().is_some_and(|p| p.copy_pending);
+            g.state = if copy { PairState::Copy } else { PairState::Pair };
             g.link_down_since = Some(Instant::now());
             let save = self.save_later(&mut g);
             self.publish(&mut g);
