@@ -340,6 +340,43 @@ fn a_state_file_whose_role_does_not_parse_stops_the_daemon() {
     cluster.stop(Site::A);
 }
 
+/// A paired group's volumes cannot change under it: records, dirty bitmaps
+/// and the activity log name a volume by its place in the list, so a
+/// volume added on both sites was taken for identical (never copied: PAIR,
+/// lag 0, the sites differing there), and one removed or reordered had
+/// records replayed or shipped into another. The daemon refuses to start,
+/// naming the way out; with the list restored it starts and the pair
+/// resumes.
+#[test]
+fn a_paired_groups_volumes_cannot_change_under_it() {
+    let group = GroupSpec::new("vl", Mode::Async).volume("vl-a", 8 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("vl");
+    cluster.wait_pair("vl", Duration::from_secs(60));
+    cluster.stop(Site::A);
+    let config = cluster.config_path(Site::A).to_path_buf();
+    let before = std::fs::read_to_string(&config).expect("config");
+    let added = format!(
+        "{before}\n[[group.volume]]\nname = \"vl-b\"\npath = \"{}\"\nsize = \"8MiB\"\ncreate = true\n",
+        cluster.root().join("vl-b.img").display()
+    );
+    std::fs::write(&config, added).expect("add a volume");
+    let out = run_with_timeout(
+        Command::new(cluster.bin()).arg("--config").arg(&config).arg("run").env("RUST_LOG", "info"),
+        Duration::from_secs(30),
+    );
+    let text = describe_output(&out);
+    assert!(!out.status.success(), "the daemon started with a paired group's volumes changed: {text}");
+    assert!(text.contains("paired with volumes [vl-a]") && text.contains("[vl-a, vl-b]"), "{text}");
+    assert!(text.contains("pair delete vl"), "the way out: {text}");
+    std::fs::write(&config, before).expect("restore the config");
+    cluster.start(Site::A);
+    cluster.wait_drained("vl");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("vl");
+}
+
 /// The secondary accepted a new pair (its state saved) and stopped before
 /// its restore journal was started over for it: the file still carries the
 /// earlier pair's superblock. The restart starts it over (it holds nothing

@@ -444,6 +444,7 @@ impl Group {
         crate::durable::remove_temporaries(store.dir());
         let persisted = store.load()?.unwrap_or_else(GroupState::simplex);
         let role = persisted.role();
+        check_volume_list(&store, &cfg.name, &volumes, role)?;
         let mut state = persisted.state;
         let was_clean = persisted.clean_shutdown;
         // Before anything writes the volumes (journal replays below): a
@@ -2230,6 +2231,8 @@ const SETTLE_APPENDS: Duration = Duration::from_secs(10);
 
 /// File name of the activity log in the group directory.
 const ACTIVITY_LOG: &str = "activity-log";
+/// File name of the group's volume list (see [`check_volume_list`]).
+const VOLUME_LIST: &str = "volumes";
 /// A region leaves the activity log once its writes are durable on both
 /// sites and it has been idle this long (a busy region is saved once).
 const ACTIVITY_IDLE: Duration = Duration::from_secs(10);
@@ -2263,6 +2266,40 @@ fn current_boot_id() -> String {
 
 /// The persisted dirty bitmaps, and whether one was unreadable (and so
 /// marked dirty whole).
+/// The group's volumes by name, in configuration order, as its pair knows
+/// them. Records, dirty bitmaps and the activity log name a volume by its
+/// place in this list, so a paired group whose list changed would replay
+/// or ship records into another volume, or take a volume added to both
+/// sites for identical and never copy it (a missing bitmap is a clean
+/// one). A paired group refuses to open on another list; a group not
+/// paired adopts the configured one, as does a pair from a release that
+/// did not keep it (or whose copy of it is unreadable).
+fn check_volume_list(store: &StateFile, group: &str, volumes: &[Arc<Volume>], role: Role) -> Result<(), GroupError> {
+    let configured = volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join("\n");
+    let saved = match store.load_blob(VOLUME_LIST) {
+        Ok(saved) => saved,
+        Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData => None,
+        Err(e) => return Err(e.into()),
+    };
+    match saved {
+        Some(saved) if saved == configured.as_bytes() => return Ok(()),
+        Some(saved) if role != Role::None => {
+            let list = |text: &str| text.split('\n').collect::<Vec<_>>().join(", ");
+            return Err(GroupError::Refused(format!(
+                "group {group}: paired with volumes [{}], but the configuration lists [{}]: the volumes of a paired \
+                 group cannot change (records and dirty regions name a volume by its place in the list). Restore \
+                 the list, run `replicator pair delete {group}` on both sites, then change the volumes (the next \
+                 `pair create` copies them whole)",
+                list(&String::from_utf8_lossy(&saved)),
+                list(&configured)
+            )));
+        }
+        _ => {}
+    }
+    store.save_blob(VOLUME_LIST, configured.as_bytes())?;
+    Ok(())
+}
+
 fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>]) -> Result<(Vec<DirtyBitmap>, bool), GroupError> {
     let mut out = Vec::new();
     let mut lost = false;
