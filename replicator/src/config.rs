@@ -916,6 +916,16 @@ impl Validator<'_> {
                         ),
                     ));
                 }
+                if v.create && path.starts_with("/run") {
+                    return Err(self.err(
+                        format!("{vkey}.create"),
+                        format!(
+                            "{} is under /run, which lives in RAM and is emptied at reboot: a volume created there \
+                             would come back empty (and be served as zeros); put it on a disk",
+                            path.display()
+                        ),
+                    ));
+                }
                 volumes.push(VolumeConfig { name: vname, path, size, create: v.create });
             }
             groups.push(GroupConfig {
@@ -1358,6 +1368,9 @@ size = "20GiB"
         assert!(e.contains("group[db].volume[db-data].create") && e.contains("size"), "{e}");
         let e = parse(&GOOD.replace("size = \"20GiB\"", "size = \"20GiB\"\ncreate = true")).expect_err("/dev");
         assert!(e.to_string().contains("volume[db-data].create") && e.to_string().contains("/dev"), "{e}");
+        let in_ram = GOOD.replace("path = \"/dev/vg0/db-data\"", "path = \"/run/replicator/db-data.img\"");
+        let e = parse(&in_ram.replace("size = \"20GiB\"", "size = \"20GiB\"\ncreate = true")).expect_err("/run");
+        assert!(e.to_string().contains("volume[db-data].create") && e.to_string().contains("/run"), "{e}");
         let e = parse(&file.replace("size = \"20GiB\"", "size = \"20GiB\"\ncreate = \"yes\"")).expect_err("type");
         assert!(e.to_string().contains("create") && e.to_string().contains("line"), "{e}");
     }

@@ -43,8 +43,8 @@ const STOP_RETRY: Duration = Duration::from_secs(20);
 const EXIT_TIMED_OUT: u8 = 124;
 /// `drill run`'s exit code when it was interrupted (as a shell's for SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
-/// After an interruption, how long the command's process group has between
-/// SIGTERM and SIGKILL.
+/// After an interruption, or once the command has exited, how long its
+/// process group has between SIGTERM and SIGKILL.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
 fn data<T: serde::de::DeserializeOwned>(resp: &Response) -> Result<T, ExitCode> {
@@ -403,12 +403,31 @@ fn run_command(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    for r in readers {
-        let _ = r.join();
+    // The drill ends with the command: what it left running in its
+    // process group (a background job, which may hold the drill's exports
+    // or the output pipes open) is stopped too, SIGTERM and then SIGKILL,
+    // and the output is read until the pipes close or the group is gone.
+    // (Waiting for the pipes alone hung for good on a job left behind,
+    // past the timeout and Ctrl-C, with the drill never stopped.)
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+    let mut deadline = Instant::now() + INTERRUPT_GRACE;
+    let mut killed = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(msg) => emit(msg),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(mpsc::RecvTimeoutError::Timeout) if !killed => {
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                killed = true;
+                deadline = Instant::now() + INTERRUPT_GRACE;
+            }
+            // Something outside the group holds the pipes: the readers are
+            // left to end with them.
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+        }
     }
-    while let Ok(msg) = rx.try_recv() {
-        emit(msg);
-    }
+    drop(readers);
     let output_tail: String = tail.into_iter().collect::<Vec<_>>().join("\n");
     Ok(DrillOutcome {
         command,

@@ -154,6 +154,7 @@ pub fn check(config: &Config) -> Findings {
 pub fn check_volume_files(config: &Config) -> Result<(), (String, String)> {
     use std::os::unix::fs::MetadataExt;
     let state_dir = std::fs::canonicalize(&config.node.state_dir).unwrap_or_else(|_| config.node.state_dir.clone());
+    let run_dir = std::fs::canonicalize(&config.node.run_dir).unwrap_or_else(|_| config.node.run_dir.clone());
     let mut seen: std::collections::HashMap<(u64, u64), String> = std::collections::HashMap::new();
     for group in &config.groups {
         for volume in &group.volumes {
@@ -168,6 +169,17 @@ pub fn check_volume_files(config: &Config) -> Result<(), (String, String)> {
                          volumes elsewhere",
                         volume.path.display(),
                         state_dir.display()
+                    ),
+                ));
+            }
+            if real.starts_with(&run_dir) {
+                return Err((
+                    key,
+                    format!(
+                        "{} is inside node.run_dir ({}), which holds the sockets and is emptied at every stop \
+                         (systemd's RuntimeDirectory) and at reboot: put volumes elsewhere",
+                        volume.path.display(),
+                        run_dir.display()
                     ),
                 ));
             }

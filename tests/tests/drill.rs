@@ -376,6 +376,14 @@ fn drill_run_reports_its_command_and_keeps_a_history() {
     let out = c.cli(Site::B, &["drill", "run", "g", "--timeout", "1s", "--", "sleep", "30"]);
     assert_eq!(out.status.code(), Some(124), "{}", describe_output(&out));
     assert!(started.elapsed() < Duration::from_secs(25));
+    // One that leaves a job running in the background, holding its output
+    // open: the drill ends with the command, the job is stopped. (It hung
+    // for good, past any timeout, the drill never stopped.)
+    let started = Instant::now();
+    let out = c.cli(Site::B, &["drill", "run", "g", "--timeout", "60s", "--", "sh", "-c", "sleep 1000 & echo started"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
+    assert!(started.elapsed() < Duration::from_secs(30), "it waited for the background job");
+    assert!(c.status(Site::B, "g").drill.is_none(), "the drill is stopped");
     // Ctrl-C on `drill run`: the command is stopped, then the drill, which
     // is recorded as interrupted (it was left running, unrecorded).
     let mut run = std::process::Command::new(c.bin())
@@ -412,7 +420,7 @@ fn drill_run_reports_its_command_and_keeps_a_history() {
     let history: serde_json::Value =
         serde_json::from_slice(&c.cli(Site::B, &["drill", "history", "g", "--json"]).stdout).expect("history json");
     let results: Vec<&str> = history.as_array().expect("list").iter().filter_map(|r| r["result"].as_str()).collect();
-    assert_eq!(results, ["passed", "failed", "timed-out", "interrupted"], "{history}");
+    assert_eq!(results, ["passed", "failed", "timed-out", "passed", "interrupted"], "{history}");
     assert_eq!(history[1]["outcome"]["exit_code"], 3);
     assert!(history[1]["outcome"]["output_tail"].as_str().unwrap_or("").contains("fsck found errors"), "{history}");
     for r in history.as_array().expect("list") {
