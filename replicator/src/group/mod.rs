@@ -2264,8 +2264,6 @@ fn current_boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-/// The persisted dirty bitmaps, and whether one was unreadable (and so
-/// marked dirty whole).
 /// The group's volumes by name, in configuration order, as its pair knows
 /// them. Records, dirty bitmaps and the activity log name a volume by its
 /// place in this list, so a paired group whose list changed would replay
@@ -2300,6 +2298,8 @@ fn check_volume_list(store: &StateFile, group: &str, volumes: &[Arc<Volume>], ro
     Ok(())
 }
 
+/// The persisted dirty bitmaps, and whether one was unreadable (and so
+/// marked dirty whole).
 fn load_bitmaps(store: &StateFile, volumes: &[Arc<Volume>]) -> Result<(Vec<DirtyBitmap>, bool), GroupError> {
     let mut out = Vec::new();
     let mut lost = false;
