@@ -136,6 +136,11 @@ pub struct NodeConfig {
     pub worker_threads: usize,
 }
 
+/// Directories the whole system shares: never `state_dir` or `run_dir`.
+const SHARED_DIRS: &[&str] = &[
+    "/", "/run", "/var", "/var/lib", "/var/run", "/var/tmp", "/tmp", "/etc", "/usr", "/home", "/root", "/srv", "/opt",
+];
+
 /// Most `node.worker_threads` the daemon accepts.
 pub const MAX_WORKER_THREADS: usize = 256;
 
@@ -649,6 +654,21 @@ impl Validator<'_> {
     /// Directories and TCP listeners that would clash with each other.
     fn check_node_places(&self, node: &NodeConfig) -> Result<(), ConfigError> {
         let (state, run) = (&node.state_dir, &node.run_dir);
+        // The daemon makes its directories private (0700, 0750): a shared
+        // system directory named by mistake (a path missing its last part)
+        // would lose the access every other service and user relies on.
+        for (key, dir) in [("node.state_dir", state), ("node.run_dir", run)] {
+            if SHARED_DIRS.iter().any(|d| dir == Path::new(d)) {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{} is a directory the whole system shares, which the daemon would make private: give it \
+                         a directory of its own (e.g. /var/lib/replicator, /run/replicator)",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         if state.starts_with(run) {
             // systemd empties run_dir (RuntimeDirectory=) at every stop,
             // which would take the pair's state with it; one directory
@@ -1316,6 +1336,8 @@ size = "20GiB"
             ),
             ("state_dir = \"/var/lib/replicator\"", "state_dir = \"/run/replicator/state\"", "node.run_dir"),
             ("run_dir = \"/run/replicator\"", "run_dir = \"/var/lib/replicator\"", "node.run_dir"),
+            ("state_dir = \"/var/lib/replicator\"", "state_dir = \"/var/lib\"", "node.state_dir"),
+            ("run_dir = \"/run/replicator\"", "run_dir = \"/run\"", "node.run_dir"),
             ("address = \"192.0.2.10:7800\"", "address = \"127.0.0.1:7800\"", "peer[site-b].address"),
         ];
         for (from, to, key) in cases {
