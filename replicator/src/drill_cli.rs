@@ -379,12 +379,15 @@ fn run_command(
     let mut timed_out = false;
     let mut stopping: Option<Instant> = None;
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let status = loop {
+    // The command is not reaped until its group has been stopped below:
+    // while it is a zombie, its number (the group's) cannot be given to
+    // another process, so no signal to the group can reach a stranger.
+    loop {
         while let Ok(msg) = rx.try_recv() {
             emit(msg);
         }
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            break status;
+        if exited(pgid)? {
+            break;
         }
         if timeout.is_some_and(|t| started.elapsed() >= t) && !timed_out {
             timed_out = true;
@@ -402,7 +405,7 @@ fn run_command(
             _ => {}
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
     // The drill ends with the command: what it left running in its
     // process group (a background job, which may hold the drill's exports
     // or the output pipes open) is stopped too, SIGTERM and then SIGKILL,
@@ -428,6 +431,7 @@ fn run_command(
         }
     }
     drop(readers);
+    let status = child.wait().map_err(|e| e.to_string())?;
     let output_tail: String = tail.into_iter().collect::<Vec<_>>().join("\n");
     Ok(DrillOutcome {
         command,
@@ -438,6 +442,16 @@ fn run_command(
         run_seconds: started.elapsed().as_secs_f64(),
         output_tail,
     })
+}
+
+/// Whether the process `pid` (a child) has exited, without reaping it.
+fn exited(pid: nix::unistd::Pid) -> Result<bool, String> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT) {
+        Ok(WaitStatus::StillAlive) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(e) => Err(format!("waiting for the command: {e}")),
+    }
 }
 
 /// Sends the command's output on, line by line, until it closes its end:

@@ -127,7 +127,16 @@ struct Accepted {
 /// against this node's configuration and state, and
 /// takes the secondary role if it asks to create the pair (with local
 /// consent). Returns where the session starts, or the refusal to send back.
-fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accepted, Refused> {
+/// `stopping` is the daemon's shutdown signal, read under the group's lock
+/// where the session attaches: the stop reads `session_attached` after
+/// signalling, so a session either attaches before that read (and is
+/// drained) or sees the signal and is refused.
+fn accept_open(
+    group: &Group,
+    open: &pb::OpenGroup,
+    peer: &str,
+    stopping: &watch::Receiver<bool>,
+) -> Result<Accepted, Refused> {
     let name = &group.cfg.name;
     let config = |msg: String| (pb::Refusal::Config, msg);
     let ours: Vec<(String, u64)> = group.volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
@@ -162,6 +171,9 @@ fn accept_open(group: &Group, open: &pb::OpenGroup, peer: &str) -> Result<Accept
     }
     let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
     let mut g = lock(&group.inner);
+    if *stopping.borrow() {
+        return Err(stopping_refusal());
+    }
     if g.taking_over {
         return Err((pb::Refusal::Unspecified, format!("group {name}: a failover is in progress here")));
     }
@@ -555,6 +567,13 @@ async fn guard_for_resync(group: &Group, open: &pb::OpenGroup) -> Result<bool, R
     })
 }
 
+/// The daemon is stopping: no session starts (its saves and a fresh restore
+/// journal would interleave with the final flush and save). The primary
+/// retries, and meets the restarted daemon.
+fn stopping_refusal() -> Refused {
+    (pb::Refusal::Unspecified, "the daemon is stopping".into())
+}
+
 /// Serves one group stream opened by the primary `peer`. Returns when the
 /// stream ends, the pair is deleted, or `shutdown` fires (then it finishes
 /// applying what it received and makes it durable first).
@@ -571,13 +590,13 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         return;
     }
     if *shutdown.borrow() {
-        // The daemon is stopping: no session starts (its saves and a fresh
-        // restore journal would interleave with the final flush and save).
-        // The primary retries, and meets the restarted daemon.
+        // Refused before any preservation starts; `accept_open` checks
+        // again where the session attaches.
+        let (refusal, error) = stopping_refusal();
         let reply = pb::OpenGroupReply {
-            error: "the daemon is stopping".into(),
+            error,
             generation: lock(&group.inner).persisted.generation,
-            refusal: pb::Refusal::Unspecified as i32,
+            refusal: refusal as i32,
             ..Default::default()
         };
         let _ = send.send(Body::OpenGroupReply(reply)).await;
@@ -599,7 +618,7 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
     // here: preserve it first (resync_guard.rs).
     let guard = guard_for_resync(&group, &open).await;
     let guarded = matches!(guard, Ok(true));
-    let accepted = match guard.and_then(|_| accept_open(&group, &open, &peer)) {
+    let accepted = match guard.and_then(|_| accept_open(&group, &open, &peer, &shutdown)) {
         Ok(a) => {
             let ready = match group.saved(a.save).await {
                 Ok(()) => restore_journal(&group, open.pair_id, a.fresh_journal).await,
