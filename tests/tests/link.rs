@@ -255,3 +255,47 @@ fn sync_block_keeps_writes_waiting_when_the_journal_fills_without_the_link() {
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("sb");
 }
+
+/// A primary restarted while its peer is away still knows what the peer
+/// has: the journal is freed only below the secondary's checkpoint, so
+/// status (and the metrics drawn from it) show the writes since, not every
+/// write since the pair began as lag.
+#[test]
+fn a_primary_restarted_without_its_peer_reports_the_lag_it_has() {
+    let group = GroupSpec::new("rl", Mode::Async).volume("rl-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("rl");
+    cluster.wait_pair("rl", Duration::from_secs(60));
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "rl-vol")).expect("connect");
+    rt.block_on(write_random(&client, 1, 200, 4096));
+    cluster.wait_drained("rl");
+    // Every record freed: the secondary's checkpoint is past the last one.
+    let freed = cluster.wait_until(Site::A, "rl", "journal freed", Duration::from_secs(60), |s| {
+        s.journal_used_bytes == 0 && s.last_seq >= 200
+    });
+    drop(client);
+    cluster.stop(Site::B);
+    cluster.stop(Site::A);
+    cluster.start(Site::A);
+
+    let s = cluster.status(Site::A, "rl");
+    assert!(!s.connected, "the peer is stopped: {s:?}");
+    assert_eq!(s.last_seq, freed.last_seq, "{s:?}");
+    assert_eq!(
+        (s.applied_seq, s.durable_seq, s.lag_records),
+        (freed.last_seq, freed.last_seq, 0),
+        "the secondary holds every write the journal freed: {s:?}"
+    );
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "rl-vol")).expect("connect");
+    rt.block_on(write_random(&client, 2, 10, 4096));
+    let s = cluster.status(Site::A, "rl");
+    assert_eq!(s.lag_records, 10, "the ten writes since are the lag: {s:?}");
+
+    cluster.start(Site::B);
+    cluster.wait_drained_within("rl", Duration::from_secs(90));
+    drop(client);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("rl");
+}

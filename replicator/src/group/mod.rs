@@ -511,6 +511,13 @@ impl Group {
             // An unreadable bitmap is marked dirty whole: the resync copies it.
             p.copy_pending = true;
         }
+        // What the secondary held at the last session: the journal is freed
+        // only below its persisted checkpoint, so it has every record before
+        // the journal's tail (read before a power cut below moves the tail).
+        // Status and the activity log start from it until a session reports
+        // again: from 0, a primary restarted with its peer away showed every
+        // write since the pair began as lag.
+        let peer_checkpoint = persisted.role.as_primary().map_or(0, |p| p.journal_tail_seq.saturating_sub(1));
         let mut ring = None;
         let mut journal = None;
         let mut last_jseq = 0;
@@ -819,7 +826,13 @@ impl Group {
             persisted,
         };
         store.save(&inner.persisted)?;
-        let (progress, _) = watch::channel(Progress::default());
+        let (progress, _) = watch::channel(Progress {
+            received: peer_checkpoint,
+            applied: peer_checkpoint,
+            durable: peer_checkpoint,
+            checkpoint: peer_checkpoint,
+            ..Progress::default()
+        });
         let (session_kick, _) = watch::channel(0);
         let (journaled_through, _) = watch::channel(last_jseq);
         let (bitmap_wanted, _) = watch::channel(0);
