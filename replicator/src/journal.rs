@@ -576,7 +576,9 @@ impl Journal {
     /// by an acknowledged FUA or FLUSH (its sync would have covered the
     /// missing one), and the activity log covers their regions. They are
     /// discarded and their headers overwritten on disk (their sequence
-    /// numbers are never read again).
+    /// numbers are never read again). Then the file is synced: the run read
+    /// may sit only in the page cache (a kill leaves it there), and the
+    /// caller replays it onto the volumes.
     ///
     /// Only records of this journal's epoch count ([`Journal::open`],
     /// [`Journal::set_epoch`]); a journal of format version 2 is upgraded
@@ -640,10 +642,13 @@ impl Journal {
                 self.invalidate(pos)?;
                 discarded.push(seq);
             }
-            if !discarded.is_empty() {
-                self.sync().await?;
-                discarded.sort_unstable();
-            }
+            discarded.sort_unstable();
+            // The run was read from the page cache, where a kill leaves
+            // appends whose sync never finished: it is made durable before
+            // anything acts on it. The replay that follows writes the
+            // volumes in any order; a power cut during it must find every
+            // record it replays still in the run (and none it discarded).
+            self.sync().await?;
         }
         if self.legacy {
             self.upgrade(&ring).await?;

@@ -953,17 +953,13 @@ address = "127.0.0.1:{peer_port}"
     /// pseudo-random part of) a site's non-durable pages. Issued twice, 200
     /// ms apart: requests of a just-killed daemon still in flight in the
     /// kernel (io_uring) must not land after the cut.
-    fn cut_fs(&self, site: Site, keep: Option<(u64, f64)>) -> CutReport {
-        let cmd = match keep {
-            None => "cut".to_string(),
-            Some((seed, fraction)) => format!("cut keep {seed} {fraction}"),
-        };
+    fn cut_fs(&self, site: Site, cmd: &str) -> CutReport {
         let mut report = CutReport::default();
         for i in 0..2 {
             if i > 0 {
                 std::thread::sleep(Duration::from_millis(200));
             }
-            let line = self.fs_command(site, &cmd);
+            let line = self.fs_command(site, cmd);
             report.dropped += reply_number(&line, "dropped");
             report.kept += reply_number(&line, "kept");
             report.undone += reply_number(&line, "undone");
@@ -1004,7 +1000,7 @@ address = "127.0.0.1:{peer_port}"
     /// [`Cluster::start`].
     pub fn power_cut(&mut self, site: Site) -> CutReport {
         self.kill9(site);
-        self.cut_fs(site, None)
+        self.cut_fs(site, "cut")
     }
 
     /// [`Cluster::power_cut`], but the disk keeps a pseudo-random `fraction`
@@ -1012,14 +1008,21 @@ address = "127.0.0.1:{peer_port}"
     /// volatile cache may keep any subset.
     pub fn power_cut_keeping(&mut self, site: Site, seed: u64, fraction: f64) -> CutReport {
         self.kill9(site);
-        self.cut_fs(site, Some((seed, fraction)))
+        self.cut_fs(site, &format!("cut keep {seed} {fraction}"))
+    }
+
+    /// [`Cluster::power_cut`], but the disk had written back every page of
+    /// the files whose path contains `name` (and none of the others').
+    pub fn power_cut_keeping_files(&mut self, site: Site, name: &str) -> CutReport {
+        self.kill9(site);
+        self.cut_fs(site, &format!("cut keep-only {name}"))
     }
 
     /// A site whose daemon is stopped loses power: a clean stop must have
     /// made everything durable, so this must lose nothing that matters.
     pub fn power_cut_stopped(&mut self, site: Site) -> CutReport {
         assert!(self.sites[site.index()].child.is_none(), "{site}: power_cut_stopped with the daemon running");
-        self.cut_fs(site, None)
+        self.cut_fs(site, "cut")
     }
 
     /// Both sites lose power at once (both daemons killed first, then both
@@ -1027,7 +1030,7 @@ address = "127.0.0.1:{peer_port}"
     pub fn power_cut_both(&mut self) -> [CutReport; 2] {
         self.kill9(Site::A);
         self.kill9(Site::B);
-        [self.cut_fs(Site::A, None), self.cut_fs(Site::B, None)]
+        [self.cut_fs(Site::A, "cut"), self.cut_fs(Site::B, "cut")]
     }
 
     /// A site's log file (all runs of its daemon, appended).
@@ -1076,6 +1079,32 @@ address = "127.0.0.1:{peer_port}"
 
     /// Starts a site's daemon and waits until its control socket answers.
     pub fn start(&mut self, site: Site) {
+        self.spawn(site);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.control(site, &Request::Status { group: None }).is_ok() {
+                return;
+            }
+            let s = &mut self.sites[site.index()];
+            if let Some(c) = s.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    s.child = None;
+                    panic!("{site} daemon exited at start-up with {status}\n{}", self.diagnostics());
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{site} daemon did not open its control socket within {START_TIMEOUT:?}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a site's daemon without waiting for it (a start the test holds
+    /// up on purpose, say in an fsync of its recovery).
+    pub fn spawn(&mut self, site: Site) {
         let bin = self.bin.clone();
         let s = &mut self.sites[site.index()];
         assert!(s.child.is_none(), "{site} is already running");
@@ -1098,26 +1127,6 @@ address = "127.0.0.1:{peer_port}"
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         s.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if self.control(site, &Request::Status { group: None }).is_ok() {
-                return;
-            }
-            let s = &mut self.sites[site.index()];
-            if let Some(c) = s.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    s.child = None;
-                    panic!("{site} daemon exited at start-up with {status}\n{}", self.diagnostics());
-                }
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{site} daemon did not open its control socket within {START_TIMEOUT:?}\n{}",
-                    self.diagnostics()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     /// Sends SIGTERM, waits for the daemon to exit and asserts exit 0.

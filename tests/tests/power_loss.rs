@@ -1126,3 +1126,89 @@ fn a_region_a_replay_could_undo_stays_in_the_activity_log() {
         c.wait_pair(group, Duration::from_secs(60));
     }
 }
+
+/// A secondary killed with records in its restore journal's page cache
+/// (their group commit's fsync never finished) replays them at its restart.
+/// The replay's volume writes may reach the disk in any order: the run they
+/// come from must be durable first, or a power cut during the replay leaves
+/// volumes holding a later record and not an earlier one, while the journal
+/// no longer names either and the replica calls itself consistent.
+#[test]
+fn a_restore_journal_read_after_a_kill_is_durable_before_it_is_replayed() {
+    let label = "a_restore_journal_read_after_a_kill_is_durable_before_it_is_replayed";
+    if !require_root(label) {
+        return;
+    }
+    require("fusermount3");
+    let (group, first, second) = ("rjr", "rjr-a", "rjr-b");
+    let spec = GroupSpec::new(group, Mode::Async)
+        .volume(first, 16 * MIB)
+        .volume(second, 16 * MIB)
+        .link_timeout(Duration::from_secs(30));
+    let mut c = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let before = c.wait_drained(group).last_seq;
+
+    // Two records, one per volume, reach the secondary's restore journal;
+    // its fsync hangs, so neither is durable there nor applied.
+    assert!(c.fs_command(Site::B, &format!("hold-fsync groups/{group}/journal")).starts_with("ok armed"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for vol in [first, second] {
+        let client = rt.block_on(NbdClient::connect_unix(&c.nbd_socket(Site::A), vol)).expect("connect");
+        rt.block_on(client.write(0, &stamp(0, 7), false)).expect("write");
+    }
+    let last = c.status(Site::A, group).last_seq;
+    assert_eq!(last, before + 2, "one record per write");
+    wait_fs(&c, Site::B, "the restore journal's fsync held", |stats, _| stats.ends_with(" held 1"));
+    // Both records are appended meanwhile (loopback: well under this).
+    std::thread::sleep(Duration::from_secs(1));
+    c.kill9(Site::B);
+    // The primary stays away: it would send the records again.
+    c.stop(Site::A);
+
+    // The restart replays them; the first volume's sync hangs, and the
+    // power goes with the second volume's pages on the disk and none of
+    // the first's.
+    assert!(c.fs_command(Site::B, &format!("hold-fsync {first}.img")).starts_with("ok armed"));
+    c.spawn(Site::B);
+    wait_fs(&c, Site::B, "the replay's sync of the first volume held", |stats, files| {
+        stats.ends_with(" held 1") && files.contains(&format!("{second}.img"))
+    });
+    let cut = c.power_cut_keeping_files(Site::B, &format!("{second}.img"));
+    eprintln!("{label}: secondary cut: {cut:?}");
+    c.start(Site::B);
+    let b = c.status(Site::B, group);
+    assert!(b.consistent, "{b:?}");
+    assert_eq!(b.durable_seq, last, "the restore journal's two records were replayed again: {b:?}");
+    c.stop(Site::B);
+    for vol in [first, second] {
+        let data = std::fs::read(c.volume_path(Site::B, vol)).expect("read volume");
+        assert!(
+            data[..BLOCK] == stamp(0, 7)[..],
+            "{vol}: the replica calls itself consistent at write {} without the write to {vol}",
+            b.durable_seq
+        );
+    }
+
+    c.start(Site::A);
+    c.start(Site::B);
+    c.wait_pair(group, Duration::from_secs(60));
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical(group);
+}
+
+/// Waits until powercut-fs's `stats` and `files` replies satisfy `done`.
+fn wait_fs(c: &Cluster, site: Site, what: &str, done: impl Fn(&str, &str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (stats, files) = (c.fs_command(site, "stats"), c.fs_command(site, "files"));
+        if done(&stats, &files) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{site}: not reached: {what}: {stats} / {files}\n{}", c.diagnostics());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -63,6 +63,9 @@
 //! - `cut keep SEED FRACTION` → the same, but write a pseudo-random FRACTION
 //!   (0..1) of the dirty pages to the backing files first:
 //!   `ok dropped N pages kept M pages undone K names`
+//! - `cut keep-only NAME` → the same, but every dirty page of the files
+//!   whose backing path contains NAME is written back first (a disk that
+//!   happened to write those back): `ok dropped N pages kept M pages undone K names`
 //! - `fail-fsync NAME` → `ok armed`: the next fsync of a file whose backing
 //!   path ends with NAME fails with EIO and drops that file's dirty pages (a
 //!   failed write-back; as on Linux, the fsync after it succeeds)
@@ -405,7 +408,7 @@ impl Inner {
     /// The power cut: undoes the pending namespace changes, then drops (or
     /// keeps some of) the dirty pages. Returns what happened to the pages
     /// and how many changes were undone.
-    fn cut(&mut self, keep: Option<(u64, f64)>) -> io::Result<(CutResult, u64)> {
+    fn cut(&mut self, keep: Keep) -> io::Result<(CutResult, u64)> {
         let rolled = self.names.roll_back();
         for note in &rolled.notes {
             eprintln!("powercut-fs: cut: {note}");
@@ -424,10 +427,15 @@ impl Inner {
                 total.dropped += node.cache.discard();
                 continue;
             }
-            let r = match (keep, node.rw.as_ref()) {
-                (Some((seed, fraction)), Some(f)) => {
+            let r = match (&keep, node.rw.as_ref()) {
+                (Keep::Fraction(seed, fraction), Some(f)) => {
                     let ino = node.backing_ino;
-                    node.cache.cut(f, |idx| keep_page(seed, fraction, ino, idx))?
+                    node.cache.cut(f, |idx| keep_page(*seed, *fraction, ino, idx))?
+                }
+                (Keep::FilesNamed(name), Some(f))
+                    if std::fs::read_link(proc_path(&node.opath)).is_ok_and(|p| p.to_string_lossy().contains(name)) =>
+                {
+                    node.cache.cut(f, |_| true)?
                 }
                 _ => CutResult { dropped: node.cache.discard(), kept: 0 },
             };
@@ -1054,12 +1062,22 @@ impl Filesystem for PowerCutFs {
     }
 }
 
+/// Which dirty pages a cut writes back before dropping the rest.
+enum Keep {
+    Nothing,
+    /// `cut keep SEED FRACTION`: a pseudo-random fraction of every file's.
+    Fraction(u64, f64),
+    /// `cut keep-only NAME`: every page of the files whose backing path
+    /// contains NAME (a disk that wrote those back first), none of others.
+    FilesNamed(String),
+}
+
 /// One control command; returns the reply line.
 fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
     let mut inner = inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["cut"] => match inner.cut(None) {
+        ["cut"] => match inner.cut(Keep::Nothing) {
             Ok((r, undone)) => format!("ok dropped {} pages undone {undone} names", r.dropped),
             Err(e) => format!("error {e}"),
         },
@@ -1067,11 +1085,15 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             let (Ok(seed), Ok(fraction)) = (seed.parse::<u64>(), fraction.parse::<f64>()) else {
                 return "error usage: cut keep SEED FRACTION".into();
             };
-            match inner.cut(Some((seed, fraction))) {
+            match inner.cut(Keep::Fraction(seed, fraction)) {
                 Ok((r, undone)) => format!("ok dropped {} pages kept {} pages undone {undone} names", r.dropped, r.kept),
                 Err(e) => format!("error {e}"),
             }
         }
+        ["cut", "keep-only", name] => match inner.cut(Keep::FilesNamed((*name).to_string())) {
+            Ok((r, undone)) => format!("ok dropped {} pages kept {} pages undone {undone} names", r.dropped, r.kept),
+            Err(e) => format!("error {e}"),
+        },
         ["fail-fsync", name] => {
             inner.fail_fsync = Some((*name).to_string());
             "ok armed".into()
@@ -1129,7 +1151,7 @@ fn control_command(inner: &Mutex<Inner>, line: &str) -> String {
             }
             out
         }
-        _ => "error unknown command (cut | cut keep SEED FRACTION | fail-fsync NAME | fail-write NAME | hold-fsync NAME | release | stats | files | names)"
+        _ => "error unknown command (cut | cut keep SEED FRACTION | cut keep-only NAME | fail-fsync NAME | fail-write NAME | hold-fsync NAME | release | stats | files | names)"
             .into(),
     }
 }
