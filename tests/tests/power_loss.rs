@@ -1212,3 +1212,78 @@ fn wait_fs(c: &Cluster, site: Site, what: &str, done: impl Fn(&str, &str) -> boo
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A primary killed between an activity-log save's write and its sync
+/// restarts on the log it reads from the page cache; writes to the regions
+/// it names wait for no save. That log is made durable before any is
+/// admitted: a power cut afterwards must still find the region, and copy it.
+#[test]
+fn an_activity_log_read_after_a_kill_is_durable_before_writes_rely_on_it() {
+    let label = "an_activity_log_read_after_a_kill_is_durable_before_writes_rely_on_it";
+    if !require_root(label) {
+        return;
+    }
+    require("fusermount3");
+    let (group, vol) = ("alkill", "alkill-vol");
+    let spec = GroupSpec::new(group, Mode::Async).volume(vol, VOLUME_SIZE).link_timeout(Duration::from_secs(60));
+    let mut c = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    c.wait_drained(group);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let write = |c: &Cluster, off: u64, version: u64, limit: Duration| {
+        rt.block_on(async {
+            let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("connect");
+            tokio::time::timeout(limit, client.write(off, &stamp(off / BLOCK as u64, version), false)).await
+        })
+    };
+    // The secondary stops taking records: the journal keeps what follows,
+    // and the regions written stay in the activity log.
+    c.signal(Site::B, nix::sys::signal::Signal::SIGSTOP);
+    write(&c, 40 * MIB, 1, Duration::from_secs(10)).expect("in time").expect("a write the journal keeps");
+
+    // A write to a cold region waits for the log's save, whose sync hangs;
+    // the daemon is killed there (the save stays in the page cache).
+    let x = 8 * MIB;
+    assert!(c.fs_command(Site::A, &format!("hold-fsync groups/{group}/activity-log")).starts_with("ok armed"));
+    let written = write(&c, x, 1, Duration::from_secs(2));
+    assert!(written.is_err(), "answered before the activity log's save was durable: {written:?}");
+    wait_fs(&c, Site::A, "the activity log's fsync held", |stats, _| stats.ends_with(" held 1"));
+    c.kill9(Site::A);
+
+    // The restart reads that log from the page cache, and its first sync of
+    // the log hangs in turn. A write to the region now would wait for no
+    // save: it must not be taken before the log it relies on is durable.
+    // The power goes with the volume's pages on the disk and none of the
+    // other files': the journal would no longer hold such a write, and only
+    // the activity log could say the region differs from the secondary.
+    assert!(c.fs_command(Site::A, &format!("hold-fsync groups/{group}/activity-log")).starts_with("ok armed"));
+    c.spawn(Site::A);
+    wait_fs(&c, Site::A, "the restart's sync of the activity log held", |stats, _| stats.ends_with(" held 1"));
+    let taken = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Ok(client) = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await {
+                let left = deadline.saturating_duration_since(Instant::now());
+                break tokio::time::timeout(left, client.write(x, &stamp(x / BLOCK as u64, 2), false)).await.is_ok();
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(!taken, "a write to the region was answered while the activity log it relies on was not durable");
+    // A volume write follows its acknowledgement.
+    std::thread::sleep(Duration::from_millis(500));
+    let cut = c.power_cut_keeping_files(Site::A, &format!("{vol}.img"));
+    eprintln!("{label}: primary cut: {cut:?}");
+    c.signal(Site::B, nix::sys::signal::Signal::SIGCONT);
+    c.start(Site::A);
+    c.wait_pair(group, Duration::from_secs(120));
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical(group);
+}
+

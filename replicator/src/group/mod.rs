@@ -676,6 +676,28 @@ impl Group {
                     state = PairState::Copy;
                 }
             } else {
+                if unclean && activity.is_none() {
+                    // The activity log is missing or unreadable after a
+                    // kill: the records still in the journal (all the
+                    // secondary may lack, and all whose volume writes may
+                    // not be durable here) name the regions a later power
+                    // cut could leave different. Rebuilt from their headers,
+                    // saved with the next save (until then a power cut
+                    // still finds no log, and resynchronises whole volumes).
+                    let mut rebuilt = ActivityLog::new(DEFAULT_EXTENT);
+                    for seq in r.oldest_seq().unwrap_or(last + 1)..=last {
+                        if let Some((pos, _)) = r.lookup(seq) {
+                            let h = j.read_header(pos, seq).await?;
+                            rebuilt.touch(h.volume, h.offset, u64::from(h.length), seq, 0, 0);
+                        }
+                    }
+                    tracing::warn!(
+                        group = %cfg.name,
+                        regions = rebuilt.len(),
+                        "the activity log is missing or unreadable after an unclean stop: rebuilt from the journal's records"
+                    );
+                    activity = Some(rebuilt);
+                }
                 ring = Some(r);
             }
             if primary.copy_pending && state == PairState::Pair {
@@ -839,6 +861,17 @@ impl Group {
         let (bitmap_persisted, _) = watch::channel(0);
         let (incoming, incoming_rx) = mpsc::unbounded_channel();
         let accept_pair_create = AtomicBool::new(cfg.accept_pair_create);
+        // The bitmaps and the activity log were read through the page
+        // cache, where a kill between a save's write and its sync leaves the
+        // newest save alone, and writes admitted from here on rely on what
+        // was read (a region in the loaded log waits for no save). Opening
+        // them for saves makes that save durable (`SlottedFile::open`), after
+        // every save above (a handle opened earlier would not know of those).
+        let mut metadata_files = HashMap::new();
+        for name in volumes.iter().map(|v| bitmap_name(&v.name)).chain([ACTIVITY_LOG.to_string()]) {
+            let blob = store.open_blob(&name)?;
+            metadata_files.insert(name, MetadataFile { blob, saved: None });
+        }
         let group = Arc::new(Group {
             cfg,
             volumes,
@@ -866,7 +899,7 @@ impl Group {
             state_written: Mutex::new(0),
             nbd_clients: AtomicUsize::new(0),
             accept_pair_create,
-            bitmap_io: Mutex::new(HashMap::new()),
+            bitmap_io: Mutex::new(metadata_files),
             stopped: std::sync::OnceLock::new(),
             smallest_journal,
             drill: Mutex::new(drill),
