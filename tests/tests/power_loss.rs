@@ -1286,4 +1286,3 @@ fn an_activity_log_read_after_a_kill_is_durable_before_writes_rely_on_it() {
     c.stop(Site::B);
     c.assert_volumes_identical(group);
 }
-
