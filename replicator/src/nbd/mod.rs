@@ -67,9 +67,11 @@
 //!   [`ServeOptions::min_transfer_rate`], so a client that trickles a byte
 //!   within each timeout cannot hold its budget indefinitely.
 //! - At most [`ServeOptions::max_connections`] connections are open at once
-//!   (shared by the daemon's Unix and TCP listeners, [`SharedLimits`]); one
-//!   more is accepted and closed at once, with a warning at most every few
-//!   seconds. A failed `accept` (out of file descriptors) pauses the accept
+//!   (shared by the daemon's Unix and TCP listeners, [`SharedLimits`]), and
+//!   at most a quarter of them per listener still in their handshake (so
+//!   that unauthenticated connections to a TLS listener cannot take the
+//!   slots of the local socket); one more is accepted and closed at once,
+//!   with a warning at most every few seconds. A failed `accept` (out of file descriptors) pauses the accept
 //!   loop briefly instead of spinning.
 //! - The server never drops an export future before it completes: a client
 //!   that disconnects, a protocol violation or a shutdown only stops new

@@ -298,6 +298,12 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
     tls: Option<Arc<NbdTls>>,
 ) -> Drain {
     let mut connections = JoinSet::new();
+    // Connections still in their handshake (not yet authenticated, on a TLS
+    // listener) hold at most a quarter of the shared slots per listener: a
+    // host that opens connections and sends nothing cannot take the slots
+    // of the other listeners, or of clients that finish their handshake.
+    let max_handshakes = (limits.max_connections / 4).max(1);
+    let handshakes = Arc::new(Semaphore::new(max_handshakes));
     let running = RunningRequests::new();
     let shared = Arc::new(Shared { catalog, running: running.clone(), options, limits: limits.clone(), tls });
     let mut next_id: u64 = 0;
@@ -310,8 +316,17 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
             accepted = listener.accept() => match accepted {
                 Ok((read, write, peer)) => {
                     next_id += 1;
-                    match Arc::clone(&limits.connections).try_acquire_owned() {
-                        Ok(slot) => {
+                    let slots = Arc::clone(&handshakes)
+                        .try_acquire_owned()
+                        .map_err(|_| format!("{max_handshakes} connection(s) of this listener are in their handshake"))
+                        .and_then(|handshake| {
+                            Arc::clone(&limits.connections)
+                                .try_acquire_owned()
+                                .map(|slot| (slot, handshake))
+                                .map_err(|_| format!("the server has its maximum of {} connection(s)", limits.max_connections))
+                        });
+                    match slots {
+                        Ok((slot, handshake)) => {
                             connections.spawn(connection(
                                 next_id,
                                 peer,
@@ -319,11 +334,11 @@ async fn accept_loop<L: Listener, C: ExportCatalog>(
                                 write,
                                 Arc::clone(&shared),
                                 shutdown.clone(),
-                                slot,
+                                (slot, handshake),
                             ));
                         }
                         // Closed at once: its file descriptor is not kept.
-                        Err(_) => refusals.refused(next_id, &peer, limits.max_connections),
+                        Err(why) => refusals.refused(next_id, &peer, &why),
                     }
                 }
                 Err(err) => {
@@ -379,18 +394,12 @@ struct Refusals {
 }
 
 impl Refusals {
-    fn refused(&mut self, conn: u64, peer: &str, max: usize) {
+    fn refused(&mut self, conn: u64, peer: &str, why: &str) {
         if self.last_log.is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL) {
             self.unlogged += 1;
             return;
         }
-        tracing::warn!(
-            conn,
-            peer,
-            max_connections = max,
-            also_refused = self.unlogged,
-            "NBD connection refused: the server already has its maximum number of connections; closing it"
-        );
+        tracing::warn!(conn, peer, also_refused = self.unlogged, "NBD connection refused: {why}; closing it");
         self.last_log = Some(Instant::now());
         self.unlogged = 0;
     }
@@ -413,7 +422,7 @@ async fn connection<C, R, W>(
     mut write: W,
     shared: Arc<Shared<C>>,
     mut shutdown: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
+    (_slot, handshake): (OwnedSemaphorePermit, OwnedSemaphorePermit),
 ) where
     C: ExportCatalog,
     R: AsyncRead + Unpin + Send + 'static,
@@ -435,6 +444,7 @@ async fn connection<C, R, W>(
     let (export_name, reason) = match (first, &shared.tls) {
         (Err(reason), _) => (None, reason),
         (Ok((_, Outcome::Transmission(negotiated))), _) => {
+            drop(handshake);
             transmit(id, &peer, reader, write, negotiated, &shared, &mut shutdown).await
         }
         // Only a listener with TLS acknowledges STARTTLS.
@@ -456,6 +466,7 @@ async fn connection<C, R, W>(
                     match secured {
                         Err(reason) => (None, reason),
                         Ok(Outcome::Transmission(negotiated)) => {
+                            drop(handshake);
                             transmit(id, &peer, reader, write, negotiated, &shared, &mut shutdown).await
                         }
                         Ok(Outcome::StartTls) => (None, CloseReason::Protocol("STARTTLS inside TLS".into())),

@@ -451,9 +451,13 @@ async fn flush_covers_writes_from_every_connection() {
 /// descriptors are not kept); a freed slot takes a new connection.
 #[tokio::test]
 async fn connections_beyond_the_cap_are_closed_at_once() {
-    let options = ServeOptions { max_connections: 2, ..ServeOptions::default() };
+    let options = ServeOptions { max_connections: 8, ..ServeOptions::default() };
     let server = Server::start_with(MemCatalog::standard(), options);
     let (mut first, _) = server.open("vol").await;
+    let mut others = Vec::new();
+    for _ in 0..6 {
+        others.push(server.open("vol").await.0);
+    }
     // One still in the handshake holds a slot too.
     let mut second = RawClient::connect(&server.sock).await;
     second.greet(3).await;
@@ -462,9 +466,20 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
 
     assert_eq!(first.read(1, 0, 4096).await.0, 0);
     drop(first);
+    let mut again = connect_once_freed(&server.sock).await;
+    again.go("vol").await;
+    assert_eq!(again.read(2, 0, 4096).await.0, 0);
+    drop(second);
+    drop(others);
+    server.stop().await;
+}
+
+/// Connects until the server greets (a slot freed by a client that went
+/// away is released once the server has seen it go), and greets back.
+async fn connect_once_freed(sock: &Path) -> RawClient {
     let deadline = std::time::Instant::now() + STEP;
-    let mut again = loop {
-        let mut client = RawClient::connect(&server.sock).await;
+    let mut client = loop {
+        let mut client = RawClient::connect(sock).await;
         let mut magic = [0u8; 8];
         match tokio::time::timeout(STEP, client.stream.read_exact(&mut magic)).await {
             Ok(Ok(_)) if u64::from_be_bytes(magic) == NBDMAGIC => break client,
@@ -472,13 +487,65 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
             other => panic!("the freed slot never took a new connection: {other:?}"),
         }
     };
-    // The rest of the greeting, then a normal session.
-    again.read_exact(10).await;
-    again.send(&3u32.to_be_bytes()).await;
-    again.go("vol").await;
-    assert_eq!(again.read(2, 0, 4096).await.0, 0);
-    drop(second);
-    server.stop().await;
+    // The rest of the greeting.
+    client.read_exact(10).await;
+    client.send(&3u32.to_be_bytes()).await;
+    client
+}
+
+/// Connections that stay in their handshake (a host without a certificate
+/// on a TLS listener) hold at most a quarter of the shared slots per
+/// listener: another listener sharing the limits still takes clients.
+#[tokio::test]
+async fn silent_handshakes_on_one_listener_leave_the_others_their_slots() {
+    let options = ServeOptions { max_connections: 8, ..ServeOptions::default() };
+    let limits = super::super::SharedLimits::new(&options);
+    let catalog = MemCatalog::standard();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (shutdown, rx) = watch::channel(false);
+    let mut servers = Vec::new();
+    for name in ["tcp-like.sock", "local.sock"] {
+        let listener = UnixListener::bind(dir.path().join(name)).expect("bind");
+        servers.push(tokio::spawn(super::super::serve_shared(
+            listener,
+            Arc::clone(&catalog),
+            rx.clone(),
+            options,
+            limits.clone(),
+        )));
+    }
+    let (busy, local) = (dir.path().join("tcp-like.sock"), dir.path().join("local.sock"));
+    // Two connections greeted and silent: the busy listener's share.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let mut c = RawClient::connect(&busy).await;
+        c.greet(3).await;
+        silent.push(c);
+    }
+    let mut third = RawClient::connect(&busy).await;
+    third.assert_closed().await;
+    // The other listener serves, up to the slots left.
+    let mut served = Vec::new();
+    for _ in 0..6 {
+        let mut c = RawClient::connect(&local).await;
+        c.greet(3).await;
+        c.go("vol").await;
+        assert_eq!(c.read(1, 0, 4096).await.0, 0);
+        served.push(c);
+    }
+    let mut over = RawClient::connect(&local).await;
+    over.assert_closed().await;
+    // A silent connection that finishes its handshake frees its share.
+    silent[0].go("vol").await;
+    drop(served.pop());
+    let mut next = connect_once_freed(&busy).await;
+    next.go("vol").await;
+    assert_eq!(next.read(2, 0, 4096).await.0, 0);
+    drop((silent, served, next));
+    let _ = shutdown.send(true);
+    for s in servers {
+        assert_eq!(s.await.expect("server task"), Drain::Complete);
+    }
 }
 
 /// The byte budget is shared by all connections: with two clients holding
