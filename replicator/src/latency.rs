@@ -21,25 +21,28 @@ impl LatencyHistogram {
     /// Records one observation.
     pub fn record(&self, d: Duration) {
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
-        if let Some(i) = BOUNDS_US.iter().position(|b| us <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
+        // The total first, the bucket after it with Release: a snapshot that
+        // sees the bucket (Acquire) sees the total too (`snapshot`).
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(us, Ordering::Relaxed);
+        if let Some(i) = BOUNDS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Release);
+        }
     }
 
     /// Sum of the observations in seconds, their count, and the buckets
     /// as (upper bound in seconds, observations in that bucket alone), the
     /// last one `f64::MAX` for +Inf: the form prometheus-client encodes.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        // Buckets first: `record` counts the bucket before the total, so the
-        // total read afterwards covers them (an observation that lands in
-        // between shows in +Inf until the next scrape).
+        // Buckets first (Acquire): `record` counts the total before the
+        // bucket (Release), so the total read afterwards covers every
+        // observation seen in a bucket (one whose bucket is not counted yet
+        // shows in +Inf until the next scrape).
         let mut buckets: Vec<(f64, u64)> = self
             .buckets
             .iter()
             .zip(BOUNDS_US)
-            .map(|(b, bound)| (bound as f64 / 1e6, b.load(Ordering::Relaxed)))
+            .map(|(b, bound)| (bound as f64 / 1e6, b.load(Ordering::Acquire)))
             .collect();
         let count = self.count.load(Ordering::Relaxed);
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
