@@ -198,9 +198,14 @@ impl ChunkMap {
         self.held_count
     }
 
-    /// Bytes the snapshot holds in its own file.
+    /// Bytes the snapshot holds in its own file (the volume's last chunk
+    /// may be shorter than the others).
     pub fn held_bytes(&self) -> u64 {
-        self.held_count.saturating_mul(self.chunk)
+        let whole = self.held_count.saturating_mul(self.chunk);
+        match self.chunks.checked_sub(1) {
+            Some(last) if self.is_held(last) => whole - (self.chunk - self.chunk_range(last).1),
+            _ => whole,
+        }
     }
 
     /// Every held chunk, in order (a rollback copies them back).
@@ -278,6 +283,16 @@ mod tests {
         m.commit_done(&c);
         assert!(m.all_durable(3 << 16, 4096));
         assert!(!m.all_durable(2 << 16, 2 << 16));
+    }
+
+    #[test]
+    fn a_short_last_chunk_counts_its_own_length() {
+        // 100 KiB: one whole chunk of 64 KiB and a last one of 36 KiB.
+        let mut m = ChunkMap::new(100 << 10, 64 << 10).unwrap();
+        m.hold(1);
+        assert_eq!(m.held_bytes(), 36 << 10);
+        m.hold(0);
+        assert_eq!(m.held_bytes(), 100 << 10);
     }
 
     #[test]

@@ -197,23 +197,34 @@ impl Snapshot {
         };
         match renamed {
             Ok(()) => {
-                // What the copies held is worthless now: their space goes
-                // back (a full state_dir would stop the group's saves next).
-                let dir = g.record.parent().unwrap_or(Path::new("."));
-                for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                    let path = entry.path();
-                    if path.extension().is_some_and(|e| e == "data") {
-                        if let Err(e) = std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(0)) {
-                            tracing::warn!(path = %path.display(), "cannot free a discarded drill copy's space: {e}");
-                        }
-                    }
-                }
                 tracing::error!(
                     record = %g.record.display(),
                     "copy-on-write into a drill copy failed ({error}): the drill copy is discarded (its exports fail \
                      from now on) and replication goes on; `replicator drill stop` ends the drill"
                 );
                 *why = Some(format!("copy-on-write failed: {error}"));
+                drop(why);
+                // What the copies held is worthless now: their space goes
+                // back (a full state_dir would stop the group's saves next),
+                // on a thread of its own: freeing the extents of large files
+                // takes seconds, which neither this volume write nor a
+                // status asking why the copy was discarded should wait for.
+                let dir = g.record.parent().unwrap_or(Path::new(".")).to_path_buf();
+                let free = move || {
+                    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                        let path = entry.path();
+                        if path.extension().is_some_and(|e| e == "data") {
+                            if let Err(e) =
+                                std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(0))
+                            {
+                                tracing::warn!(path = %path.display(), "cannot free a discarded drill copy's space: {e}");
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = std::thread::Builder::new().name("replicator-drill-free".into()).spawn(free) {
+                    tracing::warn!("cannot start freeing a discarded drill copy's space: {e}");
+                }
                 true
             }
             Err(e) => {
@@ -451,17 +462,30 @@ impl Snapshot {
     /// Writes every held chunk back into `volume` (through it, so other
     /// snapshots attached to it preserve what this overwrites; detach this
     /// one first) and syncs it: the volume then holds the snapshot's image.
-    /// Returns the regions rewritten, as (offset, length).
+    /// Returns the regions rewritten, as (offset, length), adjacent chunks
+    /// merged (a resync's guard holds long runs of them: one entry per
+    /// chunk would take memory in proportion to the volume).
     pub async fn roll_back(&self, volume: &Volume) -> Result<Vec<(u64, u64)>, IoError> {
-        let chunks: Vec<u64> = self.map().held_iter().collect();
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        for c in self.map().held_iter() {
+            match runs.last_mut() {
+                Some(run) if run.end == c => run.end = c + 1,
+                _ => runs.push(c..c + 1),
+            }
+        }
         let _guards = self.lock_write(0..STRIPES).await;
-        let mut regions = Vec::with_capacity(chunks.len());
-        for &c in &chunks {
-            let (start, len) = self.map().chunk_range(c);
-            let (res, buf) = self.data.read_at(AlignedBuf::for_overwrite(len as usize), start).await;
-            res?;
-            volume.write(start, Bytes::from_owner(buf), false).await?;
-            regions.push((start, len));
+        let mut regions = Vec::with_capacity(runs.len());
+        for run in runs {
+            let (offset, _) = self.map().chunk_range(run.start);
+            let mut end = offset;
+            for c in run {
+                let (start, len) = self.map().chunk_range(c);
+                let (res, buf) = self.data.read_at(AlignedBuf::for_overwrite(len as usize), start).await;
+                res?;
+                volume.write(start, Bytes::from_owner(buf), false).await?;
+                end = start + len;
+            }
+            regions.push((offset, end - offset));
         }
         volume.sync().await?;
         Ok(regions)

@@ -436,6 +436,29 @@ mod tests {
         Volume::open(&engine, &c, 0).expect("open once the first is closed");
     }
 
+    /// A snapshot written back into its volume restores what it preserved
+    /// and names the regions rewritten, adjacent chunks as one.
+    #[tokio::test]
+    async fn a_rolled_back_snapshot_names_its_runs_of_chunks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = IoEngine::new(crate::io::BackendChoice::Threads);
+        let size = 1 << 20;
+        let v = Volume::open(&engine, &cfg(dir.path().join("v.img"), Some(size), true), 0).expect("open");
+        let chunk = 64 << 10;
+        let before = Bytes::from(vec![0x11; size as usize]);
+        v.write(0, before.clone(), true).await.expect("fill");
+        let snap = Arc::new(Snapshot::create(&engine, dir.path(), "v", size, chunk).expect("snapshot"));
+        v.attach_snapshot(snap.clone());
+        // Chunks 0 and 1 (one write across both), and 3.
+        v.write(chunk - 4096, Bytes::from(vec![0x22; 8192]), false).await.expect("write");
+        v.write(3 * chunk, Bytes::from(vec![0x33; 4096]), false).await.expect("write");
+        v.detach_snapshot(&snap);
+        let regions = snap.roll_back(&v).await.expect("roll back");
+        assert_eq!(regions, vec![(0, 2 * chunk), (3 * chunk, chunk)]);
+        let after = v.read(0, size).await.expect("read");
+        assert!(after[..] == before[..], "the volume holds its image from before the writes again");
+    }
+
     #[test]
     fn alignment() {
         assert_eq!(align_range(0, 4096), (0, 4096));

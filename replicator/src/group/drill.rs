@@ -333,12 +333,16 @@ impl Group {
 
     /// `status` of the running drill.
     pub fn drill_status(&self) -> Option<DrillStatus> {
-        self.drill().map(|d| DrillStatus {
-            meta: d.meta.clone(),
-            space_used_bytes: d.image.held_bytes(),
-            clients: d.clients.load(Ordering::SeqCst),
-            exports: d.meta.exports(),
-            discarded: d.image.given_up(),
+        self.drill().map(|d| {
+            let discarded = d.image.given_up();
+            DrillStatus {
+                meta: d.meta.clone(),
+                // A discarded copy's files are emptied.
+                space_used_bytes: if discarded.is_some() { 0 } else { d.image.held_bytes() },
+                clients: d.clients.load(Ordering::SeqCst),
+                exports: d.meta.exports(),
+                discarded,
+            }
         })
     }
 

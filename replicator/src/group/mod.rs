@@ -1835,6 +1835,7 @@ impl Group {
         // Outside the group lock: the transport has locks of its own.
         let link_rtt_seconds = self.transport.rtt(&self.cfg.peer).map(|d| d.as_secs_f64());
         let latency = self.latency().summary();
+        let drill = self.drill_status();
         let g = lock(&self.inner);
         let p = self.progress.borrow().clone();
         let (applied, durable, connected) = match g.role() {
@@ -1933,7 +1934,7 @@ impl Group {
             writes: latency.count,
             write_latency_mean_seconds: latency.mean_seconds,
             write_latency_p99_at_most_seconds: latency.p99_at_most_seconds,
-            drill: self.drill_status(),
+            drill,
             failover_image: self.failover_image(&g),
         }
     }
