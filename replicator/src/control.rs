@@ -213,7 +213,7 @@ pub async fn call_with_progress(
 }
 
 /// Longest request line accepted (requests are a few hundred bytes).
-const MAX_REQUEST_LINE: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_LINE: usize = 64 * 1024;
 /// A client must send its whole request within this time.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client must take each progress line and the response within this

@@ -248,6 +248,7 @@ pub async fn run(
         (false, None, Some(s)) => u8::try_from(128 + s).unwrap_or(exit::FAILED),
         (false, None, None) => exit::FAILED,
     };
+    let outcome = fit_in_a_request(outcome);
     // The command's NBD clients may take a moment to detach.
     let deadline = Instant::now() + STOP_RETRY;
     let resp = loop {
@@ -286,6 +287,36 @@ pub async fn run(
         }
     }
     Ok(ExitCode::from(code))
+}
+
+/// The outcome, cut to travel in one control request with room to spare:
+/// the command's long words first (a script passed inline), then the
+/// output's oldest lines. Refused as too long, the drill would stay up and
+/// go unrecorded.
+fn fit_in_a_request(mut outcome: DrillOutcome) -> DrillOutcome {
+    const ROOM: usize = crate::control::MAX_REQUEST_LINE / 2;
+    const WORD_MAX: usize = 200;
+    let size = |o: &DrillOutcome| serde_json::to_vec(o).map_or(usize::MAX, |v| v.len());
+    if size(&outcome) > ROOM {
+        for word in &mut outcome.command {
+            if word.len() > WORD_MAX {
+                let mut cut = WORD_MAX;
+                while !word.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                word.truncate(cut);
+                word.push('…');
+            }
+        }
+    }
+    while size(&outcome) > ROOM && !outcome.output_tail.is_empty() {
+        let cut = outcome.output_tail.find('\n').map_or(outcome.output_tail.len(), |i| i + 1);
+        outcome.output_tail.drain(..cut);
+    }
+    while size(&outcome) > ROOM && outcome.command.len() > 1 {
+        outcome.command.pop();
+    }
+    outcome
 }
 
 /// Catches SIGINT, SIGTERM and SIGHUP for the rest of the process: the
@@ -359,7 +390,10 @@ fn run_command(
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
-        let mut line = line;
+        // Control characters (binary output) as one character each, not
+        // as the six of a JSON escape.
+        let mut line: String =
+            line.chars().map(|c| if c.is_control() && c != '\t' { char::REPLACEMENT_CHARACTER } else { c }).collect();
         if line.len() > TAIL_LINE_MAX {
             let mut cut = TAIL_LINE_MAX;
             while !line.is_char_boundary(cut) {
@@ -483,6 +517,31 @@ fn forward(mut reader: impl BufRead, is_err: bool, tx: &mpsc::Sender<(bool, Stri
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// An inline script and a full tail still travel in one request: the
+    /// newest output lines are kept, the long word cut.
+    #[test]
+    fn an_outcome_is_cut_to_fit_in_a_request() {
+        let tail: String = (0..40).map(|i| format!("{i:03} {}\n", "y".repeat(390))).collect();
+        let outcome = DrillOutcome {
+            command: vec!["sh".into(), "-c".into(), "x".repeat(100_000)],
+            exit_code: Some(0),
+            signal: None,
+            timed_out: false,
+            interrupted: false,
+            run_seconds: 1.0,
+            output_tail: tail,
+        };
+        let fitted = fit_in_a_request(outcome);
+        assert!(serde_json::to_vec(&fitted).unwrap().len() <= crate::control::MAX_REQUEST_LINE / 2);
+        assert_eq!(fitted.command[..2], ["sh", "-c"]);
+        assert!(fitted.command[2].len() < 300 && fitted.command[2].ends_with('…'));
+        assert!(fitted.output_tail.starts_with("000 "), "the tail fits whole once the word is cut");
+
+        let big = DrillOutcome { output_tail: "z".repeat(40_000) + "\nlast\n", ..fitted };
+        let fitted = fit_in_a_request(big);
+        assert_eq!(fitted.output_tail, "last\n");
+    }
 
     /// Output that is not UTF-8, or one very long line, does not end the
     /// reading of the command's output.

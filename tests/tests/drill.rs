@@ -378,9 +378,15 @@ fn drill_run_reports_its_command_and_keeps_a_history() {
     assert!(started.elapsed() < Duration::from_secs(25));
     // One that leaves a job running in the background, holding its output
     // open: the drill ends with the command, the job is stopped. (It hung
-    // for good, past any timeout, the drill never stopped.)
+    // for good, past any timeout, the drill never stopped.) Its script is
+    // long and its output binary: the record still fits in the request
+    // that stops the drill (refused as too long, the drill stayed up).
     let started = Instant::now();
-    let out = c.cli(Site::B, &["drill", "run", "g", "--timeout", "60s", "--", "sh", "-c", "sleep 1000 & echo started"]);
+    let script = format!(
+        "sleep 1000 & echo started; for i in $(seq 40); do head -c 400 /dev/zero; echo; done # {}",
+        "x".repeat(70_000)
+    );
+    let out = c.cli(Site::B, &["drill", "run", "g", "--timeout", "60s", "--", "sh", "-c", &script]);
     assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
     assert!(started.elapsed() < Duration::from_secs(30), "it waited for the background job");
     assert!(c.status(Site::B, "g").drill.is_none(), "the drill is stopped");
