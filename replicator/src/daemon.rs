@@ -38,8 +38,8 @@ use crate::tls::TlsIdentity;
 use crate::transport::{Transport, TransportError};
 use crate::volume::Volume;
 
-/// How long, after SIGTERM, the NBD servers, the control socket and the
-/// metrics listener may take to stop: the NBD servers' own limit (grace
+/// How long, after SIGTERM, the NBD servers and the metrics listener may
+/// take to stop: the NBD servers' own limit (grace
 /// period plus backstop) and a margin.
 fn stop_timeout() -> Duration {
     ServeOptions::default().shutdown_grace + SHUTDOWN_BACKSTOP + Duration::from_secs(5)
@@ -195,7 +195,7 @@ pub struct Stopped {
 ///
 /// On SIGTERM/SIGINT the groups are flushed and marked cleanly shut down
 /// only if the NBD servers report every request finished in the export
-/// ([`Drain::Complete`]), the control and metrics listeners stopped, all
+/// ([`Drain::Complete`]), the metrics listener stopped, all
 /// within [`stop_timeout`], and every replication session drained within
 /// [`SESSION_DRAIN_TIMEOUT`]. Otherwise an error is logged ("not marking
 /// the groups clean: ...") and nothing is marked, so that the next start
@@ -303,7 +303,11 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
     let nbd_unix = bind_unix(&config.nbd_socket(), SOCKET_MODE, NBD_SOCKET)?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut nbd_servers = tokio::task::JoinSet::new();
-    tasks.spawn(crate::control::serve(control, node.clone(), shutdown.clone()));
+    // The control socket stays up through the stop: `status` answers, and
+    // a command that would change something is refused as the daemon
+    // stopping (`node.admin`), where a closed socket said it was not running.
+    let (control_stop, control_stopped) = watch::channel(false);
+    let control_task = tokio::spawn(crate::control::serve(control, node.clone(), control_stopped));
     // One connection cap and one in-flight byte budget for both listeners.
     let mut nbd_options = ServeOptions::default();
     match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
@@ -444,7 +448,7 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
     match tokio::time::timeout(limit, stop_listeners(&mut nbd_servers, &mut tasks)).await {
         Ok(problems) => unclean.extend(problems),
         Err(_) => unclean.push(format!(
-            "the NBD servers and the control socket did not stop within {limit:?} ({} NBD server(s) still busy)",
+            "the NBD servers and the metrics listener did not stop within {limit:?} ({} NBD server(s) still busy)",
             nbd_servers.len()
         )),
     }
@@ -479,6 +483,10 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
             "not marking the groups clean: {}; their journals are replayed at the next start",
             unclean.join("; ")
         );
+    }
+    let _ = control_stop.send(true);
+    if let Err(e) = control_task.await {
+        tracing::error!("the control socket's task failed: {e}");
     }
     transport.close().await;
     let _ = std::fs::remove_file(config.control_socket());
@@ -651,7 +659,7 @@ fn consent_after_reload(before: Option<&GroupConfig>, after: Option<&GroupConfig
     }
 }
 
-/// Waits for the NBD servers, then the control and metrics listeners, to
+/// Waits for the NBD servers, then the metrics listener, to
 /// return; lists what keeps the shutdown from being a clean one.
 async fn stop_listeners(
     nbd_servers: &mut tokio::task::JoinSet<Drain>,
@@ -669,7 +677,7 @@ async fn stop_listeners(
     }
     while let Some(done) = others.join_next().await {
         if let Err(e) = done {
-            tracing::error!("a control or metrics task failed: {e}");
+            tracing::error!("the metrics task failed: {e}");
         }
     }
     problems
@@ -722,6 +730,27 @@ mod consent_tests {
 #[cfg(test)]
 mod limit_tests {
     use super::*;
+
+    /// The shipped unit lets a clean stop run its bounded waits (the NBD
+    /// drain, then the sessions', the admin commands' within them, the
+    /// transport and the runtime) with a minute left for the final flush:
+    /// systemd's SIGKILL past `TimeoutStopSec` makes the stop unclean.
+    #[test]
+    fn the_units_stop_timeout_covers_a_clean_stop() {
+        let unit = include_str!("../../systemd/replicator.service");
+        let secs: u64 = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("TimeoutStopSec in seconds");
+        let waits = (stop_timeout() + SESSION_DRAIN_TIMEOUT).max(ADMIN_DRAIN_TIMEOUT)
+            + Duration::from_secs(2) // the transport's close
+            + RUNTIME_SHUTDOWN_TIMEOUT;
+        assert!(
+            Duration::from_secs(secs) >= waits + Duration::from_secs(60),
+            "TimeoutStopSec={secs} leaves less than a minute after the stop's waits ({waits:?})"
+        );
+    }
 
     #[test]
     fn nbd_connections_fit_the_file_descriptor_limit() {

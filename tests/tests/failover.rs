@@ -466,6 +466,44 @@ fn a_clean_stop_lets_a_running_switchover_answer_first() {
     assert!(text.contains("switchover interrupted"), "the switchover's own answer: {text}");
 }
 
+/// While a clean stop waits (here for a sync write the frozen secondary
+/// holds up), the control socket still answers: `status` works, and a
+/// command that would change something is refused as the daemon stopping
+/// (a socket closed at the signal said the daemon was not running).
+#[test]
+fn a_stopping_daemon_answers_status_and_refuses_commands() {
+    let group = GroupSpec::new("st", Mode::Sync).volume("st-vol", 16 * MIB).link_timeout(Duration::from_secs(10));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("st");
+    cluster.wait_pair("st", Duration::from_secs(60));
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    let socket = cluster.nbd_socket(Site::A);
+    let writer = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let client = NbdClient::connect_unix(&socket, "st-vol").await.expect("connect");
+            client.write(0, &random_bytes(1, 4096), false).await
+        })
+    });
+    // The write waits for the frozen secondary; the stop waits for it.
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.signal(Site::A, Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    let a = cluster.status(Site::A, "st");
+    assert_eq!(a.role, "primary", "{a:?}");
+    let split = cluster.cli(Site::A, &["pair", "split", "st"]);
+    let text = describe_output(&split);
+    assert_eq!(split.status.code(), Some(1), "{text}");
+    assert!(text.contains("the daemon is stopping"), "{text}");
+    // The link timeout suspends the pair and answers the write; the stop
+    // then ends cleanly.
+    let written = writer.join().expect("writer");
+    assert!(written.is_ok(), "{written:?}");
+    let status = cluster.stop_status(Site::A);
+    cluster.signal(Site::B, Signal::SIGCONT);
+    assert!(status.success(), "{status}\n{}", cluster.diagnostics());
+}
+
 /// A hand-over the peer never took (it answers as the secondary still)
 /// clears the marker, and writes wait until that save is on disk: a power
 /// cut before it finds the marker, and the restart takes the journal's end
