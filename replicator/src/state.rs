@@ -226,6 +226,11 @@ pub struct SecondaryState {
     pub needs_rebase: bool,
     /// Split with `--rw`: its volumes take writes.
     pub split_writable: bool,
+    /// A former primary fenced by a failover that gave its writes up
+    /// (`failback`, `--discard-local`): `failback` here switches the roles
+    /// back. Any other secondary refuses it (a healthy pair's roles would
+    /// be handed over by a command run on the wrong site).
+    pub failing_back: bool,
 }
 
 impl Default for SecondaryState {
@@ -243,6 +248,7 @@ impl Default for SecondaryState {
             primary_reported_at_us: 0,
             needs_rebase: false,
             split_writable: false,
+            failing_back: false,
         }
     }
 }
@@ -453,6 +459,8 @@ struct StateFileV1 {
     #[serde(default)]
     split_writable: bool,
     #[serde(default)]
+    failing_back: bool,
+    #[serde(default)]
     rebase_seq: u64,
     #[serde(default)]
     admin_resync: bool,
@@ -503,6 +511,7 @@ impl From<StateFileV1> for GroupState {
                 primary_reported_at_us: f.primary_reported_at_us,
                 needs_rebase: f.needs_rebase,
                 split_writable: f.split_writable,
+                failing_back: f.failing_back,
             }),
         };
         Self {
@@ -564,6 +573,7 @@ impl From<GroupState> for StateFileV1 {
             superseded_at: primary.superseded_at,
             needs_rebase: secondary.needs_rebase,
             split_writable: secondary.split_writable,
+            failing_back: secondary.failing_back,
             rebase_seq: primary.rebase_seq,
             admin_resync: primary.admin_resync,
             swap: primary.swap,
@@ -769,6 +779,7 @@ mod tests {
             "primary_reported_at_us",
             "needs_rebase",
             "split_writable",
+            "failing_back",
         ];
         let own = match role {
             Role::None => SIMPLEX,
@@ -819,7 +830,7 @@ mod tests {
             let written = fs::read_to_string(f.dir().join("state.json")).expect("read");
             // Fields added since those files were written (with a serde
             // default, which the older release ignores) come on top.
-            const ADDED_SINCE: &[&str] = &["bitmap_fence", "replay_fence", "sync_failed"];
+            const ADDED_SINCE: &[&str] = &["bitmap_fence", "replay_fence", "sync_failed", "failing_back"];
             let kept: Vec<String> =
                 field_order(&written).into_iter().filter(|k| !ADDED_SINCE.contains(&k.as_str())).collect();
             assert_eq!(kept, field_order(text), "{name}: the same fields, in the same order");
@@ -905,6 +916,7 @@ mod tests {
             primary_reported_at_us: 2,
             needs_rebase: true,
             split_writable: true,
+            failing_back: true,
         };
         let simplex = SimplexState { former_pair_id: 77, written_standalone: true };
         let mut s = GroupState { generation: 4, epoch: 2, pair_id: 77, boot_id: "b".into(), ..GroupState::simplex() };

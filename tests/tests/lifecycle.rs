@@ -618,9 +618,11 @@ fn lifecycle_refusals_name_the_way_out_and_change_nothing() {
     let mut cluster = Cluster::new(ClusterOpts::group(group));
     cluster.pair_create("rf");
     cluster.wait_pair("rf", MINUTE);
-    let refusals: [(Site, &[&str], i32, &str); 6] = [
+    let refusals: [(Site, &[&str], i32, &str); 7] = [
         (Site::A, &["failback", "rf"], 3, "switchover"),
-        (Site::B, &["failback", "rf", "--no-switch"], 0, "already the secondary"),
+        // On the wrong site, a healthy secondary: it handed the roles over.
+        (Site::B, &["failback", "rf"], 3, "switchover"),
+        (Site::B, &["failback", "rf", "--no-switch"], 3, "nothing to fail back"),
         (Site::B, &["pair", "resync", "rf", "--swap"], 3, "pair split"),
         (Site::B, &["pair", "resync", "rf", "--discard-local"], 3, "SPLIT-BRAIN"),
         (Site::A, &["pair", "resync", "rf"], 0, "nothing to resync"),
@@ -632,6 +634,8 @@ fn lifecycle_refusals_name_the_way_out_and_change_nothing() {
         assert!(out.contains(hint), "{site}: replicator {} should mention {hint:?}:\n{out}", args.join(" "));
     }
     cluster.wait_pair("rf", MINUTE);
+    let b = cluster.status(Site::B, "rf");
+    assert_eq!((b.role.as_str(), b.generation), ("secondary", 1), "the roles did not change: {b:?}");
     // With the secondary gone, split --rw cannot reach it: refused; a plain
     // split is local.
     cluster.kill9(Site::B);

@@ -510,7 +510,7 @@ async fn give_up_for_swap(group: &Arc<Group>, open: &pb::OpenGroup, peer: &str) 
         return Ok(());
     }
     let point = open.promoted.then_some(TakeoverPoint { seq: open.takeover_seq, epoch: open.takeover_epoch });
-    match group.give_up_primary(open.generation, point).await {
+    match group.give_up_primary(open.generation, point, false).await {
         Ok((regions, bytes)) => {
             tracing::warn!(group = %group.cfg.name, %peer, regions, bytes,
                 "pair resync --swap on {peer}: this node is now its secondary; its writes since the split are overwritten");

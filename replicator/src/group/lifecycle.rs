@@ -372,9 +372,19 @@ impl Group {
         {
             let g = lock(&self.inner);
             if g.role() == Role::Secondary {
-                // A failback interrupted after the demotion: the CLI goes
-                // on with the wait and the switch back.
-                return Ok(format!("group {name} is already the secondary of {peer} here ({})", g.state));
+                // A failback interrupted after the demotion (or one run
+                // with --no-switch): the CLI goes on with the wait and the
+                // switch back.
+                if g.persisted.role.as_secondary().is_some_and(|s| s.failing_back) {
+                    return Ok(format!("group {name} is already the secondary of {peer} here ({})", g.state));
+                }
+                // Any other secondary: the switch back would hand a pair's
+                // primary role over (a command run on the wrong site).
+                return Err(GroupError::Refused(format!(
+                    "group {name} is the secondary of {peer} here ({}) and was not a primary fenced by a failover: \
+                     there is nothing to fail back (to change the roles, use `replicator switchover {name}`)",
+                    g.state
+                )));
             }
             if g.persisted.role.superseded_by() == 0 {
                 return Err(GroupError::Refused(format!(
@@ -413,7 +423,7 @@ impl Group {
                 (g.persisted.generation, None, false)
             }
         };
-        let (regions, bytes) = self.give_up_primary(generation, point).await?;
+        let (regions, bytes) = self.give_up_primary(generation, point, fenced).await?;
         let discarded = format!("{regions} region(s), {} ({bytes} bytes)", human_bytes(bytes));
         tracing::warn!(group = %name, generation, "this node gave up the primary role and discards its writes in {discarded}; it becomes the secondary of {peer}");
         Ok(if fenced {
@@ -438,12 +448,14 @@ impl Group {
     /// Demotes this primary, discarding its writes beyond `point`: waits
     /// for writes in flight, makes its volumes durable, persists the
     /// regions that may differ as its bitmaps, then becomes the secondary
-    /// (in `generation`) that needs a rebase. Returns the regions and bytes
-    /// discarded.
+    /// (in `generation`) that needs a rebase; `failing_back` for a former
+    /// primary fenced by a failover ([`SecondaryState::failing_back`]).
+    /// Returns the regions and bytes discarded.
     pub(super) async fn give_up_primary(
         self: &Arc<Self>,
         generation: u64,
         point: Option<TakeoverPoint>,
+        failing_back: bool,
     ) -> Result<(u64, u64), GroupError> {
         let name = self.cfg.name.clone();
         let (pair_id, after) = {
@@ -462,7 +474,7 @@ impl Group {
             g.switching = true;
             (g.persisted.pair_id, divergence::records_beyond(point.map(Into::into), g.persisted.epoch))
         };
-        let result = self.give_up_primary_now(generation, pair_id, after).await;
+        let result = self.give_up_primary_now(generation, pair_id, after, failing_back).await;
         if result.is_err() {
             lock(&self.inner).switching = false;
         }
@@ -474,6 +486,7 @@ impl Group {
         generation: u64,
         pair_id: u64,
         after: u64,
+        failing_back: bool,
     ) -> Result<(u64, u64), GroupError> {
         let name = self.cfg.name.clone();
         let deadline = Instant::now() + QUIESCE_TIMEOUT;
@@ -522,6 +535,7 @@ impl Group {
                 consistent: false,
                 copy_incomplete: true,
                 needs_rebase: true,
+                failing_back,
                 ..SecondaryState::default()
             };
             takeover::change_role(&mut g, RoleState::Secondary(secondary), journal);
