@@ -238,10 +238,19 @@ fn a_former_primary_learns_its_secondary_left_and_was_written() {
     cluster.start(Site::A);
     let a = cluster.status(Site::A, "sb");
     assert_eq!(a.state, "SPLIT-BRAIN", "{a:?}");
+    // The runbook's way out, keeping site-a's data: the pair ends where it
+    // is still held (site-a), then site-a creates a new one (a full copy).
     let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "sb"]);
-    assert_eq!(code, 0, "pair delete resolves split brain on the site whose data is discarded: {out}");
+    assert_eq!(code, 0, "pair delete on the site still paired: {out}");
+    let (code, out) = cli(&cluster, Site::B, &["pair", "delete", "sb"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("nothing to delete"), "{out}");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "create", "sb", "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 0, "pair create from the keeper: {out}\n{}", cluster.diagnostics());
+    cluster.wait_drained("sb");
     cluster.stop(Site::A);
     cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sb");
 }
 
 #[test]

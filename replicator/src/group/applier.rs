@@ -305,8 +305,10 @@ fn accept_open(
                         pb::Refusal::WrittenStandalone,
                         format!(
                             "group {name} left this pair here (pair delete) and its volumes were written since: \
-                             both sites hold writes the other lacks (split brain); keep one site's data: \
-                             `replicator pair delete {name}` on the other, then `pair create` from the keeper"
+                             both sites hold writes the other lacks (split brain); keep one site's data: run \
+                             `replicator pair delete {name}` on {peer} (the site still paired), then `replicator pair \
+                             create {name} --wait` on the site whose data is kept (a full copy; the other site needs \
+                             accept_pair_create = true)"
                         ),
                     )
                 } else {

@@ -1596,7 +1596,9 @@ impl Group {
         let (next, save) = {
             let mut g = lock(&self.inner);
             match g.role() {
-                Role::None => return Err(GroupError::Refused(format!("group {name} is not paired (SIMPLEX)"))),
+                // Nothing to end: said so, and not an error (a runbook may
+                // delete on both sites, the first delete having ended both).
+                Role::None => return Ok(format!("group {name} is not paired here (SIMPLEX): nothing to delete")),
                 Role::Secondary => match g.session_cmd.clone() {
                     Some(session) => (Next::AskSession(session), None),
                     None if g.drill_starting => {
