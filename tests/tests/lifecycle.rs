@@ -384,6 +384,16 @@ fn split_brain(cluster: &mut Cluster) {
     let (code, out) = cli(cluster, Site::B, &["pair", "resync", "sb"]);
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("--discard-local"), "{out}");
+    // The commands on the wrong site name the ways out, and change nothing.
+    let (code, out) = cli(cluster, Site::B, &["failback", "sb"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("failback sb` on site-a") && out.contains("--discard-local` here"), "{out}");
+    let (code, out) = cli(cluster, Site::A, &["switchover", "sb"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("replicator failback sb"), "{out}");
+    for site in [Site::A, Site::B] {
+        assert_eq!(cluster.status(site, "sb").state, "SPLIT-BRAIN");
+    }
 }
 
 fn split_brain_group() -> GroupSpec {

@@ -386,6 +386,13 @@ impl Group {
                     g.state
                 )));
             }
+            if g.persisted.role.superseded_by() == 0 && g.state == PairState::SplitBrain {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: this node is the newer primary of a split brain, not a primary fenced by a failover: \
+                     to keep its data, run `replicator failback {name}` on {peer}; to keep {peer}'s, run `replicator \
+                     pair resync {name} --discard-local` here"
+                )));
+            }
             if g.persisted.role.superseded_by() == 0 {
                 return Err(GroupError::Refused(format!(
                     "group {name} is {} here and was not superseded by a failover: there is nothing to fail back \

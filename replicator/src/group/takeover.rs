@@ -254,7 +254,14 @@ impl Group {
         }
         {
             let mut g = lock(&self.inner);
-            if g.role() != Role::Primary || g.persisted.role.superseded_by() > 0 {
+            if g.persisted.role.superseded_by() > 0 {
+                return Err(GroupError::Failed(format!(
+                    "group {name}: this node was fenced by a failover to {peer} ({}): there is no role to switch here; \
+                     to rejoin as {peer}'s secondary and then take the primary role back, run `replicator failback {name}`",
+                    g.state
+                )));
+            }
+            if g.role() != Role::Primary {
                 return Err(GroupError::Failed(format!(
                     "group {name} is not paired here ({}, {}): there is no role to switch",
                     g.role().as_str(),
