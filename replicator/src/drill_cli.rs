@@ -289,6 +289,19 @@ pub async fn run(
     Ok(ExitCode::from(code))
 }
 
+/// Cuts `text` to at most `max` bytes (at a character boundary) and marks
+/// the cut with an ellipsis.
+fn shorten(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+}
+
 /// The outcome, cut to travel in one control request with room to spare:
 /// the command's long words first (a script passed inline), then the
 /// output's oldest lines. Refused as too long, the drill would stay up and
@@ -299,14 +312,7 @@ fn fit_in_a_request(mut outcome: DrillOutcome) -> DrillOutcome {
     let size = |o: &DrillOutcome| serde_json::to_vec(o).map_or(usize::MAX, |v| v.len());
     if size(&outcome) > ROOM {
         for word in &mut outcome.command {
-            if word.len() > WORD_MAX {
-                let mut cut = WORD_MAX;
-                while !word.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                word.truncate(cut);
-                word.push('…');
-            }
+            shorten(word, WORD_MAX);
         }
     }
     while size(&outcome) > ROOM && !outcome.output_tail.is_empty() {
@@ -394,14 +400,7 @@ fn run_command(
         // as the six of a JSON escape.
         let mut line: String =
             line.chars().map(|c| if c.is_control() && c != '\t' { char::REPLACEMENT_CHARACTER } else { c }).collect();
-        if line.len() > TAIL_LINE_MAX {
-            let mut cut = TAIL_LINE_MAX;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            line.truncate(cut);
-            line.push('…');
-        }
+        shorten(&mut line, TAIL_LINE_MAX);
         tail.push_back(line);
     };
     // Echoes a line of the command's output where it came from, and keeps
