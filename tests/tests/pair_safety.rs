@@ -238,6 +238,14 @@ fn a_former_primary_learns_its_secondary_left_and_was_written() {
     cluster.start(Site::A);
     let a = cluster.status(Site::A, "sb");
     assert_eq!(a.state, "SPLIT-BRAIN", "{a:?}");
+    // No pair to rejoin: failback and --discard-local name the way out,
+    // and change nothing.
+    for args in [&["failback", "sb"][..], &["pair", "resync", "sb", "--discard-local"]] {
+        let (code, out) = cli(&cluster, Site::A, args);
+        assert_eq!(code, 3, "{args:?}: {out}");
+        assert!(out.contains("pair delete sb` here"), "{args:?}: {out}");
+    }
+    assert_eq!(cluster.status(Site::A, "sb").state, "SPLIT-BRAIN");
     // The runbook's way out, keeping site-a's data: the pair ends where it
     // is still held (site-a), then site-a creates a new one (a full copy).
     let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "sb"]);

@@ -386,6 +386,9 @@ impl Group {
                     g.state
                 )));
             }
+            if g.state == PairState::SplitBrain && g.peer_left_written {
+                return Err(peer_left_refusal(&name, &peer));
+            }
             if g.persisted.role.superseded_by() == 0 && g.state == PairState::SplitBrain {
                 return Err(GroupError::Refused(format!(
                     "group {name}: this node is the newer primary of a split brain, not a primary fenced by a failover: \
@@ -411,6 +414,9 @@ impl Group {
         let peer = self.cfg.peer.clone();
         let (generation, point, fenced) = {
             let g = lock(&self.inner);
+            if g.state == PairState::SplitBrain && g.peer_left_written {
+                return Err(peer_left_refusal(&name, &peer));
+            }
             let primary = match g.persisted.role.as_primary() {
                 Some(p) if p.superseded_by > 0 || g.state == PairState::SplitBrain => p,
                 _ => {
@@ -667,4 +673,14 @@ impl Group {
         };
         divergence::wrote_beyond(former, g.persisted.role.as_primary().and_then(|p| p.superseded_at).map(Into::into))
     }
+}
+
+/// `failback` or `--discard-local` after the peer left the pair and was
+/// written standalone: there is no pair to become its secondary in.
+fn peer_left_refusal(name: &str, peer: &str) -> GroupError {
+    GroupError::Refused(format!(
+        "group {name}: {peer} left this pair (pair delete) and its volumes were written since: there is no pair to \
+         rejoin. Keep one site's data: run `replicator pair delete {name}` here, then `replicator pair create {name} \
+         --wait` on the site whose data is kept (a full copy; the other site needs accept_pair_create = true)"
+    ))
 }

@@ -233,6 +233,10 @@ struct Inner {
     /// The peer's last refusal of a session that retrying cannot fix by
     /// itself (kind, for status), cleared by the next session that starts.
     refusal: Option<&'static str>,
+    /// That refusal said the peer left the pair (`pair delete`) and was
+    /// written standalone: a split brain with no pair to resync into
+    /// (`failback` and `--discard-local` name the way out instead).
+    peer_left_written: bool,
     /// Primary, during `pair delete`: told when the secondary confirms.
     delete_ack: Option<oneshot::Sender<Result<(), String>>>,
     /// The kernel boot this daemon runs in (recorded with every save).
@@ -516,8 +520,16 @@ impl Group {
         // the journal's tail (read before a power cut below moves the tail).
         // Status and the activity log start from it until a session reports
         // again: from 0, a primary restarted with its peer away showed every
-        // write since the pair began as lag.
-        let peer_checkpoint = persisted.role.as_primary().map_or(0, |p| p.journal_tail_seq.saturating_sub(1));
+        // write since the pair began as lag. Not for a pair still to be
+        // announced, created or rebased (a power cut moved the tail past
+        // records the secondary may lack): from 0, as before.
+        let peer_checkpoint = persisted
+            .role
+            .as_primary()
+            .filter(|p| p.announce == Announce::Resume)
+            .map_or(0, |p| p.journal_tail_seq.saturating_sub(1));
+        // Saved at the first save after the open (see the rebuild below).
+        let mut activity_rebuilt = false;
         let mut ring = None;
         let mut journal = None;
         let mut last_jseq = 0;
@@ -676,9 +688,9 @@ impl Group {
                     state = PairState::Copy;
                 }
             } else {
-                if unclean && activity.is_none() {
-                    // The activity log is missing or unreadable after a
-                    // kill: the records still in the journal (all the
+                if activity.is_none() {
+                    // The activity log is missing or unreadable (after a
+                    // kill, or a clean stop): the records still in the journal (all the
                     // secondary may lack, and all whose volume writes may
                     // not be durable here) name the regions a later power
                     // cut could leave different. Rebuilt from their headers,
@@ -694,9 +706,10 @@ impl Group {
                     tracing::warn!(
                         group = %cfg.name,
                         regions = rebuilt.len(),
-                        "the activity log is missing or unreadable after an unclean stop: rebuilt from the journal's records"
+                        "the activity log is missing or unreadable: rebuilt from the journal's records"
                     );
                     activity = Some(rebuilt);
+                    activity_rebuilt = true;
                 }
                 ring = Some(r);
             }
@@ -800,7 +813,7 @@ impl Group {
             journal_only_synced: 0,
             saved_bitmaps_clean,
             last_durability_sync: Instant::now(),
-            bitmap_dirty_since_save: unclean,
+            bitmap_dirty_since_save: unclean || activity_rebuilt,
             state_version: 0,
             state_dirty: false,
             write_barrier: 0,
@@ -823,6 +836,7 @@ impl Group {
             copy_done: 0,
             copy_sent: 0,
             refusal: (superseded_by > 0).then_some("superseded"),
+            peer_left_written: false,
             delete_ack: None,
             boot_id,
             switching: handing_over.is_some(),
@@ -1696,6 +1710,7 @@ impl Group {
         g.entries.clear();
         g.cached_bytes = 0;
         g.refusal = None;
+        g.peer_left_written = false;
         let save = self.save_later(g);
         self.publish(g);
         tracing::info!(group = %self.cfg.name, reason = why, "pair deleted: group is SIMPLEX, volumes standalone");
@@ -1711,6 +1726,7 @@ impl Group {
             self.drop_stale_hand_over(&mut g);
         }
         let standing = applier::standing(self, &g);
+        g.peer_left_written = kind == pb::Refusal::WrittenStandalone;
         let label = match on_refusal(&standing, kind, peer_generation) {
             Answer::Fence => {
                 self.fence(&mut g, peer_generation, None);
