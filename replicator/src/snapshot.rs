@@ -209,16 +209,25 @@ impl Snapshot {
                 // on a thread of its own: freeing the extents of large files
                 // takes seconds, which neither this volume write nor a
                 // status asking why the copy was discarded should wait for.
-                let dir = g.record.parent().unwrap_or(Path::new(".")).to_path_buf();
-                let free = move || {
-                    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                        let path = entry.path();
-                        if path.extension().is_some_and(|e| e == "data") {
-                            if let Err(e) =
-                                std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(0))
-                            {
-                                tracing::warn!(path = %path.display(), "cannot free a discarded drill copy's space: {e}");
+                // The files are opened here: by then a new drill may have
+                // put files of its own under the same names.
+                let dir = g.record.parent().unwrap_or(Path::new("."));
+                let mut files = Vec::new();
+                for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                    let path = entry.path();
+                    if path.extension().is_some_and(|e| e == "data") {
+                        match std::fs::OpenOptions::new().write(true).open(&path) {
+                            Ok(f) => files.push((path, f)),
+                            Err(e) => {
+                                tracing::warn!(path = %path.display(), "cannot free a discarded drill copy's space: {e}")
                             }
+                        }
+                    }
+                }
+                let free = move || {
+                    for (path, f) in files {
+                        if let Err(e) = f.set_len(0) {
+                            tracing::warn!(path = %path.display(), "cannot free a discarded drill copy's space: {e}");
                         }
                     }
                 };
