@@ -350,10 +350,11 @@ async fn handle(mut stream: UnixStream, node: Arc<Node>) {
 }
 
 /// Whether a request changes a group's state or volumes. Status queries
-/// and `verify` do not (its comparison only reads; with `--fix`, the
-/// regions it found and the copy they need are saved before it answers).
+/// and `verify` without `--fix` do not (its comparison only reads); with
+/// `--fix`, it marks regions and starts a copy, which a stop must not cut
+/// short or follow up after the groups were marked clean.
 fn changes_something(req: &Request) -> bool {
-    !matches!(req, Request::Status { .. } | Request::DrillHistory { .. } | Request::Verify { .. })
+    !matches!(req, Request::Status { .. } | Request::DrillHistory { .. } | Request::Verify { fix: false, .. })
 }
 
 /// Executes `req`; its progress lines go out while it runs.
