@@ -485,8 +485,9 @@ fn a_stopping_daemon_answers_status_and_refuses_commands() {
             client.write(0, &random_bytes(1, 4096), false).await
         })
     });
-    // The write waits for the frozen secondary; the stop waits for it.
-    std::thread::sleep(Duration::from_millis(500));
+    // The write waits for the frozen secondary (journaled, it has its
+    // sequence number); the stop waits for it.
+    cluster.wait_until(Site::A, "st", "the write in flight", Duration::from_secs(30), |s| s.last_seq >= 1);
     cluster.signal(Site::A, Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(500));
     let a = cluster.status(Site::A, "st");
