@@ -688,14 +688,16 @@ impl Group {
                     state = PairState::Copy;
                 }
             } else {
-                if activity.is_none() {
+                if activity.is_none() && r.oldest_seq().is_some() {
                     // The activity log is missing or unreadable (after a
-                    // kill, or a clean stop): the records still in the journal (all the
-                    // secondary may lack, and all whose volume writes may
-                    // not be durable here) name the regions a later power
-                    // cut could leave different. Rebuilt from their headers,
-                    // saved with the next save (until then a power cut
-                    // still finds no log, and resynchronises whole volumes).
+                    // kill or a clean stop): the records still in the
+                    // journal (all the secondary may lack, and all whose
+                    // volume writes may not be durable here) name the
+                    // regions a later power cut could leave different.
+                    // Rebuilt from their headers, saved with the next save
+                    // (until then a power cut still finds no log, and
+                    // resynchronises whole volumes). With no record, an
+                    // empty log is exact.
                     let mut rebuilt = ActivityLog::new(DEFAULT_EXTENT);
                     for seq in r.oldest_seq().unwrap_or(last + 1)..=last {
                         if let Some((pos, _)) = r.lookup(seq) {
