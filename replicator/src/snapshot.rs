@@ -77,12 +77,16 @@ pub struct Snapshot {
 pub struct GiveUp {
     record: PathBuf,
     why: Mutex<Option<String>>,
+    /// Held through a give-up (rename, then freeing the space): a second
+    /// write whose preserve failed waits for the space to come back too,
+    /// while `why` is only locked to be read or set.
+    giving_up: Mutex<()>,
 }
 
 impl GiveUp {
     /// For the image whose record is `record`.
     pub fn new(record: PathBuf) -> Arc<GiveUp> {
-        Arc::new(GiveUp { record, why: Mutex::new(None) })
+        Arc::new(GiveUp { record, why: Mutex::new(None), giving_up: Mutex::new(()) })
     }
 
     /// Why the image was given up, if it was.
@@ -184,8 +188,8 @@ impl Snapshot {
     /// record cannot be renamed away, false (the write fails).
     pub fn give_up(&self, error: &IoError) -> bool {
         let Some(g) = self.expendable.get() else { return false };
-        let mut why = g.why.lock().unwrap_or_else(PoisonError::into_inner);
-        if why.is_some() {
+        let _giving_up = g.giving_up.lock().unwrap_or_else(PoisonError::into_inner);
+        if g.given_up().is_some() {
             return true;
         }
         let renamed = match std::fs::rename(&g.record, g.record.with_extension("given-up")) {
@@ -202,37 +206,20 @@ impl Snapshot {
                     "copy-on-write into a drill copy failed ({error}): the drill copy is discarded (its exports fail \
                      from now on) and replication goes on; `replicator drill stop` ends the drill"
                 );
-                *why = Some(format!("copy-on-write failed: {error}"));
-                drop(why);
+                *g.why.lock().unwrap_or_else(PoisonError::into_inner) = Some(format!("copy-on-write failed: {error}"));
                 // What the copies held is worthless now: their space goes
-                // back (a full state_dir would stop the group's saves next),
-                // on a thread of its own: freeing the extents of large files
-                // takes seconds, which neither this volume write nor a
-                // status asking why the copy was discarded should wait for.
-                // The files are opened here: by then a new drill may have
-                // put files of its own under the same names.
+                // back before this volume write goes on (a full state_dir
+                // stops the group's saves next, the restore journal's too),
+                // but outside the lock a status asking why reads: freeing a
+                // large copy's extents takes seconds.
                 let dir = g.record.parent().unwrap_or(Path::new("."));
-                let mut files = Vec::new();
                 for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                     let path = entry.path();
                     if path.extension().is_some_and(|e| e == "data") {
-                        match std::fs::OpenOptions::new().write(true).open(&path) {
-                            Ok(f) => files.push((path, f)),
-                            Err(e) => {
-                                tracing::warn!(path = %path.display(), "cannot free a discarded drill copy's space: {e}")
-                            }
-                        }
-                    }
-                }
-                let free = move || {
-                    for (path, f) in files {
-                        if let Err(e) = f.set_len(0) {
+                        if let Err(e) = std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(0)) {
                             tracing::warn!(path = %path.display(), "cannot free a discarded drill copy's space: {e}");
                         }
                     }
-                };
-                if let Err(e) = std::thread::Builder::new().name("replicator-drill-free".into()).spawn(free) {
-                    tracing::warn!("cannot start freeing a discarded drill copy's space: {e}");
                 }
                 true
             }
