@@ -801,6 +801,10 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
 }
 
+/// The least a `--wait` status poll is given, even when `--timeout` is due
+/// sooner: the daemon answers `status` from memory in milliseconds.
+const POLL_AT_LEAST: Duration = Duration::from_secs(2);
+
 /// `--wait`: polls status until PAIR, printing progress (a bar on a TTY,
 /// plain lines otherwise). Fails at once when the peer refused for good
 /// or the pair failed, and after `timeout` if given.
@@ -819,7 +823,25 @@ async fn wait_for_pair(daemon: &DaemonSockets, group: &str, timeout: Option<Dura
     };
     let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
     loop {
-        let resp = ask(daemon, Request::Status { group: Some(group.to_string()) }).await?;
+        // Each poll is bounded too: a daemon that stops answering must not
+        // hold the command much past `--timeout`, nor for ever without one.
+        let bound = timeout
+            .map_or(STATUS_TIMEOUT, |t| t.saturating_sub(started.elapsed()).clamp(POLL_AT_LEAST, STATUS_TIMEOUT));
+        let poll = ask(daemon, Request::Status { group: Some(group.to_string()) });
+        let Ok(resp) = tokio::time::timeout(bound, poll).await else {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            eprintln!(
+                "replicator: group {group}: not PAIR after {:.0} s: the daemon did not answer `status` within {:.0} s \
+                 on {} (stuck? see its log, `journalctl -u replicator`)",
+                started.elapsed().as_secs_f64(),
+                bound.as_secs_f64(),
+                daemon.control().display()
+            );
+            return Err(ExitCode::from(exit::FAILED));
+        };
+        let resp = resp?;
         let Some(s) = resp.groups.first() else {
             eprintln!("replicator: {}", resp.message);
             return Err(ExitCode::from(exit::FAILED));

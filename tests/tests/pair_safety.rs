@@ -5,7 +5,7 @@
 //!   no applier writes into the volume once it is standalone;
 //! - `pair delete` then at once `pair create --wait` completes (it stalled);
 //!   `pair create --wait` fails at once on a permanent refusal, and gives up
-//!   after `--timeout`;
+//!   after `--timeout`, even on a daemon that stops answering;
 //! - a cut-off secondary never claims PAIR: it says since when no session is
 //!   up and how old its data is, and `status` exits non-zero;
 //! - a former primary that comes back after its secondary left the pair
@@ -168,6 +168,39 @@ fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("not PAIR after"), "{out}");
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+
+    // ... and a wait on a daemon that stops answering (frozen once it took
+    // the command): each status poll is bounded by what is left of it.
+    let (code, _) = cli(&cluster, Site::A, &["pair", "delete", "pr"]);
+    assert_eq!(code, 0);
+    let mut child = Command::new(cluster.bin())
+        .arg("--config")
+        .arg(cluster.config_path(Site::A))
+        .args(["pair", "create", "pr", "--wait", "--timeout", "3s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the CLI");
+    let started = Instant::now();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut first)
+        .expect("read the CLI's output");
+    assert!(first.contains("pr"), "pair create must be answered first: {first:?}");
+    cluster.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    while child.try_wait().expect("the CLI's status").is_none() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let waited = started.elapsed();
+    cluster.signal(Site::A, nix::sys::signal::Signal::SIGCONT);
+    if waited >= Duration::from_secs(60) {
+        let _ = child.kill();
+        panic!("the CLI was still waiting on a frozen daemon after 60 s");
+    }
+    let out = child.wait_with_output().expect("the CLI's exit");
+    let text = describe_output(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("did not answer `status`"), "{text}");
+    assert!(waited < Duration::from_secs(20), "the wait must end near its --timeout, not after {waited:?}");
     cluster.stop(Site::A);
 }
 
