@@ -987,7 +987,7 @@ impl quinn::AsyncUdpSocket for InspectingSocket {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::{
         not_quic, FramedRecv, FramedSend, InspectingSocket, SourceSlots, MAX_HANDSHAKES_PER_SOURCE,
         MAX_SEGMENTS_PER_SEND,
@@ -1001,9 +1001,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    /// A framed stream between two QUIC endpoints on loopback, with mutual
-    /// TLS from a CA made for the test (`dir` holds the certificates).
-    async fn stream_pair(dir: &std::path::Path) -> ((FramedSend, FramedRecv), (FramedSend, FramedRecv)) {
+    /// Two QUIC connections' ends on loopback (site-a dialed site-b), with
+    /// mutual TLS from a CA made for the test (`dir` holds the
+    /// certificates).
+    pub(crate) async fn connection_pair(dir: &std::path::Path) -> (quinn::Connection, quinn::Connection) {
         init_ca(&dir.join("ca")).unwrap();
         let identity = |name: &str| {
             issue(&dir.join("ca"), name, dir, Validity::days(1)).unwrap();
@@ -1019,10 +1020,14 @@ mod tests {
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         client.set_default_client_config(a.client_config(4).unwrap());
         let addr = server.local_addr().unwrap();
-        let (dialed, accepted) =
-            tokio::join!(async { client.connect(addr, "site-b").unwrap().await.unwrap() }, async {
-                server.accept().await.unwrap().await.unwrap()
-            });
+        tokio::join!(async { client.connect(addr, "site-b").unwrap().await.unwrap() }, async {
+            server.accept().await.unwrap().await.unwrap()
+        })
+    }
+
+    /// A framed stream between two QUIC endpoints on loopback.
+    async fn stream_pair(dir: &std::path::Path) -> ((FramedSend, FramedRecv), (FramedSend, FramedRecv)) {
+        let (dialed, accepted) = connection_pair(dir).await;
         let (send, recv) = dialed.open_bi().await.unwrap();
         let mut opener = (FramedSend::new(send), FramedRecv::new(recv));
         // A stream is announced to the peer by its first bytes.

@@ -16,7 +16,7 @@
 //!    1 keep an async secondary behind), the region is let go and the steps
 //!    start over, [`HOLD_ATTEMPTS`] times at most;
 //! 4. asks the secondary for the BLAKE3 hash of the region (a
-//!    `VerifyRequest` on this run's own stream) while it hashes its own copy;
+//!    `VerifyRequest` on a stream of this run's own) while it hashes its own copy;
 //! 5. releases the region and compares.
 //!
 //! [`PIPELINE`] regions are in flight at once, so a run goes at about disk or
@@ -137,8 +137,7 @@ impl Group {
             g.persisted.pair_id
         };
         let conn = self.transport.connect(&self.cfg.peer).await.map_err(|e| self.lost(e.to_string()))?;
-        let (send, recv) = Transport::open_stream(&conn).await.map_err(|e| self.lost(e.to_string()))?;
-        let peer = Arc::new(PeerHashes::start(send, recv));
+        let peer = Arc::new(PeerHashes::new(conn, IDLE_TIMEOUT / 2));
 
         let all = regions(&self.volumes.iter().map(|v| v.size()).collect::<Vec<_>>());
         let total_bytes: u64 = all.iter().map(|r| r.len).sum();
@@ -442,31 +441,81 @@ async fn compare(
 /// reason.
 type Answer = Result<Bytes, String>;
 
-/// The primary's end of one verify stream: requests go out as regions are
-/// held, replies are matched to them by id.
+/// Regions waiting for their reply, by request id, with the number of the
+/// stream their request went out on.
+type Waiting = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Answer>)>>>;
+
+/// The primary's end of a run's verify streams: requests go out as regions
+/// are held, replies are matched to them by id.
+///
+/// The secondary closes a stream after [`IDLE_TIMEOUT`] without a request,
+/// and a region's catch-up (step 1) may take longer than that while an
+/// async secondary works off its lag. So a request that would go out on a
+/// stream idle for half that long goes out on a new stream instead (the old
+/// one is finished: its replies still arrive).
 struct PeerHashes {
-    send: tokio::sync::Mutex<FramedSend>,
-    /// Regions waiting for their reply, by request id.
-    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>,
+    conn: quinn::Connection,
+    /// The stream requests go out on, once one was opened.
+    current: tokio::sync::Mutex<Option<RequestStream>>,
+    waiting: Waiting,
     next_id: AtomicU64,
-    /// The task reading the replies (ends with the run).
-    reader: tokio::task::AbortHandle,
+    /// A stream idle this long is replaced before the next request.
+    reopen_after: Duration,
+    /// The tasks reading replies, one per stream (they end with it).
+    readers: Mutex<JoinSet<()>>,
+}
+
+struct RequestStream {
+    number: u64,
+    send: FramedSend,
+    last_request: Instant,
 }
 
 impl PeerHashes {
-    fn start(send: FramedSend, recv: FramedRecv) -> Self {
-        let waiting = Arc::new(Mutex::new(HashMap::new()));
-        let reader = tokio::spawn(read_replies(waiting.clone(), recv)).abort_handle();
-        PeerHashes { send: tokio::sync::Mutex::new(send), waiting, next_id: AtomicU64::new(1), reader }
+    fn new(conn: quinn::Connection, reopen_after: Duration) -> Self {
+        PeerHashes {
+            conn,
+            current: tokio::sync::Mutex::new(None),
+            waiting: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(1),
+            reopen_after,
+            readers: Mutex::new(JoinSet::new()),
+        }
     }
 
     /// The secondary's hash of the requested region.
     async fn hash(&self, mut request: pb::VerifyRequest) -> Answer {
         request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner).insert(request.id, tx);
-        if let Err(e) = self.send.lock().await.send(Body::VerifyRequest(request)).await {
-            return Err(format!("cannot send the request: {e}"));
+        {
+            let mut current = self.current.lock().await;
+            let stream = match current.take() {
+                Some(stream) if stream.last_request.elapsed() < self.reopen_after => stream,
+                old => {
+                    let number = match old {
+                        Some(mut old) => {
+                            old.send.finish();
+                            old.number + 1
+                        }
+                        None => 0,
+                    };
+                    let (send, recv) = Transport::open_stream(&self.conn)
+                        .await
+                        .map_err(|e| format!("cannot open a verify stream: {e}"))?;
+                    self.readers.lock().unwrap_or_else(PoisonError::into_inner).spawn(read_replies(
+                        self.waiting.clone(),
+                        number,
+                        recv,
+                    ));
+                    RequestStream { number, send, last_request: Instant::now() }
+                }
+            };
+            let stream = current.insert(stream);
+            self.waiting.lock().unwrap_or_else(PoisonError::into_inner).insert(request.id, (stream.number, tx));
+            stream.last_request = Instant::now();
+            if let Err(e) = stream.send.send(Body::VerifyRequest(request)).await {
+                return Err(format!("cannot send the request: {e}"));
+            }
         }
         match tokio::time::timeout(HOLD_TIMEOUT, rx).await {
             Ok(Ok(answer)) => answer,
@@ -477,19 +526,15 @@ impl PeerHashes {
 
     /// Ends the stream cleanly (the secondary's loop then ends).
     async fn finish(&self) {
-        self.send.lock().await.finish();
+        if let Some(stream) = self.current.lock().await.as_mut() {
+            stream.send.finish();
+        }
     }
 }
 
-impl Drop for PeerHashes {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-/// Hands each reply to the region waiting for it; when the stream ends,
-/// every waiter learns so.
-async fn read_replies(waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>, mut recv: FramedRecv) {
+/// Hands each reply on stream `number` to the region waiting for it; when
+/// the stream ends, every region still waiting for a reply on it learns so.
+async fn read_replies(waiting: Waiting, number: u64, mut recv: FramedRecv) {
     loop {
         let reply = match recv.recv().await {
             Ok(Some(pb::Envelope { body: Some(Body::VerifyReply(reply)) })) => reply,
@@ -502,17 +547,19 @@ async fn read_replies(waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>
                     ),
                     Ok(None) => {}
                 }
-                waiting.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                waiting.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, (on, _)| *on != number);
                 return;
             }
         };
-        let waiter = waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&reply.id);
-        if let Some(tx) = waiter {
-            let _ = tx.send(if reply.error.is_empty() {
-                Ok(reply.blake3)
-            } else {
-                Err(replicator_protocol::wire::peer_text(&reply.error))
-            });
+        let mut waiting = waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if waiting.get(&reply.id).is_some_and(|(on, _)| *on == number) {
+            if let Some((_, tx)) = waiting.remove(&reply.id) {
+                let _ = tx.send(if reply.error.is_empty() {
+                    Ok(reply.blake3)
+                } else {
+                    Err(replicator_protocol::wire::peer_text(&reply.error))
+                });
+            }
         }
     }
 }
@@ -524,15 +571,27 @@ async fn read_replies(waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>
 pub async fn serve_verify(
     groups: &[Arc<Group>],
     first: pb::VerifyRequest,
+    send: FramedSend,
+    recv: FramedRecv,
+    peer: &str,
+) {
+    serve_verify_until_idle(groups, first, send, recv, peer, IDLE_TIMEOUT).await;
+}
+
+/// [`serve_verify`], closing the stream after `idle` without a request.
+async fn serve_verify_until_idle(
+    groups: &[Arc<Group>],
+    first: pb::VerifyRequest,
     mut send: FramedSend,
     mut recv: FramedRecv,
     peer: &str,
+    idle: Duration,
 ) {
     let mut next = Some(first);
     loop {
         let request = match next.take() {
             Some(r) => r,
-            None => match tokio::time::timeout(IDLE_TIMEOUT, recv.recv()).await {
+            None => match tokio::time::timeout(idle, recv.recv()).await {
                 Ok(Ok(Some(pb::Envelope { body: Some(Body::VerifyRequest(r)) }))) => r,
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(other))) => {
@@ -547,7 +606,7 @@ pub async fn serve_verify(
                     break;
                 }
                 Err(_) => {
-                    tracing::warn!(%peer, "verify stream: no request for {IDLE_TIMEOUT:?}: closing it");
+                    tracing::warn!(%peer, "verify stream: no request for {idle:?}: closing it");
                     break;
                 }
             },
@@ -650,6 +709,43 @@ mod tests {
         assert!(refused(request(0, 0, REGION as u32 + 1)).contains("not within"));
         assert!(refused(request(1, 4096, REGION as u32)).contains("beyond the end"));
         assert!(refused(request(0, u64::MAX - 10, 4096)).contains("beyond the end"));
+    }
+
+    /// The secondary's side of a test connection: serves each verify stream
+    /// it accepts (no group is configured: each request is answered with
+    /// the refusal), closing one after `idle` without a request.
+    async fn serve_streams(conn: quinn::Connection, idle: Duration) {
+        let mut streams = JoinSet::new();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let (send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+            streams.spawn(async move {
+                let Ok(Some(pb::Envelope { body: Some(Body::VerifyRequest(first)) })) = recv.recv().await else {
+                    return;
+                };
+                serve_verify_until_idle(&[], first, send, recv, "site-a", idle).await;
+            });
+        }
+    }
+
+    /// A region whose catch-up outlasted the secondary's idle timeout sends
+    /// its request on a new stream, not on the one the secondary closed.
+    #[tokio::test]
+    async fn a_request_after_a_long_catch_up_goes_out_on_a_new_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dialed, accepted) = crate::transport::tests::connection_pair(dir.path()).await;
+        let idle = Duration::from_millis(300);
+        let secondary = tokio::spawn(serve_streams(accepted, idle));
+        let peer = PeerHashes::new(dialed, idle / 2);
+        let refused = |answer: Answer| answer.is_err_and(|e| e.contains("no group named"));
+        // Two at once share the stream; one after a pause longer than the
+        // secondary's idle timeout still reaches it.
+        let (first, second) = tokio::join!(peer.hash(request(0, 0, 4096)), peer.hash(request(0, 4096, 4096)));
+        assert!(refused(first.clone()) && refused(second.clone()), "{first:?} {second:?}");
+        tokio::time::sleep(idle * 3).await;
+        let late = peer.hash(request(0, 0, 4096)).await;
+        assert!(refused(late.clone()), "the request after the pause: {late:?}");
+        peer.finish().await;
+        secondary.abort();
     }
 
     #[test]
