@@ -294,9 +294,11 @@ impl PrimarySession {
                 return chunk.map(Transmit::Copy);
             }
         }
-        if let Some(seq) = self.shipper.next_to_send() {
-            return Some(Transmit::Record(seq));
-        }
+        // A flush request and COPY_DONE go as soon as the records they
+        // name are on the stream, ahead of newer records: on a link that
+        // stays busy, "when nothing else is due" may never come (the
+        // secondary would stay inconsistent, its preserved image the one a
+        // failover rolls back to, long after the copy ended).
         if self.flush_wanted > self.flush_sent && sent >= self.flush_wanted {
             self.flush_sent = self.flush_wanted;
             return Some(Transmit::Flush(self.flush_wanted));
@@ -305,7 +307,7 @@ impl PrimarySession {
             self.copy_done_sent = true;
             return Some(Transmit::CopyDone(sent));
         }
-        None
+        self.shipper.next_to_send().map(Transmit::Record)
     }
 
     /// Picks the next dirty run of the bitmaps to copy (when `copying`: a
@@ -869,5 +871,20 @@ mod tests {
         assert_eq!(s.poll_transmit(), Some(Transmit::Record(2)));
         assert_eq!(s.poll_transmit(), Some(Transmit::Flush(2)));
         assert_eq!(s.poll_transmit(), None);
+    }
+
+    /// On a link that never runs out of records to send, a flush request
+    /// and COPY_DONE still go out, right after the records they name.
+    #[test]
+    fn a_flush_and_copy_done_do_not_wait_for_the_records_after_them() {
+        let mut s = PrimarySession::new(CONFIG, 0, 0);
+        let mut bitmaps = vec![DirtyBitmap::new(4 << 20, 64 << 10)];
+        s.on_journaled(2);
+        s.on_flush_wanted(2);
+        assert_eq!(s.next_copy(&mut bitmaps, true), CopyStep::Finished);
+        s.on_journaled(1000);
+        let sent: Vec<Transmit> = std::iter::from_fn(|| s.poll_transmit()).take(4).collect();
+        assert_eq!(sent, vec![Transmit::CopyDone(0), Transmit::Record(1), Transmit::Record(2), Transmit::Flush(2)]);
+        assert_eq!(s.poll_transmit(), Some(Transmit::Record(3)));
     }
 }
