@@ -85,6 +85,41 @@ fn pair_delete_on_a_connected_secondary_ends_the_pair_on_both_sites() {
     cluster.stop(Site::B);
 }
 
+/// Sync writes waiting for a secondary that stopped answering are written
+/// here when `pair delete` makes the volumes standalone: they complete,
+/// they do not fail (an I/O error there makes filesystems go read-only).
+#[test]
+fn pair_delete_completes_the_sync_writes_waiting_for_the_secondary() {
+    let group = GroupSpec::new("dw", Mode::Sync).volume("dw-vol", 16 * MIB).link_timeout(Duration::from_secs(60));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("dw");
+    cluster.wait_pair("dw", Duration::from_secs(60));
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "dw-vol")).expect("connect");
+    cluster.signal(Site::B, nix::sys::signal::Signal::SIGSTOP);
+    let data = random_bytes(7, 65536);
+    let expected = data.clone();
+    let writes = rt.spawn(async move {
+        client.write(0, &data, false).await?;
+        client.write(65536, &data, true).await?;
+        client.flush().await
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!writes.is_finished(), "the sync writes must wait for the frozen secondary");
+
+    let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "dw"]);
+    assert_eq!(code, 0, "{out}");
+    let written = rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), writes).await });
+    cluster.signal(Site::B, nix::sys::signal::Signal::SIGCONT);
+    let written = written.expect("the writes still wait after pair delete").expect("the write task");
+    assert!(written.is_ok(), "a write waiting for the secondary failed at pair delete: {written:?}");
+    let volume = sha(&cluster.volume_path(Site::A, "dw-vol"));
+    assert_eq!(&volume[..65536], &expected[..], "the first write is on the volume");
+    assert_eq!(&volume[65536..131072], &expected[..], "the FUA write is on the volume");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+}
+
 #[test]
 fn pair_delete_then_create_at_once_completes_the_copy() {
     let group = GroupSpec::new("dc", Mode::Sync).volume("dc-vol", 16 * MIB);

@@ -914,10 +914,12 @@ impl Group {
     /// A sync write stopped waiting for the secondary before it had the
     /// record: fine where the write stays tracked for a resync that this
     /// node will run (a link lost under `on_link_loss = "suspend"`, an admin
-    /// split, a full journal), an error where the write will not reach the
-    /// replica as written: this node was superseded by a failover (its
-    /// writes since are discarded at failback), is no longer the primary,
-    /// found a split brain, or stopped after a local failure.
+    /// split, a full journal) or where there is no replica any more (`pair
+    /// delete` made the volumes standalone: the write is on them, and the
+    /// save of that role syncs them first), an error where the write will
+    /// not reach the replica as written: this node was superseded by a
+    /// failover (its writes since are discarded at failback), became a
+    /// secondary, found a split brain, or stopped after a local failure.
     fn stopped_waiting(&self) -> Result<(), WriteError> {
         if let Some(why) = self.stopped.get() {
             return Err(self.stopped_error(why));
@@ -926,7 +928,7 @@ impl Group {
         if g.persisted.role.superseded_by() > 0 {
             return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
         }
-        if g.role() != Role::Primary || g.state == PairState::SplitBrain {
+        if g.role() == Role::Secondary || g.state == PairState::SplitBrain {
             return Err(WriteError::Replication(format!(
                 "group {}: the write could not be replicated: this node is {} ({}) now",
                 self.cfg.name,
