@@ -428,6 +428,9 @@ async fn send_loop(
             (g.role() != Role::Primary || g.persisted.pair_id != pair_id, g.shipper_epoch != epoch)
         };
         if pair_gone {
+            // The copy's reads hold their ranges against writes, which the
+            // now standalone volumes take at once.
+            drop(copy);
             // pair delete (here or by the peer): tell the secondary after
             // every record already sent; it confirms once its last applies
             // are durable and then ends the stream.
