@@ -22,7 +22,7 @@ use replicator::nbd_client::NbdClient;
 use replicator_tests::pattern::random_bytes;
 use replicator_tests::{
     compare_files, describe_output, exit, free_udp_port, require, require_root, run_ok, run_with_timeout, Cluster,
-    ClusterOpts, FileDiff, GroupSpec, Mode, Site,
+    ClusterOpts, FileDiff, GroupSpec, Immutable, Mode, Site,
 };
 
 const MIB: u64 = 1 << 20;
@@ -588,6 +588,55 @@ fn a_local_read_error_during_a_write_stops_the_group_instead_of_hanging_it() {
     c.stop(Site::B);
     assert_eq!(compare_files(&volume, &c.volume_path(Site::B, vol)), FileDiff::Identical, "{}", c.diagnostics());
     drop(fuse);
+}
+
+/// A write to a region the activity log does not hold waits for the log's
+/// save; a save that keeps failing (here the file is made immutable, as a
+/// failing `state_dir` would) does not hold it for ever: the group stops and
+/// the write fails, and a restart once the file is writable again replays
+/// the journal and replicates.
+#[test]
+fn writes_waiting_for_a_metadata_save_that_keeps_failing_fail_and_the_group_stops() {
+    if !require_root("writes_waiting_for_a_metadata_save_that_keeps_failing_fail_and_the_group_stops") {
+        return;
+    }
+    let (group, vol) = ("ms", "ms-vol");
+    let mut c = Cluster::new(ClusterOpts::group(GroupSpec::new(group, Mode::Async).volume(vol, 64 * MIB)));
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let rt = runtime();
+    write_blocks(&rt, &c, vol, 900, 8);
+    c.wait_drained(group);
+
+    let log = state_dir(&c, Site::A).join("groups").join(group).join("activity-log");
+    assert!(log.exists(), "no activity log at {}", log.display());
+    let immutable = Immutable::set(log);
+    let started = Instant::now();
+    let written = rt.block_on(async {
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("NBD connect");
+        // 48 MiB: a region no earlier write touched.
+        tokio::time::timeout(Duration::from_secs(90), client.write(48 * MIB, &random_bytes(901, 4096), false)).await
+    });
+    match written {
+        Ok(Err(_)) => {}
+        Ok(Ok(())) => panic!("a write was acknowledged while its region could not be recorded"),
+        Err(_) => panic!("the write still waits for the failing save after 90 s\n{}", c.diagnostics()),
+    }
+    eprintln!("the write failed after {:?}", started.elapsed());
+    let s = c.status(Site::A, group);
+    assert_eq!((s.state.as_str(), s.reason.as_deref()), ("SUSPENDED", Some("error")), "{s:?}");
+    assert!(s.last_error.as_deref().unwrap_or("").contains("could not be saved"), "{s:?}");
+
+    drop(immutable);
+    let status = c.stop_status(Site::A);
+    assert_eq!(status.code(), Some(1), "stopping a daemon whose group had stopped: {status}\n{}", c.diagnostics());
+    c.start(Site::A);
+    c.wait_pair(group, Duration::from_secs(60));
+    write_blocks(&rt, &c, vol, 902, 8);
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical(group);
 }
 
 /// A helper process, killed and reaped when dropped.

@@ -1281,7 +1281,12 @@ impl Group {
     /// file is written or fsynced under the group lock. Within a save the
     /// bitmaps go first, then the state: whatever a crash between them
     /// leaves, no write that waits for the save has reached a volume.
+    ///
+    /// A failing save is retried every second while writes wait for it, for
+    /// [`SAVE_FAILING_LIMIT`] at most: then the group stops (its clients'
+    /// writes fail instead of hanging; a restart replays the journal).
     async fn metadata_flusher(self: Arc<Self>) {
+        let mut failing_since: Option<Instant> = None;
         loop {
             let mut rx = self.bitmap_wanted.subscribe();
             let persisted = *self.bitmap_persisted.borrow();
@@ -1347,15 +1352,25 @@ impl Group {
                     // A copy may wait for this save (`copy_barrier`).
                     self.ship_wake.notify_one();
                     self.save_failed.send_if_modified(|f| f.take().is_some());
+                    failing_since = None;
                     continue;
                 }
                 Ok(Err(e)) => format!("cannot persist the group's state and dirty bitmaps: {e}"),
                 Err(e) => format!("the metadata save task failed: {e}"),
             };
             // Writes keep waiting: acknowledging them without their regions
-            // persisted could lose them from a resync.
+            // persisted could lose them from a resync. Not for ever: a
+            // write waiting here holds its journal sequence number, so the
+            // group stops (every later write waits behind it anyway).
             lock(&self.inner).state_dirty |= retry;
             self.record_error(&error);
+            let failing = failing_since.get_or_insert_with(Instant::now).elapsed();
+            if failing >= SAVE_FAILING_LIMIT && self.bitmap_persisted.receiver_count() > 0 {
+                self.fail_stop(format!(
+                    "the group's metadata could not be saved for {} s while writes waited for it: {error}",
+                    failing.as_secs()
+                ));
+            }
             self.save_failed.send_replace(Some(error));
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -2298,6 +2313,10 @@ const SETTLE_APPENDS: Duration = Duration::from_secs(10);
 
 /// File name of the activity log in the group directory.
 const ACTIVITY_LOG: &str = "activity-log";
+
+/// How long writes wait for a metadata save that keeps failing (a full or
+/// failing `state_dir`) before the group stops and fails them.
+const SAVE_FAILING_LIMIT: Duration = Duration::from_secs(20);
 /// File name of the group's volume list (see [`check_volume_list`]).
 const VOLUME_LIST: &str = "volumes";
 /// A region leaves the activity log once its writes are durable on both
