@@ -459,6 +459,18 @@ pub fn reload_log_filter(node_log: Option<&str>) -> Result<String, String> {
 }
 
 /// Runs the parsed command line.
+/// A command whose output was closed (`status --watch | head -1`) ends as
+/// other Unix tools do, by SIGPIPE. Rust ignores the signal, and a
+/// `println!` into the closed pipe panicked instead: exit 101 and a
+/// backtrace, after a `failover` had been carried out. Not for the daemon,
+/// whose sockets' peers may go away at any time.
+fn die_quietly_on_a_closed_output() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: only the default disposition is installed, no handler runs in
+    // this process; called before this command starts any thread.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 pub fn main(cli: Cli) -> ExitCode {
     match run(cli) {
         Ok(code) | Err(code) => code,
@@ -466,6 +478,9 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
+    if !matches!(cli.command, Command::Run) {
+        die_quietly_on_a_closed_output();
+    }
     match cli.command {
         Command::Run => {
             let config = load_config(&cli.config)?;

@@ -414,8 +414,12 @@ impl Config {
     /// a running daemon with it while an edit is in progress.
     pub fn run_dir_of(path: &Path) -> Option<PathBuf> {
         let text = std::fs::read_to_string(path).ok()?;
-        let table: toml::Table = toml::from_str(&text).ok()?;
-        let run_dir = PathBuf::from(table.get("node")?.get("run_dir")?.as_str()?);
+        let run_dir = match toml::from_str::<toml::Table>(&text) {
+            Ok(table) => PathBuf::from(table.get("node")?.get("run_dir")?.as_str()?),
+            // An edit in progress may not even parse: the `run_dir = "..."`
+            // line of the `[node]` table is found line by line.
+            Err(_) => run_dir_line(&text)?,
+        };
         run_dir.is_absolute().then_some(run_dir)
     }
 
@@ -429,6 +433,27 @@ impl Config {
         })?;
         Validator { path }.validate(raw)
     }
+}
+
+/// The value of a `run_dir = "..."` line in the `[node]` table of text that
+/// may not parse as TOML.
+fn run_dir_line(text: &str) -> Option<PathBuf> {
+    let mut in_node = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_node = line.trim_start_matches('[').trim_end_matches(']').trim() == "node";
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else { continue };
+        if in_node && key.trim() == "run_dir" {
+            // A basic or a literal string, then perhaps a comment.
+            let value = value.trim();
+            let quote = value.chars().next().filter(|q| *q == '"' || *q == '\'')?;
+            let (inner, _) = value[1..].split_once(quote)?;
+            return Some(PathBuf::from(inner));
+        }
+    }
+    None
 }
 
 /// The control socket in a `run_dir`.
@@ -1142,6 +1167,20 @@ size = "20GiB"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/replicator/replicator.toml"), text)
+    }
+
+    #[test]
+    fn the_run_dir_of_a_file_that_does_not_parse_is_found_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replicator.toml");
+        let text =
+            "[node]\nname = \"a\"\nrun_dir = '/run/x' # here\n[[group]]\nrun_dir = \"/elsewhere\"\ngarbage = [\n";
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(Config::run_dir_of(&path), Some(PathBuf::from("/run/x")));
+        std::fs::write(&path, "[node]\nrun_dir = \"relative\"\n[").unwrap();
+        assert_eq!(Config::run_dir_of(&path), None);
+        std::fs::write(&path, "[other]\nrun_dir = \"/run/y\"\n[").unwrap();
+        assert_eq!(Config::run_dir_of(&path), None);
     }
 
     #[test]

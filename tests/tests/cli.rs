@@ -661,6 +661,28 @@ fn sighup_reloads_and_names_what_needs_a_restart() {
         "the command says what is wrong: {}",
         describe_output(&out)
     );
+    // Nor does one that does not even parse.
+    std::fs::write(&path, format!("{text}\ngarbage = [\n")).expect("write config");
+    let out = c.cli(Site::A, &["status", "cli"]);
+    assert_eq!(code(&out), 0, "{}", describe_output(&out));
+    assert!(stdout(&out).contains("group cli"), "{}", describe_output(&out));
+    assert!(stderr(&out).contains("asking the running daemon anyway"), "{}", describe_output(&out));
+}
+
+/// A command whose output is closed early (`| head -1`) ends by SIGPIPE,
+/// as other tools do, not with a panic and a backtrace.
+#[test]
+fn a_command_whose_output_is_closed_ends_quietly() {
+    let c = cluster(true);
+    let script = r#"set -o pipefail; "$0" --config "$1" status --watch 2>"$2" | head -1 >/dev/null"#;
+    let err = c.root().join("watch.err");
+    let out = run_with_timeout(
+        Command::new("bash").args(["-c", script]).arg(c.bin()).arg(c.config_path(Site::A)).arg(&err),
+        Duration::from_secs(60),
+    );
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(code(&out), 128 + 13, "killed by SIGPIPE: {}\n{stderr}", describe_output(&out));
 }
 
 /// A daemon that does not answer (here: stopped with SIGSTOP) makes
