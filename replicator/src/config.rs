@@ -1175,11 +1175,12 @@ size = "20GiB"
         let path = dir.path().join("replicator.toml");
         let text =
             "[node]\nname = \"a\"\nrun_dir = '/run/x' # here\n[[group]]\nrun_dir = \"/elsewhere\"\ngarbage = [\n";
-        std::fs::write(&path, text).unwrap();
+        let write = |text: &str| std::fs::write(&path, text).expect("write the file");
+        write(text);
         assert_eq!(Config::run_dir_of(&path), Some(PathBuf::from("/run/x")));
-        std::fs::write(&path, "[node]\nrun_dir = \"relative\"\n[").unwrap();
+        write("[node]\nrun_dir = \"relative\"\n[");
         assert_eq!(Config::run_dir_of(&path), None);
-        std::fs::write(&path, "[other]\nrun_dir = \"/run/y\"\n[").unwrap();
+        write("[other]\nrun_dir = \"/run/y\"\n[");
         assert_eq!(Config::run_dir_of(&path), None);
     }
 
