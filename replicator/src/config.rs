@@ -1171,7 +1171,7 @@ size = "20GiB"
 
     #[test]
     fn the_run_dir_of_a_file_that_does_not_parse_is_found_line_by_line() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("replicator.toml");
         let text =
             "[node]\nname = \"a\"\nrun_dir = '/run/x' # here\n[[group]]\nrun_dir = \"/elsewhere\"\ngarbage = [\n";
