@@ -47,6 +47,10 @@ pub struct Standing {
     pub switching: bool,
     /// NBD clients have its volumes attached.
     pub in_use: bool,
+    /// A primary whose `pair create` no peer has accepted yet: it never
+    /// replicated as this pair, so meeting another primary is no split
+    /// brain (two sites that both ran `pair create`).
+    pub pending_create: bool,
 }
 
 /// What a peer's `OpenGroup` says about the lifecycle.
@@ -173,6 +177,7 @@ pub enum Answer {
 pub fn on_refusal(me: &Standing, kind: pb::Refusal, peer_generation: u64) -> Answer {
     match kind {
         pb::Refusal::Superseded if peer_generation > me.generation => Answer::Fence,
+        pb::Refusal::AlsoPrimary if me.pending_create => Answer::Retry,
         pb::Refusal::WrittenStandalone
         | pb::Refusal::AlsoPrimary
         | pb::Refusal::Superseded
@@ -202,6 +207,14 @@ mod tests {
 
     fn node(role: Role, generation: u64) -> Standing {
         Standing { role, pair_id: 7, generation, ..Standing::default() }
+    }
+
+    #[test]
+    fn another_primary_is_a_split_brain_only_for_a_primary_that_replicated() {
+        let established = node(Role::Primary, 1);
+        assert_eq!(on_refusal(&established, pb::Refusal::AlsoPrimary, 1), Answer::SplitBrain);
+        let pending = Standing { pending_create: true, ..established };
+        assert_eq!(on_refusal(&pending, pb::Refusal::AlsoPrimary, 1), Answer::Retry);
     }
 
     #[test]

@@ -120,6 +120,48 @@ fn pair_delete_completes_the_sync_writes_waiting_for_the_secondary() {
     cluster.stop(Site::B);
 }
 
+/// Both sites ran `pair create` (each while the other was down): neither
+/// replicated as a pair, so meeting each other is no split brain. Both say
+/// the other is a primary too (`peer-primary`); `pair delete` on one, as the
+/// message says, lets the other's create proceed, and the pair works
+/// (a FLUSH failed with EIO in the SPLIT-BRAIN this used to end in).
+#[test]
+fn two_pending_pair_creates_are_no_split_brain_and_a_delete_lets_one_proceed() {
+    let group = GroupSpec::new("pp", Mode::Sync).volume("pp-vol", 16 * MIB);
+    let mut opts = ClusterOpts::group(group);
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    cluster.start(Site::B);
+    let (code, out) = cli(&cluster, Site::B, &["pair", "create", "pp"]);
+    assert_eq!(code, 0, "{out}");
+    cluster.stop(Site::B);
+    cluster.start(Site::A);
+    let (code, out) = cli(&cluster, Site::A, &["pair", "create", "pp"]);
+    assert_eq!(code, 0, "{out}");
+    cluster.start(Site::B);
+    for site in [Site::A, Site::B] {
+        let s = cluster
+            .wait_until(site, "pp", "told the peer is a primary too", Duration::from_secs(60), |s| s.refusal.is_some());
+        assert_eq!(s.refusal.as_deref(), Some("peer-primary"), "{site}: {s:?}");
+        assert_ne!(s.state, "SPLIT-BRAIN", "{site}: {s:?}");
+        assert!(s.last_error.as_deref().unwrap_or("").contains("pair delete"), "{site}: {s:?}");
+    }
+
+    let (code, out) = cli(&cluster, Site::B, &["pair", "delete", "pp"]);
+    assert_eq!(code, 0, "{out}");
+    cluster.wait_pair("pp", Duration::from_secs(60));
+    let b = cluster.status(Site::B, "pp");
+    assert_eq!((b.role.as_str(), b.dirty_bytes), ("secondary", 0), "{b:?}");
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "pp-vol")).expect("connect");
+    rt.block_on(write_blocks(&client, 11, 8, 0));
+    drop(client);
+    cluster.wait_drained("pp");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("pp");
+}
+
 #[test]
 fn pair_delete_then_create_at_once_completes_the_copy() {
     let group = GroupSpec::new("dc", Mode::Sync).volume("dc-vol", 16 * MIB);

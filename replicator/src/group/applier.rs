@@ -30,7 +30,7 @@ use super::task::IncomingSession;
 use super::{journal_path, lock, Group, GroupError, Inner, SessionCommand};
 use crate::config::Mode;
 use crate::journal::Journal;
-use crate::state::{GroupState, RoleState, SecondaryState, TakeoverPoint};
+use crate::state::{Announce, GroupState, RoleState, SecondaryState, TakeoverPoint};
 use crate::transport::{FramedRecv, FramedSend, TransportError};
 use crate::volume::Volume;
 
@@ -262,7 +262,7 @@ fn accept_open(
                         pb::Refusal::NoConsent,
                         format!(
                             "group {name} on this node does not accept becoming a secondary (its volumes would be overwritten): \
-                             set accept_pair_create = true in its [[group]] section here and reload the daemon (SIGHUP: systemctl reload), then run pair create again"
+                             set accept_pair_create = true in its [[group]] section here and reload the daemon (SIGHUP: systemctl reload): the pair create on {peer} then proceeds by itself (or withdraw it there with `replicator pair delete {name}`)"
                         ),
                     ));
                 }
@@ -295,6 +295,13 @@ fn accept_open(
             g.state = if copy { PairState::Copy } else { PairState::Pair };
             g.copy_total = open.copy_bytes;
             g.copy_done = 0;
+            // A new pair: nothing of an earlier one (this node's own pair
+            // create that it gave up with `pair delete`, its regions marked
+            // for a copy) describes these volumes any more.
+            for b in &mut g.bitmaps {
+                b.clear_all();
+            }
+            g.last_error = None;
             tracing::info!(group = %name, primary = %peer, copy, "pair create: this node is now secondary");
         }
         pb::OpenIntent::Resume | pb::OpenIntent::Resync => {
@@ -424,6 +431,11 @@ pub(super) fn standing(group: &Group, g: &Inner) -> Standing {
         split_writable: g.persisted.role.split_writable(),
         switching: g.switching,
         in_use: group.nbd_clients.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        pending_create: g
+            .persisted
+            .role
+            .as_primary()
+            .is_some_and(|p| matches!(p.announce, Announce::CreateCopy | Announce::CreateNocopy)),
     }
 }
 
@@ -493,6 +505,11 @@ fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup
             }
             msg
         }
+        _ if standing(group, g).pending_create && open.intent() != pb::OpenIntent::Resume => format!(
+            "group {name}: both sites ran `pair create`: {peer} and this node each wait for the other to become \
+             their secondary; run `replicator pair delete {name}` on the site that is not to be the primary: the \
+             other's pair create then proceeds by itself (its accept_pair_create must be true)"
+        ),
         _ => format!(
             "group {name} is primary of another pair on this node; `replicator pair delete {name}` on the site \
              whose data is to be discarded, then `pair create` from the other"

@@ -1773,6 +1773,8 @@ impl Group {
                 // A former primary that a failover here superseded: it takes
                 // no writes and waits for an admin; this node stays primary.
                 pb::Refusal::Fenced => Some("peer-fenced"),
+                // Both sites ran `pair create`: an admin deletes one.
+                pb::Refusal::AlsoPrimary => Some("peer-primary"),
                 _ => None,
             },
         };
