@@ -155,6 +155,12 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
     assert_eq!(write_blocks(&cluster, Site::B, "sp-vol", 50..60, 1000), 10);
     assert_eq!(write_blocks(&cluster, Site::A, "sp-vol", 200..250, 0), 50);
     assert!(cluster.status(Site::B, "sp").needs_rebase);
+    // A failover on the split secondary while the primary is up and taking
+    // writes would make two primaries: refused, naming the ways out.
+    let (code, out) = cli(&cluster, Site::B, &["failover", "sp"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("--swap") && out.contains("--force"), "{out}");
+    assert_eq!(cluster.status(Site::B, "sp").role, "secondary");
     cli_ok(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]);
     let a = cluster.wait_drained("sp");
     // Only the regions either side changed were copied: the replica's 10

@@ -89,6 +89,18 @@ impl Group {
                     g.state
                 )));
             }
+            if g.state == PairState::Suspended(SuspendReason::Split) && !force && self.transport.rtt(&peer).is_some()
+            {
+                // The split stopped the replication, not the primary: it
+                // is reachable, and most likely still takes writes.
+                return Err(GroupError::Refused(format!(
+                    "group {name} was split by an admin and the primary {peer} is reachable (it most likely still \
+                     takes writes): a failover now would leave two primaries (SPLIT-BRAIN). To make this site the \
+                     primary with its data, run `replicator pair resync {name} --swap` here ({peer}'s writes since \
+                     the split are overwritten); if {peer} must be abandoned anyway, run `replicator failover {name} \
+                     --force`"
+                )));
+            }
             if g.taking_over {
                 return Err(GroupError::Failed(format!("group {name}: a failover is already running here")));
             }
