@@ -89,8 +89,7 @@ impl Group {
                     g.state
                 )));
             }
-            if g.state == PairState::Suspended(SuspendReason::Split) && !force && self.transport.rtt(&peer).is_some()
-            {
+            if g.state == PairState::Suspended(SuspendReason::Split) && !force && self.transport.rtt(&peer).is_some() {
                 // The split stopped the replication, not the primary: it
                 // is reachable, and most likely still takes writes.
                 return Err(GroupError::Refused(format!(
