@@ -519,7 +519,7 @@ impl PeerHashes {
         }
         match tokio::time::timeout(HOLD_TIMEOUT, rx).await {
             Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err("the verify stream ended (does the peer run a replicator that knows `verify`?)".into()),
+            Ok(Err(_)) => Err("the verify stream ended before its answer (the peer stopped or restarted, or runs a replicator that does not know `verify`)".into()),
             Err(_) => Err(format!("no answer within {HOLD_TIMEOUT:?}")),
         }
     }
