@@ -175,6 +175,31 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
     assert_eq!(written_prefix(&image, 250, BLOCK), 250, "the primary's data won");
 }
 
+/// `pair split` on the secondary, then at once `pair resync --swap` there:
+/// the primary learns of the split (it is told when it next dials, about a
+/// second later) before the swap, so it gives up the role; it was fenced as
+/// after a failover when the swap came first.
+#[test]
+fn split_on_the_secondary_then_swap_at_once_demotes_the_primary() {
+    let group = GroupSpec::new("ss", Mode::Sync).volume("ss-vol", 16 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("ss");
+    cluster.wait_pair("ss", MINUTE);
+    assert_eq!(write_blocks(&cluster, Site::A, "ss-vol", 0..20, 0), 20);
+    cluster.wait_drained("ss");
+    cli_ok(&cluster, Site::B, &["pair", "split", "ss"]);
+    let out = cli_ok(&cluster, Site::B, &["pair", "resync", "ss", "--swap"]);
+    assert!(out.contains("now the primary"), "{out}");
+    let a = cluster.wait_until(Site::A, "ss", "the secondary after the swap, in PAIR", MINUTE, |s| {
+        s.role == "secondary" && s.state == "PAIR" || s.superseded_by > 0
+    });
+    assert_eq!((a.role.as_str(), a.superseded_by), ("secondary", 0), "fenced instead of demoted: {a:?}");
+    cluster.wait_drained("ss");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("ss");
+}
+
 #[test]
 fn split_rw_then_swap_keeps_the_replicas_changes_and_reverses_the_roles() {
     let group = GroupSpec::new("sw", Mode::Async).volume("sw-vol", 32 * MIB);

@@ -475,6 +475,7 @@ fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup
             g.persisted.generation, open.generation
         ),
         pb::Refusal::Split => {
+            g.peer_knows_split = true;
             format!("group {name} was split by an admin here; `replicator pair resync {name}` on {peer} resumes it")
         }
         pb::Refusal::InUse => format!(
@@ -764,7 +765,13 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         let result = if drained {
             let save = {
                 let mut g = lock(&group.inner);
-                group.split_here(&mut g, rw, if asked_by_primary { "pair split on the primary" } else { "pair split" })
+                let save = group.split_here(
+                    &mut g,
+                    rw,
+                    if asked_by_primary { "pair split on the primary" } else { "pair split" },
+                );
+                g.peer_knows_split = asked_by_primary;
+                save
             };
             group.saved(save).await.map_err(|e| e.to_string())
         } else {

@@ -45,6 +45,9 @@ type Region = (u32, u64, u64);
 const SPLIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long giving up the primary role waits for writes in flight.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `pair resync --swap` waits for a reachable primary to learn of
+/// a split made on this secondary (its redials back off up to 5 s).
+const SPLIT_NEWS_WAIT: Duration = Duration::from_secs(6);
 
 /// `pair split` on the primary while the session is up: the command goes
 /// out after every record sent so far; the secondary's reply ends it.
@@ -201,6 +204,7 @@ impl Group {
         if let Some(s) = g.persisted.role.as_secondary_mut() {
             s.split_writable = rw;
         }
+        g.peer_knows_split = false;
         self.transition(g, PairEvent::AdminSplit, why);
         let save = self.save_later(g);
         self.publish(g);
@@ -300,6 +304,16 @@ impl Group {
     async fn swap_here(self: &Arc<Self>) -> Result<String, GroupError> {
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
+        // The primary gives the role up only if it knows of the split: one
+        // made here reaches it when it next dials and is refused, about a
+        // second later. Promoted before that, this node would meet it as a
+        // failover's newer generation, and fence it. Wait while it is
+        // reachable (one that is not learns of the swap as of a failover:
+        // the runbook's case of a split made while the primary was away).
+        let deadline = Instant::now() + SPLIT_NEWS_WAIT;
+        while !lock(&self.inner).peer_knows_split && self.transport.rtt(&peer).is_some() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let (pair_id, epoch) = {
             let mut g = lock(&self.inner);
             if g.state != PairState::Suspended(SuspendReason::Split) || g.secondary_attached {

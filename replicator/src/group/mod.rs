@@ -271,6 +271,10 @@ struct Inner {
     drill_starting: bool,
     /// Secondary: an apply session is attached.
     secondary_attached: bool,
+    /// A split secondary: the primary learned of the split (it asked for
+    /// it, or was refused with `Refusal::Split`). A split made here reaches
+    /// it only when it next dials (`pair resync --swap` waits for that).
+    peer_knows_split: bool,
     /// Secondary: durable sequence (for status).
     secondary_durable: u64,
     secondary_applied: u64,
@@ -859,6 +863,7 @@ impl Group {
             session_cmd: None,
             drill_starting: false,
             secondary_attached: false,
+            peer_knows_split: false,
             secondary_durable: durable_seq,
             secondary_applied: durable_seq,
             persisted,
