@@ -189,6 +189,9 @@ struct InflightChunk {
     missed: u64,
     /// Sent as hashes, not data.
     hash: bool,
+    /// Its bitmap's granularity: one hash each, so a differing span is
+    /// whole granules (the volume's last may be shorter).
+    granule: u64,
 }
 
 impl PrimarySession {
@@ -330,7 +333,8 @@ impl PrimarySession {
         while let Some(b) = bitmaps.get(self.cursor.0) {
             if let Some(first) = b.next_dirty(self.cursor.1) {
                 let volume = self.cursor.0 as u32;
-                let per = (self.config.copy_chunk / b.granularity()).max(1);
+                let granule = b.granularity();
+                let per = (self.config.copy_chunk / granule).max(1);
                 // A run of up to `copy_chunk`, as data or as one hash per
                 // bitmap chunk (a mismatch then resends only that chunk).
                 let by_hash = self.config.copy_by_hash && (self.hashes_pay() || self.copy_index % 16 == 15);
@@ -365,7 +369,8 @@ impl PrimarySession {
                 }
                 let len = lo + ll - offset;
                 self.copy_index += 1;
-                self.copy_inflight.insert(self.copy_index, InflightChunk { volume, offset, len, missed: 0, hash });
+                self.copy_inflight
+                    .insert(self.copy_index, InflightChunk { volume, offset, len, missed: 0, hash, granule });
                 self.reads.insert(self.copy_index, None);
                 self.copy_finished = false;
                 self.copy_done_sent = false;
@@ -423,6 +428,8 @@ impl PrimarySession {
                 sent: self.copy_sent,
             });
         }
+        // Bytes each chunk is reported different in, with this ack.
+        let mut missed: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
         for m in &ack.copy_mismatch {
             if m.copy_index > self.copy_sent {
                 return Err(ShipError::AckBeyondSent {
@@ -437,7 +444,15 @@ impl PrimarySession {
                 let inside = m.length > 0
                     && m.offset >= c.offset
                     && m.offset.checked_add(m.length).is_some_and(|end| end <= c.offset + c.len);
-                if !inside {
+                // Whole granules (one hash each), each reported once: a
+                // peer repeating spans would grow the list of spans to
+                // send again without bound.
+                let g = c.granule.max(1);
+                let aligned =
+                    m.offset % g == 0 && (m.length % g == 0 || m.offset.saturating_add(m.length) == c.offset + c.len);
+                let total = missed.entry(m.copy_index).or_insert(c.missed);
+                *total = total.saturating_add(m.length);
+                if !inside || !aligned || *total > c.len {
                     return Err(ShipError::MismatchOutsideChunk {
                         copy_index: m.copy_index,
                         offset: m.offset,
@@ -714,6 +729,11 @@ mod tests {
             matches!(s.on_ack(&bad), Err(ShipError::MismatchOutsideChunk { .. })),
             "a span outside its chunk is a protocol error"
         );
+        let unaligned = pb::CopyMismatch { copy_index, offset: 100, length: 64 << 10 };
+        let bad = pb::Ack { copy_mismatch: vec![unaligned], ..Default::default() };
+        assert!(s.on_ack(&bad).is_err(), "a span not of whole granules is a protocol error");
+        let twice = pb::Ack { copy_mismatch: vec![one; 17], ..Default::default() };
+        assert!(s.on_ack(&twice).is_err(), "more bytes reported different than the chunk holds");
         let ack = pb::Ack { copy_mismatch: vec![one], ..Default::default() };
         s.on_ack(&ack).unwrap();
         // (The cursor wraps around once first: the span is behind it.)
