@@ -291,6 +291,7 @@ fn assert_waits_for_the_answer(cluster: &Cluster, group: &str) {
         }
     }
     assert_eq!(s.role, "primary", "{s:?}");
+    assert!(!s.writable, "status must not call the volumes writable: {s:?}");
     assert!(s.last_error.as_deref().is_some_and(|e| e.contains("asked to take over")), "status says why: {s:?}");
 }
 

@@ -1949,21 +1949,30 @@ impl Group {
             copy_done_bytes: g.copy_done,
             copy_sent_bytes: g.copy_sent,
             consistent: g.persisted.role.consistent(),
-            writable: g.role() == Role::Primary && g.persisted.role.superseded_by() == 0
+            // Not while the roles change here (writes are refused then,
+            // and NBD clients cannot attach).
+            writable: (g.role() == Role::Primary && g.persisted.role.superseded_by() == 0
                 || g.role() == Role::None
-                || g.persisted.role.split_writable(),
+                || g.persisted.role.split_writable())
+                && !g.switching
+                && !g.taking_over,
             needs_rebase: g.persisted.role.needs_rebase(),
             io_backend: self.engine.backend().to_string(),
             direct_io: self.volumes.iter().all(|v| v.file().is_direct()),
             // An unanswered switchover says why no writes are taken, over
             // whatever the attempts to reach the peer last said.
-            last_error: match g.switchover.as_ref().filter(|s| s.sent) {
-                Some(s) => Some(format!(
+            last_error: match g.switchover.as_ref() {
+                Some(s) if s.sent => Some(format!(
                     "switchover: {} was asked to take over after record {}; no writes are taken here until it \
                      answers, as the new primary or as this node's secondary still",
                     self.cfg.peer, s.seq
                 )),
-                None => g.last_error.clone(),
+                _ if g.switching => Some(format!(
+                    "a switchover is running: no writes are taken here until {} has every record (or it is \
+                     abandoned)",
+                    self.cfg.peer
+                )),
+                _ => g.last_error.clone(),
             },
             volumes: self
                 .volumes
