@@ -211,6 +211,20 @@ pub enum Action {
     Send(Body),
 }
 
+/// Why the consistent image could not be preserved before a resync
+/// ([`Secondary::on_image_preserved`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreserveFailure {
+    /// The volumes could not be made durable first: what was applied may
+    /// not be (the session fails, as after any failed sync).
+    #[error("{0}")]
+    Volumes(String),
+    /// The image's own files could not be made (a full state directory):
+    /// the applied prefix is intact and durable.
+    #[error("{0}")]
+    Image(String),
+}
+
 /// A session that cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecondaryError {
@@ -724,13 +738,25 @@ impl Secondary {
 
     /// The image of [`Action::PreserveImage`] is preserved (or could not
     /// be: the session stops, nothing was overwritten).
-    pub fn on_image_preserved(&mut self, result: Result<(), String>) -> Result<(), SecondaryError> {
+    pub fn on_image_preserved(&mut self, result: Result<(), PreserveFailure>) -> Result<(), SecondaryError> {
         self.preserving = false;
-        if let Err(e) = result {
-            self.fail();
-            return Err(SecondaryError::Io(format!(
-                "cannot preserve the consistent image before the resync overwrites it: {e}"
-            )));
+        match result {
+            Ok(()) => {}
+            Err(PreserveFailure::Volumes(e)) => {
+                self.fail();
+                return Err(SecondaryError::Io(format!(
+                    "cannot preserve the consistent image before the resync overwrites it: {e}"
+                )));
+            }
+            // Nothing went wrong with what was applied: the session ends
+            // with the replica consistent, behind (the next one tries
+            // again).
+            Err(PreserveFailure::Image(e)) => {
+                return Err(SecondaryError::Io(format!(
+                    "cannot preserve the consistent image before the resync overwrites it: {e}; the replica stays \
+                     consistent and behind until it can"
+                )))
+            }
         }
         self.copy_incomplete = true;
         self.inconsistency_saved_at = Some(self.want_save());
@@ -1901,9 +1927,14 @@ mod tests {
         assert!(acts.iter().any(|a| matches!(a, Action::PreserveImage { seq: 2, .. })), "{acts:?}");
         assert!(!acts.iter().any(|a| matches!(a, Action::Apply { .. })), "{acts:?}");
         // A failure to preserve it ends the session before the copy lands.
-        let err = s.on_image_preserved(Err("disk full".into())).unwrap_err();
+        let err = s.on_image_preserved(Err(PreserveFailure::Image("disk full".into()))).unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
         assert!(!drain(&mut s, now).iter().any(|a| matches!(a, Action::Apply { .. })));
+        // Only a failed volume sync fails the session's applies.
+        assert!(!s.failed, "the applied prefix is intact");
+        let err = s.on_image_preserved(Err(PreserveFailure::Volumes("EIO".into()))).unwrap_err();
+        assert!(err.to_string().contains("EIO"), "{err}");
+        assert!(s.failed);
     }
 
     #[test]

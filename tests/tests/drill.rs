@@ -751,6 +751,58 @@ fn a_drill_copy_that_fills_the_state_dir_is_discarded_and_replication_goes_on() 
     drop(fs);
 }
 
+/// A resync that cannot preserve the secondary's consistent image (its
+/// files cannot be made: here the guard's directory refuses new files, as a
+/// full `state_dir` would) leaves the replica consistent and behind, and
+/// the secondary running: it used to stop the group until a restart, and
+/// with it `failover`. Once the files can be made, the resync runs.
+#[test]
+fn a_resync_whose_image_cannot_be_preserved_leaves_the_replica_consistent_and_running() {
+    if !replicator_tests::require_root(
+        "a_resync_whose_image_cannot_be_preserved_leaves_the_replica_consistent_and_running",
+    ) {
+        return;
+    }
+    let spec = GroupSpec::new("pi", Mode::Async).volume("piv", 64 * MIB).journal_size(16 * MIB);
+    let mut c = Cluster::new(ClusterOpts::group(spec));
+    c.pair_create("pi");
+    c.wait_pair("pi", Duration::from_secs(60));
+    write_export(&c.nbd_socket(Site::A), "piv", 0, &vec![1u8; MIB as usize]);
+    c.wait_drained("pi");
+    c.stop(Site::B);
+    // More than the journal holds: the primary tracks the rest in its bitmaps.
+    for i in 0..24u64 {
+        write_export(&c.nbd_socket(Site::A), "piv", i * MIB, &vec![2 + i as u8; MIB as usize]);
+    }
+    c.wait_until(Site::A, "pi", "tracking writes in the bitmaps", Duration::from_secs(30), |s| s.dirty_bytes > 0);
+    // Site-a frozen until site-b has started (a start removes what an
+    // earlier guard left).
+    c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    c.start(Site::B);
+    let guard = c.state_dir(Site::B).join("groups").join("pi").join("resync-guard");
+    std::fs::create_dir_all(&guard).expect("mkdir");
+    let immutable = Immutable::set(guard);
+    c.signal(Site::A, nix::sys::signal::Signal::SIGCONT);
+    let b = c.wait_until(Site::B, "pi", "refusing the resync", Duration::from_secs(30), |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("cannot preserve"))
+    });
+    assert!(b.consistent, "{b:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let b = c.status(Site::B, "pi");
+    assert!(
+        b.health != "critical" && !b.last_error.as_deref().unwrap_or("").contains("stopped taking writes"),
+        "the secondary stopped: {b:?}"
+    );
+    drop(immutable);
+    c.wait_until(Site::A, "pi", "the resync done", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.dirty_bytes == 0 && s.connected
+    });
+    c.wait_drained("pi");
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical("pi");
+}
+
 /// A failover during a resync whose promotion cannot be saved at once (the
 /// group's state directory refuses new files: `chattr +i`) rolls back and
 /// is in effect all the same; once its save lands, the resync's preserved

@@ -20,7 +20,7 @@ use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::record::{Record, RecordOp};
 use replicator_protocol::secondary::{
-    Action, Barrier, Persist, Secondary, SecondaryConfig, SecondaryError, SecondaryStart,
+    Action, Barrier, Persist, PreserveFailure, Secondary, SecondaryConfig, SecondaryError, SecondaryStart,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -99,7 +99,7 @@ enum Event {
     },
     VolumesSynced(Barrier, Result<(), String>),
     Saved(Persist, Result<(), String>),
-    ImagePreserved(Result<(), String>),
+    ImagePreserved(Result<(), PreserveFailure>),
 }
 
 /// The session's disk I/O in flight: futures polled by the session's own

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 
+use replicator_protocol::secondary::PreserveFailure;
 use serde::{Deserialize, Serialize};
 
 use super::preserved::{ImageRecord, PreservedImage};
@@ -164,7 +165,7 @@ impl Group {
     /// applied) before a resync overwrites it: syncs the volumes, creates
     /// the guard durably and attaches it. A guard already in place (no
     /// consistent image since) is kept.
-    pub(super) async fn preserve_image(&self, seq: u64, written_at_us: u64) -> Result<(), String> {
+    pub(super) async fn preserve_image(&self, seq: u64, written_at_us: u64) -> Result<(), PreserveFailure> {
         let _one = self.guard_op.lock().await;
         if self.guard().is_some() {
             return Ok(());
@@ -173,9 +174,9 @@ impl Group {
         if let Some(removal) = removal {
             // The previous guard's files go first: they live where the new
             // guard's will.
-            removal.await.map_err(|e| format!("removing the previous resync guard: {e}"))?;
+            removal.await.map_err(|e| PreserveFailure::Image(format!("removing the previous resync guard: {e}")))?;
         }
-        super::applier::sync_volumes(&self.volumes).await?;
+        super::applier::sync_volumes(&self.volumes).await.map_err(PreserveFailure::Volumes)?;
         let record = {
             let g = lock(&self.inner);
             GuardRecord {
@@ -193,8 +194,8 @@ impl Group {
         let r = record.clone();
         let image = tokio::task::spawn_blocking(move || PreservedImage::create(&engine, &dir, &volumes, &r, false))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PreserveFailure::Image(e.to_string()))?
+            .map_err(|e| PreserveFailure::Image(e.to_string()))?;
         tracing::info!(group = %self.cfg.name, seq,
             "resync starts: the consistent image (sequence {seq}) is preserved until it ends; a failover meanwhile rolls back to it");
         let guard = ResyncGuard { record, image, rolling_back: AtomicBool::new(false) };
