@@ -295,6 +295,28 @@ fn failback_copies_only_what_changed_and_switches_back() {
     }
 }
 
+/// A primary that was frozen (not restarted) through a failover and failed
+/// back shows no copy figures of its own past as primary: its `--wait`
+/// lines and status said "32 MiB of 32 MiB compared or copied" (its initial
+/// copy) with nothing being copied.
+#[test]
+fn a_failed_back_primary_shows_no_copy_figures_of_its_past() {
+    let group = GroupSpec::new("fc", Mode::Sync).volume("fc-vol", 32 * MIB).link_timeout(Duration::from_secs(1));
+    let cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("fc");
+    cluster.wait_pair("fc", MINUTE);
+    assert_eq!(cluster.status(Site::A, "fc").copy_total_bytes, 32 * MIB, "the initial copy's figures");
+    cluster.signal(Site::A, Signal::SIGSTOP);
+    cluster.wait_until(Site::B, "fc", "disconnected from the frozen primary", MINUTE, |s| !s.connected);
+    cli_ok(&cluster, Site::B, &["failover", "fc"]);
+    cluster.signal(Site::A, Signal::SIGCONT);
+    cluster.wait_until(Site::A, "fc", "fenced", MINUTE, |s| s.superseded_by > 0);
+    cli_ok(&cluster, Site::A, &["failback", "fc", "--no-switch", "--wait", "--timeout", "60s"]);
+    let a = cluster.status(Site::A, "fc");
+    assert_eq!(a.role, "secondary", "{a:?}");
+    assert_eq!((a.copy_total_bytes, a.copy_done_bytes), (0, 0), "{a:?}");
+}
+
 /// A failover whose promotion cannot be saved at once (the state directory
 /// refuses writes) says so and is in effect all the same, its save retried:
 /// once the save lands, the new primary replicates, and the former

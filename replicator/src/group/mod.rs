@@ -1695,6 +1695,7 @@ impl Group {
                 }
             }
             Next::AwaitConfirmation(confirmation) => {
+                let told = confirmation.is_some();
                 let confirmed = match confirmation {
                     Some(rx) => match tokio::time::timeout(Duration::from_secs(15), rx).await {
                         Ok(Ok(Ok(()))) => true,
@@ -1710,10 +1711,17 @@ impl Group {
                 };
                 Ok(if confirmed {
                     format!("group {name}: pair deleted on both sites; the volumes here and on {peer} are now standalone (SIMPLEX)")
+                } else if told {
+                    format!(
+                        "group {name}: pair deleted here; {peer} did not confirm within 15 s and may still consider \
+                         itself paired: check `replicator status {name}` there, and run `replicator pair delete {name}` \
+                         there if it is not SIMPLEX"
+                    )
                 } else {
                     format!(
-                        "group {name}: pair deleted here; {peer} did not confirm (not reachable) and still considers itself paired: \
-                         run `replicator pair delete {name}` there too"
+                        "group {name}: pair deleted here; {peer} was not connected, so it was not told: unless it is \
+                         SIMPLEX already (`replicator status {name}` there), run `replicator pair delete {name}` there \
+                         too"
                     )
                 })
             }

@@ -782,6 +782,11 @@ fn change_role_keeping_journal(g: &mut Inner, role: RoleState) {
     }
     g.activity.clear();
     g.session = None;
+    // The old role's copy figures describe nothing of the new one (a new
+    // primary counts its copy when its session starts).
+    g.copy_total = 0;
+    g.copy_done = 0;
+    g.copy_sent = 0;
     g.refusal = None;
     g.last_error = None;
     g.link_down_since = Some(Instant::now());
