@@ -14,6 +14,29 @@ use crate::config::{human_bytes, Config, DEFAULT_CONFIG_PATH};
 use crate::control::{self, exit, Request, Response};
 use crate::group::{format_time, GroupStatus, Health};
 
+/// `println!` that ends the command quietly when its output was closed
+/// (`status --watch | head -1`): std's panics, an exit 101 with a backtrace
+/// after a `failover` had been carried out. (SIGPIPE stays ignored: a
+/// control socket the daemon closes must give an error, not kill the CLI.)
+macro_rules! println {
+    ($($arg:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!`, as [`println!`] above.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::cli::write_out(format_args!($($arg)*)) };
+}
+
+/// Writes to stdout; a closed stdout ends the process with 141, the status
+/// a shell shows for a command stopped by a closed pipe.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if out.write_fmt(args).and_then(|()| out.flush()).is_err() {
+        std::process::exit(141);
+    }
+}
+
 /// Block-level storage replication over QUIC with mutual TLS.
 #[derive(Debug, Parser)]
 #[command(name = "replicator", version, about)]
@@ -459,18 +482,6 @@ pub fn reload_log_filter(node_log: Option<&str>) -> Result<String, String> {
 }
 
 /// Runs the parsed command line.
-/// A command whose output was closed (`status --watch | head -1`) ends as
-/// other Unix tools do, by SIGPIPE. Rust ignores the signal, and a
-/// `println!` into the closed pipe panicked instead: exit 101 and a
-/// backtrace, after a `failover` had been carried out. Not for the daemon,
-/// whose sockets' peers may go away at any time.
-fn die_quietly_on_a_closed_output() {
-    use nix::sys::signal::{signal, SigHandler, Signal};
-    // SAFETY: only the default disposition is installed, no handler runs in
-    // this process; called before this command starts any thread.
-    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
-}
-
 pub fn main(cli: Cli) -> ExitCode {
     match run(cli) {
         Ok(code) | Err(code) => code,
@@ -478,9 +489,6 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
-    if !matches!(cli.command, Command::Run) {
-        die_quietly_on_a_closed_output();
-    }
     match cli.command {
         Command::Run => {
             let config = load_config(&cli.config)?;

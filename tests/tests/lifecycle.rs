@@ -161,6 +161,12 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("--swap") && out.contains("--force"), "{out}");
     assert_eq!(cluster.status(Site::B, "sp").role, "secondary");
+    // Also once no connection is left from before the split (the failover
+    // asks the primary).
+    cluster.stop(Site::B);
+    cluster.start(Site::B);
+    let (code, out) = cli(&cluster, Site::B, &["failover", "sp"]);
+    assert_eq!(code, 3, "after a restart: {out}");
     cli_ok(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]);
     let a = cluster.wait_drained("sp");
     // Only the regions either side changed were copied: the replica's 10

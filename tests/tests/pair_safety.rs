@@ -99,10 +99,11 @@ fn pair_delete_completes_the_sync_writes_waiting_for_the_secondary() {
     cluster.signal(Site::B, nix::sys::signal::Signal::SIGSTOP);
     let data = random_bytes(7, 65536);
     let expected = data.clone();
+    // A write, a FUA write and a FLUSH, all waiting for the secondary.
     let writes = rt.spawn(async move {
-        client.write(0, &data, false).await?;
-        client.write(65536, &data, true).await?;
-        client.flush().await
+        let (write, fua, flush) =
+            tokio::join!(client.write(0, &data, false), client.write(65536, &data, true), client.flush());
+        write.and(fua).and(flush)
     });
     std::thread::sleep(Duration::from_secs(1));
     assert!(!writes.is_finished(), "the sync writes must wait for the frozen secondary");
@@ -253,7 +254,7 @@ fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
     let mut child = Command::new(cluster.bin())
         .arg("--config")
         .arg(cluster.config_path(Site::A))
-        .args(["pair", "create", "pr", "--wait", "--timeout", "3s"])
+        .args(["pair", "create", "pr", "--wait", "--timeout", "6s"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

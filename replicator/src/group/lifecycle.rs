@@ -310,18 +310,26 @@ impl Group {
         // failover's newer generation, and fence it. Wait while it is
         // reachable (one that is not learns of the swap as of a failover:
         // the runbook's case of a split made while the primary was away).
+        let not_split = |g: &Inner| {
+            (g.state != PairState::Suspended(SuspendReason::Split) || g.secondary_attached).then(|| {
+                GroupError::Refused(format!(
+                    "group {name} is {}: --swap needs the pair split first (`replicator pair split {name}`), so that \
+                     {peer} stops taking writes as primary",
+                    g.state
+                ))
+            })
+        };
+        if let Some(refused) = not_split(&lock(&self.inner)) {
+            return Err(refused);
+        }
         let deadline = Instant::now() + SPLIT_NEWS_WAIT;
         while !lock(&self.inner).peer_knows_split && self.transport.rtt(&peer).is_some() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let (pair_id, epoch) = {
             let mut g = lock(&self.inner);
-            if g.state != PairState::Suspended(SuspendReason::Split) || g.secondary_attached {
-                return Err(GroupError::Refused(format!(
-                    "group {name} is {}: --swap needs the pair split first (`replicator pair split {name}`), so that \
-                     {peer} stops taking writes as primary",
-                    g.state
-                )));
+            if let Some(refused) = not_split(&g) {
+                return Err(refused);
             }
             if g.persisted
                 .role

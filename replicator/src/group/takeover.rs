@@ -34,6 +34,8 @@ use crate::state::{PrimaryState, RoleState, SecondaryState, TakeoverPoint};
 
 /// How long a failover waits for the replication session to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a failover on a split secondary tries to reach the primary.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long each step of a switchover may take.
 const SWITCHOVER_STEP: Duration = Duration::from_secs(30);
 
@@ -73,6 +75,13 @@ impl Group {
         self.refuse_if_stopped()?;
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
+        // A split secondary has no session telling whether the primary
+        // lives: it is asked (a primary that answers most likely still
+        // takes writes).
+        let split = lock(&self.inner).state == PairState::Suspended(SuspendReason::Split);
+        let primary_reachable = split
+            && !force
+            && matches!(tokio::time::timeout(PROBE_TIMEOUT, self.transport.connect(&peer)).await, Ok(Ok(_)));
         let session = {
             let mut g = lock(&self.inner);
             if g.role() != Role::Secondary {
@@ -89,7 +98,7 @@ impl Group {
                     g.state
                 )));
             }
-            if g.state == PairState::Suspended(SuspendReason::Split) && !force && self.transport.rtt(&peer).is_some() {
+            if g.state == PairState::Suspended(SuspendReason::Split) && !force && primary_reachable {
                 // The split stopped the replication, not the primary: it
                 // is reachable, and most likely still takes writes.
                 return Err(GroupError::Refused(format!(

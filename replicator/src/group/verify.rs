@@ -459,6 +459,8 @@ struct PeerHashes {
     current: tokio::sync::Mutex<Option<RequestStream>>,
     waiting: Waiting,
     next_id: AtomicU64,
+    /// Streams opened so far (a stream's number, for its reader).
+    streams_opened: AtomicU64,
     /// A stream idle this long is replaced before the next request.
     reopen_after: Duration,
     /// The tasks reading replies, one per stream (they end with it).
@@ -478,6 +480,7 @@ impl PeerHashes {
             current: tokio::sync::Mutex::new(None),
             waiting: Arc::new(Mutex::new(HashMap::new())),
             next_id: AtomicU64::new(1),
+            streams_opened: AtomicU64::new(0),
             reopen_after,
             readers: Mutex::new(JoinSet::new()),
         }
@@ -492,16 +495,16 @@ impl PeerHashes {
             let stream = match current.take() {
                 Some(stream) if stream.last_request.elapsed() < self.reopen_after => stream,
                 old => {
-                    let number = match old {
-                        Some(mut old) => {
-                            old.send.finish();
-                            old.number + 1
-                        }
-                        None => 0,
-                    };
-                    let (send, recv) = Transport::open_stream(&self.conn)
-                        .await
-                        .map_err(|e| format!("cannot open a verify stream: {e}"))?;
+                    if let Some(mut old) = old {
+                        old.send.finish();
+                    }
+                    let number = self.streams_opened.fetch_add(1, Ordering::Relaxed);
+                    // Bounded: the region is held against writes meanwhile.
+                    let (send, recv) =
+                        match tokio::time::timeout(HOLD_TIMEOUT, Transport::open_stream(&self.conn)).await {
+                            Ok(opened) => opened.map_err(|e| format!("cannot open a verify stream: {e}"))?,
+                            Err(_) => return Err(format!("cannot open a verify stream within {HOLD_TIMEOUT:?}")),
+                        };
                     self.readers.lock().unwrap_or_else(PoisonError::into_inner).spawn(read_replies(
                         self.waiting.clone(),
                         number,

@@ -199,16 +199,20 @@ impl Drop for HoleGuard<'_> {
 /// before the write resumes on the same worker thread. With other
 /// writes in flight their records go out in batches instead (fewer stream
 /// writes, packets and wake-ups), as in async mode.
-struct SyncWrite<'a>(&'a AtomicUsize);
+type SyncWrite<'a> = Counted<'a>;
 
-impl<'a> SyncWrite<'a> {
+/// Counts itself in a counter from `begin` until it is dropped (also when
+/// the write holding it is cancelled).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
     fn begin(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
-        SyncWrite(count)
+        Counted(count)
     }
 }
 
-impl Drop for SyncWrite<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -615,8 +619,12 @@ impl Group {
         if let Some(epoch) = bitmap_epoch {
             let mut rx = self.bitmap_persisted.subscribe();
             // A stopped group may never save it (its volume sync failed):
-            // the write fails, before it touches the volume.
+            // the write fails, before it touches the volume. Counted for
+            // the flusher: saves that keep failing while writes wait stop
+            // the group.
+            let waiting = Counted::begin(&self.writes_awaiting_save);
             let saved = rx.wait_for(|p| *p >= epoch || self.stopped.get().is_some()).await.map(|p| *p >= epoch);
+            drop(waiting);
             match (saved, self.stopped.get()) {
                 (Ok(true), _) => {}
                 (Ok(false), Some(why)) => return Err(self.stopped_error(why)),
