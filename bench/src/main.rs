@@ -13,15 +13,13 @@
 mod daemon;
 mod figures;
 mod local;
-mod monitor;
 mod nbd;
 mod placement;
-mod proxy;
 mod qemu;
 mod report;
-mod stats;
 mod svg;
-mod workload;
+
+use replicator_bench::{monitor, proxy, stats, workload};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -21,6 +21,8 @@
 //! - [`seqtrack`]: highest contiguous completed sequence from out-of-order
 //!   completions.
 //! - [`pair`]: pair roles and the pair state machine.
+//! - [`catch_up`]: a sync primary's way back to RPO 0 after writes were
+//!   acknowledged without the secondary.
 //! - [`ship`] and [`apply`]: the two ends of a replication session (primary
 //!   shipper, secondary applier).
 //! - [`primary`]: the primary's session as a state machine: stream order of
@@ -37,6 +39,7 @@
 pub mod activity_log;
 pub mod apply;
 pub mod bitmap;
+pub mod catch_up;
 pub mod divergence;
 pub mod journal_format;
 pub mod journal_space;

@@ -770,6 +770,22 @@ impl Cluster {
         cluster
     }
 
+    /// The UDP port `site` listens on for its peer.
+    pub fn peer_port(&self, site: Site) -> u16 {
+        self.sites[site.index()].port
+    }
+
+    /// Points `site` at its peer through `port` on 127.0.0.1 (an emulated
+    /// link in between) instead of the peer's own port. Takes effect at the
+    /// site's next start: call it before.
+    pub fn route_peer_via(&self, site: Site, port: u16) {
+        let peer = match site {
+            Site::A => "site-b",
+            Site::B => "site-a",
+        };
+        self.write_config(site, peer, port);
+    }
+
     fn write_config(&self, site: Site, peer: &str, peer_port: u16) {
         use std::fmt::Write as _;
         let s = &self.sites[site.index()];

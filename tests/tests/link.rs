@@ -7,12 +7,16 @@
 //! - async with a journal too small for what is written meanwhile: writes go
 //!   to the dirty bitmap, and the resync copies only dirty regions;
 //! - sync with `on_link_loss = "suspend"`: writes stall at most about
-//!   `link_timeout`, are then acknowledged locally, and replicate after.
+//!   `link_timeout`, are then acknowledged locally, and replicate after;
+//!   on a slow link (bench's UDP proxy in between) the backlog is caught up
+//!   without new writes waiting behind it, and RPO 0 is claimed only after.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use replicator::nbd_client::NbdClient;
+use replicator_bench::proxy::{LinkSpec, UdpProxy};
 use replicator_tests::pattern::Rng;
 use replicator_tests::{Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
@@ -137,6 +141,85 @@ fn sync_link_loss_stalls_writes_at_most_link_timeout_then_suspends() {
     cluster.stop(Site::A);
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("sl");
+}
+
+/// Sync mode after an outage: the writes acknowledged meanwhile reach the
+/// secondary over a slow link ahead of anything newer. New writes must not
+/// wait behind that backlog (it takes three times `link_timeout` to send):
+/// they are acknowledged locally until it is nearly sent, the pair does not
+/// suspend again, and `rpo_zero` stays false until the secondary has the
+/// backlog.
+#[test]
+fn sync_catches_up_a_backlog_on_a_slow_link_without_suspending_again_or_claiming_rpo_zero_early() {
+    let group = GroupSpec::new("cu", Mode::Sync)
+        .volume("cu-vol", 32 * MIB)
+        .link_timeout(Duration::from_secs(2))
+        .extra("on_link_loss = \"suspend\"");
+    let mut opts = ClusterOpts::group(group);
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    // 4 MB/s each way: the 24 MiB backlog below takes about 6 s.
+    let spec = LinkSpec { bandwidth: Some(4_000_000), ..LinkSpec::rtt(Duration::from_millis(1)) };
+    let proxy =
+        UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster.peer_port(Site::B))), spec).expect("slow link");
+    cluster.route_peer_via(Site::A, proxy.addr().port());
+    cluster.start(Site::A);
+    cluster.start(Site::B);
+    cluster.pair_create_opts("cu", true);
+    cluster.wait_pair("cu", Duration::from_secs(60));
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "cu-vol")).expect("connect");
+    rt.block_on(write_random(&client, 21, 20, 4096));
+    cluster.wait_until(Site::A, "cu", "RPO 0 in force", Duration::from_secs(30), |s| s.rpo_zero == Some(true));
+
+    // The outage: one write waits link_timeout, then the pair suspends and
+    // 24 MiB are acknowledged locally.
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    rt.block_on(write_random(&client, 22, 1, 4096));
+    let s = cluster.status(Site::A, "cu");
+    assert_eq!((s.state.as_str(), s.reason.as_deref(), s.rpo_zero), ("SUSPENDED", Some("link"), Some(false)), "{s:?}");
+    rt.block_on(write_random(&client, 23, 384, 64 << 10));
+    let backlog_end = cluster.status(Site::A, "cu").last_seq;
+    cluster.signal(Site::B, Signal::SIGCONT);
+    cluster
+        .wait_until(Site::A, "cu", "the session back", Duration::from_secs(60), |s| s.state == "PAIR" && s.connected);
+
+    // Writes go on while the backlog is sent; RPO 0 is never claimed while
+    // the secondary is still far from having it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut writes, mut slowest, mut checked) = (0u64, Duration::ZERO, 0u32);
+    loop {
+        let a = cluster.status(Site::A, "cu");
+        let b = cluster.status(Site::B, "cu");
+        if b.applied_seq + 100 < backlog_end {
+            assert_eq!(
+                a.rpo_zero,
+                Some(false),
+                "RPO 0 claimed with the secondary at {} of {backlog_end}: {a:?}",
+                b.applied_seq
+            );
+            checked += 1;
+        } else if a.rpo_zero == Some(true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "RPO 0 not back after 120 s: {a:?}\n{}", cluster.diagnostics());
+        let t = Instant::now();
+        rt.block_on(write_random(&client, 100 + writes, 1, 4096));
+        slowest = slowest.max(t.elapsed());
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("{writes} writes while catching up, the slowest {slowest:?}; RPO 0 checked false {checked} times");
+    assert!(checked > 0, "the backlog was gone before it could be checked");
+    let log = cluster.log(Site::A);
+    let suspensions = log.matches("secondary did not acknowledge within link_timeout").count();
+    assert_eq!(suspensions, 1, "the pair suspended again while catching up:\n{log}");
+
+    cluster.wait_drained("cu");
+    drop(client);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("cu");
 }
 
 #[test]

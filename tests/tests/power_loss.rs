@@ -1314,3 +1314,91 @@ fn an_activity_log_read_after_a_kill_is_durable_before_writes_rely_on_it() {
     c.stop(Site::B);
     c.assert_volumes_identical(group);
 }
+
+/// Sync mode: after an outage the primary catches up with the writes it
+/// acknowledged alone, over a slow link (bench's UDP proxy), acknowledging
+/// new writes locally meanwhile. It is killed in the middle of that, after
+/// a FLUSH, then loses power: everything acknowledged before the FLUSH is
+/// on its volume after the restarts, and the restarted primary (its state
+/// still PAIR after the kill) claims RPO 0 only once the secondary has
+/// confirmed the backlog.
+#[test]
+fn sync_primary_power_cut_while_catching_up_after_an_outage() {
+    use replicator_bench::proxy::{LinkSpec, UdpProxy};
+    use std::net::SocketAddr;
+    let label = "sync_primary_power_cut_while_catching_up_after_an_outage";
+    if !require_root(label) {
+        return;
+    }
+    require("fusermount3");
+    let (group, vol) = ("plcatch", "plcatch-vol");
+    let spec = GroupSpec::new(group, Mode::Sync)
+        .volume(vol, VOLUME_SIZE)
+        .journal_size(160 * MIB)
+        .link_timeout(Duration::from_secs(1))
+        .extra("on_link_loss = \"suspend\"");
+    let mut opts = ClusterOpts::group(spec).with_power_cut_fs();
+    opts.start = false;
+    let mut c = Cluster::new(opts);
+    // 4 MB/s: the backlog (about 51 MiB) takes over 10 s to send.
+    let link = LinkSpec { bandwidth: Some(4_000_000), ..LinkSpec::rtt(Duration::from_millis(1)) };
+    let proxy = UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], c.peer_port(Site::B))), link).expect("slow link");
+    c.route_peer_via(Site::A, proxy.addr().port());
+    c.start(Site::A);
+    c.start(Site::B);
+    c.pair_create_opts(group, true);
+    c.wait_pair(group, Duration::from_secs(60));
+
+    c.signal(Site::B, nix::sys::signal::Signal::SIGSTOP);
+    let mut expect = write_backlog(&c.nbd_socket(Site::A), vol, VOLUME_SIZE, 31);
+    let backlog_end = c.status(Site::A, group).last_seq;
+    c.signal(Site::B, nix::sys::signal::Signal::SIGCONT);
+    c.wait_until(Site::A, group, "the session back", Duration::from_secs(60), |s| s.state == "PAIR" && s.connected);
+
+    // New writes while the backlog is on its way, then a FLUSH.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&c.nbd_socket(Site::A), vol).await.expect("connect");
+        for b in 0..64u64 {
+            let data = stamp(b, 99);
+            client.write(b * BLOCK as u64, &data, false).await.expect("write while catching up");
+            expect[(b as usize) * BLOCK..(b as usize + 1) * BLOCK].copy_from_slice(&data);
+        }
+        client.flush().await.expect("flush while catching up");
+    });
+    let before = c.status(Site::A, group);
+    let applied = c.status(Site::B, group).applied_seq;
+    assert!(
+        applied < backlog_end && before.rpo_zero == Some(false),
+        "{label}: the backlog should still be on its way (secondary at {applied} of {backlog_end}): {before:?}"
+    );
+    // Killed first (the same boot: no resync, the state still PAIR), then
+    // its power cut.
+    for power in [false, true] {
+        let applied = c.status(Site::B, group).applied_seq;
+        if power {
+            let cut = c.power_cut(Site::A);
+            eprintln!("{label}: primary cut with the secondary at {applied} of {backlog_end}: {cut:?}");
+        } else {
+            c.kill9(Site::A);
+            eprintln!("{label}: primary killed with the secondary at {applied} of {backlog_end}");
+        }
+        c.start(Site::A);
+        let after = c.status(Site::A, group);
+        let applied = c.status(Site::B, group).applied_seq;
+        if applied + 100 < backlog_end {
+            assert_eq!(
+                after.rpo_zero,
+                Some(false),
+                "{label}: the restarted primary claims RPO 0 with the secondary at {applied} of {backlog_end}: {after:?}"
+            );
+        }
+    }
+    c.wait_until(Site::A, group, "RPO 0 back", Duration::from_secs(120), |s| s.rpo_zero == Some(true));
+    c.wait_drained(group);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    let image = std::fs::read(c.volume_path(Site::A, vol)).expect("read the primary's volume");
+    assert!(image == expect, "{label}: the primary lost acknowledged and flushed writes\n{}", c.diagnostics());
+    c.assert_volumes_identical(group);
+}

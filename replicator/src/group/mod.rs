@@ -42,6 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use replicator_protocol::activity_log::{ActivityLog, DEFAULT_EXTENT};
 use replicator_protocol::bitmap::{plan_replay, DirtyBitmap, DEFAULT_GRANULARITY};
+use replicator_protocol::catch_up::SyncCatchUp;
 use replicator_protocol::journal_format::{JournalRing, JOURNAL_SUPERBLOCK_LEN};
 use replicator_protocol::lifecycle::{on_refusal, Answer};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
@@ -264,6 +265,9 @@ struct Inner {
     /// (a change is logged loudly), and since when it is not.
     rpo_zero: Option<bool>,
     rpo_zero_lost_at: Option<SystemTime>,
+    /// Sync primary: catching up with writes it acknowledged without the
+    /// secondary before its writes wait for it again.
+    catch_up: SyncCatchUp,
     /// Secondary: commands for the attached session.
     session_cmd: Option<mpsc::UnboundedSender<SessionCommand>>,
     /// `drill start` is freezing the replica without a session: none may
@@ -861,6 +865,16 @@ impl Group {
             peer_contact: None,
             rpo_zero: None,
             rpo_zero_lost_at: None,
+            // A primary that opens replicating in sync mode waits for the
+            // secondary at once, but claims RPO 0 only once it has received
+            // what the journal holds past its checkpoint: a stop while
+            // catching up left writes acknowledged without it there. One
+            // that opens suspended is `Alone` at its first publish.
+            catch_up: if last_jseq > peer_checkpoint {
+                SyncCatchUp::Closing { through: last_jseq }
+            } else {
+                SyncCatchUp::Zero
+            },
             link_changed_at: SystemTime::now(),
             session_cmd: None,
             drill_starting: false,
@@ -1043,9 +1057,16 @@ impl Group {
     }
 
     /// Whether this primary's writes are acknowledged only once the
-    /// secondary has them: sync mode in PAIR or COPY, or with the link lost
-    /// under `on_link_loss = "block"`.
+    /// secondary has them: sync mode in PAIR or COPY (once any backlog of
+    /// writes acknowledged without the secondary is caught up), or with the
+    /// link lost under `on_link_loss = "block"`.
     fn sync_wait(&self, g: &Inner) -> bool {
+        self.sync_replicating(g) && g.catch_up.writes_wait()
+    }
+
+    /// Whether this primary replicates in sync mode: PAIR or COPY, or the
+    /// link lost under `on_link_loss = "block"`.
+    fn sync_replicating(&self, g: &Inner) -> bool {
         self.cfg.mode == Mode::Sync
             && g.role() == Role::Primary
             && match g.state {
@@ -1057,6 +1078,14 @@ impl Group {
 
     /// Recomputes `Progress.sync_wait` and wakes everyone who watches.
     fn publish(&self, g: &mut Inner) {
+        let received = self.progress.borrow().received;
+        let was = g.catch_up;
+        g.catch_up.on_replicating(self.sync_replicating(g), g.last_jseq, received, self.clock_ms());
+        if g.catch_up.pending() && !was.pending() {
+            tracing::info!(group = %self.cfg.name, backlog_through = g.last_jseq, received,
+                "sync mode: catching up with the writes acknowledged without the secondary; writes wait for it again \
+                 once the backlog is nearly sent");
+        }
         let sync_wait = self.sync_wait(g);
         self.progress.send_modify(|p| {
             p.sync_wait = sync_wait;
@@ -1070,14 +1099,21 @@ impl Group {
 
     /// A sync primary guarantees RPO 0 only while it replicates into a
     /// consistent replica (or stalls writes while the link is down, with
-    /// `on_link_loss = "block"`). Any change is logged loudly.
+    /// `on_link_loss = "block"`) that has received every write acknowledged
+    /// without it (`catch_up`). Any change is logged loudly.
     fn note_rpo_zero(&self, g: &mut Inner, sync_wait: bool) {
         let now = (self.cfg.mode == Mode::Sync && g.role() == Role::Primary && g.persisted.role.superseded_by() == 0)
-            .then_some(sync_wait && g.state != PairState::Copy);
+            .then_some(sync_wait && g.state != PairState::Copy && g.catch_up.rpo_zero());
         if now == g.rpo_zero {
             return;
         }
         match now {
+            Some(false) if sync_wait => {
+                g.rpo_zero_lost_at = Some(SystemTime::now());
+                tracing::warn!(group = %self.cfg.name, state = %g.state,
+                    "RPO 0 IS NOT IN FORCE: writes wait for the secondary, but it does not have everything acknowledged \
+                     before yet (a copy, a resync or a catch-up is running); a failover now would lose data");
+            }
             Some(false) => {
                 g.rpo_zero_lost_at = Some(SystemTime::now());
                 tracing::warn!(group = %self.cfg.name, state = %g.state,

@@ -32,7 +32,7 @@ use replicator_protocol::sequencer::Dep;
 use tokio::sync::watch;
 
 use super::slow_write::{Stages, SLOW_WRITE};
-use super::{lock, Entry, Group, Inner, CACHE_BUDGET, CACHE_DROP};
+use super::{lock, Entry, Group, Inner, Progress, CACHE_BUDGET, CACHE_DROP};
 use crate::config::Mode;
 use crate::io::{AlignedBuf, IoError, IO_ALIGN};
 use crate::journal::Journal;
@@ -893,8 +893,14 @@ impl Group {
     /// Sync mode: waits until the secondary has written `seq` into its
     /// restore journal (`durable`: made it durable there), or until
     /// replication no longer requires waiting.
+    ///
+    /// A secondary that makes progress for `link_timeout` without reaching
+    /// `seq` is slow, not gone (a write waits behind others on a slow
+    /// link): only one that makes none suspends the pair (`ack_timeout`).
     async fn wait_secondary(&self, seq: u64, durable: bool) -> Result<(), WriteError> {
         let mut rx = self.progress.subscribe();
+        let moved = |p: &Progress| if durable { p.durable } else { p.received };
+        let mut seen = moved(&rx.borrow());
         loop {
             let waited = tokio::time::timeout(
                 self.cfg.link_timeout,
@@ -911,7 +917,11 @@ impl Group {
                 }
                 Ok(Err(_)) => return Err(WriteError::Replication("group is shutting down".into())),
                 Err(_) => {
-                    self.ack_timeout();
+                    let now = moved(&self.progress.borrow());
+                    if now == seen {
+                        self.ack_timeout();
+                    }
+                    seen = now;
                     continue;
                 }
             };

@@ -1,0 +1,180 @@
+//! A sync-mode primary's way back to RPO 0 after it acknowledged writes
+//! without the secondary (a suspended link, a restart without its peer).
+//!
+//! Those writes are in its journal, and a session that comes back ships them
+//! ahead of anything newer, in order. Were new writes to wait for the
+//! secondary at once, each would wait behind that whole backlog: minutes of
+//! stalled applications after a long outage, and a write waiting longer than
+//! `link_timeout` would suspend the pair again although the secondary is
+//! receiving. So the primary first catches up, with writes acknowledged
+//! locally as while suspended, in rounds: each round ends when the secondary
+//! has received what was written when it began. Once a round is short (the
+//! backlog is nearly gone), or no shorter than the one before it (writes
+//! come in as fast as the link carries them: waiting longer would not help),
+//! writes wait for the secondary again. RPO 0 is claimed only once the
+//! secondary has also received every write acknowledged before that point.
+//!
+//! Sequence numbers are the primary's journal sequence; `received` is what
+//! the secondary has acknowledged receiving; times are milliseconds of any
+//! monotonic clock.
+
+/// A round of catching up no longer than this lets writes wait again: what
+/// is left to send then takes about as long.
+pub const SHORT_ROUND_MS: u64 = 50;
+
+/// Where a sync-mode primary stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncCatchUp {
+    /// Writes are acknowledged without the secondary (no session, suspended,
+    /// not a sync primary): any of them up to the newest may be missing on
+    /// the secondary.
+    Alone,
+    /// Replicating again; writes are still acknowledged locally while the
+    /// secondary receives the backlog. This round ends when it has received
+    /// `target`.
+    CatchingUp {
+        /// The newest write when this round began.
+        target: u64,
+        /// When this round began.
+        round_start_ms: u64,
+        /// How long the round before took, if there was one.
+        last_round_ms: Option<u64>,
+    },
+    /// Writes wait for the secondary again; writes through `through` were
+    /// acknowledged alone and are not all received yet.
+    Closing {
+        /// The newest write when writes began to wait again.
+        through: u64,
+    },
+    /// Every acknowledged write is on the secondary before it is
+    /// acknowledged (RPO 0, as far as the session is concerned).
+    Zero,
+}
+
+impl SyncCatchUp {
+    /// Whether the pair replicates in sync mode (`replicating`), at every
+    /// change of the pair's state. `last` is the newest write sequenced,
+    /// `received` what the secondary has received.
+    pub fn on_replicating(&mut self, replicating: bool, last: u64, received: u64, now_ms: u64) {
+        match (replicating, *self) {
+            (false, _) => *self = SyncCatchUp::Alone,
+            (true, SyncCatchUp::Alone) => {
+                *self = if received >= last {
+                    SyncCatchUp::Zero
+                } else {
+                    SyncCatchUp::CatchingUp { target: last, round_start_ms: now_ms, last_round_ms: None }
+                };
+            }
+            (true, _) => {}
+        }
+    }
+
+    /// The secondary acknowledged receiving through `received`; `last` is
+    /// the newest write sequenced. True when that changed whether writes
+    /// wait or whether RPO 0 holds.
+    pub fn on_received(&mut self, received: u64, last: u64, now_ms: u64) -> bool {
+        let next = match *self {
+            SyncCatchUp::CatchingUp { target, round_start_ms, last_round_ms } if received >= target => {
+                let round = now_ms.saturating_sub(round_start_ms);
+                if received >= last {
+                    SyncCatchUp::Zero
+                } else if round <= SHORT_ROUND_MS || last_round_ms.is_some_and(|before| round >= before) {
+                    SyncCatchUp::Closing { through: last }
+                } else {
+                    SyncCatchUp::CatchingUp { target: last, round_start_ms: now_ms, last_round_ms: Some(round) }
+                }
+            }
+            SyncCatchUp::Closing { through } if received >= through => SyncCatchUp::Zero,
+            state => state,
+        };
+        let changed = self.writes_wait() != next.writes_wait() || self.rpo_zero() != next.rpo_zero();
+        *self = next;
+        changed
+    }
+
+    /// Whether anything waits for the secondary's acknowledgements.
+    pub fn pending(&self) -> bool {
+        matches!(self, SyncCatchUp::CatchingUp { .. } | SyncCatchUp::Closing { .. })
+    }
+
+    /// Whether writes wait for the secondary before they are acknowledged.
+    pub fn writes_wait(&self) -> bool {
+        matches!(self, SyncCatchUp::Closing { .. } | SyncCatchUp::Zero)
+    }
+
+    /// Whether every acknowledged write is on the secondary.
+    pub fn rpo_zero(&self) -> bool {
+        *self == SyncCatchUp::Zero
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_with_nothing_to_catch_up_is_at_rpo_zero_at_once() {
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, 10, 10, 0);
+        assert_eq!(c, SyncCatchUp::Zero);
+        assert!(c.writes_wait() && c.rpo_zero() && !c.pending());
+        c.on_replicating(false, 11, 10, 5);
+        assert_eq!(c, SyncCatchUp::Alone);
+        assert!(!c.writes_wait() && !c.rpo_zero());
+    }
+
+    #[test]
+    fn a_backlog_is_caught_up_before_writes_wait_and_rpo_zero_after_the_last_lone_write() {
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, 1000, 0, 0);
+        assert!(!c.writes_wait() && !c.rpo_zero() && c.pending());
+        // Progress short of the round's target changes nothing.
+        assert!(!c.on_received(999, 1100, 2_000));
+        assert!(!c.writes_wait());
+        // A long first round: another round, to what was written meanwhile.
+        assert!(!c.on_received(1000, 1100, 3_000));
+        assert_eq!(c, SyncCatchUp::CatchingUp { target: 1100, round_start_ms: 3_000, last_round_ms: Some(3_000) });
+        // A short round: writes wait again, RPO 0 once the rest is there.
+        assert!(c.on_received(1100, 1103, 3_020));
+        assert_eq!(c, SyncCatchUp::Closing { through: 1103 });
+        assert!(c.writes_wait() && !c.rpo_zero());
+        assert!(!c.on_received(1102, 1110, 3_021));
+        assert!(c.on_received(1103, 1110, 3_022));
+        assert!(c.rpo_zero());
+    }
+
+    #[test]
+    fn a_round_no_shorter_than_the_one_before_ends_the_catch_up() {
+        // Writes come in as fast as the link carries them: catching up
+        // would never end, so writes wait (as sync mode throttles them).
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, 100, 0, 0);
+        assert!(!c.on_received(100, 200, 1_000));
+        assert!(c.on_received(200, 300, 2_100));
+        assert!(c.writes_wait() && !c.rpo_zero());
+    }
+
+    #[test]
+    fn catching_up_exactly_is_rpo_zero() {
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, 100, 0, 0);
+        assert!(c.on_received(100, 100, 10_000));
+        assert_eq!(c, SyncCatchUp::Zero);
+    }
+
+    #[test]
+    fn losing_replication_while_catching_up_starts_over() {
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, 100, 0, 0);
+        c.on_replicating(true, 150, 10, 5);
+        assert_eq!(c, SyncCatchUp::CatchingUp { target: 100, round_start_ms: 0, last_round_ms: None });
+        c.on_replicating(false, 150, 10, 6);
+        assert_eq!(c, SyncCatchUp::Alone);
+        c.on_replicating(true, 160, 40, 7);
+        assert_eq!(c, SyncCatchUp::CatchingUp { target: 160, round_start_ms: 7, last_round_ms: None });
+        // Acks from Alone or Zero change nothing.
+        let mut z = SyncCatchUp::Zero;
+        assert!(!z.on_received(5, 10, 0));
+        assert_eq!(z, SyncCatchUp::Zero);
+    }
+}
