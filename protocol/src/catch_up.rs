@@ -39,6 +39,9 @@ pub enum SyncCatchUp {
         round_start_ms: u64,
         /// How long the round before took, if there was one.
         last_round_ms: Option<u64>,
+        /// What the secondary had received, and when that last grew.
+        received: u64,
+        progress_ms: u64,
     },
     /// Writes wait for the secondary again; writes through `through` were
     /// acknowledged alone and are not all received yet.
@@ -52,20 +55,40 @@ pub enum SyncCatchUp {
 }
 
 impl SyncCatchUp {
-    /// Whether the pair replicates in sync mode (`replicating`), at every
-    /// change of the pair's state. `last` is the newest write sequenced,
-    /// `received` what the secondary has received.
-    pub fn on_replicating(&mut self, replicating: bool, last: u64, received: u64, now_ms: u64) {
-        match (replicating, *self) {
-            (false, _) => *self = SyncCatchUp::Alone,
-            (true, SyncCatchUp::Alone) => {
-                *self = if received >= last {
-                    SyncCatchUp::Zero
-                } else {
-                    SyncCatchUp::CatchingUp { target: last, round_start_ms: now_ms, last_round_ms: None }
-                };
+    /// Whether the pair replicates in sync mode (`replicating`: writes are
+    /// to wait for the secondary, possibly for the link under
+    /// `on_link_loss = "block"`) and whether a session is up (`connected`),
+    /// at every change of either. `last` is the newest write sequenced,
+    /// `received` what the secondary has received. Only a session that is
+    /// up catches up; without one, writes wait.
+    pub fn on_replicating(&mut self, replicating: bool, connected: bool, last: u64, received: u64, now_ms: u64) {
+        *self = match (replicating, connected, *self) {
+            (false, _, _) => SyncCatchUp::Alone,
+            (true, _, SyncCatchUp::Alone) if received >= last => SyncCatchUp::Zero,
+            (true, true, SyncCatchUp::Alone) => SyncCatchUp::CatchingUp {
+                target: last,
+                round_start_ms: now_ms,
+                last_round_ms: None,
+                received,
+                progress_ms: now_ms,
+            },
+            (true, false, SyncCatchUp::Alone | SyncCatchUp::CatchingUp { .. }) => {
+                SyncCatchUp::Closing { through: last }
             }
-            (true, _) => {}
+            (true, _, state) => state,
+        };
+    }
+
+    /// Catching up, the secondary has received nothing for `timeout_ms`:
+    /// writes wait for it again (and a secondary that goes on receiving
+    /// nothing is then a lost link). True when that changed anything.
+    pub fn on_stall(&mut self, last: u64, now_ms: u64, timeout_ms: u64) -> bool {
+        match *self {
+            SyncCatchUp::CatchingUp { progress_ms, .. } if now_ms.saturating_sub(progress_ms) >= timeout_ms => {
+                *self = SyncCatchUp::Closing { through: last };
+                true
+            }
+            _ => false,
         }
     }
 
@@ -74,14 +97,30 @@ impl SyncCatchUp {
     /// wait or whether RPO 0 holds.
     pub fn on_received(&mut self, received: u64, last: u64, now_ms: u64) -> bool {
         let next = match *self {
-            SyncCatchUp::CatchingUp { target, round_start_ms, last_round_ms } if received >= target => {
+            SyncCatchUp::CatchingUp { target, round_start_ms, last_round_ms, .. } if received >= target => {
                 let round = now_ms.saturating_sub(round_start_ms);
                 if received >= last {
                     SyncCatchUp::Zero
                 } else if round <= SHORT_ROUND_MS || last_round_ms.is_some_and(|before| round >= before) {
                     SyncCatchUp::Closing { through: last }
                 } else {
-                    SyncCatchUp::CatchingUp { target: last, round_start_ms: now_ms, last_round_ms: Some(round) }
+                    SyncCatchUp::CatchingUp {
+                        target: last,
+                        round_start_ms: now_ms,
+                        last_round_ms: Some(round),
+                        received,
+                        progress_ms: now_ms,
+                    }
+                }
+            }
+            SyncCatchUp::CatchingUp { target, round_start_ms, last_round_ms, received: before, progress_ms } => {
+                let progress_ms = if received > before { now_ms } else { progress_ms };
+                SyncCatchUp::CatchingUp {
+                    target,
+                    round_start_ms,
+                    last_round_ms,
+                    received: received.max(before),
+                    progress_ms,
                 }
             }
             SyncCatchUp::Closing { through } if received >= through => SyncCatchUp::Zero,
@@ -115,10 +154,10 @@ mod tests {
     #[test]
     fn a_session_with_nothing_to_catch_up_is_at_rpo_zero_at_once() {
         let mut c = SyncCatchUp::Alone;
-        c.on_replicating(true, 10, 10, 0);
+        c.on_replicating(true, true, 10, 10, 0);
         assert_eq!(c, SyncCatchUp::Zero);
         assert!(c.writes_wait() && c.rpo_zero() && !c.pending());
-        c.on_replicating(false, 11, 10, 5);
+        c.on_replicating(false, true, 11, 10, 5);
         assert_eq!(c, SyncCatchUp::Alone);
         assert!(!c.writes_wait() && !c.rpo_zero());
     }
@@ -126,14 +165,17 @@ mod tests {
     #[test]
     fn a_backlog_is_caught_up_before_writes_wait_and_rpo_zero_after_the_last_lone_write() {
         let mut c = SyncCatchUp::Alone;
-        c.on_replicating(true, 1000, 0, 0);
+        c.on_replicating(true, true, 1000, 0, 0);
         assert!(!c.writes_wait() && !c.rpo_zero() && c.pending());
         // Progress short of the round's target changes nothing.
         assert!(!c.on_received(999, 1100, 2_000));
         assert!(!c.writes_wait());
         // A long first round: another round, to what was written meanwhile.
         assert!(!c.on_received(1000, 1100, 3_000));
-        assert_eq!(c, SyncCatchUp::CatchingUp { target: 1100, round_start_ms: 3_000, last_round_ms: Some(3_000) });
+        assert!(matches!(
+            c,
+            SyncCatchUp::CatchingUp { target: 1100, round_start_ms: 3_000, last_round_ms: Some(3_000), .. }
+        ));
         // A short round: writes wait again, RPO 0 once the rest is there.
         assert!(c.on_received(1100, 1103, 3_020));
         assert_eq!(c, SyncCatchUp::Closing { through: 1103 });
@@ -148,7 +190,7 @@ mod tests {
         // Writes come in as fast as the link carries them: catching up
         // would never end, so writes wait (as sync mode throttles them).
         let mut c = SyncCatchUp::Alone;
-        c.on_replicating(true, 100, 0, 0);
+        c.on_replicating(true, true, 100, 0, 0);
         assert!(!c.on_received(100, 200, 1_000));
         assert!(c.on_received(200, 300, 2_100));
         assert!(c.writes_wait() && !c.rpo_zero());
@@ -157,7 +199,7 @@ mod tests {
     #[test]
     fn catching_up_exactly_is_rpo_zero() {
         let mut c = SyncCatchUp::Alone;
-        c.on_replicating(true, 100, 0, 0);
+        c.on_replicating(true, true, 100, 0, 0);
         assert!(c.on_received(100, 100, 10_000));
         assert_eq!(c, SyncCatchUp::Zero);
     }
@@ -165,16 +207,39 @@ mod tests {
     #[test]
     fn losing_replication_while_catching_up_starts_over() {
         let mut c = SyncCatchUp::Alone;
-        c.on_replicating(true, 100, 0, 0);
-        c.on_replicating(true, 150, 10, 5);
-        assert_eq!(c, SyncCatchUp::CatchingUp { target: 100, round_start_ms: 0, last_round_ms: None });
-        c.on_replicating(false, 150, 10, 6);
+        c.on_replicating(true, true, 100, 0, 0);
+        c.on_replicating(true, true, 150, 10, 5);
+        assert!(matches!(c, SyncCatchUp::CatchingUp { target: 100, round_start_ms: 0, last_round_ms: None, .. }));
+        c.on_replicating(false, true, 150, 10, 6);
         assert_eq!(c, SyncCatchUp::Alone);
-        c.on_replicating(true, 160, 40, 7);
-        assert_eq!(c, SyncCatchUp::CatchingUp { target: 160, round_start_ms: 7, last_round_ms: None });
+        c.on_replicating(true, true, 160, 40, 7);
+        assert!(matches!(c, SyncCatchUp::CatchingUp { target: 160, round_start_ms: 7, last_round_ms: None, .. }));
         // Acks from Alone or Zero change nothing.
         let mut z = SyncCatchUp::Zero;
         assert!(!z.on_received(5, 10, 0));
         assert_eq!(z, SyncCatchUp::Zero);
+    }
+
+    #[test]
+    fn without_a_session_writes_wait_and_a_stalled_catch_up_makes_them_wait() {
+        // A backlog and no session (a restart, `on_link_loss = "block"`
+        // with the link down): writes wait, RPO 0 once it is received.
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, false, 100, 0, 0);
+        assert_eq!(c, SyncCatchUp::Closing { through: 100 });
+        // Catching up when the session goes: the same.
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, true, 100, 0, 0);
+        c.on_replicating(true, false, 120, 10, 5);
+        assert_eq!(c, SyncCatchUp::Closing { through: 120 });
+        // A session that stops receiving: after the timeout writes wait.
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, true, 100, 0, 0);
+        assert!(!c.on_received(40, 110, 900));
+        assert!(!c.on_stall(110, 1_800, 1_000));
+        assert!(!c.on_received(40, 110, 1_850));
+        assert!(c.on_stall(115, 1_900, 1_000));
+        assert_eq!(c, SyncCatchUp::Closing { through: 115 });
+        assert!(!c.on_stall(115, 9_000, 1_000));
     }
 }

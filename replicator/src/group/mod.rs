@@ -1078,9 +1078,12 @@ impl Group {
 
     /// Recomputes `Progress.sync_wait` and wakes everyone who watches.
     fn publish(&self, g: &mut Inner) {
-        let received = self.progress.borrow().received;
+        let (received, connected) = {
+            let p = self.progress.borrow();
+            (p.received, p.connected)
+        };
         let was = g.catch_up;
-        g.catch_up.on_replicating(self.sync_replicating(g), g.last_jseq, received, self.clock_ms());
+        g.catch_up.on_replicating(self.sync_replicating(g), connected, g.last_jseq, received, self.clock_ms());
         if g.catch_up.pending() && !was.pending() {
             tracing::info!(group = %self.cfg.name, backlog_through = g.last_jseq, received,
                 "sync mode: catching up with the writes acknowledged without the secondary; writes wait for it again \

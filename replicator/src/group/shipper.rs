@@ -956,27 +956,27 @@ impl Group {
                 .sum();
             g.cached_bytes = g.cached_bytes.saturating_sub(freed);
         }
-        let last = g.last_jseq;
-        let caught_up = g.catch_up.pending() && g.catch_up.on_received(received, last, self.clock_ms());
-        drop(g);
-        if acked.copy_progress {
-            self.ship_wake.notify_one();
-        }
         self.progress.send_modify(|p| {
             p.received = received;
             p.applied = applied;
             p.durable = durable;
             p.checkpoint = checkpoint;
         });
-        if caught_up {
-            // Writes wait for the secondary again, or RPO 0 is back.
-            let mut g = lock(&self.inner);
+        let last = g.last_jseq;
+        if g.catch_up.pending() && g.catch_up.on_received(received, last, self.clock_ms()) {
+            // Writes wait for the secondary again, or RPO 0 is back:
+            // published before the lock is let go, so that no write
+            // sequenced after `last` is acknowledged alone.
             if g.catch_up.rpo_zero() {
                 tracing::info!(group = %self.cfg.name, received, "sync mode: the secondary has every write acknowledged without it");
             } else {
                 tracing::info!(group = %self.cfg.name, received, last, "sync mode: backlog nearly sent; writes wait for the secondary again");
             }
             self.publish(&mut g);
+        }
+        drop(g);
+        if acked.copy_progress {
+            self.ship_wake.notify_one();
         }
         Ok(())
     }

@@ -245,6 +245,10 @@ struct Admitted<'a> {
     bitmap_epoch: Option<u64>,
 }
 
+/// A sync write that the secondary, progressing, has not received after
+/// this many `link_timeout`s suspends the pair all the same.
+const SLOW_SECONDARY_WINDOWS: u32 = 4;
+
 impl Group {
     fn volume_checked(&self, vol: u32) -> Result<&Arc<crate::volume::Volume>, WriteError> {
         self.volumes.get(vol as usize).ok_or_else(|| WriteError::Invalid(format!("no volume #{vol}")))
@@ -896,11 +900,17 @@ impl Group {
     ///
     /// A secondary that makes progress for `link_timeout` without reaching
     /// `seq` is slow, not gone (a write waits behind others on a slow
-    /// link): only one that makes none suspends the pair (`ack_timeout`).
+    /// link): one that makes none, or that has not reached `seq` after
+    /// [`SLOW_SECONDARY_WINDOWS`] times `link_timeout`, suspends the pair
+    /// (`ack_timeout`, per `on_link_loss`).
     async fn wait_secondary(&self, seq: u64, durable: bool) -> Result<(), WriteError> {
         let mut rx = self.progress.subscribe();
+        if !rx.borrow().sync_wait {
+            self.check_catch_up_stall();
+        }
         let moved = |p: &Progress| if durable { p.durable } else { p.received };
         let mut seen = moved(&rx.borrow());
+        let mut windows = 0;
         loop {
             let waited = tokio::time::timeout(
                 self.cfg.link_timeout,
@@ -918,7 +928,8 @@ impl Group {
                 Ok(Err(_)) => return Err(WriteError::Replication("group is shutting down".into())),
                 Err(_) => {
                     let now = moved(&self.progress.borrow());
-                    if now == seen {
+                    windows += 1;
+                    if now == seen || windows >= SLOW_SECONDARY_WINDOWS {
                         self.ack_timeout();
                     }
                     seen = now;
@@ -926,6 +937,21 @@ impl Group {
                 }
             };
             return if reached { Ok(()) } else { self.stopped_waiting() };
+        }
+    }
+
+    /// Sync mode, catching up after writes were acknowledged without the
+    /// secondary: one that has received nothing for `link_timeout` is not
+    /// caught up with but waited for (and is a lost link after
+    /// `link_timeout` more without progress).
+    fn check_catch_up_stall(&self) {
+        let mut g = lock(&self.inner);
+        let timeout_ms = u64::try_from(self.cfg.link_timeout.as_millis()).unwrap_or(u64::MAX);
+        let last = g.last_jseq;
+        if g.catch_up.on_stall(last, self.clock_ms(), timeout_ms) {
+            tracing::warn!(group = %self.cfg.name, "sync mode: the secondary received nothing for link_timeout while \
+                catching up; writes wait for it again");
+            self.publish(&mut g);
         }
     }
 
