@@ -143,6 +143,55 @@ fn sync_link_loss_stalls_writes_at_most_link_timeout_then_suspends() {
     cluster.assert_volumes_identical("sl");
 }
 
+/// A sync pair (`link_timeout` 2 s, `on_link_loss = "suspend"`) of one
+/// 32 MiB volume `<group>-vol` whose primary reaches the secondary through
+/// a 4 MB/s link (bench's UDP proxy), in PAIR with RPO 0, and a client.
+fn slow_link_sync_pair(group: &str, rt: &tokio::runtime::Runtime) -> (Cluster, UdpProxy, NbdClient) {
+    let vol = format!("{group}-vol");
+    let spec = GroupSpec::new(group, Mode::Sync)
+        .volume(&vol, 32 * MIB)
+        .link_timeout(Duration::from_secs(2))
+        .extra("on_link_loss = \"suspend\"");
+    let mut opts = ClusterOpts::group(spec);
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    let link = LinkSpec { bandwidth: Some(4_000_000), ..LinkSpec::rtt(Duration::from_millis(1)) };
+    let proxy =
+        UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster.peer_port(Site::B))), link).expect("slow link");
+    cluster.route_peer_via(Site::A, proxy.addr().port());
+    cluster.start(Site::A);
+    cluster.start(Site::B);
+    cluster.pair_create_opts(group, true);
+    cluster.wait_pair(group, Duration::from_secs(60));
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), &vol)).expect("connect");
+    rt.block_on(write_random(&client, 21, 20, 4096));
+    cluster.wait_until(Site::A, group, "RPO 0 in force", Duration::from_secs(30), |s| s.rpo_zero == Some(true));
+    (cluster, proxy, client)
+}
+
+/// An outage of the slow link's pair: the secondary frozen, one write waits
+/// `link_timeout`, the pair suspends, 24 MiB (about 6 s of the link) are
+/// acknowledged locally; then the secondary thawed and the session back.
+/// Returns the newest write of that backlog.
+fn outage_with_a_backlog(cluster: &Cluster, group: &str, rt: &tokio::runtime::Runtime, client: &NbdClient) -> u64 {
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    rt.block_on(write_random(client, 22, 1, 4096));
+    let s = cluster.status(Site::A, group);
+    assert_eq!((s.state.as_str(), s.reason.as_deref(), s.rpo_zero), ("SUSPENDED", Some("link"), Some(false)), "{s:?}");
+    rt.block_on(write_random(client, 23, 384, 64 << 10));
+    let backlog_end = cluster.status(Site::A, group).last_seq;
+    cluster.signal(Site::B, Signal::SIGCONT);
+    cluster
+        .wait_until(Site::A, group, "the session back", Duration::from_secs(60), |s| s.state == "PAIR" && s.connected);
+    backlog_end
+}
+
+/// How often the primary's log says a sync write's secondary did not
+/// acknowledge it in time (each time the pair suspended for it).
+fn ack_timeouts(cluster: &Cluster) -> usize {
+    cluster.log(Site::A).matches("secondary did not acknowledge within link_timeout").count()
+}
+
 /// Sync mode after an outage: the writes acknowledged meanwhile reach the
 /// secondary over a slow link ahead of anything newer. New writes must not
 /// wait behind that backlog (it takes three times `link_timeout` to send):
@@ -151,38 +200,9 @@ fn sync_link_loss_stalls_writes_at_most_link_timeout_then_suspends() {
 /// backlog.
 #[test]
 fn sync_catches_up_a_backlog_on_a_slow_link_without_suspending_again_or_claiming_rpo_zero_early() {
-    let group = GroupSpec::new("cu", Mode::Sync)
-        .volume("cu-vol", 32 * MIB)
-        .link_timeout(Duration::from_secs(2))
-        .extra("on_link_loss = \"suspend\"");
-    let mut opts = ClusterOpts::group(group);
-    opts.start = false;
-    let mut cluster = Cluster::new(opts);
-    // 4 MB/s each way: the 24 MiB backlog below takes about 6 s.
-    let spec = LinkSpec { bandwidth: Some(4_000_000), ..LinkSpec::rtt(Duration::from_millis(1)) };
-    let proxy =
-        UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster.peer_port(Site::B))), spec).expect("slow link");
-    cluster.route_peer_via(Site::A, proxy.addr().port());
-    cluster.start(Site::A);
-    cluster.start(Site::B);
-    cluster.pair_create_opts("cu", true);
-    cluster.wait_pair("cu", Duration::from_secs(60));
     let rt = runtime();
-    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "cu-vol")).expect("connect");
-    rt.block_on(write_random(&client, 21, 20, 4096));
-    cluster.wait_until(Site::A, "cu", "RPO 0 in force", Duration::from_secs(30), |s| s.rpo_zero == Some(true));
-
-    // The outage: one write waits link_timeout, then the pair suspends and
-    // 24 MiB are acknowledged locally.
-    cluster.signal(Site::B, Signal::SIGSTOP);
-    rt.block_on(write_random(&client, 22, 1, 4096));
-    let s = cluster.status(Site::A, "cu");
-    assert_eq!((s.state.as_str(), s.reason.as_deref(), s.rpo_zero), ("SUSPENDED", Some("link"), Some(false)), "{s:?}");
-    rt.block_on(write_random(&client, 23, 384, 64 << 10));
-    let backlog_end = cluster.status(Site::A, "cu").last_seq;
-    cluster.signal(Site::B, Signal::SIGCONT);
-    cluster
-        .wait_until(Site::A, "cu", "the session back", Duration::from_secs(60), |s| s.state == "PAIR" && s.connected);
+    let (mut cluster, _link, client) = slow_link_sync_pair("cu", &rt);
+    let backlog_end = outage_with_a_backlog(&cluster, "cu", &rt, &client);
 
     // Writes go on while the backlog is sent; RPO 0 is never claimed while
     // the secondary is still far from having it.
@@ -211,15 +231,58 @@ fn sync_catches_up_a_backlog_on_a_slow_link_without_suspending_again_or_claiming
     }
     println!("{writes} writes while catching up, the slowest {slowest:?}; RPO 0 checked false {checked} times");
     assert!(checked > 0, "the backlog was gone before it could be checked");
-    let log = cluster.log(Site::A);
-    let suspensions = log.matches("secondary did not acknowledge within link_timeout").count();
-    assert_eq!(suspensions, 1, "the pair suspended again while catching up:\n{log}");
+    assert_eq!(ack_timeouts(&cluster), 1, "the pair suspended again while catching up:\n{}", cluster.log(Site::A));
 
     cluster.wait_drained("cu");
     drop(client);
     cluster.stop(Site::A);
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("cu");
+}
+
+/// A secondary that stops receiving while the primary catches up (frozen
+/// again) is not caught up with for ever, writes acknowledged locally while
+/// the pair says PAIR: after `link_timeout` without progress writes wait
+/// for it, and after `link_timeout` more the pair suspends for it (the
+/// primary's second "did not acknowledge"; the QUIC connection's 5-s idle
+/// timeout would end the session later, for another reason). Then it
+/// resumes.
+#[test]
+fn sync_catch_up_with_a_secondary_that_stops_receiving_suspends_the_pair() {
+    let rt = runtime();
+    let (mut cluster, _link, client) = slow_link_sync_pair("cs", &rt);
+    let backlog_end = outage_with_a_backlog(&cluster, "cs", &rt, &client);
+    let applied = cluster.status(Site::B, "cs").applied_seq;
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    assert!(applied + 100 < backlog_end, "the backlog went faster than the link: {applied} of {backlog_end}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut writes = 0u64;
+    loop {
+        let t = Instant::now();
+        rt.block_on(write_random(&client, 200 + writes, 1, 4096));
+        writes += 1;
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(20), "a write waited {took:?} for a frozen secondary");
+        let s = cluster.status(Site::A, "cs");
+        assert_eq!(s.rpo_zero, Some(false), "{s:?}");
+        if s.state == "SUSPENDED" {
+            assert_eq!(s.reason.as_deref(), Some("link"), "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {s:?} 30 s after the secondary stopped receiving");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ack_timeouts(&cluster), 2, "{}", cluster.log(Site::A));
+    println!("suspended after {writes} writes");
+
+    cluster.signal(Site::B, Signal::SIGCONT);
+    cluster.wait_until(Site::A, "cs", "RPO 0 back", Duration::from_secs(120), |s| s.rpo_zero == Some(true));
+    cluster.wait_drained("cs");
+    drop(client);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("cs");
 }
 
 #[test]
