@@ -13,6 +13,9 @@
 //! failed is not written (the replay would skip the records of its dirty
 //! chunks, some of which only the journal still holds).
 //!
+//! And a secondary whose restore journal's sync hangs (`powercut-fs
+//! hold-fsync`: a disk that takes its time).
+//!
 //! Needs root and /dev/fuse (fuse3's fusermount3 is installed by run-all.sh).
 
 use std::time::{Duration, Instant};
@@ -397,4 +400,71 @@ fn a_failed_volume_write_on_the_primary_stops_it_and_its_journal_still_ships() {
     cluster.stop(Site::A);
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("pw");
+}
+
+/// Sync mode, a 16 MiB journal on the primary, and a secondary whose
+/// restore journal's sync hangs (for up to a minute): its checkpoint, which
+/// frees the primary's journal, stands still, and so (on powercut-fs, which
+/// holds the file's writes behind its held fsync) does what it receives.
+/// Writes must neither wait for that disk nor be lost: after `link_timeout`
+/// the pair suspends (a write waiting for the secondary, or for journal
+/// space its checkpoint would free) and they go on, tracked for the resync.
+/// Then the disk answers and the sites end identical.
+#[test]
+fn sync_writes_go_on_when_the_secondarys_journal_sync_hangs() {
+    let name = "sstall";
+    if !require_root(name) {
+        return;
+    }
+    require("fusermount3");
+    let group = GroupSpec::new(name, Mode::Sync)
+        .volume("sstall-vol", 64 * MIB)
+        .journal_size(16 * MIB)
+        .link_timeout(Duration::from_secs(1))
+        .extra("on_link_loss = \"suspend\"");
+    let mut opts = ClusterOpts::group(group).with_power_cut_fs();
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    let config = std::fs::read_to_string(cluster.config_path(Site::B)).expect("read site-b's config");
+    let small = format!("journal_size = \"{}\"", 16 * MIB);
+    assert!(config.contains(&small), "{config}");
+    std::fs::write(cluster.config_path(Site::B), config.replace(&small, &format!("journal_size = \"{}\"", 128 * MIB)))
+        .expect("write site-b's config");
+    cluster.start(Site::A);
+    cluster.start(Site::B);
+    cluster.pair_create_opts(name, true);
+    cluster.wait_pair(name, Duration::from_secs(60));
+    assert!(cluster.fs_command(Site::B, "hold-fsync groups/sstall/journal").starts_with("ok armed"));
+
+    // 48 MiB, three of the primary's journals.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let started = Instant::now();
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sstall-vol").await.expect("connect");
+        for i in 0..48u64 {
+            client.write(i * MIB, &random_bytes(900 + i, MIB as usize), false).await.expect("write");
+        }
+        client.flush().await.expect("flush");
+    });
+    let took = started.elapsed();
+    let held = reply_number(&cluster.fs_command(Site::B, "stats"), "held");
+    assert_eq!(held, 1, "the secondary's journal sync is no longer held: the test proves nothing");
+    assert!(
+        took < Duration::from_secs(30),
+        "writes waited {took:?} for a secondary whose journal sync hangs\n{}",
+        cluster.diagnostics()
+    );
+    assert!(
+        cluster.log(Site::A).contains("secondary did not acknowledge within link_timeout"),
+        "{}",
+        cluster.diagnostics()
+    );
+    println!("48 MiB written in {took:?} with the secondary's journal sync held");
+
+    assert!(cluster.fs_command(Site::B, "release").starts_with("ok"));
+    cluster.wait_pair(name, Duration::from_secs(120));
+    cluster.wait_drained(name);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical(name);
 }

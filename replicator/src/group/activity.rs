@@ -21,10 +21,10 @@
 //! secondary catches up. The regions it then holds are the ones the
 //! secondary lacks anyway (a resync or the journal must bring them over).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::write_path::WriteError;
-use super::{lock, Group, Inner};
+use super::{lock, CheckpointWatch, Group, Inner};
 
 /// A waiting write re-checks at least this often, whatever wakes it: the
 /// check that the secondary's checkpoint still moves runs on it.
@@ -36,7 +36,7 @@ pub(super) struct RoomWait {
     /// Counted in `replicator_activity_log_waits_total`.
     counted: bool,
     /// The secondary's checkpoint, and since when it has not moved.
-    checkpoint_since: Option<(u64, Instant)>,
+    checkpoint: CheckpointWatch,
 }
 
 impl Group {
@@ -117,17 +117,9 @@ impl Group {
         }
         if checkpoint >= needed {
             // Only this node's volume writes are still in flight.
-            wait.checkpoint_since = None;
-        } else {
-            match wait.checkpoint_since {
-                Some((seen, since)) if seen == checkpoint => {
-                    if since.elapsed() >= self.cfg.link_timeout {
-                        self.ack_timeout();
-                        wait.checkpoint_since = None;
-                    }
-                }
-                _ => wait.checkpoint_since = Some((checkpoint, Instant::now())),
-            }
+            wait.checkpoint.reset();
+        } else if wait.checkpoint.stalled(checkpoint, self.cfg.link_timeout) {
+            self.ack_timeout();
         }
         // Woken by every ack and state change, and by this node's volume
         // writes finishing; the timer only bounds the link-timeout check.

@@ -2486,3 +2486,35 @@ pub fn random_u64() -> u64 {
     }
     u64::from_le_bytes(b)
 }
+
+/// A write's watch on the secondary's checkpoint while it waits for what
+/// only the checkpoint's progress frees (room in the activity log, journal
+/// space in sync mode): a checkpoint that does not move for `link_timeout`
+/// is a secondary that does not acknowledge (`Group::ack_timeout`).
+#[derive(Debug, Default)]
+pub(super) struct CheckpointWatch(Option<(u64, Instant)>);
+
+impl CheckpointWatch {
+    /// True once `checkpoint` has not moved for `timeout` since this watch
+    /// first saw it (the watch then starts over).
+    pub(super) fn stalled(&mut self, checkpoint: u64, timeout: Duration) -> bool {
+        match self.0 {
+            Some((seen, since)) if seen == checkpoint => {
+                let stalled = since.elapsed() >= timeout;
+                if stalled {
+                    self.0 = None;
+                }
+                stalled
+            }
+            _ => {
+                self.0 = Some((checkpoint, Instant::now()));
+                false
+            }
+        }
+    }
+
+    /// Nothing waits for the checkpoint any more.
+    pub(super) fn reset(&mut self) {
+        self.0 = None;
+    }
+}

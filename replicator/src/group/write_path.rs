@@ -32,7 +32,7 @@ use replicator_protocol::sequencer::Dep;
 use tokio::sync::watch;
 
 use super::slow_write::{Stages, SLOW_WRITE};
-use super::{lock, Entry, Group, Inner, Progress, CACHE_BUDGET, CACHE_DROP};
+use super::{lock, CheckpointWatch, Entry, Group, Inner, Progress, CACHE_BUDGET, CACHE_DROP};
 use crate::config::Mode;
 use crate::io::{AlignedBuf, IoError, IO_ALIGN};
 use crate::journal::Journal;
@@ -601,10 +601,12 @@ impl Group {
         // Admission: journal space (or the block policy's wait), room in the
         // activity log, sequencing.
         let mut room = super::activity::RoomWait::default();
+        let mut space_wait = CheckpointWatch::default();
         let admitted = loop {
             match self.admit(vol, a_off, a_len, payload_len)? {
                 Admission::Admitted(a) => break a,
                 Admission::WaitForSpace => {
+                    self.note_space_wait(&mut space_wait);
                     // Woken when space is freed or the pair state changes; the
                     // timeout covers a wake-up that came before we listened.
                     let _ = tokio::time::timeout(Duration::from_millis(100), self.space_freed.notified()).await;
@@ -937,6 +939,24 @@ impl Group {
                 }
             };
             return if reached { Ok(()) } else { self.stopped_waiting() };
+        }
+    }
+
+    /// A write waits for journal space. In sync mode that is back-pressure
+    /// from a secondary that frees the space as its checkpoint moves; one
+    /// whose checkpoint does not move for `link_timeout` counts as not
+    /// acknowledging (the pair suspends, per `on_link_loss`), as it does for
+    /// a write waiting for the secondary or for room in the activity log.
+    /// (Otherwise the policy's own timeout bounds the wait: `on_full`.)
+    fn note_space_wait(&self, watch: &mut CheckpointWatch) {
+        let (checkpoint, sync_wait) = {
+            let p = self.progress.borrow();
+            (p.checkpoint, p.sync_wait)
+        };
+        if !sync_wait {
+            watch.reset();
+        } else if watch.stalled(checkpoint, self.cfg.link_timeout) {
+            self.ack_timeout();
         }
     }
 
