@@ -199,6 +199,8 @@ pub fn body_kind(body: &pb::envelope::Body) -> &'static str {
         Body::Error(_) => "Error",
         Body::VerifyRequest(_) => "VerifyRequest",
         Body::VerifyReply(_) => "VerifyReply",
+        Body::PairQuery(_) => "PairQuery",
+        Body::PairQueryReply(_) => "PairQueryReply",
     }
 }
 

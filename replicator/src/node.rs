@@ -54,8 +54,10 @@ impl Node {
     }
 
     /// Serves the streams of one authenticated peer connection: group
-    /// streams (first message `OpenGroup`) and verify streams (first
-    /// message `VerifyRequest`, see `group/verify.rs`).
+    /// streams (first message `OpenGroup`), verify streams (first message
+    /// `VerifyRequest`, see `group/verify.rs`) and a secondary's question
+    /// whether this node still holds its pair (`PairQuery`, see
+    /// `group/pair_query.rs`).
     pub async fn serve_peer(self: Arc<Self>, pc: PeerConnection, shutdown: watch::Receiver<bool>) {
         loop {
             let (send, recv) = match pc.conn.accept_bi().await {
@@ -83,6 +85,13 @@ impl Node {
                     Ok(Body::OpenGroup(o)) => o,
                     Ok(Body::VerifyRequest(first)) => {
                         return serve_verify(&node.groups, first, send, recv, &peer).await
+                    }
+                    Ok(Body::PairQuery(query)) => {
+                        // No such group here: `configured` false.
+                        let reply = node.group(&query.group).map(|g| g.answer_pair_query(&query)).unwrap_or_default();
+                        let _ = send.send(Body::PairQueryReply(reply)).await;
+                        send.finish();
+                        return;
                     }
                     Ok(other) => {
                         let kind = replicator_protocol::wire::body_kind(&other);

@@ -390,6 +390,47 @@ fn a_former_primary_learns_its_secondary_left_the_pair() {
     cluster.stop(Site::B);
 }
 
+/// The mirror image: the primary runs `pair delete` while its secondary is
+/// down. A primary out of the pair never dials again, so the secondary
+/// asks it (after 10 s without a session) and says the pair is gone, with
+/// what to run, instead of waiting in SUSPENDED(link) for ever; `pair
+/// delete` there then makes its volumes standalone (a failover is refused,
+/// naming it).
+#[test]
+fn a_secondary_learns_its_primary_left_the_pair_while_it_was_down() {
+    let group = GroupSpec::new("ls", Mode::Async).volume("ls-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("ls");
+    cluster.wait_pair("ls", Duration::from_secs(60));
+    cluster.stop(Site::B);
+    let (code, out) = cli(&cluster, Site::A, &["pair", "delete", "ls"]);
+    assert_eq!(code, 0, "{out}");
+    cluster.start(Site::B);
+    let b =
+        cluster.wait_until(Site::B, "ls", "told the primary left", Duration::from_secs(60), |s| s.refusal.is_some());
+    assert_eq!(b.refusal.as_deref(), Some("not-paired"), "{b:?}");
+    assert_eq!(
+        (b.state.as_str(), b.reason.as_deref(), b.role.as_str()),
+        ("SUSPENDED", Some("error"), "secondary"),
+        "{b:?}"
+    );
+    let error = b.last_error.clone().unwrap_or_default();
+    assert!(error.contains("left this pair") && error.contains("pair delete ls"), "{error}");
+    let (code, out) = cli(&cluster, Site::B, &["status", "ls"]);
+    assert_ne!(code, 0, "status must not exit 0 with the pair gone: {out}");
+    assert!(out.contains("pair delete ls"), "status must say what to run: {out}");
+    let (code, out) = cli(&cluster, Site::B, &["failover", "ls"]);
+    assert_eq!(code, 3, "a failover into a pair the primary left must be refused: {out}");
+    assert!(out.contains("pair delete ls") && out.contains("--force"), "{out}");
+
+    let (code, out) = cli(&cluster, Site::B, &["pair", "delete", "ls"]);
+    assert_eq!(code, 0, "{out}");
+    let b = cluster.status(Site::B, "ls");
+    assert_eq!((b.state.as_str(), b.role.as_str(), b.refusal.as_deref()), ("SIMPLEX", "none", None), "{b:?}");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+}
+
 #[test]
 fn a_standalone_group_never_becomes_secondary_without_consent_or_while_in_use() {
     let group = GroupSpec::new("nc", Mode::Async).volume("nc-vol", 16 * MIB).without_consent();

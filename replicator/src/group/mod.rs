@@ -24,6 +24,7 @@ mod applier;
 mod drill;
 mod lifecycle;
 mod pacing;
+mod pair_query;
 mod preserved;
 mod resync_guard;
 mod shipper;
@@ -268,6 +269,9 @@ struct Inner {
     /// Sync primary: catching up with writes it acknowledged without the
     /// secondary before its writes wait for it again.
     catch_up: SyncCatchUp,
+    /// Secondary: when it last asked its peer whether it still holds the
+    /// pair (`pair_query.rs`).
+    pair_query_at: Option<Instant>,
     /// Secondary: commands for the attached session.
     session_cmd: Option<mpsc::UnboundedSender<SessionCommand>>,
     /// `drill start` is freezing the replica without a session: none may
@@ -876,6 +880,7 @@ impl Group {
                 SyncCatchUp::Zero
             },
             link_changed_at: SystemTime::now(),
+            pair_query_at: None,
             session_cmd: None,
             drill_starting: false,
             secondary_attached: false,
@@ -1425,7 +1430,8 @@ impl Group {
         }
     }
 
-    /// Periodic work: link-loss timer, bitmap persistence.
+    /// Periodic work: link-loss timer, bitmap persistence; on a secondary
+    /// without a session, asking the peer whether it still holds the pair.
     async fn housekeeping(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
@@ -1455,6 +1461,8 @@ impl Group {
             if primary {
                 self.release_journal().await;
                 self.sync_for_activity_log().await;
+            } else if let Some(pair_id) = self.pair_query_due() {
+                tokio::spawn(self.clone().ask_peer_about_the_pair(pair_id));
             }
         }
     }

@@ -1,0 +1,126 @@
+//! A secondary asks its primary whether it still holds the pair.
+//!
+//! Only a primary dials: a secondary waits for sessions. A primary that ran
+//! `pair delete` while its secondary was away (down, or cut off) never dials
+//! again, and the secondary would wait in `SUSPENDED(link)` for ever, with
+//! no error, and a `failover` there would meet a standalone site. So a
+//! secondary with no session for [`ASK_AFTER`] dials the peer itself and asks
+//! (`PairQuery`, answered with `PairQueryReply` by [`Group::answer_pair_query`]),
+//! again every [`ASK_EVERY`] while no session comes. A peer that left the
+//! pair makes this node say so, as a primary says it when its secondary
+//! left: `SUSPENDED(error)`, refusal `not-paired`, and what to run. Nothing
+//! is resolved by itself: the admin runs `pair delete` here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use replicator_protocol::pair::{PairEvent, Role};
+use replicator_protocol::pb::{self, envelope::Body};
+
+use super::{lock, Group};
+use crate::transport::Transport;
+
+/// A secondary without a session for this long asks its peer.
+pub(super) const ASK_AFTER: Duration = Duration::from_secs(10);
+
+/// ... and again this often while no session comes.
+pub(super) const ASK_EVERY: Duration = Duration::from_secs(30);
+
+/// The whole exchange (dial, question, answer) is bounded by this.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Group {
+    /// Called every housekeeping tick: whether this secondary should ask its
+    /// peer now (and then it counts as asked).
+    pub(super) fn pair_query_due(&self) -> Option<u64> {
+        let mut g = lock(&self.inner);
+        let waiting = g.role() == Role::Secondary
+            && !g.secondary_attached
+            && g.link_changed_at.elapsed().unwrap_or_default() >= ASK_AFTER;
+        if !waiting || g.pair_query_at.is_some_and(|at| at.elapsed() < ASK_EVERY) {
+            return None;
+        }
+        g.pair_query_at = Some(Instant::now());
+        Some(g.persisted.pair_id)
+    }
+
+    /// Asks the peer whether it still holds pair `pair_id`; records the
+    /// answer if it does not. A peer that cannot be reached or does not
+    /// answer tells nothing (it may be down, or an older version).
+    pub(super) async fn ask_peer_about_the_pair(self: Arc<Self>, pair_id: u64) {
+        let asked = tokio::time::timeout(ASK_TIMEOUT, async {
+            let conn = self.transport.connect(&self.cfg.peer).await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = Transport::open_stream(&conn).await.map_err(|e| e.to_string())?;
+            send.send(Body::PairQuery(pb::PairQuery { group: self.cfg.name.clone(), pair_id }))
+                .await
+                .map_err(|e| e.to_string())?;
+            send.finish();
+            match recv.expect("PairQueryReply").await {
+                Ok(Body::PairQueryReply(r)) => Ok(r),
+                Ok(other) => Err(format!("answered {}", replicator_protocol::wire::body_kind(&other))),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+        let reply = match asked {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::debug!(group = %self.cfg.name, peer = %self.cfg.peer, "could not ask the peer about the pair: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        if reply.paired {
+            return;
+        }
+        let name = &self.cfg.name;
+        let peer = &self.cfg.peer;
+        let says = replicator_protocol::wire::peer_text(&reply.state);
+        let msg = if !reply.configured {
+            format!(
+                "the peer {peer} has no group {name} configured: this node is the secondary of a pair {peer} does \
+                 not know; check the peer's configuration, or run `replicator pair delete {name}` here to make \
+                 this node's volumes standalone"
+            )
+        } else if reply.left {
+            format!(
+                "the primary {peer} left this pair (`pair delete` ran there while this node was away{}; it is {says} \
+                 now): nothing will replicate into this node again. This node still holds the replica as it was; \
+                 run `replicator pair delete {name}` here to make its volumes standalone, then `replicator pair \
+                 create {name}` on the site to be primary to pair again",
+                if reply.written_standalone { ", and its volumes were written since" } else { "" }
+            )
+        } else {
+            format!(
+                "the peer {peer} is not in this pair (it is {says}): nothing will replicate into this node again; \
+                 run `replicator pair delete {name}` here to make its volumes standalone, then `replicator pair \
+                 create {name}` on the site to be primary to pair again"
+            )
+        };
+        let mut g = lock(&self.inner);
+        // Only if nothing changed meanwhile (a session came, an admin acted).
+        if g.role() != Role::Secondary || g.secondary_attached || g.persisted.pair_id != pair_id {
+            return;
+        }
+        if g.refusal != Some("not-paired") {
+            tracing::error!(group = %name, peer = %peer, "{msg}");
+        }
+        self.transition(&mut g, PairEvent::Failure, "the primary is not in this pair: it left it");
+        g.refusal = Some("not-paired");
+        g.last_error = Some(msg);
+    }
+
+    /// The answer to a peer's [`pb::PairQuery`] for this group.
+    pub fn answer_pair_query(&self, query: &pb::PairQuery) -> pb::PairQueryReply {
+        let g = lock(&self.inner);
+        let paired = g.role() != Role::None && g.persisted.pair_id == query.pair_id;
+        let left = g.persisted.role.as_simplex().filter(|s| s.former_pair_id == query.pair_id && query.pair_id != 0);
+        pb::PairQueryReply {
+            paired,
+            configured: true,
+            left: left.is_some(),
+            written_standalone: left.is_some_and(|s| s.written_standalone),
+            state: Self::describe_self(&g),
+        }
+    }
+}
