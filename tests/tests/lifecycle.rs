@@ -486,6 +486,43 @@ fn split_brain_is_reported_on_both_sites_and_the_old_primary_discards_by_command
     }
 }
 
+/// Sync mode under `on_link_loss = "suspend"`: the new primary of a split
+/// brain, the site clients now use, keeps taking writes and FLUSHes
+/// (acknowledged locally, as while suspended, RPO 0 not in force; before,
+/// each was written and then failed with EIO), and they are what the resync
+/// keeps when the old primary discards its own.
+#[test]
+fn a_sync_primary_in_split_brain_takes_writes_and_the_resync_keeps_them() {
+    let group = GroupSpec::new("sb", Mode::Sync)
+        .volume("sb-vol", 32 * MIB)
+        .journal_size(64 * MIB)
+        .link_timeout(Duration::from_secs(1))
+        .extra("on_link_loss = \"suspend\"");
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    split_brain(&mut cluster);
+    assert_eq!(write_blocks(&cluster, Site::B, "sb-vol", 20..40, 4000), 20, "writes in SPLIT-BRAIN failed");
+    let b = cluster.status(Site::B, "sb");
+    assert_eq!((b.state.as_str(), b.rpo_zero), ("SPLIT-BRAIN", Some(false)), "{b:?}");
+
+    let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sb", "--discard-local"]);
+    assert!(out.contains("Discarded here"), "{out}");
+    cluster
+        .wait_until(Site::B, "sb", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
+    cluster.wait_state(Site::A, "sb", "PAIR", MINUTE);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sb");
+    let image = read_volume(&cluster, Site::A, "sb-vol");
+    for i in 0..100 {
+        let salt = match i {
+            0..20 => 3000,
+            20..40 => 4000,
+            _ => 0,
+        };
+        assert!(block_is(&image, i, salt), "block {i}");
+    }
+}
+
 #[test]
 fn split_brain_resolved_on_the_newer_primary_keeps_the_old_primarys_data() {
     let mut cluster = Cluster::new(ClusterOpts::group(split_brain_group()));

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use super::slow_write::{Stages, SLOW_WRITE};
 use super::{lock, CheckpointWatch, Entry, Group, Inner, Progress, CACHE_BUDGET, CACHE_DROP};
-use crate::config::Mode;
+use crate::config::{LinkLossPolicy, Mode};
 use crate::io::{AlignedBuf, IoError, IO_ALIGN};
 use crate::journal::Journal;
 use crate::volume::{align_range, is_aligned};
@@ -335,6 +335,13 @@ impl Group {
         }
         if g.persisted.role.superseded_by() > 0 {
             return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
+        }
+        if g.state == PairState::SplitBrain && !self.serves_in_split_brain() {
+            return Err(WriteError::Replication(format!(
+                "group {}: SPLIT-BRAIN: with on_link_loss = \"block\", sync-mode writes are refused until an admin \
+                 resolves it (see `replicator status {}`)",
+                self.cfg.name, self.cfg.name
+            )));
         }
         if g.switching {
             return Err(WriteError::SwitchingOver(self.cfg.name.clone()));
@@ -992,7 +999,7 @@ impl Group {
         if g.persisted.role.superseded_by() > 0 {
             return Err(WriteError::Superseded { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
         }
-        if g.role() == Role::Secondary || g.state == PairState::SplitBrain {
+        if g.role() == Role::Secondary || (g.state == PairState::SplitBrain && !self.serves_in_split_brain()) {
             return Err(WriteError::Replication(format!(
                 "group {}: the write could not be replicated: this node is {} ({}) now",
                 self.cfg.name,
@@ -1001,6 +1008,17 @@ impl Group {
             )));
         }
         Ok(())
+    }
+
+    /// A primary in SPLIT-BRAIN (not fenced: the one clients use) keeps
+    /// taking writes, acknowledged locally and tracked like any write while
+    /// suspended: which site's data is kept is the admin's choice, and the
+    /// resync that follows carries them if it is this one. Not a sync
+    /// primary under `on_link_loss = "block"`: it acknowledges no write the
+    /// secondary lacks, and the pair does not come back by itself, so its
+    /// writes are refused before they are written.
+    fn serves_in_split_brain(&self) -> bool {
+        self.cfg.mode == Mode::Async || self.cfg.on_link_loss == LinkLossPolicy::Suspend
     }
 
     /// FLUSH: every earlier acknowledged write durable locally and, in sync
