@@ -410,6 +410,11 @@ fn accept_open(
     g.session_cmd = Some(commands_tx);
     g.secondary_attached = true;
     g.link_changed_at = std::time::SystemTime::now();
+    // What the peer said when asked (`pair_query.rs`) no longer holds: it
+    // replicates into this node.
+    if g.refusal.take().is_some() {
+        g.last_error = None;
+    }
     g.secondary_durable = start.checkpoint;
     g.secondary_applied = start.checkpoint;
     group.publish(&mut g);

@@ -8,8 +8,11 @@
 //! (`PairQuery`, answered with `PairQueryReply` by [`Group::answer_pair_query`]),
 //! again every [`ASK_EVERY`] while no session comes. A peer that left the
 //! pair makes this node say so, as a primary says it when its secondary
-//! left: `SUSPENDED(error)`, refusal `not-paired`, and what to run. Nothing
-//! is resolved by itself: the admin runs `pair delete` here.
+//! left: `SUSPENDED(error)`, refusal `not-paired`, and what to run (a peer
+//! without the group: refusal `config`, the state unchanged). Nothing is
+//! resolved by itself: the admin runs `pair delete` here. A session that
+//! attaches clears what was said (`applier::accept_open`); the answer is not
+//! persisted: after a restart it is asked again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,11 +105,16 @@ impl Group {
         if g.role() != Role::Secondary || g.secondary_attached || g.persisted.pair_id != pair_id {
             return;
         }
-        if g.refusal != Some("not-paired") {
+        // A peer without the group may be having its configuration edited:
+        // said, but not taken for the end of the pair.
+        let refusal = if reply.configured { "not-paired" } else { "config" };
+        if g.refusal != Some(refusal) {
             tracing::error!(group = %name, peer = %peer, "{msg}");
         }
-        self.transition(&mut g, PairEvent::Failure, "the primary is not in this pair: it left it");
-        g.refusal = Some("not-paired");
+        if reply.configured {
+            self.transition(&mut g, PairEvent::Failure, "the primary is not in this pair: it left it");
+        }
+        g.refusal = Some(refusal);
         g.last_error = Some(msg);
     }
 

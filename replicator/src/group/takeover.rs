@@ -114,7 +114,11 @@ impl Group {
                 // is no pair to take over, and a primary here would only be
                 // refused by it.
                 return Err(GroupError::Refused(format!(
-                    "group {name}: the primary {peer} left this pair (see last_error): there is no pair to fail                      over in. Run `replicator pair delete {name}` here to make this node's volumes standalone and                      writable, then `replicator pair create {name}` here to pair again with this site's data (a full                      copy; {peer} needs accept_pair_create = true); `failover {name} --force` makes this node a                      primary of the old pair all the same"
+                    "group {name}: the primary {peer} left this pair (see last_error): there is no pair to fail over \
+                     in. Run `replicator pair delete {name}` here to make this node's volumes standalone and \
+                     writable, then `replicator pair create {name}` here to pair again with this site's data (a \
+                     full copy; {peer} needs accept_pair_create = true); `failover {name} --force` makes this node \
+                     a primary of the old pair all the same"
                 )));
             }
             if g.taking_over {

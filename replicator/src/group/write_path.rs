@@ -960,7 +960,9 @@ impl Group {
             let p = self.progress.borrow();
             (p.checkpoint, p.sync_wait)
         };
-        if !sync_wait {
+        // A secondary with everything checkpointed waits for nothing: the
+        // space waits for this node's own volume writes or sync.
+        if !sync_wait || checkpoint >= lock(&self.inner).last_jseq {
             watch.reset();
         } else if watch.stalled(checkpoint, self.cfg.link_timeout) {
             self.ack_timeout();
