@@ -455,6 +455,21 @@ fn split_brain(cluster: &mut Cluster) {
     }
 }
 
+/// Ends [`split_brain`] keeping the new primary's data (`pair resync
+/// --discard-local` on the old one), waits until both are in PAIR and
+/// drained, stops both and checks them identical. Returns the image.
+fn discard_on_the_old_primary(cluster: &mut Cluster) -> Vec<u8> {
+    let out = cli_ok(cluster, Site::A, &["pair", "resync", "sb", "--discard-local"]);
+    assert!(out.contains("Discarded here"), "{out}");
+    cluster
+        .wait_until(Site::B, "sb", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
+    cluster.wait_state(Site::A, "sb", "PAIR", MINUTE);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sb");
+    read_volume(cluster, Site::A, "sb-vol")
+}
+
 fn split_brain_group() -> GroupSpec {
     GroupSpec::new("sb", Mode::Async)
         .volume("sb-vol", 32 * MIB)
@@ -466,15 +481,7 @@ fn split_brain_group() -> GroupSpec {
 fn split_brain_is_reported_on_both_sites_and_the_old_primary_discards_by_command() {
     let mut cluster = Cluster::new(ClusterOpts::group(split_brain_group()));
     split_brain(&mut cluster);
-    let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sb", "--discard-local"]);
-    assert!(out.contains("Discarded here"), "{out}");
-    cluster
-        .wait_until(Site::B, "sb", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
-    cluster.wait_state(Site::A, "sb", "PAIR", MINUTE);
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("sb");
-    let image = read_volume(&cluster, Site::A, "sb-vol");
+    let image = discard_on_the_old_primary(&mut cluster);
     for i in 0..150 {
         let ok = match i {
             0..20 => block_is(&image, i, 3000),
@@ -504,15 +511,7 @@ fn a_sync_primary_in_split_brain_takes_writes_and_the_resync_keeps_them() {
     let b = cluster.status(Site::B, "sb");
     assert_eq!((b.state.as_str(), b.rpo_zero), ("SPLIT-BRAIN", Some(false)), "{b:?}");
 
-    let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sb", "--discard-local"]);
-    assert!(out.contains("Discarded here"), "{out}");
-    cluster
-        .wait_until(Site::B, "sb", "PAIR, drained", MINUTE, |s| s.state == "PAIR" && s.connected && s.lag_records == 0);
-    cluster.wait_state(Site::A, "sb", "PAIR", MINUTE);
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("sb");
-    let image = read_volume(&cluster, Site::A, "sb-vol");
+    let image = discard_on_the_old_primary(&mut cluster);
     for i in 0..100 {
         let salt = match i {
             0..20 => 3000,
