@@ -107,7 +107,12 @@ impl Group {
         }
         // A peer without the group may be having its configuration edited:
         // said, but not taken for the end of the pair.
-        let refusal = if reply.configured { "not-paired" } else { "config" };
+        // (Nor does it undo an earlier answer that the peer left the pair.)
+        let refusal = match (reply.configured, g.refusal) {
+            (true, _) => "not-paired",
+            (false, Some("not-paired")) => return,
+            (false, _) => "config",
+        };
         if g.refusal != Some(refusal) {
             tracing::error!(group = %name, peer = %peer, "{msg}");
         }

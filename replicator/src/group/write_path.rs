@@ -987,12 +987,14 @@ impl Group {
     /// A sync write stopped waiting for the secondary before it had the
     /// record: fine where the write stays tracked for a resync that this
     /// node will run (a link lost under `on_link_loss = "suspend"`, an admin
-    /// split, a full journal) or where there is no replica any more (`pair
-    /// delete` made the volumes standalone: the write is on them, and the
-    /// save of that role syncs them first), an error where the write will
-    /// not reach the replica as written: this node was superseded by a
-    /// failover (its writes since are discarded at failback), became a
-    /// secondary, found a split brain, or stopped after a local failure.
+    /// split, a full journal, a split brain whose resync keeps this site's
+    /// data: [`Self::serves_in_split_brain`]) or where there is no replica
+    /// any more (`pair delete` made the volumes standalone: the write is on
+    /// them, and the save of that role syncs them first), an error where the
+    /// write will not reach the replica as written: this node was superseded
+    /// by a failover (its writes since are discarded at failback), became a
+    /// secondary, found a split brain under `on_link_loss = "block"`, or
+    /// stopped after a local failure.
     fn stopped_waiting(&self) -> Result<(), WriteError> {
         if let Some(why) = self.stopped.get() {
             return Err(self.stopped_error(why));
@@ -1012,10 +1014,12 @@ impl Group {
         Ok(())
     }
 
-    /// A primary in SPLIT-BRAIN (not fenced: the one clients use) keeps
-    /// taking writes, acknowledged locally and tracked like any write while
-    /// suspended: which site's data is kept is the admin's choice, and the
-    /// resync that follows carries them if it is this one. Not a sync
+    /// A primary in SPLIT-BRAIN that is not fenced (the new primary of a
+    /// failover, or a former primary whose peer left the pair and was
+    /// written) keeps taking writes, acknowledged locally and tracked like
+    /// any write while suspended: which site's data is kept is the admin's
+    /// choice, and the resync (or the new pair's copy) carries them if it is
+    /// this one's. Not a sync
     /// primary under `on_link_loss = "block"`: it acknowledges no write the
     /// secondary lacks, and the pair does not come back by itself, so its
     /// writes are refused before they are written.
