@@ -367,7 +367,7 @@ pub fn drill(env: &Env, o: &FigureOpts) -> Result<DrillFigure, String> {
         env.call(&p.b.control(), Request::DrillStart { group: g.clone() })?;
         let request_ms = t.elapsed().as_secs_f64() * 1000.0;
         let ready_ms = p.b.status(env, &g)?.drill.map(|d| d.meta.ready_ms).ok_or("status shows no drill")?;
-        env.call(&p.b.control(), Request::DrillStop { group: g, outcome: None })?;
+        env.call(&p.b.control(), Request::DrillStop { group: g, outcome: None, id: None })?;
         fig.start.push(DrillStartRun { volume_bytes: size, ready_ms, request_ms });
     }
 
@@ -397,7 +397,7 @@ pub fn drill(env: &Env, o: &FigureOpts) -> Result<DrillFigure, String> {
                 // Applies (and their copy-on-write) finish before the stop.
                 p.a.wait_for(env, "dl", Duration::from_secs(60), "drained", in_sync)?;
                 space_used_bytes = p.b.status(env, "dl")?.drill.map_or(0, |d| d.space_used_bytes);
-                env.call(&p.b.control(), Request::DrillStop { group: "dl".into(), outcome: None })?;
+                env.call(&p.b.control(), Request::DrillStop { group: "dl".into(), outcome: None, id: None })?;
                 with.push(pair);
             } else {
                 without.push(pair);

@@ -108,6 +108,11 @@ pub enum Request {
         /// What `drill run` ran and how it ended.
         #[serde(default)]
         outcome: Option<DrillOutcome>,
+        /// Only this drill (`drill run`'s): another one running is not
+        /// stopped, and one already stopped and recorded (a daemon that
+        /// restarted before it answered) is answered with its record.
+        #[serde(default)]
+        id: Option<String>,
     },
     /// `drill history`. The response's `data` is the list of
     /// [`DrillRecord`]s.
@@ -137,14 +142,18 @@ pub struct Response {
     /// A command's structured result (drill commands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
+    /// The daemon is stopping and took no command: the client gets
+    /// [`ControlError::Stopping`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
 }
 
 impl Response {
     fn ok(message: impl Into<String>) -> Self {
-        Self { exit: exit::OK, message: message.into(), groups: Vec::new(), data: None }
+        Self { exit: exit::OK, message: message.into(), groups: Vec::new(), data: None, stopping: false }
     }
     fn err(code: u8, message: impl Into<String>) -> Self {
-        Self { exit: code, message: message.into(), groups: Vec::new(), data: None }
+        Self { exit: code, message: message.into(), groups: Vec::new(), data: None, stopping: false }
     }
     fn with_data(mut self, data: &impl Serialize) -> Self {
         self.data = serde_json::to_value(data).ok();
@@ -162,6 +171,23 @@ pub enum ControlError {
         path: String,
         /// Error.
         source: std::io::Error,
+    },
+    /// The daemon closed the connection without answering: it stopped or
+    /// died while the command ran.
+    #[error(
+        "the replicator daemon at {path} closed the connection without answering: it stopped or died during the \
+         command, which may have taken effect in part; see its log (`journalctl -u replicator`), and once it runs \
+         again `replicator status` shows where the group is"
+    )]
+    Closed {
+        /// Socket path.
+        path: String,
+    },
+    /// The daemon is stopping and took no command.
+    #[error("the replicator daemon at {path} is stopping: run the command again once it is back")]
+    Stopping {
+        /// Socket path.
+        path: String,
     },
     /// Broken exchange.
     #[error("control socket: {0}")]
@@ -199,16 +225,35 @@ pub async fn call_with_progress(
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push(b'\n');
-    w.write_all(&line).await.map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let closed = || ControlError::Closed { path: socket.display().to_string() };
+    // A daemon killed mid-command resets the connection or just ends it.
+    let broken = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => closed(),
+        _ => ControlError::Protocol(e.to_string()),
+    };
+    w.write_all(&line).await.map_err(broken)?;
     let mut reader = BufReader::new(r);
     loop {
         let mut resp = String::new();
-        reader.read_line(&mut resp).await.map_err(|e| ControlError::Protocol(e.to_string()))?;
+        match reader.read_line(&mut resp).await {
+            Ok(0) => return Err(closed()),
+            Ok(_) => {}
+            Err(e) => return Err(broken(e)),
+        }
         if let Ok(p) = serde_json::from_str::<ProgressLine>(&resp) {
             on_progress(&p.progress);
             continue;
         }
-        return serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(format!("bad response: {e}")));
+        // A line cut short: the daemon died while it wrote it.
+        if !resp.ends_with('\n') {
+            return Err(closed());
+        }
+        let resp: Response =
+            serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(format!("bad response: {e}")))?;
+        if resp.stopping {
+            return Err(ControlError::Stopping { path: socket.display().to_string() });
+        }
+        return Ok(resp);
     }
 }
 
@@ -340,7 +385,7 @@ async fn handle(mut stream: UnixStream, node: Arc<Node>) {
                 running = Some(command);
                 run(&node, req, &mut out).await
             }
-            None => Response::err(exit::FAILED, "the daemon is stopping: run the command again once it is back"),
+            None => Response { stopping: true, ..Response::err(exit::FAILED, "the daemon is stopping") },
         },
         Ok(req) => run(&node, req, &mut out).await,
         Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
@@ -405,7 +450,7 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
                 },
                 None => node.groups.iter().map(|g| g.status()).collect(),
             };
-            Response { exit: exit::OK, message: String::new(), groups, data: None }
+            Response { groups, ..Response::ok("") }
         }
         Request::PairCreate { group, nocopy } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
@@ -464,9 +509,9 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
                 )
             })
         }
-        Request::DrillStop { group, outcome } => {
+        Request::DrillStop { group, outcome, id } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
-            drill_answer(g.drill_stop(&node.name, outcome).await, |r: &DrillRecord| {
+            drill_answer(g.drill_stop(&node.name, outcome, id.as_deref()).await, |r: &DrillRecord| {
                 format!(
                     "drill {} of group {group} stopped ({}): the drill copies are discarded ({} bytes freed)",
                     r.meta.id, r.result, r.space_used_bytes
@@ -534,5 +579,24 @@ mod tests {
         let resp = call_with_progress(&path, &req, |l| lines.push(l.to_string())).await.unwrap();
         assert_eq!((resp.exit, resp.message.as_str()), (exit::OK, "done"));
         assert_eq!(lines, ["1 of 2"]);
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_goes_away_mid_command_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            read_request(&mut stream).await.unwrap();
+            let mut out = Replies { stream: &mut stream, gone: false };
+            out.line(&ProgressLine { progress: "1 of 2".into() }).await;
+            // Then the daemon dies: the connection ends without a response.
+        });
+        let req = Request::Verify { group: "g".into(), fix: false };
+        let err = call_with_progress(&path, &req, |_| {}).await.unwrap_err();
+        assert!(matches!(err, ControlError::Closed { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("closed the connection without answering") && text.contains("journalctl"), "{text}");
     }
 }

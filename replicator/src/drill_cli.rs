@@ -27,7 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::DaemonSockets;
 use crate::config::human_bytes;
-use crate::control::{exit, Request, Response};
+use crate::control::{exit, ControlError, Request, Response};
 use crate::durable::{put_file, Existing};
 use crate::group::{format_time, DrillMeta, DrillOutcome, DrillRecord, DrillStatus};
 
@@ -38,6 +38,9 @@ const TAIL_LINE_MAX: usize = 400;
 /// How long `drill run` retries `drill stop` while the command's NBD
 /// clients are still detaching.
 const STOP_RETRY: Duration = Duration::from_secs(20);
+/// How long `drill run` waits, once its command has ended, for a daemon
+/// that went away (a restart) to come back and record the drill.
+const DAEMON_BACK_WITHIN: Duration = Duration::from_secs(120);
 /// `drill run`'s exit code when the command was killed at the timeout
 /// (as timeout(1)).
 const EXIT_TIMED_OUT: u8 = 124;
@@ -71,7 +74,7 @@ pub async fn start(daemon: &DaemonSockets, group: String) -> Result<ExitCode, Ex
 
 /// `drill stop`.
 pub async fn stop(daemon: &DaemonSockets, group: String) -> Result<ExitCode, ExitCode> {
-    let resp = crate::cli::ask(daemon, Request::DrillStop { group, outcome: None }).await?;
+    let resp = crate::cli::ask(daemon, Request::DrillStop { group, outcome: None, id: None }).await?;
     if resp.exit != exit::OK {
         return Err(fail(&resp));
     }
@@ -249,21 +252,29 @@ pub async fn run(
         (false, None, None) => exit::FAILED,
     };
     let outcome = fit_in_a_request(outcome);
-    // The command's NBD clients may take a moment to detach.
-    let deadline = Instant::now() + STOP_RETRY;
-    let resp = loop {
-        let resp = crate::cli::ask(daemon, Request::DrillStop { group: group.clone(), outcome: Some(outcome.clone()) })
-            .await?;
-        if resp.exit == exit::REFUSED && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            continue;
-        }
-        break resp;
+    // What the command did is printed whatever becomes of the record.
+    let unrecorded = |why: &str| {
+        eprintln!(
+            "replicator: {why}\nreplicator: drill {} is not recorded with the command's outcome (status: {}, after \
+             {:.1} s, against recovery point {}); `replicator drill status {group}` shows whether its copy is still \
+             up, `replicator drill stop {group}` ends it",
+            meta.id,
+            outcome.status(),
+            outcome.run_seconds,
+            meta.recovery_seq
+        );
     };
-    if resp.exit != exit::OK {
-        eprintln!("replicator: the drill copy is still there: {}", resp.message);
-        return Err(ExitCode::from(resp.exit));
-    }
+    let resp = match record_the_drill(daemon, &group, &meta.id, &outcome, &interrupted).await {
+        Ok(resp) if resp.exit == exit::OK => resp,
+        Ok(resp) => {
+            unrecorded(&resp.message);
+            return Err(ExitCode::from(resp.exit));
+        }
+        Err(e) => {
+            unrecorded(&e.to_string());
+            return Err(ExitCode::from(exit::FAILED));
+        }
+    };
     let record: DrillRecord = data(&resp)?;
     println!("{}", resp.message);
     println!();
@@ -287,6 +298,48 @@ pub async fn run(
         }
     }
     Ok(ExitCode::from(code))
+}
+
+/// `drill stop` of drill `id` with the command's outcome, retried while
+/// the command's NBD clients are still detaching ([`STOP_RETRY`]) and while
+/// the daemon is away ([`DAEMON_BACK_WITHIN`]: a restart during the
+/// command; the drill copy outlives it) unless an interruption comes
+/// meanwhile. A `drill stop` that the daemon finished but did not answer
+/// is answered with the drill's record when retried.
+async fn record_the_drill(
+    daemon: &DaemonSockets,
+    group: &str,
+    id: &str,
+    outcome: &DrillOutcome,
+    interrupted: &AtomicBool,
+) -> Result<Response, ControlError> {
+    let req = Request::DrillStop { group: group.to_string(), outcome: Some(outcome.clone()), id: Some(id.to_string()) };
+    let socket = daemon.control();
+    let interrupted_before = interrupted.load(Ordering::SeqCst);
+    let (mut refused_since, mut away_since) = (None::<Instant>, None::<Instant>);
+    loop {
+        match crate::control::call(&socket, &req).await {
+            Ok(resp)
+                if resp.exit == exit::REFUSED
+                    && refused_since.get_or_insert_with(Instant::now).elapsed() < STOP_RETRY => {}
+            Ok(resp) => return Ok(resp),
+            Err(e @ (ControlError::Connect { .. } | ControlError::Closed { .. } | ControlError::Stopping { .. })) => {
+                let since = *away_since.get_or_insert_with(|| {
+                    eprintln!(
+                        "replicator: {e}\nreplicator: waiting up to {} s for the daemon to come back and record the \
+                         drill (Ctrl-C to stop waiting)",
+                        DAEMON_BACK_WITHIN.as_secs()
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() >= DAEMON_BACK_WITHIN || !interrupted_before && interrupted.load(Ordering::SeqCst) {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Cuts `text` to at most `max` bytes (at a character boundary) and marks

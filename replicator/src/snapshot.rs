@@ -93,6 +93,14 @@ impl GiveUp {
     pub fn given_up(&self) -> Option<String> {
         self.why.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
+
+    /// Runs `f` unless the image was given up, holding a give-up off
+    /// meanwhile: for a rewrite of the record, which a give-up renames
+    /// away (a rewrite after it would bring the image back at a restart).
+    pub fn unless_given_up<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let _giving_up = self.giving_up.lock().unwrap_or_else(PoisonError::into_inner);
+        self.given_up().is_none().then(f)
+    }
 }
 
 fn data_path(dir: &Path, volume: &str) -> PathBuf {
@@ -163,6 +171,12 @@ impl Snapshot {
     /// `give_up`) when preserving into it fails, rather than fail.
     pub fn make_expendable(&self, give_up: Arc<GiveUp>) {
         let _ = self.expendable.set(give_up);
+    }
+
+    /// What gives this snapshot up when preserving into it fails, if it is
+    /// expendable.
+    pub fn expendable(&self) -> Option<&Arc<GiveUp>> {
+        self.expendable.get()
     }
 
     /// Why this snapshot was given up, if it was: it no longer holds its

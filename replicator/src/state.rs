@@ -231,6 +231,10 @@ pub struct SecondaryState {
     /// back. Any other secondary refuses it (a healthy pair's roles would
     /// be handed over by a command run on the wrong site).
     pub failing_back: bool,
+    /// The primary said it left this pair (`pair delete` there while this
+    /// node was away; `group/pair_query.rs`): a `failover` is refused
+    /// without `--force`, after a restart too, until a session attaches.
+    pub primary_left_pair: bool,
 }
 
 impl Default for SecondaryState {
@@ -249,6 +253,7 @@ impl Default for SecondaryState {
             needs_rebase: false,
             split_writable: false,
             failing_back: false,
+            primary_left_pair: false,
         }
     }
 }
@@ -461,6 +466,8 @@ struct StateFileV1 {
     #[serde(default)]
     failing_back: bool,
     #[serde(default)]
+    primary_left_pair: bool,
+    #[serde(default)]
     rebase_seq: u64,
     #[serde(default)]
     admin_resync: bool,
@@ -512,6 +519,7 @@ impl From<StateFileV1> for GroupState {
                 needs_rebase: f.needs_rebase,
                 split_writable: f.split_writable,
                 failing_back: f.failing_back,
+                primary_left_pair: f.primary_left_pair,
             }),
         };
         Self {
@@ -574,6 +582,7 @@ impl From<GroupState> for StateFileV1 {
             needs_rebase: secondary.needs_rebase,
             split_writable: secondary.split_writable,
             failing_back: secondary.failing_back,
+            primary_left_pair: secondary.primary_left_pair,
             rebase_seq: primary.rebase_seq,
             admin_resync: primary.admin_resync,
             swap: primary.swap,
@@ -780,6 +789,7 @@ mod tests {
             "needs_rebase",
             "split_writable",
             "failing_back",
+            "primary_left_pair",
         ];
         let own = match role {
             Role::None => SIMPLEX,
@@ -830,7 +840,8 @@ mod tests {
             let written = fs::read_to_string(f.dir().join("state.json")).expect("read");
             // Fields added since those files were written (with a serde
             // default, which the older release ignores) come on top.
-            const ADDED_SINCE: &[&str] = &["bitmap_fence", "replay_fence", "sync_failed", "failing_back"];
+            const ADDED_SINCE: &[&str] =
+                &["bitmap_fence", "replay_fence", "sync_failed", "failing_back", "primary_left_pair"];
             let kept: Vec<String> =
                 field_order(&written).into_iter().filter(|k| !ADDED_SINCE.contains(&k.as_str())).collect();
             assert_eq!(kept, field_order(text), "{name}: the same fields, in the same order");
@@ -917,6 +928,7 @@ mod tests {
             needs_rebase: true,
             split_writable: true,
             failing_back: true,
+            primary_left_pair: true,
         };
         let simplex = SimplexState { former_pair_id: 77, written_standalone: true };
         let mut s = GroupState { generation: 4, epoch: 2, pair_id: 77, boot_id: "b".into(), ..GroupState::simplex() };

@@ -451,6 +451,65 @@ fn drill_run_reports_its_command_and_keeps_a_history() {
 }
 
 #[test]
+fn a_drill_run_whose_daemon_restarts_is_recorded_when_it_is_back() {
+    let mut c = two_volume_cluster(Mode::Async, |o| o);
+    write_export(&c.nbd_socket(Site::A), "v0", 0, &vec![0x5au8; 65536]);
+    c.wait_drained("g");
+    let (reports, go, stderr) = (c.root().join("reports"), c.root().join("go"), c.root().join("drill-run.err"));
+    // The command ends while the secondary's daemon is stopped.
+    let script = format!("while [ ! -e {} ]; do sleep 0.1; done; echo checked", go.display());
+    let run = std::process::Command::new(c.bin())
+        .arg("--config")
+        .arg(c.config_path(Site::B))
+        .args(["drill", "run", "g", "--timeout", "120s", "--report"])
+        .arg(&reports)
+        .args(["--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("drill run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready_ms = loop {
+        if let Some(d) = c.status(Site::B, "g").drill {
+            break d.meta.ready_ms;
+        }
+        assert!(Instant::now() < deadline, "the drill did not start\n{}", c.diagnostics());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ready_ms > 0.0, "time to ready {ready_ms}");
+    c.stop(Site::B);
+    std::fs::write(&go, b"").expect("go");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&stderr).unwrap_or_default().contains("waiting up to") {
+        assert!(
+            Instant::now() < deadline,
+            "drill run did not wait for the daemon: {}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.start(Site::B);
+    let out = run.wait_with_output().expect("drill run");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), std::fs::read_to_string(&stderr).unwrap_or_default());
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", c.diagnostics());
+    assert!(text.contains("Result:** passed") && text.contains("checked"), "{text}");
+    assert!(c.status(Site::B, "g").drill.is_none(), "drill run stops the drill");
+    let history: serde_json::Value =
+        serde_json::from_slice(&c.cli(Site::B, &["drill", "history", "g", "--json"]).stdout).expect("history json");
+    assert_eq!(history[0]["result"], "passed", "{history}");
+    assert_eq!(history[0]["outcome"]["exit_code"], 0, "{history}");
+    // The drill outlived the restart with its time to ready.
+    let recorded = history[0]["ready_ms"].as_f64().unwrap_or(0.0);
+    assert!((recorded - ready_ms).abs() < 0.01, "time to ready {ready_ms} ms, recorded {recorded}: {history}");
+    let ours = std::fs::read_dir(&reports).expect("--report dir").count();
+    assert_eq!(ours, 2, "the report, JSON and Markdown");
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical("g");
+}
+
+#[test]
 fn a_drill_copy_survives_a_power_cut_of_the_secondary_under_load() {
     let mut c = two_volume_cluster(Mode::Sync, ClusterOpts::with_power_cut_fs);
     let load = Load::start(&c, Site::A, 11);

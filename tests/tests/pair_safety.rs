@@ -422,6 +422,17 @@ fn a_secondary_learns_its_primary_left_the_pair_while_it_was_down() {
     let (code, out) = cli(&cluster, Site::B, &["failover", "ls"]);
     assert_eq!(code, 3, "a failover into a pair the primary left must be refused: {out}");
     assert!(out.contains("pair delete ls") && out.contains("--force"), "{out}");
+    // What the primary said outlives a restart of this node, with the
+    // primary out of reach by then (asked again, it could not answer).
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.start(Site::B);
+    let b = cluster.status(Site::B, "ls");
+    assert_eq!((b.state.as_str(), b.refusal.as_deref()), ("SUSPENDED", Some("not-paired")), "{b:?}");
+    assert!(b.last_error.as_deref().unwrap_or_default().contains("pair delete ls"), "{b:?}");
+    let (code, out) = cli(&cluster, Site::B, &["failover", "ls"]);
+    assert_eq!(code, 3, "after a restart, a failover into a pair the primary left must be refused: {out}");
+    cluster.start(Site::A);
 
     let (code, out) = cli(&cluster, Site::B, &["pair", "delete", "ls"]);
     assert_eq!(code, 0, "{out}");

@@ -8,7 +8,8 @@
 //!   copies them again and waits for PAIR; verify then matches, and after a
 //!   clean stop the backing files are identical byte for byte;
 //! - refusals: on the secondary (exit 1, naming the primary), on a group not
-//!   paired (exit 1), while the peer is down (exit 3, the pair's state).
+//!   paired (exit 1), while the peer is down (exit 3, the pair's state), a
+//!   second verify of a group while one runs (exit 1).
 
 use std::os::unix::fs::FileExt;
 use std::process::Command;
@@ -195,4 +196,36 @@ fn verify_is_refused_on_the_secondary_when_unpaired_and_while_the_peer_is_down()
     let (code, out) = cli(&c, Site::A, &["verify", group]);
     assert_eq!(code, 3, "refused while the peer is down:\n{out}");
     assert!(out.contains("the pair is SUSPENDED(link); verify needs PAIR"), "{out}");
+}
+
+#[test]
+fn a_second_verify_of_a_group_is_refused_while_one_runs() {
+    let (group, vol) = ("v2", "v2-vol");
+    let spec = GroupSpec::new(group, Mode::Async).volume(vol, 8 * MIB);
+    let c = Cluster::new(ClusterOpts::group(spec));
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    // The secondary frozen: the first verify waits for its answers.
+    c.signal(Site::B, nix::sys::signal::Signal::SIGSTOP);
+    let first = Command::new(c.bin())
+        .arg("--config")
+        .arg(c.config_path(Site::A))
+        .args(["verify", group])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("verify");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !c.log(Site::A).contains("verify started") {
+        assert!(std::time::Instant::now() < deadline, "the first verify did not start\n{}", c.log(Site::A));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out) = cli(&c, Site::A, &["verify", group]);
+    c.signal(Site::B, nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(code, 1, "a second verify at once:\n{out}");
+    assert!(out.contains("a verify of group v2 is already running"), "{out}");
+    let out = first.wait_with_output().expect("verify");
+    let text = describe_output(&out);
+    assert_eq!(out.status.code(), Some(0), "the first verify:\n{text}");
+    assert!(text.contains("the sites match"), "{text}");
 }

@@ -401,6 +401,14 @@ fn accept_open(
         data_as_of_us: secondary.data_as_of_us,
         generation: open.generation,
     };
+    // What the peer said when asked (`pair_query.rs`) no longer holds: it
+    // replicates into this node.
+    if g.refusal.take().is_some() {
+        g.last_error = None;
+    }
+    if let Some(s) = g.persisted.role.as_secondary_mut() {
+        s.primary_left_pair = false;
+    }
     // Saved before the primary hears yes (the caller waits for it): after a
     // restart this node must still know it is the secondary of this pair.
     let save = group.save_later(&mut g);
@@ -410,11 +418,6 @@ fn accept_open(
     g.session_cmd = Some(commands_tx);
     g.secondary_attached = true;
     g.link_changed_at = std::time::SystemTime::now();
-    // What the peer said when asked (`pair_query.rs`) no longer holds: it
-    // replicates into this node.
-    if g.refusal.take().is_some() {
-        g.last_error = None;
-    }
     g.secondary_durable = start.checkpoint;
     g.secondary_applied = start.checkpoint;
     group.publish(&mut g);

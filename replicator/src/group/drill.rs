@@ -149,6 +149,18 @@ pub struct DrillOutcome {
     pub output_tail: String,
 }
 
+impl DrillOutcome {
+    /// How the command ended, in words ("exit code 3").
+    pub fn status(&self) -> String {
+        match (self.exit_code, self.timed_out) {
+            _ if self.interrupted => "stopped: `drill run` was interrupted".to_string(),
+            (_, true) => "killed at the timeout".to_string(),
+            (Some(c), _) => format!("exit code {c}"),
+            (None, _) => format!("killed by signal {}", self.signal.unwrap_or(0)),
+        }
+    }
+}
+
 /// One finished drill: a line of the history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DrillRecord {
@@ -209,13 +221,7 @@ impl DrillRecord {
         }
         if let Some(o) = &self.outcome {
             s.push_str(&format!("\n## Command\n\n`{}`\n\n", o.command.join(" ")));
-            let status = match (o.exit_code, o.timed_out) {
-                _ if o.interrupted => "stopped: `drill run` was interrupted".to_string(),
-                (_, true) => "killed at the timeout".to_string(),
-                (Some(c), _) => format!("exit code {c}"),
-                (None, _) => format!("killed by signal {}", o.signal.unwrap_or(0)),
-            };
-            s.push_str(&format!("- **Status:** {status}\n- **Run time:** {:.1} s\n", o.run_seconds));
+            s.push_str(&format!("- **Status:** {}\n- **Run time:** {:.1} s\n", o.status(), o.run_seconds));
             s.push_str("\n### Last lines of its output\n\n```\n");
             s.push_str(&o.output_tail);
             if !o.output_tail.ends_with('\n') {
@@ -477,7 +483,7 @@ impl Group {
         }
         meta.ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let drill = Arc::new(ActiveDrill { meta: meta.clone(), image, clients: AtomicUsize::new(0) });
-        *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = Some(drill);
+        *self.drill.lock().unwrap_or_else(PoisonError::into_inner) = Some(drill.clone());
         if let Some(thaw) = thaw {
             let _ = thaw.send(());
         }
@@ -489,16 +495,50 @@ impl Group {
             "drill started: the drill copies are exported as {}",
             meta.exports().join(", ")
         );
+        // The record was written before the ready time was known: again with
+        // it, so that a restart during the drill keeps it for the report
+        // (after the thaw: replication does not wait for it; `drill stop`
+        // waits for `drill_op`).
+        let rewritten = tokio::task::spawn_blocking({
+            let drill = drill.clone();
+            move || drill.image.rewrite_record(&drill.meta)
+        })
+        .await;
+        if let Err(e) = rewritten.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            tracing::warn!(group = %name, drill = %meta.id, "the drill's time to ready is not recorded on disk: {e}");
+        }
         Ok(meta)
     }
 
     /// `drill stop`: discards the drill copies and records the drill in the
-    /// history (with the outcome of a `drill run`).
-    pub async fn drill_stop(&self, node: &str, outcome: Option<DrillOutcome>) -> Result<DrillRecord, GroupError> {
+    /// history (with the outcome of a `drill run`). With `id`, only that
+    /// drill; one already recorded is answered with its record.
+    pub async fn drill_stop(
+        &self,
+        node: &str,
+        outcome: Option<DrillOutcome>,
+        id: Option<&str>,
+    ) -> Result<DrillRecord, GroupError> {
         let _one = self.drill_op.lock().await;
         let name = &self.cfg.name;
+        let running = self.drill.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|d| d.meta.id.clone());
+        match (running, id) {
+            (None, Some(id)) => {
+                return self.drill_history()?.into_iter().rev().find(|r| r.meta.id == id).ok_or_else(|| {
+                    GroupError::Failed(format!("group {name}: drill {id} is not running and not in the history"))
+                })
+            }
+            (Some(running), Some(id)) if running != id => {
+                return Err(GroupError::Failed(format!(
+                    "group {name}: drill {id} is no longer running (drill {running} is, started since; it is left \
+                     as it is)"
+                )))
+            }
+            _ => {}
+        }
         // Checked and taken under the lock an attaching client counts
-        // itself under: none attaches to copies about to be discarded.
+        // itself under: none attaches to copies about to be discarded
+        // (`drill_op` keeps the drill the one checked above).
         let drill = {
             let mut active = self.drill.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(drill) = active.clone() else {

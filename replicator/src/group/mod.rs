@@ -404,6 +404,9 @@ pub struct Group {
     /// The running drill (`drill.rs`), and one drill command at a time.
     drill: Mutex<Option<Arc<drill::ActiveDrill>>>,
     drill_op: tokio::sync::Mutex<()>,
+    /// One `verify` at a time (`verify.rs`): more would only queue their
+    /// held regions behind the secondary's bounded region reads.
+    verify_one: tokio::sync::Mutex<()>,
     /// The consistent image preserved while a resync runs (`resync_guard.rs`).
     resync_guard: Mutex<Option<Arc<resync_guard::ResyncGuard>>>,
     /// One guard creation at a time (two sessions may race to start).
@@ -765,6 +768,7 @@ impl Group {
         // restart (the journal is recovered and replayed by now; the peer's
         // verdict comes with the next session).
         let superseded_by = persisted.role.superseded_by();
+        let primary_left = persisted.role.as_secondary().is_some_and(|s| s.primary_left_pair);
         if role == Role::Primary && state == PairState::Suspended(SuspendReason::Error) && superseded_by == 0 {
             tracing::warn!(group = %cfg.name, "the pair was SUSPENDED(error) before the restart: checking it again");
             state = PairState::Suspended(SuspendReason::Link);
@@ -841,17 +845,23 @@ impl Group {
             shipper_epoch: 0,
             link_down_since: Some(Instant::now()),
             last_link_log: None,
-            last_error: (superseded_by > 0).then(|| {
-                format!(
-                    "{} took over as primary after a failover (generation {superseded_by}); this former primary accepts \
-                     no writes",
-                    cfg.peer
-                )
-            }),
+            last_error: (superseded_by > 0)
+                .then(|| {
+                    format!(
+                        "{} took over as primary after a failover (generation {superseded_by}); this former primary \
+                         accepts no writes",
+                        cfg.peer
+                    )
+                })
+                .or_else(|| {
+                    let what =
+                        format!("the peer {} is no longer in this pair (it said so before this restart)", cfg.peer);
+                    primary_left.then(|| pair_query::left_the_pair(&cfg.name, &what))
+                }),
             copy_total: 0,
             copy_done: 0,
             copy_sent: 0,
-            refusal: (superseded_by > 0).then_some("superseded"),
+            refusal: (superseded_by > 0).then_some("superseded").or(primary_left.then_some("not-paired")),
             peer_left_written: false,
             delete_ack: None,
             boot_id,
@@ -947,6 +957,7 @@ impl Group {
             smallest_journal,
             drill: Mutex::new(drill),
             drill_op: tokio::sync::Mutex::new(()),
+            verify_one: tokio::sync::Mutex::new(()),
             resync_guard: Mutex::new(resync_guard),
             guard_op: tokio::sync::Mutex::new(()),
             guard_removal: Mutex::new(None),

@@ -11,8 +11,9 @@
 //! left: `SUSPENDED(error)`, refusal `not-paired`, and what to run (a peer
 //! without the group: refusal `config`, the state unchanged). Nothing is
 //! resolved by itself: the admin runs `pair delete` here. A session that
-//! attaches clears what was said (`applier::accept_open`); the answer is not
-//! persisted: after a restart it is asked again.
+//! attaches clears what was said (`applier::accept_open`). That the peer
+//! left is persisted (`SecondaryState::primary_left_pair`): after a restart
+//! the refusal stands until a session attaches or an admin acts.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,13 +25,23 @@ use super::{lock, Group};
 use crate::transport::Transport;
 
 /// A secondary without a session for this long asks its peer.
-pub(super) const ASK_AFTER: Duration = Duration::from_secs(10);
+const ASK_AFTER: Duration = Duration::from_secs(10);
 
 /// ... and again this often while no session comes.
-pub(super) const ASK_EVERY: Duration = Duration::from_secs(30);
+const ASK_EVERY: Duration = Duration::from_secs(30);
 
 /// The whole exchange (dial, question, answer) is bounded by this.
 const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `status` says when the peer is no longer in this pair: `what`, then
+/// what to run.
+pub(super) fn left_the_pair(name: &str, what: &str) -> String {
+    format!(
+        "{what}: nothing will replicate into this node again. This node still holds the replica as it was; run \
+         `replicator pair delete {name}` here to make its volumes standalone, then `replicator pair create {name}` \
+         on the site to be primary to pair again"
+    )
+}
 
 impl Group {
     /// Called every housekeeping tick: whether this secondary should ask its
@@ -86,19 +97,14 @@ impl Group {
                  this node's volumes standalone"
             )
         } else if reply.left {
-            format!(
-                "the primary {peer} left this pair (`pair delete` ran there while this node was away{}; it is {says} \
-                 now): nothing will replicate into this node again. This node still holds the replica as it was; \
-                 run `replicator pair delete {name}` here to make its volumes standalone, then `replicator pair \
-                 create {name}` on the site to be primary to pair again",
-                if reply.written_standalone { ", and its volumes were written since" } else { "" }
-            )
+            let since = if reply.written_standalone { ", and its volumes were written since" } else { "" };
+            let what = format!(
+                "the primary {peer} left this pair (`pair delete` ran there while this node was away{since}; it is \
+                 {says} now)"
+            );
+            left_the_pair(name, &what)
         } else {
-            format!(
-                "the peer {peer} is not in this pair (it is {says}): nothing will replicate into this node again; \
-                 run `replicator pair delete {name}` here to make its volumes standalone, then `replicator pair \
-                 create {name}` on the site to be primary to pair again"
-            )
+            left_the_pair(name, &format!("the peer {peer} is not in this pair (it is {says})"))
         };
         let mut g = lock(&self.inner);
         // Only if nothing changed meanwhile (a session came, an admin acted).
@@ -117,6 +123,12 @@ impl Group {
             tracing::error!(group = %name, peer = %peer, "{msg}");
         }
         if reply.configured {
+            // Kept across a restart: asked again then, a peer unreachable
+            // by that time would let a `failover` through.
+            if let Some(s) = g.persisted.role.as_secondary_mut().filter(|s| !s.primary_left_pair) {
+                s.primary_left_pair = true;
+                self.save_later(&mut g);
+            }
             self.transition(&mut g, PairEvent::Failure, "the primary is not in this pair: it left it");
         }
         g.refusal = Some(refusal);

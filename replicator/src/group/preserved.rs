@@ -159,10 +159,15 @@ impl PreservedImage {
         self.snapshots.iter().map(|s| s.held_bytes()).sum()
     }
 
-    /// Rewrites the record (atomically, durably). Blocking.
+    /// Rewrites the record (atomically, durably); nothing for an expendable
+    /// image given up (its record is gone for good). Blocking.
     pub(super) fn rewrite_record<R: ImageRecord>(&self, record: &R) -> Result<(), GroupError> {
         let json = serde_json::to_vec_pretty(record).map_err(|e| GroupError::Failed(e.to_string()))?;
-        write_atomically(&record_path(&self.dir), &json).map_err(failed("writing a snapshot record"))
+        let write = || write_atomically(&record_path(&self.dir), &json).map_err(failed("writing a snapshot record"));
+        match self.snapshots.first().and_then(|s| s.expendable()) {
+            Some(give_up) => give_up.unless_given_up(write).unwrap_or(Ok(())),
+            None => write(),
+        }
     }
 
     /// Stops preserving into the snapshots (writes already preserving into

@@ -117,6 +117,12 @@ impl Group {
         progress: &mpsc::UnboundedSender<String>,
     ) -> Result<String, GroupError> {
         let name = self.cfg.name.clone();
+        let Ok(_one) = self.verify_one.try_lock() else {
+            return Err(GroupError::Failed(format!(
+                "a verify of group {name} is already running here: wait for it to finish, then run it again if \
+                 need be"
+            )));
+        };
         let pair_id = {
             let g = lock(&self.inner);
             match g.role() {

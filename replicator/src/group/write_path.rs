@@ -921,19 +921,10 @@ impl Group {
         let mut seen = moved(&rx.borrow());
         let mut windows = 0;
         loop {
-            let waited = tokio::time::timeout(
-                self.cfg.link_timeout,
-                rx.wait_for(|p| !p.sync_wait || if durable { p.durable >= seq } else { p.received >= seq }),
-            )
-            .await;
+            let waited =
+                tokio::time::timeout(self.cfg.link_timeout, rx.wait_for(|p| !p.sync_wait || moved(p) >= seq)).await;
             let reached = match waited {
-                Ok(Ok(p)) => {
-                    if durable {
-                        p.durable >= seq
-                    } else {
-                        p.received >= seq
-                    }
-                }
+                Ok(Ok(p)) => moved(&p) >= seq,
                 Ok(Err(_)) => return Err(WriteError::Replication("group is shutting down".into())),
                 Err(_) => {
                     let now = moved(&self.progress.borrow());
