@@ -1402,3 +1402,59 @@ fn sync_primary_power_cut_while_catching_up_after_an_outage() {
     assert!(image == expect, "{label}: the primary lost acknowledged and flushed writes\n{}", c.diagnostics());
     c.assert_volumes_identical(group);
 }
+
+/// Sync writes waiting for a frozen secondary complete when `pair delete`
+/// makes the primary's volumes standalone. A FUA write acknowledged then is
+/// durable there: it may have been durable in the journal alone, which the
+/// pair delete forgets. The primary loses power right after (nothing
+/// synced in between), and the write is on its volume after the restart
+/// (standalone: no journal replays it any more).
+#[test]
+fn writes_completed_by_a_pair_delete_survive_a_power_cut() {
+    let label = "writes_completed_by_a_pair_delete_survive_a_power_cut";
+    if !require_root(label) {
+        return;
+    }
+    require("fusermount3");
+    let (group, vol) = ("pldel", "pldel-vol");
+    let spec = GroupSpec::new(group, Mode::Sync).volume(vol, VOLUME_SIZE).link_timeout(Duration::from_secs(60));
+    let mut c = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+    c.pair_create(group);
+    c.wait_pair(group, Duration::from_secs(60));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let client = rt.block_on(NbdClient::connect_unix(&c.nbd_socket(Site::A), vol)).expect("connect");
+    c.signal(Site::B, nix::sys::signal::Signal::SIGSTOP);
+    // Blocks 0..16 plain, 16..32 FUA, and a FLUSH, all waiting.
+    let plain: Vec<u8> = (0..16).flat_map(|b| stamp(b, 7)).collect();
+    let fua: Vec<u8> = (16..32).flat_map(|b| stamp(b, 7)).collect();
+    let writes = rt.spawn({
+        let (plain, fua) = (plain.clone(), fua.clone());
+        async move {
+            let (write, fua, flush) = tokio::join!(
+                client.write(0, &plain, false),
+                client.write(16 * BLOCK as u64, &fua, true),
+                client.flush()
+            );
+            write.and(fua).and(flush)
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!writes.is_finished(), "{label}: the sync writes must wait for the frozen secondary");
+    let out = c.cli(Site::A, &["pair", "delete", group]);
+    let done = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), writes).await });
+    assert!(out.status.success(), "{label}: pair delete: {}", String::from_utf8_lossy(&out.stderr));
+    let done = done.expect("the writes still wait after pair delete").expect("the write task");
+    assert!(done.is_ok(), "{label}: a write completed by pair delete failed: {done:?}");
+    let cut = c.power_cut(Site::A);
+    eprintln!("{label}: {cut:?}");
+    c.signal(Site::B, nix::sys::signal::Signal::SIGCONT);
+    c.start(Site::A);
+    c.wait_until(Site::A, group, "SIMPLEX after the power cut", Duration::from_secs(30), |s| s.state == "SIMPLEX");
+    c.stop(Site::A);
+    let image = std::fs::read(c.volume_path(Site::A, vol)).expect("read the primary's volume");
+    assert!(
+        image[16 * BLOCK..32 * BLOCK] == fua[..],
+        "{label}: a FUA write acknowledged when pair delete completed it is lost after a power cut ({cut:?})\n{}",
+        c.diagnostics()
+    );
+}
