@@ -184,7 +184,7 @@ pub enum ControlError {
         path: String,
     },
     /// The daemon is stopping and took no command.
-    #[error("the replicator daemon at {path} is stopping: run the command again once it is back")]
+    #[error("the daemon is stopping ({path}): run the command again once it is back")]
     Stopping {
         /// Socket path.
         path: String,
@@ -307,6 +307,11 @@ impl AdminCommands {
             true
         });
         started.then_some(AdminCommand(self))
+    }
+
+    /// Whether the daemon is stopping ([`AdminCommands::close`] ran).
+    pub fn stopping(&self) -> bool {
+        self.state.borrow().0
     }
 
     /// Lets no command start any more (the daemon is stopping).
@@ -493,6 +498,15 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
             match g.verify(fix, &progress).await {
                 Ok(msg) => Response::ok(msg),
                 Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
+                // A clean stop does not wait for a comparison that only
+                // reads: what ended it is this daemon, not the peer.
+                Err(_) if !fix && node.admin.stopping() => Response::err(
+                    exit::FAILED,
+                    format!(
+                        "verify {group} was cut short: this daemon is stopping (a verify without --fix does not hold \
+                         up a clean stop); run it again once the daemon is back"
+                    ),
+                ),
                 Err(e) => Response::err(exit::FAILED, e.to_string()),
             }
         }

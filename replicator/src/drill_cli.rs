@@ -257,11 +257,12 @@ pub async fn run(
         eprintln!(
             "replicator: {why}\nreplicator: drill {} is not recorded with the command's outcome (status: {}, after \
              {:.1} s, against recovery point {}); `replicator drill status {group}` shows whether its copy is still \
-             up, `replicator drill stop {group}` ends it",
+             up (if the drill it shows is {}, `replicator drill stop {group}` ends it)",
             meta.id,
             outcome.status(),
             outcome.run_seconds,
-            meta.recovery_seq
+            meta.recovery_seq,
+            meta.id
         );
     };
     let resp = match record_the_drill(daemon, &group, &meta.id, &outcome, &interrupted).await {
@@ -271,7 +272,7 @@ pub async fn run(
             return Err(ExitCode::from(resp.exit));
         }
         Err(e) => {
-            unrecorded(&e.to_string());
+            unrecorded(&e);
             return Err(ExitCode::from(exit::FAILED));
         }
     };
@@ -312,7 +313,7 @@ async fn record_the_drill(
     id: &str,
     outcome: &DrillOutcome,
     interrupted: &AtomicBool,
-) -> Result<Response, ControlError> {
+) -> Result<Response, String> {
     let req = Request::DrillStop { group: group.to_string(), outcome: Some(outcome.clone()), id: Some(id.to_string()) };
     let socket = daemon.control();
     let interrupted_before = interrupted.load(Ordering::SeqCst);
@@ -332,11 +333,14 @@ async fn record_the_drill(
                     );
                     Instant::now()
                 });
-                if since.elapsed() >= DAEMON_BACK_WITHIN || !interrupted_before && interrupted.load(Ordering::SeqCst) {
-                    return Err(e);
+                if !interrupted_before && interrupted.load(Ordering::SeqCst) {
+                    return Err("stopped waiting for the daemon (interrupted)".into());
+                }
+                if since.elapsed() >= DAEMON_BACK_WITHIN {
+                    return Err(e.to_string());
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.to_string()),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -436,8 +436,10 @@ fn a_secondary_learns_its_primary_left_the_pair_while_it_was_down() {
 
     let (code, out) = cli(&cluster, Site::B, &["pair", "delete", "ls"]);
     assert_eq!(code, 0, "{out}");
+    assert!(out.contains("had left the pair already") && !out.contains("there too"), "{out}");
     let b = cluster.status(Site::B, "ls");
     assert_eq!((b.state.as_str(), b.role.as_str(), b.refusal.as_deref()), ("SIMPLEX", "none", None), "{b:?}");
+    assert_eq!(b.last_error, None, "the pair's end leaves no error to act on: {b:?}");
     cluster.stop(Site::A);
     cluster.stop(Site::B);
 }

@@ -220,7 +220,9 @@ impl DrillRecord {
             s.push_str(&format!("  - `{v}` ({size} bytes), NBD export `{}`\n", export_name(v)));
         }
         if let Some(o) = &self.outcome {
-            s.push_str(&format!("\n## Command\n\n`{}`\n\n", o.command.join(" ")));
+            // Quoted as a shell would take it back (`sh -c 'sleep 5; echo ok'`).
+            let command = shlex::try_join(o.command.iter().map(String::as_str)).unwrap_or_else(|_| o.command.join(" "));
+            s.push_str(&format!("\n## Command\n\n`{command}`\n\n"));
             s.push_str(&format!("- **Status:** {}\n- **Run time:** {:.1} s\n", o.status(), o.run_seconds));
             s.push_str("\n### Last lines of its output\n\n```\n");
             s.push_str(&o.output_tail);

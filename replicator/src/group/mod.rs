@@ -1149,7 +1149,10 @@ impl Group {
 
     /// This node's role and pair state in words, for the peer's status.
     fn describe_self(g: &Inner) -> String {
-        format!("{} {}", g.role().as_str(), g.state)
+        match g.role() {
+            Role::None => g.state.to_string(),
+            role => format!("{} {}", role.as_str(), g.state),
+        }
     }
 
     /// Heard from the peer (its state, when it says).
@@ -1515,8 +1518,10 @@ impl Group {
             g.last_link_log = Some((why.to_string(), Instant::now()));
         }
         // A fenced node or a split brain keeps its own explanation (what to
-        // run); the link error is only in the log then.
-        if g.persisted.role.superseded_by() == 0 && g.state != PairState::SplitBrain {
+        // run), and a group no longer paired has no link to explain (its
+        // session's end after a `pair delete`); the link error is only in
+        // the log then.
+        if g.persisted.role.superseded_by() == 0 && g.state != PairState::SplitBrain && g.role() != Role::None {
             g.last_error = Some(format!("replication link to {}: {why}", self.cfg.peer));
         }
         self.progress.send_modify(|p| p.connected = false);
@@ -1707,6 +1712,14 @@ impl Group {
                             "group {name}: a drill is starting here; retry in a moment"
                         )));
                     }
+                    None if g.refusal == Some("not-paired") => {
+                        let save = self.dissolve(&mut g, "pair delete on the secondary whose primary left the pair");
+                        let done = Next::Done(format!(
+                            "group {name}: pair deleted here; {peer} had left the pair already: the volumes here are \
+                             standalone, nothing to run on {peer}"
+                        ));
+                        (done, Some(save))
+                    }
                     None => {
                         let save =
                             self.dissolve(&mut g, "pair delete on the secondary while the primary is unreachable");
@@ -1804,6 +1817,9 @@ impl Group {
         g.cached_bytes = 0;
         g.refusal = None;
         g.peer_left_written = false;
+        // What the pair's end leaves to say is the message of the command
+        // or event that ended it, not a pair error.
+        g.last_error = None;
         let save = self.save_later(g);
         self.publish(g);
         tracing::info!(group = %self.cfg.name, reason = why, "pair deleted: group is SIMPLEX, volumes standalone");
