@@ -347,9 +347,16 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 #[derive(Debug, Clone)]
 pub struct DaemonSockets {
     run_dir: PathBuf,
+    /// The node's name, when the configuration validates.
+    node: Option<String>,
 }
 
 impl DaemonSockets {
+    /// The node's name (`[node] name`), when the configuration validates.
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
     /// The control socket.
     pub fn control(&self) -> PathBuf {
         crate::config::control_socket_in(&self.run_dir)
@@ -368,7 +375,7 @@ impl DaemonSockets {
 /// and goes on, as long as `node.run_dir` can be read.
 fn daemon_of(path: &Path) -> Result<DaemonSockets, ExitCode> {
     match Config::load(path) {
-        Ok(config) => Ok(DaemonSockets { run_dir: config.node.run_dir }),
+        Ok(config) => Ok(DaemonSockets { run_dir: config.node.run_dir, node: Some(config.node.name) }),
         Err(e) => match Config::run_dir_of(path) {
             Some(run_dir) => {
                 eprintln!("replicator: warning: {e}");
@@ -377,7 +384,7 @@ fn daemon_of(path: &Path) -> Result<DaemonSockets, ExitCode> {
                      its start; fix the file before the next restart",
                     run_dir.display()
                 );
-                Ok(DaemonSockets { run_dir })
+                Ok(DaemonSockets { run_dir, node: None })
             }
             None => {
                 eprintln!("replicator: {e}");

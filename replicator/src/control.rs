@@ -499,8 +499,8 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
                 Ok(msg) => Response::ok(msg),
                 Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
                 // A clean stop does not wait for a comparison that only
-                // reads: what ended it is this daemon, not the peer.
-                Err(_) if !fix && node.admin.stopping() => Response::err(
+                // reads: what ended its session is this daemon, not the peer.
+                Err(GroupError::Lost(_)) if node.admin.stopping() => Response::err(
                     exit::FAILED,
                     format!(
                         "verify {group} was cut short: this daemon is stopping (a verify without --fix does not hold \

@@ -252,7 +252,8 @@ pub async fn run(
         (false, None, None) => exit::FAILED,
     };
     let outcome = fit_in_a_request(outcome);
-    // What the command did is printed whatever becomes of the record.
+    // What the command did is printed, and written with `--report`,
+    // whatever becomes of the record in the daemon's history.
     let unrecorded = |why: &str| {
         eprintln!(
             "replicator: {why}\nreplicator: drill {} is not recorded with the command's outcome (status: {}, after \
@@ -264,6 +265,27 @@ pub async fn run(
             meta.recovery_seq,
             meta.id
         );
+        if let Some(dir) = &report_dir {
+            let record = DrillRecord {
+                meta: meta.clone(),
+                node: daemon.node().unwrap_or("?").to_string(),
+                // When `drill run` gave up on the daemon.
+                stopped_at_us: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                space_used_bytes: 0,
+                result: "unrecorded".into(),
+                discarded: None,
+                outcome: Some(outcome.clone()),
+                report: None,
+            };
+            match write_reports(dir, &record) {
+                Ok(path) => {
+                    eprintln!("replicator: the command's outcome is in {} (result `unrecorded`)", path.display())
+                }
+                Err(e) => eprintln!("replicator: cannot write the report into {}: {e}", dir.display()),
+            }
+        }
     };
     let resp = match record_the_drill(daemon, &group, &meta.id, &outcome, &interrupted).await {
         Ok(resp) if resp.exit == exit::OK => resp,

@@ -233,7 +233,8 @@ pub struct SecondaryState {
     pub failing_back: bool,
     /// The primary said it left this pair (`pair delete` there while this
     /// node was away; `group/pair_query.rs`): a `failover` is refused
-    /// without `--force`, after a restart too, until a session attaches.
+    /// without `--force`, after a restart too, until a session attaches,
+    /// and `pair delete` here has nothing left to ask of the primary.
     pub primary_left_pair: bool,
 }
 

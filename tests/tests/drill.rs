@@ -509,6 +509,59 @@ fn a_drill_run_whose_daemon_restarts_is_recorded_when_it_is_back() {
     c.assert_volumes_identical("g");
 }
 
+/// `drill run` waiting for a daemon that does not come back, stopped with
+/// Ctrl-C: exit 1, and `--report` holds the command's outcome (result
+/// `unrecorded`); the drill copy is left for `drill stop`.
+#[test]
+fn a_drill_run_whose_daemon_stays_away_writes_its_outcome_into_the_report() {
+    let mut c = two_volume_cluster(Mode::Async, |o| o);
+    let (reports, stderr) = (c.root().join("reports"), c.root().join("drill-run.err"));
+    let run = std::process::Command::new(c.bin())
+        .arg("--config")
+        .arg(c.config_path(Site::B))
+        .args(["drill", "run", "g", "--report"])
+        .arg(&reports)
+        .args(["--", "sh", "-c", "sleep 2; echo checked"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("drill run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.status(Site::B, "g").drill.is_none() {
+        assert!(Instant::now() < deadline, "the drill did not start\n{}", c.diagnostics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.stop(Site::B);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&stderr).unwrap_or_default().contains("waiting up to") {
+        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&stderr).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .expect("SIGINT");
+    let out = run.wait_with_output().expect("drill run");
+    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("stopped waiting") && text.contains("status: exit code 0"), "{text}");
+    let json = std::fs::read_dir(&reports)
+        .expect("--report dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a JSON report");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
+    assert_eq!(report["result"], "unrecorded", "{report}");
+    assert_eq!(report["outcome"]["exit_code"], 0, "{report}");
+    assert!(report["outcome"]["output_tail"].as_str().unwrap_or("").contains("checked"), "{report}");
+    // The drill copy outlived it all: `drill stop` ends it.
+    c.start(Site::B);
+    assert!(c.status(Site::B, "g").drill.is_some(), "the drill copy is gone");
+    cli_ok(&c, Site::B, &["drill", "stop", "g"]);
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical("g");
+}
+
 #[test]
 fn a_drill_copy_survives_a_power_cut_of_the_secondary_under_load() {
     let mut c = two_volume_cluster(Mode::Sync, ClusterOpts::with_power_cut_fs);

@@ -871,7 +871,11 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         Err(e) => {
             group.counters.error(crate::metrics::ErrorKind::Session);
             tracing::warn!(group = %group.cfg.name, "replication session ended: {e}");
-            lock(&group.inner).last_error = Some(e.to_string());
+            // After a `pair delete` there is no link left to explain.
+            let mut g = lock(&group.inner);
+            if g.role() != Role::None {
+                g.last_error = Some(e.to_string());
+            }
         }
     }
     detach(&group);

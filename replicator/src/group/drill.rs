@@ -175,7 +175,9 @@ pub struct DrillRecord {
     pub space_used_bytes: u64,
     /// `passed`, `failed`, `timed-out`, `interrupted` (`drill run`),
     /// `manual` (`drill start`/`stop`), or `discarded` whatever the
-    /// command did, when the copy was discarded during the drill.
+    /// command did, when the copy was discarded during the drill; and
+    /// `unrecorded` in the report `drill run --report` writes alone when
+    /// the daemon could not record the drill (then not in the history).
     pub result: String,
     /// Why the copy was discarded during the drill (a copy-on-write into it
     /// failed): from then on its exports failed, and reads just before may

@@ -94,6 +94,9 @@ pub enum GroupError {
     /// The command could not be carried out (nothing changed).
     #[error("{0}")]
     Failed(String),
+    /// `verify` lost its session or stream to the peer (nothing changed).
+    #[error("{0}")]
+    Lost(String),
 }
 
 /// What sync-mode waiters and the status view watch.
@@ -854,8 +857,7 @@ impl Group {
                     )
                 })
                 .or_else(|| {
-                    let what =
-                        format!("the peer {} is no longer in this pair (it said so before this restart)", cfg.peer);
+                    let what = format!("the primary {} left this pair (it said so before this restart)", cfg.peer);
                     primary_left.then(|| pair_query::left_the_pair(&cfg.name, &what))
                 }),
             copy_total: 0,
@@ -1712,7 +1714,7 @@ impl Group {
                             "group {name}: a drill is starting here; retry in a moment"
                         )));
                     }
-                    None if g.refusal == Some("not-paired") => {
+                    None if g.persisted.role.as_secondary().is_some_and(|s| s.primary_left_pair) => {
                         let save = self.dissolve(&mut g, "pair delete on the secondary whose primary left the pair");
                         let done = Next::Done(format!(
                             "group {name}: pair deleted here; {peer} had left the pair already: the volumes here are \
@@ -1818,8 +1820,11 @@ impl Group {
         g.refusal = None;
         g.peer_left_written = false;
         // What the pair's end leaves to say is the message of the command
-        // or event that ended it, not a pair error.
-        g.last_error = None;
+        // or event that ended it, not a pair error (a group stopped after a
+        // local failure keeps saying why).
+        if self.stopped.get().is_none() {
+            g.last_error = None;
+        }
         let save = self.save_later(g);
         self.publish(g);
         tracing::info!(group = %self.cfg.name, reason = why, "pair deleted: group is SIMPLEX, volumes standalone");

@@ -12,8 +12,8 @@
 //! without the group: refusal `config`, the state unchanged). Nothing is
 //! resolved by itself: the admin runs `pair delete` here. A session that
 //! attaches clears what was said (`applier::accept_open`). That the peer
-//! left is persisted (`SecondaryState::primary_left_pair`): after a restart
-//! the refusal stands until a session attaches or an admin acts.
+//! left this pair is persisted (`SecondaryState::primary_left_pair`): after
+//! a restart the refusal stands until a session attaches or an admin acts.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,9 +123,11 @@ impl Group {
             tracing::error!(group = %name, peer = %peer, "{msg}");
         }
         if reply.configured {
-            // Kept across a restart: asked again then, a peer unreachable
-            // by that time would let a `failover` through.
-            if let Some(s) = g.persisted.role.as_secondary_mut().filter(|s| !s.primary_left_pair) {
+            // That it left is kept across a restart: asked again then, a
+            // peer unreachable by that time would let a `failover` through.
+            // (A peer in another pair, e.g. one created since, is asked
+            // again: its create comes to this node in any case.)
+            if let Some(s) = g.persisted.role.as_secondary_mut().filter(|s| reply.left && !s.primary_left_pair) {
                 s.primary_left_pair = true;
                 self.save_later(&mut g);
             }

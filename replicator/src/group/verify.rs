@@ -258,7 +258,7 @@ impl Group {
 
     /// The session broke, or could not be reached, during a verify.
     fn lost(&self, why: String) -> GroupError {
-        GroupError::Failed(format!(
+        GroupError::Lost(format!(
             "verify {}: lost the replication session to {} ({why}); nothing was compared beyond that: run verify again",
             self.cfg.name, self.cfg.peer
         ))
@@ -438,8 +438,7 @@ async fn compare(
     };
     let (ours, theirs) = tokio::join!(ours, peer.hash(request));
     drop(held);
-    let theirs =
-        theirs.map_err(|e| GroupError::Failed(format!("verify {}: {}: {e}", group.cfg.name, group.cfg.peer)))?;
+    let theirs = theirs.map_err(|e| GroupError::Lost(format!("verify {}: {}: {e}", group.cfg.name, group.cfg.peer)))?;
     Ok((region, theirs.as_ref() == ours?.as_bytes()))
 }
 
