@@ -261,8 +261,10 @@ fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
         .expect("spawn the CLI");
     let started = Instant::now();
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut first)
-        .expect("read the CLI's output");
+    // Kept open to the end: a progress line the CLI prints before the
+    // freeze must not meet a closed pipe (SIGPIPE, exit 141).
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    std::io::BufRead::read_line(&mut stdout, &mut first).expect("read the CLI's output");
     assert!(first.contains("pr"), "pair create must be answered first: {first:?}");
     cluster.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
     while child.try_wait().expect("the CLI's status").is_none() && started.elapsed() < Duration::from_secs(60) {
@@ -275,6 +277,7 @@ fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
         panic!("the CLI was still waiting on a frozen daemon after 60 s");
     }
     let out = child.wait_with_output().expect("the CLI's exit");
+    drop(stdout);
     let text = describe_output(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("did not answer `status`"), "{text}");
