@@ -16,6 +16,10 @@
 //! And a secondary whose restore journal's sync hangs (`powercut-fs
 //! hold-fsync`: a disk that takes its time).
 //!
+//! And `pair delete` (on either site) reaching a secondary whose applies
+//! fail: the pair is not deleted there until a restart re-applied its
+//! restore journal.
+//!
 //! Needs root and /dev/fuse (fuse3's fusermount3 is installed by run-all.sh).
 
 use std::time::{Duration, Instant};
@@ -236,6 +240,113 @@ fn a_failed_apply_on_the_secondary_stops_it_until_the_restart_replays_its_journa
         let at = (i * BLOCK) as usize;
         assert!(image[at..at + BLOCK as usize] == data(i)[..], "block {i} missing on the secondary");
     }
+}
+
+/// Records the secondary `name` holds in its restore journal, not yet on
+/// its volume (the journal's sync is held), and its next volume write
+/// fails once: `delete` runs `pair delete` (on either site) and returns
+/// its output once the secondary has drained. Returns the blocks written,
+/// in order, from offset 0.
+fn delete_while_applies_fail(cluster: &Cluster, name: &str, delete: Site) -> (Vec<Vec<u8>>, std::process::Output) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let blocks: Vec<Vec<u8>> = (0..12).map(|i| random_bytes(700 + i, BLOCK as usize)).collect();
+    rt.block_on(async {
+        let client =
+            NbdClient::connect_unix(&cluster.nbd_socket(Site::A), &format!("{name}-vol")).await.expect("connect");
+        for (i, b) in blocks.iter().enumerate().take(4) {
+            client.write(i as u64 * BLOCK, b, false).await.expect("write");
+        }
+        client.flush().await.expect("flush");
+    });
+    cluster.wait_drained(name);
+    assert!(cluster.fs_command(Site::B, &format!("hold-fsync groups/{name}/journal")).starts_with("ok armed"));
+    rt.block_on(async {
+        let client =
+            NbdClient::connect_unix(&cluster.nbd_socket(Site::A), &format!("{name}-vol")).await.expect("connect");
+        for (i, b) in blocks.iter().enumerate().skip(4) {
+            client.write(i as u64 * BLOCK, b, false).await.expect("write");
+        }
+        client.flush().await.expect("flush (async: the primary's journal)");
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reply_number(&cluster.fs_command(Site::B, "stats"), "held") < 1 {
+        assert!(Instant::now() < deadline, "the secondary never synced its restore journal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(cluster.fs_command(Site::B, &format!("fail-write {name}-vol.img")).starts_with("ok armed"));
+    let out = std::thread::scope(|s| {
+        let deleting = s.spawn(|| cluster.cli(delete, &["pair", "delete", name]));
+        // The delete reaches the secondary, which then drains: its held
+        // sync completes and the applies it released fail.
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(cluster.fs_command(Site::B, "release").starts_with("ok"));
+        deleting.join().expect("pair delete")
+    });
+    assert_eq!(
+        reply_number(&cluster.fs_command(Site::B, "stats"), "failed_writes"),
+        1,
+        "no apply failed: the test proves nothing"
+    );
+    (blocks, out)
+}
+
+/// After `pair delete` has been asked of a secondary that is failing to
+/// apply, it must stay where it is: a stopped secondary whose restore
+/// journal holds acknowledged writes not on its volume. Then a power cut,
+/// a restart that re-applies them, and its own `pair delete`; the volume
+/// must hold every write. Before, the delete dissolved the group and forgot
+/// the restore journal: the volume became standalone without them.
+fn check_not_deleted_until_reapplied(mut cluster: Cluster, name: &str, blocks: &[Vec<u8>]) {
+    let b = cluster.wait_until(Site::B, name, "stopped", Duration::from_secs(10), |s| s.health == "critical");
+    assert_eq!((b.role.as_str(), b.consistent), ("secondary", false), "{b:?}");
+    assert_eq!(cluster.status(Site::A, name).state, "SIMPLEX");
+
+    cluster.power_cut(Site::B);
+    cluster.start(Site::B);
+    let b =
+        cluster.wait_until(Site::B, name, "told the primary left", Duration::from_secs(60), |s| s.refusal.is_some());
+    assert_eq!(b.refusal.as_deref(), Some("not-paired"), "{b:?}");
+    let out = cluster.cli(Site::B, &["pair", "delete", name]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    cluster.wait_state(Site::B, name, "SIMPLEX", Duration::from_secs(10));
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    let image = std::fs::read(cluster.volume_path(Site::B, &format!("{name}-vol"))).expect("read the former replica");
+    for (i, block) in blocks.iter().enumerate() {
+        let at = i * BLOCK as usize;
+        assert!(image[at..at + BLOCK as usize] == block[..], "block {i} missing on the former secondary");
+    }
+    cluster.assert_volumes_identical(name);
+}
+
+/// `pair delete` on the primary while the secondary fails to apply: the
+/// primary's admin hears that the secondary did not delete the pair, and
+/// why.
+#[test]
+fn pair_delete_by_the_primary_leaves_a_secondary_that_failed_to_apply_a_secondary() {
+    let name = "da";
+    let Some(cluster) = cluster(name) else { return };
+    let (blocks, out) = delete_while_applies_fail(&cluster, name, Site::A);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("pair deleted here") && stderr.contains("not deleted there") && stderr.contains("restart"),
+        "{stdout}{stderr}"
+    );
+    check_not_deleted_until_reapplied(cluster, name, &blocks);
+}
+
+/// The same with `pair delete` run on the secondary: its admin hears that
+/// the delete did not happen there, and that the primary ended the pair.
+#[test]
+fn pair_delete_on_a_secondary_that_fails_to_apply_leaves_it_a_secondary() {
+    let name = "db";
+    let Some(cluster) = cluster(name) else { return };
+    let (blocks, out) = delete_while_applies_fail(&cluster, name, Site::B);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("not deleted there") && stderr.contains("ended the pair"), "{stdout}{stderr}");
+    check_not_deleted_until_reapplied(cluster, name, &blocks);
 }
 
 /// Sync mode with `on_link_loss = "block"`: a write waits for the

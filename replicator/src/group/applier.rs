@@ -830,33 +830,52 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         Ending::DeletedByPrimary => Some("the primary ran pair delete"),
         Ending::DeletedHere { .. } => Some("pair delete on the secondary"),
     };
-    // Whether the delete is persisted here: the peer and the admin hear it
-    // only if it is (until then the daemon retries the save, and a restart
-    // would bring the pair back).
-    let mut unsaved = None;
+    // Why the delete did not happen here, or is not persisted: the peer and
+    // the admin hear that the pair is deleted only once it is (until then
+    // the daemon retries the save, and a restart would bring the pair back).
+    let mut not_deleted = None;
     if let Some(why) = deleted {
-        let save = {
-            let mut g = lock(&group.inner);
-            group.dissolve(&mut g, why)
-        };
-        if let Err(e) = group.dissolved(save).await {
-            tracing::error!(group = %group.cfg.name, "{e}");
-            unsaved = Some(format!(
-                "the pair is deleted in memory but the secondary could not save it: {e} (the daemon retries; \
-                 client writes there wait until it is saved)"
+        if drained {
+            let save = {
+                let mut g = lock(&group.inner);
+                group.dissolve(&mut g, why)
+            };
+            if let Err(e) = group.dissolved(save).await {
+                tracing::error!(group = %group.cfg.name, "{e}");
+                not_deleted = Some(format!(
+                    "the pair is deleted in memory but the secondary could not save it: {e} (the daemon retries; \
+                     client writes there wait until it is saved)"
+                ));
+            }
+        } else {
+            // As for a split: the restore journal holds acknowledged writes
+            // that did not reach the volumes, which a dissolved group would
+            // forget. The group stopped (above) and stays a secondary; a
+            // restart applies them again, and `pair delete` then ends it.
+            let name = &group.cfg.name;
+            tracing::error!(group = %name, reason = why, "pair delete not done here: applying failed");
+            not_deleted = Some(format!(
+                "applying failed on the secondary, so the pair is not deleted there: its restore journal holds \
+                 acknowledged writes that are not on its volumes yet; restart its daemon once the disk is healthy \
+                 (it applies them again), then run `replicator pair delete {name}` there"
             ));
         }
     }
     if session.ending == Ending::DeletedByPrimary {
-        let error = unsaved.clone().unwrap_or_default();
+        let error = not_deleted.clone().unwrap_or_default();
         let reply = pb::CommandReply { command: pb::Command::Delete as i32, error };
         let _ = send.send(Body::CommandReply(reply)).await;
     }
     send.finish();
     if let (Ending::DeletedHere { confirmed }, Some(reply)) = (&session.ending, session.delete_reply.take()) {
         let name = &group.cfg.name;
-        let _ = reply.send(if let Some(e) = unsaved {
-            Err(GroupError::Failed(format!("group {name}: {e}")))
+        let _ = reply.send(if let Some(e) = not_deleted {
+            let primary = if *confirmed {
+                format!("{peer} ended the pair")
+            } else {
+                format!("{peer} did not confirm within 10 s: run `replicator pair delete {name}` there too")
+            };
+            Err(GroupError::Failed(format!("group {name}: {e}; {primary}")))
         } else if *confirmed {
             Ok(format!("group {name}: pair deleted on both sites; {peer} stopped replicating and the volumes here are standalone (SIMPLEX)"))
         } else {

@@ -1779,8 +1779,7 @@ impl Group {
                         Ok(Ok(Ok(()))) => true,
                         Ok(Ok(Err(e))) => {
                             return Err(GroupError::Failed(format!(
-                                "group {name}: pair deleted here; {peer} stopped replicating but could not save the \
-                                 delete: {e}"
+                                "group {name}: pair deleted here; {peer} stopped replicating: {e}"
                             )))
                         }
                         _ => false,
