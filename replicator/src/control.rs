@@ -500,13 +500,16 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
                 Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
                 // A clean stop does not wait for a comparison that only
                 // reads: what ended its session is this daemon, not the peer.
-                Err(GroupError::Lost(_)) if node.admin.stopping() => Response::err(
-                    exit::FAILED,
-                    format!(
-                        "verify {group} was cut short: this daemon is stopping (a verify without --fix does not hold \
-                         up a clean stop); run it again once the daemon is back"
-                    ),
-                ),
+                Err(GroupError::Lost(_)) if node.admin.stopping() => {
+                    let why = if fix { "" } else { " (a verify without --fix does not hold up a clean stop)" };
+                    Response::err(
+                        exit::FAILED,
+                        format!(
+                            "verify {group} was cut short: this daemon is stopping{why}; run it again once the daemon \
+                             is back"
+                        ),
+                    )
+                }
                 Err(e) => Response::err(exit::FAILED, e.to_string()),
             }
         }

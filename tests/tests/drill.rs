@@ -204,6 +204,47 @@ fn cli_ok(c: &Cluster, site: Site, args: &[&str]) -> String {
     text
 }
 
+/// `drill run g` on site B with `args` (its options, then `--` and the
+/// command) in the background, its stdout piped and its stderr into
+/// `stderr` (or dropped); returns once the drill is up, with the drill's
+/// time to ready.
+fn spawn_drill_run(c: &Cluster, args: &[&str], stderr: Option<&Path>) -> (std::process::Child, f64) {
+    let run = std::process::Command::new(c.bin())
+        .arg("--config")
+        .arg(c.config_path(Site::B))
+        .args(["drill", "run", "g"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(match stderr {
+            Some(path) => std::fs::File::create(path).expect("stderr file").into(),
+            None => std::process::Stdio::null(),
+        })
+        .spawn()
+        .expect("drill run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(d) = c.status(Site::B, "g").drill {
+            return (run, d.meta.ready_ms);
+        }
+        assert!(Instant::now() < deadline, "the drill did not start\n{}", c.diagnostics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (20 s at most) until the file `path` contains `needle`.
+fn wait_for_text(path: &Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in {}: {}",
+            path.display(),
+            std::fs::read_to_string(path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn two_volume_cluster(mode: Mode, opts: impl FnOnce(ClusterOpts) -> ClusterOpts) -> Cluster {
     let spec = GroupSpec::new("g", mode).volume("v0", VOLUME).volume("v1", VOLUME).extra("drill_chunk = \"64KiB\"");
     let c = Cluster::new(opts(ClusterOpts::group(spec)));
@@ -392,19 +433,7 @@ fn drill_run_reports_its_command_and_keeps_a_history() {
     assert!(c.status(Site::B, "g").drill.is_none(), "the drill is stopped");
     // Ctrl-C on `drill run`: the command is stopped, then the drill, which
     // is recorded as interrupted (it was left running, unrecorded).
-    let mut run = std::process::Command::new(c.bin())
-        .arg("--config")
-        .arg(c.config_path(Site::B))
-        .args(["drill", "run", "g", "--", "sleep", "30"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("drill run");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.status(Site::B, "g").drill.is_none() {
-        assert!(Instant::now() < deadline, "the drill did not start\n{}", c.diagnostics());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut run, _) = spawn_drill_run(&c, &["--", "sleep", "30"], None);
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT)
         .expect("SIGINT");
@@ -458,36 +487,14 @@ fn a_drill_run_whose_daemon_restarts_is_recorded_when_it_is_back() {
     let (reports, go, stderr) = (c.root().join("reports"), c.root().join("go"), c.root().join("drill-run.err"));
     // The command ends while the secondary's daemon is stopped.
     let script = format!("while [ ! -e {} ]; do sleep 0.1; done; echo checked", go.display());
-    let run = std::process::Command::new(c.bin())
-        .arg("--config")
-        .arg(c.config_path(Site::B))
-        .args(["drill", "run", "g", "--timeout", "120s", "--report"])
-        .arg(&reports)
-        .args(["--", "sh", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-        .spawn()
-        .expect("drill run");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let ready_ms = loop {
-        if let Some(d) = c.status(Site::B, "g").drill {
-            break d.meta.ready_ms;
-        }
-        assert!(Instant::now() < deadline, "the drill did not start\n{}", c.diagnostics());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let reports_arg = reports.display().to_string();
+    let (run, ready_ms) =
+        spawn_drill_run(&c, &["--timeout", "120s", "--report", &reports_arg, "--", "sh", "-c", &script], Some(&stderr));
     assert!(ready_ms > 0.0, "time to ready {ready_ms}");
     c.stop(Site::B);
     std::fs::write(&go, b"").expect("go");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&stderr).unwrap_or_default().contains("waiting up to") {
-        assert!(
-            Instant::now() < deadline,
-            "drill run did not wait for the daemon: {}",
-            std::fs::read_to_string(&stderr).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // drill run waits for the daemon.
+    wait_for_text(&stderr, "waiting up to");
     c.start(Site::B);
     let out = run.wait_with_output().expect("drill run");
     let text =
@@ -516,27 +523,11 @@ fn a_drill_run_whose_daemon_restarts_is_recorded_when_it_is_back() {
 fn a_drill_run_whose_daemon_stays_away_writes_its_outcome_into_the_report() {
     let mut c = two_volume_cluster(Mode::Async, |o| o);
     let (reports, stderr) = (c.root().join("reports"), c.root().join("drill-run.err"));
-    let run = std::process::Command::new(c.bin())
-        .arg("--config")
-        .arg(c.config_path(Site::B))
-        .args(["drill", "run", "g", "--report"])
-        .arg(&reports)
-        .args(["--", "sh", "-c", "sleep 2; echo checked"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-        .spawn()
-        .expect("drill run");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.status(Site::B, "g").drill.is_none() {
-        assert!(Instant::now() < deadline, "the drill did not start\n{}", c.diagnostics());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let reports_arg = reports.display().to_string();
+    let (run, _) =
+        spawn_drill_run(&c, &["--report", &reports_arg, "--", "sh", "-c", "sleep 2; echo checked"], Some(&stderr));
     c.stop(Site::B);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&stderr).unwrap_or_default().contains("waiting up to") {
-        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&stderr).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_text(&stderr, "waiting up to");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT)
         .expect("SIGINT");
     let out = run.wait_with_output().expect("drill run");

@@ -199,7 +199,7 @@ fn verify_is_refused_on_the_secondary_when_unpaired_and_while_the_peer_is_down()
 }
 
 #[test]
-fn a_second_verify_of_a_group_is_refused_while_one_runs() {
+fn a_second_verify_is_refused_while_one_runs_and_a_stop_says_it_cut_one_short() {
     let (group, vol) = ("v2", "v2-vol");
     let spec = GroupSpec::new(group, Mode::Async).volume(vol, 8 * MIB);
     let c = Cluster::new(ClusterOpts::group(spec));
@@ -228,4 +228,35 @@ fn a_second_verify_of_a_group_is_refused_while_one_runs() {
     let text = describe_output(&out);
     assert_eq!(out.status.code(), Some(0), "the first verify:\n{text}");
     assert!(text.contains("the sites match"), "{text}");
+
+    // A verify cut short by this daemon's clean stop: the admin hears that
+    // the stop, not the peer, ended it (with and without --fix).
+    let mut c = c;
+    for fix in [false, true] {
+        let started = c.log(Site::A).matches("verify started").count();
+        c.signal(Site::B, nix::sys::signal::Signal::SIGSTOP);
+        let verify = Command::new(c.bin())
+            .arg("--config")
+            .arg(c.config_path(Site::A))
+            .args(["verify", group])
+            .args(fix.then_some("--fix"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("verify");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while c.log(Site::A).matches("verify started").count() == started {
+            assert!(std::time::Instant::now() < deadline, "the verify did not start\n{}", c.log(Site::A));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.stop(Site::A);
+        c.signal(Site::B, nix::sys::signal::Signal::SIGCONT);
+        let out = verify.wait_with_output().expect("verify");
+        let text = describe_output(&out);
+        assert_eq!(out.status.code(), Some(1), "verify (fix: {fix}) during a stop:\n{text}");
+        assert!(text.contains("was cut short: this daemon is stopping"), "{text}");
+        assert_eq!(text.contains("a verify without --fix does not hold up a clean stop"), !fix, "{text}");
+        c.start(Site::A);
+        c.wait_pair(group, Duration::from_secs(60));
+    }
 }
