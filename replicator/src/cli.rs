@@ -787,10 +787,18 @@ async fn ask_status(daemon: &DaemonSockets, req: Request) -> Result<Response, Ex
 const STILL_WAITING_AFTER: Duration = Duration::from_secs(10);
 
 pub(crate) async fn ask(daemon: &DaemonSockets, req: Request) -> Result<Response, ExitCode> {
-    let socket = daemon.control();
-    let call = control::call(&socket, &req);
+    call_saying_still_waiting(&daemon.control(), &req).await.map_err(|e| {
+        eprintln!("replicator: {e}");
+        ExitCode::from(exit::FAILED)
+    })
+}
+
+/// One control call that says it is still waiting after
+/// [`STILL_WAITING_AFTER`] without an answer.
+pub(crate) async fn call_saying_still_waiting(socket: &Path, req: &Request) -> Result<Response, control::ControlError> {
+    let call = control::call(socket, req);
     tokio::pin!(call);
-    let answer = match tokio::time::timeout(STILL_WAITING_AFTER, &mut call).await {
+    match tokio::time::timeout(STILL_WAITING_AFTER, &mut call).await {
         Ok(answer) => answer,
         Err(_) => {
             eprintln!(
@@ -800,11 +808,7 @@ pub(crate) async fn ask(daemon: &DaemonSockets, req: Request) -> Result<Response
             );
             call.await
         }
-    };
-    answer.map_err(|e| {
-        eprintln!("replicator: {e}");
-        ExitCode::from(exit::FAILED)
-    })
+    }
 }
 
 fn report(resp: &Response) -> Result<ExitCode, ExitCode> {

@@ -341,7 +341,7 @@ async fn record_the_drill(
     let interrupted_before = interrupted.load(Ordering::SeqCst);
     let (mut refused_since, mut away_since) = (None::<Instant>, None::<Instant>);
     loop {
-        match crate::control::call(&socket, &req).await {
+        match crate::cli::call_saying_still_waiting(&socket, &req).await {
             Ok(resp)
                 if resp.exit == exit::REFUSED
                     && refused_since.get_or_insert_with(Instant::now).elapsed() < STOP_RETRY => {}
