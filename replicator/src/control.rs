@@ -155,6 +155,11 @@ impl Response {
     fn err(code: u8, message: impl Into<String>) -> Self {
         Self { exit: code, message: message.into(), groups: Vec::new(), data: None, stopping: false }
     }
+    /// The daemon is stopping: it took no command (or one it could not
+    /// begin for that reason).
+    fn stopping() -> Self {
+        Self { stopping: true, ..Self::err(exit::FAILED, "the daemon is stopping") }
+    }
     fn with_data(mut self, data: &impl Serialize) -> Self {
         self.data = serde_json::to_value(data).ok();
         self
@@ -390,7 +395,7 @@ async fn handle(mut stream: UnixStream, node: Arc<Node>) {
                 running = Some(command);
                 run(&node, req, &mut out).await
             }
-            None => Response { stopping: true, ..Response::err(exit::FAILED, "the daemon is stopping") },
+            None => Response::stopping(),
         },
         Ok(req) => run(&node, req, &mut out).await,
         Err(e) => Response::err(exit::USAGE, format!("bad request: {e}")),
@@ -497,6 +502,9 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
             // Its failures name the group and the command already.
             match g.verify(fix, &progress).await {
                 Ok(msg) => Response::ok(msg),
+                // Refused because the stop already ended its session: the
+                // daemon is stopping, whatever the pair's state says.
+                Err(GroupError::Refused(_)) if node.admin.stopping() => Response::stopping(),
                 Err(e @ GroupError::Refused(_)) => Response::err(exit::REFUSED, e.to_string()),
                 // A clean stop does not wait for a comparison that only
                 // reads: what ended its session is this daemon, not the peer.
