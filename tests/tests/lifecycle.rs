@@ -755,3 +755,85 @@ fn lifecycle_refusals_name_the_way_out_and_change_nothing() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("already split"), "{out}");
 }
+
+/// `pair split --rw` on the primary while the initial copy runs: the
+/// secondary's volumes hold no image the primary ever had, so they must not
+/// become writable (as `--rw` on the secondary itself is refused then).
+/// Before, the primary asked and the secondary split writable.
+#[test]
+fn split_rw_on_the_primary_is_refused_while_the_copy_runs() {
+    if !replicator_tests::require_root("split_rw_on_the_primary_is_refused_while_the_copy_runs") {
+        return;
+    }
+    replicator_tests::require("fusermount3");
+    let group = GroupSpec::new("sc", Mode::Async).volume("sc-vol", 16 * MIB);
+    let cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    assert_eq!(write_blocks(&cluster, Site::A, "sc-vol", 0..64, 0), 64);
+    // The secondary's first volume sync hangs: the copy stays unfinished.
+    assert!(cluster.fs_command(Site::B, "hold-fsync sc-vol.img").starts_with("ok armed"));
+    cluster.pair_create("sc");
+    cluster.wait_until(Site::A, "sc", "copying", MINUTE, |s| s.state == "COPY" && s.connected);
+    let (code, out) = cli(&cluster, Site::A, &["pair", "split", "sc", "--rw"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("cannot be made writable"), "{out}");
+    // (Site B's file system holds its sync: its daemon is not asked.)
+    let a = cluster.status(Site::A, "sc");
+    assert_eq!((a.state.as_str(), a.connected), ("COPY", true), "the refused split changed the pair: {a:?}");
+    assert!(cluster.fs_command(Site::B, "release").starts_with("ok"));
+    cluster.wait_pair("sc", MINUTE);
+    let mut cluster = cluster;
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sc");
+}
+
+/// `pair split` on the primary while its secondary is down. Nothing may be
+/// shipped from then on, also over a session that was being set up
+/// meanwhile: before, the dial under way when the link was lost came up as
+/// soon as the peer was back, and the "split" pair went on replicating. Then
+/// `--rw` with the peer just frozen, still connected: the primary waits
+/// 30 s, splits and says what to check there.
+#[test]
+fn a_split_the_secondary_did_not_confirm_ships_nothing_more() {
+    let group = GroupSpec::new("su", Mode::Async).volume("su-vol", 16 * MIB).link_timeout(Duration::from_secs(2));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("su");
+    cluster.wait_pair("su", MINUTE);
+    assert_eq!(write_blocks(&cluster, Site::A, "su-vol", 0..4, 0), 4);
+    cluster.wait_drained("su");
+
+    // The secondary is gone; the primary dials again (for up to 10 s, the
+    // QUIC handshake's limit) and splits meanwhile; the secondary is back
+    // before that dial gives up.
+    cluster.kill9(Site::B);
+    cluster.wait_until(Site::A, "su", "disconnected", MINUTE, |s| !s.connected);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = cli_ok(&cluster, Site::A, &["pair", "split", "su"]);
+    assert!(out.contains("not connected"), "{out}");
+    cluster.start(Site::B);
+    let shipped_nothing = |cluster: &Cluster, from: u64| {
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(write_blocks(cluster, Site::A, "su-vol", from..from + 4, 0), 4);
+        std::thread::sleep(Duration::from_secs(3));
+        let a = cluster.status(Site::A, "su");
+        assert_eq!((a.reason.as_deref(), a.connected), (Some("split"), false), "{a:?}");
+        let b = cluster.status(Site::B, "su");
+        assert!(b.applied_seq < a.last_seq, "the split primary shipped its new writes: {b:?}\n{a:?}");
+    };
+    shipped_nothing(&cluster, 4);
+    cli_ok(&cluster, Site::A, &["pair", "resync", "su"]);
+    cluster.wait_pair("su", MINUTE);
+    cluster.wait_drained("su");
+
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    let out = cli_ok(&cluster, Site::A, &["pair", "split", "su", "--rw"]);
+    cluster.signal(Site::B, Signal::SIGCONT);
+    assert!(out.contains("did not confirm") && out.contains("pair split su --rw"), "{out}");
+    shipped_nothing(&cluster, 8);
+    cli_ok(&cluster, Site::A, &["pair", "resync", "su"]);
+    cluster.wait_pair("su", MINUTE);
+    cluster.wait_drained("su");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("su");
+}

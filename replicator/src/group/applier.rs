@@ -771,17 +771,25 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
     // writable here.
     if let Ending::Split { rw, asked_by_primary } = session.ending {
         let result = if drained {
+            // Writable only if this replica may be (the primary does not
+            // know all of it): refused, nothing changed but the session.
             let save = {
                 let mut g = lock(&group.inner);
-                let save = group.split_here(
-                    &mut g,
-                    rw,
-                    if asked_by_primary { "pair split on the primary" } else { "pair split" },
-                );
-                g.peer_knows_split = asked_by_primary;
-                save
+                let refused = if rw { group.refuse_writable_split(&g).err() } else { None };
+                match refused {
+                    Some(e) => Err(e),
+                    None => {
+                        let why = if asked_by_primary { "pair split on the primary" } else { "pair split" };
+                        let save = group.split_here(&mut g, rw, why);
+                        g.peer_knows_split = asked_by_primary;
+                        Ok(save)
+                    }
+                }
             };
-            group.saved(save).await.map_err(|e| e.to_string())
+            match save {
+                Ok(save) => group.saved(save).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
         } else {
             Err("applying failed; the split did not happen".to_string())
         };

@@ -80,6 +80,12 @@ impl Group {
                     if g.state == PairState::Suspended(SuspendReason::Split) {
                         return Ok(format!("group {name} is already split"));
                     }
+                    if rw && g.state == PairState::Copy {
+                        return Err(GroupError::Refused(format!(
+                            "group {name}: a copy to {peer} is running, so its replica is not consistent and its \
+                             volumes cannot be made writable; split without --rw, or wait for PAIR"
+                        )));
+                    }
                     if !self.progress.borrow().connected || g.session.is_none() {
                         if rw {
                             return Err(GroupError::Refused(format!(
@@ -110,9 +116,17 @@ impl Group {
                         )))
                     }
                     _ => format!(
-                        " {peer} did not confirm within {} s; it refuses to resume until `pair resync` anyway{}",
+                        " {peer} did not confirm within {} s: nothing is shipped to it until `pair resync {name}` \
+                         here{}",
                         SPLIT_TIMEOUT.as_secs(),
-                        if rw { ", but check there whether its volumes became writable" } else { "" }
+                        if rw {
+                            format!(
+                                "; its volumes may not have become writable: check there (`replicator status \
+                                 {name}`), and run `replicator pair split {name} --rw` there if they are not"
+                            )
+                        } else {
+                            String::new()
+                        }
                     ),
                 };
                 self.transition(&mut g, PairEvent::AdminSplit, "pair split");
@@ -135,27 +149,8 @@ impl Group {
             if g.taking_over {
                 return Err(GroupError::Failed(format!("group {name}: a failover is running here")));
             }
-            if rw && g.drill_starting {
-                // Writes here would reach the volumes under a drill copy
-                // being taken of them (as for a failover: takeover.rs).
-                return Err(GroupError::Failed(format!("group {name}: a drill is starting here; retry in a moment")));
-            }
-            if rw && g.persisted.role.as_secondary().is_some_and(|s| s.copy_incomplete || !s.consistent) {
-                return Err(GroupError::Refused(format!(
-                    "group {name}: this replica is not consistent (a copy or resync is running); its volumes cannot \
-                     be made writable. Split without --rw, or wait for PAIR"
-                )));
-            }
-            if rw && g.persisted.role.as_secondary().is_some_and(|s| s.needs_rebase && !s.split_writable) {
-                // Its changes are discarded: the resync that follows clears
-                // every region here once the peer copied those it was told
-                // of, and writes made now would be among neither.
-                return Err(GroupError::Refused(format!(
-                    "group {name}: this replica waits for {} to copy over what differs here (its own changes are \
-                     discarded); writes made here now would be lost without being copied. Let that resync finish \
-                     (`replicator status {name}`), then split again",
-                    self.cfg.peer
-                )));
+            if rw {
+                self.refuse_writable_split(&g)?;
             }
             if g.secondary_attached {
                 Err(g.session_cmd.clone())
@@ -200,6 +195,37 @@ impl Group {
 
     /// The secondary records an admin split (its session is over); returns
     /// the save that makes it durable.
+    /// Whether this secondary's volumes may become writable by a split
+    /// (`--rw`, asked here or by the primary): not while a drill copy is
+    /// being taken of them, nor while they hold no image the primary had.
+    pub(super) fn refuse_writable_split(&self, g: &Inner) -> Result<(), GroupError> {
+        let name = &self.cfg.name;
+        if g.drill_starting {
+            // Writes here would reach the volumes under a drill copy
+            // being taken of them (as for a failover: takeover.rs).
+            return Err(GroupError::Failed(format!("group {name}: a drill is starting here; retry in a moment")));
+        }
+        let Some(s) = g.persisted.role.as_secondary() else { return Ok(()) };
+        if s.copy_incomplete || !s.consistent {
+            return Err(GroupError::Refused(format!(
+                "group {name}: this replica is not consistent (a copy or resync is running); its volumes cannot be \
+                 made writable. Split without --rw, or wait for PAIR"
+            )));
+        }
+        if s.needs_rebase && !s.split_writable {
+            // Its changes are discarded: the resync that follows clears
+            // every region here once the peer copied those it was told
+            // of, and writes made now would be among neither.
+            return Err(GroupError::Refused(format!(
+                "group {name}: this replica waits for {} to copy over what differs here (its own changes are \
+                 discarded); writes made here now would be lost without being copied. Let that resync finish \
+                 (`replicator status {name}`), then split again",
+                self.cfg.peer
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) fn split_here(&self, g: &mut Inner, rw: bool, why: &str) -> u64 {
         if let Some(s) = g.persisted.role.as_secondary_mut() {
             s.split_writable = rw;

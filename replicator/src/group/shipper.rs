@@ -423,10 +423,21 @@ async fn send_loop(
     let mut copy = CopyReads::default();
     let mut read_ahead = ReadAhead::default();
     loop {
-        let (pair_gone, superseded) = {
+        let (pair_gone, superseded, split) = {
             let g = lock(&group.inner);
-            (g.role() != Role::Primary || g.persisted.pair_id != pair_id, g.shipper_epoch != epoch)
+            (
+                g.role() != Role::Primary || g.persisted.pair_id != pair_id,
+                g.shipper_epoch != epoch,
+                g.state == PairState::Suspended(SuspendReason::Split),
+            )
         };
+        if split {
+            // Split here without the secondary's answer (it did not answer
+            // in time, or this session was being set up meanwhile): nothing
+            // more goes out until `pair resync`.
+            send.finish();
+            return Ok(());
+        }
         if pair_gone {
             // The copy's reads hold their ranges against writes, which the
             // now standalone volumes take at once.
