@@ -289,6 +289,10 @@ fn failback_copies_only_what_changed_and_switches_back() {
     // Switch back: A is the primary again, with every write.
     let out = cli_ok(&cluster, Site::A, &["switchover", "fb"]);
     assert!(out.contains("switchover done"), "{out}");
+    // Its session comes up at once: sync writes wait for it. (The run of
+    // its fenced past retried every 10 s, and writes waited link_timeout,
+    // then went on alone: SUSPENDED.)
+    cluster.wait_until(Site::A, "fb", "replicating again", Duration::from_secs(5), |s| s.connected);
     cluster.wait_pair("fb", MINUTE);
     cluster.wait_drained("fb");
     cluster.stop(Site::A);

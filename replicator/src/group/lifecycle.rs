@@ -394,6 +394,7 @@ impl Group {
                 p.swap = true;
                 p.admin_resync = true;
             }
+            self.publish(&mut g);
             (g.persisted.generation, self.save_later(&mut g))
         };
         if let Err(e) = self.saved(save).await {

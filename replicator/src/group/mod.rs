@@ -1004,6 +1004,10 @@ impl Group {
     pub fn start_shipping(self: &Arc<Self>) {
         lock(&self.inner).shipper_epoch += 1;
         self.shipping_started.notify_one();
+        // A run of an earlier role may be waiting to retry (up to
+        // `RARE_RETRY` for a fenced node): it ends at once, so the new
+        // sessions start now, not when it wakes (sync writes wait for them).
+        self.session_kick.send_modify(|k| *k += 1);
     }
 
     /// A promotion whose save failed is in effect all the same (the

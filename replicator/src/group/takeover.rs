@@ -240,6 +240,7 @@ impl Group {
             }
             let rewritten = rolled_back.as_ref().map_or(&[][..], |(_, r)| r.as_slice());
             let save = self.promote(g, journal, !inconsistent, rewritten);
+            self.publish(g);
             tracing::warn!(group = %name, generation = g.persisted.generation, "failover: this node is now the primary; {report}");
             (report, save)
         };
@@ -657,7 +658,8 @@ impl Group {
     }
 
     /// Makes this secondary the primary (see [`promote`]); returns the save
-    /// that makes it durable. `rewritten`: regions per volume that differ
+    /// that makes it durable. The caller publishes the new role once its
+    /// state is set. `rewritten`: regions per volume that differ
     /// from what the old primary was told this node holds (a resync rolled
     /// back): dirty from the start, so a failback copies them.
     pub(super) fn promote(
@@ -697,9 +699,10 @@ impl Group {
         // that many numbers without waiting for the appends before them.
         let n = g.last_jseq;
         self.journaled_through.send_replace(n);
-        let save = self.save_later(g);
-        self.publish(g);
-        save
+        // Published by the caller, once it has set the role's state: a
+        // state published in between (the secondary's) would be logged as
+        // the primary's (RPO 0 lost, then in force again, at a switchover).
+        self.save_later(g)
     }
 
     /// A failover on the peer superseded this primary (generation
