@@ -888,16 +888,19 @@ async fn wait_for_pair(daemon: &DaemonSockets, group: &str, timeout: Option<Dura
             return Ok(ExitCode::SUCCESS);
         }
         let timed_out = timeout.is_some_and(|t| started.elapsed() >= t);
+        // NBD clients attached to a split replica: the session starts by
+        // itself once they detach, so that refusal is waited out.
+        let refused = s.refusal.as_deref().filter(|r| *r != "in-use");
         if s.state == "SIMPLEX"
             || s.state == "SPLIT-BRAIN"
             || (s.state == "SUSPENDED" && s.reason.as_deref() == Some("error"))
-            || s.refusal.is_some()
+            || refused.is_some()
             || timed_out
         {
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            if timed_out && s.refusal.is_none() {
+            if timed_out && refused.is_none() {
                 eprintln!(
                     "replicator: group {group}: not PAIR after {:.0} s (now {}{}, {} of {} bytes compared or copied){}",
                     started.elapsed().as_secs_f64(),

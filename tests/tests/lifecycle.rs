@@ -129,10 +129,18 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
     let a = cluster.wait_until(Site::A, "sp", "refused: in use", MINUTE, |s| s.refusal.as_deref() == Some("in-use"));
     assert!(!a.connected, "{a:?}");
     assert_eq!(cluster.status(Site::B, "sp").reason.as_deref(), Some("split"));
-    drop(reader);
-    drop(rt);
-    let out = cli_ok(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]);
-    assert!(out.contains("PAIR"), "{out}");
+    // `--wait` waits through that refusal: the resync goes on by itself
+    // once the client detaches.
+    let out = std::thread::scope(|s| {
+        let waiting = s.spawn(|| cli(&cluster, Site::A, &["pair", "resync", "sp", "--wait", "--timeout", "60s"]));
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(!waiting.is_finished(), "pair resync --wait gave up on a peer whose clients are still attached");
+        drop(reader);
+        drop(rt);
+        waiting.join().expect("pair resync --wait")
+    });
+    assert_eq!(out.0, 0, "{}", out.1);
+    assert!(out.1.contains("PAIR"), "{}", out.1);
     let a = cluster.wait_drained("sp");
     assert_eq!(a.rpo_zero, Some(true), "{a:?}");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
