@@ -163,14 +163,16 @@ fn accept_open(
             group.cfg.mode
         )));
     }
+    let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
+    let mut g = lock(&group.inner);
+    // Under the lock: a session that fail-stops the group does so before it
+    // detaches (under this lock), so no new one can start past its stop.
     if let Some(why) = group.stopped.get() {
         return Err((
             pb::Refusal::Unspecified,
             format!("group {name} stopped after a local failure here ({why}); it takes no session until the daemon restarts"),
         ));
     }
-    let intent = pb::OpenIntent::try_from(open.intent).unwrap_or(pb::OpenIntent::Unspecified);
-    let mut g = lock(&group.inner);
     if *stopping.borrow() {
         return Err(stopping_refusal());
     }

@@ -1695,7 +1695,6 @@ impl Group {
     /// are durable; on the secondary the session stops applying, asks the
     /// primary to dissolve, and only then makes the volumes writable here.
     pub async fn pair_delete(&self) -> Result<String, GroupError> {
-        self.refuse_if_stopped()?;
         let name = &self.cfg.name;
         let peer = &self.cfg.peer;
         enum Next {
@@ -1705,6 +1704,10 @@ impl Group {
         }
         let (next, save) = {
             let mut g = lock(&self.inner);
+            // Under the lock: a session that fail-stops the group (its
+            // restore journal holds writes not on the volumes) does so
+            // before it detaches, so "no session" here means not stopped.
+            self.refuse_if_stopped()?;
             match g.role() {
                 // Nothing to end: said so, and not an error (a runbook may
                 // delete on both sites, the first delete having ended both).
