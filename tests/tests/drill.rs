@@ -209,7 +209,7 @@ fn cli_ok(c: &Cluster, site: Site, args: &[&str]) -> String {
 /// `stderr` (or dropped); returns once the drill is up, with the drill's
 /// time to ready.
 fn spawn_drill_run(c: &Cluster, args: &[&str], stderr: Option<&Path>) -> (std::process::Child, f64) {
-    let run = std::process::Command::new(c.bin())
+    let mut run = std::process::Command::new(c.bin())
         .arg("--config")
         .arg(c.config_path(Site::B))
         .args(["drill", "run", "g"])
@@ -222,12 +222,22 @@ fn spawn_drill_run(c: &Cluster, args: &[&str], stderr: Option<&Path>) -> (std::p
         .spawn()
         .expect("drill run");
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let ready_ms = loop {
         if let Some(d) = c.status(Site::B, "g").drill {
-            return (run, d.meta.ready_ms);
+            break Some(d.meta.ready_ms);
         }
-        assert!(Instant::now() < deadline, "the drill did not start\n{}", c.diagnostics());
+        if Instant::now() >= deadline {
+            break None;
+        }
         std::thread::sleep(Duration::from_millis(50));
+    };
+    match ready_ms {
+        Some(ms) => (run, ms),
+        None => {
+            let _ = run.kill();
+            let _ = run.wait();
+            panic!("the drill did not start\n{}", c.diagnostics());
+        }
     }
 }
 
