@@ -316,7 +316,7 @@ impl Group {
             return Err(GroupError::Refused(format!(
                 "group {name} is {}: `pair {what}` does not apply; `replicator failback {name}` or `replicator pair \
                  resync {name} --discard-local` on the site whose writes are to be discarded",
-                if fenced { "fenced after a failover" } else { "in SPLIT-BRAIN" }
+                if g.state == PairState::SplitBrain { "in SPLIT-BRAIN" } else { "fenced after a failover" }
             )));
         }
         if g.switching {
