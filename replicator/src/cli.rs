@@ -554,7 +554,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let resp = ask(&daemon, Request::PairCreate { group: group.clone(), nocopy }).await?;
                 let code = report(&resp)?;
                 if wait {
-                    wait_for_pair(&daemon, &group, timeout).await
+                    wait_for_pair(&daemon, &group, timeout, false).await
                 } else {
                     Ok(code)
                 }
@@ -577,7 +577,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let code =
                     report(&ask(&daemon, Request::PairResync { group: group.clone(), swap, discard_local }).await?)?;
                 if wait {
-                    wait_for_pair(&daemon, &group, timeout).await
+                    wait_for_pair(&daemon, &group, timeout, true).await
                 } else {
                     Ok(code)
                 }
@@ -591,7 +591,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 if no_switch && !wait {
                     return Ok(code);
                 }
-                wait_for_pair(&daemon, &group, timeout).await?;
+                wait_for_pair(&daemon, &group, timeout, false).await?;
                 if no_switch {
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -615,7 +615,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             rt.block_on(async {
                 let code = report(&ask(&daemon, Request::Switchover { group: group.clone() }).await?)?;
                 if wait {
-                    wait_for_pair(&daemon, &group, None).await
+                    wait_for_pair(&daemon, &group, None, false).await
                 } else {
                     Ok(code)
                 }
@@ -842,7 +842,17 @@ const POLL_AT_LEAST: Duration = Duration::from_secs(2);
 /// `--wait`: polls status until PAIR, printing progress (a bar on a TTY,
 /// plain lines otherwise). Fails at once when the peer refused for good
 /// or the pair failed, and after `timeout` if given.
-async fn wait_for_pair(daemon: &DaemonSockets, group: &str, timeout: Option<Duration>) -> Result<ExitCode, ExitCode> {
+/// Polls `status` until the pair is PAIR; fails at once on a state or a
+/// refusal that waiting cannot fix. `in_use_waits`: the peer's `in-use`
+/// refusal (NBD clients on its split replica) is waited out, as a resync
+/// starts by itself once they detach (not for `pair create`, where they
+/// are an application on standalone volumes about to be overwritten).
+async fn wait_for_pair(
+    daemon: &DaemonSockets,
+    group: &str,
+    timeout: Option<Duration>,
+    in_use_waits: bool,
+) -> Result<ExitCode, ExitCode> {
     let started = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
@@ -888,9 +898,7 @@ async fn wait_for_pair(daemon: &DaemonSockets, group: &str, timeout: Option<Dura
             return Ok(ExitCode::SUCCESS);
         }
         let timed_out = timeout.is_some_and(|t| started.elapsed() >= t);
-        // NBD clients attached to a split replica: the session starts by
-        // itself once they detach, so that refusal is waited out.
-        let refused = s.refusal.as_deref().filter(|r| *r != "in-use");
+        let refused = s.refusal.as_deref().filter(|r| !(in_use_waits && *r == "in-use"));
         if s.state == "SIMPLEX"
             || s.state == "SPLIT-BRAIN"
             || (s.state == "SUSPENDED" && s.reason.as_deref() == Some("error"))

@@ -300,7 +300,7 @@ fn failback_copies_only_what_changed_and_switches_back() {
     // Its session comes up at once: sync writes wait for it. (The run of
     // its fenced past retried every 10 s, and writes waited link_timeout,
     // then went on alone: SUSPENDED.)
-    cluster.wait_until(Site::A, "fb", "replicating again", Duration::from_secs(5), |s| s.connected);
+    cluster.wait_until(Site::A, "fb", "replicating again", Duration::from_secs(3), |s| s.connected);
     cluster.wait_pair("fb", MINUTE);
     cluster.wait_drained("fb");
     cluster.stop(Site::A);

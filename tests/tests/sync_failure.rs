@@ -274,11 +274,18 @@ fn delete_while_applies_fail(cluster: &Cluster, name: &str, delete: Site) -> (Ve
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(cluster.fs_command(Site::B, &format!("fail-write {name}-vol.img")).starts_with("ok armed"));
+    // The secondary's word that the primary ended the pair (its own delete,
+    // or the confirmation of one run on the secondary).
+    let told = if delete == Site::A { "the primary ran pair delete" } else { "the primary ended the pair too" };
     let out = std::thread::scope(|s| {
         let deleting = s.spawn(|| cluster.cli(delete, &["pair", "delete", name]));
         // The delete reaches the secondary, which then drains: its held
         // sync completes and the applies it released fail.
-        std::thread::sleep(Duration::from_secs(2));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cluster.log(Site::B).contains(told) {
+            assert!(Instant::now() < deadline, "the secondary never heard of the delete\n{}", cluster.diagnostics());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(cluster.fs_command(Site::B, "release").starts_with("ok"));
         deleting.join().expect("pair delete")
     });
@@ -345,7 +352,7 @@ fn pair_delete_on_a_secondary_that_fails_to_apply_leaves_it_a_secondary() {
     let (blocks, out) = delete_while_applies_fail(&cluster, name, Site::B);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
-    assert!(stderr.contains("not deleted there") && stderr.contains("ended the pair"), "{stdout}{stderr}");
+    assert!(stderr.contains("not deleted here") && stderr.contains("ended the pair"), "{stdout}{stderr}");
     check_not_deleted_until_reapplied(cluster, name, &blocks);
 }
 

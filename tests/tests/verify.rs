@@ -254,8 +254,11 @@ fn a_second_verify_is_refused_while_one_runs_and_a_stop_says_it_cut_one_short() 
         let out = verify.wait_with_output().expect("verify");
         let text = describe_output(&out);
         assert_eq!(out.status.code(), Some(1), "verify (fix: {fix}) during a stop:\n{text}");
-        assert!(text.contains("was cut short: this daemon is stopping"), "{text}");
-        assert_eq!(text.contains("a verify without --fix does not hold up a clean stop"), !fix, "{text}");
+        // Nothing holds up the stop for a verify without --fix: its answer
+        // may lose the race with the daemon's exit.
+        let closed = !fix && text.contains("closed the connection without answering");
+        assert!(closed || text.contains("was cut short: this daemon is stopping"), "{text}");
+        assert!(closed || text.contains("a verify without --fix does not hold up a clean stop") == !fix, "{text}");
         c.start(Site::A);
         c.wait_pair(group, Duration::from_secs(60));
     }

@@ -864,11 +864,19 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
             // restart applies them again, and `pair delete` then ends it.
             let name = &group.cfg.name;
             tracing::error!(group = %name, reason = why, "pair delete not done here: applying failed");
-            not_deleted = Some(format!(
-                "applying failed on the secondary, so the pair is not deleted there: its restore journal holds \
-                 acknowledged writes that are not on its volumes yet; restart its daemon once the disk is healthy \
-                 (it applies them again), then run `replicator pair delete {name}` there"
-            ));
+            not_deleted = Some(if matches!(session.ending, Ending::DeletedHere { .. }) {
+                format!(
+                    "applying failed here, so the pair is not deleted here: the restore journal holds acknowledged \
+                     writes that are not on the volumes yet; restart this daemon once the disk is healthy (it \
+                     applies them again), then run `replicator pair delete {name}` again"
+                )
+            } else {
+                format!(
+                    "applying failed on the secondary, so the pair is not deleted there: its restore journal holds \
+                     acknowledged writes that are not on its volumes yet; restart its daemon once the disk is \
+                     healthy (it applies them again), then run `replicator pair delete {name}` there"
+                )
+            });
         }
     }
     if session.ending == Ending::DeletedByPrimary {
@@ -1252,6 +1260,7 @@ impl Session {
             // primary's own delete.
             if let Some(Body::Command(c)) = &env.body {
                 if c.command == pb::Command::Delete as i32 {
+                    tracing::info!(group = %self.group.cfg.name, "the primary ended the pair too; finishing the applies received");
                     self.ending = Ending::DeletedHere { confirmed: true };
                 }
             }
@@ -1309,6 +1318,7 @@ impl Session {
             Some(Body::Command(c)) if c.command == pb::Command::Delete as i32 => {
                 // Dissolved (and confirmed) after the drain, see
                 // `serve_secondary`.
+                tracing::info!(group = %self.group.cfg.name, "the primary ran pair delete; finishing the applies received");
                 self.ending = Ending::DeletedByPrimary;
                 Ok(())
             }

@@ -193,8 +193,6 @@ impl Group {
         )
     }
 
-    /// The secondary records an admin split (its session is over); returns
-    /// the save that makes it durable.
     /// Whether this secondary's volumes may become writable by a split
     /// (`--rw`, asked here or by the primary): not while a drill copy is
     /// being taken of them, nor while they hold no image the primary had.
@@ -226,6 +224,8 @@ impl Group {
         Ok(())
     }
 
+    /// The secondary records an admin split (its session is over); returns
+    /// the save that makes it durable.
     pub(super) fn split_here(&self, g: &mut Inner, rw: bool, why: &str) -> u64 {
         if let Some(s) = g.persisted.role.as_secondary_mut() {
             s.split_writable = rw;

@@ -248,6 +248,12 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         if !is_current(&g, epoch) {
             return Err(TransportError::Protocol("the pair changed while the session started".into()));
         }
+        if g.state == PairState::Suspended(SuspendReason::Split) {
+            // Split while this session was being set up (the peer away):
+            // nothing goes out, not even an OpenGroup, whose resync intent
+            // would end the secondary's split.
+            return Ok(());
+        }
         let dirty: u64 = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
         let p = &g.persisted;
         let primary = p.role.as_primary().cloned().unwrap_or_default();
@@ -292,6 +298,9 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         let mut g = lock(&group.inner);
         if pair_changed(&g, epoch, pair_id) {
             return Err(TransportError::Protocol("the pair changed while the session started".into()));
+        }
+        if g.state == PairState::Suspended(SuspendReason::Split) {
+            return Ok(());
         }
         group.heard_from_peer(&mut g, Some(&reply.state));
     }
@@ -433,8 +442,8 @@ async fn send_loop(
         };
         if split {
             // Split here without the secondary's answer (it did not answer
-            // in time, or this session was being set up meanwhile): nothing
-            // more goes out until `pair resync`.
+            // in time, or was away: see `session`): nothing more goes out
+            // until `pair resync`.
             send.finish();
             return Ok(());
         }
