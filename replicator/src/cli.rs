@@ -841,12 +841,11 @@ const POLL_AT_LEAST: Duration = Duration::from_secs(2);
 
 /// `--wait`: polls status until PAIR, printing progress (a bar on a TTY,
 /// plain lines otherwise). Fails at once when the peer refused for good
-/// or the pair failed, and after `timeout` if given.
-/// Polls `status` until the pair is PAIR; fails at once on a state or a
-/// refusal that waiting cannot fix. `in_use_waits`: the peer's `in-use`
-/// refusal (NBD clients on its split replica) is waited out, as a resync
-/// starts by itself once they detach (not for `pair create`, where they
-/// are an application on standalone volumes about to be overwritten).
+/// or the pair failed, and after `timeout` if given. `in_use_waits`: the
+/// peer's `in-use` refusal (NBD clients on its split replica) is waited
+/// out, as a resync starts by itself once they detach (not for `pair
+/// create`, where they are an application on standalone volumes about to
+/// be overwritten).
 async fn wait_for_pair(
     daemon: &DaemonSockets,
     group: &str,
