@@ -252,6 +252,58 @@ fn split_rw_then_swap_keeps_the_replicas_changes_and_reverses_the_roles() {
     assert!(cluster.log(Site::A).contains("pair resync --swap on site-b"));
 }
 
+/// `pair resync --swap` while an NBD client holds the old primary's
+/// volume: the old primary learns of the swap when the new one dials, and
+/// from then on refuses writes (EPERM) and new clients, as a switchover
+/// does: the swap would overwrite every write it acknowledged. Once the
+/// client detaches it gives up the role.
+#[test]
+fn swap_while_a_client_holds_the_old_primary_refuses_its_writes_until_it_detaches() {
+    let group = GroupSpec::new("sh", Mode::Async).volume("sh-vol", 16 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sh");
+    cluster.wait_pair("sh", MINUTE);
+    assert_eq!(write_blocks(&cluster, Site::A, "sh-vol", 0..20, 0), 20);
+    cluster.wait_drained("sh");
+    cli_ok(&cluster, Site::B, &["pair", "split", "sh", "--rw"]);
+    cluster
+        .wait_until(Site::A, "sh", "split (told by the secondary)", MINUTE, |s| s.reason.as_deref() == Some("split"));
+    assert_eq!(write_blocks(&cluster, Site::B, "sh-vol", 30..40, 1000), 10);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sh-vol")).expect("attach");
+    let block = |i: u64| random_bytes(i + 1 + 500, BLOCK as usize);
+    rt.block_on(client.write(0, &block(0), false)).expect("the split primary takes writes");
+    let out = cli_ok(&cluster, Site::B, &["pair", "resync", "sh", "--swap"]);
+    assert!(out.contains("now the primary"), "{out}");
+    let a = cluster.wait_until(Site::A, "sh", "told of the swap", MINUTE, |s| !s.writable);
+    assert_eq!(a.role, "primary", "{a:?}");
+    assert!(a.last_error.as_deref().is_some_and(|e| e.contains("--swap") && e.contains("detach")), "{a:?}");
+    let refused = rt.block_on(client.write(BLOCK, &block(1), false));
+    assert!(refused.is_err(), "a write acknowledged now would be overwritten by the swap");
+    assert!(
+        rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sh-vol")).is_err(),
+        "no new client attaches to a primary giving up its role"
+    );
+    drop(client);
+    drop(rt);
+    cluster.wait_until(Site::A, "sh", "the secondary after the swap, in PAIR", MINUTE, |s| {
+        s.role == "secondary" && s.state == "PAIR"
+    });
+    cluster.wait_until(Site::B, "sh", "drained primary", MINUTE, |s| {
+        s.role == "primary" && s.state == "PAIR" && s.lag_records == 0
+    });
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("sh");
+    let image = read_volume(&cluster, Site::A, "sh-vol");
+    for i in 0..40 {
+        let want = if (30..40).contains(&i) { 1000 } else { 0 };
+        assert!((20..30).contains(&i) || block_is(&image, i, want), "block {i}: the new primary's data");
+    }
+    assert!(cluster.log(Site::A).contains("takes no more writes (EPERM)"));
+}
+
 /// Pairs, writes, kills the primary and fails over to B; B then takes
 /// writes of its own. Returns the recovery point's block count.
 fn fail_over(cluster: &mut Cluster, group: &str, vol: &str, before: u64) {

@@ -435,7 +435,7 @@ pub(super) fn standing(group: &Group, g: &Inner) -> Standing {
         pair_id: g.persisted.pair_id,
         generation: g.persisted.generation,
         superseded_by: g.persisted.role.superseded_by(),
-        split: g.state == PairState::Suspended(SuspendReason::Split),
+        split: g.split(),
         split_brain: g.state == PairState::SplitBrain,
         needs_rebase: g.persisted.role.needs_rebase(),
         split_writable: g.persisted.role.split_writable(),
@@ -546,7 +546,25 @@ async fn give_up_for_swap(group: &Arc<Group>, open: &pb::OpenGroup, peer: &str) 
                 "pair resync --swap on {peer}: this node is now its secondary; its writes since the split are overwritten");
             Ok(())
         }
-        Err(GroupError::Refused(msg)) => Err((pb::Refusal::InUse, msg)),
+        Err(GroupError::Refused(msg)) => {
+            // NBD clients hold the volumes: the role is given up once they
+            // detach (the peer dials again). Until then this node takes no
+            // writes: the swap would overwrite each one it acknowledged.
+            let mut g = lock(&group.inner);
+            if g.swapped_away() != Some(open.generation) {
+                g.swap_learned = Some((open.pair_id, open.generation));
+                let name = &group.cfg.name;
+                let why = format!(
+                    "group {name}: `pair resync --swap` on {peer} made it the primary (generation {}); this node \
+                     takes no more writes (EPERM) and becomes its secondary, its writes since the split \
+                     overwritten, once its NBD clients detach ({msg})",
+                    open.generation
+                );
+                tracing::error!(group = %name, "{why}");
+                g.last_error = Some(why);
+            }
+            Err((pb::Refusal::InUse, msg))
+        }
         Err(e) => Err((pb::Refusal::Unspecified, format!("cannot give up the primary role here: {e}"))),
     }
 }

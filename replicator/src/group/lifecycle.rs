@@ -77,7 +77,7 @@ impl Group {
                 let rx = {
                     let mut g = lock(&self.inner);
                     self.refuse_unless_replicating_primary(&g, "split")?;
-                    if g.state == PairState::Suspended(SuspendReason::Split) {
+                    if g.split() {
                         return Ok(format!("group {name} is already split"));
                     }
                     if rw && g.state == PairState::Copy {
@@ -337,7 +337,7 @@ impl Group {
         // reachable (one that is not learns of the swap as of a failover:
         // the runbook's case of a split made while the primary was away).
         let not_split = |g: &Inner| {
-            (g.state != PairState::Suspended(SuspendReason::Split) || g.secondary_attached).then(|| {
+            (!g.split() || g.secondary_attached).then(|| {
                 GroupError::Refused(format!(
                     "group {name} is {}: --swap needs the pair split first (`replicator pair split {name}`), so that \
                      {peer} stops taking writes as primary",

@@ -248,6 +248,13 @@ struct Inner {
     boot_id: String,
     /// Primary, during `switchover`: new writes are refused.
     switching: bool,
+    /// A split primary told by its peer that `pair resync --swap` made the
+    /// peer the primary, while NBD clients held its volumes (it gives the
+    /// role up once they detach): the pair and the peer's generation. New
+    /// writes are refused meanwhile, as during a switchover: the swap
+    /// overwrites them. Not persisted: after a restart the peer's next dial
+    /// tells it again.
+    swap_learned: Option<(u64, u64)>,
     /// Secondary, during `failover`: no new replication session.
     taking_over: bool,
     /// During `pair create` (which writes a new journal over the file): no
@@ -433,6 +440,24 @@ impl Inner {
     /// This node's role.
     fn role(&self) -> Role {
         self.persisted.role()
+    }
+
+    /// An admin split the pair here (`SUSPENDED(split)`).
+    fn split(&self) -> bool {
+        self.state == PairState::Suspended(SuspendReason::Split)
+    }
+
+    /// A split primary whose peer became the primary with `pair resync
+    /// --swap`, waiting for its NBD clients to detach before it gives up
+    /// the role: the peer's generation.
+    fn swapped_away(&self) -> Option<u64> {
+        self.swap_learned
+            .filter(|&(pair_id, generation)| {
+                self.role() == Role::Primary
+                    && pair_id == self.persisted.pair_id
+                    && generation > self.persisted.generation
+            })
+            .map(|(_, generation)| generation)
     }
 
     /// Every write up to here is durable on this node where no replay of
@@ -897,6 +922,7 @@ impl Group {
             drill_starting: false,
             secondary_attached: false,
             peer_knows_split: false,
+            swap_learned: None,
             secondary_durable: durable_seq,
             secondary_applied: durable_seq,
             persisted,
@@ -2053,7 +2079,8 @@ impl Group {
                 || g.role() == Role::None
                 || g.persisted.role.split_writable())
                 && !g.switching
-                && !g.taking_over,
+                && !g.taking_over
+                && g.swapped_away().is_none(),
             needs_rebase: g.persisted.role.needs_rebase(),
             io_backend: self.engine.backend().to_string(),
             direct_io: self.volumes.iter().all(|v| v.file().is_direct()),

@@ -22,7 +22,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use replicator_protocol::journal_format::JournalRing;
 use replicator_protocol::journal_space;
-use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
+use replicator_protocol::pair::{PairEvent, PairState, Role};
 use replicator_protocol::pb::{self, envelope::Body};
 use replicator_protocol::primary::{check_resume, CopyStep, PrimaryConfig, PrimarySession, Transmit};
 use replicator_protocol::record::Record;
@@ -155,7 +155,7 @@ async fn run(group: &Arc<Group>, epoch: u64) {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
-        if lock(&group.inner).state == PairState::Suspended(SuspendReason::Split) {
+        if lock(&group.inner).split() {
             // An admin split: only `pair resync` (which kicks) resumes.
             let _ = tokio::time::timeout(Duration::from_secs(1), kick.changed()).await;
             continue;
@@ -248,7 +248,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         if !is_current(&g, epoch) {
             return Err(TransportError::Protocol("the pair changed while the session started".into()));
         }
-        if g.state == PairState::Suspended(SuspendReason::Split) {
+        if g.split() {
             // Split while this session was being set up (the peer away):
             // nothing goes out, not even an OpenGroup, whose resync intent
             // would end the secondary's split.
@@ -299,7 +299,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         if pair_changed(&g, epoch, pair_id) {
             return Err(TransportError::Protocol("the pair changed while the session started".into()));
         }
-        if g.state == PairState::Suspended(SuspendReason::Split) {
+        if g.split() {
             return Ok(());
         }
         group.heard_from_peer(&mut g, Some(&reply.state));
@@ -434,11 +434,7 @@ async fn send_loop(
     loop {
         let (pair_gone, superseded, split) = {
             let g = lock(&group.inner);
-            (
-                g.role() != Role::Primary || g.persisted.pair_id != pair_id,
-                g.shipper_epoch != epoch,
-                g.state == PairState::Suspended(SuspendReason::Split),
-            )
+            (g.role() != Role::Primary || g.persisted.pair_id != pair_id, g.shipper_epoch != epoch, g.split())
         };
         if split {
             // Split here without the secondary's answer (it did not answer

@@ -78,7 +78,7 @@ impl Group {
         // A split secondary has no session telling whether the primary
         // lives: it is asked (a primary that answers most likely still
         // takes writes).
-        let split = lock(&self.inner).state == PairState::Suspended(SuspendReason::Split);
+        let split = lock(&self.inner).split();
         let primary_reachable = split
             && !force
             && matches!(tokio::time::timeout(PROBE_TIMEOUT, self.transport.connect(&peer)).await, Ok(Ok(_)));
@@ -98,7 +98,7 @@ impl Group {
                     g.state
                 )));
             }
-            if g.state == PairState::Suspended(SuspendReason::Split) && !force && primary_reachable {
+            if g.split() && !force && primary_reachable {
                 // The split stopped the replication, not the primary: it
                 // is reachable, and most likely still takes writes.
                 return Err(GroupError::Refused(format!(

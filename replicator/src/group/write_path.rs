@@ -26,7 +26,7 @@ use replicator_protocol::journal_format::{
     record_span, JOURNAL_RECORD_ALIGN, JOURNAL_SUPERBLOCK_LEN, MAX_APPEND_WINDOW,
 };
 use replicator_protocol::journal_space::{self, OnFull};
-use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
+use replicator_protocol::pair::{PairEvent, PairState, Role};
 use replicator_protocol::record::{Record, RecordOp, MAX_RECORD_PAYLOAD};
 use replicator_protocol::sequencer::Dep;
 use tokio::sync::watch;
@@ -73,6 +73,15 @@ pub enum WriteError {
         /// The group.
         group: String,
         /// The node that took over.
+        peer: String,
+    },
+    /// `pair resync --swap` made the peer the primary: this split former
+    /// primary gives up the role once its NBD clients detach.
+    #[error("group {group}: `pair resync --swap` made {peer} the primary; this node takes no writes and becomes its secondary once its NBD clients detach (see `replicator status {group}`)")]
+    SwappedAway {
+        /// The group.
+        group: String,
+        /// The new primary.
         peer: String,
     },
     /// Outside the volume.
@@ -345,6 +354,9 @@ impl Group {
         }
         if g.switching {
             return Err(WriteError::SwitchingOver(self.cfg.name.clone()));
+        }
+        if g.swapped_away().is_some() {
+            return Err(WriteError::SwappedAway { group: self.cfg.name.clone(), peer: self.cfg.peer.clone() });
         }
         if let Some(s) = g.persisted.role.as_simplex_mut().filter(|s| s.former_pair_id != 0 && !s.written_standalone) {
             // The first write after leaving a pair: remember it durably, so
@@ -1183,12 +1195,12 @@ impl Group {
     }
 
     /// A role change is under way here (a switchover, giving the primary
-    /// role to the peer, a failover): no new NBD client may attach, its
+    /// role to the peer, also after its `pair resync --swap`, a failover): no new NBD client may attach, its
     /// volumes may be about to be overwritten (checked again with the client
     /// counted, as for [`Self::attachable`]).
     pub fn changing_role(&self) -> bool {
         let g = lock(&self.inner);
-        g.switching || g.taking_over
+        g.switching || g.taking_over || g.swapped_away().is_some()
     }
 
     /// May NBD clients attach the volumes? Where they are writable, and on a
@@ -1196,9 +1208,7 @@ impl Group {
     /// until `pair resync`, which waits until they detach).
     pub fn attachable(&self) -> bool {
         let g = lock(&self.inner);
-        g.role() != Role::Secondary
-            || g.persisted.role.split_writable()
-            || g.state == PairState::Suspended(SuspendReason::Split)
+        g.role() != Role::Secondary || g.persisted.role.split_writable() || g.split()
     }
 }
 
