@@ -1005,6 +1005,16 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
             "group {}  role {}  state {}  mode {}  peer {} ({link})  health {}",
             s.group, s.role, state, s.mode, s.peer, s.health
         );
+        if s.state == crate::node::FAILED_STATE {
+            // Nothing of it runs: no figures to show.
+            for v in &s.volumes {
+                let _ = writeln!(out, "  volume {}  {}", v.name, v.path.display());
+            }
+            if let Some(e) = &s.last_error {
+                let _ = writeln!(out, "  last error: {e}");
+            }
+            continue;
+        }
         if s.role != "none" {
             let _ = writeln!(
                 out,

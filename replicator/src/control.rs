@@ -445,8 +445,18 @@ impl Replies<'_> {
     }
 }
 
+/// A command on a group that is not running here: one that did not open
+/// at start, or one not configured.
 fn unknown_group(node: &Node, name: &str) -> Response {
-    let known: Vec<&str> = node.groups.iter().map(|g| g.cfg.name.as_str()).collect();
+    if let Some(failed) = node.failed_group(name) {
+        return Response::err(exit::FAILED, failed.explain());
+    }
+    let known: Vec<&str> = node
+        .groups
+        .iter()
+        .map(|g| g.cfg.name.as_str())
+        .chain(node.failed.iter().map(|f| f.cfg.name.as_str()))
+        .collect();
     Response::err(exit::USAGE, format!("no group named {name:?} in the configuration (groups: {})", known.join(", ")))
 }
 
@@ -454,11 +464,12 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
     match req {
         Request::Status { group } => {
             let groups: Vec<GroupStatus> = match &group {
-                Some(name) => match node.group(name) {
-                    Some(g) => vec![g.status()],
-                    None => return unknown_group(node, name),
+                Some(name) => match (node.group(name), node.failed_group(name)) {
+                    (Some(g), _) => vec![g.status()],
+                    (None, Some(failed)) => vec![failed.status()],
+                    (None, None) => return unknown_group(node, name),
                 },
-                None => node.groups.iter().map(|g| g.status()).collect(),
+                None => node.statuses(),
             };
             Response { groups, ..Response::ok("") }
         }

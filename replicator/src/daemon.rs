@@ -32,7 +32,7 @@ use crate::config::{Config, GroupConfig, NbdTlsMode};
 use crate::group::{Group, Pacing};
 use crate::io::{BackendChoice, IoEngine};
 use crate::nbd::{Drain, NbdTls, ServeOptions, SharedLimits, SHUTDOWN_BACKSTOP};
-use crate::node::Node;
+use crate::node::{FailedGroup, Node};
 use crate::state_lock::{StateDirLock, StateLockError};
 use crate::tls::TlsIdentity;
 use crate::transport::{Transport, TransportError};
@@ -80,6 +80,9 @@ pub enum DaemonError {
         /// Error.
         source: crate::group::GroupError,
     },
+    /// No configured group could be opened (each one's reason).
+    #[error("no group could be opened: {0}")]
+    NoGroupOpened(String),
     /// QUIC / TLS set-up.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -271,14 +274,14 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         tracing::warn!("io_uring unavailable ({reason}); using the thread-pool I/O backend");
     }
     let transport = Arc::new(Transport::bind(&config)?);
+    // A group whose volumes, state or journal cannot be opened stays down
+    // while the others run (a disk gone after a reboot must not stop the
+    // replication of every other group on the host); with no group left
+    // the daemon does not start.
     let mut opened = Vec::new();
     for gc in &config.groups {
-        let volumes: Vec<Arc<Volume>> = gc
-            .volumes
-            .iter()
-            .enumerate()
-            .map(|(i, vc)| Volume::open(&engine, vc, i as u32).map(Arc::new))
-            .collect::<Result<_, _>>()?;
+        let volumes: Result<Vec<Arc<Volume>>, _> =
+            gc.volumes.iter().enumerate().map(|(i, vc)| Volume::open(&engine, vc, i as u32).map(Arc::new)).collect();
         opened.push(volumes);
     }
     // Every volume exists now (created where `create = true`).
@@ -288,15 +291,38 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
         reason,
     })?;
     let mut groups = Vec::new();
+    let mut failed = Vec::new();
     let pacing = Arc::new(Pacing::default());
     for (gc, volumes) in config.groups.iter().zip(opened) {
-        let group =
-            Group::open(gc.clone(), volumes, engine.clone(), &config.node.state_dir, transport.clone(), pacing.clone())
-                .await
-                .map_err(|source| DaemonError::Group { group: gc.name.clone(), source })?;
-        groups.push(group);
+        let opened = match volumes {
+            Ok(volumes) => Group::open(
+                gc.clone(),
+                volumes,
+                engine.clone(),
+                &config.node.state_dir,
+                transport.clone(),
+                pacing.clone(),
+            )
+            .await
+            .map_err(|source| DaemonError::Group { group: gc.name.clone(), source }),
+            Err(e) => Err(DaemonError::Volume(e)),
+        };
+        match opened {
+            Ok(group) => groups.push(group),
+            Err(e) if config.groups.len() == 1 => return Err(e),
+            Err(e) => {
+                let failure = FailedGroup { cfg: gc.clone(), error: e.to_string() };
+                tracing::error!(group = %gc.name, "{}", failure.explain());
+                failed.push(failure);
+            }
+        }
     }
-    let node = Arc::new(Node::new(config.node.name.clone(), groups, transport.clone(), pacing));
+    if groups.is_empty() && !failed.is_empty() {
+        return Err(DaemonError::NoGroupOpened(
+            failed.iter().map(|f| format!("group {}: {}", f.cfg.name, f.error)).collect::<Vec<_>>().join("; "),
+        ));
+    }
+    let node = Arc::new(Node::new(config.node.name.clone(), groups, failed, transport.clone(), pacing));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let control = bind_unix(&config.control_socket(), SOCKET_MODE, CONTROL_SOCKET)?;
@@ -404,9 +430,15 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
     }
 
     let summary = format!(
-        "node {} serving {} group(s) on NBD {}; QUIC {}; I/O {}; state_dir {} locked",
+        "node {} serving {} group(s){} on NBD {}; QUIC {}; I/O {}; state_dir {} locked",
         config.node.name,
         node.groups.len(),
+        if node.failed.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = node.failed.iter().map(|f| f.cfg.name.as_str()).collect();
+            format!(" (NOT OPENED: {})", names.join(", "))
+        },
         config.nbd_socket().display(),
         transport.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         engine.backend(),

@@ -183,8 +183,7 @@ impl Exporter {
     /// health (a liveness probe must not restart a daemon in split brain).
     pub fn healthz(&self) -> String {
         let mut out = String::from("ok\n");
-        for g in &self.node.groups {
-            let s = g.status();
+        for s in self.node.statuses() {
             out.push_str(&format!("{} {} {} {}\n", s.group, s.health, s.role, s.state));
         }
         out
@@ -276,7 +275,7 @@ impl Collector for NodeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let e = &mut encoder;
         let groups = &self.node.groups;
-        let statuses: Vec<GroupStatus> = groups.iter().map(|g| g.status()).collect();
+        let statuses: Vec<GroupStatus> = self.node.statuses();
         let by_group = |f: GaugeOf| -> Vec<(GroupLabel<'_>, f64)> {
             statuses.iter().map(|s| ([("group", s.group.as_str())], f(s))).collect()
         };

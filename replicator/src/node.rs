@@ -7,9 +7,11 @@ use std::sync::Arc;
 use replicator_protocol::pb::envelope::Body;
 use tokio::sync::watch;
 
+use crate::config::GroupConfig;
 use crate::control::AdminCommands;
 use crate::group::{
-    drill_export_name, serve_verify, ClientGuard, DrillExport, Group, IncomingSession, Pacing, WriteError, WriteKind,
+    drill_export_name, serve_verify, ClientGuard, DrillExport, Group, GroupStatus, Health, IncomingSession, Pacing,
+    VolumeStatus, WriteError, WriteKind,
 };
 use crate::io::AlignedBuf;
 use crate::metrics::ErrorKind;
@@ -23,6 +25,8 @@ pub struct Node {
     pub name: String,
     /// Groups by name, in configuration order.
     pub groups: Vec<Arc<Group>>,
+    /// Configured groups that could not be opened at start.
+    pub failed: Vec<FailedGroup>,
     /// Volume (export) name -> (group index, volume index).
     exports: HashMap<String, (usize, u32)>,
     /// The QUIC transport.
@@ -37,20 +41,37 @@ pub struct Node {
 const FIRST_MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Node {
-    /// Builds the node from opened groups.
-    pub fn new(name: String, groups: Vec<Arc<Group>>, transport: Arc<Transport>, pacing: Arc<Pacing>) -> Self {
+    /// Builds the node from opened groups (and those that failed to open).
+    pub fn new(
+        name: String,
+        groups: Vec<Arc<Group>>,
+        failed: Vec<FailedGroup>,
+        transport: Arc<Transport>,
+        pacing: Arc<Pacing>,
+    ) -> Self {
         let mut exports = HashMap::new();
         for (gi, g) in groups.iter().enumerate() {
             for v in &g.volumes {
                 exports.insert(v.name.clone(), (gi, v.index));
             }
         }
-        Self { name, groups, exports, transport, pacing, admin: AdminCommands::default() }
+        Self { name, groups, failed, exports, transport, pacing, admin: AdminCommands::default() }
     }
 
     /// The group named `name`.
     pub fn group(&self, name: &str) -> Option<&Arc<Group>> {
         self.groups.iter().find(|g| g.cfg.name == name)
+    }
+
+    /// Every configured group's `status`: those running, then those that
+    /// did not open.
+    pub fn statuses(&self) -> Vec<GroupStatus> {
+        self.groups.iter().map(|g| g.status()).chain(self.failed.iter().map(FailedGroup::status)).collect()
+    }
+
+    /// The configured group named `name` that could not be opened.
+    pub fn failed_group(&self, name: &str) -> Option<&FailedGroup> {
+        self.failed.iter().find(|f| f.cfg.name == name)
     }
 
     /// Serves the streams of one authenticated peer connection: group
@@ -87,9 +108,14 @@ impl Node {
                         return serve_verify(&node.groups, first, send, recv, &peer).await
                     }
                     Ok(Body::PairQuery(query)) => {
-                        // No such group here: `configured` false.
-                        let reply = node.group(&query.group).map(|g| g.answer_pair_query(&query)).unwrap_or_default();
-                        let _ = send.send(Body::PairQueryReply(reply)).await;
+                        // A group that did not open here may well be in the
+                        // pair: no answer (the asker learns nothing).
+                        if node.failed_group(&query.group).is_none() {
+                            // No such group here: `configured` false.
+                            let reply =
+                                node.group(&query.group).map(|g| g.answer_pair_query(&query)).unwrap_or_default();
+                            let _ = send.send(Body::PairQueryReply(reply)).await;
+                        }
                         send.finish();
                         return;
                     }
@@ -104,15 +130,23 @@ impl Node {
                     }
                 };
                 let Some(group) = node.group(&open.group).cloned() else {
-                    let msg = format!(
-                        "no group named {:?} is configured on this node",
-                        replicator_protocol::wire::peer_text(&open.group)
-                    );
-                    tracing::warn!(%peer, "refused replication session: {msg}");
+                    use replicator_protocol::pb::Refusal;
+                    let (msg, refusal) = match node.failed_group(&open.group) {
+                        // Said at start: the peer's retries are not logged.
+                        Some(failed) => (failed.explain(), Refusal::Unspecified),
+                        None => {
+                            let msg = format!(
+                                "no group named {:?} is configured on this node",
+                                replicator_protocol::wire::peer_text(&open.group)
+                            );
+                            tracing::warn!(%peer, "refused replication session: {msg}");
+                            (msg, Refusal::Config)
+                        }
+                    };
                     let _ = send
                         .send(Body::OpenGroupReply(replicator_protocol::pb::OpenGroupReply {
                             error: msg,
-                            refusal: replicator_protocol::pb::Refusal::Config as i32,
+                            refusal: refusal as i32,
                             ..Default::default()
                         }))
                         .await;
@@ -124,6 +158,52 @@ impl Node {
         }
     }
 }
+
+/// A configured group that could not be opened when the daemon started
+/// (its volumes, state or journal): nothing of it is served, replicated or
+/// changed until the cause is fixed and the daemon restarted. The other
+/// groups run.
+#[derive(Debug)]
+pub struct FailedGroup {
+    /// Its configuration.
+    pub cfg: GroupConfig,
+    /// Why it did not open.
+    pub error: String,
+}
+
+impl FailedGroup {
+    /// The failure and the way out, for logs, commands and the peer.
+    pub fn explain(&self) -> String {
+        format!(
+            "group {} did not open when the daemon started ({}): nothing of it is served or replicated on this node \
+             until the cause is fixed and the daemon restarted (`systemctl restart replicator`); the other groups run",
+            self.cfg.name, self.error
+        )
+    }
+
+    /// Its `status`: critical, with the failure as its last error.
+    pub fn status(&self) -> GroupStatus {
+        GroupStatus {
+            group: self.cfg.name.clone(),
+            health: Health::Critical.as_str().to_string(),
+            role: "unknown".to_string(),
+            state: FAILED_STATE.to_string(),
+            mode: self.cfg.mode.as_str().to_string(),
+            peer: self.cfg.peer.clone(),
+            last_error: Some(self.explain()),
+            volumes: self
+                .cfg
+                .volumes
+                .iter()
+                .map(|v| VolumeStatus { name: v.name.clone(), path: v.path.clone(), size: v.size.unwrap_or(0) })
+                .collect(),
+            ..GroupStatus::default()
+        }
+    }
+}
+
+/// The `status` state of a group that did not open.
+pub const FAILED_STATE: &str = "FAILED";
 
 /// NBD view of one volume.
 #[derive(Debug)]
@@ -291,6 +371,17 @@ impl Export for NodeExport {
     }
 }
 
+impl Node {
+    /// Why export `name` (of volume `volume`) is not served: its group did
+    /// not open, or there is no such volume.
+    fn not_served(&self, name: &str, volume: &str) -> OpenError {
+        match self.failed.iter().find(|f| f.cfg.volumes.iter().any(|v| v.name == volume)) {
+            Some(failed) => OpenError::Refused(failed.explain()),
+            None => OpenError::Unknown(name.to_string()),
+        }
+    }
+}
+
 impl ExportCatalog for Node {
     type Export = NodeExport;
 
@@ -308,7 +399,7 @@ impl ExportCatalog for Node {
 
     fn open(&self, name: &str) -> Result<Arc<NodeExport>, OpenError> {
         if let Some(volume) = name.strip_prefix("drill/") {
-            let (gi, _) = *self.exports.get(volume).ok_or_else(|| OpenError::Unknown(name.to_string()))?;
+            let (gi, _) = *self.exports.get(volume).ok_or_else(|| self.not_served(name, volume))?;
             let group = &self.groups[gi];
             return match group.open_drill_export(volume) {
                 Some(e) => Ok(Arc::new(NodeExport::Drill(e))),
@@ -319,7 +410,7 @@ impl ExportCatalog for Node {
                 ))),
             };
         }
-        let (gi, vi) = *self.exports.get(name).ok_or_else(|| OpenError::Unknown(name.to_string()))?;
+        let (gi, vi) = *self.exports.get(name).ok_or_else(|| self.not_served(name, name))?;
         let group = self.groups[gi].clone();
         let changing_role = || {
             OpenError::Refused(format!(

@@ -12,7 +12,8 @@
 //!   (and was written) stops presenting itself as a replicated primary;
 //! - a standalone group never becomes secondary without local consent, nor
 //!   while NBD clients have its volumes attached;
-//! - a state file whose role does not parse stops the daemon from starting.
+//! - a state file whose role does not parse stops the daemon from starting
+//!   (with one group; with more, that group stays down and the others run).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -523,6 +524,78 @@ fn a_state_file_whose_role_does_not_parse_stops_the_daemon() {
     let text = describe_output(&out);
     assert!(text.contains("corrupt state file") && text.contains("state.json"), "{text}");
     cluster.stop(Site::A);
+}
+
+/// A group that cannot be opened at start (here its state file does not
+/// parse) stays down while the daemon's other groups run: `status` shows it
+/// FAILED with the reason (exit 5), commands on it and NBD clients of its
+/// volumes get that reason, and the peer's sessions for it are refused with
+/// it. With the cause fixed and the daemon restarted, its pair resumes.
+#[test]
+fn a_group_that_cannot_open_stays_down_while_the_others_run() {
+    let good = GroupSpec::new("up", Mode::Async).volume("up-vol", 8 * MIB);
+    let bad = GroupSpec::new("dn", Mode::Async).volume("dn-vol", 8 * MIB);
+    let mut cluster = Cluster::new(ClusterOpts::new(vec![good, bad]));
+    for g in ["up", "dn"] {
+        cluster.pair_create(g);
+        cluster.wait_pair(g, Duration::from_secs(60));
+    }
+    cluster.stop(Site::A);
+    let state = cluster.root().join("site-a/state/groups/dn/state.json");
+    let text = std::fs::read_to_string(&state).expect("state file");
+    std::fs::write(&state, text.replace("\"primary\"", "\"primry\"")).expect("corrupt the state");
+    cluster.start(Site::A);
+
+    let (code, out) = cli(&cluster, Site::A, &["status"]);
+    assert_eq!(code, 5, "a group down is critical: {out}");
+    assert!(out.contains("group dn") && out.contains("FAILED") && out.contains("corrupt state file"), "{out}");
+    let dn = cluster.status(Site::A, "dn");
+    assert_eq!((dn.state.as_str(), dn.health.as_str()), ("FAILED", "critical"), "{dn:?}");
+    let (code, out) = cli(&cluster, Site::A, &["pair", "split", "dn"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("did not open when the daemon started") && out.contains("restart"), "{out}");
+    let rt = runtime();
+    let refused = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "dn-vol"));
+    let refused = refused.expect_err("the volume of a group that did not open is not served");
+    assert!(refused.to_string().contains("did not open"), "{refused}");
+
+    // The other group replicates as ever.
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "up-vol")).expect("connect");
+    rt.block_on(write_blocks(&client, 10, 16, 0));
+    drop(client);
+    cluster.wait_drained("up");
+    // Its secondary waits, a consistent replica (no session comes).
+    let b = cluster.status(Site::B, "dn");
+    assert_eq!((b.role.as_str(), b.consistent, b.connected), ("secondary", true, false), "{b:?}");
+    assert!(cluster.log(Site::A).contains("NOT OPENED: dn"), "the start line names it");
+
+    // Fixed and restarted: the pair resumes.
+    cluster.stop(Site::A);
+    std::fs::write(&state, text).expect("repair the state");
+    cluster.start(Site::A);
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "dn-vol")).expect("connect");
+    rt.block_on(write_blocks(&client, 20, 16, 0));
+    drop(client);
+    cluster.wait_drained("dn");
+
+    // The secondary's group down: the primary's sessions are refused with
+    // the reason, and resume once it is fixed.
+    cluster.stop(Site::B);
+    let state = cluster.root().join("site-b/state/groups/dn/state.json");
+    let text = std::fs::read_to_string(&state).expect("state file");
+    std::fs::write(&state, text.replace("\"secondary\"", "\"secondry\"")).expect("corrupt the state");
+    cluster.start(Site::B);
+    cluster.wait_until(Site::A, "dn", "refused: the group did not open", Duration::from_secs(60), |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("did not open when the daemon started"))
+    });
+    cluster.stop(Site::B);
+    std::fs::write(&state, text).expect("repair the state");
+    cluster.start(Site::B);
+    cluster.wait_drained("dn");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("up");
+    cluster.assert_volumes_identical("dn");
 }
 
 /// A paired group's volumes cannot change under it: records, dirty bitmaps

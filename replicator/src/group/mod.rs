@@ -2127,7 +2127,7 @@ impl Drop for ClientGuard {
 }
 
 /// `status --json` schema for one group (stable; documented in the README).
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct GroupStatus {
     /// Group name.
     pub group: String,
