@@ -143,6 +143,77 @@ fn sync_link_loss_stalls_writes_at_most_link_timeout_then_suspends() {
     cluster.assert_volumes_identical("sl");
 }
 
+/// The journal fills while the session stays up (the writes outrun a
+/// 4 MB/s link): the writes beyond it go to the dirty bitmap, and the
+/// resync that copies them runs in the same session. Its progress is that
+/// copy's own: `copy_done_bytes` never passes `copy_total_bytes` (it went
+/// on counting from the session's start against a total of 0 or of the
+/// initial copy, and the ratio metric read 1 for the whole COPY).
+#[test]
+fn a_journal_full_resync_in_a_running_session_reports_its_own_progress() {
+    let spec = GroupSpec::new("jp", Mode::Async)
+        .volume("jp-vol", 64 * MIB)
+        .journal_size(16 * MIB)
+        .link_timeout(Duration::from_secs(2))
+        .extra("on_journal_full = \"suspend\"");
+    let mut opts = ClusterOpts::group(spec);
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    let link = LinkSpec { bandwidth: Some(4_000_000), ..LinkSpec::rtt(Duration::from_millis(1)) };
+    let proxy =
+        UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster.peer_port(Site::B))), link).expect("slow link");
+    cluster.route_peer_via(Site::A, proxy.addr().port());
+    cluster.start(Site::A);
+    cluster.start(Site::B);
+    cluster.pair_create_opts("jp", true);
+    cluster.wait_pair("jp", Duration::from_secs(60));
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "jp-vol")).expect("connect");
+    // 40 MiB of 1 MiB writes into the first 32 MiB: the journal (16 MiB)
+    // fills long before the link has shipped it.
+    rt.block_on(async {
+        let mut rng = Rng::new(11);
+        let mut buf = vec![0u8; MIB as usize];
+        for i in 0..40u64 {
+            rng.fill(&mut buf);
+            client.write((i % 32) * MIB, &buf, false).await.expect("write while the journal is full");
+        }
+        client.flush().await.expect("flush");
+    });
+    assert!(cluster.log(Site::A).contains("journal full"), "{}", cluster.diagnostics());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut copies_seen = 0;
+    loop {
+        let s = cluster.status(Site::A, "jp");
+        if s.state == "COPY" {
+            copies_seen += 1;
+            assert!(
+                s.copy_done_bytes <= s.copy_total_bytes && s.copy_total_bytes <= 32 * MIB,
+                "the resync's progress against its own regions: {s:?}"
+            );
+        }
+        if s.state == "PAIR" && s.connected && s.dirty_bytes == 0 && s.lag_records == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no PAIR after the resync: {s:?}\n{}", cluster.diagnostics());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(copies_seen > 0, "the resync was never seen running");
+    let log = cluster.log(Site::A);
+    let complete = log.lines().rev().find(|l| l.contains("copy complete")).expect("copy complete logged");
+    let bytes: u64 = complete
+        .split("bytes=")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count: {complete}"));
+    assert!(bytes > 0 && bytes <= 32 * MIB, "the resync's own bytes: {complete}");
+    drop(client);
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("jp");
+}
+
 /// A sync pair (`link_timeout` 2 s, `on_link_loss = "suspend"`) of one
 /// 32 MiB volume `<group>-vol` whose primary reaches the secondary through
 /// a 4 MB/s link (bench's UDP proxy), in PAIR with RPO 0, and a client.

@@ -442,6 +442,25 @@ impl Inner {
         self.persisted.role()
     }
 
+    /// A copy starts (a session's, or a resync that enters COPY): its
+    /// progress counts from here, over the regions the bitmaps mark now.
+    fn start_copy_progress(&mut self) {
+        self.copy_total = self.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+        self.copy_done = 0;
+        self.copy_sent = 0;
+    }
+
+    /// The bytes of the running copy: what it started with, or more if
+    /// writes tracked in the bitmaps meanwhile (a journal-full resync)
+    /// added regions to it.
+    fn copy_total_now(&self) -> u64 {
+        if self.role() != Role::Primary || self.state != PairState::Copy {
+            return self.copy_total;
+        }
+        let remaining: u64 = self.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+        self.copy_total.max(self.copy_done.saturating_add(remaining))
+    }
+
     /// An admin split the pair here (`SUSPENDED(split)`).
     fn split(&self) -> bool {
         self.state == PairState::Suspended(SuspendReason::Split)
@@ -1200,6 +1219,12 @@ impl Group {
         match g.state.apply(event) {
             Ok(next) if next != g.state => {
                 tracing::info!(group = %self.cfg.name, from = %g.state, to = %next, reason = why, "pair state change");
+                if next == PairState::Copy && g.role() == Role::Primary {
+                    // A resync of a session already up (journal full, the
+                    // peer's divergent regions): the copy's progress starts
+                    // over with it.
+                    g.start_copy_progress();
+                }
                 g.state = next;
                 self.save_later(g);
                 self.publish(g);
@@ -2069,7 +2094,7 @@ impl Group {
             } else {
                 0
             },
-            copy_total_bytes: g.copy_total,
+            copy_total_bytes: g.copy_total_now(),
             copy_done_bytes: g.copy_done,
             copy_sent_bytes: g.copy_sent,
             consistent: g.persisted.role.consistent(),

@@ -383,9 +383,7 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
             session.on_gap(gap);
         }
         g.session = Some(session);
-        g.copy_total = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
-        g.copy_done = 0;
-        g.copy_sent = 0;
+        g.start_copy_progress();
         let save = group.save_later(&mut g);
         // The secondary resumes after its persisted checkpoint, which is
         // what it just reported: the journal up to it may be freed.

@@ -336,9 +336,7 @@ impl Group {
                 self.transition(&mut g, PairEvent::RegionsToCopy, "verify --fix: copying the differing regions");
             }
             // The running session's copy progress starts over with them.
-            g.copy_total = g.bitmaps.iter().map(|b| b.dirty_bytes()).sum();
-            g.copy_done = 0;
-            g.copy_sent = 0;
+            g.start_copy_progress();
             // Durable before the copy starts: after a crash from here on,
             // the regions are still copied by the next session.
             self.save_later(&mut g)
