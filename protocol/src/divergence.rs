@@ -50,13 +50,24 @@ pub struct FormerPrimary {
     /// Bytes its dirty bitmaps mark (writes not journaled, or regions not
     /// yet copied to the peer).
     pub bitmap_bytes: u64,
+    /// A sync primary that knows every write it acknowledged reached the
+    /// peer: whatever it holds beyond the takeover point was never
+    /// acknowledged (a write in flight when it crashed).
+    pub acked_all_on_peer: bool,
 }
 
-/// Whether a former primary holds writes the promoted one lacks: records
-/// after the takeover point, bitmap-tracked writes, or a sequence space
-/// that is not the one the takeover point belongs to (it restarted after a
-/// power cut: its records cannot be compared). Unknown point: yes.
+/// Whether a former primary holds acknowledged writes the promoted one
+/// lacks: records after the takeover point, bitmap-tracked writes, or a
+/// sequence space that is not the one the takeover point belongs to (it
+/// restarted after a power cut: its records cannot be compared). Unknown
+/// point: yes. Not when it acknowledged every write only once the peer had
+/// it and has no bitmap-tracked regions: its records beyond the point were
+/// never acknowledged, and discarding them (failback) loses nothing a
+/// client was told is written.
 pub fn wrote_beyond(former: FormerPrimary, point: Option<TakeoverPoint>) -> bool {
+    if former.acked_all_on_peer && former.bitmap_bytes == 0 {
+        return false;
+    }
     match point {
         Some(p) => former.bitmap_bytes > 0 || former.epoch != p.epoch || former.last_seq > p.seq,
         None => true,
@@ -188,13 +199,23 @@ mod tests {
     #[test]
     fn beyond_the_takeover_point() {
         let p = Some(TakeoverPoint { seq: 10, epoch: 2 });
-        let f = |last_seq, epoch, bitmap_bytes| FormerPrimary { last_seq, epoch, bitmap_bytes };
+        let f =
+            |last_seq, epoch, bitmap_bytes| FormerPrimary { last_seq, epoch, bitmap_bytes, acked_all_on_peer: false };
         assert!(!wrote_beyond(f(10, 2, 0), p));
         assert!(!wrote_beyond(f(7, 2, 0), p));
         assert!(wrote_beyond(f(11, 2, 0), p));
         assert!(wrote_beyond(f(10, 3, 0), p));
         assert!(wrote_beyond(f(10, 2, 4096), p));
         assert!(wrote_beyond(f(0, 0, 0), None));
+        // A sync primary that acknowledged nothing the peer lacks: records
+        // beyond the point (in flight when it crashed) were never
+        // acknowledged; bitmap-tracked regions still count.
+        let sync =
+            |last_seq, epoch, bitmap_bytes| FormerPrimary { last_seq, epoch, bitmap_bytes, acked_all_on_peer: true };
+        assert!(!wrote_beyond(sync(11, 2, 0), p));
+        assert!(!wrote_beyond(sync(10, 3, 0), p));
+        assert!(!wrote_beyond(sync(11, 2, 0), None));
+        assert!(wrote_beyond(sync(11, 2, 4096), p));
         assert_eq!(records_beyond(p, 2), 10);
         assert_eq!(records_beyond(p, 3), 0);
         assert_eq!(records_beyond(None, 2), 0);

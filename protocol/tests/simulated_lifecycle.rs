@@ -78,7 +78,7 @@ impl Node {
         self.up && self.st.role == Role::Primary && self.st.superseded_by == 0
     }
     fn former(&self) -> FormerPrimary {
-        FormerPrimary { last_seq: self.last, epoch: 0, bitmap_bytes: 0 }
+        FormerPrimary { last_seq: self.last, epoch: 0, bitmap_bytes: 0, acked_all_on_peer: false }
     }
 }
 

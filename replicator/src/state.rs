@@ -165,6 +165,13 @@ pub struct PrimaryState {
     /// writes are taken here, across restarts: a crash before the demotion
     /// was saved must not bring back a primary beside the new one.
     pub handing_over: Option<TakeoverPoint>,
+    /// Sync mode: every write this primary acknowledged is on the
+    /// secondary (it waited for each; set once RPO 0 is in force, cleared,
+    /// durably, before a write is acknowledged without the secondary).
+    /// Records it holds beyond a failover's takeover point were then never
+    /// acknowledged: it is fenced, not in split brain. False when unknown
+    /// (async mode, older files).
+    pub acked_all_on_peer: bool,
 }
 
 impl Default for PrimaryState {
@@ -189,6 +196,7 @@ impl Default for PrimaryState {
             swap: false,
             rebased: false,
             handing_over: None,
+            acked_all_on_peer: false,
         }
     }
 }
@@ -479,6 +487,8 @@ struct StateFileV1 {
     /// Only while a switchover is unconfirmed (older files never had it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     handing_over: Option<TakeoverPoint>,
+    #[serde(default)]
+    acked_all_on_peer: bool,
 }
 
 impl From<StateFileV1> for GroupState {
@@ -506,6 +516,7 @@ impl From<StateFileV1> for GroupState {
                 swap: f.swap,
                 rebased: f.rebased,
                 handing_over: f.handing_over,
+                acked_all_on_peer: f.acked_all_on_peer,
             }),
             Role::Secondary => RoleState::Secondary(SecondaryState {
                 journal_tail_seq: f.journal_tail_seq,
@@ -589,6 +600,7 @@ impl From<GroupState> for StateFileV1 {
             swap: primary.swap,
             rebased: primary.rebased,
             handing_over: primary.handing_over,
+            acked_all_on_peer: primary.acked_all_on_peer,
         }
     }
 }
@@ -776,6 +788,7 @@ mod tests {
             "swap",
             "rebased",
             "handing_over",
+            "acked_all_on_peer",
         ];
         const SECONDARY: &[&str] = &[
             "journal_tail_seq",
@@ -841,8 +854,14 @@ mod tests {
             let written = fs::read_to_string(f.dir().join("state.json")).expect("read");
             // Fields added since those files were written (with a serde
             // default, which the older release ignores) come on top.
-            const ADDED_SINCE: &[&str] =
-                &["bitmap_fence", "replay_fence", "sync_failed", "failing_back", "primary_left_pair"];
+            const ADDED_SINCE: &[&str] = &[
+                "bitmap_fence",
+                "replay_fence",
+                "sync_failed",
+                "failing_back",
+                "primary_left_pair",
+                "acked_all_on_peer",
+            ];
             let kept: Vec<String> =
                 field_order(&written).into_iter().filter(|k| !ADDED_SINCE.contains(&k.as_str())).collect();
             assert_eq!(kept, field_order(text), "{name}: the same fields, in the same order");
@@ -915,6 +934,7 @@ mod tests {
             swap: true,
             rebased: true,
             handing_over: point,
+            acked_all_on_peer: true,
         };
         let secondary = SecondaryState {
             journal_tail_seq: 11,

@@ -175,6 +175,109 @@ fn sync_failover_after_a_primary_crash_keeps_every_acknowledged_write() {
     assert_eq!(prefix, n);
 }
 
+/// A sync primary dies with a write in flight that the secondary never got
+/// (the secondary frozen, then killed before it read its socket): after the
+/// failover the old primary holds that record beyond the takeover point,
+/// but it never acknowledged it (every write it acknowledged reached the
+/// secondary first, which its state file says). It comes back fenced, not
+/// in SPLIT-BRAIN (which stopped writes on a sync primary under
+/// `on_link_loss = "block"`, and asked for a decision with nothing to
+/// decide), and `failback` says the discarded write was never acknowledged.
+#[test]
+fn a_sync_write_in_flight_at_the_crash_is_no_split_brain() {
+    let group = GroupSpec::new("fi", Mode::Sync).volume("fi-vol", 16 * MIB).link_timeout(Duration::from_secs(5));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("fi");
+    cluster.wait_pair("fi", Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, "fi-vol", 0..20), 20);
+    cluster.wait_drained("fi");
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    let in_flight = writer(&cluster, Site::A, "fi-vol", 50, 51);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!in_flight.is_finished(), "the write waits for the frozen secondary");
+    cluster.kill9(Site::A);
+    cluster.kill9(Site::B);
+    assert_eq!(in_flight.join().expect("writer"), 50, "the write in flight was not acknowledged");
+    cluster.start(Site::B);
+    let (code, out) = cli(&cluster, Site::B, &["failover", "fi"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recovery_seq(&out), 20, "{out}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::B), "fi-vol").await.expect("connect");
+        for i in 30..35 {
+            client.write(i * BLOCK, &random_bytes(i + 1, BLOCK as usize), false).await.expect("write on B");
+        }
+        client.flush().await.expect("flush");
+    });
+
+    cluster.start(Site::A);
+    let a = cluster.wait_until(Site::A, "fi", "fenced", Duration::from_secs(60), |s| s.superseded_by == 2);
+    assert!(!a.writable, "{a:?}");
+    cluster.wait_until(Site::B, "fi", "told the old primary is fenced", Duration::from_secs(60), |s| {
+        s.refusal.as_deref() == Some("peer-fenced")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for site in [Site::A, Site::B] {
+        let s = cluster.status(site, "fi");
+        assert_ne!(s.state, "SPLIT-BRAIN", "{site}: a write never acknowledged is no split brain: {s:?}");
+    }
+    let (code, out) = cli(&cluster, Site::A, &["failback", "fi", "--no-switch", "--wait", "--timeout", "60s"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("none of them was acknowledged"), "{out}");
+    cluster.wait_until(Site::B, "fi", "PAIR, drained", Duration::from_secs(60), |s| {
+        s.state == "PAIR" && s.connected && s.lag_records == 0
+    });
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    cluster.assert_volumes_identical("fi");
+    let image = std::fs::read(cluster.volume_path(Site::A, "fi-vol")).expect("read");
+    let block = |i: u64| &image[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
+    for i in (0..20).chain(30..35) {
+        assert!(block(i) == &random_bytes(i + 1, BLOCK as usize)[..], "block {i}");
+    }
+    assert!(block(50).iter().all(|&b| b == 0), "the write never acknowledged is discarded");
+}
+
+/// The other side of that: a sync write acknowledged without the
+/// secondary (the link lost, the pair suspended) is acknowledged only once
+/// the state file no longer says every acknowledged write is on the
+/// secondary. With that save held on the primary's disk the write waits;
+/// released, it is acknowledged; after a power cut of the primary and a
+/// failover, the old primary meets the new one in SPLIT-BRAIN (it holds a
+/// write it acknowledged and the new primary lacks).
+#[test]
+fn a_sync_write_acknowledged_alone_waits_until_the_state_file_says_so() {
+    let group = GroupSpec::new("la", Mode::Sync).volume("la-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    cluster.pair_create("la");
+    cluster.wait_pair("la", Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, "la-vol", 0..10), 10);
+    cluster.wait_drained("la");
+    let state = cluster.state_dir(Site::A).join("groups/la/state.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&state).unwrap_or_default().contains("\"acked_all_on_peer\": true") {
+        assert!(Instant::now() < deadline, "the state file never said RPO 0 held");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cluster.fs_command(Site::A, "hold-fsync state.json").starts_with("ok armed"));
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    let alone = writer(&cluster, Site::A, "la-vol", 40, 41);
+    // link_timeout passes, the pair suspends; the write still waits.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!alone.is_finished(), "acknowledged without the secondary before the state file says it may be");
+    assert!(cluster.fs_command(Site::A, "release").starts_with("ok"));
+    assert_eq!(alone.join().expect("writer"), 41, "acknowledged once saved");
+    cluster.power_cut(Site::A);
+    cluster.kill9(Site::B);
+    cluster.start(Site::B);
+    let (code, out) = cli(&cluster, Site::B, &["failover", "la"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recovery_seq(&out), 10, "{out}");
+    cluster.start(Site::A);
+    cluster.wait_state(Site::A, "la", "SPLIT-BRAIN", Duration::from_secs(60));
+}
+
 /// Writes sequence-stamped blocks `from..` through `site` from a background
 /// thread until the first refused write or `until` blocks; returns the
 /// thread (its result: the writes acknowledged).

@@ -461,7 +461,7 @@ impl Group {
     async fn discard_local(self: &Arc<Self>) -> Result<String, GroupError> {
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
-        let (generation, point, fenced) = {
+        let (generation, point, fenced, acked_all) = {
             let g = lock(&self.inner);
             if g.state == PairState::SplitBrain && g.peer_left_written {
                 return Err(peer_left_refusal(&name, &peer));
@@ -478,11 +478,12 @@ impl Group {
                 }
             };
             if primary.superseded_by > 0 {
-                (primary.superseded_by.max(g.persisted.generation), primary.superseded_at, true)
+                let acked_all = primary.acked_all_on_peer && !self.former_primary_diverged(&g);
+                (primary.superseded_by.max(g.persisted.generation), primary.superseded_at, true, acked_all)
             } else {
                 // The newer primary of a split brain: everything since its
                 // promotion goes.
-                (g.persisted.generation, None, false)
+                (g.persisted.generation, None, false, false)
             }
         };
         let (regions, bytes) = self.give_up_primary(generation, point, fenced).await?;
@@ -491,11 +492,19 @@ impl Group {
         Ok(if fenced {
             format!(
                 "group {name}: this node is now the secondary of {peer} (generation {generation}). Discarded here: \
-                 {discarded} written after {peer} took over{}. {peer} copies those regions and its own changes \
-                 since the failover when it connects",
+                 {discarded} holding writes {peer} did not have when it took over{}{}. {peer} copies those regions \
+                 and its own changes since the failover when it connects",
                 match point {
                     Some(p) => format!(" (after sequence {} of epoch {})", p.seq, p.epoch),
                     None => " (the takeover point is unknown: every record this node still held counts)".into(),
+                },
+                if acked_all {
+                    format!(
+                        "; none of them was acknowledged to a client (sync mode: every write acknowledged here \
+                         reached {peer} first; these were in flight when this node went down)"
+                    )
+                } else {
+                    String::new()
                 }
             )
         } else {
@@ -719,6 +728,7 @@ impl Group {
             last_seq: g.last_jseq,
             epoch: g.persisted.epoch,
             bitmap_bytes: g.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum(),
+            acked_all_on_peer: g.persisted.role.as_primary().is_some_and(|p| p.acked_all_on_peer),
         };
         divergence::wrote_beyond(former, g.persisted.role.as_primary().and_then(|p| p.superseded_at).map(Into::into))
     }

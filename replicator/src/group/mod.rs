@@ -246,6 +246,10 @@ struct Inner {
     delete_ack: Option<oneshot::Sender<Result<(), String>>>,
     /// The kernel boot this daemon runs in (recorded with every save).
     boot_id: String,
+    /// The metadata save that recorded `acked_all_on_peer = false`: a sync
+    /// write acknowledged without the secondary waits for it
+    /// ([`Group::record_lone_ack`]).
+    lone_ack_save: u64,
     /// Primary, during `switchover`: new writes are refused.
     switching: bool,
     /// A split primary told by its peer that `pair resync --swap` made the
@@ -942,6 +946,7 @@ impl Group {
             secondary_attached: false,
             peer_knows_split: false,
             swap_learned: None,
+            lone_ack_save: 0,
             secondary_durable: durable_seq,
             secondary_applied: durable_seq,
             persisted,
@@ -1195,7 +1200,36 @@ impl Group {
             }
             _ => g.rpo_zero_lost_at = None,
         }
+        if now == Some(true) {
+            // Every write acknowledged so far is on the secondary (said
+            // lazily: until this is on disk the file says less).
+            if let Some(p) = g.persisted.role.as_primary_mut().filter(|p| !p.acked_all_on_peer) {
+                p.acked_all_on_peer = true;
+                self.save_later(g);
+            }
+        }
         g.rpo_zero = now;
+    }
+
+    /// A write (or flush) is about to be acknowledged without the
+    /// secondary having it: first the state file says that this primary
+    /// may hold acknowledged writes the secondary lacks (a failover's
+    /// newer primary then meets a split brain, not only a fenced node).
+    pub(super) async fn record_lone_ack(&self) -> Result<(), WriteError> {
+        let save = {
+            let mut g = lock(&self.inner);
+            if let Some(p) = g.persisted.role.as_primary_mut().filter(|p| p.acked_all_on_peer) {
+                p.acked_all_on_peer = false;
+                g.lone_ack_save = self.save_later(&mut g);
+            }
+            g.lone_ack_save
+        };
+        self.saved(save).await.map_err(|e| {
+            WriteError::Replication(format!(
+                "group {}: not acknowledged: that writes go on without the secondary could not be saved ({e})",
+                self.cfg.name
+            ))
+        })
     }
 
     /// This node's role and pair state in words, for the peer's status.

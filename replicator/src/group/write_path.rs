@@ -364,6 +364,14 @@ impl Group {
             s.written_standalone = true;
             g.write_barrier = self.save_later(&mut g);
         }
+        if let Some(p) = g.persisted.role.as_primary_mut().filter(|p| p.acked_all_on_peer) {
+            if self.cfg.mode != Mode::Sync {
+                // Async acknowledges without the secondary (the file said
+                // otherwise from an earlier run in sync mode).
+                p.acked_all_on_peer = false;
+                g.write_barrier = self.save_later(&mut g);
+            }
+        }
         let mut journal = None;
         if g.persisted.role.as_primary().is_some_and(|p| !p.bitmap_mode) {
             let next = g.last_jseq + 1;
@@ -450,6 +458,9 @@ impl Group {
         };
         p.bitmap_mode = true;
         p.copy_pending = true;
+        // Writes now go on without the secondary (saved below, before any
+        // reaches a volume).
+        p.acked_all_on_peer = false;
         // Every later record follows writes the secondary lacks until the
         // resync: it must hear so before it applies one.
         let gap = p.resync_gap.map_or(g.last_jseq, |s| s.min(g.last_jseq));
@@ -933,10 +944,11 @@ impl Group {
         let mut seen = moved(&rx.borrow());
         let mut windows = 0;
         loop {
-            let waited =
-                tokio::time::timeout(self.cfg.link_timeout, rx.wait_for(|p| !p.sync_wait || moved(p) >= seq)).await;
+            let waited = tokio::time::timeout(self.cfg.link_timeout, rx.wait_for(|p| !p.sync_wait || moved(p) >= seq))
+                .await
+                .map(|r| r.map(|p| moved(&p) >= seq));
             let reached = match waited {
-                Ok(Ok(p)) => moved(&p) >= seq,
+                Ok(Ok(reached)) => reached,
                 Ok(Err(_)) => return Err(WriteError::Replication("group is shutting down".into())),
                 Err(_) => {
                     let now = moved(&self.progress.borrow());
@@ -948,7 +960,11 @@ impl Group {
                     continue;
                 }
             };
-            return if reached { Ok(()) } else { self.stopped_waiting() };
+            if reached {
+                return Ok(());
+            }
+            self.stopped_waiting()?;
+            return self.record_lone_ack().await;
         }
     }
 
