@@ -29,7 +29,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::Mode;
 use crate::group::{GroupStatus, Health};
-use crate::node::Node;
+use crate::node::{FailedGroup, Node};
 
 /// Scrapes served at once; further connections wait in the listen backlog,
 /// and every held one ends within [`REQUEST_TIMEOUT`] plus
@@ -275,7 +275,9 @@ impl Collector for NodeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let e = &mut encoder;
         let groups = &self.node.groups;
-        let statuses: Vec<GroupStatus> = self.node.statuses();
+        let statuses: Vec<GroupStatus> = groups.iter().map(|g| g.status()).collect();
+        // Groups that did not open at start: only their health (critical).
+        let failed: Vec<GroupStatus> = self.node.failed.iter().map(FailedGroup::status).collect();
         let by_group = |f: GaugeOf| -> Vec<(GroupLabel<'_>, f64)> {
             statuses.iter().map(|s| ([("group", s.group.as_str())], f(s))).collect()
         };
@@ -341,8 +343,8 @@ impl Collector for NodeCollector {
         gauges(
             e,
             "replicator_health",
-            "Health as in `status`: 0 ok, 1 degraded (copying, suspended, no session), 2 critical (SUSPENDED(error), SPLIT-BRAIN)",
-            statuses.iter().map(|s| ([("group", s.group.as_str())], health_value(s))),
+            "Health as in `status`: 0 ok, 1 degraded (copying, suspended, no session), 2 critical (SUSPENDED(error), SPLIT-BRAIN, a group that did not open at start)",
+            statuses.iter().chain(&failed).map(|s| ([("group", s.group.as_str())], health_value(s))),
         )?;
         gauges(
             e,

@@ -550,7 +550,7 @@ impl Transport {
         let conn = match incoming.await {
             Ok(c) => c,
             Err(e) => {
-                let reason = TransportError::Protocol(format!("TLS/QUIC handshake failed: {e}"));
+                let reason = TransportError::Protocol(format!("TLS/QUIC handshake failed: {}", explain_handshake(&e)));
                 return Err(Refused { remote, peer: None, reason });
             }
         };
@@ -692,7 +692,7 @@ impl Transport {
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await
             .map_err(|_| err("handshake timed out".into()))?
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(explain_handshake(&e)))?;
         // rustls checked that the certificate is valid for `peer` (a
         // wildcard would do); the peer must be named exactly, as incoming
         // connections are.
@@ -983,6 +983,24 @@ impl quinn::AsyncUdpSocket for InspectingSocket {
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
     }
+}
+
+/// A failed QUIC/TLS handshake, with what to check where the error names a
+/// certificate the other side does not trust (rustls' words alone, e.g.
+/// "invalid peer certificate: BadSignature", do not say which file).
+fn explain_handshake(e: &quinn::ConnectionError) -> String {
+    let text = e.to_string();
+    let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        "the peer's certificate is not issued by the CA in this node's tls.ca: both sites need certificates from \
+         one CA (`replicator cert issue` with the same --ca-dir)"
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
+        "the peer's certificate names another node than its [[peer]] name here"
+    } else if text.contains("Expired") || text.contains("NotValidYet") {
+        "a certificate is outside its validity period (check both sites' clocks and notAfter)"
+    } else {
+        return text;
+    };
+    format!("{text} ({hint})")
 }
 
 #[cfg(test)]

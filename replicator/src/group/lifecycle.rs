@@ -501,7 +501,8 @@ impl Group {
                 if acked_all {
                     format!(
                         "; none of them was acknowledged to a client (sync mode: every write acknowledged here \
-                         reached {peer} first; these were in flight when this node went down)"
+                         had reached {peer} first, on a consistent replica; a write acknowledged without FUA or a \
+                         later FLUSH is missing there only if {peer} lost power before it took over)"
                     )
                 } else {
                     String::new()

@@ -116,6 +116,11 @@ pub struct Progress {
     /// Sync-mode writes must wait for the secondary (replication active, or
     /// suspended with `on_link_loss = "block"`).
     pub sync_wait: bool,
+    /// ... and what the secondary receives is on a consistent replica that
+    /// holds every write acknowledged before (RPO 0 in force): not during a
+    /// copy or a catch-up, where a write it received may still be lost to
+    /// a failover (a resync's rollback).
+    pub rpo_zero: bool,
     /// Bumped on every state change.
     pub epoch: u64,
 }
@@ -858,7 +863,7 @@ impl Group {
                 "a switchover had asked the peer to take over after this record when this node stopped: no writes \
                  are taken until the peer answers, as the new primary or as this node's secondary still");
         }
-        let inner = Inner {
+        let mut inner = Inner {
             state,
             seq: RangeSequencer::new(1),
             awaited: RangeWaits::default(),
@@ -951,6 +956,14 @@ impl Group {
             secondary_applied: durable_seq,
             persisted,
         };
+        if cfg.mode != Mode::Sync {
+            // Async acknowledges without the secondary (the file may say
+            // otherwise from an earlier run in sync mode): saved just below,
+            // before any write.
+            if let Some(p) = inner.persisted.role.as_primary_mut() {
+                p.acked_all_on_peer = false;
+            }
+        }
         store.save(&inner.persisted)?;
         let (progress, _) = watch::channel(Progress {
             received: peer_checkpoint,
@@ -1162,8 +1175,10 @@ impl Group {
                  once the backlog is nearly sent");
         }
         let sync_wait = self.sync_wait(g);
+        let rpo_zero = sync_wait && g.state != PairState::Copy && g.catch_up.rpo_zero();
         self.progress.send_modify(|p| {
             p.sync_wait = sync_wait;
+            p.rpo_zero = rpo_zero;
             p.epoch += 1;
         });
         self.note_rpo_zero(g, sync_wait);
@@ -1211,19 +1226,24 @@ impl Group {
         g.rpo_zero = now;
     }
 
+    /// Writes may be acknowledged without the secondary from now on: the
+    /// next save says so ([`PrimaryState::acked_all_on_peer`] false).
+    /// Returns that save: nothing may be acknowledged so before it is on
+    /// disk.
+    fn note_lone_acks(&self, g: &mut Inner) -> u64 {
+        if let Some(p) = g.persisted.role.as_primary_mut().filter(|p| p.acked_all_on_peer) {
+            p.acked_all_on_peer = false;
+            g.lone_ack_save = self.save_later(g);
+        }
+        g.lone_ack_save
+    }
+
     /// A write (or flush) is about to be acknowledged without the
     /// secondary having it: first the state file says that this primary
     /// may hold acknowledged writes the secondary lacks (a failover's
     /// newer primary then meets a split brain, not only a fenced node).
     pub(super) async fn record_lone_ack(&self) -> Result<(), WriteError> {
-        let save = {
-            let mut g = lock(&self.inner);
-            if let Some(p) = g.persisted.role.as_primary_mut().filter(|p| p.acked_all_on_peer) {
-                p.acked_all_on_peer = false;
-                g.lone_ack_save = self.save_later(&mut g);
-            }
-            g.lone_ack_save
-        };
+        let save = self.note_lone_acks(&mut lock(&self.inner));
         self.saved(save).await.map_err(|e| {
             WriteError::Replication(format!(
                 "group {}: not acknowledged: that writes go on without the secondary could not be saved ({e})",

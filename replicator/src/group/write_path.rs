@@ -364,14 +364,6 @@ impl Group {
             s.written_standalone = true;
             g.write_barrier = self.save_later(&mut g);
         }
-        if let Some(p) = g.persisted.role.as_primary_mut().filter(|p| p.acked_all_on_peer) {
-            if self.cfg.mode != Mode::Sync {
-                // Async acknowledges without the secondary (the file said
-                // otherwise from an earlier run in sync mode).
-                p.acked_all_on_peer = false;
-                g.write_barrier = self.save_later(&mut g);
-            }
-        }
         let mut journal = None;
         if g.persisted.role.as_primary().is_some_and(|p| !p.bitmap_mode) {
             let next = g.last_jseq + 1;
@@ -458,9 +450,6 @@ impl Group {
         };
         p.bitmap_mode = true;
         p.copy_pending = true;
-        // Writes now go on without the secondary (saved below, before any
-        // reaches a volume).
-        p.acked_all_on_peer = false;
         // Every later record follows writes the secondary lacks until the
         // resync: it must hear so before it applies one.
         let gap = p.resync_gap.map_or(g.last_jseq, |s| s.min(g.last_jseq));
@@ -475,6 +464,10 @@ impl Group {
             session.on_gap(gap);
         }
         g.journal_full_since = None;
+        // Writes now go on without the secondary (saved below, before any
+        // reaches a volume; a journaled write acknowledged alone meanwhile
+        // waits for the same save, `record_lone_ack`).
+        self.note_lone_acks(g);
         tracing::warn!(group = %self.cfg.name, "journal full: tracking writes in the dirty bitmap; a resync will copy them");
         if g.state == PairState::Pair {
             self.transition(g, PairEvent::JournalFull, "journal full");
@@ -946,9 +939,9 @@ impl Group {
         loop {
             let waited = tokio::time::timeout(self.cfg.link_timeout, rx.wait_for(|p| !p.sync_wait || moved(p) >= seq))
                 .await
-                .map(|r| r.map(|p| moved(&p) >= seq));
-            let reached = match waited {
-                Ok(Ok(reached)) => reached,
+                .map(|r| r.map(|p| (moved(&p) >= seq, p.rpo_zero)));
+            let (reached, rpo_zero) = match waited {
+                Ok(Ok(got)) => got,
                 Ok(Err(_)) => return Err(WriteError::Replication("group is shutting down".into())),
                 Err(_) => {
                     let now = moved(&self.progress.borrow());
@@ -960,10 +953,14 @@ impl Group {
                     continue;
                 }
             };
-            if reached {
+            if reached && rpo_zero {
                 return Ok(());
             }
-            self.stopped_waiting()?;
+            if !reached {
+                self.stopped_waiting()?;
+            }
+            // Acknowledged without the secondary, or while what it received
+            // may still be lost to a failover (a copy or catch-up runs).
             return self.record_lone_ack().await;
         }
     }
@@ -1210,8 +1207,9 @@ impl Group {
         g.role() != Role::Secondary || g.persisted.role.split_writable()
     }
 
-    /// A role change is under way here (a switchover, giving the primary
-    /// role to the peer, also after its `pair resync --swap`, a failover): no new NBD client may attach, its
+    /// A role change is under way here (a switchover, a failover, giving
+    /// the primary role to the peer, also the wait for NBD clients to
+    /// detach after its `pair resync --swap`): no new NBD client may attach, its
     /// volumes may be about to be overwritten (checked again with the client
     /// counted, as for [`Self::attachable`]).
     pub fn changing_role(&self) -> bool {
