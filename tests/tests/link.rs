@@ -156,17 +156,7 @@ fn a_journal_full_resync_in_a_running_session_reports_its_own_progress() {
         .journal_size(16 * MIB)
         .link_timeout(Duration::from_secs(2))
         .extra("on_journal_full = \"suspend\"");
-    let mut opts = ClusterOpts::group(spec);
-    opts.start = false;
-    let mut cluster = Cluster::new(opts);
-    let link = LinkSpec { bandwidth: Some(4_000_000), ..LinkSpec::rtt(Duration::from_millis(1)) };
-    let proxy =
-        UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster.peer_port(Site::B))), link).expect("slow link");
-    cluster.route_peer_via(Site::A, proxy.addr().port());
-    cluster.start(Site::A);
-    cluster.start(Site::B);
-    cluster.pair_create_opts("jp", true);
-    cluster.wait_pair("jp", Duration::from_secs(60));
+    let (mut cluster, _proxy) = slow_link_pair(spec);
     let rt = runtime();
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "jp-vol")).expect("connect");
     // 40 MiB of 1 MiB writes into the first 32 MiB: the journal (16 MiB)
@@ -214,15 +204,11 @@ fn a_journal_full_resync_in_a_running_session_reports_its_own_progress() {
     cluster.assert_volumes_identical("jp");
 }
 
-/// A sync pair (`link_timeout` 2 s, `on_link_loss = "suspend"`) of one
-/// 32 MiB volume `<group>-vol` whose primary reaches the secondary through
-/// a 4 MB/s link (bench's UDP proxy), in PAIR with RPO 0, and a client.
-fn slow_link_sync_pair(group: &str, rt: &tokio::runtime::Runtime) -> (Cluster, UdpProxy, NbdClient) {
-    let vol = format!("{group}-vol");
-    let spec = GroupSpec::new(group, Mode::Sync)
-        .volume(&vol, 32 * MIB)
-        .link_timeout(Duration::from_secs(2))
-        .extra("on_link_loss = \"suspend\"");
+/// The one group of `spec` paired without a copy (`pair create --nocopy`),
+/// its primary reaching the secondary through a 4 MB/s link (bench's UDP
+/// proxy, kept alive by the caller).
+fn slow_link_pair(spec: GroupSpec) -> (Cluster, UdpProxy) {
+    let group = spec.name.clone();
     let mut opts = ClusterOpts::group(spec);
     opts.start = false;
     let mut cluster = Cluster::new(opts);
@@ -232,8 +218,21 @@ fn slow_link_sync_pair(group: &str, rt: &tokio::runtime::Runtime) -> (Cluster, U
     cluster.route_peer_via(Site::A, proxy.addr().port());
     cluster.start(Site::A);
     cluster.start(Site::B);
-    cluster.pair_create_opts(group, true);
-    cluster.wait_pair(group, Duration::from_secs(60));
+    cluster.pair_create_opts(&group, true);
+    cluster.wait_pair(&group, Duration::from_secs(60));
+    (cluster, proxy)
+}
+
+/// A sync pair (`link_timeout` 2 s, `on_link_loss = "suspend"`) of one
+/// 32 MiB volume `<group>-vol` whose primary reaches the secondary through
+/// a 4 MB/s link (bench's UDP proxy), in PAIR with RPO 0, and a client.
+fn slow_link_sync_pair(group: &str, rt: &tokio::runtime::Runtime) -> (Cluster, UdpProxy, NbdClient) {
+    let vol = format!("{group}-vol");
+    let spec = GroupSpec::new(group, Mode::Sync)
+        .volume(&vol, 32 * MIB)
+        .link_timeout(Duration::from_secs(2))
+        .extra("on_link_loss = \"suspend\"");
+    let (cluster, proxy) = slow_link_pair(spec);
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), &vol)).expect("connect");
     rt.block_on(write_random(&client, 21, 20, 4096));
     cluster.wait_until(Site::A, group, "RPO 0 in force", Duration::from_secs(30), |s| s.rpo_zero == Some(true));
