@@ -194,7 +194,9 @@ pub struct Stopped {
 ///
 /// Start-up fails, before any group, journal or volume is opened, if
 /// another process holds the `state_dir` lock; a volume on a block device
-/// that is mounted or opened exclusively elsewhere fails it too.
+/// that is mounted or opened exclusively elsewhere fails it too, as any
+/// group that cannot be opened does when it is the only one (with more,
+/// that group is left out as FAILED and the others run).
 ///
 /// On SIGTERM/SIGINT the groups are flushed and marked cleanly shut down
 /// only if the NBD servers report every request finished in the export
