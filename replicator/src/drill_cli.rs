@@ -438,7 +438,7 @@ fn catch_interruptions(group: &str) -> Arc<AtomicBool> {
 }
 
 fn write_reports(dir: &Path, record: &DrillRecord) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
+    crate::perms::create_dir_durably(dir, None)?;
     let base = format!("drill-{}-{}", record.meta.group, record.meta.id);
     let json = dir.join(format!("{base}.json"));
     let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;

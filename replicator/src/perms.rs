@@ -21,6 +21,20 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 /// are left alone. A shared sticky, world-writable directory (such as
 /// `/tmp`) is refused rather than tightened.
 pub fn ensure_dir(dir: &Path, mode: u32, what: &str) -> io::Result<()> {
+    if create_dir_durably(dir, Some(mode))? {
+        Ok(())
+    } else {
+        tighten_dir(dir, mode, what)
+    }
+}
+
+/// Creates `dir` and the missing directories above it — with exactly
+/// `mode`, or as the umask says (`None`) — and makes their entries
+/// durable (fsyncs each one's parent): a power cut must not take back a
+/// directory whose files were made durable (a group's journal, a drill
+/// copy a client flushed, a drill report). Returns whether anything was
+/// created (existing directories are left as they are).
+pub fn create_dir_durably(dir: &Path, mode: Option<u32>) -> io::Result<bool> {
     let mut missing: Vec<PathBuf> = Vec::new();
     for ancestor in dir.ancestors() {
         if ancestor.as_os_str().is_empty() {
@@ -33,22 +47,22 @@ pub fn ensure_dir(dir: &Path, mode: u32, what: &str) -> io::Result<()> {
         }
     }
     if missing.is_empty() {
-        return tighten_dir(dir, mode, what);
+        return Ok(false);
     }
-    fs::DirBuilder::new().recursive(true).mode(mode).create(dir)?;
-    // The umask may have narrowed (or, for `mode` bits it masks, hidden)
-    // what we asked for: set the exact mode on what we created.
-    for created in missing.iter().rev() {
-        fs::set_permissions(created, fs::Permissions::from_mode(mode))?;
+    fs::DirBuilder::new().recursive(true).mode(mode.unwrap_or(0o777)).create(dir)?;
+    if let Some(mode) = mode {
+        // The umask may have narrowed (or, for `mode` bits it masks,
+        // hidden) what we asked for: set the exact mode on what we created.
+        for created in missing.iter().rev() {
+            fs::set_permissions(created, fs::Permissions::from_mode(mode))?;
+        }
     }
-    // Durably: a power cut must not take back a directory whose files were
-    // made durable (a group's journal, a drill copy a client flushed).
     for created in &missing {
         if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
             crate::durable::sync_dir(parent)?;
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 fn tighten_dir(dir: &Path, mode: u32, what: &str) -> io::Result<()> {

@@ -118,6 +118,11 @@ pub struct PrimaryState {
     /// records after it follow writes the secondary lacks until the resync
     /// completes (`COMMAND_RESYNC_GAP`, told at each session start).
     pub resync_gap: Option<u64>,
+    /// When the journal filled and writes went to the bitmaps only (µs
+    /// since the Unix epoch; 0 without a resync gap): the secondary lacks
+    /// writes made since then until the resync completes, and the lag is
+    /// at least that old.
+    pub resync_gap_at_us: u64,
     /// The last record journaled before a write made in bitmap mode
     /// (persisted before that write reaches a volume).
     pub bitmap_fence: u64,
@@ -184,6 +189,7 @@ impl Default for PrimaryState {
             copy_pending: false,
             bitmap_mode: false,
             resync_gap: None,
+            resync_gap_at_us: 0,
             bitmap_fence: 0,
             replay_fence: 0,
             announce: Announce::Resume,
@@ -489,6 +495,8 @@ struct StateFileV1 {
     handing_over: Option<TakeoverPoint>,
     #[serde(default)]
     acked_all_on_peer: bool,
+    #[serde(default)]
+    resync_gap_at_us: u64,
 }
 
 impl From<StateFileV1> for GroupState {
@@ -517,6 +525,7 @@ impl From<StateFileV1> for GroupState {
                 rebased: f.rebased,
                 handing_over: f.handing_over,
                 acked_all_on_peer: f.acked_all_on_peer,
+                resync_gap_at_us: f.resync_gap_at_us,
             }),
             Role::Secondary => RoleState::Secondary(SecondaryState {
                 journal_tail_seq: f.journal_tail_seq,
@@ -601,6 +610,7 @@ impl From<GroupState> for StateFileV1 {
             rebased: primary.rebased,
             handing_over: primary.handing_over,
             acked_all_on_peer: primary.acked_all_on_peer,
+            resync_gap_at_us: primary.resync_gap_at_us,
         }
     }
 }
@@ -789,6 +799,7 @@ mod tests {
             "rebased",
             "handing_over",
             "acked_all_on_peer",
+            "resync_gap_at_us",
         ];
         const SECONDARY: &[&str] = &[
             "journal_tail_seq",
@@ -861,6 +872,7 @@ mod tests {
                 "failing_back",
                 "primary_left_pair",
                 "acked_all_on_peer",
+                "resync_gap_at_us",
             ];
             let kept: Vec<String> =
                 field_order(&written).into_iter().filter(|k| !ADDED_SINCE.contains(&k.as_str())).collect();
@@ -935,6 +947,7 @@ mod tests {
             rebased: true,
             handing_over: point,
             acked_all_on_peer: true,
+            resync_gap_at_us: 1_700_000_000_000_000,
         };
         let secondary = SecondaryState {
             journal_tail_seq: 11,

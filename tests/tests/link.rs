@@ -161,6 +161,7 @@ fn a_journal_full_resync_in_a_running_session_reports_its_own_progress() {
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "jp-vol")).expect("connect");
     // 40 MiB of 1 MiB writes into the first 32 MiB: the journal (16 MiB)
     // fills long before the link has shipped it.
+    let writes_began = Instant::now();
     rt.block_on(async {
         let mut rng = Rng::new(11);
         let mut buf = vec![0u8; MIB as usize];
@@ -170,11 +171,25 @@ fn a_journal_full_resync_in_a_running_session_reports_its_own_progress() {
         }
         client.flush().await.expect("flush");
     });
+    let writes_ended = Instant::now();
     assert!(cluster.log(Site::A).contains("journal full"), "{}", cluster.diagnostics());
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut copies_seen = 0;
     loop {
+        let asked = Instant::now();
         let s = cluster.status(Site::A, "jp");
+        // Until the resync completes the secondary lacks writes made by
+        // the time the writes ended: the lag is at least that old, also
+        // once the journal's records are applied and only the copy runs.
+        let at_least = asked.duration_since(writes_ended).as_secs_f64();
+        let at_most = Instant::now().duration_since(writes_began).as_secs_f64();
+        if s.state != "PAIR" || s.dirty_bytes > 0 {
+            assert!(
+                s.lag_seconds + 0.5 >= at_least && s.lag_seconds <= at_most + 0.5,
+                "lag {:.3} s during the resync, the writes ended {at_least:.3} s ago: {s:?}",
+                s.lag_seconds
+            );
+        }
         if s.state == "COPY" {
             copies_seen += 1;
             assert!(
@@ -189,6 +204,8 @@ fn a_journal_full_resync_in_a_running_session_reports_its_own_progress() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(copies_seen > 0, "the resync was never seen running");
+    let s = cluster.status(Site::A, "jp");
+    assert!(s.lag_seconds < 0.5, "the secondary has every write after the resync: {s:?}");
     let log = cluster.log(Site::A);
     let complete = log.lines().rev().find(|l| l.contains("copy complete")).expect("copy complete logged");
     let bytes: u64 = complete

@@ -44,6 +44,11 @@ fn daemon_files_are_private_whatever_the_umask() {
     let mut c = cluster(true);
     c.pair_create("perms");
     c.wait_pair("perms", Duration::from_secs(60));
+    // A drill leaves its line in the secondary's drill history.
+    for cmd in ["start", "stop"] {
+        let out = c.cli(Site::B, &["drill", cmd, "perms"]);
+        assert!(out.status.success(), "drill {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     for site in [Site::A, Site::B] {
         let dir = site_dir(&c, site);
         // The harness created the site directory: proof the umask is 000.
@@ -61,7 +66,8 @@ fn daemon_files_are_private_whatever_the_umask() {
             (c.nbd_socket(site), 0o660),
             (c.volume_path(site, "perms-vol"), 0o600),
         ];
-        // state.json, the journal (primary), bitmaps, the activity log.
+        // state.json, the journal (primary), bitmaps, the activity log, the
+        // drill history (secondary).
         let files: Vec<PathBuf> =
             std::fs::read_dir(&group).expect("read group dir").map(|e| e.expect("dir entry").path()).collect();
         let names: Vec<String> =
@@ -69,6 +75,8 @@ fn daemon_files_are_private_whatever_the_umask() {
         assert!(names.iter().any(|n| n == "state.json"), "{site}: no state.json in {names:?}");
         if site == Site::A {
             assert!(names.iter().any(|n| n == "journal"), "{site}: no journal in {names:?}");
+        } else {
+            assert!(names.iter().any(|n| n == "drill-history.jsonl"), "{site}: no drill history in {names:?}");
         }
         expected.extend(files.into_iter().map(|p| (p, 0o600)));
         for (path, mode) in expected {

@@ -32,6 +32,7 @@
 //!   during an initial copy or a resync).
 
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
@@ -683,7 +684,11 @@ fn write_record(group_dir: &Path, record: &DrillRecord) -> Result<(), GroupError
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(crate::perms::PRIVATE_FILE_MODE)
         .open(&path)
+        .map_err(failed("opening the drill history"))?;
+    // (Older releases created it 0644.)
+    crate::perms::tighten_file(&path, crate::perms::PRIVATE_FILE_MODE, "drill history")
         .map_err(failed("opening the drill history"))?;
     let old_len = f.metadata().map_err(failed("opening the drill history"))?.len();
     if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {

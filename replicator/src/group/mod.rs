@@ -1181,7 +1181,7 @@ impl Group {
             p.rpo_zero = rpo_zero;
             p.epoch += 1;
         });
-        self.note_rpo_zero(g, sync_wait);
+        self.note_rpo_zero(g, sync_wait, rpo_zero);
         self.ship_wake.notify_one();
         // Writes waiting for journal space re-decide on every state change.
         self.space_freed.notify_waiters();
@@ -1190,10 +1190,11 @@ impl Group {
     /// A sync primary guarantees RPO 0 only while it replicates into a
     /// consistent replica (or stalls writes while the link is down, with
     /// `on_link_loss = "block"`) that has received every write acknowledged
-    /// without it (`catch_up`). Any change is logged loudly.
-    fn note_rpo_zero(&self, g: &mut Inner, sync_wait: bool) {
+    /// without it (`catch_up`): `rpo_zero`, as [`Self::publish`] computed
+    /// it. Any change is logged loudly.
+    fn note_rpo_zero(&self, g: &mut Inner, sync_wait: bool, rpo_zero: bool) {
         let now = (self.cfg.mode == Mode::Sync && g.role() == Role::Primary && g.persisted.role.superseded_by() == 0)
-            .then_some(sync_wait && g.state != PairState::Copy && g.catch_up.rpo_zero());
+            .then_some(rpo_zero);
         if now == g.rpo_zero {
             return;
         }
@@ -2101,13 +2102,19 @@ impl Group {
             }
             _ => 0,
         };
-        // The age of the oldest write the secondary has not applied.
-        let lag_seconds = match g.entries.range(applied + 1..).next() {
-            Some((_, e)) if g.role() == Role::Primary => {
-                unix_micros().saturating_sub(e.written_at_us) as f64 / 1_000_000.0
-            }
-            _ => 0.0,
+        // The age of the oldest write the secondary has not applied: the
+        // oldest such record, or the first write the journal never saw
+        // (the secondary lacks it until the resync completes).
+        let oldest_unapplied_us = match g.entries.range(applied + 1..).next() {
+            Some((_, e)) if g.role() == Role::Primary => Some(e.written_at_us),
+            _ => None,
         };
+        let resync_gap_us = g.persisted.role.as_primary().map(|p| p.resync_gap_at_us).filter(|&t| t > 0);
+        let lag_seconds = oldest_unapplied_us
+            .into_iter()
+            .chain(resync_gap_us)
+            .min()
+            .map_or(0.0, |t| unix_micros().saturating_sub(t) as f64 / 1_000_000.0);
         let (journal_used, journal_capacity) =
             g.ring.as_ref().map(|r| (r.used_bytes(), r.capacity_bytes())).unwrap_or((0, self.cfg.journal_size));
         // A group that stopped after a local failure takes no writes until

@@ -1007,6 +1007,7 @@ impl Group {
             if let Some(p) = g.persisted.role.as_primary_mut() {
                 p.copy_pending = false;
                 p.resync_gap = None;
+                p.resync_gap_at_us = 0;
             }
             self.save_later(&mut g);
             self.transition(&mut g, PairEvent::CopyDone, "copy complete");

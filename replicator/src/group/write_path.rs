@@ -454,6 +454,9 @@ impl Group {
         // resync: it must hear so before it applies one.
         let gap = p.resync_gap.map_or(g.last_jseq, |s| s.min(g.last_jseq));
         p.resync_gap = Some(gap);
+        if p.resync_gap_at_us == 0 {
+            p.resync_gap_at_us = unix_micros();
+        }
         // Records journaled so far may be overwritten by writes the journal
         // never sees: a replay after a crash must not put them back. While
         // the chunks those writes dirty stay dirty, the bitmaps say where;
