@@ -387,7 +387,7 @@ impl Collector for NodeCollector {
             ("replicator_lag_bytes", "Journal bytes not yet applied on the secondary (primary)", |s| {
                 s.lag_bytes as f64
             }),
-            ("replicator_lag_seconds", "Age of the oldest record not yet applied on the secondary (primary)", |s| {
+            ("replicator_lag_seconds", "Age of the oldest write the secondary lacks: a record not applied, or a write tracked in the dirty bitmaps until the resync (primary)", |s| {
                 s.lag_seconds
             }),
             ("replicator_journal_used_bytes", "Journal bytes in use", |s| s.journal_used_bytes as f64),

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use replicator::nbd_client::{NbdClient, NbdClientError};
 use replicator_tests::pattern::{random_bytes, written_prefix};
-use replicator_tests::{describe_output, require, require_root, Cluster, ClusterOpts, GroupSpec, Mode, Site};
+use replicator_tests::{
+    describe_output, reply_number, require, require_root, Cluster, ClusterOpts, GroupSpec, Mode, Site,
+};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 * 1024;
@@ -276,6 +278,50 @@ fn a_sync_write_acknowledged_alone_waits_until_the_state_file_says_so() {
     assert_eq!(recovery_seq(&out), 10, "{out}");
     cluster.start(Site::A);
     cluster.wait_state(Site::A, "la", "SPLIT-BRAIN", Duration::from_secs(60));
+}
+
+/// The save that must precede a sync write acknowledged alone fails for
+/// a few seconds (the state file's fsync: a full or failing disk): the
+/// write waits for the retries, as a write waits for its region's save (it
+/// failed at the first failure, while the group went on saying that writes
+/// were acknowledged without the secondary).
+#[test]
+fn a_sync_write_acknowledged_alone_waits_through_a_failed_save() {
+    let group = GroupSpec::new("lf", Mode::Sync).volume("lf-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    cluster.pair_create("lf");
+    cluster.wait_pair("lf", Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, "lf-vol", 0..10), 10);
+    cluster.wait_drained("lf");
+    let state = cluster.state_dir(Site::A).join("groups/lf/state.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&state).unwrap_or_default().contains("\"acked_all_on_peer\": true") {
+        assert!(Instant::now() < deadline, "the state file never said RPO 0 held");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = cluster.pid(Site::A).expect("site A runs");
+    let fail_next_save = || {
+        let armed = cluster.fs_command(Site::A, &format!("fail-fsync groups/lf/.state.json.{pid}.tmp"));
+        assert!(armed.starts_with("ok armed"), "{armed}");
+    };
+    fail_next_save();
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    let alone = writer(&cluster, Site::A, "lf-vol", 40, 41);
+    // Every save fails for 4 s (retried each second), then they succeed.
+    let failing = Instant::now();
+    while failing.elapsed() < Duration::from_secs(4) {
+        fail_next_save();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(alone.join().expect("writer"), 41, "not acknowledged after the retried save\n{}", cluster.diagnostics());
+    let failed = reply_number(&cluster.fs_command(Site::A, "stats"), "failed_fsyncs");
+    assert!(failed >= 3, "the saves failed {failed} time(s)");
+    assert!(
+        std::fs::read_to_string(&state).unwrap_or_default().contains("\"acked_all_on_peer\": false"),
+        "acknowledged alone before the state file said so"
+    );
+    assert!(cluster.log(Site::A).contains("cannot persist"), "the failed save is logged");
+    cluster.signal(Site::B, Signal::SIGCONT);
 }
 
 /// Writes sequence-stamped blocks `from..` through `site` from a background

@@ -1245,12 +1245,7 @@ impl Group {
     /// newer primary then meets a split brain, not only a fenced node).
     pub(super) async fn record_lone_ack(&self) -> Result<(), WriteError> {
         let save = self.note_lone_acks(&mut lock(&self.inner));
-        self.saved(save).await.map_err(|e| {
-            WriteError::Replication(format!(
-                "group {}: not acknowledged: that writes go on without the secondary could not be saved ({e})",
-                self.cfg.name
-            ))
-        })
+        self.write_waits_for_save(save).await
     }
 
     /// This node's role and pair state in words, for the peer's status.
@@ -2277,7 +2272,8 @@ pub struct GroupStatus {
     pub lag_records: u64,
     /// Journal bytes not yet applied on the secondary.
     pub lag_bytes: u64,
-    /// Age of the oldest record not yet applied on the secondary.
+    /// Age of the oldest write the secondary lacks: a record not applied,
+    /// or one tracked in the dirty bitmaps until the resync completes.
     pub lag_seconds: f64,
     /// Journal bytes in use.
     pub journal_used_bytes: u64,

@@ -649,19 +649,7 @@ impl Group {
         deps.wait().await;
         stages.mark("earlier writes");
         if let Some(epoch) = bitmap_epoch {
-            let mut rx = self.bitmap_persisted.subscribe();
-            // A stopped group may never save it (its volume sync failed):
-            // the write fails, before it touches the volume. Counted for
-            // the flusher: saves that keep failing while writes wait stop
-            // the group.
-            let waiting = Counted::begin(&self.writes_awaiting_save);
-            let saved = rx.wait_for(|p| *p >= epoch || self.stopped.get().is_some()).await.map(|p| *p >= epoch);
-            drop(waiting);
-            match (saved, self.stopped.get()) {
-                (Ok(true), _) => {}
-                (Ok(false), Some(why)) => return Err(self.stopped_error(why)),
-                _ => return Err(WriteError::Replication("the dirty bitmap could not be persisted".into())),
-            }
+            self.write_waits_for_save(epoch).await?;
             stages.mark("region save");
         }
 
@@ -775,6 +763,24 @@ impl Group {
             }
         }
         Ok(())
+    }
+
+    /// A write waits for metadata save `epoch` (its region's, or that
+    /// writes go on without the secondary). A failing save is retried
+    /// meanwhile; saves that keep failing while writes wait stop the group
+    /// (counted here for the flusher), and a stopped group may never save
+    /// (its volume sync failed): the write fails then, before it is
+    /// acknowledged.
+    pub(super) async fn write_waits_for_save(&self, epoch: u64) -> Result<(), WriteError> {
+        let mut rx = self.bitmap_persisted.subscribe();
+        let waiting = Counted::begin(&self.writes_awaiting_save);
+        let saved = rx.wait_for(|p| *p >= epoch || self.stopped.get().is_some()).await.map(|p| *p >= epoch);
+        drop(waiting);
+        match (saved, self.stopped.get()) {
+            (Ok(true), _) => Ok(()),
+            (Ok(false), Some(why)) => Err(self.stopped_error(why)),
+            _ => Err(WriteError::Replication("the group's metadata could not be persisted".into())),
+        }
     }
 
     /// True in sync mode while exactly one write is between its journal
