@@ -363,6 +363,12 @@ pub struct Secondary {
     gap_covered: Option<u64>,
     /// COPY_DONE received (its seq), and the save that records it.
     copy_done: Option<u64>,
+    /// With COPY_DONE: the primary's time through which the copy holds
+    /// every write (0 unknown).
+    copy_done_as_of_us: u64,
+    /// A finished copy's time and seq, until the writes through that seq
+    /// are applied (then it is the applied image's time too).
+    applied_as_of_due: Option<(u64, u64)>,
     /// The newest copy chunk taken in when COPY_DONE came: a chunk after
     /// it on the stream belongs to a later copy.
     copy_done_chunks: u64,
@@ -441,6 +447,8 @@ impl Secondary {
             gap: None,
             gap_covered: None,
             copy_done: None,
+            copy_done_as_of_us: 0,
+            applied_as_of_due: None,
             copy_done_chunks: 0,
             copy_done_saved_at: None,
             data_as_of_us: start.data_as_of_us,
@@ -606,13 +614,17 @@ impl Secondary {
     }
 
     /// The primary's copy (or resync) is complete through write `seq`; it
-    /// covers the resync gaps announced before it.
-    pub fn on_copy_done(&mut self, seq: u64) -> Result<(), SecondaryError> {
+    /// covers the resync gaps announced before it. `as_of_us`: the
+    /// primary's time through which the copied image holds every write (0
+    /// unknown): once the copy is complete here, the replica's data is as
+    /// of then, however old its newest record.
+    pub fn on_copy_done(&mut self, seq: u64, as_of_us: u64) -> Result<(), SecondaryError> {
         let received = self.taken_through();
         if seq > received {
             return Err(SecondaryError::CopyDoneAhead { seq, received });
         }
         self.copy_done = Some(seq);
+        self.copy_done_as_of_us = as_of_us;
         self.copy_done_chunks = self.copies_taken();
         if let Some(gap) = self.gap.take() {
             self.gap_covered = Some(self.gap_covered.map_or(gap, |g| g.min(gap)));
@@ -705,6 +717,7 @@ impl Secondary {
             return Err(SecondaryError::Io(format!("apply failed: {e}")));
         }
         self.applier.on_applied(id);
+        self.note_applied_as_of();
         self.ack_dirty = true;
         if self.copy_applying.remove(&id) {
             while self.copy_applying.len() < self.config.copy_applies.max(1) {
@@ -1250,7 +1263,19 @@ impl Secondary {
             return;
         }
         self.copy_incomplete = false;
+        self.data_as_of_us = self.data_as_of_us.max(self.copy_done_as_of_us);
+        self.applied_as_of_due = Some((seq, self.copy_done_as_of_us));
+        self.note_applied_as_of();
         self.copy_done_saved_at = Some(self.want_save());
+    }
+
+    /// A finished copy's time becomes the applied image's once the writes
+    /// through its seq are applied.
+    fn note_applied_as_of(&mut self) {
+        if let Some((_, as_of_us)) = self.applied_as_of_due.filter(|(seq, _)| self.applier.applied() >= *seq) {
+            self.applied_as_of_us = self.applied_as_of_us.max(as_of_us);
+            self.applied_as_of_due = None;
+        }
     }
 }
 
@@ -1365,8 +1390,8 @@ mod tests {
         let now = Instant::now();
         let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
         s.on_record(write(1, 0)).unwrap();
-        assert!(matches!(s.on_copy_done(2), Err(SecondaryError::CopyDoneAhead { seq: 2, received: 1 })));
-        s.on_copy_done(1).unwrap();
+        assert!(matches!(s.on_copy_done(2, 0), Err(SecondaryError::CopyDoneAhead { seq: 2, received: 1 })));
+        s.on_copy_done(1, 0).unwrap();
     }
 
     #[test]
@@ -1996,7 +2021,7 @@ mod tests {
         let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
         s.on_record(write(1, 0)).unwrap();
         s.on_record(write(2, 8192)).unwrap();
-        s.on_copy_done(2).unwrap();
+        s.on_copy_done(2, 0).unwrap();
         // The primary's journal fills again right after it sent COPY_DONE.
         s.on_resync_gap(2);
         let acts = settle(&mut s, now);
@@ -2012,6 +2037,25 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_copy_dates_the_replica_as_of_the_primary_s_copy_done() {
+        let now = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
+        let write = |seq: u64, offset: u64| Record { written_at_us: seq * 1000, ..write(seq, offset) };
+        s.on_record(write(1, 0)).unwrap();
+        s.on_record(write(2, 8192)).unwrap();
+        // The copy holds every write the primary made up to 9 ms (the last
+        // record is older: its later writes were copied, or none came).
+        s.on_copy_done(2, 9_000).unwrap();
+        settle(&mut s, now);
+        assert!(!s.copy_incomplete());
+        assert_eq!((s.applied(), s.data_as_of_us(), s.applied_as_of_us()), (2, 9_000, 9_000));
+        // A peer that does not say (0) moves nothing back.
+        s.on_record(write(3, 16384)).unwrap();
+        settle(&mut s, now);
+        assert_eq!((s.data_as_of_us(), s.applied_as_of_us()), (9_000, 9_000));
+    }
+
+    #[test]
     fn a_copy_done_covers_the_gaps_announced_before_it_even_through_the_same_seq() {
         let now = Instant::now();
         let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
@@ -2020,7 +2064,7 @@ mod tests {
         s.on_resync_gap(2);
         s.on_record(write(1, 0)).unwrap();
         s.on_record(write(2, 8192)).unwrap();
-        s.on_copy_done(2).unwrap();
+        s.on_copy_done(2, 0).unwrap();
         settle(&mut s, now);
         assert!(!s.copy_incomplete());
         // Record 3 follows nothing this node lacks: no new resync starts
@@ -2039,7 +2083,7 @@ mod tests {
         for seq in 1..=5 {
             s.on_record(write(seq, seq * 8192)).unwrap();
         }
-        s.on_copy_done(5).unwrap();
+        s.on_copy_done(5, 0).unwrap();
         // The primary's journal fills again before COPY_DONE's reply reaches
         // it: it announces the gap it still holds, older than 5.
         s.on_resync_gap(3);
@@ -2056,7 +2100,7 @@ mod tests {
         let now = Instant::now();
         let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
         s.on_record(write(1, 0)).unwrap();
-        s.on_copy_done(1).unwrap();
+        s.on_copy_done(1, 0).unwrap();
         // Before record 1 is durable, the journal fills again and records
         // after the gap arrive: taken at once (the image is inconsistent).
         s.on_resync_gap(1);
@@ -2066,7 +2110,7 @@ mod tests {
         assert!(s.copy_incomplete(), "the image lacks the writes before record 2");
         assert!(!acts.iter().any(|a| matches!(a, Action::ReleaseImage | Action::Send(Body::CommandReply(_)))));
         // The next resync's COPY_DONE ends it.
-        s.on_copy_done(2).unwrap();
+        s.on_copy_done(2, 0).unwrap();
         let acts = settle(&mut s, now);
         assert!(!s.copy_incomplete());
         assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
@@ -2082,7 +2126,7 @@ mod tests {
         let now = Instant::now();
         let mut s = Secondary::new(config(1 << 20), SecondaryStart { copy_incomplete: true, ..start() }, now);
         s.on_record(write(1, 0)).unwrap();
-        s.on_copy_done(1).unwrap();
+        s.on_copy_done(1, 0).unwrap();
         s.on_resync_gap(1);
         let mut copy = Record::with_payload(RecordOp::Copy, 1, 0, 1 << 16, 1, Bytes::from(vec![9u8; 4096]), false);
         copy.copy_index = 1;
@@ -2091,7 +2135,7 @@ mod tests {
         assert!(s.copy_incomplete(), "the image holds part of the next copy");
         assert!(!acts.iter().any(|a| matches!(a, Action::ReleaseImage | Action::Send(Body::CommandReply(_)))));
         // The next copy's COPY_DONE ends it.
-        s.on_copy_done(1).unwrap();
+        s.on_copy_done(1, 0).unwrap();
         let acts = settle(&mut s, now);
         assert!(!s.copy_incomplete());
         assert!(acts.iter().any(|a| matches!(a, Action::ReleaseImage)), "{acts:?}");
@@ -2109,7 +2153,7 @@ mod tests {
             copy.copy_index = i;
             s.on_record(copy).unwrap();
         }
-        s.on_copy_done(0).unwrap();
+        s.on_copy_done(0, 0).unwrap();
         let acts = settle(&mut s, now);
         assert!(acts.iter().any(|a| matches!(a, Action::PreserveImage { .. })), "{acts:?}");
         assert_eq!(s.applier.next_copy_index(), 3, "both chunks taken in");
@@ -2144,7 +2188,7 @@ mod tests {
         s.on_record(write(1, 0)).unwrap();
         settle(&mut s, now);
         assert!(s.copy_incomplete());
-        s.on_copy_done(1).unwrap();
+        s.on_copy_done(1, 0).unwrap();
         let save = settle_but_the_consistent_save(&mut s, now);
         // A new gap (its COPY_DONE reply is not in the primary yet) and a
         // record after it: the previous resync still holds its preserved
@@ -2167,7 +2211,7 @@ mod tests {
         s.on_resync_gap(0);
         s.on_record(write(1, 0)).unwrap();
         settle(&mut s, now);
-        s.on_copy_done(1).unwrap();
+        s.on_copy_done(1, 0).unwrap();
         let save = settle_but_the_consistent_save(&mut s, now);
         // The end of the resync is saved; in the same batch of completions
         // (before the daemon performs what that queued) an I/O error stops

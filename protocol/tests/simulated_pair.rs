@@ -1316,7 +1316,7 @@ impl Sim {
                 }
                 Some(Body::Flush(f)) => self.s.machine.on_flush_request(f.seq),
                 Some(Body::Command(c)) if c.command == pb::Command::CopyDone as i32 => {
-                    self.s.machine.on_copy_done(c.seq).unwrap_or_else(|e| panic!("COPY_DONE refused: {e}"))
+                    self.s.machine.on_copy_done(c.seq, c.at_us).unwrap_or_else(|e| panic!("COPY_DONE refused: {e}"))
                 }
                 Some(Body::Command(c)) if c.command == pb::Command::ResyncGap as i32 => {
                     self.s.machine.on_resync_gap(c.seq)

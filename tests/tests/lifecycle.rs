@@ -692,10 +692,21 @@ fn initial_copy_sends_only_the_regions_that_differ() {
     drop(b);
     cluster.start(Site::A);
     cluster.start(Site::B);
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    let created = unix_now();
     cli_ok(&cluster, Site::A, &["pair", "create", "hc", "--wait", "--timeout", "60s"]);
     let a = cluster.wait_drained("hc");
     assert_eq!(a.copy_total_bytes, 32 * MIB, "{a:?}");
     assert_eq!(a.copy_sent_bytes, 2 * BLOCK, "only the two differing 64 KiB regions are sent: {a:?}");
+    // No write was made: the replica's data is as of the copy's end (it
+    // named no time, and a drill's report "the primary's time unknown").
+    let b = cluster.wait_until(Site::B, "hc", "data as of the copy's end", MINUTE, |s| s.data_as_of_unix.is_some());
+    let as_of = b.data_as_of_unix.unwrap_or_default();
+    assert!(as_of >= created - 1.0 && as_of <= unix_now() + 1.0, "data as of {as_of}, the pair created at {created}");
+    cli_ok(&cluster, Site::B, &["drill", "start", "hc"]);
+    let drill = cluster.status(Site::B, "hc").drill.expect("a drill runs");
+    assert!(drill.meta.recovery_time_us as f64 / 1e6 >= created - 1.0, "{drill:?}");
+    cli_ok(&cluster, Site::B, &["drill", "stop", "hc"]);
     cluster.stop(Site::A);
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("hc");

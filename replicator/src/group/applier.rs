@@ -1301,7 +1301,7 @@ impl Session {
                 Ok(())
             }
             Some(Body::Command(c)) if c.command == pb::Command::CopyDone as i32 => {
-                self.machine.on_copy_done(c.seq).map_err(protocol)
+                self.machine.on_copy_done(c.seq, c.at_us).map_err(protocol)
             }
             Some(Body::Command(c)) if c.command == pb::Command::ResyncGap as i32 => {
                 self.machine.on_resync_gap(c.seq);

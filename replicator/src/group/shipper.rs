@@ -514,6 +514,15 @@ async fn send_loop(
                     Some(Transmit::CopyDone(seq)) => Next::Body(Body::Command(pb::GroupCommand {
                         command: pb::Command::CopyDone as i32,
                         seq,
+                        // The time through which the copied image holds
+                        // every write: now, when no write was journaled
+                        // after `seq` (a later one follows on the stream
+                        // with its own time); else that of write `seq`.
+                        at_us: if g.last_jseq <= seq {
+                            super::write_path::unix_micros()
+                        } else {
+                            g.entries.get(&seq).map_or(0, |e| e.written_at_us)
+                        },
                         ..Default::default()
                     })),
                     Some(Transmit::ResyncGap(seq)) => Next::Body(Body::Command(pb::GroupCommand {
