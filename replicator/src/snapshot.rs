@@ -185,6 +185,11 @@ impl Snapshot {
         self.expendable.get().and_then(|g| g.given_up())
     }
 
+    /// The directory of its files.
+    pub fn dir(&self) -> &Path {
+        self.data.path().parent().unwrap_or(Path::new("/"))
+    }
+
     fn check_usable(&self) -> Result<(), IoError> {
         match self.given_up() {
             Some(why) => Err(IoError::Io {

@@ -308,7 +308,7 @@ impl Volume {
             }
             if let Err(e) = s.preserve(&self.file, offset, len).await {
                 if !s.give_up(&e) {
-                    return Err(e);
+                    return Err(IoError::Preserve { offset, dir: s.dir().to_path_buf(), source: Box::new(e) });
                 }
                 self.detach_snapshot(&s);
             }

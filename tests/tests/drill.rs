@@ -946,6 +946,46 @@ fn a_resync_whose_image_cannot_be_preserved_leaves_the_replica_consistent_and_ru
     c.assert_volumes_identical("pi");
 }
 
+/// The image a resync preserves cannot grow mid-resync (a write into its
+/// data file fails, as on a full `state_dir`): the chunk is not
+/// overwritten, the secondary's group stops with an error that names the
+/// image's directory (it named the volume), and after a restart the
+/// resync completes.
+#[test]
+fn a_resync_guard_that_cannot_grow_stops_the_secondary_and_says_where() {
+    let spec = GroupSpec::new("pg", Mode::Async).volume("pgv", 64 * MIB).journal_size(16 * MIB);
+    let mut c = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
+    c.pair_create("pg");
+    c.wait_pair("pg", Duration::from_secs(60));
+    write_export(&c.nbd_socket(Site::A), "pgv", 0, &vec![1u8; MIB as usize]);
+    c.wait_drained("pg");
+    c.stop(Site::B);
+    for i in 0..24u64 {
+        write_export(&c.nbd_socket(Site::A), "pgv", i * MIB, &vec![2 + i as u8; MIB as usize]);
+    }
+    c.wait_until(Site::A, "pg", "tracking writes in the bitmaps", Duration::from_secs(30), |s| s.dirty_bytes > 0);
+    c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    c.start(Site::B);
+    let armed = c.fs_command(Site::B, "fail-write resync-guard/pgv.data");
+    assert!(armed.starts_with("ok armed"), "{armed}");
+    c.signal(Site::A, nix::sys::signal::Signal::SIGCONT);
+    let b = c.wait_until(Site::B, "pg", "stopped by the failed copy-on-write", Duration::from_secs(60), |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("resync-guard"))
+    });
+    let error = b.last_error.unwrap_or_default();
+    assert!(error.contains("not overwritten") && error.contains("groups/pg/resync-guard"), "{error}");
+    // (A stop reports the failure: exit status 1.)
+    c.kill9(Site::B);
+    c.start(Site::B);
+    c.wait_until(Site::A, "pg", "the resync done", Duration::from_secs(90), |s| {
+        s.state == "PAIR" && s.dirty_bytes == 0 && s.connected
+    });
+    c.wait_drained("pg");
+    c.stop(Site::A);
+    c.stop(Site::B);
+    c.assert_volumes_identical("pg");
+}
+
 /// A failover during a resync whose promotion cannot be saved at once (the
 /// group's state directory refuses new files: `chattr +i`) rolls back and
 /// is in effect all the same; once its save lands, the resync's preserved

@@ -411,6 +411,28 @@ pub enum IoError {
         /// The first failure.
         first: String,
     },
+    /// The copy-on-write into an image kept of the volume (a resync's guard
+    /// of the replica's last consistent image) failed: the volume write
+    /// that needed it is not made.
+    #[error(
+        "keeping the chunks at offset {offset} in the image preserved under {} before they are overwritten \
+         failed, so they are not overwritten: {source}{}",
+        dir.display(),
+        if source.is_storage_full() {
+            " (that filesystem is full: free space on it, then restart the daemon; the preserved image holds the \
+             replica's last consistent state meanwhile)"
+        } else {
+            ""
+        }
+    )]
+    Preserve {
+        /// Offset of the volume write.
+        offset: u64,
+        /// The image's directory.
+        dir: PathBuf,
+        /// What failed.
+        source: Box<IoError>,
+    },
     /// The I/O engine has stopped (its thread died, or the runtime is shutting
     /// down); no further I/O is possible through it.
     #[error("the I/O engine has stopped; no further volume or journal I/O is possible")]
@@ -420,6 +442,18 @@ pub enum IoError {
 impl IoError {
     fn io(op: &'static str, offset: u64, source: io::Error) -> IoError {
         IoError::Io { op, offset, source }
+    }
+
+    /// Whether the kernel said the filesystem or device is full (ENOSPC,
+    /// EDQUOT).
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            IoError::Io { source, .. } | IoError::Open { source, .. } | IoError::SyncFailed { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }
+            IoError::Preserve { source, .. } => source.is_storage_full(),
+            _ => false,
+        }
     }
 }
 

@@ -126,6 +126,18 @@ fn error_messages_name_what_failed() {
     let e = IoError::io("write", 4096, io::Error::from_raw_os_error(libc::EIO));
     let msg = e.to_string();
     assert!(msg.contains("write") && msg.contains("4096") && msg.contains("Input/output"), "{msg}");
+    // A failed copy-on-write names the preserved image, not the volume,
+    // and a full filesystem says what to do.
+    let preserve = |errno| IoError::Preserve {
+        offset: 6160384,
+        dir: "/var/lib/replicator/groups/db/resync-guard".into(),
+        source: Box::new(IoError::io("write", 65536, io::Error::from_raw_os_error(errno))),
+    };
+    let msg = preserve(libc::ENOSPC).to_string();
+    assert!(msg.contains("6160384") && msg.contains("groups/db/resync-guard") && msg.contains("free space"), "{msg}");
+    assert!(preserve(libc::ENOSPC).is_storage_full());
+    let msg = preserve(libc::EIO).to_string();
+    assert!(msg.contains("resync-guard") && !msg.contains("free space"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
