@@ -180,6 +180,18 @@ pub async fn run(
         eprintln!("replicator: drill run needs a command: replicator drill run GROUP -- CMD [ARGS...]");
         return Err(ExitCode::from(exit::USAGE));
     };
+    // The report's directory first: a path that cannot be one fails before
+    // the drill, not after the check has run.
+    if let Some(dir) = &report_dir {
+        let usable = crate::perms::create_dir_durably(dir, None).and_then(|_| match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => Err(std::io::Error::other("it exists and is not a directory")),
+            other => other.map(drop),
+        });
+        if let Err(e) = usable {
+            eprintln!("replicator: --report {}: {e}; no drill was started", dir.display());
+            return Err(ExitCode::from(exit::USAGE));
+        }
+    }
     // Ctrl-C (or SIGTERM, SIGHUP: a closed terminal) from here on stops the
     // command and then the drill, which is recorded as interrupted: the
     // drill copies are not left attached and unrecorded behind a dead

@@ -422,6 +422,20 @@ fn drill_run_reports_its_command_and_keeps_a_history() {
         &["drill", "run", "g", "--report", &reports_arg, "--", "sh", "-c", "echo fsck found errors >&2; exit 3"],
     );
     assert_eq!(out.status.code(), Some(3), "{}", describe_output(&out));
+    // A report path that cannot be a directory is refused before any drill
+    // (the history below has no line for it); it failed after the check ran.
+    let not_a_dir = c.root().join("reports.txt");
+    std::fs::write(&not_a_dir, b"notes").expect("write a file");
+    let out = c.cli(
+        Site::B,
+        &["drill", "run", "g", "--report", &not_a_dir.display().to_string(), "--", "sh", "-c", "echo CHECK-RAN"],
+    );
+    let text = describe_output(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("not a directory") && text.contains("no drill was started") && !text.contains("CHECK-RAN"),
+        "{text}"
+    );
     // A hanging one is killed at the timeout.
     let started = Instant::now();
     let out = c.cli(Site::B, &["drill", "run", "g", "--timeout", "1s", "--", "sleep", "30"]);
