@@ -1107,6 +1107,13 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
                      failover rolls the resync back to it)",
                     f.seq
                 ),
+                // A secondary whose applies stopped mid-way (a local
+                // failure): its restore journal still holds them.
+                _ if s.reason.as_deref() == Some("error") => writeln!(
+                    out,
+                    "  failover image: none consistent until a restart of the daemon re-applies the restore journal \
+                     (applies stopped mid-way; only `failover --force` promotes the volumes as they are)"
+                ),
                 _ => writeln!(
                     out,
                     "  failover image: none consistent (a copy runs; only `failover --force`, which promotes the mix)"

@@ -183,13 +183,16 @@ pub async fn run(
     // The report's directory first: a path that cannot be one fails before
     // the drill, not after the check has run.
     if let Some(dir) = &report_dir {
-        let usable = crate::perms::create_dir_durably(dir, None).and_then(|_| match std::fs::metadata(dir) {
-            Ok(m) if !m.is_dir() => Err(std::io::Error::other("it exists and is not a directory")),
-            other => other.map(drop),
-        });
-        if let Err(e) = usable {
-            eprintln!("replicator: --report {}: {e}; no drill was started", dir.display());
-            return Err(ExitCode::from(exit::USAGE));
+        let usable = crate::perms::create_dir_durably(dir, None).and_then(|_| std::fs::metadata(dir));
+        let (why, code) = match usable {
+            Ok(m) if m.is_dir() => (None, exit::OK),
+            Ok(_) => (Some("it exists and is not a directory".to_string()), exit::USAGE),
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => (Some(e.to_string()), exit::USAGE),
+            Err(e) => (Some(e.to_string()), exit::FAILED),
+        };
+        if let Some(why) = why {
+            eprintln!("replicator: --report {}: {why}; no drill was started", dir.display());
+            return Err(ExitCode::from(code));
         }
     }
     // Ctrl-C (or SIGTERM, SIGHUP: a closed terminal) from here on stops the

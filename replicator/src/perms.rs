@@ -58,9 +58,7 @@ pub fn create_dir_durably(dir: &Path, mode: Option<u32>) -> io::Result<bool> {
         }
     }
     for created in &missing {
-        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
-            crate::durable::sync_dir(parent)?;
-        }
+        crate::durable::sync_parent(created)?;
     }
     Ok(true)
 }

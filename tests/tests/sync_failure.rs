@@ -214,6 +214,9 @@ fn a_failed_apply_on_the_secondary_stops_it_until_the_restart_replays_its_journa
     let b = cluster.wait_until(Site::B, "sw", "stopped", Duration::from_secs(10), |s| s.health == "critical");
     assert!(!b.consistent, "the replica may hold applies out of order: {b:?}");
     assert!(b.last_error.as_deref().unwrap_or("").contains("apply failed"), "{b:?}");
+    // Its status says what makes it consistent again (it said a copy ran).
+    let text = String::from_utf8_lossy(&cluster.cli(Site::B, &["status", "sw"]).stdout).into_owned();
+    assert!(text.contains("none consistent until a restart of the daemon re-applies the restore journal"), "{text}");
     // Neither a new session nor a failover onto that image.
     std::thread::sleep(Duration::from_secs(3));
     assert!(!cluster.status(Site::A, "sw").connected, "the stopped secondary took a new session");
