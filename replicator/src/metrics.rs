@@ -368,7 +368,7 @@ impl Collector for NodeCollector {
             "1 on a former primary superseded by a failover (it takes no writes until failback or resync)",
             statuses.iter().map(|s| ([("group", s.group.as_str())], flag(s.superseded_by > 0))),
         )?;
-        let plain: [(&str, &str, GaugeOf); 20] = [
+        let plain: [(&str, &str, GaugeOf); 21] = [
             (
                 "replicator_generation",
                 "Promotion generation (pair create: 1; each failover or switchover adds one)",
@@ -438,6 +438,11 @@ impl Collector for NodeCollector {
             ("replicator_drill_active", "1 while a drill copy of the replica exists here (`drill start`)", |s| {
                 f64::from(u8::from(s.drill.is_some()))
             }),
+            (
+                "replicator_drill_discarded",
+                "1 while the running drill's copy is discarded (a copy-on-write into it failed; its exports fail until `drill stop`)",
+                |s| f64::from(u8::from(s.drill.as_ref().is_some_and(|d| d.discarded.is_some()))),
+            ),
             ("replicator_drill_space_used_bytes", "Bytes the drill copies hold (chunks written on either side)", |s| {
                 s.drill.as_ref().map_or(0.0, |d| d.space_used_bytes as f64)
             }),
