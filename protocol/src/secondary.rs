@@ -116,6 +116,11 @@ pub const UNAPPLIED_RECORD_MIN: u64 = 512;
 /// (see [`SecondaryConfig::journal_sync_delay`]).
 pub const RECENT_FLUSH: Duration = Duration::from_millis(100);
 
+/// An idle session repeats its last ack this often: the primary's "peer
+/// last heard" then tells a live, idle secondary from one that stopped
+/// answering (a frozen process keeps its QUIC connection up for a while).
+pub const ACK_KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// Where a session starts: everything through `checkpoint` is on the
 /// volumes durably and the restore journal holds nothing newer (the daemon
 /// replays it when it opens the group, and drains it when a session ends).
@@ -394,6 +399,8 @@ pub struct Secondary {
     /// The next ack reports such a sync: it goes out at once.
     ack_now: bool,
     last_ack: Option<pb::Ack>,
+    /// When an ack last went out (see [`ACK_KEEPALIVE`]).
+    last_ack_at: Option<Instant>,
     /// Hash-only copy chunks whose region differs here, not yet reported.
     copy_mismatch: Vec<pb::CopyMismatch>,
     /// Highest write seq handed out for applying.
@@ -462,6 +469,7 @@ impl Secondary {
             stretch: 1,
             ack_now: false,
             last_ack: None,
+            last_ack_at: None,
             copy_mismatch: Vec::new(),
             max_started: start.checkpoint,
             freeze_at: None,
@@ -911,10 +919,20 @@ impl Secondary {
             ack.copy_mismatch = std::mem::take(&mut self.copy_mismatch);
             if self.last_ack.as_ref() != Some(&ack) {
                 self.last_ack = Some(ack.clone());
+                self.last_ack_at = Some(now);
                 return Some(Action::Send(Body::Ack(ack)));
             }
         }
+        if let Some(ack) = self.last_ack.clone().filter(|_| self.keepalive_due().is_some_and(|t| now >= t)) {
+            self.last_ack_at = Some(now);
+            return Some(Action::Send(Body::Ack(ack)));
+        }
         None
+    }
+
+    /// When the last ack is repeated if nothing else goes out before.
+    fn keepalive_due(&self) -> Option<Instant> {
+        self.last_ack_at.filter(|_| !self.failed && self.last_ack.is_some()).map(|t| t + ACK_KEEPALIVE)
     }
 
     /// Whether the (changed) `ack` must go out now rather than wait for
@@ -1215,8 +1233,15 @@ impl Secondary {
     }
 
     /// When [`Secondary::poll_action`] must be called again even if nothing
-    /// else happens: a delayed journal sync or a delayed ack falls due.
+    /// else happens: deferred work falls due ([`Secondary::deferred_until`])
+    /// or the idle session's keepalive ack.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deferred_until().into_iter().chain(self.keepalive_due()).min()
+    }
+
+    /// When deferred work falls due: a delayed journal sync or a delayed
+    /// ack (None: nothing is deferred).
+    pub fn deferred_until(&self) -> Option<Instant> {
         if self.failed {
             return None;
         }
@@ -1472,7 +1497,7 @@ mod tests {
         assert!(syncs(&drain(&mut s, t1)).is_empty());
         assert_eq!(s.poll_timeout(), Some(t0 + delay), "the oldest record sets the deadline");
         assert_eq!(syncs(&drain(&mut s, t0 + delay)), vec![2], "one sync covers both");
-        assert_eq!(s.poll_timeout(), None, "a sync is in flight");
+        assert_eq!(s.deferred_until(), None, "a sync is in flight");
         // Appended while that sync runs: their delay counts from then.
         let t2 = t0 + 2 * delay;
         s.on_record(write(3, 16384)).unwrap();
@@ -1546,6 +1571,23 @@ mod tests {
         assert_eq!(syncs(&drain(&mut s, t1 + delay)), vec![6]);
     }
 
+    #[test]
+    fn an_idle_session_repeats_its_last_ack() {
+        let t0 = Instant::now();
+        let mut s = Secondary::new(config(1 << 20), start(), t0);
+        s.on_record(write(1, 0)).unwrap();
+        let acts = drain(&mut s, t0);
+        let sent = acks(&acts);
+        assert!(!sent.is_empty(), "{acts:?}");
+        assert!(acks(&drain(&mut s, t0 + ACK_KEEPALIVE / 2)).is_empty(), "nothing new, not yet due");
+        assert_eq!(s.poll_timeout(), Some(t0 + ACK_KEEPALIVE));
+        let again = acks(&drain(&mut s, t0 + ACK_KEEPALIVE));
+        assert_eq!(again, sent[sent.len() - 1..], "the last ack, again");
+        assert_eq!(s.poll_timeout(), Some(t0 + 2 * ACK_KEEPALIVE));
+        s.fail();
+        assert!(acks(&drain(&mut s, t0 + 3 * ACK_KEEPALIVE)).is_empty(), "a failed session says nothing");
+    }
+
     fn acks(acts: &[Action]) -> Vec<(u64, u64, u64)> {
         acts.iter()
             .filter_map(|a| match a {
@@ -1589,7 +1631,7 @@ mod tests {
         assert!(acks(&drain(&mut s, t0 + sync_delay)).is_empty());
         assert_eq!(s.poll_timeout(), Some(t0 + ack_delay), "counted from the first change");
         assert_eq!(acks(&drain(&mut s, t0 + ack_delay)), vec![(2, 2, 2)], "one ack for all of it");
-        assert_eq!(s.poll_timeout(), None);
+        assert_eq!(s.deferred_until(), None);
         // A FUA write is waited for: the ack of its sync goes at once.
         let t1 = t0 + 2 * ack_delay;
         let mut fua = write(3, 16384);

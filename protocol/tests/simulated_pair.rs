@@ -1429,7 +1429,7 @@ impl Sim {
         let unsynced = m.received() > m.durable() && self.s.journal_syncs.is_empty();
         // The daemon sleeps until the machine's timeout: a record that
         // waits for a journal sync must come with one.
-        assert!(!unsynced || m.poll_timeout().is_some(), "records wait for a journal sync nobody will start");
+        assert!(!unsynced || m.deferred_until().is_some(), "records wait for a journal sync nobody will start");
         self.s.now += Duration::from_millis(400);
         self.secondary_perform();
         if unsynced && !self.s.journal_syncs.is_empty() {

@@ -286,6 +286,38 @@ fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
     cluster.stop(Site::A);
 }
 
+/// An idle, healthy pair: the primary keeps hearing from the secondary
+/// (its last ack repeated every 5 s), so "peer last heard" tells it from a
+/// secondary that stopped answering: it named the session's start, ever
+/// older, and a frozen secondary looked the same.
+#[test]
+fn an_idle_primary_keeps_hearing_from_its_secondary() {
+    let group = GroupSpec::new("ka", Mode::Async).volume("ka-vol", 16 * MIB);
+    let cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("ka");
+    cluster.wait_pair("ka", Duration::from_secs(60));
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let started = Instant::now();
+    let mut worst = 0;
+    while started.elapsed() < Duration::from_secs(14) {
+        let a = cluster.status(Site::A, "ka");
+        let heard = a.peer_contact_unix.unwrap_or_else(|| panic!("never heard from the peer: {a:?}"));
+        worst = worst.max(unix_now().saturating_sub(heard));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // 5 s between acks, rounding to whole seconds, a busy machine.
+    assert!(worst <= 8, "the primary last heard from its idle secondary {worst} s before");
+    let log = cluster.log(Site::B);
+    assert_eq!(log.matches("replication session up").count(), 1, "one session throughout:\n{log}");
+    // A frozen secondary: the time grows.
+    cluster.signal(Site::B, nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(10));
+    let a = cluster.status(Site::A, "ka");
+    cluster.signal(Site::B, nix::sys::signal::Signal::SIGCONT);
+    let heard = a.peer_contact_unix.unwrap_or_default();
+    assert!(unix_now().saturating_sub(heard) >= 9, "heard from a frozen secondary: {a:?}");
+}
+
 #[test]
 fn a_cut_off_secondary_never_claims_pair_and_status_exits_non_zero() {
     let group = GroupSpec::new("co", Mode::Async).volume("co-vol", 16 * MIB).link_timeout(Duration::from_secs(1));

@@ -1100,7 +1100,7 @@ impl Session {
         let mut timer_at: Option<Instant> = None;
         loop {
             let reading = self.machine.wants_input() && !self.finished();
-            let stretch = self.pace.update(self.machine.poll_timeout().is_some());
+            let stretch = self.pace.update(self.machine.deferred_until().is_some());
             self.machine.set_stretch(stretch);
             let timeout = self.machine.poll_timeout();
             if let Some(at) = timeout.filter(|&at| timer_at != Some(at)) {
