@@ -920,22 +920,7 @@ fn a_resync_whose_image_cannot_be_preserved_leaves_the_replica_consistent_and_ru
     ) {
         return;
     }
-    let spec = GroupSpec::new("pi", Mode::Async).volume("piv", 64 * MIB).journal_size(16 * MIB);
-    let mut c = Cluster::new(ClusterOpts::group(spec));
-    c.pair_create("pi");
-    c.wait_pair("pi", Duration::from_secs(60));
-    write_export(&c.nbd_socket(Site::A), "piv", 0, &vec![1u8; MIB as usize]);
-    c.wait_drained("pi");
-    c.stop(Site::B);
-    // More than the journal holds: the primary tracks the rest in its bitmaps.
-    for i in 0..24u64 {
-        write_export(&c.nbd_socket(Site::A), "piv", i * MIB, &vec![2 + i as u8; MIB as usize]);
-    }
-    c.wait_until(Site::A, "pi", "tracking writes in the bitmaps", Duration::from_secs(30), |s| s.dirty_bytes > 0);
-    // Site-a frozen until site-b has started (a start removes what an
-    // earlier guard left).
-    c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
-    c.start(Site::B);
+    let mut c = resync_due("pi", |o| o);
     let guard = c.state_dir(Site::B).join("groups").join("pi").join("resync-guard");
     std::fs::create_dir_all(&guard).expect("mkdir");
     let immutable = Immutable::set(guard);
@@ -960,6 +945,30 @@ fn a_resync_whose_image_cannot_be_preserved_leaves_the_replica_consistent_and_ru
     c.assert_volumes_identical("pi");
 }
 
+/// An async pair `<name>` of one 64 MiB volume `<name>v` (16 MiB journal)
+/// whose secondary was away while 24 MiB were written (the primary tracks
+/// what its journal did not hold in its bitmaps), then started again with
+/// the primary frozen (SIGSTOP): the caller prepares site-b (a start
+/// removes what an earlier guard left), then thaws site-a, whose resync
+/// begins.
+fn resync_due(name: &str, opts: impl FnOnce(ClusterOpts) -> ClusterOpts) -> Cluster {
+    let vol = format!("{name}v");
+    let spec = GroupSpec::new(name, Mode::Async).volume(&vol, 64 * MIB).journal_size(16 * MIB);
+    let mut c = Cluster::new(opts(ClusterOpts::group(spec)));
+    c.pair_create(name);
+    c.wait_pair(name, Duration::from_secs(60));
+    write_export(&c.nbd_socket(Site::A), &vol, 0, &vec![1u8; MIB as usize]);
+    c.wait_drained(name);
+    c.stop(Site::B);
+    for i in 0..24u64 {
+        write_export(&c.nbd_socket(Site::A), &vol, i * MIB, &vec![2 + i as u8; MIB as usize]);
+    }
+    c.wait_until(Site::A, name, "tracking writes in the bitmaps", Duration::from_secs(30), |s| s.dirty_bytes > 0);
+    c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
+    c.start(Site::B);
+    c
+}
+
 /// The image a resync preserves cannot grow mid-resync (a write into its
 /// data file fails, as on a full `state_dir`): the chunk is not
 /// overwritten, the secondary's group stops with an error that names the
@@ -967,19 +976,7 @@ fn a_resync_whose_image_cannot_be_preserved_leaves_the_replica_consistent_and_ru
 /// resync completes.
 #[test]
 fn a_resync_guard_that_cannot_grow_stops_the_secondary_and_says_where() {
-    let spec = GroupSpec::new("pg", Mode::Async).volume("pgv", 64 * MIB).journal_size(16 * MIB);
-    let mut c = Cluster::new(ClusterOpts::group(spec).with_power_cut_fs());
-    c.pair_create("pg");
-    c.wait_pair("pg", Duration::from_secs(60));
-    write_export(&c.nbd_socket(Site::A), "pgv", 0, &vec![1u8; MIB as usize]);
-    c.wait_drained("pg");
-    c.stop(Site::B);
-    for i in 0..24u64 {
-        write_export(&c.nbd_socket(Site::A), "pgv", i * MIB, &vec![2 + i as u8; MIB as usize]);
-    }
-    c.wait_until(Site::A, "pg", "tracking writes in the bitmaps", Duration::from_secs(30), |s| s.dirty_bytes > 0);
-    c.signal(Site::A, nix::sys::signal::Signal::SIGSTOP);
-    c.start(Site::B);
+    let mut c = resync_due("pg", ClusterOpts::with_power_cut_fs);
     let armed = c.fs_command(Site::B, "fail-write resync-guard/pgv.data");
     assert!(armed.starts_with("ok armed"), "{armed}");
     c.signal(Site::A, nix::sys::signal::Signal::SIGCONT);

@@ -250,18 +250,7 @@ fn a_sync_write_in_flight_at_the_crash_is_no_split_brain() {
 /// write it acknowledged and the new primary lacks).
 #[test]
 fn a_sync_write_acknowledged_alone_waits_until_the_state_file_says_so() {
-    let group = GroupSpec::new("la", Mode::Sync).volume("la-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
-    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
-    cluster.pair_create("la");
-    cluster.wait_pair("la", Duration::from_secs(60));
-    assert_eq!(write_blocks(&cluster, "la-vol", 0..10), 10);
-    cluster.wait_drained("la");
-    let state = cluster.state_dir(Site::A).join("groups/la/state.json");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&state).unwrap_or_default().contains("\"acked_all_on_peer\": true") {
-        assert!(Instant::now() < deadline, "the state file never said RPO 0 held");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (mut cluster, _) = rpo_zero_on_disk("la");
     assert!(cluster.fs_command(Site::A, "hold-fsync state.json").starts_with("ok armed"));
     cluster.signal(Site::B, Signal::SIGSTOP);
     let alone = writer(&cluster, Site::A, "la-vol", 40, 41);
@@ -280,6 +269,27 @@ fn a_sync_write_acknowledged_alone_waits_until_the_state_file_says_so() {
     cluster.wait_state(Site::A, "la", "SPLIT-BRAIN", Duration::from_secs(60));
 }
 
+/// A sync pair `<name>` (one 16 MiB volume `<name>-vol`, `link_timeout`
+/// 1 s, on powercut-fs) with blocks 0..10 written and on the secondary,
+/// once the primary's state file says every acknowledged write is on the
+/// secondary. Returns the cluster and that state file.
+fn rpo_zero_on_disk(name: &str) -> (Cluster, std::path::PathBuf) {
+    let vol = format!("{name}-vol");
+    let group = GroupSpec::new(name, Mode::Sync).volume(&vol, 16 * MIB).link_timeout(Duration::from_secs(1));
+    let cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
+    cluster.pair_create(name);
+    cluster.wait_pair(name, Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, &vol, 0..10), 10);
+    cluster.wait_drained(name);
+    let state = cluster.state_dir(Site::A).join("groups").join(name).join("state.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&state).unwrap_or_default().contains("\"acked_all_on_peer\": true") {
+        assert!(Instant::now() < deadline, "the state file never said RPO 0 held");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (cluster, state)
+}
+
 /// The save that must precede a sync write acknowledged alone fails for
 /// a few seconds (the state file's fsync: a full or failing disk): the
 /// write waits for the retries, as a write waits for its region's save (it
@@ -287,18 +297,7 @@ fn a_sync_write_acknowledged_alone_waits_until_the_state_file_says_so() {
 /// were acknowledged without the secondary).
 #[test]
 fn a_sync_write_acknowledged_alone_waits_through_a_failed_save() {
-    let group = GroupSpec::new("lf", Mode::Sync).volume("lf-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
-    let cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
-    cluster.pair_create("lf");
-    cluster.wait_pair("lf", Duration::from_secs(60));
-    assert_eq!(write_blocks(&cluster, "lf-vol", 0..10), 10);
-    cluster.wait_drained("lf");
-    let state = cluster.state_dir(Site::A).join("groups/lf/state.json");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&state).unwrap_or_default().contains("\"acked_all_on_peer\": true") {
-        assert!(Instant::now() < deadline, "the state file never said RPO 0 held");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (cluster, state) = rpo_zero_on_disk("lf");
     let pid = cluster.pid(Site::A).expect("site A runs");
     let fail_next_save = || {
         let armed = cluster.fs_command(Site::A, &format!("fail-fsync groups/lf/.state.json.{pid}.tmp"));
