@@ -554,7 +554,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let resp = ask(&daemon, Request::PairCreate { group: group.clone(), nocopy }).await?;
                 let code = report(&resp)?;
                 if wait {
-                    wait_for_pair(&daemon, &group, timeout, false).await
+                    wait_for_pair(&daemon, &group, timeout, WaitAfter::Create).await
                 } else {
                     Ok(code)
                 }
@@ -577,7 +577,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let code =
                     report(&ask(&daemon, Request::PairResync { group: group.clone(), swap, discard_local }).await?)?;
                 if wait {
-                    wait_for_pair(&daemon, &group, timeout, true).await
+                    wait_for_pair(&daemon, &group, timeout, WaitAfter::Resync).await
                 } else {
                     Ok(code)
                 }
@@ -591,7 +591,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 if no_switch && !wait {
                     return Ok(code);
                 }
-                wait_for_pair(&daemon, &group, timeout, false).await?;
+                wait_for_pair(&daemon, &group, timeout, WaitAfter::RoleChange).await?;
                 if no_switch {
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -615,7 +615,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             rt.block_on(async {
                 let code = report(&ask(&daemon, Request::Switchover { group: group.clone() }).await?)?;
                 if wait {
-                    wait_for_pair(&daemon, &group, None, false).await
+                    wait_for_pair(&daemon, &group, None, WaitAfter::RoleChange).await
                 } else {
                     Ok(code)
                 }
@@ -839,19 +839,31 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 /// sooner: the daemon answers `status` from memory in milliseconds.
 const POLL_AT_LEAST: Duration = Duration::from_secs(2);
 
+/// What [`wait_for_pair`] waits after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaitAfter {
+    /// `pair create`: a refused create stays pending on this node (the
+    /// refusal says how to withdraw it).
+    Create,
+    /// `pair resync`: the peer's `in-use` refusal (NBD clients on its split
+    /// replica) is waited out, as a resync starts by itself once they
+    /// detach (not for `pair create`, where they are an application on
+    /// standalone volumes about to be overwritten).
+    Resync,
+    /// A failback or switchover.
+    RoleChange,
+}
+
 /// `--wait`: polls status until PAIR, printing progress (a bar on a TTY,
 /// plain lines otherwise). Fails at once when the peer refused for good
-/// or the pair failed, and after `timeout` if given. `in_use_waits`: the
-/// peer's `in-use` refusal (NBD clients on its split replica) is waited
-/// out, as a resync starts by itself once they detach (not for `pair
-/// create`, where they are an application on standalone volumes about to
-/// be overwritten).
+/// or the pair failed, and after `timeout` if given.
 async fn wait_for_pair(
     daemon: &DaemonSockets,
     group: &str,
     timeout: Option<Duration>,
-    in_use_waits: bool,
+    after: WaitAfter,
 ) -> Result<ExitCode, ExitCode> {
+    let in_use_waits = after == WaitAfter::Resync;
     let started = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
@@ -925,6 +937,12 @@ async fn wait_for_pair(
                 s.reason.as_ref().map(|r| format!("({r})")).unwrap_or_default(),
                 s.last_error.clone().unwrap_or_else(|| "see the daemon log".into())
             );
+            if after == WaitAfter::Create && refused.is_some() && s.role == "primary" {
+                eprintln!(
+                    "replicator: the pair stays pending here (the peer is asked again): fix the cause, or \
+                     `replicator pair delete {group}` here withdraws it"
+                );
+            }
             return Err(ExitCode::from(exit::FAILED));
         }
         let what = if s.connected {

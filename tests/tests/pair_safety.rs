@@ -234,6 +234,7 @@ fn pair_create_wait_fails_at_once_on_a_permanent_refusal() {
     let (code, out) = cli(&cluster, Site::A, &["pair", "create", "pr", "--wait"]);
     assert_eq!(code, 1, "pair create --wait against a mismatched peer must fail: {out}");
     assert!(out.contains("volumes differ"), "the peer's reason must be shown: {out}");
+    assert!(out.contains("`replicator pair delete pr` here withdraws it"), "how to withdraw the create: {out}");
     assert!(started.elapsed() < Duration::from_secs(30), "it must fail at once, not after {:?}", started.elapsed());
     let s = cluster.status(Site::A, "pr");
     assert_eq!(s.refusal.as_deref(), Some("config"), "{s:?}");
