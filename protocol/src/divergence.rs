@@ -61,11 +61,15 @@ pub struct FormerPrimary {
 /// sequence space that is not the one the takeover point belongs to (it
 /// restarted after a power cut: its records cannot be compared). Unknown
 /// point: yes. Not when it acknowledged every write only once the peer had
-/// it and has no bitmap-tracked regions: its records beyond the point were
-/// never acknowledged, and discarding them (failback) loses nothing a
-/// client was told is written.
+/// it: its records beyond the point, and the regions its bitmaps mark
+/// (those its activity log named after a power cut, writes in flight
+/// then), hold nothing it acknowledged that the peer lacks, and discarding
+/// them (failback copies the peer's data over them) loses nothing a client
+/// was told is written. (Every way a primary's bitmaps take acknowledged
+/// writes the peer lacks clears that flag first: writes acknowledged alone,
+/// a journal-full suspension, `verify --fix`.)
 pub fn wrote_beyond(former: FormerPrimary, point: Option<TakeoverPoint>) -> bool {
-    if former.acked_all_on_peer && former.bitmap_bytes == 0 {
+    if former.acked_all_on_peer {
         return false;
     }
     match point {
@@ -208,14 +212,14 @@ mod tests {
         assert!(wrote_beyond(f(10, 2, 4096), p));
         assert!(wrote_beyond(f(0, 0, 0), None));
         // A sync primary that acknowledged nothing the peer lacks: records
-        // beyond the point (in flight when it crashed) were never
-        // acknowledged; bitmap-tracked regions still count.
+        // beyond the point and the regions of its activity log after a
+        // power cut (in flight when it went down) were never acknowledged.
         let sync =
             |last_seq, epoch, bitmap_bytes| FormerPrimary { last_seq, epoch, bitmap_bytes, acked_all_on_peer: true };
         assert!(!wrote_beyond(sync(11, 2, 0), p));
         assert!(!wrote_beyond(sync(10, 3, 0), p));
         assert!(!wrote_beyond(sync(11, 2, 0), None));
-        assert!(wrote_beyond(sync(11, 2, 4096), p));
+        assert!(!wrote_beyond(sync(11, 3, 4096), p));
         assert_eq!(records_beyond(p, 2), 10);
         assert_eq!(records_beyond(p, 3), 0);
         assert_eq!(records_beyond(None, 2), 0);

@@ -923,9 +923,9 @@ impl Secondary {
                 return Some(Action::Send(Body::Ack(ack)));
             }
         }
-        if let Some(ack) = self.last_ack.clone().filter(|_| self.keepalive_due().is_some_and(|t| now >= t)) {
+        if self.keepalive_due().is_some_and(|t| now >= t) {
             self.last_ack_at = Some(now);
-            return Some(Action::Send(Body::Ack(ack)));
+            return self.last_ack.clone().map(|ack| Action::Send(Body::Ack(ack)));
         }
         None
     }

@@ -1354,6 +1354,16 @@ address = "127.0.0.1:{peer_port}"
         })
     }
 
+    /// The usual end of a test: waits until the secondary applied every
+    /// record ([`Cluster::wait_drained`]), stops both daemons (cleanly)
+    /// and compares the group's volumes byte by byte.
+    pub fn assert_converged(&mut self, group: &str) {
+        self.wait_drained(group);
+        self.stop(Site::A);
+        self.stop(Site::B);
+        self.assert_volumes_identical(group);
+    }
+
     /// Compares every volume of `group` on both sites byte by byte (both
     /// daemons must be stopped). Panics at the first differing offset.
     pub fn assert_volumes_identical(&mut self, group: &str) {

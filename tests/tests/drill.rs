@@ -901,10 +901,7 @@ fn a_drill_copy_that_fills_the_state_dir_is_discarded_and_replication_goes_on() 
     assert!(history[0]["discarded"].as_str().is_some_and(|why| why.contains("copy-on-write failed")), "{history}");
     c.stop(Site::B);
     c.start(Site::B);
-    c.wait_drained("f");
-    c.stop(Site::A);
-    c.stop(Site::B);
-    c.assert_volumes_identical("f");
+    c.assert_converged("f");
     drop(fs);
 }
 
@@ -939,10 +936,7 @@ fn a_resync_whose_image_cannot_be_preserved_leaves_the_replica_consistent_and_ru
     c.wait_until(Site::A, "pi", "the resync done", Duration::from_secs(60), |s| {
         s.state == "PAIR" && s.dirty_bytes == 0 && s.connected
     });
-    c.wait_drained("pi");
-    c.stop(Site::A);
-    c.stop(Site::B);
-    c.assert_volumes_identical("pi");
+    c.assert_converged("pi");
 }
 
 /// An async pair `<name>` of one 64 MiB volume `<name>v` (16 MiB journal)
@@ -991,10 +985,7 @@ fn a_resync_guard_that_cannot_grow_stops_the_secondary_and_says_where() {
     c.wait_until(Site::A, "pg", "the resync done", Duration::from_secs(90), |s| {
         s.state == "PAIR" && s.dirty_bytes == 0 && s.connected
     });
-    c.wait_drained("pg");
-    c.stop(Site::A);
-    c.stop(Site::B);
-    c.assert_volumes_identical("pg");
+    c.assert_converged("pg");
 }
 
 /// A failover during a resync whose promotion cannot be saved at once (the

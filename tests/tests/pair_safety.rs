@@ -158,10 +158,7 @@ fn two_pending_pair_creates_are_no_split_brain_and_a_delete_lets_one_proceed() {
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "pp-vol")).expect("connect");
     rt.block_on(write_blocks(&client, 11, 8, 0));
     drop(client);
-    cluster.wait_drained("pp");
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("pp");
+    cluster.assert_converged("pp");
 }
 
 #[test]
@@ -403,10 +400,7 @@ fn a_former_primary_learns_its_secondary_left_and_was_written() {
     assert!(out.contains("nothing to delete"), "{out}");
     let (code, out) = cli(&cluster, Site::A, &["pair", "create", "sb", "--wait", "--timeout", "60s"]);
     assert_eq!(code, 0, "pair create from the keeper: {out}\n{}", cluster.diagnostics());
-    cluster.wait_drained("sb");
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("sb");
+    cluster.assert_converged("sb");
 }
 
 #[test]
@@ -662,10 +656,7 @@ fn a_paired_groups_volumes_cannot_change_under_it() {
     assert!(text.contains("pair delete vl"), "the way out: {text}");
     std::fs::write(&config, before).expect("restore the config");
     cluster.start(Site::A);
-    cluster.wait_drained("vl");
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("vl");
+    cluster.assert_converged("vl");
 }
 
 /// The secondary accepted a new pair (its state saved) and stopped before
@@ -711,8 +702,5 @@ fn a_secondary_whose_restore_journal_is_still_the_earlier_pairs_starts() {
         client.write(65536, &random_bytes(78, 65536), false).await.expect("write");
         client.flush().await.expect("flush");
     });
-    cluster.wait_drained("rj");
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("rj");
+    cluster.assert_converged("rj");
 }

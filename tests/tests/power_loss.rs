@@ -926,10 +926,7 @@ fn a_flush_on_one_connection_covers_writes_acknowledged_on_another() {
             );
         }
         cluster.wait_pair(&group, Duration::from_secs(60));
-        cluster.wait_drained(&group);
-        cluster.stop(Site::A);
-        cluster.stop(Site::B);
-        cluster.assert_volumes_identical(&group);
+        cluster.assert_converged(&group);
     }
 }
 
@@ -999,10 +996,7 @@ fn a_write_split_into_several_records_survives_a_power_cut() {
             }
         });
         cluster.wait_pair(&group, Duration::from_secs(120));
-        cluster.wait_drained(&group);
-        cluster.stop(Site::A);
-        cluster.stop(Site::B);
-        cluster.assert_volumes_identical(&group);
+        cluster.assert_converged(&group);
     }
 }
 
@@ -1121,10 +1115,7 @@ fn a_region_a_replay_could_undo_stays_in_the_activity_log() {
         eprintln!("{label}: round {round}: primary cut: {cut:?}");
         c.start(Site::A);
         c.wait_pair(group, Duration::from_secs(120));
-        c.wait_drained(group);
-        c.stop(Site::A);
-        c.stop(Site::B);
-        c.assert_volumes_identical(group);
+        c.assert_converged(group);
         c.start(Site::A);
         c.start(Site::B);
         c.wait_pair(group, Duration::from_secs(60));
@@ -1215,10 +1206,7 @@ fn restore_journal_replayed_after_a_kill(label: &str) -> bool {
     c.start(Site::A);
     c.start(Site::B);
     c.wait_pair(group, Duration::from_secs(60));
-    c.wait_drained(group);
-    c.stop(Site::A);
-    c.stop(Site::B);
-    c.assert_volumes_identical(group);
+    c.assert_converged(group);
     true
 }
 
@@ -1313,10 +1301,7 @@ fn an_activity_log_read_after_a_kill_is_durable_before_writes_rely_on_it() {
     c.signal(Site::B, nix::sys::signal::Signal::SIGCONT);
     c.start(Site::A);
     c.wait_pair(group, Duration::from_secs(120));
-    c.wait_drained(group);
-    c.stop(Site::A);
-    c.stop(Site::B);
-    c.assert_volumes_identical(group);
+    c.assert_converged(group);
 }
 
 /// Sync mode: after an outage the primary catches up with the writes it

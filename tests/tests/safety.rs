@@ -633,10 +633,7 @@ fn writes_waiting_for_a_metadata_save_that_keeps_failing_fail_and_the_group_stop
     c.start(Site::A);
     c.wait_pair(group, Duration::from_secs(60));
     write_blocks(&rt, &c, vol, 902, 8);
-    c.wait_drained(group);
-    c.stop(Site::A);
-    c.stop(Site::B);
-    c.assert_volumes_identical(group);
+    c.assert_converged(group);
 }
 
 /// A helper process, killed and reaped when dropped.
@@ -686,10 +683,7 @@ fn a_changed_journal_size_does_not_keep_a_paired_node_from_starting() {
     );
     assert_eq!(std::fs::metadata(&journal).expect("journal").len(), 64 * MIB, "the journal was rewritten");
     c.start(Site::B);
-    c.wait_drained(group);
-    c.stop(Site::A);
-    c.stop(Site::B);
-    c.assert_volumes_identical(group);
+    c.assert_converged(group);
 }
 
 /// The primary's journal file is gone at a start (removed by hand, a state
@@ -719,10 +713,7 @@ fn a_primary_whose_journal_is_missing_resyncs_instead_of_forgetting_writes() {
         c.diagnostics()
     );
     c.start(Site::B);
-    c.wait_drained(group);
-    c.stop(Site::A);
-    c.stop(Site::B);
-    c.assert_volumes_identical(group);
+    c.assert_converged(group);
 }
 
 /// A secondary's restore journal is gone at a start after an unclean stop

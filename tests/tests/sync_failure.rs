@@ -180,10 +180,7 @@ fn a_failed_restore_journal_sync_stops_the_secondary_until_it_restarts() {
     cluster.wait_until(Site::A, "sg", "PAIR again", Duration::from_secs(60), |s| {
         s.state == "PAIR" && s.connected && s.dirty_bytes == 0
     });
-    cluster.wait_drained("sg");
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("sg");
+    cluster.assert_converged("sg");
     let image = std::fs::read(cluster.volume_path(Site::B, "sg-vol")).expect("read the replica");
     for i in (0..16).chain([20]) {
         let at = (i * BLOCK) as usize;
@@ -234,10 +231,7 @@ fn a_failed_apply_on_the_secondary_stops_it_until_the_restart_replays_its_journa
     cluster.wait_until(Site::A, "sw", "PAIR again", Duration::from_secs(60), |s| {
         s.state == "PAIR" && s.connected && s.dirty_bytes == 0
     });
-    cluster.wait_drained("sw");
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("sw");
+    cluster.assert_converged("sw");
     let image = std::fs::read(cluster.volume_path(Site::B, "sw-vol")).expect("read the replica");
     for i in 0..16 {
         let at = (i * BLOCK) as usize;
@@ -517,10 +511,7 @@ fn a_failed_volume_write_on_the_primary_stops_it_and_its_journal_still_ships() {
     cluster.wait_until(Site::A, "pw", "PAIR again", Duration::from_secs(60), |s| {
         s.state == "PAIR" && s.connected && s.dirty_bytes == 0
     });
-    cluster.wait_drained("pw");
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("pw");
+    cluster.assert_converged("pw");
 }
 
 /// Sync mode, a 16 MiB journal on the primary, and a secondary whose
@@ -584,8 +575,5 @@ fn sync_writes_go_on_when_the_secondarys_journal_sync_hangs() {
 
     assert!(cluster.fs_command(Site::B, "release").starts_with("ok"));
     cluster.wait_pair(name, Duration::from_secs(120));
-    cluster.wait_drained(name);
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical(name);
+    cluster.assert_converged(name);
 }

@@ -329,6 +329,10 @@ impl Group {
             }
             if let Some(p) = g.persisted.role.as_primary_mut() {
                 p.copy_pending = true;
+                // Acknowledged writes these regions hold here are not on the
+                // secondary until copied: a failover meanwhile leaves this
+                // node in split brain, not only fenced (`divergence`).
+                p.acked_all_on_peer = false;
             }
             // The replica is inconsistent until they are copied (a sync
             // pair does not claim RPO 0 meanwhile).
