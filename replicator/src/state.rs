@@ -250,6 +250,13 @@ pub struct SecondaryState {
     /// without `--force`, after a restart too, until a session attaches,
     /// and `pair delete` here has nothing left to ask of the primary.
     pub primary_left_pair: bool,
+    /// A former primary demoted by a switchover: it wrote the records
+    /// through this sequence itself, as the primary of generation
+    /// `own_writes_generation` (0: none; a recovery point at or below it
+    /// names this node, newer ones the peer).
+    pub own_writes_through: u64,
+    /// See `own_writes_through`.
+    pub own_writes_generation: u64,
 }
 
 impl Default for SecondaryState {
@@ -269,6 +276,8 @@ impl Default for SecondaryState {
             split_writable: false,
             failing_back: false,
             primary_left_pair: false,
+            own_writes_through: 0,
+            own_writes_generation: 0,
         }
     }
 }
@@ -483,6 +492,10 @@ struct StateFileV1 {
     #[serde(default)]
     primary_left_pair: bool,
     #[serde(default)]
+    own_writes_through: u64,
+    #[serde(default)]
+    own_writes_generation: u64,
+    #[serde(default)]
     rebase_seq: u64,
     #[serde(default)]
     admin_resync: bool,
@@ -541,6 +554,8 @@ impl From<StateFileV1> for GroupState {
                 split_writable: f.split_writable,
                 failing_back: f.failing_back,
                 primary_left_pair: f.primary_left_pair,
+                own_writes_through: f.own_writes_through,
+                own_writes_generation: f.own_writes_generation,
             }),
         };
         Self {
@@ -604,6 +619,8 @@ impl From<GroupState> for StateFileV1 {
             split_writable: secondary.split_writable,
             failing_back: secondary.failing_back,
             primary_left_pair: secondary.primary_left_pair,
+            own_writes_through: secondary.own_writes_through,
+            own_writes_generation: secondary.own_writes_generation,
             rebase_seq: primary.rebase_seq,
             admin_resync: primary.admin_resync,
             swap: primary.swap,
@@ -815,6 +832,8 @@ mod tests {
             "split_writable",
             "failing_back",
             "primary_left_pair",
+            "own_writes_through",
+            "own_writes_generation",
         ];
         let own = match role {
             Role::None => SIMPLEX,
@@ -873,6 +892,8 @@ mod tests {
                 "primary_left_pair",
                 "acked_all_on_peer",
                 "resync_gap_at_us",
+                "own_writes_through",
+                "own_writes_generation",
             ];
             let kept: Vec<String> =
                 field_order(&written).into_iter().filter(|k| !ADDED_SINCE.contains(&k.as_str())).collect();
@@ -963,6 +984,8 @@ mod tests {
             split_writable: true,
             failing_back: true,
             primary_left_pair: true,
+            own_writes_through: 9,
+            own_writes_generation: 3,
         };
         let simplex = SimplexState { former_pair_id: 77, written_standalone: true };
         let mut s = GroupState { generation: 4, epoch: 2, pair_id: 77, boot_id: "b".into(), ..GroupState::simplex() };

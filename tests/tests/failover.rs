@@ -789,3 +789,33 @@ fn after_an_abandoned_hand_over_no_write_goes_through_before_the_cleared_marker_
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("hb");
 }
+
+/// A switchover, then the new primary dies before it takes a write: the
+/// old primary, now its secondary, dates its replica from the switchover
+/// on, and its failover names the writes it made itself as the recovery
+/// point (this node, the generation it was primary in, their time). It
+/// showed no `data as of`, and the failover named the peer, the new
+/// generation and "unknown time".
+#[test]
+fn a_failover_right_after_a_switchover_names_the_writes_this_node_made() {
+    let group = GroupSpec::new("so", Mode::Async).volume("so-vol", 16 * MIB);
+    let cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("so");
+    cluster.wait_pair("so", Duration::from_secs(60));
+    assert_eq!(write_blocks(&cluster, "so-vol", 0..5), 5);
+    cluster.wait_drained("so");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    let (code, out) = cli(&cluster, Site::A, &["switchover", "so"]);
+    assert_eq!(code, 0, "{out}");
+    let a = cluster.status(Site::A, "so");
+    assert_eq!(a.role, "secondary", "{a:?}");
+    let dated = a.data_as_of_unix.unwrap_or_else(|| panic!("no data as of after the switchover: {a:?}"));
+    assert!(dated >= before - 1.0, "data as of {dated}, the switchover began at {before}");
+    let mut cluster = cluster;
+    cluster.kill9(Site::B);
+    cluster.wait_until(Site::A, "so", "disconnected", Duration::from_secs(60), |s| !s.connected);
+    let (code, out) = cli(&cluster, Site::A, &["failover", "so"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recovery_seq(&out), 5, "{out}");
+    assert!(out.contains("(generation 1): every write made on this node (as the primary) up to 20"), "{out}");
+}

@@ -749,8 +749,19 @@ impl Group {
 /// it.
 fn recovery_point(mode: Mode, p: &SecondaryState, generation: u64, peer: &str) -> String {
     let n = p.durable_seq;
-    let when = if p.data_as_of_us == 0 { "unknown time".to_string() } else { format_time(p.data_as_of_us) };
-    let mut out = format!("Recovery point: sequence {n} (generation {generation}), written on {peer} at {when}.");
+    // A former primary demoted by a switchover holds its own writes up to
+    // where the new primary's begin.
+    let (site, generation) = if p.own_writes_through > 0 && n <= p.own_writes_through {
+        ("this node (as the primary)", p.own_writes_generation)
+    } else {
+        (peer, generation)
+    };
+    let when = if p.data_as_of_us == 0 {
+        "(their time unknown)".to_string()
+    } else {
+        format!("up to {}", format_time(p.data_as_of_us))
+    };
+    let mut out = format!("Recovery point: sequence {n} (generation {generation}): every write made on {site} {when}.");
     match mode {
         Mode::Sync => out.push_str(
             " Sync mode: it holds every write the primary acknowledged while the pair was in PAIR (writes \
@@ -827,6 +838,11 @@ fn demote(g: &mut Inner, last: u64) {
         journal_tail_pos: JOURNAL_SUPERBLOCK_LEN,
         durable_seq: last,
         consistent: true,
+        // Writes stopped at the switchover's start: the image holds every
+        // write made here until now.
+        data_as_of_us: super::write_path::unix_micros(),
+        own_writes_through: last,
+        own_writes_generation: g.persisted.generation,
         ..SecondaryState::default()
     };
     change_role_keeping_journal(g, RoleState::Secondary(secondary));
