@@ -324,6 +324,20 @@ fn a_sync_write_acknowledged_alone_waits_until_the_state_file_says_so() {
     assert_eq!(recovery_seq(&out), 10, "{out}");
     cluster.start(Site::A);
     cluster.wait_state(Site::A, "la", "SPLIT-BRAIN", Duration::from_secs(60));
+    cluster.wait_state(Site::B, "la", "SPLIT-BRAIN", Duration::from_secs(60));
+    // A switchover changes no role in split brain: each site names the
+    // two choices (it advised a failover, which the primary refuses).
+    for (site, keep_peer, keep_here) in [
+        (Site::A, "with `replicator failback la` here", "`replicator pair resync la --discard-local` on site-b"),
+        (Site::B, "with `replicator pair resync la --discard-local` here", "`replicator failback la` on site-a"),
+    ] {
+        let (code, out) = cli(&cluster, site, &["switchover", "la"]);
+        assert_eq!(code, 3, "{site}: {out}");
+        assert!(
+            out.contains("is in SPLIT-BRAIN") && out.contains(keep_peer) && out.contains(keep_here),
+            "{site}: {out}"
+        );
+    }
 }
 
 /// A sync pair `<name>` (one 16 MiB volume `<name>-vol`, on powercut-fs) with blocks 0..10 written and on the secondary,

@@ -287,6 +287,13 @@ impl Group {
         }
         {
             let mut g = lock(&self.inner);
+            if g.state == PairState::SplitBrain && !g.peer_left_written {
+                return Err(GroupError::Refused(split_brain_choice(
+                    &name,
+                    &peer,
+                    g.persisted.role.superseded_by() > 0,
+                )));
+            }
             if g.persisted.role.superseded_by() > 0 {
                 return Err(GroupError::Failed(format!(
                     "group {name}: this node was fenced by a failover to {peer} ({}): there is no role to switch here; \
@@ -742,6 +749,28 @@ impl Group {
         self.save_later(g);
         self.session_kick.send_modify(|k| *k += 1);
     }
+}
+
+/// A switchover asked in SPLIT-BRAIN: no role changes until an admin
+/// chooses whose data is kept, and how (`fenced`: this node is the former
+/// primary a failover superseded).
+fn split_brain_choice(name: &str, peer: &str, fenced: bool) -> String {
+    let (keep_peer, keep_here) = if fenced {
+        (
+            format!("`replicator failback {name}` here"),
+            format!("`replicator pair resync {name} --discard-local` on {peer}"),
+        )
+    } else {
+        (
+            format!("`replicator pair resync {name} --discard-local` here"),
+            format!("`replicator failback {name}` on {peer}"),
+        )
+    };
+    format!(
+        "group {name} is in SPLIT-BRAIN: both sites hold writes the other lacks, and no switchover or failover \
+         changes that. Choose whose data is kept: {peer}'s with {keep_peer}; this node's with {keep_here} (the other \
+         side's writes are overwritten; the runbook's split-brain section)"
+    )
 }
 
 /// What the promoted image holds, in words: the sequence, the primary's
