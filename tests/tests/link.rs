@@ -305,6 +305,8 @@ fn sync_catches_up_a_backlog_on_a_slow_link_without_suspending_again_or_claiming
                 "RPO 0 claimed with the secondary at {} of {backlog_end}: {a:?}",
                 b.applied_seq
             );
+            // Not protected yet: PAIR, but not healthy (it said ok).
+            assert_eq!(a.health, "degraded", "{a:?}");
             checked += 1;
         } else if a.rpo_zero == Some(true) {
             break;

@@ -2114,7 +2114,8 @@ impl Group {
             g.ring.as_ref().map(|r| (r.used_bytes(), r.capacity_bytes())).unwrap_or((0, self.cfg.journal_size));
         // A group that stopped after a local failure takes no writes until
         // a restart, whatever its pair state says meanwhile.
-        let health = if self.stopped.get().is_some() { Health::Critical } else { Health::of(g.state, connected) };
+        let health =
+            if self.stopped.get().is_some() { Health::Critical } else { Health::of(g.state, connected, g.rpo_zero) };
         let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let data_as_of_us = g.persisted.role.as_secondary().map_or(0, |s| s.data_as_of_us);
         GroupStatus {
@@ -2353,11 +2354,13 @@ pub enum Health {
 }
 
 impl Health {
-    /// The health of a group in `state`, with or without a live session.
-    pub fn of(state: PairState, connected: bool) -> Health {
+    /// The health of a group in `state`, with or without a live session;
+    /// `rpo_zero` on a sync primary (a PAIR catching up after writes
+    /// acknowledged alone is not protected yet).
+    pub fn of(state: PairState, connected: bool, rpo_zero: Option<bool>) -> Health {
         match state {
             PairState::Simplex => Health::Ok,
-            PairState::Pair if connected => Health::Ok,
+            PairState::Pair if connected && rpo_zero != Some(false) => Health::Ok,
             PairState::SplitBrain | PairState::Suspended(SuspendReason::Error) => Health::Critical,
             _ => Health::Degraded,
         }

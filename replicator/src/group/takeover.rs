@@ -791,25 +791,31 @@ fn recovery_point(mode: Mode, p: &SecondaryState, generation: u64, peer: &str) -
         format!("up to {}", format_time(p.data_as_of_us))
     };
     let mut out = format!("Recovery point: sequence {n} (generation {generation}): every write made on {site} {when}.");
-    match mode {
-        Mode::Sync => out.push_str(
-            " Sync mode: it holds every write the primary acknowledged while the pair was in PAIR (writes \
-                 acknowledged without FUA or a later FLUSH only if this node has not lost power since).",
-        ),
-        Mode::Async => {
-            if p.primary_reported_seq > n {
+    let beyond = (p.primary_reported_seq > n).then(|| {
+        format!(
+            "{peer} last reported (at {}, its clock) records up to {}: {} record(s), {} byte(s) beyond the recovery \
+             point that this node never made durable",
+            format_time(p.primary_reported_at_us),
+            p.primary_reported_seq,
+            p.primary_reported_seq - n,
+            p.primary_reported_bytes
+        )
+    });
+    match (mode, beyond) {
+        (Mode::Sync, beyond) => {
+            out.push_str(
+                " Sync mode: it holds every write the primary acknowledged while the pair was in PAIR with RPO 0 in \
+                 force (writes acknowledged without FUA or a later FLUSH only if this node has not lost power since).",
+            );
+            if let Some(beyond) = beyond {
                 out.push_str(&format!(
-                    " Async mode: {peer} last reported (at {}, its clock) records up to {}: {} record(s), {} byte(s) beyond the \
-                     recovery point that this node never received.",
-                    format_time(p.primary_reported_at_us),
-                    p.primary_reported_seq,
-                    p.primary_reported_seq - n,
-                    p.primary_reported_bytes
+                    " {beyond}; those it acknowledged without this node (RPO 0 not in force: catching up after a \
+                     suspension or split, or a copy running) are lost here."
                 ));
-            } else {
-                out.push_str(&format!(" Async mode: {peer} had reported nothing beyond it."));
             }
         }
+        (Mode::Async, Some(beyond)) => out.push_str(&format!(" Async mode: {beyond}.")),
+        (Mode::Async, None) => out.push_str(&format!(" Async mode: {peer} had reported nothing beyond it.")),
     }
     out
 }
