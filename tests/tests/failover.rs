@@ -833,3 +833,27 @@ fn a_failover_right_after_a_switchover_names_the_writes_this_node_made() {
     assert_eq!(recovery_seq(&out), 5, "{out}");
     assert!(out.contains("(generation 1): every write made on this node (as the primary) up to 20"), "{out}");
 }
+
+/// `switchover` asked on the secondary while the primary is frozen: the
+/// secondary gives up soon after the session is gone, and says that
+/// nothing changed here (it waited 90 s and said only that the primary did
+/// not hand over).
+#[test]
+fn a_switchover_asked_of_a_frozen_primary_says_nothing_changed() {
+    let group = GroupSpec::new("sf", Mode::Async).volume("sf-vol", 16 * MIB).link_timeout(Duration::from_secs(2));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("sf");
+    cluster.wait_pair("sf", Duration::from_secs(60));
+    cluster.signal(Site::A, Signal::SIGSTOP);
+    let started = Instant::now();
+    let (code, out) = cli(&cluster, Site::B, &["switchover", "sf"]);
+    let took = started.elapsed();
+    cluster.signal(Site::A, Signal::SIGCONT);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is no longer connected") && out.contains("nothing changed here"), "{out}");
+    assert!(took < Duration::from_secs(60), "gave up after {took:?}");
+    assert_eq!(cluster.status(Site::B, "sf").role, "secondary");
+    cluster.wait_until(Site::A, "sf", "connected again", Duration::from_secs(60), |s| s.connected);
+    cluster.kill9(Site::A);
+    cluster.kill9(Site::B);
+}

@@ -456,7 +456,8 @@ fn refusal(group: &Group, g: &mut Inner, kind: pb::Refusal, open: &pb::OpenGroup
         pb::Refusal::SplitBrain => {
             let msg = format!(
                 "group {name}: SPLIT-BRAIN: this node, a former primary, holds writes that {peer} never received \
-                 ({}), and {peer} has taken writes as primary since (generation {}); neither site replicates. \
+                 ({}), and {peer} was made the primary by a failover since (generation {}; writes it took as \
+                 primary, if any, are not here); neither site replicates. \
                  To keep {peer}'s data: `replicator failback {name}` here. To keep this node's data: \
                  `replicator pair resync {name} --discard-local` on {peer}",
                 beyond(g),

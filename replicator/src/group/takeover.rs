@@ -518,10 +518,11 @@ impl Group {
             return Err(GroupError::Failed(format!("group {name}: the replication session is ending; try again")));
         }
         let deadline = Instant::now() + 3 * SWITCHOVER_STEP;
+        let mut detached_since = None;
         loop {
-            let (role, generation) = {
+            let (role, generation, state, attached) = {
                 let g = lock(&self.inner);
-                (g.role(), g.persisted.generation)
+                (g.role(), g.persisted.generation, g.state, g.secondary_attached)
             };
             if role == Role::Primary {
                 return Ok(format!(
@@ -530,10 +531,25 @@ impl Group {
                     started.elapsed().as_secs_f64()
                 ));
             }
-            if Instant::now() >= deadline {
+            // A primary that hands over ends the session just before this
+            // node takes over; one gone for longer is not handing over.
+            if attached {
+                detached_since = None;
+            }
+            let gone = (!attached).then(|| *detached_since.get_or_insert_with(Instant::now));
+            let why = if Instant::now() >= deadline {
+                Some(format!("did not hand over within {} s", deadline.duration_since(started).as_secs()))
+            } else if let Some(gone) = gone.filter(|t| t.elapsed() >= SWITCHOVER_LINK_GONE) {
+                Some(format!("is no longer connected (for {} s)", gone.elapsed().as_secs()))
+            } else {
+                None
+            };
+            if let Some(why) = why {
                 return Err(GroupError::Failed(format!(
-                    "group {name}: {peer} did not hand over within {} s; see `replicator status {name}` and the log on {peer}",
-                    deadline.duration_since(started).as_secs()
+                    "group {name}: {peer} {why}: nothing changed here, this node is still its secondary ({state}). \
+                     If {peer} took the request, it either hands over when it can (then this node takes over by \
+                     itself) or keeps the primary role; see `replicator status {name}` here and on {peer}, and its \
+                     log. If {peer} is lost, `replicator failover {name}` here"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -750,6 +766,11 @@ impl Group {
         self.session_kick.send_modify(|k| *k += 1);
     }
 }
+
+/// How long a switchover asked on the secondary waits for the primary
+/// once the session is gone (the primary ends it just before the hand-over
+/// completes here).
+const SWITCHOVER_LINK_GONE: Duration = Duration::from_secs(10);
 
 /// A switchover asked in SPLIT-BRAIN: no role changes until an admin
 /// chooses whose data is kept, and how (`fenced`: this node is the former
