@@ -539,10 +539,9 @@ impl Group {
             let gone = (!attached).then(|| *detached_since.get_or_insert_with(Instant::now));
             let why = if Instant::now() >= deadline {
                 Some(format!("did not hand over within {} s", deadline.duration_since(started).as_secs()))
-            } else if let Some(gone) = gone.filter(|t| t.elapsed() >= SWITCHOVER_LINK_GONE) {
-                Some(format!("is no longer connected (for {} s)", gone.elapsed().as_secs()))
             } else {
-                None
+                gone.filter(|t| t.elapsed() >= SWITCHOVER_LINK_GONE)
+                    .map(|t| format!("is no longer connected (for {} s)", t.elapsed().as_secs()))
             };
             if let Some(why) = why {
                 return Err(GroupError::Failed(format!(
