@@ -533,3 +533,43 @@ fn a_primary_restarted_without_its_peer_reports_the_lag_it_has() {
     cluster.stop(Site::B);
     cluster.assert_volumes_identical("rl");
 }
+
+/// Under `on_link_loss = "block"` a sync primary whose link is lost during
+/// a copy is SUSPENDED(link) with the copy still owed: RPO 0 is not in
+/// force, and its state file does not say that every acknowledged write is
+/// on the secondary (it claimed both: a failover onto the secondary, then a
+/// failback, would have discarded the regions still to copy as never
+/// acknowledged).
+#[test]
+fn a_copy_cut_short_under_block_is_no_rpo_zero() {
+    let spec = GroupSpec::new("cb", Mode::Sync)
+        .volume("cb-vol", 32 * MIB)
+        .link_timeout(Duration::from_secs(2))
+        .extra("on_link_loss = \"block\"");
+    let mut opts = ClusterOpts::group(spec);
+    opts.start = false;
+    let mut cluster = Cluster::new(opts);
+    let link = LinkSpec { bandwidth: Some(4_000_000), ..LinkSpec::rtt(Duration::from_millis(1)) };
+    let proxy =
+        UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster.peer_port(Site::B))), link).expect("slow link");
+    cluster.route_peer_via(Site::A, proxy.addr().port());
+    cluster.start(Site::A);
+    cluster.start(Site::B);
+    // 16 MiB to copy: about 4 s of the link.
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "cb-vol")).expect("connect");
+    rt.block_on(write_random(&client, 31, 256, 64 << 10));
+    drop(client);
+    cluster.pair_create("cb");
+    cluster.wait_until(Site::A, "cb", "copying", Duration::from_secs(60), |s| s.state == "COPY" && s.connected);
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    cluster.wait_until(Site::A, "cb", "the link lost", Duration::from_secs(60), |s| s.state == "SUSPENDED");
+    std::thread::sleep(Duration::from_secs(1));
+    let a = cluster.status(Site::A, "cb");
+    assert_eq!((a.reason.as_deref(), a.rpo_zero), (Some("link"), Some(false)), "{a:?}");
+    let state = std::fs::read_to_string(cluster.state_dir(Site::A).join("groups/cb/state.json")).expect("state file");
+    assert!(!state.contains("\"acked_all_on_peer\": true"), "{state}");
+    cluster.signal(Site::B, Signal::SIGCONT);
+    cluster.wait_pair("cb", Duration::from_secs(120));
+    cluster.assert_converged("cb");
+}

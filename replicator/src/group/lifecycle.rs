@@ -704,6 +704,11 @@ impl Group {
             p.copy_pending = true;
             p.announce = Announce::Resync;
             p.rebased = true;
+            // The peer's image lacks (or may lack) regions this node holds,
+            // acknowledged writes among them: until they are copied, a
+            // failover leaves this node in split brain, not only fenced
+            // (`divergence::wrote_beyond`). Saved with the rebase.
+            p.acked_all_on_peer = false;
         }
         g.refusal = None;
         g.last_error = None;

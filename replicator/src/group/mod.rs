@@ -1175,7 +1175,12 @@ impl Group {
                  once the backlog is nearly sent");
         }
         let sync_wait = self.sync_wait(g);
-        let rpo_zero = sync_wait && g.state != PairState::Copy && g.catch_up.rpo_zero();
+        // Not while anything is owed to the secondary: tracked regions or a
+        // copy due (a link lost during a copy under `on_link_loss = "block"`
+        // is SUSPENDED(link) with the copy still to finish).
+        let owed = !g.bitmaps.iter().all(DirtyBitmap::is_clean)
+            || g.persisted.role.as_primary().is_some_and(|p| p.copy_pending || p.bitmap_mode);
+        let rpo_zero = sync_wait && g.state != PairState::Copy && !owed && g.catch_up.rpo_zero();
         self.progress.send_modify(|p| {
             p.sync_wait = sync_wait;
             p.rpo_zero = rpo_zero;
