@@ -218,29 +218,38 @@ fn a_sync_write_in_flight_at_the_crash_is_no_split_brain() {
         client.flush().await.expect("flush");
     });
 
+    fenced_then_failed_back(&mut cluster, "fi", (0..20).chain(30..35));
+}
+
+/// The end of a failover that found the old primary holding only a write
+/// it never acknowledged (block 50, in flight): site-a, restarted, is
+/// fenced and neither site says SPLIT-BRAIN; `failback --no-switch` says so
+/// of what it discards; then the sites are identical, with the `kept`
+/// blocks and without block 50.
+fn fenced_then_failed_back(cluster: &mut Cluster, group: &str, kept: impl Iterator<Item = u64>) {
     cluster.start(Site::A);
-    let a = cluster.wait_until(Site::A, "fi", "fenced", Duration::from_secs(60), |s| s.superseded_by == 2);
+    let a = cluster.wait_until(Site::A, group, "fenced", Duration::from_secs(60), |s| s.superseded_by == 2);
     assert!(!a.writable, "{a:?}");
-    cluster.wait_until(Site::B, "fi", "told the old primary is fenced", Duration::from_secs(60), |s| {
+    cluster.wait_until(Site::B, group, "told the old primary is fenced", Duration::from_secs(60), |s| {
         s.refusal.as_deref() == Some("peer-fenced")
     });
     std::thread::sleep(Duration::from_secs(2));
     for site in [Site::A, Site::B] {
-        let s = cluster.status(site, "fi");
+        let s = cluster.status(site, group);
         assert_ne!(s.state, "SPLIT-BRAIN", "{site}: a write never acknowledged is no split brain: {s:?}");
     }
-    let (code, out) = cli(&cluster, Site::A, &["failback", "fi", "--no-switch", "--wait", "--timeout", "60s"]);
+    let (code, out) = cli(cluster, Site::A, &["failback", group, "--no-switch", "--wait", "--timeout", "60s"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("none of them was acknowledged"), "{out}");
-    cluster.wait_until(Site::B, "fi", "PAIR, drained", Duration::from_secs(60), |s| {
+    cluster.wait_until(Site::B, group, "PAIR, drained", Duration::from_secs(60), |s| {
         s.state == "PAIR" && s.connected && s.lag_records == 0
     });
     cluster.stop(Site::A);
     cluster.stop(Site::B);
-    cluster.assert_volumes_identical("fi");
-    let image = std::fs::read(cluster.volume_path(Site::A, "fi-vol")).expect("read");
+    cluster.assert_volumes_identical(group);
+    let image = std::fs::read(cluster.volume_path(Site::A, &format!("{group}-vol"))).expect("read");
     let block = |i: u64| &image[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
-    for i in (0..20).chain(30..35) {
+    for i in kept {
         assert!(block(i) == &random_bytes(i + 1, BLOCK as usize)[..], "block {i}");
     }
     assert!(block(50).iter().all(|&b| b == 0), "the write never acknowledged is discarded");
@@ -268,34 +277,9 @@ fn a_power_cut_of_a_sync_primary_with_a_write_in_flight_is_no_split_brain() {
     assert_eq!(recovery_seq(&out), 10, "{out}");
     assert_eq!(write_blocks_on(&cluster, Site::B, "pf-vol", 30..35), 35);
 
-    cluster.start(Site::A);
-    let a = cluster.wait_until(Site::A, "pf", "fenced", Duration::from_secs(60), |s| s.superseded_by == 2);
-    assert!(!a.writable, "{a:?}");
+    fenced_then_failed_back(&mut cluster, "pf", (0..10).chain(30..35));
     let log = std::fs::read_to_string(cluster.log_path(Site::A)).expect("site-a's log");
-    assert!(log.contains("region(s) of the activity log"), "the restart resynchronises the activity log's regions");
-    cluster.wait_until(Site::B, "pf", "told the old primary is fenced", Duration::from_secs(60), |s| {
-        s.refusal.as_deref() == Some("peer-fenced")
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    for site in [Site::A, Site::B] {
-        let s = cluster.status(site, "pf");
-        assert_ne!(s.state, "SPLIT-BRAIN", "{site}: a write never acknowledged is no split brain: {s:?}");
-    }
-    let (code, out) = cli(&cluster, Site::A, &["failback", "pf", "--no-switch", "--wait", "--timeout", "60s"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("none of them was acknowledged"), "{out}");
-    cluster.wait_until(Site::B, "pf", "PAIR, drained", Duration::from_secs(60), |s| {
-        s.state == "PAIR" && s.connected && s.lag_records == 0
-    });
-    cluster.stop(Site::A);
-    cluster.stop(Site::B);
-    cluster.assert_volumes_identical("pf");
-    let image = std::fs::read(cluster.volume_path(Site::A, "pf-vol")).expect("read");
-    let block = |i: u64| &image[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
-    for i in (0..10).chain(30..35) {
-        assert!(block(i) == &random_bytes(i + 1, BLOCK as usize)[..], "block {i}");
-    }
-    assert!(block(50).iter().all(|&b| b == 0), "the write never acknowledged is discarded");
+    assert!(log.contains("region(s) of the activity log"), "the restart resynchronised the activity log's regions");
 }
 
 /// The other side of that: a sync write acknowledged without the

@@ -226,6 +226,15 @@ fn a_journal_full_resync_in_a_running_session_reports_its_own_progress() {
 /// proxy, kept alive by the caller).
 fn slow_link_pair(spec: GroupSpec) -> (Cluster, UdpProxy) {
     let group = spec.name.clone();
+    let (cluster, proxy) = slow_link(spec);
+    cluster.pair_create_opts(&group, true);
+    cluster.wait_pair(&group, Duration::from_secs(60));
+    (cluster, proxy)
+}
+
+/// Both sites of `spec` running, not paired, site-a reaching site-b
+/// through a 4 MB/s link (bench's UDP proxy, kept alive by the caller).
+fn slow_link(spec: GroupSpec) -> (Cluster, UdpProxy) {
     let mut opts = ClusterOpts::group(spec);
     opts.start = false;
     let mut cluster = Cluster::new(opts);
@@ -235,8 +244,6 @@ fn slow_link_pair(spec: GroupSpec) -> (Cluster, UdpProxy) {
     cluster.route_peer_via(Site::A, proxy.addr().port());
     cluster.start(Site::A);
     cluster.start(Site::B);
-    cluster.pair_create_opts(&group, true);
-    cluster.wait_pair(&group, Duration::from_secs(60));
     (cluster, proxy)
 }
 
@@ -546,15 +553,7 @@ fn a_copy_cut_short_under_block_is_no_rpo_zero() {
         .volume("cb-vol", 32 * MIB)
         .link_timeout(Duration::from_secs(2))
         .extra("on_link_loss = \"block\"");
-    let mut opts = ClusterOpts::group(spec);
-    opts.start = false;
-    let mut cluster = Cluster::new(opts);
-    let link = LinkSpec { bandwidth: Some(4_000_000), ..LinkSpec::rtt(Duration::from_millis(1)) };
-    let proxy =
-        UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster.peer_port(Site::B))), link).expect("slow link");
-    cluster.route_peer_via(Site::A, proxy.addr().port());
-    cluster.start(Site::A);
-    cluster.start(Site::B);
+    let (mut cluster, _link) = slow_link(spec);
     // 16 MiB to copy: about 4 s of the link.
     let rt = runtime();
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "cb-vol")).expect("connect");

@@ -704,12 +704,13 @@ impl Group {
             p.copy_pending = true;
             p.announce = Announce::Resync;
             p.rebased = true;
-            // The peer's image lacks (or may lack) regions this node holds,
-            // acknowledged writes among them: until they are copied, a
-            // failover leaves this node in split brain, not only fenced
-            // (`divergence::wrote_beyond`). Saved with the rebase.
-            p.acked_all_on_peer = false;
         }
+        // The peer's image lacks (or may lack) regions this node holds,
+        // acknowledged writes among them: until they are copied, a failover
+        // leaves this node in split brain, not only fenced
+        // (`divergence::wrote_beyond`). A write acknowledged alone from now
+        // on waits for that save.
+        self.note_lone_acks(g);
         g.refusal = None;
         g.last_error = None;
         if matches!(g.state, PairState::SplitBrain | PairState::Suspended(_)) {

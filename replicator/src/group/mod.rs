@@ -788,6 +788,12 @@ impl Group {
                 }
                 ring = Some(r);
             }
+            if !primary.copy_pending && !primary.bitmap_mode && bitmaps.iter().any(|b| !b.is_clean()) {
+                // Dirty regions and no copy due (a state file saved ahead of
+                // its bitmaps by an earlier release): copied, or RPO 0 would
+                // not come back.
+                primary.copy_pending = true;
+            }
             if primary.copy_pending && state == PairState::Pair {
                 // Regions to copy (a lost bitmap, records not replayed):
                 // not PAIR until they are copied, as after a power cut.

@@ -880,6 +880,14 @@ impl<'a> CopyReads<'a> {
     }
 }
 
+/// How `release_journal` persists a new journal tail.
+enum TailSave {
+    /// Through the metadata flusher (bitmaps first): this save.
+    Flusher(u64),
+    /// The state file alone, at once: this snapshot.
+    Alone(Box<(u64, crate::state::GroupState)>),
+}
+
 async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Result<(), TransportError> {
     loop {
         match recv.recv().await? {
@@ -1072,17 +1080,35 @@ impl Group {
                         p.journal_tail_seq = new_tail_seq;
                         p.journal_tail_pos = new_tail_pos;
                     }
-                    Some((Self::snapshot_state(&mut g), checkpoint))
+                    // The state file alone may go ahead of the bitmaps only
+                    // when no change waits for the metadata flusher (which
+                    // writes the bitmaps first): a rebase's RESYNC intent, or
+                    // a finished copy, on disk without the bitmaps that go
+                    // with it would lose regions to copy at a crash.
+                    let pending = g.state_dirty || *self.bitmap_persisted.borrow() < self.save_asked();
+                    let save = if pending {
+                        TailSave::Flusher(self.save_later(&mut g))
+                    } else {
+                        TailSave::Alone(Box::new(Self::snapshot_state(&mut g)))
+                    };
+                    Some((save, checkpoint))
                 }
                 _ => None,
             }
         };
-        if let Some((snapshot, checkpoint)) = release {
-            let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.write_state(snapshot)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return self.record_error(&format!("cannot persist the journal tail: {e}")),
-                Err(e) => return self.record_error(&format!("journal tail task failed: {e}")),
+        if let Some((save, checkpoint)) = release {
+            let written = match save {
+                TailSave::Flusher(save) => self.saved(save).await.map_err(|e| e.to_string()),
+                TailSave::Alone(snapshot) => {
+                    let me = self.clone();
+                    match tokio::task::spawn_blocking(move || me.write_state(*snapshot)).await {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("journal tail task failed: {e}")),
+                    }
+                }
+            };
+            if let Err(e) = written {
+                return self.record_error(&format!("cannot persist the journal tail: {e}"));
             }
             let mut g = lock(&self.inner);
             if let Some(r) = g.ring.as_mut() {

@@ -329,11 +329,11 @@ impl Group {
             }
             if let Some(p) = g.persisted.role.as_primary_mut() {
                 p.copy_pending = true;
-                // Acknowledged writes these regions hold here are not on the
-                // secondary until copied: a failover meanwhile leaves this
-                // node in split brain, not only fenced (`divergence`).
-                p.acked_all_on_peer = false;
             }
+            // Acknowledged writes these regions hold here are not on the
+            // secondary until copied: a failover meanwhile leaves this node
+            // in split brain, not only fenced (`divergence`).
+            self.note_lone_acks(&mut g);
             // The replica is inconsistent until they are copied (a sync
             // pair does not claim RPO 0 meanwhile).
             if g.state == PairState::Pair {
