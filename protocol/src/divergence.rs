@@ -67,7 +67,8 @@ pub struct FormerPrimary {
 /// them (failback copies the peer's data over them) loses nothing a client
 /// was told is written. (Every way a primary's bitmaps take acknowledged
 /// writes the peer lacks clears that flag first: writes acknowledged alone,
-/// a journal-full suspension, `verify --fix`.)
+/// a journal-full suspension, `verify --fix`, a rebase of the peer; and it
+/// is set again only once RPO 0 holds with nothing owed to the peer.)
 pub fn wrote_beyond(former: FormerPrimary, point: Option<TakeoverPoint>) -> bool {
     if former.acked_all_on_peer {
         return false;

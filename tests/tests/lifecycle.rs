@@ -506,8 +506,13 @@ fn split_brain(cluster: &mut Cluster) {
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("failback sb` on site-a") && out.contains("--discard-local` here"), "{out}");
     let (code, out) = cli(cluster, Site::A, &["switchover", "sb"]);
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains("replicator failback sb"), "{out}");
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("is in SPLIT-BRAIN")
+            && out.contains("`replicator failback sb` here")
+            && out.contains("`replicator pair resync sb --discard-local` on site-b"),
+        "{out}"
+    );
     for site in [Site::A, Site::B] {
         assert_eq!(cluster.status(site, "sb").state, "SPLIT-BRAIN");
     }

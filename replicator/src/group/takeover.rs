@@ -793,9 +793,9 @@ fn split_brain_choice(name: &str, peer: &str, fenced: bool) -> String {
     )
 }
 
-/// What the promoted image holds, in words: the sequence, the primary's
-/// time of that write, and (async) what the primary last reported beyond
-/// it.
+/// What the promoted image holds, in words: the sequence, the site and
+/// generation that wrote it, the time through which it holds every write
+/// (`data as of`), and what the primary last reported beyond it.
 fn recovery_point(mode: Mode, p: &SecondaryState, generation: u64, peer: &str) -> String {
     let n = p.durable_seq;
     // A former primary demoted by a switchover holds its own writes up to
