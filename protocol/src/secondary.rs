@@ -854,7 +854,7 @@ impl Secondary {
             self.actions.push_back(Action::ReleaseImage);
             self.actions.push_back(Action::Send(Body::CommandReply(pb::CommandReply {
                 command: pb::Command::CopyDone as i32,
-                error: String::new(),
+                ..Default::default()
             })));
         }
         self.admit_pending()

@@ -70,13 +70,19 @@ pub enum Command {
     Pair(PairCommand),
     /// Planned switchover (run on either site): the primary refuses new
     /// writes, the secondary takes over with every write, and replication
-    /// runs back without a copy. Refused (exit 3) unless the pair is in PAIR.
+    /// runs back without a copy. Refused (exit 3) unless the pair is in
+    /// PAIR, and while NBD clients have the volumes attached on the primary.
     Switchover {
         /// Group name.
         group: String,
         /// Then wait until the reversed pair is in PAIR (replicating).
         #[arg(long)]
         wait: bool,
+        /// Switch even with NBD clients attached on the primary: their
+        /// writes fail from then on, and their reads see the new primary's
+        /// writes arrive.
+        #[arg(long)]
+        force: bool,
     },
     /// Unplanned failover, on the secondary: promote its last consistent
     /// image and print the recovery point. Refused (exit 3) while the
@@ -595,7 +601,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 if no_switch {
                     return Ok(ExitCode::SUCCESS);
                 }
-                let switched = ask(&daemon, Request::Switchover { group: group.clone() }).await?;
+                let switched = ask(&daemon, Request::Switchover { group: group.clone(), force: false }).await?;
                 if switched.exit == exit::REFUSED {
                     // Exit 3 says "nothing changed"; this node was demoted
                     // and resynced already.
@@ -609,11 +615,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 report(&switched)
             })
         }
-        Command::Switchover { group, wait } => {
+        Command::Switchover { group, wait, force } => {
             let daemon = daemon_of(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async {
-                let code = report(&ask(&daemon, Request::Switchover { group: group.clone() }).await?)?;
+                let code = report(&ask(&daemon, Request::Switchover { group: group.clone(), force }).await?)?;
                 if wait {
                     wait_for_pair(&daemon, &group, None, WaitAfter::RoleChange).await
                 } else {

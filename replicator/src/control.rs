@@ -57,6 +57,9 @@ pub enum Request {
     Switchover {
         /// Group.
         group: String,
+        /// Even with NBD clients attached on the primary.
+        #[serde(default)]
+        force: bool,
     },
     /// `failover` (on the secondary).
     Failover {
@@ -488,9 +491,9 @@ async fn execute(node: &Node, req: Request, progress: mpsc::UnboundedSender<Stri
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
             answer("pair delete", g.pair_delete().await)
         }
-        Request::Switchover { group } => {
+        Request::Switchover { group, force } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };
-            answer("switchover", g.switchover().await)
+            answer("switchover", g.switchover(force).await)
         }
         Request::Failover { group, force } => {
             let Some(g) = node.group(&group) else { return unknown_group(node, &group) };

@@ -419,15 +419,22 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
     cluster.pair_create("sw");
     cluster.wait_pair("sw", Duration::from_secs(60));
 
-    // A -> B while a client writes to A.
-    let load = writer(&cluster, Site::A, "sw-vol", 0, 400);
+    // A -> B while a client writes to A: refused (the client would turn
+    // read-only mid-use), nothing changes; --force switches all the same.
+    let load = writer(&cluster, Site::A, "sw-vol", 0, 1000);
     std::thread::sleep(Duration::from_millis(300));
     let (code, out) = cli(&cluster, Site::A, &["switchover", "sw"]);
+    assert_eq!(code, 3, "a client is attached on the primary:\n{out}");
+    eprintln!("{out}");
+    assert!(out.contains("1 NBD client(s)") && out.contains("switchover sw --force"), "{out}");
+    assert!(!load.is_finished(), "the refusal changed nothing: the client still writes");
+    assert_eq!(cluster.status(Site::A, "sw").role, "primary");
+    let (code, out) = cli(&cluster, Site::A, &["switchover", "sw", "--force"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("switchover done in"), "it says how long it took:\n{out}");
     eprintln!("{out}");
     let acked = load.join().expect("writer");
-    assert!(acked > 0 && acked < 400, "the old primary refuses writes once the switchover starts ({acked})");
+    assert!(acked > 0 && acked < 1000, "the old primary refuses writes once the switchover starts ({acked})");
     let b = cluster.wait_until(Site::B, "sw", "primary in PAIR", Duration::from_secs(60), |s| {
         s.role == "primary" && s.state == "PAIR" && s.connected
     });
@@ -436,10 +443,20 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
     assert_eq!(cluster.status(Site::A, "sw").role, "secondary");
     assert_blocks(&cluster, Site::B, "sw-vol", acked);
 
-    // B -> A, the same way back, run on the secondary this time.
-    let load = writer(&cluster, Site::B, "sw-vol", acked, 800);
+    // B -> A, the same way back, run on the secondary this time: the
+    // primary's refusal comes back with its reason.
+    let load = writer(&cluster, Site::B, "sw-vol", acked, acked + 1000);
     std::thread::sleep(Duration::from_millis(300));
     let (code, out) = cli(&cluster, Site::A, &["switchover", "sw"]);
+    assert_eq!(code, 3, "a client is attached on the primary:\n{out}");
+    eprintln!("{out}");
+    assert!(
+        out.contains("site-b (the primary) did not hand over: 1 NBD client(s)") && out.contains("--force"),
+        "{out}"
+    );
+    assert!(!load.is_finished(), "the refusal changed nothing: the client still writes");
+    assert_eq!(cluster.status(Site::A, "sw").role, "secondary");
+    let (code, out) = cli(&cluster, Site::A, &["switchover", "sw", "--force"]);
     assert_eq!(code, 0, "{out}");
     let acked = load.join().expect("writer");
     let a = cluster.wait_until(Site::A, "sw", "primary in PAIR", Duration::from_secs(60), |s| {

@@ -14,7 +14,6 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use replicator_protocol::apply::ApplyId;
 use replicator_protocol::bitmap::DirtyBitmap;
-use replicator_protocol::divergence;
 use replicator_protocol::lifecycle::{judge_open, Opening, Standing, Verdict};
 use replicator_protocol::pair::{PairEvent, PairState, Role, SuspendReason};
 use replicator_protocol::pb::{self, envelope::Body};
@@ -22,6 +21,7 @@ use replicator_protocol::record::{Record, RecordOp};
 use replicator_protocol::secondary::{
     Action, Barrier, Persist, PreserveFailure, Secondary, SecondaryConfig, SecondaryError, SecondaryStart,
 };
+use replicator_protocol::{divergence, wire};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::drill::Frozen;
@@ -142,7 +142,7 @@ fn accept_open(
     let ours: Vec<(String, u64)> = group.volumes.iter().map(|v| (v.name.clone(), v.size())).collect();
     let theirs: Vec<(String, u64)> = open.volumes.iter().map(|v| (v.name.clone(), v.size)).collect();
     if ours != theirs {
-        let theirs = replicator_protocol::wire::peer_text(&format!("{theirs:?}"));
+        let theirs = wire::peer_text(&format!("{theirs:?}"));
         return Err(config(format!(
             "volumes differ: the primary has {theirs}, this node has {ours:?} (names, order and sizes must match)"
         )));
@@ -816,7 +816,13 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         };
         if asked_by_primary {
             let error = result.as_ref().err().cloned().unwrap_or_default();
-            let _ = send.send(Body::CommandReply(pb::CommandReply { command: pb::Command::Split as i32, error })).await;
+            let _ = send
+                .send(Body::CommandReply(pb::CommandReply {
+                    command: pb::Command::Split as i32,
+                    error,
+                    ..Default::default()
+                }))
+                .await;
         }
         send.finish();
         detach(&group);
@@ -844,7 +850,7 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
         // writes while a later save could still land the promotion.
         let promoted_unsaved = taken.is_err() && lock(&group.inner).role() == Role::Primary;
         if !promoted_unsaved {
-            let reply = pb::CommandReply { command: pb::Command::Switchover as i32, error };
+            let reply = pb::CommandReply { command: pb::Command::Switchover as i32, error, ..Default::default() };
             let _ = send.send(Body::CommandReply(reply)).await;
         }
         send.finish();
@@ -900,7 +906,7 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
     }
     if session.ending == Ending::DeletedByPrimary {
         let error = not_deleted.clone().unwrap_or_default();
-        let reply = pb::CommandReply { command: pb::Command::Delete as i32, error };
+        let reply = pb::CommandReply { command: pb::Command::Delete as i32, error, ..Default::default() };
         let _ = send.send(Body::CommandReply(reply)).await;
     }
     send.finish();
@@ -1022,6 +1028,8 @@ struct Session {
     leave_by: Option<Instant>,
     /// `pair split` here: told once the split is persisted.
     split_done: Option<oneshot::Sender<Result<(), String>>>,
+    /// `switchover` here: told if the primary will not hand over.
+    switchover_refused: Option<oneshot::Sender<GroupError>>,
     /// A frame arrived since the last tick (the peer's last contact).
     heard: bool,
     /// The image was inconsistent at the last save (logs the change).
@@ -1075,6 +1083,7 @@ impl Session {
             delete_reply: None,
             leave_by: None,
             split_done: None,
+            switchover_refused: None,
             heard: false,
             copy_incomplete,
             freeze_reply: None,
@@ -1134,8 +1143,13 @@ impl Session {
                         self.leave_by = Some(Instant::now() + Duration::from_secs(10));
                         send.send(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, ..Default::default() })).await?;
                     }
-                    SessionCommand::RequestSwitchover => {
-                        let ask = pb::GroupCommand { command: pb::Command::SwitchoverRequest as i32, ..Default::default() };
+                    SessionCommand::RequestSwitchover { force, refused } => {
+                        self.switchover_refused = Some(refused);
+                        let ask = pb::GroupCommand {
+                            command: pb::Command::SwitchoverRequest as i32,
+                            force,
+                            ..Default::default()
+                        };
                         send.send(Body::Command(ask)).await?;
                     }
                     SessionCommand::Split { rw, done } => {
@@ -1334,6 +1348,19 @@ impl Session {
                 }
                 Ok(())
             }
+            Some(Body::CommandReply(r)) if r.command == pb::Command::SwitchoverRequest as i32 => {
+                // The primary will not hand over (a switchover that goes
+                // ahead ends this session instead).
+                let (name, peer) = (&self.group.cfg.name, &self.group.cfg.peer);
+                let text = wire::peer_text(&r.error);
+                let text = text.strip_prefix(&format!("group {name}: ")).unwrap_or(&text);
+                let why = format!("{peer} (the primary) did not hand over: {text}");
+                tracing::warn!(group = %self.group.cfg.name, "switchover: {why}");
+                if let Some(tx) = self.switchover_refused.take() {
+                    let _ = tx.send(if r.refused { GroupError::Refused(why) } else { GroupError::Failed(why) });
+                }
+                Ok(())
+            }
             Some(Body::Command(c)) if c.command == pb::Command::Delete as i32 => {
                 // Dissolved (and confirmed) after the drain, see
                 // `serve_secondary`.
@@ -1343,7 +1370,7 @@ impl Session {
             }
             Some(other) => Err(TransportError::Protocol(format!(
                 "unexpected message on a group stream: {}",
-                replicator_protocol::wire::body_kind(&other)
+                wire::body_kind(&other)
             ))),
             None => Err(TransportError::Protocol("empty envelope on a group stream".into())),
         }

@@ -257,6 +257,9 @@ struct Inner {
     lone_ack_save: u64,
     /// Primary, during `switchover`: new writes are refused.
     switching: bool,
+    /// Primary: why a switchover the secondary asked for did not go ahead,
+    /// for the session to send back.
+    switchover_answer: Option<pb::CommandReply>,
     /// A split primary told by its peer that `pair resync --swap` made the
     /// peer the primary, while NBD clients held its volumes (it gives the
     /// role up once they detach): the pair and the peer's generation. New
@@ -317,8 +320,15 @@ enum SessionCommand {
     /// `failover --force` on the secondary: end the session (after the
     /// drain, the node takes over).
     End,
-    /// `switchover` on the secondary: ask the primary to hand over.
-    RequestSwitchover,
+    /// `switchover` on the secondary: ask the primary to hand over
+    /// (`force`: with NBD clients attached there); `refused` is told if
+    /// the primary answers that it will not.
+    RequestSwitchover {
+        /// `--force`.
+        force: bool,
+        /// Told the primary's refusal or failure.
+        refused: oneshot::Sender<GroupError>,
+    },
     /// `pair split` on the secondary: end the session, persist the split
     /// (`rw`: volumes writable), then answer.
     Split {
@@ -927,6 +937,7 @@ impl Group {
             delete_ack: None,
             boot_id,
             switching: handing_over.is_some(),
+            switchover_answer: None,
             taking_over: false,
             creating: false,
             switchover: handing_over.map(|p| takeover::Switchover {

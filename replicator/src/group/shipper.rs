@@ -29,7 +29,7 @@ use replicator_protocol::record::Record;
 use replicator_protocol::wire::{self, MAX_RECORD_PAYLOAD};
 
 use super::write_path::RangeGuard;
-use super::{lock, Group, Inner};
+use super::{lock, Group, GroupError, Inner};
 use crate::config::Mode;
 use crate::state::Announce;
 use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
@@ -429,6 +429,8 @@ async fn send_loop(
     let mut copy_interval_at = tokio::time::Instant::now();
     let mut copy = CopyReads::default();
     let mut read_ahead = ReadAhead::default();
+    // An answer meant for an earlier session's secondary.
+    lock(&group.inner).switchover_answer = None;
     loop {
         let (pair_gone, superseded, split) = {
             let g = lock(&group.inner);
@@ -579,6 +581,10 @@ async fn send_loop(
                     rw: split.rw,
                     ..Default::default()
                 }));
+            }
+            // A switchover the secondary asked for that does not go ahead.
+            if let Some(answer) = g.switchover_answer.take() {
+                send.queue(Body::CommandReply(answer));
             }
         }
 
@@ -929,11 +935,17 @@ async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resu
             Some(pb::Envelope { body: Some(Body::Command(c)) })
                 if c.command == pb::Command::SwitchoverRequest as i32 =>
             {
-                tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, "the secondary asked for a switchover");
+                tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, force = c.force, "the secondary asked for a switchover");
                 let group = group.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = group.switchover().await {
+                    if let Err(e) = group.switchover(c.force).await {
                         tracing::warn!(group = %group.cfg.name, "switchover asked by the secondary: {e}");
+                        lock(&group.inner).switchover_answer = Some(pb::CommandReply {
+                            command: pb::Command::SwitchoverRequest as i32,
+                            error: e.to_string(),
+                            refused: matches!(e, GroupError::Refused(_)),
+                        });
+                        group.ship_wake.notify_one();
                     }
                 });
             }

@@ -275,15 +275,17 @@ impl Group {
     }
 
     /// `switchover` on the primary: hand the primary role to the peer with
-    /// zero loss, then replicate back to this node without a copy.
-    pub async fn switchover(self: &Arc<Self>) -> Result<String, GroupError> {
+    /// zero loss, then replicate back to this node without a copy. Refused
+    /// while NBD clients have the volumes attached here, unless `force`:
+    /// becoming the secondary turns them read-only mid-use.
+    pub async fn switchover(self: &Arc<Self>, force: bool) -> Result<String, GroupError> {
         self.refuse_if_stopped()?;
         let started = Instant::now();
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
         let secondary = lock(&self.inner).role() == Role::Secondary;
         if secondary {
-            return self.switchover_from_secondary().await;
+            return self.switchover_from_secondary(force).await;
         }
         {
             let mut g = lock(&self.inner);
@@ -315,6 +317,15 @@ impl Group {
                      failover {name}` there",
                     g.state,
                     if self.progress.borrow().connected { "" } else { ", not connected" }
+                )));
+            }
+            let clients = self.nbd_clients.load(std::sync::atomic::Ordering::SeqCst);
+            if clients > 0 && !force {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: {clients} NBD client(s) have its volumes attached on the primary: a switchover \
+                     would turn them read-only mid-use (their writes fail, and their reads see {peer}'s writes \
+                     arrive). Stop the applications and detach them there first (unmount, disconnect), then switch; \
+                     `replicator switchover {name} --force` switches with them attached"
                 )));
             }
             g.switching = true;
@@ -497,7 +508,7 @@ impl Group {
     /// `switchover` run on the secondary: ask the primary (over the
     /// replication session) to hand over, and wait until this node is the
     /// primary.
-    async fn switchover_from_secondary(self: &Arc<Self>) -> Result<String, GroupError> {
+    async fn switchover_from_secondary(self: &Arc<Self>, force: bool) -> Result<String, GroupError> {
         let started = Instant::now();
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
@@ -514,7 +525,8 @@ impl Group {
                 }
             }
         };
-        if session.send(SessionCommand::RequestSwitchover).is_err() {
+        let (tx, mut refused) = oneshot::channel();
+        if session.send(SessionCommand::RequestSwitchover { force, refused: tx }).is_err() {
             return Err(GroupError::Failed(format!("group {name}: the replication session is ending; try again")));
         }
         let deadline = Instant::now() + 3 * SWITCHOVER_STEP;
@@ -543,6 +555,13 @@ impl Group {
                 gone.filter(|t| t.elapsed() >= SWITCHOVER_LINK_GONE)
                     .map(|t| format!("is no longer connected (for {} s)", t.elapsed().as_secs()))
             };
+            if let Ok(e) = refused.try_recv() {
+                // Its message says why and what overrides it.
+                return Err(match e {
+                    GroupError::Refused(why) => GroupError::Refused(format!("group {name}: {why}")),
+                    e => GroupError::Failed(format!("group {name}: {e}; this node is still its secondary")),
+                });
+            }
             if let Some(why) = why {
                 return Err(GroupError::Failed(format!(
                     "group {name}: {peer} {why}: nothing changed here, this node is still its secondary ({state}). \
