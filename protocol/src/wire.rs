@@ -703,8 +703,9 @@ mod tests {
             (0i32..7, any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(command, seq, bytes, rw)| {
                 Body::Command(pb::GroupCommand { command, seq, bytes, rw, at_us: seq / 3, force: rw })
             }),
-            (0i32..3, ".{0,12}", any::<bool>())
-                .prop_map(|(command, error, refused)| Body::CommandReply(pb::CommandReply { command, error, refused })),
+            (0i32..3, ".{0,12}", any::<bool>(), any::<u64>()).prop_map(|(command, error, refused, seq)| {
+                Body::CommandReply(pb::CommandReply { command, error, refused, seq })
+            }),
             ".{0,20}".prop_map(|message| Body::Error(pb::Error { message })),
         ]
     }

@@ -1140,7 +1140,8 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
                 ),
                 _ => writeln!(
                     out,
-                    "  failover image: none consistent (a copy runs; only `failover --force`, which promotes the mix)"
+                    "  failover image: none consistent (a copy into it is due or running; only `failover --force` promotes \
+                     the volumes as they are)"
                 ),
             };
         }

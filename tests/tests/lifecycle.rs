@@ -444,6 +444,10 @@ fn failover_after_split_rw_keeps_the_split_writes_for_failback() {
     cluster.stop(Site::A);
     let out = cli_ok(&cluster, Site::B, &["failover", "fs"]);
     assert!(out.contains("written here while split with --rw"), "the report names the split writes: {out}");
+    assert!(
+        out.contains("split by an admin at that point") && !out.contains("reported nothing beyond"),
+        "the report says the primary's writes since the split are not here: {out}"
+    );
     assert_eq!(write_blocks(&cluster, Site::B, "fs-vol", 100..110, 2000), 10);
     cluster.start(Site::A);
     cluster.wait_until(Site::A, "fs", "fenced", MINUTE, |s| s.superseded_by > 0);
@@ -454,6 +458,8 @@ fn failover_after_split_rw_keeps_the_split_writes_for_failback() {
     let (code, out) = cli(&cluster, Site::A, &["pair", "split", "fs", "--rw"]);
     assert_eq!(code, 3, "{out}");
     assert!(!cluster.status(Site::A, "fs").writable);
+    let (_, out) = cli(&cluster, Site::A, &["status", "fs"]);
+    assert!(out.contains("failover image: none consistent (a copy into it is due or running"), "{out}");
     cluster.start(Site::B);
     cli_ok(&cluster, Site::A, &["failback", "fs", "--no-switch", "--wait", "--timeout", "60s"]);
     cluster

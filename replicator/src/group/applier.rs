@@ -404,10 +404,10 @@ fn accept_open(
         generation: open.generation,
     };
     // What the peer said when asked (`pair_query.rs`) no longer holds: it
-    // replicates into this node.
-    if g.refusal.take().is_some() {
-        g.last_error = None;
-    }
+    // replicates into this node; and what ended the last session (a lost
+    // connection, say) is history, in the log (as on the primary).
+    g.refusal = None;
+    g.last_error = None;
     if let Some(s) = g.persisted.role.as_secondary_mut() {
         s.primary_left_pair = false;
     }
@@ -1028,7 +1028,9 @@ struct Session {
     leave_by: Option<Instant>,
     /// `pair split` here: told once the split is persisted.
     split_done: Option<oneshot::Sender<Result<(), String>>>,
-    /// `switchover` here: told if the primary will not hand over.
+    /// `switchover` here: the last request's id (the count sent), told if
+    /// the primary will not hand over.
+    switchover_requests: u64,
     switchover_refused: Option<oneshot::Sender<GroupError>>,
     /// A frame arrived since the last tick (the peer's last contact).
     heard: bool,
@@ -1083,6 +1085,7 @@ impl Session {
             delete_reply: None,
             leave_by: None,
             split_done: None,
+            switchover_requests: 0,
             switchover_refused: None,
             heard: false,
             copy_incomplete,
@@ -1144,9 +1147,13 @@ impl Session {
                         send.send(Body::Command(pb::GroupCommand { command: pb::Command::Delete as i32, ..Default::default() })).await?;
                     }
                     SessionCommand::RequestSwitchover { force, refused } => {
+                        // A newer request replaces the one waiting: its
+                        // command keeps waiting for the role change alone.
+                        self.switchover_requests += 1;
                         self.switchover_refused = Some(refused);
                         let ask = pb::GroupCommand {
                             command: pb::Command::SwitchoverRequest as i32,
+                            seq: self.switchover_requests,
                             force,
                             ..Default::default()
                         };
@@ -1356,8 +1363,10 @@ impl Session {
                 let text = text.strip_prefix(&format!("group {name}: ")).unwrap_or(&text);
                 let why = format!("{peer} (the primary) did not hand over: {text}");
                 tracing::warn!(group = %self.group.cfg.name, "switchover: {why}");
-                if let Some(tx) = self.switchover_refused.take() {
-                    let _ = tx.send(if r.refused { GroupError::Refused(why) } else { GroupError::Failed(why) });
+                if r.seq == self.switchover_requests {
+                    if let Some(tx) = self.switchover_refused.take() {
+                        let _ = tx.send(if r.refused { GroupError::Refused(why) } else { GroupError::Failed(why) });
+                    }
                 }
                 Ok(())
             }

@@ -258,8 +258,8 @@ struct Inner {
     /// Primary, during `switchover`: new writes are refused.
     switching: bool,
     /// Primary: why a switchover the secondary asked for did not go ahead,
-    /// for the session to send back.
-    switchover_answer: Option<pb::CommandReply>,
+    /// for the session (of this shipper epoch) to send back.
+    switchover_answer: Option<(u64, pb::CommandReply)>,
     /// A split primary told by its peer that `pair resync --swap` made the
     /// peer the primary, while NBD clients held its volumes (it gives the
     /// role up once they detach): the pair and the peer's generation. New

@@ -429,8 +429,6 @@ async fn send_loop(
     let mut copy_interval_at = tokio::time::Instant::now();
     let mut copy = CopyReads::default();
     let mut read_ahead = ReadAhead::default();
-    // An answer meant for an earlier session's secondary.
-    lock(&group.inner).switchover_answer = None;
     loop {
         let (pair_gone, superseded, split) = {
             let g = lock(&group.inner);
@@ -582,9 +580,12 @@ async fn send_loop(
                     ..Default::default()
                 }));
             }
-            // A switchover the secondary asked for that does not go ahead.
-            if let Some(answer) = g.switchover_answer.take() {
-                send.queue(Body::CommandReply(answer));
+            // A switchover this session's secondary asked for that does
+            // not go ahead (an earlier session's answer is dropped).
+            if let Some((for_epoch, answer)) = g.switchover_answer.take() {
+                if for_epoch == epoch {
+                    send.queue(Body::CommandReply(answer));
+                }
             }
         }
 
@@ -936,16 +937,25 @@ async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resu
                 if c.command == pb::Command::SwitchoverRequest as i32 =>
             {
                 tracing::info!(group = %group.cfg.name, peer = %group.cfg.peer, force = c.force, "the secondary asked for a switchover");
+                if lock(&group.inner).switching {
+                    // One already runs: its outcome (the secondary takes
+                    // over, or not) answers this request too.
+                    continue;
+                }
                 let group = group.clone();
                 tokio::spawn(async move {
                     if let Err(e) = group.switchover(c.force).await {
                         tracing::warn!(group = %group.cfg.name, "switchover asked by the secondary: {e}");
-                        lock(&group.inner).switchover_answer = Some(pb::CommandReply {
-                            command: pb::Command::SwitchoverRequest as i32,
-                            error: e.to_string(),
-                            refused: matches!(e, GroupError::Refused(_)),
-                        });
-                        group.ship_wake.notify_one();
+                        if c.seq != 0 {
+                            let answer = pb::CommandReply {
+                                command: pb::Command::SwitchoverRequest as i32,
+                                error: e.to_string(),
+                                refused: matches!(e, GroupError::Refused(_)),
+                                seq: c.seq,
+                            };
+                            lock(&group.inner).switchover_answer = Some((epoch, answer));
+                            group.ship_wake.notify_one();
+                        }
                     }
                 });
             }

@@ -38,6 +38,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long each step of a switchover may take.
 const SWITCHOVER_STEP: Duration = Duration::from_secs(30);
+/// How long a switchover waits for NBD clients that are detaching before
+/// it refuses for them.
+const CLIENTS_DETACH_GRACE: Duration = Duration::from_secs(1);
 
 /// A switchover in progress on the primary.
 #[derive(Debug)]
@@ -216,7 +219,8 @@ impl Group {
                 secondary.consistent = true;
                 g.persisted.epoch = guard.epoch;
             }
-            let mut report = recovery_point(self.cfg.mode, secondary, g.persisted.generation, &peer);
+            let split = g.state == PairState::Suspended(SuspendReason::Split);
+            let mut report = recovery_point(self.cfg.mode, secondary, g.persisted.generation, &peer, split);
             if let Some((_, regions)) = &rolled_back {
                 let bytes: u64 = regions.iter().flatten().map(|(_, len)| len).sum();
                 report.push_str(&format!(
@@ -287,6 +291,12 @@ impl Group {
         if secondary {
             return self.switchover_from_secondary(force).await;
         }
+        // A client that just disconnected is counted until its connection's
+        // end is seen (a script's `disconnect; switchover`).
+        let grace = Instant::now() + CLIENTS_DETACH_GRACE;
+        while !force && self.nbd_clients.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < grace {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         {
             let mut g = lock(&self.inner);
             if g.state == PairState::SplitBrain && !g.peer_left_written {
@@ -310,7 +320,13 @@ impl Group {
                     g.state
                 )));
             }
-            if g.state != PairState::Pair || !self.progress.borrow().connected || g.switching {
+            if g.switching {
+                return Err(GroupError::Failed(format!(
+                    "group {name}: a switchover (or another change of role) is already under way here; `replicator \
+                     status {name}` shows when it is done"
+                )));
+            }
+            if g.state != PairState::Pair || !self.progress.borrow().connected {
                 return Err(GroupError::Refused(format!(
                     "group {name}: a switchover needs the pair in PAIR with {peer} connected (now {}{}); without it \
                      the roles cannot change with zero loss. If {peer} must take over anyway, run `replicator \
@@ -324,7 +340,7 @@ impl Group {
                 return Err(GroupError::Refused(format!(
                     "group {name}: {clients} NBD client(s) have its volumes attached on the primary: a switchover \
                      would turn them read-only mid-use (their writes fail, and their reads see {peer}'s writes \
-                     arrive). Stop the applications and detach them there first (unmount, disconnect), then switch; \
+                     arrive). Stop the applications and detach them from the primary first (unmount, disconnect), then switch; \
                      `replicator switchover {name} --force` switches with them attached"
                 )));
             }
@@ -814,8 +830,9 @@ fn split_brain_choice(name: &str, peer: &str, fenced: bool) -> String {
 
 /// What the promoted image holds, in words: the sequence, the site and
 /// generation that wrote it, the time through which it holds every write
-/// (`data as of`), and what the primary last reported beyond it.
-fn recovery_point(mode: Mode, p: &SecondaryState, generation: u64, peer: &str) -> String {
+/// (`data as of`), and what the primary last reported beyond it (`split`:
+/// an admin split the pair, and reports stopped there).
+fn recovery_point(mode: Mode, p: &SecondaryState, generation: u64, peer: &str, split: bool) -> String {
     let n = p.durable_seq;
     // A former primary demoted by a switchover holds its own writes up to
     // where the new primary's begin.
@@ -854,7 +871,14 @@ fn recovery_point(mode: Mode, p: &SecondaryState, generation: u64, peer: &str) -
             }
         }
         (Mode::Async, Some(beyond)) => out.push_str(&format!(" Async mode: {beyond}.")),
+        (Mode::Async, None) if split => {}
         (Mode::Async, None) => out.push_str(&format!(" Async mode: {peer} had reported nothing beyond it.")),
+    }
+    if split {
+        out.push_str(&format!(
+            " The pair was split by an admin at that point: {peer} sent nothing since, and any write it took after \
+             the split is not in this image."
+        ));
     }
     out
 }
