@@ -701,7 +701,15 @@ mod tests {
             }),
             any::<u64>().prop_map(|seq| Body::Flush(pb::FlushRequest { seq })),
             (0i32..7, any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(command, seq, bytes, rw)| {
-                Body::Command(pb::GroupCommand { command, seq, bytes, rw, at_us: seq / 3, force: rw })
+                Body::Command(pb::GroupCommand {
+                    command,
+                    seq,
+                    bytes,
+                    rw,
+                    at_us: seq / 3,
+                    force: rw,
+                    state: "primary PAIR".into(),
+                })
             }),
             (0i32..3, ".{0,12}", any::<bool>(), any::<u64>()).prop_map(|(command, error, refused, seq)| {
                 Body::CommandReply(pb::CommandReply { command, error, refused, seq })

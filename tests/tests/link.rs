@@ -65,6 +65,15 @@ fn async_link_loss_suspends_and_resumes_from_the_checkpoint() {
     cluster.wait_drained_within("ln", Duration::from_secs(90));
     rt.block_on(write_random(&client, 4, 100, 4096));
     cluster.wait_drained("ln");
+    // What ended the frozen session is history once a new one runs (the
+    // log keeps it), and the secondary hears the primary's state since.
+    for site in [Site::A, Site::B] {
+        let s = cluster.status(site, "ln");
+        assert!(s.last_error.is_none() && s.connected, "{site}: {s:?}");
+    }
+    cluster.wait_until(Site::B, "ln", "the primary's state heard", Duration::from_secs(10), |s| {
+        s.peer_state.as_deref() == Some("primary PAIR")
+    });
     drop(client);
     cluster.stop(Site::A);
     cluster.stop(Site::B);

@@ -1346,6 +1346,7 @@ impl Session {
             }
             Some(Body::Command(c)) if c.command == pb::Command::PrimaryProgress as i32 => {
                 let mut g = lock(&self.group.inner);
+                self.group.heard_from_peer(&mut g, Some(&c.state));
                 if let Some(s) = g.persisted.role.as_secondary_mut() {
                     s.primary_reported_seq = c.seq;
                     s.primary_reported_bytes = c.bytes;

@@ -593,16 +593,17 @@ async fn send_loop(
         // can say what it leaves behind.
         if progress_at.elapsed() >= PROGRESS_INTERVAL {
             progress_at = tokio::time::Instant::now();
-            let (seq, bytes) = {
+            let (seq, bytes, state) = {
                 let g = lock(&group.inner);
                 let durable = g.session.as_ref().map_or(0, |s| s.shipper().durable());
-                (g.last_jseq, g.entries.range(durable + 1..).map(|(_, e)| e.span).sum())
+                (g.last_jseq, g.entries.range(durable + 1..).map(|(_, e)| e.span).sum(), Group::describe_self(&g))
             };
             send.queue(Body::Command(pb::GroupCommand {
                 command: pb::Command::PrimaryProgress as i32,
                 seq,
                 bytes,
                 at_us: super::write_path::unix_micros(),
+                state,
                 ..Default::default()
             }));
         }
