@@ -427,6 +427,18 @@ fn daemon_runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     })
 }
 
+/// A `cert` command's error, with its exit code: a bad node name is a
+/// usage error (2); a key or certificate already there is refused as unsafe
+/// (3: replacing a key loses it; the message says to move it away first).
+fn cert_failed(e: &crate::certs::CertError) -> ExitCode {
+    eprintln!("replicator: {e}");
+    ExitCode::from(match e {
+        crate::certs::CertError::BadName(_) => exit::USAGE,
+        crate::certs::CertError::Exists(_) => exit::REFUSED,
+        _ => exit::FAILED,
+    })
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
         eprintln!("replicator: cannot start the async runtime: {e}");
@@ -638,10 +650,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 println!("keep {} secret; copy ca.pem to every node", key.display());
                 Ok(ExitCode::SUCCESS)
             }
-            Err(e) => {
-                eprintln!("replicator: {e}");
-                Err(ExitCode::from(exit::FAILED))
-            }
+            Err(e) => Err(cert_failed(&e)),
         },
         Command::Cert(CertCommand::Issue { ca_dir, name, out, days }) => {
             match crate::certs::issue(&ca_dir, &name, &out, crate::certs::Validity::days(days)) {
@@ -649,10 +658,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     println!("issued {} and {} for node {name:?} (valid {days} days)", cert.display(), key.display());
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => {
-                    eprintln!("replicator: {e}");
-                    Err(ExitCode::from(exit::FAILED))
-                }
+                Err(e) => Err(cert_failed(&e)),
             }
         }
         Command::Config(ConfigCommand::Check { startup }) => {

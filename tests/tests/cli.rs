@@ -272,9 +272,10 @@ fn cert_init_and_issue() {
         assert_eq!(mode, 0o600, "ca.key must be private");
     }
 
-    // A second init refuses to overwrite (exit 1) and leaves the CA alone.
+    // A second init refuses to overwrite (exit 3: the key would be lost)
+    // and leaves the CA alone.
     let out = run(&["cert", "init", "--dir", &ca_s]);
-    assert_eq!(code(&out), 1, "cert init over an existing CA must fail\n{}", describe_output(&out));
+    assert_eq!(code(&out), 3, "cert init over an existing CA must be refused\n{}", describe_output(&out));
     assert!(stderr(&out).contains("already exists"), "{}", describe_output(&out));
     assert_eq!(std::fs::read(ca.join("ca.pem")).expect("ca.pem"), ca_pem, "ca.pem was overwritten");
     assert_eq!(std::fs::read(ca.join("ca.key")).expect("ca.key"), ca_key, "ca.key was overwritten");
@@ -284,9 +285,12 @@ fn cert_init_and_issue() {
     assert_eq!(code(&out), 0, "{}", describe_output(&out));
     assert!(Path::new(&out_dir).join("site-x.pem").is_file() && Path::new(&out_dir).join("site-x.key").is_file());
     let out = run(&["cert", "issue", "--ca-dir", &ca_s, "--name", "site-x", "--out", &out_dir]);
-    assert_eq!(code(&out), 1, "re-issuing over an existing certificate must fail\n{}", describe_output(&out));
-    let out = run(&["cert", "issue", "--ca-dir", &ca_s, "--name", "bad/name", "--out", &out_dir]);
-    assert_ne!(code(&out), 0, "a name that is not a valid node name must be refused\n{}", describe_output(&out));
+    assert_eq!(code(&out), 3, "re-issuing over an existing certificate must be refused\n{}", describe_output(&out));
+    for bad in ["bad/name", "bad name"] {
+        let out = run(&["cert", "issue", "--ca-dir", &ca_s, "--name", bad, "--out", &out_dir]);
+        assert_eq!(code(&out), 2, "{bad:?} is not a valid node name: a usage error\n{}", describe_output(&out));
+        assert!(stderr(&out).contains("not a valid node name"), "{}", describe_output(&out));
+    }
     // Usage errors exit 2.
     let out = run(&["cert", "issue", "--ca-dir", &ca_s]);
     assert_eq!(code(&out), 2, "missing arguments\n{}", describe_output(&out));
