@@ -217,13 +217,10 @@ pub struct VolumeExport {
 
 fn to_export_error(e: WriteError) -> ExportError {
     let errno = match &e {
-        WriteError::ReadOnly(_)
-        | WriteError::Superseded { .. }
-        | WriteError::SwitchingOver(_)
-        | WriteError::SwappedAway { .. } => NbdErrno::Perm,
+        e if e.is_refusal() => NbdErrno::Perm,
         WriteError::OutOfRange { .. } => NbdErrno::NoSpc,
         WriteError::Invalid(_) => NbdErrno::Inval,
-        WriteError::Io(_) | WriteError::Journal(_) | WriteError::Replication(_) => NbdErrno::Io,
+        _ => NbdErrno::Io,
     };
     ExportError::new(errno, e.to_string())
 }

@@ -435,6 +435,8 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
     eprintln!("{out}");
     let acked = load.join().expect("writer");
     assert!(acked > 0 && acked < 1000, "the old primary refuses writes once the switchover starts ({acked})");
+    // The refused write is a refusal, not a write.
+    assert_eq!(cluster.status(Site::A, "sw").writes, acked, "writes counted on the old primary");
     let b = cluster.wait_until(Site::B, "sw", "primary in PAIR", Duration::from_secs(60), |s| {
         s.role == "primary" && s.state == "PAIR" && s.connected
     });

@@ -109,6 +109,20 @@ pub enum WriteError {
     Replication(String),
 }
 
+impl WriteError {
+    /// Refused because this node takes no writes (NBD `EPERM`): nothing
+    /// was written, so it counts as a refusal, not as a write.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            WriteError::ReadOnly(_)
+                | WriteError::Superseded { .. }
+                | WriteError::SwitchingOver(_)
+                | WriteError::SwappedAway { .. }
+        )
+    }
+}
+
 /// Releases the write's range in the sequencer when the write ends, however
 /// it ends.
 pub(super) struct RangeGuard<'a> {
@@ -492,6 +506,10 @@ impl Group {
             kind => self.write_inner(vol, offset, kind, fua, &mut stages).await,
         };
         let took = stages.elapsed();
+        if result.as_ref().is_err_and(WriteError::is_refusal) {
+            // Counted among the refusals (`client_refused`), not the writes.
+            return result;
+        }
         self.latency.record(took);
         let logged = (took >= SLOW_WRITE).then(|| self.slow_writes.on_write(took, self.clock_ms())).flatten();
         if let Some(unlogged) = logged {
