@@ -421,7 +421,10 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
 
     // A -> B while a client writes to A: refused (the client would turn
     // read-only mid-use), nothing changes; --force switches all the same.
-    let load = writer(&cluster, Site::A, "sw-vol", 0, 1000);
+    // Each writer runs until the switchover refuses it (at most the
+    // volume's blocks: 40 s and more).
+    let blocks = 64 * MIB / BLOCK;
+    let load = writer(&cluster, Site::A, "sw-vol", 0, blocks);
     std::thread::sleep(Duration::from_millis(300));
     let (code, out) = cli(&cluster, Site::A, &["switchover", "sw"]);
     assert_eq!(code, 3, "a client is attached on the primary:\n{out}");
@@ -434,7 +437,7 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
     assert!(out.contains("switchover done in"), "it says how long it took:\n{out}");
     eprintln!("{out}");
     let acked = load.join().expect("writer");
-    assert!(acked > 0 && acked < 1000, "the old primary refuses writes once the switchover starts ({acked})");
+    assert!(acked > 0 && acked < blocks, "the old primary refuses writes once the switchover starts ({acked})");
     // The refused write is a refusal, not a write.
     assert_eq!(cluster.status(Site::A, "sw").writes, acked, "writes counted on the old primary");
     let b = cluster.wait_until(Site::B, "sw", "primary in PAIR", Duration::from_secs(60), |s| {
@@ -447,7 +450,7 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
 
     // B -> A, the same way back, run on the secondary this time: the
     // primary's refusal comes back with its reason.
-    let load = writer(&cluster, Site::B, "sw-vol", acked, acked + 1000);
+    let load = writer(&cluster, Site::B, "sw-vol", acked, blocks);
     std::thread::sleep(Duration::from_millis(300));
     let (code, out) = cli(&cluster, Site::A, &["switchover", "sw"]);
     assert_eq!(code, 3, "a client is attached on the primary:\n{out}");
@@ -461,6 +464,7 @@ fn switchover_both_ways_under_load_loses_no_acknowledged_write_and_copies_nothin
     let (code, out) = cli(&cluster, Site::A, &["switchover", "sw", "--force"]);
     assert_eq!(code, 0, "{out}");
     let acked = load.join().expect("writer");
+    assert!(acked < blocks, "site-b refuses writes once the switchover starts ({acked})");
     let a = cluster.wait_until(Site::A, "sw", "primary in PAIR", Duration::from_secs(60), |s| {
         s.role == "primary" && s.state == "PAIR" && s.connected
     });

@@ -404,10 +404,10 @@ fn accept_open(
         generation: open.generation,
     };
     // What the peer said when asked (`pair_query.rs`) no longer holds: it
-    // replicates into this node; and what ended the last session (a lost
-    // connection, say) is history, in the log (as on the primary).
-    g.refusal = None;
-    g.last_error = None;
+    // replicates into this node.
+    if g.refusal.take().is_some() {
+        g.last_error = None;
+    }
     if let Some(s) = g.persisted.role.as_secondary_mut() {
         s.primary_left_pair = false;
     }
@@ -674,8 +674,15 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
                 Err(e) => Err((pb::Refusal::Unspecified, format!("cannot persist the pair state here: {e}"))),
             };
             match ready {
-                Ok(journal) => Ok((a, journal)),
+                Ok(journal) => {
+                    // The session runs: what ended the last one (a lost
+                    // connection, say) is history, in the log (as on the
+                    // primary).
+                    lock(&group.inner).last_error = None;
+                    Ok((a, journal))
+                }
                 Err(refused) => {
+                    lock(&group.inner).last_error = Some(refused.1.clone());
                     detach(&group);
                     Err(refused)
                 }

@@ -947,7 +947,9 @@ async fn read_acks(group: &Arc<Group>, mut recv: FramedRecv, epoch: u64) -> Resu
                 tokio::spawn(async move {
                     if let Err(e) = group.switchover(c.force).await {
                         tracing::warn!(group = %group.cfg.name, "switchover asked by the secondary: {e}");
-                        if c.seq != 0 {
+                        // A switchover that runs meanwhile (one that fails
+                        // lets `switching` go first) answers by its outcome.
+                        if c.seq != 0 && !lock(&group.inner).switching {
                             let answer = pb::CommandReply {
                                 command: pb::Command::SwitchoverRequest as i32,
                                 error: e.to_string(),

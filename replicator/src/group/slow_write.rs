@@ -54,6 +54,11 @@ impl Stages {
         }
     }
 
+    /// No step finished yet (the write was not admitted).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Since the write started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()

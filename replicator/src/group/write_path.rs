@@ -110,8 +110,7 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    /// Refused because this node takes no writes (NBD `EPERM`): nothing
-    /// was written, so it counts as a refusal, not as a write.
+    /// Refused because this node takes no writes (NBD `EPERM`).
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
@@ -506,11 +505,12 @@ impl Group {
             kind => self.write_inner(vol, offset, kind, fua, &mut stages).await,
         };
         let took = stages.elapsed();
-        if result.as_ref().is_err_and(WriteError::is_refusal) {
-            // Counted among the refusals (`client_refused`), not the writes.
-            return result;
+        // Refused before admission, it wrote nothing: a refusal (counted as
+        // `client_refused`), not a write. One refused later (a sync write
+        // whose node was fenced while it waited) was written here.
+        if !(stages.is_empty() && result.as_ref().is_err_and(WriteError::is_refusal)) {
+            self.latency.record(took);
         }
-        self.latency.record(took);
         let logged = (took >= SLOW_WRITE).then(|| self.slow_writes.on_write(took, self.clock_ms())).flatten();
         if let Some(unlogged) = logged {
             let volume = self.volumes.get(vol as usize).map_or("?", |v| v.name.as_str());
