@@ -581,3 +581,27 @@ fn a_copy_cut_short_under_block_is_no_rpo_zero() {
     cluster.wait_pair("cb", Duration::from_secs(120));
     cluster.assert_converged("cb");
 }
+
+/// The link to the secondary is cut while the primary runs on: a failover
+/// there (without `--force`) asks the primary first, which answers as this
+/// pair's live primary: refused, nothing changes (the same window opens
+/// right after a switchover, before the new primary's session is up).
+#[test]
+fn a_failover_is_refused_while_the_primary_answers_without_a_session() {
+    let spec = GroupSpec::new("lp", Mode::Sync).volume("lp-vol", 16 * MIB).link_timeout(Duration::from_secs(1));
+    let (cluster, proxy) = slow_link_pair(spec);
+    // Site-a reaches site-b only through the proxy; site-b reaches site-a
+    // directly.
+    drop(proxy);
+    cluster.wait_until(Site::B, "lp", "the session gone", Duration::from_secs(60), |s| !s.connected);
+    let out = cluster.cli(Site::B, &["failover", "lp"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("answers as this pair's primary (primary ") && text.contains("failover lp --force"),
+        "{text}"
+    );
+    let (a, b) = (cluster.status(Site::A, "lp"), cluster.status(Site::B, "lp"));
+    assert_eq!((a.role.as_str(), a.writable, a.generation), ("primary", true, 1), "{a:?}");
+    assert_eq!((b.role.as_str(), b.generation), ("secondary", 1), "{b:?}");
+}

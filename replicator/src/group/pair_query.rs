@@ -58,11 +58,11 @@ impl Group {
         Some(g.persisted.pair_id)
     }
 
-    /// Asks the peer whether it still holds pair `pair_id`; records the
-    /// answer if it does not. A peer that cannot be reached or does not
-    /// answer tells nothing (it may be down, or an older version).
-    pub(super) async fn ask_peer_about_the_pair(self: Arc<Self>, pair_id: u64) {
-        let asked = tokio::time::timeout(ASK_TIMEOUT, async {
+    /// The peer's answer about pair `pair_id`, within `timeout`; `None`
+    /// from a peer that cannot be reached or does not answer (it may be
+    /// down, frozen, cut off, or an older version).
+    pub(super) async fn query_peer(&self, pair_id: u64, timeout: Duration) -> Option<pb::PairQueryReply> {
+        let asked = tokio::time::timeout(timeout, async {
             let conn = self.transport.connect(&self.cfg.peer).await.map_err(|e| e.to_string())?;
             let (mut send, mut recv) = Transport::open_stream(&conn).await.map_err(|e| e.to_string())?;
             send.send(Body::PairQuery(pb::PairQuery { group: self.cfg.name.clone(), pair_id }))
@@ -76,14 +76,20 @@ impl Group {
             }
         })
         .await;
-        let reply = match asked {
-            Ok(Ok(r)) => r,
+        match asked {
+            Ok(Ok(r)) => Some(r),
             Ok(Err(e)) => {
                 tracing::debug!(group = %self.cfg.name, peer = %self.cfg.peer, "could not ask the peer about the pair: {e}");
-                return;
+                None
             }
-            Err(_) => return,
-        };
+            Err(_) => None,
+        }
+    }
+
+    /// Asks the peer whether it still holds pair `pair_id`; records the
+    /// answer if it does not.
+    pub(super) async fn ask_peer_about_the_pair(self: Arc<Self>, pair_id: u64) {
+        let Some(reply) = self.query_peer(pair_id, ASK_TIMEOUT).await else { return };
         if reply.paired {
             return;
         }
@@ -148,6 +154,10 @@ impl Group {
             left: left.is_some(),
             written_standalone: left.is_some_and(|s| s.written_standalone),
             state: Self::describe_self(&g),
+            live_primary: paired
+                && g.role() == Role::Primary
+                && g.persisted.role.superseded_by() == 0
+                && self.stopped.get().is_none(),
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::state::{PrimaryState, RoleState, SecondaryState, TakeoverPoint};
 
 /// How long a failover waits for the replication session to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a failover on a split secondary tries to reach the primary.
+/// How long a failover without a session asks the primary whether it lives.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long each step of a switchover may take.
 const SWITCHOVER_STEP: Duration = Duration::from_secs(30);
@@ -78,13 +78,16 @@ impl Group {
         self.refuse_if_stopped()?;
         let name = self.cfg.name.clone();
         let peer = self.cfg.peer.clone();
-        // A split secondary has no session telling whether the primary
-        // lives: it is asked (a primary that answers most likely still
-        // takes writes).
-        let split = lock(&self.inner).split();
-        let primary_reachable = split
-            && !force
-            && matches!(tokio::time::timeout(PROBE_TIMEOUT, self.transport.connect(&peer)).await, Ok(Ok(_)));
+        // Without a session nothing here tells whether the primary lives:
+        // it is asked (one that answers as this pair's primary takes
+        // writes, or will: right after a switchover, say, before its
+        // session is up; a split one most likely still takes writes).
+        let (split, attached, pair_id) = {
+            let g = lock(&self.inner);
+            (g.split(), g.secondary_attached, g.persisted.pair_id)
+        };
+        let answer = if force || attached { None } else { self.query_peer(pair_id, PROBE_TIMEOUT).await };
+        let primary_reachable = split && answer.is_some();
         let session = {
             let mut g = lock(&self.inner);
             if g.role() != Role::Secondary {
@@ -110,6 +113,16 @@ impl Group {
                      primary with its data, run `replicator pair resync {name} --swap` here ({peer}'s writes since \
                      the split are overwritten); if {peer} must be abandoned anyway, run `replicator failover {name} \
                      --force`"
+                )));
+            }
+            if let Some(live) = answer.as_ref().filter(|a| a.live_primary && !split && !force) {
+                return Err(GroupError::Refused(format!(
+                    "group {name}: the primary {peer} is up and answers as this pair's primary ({}), but its \
+                     replication session to this node is not running yet: a failover now would leave two primaries. \
+                     Wait for the session (after a switchover it comes within seconds: `replicator status {name}` \
+                     says connected); for a planned change use `replicator switchover {name}`; if {peer} must be \
+                     abandoned anyway, run `replicator failover {name} --force`",
+                    replicator_protocol::wire::peer_text(&live.state)
                 )));
             }
             if g.refusal == Some("not-paired") && !force {
