@@ -709,6 +709,9 @@ mod tests {
                     at_us: seq / 3,
                     force: rw,
                     state: "primary PAIR".into(),
+                    copy_total: bytes,
+                    copy_done: seq,
+                    copy_sent: bytes / 2,
                 })
             }),
             (0i32..3, ".{0,12}", any::<bool>(), any::<u64>()).prop_map(|(command, error, refused, seq)| {

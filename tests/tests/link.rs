@@ -45,6 +45,10 @@ fn async_link_loss_suspends_and_resumes_from_the_checkpoint() {
     let mut cluster = Cluster::new(ClusterOpts::group(group));
     cluster.pair_create("ln");
     cluster.wait_pair("ln", Duration::from_secs(60));
+    // The secondary shows the copy's progress as the primary counts it.
+    cluster.wait_until(Site::B, "ln", "the copy's progress heard", Duration::from_secs(10), |s| {
+        s.copy_total_bytes == 32 * MIB && s.copy_done_bytes == s.copy_total_bytes
+    });
     let rt = runtime();
     let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "ln-vol")).expect("connect");
     rt.block_on(write_random(&client, 1, 200, 4096));

@@ -1354,6 +1354,10 @@ impl Session {
             Some(Body::Command(c)) if c.command == pb::Command::PrimaryProgress as i32 => {
                 let mut g = lock(&self.group.inner);
                 self.group.heard_from_peer(&mut g, Some(&c.state));
+                // The copy's progress is counted on the primary.
+                g.copy_total = c.copy_total;
+                g.copy_done = c.copy_done;
+                g.copy_sent = c.copy_sent;
                 if let Some(s) = g.persisted.role.as_secondary_mut() {
                     s.primary_reported_seq = c.seq;
                     s.primary_reported_bytes = c.bytes;

@@ -593,19 +593,22 @@ async fn send_loop(
         // can say what it leaves behind.
         if progress_at.elapsed() >= PROGRESS_INTERVAL {
             progress_at = tokio::time::Instant::now();
-            let (seq, bytes, state) = {
+            let report = {
                 let g = lock(&group.inner);
                 let durable = g.session.as_ref().map_or(0, |s| s.shipper().durable());
-                (g.last_jseq, g.entries.range(durable + 1..).map(|(_, e)| e.span).sum(), Group::describe_self(&g))
+                pb::GroupCommand {
+                    command: pb::Command::PrimaryProgress as i32,
+                    seq: g.last_jseq,
+                    bytes: g.entries.range(durable + 1..).map(|(_, e)| e.span).sum(),
+                    at_us: super::write_path::unix_micros(),
+                    state: Group::describe_self(&g),
+                    copy_total: g.copy_total_now(),
+                    copy_done: g.copy_done,
+                    copy_sent: g.copy_sent,
+                    ..Default::default()
+                }
             };
-            send.queue(Body::Command(pb::GroupCommand {
-                command: pb::Command::PrimaryProgress as i32,
-                seq,
-                bytes,
-                at_us: super::write_path::unix_micros(),
-                state,
-                ..Default::default()
-            }));
+            send.queue(Body::Command(report));
         }
 
         if send.queued() > 0 {
