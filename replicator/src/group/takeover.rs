@@ -342,7 +342,8 @@ impl Group {
             if g.state != PairState::Pair || !self.progress.borrow().connected {
                 return Err(GroupError::Refused(format!(
                     "group {name}: a switchover needs the pair in PAIR with {peer} connected (now {}{}); without it \
-                     the roles cannot change with zero loss. If {peer} must take over anyway, run `replicator \
+                     the roles cannot change with zero loss. Right after a switchover or failback the session comes \
+                     back within seconds: retry then. If {peer} is lost and must take over, run `replicator \
                      failover {name}` there",
                     g.state,
                     if self.progress.borrow().connected { "" } else { ", not connected" }
@@ -548,7 +549,8 @@ impl Group {
                 _ => {
                     return Err(GroupError::Refused(format!(
                         "group {name}: a switchover needs the pair in PAIR with the primary {peer} connected (now {}); \
-                         if {peer} must be abandoned, run `replicator failover {name}` here",
+                         right after a switchover or failback the session comes back within seconds: retry then. If \
+                         {peer} is lost and must be abandoned, run `replicator failover {name}` here",
                         g.state
                     )))
                 }
