@@ -137,6 +137,8 @@ fn async_failover_promotes_exactly_the_recovery_point_and_fences_the_old_primary
         assert!(!a.writable, "round {round}: {a:?}");
         rt.block_on(async {
             let client = NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "fa-vol").await.expect("connect");
+            let read_only = client.flags() & replicator::nbd::proto::FLAG_READ_ONLY != 0;
+            assert!(read_only, "a fenced former primary exports its volumes read-only");
             assert!(client.write(0, &[9u8; 4096], false).await.is_err(), "a fenced former primary accepts no writes");
         });
         if round == 0 {

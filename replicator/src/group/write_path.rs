@@ -1225,13 +1225,18 @@ impl Group {
         Ok(volume.read(offset, len).await?)
     }
 
-    /// May clients write the volumes? Not on the secondary, unless it is
-    /// split with `--rw`. A replication error never takes writes away from
-    /// the primary's applications: the journal (or the dirty bitmap) keeps
-    /// tracking them.
+    /// May clients write the volumes (NBD exports them read-only if not)?
+    /// Not on the secondary, unless it is split with `--rw`, nor on a
+    /// primary fenced by a failover (until failback or a resync). A
+    /// replication error never takes writes away from the primary's
+    /// applications: the journal (or the dirty bitmap) keeps tracking them.
     pub fn writable(&self) -> bool {
         let g = lock(&self.inner);
-        g.role() != Role::Secondary || g.persisted.role.split_writable()
+        match g.role() {
+            Role::Primary => g.persisted.role.superseded_by() == 0,
+            Role::None => true,
+            Role::Secondary => g.persisted.role.split_writable(),
+        }
     }
 
     /// A role change is under way here (a switchover, a failover, giving
