@@ -354,8 +354,8 @@ impl Group {
                 return Err(GroupError::Refused(format!(
                     "group {name}: {clients} NBD client(s) have its volumes attached on the primary: a switchover \
                      would turn them read-only mid-use (their writes fail, and their reads see {peer}'s writes \
-                     arrive). Stop the applications and detach them from the primary first (unmount, disconnect), then switch; \
-                     `replicator switchover {name} --force` switches with them attached"
+                     arrive). Stop the applications and detach them from the primary first (unmount, disconnect), \
+                     then switch; `replicator switchover {name} --force` switches with them attached"
                 )));
             }
             g.switching = true;
