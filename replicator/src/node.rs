@@ -217,10 +217,13 @@ pub struct VolumeExport {
 
 fn to_export_error(e: WriteError) -> ExportError {
     let errno = match &e {
-        e if e.is_refusal() => NbdErrno::Perm,
+        WriteError::ReadOnly(_)
+        | WriteError::Superseded { .. }
+        | WriteError::SwitchingOver(_)
+        | WriteError::SwappedAway { .. } => NbdErrno::Perm,
         WriteError::OutOfRange { .. } => NbdErrno::NoSpc,
         WriteError::Invalid(_) => NbdErrno::Inval,
-        _ => NbdErrno::Io,
+        WriteError::Io(_) | WriteError::Journal(_) | WriteError::Replication(_) => NbdErrno::Io,
     };
     ExportError::new(errno, e.to_string())
 }

@@ -480,6 +480,16 @@ impl Inner {
         self.copy_total.max(self.copy_done.saturating_add(remaining))
     }
 
+    /// The role lets clients write the volumes: a primary not fenced by a
+    /// failover, a standalone node, a secondary split with `--rw`.
+    fn role_writable(&self) -> bool {
+        match self.role() {
+            Role::Primary => self.persisted.role.superseded_by() == 0,
+            Role::None => true,
+            Role::Secondary => self.persisted.role.split_writable(),
+        }
+    }
+
     /// An admin split the pair here (`SUSPENDED(split)`).
     fn split(&self) -> bool {
         self.state == PairState::Suspended(SuspendReason::Split)
@@ -2179,12 +2189,7 @@ impl Group {
             consistent: g.persisted.role.consistent(),
             // Not while the roles change here (writes are refused then,
             // and NBD clients cannot attach).
-            writable: (g.role() == Role::Primary && g.persisted.role.superseded_by() == 0
-                || g.role() == Role::None
-                || g.persisted.role.split_writable())
-                && !g.switching
-                && !g.taking_over
-                && g.swapped_away().is_none(),
+            writable: g.role_writable() && !g.switching && !g.taking_over && g.swapped_away().is_none(),
             needs_rebase: g.persisted.role.needs_rebase(),
             io_backend: self.engine.backend().to_string(),
             direct_io: self.volumes.iter().all(|v| v.file().is_direct()),

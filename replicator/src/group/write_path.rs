@@ -112,13 +112,17 @@ pub enum WriteError {
 impl WriteError {
     /// Refused because this node takes no writes (NBD `EPERM`).
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
+        match self {
             WriteError::ReadOnly(_)
-                | WriteError::Superseded { .. }
-                | WriteError::SwitchingOver(_)
-                | WriteError::SwappedAway { .. }
-        )
+            | WriteError::Superseded { .. }
+            | WriteError::SwitchingOver(_)
+            | WriteError::SwappedAway { .. } => true,
+            WriteError::OutOfRange { .. }
+            | WriteError::Invalid(_)
+            | WriteError::Io(_)
+            | WriteError::Journal(_)
+            | WriteError::Replication(_) => false,
+        }
     }
 }
 
@@ -1231,12 +1235,7 @@ impl Group {
     /// replication error never takes writes away from the primary's
     /// applications: the journal (or the dirty bitmap) keeps tracking them.
     pub fn writable(&self) -> bool {
-        let g = lock(&self.inner);
-        match g.role() {
-            Role::Primary => g.persisted.role.superseded_by() == 0,
-            Role::None => true,
-            Role::Secondary => g.persisted.role.split_writable(),
-        }
+        lock(&self.inner).role_writable()
     }
 
     /// A role change is under way here (a switchover, a failover, giving
