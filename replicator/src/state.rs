@@ -177,6 +177,12 @@ pub struct PrimaryState {
     /// acknowledged: it is fenced, not in split brain. False when unknown
     /// (async mode, older files).
     pub acked_all_on_peer: bool,
+    /// A split primary told by its peer that `pair resync --swap` made the
+    /// peer the primary, while NBD clients held the volumes here: the
+    /// peer's generation (0: none). No writes are taken (the swap
+    /// overwrites them), across restarts, until the role is given up once
+    /// the clients detach and the peer dials again.
+    pub swapped_away_to: u64,
 }
 
 impl Default for PrimaryState {
@@ -203,6 +209,7 @@ impl Default for PrimaryState {
             rebased: false,
             handing_over: None,
             acked_all_on_peer: false,
+            swapped_away_to: 0,
         }
     }
 }
@@ -510,6 +517,8 @@ struct StateFileV1 {
     acked_all_on_peer: bool,
     #[serde(default)]
     resync_gap_at_us: u64,
+    #[serde(default)]
+    swapped_away_to: u64,
 }
 
 impl From<StateFileV1> for GroupState {
@@ -539,6 +548,7 @@ impl From<StateFileV1> for GroupState {
                 handing_over: f.handing_over,
                 acked_all_on_peer: f.acked_all_on_peer,
                 resync_gap_at_us: f.resync_gap_at_us,
+                swapped_away_to: f.swapped_away_to,
             }),
             Role::Secondary => RoleState::Secondary(SecondaryState {
                 journal_tail_seq: f.journal_tail_seq,
@@ -628,6 +638,7 @@ impl From<GroupState> for StateFileV1 {
             handing_over: primary.handing_over,
             acked_all_on_peer: primary.acked_all_on_peer,
             resync_gap_at_us: primary.resync_gap_at_us,
+            swapped_away_to: primary.swapped_away_to,
         }
     }
 }
@@ -817,6 +828,7 @@ mod tests {
             "handing_over",
             "acked_all_on_peer",
             "resync_gap_at_us",
+            "swapped_away_to",
         ];
         const SECONDARY: &[&str] = &[
             "journal_tail_seq",
@@ -894,6 +906,7 @@ mod tests {
                 "resync_gap_at_us",
                 "own_writes_through",
                 "own_writes_generation",
+                "swapped_away_to",
             ];
             let kept: Vec<String> =
                 field_order(&written).into_iter().filter(|k| !ADDED_SINCE.contains(&k.as_str())).collect();
@@ -969,6 +982,7 @@ mod tests {
             handing_over: point,
             acked_all_on_peer: true,
             resync_gap_at_us: 1_700_000_000_000_000,
+            swapped_away_to: 8,
         };
         let secondary = SecondaryState {
             journal_tail_seq: 11,

@@ -252,12 +252,12 @@ fn split_rw_then_swap_keeps_the_replicas_changes_and_reverses_the_roles() {
 /// `pair resync --swap` while an NBD client holds the old primary's
 /// volume: the old primary learns of the swap when the new one dials, and
 /// from then on refuses writes (EPERM) and new clients, as a switchover
-/// does: the swap would overwrite every write it acknowledged. Once the
-/// client detaches it gives up the role.
+/// does, across a power cut too: the swap would overwrite every write it
+/// acknowledged. Once the client detaches it gives up the role.
 #[test]
 fn swap_while_a_client_holds_the_old_primary_refuses_its_writes_until_it_detaches() {
     let group = GroupSpec::new("sh", Mode::Async).volume("sh-vol", 16 * MIB);
-    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    let mut cluster = Cluster::new(ClusterOpts::group(group).with_power_cut_fs());
     cluster.pair_create("sh");
     cluster.wait_pair("sh", MINUTE);
     assert_eq!(write_blocks(&cluster, Site::A, "sh-vol", 0..20, 0), 20);
@@ -282,8 +282,22 @@ fn swap_while_a_client_holds_the_old_primary_refuses_its_writes_until_it_detache
         rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sh-vol")).is_err(),
         "no new client attaches to a primary giving up its role"
     );
+    // Across a power cut too: with the new primary away, the old one
+    // comes back taking no writes (a client attaching at once would
+    // otherwise write what the swap overwrites).
+    cluster.stop(Site::B);
+    cluster.power_cut(Site::A);
     drop(client);
+    cluster.start(Site::A);
+    let a = cluster.status(Site::A, "sh");
+    assert!(a.role == "primary" && !a.writable, "{a:?}");
+    assert!(a.last_error.as_deref().is_some_and(|e| e.contains("--swap") && e.contains("detach")), "{a:?}");
+    assert!(
+        rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "sh-vol")).is_err(),
+        "no client attaches to the old primary after its restart"
+    );
     drop(rt);
+    cluster.start(Site::B);
     cluster.wait_until(Site::A, "sh", "the secondary after the swap, in PAIR", MINUTE, |s| {
         s.role == "secondary" && s.state == "PAIR"
     });

@@ -550,19 +550,23 @@ async fn give_up_for_swap(group: &Arc<Group>, open: &pb::OpenGroup, peer: &str) 
         Err(GroupError::Refused(msg)) => {
             // NBD clients hold the volumes: the role is given up once they
             // detach (the peer dials again). Until then this node takes no
-            // writes: the swap would overwrite each one it acknowledged.
-            let mut g = lock(&group.inner);
-            if g.swapped_away() != Some(open.generation) {
-                g.swap_learned = Some((open.pair_id, open.generation));
-                let name = &group.cfg.name;
-                let why = format!(
-                    "group {name}: `pair resync --swap` on {peer} made it the primary (generation {}); this node \
-                     takes no more writes (EPERM) and becomes its secondary, its writes since the split \
-                     overwritten, once its NBD clients detach ({msg})",
-                    open.generation
-                );
-                tracing::error!(group = %name, "{why}");
-                g.last_error = Some(why);
+            // writes, across restarts: the swap would overwrite each one it
+            // acknowledged.
+            let save = {
+                let mut g = lock(&group.inner);
+                match g.persisted.role.as_primary_mut() {
+                    Some(primary) if primary.swapped_away_to != open.generation => {
+                        primary.swapped_away_to = open.generation;
+                        tracing::error!(group = %group.cfg.name, "{} ({msg})", group.swapped_away_text(open.generation));
+                        Some(group.save_later(&mut g))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(save) = save {
+                if let Err(e) = group.saved(save).await {
+                    tracing::warn!(group = %group.cfg.name, "{e}");
+                }
             }
             Err((pb::Refusal::InUse, msg))
         }

@@ -260,13 +260,6 @@ struct Inner {
     /// Primary: why a switchover the secondary asked for did not go ahead,
     /// for the session (of this shipper epoch) to send back.
     switchover_answer: Option<(u64, pb::CommandReply)>,
-    /// A split primary told by its peer that `pair resync --swap` made the
-    /// peer the primary, while NBD clients held its volumes (it gives the
-    /// role up once they detach): the pair and the peer's generation. New
-    /// writes are refused meanwhile, as during a switchover: the swap
-    /// overwrites them. Not persisted: after a restart the peer's next dial
-    /// tells it again.
-    swap_learned: Option<(u64, u64)>,
     /// Secondary, during `failover`: no new replication session.
     taking_over: bool,
     /// During `pair create` (which writes a new journal over the file): no
@@ -499,13 +492,11 @@ impl Inner {
     /// --swap`, waiting for its NBD clients to detach before it gives up
     /// the role: the peer's generation.
     fn swapped_away(&self) -> Option<u64> {
-        self.swap_learned
-            .filter(|&(pair_id, generation)| {
-                self.role() == Role::Primary
-                    && pair_id == self.persisted.pair_id
-                    && generation > self.persisted.generation
-            })
-            .map(|(_, generation)| generation)
+        self.persisted
+            .role
+            .as_primary()
+            .map(|p| p.swapped_away_to)
+            .filter(|&generation| generation > self.persisted.generation)
     }
 
     /// Every write up to here is durable on this node where no replay of
@@ -977,7 +968,6 @@ impl Group {
             drill_starting: false,
             secondary_attached: false,
             peer_knows_split: false,
-            swap_learned: None,
             lone_ack_save: 0,
             secondary_durable: durable_seq,
             secondary_applied: durable_seq,
@@ -1394,6 +1384,17 @@ impl Group {
             next = *w;
         });
         next
+    }
+
+    /// Why a split primary whose peer became the primary in `generation`
+    /// with `pair resync --swap` takes no writes.
+    fn swapped_away_text(&self, generation: u64) -> String {
+        let (name, peer) = (&self.cfg.name, &self.cfg.peer);
+        format!(
+            "group {name}: `pair resync --swap` on {peer} made it the primary (generation {generation}); this node \
+             takes no more writes (EPERM) and becomes its secondary, its writes since the split overwritten, once \
+             its NBD clients detach and {peer} dials again"
+        )
     }
 
     /// The newest metadata save asked for.
@@ -2206,7 +2207,10 @@ impl Group {
                      abandoned)",
                     self.cfg.peer
                 )),
-                _ => g.last_error.clone(),
+                _ => match g.swapped_away() {
+                    Some(generation) => Some(self.swapped_away_text(generation)),
+                    None => g.last_error.clone(),
+                },
             },
             volumes: self
                 .volumes
