@@ -275,6 +275,9 @@ fn swap_while_a_client_holds_the_old_primary_refuses_its_writes_until_it_detache
     assert!(out.contains("now the primary"), "{out}");
     let a = cluster.wait_until(Site::A, "sh", "told of the swap", MINUTE, |s| !s.writable);
     assert_eq!(a.role, "primary", "{a:?}");
+    // Refused, the new primary has a connection but no session: no RTT.
+    let b = cluster.wait_until(Site::B, "sh", "refused in-use", MINUTE, |s| s.refusal.as_deref() == Some("in-use"));
+    assert!(!b.connected && b.link_rtt_seconds.is_none(), "{b:?}");
     assert!(a.last_error.as_deref().is_some_and(|e| e.contains("--swap") && e.contains("detach")), "{a:?}");
     let refused = rt.block_on(client.write(BLOCK, &block(1), false));
     assert!(refused.is_err(), "a write acknowledged now would be overwritten by the swap");

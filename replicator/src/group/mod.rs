@@ -2218,7 +2218,9 @@ impl Group {
                 .map(|v| VolumeStatus { name: v.name.clone(), path: v.file().path().to_path_buf(), size: v.size() })
                 .collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            link_rtt_seconds,
+            // A connection whose session broke keeps its last estimate
+            // until QUIC gives it up: not a link that answers.
+            link_rtt_seconds: link_rtt_seconds.filter(|_| connected),
             shipped_bytes: self.counters.shipped_bytes.get(),
             writes: latency.count,
             write_latency_mean_seconds: latency.mean_seconds,
