@@ -250,6 +250,12 @@ impl Export for VolumeExport {
         !self.group.writable()
     }
 
+    fn rejected(&self, errno: NbdErrno) {
+        if errno == NbdErrno::Perm {
+            self.group.counters().error(ErrorKind::ClientRefused);
+        }
+    }
+
     fn budget_group(&self) -> Option<String> {
         Some(self.group.cfg.name.clone())
     }

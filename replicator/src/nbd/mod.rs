@@ -55,7 +55,9 @@
 //! - Requests run concurrently, each as its own task; replies go out in
 //!   completion order through one writer task, never interleaved. Per
 //!   connection at most [`ServeOptions::max_in_flight_requests`] requests and
-//!   [`ServeOptions::max_in_flight_bytes`] of read/write data are in flight,
+//!   [`ServeOptions::max_in_flight_bytes`] of read/write data are in flight
+//!   (and a quarter of the budget group's share of the total, so that one
+//!   client that stops taking replies leaves the group's others room),
 //!   and at most [`ServeOptions::max_total_in_flight_bytes`] across all
 //!   connections; beyond that the server stops reading from the socket. A
 //!   client that takes no reply bytes for [`ServeOptions::reply_timeout`] is
@@ -199,6 +201,12 @@ pub trait Export: Send + Sync + 'static {
     /// export has a slice of its own.
     fn budget_group(&self) -> Option<String> {
         None
+    }
+    /// The server answered a request with `errno` without passing it on
+    /// (a write to a read-only export, an invalid request): for the
+    /// export's counters. Default: nothing.
+    fn rejected(&self, errno: NbdErrno) {
+        let _ = errno;
     }
     /// Reads `len` bytes at `offset`; the buffer must be exactly `len` long.
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<AlignedBuf, ExportError>> + Send;

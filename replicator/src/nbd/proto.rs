@@ -152,6 +152,20 @@ impl NbdErrno {
             Self::Shutdown => 108,
         }
     }
+
+    /// Its name, for the log (`EPERM`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Perm => "EPERM",
+            Self::Io => "EIO",
+            Self::NoMem => "ENOMEM",
+            Self::Inval => "EINVAL",
+            Self::NoSpc => "ENOSPC",
+            Self::Overflow => "EOVERFLOW",
+            Self::NotSup => "ENOTSUP",
+            Self::Shutdown => "ESHUTDOWN",
+        }
+    }
 }
 
 /// The server's first message: `NBDMAGIC`, `IHAVEOPT`, handshake flags.

@@ -120,6 +120,25 @@ pub(super) fn decide(request: &RequestHeader, params: &ExportParams, read_only_n
     }
 }
 
+/// A request [`decide`] rejected with `errno`, in words for the log.
+pub(super) fn describe_rejection(request: &RequestHeader, errno: NbdErrno) -> String {
+    let RequestHeader { flags, kind, offset, len, .. } = *request;
+    let command = match kind {
+        CMD_READ => "read".to_string(),
+        CMD_WRITE => "write".to_string(),
+        CMD_FLUSH => "flush".to_string(),
+        CMD_TRIM => "trim".to_string(),
+        CMD_WRITE_ZEROES => "write-zeroes".to_string(),
+        other => format!("command {other}"),
+    };
+    let why = match errno {
+        NbdErrno::Perm => "the export is read-only here (see `replicator status`)",
+        NbdErrno::NoSpc => "beyond the end of the export",
+        _ => "not valid for this export (the command, its flags, an empty, unaligned or too long range, or one beyond the end)",
+    };
+    format!("{command} of {len} bytes at {offset} (flags {flags:#x}): {why} ({})", errno.name())
+}
+
 /// The command `request` asks for, or the error to reply with.
 fn validate(request: &RequestHeader, params: &ExportParams, read_only: bool) -> Result<Command, NbdErrno> {
     let RequestHeader { flags, kind, offset, len, .. } = *request;

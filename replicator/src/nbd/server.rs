@@ -47,7 +47,10 @@ pub struct ServeOptions {
     /// Requests in flight per connection (default 256); beyond this the
     /// server stops reading from the socket until replies are sent.
     pub max_in_flight_requests: usize,
-    /// Read and write data bytes in flight per connection (default 256 MiB).
+    /// Read and write data bytes in flight per connection (default 256 MiB),
+    /// and at most a quarter of its budget group's share of
+    /// [`Self::max_total_in_flight_bytes`] (half of it: 64 MiB at the
+    /// defaults) so that one client cannot hold its group's whole share.
     pub max_in_flight_bytes: usize,
     /// Read and write data bytes in flight across all connections of every
     /// server sharing one [`SharedLimits`] (default 512 MiB): a request
@@ -526,7 +529,10 @@ where
     let (export_bytes, max_export_bytes) = shared.limits.export_bytes(&slice);
     let limits = Limits {
         max_requests: options.max_in_flight_requests,
-        max_bytes: options.max_in_flight_bytes,
+        // A quarter of its group's share at most: one connection whose
+        // client stops taking replies (or sending a payload) holds it until
+        // a timeout, and must leave the group's other clients room.
+        max_bytes: options.max_in_flight_bytes.min(max_export_bytes as usize / 4).max(1),
         export_bytes,
         max_export_bytes,
         shared_bytes,
@@ -535,7 +541,9 @@ where
         payload_pace: Pace { idle: options.payload_timeout, min_rate: options.min_transfer_rate },
         shutdown_grace: options.shutdown_grace,
     };
-    let reason = transmission::serve(&mut reader, write, export, params, limits, &shared.running, shutdown).await;
+    let failed = Arc::new(transmission::FailedRequests::new(id, peer, &name));
+    let reason =
+        transmission::serve(&mut reader, write, export, params, limits, &shared.running, failed, shutdown).await;
     (Some(name), reason)
 }
 
@@ -622,6 +630,7 @@ impl CloseReason {
         matches!(
             self,
             Self::Protocol(_)
+                | Self::Truncated(_)
                 | Self::HandshakeTimeout(_)
                 | Self::TlsRequired(_)
                 | Self::Tls(_)

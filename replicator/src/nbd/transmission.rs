@@ -12,7 +12,7 @@
 //! its replies held; so is one that trickles them ([`Pace`]).
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +56,7 @@ pub(super) struct Limits {
 /// Runs the transmission phase until the client disconnects, breaks the
 /// protocol, or the server shuts down; then waits for every request already
 /// started to finish and reply. Returns why the connection ends.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve<E, R, W>(
     reader: &mut R,
     writer: W,
@@ -63,6 +64,7 @@ pub(super) async fn serve<E, R, W>(
     params: ExportParams,
     limits: Limits,
     running: &RunningRequests,
+    failed: Arc<FailedRequests>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> CloseReason
 where
@@ -81,7 +83,7 @@ where
             biased;
             () = shutdown_requested(shutdown) => break Some(CloseReason::Shutdown),
             () = replies.closed() => break None,
-            step = next_request(reader, &export, &params, &budget, limits.payload_pace, running, &replies) => step,
+            step = next_request(reader, &export, &params, &budget, limits.payload_pace, running, &failed, &replies) => step,
         };
         if let Err(reason) = step {
             break Some(reason);
@@ -114,6 +116,7 @@ where
 }
 
 /// Reads one request and starts it (or answers/ends it at once).
+#[allow(clippy::too_many_arguments)]
 async fn next_request<E, R>(
     reader: &mut R,
     export: &Arc<E>,
@@ -121,6 +124,7 @@ async fn next_request<E, R>(
     budget: &Budget,
     pace: Pace,
     running: &RunningRequests,
+    failed: &Arc<FailedRequests>,
     replies: &UnboundedSender<Reply>,
 ) -> Result<(), CloseReason>
 where
@@ -135,6 +139,8 @@ where
     let command = match request::decide(&header, params, export.read_only()) {
         Decision::Close(why) => return Err(CloseReason::Protocol(why)),
         Decision::Reject { errno, discard } => {
+            export.rejected(errno);
+            failed.note(&request::describe_rejection(&header, errno));
             if discard > 0 {
                 discard_payload(reader, discard, pace).await?;
             }
@@ -167,8 +173,38 @@ where
         Command::Disconnect => return Err(CloseReason::Disconnect),
     };
     let guard = ReplyGuard { cookie, replies: replies.clone(), permits: Some(permits) };
-    tokio::spawn(run(Arc::clone(export), job, guard, running.enter()));
+    tokio::spawn(run(Arc::clone(export), job, guard, Arc::clone(failed), running.enter()));
     Ok(())
+}
+
+/// The requests one connection answered with an error. The first, second,
+/// fourth, eighth... are logged as warnings with the count so far, the
+/// others at debug level: a client that keeps sending what is refused
+/// leaves a trace in the log without flooding it.
+#[derive(Debug)]
+pub(super) struct FailedRequests {
+    conn: u64,
+    peer: String,
+    export: String,
+    count: AtomicU64,
+}
+
+impl FailedRequests {
+    /// None yet, on connection `conn` from `peer` to `export`.
+    pub(super) fn new(conn: u64, peer: &str, export: &str) -> Self {
+        Self { conn, peer: peer.to_string(), export: export.to_string(), count: AtomicU64::new(0) }
+    }
+
+    /// One more request failed, for the reason `what` says.
+    fn note(&self, what: &str) {
+        let failed = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let (conn, peer, export) = (self.conn, self.peer.as_str(), self.export.as_str());
+        if failed.is_power_of_two() {
+            tracing::warn!(conn, peer, export, failed, "NBD request failed: {what}");
+        } else {
+            tracing::debug!(conn, peer, export, failed, "NBD request failed: {what}");
+        }
+    }
 }
 
 /// How slowly a client may move one transfer: a request header, a write
@@ -338,7 +374,13 @@ impl Job {
 /// The export's futures are boxed where they start: they are large (the
 /// whole write path), and a task's future is moved by value several times
 /// on its way into the runtime, so this one stays small.
-async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard, _running: RunningGuard) {
+async fn run<E: Export>(
+    export: Arc<E>,
+    job: Job,
+    guard: ReplyGuard,
+    failed: Arc<FailedRequests>,
+    _running: RunningGuard,
+) {
     let (name, offset) = (job.name(), job.offset());
     let result = match job {
         Job::Read { offset, len } => match Box::pin(export.read(offset, len)).await {
@@ -356,14 +398,7 @@ async fn run<E: Export>(export: Arc<E>, job: Job, guard: ReplyGuard, _running: R
     match result {
         Ok(data) => guard.reply(0, data),
         Err(err) => {
-            tracing::debug!(
-                cookie = guard.cookie,
-                request = name,
-                offset,
-                errno = ?err.errno,
-                error = %err,
-                "NBD request failed"
-            );
+            failed.note(&format!("{name} at {offset}: {} ({})", err, err.errno.name()));
             guard.reply(err.errno.code(), None);
         }
     }

@@ -67,6 +67,8 @@ pub(super) struct MemExport {
     pub zeroes: AtomicUsize,
     pub trims: AtomicUsize,
     pub flushes: AtomicUsize,
+    /// Requests the server answered `EPERM` without passing them on.
+    pub refused: AtomicUsize,
     in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
     /// Delay for requests at a given offset.
@@ -89,6 +91,7 @@ impl MemExport {
             zeroes: AtomicUsize::new(0),
             trims: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             delay_at: Mutex::new(HashMap::new()),
@@ -163,6 +166,12 @@ impl Export for MemExport {
 
     fn read_only(&self) -> bool {
         self.read_only.load(Ordering::SeqCst)
+    }
+
+    fn rejected(&self, errno: NbdErrno) {
+        if errno == NbdErrno::Perm {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     fn block_sizes(&self) -> BlockSizes {

@@ -184,6 +184,8 @@ async fn read_only_export_refuses_writes() {
     vol.read_only.store(true, Ordering::SeqCst);
     assert_eq!(client.write(6, 0, &[1; 512], 0).await, EPERM);
     assert_eq!(vol.writes.load(Ordering::SeqCst), 0);
+    // Each refusal reaches the export's counters.
+    assert_eq!(export.refused.load(Ordering::SeqCst) + vol.refused.load(Ordering::SeqCst), 4);
     server.stop().await;
 }
 
@@ -578,6 +580,26 @@ async fn in_flight_bytes_are_bounded_across_connections() {
     assert_eq!((reply.cookie, reply.error), (3, 0));
     let reply = b.reply_with(|_| 1 << 20).await;
     assert_eq!((reply.cookie, reply.error), (2, 0));
+    server.stop().await;
+}
+
+/// One connection holds at most a quarter of its group's share of the
+/// budget: a client that sends reads and takes none of their replies
+/// leaves the group's other clients room (it held the whole share until
+/// the reply timeout, 60 s at the defaults).
+#[tokio::test]
+async fn one_connection_cannot_hold_its_groups_whole_budget() {
+    let options = ServeOptions { max_total_in_flight_bytes: 8 << 20, ..ServeOptions::default() };
+    let server = Server::start_with(MemCatalog::standard(), options);
+    let (mut greedy, _) = server.open("vol").await;
+    let (mut other, _) = server.open("vol").await;
+    for cookie in 0..8 {
+        greedy.send_request(CMD_READ, 0, cookie, (cookie % 4) << 20, 1 << 20, &[]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let read = tokio::time::timeout(Duration::from_secs(5), other.read(99, 0, 1 << 20)).await;
+    assert_eq!(read.expect("a read behind the greedy client's unread replies").0, 0);
+    drop(greedy);
     server.stop().await;
 }
 
