@@ -280,10 +280,24 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
     // while the others run (a disk gone after a reboot must not stop the
     // replication of every other group on the host); with no group left
     // the daemon does not start.
+    // A paired group whose volumes moved, or that would take a volume of a
+    // paired group no longer configured, is refused before any of its
+    // volume files is opened (or created).
+    let layout_refused = crate::group::layout::check(&config.node.state_dir, &config.groups);
     let mut opened = Vec::new();
     for gc in &config.groups {
-        let volumes: Result<Vec<Arc<Volume>>, _> =
-            gc.volumes.iter().enumerate().map(|(i, vc)| Volume::open(&engine, vc, i as u32).map(Arc::new)).collect();
+        let volumes: Result<Vec<Arc<Volume>>, DaemonError> = match layout_refused.iter().find(|(g, _)| *g == gc.name) {
+            Some((_, why)) => Err(DaemonError::Group {
+                group: gc.name.clone(),
+                source: crate::group::GroupError::Refused(why.clone()),
+            }),
+            None => gc
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, vc)| Volume::open(&engine, vc, i as u32).map(Arc::new).map_err(DaemonError::Volume))
+                .collect(),
+        };
         opened.push(volumes);
     }
     // Every volume exists now (created where `create = true`).
@@ -307,7 +321,7 @@ pub async fn run(config: Config) -> Result<Stopped, DaemonError> {
             )
             .await
             .map_err(|source| DaemonError::Group { group: gc.name.clone(), source }),
-            Err(e) => Err(DaemonError::Volume(e)),
+            Err(e) => Err(e),
         };
         match opened {
             Ok(group) => groups.push(group),

@@ -143,6 +143,10 @@ pub fn check(config: &Config) -> Findings {
     if let Err((key, m)) = check_volume_files(config) {
         findings.fatal.push(problem(key, m));
     }
+    // What the state directory says of paired groups' volumes.
+    for (group, why) in crate::group::layout::check(&config.node.state_dir, &config.groups) {
+        findings.fatal.push(problem(format!("group[{group}].volume"), why));
+    }
     findings
 }
 

@@ -22,6 +22,7 @@
 mod activity;
 mod applier;
 mod drill;
+pub mod layout;
 mod lifecycle;
 mod pacing;
 mod pair_query;
@@ -532,7 +533,10 @@ impl Group {
         crate::durable::remove_temporaries(store.dir());
         let persisted = store.load()?.unwrap_or_else(GroupState::simplex);
         let role = persisted.role();
-        check_volume_list(&store, &cfg.name, &volumes, role)?;
+        if let Some(why) = layout::refusal_of(state_dir, &cfg)? {
+            return Err(GroupError::Refused(why));
+        }
+        layout::adopt(&store, &cfg)?;
         let mut state = persisted.state;
         let was_clean = persisted.clean_shutdown;
         // Before anything writes the volumes (journal replays below): a
@@ -2576,8 +2580,6 @@ const ACTIVITY_LOG: &str = "activity-log";
 /// How long writes wait for a metadata save that keeps failing (a full or
 /// failing `state_dir`) before the group stops and fails them.
 const SAVE_FAILING_LIMIT: Duration = Duration::from_secs(20);
-/// File name of the group's volume list (see [`check_volume_list`]).
-const VOLUME_LIST: &str = "volumes";
 /// A region leaves the activity log once its writes are durable on both
 /// sites and it has been idle this long (a busy region is saved once).
 const ACTIVITY_IDLE: Duration = Duration::from_secs(10);
@@ -2607,40 +2609,6 @@ fn load_activity_log(store: &StateFile) -> Option<ActivityLog> {
 /// never taken for a reboot).
 fn current_boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
-/// The group's volumes by name, in configuration order, as its pair knows
-/// them. Records, dirty bitmaps and the activity log name a volume by its
-/// place in this list, so a paired group whose list changed would replay
-/// or ship records into another volume, or take a volume added to both
-/// sites for identical and never copy it (a missing bitmap is a clean
-/// one). A paired group refuses to open on another list; a group not
-/// paired adopts the configured one, as does a pair from a release that
-/// did not keep it (or whose copy of it is unreadable).
-fn check_volume_list(store: &StateFile, group: &str, volumes: &[Arc<Volume>], role: Role) -> Result<(), GroupError> {
-    let configured = volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join("\n");
-    let saved = match store.load_blob(VOLUME_LIST) {
-        Ok(saved) => saved,
-        Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData => None,
-        Err(e) => return Err(e.into()),
-    };
-    match saved {
-        Some(saved) if saved == configured.as_bytes() => return Ok(()),
-        Some(saved) if role != Role::None => {
-            let list = |text: &str| text.split('\n').collect::<Vec<_>>().join(", ");
-            return Err(GroupError::Refused(format!(
-                "group {group}: paired with volumes [{}], but the configuration lists [{}]: the volumes of a paired \
-                 group cannot change (records and dirty regions name a volume by its place in the list). Restore \
-                 the list, run `replicator pair delete {group}` on both sites, then change the volumes (the next \
-                 `pair create` copies them whole)",
-                list(&String::from_utf8_lossy(&saved)),
-                list(&configured)
-            )));
-        }
-        _ => {}
-    }
-    store.save_blob(VOLUME_LIST, configured.as_bytes())?;
-    Ok(())
 }
 
 /// The persisted dirty bitmaps, and whether one was unreadable (and so
