@@ -1073,11 +1073,12 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
         }
         if s.rpo_zero == Some(false) {
             let since = s.rpo_zero_lost_since_unix.map(|t| format!(" since {}", describe_time(t as f64)));
-            let _ = writeln!(
-                out,
-                "  RPO 0 NOT IN FORCE{}: writes are acknowledged without a consistent secondary",
-                since.unwrap_or_default()
-            );
+            let how = if s.writes_wait_for_secondary {
+                "writes wait for the secondary, but it lacks writes acknowledged earlier without it"
+            } else {
+                "writes are acknowledged without a consistent secondary"
+            };
+            let _ = writeln!(out, "  RPO 0 NOT IN FORCE{}: {how}", since.unwrap_or_default());
         }
         if let Some(t) = s.peer_contact_unix {
             let _ = writeln!(

@@ -110,7 +110,7 @@ fn status_json_schema_and_pair_lifecycle() {
     assert_eq!(groups.len(), 1, "{v}");
     let g = &groups[0];
     type FieldCheck = (&'static str, fn(&serde_json::Value) -> bool);
-    let fields: [FieldCheck; 43] = [
+    let fields: [FieldCheck; 44] = [
         ("group", serde_json::Value::is_string),
         ("health", serde_json::Value::is_string),
         ("activity_log_bytes", serde_json::Value::is_u64),
@@ -144,6 +144,7 @@ fn status_json_schema_and_pair_lifecycle() {
         ("copy_total_bytes", serde_json::Value::is_u64),
         ("copy_done_bytes", serde_json::Value::is_u64),
         ("consistent", serde_json::Value::is_boolean),
+        ("writes_wait_for_secondary", serde_json::Value::is_boolean),
         ("io_backend", serde_json::Value::is_string),
         ("direct_io", serde_json::Value::is_boolean),
         ("last_error", |x| x.is_null() || x.is_string()),

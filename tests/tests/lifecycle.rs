@@ -94,6 +94,7 @@ fn split_holds_the_image_and_resync_copies_only_the_changes() {
     let (code, out) = cli(&cluster, Site::A, &["status", "sp"]);
     assert_eq!(code, 4, "a split pair is degraded: {out}");
     assert!(out.contains("RPO 0 NOT IN FORCE") && out.contains("peer last heard"), "{out}");
+    assert!(out.contains("acknowledged without a consistent secondary") && !a.writes_wait_for_secondary, "{out}");
     assert_eq!(write_blocks(&cluster, Site::A, "sp-vol", 100..200, 0), 100);
     assert_eq!(written_prefix(&read_volume(&cluster, Site::B, "sp-vol"), 200, BLOCK), 100);
     // A split never resumes by itself.

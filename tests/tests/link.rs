@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 use replicator::nbd_client::NbdClient;
 use replicator_bench::proxy::{LinkSpec, UdpProxy};
 use replicator_tests::pattern::Rng;
-use replicator_tests::{Cluster, ClusterOpts, GroupSpec, Mode, Site};
+use replicator_tests::{describe_output, Cluster, ClusterOpts, GroupSpec, Mode, Site};
 
 const MIB: u64 = 1 << 20;
 
@@ -579,6 +579,12 @@ fn a_copy_cut_short_under_block_is_no_rpo_zero() {
     std::thread::sleep(Duration::from_secs(1));
     let a = cluster.status(Site::A, "cb");
     assert_eq!((a.reason.as_deref(), a.rpo_zero), (Some("link"), Some(false)), "{a:?}");
+    // Its writes hang until the secondary returns: status says so (it said
+    // they were acknowledged without the secondary).
+    assert!(a.writes_wait_for_secondary, "{a:?}");
+    let out = describe_output(&cluster.cli(Site::A, &["status", "cb"]));
+    assert!(out.contains("RPO 0 NOT IN FORCE") && out.contains("writes wait for the secondary"), "{out}");
+    assert!(!out.contains("acknowledged without a consistent secondary"), "{out}");
     let state = std::fs::read_to_string(cluster.state_dir(Site::A).join("groups/cb/state.json")).expect("state file");
     assert!(!state.contains("\"acked_all_on_peer\": true"), "{state}");
     cluster.signal(Site::B, Signal::SIGCONT);

@@ -2162,6 +2162,7 @@ impl Group {
             peer_state: g.peer_state.clone(),
             peer_contact_unix: g.peer_contact.map(unix),
             rpo_zero: g.rpo_zero,
+            writes_wait_for_secondary: g.role() == Role::Primary && p.sync_wait,
             rpo_zero_lost_since_unix: g.rpo_zero_lost_at.map(unix),
             data_as_of_unix: (data_as_of_us > 0).then(|| data_as_of_us as f64 / 1e6),
             refusal: g.refusal.map(str::to_string),
@@ -2271,6 +2272,11 @@ pub struct GroupStatus {
     /// When RPO 0 stopped being in force (seconds since the epoch).
     #[serde(default)]
     pub rpo_zero_lost_since_unix: Option<u64>,
+    /// Primary: a write is acknowledged only once the secondary has it
+    /// (sync mode, caught up, also with the link lost under
+    /// `on_link_loss = "block"`: writes then wait).
+    #[serde(default)]
+    pub writes_wait_for_secondary: bool,
     /// Secondary: the primary's time of the newest write this replica
     /// holds durably ("data as of"), seconds since the Unix epoch.
     pub data_as_of_unix: Option<f64>,
