@@ -491,6 +491,11 @@ fn a_standalone_group_never_becomes_secondary_without_consent_or_while_in_use() 
     assert!(out.contains("accept_pair_create"), "the refusal must name the setting: {out}");
     let b = cluster.status(Site::B, "nc");
     assert_eq!((b.state.as_str(), b.role.as_str()), ("SIMPLEX", "none"), "{b:?}");
+    // The refusing site says why too.
+    assert!(
+        b.last_error.as_deref().is_some_and(|e| e.contains("site-a's") && e.contains("accept_pair_create")),
+        "{b:?}"
+    );
     assert!(before == sha(&cluster.volume_path(Site::B, "nc-vol")), "site-b's data changed without consent");
     let (code, _) = cli(&cluster, Site::A, &["pair", "delete", "nc"]);
     assert_eq!(code, 0);

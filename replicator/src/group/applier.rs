@@ -718,6 +718,12 @@ pub(super) async fn serve_secondary(group: Arc<Group>, incoming: IncomingSession
             // the primary retries every few seconds.
             let repeat = {
                 let mut g = lock(&group.inner);
+                // What only an admin fixes here is said here too, not only
+                // on the primary (a secondary showing no reason sent its
+                // admin looking at the network).
+                if matches!(refusal, pb::Refusal::Config | pb::Refusal::NoConsent) {
+                    g.last_error = Some(format!("refused {peer}'s replication session: {msg}"));
+                }
                 let repeat =
                     g.last_link_log.as_ref().is_some_and(|(m, at)| *m == msg && at.elapsed() < Duration::from_secs(60));
                 if !repeat {
