@@ -632,7 +632,7 @@ fn reload(running: &Config, node: &Node, transport: &Transport, nbd_tls: Option<
 
 /// The settings that differ between the running and the reloaded
 /// configuration and that only a restart applies.
-fn settings_needing_restart(running: &Config, fresh: &Config) -> Vec<&'static str> {
+fn settings_needing_restart(running: &Config, fresh: &Config) -> Vec<String> {
     let (a, b) = (&running.node, &fresh.node);
     let same = |x: &dyn std::fmt::Debug, y: &dyn std::fmt::Debug| format!("{x:?}") == format!("{y:?}");
     let mut changed = Vec::new();
@@ -646,11 +646,47 @@ fn settings_needing_restart(running: &Config, fresh: &Config) -> Vec<&'static st
         ("node.metrics_listen", a.metrics_listen != b.metrics_listen),
         ("node.worker_threads", a.worker_threads != b.worker_threads),
         ("[[peer]]", !same(&running.peers, &fresh.peers)),
-        ("[[group]]", consent_aside(&running.groups) != consent_aside(&fresh.groups)),
     ] {
         if differs {
-            changed.push(key);
+            changed.push(key.to_string());
         }
+    }
+    changed.extend(groups_changed(&running.groups, &fresh.groups));
+    changed
+}
+
+/// The groups added, removed or changed (naming the settings), but for
+/// `accept_pair_create`, which a reload applies.
+fn groups_changed(running: &[GroupConfig], fresh: &[GroupConfig]) -> Vec<String> {
+    let mut changed = Vec::new();
+    for g in running {
+        let Some(f) = fresh.iter().find(|f| f.name == g.name) else {
+            changed.push(format!("group {} (removed)", g.name));
+            continue;
+        };
+        let keys: Vec<&str> = [
+            ("peer", g.peer != f.peer),
+            ("mode", g.mode != f.mode),
+            ("journal_size", g.journal_size != f.journal_size),
+            ("on_link_loss", g.on_link_loss != f.on_link_loss),
+            ("link_timeout", g.link_timeout != f.link_timeout),
+            ("on_journal_full", g.on_journal_full != f.on_journal_full),
+            ("journal_full_timeout", g.journal_full_timeout != f.journal_full_timeout),
+            ("drill_chunk", g.drill_chunk != f.drill_chunk),
+            ("activity_log_extents", g.activity_log_extents != f.activity_log_extents),
+            ("volumes", format!("{:?}", g.volumes) != format!("{:?}", f.volumes)),
+        ]
+        .into_iter()
+        .filter_map(|(key, differs)| differs.then_some(key))
+        .collect();
+        if !keys.is_empty() {
+            changed.push(format!("group {} ({})", g.name, keys.join(", ")));
+        } else if consent_aside(std::slice::from_ref(g)) != consent_aside(std::slice::from_ref(f)) {
+            changed.push(format!("group {} (its section)", g.name));
+        }
+    }
+    for f in fresh.iter().filter(|f| !running.iter().any(|g| g.name == f.name)) {
+        changed.push(format!("group {} (added)", f.name));
     }
     changed
 }

@@ -649,10 +649,22 @@ fn sighup_reloads_and_names_what_needs_a_restart() {
     assert!(line.contains("Changed but applied only at restart: node.nbd_listen"), "{line}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nbd_listen was applied without a restart");
     assert_eq!(c.status(Site::A, "cli").state, "SIMPLEX", "the daemon still answers");
+    // A group's setting: the group and the key are named.
+    let path = c.config_path(Site::A).to_path_buf();
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let edited: String = text
+        .lines()
+        .map(|l| if l.starts_with("link_timeout = ") { "link_timeout = \"1234ms\"".to_string() } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(edited, text, "no link_timeout line in\n{text}");
+    std::fs::write(&path, edited).expect("write config");
+    c.signal(Site::A, nix::sys::signal::Signal::SIGHUP);
+    let line = wait("SIGHUP: reloaded", 3);
+    assert!(line.contains("applied only at restart: node.nbd_listen, group cli (link_timeout)"), "{line}");
 
     // A file that no longer validates (an edit in progress) changes
     // nothing, and does not lock the admin out of the running daemon.
-    let path = c.config_path(Site::A).to_path_buf();
     let text = std::fs::read_to_string(&path).expect("read config");
     std::fs::write(&path, format!("{text}\n[[group]]\nname = \"half-done\"\npeer = \"site-c\"\n"))
         .expect("write config");
