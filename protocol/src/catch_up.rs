@@ -79,6 +79,18 @@ impl SyncCatchUp {
         };
     }
 
+    /// A new session is up. Writes that waited for the session that is
+    /// gone (or, after a restart, for any session) need not wait behind
+    /// the backlog in this one: the next [`Self::on_replicating`] starts a
+    /// catch-up, as for a link that comes back. Not under
+    /// `on_link_loss = "block"` (`catch_up` false), where writes keep
+    /// waiting for the secondary.
+    pub fn on_session_up(&mut self, catch_up: bool) {
+        if catch_up && matches!(self, SyncCatchUp::Closing { .. }) {
+            *self = SyncCatchUp::Alone;
+        }
+    }
+
     /// Catching up, the secondary has received nothing for `timeout_ms`:
     /// writes wait for it again (and a secondary that goes on receiving
     /// nothing is then a lost link). True when that changed anything.
@@ -183,6 +195,30 @@ mod tests {
         assert!(!c.on_received(1102, 1110, 3_021));
         assert!(c.on_received(1103, 1110, 3_022));
         assert!(c.rpo_zero());
+    }
+
+    #[test]
+    fn a_primary_restarted_with_a_backlog_catches_up_once_a_session_is_up() {
+        // Restarted without its peer: writes wait (nothing ships them).
+        let mut c = SyncCatchUp::Alone;
+        c.on_replicating(true, false, 1000, 10, 0);
+        assert_eq!(c, SyncCatchUp::Closing { through: 1000 });
+        assert!(c.writes_wait());
+        // The session comes up: writes no longer wait behind the backlog.
+        c.on_session_up(true);
+        c.on_replicating(true, true, 1000, 10, 5);
+        assert!(matches!(c, SyncCatchUp::CatchingUp { target: 1000, .. }), "{c:?}");
+        assert!(!c.writes_wait() && !c.rpo_zero());
+        // Under on_link_loss = "block" they keep waiting.
+        let mut c = SyncCatchUp::Closing { through: 1000 };
+        c.on_session_up(false);
+        c.on_replicating(true, true, 1000, 10, 5);
+        assert_eq!(c, SyncCatchUp::Closing { through: 1000 });
+        // A session with nothing owed is at RPO 0 at once.
+        let mut c = SyncCatchUp::Closing { through: 1000 };
+        c.on_session_up(true);
+        c.on_replicating(true, true, 1000, 1000, 5);
+        assert_eq!(c, SyncCatchUp::Zero);
     }
 
     #[test]

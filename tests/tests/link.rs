@@ -615,3 +615,36 @@ fn a_failover_is_refused_while_the_primary_answers_without_a_session() {
     assert_eq!((a.role.as_str(), a.writable, a.generation), ("primary", true, 1), "{a:?}");
     assert_eq!((b.role.as_str(), b.generation), ("secondary", 1), "{b:?}");
 }
+
+/// An async primary whose secondary lags (a slow link) is restarted in
+/// sync mode: it catches up once the session is up, new writes
+/// acknowledged locally while the backlog ships (as when a lost link comes
+/// back), instead of each waiting behind the whole backlog (found by an
+/// admin's try-out: on a slow link the first write waited 4 ×
+/// `link_timeout`, the pair went SUSPENDED(link), then caught up).
+#[test]
+fn a_primary_restarted_in_sync_mode_with_a_backlog_catches_up_in_the_session() {
+    let spec = GroupSpec::new("cr", Mode::Async).volume("cr-vol", 32 * MIB).link_timeout(Duration::from_secs(2));
+    let (mut cluster, _proxy) = slow_link_pair(spec);
+    let rt = runtime();
+    let client = rt.block_on(NbdClient::connect_unix(&cluster.nbd_socket(Site::A), "cr-vol")).expect("connect");
+    // 12 MiB the secondary lacks: 3 s of the link.
+    rt.block_on(write_random(&client, 22, 192, 64 << 10));
+    drop(client);
+    let a = cluster.status(Site::A, "cr");
+    assert!(a.state == "PAIR" && a.lag_records > 0, "{a:?}");
+    cluster.stop(Site::A);
+    cluster.stop(Site::B);
+    for site in [Site::A, Site::B] {
+        let path = cluster.config_path(site).to_path_buf();
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, text.replace("mode = \"async\"", "mode = \"sync\"")).expect("config");
+    }
+    cluster.start(Site::B);
+    cluster.start(Site::A);
+    cluster.wait_until(Site::A, "cr", "catching up, writes not waiting", Duration::from_secs(60), |s| {
+        s.connected && s.rpo_zero == Some(false) && !s.writes_wait_for_secondary
+    });
+    cluster.wait_until(Site::A, "cr", "RPO 0", Duration::from_secs(60), |s| s.rpo_zero == Some(true));
+    cluster.assert_converged("cr");
+}

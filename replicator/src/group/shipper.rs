@@ -30,7 +30,7 @@ use replicator_protocol::wire::{self, MAX_RECORD_PAYLOAD};
 
 use super::write_path::RangeGuard;
 use super::{lock, Group, GroupError, Inner};
-use crate::config::Mode;
+use crate::config::{LinkLossPolicy, Mode};
 use crate::state::Announce;
 use crate::transport::{FramedRecv, FramedSend, Transport, TransportError};
 use crate::volume::span_digests;
@@ -391,6 +391,11 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         if matches!(g.state, PairState::Suspended(_)) {
             group.transition(&mut g, PairEvent::LinkUp { needs_resync }, "link restored");
         }
+        // A sync primary restarted with a backlog (or whose session broke
+        // before the link was given up) catches up in this session instead
+        // of making each write wait behind the backlog (try-out: 20 s, then
+        // SUSPENDED(link), on a slow link).
+        g.catch_up.on_session_up(group.cfg.on_link_loss != LinkLossPolicy::Block);
         group.publish(&mut g);
         (g.persisted.pair_id, save)
     };
