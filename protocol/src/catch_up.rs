@@ -81,10 +81,11 @@ impl SyncCatchUp {
 
     /// A new session is up. Writes that waited for the session that is
     /// gone (or, after a restart, for any session) need not wait behind
-    /// the backlog in this one: the next [`Self::on_replicating`] starts a
-    /// catch-up, as for a link that comes back. Not under
-    /// `on_link_loss = "block"` (`catch_up` false), where writes keep
-    /// waiting for the secondary.
+    /// a backlog of writes acknowledged alone in this one: the next
+    /// [`Self::on_replicating`] starts a catch-up, as for a link that comes
+    /// back. `catch_up` false (under `on_link_loss = "block"`, or while
+    /// every acknowledged write is on the secondary: RPO 0 is not given up
+    /// for a session that restarted) keeps writes waiting.
     pub fn on_session_up(&mut self, catch_up: bool) {
         if catch_up && matches!(self, SyncCatchUp::Closing { .. }) {
             *self = SyncCatchUp::Alone;

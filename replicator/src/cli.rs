@@ -667,14 +667,23 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             for p in &found.fatal {
                 eprintln!("replicator: {p}");
             }
-            for p in &found.link {
+            for p in found.link.iter().chain(&found.group) {
                 eprintln!("replicator: {}{p}", if startup { "warning: " } else { "" });
             }
             if !found.fatal.is_empty() {
                 eprintln!(
                     "replicator: {}: {} problem(s); `replicator run` would fail",
                     config.path.display(),
-                    found.fatal.len() + found.link.len()
+                    found.fatal.len() + found.link.len() + found.group.len()
+                );
+                return Err(ExitCode::from(exit::USAGE));
+            }
+            if !found.group.is_empty() && !startup {
+                eprintln!(
+                    "replicator: {}: {} problem(s); `replicator run` would keep the group(s) named down (FAILED) \
+                     and run the others",
+                    config.path.display(),
+                    found.group.len() + found.link.len()
                 );
                 return Err(ExitCode::from(exit::USAGE));
             }
@@ -1074,7 +1083,7 @@ pub fn render_status(groups: &[GroupStatus]) -> String {
         if s.rpo_zero == Some(false) {
             let since = s.rpo_zero_lost_since_unix.map(|t| format!(" since {}", describe_time(t as f64)));
             let how = if s.writes_wait_for_secondary {
-                "writes wait for the secondary, but it lacks writes acknowledged earlier without it"
+                "writes wait for the secondary, but it does not hold everything yet (a copy, a resync or a catch-up runs)"
             } else {
                 "writes are acknowledged without a consistent secondary"
             };

@@ -391,11 +391,14 @@ async fn session(group: &Arc<Group>, epoch: u64) -> Result<(), TransportError> {
         if matches!(g.state, PairState::Suspended(_)) {
             group.transition(&mut g, PairEvent::LinkUp { needs_resync }, "link restored");
         }
-        // A sync primary restarted with a backlog (or whose session broke
-        // before the link was given up) catches up in this session instead
-        // of making each write wait behind the backlog (try-out: 20 s, then
-        // SUSPENDED(link), on a slow link).
-        g.catch_up.on_session_up(group.cfg.on_link_loss != LinkLossPolicy::Block);
+        // A sync primary restarted with a backlog of writes it acknowledged
+        // alone (switched from async, say) catches up in this session
+        // instead of making each write wait behind the backlog (try-out:
+        // 20 s, then SUSPENDED(link), on a slow link). Not while every
+        // acknowledged write is on the secondary: RPO 0 is not given up
+        // for a session that merely restarted.
+        let rpo_zero_kept = g.persisted.role.as_primary().is_some_and(|p| p.acked_all_on_peer);
+        g.catch_up.on_session_up(group.cfg.on_link_loss != LinkLossPolicy::Block && !rpo_zero_kept);
         group.publish(&mut g);
         (g.persisted.pair_id, save)
     };
