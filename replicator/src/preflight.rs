@@ -106,6 +106,10 @@ pub struct Findings {
     /// the surviving node must still start, to take over). A certificate
     /// from another CA is fatal.
     pub link: Vec<ConfigError>,
+    /// Problems that keep one group down (its volumes as the pair knows
+    /// them moved, or a paired group renamed): `run` starts the others,
+    /// that group `FAILED`.
+    pub group: Vec<ConfigError>,
 }
 
 /// Every problem found (none: `run` will find the host as configured).
@@ -145,7 +149,7 @@ pub fn check(config: &Config) -> Findings {
     }
     // What the state directory says of paired groups' volumes.
     for (group, why) in crate::group::layout::check(&config.node.state_dir, &config.groups) {
-        findings.fatal.push(problem(format!("group[{group}].volume"), why));
+        findings.group.push(problem(format!("group[{group}].volume"), why));
     }
     findings
 }

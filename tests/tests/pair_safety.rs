@@ -711,6 +711,10 @@ fn a_paired_groups_volume_path_and_group_name_cannot_change_under_it() {
         assert!(text.contains("Restore the path") && text.contains(&moved.display().to_string()), "{text}");
     }
     assert!(!moved.exists(), "the moved path was created");
+    // As the unit's ExecStartPre (`--startup`): a warning, the other
+    // groups may run.
+    let (code, out) = cli(&cluster, Site::B, &["config", "check", "--startup"]);
+    assert!(code == 0 && out.contains("warning:") && out.contains("Restore the path"), "{out}");
 
     std::fs::write(&config, before.replace("name = \"vp\"\n", "name = \"vq\"\n")).expect("rename the group");
     let (code, out) = cli(&cluster, Site::B, &["config", "check"]);
@@ -720,7 +724,20 @@ fn a_paired_groups_volume_path_and_group_name_cannot_change_under_it() {
         assert!(text.contains("of group vp, which is paired here (secondary)"), "{text}");
     }
 
+    // The volume file gone from its path (a filesystem not mounted): not
+    // made anew with `create = true`.
     std::fs::write(&config, &before).expect("restore the config");
+    let away = cluster.root().join("vp-away.img");
+    std::fs::rename(&old_path, &away).expect("move the volume away");
+    let (code, out) = cli(&cluster, Site::B, &["config", "check"]);
+    assert_eq!(code, 2, "config check passed a paired volume gone from its path: {out}");
+    let text = run_refused(&cluster, Site::B);
+    for text in [&out, &text] {
+        assert!(text.contains("is missing") && text.contains("nothing is created in its place"), "{text}");
+    }
+    assert!(!old_path.exists(), "an empty volume was created in its place");
+    std::fs::rename(&away, &old_path).expect("put the volume back");
+
     cluster.start(Site::B);
     cluster.assert_converged("vp");
 }

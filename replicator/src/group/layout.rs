@@ -89,9 +89,27 @@ fn refusal(state_dir: &Path, group: &GroupConfig, others: &[String]) -> Result<O
                 )));
             }
         }
+        // A volume file gone from its path (a filesystem not mounted): with
+        // `create = true` an empty file would be made there and served as
+        // the pair's data.
+        if let Some(v) = group.volumes.iter().find(|v| !v.path.exists()) {
+            return Ok(Some(format!(
+                "volume {} of this paired group is missing: {} does not exist (a filesystem not mounted, a device \
+                 not there yet?). The pair's data is not there; nothing is created in its place. Make the path \
+                 available and start again",
+                v.name,
+                v.path.display()
+            )));
+        }
     }
     for other in others {
-        let theirs = Recorded::load(&StateFile::new(state_dir, other))?;
+        // A directory that is not a group's readable state (a copy left by
+        // hand) names no volume: it must not switch the check off.
+        let Ok(theirs) = Recorded::load(&StateFile::new(state_dir, other)) else {
+            tracing::warn!(dir = %StateFile::new(state_dir, other).dir().display(),
+                "not a readable group state: not checked for volumes of a group no longer configured");
+            continue;
+        };
         if theirs.role == Role::None {
             continue;
         }
