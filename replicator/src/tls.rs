@@ -334,6 +334,11 @@ fn max_peer_streams(groups: usize) -> u32 {
     u32::try_from(groups.saturating_mul(2).saturating_add(8)).unwrap_or(u32::MAX)
 }
 
+/// A peer connection that receives nothing for this long is closed (its
+/// peer sends keep-alives every 500 ms); see also
+/// `transport::watch_liveness`.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Keep-alives detect a dead peer within a few seconds; records are large, so
 /// stream and connection windows allow a few hundred MiB in flight on long
 /// fat links. What one peer connection can make us hold is bounded: the
@@ -353,7 +358,7 @@ fn max_peer_streams(groups: usize) -> u32 {
 fn transport_config(groups: usize, accepting: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_millis(500)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(5)) {
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
         t.max_idle_timeout(Some(idle));
     }
     let (stream_window, window) = receive_windows(groups);

@@ -268,6 +268,37 @@ impl Drop for SourceSlot {
     }
 }
 
+/// Closes `conn` once nothing has arrived on it for [`crate::tls::IDLE_TIMEOUT`]
+/// (QUIC's idle timeout as configured).
+/// quinn's own idle timeout is max(idle, 3 x PTO), and the PTO grows with
+/// one late RTT sample: a process stopped (SIGSTOP, a paused VM) while an
+/// ACK of its packets was on its way takes the whole pause as a round trip
+/// once it resumes (20 s frozen: about 60 s of "idle timeout"), and a
+/// connection whose peer is gone stays open that long -- a secondary kept
+/// showing PAIR over the session of a primary process that no longer
+/// existed.
+fn watch_liveness(conn: quinn::Connection) {
+    tokio::spawn(async move {
+        let mut seen = conn.stats().udp_rx.datagrams;
+        let mut since = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = conn.closed() => return,
+                () = tokio::time::sleep(crate::tls::IDLE_TIMEOUT / 10) => {}
+            }
+            let now = conn.stats().udp_rx.datagrams;
+            if now != seen {
+                seen = now;
+                since = tokio::time::Instant::now();
+            } else if since.elapsed() >= crate::tls::IDLE_TIMEOUT {
+                tracing::info!(remote = %conn.remote_address(), "closing a connection that received nothing for {:?}", crate::tls::IDLE_TIMEOUT);
+                conn.close(quinn::VarInt::from_u32(4), b"nothing received within the idle timeout");
+                return;
+            }
+        }
+    });
+}
+
 /// The QUIC endpoint and the peer connections it dialed.
 #[derive(Debug)]
 pub struct Transport {
@@ -518,6 +549,7 @@ impl Transport {
                             admitted
                         };
                         if admitted {
+                            watch_liveness(pc.conn.clone());
                             let _ = peers.send(pc).await;
                         } else {
                             tracing::warn!(%remote, peer = %pc.peer, "refused connection: {MAX_CONNECTIONS_PER_PEER} connections from this peer are open already");
@@ -648,6 +680,7 @@ impl Transport {
                 })
             }
         };
+        watch_liveness(conn.clone());
         self.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer.to_string(), conn.clone());
         Ok(conn)
     }

@@ -648,3 +648,41 @@ fn a_primary_restarted_in_sync_mode_with_a_backlog_catches_up_in_the_session() {
     cluster.wait_until(Site::A, "cr", "RPO 0", Duration::from_secs(60), |s| s.rpo_zero == Some(true));
     cluster.assert_converged("cr");
 }
+
+/// A secondary frozen (a paused VM) while the primary's acknowledgements of
+/// its packets were on their way takes the whole pause for one round trip
+/// once it resumes, and QUIC's idle timeout grows with that estimate (3 ×
+/// the probe timeout: about a minute after a 17 s pause). With the primary
+/// gone meanwhile, the secondary showed PAIR, connected and healthy for
+/// that long (found by an admin's try-out, diagnosed by a helper). A
+/// connection that receives nothing for the configured idle timeout is
+/// closed whatever QUIC estimates.
+#[test]
+fn a_secondary_drops_a_dead_primarys_session_after_a_late_ack() {
+    let group = GroupSpec::new("la", Mode::Async).volume("la-vol", 16 * MIB).link_timeout(Duration::from_secs(5));
+    let mut cluster = Cluster::new(ClusterOpts::group(group));
+    cluster.pair_create("la");
+    cluster.wait_pair("la", Duration::from_secs(60));
+    // site-b's keep-alives go unanswered, then site-a acknowledges them
+    // into site-b's socket while site-b is frozen, and dies.
+    cluster.signal(Site::A, Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(800));
+    cluster.signal(Site::B, Signal::SIGSTOP);
+    cluster.signal(Site::A, Signal::SIGCONT);
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.kill9(Site::A);
+    // Thawed before its own idle timer ran out: the late acknowledgement
+    // is taken first.
+    std::thread::sleep(Duration::from_millis(3500));
+    cluster.signal(Site::B, Signal::SIGCONT);
+    let thawed = Instant::now();
+    cluster.wait_until(Site::B, "la", "the dead primary's session ended", Duration::from_secs(60), |s| {
+        !s.connected && s.state != "PAIR"
+    });
+    // The idle timeout is 5 s; QUIC's grown estimate kept it some 13 s.
+    assert!(
+        thawed.elapsed() < Duration::from_secs(9),
+        "site-b kept a dead primary's session for {:?}",
+        thawed.elapsed()
+    );
+}
