@@ -651,12 +651,7 @@ fn a_paired_groups_volumes_cannot_change_under_it() {
         cluster.root().join("vl-b.img").display()
     );
     std::fs::write(&config, added).expect("add a volume");
-    let out = run_with_timeout(
-        Command::new(cluster.bin()).arg("--config").arg(&config).arg("run").env("RUST_LOG", "info"),
-        Duration::from_secs(30),
-    );
-    let text = describe_output(&out);
-    assert!(!out.status.success(), "the daemon started with a paired group's volumes changed: {text}");
+    let text = run_refused(&cluster, Site::A);
     assert!(text.contains("paired with volumes [vl-a]") && text.contains("[vl-a, vl-b]"), "{text}");
     assert!(text.contains("pair delete vl"), "the way out: {text}");
     assert!(!cluster.root().join("vl-b.img").exists(), "the refused volume was created: {text}");
