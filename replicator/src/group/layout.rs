@@ -5,7 +5,8 @@
 //! group refuses to open when its configuration names other volumes or
 //! puts one at another path (a typo, a path moved: with `create = true` a
 //! new empty file would be served as the replica, or as the primary's data,
-//! while status said `PAIR`), and a group may not take a volume that the
+//! while status said `PAIR`) or finds a volume file gone from its path (a
+//! filesystem not mounted), and a group may not take a volume that the
 //! state of a paired group no longer configured names (a renamed group
 //! would serve the replica writable). A group not paired adopts what is
 //! configured, as does a pair from a release that did not keep the list.

@@ -178,28 +178,47 @@ where
 }
 
 /// The requests one connection answered with an error. The first, second,
-/// fourth, eighth... are logged as warnings with the count so far, the
-/// others at debug level: a client that keeps sending what is refused
-/// leaves a trace in the log without flooding it.
+/// fourth, eighth... are logged as warnings with the count so far, and one
+/// at least a minute after the last warning; the others at debug level: a
+/// client that keeps sending what is refused leaves a trace in the log
+/// without flooding it, also in a later incident on a long-lived
+/// connection.
 #[derive(Debug)]
 pub(super) struct FailedRequests {
     conn: u64,
     peer: String,
     export: String,
     count: AtomicU64,
+    /// When the connection started, and the last warning (ms since then).
+    started: Instant,
+    warned_ms: AtomicU64,
 }
+
+/// A failure this long after the last warning is a warning again.
+const FAILED_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 impl FailedRequests {
     /// None yet, on connection `conn` from `peer` to `export`.
     pub(super) fn new(conn: u64, peer: &str, export: &str) -> Self {
-        Self { conn, peer: peer.to_string(), export: export.to_string(), count: AtomicU64::new(0) }
+        Self {
+            conn,
+            peer: peer.to_string(),
+            export: export.to_string(),
+            count: AtomicU64::new(0),
+            started: Instant::now(),
+            warned_ms: AtomicU64::new(0),
+        }
     }
 
     /// One more request failed, for the reason `what` says.
     fn note(&self, what: &str) {
         let failed = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         let (conn, peer, export) = (self.conn, self.peer.as_str(), self.export.as_str());
-        if failed.is_power_of_two() {
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last_ms = self.warned_ms.load(Ordering::Relaxed);
+        let due = now_ms.saturating_sub(last_ms) >= FAILED_WARNING_INTERVAL.as_millis() as u64;
+        if failed.is_power_of_two() || due {
+            self.warned_ms.store(now_ms, Ordering::Relaxed);
             tracing::warn!(conn, peer, export, failed, "NBD request failed: {what}");
         } else {
             tracing::debug!(conn, peer, export, failed, "NBD request failed: {what}");
